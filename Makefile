@@ -1,0 +1,37 @@
+# Two commands from a fresh clone: `make demo` and `make test`. Both set up .venv when needed.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+MPIRUN ?= $(VENV)/bin/mpirun
+# torch: the CPU wheel unless a torch is already importable (a CUDA build installed by the user).
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup demo test test-serial test-mpi bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test,mpich,report]"
+	touch $@
+
+demo: setup
+	$(MPIRUN) -n 9 $(PY) -m fedmpi train
+
+test: test-serial test-mpi
+
+# pytest exits 5 when a selection holds no tests; that is not a failure here.
+test-serial: setup
+	$(PY) -m pytest -q -m "not mpi" tests || [ $$? -eq 5 ]
+
+test-mpi: setup
+	$(MPIRUN) -n 3 $(PY) -m pytest -q --with-mpi -m mpi tests || [ $$? -eq 5 ]
+
+bench: setup
+	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_comm.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

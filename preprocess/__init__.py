@@ -1,0 +1,1 @@
+"""MRI preprocessing: synthetic cohort, NIfTI to HDF5, federated splits."""
