@@ -1,0 +1,156 @@
+"""Brain-age 3D CNN (FedSparsify reference architecture) and its flat-vector view.
+
+The federated protocol exchanges models as one float32 vector; `parameter_layout` fixes the
+order (``named_parameters`` order) so server and learners agree on positions, which the
+pruning masks index into.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+BLOCK_CHANNELS = (32, 64, 128, 256, 256)
+HEAD_CHANNELS = 64
+MAX_POOLS = len(BLOCK_CHANNELS)
+
+
+def _scaled(channels: int, width: float) -> int:
+    return max(1, round(channels * width))
+
+
+def _pooled_shape(shape: tuple[int, ...], pools: int) -> tuple[int, ...]:
+    out = tuple(shape)
+    for _ in range(pools):
+        out = tuple(d // 2 for d in out)
+    return out
+
+
+def auto_pools(input_shape: tuple[int, int, int]) -> int:
+    """Largest p <= 5 whose p floor-halvings leave every spatial dim >= 2.
+
+    Raises ValueError when even p = 0 leaves a dim < 2 (instance norm needs a grid).
+    """
+    if len(input_shape) != 3:
+        raise ValueError(f"input_shape must have 3 spatial dims, got {tuple(input_shape)}")
+    if min(input_shape) < 2:
+        raise ValueError(f"input_shape {tuple(input_shape)} is too small: every spatial dim must be >= 2")
+    pools = 0
+    while pools < MAX_POOLS and min(_pooled_shape(input_shape, pools + 1)) >= 2:
+        pools += 1
+    return pools
+
+
+class BrainAgeCNN(nn.Module):
+    """Five conv blocks + 1x1x1 head regressing age from a (B, 1, X, Y, Z) T1 volume.
+
+    Block: Conv3d 3x3x3 (same) -> InstanceNorm3d (no affine, no running stats) ->
+    MaxPool3d(2) -> ReLU, channels 32, 64, 128, 256, 256 scaled by ``width``. Head: Conv3d
+    1x1x1 to 64 -> InstanceNorm -> ReLU -> global average pool -> Dropout -> Conv3d 1x1x1 to 1,
+    whose bias starts at ``mean_age`` so training starts from the cohort mean.
+
+    Pooling choice: only the first ``pools`` blocks pool. ``pools=None`` picks the largest
+    p <= 5 leaving every spatial dim >= 2, because instance norm over a 1x1x1 grid is
+    undefined (PyTorch raises in training mode; in eval the features would be all zero).
+    At the paper's 2 mm grid 91x109x91 this is p = 5 (head grid 2x3x2, the original
+    model); at the 4 mm CPU preset 45x54x45 it is p = 4 (also 2x3x2), so the last block
+    there is conv -> norm -> ReLU without pooling. Parameter count does not depend on it
+    (2,948,801 at width 1).
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, int, int] = (91, 109, 91),
+        width: float = 1.0,
+        pools: int | None = None,
+        dropout: float = 0.5,
+        mean_age: float = 62.68,
+    ):
+        super().__init__()
+        if not width > 0:
+            raise ValueError(f"width must be > 0, got {width}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        input_shape = tuple(int(d) for d in input_shape)
+        max_pools = auto_pools(input_shape)
+        if pools is None:
+            pools = max_pools
+        elif not 0 <= pools <= max_pools:
+            raise ValueError(
+                f"pools={pools} is not possible for input {input_shape}: allowed 0..{max_pools} "
+                "(every spatial dim must stay >= 2 for instance norm)"
+            )
+        self.input_shape = input_shape
+        self.width = float(width)
+        self.pools = int(pools)
+        self.head_grid = _pooled_shape(input_shape, self.pools)
+
+        layers: list[nn.Module] = []
+        in_ch = 1
+        for i, c in enumerate(BLOCK_CHANNELS):
+            out_ch = _scaled(c, width)
+            block = [
+                nn.Conv3d(in_ch, out_ch, kernel_size=3, padding=1),
+                nn.InstanceNorm3d(out_ch, affine=False, track_running_stats=False),
+            ]
+            if i < self.pools:
+                block.append(nn.MaxPool3d(2))
+            block.append(nn.ReLU(inplace=True))
+            layers.append(nn.Sequential(*block))
+            in_ch = out_ch
+        self.features = nn.Sequential(*layers)
+        head_ch = _scaled(HEAD_CHANNELS, width)
+        self.head = nn.Sequential(
+            nn.Conv3d(in_ch, head_ch, kernel_size=1),
+            nn.InstanceNorm3d(head_ch, affine=False, track_running_stats=False),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool3d(1),
+            nn.Dropout(dropout),
+        )
+        self.output = nn.Conv3d(head_ch, 1, kernel_size=1)
+        with torch.no_grad():
+            self.output.bias.fill_(float(mean_age))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5 or x.shape[1] != 1:
+            raise ValueError(f"expected input of shape (B, 1, X, Y, Z), got {tuple(x.shape)}")
+        return self.output(self.head(self.features(x))).flatten()
+
+
+def parameter_layout(model: nn.Module) -> list[tuple[str, int, int, tuple]]:
+    """(name, offset, size, shape) of every trainable tensor in the flat wire vector."""
+    layout = []
+    offset = 0
+    for name, p in model.named_parameters():
+        n = p.numel()
+        layout.append((name, offset, n, tuple(p.shape)))
+        offset += n
+    return layout
+
+
+def flat_parameters(model: nn.Module) -> np.ndarray:
+    """All parameters as one float32 CPU vector in `parameter_layout` order (a copy)."""
+    with torch.no_grad():
+        parts = [p.detach().reshape(-1).to("cpu", torch.float32) for p in model.parameters()]
+        return torch.cat(parts).numpy().copy()
+
+
+def load_flat_parameters(model: nn.Module, vec: np.ndarray) -> None:
+    """Copy a flat vector (from `flat_parameters` layout) into the model, on its device."""
+    vec = np.asarray(vec)
+    total = sum(p.numel() for p in model.parameters())
+    if vec.ndim != 1 or vec.shape[0] != total:
+        raise ValueError(f"flat parameter vector has shape {vec.shape}, model needs ({total},)")
+    src = torch.from_numpy(np.ascontiguousarray(vec, dtype=np.float32))
+    offset = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            n = p.numel()
+            p.copy_(src[offset:offset + n].view_as(p).to(p.device, p.dtype))
+            offset += n
+
+
+def layer_sparsity(model: nn.Module) -> dict[str, float]:
+    """Fraction of exact zeros in each parameter tensor, keyed by parameter name."""
+    with torch.no_grad():
+        return {name: float((p == 0).sum().item()) / p.numel() for name, p in model.named_parameters()}

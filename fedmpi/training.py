@@ -1,0 +1,235 @@
+"""Local training, evaluation and per-sample signals for one learner's model.
+
+Masked training implements FedSparsify's "no regrowth": pruned positions get a zero
+gradient (so momentum never builds up for them) and are re-zeroed after every step.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedmpi.metrics import regression_metrics
+from fedmpi.model import parameter_layout
+
+DEVICE_PREFERENCES = ("auto", "cpu", "cuda")
+
+
+class DeviceError(RuntimeError):
+    """The requested compute device is not available on this node."""
+
+
+def select_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
+    """Pick this process's device; with several GPUs, ranks on a node spread over them."""
+    if preference not in DEVICE_PREFERENCES:
+        raise ValueError(f"device must be one of {DEVICE_PREFERENCES}, got {preference!r}")
+    if preference == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if preference == "cuda":
+        raise DeviceError(
+            "device 'cuda' was requested but no CUDA GPU is visible to PyTorch "
+            f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}); "
+            "use device 'cpu' or 'auto', or install a CUDA build of torch"
+        )
+    return torch.device("cpu")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def masks_from_flat(model: nn.Module, mask: np.ndarray | None) -> list[torch.Tensor] | None:
+    """Split a flat keep-mask (nonzero = keep) into per-parameter bool tensors on the model's device."""
+    if mask is None:
+        return None
+    mask = np.asarray(mask).reshape(-1)
+    layout = parameter_layout(model)
+    total = sum(size for _, _, size, _ in layout)
+    if mask.shape[0] != total:
+        raise ValueError(f"mask has {mask.shape[0]} entries, model has {total} parameters")
+    device = _model_device(model)
+    flat = torch.from_numpy(mask != 0)
+    return [flat[off:off + size].view(shape).to(device) for _, off, size, shape in layout]
+
+
+def _check_masks(params: list[torch.Tensor], masks: list[torch.Tensor], device) -> list[torch.Tensor]:
+    if len(masks) != len(params):
+        raise ValueError(f"got {len(masks)} masks for {len(params)} parameter tensors")
+    out = []
+    for i, (p, m) in enumerate(zip(params, masks)):
+        if tuple(m.shape) != tuple(p.shape):
+            raise ValueError(f"mask {i} has shape {tuple(m.shape)}, parameter has {tuple(p.shape)}")
+        out.append(m.to(device=device, dtype=torch.bool))
+    return out
+
+
+def _apply_masks(params, masks) -> None:
+    with torch.no_grad():
+        for p, m in zip(params, masks):
+            p.mul_(m)
+
+
+def local_train(
+    model: nn.Module,
+    loader,
+    *,
+    epochs: int,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    masks: list[torch.Tensor] | None = None,
+    prox_mu: float = 0.0,
+    device=None,
+) -> dict:
+    """Train with plain SGD on MSE for `epochs` passes over `loader`.
+
+    A fresh optimizer is built per call (no optimizer state crosses rounds). `masks`
+    keeps pruned weights exactly zero (applied at the start, to gradients, and after each
+    step). `prox_mu` > 0 adds FedProx's mu/2 * ||w - w_start||^2. The returned "loss" is
+    the sample-weighted MSE over the last epoch, without the proximal term.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if prox_mu < 0:
+        raise ValueError(f"prox_mu must be >= 0, got {prox_mu}")
+    if device is None:
+        device = _model_device(model)
+    device = torch.device(device)
+    model.to(device)
+    params = list(model.parameters())
+    if masks is not None:
+        masks = _check_masks(params, masks, device)
+        _apply_masks(params, masks)
+    anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    loss_fn = nn.MSELoss()
+    model.train()
+    steps = 0
+    loss_sum = 0.0
+    samples = 0
+    for _ in range(epochs):
+        loss_sum = 0.0
+        samples = 0
+        for x, y in loader:
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, dtype=torch.float32, non_blocking=True).reshape(-1)
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
+            total = loss
+            if anchor is not None:
+                prox = sum(torch.sum((p - a) ** 2) for p, a in zip(params, anchor))
+                total = loss + 0.5 * prox_mu * prox
+            total.backward()
+            if masks is not None:
+                for p, m in zip(params, masks):
+                    if p.grad is not None:
+                        p.grad.mul_(m)
+            optimizer.step()
+            if masks is not None:
+                _apply_masks(params, masks)
+            steps += 1
+            loss_sum += float(loss.detach()) * y.shape[0]
+            samples += y.shape[0]
+        if samples == 0:
+            raise ValueError("the training loader yielded no samples")
+    return {"loss": loss_sum / samples, "samples": samples, "steps": steps}
+
+
+def predict(model: nn.Module, loader, device=None) -> tuple[np.ndarray, np.ndarray]:
+    """(predictions, true ages) over `loader` in eval mode; the model's train/eval mode is restored."""
+    if device is None:
+        device = _model_device(model)
+    device = torch.device(device)
+    model.to(device)
+    was_training = model.training
+    model.eval()
+    preds, ages = [], []
+    try:
+        with torch.no_grad():
+            for x, y in loader:
+                preds.append(model(x.to(device, non_blocking=True)).float().cpu().numpy())
+                ages.append(torch.as_tensor(y).reshape(-1).float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    if not preds:
+        raise ValueError("the evaluation loader yielded no samples")
+    return np.concatenate(preds), np.concatenate(ages)
+
+
+def evaluate(model: nn.Module, loader, device=None) -> dict:
+    """MAE / RMSE / Pearson r of the model on `loader`, plus the sample count "n"."""
+    pred, age = predict(model, loader, device=device)
+    result = regression_metrics(pred, age)
+    result["n"] = int(pred.shape[0])
+    return result
+
+
+def snip_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """SNIP saliency |dL/dw * w| of the MSE on one batch, flat float32 in layout order.
+
+    Computed in eval mode (dropout off) so the score depends only on the weights and the
+    batch; the model's .grad fields are left untouched.
+    """
+    device = _model_device(model)
+    params = list(model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        x = x.to(device)
+        y = y.to(device, dtype=torch.float32).reshape(-1)
+        loss = nn.functional.mse_loss(model(x), y)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    finally:
+        model.train(was_training)
+    parts = [
+        (torch.zeros_like(p) if g is None else (g * p).abs()).detach().reshape(-1).float().cpu()
+        for p, g in zip(params, grads)
+    ]
+    return torch.cat(parts).numpy()
+
+
+def per_sample_features(model: nn.Module, loader, device=None) -> dict[str, np.ndarray]:
+    """Per-sample membership-inference signals, in eval mode.
+
+    "pred", "abs_error", "loss" (squared error) of shape (N,), and "grad_norm" (N, L): the L2
+    norm of each sample's loss gradient for each of the L parameter tensors (layout order).
+    """
+    if device is None:
+        device = _model_device(model)
+    device = torch.device(device)
+    model.to(device)
+    params = list(model.parameters())
+    was_training = model.training
+    model.eval()
+    preds, ages, norms = [], [], []
+    try:
+        for x, y in loader:
+            y = torch.as_tensor(y, dtype=torch.float32).reshape(-1)
+            for i in range(x.shape[0]):
+                xi = x[i:i + 1].to(device)
+                yi = y[i:i + 1].to(device)
+                pred = model(xi)
+                loss = ((pred - yi) ** 2).sum()
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                norms.append(
+                    [0.0 if g is None else float(torch.linalg.vector_norm(g)) for g in grads]
+                )
+                preds.append(float(pred.detach()))
+                ages.append(float(yi))
+    finally:
+        model.train(was_training)
+    if not preds:
+        raise ValueError("the loader yielded no samples")
+    pred = np.asarray(preds, dtype=np.float32)
+    age = np.asarray(ages, dtype=np.float32)
+    err = pred - age
+    return {
+        "pred": pred,
+        "abs_error": np.abs(err),
+        "loss": err * err,
+        "grad_norm": np.asarray(norms, dtype=np.float32).reshape(len(preds), len(params)),
+    }

@@ -1,0 +1,40 @@
+import numpy as np
+import pytest
+
+from fedmpi.metrics import regression_metrics
+
+
+def test_hand_computed_values():
+    m = regression_metrics([1, 2, 3], [1, 2, 5])
+    assert m["mae"] == pytest.approx(2 / 3)
+    assert m["rmse"] == pytest.approx(np.sqrt(4 / 3))
+    # pred deviations (-1, 0, 1), target deviations (-5/3, -2/3, 7/3): r = 4 / sqrt(2 * 26/3)
+    assert m["r"] == pytest.approx(4 / np.sqrt(2 * 26 / 3))
+
+
+def test_matches_numpy_on_random_data():
+    rng = np.random.default_rng(0)
+    target = rng.uniform(45, 80, 200)
+    pred = target + rng.normal(0, 4, 200)
+    m = regression_metrics(pred.astype(np.float32), target)
+    assert m["mae"] == pytest.approx(np.mean(np.abs(pred - target)), rel=1e-5)
+    assert m["rmse"] == pytest.approx(np.sqrt(np.mean((pred - target) ** 2)), rel=1e-5)
+    assert m["r"] == pytest.approx(np.corrcoef(pred, target)[0, 1], rel=1e-5)
+
+
+def test_constant_prediction_gives_zero_r_not_nan():
+    m = regression_metrics(np.full(5, 62.68, dtype=np.float32), [50, 55, 60, 65, 70])
+    assert m["r"] == 0.0
+    assert m["mae"] == pytest.approx(np.mean(np.abs(62.68 - np.array([50, 55, 60, 65, 70]))), rel=1e-6)
+    assert regression_metrics([1.0, 2.0], [3.0, 3.0])["r"] == 0.0
+
+
+def test_perfect_and_anticorrelated():
+    assert regression_metrics([1, 2, 3], [1, 2, 3]) == {"mae": 0.0, "rmse": 0.0, "r": pytest.approx(1.0)}
+    assert regression_metrics([3, 2, 1], [1, 2, 3])["r"] == pytest.approx(-1.0)
+
+
+@pytest.mark.parametrize("pred, target", [([1, 2], [1, 2, 3]), ([], [])])
+def test_rejects_bad_lengths(pred, target):
+    with pytest.raises(ValueError):
+        regression_metrics(pred, target)

@@ -1,0 +1,119 @@
+import numpy as np
+import pytest
+import torch
+
+from fedmpi.model import (
+    BrainAgeCNN,
+    auto_pools,
+    flat_parameters,
+    layer_sparsity,
+    load_flat_parameters,
+    parameter_layout,
+)
+
+TINY = (20, 24, 20)
+
+
+def tiny_model(**kw):
+    torch.manual_seed(0)
+    return BrainAgeCNN(TINY, width=0.125, **kw)
+
+
+def test_parameter_count_at_full_size():
+    model = BrainAgeCNN()
+    assert sum(p.numel() for p in model.parameters()) == 2_948_801
+    assert model.pools == 5 and model.head_grid == (2, 3, 2)
+
+
+def test_auto_pools_keeps_head_grid_at_least_two():
+    assert auto_pools((91, 109, 91)) == 5
+    assert auto_pools((45, 54, 45)) == 4
+    assert BrainAgeCNN((45, 54, 45), width=0.125).head_grid == (2, 3, 2)
+    assert auto_pools(TINY) == 3
+    assert auto_pools((2, 2, 2)) == 0
+    # parameter count does not depend on the pooling choice
+    assert sum(p.numel() for p in BrainAgeCNN((45, 54, 45)).parameters()) == 2_948_801
+
+
+def test_only_first_pools_blocks_pool():
+    model = BrainAgeCNN((45, 54, 45), width=0.125)
+    has_pool = [any(isinstance(m, torch.nn.MaxPool3d) for m in block) for block in model.features]
+    assert has_pool == [True, True, True, True, False]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"input_shape": (1, 24, 20)},
+        {"input_shape": TINY, "width": 0.0},
+        {"input_shape": TINY, "width": -1.0},
+        {"input_shape": (45, 54, 45), "pools": 5},
+        {"input_shape": (20, 24)},
+    ],
+)
+def test_rejects_impossible_configurations(kwargs):
+    with pytest.raises(ValueError):
+        BrainAgeCNN(**kwargs)
+
+
+def test_forward_shape_and_initial_bias():
+    model = tiny_model(mean_age=70.5)
+    assert model.output.bias.item() == pytest.approx(70.5)
+    out = model(torch.randn(3, 1, *TINY))
+    assert out.shape == (3,)
+    assert torch.isfinite(out).all()
+    model.train()
+    assert model(torch.randn(2, 1, *TINY)).shape == (2,)
+    with pytest.raises(ValueError):
+        model(torch.randn(2, 2, *TINY))
+
+
+def test_width_scales_channels_with_minimum_one():
+    model = BrainAgeCNN(TINY, width=0.01)
+    assert model.features[0][0].out_channels == 1
+    assert model.head[0].out_channels == 1
+
+
+def test_layout_is_contiguous_and_matches_named_parameters():
+    model = tiny_model()
+    layout = parameter_layout(model)
+    names = [n for n, _ in model.named_parameters()]
+    assert [entry[0] for entry in layout] == names
+    offset = 0
+    for (name, off, size, shape), p in zip(layout, model.parameters()):
+        assert off == offset and size == p.numel() and shape == tuple(p.shape)
+        offset += size
+    assert offset == flat_parameters(model).size
+
+
+def test_flat_round_trip():
+    model = tiny_model()
+    vec = flat_parameters(model)
+    assert vec.dtype == np.float32 and vec.ndim == 1
+    other = BrainAgeCNN(TINY, width=0.125)
+    assert not np.array_equal(flat_parameters(other), vec)
+    load_flat_parameters(other, vec)
+    np.testing.assert_array_equal(flat_parameters(other), vec)
+    x = torch.randn(2, 1, *TINY)
+    model.eval(), other.eval()
+    torch.testing.assert_close(model(x), other(x))
+    # flat_parameters is a copy, not a view
+    vec[:] = 0
+    assert np.any(flat_parameters(model) != 0)
+
+
+def test_load_rejects_wrong_length():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="model needs"):
+        load_flat_parameters(model, np.zeros(10, np.float32))
+
+
+def test_layer_sparsity_counts_exact_zeros():
+    model = tiny_model()
+    vec = flat_parameters(model)
+    name, off, size, _ = parameter_layout(model)[2]
+    vec[off:off + size // 2] = 0.0
+    load_flat_parameters(model, vec)
+    sparsity = layer_sparsity(model)
+    assert sparsity[name] == pytest.approx((size // 2) / size)
+    assert sparsity["output.bias"] == 0.0
