@@ -1,0 +1,127 @@
+"""Server-side merging of learner models (numpy only): FedAvg and FedSparsify majority voting.
+
+Models are flat 1-D parameter vectors; weights are the learners' training-sample counts.
+Sums are accumulated in float64 and the merged model is returned as float32.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+RULES = ("reference", "kept")
+
+
+def weighted_average(values: np.ndarray, weights) -> np.ndarray:
+    """FedAvg: the sample-weighted mean of the K rows of ``values`` (K, N), as float32 (N,).
+
+    Weights must be finite and >= 0 with a positive sum (a learner with no samples
+    simply contributes nothing).
+    """
+    values = _as_stack(values, "values")
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.shape != (values.shape[0],):
+        raise ValueError(f"weights must have shape ({values.shape[0]},), got {weights.shape}")
+    if not np.all(np.isfinite(weights)) or np.any(weights < 0):
+        raise ValueError(f"weights must be finite and >= 0, got {weights.tolist()}")
+    total = float(weights.sum())
+    if total <= 0:
+        raise ValueError("weights must have a positive sum")
+    acc = np.zeros(values.shape[1], dtype=np.float64)
+    for row, w in zip(values, weights):
+        acc += w * row.astype(np.float64)
+    return (acc / total).astype(np.float32)
+
+
+def majority_quorum(k: int) -> int:
+    """Learners that must keep a position for it to survive: ``max(1, k // 2)``.
+
+    The paper keeps a position kept by at least floor(K/2) of the K learners (so for
+    K = 2 or 3 one learner suffices, for K = 4 two). The ``max(1, .)`` stops a position
+    that nobody kept from surviving when K == 1.
+    """
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"number of learners must be an integer >= 1, got {k!r}")
+    return max(1, int(k) // 2)
+
+
+class MajorityVote:
+    """Streaming FedSparsify-Local merge with O(N) memory (the server never holds K models).
+
+    Rule "reference" divides a surviving position's weighted sum by the total weight of
+    ALL learners, so a learner that pruned the position pulls it towards zero (as the
+    authors' code does). Rule "kept" divides by the weight of the learners that kept it.
+    A learner's values at positions its mask prunes are treated as zero.
+    """
+
+    def __init__(self, n: int, rule: str = "reference") -> None:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+            raise ValueError(f"n must be a non-negative integer, got {n!r}")
+        if rule not in RULES:
+            raise ValueError(f"unknown majority-vote rule {rule!r}; expected one of {RULES}")
+        self.n = int(n)
+        self.rule = rule
+        self.k = 0
+        self._total_weight = 0.0
+        self._count = np.zeros(self.n, dtype=np.int32)
+        self._sum = np.zeros(self.n, dtype=np.float64)
+        self._kept_weight = np.zeros(self.n, dtype=np.float64) if rule == "kept" else None
+
+    def add(self, values: np.ndarray, mask: np.ndarray, weight: float) -> None:
+        """Fold in one learner's model, its mask and its sample count (> 0: it votes)."""
+        values = np.asarray(values)
+        mask = np.asarray(mask)
+        if values.shape != (self.n,):
+            raise ValueError(f"values must have shape ({self.n},), got {values.shape}")
+        if values.dtype.kind not in "iuf":
+            raise TypeError(f"values must have a real numeric dtype, got {values.dtype}")
+        if mask.dtype != np.bool_ or mask.shape != (self.n,):
+            raise ValueError(f"mask must be bool of shape ({self.n},), got {mask.dtype} {mask.shape}")
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) \
+                or not math.isfinite(weight) or weight <= 0:
+            raise ValueError(f"weight must be a finite number > 0 (a sample count), got {weight!r}")
+        if self.k == np.iinfo(np.int32).max:
+            raise ValueError("too many learners for an int32 vote count")
+        w = float(weight)
+        self._count += mask
+        self._sum += w * np.where(mask, values, 0).astype(np.float64)
+        if self._kept_weight is not None:
+            self._kept_weight += w * mask
+        self._total_weight += w
+        self.k += 1
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(merged float32 (N,), surviving mask bool (N,)); non-surviving positions are 0."""
+        if self.k == 0:
+            raise ValueError("majority vote needs at least one learner; call add() first")
+        survive = self._count >= majority_quorum(self.k)
+        denom = self._kept_weight[survive] if self._kept_weight is not None else self._total_weight
+        merged = np.zeros(self.n, dtype=np.float32)
+        merged[survive] = (self._sum[survive] / denom).astype(np.float32)
+        return merged, survive
+
+
+def majority_vote(values: np.ndarray, masks: np.ndarray, weights, rule: str = "reference"
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Batch form of :class:`MajorityVote` over K stacked models ``values`` and ``masks`` (K, N)."""
+    values = _as_stack(values, "values")
+    masks = np.asarray(masks)
+    if masks.shape != values.shape:
+        raise ValueError(f"masks shape {masks.shape} does not match values shape {values.shape}")
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.shape != (values.shape[0],):
+        raise ValueError(f"weights must have shape ({values.shape[0]},), got {weights.shape}")
+    vote = MajorityVote(values.shape[1], rule)
+    for row, mask, w in zip(values, masks, weights):
+        vote.add(row, mask, float(w))
+    return vote.result()
+
+
+def _as_stack(values: np.ndarray, name: str) -> np.ndarray:
+    values = np.asarray(values)
+    if values.ndim != 2 or values.shape[0] < 1:
+        raise ValueError(f"{name} must be a (K, N) stack with K >= 1, got shape {values.shape}")
+    if values.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must have a real numeric dtype, got {values.dtype}")
+    return values

@@ -1,0 +1,118 @@
+"""Masks for global pruning of a flat parameter vector (numpy only).
+
+The model is one flat 1-D vector of all trainable parameters and one bool mask of the
+same length (True = kept). Pruning never regrows: a position that is False in the
+incoming mask stays False, so sparsity only grows over the rounds (FedSparsify).
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+
+def n_pruned(n: int, sparsity: float) -> int:
+    """Number of positions to zero so that ``n`` parameters reach ``sparsity``.
+
+    It is ``int(round(sparsity * n))``: the nearest integer, with Python's
+    round-half-to-even for exact halves (0.5 * 3 -> 2). Rounding (rather than floor)
+    keeps the achieved sparsity within 0.5/n of the target.
+    """
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+        raise ValueError(f"n must be a non-negative integer, got {n!r}")
+    _check_sparsity(sparsity)
+    return int(round(float(sparsity) * int(n)))
+
+
+def magnitude_mask(values: np.ndarray, sparsity: float, mask: np.ndarray | None = None) -> np.ndarray:
+    """Global magnitude pruning: keep all but the ``n_pruned(N, sparsity)`` smallest |values|.
+
+    Positions already False in ``mask`` count as pruned first (no regrowth); if they
+    already reach the target, ``mask`` is returned unchanged (as a copy). Among equal
+    magnitudes the lower index is pruned first, so the result is deterministic and equal
+    to a stable argsort of |values|. Also used with non-negative saliency scores (SNIP).
+    """
+    values = _as_flat_real(values, "values")
+    mask = _as_mask(mask, values.size)
+    k = n_pruned(values.size, sparsity)
+    missing = k - (values.size - int(np.count_nonzero(mask)))
+    if missing <= 0:
+        return mask
+    kept = np.flatnonzero(mask)
+    mags = np.abs(values[kept].astype(np.float64) if values.dtype.kind in "iu" else values[kept])
+    if np.isnan(mags).any():
+        raise ValueError("values contain NaN; magnitude pruning needs comparable magnitudes")
+    # O(N) selection instead of a full sort: everything strictly below the k-th
+    # smallest magnitude goes, then the lowest indices among the ties at it.
+    threshold = np.partition(mags, missing - 1)[missing - 1]
+    prune = mags < threshold
+    ties = np.flatnonzero(mags == threshold)[: missing - int(np.count_nonzero(prune))]
+    prune[ties] = True
+    mask[kept[prune]] = False
+    return mask
+
+
+def random_mask(mask: np.ndarray, sparsity: float, rng: np.random.Generator) -> np.ndarray:
+    """Prune uniformly at random among kept positions until ``n_pruned(N, sparsity)`` are pruned.
+
+    The random-pruning baseline: same schedule and no regrowth as magnitude pruning, but
+    the positions are drawn without looking at the weights.
+    """
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    mask = np.asarray(mask)
+    if mask.ndim != 1:
+        raise ValueError(f"mask must be 1-D, got shape {mask.shape}")
+    mask = _as_mask(mask, mask.size)
+    missing = n_pruned(mask.size, sparsity) - (mask.size - int(np.count_nonzero(mask)))
+    if missing <= 0:
+        return mask
+    mask[rng.choice(np.flatnonzero(mask), size=missing, replace=False)] = False
+    return mask
+
+
+def apply_mask(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """New array of the same dtype and shape as ``values`` with zeros where ``mask`` is False."""
+    values = np.asarray(values)
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_:
+        raise TypeError(f"mask must have dtype bool, got {mask.dtype}")
+    if mask.shape != values.shape:
+        raise ValueError(f"mask shape {mask.shape} does not match values shape {values.shape}")
+    out = values.copy()
+    out[~mask] = 0
+    return out
+
+
+def sparsity(values: np.ndarray) -> float:
+    """Fraction of entries that are exactly zero (-0.0 counts, NaN does not)."""
+    values = np.asarray(values)
+    if values.size == 0:
+        raise ValueError("sparsity of an empty array is undefined")
+    return (values.size - np.count_nonzero(values)) / values.size
+
+
+def _check_sparsity(s: float) -> None:
+    if isinstance(s, bool) or not isinstance(s, numbers.Real) or not 0.0 <= float(s) <= 1.0:
+        raise ValueError(f"sparsity must be a number in [0, 1], got {s!r}")
+
+
+def _as_flat_real(values: np.ndarray, name: str) -> np.ndarray:
+    values = np.asarray(values)
+    if values.ndim != 1:
+        raise ValueError(f"{name} must be a flat 1-D vector, got shape {values.shape}")
+    if values.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must have a real numeric dtype, got {values.dtype}")
+    return values
+
+
+def _as_mask(mask: np.ndarray | None, n: int) -> np.ndarray:
+    """A fresh bool mask of length ``n`` (all kept when ``mask`` is None)."""
+    if mask is None:
+        return np.ones(n, dtype=bool)
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_:
+        raise TypeError(f"mask must have dtype bool, got {mask.dtype}")
+    if mask.shape != (n,):
+        raise ValueError(f"mask shape {mask.shape} does not match values length {n}")
+    return mask.copy()

@@ -1,0 +1,144 @@
+"""Sparsity schedules: the target sparsity of federation round ``t`` (rounds count from 1).
+
+Each schedule is a frozen dataclass called as ``s(t) -> float``. ``t = 0`` is accepted
+and means the initial model, so ``is_pruning_round(1)`` can compare round 1 with it.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+
+class _Schedule:
+    """Shared call protocol: validate the round, then evaluate ``_value``."""
+
+    def __call__(self, t: int) -> float:
+        return float(self._value(_check_round(t)))
+
+    def is_pruning_round(self, t: int) -> bool:
+        """True when the target sparsity at round ``t`` differs from round ``t - 1``."""
+        t = _check_round(t)
+        if t < 1:
+            raise ValueError(f"is_pruning_round needs a round t >= 1, got {t}")
+        return self(t) != self(t - 1)
+
+    def _value(self, t: int) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class CubicSchedule(_Schedule):
+    """Zhu & Gupta (2017) progressive schedule, as used by FedSparsify.
+
+    For ``start <= t < end``: ``t' = start + frequency * floor((t - start) / frequency)``
+    and ``s = final + (initial - final) * (1 - (t' - start) / (end - start)) ** exponent``.
+    Before ``start`` nothing is pruned (0.0, not ``initial``: ``initial`` applies from
+    ``start``); from ``end`` on the sparsity is ``final``. With ``initial = 0`` the first
+    non-zero sparsity therefore comes one ``frequency`` step after ``start``.
+    """
+
+    final: float
+    initial: float = 0.0
+    start: int = 1
+    end: int = 40
+    frequency: int = 1
+    exponent: float = 3.0
+
+    def __post_init__(self) -> None:
+        _check_fraction("final", self.final)
+        _check_fraction("initial", self.initial)
+        if self.initial > self.final:
+            raise ValueError(f"initial ({self.initial}) must not exceed final ({self.final})")
+        _check_int("start", self.start, 1)
+        _check_int("end", self.end, self.start + 1)
+        _check_int("frequency", self.frequency, 1)
+        if isinstance(self.exponent, bool) or not isinstance(self.exponent, numbers.Real) \
+                or not math.isfinite(self.exponent) or self.exponent <= 0:
+            raise ValueError(f"exponent must be a finite number > 0, got {self.exponent!r}")
+
+    def _value(self, t: int) -> float:
+        if t < self.start:
+            return 0.0
+        if t >= self.end:
+            return float(self.final)
+        t_step = self.start + self.frequency * ((t - self.start) // self.frequency)
+        progress = (t_step - self.start) / (self.end - self.start)
+        return self.final + (self.initial - self.final) * (1.0 - progress) ** self.exponent
+
+
+@dataclass(frozen=True)
+class FractionSchedule(_Schedule):
+    """Prune a fraction ``fraction`` of the *remaining* weights at rounds start, start+f, ...
+
+    After ``k`` prunings the sparsity is ``1 - (1 - fraction) ** k``, capped at ``final``
+    when given (the older FedSparsify schedule, p = 0.02 or 0.04 every 2 or 4 rounds).
+    """
+
+    fraction: float
+    frequency: int = 1
+    start: int = 1
+    final: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_fraction("fraction", self.fraction)
+        if self.fraction == 0:
+            raise ValueError("fraction must be > 0 (a schedule that never prunes is ConstantSchedule(0.0))")
+        _check_int("frequency", self.frequency, 1)
+        _check_int("start", self.start, 1)
+        if self.final is not None:
+            _check_fraction("final", self.final)
+
+    def _value(self, t: int) -> float:
+        if t < self.start:
+            return 0.0
+        k = (t - self.start) // self.frequency + 1
+        s = 1.0 - (1.0 - self.fraction) ** k
+        return s if self.final is None else min(s, float(self.final))
+
+
+@dataclass(frozen=True)
+class OneShotSchedule(_Schedule):
+    """Prune straight to ``final`` at round ``round`` (0 before it), then keep the mask."""
+
+    final: float
+    round: int = 1
+
+    def __post_init__(self) -> None:
+        _check_fraction("final", self.final)
+        _check_int("round", self.round, 1)
+
+    def _value(self, t: int) -> float:
+        return float(self.final) if t >= self.round else 0.0
+
+
+@dataclass(frozen=True)
+class ConstantSchedule(_Schedule):
+    """Always ``value``: 0 for FedAvg; the SNIP/GraSP target, whose mask is fixed at initialization.
+
+    Its value never changes, so it never reports a pruning round.
+    """
+
+    value: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_fraction("value", self.value)
+
+    def _value(self, t: int) -> float:
+        return float(self.value)
+
+
+def _check_round(t: int) -> int:
+    if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0:
+        raise ValueError(f"round t must be an integer >= 0 (rounds count from 1), got {t!r}")
+    return int(t)
+
+
+def _check_int(name: str, value: int, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")

@@ -1,0 +1,146 @@
+import numpy as np
+import pytest
+
+from fedmpi.aggregation import MajorityVote, majority_quorum, majority_vote, weighted_average
+
+
+def naive_majority_vote(values, masks, weights, rule):
+    """Per-position Python loop, written straight from the method description."""
+    k, n = values.shape
+    quorum = max(1, k // 2)
+    merged, survive = np.zeros(n, np.float32), np.zeros(n, bool)
+    for j in range(n):
+        keepers = [i for i in range(k) if masks[i, j]]
+        if len(keepers) < quorum:
+            continue
+        survive[j] = True
+        total = 0.0
+        for i in keepers:
+            total += float(weights[i]) * float(values[i, j])
+        denom = sum(float(weights[i]) for i in (keepers if rule == "kept" else range(k)))
+        merged[j] = np.float32(total / denom)
+    return merged, survive
+
+
+def random_case(rng, k, n):
+    values = rng.standard_normal((k, n)).astype(np.float32)
+    masks = rng.random((k, n)) < rng.uniform(0.05, 0.95, size=(k, 1))
+    values[~masks] = 0.0  # learners send pruned models
+    weights = rng.integers(1, 3000, k).astype(float)
+    return values, masks, weights
+
+
+def test_weighted_average_matches_numpy():
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((5, 1000)).astype(np.float32)
+    weights = [2401, 1765, 0, 964, 714]
+    out = weighted_average(values, weights)
+    assert out.dtype == np.float32 and out.shape == (1000,)
+    expected = np.average(values.astype(np.float64), axis=0, weights=weights)
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_weighted_average_hand_case():
+    out = weighted_average(np.array([[1.0, 2.0], [3.0, 6.0]]), [1, 3])
+    assert out.tolist() == [2.5, 5.0]
+
+
+@pytest.mark.parametrize("weights, msg", [
+    ([1, -1], ">= 0"), ([1, np.nan], "finite"), ([0, 0], "positive sum"), ([1], "shape"),
+])
+def test_weighted_average_validates_weights(weights, msg):
+    with pytest.raises(ValueError, match=msg):
+        weighted_average(np.ones((2, 3)), weights)
+
+
+def test_majority_quorum():
+    assert [majority_quorum(k) for k in range(1, 10)] == [1, 1, 1, 2, 2, 3, 3, 4, 4]
+    with pytest.raises(ValueError):
+        majority_quorum(0)
+
+
+def test_majority_vote_hand_case_k4():
+    values = np.array([[1.0, 2.0, 0.0, 4.0],
+                       [3.0, 0.0, 0.0, 0.0],
+                       [5.0, 6.0, 7.0, 0.0],
+                       [0.0, 0.0, 0.0, 0.0]], np.float32)
+    masks = values != 0
+    weights = [1, 1, 2, 4]  # total 8; quorum 2
+    merged, mask = majority_vote(values, masks, weights, rule="reference")
+    assert mask.tolist() == [True, True, False, False]
+    assert merged.tolist() == [(1 + 3 + 10) / 8, (2 + 12) / 8, 0.0, 0.0]
+    merged, mask = majority_vote(values, masks, weights, rule="kept")
+    assert mask.tolist() == [True, True, False, False]
+    assert merged.tolist() == [3.5, np.float32(14 / 3), 0.0, 0.0]
+
+
+def test_majority_vote_single_learner_keeps_its_mask():
+    v = np.array([[0.5, 0.0, -2.0]], np.float32)
+    merged, mask = majority_vote(v, v != 0, [10])
+    assert mask.tolist() == [True, False, True]
+    assert merged.tolist() == [0.5, 0.0, -2.0]
+
+
+@pytest.mark.parametrize("rule", ["reference", "kept"])
+@pytest.mark.parametrize("k", range(1, 10))
+def test_majority_vote_matches_naive_loop(rule, k):
+    rng = np.random.default_rng(k)
+    values, masks, weights = random_case(rng, k, 300)
+    merged, mask = majority_vote(values, masks, weights, rule=rule)
+    ref_merged, ref_mask = naive_majority_vote(values, masks, weights, rule)
+    assert merged.dtype == np.float32 and mask.dtype == bool
+    np.testing.assert_array_equal(mask, ref_mask)
+    np.testing.assert_array_equal(merged, ref_merged)  # same float64 operations, same order
+
+
+def test_reference_rule_with_full_masks_is_fedavg():
+    rng = np.random.default_rng(5)
+    values = rng.standard_normal((6, 500)).astype(np.float32)
+    weights = [2401, 1765, 1303, 964, 714, 528]
+    merged, mask = majority_vote(values, np.ones_like(values, bool), weights)
+    assert mask.all()
+    np.testing.assert_array_equal(merged, weighted_average(values, weights))
+
+
+def test_values_outside_the_mask_are_ignored():
+    values = np.array([[1.0, 9.0], [3.0, 9.0]], np.float32)
+    masks = np.array([[True, False], [True, False]])
+    merged, mask = majority_vote(values, masks, [1, 1])
+    assert merged.tolist() == [2.0, 0.0] and mask.tolist() == [True, False]
+
+
+@pytest.mark.parametrize("rule", ["reference", "kept"])
+def test_streaming_equals_batch(rule):
+    rng = np.random.default_rng(11)
+    values, masks, weights = random_case(rng, 7, 2000)
+    vote = MajorityVote(2000, rule=rule)
+    for v, m, w in zip(values, masks, weights):
+        vote.add(v, m, w)
+    assert vote.k == 7
+    merged, mask = vote.result()
+    batch_merged, batch_mask = majority_vote(values, masks, weights, rule=rule)
+    np.testing.assert_array_equal(mask, batch_mask)
+    np.testing.assert_array_equal(merged, batch_merged)
+    again, _ = vote.result()
+    np.testing.assert_array_equal(again, merged)  # result() does not consume the state
+
+
+def test_majority_vote_errors():
+    with pytest.raises(ValueError, match="rule"):
+        MajorityVote(3, rule="median")
+    with pytest.raises(ValueError, match="rule"):
+        majority_vote(np.ones((2, 3)), np.ones((2, 3), bool), [1, 1], rule="mean")
+    vote = MajorityVote(3)
+    with pytest.raises(ValueError, match="add"):
+        vote.result()
+    with pytest.raises(ValueError, match="shape"):
+        vote.add(np.ones(4), np.ones(4, bool), 1)
+    with pytest.raises(ValueError, match="bool"):
+        vote.add(np.ones(3), np.ones(3), 1)
+    with pytest.raises(ValueError, match="weight"):
+        vote.add(np.ones(3), np.ones(3, bool), 0)
+    with pytest.raises(ValueError, match="weight"):
+        vote.add(np.ones(3), np.ones(3, bool), float("inf"))
+    with pytest.raises(ValueError, match="masks shape"):
+        majority_vote(np.ones((2, 3)), np.ones((2, 2), bool), [1, 1])
+    assert vote.k == 0  # rejected adds left no trace

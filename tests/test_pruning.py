@@ -1,0 +1,161 @@
+import numpy as np
+import pytest
+
+from fedmpi.pruning import apply_mask, magnitude_mask, n_pruned, random_mask, sparsity
+
+
+def reference_magnitude_mask(values, s, mask=None):
+    """Plain full-sort reference: pruned positions first, then stable |v| order."""
+    n = values.size
+    mask = np.ones(n, bool) if mask is None else mask.copy()
+    k = int(round(s * n))
+    if n - mask.sum() >= k:
+        return mask
+    key = np.where(mask, np.abs(values.astype(np.float64)), -1.0)
+    out = np.ones(n, bool)
+    out[np.argsort(key, kind="stable")[:k]] = False
+    return out
+
+
+def test_n_pruned_rounds_to_nearest():
+    assert n_pruned(10, 0.95) == 10  # 9.5 -> 10 (round half to even)
+    assert n_pruned(3, 0.5) == 2  # 1.5 -> 2
+    assert n_pruned(5, 0.5) == 2  # 2.5 -> 2
+    assert n_pruned(7, 0.3) == 2
+    assert n_pruned(0, 0.9) == 0
+    assert n_pruned(4, 0.0) == 0 and n_pruned(4, 1.0) == 4
+
+
+@pytest.mark.parametrize("s", [-0.1, 1.01, float("nan"), True, "0.5"])
+def test_n_pruned_rejects_bad_sparsity(s):
+    with pytest.raises(ValueError, match="sparsity"):
+        n_pruned(10, s)
+
+
+def test_n_pruned_rejects_bad_n():
+    with pytest.raises(ValueError, match="n must"):
+        n_pruned(-1, 0.5)
+
+
+def test_magnitude_hand_case():
+    v = np.array([3, -1, 0.5, 2], np.float32)
+    assert magnitude_mask(v, 0.5).tolist() == [True, False, False, True]
+    assert magnitude_mask(v, 0.25).tolist() == [True, True, False, True]
+    assert magnitude_mask(v, 0.75).tolist() == [True, False, False, False]
+
+
+def test_magnitude_ties_prune_lower_index_first():
+    v = np.array([1.0, -1.0, 1.0, 2.0, 1.0])
+    assert magnitude_mask(v, 0.4).tolist() == [False, False, True, True, True]
+    assert magnitude_mask(v, 0.2).tolist() == [False, True, True, True, True]
+
+
+def test_magnitude_sparsity_zero_and_one():
+    v = np.array([0.0, 1.0, -2.0])
+    assert magnitude_mask(v, 0.0).all()
+    assert not magnitude_mask(v, 1.0).any()
+    assert magnitude_mask(np.zeros(0), 0.5).shape == (0,)
+
+
+def test_magnitude_no_regrowth():
+    v = np.array([10.0, 0.1, 0.2, 5.0, 4.0])
+    mask = np.array([False, True, True, True, True])  # the largest weight was pruned before
+    out = magnitude_mask(v, 0.4, mask)
+    assert out.tolist() == [False, False, True, True, True]
+    assert not np.any(out & ~mask)
+    assert mask.tolist() == [False, True, True, True, True]  # input untouched
+
+
+def test_magnitude_returns_mask_when_already_sparser():
+    mask = np.array([False, False, False, True])
+    out = magnitude_mask(np.array([1.0, 2.0, 3.0, 0.1]), 0.5, mask)
+    assert out.tolist() == mask.tolist()
+    assert out is not mask
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, np.int8, np.int32])
+def test_magnitude_matches_reference_on_random_inputs(dtype):
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        n = int(rng.integers(1, 400))
+        # few distinct values so that ties are common
+        v = rng.integers(-6, 7, n).astype(dtype)
+        mask = rng.random(n) > rng.random() * 0.5
+        s = float(rng.random())
+        out = magnitude_mask(v, s, mask)
+        assert out.dtype == bool
+        np.testing.assert_array_equal(out, reference_magnitude_mask(v, s, mask))
+        assert (~out).sum() == max(n_pruned(n, s), (~mask).sum())
+
+
+def test_magnitude_int_min_is_large():
+    v = np.array([-128, 1, 2, 3], np.int8)  # np.abs(int8(-128)) overflows to -128
+    assert magnitude_mask(v, 0.5).tolist() == [True, False, False, True]
+
+
+def test_magnitude_rejects_nan_and_bad_shapes():
+    with pytest.raises(ValueError, match="NaN"):
+        magnitude_mask(np.array([1.0, np.nan, 2.0]), 0.5)
+    with pytest.raises(ValueError, match="1-D"):
+        magnitude_mask(np.ones((2, 2)), 0.5)
+    with pytest.raises(ValueError, match="shape"):
+        magnitude_mask(np.ones(3), 0.5, np.ones(4, bool))
+    with pytest.raises(TypeError, match="bool"):
+        magnitude_mask(np.ones(3), 0.5, np.ones(3))
+
+
+def test_random_mask_counts_and_subset():
+    rng = np.random.default_rng(1)
+    n = 1000
+    mask = np.ones(n, bool)
+    for s in [0.1, 0.5, 0.5, 0.9, 0.99, 1.0]:
+        new = random_mask(mask, s, rng)
+        assert (~new).sum() == n_pruned(n, s)
+        assert not np.any(new & ~mask)  # no regrowth
+        mask = new
+    assert random_mask(np.zeros(5, bool), 0.3, rng).sum() == 0
+
+
+def test_random_mask_is_uniform_and_seeded():
+    hits = np.zeros(10)
+    rng = np.random.default_rng(2)
+    for _ in range(2000):
+        hits += ~random_mask(np.ones(10, bool), 0.3, rng)
+    assert np.all(np.abs(hits / 2000 - 0.3) < 0.05)
+    a = random_mask(np.ones(50, bool), 0.5, np.random.default_rng(7))
+    b = random_mask(np.ones(50, bool), 0.5, np.random.default_rng(7))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_random_mask_rejects_legacy_rng():
+    with pytest.raises(TypeError, match="Generator"):
+        random_mask(np.ones(3, bool), 0.5, np.random.RandomState(0))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, np.int64])
+def test_apply_mask_preserves_dtype_and_input(dtype):
+    v = np.arange(1, 6).astype(dtype)
+    out = apply_mask(v, np.array([True, False, True, False, True]))
+    assert out.dtype == dtype
+    assert out.tolist() == [1, 0, 3, 0, 5]
+    assert v.tolist() == [1, 2, 3, 4, 5]
+
+
+def test_apply_mask_rejects_mismatch():
+    with pytest.raises(ValueError, match="shape"):
+        apply_mask(np.ones(3), np.ones(2, bool))
+
+
+def test_sparsity():
+    assert sparsity(np.array([0.0, -0.0, 1.0, 2.0])) == 0.5
+    assert sparsity(np.array([np.nan, 0.0])) == 0.5
+    assert sparsity(np.zeros(3)) == 1.0
+    with pytest.raises(ValueError, match="empty"):
+        sparsity(np.zeros(0))
+
+
+def test_prune_and_measure_round_trip():
+    v = np.random.default_rng(3).standard_normal(10_000).astype(np.float32)
+    pruned = apply_mask(v, magnitude_mask(v, 0.95))
+    assert sparsity(pruned) == 0.95
+    assert np.abs(pruned[pruned != 0]).min() >= np.sort(np.abs(v))[9499]
