@@ -1,0 +1,59 @@
+"""What each algorithm does, in one table: where pruning happens, how positions are chosen, and
+on which schedule. The server and learner loops read this instead of branching on names."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import pruning
+from .config import Config
+from .schedule import ConstantSchedule, CubicSchedule, FractionSchedule, OneShotSchedule
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    name: str
+    prune_at: str  # "server" (after aggregation), "learner" (after local training), "start" (fixed mask) or "never"
+    selector: str = "magnitude"  # "magnitude" or "random"
+
+
+ALGORITHMS = {
+    "fedavg": Algorithm("fedavg", "never"),
+    "fedsparsify-global": Algorithm("fedsparsify-global", "server"),
+    "fedsparsify-local": Algorithm("fedsparsify-local", "learner"),
+    "oneshot": Algorithm("oneshot", "server"),
+    "random": Algorithm("random", "server", selector="random"),
+    "snip": Algorithm("snip", "start"),
+    "centralized": Algorithm("centralized", "server"),
+}
+
+
+def algorithm(cfg: Config) -> Algorithm:
+    return ALGORITHMS[cfg.federation.algorithm]
+
+
+def schedule(cfg: Config):
+    """The sparsity target s_t for round t."""
+    f = cfg.federation
+    if f.algorithm == "fedavg":
+        return ConstantSchedule(0.0)
+    if f.algorithm == "snip":
+        return ConstantSchedule(f.target)
+    if f.algorithm == "oneshot":
+        return OneShotSchedule(f.target, round=f.oneshot_round)
+    if f.schedule == "fraction":
+        return FractionSchedule(f.fraction, frequency=f.frequency, start=f.start, final=f.target)
+    return CubicSchedule(f.target, start=f.start, end=cfg.schedule_end, frequency=f.frequency, exponent=f.exponent)
+
+
+def round_seed(seed: int, round_: int, rank: int) -> int:
+    """Independent, reproducible seed per (run seed, round, rank): resuming needs no RNG state."""
+    return int(np.random.SeedSequence([seed, round_, rank]).generate_state(1)[0])
+
+
+def prune(values: np.ndarray, mask: np.ndarray, sparsity: float, selector: str, seed: int) -> np.ndarray:
+    """The new mask for `values` at `sparsity`, never reviving a pruned position."""
+    if selector == "random":
+        return pruning.random_mask(mask, sparsity, np.random.default_rng(seed))
+    return pruning.magnitude_mask(values, sparsity, mask)

@@ -1,0 +1,54 @@
+"""The centralized upper bound: one process trains on every learner's data pooled, with the
+same model, optimiser, rounds (a round = train.epochs epochs) and metrics as a federation."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .algorithms import round_seed
+from .data import VolumeDataset
+from .model import flat_parameters, load_flat_parameters
+from .server import Recorder, build_model, print_summary
+from .training import local_train, select_device
+
+
+def run_centralized(cfg, data_dir: Path, args) -> int:
+    from .cli import _start_state
+
+    files = sorted(Path(data_dir).glob("learner_*.h5"))
+    if not files:
+        from .data import DataError
+
+        raise DataError(f"{data_dir}: no learner_<k>.h5 files")
+    parts = [VolumeDataset(p, cache=cfg.data.cache) for p in files]
+    pooled = torch.utils.data.ConcatDataset(parts)
+    ages = np.concatenate([p.ages for p in parts])
+    test = VolumeDataset(Path(data_dir) / "test.h5", cache=cfg.data.cache)
+    device = select_device(cfg.train.device)
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg, test.shape, float(ages.mean())).to(device)
+    rec = Recorder(cfg, model, test, device, float(np.mean(np.abs(test.ages - ages.mean()))))
+    state, _ = _start_state(cfg, args, rec, model)
+    rec.log.write_config(cfg.to_json())
+    began = time.perf_counter()
+    tc = cfg.train
+    for t in range(state.round + 1, cfg.federation.rounds + 1):
+        seed = round_seed(cfg.run.seed, t, 0)
+        torch.manual_seed(seed)
+        load_flat_parameters(model, state.values)
+        loader = torch.utils.data.DataLoader(pooled, batch_size=tc.batch_size, shuffle=True,
+                                             num_workers=cfg.data.workers, generator=torch.Generator().manual_seed(seed))
+        start = time.perf_counter()
+        stats = local_train(model, loader, epochs=tc.epochs, lr=tc.lr, momentum=tc.momentum,
+                            weight_decay=tc.weight_decay, device=device)
+        state.values = flat_parameters(model)
+        state.round = t
+        row = {"target_sparsity": 0.0, "train_loss": stats["loss"], "bytes_down": 0, "bytes_up": 0,
+               "dense_bytes_down": 0, "dense_bytes_up": 0, "mask_sent": False,
+               "seconds_train": time.perf_counter() - start, "seconds_comm": 0.0, "seconds_aggregate": 0.0}
+        rec.record(state, row, evaluate_now=t % cfg.eval.every == 0 or t == cfg.federation.rounds)
+    print_summary(rec.finish(state, rec.log.rows(), time.perf_counter() - began))
+    return 0

@@ -1,0 +1,117 @@
+"""Checkpoints and saved models, as .npz files read with allow_pickle=False (never pickle).
+
+A checkpoint is the server's whole state: learners are stateless between rounds (their RNG
+streams derive from (seed, round, rank)), so the global values, the mask and the round number
+are enough to resume bit for bit. Each file carries a SHA-256 of its arrays; a file that is
+truncated, corrupt or fails its checksum is skipped in favour of the previous one.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from . import encoding
+from .runlog import atomic_write
+
+CHECKPOINT = re.compile(r"^round-(\d{6})\.npz$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or model file that cannot be used."""
+
+
+def _digest(arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(name.encode())
+        h.update(str(a.dtype).encode())
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def save_arrays(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> int:
+    """Atomically write arrays plus JSON metadata and a checksum; returns the size in bytes."""
+    meta = dict(meta, sha256=_digest(arrays))
+    buf = io.BytesIO()
+    np.savez(buf, meta=np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8), **arrays)
+    data = buf.getvalue()
+    atomic_write(Path(path), data)
+    return len(data)
+
+
+def load_arrays(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """Read and verify a file written by save_arrays; raise CheckpointError with the reason."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as e:
+        raise CheckpointError(f"{path}: unreadable or truncated ({type(e).__name__}: {e})") from None
+    if "meta" not in arrays:
+        raise CheckpointError(f"{path}: not a fedmpi file (no metadata)")
+    try:
+        meta = json.loads(arrays.pop("meta").tobytes())
+    except ValueError:
+        raise CheckpointError(f"{path}: corrupt metadata") from None
+    if meta.pop("sha256", None) != _digest(arrays):
+        raise CheckpointError(f"{path}: checksum mismatch (corrupt file)")
+    return arrays, meta
+
+
+class Checkpoints:
+    """round-NNNNNN.npz files in one directory, the newest `keep` kept."""
+
+    def __init__(self, directory: Path, keep: int = 2):
+        self.dir = Path(directory)
+        self.keep = keep
+
+    def paths(self) -> list[Path]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(p for p in self.dir.iterdir() if CHECKPOINT.match(p.name))
+
+    def save(self, round_: int, values: np.ndarray, mask: np.ndarray, meta: dict) -> Path:
+        path = self.dir / f"round-{round_:06d}.npz"
+        save_arrays(path, {"values": values, "mask": mask}, dict(meta, round=round_))
+        for old in self.paths()[:-self.keep]:
+            old.unlink()
+        return path
+
+    def latest(self) -> tuple[np.ndarray, np.ndarray, dict] | None:
+        """The newest checkpoint that verifies; corrupt ones are reported and skipped."""
+        for path in reversed(self.paths()):
+            try:
+                arrays, meta = load_arrays(path)
+            except CheckpointError as e:
+                print(f"fedmpi: skipping checkpoint: {e}", file=sys.stderr)
+                continue
+            return arrays["values"], arrays["mask"], meta
+        return None
+
+
+def save_model(path: Path, values: np.ndarray, mask: np.ndarray, meta: dict) -> int:
+    """The final model in sparse form (encoding.encode); returns its size on disk."""
+    return save_arrays(Path(path), {"sparse": encoding.encode(values.astype(np.float32), mask)}, meta)
+
+
+def load_model(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(values, mask, meta) of a saved model."""
+    arrays, meta = load_arrays(path)
+    if "sparse" not in arrays:
+        raise CheckpointError(f"{path}: not a fedmpi model file")
+    try:
+        values, mask = encoding.decode(arrays["sparse"])
+    except encoding.EncodingError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return values, mask, meta

@@ -1,0 +1,256 @@
+"""One typed configuration tree, loaded from YAML plus `--set key=value` overrides and
+validated before any MPI work starts. The defaults are the CPU preset (`make demo`)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ALGORITHMS = ("fedavg", "fedsparsify-global", "fedsparsify-local", "oneshot", "random", "snip", "centralized")
+SCHEDULES = ("cubic", "fraction")
+MERGE_RULES = ("reference", "kept")
+DISTRIBUTIONS = ("uniform-iid", "uniform-noniid", "skewed-noniid")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def opt(default, help: str):
+    """A scalar option with its help text (shown by --help)."""
+    return field(default=default, metadata={"help": help})
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported on rank 0 before training starts."""
+
+
+@dataclass
+class DataConfig:
+    dir: str = opt("", "split directory with learner_<k>.h5 and test.h5; empty = the synthetic cohort")
+    cache_dir: str = opt("data", "where the synthetic cohort is generated once and cached")
+    subjects: int = opt(240, "synthetic cohort size")
+    voxel: int = opt(4, "synthetic cohort resolution in mm (2 = the paper's 91x109x91)")
+    distribution: str = opt("uniform-iid", "synthetic cohort split")
+    cache: bool = opt(True, "keep decoded volumes in memory on each learner")
+    workers: int = opt(0, "DataLoader worker processes per learner")
+
+
+@dataclass
+class ModelConfig:
+    width: float = opt(0.25, "channel multiplier; 1.0 is the paper's model")
+    pools: int = opt(0, "pooling blocks; 0 = automatic (5 at 2 mm, 4 at 4 mm)")
+    dropout: float = opt(0.5, "dropout before the output layer")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = opt(1, "local epochs per round")
+    batch_size: int = opt(4, "samples per SGD step")
+    lr: float = opt(1e-3, "SGD learning rate")
+    momentum: float = opt(0.9, "SGD momentum (reset every round)")
+    weight_decay: float = opt(0.0, "L2 weight decay")
+    prox_mu: float = opt(0.0, "FedProx proximal term; 0 = plain SGD")
+    device: str = opt("auto", "auto | cpu | cuda (GPU local_rank % n_gpus)")
+    threads: int = opt(0, "torch threads per rank; 0 = cores / ranks on the node")
+
+
+@dataclass
+class FederationConfig:
+    algorithm: str = opt("fedsparsify-global", "fedavg | fedsparsify-global | fedsparsify-local | oneshot | random | snip | centralized")
+    learners: int = opt(8, "number of learners; the job runs learners + 1 MPI ranks")
+    rounds: int = opt(20, "federation rounds")
+    target: float = opt(0.95, "final sparsity s_f")
+    schedule: str = opt("cubic", "cubic (Zhu & Gupta) | fraction (prune p of the remaining every f rounds)")
+    start: int = opt(1, "first pruning round t0")
+    end: int = opt(0, "round T at which the cubic schedule reaches the target; 0 = last round")
+    frequency: int = opt(1, "prune every f rounds")
+    exponent: float = opt(3.0, "exponent of the cubic schedule")
+    fraction: float = opt(0.04, "p for the fraction schedule")
+    oneshot_round: int = opt(1, "round at which oneshot prunes straight to the target")
+    merge: str = opt("reference", "majority-vote average: reference (zeros count) | kept (only keepers)")
+
+
+@dataclass
+class EvalConfig:
+    every: int = opt(1, "evaluate the global model every k rounds (and always at the last round)")
+    batch_size: int = opt(8, "evaluation batch size")
+
+
+@dataclass
+class RunConfig:
+    name: str = opt("demo", "run name: outputs go to run.dir/run.name")
+    dir: str = opt("runs", "parent directory of run directories")
+    seed: int = opt(0, "seed for the model, data order, dropout and random pruning")
+    checkpoint_every: int = opt(1, "checkpoint every k rounds (0 = never)")
+    keep_checkpoints: int = opt(2, "checkpoints kept on disk")
+    round_timeout: float = opt(1800.0, "seconds the server waits for learners in one round")
+    verbose: bool = opt(False, "learners print their own progress")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) / self.run.name
+
+    @property
+    def schedule_end(self) -> int:
+        return self.federation.end or self.federation.rounds
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _coerce(value, tp, key: str):
+    """Convert a YAML or command-line value to the field's declared type."""
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if f != int(f):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return "" if value is None else str(value)
+    raise TypeError(tp)
+
+
+def _apply(section, values: dict, prefix: str) -> None:
+    hints = typing.get_type_hints(type(section))
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in hints:
+            known = ", ".join(f"{prefix}{k}" for k in hints)
+            raise ConfigError(f"unknown option {name!r}; known: {known}")
+        current = getattr(section, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name}: expected a mapping of options")
+            _apply(current, value, f"{name}.")
+        else:
+            setattr(section, key, _coerce(value, hints[key], name))
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """Turn ['federation.target=0.9', ...] into a nested dict; values are parsed as YAML scalars."""
+    tree: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"--set key must look like section.option, got {key!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        tree.setdefault(parts[0], {})[parts[1]] = value
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build and validate the configuration: defaults < YAML file < --set overrides."""
+    cfg = Config()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections")
+        _apply(cfg, values, "")
+    _apply(cfg, parse_overrides(overrides or []), "")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(values: dict) -> Config:
+    cfg = Config()
+    _apply(cfg, values, "")
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    d, m, t, f, e, r = cfg.data, cfg.model, cfg.train, cfg.federation, cfg.eval, cfg.run
+    _check(d.voxel in (2, 4), f"data.voxel must be 2 or 4, got {d.voxel}")
+    _check(d.distribution in DISTRIBUTIONS, f"data.distribution must be one of {DISTRIBUTIONS}, got {d.distribution!r}")
+    _check(d.subjects >= 20, f"data.subjects must be at least 20, got {d.subjects}")
+    _check(d.workers >= 0, "data.workers must be >= 0")
+    _check(m.width > 0, f"model.width must be > 0, got {m.width}")
+    _check(0 <= m.pools <= 5, f"model.pools must be 0 (auto) to 5, got {m.pools}")
+    _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
+    _check(t.epochs >= 1, "train.epochs must be >= 1")
+    _check(t.batch_size >= 1, "train.batch_size must be >= 1")
+    _check(t.lr > 0, "train.lr must be > 0")
+    _check(0 <= t.momentum < 1, "train.momentum must be in [0, 1)")
+    _check(t.weight_decay >= 0 and t.prox_mu >= 0, "train.weight_decay and train.prox_mu must be >= 0")
+    _check(t.device in DEVICES, f"train.device must be one of {DEVICES}, got {t.device!r}")
+    _check(t.threads >= 0, "train.threads must be >= 0")
+    _check(f.algorithm in ALGORITHMS, f"federation.algorithm must be one of {ALGORITHMS}, got {f.algorithm!r}")
+    _check(f.learners >= 1, "federation.learners must be >= 1")
+    _check(f.rounds >= 1, "federation.rounds must be >= 1")
+    _check(0 <= f.target < 1, f"federation.target must be in [0, 1), got {f.target}")
+    _check(f.schedule in SCHEDULES, f"federation.schedule must be one of {SCHEDULES}, got {f.schedule!r}")
+    _check(f.start >= 1, "federation.start must be >= 1")
+    _check(f.end == 0 or f.end > f.start, "federation.end must be 0 (last round) or after federation.start")
+    _check(cfg.schedule_end > f.start or f.algorithm in ("fedavg", "oneshot", "snip", "centralized"),
+           "federation.rounds must exceed federation.start for a progressive schedule")
+    _check(f.frequency >= 1, "federation.frequency must be >= 1")
+    _check(f.exponent > 0, "federation.exponent must be > 0")
+    _check(0 < f.fraction < 1, "federation.fraction must be in (0, 1)")
+    _check(1 <= f.oneshot_round <= f.rounds, "federation.oneshot_round must be within the rounds")
+    _check(f.merge in MERGE_RULES, f"federation.merge must be one of {MERGE_RULES}, got {f.merge!r}")
+    _check(e.every >= 1 and e.batch_size >= 1, "eval.every and eval.batch_size must be >= 1")
+    _check(bool(r.name) and "/" not in r.name, f"run.name must be a plain name, got {r.name!r}")
+    _check(r.checkpoint_every >= 0, "run.checkpoint_every must be >= 0 (0 = never)")
+    _check(r.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
+    _check(r.round_timeout > 0, "run.round_timeout must be > 0")
+
+
+def describe() -> str:
+    """Every option with its default, for --help."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        inst = getattr(Config(), section.name)
+        for f in dataclasses.fields(inst):
+            text = f.metadata.get("help", "")
+            lines.append(f"  {section.name}.{f.name} = {getattr(inst, f.name)!r}" + (f"  ({text})" if text else ""))
+    return "\n".join(lines)

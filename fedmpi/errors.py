@@ -1,0 +1,14 @@
+"""Which exceptions are the user's to fix (shown as one clear line) rather than bugs (traceback too)."""
+
+
+def is_user_error(exc: BaseException) -> bool:
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+    from .encoding import EncodingError
+    from .server import PayloadError
+    from .training import DeviceError
+    from .wire import RoundTimeout
+
+    return isinstance(exc, (ConfigError, DataError, EncodingError, PayloadError, DeviceError, RoundTimeout,
+                            CheckpointError, KeyboardInterrupt))

@@ -1,0 +1,87 @@
+"""A learner (ranks 1..N): receive the global model, train it locally with its mask, send it back.
+
+Learners keep no state between rounds: model and mask come from the server every round and the
+round's randomness derives from (seed, round, rank), so a resumed federation replays exactly.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from . import encoding, pruning
+from .algorithms import algorithm, prune, round_seed, schedule
+from .config import Config
+from .data import VolumeDataset
+from .model import flat_parameters, load_flat_parameters
+from .server import build_model
+from .training import local_train, masks_from_flat, snip_scores
+from .wire import FLAG_MASK, FLAG_STOP, Wire
+
+
+class Learner:
+    def __init__(self, cfg: Config, wire: Wire, data: VolumeDataset, device: torch.device, weight: float):
+        self.cfg = cfg
+        self.wire = wire
+        self.data = data
+        self.device = device
+        self.weight = np.float32(weight)  # n_k / n: values are pre-weighted so the server only sums
+        self.algo = algorithm(cfg)
+        self.schedule = schedule(cfg)
+        self.model = build_model(cfg, data.shape).to(device)
+        self.n = sum(p.numel() for p in self.model.parameters())
+        self.values: np.ndarray | None = None
+        self.mask: np.ndarray | None = None
+
+    def loader(self, seed: int) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(self.data, batch_size=self.cfg.train.batch_size, shuffle=True,
+                                           num_workers=self.cfg.data.workers,
+                                           generator=torch.Generator().manual_seed(seed))
+
+    def send_snip_mask(self) -> None:
+        """Score the server's initial model on one local batch and send the fixed SNIP mask."""
+        initial = self.wire.recv(np.empty(self.n, np.float32), source=0, what="initial model for SNIP")
+        load_flat_parameters(self.model, initial)
+        x, y = next(iter(self.loader(round_seed(self.cfg.run.seed, 0, self.wire.rank))))
+        scores = snip_scores(self.model, x.to(self.device), y.to(self.device))
+        mask = pruning.magnitude_mask(scores, self.cfg.federation.target)
+        self.wire.send(encoding.pack_mask(mask), dest=0, what="SNIP mask")
+
+    def run(self) -> None:
+        while True:
+            t, flags, nnz, payload = self.wire.recv_model()
+            if flags & FLAG_STOP:
+                return
+            if flags & FLAG_MASK:
+                self.values, self.mask = encoding.decode(payload, expected_n=self.n)
+            else:
+                self.values = encoding.scatter_values(payload.view(np.float32), self.mask, np.float32)
+            self.round(t)
+
+    def round(self, t: int) -> None:
+        seed = round_seed(self.cfg.run.seed, t, self.wire.rank)
+        torch.manual_seed(seed)
+        load_flat_parameters(self.model, self.values)
+        tc = self.cfg.train
+        start = time.perf_counter()
+        stats = local_train(self.model, self.loader(seed), epochs=tc.epochs, lr=tc.lr, momentum=tc.momentum,
+                            weight_decay=tc.weight_decay, masks=masks_from_flat(self.model, self.mask),
+                            prox_mu=tc.prox_mu, device=self.device)
+        seconds = time.perf_counter() - start
+        local = flat_parameters(self.model)
+        if self.algo.prune_at == "learner":
+            s_t = self.schedule(t)
+            mask = prune(local, self.mask, s_t, self.algo.selector, seed) if s_t > 0 else self.mask
+            payload = encoding.encode(pruning.apply_mask(local, mask), mask)
+        else:
+            payload = encoding.gather_values(local, self.mask) * self.weight
+        finite = bool(np.isfinite(local).all())
+        self.wire.report(np.array([stats["loss"], stats["samples"], seconds, payload.nbytes, finite]))
+        if self.algo.prune_at == "learner":
+            self.wire.gatherv(payload, what="learner model")
+        else:
+            self.wire.reduce_sum(payload.astype(np.float32), what="weighted values")
+        if self.cfg.run.verbose:
+            print(f"learner {self.wire.rank}: round {t} loss {stats['loss']:.3f} "
+                  f"({stats['samples']} samples, {seconds:.1f}s)", flush=True)

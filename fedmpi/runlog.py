@@ -1,0 +1,71 @@
+"""The run directory: resolved config, metrics.jsonl (one line per round), summary.json.
+
+Whole files are written to a temporary name and renamed; metrics lines are appended and
+fsynced, and a resumed run first drops the lines past its checkpoint so nothing is duplicated.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write, fsync, rename: readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class RunLog:
+    def __init__(self, run_dir: Path):
+        self.dir = Path(run_dir)
+        self.metrics_path = self.dir / "metrics.jsonl"
+
+    def write_config(self, config_json: str) -> None:
+        atomic_write(self.dir / "config.json", config_json.encode())
+
+    def write_summary(self, summary: dict) -> None:
+        atomic_write(self.dir / "summary.json", (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+
+    def append(self, row: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def rows(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        rows = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut by a crash ends the valid part
+        return rows
+
+    def keep_through(self, round_: int) -> list[dict]:
+        """Keep the rows of rounds <= round_ (resume): returns them."""
+        rows = [r for r in self.rows() if r["round"] <= round_]
+        atomic_write(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+        return rows
+
+    def reset(self) -> None:
+        if self.metrics_path.exists():
+            self.metrics_path.unlink()

@@ -1,0 +1,200 @@
+"""The transport: every byte between ranks passes through this module.
+
+Only buffer-based (uppercase) mpi4py calls on contiguous numpy arrays are used, never pickled
+objects. Calls are nonblocking and waited on by polling with a short sleep, so that ranks
+oversubscribing a few cores do not spin, and so that the server can give up on a round that
+exceeds its deadline and name the learners that did not report.
+
+Byte counters follow one convention (see README, "Measured communication"): `bytes_down` is
+what the server hands to MPI for the learners, counted once per receiving learner; `bytes_up`
+is what learners hand to MPI for the server. The server computes both from the buffer sizes it
+hands to or receives from MPI; each learner counts its own uplink.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+SERVER = 0
+TAG_REPORT = 11
+TAG_DIRECT = 12
+
+# Round header sent ahead of each model: round, flags, payload bytes, kept values.
+HEADER = 4
+FLAG_MASK = 1  # the payload is encoding.encode(values, mask): the mask changed
+FLAG_STOP = 2  # no more rounds: learners leave their loop
+FLAG_PREEMPTED = 4  # stopping early because the server was asked to (SIGTERM/SIGUSR1)
+
+
+class RoundTimeout(RuntimeError):
+    """The server waited longer than the round deadline."""
+
+
+class Wire:
+    """Moves numpy buffers between the server (rank 0) and the learners (ranks 1..N)."""
+
+    def __init__(self, comm: MPI.Comm | None = None, max_sleep: float = 0.01):
+        self.comm = comm if comm is not None else MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        self.max_sleep = max_sleep
+        self.deadline: float | None = None
+        self.bytes_down = 0
+        self.bytes_up = 0
+
+    @property
+    def learners(self) -> int:
+        return self.size - 1
+
+    @property
+    def is_server(self) -> bool:
+        return self.rank == SERVER
+
+    def reset_counters(self) -> tuple[int, int]:
+        """Return (down, up) bytes since the last reset and start counting afresh."""
+        counts = (self.bytes_down, self.bytes_up)
+        self.bytes_down = self.bytes_up = 0
+        return counts
+
+    def _wait(self, request: MPI.Request, what: str) -> None:
+        pause = 0.0
+        while not request.Test():
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                raise RoundTimeout(f"timed out waiting for {what}")
+            time.sleep(pause)
+            pause = min(self.max_sleep, pause + 0.0005)
+
+    def _count_down(self, nbytes: int) -> None:
+        if self.is_server:
+            self.bytes_down += nbytes * self.learners
+
+    def bcast(self, buf: np.ndarray, what: str = "broadcast") -> np.ndarray:
+        """Server to all learners, in place."""
+        buf = _contiguous(buf)
+        self._count_down(buf.nbytes)
+        self._wait(self.comm.Ibcast(buf, root=SERVER), what)
+        return buf
+
+    def reduce_sum(self, buf: np.ndarray, what: str = "reduce") -> np.ndarray | None:
+        """Sum of the learners' buffers at the server; the server contributes zeros."""
+        buf = _contiguous(buf)
+        if self.is_server:
+            send = np.zeros_like(buf)
+            out = np.empty_like(buf)
+            self.bytes_up += buf.nbytes * self.learners
+            self._wait(self.comm.Ireduce(send, out, op=MPI.SUM, root=SERVER), what)
+            return out
+        self.bytes_up += buf.nbytes
+        self._wait(self.comm.Ireduce(buf, None, op=MPI.SUM, root=SERVER), what)
+        return None
+
+    def gather(self, buf: np.ndarray, out: np.ndarray | None, what: str = "gather") -> np.ndarray | None:
+        """Fixed-size rows from every rank (the server's own row included) into `out` at the server."""
+        buf = _contiguous(buf)
+        if self.is_server:
+            self.bytes_up += buf.nbytes * self.learners
+        else:
+            self.bytes_up += buf.nbytes
+        self._wait(self.comm.Igather(buf, out, root=SERVER), what)
+        return out
+
+    def gatherv(self, buf: np.ndarray | None, what: str = "gatherv") -> list[np.ndarray] | None:
+        """Variable-length uint8 buffers from every learner; the server gets one view per learner."""
+        if self.is_server:
+            sizes = np.zeros(self.size, dtype=np.int64)
+            self._wait(self.comm.Igather(np.zeros(1, np.int64), sizes, root=SERVER), what + " sizes")
+            counts = sizes.copy()
+            counts[SERVER] = 0
+            displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            out = np.empty(int(counts.sum()), dtype=np.uint8)
+            self.bytes_up += sizes.nbytes // self.size * self.learners + int(counts.sum())
+            self._wait(self.comm.Igatherv(np.zeros(0, np.uint8), [out, counts, displs, MPI.BYTE], root=SERVER), what)
+            return [out[displs[k]:displs[k] + counts[k]] for k in range(1, self.size)]
+        buf = _contiguous(buf.view(np.uint8).ravel())
+        size = np.array([buf.nbytes], dtype=np.int64)
+        self.bytes_up += size.nbytes + buf.nbytes
+        self._wait(self.comm.Igather(size, None, root=SERVER), what + " sizes")
+        self._wait(self.comm.Igatherv(buf, None, root=SERVER), what)
+        return None
+
+    def report(self, values: np.ndarray) -> None:
+        """A learner's small end-of-round report to the server (point to point, so the server can
+        tell exactly who is late)."""
+        values = _contiguous(values.astype(np.float64))
+        self.bytes_up += values.nbytes
+        self._wait(self.comm.Isend(values, dest=SERVER, tag=TAG_REPORT), "report")
+
+    def collect_reports(self, width: int) -> np.ndarray:
+        """Server: one report row per learner; on deadline, name the learners that did not report."""
+        rows = np.zeros((self.size, width), dtype=np.float64)
+        pending = {k: self.comm.Irecv(rows[k], source=k, tag=TAG_REPORT) for k in range(1, self.size)}
+        pause = 0.0
+        while pending:
+            for k in [k for k, req in pending.items() if req.Test()]:
+                del pending[k]
+            if not pending:
+                break
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                names = ", ".join(f"learner {k} (rank {k})" for k in sorted(pending))
+                for req in pending.values():
+                    req.Cancel()
+                    req.Wait()
+                raise RoundTimeout(f"round deadline passed; no report from {names}")
+            time.sleep(pause)
+            pause = min(self.max_sleep, pause + 0.0005)
+        self.bytes_up += rows[1:].nbytes
+        return rows[1:]
+
+    def send(self, buf: np.ndarray, dest: int, what: str = "send") -> None:
+        buf = _contiguous(buf)
+        if self.is_server:
+            self.bytes_down += buf.nbytes
+        else:
+            self.bytes_up += buf.nbytes
+        self._wait(self.comm.Isend(buf, dest=dest, tag=TAG_DIRECT), what)
+
+    def recv(self, buf: np.ndarray, source: int, what: str = "recv") -> np.ndarray:
+        self._wait(self.comm.Irecv(buf, source=source, tag=TAG_DIRECT), what)
+        return buf
+
+    def barrier(self, what: str = "barrier") -> None:
+        self._wait(self.comm.Ibarrier(), what)
+
+    def abort(self, code: int = 1) -> None:
+        self.comm.Abort(code)
+
+    # The model exchange of one round, framed as header + payload.
+
+    def send_model(self, round_: int, payload: np.ndarray, nnz: int, flags: int) -> None:
+        """Server: broadcast the round header, then the payload (uint8)."""
+        header = np.array([round_, flags, payload.nbytes, nnz], dtype=np.int64)
+        self.bcast(header, "round header")
+        if payload.nbytes:
+            self.bcast(payload.view(np.uint8), "model")
+
+    def recv_model(self) -> tuple[int, int, int, np.ndarray]:
+        """Learner: (round, flags, nnz, payload)."""
+        header = self.bcast(np.zeros(HEADER, dtype=np.int64), "round header")
+        round_, flags, nbytes, nnz = (int(v) for v in header)
+        payload = np.empty(nbytes, dtype=np.uint8)
+        if nbytes:
+            self.bcast(payload, "model")
+        return round_, flags, nnz, payload
+
+
+def _contiguous(buf: np.ndarray) -> np.ndarray:
+    if not isinstance(buf, np.ndarray):
+        raise TypeError("the wire carries numpy arrays only")
+    return np.ascontiguousarray(buf)
+
+
+def node_layout(comm: MPI.Comm | None = None) -> tuple[int, int]:
+    """(local rank, ranks on this node), for GPU assignment and thread counts."""
+    comm = comm if comm is not None else MPI.COMM_WORLD
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return node.Get_rank(), node.Get_size()
+    finally:
+        node.Free()

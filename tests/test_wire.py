@@ -1,0 +1,72 @@
+"""The transport under mpirun: `mpirun -n 3 python -m pytest --with-mpi -m mpi tests/test_wire.py`."""
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.mpi(min_size=3)
+
+
+@pytest.fixture
+def wire():
+    from mpi4py import MPI
+
+    from fedmpi.wire import Wire
+
+    w = Wire(MPI.COMM_WORLD)
+    yield w
+    w.comm.Barrier()
+
+
+def test_bcast_counts_one_copy_per_learner(wire):
+    buf = np.arange(10, dtype=np.float32) if wire.is_server else np.zeros(10, np.float32)
+    out = wire.bcast(buf)
+    assert np.array_equal(out, np.arange(10, dtype=np.float32))
+    down, up = wire.reset_counters()
+    assert down == (40 * wire.learners if wire.is_server else 0)
+    assert up == 0
+
+
+def test_reduce_sum_is_the_sum_of_learner_buffers(wire):
+    mine = np.full(5, wire.rank, np.float32)
+    out = wire.reduce_sum(mine)
+    if wire.is_server:
+        assert np.array_equal(out, np.full(5, sum(range(1, wire.size)), np.float32))
+        assert wire.bytes_up == 20 * wire.learners
+    else:
+        assert out is None and wire.bytes_up == 20
+
+
+def test_gatherv_delivers_each_learners_bytes(wire):
+    mine = None if wire.is_server else np.full(wire.rank * 3, wire.rank, np.uint8)
+    out = wire.gatherv(mine)
+    if wire.is_server:
+        assert [len(b) for b in out] == [3 * k for k in range(1, wire.size)]
+        assert all((b == k).all() for k, b in enumerate(out, start=1))
+        assert wire.bytes_up == 8 * wire.learners + sum(3 * k for k in range(1, wire.size))
+    else:
+        assert wire.bytes_up == 8 + 3 * wire.rank
+
+
+def test_model_frame_round_trip(wire):
+    payload = np.arange(7, dtype=np.uint8)
+    if wire.is_server:
+        wire.send_model(3, payload, 5, 1)
+    else:
+        assert wire.recv_model()[:3] == (3, 1, 5)
+
+
+def test_late_learner_is_named_by_the_deadline(wire):
+    from fedmpi.wire import TAG_REPORT, RoundTimeout
+
+    if wire.is_server:
+        wire.deadline = time.monotonic() + 0.5
+        with pytest.raises(RoundTimeout, match=r"no report from learner 2 \(rank 2\)"):
+            wire.collect_reports(2)
+        wire.deadline = None
+        wire.comm.Recv(np.zeros(2), source=2, tag=TAG_REPORT)  # drain the late report
+    elif wire.rank == 2:
+        time.sleep(1.5)
+        wire.report(np.ones(2))
+    else:
+        wire.report(np.ones(2))
