@@ -30,7 +30,7 @@ def run_centralized(cfg, data_dir: Path, args) -> int:
     device = select_device(cfg.train.device)
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg, test.shape, float(ages.mean())).to(device)
-    rec = Recorder(cfg, model, test, device, float(np.mean(np.abs(test.ages - ages.mean()))))
+    rec = Recorder(cfg, model, test, device, float(np.mean(np.abs(test.ages - ages.mean()))), data_dir)
     state, _ = _start_state(cfg, args, rec, model)
     rec.log.write_config(cfg.to_json())
     began = time.perf_counter()

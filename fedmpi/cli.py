@@ -154,7 +154,7 @@ def _train(cfg, args, comm) -> int:
         model = srv.build_model(cfg, shape, mean_age).to(device)
         test = VolumeDataset(data_dir / "test.h5", cache=cfg.data.cache)
         baseline = float(np.mean(np.abs(test.ages - mean_age)))
-        rec = srv.Recorder(cfg, model, test, device, baseline)
+        rec = srv.Recorder(cfg, model, test, device, baseline, data_dir)
         state, rows = _start_state(cfg, args, rec, model)
         rec.log.write_config(cfg.to_json())
         session[:] = [state.round, *counts]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,11 +19,13 @@ from .aggregation import MajorityVote
 from .algorithms import algorithm, prune, round_seed, schedule
 from .checkpoint import Checkpoints, save_model
 from .config import Config
-from .data import VolumeDataset
 from .model import BrainAgeCNN, flat_parameters, load_flat_parameters, parameter_layout
 from .runlog import RunLog
 from .training import evaluate
 from .wire import FLAG_MASK, FLAG_PREEMPTED, FLAG_STOP, Wire
+
+if TYPE_CHECKING:
+    from .data import VolumeDataset
 
 # A learner's end-of-round report: mean train loss, samples, seconds of local training,
 # bytes it is about to hand to MPI for its model, and whether its values are all finite.
@@ -59,8 +62,10 @@ class Recorder:
     """Evaluation, metrics.jsonl, checkpoints and the per-round progress line, shared by the
     federated server and the centralized baseline."""
 
-    def __init__(self, cfg: Config, model: BrainAgeCNN, test: VolumeDataset, device, baseline_mae: float):
+    def __init__(self, cfg: Config, model: BrainAgeCNN, test: VolumeDataset, device, baseline_mae: float,
+                 data_dir):
         self.cfg = cfg
+        self.data_dir = str(data_dir)
         self.model = model
         self.device = device
         self.loader = torch.utils.data.DataLoader(test, batch_size=cfg.eval.batch_size, shuffle=False,
@@ -108,6 +113,7 @@ class Recorder:
         total = {k: sum(r[k] for r in rows) for k in ("bytes_down", "bytes_up", "dense_bytes_down", "dense_bytes_up")}
         summary = {
             "algorithm": self.cfg.federation.algorithm, "rounds": state.round, "preempted": preempted,
+            "data_dir": self.data_dir,
             "final_mae": scores["mae"], "final_rmse": scores["rmse"], "final_r": scores["r"],
             "baseline_mae": self.baseline_mae, "final_sparsity": pruning.sparsity(state.values),
             "target_sparsity": self.cfg.federation.target, "parameters": int(state.values.size),
@@ -196,7 +202,7 @@ class Server:
         seconds_train = float(reports[:, 2].max())
         dense = 4 * n * wire.learners
         row = {
-            "target_sparsity": s_t, "train_loss": float(np.average(reports[:, 0], weights=reports[:, 1])),
+            "target_sparsity": s_t, "sparsity_sent": 1.0 - nnz / n, "train_loss": float(np.average(reports[:, 0], weights=reports[:, 1])),
             "bytes_down": down, "bytes_up": up, "dense_bytes_down": dense, "dense_bytes_up": dense,
             "mask_sent": bool(mask_changed), "seconds_train": seconds_train,
             "seconds_comm": max(0.0, t1 - t0 - seconds_train), "seconds_aggregate": t2 - t1,

@@ -1,0 +1,108 @@
+"""Shared by the end-to-end tests: a tiny learnable split written in the documented HDF5 layout,
+and a runner for the real CLI under the venv's mpirun."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+SHAPE = (16, 20, 16)
+MPIRUN = str(Path(sys.executable).with_name("mpirun"))
+
+
+def write_volumes(path: Path, ages: np.ndarray, rng: np.random.Generator, shape=SHAPE) -> None:
+    """Age is learnable: a bright ball whose radius grows with age, plus noise."""
+    grid = np.stack(np.meshgrid(*[np.arange(s) - s / 2 for s in shape], indexing="ij"))
+    dist = np.sqrt((grid ** 2).sum(0))
+    images = np.stack([(dist < 2 + (a - 45) / 7).astype(np.float32) + rng.normal(0, 0.3, shape) for a in ages])
+    n = len(ages)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("images", data=images.astype(np.float16), chunks=(1, *shape))
+        f.create_dataset("age", data=ages.astype(np.float32))
+        f.create_dataset("subject_id", data=np.array([f"sub-{i:04d}" for i in range(n)], dtype=h5py.string_dtype()))
+        f.create_dataset("sex", data=np.array(["F"] * n, dtype=h5py.string_dtype()))
+        f.create_dataset("site", data=np.array(["site-0"] * n, dtype=h5py.string_dtype()))
+        f.attrs["voxel_size"] = 4.0
+        f.attrs["shape"] = np.array(shape)
+        f.attrs["affine"] = np.diag([4.0, 4.0, 4.0, 1.0])
+
+
+def write_split(directory: Path, learners: int = 2, per_learner: int = 24, test: int = 24, seed: int = 0,
+                shape=SHAPE) -> Path:
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for k in range(1, learners + 1):
+        write_volumes(directory / f"learner_{k}.h5", rng.uniform(45, 80, per_learner), rng, shape)
+    write_volumes(directory / "test.h5", rng.uniform(45, 80, test), rng, shape)
+    return directory
+
+
+TINY = ["model.width=0.125", "model.dropout=0", "train.lr=0.02", "train.batch_size=4", "train.threads=1",
+        "eval.batch_size=24"]
+
+
+def run_fedmpi(data_dir: Path, run_dir: Path, *sets: str, ranks: int = 3, extra=(), timeout: float = 240,
+               mpirun: bool = True) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "fedmpi", "train", "--set", f"data.dir={data_dir}", "--set", f"run.dir={run_dir}",
+            "--set", f"federation.learners={ranks - 1}"]
+    for s in [*TINY, *sets]:
+        args += ["--set", s]
+    cmd = ([MPIRUN, "-n", str(ranks)] if mpirun else []) + args + list(extra)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def start_fedmpi(data_dir: Path, run_dir: Path, *sets: str, ranks: int = 3, extra=()) -> subprocess.Popen:
+    """Like run_fedmpi, in the background (for tests that kill or signal ranks)."""
+    args = [MPIRUN, "-n", str(ranks), sys.executable, "-m", "fedmpi", "train", "--set", f"data.dir={data_dir}",
+            "--set", f"run.dir={run_dir}", "--set", f"federation.learners={ranks - 1}"]
+    for s in [*TINY, *sets]:
+        args += ["--set", s]
+    return subprocess.Popen(args + list(extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+
+
+def rank_pid(run_dir: Path, rank: int, timeout: float = 60) -> int:
+    """The pid of MPI rank `rank` of the job writing to run_dir (MPICH's hydra sets PMI_RANK)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmd = (proc / "cmdline").read_bytes().split(b"\0")
+                env = (proc / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"fedmpi" in cmd and f"run.dir={run_dir}".encode() in cmd and f"PMI_RANK={rank}".encode() in env:
+                return int(proc.name)
+        time.sleep(0.2)
+    raise TimeoutError(f"no rank {rank} process for {run_dir}")
+
+
+def wait_rows(run: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until metrics.jsonl has n rows (or the job ended)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    path = run / "metrics.jsonl"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{path} did not reach {n} rows")

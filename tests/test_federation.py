@@ -1,0 +1,78 @@
+"""End to end: the real CLI under `mpirun -n 3` (1 server, 2 learners) on a tiny learnable split."""
+import math
+
+import numpy as np
+import pytest
+from fedtools import metrics, run_fedmpi, summary, write_split
+
+pytestmark = pytest.mark.slow
+ROUNDS = 8
+TARGET = 0.9
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    return write_split(tmp_path_factory.mktemp("split"))
+
+
+def _run(split, tmp_path, algorithm, *sets):
+    proc = run_fedmpi(split, tmp_path, f"federation.algorithm={algorithm}", f"federation.rounds={ROUNDS}",
+                      f"federation.target={TARGET}", "run.name=r", *sets)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return tmp_path / "r"
+
+
+@pytest.mark.parametrize("algorithm,sets", [
+    ("fedsparsify-global", ()),
+    ("fedsparsify-local", ()),
+    ("fedsparsify-local", ("federation.merge=kept",)),
+    ("oneshot", ("federation.oneshot_round=3",)),
+    ("random", ()),
+    ("snip", ()),
+])
+def test_pruning_algorithms_reach_their_target_while_mae_falls(split, tmp_path, algorithm, sets):
+    run = _run(split, tmp_path, algorithm, *sets)
+    rows, s = metrics(run), summary(run)
+    assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
+    assert s["final_sparsity"] == pytest.approx(TARGET, abs=0.005)
+    values = np.load(run / "model.npz")  # the saved model is sparse on disk
+    assert values["sparse"].nbytes < 0.25 * s["dense_model_bytes"]
+    assert rows[-1]["test_mae"] < rows[0]["test_mae"]
+    assert s["final_mae"] < s["baseline_mae"]
+    sparsities = [r["sparsity"] for r in rows]
+    assert sparsities == sorted(sparsities), "no regrowth: sparsity never falls"
+
+
+def test_fedavg_stays_dense_and_learns(split, tmp_path):
+    run = _run(split, tmp_path, "fedavg")
+    rows, s = metrics(run), summary(run)
+    assert s["final_sparsity"] < 0.01
+    assert rows[-1]["test_mae"] < rows[0]["test_mae"] and s["final_mae"] < s["baseline_mae"]
+    assert all(not r["mask_sent"] for r in rows[1:]), "the mask goes out once when it never changes"
+
+
+@pytest.mark.parametrize("algorithm", ["fedsparsify-global", "fedsparsify-local"])
+def test_bytes_on_the_wire_follow_sparsity(split, tmp_path, algorithm):
+    """A round's payload is at most 1.05 x (1 - s) x dense, plus the mask in rounds where it is sent."""
+    run = _run(split, tmp_path, algorithm)
+    s = summary(run)
+    n, learners = s["parameters"], 2
+    mask_bytes = learners * (math.ceil(n / 8) + 24)
+    for r in metrics(run):
+        keep = 1 - r["sparsity_sent"]
+        down_allowance = mask_bytes if r["mask_sent"] else 0
+        up_allowance = mask_bytes if algorithm == "fedsparsify-local" else 0
+        assert r["bytes_down"] <= 1.05 * keep * r["dense_bytes_down"] + down_allowance, r
+        assert r["bytes_up"] <= 1.05 * keep * r["dense_bytes_up"] + up_allowance, r
+        assert r["bytes_down"] > 0 and r["bytes_up"] > 0
+    late = metrics(run)[-1]
+    assert late["bytes_up"] < 0.2 * late["dense_bytes_up"]
+
+
+def test_centralized_baseline_runs_in_one_process(split, tmp_path):
+    proc = run_fedmpi(split, tmp_path, "federation.algorithm=centralized", "federation.rounds=4", "run.name=c",
+                      mpirun=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows, s = metrics(tmp_path / "c"), summary(tmp_path / "c")
+    assert len(rows) == 4 and rows[-1]["test_mae"] < rows[0]["test_mae"]
+    assert s["total_bytes_up"] == 0

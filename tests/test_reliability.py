@@ -1,0 +1,174 @@
+"""Faults across the federation: the job never hangs, nothing is lost, resume is exact."""
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from fedtools import metrics, rank_pid, run_fedmpi, start_fedmpi, summary, wait_rows, write_split
+
+from fedmpi.checkpoint import load_model
+
+pytestmark = pytest.mark.slow
+ROUNDS = ["federation.rounds=6", "federation.target=0.9", "federation.algorithm=fedsparsify-global"]
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    return write_split(tmp_path_factory.mktemp("split"))
+
+
+@pytest.fixture(scope="module")
+def reference(split, tmp_path_factory):
+    """An uninterrupted run every resumed run must match bit for bit."""
+    runs = tmp_path_factory.mktemp("ref")
+    proc = run_fedmpi(split, runs, *ROUNDS, "run.name=ref")
+    assert proc.returncode == 0, proc.stderr
+    return runs / "ref"
+
+
+def _same_model(a, b):
+    va, ma, _ = load_model(a / "model.npz")
+    vb, mb, _ = load_model(b / "model.npz")
+    return np.array_equal(ma, mb) and va.tobytes() == vb.tobytes()
+
+
+def _finish(proc, timeout):
+    start = time.monotonic()
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"the job did not end within {timeout} s")
+    return proc.returncode, out, err, time.monotonic() - start
+
+
+def test_same_seed_gives_bit_identical_results(split, reference, tmp_path):
+    proc = run_fedmpi(split, tmp_path, *ROUNDS, "run.name=again")
+    assert proc.returncode == 0, proc.stderr
+    assert _same_model(reference, tmp_path / "again")
+    assert [r["test_mae"] for r in metrics(reference)] == [r["test_mae"] for r in metrics(tmp_path / "again")]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSEGV])
+def test_a_dying_learner_ends_the_job_and_resume_matches(split, reference, tmp_path, sig):
+    proc = start_fedmpi(split, tmp_path, *ROUNDS, "run.name=r")
+    wait_rows(tmp_path / "r", 2, proc)
+    os.kill(rank_pid(tmp_path, 2), sig)
+    code, out, err, seconds = _finish(proc, 60)
+    assert code != 0 and seconds < 60
+    assert "rank 2" in (out + err).lower() or "rank=2" in (out + err).lower(), out + err
+    resumed = run_fedmpi(split, tmp_path, *ROUNDS, "run.name=r", extra=["--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    rounds = [r["round"] for r in metrics(tmp_path / "r")]
+    assert rounds == list(range(1, 7)), "metrics continued, not duplicated"
+    assert _same_model(reference, tmp_path / "r")
+
+
+def test_a_silent_learner_is_named_by_the_round_watchdog(split, tmp_path):
+    proc = start_fedmpi(split, tmp_path, *ROUNDS, "run.name=w", "run.round_timeout=3")
+    wait_rows(tmp_path / "w", 1, proc)
+    pid = rank_pid(tmp_path, 1)
+    os.kill(pid, signal.SIGSTOP)  # alive but silent: no MPI failure, only the deadline can notice
+    try:
+        code, out, err, seconds = _finish(proc, 60)
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert code != 0
+    assert "no report from learner 1 (rank 1)" in err, err
+
+
+def test_preemption_signal_checkpoints_and_resume_matches(split, reference, tmp_path):
+    proc = start_fedmpi(split, tmp_path, *ROUNDS, "run.name=p")
+    wait_rows(tmp_path / "p", 1, proc)
+    os.kill(rank_pid(tmp_path, 0), signal.SIGUSR1)
+    code, out, err, _ = _finish(proc, 60)
+    assert code == 75, out + err
+    assert summary(tmp_path / "p")["preempted"] is True
+    done = len(metrics(tmp_path / "p"))
+    assert done < 6
+    resumed = run_fedmpi(split, tmp_path, *ROUNDS, "run.name=p", extra=["--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["round"] for r in metrics(tmp_path / "p")] == list(range(1, 7))
+    assert _same_model(reference, tmp_path / "p")
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(split, reference, tmp_path):
+    proc = start_fedmpi(split, tmp_path, *ROUNDS, "run.name=c", "run.keep_checkpoints=3")
+    wait_rows(tmp_path / "c", 4, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ckpts = sorted((tmp_path / "c" / "checkpoints").glob("round-*.npz"))
+    assert len(ckpts) >= 2
+    data = ckpts[-1].read_bytes()
+    ckpts[-1].write_bytes(data[: len(data) // 2])  # truncated
+    resumed = run_fedmpi(split, tmp_path, *ROUNDS, "run.name=c", extra=["--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "skipping checkpoint" in resumed.stderr and ckpts[-1].name in resumed.stderr
+    assert [r["round"] for r in metrics(tmp_path / "c")] == list(range(1, 7))
+    assert _same_model(reference, tmp_path / "c")
+
+
+def test_unfinished_run_is_not_silently_replaced(split, tmp_path):
+    proc = start_fedmpi(split, tmp_path, *ROUNDS, "run.name=u")
+    wait_rows(tmp_path / "u", 2, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    again = run_fedmpi(split, tmp_path, *ROUNDS, "run.name=u")
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+
+def test_rank_count_must_match_learners(split, tmp_path):
+    proc = run_fedmpi(split, tmp_path, *ROUNDS, "federation.learners=4")
+    assert proc.returncode == 2
+    assert "needs 5 (1 server + 4 learners)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_learner_file_is_reported_before_training(split, tmp_path):
+    bad = write_split(tmp_path / "split")
+    (bad / "learner_2.h5").unlink()
+    proc = run_fedmpi(bad, tmp_path, *ROUNDS)
+    assert proc.returncode == 2
+    assert "rank 2" in proc.stderr and "learner_2.h5" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "demo" / "metrics.jsonl").exists()
+
+
+def test_truncated_learner_file_is_reported_before_training(split, tmp_path):
+    bad = write_split(tmp_path / "split")
+    data = (bad / "learner_1.h5").read_bytes()
+    (bad / "learner_1.h5").write_bytes(data[: len(data) // 3])
+    proc = run_fedmpi(bad, tmp_path, *ROUNDS)
+    assert proc.returncode == 2 and "learner_1.h5" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_volume_shape_mismatch_is_reported_before_training(split, tmp_path):
+    bad = write_split(tmp_path / "split")
+    write_split(tmp_path / "other", shape=(12, 14, 12))
+    (tmp_path / "other" / "learner_2.h5").replace(bad / "learner_2.h5")
+    proc = run_fedmpi(bad, tmp_path, *ROUNDS)
+    assert proc.returncode == 2
+    assert "learner 2" in proc.stderr and "differs from test.h5" in proc.stderr
+
+
+def test_gpu_requested_but_absent_is_reported_before_training(split, tmp_path):
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = run_fedmpi(split, tmp_path, *ROUNDS, "train.device=cuda")
+    assert proc.returncode == 2
+    assert "rank 1" in proc.stderr and "GPU" in proc.stderr or "CUDA" in proc.stderr
+
+
+def test_config_errors_are_one_clear_line(split, tmp_path):
+    proc = run_fedmpi(split, tmp_path, "federation.target=1.5")
+    assert proc.returncode == 2
+    assert "federation.target must be in [0, 1)" in proc.stderr and "Traceback" not in proc.stderr

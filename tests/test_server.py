@@ -1,0 +1,113 @@
+"""The server's validation of learner payloads, with a stand-in wire (no MPI)."""
+import numpy as np
+import pytest
+
+from fedmpi import encoding
+from fedmpi.config import Config
+from fedmpi.server import REPORT, PayloadError, Server, State
+
+N = 50
+
+
+class FakeWire:
+    """Plays two learners: every call returns what the test put in."""
+
+    learners = 2
+    deadline = None
+
+    def __init__(self, reports, payloads=None, summed=None):
+        self.reports, self.payloads, self.summed = reports, payloads, summed
+
+    def reset_counters(self):
+        return 0, 0
+
+    def send_model(self, *args):
+        pass
+
+    def collect_reports(self, width):
+        return np.asarray(self.reports, dtype=np.float64)
+
+    def gatherv(self, buf, what=""):
+        return self.payloads
+
+    def reduce_sum(self, buf, what=""):
+        return self.summed
+
+
+def _server(algorithm, wire):
+    cfg = Config()
+    cfg.federation.algorithm = algorithm
+    cfg.federation.rounds = 4
+    return Server(cfg, wire, recorder=None, sample_counts=np.array([10.0, 30.0]))
+
+
+def _state():
+    rng = np.random.default_rng(0)
+    mask = np.ones(N, bool)
+    mask[:10] = False
+    return State(0, np.where(mask, rng.standard_normal(N), 0).astype(np.float32), mask)
+
+
+def _report(nbytes, finite=1.0, loss=1.0):
+    return [loss, 10, 0.1, nbytes, finite]
+
+
+def test_report_layout_is_what_learners_send():
+    assert REPORT == ("loss", "samples", "seconds_train", "payload_nbytes", "finite")
+
+
+@pytest.mark.parametrize("reports,message", [
+    ([_report(160), _report(156)], "learner 2 (rank 2) would send 156 bytes, expected 160"),
+    ([_report(160, finite=0.0), _report(160)], "learner 1 (rank 1) reports non-finite"),
+    ([_report(160), _report(160, loss=float("nan"))], "learner 2 (rank 2) reports non-finite"),
+])
+def test_bad_reports_are_refused_before_the_reduce(reports, message):
+    state = _state()
+    before = state.values.copy()
+    server = _server("fedsparsify-global", FakeWire(reports, summed=np.zeros(40, np.float32)))
+    with pytest.raises(PayloadError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        server.round(state, 1, True)
+    assert state.round == 0 and np.array_equal(state.values, before)
+
+
+def test_non_finite_aggregate_leaves_the_global_model_untouched():
+    state = _state()
+    before = state.values.copy()
+    summed = np.zeros(40, np.float32)
+    summed[3] = np.nan
+    server = _server("fedsparsify-global", FakeWire([_report(160), _report(160)], summed=summed))
+    with pytest.raises(PayloadError, match="not finite"):
+        server.round(state, 1, True)
+    assert np.array_equal(state.values, before) and np.isfinite(state.values).all()
+
+
+def _local_payloads(state, second):
+    good = encoding.encode(state.values, state.mask)
+    return [good, second]
+
+
+@pytest.mark.parametrize("make_bad,message", [
+    (lambda s: np.frombuffer(b"garbage!" * 4, np.uint8), "learner 2 (rank 2) sent an invalid model"),
+    (lambda s: encoding.encode(s.values[:-1], s.mask[:-1]), "learner 2 (rank 2) sent an invalid model"),
+    (lambda s: encoding.encode(s.values.astype(np.float64), s.mask), "learner 2 (rank 2) sent 50 float64 values"),
+    (lambda s: encoding.encode(np.where(s.mask, np.inf, 0).astype(np.float32), s.mask), "non-finite"),
+    (lambda s: encoding.encode(np.ones(N, np.float32), np.ones(N, bool)), "revives 10 pruned weights"),
+])
+def test_bad_learner_models_are_refused_and_named(make_bad, message):
+    state = _state()
+    before = state.values.copy()
+    payloads = _local_payloads(state, make_bad(state))
+    server = _server("fedsparsify-local", FakeWire([_report(1), _report(1)], payloads=payloads))
+    with pytest.raises(PayloadError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        server.round(state, 2, True)
+    assert state.round == 0 and np.array_equal(state.values, before)
+
+
+def test_good_local_round_merges_and_prunes_to_the_schedule():
+    state = _state()
+    payloads = _local_payloads(state, encoding.encode(state.values, state.mask))
+    server = _server("fedsparsify-local", FakeWire([_report(1), _report(1)], payloads=payloads))
+    row, changed = server.round(state, 4, True)
+    assert state.round == 4 and changed
+    assert (state.values == 0).mean() == pytest.approx(0.95, abs=0.02)
+    assert row["target_sparsity"] == pytest.approx(0.95)
