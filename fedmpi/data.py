@@ -1,0 +1,125 @@
+"""Volume files for training: a lazy torch Dataset, a cheap header read, the synthetic default data.
+
+The file format is documented in preprocess/h5io.py and docs/data.md. Every error about a
+volume file is a DataError whose message names the file.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from preprocess import convert, h5io, split, synth
+from preprocess.h5io import DataError
+
+__all__ = ["DataError", "VolumeDataset", "read_header", "synthetic_cohort"]
+
+
+def read_header(path) -> dict:
+    """n, shape (X, Y, Z), voxel_size and mean_age of a volume file, without reading images."""
+    with h5io.open_checked(path) as f:
+        ages = f["age"][:]
+        return {"n": int(f["images"].shape[0]), "shape": tuple(int(s) for s in f["images"].shape[1:]),
+                "voxel_size": float(f.attrs["voxel_size"]),
+                "mean_age": float(ages.mean()) if len(ages) else float("nan")}
+
+
+class VolumeDataset(Dataset):
+    """(volume (1, X, Y, Z) float32, age float32) pairs from one volume file.
+
+    The HDF5 handle is opened on first access in each process (a pid check), so the
+    dataset can be handed to DataLoader workers, forked or spawned. With cache=True the
+    decoded float32 volumes are kept in memory (per process: each worker has its own).
+    """
+
+    def __init__(self, path, cache: bool = False):
+        self.path = Path(path)
+        with h5io.open_checked(self.path) as f:
+            self._ages = f["age"][:].astype(np.float32)
+            self._shape = tuple(int(s) for s in f["images"].shape[1:])
+            self._voxel = float(f.attrs["voxel_size"])
+        self._cache: dict[int, torch.Tensor] | None = {} if cache else None
+        self._file = None
+        self._reader = None
+        self._pid = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self._shape
+
+    @property
+    def ages(self) -> np.ndarray:
+        return self._ages
+
+    @property
+    def voxel_size(self) -> float:
+        return self._voxel
+
+    def __len__(self) -> int:
+        return len(self._ages)
+
+    def _open(self) -> h5io.ChunkReader:
+        if self._pid != os.getpid():
+            self._file = h5io.open_checked(self.path)
+            self._reader = h5io.ChunkReader(self._file["images"])
+            self._pid = os.getpid()
+        return self._reader
+
+    def __getitem__(self, index):
+        i = int(index)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} volumes in {self.path}")
+        age = torch.tensor(self._ages[i])
+        if self._cache is not None and i in self._cache:
+            return self._cache[i], age
+        reader = self._open()
+        try:
+            vol = reader.read(i)
+        except Exception as exc:  # zlib/h5py errors on a damaged chunk
+            raise DataError(f"volume file {self.path}: cannot read volume {i}: {exc}") from None
+        x = torch.from_numpy(vol.astype(np.float32)).unsqueeze(0)
+        if self._cache is not None:
+            self._cache[i] = x
+        return x, age
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.update(_file=None, _reader=None, _pid=None)
+        return state
+
+    def close(self) -> None:
+        """Close this process's file handle (reopened on the next access)."""
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._file = self._reader = self._pid = None
+
+
+def synthetic_cohort(root, *, subjects: int = 240, voxel: int = 4, learners: int = 8,
+                     distribution: str = "uniform-iid", seed: int = 0, workers: int | None = None,
+                     progress: bool = False) -> Path:
+    """Build (once) and return the split directory of the embedded synthetic cohort.
+
+    Layout under root/synth-s{subjects}-seed{seed}/: bids/ (NIfTI + participants.tsv),
+    v{voxel}.h5 (preprocessed), split-{distribution}-{learners}/ (learner_k.h5, test.h5,
+    partition.json). Each step is skipped when its output exists and each is built under a
+    temporary name and renamed, so an interrupted run never leaves a half cohort. Not safe
+    to call from several processes at once on the same root: call it on one rank, then
+    barrier.
+    """
+    split.validate(learners, distribution)
+    base = Path(root) / f"synth-s{subjects}-seed{seed}"
+    bids_dir = base / "bids"
+    if not synth.is_complete(bids_dir, subjects, seed):
+        synth.write_cohort(bids_dir, subjects, seed, workers, progress)
+    h5 = base / f"v{voxel}.h5"
+    if not h5.is_file():
+        convert.convert(bids_dir, h5, voxel=voxel, workers=workers, progress=progress)
+    out = base / f"split-{distribution}-{learners}"
+    if not (out / "partition.json").is_file():
+        split.write_split(h5, out, learners=learners, distribution=distribution, seed=seed)
+    return out

@@ -1,0 +1,113 @@
+"""Find the subjects of a BIDS-like dataset and check participants.tsv against the images.
+
+Pure bookkeeping, no image reading: every problem found here is reported per subject so
+that one run lists all of them at once.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+from pathlib import Path
+
+from preprocess.nifti import IMAGE_SUFFIXES
+
+REQUIRED_COLUMNS = ("participant_id", "age")
+MISSING = {"", "n/a", "na", "nan", "none", "null"}
+
+
+class DatasetError(ValueError):
+    """The dataset as a whole cannot be read (no directory, no or malformed participants.tsv)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One usable-so-far subject: its row in participants.tsv and its image path."""
+
+    participant_id: str
+    age: float
+    sex: str
+    site: str
+    image: Path
+
+
+def _image_suffix(name: str) -> str | None:
+    return next((s for s in IMAGE_SUFFIXES if name.endswith("_T1w" + s)), None)
+
+
+def find_images(root: Path) -> dict[str, list[Path]]:
+    """participant_id -> T1w images under sub-*/anat/ or sub-*/ses-*/anat/."""
+    found: dict[str, list[Path]] = {}
+    for pattern in ("sub-*/anat/*", "sub-*/ses-*/anat/*"):
+        for path in sorted(root.glob(pattern)):
+            if path.is_file() and _image_suffix(path.name):
+                found.setdefault(path.relative_to(root).parts[0], []).append(path)
+    return found
+
+
+def read_participants(root: Path) -> list[dict[str, str]]:
+    """Rows of participants.tsv as dicts; DatasetError when missing or lacking columns."""
+    if not root.is_dir():
+        raise DatasetError(f"BIDS directory {root} does not exist")
+    tsv = root / "participants.tsv"
+    if not tsv.is_file():
+        raise DatasetError(f"{tsv} is missing (needs columns participant_id, age[, sex, site])")
+    with open(tsv, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        columns = reader.fieldnames or []
+        absent = [c for c in REQUIRED_COLUMNS if c not in columns]
+        if absent:
+            raise DatasetError(f"{tsv} lacks column(s) {', '.join(absent)} (has: {', '.join(columns) or 'none'})")
+        return [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+
+
+def parse_age(text: str) -> float:
+    """A finite age in years, or ValueError with the reason."""
+    if text.lower() in MISSING:
+        raise ValueError("missing age")
+    try:
+        age = float(text)
+    except ValueError:
+        raise ValueError(f"non-numeric age {text!r}") from None
+    if not math.isfinite(age):
+        raise ValueError(f"non-numeric age {text!r}")
+    return age
+
+
+def scan(root) -> tuple[list[Entry], dict[str, str]]:
+    """Match participants.tsv rows with images: (good entries in TSV order, {subject: reason})."""
+    root = Path(root)
+    rows = read_participants(root)
+    images = find_images(root)
+    bad: dict[str, str] = {}
+    entries: list[Entry] = []
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["participant_id"]] = counts.get(row["participant_id"], 0) + 1
+    for row in rows:
+        pid = row["participant_id"]
+        if not pid:
+            bad["(blank participant_id)"] = "a participants.tsv row has an empty participant_id"
+            continue
+        if counts[pid] > 1:
+            bad[pid] = f"listed {counts[pid]} times in participants.tsv"
+            continue
+        try:
+            age = parse_age(row["age"])
+        except ValueError as exc:
+            bad[pid] = str(exc)
+            continue
+        paths = images.get(pid, [])
+        if not paths:
+            bad[pid] = f"in participants.tsv but no image {pid}/anat/{pid}_T1w.nii[.gz]"
+            continue
+        if len(paths) > 1:
+            bad[pid] = "several T1w images: " + ", ".join(str(p.relative_to(root)) for p in paths)
+            continue
+        sex = row.get("sex", "") or "n/a"
+        site = row.get("site", "") or "n/a"
+        entries.append(Entry(pid, age, sex, site, paths[0]))
+    for pid, paths in images.items():
+        if pid not in counts:
+            bad[pid] = f"image {paths[0].relative_to(root)} has no row in participants.tsv"
+    return entries, bad

@@ -1,0 +1,117 @@
+"""`python -m preprocess synth|nifti|split`: command-line front end.
+
+Exit codes: 0 success (or output already up to date), 2 usage or bad input (a message on
+stderr, never a traceback, nothing written), 130 interrupted (finished subjects stay staged
+and a re-run resumes).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from preprocess import bids, convert, h5io, split, synth
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors in the same form as the rest of the CLI (exit 2)."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        raise SystemExit(_fail(message))
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m preprocess", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("synth", help="write the synthetic BIDS-like T1 cohort")
+    p.add_argument("--out", required=True, type=Path, help="output directory (created)")
+    p.add_argument("--subjects", type=_positive, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=_positive, default=None, help="processes (default: all CPUs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("nifti", help="preprocess a BIDS dataset into one HDF5 file")
+    p.add_argument("--bids", required=True, type=Path, help="dataset root with participants.tsv")
+    p.add_argument("--out", required=True, type=Path, help="output FILE.h5")
+    p.add_argument("--voxel", type=int, choices=(2, 4), default=4, help="MNI grid spacing in mm")
+    p.add_argument("--dtype", choices=tuple(h5io.DTYPES), default="float16")
+    p.add_argument("--workers", type=_positive, default=None, help="processes (default: all CPUs)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="write the good subjects and FILE.skipped.tsv instead of failing")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("split", help="test set + per-learner files from a preprocessed file")
+    p.add_argument("--h5", required=True, type=Path, help="preprocessed FILE.h5")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--learners", type=int, default=8)
+    p.add_argument("--distribution", choices=split.DISTRIBUTIONS, default="uniform-iid")
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _bad_list(bad: dict[str, str]) -> str:
+    return "".join(f"\n  {pid}: {reason}" for pid, reason in sorted(bad.items()))
+
+
+def _synth(args) -> int:
+    out = synth.write_cohort(args.out, args.subjects, args.seed, args.workers, progress=not args.quiet)
+    print(f"wrote {args.subjects} subjects to {out}")
+    return 0
+
+
+def _nifti(args) -> int:
+    try:
+        res = convert.convert(args.bids, args.out, voxel=args.voxel, dtype=args.dtype,
+                              workers=args.workers, skip_bad=args.skip_bad, progress=not args.quiet)
+    except convert.BadInput as exc:
+        return _fail(f"{exc}:{_bad_list(exc.bad)}")
+    if res.up_to_date:
+        print(f"{res.path} is up to date")
+        return 0
+    if res.skipped:
+        report = convert.skipped_report_path(res.path)
+        print(f"warning: skipped {len(res.skipped)} bad subject(s), listed in {report}:"
+              f"{_bad_list(res.skipped)}", file=sys.stderr)
+    reused = f" ({res.reused} reused from an interrupted run)" if res.reused else ""
+    print(f"wrote {res.written} subjects to {res.path}{reused}")
+    return 0
+
+
+def _split(args) -> int:
+    out = split.write_split(args.h5, args.out, learners=args.learners, distribution=args.distribution,
+                            test_fraction=args.test_fraction, seed=args.seed)
+    print(f"wrote {args.learners} learner files, test.h5 and partition.json to {out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    """Run one command; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return {"synth": _synth, "nifti": _nifti, "split": _split}[args.command](args)
+    except (bids.DatasetError, split.SplitError, h5io.DataError, FileExistsError) as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        staged = ""
+        if args.command == "nifti":
+            staged = f"; finished subjects stay in {convert.parts_dir(args.out)} and a re-run resumes"
+        print(f"interrupted{staged}", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,0 +1,85 @@
+"""Target MNI grids, the MNI152 templates nilearn ships, and affine resampling.
+
+Everything downstream (trainer, splits, benchmarks) relies on these two grids being
+fixed, so they are constants here rather than derived from a template at run time.
+nilearn is imported lazily: it costs about two seconds and worker processes that only
+resample never need it.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from scipy import ndimage
+
+# FSL MNI152 2 mm grid used by the paper (91 x 109 x 91) and a 4 mm grid for CPU work.
+GRIDS: dict[int, tuple[tuple[int, int, int], np.ndarray]] = {
+    2: ((91, 109, 91), np.array([[2.0, 0, 0, -90], [0, 2, 0, -126], [0, 0, 2, -72], [0, 0, 0, 1]])),
+    4: ((45, 54, 45), np.array([[4.0, 0, 0, -88], [0, 4, 0, -124], [0, 0, 4, -70], [0, 0, 0, 1]])),
+}
+
+FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
+
+
+def target_grid(voxel: int) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Shape and RAS+ affine of the MNI grid at `voxel` mm (2 or 4)."""
+    if voxel not in GRIDS:
+        raise ValueError(f"voxel size must be one of {sorted(GRIDS)} mm, got {voxel!r}")
+    shape, affine = GRIDS[voxel]
+    return shape, affine.copy()
+
+
+@functools.lru_cache(maxsize=None)
+def templates_1mm() -> dict[str, np.ndarray]:
+    """nilearn's bundled 1 mm MNI152 (ICBM 2009a) maps: t1, gm, wm, mask (+ their affine).
+
+    These files live inside the nilearn package; nothing is downloaded.
+    """
+    from nilearn import datasets
+
+    t1 = datasets.load_mni152_template(resolution=1)
+    out = {
+        "t1": np.asarray(t1.get_fdata(), dtype=np.float32),
+        "gm": np.asarray(datasets.load_mni152_gm_template(resolution=1).get_fdata(), dtype=np.float32),
+        "wm": np.asarray(datasets.load_mni152_wm_template(resolution=1).get_fdata(), dtype=np.float32),
+        "mask": np.asarray(datasets.load_mni152_brain_mask(resolution=1).get_fdata(), dtype=np.float32),
+        "affine": np.asarray(t1.affine, dtype=np.float64),
+    }
+    for arr in out.values():
+        arr.setflags(write=False)
+    return out
+
+
+def resample(data: np.ndarray, affine: np.ndarray, shape, target_affine: np.ndarray,
+             order: int = 1, cval: float = 0.0) -> np.ndarray:
+    """Sample `data` (voxel->world `affine`) at the voxel centres of a target grid."""
+    vox = np.linalg.solve(affine, target_affine)  # target voxel -> source voxel
+    return ndimage.affine_transform(
+        data, vox[:3, :3], offset=vox[:3, 3], output_shape=tuple(shape), order=order,
+        mode="constant", cval=cval, prefilter=False, output=np.float32)
+
+
+def antialias(data: np.ndarray, voxel_sizes, target_mm: float) -> np.ndarray:
+    """Gaussian pre-smoothing so that downsampling to `target_mm` does not alias.
+
+    The kernel brings the effective resolution of each axis to a FWHM of one target
+    voxel: sigma_mm = sqrt(target^2 - voxel^2) * FWHM_TO_SIGMA (no smoothing when the
+    source is already as coarse as the target).
+    """
+    sizes = np.asarray(voxel_sizes, dtype=float)
+    sigma_mm = np.sqrt(np.clip(target_mm ** 2 - sizes ** 2, 0.0, None)) * FWHM_TO_SIGMA
+    sigma = sigma_mm / sizes
+    if not np.any(sigma > 0.05):
+        return data
+    return ndimage.gaussian_filter(data, sigma, mode="constant", output=np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def brain_mask(voxel: int) -> np.ndarray:
+    """nilearn's MNI152 brain mask on our grid at `voxel` mm (bool, read-only)."""
+    shape, affine = target_grid(voxel)
+    tpl = templates_1mm()
+    smooth = antialias(tpl["mask"], (1.0, 1.0, 1.0), float(voxel))
+    mask = resample(smooth, tpl["affine"], shape, affine, order=1) >= 0.5
+    mask.setflags(write=False)
+    return mask

@@ -1,0 +1,99 @@
+"""Load one structural image, check it, and bring it onto the MNI grid.
+
+The pipeline assumes the image's world coordinates are already MNI-aligned (as for the
+synthetic cohort, or after a registration the user ran): it reorients to RAS+, smooths
+just enough to avoid aliasing, resamples onto the fixed grid, applies the MNI brain mask
+and z-scores within it. It does not register; an image that barely overlaps the mask is
+rejected rather than silently producing garbage.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from preprocess import grid
+
+# Suffixes nibabel reads for us, longest first so ".nii.gz" wins over ".gz".
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".hdr")
+MIN_MASK_COVERAGE = 0.5
+
+
+class BadImage(ValueError):
+    """An input image that cannot be used; the message is the human-readable reason."""
+
+
+def load(path) -> tuple[np.ndarray, np.ndarray]:
+    """Read a 3D image (a 4D one with a single frame is accepted) as float32 + affine.
+
+    Raises BadImage for unreadable or truncated files, several frames, non-finite voxels,
+    and all-zero images.
+    """
+    path = Path(path)
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as exc:  # nibabel, gzip and zlib raise many types for a bad file
+        raise BadImage(f"unreadable or truncated image {path.name}: {exc}") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim == 4:
+        raise BadImage(f"{path.name} is 4D with {data.shape[3]} frames; expected one 3D volume")
+    if data.ndim != 3:
+        raise BadImage(f"{path.name} has {data.ndim} dimensions {data.shape}; expected a 3D volume")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise BadImage(f"{path.name} has a degenerate voxel-to-world affine")
+    bad = int(np.count_nonzero(~np.isfinite(data)))
+    if bad:
+        raise BadImage(f"{path.name} has {bad} non-finite voxels (NaN or inf)")
+    if not np.any(data):
+        raise BadImage(f"{path.name} is all zeros")
+    return data, affine
+
+
+def to_ras(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reorder/flip the array axes so they point Right, Anterior, Superior (exact, no resampling)."""
+    ornt = nib.orientations.io_orientation(affine)
+    ras = nib.orientations.apply_orientation(data, ornt)
+    new_affine = affine @ nib.orientations.inv_ornt_aff(ornt, data.shape)
+    return np.ascontiguousarray(ras), new_affine
+
+
+def to_mni(data: np.ndarray, affine: np.ndarray, voxel: int, mask: np.ndarray) -> np.ndarray:
+    """Any-orientation data -> anti-aliased, resampled onto the MNI grid, z-scored in `mask`.
+
+    `mask` is grid.brain_mask(voxel), passed in so worker processes need not load nilearn.
+    """
+    shape, target = grid.target_grid(voxel)
+    data, affine = to_ras(data, affine)
+    sizes = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    # "inside" tracks which target voxels the source field of view actually covers.
+    covered = grid.resample(np.ones(data.shape, np.float32), affine, shape, target, order=0) > 0
+    coverage = float(np.count_nonzero(covered & mask)) / float(np.count_nonzero(mask))
+    if coverage < MIN_MASK_COVERAGE:
+        raise BadImage(f"covers only {coverage:.0%} of the MNI brain mask; "
+                       "is it in MNI world coordinates (registered)?")
+    out = grid.resample(grid.antialias(data, sizes, float(voxel)), affine, shape, target, order=1)
+    return zscore(out, mask)
+
+
+def zscore(volume: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Zero outside `mask`; inside, subtract the mean and divide by the std of masked voxels."""
+    vals = volume[mask].astype(np.float64)
+    std = vals.std()
+    if not std > 0:
+        raise BadImage("constant intensity inside the brain mask")
+    out = np.zeros(volume.shape, np.float32)
+    out[mask] = ((vals - vals.mean()) / std).astype(np.float32)
+    return out
+
+
+def preprocess_file(path, voxel: int, mask: np.ndarray) -> np.ndarray:
+    """load + to_mni, with the file name in any BadImage message."""
+    data, affine = load(path)
+    try:
+        return to_mni(data, affine, voxel, mask)
+    except BadImage as exc:
+        raise BadImage(f"{Path(path).name} {exc}") from None

@@ -1,0 +1,184 @@
+"""Held-out test set and federated learner partitions (the paper's three distributions).
+
+The partitioning is a pure function of the ages (`partition`); `write_split` turns it into
+files. Rules, chosen to mirror the paper and documented in docs/data.md:
+- test: ages go into 20 equal-width bins over [min, max]; from each bin floor(f * n_bin + 0.5)
+  subjects (round half up) are drawn at random;
+- uniform-iid: sort the rest by age, deal each run of K consecutive subjects to a random
+  permutation of the K learners -> sizes equal within 1, the same age histogram everywhere;
+- uniform-noniid: sort by a jittered age (age + N(0, 5% of the age span)), cut into K/2
+  equal contiguous groups and deal each group alternately to a pair of learners -> equal
+  sizes, shifted but overlapping age ranges, learners in pairs (K must be even);
+- skewed-noniid: sizes proportional to 1.35**-k (largest remainder rounding), each learner a
+  contiguous block of the jittered age order, blocks placed along the age axis in a random
+  order -> each learner about 1.35x smaller than the previous one, different age ranges.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from preprocess import h5io
+
+DISTRIBUTIONS = ("uniform-iid", "uniform-noniid", "skewed-noniid")
+N_BINS = 20
+SKEW = 1.35
+JITTER = 0.05
+
+
+class SplitError(ValueError):
+    """The requested split is impossible for these subjects or parameters."""
+
+
+def age_bins(ages: np.ndarray, n_bins: int = N_BINS) -> np.ndarray:
+    """Index (0..n_bins-1) of each age's equal-width bin over [min, max]."""
+    lo, hi = float(ages.min()), float(ages.max())
+    if hi == lo:
+        return np.zeros(len(ages), dtype=np.int64)
+    return np.minimum(((ages - lo) / (hi - lo) * n_bins).astype(np.int64), n_bins - 1)
+
+
+def test_indices(ages: np.ndarray, fraction: float, rng) -> np.ndarray:
+    """Stratified hold-out: round-half-up(fraction * bin size) random subjects from every age bin."""
+    bins = age_bins(ages)
+    chosen = []
+    for b in range(N_BINS):
+        members = np.flatnonzero(bins == b)
+        k = int(np.floor(fraction * len(members) + 0.5))
+        chosen.append(rng.choice(members, size=k, replace=False))
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def skewed_sizes(n: int, k: int) -> np.ndarray:
+    """Sizes proportional to SKEW**-i summing to n (largest remainder rounding)."""
+    w = SKEW ** -np.arange(k, dtype=float)
+    exact = n * w / w.sum()
+    sizes = np.floor(exact).astype(np.int64)
+    order = np.argsort(-(exact - sizes), kind="stable")
+    sizes[order[: n - sizes.sum()]] += 1
+    return sizes
+
+
+def _jittered_order(ages: np.ndarray, rng) -> np.ndarray:
+    span = float(ages.max() - ages.min()) or 1.0
+    return np.argsort(ages + rng.normal(0.0, JITTER * span, size=len(ages)), kind="stable")
+
+
+def learner_indices(ages: np.ndarray, k: int, distribution: str, rng) -> list[np.ndarray]:
+    """Positions (into `ages`) of each learner's subjects."""
+    n = len(ages)
+    check(n, k, distribution)
+    if distribution == "uniform-iid":
+        order = np.argsort(ages + rng.uniform(0, 1e-6, size=n), kind="stable")
+        # every run of k consecutive ages goes to k distinct learners: sizes equal within 1
+        owner = np.concatenate([rng.permutation(k) for _ in range(-(-n // k))])[:n]
+        parts = [order[owner == j] for j in range(k)]
+    elif distribution == "uniform-noniid":
+        order = _jittered_order(ages, rng)
+        parts = [[] for _ in range(k)]
+        for g, group in enumerate(np.array_split(order, k // 2)):
+            first = rng.integers(2)
+            parts[2 * g + first] = group[0::2]
+            parts[2 * g + 1 - first] = group[1::2]
+    else:
+        order = _jittered_order(ages, rng)
+        sizes = skewed_sizes(n, k)
+        placement = rng.permutation(k)  # learner placement[i] takes the i-th block along age
+        bounds = np.concatenate([[0], np.cumsum(sizes[placement])])
+        parts = [None] * k
+        for i, learner in enumerate(placement):
+            parts[learner] = order[bounds[i]: bounds[i + 1]]
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def validate(k: int, distribution: str) -> None:
+    """SplitError for an unknown distribution or a learner count it cannot use."""
+    if distribution not in DISTRIBUTIONS:
+        raise SplitError(f"unknown distribution {distribution!r}; choose one of {', '.join(DISTRIBUTIONS)}")
+    if k < 1:
+        raise SplitError(f"--learners must be >= 1, got {k}")
+    if distribution == "uniform-noniid" and k % 2:
+        raise SplitError(f"uniform-noniid pairs learners with similar age ranges, so --learners "
+                         f"must be even (got {k})")
+
+
+def check(n_train: int, k: int, distribution: str) -> None:
+    """SplitError when the distribution cannot be built for n_train subjects and k learners."""
+    validate(k, distribution)
+    smallest = skewed_sizes(n_train, k)[-1] if distribution == "skewed-noniid" else n_train // k
+    if smallest < 1:
+        raise SplitError(f"{n_train} training subjects cannot give each of {k} learners at least "
+                         f"one subject under {distribution}")
+
+
+def partition(ages, *, learners: int, distribution: str, test_fraction: float = 0.2,
+              seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(test rows, [rows of learner 1..K]) as sorted indices into `ages`."""
+    ages = np.asarray(ages, dtype=np.float64)
+    validate(learners, distribution)
+    if not 0.0 < test_fraction < 1.0:
+        raise SplitError(f"--test-fraction must be between 0 and 1, got {test_fraction}")
+    if len(ages) == 0:
+        raise SplitError("no subjects to split")
+    rng = np.random.default_rng([seed, 0x5B17])
+    test = test_indices(ages, test_fraction, rng)
+    rest = np.setdiff1d(np.arange(len(ages)), test)
+    parts = learner_indices(ages[rest], learners, distribution, rng)
+    return test, [rest[p] for p in parts]
+
+
+def _stats(ages: np.ndarray) -> dict:
+    return {"size": int(len(ages)), "age_mean": round(float(ages.mean()), 3),
+            "age_std": round(float(ages.std()), 3), "age_min": round(float(ages.min()), 3),
+            "age_max": round(float(ages.max()), 3)}
+
+
+def write_split(h5, out, *, learners: int = 8, distribution: str = "uniform-iid",
+                test_fraction: float = 0.2, seed: int = 0) -> Path:
+    """learner_1.h5 .. learner_K.h5, test.h5 and partition.json in `out`, built atomically.
+
+    The directory is assembled beside `out` and renamed into place; an existing split
+    directory (one holding partition.json) is replaced, anything else is refused.
+    """
+    h5, out = Path(h5), Path(out)
+    with h5io.open_checked(h5) as f:
+        ages = f["age"][:].astype(np.float64)
+    test, parts = partition(ages, learners=learners, distribution=distribution,
+                            test_fraction=test_fraction, seed=seed)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "partition.json").is_file())):
+        raise SplitError(f"{out} exists and is not a split directory; choose another --out")
+    meta = {"distribution": distribution, "learners": learners, "seed": seed,
+            "test_fraction": test_fraction, "age_bins": N_BINS, "source": str(h5.resolve())}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, h5io.umask_mode(directory=True))
+    try:
+        summary = dict(meta, test=dict(_stats(ages[test]), file="test.h5"), per_learner=[])
+        h5io.copy_rows(h5, tmp / "test.h5", test, {"split": json.dumps(dict(meta, role="test"))})
+        for j, rows in enumerate(parts, start=1):
+            name = f"learner_{j}.h5"
+            h5io.copy_rows(h5, tmp / name, rows,
+                           {"split": json.dumps(dict(meta, role="learner", learner=j))})
+            summary["per_learner"].append(dict(_stats(ages[rows]), learner=j, file=name))
+        (tmp / "partition.json").write_text(json.dumps(summary, indent=2))
+        _swap_in(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename tmp onto out; an old split there is moved aside first and deleted after."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

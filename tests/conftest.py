@@ -1,0 +1,32 @@
+"""Shared fixtures: one tiny synthetic cohort per test session (36 subjects, 4 mm)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+COHORT_SUBJECTS = 36
+COHORT_SEED = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Cohort:
+    root: Path    # the synthetic_cohort root
+    bids: Path    # BIDS-like NIfTI dataset
+    h5: Path      # preprocessed 4 mm volumes
+    split: Path   # uniform-iid split over 4 learners
+    subjects: int = COHORT_SUBJECTS
+    seed: int = COHORT_SEED
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory) -> Cohort:
+    """Built through the trainer's own entry point, so every test file exercises the same path."""
+    from fedmpi.data import synthetic_cohort
+
+    root = tmp_path_factory.mktemp("cohort")
+    out = synthetic_cohort(root, subjects=COHORT_SUBJECTS, voxel=4, learners=4,
+                           distribution="uniform-iid", seed=COHORT_SEED, workers=2)
+    base = out.parent
+    return Cohort(root, base / "bids", base / "v4.h5", out)

@@ -1,0 +1,214 @@
+"""`python -m preprocess nifti`: bad input, --skip-bad, resume after interruption, up-to-date outputs."""
+import gzip
+import shutil
+import subprocess
+import sys
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+
+from preprocess import cli, convert, nifti
+
+GOOD = ("sub-0001", "sub-0002")
+
+
+def _make_bids(cohort, root, extra_rows=(), ages=None):
+    """A BIDS dir with two good subjects copied from the session cohort plus `extra_rows`."""
+    ages = ages or {}
+    root.mkdir()
+    rows = []
+    for pid in GOOD:
+        shutil.copytree(cohort.bids / pid, root / pid)
+        rows.append(f"{pid}\t{ages.get(pid, '60.5')}\tF\tA")
+    rows += list(extra_rows)
+    (root / "participants.tsv").write_text("participant_id\tage\tsex\tsite\n" + "\n".join(rows) + "\n")
+    return root
+
+
+def _image(root, pid):
+    path = root / pid / "anat" / f"{pid}_T1w.nii.gz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _garbage(root, pid):
+    _image(root, pid).write_bytes(b"garbage" * 100)
+
+
+def _truncated(root, pid):
+    src = _image(root, GOOD[0]).read_bytes()
+    _image(root, pid).write_bytes(src[: len(src) // 2])
+
+
+def _frames(root, pid):
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8, 2), np.float32), np.eye(4)), _image(root, pid))
+
+
+def _nonfinite(root, pid):
+    img = nib.load(_image(root, GOOD[0]))
+    data = np.asarray(img.dataobj, np.float32)
+    data[10, 10, 10] = np.nan
+    nib.save(nib.Nifti1Image(data, img.affine), _image(root, pid))
+
+
+def _zeros(root, pid):
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), np.eye(4)), _image(root, pid))
+
+
+def _copy_good(root, pid):
+    shutil.copy(_image(root, GOOD[0]), _image(root, pid))
+
+
+# (how to make the subject's image, its age cell, whether it has a TSV row, expected reason)
+CASES = {
+    "unreadable": (_garbage, "70", True, "unreadable or truncated"),
+    "truncated": (_truncated, "70", True, "unreadable or truncated"),
+    "4d": (_frames, "70", True, "4D with 2 frames"),
+    "nonfinite": (_nonfinite, "70", True, "1 non-finite voxels"),
+    "allzero": (_zeros, "70", True, "all zeros"),
+    "missing-age": (_copy_good, "n/a", True, "missing age"),
+    "nonnumeric-age": (_copy_good, "sixty", True, "non-numeric age 'sixty'"),
+    "row-without-image": (None, "70", True, "in participants.tsv but no image"),
+    "image-without-row": (_copy_good, None, False, "has no row in participants.tsv"),
+}
+
+
+def _bad_bids(cohort, tmp_path, names):
+    rows, makers = [], []
+    for k, name in enumerate(names):
+        pid = f"sub-bad{k}"
+        make, age, has_row, _ = CASES[name]
+        if has_row:
+            rows.append(f"{pid}\t{age}\tM\tB")
+        makers.append((make, pid))
+    root = _make_bids(cohort, tmp_path / "bids", rows)
+    for make, pid in makers:
+        if make:
+            make(root, pid)
+    return root
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_fails_with_reason_and_writes_nothing(cohort, tmp_path, capsys, case):
+    root = _bad_bids(cohort, tmp_path, [case])
+    out = tmp_path / "out" / "v.h5"
+    code = cli.main(["nifti", "--bids", str(root), "--out", str(out), "--workers", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "sub-bad0" in err and CASES[case][3] in err and "nothing written" in err
+    assert "Traceback" not in err
+    assert not out.exists() and not convert.parts_dir(out).exists()
+    assert not convert.skipped_report_path(out).exists()
+
+
+def test_every_bad_subject_is_listed_and_skip_bad_keeps_the_good(cohort, tmp_path, capsys):
+    names = sorted(CASES)
+    root = _bad_bids(cohort, tmp_path, names)
+    out = tmp_path / "v.h5"
+    assert cli.main(["nifti", "--bids", str(root), "--out", str(out), "--workers", "2", "--quiet"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert f"{len(names)} bad subject(s)" in lines[0]
+    for k, name in enumerate(names):
+        assert any(line.strip().startswith(f"sub-bad{k}:") and CASES[name][3] in line for line in lines)
+    assert not out.exists()
+
+    assert cli.main(["nifti", "--bids", str(root), "--out", str(out), "--workers", "2",
+                     "--quiet", "--skip-bad"]) == 0
+    assert f"skipped {len(names)} bad subject(s)" in capsys.readouterr().err
+    with h5py.File(out, "r") as f:
+        assert list(f["subject_id"].asstr()[:]) == list(GOOD)
+    report = convert.skipped_report_path(out).read_text().splitlines()
+    assert report[0] == "participant_id\treason" and len(report) == 1 + len(names)
+    assert not convert.parts_dir(out).exists()
+
+
+def test_dataset_level_errors(tmp_path, capsys):
+    out = tmp_path / "v.h5"
+    assert cli.main(["nifti", "--bids", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "b").mkdir()
+    assert cli.main(["nifti", "--bids", str(tmp_path / "b"), "--out", str(out)]) == 2
+    assert "participants.tsv is missing" in capsys.readouterr().err
+    (tmp_path / "b" / "participants.tsv").write_text("participant_id\tsex\nsub-1\tF\n")
+    assert cli.main(["nifti", "--bids", str(tmp_path / "b"), "--out", str(out)]) == 2
+    assert "lacks column(s) age" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_interrupted_run_resumes_without_redoing_subjects(cohort, tmp_path, monkeypatch):
+    root = _make_bids(cohort, tmp_path / "bids", [f"sub-0003\t61\tM\tC", f"sub-0004\t62\tF\tD"])
+    for pid in ("sub-0003", "sub-0004"):
+        shutil.copytree(cohort.bids / pid, root / pid)
+    out = tmp_path / "v.h5"
+    real = nifti.preprocess_file
+    calls = []
+
+    def interrupt_third(path, voxel, mask):
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(path, voxel, mask)
+
+    monkeypatch.setattr(nifti, "preprocess_file", interrupt_third)
+    with pytest.raises(KeyboardInterrupt):
+        convert.convert(root, out, workers=1)
+    assert not out.exists()
+    assert len(list(convert.parts_dir(out).glob("*.npy"))) == 2
+
+    calls.clear()
+    monkeypatch.setattr(nifti, "preprocess_file", lambda *a: calls.append(a[0]) or real(*a))
+    res = convert.convert(root, out, workers=1)
+    assert res.reused == 2 and res.written == 4 and len(calls) == 2
+    assert not convert.parts_dir(out).exists()
+
+    calls.clear()
+    stamp = out.stat().st_mtime_ns
+    res = convert.convert(root, out, workers=1)
+    assert res.up_to_date and calls == [] and out.stat().st_mtime_ns == stamp
+
+    (root / "participants.tsv").write_text((root / "participants.tsv").read_text().replace("61", "63"))
+    res = convert.convert(root, out, workers=1)
+    assert not res.up_to_date and len(calls) == 4
+    with h5py.File(out, "r") as f:
+        assert 63.0 in f["age"][:]
+
+
+def test_cli_reports_interruption_with_exit_130(cohort, tmp_path, monkeypatch, capsys):
+    root = _make_bids(cohort, tmp_path / "bids")
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(nifti, "preprocess_file", interrupt)
+    out = tmp_path / "v.h5"
+    assert cli.main(["nifti", "--bids", str(root), "--out", str(out), "--workers", "1", "--quiet"]) == 130
+    assert "re-run resumes" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_module_entry_point_runs_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "preprocess", "nifti", "--bids", str(tmp_path),
+                           "--out", str(tmp_path / "v.h5"), "--voxel", "3"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "invalid choice: 3" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_float32_output(cohort, tmp_path):
+    root = _make_bids(cohort, tmp_path / "bids")
+    out = tmp_path / "v.h5"
+    assert cli.main(["nifti", "--bids", str(root), "--out", str(out), "--workers", "1",
+                     "--quiet", "--dtype", "float32", "--voxel", "2"]) == 0
+    with h5py.File(out, "r") as f:
+        assert f["images"].dtype == np.float32 and f["images"].shape == (2, 91, 109, 91)
+
+
+def test_gzip_is_not_required_for_inputs(cohort, tmp_path):
+    root = _make_bids(cohort, tmp_path / "bids")
+    gz = _image(root, GOOD[1])
+    gz.with_name(gz.name[:-3]).write_bytes(gzip.decompress(gz.read_bytes()))
+    gz.unlink()
+    res = convert.convert(root, tmp_path / "v.h5", workers=1)
+    assert res.written == 2

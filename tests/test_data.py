@@ -1,0 +1,108 @@
+"""The trainer's loader: VolumeDataset, read_header, synthetic_cohort."""
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from fedmpi.data import DataError, VolumeDataset, read_header, synthetic_cohort
+from preprocess import h5io
+
+
+def test_item_shape_dtype_and_values(cohort):
+    ds = VolumeDataset(cohort.h5)
+    assert len(ds) == cohort.subjects and ds.shape == (45, 54, 45) and ds.voxel_size == 4.0
+    x, age = ds[3]
+    assert x.shape == (1, 45, 54, 45) and x.dtype == torch.float32
+    assert age.dtype == torch.float32 and age.shape == ()
+    with h5py.File(cohort.h5, "r") as f:
+        np.testing.assert_array_equal(x[0].numpy(), f["images"][3].astype(np.float32))
+        assert float(age) == f["age"][3]
+        np.testing.assert_array_equal(ds.ages, f["age"][:])
+    assert torch.equal(ds[-1][0], ds[len(ds) - 1][0])
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+
+def test_read_header(cohort):
+    header = read_header(cohort.h5)
+    assert header["n"] == cohort.subjects and header["shape"] == (45, 54, 45)
+    assert header["voxel_size"] == 4.0
+    assert header["mean_age"] == pytest.approx(float(VolumeDataset(cohort.h5).ages.mean()))
+
+
+def test_cache_keeps_decoded_volumes(cohort, tmp_path):
+    path = tmp_path / "c.h5"
+    shutil.copy(cohort.h5, path)
+    cached = VolumeDataset(path, cache=True)
+    first = cached[0][0]
+    assert cached[0][0] is first
+    cached.close()
+    path.unlink()  # a cached volume no longer needs the file
+    assert torch.equal(cached[0][0], first)
+    plain = VolumeDataset(cohort.h5)
+    assert plain[0][0] is not plain[0][0]
+
+
+def test_dataloader_workers_open_their_own_handles(cohort):
+    ds = VolumeDataset(cohort.h5)
+    expected = torch.stack([ds[i][0] for i in range(len(ds))])  # the parent opens a handle first
+    loader = DataLoader(ds, batch_size=4, num_workers=2, shuffle=False)
+    got = torch.cat([x for x, _ in loader])
+    ages = torch.cat([a for _, a in loader])
+    assert torch.equal(got, expected)
+    np.testing.assert_array_equal(ages.numpy(), ds.ages)
+
+
+def test_bad_files_raise_data_error_naming_the_file(cohort, tmp_path):
+    with pytest.raises(DataError, match="absent.h5"):
+        VolumeDataset(tmp_path / "absent.h5")
+    (tmp_path / "junk.h5").write_bytes(b"junk" * 1000)
+    with pytest.raises(DataError, match="junk.h5"):
+        read_header(tmp_path / "junk.h5")
+    data = cohort.h5.read_bytes()
+    (tmp_path / "cut.h5").write_bytes(data[: len(data) - 5000])
+    with pytest.raises(DataError, match="cut.h5"):
+        VolumeDataset(tmp_path / "cut.h5")
+    with h5py.File(tmp_path / "partial.h5", "w") as f:
+        f["images"] = np.zeros((2, 3, 3, 3), np.float16)
+    with pytest.raises(DataError, match="partial.h5 lacks dataset"):
+        VolumeDataset(tmp_path / "partial.h5")
+    assert issubclass(DataError, RuntimeError) and DataError is h5io.DataError
+
+
+def test_damaged_chunk_raises_data_error(cohort, tmp_path):
+    path = tmp_path / "d.h5"
+    shutil.copy(cohort.h5, path)
+    with h5py.File(path, "a") as f:
+        f["images"].id.write_direct_chunk((2, 0, 0, 0), b"not deflate data", 0)
+    ds = VolumeDataset(path)
+    ds[1]
+    with pytest.raises(DataError, match="d.h5: cannot read volume 2"):
+        ds[2]
+
+
+def test_synthetic_cohort_reuses_finished_steps(cohort):
+    stamps = {p: p.stat().st_mtime_ns for p in (cohort.h5, cohort.split / "partition.json",
+                                                cohort.bids / "participants.tsv")}
+    again = synthetic_cohort(cohort.root, subjects=cohort.subjects, seed=cohort.seed, learners=4)
+    assert again == cohort.split
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    other = synthetic_cohort(cohort.root, subjects=cohort.subjects, seed=cohort.seed, learners=2,
+                             distribution="uniform-noniid")
+    assert other.name == "split-uniform-noniid-2" and other.parent == cohort.split.parent
+    assert cohort.h5.stat().st_mtime_ns == stamps[cohort.h5]
+    summary = json.loads((other / "partition.json").read_text())
+    assert [e["size"] for e in summary["per_learner"]] == [len(VolumeDataset(other / f"learner_{k}.h5"))
+                                                           for k in (1, 2)]
+    assert sorted(p.name for p in cohort.split.parent.iterdir()) == [
+        "bids", "split-uniform-iid-4", "split-uniform-noniid-2", "v4.h5"]
+
+
+def test_synthetic_cohort_validates_before_generating(tmp_path):
+    with pytest.raises(ValueError, match="must be even"):
+        synthetic_cohort(tmp_path, subjects=10, learners=3, distribution="uniform-noniid")
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,105 @@
+"""The HDF5 volume format: contents, attributes, atomic writes, row copies, checked opening."""
+import csv
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+import fedmpi
+from preprocess import grid, h5io
+
+
+def _table(n):
+    return {"age": np.linspace(50, 70, n), "subject_id": [f"s{i}" for i in range(n)],
+            "sex": ["F"] * n, "site": ["X"] * n}
+
+
+def _attrs(shape=(3, 4, 5)):
+    return h5io.base_attrs(4, shape, np.eye(4), {"k": 1}, "fp")
+
+
+def test_file_matches_participants_tsv(cohort):
+    with open(cohort.bids / "participants.tsv", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    with h5py.File(cohort.h5, "r") as f:
+        assert list(f["subject_id"].asstr()[:]) == [r["participant_id"] for r in rows]
+        np.testing.assert_allclose(f["age"][:], [float(r["age"]) for r in rows], atol=1e-4)
+        assert list(f["sex"].asstr()[:]) == [r["sex"] for r in rows]
+        assert list(f["site"].asstr()[:]) == [r["site"] for r in rows]
+        assert f["age"].dtype == np.float32
+
+
+def test_layout_and_attributes(cohort):
+    shape, affine = grid.target_grid(4)
+    with h5py.File(cohort.h5, "r") as f:
+        images = f["images"]
+        assert images.shape == (cohort.subjects,) + shape and images.dtype == np.float16
+        assert images.chunks == (1,) + shape and images.compression == "gzip"
+        assert f.attrs["format"] == h5io.FORMAT and f.attrs["voxel_size"] == 4.0
+        assert tuple(f.attrs["shape"]) == shape
+        np.testing.assert_array_equal(f.attrs["affine"], affine)
+        assert json.loads(f.attrs["preprocessing"])["voxel_mm"] == 4
+        assert f.attrs["version"] == fedmpi.__version__ and f.attrs["created"]
+        vol = images[0].astype(np.float32)
+        assert np.all(vol[~grid.brain_mask(4)] == 0) and abs(vol[grid.brain_mask(4)].std() - 1) < 0.01
+
+
+def test_write_is_atomic(tmp_path):
+    def volumes():
+        yield np.zeros((3, 4, 5))
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        h5io.write_volumes(tmp_path / "x.h5", volumes(), _table(2), _attrs())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_rejects_too_few_volumes(tmp_path):
+    with pytest.raises(ValueError, match="1 volumes for 2"):
+        h5io.write_volumes(tmp_path / "x.h5", [np.zeros((3, 4, 5))], _table(2), _attrs())
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_round_trip_and_fast_reader(tmp_path, dtype):
+    vols = np.random.default_rng(0).normal(size=(3, 3, 4, 5)).astype(dtype)
+    vols[1] = 0  # a chunk that compresses to almost nothing
+    h5io.write_volumes(tmp_path / "x.h5", iter(vols), _table(3), _attrs(), dtype=dtype)
+    with h5io.open_checked(tmp_path / "x.h5") as f:
+        reader = h5io.ChunkReader(f["images"])
+        assert reader.raw
+        for i in range(3):
+            np.testing.assert_array_equal(reader.read(i), vols[i])
+            np.testing.assert_array_equal(f["images"][i], vols[i])
+
+
+def test_copy_rows_copies_volumes_table_and_attributes(cohort, tmp_path):
+    rows = [5, 0, 7]
+    h5io.copy_rows(cohort.h5, tmp_path / "sub.h5", rows, {"split": "{}"})
+    with h5py.File(cohort.h5, "r") as src, h5py.File(tmp_path / "sub.h5", "r") as dst:
+        for j, i in enumerate(rows):
+            np.testing.assert_array_equal(dst["images"][j], src["images"][i])
+            assert dst["subject_id"].asstr()[j] == src["subject_id"].asstr()[i]
+            assert dst["age"][j] == src["age"][i]
+        for key in ("voxel_size", "version", "preprocessing", "format"):
+            assert dst.attrs[key] == src.attrs[key]
+        assert dst.attrs["split"] == "{}"
+
+
+def test_open_checked_names_the_file_for_every_defect(cohort, tmp_path):
+    with pytest.raises(h5io.DataError, match="missing.h5 does not exist"):
+        h5io.open_checked(tmp_path / "missing.h5")
+    (tmp_path / "junk.h5").write_bytes(b"\x00" * 4096)
+    with pytest.raises(h5io.DataError, match="junk.h5 is not a readable HDF5"):
+        h5io.open_checked(tmp_path / "junk.h5")
+    data = cohort.h5.read_bytes()
+    (tmp_path / "trunc.h5").write_bytes(data[: len(data) // 3])
+    with pytest.raises(h5io.DataError, match="trunc.h5"):
+        h5io.open_checked(tmp_path / "trunc.h5")
+    shutil.copy(cohort.h5, tmp_path / "noage.h5")
+    with h5py.File(tmp_path / "noage.h5", "a") as f:
+        del f["age"]
+    with pytest.raises(h5io.DataError, match="noage.h5 lacks dataset.s. age"):
+        h5io.open_checked(tmp_path / "noage.h5")

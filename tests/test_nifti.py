@@ -1,0 +1,121 @@
+"""Loading, validation and MNI-grid preprocessing of single images."""
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from preprocess import grid, nifti
+
+
+@pytest.fixture(scope="module")
+def ras_image(cohort):
+    """A site-A subject (stored RAS) of the session cohort."""
+    for path in sorted(cohort.bids.glob("sub-*/anat/*_T1w.nii.gz")):
+        img = nib.load(path)
+        if nib.aff2axcodes(img.affine) == ("R", "A", "S"):
+            return nib.Nifti1Image(np.asarray(img.dataobj), img.affine)
+    raise AssertionError("no RAS subject in the cohort")
+
+
+def _reoriented(img, codes):
+    ornt = nib.orientations.ornt_transform(nib.io_orientation(img.affine),
+                                           nib.orientations.axcodes2ornt(codes))
+    return img.as_reoriented(ornt)
+
+
+@pytest.mark.parametrize("codes", ["LAS", "LPS", "PIR"])
+def test_orientation_does_not_change_the_result(ras_image, tmp_path, codes):
+    other = _reoriented(ras_image, codes)
+    assert "".join(nib.aff2axcodes(other.affine)) == codes
+    assert not np.array_equal(np.asarray(other.dataobj), np.asarray(ras_image.dataobj))
+    nib.save(ras_image, tmp_path / "ras.nii.gz")
+    nib.save(other, tmp_path / "other.nii.gz")
+    mask = grid.brain_mask(4)
+    a = nifti.preprocess_file(tmp_path / "ras.nii.gz", 4, mask)
+    b = nifti.preprocess_file(tmp_path / "other.nii.gz", 4, mask)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_output_is_on_the_grid_masked_and_zscored(ras_image):
+    for voxel in (2, 4):
+        mask = grid.brain_mask(voxel)
+        out = nifti.to_mni(np.asarray(ras_image.dataobj, np.float32), ras_image.affine, voxel, mask)
+        assert out.shape == grid.target_grid(voxel)[0] and out.dtype == np.float32
+        assert np.all(out[~mask] == 0)
+        assert abs(out[mask].mean()) < 1e-4 and abs(out[mask].std() - 1) < 1e-4
+
+
+def test_grids_and_masks():
+    assert grid.target_grid(2)[0] == (91, 109, 91)
+    assert grid.target_grid(4)[0] == (45, 54, 45)
+    np.testing.assert_array_equal(grid.target_grid(2)[1][:3, 3], [-90, -126, -72])
+    for voxel in (2, 4):
+        mask = grid.brain_mask(voxel)
+        volume_ml = mask.sum() * voxel ** 3 / 1000
+        assert 1700 < volume_ml < 2100  # the MNI152 brain mask is about 1.9 l
+    with pytest.raises(ValueError, match="voxel size"):
+        grid.target_grid(3)
+
+
+@pytest.mark.parametrize("cls, suffix", [(nib.Nifti1Image, ".nii"), (nib.MGHImage, ".mgz"),
+                                         (nib.Nifti1Pair, ".hdr"), (nib.Spm2AnalyzeImage, ".hdr")])
+def test_other_formats_give_the_same_volume(ras_image, tmp_path, cls, suffix):
+    """Analyze needs SPM's .mat beside it: plain Analyze 7.5 stores no orientation."""
+    data = np.asarray(ras_image.dataobj).astype(np.float32)
+    nib.save(cls(data, ras_image.affine), tmp_path / f"x{suffix}")
+    nib.save(nib.Nifti1Image(data, ras_image.affine), tmp_path / "ref.nii.gz")
+    mask = grid.brain_mask(4)
+    np.testing.assert_allclose(nifti.preprocess_file(tmp_path / f"x{suffix}", 4, mask),
+                               nifti.preprocess_file(tmp_path / "ref.nii.gz", 4, mask), atol=1e-5)
+
+
+def test_single_frame_4d_is_accepted(tmp_path):
+    data = np.ones((4, 4, 4, 1), np.float32)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "x.nii")
+    assert nifti.load(tmp_path / "x.nii")[0].shape == (4, 4, 4)
+
+
+def _bad_files(tmp_path, good_bytes):
+    cases = {}
+    (tmp_path / "garbage.nii.gz").write_bytes(b"not an image at all" * 10)
+    cases["garbage.nii.gz"] = "unreadable or truncated"
+    (tmp_path / "trunc.nii.gz").write_bytes(good_bytes[: len(good_bytes) // 2])
+    cases["trunc.nii.gz"] = "unreadable or truncated"
+    raw = gzip.decompress(good_bytes)
+    (tmp_path / "trunc.nii").write_bytes(raw[: len(raw) // 2])
+    cases["trunc.nii"] = "unreadable or truncated"
+    nib.save(nib.Nifti1Image(np.ones((5, 5, 5, 3), np.float32), np.eye(4)), tmp_path / "frames.nii.gz")
+    cases["frames.nii.gz"] = "4D with 3 frames"
+    nan = np.ones((5, 5, 5), np.float32)
+    nan[1, 2, 3] = np.nan
+    nan[0, 0, 0] = np.inf
+    nib.save(nib.Nifti1Image(nan, np.eye(4)), tmp_path / "nan.nii.gz")
+    cases["nan.nii.gz"] = "2 non-finite voxels"
+    nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.int16), np.eye(4)), tmp_path / "zero.nii.gz")
+    cases["zero.nii.gz"] = "all zeros"
+    return cases
+
+
+def test_each_bad_image_gets_its_reason(ras_image, tmp_path):
+    nib.save(ras_image, tmp_path / "good.nii.gz")
+    cases = _bad_files(tmp_path, (tmp_path / "good.nii.gz").read_bytes())
+    for name, reason in cases.items():
+        with pytest.raises(nifti.BadImage, match=reason) as exc:
+            nifti.load(tmp_path / name)
+        assert name in str(exc.value)
+
+
+def test_image_outside_mni_space_is_rejected(ras_image, tmp_path):
+    far = ras_image.affine.copy()
+    far[:3, 3] += 500.0
+    nib.save(nib.Nifti1Image(np.asarray(ras_image.dataobj), far), tmp_path / "far.nii.gz")
+    with pytest.raises(nifti.BadImage, match="far.nii.gz covers only 0% of the MNI brain mask"):
+        nifti.preprocess_file(tmp_path / "far.nii.gz", 4, grid.brain_mask(4))
+
+
+def test_zscore_rejects_a_constant_brain():
+    mask = np.zeros((4, 4, 4), bool)
+    mask[1:3, 1:3, 1:3] = True
+    with pytest.raises(nifti.BadImage, match="constant"):
+        nifti.zscore(np.ones((4, 4, 4), np.float32), mask)
