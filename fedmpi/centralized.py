@@ -16,7 +16,7 @@ from .training import local_train, select_device
 
 
 def run_centralized(cfg, data_dir: Path, args) -> int:
-    from .cli import _start_state
+    from .cli import _resume_point, _start_state
 
     files = sorted(Path(data_dir).glob("learner_*.h5"))
     if not files:
@@ -31,7 +31,7 @@ def run_centralized(cfg, data_dir: Path, args) -> int:
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg, test.shape, float(ages.mean())).to(device)
     rec = Recorder(cfg, model, test, device, float(np.mean(np.abs(test.ages - ages.mean()))), data_dir)
-    state, _ = _start_state(cfg, args, rec, model)
+    state = _start_state(cfg, _resume_point(cfg, args), rec, model)
     rec.log.write_config(cfg.to_json())
     began = time.perf_counter()
     tc = cfg.train

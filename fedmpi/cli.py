@@ -51,6 +51,9 @@ def _say(rank: int, message: str) -> None:
 
 
 def train(args) -> int:
+    from .sentinel import supervise
+
+    supervise()
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
@@ -124,11 +127,14 @@ def _train(cfg, args, comm) -> int:
     info = np.zeros(5, np.float64)  # samples, mean age, X, Y, Z
     problem = ""
     device = None
+    resume = None
     try:
         path = data_dir / ("test.h5" if rank == 0 else f"learner_{rank}.h5")
         head = read_header(path)
         info[:] = [head["n"], head["mean_age"], *head["shape"]]
         device = select_device(cfg.train.device, local_rank)
+        if rank == 0:
+            resume = _resume_point(cfg, args)
     except Exception as e:  # noqa: BLE001 - reported collectively below
         problem = f"rank {rank}: {e}"
     infos, problems = _gather_preflight(wire, info, problem)
@@ -145,6 +151,7 @@ def _train(cfg, args, comm) -> int:
                 _say(0, p)
         return USAGE_ERROR
 
+    _announce_ranks(wire, cfg)
     shape = tuple(int(v) for v in infos[0, 2:]) if rank == 0 else tuple(int(v) for v in info[2:])
     session = np.zeros(1 + wire.learners, np.float64)  # start round, then sample counts
     if rank == 0:
@@ -155,7 +162,7 @@ def _train(cfg, args, comm) -> int:
         test = VolumeDataset(data_dir / "test.h5", cache=cfg.data.cache)
         baseline = float(np.mean(np.abs(test.ages - mean_age)))
         rec = srv.Recorder(cfg, model, test, device, baseline, data_dir)
-        state, rows = _start_state(cfg, args, rec, model)
+        state = _start_state(cfg, resume, rec, model)
         rec.log.write_config(cfg.to_json())
         session[:] = [state.round, *counts]
     wire.bcast(session, "session")
@@ -195,31 +202,70 @@ def _gather_preflight(wire, info: np.ndarray, problem: str) -> tuple[np.ndarray,
     return infos, [p for p in problems if p]
 
 
-def _start_state(cfg, args, rec, model):
-    from .server import initial_state, resume_key
+def _announce_ranks(wire, cfg) -> None:
+    """Share the rank -> pid@host table: rank 0 prints it and keeps runs/<name>/ranks.json, and every
+    rank watches the other ranks on its host while it waits (Wire.peers)."""
+    import json
+    import socket
 
-    if args.resume:
-        found = rec.checkpoints.latest()
-        if found is not None:
-            values, mask, meta = found
-            if meta.get("config") != resume_key(cfg):
-                raise ConfigError(f"{rec.checkpoints.dir} was written with different settings; resume with the "
-                                  f"same config (only run.*, eval.*, devices and data loading may change)")
-            if values.size != sum(p.numel() for p in model.parameters()):
-                raise ConfigError(f"{rec.checkpoints.dir}: checkpoint does not fit the model")
-            rows = rec.log.keep_through(int(meta["round"]))
-            print(f"fedmpi: resuming {cfg.run_dir} after round {meta['round']}", flush=True)
-            from .server import State
+    from .runlog import atomic_write
 
-            return State(int(meta["round"]), values, mask), rows
-        print(f"fedmpi: no usable checkpoint in {rec.checkpoints.dir}; starting fresh", flush=True)
-    elif rec.checkpoints.paths() and not args.overwrite and not _finished(cfg):
-        raise ConfigError(f"{cfg.run_dir} holds an unfinished run; pass --resume to continue it or --overwrite "
-                          f"to replace it (or choose another run.name)")
+    host = np.zeros(64, np.uint8)
+    name = socket.gethostname().encode()[:64]
+    host[:len(name)] = np.frombuffer(name, np.uint8)
+    pids = np.zeros(wire.size, np.int64)
+    hosts = np.zeros((wire.size, 64), np.uint8)
+    wire.gather(np.array([os.getpid()], np.int64), pids if wire.is_server else None, "rank table")
+    wire.gather(host, hosts if wire.is_server else None, "rank table")
+    wire.bcast(pids, "rank table")
+    wire.bcast(hosts, "rank table")
+    names = [bytes(h).rstrip(b"\0").decode(errors="replace") for h in hosts]
+    wire.peers = {r: int(pids[r]) for r in range(wire.size) if r != wire.rank and names[r] == names[wire.rank]}
+    if wire.is_server:
+        table = [{"rank": r, "role": "server" if r == 0 else f"learner {r}", "pid": int(pids[r]), "host": names[r]}
+                 for r in range(wire.size)]
+        atomic_write(cfg.run_dir / "ranks.json", json.dumps(table, indent=1).encode())
+        print("fedmpi: ranks " + ", ".join(f"{t['rank']}={t['pid']}@{t['host']}" for t in table), flush=True)
+    wire.reset_counters()
+
+
+def _resume_point(cfg, args):
+    """Rank 0, before training: the checkpoint to continue from (or None), refusing to silently
+    replace an unfinished run or to resume one made with other settings."""
+    from .checkpoint import Checkpoints
+    from .server import resume_key
+
+    checkpoints = Checkpoints(cfg.run_dir / "checkpoints")
+    if not args.resume:
+        if checkpoints.paths() and not args.overwrite and not _finished(cfg):
+            raise ConfigError(f"{cfg.run_dir} holds an unfinished run; pass --resume to continue it or --overwrite "
+                              f"to replace it (or choose another run.name)")
+        return None
+    found = checkpoints.latest()
+    if found is None:
+        print(f"fedmpi: no usable checkpoint in {checkpoints.dir}; starting fresh", flush=True)
+        return None
+    if found[2].get("config") != resume_key(cfg):
+        raise ConfigError(f"{checkpoints.dir} was written with different settings; resume with the same config "
+                          f"(only run.*, eval.*, devices and data loading may change)")
+    return found
+
+
+def _start_state(cfg, resume, rec, model):
+    """The state to start from: the resume point, or a fresh model (clearing an old run's files)."""
+    from .server import State, initial_state
+
+    if resume is not None:
+        values, mask, meta = resume
+        if values.size != sum(p.numel() for p in model.parameters()):
+            raise ConfigError(f"{rec.checkpoints.dir}: checkpoint does not fit the model")
+        rec.log.keep_through(int(meta["round"]))
+        print(f"fedmpi: resuming {cfg.run_dir} after round {meta['round']}", flush=True)
+        return State(int(meta["round"]), values, mask)
     for p in rec.checkpoints.paths():
         p.unlink()
     rec.log.reset()
-    return initial_state(cfg, model), []
+    return initial_state(cfg, model)
 
 
 def _finished(cfg) -> bool:

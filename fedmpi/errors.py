@@ -8,7 +8,7 @@ def is_user_error(exc: BaseException) -> bool:
     from .encoding import EncodingError
     from .server import PayloadError
     from .training import DeviceError
-    from .wire import RoundTimeout
+    from .wire import PeerLost, RoundTimeout
 
-    return isinstance(exc, (ConfigError, DataError, EncodingError, PayloadError, DeviceError, RoundTimeout,
+    return isinstance(exc, (ConfigError, DataError, EncodingError, PayloadError, DeviceError, RoundTimeout, PeerLost,
                             CheckpointError, KeyboardInterrupt))

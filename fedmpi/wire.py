@@ -12,6 +12,7 @@ hands to or receives from MPI; each learner counts its own uplink.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -20,6 +21,7 @@ from mpi4py import MPI
 SERVER = 0
 TAG_REPORT = 11
 TAG_DIRECT = 12
+TAG_ACK = 13
 
 # Round header sent ahead of each model: round, flags, payload bytes, kept values.
 HEADER = 4
@@ -30,6 +32,10 @@ FLAG_PREEMPTED = 4  # stopping early because the server was asked to (SIGTERM/SI
 
 class RoundTimeout(RuntimeError):
     """The server waited longer than the round deadline."""
+
+
+class PeerLost(RuntimeError):
+    """A rank on this host has vanished (killed or crashed) while the launcher has not yet ended the job."""
 
 
 class Wire:
@@ -43,6 +49,10 @@ class Wire:
         self.deadline: float | None = None
         self.bytes_down = 0
         self.bytes_up = 0
+        self._acks: dict[int, MPI.Request] = {}  # server: learners yet to acknowledge this round's model
+        self.peers: dict[int, int] = {}  # rank -> pid of the other ranks on this host, checked while waiting
+        self._next_check = 0.0
+        self._ack_rows = np.zeros((self.size, 1), np.int64)
 
     @property
     def learners(self) -> int:
@@ -61,10 +71,42 @@ class Wire:
     def _wait(self, request: MPI.Request, what: str) -> None:
         pause = 0.0
         while not request.Test():
-            if self.deadline is not None and time.monotonic() > self.deadline:
-                raise RoundTimeout(f"timed out waiting for {what}")
+            self._check(what)
             time.sleep(pause)
             pause = min(self.max_sleep, pause + 0.0005)
+        self._check(what, force=True)  # a collective may complete around a rank that died: never trust it then
+
+    def _check(self, what: str, force: bool = False) -> None:
+        """While waiting: the round deadline, and (once a second, or when forced) that the ranks on this
+        host still exist. Launchers normally end the job when a rank dies; this makes sure of it."""
+        now = time.monotonic()
+        if self.deadline is not None and now > self.deadline:
+            raise RoundTimeout(f"round deadline passed while waiting for {what}{self._silent()}")
+        if now < self._next_check and not force:
+            return
+        self._next_check = now + 1.0
+        for rank, pid in self.peers.items():
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                role = "server" if rank == SERVER else f"learner {rank}"
+                raise PeerLost(f"rank {rank} ({role}, pid {pid}) is gone while waiting for {what}") from None
+
+    def _silent(self) -> str:
+        """Name the learners that have not acknowledged this round's model (server, on a timeout)."""
+        missing = sorted(k for k, req in self._acks.items() if not req.Test())
+        self._cancel(self._acks)
+        if not missing:
+            return ""
+        return "; no acknowledgement of the model from " + ", ".join(f"learner {k} (rank {k})" for k in missing)
+
+    @staticmethod
+    def _cancel(requests: dict) -> None:
+        for req in requests.values():
+            if not req.Test():
+                req.Cancel()
+                req.Wait()
+        requests.clear()
 
     def _count_down(self, nbytes: int) -> None:
         if self.is_server:
@@ -138,12 +180,14 @@ class Wire:
                 break
             if self.deadline is not None and time.monotonic() > self.deadline:
                 names = ", ".join(f"learner {k} (rank {k})" for k in sorted(pending))
-                for req in pending.values():
-                    req.Cancel()
-                    req.Wait()
-                raise RoundTimeout(f"round deadline passed; no report from {names}")
+                self._cancel(pending)
+                raise RoundTimeout(f"round deadline passed; no report from {names}{self._silent()}")
+            self._check("learner reports")
             time.sleep(pause)
             pause = min(self.max_sleep, pause + 0.0005)
+        for k, req in self._acks.items():  # every learner that reported has acknowledged; complete them
+            self._wait(req, f"acknowledgement from learner {k}")
+        self._acks.clear()
         self.bytes_up += rows[1:].nbytes
         return rows[1:]
 
@@ -170,6 +214,9 @@ class Wire:
     def send_model(self, round_: int, payload: np.ndarray, nnz: int, flags: int) -> None:
         """Server: broadcast the round header, then the payload (uint8)."""
         header = np.array([round_, flags, payload.nbytes, nnz], dtype=np.int64)
+        if not flags & FLAG_STOP:
+            self._acks = {k: self.comm.Irecv(self._ack_rows[k], source=k, tag=TAG_ACK) for k in range(1, self.size)}
+            self.bytes_up += self._ack_rows[1:].nbytes
         self.bcast(header, "round header")
         if payload.nbytes:
             self.bcast(payload.view(np.uint8), "model")
@@ -181,6 +228,10 @@ class Wire:
         payload = np.empty(nbytes, dtype=np.uint8)
         if nbytes:
             self.bcast(payload, "model")
+        if not flags & FLAG_STOP:  # tells the server's watchdog this learner is alive and has the model
+            ack = np.array([round_], np.int64)
+            self.bytes_up += ack.nbytes
+            self._wait(self.comm.Isend(ack, dest=SERVER, tag=TAG_ACK), "acknowledgement")
         return round_, flags, nnz, payload
 
 

@@ -75,26 +75,6 @@ def start_fedmpi(data_dir: Path, run_dir: Path, *sets: str, ranks: int = 3, extr
                             env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
 
 
-def rank_pid(run_dir: Path, rank: int, timeout: float = 60) -> int:
-    """The pid of MPI rank `rank` of the job writing to run_dir (MPICH's hydra sets PMI_RANK)."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit():
-                continue
-            try:
-                cmd = (proc / "cmdline").read_bytes().split(b"\0")
-                env = (proc / "environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"fedmpi" in cmd and f"run.dir={run_dir}".encode() in cmd and f"PMI_RANK={rank}".encode() in env:
-                return int(proc.name)
-        time.sleep(0.2)
-    raise TimeoutError(f"no rank {rank} process for {run_dir}")
-
-
 def wait_rows(run: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
     """Wait until metrics.jsonl has n rows (or the job ended)."""
     import time

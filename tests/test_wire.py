@@ -52,8 +52,11 @@ def test_model_frame_round_trip(wire):
     payload = np.arange(7, dtype=np.uint8)
     if wire.is_server:
         wire.send_model(3, payload, 5, 1)
+        wire.collect_reports(1)
+        assert not wire._acks, "every acknowledgement was collected"
     else:
         assert wire.recv_model()[:3] == (3, 1, 5)
+        wire.report(np.zeros(1))
 
 
 def test_late_learner_is_named_by_the_deadline(wire):
@@ -70,3 +73,18 @@ def test_late_learner_is_named_by_the_deadline(wire):
         wire.report(np.ones(2))
     else:
         wire.report(np.ones(2))
+
+
+def test_a_vanished_peer_on_this_host_is_named(wire):
+    import subprocess
+    import sys
+
+    from fedmpi.wire import PeerLost
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    wire.peers = {7: gone.pid}
+    wire._next_check = 0.0
+    with pytest.raises(PeerLost, match=rf"rank 7 \(learner 7, pid {gone.pid}\) is gone while waiting for x"):
+        wire._check("x")
+    wire.peers = {}

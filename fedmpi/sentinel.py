@@ -1,0 +1,55 @@
+"""Name the rank that died.
+
+A rank killed by SIGKILL (the OOM killer, a scheduler, a user) or crashed by SIGSEGV cannot say
+so itself, and MPI launchers report at best a pid (MPICH's hydra may even name a process it killed
+during clean-up). So before MPI starts, each rank forks: the child becomes the MPI rank and the
+parent only waits for it. When the child dies by a signal, the parent prints which rank it was and
+exits with 128 + signal, so the launcher ends the job. The child dies with its parent
+(PR_SET_PDEATHSIG), so a launcher's clean-up of the parent never leaves an orphan rank behind.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+
+RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+PR_SET_PDEATHSIG = 1
+HINTS = {
+    signal.SIGKILL: " (out of memory, or killed by the scheduler or a user)",
+    signal.SIGSEGV: " (a crash in native code)",
+    signal.SIGBUS: " (a crash in native code, or a file truncated under a memory map)",
+}
+
+
+def launcher_rank() -> str | None:
+    for name in RANK_VARIABLES:
+        if name in os.environ:
+            return os.environ[name]
+    return None
+
+
+def supervise() -> None:
+    """Return in the child (the real rank); the parent never returns."""
+    rank = launcher_rank()
+    if rank is None or not sys.platform.startswith("linux"):
+        return
+    parent = os.getpid()
+    child = os.fork()
+    if child == 0:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+        return
+    for sig in FORWARDED:
+        signal.signal(sig, lambda signum, frame: os.kill(child, signum))
+    _, status = os.waitpid(child, 0)
+    if os.WIFSIGNALED(status):
+        sig = signal.Signals(os.WTERMSIG(status))
+        role = "server" if rank == "0" else f"learner {rank}"
+        print(f"fedmpi: rank {rank} ({role}, pid {child}) was killed by {sig.name}{HINTS.get(sig, '')}",
+              file=sys.stderr, flush=True)
+        os._exit(128 + sig)
+    os._exit(os.waitstatus_to_exitcode(status))
