@@ -82,7 +82,8 @@ class VolumeDataset(Dataset):
             vol = reader.read(i)
         except Exception as exc:  # zlib/h5py errors on a damaged chunk
             raise DataError(f"volume file {self.path}: cannot read volume {i}: {exc}") from None
-        x = torch.from_numpy(vol.astype(np.float32)).unsqueeze(0)
+        # torch converts float16 -> float32 several times faster than numpy does
+        x = torch.from_numpy(vol).to(torch.float32).unsqueeze(0)
         if self._cache is not None:
             self._cache[i] = x
         return x, age

@@ -162,9 +162,9 @@ class ChunkReader:
         self.raw = images.chunks == (1,) + self.shape and filters == [h5py.h5z.FILTER_DEFLATE]
 
     def read(self, i: int) -> np.ndarray:
-        """Volume i as a read-only array of the stored dtype."""
+        """Volume i as a fresh, writable array of the stored dtype (torch.from_numpy-ready)."""
         if not self.raw:
             return self.images[i]
         mask, chunk = self.images.id.read_direct_chunk((i, 0, 0, 0))
-        data = chunk if mask & 1 else zlib.decompress(chunk)
+        data = bytearray(chunk if mask & 1 else zlib.decompress(chunk))
         return np.frombuffer(data, dtype=self.dtype).reshape(self.shape)

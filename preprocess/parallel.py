@@ -6,6 +6,7 @@ through `initializer` once per worker instead of once per task.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -32,6 +33,26 @@ def run(func: Callable, jobs: Sequence, *, workers: int | None, initializer: Cal
             return
         with ProcessPoolExecutor(n, mp_context=get_context("spawn"), initializer=initializer,
                                  initargs=initargs) as pool:
-            for result in pool.map(func, jobs, chunksize=1):
+            with _without_mpi_environment():
+                results = pool.map(func, jobs, chunksize=1)  # submits all: the workers start here
+            for result in results:
                 yield result
                 bar.update()
+
+
+MPI_ENV_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "HYDRA_", "HYDI_", "MPI_LOCAL", "I_MPI_")
+
+
+@contextlib.contextmanager
+def _without_mpi_environment():
+    """Hide the launcher's variables from workers started inside an MPI rank.
+
+    A spawned worker re-imports the parent's main script; if that imports mpi4py, MPI would
+    initialise with the rank's inherited launcher connection and fail or hang. Without
+    those variables it starts as an independent singleton instead.
+    """
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith(MPI_ENV_PREFIXES)}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
