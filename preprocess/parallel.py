@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Callable, Iterator, Sequence
@@ -31,13 +32,23 @@ def run(func: Callable, jobs: Sequence, *, workers: int | None, initializer: Cal
                 yield func(job)
                 bar.update()
             return
-        with ProcessPoolExecutor(n, mp_context=get_context("spawn"), initializer=initializer,
-                                 initargs=initargs) as pool:
+        pool = ProcessPoolExecutor(n, mp_context=get_context("spawn"), initializer=_start_worker,
+                                   initargs=(initializer,) + tuple(initargs))
+        try:
             with _without_mpi_environment():
                 results = pool.map(func, jobs, chunksize=1)  # submits all: the workers start here
             for result in results:
                 yield result
                 bar.update()
+        finally:
+            # on Ctrl-C or an error: finish the running tasks, drop the queued ones
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _start_worker(initializer: Callable, *initargs) -> None:
+    """Ctrl-C reaches the whole process group: only the parent reacts, workers just stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    initializer(*initargs)
 
 
 MPI_ENV_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "HYDRA_", "HYDI_", "MPI_LOCAL", "I_MPI_")
