@@ -32,7 +32,8 @@ class VolumeDataset(Dataset):
 
     The HDF5 handle is opened on first access in each process (a pid check), so the
     dataset can be handed to DataLoader workers, forked or spawned. With cache=True the
-    decoded float32 volumes are kept in memory (per process: each worker has its own).
+    decoded float32 volumes are kept in memory (per process: each worker has its own) and
+    the same tensor is returned on every access, so callers must not modify it in place.
     """
 
     def __init__(self, path, cache: bool = False):
