@@ -35,14 +35,29 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true",
                    help="continue run.name from its last good checkpoint (starts fresh if there is none)")
     t.add_argument("--overwrite", action="store_true", help="replace an unfinished run of the same name")
+    from . import attack, report
+
+    attack.add_arguments(sub.add_parser(
+        "attack", help="membership inference against a finished run's model",
+        description="Membership inference: can an attacker tell a run's training subjects from held-out ones?"))
+    report.add_arguments(sub.add_parser(
+        "report", help="plots and a results table (markdown, CSV) from run directories",
+        description="Plots and a results table from one or more run directories (or directories of runs)."))
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # fork the rank's sentinel first, while the process is small
+        from .sentinel import supervise
+
+        supervise()
     args = _parser().parse_args(argv)
     if args.command == "train":
         return train(args)
-    return USAGE_ERROR
+    from . import attack, report
+
+    return {"attack": attack.run, "report": report.run}[args.command](args)
 
 
 def _say(rank: int, message: str) -> None:
@@ -51,9 +66,6 @@ def _say(rank: int, message: str) -> None:
 
 
 def train(args) -> int:
-    from .sentinel import supervise
-
-    supervise()
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD

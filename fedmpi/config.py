@@ -41,14 +41,14 @@ class DataConfig:
 class ModelConfig:
     width: float = opt(0.25, "channel multiplier; 1.0 is the paper's model")
     pools: int = opt(0, "pooling blocks; 0 = automatic (5 at 2 mm, 4 at 4 mm)")
-    dropout: float = opt(0.5, "dropout before the output layer")
+    dropout: float = opt(0.0, "dropout before the output layer (the paper's PyTorch variant: 0.5)")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = opt(1, "local epochs per round")
+    epochs: int = opt(3, "local epochs per round")
     batch_size: int = opt(4, "samples per SGD step")
-    lr: float = opt(1e-3, "SGD learning rate")
+    lr: float = opt(0.005, "SGD learning rate")
     momentum: float = opt(0.9, "SGD momentum (reset every round)")
     weight_decay: float = opt(0.0, "L2 weight decay")
     prox_mu: float = opt(0.0, "FedProx proximal term; 0 = plain SGD")
@@ -60,11 +60,11 @@ class TrainConfig:
 class FederationConfig:
     algorithm: str = opt("fedsparsify-global", "fedavg | fedsparsify-global | fedsparsify-local | oneshot | random | snip | centralized")
     learners: int = opt(8, "number of learners; the job runs learners + 1 MPI ranks")
-    rounds: int = opt(20, "federation rounds")
+    rounds: int = opt(25, "federation rounds")
     target: float = opt(0.95, "final sparsity s_f")
     schedule: str = opt("cubic", "cubic (Zhu & Gupta) | fraction (prune p of the remaining every f rounds)")
     start: int = opt(1, "first pruning round t0")
-    end: int = opt(0, "round T at which the cubic schedule reaches the target; 0 = last round")
+    end: int = opt(0, "round T at which the cubic schedule reaches the target (0 = last round); later rounds tune")
     frequency: int = opt(1, "prune every f rounds")
     exponent: float = opt(3.0, "exponent of the cubic schedule")
     fraction: float = opt(0.04, "p for the fraction schedule")
@@ -230,7 +230,8 @@ def validate(cfg: Config) -> None:
     _check(0 <= f.target < 1, f"federation.target must be in [0, 1), got {f.target}")
     _check(f.schedule in SCHEDULES, f"federation.schedule must be one of {SCHEDULES}, got {f.schedule!r}")
     _check(f.start >= 1, "federation.start must be >= 1")
-    _check(f.end == 0 or f.end > f.start, "federation.end must be 0 (last round) or after federation.start")
+    _check(f.end == 0 or f.start < f.end <= f.rounds,
+           f"federation.end must be 0 (the last round) or between federation.start and federation.rounds, got {f.end}")
     _check(cfg.schedule_end > f.start or f.algorithm in ("fedavg", "oneshot", "snip", "centralized"),
            "federation.rounds must exceed federation.start for a progressive schedule")
     _check(f.frequency >= 1, "federation.frequency must be >= 1")

@@ -8,7 +8,7 @@ BASE = {
     "data": {"dir": "data/ukbb/split-{distribution}"},  # your preprocessed split (README, "Your own data")
     "model": {"width": 1.0, "dropout": 0.5},
     "train": {"epochs": 4, "batch_size": 4, "lr": 0.001, "momentum": 0.0, "device": "cuda"},
-    "federation": {"learners": 8, "rounds": 40, "schedule": "cubic", "start": 1, "frequency": 1},
+    "federation": {"learners": 8, "rounds": 40, "schedule": "cubic", "start": 1, "end": 40, "frequency": 1},
     "eval": {"every": 1, "batch_size": 8},
     "run": {"checkpoint_every": 1, "keep_checkpoints": 2, "round_timeout": 7200},
 }

@@ -69,6 +69,17 @@ def test_a_dying_learner_ends_the_job_and_resume_matches(split, reference, tmp_p
     assert _same_model(reference, tmp_path / "r")
 
 
+def test_an_exception_on_a_learner_ends_the_job_naming_it(split, tmp_path):
+    bad = write_split(tmp_path / "split")
+    proc = start_fedmpi(bad, tmp_path, *ROUNDS, "run.name=x", "data.cache=false")
+    wait_rows(tmp_path / "x", 1, proc)
+    (bad / "learner_2.h5").unlink()  # the learner's next read fails
+    code, out, err, seconds = _finish(proc, 60)
+    assert code != 0 and seconds < 60
+    assert "fedmpi: rank 2 (learner 2) failed: DataError" in err and "learner_2.h5" in err, err
+    assert len(metrics(tmp_path / "x")) < 6
+
+
 def test_a_silent_learner_is_named_by_the_round_watchdog(split, tmp_path):
     proc = start_fedmpi(split, tmp_path, *ROUNDS, "run.name=w", "run.round_timeout=3")
     wait_rows(tmp_path / "w", 1, proc)
