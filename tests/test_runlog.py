@@ -1,0 +1,89 @@
+"""Run directory files: atomic whole-file writes, append-only metrics that survive a crash mid-line."""
+import json
+
+import pytest
+
+from fedmpi.runlog import RunLog, atomic_write
+
+
+def listing(directory):
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_atomic_write_creates_parents_and_replaces(tmp_path):
+    path = tmp_path / "a" / "b" / "f.txt"
+    atomic_write(path, b"first version, longer")
+    assert path.read_bytes() == b"first version, longer"
+    atomic_write(path, b"second")
+    assert path.read_bytes() == b"second"
+    assert listing(path.parent) == ["f.txt"]
+
+
+def test_atomic_write_failure_keeps_old_file_and_no_temp(tmp_path):
+    path = tmp_path / "f.txt"
+    atomic_write(path, b"old")
+    with pytest.raises(TypeError):
+        atomic_write(path, "not bytes")  # the write itself fails after the temp file is opened
+    assert path.read_bytes() == b"old"
+    assert listing(tmp_path) == ["f.txt"]
+
+
+def test_append_and_rows(tmp_path):
+    log = RunLog(tmp_path / "run")
+    assert log.rows() == []
+    log.append({"round": 1, "loss": 2.5})
+    log.append({"round": 2, "loss": 1.5, "sparsity": 0.1})
+    assert log.rows() == [{"round": 1, "loss": 2.5}, {"round": 2, "loss": 1.5, "sparsity": 0.1}]
+    lines = log.metrics_path.read_text().splitlines()
+    assert len(lines) == 2 and all(json.loads(ln) for ln in lines)
+
+
+def test_partial_last_line_is_ignored(tmp_path):
+    log = RunLog(tmp_path)
+    log.append({"round": 1, "loss": 2.5})
+    log.append({"round": 2, "loss": 1.5})
+    with open(log.metrics_path, "a") as fh:
+        fh.write('{"loss": 0.9, "round"')  # a crash in the middle of a write
+    assert [r["round"] for r in log.rows()] == [1, 2]
+
+
+def test_keep_through_drops_later_rows_and_partial_line(tmp_path):
+    log = RunLog(tmp_path)
+    for r in range(1, 6):
+        log.append({"round": r, "loss": 10.0 - r})
+    with open(log.metrics_path, "a") as fh:
+        fh.write('{"round": 6, "lo')
+    kept = log.keep_through(3)
+    assert [r["round"] for r in kept] == [1, 2, 3]
+    assert log.metrics_path.read_text() == "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+    log.append({"round": 4, "loss": 0.0})  # a resumed run appends after a clean line
+    assert [r["round"] for r in log.rows()] == [1, 2, 3, 4]
+    assert listing(tmp_path) == ["metrics.jsonl"]
+
+
+def test_keep_through_zero_empties_the_log(tmp_path):
+    log = RunLog(tmp_path)
+    log.append({"round": 1})
+    assert log.keep_through(0) == []
+    assert log.metrics_path.read_text() == "" and log.rows() == []
+
+
+def test_reset_removes_metrics(tmp_path):
+    log = RunLog(tmp_path)
+    log.reset()  # nothing to remove is fine
+    log.append({"round": 1})
+    log.reset()
+    assert not log.metrics_path.exists() and log.rows() == []
+
+
+def test_write_config_and_summary_are_json(tmp_path):
+    log = RunLog(tmp_path / "run")
+    log.write_config(json.dumps({"train": {"lr": 0.1}}))
+    log.write_summary({"mae": 3.25, "rounds": 4, "name": "x"})
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == {"train": {"lr": 0.1}}
+    text = (tmp_path / "run" / "summary.json").read_text()
+    assert json.loads(text) == {"mae": 3.25, "rounds": 4, "name": "x"}
+    assert text.endswith("\n")
+    log.write_summary({"mae": 1.0})
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == {"mae": 1.0}
+    assert listing(tmp_path / "run") == ["config.json", "summary.json"]

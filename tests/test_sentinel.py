@@ -1,0 +1,179 @@
+"""The per-rank supervisor: names the rank that a signal killed, passes exit codes and signals through."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedmpi import sentinel
+from fedmpi.sentinel import RANK_VARIABLES, launcher_rank, supervise
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the supervisor forks on Linux only")
+
+
+@pytest.fixture
+def no_rank(monkeypatch):
+    for name in RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.parametrize("name", ["PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"])
+def test_launcher_rank_reads_each_variable(monkeypatch, no_rank, name):
+    monkeypatch.setenv(name, "4")
+    assert launcher_rank() == "4"
+
+
+def test_launcher_rank_none_without_variables(no_rank):
+    assert launcher_rank() is None
+
+
+def test_launcher_rank_prefers_the_mpi_variable(monkeypatch, no_rank):
+    """Under srun + MPI both are set; the MPI rank is the one the job reports."""
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("PMI_RANK", "2")
+    assert launcher_rank() == "2"
+
+
+def refuse_fork():
+    raise AssertionError("supervise() forked")
+
+
+def test_supervise_returns_without_rank(monkeypatch, no_rank):
+    monkeypatch.setattr(sentinel.os, "fork", refuse_fork)
+    pid = os.getpid()
+    assert supervise() is None
+    assert os.getpid() == pid
+
+
+def test_supervise_returns_off_linux(monkeypatch, no_rank):
+    monkeypatch.setenv("PMI_RANK", "1")
+    monkeypatch.setattr(sentinel.os, "fork", refuse_fork)
+    monkeypatch.setattr(sentinel.sys, "platform", "darwin")
+    assert supervise() is None
+
+
+def run_supervised(code, rank, *args, timeout=30):
+    return subprocess.run([sys.executable, "-c", "from fedmpi.sentinel import supervise; supervise()\n" + code,
+                           *map(str, args)], env=rank_env(rank), capture_output=True, text=True, timeout=timeout)
+
+
+def rank_env(rank):
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
+    env["PMI_RANK"] = str(rank)
+    return env
+
+
+@linux
+def test_killed_rank_is_named():
+    out = run_supervised("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", 3)
+    assert out.returncode == 128 + 9
+    assert "fedmpi: rank 3 (learner 3, pid " in out.stderr
+    assert "was killed by SIGKILL" in out.stderr
+    assert "out of memory" in out.stderr  # the hint for SIGKILL
+
+
+@linux
+def test_killed_server_is_named_with_child_pid():
+    code = "import os, signal; print(os.getpid(), os.getppid(), flush=True); os.kill(os.getpid(), signal.SIGSEGV)"
+    out = run_supervised(code, 0)
+    assert out.returncode == 128 + signal.SIGSEGV
+    child, parent = map(int, out.stdout.split())
+    assert child != parent  # the code after supervise() ran in a forked child
+    assert f"fedmpi: rank 0 (server, pid {child}) was killed by SIGSEGV" in out.stderr
+
+
+@linux
+def test_normal_exit_code_passes_through_silently():
+    out = run_supervised("import sys; print('done'); sys.exit(5)", 2)
+    assert out.returncode == 5
+    assert out.stdout == "done\n"
+    assert out.stderr == ""
+
+
+@linux
+def test_clean_exit_is_zero():
+    out = run_supervised("pass", 1)
+    assert (out.returncode, out.stderr) == (0, "")
+
+
+def wait_for(predicate, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def catches(pid, sig):
+    """True once process `pid` has a Python handler installed for `sig` (SigCgt in /proc)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    caught = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("SigCgt:")), 16)
+    return bool(caught >> (sig - 1) & 1)
+
+
+def gone(pid):
+    """True once `pid` no longer exists or is a zombie nobody reaped yet."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status
+
+
+CHILD_WAITS = """
+import os, signal, sys, time
+from pathlib import Path
+def stop(signum, frame):
+    Path(sys.argv[1]).write_text(signal.Signals(signum).name)
+    os._exit(0)
+signal.signal(signal.SIGTERM, stop)
+Path(sys.argv[2]).write_text(str(os.getpid()))
+time.sleep(30)
+"""
+
+
+@linux
+def test_sigterm_is_forwarded_to_the_rank(tmp_path):
+    got, ready = tmp_path / "got", tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, "-c", "from fedmpi.sentinel import supervise; supervise()\n" + CHILD_WAITS,
+                             str(got), str(ready)], env=rank_env(5), stderr=subprocess.PIPE, text=True)
+    child = None
+    try:
+        assert wait_for(lambda: ready.exists() and ready.read_text() and catches(proc.pid, signal.SIGTERM))
+        child = int(ready.read_text())
+        assert child != proc.pid
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        if child is not None and not gone(child):
+            os.kill(child, signal.SIGKILL)
+    assert got.read_text() == "SIGTERM"
+    assert proc.stderr.read() == ""
+
+
+@linux
+def test_rank_dies_with_its_supervisor(tmp_path):
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, "-c", "from fedmpi.sentinel import supervise; supervise()\n" + CHILD_WAITS,
+                             str(tmp_path / "got"), str(ready)], env=rank_env(1))
+    child = None
+    try:
+        assert wait_for(lambda: ready.exists() and ready.read_text())
+        child = int(ready.read_text())
+        proc.kill()  # SIGKILL cannot be forwarded: PR_SET_PDEATHSIG must take the rank down
+        proc.wait(timeout=15)
+        assert wait_for(lambda: gone(child))
+    finally:
+        proc.kill()
+        proc.wait()
+        if child is not None and not gone(child):
+            os.kill(child, signal.SIGKILL)
