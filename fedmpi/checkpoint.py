@@ -52,7 +52,10 @@ def load_arrays(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     """Read and verify a file written by save_arrays; raise CheckpointError with the reason."""
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as z:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise CheckpointError(f"{path}: not a fedmpi file (a bare array, not an .npz archive)")
+        with loaded as z:
             arrays = {k: z[k] for k in z.files}
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
@@ -64,6 +67,8 @@ def load_arrays(path: Path) -> tuple[dict[str, np.ndarray], dict]:
         meta = json.loads(arrays.pop("meta").tobytes())
     except ValueError:
         raise CheckpointError(f"{path}: corrupt metadata") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: corrupt metadata (not a JSON object)")
     if meta.pop("sha256", None) != _digest(arrays):
         raise CheckpointError(f"{path}: checksum mismatch (corrupt file)")
     return arrays, meta

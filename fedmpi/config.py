@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +119,8 @@ def _coerce(value, tp, key: str):
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
         if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
             return value.lower() in ("true", "yes", "1", "on")
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
@@ -128,14 +131,17 @@ def _coerce(value, tp, key: str):
             f = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if f != int(f):
+        if not math.isfinite(f) or f != int(f):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return int(f)
     if tp is float:
         try:
-            return float(value)
+            f = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(f):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return f
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -160,7 +166,8 @@ def _apply(section, values: dict, prefix: str) -> None:
 
 
 def parse_overrides(pairs: list[str]) -> dict:
-    """Turn ['federation.target=0.9', ...] into a nested dict; values are parsed as YAML scalars."""
+    """Turn ['federation.target=0.9', ...] into a nested dict of raw strings; each option's type converts
+    its own string (so run.name=010 stays "010")."""
     tree: dict = {}
     for pair in pairs:
         if "=" not in pair:
@@ -169,11 +176,10 @@ def parse_overrides(pairs: list[str]) -> dict:
         parts = key.strip().split(".")
         if len(parts) != 2 or not all(parts):
             raise ConfigError(f"--set key must look like section.option, got {key!r}")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        tree.setdefault(parts[0], {})[parts[1]] = value
+        raw = raw.strip()
+        if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+            raw = raw[1:-1]  # one level of quotes, as YAML would take them
+        tree.setdefault(parts[0], {})[parts[1]] = raw
     return tree
 
 
@@ -240,7 +246,9 @@ def validate(cfg: Config) -> None:
     _check(1 <= f.oneshot_round <= f.rounds, "federation.oneshot_round must be within the rounds")
     _check(f.merge in MERGE_RULES, f"federation.merge must be one of {MERGE_RULES}, got {f.merge!r}")
     _check(e.every >= 1 and e.batch_size >= 1, "eval.every and eval.batch_size must be >= 1")
-    _check(bool(r.name) and "/" not in r.name, f"run.name must be a plain name, got {r.name!r}")
+    _check(bool(r.name) and "/" not in r.name and r.name not in (".", ".."),
+           f"run.name must be a plain name, got {r.name!r}")
+    _check(r.seed >= 0, f"run.seed must be >= 0, got {r.seed}")
     _check(r.checkpoint_every >= 0, "run.checkpoint_every must be >= 0 (0 = never)")
     _check(r.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
     _check(r.round_timeout > 0, "run.round_timeout must be > 0")

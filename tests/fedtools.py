@@ -22,7 +22,8 @@ def write_volumes(path: Path, ages: np.ndarray, rng: np.random.Generator, shape=
     images = np.stack([(dist < 2 + (a - 45) / 7).astype(np.float32) + rng.normal(0, 0.3, shape) for a in ages])
     n = len(ages)
     with h5py.File(path, "w") as f:
-        f.create_dataset("images", data=images.astype(np.float16), chunks=(1, *shape))
+        f.create_dataset("images", data=images.astype(np.float16), chunks=(1, *shape), compression="gzip",
+                         compression_opts=1)
         f.create_dataset("age", data=ages.astype(np.float32))
         f.create_dataset("subject_id", data=np.array([f"sub-{i:04d}" for i in range(n)], dtype=h5py.string_dtype()))
         f.create_dataset("sex", data=np.array(["F"] * n, dtype=h5py.string_dtype()))

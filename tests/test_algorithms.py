@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from fedmpi.algorithms import ALGORITHMS, algorithm, prune, round_seed, schedule
-from fedmpi.config import ALGORITHMS as CONFIG_ALGORITHMS
+from fedmpi.config import ConfigError, ALGORITHMS as CONFIG_ALGORITHMS
 from fedmpi.config import load_config
 from fedmpi.schedule import ConstantSchedule, CubicSchedule, FractionSchedule, OneShotSchedule
 
@@ -105,11 +105,10 @@ def test_round_seed_is_pinned():
     assert round_seed(0, 0, 0) == 2968811710
 
 
-@pytest.mark.xfail(strict=True, reason="config.validate accepts a negative run.seed, but round_seed (SeedSequence) "
-                                       "raises ValueError 'expected non-negative integer' for it")
-def test_negative_seed_is_rejected_or_usable():
-    cfg = load_config(overrides=["run.seed=-1"])
-    round_seed(cfg.run.seed, 1, 0)
+def test_negative_seed_is_rejected_up_front():
+    """round_seed (SeedSequence) needs a non-negative seed, so the config refuses others."""
+    with pytest.raises(ConfigError, match="run.seed must be >= 0"):
+        load_config(overrides=["run.seed=-1"])
 
 
 @pytest.mark.parametrize("selector", ["magnitude", "random"])
