@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
-from .runlog import atomic_write
+from .runlog import atomic_write, read_json
 
 FPRS = (("tpr_at_1pct_fpr", 0.01), ("tpr_at_0.1pct_fpr", 0.001))
 KINDS = ("black_box", "white_box")
@@ -273,15 +273,6 @@ def sample_features(model: torch.nn.Module, dataset: Dataset, device=None, batch
 
 # ---------------------------------------------------------------- run directory
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise AttackError(f"{path}: missing (is the run finished?)") from None
-    except json.JSONDecodeError as e:
-        raise AttackError(f"{path}: not valid JSON ({e})") from None
-
-
 def member_files(cfg, data_dir: Path) -> list[Path]:
     """The learner files the run trained on: learner_1..N for a federation, all of them for centralized."""
     if cfg.federation.algorithm == "centralized":
@@ -316,7 +307,7 @@ def attack_run(run_dir: Path, *, seed: int = 0, per_learner: bool = False, devic
     from .training import select_device
 
     run_dir = Path(run_dir)
-    summary = _read_json(run_dir / "summary.json")
+    summary = read_json(run_dir / "summary.json", AttackError)
     if not summary.get("data_dir"):
         raise AttackError(f"{run_dir / 'summary.json'} does not record data_dir (the split the run used)")
     data_dir = Path(summary["data_dir"])

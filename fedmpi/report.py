@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .runlog import atomic_write
+from .runlog import RunLog, atomic_write, read_json
 
 COLUMNS = ("run", "algorithm", "distribution", "target", "final_mae", "final_rmse", "final_r", "sparsity",
            "total_bytes", "bytes_ratio_vs_fedavg", "wall_seconds", "mia_auc")
@@ -57,25 +57,11 @@ class Run:
 
 # ---------------------------------------------------------------- loading
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ReportError(f"{path}: missing (is the run finished?)") from None
-    except json.JSONDecodeError as e:
-        raise ReportError(f"{path}: not valid JSON ({e})") from None
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        raise ReportError(f"{path}: missing")
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line cut by a crash ends the valid part, as in RunLog.rows
-    return rows
+def _read_metrics(run_dir: Path) -> list[dict]:
+    log = RunLog(run_dir)
+    if not log.metrics_path.exists():
+        raise ReportError(f"{log.metrics_path}: missing")
+    return log.rows()
 
 
 def _split_distribution(data_dir: Path | None) -> str:
@@ -94,10 +80,10 @@ def _split_distribution(data_dir: Path | None) -> str:
 def load_run(path: Path) -> Run:
     """Everything the report needs from one run directory."""
     path = Path(path)
-    summary = _read_json(path / "summary.json")
-    config = _read_json(path / "config.json")
+    summary = read_json(path / "summary.json", ReportError)
+    config = read_json(path / "config.json", ReportError)
     attack_path = path / "attack.json"
-    attack = _read_json(attack_path) if attack_path.exists() else None
+    attack = read_json(attack_path, ReportError) if attack_path.exists() else None
     data = config.get("data", {})
     if summary.get("distribution"):
         distribution = summary["distribution"]
@@ -105,7 +91,7 @@ def load_run(path: Path) -> Run:
         distribution = data.get("distribution", "")
     else:
         distribution = _split_distribution(Path(summary["data_dir"]) if summary.get("data_dir") else None)
-    return Run(path.name, config, summary, _read_metrics(path / "metrics.jsonl"), attack, distribution)
+    return Run(path.name, config, summary, _read_metrics(path), attack, distribution)
 
 
 def expand_run_dirs(paths: list[Path]) -> list[Path]:

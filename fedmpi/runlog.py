@@ -31,6 +31,16 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
+def read_json(path: Path, error: type[Exception]) -> dict:
+    """A run's JSON file, or `error` with a message saying what is wrong with it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise error(f"{path}: missing (is the run finished?)") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+
+
 class RunLog:
     def __init__(self, run_dir: Path):
         self.dir = Path(run_dir)
