@@ -246,10 +246,18 @@ def _finish_panels(panels, xlabel: str, ylabel: str) -> None:
             ax.legend(fontsize=7)
 
 
-def plot_curves(runs: list[Run], path: Path, key: str, ylabel: str, by_bytes: bool = False) -> Path:
-    """metrics[key] per run against round (or cumulative bytes, log scale)."""
+def plot_curves(runs: list[Run], path: Path, key: str, ylabel: str, by_bytes: bool = False,
+                clip: float | None = None) -> Path:
+    """metrics[key] per run against round (or cumulative bytes, log scale). With `clip`, each panel's
+    y axis stops at clip x the largest first value, so one diverging run (random pruning can cut the
+    output bias) does not flatten every other curve; it leaves the frame at the top."""
     fig, panels = _panels(runs)
     styles = _styles(runs)
+    first: dict[str, list[float]] = {}
+    for run in runs:
+        values = [r[key] for r in run.metrics if r.get(key) is not None]
+        if values:
+            first.setdefault(run.distribution, []).append(values[0])
     for run in runs:
         rows = [r for r in run.metrics if r.get(key) is not None]
         if by_bytes:
@@ -267,6 +275,10 @@ def plot_curves(runs: list[Run], path: Path, key: str, ylabel: str, by_bytes: bo
         for ax in panels.values():
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on a few decades
+    if clip is not None:
+        for dist, ax in panels.items():
+            if first.get(dist):
+                ax.set_ylim(0, clip * max(first[dist]))
     _finish_panels(panels, "cumulative bytes sent (up + down)" if by_bytes else "round", ylabel)
     return _save(fig, path)
 
@@ -341,9 +353,10 @@ def write_report(run_dirs: list[Path], out: Path) -> tuple[list[dict], list[Path
     atomic_write(out / "results.csv", to_csv(rows).encode())
     atomic_write(out / "results.md", to_markdown(rows).encode())
     written += [out / "results.csv", out / "results.md"]
-    written.append(plot_curves(runs, out / "mae_vs_round.png", "test_mae", "test MAE (years)"))
+    written.append(plot_curves(runs, out / "mae_vs_round.png", "test_mae", "test MAE (years)", clip=1.5))
     written.append(plot_curves(runs, out / "sparsity_vs_round.png", "sparsity", "global model sparsity"))
-    written.append(plot_curves(runs, out / "mae_vs_bytes.png", "test_mae", "test MAE (years)", by_bytes=True))
+    written.append(plot_curves(runs, out / "mae_vs_bytes.png", "test_mae", "test MAE (years)", by_bytes=True,
+                               clip=1.5))
     attacked = [r for r in runs if r.attack]
     if attacked:
         written.append(plot_mia(attacked, out / "mia_auc_vs_sparsity.png"))
