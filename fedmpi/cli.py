@@ -35,14 +35,19 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true",
                    help="continue run.name from its last good checkpoint (starts fresh if there is none)")
     t.add_argument("--overwrite", action="store_true", help="replace an unfinished run of the same name")
+    t.set_defaults(func=train)
     from . import attack, report
 
-    attack.add_arguments(sub.add_parser(
-        "attack", help="membership inference against a finished run's model",
-        description="Membership inference: can an attacker tell a run's training subjects from held-out ones?"))
-    report.add_arguments(sub.add_parser(
-        "report", help="plots and a results table (markdown, CSV) from run directories",
-        description="Plots and a results table from one or more run directories (or directories of runs)."))
+    a = sub.add_parser("attack", help="membership inference against a finished run's model",
+                       description="Membership inference: can an attacker tell a run's training subjects from "
+                                   "held-out ones?")
+    attack.add_arguments(a)
+    a.set_defaults(func=attack.run)
+    r = sub.add_parser("report", help="plots and a results table (markdown, CSV) from run directories",
+                       description="Plots and a results table from one or more run directories (or directories "
+                                   "of runs).")
+    report.add_arguments(r)
+    r.set_defaults(func=report.run)
     return p
 
 
@@ -53,11 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
         supervise()
     args = _parser().parse_args(argv)
-    if args.command == "train":
-        return train(args)
-    from . import attack, report
-
-    return {"attack": attack.run, "report": report.run}[args.command](args)
+    return args.func(args)
 
 
 def _say(rank: int, message: str) -> None:
@@ -105,9 +106,8 @@ def _train(cfg, args, comm) -> int:
     import torch
 
     from . import server as srv
-    from .data import VolumeDataset, read_header, synthetic_cohort
+    from .data import VolumeDataset
     from .learner import Learner
-    from .training import select_device
     from .wire import Wire, node_layout
 
     wire = Wire(comm)
@@ -115,62 +115,23 @@ def _train(cfg, args, comm) -> int:
     local_rank, local_size = node_layout(comm)
     torch.set_num_threads(cfg.train.threads or max(1, len(os.sched_getaffinity(0)) // local_size))
     stop = _install_preemption_handlers()
-
-    if cfg.data.dir:
-        data_dir = Path(cfg.data.dir)
-    else:  # the embedded synthetic cohort: rank 0 builds it once, the others wait without spinning
-        kwargs = dict(subjects=cfg.data.subjects, voxel=cfg.data.voxel, learners=cfg.federation.learners,
-                      distribution=cfg.data.distribution, seed=cfg.run.seed)
-        if rank == 0:
-            print(f"fedmpi: synthetic cohort ({cfg.data.subjects} subjects, {cfg.data.voxel} mm, "
-                  f"{cfg.data.distribution}) under {cfg.data.cache_dir}/", flush=True)
-            data_dir = synthetic_cohort(cfg.data.cache_dir, **kwargs)
-        if wire.size > 1:
-            wire.barrier("synthetic cohort")
-        if rank != 0:
-            data_dir = synthetic_cohort(cfg.data.cache_dir, **kwargs)
-
+    data_dir = _data_dir(cfg, wire)
     if cfg.federation.algorithm == "centralized":
         from .centralized import run_centralized
 
         return run_centralized(cfg, data_dir, args)
-
-    # Preflight: every rank checks what it will use; rank 0 reports every problem and all exit.
-    info = np.zeros(5, np.float64)  # samples, mean age, X, Y, Z
-    problem = ""
-    device = None
-    resume = None
-    try:
-        path = data_dir / ("test.h5" if rank == 0 else f"learner_{rank}.h5")
-        head = read_header(path)
-        info[:] = [head["n"], head["mean_age"], *head["shape"]]
-        device = select_device(cfg.train.device, local_rank)
-        if rank == 0:
-            resume = _resume_point(cfg, args)
-    except Exception as e:  # noqa: BLE001 - reported collectively below
-        problem = f"rank {rank}: {e}"
-    infos, problems = _gather_preflight(wire, info, problem)
-    if rank == 0:
-        problems += [f"learner {k} ({data_dir / f'learner_{k}.h5'}): volume shape {tuple(int(v) for v in infos[k, 2:])}"
-                     f" differs from test.h5 {tuple(int(v) for v in infos[0, 2:])}"
-                     for k in range(1, wire.size) if infos[k, 0] and infos[0, 0] and (infos[k, 2:] != infos[0, 2:]).any()]
-        problems += [f"learner {k}: no training samples" for k in range(1, wire.size) if infos[k, 0] == 0 and not
-                     any(p.startswith(f"rank {k}:") for p in problems)]
-    verdict = wire.bcast(np.array([len(problems) if rank == 0 else 0], np.int64), "preflight verdict")
-    if verdict[0]:
-        if rank == 0:
-            for p in problems:
-                _say(0, p)
+    checked = _preflight(cfg, args, wire, data_dir, local_rank)
+    if checked is None:
         return USAGE_ERROR
-
+    infos, device, resume = checked
     _announce_ranks(wire, cfg)
-    shape = tuple(int(v) for v in infos[0, 2:]) if rank == 0 else tuple(int(v) for v in info[2:])
+
     session = np.zeros(1 + wire.learners, np.float64)  # start round, then sample counts
     if rank == 0:
         counts = infos[1:, 0]
         mean_age = float(np.average(infos[1:, 1], weights=counts))
         torch.manual_seed(cfg.run.seed)
-        model = srv.build_model(cfg, shape, mean_age).to(device)
+        model = srv.build_model(cfg, tuple(int(v) for v in infos[0, 2:]), mean_age).to(device)
         test = VolumeDataset(data_dir / "test.h5", cache=cfg.data.cache)
         baseline = float(np.mean(np.abs(test.ages - mean_age)))
         rec = srv.Recorder(cfg, model, test, device, baseline, data_dir)
@@ -198,6 +159,60 @@ def _train(cfg, args, comm) -> int:
         learner.send_snip_mask()
     learner.run()
     return 0
+
+
+def _data_dir(cfg, wire) -> Path:
+    """data.dir, or the embedded synthetic cohort: rank 0 builds it once, the others wait without spinning
+    and then find it built."""
+    from .data import synthetic_cohort
+
+    if cfg.data.dir:
+        return Path(cfg.data.dir)
+    kwargs = dict(subjects=cfg.data.subjects, voxel=cfg.data.voxel, learners=cfg.federation.learners,
+                  distribution=cfg.data.distribution, seed=cfg.run.seed)
+    if wire.rank == 0:
+        print(f"fedmpi: synthetic cohort ({cfg.data.subjects} subjects, {cfg.data.voxel} mm, "
+              f"{cfg.data.distribution}) under {cfg.data.cache_dir}/", flush=True)
+        data_dir = synthetic_cohort(cfg.data.cache_dir, **kwargs)
+    if wire.size > 1:
+        wire.barrier("synthetic cohort")
+    if wire.rank != 0:
+        data_dir = synthetic_cohort(cfg.data.cache_dir, **kwargs)
+    return data_dir
+
+
+def _preflight(cfg, args, wire, data_dir: Path, local_rank: int):
+    """Every rank checks what it will use (its data file, its device; rank 0 also the run directory);
+    rank 0 prints every problem and all ranks return None together. Otherwise (rank 0's table of
+    samples, mean age and volume shape per rank, this rank's device, rank 0's resume point)."""
+    from .data import read_header
+    from .training import select_device
+
+    info = np.zeros(5, np.float64)  # samples, mean age, X, Y, Z
+    problem = ""
+    device = resume = None
+    try:
+        head = read_header(data_dir / ("test.h5" if wire.rank == 0 else f"learner_{wire.rank}.h5"))
+        info[:] = [head["n"], head["mean_age"], *head["shape"]]
+        device = select_device(cfg.train.device, local_rank)
+        if wire.rank == 0:
+            resume = _resume_point(cfg, args)
+    except Exception as e:  # noqa: BLE001 - reported collectively below
+        problem = f"rank {wire.rank}: {e}"
+    infos, problems = _gather_preflight(wire, info, problem)
+    if wire.is_server:
+        shapes = infos[:, 2:]
+        problems += [f"learner {k} ({data_dir / f'learner_{k}.h5'}): volume shape {tuple(int(v) for v in shapes[k])}"
+                     f" differs from test.h5 {tuple(int(v) for v in shapes[0])}"
+                     for k in range(1, wire.size) if infos[k, 0] and infos[0, 0] and (shapes[k] != shapes[0]).any()]
+        problems += [f"learner {k}: no training samples" for k in range(1, wire.size)
+                     if infos[k, 0] == 0 and not any(p.startswith(f"rank {k}:") for p in problems)]
+    verdict = wire.bcast(np.array([len(problems) if wire.is_server else 0], np.int64), "preflight verdict")
+    if verdict[0]:
+        for p in problems:
+            _say(wire.rank, p)
+        return None
+    return infos, device, resume
 
 
 def _gather_preflight(wire, info: np.ndarray, problem: str) -> tuple[np.ndarray, list[str]]:
