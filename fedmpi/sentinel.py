@@ -6,6 +6,7 @@ during clean-up). So before MPI starts, each rank forks: the child becomes the M
 parent only waits for it. When the child dies by a signal, the parent prints which rank it was and
 exits with 128 + signal, so the launcher ends the job. The child dies with its parent
 (PR_SET_PDEATHSIG), so a launcher's clean-up of the parent never leaves an orphan rank behind.
+FEDMPI_SENTINEL=0 turns it off, for a launcher that insists the process it started is the MPI rank.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def launcher_rank() -> str | None:
 def supervise() -> None:
     """Return in the child (the real rank); the parent never returns."""
     rank = launcher_rank()
-    if rank is None or not sys.platform.startswith("linux"):
+    if rank is None or not sys.platform.startswith("linux") or os.environ.get("FEDMPI_SENTINEL") == "0":
         return
     parent = os.getpid()
     child = os.fork()

@@ -48,6 +48,15 @@ def test_supervise_returns_without_rank(monkeypatch, no_rank):
     assert os.getpid() == pid
 
 
+def test_supervise_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("PMI_RANK", "2")
+    monkeypatch.setenv("FEDMPI_SENTINEL", "0")
+    monkeypatch.setattr(sentinel.os, "fork", refuse_fork)
+    pid = os.getpid()
+    sentinel.supervise()
+    assert os.getpid() == pid
+
+
 def test_supervise_returns_off_linux(monkeypatch, no_rank):
     monkeypatch.setenv("PMI_RANK", "1")
     monkeypatch.setattr(sentinel.os, "fork", refuse_fork)
