@@ -50,5 +50,5 @@ def run_centralized(cfg, data_dir: Path, args) -> int:
                "dense_bytes_down": 0, "dense_bytes_up": 0, "mask_sent": False,
                "seconds_train": time.perf_counter() - start, "seconds_comm": 0.0, "seconds_aggregate": 0.0}
         rec.record(state, row, evaluate_now=t % cfg.eval.every == 0 or t == cfg.federation.rounds)
-    print_summary(rec.finish(state, rec.log.rows(), time.perf_counter() - began))
+    print_summary(rec.finish(state, time.perf_counter() - began))
     return 0

@@ -147,7 +147,7 @@ def _train(cfg, args, comm) -> int:
             server.receive_snip_mask(state)
         began = time.perf_counter()
         state, preempted = server.run(state, should_stop=stop)
-        summary = rec.finish(state, rec.log.rows(), time.perf_counter() - began, preempted)
+        summary = rec.finish(state, time.perf_counter() - began, preempted)
         srv.print_summary(summary)
         if preempted:
             print(f"fedmpi: stopped at round {state.round} on request; continue with --resume", flush=True)

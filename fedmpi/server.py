@@ -19,7 +19,7 @@ from .aggregation import MajorityVote
 from .algorithms import algorithm, prune, round_seed, schedule
 from .checkpoint import Checkpoints, save_model
 from .config import Config
-from .model import BrainAgeCNN, flat_parameters, load_flat_parameters, parameter_layout
+from .model import BrainAgeCNN, flat_parameters, layer_sparsity, load_flat_parameters
 from .runlog import RunLog
 from .training import evaluate
 from .wire import FLAG_MASK, FLAG_PREEMPTED, FLAG_STOP, Wire
@@ -54,10 +54,6 @@ def initial_state(cfg: Config, model: BrainAgeCNN) -> State:
     return State(0, values, np.ones(values.size, dtype=bool))
 
 
-def layer_sparsity(values: np.ndarray, layout) -> dict[str, float]:
-    return {name: pruning.sparsity(values[off:off + size]) for name, off, size, _ in layout}
-
-
 class Recorder:
     """Evaluation, metrics.jsonl, checkpoints and the per-round progress line, shared by the
     federated server and the centralized baseline."""
@@ -70,23 +66,29 @@ class Recorder:
         self.device = device
         self.loader = torch.utils.data.DataLoader(test, batch_size=cfg.eval.batch_size, shuffle=False,
                                                   num_workers=cfg.data.workers)
-        self.layout = parameter_layout(model)
         self.baseline_mae = baseline_mae
         self.log = RunLog(cfg.run_dir)
         self.checkpoints = Checkpoints(cfg.run_dir / "checkpoints", keep=cfg.run.keep_checkpoints)
         self.last_eval: dict = {}
+        self.last_eval_round = -1
 
     def evaluate(self, state: State) -> dict:
+        """Test metrics of the model loaded from state (remembered for the summary)."""
         load_flat_parameters(self.model, state.values)
         self.last_eval = evaluate(self.model, self.loader, self.device)
+        self.last_eval_round = state.round
         return self.last_eval
 
     def record(self, state: State, row: dict, evaluate_now: bool) -> dict:
         t0 = time.perf_counter()
-        scores = self.evaluate(state) if evaluate_now else {}
+        if evaluate_now:
+            scores = self.evaluate(state)
+        else:
+            scores = {}
+            load_flat_parameters(self.model, state.values)
         row["seconds_eval"] = time.perf_counter() - t0
         row.update(round=state.round, sparsity=pruning.sparsity(state.values),
-                   layer_sparsity=layer_sparsity(state.values, self.layout),
+                   layer_sparsity=layer_sparsity(self.model),
                    test_mae=scores.get("mae"), test_rmse=scores.get("rmse"), test_r=scores.get("r"))
         self.log.append(row)
         every = self.cfg.run.checkpoint_every
@@ -105,11 +107,13 @@ class Recorder:
               f" | train {row['seconds_train']:.1f}s comm {row['seconds_comm']:.1f}s"
               f" agg {row['seconds_aggregate']:.2f}s eval {row['seconds_eval']:.1f}s", flush=True)
 
-    def finish(self, state: State, rows: list[dict], seconds: float, preempted: bool = False) -> dict:
+    def finish(self, state: State, seconds: float, preempted: bool = False) -> dict:
         model_path = self.cfg.run_dir / "model.npz"
         model_bytes = save_model(model_path, state.values, state.mask, {
             "input_shape": list(self.model.input_shape), "config": self.cfg.to_dict(), "round": state.round})
-        scores = self.last_eval or self.evaluate(state)
+        # A preempted run may stop after a round that was not evaluated (eval.every > 1): evaluate it now.
+        scores = self.last_eval if self.last_eval_round == state.round else self.evaluate(state)
+        rows = self.log.rows()
         total = {k: sum(r[k] for r in rows) for k in ("bytes_down", "bytes_up", "dense_bytes_down", "dense_bytes_up")}
         summary = {
             "algorithm": self.cfg.federation.algorithm, "rounds": state.round, "preempted": preempted,

@@ -111,3 +111,34 @@ def test_good_local_round_merges_and_prunes_to_the_schedule():
     assert state.round == 4 and changed
     assert (state.values == 0).mean() == pytest.approx(0.95, abs=0.02)
     assert row["target_sparsity"] == pytest.approx(0.95)
+
+
+def test_summary_scores_the_final_model_even_when_its_round_was_not_evaluated(tmp_path):
+    """eval.every > 1 and a stop (preemption) after an unevaluated round: the summary must not
+    report the metrics of an older model."""
+    import json
+
+    import torch
+    from fedtools import SHAPE, write_volumes
+
+    from fedmpi.data import VolumeDataset
+    from fedmpi.server import Recorder, build_model, initial_state
+
+    write_volumes(tmp_path / "test.h5", np.linspace(45, 80, 8), np.random.default_rng(0))
+    cfg = Config()
+    cfg.model.width, cfg.run.dir, cfg.run.checkpoint_every = 0.125, str(tmp_path / "runs"), 0
+    torch.manual_seed(0)
+    model = build_model(cfg, SHAPE)
+    rec = Recorder(cfg, model, VolumeDataset(tmp_path / "test.h5"), torch.device("cpu"), 8.0, tmp_path)
+    state = initial_state(cfg, model)
+    row = {"bytes_up": 0, "bytes_down": 0, "dense_bytes_up": 0, "dense_bytes_down": 0, "seconds_train": 0.0,
+           "seconds_comm": 0.0, "seconds_aggregate": 0.0}
+    state.round = 1
+    evaluated = rec.record(state, dict(row), evaluate_now=True)["test_mae"]
+    state.round, state.values = 2, np.zeros_like(state.values)  # a different model, not evaluated
+    second = rec.record(state, dict(row), evaluate_now=False)
+    assert second["test_mae"] is None and second["layer_sparsity"]["output.bias"] == 1.0
+    summary = rec.finish(state, seconds=1.0, preempted=True)
+    assert summary["final_mae"] != evaluated
+    assert summary["final_mae"] == pytest.approx(np.mean(np.abs(np.linspace(45, 80, 8))), rel=1e-3)
+    assert json.loads((tmp_path / "runs" / "demo" / "summary.json").read_text())["rounds"] == 2
