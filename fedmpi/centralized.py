@@ -10,9 +10,10 @@ import torch
 
 from .algorithms import round_seed
 from .data import VolumeDataset
+from .learner import train_round
 from .model import flat_parameters, load_flat_parameters
 from .server import Recorder, build_model, print_summary
-from .training import local_train, select_device
+from .training import select_device
 
 
 def run_centralized(cfg, data_dir: Path, args) -> int:
@@ -34,21 +35,14 @@ def run_centralized(cfg, data_dir: Path, args) -> int:
     state = _start_state(cfg, _resume_point(cfg, args), rec, model)
     rec.log.write_config(cfg.to_json())
     began = time.perf_counter()
-    tc = cfg.train
     for t in range(state.round + 1, cfg.federation.rounds + 1):
-        seed = round_seed(cfg.run.seed, t, 0)
-        torch.manual_seed(seed)
         load_flat_parameters(model, state.values)
-        loader = torch.utils.data.DataLoader(pooled, batch_size=tc.batch_size, shuffle=True,
-                                             num_workers=cfg.data.workers, generator=torch.Generator().manual_seed(seed))
-        start = time.perf_counter()
-        stats = local_train(model, loader, epochs=tc.epochs, lr=tc.lr, momentum=tc.momentum,
-                            weight_decay=tc.weight_decay, device=device)
+        stats, seconds = train_round(cfg, model, pooled, round_seed(cfg.run.seed, t, 0), device)
         state.values = flat_parameters(model)
         state.round = t
         row = {"target_sparsity": 0.0, "train_loss": stats["loss"], "bytes_down": 0, "bytes_up": 0,
                "dense_bytes_down": 0, "dense_bytes_up": 0, "mask_sent": False,
-               "seconds_train": time.perf_counter() - start, "seconds_comm": 0.0, "seconds_aggregate": 0.0}
+               "seconds_train": seconds, "seconds_comm": 0.0, "seconds_aggregate": 0.0}
         rec.record(state, row, evaluate_now=t % cfg.eval.every == 0 or t == cfg.federation.rounds)
     print_summary(rec.finish(state, time.perf_counter() - began))
     return 0

@@ -20,6 +20,19 @@ from .training import local_train, masks_from_flat, snip_scores
 from .wire import FLAG_MASK, FLAG_STOP, Wire
 
 
+def train_round(cfg: Config, model, data, seed: int, device, masks=None) -> tuple[dict, float]:
+    """One round of local training with the round's seed (data order, dropout): (stats, seconds).
+    Shared by learners and the centralized baseline, so both train the same way."""
+    torch.manual_seed(seed)
+    tc = cfg.train
+    loader = torch.utils.data.DataLoader(data, batch_size=tc.batch_size, shuffle=True, num_workers=cfg.data.workers,
+                                         generator=torch.Generator().manual_seed(seed))
+    start = time.perf_counter()
+    stats = local_train(model, loader, epochs=tc.epochs, lr=tc.lr, momentum=tc.momentum,
+                        weight_decay=tc.weight_decay, masks=masks, prox_mu=tc.prox_mu, device=device)
+    return stats, time.perf_counter() - start
+
+
 class Learner:
     def __init__(self, cfg: Config, wire: Wire, data: VolumeDataset, device: torch.device, weight: float):
         self.cfg = cfg
@@ -31,19 +44,16 @@ class Learner:
         self.schedule = schedule(cfg)
         self.model = build_model(cfg, data.shape).to(device)
         self.n = sum(p.numel() for p in self.model.parameters())
-        self.values: np.ndarray | None = None
-        self.mask: np.ndarray | None = None
-
-    def loader(self, seed: int) -> torch.utils.data.DataLoader:
-        return torch.utils.data.DataLoader(self.data, batch_size=self.cfg.train.batch_size, shuffle=True,
-                                           num_workers=self.cfg.data.workers,
-                                           generator=torch.Generator().manual_seed(seed))
+        self.mask: np.ndarray | None = None  # the global mask, sent again only when it changes
 
     def send_snip_mask(self) -> None:
         """Score the server's initial model on one local batch and send the fixed SNIP mask."""
         initial = self.wire.recv(np.empty(self.n, np.float32), source=0, what="initial model for SNIP")
         load_flat_parameters(self.model, initial)
-        x, y = next(iter(self.loader(round_seed(self.cfg.run.seed, 0, self.wire.rank))))
+        batch = torch.utils.data.DataLoader(self.data, batch_size=self.cfg.train.batch_size, shuffle=True,
+                                            generator=torch.Generator().manual_seed(round_seed(self.cfg.run.seed, 0,
+                                                                                               self.wire.rank)))
+        x, y = next(iter(batch))
         scores = snip_scores(self.model, x.to(self.device), y.to(self.device))
         mask = pruning.magnitude_mask(scores, self.cfg.federation.target)
         self.wire.send(encoding.pack_mask(mask), dest=0, what="SNIP mask")
@@ -54,34 +64,28 @@ class Learner:
             if flags & FLAG_STOP:
                 return
             if flags & FLAG_MASK:
-                self.values, self.mask = encoding.decode(payload, expected_n=self.n)
+                values, self.mask = encoding.decode(payload, expected_n=self.n)
             else:
-                self.values = encoding.scatter_values(payload.view(np.float32), self.mask, np.float32)
-            self.round(t)
+                values = encoding.scatter_values(payload.view(np.float32), self.mask, np.float32)
+            self.round(t, values)
 
-    def round(self, t: int) -> None:
+    def round(self, t: int, values: np.ndarray) -> None:
         seed = round_seed(self.cfg.run.seed, t, self.wire.rank)
-        torch.manual_seed(seed)
-        load_flat_parameters(self.model, self.values)
-        tc = self.cfg.train
-        start = time.perf_counter()
-        stats = local_train(self.model, self.loader(seed), epochs=tc.epochs, lr=tc.lr, momentum=tc.momentum,
-                            weight_decay=tc.weight_decay, masks=masks_from_flat(self.model, self.mask),
-                            prox_mu=tc.prox_mu, device=self.device)
-        seconds = time.perf_counter() - start
+        load_flat_parameters(self.model, values)
+        stats, seconds = train_round(self.cfg, self.model, self.data, seed, self.device,
+                                     masks_from_flat(self.model, self.mask))
         local = flat_parameters(self.model)
         if self.algo.prune_at == "learner":
             s_t = self.schedule(t)
             mask = prune(local, self.mask, s_t, self.algo.selector, seed) if s_t > 0 else self.mask
             payload = encoding.encode(pruning.apply_mask(local, mask), mask)
-        else:
+            send, what = self.wire.gatherv, "learner model"
+        else:  # float32 values times a float32 weight: already the buffer the Reduce sums
             payload = encoding.gather_values(local, self.mask) * self.weight
+            send, what = self.wire.reduce_sum, "weighted values"
         finite = bool(np.isfinite(local).all())
         self.wire.report(np.array([stats["loss"], stats["samples"], seconds, payload.nbytes, finite]))
-        if self.algo.prune_at == "learner":
-            self.wire.gatherv(payload, what="learner model")
-        else:
-            self.wire.reduce_sum(payload.astype(np.float32), what="weighted values")
+        send(payload, what=what)
         if self.cfg.run.verbose:
             print(f"learner {self.wire.rank}: round {t} loss {stats['loss']:.3f} "
                   f"({stats['samples']} samples, {seconds:.1f}s)", flush=True)
