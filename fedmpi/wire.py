@@ -69,19 +69,23 @@ class Wire:
         return counts
 
     def _wait(self, request: MPI.Request, what: str) -> None:
-        pause = 0.0
-        while not request.Test():
-            self._check(what)
-            time.sleep(pause)
-            pause = min(self.max_sleep, pause + 0.0005)
+        self._poll(request.Test, what)
         self._check(what, force=True)  # a collective may complete around a rank that died: never trust it then
 
-    def _check(self, what: str, force: bool = False) -> None:
+    def _poll(self, done, what: str, late=lambda: "") -> None:
+        """Sleep-poll until done(); `late()` adds who is missing to a deadline message."""
+        pause = 0.0
+        while not done():
+            self._check(what, late=late)
+            time.sleep(pause)
+            pause = min(self.max_sleep, pause + 0.0005)
+
+    def _check(self, what: str, force: bool = False, late=lambda: "") -> None:
         """While waiting: the round deadline, and (once a second, or when forced) that the ranks on this
         host still exist. Launchers normally end the job when a rank dies; this makes sure of it."""
         now = time.monotonic()
         if self.deadline is not None and now > self.deadline:
-            raise RoundTimeout(f"round deadline passed while waiting for {what}{self._silent()}")
+            raise RoundTimeout(f"round deadline passed while waiting for {what}{late()}{self._silent()}")
         if now < self._next_check and not force:
             return
         self._next_check = now + 1.0
@@ -172,19 +176,18 @@ class Wire:
         """Server: one report row per learner; on deadline, name the learners that did not report."""
         rows = np.zeros((self.size, width), dtype=np.float64)
         pending = {k: self.comm.Irecv(rows[k], source=k, tag=TAG_REPORT) for k in range(1, self.size)}
-        pause = 0.0
-        while pending:
+
+        def done() -> bool:
             for k in [k for k, req in pending.items() if req.Test()]:
                 del pending[k]
-            if not pending:
-                break
-            if self.deadline is not None and time.monotonic() > self.deadline:
-                names = ", ".join(f"learner {k} (rank {k})" for k in sorted(pending))
-                self._cancel(pending)
-                raise RoundTimeout(f"round deadline passed; no report from {names}{self._silent()}")
-            self._check("learner reports")
-            time.sleep(pause)
-            pause = min(self.max_sleep, pause + 0.0005)
+            return not pending
+
+        def late() -> str:
+            names = ", ".join(f"learner {k} (rank {k})" for k in sorted(pending))
+            self._cancel(pending)
+            return f"; no report from {names}"
+
+        self._poll(done, "learner reports", late)
         for k, req in self._acks.items():  # every learner that reported has acknowledged; complete them
             self._wait(req, f"acknowledgement from learner {k}")
         self._acks.clear()
