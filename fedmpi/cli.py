@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ConfigError, describe, load_config
+from .sentinel import role
 
 USAGE_ERROR = 2
 ERROR_BYTES = 512  # room for one rank's preflight message
@@ -84,7 +85,6 @@ def train(args) -> int:
     except ConfigError as e:
         _say(rank, str(e))
         return USAGE_ERROR
-    role = "server" if rank == 0 else f"learner {rank}"
     try:
         return _train(cfg, args, comm)
     except SystemExit:
@@ -94,7 +94,7 @@ def train(args) -> int:
 
         if not is_user_error(e):
             traceback.print_exc()
-        print(f"fedmpi: rank {rank} ({role}) failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        print(f"fedmpi: rank {rank} ({role(rank)}) failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         if size == 1:
             return 1
         time.sleep(0.2)  # let the message reach the launcher before the job is torn down
@@ -215,17 +215,27 @@ def _preflight(cfg, args, wire, data_dir: Path, local_rank: int):
     return infos, device, resume
 
 
+def _text_row(text: str, width: int) -> np.ndarray:
+    """Text in a fixed-width uint8 buffer (cut to fit, zero-padded), for fixed-size gathers."""
+    row = np.zeros(width, np.uint8)
+    raw = text.encode()[:width]
+    row[:len(raw)] = np.frombuffer(raw, np.uint8)
+    return row
+
+
+def _row_text(row: np.ndarray) -> str:
+    return bytes(row).rstrip(b"\0").decode(errors="replace")
+
+
 def _gather_preflight(wire, info: np.ndarray, problem: str) -> tuple[np.ndarray, list[str]]:
-    text = np.zeros(ERROR_BYTES, np.uint8)
-    raw = problem.encode()[:ERROR_BYTES]
-    text[:len(raw)] = np.frombuffer(raw, np.uint8)
+    text = _text_row(problem, ERROR_BYTES)
     infos = np.zeros((wire.size, info.size), np.float64) if wire.is_server else None
     texts = np.zeros((wire.size, ERROR_BYTES), np.uint8) if wire.is_server else None
     wire.gather(info, infos, "preflight")
     wire.gather(text, texts, "preflight messages")
     if not wire.is_server:
         return info[None], []
-    problems = [bytes(row).rstrip(b"\0").decode(errors="replace") for row in texts]
+    problems = [_row_text(row) for row in texts]
     return infos, [p for p in problems if p]
 
 
@@ -237,19 +247,17 @@ def _announce_ranks(wire, cfg) -> None:
 
     from .runlog import atomic_write
 
-    host = np.zeros(64, np.uint8)
-    name = socket.gethostname().encode()[:64]
-    host[:len(name)] = np.frombuffer(name, np.uint8)
+    host = _text_row(socket.gethostname(), 64)
     pids = np.zeros(wire.size, np.int64)
     hosts = np.zeros((wire.size, 64), np.uint8)
     wire.gather(np.array([os.getpid()], np.int64), pids if wire.is_server else None, "rank table")
     wire.gather(host, hosts if wire.is_server else None, "rank table")
     wire.bcast(pids, "rank table")
     wire.bcast(hosts, "rank table")
-    names = [bytes(h).rstrip(b"\0").decode(errors="replace") for h in hosts]
+    names = [_row_text(h) for h in hosts]
     wire.peers = {r: int(pids[r]) for r in range(wire.size) if r != wire.rank and names[r] == names[wire.rank]}
     if wire.is_server:
-        table = [{"rank": r, "role": "server" if r == 0 else f"learner {r}", "pid": int(pids[r]), "host": names[r]}
+        table = [{"rank": r, "role": role(r), "pid": int(pids[r]), "host": names[r]}
                  for r in range(wire.size)]
         atomic_write(cfg.run_dir / "ranks.json", json.dumps(table, indent=1).encode())
         print("fedmpi: ranks " + ", ".join(f"{t['rank']}={t['pid']}@{t['host']}" for t in table), flush=True)

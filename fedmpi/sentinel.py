@@ -25,6 +25,11 @@ HINTS = {
 }
 
 
+def role(rank: int) -> str:
+    """What a rank is, in messages: rank 0 is the server, the others are learners."""
+    return "server" if rank == 0 else f"learner {rank}"
+
+
 def launcher_rank() -> str | None:
     for name in RANK_VARIABLES:
         if name in os.environ:
@@ -49,8 +54,7 @@ def supervise() -> None:
     _, status = os.waitpid(child, 0)
     if os.WIFSIGNALED(status):
         sig = signal.Signals(os.WTERMSIG(status))
-        role = "server" if rank == "0" else f"learner {rank}"
-        print(f"fedmpi: rank {rank} ({role}, pid {child}) was killed by {sig.name}{HINTS.get(sig, '')}",
+        print(f"fedmpi: rank {rank} ({role(int(rank))}, pid {child}) was killed by {sig.name}{HINTS.get(sig, '')}",
               file=sys.stderr, flush=True)
         os._exit(128 + sig)
     os._exit(os.waitstatus_to_exitcode(status))

@@ -18,6 +18,8 @@ import time
 import numpy as np
 from mpi4py import MPI
 
+from .sentinel import role
+
 SERVER = 0
 TAG_REPORT = 11
 TAG_DIRECT = 12
@@ -93,8 +95,7 @@ class Wire:
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:
-                role = "server" if rank == SERVER else f"learner {rank}"
-                raise PeerLost(f"rank {rank} ({role}, pid {pid}) is gone while waiting for {what}") from None
+                raise PeerLost(f"rank {rank} ({role(rank)}, pid {pid}) is gone while waiting for {what}") from None
 
     def _silent(self) -> str:
         """Name the learners that have not acknowledged this round's model (server, on a timeout)."""
