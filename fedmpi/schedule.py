@@ -31,11 +31,13 @@ class _Schedule:
 class CubicSchedule(_Schedule):
     """Zhu & Gupta (2017) progressive schedule, as used by FedSparsify.
 
-    For ``start <= t < end``: ``t' = start + frequency * floor((t - start) / frequency)``
-    and ``s = final + (initial - final) * (1 - (t' - start) / (end - start)) ** exponent``.
-    Before ``start`` nothing is pruned (0.0, not ``initial``: ``initial`` applies from
-    ``start``); from ``end`` on the sparsity is ``final``. With ``initial = 0`` the first
-    non-zero sparsity therefore comes one ``frequency`` step after ``start``.
+    Pruning happens in rounds that are multiples of ``frequency`` (the authors' reference code
+    rounds t down: ``t' = frequency * floor(t / frequency)``). For ``start <= t' < end``:
+    ``s = final + (initial - final) * (1 - (t' - start) / (end - start)) ** exponent``.
+    While ``t' < start`` nothing is pruned (0.0, not ``initial``: ``initial`` applies from
+    ``start``); from ``end`` on the sparsity is ``final``. With ``initial = 0`` and
+    ``frequency = 1`` the first non-zero sparsity comes at round ``start + 1``; with
+    ``frequency = f`` at the first multiple of f after ``start``.
     """
 
     final: float
@@ -58,18 +60,20 @@ class CubicSchedule(_Schedule):
             raise ValueError(f"exponent must be a finite number > 0, got {self.exponent!r}")
 
     def _value(self, t: int) -> float:
-        if t < self.start:
-            return 0.0
         if t >= self.end:
             return float(self.final)
-        t_step = self.start + self.frequency * ((t - self.start) // self.frequency)
+        t_step = self.frequency * (t // self.frequency)
+        if t_step < self.start:
+            return 0.0
         progress = (t_step - self.start) / (self.end - self.start)
         return self.final + (self.initial - self.final) * (1.0 - progress) ** self.exponent
 
 
 @dataclass(frozen=True)
 class FractionSchedule(_Schedule):
-    """Prune a fraction ``fraction`` of the *remaining* weights at rounds start, start+f, ...
+    """Prune a fraction ``fraction`` of the *remaining* weights in every round that is a multiple
+    of ``frequency`` (and not before ``start``), as the authors' code does: the first pruning is
+    at round ``frequency`` when ``start = 1``.
 
     After ``k`` prunings the sparsity is ``1 - (1 - fraction) ** k``, capped at ``final``
     when given (the older FedSparsify schedule, p = 0.02 or 0.04 every 2 or 4 rounds).
@@ -90,9 +94,9 @@ class FractionSchedule(_Schedule):
             _check_fraction("final", self.final)
 
     def _value(self, t: int) -> float:
-        if t < self.start:
+        k = t // self.frequency - (self.start - 1) // self.frequency  # multiples of f in [start, t]
+        if k <= 0:
             return 0.0
-        k = (t - self.start) // self.frequency + 1
         s = 1.0 - (1.0 - self.fraction) ** k
         return s if self.final is None else min(s, float(self.final))
 

@@ -21,13 +21,22 @@ def test_cubic_before_start_and_initial():
     assert s(7) == 0.9
 
 
-def test_cubic_frequency_rounds_down():
+def test_cubic_frequency_prunes_at_multiples_of_f():
+    """The authors' code rounds t down to a multiple of f: pruning in rounds f, 2f, 3f, ..."""
     s = CubicSchedule(final=0.95, start=1, end=11, frequency=2)
-    assert s(2) == s(1) == 0.0
-    assert s(3) == s(4) == pytest.approx(0.95 * (1 - 0.8 ** 3))
-    assert s(9) == s(10) == pytest.approx(0.95 * (1 - 0.2 ** 3))
-    assert s(11) == 0.95
-    assert [t for t in range(1, 15) if s.is_pruning_round(t)] == [3, 5, 7, 9, 11]
+    expected = [0.0] + [0.95 * (1 - (1 - (2 * k - 1) / 10) ** 3) for k in (1, 1, 2, 2, 3, 3, 4, 4, 5)] + [0.95]
+    assert [s(t) for t in range(1, 12)] == pytest.approx(expected)
+    assert s(2) == pytest.approx(0.95 * (1 - 0.9 ** 3)) and s(3) == s(2)
+    assert s(10) == pytest.approx(0.95 * (1 - 0.1 ** 3))
+    assert [t for t in range(1, 15) if s.is_pruning_round(t)] == [2, 4, 6, 8, 10, 11]
+
+
+def test_cubic_frequency_with_later_start():
+    s = CubicSchedule(final=0.9, start=3, end=13, frequency=5)
+    assert [s(t) for t in range(1, 5)] == [0.0] * 4  # 5 is the first multiple of f at or after start
+    assert s(5) == s(9) == pytest.approx(0.9 * (1 - 0.8 ** 3))
+    assert s(10) == pytest.approx(0.9 * (1 - 0.3 ** 3))
+    assert [t for t in range(1, 20) if s.is_pruning_round(t)] == [5, 10, 13]
 
 
 def test_cubic_exponent():
@@ -59,12 +68,16 @@ def test_cubic_validation_names_field(kwargs, field):
 
 
 def test_fraction_schedule():
+    """The first pruning comes after f rounds, as in the authors' code (rounds f, 2f, ...)."""
     s = FractionSchedule(fraction=0.04, frequency=2, start=1)
-    assert s(0) == 0.0
-    assert s(1) == pytest.approx(0.04) and s(2) == pytest.approx(0.04)
-    assert s(3) == pytest.approx(1 - 0.96 ** 2)
+    assert s(0) == 0.0 and s(1) == 0.0
+    assert s(2) == pytest.approx(0.04) and s(3) == pytest.approx(0.04)
+    assert s(4) == pytest.approx(1 - 0.96 ** 2)
     assert s(40) == pytest.approx(1 - 0.96 ** 20)
-    assert [t for t in range(1, 10) if s.is_pruning_round(t)] == [1, 3, 5, 7, 9]
+    assert [t for t in range(1, 10) if s.is_pruning_round(t)] == [2, 4, 6, 8]
+    s = FractionSchedule(fraction=0.02, frequency=4, start=1)
+    assert [s(t) for t in range(1, 10)] == pytest.approx([0, 0, 0, 0.02, 0.02, 0.02, 0.02, 1 - 0.98 ** 2,
+                                                          1 - 0.98 ** 2])
 
 
 def test_fraction_schedule_start_and_cap():
