@@ -3,11 +3,11 @@ on which schedule. The server and learner loops read this instead of branching o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import pruning
-from .config import Config
 from .schedule import ConstantSchedule, CubicSchedule, FractionSchedule, OneShotSchedule
 
 
@@ -16,17 +16,23 @@ class Algorithm:
     name: str
     prune_at: str  # "server" (after aggregation), "learner" (after local training), "start" (fixed mask) or "never"
     selector: str = "magnitude"  # "magnitude" or "random"
+    sparsity: str = "progressive"  # how s_t moves: "progressive" (federation.schedule), "oneshot", "fixed", "none"
+    trains_centrally: bool = False  # one process on the pooled data, no federation
 
 
 ALGORITHMS = {
-    "fedavg": Algorithm("fedavg", "never"),
+    "fedavg": Algorithm("fedavg", "never", sparsity="none"),
     "fedsparsify-global": Algorithm("fedsparsify-global", "server"),
     "fedsparsify-local": Algorithm("fedsparsify-local", "learner"),
-    "oneshot": Algorithm("oneshot", "server"),
+    "oneshot": Algorithm("oneshot", "server", sparsity="oneshot"),
     "random": Algorithm("random", "server", selector="random"),
-    "snip": Algorithm("snip", "start"),
-    "centralized": Algorithm("centralized", "server"),
+    "snip": Algorithm("snip", "start", sparsity="fixed"),
+    "centralized": Algorithm("centralized", "never", sparsity="none", trains_centrally=True),
 }
+
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 def algorithm(cfg: Config) -> Algorithm:
@@ -35,12 +41,12 @@ def algorithm(cfg: Config) -> Algorithm:
 
 def schedule(cfg: Config):
     """The sparsity target s_t for round t."""
-    f = cfg.federation
-    if f.algorithm == "fedavg":
+    f, kind = cfg.federation, algorithm(cfg).sparsity
+    if kind == "none":
         return ConstantSchedule(0.0)
-    if f.algorithm == "snip":
+    if kind == "fixed":
         return ConstantSchedule(f.target)
-    if f.algorithm == "oneshot":
+    if kind == "oneshot":
         return OneShotSchedule(f.target, round=f.oneshot_round)
     if f.schedule == "fraction":
         return FractionSchedule(f.fraction, frequency=f.frequency, start=f.start, final=f.target)

@@ -169,7 +169,7 @@ def _data_dir(cfg, wire) -> Path:
     if cfg.data.dir:
         return Path(cfg.data.dir)
     kwargs = dict(subjects=cfg.data.subjects, voxel=cfg.data.voxel, learners=cfg.federation.learners,
-                  distribution=cfg.data.distribution, seed=cfg.run.seed)
+                  distribution=cfg.data.distribution, seed=cfg.data.seed, test_fraction=cfg.data.test_fraction)
     if wire.rank == 0:
         print(f"fedmpi: synthetic cohort ({cfg.data.subjects} subjects, {cfg.data.voxel} mm, "
               f"{cfg.data.distribution}) under {cfg.data.cache_dir}/", flush=True)

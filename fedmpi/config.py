@@ -11,11 +11,15 @@ from pathlib import Path
 
 import yaml
 
-ALGORITHMS = ("fedavg", "fedsparsify-global", "fedsparsify-local", "oneshot", "random", "snip", "centralized")
+from .algorithms import ALGORITHMS as ALGORITHM_TABLE
+
+ALGORITHMS = tuple(ALGORITHM_TABLE)
 SCHEDULES = ("cubic", "fraction")
 MERGE_RULES = ("reference", "kept")
 DISTRIBUTIONS = ("uniform-iid", "uniform-noniid", "skewed-noniid")
 DEVICES = ("auto", "cpu", "cuda")
+VOXELS = (2, 4, 6)
+INITS = ("torch", "glorot")
 
 
 def opt(default, help: str):
@@ -32,8 +36,10 @@ class DataConfig:
     dir: str = opt("", "split directory with learner_<k>.h5 and test.h5; empty = the synthetic cohort")
     cache_dir: str = opt("data", "where the synthetic cohort is generated once and cached")
     subjects: int = opt(240, "synthetic cohort size")
-    voxel: int = opt(4, "synthetic cohort resolution in mm (2 = the paper's 91x109x91)")
+    voxel: int = opt(4, "synthetic cohort resolution in mm: 2 (the paper's 91x109x91), 4 or 6")
     distribution: str = opt("uniform-iid", "synthetic cohort split")
+    test_fraction: float = opt(0.2, "synthetic cohort: fraction of each age bin held out as test.h5")
+    seed: int = opt(0, "synthetic cohort: seed of its subjects and of its split (run.seed leaves the data alone)")
     cache: bool = opt(True, "keep decoded volumes in memory on each learner")
     workers: int = opt(0, "DataLoader worker processes per learner")
 
@@ -43,6 +49,9 @@ class ModelConfig:
     width: float = opt(0.25, "channel multiplier; 1.0 is the paper's model")
     pools: int = opt(0, "pooling blocks; 0 = automatic (5 at 2 mm, 4 at 4 mm)")
     dropout: float = opt(0.0, "dropout before the output layer (the paper's PyTorch variant: 0.5)")
+    init: str = opt("torch", "torch (PyTorch's defaults) | glorot (Glorot-uniform kernels, zero biases, as the "
+                             "authors' TensorFlow model)")
+    norm_eps: float = opt(1e-5, "instance-norm epsilon (PyTorch 1e-5; the authors' TensorFlow model 1e-3)")
 
 
 @dataclass
@@ -59,7 +68,7 @@ class TrainConfig:
 
 @dataclass
 class FederationConfig:
-    algorithm: str = opt("fedsparsify-global", "fedavg | fedsparsify-global | fedsparsify-local | oneshot | random | snip | centralized")
+    algorithm: str = opt("fedsparsify-global", " | ".join(ALGORITHMS))
     learners: int = opt(8, "number of learners; the job runs learners + 1 MPI ranks")
     rounds: int = opt(25, "federation rounds")
     target: float = opt(0.95, "final sparsity s_f")
@@ -71,6 +80,8 @@ class FederationConfig:
     fraction: float = opt(0.04, "p for the fraction schedule")
     oneshot_round: int = opt(1, "round at which oneshot prunes straight to the target")
     merge: str = opt("reference", "majority-vote average: reference (zeros count) | kept (only keepers)")
+    vote_cap: bool = opt(False, "FedSparsify-Local: the server also prunes the voted model to s_t (off: the "
+                                "authors' vote-only merge, whose sparsity is whatever the vote yields)")
 
 
 @dataclass
@@ -216,13 +227,16 @@ def _check(ok: bool, message: str) -> None:
 
 def validate(cfg: Config) -> None:
     d, m, t, f, e, r = cfg.data, cfg.model, cfg.train, cfg.federation, cfg.eval, cfg.run
-    _check(d.voxel in (2, 4), f"data.voxel must be 2 or 4, got {d.voxel}")
+    _check(d.voxel in VOXELS, f"data.voxel must be one of {VOXELS}, got {d.voxel}")
+    _check(0 < d.test_fraction < 1, f"data.test_fraction must be in (0, 1), got {d.test_fraction}")
     _check(d.distribution in DISTRIBUTIONS, f"data.distribution must be one of {DISTRIBUTIONS}, got {d.distribution!r}")
     _check(d.subjects >= 20, f"data.subjects must be at least 20, got {d.subjects}")
     _check(d.workers >= 0, "data.workers must be >= 0")
     _check(m.width > 0, f"model.width must be > 0, got {m.width}")
     _check(0 <= m.pools <= 5, f"model.pools must be 0 (auto) to 5, got {m.pools}")
     _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
+    _check(m.init in INITS, f"model.init must be one of {INITS}, got {m.init!r}")
+    _check(m.norm_eps > 0, f"model.norm_eps must be > 0, got {m.norm_eps}")
     _check(t.epochs >= 1, "train.epochs must be >= 1")
     _check(t.batch_size >= 1, "train.batch_size must be >= 1")
     _check(t.lr > 0, "train.lr must be > 0")
@@ -238,7 +252,8 @@ def validate(cfg: Config) -> None:
     _check(f.start >= 1, "federation.start must be >= 1")
     _check(f.end == 0 or f.start < f.end <= f.rounds,
            f"federation.end must be 0 (the last round) or between federation.start and federation.rounds, got {f.end}")
-    _check(cfg.schedule_end > f.start or f.algorithm in ("fedavg", "oneshot", "snip", "centralized"),
+    _check(f.algorithm not in ALGORITHMS or ALGORITHM_TABLE[f.algorithm].sparsity != "progressive"
+           or cfg.schedule_end > f.start,
            "federation.rounds must exceed federation.start for a progressive schedule")
     _check(f.frequency >= 1, "federation.frequency must be >= 1")
     _check(f.exponent > 0, "federation.exponent must be > 0")
@@ -249,6 +264,7 @@ def validate(cfg: Config) -> None:
     _check(bool(r.name) and "/" not in r.name and r.name not in (".", ".."),
            f"run.name must be a plain name, got {r.name!r}")
     _check(r.seed >= 0, f"run.seed must be >= 0, got {r.seed}")
+    _check(d.seed >= 0, f"data.seed must be >= 0, got {d.seed}")
     _check(r.checkpoint_every >= 0, "run.checkpoint_every must be >= 0 (0 = never)")
     _check(r.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
     _check(r.round_timeout > 0, "run.round_timeout must be > 0")

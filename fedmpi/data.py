@@ -56,6 +56,12 @@ class VolumeDataset(Dataset):
         return self._ages
 
     @property
+    def subject_ids(self) -> list[str]:
+        """The subjects' identifiers, in file order (read on demand: only reports need them)."""
+        with h5io.open_checked(self.path) as f:
+            return [s.decode() if isinstance(s, bytes) else str(s) for s in f["subject_id"][:]]
+
+    @property
     def voxel_size(self) -> float:
         return self._voxel
 
@@ -103,12 +109,12 @@ class VolumeDataset(Dataset):
 
 def synthetic_cohort(root, *, subjects: int = 240, voxel: int = 4, learners: int = 8,
                      distribution: str = "uniform-iid", seed: int = 0, workers: int | None = None,
-                     progress: bool = False) -> Path:
+                     progress: bool = False, test_fraction: float = 0.2) -> Path:
     """Build (once) and return the split directory of the embedded synthetic cohort.
 
     Layout under root/synth-s{subjects}-seed{seed}/: bids/ (NIfTI + participants.tsv),
     v{voxel}.h5 (preprocessed), split-{distribution}-{learners}/ (learner_k.h5, test.h5,
-    partition.json). Each step is skipped when its output exists and each is built under a
+    partition.json; "-test{fraction}" is added to the name when the held-out fraction is not 0.2). Each step is skipped when its output exists and each is built under a
     temporary name and renamed, so an interrupted run never leaves a half cohort. Not safe
     to call from several processes at once on the same root: call it on one rank, then
     barrier.
@@ -121,7 +127,8 @@ def synthetic_cohort(root, *, subjects: int = 240, voxel: int = 4, learners: int
     h5 = base / f"v{voxel}.h5"
     if not h5.is_file():
         convert.convert(bids_dir, h5, voxel=voxel, workers=workers, progress=progress)
-    out = base / f"split-{distribution}-{learners}"
+    out = base / (f"split-{distribution}-{learners}" + ("" if test_fraction == 0.2 else f"-test{test_fraction:g}"))
     if not (out / "partition.json").is_file():
-        split.write_split(h5, out, learners=learners, distribution=distribution, seed=seed)
+        split.write_split(h5, out, learners=learners, distribution=distribution, seed=seed,
+                          test_fraction=test_fraction)
     return out

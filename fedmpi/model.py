@@ -13,6 +13,7 @@ from torch import nn
 BLOCK_CHANNELS = (32, 64, 128, 256, 256)
 HEAD_CHANNELS = 64
 MAX_POOLS = len(BLOCK_CHANNELS)
+INITS = ("torch", "glorot")
 
 
 def _scaled(channels: int, width: float) -> int:
@@ -54,8 +55,12 @@ class BrainAgeCNN(nn.Module):
     undefined (PyTorch raises in training mode; in eval the features would be all zero).
     At the paper's 2 mm grid 91x109x91 this is p = 5 (head grid 2x3x2, the original
     model); at the 4 mm CPU preset 45x54x45 it is p = 4 (also 2x3x2), so the last block
-    there is conv -> norm -> ReLU without pooling. Parameter count does not depend on it
-    (2,948,801 at width 1).
+    there is conv -> norm -> ReLU without pooling; at 6 mm (30x36x30) p = 3 (head grid 3x4x3).
+    Parameter count does not depend on it (2,948,801 at width 1).
+
+    ``init="glorot"`` gives Glorot-uniform kernels and zero biases (the authors' TensorFlow
+    model; with ``norm_eps=1e-3`` and no dropout); "torch" keeps PyTorch's defaults. Either
+    way the output bias starts at ``mean_age``.
     """
 
     def __init__(
@@ -65,12 +70,16 @@ class BrainAgeCNN(nn.Module):
         pools: int | None = None,
         dropout: float = 0.5,
         mean_age: float = 62.68,
+        init: str = "torch",
+        norm_eps: float = 1e-5,
     ):
         super().__init__()
         if not width > 0:
             raise ValueError(f"width must be > 0, got {width}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
         input_shape = tuple(int(d) for d in input_shape)
         max_pools = auto_pools(input_shape)
         if pools is None:
@@ -91,7 +100,7 @@ class BrainAgeCNN(nn.Module):
             out_ch = _scaled(c, width)
             block = [
                 nn.Conv3d(in_ch, out_ch, kernel_size=3, padding=1),
-                nn.InstanceNorm3d(out_ch, affine=False, track_running_stats=False),
+                nn.InstanceNorm3d(out_ch, eps=norm_eps, affine=False, track_running_stats=False),
             ]
             if i < self.pools:
                 block.append(nn.MaxPool3d(2))
@@ -102,12 +111,17 @@ class BrainAgeCNN(nn.Module):
         head_ch = _scaled(HEAD_CHANNELS, width)
         self.head = nn.Sequential(
             nn.Conv3d(in_ch, head_ch, kernel_size=1),
-            nn.InstanceNorm3d(head_ch, affine=False, track_running_stats=False),
+            nn.InstanceNorm3d(head_ch, eps=norm_eps, affine=False, track_running_stats=False),
             nn.ReLU(inplace=True),
             nn.AdaptiveAvgPool3d(1),
             nn.Dropout(dropout),
         )
         self.output = nn.Conv3d(head_ch, 1, kernel_size=1)
+        if init == "glorot":  # the authors' TensorFlow model: Glorot-uniform kernels, zero biases
+            for m in self.modules():
+                if isinstance(m, nn.Conv3d):
+                    nn.init.xavier_uniform_(m.weight)
+                    nn.init.zeros_(m.bias)
         with torch.no_grad():
             self.output.bias.fill_(float(mean_age))
 

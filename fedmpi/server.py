@@ -20,8 +20,9 @@ from .algorithms import algorithm, prune, round_seed, schedule
 from .checkpoint import Checkpoints, save_model
 from .config import Config
 from .model import BrainAgeCNN, flat_parameters, layer_sparsity, load_flat_parameters
-from .runlog import RunLog
-from .training import evaluate
+from .metrics import regression_metrics
+from .runlog import RunLog, atomic_write
+from .training import predict
 from .wire import FLAG_MASK, FLAG_PREEMPTED, FLAG_STOP, Wire
 
 if TYPE_CHECKING:
@@ -45,8 +46,9 @@ class State:
 
 
 def build_model(cfg: Config, shape, mean_age: float = 62.68) -> BrainAgeCNN:
-    return BrainAgeCNN(input_shape=tuple(shape), width=cfg.model.width, pools=cfg.model.pools or None,
-                       dropout=cfg.model.dropout, mean_age=mean_age)
+    m = cfg.model
+    return BrainAgeCNN(input_shape=tuple(shape), width=m.width, pools=m.pools or None, dropout=m.dropout,
+                       mean_age=mean_age, init=m.init, norm_eps=m.norm_eps)
 
 
 def initial_state(cfg: Config, model: BrainAgeCNN) -> State:
@@ -61,6 +63,7 @@ class Recorder:
     def __init__(self, cfg: Config, model: BrainAgeCNN, test: VolumeDataset, device, baseline_mae: float,
                  data_dir):
         self.cfg = cfg
+        self.test = test
         self.data_dir = str(data_dir)
         self.model = model
         self.device = device
@@ -71,13 +74,22 @@ class Recorder:
         self.checkpoints = Checkpoints(cfg.run_dir / "checkpoints", keep=cfg.run.keep_checkpoints)
         self.last_eval: dict = {}
         self.last_eval_round = -1
+        self.last_predictions = np.zeros(0, np.float32)
 
     def evaluate(self, state: State) -> dict:
-        """Test metrics of the model loaded from state (remembered for the summary)."""
+        """Test metrics of the model loaded from state (remembered, with its predictions, for the summary)."""
         load_flat_parameters(self.model, state.values)
-        self.last_eval = evaluate(self.model, self.loader, self.device)
+        self.last_predictions, ages = predict(self.model, self.loader, self.device)
+        self.last_eval = dict(regression_metrics(self.last_predictions, ages), n=int(ages.size))
         self.last_eval_round = state.round
         return self.last_eval
+
+    def write_predictions(self) -> None:
+        """The final model's prediction for every test subject: paired comparisons between runs need them."""
+        lines = ["subject_id,age,predicted\n"]
+        lines += [f"{sid},{age:.2f},{pred:.4f}\n"
+                  for sid, age, pred in zip(self.test.subject_ids, self.test.ages, self.last_predictions)]
+        atomic_write(self.cfg.run_dir / "test_predictions.csv", "".join(lines).encode())
 
     def record(self, state: State, row: dict, evaluate_now: bool) -> dict:
         t0 = time.perf_counter()
@@ -113,6 +125,7 @@ class Recorder:
             "input_shape": list(self.model.input_shape), "config": self.cfg.to_dict(), "round": state.round})
         # A preempted run may stop after a round that was not evaluated (eval.every > 1): evaluate it now.
         scores = self.last_eval if self.last_eval_round == state.round else self.evaluate(state)
+        self.write_predictions()
         rows = self.log.rows()
         total = {k: sum(r[k] for r in rows) for k in ("bytes_down", "bytes_up", "dense_bytes_down", "dense_bytes_up")}
         summary = {
@@ -173,7 +186,7 @@ class Server:
         return state, preempted
 
     def round(self, state: State, t: int, mask_changed: bool) -> tuple[dict, bool]:
-        wire, n = self.wire, state.values.size
+        wire, n, f = self.wire, state.values.size, self.cfg.federation
         wire.reset_counters()
         wire.deadline = time.monotonic() + self.cfg.run.round_timeout
         t0 = time.perf_counter()
@@ -196,7 +209,8 @@ class Server:
             values, mask = encoding.scatter_values(summed, state.mask, np.float32), state.mask
         wire.deadline = None
         s_t = self.schedule(t)
-        if self.algo.prune_at in ("server", "learner") and s_t > 0:
+        # Local's global model is the vote's (the authors' merge) unless vote_cap also prunes it to s_t.
+        if s_t > 0 and (self.algo.prune_at == "server" or (self.algo.prune_at == "learner" and f.vote_cap)):
             mask = prune(values, mask, s_t, self.algo.selector, round_seed(self.cfg.run.seed, t, 0))
             values = pruning.apply_mask(values, mask)
         t2 = time.perf_counter()

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from preprocess import bids, convert, h5io, split, synth
+from preprocess import bids, convert, grid, h5io, split, synth
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("nifti", help="preprocess a BIDS dataset into one HDF5 file")
     p.add_argument("--bids", required=True, type=Path, help="dataset root with participants.tsv")
     p.add_argument("--out", required=True, type=Path, help="output FILE.h5")
-    p.add_argument("--voxel", type=int, choices=(2, 4), default=4, help="MNI grid spacing in mm")
+    p.add_argument("--voxel", type=int, choices=sorted(grid.GRIDS), default=4, help="MNI grid spacing in mm")
     p.add_argument("--dtype", choices=tuple(h5io.DTYPES), default="float16")
     p.add_argument("--workers", type=_positive, default=None, help="processes (default: all CPUs)")
     p.add_argument("--skip-bad", action="store_true",

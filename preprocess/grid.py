@@ -12,17 +12,19 @@ import functools
 import numpy as np
 from scipy import ndimage
 
-# FSL MNI152 2 mm grid used by the paper (91 x 109 x 91) and a 4 mm grid for CPU work.
+# FSL MNI152 2 mm grid used by the paper (91 x 109 x 91); 4 mm and 6 mm grids for CPU work (the 6 mm
+# grid starts at the 4 mm grid's first voxel corner and covers the same box).
 GRIDS: dict[int, tuple[tuple[int, int, int], np.ndarray]] = {
     2: ((91, 109, 91), np.array([[2.0, 0, 0, -90], [0, 2, 0, -126], [0, 0, 2, -72], [0, 0, 0, 1]])),
     4: ((45, 54, 45), np.array([[4.0, 0, 0, -88], [0, 4, 0, -124], [0, 0, 4, -70], [0, 0, 0, 1]])),
+    6: ((30, 36, 30), np.array([[6.0, 0, 0, -87], [0, 6, 0, -123], [0, 0, 6, -69], [0, 0, 0, 1]])),
 }
 
 FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
 
 
 def target_grid(voxel: int) -> tuple[tuple[int, int, int], np.ndarray]:
-    """Shape and RAS+ affine of the MNI grid at `voxel` mm (2 or 4)."""
+    """Shape and RAS+ affine of the MNI grid at `voxel` mm (2, 4 or 6)."""
     if voxel not in GRIDS:
         raise ValueError(f"voxel size must be one of {sorted(GRIDS)} mm, got {voxel!r}")
     shape, affine = GRIDS[voxel]

@@ -145,6 +145,9 @@ def test_parse_overrides_builds_nested_tree():
 
 VALIDATION = [
     ("data.voxel=3", "data.voxel"),
+    ("data.test_fraction=0", "data.test_fraction"),
+    ("data.test_fraction=1", "data.test_fraction"),
+    ("data.seed=-1", "data.seed"),
     ("data.distribution=weird", "data.distribution"),
     ("data.subjects=19", "data.subjects"),
     ("data.workers=-1", "data.workers"),
@@ -152,6 +155,8 @@ VALIDATION = [
     ("model.pools=6", "model.pools"),
     ("model.pools=-1", "model.pools"),
     ("model.dropout=1", "model.dropout"),
+    ("model.init=he", "model.init"),
+    ("model.norm_eps=0", "model.norm_eps"),
     ("train.epochs=0", "train.epochs"),
     ("train.batch_size=0", "train.batch_size"),
     ("train.lr=0", "train.lr"),
@@ -194,7 +199,7 @@ def test_validation_list_covers_every_option():
     """A new option without a validation example shows up here (strings and bools excepted)."""
     tested = {p.split("=")[0] for p, _ in VALIDATION}
     unchecked = {"data.dir", "data.cache_dir", "data.cache", "run.dir", "run.seed", "run.verbose",
-                 "federation.end"}
+                 "federation.end", "federation.vote_cap"}
     assert {f"{s}.{o}" for s, o in options()} - tested <= unchecked
 
 
@@ -263,12 +268,21 @@ def test_every_shipped_config_loads(path):
 
 
 def test_paper_config_name_matches_file():
-    for path in SHIPPED:
-        if path.parent.name == "paper":
-            cfg = load_config(path)
-            assert cfg.run.name == path.stem
-            assert path.stem.startswith(cfg.federation.algorithm)
-            assert cfg.data.dir.rsplit("split-", 1)[1] in path.stem
+    paper = [p for p in SHIPPED if p.parent.parent.name == "paper"]
+    assert {p.parent.name for p in paper} == {"original", "pytorch"}
+    for path in paper:
+        cfg = load_config(path)
+        assert cfg.run.name == path.stem and cfg.run.dir.endswith(path.parent.name)
+        assert path.stem.startswith(cfg.federation.algorithm)
+        assert cfg.data.dir.rsplit("split-", 1)[1] in path.stem
+
+
+def test_paper_families_are_the_papers_two_setups():
+    original = load_config(CONFIGS / "paper" / "original" / "fedavg-uniform-iid.yaml")
+    assert (original.train.lr, original.train.batch_size, original.train.momentum) == (5e-5, 1, 0.0)
+    assert (original.model.dropout, original.model.init, original.model.norm_eps) == (0.0, "glorot", 1e-3)
+    later = load_config(CONFIGS / "paper" / "pytorch" / "fedavg-uniform-iid.yaml")
+    assert (later.train.lr, later.train.batch_size, later.model.dropout, later.model.init) == (1e-3, 4, 0.5, "torch")
 
 
 def test_describe_lists_every_option_with_help():

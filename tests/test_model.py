@@ -28,6 +28,7 @@ def test_parameter_count_at_full_size():
 def test_auto_pools_keeps_head_grid_at_least_two():
     assert auto_pools((91, 109, 91)) == 5
     assert auto_pools((45, 54, 45)) == 4
+    assert auto_pools((30, 36, 30)) == 3 and BrainAgeCNN((30, 36, 30), width=0.125).head_grid == (3, 4, 3)
     assert BrainAgeCNN((45, 54, 45), width=0.125).head_grid == (2, 3, 2)
     assert auto_pools(TINY) == 3
     assert auto_pools((2, 2, 2)) == 0
@@ -54,6 +55,29 @@ def test_only_first_pools_blocks_pool():
 def test_rejects_impossible_configurations(kwargs):
     with pytest.raises(ValueError):
         BrainAgeCNN(**kwargs)
+
+
+def test_glorot_init_is_glorot_uniform_with_zero_biases():
+    model = tiny_model(init="glorot", mean_age=60.0)
+    conv = model.features[1][0]
+    fan_in, fan_out = conv.in_channels * 27, conv.out_channels * 27
+    bound = (6.0 / (fan_in + fan_out)) ** 0.5
+    w = conv.weight.detach()
+    assert w.abs().max() <= bound and w.abs().max() > 0.8 * bound  # uniform on [-bound, bound]
+    assert w.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.15)
+    biases = [m.bias for m in model.modules() if isinstance(m, torch.nn.Conv3d) and m is not model.output]
+    assert all((b == 0).all() for b in biases)
+    assert model.output.bias.item() == 60.0  # the output still starts at the mean age
+    default = tiny_model()
+    assert not (default.features[1][0].bias == 0).all()  # PyTorch's default init has non-zero biases
+    with pytest.raises(ValueError, match="init"):
+        tiny_model(init="he")
+
+
+def test_norm_eps_reaches_instance_norm():
+    model = tiny_model(norm_eps=1e-3)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.InstanceNorm3d)]
+    assert len(norms) == 6 and all(m.eps == 1e-3 for m in norms)
 
 
 def test_forward_shape_and_initial_bias():

@@ -34,10 +34,12 @@ class FakeWire:
         return self.summed
 
 
-def _server(algorithm, wire):
+def _server(algorithm, wire, **federation):
     cfg = Config()
     cfg.federation.algorithm = algorithm
     cfg.federation.rounds = 4
+    for key, value in federation.items():
+        setattr(cfg.federation, key, value)
     return Server(cfg, wire, recorder=None, sample_counts=np.array([10.0, 30.0]))
 
 
@@ -103,10 +105,10 @@ def test_bad_learner_models_are_refused_and_named(make_bad, message):
     assert state.round == 0 and np.array_equal(state.values, before)
 
 
-def test_good_local_round_merges_and_prunes_to_the_schedule():
+def test_good_local_round_with_vote_cap_merges_and_prunes_to_the_schedule():
     state = _state()
     payloads = _local_payloads(state, encoding.encode(state.values, state.mask))
-    server = _server("fedsparsify-local", FakeWire([_report(1), _report(1)], payloads=payloads))
+    server = _server("fedsparsify-local", FakeWire([_report(1), _report(1)], payloads=payloads), vote_cap=True)
     row, changed = server.round(state, 4, True)
     assert state.round == 4 and changed
     assert (state.values == 0).mean() == pytest.approx(0.95, abs=0.02)
@@ -142,3 +144,37 @@ def test_summary_scores_the_final_model_even_when_its_round_was_not_evaluated(tm
     assert summary["final_mae"] != evaluated
     assert summary["final_mae"] == pytest.approx(np.mean(np.abs(np.linspace(45, 80, 8))), rel=1e-3)
     assert json.loads((tmp_path / "runs" / "demo" / "summary.json").read_text())["rounds"] == 2
+
+
+def _local_round(vote_cap: bool):
+    """One FedSparsify-Local round where two learners keep disjoint halves of the global mask: the vote
+    (quorum max(1, 2 // 2) = 1) keeps their union, which is denser than the schedule's s_t."""
+    state = _state()
+    kept = np.flatnonzero(state.mask)
+    masks = [state.mask.copy(), state.mask.copy()]
+    masks[0][kept[::2]] = False
+    masks[1][kept[1::2]] = False
+    payloads = [encoding.encode(np.where(m, state.values, 0).astype(np.float32), m) for m in masks]
+    server = _server("fedsparsify-local", FakeWire([_report(p.nbytes) for p in payloads], payloads=payloads),
+                     vote_cap=vote_cap, target=0.9)
+    row, _ = server.round(state, 4, True)
+    return state, row
+
+
+def test_local_global_model_is_the_vote_by_default():
+    state, row = _local_round(vote_cap=False)
+    assert row["target_sparsity"] == 0.9
+    assert np.array_equal(state.mask, _state().mask)  # the union of the two halves: nothing more pruned
+    assert 1 - state.mask.mean() == pytest.approx(0.2) and row["target_sparsity"] > 0.2
+    # the reference rule divides by both learners' weight (10 + 30): a position only learner 1 kept gets 1/4
+    # of its value, one only learner 2 kept 3/4
+    kept = np.flatnonzero(_state().mask)
+    share = np.zeros(N)
+    share[kept[1::2]], share[kept[::2]] = 0.25, 0.75
+    assert np.allclose(state.values, _state().values * share)
+
+
+def test_local_vote_cap_prunes_the_vote_to_the_schedule():
+    state, _ = _local_round(vote_cap=True)
+    assert 1 - state.mask.mean() == pytest.approx(0.9)
+    assert not (state.mask & ~_state().mask).any()
