@@ -1,97 +1,208 @@
-"""Run the study grid: {algorithms} x {distributions} x {targets}, then the membership-inference
-attack on every run, then one report (results.md, results.csv, plots).
+"""Run a study: every configuration of a grid, then the membership attacks, then one report.
 
-    python jobs/sweep.py --preset cpu --out runs/study --report docs/results   # local, mpirun
-    python jobs/sweep.py --preset paper --slurm --out runs/paper               # SLURM job array
-    python jobs/sweep.py --collect --out runs/paper --report docs/paper        # after the array
+    python jobs/sweep.py jobs/studies/cpu.yaml                 # local, mpirun; resumable
+    python jobs/sweep.py jobs/studies/cpu.yaml --list          # the runs and their state, nothing run
+    python jobs/sweep.py --paper original --slurm --out runs/paper-original   # SLURM job array
+    python jobs/sweep.py --paper original --collect --out runs/paper-original --report docs/paper
 
-The cpu preset is the CPU-scale study (4 mm synthetic cohort, jobs/configs/study-cpu.yaml);
-the paper preset uses the configs in jobs/configs/paper/ (point their data.dir at your splits).
+A study file (jobs/studies/*.yaml) names a base config, the groups of runs (each with its own
+--set overrides, distributions, algorithms with targets, seeds, and whether to attack them) and
+where finished runs' small records go. The sweep can be stopped at any time and started again: a
+finished run is skipped, an unfinished one continues from its last checkpoint (--resume), and a run
+whose finished config differs from the study's is refused rather than silently reused. After each
+run its records (config.json, metrics.jsonl, summary.json, test_predictions.csv, attack.json) are
+copied to the study's records directory, which is what gets committed and reported.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from make_configs import configs  # noqa: E402
+sys.path.insert(0, str(ROOT))
+from make_configs import FAMILIES, configs  # noqa: E402
 
-# The CPU study fits in about 30 minutes on 2 cores: every method on uniform-iid (the pruning
-# variants at 0.9, 0.95 and 0.99, the other baselines at 0.95), and FedAvg against both variants
-# at 0.95 and Global at 0.99 on the two non-IID distributions.
-CPU_GRID = {
-    "uniform-iid": {"fedavg": (0.0,), "fedsparsify-global": (0.9, 0.95, 0.99), "fedsparsify-local": (0.9, 0.95, 0.99),
-                    "oneshot": (0.95,), "random": (0.95,), "snip": (0.95,)},
-    "uniform-noniid": {"fedavg": (0.0,), "fedsparsify-global": (0.95, 0.99), "fedsparsify-local": (0.95,)},
-    "skewed-noniid": {"fedavg": (0.0,), "fedsparsify-global": (0.95, 0.99), "fedsparsify-local": (0.95,)},
-}
+from fedmpi.algorithms import ALGORITHMS  # noqa: E402
+from fedmpi.config import load_config  # noqa: E402
+from fedmpi.server import resume_key  # noqa: E402
+
+RECORDS = ("config.json", "metrics.jsonl", "summary.json", "test_predictions.csv", "attack.json")
 
 
-def cpu_runs(out: Path):
-    base = yaml.safe_load((HERE / "configs" / "study-cpu.yaml").read_text())
-    for dist, grid in CPU_GRID.items():
-        for algo, targets in grid.items():
-            for target in targets:
-                name = f"{algo}-{dist}" + (f"-{target}" if algo != "fedavg" else "")
-                sets = [f"data.distribution={dist}", f"federation.algorithm={algo}", f"federation.target={target}",
-                        f"run.name={name}", f"run.dir={out}"]
-                yield name, base["federation"]["learners"], sets
+@dataclass
+class Run:
+    name: str
+    group: str
+    sets: list[str]
+    attack: list[str] | None  # extra `fedmpi attack` arguments, None = not attacked
+    order: tuple = field(default=())
 
 
-def run(cmd: list[str]) -> None:
+def study_runs(spec: dict) -> list[Run]:
+    """Every run of a study file, in the order they are trained: by group priority, then seed, so
+    that a partial study already holds one complete seed of its most important groups."""
+    runs = []
+    for gi, group in enumerate(spec["groups"]):
+        for ri, entry in enumerate(group["runs"]):
+            algo, *target = str(entry).split()
+            target = float(target[0]) if target else 0.0
+            for di, dist in enumerate(entry_distributions(group, algo)):
+                for seed in group.get("seeds", [0]):
+                    name = f"{group['name']}-{dist}-{algo}" + (f"-{target:g}" if target else "") + f"-s{seed}"
+                    sets = [*group.get("set", []), f"data.distribution={dist}", f"federation.algorithm={algo}",
+                            f"federation.target={target}", f"run.seed={seed}", f"run.name={name}"]
+                    attack = group.get("attack")
+                    runs.append(Run(name, group["name"], sets, None if attack is None else list(attack),
+                                    (group.get("priority", 0), seed, gi, ri, di)))
+    return sorted(runs, key=lambda r: r.order)
+
+
+def entry_distributions(group: dict, algo: str) -> list[str]:
+    """A centralized run pools every learner's data: one distribution stands for all."""
+    dists = group["distributions"]
+    return dists[:1] if ALGORITHMS[algo].trains_centrally else dists
+
+
+def state(run_dir: Path, cfg) -> str:
+    """'finished', 'partial' (resumable) or 'new'; raises when a finished run used other settings."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        done = not summary.get("preempted") and summary.get("rounds") == cfg.federation.rounds
+    except (OSError, ValueError):
+        done = False
+    if done:
+        recorded = json.loads((run_dir / "config.json").read_text())
+        from fedmpi.config import config_from_dict
+
+        if resume_key(config_from_dict(recorded)) != resume_key(cfg):
+            raise SystemExit(f"sweep: {run_dir} finished with other settings than the study's; remove it to rerun")
+        return "finished"
+    return "partial" if (run_dir / "metrics.jsonl").exists() else "new"
+
+
+def call(cmd: list[str], log: Path | None = None) -> None:
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    if log is None:
+        subprocess.run(cmd, check=True)
+        return
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+        raise SystemExit(f"sweep: {cmd[-1] if cmd else ''} failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=("cpu", "paper"), default="cpu")
-    ap.add_argument("--out", type=Path, default=Path("runs/study"), help="parent directory of the runs")
-    ap.add_argument("--report", type=Path, help="write the report here (default: OUT/report)")
-    ap.add_argument("--slurm", action="store_true", help="paper preset: write the config list and submit an array")
-    ap.add_argument("--collect", action="store_true", help="skip training: attack and report the runs in OUT")
-    ap.add_argument("--mpirun", default=str(Path(sys.executable).with_name("mpirun")))
-    args = ap.parse_args()
-    report = args.report or args.out / "report"
+def copy_records(run_dir: Path, records: Path) -> None:
+    dest = records / run_dir.name
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in RECORDS:
+        if (run_dir / name).exists():
+            shutil.copy2(run_dir / name, dest / name)
+
+
+def train_cmd(args, base: Path, run: Run, out: Path) -> list[str]:
+    cfg = load_config(base, [*run.sets, f"run.dir={out}"])
+    prefix = [] if ALGORITHMS[cfg.federation.algorithm].trains_centrally else \
+        [args.mpirun, "-n", str(cfg.federation.learners + 1)]
+    cmd = [*prefix, sys.executable, "-m", "fedmpi", "train", "--config", str(base), "--resume"]
+    for s in [*run.sets, f"run.dir={out}"]:
+        cmd += ["--set", s]
+    return cmd
+
+
+def run_study(args) -> int:
+    spec_path = Path(args.study)
+    spec = yaml.safe_load(spec_path.read_text())
+    base = (ROOT / spec["base"]).resolve()
+    out = Path(args.out or spec["out"]).resolve()
+    records = (ROOT / spec["records"]).resolve()
+    runs = study_runs(spec)
     began = time.time()
+    for i, run in enumerate(runs, 1):
+        cfg = load_config(base, [*run.sets, f"run.dir={out}"])
+        status = state(out / run.name, cfg)
+        if args.list:
+            print(f"{i:3d}/{len(runs)} {status:9s} {run.name}")
+            continue
+        if status != "finished":
+            t0 = time.time()
+            print(f"sweep: [{i}/{len(runs)}] {run.name} ({status})", flush=True)
+            call(train_cmd(args, base, run, out), out / "logs" / f"{run.name}.log")
+            print(f"sweep: {run.name} done in {(time.time() - t0) / 60:.1f} min", flush=True)
+        copy_records(out / run.name, records)
+    if args.list:
+        return 0
+    for run in runs:
+        if run.attack is None or args.no_attack:
+            continue
+        run_dir = out / run.name
+        attack = run_dir / "attack.json"
+        if not attack.exists() or attack.stat().st_mtime < (run_dir / "model.npz").stat().st_mtime:
+            call([sys.executable, "-m", "fedmpi", "attack", "--run", str(run_dir), *run.attack],
+                 out / "logs" / f"{run.name}.attack.log")
+        copy_records(run_dir, records)
+    report = Path(args.report or spec.get("report", out / "report"))
+    call([sys.executable, "-m", "fedmpi", "report", str(records), "--out", str(ROOT / report)])
+    print(f"sweep: study done in {(time.time() - began) / 60:.1f} minutes; report in {report}")
+    return 0
+
+
+def run_paper(args) -> int:
+    out = Path(args.out or f"runs/paper-{args.paper}")
+    chosen = [(name, cfg) for family, name, cfg in configs() if family == args.paper]
     if args.slurm:
-        listing = args.out / "configs.txt"
-        args.out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
         paths = []
-        for name, cfg in configs():
-            cfg["run"]["dir"] = str(args.out)
-            path = args.out / "configs" / f"{name}.yaml"
+        for name, cfg in chosen:
+            cfg["run"]["dir"] = str(out)
+            path = out / "configs" / f"{name}.yaml"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(yaml.safe_dump(cfg, sort_keys=False))
             paths.append(str(path))
+        listing = out / "configs.txt"
         listing.write_text("\n".join(paths) + "\n")
-        run(["sbatch", f"--array=1-{len(paths)}", str(HERE / "sweep.slurm"), str(listing)])
-        print(f"submitted {len(paths)} runs; when they are done: python jobs/sweep.py --collect --out {args.out}")
+        call(["sbatch", f"--array=1-{len(paths)}", str(HERE / "sweep.slurm"), str(listing)])
+        print(f"submitted {len(paths)} runs; when they are done: python jobs/sweep.py --paper {args.paper} "
+              f"--collect --out {out}")
         return 0
     if not args.collect:
-        if args.preset == "cpu":
-            for name, learners, sets in cpu_runs(args.out):
-                cmd = [args.mpirun, "-n", str(learners + 1), sys.executable, "-m", "fedmpi", "train",
-                       "--config", str(HERE / "configs" / "study-cpu.yaml"), "--overwrite"]
-                for s in sets:
-                    cmd += ["--set", s]
-                run(cmd)
-        else:
-            for name, cfg in configs():
-                learners = cfg["federation"]["learners"]
-                run([args.mpirun, "-n", str(learners + 1), sys.executable, "-m", "fedmpi", "train", "--config",
-                     str(HERE / "configs" / "paper" / f"{name}.yaml"), "--set", f"run.dir={args.out}", "--overwrite"])
-    for summary in sorted(args.out.glob("*/summary.json")):
-        run([sys.executable, "-m", "fedmpi", "attack", "--run", str(summary.parent)])
-    run([sys.executable, "-m", "fedmpi", "report", str(args.out), "--out", str(report)])
-    print(f"study done in {(time.time() - began) / 60:.1f} minutes; report in {report}")
+        for name, cfg in chosen:
+            learners = cfg["federation"]["learners"]
+            call([args.mpirun, "-n", str(learners + 1), sys.executable, "-m", "fedmpi", "train", "--config",
+                  str(HERE / "configs" / "paper" / args.paper / f"{name}.yaml"), "--set", f"run.dir={out}",
+                  "--resume"])
+    for summary in sorted(out.glob("*/summary.json")):
+        call([sys.executable, "-m", "fedmpi", "attack", "--run", str(summary.parent)])
+    call([sys.executable, "-m", "fedmpi", "report", str(out), "--out", str(args.report or out / "report")])
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("study", nargs="?", help="study file (jobs/studies/*.yaml)")
+    ap.add_argument("--paper", choices=sorted(FAMILIES), help="run the paper configs of this family instead")
+    ap.add_argument("--out", help="parent directory of the runs (default: the study's `out`)")
+    ap.add_argument("--report", help="write the report here (default: the study's `report`)")
+    ap.add_argument("--list", action="store_true", help="list the study's runs and their state; run nothing")
+    ap.add_argument("--no-attack", action="store_true", help="train only")
+    ap.add_argument("--slurm", action="store_true", help="--paper: write the config list and submit an array")
+    ap.add_argument("--collect", action="store_true", help="--paper: skip training; attack and report")
+    ap.add_argument("--mpirun", default=str(Path(sys.executable).with_name("mpirun")))
+    args = ap.parse_args(argv)
+    if bool(args.study) == bool(args.paper):
+        ap.error("give a study file or --paper FAMILY")
+    return run_paper(args) if args.paper else run_study(args)
 
 
 if __name__ == "__main__":
