@@ -126,7 +126,7 @@ def run_study(args) -> int:
     spec = yaml.safe_load(spec_path.read_text())
     base = (ROOT / spec["base"]).resolve()
     out = Path(args.out or spec["out"]).resolve()
-    records = (ROOT / spec["records"]).resolve()
+    records = Path(args.records).resolve() if args.records else (ROOT / spec["records"]).resolve()
     runs = study_runs(spec)
     began = time.time()
     for i, run in enumerate(runs, 1):
@@ -152,8 +152,8 @@ def run_study(args) -> int:
             call([sys.executable, "-m", "fedmpi", "attack", "--run", str(run_dir), *run.attack],
                  out / "logs" / f"{run.name}.attack.log")
         copy_records(run_dir, records)
-    report = Path(args.report or spec.get("report", out / "report"))
-    call([sys.executable, "-m", "fedmpi", "report", str(records), "--out", str(ROOT / report)])
+    report = Path(args.report).resolve() if args.report else ROOT / spec.get("report", out / "report")
+    call([sys.executable, "-m", "fedmpi", "report", str(records), "--out", str(report)])
     print(f"sweep: study done in {(time.time() - began) / 60:.1f} minutes; report in {report}")
     return 0
 
@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--paper", choices=sorted(FAMILIES), help="run the paper configs of this family instead")
     ap.add_argument("--out", help="parent directory of the runs (default: the study's `out`)")
     ap.add_argument("--report", help="write the report here (default: the study's `report`)")
+    ap.add_argument("--records", help="copy the runs' records here (default: the study's `records`)")
     ap.add_argument("--list", action="store_true", help="list the study's runs and their state; run nothing")
     ap.add_argument("--no-attack", action="store_true", help="train only")
     ap.add_argument("--slurm", action="store_true", help="--paper: write the config list and submit an array")
