@@ -5,10 +5,9 @@ Sums are accumulated in float64 and the merged model is returned as float32.
 """
 from __future__ import annotations
 
-import math
-import numbers
-
 import numpy as np
+
+from .checks import bool_vector, integer, positive
 
 RULES = ("reference", "kept")
 
@@ -41,9 +40,7 @@ def majority_quorum(k: int) -> int:
     K = 2 or 3 one learner suffices, for K = 4 two). The ``max(1, .)`` stops a position
     that nobody kept from surviving when K == 1.
     """
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"number of learners must be an integer >= 1, got {k!r}")
-    return max(1, int(k) // 2)
+    return max(1, integer("number of learners", k, 1) // 2)
 
 
 class MajorityVote:
@@ -56,8 +53,7 @@ class MajorityVote:
     """
 
     def __init__(self, n: int, rule: str = "reference") -> None:
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
-            raise ValueError(f"n must be a non-negative integer, got {n!r}")
+        integer("n", n, 0)
         if rule not in RULES:
             raise ValueError(f"unknown majority-vote rule {rule!r}; expected one of {RULES}")
         self.n = int(n)
@@ -76,11 +72,8 @@ class MajorityVote:
             raise ValueError(f"values must have shape ({self.n},), got {values.shape}")
         if values.dtype.kind not in "iuf":
             raise TypeError(f"values must have a real numeric dtype, got {values.dtype}")
-        if mask.dtype != np.bool_ or mask.shape != (self.n,):
-            raise ValueError(f"mask must be bool of shape ({self.n},), got {mask.dtype} {mask.shape}")
-        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) \
-                or not math.isfinite(weight) or weight <= 0:
-            raise ValueError(f"weight must be a finite number > 0 (a sample count), got {weight!r}")
+        bool_vector(mask, self.n, ValueError)
+        positive("weight", weight, " (a sample count)")
         if self.k == np.iinfo(np.int32).max:
             raise ValueError("too many learners for an int32 vote count")
         w = float(weight)

@@ -1,5 +1,6 @@
-"""What each algorithm does, in one table: where pruning happens, how positions are chosen, and
-on which schedule. The server and learner loops read this instead of branching on names."""
+"""What each algorithm does, in one table: where pruning happens, how positions are chosen, how the
+target sparsity moves, and whether a fixed mask is scored before training. The server and learner
+loops, the configuration, the sweep and the report read these facts; nothing branches on a name."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,18 +18,34 @@ class Algorithm:
     prune_at: str  # "server" (after aggregation), "learner" (after local training), "start" (fixed mask) or "never"
     selector: str = "magnitude"  # "magnitude" or "random"
     sparsity: str = "progressive"  # how s_t moves: "progressive" (federation.schedule), "oneshot", "fixed", "none"
+    start_mask: str = ""  # "snip": learner 1 scores the initial model on its data and the mask is fixed
     trains_centrally: bool = False  # one process on the pooled data, no federation
 
+    @property
+    def shared_mask(self) -> bool:
+        """Learners train inside the global mask and send values in it (summed by Reduce); otherwise each
+        learner prunes its own model and sends it encoded (merged by majority vote)."""
+        return self.prune_at != "learner"
 
+    @property
+    def dense(self) -> bool:
+        """Never pruned: no target sparsity applies."""
+        return self.sparsity == "none"
+
+
+# Table order is the order of reports and listings.
 ALGORITHMS = {
+    "centralized": Algorithm("centralized", "never", sparsity="none", trains_centrally=True),
     "fedavg": Algorithm("fedavg", "never", sparsity="none"),
     "fedsparsify-global": Algorithm("fedsparsify-global", "server"),
     "fedsparsify-local": Algorithm("fedsparsify-local", "learner"),
     "oneshot": Algorithm("oneshot", "server", sparsity="oneshot"),
     "random": Algorithm("random", "server", selector="random"),
-    "snip": Algorithm("snip", "start", sparsity="fixed"),
-    "centralized": Algorithm("centralized", "never", sparsity="none", trains_centrally=True),
+    "snip": Algorithm("snip", "start", sparsity="fixed", start_mask="snip"),
 }
+
+# The dense federation every other algorithm is compared with (bytes, paired MAE differences).
+BASELINE = "fedavg"
 
 
 if TYPE_CHECKING:

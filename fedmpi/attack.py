@@ -24,14 +24,14 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
-from .runlog import atomic_write, read_json
+from .config import DEVICES
+from .errors import AttackError, is_user_error
+from .files import atomic_write
+from .runlog import read_json
 
 FPRS = (("tpr_at_1pct_fpr", 0.01), ("tpr_at_0.1pct_fpr", 0.001))
 KINDS = ("black_box", "white_box")
 
-
-class AttackError(RuntimeError):
-    """The run directory or data cannot support an attack (missing files, too few subjects)."""
 
 
 # ---------------------------------------------------------------- metrics (pure numpy)
@@ -274,8 +274,11 @@ def sample_features(model: torch.nn.Module, dataset: Dataset, device=None, batch
 # ---------------------------------------------------------------- run directory
 
 def member_files(cfg, data_dir: Path) -> list[Path]:
-    """The learner files the run trained on: learner_1..N for a federation, all of them for centralized."""
-    if cfg.federation.algorithm == "centralized":
+    """The learner files the run trained on: learner_1..N for a federation, all of them when it trained
+    centrally."""
+    from .algorithms import algorithm
+
+    if algorithm(cfg).trains_centrally:
         files = sorted(data_dir.glob("learner_*.h5"))
         if not files:
             raise AttackError(f"{data_dir}: no learner_<k>.h5 files")
@@ -291,8 +294,7 @@ def load_run_model(run_dir: Path):
     """(model with the saved global parameters, config, final sparsity) of a finished run."""
     from .checkpoint import load_model
     from .config import config_from_dict
-    from .model import load_flat_parameters
-    from .server import build_model
+    from .model import build_model, load_flat_parameters
 
     values, mask, meta = load_model(run_dir / "model.npz")
     cfg = config_from_dict(meta["config"])
@@ -357,17 +359,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for subsampling and the train/eval split")
     parser.add_argument("--per-learner", action="store_true",
                         help="also attack each learner's data separately (members = that learner only)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+    parser.add_argument("--device", default="auto", choices=DEVICES,
                         help="where per-sample gradients are computed")
 
 
 def run(args) -> int:
-    from .errors import is_user_error
-
     try:
         result = attack_run(Path(args.run), seed=args.seed, per_learner=args.per_learner, device=args.device)
     except Exception as e:
-        if isinstance(e, AttackError) or is_user_error(e):
+        if is_user_error(e):
             print(f"fedmpi attack: error: {e}", file=sys.stderr)
             return 1
         raise

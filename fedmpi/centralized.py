@@ -10,19 +10,16 @@ import torch
 
 from .algorithms import round_seed
 from .data import VolumeDataset
+from .errors import DataError
 from .learner import train_round
-from .model import flat_parameters, load_flat_parameters
-from .server import Recorder, build_model, print_summary
+from .model import build_model, flat_parameters, load_flat_parameters
+from .recorder import Recorder, print_summary, resume_point, start_state
 from .training import select_device
 
 
-def run_centralized(cfg, data_dir: Path, args) -> int:
-    from .cli import _resume_point, _start_state
-
+def run_centralized(cfg, data_dir: Path, resume: bool, overwrite: bool) -> int:
     files = sorted(Path(data_dir).glob("learner_*.h5"))
     if not files:
-        from .data import DataError
-
         raise DataError(f"{data_dir}: no learner_<k>.h5 files")
     parts = [VolumeDataset(p, cache=cfg.data.cache) for p in files]
     pooled = torch.utils.data.ConcatDataset(parts)
@@ -32,7 +29,7 @@ def run_centralized(cfg, data_dir: Path, args) -> int:
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg, test.shape, float(ages.mean())).to(device)
     rec = Recorder(cfg, model, test, device, float(np.mean(np.abs(test.ages - ages.mean()))), data_dir)
-    state = _start_state(cfg, _resume_point(cfg, args), rec, model)
+    state = start_state(cfg, resume_point(cfg, resume, overwrite), rec, model)
     rec.log.write_config(cfg.to_json())
     began = time.perf_counter()
     for t in range(state.round + 1, cfg.federation.rounds + 1):

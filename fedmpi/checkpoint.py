@@ -18,13 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from . import encoding
-from .runlog import atomic_write
+from .errors import CheckpointError
+from .files import atomic_write
 
 CHECKPOINT = re.compile(r"^round-(\d{6})\.npz$")
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint or model file that cannot be used."""
 
 
 def _digest(arrays: dict[str, np.ndarray]) -> str:

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import yaml
 
+from .aggregation import RULES as MERGE_RULES
 from .algorithms import ALGORITHMS as ALGORITHM_TABLE
+from .errors import ConfigError
 
 ALGORITHMS = tuple(ALGORITHM_TABLE)
 SCHEDULES = ("cubic", "fraction")
-MERGE_RULES = ("reference", "kept")
 DISTRIBUTIONS = ("uniform-iid", "uniform-noniid", "skewed-noniid")
 DEVICES = ("auto", "cpu", "cuda")
 VOXELS = (2, 4, 6)
@@ -26,9 +27,6 @@ def opt(default, help: str):
     """A scalar option with its help text (shown by --help)."""
     return field(default=default, metadata={"help": help})
 
-
-class ConfigError(ValueError):
-    """A configuration problem, reported on rank 0 before training starts."""
 
 
 @dataclass

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from preprocess import convert, h5io, split, synth
-from preprocess.h5io import DataError
+from .errors import DataError
 
 __all__ = ["DataError", "VolumeDataset", "read_header", "synthetic_cohort"]
 

@@ -25,6 +25,9 @@ import struct
 
 import numpy as np
 
+from .checks import bool_vector
+from .errors import EncodingError
+
 MAGIC = b"FSP1"
 LAYOUT_BITMASK = 0
 LAYOUT_INDEX = 1
@@ -43,10 +46,6 @@ DTYPE_CODES = {
     np.dtype(np.float16): 9, np.dtype(np.float32): 10, np.dtype(np.float64): 11,
 }
 _CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
-
-
-class EncodingError(ValueError):
-    """A buffer or an argument that does not follow the sparse-vector format."""
 
 
 def pack_mask(mask: np.ndarray) -> np.ndarray:
@@ -214,10 +213,7 @@ def _check_dtype(dtype) -> np.dtype:
 
 
 def _as_mask(mask: np.ndarray) -> np.ndarray:
-    mask = np.asarray(mask)
-    if mask.dtype != np.bool_ or mask.ndim != 1:
-        raise EncodingError(f"mask must be a 1-D bool array, got {mask.dtype} {mask.shape}")
-    return mask
+    return bool_vector(mask, error=EncodingError)
 
 
 def _as_bytes(buf) -> np.ndarray:

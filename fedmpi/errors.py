@@ -1,16 +1,61 @@
-"""Which exceptions are the user's to fix (shown as one clear line) rather than bugs (traceback too)."""
+"""The errors a user can fix, and the process exit codes.
+
+This module imports nothing from the package (as Horovod's common/exceptions.py), so every module
+can raise these without an import circle. "Is this the user's to fix?" is `is_user_error`: such
+errors are reported as one line naming what is wrong; anything else is a bug and shows a traceback.
+"""
+from __future__ import annotations
+
+EXIT_FAILURE = 1  # an unexpected failure (a bug: a traceback is printed)
+EXIT_USAGE = 2  # bad configuration, command line or input: one line, nothing written
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped at a checkpoint on request; continue with --resume
+EXIT_SIGNAL_BASE = 128  # a process killed by signal N exits 128 + N (shell convention)
+EXIT_INTERRUPTED = EXIT_SIGNAL_BASE + 2  # Ctrl-C
+
+
+class UserError(Exception):
+    """Something the user can fix: a setting, an input file, a missing device, a lost peer."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration problem, reported on rank 0 before training starts."""
+
+
+class DataError(UserError):
+    """A volume file that is missing, damaged or not in the documented layout (names the file)."""
+
+
+class EncodingError(UserError, ValueError):
+    """A sparse-model buffer that does not decode (truncated, inconsistent or hostile)."""
+
+
+class PayloadError(UserError):
+    """A learner sent a model the server refuses; the global model is left untouched."""
+
+
+class DeviceError(UserError):
+    """The requested compute device is not available on this node."""
+
+
+class RoundTimeout(UserError):
+    """A rank waited past its deadline for the others."""
+
+
+class PeerLost(UserError):
+    """A rank on this host has vanished (killed or crashed) while the launcher has not yet ended the job."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint or model file that cannot be used."""
+
+
+class AttackError(UserError):
+    """The run directory or data cannot support a membership attack."""
+
+
+class ReportError(UserError):
+    """A run directory that cannot be reported (missing or unreadable files)."""
 
 
 def is_user_error(exc: BaseException) -> bool:
-    from .attack import AttackError
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .data import DataError
-    from .encoding import EncodingError
-    from .report import ReportError
-    from .server import PayloadError
-    from .training import DeviceError
-    from .wire import PeerLost, RoundTimeout
-
-    return isinstance(exc, (ConfigError, DataError, EncodingError, PayloadError, DeviceError, RoundTimeout, PeerLost,
-                            CheckpointError, AttackError, ReportError, KeyboardInterrupt))
+    return isinstance(exc, (UserError, KeyboardInterrupt))

@@ -14,10 +14,10 @@ from . import encoding, pruning
 from .algorithms import algorithm, prune, round_seed, schedule
 from .config import Config
 from .data import VolumeDataset
-from .model import flat_parameters, load_flat_parameters
-from .server import build_model
+from .messages import REPORT, record
+from .model import build_model, flat_parameters, load_flat_parameters
 from .training import local_train, masks_from_flat, snip_scores
-from .wire import FLAG_MASK, FLAG_STOP, Wire
+from .wire import FLAG_MASK, FLAG_STOP, Transport
 
 
 def train_round(cfg: Config, model, data, seed: int, device, masks=None) -> tuple[dict, float]:
@@ -34,7 +34,7 @@ def train_round(cfg: Config, model, data, seed: int, device, masks=None) -> tupl
 
 
 class Learner:
-    def __init__(self, cfg: Config, wire: Wire, data: VolumeDataset, device: torch.device, weight: float):
+    def __init__(self, cfg: Config, wire: Transport, data: VolumeDataset, device: torch.device, weight: float):
         self.cfg = cfg
         self.wire = wire
         self.data = data
@@ -46,9 +46,9 @@ class Learner:
         self.n = sum(p.numel() for p in self.model.parameters())
         self.mask: np.ndarray | None = None  # the global mask, sent again only when it changes
 
-    def send_snip_mask(self) -> None:
-        """Score the server's initial model on one local batch and send the fixed SNIP mask."""
-        initial = self.wire.recv(np.empty(self.n, np.float32), source=0, what="initial model for SNIP")
+    def send_start_mask(self) -> None:
+        """Score the server's initial model on one local batch (SNIP) and send the mask, fixed from then on."""
+        initial = self.wire.recv(np.empty(self.n, np.float32), source=0, what="initial model for the start mask")
         load_flat_parameters(self.model, initial)
         batch = torch.utils.data.DataLoader(self.data, batch_size=self.cfg.train.batch_size, shuffle=True,
                                             generator=torch.Generator().manual_seed(round_seed(self.cfg.run.seed, 0,
@@ -56,7 +56,7 @@ class Learner:
         x, y = next(iter(batch))
         scores = snip_scores(self.model, x.to(self.device), y.to(self.device))
         mask = pruning.magnitude_mask(scores, self.cfg.federation.target)
-        self.wire.send(encoding.pack_mask(mask), dest=0, what="SNIP mask")
+        self.wire.send(encoding.pack_mask(mask), dest=0, what="start mask")
 
     def run(self) -> None:
         while True:
@@ -75,7 +75,7 @@ class Learner:
         stats, seconds = train_round(self.cfg, self.model, self.data, seed, self.device,
                                      masks_from_flat(self.model, self.mask))
         local = flat_parameters(self.model)
-        if self.algo.prune_at == "learner":
+        if not self.algo.shared_mask:
             s_t = self.schedule(t)
             mask = prune(local, self.mask, s_t, self.algo.selector, seed) if s_t > 0 else self.mask
             payload = encoding.encode(pruning.apply_mask(local, mask), mask)
@@ -84,7 +84,8 @@ class Learner:
             payload = encoding.gather_values(local, self.mask) * self.weight
             send, what = self.wire.reduce_sum, "weighted values"
         finite = bool(np.isfinite(local).all())
-        self.wire.report(np.array([stats["loss"], stats["samples"], seconds, payload.nbytes, finite]))
+        self.wire.report(record(REPORT, loss=stats["loss"], samples=stats["samples"], seconds_train=seconds,
+                                payload_nbytes=payload.nbytes, finite=finite))
         send(payload, what=what)
         if self.cfg.run.verbose:
             print(f"learner {self.wire.rank}: round {t} loss {stats['loss']:.3f} "

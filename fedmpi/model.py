@@ -6,9 +6,14 @@ pruning masks index into.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .config import Config
 
 BLOCK_CHANNELS = (32, 64, 128, 256, 256)
 HEAD_CHANNELS = 64
@@ -129,6 +134,13 @@ class BrainAgeCNN(nn.Module):
         if x.dim() != 5 or x.shape[1] != 1:
             raise ValueError(f"expected input of shape (B, 1, X, Y, Z), got {tuple(x.shape)}")
         return self.output(self.head(self.features(x))).flatten()
+
+
+def build_model(cfg: Config, shape, mean_age: float = 62.68) -> BrainAgeCNN:
+    """The configured model for volumes of `shape`, its output starting at `mean_age`."""
+    m = cfg.model
+    return BrainAgeCNN(input_shape=tuple(shape), width=m.width, pools=m.pools or None, dropout=m.dropout,
+                       mean_age=mean_age, init=m.init, norm_eps=m.norm_eps)
 
 
 def parameter_layout(model: nn.Module) -> list[tuple[str, int, int, tuple]]:

@@ -6,9 +6,9 @@ incoming mask stays False, so sparsity only grows over the rounds (FedSparsify).
 """
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
+
+from .checks import bool_vector, fraction, integer
 
 
 def n_pruned(n: int, sparsity: float) -> int:
@@ -18,10 +18,8 @@ def n_pruned(n: int, sparsity: float) -> int:
     round-half-to-even for exact halves (0.5 * 3 -> 2). Rounding (rather than floor)
     keeps the achieved sparsity within 0.5/n of the target.
     """
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
-        raise ValueError(f"n must be a non-negative integer, got {n!r}")
-    _check_sparsity(sparsity)
-    return int(round(float(sparsity) * int(n)))
+    n = integer("n", n, 0)
+    return int(round(fraction("sparsity", sparsity) * n))
 
 
 def magnitude_mask(values: np.ndarray, sparsity: float, mask: np.ndarray | None = None) -> np.ndarray:
@@ -92,11 +90,6 @@ def sparsity(values: np.ndarray) -> float:
     return (values.size - np.count_nonzero(values)) / values.size
 
 
-def _check_sparsity(s: float) -> None:
-    if isinstance(s, bool) or not isinstance(s, numbers.Real) or not 0.0 <= float(s) <= 1.0:
-        raise ValueError(f"sparsity must be a number in [0, 1], got {s!r}")
-
-
 def _as_flat_real(values: np.ndarray, name: str) -> np.ndarray:
     values = np.asarray(values)
     if values.ndim != 1:
@@ -108,11 +101,4 @@ def _as_flat_real(values: np.ndarray, name: str) -> np.ndarray:
 
 def _as_mask(mask: np.ndarray | None, n: int) -> np.ndarray:
     """A fresh bool mask of length ``n`` (all kept when ``mask`` is None)."""
-    if mask is None:
-        return np.ones(n, dtype=bool)
-    mask = np.asarray(mask)
-    if mask.dtype != np.bool_:
-        raise TypeError(f"mask must have dtype bool, got {mask.dtype}")
-    if mask.shape != (n,):
-        raise ValueError(f"mask shape {mask.shape} does not match values length {n}")
-    return mask.copy()
+    return np.ones(n, dtype=bool) if mask is None else bool_vector(mask, n).copy()

@@ -17,18 +17,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .runlog import RunLog, atomic_write, read_json
+from .algorithms import ALGORITHMS, BASELINE
+from .errors import ReportError, is_user_error
+from .files import atomic_write
+from .runlog import RunLog, read_json
 
 COLUMNS = ("run", "algorithm", "distribution", "target", "final_mae", "final_rmse", "final_r", "sparsity",
            "total_bytes", "bytes_ratio_vs_fedavg", "wall_seconds", "mia_auc")
-DENSE = ("fedavg", "centralized")  # algorithms without a target sparsity
-ALGORITHM_ORDER = ("centralized", "fedavg", "fedsparsify-global", "fedsparsify-local", "oneshot", "random", "snip")
+ALGORITHM_ORDER = tuple(ALGORITHMS)
 LINESTYLES = ("-", "--", "-.", ":")
 SLICE_VIEWS = ("axial", "coronal", "sagittal")
 
-
-class ReportError(RuntimeError):
-    """A run directory that cannot be reported (missing or unreadable files)."""
 
 
 @dataclass
@@ -46,7 +45,7 @@ class Run:
 
     @property
     def target(self) -> float | None:
-        if self.algorithm in DENSE:
+        if self.algorithm not in ALGORITHMS or ALGORITHMS[self.algorithm].dense:
             return None
         return self.summary.get("target_sparsity", self.config.get("federation", {}).get("target"))
 
@@ -136,7 +135,7 @@ def results_rows(runs: list[Run]) -> list[dict]:
     fedavg: dict[str, int] = {}
     for run in sorted(runs, key=lambda r: r.name):
         b = total_bytes(run.summary)
-        if run.algorithm == "fedavg" and b and run.distribution not in fedavg:
+        if run.algorithm == BASELINE and b and run.distribution not in fedavg:
             fedavg[run.distribution] = b
     rows = []
     for run in sorted(runs, key=_sort_key):
@@ -377,12 +376,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from .errors import is_user_error
-
     try:
         rows, written = write_report([Path(p) for p in args.runs], Path(args.out))
     except Exception as e:
-        if isinstance(e, ReportError) or is_user_error(e):
+        if is_user_error(e):
             print(f"fedmpi report: error: {e}", file=sys.stderr)
             return 1
         raise

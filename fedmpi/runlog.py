@@ -9,26 +9,7 @@ import json
 import os
 from pathlib import Path
 
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write, fsync, rename: readers see the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from .files import atomic_write
 
 
 def read_json(path: Path, error: type[Exception]) -> dict:

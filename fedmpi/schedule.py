@@ -5,9 +5,9 @@ and means the initial model, so ``is_pruning_round(1)`` can compare round 1 with
 """
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
+
+from .checks import fraction, integer, positive
 
 
 class _Schedule:
@@ -48,16 +48,14 @@ class CubicSchedule(_Schedule):
     exponent: float = 3.0
 
     def __post_init__(self) -> None:
-        _check_fraction("final", self.final)
-        _check_fraction("initial", self.initial)
+        fraction("final", self.final)
+        fraction("initial", self.initial)
         if self.initial > self.final:
             raise ValueError(f"initial ({self.initial}) must not exceed final ({self.final})")
-        _check_int("start", self.start, 1)
-        _check_int("end", self.end, self.start + 1)
-        _check_int("frequency", self.frequency, 1)
-        if isinstance(self.exponent, bool) or not isinstance(self.exponent, numbers.Real) \
-                or not math.isfinite(self.exponent) or self.exponent <= 0:
-            raise ValueError(f"exponent must be a finite number > 0, got {self.exponent!r}")
+        integer("start", self.start, 1)
+        integer("end", self.end, self.start + 1)
+        integer("frequency", self.frequency, 1)
+        positive("exponent", self.exponent)
 
     def _value(self, t: int) -> float:
         if t >= self.end:
@@ -85,13 +83,13 @@ class FractionSchedule(_Schedule):
     final: float | None = None
 
     def __post_init__(self) -> None:
-        _check_fraction("fraction", self.fraction)
+        fraction("fraction", self.fraction)
         if self.fraction == 0:
             raise ValueError("fraction must be > 0 (a schedule that never prunes is ConstantSchedule(0.0))")
-        _check_int("frequency", self.frequency, 1)
-        _check_int("start", self.start, 1)
+        integer("frequency", self.frequency, 1)
+        integer("start", self.start, 1)
         if self.final is not None:
-            _check_fraction("final", self.final)
+            fraction("final", self.final)
 
     def _value(self, t: int) -> float:
         k = t // self.frequency - (self.start - 1) // self.frequency  # multiples of f in [start, t]
@@ -109,8 +107,8 @@ class OneShotSchedule(_Schedule):
     round: int = 1
 
     def __post_init__(self) -> None:
-        _check_fraction("final", self.final)
-        _check_int("round", self.round, 1)
+        fraction("final", self.final)
+        integer("round", self.round, 1)
 
     def _value(self, t: int) -> float:
         return float(self.final) if t >= self.round else 0.0
@@ -126,23 +124,11 @@ class ConstantSchedule(_Schedule):
     value: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_fraction("value", self.value)
+        fraction("value", self.value)
 
     def _value(self, t: int) -> float:
         return float(self.value)
 
 
 def _check_round(t: int) -> int:
-    if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0:
-        raise ValueError(f"round t must be an integer >= 0 (rounds count from 1), got {t!r}")
-    return int(t)
-
-
-def _check_int(name: str, value: int, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_fraction(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return integer("round t (rounds count from 1)", t, 0)

@@ -9,20 +9,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedmpi.config import DEVICES
+from fedmpi.errors import DeviceError
 from fedmpi.metrics import regression_metrics
 from fedmpi.model import parameter_layout
 
-DEVICE_PREFERENCES = ("auto", "cpu", "cuda")
 
-
-class DeviceError(RuntimeError):
-    """The requested compute device is not available on this node."""
 
 
 def select_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
     """Pick this process's device; with several GPUs, ranks on a node spread over them."""
-    if preference not in DEVICE_PREFERENCES:
-        raise ValueError(f"device must be one of {DEVICE_PREFERENCES}, got {preference!r}")
+    if preference not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {preference!r}")
     if preference == "cpu":
         return torch.device("cpu")
     if torch.cuda.is_available() and torch.cuda.device_count() > 0:
@@ -38,6 +36,13 @@ def select_device(preference: str = "auto", local_rank: int = 0) -> torch.device
 
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def _place(model: nn.Module, device) -> torch.device:
+    """The device to run on (the model's own when None), with the model moved there."""
+    device = _model_device(model) if device is None else torch.device(device)
+    model.to(device)
+    return device
 
 
 def masks_from_flat(model: nn.Module, mask: np.ndarray | None) -> list[torch.Tensor] | None:
@@ -96,10 +101,7 @@ def local_train(
         raise ValueError(f"lr must be > 0, got {lr}")
     if prox_mu < 0:
         raise ValueError(f"prox_mu must be >= 0, got {prox_mu}")
-    if device is None:
-        device = _model_device(model)
-    device = torch.device(device)
-    model.to(device)
+    device = _place(model, device)
     params = list(model.parameters())
     if masks is not None:
         masks = _check_masks(params, masks, device)
@@ -141,10 +143,7 @@ def local_train(
 
 def predict(model: nn.Module, loader, device=None) -> tuple[np.ndarray, np.ndarray]:
     """(predictions, true ages) over `loader` in eval mode; the model's train/eval mode is restored."""
-    if device is None:
-        device = _model_device(model)
-    device = torch.device(device)
-    model.to(device)
+    device = _place(model, device)
     was_training = model.training
     model.eval()
     preds, ages = [], []
@@ -198,10 +197,7 @@ def per_sample_features(model: nn.Module, loader, device=None) -> dict[str, np.n
     "pred", "abs_error", "loss" (squared error) of shape (N,), and "grad_norm" (N, L): the L2
     norm of each sample's loss gradient for each of the L parameter tensors (layout order).
     """
-    if device is None:
-        device = _model_device(model)
-    device = torch.device(device)
-    model.to(device)
+    device = _place(model, device)
     params = list(model.parameters())
     was_training = model.training
     model.eval()

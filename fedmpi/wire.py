@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Protocol
 
 import numpy as np
 from mpi4py import MPI
 
+from .errors import PeerLost, RoundTimeout
 from .sentinel import role
 
 SERVER = 0
@@ -32,12 +34,26 @@ FLAG_STOP = 2  # no more rounds: learners leave their loop
 FLAG_PREEMPTED = 4  # stopping early because the server was asked to (SIGTERM/SIGUSR1)
 
 
-class RoundTimeout(RuntimeError):
-    """The server waited longer than the round deadline."""
 
 
-class PeerLost(RuntimeError):
-    """A rank on this host has vanished (killed or crashed) while the launcher has not yet ended the job."""
+class Transport(Protocol):
+    """What the server and learner loops need from the transport; `Wire` is the MPI one, and the tests
+    drive the loops with in-process stand-ins of the same shape."""
+
+    rank: int
+    deadline: float | None
+
+    @property
+    def learners(self) -> int: ...
+    def reset_counters(self) -> tuple[int, int]: ...
+    def send_model(self, round_: int, payload: np.ndarray, nnz: int, flags: int) -> None: ...
+    def recv_model(self) -> tuple[int, int, int, np.ndarray]: ...
+    def report(self, values: np.ndarray) -> None: ...
+    def collect_reports(self, width: int) -> np.ndarray: ...
+    def reduce_sum(self, buf: np.ndarray, what: str = ...) -> np.ndarray | None: ...
+    def gatherv(self, buf: np.ndarray | None, what: str = ...) -> list[np.ndarray] | None: ...
+    def send(self, buf: np.ndarray, dest: int, what: str = ...) -> None: ...
+    def recv(self, buf: np.ndarray, source: int, what: str = ...) -> np.ndarray: ...
 
 
 class Wire:

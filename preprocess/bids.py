@@ -10,13 +10,14 @@ import dataclasses
 import math
 from pathlib import Path
 
+from fedmpi.errors import UserError
 from preprocess.nifti import IMAGE_SUFFIXES
 
 REQUIRED_COLUMNS = ("participant_id", "age")
 MISSING = {"", "n/a", "na", "nan", "none", "null"}
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """The dataset as a whole cannot be read (no directory, no or malformed participants.tsv)."""
 
 

@@ -17,10 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+from fedmpi.errors import UserError
+from fedmpi.files import atomic_path
 from preprocess import bids, grid, h5io, nifti, parallel
 
 
-class BadInput(ValueError):
+class BadInput(UserError, ValueError):
     """Some subjects cannot be used; `bad` maps subject -> reason."""
 
     def __init__(self, message: str, bad: dict[str, str]):
@@ -144,7 +146,7 @@ def convert(bids_dir, out, *, voxel: int = 4, dtype: str = "float16", workers: i
     attrs["skipped"] = json.dumps(bad, sort_keys=True)
     h5io.write_volumes(out, (np.load(parts[e.participant_id]) for e in good), table, attrs, dtype)
     if bad:
-        with h5io.atomic_path(report) as tmp:
+        with atomic_path(report) as tmp:
             tmp.write_text("participant_id\treason\n"
                            + "".join(f"{p}\t{r}\n" for p, r in sorted(bad.items())))
     elif report.exists():

@@ -11,11 +11,8 @@ target for 2 mm float16 on one core) and every HDF5 reader has it, unlike lzf.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
-import os
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Iterable
@@ -23,37 +20,13 @@ from typing import Iterable
 import h5py
 import numpy as np
 
+from fedmpi.errors import DataError
+from fedmpi.files import atomic_path
+
 FORMAT = "fedmpi-volumes/1"
 DATASETS = ("images", "age", "subject_id", "sex", "site")
 DTYPES = {"float16": np.float16, "float32": np.float32}
 GZIP_LEVEL = 1
-
-
-class DataError(RuntimeError):
-    """A volume file that is missing, unreadable, truncated or not in this format."""
-
-
-def umask_mode(directory: bool = False) -> int:
-    """Permissions a plain open()/mkdir() would give (tempfile's are private: 0600/0700)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return (0o777 if directory else 0o666) & ~mask
-
-
-@contextlib.contextmanager
-def atomic_path(path, suffix: str = ""):
-    """Yield a temp path beside `path`; rename it onto `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, umask_mode())
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def base_attrs(voxel: int, shape, affine, params: dict, fingerprint: str) -> dict:

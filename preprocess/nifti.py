@@ -13,6 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from fedmpi.errors import UserError
 from preprocess import grid
 
 # Suffixes nibabel reads for us, longest first so ".nii.gz" wins over ".gz".
@@ -20,7 +21,7 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".hdr")
 MIN_MASK_COVERAGE = 0.5
 
 
-class BadImage(ValueError):
+class BadImage(UserError, ValueError):
     """An input image that cannot be used; the message is the human-readable reason."""
 
 

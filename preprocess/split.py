@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedmpi.errors import UserError
+from fedmpi.files import umask_mode
 from preprocess import h5io
 
 DISTRIBUTIONS = ("uniform-iid", "uniform-noniid", "skewed-noniid")
@@ -31,7 +33,7 @@ SKEW = 1.35
 JITTER = 0.05
 
 
-class SplitError(ValueError):
+class SplitError(UserError, ValueError):
     """The requested split is impossible for these subjects or parameters."""
 
 
@@ -156,7 +158,7 @@ def write_split(h5, out, *, learners: int = 8, distribution: str = "uniform-iid"
             "test_fraction": test_fraction, "age_bins": N_BINS, "source": str(h5.resolve())}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, h5io.umask_mode(directory=True))
+    os.chmod(tmp, umask_mode(directory=True))
     try:
         summary = dict(meta, test=dict(_stats(ages[test]), file="test.h5"), per_learner=[])
         h5io.copy_rows(h5, tmp / "test.h5", test, {"split": json.dumps(dict(meta, role="test"))})

@@ -28,7 +28,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from preprocess import grid, h5io, parallel
+from fedmpi.files import umask_mode
+from preprocess import grid, parallel
 
 INTERNAL_MM = 1.5
 # World-space box (mm) that every site's field of view covers: the brain plus a 15 mm shell.
@@ -313,7 +314,7 @@ def write_cohort(out, subjects: int, seed: int = 0, workers: int | None = None,
     anat = anatomy()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, h5io.umask_mode(directory=True))
+    os.chmod(tmp, umask_mode(directory=True))
     try:
         _render_all(people, anat, tmp, workers, progress)
         with open(tmp / "participants.tsv", "w") as f:

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fedmpi.data import DataError, VolumeDataset, read_header, synthetic_cohort
+from fedmpi.errors import UserError
 from preprocess import h5io
 
 
@@ -71,7 +72,7 @@ def test_bad_files_raise_data_error_naming_the_file(cohort, tmp_path):
         f["images"] = np.zeros((2, 3, 3, 3), np.float16)
     with pytest.raises(DataError, match="partial.h5 lacks dataset"):
         VolumeDataset(tmp_path / "partial.h5")
-    assert issubclass(DataError, RuntimeError) and DataError is h5io.DataError
+    assert issubclass(DataError, UserError) and DataError is h5io.DataError
 
 
 def test_damaged_chunk_raises_data_error(cohort, tmp_path):

@@ -1,0 +1,44 @@
+"""The fixed-layout records ranks exchange besides models, declared once.
+
+Each is a numpy structured dtype of float64 fields, so it travels as a plain float64 buffer through
+the wire (no pickling) and is read back by field name. Text (error messages, host names) travels in
+fixed-width uint8 rows.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+# A learner's end-of-round report: mean train loss, samples, seconds of local training, bytes it is
+# about to hand to MPI for its model, and whether its values are all finite.
+REPORT = np.dtype([(name, np.float64) for name in ("loss", "samples", "seconds_train", "payload_nbytes", "finite")])
+
+# What each rank found in its preflight: its data file's sample count, mean age and volume shape.
+PREFLIGHT = np.dtype([(name, np.float64) for name in ("samples", "mean_age", "x", "y", "z")])
+
+
+def record(dtype: np.dtype, **values: float) -> np.ndarray:
+    """One record of `dtype` as the float64 buffer the wire carries; every field must be given."""
+    missing = set(dtype.names) - set(values)
+    if missing or set(values) - set(dtype.names):
+        raise ValueError(f"record needs exactly the fields {dtype.names}, got {sorted(values)}")
+    rec = np.zeros(1, dtype)
+    for name, value in values.items():
+        rec[name] = value
+    return rec.view(np.float64)
+
+
+def records(buffer: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Rows of float64 (K, fields) as K records readable by field name."""
+    return np.ascontiguousarray(buffer, dtype=np.float64).reshape(-1, len(dtype.names)).view(dtype).reshape(-1)
+
+
+def text_row(text: str, width: int) -> np.ndarray:
+    """Text in a fixed-width uint8 buffer (cut to fit, zero-padded), for fixed-size gathers."""
+    row = np.zeros(width, np.uint8)
+    raw = text.encode()[:width]
+    row[: len(raw)] = np.frombuffer(raw, np.uint8)
+    return row
+
+
+def row_text(row: np.ndarray) -> str:
+    return bytes(row).rstrip(b"\0").decode(errors="replace")

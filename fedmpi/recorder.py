@@ -1,0 +1,187 @@
+"""Run records shared by the federation server and the centralized baseline: the training state,
+evaluation, metrics.jsonl, checkpoints, the summary, and where a run starts (fresh or resumed).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from . import pruning
+from .checkpoint import Checkpoints, save_model
+from .errors import ConfigError
+from .metrics import regression_metrics
+from .model import BrainAgeCNN, flat_parameters, layer_sparsity, load_flat_parameters
+from .files import atomic_write
+from .runlog import RunLog
+from .training import predict
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .data import VolumeDataset
+
+
+@dataclass
+class State:
+    round: int  # last completed round
+    values: np.ndarray  # flat float32 global model
+    mask: np.ndarray  # flat bool global mask (True = kept)
+
+
+def initial_state(model: BrainAgeCNN) -> State:
+    values = flat_parameters(model)
+    return State(0, values, np.ones(values.size, dtype=bool))
+
+
+class Recorder:
+    """Evaluation, metrics.jsonl, checkpoints and the per-round progress line, shared by the
+    federated server and the centralized baseline."""
+
+    def __init__(self, cfg: Config, model: BrainAgeCNN, test: VolumeDataset, device, baseline_mae: float,
+                 data_dir):
+        self.cfg = cfg
+        self.test = test
+        self.data_dir = str(data_dir)
+        self.model = model
+        self.device = device
+        self.loader = torch.utils.data.DataLoader(test, batch_size=cfg.eval.batch_size, shuffle=False,
+                                                  num_workers=cfg.data.workers)
+        self.baseline_mae = baseline_mae
+        self.log = RunLog(cfg.run_dir)
+        self.checkpoints = Checkpoints(cfg.run_dir / "checkpoints", keep=cfg.run.keep_checkpoints)
+        self.last_eval: dict = {}
+        self.last_eval_round = -1
+        self.last_predictions = np.zeros(0, np.float32)
+
+    def evaluate(self, state: State) -> dict:
+        """Test metrics of the model loaded from state (remembered, with its predictions, for the summary)."""
+        load_flat_parameters(self.model, state.values)
+        self.last_predictions, ages = predict(self.model, self.loader, self.device)
+        self.last_eval = dict(regression_metrics(self.last_predictions, ages), n=int(ages.size))
+        self.last_eval_round = state.round
+        return self.last_eval
+
+    def write_predictions(self) -> None:
+        """The final model's prediction for every test subject: paired comparisons between runs need them."""
+        lines = ["subject_id,age,predicted\n"]
+        lines += [f"{sid},{age:.2f},{pred:.4f}\n"
+                  for sid, age, pred in zip(self.test.subject_ids, self.test.ages, self.last_predictions)]
+        atomic_write(self.cfg.run_dir / "test_predictions.csv", "".join(lines).encode())
+
+    def record(self, state: State, row: dict, evaluate_now: bool) -> dict:
+        t0 = time.perf_counter()
+        if evaluate_now:
+            scores = self.evaluate(state)
+        else:
+            scores = {}
+            load_flat_parameters(self.model, state.values)
+        row["seconds_eval"] = time.perf_counter() - t0
+        row.update(round=state.round, sparsity=pruning.sparsity(state.values),
+                   layer_sparsity=layer_sparsity(self.model),
+                   test_mae=scores.get("mae"), test_rmse=scores.get("rmse"), test_r=scores.get("r"))
+        self.log.append(row)
+        every = self.cfg.run.checkpoint_every
+        if every and (state.round % every == 0 or state.round == self.cfg.federation.rounds):
+            self.checkpoint(state)
+        self.progress(row)
+        return row
+
+    def checkpoint(self, state: State) -> None:
+        self.checkpoints.save(state.round, state.values, state.mask, {"config": resume_key(self.cfg)})
+
+    def progress(self, row: dict) -> None:
+        mae = "" if row["test_mae"] is None else f" MAE {row['test_mae']:.2f} (mean baseline {self.baseline_mae:.2f})"
+        print(f"round {row['round']:3d}/{self.cfg.federation.rounds} sparsity {row['sparsity']:.3f}{mae}"
+              f" | up {row['bytes_up'] / 1e6:.2f} MB down {row['bytes_down'] / 1e6:.2f} MB"
+              f" | train {row['seconds_train']:.1f}s comm {row['seconds_comm']:.1f}s"
+              f" agg {row['seconds_aggregate']:.2f}s eval {row['seconds_eval']:.1f}s", flush=True)
+
+    def finish(self, state: State, seconds: float, preempted: bool = False) -> dict:
+        model_path = self.cfg.run_dir / "model.npz"
+        model_bytes = save_model(model_path, state.values, state.mask, {
+            "input_shape": list(self.model.input_shape), "config": self.cfg.to_dict(), "round": state.round})
+        # A preempted run may stop after a round that was not evaluated (eval.every > 1): evaluate it now.
+        scores = self.last_eval if self.last_eval_round == state.round else self.evaluate(state)
+        self.write_predictions()
+        rows = self.log.rows()
+        total = {k: sum(r[k] for r in rows) for k in ("bytes_down", "bytes_up", "dense_bytes_down", "dense_bytes_up")}
+        summary = {
+            "algorithm": self.cfg.federation.algorithm, "rounds": state.round, "preempted": preempted,
+            "data_dir": self.data_dir,
+            "final_mae": scores["mae"], "final_rmse": scores["rmse"], "final_r": scores["r"],
+            "baseline_mae": self.baseline_mae, "final_sparsity": pruning.sparsity(state.values),
+            "target_sparsity": self.cfg.federation.target, "parameters": int(state.values.size),
+            "model_file": str(model_path), "model_bytes_on_disk": model_bytes,
+            "dense_model_bytes": int(state.values.size * 4), "wall_seconds": seconds,
+            **{f"total_{k}": v for k, v in total.items()},
+        }
+        self.log.write_summary(summary)
+        return summary
+
+
+def resume_key(cfg: Config) -> dict:
+    """The settings a checkpoint must agree with to be resumed (not run/eval or hardware choices)."""
+    d = cfg.to_dict()
+    d.pop("run")
+    d.pop("eval")
+    for k in ("device", "threads"):
+        d["train"].pop(k)
+    for k in ("workers", "cache", "cache_dir"):
+        d["data"].pop(k)
+    return d
+
+
+def resume_point(cfg: Config, resume: bool, overwrite: bool):
+    """The checkpoint to continue from (or None), refusing to silently replace an unfinished run or to
+    resume one made with other settings."""
+    checkpoints = Checkpoints(cfg.run_dir / "checkpoints")
+    if not resume:
+        if checkpoints.paths() and not overwrite and not finished(cfg):
+            raise ConfigError(f"{cfg.run_dir} holds an unfinished run; pass --resume to continue it or --overwrite "
+                              f"to replace it (or choose another run.name)")
+        return None
+    found = checkpoints.latest()
+    if found is None:
+        print(f"fedmpi: no usable checkpoint in {checkpoints.dir}; starting fresh", flush=True)
+        return None
+    values, mask, meta = found
+    if meta.get("config") != resume_key(cfg):
+        raise ConfigError(f"{checkpoints.dir} was written with different settings; resume with the same config "
+                          f"(only run.*, eval.*, devices and data loading may change)")
+    return found
+
+
+def start_state(cfg: Config, resume, rec: Recorder, model) -> State:
+    """The state to start from: the resume point, or a fresh model (clearing an old run's files)."""
+    if resume is not None:
+        values, mask, meta = resume
+        if values.size != sum(p.numel() for p in model.parameters()):
+            raise ConfigError(f"{rec.checkpoints.dir}: checkpoint does not fit the model")
+        rec.log.keep_through(int(meta["round"]))
+        print(f"fedmpi: resuming {cfg.run_dir} after round {meta['round']}", flush=True)
+        return State(int(meta["round"]), values, mask)
+    for p in rec.checkpoints.paths():
+        p.unlink()
+    rec.log.reset()
+    return initial_state(model)
+
+
+def finished(cfg: Config) -> bool:
+    """True when run_dir holds a run that completed all its rounds."""
+    try:
+        summary = json.loads((cfg.run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return not summary.get("preempted") and summary.get("rounds") == cfg.federation.rounds
+
+
+def print_summary(summary: dict, file=sys.stdout) -> None:
+    print(f"done: {summary['rounds']} rounds, test MAE {summary['final_mae']:.2f} years "
+          f"(predict-the-mean baseline {summary['baseline_mae']:.2f}), sparsity {summary['final_sparsity']:.3f}, "
+          f"bytes up {summary['total_bytes_up'] / 1e6:.1f} MB / dense {summary['total_dense_bytes_up'] / 1e6:.1f} MB, "
+          f"model {summary['model_bytes_on_disk'] / 1e3:.0f} kB on disk ({summary['model_file']})", file=file, flush=True)
