@@ -5,15 +5,17 @@ PY     := $(VENV)/bin/python
 MPIRUN ?= $(VENV)/bin/mpirun
 # torch: the CPU wheel unless a torch is already importable (a CUDA build installed by the user).
 TORCH_SPEC ?= torch==2.13.0
+# pytest exits 5 when a selection holds no tests; that is not a failure here.
+NO_TESTS_OK = || [ $$? -eq 5 ]
 
-.PHONY: setup demo test test-serial test-mpi bench clean
+.PHONY: setup demo test test-fast test-serial test-mpi lint format bench clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,mpich,report]"
+	$(PY) -m pip install -q -e ".[test,mpich,report,lint]"
 	touch $@
 
 demo: setup
@@ -21,12 +23,24 @@ demo: setup
 
 test: test-serial test-mpi
 
-# pytest exits 5 when a selection holds no tests; that is not a failure here.
+# The edit loop: unit tests only, no mpirun, no cohort building.
+test-fast: setup
+	$(PY) -m pytest -q -m "not mpi and not slow" tests $(NO_TESTS_OK)
+
 test-serial: setup
-	$(PY) -m pytest -q -m "not mpi" tests || [ $$? -eq 5 ]
+	$(PY) -m pytest -q -m "not mpi" tests $(NO_TESTS_OK)
 
 test-mpi: setup
-	$(MPIRUN) -n 3 $(PY) -m pytest -q --with-mpi -m mpi tests || [ $$? -eq 5 ]
+	$(MPIRUN) -n 3 $(PY) -m pytest -q --with-mpi -m mpi tests $(NO_TESTS_OK)
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+format: setup
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 bench: setup
 	$(PY) benchmarks/bench_data.py

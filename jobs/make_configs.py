@@ -10,9 +10,13 @@ Re-run after changing a family: python jobs/make_configs.py
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fedmpi.algorithms import ALGORITHMS as TABLE  # noqa: E402
 
 COMMON = {
     "data": {"dir": "data/ukbb/split-{distribution}"},  # your preprocessed split (README, "Your own data")
@@ -28,7 +32,7 @@ FAMILIES = {
     "pytorch": {"model": {"dropout": 0.5, "init": "torch", "norm_eps": 1e-5},
                 "train": {"lr": 1e-3, "batch_size": 4}},
 }
-ALGORITHMS = ("fedavg", "fedsparsify-global", "fedsparsify-local", "oneshot", "random", "snip")
+ALGORITHMS = [name for name, algo in TABLE.items() if not algo.trains_centrally]
 DISTRIBUTIONS = ("uniform-iid", "uniform-noniid", "skewed-noniid")
 TARGETS = (0.85, 0.9, 0.95, 0.99)
 
@@ -38,16 +42,15 @@ def configs():
     for family, changes in FAMILIES.items():
         for dist in DISTRIBUTIONS:
             for algo in ALGORITHMS:
-                for target in (0.0,) if algo == "fedavg" else TARGETS:
-                    name = f"{algo}-{dist}" + (f"-{target}" if algo != "fedavg" else "")
+                dense = TABLE[algo].dense
+                for target in (0.0,) if dense else TARGETS:
+                    name = f"{algo}-{dist}" + ("" if dense else f"-{target}")
                     cfg = yaml.safe_load(yaml.safe_dump(COMMON))
                     for section, values in changes.items():
                         cfg[section].update(values)
                     cfg["data"]["dir"] = cfg["data"]["dir"].format(distribution=dist)
                     cfg["run"]["dir"] = cfg["run"]["dir"].format(family=family)
                     cfg["federation"].update(algorithm=algo, target=target)
-                    if algo == "oneshot":
-                        cfg["federation"]["oneshot_round"] = 1
                     cfg["run"]["name"] = name
                     yield family, name, cfg
 

@@ -138,7 +138,7 @@ def test_dataset_level_errors(tmp_path, capsys):
 
 
 def test_interrupted_run_resumes_without_redoing_subjects(cohort, tmp_path, monkeypatch):
-    root = _make_bids(cohort, tmp_path / "bids", [f"sub-0003\t61\tM\tC", f"sub-0004\t62\tF\tD"])
+    root = _make_bids(cohort, tmp_path / "bids", ["sub-0003\t61\tM\tC", "sub-0004\t62\tF\tD"])
     for pid in ("sub-0003", "sub-0004"):
         shutil.copytree(cohort.bids / pid, root / pid)
     out = tmp_path / "v.h5"

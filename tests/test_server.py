@@ -4,7 +4,10 @@ import pytest
 
 from fedmpi import encoding
 from fedmpi.config import Config
-from fedmpi.server import REPORT, PayloadError, Server, State
+from fedmpi.errors import PayloadError
+from fedmpi.messages import REPORT
+from fedmpi.recorder import State
+from fedmpi.server import Server
 
 N = 50
 
@@ -55,7 +58,7 @@ def _report(nbytes, finite=1.0, loss=1.0):
 
 
 def test_report_layout_is_what_learners_send():
-    assert REPORT == ("loss", "samples", "seconds_train", "payload_nbytes", "finite")
+    assert REPORT.names == ("loss", "samples", "seconds_train", "payload_nbytes", "finite")
 
 
 @pytest.mark.parametrize("reports,message", [
@@ -124,7 +127,8 @@ def test_summary_scores_the_final_model_even_when_its_round_was_not_evaluated(tm
     from fedtools import SHAPE, write_volumes
 
     from fedmpi.data import VolumeDataset
-    from fedmpi.server import Recorder, build_model, initial_state
+    from fedmpi.model import build_model
+    from fedmpi.recorder import Recorder, initial_state
 
     write_volumes(tmp_path / "test.h5", np.linspace(45, 80, 8), np.random.default_rng(0))
     cfg = Config()
@@ -132,7 +136,7 @@ def test_summary_scores_the_final_model_even_when_its_round_was_not_evaluated(tm
     torch.manual_seed(0)
     model = build_model(cfg, SHAPE)
     rec = Recorder(cfg, model, VolumeDataset(tmp_path / "test.h5"), torch.device("cpu"), 8.0, tmp_path)
-    state = initial_state(cfg, model)
+    state = initial_state(model)
     row = {"bytes_up": 0, "bytes_down": 0, "dense_bytes_up": 0, "dense_bytes_down": 0, "seconds_train": 0.0,
            "seconds_comm": 0.0, "seconds_aggregate": 0.0}
     state.round = 1

@@ -1,0 +1,126 @@
+"""The learner loop driven by an in-process stand-in for the server (no MPI): what it trains on, what it
+reports, and what it sends for each kind of algorithm."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from fedtools import write_split
+
+from fedmpi import encoding, pruning
+from fedmpi.config import load_config
+from fedmpi.data import VolumeDataset
+from fedmpi.learner import Learner
+from fedmpi.messages import REPORT, records
+from fedmpi.model import build_model, flat_parameters
+from fedmpi.wire import FLAG_MASK, FLAG_STOP
+
+
+class ServerStandIn:
+    """Plays the server for learner 1: hands out the queued models, keeps what the learner sends."""
+
+    rank = 1
+    deadline = None
+    learners = 2
+
+    def __init__(self, models):
+        self.models = list(models)  # (round, flags, nnz, payload)
+        self.reports, self.reduced, self.gathered, self.sent = [], [], [], []
+
+    def recv_model(self):
+        return self.models.pop(0)
+
+    def report(self, values):
+        self.reports.append(records(values, REPORT)[0])
+
+    def reduce_sum(self, buf, what=""):
+        self.reduced.append(buf.copy())
+
+    def gatherv(self, buf, what=""):
+        self.gathered.append(buf.copy())
+
+    def send(self, buf, dest, what=""):
+        self.sent.append(buf.copy())
+
+    def recv(self, buf, source, what=""):
+        buf[:] = self.initial
+        return buf
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    split = write_split(tmp_path_factory.mktemp("split"), learners=1, per_learner=8, test=4)
+    return VolumeDataset(split / "learner_1.h5", cache=True)
+
+
+def _learner(data, algorithm, *sets):
+    cfg = load_config(overrides=["model.width=0.125", "train.batch_size=4", "train.epochs=1", "train.lr=0.01",
+                                 "federation.rounds=4", "federation.target=0.8", f"federation.algorithm={algorithm}",
+                                 *sets])
+    torch.manual_seed(0)
+    initial = flat_parameters(build_model(cfg, data.shape))
+    return Learner(cfg, None, data, torch.device("cpu"), weight=0.25), initial
+
+
+def _global(initial, sparsity):
+    mask = pruning.magnitude_mask(initial, sparsity)
+    return pruning.apply_mask(initial, mask), mask
+
+
+def _run(learner, models):
+    learner.wire = ServerStandIn([*models, (0, FLAG_STOP, 0, np.zeros(0, np.uint8))])
+    learner.run()
+    return learner.wire
+
+
+def test_shared_mask_learner_sends_weighted_values_inside_the_mask(data):
+    learner, initial = _learner(data, "fedsparsify-global")
+    values, mask = _global(initial, 0.5)
+    nnz = int(mask.sum())
+    wire = _run(learner, [(2, FLAG_MASK, nnz, encoding.encode(values, mask))])
+    (sent,) = wire.reduced
+    assert sent.dtype == np.float32 and sent.size == nnz  # only the kept positions travel
+    trained = encoding.scatter_values(sent / np.float32(0.25), mask, np.float32)
+    assert not trained[~mask].any() and not np.allclose(trained[mask], values[mask])  # it trained, no regrowth
+    (report,) = wire.reports
+    assert report["samples"] == 8 and report["payload_nbytes"] == sent.nbytes and report["finite"] == 1
+    assert np.isfinite(report["loss"]) and report["seconds_train"] > 0
+
+
+def test_values_only_round_reuses_the_mask_it_was_sent(data):
+    learner, initial = _learner(data, "fedavg")
+    values, mask = _global(initial, 0.0)
+    wire = _run(learner, [(1, FLAG_MASK, mask.size, encoding.encode(values, mask)),
+                          (2, 0, mask.size, values.astype(np.float32).view(np.uint8))])
+    assert len(wire.reduced) == 2 and wire.reduced[1].size == mask.size
+
+
+def test_local_learner_prunes_its_own_model_to_the_schedule(data):
+    learner, initial = _learner(data, "fedsparsify-local")
+    values, mask = _global(initial, 0.2)
+    wire = _run(learner, [(4, FLAG_MASK, int(mask.sum()), encoding.encode(values, mask))])
+    (payload,) = wire.gathered
+    local, local_mask = encoding.decode(payload)
+    assert 1 - local_mask.mean() == pytest.approx(learner.schedule(4), abs=1e-4)  # s_4 = the target, 0.8
+    assert not (local_mask & ~mask).any()  # never revives a position the global mask pruned
+    assert not local[~local_mask].any()
+    assert wire.reports[0]["payload_nbytes"] == payload.nbytes
+
+
+def test_same_round_same_seed_same_model(data):
+    sends = []
+    for _ in range(2):
+        learner, initial = _learner(data, "fedsparsify-global")
+        values, mask = _global(initial, 0.5)
+        sends.append(_run(learner, [(3, FLAG_MASK, int(mask.sum()), encoding.encode(values, mask))]).reduced[0])
+    assert sends[0].tobytes() == sends[1].tobytes()
+
+
+def test_start_mask_is_scored_and_sent_at_the_target(data):
+    learner, initial = _learner(data, "snip")
+    learner.wire = ServerStandIn([])
+    learner.wire.initial = initial
+    learner.send_start_mask()
+    (packed,) = learner.wire.sent
+    mask = encoding.unpack_mask(packed, initial.size)
+    assert 1 - mask.mean() == pytest.approx(0.8, abs=1e-4)
