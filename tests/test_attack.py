@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from fedmpi import attack
+from fedmpi import attack, training
 from fedmpi.model import BrainAgeCNN
 
 SHAPE = (12, 14, 12)
@@ -111,6 +111,30 @@ def test_feature_matrix_columns():
          "grad_norm": np.array([[0.0, np.e - 1]])}
     assert attack.feature_matrix(f, np.array([58.0]), "black_box").tolist() == [[60.0, 2.0, 4.0, 58.0]]
     assert attack.feature_matrix(f, np.array([58.0]), "white_box")[0, 4:].tolist() == pytest.approx([0.0, 1.0])
+
+
+def test_per_sample_features_gradient_statistics_and_activations():
+    torch.manual_seed(0)
+    model = BrainAgeCNN(SHAPE, width=0.125, dropout=0.5)
+    with torch.no_grad():
+        model.output.weight[0, :3] = 0.0  # a pruned model: 3 of the output layer's weights are zero
+    x, y = torch.randn(3, 1, *SHAPE), torch.tensor([50.0, 60.0, 70.0])
+    f = training.per_sample_features(model, [(x[:2], y[:2]), (x[2:], y[2:])])
+    layers = len(list(model.parameters()))
+    assert all(f[g].shape == (3, layers) for g in training.GRAD_STATS)
+    assert (f["grad_max_abs"] <= f["grad_norm"] + 1e-6).all() and (f["grad_mean_abs"] <= f["grad_max_abs"]).all()
+    assert model.training  # restored after the features were taken in eval mode
+    with torch.no_grad():
+        pooled = model.eval().head(model.features(x)).reshape(3, -1)
+        assert np.allclose(f["activations"], pooled.numpy(), atol=1e-5)  # the output layer's input, dropout off
+        pred = model(x).numpy()
+    assert np.allclose(f["loss"], (pred - y.numpy()) ** 2, rtol=1e-5)
+    # the output weight's gradient is 2 * error * activation: restricted to kept weights it drops the first 3
+    err = 2 * (pred - y.numpy())[:, None] * pooled.numpy()
+    out_w = [n for n, _ in model.named_parameters()].index("output.weight")
+    assert np.allclose(f["grad_norm"][:, out_w], np.linalg.norm(err, axis=1), rtol=1e-4)
+    assert np.allclose(f["grad_norm_kept"][:, out_w], np.linalg.norm(err[:, 3:], axis=1), rtol=1e-4)
+    assert np.allclose(f["grad_norm_kept"][:, out_w + 1], f["grad_norm"][:, out_w + 1])  # the bias is dense
 
 
 # ---------------------------------------------------------------- attacks on trained models
