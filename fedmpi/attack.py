@@ -536,12 +536,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="attack at most N members and N non-members (faster; default: all that balance)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="where per-sample gradients are computed")
+    parser.add_argument("--threads", type=int, default=1, metavar="N",
+                        help="torch CPU threads (default 1: one subject's pass is small, and extra threads "
+                             "slow it down on cores shared with training)")
 
 
 def run(args) -> int:
     from .errors import is_user_error
 
     try:
+        if args.threads < 1:
+            raise AttackError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
         result = attack_run(Path(args.run), seed=args.seed, per_learner=args.per_learner, device=args.device,
                             nonmembers=args.nonmembers, max_per_class=args.max_per_class)
     except Exception as e:

@@ -15,6 +15,15 @@ from fedmpi.model import BrainAgeCNN
 SHAPE = (12, 14, 12)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Per-sample passes and the MLP are tiny ops: extra threads only contend on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------- metrics
 
 def test_roc_auc_perfect_inverted_and_ties():
@@ -211,7 +220,6 @@ def _volumes(n: int, rng) -> TensorDataset:
 @pytest.fixture(scope="module")
 def overfit():
     """A width-0.125 CNN trained to memorise 40 subjects (full-batch Adam), and held-out subjects."""
-    torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     train, held = _volumes(40, rng), _volumes(40, rng)
     torch.manual_seed(0)
@@ -305,10 +313,16 @@ def test_attack_command_on_a_run_directory(tmp_path, capsys):
     more = json.loads((tmp_path / "more.json").read_text())
     assert more["n_nonmembers_available"] == 36 and more["nonmembers_eval"] == 12  # 24 members balance 36
     assert more["nonmember_files"] == [str(data / "test.h5"), str(extra)]
-    assert attack.run(parser.parse_args(args + ["--max-per-class", "6"])) == 0
+    try:
+        assert attack.run(parser.parse_args(args + ["--max-per-class", "6", "--threads", "2"])) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
     capped = json.loads((tmp_path / "more.json").read_text())
     assert capped["attacks"]["loss_threshold"]["n_train"] == 6 and capped["members_eval"] == 3
     capsys.readouterr()
+    assert attack.run(parser.parse_args(args + ["--threads", "0"])) == 1
+    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
 
     for bad, message in ((data / "learner_1.h5", "the run trained on it"), (data / "test.h5", "given twice")):
         assert attack.run(parser.parse_args(["--run", str(run), "--nonmembers", str(bad), "--out", "x"])) == 1
