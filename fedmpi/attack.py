@@ -1,17 +1,20 @@
 """Membership inference against a trained brain-age model (Gupta et al., MIDL 2021).
 
 The attacker holds the model and a labelled pool of subjects: members (the learners' training
-data) and non-members (the held-out test set, never trained on). The two sets are balanced and
-each split into disjoint attacker-train / attacker-eval halves. Per-sample signals from
-`fedmpi.training.per_sample_features` feed an L2-regularised logistic regression:
+data) and non-members (the held-out test set plus any extra cohorts, never trained on). The two
+sets are balanced and each split into disjoint attacker-train / attacker-eval halves. Per-sample
+signals from `fedmpi.training.per_sample_features` feed four attacks:
 
-- black-box: prediction, absolute error, squared error, and the subject's true age (the
-  attacker knows it for its own samples);
-- white-box: black-box plus log(1 + per-layer gradient norm) of the sample's loss.
+- loss_threshold: no training, member iff the squared error is below a threshold (score -loss);
+- black_box: logistic regression on prediction, absolute and squared error, and true age;
+- white_box: logistic regression on black-box plus log(1 + per-tensor gradient norm);
+- white_box_mlp: a small torch MLP on black-box plus four statistics of every tensor's gradient
+  and the head's pooled activations (the literature's learned white box on richer features).
 
-The metrics (ROC AUC, TPR at a fixed FPR, accuracy at a threshold chosen on attacker-train) are
-pure numpy functions of scores and labels. `attack_datasets` takes torch Datasets so it runs on
-in-memory data; `run` wires it to a run directory.
+Every attack is scored on attacker-eval: ROC AUC with a bootstrap interval, TPR at a fixed FPR,
+and accuracy at a threshold chosen on attacker-train. The metrics are pure numpy functions of
+scores and labels. `attack_datasets` takes torch Datasets so it runs on in-memory data; `run`
+wires it to a run directory.
 """
 from __future__ import annotations
 
@@ -28,9 +31,12 @@ from .config import DEVICES
 from .errors import AttackError, is_user_error
 from .files import atomic_write
 from .runlog import read_json
+from .training import GRAD_STATS, per_sample_features, select_device
 
 FPRS = (("tpr_at_1pct_fpr", 0.01), ("tpr_at_0.1pct_fpr", 0.001))
-KINDS = ("black_box", "white_box")
+KINDS = ("black_box", "white_box")  # the logistic attacks, also top-level keys of attack.json for older readers
+ATTACKS = ("loss_threshold", "black_box", "white_box", "white_box_mlp")
+BOOTSTRAP_RESAMPLES = 2000
 
 
 
@@ -87,6 +93,39 @@ def auc_standard_error(auc: float, n_pos: int, n_neg: int) -> float:
     q2 = 2.0 * auc * auc / (1.0 + auc)
     var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc)) / (n_pos * n_neg)
     return float(np.sqrt(max(var, 0.0)))
+
+
+def bootstrap_aucs(scores, labels, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> np.ndarray:
+    """AUCs of `resamples` bootstrap resamples, members and non-members drawn separately.
+
+    Resampling within each class keeps the evaluation's class sizes (a pooled resample would
+    change them, and could draw no member). Each resample is exact and cheap: with W the
+    member-by-non-member win matrix (1 above, 1/2 tied) and c the multiplicities drawn, its AUC
+    is c_members @ W @ c_nonmembers / (n_members * n_nonmembers).
+    """
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    scores, labels = _check_binary(scores, labels)
+    pos, neg = scores[labels], scores[~labels]
+    wins = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+    rng = np.random.default_rng(seed)
+    c_pos = rng.multinomial(pos.size, np.full(pos.size, 1.0 / pos.size), size=resamples)
+    c_neg = rng.multinomial(neg.size, np.full(neg.size, 1.0 / neg.size), size=resamples)
+    return ((c_pos @ wins) * c_neg).sum(axis=1) / (pos.size * neg.size)
+
+
+def auc_interval(scores, labels, level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the ROC AUC: the (1-level)/2 and (1+level)/2 quantiles.
+
+    Unlike the Hanley-McNeil error it assumes no score distribution, and it is asymmetric near
+    0 and 1; an interval that contains 0.5 means the attack is not distinguishable from chance.
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    aucs = bootstrap_aucs(scores, labels, resamples, seed)
+    low, high = np.quantile(aucs, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+    return float(low), float(high)
 
 
 def roc_points(scores, labels) -> tuple[np.ndarray, np.ndarray]:
@@ -181,27 +220,106 @@ def logistic_scores(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=np.float64) @ w[:-1] + w[-1]
 
 
+# ---------------------------------------------------------------- learned classifier (torch)
+
+MLP_HIDDEN = 32
+MLP_LR = 1e-2
+MLP_WEIGHT_DECAY = 1e-2
+MLP_MAX_EPOCHS = 1000
+MLP_PATIENCE = 50
+MLP_MIN_DELTA = 1e-3  # validation log-loss gains below this (nats) do not count as improving
+MLP_VALIDATION = 0.25
+
+
+def validation_rows(labels: np.ndarray, seed: int) -> np.ndarray:
+    """Bool mask of a stratified validation slice: MLP_VALIDATION of each class (at least one row)."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    val = np.zeros(labels.size, bool)
+    for c in (0, 1):
+        rows = np.flatnonzero(labels == c)
+        val[rng.permutation(rows)[:max(1, round(MLP_VALIDATION * rows.size))]] = True
+    return val
+
+
+def fit_mlp(x: np.ndarray, y: np.ndarray, seed: int = 0) -> torch.nn.Module:
+    """A one-hidden-layer MLP member classifier: full-batch AdamW, early-stopped on a validation slice.
+
+    With hundreds of subjects and ~100 features an unregularised MLP memorises the attacker's
+    own training rows, so weight decay and a held-out slice (`validation_rows`) pick the
+    weights with the lowest validation log-loss; training stops MLP_PATIENCE epochs after that
+    last improved by MLP_MIN_DELTA. Initialisation draws from a forked RNG seeded with `seed`:
+    the same rows and seed give the same classifier, and the global RNG is left alone.
+    """
+    x = torch.as_tensor(np.asarray(x, dtype=np.float64))
+    y = torch.as_tensor(np.asarray(y, dtype=np.float64).reshape(-1))
+    if x.ndim != 2 or x.shape[0] != y.numel():
+        raise ValueError(f"x has shape {tuple(x.shape)}, y has {y.numel()} entries")
+    val = torch.as_tensor(validation_rows(y.numpy(), seed))
+    x_fit, y_fit, x_val, y_val = x[~val], y[~val], x[val], y[val]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], MLP_HIDDEN), torch.nn.ReLU(),
+                                  torch.nn.Linear(MLP_HIDDEN, 1)).double()
+    opt = torch.optim.AdamW(net.parameters(), lr=MLP_LR, weight_decay=MLP_WEIGHT_DECAY)
+    loss_fn = torch.nn.functional.binary_cross_entropy_with_logits
+    best, best_state, since = float("inf"), None, 0
+    for _ in range(MLP_MAX_EPOCHS):
+        net.train()
+        opt.zero_grad()
+        loss_fn(net(x_fit).reshape(-1), y_fit).backward()
+        opt.step()
+        net.eval()
+        with torch.no_grad():
+            val_loss = float(loss_fn(net(x_val).reshape(-1), y_val))
+        if val_loss < best - MLP_MIN_DELTA:
+            best, best_state, since = val_loss, [p.detach().clone() for p in net.parameters()], 0
+        else:
+            since += 1
+            if since >= MLP_PATIENCE:
+                break
+    with torch.no_grad():
+        for p, b in zip(net.parameters(), best_state):
+            p.copy_(b)
+    return net.eval()
+
+
+def mlp_scores(net: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    """Logits (monotone in the member probability) of rows x under a classifier from fit_mlp."""
+    with torch.no_grad():
+        return net(torch.as_tensor(np.asarray(x, dtype=np.float64))).reshape(-1).numpy()
+
+
 # ---------------------------------------------------------------- attack core
 
 def feature_matrix(features: dict[str, np.ndarray], ages: np.ndarray, kind: str) -> np.ndarray:
-    """Rows of attack features for `kind` ("black_box" or "white_box") from per_sample_features output."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    """Rows of attack features for a learned attack from per_sample_features output.
+
+    black_box: prediction, absolute error, squared error, age. white_box adds log(1 + gradient
+    norm) per tensor; white_box_mlp adds log(1 + x) of every GRAD_STATS statistic per tensor
+    and the head's pooled activations. Gradient magnitudes are heavy-tailed, hence the log.
+    """
+    if kind not in ATTACKS[1:]:
+        raise ValueError(f"kind must be one of {ATTACKS[1:]}, got {kind!r}")
     cols = [features["pred"], features["abs_error"], features["loss"], np.asarray(ages)]
     x = np.stack([np.asarray(c, dtype=np.float64).reshape(-1) for c in cols], axis=1)
-    if kind == "white_box":
-        x = np.hstack([x, np.log1p(np.asarray(features["grad_norm"], dtype=np.float64))])
-    return x
+    grads = {"black_box": (), "white_box": GRAD_STATS[:1], "white_box_mlp": GRAD_STATS}[kind]
+    parts = [x] + [np.log1p(np.asarray(features[g], dtype=np.float64)) for g in grads]
+    if kind == "white_box_mlp":
+        parts.append(np.asarray(features["activations"], dtype=np.float64))
+    return np.hstack(parts)
 
 
-def balanced_split(n_members: int, n_nonmembers: int, seed: int) -> dict[str, np.ndarray]:
+def balanced_split(n_members: int, n_nonmembers: int, seed: int, max_per_class: int | None = None) -> dict:
     """Indices for a balanced, disjoint attacker-train / attacker-eval split.
 
-    Both sets are subsampled to n = min(n_members, n_nonmembers); each class is shuffled and
-    its first floor(n/2) go to attacker-train, the rest to attacker-eval. Returns
+    Both sets are subsampled to n = min(n_members, n_nonmembers, max_per_class); each class is
+    shuffled and its first floor(n/2) go to attacker-train, the rest to attacker-eval. Returns
     "members" and "nonmembers" (the chosen indices, train part first) and "n_train_per_class".
     """
-    n = min(n_members, n_nonmembers)
+    if max_per_class is not None and max_per_class < 4:
+        raise AttackError(f"max_per_class must be at least 4 (2 per class in each half), got {max_per_class}")
+    n = min(n_members, n_nonmembers, max_per_class or n_members)
     if n < 4:
         raise AttackError(f"need at least 4 members and 4 non-members, got {n_members} and {n_nonmembers}")
     rng = np.random.default_rng(seed)
@@ -213,37 +331,54 @@ def balanced_split(n_members: int, n_nonmembers: int, seed: int) -> dict[str, np
 
 
 def evaluate_attack(features: dict[str, np.ndarray], ages: np.ndarray, labels: np.ndarray,
-                    train: np.ndarray, kind: str, l2: float = 1.0) -> dict:
-    """Fit the attack on rows `train` (bool mask), score the other rows; pure numpy.
+                    train: np.ndarray, kind: str, seed: int = 0) -> dict:
+    """Fit attack `kind` (one of ATTACKS) on rows `train` (bool mask), score the other rows.
 
     Standardisation uses the attacker-train rows only; the accuracy threshold is chosen on
-    attacker-train scores and applied unchanged to attacker-eval.
+    attacker-train scores and applied unchanged to attacker-eval. loss_threshold fits nothing
+    but that threshold. `seed` drives the MLP and the bootstrap.
     """
+    if kind not in ATTACKS:
+        raise ValueError(f"kind must be one of {ATTACKS}, got {kind!r}")
     labels = np.asarray(labels).astype(np.int64)
     train = np.asarray(train, dtype=bool)
-    x = feature_matrix(features, ages, kind)
-    mean, std = standardizer(x[train])
-    x = (x - mean) / std
-    w = fit_logistic(x[train], labels[train], l2=l2)
-    s_train, s_eval = logistic_scores(x[train], w), logistic_scores(x[~train], w)
+    if kind == "loss_threshold":
+        scores, n_features = -np.asarray(features["loss"], dtype=np.float64), 1
+    else:
+        x = feature_matrix(features, ages, kind)
+        mean, std = standardizer(x[train])
+        x = (x - mean) / std
+        n_features = x.shape[1]
+        if kind == "white_box_mlp":
+            scores = mlp_scores(fit_mlp(x[train], labels[train], seed=seed), x)
+        else:
+            scores = logistic_scores(x, fit_logistic(x[train], labels[train]))
+    s_train, s_eval = scores[train], scores[~train]
     y_eval = labels[~train]
+    n_pos, n_neg = int((y_eval == 1).sum()), int((y_eval == 0).sum())
     auc = roc_auc(s_eval, y_eval)
+    low, high = auc_interval(s_eval, y_eval, seed=seed)
     out = {
         "accuracy": accuracy_at(s_eval, y_eval, best_threshold(s_train, labels[train])),
-        "auc": auc,
-        "auc_se": auc_standard_error(auc, int((y_eval == 1).sum()), int((y_eval == 0).sum())),
+        "auc": auc, "auc_low": low, "auc_high": high,
+        "auc_se": auc_standard_error(auc, n_pos, n_neg),
     }
     for key, fpr in FPRS:
         out[key] = tpr_at_fpr(s_eval, y_eval, fpr)
-    out.update(n_train=int(train.sum()), n_eval=int((~train).sum()),
-               min_nonzero_fpr=1.0 / int((y_eval == 0).sum()), features=int(x.shape[1]))
+    out.update(n_train=int(train.sum()), n_eval=int((~train).sum()), min_nonzero_fpr=1.0 / n_neg,
+               features=int(n_features))
     return out
 
 
 def attack_datasets(model: torch.nn.Module, members: Dataset, nonmembers: Dataset, *, seed: int = 0,
-                    device=None, batch_size: int = 8) -> dict:
-    """Black-box and white-box attacks on `model` with members vs non-members (torch Datasets of (x, age))."""
-    split = balanced_split(len(members), len(nonmembers), seed)
+                    max_per_class: int | None = None, device=None, batch_size: int = 8) -> dict:
+    """Every attack in ATTACKS on `model` with members vs non-members (torch Datasets of (x, age)).
+
+    Returns "attacks" (name -> evaluate_attack result), the logistic ones again under their
+    own names, the target model's MAE on the attacked members ("train_mae") and non-members
+    ("test_mae"), and the class sizes of attacker-eval.
+    """
+    split = balanced_split(len(members), len(nonmembers), seed, max_per_class)
     n, half = len(split["members"]), int(split["n_train_per_class"])
     pool = ConcatDataset([Subset(members, split["members"].tolist()), Subset(nonmembers, split["nonmembers"].tolist())])
     features = sample_features(model, pool, device=device, batch_size=batch_size)
@@ -252,13 +387,16 @@ def attack_datasets(model: torch.nn.Module, members: Dataset, nonmembers: Datase
     train[:half] = True
     train[n:n + half] = True
     ages = features.pop("age")
-    return {kind: evaluate_attack(features, ages, labels, train, kind) for kind in KINDS}
+    attacks = {kind: evaluate_attack(features, ages, labels, train, kind, seed=seed) for kind in ATTACKS}
+    return {
+        "attacks": attacks, **{kind: attacks[kind] for kind in KINDS},
+        "train_mae": float(features["abs_error"][:n].mean()), "test_mae": float(features["abs_error"][n:].mean()),
+        "members_eval": n - half, "nonmembers_eval": n - half,
+    }
 
 
 def sample_features(model: torch.nn.Module, dataset: Dataset, device=None, batch_size: int = 8) -> dict:
     """per_sample_features over a dataset in one pass, plus the true ages ("age") in the same order."""
-    from .training import per_sample_features
-
     ages: list[np.ndarray] = []
 
     def batches():
@@ -303,11 +441,23 @@ def load_run_model(run_dir: Path):
     return model, cfg, float(np.mean(values == 0))
 
 
-def attack_run(run_dir: Path, *, seed: int = 0, per_learner: bool = False, device: str = "auto") -> dict:
-    """The attack.json content for a run directory."""
+def _volumes(path: Path, input_shape: tuple[int, ...]):
+    """The VolumeDataset of `path`, refused unless its volumes have the model's input shape."""
     from .data import VolumeDataset
-    from .training import select_device
 
+    ds = VolumeDataset(path, cache=False)
+    if tuple(ds.shape) != tuple(input_shape):
+        raise AttackError(f"{path}: volumes are {tuple(ds.shape)}, the model takes {tuple(input_shape)}")
+    return ds
+
+
+def attack_run(run_dir: Path, *, seed: int = 0, per_learner: bool = False, device: str = "auto",
+               nonmembers: list[Path] | tuple = (), max_per_class: int | None = None) -> dict:
+    """The attack.json content for a run directory.
+
+    Non-members are the split's test.h5 plus the `nonmembers` files (other cohorts the run never
+    saw, e.g. a fresh synthetic one); `max_per_class` caps the attacked subjects of each class.
+    """
     run_dir = Path(run_dir)
     summary = read_json(run_dir / "summary.json", AttackError)
     if not summary.get("data_dir"):
@@ -317,55 +467,89 @@ def attack_run(run_dir: Path, *, seed: int = 0, per_learner: bool = False, devic
     if not test_path.exists():
         raise AttackError(f"{test_path}: missing; the attack needs the run's held-out set as non-members")
     model, cfg, sparsity = load_run_model(run_dir)
+    files = member_files(cfg, data_dir)
+    pools = [test_path, *(Path(p) for p in nonmembers)]
+    trained = {p.resolve() for p in files}
+    seen: set[Path] = set()
+    for p in pools:
+        if p.resolve() in trained:
+            raise AttackError(f"{p}: the run trained on it, so it cannot hold non-members")
+        if p.resolve() in seen:
+            raise AttackError(f"{p}: given twice as non-members (its subjects would be counted twice)")
+        seen.add(p.resolve())
+    learners = [_volumes(p, model.input_shape) for p in files]
+    outsiders = ConcatDataset([_volumes(p, model.input_shape) for p in pools])
     dev = select_device(device)
     model.to(dev)
-    files = member_files(cfg, data_dir)
-    learners = [VolumeDataset(p, cache=False) for p in files]
-    nonmembers = VolumeDataset(test_path, cache=False)
     result = {
         "run": str(run_dir), "algorithm": cfg.federation.algorithm, "seed": seed,
         "sparsity": sparsity, "target_sparsity": summary.get("target_sparsity", cfg.federation.target),
-        "n_members_available": sum(len(d) for d in learners), "n_nonmembers_available": len(nonmembers),
-        **attack_datasets(model, ConcatDataset(learners), nonmembers, seed=seed, device=dev),
+        "nonmember_files": [str(p) for p in pools], "max_per_class": max_per_class,
+        "n_members_available": sum(len(d) for d in learners), "n_nonmembers_available": len(outsiders),
+        **attack_datasets(model, ConcatDataset(learners), outsiders, seed=seed, max_per_class=max_per_class,
+                          device=dev),
     }
     if per_learner:
         result["per_learner"] = {
-            p.stem.split("_", 1)[1]: attack_datasets(model, d, nonmembers, seed=seed, device=dev)
+            p.stem.split("_", 1)[1]: attack_datasets(model, d, outsiders, seed=seed, max_per_class=max_per_class,
+                                                     device=dev)
             for p, d in zip(files, learners)
         }
     return result
 
 
+def _table_rows(result: dict, indent: str = "") -> list[str]:
+    lines = []
+    for name, r in result["attacks"].items():
+        interval = f"[{r['auc_low']:.3f}, {r['auc_high']:.3f}]"
+        lines.append(f"{indent + name:<16}{r['accuracy']:>9.3f}{r['auc']:>7.3f}{interval:>18}"
+                     f"{r['tpr_at_1pct_fpr']:>11.3f}{r['tpr_at_0.1pct_fpr']:>13.3f}{r['n_train']:>9d}{r['n_eval']:>8d}")
+    return lines
+
+
 def format_table(result: dict) -> str:
-    """A small fixed-width table of the attack metrics."""
-    cols = ("accuracy", "auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "n_train", "n_eval")
-    lines = [f"model sparsity {result['sparsity']:.3f}",
-             f"{'attack':<12}" + "".join(f"{c:>18}" for c in cols)]
-    rows = [(k, result[k]) for k in KINDS]
-    rows += [(f"learner {k} {kind[0]}b", v[kind]) for k, v in result.get("per_learner", {}).items() for kind in KINDS]
-    for name, r in rows:
-        lines.append(f"{name:<12}" + "".join(f"{r[c]:>18.3f}" if isinstance(r[c], float) else f"{r[c]:>18d}"
-                                             for c in cols))
-    eval_neg = result["black_box"]["n_eval"] // 2
-    if eval_neg < 1000:
+    """A small fixed-width table: every attack's metrics on attacker-eval, and the target model's fit."""
+    lines = [f"model sparsity {result['sparsity']:.3f}; MAE {result['train_mae']:.2f} on members, "
+             f"{result['test_mae']:.2f} on non-members (the attacked subjects)",
+             f"{'attack':<16}{'accuracy':>9}{'auc':>7}{'auc 95% interval':>18}{'tpr@1%fpr':>11}{'tpr@0.1%fpr':>13}"
+             f"{'n_train':>9}{'n_eval':>8}"]
+    lines += _table_rows(result)
+    for k, v in result.get("per_learner", {}).items():
+        lines.append(f"learner {k}: MAE {v['train_mae']:.2f} on its members, {v['test_mae']:.2f} on non-members")
+        lines += _table_rows(v, indent="  ")
+    eval_neg = result["nonmembers_eval"]
+    coarse = [f"{100 * fpr:g}%" for _, fpr in FPRS if eval_neg * fpr < 1]
+    if coarse:
         lines.append(f"note: {eval_neg} non-members in attacker-eval, so the smallest non-zero FPR is "
-                     f"{1 / eval_neg:.2%}; TPR at 0.1% FPR below that is the TPR at FPR = 0")
+                     f"{1 / eval_neg:.2%}; TPR at {' and '.join(coarse)} FPR is the TPR at FPR = 0")
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run directory (runs/<name>) with model.npz and summary.json")
     parser.add_argument("--out", help="output JSON (default: <run>/attack.json)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for subsampling and the train/eval split")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed for subsampling, the train/eval split, the MLP and the bootstrap")
     parser.add_argument("--per-learner", action="store_true",
                         help="also attack each learner's data separately (members = that learner only)")
+    parser.add_argument("--nonmembers", action="append", default=[], metavar="FILE.h5",
+                        help="extra non-members (a volume file the run never saw, same grid); repeatable")
+    parser.add_argument("--max-per-class", type=int, metavar="N",
+                        help="attack at most N members and N non-members (faster; default: all that balance)")
     parser.add_argument("--device", default="auto", choices=DEVICES,
                         help="where per-sample gradients are computed")
+    parser.add_argument("--threads", type=int, default=1, metavar="N",
+                        help="torch CPU threads (default 1: one subject's pass is small, and extra threads "
+                             "slow it down on cores shared with training)")
 
 
 def run(args) -> int:
     try:
-        result = attack_run(Path(args.run), seed=args.seed, per_learner=args.per_learner, device=args.device)
+        if args.threads < 1:
+            raise AttackError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+        result = attack_run(Path(args.run), seed=args.seed, per_learner=args.per_learner, device=args.device,
+                            nonmembers=args.nonmembers, max_per_class=args.max_per_class)
     except Exception as e:
         if is_user_error(e):
             print(f"fedmpi attack: error: {e}", file=sys.stderr)

@@ -191,17 +191,27 @@ def snip_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarra
     return torch.cat(parts).numpy()
 
 
-def per_sample_features(model: nn.Module, loader, device=None) -> dict[str, np.ndarray]:
-    """Per-sample membership-inference signals, in eval mode.
+GRAD_STATS = ("grad_norm", "grad_mean_abs", "grad_max_abs", "grad_norm_kept")
 
-    "pred", "abs_error", "loss" (squared error) of shape (N,), and "grad_norm" (N, L): the L2
-    norm of each sample's loss gradient for each of the L parameter tensors (layout order).
+
+def per_sample_features(model: nn.Module, loader, device=None) -> dict[str, np.ndarray]:
+    """Per-sample membership-inference signals (Gupta et al.'s white box), in eval mode.
+
+    "pred", "abs_error", "loss" (squared error): shape (N,). For each of the L parameter tensors
+    (layout order) of each sample's loss gradient, shape (N, L): "grad_norm" (L2 norm),
+    "grad_mean_abs", "grad_max_abs", and "grad_norm_kept", the L2 norm over the tensor's non-zero
+    weights only (the positions a pruned model can still move). "activations" (N, C): what the
+    model's `output` layer reads, the head's pooled features. One sample at a time: instance
+    norm makes samples independent, but autograd only gives the sum of their gradients.
     """
     device = _place(model, device)
     params = list(model.parameters())
+    kept = [(p != 0).to(p.dtype) for p in params]
     was_training = model.training
     model.eval()
-    preds, ages, norms = [], [], []
+    inputs: list[torch.Tensor] = []
+    hook = model.output.register_forward_pre_hook(lambda _, args: inputs.append(args[0].detach().reshape(-1)))
+    preds, ages, stats, acts = [], [], [], []
     try:
         for x, y in loader:
             y = torch.as_tensor(y, dtype=torch.float32).reshape(-1)
@@ -211,21 +221,25 @@ def per_sample_features(model: nn.Module, loader, device=None) -> dict[str, np.n
                 pred = model(xi)
                 loss = ((pred - yi) ** 2).sum()
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
-                norms.append(
-                    [0.0 if g is None else float(torch.linalg.vector_norm(g)) for g in grads]
-                )
+                grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+                stats.append(torch.stack([
+                    torch.stack((torch.linalg.vector_norm(g), g.abs().mean(), g.abs().max(),
+                                 torch.linalg.vector_norm(g * k)))
+                    for g, k in zip(grads, kept)
+                ]).cpu())
+                acts.append(inputs.pop().cpu())
                 preds.append(float(pred.detach()))
                 ages.append(float(yi))
     finally:
+        hook.remove()
         model.train(was_training)
     if not preds:
         raise ValueError("the loader yielded no samples")
     pred = np.asarray(preds, dtype=np.float32)
     age = np.asarray(ages, dtype=np.float32)
     err = pred - age
-    return {
-        "pred": pred,
-        "abs_error": np.abs(err),
-        "loss": err * err,
-        "grad_norm": np.asarray(norms, dtype=np.float32).reshape(len(preds), len(params)),
-    }
+    grad = torch.stack(stats).numpy().astype(np.float32)  # (N, L, 4)
+    out = {"pred": pred, "abs_error": np.abs(err), "loss": err * err,
+           "activations": torch.stack(acts).numpy().astype(np.float32)}
+    out.update({name: grad[:, :, j] for j, name in enumerate(GRAD_STATS)})
+    return out
