@@ -468,6 +468,7 @@ def attack_run(run_dir: Path, *, seed: int = 0, per_learner: bool = False, devic
         raise AttackError(f"{test_path}: missing; the attack needs the run's held-out set as non-members")
     model, cfg, sparsity = load_run_model(run_dir)
     files = member_files(cfg, data_dir)
+    check_split(summary.get("split"), [test_path, *files])
     pools = [test_path, *(Path(p) for p in nonmembers)]
     trained = {p.resolve() for p in files}
     seen: set[Path] = set()
@@ -496,6 +497,21 @@ def attack_run(run_dir: Path, *, seed: int = 0, per_learner: bool = False, devic
             for p, d in zip(files, learners)
         }
     return result
+
+
+def check_split(recorded: dict | None, files: list[Path]) -> None:
+    """Members must be the subjects the model trained on: refuse a data directory that was re-split (or
+    re-preprocessed) since the run, by the digests the run recorded of its files."""
+    from .data import file_digest
+
+    if not recorded:
+        print("fedmpi attack: the run recorded no digest of its data (made before fedmpi recorded them); "
+              "trusting that its data directory is unchanged", file=sys.stderr)
+        return
+    changed = [p.name for p in files if recorded.get(p.name) != file_digest(p)]
+    if changed:
+        raise AttackError(f"{', '.join(changed)} in {files[0].parent} differ from the data the run trained and was "
+                          f"tested on (re-split or re-preprocessed since): its members cannot be known")
 
 
 def _table_rows(result: dict, indent: str = "") -> list[str]:

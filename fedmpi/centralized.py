@@ -9,11 +9,12 @@ import numpy as np
 import torch
 
 from .algorithms import round_seed
-from .data import VolumeDataset
-from .errors import DataError
+from .data import VolumeDataset, check_volumes
+from .errors import ConfigError, DataError
 from .learner import train_round
 from .model import build_model, flat_parameters, load_flat_parameters
-from .recorder import Recorder, print_summary, resume_point, start_state
+from .recorder import Recorder, print_summary, resume_point, split_problems, start_state
+from .runlog import RunLock
 from .training import select_device
 
 
@@ -21,6 +22,15 @@ def run_centralized(cfg, data_dir: Path, resume: bool, overwrite: bool) -> int:
     files = sorted(Path(data_dir).glob("learner_*.h5"))
     if not files:
         raise DataError(f"{data_dir}: no learner_<k>.h5 files")
+    split = {p.name: check_volumes(p)["digest"] for p in [Path(data_dir) / "test.h5", *files]}
+    lock = RunLock(cfg.run_dir).acquire()
+    try:
+        return _train(cfg, data_dir, files, split, resume, overwrite)
+    finally:
+        lock.release()
+
+
+def _train(cfg, data_dir: Path, files: list[Path], split: dict, resume: bool, overwrite: bool) -> int:
     parts = [VolumeDataset(p, cache=cfg.data.cache) for p in files]
     pooled = torch.utils.data.ConcatDataset(parts)
     ages = np.concatenate([p.ages for p in parts])
@@ -28,8 +38,12 @@ def run_centralized(cfg, data_dir: Path, resume: bool, overwrite: bool) -> int:
     device = select_device(cfg.train.device)
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg, test.shape, float(ages.mean())).to(device)
-    rec = Recorder(cfg, model, test, device, float(np.mean(np.abs(test.ages - ages.mean()))), data_dir)
-    state = start_state(cfg, resume_point(cfg, resume, overwrite), rec, model)
+    rec = Recorder(cfg, model, test, device, float(np.mean(np.abs(test.ages - ages.mean()))), data_dir, split)
+    found = resume_point(cfg, resume, overwrite)
+    problems = split_problems(found[2].get("split") if found else None, split)
+    if problems:
+        raise ConfigError(problems[0])
+    state = start_state(cfg, found, rec, model)
     rec.log.write_config(cfg.to_json())
     began = time.perf_counter()
     for t in range(state.round + 1, cfg.federation.rounds + 1):

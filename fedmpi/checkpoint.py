@@ -91,9 +91,14 @@ class Checkpoints:
             old.unlink()
         return path
 
-    def latest(self) -> tuple[np.ndarray, np.ndarray, dict] | None:
-        """The newest checkpoint that verifies; corrupt ones are reported and skipped."""
+    def latest(self, at_most: int | None = None) -> tuple[np.ndarray, np.ndarray, dict] | None:
+        """The newest checkpoint that verifies (of round <= at_most: the last round the run recorded, so that
+        a crash between a checkpoint and its metrics row never resumes past the metrics); corrupt ones are
+        reported and skipped."""
         for path in reversed(self.paths()):
+            match = CHECKPOINT.match(path.name)
+            if at_most is not None and match and int(match.group(1)) > at_most:
+                continue
             try:
                 arrays, meta = load_arrays(path)
             except CheckpointError as e:

@@ -95,7 +95,10 @@ class RunConfig:
     seed: int = opt(0, "seed for the model, data order, dropout and random pruning")
     checkpoint_every: int = opt(1, "checkpoint every k rounds (0 = never)")
     keep_checkpoints: int = opt(2, "checkpoints kept on disk")
-    round_timeout: float = opt(1800.0, "seconds the server waits for learners in one round")
+    round_timeout: float = opt(1800.0, "seconds the server waits for learners in one round (learners wait that "
+                                       "long plus the server's evaluation and checkpoint time for the next round)")
+    startup_timeout: float = opt(120.0, "seconds any rank waits for the others during start-up (rank table, "
+                                        "preflight, first model) before naming the silent ones")
     verbose: bool = opt(False, "learners print their own progress")
 
 
@@ -266,6 +269,7 @@ def validate(cfg: Config) -> None:
     _check(r.checkpoint_every >= 0, "run.checkpoint_every must be >= 0 (0 = never)")
     _check(r.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
     _check(r.round_timeout > 0, "run.round_timeout must be > 0")
+    _check(r.startup_timeout > 0, "run.startup_timeout must be > 0")
 
 
 def describe() -> str:

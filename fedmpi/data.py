@@ -5,6 +5,7 @@ volume file is a DataError whose message names the file.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -13,9 +14,16 @@ import torch
 from torch.utils.data import Dataset
 
 from preprocess import convert, h5io, split, synth
+
 from .errors import DataError
 
-__all__ = ["DataError", "VolumeDataset", "read_header", "synthetic_cohort"]
+__all__ = ["DataError", "VolumeDataset", "check_volumes", "file_digest", "read_header", "synthetic_cohort"]
+
+
+# Ages (years) a person can have: what a volume file may hold. Zero is refused too: it is what a missing
+# value often turns into.
+PLAUSIBLE_AGES = (0.0, 120.0)
+SAMPLED_VOLUMES = 3  # volumes the preflight reads per file (first, middle, last) to check their values
 
 
 def read_header(path) -> dict:
@@ -25,6 +33,42 @@ def read_header(path) -> dict:
         return {"n": int(f["images"].shape[0]), "shape": tuple(int(s) for s in f["images"].shape[1:]),
                 "voxel_size": float(f.attrs["voxel_size"]),
                 "mean_age": float(ages.mean()) if len(ages) else float("nan")}
+
+
+def file_digest(path) -> str:
+    """SHA-256 of what makes a volume file's data what it is, cheap to compute: its subjects, ages, image
+    shape and dtype, and the fingerprint preprocessing stored of its inputs and parameters. A run records
+    the digests of its split, so resuming or attacking it on re-split data is caught."""
+    h = hashlib.sha256()
+    with h5io.open_checked(path) as f:
+        h.update("\n".join(s.decode() if isinstance(s, bytes) else str(s) for s in f["subject_id"][:]).encode())
+        h.update(np.ascontiguousarray(f["age"][:], dtype="<f4").tobytes())
+        h.update(f"{f['images'].shape} {f['images'].dtype} {f.attrs.get('fingerprint', '')}".encode())
+    return h.hexdigest()
+
+
+def check_volumes(path) -> dict:
+    """read_header plus what the preflight can afford to check, naming the file: at least one volume, every
+    age finite and plausible, a sample of volumes finite; and the file's digest ("digest")."""
+    head = read_header(path)
+    if head["n"] == 0:
+        raise DataError(f"volume file {path}: no volumes")
+    lo, hi = PLAUSIBLE_AGES
+    with h5io.open_checked(path) as f:
+        ages = f["age"][:]
+        bad = np.flatnonzero(~(np.isfinite(ages) & (ages > lo) & (ages <= hi)))
+        if bad.size:
+            shown = ", ".join(f"#{i} ({ages[i]})" for i in bad[:5]) + (" ..." if bad.size > 5 else "")
+            raise DataError(f"volume file {path}: {bad.size} age(s) not in ({lo:g}, {hi:g}] years: {shown}")
+        reader = h5io.ChunkReader(f["images"])
+        for i in sorted({0, head["n"] // 2, head["n"] - 1})[:SAMPLED_VOLUMES]:
+            try:
+                volume = reader.read(i)
+            except Exception as exc:  # zlib/h5py errors on a damaged chunk
+                raise DataError(f"volume file {path}: cannot read volume {i}: {exc}") from None
+            if not np.isfinite(volume).all():
+                raise DataError(f"volume file {path}: volume {i} holds non-finite values")
+    return dict(head, digest=file_digest(path))
 
 
 class VolumeDataset(Dataset):

@@ -8,6 +8,7 @@ a message naming the rank and the error: a federation that hangs is the worst fa
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -22,10 +23,11 @@ from .algorithms import algorithm
 from .config import Config, load_config
 from .errors import EXIT_FAILURE, EXIT_PREEMPTED, EXIT_USAGE, ConfigError, is_user_error
 from .messages import PREFLIGHT, records, row_text, text_row
-from .sentinel import role
+from .sentinel import launcher_rank, role
 
 ERROR_BYTES = 512  # room for one rank's preflight message
 HOST_BYTES = 64
+DIGEST_BYTES = 64  # a SHA-256 in hex
 
 
 def say(rank: int, message: str) -> None:
@@ -46,14 +48,31 @@ def check_ranks(cfg: Config, size: int) -> None:
                           f"mpirun -n {cfg.federation.learners + 1} python -m fedmpi train ...")
 
 
-def train(config: str | None, overrides: list[str], resume: bool = False, overwrite: bool = False) -> int:
-    """The whole `train` command on this rank; returns its exit code (or aborts the job)."""
+def init_mpi(timeout: float):
+    """Initialise MPI, or die by SIGALRM if that takes longer than `timeout` seconds. MPI_Init waits for
+    every rank of the job (MPICH's start-up is collective) and holds the interpreter meanwhile, so a rank that
+    is stopped or stuck before it would hang the whole job where no deadline of ours can run; the alarm's
+    default action ends this process instead, the sentinel says why, and the launcher ends the job."""
+    previous = signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.alarm(max(1, math.ceil(timeout)))
     from mpi4py import MPI
 
-    comm = MPI.COMM_WORLD
-    rank, size = comm.Get_rank(), comm.Get_size()
+    MPI.COMM_WORLD.Get_rank()
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+    return MPI
+
+
+def train(config: str | None, overrides: list[str], resume: bool = False, overwrite: bool = False) -> int:
+    """The whole `train` command on this rank; returns its exit code (or aborts the job)."""
     try:  # every rank parses the same arguments, so every rank reaches the same verdict without MPI traffic
         cfg = load_config(config, overrides)
+    except ConfigError as e:
+        say(int(launcher_rank() or 0), str(e))
+        return EXIT_USAGE
+    comm = init_mpi(cfg.run.startup_timeout).COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    try:
         check_ranks(cfg, size)
     except ConfigError as e:
         say(rank, str(e))
@@ -76,10 +95,13 @@ def train(config: str | None, overrides: list[str], resume: bool = False, overwr
 def _run(cfg: Config, comm, resume: bool, overwrite: bool) -> int:
     import torch
 
-    from .wire import Wire, node_layout
+    from .wire import Wire
 
-    wire = Wire(comm)
-    local_rank, local_size = node_layout(comm)
+    # Learners wait on the server a quarter longer than the server waits on them, so that the server,
+    # which sees every rank, names a silent learner before any learner blames the server.
+    startup = cfg.run.startup_timeout
+    wire = Wire(comm, patience=startup if comm.Get_rank() == 0 else 1.25 * startup + 5)
+    local_rank, local_size = announce_ranks(wire)
     torch.set_num_threads(cfg.train.threads or max(1, len(os.sched_getaffinity(0)) // local_size))
     stop = install_preemption_handlers()
     data_dir = prepare_data(cfg, wire)
@@ -90,28 +112,34 @@ def _run(cfg: Config, comm, resume: bool, overwrite: bool) -> int:
     checked = preflight(cfg, wire, data_dir, local_rank, resume, overwrite)
     if checked is None:
         return EXIT_USAGE
-    infos, device, resume_from = checked
-    announce_ranks(wire, cfg)
-    if wire.is_server:
-        return _serve(cfg, wire, data_dir, infos, device, resume_from, stop)
-    return _learn(cfg, wire, data_dir, device)
+    infos, device, server_state = checked
+    wire.reset_counters()
+    if not wire.is_server:
+        return _learn(cfg, wire, data_dir, device)
+    (lock, resume_from), split = server_state
+    try:
+        return _serve(cfg, wire, data_dir, infos, device, resume_from, split, stop)
+    finally:
+        lock.release()
 
 
-def _serve(cfg: Config, wire, data_dir: Path, infos: np.ndarray, device, resume_from, stop) -> int:
+def _serve(cfg: Config, wire, data_dir: Path, infos: np.ndarray, device, resume_from, split: dict, stop) -> int:
     import torch
 
     from .data import VolumeDataset
+    from .files import atomic_write
     from .model import build_model
     from .recorder import Recorder, print_summary, start_state
     from .server import Server
 
+    atomic_write(cfg.run_dir / "ranks.json", json.dumps(wire.table, indent=1).encode())
     counts = infos["samples"][1:]
     mean_age = float(np.average(infos["mean_age"][1:], weights=counts))
     torch.manual_seed(cfg.run.seed)
     shape = tuple(int(infos[axis][0]) for axis in ("x", "y", "z"))
     model = build_model(cfg, shape, mean_age).to(device)
     test = VolumeDataset(data_dir / "test.h5", cache=cfg.data.cache)
-    rec = Recorder(cfg, model, test, device, float(np.mean(np.abs(test.ages - mean_age))), data_dir)
+    rec = Recorder(cfg, model, test, device, float(np.mean(np.abs(test.ages - mean_age))), data_dir, split)
     state = start_state(cfg, resume_from, rec, model)
     rec.log.write_config(cfg.to_json())
     wire.bcast(np.array([state.round, *counts], np.float64), "session")
@@ -137,6 +165,7 @@ def _learn(cfg: Config, wire, data_dir: Path, device) -> int:
                       weight=counts[wire.rank - 1] / counts.sum())
     if algorithm(cfg).start_mask and start_round == 0 and wire.rank == 1:
         learner.send_start_mask()
+    wire.next_patience = cfg.run.round_timeout + 1.25 * cfg.run.startup_timeout + 5  # the first model
     learner.run()
     return 0
 
@@ -149,97 +178,119 @@ def prepare_data(cfg: Config, wire) -> Path:
     if cfg.data.dir:
         return Path(cfg.data.dir)
     d = cfg.data
-    kwargs = dict(subjects=d.subjects, voxel=d.voxel, learners=cfg.federation.learners, distribution=d.distribution,
-                  seed=d.seed, test_fraction=d.test_fraction)
+
+    def cohort() -> Path:
+        return synthetic_cohort(d.cache_dir, subjects=d.subjects, voxel=d.voxel, learners=cfg.federation.learners,
+                                distribution=d.distribution, seed=d.seed, test_fraction=d.test_fraction)
+
     if wire.rank == 0:
         print(f"fedmpi: synthetic cohort ({d.subjects} subjects, {d.voxel} mm, {d.distribution}) under {d.cache_dir}/",
               flush=True)
-        data_dir = synthetic_cohort(d.cache_dir, **kwargs)
-    if wire.size > 1:
-        wire.barrier("synthetic cohort")
-    if wire.rank != 0:
-        data_dir = synthetic_cohort(d.cache_dir, **kwargs)
-    return data_dir
+        data_dir = cohort()
+    if wire.size > 1:  # generating a new cohort takes minutes: learners allow it a round's time
+        patience, wire.patience = wire.patience, cfg.run.round_timeout
+        try:
+            wire.bcast(np.ones(1), "the synthetic cohort (built by the server)")
+        finally:
+            wire.patience = patience
+    return data_dir if wire.rank == 0 else cohort()
 
 
 def check_rank(cfg: Config, rank: int, data_dir: Path, local_rank: int, resume: bool, overwrite: bool):
-    """What one rank checks before training, without MPI: its data file's header, its device and, on
-    rank 0, the run directory's resume point. Returns (PREFLIGHT record, device, resume point); raises
-    with the reason."""
-    from .data import read_header
+    """What one rank checks before training, without MPI: its data file (header, ages, a sample of its
+    volumes), its device and, on rank 0, the run directory: its lock (held from here to the end of the
+    run), whether it can be written, and the resume point. Returns (PREFLIGHT record, device, (lock,
+    resume point) on rank 0 or None); raises with the reason."""
+    from .data import check_volumes
     from .recorder import resume_point
+    from .runlog import RunLock
     from .training import select_device
 
-    head = read_header(data_dir / ("test.h5" if rank == 0 else f"learner_{rank}.h5"))
+    head = check_volumes(data_dir / rank_file(rank))
     info = np.zeros(1, PREFLIGHT)
     info["samples"], info["mean_age"] = head["n"], head["mean_age"]
     info["x"], info["y"], info["z"] = head["shape"]
     device = select_device(cfg.train.device, local_rank)
-    found = resume_point(cfg, resume, overwrite) if rank == 0 else None
-    return info, device, found
+    if rank != 0:
+        return info, head["digest"], device, None
+    lock = RunLock(cfg.run_dir).acquire()
+    try:
+        return info, head["digest"], device, (lock, resume_point(cfg, resume, overwrite))
+    except BaseException:
+        lock.release()
+        raise
+
+
+def rank_file(rank: int) -> str:
+    """The volume file a rank reads: the test set on the server, its own learner file on a learner."""
+    return "test.h5" if rank == 0 else f"learner_{rank}.h5"
 
 
 def preflight_problems(infos: np.ndarray, problems: list[str], data_dir: Path) -> list[str]:
-    """Rank 0's verdict over every rank's PREFLIGHT record: the ranks' own problems, volume shapes that
-    differ from test.h5's, learners without samples."""
+    """Rank 0's verdict over every rank's PREFLIGHT record: the ranks' own problems and volume shapes that
+    differ from test.h5's."""
     shapes = [tuple(int(infos[axis][k]) for axis in ("x", "y", "z")) for k in range(len(infos))]
     out = list(problems)
     for k in range(1, len(infos)):
         if any(p.startswith(f"rank {k}:") for p in problems):
             continue
-        if infos["samples"][k] and infos["samples"][0] and shapes[k] != shapes[0]:
+        if shapes[k] != shapes[0] and not any(p.startswith("rank 0:") for p in problems):
             out.append(f"learner {k} ({data_dir / f'learner_{k}.h5'}): volume shape {shapes[k]} differs "
                        f"from test.h5 {shapes[0]}")
-        elif infos["samples"][k] == 0:
-            out.append(f"learner {k}: no training samples")
     return out
 
 
 def preflight(cfg: Config, wire, data_dir: Path, local_rank: int, resume: bool, overwrite: bool):
     """Every rank checks what it will use; rank 0 prints every problem and all ranks return None together.
-    Otherwise (rank 0's PREFLIGHT records of every rank, this rank's device, rank 0's resume point)."""
+    Otherwise (rank 0's PREFLIGHT records of every rank, this rank's device, rank 0's (lock, resume point))."""
     info = np.zeros(1, PREFLIGHT)
-    problem = ""
-    device = found = None
+    problem = digest = ""
+    device = run_dir = None
     try:
-        info, device, found = check_rank(cfg, wire.rank, data_dir, local_rank, resume, overwrite)
+        info, digest, device, run_dir = check_rank(cfg, wire.rank, data_dir, local_rank, resume, overwrite)
     except Exception as e:  # noqa: BLE001 - reported collectively below
         problem = f"rank {wire.rank}: {e}"
     rows = np.zeros((wire.size, len(PREFLIGHT.names)), np.float64) if wire.is_server else None
     texts = np.zeros((wire.size, ERROR_BYTES), np.uint8) if wire.is_server else None
-    wire.gather(info.view(np.float64), rows, "preflight")
-    wire.gather(text_row(problem, ERROR_BYTES), texts, "preflight messages")
+    digests = np.zeros((wire.size, DIGEST_BYTES), np.uint8) if wire.is_server else None
+    wire.gather(info.view(np.float64), rows, "the preflight records")
+    wire.gather(text_row(problem, ERROR_BYTES), texts, "the preflight messages")
+    wire.gather(text_row(digest, DIGEST_BYTES), digests, "the data digests")
     problems: list[str] = []
     infos = info
     if wire.is_server:
         infos = records(rows, PREFLIGHT)
         problems = preflight_problems(infos, [t for t in map(row_text, texts) if t], data_dir)
-    verdict = wire.bcast(np.array([len(problems)], np.int64), "preflight verdict")
+        split = {rank_file(k): row_text(d) for k, d in enumerate(digests)}
+        if run_dir is not None and run_dir[1] is not None:
+            from .recorder import split_problems
+
+            problems += split_problems(run_dir[1][2].get("split"), split)
+    verdict = wire.bcast(np.array([len(problems)], np.int64), "the preflight verdict")
     if verdict[0]:
         for p in problems:
             say(wire.rank, p)
         return None
-    return infos, device, found
+    return infos, device, (run_dir, split) if wire.is_server else None
 
 
-def announce_ranks(wire, cfg: Config) -> None:
-    """Share the rank -> pid@host table: rank 0 prints it and keeps runs/<name>/ranks.json, and every
-    rank watches the other ranks on its host while it waits (Wire.peers)."""
-    from .files import atomic_write
-
+def announce_ranks(wire) -> tuple[int, int]:
+    """Share the rank -> pid@host table, first of all (a silent rank is named here already); every rank
+    watches the other ranks on its host while it waits (Wire.peers). Returns this rank's (local rank, ranks
+    on its host), for GPU assignment and thread counts."""
     pids = np.zeros(wire.size, np.int64)
     hosts = np.zeros((wire.size, HOST_BYTES), np.uint8)
-    wire.gather(np.array([os.getpid()], np.int64), pids if wire.is_server else None, "rank table")
-    wire.gather(text_row(socket.gethostname(), HOST_BYTES), hosts if wire.is_server else None, "rank table")
-    wire.bcast(pids, "rank table")
-    wire.bcast(hosts, "rank table")
+    wire.gather(np.array([os.getpid()], np.int64), pids if wire.is_server else None, "the rank table")
+    wire.gather(text_row(socket.gethostname(), HOST_BYTES), hosts if wire.is_server else None, "the rank table")
+    wire.bcast(pids, "the rank table")
+    wire.bcast(hosts, "the rank table")
     names = [row_text(h) for h in hosts]
+    wire.table = [{"rank": r, "role": role(r), "pid": int(pids[r]), "host": names[r]} for r in range(wire.size)]
     wire.peers = {r: int(pids[r]) for r in range(wire.size) if r != wire.rank and names[r] == names[wire.rank]}
     if wire.is_server:
-        table = [{"rank": r, "role": role(r), "pid": int(pids[r]), "host": names[r]} for r in range(wire.size)]
-        atomic_write(cfg.run_dir / "ranks.json", json.dumps(table, indent=1).encode())
-        print("fedmpi: ranks " + ", ".join(f"{t['rank']}={t['pid']}@{t['host']}" for t in table), flush=True)
-    wire.reset_counters()
+        print("fedmpi: ranks " + ", ".join(f"{t['rank']}={t['pid']}@{t['host']}" for t in wire.table), flush=True)
+    same_host = [r for r in range(wire.size) if names[r] == names[wire.rank]]
+    return same_host.index(wire.rank), len(same_host)
 
 
 def install_preemption_handlers():

@@ -15,9 +15,9 @@ import torch
 from . import pruning
 from .checkpoint import Checkpoints, save_model
 from .errors import ConfigError
+from .files import atomic_write
 from .metrics import regression_metrics
 from .model import BrainAgeCNN, flat_parameters, layer_sparsity, load_flat_parameters
-from .files import atomic_write
 from .runlog import RunLog
 from .training import predict
 
@@ -43,10 +43,11 @@ class Recorder:
     federated server and the centralized baseline."""
 
     def __init__(self, cfg: Config, model: BrainAgeCNN, test: VolumeDataset, device, baseline_mae: float,
-                 data_dir):
+                 data_dir, split: dict[str, str]):
         self.cfg = cfg
         self.test = test
         self.data_dir = str(data_dir)
+        self.split = split  # file name -> data.file_digest of the files this run trains and tests on
         self.model = model
         self.device = device
         self.loader = torch.utils.data.DataLoader(test, batch_size=cfg.eval.batch_size, shuffle=False,
@@ -84,15 +85,16 @@ class Recorder:
         row.update(round=state.round, sparsity=pruning.sparsity(state.values),
                    layer_sparsity=layer_sparsity(self.model),
                    test_mae=scores.get("mae"), test_rmse=scores.get("rmse"), test_r=scores.get("r"))
-        self.log.append(row)
         every = self.cfg.run.checkpoint_every
         if every and (state.round % every == 0 or state.round == self.cfg.federation.rounds):
-            self.checkpoint(state)
+            self.checkpoint(state)  # before the row: a row never refers to a checkpoint that failed to write
+        self.log.append(row)
         self.progress(row)
         return row
 
     def checkpoint(self, state: State) -> None:
-        self.checkpoints.save(state.round, state.values, state.mask, {"config": resume_key(self.cfg)})
+        self.checkpoints.save(state.round, state.values, state.mask,
+                              {"config": resume_key(self.cfg), "split": self.split})
 
     def progress(self, row: dict) -> None:
         mae = "" if row["test_mae"] is None else f" MAE {row['test_mae']:.2f} (mean baseline {self.baseline_mae:.2f})"
@@ -112,7 +114,7 @@ class Recorder:
         total = {k: sum(r[k] for r in rows) for k in ("bytes_down", "bytes_up", "dense_bytes_down", "dense_bytes_up")}
         summary = {
             "algorithm": self.cfg.federation.algorithm, "rounds": state.round, "preempted": preempted,
-            "data_dir": self.data_dir,
+            "data_dir": self.data_dir, "split": self.split,
             "final_mae": scores["mae"], "final_rmse": scores["rmse"], "final_r": scores["r"],
             "baseline_mae": self.baseline_mae, "final_sparsity": pruning.sparsity(state.values),
             "target_sparsity": self.cfg.federation.target, "parameters": int(state.values.size),
@@ -145,15 +147,40 @@ def resume_point(cfg: Config, resume: bool, overwrite: bool):
             raise ConfigError(f"{cfg.run_dir} holds an unfinished run; pass --resume to continue it or --overwrite "
                               f"to replace it (or choose another run.name)")
         return None
-    found = checkpoints.latest()
+    rows = RunLog(cfg.run_dir).rows()
+    found = checkpoints.latest(at_most=rows[-1]["round"] if rows else None)
     if found is None:
         print(f"fedmpi: no usable checkpoint in {checkpoints.dir}; starting fresh", flush=True)
         return None
     values, mask, meta = found
-    if meta.get("config") != resume_key(cfg):
-        raise ConfigError(f"{checkpoints.dir} was written with different settings; resume with the same config "
-                          f"(only run.*, eval.*, devices and data loading may change)")
+    changed = setting_changes(meta.get("config") or {}, resume_key(cfg))
+    if changed:
+        raise ConfigError(f"{checkpoints.dir} was written with other settings ({'; '.join(changed)}); resume with "
+                          f"the same config (only run.*, eval.*, devices and data loading may change)")
     return found
+
+
+def setting_changes(before: dict, now: dict, prefix: str = "") -> list[str]:
+    """'section.option: old -> new' for every setting that differs between two resume keys."""
+    out = []
+    for key in sorted(set(before) | set(now)):
+        a, b = before.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += setting_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def split_problems(recorded: dict | None, split: dict[str, str]) -> list[str]:
+    """A resumed run must continue on the data it was trained on: name the files whose digest changed."""
+    if not recorded:
+        return []
+    changed = sorted(name for name in set(recorded) | set(split) if recorded.get(name) != split.get(name))
+    if not changed:
+        return []
+    return [f"the data differ from what the checkpoint was trained on ({', '.join(changed)} changed since); "
+            f"resume on the same split, or start afresh with --overwrite"]
 
 
 def start_state(cfg: Config, resume, rec: Recorder, model) -> State:

@@ -60,7 +60,7 @@ def _read_metrics(run_dir: Path) -> list[dict]:
     log = RunLog(run_dir)
     if not log.metrics_path.exists():
         raise ReportError(f"{log.metrics_path}: missing")
-    return log.rows()
+    return log.checked_rows()
 
 
 def _split_distribution(data_dir: Path | None) -> str:
@@ -338,7 +338,11 @@ def _slice_source(runs: list[Run]):
 
 def write_report(run_dirs: list[Path], out: Path) -> tuple[list[dict], list[Path]]:
     """Write the tables and plots for these runs under `out`; returns the table rows and the files written."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        raise ReportError("the report's plots need matplotlib: pip install -e '.[report]' (or pip install "
+                          "matplotlib)") from None
 
     matplotlib.use("Agg")
     runs = [load_run(p) for p in expand_run_dirs(run_dirs)]

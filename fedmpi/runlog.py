@@ -1,15 +1,39 @@
-"""The run directory: resolved config, metrics.jsonl (one line per round), summary.json.
+"""The run directory: its lock, the resolved config, metrics.jsonl (one line per round), summary.json.
 
-Whole files are written to a temporary name and renamed; metrics lines are appended and
-fsynced, and a resumed run first drops the lines past its checkpoint so nothing is duplicated.
+Whole files are written to a temporary name and renamed; metrics lines are appended and fsynced, and
+a resumed run first drops the lines past its checkpoint so nothing is duplicated. JSON is always
+standard JSON: a non-finite number is written as null, never as NaN or Infinity.
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import math
 import os
+import socket
+import sys
+import time
 from pathlib import Path
 
+from .errors import ConfigError, ReportError
 from .files import atomic_write
+
+LOCK = ".lock"
+
+
+def finite_json(value):
+    """`value` with every non-finite float replaced by None (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def dumps(value, **kwargs) -> str:
+    return json.dumps(finite_json(value), allow_nan=False, sort_keys=True, **kwargs)
 
 
 def read_json(path: Path, error: type[Exception]) -> dict:
@@ -18,8 +42,45 @@ def read_json(path: Path, error: type[Exception]) -> dict:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise error(f"{path}: missing (is the run finished?)") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(f"{path}: not valid JSON ({e})") from None
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held for the run's whole life by the process that writes it.
+
+    flock is released by the kernel whenever the holder exits, crash or kill included, so a lock left by
+    a dead run is simply taken over; the file keeps the holder's host and pid for the refusal message.
+    Lock files on NFS work through the client's lock manager (flock is emulated with POSIX locks).
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ConfigError(f"cannot write the run directory {self.path.parent}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ConfigError(f"{self.path.parent} is in use by a running job ({holder}); wait for it to end or "
+                              f"choose another run.name") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                  .encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
 
 
 class RunLog:
@@ -31,30 +92,50 @@ class RunLog:
         atomic_write(self.dir / "config.json", config_json.encode())
 
     def write_summary(self, summary: dict) -> None:
-        atomic_write(self.dir / "summary.json", (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+        atomic_write(self.dir / "summary.json", (dumps(summary, indent=2) + "\n").encode())
 
     def append(self, row: dict) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a") as fh:
-            fh.write(json.dumps(row, sort_keys=True) + "\n")
+            fh.write(dumps(row) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
-    def rows(self) -> list[dict]:
+    def read(self) -> tuple[list[dict], list[int]]:
+        """(the rows that parse, the 1-based numbers of the lines that do not)."""
         if not self.metrics_path.exists():
-            return []
-        rows = []
-        for line in self.metrics_path.read_text().splitlines():
+            return [], []
+        rows, bad = [], []
+        for number, line in enumerate(self.metrics_path.read_text(errors="replace").splitlines(), start=1):
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
-                break  # a line cut by a crash ends the valid part
-        return rows
+                bad.append(number)
+        return rows, bad
+
+    def rows(self) -> list[dict]:
+        """The rows up to the first damaged line (a crash can cut the last line; resume drops it)."""
+        rows, bad = self.read()
+        return rows[: bad[0] - 1] if bad else rows
+
+    def checked_rows(self) -> list[dict]:
+        """All rows for a reader that must not miss any: a cut last line is reported and skipped, damage
+        before the last line is an error naming the lines."""
+        rows, bad = self.read()
+        if not bad:
+            return rows
+        total = len(rows) + len(bad)
+        if bad == [total]:
+            print(f"fedmpi: {self.metrics_path}: line {total} is cut short (an interrupted write); skipped",
+                  file=sys.stderr)
+            return rows
+        raise ReportError(f"{self.metrics_path}: {len(bad)} damaged line(s) before the last ({', '.join(map(str, bad))}"
+                          f" of {total}); the run's metrics are not trustworthy")
 
     def keep_through(self, round_: int) -> list[dict]:
         """Keep the rows of rounds <= round_ (resume): returns them."""
         rows = [r for r in self.rows() if r["round"] <= round_]
-        atomic_write(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+        atomic_write(self.metrics_path, "".join(dumps(r) + "\n" for r in rows).encode())
         return rows
 
     def reset(self) -> None:

@@ -22,6 +22,8 @@ HINTS = {
     signal.SIGKILL: " (out of memory, or killed by the scheduler or a user)",
     signal.SIGSEGV: " (a crash in native code)",
     signal.SIGBUS: " (a crash in native code, or a file truncated under a memory map)",
+    signal.SIGALRM: " (MPI start-up did not complete within run.startup_timeout: another rank of the job has not "
+                    "started or is stuck before MPI initialisation; the launcher's output may name it)",
 }
 
 

@@ -33,12 +33,24 @@ class Server:
         self.algo = algorithm(cfg)
         self.schedule = schedule(cfg)
         self.weights = sample_counts / sample_counts.sum()
+        self.turnaround = 0.0  # slowest time so far from the learners' last payload to the next model
+
+    def learner_patience(self) -> float:
+        """How long learners wait for the next model before they declare the server silent: the round's
+        deadline for the slowest learner, plus the server's own aggregation, evaluation and checkpoint
+        (three times the slowest seen, and at least another round's deadline), so that a slow evaluation
+        is not mistaken for a dead server."""
+        timeout = self.cfg.run.round_timeout
+        return timeout + max(timeout, 3 * self.turnaround)
 
     def receive_start_mask(self, state: State) -> None:
         """Pruning at initialisation (SNIP): learner 1 scores the initial model on its data; the mask it
         sends back is fixed for the whole federation."""
+        self.wire.deadline = time.monotonic() + self.cfg.run.round_timeout
         self.wire.send(state.values, dest=1, what="initial model for the start mask")
-        packed = self.wire.recv(np.empty((state.values.size + 7) // 8, np.uint8), source=1, what="start mask")
+        packed = self.wire.recv(np.empty((state.values.size + 7) // 8, np.uint8), source=1,
+                                what="the start mask from learner 1 (rank 1)")
+        self.wire.deadline = None
         state.mask = encoding.unpack_mask(packed, state.values.size)
         state.values = pruning.apply_mask(state.values, state.mask)
 
@@ -49,7 +61,9 @@ class Server:
         preempted = False
         for t in range(state.round + 1, f.rounds + 1):
             row, mask_changed = self.round(state, t, mask_changed)
+            began = time.perf_counter()
             self.rec.record(state, row, evaluate_now=t % self.cfg.eval.every == 0 or t == f.rounds)
+            self.turnaround = max(self.turnaround, row["seconds_aggregate"] + time.perf_counter() - began)
             if should_stop() and t < f.rounds:
                 self.rec.checkpoint(state)
                 preempted = True
@@ -63,10 +77,11 @@ class Server:
         wire.deadline = time.monotonic() + self.cfg.run.round_timeout
         t0 = time.perf_counter()
         nnz = int(state.mask.sum())
+        patience = self.learner_patience()
         if mask_changed:
-            wire.send_model(t, encoding.encode(state.values, state.mask), nnz, FLAG_MASK)
+            wire.send_model(t, encoding.encode(state.values, state.mask), nnz, FLAG_MASK, patience)
         else:
-            wire.send_model(t, encoding.gather_values(state.values, state.mask).astype(np.float32), nnz, 0)
+            wire.send_model(t, encoding.gather_values(state.values, state.mask).astype(np.float32), nnz, 0, patience)
         reports = records(wire.collect_reports(len(REPORT.names)), REPORT)
         self.check_reports(reports, nnz, n)
         if not self.algo.shared_mask:

@@ -15,8 +15,6 @@ from fedmpi.metrics import regression_metrics
 from fedmpi.model import parameter_layout
 
 
-
-
 def select_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
     """Pick this process's device; with several GPUs, ranks on a node spread over them."""
     if preference not in DEVICES:

@@ -26,9 +26,11 @@ SERVER = 0
 TAG_REPORT = 11
 TAG_DIRECT = 12
 TAG_ACK = 13
+TAG_GATHER = 14
 
-# Round header sent ahead of each model: round, flags, payload bytes, kept values.
-HEADER = 4
+# Round header sent ahead of each model: round, flags, payload bytes, kept values, and how many
+# milliseconds the learners should wait for the next header before declaring the server silent.
+HEADER = 5
 FLAG_MASK = 1  # the payload is encoding.encode(values, mask): the mask changed
 FLAG_STOP = 2  # no more rounds: learners leave their loop
 FLAG_PREEMPTED = 4  # stopping early because the server was asked to (SIGTERM/SIGUSR1)
@@ -46,7 +48,7 @@ class Transport(Protocol):
     @property
     def learners(self) -> int: ...
     def reset_counters(self) -> tuple[int, int]: ...
-    def send_model(self, round_: int, payload: np.ndarray, nnz: int, flags: int) -> None: ...
+    def send_model(self, round_: int, payload: np.ndarray, nnz: int, flags: int, patience: float = ...) -> None: ...
     def recv_model(self) -> tuple[int, int, int, np.ndarray]: ...
     def report(self, values: np.ndarray) -> None: ...
     def collect_reports(self, width: int) -> np.ndarray: ...
@@ -59,16 +61,19 @@ class Transport(Protocol):
 class Wire:
     """Moves numpy buffers between the server (rank 0) and the learners (ranks 1..N)."""
 
-    def __init__(self, comm: MPI.Comm | None = None, max_sleep: float = 0.01):
+    def __init__(self, comm: MPI.Comm | None = None, max_sleep: float = 0.01, patience: float | None = None):
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self.max_sleep = max_sleep
-        self.deadline: float | None = None
+        self.deadline: float | None = None  # the server's round deadline (absolute, time.monotonic)
+        self.patience = patience  # seconds any other wait may last (None: no limit)
+        self.next_patience = patience  # learner: how long to wait for the next round header
         self.bytes_down = 0
         self.bytes_up = 0
         self._acks: dict[int, MPI.Request] = {}  # server: learners yet to acknowledge this round's model
         self.peers: dict[int, int] = {}  # rank -> pid of the other ranks on this host, checked while waiting
+        self.table: list[dict] = []  # rank, role, pid and host of every rank (launch.announce_ranks)
         self._next_check = 0.0
         self._ack_rows = np.zeros((self.size, 1), np.int64)
 
@@ -88,22 +93,30 @@ class Wire:
 
     def _wait(self, request: MPI.Request, what: str) -> None:
         self._poll(request.Test, what)
-        self._check(what, force=True)  # a collective may complete around a rank that died: never trust it then
+        self._check(what, None, force=True)  # a collective may complete around a rank that died: never trust it
 
-    def _poll(self, done, what: str, late=lambda: "") -> None:
-        """Sleep-poll until done(); `late()` adds who is missing to a deadline message."""
+    def _poll(self, done, what: str, late=None) -> None:
+        """Sleep-poll until done(). Past the round deadline, or past `patience` seconds when no round deadline
+        is set, raise RoundTimeout; `late()` names who is missing (a learner waits only on the server)."""
+        if late is None:
+            late = (lambda: "") if self.is_server else (lambda: ": the server (rank 0) is silent")
+        limit = self.deadline
+        if limit is None and self.patience is not None:
+            limit = time.monotonic() + self.patience
         pause = 0.0
         while not done():
-            self._check(what, late=late)
+            self._check(what, limit, late=late)
             time.sleep(pause)
             pause = min(self.max_sleep, pause + 0.0005)
 
-    def _check(self, what: str, force: bool = False, late=lambda: "") -> None:
-        """While waiting: the round deadline, and (once a second, or when forced) that the ranks on this
-        host still exist. Launchers normally end the job when a rank dies; this makes sure of it."""
+    def _check(self, what: str, limit: float | None, force: bool = False, late=lambda: "") -> None:
+        """While waiting: the deadline, and (once a second, or when forced) that the ranks on this host still
+        exist. Launchers normally end the job when a rank dies; this makes sure of it."""
         now = time.monotonic()
-        if self.deadline is not None and now > self.deadline:
-            raise RoundTimeout(f"round deadline passed while waiting for {what}{late()}{self._silent()}")
+        if limit is not None and now > limit:
+            if self.deadline is not None:
+                raise RoundTimeout(f"round deadline passed while waiting for {what}{late()}{self._silent()}")
+            raise RoundTimeout(f"no answer within {self.patience:.0f} s while waiting for {what}{late()}")
         if now < self._next_check and not force:
             return
         self._next_check = now + 1.0
@@ -154,14 +167,25 @@ class Wire:
         return None
 
     def gather(self, buf: np.ndarray, out: np.ndarray | None, what: str = "gather") -> np.ndarray | None:
-        """Fixed-size rows from every rank (the server's own row included) into `out` at the server."""
+        """Fixed-size rows from every rank (the server's own row included) into `out` at the server.
+        Point to point, so that past the deadline the server names the ranks that sent nothing."""
         buf = _contiguous(buf)
-        if self.is_server:
-            self.bytes_up += buf.nbytes * self.learners
-        else:
+        if not self.is_server:
             self.bytes_up += buf.nbytes
-        self._wait(self.comm.Igather(buf, out, root=SERVER), what)
+            self._wait(self.comm.Isend(buf, dest=SERVER, tag=TAG_GATHER), what)
+            return None
+        assert out is not None
+        out[SERVER:SERVER + 1] = buf.reshape(out[SERVER:SERVER + 1].shape)
+        pending = {k: self.comm.Irecv(out[k:k + 1], source=k, tag=TAG_GATHER) for k in range(1, self.size)}
+        self._poll(lambda: _complete(pending), what, lambda: self._missing(pending, "nothing"))
+        self.bytes_up += buf.nbytes * self.learners
         return out
+
+    def _missing(self, pending: dict, noun: str) -> str:
+        """Name the learners whose requests are still pending (and cancel them)."""
+        names = ", ".join(f"learner {k} (rank {k})" for k in sorted(pending))
+        self._cancel(pending)
+        return f"; {noun} from {names}"
 
     def gatherv(self, buf: np.ndarray | None, what: str = "gatherv") -> list[np.ndarray] | None:
         """Variable-length uint8 buffers from every learner; the server gets one view per learner."""
@@ -193,18 +217,7 @@ class Wire:
         """Server: one report row per learner; on deadline, name the learners that did not report."""
         rows = np.zeros((self.size, width), dtype=np.float64)
         pending = {k: self.comm.Irecv(rows[k], source=k, tag=TAG_REPORT) for k in range(1, self.size)}
-
-        def done() -> bool:
-            for k in [k for k, req in pending.items() if req.Test()]:
-                del pending[k]
-            return not pending
-
-        def late() -> str:
-            names = ", ".join(f"learner {k} (rank {k})" for k in sorted(pending))
-            self._cancel(pending)
-            return f"; no report from {names}"
-
-        self._poll(done, "learner reports", late)
+        self._poll(lambda: _complete(pending), "learner reports", lambda: self._missing(pending, "no report"))
         for k, req in self._acks.items():  # every learner that reported has acknowledged; complete them
             self._wait(req, f"acknowledgement from learner {k}")
         self._acks.clear()
@@ -231,9 +244,10 @@ class Wire:
 
     # The model exchange of one round, framed as header + payload.
 
-    def send_model(self, round_: int, payload: np.ndarray, nnz: int, flags: int) -> None:
-        """Server: broadcast the round header, then the payload (uint8)."""
-        header = np.array([round_, flags, payload.nbytes, nnz], dtype=np.int64)
+    def send_model(self, round_: int, payload: np.ndarray, nnz: int, flags: int, patience: float = 0.0) -> None:
+        """Server: broadcast the round header, then the payload (uint8). `patience`: seconds the learners
+        should wait for the next header (this round's training plus the server's evaluation and checkpoint)."""
+        header = np.array([round_, flags, payload.nbytes, nnz, round(patience * 1000)], dtype=np.int64)
         if not flags & FLAG_STOP:
             self._acks = {k: self.comm.Irecv(self._ack_rows[k], source=k, tag=TAG_ACK) for k in range(1, self.size)}
             self.bytes_up += self._ack_rows[1:].nbytes
@@ -242,9 +256,14 @@ class Wire:
             self.bcast(payload.view(np.uint8), "model")
 
     def recv_model(self) -> tuple[int, int, int, np.ndarray]:
-        """Learner: (round, flags, nnz, payload)."""
-        header = self.bcast(np.zeros(HEADER, dtype=np.int64), "round header")
-        round_, flags, nbytes, nnz = (int(v) for v in header)
+        """Learner: (round, flags, nnz, payload), waiting at most `next_patience` seconds for the header. The
+        header says how long to wait for the next one; every wait of the round on the server (the model, the
+        report, the payload's collective, which completes with the slowest learner's) gets that long too."""
+        self.patience = self.next_patience
+        header = self.bcast(np.zeros(HEADER, dtype=np.int64), "the next round's model")
+        round_, flags, nbytes, nnz, patience_ms = (int(v) for v in header)
+        if patience_ms > 0:
+            self.patience = self.next_patience = patience_ms / 1000
         payload = np.empty(nbytes, dtype=np.uint8)
         if nbytes:
             self.bcast(payload, "model")
@@ -255,17 +274,14 @@ class Wire:
         return round_, flags, nnz, payload
 
 
+def _complete(pending: dict) -> bool:
+    """Drop the completed requests; True when none is left."""
+    for k in [k for k, req in pending.items() if req.Test()]:
+        del pending[k]
+    return not pending
+
+
 def _contiguous(buf: np.ndarray) -> np.ndarray:
     if not isinstance(buf, np.ndarray):
         raise TypeError("the wire carries numpy arrays only")
     return np.ascontiguousarray(buf)
-
-
-def node_layout(comm: MPI.Comm | None = None) -> tuple[int, int]:
-    """(local rank, ranks on this node), for GPU assignment and thread counts."""
-    comm = comm if comm is not None else MPI.COMM_WORLD
-    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    try:
-        return node.Get_rank(), node.Get_size()
-    finally:
-        node.Free()

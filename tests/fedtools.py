@@ -87,3 +87,46 @@ def wait_rows(run: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -
             return
         time.sleep(0.1)
     raise TimeoutError(f"{path} did not reach {n} rows")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, grandchildren, ...), from /proc."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    parents[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [p for p, parent in parents.items() if parent in frontier]
+        found += kids
+        frontier = kids
+    return found
+
+
+def rank_process(job: subprocess.Popen, rank: int, timeout: float = 30) -> int:
+    """The pid of MPI rank `rank` of `job` (the sentinel's child, which is the rank itself), as soon as it
+    exists: before it has imported anything or initialised MPI."""
+    import time
+
+    marks = (f"PMI_RANK={rank}".encode(), f"OMPI_COMM_WORLD_RANK={rank}".encode())
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        tree = descendants(job.pid)
+        for pid in tree:
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as fh:
+                    env = fh.read().split(b"\0")
+                with open(f"/proc/{pid}/stat") as fh:
+                    parent = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            if any(m in env for m in marks) and parent in tree:
+                with open(f"/proc/{parent}/environ", "rb") as fh:
+                    if any(m in fh.read().split(b"\0") for m in marks):
+                        return pid
+        time.sleep(0.01)
+    raise TimeoutError(f"rank {rank} of job {job.pid} did not appear")

@@ -336,3 +336,27 @@ def test_attack_command_on_a_run_directory(tmp_path, capsys):
     assert attack.run(parser.parse_args(["--run", str(run), "--out", str(tmp_path / "x.json")])) == 1
     assert "does not record data_dir" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_attack_refuses_a_data_directory_re_split_since_the_run(tmp_path, capsys):
+    from fedmpi.checkpoint import save_model
+    from fedmpi.config import Config
+    from fedmpi.data import file_digest
+    from fedmpi.model import flat_parameters
+    from fedtools import write_split
+
+    data = write_split(tmp_path / "split", learners=2, per_learner=8, test=8, shape=SHAPE)
+    cfg = Config()
+    cfg.model.width, cfg.model.dropout, cfg.federation.learners = 0.125, 0.0, 2
+    values = flat_parameters(BrainAgeCNN(SHAPE, width=0.125, dropout=0.0))
+    run = tmp_path / "runs" / "r"
+    save_model(run / "model.npz", values, values != 0, {"input_shape": list(SHAPE), "config": cfg.to_dict()})
+    split = {name: file_digest(data / name) for name in ("test.h5", "learner_1.h5", "learner_2.h5")}
+    (run / "summary.json").write_text(json.dumps({"data_dir": str(data), "split": split}))
+    write_split(data, learners=2, per_learner=8, test=8, seed=3, shape=SHAPE)  # re-split into the same directory
+    parser = argparse.ArgumentParser()
+    attack.add_arguments(parser)
+    assert attack.run(parser.parse_args(["--run", str(run), "--max-per-class", "4"])) == 1
+    err = capsys.readouterr().err
+    assert "test.h5, learner_1.h5, learner_2.h5" in err and "re-split or re-preprocessed since" in err
+    assert not (run / "attack.json").exists()

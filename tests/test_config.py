@@ -186,6 +186,7 @@ VALIDATION = [
     ("run.checkpoint_every=-1", "run.checkpoint_every"),
     ("run.keep_checkpoints=0", "run.keep_checkpoints"),
     ("run.round_timeout=0", "run.round_timeout"),
+    ("run.startup_timeout=0", "run.startup_timeout"),
 ]
 
 

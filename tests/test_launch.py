@@ -34,10 +34,13 @@ def test_rank_count_must_match_learners(tmp_path):
 
 def test_each_rank_checks_its_own_file(split, tmp_path):
     cfg = _cfg(tmp_path, f"data.dir={split}")
-    info, device, found = check_rank(cfg, 2, split, 0, resume=False, overwrite=False)
+    info, digest, device, server_state = check_rank(cfg, 2, split, 0, resume=False, overwrite=False)
     assert info["samples"][0] == 6 and (info["x"][0], info["y"][0], info["z"][0]) == SHAPE
-    assert device == torch.device("cpu") and found is None
+    assert device == torch.device("cpu") and server_state is None and len(digest) == 64
     assert 45 <= info["mean_age"][0] <= 80
+    info, _, _, (lock, found) = check_rank(cfg, 0, split, 0, resume=False, overwrite=False)  # the server
+    assert info["samples"][0] == 6 and found is None and (cfg.run_dir / ".lock").exists()
+    lock.release()
 
 
 def test_missing_and_truncated_files_name_the_file(split, tmp_path):
@@ -67,12 +70,12 @@ def _records(rows):
     return out
 
 
-def test_verdict_names_shape_mismatch_and_empty_learners(tmp_path):
-    infos = _records([(6, (16, 20, 16)), (6, (16, 20, 16)), (6, (12, 14, 12)), (0, (16, 20, 16))])
-    problems = preflight_problems(infos, [], tmp_path)
-    assert len(problems) == 2
-    assert "learner 2" in problems[0] and "(12, 14, 12) differs from test.h5 (16, 20, 16)" in problems[0]
-    assert problems[1] == "learner 3: no training samples"
+def test_verdict_names_shape_mismatch(tmp_path):
+    infos = _records([(6, (16, 20, 16)), (6, (16, 20, 16)), (6, (12, 14, 12))])
+    (problem,) = preflight_problems(infos, [], tmp_path)
+    assert "learner 2" in problem and "(12, 14, 12) differs from test.h5 (16, 20, 16)" in problem
+    # when the server's own file failed, its shape is unknown: only its problem is reported
+    assert preflight_problems(infos, ["rank 0: test.h5 missing"], tmp_path) == ["rank 0: test.h5 missing"]
 
 
 def test_verdict_keeps_a_ranks_own_problem_without_piling_on(tmp_path):
@@ -88,7 +91,7 @@ def test_unfinished_run_is_not_silently_replaced(split, tmp_path):
     ckpt.write_bytes(b"x")
     with pytest.raises(ConfigError, match="unfinished run; pass --resume"):
         check_rank(cfg, 0, split, 0, resume=False, overwrite=False)
-    check_rank(cfg, 0, split, 0, resume=False, overwrite=True)
+    check_rank(cfg, 0, split, 0, resume=False, overwrite=True)[3][0].release()  # the lock was released above
 
 
 def test_config_errors_are_one_clear_line(capsys):

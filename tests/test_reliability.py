@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from fedtools import metrics, run_fedmpi, start_fedmpi, summary, wait_rows, write_split
+from fedtools import metrics, rank_process, run_fedmpi, start_fedmpi, summary, wait_rows, write_split
 
 from fedmpi.checkpoint import load_model
 
@@ -84,7 +84,7 @@ def test_an_exception_on_a_learner_ends_the_job_naming_it(split, tmp_path):
 
 
 def test_a_silent_learner_is_named_by_the_round_watchdog(split, tmp_path):
-    proc = start_fedmpi(split, tmp_path, *ROUNDS, "run.name=w", "run.round_timeout=3")
+    proc = start_fedmpi(split, tmp_path, *ROUNDS, "run.name=w", "run.round_timeout=20")
     wait_rows(tmp_path / "w", 1, proc)
     pid = json.loads((tmp_path / "w" / "ranks.json").read_text())[1]["pid"]
     os.kill(pid, signal.SIGSTOP)  # alive but silent: no MPI failure, only the deadline can notice
@@ -141,3 +141,81 @@ def test_missing_learner_file_is_reported_before_training(split, tmp_path):
     assert "rank 2" in proc.stderr and "learner_2.h5" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "demo" / "metrics.jsonl").exists()
+
+
+def _stopped(pid: int):
+    os.kill(pid, signal.SIGSTOP)
+    return time.monotonic()
+
+
+def _kill_quietly(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def test_a_learner_stopped_before_mpi_starts_ends_the_job(split, tmp_path):
+    """MPI_Init waits for every rank: without the start-up alarm the whole job would hang in it."""
+    proc = start_fedmpi(split, tmp_path, *ROUNDS, "run.name=s0", "run.startup_timeout=10")
+    pid = rank_process(proc, 2)
+    stopped = _stopped(pid)
+    try:
+        code, out, err, _ = _finish(proc, 60)
+    finally:
+        _kill_quietly(pid)
+    assert code != 0 and time.monotonic() - stopped < 60
+    assert "was killed by SIGALRM (MPI start-up did not complete within run.startup_timeout" in err, err
+
+
+def test_a_learner_stopped_during_start_up_is_named_by_the_server(split, tmp_path):
+    proc = start_fedmpi(split, tmp_path, *ROUNDS, "run.name=s1", "run.startup_timeout=10")
+    line = proc.stdout.readline()  # "fedmpi: ranks 0=pid@host, ...": the rank table is complete
+    pid = int(line.split("2=")[1].split("@")[0])
+    stopped = _stopped(pid)
+    try:
+        code, out, err, _ = _finish(proc, 60)
+    finally:
+        _kill_quietly(pid)
+    assert code != 0 and time.monotonic() - stopped < 60
+    assert "rank 0 (server) failed: RoundTimeout" in err and "from learner 2 (rank 2)" in err, err
+    assert "learner 1 (rank 1)" not in err.split("RoundTimeout")[1]
+
+
+def test_a_stopped_server_is_named_by_the_learners(split, tmp_path):
+    proc = start_fedmpi(split, tmp_path, *ROUNDS, "federation.rounds=60", "run.name=s2", "run.round_timeout=25")
+    wait_rows(tmp_path / "s2", 2, proc)
+    pid = json.loads((tmp_path / "s2" / "ranks.json").read_text())[0]["pid"]
+    stopped = _stopped(pid)
+    try:
+        code, out, err, _ = _finish(proc, 90)
+    finally:
+        _kill_quietly(pid)
+    assert code != 0 and time.monotonic() - stopped < 60
+    assert "RoundTimeout" in err and "the server (rank 0) is silent" in err, err
+
+
+def test_two_runs_of_one_name_exactly_one_runs(split, tmp_path):
+    first = start_fedmpi(split, tmp_path, *ROUNDS, "federation.rounds=40", "run.name=same")
+    wait_rows(tmp_path / "same", 1, first)
+    second = run_fedmpi(split, tmp_path, *ROUNDS, "run.name=same", "run.seed=7", extra=["--overwrite"])
+    holder = json.loads((tmp_path / "same" / "ranks.json").read_text())[0]["pid"]
+    code, *_ = _finish(first, 300)
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert f"is in use by a running job (pid {holder} on" in second.stderr and "Traceback" not in second.stderr
+    assert code == 0
+    assert [r["round"] for r in metrics(tmp_path / "same")] == list(range(1, 41))  # one writer, no duplicates
+    assert json.loads((tmp_path / "same" / "config.json").read_text())["run"]["seed"] == 0
+    assert summary(tmp_path / "same")["rounds"] == 40
+
+
+@pytest.mark.parametrize("where", ["learner_2.h5", "test.h5"])
+def test_a_nan_age_is_named_before_training(split, tmp_path, where):
+    import h5py
+
+    bad = write_split(tmp_path / "split")
+    with h5py.File(bad / where, "r+") as f:
+        f["age"][0] = np.nan
+    proc = run_fedmpi(bad, tmp_path, *ROUNDS, "run.name=nan")
+    assert proc.returncode == 2 and where in proc.stderr and "age(s) not in" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "nan" / "metrics.jsonl").exists()

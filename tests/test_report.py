@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from fedmpi import report
+from fedmpi.errors import ReportError
+from fedmpi.report import load_run, write_report
 
 
 def _write_run(root, name, *, algorithm, target, mae, sparsities, bytes_per_round, attack_auc=None,
@@ -125,4 +127,35 @@ def test_a_bad_test_file_stops_the_report_before_anything_is_written(runs, tmp_p
     report.add_arguments(parser)
     assert report.run(parser.parse_args([str(p) for p in runs] + ["--out", str(tmp_path / "out")])) == 1
     assert "test.h5" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_damaged_metrics_fail_the_report_and_a_cut_last_line_is_reported(runs, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "damaged"
+    shutil.copytree(runs[0], run)
+    metrics = run / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(lines) + '\n{"round": 99, "cut')
+    assert load_run(run).metrics == [json.loads(x) for x in lines]
+    assert "is cut short" in capsys.readouterr().err
+    metrics.write_text("\n".join(["{oops", *lines]) + "\n")
+    with pytest.raises(ReportError, match=r"1 damaged line\(s\) before the last \(1 of"):
+        load_run(run)
+
+
+def test_report_without_matplotlib_names_the_extra(runs, tmp_path, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(ReportError, match=r"pip install -e '\.\[report\]'"):
+        write_report(list(runs), tmp_path / "out")
     assert not (tmp_path / "out").exists()

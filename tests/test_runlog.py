@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from fedmpi.runlog import RunLog, atomic_write
+from fedmpi.files import atomic_write
+from fedmpi.runlog import RunLock, RunLog, dumps, finite_json
 
 
 def listing(directory):
@@ -87,3 +88,71 @@ def test_write_config_and_summary_are_json(tmp_path):
     log.write_summary({"mae": 1.0})
     assert json.loads((tmp_path / "run" / "summary.json").read_text()) == {"mae": 1.0}
     assert listing(tmp_path / "run") == ["config.json", "summary.json"]
+
+
+def test_json_records_never_hold_nan(tmp_path):
+    value = {"mae": float("nan"), "rows": [1.0, float("inf"), {"r": -float("inf")}], "ok": 2.5}
+    assert finite_json(value) == {"mae": None, "rows": [1.0, None, {"r": None}], "ok": 2.5}
+    json.loads(dumps(value))  # standard JSON
+    log = RunLog(tmp_path)
+    log.write_summary({"final_mae": float("nan")})
+    log.append({"round": 1, "test_mae": float("nan")})
+    text = (tmp_path / "summary.json").read_text() + log.metrics_path.read_text()
+    assert "NaN" not in text and json.loads((tmp_path / "summary.json").read_text())["final_mae"] is None
+
+
+def test_checked_rows_skip_a_cut_last_line_and_refuse_earlier_damage(tmp_path, capsys):
+    from fedmpi.errors import ReportError
+
+    log = RunLog(tmp_path)
+    for t in (1, 2, 3):
+        log.append({"round": t})
+    with open(log.metrics_path, "a") as fh:
+        fh.write('{"round": 4, "cut')
+    assert [r["round"] for r in log.checked_rows()] == [1, 2, 3]
+    assert "line 4 is cut short" in capsys.readouterr().err
+    lines = log.metrics_path.read_text().splitlines()
+    lines[1] = lines[1][:5]
+    log.metrics_path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ReportError, match=r"2 damaged line\(s\) before the last \(2, 4 of 4\)"):
+        log.checked_rows()
+    assert log.read()[1] == [2, 4]
+
+
+def test_run_lock_is_exclusive_names_the_holder_and_is_released(tmp_path):
+    from fedmpi.errors import ConfigError
+
+    held = RunLock(tmp_path / "run").acquire()
+    with pytest.raises(ConfigError, match=r"is in use by a running job \(pid \d+ on .+, since "):
+        RunLock(tmp_path / "run").acquire()
+    held.release()
+    again = RunLock(tmp_path / "run").acquire()  # free again, the stale holder line is replaced
+    assert f"pid {__import__('os').getpid()}" in (tmp_path / "run" / ".lock").read_text()
+    again.release()
+
+
+def test_a_dead_holders_lock_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    code = "import sys; from fedmpi.runlog import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True)"
+    child = subprocess.Popen([sys.executable, "-c", code + "; import time; time.sleep(60)", str(tmp_path)],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "held"
+    from fedmpi.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"pid {child.pid}"):
+        RunLock(tmp_path).acquire()
+    child.kill()
+    child.wait()
+    RunLock(tmp_path).acquire().release()  # the kernel dropped the dead process's lock
+
+
+def test_unwritable_run_directory_is_one_clear_error(tmp_path):
+    from fedmpi.errors import ConfigError
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="cannot write the run directory .*file/run"):
+        RunLock(tmp_path / "file" / "run").acquire()
+    with pytest.raises(ConfigError, match="cannot write the run directory /proc/fedmpi-run"):
+        RunLock("/proc/fedmpi-run").acquire()

@@ -135,7 +135,7 @@ def test_summary_scores_the_final_model_even_when_its_round_was_not_evaluated(tm
     cfg.model.width, cfg.run.dir, cfg.run.checkpoint_every = 0.125, str(tmp_path / "runs"), 0
     torch.manual_seed(0)
     model = build_model(cfg, SHAPE)
-    rec = Recorder(cfg, model, VolumeDataset(tmp_path / "test.h5"), torch.device("cpu"), 8.0, tmp_path)
+    rec = Recorder(cfg, model, VolumeDataset(tmp_path / "test.h5"), torch.device("cpu"), 8.0, tmp_path, {})
     state = initial_state(model)
     row = {"bytes_up": 0, "bytes_down": 0, "dense_bytes_up": 0, "dense_bytes_down": 0, "seconds_train": 0.0,
            "seconds_comm": 0.0, "seconds_aggregate": 0.0}

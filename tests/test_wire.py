@@ -86,5 +86,32 @@ def test_a_vanished_peer_on_this_host_is_named(wire):
     wire.peers = {7: gone.pid}
     wire._next_check = 0.0
     with pytest.raises(PeerLost, match=rf"rank 7 \(learner 7, pid {gone.pid}\) is gone while waiting for x"):
-        wire._check("x")
+        wire._check("x", None)
     wire.peers = {}
+
+
+def test_a_silent_rank_is_named_by_the_gather_deadline(wire):
+    """Start-up exchanges are point to point, so the server names who sent nothing; a learner waiting on
+    the server names the server."""
+    from fedmpi.wire import TAG_GATHER, RoundTimeout
+
+    wire.patience = 0.5
+    if wire.is_server:
+        out = np.zeros((wire.size, 2))
+        with pytest.raises(RoundTimeout, match=r"within 0 s while waiting for the table; nothing from learner 2 \(rank 2\)$"):
+            wire.gather(np.full(2, 0.0), out, "the table")
+        assert out[1].tolist() == [1.0, 1.0]
+        wire.comm.Recv(np.zeros(2), source=2, tag=TAG_GATHER)  # drain the late row
+    elif wire.rank == 2:
+        time.sleep(1.5)
+        wire.gather(np.full(2, 2.0), None, "the table")
+    else:
+        wire.gather(np.full(2, 1.0), None, "the table")
+    wire.comm.Barrier()
+    if wire.rank == 1:
+        with pytest.raises(RoundTimeout, match=r"while waiting for the verdict: the server \(rank 0\) is silent"):
+            wire.recv(np.zeros(1), source=0, what="the verdict")
+    wire.comm.Barrier()
+    if wire.is_server:  # satisfy the receive the learner gave up on
+        wire.comm.Send(np.zeros(1), dest=1, tag=12)
+    wire.patience = None

@@ -1,0 +1,91 @@
+"""What the trainer checks of a volume file before training (data.check_volumes, data.file_digest) and of
+a run directory before resuming (recorder.resume_point, setting_changes, split_problems)."""
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from fedtools import write_volumes
+
+from fedmpi.checkpoint import Checkpoints
+from fedmpi.config import load_config
+from fedmpi.data import check_volumes, file_digest
+from fedmpi.errors import ConfigError, DataError
+from fedmpi.recorder import resume_key, resume_point, setting_changes, split_problems
+from fedmpi.runlog import RunLog
+
+
+def _file(path, ages, seed=0):
+    write_volumes(path, np.asarray(ages, np.float64), np.random.default_rng(seed))
+    return path
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 0.0, -5.0, 300.0, 1e3, float("inf")])
+def test_implausible_or_missing_ages_are_refused_naming_the_file(tmp_path, bad):
+    path = _file(tmp_path / "learner_3.h5", [50.0, 61.5, 70.0])
+    with h5py.File(path, "r+") as f:
+        f["age"][1] = bad
+    with pytest.raises(DataError, match=r"learner_3.h5: 1 age\(s\) not in \(0, 120\] years: #1"):
+        check_volumes(path)
+
+
+def test_non_finite_volume_and_empty_file_are_refused(tmp_path):
+    path = _file(tmp_path / "test.h5", [50.0, 60.0, 70.0])
+    with h5py.File(path, "r+") as f:
+        vol = f["images"][2]
+        vol[3, 3, 3] = np.nan
+        f["images"][2] = vol
+    with pytest.raises(DataError, match="test.h5: volume 2 holds non-finite values"):
+        check_volumes(path)
+    empty = tmp_path / "empty.h5"
+    with h5py.File(path, "r") as src, h5py.File(empty, "w") as dst:
+        for name in src:
+            dst.create_dataset(name, data=src[name][:0], maxshape=src[name].shape)
+        dst.attrs.update(src.attrs)
+    with pytest.raises(DataError, match="empty.h5: no volumes"):
+        check_volumes(empty)
+
+
+def test_digest_follows_the_subjects_not_the_file(tmp_path):
+    a = _file(tmp_path / "a.h5", [50.0, 60.0])
+    b = _file(tmp_path / "b.h5", [50.0, 60.0])  # same subjects and ages, written anew
+    c = _file(tmp_path / "c.h5", [50.0, 61.0])
+    assert file_digest(a) == file_digest(b) != file_digest(c)
+    assert check_volumes(a)["digest"] == file_digest(a)
+
+
+def test_split_problems_name_the_changed_files():
+    before = {"test.h5": "x", "learner_1.h5": "y"}
+    assert split_problems(None, before) == [] and split_problems(before, dict(before)) == []
+    (problem,) = split_problems(before, {"test.h5": "x", "learner_1.h5": "z"})
+    assert "learner_1.h5 changed since" in problem
+
+
+def test_setting_changes_name_each_option():
+    a = resume_key(load_config(overrides=["federation.target=0.9"]))
+    b = resume_key(load_config(overrides=["federation.target=0.95", "train.lr=0.01"]))
+    assert setting_changes(a, b) == ["federation.target: 0.9 -> 0.95", "train.lr: 0.005 -> 0.01"]
+
+
+def _run_with_checkpoints(tmp_path, rounds_checkpointed, rows, **overrides):
+    cfg = load_config(overrides=[f"run.dir={tmp_path}", "run.name=r", *[f"{k}={v}" for k, v in overrides.items()]])
+    ckpts = Checkpoints(cfg.run_dir / "checkpoints", keep=10)
+    for t in rounds_checkpointed:
+        ckpts.save(t, np.full(4, t, np.float32), np.ones(4, bool), {"config": resume_key(cfg), "split": {}})
+    log = RunLog(cfg.run_dir)
+    for t in range(1, rows + 1):
+        log.append({"round": t})
+    return cfg
+
+
+def test_resume_never_passes_the_last_recorded_round(tmp_path):
+    cfg = _run_with_checkpoints(tmp_path, [1, 2, 3], rows=2)  # round 3's row was lost with a crash
+    values, _, meta = resume_point(cfg, resume=True, overwrite=False)
+    assert meta["round"] == 2 and values[0] == 2
+
+
+def test_resume_with_other_settings_names_them(tmp_path):
+    _run_with_checkpoints(tmp_path, [1], rows=1)
+    cfg = load_config(overrides=[f"run.dir={tmp_path}", "run.name=r", "train.epochs=5"])
+    with pytest.raises(ConfigError, match=r"other settings \(train.epochs: 3 -> 5\)"):
+        resume_point(cfg, resume=True, overwrite=False)
