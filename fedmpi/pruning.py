@@ -2,7 +2,9 @@
 
 The model is one flat 1-D vector of all trainable parameters and one bool mask of the
 same length (True = kept). Pruning never regrows: a position that is False in the
-incoming mask stays False, so sparsity only grows over the rounds (FedSparsify).
+incoming mask stays False, so sparsity only grows over the rounds (FedSparsify). The one
+exception is ``top_mask``, which chooses afresh from scores over every position (PruneFL's
+reconfiguration regrows; GraSP's start mask has no earlier mask to respect).
 """
 from __future__ import annotations
 
@@ -47,6 +49,22 @@ def magnitude_mask(values: np.ndarray, sparsity: float, mask: np.ndarray | None 
     ties = np.flatnonzero(mags == threshold)[: missing - int(np.count_nonzero(prune))]
     prune[ties] = True
     mask[kept[prune]] = False
+    return mask
+
+
+def top_mask(scores: np.ndarray, sparsity: float) -> np.ndarray:
+    """Keep the ``N - n_pruned(N, sparsity)`` highest ``scores`` and prune the rest, whatever was kept before.
+
+    PruneFL's reconfiguration (scores = the learners' summed squared gradients over every position, so
+    pruned positions may come back) and GraSP's start mask (scores negated: GraSP removes its highest
+    scores). Among equal scores the lower index is pruned first, as in ``magnitude_mask``: the result is a
+    stable ascending sort of the scores, cut after ``n_pruned`` positions.
+    """
+    scores = _as_flat_real(scores, "scores")
+    if scores.dtype.kind == "f" and np.isnan(scores).any():
+        raise ValueError("scores contain NaN; ranking needs comparable scores")
+    mask = np.ones(scores.size, dtype=bool)
+    mask[np.argsort(scores, kind="stable")[: n_pruned(scores.size, sparsity)]] = False
     return mask
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fedmpi.pruning import apply_mask, magnitude_mask, n_pruned, random_mask, sparsity
+from fedmpi.pruning import apply_mask, magnitude_mask, n_pruned, random_mask, sparsity, top_mask
 
 
 def reference_magnitude_mask(values, s, mask=None):
@@ -159,3 +159,47 @@ def test_prune_and_measure_round_trip():
     pruned = apply_mask(v, magnitude_mask(v, 0.95))
     assert sparsity(pruned) == 0.95
     assert np.abs(pruned[pruned != 0]).min() >= np.sort(np.abs(v))[9499]
+
+
+def reference_top_mask(scores, s):
+    """Python's own sort of (score, index) pairs: the n_pruned lowest go, ties lower index first."""
+    k = int(round(s * scores.size))
+    out = np.ones(scores.size, bool)
+    out[[i for _, i in sorted((float(v), i) for i, v in enumerate(scores))[:k]]] = False
+    return out
+
+
+def test_top_mask_hand_computed():
+    scores = np.array([0.5, 3.0, 0.0, 2.0, 0.5, 7.0], np.float32)
+    # prune 3 of 6: 0.0 (index 2), then the tied 0.5s (indices 0 and 4)
+    np.testing.assert_array_equal(top_mask(scores, 0.5), [False, True, False, True, False, True])
+    # prune 2: the tie at 0.5 is broken towards the lower index
+    np.testing.assert_array_equal(top_mask(scores, 1 / 3), [False, True, False, True, True, True])
+    assert top_mask(scores, 0.0).all() and not top_mask(scores, 1.0).any()
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("s", [0.1, 0.5, 0.9, 0.99])
+def test_top_mask_keeps_exactly_the_top_k_like_the_reference(seed, s):
+    rng = np.random.default_rng(seed)
+    scores = rng.gamma(0.5, size=2003).astype(np.float32)
+    scores[rng.integers(0, scores.size, 300)] = 0.0  # many ties, as untouched positions give
+    scores[::7] = scores[3]
+    mask = top_mask(scores, s)
+    np.testing.assert_array_equal(mask, reference_top_mask(scores, s))
+    assert scores.size - mask.sum() == n_pruned(scores.size, s)
+    assert scores[mask].min() >= scores[~mask].max()
+
+
+def test_top_mask_ignores_any_earlier_mask_and_negated_scores_prune_the_highest():
+    """PruneFL's reconfiguration may bring positions back; GraSP prunes its highest scores via -scores."""
+    scores = np.array([5.0, -1.0, 2.0, -3.0], np.float32)
+    np.testing.assert_array_equal(top_mask(scores, 0.5), [True, False, True, False])
+    np.testing.assert_array_equal(top_mask(-scores, 0.5), [False, True, False, True])
+
+
+def test_top_mask_rejects_nan_and_non_flat_scores():
+    with pytest.raises(ValueError, match="NaN"):
+        top_mask(np.array([1.0, np.nan]), 0.5)
+    with pytest.raises(ValueError, match="1-D"):
+        top_mask(np.ones((2, 2)), 0.5)
