@@ -68,6 +68,38 @@ def top_mask(scores: np.ndarray, sparsity: float) -> np.ndarray:
     return mask
 
 
+def reconfigure_mask(importance: np.ndarray, values: np.ndarray, mask: np.ndarray, sparsity: float,
+                     movable: float) -> np.ndarray:
+    """PruneFL's reconfiguration at a fixed size: the new mask keeps ``N - n_pruned(N, sparsity)`` positions.
+
+    The kept positions outside the smallest ``movable`` fraction of them (by |value|) stay, as in the
+    reference code, whose reconfiguration may only remove the smallest weights (removing a large weight
+    whose gradient happens to be small changes the model, not just how fast it trains); every other slot
+    goes to the highest ``importance`` among all remaining positions, pruned ones included, so pruned
+    positions may come back. With ``movable = 1`` this is ``top_mask(importance, sparsity)``: the top-k
+    importances alone. Ties, in magnitude or importance: the lower index loses first.
+    """
+    importance = _as_flat_real(importance, "importance")
+    values = _as_flat_real(values, "values")
+    mask = _as_mask(mask, importance.size)
+    if values.size != importance.size:
+        raise ValueError(f"values have {values.size} entries, importance {importance.size}")
+    if importance.dtype.kind == "f" and np.isnan(importance).any():
+        raise ValueError("importance contains NaN; ranking needs comparable scores")
+    movable = fraction("movable", movable)
+    keep = importance.size - n_pruned(importance.size, sparsity)
+    kept = np.flatnonzero(mask)
+    stay = min(keep, kept.size - round(movable * kept.size))
+    out = np.zeros(importance.size, dtype=bool)
+    if stay:
+        out[kept[np.argsort(np.abs(values[kept]), kind="stable")[kept.size - stay:]]] = True
+    rest = np.flatnonzero(~out)
+    fill = keep - stay
+    if fill:
+        out[rest[np.argsort(importance[rest], kind="stable")[rest.size - fill:]]] = True
+    return out
+
+
 def random_mask(mask: np.ndarray, sparsity: float, rng: np.random.Generator) -> np.ndarray:
     """Prune uniformly at random among kept positions until ``n_pruned(N, sparsity)`` are pruned.
 
