@@ -84,7 +84,7 @@ def reconfigures(cfg: Config, t: int) -> bool:
     """Round t ends with a reconfiguration of the mask (PruneFL): learners send their squared gradients with
     their values and the server re-chooses the mask from them (pruning.reconfigure_mask). Every
     federation.reconfigure_every rounds, but never in the last round, where regrown positions (restarting
-    at zero) could no longer train."""
+    from their initial values) could no longer train."""
     f = cfg.federation
     return algorithm(cfg).regrows and t % f.reconfigure_every == 0 and t < f.rounds
 

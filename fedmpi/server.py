@@ -27,8 +27,12 @@ if TYPE_CHECKING:
 
 
 class Server:
-    def __init__(self, cfg: Config, wire: Transport, recorder: Recorder, sample_counts: np.ndarray):
+    def __init__(self, cfg: Config, wire: Transport, recorder: Recorder, sample_counts: np.ndarray,
+                 initial: np.ndarray):
+        """`initial` is the model before any training (rebuilt from run.seed on every start, resumes included):
+        PruneFL's regrown positions restart from it."""
         self.cfg = cfg
+        self.initial = initial
         self.wire = wire
         self.rec = recorder
         self.algo = algorithm(cfg)
@@ -108,9 +112,9 @@ class Server:
             values, mask = encoding.scatter_values(summed, state.mask, np.float32), state.mask
         wire.deadline = None
         s_t = self.schedule(t)
-        if importance is not None:  # PruneFL: small kept weights give way to more important positions, at zero
+        if importance is not None:  # PruneFL: small kept weights give way to more important positions
             mask = pruning.reconfigure_mask(importance, values, mask, s_t, f.reconfigure_fraction)
-            values = pruning.apply_mask(values, mask)
+            values = np.where(mask & ~state.mask, self.initial, pruning.apply_mask(values, mask)).astype(np.float32)
         elif s_t > 0 and (self.algo.prune_at == "server" or (self.algo.prune_at == "learner" and f.vote_cap)):
             # Local's global model is the vote's (the authors' merge) unless vote_cap also prunes it to s_t.
             mask = prune(values, mask, s_t, self.algo.selector, round_seed(self.cfg.run.seed, t, 0))

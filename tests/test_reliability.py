@@ -141,3 +141,23 @@ def test_missing_learner_file_is_reported_before_training(split, tmp_path):
     assert "rank 2" in proc.stderr and "learner_2.h5" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "demo" / "metrics.jsonl").exists()
+
+
+def test_prunefl_resumes_exactly_across_its_reconfigurations(split, tmp_path):
+    """PruneFL's squared gradients live only within their reconfiguration round and the mask they choose is in
+    the server's checkpoint, so a preempted PruneFL run resumes to the uninterrupted run's model bit for bit."""
+    sets = ["federation.rounds=6", "federation.target=0.9", "federation.algorithm=prunefl",
+            "federation.reconfigure_every=2"]
+    straight = run_fedmpi(split, tmp_path, *sets, "run.name=straight")
+    assert straight.returncode == 0, straight.stderr
+    proc = start_fedmpi(split, tmp_path, *sets, "run.name=p")
+    wait_rows(tmp_path / "p", 1, proc)
+    os.kill(json.loads((tmp_path / "p" / "ranks.json").read_text())[0]["pid"], signal.SIGUSR1)
+    code, out, err, _ = _finish(proc, 60)
+    assert code == 75, out + err
+    assert len(metrics(tmp_path / "p")) < 6
+    resumed = run_fedmpi(split, tmp_path, *sets, "run.name=p", extra=["--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    rows = metrics(tmp_path / "p")
+    assert [r["round"] for r in rows] == list(range(1, 7)) and sum(r["regrown"] for r in rows) > 0
+    assert _same_model(tmp_path / "straight", tmp_path / "p")

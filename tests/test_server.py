@@ -10,6 +10,7 @@ from fedmpi.recorder import State
 from fedmpi.server import Server
 
 N = 50
+INITIAL = np.linspace(-1, 1, N).astype(np.float32) + 0.01  # the model before training: no zeros
 
 
 class FakeWire:
@@ -52,7 +53,7 @@ def _server(algorithm, wire, **federation):
     cfg.federation.rounds = 4
     for key, value in federation.items():
         setattr(cfg.federation, key, value)
-    return Server(cfg, wire, recorder=None, sample_counts=np.array([10.0, 30.0]))
+    return Server(cfg, wire, recorder=None, sample_counts=np.array([10.0, 30.0]), initial=INITIAL)
 
 
 def _state():
@@ -216,14 +217,15 @@ def _positions(*ranges):
     (1.0, _positions((0, 40))),  # the top 40 importances alone: the largest weights, 40..49, go
     (0.3, _positions((0, 12), (22, 50))),  # the 28 largest weights (22..49) stay; 12 slots go by importance
 ])
-def test_prunefl_reconfiguration_regrows_the_most_important_positions_at_zero(fraction, kept):
+def test_prunefl_reconfiguration_regrows_the_most_important_positions_at_their_initial_values(fraction, kept):
     importance = np.linspace(2, 1, N).astype(np.float32)  # falls with the index: pruned positions matter most
     state, row, changed, wire = _prunefl_round(importance, fraction=fraction)
     assert np.array_equal(state.mask, kept) and changed and not wire.reduced
     assert row["regrown"] == 10 and row["pruned"] == 10 and state.mask.sum() == 40
-    assert not state.values[:10].any()  # regrown positions restart at zero; the others keep the FedAvg values
+    assert np.array_equal(state.values[:10], INITIAL[:10])  # regrown positions restart from the initial model ...
     averaged = encoding.scatter_values(np.arange(1, 41, dtype=np.float32), _state().mask, np.float32)
-    assert np.array_equal(state.values[kept][10:], averaged[kept][10:])
+    assert np.array_equal(state.values[kept][10:], averaged[kept][10:])  # ... the others keep the FedAvg values
+    assert not state.values[~kept].any()
     assert np.array_equal(state.mask, pruning.reconfigure_mask(importance, averaged, _state().mask, 0.2, fraction))
 
 
