@@ -163,7 +163,7 @@ def test_prune_and_measure_round_trip():
 
 def reference_top_mask(scores, s):
     """Python's own sort of (score, index) pairs: the n_pruned lowest go, ties lower index first."""
-    k = int(round(s * scores.size))
+    k = round(s * scores.size)
     out = np.ones(scores.size, bool)
     out[[i for _, i in sorted((float(v), i) for i, v in enumerate(scores))[:k]]] = False
     return out
@@ -209,9 +209,9 @@ def reference_reconfigure(importance, values, mask, s, movable):
     """The rule written out with Python sorts: the largest (1 - movable) of the kept stay, the rest of the
     budget goes to the highest importances; ties lose at the lower index."""
     n = importance.size
-    keep = n - int(round(s * n))
+    keep = n - round(s * n)
     kept = [i for i in range(n) if mask[i]]
-    stay = min(keep, len(kept) - int(round(movable * len(kept))))
+    stay = min(keep, len(kept) - round(movable * len(kept)))
     by_size = sorted(kept, key=lambda i: (abs(float(values[i])), i), reverse=True)[:stay]
     rest = sorted(set(range(n)) - set(by_size), key=lambda i: (float(importance[i]), i), reverse=True)
     out = np.zeros(n, bool)
@@ -248,7 +248,7 @@ def test_reconfigure_mask_matches_the_reference_and_keeps_the_density(seed, mova
     assert n - new.sum() == n_pruned(n, s)
     assert (new & ~mask).any()  # pruned positions come back
     kept = np.flatnonzero(mask)
-    largest = kept[np.argsort(np.abs(values[kept]))[int(round(movable * kept.size)):]]
+    largest = kept[np.argsort(np.abs(values[kept]))[round(movable * kept.size):]]
     assert new[largest].all()  # the larger weights were never at stake
     if movable == 1.0:
         np.testing.assert_array_equal(new, top_mask(importance, s))
