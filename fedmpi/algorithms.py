@@ -1,6 +1,7 @@
 """What each algorithm does, in one table: where pruning happens, how positions are chosen, how the
-target sparsity moves, and whether a fixed mask is scored before training. The server and learner
-loops, the configuration, the sweep and the report read these facts; nothing branches on a name."""
+target sparsity moves, whether a mask is scored before training, and whether pruned positions may come
+back. The server and learner loops, the configuration, the sweep and the report read these facts; nothing
+branches on a name."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,10 +16,17 @@ from .schedule import ConstantSchedule, CubicSchedule, FractionSchedule, OneShot
 @dataclass(frozen=True)
 class Algorithm:
     name: str
-    prune_at: str  # "server" (after aggregation), "learner" (after local training), "start" (fixed mask) or "never"
+    prune_at: str  # "server" (after aggregation), "learner" (after local training), "start" (a mask before training)
+    # or "never"
     selector: str = "magnitude"  # "magnitude" or "random"
     sparsity: str = "progressive"  # how s_t moves: "progressive" (federation.schedule), "oneshot", "fixed", "none"
-    start_mask: str = ""  # "snip": learner 1 scores the initial model on its data and the mask is fixed
+    # How learner 1 chooses the mask the federation starts from (empty: no start mask): "snip" (|dL/dw * w|),
+    # "grasp" (-w * Hg) or "prunefl" (magnitude after one local round); learner.START_MASKS holds the rules.
+    start_mask: str = ""
+    start_trains: bool = False  # learner 1 trains before choosing the start mask and sends its trained values
+    # The mask is chosen afresh every federation.reconfigure_every rounds from the learners' squared gradients
+    # (PruneFL): pruned positions may come back. Every other algorithm only ever prunes.
+    regrows: bool = False
     trains_centrally: bool = False  # one process on the pooled data, no federation
 
     @property
@@ -42,6 +50,8 @@ ALGORITHMS = {
     "oneshot": Algorithm("oneshot", "server", sparsity="oneshot"),
     "random": Algorithm("random", "server", selector="random"),
     "snip": Algorithm("snip", "start", sparsity="fixed", start_mask="snip"),
+    "grasp": Algorithm("grasp", "start", sparsity="fixed", start_mask="grasp"),
+    "prunefl": Algorithm("prunefl", "start", sparsity="fixed", start_mask="prunefl", start_trains=True, regrows=True),
 }
 
 # The dense federation every other algorithm is compared with (bytes, paired MAE differences).
@@ -68,6 +78,15 @@ def schedule(cfg: Config):
     if f.schedule == "fraction":
         return FractionSchedule(f.fraction, frequency=f.frequency, start=f.start, final=f.target)
     return CubicSchedule(f.target, start=f.start, end=cfg.schedule_end, frequency=f.frequency, exponent=f.exponent)
+
+
+def reconfigures(cfg: Config, t: int) -> bool:
+    """Round t ends with a reconfiguration of the mask (PruneFL): learners send their squared gradients with
+    their values and the server re-chooses the mask from them (pruning.reconfigure_mask). Every
+    federation.reconfigure_every rounds, but never in the last round, where regrown positions (restarting
+    from their initial values) could no longer train."""
+    f = cfg.federation
+    return algorithm(cfg).regrows and t % f.reconfigure_every == 0 and t < f.rounds
 
 
 def round_seed(seed: int, round_: int, rank: int) -> int:

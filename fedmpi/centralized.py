@@ -52,7 +52,7 @@ def _train(cfg, data_dir: Path, files: list[Path], split: dict, resume: bool, ov
         state.values = flat_parameters(model)
         state.round = t
         row = {"target_sparsity": 0.0, "train_loss": stats["loss"], "bytes_down": 0, "bytes_up": 0,
-               "dense_bytes_down": 0, "dense_bytes_up": 0, "mask_sent": False,
+               "dense_bytes_down": 0, "dense_bytes_up": 0, "mask_sent": False, "pruned": 0, "regrown": 0,
                "seconds_train": seconds, "seconds_comm": 0.0, "seconds_aggregate": 0.0}
         rec.record(state, row, evaluate_now=t % cfg.eval.every == 0 or t == cfg.federation.rounds)
     print_summary(rec.finish(state, time.perf_counter() - began))

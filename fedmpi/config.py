@@ -77,6 +77,11 @@ class FederationConfig:
     exponent: float = opt(3.0, "exponent of the cubic schedule")
     fraction: float = opt(0.04, "p for the fraction schedule")
     oneshot_round: int = opt(1, "round at which oneshot prunes straight to the target")
+    reconfigure_every: int = opt(5, "prunefl: rounds between reconfigurations of the mask (pruning and regrowth "
+                                    "from the learners' squared gradients)")
+    reconfigure_fraction: float = opt(0.3, "prunefl: fraction of the kept weights, smallest |w| first, that a "
+                                           "reconfiguration may swap for pruned ones of higher importance (the "
+                                           "reference code's 0.3); 1 keeps the top importances alone")
     merge: str = opt("reference", "majority-vote average: reference (zeros count) | kept (only keepers)")
     vote_cap: bool = opt(False, "FedSparsify-Local: the server also prunes the voted model to s_t (off: the "
                                 "authors' vote-only merge, whose sparsity is whatever the vote yields)")
@@ -260,6 +265,9 @@ def validate(cfg: Config) -> None:
     _check(f.exponent > 0, "federation.exponent must be > 0")
     _check(0 < f.fraction < 1, "federation.fraction must be in (0, 1)")
     _check(1 <= f.oneshot_round <= f.rounds, "federation.oneshot_round must be within the rounds")
+    _check(f.reconfigure_every >= 1, f"federation.reconfigure_every must be >= 1, got {f.reconfigure_every}")
+    _check(0 < f.reconfigure_fraction <= 1,
+           f"federation.reconfigure_fraction must be in (0, 1], got {f.reconfigure_fraction}")
     _check(f.merge in MERGE_RULES, f"federation.merge must be one of {MERGE_RULES}, got {f.merge!r}")
     _check(e.every >= 1 and e.batch_size >= 1, "eval.every and eval.batch_size must be >= 1")
     _check(bool(r.name) and "/" not in r.name and r.name not in (".", ".."),

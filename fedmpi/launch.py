@@ -128,7 +128,7 @@ def _serve(cfg: Config, wire, data_dir: Path, infos: np.ndarray, device, resume_
 
     from .data import VolumeDataset
     from .files import atomic_write
-    from .model import build_model
+    from .model import build_model, flat_parameters
     from .recorder import Recorder, print_summary, start_state
     from .server import Server
 
@@ -138,12 +138,13 @@ def _serve(cfg: Config, wire, data_dir: Path, infos: np.ndarray, device, resume_
     torch.manual_seed(cfg.run.seed)
     shape = tuple(int(infos[axis][0]) for axis in ("x", "y", "z"))
     model = build_model(cfg, shape, mean_age).to(device)
+    initial = flat_parameters(model)
     test = VolumeDataset(data_dir / "test.h5", cache=cfg.data.cache)
     rec = Recorder(cfg, model, test, device, float(np.mean(np.abs(test.ages - mean_age))), data_dir, split)
     state = start_state(cfg, resume_from, rec, model)
     rec.log.write_config(cfg.to_json())
     wire.bcast(np.array([state.round, *counts], np.float64), "session")
-    server = Server(cfg, wire, rec, counts)
+    server = Server(cfg, wire, rec, counts, initial)
     if algorithm(cfg).start_mask and state.round == 0:
         server.receive_start_mask(state)
     began = time.perf_counter()

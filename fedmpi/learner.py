@@ -1,7 +1,9 @@
 """A learner (ranks 1..N): receive the global model, train it locally with its mask, send it back.
 
 Learners keep no state between rounds: model and mask come from the server every round and the
-round's randomness derives from (seed, round, rank), so a resumed federation replays exactly.
+round's randomness derives from (seed, round, rank), so a resumed federation replays exactly. PruneFL's
+importance (squared gradients) is accumulated during the local training of the reconfiguration round
+itself and sent with that round's values, so it does not live across rounds either.
 """
 from __future__ import annotations
 
@@ -11,16 +13,18 @@ import numpy as np
 import torch
 
 from . import encoding, pruning
-from .algorithms import algorithm, prune, round_seed, schedule
+from .algorithms import algorithm, prune, reconfigures, round_seed, schedule
 from .config import Config
 from .data import VolumeDataset
 from .messages import REPORT, record
 from .model import build_model, flat_parameters, load_flat_parameters
-from .training import local_train, masks_from_flat, snip_scores
+from .training import grasp_scores, local_train, masks_from_flat, snip_scores
 from .wire import FLAG_MASK, FLAG_STOP, Transport
 
+GRASP_SAMPLES = 16  # learner 1's samples GraSP scores on (train.batch_size at a time: double backward is heavy)
 
-def train_round(cfg: Config, model, data, seed: int, device, masks=None) -> tuple[dict, float]:
+
+def train_round(cfg: Config, model, data, seed: int, device, masks=None, squared_grads=None) -> tuple[dict, float]:
     """One round of local training with the round's seed (data order, dropout): (stats, seconds).
     Shared by learners and the centralized baseline, so both train the same way."""
     torch.manual_seed(seed)
@@ -29,7 +33,8 @@ def train_round(cfg: Config, model, data, seed: int, device, masks=None) -> tupl
                                          generator=torch.Generator().manual_seed(seed))
     start = time.perf_counter()
     stats = local_train(model, loader, epochs=tc.epochs, lr=tc.lr, momentum=tc.momentum,
-                        weight_decay=tc.weight_decay, masks=masks, prox_mu=tc.prox_mu, device=device)
+                        weight_decay=tc.weight_decay, masks=masks, prox_mu=tc.prox_mu, device=device,
+                        squared_grads=squared_grads)
     return stats, time.perf_counter() - start
 
 
@@ -47,16 +52,30 @@ class Learner:
         self.mask: np.ndarray | None = None  # the global mask, sent again only when it changes
 
     def send_start_mask(self) -> None:
-        """Score the server's initial model on one local batch (SNIP) and send the mask, fixed from then on."""
+        """Learner 1 chooses the mask the federation starts from, by the rule the algorithm table names
+        (START_MASKS[start_mask]), from the server's initial model and its own data, and sends it packed;
+        when the rule trains (start_trains), the trained kept values follow, for the server to start from."""
         initial = self.wire.recv(np.empty(self.n, np.float32), source=0, what="initial model for the start mask")
         load_flat_parameters(self.model, initial)
-        batch = torch.utils.data.DataLoader(self.data, batch_size=self.cfg.train.batch_size, shuffle=True,
-                                            generator=torch.Generator().manual_seed(round_seed(self.cfg.run.seed, 0,
-                                                                                               self.wire.rank)))
-        x, y = next(iter(batch))
-        scores = snip_scores(self.model, x.to(self.device), y.to(self.device))
-        mask = pruning.magnitude_mask(scores, self.cfg.federation.target)
+        mask = START_MASKS[self.algo.start_mask](self)
         self.wire.send(encoding.pack_mask(mask), dest=0, what="start mask")
+        if self.algo.start_trains:
+            self.wire.send(encoding.gather_values(flat_parameters(self.model), mask), dest=0, what="start values")
+
+    def start_batches(self, samples: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first `samples` of this learner's data (all of it if fewer) in batches of train.batch_size, in
+        the order round 0's seed shuffles them: what the start-mask scores are computed on."""
+        loader = torch.utils.data.DataLoader(self.data, batch_size=self.cfg.train.batch_size, shuffle=True,
+                                             generator=torch.Generator().manual_seed(
+                                                 round_seed(self.cfg.run.seed, 0, self.wire.rank)))
+        batches, taken = [], 0
+        for x, y in loader:
+            if taken >= samples:
+                break
+            keep = min(samples - taken, x.shape[0])
+            batches.append((x[:keep].to(self.device), y[:keep].to(self.device)))
+            taken += keep
+        return batches
 
     def run(self) -> None:
         while True:
@@ -72,8 +91,9 @@ class Learner:
     def round(self, t: int, values: np.ndarray) -> None:
         seed = round_seed(self.cfg.run.seed, t, self.wire.rank)
         load_flat_parameters(self.model, values)
+        squares = [torch.zeros_like(p) for p in self.model.parameters()] if reconfigures(self.cfg, t) else None
         stats, seconds = train_round(self.cfg, self.model, self.data, seed, self.device,
-                                     masks_from_flat(self.model, self.mask))
+                                     masks_from_flat(self.model, self.mask), squared_grads=squares)
         local = flat_parameters(self.model)
         if not self.algo.shared_mask:
             s_t = self.schedule(t)
@@ -83,10 +103,41 @@ class Learner:
         else:  # float32 values times a float32 weight: already the buffer the Reduce sums
             payload = encoding.gather_values(local, self.mask) * self.weight
             send, what = self.wire.reduce_sum, "weighted values"
-        finite = bool(np.isfinite(local).all())
+        # PruneFL's reconfiguration rounds: every position's squared gradients, dense (pruned ones count too)
+        importance = None if squares is None else torch.cat([q.reshape(-1) for q in squares]).float().cpu().numpy()
+        extra = 0 if importance is None else importance.nbytes
+        finite = bool(np.isfinite(local).all()) and (importance is None or bool(np.isfinite(importance).all()))
         self.wire.report(record(REPORT, loss=stats["loss"], samples=stats["samples"], seconds_train=seconds,
-                                payload_nbytes=payload.nbytes, finite=finite))
+                                payload_nbytes=payload.nbytes + extra, finite=finite))
         send(payload, what=what)
+        if importance is not None:
+            self.wire.reduce_sum(importance, what="squared gradients")
         if self.cfg.run.verbose:
             print(f"learner {self.wire.rank}: round {t} loss {stats['loss']:.3f} "
                   f"({stats['samples']} samples, {seconds:.1f}s)", flush=True)
+
+
+def _snip_mask(learner: Learner) -> np.ndarray:
+    """SNIP: keep the largest |dL/dw * w| on the first batch of learner 1's shuffled data."""
+    ((x, y),) = learner.start_batches(learner.cfg.train.batch_size)
+    return pruning.magnitude_mask(snip_scores(learner.model, x, y), learner.cfg.federation.target)
+
+
+def _grasp_mask(learner: Learner) -> np.ndarray:
+    """GraSP: prune the highest -w * Hg over the first GRASP_SAMPLES samples of learner 1's shuffled data."""
+    scores = grasp_scores(learner.model, learner.start_batches(GRASP_SAMPLES))
+    return pruning.top_mask(-scores, learner.cfg.federation.target)
+
+
+def _prunefl_mask(learner: Learner) -> np.ndarray:
+    """PruneFL's initial pruning, simplified: one local round on learner 1 (train.epochs epochs, round 0's
+    seed), then global magnitude pruning of the trained model to the target; the trained model stays in
+    learner.model, and its kept values are what the federation starts from. (The reference code instead
+    alternates training steps with prune-and-regrow adjustments until the density settles.)"""
+    cfg = learner.cfg
+    train_round(cfg, learner.model, learner.data, round_seed(cfg.run.seed, 0, learner.wire.rank), learner.device)
+    return pruning.magnitude_mask(flat_parameters(learner.model), cfg.federation.target)
+
+
+# The start-mask rules, keyed by the algorithm table's start_mask.
+START_MASKS = {"snip": _snip_mask, "grasp": _grasp_mask, "prunefl": _prunefl_mask}

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 # A learner's end-of-round report: mean train loss, samples, seconds of local training, bytes it is
-# about to hand to MPI for its model, and whether its values are all finite.
+# about to hand to MPI for its model (and, in PruneFL's reconfiguration rounds, its squared gradients),
+# and whether all of them are finite.
 REPORT = np.dtype([(name, np.float64) for name in ("loss", "samples", "seconds_train", "payload_nbytes", "finite")])
 
 # What each rank found in its preflight: its data file's sample count, mean age and volume shape.

@@ -2,7 +2,9 @@
 
 The model is one flat 1-D vector of all trainable parameters and one bool mask of the
 same length (True = kept). Pruning never regrows: a position that is False in the
-incoming mask stays False, so sparsity only grows over the rounds (FedSparsify).
+incoming mask stays False, so sparsity only grows over the rounds (FedSparsify). The one
+exception is ``top_mask``, which chooses afresh from scores over every position (PruneFL's
+reconfiguration regrows; GraSP's start mask has no earlier mask to respect).
 """
 from __future__ import annotations
 
@@ -48,6 +50,54 @@ def magnitude_mask(values: np.ndarray, sparsity: float, mask: np.ndarray | None 
     prune[ties] = True
     mask[kept[prune]] = False
     return mask
+
+
+def top_mask(scores: np.ndarray, sparsity: float) -> np.ndarray:
+    """Keep the ``N - n_pruned(N, sparsity)`` highest ``scores`` and prune the rest, whatever was kept before.
+
+    PruneFL's reconfiguration (scores = the learners' summed squared gradients over every position, so
+    pruned positions may come back) and GraSP's start mask (scores negated: GraSP removes its highest
+    scores). Among equal scores the lower index is pruned first, as in ``magnitude_mask``: the result is a
+    stable ascending sort of the scores, cut after ``n_pruned`` positions.
+    """
+    scores = _as_flat_real(scores, "scores")
+    if scores.dtype.kind == "f" and np.isnan(scores).any():
+        raise ValueError("scores contain NaN; ranking needs comparable scores")
+    mask = np.ones(scores.size, dtype=bool)
+    mask[np.argsort(scores, kind="stable")[: n_pruned(scores.size, sparsity)]] = False
+    return mask
+
+
+def reconfigure_mask(importance: np.ndarray, values: np.ndarray, mask: np.ndarray, sparsity: float,
+                     movable: float) -> np.ndarray:
+    """PruneFL's reconfiguration at a fixed size: the new mask keeps ``N - n_pruned(N, sparsity)`` positions.
+
+    The kept positions outside the smallest ``movable`` fraction of them (by |value|) stay, as in the
+    reference code, whose reconfiguration may only remove the smallest weights (removing a large weight
+    whose gradient happens to be small changes the model, not just how fast it trains); every other slot
+    goes to the highest ``importance`` among all remaining positions, pruned ones included, so pruned
+    positions may come back. With ``movable = 1`` this is ``top_mask(importance, sparsity)``: the top-k
+    importances alone. Ties, in magnitude or importance: the lower index loses first.
+    """
+    importance = _as_flat_real(importance, "importance")
+    values = _as_flat_real(values, "values")
+    mask = _as_mask(mask, importance.size)
+    if values.size != importance.size:
+        raise ValueError(f"values have {values.size} entries, importance {importance.size}")
+    if importance.dtype.kind == "f" and np.isnan(importance).any():
+        raise ValueError("importance contains NaN; ranking needs comparable scores")
+    movable = fraction("movable", movable)
+    keep = importance.size - n_pruned(importance.size, sparsity)
+    kept = np.flatnonzero(mask)
+    stay = min(keep, kept.size - round(movable * kept.size))
+    out = np.zeros(importance.size, dtype=bool)
+    if stay:
+        out[kept[np.argsort(np.abs(values[kept]), kind="stable")[kept.size - stay:]]] = True
+    rest = np.flatnonzero(~out)
+    fill = keep - stay
+    if fill:
+        out[rest[np.argsort(importance[rest], kind="stable")[rest.size - fill:]]] = True
+    return out
 
 
 def random_mask(mask: np.ndarray, sparsity: float, rng: np.random.Generator) -> np.ndarray:

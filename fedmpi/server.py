@@ -2,7 +2,8 @@
 
 Each round: send the global model (values, plus the mask when it changed) -> learners train ->
 aggregate (FedAvg by MPI Reduce of pre-weighted values, or majority vote over the learners'
-own sparse models) -> prune to s_t where the algorithm says so -> evaluate -> record.
+own sparse models) -> prune to s_t where the algorithm says so, or, in PruneFL's reconfiguration
+rounds, choose the mask afresh from the learners' summed squared gradients -> evaluate -> record.
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import numpy as np
 
 from . import encoding, pruning
 from .aggregation import MajorityVote
-from .algorithms import algorithm, prune, round_seed, schedule
-from .errors import PayloadError
+from .algorithms import algorithm, prune, reconfigures, round_seed, schedule
+from .errors import EncodingError, PayloadError
 from .messages import REPORT, records
 from .wire import FLAG_MASK, FLAG_PREEMPTED, FLAG_STOP
 
@@ -26,14 +27,19 @@ if TYPE_CHECKING:
 
 
 class Server:
-    def __init__(self, cfg: Config, wire: Transport, recorder: Recorder, sample_counts: np.ndarray):
+    def __init__(self, cfg: Config, wire: Transport, recorder: Recorder, sample_counts: np.ndarray,
+                 initial: np.ndarray):
+        """`initial` is the model before any training (rebuilt from run.seed on every start, resumes included):
+        PruneFL's regrown positions restart from it."""
         self.cfg = cfg
+        self.initial = initial
         self.wire = wire
         self.rec = recorder
         self.algo = algorithm(cfg)
         self.schedule = schedule(cfg)
         self.weights = sample_counts / sample_counts.sum()
         self.turnaround = 0.0  # slowest time so far from the learners' last payload to the next model
+        self.carried = {"bytes_down": 0, "bytes_up": 0, "pruned": 0}  # the start mask's, added to the next round
 
     def learner_patience(self) -> float:
         """How long learners wait for the next model before they declare the server silent: the round's
@@ -44,15 +50,34 @@ class Server:
         return timeout + max(timeout, 3 * self.turnaround)
 
     def receive_start_mask(self, state: State) -> None:
-        """Pruning at initialisation (SNIP): learner 1 scores the initial model on its data; the mask it
-        sends back is fixed for the whole federation."""
+        """Pruning at initialisation (SNIP, GraSP; PruneFL's initial pruning): learner 1 chooses the mask from
+        the initial model and its data (with start_trains, its trained kept values follow). The exchange's
+        bytes and the positions it prunes are counted in the first round's metrics."""
+        n = state.values.size
+        self.wire.reset_counters()
         self.wire.deadline = time.monotonic() + self.cfg.run.round_timeout
         self.wire.send(state.values, dest=1, what="initial model for the start mask")
-        packed = self.wire.recv(np.empty((state.values.size + 7) // 8, np.uint8), source=1,
+        packed = self.wire.recv(np.empty((n + 7) // 8, np.uint8), source=1,
                                 what="the start mask from learner 1 (rank 1)")
+        try:
+            mask = encoding.unpack_mask(packed, n)
+        except EncodingError as e:
+            raise PayloadError(f"learner 1 (rank 1) sent an invalid start mask: {e}") from None
+        pruned = n - int(mask.sum())
+        if pruned != pruning.n_pruned(n, self.cfg.federation.target):
+            raise PayloadError(f"learner 1 (rank 1) sent a start mask pruning {pruned} of {n} positions, expected "
+                               f"{pruning.n_pruned(n, self.cfg.federation.target)}")
+        if self.algo.start_trains:
+            kept = self.wire.recv(np.empty(n - pruned, np.float32), source=1, what="the start values from learner 1")
+            if not np.isfinite(kept).all():
+                raise PayloadError("learner 1 (rank 1) sent non-finite start values")
+            state.values = encoding.scatter_values(kept, mask, np.float32)
+        else:
+            state.values = pruning.apply_mask(state.values, mask)
+        state.mask = mask
         self.wire.deadline = None
-        state.mask = encoding.unpack_mask(packed, state.values.size)
-        state.values = pruning.apply_mask(state.values, state.mask)
+        down, up = self.wire.reset_counters()
+        self.carried = {"bytes_down": down, "bytes_up": up, "pruned": pruned}
 
     def run(self, state: State, should_stop=lambda: False) -> tuple[State, bool]:
         """Rounds state.round+1 .. rounds; returns the final state and whether it was preempted."""
@@ -78,56 +103,75 @@ class Server:
         t0 = time.perf_counter()
         nnz = int(state.mask.sum())
         patience = self.learner_patience()
+        reconfigure = reconfigures(self.cfg, t)
         if mask_changed:
             wire.send_model(t, encoding.encode(state.values, state.mask), nnz, FLAG_MASK, patience)
         else:
             wire.send_model(t, encoding.gather_values(state.values, state.mask).astype(np.float32), nnz, 0, patience)
         reports = records(wire.collect_reports(len(REPORT.names)), REPORT)
-        self.check_reports(reports, nnz, n)
+        self.check_reports(reports, nnz, n, extra_nbytes=4 * n if reconfigure else 0)
+        importance = None
         if not self.algo.shared_mask:
             payloads = wire.gatherv(None, what="learner models")
             t1 = time.perf_counter()
             values, mask = self.majority_vote(payloads, state.mask)
         else:
             summed = wire.reduce_sum(np.zeros(nnz, np.float32), what="weighted values")
+            importance = wire.reduce_sum(np.zeros(n, np.float32), what="squared gradients") if reconfigure else None
             t1 = time.perf_counter()
             if not np.isfinite(summed).all():
                 raise PayloadError(f"round {t}: the aggregated values are not finite; global model left as it was")
+            if importance is not None and not np.isfinite(importance).all():
+                raise PayloadError(f"round {t}: the summed squared gradients are not finite; global model left "
+                                   f"as it was")
             values, mask = encoding.scatter_values(summed, state.mask, np.float32), state.mask
         wire.deadline = None
         s_t = self.schedule(t)
-        # Local's global model is the vote's (the authors' merge) unless vote_cap also prunes it to s_t.
-        if s_t > 0 and (self.algo.prune_at == "server" or (self.algo.prune_at == "learner" and f.vote_cap)):
+        if importance is not None:  # PruneFL: small kept weights give way to more important positions
+            mask = pruning.reconfigure_mask(importance, values, mask, s_t, f.reconfigure_fraction)
+            values = np.where(mask & ~state.mask, self.initial, pruning.apply_mask(values, mask)).astype(np.float32)
+        elif s_t > 0 and (self.algo.prune_at == "server" or (self.algo.prune_at == "learner" and f.vote_cap)):
+            # Local's global model is the vote's (the authors' merge) unless vote_cap also prunes it to s_t.
             mask = prune(values, mask, s_t, self.algo.selector, round_seed(self.cfg.run.seed, t, 0))
             values = pruning.apply_mask(values, mask)
         t2 = time.perf_counter()
+        regrown = int((mask & ~state.mask).sum())
+        if regrown and not self.algo.regrows:  # the table's promise, checked where the global mask changes
+            raise RuntimeError(f"round {t}: {regrown} pruned positions would come back under "
+                               f"{self.cfg.federation.algorithm}, which never regrows; global model left as it was")
         new_mask_changed = not np.array_equal(mask, state.mask)
+        pruned = int((state.mask & ~mask).sum()) + self.carried["pruned"]
         state.round, state.values, state.mask = t, values, mask
         down, up = wire.reset_counters()
+        down, up = down + self.carried["bytes_down"], up + self.carried["bytes_up"]
+        self.carried = {"bytes_down": 0, "bytes_up": 0, "pruned": 0}
         seconds_train = float(reports["seconds_train"].max())
         dense = 4 * n * wire.learners
         row = {
-            "target_sparsity": s_t, "sparsity_sent": 1.0 - nnz / n, "train_loss": float(np.average(reports["loss"], weights=reports["samples"])),
+            "target_sparsity": s_t, "sparsity_sent": 1.0 - nnz / n,
+            "train_loss": float(np.average(reports["loss"], weights=reports["samples"])),
             "bytes_down": down, "bytes_up": up, "dense_bytes_down": dense, "dense_bytes_up": dense,
-            "mask_sent": bool(mask_changed), "seconds_train": seconds_train,
+            "mask_sent": bool(mask_changed), "pruned": pruned, "regrown": regrown, "seconds_train": seconds_train,
             "seconds_comm": max(0.0, t1 - t0 - seconds_train), "seconds_aggregate": t2 - t1,
         }
         return row, new_mask_changed
 
-    def check_reports(self, reports: np.ndarray, nnz: int, n: int) -> None:
+    def check_reports(self, reports: np.ndarray, nnz: int, n: int, extra_nbytes: int = 0) -> None:
+        """Refuse a round before any reduce: non-finite values, or a payload length that does not match the
+        mask (plus `extra_nbytes`, the squared gradients of a reconfiguration round)."""
         for k, r in enumerate(reports, start=1):
             if not r["finite"] or not np.isfinite(r["loss"]):
                 raise PayloadError(f"learner {k} (rank {k}) reports non-finite model values; round rejected")
-            if self.algo.shared_mask and int(r["payload_nbytes"]) != 4 * nnz:
+            if self.algo.shared_mask and int(r["payload_nbytes"]) != 4 * nnz + extra_nbytes:
                 raise PayloadError(f"learner {k} (rank {k}) would send {int(r['payload_nbytes'])} bytes, "
-                                   f"expected {4 * nnz}")
+                                   f"expected {4 * nnz + extra_nbytes}")
 
     def majority_vote(self, payloads: list[np.ndarray], global_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         vote = MajorityVote(global_mask.size, rule=self.cfg.federation.merge)
         for k, buf in enumerate(payloads, start=1):
             try:
                 values, mask = encoding.decode(buf, expected_n=global_mask.size)
-            except encoding.EncodingError as e:
+            except EncodingError as e:
                 raise PayloadError(f"learner {k} (rank {k}) sent an invalid model: {e}") from None
             if values.dtype != np.float32:  # decode(expected_n=...) already refused a wrong length
                 raise PayloadError(f"learner {k} (rank {k}) sent {values.size} {values.dtype} values, "

@@ -2,6 +2,7 @@
 
 Masked training implements FedSparsify's "no regrowth": pruned positions get a zero
 gradient (so momentum never builds up for them) and are re-zeroed after every step.
+The start-mask scores (SNIP, GraSP) and PruneFL's squared gradients are computed here too.
 """
 from __future__ import annotations
 
@@ -85,6 +86,7 @@ def local_train(
     masks: list[torch.Tensor] | None = None,
     prox_mu: float = 0.0,
     device=None,
+    squared_grads: list[torch.Tensor] | None = None,
 ) -> dict:
     """Train with plain SGD on MSE for `epochs` passes over `loader`.
 
@@ -92,6 +94,9 @@ def local_train(
     keeps pruned weights exactly zero (applied at the start, to gradients, and after each
     step). `prox_mu` > 0 adds FedProx's mu/2 * ||w - w_start||^2. The returned "loss" is
     the sample-weighted MSE over the last epoch, without the proximal term.
+    `squared_grads` (one tensor per parameter) accumulates every step's squared gradient
+    before the mask zeroes it, so pruned positions get theirs too (the gradient at their
+    zero value): PruneFL's importance.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -104,6 +109,8 @@ def local_train(
     if masks is not None:
         masks = _check_masks(params, masks, device)
         _apply_masks(params, masks)
+    if squared_grads is not None and [a.shape for a in squared_grads] != [p.shape for p in params]:
+        raise ValueError("squared_grads must hold one tensor per parameter, of its shape")
     anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     loss_fn = nn.MSELoss()
@@ -124,6 +131,11 @@ def local_train(
                 prox = sum(torch.sum((p - a) ** 2) for p, a in zip(params, anchor))
                 total = loss + 0.5 * prox_mu * prox
             total.backward()
+            if squared_grads is not None:
+                with torch.no_grad():
+                    for p, acc in zip(params, squared_grads):
+                        if p.grad is not None:
+                            acc.addcmul_(p.grad, p.grad)
             if masks is not None:
                 for p, m in zip(params, masks):
                     if p.grad is not None:
@@ -190,6 +202,47 @@ def snip_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarra
 
 
 GRAD_STATS = ("grad_norm", "grad_mean_abs", "grad_max_abs", "grad_norm_kept")
+
+
+def grasp_scores(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> np.ndarray:
+    """GraSP's score S(-w) = -w * (H g) (Wang, Zhang & Grosse, ICLR 2020), flat float32 in layout order.
+
+    L is the MSE over all samples of `batches` (each batch's mean weighted by its size), g its gradient
+    and H its Hessian; H g comes from double backward: the gradient of g^T dL/dw with g held constant.
+    Removing w changes the gradient norm (gradient flow) by about S(-w) to first order, so GraSP removes
+    the weights with the *highest* scores (the reference code keeps scores <= the k-th largest): the
+    caller prunes the top of S, i.e. keeps the top of -S. Eval mode (dropout off), .grad left untouched.
+    """
+    device = _model_device(model)
+    params = list(model.parameters())
+    total = sum(int(x.shape[0]) for x, _ in batches)
+    if total == 0:
+        raise ValueError("GraSP needs at least one sample")
+
+    def losses():
+        for x, y in batches:
+            pred = model(x.to(device))
+            y = y.to(device, dtype=pred.dtype).reshape(-1)
+            yield nn.functional.mse_loss(pred, y) * (x.shape[0] / total)
+
+    was_training = model.training
+    model.eval()
+    try:
+        g = [torch.zeros_like(p) for p in params]
+        for loss in losses():
+            for acc, d in zip(g, torch.autograd.grad(loss, params, allow_unused=True)):
+                if d is not None:
+                    acc += d
+        hg = [torch.zeros_like(p) for p in params]
+        for loss in losses():
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            inner = sum((gi * d).sum() for gi, d in zip(g, grads) if d is not None)
+            for acc, d in zip(hg, torch.autograd.grad(inner, params, allow_unused=True)):
+                if d is not None:
+                    acc += d
+    finally:
+        model.train(was_training)
+    return torch.cat([(-p.detach() * h).reshape(-1).float().cpu() for p, h in zip(params, hg)]).numpy()
 
 
 def per_sample_features(model: nn.Module, loader, device=None) -> dict[str, np.ndarray]:

@@ -233,6 +233,9 @@ class Wire:
         self._wait(self.comm.Isend(buf, dest=dest, tag=TAG_DIRECT), what)
 
     def recv(self, buf: np.ndarray, source: int, what: str = "recv") -> np.ndarray:
+        """Point to point into `buf`; the server counts what it receives from a learner as uplink."""
+        if self.is_server:
+            self.bytes_up += buf.nbytes
         self._wait(self.comm.Irecv(buf, source=source, tag=TAG_DIRECT), what)
         return buf
 

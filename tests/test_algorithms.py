@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from fedmpi.algorithms import ALGORITHMS, algorithm, prune, round_seed, schedule
+from fedmpi.algorithms import ALGORITHMS, algorithm, prune, reconfigures, round_seed, schedule
 from fedmpi.config import ConfigError, ALGORITHMS as CONFIG_ALGORITHMS
 from fedmpi.config import load_config
 from fedmpi.schedule import ConstantSchedule, CubicSchedule, FractionSchedule, OneShotSchedule
@@ -27,6 +27,8 @@ def test_every_configurable_algorithm_has_an_entry():
     ("oneshot", "server", "magnitude"),
     ("random", "server", "random"),
     ("snip", "start", "magnitude"),
+    ("grasp", "start", "magnitude"),
+    ("prunefl", "start", "magnitude"),
     ("centralized", "never", "magnitude"),
 ])
 def test_table(name, prune_at, selector):
@@ -45,6 +47,33 @@ def test_snip_is_constant_target():
     assert isinstance(s, ConstantSchedule)
     assert {s(t) for t in range(0, 26)} == {0.8}
     assert not any(s.is_pruning_round(t) for t in range(1, 26))
+
+
+@pytest.mark.parametrize("name", ["snip", "grasp", "prunefl"])
+def test_start_mask_algorithms_hold_the_target_from_the_start(name):
+    algo = ALGORITHMS[name]
+    assert algo.start_mask == name and algo.prune_at == "start" and algo.shared_mask
+    s = schedule(cfg_for(name, "federation.target=0.8"))
+    assert {s(t) for t in range(0, 26)} == {0.8}
+
+
+def test_only_prunefl_regrows_and_trains_before_its_start_mask():
+    assert {name for name, a in ALGORITHMS.items() if a.regrows} == {"prunefl"}
+    assert {name for name, a in ALGORITHMS.items() if a.start_trains} == {"prunefl"}
+    for algo in ALGORITHMS.values():
+        if algo.regrows:  # the server sums the learners' squared gradients with the values: a shared mask
+            assert algo.shared_mask and algo.start_mask
+
+
+def test_reconfiguration_rounds():
+    cfg = cfg_for("prunefl", "federation.rounds=12", "federation.reconfigure_every=4")
+    assert [t for t in range(1, 13) if reconfigures(cfg, t)] == [4, 8]  # never the last round
+    cfg = cfg_for("prunefl", "federation.rounds=10", "federation.reconfigure_every=3")
+    assert [t for t in range(1, 11) if reconfigures(cfg, t)] == [3, 6, 9]
+    for name in ALGORITHMS:
+        if name != "prunefl":
+            cfg = cfg_for(name, "federation.rounds=12", "federation.reconfigure_every=1")
+            assert not any(reconfigures(cfg, t) for t in range(1, 13))
 
 
 def test_oneshot_prunes_once_at_its_round():

@@ -28,6 +28,7 @@ def _run(split, tmp_path, algorithm, *sets):
     ("fedsparsify-local", ("federation.merge=kept", "federation.vote_cap=true", "train.lr=0.01")),
     ("oneshot", ("federation.oneshot_round=3",)),
     ("snip", ()),
+    ("grasp", ()),
 ])
 def test_pruning_algorithms_reach_their_target_while_mae_falls(split, tmp_path, algorithm, sets):
     run = _run(split, tmp_path, algorithm, *sets)
@@ -40,6 +41,27 @@ def test_pruning_algorithms_reach_their_target_while_mae_falls(split, tmp_path, 
     assert s["final_mae"] < s["baseline_mae"]
     sparsities = [r["sparsity"] for r in rows]
     assert sparsities == sorted(sparsities), "no regrowth: sparsity never falls"
+    assert all(r["regrown"] == 0 for r in rows)
+    assert sum(r["pruned"] for r in rows) == round(TARGET * s["parameters"])  # counted once, when pruned
+
+
+def test_prunefl_regrows_in_reconfiguration_rounds_and_counts_the_squared_gradients(split, tmp_path):
+    """Learner 1 prunes to the target before round 1; rounds 3 and 6 reconfigure the mask from the learners'
+    squared gradients (sent dense, 4 bytes per parameter per learner, on top of the values); pruned positions
+    come back and the model stays at the target."""
+    run = _run(split, tmp_path, "prunefl", "federation.reconfigure_every=3")
+    rows, s = metrics(run), summary(run)
+    n, learners = s["parameters"], 2
+    k = round(TARGET * n)
+    assert [r["round"] for r in rows if r["regrown"]] == [3, 6]
+    assert all(r["pruned"] == r["regrown"] for r in rows[1:])  # reconfiguration keeps the density
+    assert rows[0]["pruned"] == k and rows[0]["regrown"] == 0  # the start mask, counted in round 1
+    assert all(r["sparsity_sent"] == pytest.approx(TARGET, abs=1 / n) for r in rows)
+    assert all(r["sparsity"] == pytest.approx(TARGET, abs=1 / n) for r in rows)  # regrown values are not zeros
+    assert rows[2]["bytes_up"] - rows[1]["bytes_up"] == 4 * n * learners  # same mask, plus the squared gradients
+    assert rows[5]["bytes_up"] - rows[4]["bytes_up"] == 4 * n * learners
+    assert s["final_sparsity"] == pytest.approx(TARGET, abs=0.005)
+    assert rows[-1]["test_mae"] < rows[0]["test_mae"] and s["final_mae"] < s["baseline_mae"]
 
 
 def test_local_vote_only_records_the_votes_own_sparsity(split, tmp_path):

@@ -8,11 +8,13 @@ import torch
 from fedtools import write_split
 
 from fedmpi import encoding, pruning
+from fedmpi.algorithms import ALGORITHMS, round_seed
 from fedmpi.config import load_config
 from fedmpi.data import VolumeDataset
-from fedmpi.learner import Learner
+from fedmpi.learner import GRASP_SAMPLES, START_MASKS, Learner
 from fedmpi.messages import REPORT, records
-from fedmpi.model import build_model, flat_parameters
+from fedmpi.model import build_model, flat_parameters, load_flat_parameters
+from fedmpi.training import grasp_scores
 from fedmpi.wire import FLAG_MASK, FLAG_STOP
 
 
@@ -116,11 +118,57 @@ def test_same_round_same_seed_same_model(data):
     assert sends[0].tobytes() == sends[1].tobytes()
 
 
-def test_start_mask_is_scored_and_sent_at_the_target(data):
-    learner, initial = _learner(data, "snip")
+@pytest.mark.parametrize("algorithm", ["snip", "grasp", "prunefl"])
+def test_start_mask_is_chosen_by_the_tables_rule_and_sent_at_the_target(data, algorithm):
+    learner, initial = _learner(data, algorithm)
     learner.wire = ServerStandIn([])
     learner.wire.initial = initial
     learner.send_start_mask()
-    (packed,) = learner.wire.sent
+    packed, *values = learner.wire.sent
     mask = encoding.unpack_mask(packed, initial.size)
     assert 1 - mask.mean() == pytest.approx(0.8, abs=1e-4)
+    assert len(values) == learner.algo.start_trains  # only a rule that trains sends values
+    if learner.algo.start_trains:  # PruneFL: magnitude of the model learner 1 trained, its kept values sent
+        trained = flat_parameters(learner.model)
+        assert not np.allclose(trained, initial)
+        assert np.array_equal(mask, pruning.magnitude_mask(trained, 0.8))
+        assert values[0].dtype == np.float32 and np.array_equal(values[0], trained[mask])
+
+
+def test_grasp_scores_the_first_sixteen_samples_in_round_zeros_order(data):
+    learner, initial = _learner(data, "grasp", "train.batch_size=3")
+    learner.wire = ServerStandIn([])
+    learner.wire.initial = initial
+    learner.send_start_mask()
+    shuffled = torch.utils.data.DataLoader(data, batch_size=3, shuffle=True,
+                                           generator=torch.Generator().manual_seed(round_seed(0, 0, 1)))
+    expected_batches = list(shuffled)  # all 8 samples (fewer than 16), in 3 + 3 + 2
+    batches = learner.start_batches(GRASP_SAMPLES)
+    assert [x.shape[0] for x, _ in batches] == [3, 3, 2]
+    for (x, y), (ex, ey) in zip(batches, expected_batches):
+        assert torch.equal(x, ex) and torch.equal(y, ey)
+    assert sorted(torch.cat([y for _, y in batches]).tolist()) == sorted(data.ages.tolist())
+    model = build_model(learner.cfg, data.shape)
+    load_flat_parameters(model, initial)
+    expected = pruning.top_mask(-grasp_scores(model, expected_batches), 0.8)
+    assert np.array_equal(encoding.unpack_mask(learner.wire.sent[0], initial.size), expected)
+
+
+def test_prunefl_learner_sends_squared_gradients_only_in_reconfiguration_rounds(data):
+    learner, initial = _learner(data, "prunefl", "federation.reconfigure_every=2")  # 4 rounds: reconfigures at 2
+    values, mask = _global(initial, 0.8)
+    nnz, n = int(mask.sum()), mask.size
+    wire = _run(learner, [(1, FLAG_MASK, nnz, encoding.encode(values, mask)),
+                          (2, 0, nnz, encoding.gather_values(values, mask).view(np.uint8))])
+    first, second, importance = wire.reduced  # round 1: values; round 2: values, then squared gradients
+    assert first.size == second.size == nnz
+    assert importance.dtype == np.float32 and importance.size == n and (importance >= 0).all()
+    assert (importance[~mask] > 0).mean() > 0.5  # pruned positions have gradients too
+    reports = wire.reports
+    assert reports[0]["payload_nbytes"] == 4 * nnz
+    assert reports[1]["payload_nbytes"] == second.nbytes + importance.nbytes == 4 * nnz + 4 * n
+    assert reports[1]["finite"] == 1
+
+
+def test_every_start_mask_in_the_table_has_a_rule():
+    assert {a.start_mask for a in ALGORITHMS.values() if a.start_mask} == set(START_MASKS)

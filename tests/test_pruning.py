@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fedmpi.pruning import apply_mask, magnitude_mask, n_pruned, random_mask, sparsity
+from fedmpi.pruning import apply_mask, magnitude_mask, n_pruned, random_mask, reconfigure_mask, sparsity, top_mask
 
 
 def reference_magnitude_mask(values, s, mask=None):
@@ -159,3 +159,106 @@ def test_prune_and_measure_round_trip():
     pruned = apply_mask(v, magnitude_mask(v, 0.95))
     assert sparsity(pruned) == 0.95
     assert np.abs(pruned[pruned != 0]).min() >= np.sort(np.abs(v))[9499]
+
+
+def reference_top_mask(scores, s):
+    """Python's own sort of (score, index) pairs: the n_pruned lowest go, ties lower index first."""
+    k = round(s * scores.size)
+    out = np.ones(scores.size, bool)
+    out[[i for _, i in sorted((float(v), i) for i, v in enumerate(scores))[:k]]] = False
+    return out
+
+
+def test_top_mask_hand_computed():
+    scores = np.array([0.5, 3.0, 0.0, 2.0, 0.5, 7.0], np.float32)
+    # prune 3 of 6: 0.0 (index 2), then the tied 0.5s (indices 0 and 4)
+    np.testing.assert_array_equal(top_mask(scores, 0.5), [False, True, False, True, False, True])
+    # prune 2: the tie at 0.5 is broken towards the lower index
+    np.testing.assert_array_equal(top_mask(scores, 1 / 3), [False, True, False, True, True, True])
+    assert top_mask(scores, 0.0).all() and not top_mask(scores, 1.0).any()
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("s", [0.1, 0.5, 0.9, 0.99])
+def test_top_mask_keeps_exactly_the_top_k_like_the_reference(seed, s):
+    rng = np.random.default_rng(seed)
+    scores = rng.gamma(0.5, size=2003).astype(np.float32)
+    scores[rng.integers(0, scores.size, 300)] = 0.0  # many ties, as untouched positions give
+    scores[::7] = scores[3]
+    mask = top_mask(scores, s)
+    np.testing.assert_array_equal(mask, reference_top_mask(scores, s))
+    assert scores.size - mask.sum() == n_pruned(scores.size, s)
+    assert scores[mask].min() >= scores[~mask].max()
+
+
+def test_top_mask_ignores_any_earlier_mask_and_negated_scores_prune_the_highest():
+    """PruneFL's reconfiguration may bring positions back; GraSP prunes its highest scores via -scores."""
+    scores = np.array([5.0, -1.0, 2.0, -3.0], np.float32)
+    np.testing.assert_array_equal(top_mask(scores, 0.5), [True, False, True, False])
+    np.testing.assert_array_equal(top_mask(-scores, 0.5), [False, True, False, True])
+
+
+def test_top_mask_rejects_nan_and_non_flat_scores():
+    with pytest.raises(ValueError, match="NaN"):
+        top_mask(np.array([1.0, np.nan]), 0.5)
+    with pytest.raises(ValueError, match="1-D"):
+        top_mask(np.ones((2, 2)), 0.5)
+
+
+def reference_reconfigure(importance, values, mask, s, movable):
+    """The rule written out with Python sorts: the largest (1 - movable) of the kept stay, the rest of the
+    budget goes to the highest importances; ties lose at the lower index."""
+    n = importance.size
+    keep = n - round(s * n)
+    kept = [i for i in range(n) if mask[i]]
+    stay = min(keep, len(kept) - round(movable * len(kept)))
+    by_size = sorted(kept, key=lambda i: (abs(float(values[i])), i), reverse=True)[:stay]
+    rest = sorted(set(range(n)) - set(by_size), key=lambda i: (float(importance[i]), i), reverse=True)
+    out = np.zeros(n, bool)
+    out[by_size + rest[: keep - stay]] = True
+    return out
+
+
+def test_reconfigure_mask_hand_computed():
+    importance = np.array([9.0, 0.1, 0.2, 5.0, 0.3, 0.0], np.float32)
+    values = np.array([0.0, 4.0, -0.5, 0.0, 0.2, 3.0], np.float32)
+    mask = np.array([False, True, True, False, True, True])
+    # keep 4; movable 0.5 of the 4 kept: 2 stay by magnitude (4.0 at 1, 3.0 at 5), 2 slots by importance among
+    # the rest: 9.0 (pruned, position 0) and 5.0 (pruned, position 3) come back, 0.3 and 0.2 go
+    np.testing.assert_array_equal(reconfigure_mask(importance, values, mask, 1 / 3, 0.5),
+                                  [True, True, False, True, False, True])
+    # movable 1: importance alone, so the large weights at 1 and 5 (importance 0.1 and 0) go instead
+    np.testing.assert_array_equal(reconfigure_mask(importance, values, mask, 1 / 3, 1.0),
+                                  [True, False, True, True, True, False])
+    np.testing.assert_array_equal(reconfigure_mask(importance, values, mask, 1 / 3, 1.0), top_mask(importance, 1 / 3))
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("movable", [0.1, 0.3, 1.0])
+def test_reconfigure_mask_matches_the_reference_and_keeps_the_density(seed, movable):
+    rng = np.random.default_rng(seed)
+    n, s = 1201, 0.9
+    values = rng.standard_normal(n).astype(np.float32)
+    mask = magnitude_mask(values, s)
+    values = np.where(mask, values, 0).astype(np.float32)
+    importance = rng.gamma(0.3, size=n).astype(np.float32)
+    importance[rng.integers(0, n, 200)] = 0.0
+    new = reconfigure_mask(importance, values, mask, s, movable)
+    np.testing.assert_array_equal(new, reference_reconfigure(importance, values, mask, s, movable))
+    assert n - new.sum() == n_pruned(n, s)
+    assert (new & ~mask).any()  # pruned positions come back
+    kept = np.flatnonzero(mask)
+    largest = kept[np.argsort(np.abs(values[kept]))[round(movable * kept.size):]]
+    assert new[largest].all()  # the larger weights were never at stake
+    if movable == 1.0:
+        np.testing.assert_array_equal(new, top_mask(importance, s))
+
+
+def test_reconfigure_mask_rejects_bad_arguments():
+    ones = np.ones(4, np.float32)
+    with pytest.raises(ValueError, match="NaN"):
+        reconfigure_mask(np.array([1, np.nan, 1, 1], np.float32), ones, np.ones(4, bool), 0.5, 0.3)
+    with pytest.raises(ValueError, match="movable"):
+        reconfigure_mask(ones, ones, np.ones(4, bool), 0.5, 1.5)
+    with pytest.raises(ValueError, match="values have 3 entries"):
+        reconfigure_mask(ones, ones[:3], np.ones(4, bool), 0.5, 0.3)

@@ -219,3 +219,23 @@ def test_a_nan_age_is_named_before_training(split, tmp_path, where):
     proc = run_fedmpi(bad, tmp_path, *ROUNDS, "run.name=nan")
     assert proc.returncode == 2 and where in proc.stderr and "age(s) not in" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "nan" / "metrics.jsonl").exists()
+
+
+def test_prunefl_resumes_exactly_across_its_reconfigurations(split, tmp_path):
+    """PruneFL's squared gradients live only within their reconfiguration round and the mask they choose is in
+    the server's checkpoint, so a preempted PruneFL run resumes to the uninterrupted run's model bit for bit."""
+    sets = ["federation.rounds=6", "federation.target=0.9", "federation.algorithm=prunefl",
+            "federation.reconfigure_every=2"]
+    straight = run_fedmpi(split, tmp_path, *sets, "run.name=straight")
+    assert straight.returncode == 0, straight.stderr
+    proc = start_fedmpi(split, tmp_path, *sets, "run.name=p")
+    wait_rows(tmp_path / "p", 1, proc)
+    os.kill(json.loads((tmp_path / "p" / "ranks.json").read_text())[0]["pid"], signal.SIGUSR1)
+    code, out, err, _ = _finish(proc, 60)
+    assert code == 75, out + err
+    assert len(metrics(tmp_path / "p")) < 6
+    resumed = run_fedmpi(split, tmp_path, *sets, "run.name=p", extra=["--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    rows = metrics(tmp_path / "p")
+    assert [r["round"] for r in rows] == list(range(1, 7)) and sum(r["regrown"] for r in rows) > 0
+    assert _same_model(tmp_path / "straight", tmp_path / "p")

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from fedmpi import encoding
+from fedmpi import encoding, pruning
 from fedmpi.config import Config
 from fedmpi.errors import PayloadError
 from fedmpi.messages import REPORT
@@ -10,6 +10,7 @@ from fedmpi.recorder import State
 from fedmpi.server import Server
 
 N = 50
+INITIAL = np.linspace(-1, 1, N).astype(np.float32) + 0.01  # the model before training: no zeros
 
 
 class FakeWire:
@@ -18,8 +19,10 @@ class FakeWire:
     learners = 2
     deadline = None
 
-    def __init__(self, reports, payloads=None, summed=None):
-        self.reports, self.payloads, self.summed = reports, payloads, summed
+    def __init__(self, reports, payloads=None, summed=None, importance=None, received=()):
+        self.reports, self.payloads = reports, payloads
+        self.reduced = [summed, importance]  # the values' Reduce, then (PruneFL) the squared gradients'
+        self.received, self.sent = list(received), []
 
     def reset_counters(self):
         return 0, 0
@@ -34,7 +37,14 @@ class FakeWire:
         return self.payloads
 
     def reduce_sum(self, buf, what=""):
-        return self.summed
+        return self.reduced.pop(0)
+
+    def send(self, buf, dest, what=""):
+        self.sent.append(buf)
+
+    def recv(self, buf, source, what=""):
+        buf[:] = self.received.pop(0)
+        return buf
 
 
 def _server(algorithm, wire, **federation):
@@ -43,7 +53,7 @@ def _server(algorithm, wire, **federation):
     cfg.federation.rounds = 4
     for key, value in federation.items():
         setattr(cfg.federation, key, value)
-    return Server(cfg, wire, recorder=None, sample_counts=np.array([10.0, 30.0]))
+    return Server(cfg, wire, recorder=None, sample_counts=np.array([10.0, 30.0]), initial=INITIAL)
 
 
 def _state():
@@ -182,3 +192,101 @@ def test_local_vote_cap_prunes_the_vote_to_the_schedule():
     state, _ = _local_round(vote_cap=True)
     assert 1 - state.mask.mean() == pytest.approx(0.9)
     assert not (state.mask & ~_state().mask).any()
+
+
+def _prunefl_round(importance, t=2, payload_nbytes=None, fraction=0.3):
+    """A PruneFL round on _state() (positions 0..9 of 50 pruned, target 0.2) reconfiguring every 2 rounds;
+    the learners' summed values make the kept positions 10..49 worth 1..40."""
+    state = _state()
+    nbytes = 4 * 40 + 4 * N if payload_nbytes is None else payload_nbytes
+    summed = np.arange(1, 41, dtype=np.float32)
+    wire = FakeWire([_report(nbytes), _report(nbytes)], summed=summed, importance=importance)
+    server = _server("prunefl", wire, target=0.2, reconfigure_every=2, reconfigure_fraction=fraction)
+    row, changed = server.round(state, t, False)
+    return state, row, changed, wire
+
+
+def _positions(*ranges):
+    mask = np.zeros(N, bool)
+    for a, b in ranges:
+        mask[a:b] = True
+    return mask
+
+
+@pytest.mark.parametrize("fraction, kept", [
+    (1.0, _positions((0, 40))),  # the top 40 importances alone: the largest weights, 40..49, go
+    (0.3, _positions((0, 12), (22, 50))),  # the 28 largest weights (22..49) stay; 12 slots go by importance
+])
+def test_prunefl_reconfiguration_regrows_the_most_important_positions_at_their_initial_values(fraction, kept):
+    importance = np.linspace(2, 1, N).astype(np.float32)  # falls with the index: pruned positions matter most
+    state, row, changed, wire = _prunefl_round(importance, fraction=fraction)
+    assert np.array_equal(state.mask, kept) and changed and not wire.reduced
+    assert row["regrown"] == 10 and row["pruned"] == 10 and state.mask.sum() == 40
+    assert np.array_equal(state.values[:10], INITIAL[:10])  # regrown positions restart from the initial model ...
+    averaged = encoding.scatter_values(np.arange(1, 41, dtype=np.float32), _state().mask, np.float32)
+    assert np.array_equal(state.values[kept][10:], averaged[kept][10:])  # ... the others keep the FedAvg values
+    assert not state.values[~kept].any()
+    assert np.array_equal(state.mask, pruning.reconfigure_mask(importance, averaged, _state().mask, 0.2, fraction))
+
+
+def test_prunefl_round_without_reconfiguration_keeps_the_mask():
+    state, row, changed, wire = _prunefl_round(None, t=1, payload_nbytes=4 * 40)
+    assert np.array_equal(state.mask, _state().mask) and not changed
+    assert (row["regrown"], row["pruned"]) == (0, 0)
+    assert wire.reduced == [None]  # no second Reduce was asked for
+
+
+def test_prunefl_reconfiguration_refuses_reports_without_the_squared_gradients():
+    with pytest.raises(PayloadError, match=f"would send 160 bytes, expected {160 + 4 * N}"):
+        _prunefl_round(np.ones(N, np.float32), payload_nbytes=160)
+
+
+def test_prunefl_reconfiguration_refuses_non_finite_squared_gradients():
+    importance = np.ones(N, np.float32)
+    importance[7] = np.inf
+    state = _state()
+    with pytest.raises(PayloadError, match="squared gradients are not finite"):
+        wire = FakeWire([_report(360), _report(360)], summed=np.ones(40, np.float32), importance=importance)
+        _server("prunefl", wire, target=0.2, reconfigure_every=2).round(state, 2, False)
+    assert state.round == 0 and np.array_equal(state.mask, _state().mask)
+
+
+def test_a_server_mask_that_revives_positions_is_refused_for_algorithms_that_never_regrow(monkeypatch):
+    import fedmpi.server
+
+    monkeypatch.setattr(fedmpi.server, "prune", lambda values, mask, *args: np.ones(N, bool))
+    state = _state()
+    server = _server("fedsparsify-global", FakeWire([_report(160), _report(160)], summed=np.ones(40, np.float32)))
+    with pytest.raises(RuntimeError, match="10 pruned positions would come back under fedsparsify-global"):
+        server.round(state, 4, False)
+    assert state.round == 0
+
+
+def _initial():
+    return np.random.default_rng(1).standard_normal(N).astype(np.float32)
+
+
+@pytest.mark.parametrize("algorithm", ["snip", "grasp", "prunefl"])
+def test_start_mask_sets_the_global_model_and_counts_in_the_first_round(algorithm):
+    mask = np.ones(N, bool)
+    mask[::2] = False  # 25 of 50 pruned: the target 0.5
+    trained = np.arange(25, dtype=np.float32) + 1
+    received = [encoding.pack_mask(mask), trained]
+    wire = FakeWire([_report(100), _report(100)], summed=np.ones(25, np.float32), received=received)
+    server = _server(algorithm, wire, target=0.5)
+    state = State(0, _initial(), np.ones(N, bool))
+    server.receive_start_mask(state)
+    assert np.array_equal(wire.sent[0], _initial())  # learner 1 scores the server's initial model
+    assert np.array_equal(state.mask, mask)
+    start = trained if server.algo.start_trains else _initial()[mask]
+    assert np.array_equal(state.values[mask], start) and not state.values[~mask].any()
+    assert wire.received == ([] if server.algo.start_trains else [trained])  # values only for a rule that trains
+    row, _ = server.round(state, 1, True)
+    assert row["pruned"] == 25 and row["regrown"] == 0
+
+
+def test_start_mask_at_the_wrong_sparsity_is_refused():
+    wire = FakeWire([], received=[encoding.pack_mask(np.ones(N, bool))])
+    server = _server("grasp", wire, target=0.5)
+    with pytest.raises(PayloadError, match="pruning 0 of 50 positions, expected 25"):
+        server.receive_start_mask(State(0, _initial(), np.ones(N, bool)))

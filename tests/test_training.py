@@ -4,9 +4,11 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedmpi.model import BrainAgeCNN, flat_parameters, load_flat_parameters, parameter_layout
+from fedmpi.pruning import apply_mask
 from fedmpi.training import (
     DeviceError,
     evaluate,
+    grasp_scores,
     local_train,
     masks_from_flat,
     per_sample_features,
@@ -165,3 +167,90 @@ def test_local_train_rejects_bad_arguments():
         local_train(model, [], epochs=1, lr=1e-3)
     with pytest.raises(ValueError):
         local_train(model, make_loader(n=4), epochs=1, lr=1e-3, masks=[torch.ones(1, dtype=torch.bool)])
+
+
+class _Regressor(torch.nn.Module):
+    """A network small enough for its full Hessian: 3 -> 4 (tanh) -> 1, 21 parameters, float64."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.hidden = torch.nn.Linear(3, 4)
+        self.out = torch.nn.Linear(4, 1)
+        self.double()
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.hidden(x))).flatten()
+
+
+def test_grasp_scores_are_minus_w_times_the_full_hessian_times_the_gradient():
+    model = _Regressor()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 3, generator=gen, dtype=torch.float64)
+    y = torch.randn(7, generator=gen, dtype=torch.float64)
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]  # unequal batches: L is the MSE over all 7 samples
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def loss(flat):
+        parts, offset = {}, 0
+        for name, shape in zip(names, shapes):
+            size = int(np.prod(shape))
+            parts[name] = flat[offset:offset + size].view(shape)
+            offset += size
+        return torch.mean((torch.func.functional_call(model, parts, (x,)) - y) ** 2)
+
+    hessian = torch.autograd.functional.hessian(loss, theta)
+    gradient = torch.autograd.functional.jacobian(loss, theta)
+    expected = (-theta * (hessian @ gradient)).numpy()
+    scores = grasp_scores(model, batches)
+    assert scores.dtype == np.float32 and scores.shape == expected.shape
+    assert np.abs(expected).max() > 1e-3  # the check below is not comparing zeros
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-7 * np.abs(expected).max())
+    assert all(p.grad is None for p in model.parameters()) and model.training
+
+
+def test_grasp_scores_on_the_brain_age_model_match_a_finite_difference_of_the_gradient():
+    """Hg of the real model (instance norm, pooling) by double backward, against the central difference
+    (grad(w + e g) - grad(w - e g)) / 2e in float64: an independent route to the same quantity."""
+    model = tiny_model().double()
+    x, y = (t.double() for t in blob_data(3))
+    params = list(model.parameters())
+    to_params = torch.nn.utils.vector_to_parameters
+
+    def gradient(flat):
+        to_params(flat, params)
+        grads = torch.autograd.grad(torch.nn.functional.mse_loss(model(x), y), params)
+        return torch.cat([d.reshape(-1) for d in grads])
+
+    theta = torch.nn.utils.parameters_to_vector(params).detach().clone()
+    g = gradient(theta)
+    eps = 1e-5 / float(g.norm())
+    expected = (-theta * (gradient(theta + eps * g) - gradient(theta - eps * g)) / (2 * eps)).numpy()
+    to_params(theta, params)
+    scores = grasp_scores(model, [(x, y)])
+    scale = np.abs(expected).max()
+    assert scale > 0
+    np.testing.assert_allclose(scores, expected, atol=1e-4 * scale)
+
+
+def test_squared_grads_accumulate_every_position_the_mask_prunes_included():
+    model = tiny_model()
+    start = flat_parameters(model)
+    mask = np.ones(start.size, bool)
+    mask[::3] = False
+    squares = [torch.zeros_like(p) for p in model.parameters()]
+    local_train(model, make_loader(n=8, batch_size=4), epochs=1, lr=1e-4, masks=masks_from_flat(model, mask),
+                squared_grads=squares)
+    total = torch.cat([q.reshape(-1) for q in squares]).numpy()
+    assert not flat_parameters(model)[~mask].any()  # pruned positions stayed zero ...
+    assert (total[~mask] > 0).mean() > 0.5  # ... yet their gradients were accumulated
+    # the first step's squared gradient (same masked model, same first batch) is one term of the sum
+    load_flat_parameters(model, apply_mask(start, mask))
+    x, y = next(iter(make_loader(n=8, batch_size=4)))
+    grads = torch.autograd.grad(torch.nn.functional.mse_loss(model(x), y), list(model.parameters()))
+    first = torch.cat([d.reshape(-1) ** 2 for d in grads]).numpy()
+    assert np.all(total >= first * (1 - 1e-5)) and (total > first * 1.01).any()
+    with pytest.raises(ValueError, match="squared_grads"):
+        local_train(model, make_loader(n=4), epochs=1, lr=1e-3, squared_grads=squares[:-1])

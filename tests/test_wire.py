@@ -48,6 +48,18 @@ def test_gatherv_delivers_each_learners_bytes(wire):
         assert wire.bytes_up == 8 + 3 * wire.rank
 
 
+def test_direct_messages_count_at_the_server_both_ways(wire):
+    """The start mask's exchange: the server counts what it sends as downlink and what it receives as uplink."""
+    if wire.is_server:
+        wire.send(np.arange(6, dtype=np.float32), dest=1)
+        assert np.array_equal(wire.recv(np.zeros(3, np.uint8), source=1), [1, 2, 3])
+        assert wire.reset_counters() == (24, 3)
+    elif wire.rank == 1:
+        assert np.array_equal(wire.recv(np.zeros(6, np.float32), source=0), np.arange(6))
+        wire.send(np.array([1, 2, 3], np.uint8), dest=0)
+        assert wire.reset_counters() == (0, 3)
+
+
 def test_model_frame_round_trip(wire):
     payload = np.arange(7, dtype=np.uint8)
     if wire.is_server:
