@@ -7,6 +7,7 @@ and a re-run resumes).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -31,6 +32,16 @@ def _positive(text: str) -> int:
     return value
 
 
+class _AgeRange(argparse.Action):
+    """MIN MAX as a tuple; refused unless both are finite and MIN < MAX."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        low, high = values
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            parser.error(f"argument --age-range: needs finite MIN < MAX, got {low:g} {high:g}")
+        setattr(namespace, self.dest, (low, high))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m preprocess", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -50,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive, default=None, help="processes (default: all CPUs)")
     p.add_argument("--skip-bad", action="store_true",
                    help="write the good subjects and FILE.skipped.tsv instead of failing")
+    low, high = bids.DEFAULT_AGE_RANGE
+    p.add_argument("--age-range", nargs=2, type=float, metavar=("MIN", "MAX"), action=_AgeRange,
+                   default=bids.DEFAULT_AGE_RANGE,
+                   help=f"plausible ages in years, MIN < age <= MAX; others are bad input (default: {low:g} {high:g})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("split", help="test set + per-learner files from a preprocessed file")
@@ -80,7 +95,8 @@ def _synth(args) -> int:
 def _nifti(args) -> int:
     try:
         res = convert.convert(args.bids, args.out, voxel=args.voxel, dtype=args.dtype,
-                              workers=args.workers, skip_bad=args.skip_bad, progress=not args.quiet)
+                              workers=args.workers, skip_bad=args.skip_bad, progress=not args.quiet,
+                              age_range=args.age_range)
     except convert.BadInput as exc:
         return _fail(f"{exc}:{_bad_list(exc.bad)}")
     if res.up_to_date:

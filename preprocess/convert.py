@@ -98,7 +98,8 @@ def _stage(job) -> tuple[str, str | None]:
 
 
 def convert(bids_dir, out, *, voxel: int = 4, dtype: str = "float16", workers: int | None = None,
-            skip_bad: bool = False, progress: bool = False) -> Result:
+            skip_bad: bool = False, progress: bool = False,
+            age_range: tuple[float, float] = bids.DEFAULT_AGE_RANGE) -> Result:
     """Preprocess every subject of `bids_dir` into `out` (see module doc for the guarantees).
 
     Raises bids.DatasetError for an unusable dataset, BadInput when subjects are bad and
@@ -108,7 +109,7 @@ def convert(bids_dir, out, *, voxel: int = 4, dtype: str = "float16", workers: i
     shape, affine = grid.target_grid(voxel)
     if dtype not in h5io.DTYPES:
         raise ValueError(f"dtype must be one of {sorted(h5io.DTYPES)}, got {dtype!r}")
-    entries, bad = bids.scan(bids_dir)
+    entries, bad = bids.scan(bids_dir, age_range)
     params = {"voxel_mm": voxel, "dtype": dtype, "reorient": "RAS+",
               "antialias": "gaussian, FWHM = target voxel", "interpolation": "trilinear",
               "mask": "nilearn MNI152 brain mask (ICBM 2009a) resampled, >= 0.5",
@@ -144,6 +145,7 @@ def convert(bids_dir, out, *, voxel: int = 4, dtype: str = "float16", workers: i
              "sex": [e.sex for e in good], "site": [e.site for e in good]}
     attrs = h5io.base_attrs(voxel, shape, affine, params, fingerprint)
     attrs["skipped"] = json.dumps(bad, sort_keys=True)
+    attrs["age_range"] = np.asarray(age_range, dtype=np.float64)
     h5io.write_volumes(out, (np.load(parts[e.participant_id]) for e in good), table, attrs, dtype)
     if bad:
         with atomic_path(report) as tmp:

@@ -70,6 +70,11 @@ CASES = {
     "allzero": (_zeros, "70", True, "all zeros"),
     "missing-age": (_copy_good, "n/a", True, "missing age"),
     "nonnumeric-age": (_copy_good, "sixty", True, "non-numeric age 'sixty'"),
+    "infinite-age": (_copy_good, "inf", True, "age 'inf' is not a finite number"),
+    "negative-age": (_copy_good, "-5", True, "age -5 is outside the plausible range (0, 120] years (--age-range)"),
+    "zero-age": (_copy_good, "0", True, "age 0 is outside the plausible range (0, 120] years"),
+    "age-300": (_copy_good, "300", True, "age 300 is outside the plausible range (0, 120] years"),
+    "age-1e3": (_copy_good, "1e3", True, "age 1e3 is outside the plausible range (0, 120] years"),
     "row-without-image": (None, "70", True, "in participants.tsv but no image"),
     "image-without-row": (_copy_good, None, False, "has no row in participants.tsv"),
 }
@@ -212,3 +217,50 @@ def test_gzip_is_not_required_for_inputs(cohort, tmp_path):
     gz.unlink()
     res = convert.convert(root, tmp_path / "v.h5", workers=1)
     assert res.written == 2
+
+
+def test_age_range_is_configurable_and_recorded(cohort, tmp_path, capsys):
+    root = _make_bids(cohort, tmp_path / "bids", ages={"sub-0001": "120", "sub-0002": "300"})
+    out = tmp_path / "v.h5"
+    args = ["nifti", "--bids", str(root), "--out", str(out), "--workers", "1", "--quiet"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "1 bad subject(s)" in err and "sub-0002: age 300 is outside" in err and "sub-0001" not in err
+    assert cli.main([*args, "--age-range", "100", "300"]) == 0
+    with h5py.File(out, "r") as f:
+        assert list(f["age"][:]) == [120.0, 300.0]
+        assert list(f.attrs["age_range"]) == [100.0, 300.0]
+
+
+@pytest.mark.parametrize("values, message", [
+    (["5", "1"], "needs finite MIN < MAX, got 5 1"),
+    (["0", "nan"], "needs finite MIN < MAX"),
+    (["1", "inf"], "needs finite MIN < MAX"),
+    (["0", "x"], "invalid float value: 'x'"),
+])
+def test_impossible_age_ranges_are_usage_errors(tmp_path, capsys, values, message):
+    with pytest.raises(SystemExit, match=r"^2$"):
+        cli.main(["nifti", "--bids", str(tmp_path), "--out", str(tmp_path / "v.h5"), "--age-range", *values])
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_participants_tsv_with_byte_order_mark_is_read(cohort, tmp_path):
+    root = _make_bids(cohort, tmp_path / "bids")
+    tsv = root / "participants.tsv"
+    tsv.write_bytes(b"\xef\xbb\xbf" + tsv.read_bytes())
+    res = convert.convert(root, tmp_path / "v.h5", workers=1)
+    assert res.written == 2
+
+
+@pytest.mark.parametrize("encoding, where", [("latin-1", "byte 0xf4"), ("utf-16", "byte 0xff at offset 0")])
+def test_participants_tsv_not_utf8_is_one_clear_error(cohort, tmp_path, capsys, encoding, where):
+    root = _make_bids(cohort, tmp_path / "bids")
+    tsv = root / "participants.tsv"
+    tsv.write_bytes(tsv.read_text().replace("\tA", "\tHôpital").encode(encoding))
+    out = tmp_path / "v.h5"
+    assert cli.main(["nifti", "--bids", str(root), "--out", str(out), "--workers", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tsv} is not UTF-8 text ({where}" in err and "Traceback" not in err
+    assert not out.exists() and not convert.parts_dir(out).exists()
