@@ -11,7 +11,7 @@ import math
 import sys
 from pathlib import Path
 
-from preprocess import bids, convert, grid, h5io, split, synth
+from preprocess import bids, convert, grid, h5io, nifti, split, synth
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -29,6 +29,16 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _megabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of MB, got {text}")
     return value
 
 
@@ -65,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--age-range", nargs=2, type=float, metavar=("MIN", "MAX"), action=_AgeRange,
                    default=bids.DEFAULT_AGE_RANGE,
                    help=f"plausible ages in years, MIN < age <= MAX; others are bad input (default: {low:g} {high:g})")
+    p.add_argument("--max-image-mb", type=_megabytes, default=nifti.DEFAULT_MAX_IMAGE_MB, metavar="MB",
+                   help="largest image as float32, in MB, checked from the header before reading "
+                        f"(default: {nifti.DEFAULT_MAX_IMAGE_MB:g})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("split", help="test set + per-learner files from a preprocessed file")
@@ -96,7 +109,7 @@ def _nifti(args) -> int:
     try:
         res = convert.convert(args.bids, args.out, voxel=args.voxel, dtype=args.dtype,
                               workers=args.workers, skip_bad=args.skip_bad, progress=not args.quiet,
-                              age_range=args.age_range)
+                              age_range=args.age_range, max_image_mb=args.max_image_mb)
     except convert.BadInput as exc:
         return _fail(f"{exc}:{_bad_list(exc.bad)}")
     if res.up_to_date:

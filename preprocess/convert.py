@@ -86,9 +86,9 @@ def _init_worker(mask: np.ndarray) -> None:
 
 def _stage(job) -> tuple[str, str | None]:
     """Preprocess one subject into its part file; (subject, None) or (subject, reason)."""
-    pid, image, part, voxel, dtype = job
+    pid, image, part, voxel, dtype, max_image_mb = job
     try:
-        vol = nifti.preprocess_file(image, voxel, _MASK)
+        vol = nifti.preprocess_file(image, voxel, _MASK, max_image_mb)
     except nifti.BadImage as exc:
         return pid, str(exc)
     tmp = part.with_name(part.name + ".tmp.npy")
@@ -99,7 +99,8 @@ def _stage(job) -> tuple[str, str | None]:
 
 def convert(bids_dir, out, *, voxel: int = 4, dtype: str = "float16", workers: int | None = None,
             skip_bad: bool = False, progress: bool = False,
-            age_range: tuple[float, float] = bids.DEFAULT_AGE_RANGE) -> Result:
+            age_range: tuple[float, float] = bids.DEFAULT_AGE_RANGE,
+            max_image_mb: float = nifti.DEFAULT_MAX_IMAGE_MB) -> Result:
     """Preprocess every subject of `bids_dir` into `out` (see module doc for the guarantees).
 
     Raises bids.DatasetError for an unusable dataset, BadInput when subjects are bad and
@@ -123,7 +124,7 @@ def convert(bids_dir, out, *, voxel: int = 4, dtype: str = "float16", workers: i
     stage = parts_dir(out)
     stage.mkdir(parents=True, exist_ok=True)
     parts = {e.participant_id: stage / f"{e.participant_id}-{k}.npy" for e, k in zip(entries, keys)}
-    todo = [(e.participant_id, e.image, parts[e.participant_id], voxel, dtype)
+    todo = [(e.participant_id, e.image, parts[e.participant_id], voxel, dtype, max_image_mb)
             for e in entries if not parts[e.participant_id].is_file()]
     reused = len(entries) - len(todo)
     for pid, reason in parallel.run(_stage, todo, workers=workers, initializer=_init_worker,

@@ -61,6 +61,14 @@ def _copy_good(root, pid):
     shutil.copy(_image(root, GOOD[0]), _image(root, pid))
 
 
+def _huge_header(path):
+    """A few hundred bytes whose header claims 700^3 voxels (refused before any voxel is read)."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((700, 700, 700))
+    hdr.set_data_dtype(np.uint8)
+    path.write_bytes(gzip.compress(hdr.binaryblock + b"\0" * 4))
+
+
 # (how to make the subject's image, its age cell, whether it has a TSV row, expected reason)
 CASES = {
     "unreadable": (_garbage, "70", True, "unreadable or truncated"),
@@ -75,6 +83,8 @@ CASES = {
     "zero-age": (_copy_good, "0", True, "age 0 is outside the plausible range (0, 120] years"),
     "age-300": (_copy_good, "300", True, "age 300 is outside the plausible range (0, 120] years"),
     "age-1e3": (_copy_good, "1e3", True, "age 1e3 is outside the plausible range (0, 120] years"),
+    "oversized-image": (lambda root, pid: _huge_header(_image(root, pid)), "70", True,
+                        "is 700x700x700 voxels (1.37 GB as float32), above the 512 MB limit (--max-image-mb)"),
     "row-without-image": (None, "70", True, "in participants.tsv but no image"),
     "image-without-row": (_copy_good, None, False, "has no row in participants.tsv"),
 }
@@ -150,11 +160,11 @@ def test_interrupted_run_resumes_without_redoing_subjects(cohort, tmp_path, monk
     real = nifti.preprocess_file
     calls = []
 
-    def interrupt_third(path, voxel, mask):
+    def interrupt_third(path, *args):
         calls.append(path)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(path, voxel, mask)
+        return real(path, *args)
 
     monkeypatch.setattr(nifti, "preprocess_file", interrupt_third)
     with pytest.raises(KeyboardInterrupt):
@@ -244,6 +254,14 @@ def test_impossible_age_ranges_are_usage_errors(tmp_path, capsys, values, messag
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "lots"])
+def test_max_image_mb_must_be_a_positive_number(tmp_path, capsys, value):
+    with pytest.raises(SystemExit, match=r"^2$"):
+        cli.main(["nifti", "--bids", str(tmp_path), "--out", str(tmp_path / "v.h5"), "--max-image-mb", value])
+    err = capsys.readouterr().err
+    assert "argument --max-image-mb: must be a positive number of MB" in err and "Traceback" not in err
 
 
 def test_participants_tsv_with_byte_order_mark_is_read(cohort, tmp_path):
