@@ -11,6 +11,7 @@ import math
 import sys
 from pathlib import Path
 
+from fedmpi.errors import UserError
 from preprocess import bids, convert, grid, h5io, nifti, split, synth
 
 EXIT_BAD_INPUT = 2
@@ -29,6 +30,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _nonnegative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -59,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="write the synthetic BIDS-like T1 cohort")
     p.add_argument("--out", required=True, type=Path, help="output directory (created)")
     p.add_argument("--subjects", type=_positive, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_nonnegative, default=0)
     p.add_argument("--workers", type=_positive, default=None, help="processes (default: all CPUs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -136,7 +144,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"synth": _synth, "nifti": _nifti, "split": _split}[args.command](args)
-    except (bids.DatasetError, split.SplitError, h5io.DataError, FileExistsError) as exc:
+    except (UserError, FileExistsError) as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
         staged = ""

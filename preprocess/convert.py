@@ -4,7 +4,8 @@ Each subject's preprocessed volume is first staged as FILE.h5.parts/<id>-<finger
 (written atomically). A re-run after an interruption reuses every staged subject whose
 input and parameters are unchanged; once all subjects are staged they are packed into the
 HDF5 file under a temporary name, renamed, and the staging directory is removed. An output
-whose recorded input fingerprint matches the current input is left alone.
+whose recorded input fingerprint matches the current input is left alone. Output paths are
+checked before any subject is processed.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from fedmpi.errors import UserError
 from fedmpi.files import atomic_path
-from preprocess import bids, grid, h5io, nifti, parallel
+from preprocess import bids, grid, h5io, nifti, outputs, parallel
 
 
 class BadInput(UserError, ValueError):
@@ -97,19 +98,28 @@ def _stage(job) -> tuple[str, str | None]:
     return pid, None
 
 
+def check_outputs(out: Path) -> None:
+    """OutputError now, before any subject is processed, for an output that could not be written."""
+    outputs.check_file(out, "--out")
+    outputs.check_dir(parts_dir(out), "staging directory")
+    outputs.check_file(skipped_report_path(out), "--skip-bad report")
+
+
 def convert(bids_dir, out, *, voxel: int = 4, dtype: str = "float16", workers: int | None = None,
             skip_bad: bool = False, progress: bool = False,
             age_range: tuple[float, float] = bids.DEFAULT_AGE_RANGE,
             max_image_mb: float = nifti.DEFAULT_MAX_IMAGE_MB) -> Result:
     """Preprocess every subject of `bids_dir` into `out` (see module doc for the guarantees).
 
-    Raises bids.DatasetError for an unusable dataset, BadInput when subjects are bad and
-    skip_bad is False (nothing is written and staged parts are removed).
+    Raises outputs.OutputError for an output path that cannot be written, bids.DatasetError
+    for an unusable dataset, BadInput when subjects are bad and skip_bad is False (nothing is
+    written and staged parts are removed).
     """
     out, bids_dir = Path(out), Path(bids_dir)
     shape, affine = grid.target_grid(voxel)
     if dtype not in h5io.DTYPES:
         raise ValueError(f"dtype must be one of {sorted(h5io.DTYPES)}, got {dtype!r}")
+    check_outputs(out)
     entries, bad = bids.scan(bids_dir, age_range)
     params = {"voxel_mm": voxel, "dtype": dtype, "reorient": "RAS+",
               "antialias": "gaussian, FWHM = target voxel", "interpolation": "trilinear",

@@ -282,3 +282,45 @@ def test_participants_tsv_not_utf8_is_one_clear_error(cohort, tmp_path, capsys, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{tsv} is not UTF-8 text ({where}" in err and "Traceback" not in err
     assert not out.exists() and not convert.parts_dir(out).exists()
+
+
+def _out_under_a_file(tmp_path):
+    (tmp_path / "somefile").write_text("x")
+    return tmp_path / "somefile" / "x.h5", "somefile is a file, not a directory"
+
+
+def _out_is_a_directory(tmp_path):
+    (tmp_path / "x.h5").mkdir()
+    return tmp_path / "x.h5", "x.h5 is an existing directory; it must name a file"
+
+
+def _stage_is_a_file(tmp_path):
+    (tmp_path / "x.h5.parts").write_text("x")
+    return tmp_path / "x.h5", "staging directory"
+
+
+def _report_is_a_directory(tmp_path):
+    (tmp_path / "x.skipped.tsv").mkdir()
+    return tmp_path / "x.h5", "x.skipped.tsv is an existing directory"
+
+
+@pytest.mark.parametrize("make", [_out_under_a_file, _out_is_a_directory, _stage_is_a_file, _report_is_a_directory])
+def test_unwritable_outputs_are_refused_before_any_subject(cohort, tmp_path, monkeypatch, capsys, make):
+    root = _make_bids(cohort, tmp_path / "bids")
+    out, message = make(tmp_path)
+    calls = []
+    monkeypatch.setattr(nifti, "preprocess_file", lambda *a, **k: calls.append(a))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert cli.main(["nifti", "--bids", str(root), "--out", str(out), "--workers", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert calls == [] and sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_out_under_a_file_from_the_command_line(tmp_path):
+    (tmp_path / "somefile").write_text("x")
+    (tmp_path / "bids").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "preprocess", "nifti", "--bids", str(tmp_path / "bids"),
+                           "--out", str(tmp_path / "somefile" / "x.h5")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "is a file, not a directory" in proc.stderr and "Traceback" not in proc.stderr

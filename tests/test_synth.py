@@ -94,3 +94,14 @@ def test_cli_synth_writes_a_cohort_and_rejects_bad_counts(tmp_path, capsys):
     assert exc.value.code == 2
     assert "must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_cli_synth_bad_seed_and_out_under_a_file_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit, match=r"^2$"):
+        cli.main(["synth", "--out", str(tmp_path / "d"), "--seed", "-1"])
+    assert "argument --seed: must be >= 0, got -1" in capsys.readouterr().err
+    (tmp_path / "somefile").write_text("x")
+    assert cli.main(["synth", "--out", str(tmp_path / "somefile" / "c"), "--subjects", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "somefile is a file, not a directory" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["somefile"]
