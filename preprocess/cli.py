@@ -1,8 +1,9 @@
 """`python -m preprocess synth|nifti|split`: command-line front end.
 
 Exit codes: 0 success (or output already up to date), 2 usage or bad input (a message on
-stderr, never a traceback, nothing written), 130 interrupted (finished subjects stay staged
-and a re-run resumes).
+stderr, never a traceback, nothing written; also a worker process that died, after which
+finished subjects stay staged), 130 interrupted (finished subjects stay staged and a re-run
+resumes).
 """
 from __future__ import annotations
 

@@ -1,18 +1,17 @@
 """BIDS dataset -> one HDF5 volume file, in parallel, resumable, never half-written.
 
 Each subject's preprocessed volume is first staged as FILE.h5.parts/<id>-<fingerprint>.npy
-(written atomically). A re-run after an interruption reuses every staged subject whose
-input and parameters are unchanged; once all subjects are staged they are packed into the
-HDF5 file under a temporary name, renamed, and the staging directory is removed. An output
-whose recorded input fingerprint matches the current input is left alone. Output paths are
-checked before any subject is processed.
+(written atomically). A re-run after an interruption or a dead worker reuses every staged
+subject whose input and parameters are unchanged; once all subjects are staged they are
+packed into the HDF5 file under a temporary name, renamed, and the staging directory is
+removed. An output whose recorded input fingerprint matches the current input is left alone.
+Output paths are checked before any subject is processed.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -92,10 +91,15 @@ def _stage(job) -> tuple[str, str | None]:
         vol = nifti.preprocess_file(image, voxel, _MASK, max_image_mb)
     except nifti.BadImage as exc:
         return pid, str(exc)
-    tmp = part.with_name(part.name + ".tmp.npy")
-    np.save(tmp, vol.astype(h5io.DTYPES[dtype]))
-    os.replace(tmp, part)
+    with atomic_path(part) as tmp, open(tmp, "wb") as f:
+        np.save(f, vol.astype(h5io.DTYPES[dtype]))
     return pid, None
+
+
+def _remove_temporaries(stage: Path) -> None:
+    """Half-written part files (temporary names start with a dot) of a worker that was killed."""
+    for path in stage.glob(".*"):
+        path.unlink(missing_ok=True)
 
 
 def check_outputs(out: Path) -> None:
@@ -113,7 +117,8 @@ def convert(bids_dir, out, *, voxel: int = 4, dtype: str = "float16", workers: i
 
     Raises outputs.OutputError for an output path that cannot be written, bids.DatasetError
     for an unusable dataset, BadInput when subjects are bad and skip_bad is False (nothing is
-    written and staged parts are removed).
+    written and staged parts are removed), parallel.WorkerDied when a worker process dies
+    (finished subjects stay staged).
     """
     out, bids_dir = Path(out), Path(bids_dir)
     shape, affine = grid.target_grid(voxel)
@@ -133,15 +138,22 @@ def convert(bids_dir, out, *, voxel: int = 4, dtype: str = "float16", workers: i
 
     stage = parts_dir(out)
     stage.mkdir(parents=True, exist_ok=True)
+    _remove_temporaries(stage)
     parts = {e.participant_id: stage / f"{e.participant_id}-{k}.npy" for e, k in zip(entries, keys)}
     todo = [(e.participant_id, e.image, parts[e.participant_id], voxel, dtype, max_image_mb)
             for e in entries if not parts[e.participant_id].is_file()]
     reused = len(entries) - len(todo)
-    for pid, reason in parallel.run(_stage, todo, workers=workers, initializer=_init_worker,
-                                    initargs=(grid.brain_mask(voxel),), desc="nifti",
-                                    progress=progress):
-        if reason:
-            bad[pid] = reason
+    try:
+        for pid, reason in parallel.run(_stage, todo, workers=workers, initializer=_init_worker,
+                                        initargs=(grid.brain_mask(voxel),), desc="nifti",
+                                        progress=progress, name=lambda job: job[0]):
+            if reason:
+                bad[pid] = reason
+    except parallel.WorkerDied as exc:
+        _remove_temporaries(stage)
+        raise parallel.WorkerDied(f"{exc}; nothing written; finished subjects stay in {stage} and a re-run "
+                                  "resumes (use fewer --workers, or a lower --max-image-mb to refuse large images)",
+                                  exc.names) from None
 
     good = [e for e in entries if e.participant_id not in bad]
     if bad and not skip_bad:

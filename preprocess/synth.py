@@ -335,5 +335,6 @@ def write_cohort(out, subjects: int, seed: int = 0, workers: int | None = None,
 def _render_all(people, anat, root: Path, workers, progress: bool) -> None:
     jobs = [(p, str(root)) for p in people]
     for _ in parallel.run(_write_subject, jobs, workers=workers, initializer=_init_worker,
-                          initargs=(anat,), desc="synth", progress=progress):
+                          initargs=(anat,), desc="synth", progress=progress,
+                          name=lambda job: job[0].participant_id):
         pass

@@ -1,6 +1,8 @@
 """`python -m preprocess nifti`: bad input, --skip-bad, resume after interruption, up-to-date outputs."""
 import gzip
+import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -324,3 +326,29 @@ def test_out_under_a_file_from_the_command_line(tmp_path):
                            "--out", str(tmp_path / "somefile" / "x.h5")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "is a file, not a directory" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _stage_or_die(job):
+    """convert._stage in a spawned worker, except that sub-0002's worker is killed as by the OOM killer."""
+    if job[0] == "sub-0002":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return convert._stage(job)
+
+
+def test_a_killed_worker_names_its_subject_and_writes_nothing(cohort, tmp_path, monkeypatch, capsys):
+    root = _make_bids(cohort, tmp_path / "bids")
+    out = tmp_path / "v.h5"
+    stage = convert.parts_dir(out)
+    stage.mkdir()
+    (stage / ".sub-0009-0.npy.abc.tmp").write_bytes(b"half")  # left by a worker killed in an earlier run
+    monkeypatch.setattr(convert, "_stage", _stage_or_die)
+    assert cli.main(["nifti", "--bids", str(root), "--out", str(out), "--workers", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: a nifti worker process died while processing ")
+    assert "sub-0002" in err.splitlines()[0] and "re-run resumes" in err and "Traceback" not in err
+    assert not out.exists() and not convert.skipped_report_path(out).exists()
+    assert all(p.name.endswith(".npy") and not p.name.startswith(".") for p in stage.iterdir())
+
+    monkeypatch.undo()
+    res = convert.convert(root, out, workers=1)
+    assert res.written == 2 and not stage.exists()
