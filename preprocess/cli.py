@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learners", type=int, default=8)
     p.add_argument("--distribution", choices=split.DISTRIBUTIONS, default="uniform-iid")
     p.add_argument("--test-fraction", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_nonnegative, default=0)
     return parser
 
 
