@@ -15,6 +15,9 @@ from preprocess.nifti import IMAGE_SUFFIXES
 
 REQUIRED_COLUMNS = ("participant_id", "age")
 MISSING = {"", "n/a", "na", "nan", "none", "null"}
+# Plausible human ages in years, MIN < age <= MAX: 0 or a negative age is almost always a
+# placeholder or a typo, and 300 is months or a slip of the keyboard, not a person.
+DEFAULT_AGE_RANGE = (0.0, 120.0)
 
 
 class DatasetError(UserError, ValueError):
@@ -53,17 +56,28 @@ def read_participants(root: Path) -> list[dict[str, str]]:
     tsv = root / "participants.tsv"
     if not tsv.is_file():
         raise DatasetError(f"{tsv} is missing (needs columns participant_id, age[, sex, site])")
-    with open(tsv, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter="\t")
-        columns = reader.fieldnames or []
-        absent = [c for c in REQUIRED_COLUMNS if c not in columns]
-        if absent:
-            raise DatasetError(f"{tsv} lacks column(s) {', '.join(absent)} (has: {', '.join(columns) or 'none'})")
-        return [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    try:
+        # utf-8-sig: spreadsheet programs often start the file with a byte-order mark, which
+        # would otherwise become part of the first column's name.
+        with open(tsv, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f, delimiter="\t")
+            columns = reader.fieldnames or []
+            absent = [c for c in REQUIRED_COLUMNS if c not in columns]
+            if absent:
+                raise DatasetError(f"{tsv} lacks column(s) {', '.join(absent)} (has: {', '.join(columns) or 'none'})")
+            return [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{tsv} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                           "save it as UTF-8") from None
 
 
-def parse_age(text: str) -> float:
-    """A finite age in years, or ValueError with the reason."""
+def age_range_text(age_range: tuple[float, float]) -> str:
+    """The accepted interval as it appears in messages: (0, 120] years."""
+    return f"({age_range[0]:g}, {age_range[1]:g}] years"
+
+
+def parse_age(text: str, age_range: tuple[float, float] = DEFAULT_AGE_RANGE) -> float:
+    """A finite age in years with MIN < age <= MAX, or ValueError with the reason."""
     if text.lower() in MISSING:
         raise ValueError("missing age")
     try:
@@ -71,11 +85,13 @@ def parse_age(text: str) -> float:
     except ValueError:
         raise ValueError(f"non-numeric age {text!r}") from None
     if not math.isfinite(age):
-        raise ValueError(f"non-numeric age {text!r}")
+        raise ValueError(f"age {text!r} is not a finite number")
+    if not age_range[0] < age <= age_range[1]:
+        raise ValueError(f"age {text} is outside the plausible range {age_range_text(age_range)} (--age-range)")
     return age
 
 
-def scan(root) -> tuple[list[Entry], dict[str, str]]:
+def scan(root, age_range: tuple[float, float] = DEFAULT_AGE_RANGE) -> tuple[list[Entry], dict[str, str]]:
     """Match participants.tsv rows with images: (good entries in TSV order, {subject: reason})."""
     root = Path(root)
     rows = read_participants(root)
@@ -94,7 +110,7 @@ def scan(root) -> tuple[list[Entry], dict[str, str]]:
             bad[pid] = f"listed {counts[pid]} times in participants.tsv"
             continue
         try:
-            age = parse_age(row["age"])
+            age = parse_age(row["age"], age_range)
         except ValueError as exc:
             bad[pid] = str(exc)
             continue

@@ -1,16 +1,19 @@
 """`python -m preprocess synth|nifti|split`: command-line front end.
 
 Exit codes: 0 success (or output already up to date), 2 usage or bad input (a message on
-stderr, never a traceback, nothing written), 130 interrupted (finished subjects stay staged
-and a re-run resumes).
+stderr, never a traceback, nothing written; also a worker process that died, after which
+finished subjects stay staged), 130 interrupted (finished subjects stay staged and a re-run
+resumes).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
-from preprocess import bids, convert, grid, h5io, split, synth
+from fedmpi.errors import UserError
+from preprocess import bids, convert, grid, h5io, nifti, split, synth
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -31,6 +34,33 @@ def _positive(text: str) -> int:
     return value
 
 
+def _nonnegative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _megabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of MB, got {text}")
+    return value
+
+
+class _AgeRange(argparse.Action):
+    """MIN MAX as a tuple; refused unless both are finite and MIN < MAX."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        low, high = values
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            parser.error(f"argument --age-range: needs finite MIN < MAX, got {low:g} {high:g}")
+        setattr(namespace, self.dest, (low, high))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m preprocess", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -38,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="write the synthetic BIDS-like T1 cohort")
     p.add_argument("--out", required=True, type=Path, help="output directory (created)")
     p.add_argument("--subjects", type=_positive, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_nonnegative, default=0)
     p.add_argument("--workers", type=_positive, default=None, help="processes (default: all CPUs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -50,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive, default=None, help="processes (default: all CPUs)")
     p.add_argument("--skip-bad", action="store_true",
                    help="write the good subjects and FILE.skipped.tsv instead of failing")
+    low, high = bids.DEFAULT_AGE_RANGE
+    p.add_argument("--age-range", nargs=2, type=float, metavar=("MIN", "MAX"), action=_AgeRange,
+                   default=bids.DEFAULT_AGE_RANGE,
+                   help=f"plausible ages in years, MIN < age <= MAX; others are bad input (default: {low:g} {high:g})")
+    p.add_argument("--max-image-mb", type=_megabytes, default=nifti.DEFAULT_MAX_IMAGE_MB, metavar="MB",
+                   help="largest image as float32, in MB, checked from the header before reading "
+                        f"(default: {nifti.DEFAULT_MAX_IMAGE_MB:g})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("split", help="test set + per-learner files from a preprocessed file")
@@ -58,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learners", type=int, default=8)
     p.add_argument("--distribution", choices=split.DISTRIBUTIONS, default="uniform-iid")
     p.add_argument("--test-fraction", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_nonnegative, default=0)
     return parser
 
 
@@ -80,7 +117,8 @@ def _synth(args) -> int:
 def _nifti(args) -> int:
     try:
         res = convert.convert(args.bids, args.out, voxel=args.voxel, dtype=args.dtype,
-                              workers=args.workers, skip_bad=args.skip_bad, progress=not args.quiet)
+                              workers=args.workers, skip_bad=args.skip_bad, progress=not args.quiet,
+                              age_range=args.age_range, max_image_mb=args.max_image_mb)
     except convert.BadInput as exc:
         return _fail(f"{exc}:{_bad_list(exc.bad)}")
     if res.up_to_date:
@@ -107,7 +145,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"synth": _synth, "nifti": _nifti, "split": _split}[args.command](args)
-    except (bids.DatasetError, split.SplitError, h5io.DataError, FileExistsError) as exc:
+    except (UserError, FileExistsError) as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
         staged = ""

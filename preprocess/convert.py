@@ -1,17 +1,17 @@
 """BIDS dataset -> one HDF5 volume file, in parallel, resumable, never half-written.
 
 Each subject's preprocessed volume is first staged as FILE.h5.parts/<id>-<fingerprint>.npy
-(written atomically). A re-run after an interruption reuses every staged subject whose
-input and parameters are unchanged; once all subjects are staged they are packed into the
-HDF5 file under a temporary name, renamed, and the staging directory is removed. An output
-whose recorded input fingerprint matches the current input is left alone.
+(written atomically). A re-run after an interruption or a dead worker reuses every staged
+subject whose input and parameters are unchanged; once all subjects are staged they are
+packed into the HDF5 file under a temporary name, renamed, and the staging directory is
+removed. An output whose recorded input fingerprint matches the current input is left alone.
+Output paths are checked before any subject is processed.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from fedmpi.errors import UserError
 from fedmpi.files import atomic_path
-from preprocess import bids, grid, h5io, nifti, parallel
+from preprocess import bids, grid, h5io, nifti, outputs, parallel
 
 
 class BadInput(UserError, ValueError):
@@ -86,29 +86,46 @@ def _init_worker(mask: np.ndarray) -> None:
 
 def _stage(job) -> tuple[str, str | None]:
     """Preprocess one subject into its part file; (subject, None) or (subject, reason)."""
-    pid, image, part, voxel, dtype = job
+    pid, image, part, voxel, dtype, max_image_mb = job
     try:
-        vol = nifti.preprocess_file(image, voxel, _MASK)
+        vol = nifti.preprocess_file(image, voxel, _MASK, max_image_mb)
     except nifti.BadImage as exc:
         return pid, str(exc)
-    tmp = part.with_name(part.name + ".tmp.npy")
-    np.save(tmp, vol.astype(h5io.DTYPES[dtype]))
-    os.replace(tmp, part)
+    with atomic_path(part) as tmp, open(tmp, "wb") as f:
+        np.save(f, vol.astype(h5io.DTYPES[dtype]))
     return pid, None
 
 
+def _remove_temporaries(stage: Path) -> None:
+    """Half-written part files (temporary names start with a dot) of a worker that was killed."""
+    for path in stage.glob(".*"):
+        path.unlink(missing_ok=True)
+
+
+def check_outputs(out: Path) -> None:
+    """OutputError now, before any subject is processed, for an output that could not be written."""
+    outputs.check_file(out, "--out")
+    outputs.check_dir(parts_dir(out), "staging directory")
+    outputs.check_file(skipped_report_path(out), "--skip-bad report")
+
+
 def convert(bids_dir, out, *, voxel: int = 4, dtype: str = "float16", workers: int | None = None,
-            skip_bad: bool = False, progress: bool = False) -> Result:
+            skip_bad: bool = False, progress: bool = False,
+            age_range: tuple[float, float] = bids.DEFAULT_AGE_RANGE,
+            max_image_mb: float = nifti.DEFAULT_MAX_IMAGE_MB) -> Result:
     """Preprocess every subject of `bids_dir` into `out` (see module doc for the guarantees).
 
-    Raises bids.DatasetError for an unusable dataset, BadInput when subjects are bad and
-    skip_bad is False (nothing is written and staged parts are removed).
+    Raises outputs.OutputError for an output path that cannot be written, bids.DatasetError
+    for an unusable dataset, BadInput when subjects are bad and skip_bad is False (nothing is
+    written and staged parts are removed), parallel.WorkerDied when a worker process dies
+    (finished subjects stay staged).
     """
     out, bids_dir = Path(out), Path(bids_dir)
     shape, affine = grid.target_grid(voxel)
     if dtype not in h5io.DTYPES:
         raise ValueError(f"dtype must be one of {sorted(h5io.DTYPES)}, got {dtype!r}")
-    entries, bad = bids.scan(bids_dir)
+    check_outputs(out)
+    entries, bad = bids.scan(bids_dir, age_range)
     params = {"voxel_mm": voxel, "dtype": dtype, "reorient": "RAS+",
               "antialias": "gaussian, FWHM = target voxel", "interpolation": "trilinear",
               "mask": "nilearn MNI152 brain mask (ICBM 2009a) resampled, >= 0.5",
@@ -121,15 +138,22 @@ def convert(bids_dir, out, *, voxel: int = 4, dtype: str = "float16", workers: i
 
     stage = parts_dir(out)
     stage.mkdir(parents=True, exist_ok=True)
+    _remove_temporaries(stage)
     parts = {e.participant_id: stage / f"{e.participant_id}-{k}.npy" for e, k in zip(entries, keys)}
-    todo = [(e.participant_id, e.image, parts[e.participant_id], voxel, dtype)
+    todo = [(e.participant_id, e.image, parts[e.participant_id], voxel, dtype, max_image_mb)
             for e in entries if not parts[e.participant_id].is_file()]
     reused = len(entries) - len(todo)
-    for pid, reason in parallel.run(_stage, todo, workers=workers, initializer=_init_worker,
-                                    initargs=(grid.brain_mask(voxel),), desc="nifti",
-                                    progress=progress):
-        if reason:
-            bad[pid] = reason
+    try:
+        for pid, reason in parallel.run(_stage, todo, workers=workers, initializer=_init_worker,
+                                        initargs=(grid.brain_mask(voxel),), desc="nifti",
+                                        progress=progress, name=lambda job: job[0]):
+            if reason:
+                bad[pid] = reason
+    except parallel.WorkerDied as exc:
+        _remove_temporaries(stage)
+        raise parallel.WorkerDied(f"{exc}; nothing written; finished subjects stay in {stage} and a re-run "
+                                  "resumes (use fewer --workers, or a lower --max-image-mb to refuse large images)",
+                                  exc.names) from None
 
     good = [e for e in entries if e.participant_id not in bad]
     if bad and not skip_bad:
@@ -144,6 +168,7 @@ def convert(bids_dir, out, *, voxel: int = 4, dtype: str = "float16", workers: i
              "sex": [e.sex for e in good], "site": [e.site for e in good]}
     attrs = h5io.base_attrs(voxel, shape, affine, params, fingerprint)
     attrs["skipped"] = json.dumps(bad, sort_keys=True)
+    attrs["age_range"] = np.asarray(age_range, dtype=np.float64)
     h5io.write_volumes(out, (np.load(parts[e.participant_id]) for e in good), table, attrs, dtype)
     if bad:
         with atomic_path(report) as tmp:

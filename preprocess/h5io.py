@@ -5,7 +5,8 @@ Layout (one file per cohort, learner or test set):
   age         (N,) float32
   subject_id, sex, site   (N,) UTF-8 strings
   attrs: format, voxel_size, shape, affine, preprocessing (JSON), version, created,
-         input_fingerprint (what the file was built from), split (JSON, learner/test files)
+         input_fingerprint (what the file was built from), age_range (the (MIN, MAX] in years
+         `nifti` accepted), split (JSON, learner/test files)
 gzip level 1 is the fastest standard HDF5 filter to decode here (about the 300 volumes/s
 target for 2 mm float16 on one core) and every HDF5 reader has it, unlike lzf.
 """

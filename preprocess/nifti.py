@@ -8,6 +8,7 @@ rejected rather than silently producing garbage.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import nibabel as nib
@@ -19,30 +20,59 @@ from preprocess import grid
 # Suffixes nibabel reads for us, longest first so ".nii.gz" wins over ".gz".
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".hdr")
 MIN_MASK_COVERAGE = 0.5
+# Largest image accepted, as float32 in MB (10**6 bytes). A worker holds several copies while
+# resampling, so this bounds its memory; a 1 mm whole-head T1 is 20-70 MB, 0.5 mm 7 T data ~400 MB.
+DEFAULT_MAX_IMAGE_MB = 512.0
 
 
 class BadImage(UserError, ValueError):
     """An input image that cannot be used; the message is the human-readable reason."""
 
 
-def load(path) -> tuple[np.ndarray, np.ndarray]:
+def _reason(exc: Exception) -> str:
+    """An exception's message, or its type when it has none (never an empty reason)."""
+    return str(exc) or type(exc).__name__
+
+
+def _size_text(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.3g} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.3g} MB"
+
+
+def check_header(name: str, shape: tuple[int, ...], max_image_mb: float) -> None:
+    """Refuse from the header alone what must not be read: several frames, other dimensions,
+    and images above the size limit (a small .nii.gz can claim gigabytes of voxels)."""
+    if len(shape) == 4 and shape[3] != 1:
+        raise BadImage(f"{name} is 4D with {shape[3]} frames; expected one 3D volume")
+    if len(shape) not in (3, 4):
+        raise BadImage(f"{name} has {len(shape)} dimensions {shape}; expected a 3D volume")
+    nbytes = math.prod(shape) * 4
+    if nbytes > max_image_mb * 1e6:
+        raise BadImage(f"{name} is {'x'.join(str(s) for s in shape[:3])} voxels ({_size_text(nbytes)} as float32), "
+                       f"above the {max_image_mb:g} MB limit (--max-image-mb)")
+
+
+def load(path, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> tuple[np.ndarray, np.ndarray]:
     """Read a 3D image (a 4D one with a single frame is accepted) as float32 + affine.
 
-    Raises BadImage for unreadable or truncated files, several frames, non-finite voxels,
-    and all-zero images.
+    Raises BadImage for unreadable or truncated files, several frames, images above
+    `max_image_mb` (checked before any voxel is read), non-finite voxels and all-zero images.
     """
     path = Path(path)
     try:
         img = nib.load(str(path))
+        shape = tuple(int(s) for s in img.shape)
+    except Exception as exc:  # nibabel raises many types for a bad header
+        raise BadImage(f"unreadable or truncated image {path.name}: {_reason(exc)}") from None
+    check_header(path.name, shape, max_image_mb)
+    try:
         data = np.asarray(img.dataobj, dtype=np.float32)
+    except MemoryError:
+        size = _size_text(math.prod(shape) * 4)
+        raise BadImage(f"not enough memory to read {path.name} ({size} as float32)") from None
     except Exception as exc:  # nibabel, gzip and zlib raise many types for a bad file
-        raise BadImage(f"unreadable or truncated image {path.name}: {exc}") from None
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
+        raise BadImage(f"unreadable or truncated image {path.name}: {_reason(exc)}") from None
     if data.ndim == 4:
-        raise BadImage(f"{path.name} is 4D with {data.shape[3]} frames; expected one 3D volume")
-    if data.ndim != 3:
-        raise BadImage(f"{path.name} has {data.ndim} dimensions {data.shape}; expected a 3D volume")
+        data = data[..., 0]
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise BadImage(f"{path.name} has a degenerate voxel-to-world affine")
@@ -91,9 +121,9 @@ def zscore(volume: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def preprocess_file(path, voxel: int, mask: np.ndarray) -> np.ndarray:
+def preprocess_file(path, voxel: int, mask: np.ndarray, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> np.ndarray:
     """load + to_mni, with the file name in any BadImage message."""
-    data, affine = load(path)
+    data, affine = load(path, max_image_mb)
     try:
         return to_mni(data, affine, voxel, mask)
     except BadImage as exc:

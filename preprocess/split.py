@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,13 +25,16 @@ from pathlib import Path
 import numpy as np
 
 from fedmpi.errors import UserError
-from fedmpi.files import umask_mode
-from preprocess import h5io
+from fedmpi.files import atomic_write, umask_mode
+from preprocess import bids, h5io, outputs
 
 DISTRIBUTIONS = ("uniform-iid", "uniform-noniid", "skewed-noniid")
 N_BINS = 20
 SKEW = 1.35
 JITTER = 0.05
+# The files a split owns in its directory; anything else there is left alone.
+OWNED = re.compile(r"learner_[0-9]+\.h5|test\.h5|partition\.json")
+TMP_PREFIX = ".split-tmp-"
 
 
 class SplitError(UserError, ValueError):
@@ -125,10 +129,20 @@ def partition(ages, *, learners: int, distribution: str, test_fraction: float = 
     validate(learners, distribution)
     if not 0.0 < test_fraction < 1.0:
         raise SplitError(f"--test-fraction must be between 0 and 1, got {test_fraction}")
+    if seed < 0:
+        raise SplitError(f"--seed must be >= 0, got {seed}")
     if len(ages) == 0:
         raise SplitError("no subjects to split")
+    nonfinite = int(np.count_nonzero(~np.isfinite(ages)))
+    if nonfinite:
+        raise SplitError(f"{nonfinite} of {len(ages)} ages are not finite numbers (NaN or inf)")
     rng = np.random.default_rng([seed, 0x5B17])
     test = test_indices(ages, test_fraction, rng)
+    if len(test) == 0:
+        largest = int(np.bincount(age_bins(ages)).max())
+        raise SplitError(f"--test-fraction {test_fraction:g} holds out no subject: the largest of the {N_BINS} age "
+                         f"bins has {largest} subject(s), and {test_fraction:g} x {largest} rounds to 0; "
+                         f"use at least {0.5 / largest:.3g}")
     rest = np.setdiff1d(np.arange(len(ages)), test)
     parts = learner_indices(ages[rest], learners, distribution, rng)
     return test, [rest[p] for p in parts]
@@ -140,25 +154,64 @@ def _stats(ages: np.ndarray) -> dict:
             "age_max": round(float(ages.max()), 3)}
 
 
+def check_ages(path: Path, ages: np.ndarray, ids, age_range: tuple[float, float]) -> None:
+    """SplitError naming the subjects whose age is not finite or outside `age_range` (MIN, MAX]."""
+    with np.errstate(invalid="ignore"):
+        bad = np.flatnonzero(~((ages > age_range[0]) & (ages <= age_range[1])))
+    if len(bad):
+        shown = ", ".join(f"{ids[i]} ({ages[i]:g})" for i in bad[:5])
+        if len(bad) > 5:
+            shown += f" and {len(bad) - 5} more"
+        raise SplitError(f"volume file {path} has {len(bad)} subject(s) with an unusable age: {shown}; ages must be "
+                         f"finite and in {bids.age_range_text(age_range)}; fix participants.tsv and re-run "
+                         "preprocess nifti")
+
+
+def _check_out_dir(h5: Path, out: Path) -> None:
+    """Refuse an --out that holds the input, holds other files without being a split, or whose
+    owned names are not files."""
+    outputs.check_dir(out, "--out")
+    if out.resolve() in h5.resolve().parents:
+        raise SplitError(f"the input {h5} lies inside --out {out}; choose an output directory that does not hold it")
+    if not out.is_dir():
+        return
+    entries = list(out.iterdir())
+    clash = [p for p in entries if OWNED.fullmatch(p.name) and not p.is_file()]
+    if clash:
+        raise SplitError(f"{clash[0]} is not a file; a split would write a file of that name; choose another --out")
+    foreign = [p for p in entries if not OWNED.fullmatch(p.name) and not p.name.startswith(TMP_PREFIX)]
+    if foreign and not (out / "partition.json").is_file():
+        raise SplitError(f"{out} exists and is not a split directory; choose another --out")
+
+
 def write_split(h5, out, *, learners: int = 8, distribution: str = "uniform-iid",
                 test_fraction: float = 0.2, seed: int = 0) -> Path:
     """learner_1.h5 .. learner_K.h5, test.h5 and partition.json in `out`, built atomically.
 
-    The directory is assembled beside `out` and renamed into place; an existing split
-    directory (one holding partition.json) is replaced, anything else is refused.
+    The files are built in a temporary directory inside `out` and moved in; partition.json
+    goes last, so a directory without it is an unfinished split. Only the files a split owns
+    (OWNED) are replaced or removed: other files in an existing split directory stay. A
+    non-empty directory without partition.json that holds other files is refused, and so is
+    an `out` that holds the input file.
     """
     h5, out = Path(h5), Path(out)
+    _check_out_dir(h5, out)
     with h5io.open_checked(h5) as f:
         ages = f["age"][:].astype(np.float64)
+        ids = f["subject_id"].asstr()[:]
+        low, high = (float(a) for a in f.attrs.get("age_range", bids.DEFAULT_AGE_RANGE))
+    check_ages(h5, ages, ids, (low, high))
     test, parts = partition(ages, learners=learners, distribution=distribution,
                             test_fraction=test_fraction, seed=seed)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "partition.json").is_file())):
-        raise SplitError(f"{out} exists and is not a split directory; choose another --out")
     meta = {"distribution": distribution, "learners": learners, "seed": seed,
             "test_fraction": test_fraction, "age_bins": N_BINS, "source": str(h5.resolve())}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(TMP_PREFIX + "*"):  # left by a split that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=out))
     os.chmod(tmp, umask_mode(directory=True))
+    done = False
     try:
         summary = dict(meta, test=dict(_stats(ages[test]), file="test.h5"), per_learner=[])
         h5io.copy_rows(h5, tmp / "test.h5", test, {"split": json.dumps(dict(meta, role="test"))})
@@ -167,20 +220,23 @@ def write_split(h5, out, *, learners: int = 8, distribution: str = "uniform-iid"
             h5io.copy_rows(h5, tmp / name, rows,
                            {"split": json.dumps(dict(meta, role="learner", learner=j))})
             summary["per_learner"].append(dict(_stats(ages[rows]), learner=j, file=name))
-        (tmp / "partition.json").write_text(json.dumps(summary, indent=2))
-        _swap_in(tmp, out)
+        _move_in(tmp, out, json.dumps(summary, indent=2))
+        done = True
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not done and created and not any(out.iterdir()):
+            out.rmdir()
     return out
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename tmp onto out; an old split there is moved aside first and deleted after."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _move_in(tmp: Path, out: Path, summary: str) -> None:
+    """Replace the owned files of `out` by those built in `tmp`; partition.json, written last,
+    marks the split complete (its directory entry is fsynced with the renames before it)."""
+    (out / "partition.json").unlink(missing_ok=True)
+    new = {p.name for p in tmp.iterdir()}
+    for name in sorted(new):
+        os.replace(tmp / name, out / name)
+    for old in out.iterdir():
+        if OWNED.fullmatch(old.name) and old.name not in new:
+            old.unlink()
+    atomic_write(out / "partition.json", summary.encode())

@@ -29,7 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 from fedmpi.files import umask_mode
-from preprocess import grid, parallel
+from preprocess import grid, outputs, parallel
 
 INTERNAL_MM = 1.5
 # World-space box (mm) that every site's field of view covers: the brain plus a 15 mm shell.
@@ -301,12 +301,13 @@ def write_cohort(out, subjects: int, seed: int = 0, workers: int | None = None,
                  progress: bool = False) -> Path:
     """Write a BIDS-like cohort to `out` atomically (built in a sibling temp dir, then renamed).
 
-    Raises FileExistsError when `out` exists and is not this very cohort; returns early when
-    it is.
+    Raises FileExistsError when `out` exists and is not this very cohort (returns early when
+    it is), outputs.OutputError when it cannot be created.
     """
     out = Path(out)
     if is_complete(out, subjects, seed):
         return out
+    outputs.check_dir(out, "--out")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not the cohort --subjects {subjects} "
                               f"--seed {seed}; choose another --out or remove it")
@@ -334,5 +335,6 @@ def write_cohort(out, subjects: int, seed: int = 0, workers: int | None = None,
 def _render_all(people, anat, root: Path, workers, progress: bool) -> None:
     jobs = [(p, str(root)) for p in people]
     for _ in parallel.run(_write_subject, jobs, workers=workers, initializer=_init_worker,
-                          initargs=(anat,), desc="synth", progress=progress):
+                          initargs=(anat,), desc="synth", progress=progress,
+                          name=lambda job: job[0].participant_id):
         pass

@@ -248,6 +248,15 @@ def test_config_file_not_yaml(tmp_path):
         load_config(write(tmp_path, "train: [1, 2\n  lr: {"))
 
 
+@pytest.mark.parametrize("encoding, where", [("latin-1", "byte 0xe9 at offset 17"),
+                                             ("utf-16", "byte 0xff at offset 0"), ("cp1252", "byte 0x93")])
+def test_config_file_not_utf8_names_the_file(tmp_path, encoding, where):
+    path = tmp_path / "c.yaml"
+    path.write_bytes("run:\n  name: \u201cdurée\u201d\n".encode(encoding, errors="replace"))
+    with pytest.raises(ConfigError, match=f"config file {path} is not UTF-8 text \\({where}"):
+        load_config(path)
+
+
 @pytest.mark.parametrize("text", ["- 1\n- 2\n", "just a string\n", "3\n"])
 def test_config_file_not_a_mapping(tmp_path, text):
     with pytest.raises(ConfigError, match="must hold a mapping"):

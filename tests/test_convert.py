@@ -1,6 +1,8 @@
 """`python -m preprocess nifti`: bad input, --skip-bad, resume after interruption, up-to-date outputs."""
 import gzip
+import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -61,6 +63,14 @@ def _copy_good(root, pid):
     shutil.copy(_image(root, GOOD[0]), _image(root, pid))
 
 
+def _huge_header(path):
+    """A few hundred bytes whose header claims 700^3 voxels (refused before any voxel is read)."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((700, 700, 700))
+    hdr.set_data_dtype(np.uint8)
+    path.write_bytes(gzip.compress(hdr.binaryblock + b"\0" * 4))
+
+
 # (how to make the subject's image, its age cell, whether it has a TSV row, expected reason)
 CASES = {
     "unreadable": (_garbage, "70", True, "unreadable or truncated"),
@@ -70,6 +80,13 @@ CASES = {
     "allzero": (_zeros, "70", True, "all zeros"),
     "missing-age": (_copy_good, "n/a", True, "missing age"),
     "nonnumeric-age": (_copy_good, "sixty", True, "non-numeric age 'sixty'"),
+    "infinite-age": (_copy_good, "inf", True, "age 'inf' is not a finite number"),
+    "negative-age": (_copy_good, "-5", True, "age -5 is outside the plausible range (0, 120] years (--age-range)"),
+    "zero-age": (_copy_good, "0", True, "age 0 is outside the plausible range (0, 120] years"),
+    "age-300": (_copy_good, "300", True, "age 300 is outside the plausible range (0, 120] years"),
+    "age-1e3": (_copy_good, "1e3", True, "age 1e3 is outside the plausible range (0, 120] years"),
+    "oversized-image": (lambda root, pid: _huge_header(_image(root, pid)), "70", True,
+                        "is 700x700x700 voxels (1.37 GB as float32), above the 512 MB limit (--max-image-mb)"),
     "row-without-image": (None, "70", True, "in participants.tsv but no image"),
     "image-without-row": (_copy_good, None, False, "has no row in participants.tsv"),
 }
@@ -145,11 +162,11 @@ def test_interrupted_run_resumes_without_redoing_subjects(cohort, tmp_path, monk
     real = nifti.preprocess_file
     calls = []
 
-    def interrupt_third(path, voxel, mask):
+    def interrupt_third(path, *args):
         calls.append(path)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(path, voxel, mask)
+        return real(path, *args)
 
     monkeypatch.setattr(nifti, "preprocess_file", interrupt_third)
     with pytest.raises(KeyboardInterrupt):
@@ -212,3 +229,126 @@ def test_gzip_is_not_required_for_inputs(cohort, tmp_path):
     gz.unlink()
     res = convert.convert(root, tmp_path / "v.h5", workers=1)
     assert res.written == 2
+
+
+def test_age_range_is_configurable_and_recorded(cohort, tmp_path, capsys):
+    root = _make_bids(cohort, tmp_path / "bids", ages={"sub-0001": "120", "sub-0002": "300"})
+    out = tmp_path / "v.h5"
+    args = ["nifti", "--bids", str(root), "--out", str(out), "--workers", "1", "--quiet"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "1 bad subject(s)" in err and "sub-0002: age 300 is outside" in err and "sub-0001" not in err
+    assert cli.main([*args, "--age-range", "100", "300"]) == 0
+    with h5py.File(out, "r") as f:
+        assert list(f["age"][:]) == [120.0, 300.0]
+        assert list(f.attrs["age_range"]) == [100.0, 300.0]
+
+
+@pytest.mark.parametrize("values, message", [
+    (["5", "1"], "needs finite MIN < MAX, got 5 1"),
+    (["0", "nan"], "needs finite MIN < MAX"),
+    (["1", "inf"], "needs finite MIN < MAX"),
+    (["0", "x"], "invalid float value: 'x'"),
+])
+def test_impossible_age_ranges_are_usage_errors(tmp_path, capsys, values, message):
+    with pytest.raises(SystemExit, match=r"^2$"):
+        cli.main(["nifti", "--bids", str(tmp_path), "--out", str(tmp_path / "v.h5"), "--age-range", *values])
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "lots"])
+def test_max_image_mb_must_be_a_positive_number(tmp_path, capsys, value):
+    with pytest.raises(SystemExit, match=r"^2$"):
+        cli.main(["nifti", "--bids", str(tmp_path), "--out", str(tmp_path / "v.h5"), "--max-image-mb", value])
+    err = capsys.readouterr().err
+    assert "argument --max-image-mb: must be a positive number of MB" in err and "Traceback" not in err
+
+
+def test_participants_tsv_with_byte_order_mark_is_read(cohort, tmp_path):
+    root = _make_bids(cohort, tmp_path / "bids")
+    tsv = root / "participants.tsv"
+    tsv.write_bytes(b"\xef\xbb\xbf" + tsv.read_bytes())
+    res = convert.convert(root, tmp_path / "v.h5", workers=1)
+    assert res.written == 2
+
+
+@pytest.mark.parametrize("encoding, where", [("latin-1", "byte 0xf4"), ("utf-16", "byte 0xff at offset 0")])
+def test_participants_tsv_not_utf8_is_one_clear_error(cohort, tmp_path, capsys, encoding, where):
+    root = _make_bids(cohort, tmp_path / "bids")
+    tsv = root / "participants.tsv"
+    tsv.write_bytes(tsv.read_text().replace("\tA", "\tHôpital").encode(encoding))
+    out = tmp_path / "v.h5"
+    assert cli.main(["nifti", "--bids", str(root), "--out", str(out), "--workers", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tsv} is not UTF-8 text ({where}" in err and "Traceback" not in err
+    assert not out.exists() and not convert.parts_dir(out).exists()
+
+
+def _out_under_a_file(tmp_path):
+    (tmp_path / "somefile").write_text("x")
+    return tmp_path / "somefile" / "x.h5", "somefile is a file, not a directory"
+
+
+def _out_is_a_directory(tmp_path):
+    (tmp_path / "x.h5").mkdir()
+    return tmp_path / "x.h5", "x.h5 is an existing directory; it must name a file"
+
+
+def _stage_is_a_file(tmp_path):
+    (tmp_path / "x.h5.parts").write_text("x")
+    return tmp_path / "x.h5", "staging directory"
+
+
+def _report_is_a_directory(tmp_path):
+    (tmp_path / "x.skipped.tsv").mkdir()
+    return tmp_path / "x.h5", "x.skipped.tsv is an existing directory"
+
+
+@pytest.mark.parametrize("make", [_out_under_a_file, _out_is_a_directory, _stage_is_a_file, _report_is_a_directory])
+def test_unwritable_outputs_are_refused_before_any_subject(cohort, tmp_path, monkeypatch, capsys, make):
+    root = _make_bids(cohort, tmp_path / "bids")
+    out, message = make(tmp_path)
+    calls = []
+    monkeypatch.setattr(nifti, "preprocess_file", lambda *a, **k: calls.append(a))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert cli.main(["nifti", "--bids", str(root), "--out", str(out), "--workers", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert calls == [] and sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_out_under_a_file_from_the_command_line(tmp_path):
+    (tmp_path / "somefile").write_text("x")
+    (tmp_path / "bids").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "preprocess", "nifti", "--bids", str(tmp_path / "bids"),
+                           "--out", str(tmp_path / "somefile" / "x.h5")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "is a file, not a directory" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _stage_or_die(job):
+    """convert._stage in a spawned worker, except that sub-0002's worker is killed as by the OOM killer."""
+    if job[0] == "sub-0002":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return convert._stage(job)
+
+
+def test_a_killed_worker_names_its_subject_and_writes_nothing(cohort, tmp_path, monkeypatch, capsys):
+    root = _make_bids(cohort, tmp_path / "bids")
+    out = tmp_path / "v.h5"
+    stage = convert.parts_dir(out)
+    stage.mkdir()
+    (stage / ".sub-0009-0.npy.abc.tmp").write_bytes(b"half")  # left by a worker killed in an earlier run
+    monkeypatch.setattr(convert, "_stage", _stage_or_die)
+    assert cli.main(["nifti", "--bids", str(root), "--out", str(out), "--workers", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: a nifti worker process died while processing ")
+    assert "sub-0002" in err.splitlines()[0] and "re-run resumes" in err and "Traceback" not in err
+    assert not out.exists() and not convert.skipped_report_path(out).exists()
+    assert all(p.name.endswith(".npy") and not p.name.startswith(".") for p in stage.iterdir())
+
+    monkeypatch.undo()
+    res = convert.convert(root, out, workers=1)
+    assert res.written == 2 and not stage.exists()

@@ -1,5 +1,6 @@
 """Loading, validation and MNI-grid preprocessing of single images."""
 import gzip
+import re
 
 import nibabel as nib
 import numpy as np
@@ -119,3 +120,55 @@ def test_zscore_rejects_a_constant_brain():
     mask[1:3, 1:3, 1:3] = True
     with pytest.raises(nifti.BadImage, match="constant"):
         nifti.zscore(np.ones((4, 4, 4), np.float32), mask)
+
+
+def _header_only(path, shape):
+    """A file whose header claims `shape` but holds no voxels (like a 4000^3 header on a few bytes)."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(np.uint8)
+    raw = hdr.binaryblock + b"\0" * 4
+    path.write_bytes(gzip.compress(raw) if path.name.endswith(".gz") else raw)
+
+
+@pytest.mark.parametrize("name, shape, message", [
+    ("huge.nii", (4000, 4000, 4000), "4000x4000x4000 voxels (256 GB as float32), above the 512 MB limit"),
+    ("big.nii.gz", (700, 700, 700), "700x700x700 voxels (1.37 GB as float32), above the 512 MB limit"),
+    ("frames.nii.gz", (700, 700, 700, 3), "4D with 3 frames"),
+    ("one-frame.nii", (400, 400, 900, 1), "400x400x900 voxels (576 MB as float32)"),
+])
+def test_oversized_headers_are_refused_before_reading(tmp_path, name, shape, message):
+    """The file holds no voxels: reading any data would fail as truncated or run out of memory."""
+    _header_only(tmp_path / name, shape)
+    with pytest.raises(nifti.BadImage, match=re.escape(message)) as exc:
+        nifti.load(tmp_path / name)
+    assert name in str(exc.value) and "truncated" not in str(exc.value)
+
+
+@pytest.mark.parametrize("cls, suffix", [(nib.Nifti1Image, ".nii.gz"), (nib.MGHImage, ".mgz"),
+                                         (nib.Nifti1Pair, ".hdr")])
+def test_size_limit_is_configurable_and_applies_to_every_format(tmp_path, cls, suffix):
+    data = np.ones((50, 50, 50), np.float32)  # 0.5 MB as float32
+    nib.save(cls(data, np.eye(4)), tmp_path / f"x{suffix}")
+    assert nifti.load(tmp_path / f"x{suffix}", max_image_mb=0.5)[0].shape == (50, 50, 50)
+    with pytest.raises(nifti.BadImage, match=re.escape("50x50x50 voxels (0.5 MB as float32), above the 0.4 MB limit "
+                                                       "(--max-image-mb)")):
+        nifti.load(tmp_path / f"x{suffix}", max_image_mb=0.4)
+    with pytest.raises(nifti.BadImage, match=r"above the 0\.4 MB limit"):
+        nifti.preprocess_file(tmp_path / f"x{suffix}", 4, grid.brain_mask(4), max_image_mb=0.4)
+
+
+@pytest.mark.parametrize("error, reason", [
+    (MemoryError, r"not enough memory to read x.nii \(0.0005 MB as float32\)"),
+    (OSError, r"unreadable or truncated image x.nii: OSError$"),
+    (ValueError, r"unreadable or truncated image x.nii: ValueError$"),
+])
+def test_a_failure_without_a_message_still_has_a_reason(tmp_path, monkeypatch, error, reason):
+    nib.save(nib.Nifti1Image(np.ones((5, 5, 5), np.float32), np.eye(4)), tmp_path / "x.nii")
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(nib.arrayproxy.ArrayProxy, "__array__", fail)
+    with pytest.raises(nifti.BadImage, match=reason):
+        nifti.load(tmp_path / "x.nii")

@@ -1,5 +1,8 @@
 """Test hold-out and learner partitions: sizes, skew, disjointness, age structure, files."""
 import json
+import shutil
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -132,3 +135,144 @@ def test_cli_split_errors_leave_no_output(cohort, tmp_path, capsys):
     assert not out.exists() and list(tmp_path.iterdir()) == []
     assert cli.main(["split", "--h5", str(cohort.h5), "--out", str(out), "--learners", "2"]) == 0
     assert (out / "learner_2.h5").is_file()
+
+
+@pytest.mark.parametrize("ages, kwargs, message", [
+    (np.r_[AGES[:99], np.nan], {}, "1 of 100 ages are not finite numbers"),
+    (np.r_[AGES[:98], np.inf, -np.inf], {}, "2 of 100 ages are not finite numbers"),
+    (AGES[:100], {"seed": -1}, "--seed must be >= 0, got -1"),
+    (AGES[:1000], {"test_fraction": 0.005}, "holds out no subject"),
+    (AGES[:40], {"test_fraction": 0.05}, "holds out no subject"),
+])
+def test_unusable_ages_and_parameters_are_split_errors(ages, kwargs, message):
+    with pytest.raises(split.SplitError, match=message):
+        split.partition(ages, learners=2, distribution="uniform-iid", **kwargs)
+
+
+def test_smallest_fraction_named_in_the_message_works():
+    with pytest.raises(split.SplitError, match=r"use at least (\S+)$") as exc:
+        split.partition(AGES[:40], learners=2, distribution="uniform-iid", test_fraction=0.05)
+    least = float(str(exc.value).rsplit(" ", 1)[1])
+    test, _ = split.partition(AGES[:40], learners=2, distribution="uniform-iid", test_fraction=least)
+    assert len(test) > 0
+
+
+def _with_ages(cohort, path, changes, age_range=None):
+    shutil.copy(cohort.h5, path)
+    with h5py.File(path, "a") as f:
+        for row, age in changes.items():
+            f["age"][row] = age
+        if age_range is not None:
+            f.attrs["age_range"] = np.asarray(age_range, dtype=np.float64)
+    return path
+
+
+@pytest.mark.parametrize("age", [-5.0, 0.0, 300.0, 1e3, np.nan, np.inf])
+def test_split_refuses_a_file_with_an_unusable_age(cohort, tmp_path, capsys, age):
+    h5 = _with_ages(cohort, tmp_path / "v.h5", {3: age})
+    out = tmp_path / "s"
+    assert cli.main(["split", "--h5", str(h5), "--out", str(out), "--learners", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"has 1 subject(s) with an unusable age: sub-0004 ({age:g}); ages must be finite and in (0, 120] " in err
+    assert not out.exists()
+
+
+def test_split_honours_the_age_range_recorded_by_nifti(cohort, tmp_path):
+    h5 = _with_ages(cohort, tmp_path / "v.h5", {0: 300.0, 1: 0.5}, age_range=(0.0, 400.0))
+    split.write_split(h5, tmp_path / "s", learners=2)
+    h5 = _with_ages(cohort, tmp_path / "w.h5", {0: 300.0, 1: 0.5, 2: 0.1}, age_range=(1.0, 400.0))
+    with pytest.raises(split.SplitError, match=r"2 subject\(s\) with an unusable age: sub-0002 \(0.5\), "
+                                                r"sub-0003 \(0.1\); ages must be finite and in \(1, 400\] years"):
+        split.write_split(h5, tmp_path / "t", learners=2, distribution="skewed-noniid")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+    (["--test-fraction", "0.01"], "--test-fraction 0.01 holds out no subject"),
+])
+def test_cli_bad_seed_and_empty_test_set_are_one_line(cohort, tmp_path, args, message):
+    out = tmp_path / "s"
+    proc = subprocess.run([sys.executable, "-m", "preprocess", "split", "--h5", str(cohort.h5), "--out", str(out),
+                           "--learners", "2", *args], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_rerun_replaces_only_the_files_a_split_owns(cohort, tmp_path, monkeypatch):
+    out = split.write_split(cohort.h5, tmp_path / "s", learners=3)
+    (out / "notes.txt").write_text("mine")
+    (out / "learner_notes.h5").write_text("also mine")
+    (out / "extra").mkdir()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    real, calls = split.h5io.copy_rows, []
+
+    def fail_third(*args):
+        calls.append(args)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(*args)
+
+    monkeypatch.setattr(split.h5io, "copy_rows", fail_third)
+    with pytest.raises(OSError, match="No space"):
+        split.write_split(cohort.h5, out, learners=4)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # the old split is whole
+    monkeypatch.undo()
+
+    split.write_split(cohort.h5, out, learners=2, distribution="skewed-noniid", seed=4)
+    assert sorted(p.name for p in out.iterdir()) == ["extra", "learner_1.h5", "learner_2.h5", "learner_notes.h5",
+                                                     "notes.txt", "partition.json", "test.h5"]
+    assert (out / "notes.txt").read_text() == "mine" and (out / "learner_notes.h5").read_text() == "also mine"
+    new = json.loads((out / "partition.json").read_text())
+    assert new["learners"] == 2 and new["seed"] == 4 and len(new["per_learner"]) == 2
+    with h5py.File(out / "learner_2.h5", "r") as f:
+        assert json.loads(f.attrs["split"])["distribution"] == "skewed-noniid"
+    assert list(tmp_path.iterdir()) == [out]  # nothing built or left beside it
+
+
+def test_an_interrupted_split_directory_is_reused(cohort, tmp_path):
+    out = tmp_path / "s"
+    (out / (split.TMP_PREFIX + "abc")).mkdir(parents=True)  # a split killed while copying
+    (out / (split.TMP_PREFIX + "abc") / "test.h5").write_bytes(b"half")
+    (out / "learner_1.h5").write_bytes(b"old")
+    split.write_split(cohort.h5, out, learners=2)
+    assert sorted(p.name for p in out.iterdir()) == ["learner_1.h5", "learner_2.h5", "partition.json", "test.h5"]
+
+
+@pytest.mark.parametrize("where", ["test.h5", "v4.h5", "sub/v4.h5"])
+def test_out_holding_the_input_is_refused(cohort, tmp_path, capsys, where):
+    out = split.write_split(cohort.h5, tmp_path / "s", learners=2)
+    h5 = out / where
+    h5.parent.mkdir(exist_ok=True)
+    shutil.copy(cohort.h5, h5)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert cli.main(["split", "--h5", str(h5), "--out", str(out), "--learners", "3"]) == 2
+    err = capsys.readouterr().err
+    assert f"the input {h5} lies inside --out {out}" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def _under_a_file(tmp_path):
+    (tmp_path / "somefile").write_text("x")
+    return tmp_path / "somefile" / "s", "somefile is a file, not a directory"
+
+
+def _a_file(tmp_path):
+    (tmp_path / "s").write_text("x")
+    return tmp_path / "s", "exists and is not a directory"
+
+
+def _owned_name_is_a_directory(tmp_path):
+    (tmp_path / "s" / "learner_2.h5").mkdir(parents=True)
+    return tmp_path / "s", "learner_2.h5 is not a file"
+
+
+@pytest.mark.parametrize("make", [_under_a_file, _a_file, _owned_name_is_a_directory])
+def test_unwritable_split_outputs_are_one_line(cohort, tmp_path, capsys, make):
+    out, message = make(tmp_path)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    assert cli.main(["split", "--h5", str(cohort.h5), "--out", str(out), "--learners", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before

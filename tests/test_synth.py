@@ -1,5 +1,7 @@
 """The synthetic cohort: reproducible subjects, per-site acquisition, a real age effect."""
 import csv
+import os
+import signal
 
 import nibabel as nib
 import numpy as np
@@ -94,3 +96,30 @@ def test_cli_synth_writes_a_cohort_and_rejects_bad_counts(tmp_path, capsys):
     assert exc.value.code == 2
     assert "must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_cli_synth_bad_seed_and_out_under_a_file_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit, match=r"^2$"):
+        cli.main(["synth", "--out", str(tmp_path / "d"), "--seed", "-1"])
+    assert "argument --seed: must be >= 0, got -1" in capsys.readouterr().err
+    (tmp_path / "somefile").write_text("x")
+    assert cli.main(["synth", "--out", str(tmp_path / "somefile" / "c"), "--subjects", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "somefile is a file, not a directory" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["somefile"]
+
+
+def _write_or_die(job):
+    """synth._write_subject in a spawned worker, except that sub-0002's worker is killed."""
+    if job[0].participant_id == "sub-0002":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return synth._write_subject(job)
+
+
+def test_a_killed_synth_worker_is_named_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(synth, "_write_subject", _write_or_die)
+    out = tmp_path / "c"
+    assert cli.main(["synth", "--out", str(out), "--subjects", "2", "--workers", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: a synth worker process died while processing ") and "sub-0002" in err
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []

@@ -1,0 +1,42 @@
+"""Check where a command will write before it does any work.
+
+A bad --out (under a file, an existing directory where a file goes) would otherwise surface as
+a traceback, some of them only after every subject has been processed.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fedmpi.errors import UserError
+
+
+class OutputError(UserError, ValueError):
+    """An output path that cannot be written; the message names it and why."""
+
+
+def _check_parent(path: Path, what: str) -> None:
+    """The nearest existing ancestor must be a directory this process may create entries in."""
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"cannot write {what} {path}: {parent} is a file, not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise OutputError(f"cannot write {what} {path}: no permission to create files in {parent}")
+            return
+
+
+def check_file(path, what: str) -> None:
+    """OutputError unless `path` can be created or replaced as a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{what} {path} is an existing directory; it must name a file")
+    _check_parent(path, what)
+
+
+def check_dir(path, what: str) -> None:
+    """OutputError unless `path` is a directory or can be created as one."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{what} {path} exists and is not a directory")
+    _check_parent(path, what)
