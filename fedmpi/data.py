@@ -13,16 +13,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from preprocess import convert, h5io, split, synth
+from preprocess import bids, convert, h5io, split, synth
 
 from .errors import DataError
 
 __all__ = ["DataError", "VolumeDataset", "check_volumes", "file_digest", "read_header", "synthetic_cohort"]
 
 
-# Ages (years) a person can have: what a volume file may hold. Zero is refused too: it is what a missing
-# value often turns into.
-PLAUSIBLE_AGES = (0.0, 120.0)
 SAMPLED_VOLUMES = 3  # volumes the preflight reads per file (first, middle, last) to check their values
 
 
@@ -43,18 +40,19 @@ def file_digest(path) -> str:
     with h5io.open_checked(path) as f:
         h.update("\n".join(s.decode() if isinstance(s, bytes) else str(s) for s in f["subject_id"][:]).encode())
         h.update(np.ascontiguousarray(f["age"][:], dtype="<f4").tobytes())
-        h.update(f"{f['images'].shape} {f['images'].dtype} {f.attrs.get('fingerprint', '')}".encode())
+        h.update(f"{f['images'].shape} {f['images'].dtype} {f.attrs.get('input_fingerprint', '')}".encode())
     return h.hexdigest()
 
 
 def check_volumes(path) -> dict:
     """read_header plus what the preflight can afford to check, naming the file: at least one volume, every
-    age finite and plausible, a sample of volumes finite; and the file's digest ("digest")."""
+    age finite and within the file's plausible range (the (MIN, MAX] preprocessing accepted, by default
+    bids.DEFAULT_AGE_RANGE), a sample of volumes finite; and the file's digest ("digest")."""
     head = read_header(path)
     if head["n"] == 0:
         raise DataError(f"volume file {path}: no volumes")
-    lo, hi = PLAUSIBLE_AGES
     with h5io.open_checked(path) as f:
+        lo, hi = (float(v) for v in f.attrs.get("age_range", bids.DEFAULT_AGE_RANGE))
         ages = f["age"][:]
         bad = np.flatnonzero(~(np.isfinite(ages) & (ages > lo) & (ages <= hi)))
         if bad.size:
