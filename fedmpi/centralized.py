@@ -38,7 +38,8 @@ def _train(cfg, data_dir: Path, files: list[Path], split: dict, resume: bool, ov
     device = select_device(cfg.train.device)
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg, test.shape, float(ages.mean())).to(device)
-    rec = Recorder(cfg, model, test, device, float(np.mean(np.abs(test.ages - ages.mean()))), data_dir, split)
+    rec = Recorder(cfg, model, test, device, float(np.mean(np.abs(test.ages - ages.mean()))), data_dir, split,
+                   len(pooled))
     found = resume_point(cfg, resume, overwrite)
     problems = split_problems(found[2].get("split") if found else None, split)
     if problems:

@@ -140,7 +140,8 @@ def _serve(cfg: Config, wire, data_dir: Path, infos: np.ndarray, device, resume_
     model = build_model(cfg, shape, mean_age).to(device)
     initial = flat_parameters(model)
     test = VolumeDataset(data_dir / "test.h5", cache=cfg.data.cache)
-    rec = Recorder(cfg, model, test, device, float(np.mean(np.abs(test.ages - mean_age))), data_dir, split)
+    rec = Recorder(cfg, model, test, device, float(np.mean(np.abs(test.ages - mean_age))), data_dir, split,
+                   int(counts.sum()))
     state = start_state(cfg, resume_from, rec, model)
     rec.log.write_config(cfg.to_json())
     wire.bcast(np.array([state.round, *counts], np.float64), "session")

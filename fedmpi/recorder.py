@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -43,10 +44,11 @@ class Recorder:
     federated server and the centralized baseline."""
 
     def __init__(self, cfg: Config, model: BrainAgeCNN, test: VolumeDataset, device, baseline_mae: float,
-                 data_dir, split: dict[str, str]):
+                 data_dir, split: dict[str, str], train_subjects: int):
         self.cfg = cfg
         self.test = test
-        self.data_dir = str(data_dir)
+        self.data_dir = str(Path(data_dir).resolve())
+        self.train_subjects = train_subjects
         self.split = split  # file name -> data.file_digest of the files this run trains and tests on
         self.model = model
         self.device = device
@@ -115,6 +117,7 @@ class Recorder:
         summary = {
             "algorithm": self.cfg.federation.algorithm, "rounds": state.round, "preempted": preempted,
             "data_dir": self.data_dir, "split": self.split,
+            "train_subjects": self.train_subjects, "test_subjects": len(self.test),
             "final_mae": scores["mae"], "final_rmse": scores["rmse"], "final_r": scores["r"],
             "baseline_mae": self.baseline_mae, "final_sparsity": pruning.sparsity(state.values),
             "target_sparsity": self.cfg.federation.target, "parameters": int(state.values.size),

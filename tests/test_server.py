@@ -145,7 +145,7 @@ def test_summary_scores_the_final_model_even_when_its_round_was_not_evaluated(tm
     cfg.model.width, cfg.run.dir, cfg.run.checkpoint_every = 0.125, str(tmp_path / "runs"), 0
     torch.manual_seed(0)
     model = build_model(cfg, SHAPE)
-    rec = Recorder(cfg, model, VolumeDataset(tmp_path / "test.h5"), torch.device("cpu"), 8.0, tmp_path, {})
+    rec = Recorder(cfg, model, VolumeDataset(tmp_path / "test.h5"), torch.device("cpu"), 8.0, tmp_path, {}, 16)
     state = initial_state(model)
     row = {"bytes_up": 0, "bytes_down": 0, "dense_bytes_up": 0, "dense_bytes_down": 0, "seconds_train": 0.0,
            "seconds_comm": 0.0, "seconds_aggregate": 0.0}
@@ -155,6 +155,7 @@ def test_summary_scores_the_final_model_even_when_its_round_was_not_evaluated(tm
     second = rec.record(state, dict(row), evaluate_now=False)
     assert second["test_mae"] is None and second["layer_sparsity"]["output.bias"] == 1.0
     summary = rec.finish(state, seconds=1.0, preempted=True)
+    assert (summary["train_subjects"], summary["test_subjects"]) == (16, 8)
     assert summary["final_mae"] != evaluated
     assert summary["final_mae"] == pytest.approx(np.mean(np.abs(np.linspace(45, 80, 8))), rel=1e-3)
     assert json.loads((tmp_path / "runs" / "demo" / "summary.json").read_text())["rounds"] == 2
