@@ -156,11 +156,22 @@ def resume_point(cfg: Config, resume: bool, overwrite: bool):
         print(f"fedmpi: no usable checkpoint in {checkpoints.dir}; starting fresh", flush=True)
         return None
     values, mask, meta = found
-    changed = setting_changes(meta.get("config") or {}, resume_key(cfg))
+    changed = setting_changes(recorded_key(meta.get("config") or {}), resume_key(cfg))
     if changed:
         raise ConfigError(f"{checkpoints.dir} was written with other settings ({'; '.join(changed)}); resume with "
                           f"the same config (only run.*, eval.*, devices and data loading may change)")
     return found
+
+
+def recorded_key(recorded: dict) -> dict:
+    """A checkpoint's resume key as this version reads it: options added since it was written take their
+    defaults, so that a newer fedmpi resumes an older run unless a setting really differs."""
+    from .config import config_from_dict
+
+    try:
+        return resume_key(config_from_dict(recorded))
+    except (ConfigError, TypeError, AttributeError):
+        return recorded  # unreadable as a config: compared as it is, so every difference is named
 
 
 def setting_changes(before: dict, now: dict, prefix: str = "") -> list[str]:

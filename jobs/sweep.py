@@ -9,7 +9,8 @@ A study file (jobs/studies/*.yaml) names a base config, the groups of runs (each
 --set overrides, distributions, algorithms with targets, seeds, and whether to attack them) and
 where finished runs' small records go. The sweep can be stopped at any time and started again: a
 finished run is skipped, an unfinished one continues from its last checkpoint (--resume), and a run
-whose finished config differs from the study's is refused rather than silently reused. After each
+whose finished config differs from the study's is refused rather than silently reused; a file named
+STOP in the runs' directory stops the sweep between two runs (for a quiet machine, say). After each
 run its records (config.json, metrics.jsonl, summary.json, test_predictions.csv, attack.json) are
 copied to the study's records directory, which is what gets committed and reported.
 """
@@ -129,12 +130,16 @@ def run_study(args) -> int:
     records = Path(args.records).resolve() if args.records else (ROOT / spec["records"]).resolve()
     runs = study_runs(spec)
     began = time.time()
+    stop_file = out / "STOP"
     for i, run in enumerate(runs, 1):
         cfg = load_config(base, [*run.sets, f"run.dir={out}"])
         status = state(out / run.name, cfg)
         if args.list:
             print(f"{i:3d}/{len(runs)} {status:9s} {run.name}")
             continue
+        if status != "finished" and stop_file.exists():
+            print(f"sweep: {stop_file} exists: stopping before {run.name}; remove it and run again to continue")
+            return 0
         if status != "finished":
             t0 = time.time()
             print(f"sweep: [{i}/{len(runs)}] {run.name} ({status})", flush=True)

@@ -89,3 +89,14 @@ def test_resume_with_other_settings_names_them(tmp_path):
     cfg = load_config(overrides=[f"run.dir={tmp_path}", "run.name=r", "train.epochs=5"])
     with pytest.raises(ConfigError, match=r"other settings \(train.epochs: 3 -> 5\)"):
         resume_point(cfg, resume=True, overwrite=False)
+
+
+def test_a_checkpoint_from_before_an_option_existed_still_resumes(tmp_path):
+    cfg = _run_with_checkpoints(tmp_path, [1], rows=1)
+    path = cfg.run_dir / "checkpoints" / "round-000001.npz"
+    from fedmpi.checkpoint import load_arrays, save_arrays
+
+    arrays, meta = load_arrays(path)
+    del meta["config"]["federation"]["reconfigure_every"]  # as written by a version without the option
+    save_arrays(path, arrays, meta)
+    assert resume_point(cfg, resume=True, overwrite=False)[2]["round"] == 1
