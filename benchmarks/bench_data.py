@@ -43,8 +43,8 @@ def main() -> None:
     parser.add_argument("--volumes", type=int, default=200, help="rows of the 2 mm read-test file")
     args = parser.parse_args()
 
-    from preprocess import convert, grid, h5io, synth
     from fedmpi.data import VolumeDataset
+    from preprocess import convert, grid, h5io, synth
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -9,13 +9,13 @@ import numpy as np
 import torch
 
 from .algorithms import round_seed
-from .data import VolumeDataset, check_volumes
+from .data import check_volumes, open_volumes
 from .errors import ConfigError, DataError
-from .learner import train_round
+from .learner import SeededLoader, train_round
 from .model import build_model, flat_parameters, load_flat_parameters
 from .recorder import Recorder, print_summary, resume_point, split_problems, start_state
 from .runlog import RunLock
-from .training import select_device
+from .training import prepare_model, select_device
 
 
 def run_centralized(cfg, data_dir: Path, resume: bool, overwrite: bool) -> int:
@@ -31,13 +31,15 @@ def run_centralized(cfg, data_dir: Path, resume: bool, overwrite: bool) -> int:
 
 
 def _train(cfg, data_dir: Path, files: list[Path], split: dict, resume: bool, overwrite: bool) -> int:
-    parts = [VolumeDataset(p, cache=cfg.data.cache) for p in files]
-    pooled = torch.utils.data.ConcatDataset(parts)
-    ages = np.concatenate([p.ages for p in parts])
-    test = VolumeDataset(Path(data_dir) / "test.h5", cache=cfg.data.cache)
     device = select_device(cfg.train.device)
+    parts = [open_volumes(p, cfg, device) for p in files]
+    pooled = torch.utils.data.ConcatDataset(parts)
+    loader = SeededLoader(cfg, pooled, device)
+    ages = np.concatenate([p.ages for p in parts])
+    test = open_volumes(Path(data_dir) / "test.h5", cfg, device)
     torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg, test.shape, float(ages.mean())).to(device)
+    model = prepare_model(build_model(cfg, test.shape, float(ages.mean())), device, cfg.train.channels_last,
+                          cfg.train.cudnn_benchmark)
     rec = Recorder(cfg, model, test, device, float(np.mean(np.abs(test.ages - ages.mean()))), data_dir, split,
                    len(pooled))
     found = resume_point(cfg, resume, overwrite)
@@ -49,7 +51,7 @@ def _train(cfg, data_dir: Path, files: list[Path], split: dict, resume: bool, ov
     began = time.perf_counter()
     for t in range(state.round + 1, cfg.federation.rounds + 1):
         load_flat_parameters(model, state.values)
-        stats, seconds = train_round(cfg, model, pooled, round_seed(cfg.run.seed, t, 0), device)
+        stats, seconds = train_round(cfg, model, loader, round_seed(cfg.run.seed, t, 0), device)
         state.values = flat_parameters(model)
         state.round = t
         row = {"target_sparsity": 0.0, "train_loss": stats["loss"], "bytes_down": 0, "bytes_up": 0,

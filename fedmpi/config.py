@@ -20,6 +20,8 @@ SCHEDULES = ("cubic", "fraction")
 DISTRIBUTIONS = ("uniform-iid", "uniform-noniid", "skewed-noniid")
 DEVICES = ("auto", "cpu", "cuda")
 VOXELS = (2, 4, 6)
+CACHES = ("memory", "device", "off")
+AMPS = ("off", "bf16")
 INITS = ("torch", "glorot")
 
 
@@ -38,7 +40,8 @@ class DataConfig:
     distribution: str = opt("uniform-iid", "synthetic cohort split")
     test_fraction: float = opt(0.2, "synthetic cohort: fraction of each age bin held out as test.h5")
     seed: int = opt(0, "synthetic cohort: seed of its subjects and of its split (run.seed leaves the data alone)")
-    cache: bool = opt(True, "keep decoded volumes in memory on each learner")
+    cache: str = opt("memory", "keep each rank's decoded volumes: memory (host RAM) | device (on its GPU: a learner "
+                               "of the paper's size needs about 3.6 GB) | off (read every epoch)")
     workers: int = opt(0, "DataLoader worker processes per learner")
 
 
@@ -61,6 +64,10 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "L2 weight decay")
     prox_mu: float = opt(0.0, "FedProx proximal term; 0 = plain SGD")
     device: str = opt("auto", "auto | cpu | cuda (GPU local_rank % n_gpus)")
+    amp: str = opt("off", "mixed precision for training and evaluation: off | bf16 (autocast; weights stay float32)")
+    channels_last: bool = opt(False, "channels-last-3d memory order for volumes and weights (faster convolutions "
+                                     "on recent GPUs)")
+    cudnn_benchmark: bool = opt(True, "on a GPU, let cuDNN time and pick the fastest convolution algorithms")
     threads: int = opt(0, "torch threads per rank; 0 = cores / ranks on the node")
 
 
@@ -241,6 +248,8 @@ def validate(cfg: Config) -> None:
     _check(d.distribution in DISTRIBUTIONS, f"data.distribution must be one of {DISTRIBUTIONS}, got {d.distribution!r}")
     _check(d.subjects >= 20, f"data.subjects must be at least 20, got {d.subjects}")
     _check(d.workers >= 0, "data.workers must be >= 0")
+    _check(d.cache in CACHES, f"data.cache must be one of {CACHES}, got {d.cache!r}")
+    _check(t.amp in AMPS, f"train.amp must be one of {AMPS}, got {t.amp!r}")
     _check(m.width > 0, f"model.width must be > 0, got {m.width}")
     _check(0 <= m.pools <= 5, f"model.pools must be 0 (auto) to 5, got {m.pools}")
     _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")

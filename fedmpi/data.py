@@ -23,6 +23,21 @@ __all__ = ["DataError", "VolumeDataset", "check_volumes", "file_digest", "read_h
 SAMPLED_VOLUMES = 3  # volumes the preflight reads per file (first, middle, last) to check their values
 
 
+def open_volumes(path, cfg, device: torch.device) -> VolumeDataset:
+    """A rank's volume file with the configured cache (data.cache: memory, device or off)."""
+    cache = cfg.data.cache
+    return VolumeDataset(path, cache=cache != "off", cache_device=device if cache == "device" else None)
+
+
+def loader_options(cfg, device: torch.device) -> dict:
+    """DataLoader settings for a rank's volumes: pinned memory for non-blocking copies to a GPU; volumes
+    cached on the GPU need no workers (and cannot go to them). Workers are not kept across epochs
+    (persistent_workers): a reused iterator skips a draw from the shuffling generator, so later epochs
+    would come in another order than with no workers, and same-seed runs would differ by worker count."""
+    on_device = cfg.data.cache == "device"
+    return {"num_workers": 0 if on_device else cfg.data.workers, "pin_memory": device.type == "cuda" and not on_device}
+
+
 def read_header(path) -> dict:
     """n, shape (X, Y, Z), voxel_size and mean_age of a volume file, without reading images."""
     with h5io.open_checked(path) as f:
@@ -76,10 +91,13 @@ class VolumeDataset(Dataset):
     dataset can be handed to DataLoader workers, forked or spawned. With cache=True the
     decoded float32 volumes are kept in memory (per process: each worker has its own) and
     the same tensor is returned on every access, so callers must not modify it in place.
+    `cache_device` keeps them on that device instead (a GPU: no copy per step; then the
+    DataLoader must run in the training process, with no workers and no pinned memory).
     """
 
-    def __init__(self, path, cache: bool = False):
+    def __init__(self, path, cache: bool = False, cache_device: torch.device | None = None):
         self.path = Path(path)
+        self.cache_device = cache_device
         with h5io.open_checked(self.path) as f:
             self._ages = f["age"][:].astype(np.float32)
             self._shape = tuple(int(s) for s in f["images"].shape[1:])
@@ -134,8 +152,18 @@ class VolumeDataset(Dataset):
         # torch converts float16 -> float32 several times faster than numpy does
         x = torch.from_numpy(vol).to(torch.float32).unsqueeze(0)
         if self._cache is not None:
+            if self.cache_device is not None:
+                x = x.to(self.cache_device)
             self._cache[i] = x
         return x, age
+
+    def warm(self) -> VolumeDataset:
+        """Decode every volume into the cache now (at start-up, beside the other ranks' set-up) rather
+        than during the first round's first epoch."""
+        if self._cache is not None:
+            for i in range(len(self)):
+                self[i]
+        return self
 
     def __getstate__(self):
         state = dict(self.__dict__)

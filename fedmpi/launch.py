@@ -126,20 +126,22 @@ def _run(cfg: Config, comm, resume: bool, overwrite: bool) -> int:
 def _serve(cfg: Config, wire, data_dir: Path, infos: np.ndarray, device, resume_from, split: dict, stop) -> int:
     import torch
 
-    from .data import VolumeDataset
+    from .data import open_volumes
     from .files import atomic_write
     from .model import build_model, flat_parameters
     from .recorder import Recorder, print_summary, start_state
     from .server import Server
+    from .training import prepare_model
 
     atomic_write(cfg.run_dir / "ranks.json", json.dumps(wire.table, indent=1).encode())
     counts = infos["samples"][1:]
     mean_age = float(np.average(infos["mean_age"][1:], weights=counts))
     torch.manual_seed(cfg.run.seed)
     shape = tuple(int(infos[axis][0]) for axis in ("x", "y", "z"))
-    model = build_model(cfg, shape, mean_age).to(device)
+    t = cfg.train
+    model = prepare_model(build_model(cfg, shape, mean_age), device, t.channels_last, t.cudnn_benchmark)
     initial = flat_parameters(model)
-    test = VolumeDataset(data_dir / "test.h5", cache=cfg.data.cache)
+    test = open_volumes(data_dir / "test.h5", cfg, device).warm()
     rec = Recorder(cfg, model, test, device, float(np.mean(np.abs(test.ages - mean_age))), data_dir, split,
                    int(counts.sum()))
     state = start_state(cfg, resume_from, rec, model)
@@ -158,13 +160,15 @@ def _serve(cfg: Config, wire, data_dir: Path, infos: np.ndarray, device, resume_
 
 
 def _learn(cfg: Config, wire, data_dir: Path, device) -> int:
-    from .data import VolumeDataset
+    from .data import open_volumes
     from .learner import Learner
 
+    # Decode the volumes while the server builds its model and test set: the first round then trains at the
+    # speed of the others instead of filling the cache.
+    learner = Learner(cfg, wire, open_volumes(data_dir / rank_file(wire.rank), cfg, device).warm(), device)
     session = wire.bcast(np.zeros(1 + wire.learners, np.float64), "session")  # start round, sample counts
     start_round, counts = int(session[0]), session[1:]
-    learner = Learner(cfg, wire, VolumeDataset(data_dir / f"learner_{wire.rank}.h5", cache=cfg.data.cache), device,
-                      weight=counts[wire.rank - 1] / counts.sum())
+    learner.weight = np.float32(counts[wire.rank - 1] / counts.sum())
     if algorithm(cfg).start_mask and start_round == 0 and wire.rank == 1:
         learner.send_start_mask()
     wire.next_patience = cfg.run.round_timeout + 1.25 * cfg.run.startup_timeout + 5  # the first model

@@ -15,31 +15,45 @@ import torch
 from . import encoding, pruning
 from .algorithms import algorithm, prune, reconfigures, round_seed, schedule
 from .config import Config
-from .data import VolumeDataset
+from .data import VolumeDataset, loader_options
 from .messages import REPORT, record
 from .model import build_model, flat_parameters, load_flat_parameters
-from .training import grasp_scores, local_train, masks_from_flat, snip_scores
+from .training import AUTOCAST, grasp_scores, local_train, masks_from_flat, prepare_model, snip_scores, warm_up
 from .wire import FLAG_MASK, FLAG_STOP, Transport
 
 GRASP_SAMPLES = 16  # learner 1's samples GraSP scores on (train.batch_size at a time: double backward is heavy)
 
 
-def train_round(cfg: Config, model, data, seed: int, device, masks=None, squared_grads=None) -> tuple[dict, float]:
+class SeededLoader:
+    """A rank's training DataLoader, built once; its shuffling generator is reseeded with each round's seed,
+    which draws exactly the order a fresh loader seeded the same way would (data.loader_options says what
+    it runs on)."""
+
+    def __init__(self, cfg: Config, data, device: torch.device):
+        self.generator = torch.Generator()
+        self.loader = torch.utils.data.DataLoader(data, batch_size=cfg.train.batch_size, shuffle=True,
+                                                  generator=self.generator, **loader_options(cfg, device))
+
+    def for_round(self, seed: int) -> torch.utils.data.DataLoader:
+        self.generator.manual_seed(seed)
+        return self.loader
+
+
+def train_round(cfg: Config, model, loader: SeededLoader, seed: int, device, masks=None,
+                squared_grads=None) -> tuple[dict, float]:
     """One round of local training with the round's seed (data order, dropout): (stats, seconds).
     Shared by learners and the centralized baseline, so both train the same way."""
     torch.manual_seed(seed)
     tc = cfg.train
-    loader = torch.utils.data.DataLoader(data, batch_size=tc.batch_size, shuffle=True, num_workers=cfg.data.workers,
-                                         generator=torch.Generator().manual_seed(seed))
     start = time.perf_counter()
-    stats = local_train(model, loader, epochs=tc.epochs, lr=tc.lr, momentum=tc.momentum,
+    stats = local_train(model, loader.for_round(seed), epochs=tc.epochs, lr=tc.lr, momentum=tc.momentum,
                         weight_decay=tc.weight_decay, masks=masks, prox_mu=tc.prox_mu, device=device,
-                        squared_grads=squared_grads)
+                        squared_grads=squared_grads, autocast=AUTOCAST[tc.amp], channels_last=tc.channels_last)
     return stats, time.perf_counter() - start
 
 
 class Learner:
-    def __init__(self, cfg: Config, wire: Transport, data: VolumeDataset, device: torch.device, weight: float):
+    def __init__(self, cfg: Config, wire: Transport, data: VolumeDataset, device: torch.device, weight: float = 1.0):
         self.cfg = cfg
         self.wire = wire
         self.data = data
@@ -47,9 +61,13 @@ class Learner:
         self.weight = np.float32(weight)  # n_k / n: values are pre-weighted so the server only sums
         self.algo = algorithm(cfg)
         self.schedule = schedule(cfg)
-        self.model = build_model(cfg, data.shape).to(device)
+        t = cfg.train
+        self.model = prepare_model(build_model(cfg, data.shape), device, t.channels_last, t.cudnn_benchmark)
+        self.loader = SeededLoader(cfg, data, device)
+        warm_up(self.model, data.shape, t.batch_size, device, AUTOCAST[t.amp], t.channels_last)
         self.n = sum(p.numel() for p in self.model.parameters())
         self.mask: np.ndarray | None = None  # the global mask, sent again only when it changes
+        self.masks: list[torch.Tensor] | None = None  # the same, split per parameter tensor on the device
 
     def send_start_mask(self) -> None:
         """Learner 1 chooses the mask the federation starts from, by the rule the algorithm table names
@@ -80,20 +98,26 @@ class Learner:
     def run(self) -> None:
         while True:
             t, flags, nnz, payload = self.wire.recv_model()
+            received = time.perf_counter()
             if flags & FLAG_STOP:
                 return
             if flags & FLAG_MASK:
                 values, self.mask = encoding.decode(payload, expected_n=self.n)
+                self.masks = masks_from_flat(self.model, self.mask)
             else:
                 values = encoding.scatter_values(payload.view(np.float32), self.mask, np.float32)
-            self.round(t, values)
+            self.round(t, values, received)
 
-    def round(self, t: int, values: np.ndarray) -> None:
+    def round(self, t: int, values: np.ndarray, received: float) -> None:
+        """Train the round's model and send it back; `received` is when its header arrived (perf_counter),
+        so the report can say how long this learner spent on set-up and on encoding besides training."""
         seed = round_seed(self.cfg.run.seed, t, self.wire.rank)
         load_flat_parameters(self.model, values)
         squares = [torch.zeros_like(p) for p in self.model.parameters()] if reconfigures(self.cfg, t) else None
-        stats, seconds = train_round(self.cfg, self.model, self.data, seed, self.device,
-                                     masks_from_flat(self.model, self.mask), squared_grads=squares)
+        setup = time.perf_counter() - received
+        stats, seconds = train_round(self.cfg, self.model, self.loader, seed, self.device, self.masks,
+                                     squared_grads=squares)
+        trained = time.perf_counter()
         local = flat_parameters(self.model)
         if not self.algo.shared_mask:
             s_t = self.schedule(t)
@@ -108,7 +132,8 @@ class Learner:
         extra = 0 if importance is None else importance.nbytes
         finite = bool(np.isfinite(local).all()) and (importance is None or bool(np.isfinite(importance).all()))
         self.wire.report(record(REPORT, loss=stats["loss"], samples=stats["samples"], seconds_train=seconds,
-                                payload_nbytes=payload.nbytes + extra, finite=finite))
+                                payload_nbytes=payload.nbytes + extra, finite=finite, seconds_setup=setup,
+                                seconds_encode=time.perf_counter() - trained))
         send(payload, what=what)
         if importance is not None:
             self.wire.reduce_sum(importance, what="squared gradients")
@@ -135,7 +160,7 @@ def _prunefl_mask(learner: Learner) -> np.ndarray:
     learner.model, and its kept values are what the federation starts from. (The reference code instead
     alternates training steps with prune-and-regrow adjustments until the density settles.)"""
     cfg = learner.cfg
-    train_round(cfg, learner.model, learner.data, round_seed(cfg.run.seed, 0, learner.wire.rank), learner.device)
+    train_round(cfg, learner.model, learner.loader, round_seed(cfg.run.seed, 0, learner.wire.rank), learner.device)
     return pruning.magnitude_mask(flat_parameters(learner.model), cfg.federation.target)
 
 

@@ -10,8 +10,10 @@ import numpy as np
 
 # A learner's end-of-round report: mean train loss, samples, seconds of local training, bytes it is
 # about to hand to MPI for its model (and, in PruneFL's reconfiguration rounds, its squared gradients),
-# and whether all of them are finite.
-REPORT = np.dtype([(name, np.float64) for name in ("loss", "samples", "seconds_train", "payload_nbytes", "finite")])
+# whether all of them are finite, and the seconds it spent besides training: from the model's arrival to
+# training (set-up), from training to this report (encoding).
+REPORT = np.dtype([(name, np.float64) for name in ("loss", "samples", "seconds_train", "payload_nbytes", "finite",
+                                                   "seconds_setup", "seconds_encode")])
 
 # What each rank found in its preflight: its data file's sample count, mean age and volume shape.
 PREFLIGHT = np.dtype([(name, np.float64) for name in ("samples", "mean_age", "x", "y", "z")])

@@ -15,12 +15,13 @@ import torch
 
 from . import pruning
 from .checkpoint import Checkpoints, save_model
+from .data import loader_options
 from .errors import ConfigError
 from .files import atomic_write
 from .metrics import regression_metrics
 from .model import BrainAgeCNN, flat_parameters, layer_sparsity, load_flat_parameters
 from .runlog import RunLog
-from .training import predict
+from .training import AUTOCAST, predict
 
 if TYPE_CHECKING:
     from .config import Config
@@ -53,7 +54,7 @@ class Recorder:
         self.model = model
         self.device = device
         self.loader = torch.utils.data.DataLoader(test, batch_size=cfg.eval.batch_size, shuffle=False,
-                                                  num_workers=cfg.data.workers)
+                                                  **loader_options(cfg, device))
         self.baseline_mae = baseline_mae
         self.log = RunLog(cfg.run_dir)
         self.checkpoints = Checkpoints(cfg.run_dir / "checkpoints", keep=cfg.run.keep_checkpoints)
@@ -64,7 +65,8 @@ class Recorder:
     def evaluate(self, state: State) -> dict:
         """Test metrics of the model loaded from state (remembered, with its predictions, for the summary)."""
         load_flat_parameters(self.model, state.values)
-        self.last_predictions, ages = predict(self.model, self.loader, self.device)
+        t = self.cfg.train
+        self.last_predictions, ages = predict(self.model, self.loader, self.device, AUTOCAST[t.amp], t.channels_last)
         self.last_eval = dict(regression_metrics(self.last_predictions, ages), n=int(ages.size))
         self.last_eval_round = state.round
         return self.last_eval
@@ -87,9 +89,11 @@ class Recorder:
         row.update(round=state.round, sparsity=pruning.sparsity(state.values),
                    layer_sparsity=layer_sparsity(self.model),
                    test_mae=scores.get("mae"), test_rmse=scores.get("rmse"), test_r=scores.get("r"))
+        t1 = time.perf_counter()
         every = self.cfg.run.checkpoint_every
         if every and (state.round % every == 0 or state.round == self.cfg.federation.rounds):
             self.checkpoint(state)  # before the row: a row never refers to a checkpoint that failed to write
+        row["seconds_checkpoint"] = time.perf_counter() - t1
         self.log.append(row)
         self.progress(row)
         return row
@@ -134,7 +138,7 @@ def resume_key(cfg: Config) -> dict:
     d = cfg.to_dict()
     d.pop("run")
     d.pop("eval")
-    for k in ("device", "threads"):
+    for k in ("device", "threads", "channels_last", "cudnn_benchmark"):
         d["train"].pop(k)
     for k in ("workers", "cache", "cache_dir"):
         d["data"].pop(k)

@@ -17,11 +17,12 @@ from .aggregation import MajorityVote
 from .algorithms import algorithm, prune, reconfigures, round_seed, schedule
 from .errors import EncodingError, PayloadError
 from .messages import REPORT, records
+from .recorder import State
 from .wire import FLAG_MASK, FLAG_PREEMPTED, FLAG_STOP
 
 if TYPE_CHECKING:
     from .config import Config
-    from .recorder import Recorder, State
+    from .recorder import Recorder
     from .wire import Transport
 
 
@@ -40,6 +41,8 @@ class Server:
         self.weights = sample_counts / sample_counts.sum()
         self.turnaround = 0.0  # slowest time so far from the learners' last payload to the next model
         self.carried = {"bytes_down": 0, "bytes_up": 0, "pruned": 0}  # the start mask's, added to the next round
+        self.round_started = 0.0  # wall clock (time.time) when the round's model went out
+        self.sent_mask = False  # whether it went out with its mask
 
     def learner_patience(self) -> float:
         """How long learners wait for the next model before they declare the server silent: the round's
@@ -80,35 +83,65 @@ class Server:
         self.carried = {"bytes_down": down, "bytes_up": up, "pruned": pruned}
 
     def run(self, state: State, should_stop=lambda: False) -> tuple[State, bool]:
-        """Rounds state.round+1 .. rounds; returns the final state and whether it was preempted."""
+        """Rounds state.round+1 .. rounds; returns the final state and whether it was preempted.
+
+        Round t's evaluation, checkpoint and metrics row are done while the learners train round t+1
+        (the server is idle then), so they stay off the critical path; the row still describes round t.
+        """
         f = self.cfg.federation
         mask_changed = True  # learners hold no mask yet (first round, or a resumed run)
         preempted = False
+        pending: tuple | None = None  # the last round's (state, row), recorded during the next round
         for t in range(state.round + 1, f.rounds + 1):
-            row, mask_changed = self.round(state, t, mask_changed)
-            began = time.perf_counter()
-            self.rec.record(state, row, evaluate_now=t % self.cfg.eval.every == 0 or t == f.rounds)
-            self.turnaround = max(self.turnaround, row["seconds_aggregate"] + time.perf_counter() - began)
+            started, sent = self.send(state, t, mask_changed)
+            recorded = self.record(pending)
+            row, mask_changed = self.collect(state, t, started, sent, recorded)
+            pending = (State(state.round, state.values, state.mask), row)
             if should_stop() and t < f.rounds:
+                self.record(pending)
+                pending = None
                 self.rec.checkpoint(state)
                 preempted = True
                 break
+        self.record(pending)
         self.wire.send_model(state.round, np.zeros(0, np.uint8), 0, FLAG_STOP | (FLAG_PREEMPTED if preempted else 0))
         return state, preempted
 
-    def round(self, state: State, t: int, mask_changed: bool) -> tuple[dict, bool]:
-        wire, n, f = self.wire, state.values.size, self.cfg.federation
-        wire.reset_counters()
-        wire.deadline = time.monotonic() + self.cfg.run.round_timeout
-        t0 = time.perf_counter()
+    def record(self, pending: tuple | None) -> float:
+        """Evaluate (when due), checkpoint and log a finished round; returns when it was done (perf_counter)."""
+        if pending is not None:
+            snapshot, row = pending
+            began = time.perf_counter()
+            every, last = self.cfg.eval.every, self.cfg.federation.rounds
+            self.rec.record(snapshot, row, evaluate_now=snapshot.round % every == 0 or snapshot.round == last)
+            self.turnaround = max(self.turnaround, row["seconds_aggregate"] + time.perf_counter() - began)
+        return time.perf_counter()
+
+    def send(self, state: State, t: int, mask_changed: bool) -> tuple[float, float]:
+        """Round t's model to every learner: the values, with the mask when it changed. Returns when the
+        sending started and ended (perf_counter)."""
+        self.wire.reset_counters()
+        started = time.perf_counter()
+        self.round_started, self.sent_mask = time.time(), mask_changed
         nnz = int(state.mask.sum())
         patience = self.learner_patience()
-        reconfigure = reconfigures(self.cfg, t)
         if mask_changed:
-            wire.send_model(t, encoding.encode(state.values, state.mask), nnz, FLAG_MASK, patience)
+            self.wire.send_model(t, encoding.encode(state.values, state.mask), nnz, FLAG_MASK, patience)
         else:
-            wire.send_model(t, encoding.gather_values(state.values, state.mask).astype(np.float32), nnz, 0, patience)
+            values = encoding.gather_values(state.values, state.mask).astype(np.float32)
+            self.wire.send_model(t, values, nnz, 0, patience)
+        return started, time.perf_counter()
+
+    def collect(self, state: State, t: int, started: float, sent: float, recorded: float) -> tuple[dict, bool]:
+        """The learners' reports and models for round t, aggregated and pruned into the new global state.
+        `started`/`sent`: when round t's model began and finished going out; `recorded`: when the previous
+        round's record, done in between, finished."""
+        wire, n, f = self.wire, state.values.size, self.cfg.federation
+        wire.deadline = time.monotonic() + self.cfg.run.round_timeout
+        nnz = int(state.mask.sum())
+        reconfigure = reconfigures(self.cfg, t)
         reports = records(wire.collect_reports(len(REPORT.names)), REPORT)
+        reported = time.perf_counter()
         self.check_reports(reports, nnz, n, extra_nbytes=4 * n if reconfigure else 0)
         importance = None
         if not self.algo.shared_mask:
@@ -151,8 +184,13 @@ class Server:
             "target_sparsity": s_t, "sparsity_sent": 1.0 - nnz / n,
             "train_loss": float(np.average(reports["loss"], weights=reports["samples"])),
             "bytes_down": down, "bytes_up": up, "dense_bytes_down": dense, "dense_bytes_up": dense,
-            "mask_sent": bool(mask_changed), "pruned": pruned, "regrown": regrown, "seconds_train": seconds_train,
-            "seconds_comm": max(0.0, t1 - t0 - seconds_train), "seconds_aggregate": t2 - t1,
+            "mask_sent": self.sent_mask, "pruned": pruned, "regrown": regrown, "seconds_train": seconds_train,
+            # the round's time outside training and the previous round's record: transfer, learner set-up
+            # and encoding, and waiting for the slowest learner
+            "seconds_comm": max(0.0, (t1 - started) - (recorded - sent) - seconds_train),
+            "seconds_aggregate": t2 - t1, "seconds_send": sent - started, "seconds_collect": t1 - reported,
+            "seconds_setup": float(reports["seconds_setup"].max()),
+            "seconds_encode": float(reports["seconds_encode"].max()), "started": self.round_started,
         }
         return row, new_mask_changed
 

@@ -6,6 +6,9 @@ The start-mask scores (SNIP, GraSP) and PruneFL's squared gradients are computed
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+
 import numpy as np
 import torch
 from torch import nn
@@ -87,6 +90,8 @@ def local_train(
     prox_mu: float = 0.0,
     device=None,
     squared_grads: list[torch.Tensor] | None = None,
+    autocast: torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> dict:
     """Train with plain SGD on MSE for `epochs` passes over `loader`.
 
@@ -96,7 +101,10 @@ def local_train(
     the sample-weighted MSE over the last epoch, without the proximal term.
     `squared_grads` (one tensor per parameter) accumulates every step's squared gradient
     before the mask zeroes it, so pruned positions get theirs too (the gradient at their
-    zero value): PruneFL's importance.
+    zero value): PruneFL's importance. `autocast` runs the forward pass and loss in that dtype
+    (bf16 mixed precision; weights, gradients and the update stay float32); `channels_last` feeds
+    the volumes in channels-last-3d memory order (the model must be converted too: prepare_model).
+    The loss is summed on the device and read once per epoch, so a GPU is never stalled per step.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -116,16 +124,17 @@ def local_train(
     loss_fn = nn.MSELoss()
     model.train()
     steps = 0
-    loss_sum = 0.0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     samples = 0
     for _ in range(epochs):
-        loss_sum = 0.0
+        loss_sum.zero_()
         samples = 0
         for x, y in loader:
-            x = x.to(device, non_blocking=True)
+            x = _to_device(x, device, channels_last)
             y = y.to(device, dtype=torch.float32, non_blocking=True).reshape(-1)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
+            with _autocast(device, autocast):
+                loss = loss_fn(model(x).float(), y)
             total = loss
             if anchor is not None:
                 prox = sum(torch.sum((p - a) ** 2) for p, a in zip(params, anchor))
@@ -144,14 +153,55 @@ def local_train(
             if masks is not None:
                 _apply_masks(params, masks)
             steps += 1
-            loss_sum += float(loss.detach()) * y.shape[0]
+            loss_sum += loss.detach().double() * y.shape[0]
             samples += y.shape[0]
         if samples == 0:
             raise ValueError("the training loader yielded no samples")
-    return {"loss": loss_sum / samples, "samples": samples, "steps": steps}
+    return {"loss": float(loss_sum) / samples, "samples": samples, "steps": steps}
 
 
-def predict(model: nn.Module, loader, device=None) -> tuple[np.ndarray, np.ndarray]:
+def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed precision for the forward pass when `dtype` is given (bf16 needs no loss scaling)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+AUTOCAST = {"off": None, "bf16": torch.bfloat16}
+
+
+def warm_up(model: nn.Module, shape, batch_size: int, device: torch.device, autocast: torch.dtype | None = None,
+            channels_last: bool = False) -> None:
+    """One forward and backward pass of a copy of `model` on a zero batch, so that the first round does not
+    pay for the kernels' first-call set-up (oneDNN primitives, cuDNN's benchmark search, allocator growth).
+    The model itself, its gradients and every random number generator are left as they were."""
+    clone = copy.deepcopy(model).train()
+    x = _to_device(torch.zeros(batch_size, 1, *shape), device, channels_last)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _autocast(device, autocast):
+        out = clone(x)
+    out.float().sum().backward()
+
+
+def prepare_model(model: nn.Module, device: torch.device, channels_last: bool = False,
+                  cudnn_benchmark: bool = True) -> nn.Module:
+    """The model on its device as a GPU user expects it: cuDNN picking the fastest convolution algorithms
+    for the fixed volume shape (benchmark mode; it costs bit-reproducibility across runs, not correctness),
+    and channels-last-3d weights when asked. A no-op on CPU apart from the memory format."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last_3d)
+    return model
+
+
+def predict(model: nn.Module, loader, device=None, autocast: torch.dtype | None = None,
+            channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(predictions, true ages) over `loader` in eval mode; the model's train/eval mode is restored."""
     device = _place(model, device)
     was_training = model.training
@@ -160,7 +210,9 @@ def predict(model: nn.Module, loader, device=None) -> tuple[np.ndarray, np.ndarr
     try:
         with torch.no_grad():
             for x, y in loader:
-                preds.append(model(x.to(device, non_blocking=True)).float().cpu().numpy())
+                with _autocast(device, autocast):
+                    out = model(_to_device(x, device, channels_last))
+                preds.append(out.float().cpu().numpy())
                 ages.append(torch.as_tensor(y).reshape(-1).float().cpu().numpy())
     finally:
         model.train(was_training)

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from fedmpi.algorithms import ALGORITHMS, algorithm, prune, reconfigures, round_seed, schedule
-from fedmpi.config import ConfigError, ALGORITHMS as CONFIG_ALGORITHMS
-from fedmpi.config import load_config
+from fedmpi.config import ALGORITHMS as CONFIG_ALGORITHMS
+from fedmpi.config import ConfigError, load_config
 from fedmpi.schedule import ConstantSchedule, CubicSchedule, FractionSchedule, OneShotSchedule
 
 

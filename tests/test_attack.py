@@ -274,10 +274,11 @@ def test_attack_balances_members_to_nonmembers(overfit):
 
 def test_attack_command_on_a_run_directory(tmp_path, capsys):
     pytest.importorskip("fedmpi.data")
+    from fedtools import write_split, write_volumes
+
     from fedmpi.checkpoint import save_model
     from fedmpi.config import Config
     from fedmpi.model import flat_parameters
-    from fedtools import write_split, write_volumes
 
     data = write_split(tmp_path / "split", learners=2, per_learner=12, test=16, shape=SHAPE)
     cfg = Config()
@@ -339,11 +340,12 @@ def test_attack_command_on_a_run_directory(tmp_path, capsys):
 
 
 def test_attack_refuses_a_data_directory_re_split_since_the_run(tmp_path, capsys):
+    from fedtools import write_split
+
     from fedmpi.checkpoint import save_model
     from fedmpi.config import Config
     from fedmpi.data import file_digest
     from fedmpi.model import flat_parameters
-    from fedtools import write_split
 
     data = write_split(tmp_path / "split", learners=2, per_learner=8, test=8, shape=SHAPE)
     cfg = Config()

@@ -4,8 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fedmpi.config import (Config, ConfigError, config_from_dict, describe, load_config, parse_overrides,
-                           validate)
+from fedmpi.config import Config, ConfigError, config_from_dict, describe, load_config, parse_overrides, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "jobs" / "configs"
@@ -71,23 +70,23 @@ def test_float_coercion():
     ("'1'", True), ("'0'", False),
 ])
 def test_bool_coercion(raw, expected):
-    assert load_config(overrides=[f"data.cache={raw}"]).data.cache is expected
+    assert load_config(overrides=[f"train.channels_last={raw}"]).train.channels_last is expected
 
 
 @pytest.mark.parametrize("raw, expected", [("1", True), ("0", False)])
 def test_bool_coercion_numeric_on_command_line(raw, expected):
-    assert load_config(overrides=[f"data.cache={raw}"]).data.cache is expected
+    assert load_config(overrides=[f"train.channels_last={raw}"]).train.channels_last is expected
 
 
 def test_bool_coercion_in_yaml(tmp_path):
-    assert load_config(write(tmp_path, "data:\n  cache: 'no'\n")).data.cache is False
-    assert load_config(write(tmp_path, "data:\n  cache: false\n")).data.cache is False
+    assert load_config(write(tmp_path, "train:\n  channels_last: 'no'\n")).train.channels_last is False
+    assert load_config(write(tmp_path, "train:\n  channels_last: false\n")).train.channels_last is False
 
 
 @pytest.mark.parametrize("raw", ["maybe", "2", "[true]"])
 def test_bool_coercion_rejects(raw):
-    with pytest.raises(ConfigError, match="data.cache: expected true or false"):
-        load_config(overrides=[f"data.cache={raw}"])
+    with pytest.raises(ConfigError, match="train.channels_last: expected true or false"):
+        load_config(overrides=[f"train.channels_last={raw}"])
 
 
 def test_string_option_rejects_mapping(tmp_path):
@@ -145,6 +144,8 @@ def test_parse_overrides_builds_nested_tree():
 
 VALIDATION = [
     ("data.voxel=3", "data.voxel"),
+    ("data.cache=false", "data.cache"),
+    ("train.amp=fp16", "train.amp"),
     ("data.test_fraction=0", "data.test_fraction"),
     ("data.test_fraction=1", "data.test_fraction"),
     ("data.seed=-1", "data.seed"),
@@ -203,7 +204,7 @@ def test_validation_list_covers_every_option():
     """A new option without a validation example shows up here (strings and bools excepted)."""
     tested = {p.split("=")[0] for p, _ in VALIDATION}
     unchecked = {"data.dir", "data.cache_dir", "data.cache", "run.dir", "run.seed", "run.verbose",
-                 "federation.end", "federation.vote_cap"}
+                 "federation.end", "federation.vote_cap", "train.channels_last", "train.cudnn_benchmark"}
     assert {f"{s}.{o}" for s, o in options()} - tested <= unchecked
 
 
@@ -311,7 +312,7 @@ def test_describe_lists_every_option_with_help():
 
 
 def test_config_from_dict_round_trip():
-    cfg = load_config(overrides=["federation.algorithm=oneshot", "train.lr=0.02", "run.name=x", "data.cache=no"])
+    cfg = load_config(overrides=["federation.algorithm=oneshot", "train.lr=0.02", "run.name=x", "data.cache=off"])
     again = config_from_dict(cfg.to_dict())
     assert again == cfg
     assert again.to_json() == cfg.to_json()

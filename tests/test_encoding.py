@@ -3,8 +3,18 @@ import struct
 import numpy as np
 import pytest
 
-from fedmpi.encoding import (HEADER_NBYTES, MAX_N, EncodingError, decode, encode, encoded_nbytes,
-                             gather_values, pack_mask, scatter_values, unpack_mask)
+from fedmpi.encoding import (
+    HEADER_NBYTES,
+    MAX_N,
+    EncodingError,
+    decode,
+    encode,
+    encoded_nbytes,
+    gather_values,
+    pack_mask,
+    scatter_values,
+    unpack_mask,
+)
 
 DTYPES = [np.float16, np.float32, np.float64, np.int8, np.int16, np.int32, np.int64,
           np.uint8, np.uint16, np.uint32, np.uint64, np.bool_]

@@ -52,6 +52,17 @@ def test_same_seed_gives_bit_identical_results(split, reference, tmp_path):
     assert [r["test_mae"] for r in metrics(reference)] == [r["test_mae"] for r in metrics(tmp_path / "again")]
 
 
+def test_how_work_is_scheduled_never_changes_the_model(split, reference, tmp_path):
+    """Loader workers, the volume cache, evaluation and checkpoint frequency change where time goes
+    (the server overlaps them with the next round), never the numbers: same seed, bit-identical model."""
+    proc = run_fedmpi(split, tmp_path, *ROUNDS, "run.name=sched", "data.workers=2", "data.cache=off",
+                      "eval.every=4", "run.checkpoint_every=0")
+    assert proc.returncode == 0, proc.stderr
+    assert _same_model(reference, tmp_path / "sched")
+    rows = metrics(tmp_path / "sched")
+    assert [r["test_mae"] is not None for r in rows] == [False, False, False, True, False, True]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSEGV])
 def test_a_dying_learner_ends_the_job_and_resume_matches(split, reference, tmp_path, sig):
     proc = start_fedmpi(split, tmp_path, *ROUNDS, "run.name=r")

@@ -47,6 +47,12 @@ class FakeWire:
         return buf
 
 
+def _round(server, state, t, mask_changed):
+    """One whole round as Server.run drives it (no previous round to record in between)."""
+    started, sent = server.send(state, t, mask_changed)
+    return server.collect(state, t, started, sent, sent)
+
+
 def _server(algorithm, wire, **federation):
     cfg = Config()
     cfg.federation.algorithm = algorithm
@@ -64,11 +70,12 @@ def _state():
 
 
 def _report(nbytes, finite=1.0, loss=1.0):
-    return [loss, 10, 0.1, nbytes, finite]
+    return [loss, 10, 0.1, nbytes, finite, 0.01, 0.02]
 
 
 def test_report_layout_is_what_learners_send():
-    assert REPORT.names == ("loss", "samples", "seconds_train", "payload_nbytes", "finite")
+    assert REPORT.names == ("loss", "samples", "seconds_train", "payload_nbytes", "finite", "seconds_setup",
+                            "seconds_encode")
 
 
 @pytest.mark.parametrize("reports,message", [
@@ -81,7 +88,7 @@ def test_bad_reports_are_refused_before_the_reduce(reports, message):
     before = state.values.copy()
     server = _server("fedsparsify-global", FakeWire(reports, summed=np.zeros(40, np.float32)))
     with pytest.raises(PayloadError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        server.round(state, 1, True)
+        _round(server, state, 1, True)
     assert state.round == 0 and np.array_equal(state.values, before)
 
 
@@ -92,7 +99,7 @@ def test_non_finite_aggregate_leaves_the_global_model_untouched():
     summed[3] = np.nan
     server = _server("fedsparsify-global", FakeWire([_report(160), _report(160)], summed=summed))
     with pytest.raises(PayloadError, match="not finite"):
-        server.round(state, 1, True)
+        _round(server, state, 1, True)
     assert np.array_equal(state.values, before) and np.isfinite(state.values).all()
 
 
@@ -114,7 +121,7 @@ def test_bad_learner_models_are_refused_and_named(make_bad, message):
     payloads = _local_payloads(state, make_bad(state))
     server = _server("fedsparsify-local", FakeWire([_report(1), _report(1)], payloads=payloads))
     with pytest.raises(PayloadError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        server.round(state, 2, True)
+        _round(server, state, 2, True)
     assert state.round == 0 and np.array_equal(state.values, before)
 
 
@@ -122,7 +129,7 @@ def test_good_local_round_with_vote_cap_merges_and_prunes_to_the_schedule():
     state = _state()
     payloads = _local_payloads(state, encoding.encode(state.values, state.mask))
     server = _server("fedsparsify-local", FakeWire([_report(1), _report(1)], payloads=payloads), vote_cap=True)
-    row, changed = server.round(state, 4, True)
+    row, changed = _round(server, state, 4, True)
     assert state.round == 4 and changed
     assert (state.values == 0).mean() == pytest.approx(0.95, abs=0.02)
     assert row["target_sparsity"] == pytest.approx(0.95)
@@ -172,7 +179,7 @@ def _local_round(vote_cap: bool):
     payloads = [encoding.encode(np.where(m, state.values, 0).astype(np.float32), m) for m in masks]
     server = _server("fedsparsify-local", FakeWire([_report(p.nbytes) for p in payloads], payloads=payloads),
                      vote_cap=vote_cap, target=0.9)
-    row, _ = server.round(state, 4, True)
+    row, _ = _round(server, state, 4, True)
     return state, row
 
 
@@ -203,7 +210,7 @@ def _prunefl_round(importance, t=2, payload_nbytes=None, fraction=0.3):
     summed = np.arange(1, 41, dtype=np.float32)
     wire = FakeWire([_report(nbytes), _report(nbytes)], summed=summed, importance=importance)
     server = _server("prunefl", wire, target=0.2, reconfigure_every=2, reconfigure_fraction=fraction)
-    row, changed = server.round(state, t, False)
+    row, changed = _round(server, state, t, False)
     return state, row, changed, wire
 
 
@@ -248,7 +255,7 @@ def test_prunefl_reconfiguration_refuses_non_finite_squared_gradients():
     state = _state()
     with pytest.raises(PayloadError, match="squared gradients are not finite"):
         wire = FakeWire([_report(360), _report(360)], summed=np.ones(40, np.float32), importance=importance)
-        _server("prunefl", wire, target=0.2, reconfigure_every=2).round(state, 2, False)
+        _round(_server("prunefl", wire, target=0.2, reconfigure_every=2), state, 2, False)
     assert state.round == 0 and np.array_equal(state.mask, _state().mask)
 
 
@@ -259,7 +266,7 @@ def test_a_server_mask_that_revives_positions_is_refused_for_algorithms_that_nev
     state = _state()
     server = _server("fedsparsify-global", FakeWire([_report(160), _report(160)], summed=np.ones(40, np.float32)))
     with pytest.raises(RuntimeError, match="10 pruned positions would come back under fedsparsify-global"):
-        server.round(state, 4, False)
+        _round(server, state, 4, False)
     assert state.round == 0
 
 
@@ -282,7 +289,7 @@ def test_start_mask_sets_the_global_model_and_counts_in_the_first_round(algorith
     start = trained if server.algo.start_trains else _initial()[mask]
     assert np.array_equal(state.values[mask], start) and not state.values[~mask].any()
     assert wire.received == ([] if server.algo.start_trains else [trained])  # values only for a rule that trains
-    row, _ = server.round(state, 1, True)
+    row, _ = _round(server, state, 1, True)
     assert row["pruned"] == 25 and row["regrown"] == 0
 
 

@@ -1,0 +1,145 @@
+"""How close a federation round gets to the training it must do (printed numbers, not a test).
+
+The compute floor is measured the way learners actually run: N processes (one torch thread each, as
+the trainer gives ranks that share a node's cores), each doing its local SGD steps on in-memory
+batches of the configured model, with a barrier per round and nothing else: no MPI, no server, no
+data loading. The federation is the real CLI under mpirun on the same workload. The two alternate
+(floor, federation, floor, federation, ...) so that machine noise shows, and for every federation
+round the benchmark prints its wall time (between consecutive model broadcasts by the server), the
+floor, their ratio, and where the rest went, from the trainer's own metrics.
+
+    python benchmarks/bench_round.py                     # 8 learners x 32 volumes of 40x48x40, width 0.25
+    python benchmarks/bench_round.py --repeats 3 --rounds 12 --set federation.algorithm=fedsparsify-local
+
+Run it on a quiet machine: anything else on the cores shows up in both the floor and the federation,
+but not in the same rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+from fedtools import metrics, run_fedmpi, write_split  # noqa: E402
+
+SHAPE = (40, 48, 40)
+WORKLOAD = ["model.width=0.25", "model.dropout=0", "train.epochs=1", "train.batch_size=4", "train.lr=0.001",
+            "train.momentum=0", "train.threads=1", "federation.algorithm=fedavg", "run.checkpoint_every=1",
+            "eval.batch_size=8"]
+
+
+def _floor_worker(rank: int, cfg_sets: list[str], per_learner: int, rounds: int, barrier, times) -> None:
+    import torch
+
+    from fedmpi.config import load_config
+    from fedmpi.model import build_model
+    from fedmpi.training import AUTOCAST, local_train
+
+    torch.set_num_threads(1)
+    cfg = load_config(overrides=cfg_sets)
+    torch.manual_seed(rank)
+    model = build_model(cfg, SHAPE)
+    x = torch.randn(per_learner, 1, *SHAPE)
+    y = torch.rand(per_learner) * 35 + 45
+    bs = cfg.train.batch_size
+    batches = [(x[i:i + bs], y[i:i + bs]) for i in range(0, per_learner, bs)]
+    for t in range(rounds + 1):  # round 0 warms up (first-call kernel set-up), like the trainer's start-up
+        barrier.wait()
+        began = time.perf_counter()
+        local_train(model, batches, epochs=cfg.train.epochs, lr=cfg.train.lr, momentum=cfg.train.momentum,
+                    autocast=AUTOCAST[cfg.train.amp])
+        times[rank * (rounds + 1) + t] = time.perf_counter() - began
+    barrier.wait()
+
+
+def floor(cfg_sets: list[str], learners: int, per_learner: int, rounds: int) -> list[float]:
+    """Barrier-to-barrier seconds of each round of N processes doing only their local steps."""
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(learners + 1)
+    times = ctx.Array("d", learners * (rounds + 1))
+    procs = [ctx.Process(target=_floor_worker, args=(k, cfg_sets, per_learner, rounds, barrier, times))
+             for k in range(learners)]
+    for p in procs:
+        p.start()
+    walls = []
+    barrier.wait()  # all built
+    for _ in range(rounds + 1):
+        began = time.perf_counter()
+        barrier.wait()
+        walls.append(time.perf_counter() - began)
+    for p in procs:
+        p.join()
+    return walls[1:]
+
+
+def federation(split: Path, runs: Path, cfg_sets: list[str], learners: int, rounds: int) -> list[dict]:
+    """The real trainer's metrics rows, with each round's wall time (`period`) added."""
+    proc = run_fedmpi(split, runs, *cfg_sets, f"federation.rounds={rounds}", "run.name=bench", ranks=learners + 1,
+                      extra=["--overwrite"], timeout=3600)
+    if proc.returncode:
+        sys.exit(proc.stdout + proc.stderr)
+    rows = metrics(runs / "bench")
+    for r, nxt in zip(rows, rows[1:]):  # the last round has no next broadcast to end it: not timed
+        r["period"] = nxt["started"] - r["started"]
+    return rows[:-1]
+
+
+PARTS = (("setup", "seconds_setup", "learner: model in, masks, loader"), ("encode", "seconds_encode",
+         "learner: flat copy, encode, report"), ("send", "seconds_send", "server: encode + broadcast"),
+         ("collect", "seconds_collect", "reduce/gather after the reports"),
+         ("aggregate", "seconds_aggregate", "server: decode, aggregate, prune"),
+         ("eval", "seconds_eval", "server: evaluation (overlapped)"),
+         ("checkpoint", "seconds_checkpoint", "server: checkpoint (overlapped)"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--learners", type=int, default=8)
+    ap.add_argument("--per-learner", type=int, default=32, help="volumes per learner")
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=2, help="floor/federation pairs, alternated")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to the trainer")
+    args = ap.parse_args()
+    cfg_sets = [*WORKLOAD, *args.set]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        split = write_split(tmp / "split", learners=args.learners, per_learner=args.per_learner, test=32,
+                            shape=SHAPE)
+        print(f"workload: {args.learners} learners x {args.per_learner} volumes {SHAPE}, {' '.join(cfg_sets)}")
+        summary = []
+        for rep in range(1, args.repeats + 1):
+            floors = floor(cfg_sets, args.learners, args.per_learner, args.rounds)
+            rows = federation(split, tmp / "runs", cfg_sets, args.learners, args.rounds)
+            base = statistics.median(floors)
+            print(f"\n### repeat {rep}: floor median {base:.3f} s/round "
+                  f"(rounds {', '.join(f'{f:.2f}' for f in floors)})\n")
+            print("| round | wall s | floor s | ratio | train (slowest) | "
+                  + " | ".join(name for name, _, _ in PARTS) + " |")
+            print("|" + "---:|" * (5 + len(PARTS)))
+            for r in rows:
+                parts = " | ".join(f"{r.get(key, 0.0):.3f}" for _, key, _ in PARTS)
+                print(f"| {r['round']} | {r['period']:.3f} | {base:.3f} | {r['period'] / base:.3f} | "
+                      f"{r['seconds_train']:.3f} | {parts} |")
+            steady = [r["period"] for r in rows[1:]]
+            summary.append((rep, base, statistics.median(steady), statistics.median(steady) / base,
+                            rows[0]["period"]))
+        print("\n| repeat | floor s/round | federation s/round (rounds 2..N, median) | ratio | round 1 s |")
+        print("|---:|---:|---:|---:|---:|")
+        for rep, base, fed, ratio, first in summary:
+            print(f"| {rep} | {base:.3f} | {fed:.3f} | {ratio:.3f} | {first:.2f} |")
+        print("\nparts: " + "; ".join(f"{name} = {text}" for name, _, text in PARTS))
+        ratios = np.array([s[3] for s in summary])
+        print(f"\nsteady-state ratio: {ratios.min():.3f} .. {ratios.max():.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The GPU measurements of benchmarks/gpu_check.sh (printed numbers, not a test).
+
+1. Training step time of the full-size model (width 1, 91x109x91, 2,948,801 parameters) at batch 4,
+   float32 and bf16 autocast, channels-last on and off.
+2. Evaluation throughput (volumes/s) at batch 8, float32 and bf16.
+3. Data-loader throughput into the GPU from a 2 mm HDF5 file: read from disk each time, cached in host
+   memory (pinned, non-blocking copies), cached on the GPU.
+
+    python benchmarks/gpu_check.py --data DIR/learner_1.h5        # DIR from gpu_check.sh
+    GPU_CHECK_SMOKE=1 python benchmarks/gpu_check.py --data F.h5  # tiny sizes on the CPU (a check of the script)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fedmpi.config import load_config  # noqa: E402
+from fedmpi.data import loader_options, open_volumes  # noqa: E402
+from fedmpi.model import BrainAgeCNN  # noqa: E402
+from fedmpi.training import AUTOCAST, local_train, predict, prepare_model  # noqa: E402
+
+SMOKE = os.environ.get("GPU_CHECK_SMOKE") == "1"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_times(device: torch.device, shape, width: float, steps: int) -> None:
+    print("\n| model step, batch 4 | precision | channels-last | s/step | volumes/s |")
+    print("|---|---|---|---:|---:|")
+    for amp in ("off", "bf16"):
+        for channels_last in (False, True):
+            torch.manual_seed(0)
+            model = prepare_model(BrainAgeCNN(shape, width=width, dropout=0.0), device, channels_last)
+            batch = [(torch.randn(4, 1, *shape, device=device), torch.full((4,), 60.0, device=device))]
+            kwargs = dict(epochs=1, lr=1e-4, autocast=AUTOCAST[amp], channels_last=channels_last)
+            local_train(model, batch * 3, **kwargs)  # warm-up: cuDNN benchmark picks its algorithms here
+            _sync(device)
+            began = time.perf_counter()
+            local_train(model, batch * steps, **kwargs)
+            _sync(device)
+            per_step = (time.perf_counter() - began) / steps
+            print(f"| width {width:g}, {shape} | {amp} | {channels_last} | {per_step:.4f} | {4 / per_step:.1f} |")
+
+
+def eval_throughput(device: torch.device, shape, width: float, batches: int) -> None:
+    print("\n| evaluation, batch 8 | precision | volumes/s |")
+    print("|---|---|---:|")
+    torch.manual_seed(0)
+    model = prepare_model(BrainAgeCNN(shape, width=width, dropout=0.0), device)
+    data = [(torch.randn(8, 1, *shape, device=device), torch.full((8,), 60.0))] * batches
+    for amp in ("off", "bf16"):
+        predict(model, data[:2], autocast=AUTOCAST[amp])
+        _sync(device)
+        began = time.perf_counter()
+        predict(model, data, autocast=AUTOCAST[amp])
+        _sync(device)
+        print(f"| width {width:g}, {shape} | {amp} | {8 * batches / (time.perf_counter() - began):.1f} |")
+
+
+def loader_throughput(device: torch.device, path: Path) -> None:
+    print("\n| data loader into the device, batch 4 | volumes/s |")
+    print("|---|---:|")
+    for cache, label in (("off", "read and decoded every epoch"), ("memory", "cached in host memory (warm)"),
+                         ("device", "cached on the device (warm)")):
+        cfg = load_config(overrides=[f"data.cache={cache}", "data.workers=0" if cache == "device" else
+                                     f"data.workers={min(8, os.cpu_count() or 1)}"])
+        data = open_volumes(path, cfg, device)
+        if cache != "off":
+            data.warm()
+        loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True, **loader_options(cfg, device))
+        began, n = time.perf_counter(), 0
+        for x, _ in loader:
+            x = x.to(device, non_blocking=True)
+            n += x.shape[0]
+        _sync(device)
+        print(f"| {label} ({cfg.data.workers if cache != 'device' else 0} workers) | "
+              f"{n / (time.perf_counter() - began):.0f} |")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, required=True, help="a 2 mm volume file (gpu_check.sh writes one)")
+    args = ap.parse_args()
+    device = torch.device("cpu" if SMOKE else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("gpu_check: no CUDA device visible to torch " + torch.__version__)
+    shape, width = ((20, 24, 20), 0.125) if SMOKE else ((91, 109, 91), 1.0)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke test)"
+    print(f"device: {name}; torch {torch.__version__}, CUDA {torch.version.cuda}, "
+          f"cuDNN {torch.backends.cudnn.version() if device.type == 'cuda' else '-'}")
+    step_times(device, shape, width, steps=2 if SMOKE else 20)
+    eval_throughput(device, shape, width, batches=2 if SMOKE else 16)
+    loader_throughput(device, args.data)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

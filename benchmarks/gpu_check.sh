@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The prepared GPU check (issue: "a GPU path that is ready to be measured"): at most about 8 minutes on
+# one GPU. It needs a Python with a CUDA build of torch, mpi4py with an MPI, h5py, numpy, nibabel, nilearn
+# and pyyaml (PYTHON, default python3; MPIRUN, default the mpirun beside it or on PATH). It prints:
+#   1. the full-size model's (width 1, 91x109x91) training step at batch 4 in fp32 and bf16, evaluation
+#      throughput, and data-loader throughput into the GPU from a 2 mm HDF5 file (benchmarks/gpu_check.py);
+#   2. a 9-rank federation at 2 mm on that GPU: 8 learners sharing it, 64 volumes each, 2 rounds of
+#      1 local epoch at batch 4, bf16 and the volumes cached on the GPU, with each round's breakdown.
+# GPU_CHECK_SMOKE=1 runs the same steps at toy sizes on the CPU, to check the script itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+MPIRUN=${MPIRUN:-$(dirname "$(command -v "$PYTHON")")/mpirun}
+[ -x "$MPIRUN" ] || MPIRUN=mpirun
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
+    SHAPE="(20, 24, 20)"; PER=4; LEARNERS=2; DEVICE=cpu; WIDTH=0.125; CACHE=memory; AMP=off
+else
+    SHAPE="(91, 109, 91)"; PER=64; LEARNERS=8; DEVICE=cuda; WIDTH=1.0; CACHE=device; AMP=bf16
+fi
+echo "== gpu_check: $(date -u +%FT%TZ) on $(hostname)"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+"$PYTHON" - <<EOF
+import sys
+sys.path.insert(0, "tests")
+from pathlib import Path
+from fedtools import write_split
+write_split(Path("$WORK/split"), learners=$LEARNERS, per_learner=$PER, test=$PER, shape=$SHAPE)
+print("wrote $LEARNERS x $PER + $PER volumes of shape $SHAPE to $WORK/split")
+EOF
+"$PYTHON" benchmarks/gpu_check.py --data "$WORK/split/learner_1.h5"
+echo
+echo "== $((LEARNERS + 1))-rank federation: $LEARNERS learners share one $DEVICE, $PER volumes each, 2 rounds"
+OMP_NUM_THREADS=1 "$MPIRUN" -n $((LEARNERS + 1)) "$PYTHON" -m fedmpi train --set data.dir="$WORK/split" \
+    --set run.dir="$WORK/runs" --set run.name=gpu --set federation.learners=$LEARNERS --set federation.rounds=2 \
+    --set federation.algorithm=fedsparsify-global --set federation.target=0.9 --set model.width=$WIDTH \
+    --set model.dropout=0 --set train.epochs=1 --set train.batch_size=4 --set train.lr=0.001 \
+    --set train.device=$DEVICE --set train.amp=$AMP --set data.cache=$CACHE --set eval.batch_size=8
+"$PYTHON" - <<EOF
+import json
+rows = [json.loads(line) for line in open("$WORK/runs/gpu/metrics.jsonl")]
+keys = ("seconds_train", "seconds_setup", "seconds_encode", "seconds_send", "seconds_collect",
+        "seconds_aggregate", "seconds_eval", "seconds_checkpoint", "seconds_comm")
+print("| round | " + " | ".join(k.replace("seconds_", "") for k in keys) + " | bytes up | bytes down |")
+print("|" + "---:|" * (len(keys) + 3))
+for r in rows:
+    print(f"| {r['round']} | " + " | ".join(f"{r[k]:.3f}" for k in keys)
+          + f" | {r['bytes_up'] / 1e6:.1f} MB | {r['bytes_down'] / 1e6:.1f} MB |")
+EOF
+echo "== gpu_check done"

@@ -1,0 +1,141 @@
+"""The GPU options are wired, tested on the CPU: mixed precision reaches the forward pass, channels-last
+reaches the volumes and weights, cuDNN benchmark mode and pinned memory are chosen for a CUDA device, and
+data.cache=device keeps the volumes on the device without workers."""
+from __future__ import annotations
+
+import pytest
+import torch
+from fedtools import SHAPE, write_split
+
+from fedmpi.config import load_config
+from fedmpi.data import loader_options, open_volumes
+from fedmpi.learner import SeededLoader
+from fedmpi.model import BrainAgeCNN
+from fedmpi.training import AUTOCAST, local_train, predict, prepare_model
+
+
+def _model():
+    torch.manual_seed(0)
+    return BrainAgeCNN(SHAPE, width=0.125, dropout=0.0)
+
+
+def _batches(n=4):
+    torch.manual_seed(1)
+    return [(torch.randn(2, 1, *SHAPE), torch.full((2,), 60.0)) for _ in range(n // 2)]
+
+
+def _first_conv_seen(model):
+    seen = {}
+
+    def hook(module, inputs, output):
+        seen.setdefault("input", inputs[0])
+        seen.setdefault("output_dtype", output.dtype)
+
+    handle = model.features[0][0].register_forward_hook(hook)
+    return seen, handle
+
+
+def test_bf16_autocast_reaches_the_forward_pass_and_keeps_float32_weights():
+    model = _model()
+    seen, handle = _first_conv_seen(model)
+    stats = local_train(model, _batches(), epochs=1, lr=1e-3, autocast=AUTOCAST["bf16"])
+    handle.remove()
+    assert seen["output_dtype"] == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.parameters()) and stats["loss"] > 0
+    seen, handle = _first_conv_seen(model)
+    pred, _ = predict(model, _batches(), autocast=AUTOCAST["bf16"])
+    handle.remove()
+    assert seen["output_dtype"] == torch.bfloat16 and pred.dtype.name == "float32"
+    seen, handle = _first_conv_seen(model)
+    local_train(model, _batches(), epochs=1, lr=1e-3, autocast=AUTOCAST["off"])
+    handle.remove()
+    assert seen["output_dtype"] == torch.float32
+
+
+def test_channels_last_reaches_volumes_and_weights():
+    model = prepare_model(_model(), torch.device("cpu"), channels_last=True)
+    assert model.features[0][0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    seen, handle = _first_conv_seen(model)
+    local_train(model, _batches(), epochs=1, lr=1e-3, channels_last=True)
+    handle.remove()
+    assert seen["input"].is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_cudnn_benchmark_is_set_for_a_cuda_device_only():
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        prepare_model(_model(), torch.device("cpu"))
+        assert torch.backends.cudnn.benchmark is False
+        model = _model()
+        model.to = lambda *a, **k: model  # no GPU here: only the flag is under test
+        prepare_model(model, torch.device("cuda"), cudnn_benchmark=True)
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+@pytest.mark.parametrize("cache, device, expected", [
+    ("memory", "cuda", {"num_workers": 2, "pin_memory": True}),
+    ("memory", "cpu", {"num_workers": 2, "pin_memory": False}),
+    ("device", "cuda", {"num_workers": 0, "pin_memory": False}),
+    ("off", "cuda", {"num_workers": 2, "pin_memory": True}),
+])
+def test_loader_options_pin_memory_for_a_gpu_and_keep_device_caches_in_process(cache, device, expected):
+    cfg = load_config(overrides=[f"data.cache={cache}", "data.workers=2"])
+    assert loader_options(cfg, torch.device(device)) == expected
+
+
+def test_device_cache_holds_volumes_on_the_device(tmp_path):
+    split = write_split(tmp_path, learners=1, per_learner=4, test=2)
+    cfg = load_config(overrides=["data.cache=device"])
+    data = open_volumes(split / "learner_1.h5", cfg, torch.device("cpu")).warm()
+    assert data.cache_device == torch.device("cpu") and len(data._cache) == 4
+    assert data[0][0] is data[0][0]  # served from the cache, no copy
+    off = open_volumes(split / "learner_1.h5", load_config(overrides=["data.cache=off"]), torch.device("cpu")).warm()
+    assert off._cache is None
+
+
+def test_seeded_loader_draws_the_order_a_fresh_loader_would(tmp_path):
+    split = write_split(tmp_path, learners=1, per_learner=10, test=2)
+    cfg = load_config(overrides=["train.batch_size=3"])
+    data = open_volumes(split / "learner_1.h5", cfg, torch.device("cpu"))
+    loader = SeededLoader(cfg, data, torch.device("cpu"))
+    for seed in (5, 9, 5):  # reseeding each round gives every round the order of a freshly seeded loader
+        fresh = torch.utils.data.DataLoader(data, batch_size=3, shuffle=True,
+                                            generator=torch.Generator().manual_seed(seed))
+        reused = loader.for_round(seed)
+        for _epoch in range(2):  # and later epochs of the round follow it as well
+            assert [y.tolist() for _, y in reused] == [y.tolist() for _, y in fresh]
+
+
+def test_warm_up_leaves_model_gradients_and_random_state_alone():
+    from fedmpi.model import flat_parameters
+    from fedmpi.training import warm_up
+
+    model = _model()
+    before = flat_parameters(model)
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    warm_up(model, SHAPE, 2, torch.device("cpu"))
+    assert torch.equal(torch.rand(3), expected)
+    assert (flat_parameters(model) == before).all() and all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_the_prepared_gpu_check_runs_end_to_end_in_smoke_mode():
+    """benchmarks/gpu_check.sh at toy sizes on the CPU: the script a GPU session runs once has run."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, GPU_CHECK_SMOKE="1", PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for table in ("| model step, batch 4 |", "| evaluation, batch 8 |", "| data loader into the device",
+                  "| round | train | setup |", "== gpu_check done"):
+        assert table in proc.stdout
