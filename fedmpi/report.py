@@ -1,9 +1,17 @@
 """Tables and plots over finished runs: `python -m fedmpi report RUN_DIR [RUN_DIR ...] --out DIR`.
 
-Reads each run's summary.json, metrics.jsonl, config.json and (if present) attack.json, and
-writes results.csv / results.md (one row per run) and PNG plots. Each plot has one panel per
-data distribution, colour = algorithm and line style = target sparsity, so a whole sweep stays
-readable. Table building is pure (no I/O) so it is tested without plotting.
+Reads each run's summary.json, metrics.jsonl, config.json and, when present, test_predictions.csv and
+attack.json, and writes:
+
+- results.csv / results.md: one row per run (the overview);
+- accuracy.csv (per run), accuracy_paired.csv and accuracy.md: the paired MAE difference of each method
+  to dense FedAvg on the same test subjects, with a bootstrap interval and a non-inferiority verdict;
+- privacy.csv (per run and attack) and privacy.md: attack AUC per sparsity with intervals;
+- numbers.json: the numbers the README quotes (not summary.json, which would make the output folder look
+  like a run directory to this command);
+- PNG plots, one panel per setting and distribution, one line per method (mean over seeds, band min-max).
+
+The tables and statistics are pure functions in fedmpi.tables and fedmpi.stats, tested without plotting.
 """
 from __future__ import annotations
 
@@ -12,22 +20,24 @@ import csv
 import io
 import json
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .algorithms import ALGORITHMS, BASELINE
+from . import tables
+from .algorithms import ALGORITHMS
 from .errors import ReportError, is_user_error
 from .files import atomic_write
-from .runlog import RunLog, read_json
+from .runlog import RunLog, dumps, read_json
 
 COLUMNS = ("run", "algorithm", "distribution", "target", "final_mae", "final_rmse", "final_r", "sparsity",
            "total_bytes", "bytes_ratio_vs_fedavg", "wall_seconds", "mia_auc")
-ALGORITHM_ORDER = tuple(ALGORITHMS)
-LINESTYLES = ("-", "--", "-.", ":")
+PREDICTION_COLUMNS = ("subject_id", "age", "predicted")
 SLICE_VIEWS = ("axial", "coronal", "sagittal")
-
+ATTACK_MARKERS = ("o", "s", "^", "D", "v", "P")
+SPARSITY_TICKS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99, 0.999)
 
 
 @dataclass
@@ -38,6 +48,8 @@ class Run:
     metrics: list[dict]
     attack: dict | None
     distribution: str
+    predictions: dict[str, tuple[float, float]] | None = None  # subject_id -> (age, predicted)
+    setting: str = ""  # tables.setting_labels over the runs reported together
 
     @property
     def algorithm(self) -> str:
@@ -48,6 +60,10 @@ class Run:
         if self.algorithm not in ALGORITHMS or ALGORITHMS[self.algorithm].dense:
             return None
         return self.summary.get("target_sparsity", self.config.get("federation", {}).get("target"))
+
+    @property
+    def seed(self) -> int | None:
+        return self.config.get("run", {}).get("seed")
 
     @property
     def data_dir(self) -> Path | None:
@@ -61,6 +77,29 @@ def _read_metrics(run_dir: Path) -> list[dict]:
     if not log.metrics_path.exists():
         raise ReportError(f"{log.metrics_path}: missing")
     return log.checked_rows()
+
+
+def read_predictions(path: Path) -> dict[str, tuple[float, float]]:
+    """test_predictions.csv as subject_id -> (age, predicted); a damaged file is an error naming its line."""
+    try:
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            if tuple(reader.fieldnames or ()) != PREDICTION_COLUMNS:
+                raise ReportError(f"{path}: expected the columns {','.join(PREDICTION_COLUMNS)}, "
+                                  f"got {','.join(reader.fieldnames or ())}")
+            out: dict[str, tuple[float, float]] = {}
+            for row in reader:
+                if row["subject_id"] in out:
+                    raise ReportError(f"{path}: line {reader.line_num}: subject {row['subject_id']} appears twice")
+                age, predicted = float(row["age"]), float(row["predicted"])
+                if not (np.isfinite(age) and np.isfinite(predicted)):
+                    raise ValueError("not finite")
+                out[row["subject_id"]] = (age, predicted)
+    except (TypeError, ValueError):
+        raise ReportError(f"{path}: line {reader.line_num}: age and predicted must be finite numbers") from None
+    except UnicodeDecodeError:
+        raise ReportError(f"{path}: not a text file") from None
+    return out
 
 
 def _split_distribution(data_dir: Path | None) -> str:
@@ -81,16 +120,19 @@ def load_run(path: Path) -> Run:
     path = Path(path)
     summary = read_json(path / "summary.json", ReportError)
     config = read_json(path / "config.json", ReportError)
-    attack_path = path / "attack.json"
+    attack_path, predictions_path = path / "attack.json", path / "test_predictions.csv"
     attack = read_json(attack_path, ReportError) if attack_path.exists() else None
+    predictions = read_predictions(predictions_path) if predictions_path.exists() else None
     data = config.get("data", {})
-    if summary.get("distribution"):
+    if tables.is_pooled(summary.get("algorithm") or config.get("federation", {}).get("algorithm", "")):
+        distribution = tables.POOLED  # trained on one split's files, all of them at once
+    elif summary.get("distribution"):
         distribution = summary["distribution"]
     elif not data.get("dir"):  # the synthetic cohort is split as data.distribution says
         distribution = data.get("distribution", "")
     else:
         distribution = _split_distribution(Path(summary["data_dir"]) if summary.get("data_dir") else None)
-    return Run(path.name, config, summary, _read_metrics(path), attack, distribution)
+    return Run(path.name, config, summary, _read_metrics(path), attack, distribution, predictions)
 
 
 def expand_run_dirs(paths: list[Path]) -> list[Path]:
@@ -109,65 +151,31 @@ def expand_run_dirs(paths: list[Path]) -> list[Path]:
     return out
 
 
-# ---------------------------------------------------------------- tables (pure)
-
-def _algorithm_rank(algorithm: str) -> tuple:
-    return (ALGORITHM_ORDER.index(algorithm) if algorithm in ALGORITHM_ORDER else len(ALGORITHM_ORDER), algorithm)
-
-
-def _sort_key(run: Run):
-    return run.distribution, _algorithm_rank(run.algorithm), run.target or 0.0, run.name
-
-
-def total_bytes(summary: dict) -> int | None:
-    """Bytes up + down over the whole run, or None when the summary lacks the counters."""
-    if "total_bytes_up" not in summary or "total_bytes_down" not in summary:
-        return None
-    return int(summary["total_bytes_up"]) + int(summary["total_bytes_down"])
-
+# ---------------------------------------------------------------- the overview table (pure)
 
 def results_rows(runs: list[Run]) -> list[dict]:
-    """One dict per run with COLUMNS as keys (None = blank), sorted by distribution, algorithm, target.
+    """One dict per run with COLUMNS as keys (None = blank), sorted by setting, distribution, algorithm, target.
 
-    bytes_ratio_vs_fedavg divides by the fedavg run of the same distribution (the first by
-    name when there are several); it is None without one. mia_auc is the white-box AUC.
+    bytes_ratio_vs_fedavg divides by the fedavg run of the same setting and distribution (the same seed if
+    there is one); it is None without one. mia_auc is the white-box AUC.
     """
-    fedavg: dict[str, int] = {}
-    for run in sorted(runs, key=lambda r: r.name):
-        b = total_bytes(run.summary)
-        if run.algorithm == BASELINE and b and run.distribution not in fedavg:
-            fedavg[run.distribution] = b
+    grouped = tables.lines(runs)
     rows = []
-    for run in sorted(runs, key=_sort_key):
+    for run in sorted(runs, key=tables.run_order):
         s = run.summary
-        b = total_bytes(s)
-        ref = fedavg.get(run.distribution)
+        white = tables.attack_results(run.attack).get("white_box", {}) if run.attack else {}
         rows.append({
             "run": run.name, "algorithm": run.algorithm, "distribution": run.distribution, "target": run.target,
             "final_mae": s.get("final_mae"), "final_rmse": s.get("final_rmse"), "final_r": s.get("final_r"),
-            "sparsity": s.get("final_sparsity"), "total_bytes": b,
-            "bytes_ratio_vs_fedavg": b / ref if b is not None and ref else None,
-            "wall_seconds": s.get("wall_seconds"),
-            "mia_auc": run.attack["white_box"]["auc"] if run.attack else None,
+            "sparsity": s.get("final_sparsity"), "total_bytes": tables.total_bytes(s),
+            "bytes_ratio_vs_fedavg": tables.bytes_ratio(run, grouped), "wall_seconds": s.get("wall_seconds"),
+            "mia_auc": white.get("auc"),
         })
     return rows
 
 
-def _csv_cell(v) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return str(v)
-
-
 def to_csv(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(COLUMNS)
-    for r in rows:
-        w.writerow([_csv_cell(r[c]) for c in COLUMNS])
-    return buf.getvalue()
+    return tables.to_csv(rows, COLUMNS)
 
 
 MD_FORMATS = {"target": "{:.2f}", "final_mae": "{:.2f}", "final_rmse": "{:.2f}", "final_r": "{:.3f}",
@@ -190,40 +198,36 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cumulative_bytes(metrics: list[dict]) -> np.ndarray:
-    """Bytes up + down sent by the end of each round."""
-    return np.cumsum([int(r["bytes_up"]) + int(r["bytes_down"]) for r in metrics])
-
-
-def line_label(run: Run) -> str:
-    return run.algorithm if run.target is None else f"{run.algorithm} {run.target:g}"
-
-
 # ---------------------------------------------------------------- plots
 
-def _panels(runs: list[Run]):
-    """(figure, {distribution: axis}) with one panel per distribution."""
+def _figure(panel_keys: list[tuple[str, str]]):
+    """(figure, axes) with one titled panel per (setting, distribution), three to a row."""
     import matplotlib.pyplot as plt
 
-    dists = sorted({r.distribution for r in runs})
-    fig, axes = plt.subplots(1, len(dists), figsize=(5.5 * len(dists), 4.2), squeeze=False)
-    panels = dict(zip(dists, axes[0]))
-    for d, ax in panels.items():
-        ax.set_title(d or "(distribution unknown)")
+    n = max(len(panel_keys), 1)
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.0 * cols, 4.6 * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[len(panel_keys):]:
+        ax.set_visible(False)
+    for (setting, distribution), ax in zip(panel_keys, flat):
+        title = distribution or "(distribution unknown)"
+        if setting:
+            title += "\n" + textwrap.fill(setting, 70)
+        ax.set_title(title, fontsize=9)
         ax.grid(True, alpha=0.3)
-    return fig, panels
+    return fig, flat[:len(panel_keys)]
 
 
-def _styles(runs: list[Run]) -> dict[str, dict]:
-    """Matplotlib line style per run: colour by algorithm, dash pattern by target."""
+def _line_colors(keys) -> dict[tuple, tuple]:
+    """One colour per method (algorithm, target), the same in every panel and plot."""
     import matplotlib.pyplot as plt
 
-    colors = plt.get_cmap("tab10").colors
-    algos = sorted({r.algorithm for r in runs}, key=_algorithm_rank)
-    targets = sorted({r.target for r in runs if r.target is not None})
-    return {r.name: {"color": colors[algos.index(r.algorithm) % len(colors)],
-                     "linestyle": "-" if r.target is None else LINESTYLES[targets.index(r.target) % len(LINESTYLES)]}
-            for r in runs}
+    methods = sorted({(k.algorithm, k.target) for k in keys},
+                     key=lambda m: (tables.algorithm_rank(m[0]), m[1] is not None, m[1] or 0.0))
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    return {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
 
 
 def _save(fig, path: Path) -> Path:
@@ -237,70 +241,132 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _finish_panels(panels, xlabel: str, ylabel: str) -> None:
-    for ax in panels.values():
-        ax.set_xlabel(xlabel)
+def plot_curves(runs: list[Run], path: Path, key: str, ylabel: str, by_bytes: bool = False,
+                clip: float | None = None, dashed: str | None = None, note: str = "") -> Path:
+    """metrics[key] against round (or cumulative bytes, log scale): per method the mean over seeds, with a
+    min-max band. `dashed` draws a second metric of the same method dashed. With `clip`, each panel's y
+    axis stops at clip x the largest first value, so one diverging run (random pruning can cut the output
+    bias) does not flatten every other curve; it leaves the frame at the top."""
+    grouped = tables.lines(runs)
+    panel_keys = tables.panels(grouped)
+    fig, axes = _figure(panel_keys)
+    colors = _line_colors(grouped)
+    for panel, ax in zip(panel_keys, axes):
+        firsts = []
+        for line in tables.panel_lines(grouped, panel):
+            group, color = grouped[line], colors[(line.algorithm, line.target)]
+            x, mean, low, high = tables.mean_curve(group, key, by_bytes)
+            if x.size:
+                seeds = f" ({len(group)} seeds)" if len(group) > 1 else ""
+                ax.plot(x, mean, color=color, label=tables.line_label(line) + seeds)
+                if len(group) > 1:
+                    ax.fill_between(x, low, high, color=color, alpha=0.15, linewidth=0)
+                firsts.append(mean[0])
+            if dashed:
+                x, mean, _, _ = tables.mean_curve(group, dashed, by_bytes)
+                if x.size:
+                    ax.plot(x, mean, color=color, linestyle="--", linewidth=1)
+        if clip is not None and firsts:
+            ax.set_ylim(0, clip * max(firsts))
+        if by_bytes:
+            from matplotlib.ticker import NullFormatter
+
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on a few decades
+        ax.set_xlabel("cumulative bytes sent (up + down)" if by_bytes else "round")
         ax.set_ylabel(ylabel)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-
-
-def plot_curves(runs: list[Run], path: Path, key: str, ylabel: str, by_bytes: bool = False,
-                clip: float | None = None) -> Path:
-    """metrics[key] per run against round (or cumulative bytes, log scale). With `clip`, each panel's
-    y axis stops at clip x the largest first value, so one diverging run (random pruning can cut the
-    output bias) does not flatten every other curve; it leaves the frame at the top."""
-    fig, panels = _panels(runs)
-    styles = _styles(runs)
-    first: dict[str, list[float]] = {}
-    for run in runs:
-        values = [r[key] for r in run.metrics if r.get(key) is not None]
-        if values:
-            first.setdefault(run.distribution, []).append(values[0])
-    for run in runs:
-        rows = [r for r in run.metrics if r.get(key) is not None]
-        if by_bytes:
-            x_all = cumulative_bytes(run.metrics)
-            x = [x_all[i] for i, r in enumerate(run.metrics) if r.get(key) is not None]
-            keep = [i for i, v in enumerate(x) if v > 0]  # a centralized run sends nothing
-            x, rows = [x[i] for i in keep], [rows[i] for i in keep]
-        else:
-            x = [r["round"] for r in rows]
-        if rows:
-            panels[run.distribution].plot(x, [r[key] for r in rows], label=line_label(run), **styles[run.name])
-    if by_bytes:
-        from matplotlib.ticker import NullFormatter
-
-        for ax in panels.values():
-            ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on a few decades
-    if clip is not None:
-        for dist, ax in panels.items():
-            if first.get(dist):
-                ax.set_ylim(0, clip * max(first[dist]))
-    _finish_panels(panels, "cumulative bytes sent (up + down)" if by_bytes else "round", ylabel)
+        if note:
+            ax.text(0.01, 0.01, note, transform=ax.transAxes, fontsize=7, color="dimgrey")
     return _save(fig, path)
 
 
-def plot_mia(runs: list[Run], path: Path) -> Path:
-    """White-box (filled) and black-box (hollow) attack AUC against the model's sparsity."""
-    fig, panels = _panels(runs)
-    styles = _styles(runs)
-    seen: set = set()
-    for run in runs:
-        ax, color = panels[run.distribution], styles[run.name]["color"]
-        x = run.attack["sparsity"]
-        label = run.algorithm if (run.distribution, run.algorithm) not in seen else None
-        seen.add((run.distribution, run.algorithm))
-        white = run.attack["white_box"]
-        ax.errorbar([x], [white["auc"]], yerr=[white.get("auc_se", 0.0)], fmt="o", color=color, label=label,
-                    capsize=3)
-        ax.scatter([x], [run.attack["black_box"]["auc"]], facecolors="none", edgecolors=color)
-    for ax in panels.values():
+def _to_density(s):
+    """Sparsity -> -log10(1 - s): 0.9, 0.99 and 0.999 are equally spaced, where the targets crowd."""
+    return -np.log10(np.clip(1.0 - np.asarray(s, dtype=np.float64), 1e-6, None))
+
+
+def _from_density(y):
+    return 1.0 - 10.0 ** (-np.asarray(y, dtype=np.float64))
+
+
+def _attack_errorbar(ax, x, points: list[dict], style: dict, label: str | None) -> None:
+    """Each seed's AUC with its interval as an asymmetric error bar (none where the interval is missing)."""
+    aucs = np.array([p["auc"] for p in points], dtype=np.float64)
+    low = np.array([p["auc"] - p["auc_low"] if p.get("auc_low") is not None else 0.0 for p in points])
+    high = np.array([p["auc_high"] - p["auc"] if p.get("auc_high") is not None else 0.0 for p in points])
+    ax.errorbar(x, aucs, yerr=[low, high], linestyle="none", capsize=2, markersize=5, elinewidth=0.8,
+                label=label, **style)
+
+
+def _attack_points(section: dict, name: str) -> list[dict]:
+    return [p for m in section["methods"] if name in m["attacks"] for p in m["attacks"][name]["runs"]
+            if p["auc"] is not None]
+
+
+def _attack_styles(sections: list[dict]) -> dict[str, dict]:
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(n for s in sections for m in s["methods"] for n in m["attacks"]))
+    cmap = plt.get_cmap("Dark2")
+    return {n: {"color": cmap(i % cmap.N), "marker": ATTACK_MARKERS[i % len(ATTACK_MARKERS)]}
+            for i, n in enumerate(names)}
+
+
+def plot_mia_sparsity(runs: list[Run], path: Path) -> Path:
+    """Attack AUC against the attacked model's sparsity: each seed a point with its interval, a line per
+    attack through the methods' means, 0.5 = chance. Attacks are offset sideways so their bars do not hide
+    each other; the x axis is -log10(1 - sparsity), labelled in sparsity."""
+    sections = tables.privacy_sections(runs)
+    fig, axes = _figure([(s["setting"], s["distribution"]) for s in sections])
+    styles = _attack_styles(sections)
+    for section, ax in zip(sections, axes):
+        names = [n for n in styles if _attack_points(section, n)]
+        for i, name in enumerate(names):
+            offset = (i - (len(names) - 1) / 2) * 0.03
+            points = [p for p in _attack_points(section, name) if p["sparsity"] is not None]
+            x = _to_density([p["sparsity"] for p in points]) + offset
+            _attack_errorbar(ax, x, points, styles[name], name)
+            means = [(m["sparsity"], m["attacks"][name]["auc_mean"]) for m in section["methods"]
+                     if name in m["attacks"] and m["sparsity"] is not None and m["attacks"][name]["auc_mean"]]
+            if means:
+                ax.plot(_to_density([s for s, _ in means]) + offset, [a for _, a in means],
+                        color=styles[name]["color"], linewidth=1)
+        spars = [m["sparsity"] for m in section["methods"] if m["sparsity"] is not None]
+        right = float(_to_density(max(spars, default=0.0))) + 0.2
+        ax.set_xlim(-0.2, right)
+        ticks = [t for t in SPARSITY_TICKS if _to_density(t) <= right]
+        ax.set_xticks(_to_density(ticks), [f"{t:g}" for t in ticks])
         ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
-        ax.text(0.01, 0.02, "filled: white-box (bar: 1 s.e.), hollow: black-box; 0.5 = chance",
-                transform=ax.transAxes, fontsize=7)
-    _finish_panels(panels, "model sparsity", "membership-inference ROC AUC")
+        ax.set_xlabel("model sparsity (axis: -log10(1 - sparsity))")
+        ax.set_ylabel("membership-inference ROC AUC")
+        ax.text(0.01, 0.01, "points: seeds, bars: 95% CI; line: mean per method; dashed: chance",
+                transform=ax.transAxes, fontsize=7, color="dimgrey")
+        if names:
+            ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_mia_gap(runs: list[Run], path: Path) -> Path:
+    """Attack AUC against the attacked model's MAE gap (non-members minus members), the same points as
+    plot_mia_sparsity; the legend gives each attack's Spearman correlation across runs."""
+    sections = tables.privacy_sections(runs)
+    fig, axes = _figure([(s["setting"], s["distribution"]) for s in sections])
+    styles = _attack_styles(sections)
+    for section, ax in zip(sections, axes):
+        for name in styles:
+            points = [p for p in _attack_points(section, name) if p["mae_gap"] is not None]
+            if not points:
+                continue
+            rho = section["correlations"][name]["spearman_auc_vs_gap"]
+            label = name + ("" if rho is None else f" (Spearman ρ = {rho:+.2f})")
+            _attack_errorbar(ax, [p["mae_gap"] for p in points], points, styles[name], label)
+        ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+        ax.set_xlabel("MAE gap: non-members minus members (years)")
+        ax.set_ylabel("membership-inference ROC AUC")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     return _save(fig, path)
 
 
@@ -336,8 +402,15 @@ def _slice_source(runs: list[Run]):
     return ds
 
 
+def _note(message: str) -> None:
+    print(f"fedmpi report: {message}", file=sys.stderr)
+
+
 def write_report(run_dirs: list[Path], out: Path) -> tuple[list[dict], list[Path]]:
-    """Write the tables and plots for these runs under `out`; returns the table rows and the files written."""
+    """Write the tables and plots for these runs under `out`; returns the overview rows and the files written.
+
+    Everything is read and computed before the first file is written, so a bad input writes nothing.
+    """
     try:
         import matplotlib
     except ModuleNotFoundError:
@@ -349,27 +422,48 @@ def write_report(run_dirs: list[Path], out: Path) -> tuple[list[dict], list[Path
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ReportError(f"run names must be unique, got {sorted(n for n in set(names) if names.count(n) > 1)}")
+    labels = tables.setting_labels({r.name: r.config for r in runs})
+    for r in runs:
+        r.setting = labels[r.name]
     out = Path(out)
     rows = results_rows(runs)
-    slices = _slice_source(runs)  # opened before anything is written, so a bad file writes nothing
-    written = []
-    atomic_write(out / "results.csv", to_csv(rows).encode())
-    atomic_write(out / "results.md", to_markdown(rows).encode())
-    written += [out / "results.csv", out / "results.md"]
-    written.append(plot_curves(runs, out / "mae_vs_round.png", "test_mae", "test MAE (years)", clip=1.5))
-    written.append(plot_curves(runs, out / "sparsity_vs_round.png", "sparsity", "global model sparsity"))
-    written.append(plot_curves(runs, out / "mae_vs_bytes.png", "test_mae", "test MAE (years)", by_bytes=True,
-                               clip=1.5))
+    paired, notes = tables.paired_rows(runs)
+    accuracy = tables.accuracy_sections(runs, paired)
+    privacy = tables.privacy_sections(runs)
+    texts = {
+        "results.csv": to_csv(rows), "results.md": to_markdown(rows),
+        "accuracy.csv": tables.to_csv(tables.accuracy_rows(runs), tables.ACCURACY_COLUMNS),
+        "accuracy_paired.csv": tables.to_csv(paired, tables.PAIRED_COLUMNS),
+        "accuracy.md": tables.accuracy_markdown(accuracy),
+        "numbers.json": dumps(tables.numbers(accuracy, privacy), indent=2) + "\n",
+    }
     attacked = [r for r in runs if r.attack]
     if attacked:
-        written.append(plot_mia(attacked, out / "mia_auc_vs_sparsity.png"))
+        texts["privacy.csv"] = tables.to_csv(tables.privacy_rows(runs), tables.PRIVACY_COLUMNS)
+        texts["privacy.md"] = tables.privacy_markdown(privacy)
+    slices = _slice_source(runs)  # opened before anything is written, so a bad file writes nothing
+    for note in tables.duplicate_seeds(runs) + notes:
+        _note(note)
+    written = []
+    for name, text in texts.items():
+        atomic_write(out / name, text.encode())
+        written.append(out / name)
+    written.append(plot_curves(runs, out / "mae_vs_round.png", "test_mae", "test MAE (years)", clip=1.5,
+                               note="line: mean over seeds, band: min-max"))
+    written.append(plot_curves(runs, out / "sparsity_vs_round.png", "sparsity", "global model sparsity",
+                               dashed="target_sparsity", note="solid: actual sparsity, dashed: target s_t"))
+    written.append(plot_curves(runs, out / "mae_vs_bytes.png", "test_mae", "test MAE (years)", by_bytes=True,
+                               clip=1.5, note="mean over seeds; a centralized run sends nothing and is absent"))
+    if attacked:
+        written.append(plot_mia_sparsity(attacked, out / "mia_auc_vs_sparsity.png"))
+        written.append(plot_mia_gap(attacked, out / "mia_auc_vs_gap.png"))
     else:
-        print("fedmpi report: no run has attack.json (python -m fedmpi attack --run DIR); "
-              "skipping mia_auc_vs_sparsity.png", file=sys.stderr)
+        _note("no run has attack.json (python -m fedmpi attack --run DIR); skipping privacy.csv, privacy.md, "
+              "mia_auc_vs_sparsity.png and mia_auc_vs_gap.png")
     if slices is not None:
         written.append(plot_slices(slices, out / "volume_slices.png"))
     else:
-        print("fedmpi report: no run's data_dir holds a test.h5; skipping volume_slices.png", file=sys.stderr)
+        _note("no run's data_dir holds a test.h5; skipping volume_slices.png")
     return rows, written
 
 

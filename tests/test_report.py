@@ -8,16 +8,24 @@ import json
 import numpy as np
 import pytest
 
-from fedmpi import report
+from fedmpi import report, tables
 from fedmpi.errors import ReportError
 from fedmpi.report import load_run, write_report
 
 
 def _write_run(root, name, *, algorithm, target, mae, sparsities, bytes_per_round, attack_auc=None,
-               data_dir="", distribution="uniform-iid", wall=10.0):
+               data_dir="", distribution="uniform-iid", wall=10.0, seed=0, predictions=None, attack=None,
+               config=None, summary=None):
+    """A finished run directory. predictions: (subject_id, age, predicted) rows of test_predictions.csv;
+    attack: attack.json as written (attack_auc writes the old two-attack format instead); config and
+    summary: values merged into config.json's sections and into summary.json."""
     run = root / name
     run.mkdir(parents=True)
-    cfg = {"data": {"dir": "", "distribution": distribution}, "federation": {"algorithm": algorithm, "target": target}}
+    cfg = {"data": {"dir": "", "distribution": distribution, "subjects": 10, "seed": 0},
+           "federation": {"algorithm": algorithm, "target": target, "learners": 2, "rounds": len(mae)},
+           "train": {"epochs": 1, "lr": 0.01, "device": "cpu"}, "run": {"seed": seed, "name": name, "dir": str(root)}}
+    for section, values in (config or {}).items():
+        cfg.setdefault(section, {}).update(values)
     (run / "config.json").write_text(json.dumps(cfg))
     rows = [{"round": t + 1, "sparsity": s, "target_sparsity": s, "test_mae": m, "bytes_up": b, "bytes_down": b}
             for t, (s, m, b) in enumerate(zip(sparsities, mae, bytes_per_round))]
@@ -26,11 +34,40 @@ def _write_run(root, name, *, algorithm, target, mae, sparsities, bytes_per_roun
     (run / "summary.json").write_text(json.dumps({
         "algorithm": algorithm, "target_sparsity": target, "final_mae": mae[-1], "final_rmse": mae[-1] + 1,
         "final_r": 0.5, "final_sparsity": sparsities[-1], "total_bytes_up": total, "total_bytes_down": total,
-        "wall_seconds": wall, "data_dir": data_dir}))
+        "wall_seconds": wall, "data_dir": data_dir, "baseline_mae": 10.0, "rounds": len(mae), **(summary or {})}))
+    if predictions is not None:
+        (run / "test_predictions.csv").write_text(
+            "subject_id,age,predicted\n" + "".join(f"{i},{a:.2f},{p:.4f}\n" for i, a, p in predictions))
     if attack_auc is not None:
         (run / "attack.json").write_text(json.dumps({
             "sparsity": sparsities[-1], "white_box": {"auc": attack_auc}, "black_box": {"auc": attack_auc - 0.05}}))
+    if attack is not None:
+        (run / "attack.json").write_text(json.dumps(attack))
     return run
+
+
+def _predictions(errors, ages=(50.0, 60.0, 70.0, 55.0)):
+    """test_predictions.csv rows for subjects s0, s1, ... whose prediction misses their age by `errors`."""
+    return [(f"s{i}", a, a + e) for i, (a, e) in enumerate(zip(ages, errors))]
+
+
+def _attack(aucs, sparsity=0.0, train_mae=1.0, test_mae=4.0):
+    """attack.json in the current format: every attack in `aucs` (name -> AUC) with an interval of +-0.05."""
+    attacks = {name: {"auc": auc, "auc_low": auc - 0.05, "auc_high": auc + 0.05, "auc_se": 0.02,
+                      "accuracy": auc - 0.1, "tpr_at_1pct_fpr": 0.02, "tpr_at_0.1pct_fpr": 0.01, "n_train": 20,
+                      "n_eval": 20} for name, auc in aucs.items()}
+    return {"attacks": attacks, **{k: attacks[k] for k in ("black_box", "white_box") if k in attacks},
+            "sparsity": sparsity, "train_mae": train_mae, "test_mae": test_mae, "members_eval": 10,
+            "nonmembers_eval": 10}
+
+
+def _load(*paths):
+    """Runs as write_report sees them: loaded, with their setting labels."""
+    runs = [load_run(p) for p in paths]
+    labels = tables.setting_labels({r.name: r.config for r in runs})
+    for r in runs:
+        r.setting = labels[r.name]
+    return runs
 
 
 def _write_test_h5(directory):
@@ -45,9 +82,11 @@ def _write_test_h5(directory):
 def runs(tmp_path):
     data = _write_test_h5(tmp_path / "split")
     a = _write_run(tmp_path / "runs", "avg", algorithm="fedavg", target=0.95, mae=[9.0, 7.0, 6.0],
-                   sparsities=[0, 0, 0], bytes_per_round=[1000, 1000, 1000], attack_auc=0.7, data_dir=str(data))
+                   sparsities=[0, 0, 0], bytes_per_round=[1000, 1000, 1000], attack_auc=0.7, data_dir=str(data),
+                   predictions=_predictions([1.0, -2.0, 3.0, 4.0]))
     b = _write_run(tmp_path / "runs", "glob", algorithm="fedsparsify-global", target=0.9, mae=[9.5, 7.5, 6.5],
-                   sparsities=[0.5, 0.8, 0.9], bytes_per_round=[1000, 500, 250], data_dir=str(data), wall=20.0)
+                   sparsities=[0.5, 0.8, 0.9], bytes_per_round=[1000, 500, 250], data_dir=str(data), wall=20.0,
+                   predictions=_predictions([2.0, -3.0, 4.0, 5.0]))
     return a, b
 
 
@@ -86,7 +125,11 @@ def test_csv_and_markdown_blank_missing_values():
 
 def test_cumulative_bytes():
     rows = [{"bytes_up": 1, "bytes_down": 2}, {"bytes_up": 3, "bytes_down": 4}]
-    assert report.cumulative_bytes(rows).tolist() == [3, 10]
+    assert tables.cumulative_bytes(rows).tolist() == [3, 10]
+
+
+TABLES = {"results.csv", "results.md", "accuracy.csv", "accuracy_paired.csv", "accuracy.md", "numbers.json"}
+CURVES = {"mae_vs_round.png", "sparsity_vs_round.png", "mae_vs_bytes.png"}
 
 
 def test_report_command_writes_every_file(runs, tmp_path, capsys):
@@ -94,25 +137,50 @@ def test_report_command_writes_every_file(runs, tmp_path, capsys):
     report.add_arguments(parser)
     out = tmp_path / "out"
     assert report.run(parser.parse_args([str(runs[0].parent), "--out", str(out)])) == 0  # a directory of runs
-    names = {"results.csv", "results.md", "mae_vs_round.png", "sparsity_vs_round.png", "mae_vs_bytes.png",
-             "mia_auc_vs_sparsity.png", "volume_slices.png"}
+    names = TABLES | CURVES | {"privacy.csv", "privacy.md", "mia_auc_vs_sparsity.png", "mia_auc_vs_gap.png",
+                               "volume_slices.png"}
     assert {p.name for p in out.iterdir()} == names  # no temporary files left behind
-    for name in names - {"results.csv", "results.md"}:
+    for name in {n for n in names if n.endswith(".png")}:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = list(csv.DictReader((out / "results.csv").read_text().splitlines()))
     assert [r["run"] for r in table] == ["avg", "glob"] and table[0]["mia_auc"] == "0.7"
     assert table[1]["bytes_ratio_vs_fedavg"] == "0.583333"
     assert "| avg | fedavg |" in (out / "results.md").read_text()
+    accuracy = list(csv.DictReader((out / "accuracy.csv").read_text().splitlines()))
+    assert tuple(accuracy[0]) == tables.ACCURACY_COLUMNS
+    assert [(r["run"], r["train_subjects"], r["test_subjects"]) for r in accuracy] == [("avg", "6", "4"),
+                                                                                     ("glob", "6", "4")]
+    paired = list(csv.DictReader((out / "accuracy_paired.csv").read_text().splitlines()))
+    assert [(r["algorithm"], r["mean_diff"], r["diff_low"], r["diff_high"], r["verdict"]) for r in paired] == [
+        ("fedsparsify-global", "1", "1", "1", "inferior")]
+    privacy = list(csv.DictReader((out / "privacy.csv").read_text().splitlines()))
+    assert [(r["run"], r["attack"], r["auc"]) for r in privacy] == [("avg", "black_box", "0.65"),
+                                                                   ("avg", "white_box", "0.7")]
+    numbers = json.loads((out / "numbers.json").read_text())
+    methods = numbers["accuracy"][0]["methods"]
+    assert [m["label"] for m in methods] == ["fedavg", "fedsparsify-global 0.9"]
+    assert methods[0]["clearly_learns"] is True and methods[1]["paired"]["verdict"] == "inferior"
+    assert numbers["margin_years"] == tables.MARGIN_YEARS == 0.5
     assert "wrote" in capsys.readouterr().out
 
 
-def test_report_skips_mia_plot_without_attacks_and_rejects_unfinished_runs(tmp_path, capsys):
+def test_a_run_without_predictions_or_attack_still_reports(tmp_path, capsys):
     run = _write_run(tmp_path, "g", algorithm="oneshot", target=0.95, mae=[5.0], sparsities=[0.95],
                      bytes_per_round=[10])
-    rows, written = report.write_report([run], tmp_path / "out")
-    assert {p.name for p in written} == {"results.csv", "results.md", "mae_vs_round.png", "sparsity_vs_round.png",
-                                         "mae_vs_bytes.png"}
-    assert "skipping mia_auc_vs_sparsity.png" in capsys.readouterr().err
+    _, written = report.write_report([run], tmp_path / "out")
+    assert {p.name for p in written} == TABLES | CURVES
+    err = capsys.readouterr().err
+    assert "skipping privacy.csv, privacy.md, mia_auc_vs_sparsity.png and mia_auc_vs_gap.png" in err
+    assert "oneshot 0.95 on uniform-iid: no fedavg run of the same setting and distribution; not paired" in err
+    accuracy = list(csv.DictReader((tmp_path / "out" / "accuracy.csv").read_text().splitlines()))
+    assert accuracy[0]["test_subjects"] == "" and accuracy[0]["train_subjects"] == ""
+    assert accuracy[0]["final_mae"] == "5" and accuracy[0]["mae_ratio"] == "0.5"
+    assert (tmp_path / "out" / "accuracy_paired.csv").read_text() == ",".join(tables.PAIRED_COLUMNS) + "\n"
+
+
+def test_an_unfinished_run_is_refused_before_anything_is_written(tmp_path, capsys):
+    run = _write_run(tmp_path, "g", algorithm="oneshot", target=0.95, mae=[5.0], sparsities=[0.95],
+                     bytes_per_round=[10])
     (run / "summary.json").unlink()
     parser = argparse.ArgumentParser()
     report.add_arguments(parser)
@@ -159,3 +227,222 @@ def test_report_without_matplotlib_names_the_extra(runs, tmp_path, monkeypatch):
     with pytest.raises(ReportError, match=r"pip install -e '\.\[report\]'"):
         write_report(list(runs), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- accuracy tables (pure)
+
+def _pair(tmp_path, name, algorithm, errors, *, target=0.95, seed=0, distribution="uniform-iid", **kwargs):
+    """A one-round run whose test predictions miss by `errors`."""
+    return _write_run(tmp_path, name, algorithm=algorithm, target=target, mae=[float(np.mean(np.abs(errors)))],
+                      sparsities=[0.0 if algorithm == "fedavg" else target], bytes_per_round=[100], seed=seed,
+                      distribution=distribution, predictions=_predictions(errors), **kwargs)
+
+
+def test_accuracy_rows_values(tmp_path):
+    avg = _pair(tmp_path, "avg", "fedavg", [1.0, -2.0, 3.0, 4.0])  # MAE 2.5, predict-the-mean MAE 10
+    real = _pair(tmp_path, "real", "fedsparsify-global", [1.0, 1.0, 1.0, 1.0], config={"data": {"dir": "/data/x"}},
+                 summary={"distribution": "uniform-iid"})
+    counted = _pair(tmp_path, "counted", "fedsparsify-local", [1.0, 1.0, 1.0, 1.0],
+                    summary={"train_subjects": 1000, "test_subjects": 200})
+    rows = {r["run"]: r for r in tables.accuracy_rows(_load(avg, real, counted))}
+    assert rows["avg"]["train_subjects"] == 6 and rows["avg"]["test_subjects"] == 4  # 10 synthetic subjects
+    assert rows["avg"]["mae_ratio"] == 0.25 and rows["avg"]["seed"] == 0 and rows["avg"]["target"] is None
+    assert rows["real"]["train_subjects"] is None and rows["real"]["test_subjects"] == 4  # a real cohort: unknown
+    assert (rows["counted"]["train_subjects"], rows["counted"]["test_subjects"]) == (1000, 200)
+    assert rows["real"]["bytes_ratio_vs_fedavg"] == 1.0 and rows["real"]["rounds"] == 1
+    assert [r["run"] for r in tables.accuracy_rows(_load(avg, real, counted))] == ["avg", "real", "counted"]
+
+
+def test_paired_difference_averages_over_the_seeds_both_have(tmp_path):
+    runs = _load(
+        _pair(tmp_path, "avg0", "fedavg", [1.0, -2.0, 3.0, 4.0], seed=0),
+        _pair(tmp_path, "avg1", "fedavg", [2.0, 2.0, -2.0, 2.0], seed=1),
+        _pair(tmp_path, "g0", "fedsparsify-global", [1.0, 2.0, -3.0, 4.0], seed=0),  # |d| = 0 everywhere
+        _pair(tmp_path, "g1", "fedsparsify-global", [2.5, 2.5, 2.5, -2.5], seed=1),  # |d| = 0.5 everywhere
+        _pair(tmp_path, "g2", "fedsparsify-global", [9.0, 9.0, 9.0, 9.0], seed=2),  # no fedavg seed 2: left out
+    )
+    rows, notes = tables.paired_rows(runs)
+    assert notes == [] and len(rows) == 1
+    row = rows[0]
+    assert row["seeds"] == [0, 1] and row["n_seeds"] == 2 and row["n_subjects"] == 4
+    assert row["seed_diffs"] == {0: 0.0, 1: 0.5}
+    assert row["mean_diff"] == 0.25 and (row["diff_low"], row["diff_high"]) == (0.25, 0.25)
+    assert row["mae"] == pytest.approx((2.5 + 2.5) / 2) and row["reference_mae"] == pytest.approx((2.5 + 2.0) / 2)
+    assert (row["verdict"], row["vs_zero"], row["reference"]) == ("non-inferior", "worse", "fedavg")
+
+
+def test_paired_verdict_at_the_margin(tmp_path):
+    avg = _pair(tmp_path, "avg", "fedavg", [1.0, 2.0, 3.0, 4.0])
+    at = _pair(tmp_path, "at", "fedsparsify-global", [1.5, 2.5, 3.5, 4.5], target=0.9)  # exactly 0.5 worse
+    worse = _pair(tmp_path, "worse", "fedsparsify-global", [1.75, 2.75, 3.75, 4.75], target=0.99)
+    better = _pair(tmp_path, "better", "fedsparsify-global", [0.5, 1.5, 2.5, 3.5], target=0.95)
+    rows = {r["target"]: r for r in tables.paired_rows(_load(avg, at, worse, better))[0]}
+    assert (rows[0.9]["diff_low"], rows[0.9]["diff_high"], rows[0.9]["verdict"]) == (0.5, 0.5, "inconclusive")
+    assert (rows[0.99]["diff_low"], rows[0.99]["verdict"], rows[0.99]["vs_zero"]) == (0.75, "inferior", "worse")
+    assert (rows[0.95]["diff_high"], rows[0.95]["verdict"], rows[0.95]["vs_zero"]) == (-0.5, "non-inferior", "better")
+
+
+def test_paired_interval_spanning_zero_below_the_margin(tmp_path):
+    ages = [40.0 + i for i in range(40)]
+    avg = _write_run(tmp_path, "avg", algorithm="fedavg", target=0.0, mae=[2.0], sparsities=[0.0],
+                     bytes_per_round=[10], predictions=[(f"s{i}", a, a + 2.0) for i, a in enumerate(ages)])
+    # Differences alternate -0.25, +0.25: mean 0, bootstrap half-width about 1.96 x 0.25 / sqrt(40) = 0.08.
+    g = _write_run(tmp_path, "g", algorithm="fedsparsify-global", target=0.9, mae=[2.0], sparsities=[0.9],
+                   bytes_per_round=[10],
+                   predictions=[(f"s{i}", a, a + 2.0 + (0.25 if i % 2 else -0.25)) for i, a in enumerate(ages)])
+    (row,), _ = tables.paired_rows(_load(avg, g))
+    assert row["mean_diff"] == pytest.approx(0.0) and row["n_subjects"] == 40
+    assert -0.11 < row["diff_low"] < -0.05 and 0.05 < row["diff_high"] < 0.11
+    assert (row["verdict"], row["vs_zero"]) == ("non-inferior", "no difference")
+
+
+def test_a_pooled_run_is_compared_with_every_distribution(tmp_path):
+    runs = _load(
+        _pair(tmp_path, "avg-iid", "fedavg", [1.0, 1.0, 1.0, 1.0]),
+        _pair(tmp_path, "avg-skew", "fedavg", [3.0, 3.0, 3.0, 3.0], distribution="skewed-noniid"),
+        _pair(tmp_path, "central", "centralized", [2.0, 2.0, 2.0, 2.0], distribution="skewed-noniid",
+              summary={"total_bytes_up": 0, "total_bytes_down": 0}),
+    )
+    central = next(r for r in runs if r.name == "central")
+    assert central.distribution == tables.POOLED and central.target is None
+    rows, _ = tables.paired_rows(runs)
+    assert [(r["algorithm"], r["distribution"], r["mean_diff"]) for r in rows] == [
+        ("centralized", "skewed-noniid", -1.0), ("centralized", "uniform-iid", 1.0)]
+    accuracy = {r["run"]: r for r in tables.accuracy_rows(runs)}
+    assert accuracy["central"]["distribution"] == "pooled" and accuracy["central"]["bytes_ratio_vs_fedavg"] is None
+    sections = tables.accuracy_sections(runs, rows)
+    assert [(s["distribution"], [m["label"] for m in s["methods"]]) for s in sections] == [
+        ("skewed-noniid", ["fedavg", "centralized (pooled)"]), ("uniform-iid", ["fedavg", "centralized (pooled)"])]
+    assert [s["methods"][1]["paired"]["verdict"] for s in sections] == ["non-inferior", "inferior"]
+
+
+def test_settings_keep_a_study_s_groups_apart(tmp_path):
+    runs = _load(
+        _pair(tmp_path, "acc-avg", "fedavg", [1.0, 1.0, 1.0, 1.0], config={"train": {"device": "auto"}}),
+        _pair(tmp_path, "priv-avg", "fedavg", [3.0, 3.0, 3.0, 3.0], config={"train": {"epochs": 5}}),
+        _pair(tmp_path, "priv-g", "fedsparsify-global", [2.0, 2.0, 2.0, 2.0], config={"train": {"epochs": 5}}),
+        _pair(tmp_path, "acc-g", "fedsparsify-global", [1.0, 1.0, 1.0, 1.0], config={"model": {"new_key": 1}}),
+    )
+    # train.device and run.* do not make a setting; a key only some runs record (a later version's) is ignored.
+    assert {r.name: r.setting for r in runs} == {"acc-avg": "train.epochs=1", "priv-avg": "train.epochs=5",
+                                                  "priv-g": "train.epochs=5", "acc-g": "train.epochs=1"}
+    rows, _ = tables.paired_rows(runs)
+    assert [(r["setting"], r["mean_diff"], r["reference_mae"]) for r in rows] == [
+        ("train.epochs=1", 0.0, 1.0), ("train.epochs=5", -1.0, 3.0)]
+    assert tables.setting_labels({"a": {"train": {"lr": 0.1}}, "b": {"train": {"lr": 0.1}}}) == {"a": "", "b": ""}
+
+
+def test_runs_tested_on_other_subjects_are_not_paired(tmp_path):
+    avg = _pair(tmp_path, "avg", "fedavg", [1.0, 1.0, 1.0, 1.0])
+    other_ages = _write_run(tmp_path, "g", algorithm="fedsparsify-global", target=0.9, mae=[1.0], sparsities=[0.9],
+                            bytes_per_round=[10], predictions=_predictions([1.0] * 4, ages=(51, 60, 70, 55)))
+    rows, notes = tables.paired_rows(_load(avg, other_ages))
+    assert rows == [] and notes == ["g and avg were tested on different subjects; not paired"]
+
+
+def test_duplicate_seeds_keep_the_first_by_name(tmp_path):
+    runs = _load(_pair(tmp_path, "b", "fedavg", [1.0] * 4), _pair(tmp_path, "a", "fedavg", [2.0] * 4))
+    assert [r.name for r in tables.lines(runs)[tables.LineKey("", "uniform-iid", "fedavg", None)]] == ["a"]
+    assert tables.duplicate_seeds(runs) == ["b repeats the setting, distribution, algorithm, target and seed of "
+                                            "another run; the summaries use the first by name"]
+
+
+def test_baseline_clearly_learns_only_below_the_fraction(tmp_path):
+    runs = _load(_pair(tmp_path, "a", "fedavg", [7.0] * 4, seed=0), _pair(tmp_path, "b", "fedavg", [7.5] * 4, seed=1))
+    (fedavg,) = tables.accuracy_sections(runs, [])[0]["methods"]  # predict-the-mean MAE 10: 7.0 learns, 7.5 not
+    assert (fedavg["clearly_learns"], fedavg["seeds_learning"]) == (False, "1/2")
+    assert (fedavg["mae_mean"], fedavg["mae_min"], fedavg["mae_max"]) == (7.25, 7.0, 7.5)
+    md = tables.accuracy_markdown(tables.accuracy_sections(runs, []))
+    assert "| fedavg | 2 | 7.25 [7.00, 7.50] | 0.72 | 1.000 |  |  | does not clearly learn (1/2 seeds) |  |" in md
+
+
+def test_accuracy_markdown_shows_the_paired_difference(runs):
+    loaded = _load(*runs)
+    md = tables.accuracy_markdown(tables.accuracy_sections(loaded, tables.paired_rows(loaded)[0]))
+    assert "| fedsparsify-global 0.9 | 1 | 6.50 | 0.65 | 0.583 | +1.00 [+1.00, +1.00] (4 subjects) | +1.00 | " \
+           "inferior | worse |" in md
+    assert "margin of 0.5 years" in md and "## uniform-iid" in md
+
+
+# ---------------------------------------------------------------- privacy tables (pure)
+
+def test_privacy_rows_one_per_attack_and_old_attack_files(tmp_path):
+    full = _pair(tmp_path, "full", "fedsparsify-global", [1.0] * 4,
+                 attack=_attack({"white_box_mlp": 0.9, "black_box": 0.7, "loss_threshold": 0.6, "white_box": 0.8},
+                                sparsity=0.93, train_mae=1.5, test_mae=4.0))
+    old = _write_run(tmp_path, "old", algorithm="fedavg", target=0.0, mae=[5.0], sparsities=[0.0],
+                     bytes_per_round=[10], attack_auc=0.7)
+    none = _pair(tmp_path, "none", "fedavg", [1.0] * 4, seed=3)
+    rows = tables.privacy_rows(_load(full, old, none))
+    assert [(r["run"], r["attack"]) for r in rows] == [
+        ("old", "black_box"), ("old", "white_box"), ("full", "loss_threshold"), ("full", "black_box"),
+        ("full", "white_box"), ("full", "white_box_mlp")]
+    mlp = rows[-1]
+    assert (mlp["auc"], mlp["auc_low"], mlp["auc_high"]) == pytest.approx((0.9, 0.85, 0.95))
+    assert mlp["final_sparsity"] == 0.93  # the attacked model's, from attack.json
+    assert (mlp["train_mae"], mlp["test_mae"], mlp["mae_gap"], mlp["members_eval"]) == (1.5, 4.0, 2.5, 10)
+    assert rows[0]["mae_gap"] is None and rows[0]["auc"] == pytest.approx(0.65) and rows[0]["final_sparsity"] == 0.0
+    assert set(rows[0]) == set(tables.PRIVACY_COLUMNS)
+
+
+def test_attack_order_is_the_attack_module_s():
+    from fedmpi import attack
+
+    assert tables.ATTACK_ORDER == attack.ATTACKS and tables.LEGACY_ATTACKS == attack.KINDS
+
+
+def test_privacy_sections_mean_auc_and_spearman(tmp_path):
+    runs = _load(
+        _pair(tmp_path, "a0", "fedavg", [1.0] * 4, seed=0, attack=_attack({"white_box": 0.9}, 0.0, 1.0, 4.0)),
+        _pair(tmp_path, "a1", "fedavg", [1.0] * 4, seed=1, attack=_attack({"white_box": 0.8}, 0.0, 1.2, 4.0)),
+        _pair(tmp_path, "g0", "fedsparsify-global", [1.0] * 4, target=0.9,
+              attack=_attack({"white_box": 0.6}, 0.9, 3.0, 4.0)),
+    )
+    (section,) = tables.privacy_sections(runs)
+    dense, sparse = section["methods"]
+    assert dense["label"] == "fedavg" and dense["attacks"]["white_box"]["auc_mean"] == pytest.approx(0.85)
+    assert dense["mae_gap"] == pytest.approx(2.9) and sparse["sparsity"] == 0.9
+    assert [p["auc_low"] for p in dense["attacks"]["white_box"]["runs"]] == pytest.approx([0.85, 0.75])
+    c = section["correlations"]["white_box"]
+    # gaps 3, 2.8, 1 and AUCs 0.9, 0.8, 0.6 rank alike; sparsity ranks 1.5, 1.5, 3 against AUC ranks 3, 2, 1.
+    assert c["spearman_auc_vs_gap"] == pytest.approx(1.0)
+    assert c["spearman_auc_vs_sparsity"] == pytest.approx(-np.sqrt(3) / 2) and c["runs"] == 3
+    numbers = tables.numbers([], [section])
+    assert numbers["privacy"][0]["lowest_sparsity"]["label"] == "fedavg"
+    assert numbers["privacy"][0]["highest_sparsity"]["attacks"]["white_box"]["auc_mean"] == 0.6
+    md = tables.privacy_markdown([section])
+    assert "| fedavg | 2 | 0.000 | 1.10 | 4.00 | +2.90 | **0.850**: 0.900 [0.850, 0.950]; 0.800 [0.750, 0.850] |" in md
+    assert "+1.00 / -0.87 (3 runs)" in md
+
+
+# ---------------------------------------------------------------- inputs and curves
+
+@pytest.mark.parametrize("text,message", [
+    ("id,age,predicted\ns0,50,51\n", "expected the columns subject_id,age,predicted"),
+    ("subject_id,age,predicted\ns0,50,51\ns1,fifty,51\n", "line 3: age and predicted must be finite numbers"),
+    ("subject_id,age,predicted\ns0,50,nan\n", "line 2: age and predicted must be finite numbers"),
+    ("subject_id,age,predicted\ns0,50,51\ns0,50,52\n", "line 3: subject s0 appears twice"),
+])
+def test_damaged_predictions_are_refused_naming_the_line(tmp_path, text, message):
+    path = tmp_path / "test_predictions.csv"
+    path.write_text(text)
+    with pytest.raises(ReportError, match=message):
+        report.read_predictions(path)
+
+
+def test_read_predictions(tmp_path):
+    path = tmp_path / "test_predictions.csv"
+    path.write_text("subject_id,age,predicted\nsub-1,64.50,64.2140\nsub-2,46.30,56.6278\n")
+    assert report.read_predictions(path) == {"sub-1": (64.5, 64.214), "sub-2": (46.3, 56.6278)}
+
+
+def test_mean_curve_over_seeds(tmp_path):
+    a = _write_run(tmp_path, "a", algorithm="fedavg", target=0.0, mae=[None, 8.0, 6.0], sparsities=[0, 0, 0],
+                   bytes_per_round=[10, 10, 10], seed=0)
+    b = _write_run(tmp_path, "b", algorithm="fedavg", target=0.0, mae=[None, 10.0, 4.0], sparsities=[0, 0, 0],
+                   bytes_per_round=[20, 20, 20], seed=1)
+    runs = _load(a, b)
+    x, mean, low, high = tables.mean_curve(runs, "test_mae")
+    assert (x.tolist(), mean.tolist(), low.tolist(), high.tolist()) == ([2, 3], [9, 5], [8, 4], [10, 6])
+    x, mean, _, _ = tables.mean_curve(runs, "test_mae", by_bytes=True)
+    assert x.tolist() == [60, 90] and mean.tolist() == [9, 5]  # mean cumulative up + down: (40 + 80) / 2, ...

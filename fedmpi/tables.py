@@ -1,0 +1,588 @@
+"""The study's tables: accuracy per run, the paired comparison with the dense baseline on the same test
+subjects, the membership attacks per run and per sparsity, and the numbers the README quotes.
+
+Pure functions of loaded runs (fedmpi.report.Run): no I/O and no plotting, so every value is tested on
+hand-written runs. Runs are grouped by *setting*: the config values that change what is trained, other
+than the distribution, algorithm, target and seed. A study's accuracy runs and its privacy runs (other
+epochs, another test fraction) are then never averaged or compared with each other.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from . import stats
+from .algorithms import ALGORITHMS, BASELINE
+
+if TYPE_CHECKING:
+    from .report import Run
+
+POOLED = "pooled"  # the distribution column of a centralized run: it trains on every learner's data at once
+MARGIN_YEARS = 0.5  # the study's non-inferiority margin for the paired MAE difference, fixed before any pruned run
+LEARNS_FRACTION = 0.7  # the baseline "clearly learns" when its MAE is at most this x the predict-the-mean MAE
+LEVEL = 0.95
+AGE_TOLERANCE = 0.005  # test_predictions.csv writes ages with 2 decimals
+# fedmpi.attack.ATTACKS, not imported: that module needs torch, the report does not.
+ATTACK_ORDER = ("loss_threshold", "black_box", "white_box", "white_box_mlp")
+LEGACY_ATTACKS = ("black_box", "white_box")  # attack.json's only, top-level, attacks before it held "attacks"
+ATTACK_FIELDS = ("auc", "auc_low", "auc_high", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "accuracy")
+# Config keys that change nothing learnt, or that a comparison must ignore: the distribution is its own
+# column, and data.dir is a split's folder, another one for each distribution of the same cohort.
+NOT_SETTING = frozenset({"data.distribution", "data.dir", "data.cache", "data.cache_dir", "data.workers",
+                         "train.device", "train.threads"})
+SETTING_SECTIONS = ("data", "model", "train")
+SETTING_FEDERATION = ("learners", "rounds")  # the federation's shape; its other keys describe the pruning
+
+ACCURACY_COLUMNS = ("run", "distribution", "algorithm", "target", "seed", "train_subjects", "test_subjects", "rounds",
+                    "final_mae", "baseline_mae", "mae_ratio", "final_rmse", "final_r", "final_sparsity", "total_bytes",
+                    "bytes_ratio_vs_fedavg", "setting")
+PAIRED_COLUMNS = ("setting", "distribution", "algorithm", "target", "reference", "seeds", "n_seeds", "n_subjects",
+                  "mae", "reference_mae", "mean_diff", "diff_low", "diff_high", "seed_diffs", "margin", "verdict",
+                  "vs_zero")
+PRIVACY_COLUMNS = ("run", "algorithm", "target", "seed", "final_sparsity", "train_mae", "test_mae", "mae_gap",
+                   "attack", "members_eval", "nonmembers_eval", *ATTACK_FIELDS, "distribution", "setting")
+
+
+class LineKey(NamedTuple):
+    """One line of the plots and one row of the summaries: a method in one setting and distribution."""
+
+    setting: str
+    distribution: str
+    algorithm: str
+    target: float | None
+
+
+# ---------------------------------------------------------------- grouping
+
+def algorithm_rank(algorithm: str) -> tuple:
+    order = tuple(ALGORITHMS)
+    return (order.index(algorithm) if algorithm in order else len(order), algorithm)
+
+
+def is_pooled(algorithm: str) -> bool:
+    return algorithm in ALGORITHMS and ALGORITHMS[algorithm].trains_centrally
+
+
+def line_key(run: Run) -> LineKey:
+    return LineKey(run.setting, run.distribution, run.algorithm, run.target)
+
+
+def line_order(key: LineKey) -> tuple:
+    return (key.setting, key.distribution == POOLED, key.distribution, algorithm_rank(key.algorithm),
+            key.target is not None, key.target or 0.0)
+
+
+def line_label(key: LineKey) -> str:
+    pooled = f" ({POOLED})" if key.distribution == POOLED else ""
+    return key.algorithm + ("" if key.target is None else f" {key.target:g}") + pooled
+
+
+def seed_order(run: Run) -> tuple:
+    return (run.seed is None, run.seed or 0, run.name)
+
+
+def run_order(run: Run) -> tuple:
+    return (*line_order(line_key(run)), *seed_order(run))
+
+
+def _flat(prefix: str, d: dict, out: dict) -> dict:
+    for k, v in d.items():
+        if isinstance(v, dict):
+            _flat(f"{prefix}{k}.", v, out)
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def setting_items(config: dict) -> dict[str, str]:
+    """The config values that define a run's setting, as "section.key" -> printed value."""
+    items: dict = {}
+    for section in SETTING_SECTIONS:
+        _flat(f"{section}.", config.get(section, {}), items)
+    federation = config.get("federation", {})
+    items.update({f"federation.{k}": federation[k] for k in SETTING_FEDERATION if k in federation})
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in items.items() if k not in NOT_SETTING}
+
+
+def setting_labels(configs: dict[str, dict]) -> dict[str, str]:
+    """Per run name, the setting values that differ between the runs ("train.lr=0.005, ..."); "" when all agree.
+
+    Only keys every run records are compared: a key that a later version added to the config is absent from
+    older runs, which were trained with its default.
+    """
+    items = {name: setting_items(cfg) for name, cfg in configs.items()}
+    if not items:
+        return {}
+    shared = set.intersection(*(set(i) for i in items.values()))
+    varying = sorted(k for k in shared if len({i[k] for i in items.values()}) > 1)
+    return {name: ", ".join(f"{k}={i[k]}" for k in varying) for name, i in items.items()}
+
+
+def lines(runs: list[Run]) -> dict[LineKey, list[Run]]:
+    """Runs grouped by line, in report order, each line's runs by seed; of two runs with the same seed only
+    the first by name is kept (duplicate_seeds names the others)."""
+    grouped: dict[LineKey, list[Run]] = defaultdict(list)
+    for run in sorted(runs, key=seed_order):
+        group = grouped[line_key(run)]
+        if all(r.seed != run.seed for r in group):
+            group.append(run)
+    return {k: grouped[k] for k in sorted(grouped, key=line_order)}
+
+
+def duplicate_seeds(runs: list[Run]) -> list[str]:
+    """One note per run left out of the summaries because an earlier run (by name) has its line and seed."""
+    kept = {id(r) for group in lines(runs).values() for r in group}
+    return [f"{r.name} repeats the setting, distribution, algorithm, target and seed of another run; the "
+            f"summaries use the first by name" for r in sorted(runs, key=lambda r: r.name) if id(r) not in kept]
+
+
+def panels(keys) -> list[tuple[str, str]]:
+    """(setting, distribution) of each table section or plot panel; a pooled line has none of its own
+    unless its setting has no other distribution."""
+    federated = {(k.setting, k.distribution) for k in keys if k.distribution != POOLED}
+    settings = {s for s, _ in federated}
+    pooled = {(k.setting, POOLED) for k in keys if k.distribution == POOLED and k.setting not in settings}
+    return sorted(federated | pooled, key=lambda p: (p[0], p[1] == POOLED, p[1]))
+
+
+def panel_lines(keys, panel: tuple[str, str]) -> list[LineKey]:
+    """The lines shown in a panel: its own and the pooled lines of its setting (the test set is the same
+    for every distribution of one cohort, so a centralized run compares with each)."""
+    setting, distribution = panel
+    return sorted((k for k in keys if k.setting == setting and k.distribution in (distribution, POOLED)),
+                  key=line_order)
+
+
+def references(key: LineKey, keys) -> list[LineKey]:
+    """The baseline lines a line is compared with: the same setting and distribution, or for a pooled line
+    every distribution of its setting."""
+    if key.algorithm == BASELINE:
+        return []
+    return [k for k in keys if k.algorithm == BASELINE and k.setting == key.setting
+            and key.distribution in (k.distribution, POOLED)]
+
+
+# ---------------------------------------------------------------- per-run values
+
+def total_bytes(summary: dict) -> int | None:
+    """Bytes up + down over the whole run, or None when the summary lacks the counters."""
+    if "total_bytes_up" not in summary or "total_bytes_down" not in summary:
+        return None
+    return int(summary["total_bytes_up"]) + int(summary["total_bytes_down"])
+
+
+def cumulative_bytes(metrics: list[dict]) -> np.ndarray:
+    """Bytes up + down sent by the end of each round."""
+    return np.cumsum([int(r["bytes_up"]) + int(r["bytes_down"]) for r in metrics])
+
+
+def reference_run(run: Run, grouped: dict[LineKey, list[Run]]) -> Run | None:
+    """The baseline run of the same setting and distribution, with the same seed if there is one."""
+    candidates = grouped.get(LineKey(run.setting, run.distribution, BASELINE, None), [])
+    pool = [r for r in candidates if r.seed == run.seed] or candidates
+    return pool[0] if pool else None
+
+
+def bytes_ratio(run: Run, grouped: dict[LineKey, list[Run]]) -> float | None:
+    ref = reference_run(run, grouped)
+    b, rb = total_bytes(run.summary), total_bytes(ref.summary) if ref else None
+    return b / rb if b is not None and rb else None
+
+
+def subject_counts(run: Run) -> tuple[int | None, int | None]:
+    """(training, test) subjects: summary.json's counts when recorded; otherwise the test set is the rows of
+    test_predictions.csv, and the synthetic cohort (data.dir empty) trains on every other subject."""
+    s = run.summary
+    if "train_subjects" in s or "test_subjects" in s:
+        return s.get("train_subjects"), s.get("test_subjects")
+    if run.predictions is None:
+        return None, None
+    test = len(run.predictions)
+    data = run.config.get("data", {})
+    synthetic = not data.get("dir") and data.get("subjects") is not None
+    return (int(data["subjects"]) - test if synthetic else None), test
+
+
+def mae_ratio(summary: dict) -> float | None:
+    """Final MAE over the MAE of predicting the training mean age (below 1: better than the mean)."""
+    mae, mean_mae = summary.get("final_mae"), summary.get("baseline_mae")
+    return mae / mean_mae if mae is not None and mean_mae else None
+
+
+def accuracy_rows(runs: list[Run]) -> list[dict]:
+    """One dict per run with ACCURACY_COLUMNS as keys (None = blank), in report order."""
+    grouped = lines(runs)
+    rows = []
+    for run in sorted(runs, key=run_order):
+        s = run.summary
+        train, test = subject_counts(run)
+        rows.append({
+            "run": run.name, "distribution": run.distribution, "algorithm": run.algorithm, "target": run.target,
+            "seed": run.seed, "train_subjects": train, "test_subjects": test,
+            "rounds": s.get("rounds", len(run.metrics)), "final_mae": s.get("final_mae"),
+            "baseline_mae": s.get("baseline_mae"), "mae_ratio": mae_ratio(s), "final_rmse": s.get("final_rmse"),
+            "final_r": s.get("final_r"), "final_sparsity": s.get("final_sparsity"), "total_bytes": total_bytes(s),
+            "bytes_ratio_vs_fedavg": bytes_ratio(run, grouped), "setting": run.setting,
+        })
+    return rows
+
+
+# ---------------------------------------------------------------- paired comparison
+
+def _errors(predictions: dict[str, tuple[float, float]], subjects: list[str]) -> np.ndarray:
+    return np.array([abs(predictions[s][1] - predictions[s][0]) for s in subjects])
+
+
+def _same_subjects(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(abs(a[s][0] - b[s][0]) <= AGE_TOLERANCE for s in a)
+
+
+def paired_difference(runs: list[Run], reference: list[Run]) -> tuple[dict | None, list[str]]:
+    """The paired MAE difference of a method's runs to the reference's on the same test subjects.
+
+    d_i = |error of the method| - |error of the reference| for subject i, averaged over the seeds both have
+    (run i of one seed paired with the reference's run of that seed); the mean over subjects comes with a
+    bootstrap interval over subjects. That interval holds the subjects' variation only; the per-seed means
+    show how far training randomness moves the difference. Returns (None, notes) when nothing pairs.
+    """
+    ours = {r.seed: (r.name, r.predictions) for r in runs if r.predictions}
+    theirs = {r.seed: (r.name, r.predictions) for r in reference if r.predictions}
+    notes, kept = [], []
+    for s in sorted(set(ours) & set(theirs), key=lambda s: (s is None, s or 0)):
+        if _same_subjects(ours[s][1], theirs[s][1]):
+            kept.append(s)
+        else:
+            notes.append(f"{ours[s][0]} and {theirs[s][0]} were tested on different subjects; not paired")
+    if not kept:
+        return None, notes
+    subjects = sorted(set.intersection(*(set(ours[s][1]) for s in kept)))
+    if not subjects:
+        return None, [*notes, f"{ours[kept[0]][0]}: no test subject common to every seed; not paired"]
+    mine = np.stack([_errors(ours[s][1], subjects) for s in kept])
+    base = np.stack([_errors(theirs[s][1], subjects) for s in kept])
+    per_subject = (mine - base).mean(axis=0)
+    low, high = stats.bootstrap_mean_interval(per_subject, LEVEL)
+    return {
+        "seeds": kept, "n_seeds": len(kept), "n_subjects": len(subjects),
+        "mae": float(mine.mean()), "reference_mae": float(base.mean()), "mean_diff": float(per_subject.mean()),
+        "diff_low": low, "diff_high": high,
+        "seed_diffs": {s: float(d) for s, d in zip(kept, (mine - base).mean(axis=1))},
+        "margin": MARGIN_YEARS, "verdict": stats.noninferiority(low, high, MARGIN_YEARS),
+        "vs_zero": stats.versus_zero(low, high),
+    }, notes
+
+
+def paired_rows(runs: list[Run]) -> tuple[list[dict], list[str]]:
+    """One dict per (method, reference distribution) with PAIRED_COLUMNS as keys, and notes on runs that
+    could not be paired. A pooled method gets one row per distribution of its setting."""
+    grouped = lines(runs)
+    rows, notes = [], []
+    for key, group in grouped.items():
+        where = f"{line_label(key)} on {key.distribution or 'an unknown distribution'}"
+        refs = references(key, grouped)
+        if key.algorithm != BASELINE and not refs:
+            notes.append(f"{where}: no {BASELINE} run of the same setting and distribution; not paired")
+        for ref in refs:
+            result, found = paired_difference(group, grouped[ref])
+            notes += found
+            if result is None and not found:
+                notes.append(f"{where}: no seed with test_predictions.csv in both it and {BASELINE} on "
+                             f"{ref.distribution}; not paired")
+            if result is not None:
+                rows.append({"setting": key.setting, "distribution": ref.distribution, "algorithm": key.algorithm,
+                             "target": key.target, "reference": BASELINE, **result})
+    rows.sort(key=lambda r: line_order(LineKey(r["setting"], r["distribution"], r["algorithm"], r["target"])))
+    return rows, notes
+
+
+# ---------------------------------------------------------------- summaries over seeds
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def learns(summary: dict) -> bool | None:
+    """Clearly learns: final MAE at most LEARNS_FRACTION x the predict-the-mean MAE (None: not recorded)."""
+    mae, mean_mae = summary.get("final_mae"), summary.get("baseline_mae")
+    if mae is None or not mean_mae:
+        return None
+    return mae <= LEARNS_FRACTION * mean_mae
+
+
+def accuracy_sections(runs: list[Run], paired: list[dict]) -> list[dict]:
+    """Per setting and distribution, one entry per method: its seeds, final MAE mean and range, MAE over the
+    predict-the-mean MAE, bytes over the baseline's, the paired comparison, and (baseline only) how many
+    seeds clearly learn. Pooled methods appear in every distribution of their setting."""
+    grouped = lines(runs)
+    by_key = {(r["setting"], r["distribution"], r["algorithm"], r["target"]): r for r in paired}
+    sections = []
+    for setting, distribution in panels(grouped):
+        methods = []
+        for key in panel_lines(grouped, (setting, distribution)):
+            group = grouped[key]
+            maes = [r.summary["final_mae"] for r in group if r.summary.get("final_mae") is not None]
+            verdicts = [v for v in (learns(r.summary) for r in group) if v is not None]
+            comparison = by_key.get((setting, distribution, key.algorithm, key.target))
+            methods.append({
+                "label": line_label(key), "algorithm": key.algorithm, "target": key.target,
+                "seeds": [r.seed for r in group], "mae_mean": _mean(maes),
+                "mae_min": min(maes) if maes else None, "mae_max": max(maes) if maes else None,
+                "predict_mean_mae": _mean(r.summary.get("baseline_mae") for r in group),
+                "mae_over_predict_mean": _mean(mae_ratio(r.summary) for r in group),
+                "bytes_ratio": _mean(bytes_ratio(r, grouped) for r in group),
+                "clearly_learns": (all(verdicts) if verdicts else None) if key.algorithm == BASELINE else None,
+                "seeds_learning": f"{sum(verdicts)}/{len(verdicts)}" if key.algorithm == BASELINE else None,
+                "paired": None if comparison is None else {
+                    **{k: comparison[k] for k in ("mean_diff", "diff_low", "diff_high", "n_seeds", "n_subjects",
+                                                  "verdict", "vs_zero")},
+                    "seed_diffs": {str(s): d for s, d in comparison["seed_diffs"].items()},  # JSON keys are text
+                },
+            })
+        sections.append({"setting": setting, "distribution": distribution, "methods": methods})
+    return sections
+
+
+def attack_results(attack: dict) -> dict[str, dict]:
+    """Attack name -> its scores, in ATTACK_ORDER (unknown names after, alphabetically). An attack.json
+    from before the four attacks holds only the logistic ones, at its top level."""
+    found = attack.get("attacks") or {k: attack[k] for k in LEGACY_ATTACKS if isinstance(attack.get(k), dict)}
+    rank = {name: i for i, name in enumerate(ATTACK_ORDER)}
+    return {k: found[k] for k in sorted(found, key=lambda k: (rank.get(k, len(rank)), k))}
+
+
+def attack_of(run: Run) -> dict:
+    """The run's attack.json, or {} for a run nobody attacked."""
+    return run.attack or {}
+
+
+def attacked_sparsity(run: Run) -> float | None:
+    """The sparsity of the model the attack saw (recorded by the attack), else the run's final one."""
+    return attack_of(run).get("sparsity", run.summary.get("final_sparsity"))
+
+
+def mae_gap(attack: dict) -> float | None:
+    """The attacked model's MAE on non-members minus members: what a membership attack feeds on."""
+    train, test = attack.get("train_mae"), attack.get("test_mae")
+    return test - train if train is not None and test is not None else None
+
+
+def privacy_rows(runs: list[Run]) -> list[dict]:
+    """One dict per (attacked run, attack) with PRIVACY_COLUMNS as keys, in report order."""
+    rows = []
+    for run in sorted((r for r in runs if r.attack), key=run_order):
+        a = attack_of(run)
+        for name, result in attack_results(a).items():
+            rows.append({
+                "run": run.name, "algorithm": run.algorithm, "target": run.target, "seed": run.seed,
+                "final_sparsity": attacked_sparsity(run), "train_mae": a.get("train_mae"),
+                "test_mae": a.get("test_mae"), "mae_gap": mae_gap(a), "attack": name,
+                "members_eval": a.get("members_eval"), "nonmembers_eval": a.get("nonmembers_eval"),
+                **{f: result.get(f) for f in ATTACK_FIELDS}, "distribution": run.distribution,
+                "setting": run.setting,
+            })
+    return rows
+
+
+def privacy_sections(runs: list[Run]) -> list[dict]:
+    """Per setting and distribution of the attacked runs: per method (sorted by sparsity) the mean sparsity,
+    member and non-member MAE, and each attack's mean AUC with every seed's interval; and per attack the
+    Spearman correlation of AUC with the MAE gap and with sparsity across runs."""
+    grouped = lines([r for r in runs if r.attack])
+    sections = []
+    for setting, distribution in sorted({(k.setting, k.distribution) for k in grouped}):
+        keys = [k for k in grouped if (k.setting, k.distribution) == (setting, distribution)]
+        methods: list[dict[str, Any]] = []
+        for key in keys:
+            group = grouped[key]
+            results = [attack_results(attack_of(r)) for r in group]
+            names = dict.fromkeys(n for x in results for n in x)
+            methods.append({
+                "label": line_label(key), "algorithm": key.algorithm, "target": key.target,
+                "seeds": [r.seed for r in group], "sparsity": _mean(attacked_sparsity(r) for r in group),
+                "train_mae": _mean(attack_of(r).get("train_mae") for r in group),
+                "test_mae": _mean(attack_of(r).get("test_mae") for r in group),
+                "mae_gap": _mean(mae_gap(attack_of(r)) for r in group),
+                "attacks": {name: {
+                    "auc_mean": _mean(x[name].get("auc") for x in results if name in x),
+                    "tpr_at_1pct_fpr": _mean(x[name].get("tpr_at_1pct_fpr") for x in results if name in x),
+                    "accuracy": _mean(x[name].get("accuracy") for x in results if name in x),
+                    "runs": [{"seed": r.seed, "sparsity": attacked_sparsity(r), "mae_gap": mae_gap(attack_of(r)),
+                              **{f: x[name].get(f) for f in ("auc", "auc_low", "auc_high")}}
+                             for r, x in zip(group, results) if name in x],
+                } for name in names},
+            })
+        methods.sort(key=lambda m: (m["sparsity"] is None, m["sparsity"] or 0.0))
+        points = [r for k in keys for r in grouped[k]]
+        correlations: dict[str, dict] = {}
+        for name in dict.fromkeys(n for m in methods for n in m["attacks"]):
+            scored = [(r, attack_results(attack_of(r)).get(name, {}).get("auc")) for r in points]
+            scored = [(r, auc) for r, auc in scored if auc is not None]
+            with_gap = [(mae_gap(attack_of(r)), auc) for r, auc in scored if mae_gap(attack_of(r)) is not None]
+            with_sparsity = [(attacked_sparsity(r), auc) for r, auc in scored if attacked_sparsity(r) is not None]
+            correlations[name] = {
+                "spearman_auc_vs_gap": stats.spearman(*zip(*with_gap)) if with_gap else None,
+                "spearman_auc_vs_sparsity": stats.spearman(*zip(*with_sparsity)) if with_sparsity else None,
+                "runs": len(scored),
+            }
+        sections.append({"setting": setting, "distribution": distribution, "methods": methods,
+                         "correlations": correlations})
+    return sections
+
+
+def numbers(accuracy: list[dict], privacy: list[dict]) -> dict:
+    """The numbers the README's verdicts quote, so each regenerates from the committed run records: per
+    distribution the baseline's MAE and each method's paired difference and verdict; per attack the AUC
+    at the lowest and the highest sparsity, and how AUC follows the MAE gap across runs."""
+    return {
+        "margin_years": MARGIN_YEARS, "learns_fraction": LEARNS_FRACTION, "level": LEVEL,
+        "bootstrap_resamples": stats.BOOTSTRAP_RESAMPLES, "accuracy": accuracy,
+        "privacy": [{
+            "setting": s["setting"], "distribution": s["distribution"],
+            "lowest_sparsity": s["methods"][0], "highest_sparsity": s["methods"][-1],
+            "correlations": s["correlations"],
+        } for s in privacy if s["methods"]],
+    }
+
+
+# ---------------------------------------------------------------- text
+
+def csv_cell(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, list):
+        return " ".join(map(csv_cell, v))
+    if isinstance(v, dict):
+        return " ".join(f"{csv_cell(k)}:{csv_cell(x)}" for k, x in v.items())
+    return str(v)
+
+
+def to_csv(rows: list[dict], columns: tuple[str, ...]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(columns)
+    for r in rows:
+        w.writerow([csv_cell(r[c]) for c in columns])
+    return buf.getvalue()
+
+
+def _f(v, spec: str = ".2f") -> str:
+    return "" if v is None else format(v, spec)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def _section_title(section: dict) -> str:
+    setting = f" ({section['setting']})" if section["setting"] else ""
+    return f"## {section['distribution'] or '(distribution unknown)'}{setting}"
+
+
+def _mae_cell(m: dict) -> str:
+    if m["mae_mean"] is None:
+        return ""
+    if len(m["seeds"]) < 2:
+        return _f(m["mae_mean"])
+    return f"{m['mae_mean']:.2f} [{m['mae_min']:.2f}, {m['mae_max']:.2f}]"
+
+
+def _verdict_cell(m: dict) -> str:
+    if m["algorithm"] == BASELINE:
+        if m["clearly_learns"] is None:
+            return "predict-the-mean MAE not recorded"
+        return ("clearly learns" if m["clearly_learns"] else "does not clearly learn") + \
+            f" ({m['seeds_learning']} seeds)"
+    return m["paired"]["verdict"] if m["paired"] else ""
+
+
+def accuracy_markdown(sections: list[dict]) -> str:
+    out = [
+        "# Accuracy",
+        "",
+        f"Final test MAE (years), mean over seeds with [min, max]. *vs mean*: MAE over the MAE of predicting the "
+        f"training mean age. *Δ MAE*: paired difference to dense {BASELINE} on the same test subjects, per subject "
+        f"|error| − |{BASELINE}'s error| averaged over the seeds both have, then over subjects, with a "
+        f"{LEVEL:.0%} bootstrap interval over subjects ({stats.BOOTSTRAP_RESAMPLES:,} resamples). The interval "
+        f"does not include seed-to-seed variation; the per-seed Δ show it. *Verdict* against the non-inferiority "
+        f"margin of {MARGIN_YEARS} years fixed before the study: non-inferior if the interval's upper end is below it, "
+        f"inferior if its lower end is above it, else inconclusive. *vs 0*: whether the interval excludes 0. "
+        f"{BASELINE} clearly learns when its MAE is at most {LEARNS_FRACTION} × the predict-the-mean MAE. A "
+        f"{POOLED} (centralized) run is compared with {BASELINE} of each distribution: the test set is the same.",
+    ]
+    for section in sections:
+        rows = []
+        for m in section["methods"]:
+            p = m["paired"]
+            rows.append([
+                m["label"], str(len(m["seeds"])), _mae_cell(m), _f(m["mae_over_predict_mean"]),
+                _f(m["bytes_ratio"], ".3f"),
+                f"{p['mean_diff']:+.2f} [{p['diff_low']:+.2f}, {p['diff_high']:+.2f}] ({p['n_subjects']} subjects)"
+                if p else "",
+                ", ".join(f"{d:+.2f}" for d in p["seed_diffs"].values()) if p else "",
+                _verdict_cell(m), p["vs_zero"] if p else "",
+            ])
+        out += ["", _section_title(section), "",
+                *_table(["method", "seeds", "MAE", "vs mean", f"bytes vs {BASELINE}", "Δ MAE [95% CI]",
+                         "Δ per seed", "verdict", "vs 0"], rows)]
+    return "\n".join(out) + "\n"
+
+
+def _auc_cell(a: dict) -> str:
+    seeds = "; ".join(f"{r['auc']:.3f} [{_f(r['auc_low'], '.3f')}, {_f(r['auc_high'], '.3f')}]"
+                      if r["auc_low"] is not None else _f(r["auc"], ".3f") for r in a["runs"] if r["auc"] is not None)
+    return f"**{a['auc_mean']:.3f}**: {seeds}" if a["auc_mean"] is not None else ""
+
+
+def _correlation_cell(c: dict) -> str:
+    return (f"{_f(c['spearman_auc_vs_gap'], '+.2f') or '–'} / {_f(c['spearman_auc_vs_sparsity'], '+.2f') or '–'}"
+            f" ({c['runs']} runs)")
+
+
+def privacy_markdown(sections: list[dict]) -> str:
+    out = [
+        "# Membership inference",
+        "",
+        "Per method, sorted by the attacked model's sparsity (mean over seeds): the model's MAE on the attacked "
+        "members (train) and non-members (test), their gap, and per attack the ROC AUC, mean over seeds in bold, "
+        f"then each seed's AUC with its {LEVEL:.0%} bootstrap interval; 0.5 is chance. Spearman's ρ is taken "
+        "across runs.",
+    ]
+    for section in sections:
+        methods = section["methods"]
+        names = list(dict.fromkeys(n for m in methods for n in m["attacks"]))
+        rows = [[m["label"], str(len(m["seeds"])), _f(m["sparsity"], ".3f"), _f(m["train_mae"]), _f(m["test_mae"]),
+                 _f(m["mae_gap"], "+.2f"), *(_auc_cell(m["attacks"][n]) if n in m["attacks"] else "" for n in names)]
+                for m in methods]
+        rows.append(["Spearman ρ: AUC vs gap / vs sparsity", "", "", "", "", "",
+                     *(_correlation_cell(section["correlations"][n]) for n in names)])
+        out += ["", _section_title(section), "",
+                *_table(["method", "seeds", "sparsity", "train MAE", "test MAE", "gap", *names], rows)]
+    return "\n".join(out) + "\n"
+
+
+def mean_curve(runs: list[Run], key: str, by_bytes: bool = False) -> tuple[np.ndarray, ...]:
+    """metrics[key] over a line's runs at each round any of them recorded it: (x, mean, min, max). x is the
+    round, or with by_bytes the mean cumulative bytes sent by then; rounds that sent nothing (a centralized
+    run) are left out, as a log axis cannot show them."""
+    values: dict[int, list[float]] = defaultdict(list)
+    sent: dict[int, list[float]] = defaultdict(list)
+    for run in runs:
+        cumulative = cumulative_bytes(run.metrics) if by_bytes else np.zeros(len(run.metrics))
+        for row, b in zip(run.metrics, cumulative):
+            if row.get(key) is not None:
+                values[row["round"]].append(float(row[key]))
+                sent[row["round"]].append(float(b))
+    rounds = sorted(values)
+    x = np.array([np.mean(sent[t]) for t in rounds] if by_bytes else rounds, dtype=np.float64)
+    keep = x > 0 if by_bytes else np.ones(len(rounds), bool)
+    curves = [np.array([f(values[t]) for t in rounds], dtype=np.float64) for f in (np.mean, np.min, np.max)]
+    return x[keep], *(c[keep] for c in curves)

@@ -1,0 +1,68 @@
+"""The report's statistics on hand-computable cases."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedmpi import stats
+
+
+def test_constant_values_give_a_degenerate_interval():
+    assert stats.bootstrap_mean_interval([0.7] * 25) == (pytest.approx(0.7), pytest.approx(0.7))
+
+
+def test_two_values_interval_is_the_full_range():
+    # A resample of 2 from {0, 1} has mean 0, 0.5 or 1 with probability 1/4, 1/2, 1/4: the 2.5% and 97.5%
+    # quantiles of 10,000 such means are 0 and 1.
+    assert stats.bootstrap_mean_interval([0.0, 1.0]) == (0.0, 1.0)
+
+
+def test_interval_is_reproducible_and_brackets_the_mean():
+    x = np.random.default_rng(3).normal(1.0, 2.0, size=200)
+    low, high = stats.bootstrap_mean_interval(x, seed=5)
+    assert (low, high) == stats.bootstrap_mean_interval(x, seed=5)
+    assert (low, high) != stats.bootstrap_mean_interval(x, seed=6)
+    assert low < x.mean() < high
+    se = x.std(ddof=1) / np.sqrt(x.size)  # the normal approximation: mean +- 1.96 se
+    assert low == pytest.approx(x.mean() - 1.96 * se, abs=0.25 * se)
+    assert high == pytest.approx(x.mean() + 1.96 * se, abs=0.25 * se)
+
+
+def test_resamples_not_a_multiple_of_the_chunk():
+    low, high = stats.bootstrap_mean_interval(np.arange(10.0), resamples=1_234)
+    assert 2.0 < low < 4.5 < high < 7.0
+
+
+@pytest.mark.parametrize("values,message", [([], "at least one"), ([1.0, np.nan], "finite")])
+def test_interval_rejects_bad_values(values, message):
+    with pytest.raises(ValueError, match=message):
+        stats.bootstrap_mean_interval(values)
+
+
+@pytest.mark.parametrize("low,high,verdict", [
+    (-0.3, 0.4999, "non-inferior"),
+    (-0.3, 0.5, "inconclusive"),  # touching the margin is not below it
+    (0.5, 0.9, "inconclusive"),
+    (0.5001, 0.9, "inferior"),
+    (0.2, 0.8, "inconclusive"),
+])
+def test_noninferiority_at_the_margin(low, high, verdict):
+    assert stats.noninferiority(low, high, 0.5) == verdict
+
+
+def test_versus_zero():
+    assert stats.versus_zero(-0.2, -0.01) == "better"
+    assert stats.versus_zero(0.01, 0.2) == "worse"
+    assert stats.versus_zero(-0.1, 0.0) == "no difference"
+    with pytest.raises(ValueError, match="low > high"):
+        stats.versus_zero(0.2, 0.1)
+
+
+def test_spearman_hand_cases():
+    assert stats.spearman([1, 2, 3, 4], [1, 8, 27, 64]) == pytest.approx(1.0)  # monotone, not linear
+    assert stats.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # Ranks of y with a tie: [1, 2.5, 2.5]; x ranks [1, 2, 3]; r = 1.5 / sqrt(2 * 1.5) = sqrt(3)/2.
+    assert stats.spearman([1, 2, 3], [0, 5, 5]) == pytest.approx(np.sqrt(3) / 2)
+    assert stats.spearman([1, 2], [2, 1]) is None
+    assert stats.spearman([1, 2, 3], [7, 7, 7]) is None
+    assert stats.average_ranks([3.0, 1.0, 3.0, 2.0]).tolist() == [3.5, 1.0, 3.5, 2.0]
