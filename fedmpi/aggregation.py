@@ -6,13 +6,14 @@ Sums are accumulated in float64 and the merged model is returned as float32.
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .checks import bool_vector, integer, positive
 
 RULES = ("reference", "kept")
 
 
-def weighted_average(values: np.ndarray, weights) -> np.ndarray:
+def weighted_average(values: np.ndarray, weights: ArrayLike) -> np.ndarray:
     """FedAvg: the sample-weighted mean of the K rows of ``values`` (K, N), as float32 (N,).
 
     Weights must be finite and >= 0 with a positive sum (a learner with no samples
@@ -95,7 +96,7 @@ class MajorityVote:
         return merged, survive
 
 
-def majority_vote(values: np.ndarray, masks: np.ndarray, weights, rule: str = "reference"
+def majority_vote(values: np.ndarray, masks: np.ndarray, weights: ArrayLike, rule: str = "reference"
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Batch form of :class:`MajorityVote` over K stacked models ``values`` and ``masks`` (K, N)."""
     values = _as_stack(values, "values")

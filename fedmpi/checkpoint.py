@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import encoding
-from .errors import CheckpointError
+from .errors import CheckpointError, EncodingError
 from .files import atomic_write
 
 CHECKPOINT = re.compile(r"^round-(\d{6})\.npz$")
@@ -120,6 +120,6 @@ def load_model(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
         raise CheckpointError(f"{path}: not a fedmpi model file")
     try:
         values, mask = encoding.decode(arrays["sparse"])
-    except encoding.EncodingError as e:
+    except EncodingError as e:
         raise CheckpointError(f"{path}: {e}") from None
     return values, mask, meta

@@ -24,6 +24,7 @@ from __future__ import annotations
 import struct
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from .checks import bool_vector
 from .errors import EncodingError
@@ -75,7 +76,7 @@ def gather_values(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(values[mask])
 
 
-def scatter_values(packed: np.ndarray, mask: np.ndarray, dtype=None) -> np.ndarray:
+def scatter_values(packed: np.ndarray, mask: np.ndarray, dtype: DTypeLike = None) -> np.ndarray:
     """Dense (N,) array with ``packed`` at the kept positions and zeros elsewhere."""
     packed = np.asarray(packed)
     mask = _as_mask(mask)
@@ -87,12 +88,12 @@ def scatter_values(packed: np.ndarray, mask: np.ndarray, dtype=None) -> np.ndarr
     return out
 
 
-def encoded_nbytes(n: int, nnz: int, dtype) -> int:
+def encoded_nbytes(n: int, nnz: int, dtype: DTypeLike) -> int:
     """Exact size in bytes of ``encode`` for N = ``n``, ``nnz`` kept positions and ``dtype``."""
     dtype = _check_dtype(dtype)
     if n < 0 or not 0 <= nnz <= n:
         raise EncodingError(f"need 0 <= nnz <= n, got n={n}, nnz={nnz}")
-    return HEADER_NBYTES + min(_bitmask_nbytes(n), _index_nbytes(n, nnz)) + nnz * dtype.itemsize
+    return int(HEADER_NBYTES + min(_bitmask_nbytes(n), _index_nbytes(n, nnz)) + nnz * dtype.itemsize)
 
 
 def encode(values: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -120,7 +121,7 @@ def encode(values: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
         out[offset:offset + bitmask_nbytes] = pack_mask(mask)
         offset += bitmask_nbytes
     else:
-        indices = np.flatnonzero(mask).astype(_index_dtype(n))
+        indices: np.ndarray = np.flatnonzero(mask).astype(_index_dtype(n))
         out[offset:offset + index_nbytes] = indices.view(np.uint8)
         offset += index_nbytes
     kept = np.ascontiguousarray(values[mask], dtype=dtype.newbyteorder("<"))
@@ -128,7 +129,7 @@ def encode(values: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
-def decode(buf, expected_n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def decode(buf: object, expected_n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Decode an :func:`encode` buffer into (dense values (N,) of the original dtype, mask (N,)).
 
     Every field is checked before anything of size N is allocated. ``expected_n``, when
@@ -201,12 +202,12 @@ def _index_nbytes(n: int, nnz: int) -> int:
     return nnz * np.dtype(_index_dtype(n)).itemsize
 
 
-def _check_dtype(dtype) -> np.dtype:
+def _check_dtype(dtype: DTypeLike) -> np.dtype:
     try:
-        dtype = np.dtype(dtype)
+        checked = np.dtype(dtype)
     except TypeError as exc:
         raise EncodingError(f"not a numpy dtype: {dtype!r}") from exc
-    native = dtype.newbyteorder("=")
+    native: np.dtype = checked.newbyteorder("=")
     if native not in DTYPE_CODES:
         raise EncodingError(f"unsupported dtype {dtype}; supported: {sorted(str(d) for d in DTYPE_CODES)}")
     return native
@@ -216,7 +217,7 @@ def _as_mask(mask: np.ndarray) -> np.ndarray:
     return bool_vector(mask, error=EncodingError)
 
 
-def _as_bytes(buf) -> np.ndarray:
+def _as_bytes(buf: object) -> np.ndarray:
     if isinstance(buf, np.ndarray):
         if buf.dtype != np.uint8 or buf.ndim != 1:
             raise EncodingError(f"buffer must be a 1-D uint8 array, got {buf.dtype} {buf.shape}")

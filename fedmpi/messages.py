@@ -19,11 +19,17 @@ REPORT = np.dtype([(name, np.float64) for name in ("loss", "samples", "seconds_t
 PREFLIGHT = np.dtype([(name, np.float64) for name in ("samples", "mean_age", "x", "y", "z")])
 
 
+def _names(dtype: np.dtype) -> tuple[str, ...]:
+    if dtype.names is None:
+        raise TypeError(f"{dtype} is not a record dtype")
+    return dtype.names
+
+
 def record(dtype: np.dtype, **values: float) -> np.ndarray:
     """One record of `dtype` as the float64 buffer the wire carries; every field must be given."""
-    missing = set(dtype.names) - set(values)
-    if missing or set(values) - set(dtype.names):
-        raise ValueError(f"record needs exactly the fields {dtype.names}, got {sorted(values)}")
+    names = _names(dtype)
+    if set(names) != set(values):
+        raise ValueError(f"record needs exactly the fields {names}, got {sorted(values)}")
     rec = np.zeros(1, dtype)
     for name, value in values.items():
         rec[name] = value
@@ -32,7 +38,7 @@ def record(dtype: np.dtype, **values: float) -> np.ndarray:
 
 def records(buffer: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Rows of float64 (K, fields) as K records readable by field name."""
-    return np.ascontiguousarray(buffer, dtype=np.float64).reshape(-1, len(dtype.names)).view(dtype).reshape(-1)
+    return np.ascontiguousarray(buffer, dtype=np.float64).reshape(-1, len(_names(dtype))).view(dtype).reshape(-1)
 
 
 def text_row(text: str, width: int) -> np.ndarray:

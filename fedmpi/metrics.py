@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 
-def regression_metrics(pred, target) -> dict[str, float]:
+def regression_metrics(pred: ArrayLike, target: ArrayLike) -> dict[str, float]:
     """{"mae", "rmse", "r"} of predictions against true ages.
 
     r is the Pearson correlation; it is reported as 0.0 when either side is constant

@@ -64,7 +64,7 @@ class CubicSchedule(_Schedule):
         if t_step < self.start:
             return 0.0
         progress = (t_step - self.start) / (self.end - self.start)
-        return self.final + (self.initial - self.final) * (1.0 - progress) ** self.exponent
+        return float(self.final + (self.initial - self.final) * (1.0 - progress) ** self.exponent)
 
 
 @dataclass(frozen=True)
