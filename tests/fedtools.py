@@ -12,7 +12,10 @@ import h5py
 import numpy as np
 
 SHAPE = (16, 20, 16)
+# The mpirun beside this Python; FEDMPI_MPIRUN_FLAGS adds launcher flags, e.g. Open MPI's --oversubscribe
+# when the tests run in an Open MPI environment (README, "Tests and CI").
 MPIRUN = str(Path(sys.executable).with_name("mpirun"))
+MPIRUN_FLAGS = os.environ.get("FEDMPI_MPIRUN_FLAGS", "").split()
 
 
 def write_volumes(path: Path, ages: np.ndarray, rng: np.random.Generator, shape=SHAPE) -> None:
@@ -53,7 +56,7 @@ def run_fedmpi(data_dir: Path, run_dir: Path, *sets: str, ranks: int = 3, extra=
             "--set", f"federation.learners={ranks - 1}"]
     for s in [*TINY, *sets]:
         args += ["--set", s]
-    cmd = ([MPIRUN, "-n", str(ranks)] if mpirun else []) + args + list(extra)
+    cmd = ([MPIRUN, *MPIRUN_FLAGS, "-n", str(ranks)] if mpirun else []) + args + list(extra)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -68,12 +71,19 @@ def summary(run: Path) -> dict:
 
 def start_fedmpi(data_dir: Path, run_dir: Path, *sets: str, ranks: int = 3, extra=()) -> subprocess.Popen:
     """Like run_fedmpi, in the background (for tests that kill or signal ranks)."""
-    args = [MPIRUN, "-n", str(ranks), sys.executable, "-m", "fedmpi", "train", "--set", f"data.dir={data_dir}",
+    args = [MPIRUN, *MPIRUN_FLAGS, "-n", str(ranks), sys.executable, "-m", "fedmpi", "train", "--set",
+            f"data.dir={data_dir}",
             "--set", f"run.dir={run_dir}", "--set", f"federation.learners={ranks - 1}"]
     for s in [*TINY, *sets]:
         args += ["--set", s]
-    return subprocess.Popen(args + list(extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+    import uuid
+
+    marker = uuid.uuid4().hex  # marks this job's ranks in their environment (rank_process)
+    env = dict(os.environ, OMP_NUM_THREADS="1", FEDMPI_TEST_JOB=marker)
+    job = subprocess.Popen(args + list(extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                           start_new_session=True)
+    job.marker = marker  # type: ignore[attr-defined]
+    return job
 
 
 def wait_rows(run: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -89,44 +99,33 @@ def wait_rows(run: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -
     raise TimeoutError(f"{path} did not reach {n} rows")
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (children, grandchildren, ...), from /proc."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    parents[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    found, frontier = [], [pid]
-    while frontier:
-        kids = [p for p, parent in parents.items() if parent in frontier]
-        found += kids
-        frontier = kids
-    return found
-
-
 def rank_process(job: subprocess.Popen, rank: int, timeout: float = 30) -> int:
     """The pid of MPI rank `rank` of `job` (the sentinel's child, which is the rank itself), as soon as it
-    exists: before it has imported anything or initialised MPI."""
+    exists: before it has imported anything or initialised MPI. Ranks are recognised by the job's
+    FEDMPI_TEST_JOB marker in their environment (Open MPI's daemons, not mpirun, are their parents)."""
     import time
 
+    job_mark = f"FEDMPI_TEST_JOB={job.marker}".encode()
     marks = (f"PMI_RANK={rank}".encode(), f"OMPI_COMM_WORLD_RANK={rank}".encode())
+
+    def environ(pid: int) -> list[bytes]:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            return fh.read().split(b"\0")
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        tree = descendants(job.pid)
-        for pid in tree:
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
             try:
-                with open(f"/proc/{pid}/environ", "rb") as fh:
-                    env = fh.read().split(b"\0")
-                with open(f"/proc/{pid}/stat") as fh:
+                env = environ(int(entry))
+                if job_mark not in env or not any(m in env for m in marks):
+                    continue
+                with open(f"/proc/{entry}/stat") as fh:
                     parent = int(fh.read().rsplit(")", 1)[1].split()[1])
+                if any(m in environ(parent) for m in marks):
+                    return int(entry)
             except OSError:
                 continue
-            if any(m in env for m in marks) and parent in tree:
-                with open(f"/proc/{parent}/environ", "rb") as fh:
-                    if any(m in fh.read().split(b"\0") for m in marks):
-                        return pid
         time.sleep(0.01)
     raise TimeoutError(f"rank {rank} of job {job.pid} did not appear")
