@@ -7,6 +7,7 @@ aggregates it the way the trainer does: MPI Reduce of pre-weighted values under 
 aggregation, and the server's peak resident memory (the same start-up work at every size, so growth with the
 number of learners is what aggregation holds).
 """
+
 import json
 import resource
 import sys
@@ -58,9 +59,20 @@ def main(n: int, sparsity: float, variant: str, rounds: int = 3) -> None:
             comm_s += t1 - t0
             agg_s += time.perf_counter() - t1
     if wire.is_server:
-        print(json.dumps({"learners": wire.learners, "variant": variant, "parameters": n, "sparsity": sparsity,
-                          "seconds_collective": comm_s / rounds, "seconds_aggregate": agg_s / rounds,
-                          "server_peak_mb": rss_mb()}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "learners": wire.learners,
+                    "variant": variant,
+                    "parameters": n,
+                    "sparsity": sparsity,
+                    "seconds_collective": comm_s / rounds,
+                    "seconds_aggregate": agg_s / rounds,
+                    "server_peak_mb": rss_mb(),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
 
     python benchmarks/bench_comm.py [--rounds 10] [--learners 2 4 8 16 32] [--parameters 1000000]
 """
+
 import argparse
 import json
 import subprocess
@@ -24,23 +25,45 @@ def wire_bytes(rounds: int) -> None:
         tmp = Path(tmp)
         split = write_split(tmp / "split", learners=8, per_learner=2, test=4, shape=(45, 54, 45))
         print(f"\n### Bytes per round, 8 learners, {rounds} rounds, 184,625 parameters (width 0.25, 45x54x45)\n")
-        print("| algorithm | target | final sparsity | last round up | last round down | total up+down | vs dense FedAvg |")
+        print(
+            "| algorithm | target | final sparsity | last round up | last round down | total up+down "
+            "| vs dense FedAvg |"
+        )
         print("|---|---|---|---|---|---|---|")
         dense_total = None
-        for algo, target in [("fedavg", 0.0), ("fedsparsify-global", 0.9), ("fedsparsify-global", 0.95),
-                             ("fedsparsify-global", 0.99), ("fedsparsify-local", 0.9), ("fedsparsify-local", 0.95),
-                             ("fedsparsify-local", 0.99)]:
-            proc = run_fedmpi(split, tmp / "runs", f"federation.algorithm={algo}", f"federation.target={target}",
-                              f"federation.rounds={rounds}", "run.name=b", "model.width=0.25", "train.epochs=1",
-                              "run.checkpoint_every=0", ranks=9, timeout=1200)
+        for algo, target in [
+            ("fedavg", 0.0),
+            ("fedsparsify-global", 0.9),
+            ("fedsparsify-global", 0.95),
+            ("fedsparsify-global", 0.99),
+            ("fedsparsify-local", 0.9),
+            ("fedsparsify-local", 0.95),
+            ("fedsparsify-local", 0.99),
+        ]:
+            proc = run_fedmpi(
+                split,
+                tmp / "runs",
+                f"federation.algorithm={algo}",
+                f"federation.target={target}",
+                f"federation.rounds={rounds}",
+                "run.name=b",
+                "model.width=0.25",
+                "train.epochs=1",
+                "run.checkpoint_every=0",
+                ranks=9,
+                timeout=1200,
+            )
             if proc.returncode:
                 sys.exit(proc.stdout + proc.stderr)
             rows = metrics(tmp / "runs" / "b")
             total = sum(r["bytes_up"] + r["bytes_down"] for r in rows)
             dense_total = dense_total or total
             last = rows[-1]
-            print(f"| {algo} | {target} | {last['sparsity']:.3f} | {last['bytes_up'] / 1e6:.3f} MB "
-                  f"| {last['bytes_down'] / 1e6:.3f} MB | {total / 1e6:.2f} MB | {total / dense_total:.3f} |", flush=True)
+            print(
+                f"| {algo} | {target} | {last['sparsity']:.3f} | {last['bytes_up'] / 1e6:.3f} MB "
+                f"| {last['bytes_down'] / 1e6:.3f} MB | {total / 1e6:.2f} MB | {total / dense_total:.3f} |",
+                flush=True,
+            )
 
 
 def aggregation(learners: list[int], n: int) -> None:
@@ -49,13 +72,20 @@ def aggregation(learners: list[int], n: int) -> None:
     print("|---|---|---|---|---|")
     for k in learners:
         for variant in ("global", "local"):
-            out = subprocess.run([MPIRUN, "-n", str(k + 1), sys.executable, str(HERE / "bench_aggregate.py"), str(n),
-                                  "0.9", variant], capture_output=True, text=True, timeout=600)
+            out = subprocess.run(
+                [MPIRUN, "-n", str(k + 1), sys.executable, str(HERE / "bench_aggregate.py"), str(n), "0.9", variant],
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
             if out.returncode:
                 sys.exit(out.stdout + out.stderr)
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"| {k} | {variant} | {r['seconds_collective']:.3f} | {r['seconds_aggregate']:.3f} "
-                  f"| {r['server_peak_mb']:.0f} |", flush=True)
+            print(
+                f"| {k} | {variant} | {r['seconds_collective']:.3f} | {r['seconds_aggregate']:.3f} "
+                f"| {r['server_peak_mb']:.0f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

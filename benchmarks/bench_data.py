@@ -6,6 +6,7 @@ h5py for comparison. Prints a markdown table; numbers go to docs/data.md.
 
     python benchmarks/bench_data.py [--subjects 16] [--volumes 200]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,16 +61,25 @@ def main() -> None:
             t = time.perf_counter()
             convert.convert(tmp / "bids", out, voxel=voxel, workers=1)
             dt = time.perf_counter() - t
-            rows.append((f"nifti --voxel {voxel}, 1 worker", f"{args.subjects / dt:.2f} subjects/s",
-                         f"{dt / args.subjects:.2f} s/subject"))
+            rows.append(
+                (
+                    f"nifti --voxel {voxel}, 1 worker",
+                    f"{args.subjects / dt:.2f} subjects/s",
+                    f"{dt / args.subjects:.2f} s/subject",
+                )
+            )
 
         # read test file: the preprocessed 2 mm volumes repeated to --volumes rows
         with h5io.open_checked(tmp / "v2.h5") as f:
             vols = f["images"][:]
             attrs = dict(f.attrs)
         n = args.volumes
-        table = {"age": np.full(n, 60.0), "subject_id": [f"r{i}" for i in range(n)],
-                 "sex": ["F"] * n, "site": ["A"] * n}
+        table = {
+            "age": np.full(n, 60.0),
+            "subject_id": [f"r{i}" for i in range(n)],
+            "sex": ["F"] * n,
+            "site": ["A"] * n,
+        }
         big = tmp / "read.h5"
         h5io.write_volumes(big, (vols[i % len(vols)] for i in range(n)), table, attrs)
         mb_vol = vols[0].nbytes / 1e6
@@ -80,22 +90,30 @@ def main() -> None:
 
         ds = VolumeDataset(big)
         dt = _timed(lambda: [ds[i] for i in range(n)])
-        rows.append(("read, VolumeDataset -> float32 tensor", f"{n / dt:.0f} volumes/s",
-                     f"{n * mb_vol / dt:.0f} MB/s decoded, {mb_file / dt:.0f} MB/s compressed"))
+        rows.append(
+            (
+                "read, VolumeDataset -> float32 tensor",
+                f"{n / dt:.0f} volumes/s",
+                f"{n * mb_vol / dt:.0f} MB/s decoded, {mb_file / dt:.0f} MB/s compressed",
+            )
+        )
         with h5io.open_checked(big) as f:
             images = f["images"]
             buf = np.empty(images.shape[1:], images.dtype)
             dt = _timed(lambda: [images.read_direct(buf, np.s_[i]) for i in range(n)])
-        rows.append(("read, plain h5py read_direct (float16)", f"{n / dt:.0f} volumes/s",
-                     f"{n * mb_vol / dt:.0f} MB/s decoded"))
+        rows.append(
+            ("read, plain h5py read_direct (float16)", f"{n / dt:.0f} volumes/s", f"{n * mb_vol / dt:.0f} MB/s decoded")
+        )
         cached = VolumeDataset(big, cache=True)
         [cached[i] for i in range(n)]
         dt = _timed(lambda: [cached[i] for i in range(n)])
         rows.append(("read, VolumeDataset cache=True (warm)", f"{n / dt:.0f} volumes/s", ""))
 
-    print(f"\nfedmpi data benchmark: {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, reads {pinned}; 2 mm float16 volume = {mb_vol:.2f} MB decoded, "
-          f"{mb_file / n:.2f} MB stored (gzip 1)\n")
+    print(
+        f"\nfedmpi data benchmark: {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, reads {pinned}; 2 mm float16 volume = {mb_vol:.2f} MB decoded, "
+        f"{mb_file / n:.2f} MB stored (gzip 1)\n"
+    )
     print("| step | throughput | notes |")
     print("|---|---|---|")
     for step, rate, note in rows:

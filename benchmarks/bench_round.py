@@ -14,6 +14,7 @@ floor, their ratio, and where the rest went, from the trainer's own metrics.
 Run it on a quiet machine: anything else on the cores shows up in both the floor and the federation,
 but not in the same rounds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,18 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from fedtools import metrics, run_fedmpi, write_split  # noqa: E402
 
 SHAPE = (40, 48, 40)
-WORKLOAD = ["model.width=0.25", "model.dropout=0", "train.epochs=1", "train.batch_size=4", "train.lr=0.001",
-            "train.momentum=0", "train.threads=1", "federation.algorithm=fedavg", "run.checkpoint_every=1",
-            "eval.batch_size=8"]
+WORKLOAD = [
+    "model.width=0.25",
+    "model.dropout=0",
+    "train.epochs=1",
+    "train.batch_size=4",
+    "train.lr=0.001",
+    "train.momentum=0",
+    "train.threads=1",
+    "federation.algorithm=fedavg",
+    "run.checkpoint_every=1",
+    "eval.batch_size=8",
+]
 
 
 def _floor_worker(rank: int, cfg_sets: list[str], per_learner: int, rounds: int, barrier, times) -> None:
@@ -50,12 +60,18 @@ def _floor_worker(rank: int, cfg_sets: list[str], per_learner: int, rounds: int,
     x = torch.randn(per_learner, 1, *SHAPE)
     y = torch.rand(per_learner) * 35 + 45
     bs = cfg.train.batch_size
-    batches = [(x[i:i + bs], y[i:i + bs]) for i in range(0, per_learner, bs)]
+    batches = [(x[i : i + bs], y[i : i + bs]) for i in range(0, per_learner, bs)]
     for t in range(rounds + 1):  # round 0 warms up (first-call kernel set-up), like the trainer's start-up
         barrier.wait()
         began = time.perf_counter()
-        local_train(model, batches, epochs=cfg.train.epochs, lr=cfg.train.lr, momentum=cfg.train.momentum,
-                    autocast=AUTOCAST[cfg.train.amp])
+        local_train(
+            model,
+            batches,
+            epochs=cfg.train.epochs,
+            lr=cfg.train.lr,
+            momentum=cfg.train.momentum,
+            autocast=AUTOCAST[cfg.train.amp],
+        )
         times[rank * (rounds + 1) + t] = time.perf_counter() - began
     barrier.wait()
 
@@ -65,8 +81,10 @@ def floor(cfg_sets: list[str], learners: int, per_learner: int, rounds: int) -> 
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(learners + 1)
     times = ctx.Array("d", learners * (rounds + 1))
-    procs = [ctx.Process(target=_floor_worker, args=(k, cfg_sets, per_learner, rounds, barrier, times))
-             for k in range(learners)]
+    procs = [
+        ctx.Process(target=_floor_worker, args=(k, cfg_sets, per_learner, rounds, barrier, times))
+        for k in range(learners)
+    ]
     for p in procs:
         p.start()
     walls = []
@@ -82,8 +100,16 @@ def floor(cfg_sets: list[str], learners: int, per_learner: int, rounds: int) -> 
 
 def federation(split: Path, runs: Path, cfg_sets: list[str], learners: int, rounds: int) -> list[dict]:
     """The real trainer's metrics rows, with each round's wall time (`period`) added."""
-    proc = run_fedmpi(split, runs, *cfg_sets, f"federation.rounds={rounds}", "run.name=bench", ranks=learners + 1,
-                      extra=["--overwrite"], timeout=3600)
+    proc = run_fedmpi(
+        split,
+        runs,
+        *cfg_sets,
+        f"federation.rounds={rounds}",
+        "run.name=bench",
+        ranks=learners + 1,
+        extra=["--overwrite"],
+        timeout=3600,
+    )
     if proc.returncode:
         sys.exit(proc.stdout + proc.stderr)
     rows = metrics(runs / "bench")
@@ -92,12 +118,15 @@ def federation(split: Path, runs: Path, cfg_sets: list[str], learners: int, roun
     return rows[:-1]
 
 
-PARTS = (("setup", "seconds_setup", "learner: model in, masks, loader"), ("encode", "seconds_encode",
-         "learner: flat copy, encode, report"), ("send", "seconds_send", "server: encode + broadcast"),
-         ("collect", "seconds_collect", "reduce/gather after the reports"),
-         ("aggregate", "seconds_aggregate", "server: decode, aggregate, prune"),
-         ("eval", "seconds_eval", "server: evaluation (overlapped)"),
-         ("checkpoint", "seconds_checkpoint", "server: checkpoint (overlapped)"))
+PARTS = (
+    ("setup", "seconds_setup", "learner: model in, masks, loader"),
+    ("encode", "seconds_encode", "learner: flat copy, encode, report"),
+    ("send", "seconds_send", "server: encode + broadcast"),
+    ("collect", "seconds_collect", "reduce/gather after the reports"),
+    ("aggregate", "seconds_aggregate", "server: decode, aggregate, prune"),
+    ("eval", "seconds_eval", "server: evaluation (overlapped)"),
+    ("checkpoint", "seconds_checkpoint", "server: checkpoint (overlapped)"),
+)
 
 
 def main() -> int:
@@ -111,26 +140,31 @@ def main() -> int:
     cfg_sets = [*WORKLOAD, *args.set]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        split = write_split(tmp / "split", learners=args.learners, per_learner=args.per_learner, test=32,
-                            shape=SHAPE)
+        split = write_split(tmp / "split", learners=args.learners, per_learner=args.per_learner, test=32, shape=SHAPE)
         print(f"workload: {args.learners} learners x {args.per_learner} volumes {SHAPE}, {' '.join(cfg_sets)}")
         summary = []
         for rep in range(1, args.repeats + 1):
             floors = floor(cfg_sets, args.learners, args.per_learner, args.rounds)
             rows = federation(split, tmp / "runs", cfg_sets, args.learners, args.rounds)
             base = statistics.median(floors)
-            print(f"\n### repeat {rep}: floor median {base:.3f} s/round "
-                  f"(rounds {', '.join(f'{f:.2f}' for f in floors)})\n")
-            print("| round | wall s | floor s | ratio | train (slowest) | "
-                  + " | ".join(name for name, _, _ in PARTS) + " |")
+            print(
+                f"\n### repeat {rep}: floor median {base:.3f} s/round "
+                f"(rounds {', '.join(f'{f:.2f}' for f in floors)})\n"
+            )
+            print(
+                "| round | wall s | floor s | ratio | train (slowest) | "
+                + " | ".join(name for name, _, _ in PARTS)
+                + " |"
+            )
             print("|" + "---:|" * (5 + len(PARTS)))
             for r in rows:
                 parts = " | ".join(f"{r.get(key, 0.0):.3f}" for _, key, _ in PARTS)
-                print(f"| {r['round']} | {r['period']:.3f} | {base:.3f} | {r['period'] / base:.3f} | "
-                      f"{r['seconds_train']:.3f} | {parts} |")
+                print(
+                    f"| {r['round']} | {r['period']:.3f} | {base:.3f} | {r['period'] / base:.3f} | "
+                    f"{r['seconds_train']:.3f} | {parts} |"
+                )
             steady = [r["period"] for r in rows[1:]]
-            summary.append((rep, base, statistics.median(steady), statistics.median(steady) / base,
-                            rows[0]["period"]))
+            summary.append((rep, base, statistics.median(steady), statistics.median(steady) / base, rows[0]["period"]))
         print("\n| repeat | floor s/round | federation s/round (rounds 2..N, median) | ratio | round 1 s |")
         print("|---:|---:|---:|---:|---:|")
         for rep, base, fed, ratio, first in summary:

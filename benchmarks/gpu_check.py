@@ -9,6 +9,7 @@
     python benchmarks/gpu_check.py --data DIR/learner_1.h5        # DIR from gpu_check.sh
     GPU_CHECK_SMOKE=1 python benchmarks/gpu_check.py --data F.h5  # tiny sizes on the CPU (a check of the script)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,10 +21,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fedmpi.config import load_config  # noqa: E402
-from fedmpi.data import loader_options, open_volumes  # noqa: E402
-from fedmpi.model import BrainAgeCNN  # noqa: E402
-from fedmpi.training import AUTOCAST, local_train, predict, prepare_model  # noqa: E402
+from fedmpi.config import load_config
+from fedmpi.data import loader_options, open_volumes
+from fedmpi.model import BrainAgeCNN
+from fedmpi.training import AUTOCAST, local_train, predict, prepare_model
 
 SMOKE = os.environ.get("GPU_CHECK_SMOKE") == "1"
 
@@ -69,10 +70,17 @@ def eval_throughput(device: torch.device, shape, width: float, batches: int) -> 
 def loader_throughput(device: torch.device, path: Path) -> None:
     print("\n| data loader into the device, batch 4 | volumes/s |")
     print("|---|---:|")
-    for cache, label in (("off", "read and decoded every epoch"), ("memory", "cached in host memory (warm)"),
-                         ("device", "cached on the device (warm)")):
-        cfg = load_config(overrides=[f"data.cache={cache}", "data.workers=0" if cache == "device" else
-                                     f"data.workers={min(8, os.cpu_count() or 1)}"])
+    for cache, label in (
+        ("off", "read and decoded every epoch"),
+        ("memory", "cached in host memory (warm)"),
+        ("device", "cached on the device (warm)"),
+    ):
+        cfg = load_config(
+            overrides=[
+                f"data.cache={cache}",
+                "data.workers=0" if cache == "device" else f"data.workers={min(8, os.cpu_count() or 1)}",
+            ]
+        )
         data = open_volumes(path, cfg, device)
         if cache != "off":
             data.warm()
@@ -82,8 +90,10 @@ def loader_throughput(device: torch.device, path: Path) -> None:
             x = x.to(device, non_blocking=True)
             n += x.shape[0]
         _sync(device)
-        print(f"| {label} ({cfg.data.workers if cache != 'device' else 0} workers) | "
-              f"{n / (time.perf_counter() - began):.0f} |")
+        print(
+            f"| {label} ({cfg.data.workers if cache != 'device' else 0} workers) | "
+            f"{n / (time.perf_counter() - began):.0f} |"
+        )
 
 
 def main() -> int:
@@ -95,8 +105,10 @@ def main() -> int:
         sys.exit("gpu_check: no CUDA device visible to torch " + torch.__version__)
     shape, width = ((20, 24, 20), 0.125) if SMOKE else ((91, 109, 91), 1.0)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke test)"
-    print(f"device: {name}; torch {torch.__version__}, CUDA {torch.version.cuda}, "
-          f"cuDNN {torch.backends.cudnn.version() if device.type == 'cuda' else '-'}")
+    print(
+        f"device: {name}; torch {torch.__version__}, CUDA {torch.version.cuda}, "
+        f"cuDNN {torch.backends.cudnn.version() if device.type == 'cuda' else '-'}"
+    )
     step_times(device, shape, width, steps=2 if SMOKE else 20)
     eval_throughput(device, shape, width, batches=2 if SMOKE else 16)
     loader_throughput(device, args.data)

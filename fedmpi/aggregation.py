@@ -3,6 +3,7 @@
 Models are flat 1-D parameter vectors; weights are the learners' training-sample counts.
 Sums are accumulated in float64 and the merged model is returned as float32.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -96,8 +97,9 @@ class MajorityVote:
         return merged, survive
 
 
-def majority_vote(values: np.ndarray, masks: np.ndarray, weights: ArrayLike, rule: str = "reference"
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def majority_vote(
+    values: np.ndarray, masks: np.ndarray, weights: ArrayLike, rule: str = "reference"
+) -> tuple[np.ndarray, np.ndarray]:
     """Batch form of :class:`MajorityVote` over K stacked models ``values`` and ``masks`` (K, N)."""
     values = _as_stack(values, "values")
     masks = np.asarray(masks)

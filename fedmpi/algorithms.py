@@ -2,6 +2,7 @@
 target sparsity moves, whether a mask is scored before training, and whether pruned positions may come
 back. The server and learner loops, the configuration, the sweep and the report read these facts; nothing
 branches on a name."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -16,6 +16,7 @@ and accuracy at a threshold chosen on attacker-train. The metrics are pure numpy
 scores and labels. `attack_datasets` takes torch Datasets so it runs on in-memory data; `run`
 wires it to a run directory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,8 @@ ATTACKS = ("loss_threshold", "black_box", "white_box", "white_box_mlp")
 BOOTSTRAP_RESAMPLES = 2000
 
 
-
 # ---------------------------------------------------------------- metrics (pure numpy)
+
 
 def _check_binary(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
@@ -114,8 +115,9 @@ def bootstrap_aucs(scores, labels, resamples: int = BOOTSTRAP_RESAMPLES, seed: i
     return ((c_pos @ wins) * c_neg).sum(axis=1) / (pos.size * neg.size)
 
 
-def auc_interval(scores, labels, level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES,
-                 seed: int = 0) -> tuple[float, float]:
+def auc_interval(
+    scores, labels, level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the ROC AUC: the (1-level)/2 and (1+level)/2 quantiles.
 
     Unlike the Hanley-McNeil error it assumes no score distribution, and it is asymmetric near
@@ -182,6 +184,7 @@ def accuracy_at(scores, labels, threshold: float) -> float:
 
 # ---------------------------------------------------------------- classifier (pure numpy)
 
+
 def standardizer(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and std of the attacker-train rows; a constant feature gets std 1."""
     mean = train.mean(axis=0)
@@ -238,7 +241,7 @@ def validation_rows(labels: np.ndarray, seed: int) -> np.ndarray:
     val = np.zeros(labels.size, bool)
     for c in (0, 1):
         rows = np.flatnonzero(labels == c)
-        val[rng.permutation(rows)[:max(1, round(MLP_VALIDATION * rows.size))]] = True
+        val[rng.permutation(rows)[: max(1, round(MLP_VALIDATION * rows.size))]] = True
     return val
 
 
@@ -251,19 +254,21 @@ def fit_mlp(x: np.ndarray, y: np.ndarray, seed: int = 0) -> torch.nn.Module:
     last improved by MLP_MIN_DELTA. Initialisation draws from a forked RNG seeded with `seed`:
     the same rows and seed give the same classifier, and the global RNG is left alone.
     """
-    x = torch.as_tensor(np.asarray(x, dtype=np.float64))
-    y = torch.as_tensor(np.asarray(y, dtype=np.float64).reshape(-1))
-    if x.ndim != 2 or x.shape[0] != y.numel():
-        raise ValueError(f"x has shape {tuple(x.shape)}, y has {y.numel()} entries")
-    val = torch.as_tensor(validation_rows(y.numpy(), seed))
-    x_fit, y_fit, x_val, y_val = x[~val], y[~val], x[val], y[val]
+    xs = torch.as_tensor(np.asarray(x, dtype=np.float64))
+    ys = torch.as_tensor(np.asarray(y, dtype=np.float64).reshape(-1))
+    if xs.ndim != 2 or xs.shape[0] != ys.numel():
+        raise ValueError(f"x has shape {tuple(xs.shape)}, y has {ys.numel()} entries")
+    val = torch.as_tensor(validation_rows(ys.numpy(), seed))
+    x_fit, y_fit, x_val, y_val = xs[~val], ys[~val], xs[val], ys[val]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], MLP_HIDDEN), torch.nn.ReLU(),
-                                  torch.nn.Linear(MLP_HIDDEN, 1)).double()
+        net = torch.nn.Sequential(
+            torch.nn.Linear(xs.shape[1], MLP_HIDDEN), torch.nn.ReLU(), torch.nn.Linear(MLP_HIDDEN, 1)
+        ).double()
     opt = torch.optim.AdamW(net.parameters(), lr=MLP_LR, weight_decay=MLP_WEIGHT_DECAY)
     loss_fn = torch.nn.functional.binary_cross_entropy_with_logits
-    best, best_state, since = float("inf"), None, 0
+    best, since = float("inf"), 0
+    best_state = [p.detach().clone() for p in net.parameters()]
     for _ in range(MLP_MAX_EPOCHS):
         net.train()
         opt.zero_grad()
@@ -291,6 +296,7 @@ def mlp_scores(net: torch.nn.Module, x: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- attack core
+
 
 def feature_matrix(features: dict[str, np.ndarray], ages: np.ndarray, kind: str) -> np.ndarray:
     """Rows of attack features for a learned attack from per_sample_features output.
@@ -330,8 +336,9 @@ def balanced_split(n_members: int, n_nonmembers: int, seed: int, max_per_class: 
     }
 
 
-def evaluate_attack(features: dict[str, np.ndarray], ages: np.ndarray, labels: np.ndarray,
-                    train: np.ndarray, kind: str, seed: int = 0) -> dict:
+def evaluate_attack(
+    features: dict[str, np.ndarray], ages: np.ndarray, labels: np.ndarray, train: np.ndarray, kind: str, seed: int = 0
+) -> dict:
     """Fit attack `kind` (one of ATTACKS) on rows `train` (bool mask), score the other rows.
 
     Standardisation uses the attacker-train rows only; the accuracy threshold is chosen on
@@ -360,38 +367,54 @@ def evaluate_attack(features: dict[str, np.ndarray], ages: np.ndarray, labels: n
     low, high = auc_interval(s_eval, y_eval, seed=seed)
     out = {
         "accuracy": accuracy_at(s_eval, y_eval, best_threshold(s_train, labels[train])),
-        "auc": auc, "auc_low": low, "auc_high": high,
+        "auc": auc,
+        "auc_low": low,
+        "auc_high": high,
         "auc_se": auc_standard_error(auc, n_pos, n_neg),
     }
     for key, fpr in FPRS:
         out[key] = tpr_at_fpr(s_eval, y_eval, fpr)
-    out.update(n_train=int(train.sum()), n_eval=int((~train).sum()), min_nonzero_fpr=1.0 / n_neg,
-               features=int(n_features))
+    out.update(
+        n_train=int(train.sum()), n_eval=int((~train).sum()), min_nonzero_fpr=1.0 / n_neg, features=int(n_features)
+    )
     return out
 
 
-def attack_datasets(model: torch.nn.Module, members: Dataset, nonmembers: Dataset, *, seed: int = 0,
-                    max_per_class: int | None = None, device=None, batch_size: int = 8) -> dict:
+def attack_datasets(
+    model: torch.nn.Module,
+    members: Dataset,
+    nonmembers: Dataset,
+    *,
+    seed: int = 0,
+    max_per_class: int | None = None,
+    device=None,
+    batch_size: int = 8,
+) -> dict:
     """Every attack in ATTACKS on `model` with members vs non-members (torch Datasets of (x, age)).
 
     Returns "attacks" (name -> evaluate_attack result), the logistic ones again under their
     own names, the target model's MAE on the attacked members ("train_mae") and non-members
     ("test_mae"), and the class sizes of attacker-eval.
     """
-    split = balanced_split(len(members), len(nonmembers), seed, max_per_class)
+    split = balanced_split(len(members), len(nonmembers), seed, max_per_class)  # type: ignore[arg-type]
     n, half = len(split["members"]), int(split["n_train_per_class"])
-    pool = ConcatDataset([Subset(members, split["members"].tolist()), Subset(nonmembers, split["nonmembers"].tolist())])
+    pool: ConcatDataset = ConcatDataset(
+        [Subset(members, split["members"].tolist()), Subset(nonmembers, split["nonmembers"].tolist())]
+    )
     features = sample_features(model, pool, device=device, batch_size=batch_size)
     labels = np.r_[np.ones(n, np.int64), np.zeros(n, np.int64)]
     train = np.zeros(2 * n, bool)
     train[:half] = True
-    train[n:n + half] = True
+    train[n : n + half] = True
     ages = features.pop("age")
     attacks = {kind: evaluate_attack(features, ages, labels, train, kind, seed=seed) for kind in ATTACKS}
     return {
-        "attacks": attacks, **{kind: attacks[kind] for kind in KINDS},
-        "train_mae": float(features["abs_error"][:n].mean()), "test_mae": float(features["abs_error"][n:].mean()),
-        "members_eval": n - half, "nonmembers_eval": n - half,
+        "attacks": attacks,
+        **{kind: attacks[kind] for kind in KINDS},
+        "train_mae": float(features["abs_error"][:n].mean()),
+        "test_mae": float(features["abs_error"][n:].mean()),
+        "members_eval": n - half,
+        "nonmembers_eval": n - half,
     }
 
 
@@ -410,6 +433,7 @@ def sample_features(model: torch.nn.Module, dataset: Dataset, device=None, batch
 
 
 # ---------------------------------------------------------------- run directory
+
 
 def member_files(cfg, data_dir: Path) -> list[Path]:
     """The learner files the run trained on: learner_1..N for a federation, all of them when it trained
@@ -434,7 +458,7 @@ def load_run_model(run_dir: Path):
     from .config import config_from_dict
     from .model import build_model, load_flat_parameters
 
-    values, mask, meta = load_model(run_dir / "model.npz")
+    values, _mask, meta = load_model(run_dir / "model.npz")
     cfg = config_from_dict(meta["config"])
     model = build_model(cfg, meta["input_shape"])
     load_flat_parameters(model, values)
@@ -451,8 +475,15 @@ def _volumes(path: Path, input_shape: tuple[int, ...]):
     return ds
 
 
-def attack_run(run_dir: Path, *, seed: int = 0, per_learner: bool = False, device: str = "auto",
-               nonmembers: list[Path] | tuple = (), max_per_class: int | None = None) -> dict:
+def attack_run(
+    run_dir: Path,
+    *,
+    seed: int = 0,
+    per_learner: bool = False,
+    device: str = "auto",
+    nonmembers: list[Path] | tuple = (),
+    max_per_class: int | None = None,
+) -> dict:
     """The attack.json content for a run directory.
 
     Non-members are the split's test.h5 plus the `nonmembers` files (other cohorts the run never
@@ -479,21 +510,28 @@ def attack_run(run_dir: Path, *, seed: int = 0, per_learner: bool = False, devic
             raise AttackError(f"{p}: given twice as non-members (its subjects would be counted twice)")
         seen.add(p.resolve())
     learners = [_volumes(p, model.input_shape) for p in files]
-    outsiders = ConcatDataset([_volumes(p, model.input_shape) for p in pools])
+    outsiders: ConcatDataset = ConcatDataset([_volumes(p, model.input_shape) for p in pools])
     dev = select_device(device)
     model.to(dev)
     result = {
-        "run": str(run_dir), "algorithm": cfg.federation.algorithm, "seed": seed,
-        "sparsity": sparsity, "target_sparsity": summary.get("target_sparsity", cfg.federation.target),
-        "nonmember_files": [str(p) for p in pools], "max_per_class": max_per_class,
-        "n_members_available": sum(len(d) for d in learners), "n_nonmembers_available": len(outsiders),
-        **attack_datasets(model, ConcatDataset(learners), outsiders, seed=seed, max_per_class=max_per_class,
-                          device=dev),
+        "run": str(run_dir),
+        "algorithm": cfg.federation.algorithm,
+        "seed": seed,
+        "sparsity": sparsity,
+        "target_sparsity": summary.get("target_sparsity", cfg.federation.target),
+        "nonmember_files": [str(p) for p in pools],
+        "max_per_class": max_per_class,
+        "n_members_available": sum(len(d) for d in learners),
+        "n_nonmembers_available": len(outsiders),
+        **attack_datasets(
+            model, ConcatDataset(learners), outsiders, seed=seed, max_per_class=max_per_class, device=dev
+        ),
     }
     if per_learner:
         result["per_learner"] = {
-            p.stem.split("_", 1)[1]: attack_datasets(model, d, outsiders, seed=seed, max_per_class=max_per_class,
-                                                     device=dev)
+            p.stem.split("_", 1)[1]: attack_datasets(
+                model, d, outsiders, seed=seed, max_per_class=max_per_class, device=dev
+            )
             for p, d in zip(files, learners)
         }
     return result
@@ -505,30 +543,39 @@ def check_split(recorded: dict | None, files: list[Path]) -> None:
     from .data import file_digest
 
     if not recorded:
-        print("fedmpi attack: the run recorded no digest of its data (made before fedmpi recorded them); "
-              "trusting that its data directory is unchanged", file=sys.stderr)
+        print(
+            "fedmpi attack: the run recorded no digest of its data (made before fedmpi recorded them); "
+            "trusting that its data directory is unchanged",
+            file=sys.stderr,
+        )
         return
     changed = [p.name for p in files if recorded.get(p.name) != file_digest(p)]
     if changed:
-        raise AttackError(f"{', '.join(changed)} in {files[0].parent} differ from the data the run trained and was "
-                          f"tested on (re-split or re-preprocessed since): its members cannot be known")
+        raise AttackError(
+            f"{', '.join(changed)} in {files[0].parent} differ from the data the run trained and was "
+            f"tested on (re-split or re-preprocessed since): its members cannot be known"
+        )
 
 
 def _table_rows(result: dict, indent: str = "") -> list[str]:
     lines = []
     for name, r in result["attacks"].items():
         interval = f"[{r['auc_low']:.3f}, {r['auc_high']:.3f}]"
-        lines.append(f"{indent + name:<16}{r['accuracy']:>9.3f}{r['auc']:>7.3f}{interval:>18}"
-                     f"{r['tpr_at_1pct_fpr']:>11.3f}{r['tpr_at_0.1pct_fpr']:>13.3f}{r['n_train']:>9d}{r['n_eval']:>8d}")
+        lines.append(
+            f"{indent + name:<16}{r['accuracy']:>9.3f}{r['auc']:>7.3f}{interval:>18}"
+            f"{r['tpr_at_1pct_fpr']:>11.3f}{r['tpr_at_0.1pct_fpr']:>13.3f}{r['n_train']:>9d}{r['n_eval']:>8d}"
+        )
     return lines
 
 
 def format_table(result: dict) -> str:
     """A small fixed-width table: every attack's metrics on attacker-eval, and the target model's fit."""
-    lines = [f"model sparsity {result['sparsity']:.3f}; MAE {result['train_mae']:.2f} on members, "
-             f"{result['test_mae']:.2f} on non-members (the attacked subjects)",
-             f"{'attack':<16}{'accuracy':>9}{'auc':>7}{'auc 95% interval':>18}{'tpr@1%fpr':>11}{'tpr@0.1%fpr':>13}"
-             f"{'n_train':>9}{'n_eval':>8}"]
+    lines = [
+        f"model sparsity {result['sparsity']:.3f}; MAE {result['train_mae']:.2f} on members, "
+        f"{result['test_mae']:.2f} on non-members (the attacked subjects)",
+        f"{'attack':<16}{'accuracy':>9}{'auc':>7}{'auc 95% interval':>18}{'tpr@1%fpr':>11}{'tpr@0.1%fpr':>13}"
+        f"{'n_train':>9}{'n_eval':>8}",
+    ]
     lines += _table_rows(result)
     for k, v in result.get("per_learner", {}).items():
         lines.append(f"learner {k}: MAE {v['train_mae']:.2f} on its members, {v['test_mae']:.2f} on non-members")
@@ -536,27 +583,46 @@ def format_table(result: dict) -> str:
     eval_neg = result["nonmembers_eval"]
     coarse = [f"{100 * fpr:g}%" for _, fpr in FPRS if eval_neg * fpr < 1]
     if coarse:
-        lines.append(f"note: {eval_neg} non-members in attacker-eval, so the smallest non-zero FPR is "
-                     f"{1 / eval_neg:.2%}; TPR at {' and '.join(coarse)} FPR is the TPR at FPR = 0")
+        lines.append(
+            f"note: {eval_neg} non-members in attacker-eval, so the smallest non-zero FPR is "
+            f"{1 / eval_neg:.2%}; TPR at {' and '.join(coarse)} FPR is the TPR at FPR = 0"
+        )
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run directory (runs/<name>) with model.npz and summary.json")
     parser.add_argument("--out", help="output JSON (default: <run>/attack.json)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed for subsampling, the train/eval split, the MLP and the bootstrap")
-    parser.add_argument("--per-learner", action="store_true",
-                        help="also attack each learner's data separately (members = that learner only)")
-    parser.add_argument("--nonmembers", action="append", default=[], metavar="FILE.h5",
-                        help="extra non-members (a volume file the run never saw, same grid); repeatable")
-    parser.add_argument("--max-per-class", type=int, metavar="N",
-                        help="attack at most N members and N non-members (faster; default: all that balance)")
-    parser.add_argument("--device", default="auto", choices=DEVICES,
-                        help="where per-sample gradients are computed")
-    parser.add_argument("--threads", type=int, default=1, metavar="N",
-                        help="torch CPU threads (default 1: one subject's pass is small, and extra threads "
-                             "slow it down on cores shared with training)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed for subsampling, the train/eval split, the MLP and the bootstrap"
+    )
+    parser.add_argument(
+        "--per-learner",
+        action="store_true",
+        help="also attack each learner's data separately (members = that learner only)",
+    )
+    parser.add_argument(
+        "--nonmembers",
+        action="append",
+        default=[],
+        metavar="FILE.h5",
+        help="extra non-members (a volume file the run never saw, same grid); repeatable",
+    )
+    parser.add_argument(
+        "--max-per-class",
+        type=int,
+        metavar="N",
+        help="attack at most N members and N non-members (faster; default: all that balance)",
+    )
+    parser.add_argument("--device", default="auto", choices=DEVICES, help="where per-sample gradients are computed")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="torch CPU threads (default 1: one subject's pass is small, and extra threads "
+        "slow it down on cores shared with training)",
+    )
 
 
 def run(args) -> int:
@@ -564,8 +630,14 @@ def run(args) -> int:
         if args.threads < 1:
             raise AttackError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-        result = attack_run(Path(args.run), seed=args.seed, per_learner=args.per_learner, device=args.device,
-                            nonmembers=args.nonmembers, max_per_class=args.max_per_class)
+        result = attack_run(
+            Path(args.run),
+            seed=args.seed,
+            per_learner=args.per_learner,
+            device=args.device,
+            nonmembers=args.nonmembers,
+            max_per_class=args.max_per_class,
+        )
     except Exception as e:
         if is_user_error(e):
             print(f"fedmpi attack: error: {e}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """The centralized upper bound: one process trains on every learner's data pooled, with the
 same model, optimiser, rounds (a round = train.epochs epochs) and metrics as a federation."""
+
 from __future__ import annotations
 
 import time
@@ -33,15 +34,17 @@ def run_centralized(cfg, data_dir: Path, resume: bool, overwrite: bool) -> int:
 def _train(cfg, data_dir: Path, files: list[Path], split: dict, resume: bool, overwrite: bool) -> int:
     device = select_device(cfg.train.device)
     parts = [open_volumes(p, cfg, device) for p in files]
-    pooled = torch.utils.data.ConcatDataset(parts)
+    pooled: torch.utils.data.ConcatDataset = torch.utils.data.ConcatDataset(parts)
     loader = SeededLoader(cfg, pooled, device)
     ages = np.concatenate([p.ages for p in parts])
     test = open_volumes(Path(data_dir) / "test.h5", cfg, device)
     torch.manual_seed(cfg.run.seed)
-    model = prepare_model(build_model(cfg, test.shape, float(ages.mean())), device, cfg.train.channels_last,
-                          cfg.train.cudnn_benchmark)
-    rec = Recorder(cfg, model, test, device, float(np.mean(np.abs(test.ages - ages.mean()))), data_dir, split,
-                   len(pooled))
+    model = prepare_model(
+        build_model(cfg, test.shape, float(ages.mean())), device, cfg.train.channels_last, cfg.train.cudnn_benchmark
+    )
+    rec = Recorder(
+        cfg, model, test, device, float(np.mean(np.abs(test.ages - ages.mean()))), data_dir, split, len(pooled)
+    )
     found = resume_point(cfg, resume, overwrite)
     problems = split_problems(found[2].get("split") if found else None, split)
     if problems:
@@ -54,9 +57,20 @@ def _train(cfg, data_dir: Path, files: list[Path], split: dict, resume: bool, ov
         stats, seconds = train_round(cfg, model, loader, round_seed(cfg.run.seed, t, 0), device)
         state.values = flat_parameters(model)
         state.round = t
-        row = {"target_sparsity": 0.0, "train_loss": stats["loss"], "bytes_down": 0, "bytes_up": 0,
-               "dense_bytes_down": 0, "dense_bytes_up": 0, "mask_sent": False, "pruned": 0, "regrown": 0,
-               "seconds_train": seconds, "seconds_comm": 0.0, "seconds_aggregate": 0.0}
+        row = {
+            "target_sparsity": 0.0,
+            "train_loss": stats["loss"],
+            "bytes_down": 0,
+            "bytes_up": 0,
+            "dense_bytes_down": 0,
+            "dense_bytes_up": 0,
+            "mask_sent": False,
+            "pruned": 0,
+            "regrown": 0,
+            "seconds_train": seconds,
+            "seconds_comm": 0.0,
+            "seconds_aggregate": 0.0,
+        }
         rec.record(state, row, evaluate_now=t % cfg.eval.every == 0 or t == cfg.federation.rounds)
     print_summary(rec.finish(state, time.perf_counter() - began))
     return 0

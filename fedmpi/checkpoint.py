@@ -5,6 +5,7 @@ streams derive from (seed, round, rank)), so the global values, the mask and the
 are enough to resume bit for bit. Each file carries a SHA-256 of its arrays; a file that is
 truncated, corrupt or fails its checksum is skipped in favour of the previous one.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,7 +25,6 @@ from .files import atomic_write
 CHECKPOINT = re.compile(r"^round-(\d{6})\.npz$")
 
 
-
 def _digest(arrays: dict[str, np.ndarray]) -> str:
     h = hashlib.sha256()
     for name in sorted(arrays):
@@ -40,7 +40,8 @@ def save_arrays(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> int:
     """Atomically write arrays plus JSON metadata and a checksum; returns the size in bytes."""
     meta = dict(meta, sha256=_digest(arrays))
     buf = io.BytesIO()
-    np.savez(buf, meta=np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8), **arrays)
+    members = dict(arrays, meta=np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8))
+    np.savez(buf, **members)  # type: ignore[arg-type]  # numpy's stub types **kwds as its bool options
     data = buf.getvalue()
     atomic_write(Path(path), data)
     return len(data)
@@ -87,7 +88,7 @@ class Checkpoints:
     def save(self, round_: int, values: np.ndarray, mask: np.ndarray, meta: dict) -> Path:
         path = self.dir / f"round-{round_:06d}.npz"
         save_arrays(path, {"values": values, "mask": mask}, dict(meta, round=round_))
-        for old in self.paths()[:-self.keep]:
+        for old in self.paths()[: -self.keep]:
             old.unlink()
         return path
 

@@ -2,6 +2,7 @@
 
 A bool is not a number here (True would silently mean 1), and every message names the argument.
 """
+
 from __future__ import annotations
 
 import math

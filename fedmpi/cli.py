@@ -3,6 +3,7 @@
 `train` forks the rank's sentinel (fedmpi.sentinel) before anything else is imported, then hands
 over to fedmpi.launch; `attack` and `report` are plain one-process commands.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,25 +18,34 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fedmpi", description="Federated brain-age training with FedSparsify.")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser(
-        "train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        "train",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="run a federation (under mpirun: 1 server + N learners) or the centralized baseline",
         description="Run a federation: mpirun -n <learners+1> python -m fedmpi train [--config FILE] [--set k=v ...]\n"
-                    "With no data.dir it runs on the embedded synthetic cohort (generated once, cached).",
-        epilog="options (section.option = default):\n" + describe())
+        "With no data.dir it runs on the embedded synthetic cohort (generated once, cached).",
+        epilog="options (section.option = default):\n" + describe(),
+    )
     t.add_argument("--config", help="YAML file with sections data, model, train, federation, eval, run")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one option, repeatable")
-    t.add_argument("--resume", action="store_true",
-                   help="continue run.name from its last good checkpoint (starts fresh if there is none)")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue run.name from its last good checkpoint (starts fresh if there is none)",
+    )
     t.add_argument("--overwrite", action="store_true", help="replace an unfinished run of the same name")
     t.set_defaults(func=_train)
-    a = sub.add_parser("attack", help="membership inference against a finished run's model",
-                       description="Membership inference: can an attacker tell a run's training subjects from "
-                                   "held-out ones?")
+    a = sub.add_parser(
+        "attack",
+        help="membership inference against a finished run's model",
+        description="Membership inference: can an attacker tell a run's training subjects from held-out ones?",
+    )
     attack.add_arguments(a)
     a.set_defaults(func=attack.run)
-    r = sub.add_parser("report", help="plots and a results table (markdown, CSV) from run directories",
-                       description="Plots and a results table from one or more run directories (or directories "
-                                   "of runs).")
+    r = sub.add_parser(
+        "report",
+        help="plots and a results table (markdown, CSV) from run directories",
+        description="Plots and a results table from one or more run directories (or directories of runs).",
+    )
     report.add_arguments(r)
     r.set_defaults(func=report.run)
     return p

@@ -1,5 +1,6 @@
 """One typed configuration tree, loaded from YAML plus `--set key=value` overrides and
 validated before any MPI work starts. The defaults are the CPU preset (`make demo`)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,7 +31,6 @@ def opt(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
-
 @dataclass
 class DataConfig:
     dir: str = opt("", "split directory with learner_<k>.h5 and test.h5; empty = the synthetic cohort")
@@ -40,8 +40,11 @@ class DataConfig:
     distribution: str = opt("uniform-iid", "synthetic cohort split")
     test_fraction: float = opt(0.2, "synthetic cohort: fraction of each age bin held out as test.h5")
     seed: int = opt(0, "synthetic cohort: seed of its subjects and of its split (run.seed leaves the data alone)")
-    cache: str = opt("memory", "keep each rank's decoded volumes: memory (host RAM) | device (on its GPU: a learner "
-                               "of the paper's size needs about 3.6 GB) | off (read every epoch)")
+    cache: str = opt(
+        "memory",
+        "keep each rank's decoded volumes: memory (host RAM) | device (on its GPU: a learner "
+        "of the paper's size needs about 3.6 GB) | off (read every epoch)",
+    )
     workers: int = opt(0, "DataLoader worker processes per learner")
 
 
@@ -50,8 +53,10 @@ class ModelConfig:
     width: float = opt(0.25, "channel multiplier; 1.0 is the paper's model")
     pools: int = opt(0, "pooling blocks; 0 = automatic (5 at 2 mm, 4 at 4 mm)")
     dropout: float = opt(0.0, "dropout before the output layer (the paper's PyTorch variant: 0.5)")
-    init: str = opt("torch", "torch (PyTorch's defaults) | glorot (Glorot-uniform kernels, zero biases, as the "
-                             "authors' TensorFlow model)")
+    init: str = opt(
+        "torch",
+        "torch (PyTorch's defaults) | glorot (Glorot-uniform kernels, zero biases, as the authors' TensorFlow model)",
+    )
     norm_eps: float = opt(1e-5, "instance-norm epsilon (PyTorch 1e-5; the authors' TensorFlow model 1e-3)")
 
 
@@ -65,8 +70,9 @@ class TrainConfig:
     prox_mu: float = opt(0.0, "FedProx proximal term; 0 = plain SGD")
     device: str = opt("auto", "auto | cpu | cuda (GPU local_rank % n_gpus)")
     amp: str = opt("off", "mixed precision for training and evaluation: off | bf16 (autocast; weights stay float32)")
-    channels_last: bool = opt(False, "channels-last-3d memory order for volumes and weights (faster convolutions "
-                                     "on recent GPUs)")
+    channels_last: bool = opt(
+        False, "channels-last-3d memory order for volumes and weights (faster convolutions on recent GPUs)"
+    )
     cudnn_benchmark: bool = opt(True, "on a GPU, let cuDNN time and pick the fastest convolution algorithms")
     threads: int = opt(0, "torch threads per rank; 0 = cores / ranks on the node")
 
@@ -84,14 +90,23 @@ class FederationConfig:
     exponent: float = opt(3.0, "exponent of the cubic schedule")
     fraction: float = opt(0.04, "p for the fraction schedule")
     oneshot_round: int = opt(1, "round at which oneshot prunes straight to the target")
-    reconfigure_every: int = opt(5, "prunefl: rounds between reconfigurations of the mask (pruning and regrowth "
-                                    "from the learners' squared gradients)")
-    reconfigure_fraction: float = opt(0.3, "prunefl: fraction of the kept weights, smallest |w| first, that a "
-                                           "reconfiguration may swap for pruned ones of higher importance (the "
-                                           "reference code's 0.3); 1 keeps the top importances alone")
+    reconfigure_every: int = opt(
+        5,
+        "prunefl: rounds between reconfigurations of the mask (pruning and regrowth "
+        "from the learners' squared gradients)",
+    )
+    reconfigure_fraction: float = opt(
+        0.3,
+        "prunefl: fraction of the kept weights, smallest |w| first, that a "
+        "reconfiguration may swap for pruned ones of higher importance (the "
+        "reference code's 0.3); 1 keeps the top importances alone",
+    )
     merge: str = opt("reference", "majority-vote average: reference (zeros count) | kept (only keepers)")
-    vote_cap: bool = opt(False, "FedSparsify-Local: the server also prunes the voted model to s_t (off: the "
-                                "authors' vote-only merge, whose sparsity is whatever the vote yields)")
+    vote_cap: bool = opt(
+        False,
+        "FedSparsify-Local: the server also prunes the voted model to s_t (off: the "
+        "authors' vote-only merge, whose sparsity is whatever the vote yields)",
+    )
 
 
 @dataclass
@@ -107,10 +122,16 @@ class RunConfig:
     seed: int = opt(0, "seed for the model, data order, dropout and random pruning")
     checkpoint_every: int = opt(1, "checkpoint every k rounds (0 = never)")
     keep_checkpoints: int = opt(2, "checkpoints kept on disk")
-    round_timeout: float = opt(1800.0, "seconds the server waits for learners in one round (learners wait that "
-                                       "long plus the server's evaluation and checkpoint time for the next round)")
-    startup_timeout: float = opt(120.0, "seconds any rank waits for the others during start-up (rank table, "
-                                        "preflight, first model) before naming the silent ones")
+    round_timeout: float = opt(
+        1800.0,
+        "seconds the server waits for learners in one round (learners wait that "
+        "long plus the server's evaluation and checkpoint time for the next round)",
+    )
+    startup_timeout: float = opt(
+        120.0,
+        "seconds any rank waits for the others during start-up (rank table, "
+        "preflight, first model) before naming the silent ones",
+    )
     verbose: bool = opt(False, "learners print their own progress")
 
 
@@ -217,8 +238,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except UnicodeDecodeError as e:
-            raise ConfigError(f"config file {p} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
-                              f"{e.start}); save it as UTF-8") from None
+            raise ConfigError(
+                f"config file {p} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                f"{e.start}); save it as UTF-8"
+            ) from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
         if not isinstance(values, dict):
@@ -268,22 +291,31 @@ def validate(cfg: Config) -> None:
     _check(0 <= f.target < 1, f"federation.target must be in [0, 1), got {f.target}")
     _check(f.schedule in SCHEDULES, f"federation.schedule must be one of {SCHEDULES}, got {f.schedule!r}")
     _check(f.start >= 1, "federation.start must be >= 1")
-    _check(f.end == 0 or f.start < f.end <= f.rounds,
-           f"federation.end must be 0 (the last round) or between federation.start and federation.rounds, got {f.end}")
-    _check(f.algorithm not in ALGORITHMS or ALGORITHM_TABLE[f.algorithm].sparsity != "progressive"
-           or cfg.schedule_end > f.start,
-           "federation.rounds must exceed federation.start for a progressive schedule")
+    _check(
+        f.end == 0 or f.start < f.end <= f.rounds,
+        f"federation.end must be 0 (the last round) or between federation.start and federation.rounds, got {f.end}",
+    )
+    _check(
+        f.algorithm not in ALGORITHMS
+        or ALGORITHM_TABLE[f.algorithm].sparsity != "progressive"
+        or cfg.schedule_end > f.start,
+        "federation.rounds must exceed federation.start for a progressive schedule",
+    )
     _check(f.frequency >= 1, "federation.frequency must be >= 1")
     _check(f.exponent > 0, "federation.exponent must be > 0")
     _check(0 < f.fraction < 1, "federation.fraction must be in (0, 1)")
     _check(1 <= f.oneshot_round <= f.rounds, "federation.oneshot_round must be within the rounds")
     _check(f.reconfigure_every >= 1, f"federation.reconfigure_every must be >= 1, got {f.reconfigure_every}")
-    _check(0 < f.reconfigure_fraction <= 1,
-           f"federation.reconfigure_fraction must be in (0, 1], got {f.reconfigure_fraction}")
+    _check(
+        0 < f.reconfigure_fraction <= 1,
+        f"federation.reconfigure_fraction must be in (0, 1], got {f.reconfigure_fraction}",
+    )
     _check(f.merge in MERGE_RULES, f"federation.merge must be one of {MERGE_RULES}, got {f.merge!r}")
     _check(e.every >= 1 and e.batch_size >= 1, "eval.every and eval.batch_size must be >= 1")
-    _check(bool(r.name) and "/" not in r.name and r.name not in (".", ".."),
-           f"run.name must be a plain name, got {r.name!r}")
+    _check(
+        bool(r.name) and "/" not in r.name and r.name not in (".", ".."),
+        f"run.name must be a plain name, got {r.name!r}",
+    )
     _check(r.seed >= 0, f"run.seed must be >= 0, got {r.seed}")
     _check(d.seed >= 0, f"data.seed must be >= 0, got {d.seed}")
     _check(r.checkpoint_every >= 0, "run.checkpoint_every must be >= 0 (0 = never)")

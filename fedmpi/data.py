@@ -3,12 +3,14 @@
 The file format is documented in preprocess/h5io.py and docs/data.md. Every error about a
 volume file is a DataError whose message names the file.
 """
+
 from __future__ import annotations
 
 import hashlib
 import os
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -42,9 +44,12 @@ def read_header(path) -> dict:
     """n, shape (X, Y, Z), voxel_size and mean_age of a volume file, without reading images."""
     with h5io.open_checked(path) as f:
         ages = f["age"][:]
-        return {"n": int(f["images"].shape[0]), "shape": tuple(int(s) for s in f["images"].shape[1:]),
-                "voxel_size": float(f.attrs["voxel_size"]),
-                "mean_age": float(ages.mean()) if len(ages) else float("nan")}
+        return {
+            "n": int(f["images"].shape[0]),
+            "shape": tuple(int(s) for s in f["images"].shape[1:]),
+            "voxel_size": float(f.attrs["voxel_size"]),
+            "mean_age": float(ages.mean()) if len(ages) else float("nan"),
+        }
 
 
 def file_digest(path) -> str:
@@ -100,12 +105,13 @@ class VolumeDataset(Dataset):
         self.cache_device = cache_device
         with h5io.open_checked(self.path) as f:
             self._ages = f["age"][:].astype(np.float32)
-            self._shape = tuple(int(s) for s in f["images"].shape[1:])
+            x, y, z = (int(s) for s in f["images"].shape[1:])
+            self._shape = (x, y, z)
             self._voxel = float(f.attrs["voxel_size"])
         self._cache: dict[int, torch.Tensor] | None = {} if cache else None
-        self._file = None
-        self._reader = None
-        self._pid = None
+        self._file: h5py.File | None = None
+        self._reader: h5io.ChunkReader | None = None
+        self._pid: int | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -129,7 +135,7 @@ class VolumeDataset(Dataset):
         return len(self._ages)
 
     def _open(self) -> h5io.ChunkReader:
-        if self._pid != os.getpid():
+        if self._reader is None or self._pid != os.getpid():
             self._file = h5io.open_checked(self.path)
             self._reader = h5io.ChunkReader(self._file["images"])
             self._pid = os.getpid()
@@ -177,17 +183,26 @@ class VolumeDataset(Dataset):
         self._file = self._reader = self._pid = None
 
 
-def synthetic_cohort(root, *, subjects: int = 240, voxel: int = 4, learners: int = 8,
-                     distribution: str = "uniform-iid", seed: int = 0, workers: int | None = None,
-                     progress: bool = False, test_fraction: float = 0.2) -> Path:
+def synthetic_cohort(
+    root,
+    *,
+    subjects: int = 240,
+    voxel: int = 4,
+    learners: int = 8,
+    distribution: str = "uniform-iid",
+    seed: int = 0,
+    workers: int | None = None,
+    progress: bool = False,
+    test_fraction: float = 0.2,
+) -> Path:
     """Build (once) and return the split directory of the embedded synthetic cohort.
 
     Layout under root/synth-s{subjects}-seed{seed}/: bids/ (NIfTI + participants.tsv),
     v{voxel}.h5 (preprocessed), split-{distribution}-{learners}/ (learner_k.h5, test.h5,
-    partition.json; "-test{fraction}" is added to the name when the held-out fraction is not 0.2). Each step is skipped when its output exists and each is built under a
-    temporary name and renamed, so an interrupted run never leaves a half cohort. Not safe
-    to call from several processes at once on the same root: call it on one rank, then
-    barrier.
+    partition.json; "-test{fraction}" is added to the name when the held-out fraction is not
+    0.2). Each step is skipped when its output exists and each is built under a temporary
+    name and renamed, so an interrupted run never leaves a half cohort. Not safe to call
+    from several processes at once on the same root: call it on one rank, then barrier.
     """
     split.validate(learners, distribution)
     base = Path(root) / f"synth-s{subjects}-seed{seed}"
@@ -199,6 +214,5 @@ def synthetic_cohort(root, *, subjects: int = 240, voxel: int = 4, learners: int
         convert.convert(bids_dir, h5, voxel=voxel, workers=workers, progress=progress)
     out = base / (f"split-{distribution}-{learners}" + ("" if test_fraction == 0.2 else f"-test{test_fraction:g}"))
     if not (out / "partition.json").is_file():
-        split.write_split(h5, out, learners=learners, distribution=distribution, seed=seed,
-                          test_fraction=test_fraction)
+        split.write_split(h5, out, learners=learners, distribution=distribution, seed=seed, test_fraction=test_fraction)
     return out

@@ -19,6 +19,7 @@ The encoder always picks the smaller of the two layouts (the bitmask on a tie), 
 (values, mask) pair has exactly one encoding; ``decode`` accepts only that encoding and
 treats the buffer as untrusted input.
 """
+
 from __future__ import annotations
 
 import struct
@@ -40,11 +41,17 @@ MAX_N = 1 << 30
 
 DTYPE_CODES = {
     np.dtype(np.bool_): 0,
-    np.dtype(np.int8): 1, np.dtype(np.uint8): 2,
-    np.dtype(np.int16): 3, np.dtype(np.uint16): 4,
-    np.dtype(np.int32): 5, np.dtype(np.uint32): 6,
-    np.dtype(np.int64): 7, np.dtype(np.uint64): 8,
-    np.dtype(np.float16): 9, np.dtype(np.float32): 10, np.dtype(np.float64): 11,
+    np.dtype(np.int8): 1,
+    np.dtype(np.uint8): 2,
+    np.dtype(np.int16): 3,
+    np.dtype(np.uint16): 4,
+    np.dtype(np.int32): 5,
+    np.dtype(np.uint32): 6,
+    np.dtype(np.int64): 7,
+    np.dtype(np.uint64): 8,
+    np.dtype(np.float16): 9,
+    np.dtype(np.float32): 10,
+    np.dtype(np.float64): 11,
 }
 _CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
@@ -76,7 +83,7 @@ def gather_values(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(values[mask])
 
 
-def scatter_values(packed: np.ndarray, mask: np.ndarray, dtype: DTypeLike = None) -> np.ndarray:
+def scatter_values(packed: np.ndarray, mask: np.ndarray, dtype: DTypeLike | None = None) -> np.ndarray:
     """Dense (N,) array with ``packed`` at the kept positions and zeros elsewhere."""
     packed = np.asarray(packed)
     mask = _as_mask(mask)
@@ -114,15 +121,14 @@ def encode(values: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     index_nbytes = _index_nbytes(n, nnz)
     layout = LAYOUT_BITMASK if bitmask_nbytes <= index_nbytes else LAYOUT_INDEX
     out = np.empty(encoded_nbytes(n, nnz, dtype), dtype=np.uint8)
-    out[:HEADER_NBYTES] = np.frombuffer(
-        _HEADER.pack(MAGIC, layout, DTYPE_CODES[dtype], 0, n, nnz), dtype=np.uint8)
+    out[:HEADER_NBYTES] = np.frombuffer(_HEADER.pack(MAGIC, layout, DTYPE_CODES[dtype], 0, n, nnz), dtype=np.uint8)
     offset = HEADER_NBYTES
     if layout == LAYOUT_BITMASK:
-        out[offset:offset + bitmask_nbytes] = pack_mask(mask)
+        out[offset : offset + bitmask_nbytes] = pack_mask(mask)
         offset += bitmask_nbytes
     else:
         indices: np.ndarray = np.flatnonzero(mask).astype(_index_dtype(n))
-        out[offset:offset + index_nbytes] = indices.view(np.uint8)
+        out[offset : offset + index_nbytes] = indices.view(np.uint8)
         offset += index_nbytes
     kept = np.ascontiguousarray(values[mask], dtype=dtype.newbyteorder("<"))
     out[offset:] = kept.view(np.uint8)
@@ -165,7 +171,7 @@ def decode(buf: object, expected_n: int | None = None) -> tuple[np.ndarray, np.n
     if data.size != expected:
         raise EncodingError(f"buffer is {data.size} bytes, the header implies {expected}")
 
-    section = data[HEADER_NBYTES:HEADER_NBYTES + mask_nbytes]
+    section = data[HEADER_NBYTES : HEADER_NBYTES + mask_nbytes]
     if layout == LAYOUT_BITMASK:
         mask = unpack_mask(section, n)
         if int(np.count_nonzero(mask)) != nnz:
@@ -179,7 +185,7 @@ def decode(buf: object, expected_n: int | None = None) -> tuple[np.ndarray, np.n
         mask = np.zeros(n, dtype=bool)
         mask[indices] = True
 
-    raw = data[HEADER_NBYTES + mask_nbytes:]
+    raw = data[HEADER_NBYTES + mask_nbytes :]
     if dtype == np.bool_ and np.any(raw > 1):
         raise EncodingError("bool values must be stored as bytes 0 or 1")
     kept = raw.view(dtype.newbyteorder("<")).astype(dtype)
@@ -223,6 +229,6 @@ def _as_bytes(buf: object) -> np.ndarray:
             raise EncodingError(f"buffer must be a 1-D uint8 array, got {buf.dtype} {buf.shape}")
         return np.ascontiguousarray(buf)
     try:
-        return np.frombuffer(memoryview(buf).cast("B"), dtype=np.uint8)
+        return np.frombuffer(memoryview(buf).cast("B"), dtype=np.uint8)  # type: ignore[arg-type]
     except TypeError as exc:
         raise EncodingError(f"buffer must be bytes-like or a uint8 array, got {type(buf).__name__}") from exc

@@ -4,6 +4,7 @@ This module imports nothing from the package (as Horovod's common/exceptions.py)
 can raise these without an import circle. "Is this the user's to fix?" is `is_user_error`: such
 errors are reported as one line naming what is wrong; anything else is a bug and shows a traceback.
 """
+
 from __future__ import annotations
 
 EXIT_FAILURE = 1  # an unexpected failure (a bug: a traceback is printed)

@@ -1,6 +1,7 @@
 """Files written whole or not at all: every output (HDF5 volumes, checkpoints, models, run records,
 reports) is written under a temporary name beside its destination, flushed to disk and renamed, so
 a reader, a crash or a full disk never leaves half a file under the real name."""
+
 from __future__ import annotations
 
 import contextlib

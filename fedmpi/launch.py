@@ -5,6 +5,7 @@ rank table, and then becomes the server (rank 0) or a learner; the centralized b
 one process instead. Any exception on any rank ends the whole job at once through MPI Abort, with
 a message naming the rank and the error: a federation that hangs is the worst failure.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,7 @@ import numpy as np
 from .algorithms import algorithm
 from .config import Config, load_config
 from .errors import EXIT_FAILURE, EXIT_PREEMPTED, EXIT_USAGE, ConfigError, is_user_error
-from .messages import PREFLIGHT, records, row_text, text_row
+from .messages import PREFLIGHT, records, row_text, text_row, width
 from .sentinel import launcher_rank, role
 
 ERROR_BYTES = 512  # room for one rank's preflight message
@@ -40,12 +41,16 @@ def check_ranks(cfg: Config, size: int) -> None:
     """The job's rank count must match the configuration (the centralized baseline runs alone)."""
     if algorithm(cfg).trains_centrally:
         if size != 1:
-            raise ConfigError(f"the {cfg.federation.algorithm} baseline runs in one process: python -m fedmpi train "
-                              f"--set federation.algorithm={cfg.federation.algorithm} (without mpirun)")
+            raise ConfigError(
+                f"the {cfg.federation.algorithm} baseline runs in one process: python -m fedmpi train "
+                f"--set federation.algorithm={cfg.federation.algorithm} (without mpirun)"
+            )
     elif size != cfg.federation.learners + 1:
-        raise ConfigError(f"this job has {size} MPI ranks but federation.learners = {cfg.federation.learners} "
-                          f"needs {cfg.federation.learners + 1} (1 server + {cfg.federation.learners} learners): "
-                          f"mpirun -n {cfg.federation.learners + 1} python -m fedmpi train ...")
+        raise ConfigError(
+            f"this job has {size} MPI ranks but federation.learners = {cfg.federation.learners} "
+            f"needs {cfg.federation.learners + 1} (1 server + {cfg.federation.learners} learners): "
+            f"mpirun -n {cfg.federation.learners + 1} python -m fedmpi train ..."
+        )
 
 
 def init_mpi(timeout: float):
@@ -81,7 +86,7 @@ def train(config: str | None, overrides: list[str], resume: bool = False, overwr
         return _run(cfg, comm, resume, overwrite)
     except SystemExit:
         raise
-    except BaseException as e:  # noqa: BLE001 - any failure must end the whole job, not hang it
+    except BaseException as e:
         if not is_user_error(e):
             traceback.print_exc()
         print(f"fedmpi: rank {rank} ({role(rank)}) failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
@@ -142,8 +147,9 @@ def _serve(cfg: Config, wire, data_dir: Path, infos: np.ndarray, device, resume_
     model = prepare_model(build_model(cfg, shape, mean_age), device, t.channels_last, t.cudnn_benchmark)
     initial = flat_parameters(model)
     test = open_volumes(data_dir / "test.h5", cfg, device).warm()
-    rec = Recorder(cfg, model, test, device, float(np.mean(np.abs(test.ages - mean_age))), data_dir, split,
-                   int(counts.sum()))
+    rec = Recorder(
+        cfg, model, test, device, float(np.mean(np.abs(test.ages - mean_age))), data_dir, split, int(counts.sum())
+    )
     state = start_state(cfg, resume_from, rec, model)
     rec.log.write_config(cfg.to_json())
     wire.bcast(np.array([state.round, *counts], np.float64), "session")
@@ -186,12 +192,21 @@ def prepare_data(cfg: Config, wire) -> Path:
     d = cfg.data
 
     def cohort() -> Path:
-        return synthetic_cohort(d.cache_dir, subjects=d.subjects, voxel=d.voxel, learners=cfg.federation.learners,
-                                distribution=d.distribution, seed=d.seed, test_fraction=d.test_fraction)
+        return synthetic_cohort(
+            d.cache_dir,
+            subjects=d.subjects,
+            voxel=d.voxel,
+            learners=cfg.federation.learners,
+            distribution=d.distribution,
+            seed=d.seed,
+            test_fraction=d.test_fraction,
+        )
 
     if wire.rank == 0:
-        print(f"fedmpi: synthetic cohort ({d.subjects} subjects, {d.voxel} mm, {d.distribution}) under {d.cache_dir}/",
-              flush=True)
+        print(
+            f"fedmpi: synthetic cohort ({d.subjects} subjects, {d.voxel} mm, {d.distribution}) under {d.cache_dir}/",
+            flush=True,
+        )
         data_dir = cohort()
     if wire.size > 1:  # generating a new cohort takes minutes: learners allow it a round's time
         patience, wire.patience = wire.patience, cfg.run.round_timeout
@@ -241,8 +256,10 @@ def preflight_problems(infos: np.ndarray, problems: list[str], data_dir: Path) -
         if any(p.startswith(f"rank {k}:") for p in problems):
             continue
         if shapes[k] != shapes[0] and not any(p.startswith("rank 0:") for p in problems):
-            out.append(f"learner {k} ({data_dir / f'learner_{k}.h5'}): volume shape {shapes[k]} differs "
-                       f"from test.h5 {shapes[0]}")
+            out.append(
+                f"learner {k} ({data_dir / f'learner_{k}.h5'}): volume shape {shapes[k]} differs "
+                f"from test.h5 {shapes[0]}"
+            )
     return out
 
 
@@ -254,14 +271,15 @@ def preflight(cfg: Config, wire, data_dir: Path, local_rank: int, resume: bool, 
     device = run_dir = None
     try:
         info, digest, device, run_dir = check_rank(cfg, wire.rank, data_dir, local_rank, resume, overwrite)
-    except Exception as e:  # noqa: BLE001 - reported collectively below
+    except Exception as e:
         problem = f"rank {wire.rank}: {e}"
-    rows = np.zeros((wire.size, len(PREFLIGHT.names)), np.float64) if wire.is_server else None
-    texts = np.zeros((wire.size, ERROR_BYTES), np.uint8) if wire.is_server else None
-    digests = np.zeros((wire.size, DIGEST_BYTES), np.uint8) if wire.is_server else None
-    wire.gather(info.view(np.float64), rows, "the preflight records")
-    wire.gather(text_row(problem, ERROR_BYTES), texts, "the preflight messages")
-    wire.gather(text_row(digest, DIGEST_BYTES), digests, "the data digests")
+    rows = np.zeros((wire.size, width(PREFLIGHT)), np.float64)  # filled on the server only
+    texts = np.zeros((wire.size, ERROR_BYTES), np.uint8)
+    digests = np.zeros((wire.size, DIGEST_BYTES), np.uint8)
+    here = wire.is_server
+    wire.gather(info.view(np.float64), rows if here else None, "the preflight records")
+    wire.gather(text_row(problem, ERROR_BYTES), texts if here else None, "the preflight messages")
+    wire.gather(text_row(digest, DIGEST_BYTES), digests if here else None, "the data digests")
     problems: list[str] = []
     infos = info
     if wire.is_server:

@@ -5,6 +5,7 @@ round's randomness derives from (seed, round, rank), so a resumed federation rep
 importance (squared gradients) is accumulated during the local training of the reconfiguration round
 itself and sent with that round's values, so it does not live across rounds either.
 """
+
 from __future__ import annotations
 
 import time
@@ -16,6 +17,7 @@ from . import encoding, pruning
 from .algorithms import algorithm, prune, reconfigures, round_seed, schedule
 from .config import Config
 from .data import VolumeDataset, loader_options
+from .errors import PayloadError
 from .messages import REPORT, record
 from .model import build_model, flat_parameters, load_flat_parameters
 from .training import AUTOCAST, grasp_scores, local_train, masks_from_flat, prepare_model, snip_scores, warm_up
@@ -31,24 +33,37 @@ class SeededLoader:
 
     def __init__(self, cfg: Config, data, device: torch.device):
         self.generator = torch.Generator()
-        self.loader = torch.utils.data.DataLoader(data, batch_size=cfg.train.batch_size, shuffle=True,
-                                                  generator=self.generator, **loader_options(cfg, device))
+        self.loader = torch.utils.data.DataLoader(
+            data, batch_size=cfg.train.batch_size, shuffle=True, generator=self.generator, **loader_options(cfg, device)
+        )
 
     def for_round(self, seed: int) -> torch.utils.data.DataLoader:
         self.generator.manual_seed(seed)
         return self.loader
 
 
-def train_round(cfg: Config, model, loader: SeededLoader, seed: int, device, masks=None,
-                squared_grads=None) -> tuple[dict, float]:
+def train_round(
+    cfg: Config, model, loader: SeededLoader, seed: int, device, masks=None, squared_grads=None
+) -> tuple[dict, float]:
     """One round of local training with the round's seed (data order, dropout): (stats, seconds).
     Shared by learners and the centralized baseline, so both train the same way."""
     torch.manual_seed(seed)
     tc = cfg.train
     start = time.perf_counter()
-    stats = local_train(model, loader.for_round(seed), epochs=tc.epochs, lr=tc.lr, momentum=tc.momentum,
-                        weight_decay=tc.weight_decay, masks=masks, prox_mu=tc.prox_mu, device=device,
-                        squared_grads=squared_grads, autocast=AUTOCAST[tc.amp], channels_last=tc.channels_last)
+    stats = local_train(
+        model,
+        loader.for_round(seed),
+        epochs=tc.epochs,
+        lr=tc.lr,
+        momentum=tc.momentum,
+        weight_decay=tc.weight_decay,
+        masks=masks,
+        prox_mu=tc.prox_mu,
+        device=device,
+        squared_grads=squared_grads,
+        autocast=AUTOCAST[tc.amp],
+        channels_last=tc.channels_last,
+    )
     return stats, time.perf_counter() - start
 
 
@@ -83,9 +98,12 @@ class Learner:
     def start_batches(self, samples: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The first `samples` of this learner's data (all of it if fewer) in batches of train.batch_size, in
         the order round 0's seed shuffles them: what the start-mask scores are computed on."""
-        loader = torch.utils.data.DataLoader(self.data, batch_size=self.cfg.train.batch_size, shuffle=True,
-                                             generator=torch.Generator().manual_seed(
-                                                 round_seed(self.cfg.run.seed, 0, self.wire.rank)))
+        loader = torch.utils.data.DataLoader(
+            self.data,
+            batch_size=self.cfg.train.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(round_seed(self.cfg.run.seed, 0, self.wire.rank)),
+        )
         batches, taken = [], 0
         for x, y in loader:
             if taken >= samples:
@@ -97,7 +115,7 @@ class Learner:
 
     def run(self) -> None:
         while True:
-            t, flags, nnz, payload = self.wire.recv_model()
+            t, flags, _nnz, payload = self.wire.recv_model()
             received = time.perf_counter()
             if flags & FLAG_STOP:
                 return
@@ -105,8 +123,13 @@ class Learner:
                 values, self.mask = encoding.decode(payload, expected_n=self.n)
                 self.masks = masks_from_flat(self.model, self.mask)
             else:
-                values = encoding.scatter_values(payload.view(np.float32), self.mask, np.float32)
+                values = encoding.scatter_values(payload.view(np.float32), self.global_mask(), np.float32)
             self.round(t, values, received)
+
+    def global_mask(self) -> np.ndarray:
+        if self.mask is None:  # the server sends the mask with the first model of a session
+            raise PayloadError("the server sent model values before any mask")
+        return self.mask
 
     def round(self, t: int, values: np.ndarray, received: float) -> None:
         """Train the round's model and send it back; `received` is when its header arrived (perf_counter),
@@ -115,31 +138,45 @@ class Learner:
         load_flat_parameters(self.model, values)
         squares = [torch.zeros_like(p) for p in self.model.parameters()] if reconfigures(self.cfg, t) else None
         setup = time.perf_counter() - received
-        stats, seconds = train_round(self.cfg, self.model, self.loader, seed, self.device, self.masks,
-                                     squared_grads=squares)
+        stats, seconds = train_round(
+            self.cfg, self.model, self.loader, seed, self.device, self.masks, squared_grads=squares
+        )
         trained = time.perf_counter()
-        local = flat_parameters(self.model)
+        local, global_mask = flat_parameters(self.model), self.global_mask()
         if not self.algo.shared_mask:
             s_t = self.schedule(t)
-            mask = prune(local, self.mask, s_t, self.algo.selector, seed) if s_t > 0 else self.mask
+            mask = prune(local, global_mask, s_t, self.algo.selector, seed) if s_t > 0 else global_mask
             payload = encoding.encode(pruning.apply_mask(local, mask), mask)
-            send, what = self.wire.gatherv, "learner model"
         else:  # float32 values times a float32 weight: already the buffer the Reduce sums
-            payload = encoding.gather_values(local, self.mask) * self.weight
-            send, what = self.wire.reduce_sum, "weighted values"
+            payload = encoding.gather_values(local, global_mask) * self.weight
         # PruneFL's reconfiguration rounds: every position's squared gradients, dense (pruned ones count too)
         importance = None if squares is None else torch.cat([q.reshape(-1) for q in squares]).float().cpu().numpy()
         extra = 0 if importance is None else importance.nbytes
         finite = bool(np.isfinite(local).all()) and (importance is None or bool(np.isfinite(importance).all()))
-        self.wire.report(record(REPORT, loss=stats["loss"], samples=stats["samples"], seconds_train=seconds,
-                                payload_nbytes=payload.nbytes + extra, finite=finite, seconds_setup=setup,
-                                seconds_encode=time.perf_counter() - trained))
-        send(payload, what=what)
+        self.wire.report(
+            record(
+                REPORT,
+                loss=stats["loss"],
+                samples=stats["samples"],
+                seconds_train=seconds,
+                payload_nbytes=payload.nbytes + extra,
+                finite=finite,
+                seconds_setup=setup,
+                seconds_encode=time.perf_counter() - trained,
+            )
+        )
+        if self.algo.shared_mask:
+            self.wire.reduce_sum(payload, what="weighted values")
+        else:
+            self.wire.gatherv(payload, what="learner model")
         if importance is not None:
             self.wire.reduce_sum(importance, what="squared gradients")
         if self.cfg.run.verbose:
-            print(f"learner {self.wire.rank}: round {t} loss {stats['loss']:.3f} "
-                  f"({stats['samples']} samples, {seconds:.1f}s)", flush=True)
+            print(
+                f"learner {self.wire.rank}: round {t} loss {stats['loss']:.3f} "
+                f"({stats['samples']} samples, {seconds:.1f}s)",
+                flush=True,
+            )
 
 
 def _snip_mask(learner: Learner) -> np.ndarray:

@@ -4,6 +4,7 @@ Each is a numpy structured dtype of float64 fields, so it travels as a plain flo
 the wire (no pickling) and is read back by field name. Text (error messages, host names) travels in
 fixed-width uint8 rows.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,8 +13,12 @@ import numpy as np
 # about to hand to MPI for its model (and, in PruneFL's reconfiguration rounds, its squared gradients),
 # whether all of them are finite, and the seconds it spent besides training: from the model's arrival to
 # training (set-up), from training to this report (encoding).
-REPORT = np.dtype([(name, np.float64) for name in ("loss", "samples", "seconds_train", "payload_nbytes", "finite",
-                                                   "seconds_setup", "seconds_encode")])
+REPORT = np.dtype(
+    [
+        (name, np.float64)
+        for name in ("loss", "samples", "seconds_train", "payload_nbytes", "finite", "seconds_setup", "seconds_encode")
+    ]
+)
 
 # What each rank found in its preflight: its data file's sample count, mean age and volume shape.
 PREFLIGHT = np.dtype([(name, np.float64) for name in ("samples", "mean_age", "x", "y", "z")])
@@ -23,6 +28,11 @@ def _names(dtype: np.dtype) -> tuple[str, ...]:
     if dtype.names is None:
         raise TypeError(f"{dtype} is not a record dtype")
     return dtype.names
+
+
+def width(dtype: np.dtype) -> int:
+    """How many float64 values one record of `dtype` takes on the wire."""
+    return len(_names(dtype))
 
 
 def record(dtype: np.dtype, **values: float) -> np.ndarray:

@@ -1,4 +1,5 @@
 """Brain-age regression metrics (pure numpy): MAE (the paper's headline), RMSE, Pearson r."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -4,6 +4,7 @@ The federated protocol exchanges models as one float32 vector; `parameter_layout
 order (``named_parameters`` order) so server and learners agree on positions, which the
 pruning masks index into.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -85,7 +86,7 @@ class BrainAgeCNN(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
-        input_shape = tuple(int(d) for d in input_shape)
+        input_shape = (int(input_shape[0]), int(input_shape[1]), int(input_shape[2]))
         max_pools = auto_pools(input_shape)
         if pools is None:
             pools = max_pools
@@ -126,9 +127,9 @@ class BrainAgeCNN(nn.Module):
             for m in self.modules():
                 if isinstance(m, nn.Conv3d):
                     nn.init.xavier_uniform_(m.weight)
-                    nn.init.zeros_(m.bias)
+                    nn.init.zeros_(m.bias)  # type: ignore[arg-type]  # every Conv3d here has a bias
         with torch.no_grad():
-            self.output.bias.fill_(float(mean_age))
+            self.output.bias.fill_(float(mean_age))  # type: ignore[union-attr]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 5 or x.shape[1] != 1:
@@ -139,8 +140,15 @@ class BrainAgeCNN(nn.Module):
 def build_model(cfg: Config, shape, mean_age: float = 62.68) -> BrainAgeCNN:
     """The configured model for volumes of `shape`, its output starting at `mean_age`."""
     m = cfg.model
-    return BrainAgeCNN(input_shape=tuple(shape), width=m.width, pools=m.pools or None, dropout=m.dropout,
-                       mean_age=mean_age, init=m.init, norm_eps=m.norm_eps)
+    return BrainAgeCNN(
+        input_shape=tuple(shape),
+        width=m.width,
+        pools=m.pools or None,
+        dropout=m.dropout,
+        mean_age=mean_age,
+        init=m.init,
+        norm_eps=m.norm_eps,
+    )
 
 
 def parameter_layout(model: nn.Module) -> list[tuple[str, int, int, tuple]]:
@@ -172,7 +180,7 @@ def load_flat_parameters(model: nn.Module, vec: np.ndarray) -> None:
     with torch.no_grad():
         for p in model.parameters():
             n = p.numel()
-            p.copy_(src[offset:offset + n].view_as(p).to(p.device, p.dtype))
+            p.copy_(src[offset : offset + n].view_as(p).to(p.device, p.dtype))
             offset += n
 
 

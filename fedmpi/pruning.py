@@ -6,6 +6,7 @@ incoming mask stays False, so sparsity only grows over the rounds (FedSparsify).
 exception is ``top_mask``, which chooses afresh from scores over every position (PruneFL's
 reconfiguration regrows; GraSP's start mask has no earlier mask to respect).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,7 +22,7 @@ def n_pruned(n: int, sparsity: float) -> int:
     keeps the achieved sparsity within 0.5/n of the target.
     """
     n = integer("n", n, 0)
-    return int(round(fraction("sparsity", sparsity) * n))
+    return round(fraction("sparsity", sparsity) * n)
 
 
 def magnitude_mask(values: np.ndarray, sparsity: float, mask: np.ndarray | None = None) -> np.ndarray:
@@ -68,8 +69,9 @@ def top_mask(scores: np.ndarray, sparsity: float) -> np.ndarray:
     return mask
 
 
-def reconfigure_mask(importance: np.ndarray, values: np.ndarray, mask: np.ndarray, sparsity: float,
-                     movable: float) -> np.ndarray:
+def reconfigure_mask(
+    importance: np.ndarray, values: np.ndarray, mask: np.ndarray, sparsity: float, movable: float
+) -> np.ndarray:
     """PruneFL's reconfiguration at a fixed size: the new mask keeps ``N - n_pruned(N, sparsity)`` positions.
 
     The kept positions outside the smallest ``movable`` fraction of them (by |value|) stay, as in the
@@ -92,11 +94,11 @@ def reconfigure_mask(importance: np.ndarray, values: np.ndarray, mask: np.ndarra
     stay = min(keep, kept.size - round(movable * kept.size))
     out = np.zeros(importance.size, dtype=bool)
     if stay:
-        out[kept[np.argsort(np.abs(values[kept]), kind="stable")[kept.size - stay:]]] = True
+        out[kept[np.argsort(np.abs(values[kept]), kind="stable")[kept.size - stay :]]] = True
     rest = np.flatnonzero(~out)
     fill = keep - stay
     if fill:
-        out[rest[np.argsort(importance[rest], kind="stable")[rest.size - fill:]]] = True
+        out[rest[np.argsort(importance[rest], kind="stable")[rest.size - fill :]]] = True
     return out
 
 

@@ -1,6 +1,7 @@
 """Run records shared by the federation server and the centralized baseline: the training state,
 evaluation, metrics.jsonl, checkpoints, the summary, and where a run starts (fresh or resumed).
 """
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,17 @@ class Recorder:
     """Evaluation, metrics.jsonl, checkpoints and the per-round progress line, shared by the
     federated server and the centralized baseline."""
 
-    def __init__(self, cfg: Config, model: BrainAgeCNN, test: VolumeDataset, device, baseline_mae: float,
-                 data_dir, split: dict[str, str], train_subjects: int):
+    def __init__(
+        self,
+        cfg: Config,
+        model: BrainAgeCNN,
+        test: VolumeDataset,
+        device,
+        baseline_mae: float,
+        data_dir,
+        split: dict[str, str],
+        train_subjects: int,
+    ):
         self.cfg = cfg
         self.test = test
         self.data_dir = str(Path(data_dir).resolve())
@@ -53,8 +63,9 @@ class Recorder:
         self.split = split  # file name -> data.file_digest of the files this run trains and tests on
         self.model = model
         self.device = device
-        self.loader = torch.utils.data.DataLoader(test, batch_size=cfg.eval.batch_size, shuffle=False,
-                                                  **loader_options(cfg, device))
+        self.loader = torch.utils.data.DataLoader(
+            test, batch_size=cfg.eval.batch_size, shuffle=False, **loader_options(cfg, device)
+        )
         self.baseline_mae = baseline_mae
         self.log = RunLog(cfg.run_dir)
         self.checkpoints = Checkpoints(cfg.run_dir / "checkpoints", keep=cfg.run.keep_checkpoints)
@@ -74,8 +85,10 @@ class Recorder:
     def write_predictions(self) -> None:
         """The final model's prediction for every test subject: paired comparisons between runs need them."""
         lines = ["subject_id,age,predicted\n"]
-        lines += [f"{sid},{age:.2f},{pred:.4f}\n"
-                  for sid, age, pred in zip(self.test.subject_ids, self.test.ages, self.last_predictions)]
+        lines += [
+            f"{sid},{age:.2f},{pred:.4f}\n"
+            for sid, age, pred in zip(self.test.subject_ids, self.test.ages, self.last_predictions)
+        ]
         atomic_write(self.cfg.run_dir / "test_predictions.csv", "".join(lines).encode())
 
     def record(self, state: State, row: dict, evaluate_now: bool) -> dict:
@@ -86,9 +99,14 @@ class Recorder:
             scores = {}
             load_flat_parameters(self.model, state.values)
         row["seconds_eval"] = time.perf_counter() - t0
-        row.update(round=state.round, sparsity=pruning.sparsity(state.values),
-                   layer_sparsity=layer_sparsity(self.model),
-                   test_mae=scores.get("mae"), test_rmse=scores.get("rmse"), test_r=scores.get("r"))
+        row.update(
+            round=state.round,
+            sparsity=pruning.sparsity(state.values),
+            layer_sparsity=layer_sparsity(self.model),
+            test_mae=scores.get("mae"),
+            test_rmse=scores.get("rmse"),
+            test_r=scores.get("r"),
+        )
         t1 = time.perf_counter()
         every = self.cfg.run.checkpoint_every
         if every and (state.round % every == 0 or state.round == self.cfg.federation.rounds):
@@ -99,34 +117,52 @@ class Recorder:
         return row
 
     def checkpoint(self, state: State) -> None:
-        self.checkpoints.save(state.round, state.values, state.mask,
-                              {"config": resume_key(self.cfg), "split": self.split})
+        self.checkpoints.save(
+            state.round, state.values, state.mask, {"config": resume_key(self.cfg), "split": self.split}
+        )
 
     def progress(self, row: dict) -> None:
         mae = "" if row["test_mae"] is None else f" MAE {row['test_mae']:.2f} (mean baseline {self.baseline_mae:.2f})"
-        print(f"round {row['round']:3d}/{self.cfg.federation.rounds} sparsity {row['sparsity']:.3f}{mae}"
-              f" | up {row['bytes_up'] / 1e6:.2f} MB down {row['bytes_down'] / 1e6:.2f} MB"
-              f" | train {row['seconds_train']:.1f}s comm {row['seconds_comm']:.1f}s"
-              f" agg {row['seconds_aggregate']:.2f}s eval {row['seconds_eval']:.1f}s", flush=True)
+        print(
+            f"round {row['round']:3d}/{self.cfg.federation.rounds} sparsity {row['sparsity']:.3f}{mae}"
+            f" | up {row['bytes_up'] / 1e6:.2f} MB down {row['bytes_down'] / 1e6:.2f} MB"
+            f" | train {row['seconds_train']:.1f}s comm {row['seconds_comm']:.1f}s"
+            f" agg {row['seconds_aggregate']:.2f}s eval {row['seconds_eval']:.1f}s",
+            flush=True,
+        )
 
     def finish(self, state: State, seconds: float, preempted: bool = False) -> dict:
         model_path = self.cfg.run_dir / "model.npz"
-        model_bytes = save_model(model_path, state.values, state.mask, {
-            "input_shape": list(self.model.input_shape), "config": self.cfg.to_dict(), "round": state.round})
+        model_bytes = save_model(
+            model_path,
+            state.values,
+            state.mask,
+            {"input_shape": list(self.model.input_shape), "config": self.cfg.to_dict(), "round": state.round},
+        )
         # A preempted run may stop after a round that was not evaluated (eval.every > 1): evaluate it now.
         scores = self.last_eval if self.last_eval_round == state.round else self.evaluate(state)
         self.write_predictions()
         rows = self.log.rows()
         total = {k: sum(r[k] for r in rows) for k in ("bytes_down", "bytes_up", "dense_bytes_down", "dense_bytes_up")}
         summary = {
-            "algorithm": self.cfg.federation.algorithm, "rounds": state.round, "preempted": preempted,
-            "data_dir": self.data_dir, "split": self.split,
-            "train_subjects": self.train_subjects, "test_subjects": len(self.test),
-            "final_mae": scores["mae"], "final_rmse": scores["rmse"], "final_r": scores["r"],
-            "baseline_mae": self.baseline_mae, "final_sparsity": pruning.sparsity(state.values),
-            "target_sparsity": self.cfg.federation.target, "parameters": int(state.values.size),
-            "model_file": str(model_path), "model_bytes_on_disk": model_bytes,
-            "dense_model_bytes": int(state.values.size * 4), "wall_seconds": seconds,
+            "algorithm": self.cfg.federation.algorithm,
+            "rounds": state.round,
+            "preempted": preempted,
+            "data_dir": self.data_dir,
+            "split": self.split,
+            "train_subjects": self.train_subjects,
+            "test_subjects": len(self.test),
+            "final_mae": scores["mae"],
+            "final_rmse": scores["rmse"],
+            "final_r": scores["r"],
+            "baseline_mae": self.baseline_mae,
+            "final_sparsity": pruning.sparsity(state.values),
+            "target_sparsity": self.cfg.federation.target,
+            "parameters": int(state.values.size),
+            "model_file": str(model_path),
+            "model_bytes_on_disk": model_bytes,
+            "dense_model_bytes": int(state.values.size * 4),
+            "wall_seconds": seconds,
             **{f"total_{k}": v for k, v in total.items()},
         }
         self.log.write_summary(summary)
@@ -151,19 +187,23 @@ def resume_point(cfg: Config, resume: bool, overwrite: bool):
     checkpoints = Checkpoints(cfg.run_dir / "checkpoints")
     if not resume:
         if checkpoints.paths() and not overwrite and not finished(cfg):
-            raise ConfigError(f"{cfg.run_dir} holds an unfinished run; pass --resume to continue it or --overwrite "
-                              f"to replace it (or choose another run.name)")
+            raise ConfigError(
+                f"{cfg.run_dir} holds an unfinished run; pass --resume to continue it or --overwrite "
+                f"to replace it (or choose another run.name)"
+            )
         return None
     rows = RunLog(cfg.run_dir).rows()
     found = checkpoints.latest(at_most=rows[-1]["round"] if rows else None)
     if found is None:
         print(f"fedmpi: no usable checkpoint in {checkpoints.dir}; starting fresh", flush=True)
         return None
-    values, mask, meta = found
+    _values, _mask, meta = found
     changed = setting_changes(recorded_key(meta.get("config") or {}), resume_key(cfg))
     if changed:
-        raise ConfigError(f"{checkpoints.dir} was written with other settings ({'; '.join(changed)}); resume with "
-                          f"the same config (only run.*, eval.*, devices and data loading may change)")
+        raise ConfigError(
+            f"{checkpoints.dir} was written with other settings ({'; '.join(changed)}); resume with "
+            f"the same config (only run.*, eval.*, devices and data loading may change)"
+        )
     return found
 
 
@@ -197,8 +237,10 @@ def split_problems(recorded: dict | None, split: dict[str, str]) -> list[str]:
     changed = sorted(name for name in set(recorded) | set(split) if recorded.get(name) != split.get(name))
     if not changed:
         return []
-    return [f"the data differ from what the checkpoint was trained on ({', '.join(changed)} changed since); "
-            f"resume on the same split, or start afresh with --overwrite"]
+    return [
+        f"the data differ from what the checkpoint was trained on ({', '.join(changed)} changed since); "
+        f"resume on the same split, or start afresh with --overwrite"
+    ]
 
 
 def start_state(cfg: Config, resume, rec: Recorder, model) -> State:
@@ -226,7 +268,11 @@ def finished(cfg: Config) -> bool:
 
 
 def print_summary(summary: dict, file=sys.stdout) -> None:
-    print(f"done: {summary['rounds']} rounds, test MAE {summary['final_mae']:.2f} years "
-          f"(predict-the-mean baseline {summary['baseline_mae']:.2f}), sparsity {summary['final_sparsity']:.3f}, "
-          f"bytes up {summary['total_bytes_up'] / 1e6:.1f} MB / dense {summary['total_dense_bytes_up'] / 1e6:.1f} MB, "
-          f"model {summary['model_bytes_on_disk'] / 1e3:.0f} kB on disk ({summary['model_file']})", file=file, flush=True)
+    print(
+        f"done: {summary['rounds']} rounds, test MAE {summary['final_mae']:.2f} years "
+        f"(predict-the-mean baseline {summary['baseline_mae']:.2f}), sparsity {summary['final_sparsity']:.3f}, "
+        f"bytes up {summary['total_bytes_up'] / 1e6:.1f} MB / dense {summary['total_dense_bytes_up'] / 1e6:.1f} MB, "
+        f"model {summary['model_bytes_on_disk'] / 1e3:.0f} kB on disk ({summary['model_file']})",
+        file=file,
+        flush=True,
+    )

@@ -13,6 +13,7 @@ attack.json, and writes:
 
 The tables and statistics are pure functions in fedmpi.tables and fedmpi.stats, tested without plotting.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,20 @@ from .errors import ReportError, is_user_error
 from .files import atomic_write
 from .runlog import RunLog, dumps, read_json
 
-COLUMNS = ("run", "algorithm", "distribution", "target", "final_mae", "final_rmse", "final_r", "sparsity",
-           "total_bytes", "bytes_ratio_vs_fedavg", "wall_seconds", "mia_auc")
+COLUMNS = (
+    "run",
+    "algorithm",
+    "distribution",
+    "target",
+    "final_mae",
+    "final_rmse",
+    "final_r",
+    "sparsity",
+    "total_bytes",
+    "bytes_ratio_vs_fedavg",
+    "wall_seconds",
+    "mia_auc",
+)
 PREDICTION_COLUMNS = ("subject_id", "age", "predicted")
 SLICE_VIEWS = ("axial", "coronal", "sagittal")
 ATTACK_MARKERS = ("o", "s", "^", "D", "v", "P")
@@ -72,6 +85,7 @@ class Run:
 
 # ---------------------------------------------------------------- loading
 
+
 def _read_metrics(run_dir: Path) -> list[dict]:
     log = RunLog(run_dir)
     if not log.metrics_path.exists():
@@ -85,8 +99,10 @@ def read_predictions(path: Path) -> dict[str, tuple[float, float]]:
         with open(path, newline="") as fh:
             reader = csv.DictReader(fh)
             if tuple(reader.fieldnames or ()) != PREDICTION_COLUMNS:
-                raise ReportError(f"{path}: expected the columns {','.join(PREDICTION_COLUMNS)}, "
-                                  f"got {','.join(reader.fieldnames or ())}")
+                raise ReportError(
+                    f"{path}: expected the columns {','.join(PREDICTION_COLUMNS)}, "
+                    f"got {','.join(reader.fieldnames or ())}"
+                )
             out: dict[str, tuple[float, float]] = {}
             for row in reader:
                 if row["subject_id"] in out:
@@ -153,6 +169,7 @@ def expand_run_dirs(paths: list[Path]) -> list[Path]:
 
 # ---------------------------------------------------------------- the overview table (pure)
 
+
 def results_rows(runs: list[Run]) -> list[dict]:
     """One dict per run with COLUMNS as keys (None = blank), sorted by setting, distribution, algorithm, target.
 
@@ -164,13 +181,22 @@ def results_rows(runs: list[Run]) -> list[dict]:
     for run in sorted(runs, key=tables.run_order):
         s = run.summary
         white = tables.attack_results(run.attack).get("white_box", {}) if run.attack else {}
-        rows.append({
-            "run": run.name, "algorithm": run.algorithm, "distribution": run.distribution, "target": run.target,
-            "final_mae": s.get("final_mae"), "final_rmse": s.get("final_rmse"), "final_r": s.get("final_r"),
-            "sparsity": s.get("final_sparsity"), "total_bytes": tables.total_bytes(s),
-            "bytes_ratio_vs_fedavg": tables.bytes_ratio(run, grouped), "wall_seconds": s.get("wall_seconds"),
-            "mia_auc": white.get("auc"),
-        })
+        rows.append(
+            {
+                "run": run.name,
+                "algorithm": run.algorithm,
+                "distribution": run.distribution,
+                "target": run.target,
+                "final_mae": s.get("final_mae"),
+                "final_rmse": s.get("final_rmse"),
+                "final_r": s.get("final_r"),
+                "sparsity": s.get("final_sparsity"),
+                "total_bytes": tables.total_bytes(s),
+                "bytes_ratio_vs_fedavg": tables.bytes_ratio(run, grouped),
+                "wall_seconds": s.get("wall_seconds"),
+                "mia_auc": white.get("auc"),
+            }
+        )
     return rows
 
 
@@ -178,9 +204,16 @@ def to_csv(rows: list[dict]) -> str:
     return tables.to_csv(rows, COLUMNS)
 
 
-MD_FORMATS = {"target": "{:.2f}", "final_mae": "{:.2f}", "final_rmse": "{:.2f}", "final_r": "{:.3f}",
-              "sparsity": "{:.3f}", "bytes_ratio_vs_fedavg": "{:.3f}", "wall_seconds": "{:.0f}",
-              "mia_auc": "{:.3f}"}
+MD_FORMATS = {
+    "target": "{:.2f}",
+    "final_mae": "{:.2f}",
+    "final_rmse": "{:.2f}",
+    "final_r": "{:.3f}",
+    "sparsity": "{:.3f}",
+    "bytes_ratio_vs_fedavg": "{:.3f}",
+    "wall_seconds": "{:.0f}",
+    "mia_auc": "{:.3f}",
+}
 
 
 def _md_cell(column: str, v) -> str:
@@ -192,13 +225,16 @@ def _md_cell(column: str, v) -> str:
 
 
 def to_markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |",
-             "|" + "|".join("---" if c in ("run", "algorithm", "distribution") else "---:" for c in COLUMNS) + "|"]
+    lines = [
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join("---" if c in ("run", "algorithm", "distribution") else "---:" for c in COLUMNS) + "|",
+    ]
     lines += ["| " + " | ".join(_md_cell(c, r[c]) for c in COLUMNS) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- plots
+
 
 def _figure(panel_keys: list[tuple[str, str]]):
     """(figure, axes) with one titled panel per (setting, distribution), three to a row."""
@@ -209,7 +245,7 @@ def _figure(panel_keys: list[tuple[str, str]]):
     rows = -(-n // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6.0 * cols, 4.6 * rows), squeeze=False)
     flat = list(axes.flat)
-    for ax in flat[len(panel_keys):]:
+    for ax in flat[len(panel_keys) :]:
         ax.set_visible(False)
     for (setting, distribution), ax in zip(panel_keys, flat):
         title = distribution or "(distribution unknown)"
@@ -217,15 +253,17 @@ def _figure(panel_keys: list[tuple[str, str]]):
             title += "\n" + textwrap.fill(setting, 70)
         ax.set_title(title, fontsize=9)
         ax.grid(True, alpha=0.3)
-    return fig, flat[:len(panel_keys)]
+    return fig, flat[: len(panel_keys)]
 
 
 def _line_colors(keys) -> dict[tuple, tuple]:
     """One colour per method (algorithm, target), the same in every panel and plot."""
     import matplotlib.pyplot as plt
 
-    methods = sorted({(k.algorithm, k.target) for k in keys},
-                     key=lambda m: (tables.algorithm_rank(m[0]), m[1] is not None, m[1] or 0.0))
+    methods = sorted(
+        {(k.algorithm, k.target) for k in keys},
+        key=lambda m: (tables.algorithm_rank(m[0]), m[1] is not None, m[1] or 0.0),
+    )
     cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
     return {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
 
@@ -241,8 +279,16 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_curves(runs: list[Run], path: Path, key: str, ylabel: str, by_bytes: bool = False,
-                clip: float | None = None, dashed: str | None = None, note: str = "") -> Path:
+def plot_curves(
+    runs: list[Run],
+    path: Path,
+    key: str,
+    ylabel: str,
+    by_bytes: bool = False,
+    clip: float | None = None,
+    dashed: str | None = None,
+    note: str = "",
+) -> Path:
     """metrics[key] against round (or cumulative bytes, log scale): per method the mean over seeds, with a
     min-max band. `dashed` draws a second metric of the same method dashed. With `clip`, each panel's y
     axis stops at clip x the largest first value, so one diverging run (random pruning can cut the output
@@ -296,13 +342,19 @@ def _attack_errorbar(ax, x, points: list[dict], style: dict, label: str | None) 
     aucs = np.array([p["auc"] for p in points], dtype=np.float64)
     low = np.array([p["auc"] - p["auc_low"] if p.get("auc_low") is not None else 0.0 for p in points])
     high = np.array([p["auc_high"] - p["auc"] if p.get("auc_high") is not None else 0.0 for p in points])
-    ax.errorbar(x, aucs, yerr=[low, high], linestyle="none", capsize=2, markersize=5, elinewidth=0.8,
-                label=label, **style)
+    ax.errorbar(
+        x, aucs, yerr=[low, high], linestyle="none", capsize=2, markersize=5, elinewidth=0.8, label=label, **style
+    )
 
 
 def _attack_points(section: dict, name: str) -> list[dict]:
-    return [p for m in section["methods"] if name in m["attacks"] for p in m["attacks"][name]["runs"]
-            if p["auc"] is not None]
+    return [
+        p
+        for m in section["methods"]
+        if name in m["attacks"]
+        for p in m["attacks"][name]["runs"]
+        if p["auc"] is not None
+    ]
 
 
 def _attack_styles(sections: list[dict]) -> dict[str, dict]:
@@ -310,8 +362,9 @@ def _attack_styles(sections: list[dict]) -> dict[str, dict]:
 
     names = list(dict.fromkeys(n for s in sections for m in s["methods"] for n in m["attacks"]))
     cmap = plt.get_cmap("Dark2")
-    return {n: {"color": cmap(i % cmap.N), "marker": ATTACK_MARKERS[i % len(ATTACK_MARKERS)]}
-            for i, n in enumerate(names)}
+    return {
+        n: {"color": cmap(i % cmap.N), "marker": ATTACK_MARKERS[i % len(ATTACK_MARKERS)]} for i, n in enumerate(names)
+    }
 
 
 def plot_mia_sparsity(runs: list[Run], path: Path) -> Path:
@@ -328,11 +381,18 @@ def plot_mia_sparsity(runs: list[Run], path: Path) -> Path:
             points = [p for p in _attack_points(section, name) if p["sparsity"] is not None]
             x = _to_density([p["sparsity"] for p in points]) + offset
             _attack_errorbar(ax, x, points, styles[name], name)
-            means = [(m["sparsity"], m["attacks"][name]["auc_mean"]) for m in section["methods"]
-                     if name in m["attacks"] and m["sparsity"] is not None and m["attacks"][name]["auc_mean"]]
+            means = [
+                (m["sparsity"], m["attacks"][name]["auc_mean"])
+                for m in section["methods"]
+                if name in m["attacks"] and m["sparsity"] is not None and m["attacks"][name]["auc_mean"]
+            ]
             if means:
-                ax.plot(_to_density([s for s, _ in means]) + offset, [a for _, a in means],
-                        color=styles[name]["color"], linewidth=1)
+                ax.plot(
+                    _to_density([s for s, _ in means]) + offset,
+                    [a for _, a in means],
+                    color=styles[name]["color"],
+                    linewidth=1,
+                )
         spars = [m["sparsity"] for m in section["methods"] if m["sparsity"] is not None]
         right = float(_to_density(max(spars, default=0.0))) + 0.2
         ax.set_xlim(-0.2, right)
@@ -341,8 +401,14 @@ def plot_mia_sparsity(runs: list[Run], path: Path) -> Path:
         ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
         ax.set_xlabel("model sparsity (axis: -log10(1 - sparsity))")
         ax.set_ylabel("membership-inference ROC AUC")
-        ax.text(0.01, 0.01, "points: seeds, bars: 95% CI; line: mean per method; dashed: chance",
-                transform=ax.transAxes, fontsize=7, color="dimgrey")
+        ax.text(
+            0.01,
+            0.01,
+            "points: seeds, bars: 95% CI; line: mean per method; dashed: chance",
+            transform=ax.transAxes,
+            fontsize=7,
+            color="dimgrey",
+        )
         if names:
             ax.legend(fontsize=7)
     return _save(fig, path)
@@ -389,6 +455,7 @@ def plot_slices(ds, path: Path, volumes: int = 4) -> Path:
 
 # ---------------------------------------------------------------- command
 
+
 def _slice_source(runs: list[Run]):
     """The test set of the first run whose data_dir still holds one, or None."""
     from .data import VolumeDataset
@@ -414,8 +481,9 @@ def write_report(run_dirs: list[Path], out: Path) -> tuple[list[dict], list[Path
     try:
         import matplotlib
     except ModuleNotFoundError:
-        raise ReportError("the report's plots need matplotlib: pip install -e '.[report]' (or pip install "
-                          "matplotlib)") from None
+        raise ReportError(
+            "the report's plots need matplotlib: pip install -e '.[report]' (or pip install matplotlib)"
+        ) from None
 
     matplotlib.use("Agg")
     runs = [load_run(p) for p in expand_run_dirs(run_dirs)]
@@ -431,7 +499,8 @@ def write_report(run_dirs: list[Path], out: Path) -> tuple[list[dict], list[Path
     accuracy = tables.accuracy_sections(runs, paired)
     privacy = tables.privacy_sections(runs)
     texts = {
-        "results.csv": to_csv(rows), "results.md": to_markdown(rows),
+        "results.csv": to_csv(rows),
+        "results.md": to_markdown(rows),
         "accuracy.csv": tables.to_csv(tables.accuracy_rows(runs), tables.ACCURACY_COLUMNS),
         "accuracy_paired.csv": tables.to_csv(paired, tables.PAIRED_COLUMNS),
         "accuracy.md": tables.accuracy_markdown(accuracy),
@@ -448,18 +517,45 @@ def write_report(run_dirs: list[Path], out: Path) -> tuple[list[dict], list[Path
     for name, text in texts.items():
         atomic_write(out / name, text.encode())
         written.append(out / name)
-    written.append(plot_curves(runs, out / "mae_vs_round.png", "test_mae", "test MAE (years)", clip=1.5,
-                               note="line: mean over seeds, band: min-max"))
-    written.append(plot_curves(runs, out / "sparsity_vs_round.png", "sparsity", "global model sparsity",
-                               dashed="target_sparsity", note="solid: actual sparsity, dashed: target s_t"))
-    written.append(plot_curves(runs, out / "mae_vs_bytes.png", "test_mae", "test MAE (years)", by_bytes=True,
-                               clip=1.5, note="mean over seeds; a centralized run sends nothing and is absent"))
+    written.append(
+        plot_curves(
+            runs,
+            out / "mae_vs_round.png",
+            "test_mae",
+            "test MAE (years)",
+            clip=1.5,
+            note="line: mean over seeds, band: min-max",
+        )
+    )
+    written.append(
+        plot_curves(
+            runs,
+            out / "sparsity_vs_round.png",
+            "sparsity",
+            "global model sparsity",
+            dashed="target_sparsity",
+            note="solid: actual sparsity, dashed: target s_t",
+        )
+    )
+    written.append(
+        plot_curves(
+            runs,
+            out / "mae_vs_bytes.png",
+            "test_mae",
+            "test MAE (years)",
+            by_bytes=True,
+            clip=1.5,
+            note="mean over seeds; a centralized run sends nothing and is absent",
+        )
+    )
     if attacked:
         written.append(plot_mia_sparsity(attacked, out / "mia_auc_vs_sparsity.png"))
         written.append(plot_mia_gap(attacked, out / "mia_auc_vs_gap.png"))
     else:
-        _note("no run has attack.json (python -m fedmpi attack --run DIR); skipping privacy.csv, privacy.md, "
-              "mia_auc_vs_sparsity.png and mia_auc_vs_gap.png")
+        _note(
+            "no run has attack.json (python -m fedmpi attack --run DIR); skipping privacy.csv, privacy.md, "
+            "mia_auc_vs_sparsity.png and mia_auc_vs_gap.png"
+        )
     if slices is not None:
         written.append(plot_slices(slices, out / "volume_slices.png"))
     else:
@@ -468,8 +564,9 @@ def write_report(run_dirs: list[Path], out: Path) -> tuple[list[dict], list[Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                        help="run directories, or a directory of runs (every finished run in it)")
+    parser.add_argument(
+        "runs", nargs="+", metavar="RUN_DIR", help="run directories, or a directory of runs (every finished run in it)"
+    )
     parser.add_argument("--out", default="report", help="output directory for the tables and PNGs")
 
 

@@ -4,6 +4,7 @@ Whole files are written to a temporary name and renamed; metrics lines are appen
 a resumed run first drops the lines past its checkpoint so nothing is duplicated. JSON is always
 standard JSON: a non-finite number is written as null, never as NaN or Infinity.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -69,11 +70,14 @@ class RunLock:
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise ConfigError(f"{self.path.parent} is in use by a running job ({holder}); wait for it to end or "
-                              f"choose another run.name") from None
+            raise ConfigError(
+                f"{self.path.parent} is in use by a running job ({holder}); wait for it to end or "
+                f"choose another run.name"
+            ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-                  .encode(), 0)
+        os.pwrite(
+            fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0
+        )
         self._fd = fd
         return self
 
@@ -126,11 +130,15 @@ class RunLog:
             return rows
         total = len(rows) + len(bad)
         if bad == [total]:
-            print(f"fedmpi: {self.metrics_path}: line {total} is cut short (an interrupted write); skipped",
-                  file=sys.stderr)
+            print(
+                f"fedmpi: {self.metrics_path}: line {total} is cut short (an interrupted write); skipped",
+                file=sys.stderr,
+            )
             return rows
-        raise ReportError(f"{self.metrics_path}: {len(bad)} damaged line(s) before the last ({', '.join(map(str, bad))}"
-                          f" of {total}); the run's metrics are not trustworthy")
+        raise ReportError(
+            f"{self.metrics_path}: {len(bad)} damaged line(s) before the last ({', '.join(map(str, bad))}"
+            f" of {total}); the run's metrics are not trustworthy"
+        )
 
     def keep_through(self, round_: int) -> list[dict]:
         """Keep the rows of rounds <= round_ (resume): returns them."""

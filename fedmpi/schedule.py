@@ -3,6 +3,7 @@
 Each schedule is a frozen dataclass called as ``s(t) -> float``. ``t = 0`` is accepted
 and means the initial model, so ``is_pruning_round(1)`` can compare round 1 with it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -8,6 +8,7 @@ exits with 128 + signal, so the launcher ends the job. The child dies with its p
 (PR_SET_PDEATHSIG), so a launcher's clean-up of the parent never leaves an orphan rank behind.
 FEDMPI_SENTINEL=0 turns it off, for a launcher that insists the process it started is the MPI rank.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -23,7 +24,7 @@ HINTS = {
     signal.SIGSEGV: " (a crash in native code)",
     signal.SIGBUS: " (a crash in native code, or a file truncated under a memory map)",
     signal.SIGALRM: " (MPI start-up did not complete within run.startup_timeout: another rank of the job has not "
-                    "started or is stuck before MPI initialisation; the launcher's output may name it)",
+    "started or is stuck before MPI initialisation; the launcher's output may name it)",
 }
 
 
@@ -56,7 +57,10 @@ def supervise() -> None:
     _, status = os.waitpid(child, 0)
     if os.WIFSIGNALED(status):
         sig = signal.Signals(os.WTERMSIG(status))
-        print(f"fedmpi: rank {rank} ({role(int(rank))}, pid {child}) was killed by {sig.name}{HINTS.get(sig, '')}",
-              file=sys.stderr, flush=True)
+        print(
+            f"fedmpi: rank {rank} ({role(int(rank))}, pid {child}) was killed by {sig.name}{HINTS.get(sig, '')}",
+            file=sys.stderr,
+            flush=True,
+        )
         os._exit(128 + sig)
     os._exit(os.waitstatus_to_exitcode(status))

@@ -5,10 +5,11 @@ aggregate (FedAvg by MPI Reduce of pre-weighted values, or majority vote over th
 own sparse models) -> prune to s_t where the algorithm says so, or, in PruneFL's reconfiguration
 rounds, choose the mask afresh from the learners' summed squared gradients -> evaluate -> record.
 """
+
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -16,7 +17,7 @@ from . import encoding, pruning
 from .aggregation import MajorityVote
 from .algorithms import algorithm, prune, reconfigures, round_seed, schedule
 from .errors import EncodingError, PayloadError
-from .messages import REPORT, records
+from .messages import REPORT, records, width
 from .recorder import State
 from .wire import FLAG_MASK, FLAG_PREEMPTED, FLAG_STOP
 
@@ -26,10 +27,10 @@ if TYPE_CHECKING:
     from .wire import Transport
 
 
-
 class Server:
-    def __init__(self, cfg: Config, wire: Transport, recorder: Recorder, sample_counts: np.ndarray,
-                 initial: np.ndarray):
+    def __init__(
+        self, cfg: Config, wire: Transport, recorder: Recorder, sample_counts: np.ndarray, initial: np.ndarray
+    ):
         """`initial` is the model before any training (rebuilt from run.seed on every start, resumes included):
         PruneFL's regrown positions restart from it."""
         self.cfg = cfg
@@ -60,16 +61,19 @@ class Server:
         self.wire.reset_counters()
         self.wire.deadline = time.monotonic() + self.cfg.run.round_timeout
         self.wire.send(state.values, dest=1, what="initial model for the start mask")
-        packed = self.wire.recv(np.empty((n + 7) // 8, np.uint8), source=1,
-                                what="the start mask from learner 1 (rank 1)")
+        packed = self.wire.recv(
+            np.empty((n + 7) // 8, np.uint8), source=1, what="the start mask from learner 1 (rank 1)"
+        )
         try:
             mask = encoding.unpack_mask(packed, n)
         except EncodingError as e:
             raise PayloadError(f"learner 1 (rank 1) sent an invalid start mask: {e}") from None
         pruned = n - int(mask.sum())
         if pruned != pruning.n_pruned(n, self.cfg.federation.target):
-            raise PayloadError(f"learner 1 (rank 1) sent a start mask pruning {pruned} of {n} positions, expected "
-                               f"{pruning.n_pruned(n, self.cfg.federation.target)}")
+            raise PayloadError(
+                f"learner 1 (rank 1) sent a start mask pruning {pruned} of {n} positions, expected "
+                f"{pruning.n_pruned(n, self.cfg.federation.target)}"
+            )
         if self.algo.start_trains:
             kept = self.wire.recv(np.empty(n - pruned, np.float32), source=1, what="the start values from learner 1")
             if not np.isfinite(kept).all():
@@ -140,23 +144,26 @@ class Server:
         wire.deadline = time.monotonic() + self.cfg.run.round_timeout
         nnz = int(state.mask.sum())
         reconfigure = reconfigures(self.cfg, t)
-        reports = records(wire.collect_reports(len(REPORT.names)), REPORT)
+        reports = records(wire.collect_reports(width(REPORT)), REPORT)
         reported = time.perf_counter()
         self.check_reports(reports, nnz, n, extra_nbytes=4 * n if reconfigure else 0)
         importance = None
         if not self.algo.shared_mask:
-            payloads = wire.gatherv(None, what="learner models")
+            payloads = received(wire.gatherv(None, what="learner models"))
             t1 = time.perf_counter()
             values, mask = self.majority_vote(payloads, state.mask)
         else:
-            summed = wire.reduce_sum(np.zeros(nnz, np.float32), what="weighted values")
-            importance = wire.reduce_sum(np.zeros(n, np.float32), what="squared gradients") if reconfigure else None
+            summed = received(wire.reduce_sum(np.zeros(nnz, np.float32), what="weighted values"))
+            importance = None
+            if reconfigure:
+                importance = received(wire.reduce_sum(np.zeros(n, np.float32), what="squared gradients"))
             t1 = time.perf_counter()
             if not np.isfinite(summed).all():
                 raise PayloadError(f"round {t}: the aggregated values are not finite; global model left as it was")
             if importance is not None and not np.isfinite(importance).all():
-                raise PayloadError(f"round {t}: the summed squared gradients are not finite; global model left "
-                                   f"as it was")
+                raise PayloadError(
+                    f"round {t}: the summed squared gradients are not finite; global model left as it was"
+                )
             values, mask = encoding.scatter_values(summed, state.mask, np.float32), state.mask
         wire.deadline = None
         s_t = self.schedule(t)
@@ -170,8 +177,10 @@ class Server:
         t2 = time.perf_counter()
         regrown = int((mask & ~state.mask).sum())
         if regrown and not self.algo.regrows:  # the table's promise, checked where the global mask changes
-            raise RuntimeError(f"round {t}: {regrown} pruned positions would come back under "
-                               f"{self.cfg.federation.algorithm}, which never regrows; global model left as it was")
+            raise RuntimeError(
+                f"round {t}: {regrown} pruned positions would come back under "
+                f"{self.cfg.federation.algorithm}, which never regrows; global model left as it was"
+            )
         new_mask_changed = not np.array_equal(mask, state.mask)
         pruned = int((state.mask & ~mask).sum()) + self.carried["pruned"]
         state.round, state.values, state.mask = t, values, mask
@@ -181,16 +190,26 @@ class Server:
         seconds_train = float(reports["seconds_train"].max())
         dense = 4 * n * wire.learners
         row = {
-            "target_sparsity": s_t, "sparsity_sent": 1.0 - nnz / n,
+            "target_sparsity": s_t,
+            "sparsity_sent": 1.0 - nnz / n,
             "train_loss": float(np.average(reports["loss"], weights=reports["samples"])),
-            "bytes_down": down, "bytes_up": up, "dense_bytes_down": dense, "dense_bytes_up": dense,
-            "mask_sent": self.sent_mask, "pruned": pruned, "regrown": regrown, "seconds_train": seconds_train,
+            "bytes_down": down,
+            "bytes_up": up,
+            "dense_bytes_down": dense,
+            "dense_bytes_up": dense,
+            "mask_sent": self.sent_mask,
+            "pruned": pruned,
+            "regrown": regrown,
+            "seconds_train": seconds_train,
             # the round's time outside training and the previous round's record: transfer, learner set-up
             # and encoding, and waiting for the slowest learner
             "seconds_comm": max(0.0, (t1 - started) - (recorded - sent) - seconds_train),
-            "seconds_aggregate": t2 - t1, "seconds_send": sent - started, "seconds_collect": t1 - reported,
+            "seconds_aggregate": t2 - t1,
+            "seconds_send": sent - started,
+            "seconds_collect": t1 - reported,
             "seconds_setup": float(reports["seconds_setup"].max()),
-            "seconds_encode": float(reports["seconds_encode"].max()), "started": self.round_started,
+            "seconds_encode": float(reports["seconds_encode"].max()),
+            "started": self.round_started,
         }
         return row, new_mask_changed
 
@@ -201,8 +220,10 @@ class Server:
             if not r["finite"] or not np.isfinite(r["loss"]):
                 raise PayloadError(f"learner {k} (rank {k}) reports non-finite model values; round rejected")
             if self.algo.shared_mask and int(r["payload_nbytes"]) != 4 * nnz + extra_nbytes:
-                raise PayloadError(f"learner {k} (rank {k}) would send {int(r['payload_nbytes'])} bytes, "
-                                   f"expected {4 * nnz + extra_nbytes}")
+                raise PayloadError(
+                    f"learner {k} (rank {k}) would send {int(r['payload_nbytes'])} bytes, "
+                    f"expected {4 * nnz + extra_nbytes}"
+                )
 
     def majority_vote(self, payloads: list[np.ndarray], global_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         vote = MajorityVote(global_mask.size, rule=self.cfg.federation.merge)
@@ -212,12 +233,25 @@ class Server:
             except EncodingError as e:
                 raise PayloadError(f"learner {k} (rank {k}) sent an invalid model: {e}") from None
             if values.dtype != np.float32:  # decode(expected_n=...) already refused a wrong length
-                raise PayloadError(f"learner {k} (rank {k}) sent {values.size} {values.dtype} values, "
-                                   f"expected {global_mask.size} float32")
+                raise PayloadError(
+                    f"learner {k} (rank {k}) sent {values.size} {values.dtype} values, "
+                    f"expected {global_mask.size} float32"
+                )
             if not np.isfinite(values).all():
                 raise PayloadError(f"learner {k} (rank {k}) sent non-finite values")
             if (mask & ~global_mask).any():
-                raise PayloadError(f"learner {k} (rank {k}) sent a mask that revives "
-                                   f"{int((mask & ~global_mask).sum())} pruned weights")
+                raise PayloadError(
+                    f"learner {k} (rank {k}) sent a mask that revives {int((mask & ~global_mask).sum())} pruned weights"
+                )
             vote.add(values, mask, self.weights[k - 1])
         return vote.result()
+
+
+T = TypeVar("T")
+
+
+def received(value: T | None) -> T:
+    """What a collective delivered at the server (it is None only on learners)."""
+    if value is None:
+        raise RuntimeError("a collective delivered nothing at the server")
+    return value

@@ -1,6 +1,7 @@
 """The report's statistics, pure numpy: a bootstrap interval of a mean, the non-inferiority verdict
 against a stated margin, and Spearman's rank correlation. Kept apart from the tables so each is
 checked on hand-computable cases."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,8 +11,9 @@ BOOTSTRAP_RESAMPLES = 10_000
 _CHUNK = 1_000  # resamples drawn at a time: 1,000 x (a thousand subjects) indices stay a few MB
 
 
-def bootstrap_mean_interval(values: ArrayLike, level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES,
-                            seed: int = 0) -> tuple[float, float]:
+def bootstrap_mean_interval(
+    values: ArrayLike, level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of `values` (resampled with replacement, fixed seed).
 
     Used for per-subject paired differences: it assumes nothing about their distribution (absolute
@@ -27,8 +29,12 @@ def bootstrap_mean_interval(values: ArrayLike, level: float = 0.95, resamples: i
     if resamples < 1:
         raise ValueError(f"resamples must be >= 1, got {resamples}")
     rng = np.random.default_rng(seed)
-    means = np.concatenate([x[rng.integers(0, x.size, size=(min(_CHUNK, resamples - start), x.size))].mean(axis=1)
-                            for start in range(0, resamples, _CHUNK)])
+    means = np.concatenate(
+        [
+            x[rng.integers(0, x.size, size=(min(_CHUNK, resamples - start), x.size))].mean(axis=1)
+            for start in range(0, resamples, _CHUNK)
+        ]
+    )
     low, high = np.quantile(means, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
     return float(low), float(high)
 

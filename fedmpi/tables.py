@@ -6,6 +6,7 @@ hand-written runs. Runs are grouped by *setting*: the config values that change 
 than the distribution, algorithm, target and seed. A study's accuracy runs and its privacy runs (other
 epochs, another test fraction) are then never averaged or compared with each other.
 """
+
 from __future__ import annotations
 
 import csv
@@ -33,19 +34,66 @@ LEGACY_ATTACKS = ("black_box", "white_box")  # attack.json's only, top-level, at
 ATTACK_FIELDS = ("auc", "auc_low", "auc_high", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "accuracy")
 # Config keys that change nothing learnt, or that a comparison must ignore: the distribution is its own
 # column, and data.dir is a split's folder, another one for each distribution of the same cohort.
-NOT_SETTING = frozenset({"data.distribution", "data.dir", "data.cache", "data.cache_dir", "data.workers",
-                         "train.device", "train.threads"})
+NOT_SETTING = frozenset(
+    {"data.distribution", "data.dir", "data.cache", "data.cache_dir", "data.workers", "train.device", "train.threads"}
+)
 SETTING_SECTIONS = ("data", "model", "train")
 SETTING_FEDERATION = ("learners", "rounds")  # the federation's shape; its other keys describe the pruning
 
-ACCURACY_COLUMNS = ("run", "distribution", "algorithm", "target", "seed", "train_subjects", "test_subjects", "rounds",
-                    "final_mae", "baseline_mae", "mae_ratio", "final_rmse", "final_r", "final_sparsity", "total_bytes",
-                    "bytes_ratio_vs_fedavg", "setting")
-PAIRED_COLUMNS = ("setting", "distribution", "algorithm", "target", "reference", "seeds", "n_seeds", "n_subjects",
-                  "mae", "reference_mae", "mean_diff", "diff_low", "diff_high", "seed_diffs", "margin", "verdict",
-                  "vs_zero")
-PRIVACY_COLUMNS = ("run", "algorithm", "target", "seed", "final_sparsity", "train_mae", "test_mae", "mae_gap",
-                   "attack", "members_eval", "nonmembers_eval", *ATTACK_FIELDS, "distribution", "setting")
+ACCURACY_COLUMNS = (
+    "run",
+    "distribution",
+    "algorithm",
+    "target",
+    "seed",
+    "train_subjects",
+    "test_subjects",
+    "rounds",
+    "final_mae",
+    "baseline_mae",
+    "mae_ratio",
+    "final_rmse",
+    "final_r",
+    "final_sparsity",
+    "total_bytes",
+    "bytes_ratio_vs_fedavg",
+    "setting",
+)
+PAIRED_COLUMNS = (
+    "setting",
+    "distribution",
+    "algorithm",
+    "target",
+    "reference",
+    "seeds",
+    "n_seeds",
+    "n_subjects",
+    "mae",
+    "reference_mae",
+    "mean_diff",
+    "diff_low",
+    "diff_high",
+    "seed_diffs",
+    "margin",
+    "verdict",
+    "vs_zero",
+)
+PRIVACY_COLUMNS = (
+    "run",
+    "algorithm",
+    "target",
+    "seed",
+    "final_sparsity",
+    "train_mae",
+    "test_mae",
+    "mae_gap",
+    "attack",
+    "members_eval",
+    "nonmembers_eval",
+    *ATTACK_FIELDS,
+    "distribution",
+    "setting",
+)
 
 
 class LineKey(NamedTuple):
@@ -58,6 +106,7 @@ class LineKey(NamedTuple):
 
 
 # ---------------------------------------------------------------- grouping
+
 
 def algorithm_rank(algorithm: str) -> tuple:
     order = tuple(ALGORITHMS)
@@ -73,8 +122,14 @@ def line_key(run: Run) -> LineKey:
 
 
 def line_order(key: LineKey) -> tuple:
-    return (key.setting, key.distribution == POOLED, key.distribution, algorithm_rank(key.algorithm),
-            key.target is not None, key.target or 0.0)
+    return (
+        key.setting,
+        key.distribution == POOLED,
+        key.distribution,
+        algorithm_rank(key.algorithm),
+        key.target is not None,
+        key.target or 0.0,
+    )
 
 
 def line_label(key: LineKey) -> str:
@@ -137,8 +192,12 @@ def lines(runs: list[Run]) -> dict[LineKey, list[Run]]:
 def duplicate_seeds(runs: list[Run]) -> list[str]:
     """One note per run left out of the summaries because an earlier run (by name) has its line and seed."""
     kept = {id(r) for group in lines(runs).values() for r in group}
-    return [f"{r.name} repeats the setting, distribution, algorithm, target and seed of another run; the "
-            f"summaries use the first by name" for r in sorted(runs, key=lambda r: r.name) if id(r) not in kept]
+    return [
+        f"{r.name} repeats the setting, distribution, algorithm, target and seed of another run; the "
+        f"summaries use the first by name"
+        for r in sorted(runs, key=lambda r: r.name)
+        if id(r) not in kept
+    ]
 
 
 def panels(keys) -> list[tuple[str, str]]:
@@ -154,8 +213,9 @@ def panel_lines(keys, panel: tuple[str, str]) -> list[LineKey]:
     """The lines shown in a panel: its own and the pooled lines of its setting (the test set is the same
     for every distribution of one cohort, so a centralized run compares with each)."""
     setting, distribution = panel
-    return sorted((k for k in keys if k.setting == setting and k.distribution in (distribution, POOLED)),
-                  key=line_order)
+    return sorted(
+        (k for k in keys if k.setting == setting and k.distribution in (distribution, POOLED)), key=line_order
+    )
 
 
 def references(key: LineKey, keys) -> list[LineKey]:
@@ -163,11 +223,15 @@ def references(key: LineKey, keys) -> list[LineKey]:
     every distribution of its setting."""
     if key.algorithm == BASELINE:
         return []
-    return [k for k in keys if k.algorithm == BASELINE and k.setting == key.setting
-            and key.distribution in (k.distribution, POOLED)]
+    return [
+        k
+        for k in keys
+        if k.algorithm == BASELINE and k.setting == key.setting and key.distribution in (k.distribution, POOLED)
+    ]
 
 
 # ---------------------------------------------------------------- per-run values
+
 
 def total_bytes(summary: dict) -> int | None:
     """Bytes up + down over the whole run, or None when the summary lacks the counters."""
@@ -221,18 +285,32 @@ def accuracy_rows(runs: list[Run]) -> list[dict]:
     for run in sorted(runs, key=run_order):
         s = run.summary
         train, test = subject_counts(run)
-        rows.append({
-            "run": run.name, "distribution": run.distribution, "algorithm": run.algorithm, "target": run.target,
-            "seed": run.seed, "train_subjects": train, "test_subjects": test,
-            "rounds": s.get("rounds", len(run.metrics)), "final_mae": s.get("final_mae"),
-            "baseline_mae": s.get("baseline_mae"), "mae_ratio": mae_ratio(s), "final_rmse": s.get("final_rmse"),
-            "final_r": s.get("final_r"), "final_sparsity": s.get("final_sparsity"), "total_bytes": total_bytes(s),
-            "bytes_ratio_vs_fedavg": bytes_ratio(run, grouped), "setting": run.setting,
-        })
+        rows.append(
+            {
+                "run": run.name,
+                "distribution": run.distribution,
+                "algorithm": run.algorithm,
+                "target": run.target,
+                "seed": run.seed,
+                "train_subjects": train,
+                "test_subjects": test,
+                "rounds": s.get("rounds", len(run.metrics)),
+                "final_mae": s.get("final_mae"),
+                "baseline_mae": s.get("baseline_mae"),
+                "mae_ratio": mae_ratio(s),
+                "final_rmse": s.get("final_rmse"),
+                "final_r": s.get("final_r"),
+                "final_sparsity": s.get("final_sparsity"),
+                "total_bytes": total_bytes(s),
+                "bytes_ratio_vs_fedavg": bytes_ratio(run, grouped),
+                "setting": run.setting,
+            }
+        )
     return rows
 
 
 # ---------------------------------------------------------------- paired comparison
+
 
 def _errors(predictions: dict[str, tuple[float, float]], subjects: list[str]) -> np.ndarray:
     return np.array([abs(predictions[s][1] - predictions[s][0]) for s in subjects])
@@ -268,11 +346,17 @@ def paired_difference(runs: list[Run], reference: list[Run]) -> tuple[dict | Non
     per_subject = (mine - base).mean(axis=0)
     low, high = stats.bootstrap_mean_interval(per_subject, LEVEL)
     return {
-        "seeds": kept, "n_seeds": len(kept), "n_subjects": len(subjects),
-        "mae": float(mine.mean()), "reference_mae": float(base.mean()), "mean_diff": float(per_subject.mean()),
-        "diff_low": low, "diff_high": high,
+        "seeds": kept,
+        "n_seeds": len(kept),
+        "n_subjects": len(subjects),
+        "mae": float(mine.mean()),
+        "reference_mae": float(base.mean()),
+        "mean_diff": float(per_subject.mean()),
+        "diff_low": low,
+        "diff_high": high,
         "seed_diffs": {s: float(d) for s, d in zip(kept, (mine - base).mean(axis=1))},
-        "margin": MARGIN_YEARS, "verdict": stats.noninferiority(low, high, MARGIN_YEARS),
+        "margin": MARGIN_YEARS,
+        "verdict": stats.noninferiority(low, high, MARGIN_YEARS),
         "vs_zero": stats.versus_zero(low, high),
     }, notes
 
@@ -291,16 +375,27 @@ def paired_rows(runs: list[Run]) -> tuple[list[dict], list[str]]:
             result, found = paired_difference(group, grouped[ref])
             notes += found
             if result is None and not found:
-                notes.append(f"{where}: no seed with test_predictions.csv in both it and {BASELINE} on "
-                             f"{ref.distribution}; not paired")
+                notes.append(
+                    f"{where}: no seed with test_predictions.csv in both it and {BASELINE} on "
+                    f"{ref.distribution}; not paired"
+                )
             if result is not None:
-                rows.append({"setting": key.setting, "distribution": ref.distribution, "algorithm": key.algorithm,
-                             "target": key.target, "reference": BASELINE, **result})
+                rows.append(
+                    {
+                        "setting": key.setting,
+                        "distribution": ref.distribution,
+                        "algorithm": key.algorithm,
+                        "target": key.target,
+                        "reference": BASELINE,
+                        **result,
+                    }
+                )
     rows.sort(key=lambda r: line_order(LineKey(r["setting"], r["distribution"], r["algorithm"], r["target"])))
     return rows, notes
 
 
 # ---------------------------------------------------------------- summaries over seeds
+
 
 def _mean(values) -> float | None:
     values = [v for v in values if v is not None]
@@ -329,21 +424,39 @@ def accuracy_sections(runs: list[Run], paired: list[dict]) -> list[dict]:
             maes = [r.summary["final_mae"] for r in group if r.summary.get("final_mae") is not None]
             verdicts = [v for v in (learns(r.summary) for r in group) if v is not None]
             comparison = by_key.get((setting, distribution, key.algorithm, key.target))
-            methods.append({
-                "label": line_label(key), "algorithm": key.algorithm, "target": key.target,
-                "seeds": [r.seed for r in group], "mae_mean": _mean(maes),
-                "mae_min": min(maes) if maes else None, "mae_max": max(maes) if maes else None,
-                "predict_mean_mae": _mean(r.summary.get("baseline_mae") for r in group),
-                "mae_over_predict_mean": _mean(mae_ratio(r.summary) for r in group),
-                "bytes_ratio": _mean(bytes_ratio(r, grouped) for r in group),
-                "clearly_learns": (all(verdicts) if verdicts else None) if key.algorithm == BASELINE else None,
-                "seeds_learning": f"{sum(verdicts)}/{len(verdicts)}" if key.algorithm == BASELINE else None,
-                "paired": None if comparison is None else {
-                    **{k: comparison[k] for k in ("mean_diff", "diff_low", "diff_high", "n_seeds", "n_subjects",
-                                                  "verdict", "vs_zero")},
-                    "seed_diffs": {str(s): d for s, d in comparison["seed_diffs"].items()},  # JSON keys are text
-                },
-            })
+            methods.append(
+                {
+                    "label": line_label(key),
+                    "algorithm": key.algorithm,
+                    "target": key.target,
+                    "seeds": [r.seed for r in group],
+                    "mae_mean": _mean(maes),
+                    "mae_min": min(maes) if maes else None,
+                    "mae_max": max(maes) if maes else None,
+                    "predict_mean_mae": _mean(r.summary.get("baseline_mae") for r in group),
+                    "mae_over_predict_mean": _mean(mae_ratio(r.summary) for r in group),
+                    "bytes_ratio": _mean(bytes_ratio(r, grouped) for r in group),
+                    "clearly_learns": (all(verdicts) if verdicts else None) if key.algorithm == BASELINE else None,
+                    "seeds_learning": f"{sum(verdicts)}/{len(verdicts)}" if key.algorithm == BASELINE else None,
+                    "paired": None
+                    if comparison is None
+                    else {
+                        **{
+                            k: comparison[k]
+                            for k in (
+                                "mean_diff",
+                                "diff_low",
+                                "diff_high",
+                                "n_seeds",
+                                "n_subjects",
+                                "verdict",
+                                "vs_zero",
+                            )
+                        },
+                        "seed_diffs": {str(s): d for s, d in comparison["seed_diffs"].items()},  # JSON keys are text
+                    },
+                }
+            )
         sections.append({"setting": setting, "distribution": distribution, "methods": methods})
     return sections
 
@@ -378,14 +491,24 @@ def privacy_rows(runs: list[Run]) -> list[dict]:
     for run in sorted((r for r in runs if r.attack), key=run_order):
         a = attack_of(run)
         for name, result in attack_results(a).items():
-            rows.append({
-                "run": run.name, "algorithm": run.algorithm, "target": run.target, "seed": run.seed,
-                "final_sparsity": attacked_sparsity(run), "train_mae": a.get("train_mae"),
-                "test_mae": a.get("test_mae"), "mae_gap": mae_gap(a), "attack": name,
-                "members_eval": a.get("members_eval"), "nonmembers_eval": a.get("nonmembers_eval"),
-                **{f: result.get(f) for f in ATTACK_FIELDS}, "distribution": run.distribution,
-                "setting": run.setting,
-            })
+            rows.append(
+                {
+                    "run": run.name,
+                    "algorithm": run.algorithm,
+                    "target": run.target,
+                    "seed": run.seed,
+                    "final_sparsity": attacked_sparsity(run),
+                    "train_mae": a.get("train_mae"),
+                    "test_mae": a.get("test_mae"),
+                    "mae_gap": mae_gap(a),
+                    "attack": name,
+                    "members_eval": a.get("members_eval"),
+                    "nonmembers_eval": a.get("nonmembers_eval"),
+                    **{f: result.get(f) for f in ATTACK_FIELDS},
+                    "distribution": run.distribution,
+                    "setting": run.setting,
+                }
+            )
     return rows
 
 
@@ -402,21 +525,36 @@ def privacy_sections(runs: list[Run]) -> list[dict]:
             group = grouped[key]
             results = [attack_results(attack_of(r)) for r in group]
             names = dict.fromkeys(n for x in results for n in x)
-            methods.append({
-                "label": line_label(key), "algorithm": key.algorithm, "target": key.target,
-                "seeds": [r.seed for r in group], "sparsity": _mean(attacked_sparsity(r) for r in group),
-                "train_mae": _mean(attack_of(r).get("train_mae") for r in group),
-                "test_mae": _mean(attack_of(r).get("test_mae") for r in group),
-                "mae_gap": _mean(mae_gap(attack_of(r)) for r in group),
-                "attacks": {name: {
-                    "auc_mean": _mean(x[name].get("auc") for x in results if name in x),
-                    "tpr_at_1pct_fpr": _mean(x[name].get("tpr_at_1pct_fpr") for x in results if name in x),
-                    "accuracy": _mean(x[name].get("accuracy") for x in results if name in x),
-                    "runs": [{"seed": r.seed, "sparsity": attacked_sparsity(r), "mae_gap": mae_gap(attack_of(r)),
-                              **{f: x[name].get(f) for f in ("auc", "auc_low", "auc_high")}}
-                             for r, x in zip(group, results) if name in x],
-                } for name in names},
-            })
+            methods.append(
+                {
+                    "label": line_label(key),
+                    "algorithm": key.algorithm,
+                    "target": key.target,
+                    "seeds": [r.seed for r in group],
+                    "sparsity": _mean(attacked_sparsity(r) for r in group),
+                    "train_mae": _mean(attack_of(r).get("train_mae") for r in group),
+                    "test_mae": _mean(attack_of(r).get("test_mae") for r in group),
+                    "mae_gap": _mean(mae_gap(attack_of(r)) for r in group),
+                    "attacks": {
+                        name: {
+                            "auc_mean": _mean(x[name].get("auc") for x in results if name in x),
+                            "tpr_at_1pct_fpr": _mean(x[name].get("tpr_at_1pct_fpr") for x in results if name in x),
+                            "accuracy": _mean(x[name].get("accuracy") for x in results if name in x),
+                            "runs": [
+                                {
+                                    "seed": r.seed,
+                                    "sparsity": attacked_sparsity(r),
+                                    "mae_gap": mae_gap(attack_of(r)),
+                                    **{f: x[name].get(f) for f in ("auc", "auc_low", "auc_high")},
+                                }
+                                for r, x in zip(group, results)
+                                if name in x
+                            ],
+                        }
+                        for name in names
+                    },
+                }
+            )
         methods.sort(key=lambda m: (m["sparsity"] is None, m["sparsity"] or 0.0))
         points = [r for k in keys for r in grouped[k]]
         correlations: dict[str, dict] = {}
@@ -430,8 +568,9 @@ def privacy_sections(runs: list[Run]) -> list[dict]:
                 "spearman_auc_vs_sparsity": stats.spearman(*zip(*with_sparsity)) if with_sparsity else None,
                 "runs": len(scored),
             }
-        sections.append({"setting": setting, "distribution": distribution, "methods": methods,
-                         "correlations": correlations})
+        sections.append(
+            {"setting": setting, "distribution": distribution, "methods": methods, "correlations": correlations}
+        )
     return sections
 
 
@@ -440,17 +579,27 @@ def numbers(accuracy: list[dict], privacy: list[dict]) -> dict:
     distribution the baseline's MAE and each method's paired difference and verdict; per attack the AUC
     at the lowest and the highest sparsity, and how AUC follows the MAE gap across runs."""
     return {
-        "margin_years": MARGIN_YEARS, "learns_fraction": LEARNS_FRACTION, "level": LEVEL,
-        "bootstrap_resamples": stats.BOOTSTRAP_RESAMPLES, "accuracy": accuracy,
-        "privacy": [{
-            "setting": s["setting"], "distribution": s["distribution"],
-            "lowest_sparsity": s["methods"][0], "highest_sparsity": s["methods"][-1],
-            "correlations": s["correlations"],
-        } for s in privacy if s["methods"]],
+        "margin_years": MARGIN_YEARS,
+        "learns_fraction": LEARNS_FRACTION,
+        "level": LEVEL,
+        "bootstrap_resamples": stats.BOOTSTRAP_RESAMPLES,
+        "accuracy": accuracy,
+        "privacy": [
+            {
+                "setting": s["setting"],
+                "distribution": s["distribution"],
+                "lowest_sparsity": s["methods"][0],
+                "highest_sparsity": s["methods"][-1],
+                "correlations": s["correlations"],
+            }
+            for s in privacy
+            if s["methods"]
+        ],
     }
 
 
 # ---------------------------------------------------------------- text
+
 
 def csv_cell(v) -> str:
     if v is None:
@@ -478,8 +627,11 @@ def _f(v, spec: str = ".2f") -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
-            *("| " + " | ".join(r) + " |" for r in rows)]
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+        *("| " + " | ".join(r) + " |" for r in rows),
+    ]
 
 
 def _section_title(section: dict) -> str:
@@ -499,8 +651,9 @@ def _verdict_cell(m: dict) -> str:
     if m["algorithm"] == BASELINE:
         if m["clearly_learns"] is None:
             return "predict-the-mean MAE not recorded"
-        return ("clearly learns" if m["clearly_learns"] else "does not clearly learn") + \
-            f" ({m['seeds_learning']} seeds)"
+        return (
+            "clearly learns" if m["clearly_learns"] else "does not clearly learn"
+        ) + f" ({m['seeds_learning']} seeds)"
     return m["paired"]["verdict"] if m["paired"] else ""
 
 
@@ -522,29 +675,59 @@ def accuracy_markdown(sections: list[dict]) -> str:
         rows = []
         for m in section["methods"]:
             p = m["paired"]
-            rows.append([
-                m["label"], str(len(m["seeds"])), _mae_cell(m), _f(m["mae_over_predict_mean"]),
-                _f(m["bytes_ratio"], ".3f"),
-                f"{p['mean_diff']:+.2f} [{p['diff_low']:+.2f}, {p['diff_high']:+.2f}] ({p['n_subjects']} subjects)"
-                if p else "",
-                ", ".join(f"{d:+.2f}" for d in p["seed_diffs"].values()) if p else "",
-                _verdict_cell(m), p["vs_zero"] if p else "",
-            ])
-        out += ["", _section_title(section), "",
-                *_table(["method", "seeds", "MAE", "vs mean", f"bytes vs {BASELINE}", "Δ MAE [95% CI]",
-                         "Δ per seed", "verdict", "vs 0"], rows)]
+            rows.append(
+                [
+                    m["label"],
+                    str(len(m["seeds"])),
+                    _mae_cell(m),
+                    _f(m["mae_over_predict_mean"]),
+                    _f(m["bytes_ratio"], ".3f"),
+                    f"{p['mean_diff']:+.2f} [{p['diff_low']:+.2f}, {p['diff_high']:+.2f}] ({p['n_subjects']} subjects)"
+                    if p
+                    else "",
+                    ", ".join(f"{d:+.2f}" for d in p["seed_diffs"].values()) if p else "",
+                    _verdict_cell(m),
+                    p["vs_zero"] if p else "",
+                ]
+            )
+        out += [
+            "",
+            _section_title(section),
+            "",
+            *_table(
+                [
+                    "method",
+                    "seeds",
+                    "MAE",
+                    "vs mean",
+                    f"bytes vs {BASELINE}",
+                    "Δ MAE [95% CI]",
+                    "Δ per seed",
+                    "verdict",
+                    "vs 0",
+                ],
+                rows,
+            ),
+        ]
     return "\n".join(out) + "\n"
 
 
 def _auc_cell(a: dict) -> str:
-    seeds = "; ".join(f"{r['auc']:.3f} [{_f(r['auc_low'], '.3f')}, {_f(r['auc_high'], '.3f')}]"
-                      if r["auc_low"] is not None else _f(r["auc"], ".3f") for r in a["runs"] if r["auc"] is not None)
+    seeds = "; ".join(
+        f"{r['auc']:.3f} [{_f(r['auc_low'], '.3f')}, {_f(r['auc_high'], '.3f')}]"
+        if r["auc_low"] is not None
+        else _f(r["auc"], ".3f")
+        for r in a["runs"]
+        if r["auc"] is not None
+    )
     return f"**{a['auc_mean']:.3f}**: {seeds}" if a["auc_mean"] is not None else ""
 
 
 def _correlation_cell(c: dict) -> str:
-    return (f"{_f(c['spearman_auc_vs_gap'], '+.2f') or '–'} / {_f(c['spearman_auc_vs_sparsity'], '+.2f') or '–'}"
-            f" ({c['runs']} runs)")
+    return (
+        f"{_f(c['spearman_auc_vs_gap'], '+.2f') or '–'} / {_f(c['spearman_auc_vs_sparsity'], '+.2f') or '–'}"
+        f" ({c['runs']} runs)"
+    )
 
 
 def privacy_markdown(sections: list[dict]) -> str:
@@ -559,13 +742,35 @@ def privacy_markdown(sections: list[dict]) -> str:
     for section in sections:
         methods = section["methods"]
         names = list(dict.fromkeys(n for m in methods for n in m["attacks"]))
-        rows = [[m["label"], str(len(m["seeds"])), _f(m["sparsity"], ".3f"), _f(m["train_mae"]), _f(m["test_mae"]),
-                 _f(m["mae_gap"], "+.2f"), *(_auc_cell(m["attacks"][n]) if n in m["attacks"] else "" for n in names)]
-                for m in methods]
-        rows.append(["Spearman ρ: AUC vs gap / vs sparsity", "", "", "", "", "",
-                     *(_correlation_cell(section["correlations"][n]) for n in names)])
-        out += ["", _section_title(section), "",
-                *_table(["method", "seeds", "sparsity", "train MAE", "test MAE", "gap", *names], rows)]
+        rows = [
+            [
+                m["label"],
+                str(len(m["seeds"])),
+                _f(m["sparsity"], ".3f"),
+                _f(m["train_mae"]),
+                _f(m["test_mae"]),
+                _f(m["mae_gap"], "+.2f"),
+                *(_auc_cell(m["attacks"][n]) if n in m["attacks"] else "" for n in names),
+            ]
+            for m in methods
+        ]
+        rows.append(
+            [
+                "Spearman ρ: AUC vs gap / vs sparsity",
+                "",
+                "",
+                "",
+                "",
+                "",
+                *(_correlation_cell(section["correlations"][n]) for n in names),
+            ]
+        )
+        out += [
+            "",
+            _section_title(section),
+            "",
+            *_table(["method", "seeds", "sparsity", "train MAE", "test MAE", "gap", *names], rows),
+        ]
     return "\n".join(out) + "\n"
 
 

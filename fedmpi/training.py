@@ -4,10 +4,13 @@ Masked training implements FedSparsify's "no regrowth": pruned positions get a z
 gradient (so momentum never builds up for them) and are re-zeroed after every step.
 The start-mask scores (SNIP, GraSP) and PruneFL's squared gradients are computed here too.
 """
+
 from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Sequence
+from typing import TypeVar, cast
 
 import numpy as np
 import torch
@@ -58,10 +61,10 @@ def masks_from_flat(model: nn.Module, mask: np.ndarray | None) -> list[torch.Ten
         raise ValueError(f"mask has {mask.shape[0]} entries, model has {total} parameters")
     device = _model_device(model)
     flat = torch.from_numpy(mask != 0)
-    return [flat[off:off + size].view(shape).to(device) for _, off, size, shape in layout]
+    return [flat[off : off + size].view(shape).to(device) for _, off, size, shape in layout]
 
 
-def _check_masks(params: list[torch.Tensor], masks: list[torch.Tensor], device) -> list[torch.Tensor]:
+def _check_masks(params: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], device) -> list[torch.Tensor]:
     if len(masks) != len(params):
         raise ValueError(f"got {len(masks)} masks for {len(params)} parameter tensors")
     out = []
@@ -172,11 +175,19 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+M = TypeVar("M", bound=nn.Module)
+
 AUTOCAST = {"off": None, "bf16": torch.bfloat16}
 
 
-def warm_up(model: nn.Module, shape, batch_size: int, device: torch.device, autocast: torch.dtype | None = None,
-            channels_last: bool = False) -> None:
+def warm_up(
+    model: nn.Module,
+    shape,
+    batch_size: int,
+    device: torch.device,
+    autocast: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> None:
     """One forward and backward pass of a copy of `model` on a zero batch, so that the first round does not
     pay for the kernels' first-call set-up (oneDNN primitives, cuDNN's benchmark search, allocator growth).
     The model itself, its gradients and every random number generator are left as they were."""
@@ -187,8 +198,7 @@ def warm_up(model: nn.Module, shape, batch_size: int, device: torch.device, auto
     out.float().sum().backward()
 
 
-def prepare_model(model: nn.Module, device: torch.device, channels_last: bool = False,
-                  cudnn_benchmark: bool = True) -> nn.Module:
+def prepare_model(model: M, device: torch.device, channels_last: bool = False, cudnn_benchmark: bool = True) -> M:
     """The model on its device as a GPU user expects it: cuDNN picking the fastest convolution algorithms
     for the fixed volume shape (benchmark mode; it costs bit-reproducibility across runs, not correctness),
     and channels-last-3d weights when asked. A no-op on CPU apart from the memory format."""
@@ -196,12 +206,13 @@ def prepare_model(model: nn.Module, device: torch.device, channels_last: bool = 
         torch.backends.cudnn.benchmark = cudnn_benchmark
     model.to(device)
     if channels_last:
-        model.to(memory_format=torch.channels_last_3d)
+        model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # Module.to takes it
     return model
 
 
-def predict(model: nn.Module, loader, device=None, autocast: torch.dtype | None = None,
-            channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def predict(
+    model: nn.Module, loader, device=None, autocast: torch.dtype | None = None, channels_last: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """(predictions, true ages) over `loader` in eval mode; the model's train/eval mode is restored."""
     device = _place(model, device)
     was_training = model.training
@@ -288,7 +299,7 @@ def grasp_scores(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tenso
         hg = [torch.zeros_like(p) for p in params]
         for loss in losses():
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-            inner = sum((gi * d).sum() for gi, d in zip(g, grads) if d is not None)
+            inner = cast(torch.Tensor, sum((gi * d).sum() for gi, d in zip(g, grads) if d is not None))
             for acc, d in zip(hg, torch.autograd.grad(inner, params, allow_unused=True)):
                 if d is not None:
                     acc += d
@@ -313,23 +324,34 @@ def per_sample_features(model: nn.Module, loader, device=None) -> dict[str, np.n
     was_training = model.training
     model.eval()
     inputs: list[torch.Tensor] = []
-    hook = model.output.register_forward_pre_hook(lambda _, args: inputs.append(args[0].detach().reshape(-1)))
+    output: nn.Module = model.output  # type: ignore[assignment]  # BrainAgeCNN's last layer
+    hook = output.register_forward_pre_hook(lambda _, args: inputs.append(args[0].detach().reshape(-1)))
     preds, ages, stats, acts = [], [], [], []
     try:
         for x, y in loader:
             y = torch.as_tensor(y, dtype=torch.float32).reshape(-1)
             for i in range(x.shape[0]):
-                xi = x[i:i + 1].to(device)
-                yi = y[i:i + 1].to(device)
+                xi = x[i : i + 1].to(device)
+                yi = y[i : i + 1].to(device)
                 pred = model(xi)
                 loss = ((pred - yi) ** 2).sum()
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-                grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-                stats.append(torch.stack([
-                    torch.stack((torch.linalg.vector_norm(g), g.abs().mean(), g.abs().max(),
-                                 torch.linalg.vector_norm(g * k)))
-                    for g, k in zip(grads, kept)
-                ]).cpu())
+                raw = torch.autograd.grad(loss, params, allow_unused=True)
+                grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw)]
+                stats.append(
+                    torch.stack(
+                        [
+                            torch.stack(
+                                (
+                                    torch.linalg.vector_norm(g),
+                                    g.abs().mean(),
+                                    g.abs().max(),
+                                    torch.linalg.vector_norm(g * k),
+                                )
+                            )
+                            for g, k in zip(grads, kept)
+                        ]
+                    ).cpu()
+                )
                 acts.append(inputs.pop().cpu())
                 preds.append(float(pred.detach()))
                 ages.append(float(yi))
@@ -342,7 +364,11 @@ def per_sample_features(model: nn.Module, loader, device=None) -> dict[str, np.n
     age = np.asarray(ages, dtype=np.float32)
     err = pred - age
     grad = torch.stack(stats).numpy().astype(np.float32)  # (N, L, 4)
-    out = {"pred": pred, "abs_error": np.abs(err), "loss": err * err,
-           "activations": torch.stack(acts).numpy().astype(np.float32)}
+    out = {
+        "pred": pred,
+        "abs_error": np.abs(err),
+        "loss": err * err,
+        "activations": torch.stack(acts).numpy().astype(np.float32),
+    }
     out.update({name: grad[:, :, j] for j, name in enumerate(GRAD_STATS)})
     return out

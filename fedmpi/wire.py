@@ -13,6 +13,7 @@ what the server hands to MPI for the learners, counted once per receiving learne
 is what learners hand to MPI for the server. The server computes both from the buffer sizes it
 hands to or receives from MPI; each learner counts its own uplink.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,8 +38,6 @@ HEADER = 5
 FLAG_MASK = 1  # the payload is encoding.encode(values, mask): the mask changed
 FLAG_STOP = 2  # no more rounds: learners leave their loop
 FLAG_PREEMPTED = 4  # stopping early because the server was asked to (SIGTERM/SIGUSR1)
-
-
 
 
 class Transport(Protocol):
@@ -178,8 +177,8 @@ class Wire:
             self._wait(self.comm.Isend(buf, dest=SERVER, tag=TAG_GATHER), what)
             return None
         assert out is not None
-        out[SERVER:SERVER + 1] = buf.reshape(out[SERVER:SERVER + 1].shape)
-        pending = {k: self.comm.Irecv(out[k:k + 1], source=k, tag=TAG_GATHER) for k in range(1, self.size)}
+        out[SERVER : SERVER + 1] = buf.reshape(out[SERVER : SERVER + 1].shape)
+        pending = {k: self.comm.Irecv(out[k : k + 1], source=k, tag=TAG_GATHER) for k in range(1, self.size)}
         self._poll(lambda: _complete(pending), what, lambda: self._missing(pending, "nothing"))
         self.bytes_up += buf.nbytes * self.learners
         return out
@@ -201,7 +200,9 @@ class Wire:
             out = np.empty(int(counts.sum()), dtype=np.uint8)
             self.bytes_up += sizes.nbytes // self.size * self.learners + int(counts.sum())
             self._wait(self.comm.Igatherv(np.zeros(0, np.uint8), [out, counts, displs, MPI.BYTE], root=SERVER), what)
-            return [out[displs[k]:displs[k] + counts[k]] for k in range(1, self.size)]
+            return [out[displs[k] : displs[k] + counts[k]] for k in range(1, self.size)]
+        if buf is None:
+            raise TypeError("a learner must give gatherv a buffer")
         buf = _contiguous(buf.view(np.uint8).ravel())
         size = np.array([buf.nbytes], dtype=np.int64)
         self.bytes_up += size.nbytes + buf.nbytes

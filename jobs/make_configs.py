@@ -8,6 +8,7 @@ the local optimiser and the model's initialisation:
 
 Re-run after changing a family: python jobs/make_configs.py
 """
+
 from __future__ import annotations
 
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fedmpi.algorithms import ALGORITHMS as TABLE  # noqa: E402
+from fedmpi.algorithms import ALGORITHMS as TABLE
 
 COMMON = {
     "data": {"dir": "data/ukbb/split-{distribution}"},  # your preprocessed split (README, "Your own data")
@@ -27,10 +28,8 @@ COMMON = {
     "run": {"dir": "runs/paper-{family}", "checkpoint_every": 1, "keep_checkpoints": 2, "round_timeout": 7200},
 }
 FAMILIES = {
-    "original": {"model": {"dropout": 0.0, "init": "glorot", "norm_eps": 1e-3},
-                 "train": {"lr": 5e-5, "batch_size": 1}},
-    "pytorch": {"model": {"dropout": 0.5, "init": "torch", "norm_eps": 1e-5},
-                "train": {"lr": 1e-3, "batch_size": 4}},
+    "original": {"model": {"dropout": 0.0, "init": "glorot", "norm_eps": 1e-3}, "train": {"lr": 5e-5, "batch_size": 1}},
+    "pytorch": {"model": {"dropout": 0.5, "init": "torch", "norm_eps": 1e-5}, "train": {"lr": 1e-3, "batch_size": 4}},
 }
 ALGORITHMS = [name for name, algo in TABLE.items() if not algo.trains_centrally]
 DISTRIBUTIONS = ("uniform-iid", "uniform-noniid", "skewed-noniid")

@@ -14,6 +14,7 @@ STOP in the runs' directory stops the sweep between two runs (for a quiet machin
 run its records (config.json, metrics.jsonl, summary.json, test_predictions.csv, attack.json) are
 copied to the study's records directory, which is what gets committed and reported.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,11 +61,24 @@ def study_runs(spec: dict) -> list[Run]:
             for di, dist in enumerate(entry_distributions(group, algo)):
                 for seed in group.get("seeds", [0]):
                     name = f"{group['name']}-{dist}-{algo}" + (f"-{target:g}" if target else "") + f"-s{seed}"
-                    sets = [*group.get("set", []), f"data.distribution={dist}", f"federation.algorithm={algo}",
-                            f"federation.target={target}", f"run.seed={seed}", f"run.name={name}"]
+                    sets = [
+                        *group.get("set", []),
+                        f"data.distribution={dist}",
+                        f"federation.algorithm={algo}",
+                        f"federation.target={target}",
+                        f"run.seed={seed}",
+                        f"run.name={name}",
+                    ]
                     attack = group.get("attack")
-                    runs.append(Run(name, group["name"], sets, None if attack is None else list(attack),
-                                    (group.get("priority", 0), seed, gi, ri, di)))
+                    runs.append(
+                        Run(
+                            name,
+                            group["name"],
+                            sets,
+                            None if attack is None else list(attack),
+                            (group.get("priority", 0), seed, gi, ri, di),
+                        )
+                    )
     return sorted(runs, key=lambda r: r.order)
 
 
@@ -101,7 +115,9 @@ def call(cmd: list[str], log: Path | None = None) -> None:
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
     if proc.returncode:
         tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
-        raise SystemExit(f"sweep: {cmd[-1] if cmd else ''} failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
+        raise SystemExit(
+            f"sweep: {cmd[-1] if cmd else ''} failed (exit {proc.returncode}); last lines of {log}:\n{tail}"
+        )
 
 
 def copy_records(run_dir: Path, records: Path) -> None:
@@ -114,8 +130,11 @@ def copy_records(run_dir: Path, records: Path) -> None:
 
 def train_cmd(args, base: Path, run: Run, out: Path) -> list[str]:
     cfg = load_config(base, [*run.sets, f"run.dir={out}"])
-    prefix = [] if ALGORITHMS[cfg.federation.algorithm].trains_centrally else \
-        [args.mpirun, "-n", str(cfg.federation.learners + 1)]
+    prefix = (
+        []
+        if ALGORITHMS[cfg.federation.algorithm].trains_centrally
+        else [args.mpirun, "-n", str(cfg.federation.learners + 1)]
+    )
     cmd = [*prefix, sys.executable, "-m", "fedmpi", "train", "--config", str(base), "--resume"]
     for s in [*run.sets, f"run.dir={out}"]:
         cmd += ["--set", s]
@@ -154,8 +173,10 @@ def run_study(args) -> int:
         run_dir = out / run.name
         attack = run_dir / "attack.json"
         if not attack.exists() or attack.stat().st_mtime < (run_dir / "model.npz").stat().st_mtime:
-            call([sys.executable, "-m", "fedmpi", "attack", "--run", str(run_dir), *run.attack],
-                 out / "logs" / f"{run.name}.attack.log")
+            call(
+                [sys.executable, "-m", "fedmpi", "attack", "--run", str(run_dir), *run.attack],
+                out / "logs" / f"{run.name}.attack.log",
+            )
         copy_records(run_dir, records)
     report = Path(args.report).resolve() if args.report else ROOT / spec.get("report", out / "report")
     call([sys.executable, "-m", "fedmpi", "report", str(records), "--out", str(report)])
@@ -178,15 +199,30 @@ def run_paper(args) -> int:
         listing = out / "configs.txt"
         listing.write_text("\n".join(paths) + "\n")
         call(["sbatch", f"--array=1-{len(paths)}", str(HERE / "sweep.slurm"), str(listing)])
-        print(f"submitted {len(paths)} runs; when they are done: python jobs/sweep.py --paper {args.paper} "
-              f"--collect --out {out}")
+        print(
+            f"submitted {len(paths)} runs; when they are done: python jobs/sweep.py --paper {args.paper} "
+            f"--collect --out {out}"
+        )
         return 0
     if not args.collect:
         for name, cfg in chosen:
             learners = cfg["federation"]["learners"]
-            call([args.mpirun, "-n", str(learners + 1), sys.executable, "-m", "fedmpi", "train", "--config",
-                  str(HERE / "configs" / "paper" / args.paper / f"{name}.yaml"), "--set", f"run.dir={out}",
-                  "--resume"])
+            call(
+                [
+                    args.mpirun,
+                    "-n",
+                    str(learners + 1),
+                    sys.executable,
+                    "-m",
+                    "fedmpi",
+                    "train",
+                    "--config",
+                    str(HERE / "configs" / "paper" / args.paper / f"{name}.yaml"),
+                    "--set",
+                    f"run.dir={out}",
+                    "--resume",
+                ]
+            )
     for summary in sorted(out.glob("*/summary.json")):
         call([sys.executable, "-m", "fedmpi", "attack", "--run", str(summary.parent)])
     call([sys.executable, "-m", "fedmpi", "report", str(out), "--out", str(args.report or out / "report")])

@@ -1,4 +1,5 @@
 """Shared fixtures: one tiny synthetic cohort per test session (36 subjects, 4 mm)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,10 +13,10 @@ COHORT_SEED = 1
 
 @dataclasses.dataclass(frozen=True)
 class Cohort:
-    root: Path    # the synthetic_cohort root
-    bids: Path    # BIDS-like NIfTI dataset
-    h5: Path      # preprocessed 4 mm volumes
-    split: Path   # uniform-iid split over 4 learners
+    root: Path  # the synthetic_cohort root
+    bids: Path  # BIDS-like NIfTI dataset
+    h5: Path  # preprocessed 4 mm volumes
+    split: Path  # uniform-iid split over 4 learners
     subjects: int = COHORT_SUBJECTS
     seed: int = COHORT_SEED
 
@@ -26,7 +27,8 @@ def cohort(tmp_path_factory) -> Cohort:
     from fedmpi.data import synthetic_cohort
 
     root = tmp_path_factory.mktemp("cohort")
-    out = synthetic_cohort(root, subjects=COHORT_SUBJECTS, voxel=4, learners=4,
-                           distribution="uniform-iid", seed=COHORT_SEED, workers=2)
+    out = synthetic_cohort(
+        root, subjects=COHORT_SUBJECTS, voxel=4, learners=4, distribution="uniform-iid", seed=COHORT_SEED, workers=2
+    )
     base = out.parent
     return Cohort(root, base / "bids", base / "v4.h5", out)

@@ -1,5 +1,6 @@
 """Shared by the end-to-end tests: a tiny learnable split written in the documented HDF5 layout,
 and a runner for the real CLI under the venv's mpirun."""
+
 from __future__ import annotations
 
 import json
@@ -21,12 +22,13 @@ MPIRUN_FLAGS = os.environ.get("FEDMPI_MPIRUN_FLAGS", "").split()
 def write_volumes(path: Path, ages: np.ndarray, rng: np.random.Generator, shape=SHAPE) -> None:
     """Age is learnable: a bright ball whose radius grows with age, plus noise."""
     grid = np.stack(np.meshgrid(*[np.arange(s) - s / 2 for s in shape], indexing="ij"))
-    dist = np.sqrt((grid ** 2).sum(0))
+    dist = np.sqrt((grid**2).sum(0))
     images = np.stack([(dist < 2 + (a - 45) / 7).astype(np.float32) + rng.normal(0, 0.3, shape) for a in ages])
     n = len(ages)
     with h5py.File(path, "w") as f:
-        f.create_dataset("images", data=images.astype(np.float16), chunks=(1, *shape), compression="gzip",
-                         compression_opts=1)
+        f.create_dataset(
+            "images", data=images.astype(np.float16), chunks=(1, *shape), compression="gzip", compression_opts=1
+        )
         f.create_dataset("age", data=ages.astype(np.float32))
         f.create_dataset("subject_id", data=np.array([f"sub-{i:04d}" for i in range(n)], dtype=h5py.string_dtype()))
         f.create_dataset("sex", data=np.array(["F"] * n, dtype=h5py.string_dtype()))
@@ -36,8 +38,9 @@ def write_volumes(path: Path, ages: np.ndarray, rng: np.random.Generator, shape=
         f.attrs["affine"] = np.diag([4.0, 4.0, 4.0, 1.0])
 
 
-def write_split(directory: Path, learners: int = 2, per_learner: int = 24, test: int = 24, seed: int = 0,
-                shape=SHAPE) -> Path:
+def write_split(
+    directory: Path, learners: int = 2, per_learner: int = 24, test: int = 24, seed: int = 0, shape=SHAPE
+) -> Path:
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)
     for k in range(1, learners + 1):
@@ -46,14 +49,31 @@ def write_split(directory: Path, learners: int = 2, per_learner: int = 24, test:
     return directory
 
 
-TINY = ["model.width=0.125", "model.dropout=0", "train.lr=0.02", "train.batch_size=4", "train.threads=1",
-        "eval.batch_size=24"]
+TINY = [
+    "model.width=0.125",
+    "model.dropout=0",
+    "train.lr=0.02",
+    "train.batch_size=4",
+    "train.threads=1",
+    "eval.batch_size=24",
+]
 
 
-def run_fedmpi(data_dir: Path, run_dir: Path, *sets: str, ranks: int = 3, extra=(), timeout: float = 240,
-               mpirun: bool = True) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "fedmpi", "train", "--set", f"data.dir={data_dir}", "--set", f"run.dir={run_dir}",
-            "--set", f"federation.learners={ranks - 1}"]
+def run_fedmpi(
+    data_dir: Path, run_dir: Path, *sets: str, ranks: int = 3, extra=(), timeout: float = 240, mpirun: bool = True
+) -> subprocess.CompletedProcess:
+    args = [
+        sys.executable,
+        "-m",
+        "fedmpi",
+        "train",
+        "--set",
+        f"data.dir={data_dir}",
+        "--set",
+        f"run.dir={run_dir}",
+        "--set",
+        f"federation.learners={ranks - 1}",
+    ]
     for s in [*TINY, *sets]:
         args += ["--set", s]
     cmd = ([MPIRUN, *MPIRUN_FLAGS, "-n", str(ranks)] if mpirun else []) + args + list(extra)
@@ -71,17 +91,31 @@ def summary(run: Path) -> dict:
 
 def start_fedmpi(data_dir: Path, run_dir: Path, *sets: str, ranks: int = 3, extra=()) -> subprocess.Popen:
     """Like run_fedmpi, in the background (for tests that kill or signal ranks)."""
-    args = [MPIRUN, *MPIRUN_FLAGS, "-n", str(ranks), sys.executable, "-m", "fedmpi", "train", "--set",
-            f"data.dir={data_dir}",
-            "--set", f"run.dir={run_dir}", "--set", f"federation.learners={ranks - 1}"]
+    args = [
+        MPIRUN,
+        *MPIRUN_FLAGS,
+        "-n",
+        str(ranks),
+        sys.executable,
+        "-m",
+        "fedmpi",
+        "train",
+        "--set",
+        f"data.dir={data_dir}",
+        "--set",
+        f"run.dir={run_dir}",
+        "--set",
+        f"federation.learners={ranks - 1}",
+    ]
     for s in [*TINY, *sets]:
         args += ["--set", s]
     import uuid
 
     marker = uuid.uuid4().hex  # marks this job's ranks in their environment (rank_process)
     env = dict(os.environ, OMP_NUM_THREADS="1", FEDMPI_TEST_JOB=marker)
-    job = subprocess.Popen(args + list(extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                           start_new_session=True)
+    job = subprocess.Popen(
+        args + list(extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
     job.marker = marker  # type: ignore[attr-defined]
     return job
 

@@ -45,9 +45,15 @@ def test_weighted_average_hand_case():
     assert out.tolist() == [2.5, 5.0]
 
 
-@pytest.mark.parametrize("weights, msg", [
-    ([1, -1], ">= 0"), ([1, np.nan], "finite"), ([0, 0], "positive sum"), ([1], "shape"),
-])
+@pytest.mark.parametrize(
+    "weights, msg",
+    [
+        ([1, -1], ">= 0"),
+        ([1, np.nan], "finite"),
+        ([0, 0], "positive sum"),
+        ([1], "shape"),
+    ],
+)
 def test_weighted_average_validates_weights(weights, msg):
     with pytest.raises(ValueError, match=msg):
         weighted_average(np.ones((2, 3)), weights)
@@ -60,10 +66,9 @@ def test_majority_quorum():
 
 
 def test_majority_vote_hand_case_k4():
-    values = np.array([[1.0, 2.0, 0.0, 4.0],
-                       [3.0, 0.0, 0.0, 0.0],
-                       [5.0, 6.0, 7.0, 0.0],
-                       [0.0, 0.0, 0.0, 0.0]], np.float32)
+    values = np.array(
+        [[1.0, 2.0, 0.0, 4.0], [3.0, 0.0, 0.0, 0.0], [5.0, 6.0, 7.0, 0.0], [0.0, 0.0, 0.0, 0.0]], np.float32
+    )
     masks = values != 0
     weights = [1, 1, 2, 4]  # total 8; quorum 2
     merged, mask = majority_vote(values, masks, weights, rule="reference")

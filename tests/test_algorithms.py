@@ -1,4 +1,5 @@
 """The algorithm table, its schedules, per-round seeds and pruning without regrowth."""
+
 import numpy as np
 import pytest
 
@@ -20,17 +21,20 @@ def test_every_configurable_algorithm_has_an_entry():
         assert algo.selector in ("magnitude", "random")
 
 
-@pytest.mark.parametrize("name, prune_at, selector", [
-    ("fedavg", "never", "magnitude"),
-    ("fedsparsify-global", "server", "magnitude"),
-    ("fedsparsify-local", "learner", "magnitude"),
-    ("oneshot", "server", "magnitude"),
-    ("random", "server", "random"),
-    ("snip", "start", "magnitude"),
-    ("grasp", "start", "magnitude"),
-    ("prunefl", "start", "magnitude"),
-    ("centralized", "never", "magnitude"),
-])
+@pytest.mark.parametrize(
+    "name, prune_at, selector",
+    [
+        ("fedavg", "never", "magnitude"),
+        ("fedsparsify-global", "server", "magnitude"),
+        ("fedsparsify-local", "learner", "magnitude"),
+        ("oneshot", "server", "magnitude"),
+        ("random", "server", "random"),
+        ("snip", "start", "magnitude"),
+        ("grasp", "start", "magnitude"),
+        ("prunefl", "start", "magnitude"),
+        ("centralized", "never", "magnitude"),
+    ],
+)
 def test_table(name, prune_at, selector):
     algo = algorithm(cfg_for(name))
     assert (algo.name, algo.prune_at, algo.selector) == (name, prune_at, selector)
@@ -102,8 +106,14 @@ def test_cubic_schedule_end_defaults_to_last_round():
 
 
 def test_cubic_schedule_uses_start_frequency_exponent():
-    cfg = cfg_for("fedsparsify-global", "federation.start=3", "federation.frequency=2",
-                  "federation.exponent=2", "federation.rounds=11", "federation.target=0.5")
+    cfg = cfg_for(
+        "fedsparsify-global",
+        "federation.start=3",
+        "federation.frequency=2",
+        "federation.exponent=2",
+        "federation.rounds=11",
+        "federation.target=0.5",
+    )
     s = schedule(cfg)
     assert s(1) == s(2) == s(3) == 0.0
     assert s(4) == s(5) > 0  # pruning in the even rounds from round 3 on
@@ -112,8 +122,14 @@ def test_cubic_schedule_uses_start_frequency_exponent():
 
 
 def test_fraction_schedule():
-    cfg = cfg_for("fedsparsify-global", "federation.schedule=fraction", "federation.fraction=0.1",
-                  "federation.frequency=2", "federation.start=2", "federation.target=0.2")
+    cfg = cfg_for(
+        "fedsparsify-global",
+        "federation.schedule=fraction",
+        "federation.fraction=0.1",
+        "federation.frequency=2",
+        "federation.start=2",
+        "federation.target=0.2",
+    )
     s = schedule(cfg)
     assert isinstance(s, FractionSchedule)
     assert s(1) == 0.0
@@ -127,7 +143,7 @@ def test_round_seed_is_deterministic_and_distinct():
     seeds = {round_seed(seed, t, rank) for seed in range(3) for t in range(20) for rank in range(9)}
     assert len(seeds) == 3 * 20 * 9
     assert round_seed(0, 1, 2) != round_seed(0, 2, 1)
-    assert isinstance(round_seed(0, 1, 1), int) and 0 <= round_seed(0, 1, 1) < 2 ** 32
+    assert isinstance(round_seed(0, 1, 1), int) and 0 <= round_seed(0, 1, 1) < 2**32
 
 
 def test_round_seed_is_pinned():
@@ -138,7 +154,7 @@ def test_round_seed_is_pinned():
 
 def test_negative_seed_is_rejected_up_front():
     """round_seed (SeedSequence) needs a non-negative seed, so the config refuses others."""
-    with pytest.raises(ConfigError, match="run.seed must be >= 0"):
+    with pytest.raises(ConfigError, match=r"run.seed must be >= 0"):
         load_config(overrides=["run.seed=-1"])
 
 
@@ -151,11 +167,11 @@ def test_prune_exact_count_and_no_regrowth(selector):
     for i, s in enumerate([0.1, 0.35, 0.35, 0.6, 0.9, 0.95]):
         new = prune(values, mask, s, selector, seed=i)
         assert new is not mask
-        assert n - new.sum() == int(round(s * n))
+        assert n - new.sum() == round(s * n)
         assert not (new & ~mask).any()  # nothing pruned comes back
         values = np.where(new, values, 1000.0).astype(np.float32)  # pruned positions look worth keeping
         mask = new
-    assert mask.sum() == n - int(round(0.95 * n))
+    assert mask.sum() == n - round(0.95 * n)
 
 
 def test_magnitude_keeps_the_largest():

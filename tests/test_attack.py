@@ -1,4 +1,5 @@
 """Membership inference: hand-checked metrics, the logistic attack, and the attack on real (tiny) models."""
+
 from __future__ import annotations
 
 import argparse
@@ -25,6 +26,7 @@ def one_thread():
 
 
 # ---------------------------------------------------------------- metrics
+
 
 def test_roc_auc_perfect_inverted_and_ties():
     labels = [0, 0, 1, 1]
@@ -112,6 +114,7 @@ def test_metrics_reject_bad_input():
 
 # ---------------------------------------------------------------- classifier and split
 
+
 def test_logistic_regression_separates_and_is_deterministic():
     rng = np.random.default_rng(0)
     x = np.r_[rng.normal(-2, 1, (50, 2)), rng.normal(2, 1, (50, 2))]
@@ -161,8 +164,12 @@ def test_balanced_split_is_balanced_disjoint_and_seeded():
 
 
 def test_feature_matrix_columns():
-    f = {"pred": np.array([60.0]), "abs_error": np.array([2.0]), "loss": np.array([4.0]),
-         "grad_norm": np.array([[0.0, np.e - 1]])}
+    f = {
+        "pred": np.array([60.0]),
+        "abs_error": np.array([2.0]),
+        "loss": np.array([4.0]),
+        "grad_norm": np.array([[0.0, np.e - 1]]),
+    }
     assert attack.feature_matrix(f, np.array([58.0]), "black_box").tolist() == [[60.0, 2.0, 4.0, 58.0]]
     assert attack.feature_matrix(f, np.array([58.0]), "white_box")[0, 4:].tolist() == pytest.approx([0.0, 1.0])
     f.update({g: np.full((1, 2), np.e - 1) for g in training.GRAD_STATS[1:]}, activations=np.array([[3.0, 0.0, 1.0]]))
@@ -208,6 +215,7 @@ def test_per_sample_features_gradient_statistics_and_activations():
 
 
 # ---------------------------------------------------------------- attacks on trained models
+
 
 def _volumes(n: int, rng) -> TensorDataset:
     """Smooth random volumes (they survive instance norm and pooling) with unlearnable random ages."""
@@ -272,6 +280,7 @@ def test_attack_balances_members_to_nonmembers(overfit):
 
 # ---------------------------------------------------------------- run directory
 
+
 def test_attack_command_on_a_run_directory(tmp_path, capsys):
     pytest.importorskip("fedmpi.data")
     from fedtools import write_split, write_volumes
@@ -299,8 +308,19 @@ def test_attack_command_on_a_run_directory(tmp_path, capsys):
     assert out["white_box"]["n_eval"] == 16 and set(out["per_learner"]) == {"1", "2"}
     assert set(out["attacks"]) == set(attack.ATTACKS) and out["attacks"]["white_box"] == out["white_box"]
     for r in out["attacks"].values():
-        assert set(r) >= {"auc", "auc_low", "auc_high", "auc_se", "accuracy", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr",
-                          "n_train", "n_eval", "min_nonzero_fpr", "features"}
+        assert set(r) >= {
+            "auc",
+            "auc_low",
+            "auc_high",
+            "auc_se",
+            "accuracy",
+            "tpr_at_1pct_fpr",
+            "tpr_at_0.1pct_fpr",
+            "n_train",
+            "n_eval",
+            "min_nonzero_fpr",
+            "features",
+        }
         assert 0.0 <= r["auc_low"] <= r["auc"] <= r["auc_high"] <= 1.0
     assert out["members_eval"] == out["nonmembers_eval"] == 8 and out["train_mae"] > 0 and out["test_mae"] > 0
     assert set(out["per_learner"]["1"]["attacks"]) == set(attack.ATTACKS)
@@ -315,14 +335,14 @@ def test_attack_command_on_a_run_directory(tmp_path, capsys):
     assert more["n_nonmembers_available"] == 36 and more["nonmembers_eval"] == 12  # 24 members balance 36
     assert more["nonmember_files"] == [str(data / "test.h5"), str(extra)]
     try:
-        assert attack.run(parser.parse_args(args + ["--max-per-class", "6", "--threads", "2"])) == 0
+        assert attack.run(parser.parse_args([*args, "--max-per-class", "6", "--threads", "2"])) == 0
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)
     capped = json.loads((tmp_path / "more.json").read_text())
     assert capped["attacks"]["loss_threshold"]["n_train"] == 6 and capped["members_eval"] == 3
     capsys.readouterr()
-    assert attack.run(parser.parse_args(args + ["--threads", "0"])) == 1
+    assert attack.run(parser.parse_args([*args, "--threads", "0"])) == 1
     assert "--threads must be at least 1, got 0" in capsys.readouterr().err
 
     for bad, message in ((data / "learner_1.h5", "the run trained on it"), (data / "test.h5", "given twice")):

@@ -1,4 +1,5 @@
 """Checkpoints and model files: exact round trips, and every kind of bad file is a CheckpointError."""
+
 import json
 import zipfile
 
@@ -11,7 +12,7 @@ ARRAYS = {
     "values": np.linspace(-1, 1, 13, dtype=np.float32),
     "mask": np.array([True, False] * 6 + [True]),
     "grid": np.arange(24, dtype=np.int16).reshape(2, 3, 4),
-    "wide": np.array([2 ** 40, -3], dtype=np.int64),
+    "wide": np.array([2**40, -3], dtype=np.int64),
     "empty": np.zeros((0, 3), dtype=np.float64),
 }
 
@@ -93,7 +94,7 @@ def test_truncated_file(tmp_path, keep):
     path = tmp_path / "a.npz"
     save_arrays(path, ARRAYS, {"round": 1})
     data = path.read_bytes()
-    path.write_bytes(data[:int(len(data) * keep)])
+    path.write_bytes(data[: int(len(data) * keep)])
     with pytest.raises(CheckpointError, match="unreadable or truncated"):
         load_arrays(path)
 
@@ -239,7 +240,7 @@ def test_load_model_refuses_a_checkpoint(tmp_path):
 def test_load_model_refuses_bad_encoding(tmp_path):
     path = tmp_path / "m.npz"
     save_arrays(path, {"sparse": np.frombuffer(b"XXXX" + bytes(40), dtype=np.uint8)}, {})
-    with pytest.raises(CheckpointError, match="m.npz"):
+    with pytest.raises(CheckpointError, match=r"m.npz"):
         load_model(path)
 
 

@@ -1,4 +1,5 @@
 """Configuration: defaults < YAML < --set, type coercion, validation messages, every shipped YAML loads."""
+
 import dataclasses
 from pathlib import Path
 
@@ -47,13 +48,13 @@ def test_int_coercion(raw, expected):
 
 @pytest.mark.parametrize("raw", ["3.5", "three", "true", "[1, 2]", ""])
 def test_int_coercion_rejects(raw):
-    with pytest.raises(ConfigError, match="train.epochs: expected an integer"):
+    with pytest.raises(ConfigError, match=r"train.epochs: expected an integer"):
         load_config(overrides=[f"train.epochs={raw}"])
 
 
 @pytest.mark.parametrize("raw", ["inf", "nan", ".inf"])
 def test_int_coercion_rejects_non_finite(raw):
-    with pytest.raises(ConfigError, match="train.epochs"):
+    with pytest.raises(ConfigError, match=r"train.epochs"):
         load_config(overrides=[f"train.epochs={raw}"])
 
 
@@ -61,14 +62,23 @@ def test_float_coercion():
     cfg = load_config(overrides=["train.lr=1", "federation.target='0.5'"])
     assert cfg.train.lr == 1.0 and type(cfg.train.lr) is float
     assert cfg.federation.target == 0.5
-    with pytest.raises(ConfigError, match="train.lr: expected a number"):
+    with pytest.raises(ConfigError, match=r"train.lr: expected a number"):
         load_config(overrides=["train.lr=fast"])
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ("yes", True), ("no", False), ("true", True), ("false", False), ("True", True), ("off", False),
-    ("'1'", True), ("'0'", False),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("yes", True),
+        ("no", False),
+        ("true", True),
+        ("false", False),
+        ("True", True),
+        ("off", False),
+        ("'1'", True),
+        ("'0'", False),
+    ],
+)
 def test_bool_coercion(raw, expected):
     assert load_config(overrides=[f"train.channels_last={raw}"]).train.channels_last is expected
 
@@ -85,12 +95,12 @@ def test_bool_coercion_in_yaml(tmp_path):
 
 @pytest.mark.parametrize("raw", ["maybe", "2", "[true]"])
 def test_bool_coercion_rejects(raw):
-    with pytest.raises(ConfigError, match="train.channels_last: expected true or false"):
+    with pytest.raises(ConfigError, match=r"train.channels_last: expected true or false"):
         load_config(overrides=[f"train.channels_last={raw}"])
 
 
 def test_string_option_rejects_mapping(tmp_path):
-    with pytest.raises(ConfigError, match="run.name: expected a string"):
+    with pytest.raises(ConfigError, match=r"run.name: expected a string"):
         load_config(write(tmp_path, "run:\n  name: {a: 1}\n"))
 
 
@@ -125,13 +135,16 @@ def test_section_must_be_a_mapping(tmp_path):
         load_config(write(tmp_path, "train: 3\n"))
 
 
-@pytest.mark.parametrize("pair, message", [
-    ("x", "key=value"),
-    ("a=1", "section.option"),
-    ("a.b.c=1", "section.option"),
-    (".lr=1", "section.option"),
-    ("train.=1", "section.option"),
-])
+@pytest.mark.parametrize(
+    "pair, message",
+    [
+        ("x", "key=value"),
+        ("a=1", "section.option"),
+        ("a.b.c=1", "section.option"),
+        (".lr=1", "section.option"),
+        ("train.=1", "section.option"),
+    ],
+)
 def test_malformed_set(pair, message):
     with pytest.raises(ConfigError, match=message):
         parse_overrides([pair])
@@ -203,17 +216,27 @@ def test_validation_rule_names_the_option(pair, option):
 def test_validation_list_covers_every_option():
     """A new option without a validation example shows up here (strings and bools excepted)."""
     tested = {p.split("=")[0] for p, _ in VALIDATION}
-    unchecked = {"data.dir", "data.cache_dir", "data.cache", "run.dir", "run.seed", "run.verbose",
-                 "federation.end", "federation.vote_cap", "train.channels_last", "train.cudnn_benchmark"}
+    unchecked = {
+        "data.dir",
+        "data.cache_dir",
+        "data.cache",
+        "run.dir",
+        "run.seed",
+        "run.verbose",
+        "federation.end",
+        "federation.vote_cap",
+        "train.channels_last",
+        "train.cudnn_benchmark",
+    }
     assert {f"{s}.{o}" for s, o in options()} - tested <= unchecked
 
 
 def test_progressive_schedule_needs_rounds_after_start():
     bad = ["federation.start=5", "federation.rounds=5"]
-    with pytest.raises(ConfigError, match="federation.rounds must exceed federation.start"):
+    with pytest.raises(ConfigError, match=r"federation.rounds must exceed federation.start"):
         load_config(overrides=bad)
     for algo in ("fedavg", "oneshot", "snip", "centralized"):
-        assert load_config(overrides=bad + [f"federation.algorithm={algo}"]).federation.algorithm == algo
+        assert load_config(overrides=[*bad, f"federation.algorithm={algo}"]).federation.algorithm == algo
 
 
 @pytest.mark.parametrize("end, ok", [(0, True), (2, False), (3, True), (10, True), (11, False), (-1, False)])
@@ -222,18 +245,18 @@ def test_federation_end_is_zero_or_within_start_and_rounds(end, ok):
     if ok:
         assert load_config(overrides=overrides).federation.end == end
     else:
-        with pytest.raises(ConfigError, match="federation.end must be 0"):
+        with pytest.raises(ConfigError, match=r"federation.end must be 0"):
             load_config(overrides=overrides)
 
 
 @pytest.mark.parametrize("name", ["..", "."])
 def test_run_name_rejects_dot_names(name):
-    with pytest.raises(ConfigError, match="run.name"):
+    with pytest.raises(ConfigError, match=r"run.name"):
         load_config(overrides=[f"run.name={name}"])
 
 
 def test_exponent_must_be_finite():
-    with pytest.raises(ConfigError, match="federation.exponent"):
+    with pytest.raises(ConfigError, match=r"federation.exponent"):
         load_config(overrides=["federation.exponent=.inf"])
 
 
@@ -249,8 +272,10 @@ def test_config_file_not_yaml(tmp_path):
         load_config(write(tmp_path, "train: [1, 2\n  lr: {"))
 
 
-@pytest.mark.parametrize("encoding, where", [("latin-1", "byte 0xe9 at offset 17"),
-                                             ("utf-16", "byte 0xff at offset 0"), ("cp1252", "byte 0x93")])
+@pytest.mark.parametrize(
+    "encoding, where",
+    [("latin-1", "byte 0xe9 at offset 17"), ("utf-16", "byte 0xff at offset 0"), ("cp1252", "byte 0x93")],
+)
 def test_config_file_not_utf8_names_the_file(tmp_path, encoding, where):
     path = tmp_path / "c.yaml"
     path.write_bytes("run:\n  name: \u201cdurée\u201d\n".encode(encoding, errors="replace"))
@@ -319,7 +344,7 @@ def test_config_from_dict_round_trip():
 
 
 def test_config_from_dict_validates():
-    with pytest.raises(ConfigError, match="train.epochs"):
+    with pytest.raises(ConfigError, match=r"train.epochs"):
         config_from_dict({"train": {"epochs": 0}})
 
 

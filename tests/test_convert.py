@@ -1,4 +1,5 @@
 """`python -m preprocess nifti`: bad input, --skip-bad, resume after interruption, up-to-date outputs."""
+
 import gzip
 import os
 import shutil
@@ -85,8 +86,12 @@ CASES = {
     "zero-age": (_copy_good, "0", True, "age 0 is outside the plausible range (0, 120] years"),
     "age-300": (_copy_good, "300", True, "age 300 is outside the plausible range (0, 120] years"),
     "age-1e3": (_copy_good, "1e3", True, "age 1e3 is outside the plausible range (0, 120] years"),
-    "oversized-image": (lambda root, pid: _huge_header(_image(root, pid)), "70", True,
-                        "is 700x700x700 voxels (1.37 GB as float32), above the 512 MB limit (--max-image-mb)"),
+    "oversized-image": (
+        lambda root, pid: _huge_header(_image(root, pid)),
+        "70",
+        True,
+        "is 700x700x700 voxels (1.37 GB as float32), above the 512 MB limit (--max-image-mb)",
+    ),
     "row-without-image": (None, "70", True, "in participants.tsv but no image"),
     "image-without-row": (_copy_good, None, False, "has no row in participants.tsv"),
 }
@@ -131,8 +136,7 @@ def test_every_bad_subject_is_listed_and_skip_bad_keeps_the_good(cohort, tmp_pat
         assert any(line.strip().startswith(f"sub-bad{k}:") and CASES[name][3] in line for line in lines)
     assert not out.exists()
 
-    assert cli.main(["nifti", "--bids", str(root), "--out", str(out), "--workers", "2",
-                     "--quiet", "--skip-bad"]) == 0
+    assert cli.main(["nifti", "--bids", str(root), "--out", str(out), "--workers", "2", "--quiet", "--skip-bad"]) == 0
     assert f"skipped {len(names)} bad subject(s)" in capsys.readouterr().err
     with h5py.File(out, "r") as f:
         assert list(f["subject_id"].asstr()[:]) == list(GOOD)
@@ -206,9 +210,22 @@ def test_cli_reports_interruption_with_exit_130(cohort, tmp_path, monkeypatch, c
 
 
 def test_module_entry_point_runs_without_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "preprocess", "nifti", "--bids", str(tmp_path),
-                           "--out", str(tmp_path / "v.h5"), "--voxel", "3"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "preprocess",
+            "nifti",
+            "--bids",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "v.h5"),
+            "--voxel",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert "invalid choice: 3" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -216,8 +233,25 @@ def test_module_entry_point_runs_without_traceback(tmp_path):
 def test_float32_output(cohort, tmp_path):
     root = _make_bids(cohort, tmp_path / "bids")
     out = tmp_path / "v.h5"
-    assert cli.main(["nifti", "--bids", str(root), "--out", str(out), "--workers", "1",
-                     "--quiet", "--dtype", "float32", "--voxel", "2"]) == 0
+    assert (
+        cli.main(
+            [
+                "nifti",
+                "--bids",
+                str(root),
+                "--out",
+                str(out),
+                "--workers",
+                "1",
+                "--quiet",
+                "--dtype",
+                "float32",
+                "--voxel",
+                "2",
+            ]
+        )
+        == 0
+    )
     with h5py.File(out, "r") as f:
         assert f["images"].dtype == np.float32 and f["images"].shape == (2, 91, 109, 91)
 
@@ -244,12 +278,15 @@ def test_age_range_is_configurable_and_recorded(cohort, tmp_path, capsys):
         assert list(f.attrs["age_range"]) == [100.0, 300.0]
 
 
-@pytest.mark.parametrize("values, message", [
-    (["5", "1"], "needs finite MIN < MAX, got 5 1"),
-    (["0", "nan"], "needs finite MIN < MAX"),
-    (["1", "inf"], "needs finite MIN < MAX"),
-    (["0", "x"], "invalid float value: 'x'"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (["5", "1"], "needs finite MIN < MAX, got 5 1"),
+        (["0", "nan"], "needs finite MIN < MAX"),
+        (["1", "inf"], "needs finite MIN < MAX"),
+        (["0", "x"], "invalid float value: 'x'"),
+    ],
+)
 def test_impossible_age_ranges_are_usage_errors(tmp_path, capsys, values, message):
     with pytest.raises(SystemExit, match=r"^2$"):
         cli.main(["nifti", "--bids", str(tmp_path), "--out", str(tmp_path / "v.h5"), "--age-range", *values])
@@ -322,8 +359,20 @@ def test_unwritable_outputs_are_refused_before_any_subject(cohort, tmp_path, mon
 def test_out_under_a_file_from_the_command_line(tmp_path):
     (tmp_path / "somefile").write_text("x")
     (tmp_path / "bids").mkdir()
-    proc = subprocess.run([sys.executable, "-m", "preprocess", "nifti", "--bids", str(tmp_path / "bids"),
-                           "--out", str(tmp_path / "somefile" / "x.h5")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "preprocess",
+            "nifti",
+            "--bids",
+            str(tmp_path / "bids"),
+            "--out",
+            str(tmp_path / "somefile" / "x.h5"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert "is a file, not a directory" in proc.stderr and "Traceback" not in proc.stderr
 

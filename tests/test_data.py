@@ -1,4 +1,5 @@
 """The trainer's loader: VolumeDataset, read_header, synthetic_cohort."""
+
 import json
 import shutil
 
@@ -59,18 +60,18 @@ def test_dataloader_workers_open_their_own_handles(cohort):
 
 
 def test_bad_files_raise_data_error_naming_the_file(cohort, tmp_path):
-    with pytest.raises(DataError, match="absent.h5"):
+    with pytest.raises(DataError, match=r"absent.h5"):
         VolumeDataset(tmp_path / "absent.h5")
     (tmp_path / "junk.h5").write_bytes(b"junk" * 1000)
-    with pytest.raises(DataError, match="junk.h5"):
+    with pytest.raises(DataError, match=r"junk.h5"):
         read_header(tmp_path / "junk.h5")
     data = cohort.h5.read_bytes()
     (tmp_path / "cut.h5").write_bytes(data[: len(data) - 5000])
-    with pytest.raises(DataError, match="cut.h5"):
+    with pytest.raises(DataError, match=r"cut.h5"):
         VolumeDataset(tmp_path / "cut.h5")
     with h5py.File(tmp_path / "partial.h5", "w") as f:
         f["images"] = np.zeros((2, 3, 3, 3), np.float16)
-    with pytest.raises(DataError, match="partial.h5 lacks dataset"):
+    with pytest.raises(DataError, match=r"partial.h5 lacks dataset"):
         VolumeDataset(tmp_path / "partial.h5")
     assert issubclass(DataError, UserError) and DataError is h5io.DataError
 
@@ -82,25 +83,32 @@ def test_damaged_chunk_raises_data_error(cohort, tmp_path):
         f["images"].id.write_direct_chunk((2, 0, 0, 0), b"not deflate data", 0)
     ds = VolumeDataset(path)
     ds[1]
-    with pytest.raises(DataError, match="d.h5: cannot read volume 2"):
+    with pytest.raises(DataError, match=r"d.h5: cannot read volume 2"):
         ds[2]
 
 
 def test_synthetic_cohort_reuses_finished_steps(cohort):
-    stamps = {p: p.stat().st_mtime_ns for p in (cohort.h5, cohort.split / "partition.json",
-                                                cohort.bids / "participants.tsv")}
+    stamps = {
+        p: p.stat().st_mtime_ns for p in (cohort.h5, cohort.split / "partition.json", cohort.bids / "participants.tsv")
+    }
     again = synthetic_cohort(cohort.root, subjects=cohort.subjects, seed=cohort.seed, learners=4)
     assert again == cohort.split
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
-    other = synthetic_cohort(cohort.root, subjects=cohort.subjects, seed=cohort.seed, learners=2,
-                             distribution="uniform-noniid")
+    other = synthetic_cohort(
+        cohort.root, subjects=cohort.subjects, seed=cohort.seed, learners=2, distribution="uniform-noniid"
+    )
     assert other.name == "split-uniform-noniid-2" and other.parent == cohort.split.parent
     assert cohort.h5.stat().st_mtime_ns == stamps[cohort.h5]
     summary = json.loads((other / "partition.json").read_text())
-    assert [e["size"] for e in summary["per_learner"]] == [len(VolumeDataset(other / f"learner_{k}.h5"))
-                                                           for k in (1, 2)]
+    assert [e["size"] for e in summary["per_learner"]] == [
+        len(VolumeDataset(other / f"learner_{k}.h5")) for k in (1, 2)
+    ]
     assert sorted(p.name for p in cohort.split.parent.iterdir()) == [
-        "bids", "split-uniform-iid-4", "split-uniform-noniid-2", "v4.h5"]
+        "bids",
+        "split-uniform-iid-4",
+        "split-uniform-noniid-2",
+        "v4.h5",
+    ]
 
 
 def test_synthetic_cohort_validates_before_generating(tmp_path):

@@ -16,8 +16,20 @@ from fedmpi.encoding import (
     unpack_mask,
 )
 
-DTYPES = [np.float16, np.float32, np.float64, np.int8, np.int16, np.int32, np.int64,
-          np.uint8, np.uint16, np.uint32, np.uint64, np.bool_]
+DTYPES = [
+    np.float16,
+    np.float32,
+    np.float64,
+    np.int8,
+    np.int16,
+    np.int32,
+    np.int64,
+    np.uint8,
+    np.uint16,
+    np.uint32,
+    np.uint64,
+    np.bool_,
+]
 SIZES = [0, 1, 7, 8, 9, 1000, 70000]
 SPARSITIES = [0.0, 0.5, 0.9, 0.99, 1.0]
 
@@ -33,7 +45,7 @@ def make_vector(rng, n, s, dtype):
         values = rng.integers(max(info.min, -1000), min(info.max, 1000), n, endpoint=True).astype(dtype)
         values[values == 0] = 1
     mask = np.ones(n, bool)
-    mask[rng.permutation(n)[: int(round(s * n))]] = False
+    mask[rng.permutation(n)[: round(s * n)]] = False
     return values, mask
 
 
@@ -82,11 +94,11 @@ def test_header_layout_is_documented_little_endian():
     buf = encode(np.array([0, 5, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], np.int16))
     magic, layout, code, reserved, n, nnz = struct.unpack("<4sBBHQQ", buf[:HEADER_NBYTES].tobytes())
     assert (magic, layout, code, reserved, n, nnz) == (b"FSP1", 0, 3, 0, 20, 2)  # 3 bytes < 2 * 2 bytes
-    assert buf[HEADER_NBYTES:HEADER_NBYTES + 3].tolist() == [0b00010010, 0, 0]
-    assert buf[HEADER_NBYTES + 3:].view("<i2").tolist() == [5, 7]
+    assert buf[HEADER_NBYTES : HEADER_NBYTES + 3].tolist() == [0b00010010, 0, 0]
+    assert buf[HEADER_NBYTES + 3 :].view("<i2").tolist() == [5, 7]
     buf = encode(np.eye(1, 100, 98, dtype=np.float32)[0])  # one nonzero: 2 index bytes < 13 mask bytes
     assert buf[4] == 1
-    assert buf[HEADER_NBYTES:HEADER_NBYTES + 2].view("<u2").tolist() == [98]
+    assert buf[HEADER_NBYTES : HEADER_NBYTES + 2].view("<u2").tolist() == [98]
 
 
 def test_large_vector_uses_uint32_indices():
@@ -95,7 +107,7 @@ def test_large_vector_uses_uint32_indices():
     values[[3, 69999]] = [1.0, 2.0]
     buf = encode(values)
     assert len(buf) == HEADER_NBYTES + 2 * 4 + 2 * 4
-    assert buf[HEADER_NBYTES:HEADER_NBYTES + 8].view("<u4").tolist() == [3, 69999]
+    assert buf[HEADER_NBYTES : HEADER_NBYTES + 8].view("<u4").tolist() == [3, 69999]
 
 
 def test_pack_unpack_mask_little_bit_order():
@@ -165,7 +177,7 @@ def test_corrupt_buffers_raise(layout):
         "bad dtype": _with_header(good, code=200),
         "reserved": _with_header(good, reserved=1),
         "nnz > n": _with_header(good, nnz=1000),
-        "huge n": _with_header(good, n=2 ** 63),
+        "huge n": _with_header(good, n=2**63),
     }
     if layout == 0:
         flipped = good.copy()
@@ -173,16 +185,16 @@ def test_corrupt_buffers_raise(layout):
         bad["nnz mismatch"] = flipped
         bad["other layout"] = _with_header(good, layout=1)
     else:
-        idx = good[HEADER_NBYTES:HEADER_NBYTES + 6].view("<u2")
+        idx = good[HEADER_NBYTES : HEADER_NBYTES + 6].view("<u2")
         index_cases = [("out of range", [2, 50, 100]), ("unsorted", [50, 2, 97]), ("duplicate", [2, 50, 50])]
         for name, new in index_cases:
             corrupt = good.copy()
-            corrupt[HEADER_NBYTES:HEADER_NBYTES + 6] = np.array(new, "<u2").view(np.uint8)
+            corrupt[HEADER_NBYTES : HEADER_NBYTES + 6] = np.array(new, "<u2").view(np.uint8)
             bad[name] = corrupt
         assert idx.tolist() == [2, 50, 97]
         bad["other layout"] = _with_header(good, layout=0)
         bad["nnz mismatch"] = _with_header(good, nnz=2)
-    for name, buf in bad.items():
+    for buf in bad.values():
         with pytest.raises(EncodingError):
             decode(buf)
         with pytest.raises(ValueError):  # EncodingError is a ValueError
@@ -204,9 +216,9 @@ def test_header_cannot_force_a_huge_allocation():
     header = struct.pack("<4sBBHQQ", b"FSP1", 1, 10, 0, MAX_N + 1, 0)
     with pytest.raises(EncodingError, match="MAX_N"):
         decode(header)
-    header = struct.pack("<4sBBHQQ", b"FSP1", 0, 10, 0, 2 ** 40, 0)
+    header = struct.pack("<4sBBHQQ", b"FSP1", 0, 10, 0, 2**40, 0)
     with pytest.raises(EncodingError):  # bitmask layout must carry N/8 bytes
-        decode(header, expected_n=2 ** 40)
+        decode(header, expected_n=2**40)
 
 
 def test_fully_pruned_vector_is_just_a_header():

@@ -1,4 +1,5 @@
 """End to end: the real CLI under `mpirun -n 3` (1 server, 2 learners) on a tiny learnable split."""
+
 import math
 
 import numpy as np
@@ -16,20 +17,30 @@ def split(tmp_path_factory):
 
 
 def _run(split, tmp_path, algorithm, *sets):
-    proc = run_fedmpi(split, tmp_path, f"federation.algorithm={algorithm}", f"federation.rounds={ROUNDS}",
-                      f"federation.target={TARGET}", "run.name=r", *sets)
+    proc = run_fedmpi(
+        split,
+        tmp_path,
+        f"federation.algorithm={algorithm}",
+        f"federation.rounds={ROUNDS}",
+        f"federation.target={TARGET}",
+        "run.name=r",
+        *sets,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return tmp_path / "r"
 
 
-@pytest.mark.parametrize("algorithm,sets", [
-    ("fedsparsify-global", ()),
-    ("fedsparsify-local", ("federation.vote_cap=true",)),
-    ("fedsparsify-local", ("federation.merge=kept", "federation.vote_cap=true", "train.lr=0.01")),
-    ("oneshot", ("federation.oneshot_round=3",)),
-    ("snip", ()),
-    ("grasp", ()),
-])
+@pytest.mark.parametrize(
+    "algorithm,sets",
+    [
+        ("fedsparsify-global", ()),
+        ("fedsparsify-local", ("federation.vote_cap=true",)),
+        ("fedsparsify-local", ("federation.merge=kept", "federation.vote_cap=true", "train.lr=0.01")),
+        ("oneshot", ("federation.oneshot_round=3",)),
+        ("snip", ()),
+        ("grasp", ()),
+    ],
+)
 def test_pruning_algorithms_reach_their_target_while_mae_falls(split, tmp_path, algorithm, sets):
     run = _run(split, tmp_path, algorithm, *sets)
     rows, s = metrics(run), summary(run)
@@ -114,8 +125,15 @@ def test_bytes_on_the_wire_follow_sparsity(split, tmp_path, algorithm):
 
 
 def test_centralized_baseline_runs_in_one_process(split, tmp_path):
-    proc = run_fedmpi(split, tmp_path, "federation.algorithm=centralized", "federation.rounds=8", "train.lr=0.005", "run.name=c",
-                      mpirun=False)
+    proc = run_fedmpi(
+        split,
+        tmp_path,
+        "federation.algorithm=centralized",
+        "federation.rounds=8",
+        "train.lr=0.005",
+        "run.name=c",
+        mpirun=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows, s = metrics(tmp_path / "c"), summary(tmp_path / "c")
     assert len(rows) == 8 and rows[-1]["test_mae"] < rows[0]["test_mae"]

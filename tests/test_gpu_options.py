@@ -1,6 +1,7 @@
 """The GPU options are wired, tested on the CPU: mixed precision reaches the forward pass, channels-last
 reaches the volumes and weights, cuDNN benchmark mode and pinned memory are chosen for a CUDA device, and
 data.cache=device keeps the volumes on the device without workers."""
+
 from __future__ import annotations
 
 import pytest
@@ -75,12 +76,15 @@ def test_cudnn_benchmark_is_set_for_a_cuda_device_only():
         torch.backends.cudnn.benchmark = before
 
 
-@pytest.mark.parametrize("cache, device, expected", [
-    ("memory", "cuda", {"num_workers": 2, "pin_memory": True}),
-    ("memory", "cpu", {"num_workers": 2, "pin_memory": False}),
-    ("device", "cuda", {"num_workers": 0, "pin_memory": False}),
-    ("off", "cuda", {"num_workers": 2, "pin_memory": True}),
-])
+@pytest.mark.parametrize(
+    "cache, device, expected",
+    [
+        ("memory", "cuda", {"num_workers": 2, "pin_memory": True}),
+        ("memory", "cpu", {"num_workers": 2, "pin_memory": False}),
+        ("device", "cuda", {"num_workers": 0, "pin_memory": False}),
+        ("off", "cuda", {"num_workers": 2, "pin_memory": True}),
+    ],
+)
 def test_loader_options_pin_memory_for_a_gpu_and_keep_device_caches_in_process(cache, device, expected):
     cfg = load_config(overrides=[f"data.cache={cache}", "data.workers=2"])
     assert loader_options(cfg, torch.device(device)) == expected
@@ -102,8 +106,9 @@ def test_seeded_loader_draws_the_order_a_fresh_loader_would(tmp_path):
     data = open_volumes(split / "learner_1.h5", cfg, torch.device("cpu"))
     loader = SeededLoader(cfg, data, torch.device("cpu"))
     for seed in (5, 9, 5):  # reseeding each round gives every round the order of a freshly seeded loader
-        fresh = torch.utils.data.DataLoader(data, batch_size=3, shuffle=True,
-                                            generator=torch.Generator().manual_seed(seed))
+        fresh = torch.utils.data.DataLoader(
+            data, batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(seed)
+        )
         reused = loader.for_round(seed)
         for _epoch in range(2):  # and later epochs of the round follow it as well
             assert [y.tolist() for _, y in reused] == [y.tolist() for _, y in fresh]
@@ -133,9 +138,15 @@ def test_the_prepared_gpu_check_runs_end_to_end_in_smoke_mode():
 
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, GPU_CHECK_SMOKE="1", PYTHON=sys.executable)
-    proc = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
-                          env=env, timeout=600)
+    proc = subprocess.run(
+        ["bash", str(root / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True, env=env, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    for table in ("| model step, batch 4 |", "| evaluation, batch 8 |", "| data loader into the device",
-                  "| round | train | setup |", "== gpu_check done"):
+    for table in (
+        "| model step, batch 4 |",
+        "| evaluation, batch 8 |",
+        "| data loader into the device",
+        "| round | train | setup |",
+        "== gpu_check done",
+    ):
         assert table in proc.stdout

@@ -1,4 +1,5 @@
 """The HDF5 volume format: contents, attributes, atomic writes, row copies, checked opening."""
+
 import csv
 import json
 import shutil
@@ -12,8 +13,12 @@ from preprocess import grid, h5io
 
 
 def _table(n):
-    return {"age": np.linspace(50, 70, n), "subject_id": [f"s{i}" for i in range(n)],
-            "sex": ["F"] * n, "site": ["X"] * n}
+    return {
+        "age": np.linspace(50, 70, n),
+        "subject_id": [f"s{i}" for i in range(n)],
+        "sex": ["F"] * n,
+        "site": ["X"] * n,
+    }
 
 
 def _attrs(shape=(3, 4, 5)):
@@ -35,8 +40,8 @@ def test_layout_and_attributes(cohort):
     shape, affine = grid.target_grid(4)
     with h5py.File(cohort.h5, "r") as f:
         images = f["images"]
-        assert images.shape == (cohort.subjects,) + shape and images.dtype == np.float16
-        assert images.chunks == (1,) + shape and images.compression == "gzip"
+        assert images.shape == (cohort.subjects, *shape) and images.dtype == np.float16
+        assert images.chunks == (1, *shape) and images.compression == "gzip"
         assert f.attrs["format"] == h5io.FORMAT and f.attrs["voxel_size"] == 4.0
         assert tuple(f.attrs["shape"]) == shape
         np.testing.assert_array_equal(f.attrs["affine"], affine)
@@ -89,17 +94,17 @@ def test_copy_rows_copies_volumes_table_and_attributes(cohort, tmp_path):
 
 
 def test_open_checked_names_the_file_for_every_defect(cohort, tmp_path):
-    with pytest.raises(h5io.DataError, match="missing.h5 does not exist"):
+    with pytest.raises(h5io.DataError, match=r"missing.h5 does not exist"):
         h5io.open_checked(tmp_path / "missing.h5")
     (tmp_path / "junk.h5").write_bytes(b"\x00" * 4096)
-    with pytest.raises(h5io.DataError, match="junk.h5 is not a readable HDF5"):
+    with pytest.raises(h5io.DataError, match=r"junk.h5 is not a readable HDF5"):
         h5io.open_checked(tmp_path / "junk.h5")
     data = cohort.h5.read_bytes()
     (tmp_path / "trunc.h5").write_bytes(data[: len(data) // 3])
-    with pytest.raises(h5io.DataError, match="trunc.h5"):
+    with pytest.raises(h5io.DataError, match=r"trunc.h5"):
         h5io.open_checked(tmp_path / "trunc.h5")
     shutil.copy(cohort.h5, tmp_path / "noage.h5")
     with h5py.File(tmp_path / "noage.h5", "a") as f:
         del f["age"]
-    with pytest.raises(h5io.DataError, match="noage.h5 lacks dataset.s. age"):
+    with pytest.raises(h5io.DataError, match=r"noage.h5 lacks dataset.s. age"):
         h5io.open_checked(tmp_path / "noage.h5")

@@ -1,6 +1,7 @@
 """Start-up checks without mpirun: the rank count, each rank's preflight (its data file, its device,
 the run directory) and rank 0's verdict over every rank's record. One end-to-end test in
 test_reliability.py checks that the verdict travels through MPI."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -49,9 +50,9 @@ def test_missing_and_truncated_files_name_the_file(split, tmp_path):
     data = (bad / "learner_1.h5").read_bytes()
     (bad / "learner_1.h5").write_bytes(data[: len(data) // 3])
     cfg = _cfg(tmp_path, f"data.dir={bad}")
-    with pytest.raises(DataError, match="learner_2.h5"):
+    with pytest.raises(DataError, match=r"learner_2.h5"):
         check_rank(cfg, 2, bad, 0, False, False)
-    with pytest.raises(DataError, match="learner_1.h5"):
+    with pytest.raises(DataError, match=r"learner_1.h5"):
         check_rank(cfg, 1, bad, 0, False, False)
 
 

@@ -1,5 +1,6 @@
 """The learner loop driven by an in-process stand-in for the server (no MPI): what it trains on, what it
 reports, and what it sends for each kind of algorithm."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -56,9 +57,18 @@ def data(tmp_path_factory):
 
 
 def _learner(data, algorithm, *sets):
-    cfg = load_config(overrides=["model.width=0.125", "train.batch_size=4", "train.epochs=1", "train.lr=0.01",
-                                 "federation.rounds=4", "federation.target=0.8", f"federation.algorithm={algorithm}",
-                                 *sets])
+    cfg = load_config(
+        overrides=[
+            "model.width=0.125",
+            "train.batch_size=4",
+            "train.epochs=1",
+            "train.lr=0.01",
+            "federation.rounds=4",
+            "federation.target=0.8",
+            f"federation.algorithm={algorithm}",
+            *sets,
+        ]
+    )
     torch.manual_seed(0)
     initial = flat_parameters(build_model(cfg, data.shape))
     return Learner(cfg, None, data, torch.device("cpu"), weight=0.25), initial
@@ -92,8 +102,13 @@ def test_shared_mask_learner_sends_weighted_values_inside_the_mask(data):
 def test_values_only_round_reuses_the_mask_it_was_sent(data):
     learner, initial = _learner(data, "fedavg")
     values, mask = _global(initial, 0.0)
-    wire = _run(learner, [(1, FLAG_MASK, mask.size, encoding.encode(values, mask)),
-                          (2, 0, mask.size, values.astype(np.float32).view(np.uint8))])
+    wire = _run(
+        learner,
+        [
+            (1, FLAG_MASK, mask.size, encoding.encode(values, mask)),
+            (2, 0, mask.size, values.astype(np.float32).view(np.uint8)),
+        ],
+    )
     assert len(wire.reduced) == 2 and wire.reduced[1].size == mask.size
 
 
@@ -140,8 +155,9 @@ def test_grasp_scores_the_first_sixteen_samples_in_round_zeros_order(data):
     learner.wire = ServerStandIn([])
     learner.wire.initial = initial
     learner.send_start_mask()
-    shuffled = torch.utils.data.DataLoader(data, batch_size=3, shuffle=True,
-                                           generator=torch.Generator().manual_seed(round_seed(0, 0, 1)))
+    shuffled = torch.utils.data.DataLoader(
+        data, batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(round_seed(0, 0, 1))
+    )
     expected_batches = list(shuffled)  # all 8 samples (fewer than 16), in 3 + 3 + 2
     batches = learner.start_batches(GRASP_SAMPLES)
     assert [x.shape[0] for x, _ in batches] == [3, 3, 2]
@@ -158,8 +174,13 @@ def test_prunefl_learner_sends_squared_gradients_only_in_reconfiguration_rounds(
     learner, initial = _learner(data, "prunefl", "federation.reconfigure_every=2")  # 4 rounds: reconfigures at 2
     values, mask = _global(initial, 0.8)
     nnz, n = int(mask.sum()), mask.size
-    wire = _run(learner, [(1, FLAG_MASK, nnz, encoding.encode(values, mask)),
-                          (2, 0, nnz, encoding.gather_values(values, mask).view(np.uint8))])
+    wire = _run(
+        learner,
+        [
+            (1, FLAG_MASK, nnz, encoding.encode(values, mask)),
+            (2, 0, nnz, encoding.gather_values(values, mask).view(np.uint8)),
+        ],
+    )
     first, second, importance = wire.reduced  # round 1: values; round 2: values, then squared gradients
     assert first.size == second.size == nnz
     assert importance.dtype == np.float32 and importance.size == n and (importance >= 0).all()

@@ -64,7 +64,7 @@ def test_glorot_init_is_glorot_uniform_with_zero_biases():
     bound = (6.0 / (fan_in + fan_out)) ** 0.5
     w = conv.weight.detach()
     assert w.abs().max() <= bound and w.abs().max() > 0.8 * bound  # uniform on [-bound, bound]
-    assert w.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.15)
+    assert w.std().item() == pytest.approx(bound / 3**0.5, rel=0.15)
     biases = [m.bias for m in model.modules() if isinstance(m, torch.nn.Conv3d) and m is not model.output]
     assert all((b == 0).all() for b in biases)
     assert model.output.bias.item() == 60.0  # the output still starts at the mean age
@@ -104,7 +104,7 @@ def test_layout_is_contiguous_and_matches_named_parameters():
     names = [n for n, _ in model.named_parameters()]
     assert [entry[0] for entry in layout] == names
     offset = 0
-    for (name, off, size, shape), p in zip(layout, model.parameters()):
+    for (_name, off, size, shape), p in zip(layout, model.parameters()):
         assert off == offset and size == p.numel() and shape == tuple(p.shape)
         offset += size
     assert offset == flat_parameters(model).size
@@ -136,7 +136,7 @@ def test_layer_sparsity_counts_exact_zeros():
     model = tiny_model()
     vec = flat_parameters(model)
     name, off, size, _ = parameter_layout(model)[2]
-    vec[off:off + size // 2] = 0.0
+    vec[off : off + size // 2] = 0.0
     load_flat_parameters(model, vec)
     sparsity = layer_sparsity(model)
     assert sparsity[name] == pytest.approx((size // 2) / size)

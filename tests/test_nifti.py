@@ -1,4 +1,5 @@
 """Loading, validation and MNI-grid preprocessing of single images."""
+
 import gzip
 import re
 
@@ -20,8 +21,7 @@ def ras_image(cohort):
 
 
 def _reoriented(img, codes):
-    ornt = nib.orientations.ornt_transform(nib.io_orientation(img.affine),
-                                           nib.orientations.axcodes2ornt(codes))
+    ornt = nib.orientations.ornt_transform(nib.io_orientation(img.affine), nib.orientations.axcodes2ornt(codes))
     return img.as_reoriented(ornt)
 
 
@@ -53,22 +53,27 @@ def test_grids_and_masks():
     np.testing.assert_array_equal(grid.target_grid(2)[1][:3, 3], [-90, -126, -72])
     for voxel in (2, 4):
         mask = grid.brain_mask(voxel)
-        volume_ml = mask.sum() * voxel ** 3 / 1000
+        volume_ml = mask.sum() * voxel**3 / 1000
         assert 1700 < volume_ml < 2100  # the MNI152 brain mask is about 1.9 l
     with pytest.raises(ValueError, match="voxel size"):
         grid.target_grid(3)
 
 
-@pytest.mark.parametrize("cls, suffix", [(nib.Nifti1Image, ".nii"), (nib.MGHImage, ".mgz"),
-                                         (nib.Nifti1Pair, ".hdr"), (nib.Spm2AnalyzeImage, ".hdr")])
+@pytest.mark.parametrize(
+    "cls, suffix",
+    [(nib.Nifti1Image, ".nii"), (nib.MGHImage, ".mgz"), (nib.Nifti1Pair, ".hdr"), (nib.Spm2AnalyzeImage, ".hdr")],
+)
 def test_other_formats_give_the_same_volume(ras_image, tmp_path, cls, suffix):
     """Analyze needs SPM's .mat beside it: plain Analyze 7.5 stores no orientation."""
     data = np.asarray(ras_image.dataobj).astype(np.float32)
     nib.save(cls(data, ras_image.affine), tmp_path / f"x{suffix}")
     nib.save(nib.Nifti1Image(data, ras_image.affine), tmp_path / "ref.nii.gz")
     mask = grid.brain_mask(4)
-    np.testing.assert_allclose(nifti.preprocess_file(tmp_path / f"x{suffix}", 4, mask),
-                               nifti.preprocess_file(tmp_path / "ref.nii.gz", 4, mask), atol=1e-5)
+    np.testing.assert_allclose(
+        nifti.preprocess_file(tmp_path / f"x{suffix}", 4, mask),
+        nifti.preprocess_file(tmp_path / "ref.nii.gz", 4, mask),
+        atol=1e-5,
+    )
 
 
 def test_single_frame_4d_is_accepted(tmp_path):
@@ -111,7 +116,7 @@ def test_image_outside_mni_space_is_rejected(ras_image, tmp_path):
     far = ras_image.affine.copy()
     far[:3, 3] += 500.0
     nib.save(nib.Nifti1Image(np.asarray(ras_image.dataobj), far), tmp_path / "far.nii.gz")
-    with pytest.raises(nifti.BadImage, match="far.nii.gz covers only 0% of the MNI brain mask"):
+    with pytest.raises(nifti.BadImage, match=r"far.nii.gz covers only 0% of the MNI brain mask"):
         nifti.preprocess_file(tmp_path / "far.nii.gz", 4, grid.brain_mask(4))
 
 
@@ -131,12 +136,15 @@ def _header_only(path, shape):
     path.write_bytes(gzip.compress(raw) if path.name.endswith(".gz") else raw)
 
 
-@pytest.mark.parametrize("name, shape, message", [
-    ("huge.nii", (4000, 4000, 4000), "4000x4000x4000 voxels (256 GB as float32), above the 512 MB limit"),
-    ("big.nii.gz", (700, 700, 700), "700x700x700 voxels (1.37 GB as float32), above the 512 MB limit"),
-    ("frames.nii.gz", (700, 700, 700, 3), "4D with 3 frames"),
-    ("one-frame.nii", (400, 400, 900, 1), "400x400x900 voxels (576 MB as float32)"),
-])
+@pytest.mark.parametrize(
+    "name, shape, message",
+    [
+        ("huge.nii", (4000, 4000, 4000), "4000x4000x4000 voxels (256 GB as float32), above the 512 MB limit"),
+        ("big.nii.gz", (700, 700, 700), "700x700x700 voxels (1.37 GB as float32), above the 512 MB limit"),
+        ("frames.nii.gz", (700, 700, 700, 3), "4D with 3 frames"),
+        ("one-frame.nii", (400, 400, 900, 1), "400x400x900 voxels (576 MB as float32)"),
+    ],
+)
 def test_oversized_headers_are_refused_before_reading(tmp_path, name, shape, message):
     """The file holds no voxels: reading any data would fail as truncated or run out of memory."""
     _header_only(tmp_path / name, shape)
@@ -145,24 +153,29 @@ def test_oversized_headers_are_refused_before_reading(tmp_path, name, shape, mes
     assert name in str(exc.value) and "truncated" not in str(exc.value)
 
 
-@pytest.mark.parametrize("cls, suffix", [(nib.Nifti1Image, ".nii.gz"), (nib.MGHImage, ".mgz"),
-                                         (nib.Nifti1Pair, ".hdr")])
+@pytest.mark.parametrize(
+    "cls, suffix", [(nib.Nifti1Image, ".nii.gz"), (nib.MGHImage, ".mgz"), (nib.Nifti1Pair, ".hdr")]
+)
 def test_size_limit_is_configurable_and_applies_to_every_format(tmp_path, cls, suffix):
     data = np.ones((50, 50, 50), np.float32)  # 0.5 MB as float32
     nib.save(cls(data, np.eye(4)), tmp_path / f"x{suffix}")
     assert nifti.load(tmp_path / f"x{suffix}", max_image_mb=0.5)[0].shape == (50, 50, 50)
-    with pytest.raises(nifti.BadImage, match=re.escape("50x50x50 voxels (0.5 MB as float32), above the 0.4 MB limit "
-                                                       "(--max-image-mb)")):
+    with pytest.raises(
+        nifti.BadImage, match=re.escape("50x50x50 voxels (0.5 MB as float32), above the 0.4 MB limit (--max-image-mb)")
+    ):
         nifti.load(tmp_path / f"x{suffix}", max_image_mb=0.4)
     with pytest.raises(nifti.BadImage, match=r"above the 0\.4 MB limit"):
         nifti.preprocess_file(tmp_path / f"x{suffix}", 4, grid.brain_mask(4), max_image_mb=0.4)
 
 
-@pytest.mark.parametrize("error, reason", [
-    (MemoryError, r"not enough memory to read x.nii \(0.0005 MB as float32\)"),
-    (OSError, r"unreadable or truncated image x.nii: OSError$"),
-    (ValueError, r"unreadable or truncated image x.nii: ValueError$"),
-])
+@pytest.mark.parametrize(
+    "error, reason",
+    [
+        (MemoryError, r"not enough memory to read x.nii \(0.0005 MB as float32\)"),
+        (OSError, r"unreadable or truncated image x.nii: OSError$"),
+        (ValueError, r"unreadable or truncated image x.nii: ValueError$"),
+    ],
+)
 def test_a_failure_without_a_message_still_has_a_reason(tmp_path, monkeypatch, error, reason):
     nib.save(nib.Nifti1Image(np.ones((5, 5, 5), np.float32), np.eye(4)), tmp_path / "x.nii")
 

@@ -1,5 +1,6 @@
 """What the trainer checks of a volume file before training (data.check_volumes, data.file_digest) and of
 a run directory before resuming (recorder.resume_point, setting_changes, split_problems)."""
+
 from __future__ import annotations
 
 import h5py
@@ -35,14 +36,14 @@ def test_non_finite_volume_and_empty_file_are_refused(tmp_path):
         vol = f["images"][2]
         vol[3, 3, 3] = np.nan
         f["images"][2] = vol
-    with pytest.raises(DataError, match="test.h5: volume 2 holds non-finite values"):
+    with pytest.raises(DataError, match=r"test.h5: volume 2 holds non-finite values"):
         check_volumes(path)
     empty = tmp_path / "empty.h5"
     with h5py.File(path, "r") as src, h5py.File(empty, "w") as dst:
         for name in src:
             dst.create_dataset(name, data=src[name][:0], maxshape=src[name].shape)
         dst.attrs.update(src.attrs)
-    with pytest.raises(DataError, match="empty.h5: no volumes"):
+    with pytest.raises(DataError, match=r"empty.h5: no volumes"):
         check_volumes(empty)
 
 

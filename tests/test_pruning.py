@@ -8,7 +8,7 @@ def reference_magnitude_mask(values, s, mask=None):
     """Plain full-sort reference: pruned positions first, then stable |v| order."""
     n = values.size
     mask = np.ones(n, bool) if mask is None else mask.copy()
-    k = int(round(s * n))
+    k = round(s * n)
     if n - mask.sum() >= k:
         return mask
     key = np.where(mask, np.abs(values.astype(np.float64)), -1.0)
@@ -76,7 +76,7 @@ def test_magnitude_returns_mask_when_already_sparser():
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, np.int8, np.int32])
 def test_magnitude_matches_reference_on_random_inputs(dtype):
     rng = np.random.default_rng(0)
-    for trial in range(30):
+    for _trial in range(30):
         n = int(rng.integers(1, 400))
         # few distinct values so that ties are common
         v = rng.integers(-6, 7, n).astype(dtype)
@@ -225,11 +225,13 @@ def test_reconfigure_mask_hand_computed():
     mask = np.array([False, True, True, False, True, True])
     # keep 4; movable 0.5 of the 4 kept: 2 stay by magnitude (4.0 at 1, 3.0 at 5), 2 slots by importance among
     # the rest: 9.0 (pruned, position 0) and 5.0 (pruned, position 3) come back, 0.3 and 0.2 go
-    np.testing.assert_array_equal(reconfigure_mask(importance, values, mask, 1 / 3, 0.5),
-                                  [True, True, False, True, False, True])
+    np.testing.assert_array_equal(
+        reconfigure_mask(importance, values, mask, 1 / 3, 0.5), [True, True, False, True, False, True]
+    )
     # movable 1: importance alone, so the large weights at 1 and 5 (importance 0.1 and 0) go instead
-    np.testing.assert_array_equal(reconfigure_mask(importance, values, mask, 1 / 3, 1.0),
-                                  [True, False, True, True, True, False])
+    np.testing.assert_array_equal(
+        reconfigure_mask(importance, values, mask, 1 / 3, 1.0), [True, False, True, True, True, False]
+    )
     np.testing.assert_array_equal(reconfigure_mask(importance, values, mask, 1 / 3, 1.0), top_mask(importance, 1 / 3))
 
 
@@ -248,7 +250,7 @@ def test_reconfigure_mask_matches_the_reference_and_keeps_the_density(seed, mova
     assert n - new.sum() == n_pruned(n, s)
     assert (new & ~mask).any()  # pruned positions come back
     kept = np.flatnonzero(mask)
-    largest = kept[np.argsort(np.abs(values[kept]))[round(movable * kept.size):]]
+    largest = kept[np.argsort(np.abs(values[kept]))[round(movable * kept.size) :]]
     assert new[largest].all()  # the larger weights were never at stake
     if movable == 1.0:
         np.testing.assert_array_equal(new, top_mask(importance, s))

@@ -1,4 +1,6 @@
 """Faults across the federation: the job never hangs, nothing is lost, resume is exact."""
+
+import contextlib
 import json
 import os
 import signal
@@ -55,8 +57,16 @@ def test_same_seed_gives_bit_identical_results(split, reference, tmp_path):
 def test_how_work_is_scheduled_never_changes_the_model(split, reference, tmp_path):
     """Loader workers, the volume cache, evaluation and checkpoint frequency change where time goes
     (the server overlaps them with the next round), never the numbers: same seed, bit-identical model."""
-    proc = run_fedmpi(split, tmp_path, *ROUNDS, "run.name=sched", "data.workers=2", "data.cache=off",
-                      "eval.every=4", "run.checkpoint_every=0")
+    proc = run_fedmpi(
+        split,
+        tmp_path,
+        *ROUNDS,
+        "run.name=sched",
+        "data.workers=2",
+        "data.cache=off",
+        "eval.every=4",
+        "run.checkpoint_every=0",
+    )
     assert proc.returncode == 0, proc.stderr
     assert _same_model(reference, tmp_path / "sched")
     rows = metrics(tmp_path / "sched")
@@ -69,7 +79,7 @@ def test_a_dying_learner_ends_the_job_and_resume_matches(split, reference, tmp_p
     wait_rows(tmp_path / "r", 2, proc)
     pid = json.loads((tmp_path / "r" / "ranks.json").read_text())[2]["pid"]
     os.kill(pid, sig)
-    code, out, err, seconds = _finish(proc, 60)
+    code, _out, err, seconds = _finish(proc, 60)
     assert code != 0 and seconds < 60
     assert f"fedmpi: rank 2 (learner 2, pid {pid}) was killed by {sig.name}" in err, err
     resumed = run_fedmpi(split, tmp_path, *ROUNDS, "run.name=r", extra=["--resume"])
@@ -82,13 +92,14 @@ def test_a_dying_learner_ends_the_job_and_resume_matches(split, reference, tmp_p
 
 def test_an_exception_on_a_learner_ends_the_job_naming_it(split, tmp_path):
     bad = write_split(tmp_path / "split", shape=(45, 54, 45))  # 5 MB a learner: more than h5py's chunk cache
-    proc = start_fedmpi(bad, tmp_path, *ROUNDS, "run.name=x", "data.cache=false", "federation.rounds=200",
-                        "run.checkpoint_every=0")
+    proc = start_fedmpi(
+        bad, tmp_path, *ROUNDS, "run.name=x", "data.cache=false", "federation.rounds=200", "run.checkpoint_every=0"
+    )
     wait_rows(tmp_path / "x", 1, proc)
     path = bad / "learner_2.h5"
     with open(path, "r+b") as fh:  # truncated under the learner's open handle: its next read fails
         fh.truncate(path.stat().st_size // 3)
-    code, out, err, seconds = _finish(proc, 60)
+    code, _out, err, seconds = _finish(proc, 60)
     assert code != 0 and seconds < 60
     assert "fedmpi: rank 2 (learner 2) failed: DataError" in err and "learner_2.h5" in err, err
     assert len(metrics(tmp_path / "x")) < 200
@@ -100,12 +111,10 @@ def test_a_silent_learner_is_named_by_the_round_watchdog(split, tmp_path):
     pid = json.loads((tmp_path / "w" / "ranks.json").read_text())[1]["pid"]
     os.kill(pid, signal.SIGSTOP)  # alive but silent: no MPI failure, only the deadline can notice
     try:
-        code, out, err, seconds = _finish(proc, 60)
+        code, _out, err, _seconds = _finish(proc, 60)
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     assert code != 0
     assert "learner 1 (rank 1)" in err and "learner 2" not in err, err
     assert "round deadline passed" in err
@@ -160,10 +169,8 @@ def _stopped(pid: int):
 
 
 def _kill_quietly(pid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def test_a_learner_stopped_before_mpi_starts_ends_the_job(split, tmp_path):
@@ -172,7 +179,7 @@ def test_a_learner_stopped_before_mpi_starts_ends_the_job(split, tmp_path):
     pid = rank_process(proc, 2)
     stopped = _stopped(pid)
     try:
-        code, out, err, _ = _finish(proc, 60)
+        code, _out, err, _ = _finish(proc, 60)
     finally:
         _kill_quietly(pid)
     assert code != 0 and time.monotonic() - stopped < 60
@@ -185,7 +192,7 @@ def test_a_learner_stopped_during_start_up_is_named_by_the_server(split, tmp_pat
     pid = int(line.split("2=")[1].split("@")[0])
     stopped = _stopped(pid)
     try:
-        code, out, err, _ = _finish(proc, 60)
+        code, _out, err, _ = _finish(proc, 60)
     finally:
         _kill_quietly(pid)
     assert code != 0 and time.monotonic() - stopped < 60
@@ -199,7 +206,7 @@ def test_a_stopped_server_is_named_by_the_learners(split, tmp_path):
     pid = json.loads((tmp_path / "s2" / "ranks.json").read_text())[0]["pid"]
     stopped = _stopped(pid)
     try:
-        code, out, err, _ = _finish(proc, 90)
+        code, _out, err, _ = _finish(proc, 90)
     finally:
         _kill_quietly(pid)
     assert code != 0 and time.monotonic() - stopped < 60
@@ -235,8 +242,12 @@ def test_a_nan_age_is_named_before_training(split, tmp_path, where):
 def test_prunefl_resumes_exactly_across_its_reconfigurations(split, tmp_path):
     """PruneFL's squared gradients live only within their reconfiguration round and the mask they choose is in
     the server's checkpoint, so a preempted PruneFL run resumes to the uninterrupted run's model bit for bit."""
-    sets = ["federation.rounds=6", "federation.target=0.9", "federation.algorithm=prunefl",
-            "federation.reconfigure_every=2"]
+    sets = [
+        "federation.rounds=6",
+        "federation.target=0.9",
+        "federation.algorithm=prunefl",
+        "federation.reconfigure_every=2",
+    ]
     straight = run_fedmpi(split, tmp_path, *sets, "run.name=straight")
     assert straight.returncode == 0, straight.stderr
     proc = start_fedmpi(split, tmp_path, *sets, "run.name=p")

@@ -1,4 +1,5 @@
 """The report: table values from hand-written run directories, and the files it writes."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,34 +14,74 @@ from fedmpi.errors import ReportError
 from fedmpi.report import load_run, write_report
 
 
-def _write_run(root, name, *, algorithm, target, mae, sparsities, bytes_per_round, attack_auc=None,
-               data_dir="", distribution="uniform-iid", wall=10.0, seed=0, predictions=None, attack=None,
-               config=None, summary=None):
+def _write_run(
+    root,
+    name,
+    *,
+    algorithm,
+    target,
+    mae,
+    sparsities,
+    bytes_per_round,
+    attack_auc=None,
+    data_dir="",
+    distribution="uniform-iid",
+    wall=10.0,
+    seed=0,
+    predictions=None,
+    attack=None,
+    config=None,
+    summary=None,
+):
     """A finished run directory. predictions: (subject_id, age, predicted) rows of test_predictions.csv;
     attack: attack.json as written (attack_auc writes the old two-attack format instead); config and
     summary: values merged into config.json's sections and into summary.json."""
     run = root / name
     run.mkdir(parents=True)
-    cfg = {"data": {"dir": "", "distribution": distribution, "subjects": 10, "seed": 0},
-           "federation": {"algorithm": algorithm, "target": target, "learners": 2, "rounds": len(mae)},
-           "train": {"epochs": 1, "lr": 0.01, "device": "cpu"}, "run": {"seed": seed, "name": name, "dir": str(root)}}
+    cfg = {
+        "data": {"dir": "", "distribution": distribution, "subjects": 10, "seed": 0},
+        "federation": {"algorithm": algorithm, "target": target, "learners": 2, "rounds": len(mae)},
+        "train": {"epochs": 1, "lr": 0.01, "device": "cpu"},
+        "run": {"seed": seed, "name": name, "dir": str(root)},
+    }
     for section, values in (config or {}).items():
         cfg.setdefault(section, {}).update(values)
     (run / "config.json").write_text(json.dumps(cfg))
-    rows = [{"round": t + 1, "sparsity": s, "target_sparsity": s, "test_mae": m, "bytes_up": b, "bytes_down": b}
-            for t, (s, m, b) in enumerate(zip(sparsities, mae, bytes_per_round))]
+    rows = [
+        {"round": t + 1, "sparsity": s, "target_sparsity": s, "test_mae": m, "bytes_up": b, "bytes_down": b}
+        for t, (s, m, b) in enumerate(zip(sparsities, mae, bytes_per_round))
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     total = int(sum(bytes_per_round))
-    (run / "summary.json").write_text(json.dumps({
-        "algorithm": algorithm, "target_sparsity": target, "final_mae": mae[-1], "final_rmse": mae[-1] + 1,
-        "final_r": 0.5, "final_sparsity": sparsities[-1], "total_bytes_up": total, "total_bytes_down": total,
-        "wall_seconds": wall, "data_dir": data_dir, "baseline_mae": 10.0, "rounds": len(mae), **(summary or {})}))
+    (run / "summary.json").write_text(
+        json.dumps(
+            {
+                "algorithm": algorithm,
+                "target_sparsity": target,
+                "final_mae": mae[-1],
+                "final_rmse": mae[-1] + 1,
+                "final_r": 0.5,
+                "final_sparsity": sparsities[-1],
+                "total_bytes_up": total,
+                "total_bytes_down": total,
+                "wall_seconds": wall,
+                "data_dir": data_dir,
+                "baseline_mae": 10.0,
+                "rounds": len(mae),
+                **(summary or {}),
+            }
+        )
+    )
     if predictions is not None:
         (run / "test_predictions.csv").write_text(
-            "subject_id,age,predicted\n" + "".join(f"{i},{a:.2f},{p:.4f}\n" for i, a, p in predictions))
+            "subject_id,age,predicted\n" + "".join(f"{i},{a:.2f},{p:.4f}\n" for i, a, p in predictions)
+        )
     if attack_auc is not None:
-        (run / "attack.json").write_text(json.dumps({
-            "sparsity": sparsities[-1], "white_box": {"auc": attack_auc}, "black_box": {"auc": attack_auc - 0.05}}))
+        (run / "attack.json").write_text(
+            json.dumps(
+                {"sparsity": sparsities[-1], "white_box": {"auc": attack_auc}, "black_box": {"auc": attack_auc - 0.05}}
+            )
+        )
     if attack is not None:
         (run / "attack.json").write_text(json.dumps(attack))
     return run
@@ -53,12 +94,29 @@ def _predictions(errors, ages=(50.0, 60.0, 70.0, 55.0)):
 
 def _attack(aucs, sparsity=0.0, train_mae=1.0, test_mae=4.0):
     """attack.json in the current format: every attack in `aucs` (name -> AUC) with an interval of +-0.05."""
-    attacks = {name: {"auc": auc, "auc_low": auc - 0.05, "auc_high": auc + 0.05, "auc_se": 0.02,
-                      "accuracy": auc - 0.1, "tpr_at_1pct_fpr": 0.02, "tpr_at_0.1pct_fpr": 0.01, "n_train": 20,
-                      "n_eval": 20} for name, auc in aucs.items()}
-    return {"attacks": attacks, **{k: attacks[k] for k in ("black_box", "white_box") if k in attacks},
-            "sparsity": sparsity, "train_mae": train_mae, "test_mae": test_mae, "members_eval": 10,
-            "nonmembers_eval": 10}
+    attacks = {
+        name: {
+            "auc": auc,
+            "auc_low": auc - 0.05,
+            "auc_high": auc + 0.05,
+            "auc_se": 0.02,
+            "accuracy": auc - 0.1,
+            "tpr_at_1pct_fpr": 0.02,
+            "tpr_at_0.1pct_fpr": 0.01,
+            "n_train": 20,
+            "n_eval": 20,
+        }
+        for name, auc in aucs.items()
+    }
+    return {
+        "attacks": attacks,
+        **{k: attacks[k] for k in ("black_box", "white_box") if k in attacks},
+        "sparsity": sparsity,
+        "train_mae": train_mae,
+        "test_mae": test_mae,
+        "members_eval": 10,
+        "nonmembers_eval": 10,
+    }
 
 
 def _load(*paths):
@@ -81,12 +139,30 @@ def _write_test_h5(directory):
 @pytest.fixture
 def runs(tmp_path):
     data = _write_test_h5(tmp_path / "split")
-    a = _write_run(tmp_path / "runs", "avg", algorithm="fedavg", target=0.95, mae=[9.0, 7.0, 6.0],
-                   sparsities=[0, 0, 0], bytes_per_round=[1000, 1000, 1000], attack_auc=0.7, data_dir=str(data),
-                   predictions=_predictions([1.0, -2.0, 3.0, 4.0]))
-    b = _write_run(tmp_path / "runs", "glob", algorithm="fedsparsify-global", target=0.9, mae=[9.5, 7.5, 6.5],
-                   sparsities=[0.5, 0.8, 0.9], bytes_per_round=[1000, 500, 250], data_dir=str(data), wall=20.0,
-                   predictions=_predictions([2.0, -3.0, 4.0, 5.0]))
+    a = _write_run(
+        tmp_path / "runs",
+        "avg",
+        algorithm="fedavg",
+        target=0.95,
+        mae=[9.0, 7.0, 6.0],
+        sparsities=[0, 0, 0],
+        bytes_per_round=[1000, 1000, 1000],
+        attack_auc=0.7,
+        data_dir=str(data),
+        predictions=_predictions([1.0, -2.0, 3.0, 4.0]),
+    )
+    b = _write_run(
+        tmp_path / "runs",
+        "glob",
+        algorithm="fedsparsify-global",
+        target=0.9,
+        mae=[9.5, 7.5, 6.5],
+        sparsities=[0.5, 0.8, 0.9],
+        bytes_per_round=[1000, 500, 250],
+        data_dir=str(data),
+        wall=20.0,
+        predictions=_predictions([2.0, -3.0, 4.0, 5.0]),
+    )
     return a, b
 
 
@@ -103,10 +179,19 @@ def test_results_rows_values(runs):
 
 
 def test_fedavg_ratio_only_within_the_same_distribution(tmp_path):
-    a = _write_run(tmp_path, "avg-iid", algorithm="fedavg", target=0.95, mae=[5.0], sparsities=[0],
-                   bytes_per_round=[100])
-    b = _write_run(tmp_path, "g-skew", algorithm="fedsparsify-local", target=0.99, mae=[5.0], sparsities=[0.99],
-                   bytes_per_round=[10], distribution="skewed-noniid")
+    a = _write_run(
+        tmp_path, "avg-iid", algorithm="fedavg", target=0.95, mae=[5.0], sparsities=[0], bytes_per_round=[100]
+    )
+    b = _write_run(
+        tmp_path,
+        "g-skew",
+        algorithm="fedsparsify-local",
+        target=0.99,
+        mae=[5.0],
+        sparsities=[0.99],
+        bytes_per_round=[10],
+        distribution="skewed-noniid",
+    )
     rows = {r["run"]: r for r in report.results_rows([report.load_run(a), report.load_run(b)])}
     assert rows["g-skew"]["bytes_ratio_vs_fedavg"] is None and rows["avg-iid"]["bytes_ratio_vs_fedavg"] == 1.0
 
@@ -137,8 +222,11 @@ def test_report_command_writes_every_file(runs, tmp_path, capsys):
     report.add_arguments(parser)
     out = tmp_path / "out"
     assert report.run(parser.parse_args([str(runs[0].parent), "--out", str(out)])) == 0  # a directory of runs
-    names = TABLES | CURVES | {"privacy.csv", "privacy.md", "mia_auc_vs_sparsity.png", "mia_auc_vs_gap.png",
-                               "volume_slices.png"}
+    names = (
+        TABLES
+        | CURVES
+        | {"privacy.csv", "privacy.md", "mia_auc_vs_sparsity.png", "mia_auc_vs_gap.png", "volume_slices.png"}
+    )
     assert {p.name for p in out.iterdir()} == names  # no temporary files left behind
     for name in {n for n in names if n.endswith(".png")}:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -148,14 +236,19 @@ def test_report_command_writes_every_file(runs, tmp_path, capsys):
     assert "| avg | fedavg |" in (out / "results.md").read_text()
     accuracy = list(csv.DictReader((out / "accuracy.csv").read_text().splitlines()))
     assert tuple(accuracy[0]) == tables.ACCURACY_COLUMNS
-    assert [(r["run"], r["train_subjects"], r["test_subjects"]) for r in accuracy] == [("avg", "6", "4"),
-                                                                                     ("glob", "6", "4")]
+    assert [(r["run"], r["train_subjects"], r["test_subjects"]) for r in accuracy] == [
+        ("avg", "6", "4"),
+        ("glob", "6", "4"),
+    ]
     paired = list(csv.DictReader((out / "accuracy_paired.csv").read_text().splitlines()))
     assert [(r["algorithm"], r["mean_diff"], r["diff_low"], r["diff_high"], r["verdict"]) for r in paired] == [
-        ("fedsparsify-global", "1", "1", "1", "inferior")]
+        ("fedsparsify-global", "1", "1", "1", "inferior")
+    ]
     privacy = list(csv.DictReader((out / "privacy.csv").read_text().splitlines()))
-    assert [(r["run"], r["attack"], r["auc"]) for r in privacy] == [("avg", "black_box", "0.65"),
-                                                                   ("avg", "white_box", "0.7")]
+    assert [(r["run"], r["attack"], r["auc"]) for r in privacy] == [
+        ("avg", "black_box", "0.65"),
+        ("avg", "white_box", "0.7"),
+    ]
     numbers = json.loads((out / "numbers.json").read_text())
     methods = numbers["accuracy"][0]["methods"]
     assert [m["label"] for m in methods] == ["fedavg", "fedsparsify-global 0.9"]
@@ -165,8 +258,9 @@ def test_report_command_writes_every_file(runs, tmp_path, capsys):
 
 
 def test_a_run_without_predictions_or_attack_still_reports(tmp_path, capsys):
-    run = _write_run(tmp_path, "g", algorithm="oneshot", target=0.95, mae=[5.0], sparsities=[0.95],
-                     bytes_per_round=[10])
+    run = _write_run(
+        tmp_path, "g", algorithm="oneshot", target=0.95, mae=[5.0], sparsities=[0.95], bytes_per_round=[10]
+    )
     _, written = report.write_report([run], tmp_path / "out")
     assert {p.name for p in written} == TABLES | CURVES
     err = capsys.readouterr().err
@@ -179,8 +273,9 @@ def test_a_run_without_predictions_or_attack_still_reports(tmp_path, capsys):
 
 
 def test_an_unfinished_run_is_refused_before_anything_is_written(tmp_path, capsys):
-    run = _write_run(tmp_path, "g", algorithm="oneshot", target=0.95, mae=[5.0], sparsities=[0.95],
-                     bytes_per_round=[10])
+    run = _write_run(
+        tmp_path, "g", algorithm="oneshot", target=0.95, mae=[5.0], sparsities=[0.95], bytes_per_round=[10]
+    )
     (run / "summary.json").unlink()
     parser = argparse.ArgumentParser()
     report.add_arguments(parser)
@@ -231,19 +326,41 @@ def test_report_without_matplotlib_names_the_extra(runs, tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- accuracy tables (pure)
 
+
 def _pair(tmp_path, name, algorithm, errors, *, target=0.95, seed=0, distribution="uniform-iid", **kwargs):
     """A one-round run whose test predictions miss by `errors`."""
-    return _write_run(tmp_path, name, algorithm=algorithm, target=target, mae=[float(np.mean(np.abs(errors)))],
-                      sparsities=[0.0 if algorithm == "fedavg" else target], bytes_per_round=[100], seed=seed,
-                      distribution=distribution, predictions=_predictions(errors), **kwargs)
+    return _write_run(
+        tmp_path,
+        name,
+        algorithm=algorithm,
+        target=target,
+        mae=[float(np.mean(np.abs(errors)))],
+        sparsities=[0.0 if algorithm == "fedavg" else target],
+        bytes_per_round=[100],
+        seed=seed,
+        distribution=distribution,
+        predictions=_predictions(errors),
+        **kwargs,
+    )
 
 
 def test_accuracy_rows_values(tmp_path):
     avg = _pair(tmp_path, "avg", "fedavg", [1.0, -2.0, 3.0, 4.0])  # MAE 2.5, predict-the-mean MAE 10
-    real = _pair(tmp_path, "real", "fedsparsify-global", [1.0, 1.0, 1.0, 1.0], config={"data": {"dir": "/data/x"}},
-                 summary={"distribution": "uniform-iid"})
-    counted = _pair(tmp_path, "counted", "fedsparsify-local", [1.0, 1.0, 1.0, 1.0],
-                    summary={"train_subjects": 1000, "test_subjects": 200})
+    real = _pair(
+        tmp_path,
+        "real",
+        "fedsparsify-global",
+        [1.0, 1.0, 1.0, 1.0],
+        config={"data": {"dir": "/data/x"}},
+        summary={"distribution": "uniform-iid"},
+    )
+    counted = _pair(
+        tmp_path,
+        "counted",
+        "fedsparsify-local",
+        [1.0, 1.0, 1.0, 1.0],
+        summary={"train_subjects": 1000, "test_subjects": 200},
+    )
     rows = {r["run"]: r for r in tables.accuracy_rows(_load(avg, real, counted))}
     assert rows["avg"]["train_subjects"] == 6 and rows["avg"]["test_subjects"] == 4  # 10 synthetic subjects
     assert rows["avg"]["mae_ratio"] == 0.25 and rows["avg"]["seed"] == 0 and rows["avg"]["target"] is None
@@ -284,12 +401,27 @@ def test_paired_verdict_at_the_margin(tmp_path):
 
 def test_paired_interval_spanning_zero_below_the_margin(tmp_path):
     ages = [40.0 + i for i in range(40)]
-    avg = _write_run(tmp_path, "avg", algorithm="fedavg", target=0.0, mae=[2.0], sparsities=[0.0],
-                     bytes_per_round=[10], predictions=[(f"s{i}", a, a + 2.0) for i, a in enumerate(ages)])
+    avg = _write_run(
+        tmp_path,
+        "avg",
+        algorithm="fedavg",
+        target=0.0,
+        mae=[2.0],
+        sparsities=[0.0],
+        bytes_per_round=[10],
+        predictions=[(f"s{i}", a, a + 2.0) for i, a in enumerate(ages)],
+    )
     # Differences alternate -0.25, +0.25: mean 0, bootstrap half-width about 1.96 x 0.25 / sqrt(40) = 0.08.
-    g = _write_run(tmp_path, "g", algorithm="fedsparsify-global", target=0.9, mae=[2.0], sparsities=[0.9],
-                   bytes_per_round=[10],
-                   predictions=[(f"s{i}", a, a + 2.0 + (0.25 if i % 2 else -0.25)) for i, a in enumerate(ages)])
+    g = _write_run(
+        tmp_path,
+        "g",
+        algorithm="fedsparsify-global",
+        target=0.9,
+        mae=[2.0],
+        sparsities=[0.9],
+        bytes_per_round=[10],
+        predictions=[(f"s{i}", a, a + 2.0 + (0.25 if i % 2 else -0.25)) for i, a in enumerate(ages)],
+    )
     (row,), _ = tables.paired_rows(_load(avg, g))
     assert row["mean_diff"] == pytest.approx(0.0) and row["n_subjects"] == 40
     assert -0.11 < row["diff_low"] < -0.05 and 0.05 < row["diff_high"] < 0.11
@@ -300,19 +432,29 @@ def test_a_pooled_run_is_compared_with_every_distribution(tmp_path):
     runs = _load(
         _pair(tmp_path, "avg-iid", "fedavg", [1.0, 1.0, 1.0, 1.0]),
         _pair(tmp_path, "avg-skew", "fedavg", [3.0, 3.0, 3.0, 3.0], distribution="skewed-noniid"),
-        _pair(tmp_path, "central", "centralized", [2.0, 2.0, 2.0, 2.0], distribution="skewed-noniid",
-              summary={"total_bytes_up": 0, "total_bytes_down": 0}),
+        _pair(
+            tmp_path,
+            "central",
+            "centralized",
+            [2.0, 2.0, 2.0, 2.0],
+            distribution="skewed-noniid",
+            summary={"total_bytes_up": 0, "total_bytes_down": 0},
+        ),
     )
     central = next(r for r in runs if r.name == "central")
     assert central.distribution == tables.POOLED and central.target is None
     rows, _ = tables.paired_rows(runs)
     assert [(r["algorithm"], r["distribution"], r["mean_diff"]) for r in rows] == [
-        ("centralized", "skewed-noniid", -1.0), ("centralized", "uniform-iid", 1.0)]
+        ("centralized", "skewed-noniid", -1.0),
+        ("centralized", "uniform-iid", 1.0),
+    ]
     accuracy = {r["run"]: r for r in tables.accuracy_rows(runs)}
     assert accuracy["central"]["distribution"] == "pooled" and accuracy["central"]["bytes_ratio_vs_fedavg"] is None
     sections = tables.accuracy_sections(runs, rows)
     assert [(s["distribution"], [m["label"] for m in s["methods"]]) for s in sections] == [
-        ("skewed-noniid", ["fedavg", "centralized (pooled)"]), ("uniform-iid", ["fedavg", "centralized (pooled)"])]
+        ("skewed-noniid", ["fedavg", "centralized (pooled)"]),
+        ("uniform-iid", ["fedavg", "centralized (pooled)"]),
+    ]
     assert [s["methods"][1]["paired"]["verdict"] for s in sections] == ["non-inferior", "inferior"]
 
 
@@ -324,18 +466,32 @@ def test_settings_keep_a_study_s_groups_apart(tmp_path):
         _pair(tmp_path, "acc-g", "fedsparsify-global", [1.0, 1.0, 1.0, 1.0], config={"model": {"new_key": 1}}),
     )
     # train.device and run.* do not make a setting; a key only some runs record (a later version's) is ignored.
-    assert {r.name: r.setting for r in runs} == {"acc-avg": "train.epochs=1", "priv-avg": "train.epochs=5",
-                                                  "priv-g": "train.epochs=5", "acc-g": "train.epochs=1"}
+    assert {r.name: r.setting for r in runs} == {
+        "acc-avg": "train.epochs=1",
+        "priv-avg": "train.epochs=5",
+        "priv-g": "train.epochs=5",
+        "acc-g": "train.epochs=1",
+    }
     rows, _ = tables.paired_rows(runs)
     assert [(r["setting"], r["mean_diff"], r["reference_mae"]) for r in rows] == [
-        ("train.epochs=1", 0.0, 1.0), ("train.epochs=5", -1.0, 3.0)]
+        ("train.epochs=1", 0.0, 1.0),
+        ("train.epochs=5", -1.0, 3.0),
+    ]
     assert tables.setting_labels({"a": {"train": {"lr": 0.1}}, "b": {"train": {"lr": 0.1}}}) == {"a": "", "b": ""}
 
 
 def test_runs_tested_on_other_subjects_are_not_paired(tmp_path):
     avg = _pair(tmp_path, "avg", "fedavg", [1.0, 1.0, 1.0, 1.0])
-    other_ages = _write_run(tmp_path, "g", algorithm="fedsparsify-global", target=0.9, mae=[1.0], sparsities=[0.9],
-                            bytes_per_round=[10], predictions=_predictions([1.0] * 4, ages=(51, 60, 70, 55)))
+    other_ages = _write_run(
+        tmp_path,
+        "g",
+        algorithm="fedsparsify-global",
+        target=0.9,
+        mae=[1.0],
+        sparsities=[0.9],
+        bytes_per_round=[10],
+        predictions=_predictions([1.0] * 4, ages=(51, 60, 70, 55)),
+    )
     rows, notes = tables.paired_rows(_load(avg, other_ages))
     assert rows == [] and notes == ["g and avg were tested on different subjects; not paired"]
 
@@ -343,8 +499,10 @@ def test_runs_tested_on_other_subjects_are_not_paired(tmp_path):
 def test_duplicate_seeds_keep_the_first_by_name(tmp_path):
     runs = _load(_pair(tmp_path, "b", "fedavg", [1.0] * 4), _pair(tmp_path, "a", "fedavg", [2.0] * 4))
     assert [r.name for r in tables.lines(runs)[tables.LineKey("", "uniform-iid", "fedavg", None)]] == ["a"]
-    assert tables.duplicate_seeds(runs) == ["b repeats the setting, distribution, algorithm, target and seed of "
-                                            "another run; the summaries use the first by name"]
+    assert tables.duplicate_seeds(runs) == [
+        "b repeats the setting, distribution, algorithm, target and seed of "
+        "another run; the summaries use the first by name"
+    ]
 
 
 def test_baseline_clearly_learns_only_below_the_fraction(tmp_path):
@@ -359,24 +517,49 @@ def test_baseline_clearly_learns_only_below_the_fraction(tmp_path):
 def test_accuracy_markdown_shows_the_paired_difference(runs):
     loaded = _load(*runs)
     md = tables.accuracy_markdown(tables.accuracy_sections(loaded, tables.paired_rows(loaded)[0]))
-    assert "| fedsparsify-global 0.9 | 1 | 6.50 | 0.65 | 0.583 | +1.00 [+1.00, +1.00] (4 subjects) | +1.00 | " \
-           "inferior | worse |" in md
+    assert (
+        "| fedsparsify-global 0.9 | 1 | 6.50 | 0.65 | 0.583 | +1.00 [+1.00, +1.00] (4 subjects) | +1.00 | "
+        "inferior | worse |" in md
+    )
     assert "margin of 0.5 years" in md and "## uniform-iid" in md
 
 
 # ---------------------------------------------------------------- privacy tables (pure)
 
+
 def test_privacy_rows_one_per_attack_and_old_attack_files(tmp_path):
-    full = _pair(tmp_path, "full", "fedsparsify-global", [1.0] * 4,
-                 attack=_attack({"white_box_mlp": 0.9, "black_box": 0.7, "loss_threshold": 0.6, "white_box": 0.8},
-                                sparsity=0.93, train_mae=1.5, test_mae=4.0))
-    old = _write_run(tmp_path, "old", algorithm="fedavg", target=0.0, mae=[5.0], sparsities=[0.0],
-                     bytes_per_round=[10], attack_auc=0.7)
+    full = _pair(
+        tmp_path,
+        "full",
+        "fedsparsify-global",
+        [1.0] * 4,
+        attack=_attack(
+            {"white_box_mlp": 0.9, "black_box": 0.7, "loss_threshold": 0.6, "white_box": 0.8},
+            sparsity=0.93,
+            train_mae=1.5,
+            test_mae=4.0,
+        ),
+    )
+    old = _write_run(
+        tmp_path,
+        "old",
+        algorithm="fedavg",
+        target=0.0,
+        mae=[5.0],
+        sparsities=[0.0],
+        bytes_per_round=[10],
+        attack_auc=0.7,
+    )
     none = _pair(tmp_path, "none", "fedavg", [1.0] * 4, seed=3)
     rows = tables.privacy_rows(_load(full, old, none))
     assert [(r["run"], r["attack"]) for r in rows] == [
-        ("old", "black_box"), ("old", "white_box"), ("full", "loss_threshold"), ("full", "black_box"),
-        ("full", "white_box"), ("full", "white_box_mlp")]
+        ("old", "black_box"),
+        ("old", "white_box"),
+        ("full", "loss_threshold"),
+        ("full", "black_box"),
+        ("full", "white_box"),
+        ("full", "white_box_mlp"),
+    ]
     mlp = rows[-1]
     assert (mlp["auc"], mlp["auc_low"], mlp["auc_high"]) == pytest.approx((0.9, 0.85, 0.95))
     assert mlp["final_sparsity"] == 0.93  # the attacked model's, from attack.json
@@ -395,8 +578,14 @@ def test_privacy_sections_mean_auc_and_spearman(tmp_path):
     runs = _load(
         _pair(tmp_path, "a0", "fedavg", [1.0] * 4, seed=0, attack=_attack({"white_box": 0.9}, 0.0, 1.0, 4.0)),
         _pair(tmp_path, "a1", "fedavg", [1.0] * 4, seed=1, attack=_attack({"white_box": 0.8}, 0.0, 1.2, 4.0)),
-        _pair(tmp_path, "g0", "fedsparsify-global", [1.0] * 4, target=0.9,
-              attack=_attack({"white_box": 0.6}, 0.9, 3.0, 4.0)),
+        _pair(
+            tmp_path,
+            "g0",
+            "fedsparsify-global",
+            [1.0] * 4,
+            target=0.9,
+            attack=_attack({"white_box": 0.6}, 0.9, 3.0, 4.0),
+        ),
     )
     (section,) = tables.privacy_sections(runs)
     dense, sparse = section["methods"]
@@ -417,12 +606,16 @@ def test_privacy_sections_mean_auc_and_spearman(tmp_path):
 
 # ---------------------------------------------------------------- inputs and curves
 
-@pytest.mark.parametrize("text,message", [
-    ("id,age,predicted\ns0,50,51\n", "expected the columns subject_id,age,predicted"),
-    ("subject_id,age,predicted\ns0,50,51\ns1,fifty,51\n", "line 3: age and predicted must be finite numbers"),
-    ("subject_id,age,predicted\ns0,50,nan\n", "line 2: age and predicted must be finite numbers"),
-    ("subject_id,age,predicted\ns0,50,51\ns0,50,52\n", "line 3: subject s0 appears twice"),
-])
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("id,age,predicted\ns0,50,51\n", "expected the columns subject_id,age,predicted"),
+        ("subject_id,age,predicted\ns0,50,51\ns1,fifty,51\n", "line 3: age and predicted must be finite numbers"),
+        ("subject_id,age,predicted\ns0,50,nan\n", "line 2: age and predicted must be finite numbers"),
+        ("subject_id,age,predicted\ns0,50,51\ns0,50,52\n", "line 3: subject s0 appears twice"),
+    ],
+)
 def test_damaged_predictions_are_refused_naming_the_line(tmp_path, text, message):
     path = tmp_path / "test_predictions.csv"
     path.write_text(text)
@@ -437,10 +630,26 @@ def test_read_predictions(tmp_path):
 
 
 def test_mean_curve_over_seeds(tmp_path):
-    a = _write_run(tmp_path, "a", algorithm="fedavg", target=0.0, mae=[None, 8.0, 6.0], sparsities=[0, 0, 0],
-                   bytes_per_round=[10, 10, 10], seed=0)
-    b = _write_run(tmp_path, "b", algorithm="fedavg", target=0.0, mae=[None, 10.0, 4.0], sparsities=[0, 0, 0],
-                   bytes_per_round=[20, 20, 20], seed=1)
+    a = _write_run(
+        tmp_path,
+        "a",
+        algorithm="fedavg",
+        target=0.0,
+        mae=[None, 8.0, 6.0],
+        sparsities=[0, 0, 0],
+        bytes_per_round=[10, 10, 10],
+        seed=0,
+    )
+    b = _write_run(
+        tmp_path,
+        "b",
+        algorithm="fedavg",
+        target=0.0,
+        mae=[None, 10.0, 4.0],
+        sparsities=[0, 0, 0],
+        bytes_per_round=[20, 20, 20],
+        seed=1,
+    )
     runs = _load(a, b)
     x, mean, low, high = tables.mean_curve(runs, "test_mae")
     assert (x.tolist(), mean.tolist(), low.tolist(), high.tolist()) == ([2, 3], [9, 5], [8, 4], [10, 6])

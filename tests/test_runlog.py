@@ -1,4 +1,5 @@
 """Run directory files: atomic whole-file writes, append-only metrics that survive a crash mid-line."""
+
 import json
 
 import pytest
@@ -136,8 +137,9 @@ def test_a_dead_holders_lock_is_taken_over(tmp_path):
     import sys
 
     code = "import sys; from fedmpi.runlog import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True)"
-    child = subprocess.Popen([sys.executable, "-c", code + "; import time; time.sleep(60)", str(tmp_path)],
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", code + "; import time; time.sleep(60)", str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
     assert child.stdout.readline().strip() == "held"
     from fedmpi.errors import ConfigError
 
@@ -152,7 +154,7 @@ def test_unwritable_run_directory_is_one_clear_error(tmp_path):
     from fedmpi.errors import ConfigError
 
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ConfigError, match="cannot write the run directory .*file/run"):
+    with pytest.raises(ConfigError, match=r"cannot write the run directory .*file/run"):
         RunLock(tmp_path / "file" / "run").acquire()
     with pytest.raises(ConfigError, match="cannot write the run directory /proc/fedmpi-run"):
         RunLock("/proc/fedmpi-run").acquire()

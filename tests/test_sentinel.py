@@ -1,4 +1,5 @@
 """The per-rank supervisor: names the rank that a signal killed, passes exit codes and signals through."""
+
 import os
 import signal
 import subprocess
@@ -65,8 +66,13 @@ def test_supervise_returns_off_linux(monkeypatch, no_rank):
 
 
 def run_supervised(code, rank, *args, timeout=30):
-    return subprocess.run([sys.executable, "-c", "from fedmpi.sentinel import supervise; supervise()\n" + code,
-                           *map(str, args)], env=rank_env(rank), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", "from fedmpi.sentinel import supervise; supervise()\n" + code, *map(str, args)],
+        env=rank_env(rank),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def rank_env(rank):
@@ -151,8 +157,18 @@ time.sleep(30)
 @linux
 def test_sigterm_is_forwarded_to_the_rank(tmp_path):
     got, ready = tmp_path / "got", tmp_path / "ready"
-    proc = subprocess.Popen([sys.executable, "-c", "from fedmpi.sentinel import supervise; supervise()\n" + CHILD_WAITS,
-                             str(got), str(ready)], env=rank_env(5), stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from fedmpi.sentinel import supervise; supervise()\n" + CHILD_WAITS,
+            str(got),
+            str(ready),
+        ],
+        env=rank_env(5),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     child = None
     try:
         assert wait_for(lambda: ready.exists() and ready.read_text() and catches(proc.pid, signal.SIGTERM))
@@ -172,8 +188,16 @@ def test_sigterm_is_forwarded_to_the_rank(tmp_path):
 @linux
 def test_rank_dies_with_its_supervisor(tmp_path):
     ready = tmp_path / "ready"
-    proc = subprocess.Popen([sys.executable, "-c", "from fedmpi.sentinel import supervise; supervise()\n" + CHILD_WAITS,
-                             str(tmp_path / "got"), str(ready)], env=rank_env(1))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from fedmpi.sentinel import supervise; supervise()\n" + CHILD_WAITS,
+            str(tmp_path / "got"),
+            str(ready),
+        ],
+        env=rank_env(1),
+    )
     child = None
     try:
         assert wait_for(lambda: ready.exists() and ready.read_text())

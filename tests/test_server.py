@@ -1,4 +1,5 @@
 """The server's validation of learner payloads, with a stand-in wire (no MPI)."""
+
 import numpy as np
 import pytest
 
@@ -74,15 +75,25 @@ def _report(nbytes, finite=1.0, loss=1.0):
 
 
 def test_report_layout_is_what_learners_send():
-    assert REPORT.names == ("loss", "samples", "seconds_train", "payload_nbytes", "finite", "seconds_setup",
-                            "seconds_encode")
+    assert REPORT.names == (
+        "loss",
+        "samples",
+        "seconds_train",
+        "payload_nbytes",
+        "finite",
+        "seconds_setup",
+        "seconds_encode",
+    )
 
 
-@pytest.mark.parametrize("reports,message", [
-    ([_report(160), _report(156)], "learner 2 (rank 2) would send 156 bytes, expected 160"),
-    ([_report(160, finite=0.0), _report(160)], "learner 1 (rank 1) reports non-finite"),
-    ([_report(160), _report(160, loss=float("nan"))], "learner 2 (rank 2) reports non-finite"),
-])
+@pytest.mark.parametrize(
+    "reports,message",
+    [
+        ([_report(160), _report(156)], "learner 2 (rank 2) would send 156 bytes, expected 160"),
+        ([_report(160, finite=0.0), _report(160)], "learner 1 (rank 1) reports non-finite"),
+        ([_report(160), _report(160, loss=float("nan"))], "learner 2 (rank 2) reports non-finite"),
+    ],
+)
 def test_bad_reports_are_refused_before_the_reduce(reports, message):
     state = _state()
     before = state.values.copy()
@@ -108,13 +119,16 @@ def _local_payloads(state, second):
     return [good, second]
 
 
-@pytest.mark.parametrize("make_bad,message", [
-    (lambda s: np.frombuffer(b"garbage!" * 4, np.uint8), "learner 2 (rank 2) sent an invalid model"),
-    (lambda s: encoding.encode(s.values[:-1], s.mask[:-1]), "learner 2 (rank 2) sent an invalid model"),
-    (lambda s: encoding.encode(s.values.astype(np.float64), s.mask), "learner 2 (rank 2) sent 50 float64 values"),
-    (lambda s: encoding.encode(np.where(s.mask, np.inf, 0).astype(np.float32), s.mask), "non-finite"),
-    (lambda s: encoding.encode(np.ones(N, np.float32), np.ones(N, bool)), "revives 10 pruned weights"),
-])
+@pytest.mark.parametrize(
+    "make_bad,message",
+    [
+        (lambda s: np.frombuffer(b"garbage!" * 4, np.uint8), "learner 2 (rank 2) sent an invalid model"),
+        (lambda s: encoding.encode(s.values[:-1], s.mask[:-1]), "learner 2 (rank 2) sent an invalid model"),
+        (lambda s: encoding.encode(s.values.astype(np.float64), s.mask), "learner 2 (rank 2) sent 50 float64 values"),
+        (lambda s: encoding.encode(np.where(s.mask, np.inf, 0).astype(np.float32), s.mask), "non-finite"),
+        (lambda s: encoding.encode(np.ones(N, np.float32), np.ones(N, bool)), "revives 10 pruned weights"),
+    ],
+)
 def test_bad_learner_models_are_refused_and_named(make_bad, message):
     state = _state()
     before = state.values.copy()
@@ -154,8 +168,15 @@ def test_summary_scores_the_final_model_even_when_its_round_was_not_evaluated(tm
     model = build_model(cfg, SHAPE)
     rec = Recorder(cfg, model, VolumeDataset(tmp_path / "test.h5"), torch.device("cpu"), 8.0, tmp_path, {}, 16)
     state = initial_state(model)
-    row = {"bytes_up": 0, "bytes_down": 0, "dense_bytes_up": 0, "dense_bytes_down": 0, "seconds_train": 0.0,
-           "seconds_comm": 0.0, "seconds_aggregate": 0.0}
+    row = {
+        "bytes_up": 0,
+        "bytes_down": 0,
+        "dense_bytes_up": 0,
+        "dense_bytes_down": 0,
+        "seconds_train": 0.0,
+        "seconds_comm": 0.0,
+        "seconds_aggregate": 0.0,
+    }
     state.round = 1
     evaluated = rec.record(state, dict(row), evaluate_now=True)["test_mae"]
     state.round, state.values = 2, np.zeros_like(state.values)  # a different model, not evaluated
@@ -177,8 +198,12 @@ def _local_round(vote_cap: bool):
     masks[0][kept[::2]] = False
     masks[1][kept[1::2]] = False
     payloads = [encoding.encode(np.where(m, state.values, 0).astype(np.float32), m) for m in masks]
-    server = _server("fedsparsify-local", FakeWire([_report(p.nbytes) for p in payloads], payloads=payloads),
-                     vote_cap=vote_cap, target=0.9)
+    server = _server(
+        "fedsparsify-local",
+        FakeWire([_report(p.nbytes) for p in payloads], payloads=payloads),
+        vote_cap=vote_cap,
+        target=0.9,
+    )
     row, _ = _round(server, state, 4, True)
     return state, row
 
@@ -221,10 +246,13 @@ def _positions(*ranges):
     return mask
 
 
-@pytest.mark.parametrize("fraction, kept", [
-    (1.0, _positions((0, 40))),  # the top 40 importances alone: the largest weights, 40..49, go
-    (0.3, _positions((0, 12), (22, 50))),  # the 28 largest weights (22..49) stay; 12 slots go by importance
-])
+@pytest.mark.parametrize(
+    "fraction, kept",
+    [
+        (1.0, _positions((0, 40))),  # the top 40 importances alone: the largest weights, 40..49, go
+        (0.3, _positions((0, 12), (22, 50))),  # the 28 largest weights (22..49) stay; 12 slots go by importance
+    ],
+)
 def test_prunefl_reconfiguration_regrows_the_most_important_positions_at_their_initial_values(fraction, kept):
     importance = np.linspace(2, 1, N).astype(np.float32)  # falls with the index: pruned positions matter most
     state, row, changed, wire = _prunefl_round(importance, fraction=fraction)

@@ -1,5 +1,6 @@
 """jobs/fedsparsify.slurm, run by bash with stand-ins for srun (mpirun, which forwards SIGUSR1 to
 every rank as srun does) and scontrol (records its arguments)."""
+
 import os
 import signal
 import subprocess
@@ -21,14 +22,26 @@ def _fake_slurm(tmp_path: Path) -> dict:
     (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$@" >> {tmp_path}/scontrol.log\n')
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
-    return dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FEDMPI_VENV=str(Path(sys.executable).parents[1]),
-                SLURM_JOB_ID="4242", SLURM_CPUS_PER_TASK="1")
+    return dict(
+        os.environ,
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        FEDMPI_VENV=str(Path(sys.executable).parents[1]),
+        SLURM_JOB_ID="4242",
+        SLURM_CPUS_PER_TASK="1",
+    )
 
 
 def _config(tmp_path: Path) -> Path:
     cfg: dict = {}
-    for item in [*TINY, f"data.dir={write_split(tmp_path / 'split')}", f"run.dir={tmp_path / 'runs'}",
-                 "run.name=job", "federation.learners=2", "federation.rounds=6", "federation.target=0.9"]:
+    for item in [
+        *TINY,
+        f"data.dir={write_split(tmp_path / 'split')}",
+        f"run.dir={tmp_path / 'runs'}",
+        "run.name=job",
+        "federation.learners=2",
+        "federation.rounds=6",
+        "federation.target=0.9",
+    ]:
         key, value = item.split("=", 1)
         section, option = key.split(".")
         cfg.setdefault(section, {})[option] = yaml.safe_load(value)
@@ -40,8 +53,15 @@ def _config(tmp_path: Path) -> Path:
 def test_time_limit_signal_checkpoints_requeues_and_the_requeued_job_resumes(tmp_path):
     env, config = _fake_slurm(tmp_path), _config(tmp_path)
     run = tmp_path / "runs" / "job"
-    job = subprocess.Popen(["bash", "jobs/fedsparsify.slurm", str(config)], cwd=ROOT, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    job = subprocess.Popen(
+        ["bash", "jobs/fedsparsify.slurm", str(config)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     wait_rows(run, 1, job)
     os.kill(job.pid, signal.SIGUSR1)  # what SLURM sends the batch script before the time limit
     try:
@@ -53,8 +73,9 @@ def test_time_limit_signal_checkpoints_requeues_and_the_requeued_job_resumes(tmp
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
     assert summary(run)["preempted"] is True and len(metrics(run)) < 6
 
-    again = subprocess.run(["bash", "jobs/fedsparsify.slurm", str(config)], cwd=ROOT, env=env, capture_output=True,
-                           text=True, timeout=300)
+    again = subprocess.run(
+        ["bash", "jobs/fedsparsify.slurm", str(config)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert again.returncode == 0, again.stdout + again.stderr
     assert "resuming" in again.stdout
     assert [r["round"] for r in metrics(run)] == list(range(1, 7))

@@ -1,4 +1,5 @@
 """Test hold-out and learner partitions: sizes, skew, disjointness, age structure, files."""
+
 import json
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ AGES = np.random.default_rng(7).uniform(44.6, 80.7, size=2000)
 
 
 def _check_cover(n, test, parts):
-    everything = np.concatenate([test] + parts)
+    everything = np.concatenate([test, *parts])
     assert len(everything) == n and len(np.unique(everything)) == n  # disjoint and complete
 
 
@@ -31,7 +32,11 @@ def test_test_set_holds_20_percent_of_every_age_bin():
     held = np.bincount(bins[test], minlength=20)
     total = np.bincount(bins, minlength=20)
     np.testing.assert_array_equal(held, np.floor(0.2 * total + 0.5))
-    assert split.age_bins(np.array([1.0, 2.0, 3.0]), 20).tolist() == [0, 10, 19]  # bins closed on the left, last one on both sides
+    assert split.age_bins(np.array([1.0, 2.0, 3.0]), 20).tolist() == [
+        0,
+        10,
+        19,
+    ]  # bins closed on the left, last one on both sides
 
 
 def test_uniform_iid_sizes_and_histograms_match():
@@ -57,7 +62,7 @@ def test_uniform_noniid_equal_sizes_shifted_pairs():
 
 
 def test_skewed_noniid_sizes_follow_1_35_and_ages_differ():
-    test, parts = split.partition(AGES, learners=8, distribution="skewed-noniid", seed=5)
+    _test, parts = split.partition(AGES, learners=8, distribution="skewed-noniid", seed=5)
     sizes = np.array([len(p) for p in parts])
     n = sizes.sum()
     w = 1.35 ** -np.arange(8)
@@ -86,13 +91,16 @@ def test_any_learner_count_and_seeds():
     assert not all(np.array_equal(x, y) for x, y in zip(a[1], c[1]))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(learners=3, distribution="uniform-noniid"), "must be even"),
-    (dict(learners=0, distribution="uniform-iid"), ">= 1"),
-    (dict(learners=2, distribution="zipf"), "unknown distribution"),
-    (dict(learners=2, distribution="uniform-iid", test_fraction=1.0), "between 0 and 1"),
-    (dict(learners=900, distribution="skewed-noniid"), "cannot give each of 900 learners"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(learners=3, distribution="uniform-noniid"), "must be even"),
+        (dict(learners=0, distribution="uniform-iid"), ">= 1"),
+        (dict(learners=2, distribution="zipf"), "unknown distribution"),
+        (dict(learners=2, distribution="uniform-iid", test_fraction=1.0), "between 0 and 1"),
+        (dict(learners=900, distribution="skewed-noniid"), "cannot give each of 900 learners"),
+    ],
+)
 def test_impossible_splits_are_refused(kwargs, message):
     with pytest.raises(split.SplitError, match=message):
         split.partition(AGES[:1000], **kwargs)
@@ -106,7 +114,8 @@ def test_write_split_files_and_partition_json(cohort, tmp_path):
         ids = list(src["subject_id"].asstr()[:])
         seen = []
         for entry, name in [(summary["test"], "test.h5")] + [
-                (e, f"learner_{e['learner']}.h5") for e in summary["per_learner"]]:
+            (e, f"learner_{e['learner']}.h5") for e in summary["per_learner"]
+        ]:
             with h5py.File(out / name, "r") as f:
                 rows = [ids.index(s) for s in f["subject_id"].asstr()[:]]
                 seen += rows
@@ -127,8 +136,12 @@ def test_write_split_files_and_partition_json(cohort, tmp_path):
 
 def test_cli_split_errors_leave_no_output(cohort, tmp_path, capsys):
     out = tmp_path / "s"
-    assert cli.main(["split", "--h5", str(cohort.h5), "--out", str(out), "--learners", "3",
-                     "--distribution", "uniform-noniid"]) == 2
+    assert (
+        cli.main(
+            ["split", "--h5", str(cohort.h5), "--out", str(out), "--learners", "3", "--distribution", "uniform-noniid"]
+        )
+        == 2
+    )
     assert "must be even" in capsys.readouterr().err
     assert cli.main(["split", "--h5", str(tmp_path / "none.h5"), "--out", str(out)]) == 2
     assert "none.h5 does not exist" in capsys.readouterr().err
@@ -137,13 +150,16 @@ def test_cli_split_errors_leave_no_output(cohort, tmp_path, capsys):
     assert (out / "learner_2.h5").is_file()
 
 
-@pytest.mark.parametrize("ages, kwargs, message", [
-    (np.r_[AGES[:99], np.nan], {}, "1 of 100 ages are not finite numbers"),
-    (np.r_[AGES[:98], np.inf, -np.inf], {}, "2 of 100 ages are not finite numbers"),
-    (AGES[:100], {"seed": -1}, "--seed must be >= 0, got -1"),
-    (AGES[:1000], {"test_fraction": 0.005}, "holds out no subject"),
-    (AGES[:40], {"test_fraction": 0.05}, "holds out no subject"),
-])
+@pytest.mark.parametrize(
+    "ages, kwargs, message",
+    [
+        (np.r_[AGES[:99], np.nan], {}, "1 of 100 ages are not finite numbers"),
+        (np.r_[AGES[:98], np.inf, -np.inf], {}, "2 of 100 ages are not finite numbers"),
+        (AGES[:100], {"seed": -1}, "--seed must be >= 0, got -1"),
+        (AGES[:1000], {"test_fraction": 0.005}, "holds out no subject"),
+        (AGES[:40], {"test_fraction": 0.05}, "holds out no subject"),
+    ],
+)
 def test_unusable_ages_and_parameters_are_split_errors(ages, kwargs, message):
     with pytest.raises(split.SplitError, match=message):
         split.partition(ages, learners=2, distribution="uniform-iid", **kwargs)
@@ -182,19 +198,40 @@ def test_split_honours_the_age_range_recorded_by_nifti(cohort, tmp_path):
     h5 = _with_ages(cohort, tmp_path / "v.h5", {0: 300.0, 1: 0.5}, age_range=(0.0, 400.0))
     split.write_split(h5, tmp_path / "s", learners=2)
     h5 = _with_ages(cohort, tmp_path / "w.h5", {0: 300.0, 1: 0.5, 2: 0.1}, age_range=(1.0, 400.0))
-    with pytest.raises(split.SplitError, match=r"2 subject\(s\) with an unusable age: sub-0002 \(0.5\), "
-                                                r"sub-0003 \(0.1\); ages must be finite and in \(1, 400\] years"):
+    with pytest.raises(
+        split.SplitError,
+        match=r"2 subject\(s\) with an unusable age: sub-0002 \(0.5\), "
+        r"sub-0003 \(0.1\); ages must be finite and in \(1, 400\] years",
+    ):
         split.write_split(h5, tmp_path / "t", learners=2, distribution="skewed-noniid")
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--seed", "-1"], "argument --seed: must be >= 0, got -1"),
-    (["--test-fraction", "0.01"], "--test-fraction 0.01 holds out no subject"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+        (["--test-fraction", "0.01"], "--test-fraction 0.01 holds out no subject"),
+    ],
+)
 def test_cli_bad_seed_and_empty_test_set_are_one_line(cohort, tmp_path, args, message):
     out = tmp_path / "s"
-    proc = subprocess.run([sys.executable, "-m", "preprocess", "split", "--h5", str(cohort.h5), "--out", str(out),
-                           "--learners", "2", *args], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "preprocess",
+            "split",
+            "--h5",
+            str(cohort.h5),
+            "--out",
+            str(out),
+            "--learners",
+            "2",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()
@@ -221,8 +258,15 @@ def test_rerun_replaces_only_the_files_a_split_owns(cohort, tmp_path, monkeypatc
     monkeypatch.undo()
 
     split.write_split(cohort.h5, out, learners=2, distribution="skewed-noniid", seed=4)
-    assert sorted(p.name for p in out.iterdir()) == ["extra", "learner_1.h5", "learner_2.h5", "learner_notes.h5",
-                                                     "notes.txt", "partition.json", "test.h5"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "extra",
+        "learner_1.h5",
+        "learner_2.h5",
+        "learner_notes.h5",
+        "notes.txt",
+        "partition.json",
+        "test.h5",
+    ]
     assert (out / "notes.txt").read_text() == "mine" and (out / "learner_notes.h5").read_text() == "also mine"
     new = json.loads((out / "partition.json").read_text())
     assert new["learners"] == 2 and new["seed"] == 4 and len(new["per_learner"]) == 2

@@ -1,4 +1,5 @@
 """The report's statistics on hand-computable cases."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -39,13 +40,16 @@ def test_interval_rejects_bad_values(values, message):
         stats.bootstrap_mean_interval(values)
 
 
-@pytest.mark.parametrize("low,high,verdict", [
-    (-0.3, 0.4999, "non-inferior"),
-    (-0.3, 0.5, "inconclusive"),  # touching the margin is not below it
-    (0.5, 0.9, "inconclusive"),
-    (0.5001, 0.9, "inferior"),
-    (0.2, 0.8, "inconclusive"),
-])
+@pytest.mark.parametrize(
+    "low,high,verdict",
+    [
+        (-0.3, 0.4999, "non-inferior"),
+        (-0.3, 0.5, "inconclusive"),  # touching the margin is not below it
+        (0.5, 0.9, "inconclusive"),
+        (0.5001, 0.9, "inferior"),
+        (0.2, 0.8, "inconclusive"),
+    ],
+)
 def test_noninferiority_at_the_margin(low, high, verdict):
     assert stats.noninferiority(low, high, 0.5) == verdict
 

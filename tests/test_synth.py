@@ -1,4 +1,5 @@
 """The synthetic cohort: reproducible subjects, per-site acquisition, a real age effect."""
+
 import csv
 import os
 import signal
@@ -68,7 +69,7 @@ def test_age_effect_survives_preprocessing(cohort):
         ages = f["age"][:]
     shape, affine = grid.target_grid(4)
     ijk = np.indices(shape).reshape(3, -1)
-    x, y, z = (affine[:3, :3] @ ijk + affine[:3, 3:4]).reshape((3,) + shape)
+    x, y, z = (affine[:3, :3] @ ijk + affine[:3, 3:4]).reshape((3, *shape))
     roi = (np.abs(x) < 30) & (y > -50) & (y < 30) & (z > -5) & (z < 35) & grid.brain_mask(4)
     ventricle_volume = (images[:, roi] < -1.0).sum(axis=1)
     r = np.corrcoef(ventricle_volume, ages)[0, 1]

@@ -24,10 +24,10 @@ def blob_data(n, seed=0):
     """Learnable toy cohort: age is encoded as the size of a bright cube."""
     rng = np.random.default_rng(seed)
     k = rng.integers(1, 8, size=n)
-    x = np.zeros((n, 1) + TINY, np.float32)
+    x = np.zeros((n, 1, *TINY), np.float32)
     c = [s // 2 for s in TINY]
     for i, ki in enumerate(k):
-        x[i, 0, c[0] - ki:c[0] + ki, c[1] - ki:c[1] + ki, c[2] - ki:c[2] + ki] = 1.0
+        x[i, 0, c[0] - ki : c[0] + ki, c[1] - ki : c[1] + ki, c[2] - ki : c[2] + ki] = 1.0
     x += 0.1 * rng.standard_normal(x.shape).astype(np.float32)
     return torch.from_numpy(x), torch.from_numpy((45 + 5 * k).astype(np.float32))
 
@@ -104,7 +104,7 @@ def test_prox_term_pulls_towards_start():
 
 
 def test_local_train_learns_blob_size():
-    x, y = blob_data(32)
+    _x, y = blob_data(32)
     model = tiny_model(mean_age=float(y.mean()))
     loader = make_loader(n=32, shuffle=True)
     before = evaluate(model, make_loader(n=32))
@@ -197,7 +197,7 @@ def test_grasp_scores_are_minus_w_times_the_full_hessian_times_the_gradient():
         parts, offset = {}, 0
         for name, shape in zip(names, shapes):
             size = int(np.prod(shape))
-            parts[name] = flat[offset:offset + size].view(shape)
+            parts[name] = flat[offset : offset + size].view(shape)
             offset += size
         return torch.mean((torch.func.functional_call(model, parts, (x,)) - y) ** 2)
 
@@ -241,8 +241,14 @@ def test_squared_grads_accumulate_every_position_the_mask_prunes_included():
     mask = np.ones(start.size, bool)
     mask[::3] = False
     squares = [torch.zeros_like(p) for p in model.parameters()]
-    local_train(model, make_loader(n=8, batch_size=4), epochs=1, lr=1e-4, masks=masks_from_flat(model, mask),
-                squared_grads=squares)
+    local_train(
+        model,
+        make_loader(n=8, batch_size=4),
+        epochs=1,
+        lr=1e-4,
+        masks=masks_from_flat(model, mask),
+        squared_grads=squares,
+    )
     total = torch.cat([q.reshape(-1) for q in squares]).numpy()
     assert not flat_parameters(model)[~mask].any()  # pruned positions stayed zero ...
     assert (total[~mask] > 0).mean() > 0.5  # ... yet their gradients were accumulated

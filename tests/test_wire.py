@@ -1,4 +1,5 @@
 """The transport under mpirun: `mpirun -n 3 python -m pytest --with-mpi -m mpi tests/test_wire.py`."""
+
 import time
 
 import numpy as np
@@ -110,7 +111,9 @@ def test_a_silent_rank_is_named_by_the_gather_deadline(wire):
     wire.patience = 0.5
     if wire.is_server:
         out = np.zeros((wire.size, 2))
-        with pytest.raises(RoundTimeout, match=r"within 0 s while waiting for the table; nothing from learner 2 \(rank 2\)$"):
+        with pytest.raises(
+            RoundTimeout, match=r"within 0 s while waiting for the table; nothing from learner 2 \(rank 2\)$"
+        ):
             wire.gather(np.full(2, 0.0), out, "the table")
         assert out[1].tolist() == [1.0, 1.0]
         wire.comm.Recv(np.zeros(2), source=2, tag=TAG_GATHER)  # drain the late row
