@@ -56,6 +56,7 @@ def run(func: Callable, jobs: Sequence, *, workers: int | None, initializer: Cal
         slots = ctx.Value("i", 0)
         pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=_start_worker,
                                    initargs=(running, slots, initializer, *initargs))
+        broken = False
         try:
             with _without_mpi_environment():
                 # submits all: the workers start here
@@ -65,6 +66,7 @@ def run(func: Callable, jobs: Sequence, *, workers: int | None, initializer: Cal
                     yield result
                     bar.update()
             except BrokenProcessPool:
+                broken = True
                 names = [name(jobs[i - 1]) for i in sorted(set(running)) if i]
                 what = "between jobs"
                 if names:
@@ -72,8 +74,12 @@ def run(func: Callable, jobs: Sequence, *, workers: int | None, initializer: Cal
                 raise WorkerDied(f"a {desc} worker process died {what} (killed by the out-of-memory killer "
                                  "or another signal, or crashed)", names) from None
         finally:
-            # on Ctrl-C or an error: finish the running tasks, drop the queued ones
-            pool.shutdown(wait=True, cancel_futures=True)
+            if broken:  # the survivors can stay blocked on the dead pool's queue: waiting for them can hang
+                for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                    proc.kill()
+                pool.shutdown(wait=False, cancel_futures=True)
+            else:  # on Ctrl-C or an error: finish the running tasks, drop the queued ones
+                pool.shutdown(wait=True, cancel_futures=True)
 
 
 _RUNNING: Any = None
