@@ -7,6 +7,7 @@ needs; the CPU presets (quarter width at 4 mm and 6 mm) are what a laptop can tr
     python benchmarks/bench_model.py                 # every preset, 1 and all threads
     python benchmarks/bench_model.py --steps 5 --presets full
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fedmpi.model import BrainAgeCNN  # noqa: E402
-from fedmpi.training import local_train, predict  # noqa: E402
+from fedmpi.model import BrainAgeCNN
+from fedmpi.training import local_train, predict
 
 PRESETS = {
     "full": ((91, 109, 91), 1.0, "the paper's model at 2 mm"),
@@ -50,8 +51,10 @@ def main() -> int:
     args = ap.parse_args()
     cores = len(os.sched_getaffinity(0))
     print(f"torch {torch.__version__}, {cores} cores; batch {args.batch}, float32\n")
-    print("| preset | volumes | width | parameters | threads | s / training step | s / sample (train) "
-          "| s / volume (eval) |")
+    print(
+        "| preset | volumes | width | parameters | threads | s / training step | s / sample (train) "
+        "| s / volume (eval) |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for name in args.presets:
         shape, width, what = PRESETS[name]
@@ -59,8 +62,11 @@ def main() -> int:
         for threads in sorted({1, cores}):
             torch.set_num_threads(threads)
             step, evaluated = measure(shape, width, args.batch, args.steps)
-            print(f"| {name} ({what}) | {'x'.join(map(str, shape))} | {width:g} | {params:,} | {threads} "
-                  f"| {step:.3f} | {step / args.batch:.3f} | {evaluated:.3f} |", flush=True)
+            print(
+                f"| {name} ({what}) | {'x'.join(map(str, shape))} | {width:g} | {params:,} | {threads} "
+                f"| {step:.3f} | {step / args.batch:.3f} | {evaluated:.3f} |",
+                flush=True,
+            )
     return 0
 
 
