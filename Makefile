@@ -25,7 +25,7 @@ test: test-serial test-mpi
 
 # The edit loop: unit tests only, no mpirun, no cohort building.
 test-fast: setup
-	$(PY) -m pytest -q -m "not mpi and not slow" tests $(NO_TESTS_OK)
+	$(PY) -m pytest -q -m "not mpi and not slow and not cohort" tests $(NO_TESTS_OK)
 
 test-serial: setup
 	$(PY) -m pytest -q -m "not mpi" tests $(NO_TESTS_OK)

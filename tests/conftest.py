@@ -32,3 +32,11 @@ def cohort(tmp_path_factory) -> Cohort:
     )
     base = out.parent
     return Cohort(root, base / "bids", base / "v4.h5", out)
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that need the session's synthetic cohort (a minute to build on 2 cores) are marked `cohort`,
+    so that `make test-fast` can leave them out."""
+    for item in items:
+        if "cohort" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cohort)
