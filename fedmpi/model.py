@@ -86,6 +86,8 @@ class BrainAgeCNN(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if len(input_shape) != 3:
+            raise ValueError(f"input_shape must have 3 spatial dims, got {tuple(input_shape)}")
         input_shape = (int(input_shape[0]), int(input_shape[1]), int(input_shape[2]))
         max_pools = auto_pools(input_shape)
         if pools is None:

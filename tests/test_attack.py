@@ -246,6 +246,7 @@ def overfit():
     return model, train, held, rng
 
 
+@pytest.mark.slow
 def test_attack_detects_members_of_an_overfit_model(overfit):
     model, train, held, _ = overfit
     result = attack.attack_datasets(model, train, held, seed=0)
@@ -261,6 +262,7 @@ def test_attack_detects_members_of_an_overfit_model(overfit):
     assert result["members_eval"] == result["nonmembers_eval"] == 20
 
 
+@pytest.mark.slow
 def test_attack_is_chance_on_subjects_the_model_never_saw(overfit):
     model, _, _, rng = overfit
     a, b = _volumes(160, rng), _volumes(160, rng)  # both unseen: "members" are not members
@@ -271,6 +273,7 @@ def test_attack_is_chance_on_subjects_the_model_never_saw(overfit):
     assert result["train_mae"] == pytest.approx(result["test_mae"], rel=0.2)
 
 
+@pytest.mark.slow
 def test_attack_balances_members_to_nonmembers(overfit):
     model, train, held, _ = overfit
     few = torch.utils.data.Subset(held, range(10))

@@ -36,6 +36,7 @@ def _first_conv_seen(model):
     return seen, handle
 
 
+@pytest.mark.slow
 def test_bf16_autocast_reaches_the_forward_pass_and_keeps_float32_weights():
     model = _model()
     seen, handle = _first_conv_seen(model)

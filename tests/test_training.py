@@ -68,6 +68,7 @@ def test_masks_from_flat_splits_by_layout():
         masks_from_flat(model, flat[:-1])
 
 
+@pytest.mark.slow
 def test_masked_training_keeps_pruned_weights_exactly_zero():
     model = tiny_model(dropout=0.5)
     n = flat_parameters(model).size
@@ -93,6 +94,7 @@ def test_mask_is_applied_even_if_model_was_dense():
     assert np.all(flat_parameters(model)[~keep] == 0.0)
 
 
+@pytest.mark.slow
 def test_prox_term_pulls_towards_start():
     start = flat_parameters(tiny_model())
     distances = {}
@@ -103,6 +105,7 @@ def test_prox_term_pulls_towards_start():
     assert distances[50.0] < 0.5 * distances[0.0]
 
 
+@pytest.mark.slow
 def test_local_train_learns_blob_size():
     _x, y = blob_data(32)
     model = tiny_model(mean_age=float(y.mean()))
