@@ -194,6 +194,13 @@ def _coerce(value, tp, key: str):
     raise TypeError(tp)
 
 
+# Values earlier versions wrote for options that have changed type, read as today's equivalent, so run
+# records (config.json, checkpoints, models) made by an earlier fedmpi stay readable.
+RENAMED_VALUES: dict[str, dict] = {
+    "data.cache": {True: "memory", False: "off", "true": "memory", "false": "off"},  # a bool before 0.2
+}
+
+
 def _apply(section, values: dict, prefix: str) -> None:
     hints = typing.get_type_hints(type(section))
     for key, value in values.items():
@@ -207,6 +214,7 @@ def _apply(section, values: dict, prefix: str) -> None:
                 raise ConfigError(f"{name}: expected a mapping of options")
             _apply(current, value, f"{name}.")
         else:
+            value = RENAMED_VALUES.get(name, {}).get(value, value) if isinstance(value, (bool, str)) else value
             setattr(section, key, _coerce(value, hints[key], name))
 
 

@@ -157,7 +157,7 @@ def test_parse_overrides_builds_nested_tree():
 
 VALIDATION = [
     ("data.voxel=3", "data.voxel"),
-    ("data.cache=false", "data.cache"),
+    ("data.cache=yes", "data.cache"),
     ("train.amp=fp16", "train.amp"),
     ("data.test_fraction=0", "data.test_fraction"),
     ("data.test_fraction=1", "data.test_fraction"),
@@ -353,3 +353,12 @@ def test_run_dir_and_schedule_end():
     assert cfg.run_dir == Path("/tmp/r/exp")
     assert cfg.schedule_end == 12
     assert load_config(overrides=["federation.rounds=12", "federation.end=10"]).schedule_end == 10
+
+
+def test_records_of_earlier_versions_stay_readable():
+    """data.cache was a bool: configs written then (YAML, --set, config.json of old runs) still load."""
+    assert config_from_dict({"data": {"cache": True}}).data.cache == "memory"
+    assert config_from_dict({"data": {"cache": False}}).data.cache == "off"
+    assert load_config(overrides=["data.cache=false"]).data.cache == "off"
+    with pytest.raises(ConfigError, match=r"data\.cache must be one of"):
+        load_config(overrides=["data.cache=yes"])
