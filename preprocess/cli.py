@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output directory (created)")
     p.add_argument("--subjects", type=_positive, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--space", choices=synth.SPACES, default="mni",
+                   help="mni: heads where the template is; native: random rigid head pose plus ground truth "
+                        "under derivatives/synth-truth/ (to exercise nifti --register)")
     p.add_argument("--workers", type=_positive, default=None, help="processes (default: all CPUs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -72,8 +75,9 @@ def _bad_list(bad: dict[str, str]) -> str:
 
 
 def _synth(args) -> int:
-    out = synth.write_cohort(args.out, args.subjects, args.seed, args.workers, progress=not args.quiet)
-    print(f"wrote {args.subjects} subjects to {out}")
+    out = synth.write_cohort(args.out, args.subjects, args.seed, args.workers, progress=not args.quiet,
+                             space=args.space)
+    print(f"wrote {args.subjects} subjects ({args.space} space) to {out}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: one tiny synthetic cohort per test session (36 subjects, 4 mm)."""
+"""Shared fixtures: one tiny synthetic cohort per test session (36 subjects, 4 mm), and a
+scanner-space one (4 subjects, one per site, with ground truth) for the registration tests."""
 from __future__ import annotations
 
 import dataclasses
@@ -30,3 +31,15 @@ def cohort(tmp_path_factory) -> Cohort:
                            distribution="uniform-iid", seed=COHORT_SEED, workers=2)
     base = out.parent
     return Cohort(root, base / "bids", base / "v4.h5", out)
+
+
+NATIVE_SUBJECTS = 4
+
+
+@pytest.fixture(scope="session")
+def native_cohort(tmp_path_factory) -> Path:
+    """BIDS-like cohort with heads in random rigid poses and derivatives/synth-truth/."""
+    from preprocess import synth
+
+    root = tmp_path_factory.mktemp("native") / "bids"
+    return synth.write_cohort(root, NATIVE_SUBJECTS, seed=COHORT_SEED, workers=2, space="native")
