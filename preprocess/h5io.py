@@ -6,6 +6,10 @@ Layout (one file per cohort, learner or test set):
   subject_id, sex, site   (N,) UTF-8 strings
   attrs: format, voxel_size, shape, affine, preprocessing (JSON), version, created,
          input_fingerprint (what the file was built from), split (JSON, learner/test files)
+Optional, only in files made with `nifti --register` (readers must not require them, so files
+written before registration existed stay valid and keep format /1):
+  mni_to_native    (N, 4, 4) float64: template world mm -> scanner world mm, RAS (p_native = T @ p_mni)
+  registration_ncc (N,) float32: correlation with the MNI152 template inside the brain mask (qc.py)
 gzip level 1 is the fastest standard HDF5 filter to decode here (about the 300 volumes/s
 target for 2 mm float16 on one core) and every HDF5 reader has it, unlike lzf.
 """
@@ -15,6 +19,7 @@ import contextlib
 import datetime
 import json
 import os
+import shutil
 import tempfile
 import zlib
 from pathlib import Path
@@ -25,6 +30,7 @@ import numpy as np
 
 FORMAT = "fedmpi-volumes/1"
 DATASETS = ("images", "age", "subject_id", "sex", "site")
+OPTIONAL = {"mni_to_native": np.float64, "registration_ncc": np.float32}
 DTYPES = {"float16": np.float16, "float32": np.float32}
 GZIP_LEVEL = 1
 
@@ -56,6 +62,18 @@ def atomic_path(path, suffix: str = ""):
             os.unlink(tmp)
 
 
+def replace_dir(tmp, out) -> None:
+    """Rename a finished directory `tmp` onto `out`; an old `out` is moved aside first and deleted after."""
+    tmp, out = Path(tmp), Path(out)
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def base_attrs(voxel: int, shape, affine, params: dict, fingerprint: str) -> dict:
     """File attributes shared by a preprocessed file and every split made from it."""
     from fedmpi import __version__
@@ -80,6 +98,9 @@ def _create(f: h5py.File, n: int, shape, dtype, table: dict, attrs: dict) -> h5p
     text = h5py.string_dtype("utf-8")
     for key in ("subject_id", "sex", "site"):
         f.create_dataset(key, data=np.asarray([str(v) for v in table[key]], dtype=object), dtype=text)
+    for key, dtype in OPTIONAL.items():
+        if key in table:
+            f.create_dataset(key, data=np.asarray(table[key], dtype=dtype))
     for key, value in attrs.items():
         f.attrs[key] = value
     return images
@@ -89,7 +110,7 @@ def write_volumes(path, volumes: Iterable[np.ndarray], table: dict, attrs: dict,
                   dtype: str = "float16") -> Path:
     """Write N volumes (an iterable, consumed one at a time) and their table atomically.
 
-    `table` holds equal-length sequences age, subject_id, sex, site.
+    `table` holds equal-length sequences age, subject_id, sex, site (and any of OPTIONAL).
     """
     n = len(table["age"])
     shape = tuple(int(s) for s in attrs["shape"])
@@ -109,6 +130,7 @@ def copy_rows(src, dst, rows, extra_attrs: dict) -> Path:
     rows = np.asarray(rows, dtype=np.int64)
     with open_checked(src) as f:
         table = {k: (f[k][:] if k == "age" else f[k].asstr()[:])[rows] for k in DATASETS[1:]}
+        table.update({k: f[k][:][rows] for k in OPTIONAL if k in f})
         attrs = dict(f.attrs)
         attrs.update(extra_attrs)
         images = f["images"]
@@ -134,7 +156,8 @@ def open_checked(path) -> h5py.File:
         if missing:
             raise DataError(f"volume file {path} lacks dataset(s) {', '.join(missing)}")
         n = f["images"].shape[0]
-        if f["images"].ndim != 4 or any(f[k].shape != (n,) for k in DATASETS[1:]):
+        if (f["images"].ndim != 4 or any(f[k].shape != (n,) for k in DATASETS[1:])
+                or any(f[k].shape[:1] != (n,) for k in OPTIONAL if k in f)):
             raise DataError(f"volume file {path} has inconsistent dataset shapes")
         if "voxel_size" not in f.attrs:
             raise DataError(f"volume file {path} lacks the voxel_size attribute")

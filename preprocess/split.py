@@ -166,19 +166,8 @@ def write_split(h5, out, *, learners: int = 8, distribution: str = "uniform-iid"
                            {"split": json.dumps(dict(meta, role="learner", learner=j))})
             summary["per_learner"].append(dict(_stats(ages[rows]), learner=j, file=name))
         (tmp / "partition.json").write_text(json.dumps(summary, indent=2))
-        _swap_in(tmp, out)
+        h5io.replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename tmp onto out; an old split there is moved aside first and deleted after."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
