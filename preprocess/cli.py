@@ -1,4 +1,4 @@
-"""`python -m preprocess synth|nifti|split`: command-line front end.
+"""`python -m preprocess synth|nifti|split|qc`: command-line front end.
 
 Exit codes: 0 success (or output already up to date), 2 usage or bad input (a message on
 stderr, never a traceback, nothing written), 130 interrupted (finished subjects stay staged
@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from preprocess import bids, convert, grid, h5io, split, synth
+from preprocess import bids, convert, grid, h5io, qc, split, synth
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -28,6 +28,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a correlation in [-1, 1], got {value}")
     return value
 
 
@@ -62,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distribution", choices=split.DISTRIBUTIONS, default="uniform-iid")
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("qc", help="registration quality report: qc.tsv and slice mosaics (needs the report extra)")
+    p.add_argument("--h5", required=True, type=Path, help="preprocessed FILE.h5 (any version)")
+    p.add_argument("--out", required=True, type=Path, help="report directory (replaced if it is one)")
+    p.add_argument("--min-ncc", type=_fraction, default=None,
+                   help="flag subjects below this template correlation (default: the file's own --min-ncc, "
+                        f"else {qc.DEFAULT_MIN_NCC})")
     return parser
 
 
@@ -106,12 +120,18 @@ def _split(args) -> int:
     return 0
 
 
+def _qc(args) -> int:
+    out, n, below = qc.write_report(args.h5, args.out, min_ncc=args.min_ncc)
+    print(f"wrote qc.tsv and mosaics of {n} subjects to {out}; {below} below the threshold")
+    return 0
+
+
 def main(argv=None) -> int:
     """Run one command; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        return {"synth": _synth, "nifti": _nifti, "split": _split}[args.command](args)
-    except (bids.DatasetError, split.SplitError, h5io.DataError, FileExistsError) as exc:
+        return {"synth": _synth, "nifti": _nifti, "split": _split, "qc": _qc}[args.command](args)
+    except (bids.DatasetError, split.SplitError, h5io.DataError, FileExistsError, qc.MissingMatplotlib) as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
         staged = ""

@@ -85,3 +85,20 @@ def brain_mask(voxel: int) -> np.ndarray:
     mask = resample(smooth, tpl["affine"], shape, affine, order=1) >= 0.5
     mask.setflags(write=False)
     return mask
+
+
+@functools.lru_cache(maxsize=None)
+def template(voxel: int) -> np.ndarray:
+    """nilearn's MNI152 T1 (skull-stripped) on our grid at `voxel` mm, preprocessed like a subject.
+
+    Anti-aliased, resampled, zero outside brain_mask(voxel) and z-scored inside it, so that the
+    mean of template * volume over the mask is their correlation (the QC figure). Read-only.
+    """
+    shape, affine = target_grid(voxel)
+    tpl = templates_1mm()
+    mask = brain_mask(voxel)
+    out = resample(antialias(tpl["t1"], (1.0, 1.0, 1.0), float(voxel)), tpl["affine"], shape, affine, order=1)
+    vals = out[mask].astype(np.float64)
+    out = np.where(mask, (out - vals.mean()) / vals.std(), 0.0).astype(np.float32)
+    out.setflags(write=False)
+    return out
