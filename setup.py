@@ -25,6 +25,10 @@ setup(
         # Local MPI for workstations and CI; on clusters use the site's MPI module instead.
         "mpich": ["mpich"],
         "report": ["matplotlib>=3.6"],
+        # `nifti --register/--skull-strip` for scanner-space T1s (docs/registration.md). antspyx: ANTs
+        # registration as a wheel, no compiler or ANTs install (it pins numpy<2.4, scipy<1.16);
+        # deepbet: brain extraction whose weights ship in its wheel and run on the torch we already need.
+        "register": ["antspyx>=0.5", "deepbet>=1.0"],
     },
     entry_points={"console_scripts": ["fedmpi=fedmpi.cli:main", "fedmpi-preprocess=preprocess.cli:main"]},
 )

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from preprocess import bids, convert, grid, h5io, qc, split, synth
+from preprocess import bids, convert, grid, h5io, qc, register, split, synth
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -60,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive, default=None, help="processes (default: all CPUs)")
     p.add_argument("--skip-bad", action="store_true",
                    help="write the good subjects and FILE.skipped.tsv instead of failing")
+    p.add_argument("--register", choices=register.METHODS, default="none",
+                   help="register each image to the MNI152 template first (ANTs; needs the register extra); "
+                        "none: images are already in MNI world coordinates")
+    p.add_argument("--skull-strip", dest="skull_strip", choices=register.SKULL_STRIP, default="none",
+                   help="brain extraction before registration (deepbet needs the register extra); "
+                        "none: input is already skull-stripped, or whole-head")
+    p.add_argument("--min-ncc", type=_fraction, default=None,
+                   help=f"with --register: subjects whose template correlation is below this are bad input "
+                        f"(default {qc.DEFAULT_MIN_NCC})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("split", help="test set + per-learner files from a preprocessed file")
@@ -95,10 +104,21 @@ def _synth(args) -> int:
     return 0
 
 
+def _registration(args) -> register.Options | None:
+    """The --register/--skull-strip/--min-ncc choice, checked before any work (exit 2 when unusable)."""
+    if args.register == "none":
+        return None
+    register.require_extra(args.register, args.skull_strip)
+    min_ncc = qc.DEFAULT_MIN_NCC if args.min_ncc is None else args.min_ncc
+    return register.Options(args.register, args.skull_strip, min_ncc)
+
+
 def _nifti(args) -> int:
+    registration = _registration(args)
     try:
         res = convert.convert(args.bids, args.out, voxel=args.voxel, dtype=args.dtype,
-                              workers=args.workers, skip_bad=args.skip_bad, progress=not args.quiet)
+                              workers=args.workers, skip_bad=args.skip_bad, progress=not args.quiet,
+                              registration=registration)
     except convert.BadInput as exc:
         return _fail(f"{exc}:{_bad_list(exc.bad)}")
     if res.up_to_date:
@@ -128,10 +148,15 @@ def _qc(args) -> int:
 
 def main(argv=None) -> int:
     """Run one command; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    registration_only = args.command == "nifti" and (args.skull_strip != "none" or args.min_ncc is not None)
+    if registration_only and args.register == "none":
+        parser.error("--skull-strip and --min-ncc apply to registration: add --register affine or rigid")
     try:
         return {"synth": _synth, "nifti": _nifti, "split": _split, "qc": _qc}[args.command](args)
-    except (bids.DatasetError, split.SplitError, h5io.DataError, FileExistsError, qc.MissingMatplotlib) as exc:
+    except (bids.DatasetError, split.SplitError, h5io.DataError, FileExistsError,
+            register.MissingExtra, qc.MissingMatplotlib) as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
         staged = ""

@@ -1,10 +1,11 @@
 """BIDS dataset -> one HDF5 volume file, in parallel, resumable, never half-written.
 
 Each subject's preprocessed volume is first staged as FILE.h5.parts/<id>-<fingerprint>.npy
-(written atomically). A re-run after an interruption reuses every staged subject whose
-input and parameters are unchanged; once all subjects are staged they are packed into the
-HDF5 file under a temporary name, renamed, and the staging directory is removed. An output
-whose recorded input fingerprint matches the current input is left alone.
+(written atomically; with registration its matrix and quality figure go first into a .json
+beside it). A re-run after an interruption reuses every staged subject whose input and
+parameters are unchanged; once all subjects are staged they are packed into the HDF5 file
+under a temporary name, renamed, and the staging directory is removed. An output whose
+recorded input fingerprint matches the current input is left alone.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocess import bids, grid, h5io, nifti, parallel
+from preprocess import bids, grid, h5io, nifti, parallel, register
 
 
 class BadInput(ValueError):
@@ -75,18 +76,29 @@ def _is_up_to_date(out: Path, fingerprint: str, skip_bad: bool) -> bool:
 
 
 _MASK: np.ndarray | None = None
+_REFERENCE: register.Reference | None = None
 
 
-def _init_worker(mask: np.ndarray) -> None:
-    global _MASK
-    _MASK = mask
+def _init_worker(mask: np.ndarray, reference: register.Reference | None = None) -> None:
+    global _MASK, _REFERENCE
+    _MASK, _REFERENCE = mask, reference
+
+
+def _sidecar(part: Path) -> Path:
+    return part.with_suffix(".json")
 
 
 def _stage(job) -> tuple[str, str | None]:
-    """Preprocess one subject into its part file; (subject, None) or (subject, reason)."""
-    pid, image, part, voxel, dtype = job
+    """Preprocess one subject into its part file(s); (subject, None) or (subject, reason)."""
+    pid, image, part, voxel, dtype, registration = job
     try:
-        vol = nifti.preprocess_file(image, voxel, _MASK)
+        if registration is None:
+            vol = nifti.preprocess_file(image, voxel, _MASK)
+        else:
+            done = register.preprocess_file(image, voxel, _MASK, registration, _REFERENCE)
+            vol = done.volume
+            with h5io.atomic_path(_sidecar(part)) as tmp:
+                tmp.write_text(json.dumps({"mni_to_native": done.mni_to_native.tolist(), "ncc": done.ncc}))
     except nifti.BadImage as exc:
         return pid, str(exc)
     tmp = part.with_name(part.name + ".tmp.npy")
@@ -96,11 +108,14 @@ def _stage(job) -> tuple[str, str | None]:
 
 
 def convert(bids_dir, out, *, voxel: int = 4, dtype: str = "float16", workers: int | None = None,
-            skip_bad: bool = False, progress: bool = False) -> Result:
+            skip_bad: bool = False, progress: bool = False,
+            registration: register.Options | None = None) -> Result:
     """Preprocess every subject of `bids_dir` into `out` (see module doc for the guarantees).
 
-    Raises bids.DatasetError for an unusable dataset, BadInput when subjects are bad and
-    skip_bad is False (nothing is written and staged parts are removed).
+    With `registration`, each image is registered to the MNI template first (register.py) and
+    subjects failing its quality check are bad input. Raises bids.DatasetError for an unusable
+    dataset, BadInput when subjects are bad and skip_bad is False (nothing is written and
+    staged parts are removed).
     """
     out, bids_dir = Path(out), Path(bids_dir)
     shape, affine = grid.target_grid(voxel)
@@ -111,6 +126,8 @@ def convert(bids_dir, out, *, voxel: int = 4, dtype: str = "float16", workers: i
               "antialias": "gaussian, FWHM = target voxel", "interpolation": "trilinear",
               "mask": "nilearn MNI152 brain mask (ICBM 2009a) resampled, >= 0.5",
               "normalisation": "z-score within mask, zero outside", "source": str(bids_dir.resolve())}
+    if registration is not None:
+        params.update(registration.params())
     keys = [_subject_key(e, params) for e in entries]
     fingerprint = _fingerprint(entries, keys, bad, params)
     report = skipped_report_path(out)
@@ -120,11 +137,12 @@ def convert(bids_dir, out, *, voxel: int = 4, dtype: str = "float16", workers: i
     stage = parts_dir(out)
     stage.mkdir(parents=True, exist_ok=True)
     parts = {e.participant_id: stage / f"{e.participant_id}-{k}.npy" for e, k in zip(entries, keys)}
-    todo = [(e.participant_id, e.image, parts[e.participant_id], voxel, dtype)
+    todo = [(e.participant_id, e.image, parts[e.participant_id], voxel, dtype, registration)
             for e in entries if not parts[e.participant_id].is_file()]
     reused = len(entries) - len(todo)
+    reference = register.reference(voxel) if registration is not None and todo else None
     for pid, reason in parallel.run(_stage, todo, workers=workers, initializer=_init_worker,
-                                    initargs=(grid.brain_mask(voxel),), desc="nifti",
+                                    initargs=(grid.brain_mask(voxel), reference), desc="nifti",
                                     progress=progress):
         if reason:
             bad[pid] = reason
@@ -140,6 +158,10 @@ def convert(bids_dir, out, *, voxel: int = 4, dtype: str = "float16", workers: i
 
     table = {"age": [e.age for e in good], "subject_id": [e.participant_id for e in good],
              "sex": [e.sex for e in good], "site": [e.site for e in good]}
+    if registration is not None:
+        done = [json.loads(_sidecar(parts[e.participant_id]).read_text()) for e in good]
+        table["mni_to_native"] = [d["mni_to_native"] for d in done]
+        table["registration_ncc"] = [d["ncc"] for d in done]
     attrs = h5io.base_attrs(voxel, shape, affine, params, fingerprint)
     attrs["skipped"] = json.dumps(bad, sort_keys=True)
     h5io.write_volumes(out, (np.load(parts[e.participant_id]) for e in good), table, attrs, dtype)
