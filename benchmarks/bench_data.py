@@ -2,7 +2,11 @@
 
 Reads are timed for 2 mm float16 volumes from the page cache on one pinned core, through
 the trainer's VolumeDataset (fast raw-chunk path, float32 tensors out) and through plain
-h5py for comparison. Prints a markdown table; numbers go to docs/data.md.
+h5py for comparison. When the `register` extra is installed, registration of a scanner-space
+cohort (`nifti --register affine`, with and without `--skull-strip deepbet`) is timed with one
+worker, which uses one thread; its CPU seconds per subject are printed too, as they are less
+sensitive to other load on the machine than wall time. Prints a markdown table; numbers go to
+docs/data.md and docs/registration.md.
 
     python benchmarks/bench_data.py [--subjects 16] [--volumes 200]
 """
@@ -38,6 +42,37 @@ def _timed(fn, repeat: int = 3) -> float:
     return best
 
 
+def _registration_rows(tmp: Path, subjects: int) -> list[tuple[str, str, str]]:
+    """nifti --register affine [--skull-strip deepbet] on a native-space cohort, one worker (one thread)."""
+    from preprocess import convert, register, synth
+
+    rows = []
+    t = time.perf_counter()
+    synth.write_cohort(tmp / "native", subjects, seed=0, workers=1, space="native")
+    dt = time.perf_counter() - t
+    rows.append(("synth --space native, 1 worker", f"{subjects / dt:.2f} subjects/s", f"{dt / subjects:.2f} s/subject"))
+    for strip in ("none", "deepbet"):
+        flags = "--register affine" + ("" if strip == "none" else " --skull-strip deepbet")
+        try:
+            register.require_extra("affine", strip)
+        except register.MissingExtra as exc:
+            rows.append((f"nifti --voxel 4 {flags}", "not measured", str(exc)))
+            continue
+        cpu, t = time.process_time(), time.perf_counter()
+        convert.convert(
+            tmp / "native", tmp / f"reg-{strip}.h5", voxel=4, workers=1, registration=register.Options("affine", strip)
+        )
+        dt, cpu = time.perf_counter() - t, time.process_time() - cpu
+        rows.append(
+            (
+                f"nifti --voxel 4 {flags}, 1 worker",
+                f"{subjects / dt:.2f} subjects/s",
+                f"{dt / subjects:.2f} s/subject wall, {cpu / subjects:.2f} s/subject CPU",
+            )
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subjects", type=int, default=16, help="subjects to synthesise and preprocess")
@@ -68,6 +103,7 @@ def main() -> None:
                     f"{dt / args.subjects:.2f} s/subject",
                 )
             )
+        rows += _registration_rows(tmp, args.subjects)
 
         # read test file: the preprocessed 2 mm volumes repeated to --volumes rows
         with h5io.open_checked(tmp / "v2.h5") as f:
@@ -112,7 +148,7 @@ def main() -> None:
     print(
         f"\nfedmpi data benchmark: {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, reads {pinned}; 2 mm float16 volume = {mb_vol:.2f} MB decoded, "
-        f"{mb_file / n:.2f} MB stored (gzip 1)\n"
+        f"{mb_file / n:.2f} MB stored (gzip 1); load average at the end {os.getloadavg()[0]:.1f}\n"
     )
     print("| step | throughput | notes |")
     print("|---|---|---|")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,3 +51,16 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` atomically (see atomic_path)."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Rename a finished directory `tmp` onto `out`; an old `out` is moved aside first and deleted after, so
+    `out` is always either the old directory or the new one."""
+    tmp, out = Path(tmp), Path(out)
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -3,6 +3,7 @@
 Pure bookkeeping, no image reading: every problem found here is reported per subject so
 that one run lists all of them at once.
 """
+
 from __future__ import annotations
 
 import csv
@@ -67,8 +68,9 @@ def read_participants(root: Path) -> list[dict[str, str]]:
                 raise DatasetError(f"{tsv} lacks column(s) {', '.join(absent)} (has: {', '.join(columns) or 'none'})")
             return [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
     except UnicodeDecodeError as exc:
-        raise DatasetError(f"{tsv} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
-                           "save it as UTF-8") from None
+        raise DatasetError(
+            f"{tsv} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); save it as UTF-8"
+        ) from None
 
 
 def age_range_text(age_range: tuple[float, float]) -> str:

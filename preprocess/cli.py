@@ -1,10 +1,11 @@
-"""`python -m preprocess synth|nifti|split`: command-line front end.
+"""`python -m preprocess synth|nifti|split|qc`: command-line front end.
 
 Exit codes: 0 success (or output already up to date), 2 usage or bad input (a message on
 stderr, never a traceback, nothing written; also a worker process that died, after which
 finished subjects stay staged), 130 interrupted (finished subjects stay staged and a re-run
 resumes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 
 from fedmpi.errors import UserError
-from preprocess import bids, convert, grid, h5io, nifti, split, synth
+from preprocess import bids, convert, grid, h5io, nifti, qc, register, split, synth
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -61,6 +62,13 @@ class _AgeRange(argparse.Action):
         setattr(namespace, self.dest, (low, high))
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a correlation in [-1, 1], got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m preprocess", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -69,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output directory (created)")
     p.add_argument("--subjects", type=_positive, default=200)
     p.add_argument("--seed", type=_nonnegative, default=0)
+    p.add_argument(
+        "--space",
+        choices=synth.SPACES,
+        default="mni",
+        help="mni: heads where the template is; native: random rigid head pose plus ground truth "
+        "under derivatives/synth-truth/ (to exercise nifti --register)",
+    )
     p.add_argument("--workers", type=_positive, default=None, help="processes (default: all CPUs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -78,15 +93,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--voxel", type=int, choices=sorted(grid.GRIDS), default=4, help="MNI grid spacing in mm")
     p.add_argument("--dtype", choices=tuple(h5io.DTYPES), default="float16")
     p.add_argument("--workers", type=_positive, default=None, help="processes (default: all CPUs)")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="write the good subjects and FILE.skipped.tsv instead of failing")
+    p.add_argument(
+        "--skip-bad", action="store_true", help="write the good subjects and FILE.skipped.tsv instead of failing"
+    )
     low, high = bids.DEFAULT_AGE_RANGE
-    p.add_argument("--age-range", nargs=2, type=float, metavar=("MIN", "MAX"), action=_AgeRange,
-                   default=bids.DEFAULT_AGE_RANGE,
-                   help=f"plausible ages in years, MIN < age <= MAX; others are bad input (default: {low:g} {high:g})")
-    p.add_argument("--max-image-mb", type=_megabytes, default=nifti.DEFAULT_MAX_IMAGE_MB, metavar="MB",
-                   help="largest image as float32, in MB, checked from the header before reading "
-                        f"(default: {nifti.DEFAULT_MAX_IMAGE_MB:g})")
+    p.add_argument(
+        "--age-range",
+        nargs=2,
+        type=float,
+        metavar=("MIN", "MAX"),
+        action=_AgeRange,
+        default=bids.DEFAULT_AGE_RANGE,
+        help=f"plausible ages in years, MIN < age <= MAX; others are bad input (default: {low:g} {high:g})",
+    )
+    p.add_argument(
+        "--max-image-mb",
+        type=_megabytes,
+        default=nifti.DEFAULT_MAX_IMAGE_MB,
+        metavar="MB",
+        help="largest image as float32, in MB, checked from the header before reading "
+        f"(default: {nifti.DEFAULT_MAX_IMAGE_MB:g})",
+    )
+    p.add_argument(
+        "--register",
+        choices=register.METHODS,
+        default="none",
+        help="register each image to the MNI152 template first (ANTs; needs the register extra); "
+        "none: images are already in MNI world coordinates",
+    )
+    p.add_argument(
+        "--skull-strip",
+        dest="skull_strip",
+        choices=register.SKULL_STRIP,
+        default="none",
+        help="brain extraction before registration (deepbet needs the register extra); "
+        "none: input is already skull-stripped, or whole-head",
+    )
+    p.add_argument(
+        "--min-ncc",
+        type=_fraction,
+        default=None,
+        help=f"with --register: subjects whose template correlation is below this are bad input "
+        f"(default {qc.DEFAULT_MIN_NCC})",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("split", help="test set + per-learner files from a preprocessed file")
@@ -96,6 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distribution", choices=split.DISTRIBUTIONS, default="uniform-iid")
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=_nonnegative, default=0)
+
+    p = sub.add_parser("qc", help="registration quality report: qc.tsv and slice mosaics (needs the report extra)")
+    p.add_argument("--h5", required=True, type=Path, help="preprocessed FILE.h5 (any version)")
+    p.add_argument("--out", required=True, type=Path, help="report directory (replaced if it is one)")
+    p.add_argument(
+        "--min-ncc",
+        type=_fraction,
+        default=None,
+        help="flag subjects below this template correlation (default: the file's own --min-ncc, "
+        f"else {qc.DEFAULT_MIN_NCC})",
+    )
     return parser
 
 
@@ -109,16 +169,37 @@ def _bad_list(bad: dict[str, str]) -> str:
 
 
 def _synth(args) -> int:
-    out = synth.write_cohort(args.out, args.subjects, args.seed, args.workers, progress=not args.quiet)
-    print(f"wrote {args.subjects} subjects to {out}")
+    out = synth.write_cohort(
+        args.out, args.subjects, args.seed, args.workers, progress=not args.quiet, space=args.space
+    )
+    print(f"wrote {args.subjects} subjects ({args.space} space) to {out}")
     return 0
 
 
+def _registration(args) -> register.Options | None:
+    """The --register/--skull-strip/--min-ncc choice, checked before any work (exit 2 when unusable)."""
+    if args.register == "none":
+        return None
+    register.require_extra(args.register, args.skull_strip)
+    min_ncc = qc.DEFAULT_MIN_NCC if args.min_ncc is None else args.min_ncc
+    return register.Options(args.register, args.skull_strip, min_ncc)
+
+
 def _nifti(args) -> int:
+    registration = _registration(args)
     try:
-        res = convert.convert(args.bids, args.out, voxel=args.voxel, dtype=args.dtype,
-                              workers=args.workers, skip_bad=args.skip_bad, progress=not args.quiet,
-                              age_range=args.age_range, max_image_mb=args.max_image_mb)
+        res = convert.convert(
+            args.bids,
+            args.out,
+            voxel=args.voxel,
+            dtype=args.dtype,
+            workers=args.workers,
+            skip_bad=args.skip_bad,
+            progress=not args.quiet,
+            age_range=args.age_range,
+            max_image_mb=args.max_image_mb,
+            registration=registration,
+        )
     except convert.BadInput as exc:
         return _fail(f"{exc}:{_bad_list(exc.bad)}")
     if res.up_to_date:
@@ -126,25 +207,43 @@ def _nifti(args) -> int:
         return 0
     if res.skipped:
         report = convert.skipped_report_path(res.path)
-        print(f"warning: skipped {len(res.skipped)} bad subject(s), listed in {report}:"
-              f"{_bad_list(res.skipped)}", file=sys.stderr)
+        print(
+            f"warning: skipped {len(res.skipped)} bad subject(s), listed in {report}:{_bad_list(res.skipped)}",
+            file=sys.stderr,
+        )
     reused = f" ({res.reused} reused from an interrupted run)" if res.reused else ""
     print(f"wrote {res.written} subjects to {res.path}{reused}")
     return 0
 
 
 def _split(args) -> int:
-    out = split.write_split(args.h5, args.out, learners=args.learners, distribution=args.distribution,
-                            test_fraction=args.test_fraction, seed=args.seed)
+    out = split.write_split(
+        args.h5,
+        args.out,
+        learners=args.learners,
+        distribution=args.distribution,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+    )
     print(f"wrote {args.learners} learner files, test.h5 and partition.json to {out}")
+    return 0
+
+
+def _qc(args) -> int:
+    out, n, below = qc.write_report(args.h5, args.out, min_ncc=args.min_ncc)
+    print(f"wrote qc.tsv and mosaics of {n} subjects to {out}; {below} below the threshold")
     return 0
 
 
 def main(argv=None) -> int:
     """Run one command; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    registration_only = args.command == "nifti" and (args.skull_strip != "none" or args.min_ncc is not None)
+    if registration_only and args.register == "none":
+        parser.error("--skull-strip and --min-ncc apply to registration: add --register affine or rigid")
     try:
-        return {"synth": _synth, "nifti": _nifti, "split": _split}[args.command](args)
+        return {"synth": _synth, "nifti": _nifti, "split": _split, "qc": _qc}[args.command](args)
     except (UserError, FileExistsError) as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:

@@ -1,12 +1,14 @@
 """BIDS dataset -> one HDF5 volume file, in parallel, resumable, never half-written.
 
 Each subject's preprocessed volume is first staged as FILE.h5.parts/<id>-<fingerprint>.npy
-(written atomically). A re-run after an interruption or a dead worker reuses every staged
-subject whose input and parameters are unchanged; once all subjects are staged they are
-packed into the HDF5 file under a temporary name, renamed, and the staging directory is
-removed. An output whose recorded input fingerprint matches the current input is left alone.
-Output paths are checked before any subject is processed.
+(written atomically; with registration its matrix and quality figure go first into a .json
+beside it). A re-run after an interruption or a dead worker reuses every staged subject whose
+input and parameters are unchanged; once all subjects are staged they are packed into the HDF5
+file under a temporary name, renamed, and the staging directory is removed. An output whose
+recorded input fingerprint matches the current input is left alone. Output paths are checked
+before any subject is processed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,7 +21,7 @@ import numpy as np
 
 from fedmpi.errors import UserError
 from fedmpi.files import atomic_path
-from preprocess import bids, grid, h5io, nifti, outputs, parallel
+from preprocess import bids, grid, h5io, nifti, outputs, parallel, register
 
 
 class BadInput(UserError, ValueError):
@@ -77,18 +79,31 @@ def _is_up_to_date(out: Path, fingerprint: str, skip_bad: bool) -> bool:
 
 
 _MASK: np.ndarray | None = None
+_REFERENCE: register.Reference | None = None
 
 
-def _init_worker(mask: np.ndarray) -> None:
-    global _MASK
-    _MASK = mask
+def _init_worker(mask: np.ndarray, reference: register.Reference | None = None) -> None:
+    global _MASK, _REFERENCE
+    _MASK, _REFERENCE = mask, reference
+
+
+def _sidecar(part: Path) -> Path:
+    return part.with_suffix(".json")
 
 
 def _stage(job) -> tuple[str, str | None]:
-    """Preprocess one subject into its part file; (subject, None) or (subject, reason)."""
-    pid, image, part, voxel, dtype, max_image_mb = job
+    """Preprocess one subject into its part file(s); (subject, None) or (subject, reason)."""
+    pid, image, part, voxel, dtype, max_image_mb, registration = job
+    assert _MASK is not None, "_init_worker runs first"
     try:
-        vol = nifti.preprocess_file(image, voxel, _MASK, max_image_mb)
+        if registration is None:
+            vol = nifti.preprocess_file(image, voxel, _MASK, max_image_mb)
+        else:
+            assert _REFERENCE is not None, "a registration run passes its reference to _init_worker"
+            done = register.preprocess_file(image, voxel, _MASK, registration, _REFERENCE, max_image_mb)
+            vol = done.volume
+            with atomic_path(_sidecar(part)) as tmp:
+                tmp.write_text(json.dumps({"mni_to_native": done.mni_to_native.tolist(), "ncc": done.ncc}))
     except nifti.BadImage as exc:
         return pid, str(exc)
     with atomic_path(part) as tmp, open(tmp, "wb") as f:
@@ -109,16 +124,26 @@ def check_outputs(out: Path) -> None:
     outputs.check_file(skipped_report_path(out), "--skip-bad report")
 
 
-def convert(bids_dir, out, *, voxel: int = 4, dtype: str = "float16", workers: int | None = None,
-            skip_bad: bool = False, progress: bool = False,
-            age_range: tuple[float, float] = bids.DEFAULT_AGE_RANGE,
-            max_image_mb: float = nifti.DEFAULT_MAX_IMAGE_MB) -> Result:
+def convert(
+    bids_dir,
+    out,
+    *,
+    voxel: int = 4,
+    dtype: str = "float16",
+    workers: int | None = None,
+    skip_bad: bool = False,
+    progress: bool = False,
+    age_range: tuple[float, float] = bids.DEFAULT_AGE_RANGE,
+    max_image_mb: float = nifti.DEFAULT_MAX_IMAGE_MB,
+    registration: register.Options | None = None,
+) -> Result:
     """Preprocess every subject of `bids_dir` into `out` (see module doc for the guarantees).
 
-    Raises outputs.OutputError for an output path that cannot be written, bids.DatasetError
-    for an unusable dataset, BadInput when subjects are bad and skip_bad is False (nothing is
-    written and staged parts are removed), parallel.WorkerDied when a worker process dies
-    (finished subjects stay staged).
+    With `registration`, each image is registered to the MNI template first (register.py) and
+    subjects failing its quality check are bad input. Raises outputs.OutputError for an output
+    path that cannot be written, bids.DatasetError for an unusable dataset, BadInput when
+    subjects are bad and skip_bad is False (nothing is written and staged parts are removed),
+    parallel.WorkerDied when a worker process dies (finished subjects stay staged).
     """
     out, bids_dir = Path(out), Path(bids_dir)
     shape, affine = grid.target_grid(voxel)
@@ -126,10 +151,18 @@ def convert(bids_dir, out, *, voxel: int = 4, dtype: str = "float16", workers: i
         raise ValueError(f"dtype must be one of {sorted(h5io.DTYPES)}, got {dtype!r}")
     check_outputs(out)
     entries, bad = bids.scan(bids_dir, age_range)
-    params = {"voxel_mm": voxel, "dtype": dtype, "reorient": "RAS+",
-              "antialias": "gaussian, FWHM = target voxel", "interpolation": "trilinear",
-              "mask": "nilearn MNI152 brain mask (ICBM 2009a) resampled, >= 0.5",
-              "normalisation": "z-score within mask, zero outside", "source": str(bids_dir.resolve())}
+    params = {
+        "voxel_mm": voxel,
+        "dtype": dtype,
+        "reorient": "RAS+",
+        "antialias": "gaussian, FWHM = target voxel",
+        "interpolation": "trilinear",
+        "mask": "nilearn MNI152 brain mask (ICBM 2009a) resampled, >= 0.5",
+        "normalisation": "z-score within mask, zero outside",
+        "source": str(bids_dir.resolve()),
+    }
+    if registration is not None:
+        params.update(registration.params())
     keys = [_subject_key(e, params) for e in entries]
     fingerprint = _fingerprint(entries, keys, bad, params)
     report = skipped_report_path(out)
@@ -140,42 +173,62 @@ def convert(bids_dir, out, *, voxel: int = 4, dtype: str = "float16", workers: i
     stage.mkdir(parents=True, exist_ok=True)
     _remove_temporaries(stage)
     parts = {e.participant_id: stage / f"{e.participant_id}-{k}.npy" for e, k in zip(entries, keys)}
-    todo = [(e.participant_id, e.image, parts[e.participant_id], voxel, dtype, max_image_mb)
-            for e in entries if not parts[e.participant_id].is_file()]
+    todo = [
+        (e.participant_id, e.image, parts[e.participant_id], voxel, dtype, max_image_mb, registration)
+        for e in entries
+        if not parts[e.participant_id].is_file()
+    ]
     reused = len(entries) - len(todo)
+    reference = register.reference(voxel) if registration is not None and todo else None
     try:
-        for pid, reason in parallel.run(_stage, todo, workers=workers, initializer=_init_worker,
-                                        initargs=(grid.brain_mask(voxel),), desc="nifti",
-                                        progress=progress, name=lambda job: job[0]):
+        for pid, reason in parallel.run(
+            _stage,
+            todo,
+            workers=workers,
+            initializer=_init_worker,
+            initargs=(grid.brain_mask(voxel), reference),
+            desc="nifti",
+            progress=progress,
+            name=lambda job: job[0],
+        ):
             if reason:
                 bad[pid] = reason
     except parallel.WorkerDied as exc:
         _remove_temporaries(stage)
-        raise parallel.WorkerDied(f"{exc}; nothing written; finished subjects stay in {stage} and a re-run "
-                                  "resumes (use fewer --workers, or a lower --max-image-mb to refuse large images)",
-                                  exc.names) from None
+        raise parallel.WorkerDied(
+            f"{exc}; nothing written; finished subjects stay in {stage} and a re-run "
+            "resumes (use fewer --workers, or a lower --max-image-mb to refuse large images)",
+            exc.names,
+        ) from None
 
     good = [e for e in entries if e.participant_id not in bad]
     if bad and not skip_bad:
         shutil.rmtree(stage, ignore_errors=True)
-        raise BadInput(f"{len(bad)} bad subject(s) in {bids_dir}; nothing written "
-                       "(fix them or re-run with --skip-bad)", bad)
+        raise BadInput(
+            f"{len(bad)} bad subject(s) in {bids_dir}; nothing written (fix them or re-run with --skip-bad)", bad
+        )
     if not good:
         shutil.rmtree(stage, ignore_errors=True)
         raise BadInput(f"no usable subject in {bids_dir}", bad)
 
-    table = {"age": [e.age for e in good], "subject_id": [e.participant_id for e in good],
-             "sex": [e.sex for e in good], "site": [e.site for e in good]}
+    table = {
+        "age": [e.age for e in good],
+        "subject_id": [e.participant_id for e in good],
+        "sex": [e.sex for e in good],
+        "site": [e.site for e in good],
+    }
+    if registration is not None:
+        done = [json.loads(_sidecar(parts[e.participant_id]).read_text()) for e in good]
+        table["mni_to_native"] = [d["mni_to_native"] for d in done]
+        table["registration_ncc"] = [d["ncc"] for d in done]
     attrs = h5io.base_attrs(voxel, shape, affine, params, fingerprint)
     attrs["skipped"] = json.dumps(bad, sort_keys=True)
     attrs["age_range"] = np.asarray(age_range, dtype=np.float64)
     h5io.write_volumes(out, (np.load(parts[e.participant_id]) for e in good), table, attrs, dtype)
     if bad:
         with atomic_path(report) as tmp:
-            tmp.write_text("participant_id\treason\n"
-                           + "".join(f"{p}\t{r}\n" for p, r in sorted(bad.items())))
+            tmp.write_text("participant_id\treason\n" + "".join(f"{p}\t{r}\n" for p, r in sorted(bad.items())))
     elif report.exists():
         report.unlink()
     shutil.rmtree(stage, ignore_errors=True)
     return Result(out, len(good), bad, reused, False)
-

@@ -5,6 +5,7 @@ fixed, so they are constants here rather than derived from a template at run tim
 nilearn is imported lazily: it costs about two seconds and worker processes that only
 resample never need it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,7 +32,7 @@ def target_grid(voxel: int) -> tuple[tuple[int, int, int], np.ndarray]:
     return shape, affine.copy()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def templates_1mm() -> dict[str, np.ndarray]:
     """nilearn's bundled 1 mm MNI152 (ICBM 2009a) maps: t1, gm, wm, mask (+ their affine).
 
@@ -47,18 +48,28 @@ def templates_1mm() -> dict[str, np.ndarray]:
         "mask": np.asarray(datasets.load_mni152_brain_mask(resolution=1).get_fdata(), dtype=np.float32),
         "affine": np.asarray(t1.affine, dtype=np.float64),
     }
-    for arr in out.values():
+    arrays: dict[str, np.ndarray] = out  # type: ignore[assignment]  # every value is an array
+    for arr in arrays.values():
         arr.setflags(write=False)
-    return out
+    return arrays
 
 
-def resample(data: np.ndarray, affine: np.ndarray, shape, target_affine: np.ndarray,
-             order: int = 1, cval: float = 0.0) -> np.ndarray:
+def resample(
+    data: np.ndarray, affine: np.ndarray, shape, target_affine: np.ndarray, order: int = 1, cval: float = 0.0
+) -> np.ndarray:
     """Sample `data` (voxel->world `affine`) at the voxel centres of a target grid."""
     vox = np.linalg.solve(affine, target_affine)  # target voxel -> source voxel
     return ndimage.affine_transform(
-        data, vox[:3, :3], offset=vox[:3, 3], output_shape=tuple(shape), order=order,
-        mode="constant", cval=cval, prefilter=False, output=np.float32)
+        data,
+        vox[:3, :3],
+        offset=vox[:3, 3],
+        output_shape=tuple(shape),
+        order=order,
+        mode="constant",
+        cval=cval,
+        prefilter=False,
+        output=np.float32,
+    )
 
 
 def antialias(data: np.ndarray, voxel_sizes, target_mm: float) -> np.ndarray:
@@ -69,14 +80,14 @@ def antialias(data: np.ndarray, voxel_sizes, target_mm: float) -> np.ndarray:
     source is already as coarse as the target).
     """
     sizes = np.asarray(voxel_sizes, dtype=float)
-    sigma_mm = np.sqrt(np.clip(target_mm ** 2 - sizes ** 2, 0.0, None)) * FWHM_TO_SIGMA
+    sigma_mm = np.sqrt(np.clip(target_mm**2 - sizes**2, 0.0, None)) * FWHM_TO_SIGMA
     sigma = sigma_mm / sizes
     if not np.any(sigma > 0.05):
         return data
     return ndimage.gaussian_filter(data, sigma, mode="constant", output=np.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def brain_mask(voxel: int) -> np.ndarray:
     """nilearn's MNI152 brain mask on our grid at `voxel` mm (bool, read-only)."""
     shape, affine = target_grid(voxel)
@@ -85,3 +96,20 @@ def brain_mask(voxel: int) -> np.ndarray:
     mask = resample(smooth, tpl["affine"], shape, affine, order=1) >= 0.5
     mask.setflags(write=False)
     return mask
+
+
+@functools.cache
+def template(voxel: int) -> np.ndarray:
+    """nilearn's MNI152 T1 (skull-stripped) on our grid at `voxel` mm, preprocessed like a subject.
+
+    Anti-aliased, resampled, zero outside brain_mask(voxel) and z-scored inside it, so that the
+    mean of template * volume over the mask is their correlation (the QC figure). Read-only.
+    """
+    shape, affine = target_grid(voxel)
+    tpl = templates_1mm()
+    mask = brain_mask(voxel)
+    out = resample(antialias(tpl["t1"], (1.0, 1.0, 1.0), float(voxel)), tpl["affine"], shape, affine, order=1)
+    vals = out[mask].astype(np.float64)
+    out = np.where(mask, (out - vals.mean()) / vals.std(), 0.0).astype(np.float32)
+    out.setflags(write=False)
+    return out

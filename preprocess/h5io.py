@@ -7,16 +7,21 @@ Layout (one file per cohort, learner or test set):
   attrs: format, voxel_size, shape, affine, preprocessing (JSON), version, created,
          input_fingerprint (what the file was built from), age_range (the (MIN, MAX] in years
          `nifti` accepted), split (JSON, learner/test files)
+Optional, only in files made with `nifti --register` (readers must not require them, so files
+written before registration existed stay valid and keep format /1):
+  mni_to_native    (N, 4, 4) float64: template world mm -> scanner world mm, RAS (p_native = T @ p_mni)
+  registration_ncc (N,) float32: correlation with the MNI152 template inside the brain mask (qc.py)
 gzip level 1 is the fastest standard HDF5 filter to decode here (about the 300 volumes/s
 target for 2 mm float16 on one core) and every HDF5 reader has it, unlike lzf.
 """
+
 from __future__ import annotations
 
 import datetime
 import json
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import h5py
 import numpy as np
@@ -26,6 +31,7 @@ from fedmpi.files import atomic_path
 
 FORMAT = "fedmpi-volumes/1"
 DATASETS = ("images", "age", "subject_id", "sex", "site")
+OPTIONAL = {"mni_to_native": np.float64, "registration_ncc": np.float32}
 DTYPES = {"float16": np.float16, "float32": np.float32}
 GZIP_LEVEL = 1
 
@@ -47,23 +53,30 @@ def base_attrs(voxel: int, shape, affine, params: dict, fingerprint: str) -> dic
 
 
 def _create(f: h5py.File, n: int, shape, dtype, table: dict, attrs: dict) -> h5py.Dataset:
-    images = f.create_dataset("images", (n,) + tuple(shape), dtype=dtype,
-                              chunks=(1,) + tuple(shape), compression="gzip",
-                              compression_opts=GZIP_LEVEL)
+    images = f.create_dataset(
+        "images",
+        (n, *tuple(shape)),
+        dtype=dtype,
+        chunks=(1, *tuple(shape)),
+        compression="gzip",
+        compression_opts=GZIP_LEVEL,
+    )
     f.create_dataset("age", data=np.asarray(table["age"], dtype=np.float32))
     text = h5py.string_dtype("utf-8")
     for key in ("subject_id", "sex", "site"):
         f.create_dataset(key, data=np.asarray([str(v) for v in table[key]], dtype=object), dtype=text)
+    for key, dtype in OPTIONAL.items():
+        if key in table:
+            f.create_dataset(key, data=np.asarray(table[key], dtype=dtype))
     for key, value in attrs.items():
         f.attrs[key] = value
     return images
 
 
-def write_volumes(path, volumes: Iterable[np.ndarray], table: dict, attrs: dict,
-                  dtype: str = "float16") -> Path:
+def write_volumes(path, volumes: Iterable[np.ndarray], table: dict, attrs: dict, dtype: str = "float16") -> Path:
     """Write N volumes (an iterable, consumed one at a time) and their table atomically.
 
-    `table` holds equal-length sequences age, subject_id, sex, site.
+    `table` holds equal-length sequences age, subject_id, sex, site (and any of OPTIONAL).
     """
     n = len(table["age"])
     shape = tuple(int(s) for s in attrs["shape"])
@@ -83,6 +96,7 @@ def copy_rows(src, dst, rows, extra_attrs: dict) -> Path:
     rows = np.asarray(rows, dtype=np.int64)
     with open_checked(src) as f:
         table = {k: (f[k][:] if k == "age" else f[k].asstr()[:])[rows] for k in DATASETS[1:]}
+        table.update({k: f[k][:][rows] for k in OPTIONAL if k in f})
         attrs = dict(f.attrs)
         attrs.update(extra_attrs)
         images = f["images"]
@@ -108,7 +122,11 @@ def open_checked(path) -> h5py.File:
         if missing:
             raise DataError(f"volume file {path} lacks dataset(s) {', '.join(missing)}")
         n = f["images"].shape[0]
-        if f["images"].ndim != 4 or any(f[k].shape != (n,) for k in DATASETS[1:]):
+        if (
+            f["images"].ndim != 4
+            or any(f[k].shape != (n,) for k in DATASETS[1:])
+            or any(f[k].shape[:1] != (n,) for k in OPTIONAL if k in f)
+        ):
             raise DataError(f"volume file {path} has inconsistent dataset shapes")
         if "voxel_size" not in f.attrs:
             raise DataError(f"volume file {path} lacks the voxel_size attribute")
@@ -133,7 +151,7 @@ class ChunkReader:
         self.dtype = images.dtype
         plist = images.id.get_create_plist()
         filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
-        self.raw = images.chunks == (1,) + self.shape and filters == [h5py.h5z.FILTER_DEFLATE]
+        self.raw = images.chunks == (1, *self.shape) and filters == [h5py.h5z.FILTER_DEFLATE]
 
     def read(self, i: int) -> np.ndarray:
         """Volume i as a fresh, writable array of the stored dtype (torch.from_numpy-ready)."""

@@ -6,10 +6,12 @@ just enough to avoid aliasing, resamples onto the fixed grid, applies the MNI br
 and z-scores within it. It does not register; an image that barely overlaps the mask is
 rejected rather than silently producing garbage.
 """
+
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -47,8 +49,10 @@ def check_header(name: str, shape: tuple[int, ...], max_image_mb: float) -> None
         raise BadImage(f"{name} has {len(shape)} dimensions {shape}; expected a 3D volume")
     nbytes = math.prod(shape) * 4
     if nbytes > max_image_mb * 1e6:
-        raise BadImage(f"{name} is {'x'.join(str(s) for s in shape[:3])} voxels ({_size_text(nbytes)} as float32), "
-                       f"above the {max_image_mb:g} MB limit (--max-image-mb)")
+        raise BadImage(
+            f"{name} is {'x'.join(str(s) for s in shape[:3])} voxels ({_size_text(nbytes)} as float32), "
+            f"above the {max_image_mb:g} MB limit (--max-image-mb)"
+        )
 
 
 def load(path, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> tuple[np.ndarray, np.ndarray]:
@@ -59,7 +63,7 @@ def load(path, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> tuple[np.ndarray, 
     """
     path = Path(path)
     try:
-        img = nib.load(str(path))
+        img: Any = nib.load(str(path))  # a spatial image (nibabel types it as any file-based image)
         shape = tuple(int(s) for s in img.shape)
     except Exception as exc:  # nibabel raises many types for a bad header
         raise BadImage(f"unreadable or truncated image {path.name}: {_reason(exc)}") from None
@@ -104,8 +108,9 @@ def to_mni(data: np.ndarray, affine: np.ndarray, voxel: int, mask: np.ndarray) -
     covered = grid.resample(np.ones(data.shape, np.float32), affine, shape, target, order=0) > 0
     coverage = float(np.count_nonzero(covered & mask)) / float(np.count_nonzero(mask))
     if coverage < MIN_MASK_COVERAGE:
-        raise BadImage(f"covers only {coverage:.0%} of the MNI brain mask; "
-                       "is it in MNI world coordinates (registered)?")
+        raise BadImage(
+            f"covers only {coverage:.0%} of the MNI brain mask; is it in MNI world coordinates (registered)?"
+        )
     out = grid.resample(grid.antialias(data, sizes, float(voxel)), affine, shape, target, order=1)
     return zscore(out, mask)
 

@@ -3,6 +3,7 @@
 A bad --out (under a file, an existing directory where a file goes) would otherwise surface as
 a traceback, some of them only after every subject has been processed.
 """
+
 from __future__ import annotations
 
 import os

@@ -8,16 +8,18 @@ A worker that dies (the out-of-memory killer, a crash in native code) breaks the
 worker notes the job it is running in shared memory, so the error names the subjects that
 were in flight instead of a bare BrokenProcessPool.
 """
+
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
 import signal
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable
 
 from fedmpi.errors import UserError
 
@@ -35,8 +37,17 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def run(func: Callable, jobs: Sequence, *, workers: int | None, initializer: Callable,
-        initargs: tuple, desc: str, progress: bool, name: Callable[[Any], str] = str) -> Iterator:
+def run(
+    func: Callable,
+    jobs: Sequence,
+    *,
+    workers: int | None,
+    initializer: Callable,
+    initargs: tuple,
+    desc: str,
+    progress: bool,
+    name: Callable[[Any], str] = str,
+) -> Iterator:
     """Yield func(job) for every job, in order; in-process when one worker suffices.
 
     Raises WorkerDied, naming the in-flight jobs by `name(job)`, when a worker process dies.
@@ -54,8 +65,9 @@ def run(func: Callable, jobs: Sequence, *, workers: int | None, initializer: Cal
         ctx = get_context("spawn")
         running = ctx.RawArray("q", n)  # per worker: 1 + index of the job it runs, 0 when idle
         slots = ctx.Value("i", 0)
-        pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=_start_worker,
-                                   initargs=(running, slots, initializer, *initargs))
+        pool = ProcessPoolExecutor(
+            n, mp_context=ctx, initializer=_start_worker, initargs=(running, slots, initializer, *initargs)
+        )
         broken = False
         try:
             with _without_mpi_environment():
@@ -71,8 +83,11 @@ def run(func: Callable, jobs: Sequence, *, workers: int | None, initializer: Cal
                 what = "between jobs"
                 if names:
                     what = f"while processing {', '.join(names)}" + (" (in flight together)" if len(names) > 1 else "")
-                raise WorkerDied(f"a {desc} worker process died {what} (killed by the out-of-memory killer "
-                                 "or another signal, or crashed)", names) from None
+                raise WorkerDied(
+                    f"a {desc} worker process died {what} (killed by the out-of-memory killer "
+                    "or another signal, or crashed)",
+                    names,
+                ) from None
         finally:
             if broken:  # the survivors can stay blocked on the dead pool's queue: waiting for them can hang
                 for proc in list((getattr(pool, "_processes", None) or {}).values()):

@@ -13,6 +13,7 @@ files. Rules, chosen to mirror the paper and documented in docs/data.md:
   contiguous block of the jittered age order, blocks placed along the age axis in a random
   order -> each learner about 1.35x smaller than the previous one, different age ranges.
 """
+
 from __future__ import annotations
 
 import json
@@ -98,7 +99,7 @@ def learner_indices(ages: np.ndarray, k: int, distribution: str, rng) -> list[np
         bounds = np.concatenate([[0], np.cumsum(sizes[placement])])
         parts = [None] * k
         for i, learner in enumerate(placement):
-            parts[learner] = order[bounds[i]: bounds[i + 1]]
+            parts[learner] = order[bounds[i] : bounds[i + 1]]
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
@@ -109,8 +110,7 @@ def validate(k: int, distribution: str) -> None:
     if k < 1:
         raise SplitError(f"--learners must be >= 1, got {k}")
     if distribution == "uniform-noniid" and k % 2:
-        raise SplitError(f"uniform-noniid pairs learners with similar age ranges, so --learners "
-                         f"must be even (got {k})")
+        raise SplitError(f"uniform-noniid pairs learners with similar age ranges, so --learners must be even (got {k})")
 
 
 def check(n_train: int, k: int, distribution: str) -> None:
@@ -118,12 +118,14 @@ def check(n_train: int, k: int, distribution: str) -> None:
     validate(k, distribution)
     smallest = skewed_sizes(n_train, k)[-1] if distribution == "skewed-noniid" else n_train // k
     if smallest < 1:
-        raise SplitError(f"{n_train} training subjects cannot give each of {k} learners at least "
-                         f"one subject under {distribution}")
+        raise SplitError(
+            f"{n_train} training subjects cannot give each of {k} learners at least one subject under {distribution}"
+        )
 
 
-def partition(ages, *, learners: int, distribution: str, test_fraction: float = 0.2,
-              seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+def partition(
+    ages, *, learners: int, distribution: str, test_fraction: float = 0.2, seed: int = 0
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """(test rows, [rows of learner 1..K]) as sorted indices into `ages`."""
     ages = np.asarray(ages, dtype=np.float64)
     validate(learners, distribution)
@@ -140,18 +142,24 @@ def partition(ages, *, learners: int, distribution: str, test_fraction: float = 
     test = test_indices(ages, test_fraction, rng)
     if len(test) == 0:
         largest = int(np.bincount(age_bins(ages)).max())
-        raise SplitError(f"--test-fraction {test_fraction:g} holds out no subject: the largest of the {N_BINS} age "
-                         f"bins has {largest} subject(s), and {test_fraction:g} x {largest} rounds to 0; "
-                         f"use at least {0.5 / largest:.3g}")
+        raise SplitError(
+            f"--test-fraction {test_fraction:g} holds out no subject: the largest of the {N_BINS} age "
+            f"bins has {largest} subject(s), and {test_fraction:g} x {largest} rounds to 0; "
+            f"use at least {0.5 / largest:.3g}"
+        )
     rest = np.setdiff1d(np.arange(len(ages)), test)
     parts = learner_indices(ages[rest], learners, distribution, rng)
     return test, [rest[p] for p in parts]
 
 
 def _stats(ages: np.ndarray) -> dict:
-    return {"size": int(len(ages)), "age_mean": round(float(ages.mean()), 3),
-            "age_std": round(float(ages.std()), 3), "age_min": round(float(ages.min()), 3),
-            "age_max": round(float(ages.max()), 3)}
+    return {
+        "size": len(ages),
+        "age_mean": round(float(ages.mean()), 3),
+        "age_std": round(float(ages.std()), 3),
+        "age_min": round(float(ages.min()), 3),
+        "age_max": round(float(ages.max()), 3),
+    }
 
 
 def check_ages(path: Path, ages: np.ndarray, ids, age_range: tuple[float, float]) -> None:
@@ -162,9 +170,11 @@ def check_ages(path: Path, ages: np.ndarray, ids, age_range: tuple[float, float]
         shown = ", ".join(f"{ids[i]} ({ages[i]:g})" for i in bad[:5])
         if len(bad) > 5:
             shown += f" and {len(bad) - 5} more"
-        raise SplitError(f"volume file {path} has {len(bad)} subject(s) with an unusable age: {shown}; ages must be "
-                         f"finite and in {bids.age_range_text(age_range)}; fix participants.tsv and re-run "
-                         "preprocess nifti")
+        raise SplitError(
+            f"volume file {path} has {len(bad)} subject(s) with an unusable age: {shown}; ages must be "
+            f"finite and in {bids.age_range_text(age_range)}; fix participants.tsv and re-run "
+            "preprocess nifti"
+        )
 
 
 def _check_out_dir(h5: Path, out: Path) -> None:
@@ -184,8 +194,9 @@ def _check_out_dir(h5: Path, out: Path) -> None:
         raise SplitError(f"{out} exists and is not a split directory; choose another --out")
 
 
-def write_split(h5, out, *, learners: int = 8, distribution: str = "uniform-iid",
-                test_fraction: float = 0.2, seed: int = 0) -> Path:
+def write_split(
+    h5, out, *, learners: int = 8, distribution: str = "uniform-iid", test_fraction: float = 0.2, seed: int = 0
+) -> Path:
     """learner_1.h5 .. learner_K.h5, test.h5 and partition.json in `out`, built atomically.
 
     The files are built in a temporary directory inside `out` and moved in; partition.json
@@ -201,10 +212,15 @@ def write_split(h5, out, *, learners: int = 8, distribution: str = "uniform-iid"
         ids = f["subject_id"].asstr()[:]
         low, high = (float(a) for a in f.attrs.get("age_range", bids.DEFAULT_AGE_RANGE))
     check_ages(h5, ages, ids, (low, high))
-    test, parts = partition(ages, learners=learners, distribution=distribution,
-                            test_fraction=test_fraction, seed=seed)
-    meta = {"distribution": distribution, "learners": learners, "seed": seed,
-            "test_fraction": test_fraction, "age_bins": N_BINS, "source": str(h5.resolve())}
+    test, parts = partition(ages, learners=learners, distribution=distribution, test_fraction=test_fraction, seed=seed)
+    meta = {
+        "distribution": distribution,
+        "learners": learners,
+        "seed": seed,
+        "test_fraction": test_fraction,
+        "age_bins": N_BINS,
+        "source": str(h5.resolve()),
+    }
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(TMP_PREFIX + "*"):  # left by a split that was killed
@@ -213,13 +229,13 @@ def write_split(h5, out, *, learners: int = 8, distribution: str = "uniform-iid"
     os.chmod(tmp, umask_mode(directory=True))
     done = False
     try:
-        summary = dict(meta, test=dict(_stats(ages[test]), file="test.h5"), per_learner=[])
+        per_learner: list[dict] = []
+        summary = dict(meta, test=dict(_stats(ages[test]), file="test.h5"), per_learner=per_learner)
         h5io.copy_rows(h5, tmp / "test.h5", test, {"split": json.dumps(dict(meta, role="test"))})
         for j, rows in enumerate(parts, start=1):
             name = f"learner_{j}.h5"
-            h5io.copy_rows(h5, tmp / name, rows,
-                           {"split": json.dumps(dict(meta, role="learner", learner=j))})
-            summary["per_learner"].append(dict(_stats(ages[rows]), learner=j, file=name))
+            h5io.copy_rows(h5, tmp / name, rows, {"split": json.dumps(dict(meta, role="learner", learner=j))})
+            per_learner.append(dict(_stats(ages[rows]), learner=j, file=name))
         _move_in(tmp, out, json.dumps(summary, indent=2))
         done = True
     finally:

@@ -12,7 +12,14 @@ without any download. Each subject is rendered in three steps:
 3. an affine resampling into the site's scanner grid (voxel size, axis order and direction),
    with a head-size scale that depends on sex, a small shift, a multiplicative bias field,
    Rician-like noise and the site's intensity scale and storage type.
+
+Space: by default ("mni") the head sits where the template is, so the images need no
+registration. In "native" (scanner) space each head also gets a random rigid pose (rotations
+up to 15 degrees, shifts up to 20 mm about the brain centre, drawn from a separate random
+stream so the MNI-space cohort is unchanged) inside a field of view 25 mm wider per side, and
+the ground truth a registration should recover is written under derivatives/synth-truth/.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,6 +44,14 @@ FOV_MIN = np.array([-88.0, -124.0, -88.0])
 FOV_MAX = np.array([88.0, 90.0, 98.0])
 BRAIN_CENTRE = np.array([0.0, -18.0, 12.0])
 AGE_RANGE = (45.0, 80.0)
+SPACES = ("mni", "native")
+# Native space: rigid head pose (uniform per axis) and the extra field of view that keeps the brain in view.
+MAX_ROTATION_DEG = 15.0
+MAX_SHIFT_MM = 20.0
+NATIVE_MARGIN_MM = 25.0
+TEMPLATE_SPACE = "MNI152NLin2009aSym"  # nilearn's ICBM 2009a symmetric template
+TRUTH_DIR = Path("derivatives") / "synth-truth"
+TRUTH_VOXEL = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,11 +96,11 @@ def draw_subjects(n: int, seed: int) -> list[Subject]:
     sexes = rng.choice(["F", "M"], size=n)
     sites = np.array([SITES[i % len(SITES)].name for i in range(n)])
     rng.shuffle(sites)
-    return [Subject(i, f"sub-{i + 1:04d}", float(ages[i]), str(sexes[i]), str(sites[i]), seed)
-            for i in range(n)]
+    return [Subject(i, f"sub-{i + 1:04d}", float(ages[i]), str(sexes[i]), str(sites[i]), seed) for i in range(n)]
 
 
 # ----------------------------------------------------------------------------- anatomy maps
+
 
 @dataclasses.dataclass
 class Anatomy:
@@ -94,22 +109,22 @@ class Anatomy:
     affine: np.ndarray
     gm: np.ndarray
     wm: np.ndarray
-    csf: np.ndarray          # in-brain CSF fraction
-    vent_dist: np.ndarray    # mm from the lateral-ventricle seed (0 inside)
-    vent_roi: np.ndarray     # 1 in the periventricular region where ventricles may grow
-    depth: np.ndarray        # mm from tissue to the nearest sulcal/outer CSF
-    outside: np.ndarray      # mm outside the brain mask (0 inside)
+    csf: np.ndarray  # in-brain CSF fraction
+    vent_dist: np.ndarray  # mm from the lateral-ventricle seed (0 inside)
+    vent_roi: np.ndarray  # 1 in the periventricular region where ventricles may grow
+    depth: np.ndarray  # mm from tissue to the nearest sulcal/outer CSF
+    outside: np.ndarray  # mm outside the brain mask (0 inside)
 
 
 def internal_grid() -> tuple[tuple[int, int, int], np.ndarray]:
     """Shape and affine of the internal 1.5 mm generation grid covering FOV_MIN..FOV_MAX."""
-    shape = tuple(int(math.ceil((hi - lo) / INTERNAL_MM)) + 1 for lo, hi in zip(FOV_MIN, FOV_MAX))
+    shape = tuple(math.ceil((hi - lo) / INTERNAL_MM) + 1 for lo, hi in zip(FOV_MIN, FOV_MAX))
     affine = np.diag([INTERNAL_MM] * 3 + [1.0])
     affine[:3, 3] = FOV_MIN
     return shape, affine
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def anatomy() -> Anatomy:
     """Resample the 1 mm templates to the internal grid and precompute the distance maps."""
     shape, affine = internal_grid()
@@ -126,8 +141,7 @@ def anatomy() -> Anatomy:
     tissue = (gm + wm) >= 0.5
     world = _world_coords(shape, affine)
     depth_in_brain = ndimage.distance_transform_edt(inside, sampling=INTERNAL_MM)
-    central = ((np.abs(world[0]) < 30) & (world[1] > -50) & (world[1] < 30)
-               & (world[2] > -5) & (world[2] < 35))
+    central = (np.abs(world[0]) < 30) & (world[1] > -50) & (world[1] < 30) & (world[2] > -5) & (world[2] < 35)
     seed = (csf > 0.5) & central & (depth_in_brain > 15)
     vent_dist = ndimage.distance_transform_edt(~seed, sampling=INTERNAL_MM).astype(np.float32)
     vent_roi = ndimage.gaussian_filter((vent_dist < 12).astype(np.float32) * inside, 1.0)
@@ -139,7 +153,7 @@ def anatomy() -> Anatomy:
 def _world_coords(shape, affine) -> np.ndarray:
     """World mm coordinates (3, *shape) of every voxel of a grid."""
     idx = np.indices(shape, dtype=np.float32).reshape(3, -1)
-    return (affine[:3, :3] @ idx + affine[:3, 3:4]).reshape((3,) + tuple(shape)).astype(np.float32)
+    return (affine[:3, :3] @ idx + affine[:3, 3:4]).reshape((3, *tuple(shape))).astype(np.float32)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -182,29 +196,37 @@ def _smooth_modes(rng, n: int, length: int, max_cycles: float = 1.5) -> np.ndarr
     return (np.sqrt(2.0) * np.sin(2 * np.pi * freq * x + phase)).astype(np.float32)
 
 
-def deform(volume: np.ndarray, rng, amplitude_vox: float, terms: int = 4) -> np.ndarray:
-    """Warp by a smooth random displacement: per axis a sum of separable low-frequency modes."""
-    shape = volume.shape
+def displacement(shape, rng, amplitude_vox: float, terms: int = 4) -> np.ndarray:
+    """Sampling coordinates of a smooth random warp: per axis a sum of separable low-frequency modes."""
     coords = np.indices(shape, dtype=np.float32)
     for axis in range(3):
         fx, fy, fz = (_smooth_modes(rng, terms, s) for s in shape)
         w = rng.normal(0, amplitude_vox / np.sqrt(terms), size=terms).astype(np.float32)
         for k in range(terms):
             coords[axis] += w[k] * fx[k][:, None, None] * fy[k][None, :, None] * fz[k][None, None, :]
+    return coords
+
+
+def warp(volume: np.ndarray, coords: np.ndarray) -> np.ndarray:
     return ndimage.map_coordinates(volume, coords, order=1, mode="nearest", output=np.float32)
 
 
-def site_grid(site: Site, rng) -> tuple[tuple[int, ...], np.ndarray]:
-    """Scanner grid of a site: axis order/direction from its orientation code, FOV with jitter."""
+def deform(volume: np.ndarray, rng, amplitude_vox: float, terms: int = 4) -> np.ndarray:
+    """Warp by a smooth random displacement (see `displacement`)."""
+    return warp(volume, displacement(volume.shape, rng, amplitude_vox, terms))
+
+
+def site_grid(site: Site, rng, margin: float = 0.0) -> tuple[tuple[int, ...], np.ndarray]:
+    """Scanner grid of a site: axis order/direction from its orientation code, FOV (+ margin mm) with jitter."""
     axes = {"L": (0, -1), "R": (0, 1), "P": (1, -1), "A": (1, 1), "I": (2, -1), "S": (2, 1)}
     affine = np.zeros((4, 4))
     affine[3, 3] = 1.0
     shape = []
-    lo = FOV_MIN + rng.uniform(-3, 3, size=3)
-    hi = FOV_MAX + rng.uniform(-3, 3, size=3)
+    lo = FOV_MIN - margin + rng.uniform(-3, 3, size=3)
+    hi = FOV_MAX + margin + rng.uniform(-3, 3, size=3)
     for i, letter in enumerate(site.orientation):
         w, sign = axes[letter]
-        n = int(math.ceil((hi[w] - lo[w]) / site.voxel[i]))
+        n = math.ceil((hi[w] - lo[w]) / site.voxel[i])
         affine[w, i] = sign * site.voxel[i]
         affine[w, 3] = lo[w] if sign > 0 else lo[w] + (n - 1) * site.voxel[i]
         shape.append(n)
@@ -217,33 +239,81 @@ def _bias_field(shape, rng, strength: float) -> np.ndarray:
     for axis, n in enumerate(shape):
         u = np.linspace(-1, 1, n, dtype=np.float32)
         a, b = rng.normal(0, strength, size=2)
-        prof = np.exp(a * u + b * (u ** 2 - 1.0 / 3.0)).astype(np.float32)
+        prof = np.exp(a * u + b * (u**2 - 1.0 / 3.0)).astype(np.float32)
         field *= prof.reshape([-1 if i == axis else 1 for i in range(3)])
     return field
 
 
+def head_pose(subject: Subject) -> np.ndarray:
+    """Random rigid pose of a native-space head (RAS mm, about the brain centre), from its own stream."""
+    rng = np.random.default_rng([subject.seed, subject.index, 0x9053])
+    angles = np.deg2rad(rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG, size=3))
+    shift = rng.uniform(-MAX_SHIFT_MM, MAX_SHIFT_MM, size=3)
+    rot = np.eye(3)
+    for axis, angle in enumerate(angles):
+        c, s = np.cos(angle), np.sin(angle)
+        i, j = [a for a in range(3) if a != axis]
+        r = np.eye(3)
+        r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+        rot = r @ rot
+    pose = np.eye(4)
+    pose[:3, :3] = rot
+    pose[:3, 3] = BRAIN_CENTRE + shift - rot @ BRAIN_CENTRE
+    return pose
+
+
+@dataclasses.dataclass
+class Truth:
+    """What a perfect affine registration of a native-space subject recovers (derivatives/synth-truth/).
+
+    The subject's smooth anatomical deformation has a linear part (up to several % of stretch)
+    that an affine registration to the template rightly removes, so the truth is defined by the
+    best affine fit (least squares over the brain) of the whole template -> scanner mapping:
+    mni_to_native = pose . head scale . linear part of the deformation (world mm, RAS);
+    mni: the noise-free head resampled through it onto the 2 mm MNI grid (same bias field and
+    intensity scale as the scan); brain_mask: the brain in the scanner grid.
+    """
+
+    mni: nib.Nifti1Image
+    brain_mask: nib.Nifti1Image
+    mni_to_native: np.ndarray
+
+
 def render(subject: Subject, anat: Anatomy | None = None) -> nib.Nifti1Image:
-    """The subject's T1 image as its site's scanner would store it."""
-    anat = anat if anat is not None else anatomy()
+    """The subject's T1 image as its site's scanner would store it, head in MNI position."""
+    return _acquire(subject, anat if anat is not None else anatomy(), native=False)[0]
+
+
+def render_native(subject: Subject, anat: Anatomy | None = None) -> tuple[nib.Nifti1Image, Truth]:
+    """The subject's T1 image with its head in a random rigid pose, and the ground truth."""
+    return _acquire(subject, anat if anat is not None else anatomy(), native=True)
+
+
+def _acquire(subject: Subject, anat: Anatomy, native: bool):
     site = next(s for s in SITES if s.name == subject.site)
     rng = np.random.default_rng([subject.seed, subject.index, 0xA9E])
     eff_age = subject.age + rng.normal(0.0, 3.0)
     vent_factor = float(np.exp(rng.normal(0.0, 0.2)))
     gm, wm, csf = tissue_fractions(anat, eff_age, vent_factor)
-    vol = deform(intensity(anat, gm, wm, csf, eff_age), rng, amplitude_vox=2.0 / INTERNAL_MM)
+    coords = displacement(gm.shape, rng, amplitude_vox=2.0 / INTERNAL_MM)
+    vol = warp(intensity(anat, gm, wm, csf, eff_age), coords)
 
-    shape, site_affine = site_grid(site, rng)
+    shape, site_affine = site_grid(site, rng, NATIVE_MARGIN_MM if native else 0.0)
     scale = (0.96 if subject.sex == "F" else 1.0) * rng.normal(1.0, 0.02)
     shift = rng.normal(0.0, 1.5, size=3)
     # scanner world -> template world: undo the head scale about the brain centre and the shift
     to_tpl = np.eye(4)
     to_tpl[:3, :3] /= scale
     to_tpl[:3, 3] = BRAIN_CENTRE - (BRAIN_CENTRE + shift) / scale
+    if native:
+        to_tpl = to_tpl @ np.linalg.inv(head_pose(subject))
     data = grid.resample(vol, anat.affine, shape, to_tpl @ site_affine, order=1)
-    data *= _bias_field(shape, rng, site.bias)
+    bias = _bias_field(shape, rng, site.bias)
+    data *= bias
     sd = site.noise
-    noisy = np.hypot(data + rng.standard_normal(shape, dtype=np.float32) * sd,
-                     rng.standard_normal(shape, dtype=np.float32) * sd)
+    noisy = np.hypot(
+        data + rng.standard_normal(shape, dtype=np.float32) * sd, rng.standard_normal(shape, dtype=np.float32) * sd
+    )
     noisy *= site.scale
     if site.dtype == "int16":
         img = nib.Nifti1Image(np.clip(np.rint(noisy), 0, 32767).astype(np.int16), site_affine)
@@ -253,7 +323,52 @@ def render(subject: Subject, anat: Anatomy | None = None) -> nib.Nifti1Image:
     img.header.set_xyzt_units("mm")
     img.set_qform(site_affine, code=1)
     img.set_sform(site_affine, code=1)
-    return img
+    if not native:
+        return img, None
+    return img, _truth(anat, vol, coords, bias * site.scale, shape, site_affine, to_tpl)
+
+
+def linear_part(coords: np.ndarray, affine: np.ndarray, region: np.ndarray, step: int = 2) -> np.ndarray:
+    """Least-squares affine D (world mm) with D @ x ~ where the warp `coords` samples x from, over `region`."""
+    idx = np.argwhere(region[::step, ::step, ::step]).T * step
+    src = coords[:, idx[0], idx[1], idx[2]]
+    x = affine[:3, :3] @ idx + affine[:3, 3:4]
+    c = affine[:3, :3] @ src + affine[:3, 3:4]
+    design = np.vstack([x, np.ones(x.shape[1])]).T
+    fit = np.linalg.lstsq(design, c.T, rcond=None)[0].T
+    return np.vstack([fit, [0.0, 0.0, 0.0, 1.0]])
+
+
+def _truth(anat: Anatomy, vol, coords, gain, shape, site_affine, to_tpl) -> Truth:
+    brain = warp(anat.gm + anat.wm + anat.csf, coords)
+    linear = linear_part(coords, anat.affine, brain >= 0.5)
+    mni_to_native = np.linalg.inv(to_tpl) @ np.linalg.inv(linear)
+    t_shape, t_affine = grid.target_grid(TRUTH_VOXEL)
+    smooth = grid.antialias(vol, (INTERNAL_MM,) * 3, TRUTH_VOXEL)
+    mni = grid.resample(smooth, anat.affine, t_shape, np.linalg.inv(linear) @ t_affine)
+    mni *= grid.resample(gain, site_affine, t_shape, mni_to_native @ t_affine, order=1)
+    mask = grid.resample(brain, anat.affine, shape, to_tpl @ site_affine, order=1) >= 0.5
+    mask_img = nib.Nifti1Image(mask.astype(np.uint8), site_affine)
+    mni_img = nib.Nifti1Image(mni, t_affine)
+    for img in (mask_img, mni_img):
+        img.header.set_xyzt_units("mm")
+        img.set_qform(img.affine, code=1)
+        img.set_sform(img.affine, code=1)
+    return Truth(mni_img, mask_img, mni_to_native)
+
+
+def truth_paths(root, participant_id: str) -> dict[str, Path]:
+    """Where a native-space cohort keeps a subject's ground truth: mni, brain_mask, mni_to_native."""
+    base = Path(root) / TRUTH_DIR / participant_id / "anat"
+    return {
+        "mni": base / f"{participant_id}_space-{TEMPLATE_SPACE}_res-{TRUTH_VOXEL}mm_T1w.nii.gz",
+        "brain_mask": base / f"{participant_id}_desc-brain_mask.nii.gz",
+        "mni_to_native": base / f"{participant_id}_from-{TEMPLATE_SPACE}_to-T1w_xfm.txt",
+    }
+
+
+def read_truth_matrix(path) -> np.ndarray:
+    return np.loadtxt(path).reshape(4, 4)
 
 
 # ----------------------------------------------------------------------------- cohort writer
@@ -267,25 +382,46 @@ def _init_worker(anat: Anatomy) -> None:
 
 
 def _write_subject(args) -> str:
-    subject, root = args
-    img = render(subject, _WORKER_ANATOMY)
+    subject, root, space = args
     anat_dir = Path(root) / subject.participant_id / "anat"
     anat_dir.mkdir(parents=True, exist_ok=True)
+    if space == "mni":
+        nib.save(render(subject, _WORKER_ANATOMY), anat_dir / f"{subject.participant_id}_T1w.nii.gz")
+        return subject.participant_id
+    img, truth = render_native(subject, _WORKER_ANATOMY)
     nib.save(img, anat_dir / f"{subject.participant_id}_T1w.nii.gz")
+    paths = truth_paths(root, subject.participant_id)
+    paths["mni"].parent.mkdir(parents=True, exist_ok=True)
+    nib.save(truth.mni, paths["mni"])
+    nib.save(truth.brain_mask, paths["brain_mask"])
+    np.savetxt(
+        paths["mni_to_native"],
+        truth.mni_to_native,
+        fmt="%.10f",
+        header=f"{TEMPLATE_SPACE} world mm -> this subject's scanner world mm (RAS): p_T1w = M @ p_MNI",
+    )
     return subject.participant_id
 
 
-def description(subjects: int, seed: int) -> dict:
+def description(subjects: int, seed: int, space: str = "mni") -> dict:
     """Contents of dataset_description.json: identifies a complete cohort and its parameters."""
     from fedmpi import __version__
 
-    return {"Name": "fedmpi synthetic T1 cohort", "BIDSVersion": "1.8.0", "DatasetType": "raw",
-            "GeneratedBy": [{"Name": "fedmpi preprocess synth", "Version": __version__}],
-            "subjects": subjects, "seed": seed,
-            "sites": [dataclasses.asdict(s) for s in SITES]}
+    desc = {
+        "Name": "fedmpi synthetic T1 cohort",
+        "BIDSVersion": "1.8.0",
+        "DatasetType": "raw",
+        "GeneratedBy": [{"Name": "fedmpi preprocess synth", "Version": __version__}],
+        "subjects": subjects,
+        "seed": seed,
+        "sites": [dataclasses.asdict(s) for s in SITES],
+    }
+    if space != "mni":  # MNI-space cohorts keep the description they always had
+        desc["space"] = space
+    return desc
 
 
-def is_complete(out: Path, subjects: int, seed: int) -> bool:
+def is_complete(out: Path, subjects: int, seed: int, space: str = "mni") -> bool:
     """True when `out` already holds the cohort these parameters describe."""
     desc = Path(out) / "dataset_description.json"
     if not desc.is_file():
@@ -294,35 +430,43 @@ def is_complete(out: Path, subjects: int, seed: int) -> bool:
         got = json.loads(desc.read_text())
     except (OSError, ValueError):
         return False
-    return got.get("subjects") == subjects and got.get("seed") == seed
+    return got.get("subjects") == subjects and got.get("seed") == seed and got.get("space", "mni") == space
 
 
-def write_cohort(out, subjects: int, seed: int = 0, workers: int | None = None,
-                 progress: bool = False) -> Path:
+def write_cohort(
+    out, subjects: int, seed: int = 0, workers: int | None = None, progress: bool = False, space: str = "mni"
+) -> Path:
     """Write a BIDS-like cohort to `out` atomically (built in a sibling temp dir, then renamed).
 
-    Raises FileExistsError when `out` exists and is not this very cohort (returns early when
-    it is), outputs.OutputError when it cannot be created.
+    space "mni" puts every head where the template is; "native" gives each a random rigid pose
+    and adds derivatives/synth-truth/ (see `Truth`). Raises FileExistsError when `out` exists
+    and is not this very cohort (returns early when it is), outputs.OutputError when it cannot
+    be created.
     """
     out = Path(out)
-    if is_complete(out, subjects, seed):
+    if space not in SPACES:
+        raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+    if is_complete(out, subjects, seed, space):
         return out
     outputs.check_dir(out, "--out")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not the cohort --subjects {subjects} "
-                              f"--seed {seed}; choose another --out or remove it")
+        flag = "" if space == "mni" else f" --space {space}"
+        raise FileExistsError(
+            f"{out} exists and is not the cohort --subjects {subjects} "
+            f"--seed {seed}{flag}; choose another --out or remove it"
+        )
     people = draw_subjects(subjects, seed)
     anat = anatomy()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     os.chmod(tmp, umask_mode(directory=True))
     try:
-        _render_all(people, anat, tmp, workers, progress)
+        _render_all(people, anat, tmp, space, workers, progress)
         with open(tmp / "participants.tsv", "w") as f:
             f.write("participant_id\tage\tsex\tsite\n")
             for p in people:
                 f.write(f"{p.participant_id}\t{p.age:.1f}\t{p.sex}\t{p.site}\n")
-        (tmp / "dataset_description.json").write_text(json.dumps(description(subjects, seed), indent=2))
+        (tmp / "dataset_description.json").write_text(json.dumps(description(subjects, seed, space), indent=2))
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -332,9 +476,16 @@ def write_cohort(out, subjects: int, seed: int = 0, workers: int | None = None,
     return out
 
 
-def _render_all(people, anat, root: Path, workers, progress: bool) -> None:
-    jobs = [(p, str(root)) for p in people]
-    for _ in parallel.run(_write_subject, jobs, workers=workers, initializer=_init_worker,
-                          initargs=(anat,), desc="synth", progress=progress,
-                          name=lambda job: job[0].participant_id):
+def _render_all(people, anat, root: Path, space: str, workers, progress: bool) -> None:
+    jobs = [(p, str(root), space) for p in people]
+    for _ in parallel.run(
+        _write_subject,
+        jobs,
+        workers=workers,
+        initializer=_init_worker,
+        initargs=(anat,),
+        desc="synth",
+        progress=progress,
+        name=lambda job: job[0].participant_id,
+    ):
         pass

@@ -1,4 +1,5 @@
-"""Shared fixtures: one tiny synthetic cohort per test session (36 subjects, 4 mm)."""
+"""Shared fixtures: one tiny synthetic cohort per test session (36 subjects, 4 mm), and a
+scanner-space one (4 subjects, one per site, with ground truth) for the registration tests."""
 
 from __future__ import annotations
 
@@ -40,3 +41,15 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "cohort" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.cohort)
+
+
+NATIVE_SUBJECTS = 4
+
+
+@pytest.fixture(scope="session")
+def native_cohort(tmp_path_factory) -> Path:
+    """BIDS-like cohort with heads in random rigid poses and derivatives/synth-truth/."""
+    from preprocess import synth
+
+    root = tmp_path_factory.mktemp("native") / "bids"
+    return synth.write_cohort(root, NATIVE_SUBJECTS, seed=COHORT_SEED, workers=2, space="native")

@@ -108,3 +108,26 @@ def test_open_checked_names_the_file_for_every_defect(cohort, tmp_path):
         del f["age"]
     with pytest.raises(h5io.DataError, match=r"noage.h5 lacks dataset.s. age"):
         h5io.open_checked(tmp_path / "noage.h5")
+
+
+def test_registration_datasets_are_optional_and_copied(tmp_path):
+    table = dict(
+        _table(3),
+        mni_to_native=np.tile(np.eye(4), (3, 1, 1)) * [[[1], [2], [3], [1]]],
+        registration_ncc=[0.7, 0.8, 0.9],
+    )
+    h5io.write_volumes(tmp_path / "r.h5", iter(np.zeros((3, 3, 4, 5))), table, _attrs())
+    h5io.copy_rows(tmp_path / "r.h5", tmp_path / "sub.h5", [2, 0], {})
+    with h5io.open_checked(tmp_path / "sub.h5") as f:
+        np.testing.assert_allclose(f["registration_ncc"][:], [0.9, 0.7])
+        assert f["registration_ncc"].dtype == np.float32 and f["mni_to_native"].dtype == np.float64
+        np.testing.assert_array_equal(f["mni_to_native"][:], table["mni_to_native"][[2, 0]])
+    with h5py.File(tmp_path / "r.h5", "a") as f:
+        del f["registration_ncc"]
+        f["registration_ncc"] = np.zeros(2, np.float32)
+    with pytest.raises(h5io.DataError, match="inconsistent dataset shapes"):
+        h5io.open_checked(tmp_path / "r.h5")
+    h5io.write_volumes(tmp_path / "old.h5", iter(np.zeros((3, 3, 4, 5))), _table(3), _attrs())
+    h5io.copy_rows(tmp_path / "old.h5", tmp_path / "old_sub.h5", [1], {})
+    with h5io.open_checked(tmp_path / "old_sub.h5") as f:  # files without registration stay valid
+        assert "mni_to_native" not in f and len(f["age"]) == 1

@@ -1,6 +1,7 @@
 """The synthetic cohort: reproducible subjects, per-site acquisition, a real age effect."""
 
 import csv
+import json
 import os
 import signal
 
@@ -8,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from preprocess import cli, grid, synth
+from preprocess import cli, grid, nifti, synth
 
 
 def _participants(bids):
@@ -92,6 +93,13 @@ def test_write_cohort_leaves_a_complete_cohort_alone(cohort):
 def test_cli_synth_writes_a_cohort_and_rejects_bad_counts(tmp_path, capsys):
     assert cli.main(["synth", "--out", str(tmp_path / "c"), "--subjects", "2", "--workers", "1", "--quiet"]) == 0
     assert len(_participants(tmp_path / "c")) == 2
+    assert (
+        cli.main(
+            ["synth", "--out", str(tmp_path / "n"), "--subjects", "1", "--workers", "1", "--quiet", "--space", "native"]
+        )
+        == 0
+    )
+    assert all(p.is_file() for p in synth.truth_paths(tmp_path / "n", "sub-0001").values())
     with pytest.raises(SystemExit) as exc:
         cli.main(["synth", "--out", str(tmp_path / "d"), "--subjects", "0"])
     assert exc.value.code == 2
@@ -124,3 +132,58 @@ def test_a_killed_synth_worker_is_named_and_leaves_nothing(tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert err.startswith("error: a synth worker process died while processing ") and "sub-0002" in err
     assert "Traceback" not in err and list(tmp_path.iterdir()) == []
+
+
+def test_head_pose_is_rigid_bounded_and_reproducible():
+    people = synth.draw_subjects(40, seed=0)
+    poses = [synth.head_pose(p) for p in people]
+    for pose in poses:
+        rot = pose[:3, :3]
+        np.testing.assert_allclose(rot.T @ rot, np.eye(3), atol=1e-12)
+        assert np.linalg.det(rot) == pytest.approx(1.0)
+        shift = pose[:3, :3] @ synth.BRAIN_CENTRE + pose[:3, 3] - synth.BRAIN_CENTRE
+        assert np.all(np.abs(shift) <= synth.MAX_SHIFT_MM)
+        angle = np.degrees(np.arccos((np.trace(rot) - 1) / 2))
+        assert angle <= np.sqrt(3) * synth.MAX_ROTATION_DEG
+    angles = [np.degrees(np.arccos((np.trace(p[:3, :3]) - 1) / 2)) for p in poses]
+    assert np.median(angles) > 5  # most heads are really turned
+    np.testing.assert_array_equal(synth.head_pose(people[3]), poses[3])
+
+
+def test_native_space_head_is_moved_in_the_voxels(native_cohort):
+    """Resampling through the true matrix recovers the truth; reading the scan as MNI does not."""
+    mask = grid.brain_mask(4)
+    desc = json.loads((native_cohort / "dataset_description.json").read_text())
+    assert desc["space"] == "native" and synth.is_complete(native_cohort, 4, 1, "native")
+    assert not synth.is_complete(native_cohort, 4, 1)
+    for row in _participants(native_cohort):
+        pid = row["participant_id"]
+        paths = synth.truth_paths(native_cohort, pid)
+        img = nib.load(native_cohort / pid / "anat" / f"{pid}_T1w.nii.gz")
+        data = np.asarray(img.dataobj, np.float32)
+        matrix = synth.read_truth_matrix(paths["mni_to_native"])
+        truth = nifti.preprocess_file(paths["mni"], 4, mask)
+        placed = nifti.to_mni(data, np.linalg.inv(matrix) @ img.affine, 4, mask)
+        as_is = nifti.to_mni(data, img.affine, 4, mask)
+        assert np.corrcoef(placed[mask], truth[mask])[0, 1] > 0.98
+        assert np.corrcoef(as_is[mask], truth[mask])[0, 1] < 0.7
+        brain = np.asarray(nib.load(paths["brain_mask"]).dataobj) > 0
+        assert brain.shape == data.shape and 1.3 < brain.sum() * np.prod(img.header.get_zooms()) / 1e6 < 2.4
+        assert data[brain].mean() > 2 * data[~brain].mean()  # a head with a dark skull/air around the brain
+
+
+def test_mni_space_cohort_is_unchanged(cohort):
+    desc = json.loads((cohort.bids / "dataset_description.json").read_text())
+    assert "space" not in desc and not (cohort.bids / "derivatives").exists()
+    assert not synth.is_complete(cohort.bids, cohort.subjects, cohort.seed, "native")
+    with pytest.raises(ValueError, match="space must be one of"):
+        synth.write_cohort(cohort.bids, cohort.subjects, cohort.seed, space="scanner")
+
+
+def test_linear_part_of_a_known_affine_warp():
+    shape, affine = (20, 22, 18), np.diag([2.0, 2.0, 2.0, 1.0])
+    d = np.array([[1.05, 0.02, 0, 3], [0, 0.97, 0.01, -2], [0, 0, 1.01, 1], [0, 0, 0, 1]])
+    vox = np.linalg.inv(affine) @ d @ affine
+    idx = np.indices(shape, dtype=np.float32).reshape(3, -1)
+    coords = (vox[:3, :3] @ idx + vox[:3, 3:4]).reshape((3, *shape))
+    np.testing.assert_allclose(synth.linear_part(coords, affine, np.ones(shape, bool)), d, atol=1e-4)

@@ -1,0 +1,92 @@
+"""Registration quality (qc.py): the template-correlation figure, Dice, and the QC report."""
+
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from preprocess import cli, grid, h5io, qc
+
+
+def test_template_ncc_is_a_correlation_inside_the_mask():
+    rng = np.random.default_rng(0)
+    template = rng.normal(size=(6, 7, 8)).astype(np.float32)
+    mask = np.zeros(template.shape, bool)
+    mask[1:5, 1:6, 2:7] = True
+    assert qc.template_ncc(3 * template + 2, template, mask) == pytest.approx(1.0)
+    assert qc.template_ncc(-template, template, mask) == pytest.approx(-1.0)
+    outside_only = np.where(mask, template, 100.0)
+    assert qc.template_ncc(outside_only, template, mask) == pytest.approx(1.0)
+    assert abs(qc.template_ncc(rng.normal(size=template.shape), template, mask)) < 0.3
+    assert np.isnan(qc.template_ncc(np.ones(template.shape), template, mask))
+
+
+def test_dice():
+    a = np.zeros((4, 4, 4), bool)
+    b = np.zeros((4, 4, 4), bool)
+    a[:2], b[1:3] = True, True
+    assert qc.dice(a, a) == 1.0 and qc.dice(a, b) == pytest.approx(0.5) and qc.dice(a, ~a) == 0.0
+
+
+def test_mni_space_cohort_scores_above_the_threshold(cohort):
+    _table, figures, source = qc.quality(cohort.h5)
+    assert source == "computed" and len(figures) == cohort.subjects
+    assert figures.min() > qc.DEFAULT_MIN_NCC, figures.min()
+
+
+def _with_one_upside_down(cohort, path, row=2):
+    """A copy of the session cohort file whose subject `row` is stored upside down."""
+    h5io.copy_rows(cohort.h5, path, np.arange(6), {})
+    with h5py.File(path, "a") as f:
+        f["images"][row] = f["images"][row][:, :, ::-1]
+        return f["subject_id"].asstr()[row]
+
+
+def test_report_lists_worst_first_and_flags_bad_subjects(cohort, tmp_path):
+    pytest.importorskip("matplotlib")
+    bad = _with_one_upside_down(cohort, tmp_path / "v.h5")
+    out = tmp_path / "qc"
+    assert qc.write_report(tmp_path / "v.h5", out) == (out, 6, 1)
+    rows = (out / "qc.tsv").read_text().splitlines()
+    assert rows[0] == "participant_id\tsite\tage\tregistration_ncc\tstatus" and len(rows) == 7
+    first = rows[1].split("\t")
+    assert first[0] == bad and first[4] == f"below {qc.DEFAULT_MIN_NCC:g}" and float(first[3]) < 0.45
+    assert all(r.endswith("\tok") for r in rows[2:])
+    png = (out / "mosaic-001.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and 10_000 < len(png) < 1_000_000
+    assert sorted(p.name for p in out.iterdir()) == ["mosaic-001.png", "qc.tsv"]
+
+    assert qc.write_report(tmp_path / "v.h5", out, min_ncc=0.99)[2] == 6  # a report is replaced as a whole
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not a QC report"):
+        qc.write_report(tmp_path / "v.h5", tmp_path / "mine")
+
+
+def test_stored_figures_and_threshold_are_used(tmp_path):
+    shape, affine = grid.target_grid(6)
+    table = {
+        "age": [50.0, 60.0],
+        "subject_id": ["a", "b"],
+        "sex": ["F", "M"],
+        "site": ["X", "X"],
+        "registration_ncc": [0.8, 0.3],
+        "mni_to_native": [np.eye(4), np.eye(4)],
+    }
+    attrs = h5io.base_attrs(6, shape, affine, {"min_ncc": 0.35}, "fp")
+    h5io.write_volumes(tmp_path / "r.h5", [grid.template(6)] * 2, table, attrs)
+    _, figures, source = qc.quality(tmp_path / "r.h5")
+    assert source == "stored" and figures == pytest.approx([0.8, 0.3])
+    assert qc.recorded_threshold(tmp_path / "r.h5") == 0.35
+
+
+def test_cli_qc_and_missing_matplotlib(cohort, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    h5io.copy_rows(cohort.h5, tmp_path / "v.h5", np.arange(3), {})
+    assert cli.main(["qc", "--h5", str(tmp_path / "v.h5"), "--out", str(tmp_path / "qc")]) == 0
+    assert "mosaics of 3 subjects" in capsys.readouterr().out
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert cli.main(["qc", "--h5", str(tmp_path / "v.h5"), "--out", str(tmp_path / "qc2")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install -e '.[report]'" in err and not (tmp_path / "qc2").exists()

@@ -1,0 +1,234 @@
+"""Registration to MNI (register.py): matrix convention and missing extra without ANTs; with ANTs,
+on scanner-space synthetic subjects: recovered anatomy, transform round trip, quality check."""
+
+import json
+import shutil
+import sys
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+
+from preprocess import cli, convert, grid, nifti, register, synth
+
+VOXEL = 4
+# MNI mm: brain centre, 60 mm left/right, front and back of the brain, vertex, temporal lobe level.
+LANDMARKS = np.array(
+    [[0, -18, 12], [60, -18, 12], [-60, -18, 12], [0, 60, 12], [0, -90, 12], [0, -18, 70], [0, -18, -40]], dtype=float
+)
+
+
+def _apply(matrix, points):
+    return points @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+def _corr(a, b, mask):
+    return float(np.corrcoef(a[mask], b[mask])[0, 1])
+
+
+def _image(root, pid):
+    return root / pid / "anat" / f"{pid}_T1w.nii.gz"
+
+
+def _truth(root, pid):
+    """The subject's ground-truth MNI-space volume, preprocessed like the registered output."""
+    return nifti.preprocess_file(synth.truth_paths(root, pid)["mni"], VOXEL, grid.brain_mask(VOXEL))
+
+
+def test_ras_from_itk_follows_the_itk_convention():
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    a = q * np.sign(np.linalg.det(q)) @ np.diag([1.05, 0.97, 1.02])
+    t, c = rng.uniform(-20, 20, 3), rng.uniform(-10, 10, 3)
+    ras = register.ras_from_itk(np.concatenate([a.ravel(), t]), c)
+    flip = np.array([-1.0, -1.0, 1.0])
+    for x in rng.uniform(-80, 80, (5, 3)):
+        lps = a @ (x * flip - c) + t + c  # ITK: fixed (template) point -> moving (subject) point, LPS
+        np.testing.assert_allclose(_apply(ras, x[None])[0], lps * flip, atol=1e-9)
+    np.testing.assert_array_equal(ras[3], [0, 0, 0, 1])
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--register", "affine"], "--register affine needs the optional antspyx"),
+        (
+            ["--register", "rigid", "--skull-strip", "deepbet"],
+            "--register rigid and --skull-strip deepbet need the optional antspyx and deepbet",
+        ),
+    ],
+)
+def test_missing_extra_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, flags, expected):
+    for module in ("ants", "deepbet"):
+        monkeypatch.setitem(sys.modules, module, None)  # as if the register extra were not installed
+    out = tmp_path / "v.h5"
+    assert cli.main(["nifti", "--bids", str(tmp_path), "--out", str(out), "--quiet", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {expected}, not installed"), err
+    assert err.rstrip().endswith("pip install -e '.[register]'") and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_registration_options_need_register(tmp_path, capsys):
+    for flag in (["--skull-strip", "deepbet"], ["--min-ncc", "0.4"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["nifti", "--bids", str(tmp_path), "--out", str(tmp_path / "v.h5"), *flag])
+        assert exc.value.code == 2
+        assert "add --register affine or rigid" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="session")
+def ants():
+    """Skips ANTs tests where the register extra is not installed (before building any cohort)."""
+    return pytest.importorskip("ants")
+
+
+@pytest.fixture(scope="module")
+def registered(ants, native_cohort, tmp_path_factory):
+    out = tmp_path_factory.mktemp("registered") / f"v{VOXEL}.h5"
+    assert (
+        cli.main(
+            [
+                "nifti",
+                "--bids",
+                str(native_cohort),
+                "--out",
+                str(out),
+                "--voxel",
+                str(VOXEL),
+                "--register",
+                "affine",
+                "--workers",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+def test_affine_output_matches_the_ground_truth(registered, native_cohort):
+    """r >= 0.9 with the true MNI-space volume for every subject; without registration far below."""
+    mask = grid.brain_mask(VOXEL)
+    with h5py.File(registered, "r") as f:
+        ids = list(f["subject_id"].asstr()[:])
+        images = f["images"][:].astype(np.float32)
+        ncc = f["registration_ncc"][:]
+        assert f["mni_to_native"].shape == (len(ids), 4, 4) and f["mni_to_native"].dtype == np.float64
+        params = json.loads(f.attrs["preprocessing"])
+    assert len(ids) == 4 and params["registration"] == "affine" and params["min_ncc"] == 0.5
+    assert np.all(ncc >= 0.5)
+    for pid, vol in zip(ids, images):
+        truth = _truth(native_cohort, pid)
+        plain = nifti.preprocess_file(_image(native_cohort, pid), VOXEL, mask)
+        r_reg, r_plain = _corr(vol, truth, mask), _corr(plain, truth, mask)
+        print(f"{pid}: registered r={r_reg:.3f}, unregistered r={r_plain:.3f}")
+        assert r_reg >= 0.9, (pid, r_reg)
+        assert r_plain < 0.7 and r_reg - r_plain > 0.3, (pid, r_plain)
+
+
+def test_stored_transform_maps_template_landmarks_to_the_subject(registered, native_cohort):
+    """Template landmarks -> scanner space by the true pose -> back by the stored matrix: within a voxel."""
+    with h5py.File(registered, "r") as f:
+        ids = list(f["subject_id"].asstr()[:])
+        stored = f["mni_to_native"][:]
+    for pid, matrix in zip(ids, stored):
+        truth = synth.read_truth_matrix(synth.truth_paths(native_cohort, pid)["mni_to_native"])
+        back = _apply(np.linalg.inv(matrix), _apply(truth, LANDMARKS))
+        err = np.linalg.norm(back - LANDMARKS, axis=1)
+        print(f"{pid}: landmark round trip max {err.max():.2f} mm")
+        assert err.max() < VOXEL, (pid, err)
+        moved = np.linalg.norm(_apply(truth, LANDMARKS) - LANDMARKS, axis=1)
+        assert moved.max() > 2 * VOXEL  # the pose was worth recovering
+
+
+def test_rigid_registration_is_a_rotation_and_a_shift(ants, native_cohort):
+    pid = "sub-0001"
+    data, affine = nifti.to_ras(*nifti.load(_image(native_cohort, pid)))
+    matrix = register.estimate(data, affine, "rigid", register.reference(VOXEL))
+    rot = matrix[:3, :3]
+    np.testing.assert_allclose(rot.T @ rot, np.eye(3), atol=1e-4)
+    assert abs(np.linalg.det(rot) - 1) < 1e-4
+    truth = synth.read_truth_matrix(synth.truth_paths(native_cohort, pid)["mni_to_native"])
+    centre = np.array([[0.0, -18.0, 12.0]])
+    assert np.linalg.norm(_apply(matrix, centre) - _apply(truth, centre)) < 2 * VOXEL
+
+
+def _bad_subjects(native_cohort, root, good=(), bad=("sub-flip", "sub-noise")):
+    """A BIDS dir with `good` copied from the native cohort plus an upside-down head and/or an image of noise."""
+    root.mkdir()
+    rows = [f"{pid}\t60\tF\tA" for pid in good + bad]
+    for pid in good:
+        shutil.copytree(native_cohort / pid, root / pid)
+    img = nib.load(_image(native_cohort, "sub-0002"))
+    data, affine = nifti.to_ras(np.asarray(img.dataobj, np.float32), img.affine)
+    noise = np.random.default_rng(0).rayleigh(50.0, data.shape).astype(np.float32)
+    for pid, arr in (("sub-flip", data[:, :, ::-1]), ("sub-noise", noise)):
+        if pid not in bad:
+            continue
+        _image(root, pid).parent.mkdir(parents=True)
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(arr), affine), _image(root, pid))
+    (root / "participants.tsv").write_text("participant_id\tage\tsex\tsite\n" + "\n".join(rows) + "\n")
+    return root
+
+
+def test_wrong_input_fails_the_quality_check(ants, native_cohort, tmp_path, capsys):
+    root = _bad_subjects(native_cohort, tmp_path / "bad")
+    out = tmp_path / "v.h5"
+    args = [
+        "nifti",
+        "--bids",
+        str(root),
+        "--out",
+        str(out),
+        "--voxel",
+        "6",
+        "--register",
+        "affine",
+        "--workers",
+        "2",
+        "--quiet",
+    ]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    for pid in ("sub-flip", "sub-noise"):
+        assert any(
+            line.strip().startswith(f"{pid}:") and "registration quality too low" in line for line in err.splitlines()
+        ), err
+    assert "Traceback" not in err and not out.exists() and not convert.parts_dir(out).exists()
+
+
+def test_skip_bad_keeps_the_good_registrations(ants, native_cohort, tmp_path, capsys):
+    root = _bad_subjects(native_cohort, tmp_path / "bad", good=("sub-0003",), bad=("sub-flip",))
+    out = tmp_path / "v.h5"
+    assert (
+        cli.main(
+            [
+                "nifti",
+                "--bids",
+                str(root),
+                "--out",
+                str(out),
+                "--voxel",
+                "6",
+                "--register",
+                "affine",
+                "--workers",
+                "2",
+                "--quiet",
+                "--skip-bad",
+                "--min-ncc",
+                "0.45",
+            ]
+        )
+        == 0
+    )
+    assert "skipped 1 bad subject(s)" in capsys.readouterr().err
+    with h5py.File(out, "r") as f:
+        assert list(f["subject_id"].asstr()[:]) == ["sub-0003"]
+        assert f["registration_ncc"][0] >= 0.45
+        assert json.loads(f.attrs["preprocessing"])["min_ncc"] == 0.45
+    report = convert.skipped_report_path(out).read_text()
+    assert report.startswith("participant_id\treason\nsub-flip\t") and "< 0.45 (--min-ncc)" in report
