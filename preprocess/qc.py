@@ -3,9 +3,10 @@
 The figure is the Pearson correlation between a preprocessed volume and nilearn's MNI152 T1
 preprocessed the same way (grid.template), over the MNI brain mask of the output grid. It
 needs nothing but the volume, so `python -m preprocess qc` computes it for files written
-before registration existed too. On the synthetic cohort good registrations score 0.6-0.92;
-an upside-down head or an image without a head scores below 0.4 (docs/registration.md),
-hence the default threshold of 0.5.
+before registration existed too. On the synthetic cohort good registrations score 0.62-0.92,
+upside-down or back-to-front heads 0.30-0.42 and an image without a head about 0
+(docs/registration.md), hence the default threshold of 0.5. A left-right flip scores like a
+good registration: the template is symmetric.
 
 The report is a directory: qc.tsv (one row per subject, worst first) and mosaic-NNN.png pages
 showing axial, coronal and sagittal slices of each subject with the template's white-matter

@@ -226,7 +226,10 @@ def preprocess_file(
             data = data * skullstrip.brain_mask(data, affine)
         for seed in SEEDS:
             matrix = estimate(data, affine, options.method, ref, seed)
-            volume = nifti.to_mni(data, np.linalg.inv(matrix) @ affine, voxel, mask)
+            try:
+                volume = nifti.to_mni(data, np.linalg.inv(matrix) @ affine, voxel, mask)
+            except nifti.BadImage:  # this attempt moved the brain out of the field of view
+                continue
             ncc = qc.template_ncc(volume, ref.on_grid, mask)
             if best is None or ncc > best.ncc:
                 best = Registered(volume, matrix, ncc)
@@ -234,7 +237,8 @@ def preprocess_file(
                 return best
     except nifti.BadImage as exc:
         raise nifti.BadImage(f"{name} {exc}") from None
-    assert best is not None  # SEEDS is not empty: at least one attempt scored
+    if best is None:
+        raise nifti.BadImage(f"{name} registration failed: every attempt left the brain outside the image")
     raise nifti.BadImage(
         f"{name} registration quality too low: template correlation {best.ncc:.2f} < "
         f"{options.min_ncc:g} (--min-ncc) after {len(SEEDS)} attempts; wrong orientation, "

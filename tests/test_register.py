@@ -78,6 +78,43 @@ def test_registration_options_need_register(tmp_path, capsys):
         assert "add --register affine or rigid" in capsys.readouterr().err
 
 
+def test_retries_with_the_next_seed_and_reports_the_best(native_cohort, monkeypatch):
+    """Pure logic (ANTs replaced): a failed attempt is retried; no good attempt is bad input."""
+    pid = "sub-0001"
+    truth = synth.read_truth_matrix(synth.truth_paths(native_cohort, pid)["mni_to_native"])
+    far = np.eye(4)
+    far[:3, 3] = 500.0
+    seen = []
+
+    def fake(attempts):
+        def estimate(data, affine, method, ref, seed):
+            seen.append(seed)
+            return attempts[seed]
+
+        return estimate
+
+    args = (
+        _image(native_cohort, pid),
+        VOXEL,
+        grid.brain_mask(VOXEL),
+        register.Options("affine"),
+        register.reference(VOXEL),
+    )
+    monkeypatch.setattr(register, "estimate", fake({1: far, 2: np.eye(4), 3: truth}))
+    done = register.preprocess_file(*args)
+    assert seen == [1, 2, 3] and np.array_equal(done.mni_to_native, truth) and done.ncc >= 0.5
+    monkeypatch.setattr(register, "estimate", fake({1: np.eye(4), 2: far, 3: np.eye(4)}))
+    with pytest.raises(
+        nifti.BadImage,
+        match=r"sub-0001_T1w.nii.gz registration quality too low: template "
+        r"correlation 0\.\d\d < 0.5 \(--min-ncc\) after 3 attempts",
+    ):
+        register.preprocess_file(*args)
+    monkeypatch.setattr(register, "estimate", fake({1: far, 2: far, 3: far}))
+    with pytest.raises(nifti.BadImage, match="every attempt left the brain outside the image"):
+        register.preprocess_file(*args)
+
+
 @pytest.fixture(scope="session")
 def ants():
     """Skips ANTs tests where the register extra is not installed (before building any cohort)."""
