@@ -8,7 +8,11 @@ rounds, choose the mask afresh from the learners' summed squared gradients -> ev
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
@@ -89,37 +93,37 @@ class Server:
     def run(self, state: State, should_stop=lambda: False) -> tuple[State, bool]:
         """Rounds state.round+1 .. rounds; returns the final state and whether it was preempted.
 
-        Round t's evaluation, checkpoint and metrics row are done while the learners train round t+1
-        (the server is idle then), so they stay off the critical path; the row still describes round t.
+        Round t's evaluation, checkpoint and metrics row are done by a recorder thread while the learners
+        train round t+1: on a GPU node the server is idle then, and on CPUs shared with the learners the
+        thread runs at a lower priority, in the gaps the learners leave. The row still describes round t.
         """
         f = self.cfg.federation
         mask_changed = True  # learners hold no mask yet (first round, or a resumed run)
         preempted = False
-        pending: tuple | None = None  # the last round's (state, row), recorded during the next round
-        for t in range(state.round + 1, f.rounds + 1):
-            started, sent = self.send(state, t, mask_changed)
-            recorded = self.record(pending)
-            row, mask_changed = self.collect(state, t, started, sent, recorded)
-            pending = (State(state.round, state.values, state.mask), row)
-            if should_stop() and t < f.rounds:
-                self.record(pending)
-                pending = None
-                self.rec.checkpoint(state)
-                preempted = True
-                break
-        self.record(pending)
+        recording: Future | None = None  # the last round's record, running while the next round trains
+        with ThreadPoolExecutor(1, thread_name_prefix="recorder", initializer=_lower_priority) as recorder:
+            for t in range(state.round + 1, f.rounds + 1):
+                started, sent = self.send(state, t, mask_changed)
+                row, mask_changed = self.collect(state, t, started, sent)
+                collected = time.perf_counter()
+                if recording is not None:
+                    recording.result()  # the previous round's record (its errors surface here)
+                self.turnaround = max(self.turnaround, row["seconds_aggregate"] + time.perf_counter() - collected)
+                recording = recorder.submit(self.record, State(state.round, state.values, state.mask), row)
+                if should_stop() and t < f.rounds:
+                    recording.result()
+                    self.rec.checkpoint(state)
+                    preempted = True
+                    break
+            if recording is not None:
+                recording.result()
         self.wire.send_model(state.round, np.zeros(0, np.uint8), 0, FLAG_STOP | (FLAG_PREEMPTED if preempted else 0))
         return state, preempted
 
-    def record(self, pending: tuple | None) -> float:
-        """Evaluate (when due), checkpoint and log a finished round; returns when it was done (perf_counter)."""
-        if pending is not None:
-            snapshot, row = pending
-            began = time.perf_counter()
-            every, last = self.cfg.eval.every, self.cfg.federation.rounds
-            self.rec.record(snapshot, row, evaluate_now=snapshot.round % every == 0 or snapshot.round == last)
-            self.turnaround = max(self.turnaround, row["seconds_aggregate"] + time.perf_counter() - began)
-        return time.perf_counter()
+    def record(self, snapshot: State, row: dict) -> None:
+        """Evaluate (when due), checkpoint and log a finished round."""
+        every, last = self.cfg.eval.every, self.cfg.federation.rounds
+        self.rec.record(snapshot, row, evaluate_now=snapshot.round % every == 0 or snapshot.round == last)
 
     def send(self, state: State, t: int, mask_changed: bool) -> tuple[float, float]:
         """Round t's model to every learner: the values, with the mask when it changed. Returns when the
@@ -136,10 +140,9 @@ class Server:
             self.wire.send_model(t, values, nnz, 0, patience)
         return started, time.perf_counter()
 
-    def collect(self, state: State, t: int, started: float, sent: float, recorded: float) -> tuple[dict, bool]:
+    def collect(self, state: State, t: int, started: float, sent: float) -> tuple[dict, bool]:
         """The learners' reports and models for round t, aggregated and pruned into the new global state.
-        `started`/`sent`: when round t's model began and finished going out; `recorded`: when the previous
-        round's record, done in between, finished."""
+        `started`/`sent`: when round t's model began and finished going out (perf_counter)."""
         wire, n, f = self.wire, state.values.size, self.cfg.federation
         wire.deadline = time.monotonic() + self.cfg.run.round_timeout
         nnz = int(state.mask.sum())
@@ -201,9 +204,8 @@ class Server:
             "pruned": pruned,
             "regrown": regrown,
             "seconds_train": seconds_train,
-            # the round's time outside training and the previous round's record: transfer, learner set-up
-            # and encoding, and waiting for the slowest learner
-            "seconds_comm": max(0.0, (t1 - started) - (recorded - sent) - seconds_train),
+            # the round's time outside training: transfer, learner set-up and encoding, waiting for the slowest
+            "seconds_comm": max(0.0, (t1 - started) - seconds_train),
             "seconds_aggregate": t2 - t1,
             "seconds_send": sent - started,
             "seconds_collect": t1 - reported,
@@ -255,3 +257,12 @@ def received(value: T | None) -> T:
     if value is None:
         raise RuntimeError("a collective delivered nothing at the server")
     return value
+
+
+RECORDER_NICENESS = 10  # the recorder thread yields the cores to training learners
+
+
+def _lower_priority() -> None:
+    """Run the calling thread at a lower priority (Linux schedules threads separately; elsewhere a no-op)."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), RECORDER_NICENESS)

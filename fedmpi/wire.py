@@ -5,8 +5,10 @@ objects. Calls are nonblocking and waited on by polling with a short sleep, so t
 oversubscribing a few cores do not spin, and so that the server can give up on a round that
 exceeds its deadline and name the learners that did not report. The sleep grows from zero to
 `max_sleep` (2 ms): a round passes a handful of these waits in sequence (header, model, report,
-reduce hops), so their latency adds up, while a rank waiting for seconds wakes only 500 times a
-second, which costs the ranks still training about a hundredth of a core.
+reduce hops), so their latency adds up. A wait that lasts seconds (the server while learners
+train) lets the sleep grow further, to 0.4% of the time already waited (at most 20 ms), so it
+wakes about a hundred times a second instead of five hundred and costs the ranks still training
+almost nothing.
 
 Byte counters follow one convention (see README, "Measured communication"): `bytes_down` is
 what the server hands to MPI for the learners, counted once per receiving learner; `bytes_up`
@@ -31,6 +33,8 @@ TAG_REPORT = 11
 TAG_DIRECT = 12
 TAG_ACK = 13
 TAG_GATHER = 14
+LATE_SHARE = 0.004  # a wait's polling may add this fraction of its length (plus max_sleep) to it
+MAX_PAUSE = 0.02
 
 # Round header sent ahead of each model: round, flags, payload bytes, kept values, and how many
 # milliseconds the learners should wait for the next header before declaring the server silent.
@@ -102,14 +106,18 @@ class Wire:
         is set, raise RoundTimeout; `late()` names who is missing (a learner waits only on the server)."""
         if late is None:
             late = (lambda: "") if self.is_server else (lambda: ": the server (rank 0) is silent")
+        began = time.monotonic()
         limit = self.deadline
         if limit is None and self.patience is not None:
-            limit = time.monotonic() + self.patience
+            limit = began + self.patience
         pause = 0.0
         while not done():
             self._check(what, limit, late=late)
             time.sleep(pause)
-            pause = min(self.max_sleep, pause + 0.0002)
+            # up to max_sleep, or a small share of the time already waited: a long wait (the server while
+            # learners train) wakes seldom, and its answer is late by at most that share
+            waited = time.monotonic() - began
+            pause = min(pause + 0.0002, max(self.max_sleep, LATE_SHARE * waited), MAX_PAUSE)
 
     def _check(self, what: str, limit: float | None, force: bool = False, late=lambda: "") -> None:
         """While waiting: the deadline, and (once a second, or when forced) that the ranks on this host still
