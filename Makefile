@@ -44,7 +44,9 @@ format: setup
 
 bench: setup
 	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/bench_comm.py
+	$(PY) benchmarks/bench_round.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
