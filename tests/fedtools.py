@@ -59,23 +59,18 @@ TINY = [
 ]
 
 
+def train_command(data_dir: Path, run_dir: Path, sets, ranks: int = 3) -> list[str]:
+    """`python -m fedmpi train` on data_dir with the tiny test settings, then `sets` (no launcher)."""
+    args = [sys.executable, "-m", "fedmpi", "train", "--set", f"data.dir={data_dir}", "--set", f"run.dir={run_dir}"]
+    for s in [f"federation.learners={ranks - 1}", *TINY, *sets]:
+        args += ["--set", s]
+    return args
+
+
 def run_fedmpi(
     data_dir: Path, run_dir: Path, *sets: str, ranks: int = 3, extra=(), timeout: float = 240, mpirun: bool = True
 ) -> subprocess.CompletedProcess:
-    args = [
-        sys.executable,
-        "-m",
-        "fedmpi",
-        "train",
-        "--set",
-        f"data.dir={data_dir}",
-        "--set",
-        f"run.dir={run_dir}",
-        "--set",
-        f"federation.learners={ranks - 1}",
-    ]
-    for s in [*TINY, *sets]:
-        args += ["--set", s]
+    args = train_command(data_dir, run_dir, sets, ranks)
     cmd = ([MPIRUN, *MPIRUN_FLAGS, "-n", str(ranks)] if mpirun else []) + args + list(extra)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -91,26 +86,9 @@ def summary(run: Path) -> dict:
 
 def start_fedmpi(data_dir: Path, run_dir: Path, *sets: str, ranks: int = 3, extra=()) -> subprocess.Popen:
     """Like run_fedmpi, in the background (for tests that kill or signal ranks)."""
-    args = [
-        MPIRUN,
-        *MPIRUN_FLAGS,
-        "-n",
-        str(ranks),
-        sys.executable,
-        "-m",
-        "fedmpi",
-        "train",
-        "--set",
-        f"data.dir={data_dir}",
-        "--set",
-        f"run.dir={run_dir}",
-        "--set",
-        f"federation.learners={ranks - 1}",
-    ]
-    for s in [*TINY, *sets]:
-        args += ["--set", s]
     import uuid
 
+    args = [MPIRUN, *MPIRUN_FLAGS, "-n", str(ranks), *train_command(data_dir, run_dir, sets, ranks)]
     marker = uuid.uuid4().hex  # marks this job's ranks in their environment (rank_process)
     env = dict(os.environ, OMP_NUM_THREADS="1", FEDMPI_TEST_JOB=marker)
     job = subprocess.Popen(
