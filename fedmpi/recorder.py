@@ -4,9 +4,13 @@ evaluation, metrics.jsonl, checkpoints, the summary, and where a run starts (fre
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -276,3 +280,20 @@ def print_summary(summary: dict, file=sys.stdout) -> None:
         file=file,
         flush=True,
     )
+
+
+RECORDER_NICENESS = 10  # the recorder thread yields the cores to training learners
+
+
+def background_thread() -> ThreadPoolExecutor:
+    """One thread for a round's records (evaluation, checkpoint, metrics row) while the next round trains,
+    at a lower priority, so that on cores shared with the learners it takes the gaps they leave."""
+    return ThreadPoolExecutor(1, thread_name_prefix="recorder", initializer=_lower_priority)
+
+
+def _lower_priority() -> None:
+    """Run the calling thread RECORDER_NICENESS lower than the process (Linux schedules threads separately;
+    elsewhere a no-op)."""
+    with contextlib.suppress(AttributeError, OSError):
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + RECORDER_NICENESS))

@@ -8,11 +8,8 @@ rounds, choose the mask afresh from the learners' summed squared gradients -> ev
 
 from __future__ import annotations
 
-import contextlib
-import os
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
@@ -22,7 +19,7 @@ from .aggregation import MajorityVote
 from .algorithms import algorithm, prune, reconfigures, round_seed, schedule
 from .errors import EncodingError, PayloadError
 from .messages import REPORT, records, width
-from .recorder import State
+from .recorder import State, background_thread
 from .wire import FLAG_MASK, FLAG_PREEMPTED, FLAG_STOP
 
 if TYPE_CHECKING:
@@ -101,7 +98,7 @@ class Server:
         mask_changed = True  # learners hold no mask yet (first round, or a resumed run)
         preempted = False
         recording: Future | None = None  # the last round's record, running while the next round trains
-        with ThreadPoolExecutor(1, thread_name_prefix="recorder", initializer=_lower_priority) as recorder:
+        with background_thread() as recorder:
             for t in range(state.round + 1, f.rounds + 1):
                 started, sent = self.send(state, t, mask_changed)
                 row, mask_changed = self.collect(state, t, started, sent)
@@ -257,12 +254,3 @@ def received(value: T | None) -> T:
     if value is None:
         raise RuntimeError("a collective delivered nothing at the server")
     return value
-
-
-RECORDER_NICENESS = 10  # the recorder thread yields the cores to training learners
-
-
-def _lower_priority() -> None:
-    """Run the calling thread at a lower priority (Linux schedules threads separately; elsewhere a no-op)."""
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), RECORDER_NICENESS)
