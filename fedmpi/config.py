@@ -24,6 +24,17 @@ VOXELS = (2, 4, 6)
 CACHES = ("memory", "device", "off")
 AMPS = ("off", "bf16")
 INITS = ("torch", "glorot")
+# Hardware and I/O choices: they change how fast a run goes, not what it learns. A checkpoint resumes
+# across them, and the report compares runs that differ only in them.
+RUNTIME_KEYS = (
+    "train.device",
+    "train.threads",
+    "train.channels_last",
+    "train.cudnn_benchmark",
+    "data.workers",
+    "data.cache",
+    "data.cache_dir",
+)
 
 
 def opt(default, help: str):

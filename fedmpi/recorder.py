@@ -20,6 +20,7 @@ import torch
 
 from . import pruning
 from .checkpoint import Checkpoints, save_model
+from .config import RUNTIME_KEYS
 from .data import loader_options
 from .errors import ConfigError
 from .files import atomic_write
@@ -178,10 +179,9 @@ def resume_key(cfg: Config) -> dict:
     d = cfg.to_dict()
     d.pop("run")
     d.pop("eval")
-    for k in ("device", "threads", "channels_last", "cudnn_benchmark"):
-        d["train"].pop(k)
-    for k in ("workers", "cache", "cache_dir"):
-        d["data"].pop(k)
+    for key in RUNTIME_KEYS:
+        section, name = key.split(".")
+        d[section].pop(name)
     return d
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from . import stats
 from .algorithms import ALGORITHMS, BASELINE
+from .config import RUNTIME_KEYS
 
 if TYPE_CHECKING:
     from .report import Run
@@ -32,11 +33,9 @@ AGE_TOLERANCE = 0.005  # test_predictions.csv writes ages with 2 decimals
 ATTACK_ORDER = ("loss_threshold", "black_box", "white_box", "white_box_mlp")
 LEGACY_ATTACKS = ("black_box", "white_box")  # attack.json's only, top-level, attacks before it held "attacks"
 ATTACK_FIELDS = ("auc", "auc_low", "auc_high", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "accuracy")
-# Config keys that change nothing learnt, or that a comparison must ignore: the distribution is its own
-# column, and data.dir is a split's folder, another one for each distribution of the same cohort.
-NOT_SETTING = frozenset(
-    {"data.distribution", "data.dir", "data.cache", "data.cache_dir", "data.workers", "train.device", "train.threads"}
-)
+# Config keys a comparison must ignore: those that change nothing learnt, the distribution (its own column),
+# and data.dir (a split's folder, another one for each distribution of the same cohort).
+NOT_SETTING = frozenset({*RUNTIME_KEYS, "data.distribution", "data.dir"})
 SETTING_SECTIONS = ("data", "model", "train")
 SETTING_FEDERATION = ("learners", "rounds")  # the federation's shape; its other keys describe the pruning
 

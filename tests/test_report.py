@@ -655,3 +655,29 @@ def test_mean_curve_over_seeds(tmp_path):
     assert (x.tolist(), mean.tolist(), low.tolist(), high.tolist()) == ([2, 3], [9, 5], [8, 4], [10, 6])
     x, mean, _, _ = tables.mean_curve(runs, "test_mae", by_bytes=True)
     assert x.tolist() == [60, 90] and mean.tolist() == [9, 5]  # mean cumulative up + down: (40 + 80) / 2, ...
+
+
+def test_runtime_options_neither_split_a_setting_nor_block_a_resume():
+    """One list of hardware and I/O options: the report pairs runs that differ only in them, and a checkpoint
+    resumes across them; any other option does both."""
+    from fedmpi.config import RUNTIME_KEYS, load_config
+    from fedmpi.recorder import resume_key
+
+    base = load_config()
+    changed = {
+        "train.device": "cpu",
+        "train.threads": 3,
+        "train.channels_last": True,
+        "train.cudnn_benchmark": False,
+        "data.workers": 2,
+        "data.cache": "off",
+        "data.cache_dir": "/elsewhere",
+    }
+    assert set(changed) == set(RUNTIME_KEYS)
+    for key, value in changed.items():
+        other = load_config(overrides=[f"{key}={json.dumps(value) if not isinstance(value, str) else value}"])
+        assert tables.setting_items(other.to_dict()) == tables.setting_items(base.to_dict()), key
+        assert resume_key(other) == resume_key(base), key
+    lr = load_config(overrides=["train.lr=0.123"])
+    assert tables.setting_items(lr.to_dict()) != tables.setting_items(base.to_dict())
+    assert resume_key(lr) != resume_key(base)
