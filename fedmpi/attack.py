@@ -32,6 +32,7 @@ from .config import DEVICES
 from .errors import AttackError, is_user_error
 from .files import atomic_write
 from .runlog import read_json
+from .stats import average_ranks
 from .training import GRAD_STATS, per_sample_features, select_device
 
 FPRS = (("tpr_at_1pct_fpr", 0.01), ("tpr_at_0.1pct_fpr", 0.001))
@@ -58,25 +59,13 @@ def _check_binary(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     return scores, labels
 
 
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks of x, tied values sharing the mean of their ranks."""
-    order = np.argsort(x, kind="mergesort")
-    sorted_x = x[order]
-    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
-    ends = np.r_[starts[1:], x.size]
-    mean_rank = (starts + ends + 1) / 2.0  # mean of ranks starts+1 .. ends
-    ranks = np.empty(x.size)
-    ranks[order] = np.repeat(mean_rank, ends - starts)
-    return ranks
-
-
 def roc_auc(scores, labels) -> float:
     """Area under the ROC curve: P(member scores above non-member), ties counting one half.
 
     Rank-based (Mann-Whitney U). Higher score = more likely a member (label 1).
     """
     scores, labels = _check_binary(scores, labels)
-    ranks = _average_ranks(scores)
+    ranks = average_ranks(scores)
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
     u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
@@ -541,6 +530,7 @@ def check_split(recorded: dict | None, files: list[Path]) -> None:
     """Members must be the subjects the model trained on: refuse a data directory that was re-split (or
     re-preprocessed) since the run, by the digests the run recorded of its files."""
     from .data import file_digest
+    from .recorder import changed_files
 
     if not recorded:
         print(
@@ -549,7 +539,7 @@ def check_split(recorded: dict | None, files: list[Path]) -> None:
             file=sys.stderr,
         )
         return
-    changed = [p.name for p in files if recorded.get(p.name) != file_digest(p)]
+    changed = changed_files(recorded, {p.name: file_digest(p) for p in files})
     if changed:
         raise AttackError(
             f"{', '.join(changed)} in {files[0].parent} differ from the data the run trained and was "

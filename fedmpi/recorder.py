@@ -234,11 +234,17 @@ def setting_changes(before: dict, now: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def split_problems(recorded: dict | None, split: dict[str, str]) -> list[str]:
-    """A resumed run must continue on the data it was trained on: name the files whose digest changed."""
+def changed_files(recorded: dict | None, split: dict[str, str]) -> list[str]:
+    """The files of a split (name -> digest) whose digest differs from the one a run recorded; none when the
+    run recorded no digests (made before fedmpi recorded them)."""
     if not recorded:
         return []
-    changed = sorted(name for name in set(recorded) | set(split) if recorded.get(name) != split.get(name))
+    return sorted(name for name in set(recorded) | set(split) if recorded.get(name) != split.get(name))
+
+
+def split_problems(recorded: dict | None, split: dict[str, str]) -> list[str]:
+    """A resumed run must continue on the data it was trained on: name the files whose digest changed."""
+    changed = changed_files(recorded, split)
     if not changed:
         return []
     return [

@@ -383,5 +383,5 @@ def test_attack_refuses_a_data_directory_re_split_since_the_run(tmp_path, capsys
     attack.add_arguments(parser)
     assert attack.run(parser.parse_args(["--run", str(run), "--max-per-class", "4"])) == 1
     err = capsys.readouterr().err
-    assert "test.h5, learner_1.h5, learner_2.h5" in err and "re-split or re-preprocessed since" in err
+    assert "learner_1.h5, learner_2.h5, test.h5" in err and "re-split or re-preprocessed since" in err
     assert not (run / "attack.json").exists()
