@@ -98,14 +98,8 @@ class Learner:
     def start_batches(self, samples: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The first `samples` of this learner's data (all of it if fewer) in batches of train.batch_size, in
         the order round 0's seed shuffles them: what the start-mask scores are computed on."""
-        loader = torch.utils.data.DataLoader(
-            self.data,
-            batch_size=self.cfg.train.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(round_seed(self.cfg.run.seed, 0, self.wire.rank)),
-        )
         batches, taken = [], 0
-        for x, y in loader:
+        for x, y in self.loader.for_round(round_seed(self.cfg.run.seed, 0, self.wire.rank)):
             if taken >= samples:
                 break
             keep = min(samples - taken, x.shape[0])
