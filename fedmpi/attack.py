@@ -33,11 +33,13 @@ from .errors import AttackError, is_user_error
 from .files import atomic_write
 from .runlog import read_json
 from .stats import average_ranks
+
+# the attacks in their order, and the logistic ones that are also top-level keys of attack.json for older readers
+from .tables import ATTACK_ORDER as ATTACKS
+from .tables import LEGACY_ATTACKS as KINDS
 from .training import GRAD_STATS, per_sample_features, select_device
 
 FPRS = (("tpr_at_1pct_fpr", 0.01), ("tpr_at_0.1pct_fpr", 0.001))
-KINDS = ("black_box", "white_box")  # the logistic attacks, also top-level keys of attack.json for older readers
-ATTACKS = ("loss_threshold", "black_box", "white_box", "white_box_mlp")
 BOOTSTRAP_RESAMPLES = 2000
 
 

@@ -13,13 +13,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from .config import INITS
+
 if TYPE_CHECKING:
     from .config import Config
 
 BLOCK_CHANNELS = (32, 64, 128, 256, 256)
 HEAD_CHANNELS = 64
 MAX_POOLS = len(BLOCK_CHANNELS)
-INITS = ("torch", "glorot")
 
 
 def _scaled(channels: int, width: float) -> int:

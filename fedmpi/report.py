@@ -333,10 +333,6 @@ def _to_density(s):
     return -np.log10(np.clip(1.0 - np.asarray(s, dtype=np.float64), 1e-6, None))
 
 
-def _from_density(y):
-    return 1.0 - 10.0 ** (-np.asarray(y, dtype=np.float64))
-
-
 def _attack_errorbar(ax, x, points: list[dict], style: dict, label: str | None) -> None:
     """Each seed's AUC with its interval as an asymmetric error bar (none where the interval is missing)."""
     aucs = np.array([p["auc"] for p in points], dtype=np.float64)

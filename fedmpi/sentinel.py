@@ -16,6 +16,8 @@ import os
 import signal
 import sys
 
+from .errors import EXIT_SIGNAL_BASE
+
 RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 PR_SET_PDEATHSIG = 1
@@ -62,5 +64,5 @@ def supervise() -> None:
             file=sys.stderr,
             flush=True,
         )
-        os._exit(128 + sig)
+        os._exit(EXIT_SIGNAL_BASE + sig)
     os._exit(os.waitstatus_to_exitcode(status))

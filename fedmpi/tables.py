@@ -29,7 +29,7 @@ MARGIN_YEARS = 0.5  # the study's non-inferiority margin for the paired MAE diff
 LEARNS_FRACTION = 0.7  # the baseline "clearly learns" when its MAE is at most this x the predict-the-mean MAE
 LEVEL = 0.95
 AGE_TOLERANCE = 0.005  # test_predictions.csv writes ages with 2 decimals
-# fedmpi.attack.ATTACKS, not imported: that module needs torch, the report does not.
+# The attacks fedmpi.attack runs, kept here because the report reads them without torch.
 ATTACK_ORDER = ("loss_threshold", "black_box", "white_box", "white_box_mlp")
 LEGACY_ATTACKS = ("black_box", "white_box")  # attack.json's only, top-level, attacks before it held "attacks"
 ATTACK_FIELDS = ("auc", "auc_low", "auc_high", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "accuracy")

@@ -13,11 +13,8 @@ import math
 import sys
 from pathlib import Path
 
-from fedmpi.errors import UserError
+from fedmpi.errors import EXIT_INTERRUPTED, EXIT_USAGE, UserError
 from preprocess import bids, convert, grid, h5io, nifti, qc, register, split, synth
-
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -161,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
-    return EXIT_BAD_INPUT
+    return EXIT_USAGE
 
 
 def _bad_list(bad: dict[str, str]) -> str:

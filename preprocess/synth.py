@@ -211,11 +211,6 @@ def warp(volume: np.ndarray, coords: np.ndarray) -> np.ndarray:
     return ndimage.map_coordinates(volume, coords, order=1, mode="nearest", output=np.float32)
 
 
-def deform(volume: np.ndarray, rng, amplitude_vox: float, terms: int = 4) -> np.ndarray:
-    """Warp by a smooth random displacement (see `displacement`)."""
-    return warp(volume, displacement(volume.shape, rng, amplitude_vox, terms))
-
-
 def site_grid(site: Site, rng, margin: float = 0.0) -> tuple[tuple[int, ...], np.ndarray]:
     """Scanner grid of a site: axis order/direction from its orientation code, FOV (+ margin mm) with jitter."""
     axes = {"L": (0, -1), "R": (0, 1), "P": (1, -1), "A": (1, 1), "I": (2, -1), "S": (2, 1)}

@@ -151,3 +151,10 @@ def test_the_prepared_gpu_check_runs_end_to_end_in_smoke_mode():
         "== gpu_check done",
     ):
         assert table in proc.stdout
+
+
+def test_every_amp_the_config_accepts_has_an_autocast_dtype():
+    from fedmpi.config import AMPS
+    from fedmpi.training import AUTOCAST
+
+    assert set(AUTOCAST) == set(AMPS)
