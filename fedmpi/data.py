@@ -43,24 +43,32 @@ def loader_options(cfg, device: torch.device) -> dict:
 def read_header(path) -> dict:
     """n, shape (X, Y, Z), voxel_size and mean_age of a volume file, without reading images."""
     with h5io.open_checked(path) as f:
-        ages = f["age"][:]
-        return {
-            "n": int(f["images"].shape[0]),
-            "shape": tuple(int(s) for s in f["images"].shape[1:]),
-            "voxel_size": float(f.attrs["voxel_size"]),
-            "mean_age": float(ages.mean()) if len(ages) else float("nan"),
-        }
+        return _header(f)
+
+
+def _header(f: h5py.File) -> dict:
+    ages = f["age"][:]
+    return {
+        "n": int(f["images"].shape[0]),
+        "shape": tuple(int(s) for s in f["images"].shape[1:]),
+        "voxel_size": float(f.attrs["voxel_size"]),
+        "mean_age": float(ages.mean()) if len(ages) else float("nan"),
+    }
 
 
 def file_digest(path) -> str:
     """SHA-256 of what makes a volume file's data what it is, cheap to compute: its subjects, ages, image
     shape and dtype, and the fingerprint preprocessing stored of its inputs and parameters. A run records
     the digests of its split, so resuming or attacking it on re-split data is caught."""
-    h = hashlib.sha256()
     with h5io.open_checked(path) as f:
-        h.update("\n".join(s.decode() if isinstance(s, bytes) else str(s) for s in f["subject_id"][:]).encode())
-        h.update(np.ascontiguousarray(f["age"][:], dtype="<f4").tobytes())
-        h.update(f"{f['images'].shape} {f['images'].dtype} {f.attrs.get('input_fingerprint', '')}".encode())
+        return _digest(f, f["age"][:])
+
+
+def _digest(f: h5py.File, ages: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update("\n".join(f["subject_id"].asstr()[:]).encode())
+    h.update(np.ascontiguousarray(ages, dtype="<f4").tobytes())
+    h.update(f"{f['images'].shape} {f['images'].dtype} {f.attrs.get('input_fingerprint', '')}".encode())
     return h.hexdigest()
 
 
@@ -68,16 +76,16 @@ def check_volumes(path) -> dict:
     """read_header plus what the preflight can afford to check, naming the file: at least one volume, every
     age finite and within the file's plausible range (the (MIN, MAX] preprocessing accepted, by default
     bids.DEFAULT_AGE_RANGE), a sample of volumes finite; and the file's digest ("digest")."""
-    head = read_header(path)
-    if head["n"] == 0:
-        raise DataError(f"volume file {path}: no volumes")
     with h5io.open_checked(path) as f:
-        lo, hi = (float(v) for v in f.attrs.get("age_range", bids.DEFAULT_AGE_RANGE))
+        head = _header(f)
+        if head["n"] == 0:
+            raise DataError(f"volume file {path}: no volumes")
         ages = f["age"][:]
-        bad = np.flatnonzero(~(np.isfinite(ages) & (ages > lo) & (ages <= hi)))
+        age_range = bids.stored_age_range(f.attrs)
+        bad = bids.bad_ages(ages, age_range)
         if bad.size:
             shown = ", ".join(f"#{i} ({ages[i]})" for i in bad[:5]) + (" ..." if bad.size > 5 else "")
-            raise DataError(f"volume file {path}: {bad.size} age(s) not in ({lo:g}, {hi:g}] years: {shown}")
+            raise DataError(f"volume file {path}: {bad.size} age(s) not in {bids.age_range_text(age_range)}: {shown}")
         reader = h5io.ChunkReader(f["images"])
         for i in sorted({0, head["n"] // 2, head["n"] - 1})[:SAMPLED_VOLUMES]:
             try:
@@ -86,7 +94,7 @@ def check_volumes(path) -> dict:
                 raise DataError(f"volume file {path}: cannot read volume {i}: {exc}") from None
             if not np.isfinite(volume).all():
                 raise DataError(f"volume file {path}: volume {i} holds non-finite values")
-    return dict(head, digest=file_digest(path))
+        return dict(head, digest=_digest(f, ages))
 
 
 class VolumeDataset(Dataset):
@@ -125,7 +133,7 @@ class VolumeDataset(Dataset):
     def subject_ids(self) -> list[str]:
         """The subjects' identifiers, in file order (read on demand: only reports need them)."""
         with h5io.open_checked(self.path) as f:
-            return [s.decode() if isinstance(s, bytes) else str(s) for s in f["subject_id"][:]]
+            return list(f["subject_id"].asstr()[:])
 
     @property
     def voxel_size(self) -> float:

@@ -11,6 +11,8 @@ import dataclasses
 import math
 from pathlib import Path
 
+import numpy as np
+
 from fedmpi.errors import UserError
 from preprocess.nifti import IMAGE_SUFFIXES
 
@@ -76,6 +78,20 @@ def read_participants(root: Path) -> list[dict[str, str]]:
 def age_range_text(age_range: tuple[float, float]) -> str:
     """The accepted interval as it appears in messages: (0, 120] years."""
     return f"({age_range[0]:g}, {age_range[1]:g}] years"
+
+
+def bad_ages(ages, age_range: tuple[float, float] = DEFAULT_AGE_RANGE) -> np.ndarray:
+    """Indices of the ages that are not finite or not in (MIN, MAX]: the rule parse_age applies to one."""
+    ages = np.asarray(ages, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        return np.flatnonzero(~(np.isfinite(ages) & (ages > age_range[0]) & (ages <= age_range[1])))
+
+
+def stored_age_range(attrs) -> tuple[float, float]:
+    """The (MIN, MAX] a volume file's ages were accepted in (its `age_range` attribute; files written
+    before it was stored: the default)."""
+    low, high = (float(v) for v in attrs.get("age_range", DEFAULT_AGE_RANGE))
+    return low, high
 
 
 def parse_age(text: str, age_range: tuple[float, float] = DEFAULT_AGE_RANGE) -> float:

@@ -164,8 +164,7 @@ def _stats(ages: np.ndarray) -> dict:
 
 def check_ages(path: Path, ages: np.ndarray, ids, age_range: tuple[float, float]) -> None:
     """SplitError naming the subjects whose age is not finite or outside `age_range` (MIN, MAX]."""
-    with np.errstate(invalid="ignore"):
-        bad = np.flatnonzero(~((ages > age_range[0]) & (ages <= age_range[1])))
+    bad = bids.bad_ages(ages, age_range)
     if len(bad):
         shown = ", ".join(f"{ids[i]} ({ages[i]:g})" for i in bad[:5])
         if len(bad) > 5:
@@ -210,8 +209,8 @@ def write_split(
     with h5io.open_checked(h5) as f:
         ages = f["age"][:].astype(np.float64)
         ids = f["subject_id"].asstr()[:]
-        low, high = (float(a) for a in f.attrs.get("age_range", bids.DEFAULT_AGE_RANGE))
-    check_ages(h5, ages, ids, (low, high))
+        age_range = bids.stored_age_range(f.attrs)
+    check_ages(h5, ages, ids, age_range)
     test, parts = partition(ages, learners=learners, distribution=distribution, test_fraction=test_fraction, seed=seed)
     meta = {
         "distribution": distribution,
