@@ -53,6 +53,22 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new directory beside `out` for the caller to fill; when the block succeeds it replaces `out`
+    (replace_dir), otherwise it is removed with everything in it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, umask_mode(directory=True))
+    try:
+        yield tmp
+        replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
     """Rename a finished directory `tmp` onto `out`; an old `out` is moved aside first and deleted after, so
     `out` is always either the old directory or the new one."""

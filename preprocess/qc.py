@@ -16,15 +16,12 @@ outline drawn over them, worst subjects first.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from fedmpi.errors import UserError
-from fedmpi.files import replace_dir, umask_mode
+from fedmpi.files import atomic_dir
 from preprocess import grid, h5io
 
 DEFAULT_MIN_NCC = 0.5
@@ -98,10 +95,7 @@ def write_report(h5, out, min_ncc: float | None = None) -> tuple[Path, int, int]
     table, figures, source = quality(h5)
     order = np.argsort(np.nan_to_num(figures, nan=-np.inf), kind="stable")
     below = ~(figures >= threshold)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, umask_mode(directory=True))
-    try:
+    with atomic_dir(out) as tmp:
         with open(tmp / REPORT_MARKER, "w") as f:
             f.write("participant_id\tsite\tage\tregistration_ncc\tstatus\n")
             for i in order:
@@ -112,10 +106,6 @@ def write_report(h5, out, min_ncc: float | None = None) -> tuple[Path, int, int]
         for page, start in enumerate(range(0, len(order), PER_PAGE), start=1):
             rows = order[start : start + PER_PAGE]
             _mosaic_page(h5, rows, table, figures, below, source, tmp / f"mosaic-{page:03d}.png")
-        replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out, len(order), int(below.sum())
 
 

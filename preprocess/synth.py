@@ -26,16 +26,13 @@ import dataclasses
 import functools
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from fedmpi.files import umask_mode
+from fedmpi.files import atomic_dir
 from preprocess import grid, outputs, parallel
 
 INTERNAL_MM = 1.5
@@ -452,22 +449,13 @@ def write_cohort(
         )
     people = draw_subjects(subjects, seed)
     anat = anatomy()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, umask_mode(directory=True))
-    try:
+    with atomic_dir(out) as tmp:
         _render_all(people, anat, tmp, space, workers, progress)
         with open(tmp / "participants.tsv", "w") as f:
             f.write("participant_id\tage\tsex\tsite\n")
             for p in people:
                 f.write(f"{p.participant_id}\t{p.age:.1f}\t{p.sex}\t{p.site}\n")
         (tmp / "dataset_description.json").write_text(json.dumps(description(subjects, seed, space), indent=2))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
