@@ -17,6 +17,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -25,6 +26,9 @@ from .config import Config, load_config
 from .errors import EXIT_FAILURE, EXIT_PREEMPTED, EXIT_USAGE, ConfigError, is_user_error
 from .messages import PREFLIGHT, records, row_text, text_row, width
 from .sentinel import launcher_rank, role
+
+if TYPE_CHECKING:
+    from .runlog import RunLock
 
 ERROR_BYTES = 512  # room for one rank's preflight message
 HOST_BYTES = 64
@@ -102,10 +106,8 @@ def _run(cfg: Config, comm, resume: bool, overwrite: bool) -> int:
 
     from .wire import Wire
 
-    # Learners wait on the server a quarter longer than the server waits on them, so that the server,
-    # which sees every rank, names a silent learner before any learner blames the server.
     startup = cfg.run.startup_timeout
-    wire = Wire(comm, patience=startup if comm.Get_rank() == 0 else 1.25 * startup + 5)
+    wire = Wire(comm, patience=startup if comm.Get_rank() == 0 else learner_startup_patience(startup))
     local_rank, local_size = announce_ranks(wire)
     torch.set_num_threads(cfg.train.threads or max(1, len(os.sched_getaffinity(0)) // local_size))
     stop = install_preemption_handlers()
@@ -117,15 +119,14 @@ def _run(cfg: Config, comm, resume: bool, overwrite: bool) -> int:
     checked = preflight(cfg, wire, data_dir, local_rank, resume, overwrite)
     if checked is None:
         return EXIT_USAGE
-    infos, device, server_state = checked
     wire.reset_counters()
     if not wire.is_server:
-        return _learn(cfg, wire, data_dir, device)
-    (lock, resume_from), split = server_state
+        return _learn(cfg, wire, data_dir, checked.device)
+    assert checked.lock is not None and checked.split is not None
     try:
-        return _serve(cfg, wire, data_dir, infos, device, resume_from, split, stop)
+        return _serve(cfg, wire, data_dir, checked.infos, checked.device, checked.resume, checked.split, stop)
     finally:
-        lock.release()
+        checked.lock.release()
 
 
 def _serve(cfg: Config, wire, data_dir: Path, infos: np.ndarray, device, resume_from, split: dict, stop) -> int:
@@ -177,7 +178,7 @@ def _learn(cfg: Config, wire, data_dir: Path, device) -> int:
     learner.weight = np.float32(counts[wire.rank - 1] / counts.sum())
     if algorithm(cfg).start_mask and start_round == 0 and wire.rank == 1:
         learner.send_start_mask()
-    wire.next_patience = cfg.run.round_timeout + 1.25 * cfg.run.startup_timeout + 5  # the first model
+    wire.next_patience = cfg.run.round_timeout + learner_startup_patience(cfg.run.startup_timeout)  # the first model
     learner.run()
     return 0
 
@@ -217,11 +218,38 @@ def prepare_data(cfg: Config, wire) -> Path:
     return data_dir if wire.rank == 0 else cohort()
 
 
-def check_rank(cfg: Config, rank: int, data_dir: Path, local_rank: int, resume: bool, overwrite: bool):
+def learner_startup_patience(startup: float) -> float:
+    """How long learners wait on the server during start-up: a quarter longer than the server waits on them,
+    so that the server, which sees every rank, names a silent learner before any learner blames the server."""
+    return 1.25 * startup + 5
+
+
+class RankCheck(NamedTuple):
+    """One rank's preflight: its PREFLIGHT record, its data file's digest and its device; on rank 0 also the
+    run directory's lock (held to the end of the run) and the checkpoint to resume from (or None)."""
+
+    info: np.ndarray
+    digest: str
+    device: Any
+    lock: RunLock | None = None
+    resume: tuple | None = None
+
+
+class Preflight(NamedTuple):
+    """The preflight's outcome on a rank: on rank 0 every rank's PREFLIGHT records, the lock, the resume point
+    and the split's digests (data file -> digest); elsewhere its own record and device."""
+
+    infos: np.ndarray
+    device: Any
+    lock: RunLock | None = None
+    resume: tuple | None = None
+    split: dict | None = None
+
+
+def check_rank(cfg: Config, rank: int, data_dir: Path, local_rank: int, resume: bool, overwrite: bool) -> RankCheck:
     """What one rank checks before training, without MPI: its data file (header, ages, a sample of its
     volumes), its device and, on rank 0, the run directory: its lock (held from here to the end of the
-    run), whether it can be written, and the resume point. Returns (PREFLIGHT record, device, (lock,
-    resume point) on rank 0 or None); raises with the reason."""
+    run), whether it can be written, and the resume point. Raises with the reason."""
     from .data import check_volumes
     from .recorder import resume_point
     from .runlog import RunLock
@@ -233,10 +261,10 @@ def check_rank(cfg: Config, rank: int, data_dir: Path, local_rank: int, resume: 
     info["x"], info["y"], info["z"] = head["shape"]
     device = select_device(cfg.train.device, local_rank)
     if rank != 0:
-        return info, head["digest"], device, None
+        return RankCheck(info, head["digest"], device)
     lock = RunLock(cfg.run_dir).acquire()
     try:
-        return info, head["digest"], device, (lock, resume_point(cfg, resume, overwrite))
+        return RankCheck(info, head["digest"], device, lock, resume_point(cfg, resume, overwrite))
     except BaseException:
         lock.release()
         raise
@@ -263,39 +291,41 @@ def preflight_problems(infos: np.ndarray, problems: list[str], data_dir: Path) -
     return out
 
 
-def preflight(cfg: Config, wire, data_dir: Path, local_rank: int, resume: bool, overwrite: bool):
-    """Every rank checks what it will use; rank 0 prints every problem and all ranks return None together.
-    Otherwise (rank 0's PREFLIGHT records of every rank, this rank's device, rank 0's (lock, resume point))."""
-    info = np.zeros(1, PREFLIGHT)
-    problem = digest = ""
-    device = run_dir = None
+def preflight(cfg: Config, wire, data_dir: Path, local_rank: int, resume: bool, overwrite: bool) -> Preflight | None:
+    """Every rank checks what it will use; rank 0 prints every problem and all ranks return None together."""
+    mine = RankCheck(np.zeros(1, PREFLIGHT), "", None)
+    problem = ""
     try:
-        info, digest, device, run_dir = check_rank(cfg, wire.rank, data_dir, local_rank, resume, overwrite)
+        mine = check_rank(cfg, wire.rank, data_dir, local_rank, resume, overwrite)
     except Exception as e:
         problem = f"rank {wire.rank}: {e}"
     rows = np.zeros((wire.size, width(PREFLIGHT)), np.float64)  # filled on the server only
     texts = np.zeros((wire.size, ERROR_BYTES), np.uint8)
     digests = np.zeros((wire.size, DIGEST_BYTES), np.uint8)
     here = wire.is_server
-    wire.gather(info.view(np.float64), rows if here else None, "the preflight records")
+    wire.gather(mine.info.view(np.float64), rows if here else None, "the preflight records")
     wire.gather(text_row(problem, ERROR_BYTES), texts if here else None, "the preflight messages")
-    wire.gather(text_row(digest, DIGEST_BYTES), digests if here else None, "the data digests")
+    wire.gather(text_row(mine.digest, DIGEST_BYTES), digests if here else None, "the data digests")
     problems: list[str] = []
-    infos = info
-    if wire.is_server:
+    if not here:
+        outcome = Preflight(mine.info, mine.device)
+    else:
         infos = records(rows, PREFLIGHT)
         problems = preflight_problems(infos, [t for t in map(row_text, texts) if t], data_dir)
         split = {rank_file(k): row_text(d) for k, d in enumerate(digests)}
-        if run_dir is not None and run_dir[1] is not None:
+        if mine.resume is not None:
             from .recorder import split_problems
 
-            problems += split_problems(run_dir[1][2].get("split"), split)
+            problems += split_problems(mine.resume[2].get("split"), split)
+        outcome = Preflight(infos, mine.device, mine.lock, mine.resume, split)
     verdict = wire.bcast(np.array([len(problems)], np.int64), "the preflight verdict")
     if verdict[0]:
+        if mine.lock is not None:
+            mine.lock.release()
         for p in problems:
             say(wire.rank, p)
         return None
-    return infos, device, (run_dir, split) if wire.is_server else None
+    return outcome
 
 
 def announce_ranks(wire) -> tuple[int, int]:

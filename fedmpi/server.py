@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -28,6 +28,16 @@ if TYPE_CHECKING:
     from .wire import Transport
 
 
+class Sending(NamedTuple):
+    """A round's model on its way out: when sending began and ended (perf_counter), when it began by the
+    wall clock (the metrics row's "started"), and whether the mask went with it."""
+
+    began: float
+    ended: float
+    wall: float
+    with_mask: bool
+
+
 class Server:
     def __init__(
         self, cfg: Config, wire: Transport, recorder: Recorder, sample_counts: np.ndarray, initial: np.ndarray
@@ -43,8 +53,6 @@ class Server:
         self.weights = sample_counts / sample_counts.sum()
         self.turnaround = 0.0  # slowest time so far from the learners' last payload to the next model
         self.carried = {"bytes_down": 0, "bytes_up": 0, "pruned": 0}  # the start mask's, added to the next round
-        self.round_started = 0.0  # wall clock (time.time) when the round's model went out
-        self.sent_mask = False  # whether it went out with its mask
 
     def learner_patience(self) -> float:
         """How long learners wait for the next model before they declare the server silent: the round's
@@ -100,8 +108,8 @@ class Server:
         recording: Future | None = None  # the last round's record, running while the next round trains
         with background_thread() as recorder:
             for t in range(state.round + 1, f.rounds + 1):
-                started, sent = self.send(state, t, mask_changed)
-                row, mask_changed = self.collect(state, t, started, sent)
+                sending = self.send(state, t, mask_changed)
+                row, mask_changed = self.collect(state, t, sending)
                 collected = time.perf_counter()
                 if recording is not None:
                     recording.result()  # the previous round's record (its errors surface here)
@@ -122,12 +130,10 @@ class Server:
         every, last = self.cfg.eval.every, self.cfg.federation.rounds
         self.rec.record(snapshot, row, evaluate_now=snapshot.round % every == 0 or snapshot.round == last)
 
-    def send(self, state: State, t: int, mask_changed: bool) -> tuple[float, float]:
-        """Round t's model to every learner: the values, with the mask when it changed. Returns when the
-        sending started and ended (perf_counter)."""
+    def send(self, state: State, t: int, mask_changed: bool) -> Sending:
+        """Round t's model to every learner: the values, with the mask when it changed."""
         self.wire.reset_counters()
-        started = time.perf_counter()
-        self.round_started, self.sent_mask = time.time(), mask_changed
+        started, wall = time.perf_counter(), time.time()
         nnz = int(state.mask.sum())
         patience = self.learner_patience()
         if mask_changed:
@@ -135,11 +141,11 @@ class Server:
         else:
             values = encoding.gather_values(state.values, state.mask).astype(np.float32)
             self.wire.send_model(t, values, nnz, 0, patience)
-        return started, time.perf_counter()
+        return Sending(started, time.perf_counter(), wall, mask_changed)
 
-    def collect(self, state: State, t: int, started: float, sent: float) -> tuple[dict, bool]:
-        """The learners' reports and models for round t, aggregated and pruned into the new global state.
-        `started`/`sent`: when round t's model began and finished going out (perf_counter)."""
+    def collect(self, state: State, t: int, sending: Sending) -> tuple[dict, bool]:
+        """The learners' reports and models for round t (sent out as `sending` says), aggregated and pruned
+        into the new global state."""
         wire, n, f = self.wire, state.values.size, self.cfg.federation
         wire.deadline = time.monotonic() + self.cfg.run.round_timeout
         nnz = int(state.mask.sum())
@@ -154,7 +160,6 @@ class Server:
             values, mask = self.majority_vote(payloads, state.mask)
         else:
             summed = received(wire.reduce_sum(np.zeros(nnz, np.float32), what="weighted values"))
-            importance = None
             if reconfigure:
                 importance = received(wire.reduce_sum(np.zeros(n, np.float32), what="squared gradients"))
             t1 = time.perf_counter()
@@ -197,18 +202,18 @@ class Server:
             "bytes_up": up,
             "dense_bytes_down": dense,
             "dense_bytes_up": dense,
-            "mask_sent": self.sent_mask,
+            "mask_sent": sending.with_mask,
             "pruned": pruned,
             "regrown": regrown,
             "seconds_train": seconds_train,
             # the round's time outside training: transfer, learner set-up and encoding, waiting for the slowest
-            "seconds_comm": max(0.0, (t1 - started) - seconds_train),
+            "seconds_comm": max(0.0, (t1 - sending.began) - seconds_train),
             "seconds_aggregate": t2 - t1,
-            "seconds_send": sent - started,
+            "seconds_send": sending.ended - sending.began,
             "seconds_collect": t1 - reported,
             "seconds_setup": float(reports["seconds_setup"].max()),
             "seconds_encode": float(reports["seconds_encode"].max()),
-            "started": self.round_started,
+            "started": sending.wall,
         }
         return row, new_mask_changed
 

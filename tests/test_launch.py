@@ -35,13 +35,15 @@ def test_rank_count_must_match_learners(tmp_path):
 
 def test_each_rank_checks_its_own_file(split, tmp_path):
     cfg = _cfg(tmp_path, f"data.dir={split}")
-    info, digest, device, server_state = check_rank(cfg, 2, split, 0, resume=False, overwrite=False)
+    learner = check_rank(cfg, 2, split, 0, resume=False, overwrite=False)
+    info = learner.info
     assert info["samples"][0] == 6 and (info["x"][0], info["y"][0], info["z"][0]) == SHAPE
-    assert device == torch.device("cpu") and server_state is None and len(digest) == 64
+    assert learner.device == torch.device("cpu") and learner.lock is None and len(learner.digest) == 64
     assert 45 <= info["mean_age"][0] <= 80
-    info, _, _, (lock, found) = check_rank(cfg, 0, split, 0, resume=False, overwrite=False)  # the server
-    assert info["samples"][0] == 6 and found is None and (cfg.run_dir / ".lock").exists()
-    lock.release()
+    server = check_rank(cfg, 0, split, 0, resume=False, overwrite=False)
+    assert server.info["samples"][0] == 6 and server.resume is None and (cfg.run_dir / ".lock").exists()
+    assert server.lock is not None
+    server.lock.release()
 
 
 def test_missing_and_truncated_files_name_the_file(split, tmp_path):
@@ -92,7 +94,7 @@ def test_unfinished_run_is_not_silently_replaced(split, tmp_path):
     ckpt.write_bytes(b"x")
     with pytest.raises(ConfigError, match="unfinished run; pass --resume"):
         check_rank(cfg, 0, split, 0, resume=False, overwrite=False)
-    check_rank(cfg, 0, split, 0, resume=False, overwrite=True)[3][0].release()  # the lock was released above
+    check_rank(cfg, 0, split, 0, resume=False, overwrite=True).lock.release()  # the lock was released above
 
 
 def test_config_errors_are_one_clear_line(capsys):

@@ -50,8 +50,7 @@ class FakeWire:
 
 def _round(server, state, t, mask_changed):
     """One whole round as Server.run drives it (no previous round to record in between)."""
-    started, sent = server.send(state, t, mask_changed)
-    return server.collect(state, t, started, sent)
+    return server.collect(state, t, server.send(state, t, mask_changed))
 
 
 def _server(algorithm, wire, **federation):
