@@ -20,7 +20,6 @@ wires it to a run directory.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from .config import DEVICES
 from .errors import AttackError, is_user_error
 from .files import atomic_write
-from .runlog import read_json
+from .runlog import dumps, read_json
 from .stats import average_ranks
 
 # the attacks in their order, and the logistic ones that are also top-level keys of attack.json for older readers
@@ -636,7 +635,7 @@ def run(args) -> int:
             return 1
         raise
     out = Path(args.out) if args.out else Path(args.run) / "attack.json"
-    atomic_write(out, (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write(out, (dumps(result, indent=2) + "\n").encode())
     print(format_table(result))
     print(f"wrote {out}")
     return 0

@@ -363,11 +363,10 @@ def _attack_styles(sections: list[dict]) -> dict[str, dict]:
     }
 
 
-def plot_mia_sparsity(runs: list[Run], path: Path) -> Path:
+def plot_mia_sparsity(sections: list[dict], path: Path) -> Path:
     """Attack AUC against the attacked model's sparsity: each seed a point with its interval, a line per
     attack through the methods' means, 0.5 = chance. Attacks are offset sideways so their bars do not hide
-    each other; the x axis is -log10(1 - sparsity), labelled in sparsity."""
-    sections = tables.privacy_sections(runs)
+    each other; the x axis is -log10(1 - sparsity), labelled in sparsity. `sections`: tables.privacy_sections."""
     fig, axes = _figure([(s["setting"], s["distribution"]) for s in sections])
     styles = _attack_styles(sections)
     for section, ax in zip(sections, axes):
@@ -410,10 +409,9 @@ def plot_mia_sparsity(runs: list[Run], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_mia_gap(runs: list[Run], path: Path) -> Path:
+def plot_mia_gap(sections: list[dict], path: Path) -> Path:
     """Attack AUC against the attacked model's MAE gap (non-members minus members), the same points as
     plot_mia_sparsity; the legend gives each attack's Spearman correlation across runs."""
-    sections = tables.privacy_sections(runs)
     fig, axes = _figure([(s["setting"], s["distribution"]) for s in sections])
     styles = _attack_styles(sections)
     for section, ax in zip(sections, axes):
@@ -502,8 +500,7 @@ def write_report(run_dirs: list[Path], out: Path) -> tuple[list[dict], list[Path
         "accuracy.md": tables.accuracy_markdown(accuracy),
         "numbers.json": dumps(tables.numbers(accuracy, privacy), indent=2) + "\n",
     }
-    attacked = [r for r in runs if r.attack]
-    if attacked:
+    if privacy:  # some run was attacked
         texts["privacy.csv"] = tables.to_csv(tables.privacy_rows(runs), tables.PRIVACY_COLUMNS)
         texts["privacy.md"] = tables.privacy_markdown(privacy)
     slices = _slice_source(runs)  # opened before anything is written, so a bad file writes nothing
@@ -544,9 +541,9 @@ def write_report(run_dirs: list[Path], out: Path) -> tuple[list[dict], list[Path
             note="mean over seeds; a centralized run sends nothing and is absent",
         )
     )
-    if attacked:
-        written.append(plot_mia_sparsity(attacked, out / "mia_auc_vs_sparsity.png"))
-        written.append(plot_mia_gap(attacked, out / "mia_auc_vs_gap.png"))
+    if privacy:
+        written.append(plot_mia_sparsity(privacy, out / "mia_auc_vs_sparsity.png"))
+        written.append(plot_mia_gap(privacy, out / "mia_auc_vs_gap.png"))
     else:
         _note(
             "no run has attack.json (python -m fedmpi attack --run DIR); skipping privacy.csv, privacy.md, "
