@@ -681,3 +681,20 @@ def test_runtime_options_neither_split_a_setting_nor_block_a_resume():
     lr = load_config(overrides=["train.lr=0.123"])
     assert tables.setting_items(lr.to_dict()) != tables.setting_items(base.to_dict())
     assert resume_key(lr) != resume_key(base)
+
+
+def test_the_records_the_report_reads_can_be_committed():
+    """docs/results/runs/<run>/ holds the small records every committed table regenerates from; an ignore
+    rule meant for the top-level runs/ must not hide them."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout")
+    for name in ("metrics.jsonl", "summary.json", "config.json", "attack.json", "test_predictions.csv"):
+        for folder in ("docs/results/runs/r", "docs/results/pilot/runs/r"):
+            ignored = subprocess.run(["git", "check-ignore", "-q", f"{folder}/{name}"], cwd=root)
+            assert ignored.returncode == 1, f"{folder}/{name} is ignored by git"
+    assert subprocess.run(["git", "check-ignore", "-q", "runs/r/model.npz"], cwd=root).returncode == 0
