@@ -210,11 +210,7 @@ def prepare_data(cfg: Config, wire) -> Path:
         )
         data_dir = cohort()
     if wire.size > 1:  # generating a new cohort takes minutes: learners allow it a round's time
-        patience, wire.patience = wire.patience, cfg.run.round_timeout
-        try:
-            wire.bcast(np.ones(1), "the synthetic cohort (built by the server)")
-        finally:
-            wire.patience = patience
+        wire.bcast(np.ones(1), "the synthetic cohort (built by the server)", patience=cfg.run.round_timeout)
     return data_dir if wire.rank == 0 else cohort()
 
 

@@ -97,19 +97,21 @@ class Wire:
         self.bytes_down = self.bytes_up = 0
         return counts
 
-    def _wait(self, request: MPI.Request, what: str) -> None:
-        self._poll(request.Test, what)
+    def _wait(self, request: MPI.Request, what: str, patience: float | None = None) -> None:
+        self._poll(request.Test, what, patience=patience)
         self._check(what, None, force=True)  # a collective may complete around a rank that died: never trust it
 
-    def _poll(self, done, what: str, late=None) -> None:
-        """Sleep-poll until done(). Past the round deadline, or past `patience` seconds when no round deadline
-        is set, raise RoundTimeout; `late()` names who is missing (a learner waits only on the server)."""
+    def _poll(self, done, what: str, late=None, patience: float | None = None) -> None:
+        """Sleep-poll until done(). Past the round deadline, or past `patience` seconds (this wait's, else the
+        Wire's) when no round deadline is set, raise RoundTimeout; `late()` names who is missing (a learner
+        waits only on the server)."""
         if late is None:
             late = (lambda: "") if self.is_server else (lambda: ": the server (rank 0) is silent")
         began = time.monotonic()
         limit = self.deadline
-        if limit is None and self.patience is not None:
-            limit = began + self.patience
+        patience = self.patience if patience is None else patience
+        if limit is None and patience is not None:
+            limit = began + patience
         pause = 0.0
         while not done():
             self._check(what, limit, late=late)
@@ -156,11 +158,11 @@ class Wire:
         if self.is_server:
             self.bytes_down += nbytes * self.learners
 
-    def bcast(self, buf: np.ndarray, what: str = "broadcast") -> np.ndarray:
-        """Server to all learners, in place."""
+    def bcast(self, buf: np.ndarray, what: str = "broadcast", patience: float | None = None) -> np.ndarray:
+        """Server to all learners, in place; `patience` replaces the Wire's for this wait."""
         buf = _contiguous(buf)
         self._count_down(buf.nbytes)
-        self._wait(self.comm.Ibcast(buf, root=SERVER), what)
+        self._wait(self.comm.Ibcast(buf, root=SERVER), what, patience)
         return buf
 
     def reduce_sum(self, buf: np.ndarray, what: str = "reduce") -> np.ndarray | None:

@@ -130,3 +130,13 @@ def test_a_silent_rank_is_named_by_the_gather_deadline(wire):
     if wire.is_server:  # satisfy the receive the learner gave up on
         wire.comm.Send(np.zeros(1), dest=1, tag=12)
     wire.patience = None
+
+
+def test_one_wait_can_be_given_its_own_patience(wire):
+    """The cohort wait allows minutes where start-up allows seconds, without changing the Wire's patience."""
+    wire.patience = 0.3
+    if wire.is_server:
+        time.sleep(1.0)  # longer than the Wire's patience
+    buf = wire.bcast(np.full(1, 7.0) if wire.is_server else np.zeros(1), "the cohort", patience=10.0)
+    assert buf[0] == 7.0 and wire.patience == 0.3
+    wire.patience = None
