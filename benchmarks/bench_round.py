@@ -50,9 +50,11 @@ def _floor_worker(rank: int, cfg_sets: list[str], per_learner: int, rounds: int,
     import torch
 
     from fedmpi.config import load_config
+    from fedmpi.memory import keep_freed_memory
     from fedmpi.model import build_model
     from fedmpi.training import AUTOCAST, local_train
 
+    keep_freed_memory()  # as the trainer's ranks do at start-up
     torch.set_num_threads(1)
     cfg = load_config(overrides=cfg_sets)
     torch.manual_seed(rank)

@@ -24,6 +24,7 @@ import numpy as np
 from .algorithms import algorithm
 from .config import Config, load_config
 from .errors import EXIT_FAILURE, EXIT_PREEMPTED, EXIT_USAGE, ConfigError, is_user_error
+from .memory import keep_freed_memory
 from .messages import PREFLIGHT, records, row_text, text_row, width
 from .sentinel import launcher_rank, role
 
@@ -109,6 +110,7 @@ def _run(cfg: Config, comm, resume: bool, overwrite: bool) -> int:
     startup = cfg.run.startup_timeout
     wire = Wire(comm, patience=startup if comm.Get_rank() == 0 else learner_startup_patience(startup))
     local_rank, local_size = announce_ranks(wire)
+    keep_freed_memory()
     torch.set_num_threads(cfg.train.threads or max(1, len(os.sched_getaffinity(0)) // local_size))
     stop = install_preemption_handlers()
     data_dir = prepare_data(cfg, wire)
