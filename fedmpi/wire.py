@@ -3,12 +3,15 @@
 Only buffer-based (uppercase) mpi4py calls on contiguous numpy arrays are used, never pickled
 objects. Calls are nonblocking and waited on by polling with a short sleep, so that ranks
 oversubscribing a few cores do not spin, and so that the server can give up on a round that
-exceeds its deadline and name the learners that did not report. The sleep grows from zero to
-`max_sleep` (2 ms): a round passes a handful of these waits in sequence (header, model, report,
-reduce hops), so their latency adds up. A wait that lasts seconds (the server while learners
-train) lets the sleep grow further, to 0.4% of the time already waited (at most 20 ms), so it
-wakes about a hundred times a second instead of five hundred and costs the ranks still training
-almost nothing.
+exceeds its deadline and name the learners that did not report. How long to sleep is the trade
+between answering late and taking the cores from ranks that are still training (next_pause):
+a wait that may last seconds (a learner waiting for the others, the server waiting for the
+reports) sleeps up to 2 ms, and longer the longer it lasts, up to 0.4% of the time already
+waited; the server's wait for the reports, whose length the previous round tells, sleeps a
+quarter of the time still to go until 90% of that length and 2 ms from there. A quick wait, a
+transfer that every rank has joined (the model going out, the sum coming in after the reports),
+sleeps 0.25 ms for its first 50 ms: MPI moves a large message in several hand-offs,
+each of which waits for the other side's next test.
 
 Byte counters follow one convention (see README, "Measured communication"): `bytes_down` is
 what the server hands to MPI for the learners, counted once per receiving learner; `bytes_up`
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from typing import Protocol
 
 import numpy as np
@@ -35,6 +39,12 @@ TAG_ACK = 13
 TAG_GATHER = 14
 LATE_SHARE = 0.004  # a wait's polling may add this fraction of its length (plus max_sleep) to it
 MAX_PAUSE = 0.02
+QUICK_SLEEP = 0.00025  # a quick wait's longest sleep while it is short ...
+QUICK_SPAN = 0.05  # ... that is, for this long
+AHEAD_SHARE = 0.25  # sleep this share of the time still to go until an expected answer is due ...
+AHEAD_PAUSE = 0.1  # ... but no longer than this, in case it comes early
+EXPECT_SHARE = 0.9  # an answer is due after this share of the last same wait's length
+REPORT_WAITS = 3  # the server expects the reports after the shortest of this many last waits for them
 
 # Round header sent ahead of each model: round, flags, payload bytes, kept values, and how many
 # milliseconds the learners should wait for the next header before declaring the server silent.
@@ -82,6 +92,7 @@ class Wire:
         self.table: list[dict] = []  # rank, role, pid and host of every rank (launch.announce_ranks)
         self._next_check = 0.0
         self._ack_rows = np.zeros((self.size, 1), np.int64)
+        self._report_waits: deque[float] = deque(maxlen=REPORT_WAITS)  # server: seconds the last reports took
 
     @property
     def learners(self) -> int:
@@ -97,14 +108,14 @@ class Wire:
         self.bytes_down = self.bytes_up = 0
         return counts
 
-    def _wait(self, request: MPI.Request, what: str, patience: float | None = None) -> None:
-        self._poll(request.Test, what, patience=patience)
+    def _wait(self, request: MPI.Request, what: str, patience: float | None = None, quick=False) -> None:
+        self._poll(request.Test, what, patience=patience, quick=quick)
         self._check(what, None, force=True)  # a collective may complete around a rank that died: never trust it
 
-    def _poll(self, done, what: str, late=None, patience: float | None = None) -> None:
-        """Sleep-poll until done(). Past the round deadline, or past `patience` seconds (this wait's, else the
-        Wire's) when no round deadline is set, raise RoundTimeout; `late()` names who is missing (a learner
-        waits only on the server)."""
+    def _poll(self, done, what: str, late=None, patience: float | None = None, quick=False, expected=None) -> None:
+        """Sleep-poll until done(), sleeping as next_pause says. Past the round deadline, or past `patience`
+        seconds (this wait's, else the Wire's) when no round deadline is set, raise RoundTimeout; `late()`
+        names who is missing (a learner waits only on the server)."""
         if late is None:
             late = (lambda: "") if self.is_server else (lambda: ": the server (rank 0) is silent")
         began = time.monotonic()
@@ -116,10 +127,7 @@ class Wire:
         while not done():
             self._check(what, limit, late=late)
             time.sleep(pause)
-            # up to max_sleep, or a small share of the time already waited: a long wait (the server while
-            # learners train) wakes seldom, and its answer is late by at most that share
-            waited = time.monotonic() - began
-            pause = min(pause + 0.0002, max(self.max_sleep, LATE_SHARE * waited), MAX_PAUSE)
+            pause = next_pause(pause, time.monotonic() - began, self.max_sleep, quick, expected)
 
     def _check(self, what: str, limit: float | None, force: bool = False, late=lambda: "") -> None:
         """While waiting: the deadline, and (once a second, or when forced) that the ranks on this host still
@@ -158,11 +166,14 @@ class Wire:
         if self.is_server:
             self.bytes_down += nbytes * self.learners
 
-    def bcast(self, buf: np.ndarray, what: str = "broadcast", patience: float | None = None) -> np.ndarray:
-        """Server to all learners, in place; `patience` replaces the Wire's for this wait."""
+    def bcast(
+        self, buf: np.ndarray, what: str = "broadcast", patience: float | None = None, quick: bool = False
+    ) -> np.ndarray:
+        """Server to all learners, in place; `patience` replaces the Wire's for this wait; `quick`: every
+        rank is known to be in the call (next_pause)."""
         buf = _contiguous(buf)
         self._count_down(buf.nbytes)
-        self._wait(self.comm.Ibcast(buf, root=SERVER), what, patience)
+        self._wait(self.comm.Ibcast(buf, root=SERVER), what, patience, quick)
         return buf
 
     def reduce_sum(self, buf: np.ndarray, what: str = "reduce") -> np.ndarray | None:
@@ -172,7 +183,7 @@ class Wire:
             send = np.zeros_like(buf)
             out = np.empty_like(buf)
             self.bytes_up += buf.nbytes * self.learners
-            self._wait(self.comm.Ireduce(send, out, op=MPI.SUM, root=SERVER), what)
+            self._wait(self.comm.Ireduce(send, out, op=MPI.SUM, root=SERVER), what, quick=True)
             return out
         self.bytes_up += buf.nbytes
         self._wait(self.comm.Ireduce(buf, None, op=MPI.SUM, root=SERVER), what)
@@ -195,7 +206,7 @@ class Wire:
 
     def _missing(self, pending: dict, noun: str) -> str:
         """Name the learners whose requests are still pending (and cancel them)."""
-        names = ", ".join(f"learner {k} (rank {k})" for k in sorted(pending))
+        names = ", ".join(f"learner {k} (rank {k})" for k in sorted(k for k, req in pending.items() if not req.Test()))
         self._cancel(pending)
         return f"; {noun} from {names}"
 
@@ -203,13 +214,14 @@ class Wire:
         """Variable-length uint8 buffers from every learner; the server gets one view per learner."""
         if self.is_server:
             sizes = np.zeros(self.size, dtype=np.int64)
-            self._wait(self.comm.Igather(np.zeros(1, np.int64), sizes, root=SERVER), what + " sizes")
+            self._wait(self.comm.Igather(np.zeros(1, np.int64), sizes, root=SERVER), what + " sizes", quick=True)
             counts = sizes.copy()
             counts[SERVER] = 0
             displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
             out = np.empty(int(counts.sum()), dtype=np.uint8)
             self.bytes_up += sizes.nbytes // self.size * self.learners + int(counts.sum())
-            self._wait(self.comm.Igatherv(np.zeros(0, np.uint8), [out, counts, displs, MPI.BYTE], root=SERVER), what)
+            received = self.comm.Igatherv(np.zeros(0, np.uint8), [out, counts, displs, MPI.BYTE], root=SERVER)
+            self._wait(received, what, quick=True)
             return [out[displs[k] : displs[k] + counts[k]] for k in range(1, self.size)]
         if buf is None:
             raise TypeError("a learner must give gatherv a buffer")
@@ -225,15 +237,24 @@ class Wire:
         tell exactly who is late)."""
         values = _contiguous(values.astype(np.float64))
         self.bytes_up += values.nbytes
-        self._wait(self.comm.Isend(values, dest=SERVER, tag=TAG_REPORT), "report")
+        self._wait(self.comm.Isend(values, dest=SERVER, tag=TAG_REPORT), "report", quick=True)
 
     def collect_reports(self, width: int) -> np.ndarray:
-        """Server: one report row per learner; on deadline, name the learners that did not report."""
+        """Server: one report row per learner; on deadline, name the learners that did not report. The wait
+        expects the reports after about as long as the shortest of the last few such waits (next_pause)."""
         rows = np.zeros((self.size, width), dtype=np.float64)
         pending = {k: self.comm.Irecv(rows[k], source=k, tag=TAG_REPORT) for k in range(1, self.size)}
-        self._poll(lambda: _complete(pending), "learner reports", lambda: self._missing(pending, "no report"))
+        began = time.monotonic()
+        expected = min(self._report_waits) if self._report_waits else None
+        self._poll(
+            lambda: _complete(pending),
+            "learner reports",
+            lambda: self._missing(pending, "no report"),
+            expected=expected,
+        )
+        self._report_waits.append(time.monotonic() - began)
         for k, req in self._acks.items():  # every learner that reported has acknowledged; complete them
-            self._wait(req, f"acknowledgement from learner {k}")
+            self._wait(req, f"acknowledgement from learner {k}", quick=True)
         self._acks.clear()
         self.bytes_up += rows[1:].nbytes
         return rows[1:]
@@ -268,9 +289,9 @@ class Wire:
         if not flags & FLAG_STOP:
             self._acks = {k: self.comm.Irecv(self._ack_rows[k], source=k, tag=TAG_ACK) for k in range(1, self.size)}
             self.bytes_up += self._ack_rows[1:].nbytes
-        self.bcast(header, "round header")
+        self.bcast(header, "round header", quick=True)
         if payload.nbytes:
-            self.bcast(payload.view(np.uint8), "model")
+            self.bcast(payload.view(np.uint8), "model", quick=True)
 
     def recv_model(self) -> tuple[int, int, int, np.ndarray]:
         """Learner: (round, flags, nnz, payload), waiting at most `next_patience` seconds for the header. The
@@ -283,18 +304,37 @@ class Wire:
             self.patience = self.next_patience = patience_ms / 1000
         payload = np.empty(nbytes, dtype=np.uint8)
         if nbytes:
-            self.bcast(payload, "model")
+            self.bcast(payload, "model", quick=True)
         if not flags & FLAG_STOP:  # tells the server's watchdog this learner is alive and has the model
             ack = np.array([round_], np.int64)
             self.bytes_up += ack.nbytes
-            self._wait(self.comm.Isend(ack, dest=SERVER, tag=TAG_ACK), "acknowledgement")
+            self._wait(self.comm.Isend(ack, dest=SERVER, tag=TAG_ACK), "acknowledgement", quick=True)
         return round_, flags, nnz, payload
 
 
+def next_pause(
+    pause: float, waited: float, max_sleep: float, quick: bool = False, expected: float | None = None
+) -> float:
+    """The sleep before a wait's next test, after `pause` and `waited` seconds so far (module docstring). An
+    `expected` wait sleeps AHEAD_SHARE of the time to go until EXPECT_SHARE of `expected`, and from there on
+    counts as a fresh wait. Otherwise the sleep grows by a tenth of its floor per test, up to the floor
+    (QUICK_SLEEP for a quick wait's first QUICK_SPAN, else max_sleep) or LATE_SHARE of the time waited, whichever
+    is longer, and never past MAX_PAUSE."""
+    if expected is not None:
+        due = EXPECT_SHARE * expected
+        if waited < due:
+            return min(AHEAD_PAUSE, max(max_sleep, AHEAD_SHARE * (due - waited)))
+        waited -= due
+        pause = min(pause, max_sleep)
+    floor = QUICK_SLEEP if quick and waited < QUICK_SPAN else max_sleep
+    return min(pause + floor / 10, max(floor, LATE_SHARE * waited), MAX_PAUSE)
+
+
 def _complete(pending: dict) -> bool:
-    """Drop the completed requests; True when none is left."""
-    for k in [k for k, req in pending.items() if req.Test()]:
-        del pending[k]
+    """True, with `pending` emptied, once all its requests have completed: one test for all of them, so that
+    a wake-up drives MPI's progress engine once, not once per learner."""
+    if MPI.Request.Testall(list(pending.values())):
+        pending.clear()
     return not pending
 
 

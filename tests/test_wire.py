@@ -1,11 +1,62 @@
-"""The transport under mpirun: `mpirun -n 3 python -m pytest --with-mpi -m mpi tests/test_wire.py`."""
+"""The transport: the polling rule (plain tests), and the wire itself under mpirun
+(`mpirun -n 3 python -m pytest --with-mpi -m mpi tests/test_wire.py`)."""
 
 import time
 
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.mpi(min_size=3)
+from fedmpi.wire import AHEAD_PAUSE, AHEAD_SHARE, EXPECT_SHARE, LATE_SHARE, MAX_PAUSE, QUICK_SLEEP, QUICK_SPAN, next_pause
+
+mpi = pytest.mark.mpi(min_size=3)
+MAX_SLEEP = 0.002
+
+
+def wakeups(horizon: float, quick: bool = False, expected: float | None = None) -> np.ndarray:
+    """The times a wait tests for its answer, over `horizon` seconds (sleeps taken exactly)."""
+    times, now, pause = [], 0.0, 0.0
+    while now < horizon:
+        now += pause
+        times.append(now)
+        pause = next_pause(pause, now, MAX_SLEEP, quick, expected)
+    return np.array(times)
+
+
+def lateness(times: np.ndarray, answers: np.ndarray) -> np.ndarray:
+    """How long after each answer time the wait notices it (its next test)."""
+    return times[np.searchsorted(times, answers)] - answers
+
+
+def test_a_long_wait_tests_seldom_and_answers_late_by_a_small_share():
+    times = wakeups(3.0)
+    assert np.diff(times).max() <= MAX_PAUSE + 1e-12
+    assert 250 < len(times) < 800  # 2 ms sleeps for 0.5 s, then 0.4% of the time waited
+    answers = np.linspace(0.01, 2.9, 300)
+    assert (lateness(times, answers) <= np.maximum(MAX_SLEEP, LATE_SHARE * answers) + 1e-9).all()
+
+
+def test_a_quick_wait_tests_often_while_short_then_as_usual():
+    times = wakeups(0.5, quick=True)
+    early = times[times < QUICK_SPAN]
+    assert (np.diff(early) <= np.maximum(QUICK_SLEEP, LATE_SHARE * early[:-1]) + 1e-12).all()
+    assert np.diff(times).max() <= MAX_SLEEP + 1e-12
+    answers = np.linspace(0.001, QUICK_SPAN / 2, 50)
+    assert lateness(times, answers).max() <= QUICK_SLEEP + 1e-12
+
+
+def test_an_expected_wait_sleeps_until_the_answer_is_due():
+    """The server's wait for reports due after about 2.7 s: a few dozen tests until 90% of that instead of
+    hundreds, each sleep at most AHEAD_PAUSE and a quarter of the time still to go, then 2 ms sleeps."""
+    expected = 2.7
+    due = EXPECT_SHARE * expected
+    times = wakeups(3.0, expected=expected)
+    before = times[times < due]
+    assert len(before) < 60
+    assert len(wakeups(due)) > 5 * len(before)  # the same stretch without the expectation
+    assert np.diff(times).max() <= AHEAD_PAUSE + 1e-12
+    assert (np.diff(before) <= np.maximum(MAX_SLEEP, AHEAD_SHARE * (due - before[:-1])) + 1e-9).all()
+    assert lateness(times, np.linspace(due, 2.99, 100)).max() <= MAX_SLEEP + 1e-9
+    assert lateness(times, np.linspace(0.1, due, 100)).max() <= AHEAD_PAUSE + 1e-9  # reports that come early
 
 
 @pytest.fixture
@@ -19,6 +70,7 @@ def wire():
     w.comm.Barrier()
 
 
+@mpi
 def test_bcast_counts_one_copy_per_learner(wire):
     buf = np.arange(10, dtype=np.float32) if wire.is_server else np.zeros(10, np.float32)
     out = wire.bcast(buf)
@@ -28,6 +80,7 @@ def test_bcast_counts_one_copy_per_learner(wire):
     assert up == 0
 
 
+@mpi
 def test_reduce_sum_is_the_sum_of_learner_buffers(wire):
     mine = np.full(5, wire.rank, np.float32)
     out = wire.reduce_sum(mine)
@@ -38,6 +91,7 @@ def test_reduce_sum_is_the_sum_of_learner_buffers(wire):
         assert out is None and wire.bytes_up == 20
 
 
+@mpi
 def test_gatherv_delivers_each_learners_bytes(wire):
     mine = None if wire.is_server else np.full(wire.rank * 3, wire.rank, np.uint8)
     out = wire.gatherv(mine)
@@ -49,6 +103,7 @@ def test_gatherv_delivers_each_learners_bytes(wire):
         assert wire.bytes_up == 8 + 3 * wire.rank
 
 
+@mpi
 def test_direct_messages_count_at_the_server_both_ways(wire):
     """The start mask's exchange: the server counts what it sends as downlink and what it receives as uplink."""
     if wire.is_server:
@@ -61,6 +116,7 @@ def test_direct_messages_count_at_the_server_both_ways(wire):
         assert wire.reset_counters() == (0, 3)
 
 
+@mpi
 def test_model_frame_round_trip(wire):
     payload = np.arange(7, dtype=np.uint8)
     if wire.is_server:
@@ -72,6 +128,7 @@ def test_model_frame_round_trip(wire):
         wire.report(np.zeros(1))
 
 
+@mpi
 def test_late_learner_is_named_by_the_deadline(wire):
     from fedmpi.wire import TAG_REPORT, RoundTimeout
 
@@ -88,6 +145,7 @@ def test_late_learner_is_named_by_the_deadline(wire):
         wire.report(np.ones(2))
 
 
+@mpi
 def test_a_vanished_peer_on_this_host_is_named(wire):
     import subprocess
     import sys
@@ -103,6 +161,7 @@ def test_a_vanished_peer_on_this_host_is_named(wire):
     wire.peers = {}
 
 
+@mpi
 def test_a_silent_rank_is_named_by_the_gather_deadline(wire):
     """Start-up exchanges are point to point, so the server names who sent nothing; a learner waiting on
     the server names the server."""
@@ -132,6 +191,7 @@ def test_a_silent_rank_is_named_by_the_gather_deadline(wire):
     wire.patience = None
 
 
+@mpi
 def test_one_wait_can_be_given_its_own_patience(wire):
     """The cohort wait allows minutes where start-up allows seconds, without changing the Wire's patience."""
     wire.patience = 0.3
