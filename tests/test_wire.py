@@ -6,7 +6,16 @@ import time
 import numpy as np
 import pytest
 
-from fedmpi.wire import AHEAD_PAUSE, AHEAD_SHARE, EXPECT_SHARE, LATE_SHARE, MAX_PAUSE, QUICK_SLEEP, QUICK_SPAN, next_pause
+from fedmpi.wire import (
+    AHEAD_PAUSE,
+    AHEAD_SHARE,
+    EXPECT_SHARE,
+    LATE_SHARE,
+    MAX_PAUSE,
+    QUICK_SLEEP,
+    QUICK_SPAN,
+    next_pause,
+)
 
 mpi = pytest.mark.mpi(min_size=3)
 MAX_SLEEP = 0.002
