@@ -101,6 +101,12 @@ def floor(cfg_sets: list[str], learners: int, per_learner: int, rounds: int) -> 
     return walls[1:]
 
 
+def alone(cfg_sets: list[str], per_learner: int) -> float:
+    """Seconds one learner's local steps take with nothing else running: measured at the start and at the
+    end, so that a change in the machine's own speed during the benchmark shows."""
+    return statistics.median(floor(cfg_sets, 1, per_learner, 3))
+
+
 def federation(split: Path, runs: Path, cfg_sets: list[str], learners: int, rounds: int) -> list[dict]:
     """The real trainer's metrics rows, with each round's wall time (`period`) added."""
     proc = run_fedmpi(
@@ -140,12 +146,15 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=4, help="floor/federation pairs, alternated")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to the trainer")
     args = ap.parse_args()
+    if args.rounds < 3:
+        ap.error("--rounds must be at least 3: round 1 is start-up, the last round has no next broadcast to time it")
     cfg_sets = [*WORKLOAD, *args.set]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         split = write_split(tmp / "split", learners=args.learners, per_learner=args.per_learner, test=32, shape=SHAPE)
         print(f"workload: {args.learners} learners x {args.per_learner} volumes {SHAPE}, {' '.join(cfg_sets)}")
         summary = []
+        speed_start = alone(cfg_sets, args.per_learner)
         for rep in range(1, args.repeats + 1):
             floors = floor(cfg_sets, args.learners, args.per_learner, args.rounds)
             rows = federation(split, tmp / "runs", cfg_sets, args.learners, args.rounds)
@@ -172,6 +181,10 @@ def main() -> int:
         print("|---:|---:|---:|---:|---:|")
         for rep, base, fed, ratio, first in summary:
             print(f"| {rep} | {base:.3f} | {fed:.3f} | {ratio:.3f} | {first:.2f} |")
+        print(
+            f"\none learner's round alone (the machine's speed): {speed_start:.3f} s at the start, "
+            f"{alone(cfg_sets, args.per_learner):.3f} s at the end"
+        )
         print("\nparts: " + "; ".join(f"{name} = {text}" for name, _, text in PARTS))
         ratios = np.array([s[3] for s in summary])
         print(
