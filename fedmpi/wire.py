@@ -317,7 +317,7 @@ def next_pause(
 ) -> float:
     """The sleep before a wait's next test, after `pause` and `waited` seconds so far (module docstring). An
     `expected` wait sleeps AHEAD_SHARE of the time to go until EXPECT_SHARE of `expected`, and from there on
-    counts as a fresh wait. Otherwise the sleep grows by a tenth of its floor per test, up to the floor
+    as a wait begun then, from max_sleep. Otherwise the sleep grows by a tenth of its floor per test, up to the floor
     (QUICK_SLEEP for a quick wait's first QUICK_SPAN, else max_sleep) or LATE_SHARE of the time waited, whichever
     is longer, and never past MAX_PAUSE."""
     if expected is not None:
