@@ -41,13 +41,20 @@ print(json.dumps({"applied": applied, "faults": resource.getrusage(resource.RUSA
 """
 
 
-def _steps(mode: str, **env: str) -> dict:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+def _python(code: str, *args: str, **env: str) -> str:
+    """stdout of `code` in a fresh interpreter whose allocator settings are only `env` (none of this shell's)."""
+    clean = {
+        k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")
+    }
     proc = subprocess.run(
-        [sys.executable, "-c", STEPS, mode], env={**clean, **env}, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code, *args], env={**clean, **env}, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    return proc.stdout
+
+
+def _steps(mode: str, **env: str) -> dict:
+    return json.loads(_python(STEPS, mode, **env))
 
 
 @glibc
@@ -72,10 +79,5 @@ def test_training_steps_reuse_freed_memory():
     ],
 )
 def test_the_users_allocator_settings_win(env):
-    code = "from fedmpi.memory import keep_freed_memory; print(keep_freed_memory())"
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    clean.pop("LD_PRELOAD", None)
     # a preload that does not exist only makes the loader warn; the check reads the variable
-    proc = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "False"
+    assert _python("from fedmpi.memory import keep_freed_memory; print(keep_freed_memory())", **env).strip() == "False"
