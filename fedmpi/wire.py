@@ -37,6 +37,7 @@ TAG_REPORT = 11
 TAG_DIRECT = 12
 TAG_ACK = 13
 TAG_GATHER = 14
+MAX_SLEEP = 0.002  # a wait's longest sleep while it is short (the Wire's default)
 LATE_SHARE = 0.004  # a wait's polling may add this fraction of its length (plus max_sleep) to it
 MAX_PAUSE = 0.02
 QUICK_SLEEP = 0.00025  # a quick wait's longest sleep while it is short ...
@@ -77,7 +78,7 @@ class Transport(Protocol):
 class Wire:
     """Moves numpy buffers between the server (rank 0) and the learners (ranks 1..N)."""
 
-    def __init__(self, comm: MPI.Comm | None = None, max_sleep: float = 0.002, patience: float | None = None):
+    def __init__(self, comm: MPI.Comm | None = None, max_sleep: float = MAX_SLEEP, patience: float | None = None):
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()

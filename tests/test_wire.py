@@ -12,13 +12,13 @@ from fedmpi.wire import (
     EXPECT_SHARE,
     LATE_SHARE,
     MAX_PAUSE,
+    MAX_SLEEP,
     QUICK_SLEEP,
     QUICK_SPAN,
     next_pause,
 )
 
 mpi = pytest.mark.mpi(min_size=3)
-MAX_SLEEP = 0.002
 
 
 def wakeups(horizon: float, quick: bool = False, expected: float | None = None) -> np.ndarray:
