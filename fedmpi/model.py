@@ -49,6 +49,28 @@ def auto_pools(input_shape: tuple[int, int, int]) -> int:
     return pools
 
 
+class MaxPool2(nn.MaxPool3d):
+    """MaxPool3d(2) whose inference pass on CPU takes three pairwise maxima of strided views.
+
+    ATen's CPU max_pool3d finds each window's argmax even when no gradient is wanted, and was
+    half of an evaluation's time; the pairwise maxima give the same values about seven times
+    faster. Whenever a gradient may flow (training, SNIP), and on accelerators, ATen's kernel
+    runs as before, so training and its gradients are unchanged bit for bit.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+            return super().forward(x)
+        d, h, w = (n // 2 * 2 for n in x.shape[-3:])  # odd edges are dropped, as MaxPool3d floors
+        x = x[..., :d, :h, :w]
+        x = torch.maximum(x[..., 0::2, :, :], x[..., 1::2, :, :])
+        x = torch.maximum(x[..., 0::2, :], x[..., 1::2, :])
+        return torch.maximum(x[..., 0::2], x[..., 1::2])
+
+
 class BrainAgeCNN(nn.Module):
     """Five conv blocks + 1x1x1 head regressing age from a (B, 1, X, Y, Z) T1 volume.
 
@@ -112,7 +134,7 @@ class BrainAgeCNN(nn.Module):
                 nn.InstanceNorm3d(out_ch, eps=norm_eps, affine=False, track_running_stats=False),
             ]
             if i < self.pools:
-                block.append(nn.MaxPool3d(2))
+                block.append(MaxPool2())
             block.append(nn.ReLU(inplace=True))
             layers.append(nn.Sequential(*block))
             in_ch = out_ch

@@ -1,9 +1,12 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 from fedmpi.model import (
     BrainAgeCNN,
+    MaxPool2,
     auto_pools,
     flat_parameters,
     layer_sparsity,
@@ -40,6 +43,39 @@ def test_only_first_pools_blocks_pool():
     model = BrainAgeCNN((45, 54, 45), width=0.125)
     has_pool = [any(isinstance(m, torch.nn.MaxPool3d) for m in block) for block in model.features]
     assert has_pool == [True, True, True, True, False]
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 6, 4), (1, 2, 9, 7, 5), (3, 1, 2, 2, 2)])
+def test_inference_pooling_gives_max_pool3d_values(shape):
+    torch.manual_seed(0)
+    pool = MaxPool2()
+    for x in (torch.randn(shape), torch.randint(-2, 3, shape).float()):  # the second is full of ties
+        with torch.inference_mode():
+            assert torch.equal(pool(x), torch.nn.functional.max_pool3d(x, 2))
+        with torch.no_grad():
+            assert torch.equal(pool(x.contiguous(memory_format=torch.channels_last_3d)), pool(x))
+
+
+def test_training_pooling_is_atens_kernel_so_gradients_are_unchanged():
+    x = torch.randint(-2, 3, (2, 3, 8, 6, 4)).float().requires_grad_()
+    y = MaxPool2()(x)
+    assert type(y.grad_fn).__name__ == "MaxPool3DWithIndicesBackward0"
+    y.sum().backward()
+    ref = x.detach().clone().requires_grad_()
+    torch.nn.functional.max_pool3d(ref, 2).sum().backward()
+    assert torch.equal(x.grad, ref.grad)
+
+
+def test_evaluation_matches_the_model_with_torchs_pooling():
+    model = BrainAgeCNN((21, 24, 19), width=0.125).eval()
+    reference = copy.deepcopy(model)
+    for block in reference.features:
+        for i, layer in enumerate(block):
+            if isinstance(layer, MaxPool2):
+                block[i] = torch.nn.MaxPool3d(2)
+    x = torch.randn(3, 1, 21, 24, 19)
+    with torch.inference_mode():
+        assert torch.equal(model(x), reference(x))
 
 
 @pytest.mark.parametrize(
