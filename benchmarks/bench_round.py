@@ -4,9 +4,11 @@ The compute floor is measured the way learners actually run: N processes (one to
 the trainer gives ranks that share a node's cores), each doing its local SGD steps on in-memory
 batches of the configured model, with a barrier per round and nothing else: no MPI, no server, no
 data loading. The federation is the real CLI under mpirun on the same workload. The two alternate
-(floor, federation, floor, federation, ...) so that machine noise shows, and for every federation
-round the benchmark prints its wall time (between consecutive model broadcasts by the server), the
-floor, their ratio, and where the rest went, from the trainer's own metrics.
+(floor, federation, floor, ..., federation, floor) so that machine noise shows; each federation is
+compared with the mean of the floors just before and just after it, which cancels a steady drift in
+the machine's speed. For every federation round the benchmark prints its wall time (between
+consecutive model broadcasts by the server), the floor, their ratio, and where the rest went, from
+the trainer's own metrics.
 
     python benchmarks/bench_round.py                     # 8 learners x 32 volumes of 40x48x40, width 0.25
     python benchmarks/bench_round.py --repeats 3 --rounds 12 --set federation.algorithm=fedsparsify-local
@@ -143,7 +145,7 @@ def main() -> int:
     ap.add_argument("--learners", type=int, default=8)
     ap.add_argument("--per-learner", type=int, default=32, help="volumes per learner")
     ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=4, help="floor/federation pairs, alternated")
+    ap.add_argument("--repeats", type=int, default=4, help="federations, each between two floors")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to the trainer")
     args = ap.parse_args()
     if args.rounds < 3:
@@ -155,13 +157,14 @@ def main() -> int:
         print(f"workload: {args.learners} learners x {args.per_learner} volumes {SHAPE}, {' '.join(cfg_sets)}")
         summary = []
         speed_start = alone(cfg_sets, args.per_learner)
+        before = statistics.median(floor(cfg_sets, args.learners, args.per_learner, args.rounds))
         for rep in range(1, args.repeats + 1):
-            floors = floor(cfg_sets, args.learners, args.per_learner, args.rounds)
             rows = federation(split, tmp / "runs", cfg_sets, args.learners, args.rounds)
-            base = statistics.median(floors)
+            after = statistics.median(floor(cfg_sets, args.learners, args.per_learner, args.rounds))
+            base = (before + after) / 2
             print(
-                f"\n### repeat {rep}: floor median {base:.3f} s/round "
-                f"(rounds {', '.join(f'{f:.2f}' for f in floors)})\n"
+                f"\n### repeat {rep}: floor {base:.3f} s/round "
+                f"(median round {before:.3f} s before this federation, {after:.3f} s after)\n"
             )
             print(
                 "| round | wall s | floor s | ratio | train (slowest) | "
@@ -177,6 +180,7 @@ def main() -> int:
                 )
             steady = [r["period"] for r in rows[1:]]
             summary.append((rep, base, statistics.median(steady), statistics.median(steady) / base, rows[0]["period"]))
+            before = after
         print("\n| repeat | floor s/round | federation s/round (rounds 2..N, median) | ratio | round 1 s |")
         print("|---:|---:|---:|---:|---:|")
         for rep, base, fed, ratio, first in summary:
@@ -188,8 +192,8 @@ def main() -> int:
         print("\nparts: " + "; ".join(f"{name} = {text}" for name, _, text in PARTS))
         ratios = np.array([s[3] for s in summary])
         print(
-            f"\nsteady-state ratio: median {np.median(ratios):.3f} over {len(ratios)} alternations "
-            f"(each federation against the floor just before it; range {ratios.min():.3f} .. {ratios.max():.3f})"
+            f"\nsteady-state ratio: median {np.median(ratios):.3f} over {len(ratios)} federations (each against "
+            f"the floors just before and after it; range {ratios.min():.3f} .. {ratios.max():.3f})"
         )
     return 0
 
