@@ -49,26 +49,42 @@ def auto_pools(input_shape: tuple[int, int, int]) -> int:
     return pools
 
 
-class MaxPool2(nn.MaxPool3d):
-    """MaxPool3d(2) whose inference pass on CPU takes three pairwise maxima of strided views.
+def max_pool2(x: torch.Tensor) -> torch.Tensor:
+    """MaxPool3d(2)'s values as three pairwise maxima of strided views (odd edges dropped, as MaxPool3d
+    floors). ATen's CPU max_pool3d finds each window's argmax even when no gradient is wanted; this is
+    about seven times faster, and has no gradient routing of its own, so it serves inference only."""
+    d, h, w = (n // 2 * 2 for n in x.shape[-3:])
+    x = x[..., :d, :h, :w]
+    x = torch.maximum(x[..., 0::2, :, :], x[..., 1::2, :, :])
+    x = torch.maximum(x[..., 0::2, :], x[..., 1::2, :])
+    return torch.maximum(x[..., 0::2], x[..., 1::2])
 
-    ATen's CPU max_pool3d finds each window's argmax even when no gradient is wanted, and took
-    40% of an evaluation's time; the pairwise maxima give the same values about seven times
-    faster. Whenever a gradient may flow (training, SNIP), and on accelerators, ATen's kernel
-    runs as before, so training and its gradients are unchanged bit for bit.
+
+class ConvBlock(nn.Sequential):
+    """Conv3d 3x3x3 -> InstanceNorm3d (no affine) -> [MaxPool3d(2)] -> ReLU.
+
+    With autograd on (training, SNIP, attacks) and on accelerators, the layers run as listed, so training
+    and its gradients are exactly PyTorch's. Inference on a CPU in float32 runs the same function
+    reordered, because evaluation shares the learners' cores: the norm's mean and variance come from the
+    convolution's output, but its scaling and the ReLU are applied after the pooling, to an eighth of the
+    voxels (both are monotone, so they commute with max), and the pooling takes pairwise maxima
+    (max_pool2). The values equal the listed order's up to float rounding; 32 evaluation volumes at width
+    0.25 take about 20% less time.
     """
 
-    def __init__(self) -> None:
-        super().__init__(2)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
-            return super().forward(x)
-        d, h, w = (n // 2 * 2 for n in x.shape[-3:])  # odd edges are dropped, as MaxPool3d floors
-        x = x[..., :d, :h, :w]
-        x = torch.maximum(x[..., 0::2, :, :], x[..., 1::2, :, :])
-        x = torch.maximum(x[..., 0::2, :], x[..., 1::2, :])
-        return torch.maximum(x[..., 0::2], x[..., 1::2])
+        conv, norm = self[0], self[1]
+        y = conv(x)
+        if y.device.type != "cpu" or y.dtype != torch.float32 or torch.is_grad_enabled():
+            for layer in list(self)[1:]:
+                y = layer(y)
+            return y
+        dims = (2, 3, 4)
+        centred = y.sub_(y.mean(dims, keepdim=True))
+        var = torch.linalg.vector_norm(centred, dim=dims, keepdim=True).square_() / centred[0, 0].numel()
+        if len(self) == 4:
+            centred = max_pool2(centred)
+        return centred.mul_(var.add_(norm.eps).rsqrt_()).relu_()
 
 
 class BrainAgeCNN(nn.Module):
@@ -134,9 +150,9 @@ class BrainAgeCNN(nn.Module):
                 nn.InstanceNorm3d(out_ch, eps=norm_eps, affine=False, track_running_stats=False),
             ]
             if i < self.pools:
-                block.append(MaxPool2())
+                block.append(nn.MaxPool3d(2))
             block.append(nn.ReLU(inplace=True))
-            layers.append(nn.Sequential(*block))
+            layers.append(ConvBlock(*block))
             in_ch = out_ch
         self.features = nn.Sequential(*layers)
         head_ch = _scaled(HEAD_CHANNELS, width)

@@ -1,16 +1,15 @@
-import copy
-
 import numpy as np
 import pytest
 import torch
 
 from fedmpi.model import (
     BrainAgeCNN,
-    MaxPool2,
+    ConvBlock,
     auto_pools,
     flat_parameters,
     layer_sparsity,
     load_flat_parameters,
+    max_pool2,
     parameter_layout,
 )
 
@@ -46,36 +45,59 @@ def test_only_first_pools_blocks_pool():
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 8, 6, 4), (1, 2, 9, 7, 5), (3, 1, 2, 2, 2)])
-def test_inference_pooling_gives_max_pool3d_values(shape):
+def test_pairwise_pooling_gives_max_pool3d_values(shape):
     torch.manual_seed(0)
-    pool = MaxPool2()
     for x in (torch.randn(shape), torch.randint(-2, 3, shape).float()):  # the second is full of ties
-        with torch.inference_mode():
-            assert torch.equal(pool(x), torch.nn.functional.max_pool3d(x, 2))
-        with torch.no_grad():
-            assert torch.equal(pool(x.contiguous(memory_format=torch.channels_last_3d)), pool(x))
+        assert torch.equal(max_pool2(x), torch.nn.functional.max_pool3d(x, 2))
+        assert torch.equal(max_pool2(x.contiguous(memory_format=torch.channels_last_3d)), max_pool2(x))
 
 
-def test_training_pooling_is_atens_kernel_so_gradients_are_unchanged():
-    x = torch.randint(-2, 3, (2, 3, 8, 6, 4)).float().requires_grad_()
-    y = MaxPool2()(x)
-    assert type(y.grad_fn).__name__ == "MaxPool3DWithIndicesBackward0"
-    y.sum().backward()
-    ref = x.detach().clone().requires_grad_()
-    torch.nn.functional.max_pool3d(ref, 2).sum().backward()
-    assert torch.equal(x.grad, ref.grad)
+def _block(pool: bool) -> ConvBlock:
+    torch.manual_seed(0)
+    layers = [torch.nn.Conv3d(2, 3, 3, padding=1), torch.nn.InstanceNorm3d(3, eps=1e-3)]
+    return ConvBlock(*layers, *([torch.nn.MaxPool3d(2)] if pool else []), torch.nn.ReLU(inplace=True))
 
 
-def test_evaluation_matches_the_model_with_torchs_pooling():
+def _listed_order(block: ConvBlock, x: torch.Tensor) -> torch.Tensor:
+    for layer in block:
+        x = layer(x)
+    return x
+
+
+@pytest.mark.parametrize("pool", [True, False])
+def test_block_training_runs_the_layers_as_listed_so_gradients_are_torchs(pool):
+    block, x = _block(pool), torch.randn(2, 2, 9, 8, 7)
+    block(x).square().sum().backward()
+    grads = [p.grad.clone() for p in block.parameters()]
+    block.zero_grad()
+    _listed_order(block, x).square().sum().backward()
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, block.parameters()))
+
+
+@pytest.mark.parametrize("pool", [True, False])
+def test_block_inference_reorders_to_the_same_values(pool):
+    block = _block(pool)
+    x = torch.randn(2, 2, 9, 8, 7) * 3 + 5  # a mean far from zero, as a convolution's output may have
+    with torch.no_grad():
+        reference = _listed_order(block, x)
+        fast = block(x)
+        assert fast.shape == reference.shape and (fast > 0).any() and (fast == 0).any()
+        torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(block(x.contiguous(memory_format=torch.channels_last_3d)), reference)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16 convolution: the layers as listed
+            assert torch.equal(block(x), _listed_order(block, x))
+
+
+def test_evaluation_matches_the_model_run_layer_by_layer():
+    torch.manual_seed(0)
     model = BrainAgeCNN((21, 24, 19), width=0.125).eval()
-    reference = copy.deepcopy(model)
-    for block in reference.features:
-        for i, layer in enumerate(block):
-            if isinstance(layer, MaxPool2):
-                block[i] = torch.nn.MaxPool3d(2)
     x = torch.randn(3, 1, 21, 24, 19)
     with torch.inference_mode():
-        assert torch.equal(model(x), reference(x))
+        h = x
+        for block in model.features:
+            h = _listed_order(block, h)
+        reference = model.output(model.head(h)).flatten()
+        torch.testing.assert_close(model(x), reference, rtol=1e-6, atol=1e-4)
 
 
 @pytest.mark.parametrize(
