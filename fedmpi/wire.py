@@ -37,6 +37,8 @@ TAG_REPORT = 11
 TAG_DIRECT = 12
 TAG_ACK = 13
 TAG_GATHER = 14
+TAG_HEADER = 15
+TAG_MODEL = 16
 MAX_SLEEP = 0.002  # a wait's longest sleep while it is short (the Wire's default)
 LATE_SHARE = 0.004  # a wait's polling may add this fraction of its length (plus max_sleep) to it
 MAX_PAUSE = 0.02
@@ -284,28 +286,37 @@ class Wire:
     # The model exchange of one round, framed as header + payload.
 
     def send_model(self, round_: int, payload: np.ndarray, nnz: int, flags: int, patience: float = 0.0) -> None:
-        """Server: broadcast the round header, then the payload (uint8). `patience`: seconds the learners
-        should wait for the next header (this round's training plus the server's evaluation and checkpoint)."""
+        """Server: the round header, then the payload (uint8), to each learner point to point. Each learner's
+        copy completes when that learner next polls; a broadcast's tree or ring would wait, hop by hop, for
+        every rank on its path, on cores where most ranks sleep. `patience`: seconds the learners should
+        wait for the next header (this round's training plus the server's evaluation and checkpoint)."""
         header = np.array([round_, flags, payload.nbytes, nnz, round(patience * 1000)], dtype=np.int64)
         if not flags & FLAG_STOP:
             self._acks = {k: self.comm.Irecv(self._ack_rows[k], source=k, tag=TAG_ACK) for k in range(1, self.size)}
             self.bytes_up += self._ack_rows[1:].nbytes
-        self.bcast(header, "round header", quick=True)
-        if payload.nbytes:
-            self.bcast(payload.view(np.uint8), "model", quick=True)
+        payload = _contiguous(payload.view(np.uint8))
+        pending = {}
+        for k in range(1, self.size):
+            pending[k] = self.comm.Isend(header, dest=k, tag=TAG_HEADER)
+            if payload.nbytes:
+                pending[-k] = self.comm.Isend(payload, dest=k, tag=TAG_MODEL)
+        self._count_down(header.nbytes + payload.nbytes)
+        self._poll(lambda: _complete(pending), "the model", quick=True)
+        self._check("the model", None, force=True)
 
     def recv_model(self) -> tuple[int, int, int, np.ndarray]:
         """Learner: (round, flags, nnz, payload), waiting at most `next_patience` seconds for the header. The
         header says how long to wait for the next one; every wait of the round on the server (the model, the
         report, the payload's collective, which completes with the slowest learner's) gets that long too."""
         self.patience = self.next_patience
-        header = self.bcast(np.zeros(HEADER, dtype=np.int64), "the next round's model")
+        header = np.zeros(HEADER, dtype=np.int64)
+        self._wait(self.comm.Irecv(header, source=SERVER, tag=TAG_HEADER), "the next round's model")
         round_, flags, nbytes, nnz, patience_ms = (int(v) for v in header)
         if patience_ms > 0:
             self.patience = self.next_patience = patience_ms / 1000
         payload = np.empty(nbytes, dtype=np.uint8)
         if nbytes:
-            self.bcast(payload, "model", quick=True)
+            self._wait(self.comm.Irecv(payload, source=SERVER, tag=TAG_MODEL), "model", quick=True)
         if not flags & FLAG_STOP:  # tells the server's watchdog this learner is alive and has the model
             ack = np.array([round_], np.int64)
             self.bytes_up += ack.nbytes

@@ -127,14 +127,21 @@ def test_direct_messages_count_at_the_server_both_ways(wire):
 
 @mpi
 def test_model_frame_round_trip(wire):
-    payload = np.arange(7, dtype=np.uint8)
+    from fedmpi.wire import FLAG_STOP, HEADER
+
+    values = np.arange(7, dtype=np.float32) / 3  # a float32 model goes out as its bytes
     if wire.is_server:
-        wire.send_model(3, payload, 5, 1)
+        wire.reset_counters()
+        wire.send_model(3, values, 5, 1)
+        assert wire.reset_counters()[0] == (8 * HEADER + values.nbytes) * wire.learners
         wire.collect_reports(1)
         assert not wire._acks, "every acknowledgement was collected"
+        wire.send_model(3, np.zeros(0, np.uint8), 0, FLAG_STOP)
     else:
-        assert wire.recv_model()[:3] == (3, 1, 5)
+        round_, flags, nnz, payload = wire.recv_model()
+        assert (round_, flags, nnz) == (3, 1, 5) and np.array_equal(payload.view(np.float32), values)
         wire.report(np.zeros(1))
+        assert wire.recv_model()[:3] == (3, FLAG_STOP, 0)
 
 
 @mpi
