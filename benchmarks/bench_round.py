@@ -7,7 +7,7 @@ data loading. The federation is the real CLI under mpirun on the same workload. 
 (floor, federation, floor, ..., federation, floor) so that machine noise shows; each federation is
 compared with the mean of the floors just before and just after it, which cancels a steady drift in
 the machine's speed. For every federation round the benchmark prints its wall time (between
-consecutive model broadcasts by the server), the floor, their ratio, and where the rest went, from
+consecutive model sends by the server), the floor, their ratio, and where the rest went, from
 the trainer's own metrics.
 
     python benchmarks/bench_round.py                     # 8 learners x 32 volumes of 40x48x40, width 0.25
@@ -124,7 +124,7 @@ def federation(split: Path, runs: Path, cfg_sets: list[str], learners: int, roun
     if proc.returncode:
         sys.exit(proc.stdout + proc.stderr)
     rows = metrics(runs / "bench")
-    for r, nxt in zip(rows, rows[1:]):  # the last round has no next broadcast to end it: not timed
+    for r, nxt in zip(rows, rows[1:]):  # the last round has no next model sent to end it: not timed
         r["period"] = nxt["started"] - r["started"]
     return rows[:-1]
 
@@ -132,7 +132,7 @@ def federation(split: Path, runs: Path, cfg_sets: list[str], learners: int, roun
 PARTS = (
     ("setup", "seconds_setup", "learner: model in, masks, loader"),
     ("encode", "seconds_encode", "learner: flat copy, encode, report"),
-    ("send", "seconds_send", "server: encode + broadcast"),
+    ("send", "seconds_send", "server: encode + send the model"),
     ("collect", "seconds_collect", "reduce/gather after the reports"),
     ("aggregate", "seconds_aggregate", "server: decode, aggregate, prune"),
     ("eval", "seconds_eval", "server: evaluation (overlapped)"),
@@ -149,7 +149,7 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to the trainer")
     args = ap.parse_args()
     if args.rounds < 3:
-        ap.error("--rounds must be at least 3: round 1 is start-up, the last round has no next broadcast to time it")
+        ap.error("--rounds must be at least 3: round 1 is start-up, the last round has no next model sent to time it")
     cfg_sets = [*WORKLOAD, *args.set]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
