@@ -299,7 +299,9 @@ def background_thread() -> ThreadPoolExecutor:
 
 def _lower_priority() -> None:
     """Run the calling thread RECORDER_NICENESS lower than the process (Linux schedules threads separately;
-    elsewhere a no-op)."""
+    elsewhere a no-op). Nice orders threads within one scheduling group: where each rank is a group of its
+    own (autogroups: hydra's mpirun starts every rank in a new session), it yields only to the server's
+    own thread, and competes with each learner as an equal."""
     with contextlib.suppress(AttributeError, OSError):
         tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + RECORDER_NICENESS))
