@@ -295,11 +295,10 @@ class Wire:
             self._acks = {k: self.comm.Irecv(self._ack_rows[k], source=k, tag=TAG_ACK) for k in range(1, self.size)}
             self.bytes_up += self._ack_rows[1:].nbytes
         payload = _contiguous(payload.view(np.uint8))
-        pending = {}
-        for k in range(1, self.size):
-            pending[k] = self.comm.Isend(header, dest=k, tag=TAG_HEADER)
-            if payload.nbytes:
-                pending[-k] = self.comm.Isend(payload, dest=k, tag=TAG_MODEL)
+        learners = range(1, self.size)
+        pending = {(k, TAG_HEADER): self.comm.Isend(header, dest=k, tag=TAG_HEADER) for k in learners}
+        if payload.nbytes:
+            pending.update({(k, TAG_MODEL): self.comm.Isend(payload, dest=k, tag=TAG_MODEL) for k in learners})
         self._count_down(header.nbytes + payload.nbytes)
         self._poll(lambda: _complete(pending), "the model", quick=True)
         self._check("the model", None, force=True)
