@@ -47,6 +47,7 @@ bench: setup
 	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/bench_comm.py
 	$(PY) benchmarks/bench_round.py
+	$(PY) benchmarks/bench_mpi_floor.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
