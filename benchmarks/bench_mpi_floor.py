@@ -70,9 +70,7 @@ def mpi_floor(learners: int, per_learner: int, rounds: int) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--learners", type=int, default=8)
-    ap.add_argument("--per-learner", type=int, default=32, help="volumes per learner")
-    ap.add_argument("--rounds", type=int, default=8)
+    bench_round.add_workload_arguments(ap)
     ap.add_argument("--repeats", type=int, default=3, help="MPI floors, each between two plain floors")
     ap.add_argument("--rank", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()

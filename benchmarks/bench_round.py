@@ -140,11 +140,16 @@ PARTS = (
 )
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_workload_arguments(ap: argparse.ArgumentParser) -> None:
+    """The default workload's size (issue #10's), shared with bench_mpi_floor.py."""
     ap.add_argument("--learners", type=int, default=8)
     ap.add_argument("--per-learner", type=int, default=32, help="volumes per learner")
     ap.add_argument("--rounds", type=int, default=8)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_workload_arguments(ap)
     ap.add_argument("--repeats", type=int, default=4, help="federations, each between two floors")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to the trainer")
     args = ap.parse_args()
