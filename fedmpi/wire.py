@@ -48,6 +48,8 @@ AHEAD_SHARE = 0.25  # sleep this share of the time still to go until an expected
 AHEAD_PAUSE = 0.1  # ... but no longer than this, in case it comes early
 EXPECT_SHARE = 0.9  # an answer is due after this share of the last same wait's length
 REPORT_WAITS = 3  # the server expects the reports after the shortest of this many last waits for them
+LEARNER_GRACE = 3.0  # a learner that finds a rank on its host gone waits this long before saying so itself
+STOPPED_STATES = ("T", "t")  # /proc states of a process stopped by a signal or by a tracer
 
 # Round header sent ahead of each model: round, flags, payload bytes, kept values, and how many
 # milliseconds the learners should wait for the next header before declaring the server silent.
@@ -134,12 +136,18 @@ class Wire:
 
     def _check(self, what: str, limit: float | None, force: bool = False, late=lambda: "") -> None:
         """While waiting: the deadline, and (once a second, or when forced) that the ranks on this host still
-        exist. Launchers normally end the job when a rank dies; this makes sure of it."""
+        exist. Launchers normally end the job when a rank dies; this makes sure of it. A learner that finds a
+        rank gone waits LEARNER_GRACE first: the server's own message, or the launcher's end of the job after
+        it (slow under Open MPI), comes first, so that the user reads the cause and not its echoes."""
         now = time.monotonic()
         if limit is not None and now > limit:
             if self.deadline is not None:
-                raise RoundTimeout(f"round deadline passed while waiting for {what}{late()}{self._silent()}")
-            raise RoundTimeout(f"no answer within {self.patience:.0f} s while waiting for {what}{late()}")
+                raise RoundTimeout(
+                    f"round deadline passed while waiting for {what}{late()}{self._silent()}{self._stopped()}"
+                )
+            raise RoundTimeout(
+                f"no answer within {self.patience:.0f} s while waiting for {what}{late()}{self._stopped()}"
+            )
         if now < self._next_check and not force:
             return
         self._next_check = now + 1.0
@@ -147,6 +155,8 @@ class Wire:
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:
+                if not self.is_server:  # the server names it, or the launcher ends the job: one message
+                    time.sleep(LEARNER_GRACE)
                 raise PeerLost(f"rank {rank} ({role(rank)}, pid {pid}) is gone while waiting for {what}") from None
 
     def _silent(self) -> str:
@@ -156,6 +166,13 @@ class Wire:
         if not missing:
             return ""
         return "; no acknowledgement of the model from " + ", ".join(f"learner {k} (rank {k})" for k in missing)
+
+    def _stopped(self) -> str:
+        """Name the ranks on this host whose process is stopped (SIGSTOP, job control, a debugger): alive to
+        every check, yet silent. Such a rank may be stuck inside a collective after it reported, where no
+        request says who is missing."""
+        stopped = [(r, pid) for r, pid in sorted(self.peers.items()) if process_state(pid) in STOPPED_STATES]
+        return "".join(f"; {role(r)} (rank {r}) is stopped on this host (pid {pid})" for r, pid in stopped)
 
     @staticmethod
     def _cancel(requests: dict) -> None:
@@ -339,6 +356,18 @@ def next_pause(
         pause = min(pause, max_sleep)
     floor = QUICK_SLEEP if quick and waited < QUICK_SPAN else max_sleep
     return min(pause + floor / 10, max(floor, LATE_SHARE * waited), MAX_PAUSE)
+
+
+def process_state(pid: int) -> str:
+    """The state letter of a process on this host (Linux /proc: R running, S sleeping, T stopped, ...), or ""
+    where it cannot be read (gone, or not Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read().decode(errors="replace")
+    except OSError:
+        return ""
+    fields = stat[stat.rfind(")") + 1 :].split()  # the command name in parentheses may hold spaces
+    return fields[0] if fields else ""
 
 
 def _complete(pending: dict) -> bool:

@@ -1,21 +1,30 @@
 """The transport: the polling rule (plain tests), and the wire itself under mpirun
 (`mpirun -n 3 python -m pytest --with-mpi -m mpi tests/test_wire.py`)."""
 
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
+from mpi4py import MPI
 
+from fedmpi.errors import RoundTimeout
 from fedmpi.wire import (
     AHEAD_PAUSE,
     AHEAD_SHARE,
     EXPECT_SHARE,
     LATE_SHARE,
+    LEARNER_GRACE,
     MAX_PAUSE,
     MAX_SLEEP,
     QUICK_SLEEP,
     QUICK_SPAN,
+    Wire,
     next_pause,
+    process_state,
 )
 
 mpi = pytest.mark.mpi(min_size=3)
@@ -77,6 +86,29 @@ def wire():
     w = Wire(MPI.COMM_WORLD)
     yield w
     w.comm.Barrier()
+
+
+def test_a_stopped_rank_on_this_host_is_named_when_the_wait_gives_up():
+    """A stopped process passes every liveness check yet answers nothing, even from inside a collective where
+    no request says who is missing: the timeout names it from its /proc state."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert process_state(os.getpid()) == "R"
+        os.kill(child.pid, signal.SIGSTOP)
+        began = time.monotonic()
+        while process_state(child.pid) != "T" and time.monotonic() - began < 10:
+            time.sleep(0.01)
+        wire = Wire(MPI.COMM_SELF, patience=0.05)
+        wire.peers = {1: os.getpid(), 2: child.pid}  # learner 1 runs, learner 2 is stopped
+        with pytest.raises(
+            RoundTimeout,
+            match=rf"waiting for the sum; learner 2 \(rank 2\) is stopped on this host \(pid {child.pid}\)$",
+        ):
+            wire._poll(lambda: False, "the sum")
+    finally:
+        child.kill()
+        child.wait()
+    assert process_state(child.pid) == ""  # gone: nothing to read
 
 
 @mpi
@@ -172,8 +204,11 @@ def test_a_vanished_peer_on_this_host_is_named(wire):
     gone.wait()
     wire.peers = {7: gone.pid}
     wire._next_check = 0.0
+    began = time.monotonic()
     with pytest.raises(PeerLost, match=rf"rank 7 \(learner 7, pid {gone.pid}\) is gone while waiting for x"):
         wire._check("x", None)
+    waited = time.monotonic() - began
+    assert waited < 1.0 if wire.is_server else waited >= LEARNER_GRACE  # learners leave the word to the server
     wire.peers = {}
 
 
