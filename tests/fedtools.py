@@ -3,6 +3,7 @@ and a runner for the real CLI under the venv's mpirun."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -117,27 +118,49 @@ def rank_process(job: subprocess.Popen, rank: int, timeout: float = 30) -> int:
     FEDMPI_TEST_JOB marker in their environment (Open MPI's daemons, not mpirun, are their parents)."""
     import time
 
-    job_mark = f"FEDMPI_TEST_JOB={job.marker}".encode()
     marks = (f"PMI_RANK={rank}".encode(), f"OMPI_COMM_WORLD_RANK={rank}".encode())
-
-    def environ(pid: int) -> list[bytes]:
-        with open(f"/proc/{pid}/environ", "rb") as fh:
-            return fh.read().split(b"\0")
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
+        for pid, env in job_processes(job):
             try:
-                env = environ(int(entry))
-                if job_mark not in env or not any(m in env for m in marks):
+                if not any(m in env for m in marks):
                     continue
-                with open(f"/proc/{entry}/stat") as fh:
+                with open(f"/proc/{pid}/stat") as fh:
                     parent = int(fh.read().rsplit(")", 1)[1].split()[1])
-                if any(m in environ(parent) for m in marks):
-                    return int(entry)
+                if any(m in _environ(parent) for m in marks):
+                    return pid
             except OSError:
                 continue
         time.sleep(0.01)
     raise TimeoutError(f"rank {rank} of job {job.pid} did not appear")
+
+
+def job_processes(job: subprocess.Popen):
+    """(pid, environment) of every process carrying `job`'s FEDMPI_TEST_JOB marker."""
+    job_mark = f"FEDMPI_TEST_JOB={job.marker}".encode()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                env = _environ(int(entry))
+            except OSError:
+                continue
+            if job_mark in env:
+                yield int(entry), env
+
+
+def kill_job(job: subprocess.Popen) -> None:
+    """SIGKILL a start_fedmpi job as a node failure would: the launcher's process group and every process
+    of the job, since Open MPI's ranks are not in mpirun's group and outlive it, writing on."""
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(job.pid, signal.SIGKILL)
+    for pid, _env in job_processes(job):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    job.wait()
+
+
+def _environ(pid: int) -> list[bytes]:
+    with open(f"/proc/{pid}/environ", "rb") as fh:
+        return fh.read().split(b"\0")
