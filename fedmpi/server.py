@@ -131,8 +131,11 @@ class Server:
         self.rec.record(snapshot, row, evaluate_now=snapshot.round % every == 0 or snapshot.round == last)
 
     def send(self, state: State, t: int, mask_changed: bool) -> Sending:
-        """Round t's model to every learner: the values, with the mask when it changed."""
+        """Round t's model to every learner: the values, with the mask when it changed. The round's deadline
+        starts here: a learner that does not take its model (stopped, hung) is named by it, before the
+        learners that took theirs give up on the server."""
         self.wire.reset_counters()
+        self.wire.deadline = time.monotonic() + self.cfg.run.round_timeout
         started, wall = time.perf_counter(), time.time()
         nnz = int(state.mask.sum())
         patience = self.learner_patience()
@@ -147,7 +150,6 @@ class Server:
         """The learners' reports and models for round t (sent out as `sending` says), aggregated and pruned
         into the new global state."""
         wire, n, f = self.wire, state.values.size, self.cfg.federation
-        wire.deadline = time.monotonic() + self.cfg.run.round_timeout
         nnz = int(state.mask.sum())
         reconfigure = reconfigures(self.cfg, t)
         reports = records(wire.collect_reports(width(REPORT)), REPORT)

@@ -1,5 +1,7 @@
 """The server's validation of learner payloads, with a stand-in wire (no MPI)."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -29,7 +31,7 @@ class FakeWire:
         return 0, 0
 
     def send_model(self, *args):
-        pass
+        self.deadline_at_send = self.deadline
 
     def collect_reports(self, width):
         return np.asarray(self.reports, dtype=np.float64)
@@ -100,6 +102,17 @@ def test_bad_reports_are_refused_before_the_reduce(reports, message):
     with pytest.raises(PayloadError, match=message.replace("(", r"\(").replace(")", r"\)")):
         _round(server, state, 1, True)
     assert state.round == 0 and np.array_equal(state.values, before)
+
+
+def test_the_round_deadline_runs_from_the_models_send_to_the_aggregate():
+    """A learner stopped before it takes its model is named by the server's deadline: the send is in it."""
+    wire = FakeWire([_report(160), _report(160)], summed=np.zeros(40, np.float32))
+    server = _server("fedsparsify-global", wire)
+    server.cfg.run.round_timeout = 20.0
+    before = time.monotonic()
+    _round(server, _state(), 1, True)
+    assert before + 20.0 <= wire.deadline_at_send <= time.monotonic() + 20.0
+    assert wire.deadline is None
 
 
 def test_non_finite_aggregate_leaves_the_global_model_untouched():

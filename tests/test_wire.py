@@ -177,6 +177,30 @@ def test_model_frame_round_trip(wire):
 
 
 @mpi
+def test_a_learner_that_does_not_take_its_model_is_named_by_the_round_deadline(wire):
+    """The model's send is inside the round deadline (Server.send): the learner that acknowledged nothing is
+    named, before the learners that took their model give up on a silent server."""
+    from fedmpi.wire import TAG_ACK
+
+    payload = np.arange(200_000, dtype=np.uint32).view(np.uint8)  # past eager size: the send waits for the receiver
+    if wire.is_server:
+        wire.deadline = time.monotonic() + 0.5
+        with pytest.raises(
+            RoundTimeout,
+            match=r"round deadline passed while waiting for the model; no acknowledgement of the model from "
+            r"learner 2 \(rank 2\)$",
+        ):
+            wire.send_model(1, payload, 0, 0)
+        wire.deadline = None
+        wire.comm.Recv(np.zeros(1, np.int64), source=2, tag=TAG_ACK)  # drain the late acknowledgement
+    else:
+        if wire.rank == 2:
+            time.sleep(1.5)
+        round_, _flags, _nnz, got = wire.recv_model()
+        assert round_ == 1 and np.array_equal(got, payload)
+
+
+@mpi
 def test_late_learner_is_named_by_the_deadline(wire):
     from fedmpi.wire import TAG_REPORT, RoundTimeout
 
