@@ -79,10 +79,6 @@ def test_an_expected_wait_sleeps_until_the_answer_is_due():
 
 @pytest.fixture
 def wire():
-    from mpi4py import MPI
-
-    from fedmpi.wire import Wire
-
     w = Wire(MPI.COMM_WORLD)
     yield w
     w.comm.Barrier()
@@ -202,7 +198,7 @@ def test_a_learner_that_does_not_take_its_model_is_named_by_the_round_deadline(w
 
 @mpi
 def test_late_learner_is_named_by_the_deadline(wire):
-    from fedmpi.wire import TAG_REPORT, RoundTimeout
+    from fedmpi.wire import TAG_REPORT
 
     if wire.is_server:
         wire.deadline = time.monotonic() + 0.5
@@ -240,7 +236,7 @@ def test_a_vanished_peer_on_this_host_is_named(wire):
 def test_a_silent_rank_is_named_by_the_gather_deadline(wire):
     """Start-up exchanges are point to point, so the server names who sent nothing; a learner waiting on
     the server names the server."""
-    from fedmpi.wire import TAG_GATHER, RoundTimeout
+    from fedmpi.wire import TAG_GATHER
 
     wire.patience = 0.5
     if wire.is_server:
