@@ -11,7 +11,9 @@ waited; the server's wait for the reports, whose length the previous round tells
 quarter of the time still to go until 90% of that length and 2 ms from there. A quick wait, a
 transfer that every rank has joined (the model going out, the sum coming in after the reports),
 sleeps 0.25 ms for its first 50 ms: MPI moves a large message in several hand-offs,
-each of which waits for the other side's next test.
+each of which waits for the other side's next test. A learner cannot see when the others have
+joined the sum, so once every report is in the server tells the learners so (an empty message,
+the "go"): until then a learner's wait in the sum is a long one, from then on a quick one.
 
 Byte counters follow one convention (see README, "Measured communication"): `bytes_down` is
 what the server hands to MPI for the learners, counted once per receiving learner; `bytes_up`
@@ -39,6 +41,7 @@ TAG_ACK = 13
 TAG_GATHER = 14
 TAG_HEADER = 15
 TAG_MODEL = 16
+TAG_GO = 17
 MAX_SLEEP = 0.002  # a wait's longest sleep while it is short (the Wire's default)
 LATE_SHARE = 0.004  # a wait's polling may add this fraction of its length (plus max_sleep) to it
 MAX_PAUSE = 0.02
@@ -98,6 +101,7 @@ class Wire:
         self._next_check = 0.0
         self._ack_rows = np.zeros((self.size, 1), np.int64)
         self._report_waits: deque[float] = deque(maxlen=REPORT_WAITS)  # server: seconds the last reports took
+        self._go_due = False  # learner: reported this round, the server's go not yet taken
 
     @property
     def learners(self) -> int:
@@ -206,7 +210,8 @@ class Wire:
             self._wait(self.comm.Ireduce(send, out, op=MPI.SUM, root=SERVER), what, quick=True)
             return out
         self.bytes_up += buf.nbytes
-        self._wait(self.comm.Ireduce(buf, None, op=MPI.SUM, root=SERVER), what)
+        summing = self.comm.Ireduce(buf, None, op=MPI.SUM, root=SERVER)
+        self._wait(summing, what, quick=self._take_go(what))
         return None
 
     def gather(self, buf: np.ndarray, out: np.ndarray | None, what: str = "gather") -> np.ndarray | None:
@@ -248,9 +253,21 @@ class Wire:
         buf = _contiguous(buf.view(np.uint8).ravel())
         size = np.array([buf.nbytes], dtype=np.int64)
         self.bytes_up += size.nbytes + buf.nbytes
-        self._wait(self.comm.Igather(size, None, root=SERVER), what + " sizes")
-        self._wait(self.comm.Igatherv(buf, None, root=SERVER), what)
+        sizes = self.comm.Igather(size, None, root=SERVER)
+        quick = self._take_go(what)
+        self._wait(sizes, what + " sizes", quick=quick)
+        self._wait(self.comm.Igatherv(buf, None, root=SERVER), what, quick=quick)
         return None
+
+    def _take_go(self, what: str) -> bool:
+        """Learner, in the collective after its report: wait for the server's go as a long wait (the others
+        may still be training; the tests drive the collective meanwhile). True when it came: every rank is in
+        the collective now, so its wait is a quick one."""
+        if not self._go_due:
+            return False
+        self._go_due = False
+        self._wait(self.comm.Irecv(_GO, source=SERVER, tag=TAG_GO), f"{what} (the other learners' reports)")
+        return True
 
     def report(self, values: np.ndarray) -> None:
         """A learner's small end-of-round report to the server (point to point, so the server can
@@ -258,10 +275,12 @@ class Wire:
         values = _contiguous(values.astype(np.float64))
         self.bytes_up += values.nbytes
         self._wait(self.comm.Isend(values, dest=SERVER, tag=TAG_REPORT), "report", quick=True)
+        self._go_due = True
 
     def collect_reports(self, width: int) -> np.ndarray:
         """Server: one report row per learner; on deadline, name the learners that did not report. The wait
-        expects the reports after about as long as the shortest of the last few such waits (next_pause)."""
+        expects the reports after about as long as the shortest of the last few such waits (next_pause). Once
+        all are in, every learner gets the go (empty: no bytes to count)."""
         rows = np.zeros((self.size, width), dtype=np.float64)
         pending = {k: self.comm.Irecv(rows[k], source=k, tag=TAG_REPORT) for k in range(1, self.size)}
         began = time.monotonic()
@@ -276,6 +295,8 @@ class Wire:
         for k, req in self._acks.items():  # every learner that reported has acknowledged; complete them
             self._wait(req, f"acknowledgement from learner {k}", quick=True)
         self._acks.clear()
+        go = {k: self.comm.Isend(_GO, dest=k, tag=TAG_GO) for k in range(1, self.size)}
+        self._poll(lambda: _complete(go), "the learners' go", quick=True)
         self.bytes_up += rows[1:].nbytes
         return rows[1:]
 
@@ -376,6 +397,9 @@ def _complete(pending: dict) -> bool:
     if MPI.Request.Testall(list(pending.values())):
         pending.clear()
     return not pending
+
+
+_GO = np.zeros(0, np.uint8)  # the go carries nothing: its arrival is the message
 
 
 def _contiguous(buf: np.ndarray) -> np.ndarray:

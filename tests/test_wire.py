@@ -164,12 +164,55 @@ def test_model_frame_round_trip(wire):
         assert wire.reset_counters()[0] == (8 * HEADER + values.nbytes) * wire.learners
         wire.collect_reports(1)
         assert not wire._acks, "every acknowledgement was collected"
+        assert np.array_equal(wire.reduce_sum(np.zeros(2, np.float32)), [wire.learners] * 2)
         wire.send_model(3, np.zeros(0, np.uint8), 0, FLAG_STOP)
     else:
         round_, flags, nnz, payload = wire.recv_model()
         assert (round_, flags, nnz) == (3, 1, 5) and np.array_equal(payload.view(np.float32), values)
         wire.report(np.zeros(1))
+        wire.reduce_sum(np.ones(2, np.float32))  # takes the server's go
         assert wire.recv_model()[:3] == (3, FLAG_STOP, 0)
+
+
+class WaitLog(Wire):
+    """The wire, recording each wait's name and whether it was a quick one."""
+
+    def __init__(self, comm):
+        super().__init__(comm)
+        self.waits: list[tuple[str, bool]] = []
+
+    def _wait(self, request, what, patience=None, quick=False):
+        self.waits.append((what, quick))
+        super()._wait(request, what, patience, quick)
+
+
+@mpi
+def test_after_its_report_a_learner_waits_for_the_go_then_sums_as_a_quick_wait():
+    """Learners cannot see when the last of them has joined the sum: the server's go, sent once every report
+    is in, turns a learner's wait from a long one (the others may still train) into a quick one."""
+    from fedmpi.wire import TAG_GO
+
+    wire = WaitLog(MPI.COMM_WORLD)
+    if wire.is_server:
+        wire.reduce_sum(np.zeros(3, np.float32))  # a sum with no reports before it (start-up, a second sum)
+        wire.collect_reports(1)
+        summed = wire.reduce_sum(np.zeros(3, np.float32))
+        assert np.array_equal(summed, np.full(3, sum(range(1, wire.size)), np.float32))
+        assert wire.reset_counters() == (0, 4 * 3 * wire.learners * 2 + 8 * wire.learners)  # the go is empty
+    else:
+        wire.reduce_sum(np.zeros(3, np.float32))
+        if wire.rank == 1:
+            time.sleep(0.3)  # the last to report: the other learner waits for it as for a long answer
+        wire.report(np.zeros(1))
+        wire.reduce_sum(np.full(3, wire.rank, np.float32))
+        assert wire.waits == [
+            ("reduce", False),
+            ("report", True),
+            ("reduce (the other learners' reports)", False),
+            ("reduce", True),
+        ]
+        assert not wire.comm.Iprobe(source=0, tag=TAG_GO), "one go a round, taken"
+    wire.comm.Barrier()
 
 
 @mpi
