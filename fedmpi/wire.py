@@ -253,9 +253,9 @@ class Wire:
         buf = _contiguous(buf.view(np.uint8).ravel())
         size = np.array([buf.nbytes], dtype=np.int64)
         self.bytes_up += size.nbytes + buf.nbytes
-        sizes = self.comm.Igather(size, None, root=SERVER)
+        sizing = self.comm.Igather(size, None, root=SERVER)
         quick = self._take_go(what)
-        self._wait(sizes, what + " sizes", quick=quick)
+        self._wait(sizing, what + " sizes", quick=quick)
         self._wait(self.comm.Igatherv(buf, None, root=SERVER), what, quick=quick)
         return None
 
