@@ -206,11 +206,13 @@ def synthetic_cohort(
     """Build (once) and return the split directory of the embedded synthetic cohort.
 
     Layout under root/synth-s{subjects}-seed{seed}/: bids/ (NIfTI + participants.tsv),
-    v{voxel}.h5 (preprocessed), split-{distribution}-{learners}/ (learner_k.h5, test.h5,
+    v{voxel}.h5 (preprocessed), split-{distribution}-{learners}-{voxel}mm/ (learner_k.h5, test.h5,
     partition.json; "-test{fraction}" is added to the name when the held-out fraction is not
-    0.2). Each step is skipped when its output exists and each is built under a temporary
-    name and renamed, so an interrupted run never leaves a half cohort. Not safe to call
-    from several processes at once on the same root: call it on one rank, then barrier.
+    0.2). The split's name carries every input that changes its files, so another voxel size never
+    reuses a split cut from the wrong resolution. Each step is skipped when its output exists and
+    each is built under a temporary name and renamed, so an interrupted run never leaves a half
+    cohort. Not safe to call from several processes at once on the same root: call it on one rank,
+    then barrier.
     """
     split.validate(learners, distribution)
     base = Path(root) / f"synth-s{subjects}-seed{seed}"
@@ -220,7 +222,8 @@ def synthetic_cohort(
     h5 = base / f"v{voxel}.h5"
     if not h5.is_file():
         convert.convert(bids_dir, h5, voxel=voxel, workers=workers, progress=progress)
-    out = base / (f"split-{distribution}-{learners}" + ("" if test_fraction == 0.2 else f"-test{test_fraction:g}"))
+    name = f"split-{distribution}-{learners}-{voxel}mm" + ("" if test_fraction == 0.2 else f"-test{test_fraction:g}")
+    out = base / name
     if not (out / "partition.json").is_file():
         split.write_split(h5, out, learners=learners, distribution=distribution, seed=seed, test_fraction=test_fraction)
     return out

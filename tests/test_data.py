@@ -97,7 +97,7 @@ def test_synthetic_cohort_reuses_finished_steps(cohort):
     other = synthetic_cohort(
         cohort.root, subjects=cohort.subjects, seed=cohort.seed, learners=2, distribution="uniform-noniid"
     )
-    assert other.name == "split-uniform-noniid-2" and other.parent == cohort.split.parent
+    assert other.name == "split-uniform-noniid-2-4mm" and other.parent == cohort.split.parent
     assert cohort.h5.stat().st_mtime_ns == stamps[cohort.h5]
     summary = json.loads((other / "partition.json").read_text())
     assert [e["size"] for e in summary["per_learner"]] == [
@@ -105,10 +105,23 @@ def test_synthetic_cohort_reuses_finished_steps(cohort):
     ]
     assert sorted(p.name for p in cohort.split.parent.iterdir()) == [
         "bids",
-        "split-uniform-iid-4",
-        "split-uniform-noniid-2",
+        "split-uniform-iid-4-4mm",
+        "split-uniform-noniid-2-4mm",
         "v4.h5",
     ]
+
+
+def test_another_voxel_size_gets_its_own_split(cohort, tmp_path):
+    """The 4 mm split already exists; asking for 6 mm must cut a split from the 6 mm volumes, not reuse it."""
+    base = tmp_path / cohort.root.name / cohort.bids.parent.name
+    shutil.copytree(cohort.bids, base / "bids")
+    shutil.copy(cohort.h5, base / "v4.h5")
+    four = synthetic_cohort(tmp_path / cohort.root.name, subjects=cohort.subjects, seed=cohort.seed, learners=2)
+    six = synthetic_cohort(tmp_path / cohort.root.name, subjects=cohort.subjects, seed=cohort.seed, learners=2, voxel=6)
+    assert six != four
+    assert VolumeDataset(four / "learner_1.h5").voxel_size == 4.0
+    assert VolumeDataset(six / "learner_1.h5").voxel_size == 6.0
+    assert json.loads((six / "partition.json").read_text())["source"].endswith("v6.h5")
 
 
 def test_synthetic_cohort_validates_before_generating(tmp_path):
