@@ -214,7 +214,8 @@ def synthetic_cohort(
     cohort. Not safe to call from several processes at once on the same root: call it on one rank,
     then barrier.
     """
-    split.validate(learners, distribution)
+    ages = [s.age for s in synth.draw_subjects(subjects, seed)]  # the split's own checks, before minutes of rendering
+    split.partition(ages, learners=learners, distribution=distribution, test_fraction=test_fraction, seed=seed)
     base = Path(root) / f"synth-s{subjects}-seed{seed}"
     bids_dir = base / "bids"
     if not synth.is_complete(bids_dir, subjects, seed):

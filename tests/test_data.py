@@ -127,4 +127,8 @@ def test_another_voxel_size_gets_its_own_split(cohort, tmp_path):
 def test_synthetic_cohort_validates_before_generating(tmp_path):
     with pytest.raises(ValueError, match="must be even"):
         synthetic_cohort(tmp_path, subjects=10, learners=3, distribution="uniform-noniid")
+    with pytest.raises(ValueError, match="training subjects cannot give each of 20 learners"):
+        synthetic_cohort(tmp_path, subjects=240, learners=20, distribution="skewed-noniid")
+    with pytest.raises(ValueError, match="holds out no subject"):
+        synthetic_cohort(tmp_path, subjects=20, learners=2, test_fraction=0.01)
     assert list(tmp_path.iterdir()) == []
