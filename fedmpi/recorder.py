@@ -262,9 +262,9 @@ def start_state(cfg: Config, resume, rec: Recorder, model) -> State:
         rec.log.keep_through(int(meta["round"]))
         print(f"fedmpi: resuming {cfg.run_dir} after round {meta['round']}", flush=True)
         return State(int(meta["round"]), values, mask)
-    for p in rec.checkpoints.paths():
-        p.unlink()
     rec.log.reset()
+    for p in [*rec.checkpoints.paths(), cfg.run_dir / "model.npz", cfg.run_dir / "test_predictions.csv"]:
+        p.unlink(missing_ok=True)
     return initial_state(model)
 
 

@@ -147,5 +147,7 @@ class RunLog:
         return rows
 
     def reset(self) -> None:
-        if self.metrics_path.exists():
-            self.metrics_path.unlink()
+        """Forget an earlier run: its summary first, since that is what marks a run finished (an old one
+        left beside a new run that then crashed would let a plain start replace the new run's checkpoints)."""
+        for path in (self.dir / "summary.json", self.metrics_path):
+            path.unlink(missing_ok=True)

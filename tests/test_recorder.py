@@ -1,11 +1,20 @@
-"""The recorder's background thread: lower priority than the training it overlaps, and nothing else."""
+"""The recorder's background thread (lower priority than the training it overlaps, and nothing else), and
+how a run directory is started afresh."""
 
+import json
 import os
 import threading
+from types import SimpleNamespace
 
 import pytest
+from fedtools import SHAPE
 
-from fedmpi.recorder import RECORDER_NICENESS, background_thread
+from fedmpi.checkpoint import Checkpoints
+from fedmpi.config import load_config
+from fedmpi.errors import ConfigError
+from fedmpi.model import build_model
+from fedmpi.recorder import RECORDER_NICENESS, background_thread, finished, resume_point, start_state
+from fedmpi.runlog import RunLog
 
 
 def _own_niceness() -> int:
@@ -27,3 +36,23 @@ def test_an_error_in_a_record_reaches_the_round_loop():
 
     with background_thread() as recorder, pytest.raises(OSError, match="disk full"):
         recorder.submit(fails).result()
+
+
+def test_a_fresh_start_forgets_the_finished_run_it_replaces(tmp_path):
+    """Run A finished; run B starts over it and crashes after a checkpoint. B must read as unfinished (a plain
+    start refuses to replace it), not as A, and A's model and predictions must not pass for B's."""
+    cfg = load_config(overrides=[f"run.dir={tmp_path}", "run.name=r", "federation.rounds=3"])
+    run = cfg.run_dir
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"rounds": 3}))
+    (run / "model.npz").write_bytes(b"A")
+    (run / "test_predictions.csv").write_text("A")
+    assert finished(cfg) and resume_point(cfg, resume=False, overwrite=False) is None
+    rec = SimpleNamespace(checkpoints=Checkpoints(run / "checkpoints"), log=RunLog(run))
+    state = start_state(cfg, None, rec, build_model(cfg, SHAPE))
+    assert state.round == 0
+    assert sorted(p.name for p in run.iterdir()) == []
+    rec.checkpoints.save(1, state.values, state.mask, {})  # B's first round, then B crashes
+    assert not finished(cfg)
+    with pytest.raises(ConfigError, match="unfinished run; pass --resume"):
+        resume_point(cfg, resume=False, overwrite=False)

@@ -74,8 +74,10 @@ def test_reset_removes_metrics(tmp_path):
     log = RunLog(tmp_path)
     log.reset()  # nothing to remove is fine
     log.append({"round": 1})
+    log.write_summary({"rounds": 1})
     log.reset()
     assert not log.metrics_path.exists() and log.rows() == []
+    assert not (tmp_path / "summary.json").exists()
 
 
 def test_write_config_and_summary_are_json(tmp_path):
