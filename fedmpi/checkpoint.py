@@ -74,7 +74,8 @@ def load_arrays(path: Path) -> tuple[dict[str, np.ndarray], dict]:
 
 
 class Checkpoints:
-    """round-NNNNNN.npz files in one directory, the newest `keep` kept."""
+    """round-NNNNNN.npz files in one directory, the newest `keep` kept (pruned once the round's metrics row is
+    written, since resuming never goes past the rows)."""
 
     def __init__(self, directory: Path, keep: int = 2):
         self.dir = Path(directory)
@@ -88,9 +89,13 @@ class Checkpoints:
     def save(self, round_: int, values: np.ndarray, mask: np.ndarray, meta: dict) -> Path:
         path = self.dir / f"round-{round_:06d}.npz"
         save_arrays(path, {"values": values, "mask": mask}, dict(meta, round=round_))
+        return path
+
+    def prune(self) -> None:
+        """Drop all but the newest `keep`: call it after the newest one's metrics row is written, or a crash in
+        between leaves (with keep=1) only a checkpoint that resuming must skip."""
         for old in self.paths()[: -self.keep]:
             old.unlink()
-        return path
 
     def latest(self, at_most: int | None = None) -> tuple[np.ndarray, np.ndarray, dict] | None:
         """The newest checkpoint that verifies (of round <= at_most: the last round the run recorded, so that

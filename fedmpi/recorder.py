@@ -114,10 +114,13 @@ class Recorder:
         )
         t1 = time.perf_counter()
         every = self.cfg.run.checkpoint_every
-        if every and (state.round % every == 0 or state.round == self.cfg.federation.rounds):
+        saved = every and (state.round % every == 0 or state.round == self.cfg.federation.rounds)
+        if saved:
             self.checkpoint(state)  # before the row: a row never refers to a checkpoint that failed to write
         row["seconds_checkpoint"] = time.perf_counter() - t1
         self.log.append(row)
+        if saved:
+            self.checkpoints.prune()  # after the row: until then the previous checkpoint is the one to resume
         self.progress(row)
         return row
 

@@ -152,6 +152,18 @@ def test_plain_npy_file_is_refused(tmp_path):
 def save_rounds(ckpt, rounds):
     for r in rounds:
         ckpt.save(r, np.full(5, r, dtype=np.float32), np.ones(5, dtype=bool), {"seed": 3})
+        ckpt.prune()
+
+
+def test_keeping_one_checkpoint_still_leaves_one_to_resume_from_a_crash_before_the_row(tmp_path):
+    """keep=1: round 7's checkpoint is written, then the process dies before round 7's metrics row. Resuming
+    may not go past the rows (round 6), so round 6's checkpoint must still be there."""
+    ckpt = Checkpoints(tmp_path, keep=1)
+    save_rounds(ckpt, [6])
+    ckpt.save(7, np.full(5, 7, dtype=np.float32), np.ones(5, dtype=bool), {"seed": 3})
+    assert ckpt.latest(at_most=6)[2]["round"] == 6
+    ckpt.prune()  # once the row is written
+    assert [p.name for p in ckpt.paths()] == ["round-000007.npz"]
 
 
 def test_checkpoints_keep_newest(tmp_path):
