@@ -134,11 +134,13 @@ class Wire:
             limit = began + patience
         pause = 0.0
         while not done():
-            self._check(what, limit, late=late)
+            self._check(what, limit, late=late, patience=patience)
             time.sleep(pause)
             pause = next_pause(pause, time.monotonic() - began, self.max_sleep, quick, expected)
 
-    def _check(self, what: str, limit: float | None, force: bool = False, late=lambda: "") -> None:
+    def _check(
+        self, what: str, limit: float | None, force: bool = False, late=lambda: "", patience: float | None = None
+    ) -> None:
         """While waiting: the deadline, and (once a second, or when forced) that the ranks on this host still
         exist. Launchers normally end the job when a rank dies; this makes sure of it. A learner that finds a
         rank gone waits LEARNER_GRACE first: the server's own message, or the launcher's end of the job after
@@ -149,9 +151,7 @@ class Wire:
                 raise RoundTimeout(
                     f"round deadline passed while waiting for {what}{late()}{self._silent()}{self._stopped()}"
                 )
-            raise RoundTimeout(
-                f"no answer within {self.patience:.0f} s while waiting for {what}{late()}{self._stopped()}"
-            )
+            raise RoundTimeout(f"no answer within {patience:.0f} s while waiting for {what}{late()}{self._stopped()}")
         if now < self._next_check and not force:
             return
         self._next_check = now + 1.0

@@ -305,6 +305,14 @@ def test_a_silent_rank_is_named_by_the_gather_deadline(wire):
     wire.patience = None
 
 
+def test_a_timeout_names_the_patience_that_wait_used():
+    """The cohort wait has its own patience (a round's time): its timeout must say that, not the Wire's."""
+    for own in (100.0, None):
+        wire = Wire(MPI.COMM_SELF, patience=own)
+        with pytest.raises(RoundTimeout, match=r"^no answer within 1 s while waiting for the cohort"):
+            wire._poll(lambda: False, "the cohort", patience=0.6)
+
+
 @mpi
 def test_one_wait_can_be_given_its_own_patience(wire):
     """The cohort wait allows minutes where start-up allows seconds, without changing the Wire's patience."""
