@@ -40,11 +40,16 @@ def dumps(value, **kwargs) -> str:
 def read_json(path: Path, error: type[Exception]) -> dict:
     """A run's JSON file, or `error` with a message saying what is wrong with it."""
     try:
-        return json.loads(Path(path).read_text())
+        value = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise error(f"{path}: missing (is the run finished?)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror})") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: not a fedmpi record (JSON {type(value).__name__}, not an object)")
+    return value
 
 
 class RunLock:

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fedmpi.files import atomic_write
-from fedmpi.runlog import RunLock, RunLog, dumps, finite_json
+from fedmpi.runlog import RunLock, RunLog, dumps, finite_json, read_json
 
 
 def listing(directory):
@@ -160,3 +160,23 @@ def test_unwritable_run_directory_is_one_clear_error(tmp_path):
         RunLock(tmp_path / "file" / "run").acquire()
     with pytest.raises(ConfigError, match="cannot write the run directory /proc/fedmpi-run"):
         RunLock("/proc/fedmpi-run").acquire()
+
+
+class Bad(Exception):
+    pass
+
+
+def test_read_json_turns_every_bad_record_into_the_callers_error(tmp_path):
+    path = tmp_path / "summary.json"
+    path.write_text('{"rounds": 3}')
+    assert read_json(path, Bad) == {"rounds": 3}
+    for content, message in (("[]", "JSON list, not an object"), ("{", "not valid JSON"), ("7", "JSON int")):
+        path.write_text(content)
+        with pytest.raises(Bad, match=message):
+            read_json(path, Bad)
+    path.unlink()
+    with pytest.raises(Bad, match="missing"):
+        read_json(path, Bad)
+    path.mkdir()
+    with pytest.raises(Bad, match="cannot be read"):
+        read_json(path, Bad)
