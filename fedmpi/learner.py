@@ -109,7 +109,7 @@ class Learner:
 
     def run(self) -> None:
         while True:
-            t, flags, _nnz, payload = self.wire.recv_model()
+            t, flags, nnz, payload = self.wire.recv_model()
             received = time.perf_counter()
             if flags & FLAG_STOP:
                 return
@@ -118,6 +118,9 @@ class Learner:
                 self.masks = masks_from_flat(self.model, self.mask)
             else:
                 values = encoding.scatter_values(payload.view(np.float32), self.global_mask(), np.float32)
+            kept = int(np.count_nonzero(self.global_mask()))
+            if kept != nnz:
+                raise PayloadError(f"round {t}: the header says {nnz} kept positions, the model keeps {kept}")
             self.round(t, values, received)
 
     def global_mask(self) -> np.ndarray:

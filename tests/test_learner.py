@@ -12,6 +12,7 @@ from fedmpi import encoding, pruning
 from fedmpi.algorithms import ALGORITHMS, round_seed
 from fedmpi.config import load_config
 from fedmpi.data import VolumeDataset
+from fedmpi.errors import PayloadError
 from fedmpi.learner import GRASP_SAMPLES, START_MASKS, Learner
 from fedmpi.messages import REPORT, records
 from fedmpi.model import build_model, flat_parameters, load_flat_parameters
@@ -83,6 +84,15 @@ def _run(learner, models):
     learner.wire = ServerStandIn([*models, (0, FLAG_STOP, 0, np.zeros(0, np.uint8))])
     learner.run()
     return learner.wire
+
+
+def test_a_header_whose_kept_count_disagrees_with_the_model_is_refused(data):
+    """The header's kept count is checked against the mask the learner holds, framing errors surface there."""
+    learner, initial = _learner(data, "fedsparsify-global")
+    values, mask = _global(initial, 0.5)
+    nnz = int(mask.sum())
+    with pytest.raises(PayloadError, match=f"round 2: the header says {nnz + 1} kept positions, the model keeps {nnz}"):
+        _run(learner, [(2, FLAG_MASK, nnz + 1, encoding.encode(values, mask))])
 
 
 def test_shared_mask_learner_sends_weighted_values_inside_the_mask(data):
