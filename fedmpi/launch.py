@@ -121,7 +121,6 @@ def _run(cfg: Config, comm, resume: bool, overwrite: bool) -> int:
     checked = preflight(cfg, wire, data_dir, local_rank, resume, overwrite)
     if checked is None:
         return EXIT_USAGE
-    wire.reset_counters()
     if not wire.is_server:
         return _learn(cfg, wire, data_dir, checked.device)
     assert checked.lock is not None and checked.split is not None

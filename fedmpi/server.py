@@ -20,7 +20,7 @@ from .algorithms import algorithm, prune, reconfigures, round_seed, schedule
 from .errors import EncodingError, PayloadError
 from .messages import REPORT, records, width
 from .recorder import State, background_thread
-from .wire import FLAG_MASK, FLAG_PREEMPTED, FLAG_STOP
+from .wire import FLAG_MASK, FLAG_STOP
 
 if TYPE_CHECKING:
     from .config import Config
@@ -117,12 +117,13 @@ class Server:
                 recording = recorder.submit(self.record, State(state.round, state.values, state.mask), row)
                 if should_stop() and t < f.rounds:
                     recording.result()
-                    self.rec.checkpoint(state)
+                    self.rec.checkpoint(state)  # the round's row is written: older checkpoints may go
+                    self.rec.checkpoints.prune()
                     preempted = True
                     break
             if recording is not None:
                 recording.result()
-        self.wire.send_model(state.round, np.zeros(0, np.uint8), 0, FLAG_STOP | (FLAG_PREEMPTED if preempted else 0))
+        self.wire.send_model(state.round, np.zeros(0, np.uint8), 0, FLAG_STOP)
         return state, preempted
 
     def record(self, snapshot: State, row: dict) -> None:

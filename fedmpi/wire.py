@@ -59,7 +59,6 @@ STOPPED_STATES = ("T", "t")  # /proc states of a process stopped by a signal or 
 HEADER = 5
 FLAG_MASK = 1  # the payload is encoding.encode(values, mask): the mask changed
 FLAG_STOP = 2  # no more rounds: learners leave their loop
-FLAG_PREEMPTED = 4  # stopping early because the server was asked to (SIGTERM/SIGUSR1)
 
 
 class Transport(Protocol):
@@ -314,12 +313,6 @@ class Wire:
             self.bytes_up += buf.nbytes
         self._wait(self.comm.Irecv(buf, source=source, tag=TAG_DIRECT), what)
         return buf
-
-    def barrier(self, what: str = "barrier") -> None:
-        self._wait(self.comm.Ibarrier(), what)
-
-    def abort(self, code: int = 1) -> None:
-        self.comm.Abort(code)
 
     # The model exchange of one round, framed as header + payload.
 
