@@ -55,23 +55,36 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
-    """Yield a new directory beside `out` for the caller to fill; when the block succeeds it replaces `out`
-    (replace_dir), otherwise it is removed with everything in it."""
+    """Yield a new directory beside `out` for the caller to fill; when the block succeeds its files and
+    directories are fsynced and it replaces `out` (replace_dir), otherwise it is removed with everything in it."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     os.chmod(tmp, umask_mode(directory=True))
     try:
         yield tmp
+        _fsync_tree(tmp)
         replace_dir(tmp, out)
+        _fsync(out.parent, directory=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _fsync_tree(root: Path) -> None:
+    """Every file and directory under root, deepest first, so that a power loss after the rename cannot leave
+    truncated files under the real name."""
+    for here, _dirs, names in os.walk(root, topdown=False):
+        for name in names:
+            if not os.path.islink(os.path.join(here, name)):
+                _fsync(Path(here, name))
+        _fsync(Path(here), directory=True)
+
+
 def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
-    """Rename a finished directory `tmp` onto `out`; an old `out` is moved aside first and deleted after, so
-    `out` is always either the old directory or the new one."""
+    """Rename a finished directory `tmp` onto `out`; an old `out` is moved aside first and deleted after.
+    `out` never holds a mix of the two, but between the renames it is absent: a crash there leaves the old
+    directory at .NAME.old-PID beside it."""
     tmp, out = Path(tmp), Path(out)
     old = None
     if out.exists():

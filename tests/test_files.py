@@ -1,5 +1,7 @@
 """Directories written whole or not at all (fedmpi.files.atomic_dir)."""
 
+from pathlib import Path
+
 import pytest
 
 from fedmpi.files import atomic_dir
@@ -26,3 +28,31 @@ def test_a_failed_directory_leaves_the_old_one_and_no_trace(tmp_path):
         raise RuntimeError("worker died")
     assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+
+
+def test_a_finished_directory_is_on_disk_before_it_takes_the_name(tmp_path, monkeypatch):
+    """Every file and directory in it is fsynced before the rename, the parent after: a power loss cannot
+    leave truncated files under the real name."""
+    from fedmpi import files
+
+    events = []
+    monkeypatch.setattr(files, "_fsync", lambda path, directory=False: events.append(("fsync", Path(path))))
+    real_replace = files.replace_dir
+    monkeypatch.setattr(
+        files, "replace_dir", lambda tmp, out: (events.append(("rename", Path(out))), real_replace(tmp, out))
+    )
+    out = tmp_path / "bids"
+    with atomic_dir(out) as tmp:
+        (tmp / "sub-01" / "anat").mkdir(parents=True)
+        (tmp / "sub-01" / "anat" / "t1.nii.gz").write_bytes(b"x")
+        (tmp / "participants.tsv").write_text("id\n")
+    rename = events.index(("rename", out))
+    synced = {p.relative_to(tmp) for _, p in events[:rename]}
+    assert synced == {
+        Path("."),
+        Path("sub-01"),
+        Path("sub-01/anat"),
+        Path("sub-01/anat/t1.nii.gz"),
+        Path("participants.tsv"),
+    }
+    assert events[rename + 1 :] == [("fsync", tmp_path)]
