@@ -248,11 +248,17 @@ def check_rank(cfg: Config, rank: int, data_dir: Path, local_rank: int, resume: 
     volumes), its device and, on rank 0, the run directory: its lock (held from here to the end of the
     run), whether it can be written, and the resume point. Raises with the reason."""
     from .data import check_volumes
+    from .model import auto_pools
     from .recorder import resume_point
     from .runlog import RunLock
     from .training import select_device
 
     head = check_volumes(data_dir / rank_file(rank))
+    if rank == 0 and cfg.model.pools > auto_pools(head["shape"]):  # the learners' shapes must equal this one
+        raise ConfigError(
+            f"model.pools = {cfg.model.pools} does not fit test.h5's volumes {tuple(head['shape'])}: at most "
+            f"{auto_pools(head['shape'])} keep every axis >= 2 for instance norm (0 picks that)"
+        )
     info = np.zeros(1, PREFLIGHT)
     info["samples"], info["mean_age"] = head["n"], head["mean_age"]
     info["x"], info["y"], info["z"] = head["shape"]

@@ -46,6 +46,12 @@ def test_each_rank_checks_its_own_file(split, tmp_path):
     server.lock.release()
 
 
+def test_pooling_that_does_not_fit_the_volumes_is_refused_before_training(split, tmp_path):
+    with pytest.raises(ConfigError, match=r"model.pools = 4 does not fit test.h5's volumes \(16, 20, 16\): at most 3"):
+        check_rank(_cfg(tmp_path, f"data.dir={split}", "model.pools=4"), 0, split, 0, False, False)
+    check_rank(_cfg(tmp_path, f"data.dir={split}", "model.pools=3"), 0, split, 0, False, False).lock.release()
+
+
 def test_missing_and_truncated_files_name_the_file(split, tmp_path):
     bad = write_split(tmp_path / "bad", learners=2, per_learner=6, test=6)
     (bad / "learner_2.h5").unlink()
