@@ -183,9 +183,11 @@ def _coerce(value, tp, key: str):
     if tp is int:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):  # exactly, however large (a float would round it)
+            return value
         try:
             f = float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
         if not math.isfinite(f) or f != int(f):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
@@ -193,7 +195,7 @@ def _coerce(value, tp, key: str):
     if tp is float:
         try:
             f = float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
         if not math.isfinite(f):
             raise ConfigError(f"{key}: expected a finite number, got {value!r}")

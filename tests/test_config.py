@@ -58,6 +58,15 @@ def test_int_coercion_rejects_non_finite(raw):
         load_config(overrides=[f"train.epochs={raw}"])
 
 
+def test_large_integers_from_a_file_are_kept_exactly_or_refused_cleanly(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  seed: 12345678901234567891\n")
+    assert load_config(str(path)).run.seed == 12345678901234567891  # through a float it would change
+    path.write_text("train:\n  lr: " + "9" * 400 + "\n")
+    with pytest.raises(ConfigError, match=r"train.lr: expected a number"):
+        load_config(str(path))
+
+
 def test_float_coercion():
     cfg = load_config(overrides=["train.lr=1", "federation.target='0.5'"])
     assert cfg.train.lr == 1.0 and type(cfg.train.lr) is float
