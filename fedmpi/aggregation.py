@@ -1,7 +1,9 @@
-"""Server-side merging of learner models (numpy only): FedAvg and FedSparsify majority voting.
+"""Merging learner models (numpy only): FedAvg's weights and FedSparsify majority voting.
 
-Models are flat 1-D parameter vectors; weights are the learners' training-sample counts.
-Sums are accumulated in float64 and the merged model is returned as float32.
+Models are flat 1-D parameter vectors; weights come from the learners' training-sample counts.
+FedAvg's weighted mean is a plain sum: each learner scales its float32 values by its share n_k / n
+(`fedavg_weights`) and MPI's Reduce adds the products in float32, so the server never holds K models.
+Majority voting accumulates in float64 and returns the merged model as float32.
 """
 
 from __future__ import annotations
@@ -14,25 +16,21 @@ from .checks import bool_vector, integer, positive
 RULES = ("reference", "kept")
 
 
-def weighted_average(values: np.ndarray, weights: ArrayLike) -> np.ndarray:
-    """FedAvg: the sample-weighted mean of the K rows of ``values`` (K, N), as float32 (N,).
+def fedavg_weights(samples: ArrayLike) -> np.ndarray:
+    """Each learner's share n_k / n of FedAvg's mean, as the float32 its values are multiplied by.
 
-    Weights must be finite and >= 0 with a positive sum (a learner with no samples
+    Sample counts must be finite and >= 0 with a positive sum (a learner with no samples
     simply contributes nothing).
     """
-    values = _as_stack(values, "values")
-    weights = np.asarray(weights, dtype=np.float64)
-    if weights.shape != (values.shape[0],):
-        raise ValueError(f"weights must have shape ({values.shape[0]},), got {weights.shape}")
-    if not np.all(np.isfinite(weights)) or np.any(weights < 0):
-        raise ValueError(f"weights must be finite and >= 0, got {weights.tolist()}")
-    total = float(weights.sum())
+    samples = np.asarray(samples, dtype=np.float64)
+    if samples.ndim != 1 or samples.size < 1:
+        raise ValueError(f"sample counts must be a non-empty vector, got shape {samples.shape}")
+    if not np.all(np.isfinite(samples)) or np.any(samples < 0):
+        raise ValueError(f"sample counts must be finite and >= 0, got {samples.tolist()}")
+    total = float(samples.sum())
     if total <= 0:
-        raise ValueError("weights must have a positive sum")
-    acc = np.zeros(values.shape[1], dtype=np.float64)
-    for row, w in zip(values, weights):
-        acc += w * row.astype(np.float64)
-    return (acc / total).astype(np.float32)
+        raise ValueError("sample counts must have a positive sum")
+    return (samples / total).astype(np.float32)
 
 
 def majority_quorum(k: int) -> int:

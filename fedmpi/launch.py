@@ -168,6 +168,7 @@ def _serve(cfg: Config, wire, data_dir: Path, infos: np.ndarray, device, resume_
 
 
 def _learn(cfg: Config, wire, data_dir: Path, device) -> int:
+    from .aggregation import fedavg_weights
     from .data import open_volumes
     from .learner import Learner
 
@@ -176,7 +177,7 @@ def _learn(cfg: Config, wire, data_dir: Path, device) -> int:
     learner = Learner(cfg, wire, open_volumes(data_dir / rank_file(wire.rank), cfg, device).warm(), device)
     session = wire.bcast(np.zeros(1 + wire.learners, np.float64), "session")  # start round, sample counts
     start_round, counts = int(session[0]), session[1:]
-    learner.weight = np.float32(counts[wire.rank - 1] / counts.sum())
+    learner.weight = fedavg_weights(counts)[wire.rank - 1]
     if algorithm(cfg).start_mask and start_round == 0 and wire.rank == 1:
         learner.send_start_mask()
     wire.next_patience = cfg.run.round_timeout + learner_startup_patience(cfg.run.startup_timeout)  # the first model

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fedmpi.aggregation import MajorityVote, majority_quorum, majority_vote, weighted_average
+from fedmpi.aggregation import MajorityVote, fedavg_weights, majority_quorum, majority_vote
 
 
 def naive_majority_vote(values, masks, weights, rule):
@@ -30,19 +30,24 @@ def random_case(rng, k, n):
     return values, masks, weights
 
 
-def test_weighted_average_matches_numpy():
+def fedavg(values, samples):
+    """What a FedAvg round computes: each learner's float32 values times its share, summed in float32."""
+    shares = fedavg_weights(samples)
+    return np.sum([row * w for row, w in zip(values.astype(np.float32), shares)], axis=0, dtype=np.float32)
+
+
+def test_fedavg_sum_of_shares_matches_the_weighted_mean():
     rng = np.random.default_rng(0)
     values = rng.standard_normal((5, 1000)).astype(np.float32)
-    weights = [2401, 1765, 0, 964, 714]
-    out = weighted_average(values, weights)
-    assert out.dtype == np.float32 and out.shape == (1000,)
-    expected = np.average(values.astype(np.float64), axis=0, weights=weights)
-    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7)
+    samples = [2401, 1765, 0, 964, 714]
+    assert fedavg_weights(samples).dtype == np.float32
+    expected = np.average(values.astype(np.float64), axis=0, weights=samples)
+    np.testing.assert_allclose(fedavg(values, samples), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_weighted_average_hand_case():
-    out = weighted_average(np.array([[1.0, 2.0], [3.0, 6.0]]), [1, 3])
-    assert out.tolist() == [2.5, 5.0]
+def test_fedavg_hand_case():
+    assert fedavg_weights([1, 3]).tolist() == [0.25, 0.75]
+    assert fedavg(np.array([[1.0, 2.0], [3.0, 6.0]]), [1, 3]).tolist() == [2.5, 5.0]
 
 
 @pytest.mark.parametrize(
@@ -51,12 +56,12 @@ def test_weighted_average_hand_case():
         ([1, -1], ">= 0"),
         ([1, np.nan], "finite"),
         ([0, 0], "positive sum"),
-        ([1], "shape"),
+        ([], "non-empty"),
     ],
 )
-def test_weighted_average_validates_weights(weights, msg):
+def test_fedavg_weights_validates_sample_counts(weights, msg):
     with pytest.raises(ValueError, match=msg):
-        weighted_average(np.ones((2, 3)), weights)
+        fedavg_weights(weights)
 
 
 def test_majority_quorum():
@@ -104,7 +109,10 @@ def test_reference_rule_with_full_masks_is_fedavg():
     weights = [2401, 1765, 1303, 964, 714, 528]
     merged, mask = majority_vote(values, np.ones_like(values, bool), weights)
     assert mask.all()
-    np.testing.assert_array_equal(merged, weighted_average(values, weights))
+    np.testing.assert_array_equal(
+        merged, np.average(values.astype(np.float64), axis=0, weights=weights).astype(np.float32)
+    )
+    np.testing.assert_allclose(merged, fedavg(values, weights), rtol=1e-5, atol=1e-6)
 
 
 def test_values_outside_the_mask_are_ignored():
