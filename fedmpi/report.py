@@ -20,7 +20,10 @@ import argparse
 import csv
 import io
 import json
+import os
+import shutil
 import sys
+import tempfile
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +54,22 @@ PREDICTION_COLUMNS = ("subject_id", "age", "predicted")
 SLICE_VIEWS = ("axial", "coronal", "sagittal")
 ATTACK_MARKERS = ("o", "s", "^", "D", "v", "P")
 SPARSITY_TICKS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99, 0.999)
+# What the tables and plots read as numbers: a record that holds something else is refused up front, naming it.
+SUMMARY_COUNTS = ("total_bytes_up", "total_bytes_down")
+SUMMARY_NUMBERS = (
+    "baseline_mae",
+    "final_mae",
+    "final_r",
+    "final_rmse",
+    "final_sparsity",
+    "rounds",
+    "target_sparsity",
+    "test_subjects",
+    "train_subjects",
+    "wall_seconds",
+)
+METRIC_COUNTS = ("round", "bytes_up", "bytes_down")
+METRIC_NUMBERS = ("test_mae", "sparsity", "target_sparsity")
 
 
 @dataclass
@@ -90,7 +109,25 @@ def _read_metrics(run_dir: Path) -> list[dict]:
     log = RunLog(run_dir)
     if not log.metrics_path.exists():
         raise ReportError(f"{log.metrics_path}: missing")
-    return log.checked_rows()
+    rows = log.checked_rows()
+    for line, row in enumerate(rows, start=1):
+        check_record(row, METRIC_COUNTS, METRIC_NUMBERS, f"{log.metrics_path}: line {line}")
+    return rows
+
+
+def check_record(record, counts: tuple[str, ...], numbers: tuple[str, ...], where: str) -> None:
+    """ReportError unless `record` is an object whose `counts` are integers and whose `numbers` are numbers or
+    null where present."""
+    if not isinstance(record, dict):
+        raise ReportError(f"{where}: not a JSON object")
+    for key in counts:
+        value = record.get(key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ReportError(f"{where}: {key} must be an integer, got {value!r}")
+    for key in numbers:
+        value = record.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ReportError(f"{where}: {key} must be a number, got {value!r}")
 
 
 def read_predictions(path: Path) -> dict[str, tuple[float, float]]:
@@ -135,6 +172,7 @@ def load_run(path: Path) -> Run:
     """Everything the report needs from one run directory."""
     path = Path(path)
     summary = read_json(path / "summary.json", ReportError)
+    check_record(summary, SUMMARY_COUNTS, SUMMARY_NUMBERS, str(path / "summary.json"))
     config = read_json(path / "config.json", ReportError)
     attack_path, predictions_path = path / "attack.json", path / "test_predictions.csv"
     attack = read_json(attack_path, ReportError) if attack_path.exists() else None
@@ -470,8 +508,33 @@ def _note(message: str) -> None:
 def write_report(run_dirs: list[Path], out: Path) -> tuple[list[dict], list[Path]]:
     """Write the tables and plots for these runs under `out`; returns the overview rows and the files written.
 
-    Everything is read and computed before the first file is written, so a bad input writes nothing.
+    Everything is rendered into a private directory beside `out` first and moved in only once all of it is
+    done, so a bad input, an error in a plot or an interrupt leaves `out` as it was. Other files in `out`
+    (a results folder that also holds the runs) are left alone.
     """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"--out {out} is a file, not a directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise ReportError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    try:
+        rows, rendered = _render(run_dirs, stage)
+        try:
+            out.mkdir(exist_ok=True)
+            for path in rendered:
+                os.replace(path, out / path.name)
+        except OSError as e:
+            raise ReportError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+        return rows, [out / path.name for path in rendered]
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _render(run_dirs: list[Path], out: Path) -> tuple[list[dict], list[Path]]:
+    """The tables and plots, written into the empty directory `out`."""
     try:
         import matplotlib
     except ModuleNotFoundError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -306,6 +307,56 @@ def test_damaged_metrics_fail_the_report_and_a_cut_last_line_is_reported(runs, t
     metrics.write_text("\n".join(["{oops", *lines]) + "\n")
     with pytest.raises(ReportError, match=r"1 damaged line\(s\) before the last \(1 of"):
         load_run(run)
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"x": 1}, r"line 3: round must be an integer, got None"),
+        ({"round": 3, "bytes_up": 1, "bytes_down": 1, "test_mae": "4.2"}, r"line 3: test_mae must be a number"),
+    ],
+)
+def test_a_metrics_row_without_what_the_report_reads_leaves_the_output_as_it_was(runs, tmp_path, capsys, row, message):
+    import shutil
+
+    run = tmp_path / "odd"
+    shutil.copytree(runs[0], run)
+    lines = (run / "metrics.jsonl").read_text().splitlines()[:2]
+    (run / "metrics.jsonl").write_text("\n".join([*lines, json.dumps(row)]) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.md").write_text("old")
+    parser = argparse.ArgumentParser()
+    report.add_arguments(parser)
+    assert report.run(parser.parse_args([str(run), "--out", str(out)])) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "metrics.jsonl" in err
+    assert re.search(message, err)
+    assert [p.name for p in out.iterdir()] == ["results.md"] and (out / "results.md").read_text() == "old"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no staging left beside it
+
+
+def test_a_failure_while_plotting_leaves_the_output_as_it_was(runs, tmp_path, monkeypatch):
+    """The tables are rendered before the plots: they must not reach --out when a plot fails."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("plot failed")
+
+    monkeypatch.setattr(report, "plot_slices", broken)
+    with pytest.raises(RuntimeError, match="plot failed"):
+        write_report(runs, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_an_out_that_cannot_be_a_directory_is_one_clear_error(runs, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    parser = argparse.ArgumentParser()
+    report.add_arguments(parser)
+    for out, message in ((tmp_path / "file", "is a file, not a directory"), (tmp_path / "file" / "r", "cannot write")):
+        assert report.run(parser.parse_args([str(runs[0]), "--out", str(out)])) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("fedmpi report: error: --out") and message in err and err.count("\n") == 1
 
 
 def test_report_without_matplotlib_names_the_extra(runs, tmp_path, monkeypatch):
