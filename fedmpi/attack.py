@@ -29,7 +29,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from .config import DEVICES
 from .errors import AttackError, is_user_error
-from .files import atomic_write
+from .files import atomic_write, check_writable
 from .runlog import dumps, read_json
 from .stats import average_ranks
 
@@ -480,6 +480,8 @@ def attack_run(
     saw, e.g. a fresh synthetic one); `max_per_class` caps the attacked subjects of each class.
     """
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise AttackError(f"{run_dir}: no such run directory")
     summary = read_json(run_dir / "summary.json", AttackError)
     if not summary.get("data_dir"):
         raise AttackError(f"{run_dir / 'summary.json'} does not record data_dir (the split the run used)")
@@ -617,9 +619,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    out = Path(args.out) if args.out else Path(args.run) / "attack.json"
     try:
         if args.threads < 1:
             raise AttackError(f"--threads must be at least 1, got {args.threads}")
+        check_writable(out, "--out", AttackError)  # before the attack, not after it
         torch.set_num_threads(args.threads)
         result = attack_run(
             Path(args.run),
@@ -629,13 +633,15 @@ def run(args) -> int:
             nonmembers=args.nonmembers,
             max_per_class=args.max_per_class,
         )
+        try:
+            atomic_write(out, (dumps(result, indent=2) + "\n").encode())
+        except OSError as e:
+            raise AttackError(f"--out {out}: cannot write there ({e.strerror or e})") from None
     except Exception as e:
         if is_user_error(e):
             print(f"fedmpi attack: error: {e}", file=sys.stderr)
             return 1
         raise
-    out = Path(args.out) if args.out else Path(args.run) / "attack.json"
-    atomic_write(out, (dumps(result, indent=2) + "\n").encode())
     print(format_table(result))
     print(f"wrote {out}")
     return 0

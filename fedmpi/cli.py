@@ -64,4 +64,10 @@ def main(argv: list[str] | None = None) -> int:
 
         supervise()
     args = _parser().parse_args(argv)
-    return args.func(args)
+    if args.command == "train":  # ranks handle their signals themselves (fedmpi.launch)
+        return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:  # outputs are written whole or not at all: nothing to clean up
+        print(f"fedmpi {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -47,6 +47,25 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             tmp.unlink()
 
 
+def check_writable(path: str | os.PathLike, what: str, error: type[Exception]) -> None:
+    """Refuse, before the work that fills it, an output file that could not be written: a directory, a parent
+    that is a file, or a place where no file can be created (read-only, /proc). Creates nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"{what} {path} is a directory; give a file name")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(0, f"{existing} is not a directory")
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise error(f"{what} {path}: cannot write there ({e.strerror or e})") from None
+
+
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` atomically (see atomic_path)."""
     with atomic_path(path) as tmp:

@@ -356,6 +356,14 @@ def test_attack_command_on_a_run_directory(tmp_path, capsys):
     assert attack.run(parser.parse_args(["--run", str(run), "--nonmembers", str(small), "--out", "x"])) == 1
     assert "volumes are (10, 12, 10), the model takes (12, 14, 12)" in capsys.readouterr().err
 
+    (tmp_path / "a_file").write_text("x")
+    for out, message in ((tmp_path, "is a directory"), (tmp_path / "a_file" / "x.json", "cannot write there")):
+        assert attack.run(parser.parse_args(["--run", str(run), "--out", str(out)])) == 1
+        printed = capsys.readouterr()
+        assert printed.out == "" and message in printed.err  # refused before the attack ran
+    assert attack.run(parser.parse_args(["--run", str(tmp_path / "nope"), "--out", str(tmp_path / "x.json")])) == 1
+    assert "nope: no such run directory" in capsys.readouterr().err
+
     (run / "summary.json").write_text(json.dumps({"target_sparsity": 0.5}))
     assert attack.run(parser.parse_args(["--run", str(run), "--out", str(tmp_path / "x.json")])) == 1
     assert "does not record data_dir" in capsys.readouterr().err
