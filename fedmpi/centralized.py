@@ -11,28 +11,46 @@ import torch
 
 from .algorithms import round_seed
 from .data import check_volumes, open_volumes
-from .errors import ConfigError, DataError
+from .errors import EXIT_USAGE, DataError, UserError
+from .launch import RankCheck, check_rank, say
 from .learner import SeededLoader, train_round
 from .model import build_model, flat_parameters, load_flat_parameters
-from .recorder import Recorder, print_summary, resume_point, split_problems, start_state
-from .runlog import RunLock
-from .training import prepare_model, select_device
+from .recorder import Recorder, print_summary, split_problems, start_state
+from .training import prepare_model
 
 
 def run_centralized(cfg, data_dir: Path, resume: bool, overwrite: bool) -> int:
-    files = sorted(Path(data_dir).glob("learner_*.h5"))
-    if not files:
-        raise DataError(f"{data_dir}: no learner_<k>.h5 files")
-    split = {p.name: check_volumes(p)["digest"] for p in [Path(data_dir) / "test.h5", *files]}
-    lock = RunLock(cfg.run_dir).acquire()
+    """Check what it will use as a federation's preflight does (one line and exit 2 for a problem), then
+    train."""
+    checked: RankCheck | None = None
     try:
-        return _train(cfg, data_dir, files, split, resume, overwrite)
+        files = sorted(Path(data_dir).glob("learner_*.h5"))
+        if not files:
+            raise DataError(f"{data_dir}: no learner_<k>.h5 files")
+        checked = check_rank(cfg, 0, Path(data_dir), 0, resume, overwrite)  # test.h5, device, run dir, resume
+        split = {"test.h5": checked.digest}
+        for p in files:
+            head = check_volumes(p)
+            if tuple(head["shape"]) != tuple(checked.info[axis][0] for axis in ("x", "y", "z")):
+                raise DataError(f"{p}: volume shape {tuple(head['shape'])} differs from test.h5's")
+            split[p.name] = head["digest"]
+        problems = split_problems(checked.resume[2].get("split") if checked.resume else None, split)
+        if problems:
+            raise DataError(problems[0])
+    except UserError as e:
+        if checked is not None and checked.lock is not None:
+            checked.lock.release()
+        say(0, str(e))
+        return EXIT_USAGE
+    assert checked.lock is not None
+    try:
+        return _train(cfg, data_dir, files, split, checked)
     finally:
-        lock.release()
+        checked.lock.release()
 
 
-def _train(cfg, data_dir: Path, files: list[Path], split: dict, resume: bool, overwrite: bool) -> int:
-    device = select_device(cfg.train.device)
+def _train(cfg, data_dir: Path, files: list[Path], split: dict, checked: RankCheck) -> int:
+    device = checked.device
     parts = [open_volumes(p, cfg, device) for p in files]
     pooled: torch.utils.data.ConcatDataset = torch.utils.data.ConcatDataset(parts)
     loader = SeededLoader(cfg, pooled, device)
@@ -45,11 +63,7 @@ def _train(cfg, data_dir: Path, files: list[Path], split: dict, resume: bool, ov
     rec = Recorder(
         cfg, model, test, device, float(np.mean(np.abs(test.ages - ages.mean()))), data_dir, split, len(pooled)
     )
-    found = resume_point(cfg, resume, overwrite)
-    problems = split_problems(found[2].get("split") if found else None, split)
-    if problems:
-        raise ConfigError(problems[0])
-    state = start_state(cfg, found, rec, model)
+    state = start_state(cfg, checked.resume, rec, model)
     rec.log.write_config(cfg.to_json())
     began = time.perf_counter()
     for t in range(state.round + 1, cfg.federation.rounds + 1):

@@ -138,3 +138,10 @@ def test_centralized_baseline_runs_in_one_process(split, tmp_path):
     rows, s = metrics(tmp_path / "c"), summary(tmp_path / "c")
     assert len(rows) == 8 and rows[-1]["test_mae"] < rows[0]["test_mae"]
     assert s["total_bytes_up"] == 0
+
+
+def test_centralized_baseline_start_up_problems_are_one_line_and_exit_2_like_a_federations(split, tmp_path):
+    (tmp_path / "file").write_text("x")
+    proc = run_fedmpi(split, tmp_path / "file", "federation.algorithm=centralized", mpirun=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("fedmpi: error: cannot write the run directory") and proc.stderr.count("\n") == 1
