@@ -41,6 +41,26 @@ class Algorithm:
         """Never pruned: no target sparsity applies."""
         return self.sparsity == "none"
 
+    def unused_options(self, schedule: str) -> frozenset[str]:
+        """The federation options this algorithm never reads (with `schedule` as federation.schedule): they are
+        not checked against the rounds and do not block a resume when they change."""
+        unused = set()
+        if self.sparsity != "progressive":
+            unused |= {"schedule", "start", "end", "frequency", "exponent", "fraction"}
+        elif schedule == "fraction":
+            unused |= {"end", "exponent"}
+        else:
+            unused.add("fraction")
+        if self.sparsity != "oneshot":
+            unused.add("oneshot_round")
+        if self.dense:
+            unused.add("target")
+        if self.shared_mask:
+            unused |= {"merge", "vote_cap"}
+        if not self.regrows:
+            unused |= {"reconfigure_every", "reconfigure_fraction"}
+        return frozenset(unused)
+
 
 # Table order is the order of reports and listings.
 ALGORITHMS = {

@@ -312,8 +312,9 @@ def validate(cfg: Config) -> None:
     _check(0 <= f.target < 1, f"federation.target must be in [0, 1), got {f.target}")
     _check(f.schedule in SCHEDULES, f"federation.schedule must be one of {SCHEDULES}, got {f.schedule!r}")
     _check(f.start >= 1, "federation.start must be >= 1")
+    unused = ALGORITHM_TABLE[f.algorithm].unused_options(f.schedule) if f.algorithm in ALGORITHMS else frozenset()
     _check(
-        f.end == 0 or f.start < f.end <= f.rounds,
+        "end" in unused or f.end == 0 or f.start < f.end <= f.rounds,
         f"federation.end must be 0 (the last round) or between federation.start and federation.rounds, got {f.end}",
     )
     _check(
@@ -325,7 +326,10 @@ def validate(cfg: Config) -> None:
     _check(f.frequency >= 1, "federation.frequency must be >= 1")
     _check(f.exponent > 0, "federation.exponent must be > 0")
     _check(0 < f.fraction < 1, "federation.fraction must be in (0, 1)")
-    _check(1 <= f.oneshot_round <= f.rounds, "federation.oneshot_round must be within the rounds")
+    _check(
+        "oneshot_round" in unused or 1 <= f.oneshot_round <= f.rounds,
+        "federation.oneshot_round must be within the rounds",
+    )
     _check(f.reconfigure_every >= 1, f"federation.reconfigure_every must be >= 1, got {f.reconfigure_every}")
     _check(
         0 < f.reconfigure_fraction <= 1,

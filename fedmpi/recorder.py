@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from . import pruning
+from .algorithms import algorithm
 from .checkpoint import Checkpoints, save_model
 from .config import RUNTIME_KEYS
 from .data import loader_options
@@ -178,13 +179,16 @@ class Recorder:
 
 
 def resume_key(cfg: Config) -> dict:
-    """The settings a checkpoint must agree with to be resumed (not run/eval or hardware choices)."""
+    """The settings a checkpoint must agree with to be resumed (not run/eval or hardware choices, nor federation
+    options the algorithm never reads)."""
     d = cfg.to_dict()
     d.pop("run")
     d.pop("eval")
     for key in RUNTIME_KEYS:
         section, name = key.split(".")
         d[section].pop(name)
+    for name in algorithm(cfg).unused_options(cfg.federation.schedule):
+        d["federation"].pop(name)
     return d
 
 

@@ -197,3 +197,13 @@ def test_random_selector_reproducible_and_seed_dependent():
     assert (a != c).any()
     assert not np.array_equal(a, values >= 250)  # not the magnitude choice
     assert start.all()  # the input mask is not modified
+
+
+def test_unused_options_follow_the_table():
+    local, glob, prunefl = ALGORITHMS["fedsparsify-local"], ALGORITHMS["fedsparsify-global"], ALGORITHMS["prunefl"]
+    assert not {"merge", "vote_cap", "exponent", "end"} & local.unused_options("cubic")
+    assert {"merge", "vote_cap", "oneshot_round", "fraction", "reconfigure_every"} <= glob.unused_options("cubic")
+    assert {"end", "exponent"} <= glob.unused_options("fraction") and "fraction" not in glob.unused_options("fraction")
+    assert "target" in ALGORITHMS["fedavg"].unused_options("cubic") and "target" not in prunefl.unused_options("cubic")
+    assert not {"reconfigure_every", "reconfigure_fraction"} & prunefl.unused_options("cubic")
+    assert "oneshot_round" not in ALGORITHMS["oneshot"].unused_options("cubic")

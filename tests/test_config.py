@@ -219,7 +219,14 @@ VALIDATION = [
 @pytest.mark.parametrize("pair, option", VALIDATION, ids=[p for p, _ in VALIDATION])
 def test_validation_rule_names_the_option(pair, option):
     with pytest.raises(ConfigError, match=option.replace(".", r"\.")):
-        load_config(overrides=[pair])
+        load_config(overrides=["federation.algorithm=oneshot", pair] if "oneshot" in pair else [pair])
+
+
+def test_options_an_algorithm_never_reads_are_not_checked_against_the_rounds():
+    assert load_config(overrides=["federation.algorithm=fedavg", "federation.rounds=1", "federation.oneshot_round=2"])
+    assert load_config(overrides=["federation.algorithm=snip", "federation.rounds=3", "federation.end=9"])
+    with pytest.raises(ConfigError, match=r"federation\.end"):
+        load_config(overrides=["federation.rounds=3", "federation.end=9"])  # the cubic schedule reads it
 
 
 def test_validation_list_covers_every_option():

@@ -92,12 +92,23 @@ def test_resume_with_other_settings_names_them(tmp_path):
         resume_point(cfg, resume=True, overwrite=False)
 
 
+def test_an_option_the_algorithm_never_reads_may_change_on_resume(tmp_path):
+    _run_with_checkpoints(tmp_path, [1], rows=1)  # fedsparsify-global: no vote, no oneshot round
+    cfg = load_config(
+        overrides=[f"run.dir={tmp_path}", "run.name=r", "federation.merge=kept", "federation.oneshot_round=3"]
+    )
+    assert resume_point(cfg, resume=True, overwrite=False)[2]["round"] == 1
+    cfg = load_config(overrides=[f"run.dir={tmp_path}", "run.name=r", "federation.exponent=2"])  # the schedule reads it
+    with pytest.raises(ConfigError, match=r"other settings \(federation.exponent: 3.0 -> 2.0\)"):
+        resume_point(cfg, resume=True, overwrite=False)
+
+
 def test_a_checkpoint_from_before_an_option_existed_still_resumes(tmp_path):
     cfg = _run_with_checkpoints(tmp_path, [1], rows=1)
     path = cfg.run_dir / "checkpoints" / "round-000001.npz"
     from fedmpi.checkpoint import load_arrays, save_arrays
 
     arrays, meta = load_arrays(path)
-    del meta["config"]["federation"]["reconfigure_every"]  # as written by a version without the option
+    del meta["config"]["federation"]["exponent"]  # as written by a version without the option
     save_arrays(path, arrays, meta)
     assert resume_point(cfg, resume=True, overwrite=False)[2]["round"] == 1
