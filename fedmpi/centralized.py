@@ -12,9 +12,9 @@ import torch
 from .algorithms import round_seed
 from .data import check_volumes, open_volumes
 from .errors import EXIT_USAGE, DataError, UserError
-from .launch import RankCheck, check_rank, say
 from .learner import SeededLoader, train_round
 from .model import build_model, flat_parameters, load_flat_parameters
+from .preflight import RankCheck, check_rank, say
 from .recorder import Recorder, print_summary, split_problems, start_state
 from .training import prepare_model
 

@@ -1,6 +1,6 @@
 """Start-up of `python -m fedmpi train` under MPI, kept apart from the roles it starts.
 
-Every rank parses the same configuration, checks what it will use (the preflight), learns the
+Every rank parses the same configuration, checks what it will use (fedmpi.preflight), learns the
 rank table, and then becomes the server (rank 0) or a learner; the centralized baseline runs in
 one process instead. Any exception on any rank ends the whole job at once through MPI Abort, with
 a message naming the rank and the error: a federation that hangs is the worst failure.
@@ -17,7 +17,6 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -25,21 +24,11 @@ from .algorithms import algorithm
 from .config import Config, load_config
 from .errors import EXIT_FAILURE, EXIT_PREEMPTED, EXIT_USAGE, ConfigError, is_user_error
 from .memory import keep_freed_memory
-from .messages import PREFLIGHT, records, row_text, text_row, width
+from .messages import row_text, text_row
+from .preflight import preflight, rank_file, say
 from .sentinel import launcher_rank, role
 
-if TYPE_CHECKING:
-    from .runlog import RunLock
-
-ERROR_BYTES = 512  # room for one rank's preflight message
 HOST_BYTES = 64
-DIGEST_BYTES = 64  # a SHA-256 in hex
-
-
-def say(rank: int, message: str) -> None:
-    """An error line, printed once (by rank 0)."""
-    if rank == 0:
-        print(f"fedmpi: error: {message}", file=sys.stderr, flush=True)
 
 
 def check_ranks(cfg: Config, size: int) -> None:
@@ -220,116 +209,6 @@ def learner_startup_patience(startup: float) -> float:
     """How long learners wait on the server during start-up: a quarter longer than the server waits on them,
     so that the server, which sees every rank, names a silent learner before any learner blames the server."""
     return 1.25 * startup + 5
-
-
-class RankCheck(NamedTuple):
-    """One rank's preflight: its PREFLIGHT record, its data file's digest and its device; on rank 0 also the
-    run directory's lock (held to the end of the run) and the checkpoint to resume from (or None)."""
-
-    info: np.ndarray
-    digest: str
-    device: Any
-    lock: RunLock | None = None
-    resume: tuple | None = None
-
-
-class Preflight(NamedTuple):
-    """The preflight's outcome on a rank: on rank 0 every rank's PREFLIGHT records, the lock, the resume point
-    and the split's digests (data file -> digest); elsewhere its own record and device."""
-
-    infos: np.ndarray
-    device: Any
-    lock: RunLock | None = None
-    resume: tuple | None = None
-    split: dict | None = None
-
-
-def check_rank(cfg: Config, rank: int, data_dir: Path, local_rank: int, resume: bool, overwrite: bool) -> RankCheck:
-    """What one rank checks before training, without MPI: its data file (header, ages, a sample of its
-    volumes), its device and, on rank 0, the run directory: its lock (held from here to the end of the
-    run), whether it can be written, and the resume point. Raises with the reason."""
-    from .data import check_volumes
-    from .model import auto_pools
-    from .recorder import resume_point
-    from .runlog import RunLock
-    from .training import select_device
-
-    head = check_volumes(data_dir / rank_file(rank))
-    if rank == 0 and cfg.model.pools > auto_pools(head["shape"]):  # the learners' shapes must equal this one
-        raise ConfigError(
-            f"model.pools = {cfg.model.pools} does not fit test.h5's volumes {tuple(head['shape'])}: at most "
-            f"{auto_pools(head['shape'])} keep every axis >= 2 for instance norm (0 picks that)"
-        )
-    info = np.zeros(1, PREFLIGHT)
-    info["samples"], info["mean_age"] = head["n"], head["mean_age"]
-    info["x"], info["y"], info["z"] = head["shape"]
-    device = select_device(cfg.train.device, local_rank)
-    if rank != 0:
-        return RankCheck(info, head["digest"], device)
-    lock = RunLock(cfg.run_dir).acquire()
-    try:
-        return RankCheck(info, head["digest"], device, lock, resume_point(cfg, resume, overwrite))
-    except BaseException:
-        lock.release()
-        raise
-
-
-def rank_file(rank: int) -> str:
-    """The volume file a rank reads: the test set on the server, its own learner file on a learner."""
-    return "test.h5" if rank == 0 else f"learner_{rank}.h5"
-
-
-def preflight_problems(infos: np.ndarray, problems: list[str], data_dir: Path) -> list[str]:
-    """Rank 0's verdict over every rank's PREFLIGHT record: the ranks' own problems and volume shapes that
-    differ from test.h5's."""
-    shapes = [tuple(int(infos[axis][k]) for axis in ("x", "y", "z")) for k in range(len(infos))]
-    out = list(problems)
-    for k in range(1, len(infos)):
-        if any(p.startswith(f"rank {k}:") for p in problems):
-            continue
-        if shapes[k] != shapes[0] and not any(p.startswith("rank 0:") for p in problems):
-            out.append(
-                f"learner {k} ({data_dir / f'learner_{k}.h5'}): volume shape {shapes[k]} differs "
-                f"from test.h5 {shapes[0]}"
-            )
-    return out
-
-
-def preflight(cfg: Config, wire, data_dir: Path, local_rank: int, resume: bool, overwrite: bool) -> Preflight | None:
-    """Every rank checks what it will use; rank 0 prints every problem and all ranks return None together."""
-    mine = RankCheck(np.zeros(1, PREFLIGHT), "", None)
-    problem = ""
-    try:
-        mine = check_rank(cfg, wire.rank, data_dir, local_rank, resume, overwrite)
-    except Exception as e:
-        problem = f"rank {wire.rank}: {e}"
-    rows = np.zeros((wire.size, width(PREFLIGHT)), np.float64)  # filled on the server only
-    texts = np.zeros((wire.size, ERROR_BYTES), np.uint8)
-    digests = np.zeros((wire.size, DIGEST_BYTES), np.uint8)
-    here = wire.is_server
-    wire.gather(mine.info.view(np.float64), rows if here else None, "the preflight records")
-    wire.gather(text_row(problem, ERROR_BYTES), texts if here else None, "the preflight messages")
-    wire.gather(text_row(mine.digest, DIGEST_BYTES), digests if here else None, "the data digests")
-    problems: list[str] = []
-    if not here:
-        outcome = Preflight(mine.info, mine.device)
-    else:
-        infos = records(rows, PREFLIGHT)
-        problems = preflight_problems(infos, [t for t in map(row_text, texts) if t], data_dir)
-        split = {rank_file(k): row_text(d) for k, d in enumerate(digests)}
-        if mine.resume is not None:
-            from .recorder import split_problems
-
-            problems += split_problems(mine.resume[2].get("split"), split)
-        outcome = Preflight(infos, mine.device, mine.lock, mine.resume, split)
-    verdict = wire.bcast(np.array([len(problems)], np.int64), "the preflight verdict")
-    if verdict[0]:
-        if mine.lock is not None:
-            mine.lock.release()
-        for p in problems:
-            say(wire.rank, p)
-        return None
-    return outcome
 
 
 def announce_ranks(wire) -> tuple[int, int]:
