@@ -11,6 +11,10 @@ Optional, only in files made with `nifti --register` (readers must not require t
 written before registration existed stay valid and keep format /1):
   mni_to_native    (N, 4, 4) float64: template world mm -> scanner world mm, RAS (p_native = T @ p_mni)
   registration_ncc (N,) float32: correlation with the MNI152 template inside the brain mask (qc.py)
+open_checked refuses other types (images not float16/float32, ages not numbers, ids not text),
+another `format` and a voxel_size without an MNI grid (grid.GRIDS). Images stored in another
+layout (contiguous, several volumes per chunk, another filter) are read, more slowly, and
+copy_rows writes them in this one.
 gzip level 1 is the fastest standard HDF5 filter to decode here (about the 300 volumes/s
 target for 2 mm float16 on one core) and every HDF5 reader has it, unlike lzf.
 """
@@ -28,6 +32,7 @@ import numpy as np
 
 from fedmpi.errors import DataError
 from fedmpi.files import atomic_path
+from preprocess import grid
 
 FORMAT = "fedmpi-volumes/1"
 DATASETS = ("images", "age", "subject_id", "sex", "site")
@@ -92,7 +97,8 @@ def write_volumes(path, volumes: Iterable[np.ndarray], table: dict, attrs: dict,
 
 
 def copy_rows(src, dst, rows, extra_attrs: dict) -> Path:
-    """Copy the given rows of `src` into a new file `dst` (same attrs, compressed chunks copied raw)."""
+    """Copy the given rows of `src` into a new file `dst` (same attrs; compressed chunks copied raw when
+    `src` has the documented layout)."""
     rows = np.asarray(rows, dtype=np.int64)
     with open_checked(src) as f:
         table = {k: (f[k][:] if k == "age" else f[k].asstr()[:])[rows] for k in DATASETS[1:]}
@@ -102,15 +108,23 @@ def copy_rows(src, dst, rows, extra_attrs: dict) -> Path:
         images = f["images"]
         with atomic_path(dst) as tmp, h5py.File(tmp, "w") as g:
             out = _create(g, len(rows), images.shape[1:], images.dtype, table, attrs)
+            # raw chunks only when they are encoded as _create encodes them; otherwise (contiguous,
+            # several volumes per chunk, another filter) decode and re-encode in the documented layout
+            raw = ChunkReader(images).raw
             for j, i in enumerate(rows):
-                mask, chunk = images.id.read_direct_chunk((int(i), 0, 0, 0))
-                out.id.write_direct_chunk((j, 0, 0, 0), chunk, mask)
+                if raw:
+                    mask, chunk = images.id.read_direct_chunk((int(i), 0, 0, 0))
+                    out.id.write_direct_chunk((j, 0, 0, 0), chunk, mask)
+                else:
+                    out[j] = images[int(i)]
     return Path(dst)
 
 
 def open_checked(path) -> h5py.File:
     """Open a volume file read-only; DataError (naming the file) unless it is complete and valid."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"volume file {path} is a directory; give the HDF5 file")
     if not path.is_file():
         raise DataError(f"volume file {path} does not exist")
     try:
@@ -128,8 +142,9 @@ def open_checked(path) -> h5py.File:
             or any(f[k].shape[:1] != (n,) for k in OPTIONAL if k in f)
         ):
             raise DataError(f"volume file {path} has inconsistent dataset shapes")
-        if "voxel_size" not in f.attrs:
-            raise DataError(f"volume file {path} lacks the voxel_size attribute")
+        problem = _layout_problem(f)
+        if problem:
+            raise DataError(f"volume file {path} {problem}")
     except DataError:
         f.close()
         raise
@@ -137,6 +152,35 @@ def open_checked(path) -> h5py.File:
         f.close()
         raise DataError(f"volume file {path} is damaged: {exc}") from None
     return f
+
+
+def _layout_problem(f: h5py.File) -> str | None:
+    """What makes the types or attributes of an open file unlike what _create writes (None: nothing).
+
+    Readers index the tables as numbers and text and pick the MNI grid by voxel_size; a file that
+    passed the shape checks but stores, say, numeric subject ids would otherwise fail deep inside
+    them. `format` may be absent (files written by other tools) but not another format.
+    """
+    images = f["images"].dtype
+    if images.kind != "f" or images.itemsize not in (2, 4):
+        return f"stores images as {images}, not {' or '.join(DTYPES)}"
+    for key in ["age", *(k for k in OPTIONAL if k in f)]:
+        if f[key].dtype.kind not in "fiu":
+            return f"stores {key} as {f[key].dtype}, not numbers"
+    for key in DATASETS[2:]:
+        if h5py.check_string_dtype(f[key].dtype) is None:
+            return f"stores {key} as {f[key].dtype}, not text"
+    fmt = f.attrs.get("format", FORMAT)
+    if not (isinstance(fmt, str) and fmt == FORMAT):
+        return f"has format {fmt!r}, not {FORMAT!r}"
+    if "voxel_size" not in f.attrs:
+        return "lacks the voxel_size attribute"
+    voxel = f.attrs["voxel_size"]
+    if not isinstance(voxel, (int, float, np.integer, np.floating)):
+        return f"has a voxel_size that is not a number: {voxel!r}"
+    if float(voxel) not in grid.GRIDS:
+        return f"has voxel_size {float(voxel):g}, not one of the MNI grids ({', '.join(map(str, grid.GRIDS))} mm)"
+    return None
 
 
 class ChunkReader:

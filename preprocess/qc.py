@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmpi.errors import UserError
+from fedmpi.errors import DataError, UserError
 from fedmpi.files import atomic_dir
-from preprocess import grid, h5io
+from preprocess import grid, h5io, outputs
 
 DEFAULT_MIN_NCC = 0.5
 PER_PAGE = 12
@@ -56,14 +56,27 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def quality(h5) -> tuple[dict, np.ndarray, str]:
     """(table, figures, source) for a volume file: stored registration_ncc, or computed from the volumes."""
     with h5io.open_checked(h5) as f:
+        voxel = _grid_voxel(h5, f)  # the mosaic needs the grid even when the figures are stored
         table = {"subject_id": f["subject_id"].asstr()[:], "site": f["site"].asstr()[:], "age": f["age"][:]}
         if "registration_ncc" in f:
             return table, f["registration_ncc"][:].astype(np.float64), "stored"
-        voxel = int(f.attrs["voxel_size"])
         mask, template = grid.brain_mask(voxel), grid.template(voxel)
         reader = h5io.ChunkReader(f["images"])
         figures = [template_ncc(reader.read(i), template, mask) for i in range(f["images"].shape[0])]
         return table, np.asarray(figures), "computed"
+
+
+def _grid_voxel(h5, f) -> int:
+    """The file's voxel size, once its images are known to lie on that MNI grid (the template and
+    mask are compared voxel by voxel)."""
+    voxel = int(f.attrs["voxel_size"])
+    shape = grid.target_grid(voxel)[0]
+    if f["images"].shape[1:] != shape:
+        raise DataError(
+            f"volume file {h5} holds images of {'x'.join(map(str, f['images'].shape[1:]))} voxels, not the "
+            f"{voxel} mm MNI grid ({'x'.join(map(str, shape))}) the QC template is on"
+        )
+    return voxel
 
 
 def recorded_threshold(h5) -> float | None:
@@ -78,7 +91,8 @@ def write_report(h5, out, min_ncc: float | None = None) -> tuple[Path, int, int]
 
     min_ncc defaults to the threshold the file was registered with, else DEFAULT_MIN_NCC.
     Returns (out, subjects, subjects below the threshold). An existing QC report directory
-    is replaced; any other non-empty directory is refused (FileExistsError).
+    is replaced; any other non-empty directory is refused (FileExistsError), and so is an `out` that
+    cannot be written or that holds `h5` (outputs.OutputError), before any volume is read.
     """
     try:
         import matplotlib
@@ -88,6 +102,11 @@ def write_report(h5, out, min_ncc: float | None = None) -> tuple[Path, int, int]
         ) from None
     matplotlib.use("Agg")
     h5, out = Path(h5), Path(out)
+    outputs.check_dir(out, "--out")
+    if out.resolve() in h5.resolve().parents:
+        raise outputs.OutputError(
+            f"the input {h5} lies inside --out {out}, which the report replaces; choose another --out"
+        )
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT_MARKER).is_file())):
         raise FileExistsError(f"{out} exists and is not a QC report directory; choose another --out")
     threshold = min_ncc if min_ncc is not None else recorded_threshold(h5)
@@ -126,7 +145,7 @@ def _mosaic_page(h5, rows, table, figures, below, source, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     with h5io.open_checked(h5) as f:
-        voxel = int(f.attrs["voxel_size"])
+        voxel = _grid_voxel(h5, f)
         reader = h5io.ChunkReader(f["images"])
         volumes = [reader.read(int(i)).astype(np.float32) for i in rows]
     outline = list(_views(grid.template(voxel)))

@@ -131,3 +131,60 @@ def test_registration_datasets_are_optional_and_copied(tmp_path):
     h5io.copy_rows(tmp_path / "old.h5", tmp_path / "old_sub.h5", [1], {})
     with h5io.open_checked(tmp_path / "old_sub.h5") as f:  # files without registration stay valid
         assert "mni_to_native" not in f and len(f["age"]) == 1
+
+
+def _replace(path, key, data, **options):
+    with h5py.File(path, "a") as f:
+        del f[key]
+        f.create_dataset(key, data=data, **options)
+
+
+def _set_attr(path, key, value):
+    with h5py.File(path, "a") as f:
+        f.attrs[key] = value
+
+
+@pytest.mark.parametrize(
+    "spoil, message",
+    [
+        (lambda p: _replace(p, "subject_id", np.arange(3)), "stores subject_id as int64, not text"),
+        (lambda p: _replace(p, "site", np.zeros(3)), "stores site as float64, not text"),
+        (lambda p: _replace(p, "age", np.array([b"old"] * 3)), "stores age as |S3, not numbers"),
+        (lambda p: _replace(p, "images", np.zeros((3, 3, 4, 5))), "stores images as float64, not float16 or float32"),
+        (lambda p: _set_attr(p, "voxel_size", 3.0), r"has voxel_size 3, not one of the MNI grids \(2, 4, 6 mm\)"),
+        (lambda p: _set_attr(p, "voxel_size", "4"), "has a voxel_size that is not a number: '4'"),
+        (lambda p: _set_attr(p, "format", "fedmpi-volumes/2"), "has format 'fedmpi-volumes/2', not 'fedmpi-volumes/1'"),
+    ],
+)
+def test_open_checked_refuses_types_and_attributes_the_readers_cannot_use(tmp_path, spoil, message):
+    path = h5io.write_volumes(tmp_path / "x.h5", iter(np.zeros((3, 3, 4, 5))), _table(3), _attrs())
+    spoil(path)
+    with pytest.raises(h5io.DataError, match=rf"^volume file {path} {message}$"):
+        h5io.open_checked(path)
+
+
+def test_open_checked_accepts_a_file_without_format_and_names_a_directory(tmp_path):
+    path = h5io.write_volumes(tmp_path / "x.h5", iter(np.zeros((3, 3, 4, 5))), _table(3), _attrs())
+    with h5py.File(path, "a") as f:
+        del f.attrs["format"]  # as files written by other tools (tests/fedtools.py)
+    h5io.open_checked(path).close()
+    with pytest.raises(h5io.DataError, match=rf"^volume file {tmp_path} is a directory; give the HDF5 file$"):
+        h5io.open_checked(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [{}, {"chunks": (2, 3, 4, 5), "compression": "gzip"}, {"chunks": (1, 3, 4, 5), "compression": "lzf"}],
+    ids=["contiguous", "two-per-chunk", "lzf"],
+)
+def test_copy_rows_writes_other_image_layouts_in_the_documented_one(tmp_path, layout):
+    vols = np.random.default_rng(0).normal(size=(3, 3, 4, 5)).astype(np.float16)
+    vols[:, :2] = 0  # compressible: lzf stores incompressible chunks unfiltered, which a raw copy survives
+    path = h5io.write_volumes(tmp_path / "x.h5", iter(vols), _table(3), _attrs())
+    _replace(path, "images", vols, **layout)
+    h5io.copy_rows(path, tmp_path / "sub.h5", [2, 0], {})
+    with h5io.open_checked(tmp_path / "sub.h5") as f:
+        reader = h5io.ChunkReader(f["images"])
+        assert reader.raw and f["images"].chunks == (1, 3, 4, 5)
+        np.testing.assert_array_equal(reader.read(0), vols[2])
+        np.testing.assert_array_equal(reader.read(1), vols[0])

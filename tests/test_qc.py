@@ -1,6 +1,7 @@
 """Registration quality (qc.py): the template-correlation figure, Dice, and the QC report."""
 
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -90,3 +91,54 @@ def test_cli_qc_and_missing_matplotlib(cohort, tmp_path, capsys, monkeypatch):
     assert cli.main(["qc", "--h5", str(tmp_path / "v.h5"), "--out", str(tmp_path / "qc2")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install -e '.[report]'" in err and not (tmp_path / "qc2").exists()
+
+
+def _registered(path, shape_voxel=6, voxel=6):
+    """A two-subject file with stored figures: a report of it draws one small mosaic page."""
+    shape, affine = grid.target_grid(shape_voxel)
+    table = {
+        "age": [50.0, 60.0],
+        "subject_id": ["a", "b"],
+        "sex": ["F", "M"],
+        "site": ["X", "X"],
+        "registration_ncc": [0.8, 0.3],
+        "mni_to_native": [np.eye(4), np.eye(4)],
+    }
+    attrs = h5io.base_attrs(voxel, shape, affine, {"min_ncc": 0.35}, "fp")
+    return h5io.write_volumes(path, [np.zeros(shape)] * 2, table, attrs)
+
+
+def _out_under_a_file(tmp_path):
+    (tmp_path / "somefile").write_text("x")
+    return tmp_path / "somefile" / "qc", "somefile is a file, not a directory"
+
+
+def _out_under_proc(tmp_path):
+    return Path("/proc/fedmpi-qc/qc"), "cannot write --out /proc/fedmpi-qc/qc: cannot create files in /proc"
+
+
+def _out_holding_the_input(tmp_path):
+    out = tmp_path / "rep"
+    out.mkdir()
+    (out / qc.REPORT_MARKER).write_text("an earlier report")
+    return out, "lies inside --out"
+
+
+@pytest.mark.parametrize("make", [_out_under_a_file, _out_under_proc, _out_holding_the_input])
+def test_cli_qc_refuses_an_out_it_cannot_write_in_one_line(tmp_path, capsys, make):
+    pytest.importorskip("matplotlib")
+    out, message = make(tmp_path)
+    h5 = _registered((out if make is _out_holding_the_input else tmp_path) / "v.h5")
+    before = sorted(tmp_path.rglob("*"))
+    assert cli.main(["qc", "--h5", str(h5), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert sorted(tmp_path.rglob("*")) == before and h5.is_file()
+
+
+def test_qc_refuses_images_off_the_mni_grid_of_their_voxel_size(tmp_path):
+    h5 = _registered(tmp_path / "v.h5", shape_voxel=6, voxel=4)
+    with pytest.raises(
+        h5io.DataError, match=r"v.h5 holds images of 30x36x30 voxels, not the 4 mm MNI grid \(45x54x45\)"
+    ):
+        qc.quality(h5)
