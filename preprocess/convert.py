@@ -2,11 +2,13 @@
 
 Each subject's preprocessed volume is first staged as FILE.h5.parts/<id>-<fingerprint>.npy
 (written atomically; with registration its matrix and quality figure go first into a .json
-beside it). A re-run after an interruption or a dead worker reuses every staged subject whose
-input and parameters are unchanged; once all subjects are staged they are packed into the HDF5
-file under a temporary name, renamed, and the staging directory is removed. An output whose
-recorded input fingerprint matches the current input is left alone. Output paths are checked
-before any subject is processed.
+beside it). A re-run after an interruption, a dead worker or bad subjects reuses every staged
+subject whose input and parameters are unchanged (the key, _subject_key, hashes the image path,
+size, mtime and every parameter that changes the volume; --max-image-mb only refuses images, so
+it is not part of it). Once all subjects are staged they are packed into the HDF5 file under a
+temporary name, renamed, and the staging directory is removed. An output whose recorded input
+fingerprint matches the current input is left alone. Output paths are checked before any subject
+is processed.
 """
 
 from __future__ import annotations
@@ -142,8 +144,8 @@ def convert(
     With `registration`, each image is registered to the MNI template first (register.py) and
     subjects failing its quality check are bad input. Raises outputs.OutputError for an output
     path that cannot be written, bids.DatasetError for an unusable dataset, BadInput when
-    subjects are bad and skip_bad is False (nothing is written and staged parts are removed),
-    parallel.WorkerDied when a worker process dies (finished subjects stay staged).
+    subjects are bad and skip_bad is False (nothing is written; the good subjects stay staged for
+    the re-run), parallel.WorkerDied when a worker process dies (finished subjects stay staged).
     """
     out, bids_dir = Path(out), Path(bids_dir)
     shape, affine = grid.target_grid(voxel)
@@ -166,10 +168,11 @@ def convert(
     keys = [_subject_key(e, params) for e in entries]
     fingerprint = _fingerprint(entries, keys, bad, params)
     report = skipped_report_path(out)
+    stage = parts_dir(out)
     if (skip_bad or not bad) and _is_up_to_date(out, fingerprint, skip_bad):
+        shutil.rmtree(stage, ignore_errors=True)  # left by a run that stopped on bad input: the output has it all
         return Result(out, 0, {}, 0, True)
 
-    stage = parts_dir(out)
     stage.mkdir(parents=True, exist_ok=True)
     _remove_temporaries(stage)
     parts = {e.participant_id: stage / f"{e.participant_id}-{k}.npy" for e, k in zip(entries, keys)}
@@ -202,13 +205,15 @@ def convert(
         ) from None
 
     good = [e for e in entries if e.participant_id not in bad]
+    if not good:
+        shutil.rmtree(stage, ignore_errors=True)  # nothing staged is of use
     if bad and not skip_bad:
-        shutil.rmtree(stage, ignore_errors=True)
+        # the good subjects stay staged, so the re-run this asks for does only the rest
+        kept = f"; the {len(good)} good subject(s) stay staged in {stage} for the re-run" if good else ""
         raise BadInput(
-            f"{len(bad)} bad subject(s) in {bids_dir}; nothing written (fix them or re-run with --skip-bad)", bad
+            f"{len(bad)} bad subject(s) in {bids_dir}; nothing written (fix them or re-run with --skip-bad){kept}", bad
         )
     if not good:
-        shutil.rmtree(stage, ignore_errors=True)
         raise BadInput(f"no usable subject in {bids_dir}", bad)
 
     table = {

@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import nibabel as nib
@@ -121,8 +122,13 @@ def test_bad_input_fails_with_reason_and_writes_nothing(cohort, tmp_path, capsys
     assert code == 2
     assert "sub-bad0" in err and CASES[case][3] in err and "nothing written" in err
     assert "Traceback" not in err
-    assert not out.exists() and not convert.parts_dir(out).exists()
-    assert not convert.skipped_report_path(out).exists()
+    assert not out.exists() and not convert.skipped_report_path(out).exists()
+    assert _staged(out) == set(GOOD)  # for the re-run
+
+
+def _staged(out):
+    """The subjects staged for `out` (parts are named <participant_id>-<key>.npy)."""
+    return {p.name.rsplit("-", 1)[0] for p in convert.parts_dir(out).glob("*.npy")}
 
 
 def test_every_bad_subject_is_listed_and_skip_bad_keeps_the_good(cohort, tmp_path, capsys):
@@ -137,7 +143,9 @@ def test_every_bad_subject_is_listed_and_skip_bad_keeps_the_good(cohort, tmp_pat
     assert not out.exists()
 
     assert cli.main(["nifti", "--bids", str(root), "--out", str(out), "--workers", "2", "--quiet", "--skip-bad"]) == 0
-    assert f"skipped {len(names)} bad subject(s)" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert f"skipped {len(names)} bad subject(s)" in captured.err
+    assert "wrote 2 subjects" in captured.out and "(2 reused from an earlier run)" in captured.out
     with h5py.File(out, "r") as f:
         assert list(f["subject_id"].asstr()[:]) == list(GOOD)
     report = convert.skipped_report_path(out).read_text().splitlines()
@@ -149,6 +157,9 @@ def test_dataset_level_errors(tmp_path, capsys):
     out = tmp_path / "v.h5"
     assert cli.main(["nifti", "--bids", str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("x")
+    assert cli.main(["nifti", "--bids", str(tmp_path / "a_file"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: --bids {tmp_path / 'a_file'} is a file; give the dataset's directory\n"
     (tmp_path / "b").mkdir()
     assert cli.main(["nifti", "--bids", str(tmp_path / "b"), "--out", str(out)]) == 2
     assert "participants.tsv is missing" in capsys.readouterr().err
@@ -194,6 +205,45 @@ def test_interrupted_run_resumes_without_redoing_subjects(cohort, tmp_path, monk
     assert not res.up_to_date and len(calls) == 4
     with h5py.File(out, "r") as f:
         assert 63.0 in f["age"][:]
+
+
+def test_rerun_after_bad_input_reuses_the_good_subjects_of_the_same_settings(cohort, tmp_path, monkeypatch):
+    root = _bad_bids(cohort, tmp_path, ["unreadable"])
+    out = tmp_path / "v.h5"
+    real = nifti.preprocess_file
+    calls = []
+    monkeypatch.setattr(nifti, "preprocess_file", lambda path, *a: calls.append(path.name) or real(path, *a))
+    with pytest.raises(convert.BadInput, match=r"the 2 good subject\(s\) stay staged in"):
+        convert.convert(root, out, workers=1)
+    assert len(calls) == 3 and _staged(out) == set(GOOD)
+
+    calls.clear()  # other settings: the float16 parts are not theirs
+    with pytest.raises(convert.BadInput):
+        convert.convert(root, out, workers=1, dtype="float32")
+    assert len(calls) == 3
+
+    calls.clear()
+    res = convert.convert(root, out, workers=1, skip_bad=True)
+    assert res.reused == 2 and res.written == 2 and calls == ["sub-bad0_T1w.nii.gz"]
+    assert not convert.parts_dir(out).exists()
+    with h5py.File(out, "r") as f:
+        assert f["images"].dtype == np.float16
+
+    with pytest.raises(convert.BadInput):  # stages the good subjects again
+        convert.convert(root, out, workers=1)
+    assert convert.convert(root, out, workers=1, skip_bad=True).up_to_date
+    assert not convert.parts_dir(out).exists()  # the output holds everything they were staged for
+
+
+def test_participants_tsv_field_above_the_csv_limit_is_one_clear_error(cohort, tmp_path, capsys):
+    root = _make_bids(cohort, tmp_path / "bids")
+    tsv = root / "participants.tsv"
+    tsv.write_text(tsv.read_text() + "sub-0003\t60\tF\t" + "x" * 200_000 + "\n")
+    out = tmp_path / "v.h5"
+    assert cli.main(["nifti", "--bids", str(root), "--out", str(out), "--workers", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {tsv} cannot be read past line 3: field larger than field limit (131072)\n"
+    assert not out.exists() and not convert.parts_dir(out).exists()
 
 
 def test_cli_reports_interruption_with_exit_130(cohort, tmp_path, monkeypatch, capsys):
@@ -343,7 +393,13 @@ def _report_is_a_directory(tmp_path):
     return tmp_path / "x.h5", "x.skipped.tsv is an existing directory"
 
 
-@pytest.mark.parametrize("make", [_out_under_a_file, _out_is_a_directory, _stage_is_a_file, _report_is_a_directory])
+def _out_under_proc(tmp_path):
+    return Path("/proc/fedmpi-x.h5"), "cannot write --out /proc/fedmpi-x.h5: cannot create files in /proc"
+
+
+@pytest.mark.parametrize(
+    "make", [_out_under_a_file, _out_is_a_directory, _stage_is_a_file, _report_is_a_directory, _out_under_proc]
+)
 def test_unwritable_outputs_are_refused_before_any_subject(cohort, tmp_path, monkeypatch, capsys, make):
     root = _make_bids(cohort, tmp_path / "bids")
     out, message = make(tmp_path)
