@@ -54,8 +54,10 @@ def find_images(root: Path) -> dict[str, list[Path]]:
 
 def read_participants(root: Path) -> list[dict[str, str]]:
     """Rows of participants.tsv as dicts; DatasetError when missing or lacking columns."""
-    if not root.is_dir():
+    if not root.exists():
         raise DatasetError(f"BIDS directory {root} does not exist")
+    if not root.is_dir():
+        raise DatasetError(f"--bids {root} is a file; give the dataset's directory")
     tsv = root / "participants.tsv"
     if not tsv.is_file():
         raise DatasetError(f"{tsv} is missing (needs columns participant_id, age[, sex, site])")
@@ -64,11 +66,16 @@ def read_participants(root: Path) -> list[dict[str, str]]:
         # would otherwise become part of the first column's name.
         with open(tsv, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f, delimiter="\t")
-            columns = reader.fieldnames or []
-            absent = [c for c in REQUIRED_COLUMNS if c not in columns]
-            if absent:
-                raise DatasetError(f"{tsv} lacks column(s) {', '.join(absent)} (has: {', '.join(columns) or 'none'})")
-            return [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+            try:
+                columns = reader.fieldnames or []
+                absent = [c for c in REQUIRED_COLUMNS if c not in columns]
+                if absent:
+                    raise DatasetError(
+                        f"{tsv} lacks column(s) {', '.join(absent)} (has: {', '.join(columns) or 'none'})"
+                    )
+                return [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+            except csv.Error as exc:  # a field above csv's 128 KiB limit, often an unclosed quote
+                raise DatasetError(f"{tsv} cannot be read past line {reader.line_num}: {exc}") from None
     except UnicodeDecodeError as exc:
         raise DatasetError(
             f"{tsv} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); save it as UTF-8"

@@ -1,9 +1,9 @@
 """`python -m preprocess synth|nifti|split|qc`: command-line front end.
 
 Exit codes: 0 success (or output already up to date), 2 usage or bad input (a message on
-stderr, never a traceback, nothing written; also a worker process that died, after which
-finished subjects stay staged), 130 interrupted (finished subjects stay staged and a re-run
-resumes).
+stderr, never a traceback, nothing written; nifti keeps its good subjects staged for the
+re-run), also a worker process that died (finished subjects stay staged), 130 interrupted
+(finished subjects stay staged and a re-run resumes).
 """
 
 from __future__ import annotations
@@ -25,18 +25,24 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(_fail(message))
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+def _integer(text: str, low: int) -> int:
+    """An integer >= low; every refusal is an ArgumentTypeError, whose message argparse prints as it is
+    (for a ValueError it would print the private type function's name: "invalid _positive value")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
     return value
+
+
+def _positive(text: str) -> int:
+    return _integer(text, 1)
 
 
 def _nonnegative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+    return _integer(text, 0)
 
 
 def _megabytes(text: str) -> float:
@@ -60,9 +66,12 @@ class _AgeRange(argparse.Action):
 
 
 def _fraction(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
     if not -1.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be a correlation in [-1, 1], got {value}")
+        raise argparse.ArgumentTypeError(f"must be a correlation in [-1, 1], got {text}")
     return value
 
 
@@ -208,7 +217,7 @@ def _nifti(args) -> int:
             f"warning: skipped {len(res.skipped)} bad subject(s), listed in {report}:{_bad_list(res.skipped)}",
             file=sys.stderr,
         )
-    reused = f" ({res.reused} reused from an interrupted run)" if res.reused else ""
+    reused = f" ({res.reused} reused from an earlier run)" if res.reused else ""
     print(f"wrote {res.written} subjects to {res.path}{reused}")
     return 0
 

@@ -116,8 +116,8 @@ def validate(k: int, distribution: str) -> None:
 def check(n_train: int, k: int, distribution: str) -> None:
     """SplitError when the distribution cannot be built for n_train subjects and k learners."""
     validate(k, distribution)
-    smallest = skewed_sizes(n_train, k)[-1] if distribution == "skewed-noniid" else n_train // k
-    if smallest < 1:
+    # k > n_train first: skewed_sizes allocates k numbers, and k comes from the command line
+    if k > n_train or (distribution == "skewed-noniid" and skewed_sizes(n_train, k)[-1] < 1):
         raise SplitError(
             f"{n_train} training subjects cannot give each of {k} learners at least one subject under {distribution}"
         )

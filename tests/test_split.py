@@ -4,12 +4,13 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
-from preprocess import cli, split
+from preprocess import cli, h5io, split
 
 AGES = np.random.default_rng(7).uniform(44.6, 80.7, size=2000)
 
@@ -104,6 +105,38 @@ def test_any_learner_count_and_seeds():
 def test_impossible_splits_are_refused(kwargs, message):
     with pytest.raises(split.SplitError, match=message):
         split.partition(AGES[:1000], **kwargs)
+
+
+def test_too_many_learners_are_refused_before_any_is_sized(monkeypatch):
+    def sized(n, k):
+        raise AssertionError(f"skewed_sizes({n}, {k}) allocates {k} numbers")
+
+    monkeypatch.setattr(split, "skewed_sizes", sized)
+    with pytest.raises(split.SplitError, match="cannot give each of 1000000000 learners"):
+        split.partition(AGES[:100], learners=10**9, distribution="skewed-noniid")
+
+
+def _directory(tmp_path):
+    return tmp_path, f"volume file {tmp_path} is a directory; give the HDF5 file"
+
+
+def _numeric_ids(tmp_path):
+    table = {"age": [50.0, 60.0], "subject_id": ["a", "b"], "sex": ["F", "M"], "site": ["X", "X"]}
+    attrs = h5io.base_attrs(4, (3, 4, 5), np.eye(4), {}, "fp")
+    path = h5io.write_volumes(tmp_path / "v.h5", iter(np.zeros((2, 3, 4, 5))), table, attrs)
+    with h5py.File(path, "a") as f:
+        del f["subject_id"]
+        f["subject_id"] = np.arange(2)
+    return path, f"volume file {path} stores subject_id as int64, not text"
+
+
+@pytest.mark.parametrize("make", [_directory, _numeric_ids])
+def test_unusable_input_files_are_one_line(tmp_path, capsys, make):
+    h5, message = make(tmp_path)
+    out = tmp_path / "s"
+    assert cli.main(["split", "--h5", str(h5), "--out", str(out), "--learners", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {message}\n" and not out.exists()
 
 
 def test_write_split_files_and_partition_json(cohort, tmp_path):
@@ -312,7 +345,11 @@ def _owned_name_is_a_directory(tmp_path):
     return tmp_path / "s", "learner_2.h5 is not a file"
 
 
-@pytest.mark.parametrize("make", [_under_a_file, _a_file, _owned_name_is_a_directory])
+def _under_proc(tmp_path):
+    return Path("/proc/fedmpi-split"), "cannot write --out /proc/fedmpi-split: cannot create files in /proc"
+
+
+@pytest.mark.parametrize("make", [_under_a_file, _a_file, _owned_name_is_a_directory, _under_proc])
 def test_unwritable_split_outputs_are_one_line(cohort, tmp_path, capsys, make):
     out, message = make(tmp_path)
     before = sorted(str(p) for p in tmp_path.rglob("*"))

@@ -118,6 +118,28 @@ def test_cli_synth_bad_seed_and_out_under_a_file_are_one_line(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["somefile"]
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--subjects", "abc"], "argument --subjects: must be an integer >= 1, got 'abc'"),
+        (["--seed", "1.5"], "argument --seed: must be an integer >= 0, got '1.5'"),
+        (["--workers", ""], "argument --workers: must be an integer >= 1, got ''"),
+    ],
+)
+def test_cli_synth_non_integers_name_what_is_expected(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit, match=r"^2$"):
+        cli.main(["synth", "--out", str(tmp_path / "d"), *args])
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: {message}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_synth_out_under_proc_is_one_line(capsys):
+    assert cli.main(["synth", "--out", "/proc/fedmpi-synth", "--subjects", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err  # the reason (errno) differs between root and other users
+    assert err.startswith("error: cannot write --out /proc/fedmpi-synth: cannot create files in /proc (")
+    assert err.count("\n") == 1
+
+
 def _write_or_die(job):
     """synth._write_subject in a spawned worker, except that sub-0002's worker is killed."""
     if job[0].participant_id == "sub-0002":
