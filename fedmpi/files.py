@@ -59,11 +59,17 @@ def check_writable(path: str | os.PathLike, what: str, error: type[Exception]) -
     try:
         if not existing.is_dir():
             raise NotADirectoryError(0, f"{existing} is not a directory")
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=existing)
-        os.close(fd)
-        os.unlink(probe)
+        probe_directory(existing)
     except OSError as e:
         raise error(f"{what} {path}: cannot write there ({e.strerror or e})") from None
+
+
+def probe_directory(directory: Path) -> None:
+    """OSError unless a file can be created in `directory`: tried, since os.access says yes to root on /proc
+    or /sys, where creating anything fails."""
+    fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=directory)
+    os.close(fd)
+    os.unlink(probe)
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:

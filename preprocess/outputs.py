@@ -6,11 +6,10 @@ a traceback, some of them only after every subject has been processed.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from fedmpi.errors import UserError
+from fedmpi.files import probe_directory
 
 
 class OutputError(UserError, ValueError):
@@ -18,23 +17,17 @@ class OutputError(UserError, ValueError):
 
 
 def _check_parent(path: Path, what: str) -> None:
-    """The nearest existing ancestor must be a directory this process can create entries in.
-
-    Tried with a file created and removed there, not read from the permission bits: os.access
-    says yes to root on /proc or /sys, where creating anything fails.
-    """
+    """The nearest existing ancestor must be a directory this process can create entries in."""
     for parent in path.absolute().parents:
         if parent.exists():
             if not parent.is_dir():
                 raise OutputError(f"cannot write {what} {path}: {parent} is a file, not a directory")
             try:
-                fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=parent)
+                probe_directory(parent)
             except OSError as exc:
                 raise OutputError(
                     f"cannot write {what} {path}: cannot create files in {parent} ({exc.strerror or exc})"
                 ) from None
-            os.close(fd)
-            os.unlink(probe)
             return
 
 
