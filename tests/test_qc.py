@@ -65,8 +65,9 @@ def test_report_lists_worst_first_and_flags_bad_subjects(cohort, tmp_path):
         qc.write_report(tmp_path / "v.h5", tmp_path / "mine")
 
 
-def test_stored_figures_and_threshold_are_used(tmp_path):
-    shape, affine = grid.target_grid(6)
+def _registered(path, shape_voxel=6, voxel=6):
+    """A two-subject file with stored figures: a report of it draws one small mosaic page."""
+    shape, affine = grid.target_grid(shape_voxel)
     table = {
         "age": [50.0, 60.0],
         "subject_id": ["a", "b"],
@@ -75,8 +76,12 @@ def test_stored_figures_and_threshold_are_used(tmp_path):
         "registration_ncc": [0.8, 0.3],
         "mni_to_native": [np.eye(4), np.eye(4)],
     }
-    attrs = h5io.base_attrs(6, shape, affine, {"min_ncc": 0.35}, "fp")
-    h5io.write_volumes(tmp_path / "r.h5", [grid.template(6)] * 2, table, attrs)
+    attrs = h5io.base_attrs(voxel, shape, affine, {"min_ncc": 0.35}, "fp")
+    return h5io.write_volumes(path, [np.zeros(shape)] * 2, table, attrs)
+
+
+def test_stored_figures_and_threshold_are_used(tmp_path):
+    _registered(tmp_path / "r.h5")
     _, figures, source = qc.quality(tmp_path / "r.h5")
     assert source == "stored" and figures == pytest.approx([0.8, 0.3])
     assert qc.recorded_threshold(tmp_path / "r.h5") == 0.35
@@ -91,21 +96,6 @@ def test_cli_qc_and_missing_matplotlib(cohort, tmp_path, capsys, monkeypatch):
     assert cli.main(["qc", "--h5", str(tmp_path / "v.h5"), "--out", str(tmp_path / "qc2")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install -e '.[report]'" in err and not (tmp_path / "qc2").exists()
-
-
-def _registered(path, shape_voxel=6, voxel=6):
-    """A two-subject file with stored figures: a report of it draws one small mosaic page."""
-    shape, affine = grid.target_grid(shape_voxel)
-    table = {
-        "age": [50.0, 60.0],
-        "subject_id": ["a", "b"],
-        "sex": ["F", "M"],
-        "site": ["X", "X"],
-        "registration_ncc": [0.8, 0.3],
-        "mni_to_native": [np.eye(4), np.eye(4)],
-    }
-    attrs = h5io.base_attrs(voxel, shape, affine, {"min_ncc": 0.35}, "fp")
-    return h5io.write_volumes(path, [np.zeros(shape)] * 2, table, attrs)
 
 
 def _out_under_a_file(tmp_path):
