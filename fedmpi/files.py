@@ -1,12 +1,16 @@
 """Files written whole or not at all: every output (HDF5 volumes, checkpoints, models, run records,
 reports) is written under a temporary name beside its destination, flushed to disk and renamed, so
-a reader, a crash or a full disk never leaves half a file under the real name."""
+a reader, a crash or a full disk never leaves half a file under the real name. A temporary's name carries
+its host and pid, so that one a killed process (kill -9, the OOM killer) could not remove is removed by the
+next write of the same output on that host."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,13 +31,52 @@ def _fsync(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """The temporaries of `path` left beside it by processes of this host that are gone; those of a live
+    process, or of another host sharing the file system, stay."""
+    mine = re.compile(rf"^\.{re.escape(path.name)}\.tmp-{re.escape(socket.gethostname())}-(\d+)-")
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        found = mine.match(entry.name)
+        if found and not _alive(int(found.group(1))):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
+def temporary_dir_beside(out: Path) -> Path:
+    """A new private directory beside `out` (its parents created), after removing stale ones."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
+    return Path(tempfile.mkdtemp(prefix=_temporary_prefix(out), dir=out.parent))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `path` for the caller to write; when the block succeeds it is
     fsynced and renamed onto `path` (and the directory fsynced), otherwise removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, name = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=suffix + ".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     os.chmod(tmp, umask_mode())
@@ -83,8 +126,7 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     """Yield a new directory beside `out` for the caller to fill; when the block succeeds its files and
     directories are fsynced and it replaces `out` (replace_dir), otherwise it is removed with everything in it."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temporary_dir_beside(out)
     os.chmod(tmp, umask_mode(directory=True))
     try:
         yield tmp

@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ import numpy as np
 from . import tables
 from .algorithms import ALGORITHMS
 from .errors import ReportError, is_user_error
-from .files import atomic_write
+from .files import atomic_write, temporary_dir_beside
 from .runlog import RunLog, dumps, read_json
 
 COLUMNS = (
@@ -516,8 +515,7 @@ def write_report(run_dirs: list[Path], out: Path) -> tuple[list[dict], list[Path
     if out.exists() and not out.is_dir():
         raise ReportError(f"--out {out} is a file, not a directory")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        stage = temporary_dir_beside(out)
     except OSError as e:
         raise ReportError(f"--out {out}: cannot write there ({e.strerror or e})") from None
     try:

@@ -1,5 +1,6 @@
 """Directories written whole or not at all (fedmpi.files.atomic_dir)."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,36 @@ def test_an_output_file_that_cannot_be_written_is_refused_up_front(tmp_path):
     ):
         with pytest.raises(ValueError, match=f"^--out {path}.*{message}"):
             check_writable(path, "--out", ValueError)
+
+
+def test_temporaries_of_dead_processes_on_this_host_go_with_the_next_write(tmp_path):
+    """kill -9 leaves a temporary behind; the next write of the same output removes it, but never one of a
+    live process or of another host (a shared file system)."""
+    import socket
+    import subprocess
+    import sys
+
+    from fedmpi.files import atomic_write
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    host = socket.gethostname()
+    left = {
+        "dead": tmp_path / f".out.h5.tmp-{host}-{dead_pid}-abc.tmp",
+        "dead_dir": tmp_path / f".report.tmp-{host}-{dead_pid}-xyz",
+        "live": tmp_path / f".out.h5.tmp-{host}-{os.getpid()}-def.tmp",
+        "other_host": tmp_path / f".out.h5.tmp-elsewhere-{dead_pid}-ghi.tmp",
+        "other_output": tmp_path / f".other.h5.tmp-{host}-{dead_pid}-jkl.tmp",
+    }
+    for name, path in left.items():
+        if name == "dead_dir":
+            (path / "sub").mkdir(parents=True)
+            (path / "sub" / "f").write_text("half")
+        else:
+            path.write_text("half")
+    atomic_write(tmp_path / "out.h5", b"whole")
+    with atomic_dir(tmp_path / "report") as tmp:
+        (tmp / "a.md").write_text("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["out.h5", "report", left["live"].name, left["other_host"].name, left["other_output"].name]
+    )
