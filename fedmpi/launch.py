@@ -100,7 +100,7 @@ def _run(cfg: Config, comm, resume: bool, overwrite: bool) -> int:
     wire = Wire(comm, patience=startup if comm.Get_rank() == 0 else learner_startup_patience(startup))
     local_rank, local_size = announce_ranks(wire)
     keep_freed_memory()
-    torch.set_num_threads(cfg.train.threads or max(1, len(os.sched_getaffinity(0)) // local_size))
+    torch.set_num_threads(torch_threads(cfg.train.threads, local_size))
     stop = install_preemption_handlers()
     data_dir = prepare_data(cfg, wire)
     if algorithm(cfg).trains_centrally:
@@ -203,6 +203,19 @@ def prepare_data(cfg: Config, wire) -> Path:
     if wire.size > 1:  # generating a new cohort takes minutes: learners allow it a round's time
         wire.bcast(np.ones(1), "the synthetic cohort (built by the server)", patience=cfg.run.round_timeout)
     return data_dir if wire.rank == 0 else cohort()
+
+
+def torch_threads(configured: int, local_size: int) -> int:
+    """train.threads; else OMP_NUM_THREADS, which a batch script sets to the cores it gave each task (srun
+    binds each rank to its own); else, as under a workstation's mpirun where every rank may use every core,
+    this rank's share of the cores on the node."""
+    if configured:
+        return configured
+    try:
+        given = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        given = 0
+    return given if given > 0 else max(1, len(os.sched_getaffinity(0)) // local_size)
 
 
 def learner_startup_patience(startup: float) -> float:
