@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 MPIRUN ?= $(VENV)/bin/mpirun
-# torch: the CPU wheel unless a torch is already importable (a CUDA build installed by the user).
+# torch: the CPU wheel unless a torch is already importable (a CUDA build installed by the user). PyPI's
+# Linux torch is the CUDA build (GBs of nvidia-* wheels); the CPU index's 2.13.0+cpu outranks it.
+# TORCH_INDEX= (empty) leaves pip's own index settings alone.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # pytest exits 5 when a selection holds no tests; that is not a failure here.
 NO_TESTS_OK = || [ $$? -eq 5 ]
 
@@ -14,7 +17,8 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -c "import torch" 2>/dev/null || \
+		$(PY) -m pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test,mpich,report,lint]"
 	touch $@
 

@@ -224,6 +224,9 @@ def run_paper(args) -> int:
                 ]
             )
     for summary in sorted(out.glob("*/summary.json")):
+        if json.loads(summary.read_text()).get("preempted"):  # stopped early: its model is not the run's
+            print(f"sweep: {summary.parent} stopped before its last round; resume it, then collect again")
+            continue
         call([sys.executable, "-m", "fedmpi", "attack", "--run", str(summary.parent)])
     call([sys.executable, "-m", "fedmpi", "report", str(out), "--out", str(args.report or out / "report")])
     return 0
@@ -235,15 +238,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--paper", choices=sorted(FAMILIES), help="run the paper configs of this family instead")
     ap.add_argument("--out", help="parent directory of the runs (default: the study's `out`)")
     ap.add_argument("--report", help="write the report here (default: the study's `report`)")
-    ap.add_argument("--records", help="copy the runs' records here (default: the study's `records`)")
-    ap.add_argument("--list", action="store_true", help="list the study's runs and their state; run nothing")
-    ap.add_argument("--no-attack", action="store_true", help="train only")
+    ap.add_argument("--records", help="study: copy the runs' records here (default: the study's `records`)")
+    ap.add_argument("--list", action="store_true", help="study: list the runs and their state; run nothing")
+    ap.add_argument("--no-attack", action="store_true", help="study: train only")
     ap.add_argument("--slurm", action="store_true", help="--paper: write the config list and submit an array")
     ap.add_argument("--collect", action="store_true", help="--paper: skip training; attack and report")
     ap.add_argument("--mpirun", default=str(Path(sys.executable).with_name("mpirun")))
     args = ap.parse_args(argv)
     if bool(args.study) == bool(args.paper):
         ap.error("give a study file or --paper FAMILY")
+    # an option of the other mode would be silently ignored (--list starting 84 federations)
+    other = ("slurm", "collect") if args.study else ("list", "no_attack", "records")
+    given = [f"--{name.replace('_', '-')}" for name in other if getattr(args, name)]
+    if given:
+        ap.error(
+            f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} only with "
+            f"{'--paper' if args.study else 'a study file'}"
+        )
     return run_paper(args) if args.paper else run_study(args)
 
 

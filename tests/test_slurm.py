@@ -80,3 +80,23 @@ def test_time_limit_signal_checkpoints_requeues_and_the_requeued_job_resumes(tmp
     assert "resuming" in again.stdout
     assert [r["round"] for r in metrics(run)] == list(range(1, 7))
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"], "no second requeue"
+
+
+def test_a_sweep_task_finds_the_job_script_from_the_submit_directory(tmp_path):
+    """Under sbatch, $0 is slurmd's spool copy of sweep.slurm: the task must find jobs/fedsparsify.slurm from
+    the submit directory (here it gets as far as the virtualenv, which it names)."""
+    spool = tmp_path / "spool" / "job7"
+    spool.mkdir(parents=True)
+    (spool / "slurm_script").write_text((ROOT / "jobs" / "sweep.slurm").read_text())
+    listing = tmp_path / "configs.txt"
+    listing.write_text("a.yaml\nb.yaml\n")
+    env = dict(os.environ, SLURM_SUBMIT_DIR=str(ROOT), SLURM_ARRAY_TASK_ID="2", FEDMPI_VENV=str(tmp_path / "none"))
+    proc = subprocess.run(
+        ["bash", str(spool / "slurm_script"), str(listing)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and f"no virtualenv at {tmp_path / 'none'}" in proc.stderr
+    env["SLURM_SUBMIT_DIR"] = str(tmp_path)
+    proc = subprocess.run(
+        ["bash", str(spool / "slurm_script"), str(listing)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "submit from the fedmpi checkout" in proc.stderr
