@@ -17,7 +17,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
-from fedtools import MPIRUN, metrics, run_fedmpi, write_split  # noqa: E402
+from fedtools import MPIRUN, MPIRUN_FLAGS, metrics, run_fedmpi, write_split  # noqa: E402
 
 
 def wire_bytes(rounds: int) -> None:
@@ -73,7 +73,17 @@ def aggregation(learners: list[int], n: int) -> None:
     for k in learners:
         for variant in ("global", "local"):
             out = subprocess.run(
-                [MPIRUN, "-n", str(k + 1), sys.executable, str(HERE / "bench_aggregate.py"), str(n), "0.9", variant],
+                [
+                    MPIRUN,
+                    *MPIRUN_FLAGS,
+                    "-n",
+                    str(k + 1),
+                    sys.executable,
+                    str(HERE / "bench_aggregate.py"),
+                    str(n),
+                    "0.9",
+                    variant,
+                ],
                 capture_output=True,
                 text=True,
                 timeout=600,

@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, default=16, help="subjects to synthesise and preprocess")
     parser.add_argument("--volumes", type=int, default=200, help="rows of the 2 mm read-test file")
     args = parser.parse_args()
+    if args.subjects < 1 or args.volumes < 1:
+        parser.error("--subjects and --volumes must be at least 1")
 
     from fedmpi.data import VolumeDataset
     from preprocess import convert, grid, h5io, synth

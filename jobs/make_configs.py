@@ -61,4 +61,7 @@ def main(out: Path = Path(__file__).parent / "configs" / "paper") -> None:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__).parse_args()  # takes no arguments: refuse any, answer --help
     main()
