@@ -4,7 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 MPIRUN ?= $(VENV)/bin/mpirun
 # torch: the CPU wheel unless a torch is already importable (a CUDA build installed by the user). PyPI's
-# Linux torch is the CUDA build (GBs of nvidia-* wheels); the CPU index's 2.13.0+cpu outranks it.
+# Linux torch is the CUDA build (GBs of nvidia-* wheels); the CPU index's 2.13.0+cpu outranks it. Only torch
+# itself is asked of that index (--no-deps): its dependencies come with the package's install below.
 # TORCH_INDEX= (empty) leaves pip's own index settings alone.
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
@@ -18,7 +19,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || \
-		$(PY) -m pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
+		$(PY) -m pip install -q --no-deps $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test,mpich,report,lint]"
 	touch $@
 
