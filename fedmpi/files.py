@@ -70,12 +70,15 @@ def temporary_dir_beside(out: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, suffix: str = "", sweep: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `path` for the caller to write; when the block succeeds it is
-    fsynced and renamed onto `path` (and the directory fsynced), otherwise removed."""
+    fsynced and renamed onto `path` (and the directory fsynced), otherwise removed. `sweep`: first remove
+    the temporaries of dead processes (a directory listing: writers of many files into one directory
+    sweep it once themselves)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
+    if sweep:
+        remove_stale_temporaries(path)
     fd, name = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=suffix + ".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)

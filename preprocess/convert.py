@@ -104,11 +104,11 @@ def _stage(job) -> tuple[str, str | None]:
             assert _REFERENCE is not None, "a registration run passes its reference to _init_worker"
             done = register.preprocess_file(image, voxel, _MASK, registration, _REFERENCE, max_image_mb)
             vol = done.volume
-            with atomic_path(_sidecar(part)) as tmp:
+            with atomic_path(_sidecar(part), sweep=False) as tmp:  # the stage is swept at the start
                 tmp.write_text(json.dumps({"mni_to_native": done.mni_to_native.tolist(), "ncc": done.ncc}))
     except nifti.BadImage as exc:
         return pid, str(exc)
-    with atomic_path(part) as tmp, open(tmp, "wb") as f:
+    with atomic_path(part, sweep=False) as tmp, open(tmp, "wb") as f:
         np.save(f, vol.astype(h5io.DTYPES[dtype]))
     return pid, None
 
