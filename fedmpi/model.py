@@ -175,7 +175,11 @@ class BrainAgeCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 5 or x.shape[1] != 1:
             raise ValueError(f"expected input of shape (B, 1, X, Y, Z), got {tuple(x.shape)}")
-        return self.output(self.head(self.features(x))).flatten()
+        h = self.head(self.features(x))
+        # The age itself in float32 even under mixed precision: bfloat16's 8-bit mantissa puts ages of 64-128 on
+        # a 0.5-year grid (the output bias, the cohort mean, included), which no later cast brings back.
+        with torch.autocast(x.device.type, enabled=False):
+            return self.output(h.float()).flatten()
 
 
 def build_model(cfg: Config, shape, mean_age: float = 62.68) -> BrainAgeCNN:

@@ -54,6 +54,19 @@ def test_bf16_autocast_reaches_the_forward_pass_and_keeps_float32_weights():
     assert seen["output_dtype"] == torch.float32
 
 
+def test_under_bf16_the_predicted_age_keeps_float32_precision():
+    """bfloat16 rounds ages of 32-64 to quarter years: the output layer runs in float32 whatever the autocast."""
+    model = _model().eval()
+    x = torch.randn(8, 1, *SHAPE) * torch.linspace(0.2, 3.0, 8).view(8, 1, 1, 1, 1)
+    with torch.no_grad():
+        full = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(x)
+    assert mixed.dtype == torch.float32
+    assert (mixed - full).abs().max() < 0.02  # was up to 0.18, on the bias's bfloat16 value 62.75 for 62.68
+    assert len(set(mixed.tolist())) == len(x)
+
+
 def test_channels_last_reaches_volumes_and_weights():
     model = prepare_model(_model(), torch.device("cpu"), channels_last=True)
     assert model.features[0][0].weight.is_contiguous(memory_format=torch.channels_last_3d)
