@@ -51,7 +51,7 @@ def run_centralized(cfg, data_dir: Path, resume: bool, overwrite: bool) -> int:
 
 def _train(cfg, data_dir: Path, files: list[Path], split: dict, checked: RankCheck) -> int:
     device = checked.device
-    parts = [open_volumes(p, cfg, device) for p in files]
+    parts = [open_volumes(p, cfg, device).warm() for p in files]  # filled once here, not in each epoch's workers
     pooled: torch.utils.data.ConcatDataset = torch.utils.data.ConcatDataset(parts)
     loader = SeededLoader(cfg, pooled, device)
     ages = np.concatenate([p.ages for p in parts])
