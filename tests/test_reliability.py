@@ -73,7 +73,7 @@ def test_how_work_is_scheduled_never_changes_the_model(split, reference, tmp_pat
     assert [r["test_mae"] is not None for r in rows] == [False, False, False, True, False, True]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSEGV])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSEGV], ids=["SIGKILL", "SIGSEGV"])
 def test_a_dying_learner_ends_the_job_and_resume_matches(split, reference, tmp_path, sig):
     proc = start_fedmpi(split, tmp_path, *ROUNDS, "run.name=r")
     wait_rows(tmp_path / "r", 2, proc)
