@@ -29,7 +29,11 @@ def select_device(preference: str = "auto", local_rank: int = 0) -> torch.device
     if preference == "cpu":
         return torch.device("cpu")
     if torch.cuda.is_available() and torch.cuda.device_count() > 0:
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        # The process's current device: what helper threads (DataLoader's pinning) and a bare "cuda" use;
+        # left at 0, every rank of a node would open a context on GPU 0 as well.
+        torch.cuda.set_device(device)
+        return device
     if preference == "cuda":
         raise DeviceError(
             "device 'cuda' was requested but no CUDA GPU is visible to PyTorch "

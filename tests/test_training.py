@@ -43,6 +43,16 @@ def tiny_model(dropout=0.0, mean_age=62.68, seed=0):
     return BrainAgeCNN(TINY, width=0.125, dropout=dropout, mean_age=mean_age)
 
 
+def test_a_rank_on_a_gpu_node_takes_its_gpu_and_makes_it_current(monkeypatch):
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert select_device("auto", local_rank=5) == torch.device("cuda", 1)
+    assert current == [torch.device("cuda", 1)]
+    assert select_device("cpu", local_rank=5) == torch.device("cpu") and len(current) == 1
+
+
 def test_select_device_on_cpu_machine():
     if torch.cuda.is_available():
         pytest.skip("this test describes a machine without a GPU")
