@@ -179,7 +179,7 @@ class BrainAgeCNN(nn.Module):
         # The age itself in float32 even under mixed precision: bfloat16's 8-bit mantissa puts ages of 64-128 on
         # a 0.5-year grid (the output bias, the cohort mean, included), which no later cast brings back.
         with torch.autocast(x.device.type, enabled=False):
-            return self.output(h.float()).flatten()
+            return self.output(h.to(self.output.weight.dtype)).flatten()
 
 
 def build_model(cfg: Config, shape, mean_age: float = 62.68) -> BrainAgeCNN:
