@@ -27,9 +27,11 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
+from preprocess import outputs
+
 from .config import DEVICES
 from .errors import AttackError, is_user_error
-from .files import atomic_write, check_writable
+from .files import atomic_write
 from .runlog import dumps, read_json
 from .stats import average_ranks
 
@@ -623,7 +625,7 @@ def run(args) -> int:
     try:
         if args.threads < 1:
             raise AttackError(f"--threads must be at least 1, got {args.threads}")
-        check_writable(out, "--out", AttackError)  # before the attack, not after it
+        outputs.check_file(out, "--out")  # before the attack, not after it
         torch.set_num_threads(args.threads)
         result = attack_run(
             Path(args.run),

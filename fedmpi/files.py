@@ -93,23 +93,6 @@ def atomic_path(path: str | os.PathLike, suffix: str = "", sweep: bool = True) -
             tmp.unlink()
 
 
-def check_writable(path: str | os.PathLike, what: str, error: type[Exception]) -> None:
-    """Refuse, before the work that fills it, an output file that could not be written: a directory, a parent
-    that is a file, or a place where no file can be created (read-only, /proc). Creates nothing."""
-    path = Path(path)
-    if path.is_dir():
-        raise error(f"{what} {path} is a directory; give a file name")
-    existing = path.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(0, f"{existing} is not a directory")
-        probe_directory(existing)
-    except OSError as e:
-        raise error(f"{what} {path}: cannot write there ({e.strerror or e})") from None
-
-
 def probe_directory(directory: Path) -> None:
     """OSError unless a file can be created in `directory`: tried, since os.access says yes to root on /proc
     or /sys, where creating anything fails."""

@@ -357,7 +357,7 @@ def test_attack_command_on_a_run_directory(tmp_path, capsys):
     assert "volumes are (10, 12, 10), the model takes (12, 14, 12)" in capsys.readouterr().err
 
     (tmp_path / "a_file").write_text("x")
-    for out, message in ((tmp_path, "is a directory"), (tmp_path / "a_file" / "x.json", "cannot write there")):
+    for out, message in ((tmp_path, "is an existing directory"), (tmp_path / "a_file" / "x.json", "is a file, not a")):
         assert attack.run(parser.parse_args(["--run", str(run), "--out", str(out)])) == 1
         printed = capsys.readouterr()
         assert printed.out == "" and message in printed.err  # refused before the attack ran

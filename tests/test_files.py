@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from fedmpi.files import atomic_dir, check_writable
+from fedmpi.files import atomic_dir
 
 
 def test_a_finished_directory_replaces_the_old_one(tmp_path):
@@ -57,19 +57,6 @@ def test_a_finished_directory_is_on_disk_before_it_takes_the_name(tmp_path, monk
         Path("participants.tsv"),
     }
     assert events[rename + 1 :] == [("fsync", tmp_path)]
-
-
-def test_an_output_file_that_cannot_be_written_is_refused_up_front(tmp_path):
-    check_writable(tmp_path / "new" / "deeper" / "a.json", "--out", ValueError)
-    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the check creates nothing
-    (tmp_path / "file").write_text("x")
-    for path, message in (
-        (tmp_path, "is a directory"),
-        (tmp_path / "file" / "a.json", "cannot write there"),
-        (Path("/proc/a.json"), "cannot write there"),
-    ):
-        with pytest.raises(ValueError, match=f"^--out {path}.*{message}"):
-            check_writable(path, "--out", ValueError)
 
 
 def test_temporaries_of_dead_processes_on_this_host_go_with_the_next_write(tmp_path):
