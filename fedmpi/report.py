@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from preprocess import outputs
+
 from . import tables
 from .algorithms import ALGORITHMS
 from .errors import ReportError, is_user_error
@@ -512,8 +514,7 @@ def write_report(run_dirs: list[Path], out: Path) -> tuple[list[dict], list[Path
     (a results folder that also holds the runs) are left alone.
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ReportError(f"--out {out} is a file, not a directory")
+    outputs.check_dir(out, "--out")
     try:
         stage = temporary_dir_beside(out)
     except OSError as e:
