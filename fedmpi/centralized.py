@@ -3,7 +3,6 @@ same model, optimiser, rounds (a round = train.epochs epochs) and metrics as a f
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +64,7 @@ def _train(cfg, data_dir: Path, files: list[Path], split: dict, checked: RankChe
     )
     state = start_state(cfg, checked.resume, rec, model)
     rec.log.write_config(cfg.to_json())
-    began = time.perf_counter()
+    rec.start_clock()
     for t in range(state.round + 1, cfg.federation.rounds + 1):
         load_flat_parameters(model, state.values)
         stats, seconds = train_round(cfg, model, loader, round_seed(cfg.run.seed, t, 0), device)
@@ -86,5 +85,5 @@ def _train(cfg, data_dir: Path, files: list[Path], split: dict, checked: RankChe
             "seconds_aggregate": 0.0,
         }
         rec.record(state, row, evaluate_now=t % cfg.eval.every == 0 or t == cfg.federation.rounds)
-    print_summary(rec.finish(state, time.perf_counter() - began))
+    print_summary(rec.finish(state))
     return 0

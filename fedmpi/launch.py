@@ -147,9 +147,9 @@ def _serve(cfg: Config, wire, data_dir: Path, infos: np.ndarray, device, resume_
     server = Server(cfg, wire, rec, counts, initial)
     if algorithm(cfg).start_mask and state.round == 0:
         server.receive_start_mask(state)
-    began = time.perf_counter()
+    rec.start_clock()
     state, preempted = server.run(state, should_stop=stop)
-    print_summary(rec.finish(state, time.perf_counter() - began, preempted))
+    print_summary(rec.finish(state, preempted))
     if preempted:
         print(f"fedmpi: stopped at round {state.round} on request; continue with --resume", flush=True)
         return EXIT_PREEMPTED

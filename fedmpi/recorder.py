@@ -78,6 +78,16 @@ class Recorder:
         self.last_eval: dict = {}
         self.last_eval_round = -1
         self.last_predictions = np.zeros(0, np.float32)
+        self.earlier_seconds = 0.0  # wall time of the sessions before this one (a resumed run), from its rows
+        self.began = time.perf_counter()
+
+    def start_clock(self) -> None:
+        """Start this session's clock: rounds from here on count towards the run's wall_seconds."""
+        self.began = time.perf_counter()
+
+    def wall_seconds(self) -> float:
+        """The run's wall time so far: this session's plus that of the sessions it resumed."""
+        return self.earlier_seconds + time.perf_counter() - self.began
 
     def evaluate(self, state: State) -> dict:
         """Test metrics of the model loaded from state (remembered, with its predictions, for the summary)."""
@@ -119,6 +129,7 @@ class Recorder:
         if saved:
             self.checkpoint(state)  # before the row: a row never refers to a checkpoint that failed to write
         row["seconds_checkpoint"] = time.perf_counter() - t1
+        row["wall_seconds"] = self.wall_seconds()
         self.log.append(row)
         if saved:
             self.checkpoints.prune()  # after the row: until then the previous checkpoint is the one to resume
@@ -140,7 +151,7 @@ class Recorder:
             flush=True,
         )
 
-    def finish(self, state: State, seconds: float, preempted: bool = False) -> dict:
+    def finish(self, state: State, preempted: bool = False) -> dict:
         model_path = self.cfg.run_dir / "model.npz"
         model_bytes = save_model(
             model_path,
@@ -171,7 +182,7 @@ class Recorder:
             "model_file": str(model_path),
             "model_bytes_on_disk": model_bytes,
             "dense_model_bytes": int(state.values.size * 4),
-            "wall_seconds": seconds,
+            "wall_seconds": self.wall_seconds(),
             **{f"total_{k}": v for k, v in total.items()},
         }
         self.log.write_summary(summary)
@@ -266,7 +277,9 @@ def start_state(cfg: Config, resume, rec: Recorder, model) -> State:
         values, mask, meta = resume
         if values.size != sum(p.numel() for p in model.parameters()):
             raise ConfigError(f"{rec.checkpoints.dir}: checkpoint does not fit the model")
-        rec.log.keep_through(int(meta["round"]))
+        rows = rec.log.keep_through(int(meta["round"]))
+        # The run's clock goes on from the resumed round's row (rows written before fedmpi kept it: from 0).
+        rec.earlier_seconds = float(rows[-1].get("wall_seconds") or 0.0) if rows else 0.0
         print(f"fedmpi: resuming {cfg.run_dir} after round {meta['round']}", flush=True)
         return State(int(meta["round"]), values, mask)
     rec.log.reset()

@@ -13,7 +13,14 @@ from fedmpi.checkpoint import Checkpoints
 from fedmpi.config import load_config
 from fedmpi.errors import ConfigError
 from fedmpi.model import build_model
-from fedmpi.recorder import RECORDER_NICENESS, background_thread, finished, resume_point, start_state
+from fedmpi.recorder import (
+    RECORDER_NICENESS,
+    background_thread,
+    finished,
+    initial_state,
+    resume_point,
+    start_state,
+)
 from fedmpi.runlog import RunLog
 
 
@@ -56,3 +63,22 @@ def test_a_fresh_start_forgets_the_finished_run_it_replaces(tmp_path):
     assert not finished(cfg)
     with pytest.raises(ConfigError, match="unfinished run; pass --resume"):
         resume_point(cfg, resume=False, overwrite=False)
+
+
+def test_a_resumed_run_keeps_the_wall_time_of_its_earlier_sessions(tmp_path):
+    """summary.json's wall_seconds is the run's, not the last session's: the clock goes on from the resumed
+    round's row (rows past it, whose rounds are run again, do not count). Rows from before fedmpi kept the
+    clock start it at 0."""
+    cfg = load_config(overrides=[f"run.dir={tmp_path}", "run.name=r", "federation.rounds=5"])
+    log = RunLog(cfg.run_dir)
+    for r, wall in ((1, 10.0), (2, 20.0), (3, 30.0)):
+        log.append({"round": r, "wall_seconds": wall})
+    model = build_model(cfg, SHAPE)
+    rec = SimpleNamespace(checkpoints=Checkpoints(cfg.run_dir / "checkpoints"), log=log, earlier_seconds=0.0)
+    state = initial_state(model)
+    start_state(cfg, (state.values, state.mask, {"round": 2}), rec, model)
+    assert rec.earlier_seconds == 20.0 and [r["round"] for r in log.rows()] == [1, 2]
+    log.reset()
+    log.append({"round": 1})
+    start_state(cfg, (state.values, state.mask, {"round": 1}), rec, model)
+    assert rec.earlier_seconds == 0.0

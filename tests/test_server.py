@@ -190,11 +190,15 @@ def test_summary_scores_the_final_model_even_when_its_round_was_not_evaluated(tm
         "seconds_aggregate": 0.0,
     }
     state.round = 1
-    evaluated = rec.record(state, dict(row), evaluate_now=True)["test_mae"]
+    rec.earlier_seconds = 100.0  # as if resumed from a session that ran 100 s
+    rec.start_clock()
+    first = rec.record(state, dict(row), evaluate_now=True)
+    evaluated = first["test_mae"]
     state.round, state.values = 2, np.zeros_like(state.values)  # a different model, not evaluated
     second = rec.record(state, dict(row), evaluate_now=False)
     assert second["test_mae"] is None and second["layer_sparsity"]["output.bias"] == 1.0
-    summary = rec.finish(state, seconds=1.0, preempted=True)
+    summary = rec.finish(state, preempted=True)
+    assert 100.0 < first["wall_seconds"] <= second["wall_seconds"] <= summary["wall_seconds"] < 200.0
     assert (summary["train_subjects"], summary["test_subjects"]) == (16, 8)
     assert summary["final_mae"] != evaluated
     assert summary["final_mae"] == pytest.approx(np.mean(np.abs(np.linspace(45, 80, 8))), rel=1e-3)
