@@ -752,3 +752,17 @@ def test_the_records_the_report_reads_can_be_committed():
             ignored = subprocess.run(["git", "check-ignore", "-q", f"{folder}/{name}"], cwd=root)
             assert ignored.returncode == 1, f"{folder}/{name} is ignored by git"
     assert subprocess.run(["git", "check-ignore", "-q", "runs/r/model.npz"], cwd=root).returncode == 0
+
+
+def test_a_directory_of_runs_stands_for_its_finished_runs_only(tmp_path, capsys):
+    """A run stopped early (preempted) has a summary, but its model is not the run's: in a directory of runs
+    it is left out, with a note naming it; named itself, it is reported as it is."""
+    common = dict(algorithm="fedavg", target=0.0, mae=[6.0, 5.0], sparsities=[0.0, 0.0], bytes_per_round=[10, 10])
+    _write_run(tmp_path / "runs", "done", **common)
+    stopped = _write_run(tmp_path / "runs", "stopped", **common, summary={"preempted": True})
+    assert [p.name for p in report.expand_run_dirs([tmp_path / "runs"])] == ["done"]
+    assert f"leaving out {stopped}: it stopped before its last round" in capsys.readouterr().err
+    assert report.expand_run_dirs([stopped]) == [stopped]
+    (tmp_path / "runs" / "done" / "summary.json").write_text(json.dumps({"preempted": True}))
+    with pytest.raises(ReportError, match="nor a directory of finished runs"):
+        report.expand_run_dirs([tmp_path / "runs"])
