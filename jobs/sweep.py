@@ -9,7 +9,8 @@ A study file (jobs/studies/*.yaml) names a base config, the groups of runs (each
 --set overrides, distributions, algorithms with targets, seeds, and whether to attack them) and
 where finished runs' small records go. The sweep can be stopped at any time and started again: a
 finished run is skipped, an unfinished one continues from its last checkpoint (--resume), and a run
-whose finished config differs from the study's is refused rather than silently reused; a file named
+whose finished config differs from the study's is refused rather than silently reused (`--list`
+shows it as `differs`, with the state of every other run); a file named
 STOP in the runs' directory stops the sweep between two runs (for a quiet machine, say). After each
 run its records (config.json, metrics.jsonl, summary.json, test_predictions.csv, attack.json) are
 copied to the study's records directory, which is what gets committed and reported.
@@ -89,7 +90,7 @@ def entry_distributions(group: dict, algo: str) -> list[str]:
 
 
 def state(run_dir: Path, cfg) -> str:
-    """'finished', 'partial' (resumable) or 'new'; raises when a finished run used other settings."""
+    """'finished', 'partial' (resumable), 'new', or 'differs' (finished with other settings than the study's)."""
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
         done = not summary.get("preempted") and summary.get("rounds") == cfg.federation.rounds
@@ -99,16 +100,17 @@ def state(run_dir: Path, cfg) -> str:
         recorded = json.loads((run_dir / "config.json").read_text())
         from fedmpi.config import config_from_dict
 
-        if resume_key(config_from_dict(recorded)) != resume_key(cfg):
-            raise SystemExit(f"sweep: {run_dir} finished with other settings than the study's; remove it to rerun")
-        return "finished"
+        return "finished" if resume_key(config_from_dict(recorded)) == resume_key(cfg) else "differs"
     return "partial" if (run_dir / "metrics.jsonl").exists() else "new"
 
 
 def call(cmd: list[str], log: Path | None = None) -> None:
+    """Run a step of the sweep; a failure ends the sweep with one line (and the log's last lines)."""
     print("+", " ".join(cmd), flush=True)
     if log is None:
-        subprocess.run(cmd, check=True)
+        code = subprocess.run(cmd).returncode
+        if code:
+            raise SystemExit(f"sweep: {' '.join(cmd[:6])} ... failed (exit {code}); its output is above")
         return
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as fh:
@@ -118,6 +120,28 @@ def call(cmd: list[str], log: Path | None = None) -> None:
         raise SystemExit(
             f"sweep: {cmd[-1] if cmd else ''} failed (exit {proc.returncode}); last lines of {log}:\n{tail}"
         )
+
+
+def attack_is_current(run_dir: Path) -> bool:
+    """True when the run's attack.json was written after its final model (a rerun model is attacked again)."""
+    attack, model = run_dir / "attack.json", run_dir / "model.npz"
+    return attack.exists() and model.exists() and attack.stat().st_mtime >= model.stat().st_mtime
+
+
+def study_paths(args, spec: dict) -> tuple[Path, Path, Path, Path]:
+    """base, out, records, report: paths in the study file are the repository's, from wherever the sweep
+    is started; paths given on the command line are the caller's."""
+
+    def path(given, in_spec) -> Path:
+        return Path(given).resolve() if given else (ROOT / in_spec).resolve()
+
+    out = path(args.out, spec["out"])
+    return (
+        (ROOT / spec["base"]).resolve(),
+        out,
+        path(args.records, spec["records"]),
+        path(args.report, spec.get("report", out / "report")),
+    )
 
 
 def copy_records(run_dir: Path, records: Path) -> None:
@@ -144,9 +168,7 @@ def train_cmd(args, base: Path, run: Run, out: Path) -> list[str]:
 def run_study(args) -> int:
     spec_path = Path(args.study)
     spec = yaml.safe_load(spec_path.read_text())
-    base = (ROOT / spec["base"]).resolve()
-    out = Path(args.out or spec["out"]).resolve()
-    records = Path(args.records).resolve() if args.records else (ROOT / spec["records"]).resolve()
+    base, out, records, report = study_paths(args, spec)
     runs = study_runs(spec)
     began = time.time()
     stop_file = out / "STOP"
@@ -156,6 +178,10 @@ def run_study(args) -> int:
         if args.list:
             print(f"{i:3d}/{len(runs)} {status:9s} {run.name}")
             continue
+        if status == "differs":
+            raise SystemExit(
+                f"sweep: {out / run.name} finished with other settings than the study's; remove it to rerun"
+            )
         if status != "finished" and stop_file.exists():
             print(f"sweep: {stop_file} exists: stopping before {run.name}; remove it and run again to continue")
             return 0
@@ -171,14 +197,12 @@ def run_study(args) -> int:
         if run.attack is None or args.no_attack:
             continue
         run_dir = out / run.name
-        attack = run_dir / "attack.json"
-        if not attack.exists() or attack.stat().st_mtime < (run_dir / "model.npz").stat().st_mtime:
+        if not attack_is_current(run_dir):
             call(
                 [sys.executable, "-m", "fedmpi", "attack", "--run", str(run_dir), *run.attack],
                 out / "logs" / f"{run.name}.attack.log",
             )
         copy_records(run_dir, records)
-    report = Path(args.report).resolve() if args.report else ROOT / spec.get("report", out / "report")
     call([sys.executable, "-m", "fedmpi", "report", str(records), "--out", str(report)])
     print(f"sweep: study done in {(time.time() - began) / 60:.1f} minutes; report in {report}")
     return 0
@@ -227,7 +251,8 @@ def run_paper(args) -> int:
         if json.loads(summary.read_text()).get("preempted"):  # stopped early: its model is not the run's
             print(f"sweep: {summary.parent} stopped before its last round; resume it, then collect again")
             continue
-        call([sys.executable, "-m", "fedmpi", "attack", "--run", str(summary.parent)])
+        if not attack_is_current(summary.parent):
+            call([sys.executable, "-m", "fedmpi", "attack", "--run", str(summary.parent)])
     call([sys.executable, "-m", "fedmpi", "report", str(out), "--out", str(args.report or out / "report")])
     return 0
 

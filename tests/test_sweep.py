@@ -1,0 +1,144 @@
+"""jobs/sweep.py: the order and names of a study's runs, each run's state, where a study's files go, and how
+a failed step ends the sweep. Nothing here trains: the steps it launches are stand-ins or are not reached."""
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from fedmpi.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = "jobs/configs/study-cpu.yaml"
+_spec = importlib.util.spec_from_file_location("sweep", ROOT / "jobs" / "sweep.py")
+assert _spec is not None and _spec.loader is not None
+sweep = sys.modules["sweep"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sweep)
+
+
+def _study(**extra) -> dict:
+    return {
+        "base": BASE,
+        "out": "runs/study",
+        "records": "docs/results/runs",
+        "groups": [
+            {
+                "name": "extra",
+                "priority": 2,
+                "distributions": ["uniform-iid", "skewed-noniid"],
+                "runs": ["centralized", "fedsparsify-global 0.99"],
+                "seeds": [0],
+            },
+            {
+                "name": "acc",
+                "distributions": ["uniform-iid", "skewed-noniid"],
+                "runs": ["fedavg", "fedsparsify-local 0.95"],
+                "seeds": [0, 1],
+            },
+        ],
+        **extra,
+    }
+
+
+def test_runs_are_ordered_by_priority_then_seed_and_named_by_their_settings():
+    """A partial study already holds one whole seed of its first-priority groups; a centralized run pools every
+    learner's data, so one distribution stands for all."""
+    runs = sweep.study_runs(_study())
+    names = [r.name for r in runs]
+    assert names[:4] == [
+        "acc-uniform-iid-fedavg-s0",
+        "acc-skewed-noniid-fedavg-s0",
+        "acc-uniform-iid-fedsparsify-local-0.95-s0",
+        "acc-skewed-noniid-fedsparsify-local-0.95-s0",
+    ]
+    assert names[4].endswith("-s1") and names[7].endswith("-s1")
+    assert names[8:] == [
+        "extra-uniform-iid-centralized-s0",
+        "extra-uniform-iid-fedsparsify-global-0.99-s0",
+        "extra-skewed-noniid-fedsparsify-global-0.99-s0",
+    ]
+    local = runs[2].sets
+    assert "federation.target=0.95" in local and "run.name=acc-uniform-iid-fedsparsify-local-0.95-s0" in local
+
+
+def _finish(run_dir: Path, cfg, **summary) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(cfg.to_json())
+    (run_dir / "metrics.jsonl").write_text('{"round": 1}\n')
+    (run_dir / "summary.json").write_text(json.dumps({"rounds": cfg.federation.rounds, "preempted": False, **summary}))
+
+
+def test_a_runs_state_is_new_partial_finished_or_differs(tmp_path):
+    cfg = load_config(ROOT / BASE, [f"run.dir={tmp_path}", "run.name=r"])
+    run = tmp_path / "r"
+    assert sweep.state(run, cfg) == "new"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"round": 1}\n')
+    assert sweep.state(run, cfg) == "partial"
+    _finish(run, cfg, preempted=True)
+    assert sweep.state(run, cfg) == "partial"
+    _finish(run, cfg)
+    assert sweep.state(run, cfg) == "finished"
+    other = load_config(ROOT / BASE, [f"run.dir={tmp_path}", "run.name=r", "train.lr=0.5"])
+    assert sweep.state(run, other) == "differs"
+    # eval and run options may change between a run and the study that lists it
+    assert (
+        sweep.state(run, load_config(ROOT / BASE, [f"run.dir={tmp_path}", "run.name=r", "eval.every=3"])) == "finished"
+    )
+
+
+def test_list_shows_every_run_even_past_one_that_differs_and_a_sweep_refuses_it(tmp_path, capsys):
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(_study()))
+    out = tmp_path / "out"
+    first = sweep.study_runs(_study())[0]
+    _finish(out / first.name, load_config(ROOT / BASE, [*first.sets, f"run.dir={out}", "train.lr=0.5"]))
+    assert sweep.main([str(study), "--out", str(out), "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 11 and "differs" in lines[0] and first.name in lines[0]
+    assert all(" new " in line for line in lines[1:])
+    with pytest.raises(SystemExit, match=f"{first.name} finished with other settings than the study's"):
+        sweep.main([str(study), "--out", str(out), "--no-attack"])
+
+
+def test_a_study_files_paths_are_the_repositorys_and_the_command_lines_the_callers(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = SimpleNamespace(out=None, records=None, report=None)
+    base, out, records, report = sweep.study_paths(args, _study(report="docs/results"))
+    assert (base, out, records, report) == (
+        ROOT / BASE,
+        ROOT / "runs/study",
+        ROOT / "docs/results/runs",
+        ROOT / "docs/results",
+    )
+    assert sweep.study_paths(args, _study())[3] == ROOT / "runs/study/report"
+    given = SimpleNamespace(out="o", records="r", report="p")
+    assert sweep.study_paths(given, _study())[1:] == (tmp_path / "o", tmp_path / "r", tmp_path / "p")
+
+
+def test_a_failed_step_ends_the_sweep_with_one_line(tmp_path):
+    fail = [sys.executable, "-c", "import sys; print('step output'); sys.exit(3)"]
+    with pytest.raises(SystemExit, match=r"failed \(exit 3\); its output is above") as raised:
+        sweep.call(fail)
+    assert isinstance(raised.value.code, str) and "\n" not in raised.value.code
+    log = tmp_path / "logs" / "run.log"
+    with pytest.raises(SystemExit, match=rf"failed \(exit 3\); last lines of {log}:\nstep output"):
+        sweep.call(fail, log)
+    sweep.call([sys.executable, "-c", "pass"], log)  # a step that succeeds returns
+
+
+def test_an_attack_is_current_only_when_written_after_the_final_model(tmp_path):
+    assert not sweep.attack_is_current(tmp_path)
+    (tmp_path / "model.npz").write_bytes(b"m")
+    assert not sweep.attack_is_current(tmp_path)
+    (tmp_path / "attack.json").write_text("{}")
+    os.utime(tmp_path / "model.npz", (1_000, 1_000))
+    os.utime(tmp_path / "attack.json", (2_000, 2_000))
+    assert sweep.attack_is_current(tmp_path)
+    os.utime(tmp_path / "model.npz", (3_000, 3_000))  # the model was trained again since
+    assert not sweep.attack_is_current(tmp_path)
