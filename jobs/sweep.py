@@ -37,7 +37,7 @@ from make_configs import FAMILIES, configs  # noqa: E402
 
 from fedmpi.algorithms import ALGORITHMS  # noqa: E402
 from fedmpi.config import load_config  # noqa: E402
-from fedmpi.recorder import resume_key  # noqa: E402
+from fedmpi.recorder import finished, recorded_key, resume_key  # noqa: E402
 
 RECORDS = ("config.json", "metrics.jsonl", "summary.json", "test_predictions.csv", "attack.json")
 
@@ -89,18 +89,13 @@ def entry_distributions(group: dict, algo: str) -> list[str]:
     return dists[:1] if ALGORITHMS[algo].trains_centrally else dists
 
 
-def state(run_dir: Path, cfg) -> str:
-    """'finished', 'partial' (resumable), 'new', or 'differs' (finished with other settings than the study's)."""
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-        done = not summary.get("preempted") and summary.get("rounds") == cfg.federation.rounds
-    except (OSError, ValueError):
-        done = False
-    if done:
+def state(cfg) -> str:
+    """'finished', 'partial' (resumable), 'new', or 'differs' (finished with other settings than the study's)
+    for the run cfg describes."""
+    run_dir = cfg.run_dir
+    if finished(cfg):
         recorded = json.loads((run_dir / "config.json").read_text())
-        from fedmpi.config import config_from_dict
-
-        return "finished" if resume_key(config_from_dict(recorded)) == resume_key(cfg) else "differs"
+        return "finished" if recorded_key(recorded) == resume_key(cfg) else "differs"
     return "partial" if (run_dir / "metrics.jsonl").exists() else "new"
 
 
@@ -174,7 +169,7 @@ def run_study(args) -> int:
     stop_file = out / "STOP"
     for i, run in enumerate(runs, 1):
         cfg = load_config(base, [*run.sets, f"run.dir={out}"])
-        status = state(out / run.name, cfg)
+        status = state(cfg)
         if args.list:
             print(f"{i:3d}/{len(runs)} {status:9s} {run.name}")
             continue

@@ -76,20 +76,18 @@ def _finish(run_dir: Path, cfg, **summary) -> None:
 def test_a_runs_state_is_new_partial_finished_or_differs(tmp_path):
     cfg = load_config(ROOT / BASE, [f"run.dir={tmp_path}", "run.name=r"])
     run = tmp_path / "r"
-    assert sweep.state(run, cfg) == "new"
+    assert sweep.state(cfg) == "new"
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"round": 1}\n')
-    assert sweep.state(run, cfg) == "partial"
+    assert sweep.state(cfg) == "partial"
     _finish(run, cfg, preempted=True)
-    assert sweep.state(run, cfg) == "partial"
+    assert sweep.state(cfg) == "partial"
     _finish(run, cfg)
-    assert sweep.state(run, cfg) == "finished"
+    assert sweep.state(cfg) == "finished"
     other = load_config(ROOT / BASE, [f"run.dir={tmp_path}", "run.name=r", "train.lr=0.5"])
-    assert sweep.state(run, other) == "differs"
+    assert sweep.state(other) == "differs"
     # eval and run options may change between a run and the study that lists it
-    assert (
-        sweep.state(run, load_config(ROOT / BASE, [f"run.dir={tmp_path}", "run.name=r", "eval.every=3"])) == "finished"
-    )
+    assert sweep.state(load_config(ROOT / BASE, [f"run.dir={tmp_path}", "run.name=r", "eval.every=3"])) == "finished"
 
 
 def test_list_shows_every_run_even_past_one_that_differs_and_a_sweep_refuses_it(tmp_path, capsys):
