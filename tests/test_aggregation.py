@@ -157,3 +157,16 @@ def test_majority_vote_errors():
     with pytest.raises(ValueError, match="masks shape"):
         majority_vote(np.ones((2, 3)), np.ones((2, 2), bool), [1, 1])
     assert vote.k == 0  # rejected adds left no trace
+
+
+def test_a_learners_value_outside_its_own_mask_is_ignored_where_the_position_survives():
+    """Position 1 is kept by learner 2 only (quorum 1 of 2): learner 1's 9 there is not its value."""
+    values = np.array([[1, 9], [3, 5]], np.float32)
+    masks = np.array([[True, False], [True, True]])
+    merged, mask = majority_vote(values, masks, [1, 1])
+    assert merged.tolist() == [2.0, 2.5] and mask.tolist() == [True, True]
+
+
+def test_the_vote_counts_more_learners_than_a_small_integer_holds():
+    merged, mask = majority_vote(np.ones((200, 1), np.float32), np.ones((200, 1), bool), np.ones(200))
+    assert mask.tolist() == [True] and merged.tolist() == [1.0]

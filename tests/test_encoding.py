@@ -167,37 +167,41 @@ def _with_header(buf, **fields):
 def test_corrupt_buffers_raise(layout):
     good = _sample(layout)
     decode(good)
-    bad = {
-        "truncated": good[:-1],
-        "truncated header": good[:10],
-        "empty": good[:0],
-        "extra bytes": np.concatenate([good, np.zeros(1, np.uint8)]),
-        "bad magic": _with_header(good, magic=b"FSP2"),
-        "bad layout": _with_header(good, layout=7),
-        "bad dtype": _with_header(good, code=200),
-        "reserved": _with_header(good, reserved=1),
-        "nnz > n": _with_header(good, nnz=1000),
-        "huge n": _with_header(good, n=2**63),
+    bad = {  # name: (buffer, what decode must say about it)
+        "truncated": (good[:-1], "header implies"),
+        "truncated header": (good[:10], "shorter than"),
+        "empty": (good[:0], "shorter than"),
+        "extra bytes": (np.concatenate([good, np.zeros(1, np.uint8)]), "header implies"),
+        "bad magic": (_with_header(good, magic=b"FSP2"), "bad magic"),
+        "bad layout": (_with_header(good, layout=7), "unknown layout"),
+        "bad dtype": (_with_header(good, code=200), "unknown dtype"),
+        "reserved": (_with_header(good, reserved=1), "reserved"),
+        "nnz > n": (_with_header(good, nnz=1000), "nnz=1000 exceeds"),
+        "huge n": (_with_header(good, n=2**63), "exceeds MAX_N"),
     }
     if layout == 0:
         flipped = good.copy()
         flipped[HEADER_NBYTES] ^= 1  # one more kept bit than nnz says
-        bad["nnz mismatch"] = flipped
-        bad["other layout"] = _with_header(good, layout=1)
+        bad["nnz mismatch"] = (flipped, "bitmask keeps")
+        bad["other layout"] = (_with_header(good, layout=1), "not the smaller one")
     else:
         idx = good[HEADER_NBYTES : HEADER_NBYTES + 6].view("<u2")
-        index_cases = [("out of range", [2, 50, 100]), ("unsorted", [50, 2, 97]), ("duplicate", [2, 50, 50])]
-        for name, new in index_cases:
+        index_cases = [
+            ("out of range", [2, 50, 100], "out of range"),
+            ("unsorted", [50, 2, 97], "strictly increasing"),
+            ("duplicate", [2, 50, 50], "strictly increasing"),
+        ]
+        for name, new, says in index_cases:
             corrupt = good.copy()
             corrupt[HEADER_NBYTES : HEADER_NBYTES + 6] = np.array(new, "<u2").view(np.uint8)
-            bad[name] = corrupt
+            bad[name] = (corrupt, says)
         assert idx.tolist() == [2, 50, 97]
-        bad["other layout"] = _with_header(good, layout=0)
-        bad["nnz mismatch"] = _with_header(good, nnz=2)
-    for buf in bad.values():
-        with pytest.raises(EncodingError):
+        bad["other layout"] = (_with_header(good, layout=0), "not the smaller one")
+        bad["nnz mismatch"] = (_with_header(good, nnz=2), "header implies")
+    for buf, says in bad.values():
+        with pytest.raises(EncodingError, match=says):
             decode(buf)
-        with pytest.raises(ValueError):  # EncodingError is a ValueError
+        with pytest.raises(ValueError, match=says):  # EncodingError is a ValueError
             decode(buf.tobytes())
 
 
@@ -216,8 +220,9 @@ def test_header_cannot_force_a_huge_allocation():
     header = struct.pack("<4sBBHQQ", b"FSP1", 1, 10, 0, MAX_N + 1, 0)
     with pytest.raises(EncodingError, match="MAX_N"):
         decode(header)
-    header = struct.pack("<4sBBHQQ", b"FSP1", 0, 10, 0, 2**40, 0)
-    with pytest.raises(EncodingError):  # bitmask layout must carry N/8 bytes
+    # expected_n lifts the cap, but a fully kept N = 2^40 in the bitmask layout must carry N/8 + 4N bytes
+    header = struct.pack("<4sBBHQQ", b"FSP1", 0, 10, 0, 2**40, 2**40)
+    with pytest.raises(EncodingError, match="header implies"):
         decode(header, expected_n=2**40)
 
 
@@ -226,3 +231,12 @@ def test_fully_pruned_vector_is_just_a_header():
     assert len(buf) == HEADER_NBYTES
     out, mask = decode(buf)
     assert not mask.any() and out.shape == (1000,) and not out.any()
+
+
+def test_index_width_changes_exactly_at_2_16_and_2_32():
+    """uint16 indices up to N = 2^16 inclusive, uint32 up to 2^32, then uint64 (one kept float32 each)."""
+    f4 = np.float32
+    assert encoded_nbytes(1 << 16, 1, f4) == HEADER_NBYTES + 2 + 4
+    assert encoded_nbytes((1 << 16) + 1, 1, f4) == HEADER_NBYTES + 4 + 4
+    assert encoded_nbytes(1 << 32, 1, f4) == HEADER_NBYTES + 4 + 4
+    assert encoded_nbytes((1 << 32) + 1, 1, f4) == HEADER_NBYTES + 8 + 4

@@ -38,3 +38,13 @@ def test_perfect_and_anticorrelated():
 def test_rejects_bad_lengths(pred, target):
     with pytest.raises(ValueError):
         regression_metrics(pred, target)
+
+
+def test_r_of_a_perfect_linear_fit_is_exactly_one():
+    """Rounding can put the correlation a hair above 1 (1.0000000000000002 here): it is clipped."""
+    t = np.array([65.43, 60.2, 66.03])
+    assert regression_metrics(2 * t + 1, t)["r"] == 1.0
+
+
+def test_errors_are_computed_in_float64():
+    assert regression_metrics([60.123456789], [60.0])["mae"] == pytest.approx(0.123456789, abs=1e-12)

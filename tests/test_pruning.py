@@ -264,3 +264,19 @@ def test_reconfigure_mask_rejects_bad_arguments():
         reconfigure_mask(ones, ones, np.ones(4, bool), 0.5, 1.5)
     with pytest.raises(ValueError, match="values have 3 entries"):
         reconfigure_mask(ones, ones[:3], np.ones(4, bool), 0.5, 0.3)
+
+
+def test_reconfigure_keeps_no_more_than_the_target_when_the_mask_is_denser():
+    """A mask denser than the target (all 10 kept, s = 0.5): the smallest magnitudes go, exactly 5 stay."""
+    values = np.arange(1, 11, dtype=np.float32)
+    out = reconfigure_mask(np.zeros(10, np.float32), values, np.ones(10, bool), 0.5, 0.0)
+    assert out.tolist() == [False] * 5 + [True] * 5
+
+
+def test_reconfigure_breaks_importance_ties_by_index():
+    """Integer importances tie often: the regrown half is exactly a stable argsort's top half."""
+    importance = np.random.default_rng(0).integers(0, 3, 200).astype(np.float32)
+    out = reconfigure_mask(importance, np.zeros(200, np.float32), np.zeros(200, bool), 0.5, 1.0)
+    expected = np.zeros(200, bool)
+    expected[np.argsort(importance, kind="stable")[100:]] = True
+    assert out.tolist() == expected.tolist()

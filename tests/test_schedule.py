@@ -140,3 +140,8 @@ def test_round_validation_and_frozen():
     with pytest.raises(AttributeError):
         s.final = 0.5
     assert s == CubicSchedule(final=0.9) and hash(s) == hash(CubicSchedule(final=0.9))
+
+
+def test_cubic_with_initial_equal_to_final_holds_it_from_the_start_round():
+    s = CubicSchedule(final=0.5, initial=0.5, start=2, end=4)
+    assert [s(t) for t in range(1, 6)] == [0.0, 0.5, 0.5, 0.5, 0.5]

@@ -357,3 +357,13 @@ def test_unwritable_split_outputs_are_one_line(cohort, tmp_path, capsys, make):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_skewed_sizes_give_the_remainder_to_the_largest_fractions():
+    """10 subjects over 3 learners at 1.35^-i: exact shares 4.37, 3.24, 2.40 round to 4, 3, 3."""
+    assert split.skewed_sizes(10, 3).tolist() == [4, 3, 3]
+
+
+def test_a_skewed_split_that_would_leave_a_learner_empty_is_refused():
+    with pytest.raises(split.SplitError, match="cannot give each"):
+        split.check(5, 5, "skewed-noniid")

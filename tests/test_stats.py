@@ -70,3 +70,28 @@ def test_spearman_hand_cases():
     assert stats.spearman([1, 2], [2, 1]) is None
     assert stats.spearman([1, 2, 3], [7, 7, 7]) is None
     assert stats.average_ranks([3.0, 1.0, 3.0, 2.0]).tolist() == [3.5, 1.0, 3.5, 2.0]
+
+
+def test_bootstrap_draws_exactly_the_resamples_asked_for_in_chunks():
+    """1,234 resamples drawn as 1,000 + 234 from default_rng(0): the interval equals numpy's quantiles of
+    exactly those means (a chunk of the wrong size changes it)."""
+    x = np.arange(10.0)
+    rng = np.random.default_rng(0)
+    means = np.concatenate([x[rng.integers(0, 10, size=(c, 10))].mean(axis=1) for c in (1000, 234)])
+    assert stats.bootstrap_mean_interval(x, resamples=1234) == tuple(np.quantile(means, [0.025, 0.975]))
+
+
+def test_an_interval_touching_zero_is_no_difference():
+    assert stats.versus_zero(0.0, 0.3) == "no difference"
+    assert stats.versus_zero(-0.3, 0.0) == "no difference"
+
+
+def test_noninferiority_refuses_an_inverted_interval():
+    with pytest.raises(ValueError, match="low > high"):
+        stats.noninferiority(0.6, 0.4, 0.5)
+
+
+@pytest.mark.parametrize("level", [0.0, 1.0])
+def test_the_level_must_be_strictly_between_0_and_1(level):
+    with pytest.raises(ValueError, match="level"):
+        stats.bootstrap_mean_interval([1.0, 2.0], level=level)
