@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 
-from fedmpi import report, tables
+from fedmpi import report, stats, tables
 from fedmpi.errors import ReportError
 from fedmpi.report import load_run, write_report
 
@@ -534,22 +534,6 @@ def test_settings_keep_a_study_s_groups_apart(tmp_path):
     assert tables.setting_labels({"a": {"train": {"lr": 0.1}}, "b": {"train": {"lr": 0.1}}}) == {"a": "", "b": ""}
 
 
-def test_runs_tested_on_other_subjects_are_not_paired(tmp_path):
-    avg = _pair(tmp_path, "avg", "fedavg", [1.0, 1.0, 1.0, 1.0])
-    other_ages = _write_run(
-        tmp_path,
-        "g",
-        algorithm="fedsparsify-global",
-        target=0.9,
-        mae=[1.0],
-        sparsities=[0.9],
-        bytes_per_round=[10],
-        predictions=_predictions([1.0] * 4, ages=(51, 60, 70, 55)),
-    )
-    rows, notes = tables.paired_rows(_load(avg, other_ages))
-    assert rows == [] and notes == ["g and avg were tested on different subjects; not paired"]
-
-
 def test_duplicate_seeds_keep_the_first_by_name(tmp_path):
     runs = _load(_pair(tmp_path, "b", "fedavg", [1.0] * 4), _pair(tmp_path, "a", "fedavg", [2.0] * 4))
     assert [r.name for r in tables.lines(runs)[tables.LineKey("", "uniform-iid", "fedavg", None)]] == ["a"]
@@ -766,3 +750,82 @@ def test_a_directory_of_runs_stands_for_its_finished_runs_only(tmp_path, capsys)
     (tmp_path / "runs" / "done" / "summary.json").write_text(json.dumps({"preempted": True}))
     with pytest.raises(ReportError, match="nor a directory of finished runs"):
         report.expand_run_dirs([tmp_path / "runs"])
+
+
+def _run_on(tmp_path, name, algorithm, subjects, error, *, seed=0, target=0.95):
+    """A one-round run whose prediction misses the subjects (id, age) by `error` (one for all, or one each)."""
+    errors = np.broadcast_to(np.asarray(error, float), (len(subjects),))
+    return _write_run(
+        tmp_path,
+        name,
+        algorithm=algorithm,
+        target=0.0 if algorithm == "fedavg" else target,
+        mae=[float(np.mean(np.abs(errors)))],
+        sparsities=[0.0 if algorithm == "fedavg" else target],
+        bytes_per_round=[100],
+        seed=seed,
+        predictions=[(sid, age, age + e) for (sid, age), e in zip(subjects, errors)],
+    )
+
+
+def test_bytes_ratio_divides_by_the_fedavg_run_of_the_same_seed(tmp_path):
+    common = dict(mae=[1.0], sparsities=[0.0])
+    runs = _load(
+        _write_run(tmp_path, "a0", algorithm="fedavg", target=0.0, bytes_per_round=[100], seed=0, **common),
+        _write_run(tmp_path, "a1", algorithm="fedavg", target=0.0, bytes_per_round=[200], seed=1, **common),
+        _write_run(tmp_path, "g1", algorithm="fedsparsify-global", target=0.9, bytes_per_round=[50], seed=1, **common),
+    )
+    assert {r["run"]: r for r in tables.accuracy_rows(runs)}["g1"]["bytes_ratio_vs_fedavg"] == 0.25
+
+
+def test_a_curve_against_bytes_has_no_points_before_any_byte_moved(tmp_path):
+    run = _write_run(
+        tmp_path, "c", algorithm="fedavg", target=0.0, mae=[3.0, 2.0], sparsities=[0, 0], bytes_per_round=[0, 0]
+    )
+    x, mean, _, _ = tables.mean_curve(_load(run), "test_mae", by_bytes=True)
+    assert x.tolist() == [] and mean.tolist() == []
+
+
+def test_paired_subjects_are_those_every_seed_tested(tmp_path):
+    """Seed 0 tested s0..s3, seed 1 s0, s1, s2 and s9: the pair is over s0, s1, s2, each Global's error
+    1 year above FedAvg's."""
+    seed0 = [("s0", 50.0), ("s1", 60.0), ("s2", 70.0), ("s3", 55.0)]
+    seed1 = [("s0", 50.0), ("s1", 60.0), ("s2", 70.0), ("s9", 56.0)]
+    runs = _load(
+        _run_on(tmp_path, "avg0", "fedavg", seed0, 1.0, seed=0),
+        _run_on(tmp_path, "avg1", "fedavg", seed1, 1.0, seed=1),
+        _run_on(tmp_path, "g0", "fedsparsify-global", seed0, 2.0, seed=0),
+        _run_on(tmp_path, "g1", "fedsparsify-global", seed1, 2.0, seed=1),
+    )
+    (row,), notes = tables.paired_rows(runs)
+    assert notes == [] and row["n_subjects"] == 3 and row["mean_diff"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "method_subjects",
+    [
+        [("s0", 51.0), ("s1", 60.0), ("s2", 70.0), ("s3", 55.0)],  # one age differs by a year
+        [("s0", 50.0), ("s1", 60.0), ("s2", 70.0), ("s3", 55.01)],  # by 0.01 year
+        [("s0", 50.0), ("s1", 60.0), ("s2", 70.0)],  # FedAvg also tested s3
+    ],
+)
+def test_runs_tested_on_other_subjects_are_not_paired(tmp_path, method_subjects):
+    fedavg = [("s0", 50.0), ("s1", 60.0), ("s2", 70.0), ("s3", 55.0)]
+    runs = _load(
+        _run_on(tmp_path, "avg", "fedavg", fedavg, 1.0),
+        _run_on(tmp_path, "g", "fedsparsify-global", method_subjects, 1.0),
+    )
+    assert tables.paired_rows(runs) == ([], ["g and avg were tested on different subjects; not paired"])
+
+
+def test_the_paired_interval_is_the_95_percent_bootstrap_of_the_differences(tmp_path):
+    subjects = [(f"s{i}", 40.0 + i) for i in range(40)]
+    differences = np.array([0.25 if i % 2 else -0.25 for i in range(40)])
+    runs = _load(
+        _run_on(tmp_path, "avg", "fedavg", subjects, 2.0),
+        _run_on(tmp_path, "g", "fedsparsify-global", subjects, 2.0 + differences),
+    )
+    (row,), _ = tables.paired_rows(runs)
+    assert (row["diff_low"], row["diff_high"]) == pytest.approx(
+        stats.bootstrap_mean_interval(differences, 0.95), abs=1e-12
+    )
