@@ -23,7 +23,7 @@ from .algorithms import algorithm
 from .checkpoint import Checkpoints, save_model
 from .config import RUNTIME_KEYS
 from .data import loader_options
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .files import atomic_write
 from .metrics import regression_metrics
 from .model import BrainAgeCNN, flat_parameters, layer_sparsity, load_flat_parameters
@@ -220,7 +220,13 @@ def resume_point(cfg: Config, resume: bool, overwrite: bool):
         print(f"fedmpi: no usable checkpoint in {checkpoints.dir}; starting fresh", flush=True)
         return None
     _values, _mask, meta = found
-    changed = setting_changes(recorded_key(meta.get("config") or {}), resume_key(cfg))
+    recorded = meta.get("config") or {}
+    if not isinstance(recorded, dict):  # the checksum covers the arrays, not the metadata
+        raise CheckpointError(
+            f"{checkpoints.dir}: the latest checkpoint's settings are not a JSON object; it cannot be resumed "
+            f"(start afresh with --overwrite)"
+        )
+    changed = setting_changes(recorded_key(recorded), resume_key(cfg))
     if changed:
         raise ConfigError(
             f"{checkpoints.dir} was written with other settings ({'; '.join(changed)}); resume with "

@@ -103,6 +103,21 @@ def test_an_option_the_algorithm_never_reads_may_change_on_resume(tmp_path):
         resume_point(cfg, resume=True, overwrite=False)
 
 
+@pytest.mark.parametrize("stored", [["a", "list"], "text", 7])
+def test_a_checkpoint_whose_settings_are_not_an_object_is_refused_in_one_line(tmp_path, stored):
+    """The checksum covers the arrays, not the metadata: settings that are not a JSON object must be a
+    CheckpointError naming the directory, not a traceback from comparing them."""
+    from fedmpi.checkpoint import load_arrays, save_arrays
+    from fedmpi.errors import CheckpointError
+
+    cfg = _run_with_checkpoints(tmp_path, [1], rows=1)
+    path = cfg.run_dir / "checkpoints" / "round-000001.npz"
+    arrays, meta = load_arrays(path)
+    save_arrays(path, arrays, {**meta, "config": stored})
+    with pytest.raises(CheckpointError, match="settings are not a JSON object"):
+        resume_point(cfg, resume=True, overwrite=False)
+
+
 def test_a_checkpoint_from_before_an_option_existed_still_resumes(tmp_path):
     cfg = _run_with_checkpoints(tmp_path, [1], rows=1)
     path = cfg.run_dir / "checkpoints" / "round-000001.npz"
