@@ -207,3 +207,16 @@ def test_unused_options_follow_the_table():
     assert "target" in ALGORITHMS["fedavg"].unused_options("cubic") and "target" not in prunefl.unused_options("cubic")
     assert not {"reconfigure_every", "reconfigure_fraction"} & prunefl.unused_options("cubic")
     assert "oneshot_round" not in ALGORITHMS["oneshot"].unused_options("cubic")
+
+
+def test_only_prunefl_reads_the_reconfiguration_options():
+    for name, algo in ALGORITHMS.items():
+        unused = algo.unused_options("cubic")
+        assert ({"reconfigure_every", "reconfigure_fraction"} <= unused) == (not algo.regrows), name
+
+
+def test_oneshot_reads_no_schedule_option():
+    unused = ALGORITHMS["oneshot"].unused_options("cubic")
+    assert {"schedule", "start", "end", "frequency", "exponent", "fraction"} <= unused
+    # so its rounds are not checked against federation.end
+    assert load_config(overrides=["federation.algorithm=oneshot", "federation.rounds=3", "federation.end=9"])

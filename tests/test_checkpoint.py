@@ -1,6 +1,7 @@
 """Checkpoints and model files: exact round trips, and every kind of bad file is a CheckpointError."""
 
 import json
+import os
 import zipfile
 
 import numpy as np
@@ -295,3 +296,39 @@ def test_file_is_a_plain_zip_of_npy_members(tmp_path):
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(z["meta"].tobytes())
     assert meta["k"] == "v" and len(meta["sha256"]) == 64
+
+
+def test_checksum_mismatch_on_reshaped_array(tmp_path):
+    path = tmp_path / "a.npz"
+    save_arrays(path, ARRAYS, {"round": 1})
+    with np.load(path) as z:
+        old_meta = z["meta"].tobytes()
+        arrays = {k: z[k] for k in z.files if k != "meta"}
+    arrays["grid"] = arrays["grid"].reshape(4, 3, 2)  # same bytes, same dtype, other shape
+    rewrite(path, arrays, old_meta)
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_arrays(path)
+
+
+def test_member_order_in_the_archive_does_not_matter(tmp_path):
+    path = tmp_path / "a.npz"
+    save_arrays(path, ARRAYS, {"round": 1})
+    with zipfile.ZipFile(path) as z:
+        members = [(i, z.read(i)) for i in z.infolist()]
+    with zipfile.ZipFile(path, "w") as z:
+        for info, data in reversed(members):
+            z.writestr(info, data)
+    arrays, meta = load_arrays(path)
+    assert meta == {"round": 1} and set(arrays) == set(ARRAYS)
+
+
+def test_a_save_replaces_the_file_never_rewrites_it_in_place(tmp_path):
+    """A reader (or a crash) during a save sees the old file or the new one: the new one is a new inode
+    renamed over the name, so a hard link to the old file still holds the old checkpoint whole."""
+    ckpt = Checkpoints(tmp_path, keep=2)
+    ckpt.save(1, np.zeros(5, np.float32), np.ones(5, bool), {})
+    old = tmp_path / "old-link"
+    os.link(tmp_path / "round-000001.npz", old)
+    ckpt.save(1, np.ones(5, np.float32), np.ones(5, bool), {})
+    np.testing.assert_array_equal(load_arrays(old)[0]["values"], np.zeros(5, np.float32))
+    np.testing.assert_array_equal(ckpt.latest()[0], np.ones(5, np.float32))

@@ -378,3 +378,37 @@ def test_records_of_earlier_versions_stay_readable():
     assert load_config(overrides=["data.cache=false"]).data.cache == "off"
     with pytest.raises(ConfigError, match=r"data\.cache must be one of"):
         load_config(overrides=["data.cache=yes"])
+
+
+@pytest.mark.parametrize("raw", ["on", "ON", "'on'"])
+def test_bool_on_is_true(raw):
+    assert load_config(overrides=[f"train.channels_last={raw}"]).train.channels_last is True
+
+
+def test_bool_from_yaml_accepts_only_0_and_1_as_integers(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  channels_last: 1\n")
+    assert load_config(path).train.channels_last is True
+    path.write_text("train:\n  channels_last: 2\n")
+    with pytest.raises(ConfigError, match=r"train.channels_last: expected true or false"):
+        load_config(path)
+
+
+def test_quoted_empty_value_is_empty():
+    assert parse_overrides(["data.dir=''", 'run.dir=""']) == {"data": {"dir": ""}, "run": {"dir": ""}}
+    assert load_config(overrides=["data.dir=''"]).data.dir == ""
+
+
+BOUNDARIES = [
+    ["model.pools=5"],  # the paper's 2 mm model
+    ["data.subjects=20"],
+    ["federation.reconfigure_fraction=1"],  # documented: 1 keeps the top importances alone
+    ["federation.algorithm=oneshot", "federation.rounds=25", "federation.oneshot_round=25"],
+]
+
+
+@pytest.mark.parametrize("pairs", BOUNDARIES, ids=[p[-1] for p in BOUNDARIES])
+def test_validation_accepts_the_inclusive_bounds(pairs):
+    cfg = load_config(overrides=pairs)
+    section, option = pairs[-1].split("=")[0].split(".")
+    assert str(getattr(getattr(cfg, section), option)) in (pairs[-1].split("=")[1], pairs[-1].split("=")[1] + ".0")

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from fedmpi.files import atomic_dir
+from fedmpi import files
+from fedmpi.files import atomic_dir, atomic_write
 
 
 def test_a_finished_directory_replaces_the_old_one(tmp_path):
@@ -34,8 +35,6 @@ def test_a_failed_directory_leaves_the_old_one_and_no_trace(tmp_path):
 def test_a_finished_directory_is_on_disk_before_it_takes_the_name(tmp_path, monkeypatch):
     """Every file and directory in it is fsynced before the rename, the parent after: a power loss cannot
     leave truncated files under the real name."""
-    from fedmpi import files
-
     events = []
     monkeypatch.setattr(files, "_fsync", lambda path, directory=False: events.append(("fsync", Path(path))))
     real_replace = files.replace_dir
@@ -90,3 +89,45 @@ def test_temporaries_of_dead_processes_on_this_host_go_with_the_next_write(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["out.h5", "report", left["live"].name, left["other_host"].name, left["other_output"].name]
     )
+
+
+def test_a_written_file_is_on_disk_before_it_takes_the_name(tmp_path, monkeypatch):
+    events = []
+    monkeypatch.setattr(files, "_fsync", lambda path, directory=False: events.append(("fsync", Path(path))))
+    real_replace = os.replace
+    monkeypatch.setattr(files.os, "replace", lambda a, b: (events.append(("rename", Path(b))), real_replace(a, b)))
+    out = tmp_path / "out.bin"
+    atomic_write(out, b"whole")
+    assert [e[0] for e in events] == ["fsync", "rename", "fsync"]
+    assert events[0][1].parent == tmp_path and events[0][1] != out  # the temporary, before the rename
+    assert events[1:] == [("rename", out), ("fsync", tmp_path)]
+    assert out.read_bytes() == b"whole"
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_outputs_get_the_permissions_a_plain_open_would_give(tmp_path, umask_022):
+    """tempfile makes private files (0600) and directories (0700); outputs are shared like any other file."""
+    atomic_write(tmp_path / "f.txt", b"x")
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644
+    with atomic_dir(tmp_path / "report") as tmp:
+        (tmp / "a.md").write_text("x")
+    assert (tmp_path / "report").stat().st_mode & 0o777 == 0o755
+
+
+def test_temporaries_of_another_users_live_process_stay(tmp_path, monkeypatch):
+    import socket
+
+    def not_permitted(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    other = tmp_path / f".out.h5.tmp-{socket.gethostname()}-4242-abc.tmp"
+    other.write_text("being written")
+    monkeypatch.setattr(files.os, "kill", not_permitted)
+    atomic_write(tmp_path / "out.h5", b"whole")
+    assert other.exists()

@@ -6,6 +6,7 @@ import os
 import threading
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from fedtools import SHAPE
 
@@ -19,6 +20,7 @@ from fedmpi.recorder import (
     finished,
     initial_state,
     resume_point,
+    setting_changes,
     start_state,
 )
 from fedmpi.runlog import RunLog
@@ -82,3 +84,41 @@ def test_a_resumed_run_keeps_the_wall_time_of_its_earlier_sessions(tmp_path):
     log.append({"round": 1})
     start_state(cfg, (state.values, state.mask, {"round": 1}), rec, model)
     assert rec.earlier_seconds == 0.0
+
+
+def test_a_plain_start_may_replace_a_finished_run_but_not_one_with_other_rounds(tmp_path):
+    cfg = load_config(overrides=[f"run.dir={tmp_path}", "run.name=r", "federation.rounds=3"])
+    Checkpoints(cfg.run_dir / "checkpoints").save(3, np.zeros(4, np.float32), np.ones(4, bool), {})
+    (cfg.run_dir / "summary.json").write_text(json.dumps({"rounds": 3, "preempted": False}))
+    assert finished(cfg) and resume_point(cfg, resume=False, overwrite=False) is None
+    longer = load_config(overrides=[f"run.dir={tmp_path}", "run.name=r", "federation.rounds=5"])
+    assert not finished(longer)  # 3 of its 5 rounds
+    with pytest.raises(ConfigError, match="unfinished run; pass --resume"):
+        resume_point(longer, resume=False, overwrite=False)
+
+
+def test_setting_changes_name_options_on_either_side():
+    assert setting_changes({"f": {"a": 1, "old": 2}}, {"f": {"a": 1, "new": 3}}) == [
+        "f.new: None -> 3",
+        "f.old: 2 -> None",
+    ]
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_refused(tmp_path):
+    cfg = load_config(overrides=[f"run.dir={tmp_path}", "run.name=r"])
+    model = build_model(cfg, SHAPE)
+    rec = SimpleNamespace(checkpoints=Checkpoints(cfg.run_dir / "checkpoints"), log=RunLog(cfg.run_dir))
+    values = initial_state(model).values
+    with pytest.raises(ConfigError, match="does not fit the model"):
+        start_state(cfg, (values[:-1], np.ones(values.size - 1, bool), {"round": 1}), rec, model)
+
+
+def test_a_fresh_start_removes_the_old_runs_checkpoints(tmp_path):
+    """Otherwise a later --resume of the new run could continue the old one's model."""
+    cfg = load_config(overrides=[f"run.dir={tmp_path}", "run.name=r"])
+    ckpts = Checkpoints(cfg.run_dir / "checkpoints", keep=5)
+    for t in (1, 2):
+        ckpts.save(t, np.zeros(4, np.float32), np.ones(4, bool), {})
+    rec = SimpleNamespace(checkpoints=ckpts, log=RunLog(cfg.run_dir))
+    start_state(cfg, None, rec, build_model(cfg, SHAPE))
+    assert ckpts.paths() == [] and ckpts.latest() is None

@@ -1,9 +1,11 @@
 """Run directory files: atomic whole-file writes, append-only metrics that survive a crash mid-line."""
 
 import json
+import os
 
 import pytest
 
+from fedmpi import runlog
 from fedmpi.files import atomic_write
 from fedmpi.runlog import RunLock, RunLog, dumps, finite_json, read_json
 
@@ -180,3 +182,47 @@ def test_read_json_turns_every_bad_record_into_the_callers_error(tmp_path):
     path.mkdir()
     with pytest.raises(Bad, match="cannot be read"):
         read_json(path, Bad)
+
+
+def test_rows_stop_at_the_first_damaged_line(tmp_path):
+    log = RunLog(tmp_path)
+    for t in (1, 2, 3, 4):
+        log.append({"round": t})
+    lines = log.metrics_path.read_text().splitlines()
+    lines[2] = lines[2][:5]  # round 3 damaged, round 4 intact after it
+    log.metrics_path.write_text("\n".join(lines) + "\n")
+    assert [r["round"] for r in log.rows()] == [1, 2]
+
+
+def test_keep_through_replaces_the_file_whole(tmp_path):
+    """A crash during keep_through leaves the old metrics or the new, never a truncated file: a hard link to
+    the old file still holds every old row."""
+    log = RunLog(tmp_path)
+    for t in (1, 2, 3):
+        log.append({"round": t})
+    before = log.metrics_path.read_text()
+    os.link(log.metrics_path, tmp_path / "old")
+    assert [r["round"] for r in log.keep_through(1)] == [1]
+    assert (tmp_path / "old").read_text() == before
+
+
+def test_tuples_in_records_lose_their_nan_too():
+    assert json.loads(dumps({"r": (1.0, float("nan")), "n": [(float("inf"),)]})) == {"r": [1.0, None], "n": [[None]]}
+
+
+def test_the_lock_file_names_only_the_current_holder(tmp_path):
+    (tmp_path / ".lock").write_text(
+        "pid 1 on a-very-long-host-name-from-an-earlier-run, since 2020-01-01 00:00:00\n" * 3
+    )
+    lock = RunLock(tmp_path).acquire()
+    text = (tmp_path / ".lock").read_text()
+    lock.release()
+    assert text.count("\n") == 1 and text.startswith(f"pid {os.getpid()} on ")
+
+
+def test_each_metrics_row_is_fsynced(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(runlog.os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    RunLog(tmp_path).append({"round": 1})
+    assert len(synced) == 1

@@ -140,3 +140,99 @@ def test_an_attack_is_current_only_when_written_after_the_final_model(tmp_path):
     assert sweep.attack_is_current(tmp_path)
     os.utime(tmp_path / "model.npz", (3_000, 3_000))  # the model was trained again since
     assert not sweep.attack_is_current(tmp_path)
+
+
+def _one_run_study(**group) -> dict:
+    return _study(
+        groups=[{"name": "g", "distributions": ["uniform-iid"], "runs": ["fedavg", "fedsparsify-global 0.9"], **group}]
+    )
+
+
+def test_a_stop_file_stops_before_the_next_unfinished_run_after_copying_the_finished(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(sweep, "call", lambda cmd, log=None: calls.append(cmd))
+    study, out, records = tmp_path / "study.yaml", tmp_path / "out", tmp_path / "records"
+    spec = _one_run_study()
+    study.write_text(yaml.safe_dump(spec))
+    first, second = sweep.study_runs(spec)
+    _finish(out / first.name, load_config(ROOT / BASE, [*first.sets, f"run.dir={out}"]))
+    (out / "STOP").write_text("")
+    assert sweep.main([str(study), "--out", str(out), "--records", str(records), "--no-attack"]) == 0
+    assert calls == []  # nothing trained, no report
+    assert (records / first.name / "summary.json").exists() and not (records / second.name).exists()
+
+
+def test_no_attack_skips_every_attack(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(sweep, "call", lambda cmd, log=None: calls.append(cmd))
+    study, out, records = tmp_path / "study.yaml", tmp_path / "out", tmp_path / "records"
+    spec = _one_run_study(attack=["--max-per-class", "5"])
+    study.write_text(yaml.safe_dump(spec))
+    for run in sweep.study_runs(spec):
+        _finish(out / run.name, load_config(ROOT / BASE, [*run.sets, f"run.dir={out}"]))
+    assert sweep.main([str(study), "--out", str(out), "--records", str(records), "--no-attack"]) == 0
+    assert [cmd[3] for cmd in calls] == ["report"]
+    calls.clear()
+    assert sweep.main([str(study), "--out", str(out), "--records", str(records)]) == 0
+    assert [cmd[3] for cmd in calls] == ["attack", "attack", "report"]
+
+
+def test_records_copy_the_small_files_only(tmp_path):
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    for name in (*sweep.RECORDS, "model.npz", ".lock"):
+        (run / name).write_text(name)
+    sweep.copy_records(run, tmp_path / "records")
+    assert sorted(p.name for p in (tmp_path / "records" / "r").iterdir()) == sorted(
+        ["config.json", "metrics.jsonl", "summary.json", "test_predictions.csv", "attack.json"]
+    )
+
+
+def test_a_federated_run_starts_learners_plus_one_ranks_and_resumes(tmp_path):
+    args = SimpleNamespace(mpirun="/x/mpirun")
+    central, fed = (r for r in sweep.study_runs(_study()) if r.name.startswith("extra-uniform-iid"))
+    cmd = sweep.train_cmd(args, ROOT / BASE, central, tmp_path)
+    assert cmd[:4] == [sys.executable, "-m", "fedmpi", "train"] and "--resume" in cmd
+    learners = load_config(ROOT / BASE).federation.learners
+    cmd = sweep.train_cmd(args, ROOT / BASE, fed, tmp_path)
+    assert cmd[:6] == ["/x/mpirun", "-n", str(learners + 1), sys.executable, "-m", "fedmpi"] and "--resume" in cmd
+    assert f"run.dir={tmp_path}" in cmd and f"run.name={fed.name}" in cmd
+
+
+@pytest.mark.parametrize("flag", ["--collect", "--slurm"])
+def test_a_paper_only_option_with_a_study_is_refused(tmp_path, capsys, monkeypatch, flag):
+    def never(cmd, log=None):
+        raise AssertionError(f"the sweep ran {cmd}")
+
+    monkeypatch.setattr(sweep, "call", never)  # a sweep that ignored the flag would start training
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(_study()))
+    with pytest.raises(SystemExit) as raised:
+        sweep.main([str(study), "--out", str(tmp_path / "out"), "--records", str(tmp_path / "rec"), flag])
+    assert raised.value.code == 2
+    assert f"{flag} applies only with --paper" in capsys.readouterr().err
+
+
+def test_an_attack_written_in_the_same_instant_as_the_model_is_current(tmp_path):
+    import os
+
+    (tmp_path / "model.npz").write_bytes(b"m")
+    (tmp_path / "attack.json").write_text("{}")
+    for name in ("model.npz", "attack.json"):
+        os.utime(tmp_path / name, (2_000, 2_000))
+    assert sweep.attack_is_current(tmp_path)
+
+
+def test_groups_of_equal_priority_interleave_by_seed():
+    spec = _study(
+        groups=[
+            {"name": "a", "distributions": ["uniform-iid"], "runs": ["fedavg"], "seeds": [0, 1]},
+            {"name": "b", "distributions": ["uniform-iid"], "runs": ["fedavg"], "seeds": [0, 1]},
+        ]
+    )
+    assert [r.name for r in sweep.study_runs(spec)] == [
+        "a-uniform-iid-fedavg-s0",
+        "b-uniform-iid-fedavg-s0",
+        "a-uniform-iid-fedavg-s1",
+        "b-uniform-iid-fedavg-s1",
+    ]
