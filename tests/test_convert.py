@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from preprocess import cli, convert, nifti
+from preprocess import cli, convert, grid, h5io, nifti
 
 GOOD = ("sub-0001", "sub-0002")
 
@@ -457,3 +457,79 @@ def test_a_killed_worker_names_its_subject_and_writes_nothing(cohort, tmp_path, 
     monkeypatch.undo()
     res = convert.convert(root, out, workers=1)
     assert res.written == 2 and not stage.exists()
+
+
+def test_skip_bad_keeps_each_good_subject_with_its_own_row(cohort, tmp_path):
+    """A bad image listed first: every table column and volume of the output belongs to the good subjects."""
+    root = _make_bids(cohort, tmp_path / "bids", ages={"sub-0001": "61.5", "sub-0002": "62.5"})
+    tsv = root / "participants.tsv"
+    header, *rows = tsv.read_text().splitlines()
+    rows = [r.replace("\tF\tA", f"\tF\tsite{k}") for k, r in enumerate(rows)]
+    tsv.write_text("\n".join([header, "sub-bad0\t70\tM\tB", *rows]) + "\n")
+    _garbage(root, "sub-bad0")
+    out = tmp_path / "v.h5"
+    res = convert.convert(root, out, workers=1, skip_bad=True)
+    assert res.written == 2 and list(res.skipped) == ["sub-bad0"]
+    mask = grid.brain_mask(4)
+    with h5io.open_checked(out) as f:
+        assert list(f["subject_id"].asstr()[:]) == list(GOOD)
+        assert list(f["site"].asstr()[:]) == ["site0", "site1"] and list(f["sex"].asstr()[:]) == ["F", "F"]
+        np.testing.assert_allclose(f["age"][:], [61.5, 62.5])
+        for k, pid in enumerate(GOOD):
+            want = nifti.preprocess_file(_image(root, pid), 4, mask).astype(np.float16)
+            np.testing.assert_array_equal(f["images"][k], want)
+
+
+def test_a_part_interrupted_while_written_is_not_reused(cohort, tmp_path, monkeypatch):
+    root = _make_bids(cohort, tmp_path / "bids")
+    out = tmp_path / "v.h5"
+
+    def save_half(f, arr):
+        f.write(b"\x93NUMPY half a part")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "save", save_half)
+    with pytest.raises(KeyboardInterrupt):
+        convert.convert(root, out, workers=1)
+    assert list(convert.parts_dir(out).glob("*.npy")) == []
+    monkeypatch.undo()
+    res = convert.convert(root, out, workers=1)
+    assert res.written == 2 and res.reused == 0
+
+
+def test_a_clean_rerun_removes_the_old_skipped_report(cohort, tmp_path):
+    root = _bad_bids(cohort, tmp_path, ["unreadable"])
+    out = tmp_path / "v.h5"
+    assert convert.convert(root, out, workers=1, skip_bad=True).skipped
+    assert convert.skipped_report_path(out).is_file()
+    shutil.rmtree(root / "sub-bad0")
+    tsv = root / "participants.tsv"
+    tsv.write_text("".join(line for line in tsv.read_text().splitlines(True) if not line.startswith("sub-bad0")))
+    res = convert.convert(root, out, workers=1)
+    assert res.written == 2 and not res.skipped and not res.up_to_date
+    assert not convert.skipped_report_path(out).exists()
+    with h5py.File(out, "r") as f:
+        assert f.attrs["skipped"] == "{}"
+
+
+def test_a_rerun_after_bad_input_sweeps_half_written_parts(cohort, tmp_path):
+    root = _bad_bids(cohort, tmp_path, ["unreadable"])
+    out = tmp_path / "v.h5"
+    stage = convert.parts_dir(out)
+    stage.mkdir()
+    (stage / ".sub-0009-0.npy.abc.tmp").write_bytes(b"half")  # left by a worker killed in an earlier run
+    with pytest.raises(convert.BadInput):
+        convert.convert(root, out, workers=1)
+    assert sorted(p.name.rsplit("-", 1)[0] for p in stage.iterdir()) == list(GOOD)
+
+
+def test_an_empty_age_range_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit, match=r"^2$"):
+        cli.main(["nifti", "--bids", str(tmp_path), "--out", str(tmp_path / "v.h5"), "--age-range", "5", "5"])
+    assert "needs finite MIN < MAX, got 5 5" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_age_range_keeps_min_and_max_in_order(tmp_path):
+    args = cli.build_parser().parse_args(["nifti", "--bids", str(tmp_path), "--out", "v.h5", "--age-range", "1", "90"])
+    assert args.age_range == (1.0, 90.0)

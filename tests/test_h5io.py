@@ -188,3 +188,33 @@ def test_copy_rows_writes_other_image_layouts_in_the_documented_one(tmp_path, la
         assert reader.raw and f["images"].chunks == (1, 3, 4, 5)
         np.testing.assert_array_equal(reader.read(0), vols[2])
         np.testing.assert_array_equal(reader.read(1), vols[0])
+
+
+def test_open_checked_refuses_registration_figures_stored_as_text(tmp_path):
+    table = dict(_table(3), registration_ncc=[0.7, 0.8, 0.9])
+    path = h5io.write_volumes(tmp_path / "x.h5", iter(np.zeros((3, 3, 4, 5))), table, _attrs())
+    _replace(path, "registration_ncc", np.array([b"0.7"] * 3))
+    with pytest.raises(h5io.DataError, match=rf"^volume file {path} stores registration_ncc as \|S3, not numbers$"):
+        h5io.open_checked(path)
+
+
+def test_copy_rows_is_atomic(tmp_path, monkeypatch):
+    src = h5io.write_volumes(tmp_path / "x.h5", iter(np.zeros((3, 3, 4, 5))), _table(3), _attrs())
+
+    def broken(images):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(h5io, "ChunkReader", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        h5io.copy_rows(src, tmp_path / "sub.h5", [2, 0], {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.h5"]
+
+
+def test_copy_rows_puts_raw_chunks_in_their_new_rows(tmp_path):
+    vols = np.random.default_rng(1).normal(size=(3, 3, 4, 5)).astype(np.float16)
+    path = h5io.write_volumes(tmp_path / "x.h5", iter(vols), _table(3), _attrs())
+    h5io.copy_rows(path, tmp_path / "sub.h5", [2, 0], {})
+    with h5io.open_checked(tmp_path / "sub.h5") as f:
+        assert h5io.ChunkReader(f["images"]).raw
+        np.testing.assert_array_equal(f["images"][:], vols[[2, 0]])
+        assert list(f["subject_id"].asstr()[:]) == ["s2", "s0"]

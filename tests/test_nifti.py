@@ -185,3 +185,51 @@ def test_a_failure_without_a_message_still_has_a_reason(tmp_path, monkeypatch, e
     monkeypatch.setattr(nib.arrayproxy.ArrayProxy, "__array__", fail)
     with pytest.raises(nifti.BadImage, match=reason):
         nifti.load(tmp_path / "x.nii")
+
+
+def test_degenerate_affine_is_bad_input(tmp_path):
+    """An sform whose z row is zero (nibabel refuses to write one, so the header is made by hand)."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((5, 5, 5))
+    hdr.set_data_dtype(np.float32)
+    hdr["vox_offset"] = 352
+    hdr["sform_code"] = 1
+    hdr["srow_x"], hdr["srow_y"], hdr["srow_z"] = [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]
+    (tmp_path / "flat.nii").write_bytes(hdr.binaryblock + b"\0" * 4 + np.ones((5, 5, 5), np.float32).tobytes())
+    with pytest.raises(nifti.BadImage, match=r"^flat.nii has a degenerate voxel-to-world affine$"):
+        nifti.load(tmp_path / "flat.nii")
+
+
+def _top_of_the_head(path, z_from):
+    """Random texture over the whole MNI box in x and y, but only above z = z_from mm (a partial field of view)."""
+    shape = (98, 116, int((112 - z_from) / 2))
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = [-98.0, -134.0, z_from]
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).uniform(1, 2, size=shape).astype(np.float32), affine), path)
+    return path
+
+
+def test_partial_field_of_view_is_judged_on_the_brain_mask_alone(tmp_path):
+    """z >= 0 holds ~60% of the 4 mm brain mask (accepted), z >= 30 ~30% (refused), although the second box
+    covers more grid voxels than the mask has."""
+    mask = grid.brain_mask(4)
+    out = nifti.preprocess_file(_top_of_the_head(tmp_path / "most.nii.gz", 0.0), 4, mask)
+    assert out.shape == mask.shape and np.all(out[~mask] == 0)
+    with pytest.raises(nifti.BadImage, match=r"^top.nii.gz covers only (29|30|31)% of the MNI brain mask"):
+        nifti.preprocess_file(_top_of_the_head(tmp_path / "top.nii.gz", 30.0), 4, mask)
+
+
+def test_antialiasing_uses_each_array_axis_voxel_size_for_an_oblique_image(monkeypatch):
+    """1 x 1 x 3 mm voxels tilted 30 degrees about x: the voxel sizes are the affine's column norms (its row
+    norms would be 1, 1.73, 2.65 mm)."""
+    c, s = np.cos(np.radians(30)), np.sin(np.radians(30))
+    shape = (180, 220, 60)
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[1, 0, 0], [0, c, -s], [0, s, c]]) @ np.diag([1.0, 1.0, 3.0])
+    affine[:3, 3] = -affine[:3, :3] @ (np.array(shape) / 2) + [0, -18, 12]  # centred on the brain
+    seen = []
+    real = grid.antialias
+    monkeypatch.setattr(grid, "antialias", lambda data, sizes, target: seen.append(sizes) or real(data, sizes, target))
+    data = np.random.default_rng(0).uniform(1, 2, size=shape).astype(np.float32)
+    nifti.to_mni(data, affine, 4, grid.brain_mask(4))
+    np.testing.assert_allclose(seen[0], [1.0, 1.0, 3.0])

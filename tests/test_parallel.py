@@ -3,6 +3,7 @@
 import os
 import signal
 import time
+from multiprocessing import get_context
 
 import pytest
 
@@ -69,3 +70,70 @@ def test_a_dead_worker_is_named_not_a_broken_pool(how):
     assert str(exc.value).startswith("a t worker process died while processing ")
     assert isinstance(exc.value, UserError)
     assert set(got) <= {1, 2}  # results stay in job order: nothing after the dead job
+
+
+def test_the_dead_workers_own_job_is_named():
+    """Job 3 dies at once as the first job; the only other job (5) may be in flight, nothing else exists."""
+    with pytest.raises(parallel.WorkerDied) as exc:
+        list(
+            parallel.run(
+                _die_on_three,
+                [(3, "SIGKILL"), (5, "SIGKILL")],
+                workers=2,
+                initializer=_noop,
+                initargs=(),
+                desc="t",
+                progress=False,
+                name=lambda job: f"subject-{job[0]}",
+            )
+        )
+    assert "subject-3" in exc.value.names and set(exc.value.names) <= {"subject-3", "subject-5"}
+
+
+def test_a_finished_job_leaves_its_worker_slot(monkeypatch):
+    running = get_context("spawn").RawArray("q", 2)
+    monkeypatch.setattr(parallel, "_RUNNING", running)
+    monkeypatch.setattr(parallel, "_SLOT", 1)
+    during = []
+    assert parallel._tracked(lambda job: during.append(running[1]) or job * 2, (6, 21)) == 42
+    assert during == [7] and list(running) == [0, 0]
+    with pytest.raises(ZeroDivisionError):
+        parallel._tracked(lambda job: 1 / 0, (2, None))
+    assert list(running) == [0, 0]
+
+
+def test_a_worker_ignores_ctrl_c_and_runs_the_initializer(monkeypatch):
+    ctx = get_context("spawn")
+    monkeypatch.setattr(parallel, "_RUNNING", None)
+    monkeypatch.setattr(parallel, "_SLOT", -1)
+    before = signal.getsignal(signal.SIGINT)
+    got = []
+    try:
+        parallel._start_worker(ctx.RawArray("q", 2), ctx.Value("i", 1), got.append, "shared")
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert got == ["shared"] and parallel._SLOT == 1
+
+
+def _slow_mark(job):
+    """Runs in a spawned worker: note that job ran, after a while."""
+    path, number = job
+    time.sleep(0.3)
+    (path / f"ran-{number}").write_text("")
+    return number
+
+
+def test_queued_jobs_are_dropped_when_the_caller_stops(tmp_path):
+    results = parallel.run(
+        _slow_mark,
+        [(tmp_path, n) for n in range(20)],
+        workers=2,
+        initializer=_noop,
+        initargs=(),
+        desc="t",
+        progress=False,
+    )
+    assert next(results) == 0
+    results.close()  # as a caller's Ctrl-C or error does: the pool shuts down here
+    assert len(list(tmp_path.glob("ran-*"))) < 10

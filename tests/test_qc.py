@@ -132,3 +132,51 @@ def test_qc_refuses_images_off_the_mni_grid_of_their_voxel_size(tmp_path):
         h5io.DataError, match=r"v.h5 holds images of 30x36x30 voxels, not the 4 mm MNI grid \(45x54x45\)"
     ):
         qc.quality(h5)
+
+
+def test_a_blank_volume_is_flagged_and_listed_first(tmp_path):
+    """A constant volume has no template correlation (nan): it is below any threshold and the worst."""
+    pytest.importorskip("matplotlib")
+    shape, affine = grid.target_grid(6)
+    table = {"age": [50.0, 60.0], "subject_id": ["good", "blank"], "sex": ["F", "M"], "site": ["X", "X"]}
+    attrs = h5io.base_attrs(6, shape, affine, {}, "fp")
+    h5 = h5io.write_volumes(tmp_path / "v.h5", [grid.template(6), np.zeros(shape)], table, attrs)
+    assert qc.write_report(h5, tmp_path / "qc") == (tmp_path / "qc", 2, 1)
+    rows = [r.split("\t") for r in (tmp_path / "qc" / "qc.tsv").read_text().splitlines()[1:]]
+    assert [(r[0], r[3], r[4]) for r in rows] == [("blank", "nan", "below 0.5"), ("good", "1.0000", "ok")]
+
+
+def test_min_ncc_zero_is_a_threshold_not_a_default(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    h5 = _registered(tmp_path / "r.h5")  # stored figures 0.8 and 0.3, registered with --min-ncc 0.35
+    assert qc.write_report(h5, tmp_path / "a")[2] == 1
+    assert qc.write_report(h5, tmp_path / "b", min_ncc=0.0)[2] == 0
+    assert cli.main(["qc", "--h5", str(h5), "--out", str(tmp_path / "c"), "--min-ncc", "0"]) == 0
+    assert "0 below the threshold" in capsys.readouterr().out
+
+
+def test_an_existing_empty_directory_is_a_valid_out(tmp_path):
+    pytest.importorskip("matplotlib")
+    h5 = _registered(tmp_path / "r.h5")
+    (tmp_path / "empty").mkdir()
+    assert qc.write_report(h5, tmp_path / "empty")[1] == 2
+    assert (tmp_path / "empty" / "qc.tsv").is_file()
+
+
+@pytest.mark.parametrize("value", ["nan", "x", "1.5", "-2"])
+def test_min_ncc_must_be_a_correlation(tmp_path, capsys, value):
+    with pytest.raises(SystemExit, match=r"^2$"):
+        cli.main(["qc", "--h5", str(tmp_path / "v.h5"), "--out", str(tmp_path / "qc"), "--min-ncc", value])
+    err = capsys.readouterr().err
+    assert f"argument --min-ncc: must be a correlation in [-1, 1], got {value}" in err and "Traceback" not in err
+
+
+def test_an_existing_foreign_directory_as_out_is_one_error_line(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("x")
+    h5 = _registered(tmp_path / "r.h5")
+    assert cli.main(["qc", "--h5", str(h5), "--out", str(tmp_path / "mine")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a QC report directory" in err
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["keep.txt"]

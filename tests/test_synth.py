@@ -209,3 +209,59 @@ def test_linear_part_of_a_known_affine_warp():
     idx = np.indices(shape, dtype=np.float32).reshape(3, -1)
     coords = (vox[:3, :3] @ idx + vox[:3, 3:4]).reshape((3, *shape))
     np.testing.assert_allclose(synth.linear_part(coords, affine, np.ones(shape, bool)), d, atol=1e-4)
+
+
+def test_draw_subjects_depends_on_the_seed_has_one_decimal_and_shuffles_sites():
+    a = synth.draw_subjects(100, seed=3)
+    b = synth.draw_subjects(100, seed=4)
+    assert [s.age for s in a] != [s.age for s in b]  # not only Subject.seed: the demographics differ
+    ages = np.array([s.age for s in a])
+    np.testing.assert_allclose(ages, np.round(ages, 1))
+    assert np.mean(ages != np.round(ages)) > 0.5  # one decimal, not whole years
+    assert [s.site for s in a] != [synth.SITES[i % 4].name for i in range(100)]  # shuffled, not round-robin
+
+
+def test_each_subject_gets_its_own_head_pose():
+    people = synth.draw_subjects(10, seed=0)
+    assert len({synth.head_pose(p).tobytes() for p in people}) == 10
+    other_seed = synth.draw_subjects(10, seed=1)[0]
+    assert not np.array_equal(synth.head_pose(other_seed), synth.head_pose(people[0]))
+
+
+def test_is_complete_compares_subjects_seed_and_space(tmp_path):
+    (tmp_path / "dataset_description.json").write_text(json.dumps(synth.description(4, 7)))
+    assert synth.is_complete(tmp_path, 4, 7)
+    assert not synth.is_complete(tmp_path, 4, 8)
+    assert not synth.is_complete(tmp_path, 5, 7)
+    assert not synth.is_complete(tmp_path, 4, 7, "native")
+
+
+def test_ventricle_growth_accelerates_with_age():
+    anat = synth.anatomy()
+    vent = [float((synth.tissue_fractions(anat, age)[2] * anat.vent_roi).sum()) for age in (45, 55, 65, 75)]
+    assert np.all(np.diff(vent, 2) > 0), vent
+
+
+def _head_volume_ml(subject, anat):
+    img = synth.render(subject, anat)
+    data = np.asarray(img.dataobj, np.float32)
+    return (data > 0.3 * np.percentile(data, 99)).sum() * np.prod(img.header.get_zooms()[:3]) / 1000
+
+
+def test_subjects_differ_beyond_demographics_and_female_heads_are_smaller():
+    anat = synth.anatomy()
+    one, other = (synth.Subject(i, f"sub-{i + 1:04d}", 60.0, "M", "A", 0) for i in (0, 1))
+    a, b = (np.asarray(synth.render(s, anat).dataobj) for s in (one, other))
+    assert a.shape != b.shape or np.mean(a != b) > 0.5  # own deformation, field of view, bias and noise
+    female = synth.Subject(0, "sub-0001", 60.0, "F", "A", 0)  # same random stream as `one`: only the scale differs
+    ratio = _head_volume_ml(female, anat) / _head_volume_ml(one, anat)
+    assert 0.85 < ratio < 0.92, ratio  # 0.96 ** 3 = 0.885
+
+
+def test_an_existing_foreign_directory_as_out_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("x")
+    assert cli.main(["synth", "--out", str(tmp_path / "mine"), "--subjects", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not the cohort --subjects 2 --seed 0" in err
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["keep.txt"]
