@@ -393,3 +393,55 @@ def test_attack_refuses_a_data_directory_re_split_since_the_run(tmp_path, capsys
     err = capsys.readouterr().err
     assert "learner_1.h5, learner_2.h5, test.h5" in err and "re-split or re-preprocessed since" in err
     assert not (run / "attack.json").exists()
+
+
+def test_balanced_split_draws_each_class_from_its_own_pool_in_a_seeded_order():
+    s = attack.balanced_split(11, 30, seed=3)  # fewer members: the non-members are a subset of all 30
+    assert len(set(s["nonmembers"].tolist())) == 11 and s["nonmembers"].max() < 30
+    assert s["nonmembers"].max() >= 11  # drawn from the whole non-member pool, not the first 11
+    s = attack.balanced_split(30, 11, seed=3)
+    assert sorted(s["nonmembers"].tolist()) == list(range(11))  # every non-member, each once ...
+    assert s["nonmembers"].tolist() != list(range(11))  # ... shuffled, so the train half is a random half
+
+
+def test_attack_datasets_splits_each_class_in_halves_and_reports_the_members_mae(monkeypatch):
+    n_members, n_nonmembers = 10, 7
+    split = attack.balanced_split(n_members, n_nonmembers, 0)
+    n = len(split["members"])  # 7 per class, 3 of each in attacker-train
+    monkeypatch.setattr(
+        attack, "sample_features", lambda model, pool, **kw: {"abs_error": np.arange(2.0 * n), "age": np.zeros(2 * n)}
+    )
+    seen = []
+    monkeypatch.setattr(
+        attack, "evaluate_attack", lambda f, ages, labels, train, kind, seed=0: seen.append((labels, train)) or {}
+    )
+    out = attack.attack_datasets(None, list(range(n_members)), list(range(n_nonmembers)), seed=0)
+    labels, train = seen[0]
+    assert labels.tolist() == [1] * n + [0] * n
+    assert train.tolist() == [True] * 3 + [False] * 4 + [True] * 3 + [False] * 4
+    assert out["train_mae"] == np.mean(np.arange(n)) and out["test_mae"] == np.mean(np.arange(n, 2 * n))
+    assert out["members_eval"] == out["nonmembers_eval"] == 4
+
+
+def test_learned_attacks_standardise_with_the_attacker_train_rows_only(monkeypatch):
+    rng = np.random.default_rng(0)
+    n = 40
+    features = {"pred": rng.normal(60, 5, n), "abs_error": rng.gamma(2, 2, n), "loss": rng.gamma(2, 8, n)}
+    labels = np.r_[np.ones(n // 2), np.zeros(n // 2)].astype(int)
+    train = np.zeros(n, bool)
+    train[:10], train[20:30] = True, True
+    features["pred"][~train] += 100.0  # attacker-eval rows far off: they must not move the scaling
+    fitted = []
+    real = attack.fit_logistic
+    monkeypatch.setattr(attack, "fit_logistic", lambda x, y, **kw: fitted.append(x) or real(x, y, **kw))
+    attack.evaluate_attack(features, rng.uniform(45, 80, n), labels, train, "black_box")
+    (x,) = fitted
+    assert x.shape == (20, 4) and np.allclose(x.mean(0), 0, atol=1e-9) and np.allclose(x.std(0), 1)
+
+
+def test_loss_threshold_accuracy_uses_the_threshold_chosen_on_attacker_train():
+    losses = np.array([1.0, 2.0, 10.0, 20.0, 5.0, 6.0, 0.5, 0.7])  # rows 0-3 members, 4-7 non-members
+    train = np.array([True, True, False, False, True, True, False, False])
+    r = attack.evaluate_attack({"loss": losses}, np.zeros(8), np.r_[np.ones(4), np.zeros(4)], train, "loss_threshold")
+    # train: members 1, 2 vs non-members 5, 6 -> member iff loss <= somewhere in (2, 5]; on eval every row is wrong
+    assert r["auc"] == 0.0 and r["accuracy"] == 0.0

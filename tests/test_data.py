@@ -7,9 +7,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from fedtools import SHAPE, write_volumes
 from torch.utils.data import DataLoader
 
-from fedmpi.data import DataError, VolumeDataset, read_header, synthetic_cohort
+from fedmpi.config import Config
+from fedmpi.data import DataError, VolumeDataset, open_volumes, read_header, synthetic_cohort
 from fedmpi.errors import UserError
 from preprocess import h5io
 
@@ -132,3 +134,37 @@ def test_synthetic_cohort_validates_before_generating(tmp_path):
     with pytest.raises(ValueError, match="holds out no subject"):
         synthetic_cohort(tmp_path, subjects=20, learners=2, test_fraction=0.01)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def small(tmp_path):
+    path = tmp_path / "v.h5"
+    write_volumes(path, np.array([45.3, 61.7, 79.9, 50.1, 70.2]), np.random.default_rng(0))
+    with h5py.File(path, "a") as f:  # subjects not in sorted order, so file order is observable
+        del f["subject_id"]
+        f.create_dataset(
+            "subject_id", data=np.array(["sub-c", "sub-a", "sub-e", "sub-b", "sub-d"], dtype=h5py.string_dtype())
+        )
+    return path
+
+
+def test_items_are_the_files_volumes_and_ages_in_file_order(small):
+    ds = VolumeDataset(small)
+    with h5py.File(small, "r") as f:
+        images, ages = f["images"][:], f["age"][:]
+    assert ds.subject_ids == ["sub-c", "sub-a", "sub-e", "sub-b", "sub-d"]
+    assert ds.ages.dtype == np.float32 and np.array_equal(ds.ages, ages)
+    for i in [0, 2, 4, -1, -5]:
+        x, age = ds[i]
+        assert x.dtype == torch.float32 and x.shape == (1, *SHAPE) and age.dtype == torch.float32
+        assert np.array_equal(x[0].numpy(), images[i].astype(np.float32)) and float(age) == ages[i]
+    header = read_header(small)
+    assert header["mean_age"] == pytest.approx(float(ages.mean())) and header["n"] == 5
+
+
+@pytest.mark.parametrize("cache,cached", [("memory", True), ("device", True), ("off", False)])
+def test_open_volumes_caches_as_configured(small, cache, cached):
+    cfg = Config()
+    cfg.data.cache = cache
+    ds = open_volumes(small, cfg, torch.device("cpu"))
+    assert (ds[1][0] is ds[1][0]) == cached

@@ -9,14 +9,14 @@ import torch
 from fedtools import write_split
 
 from fedmpi import encoding, pruning
-from fedmpi.algorithms import ALGORITHMS, round_seed
+from fedmpi.algorithms import ALGORITHMS, prune, round_seed
 from fedmpi.config import load_config
 from fedmpi.data import VolumeDataset
 from fedmpi.errors import PayloadError
 from fedmpi.learner import GRASP_SAMPLES, START_MASKS, Learner
 from fedmpi.messages import REPORT, records
 from fedmpi.model import build_model, flat_parameters, load_flat_parameters
-from fedmpi.training import grasp_scores
+from fedmpi.training import grasp_scores, local_train, masks_from_flat
 from fedmpi.wire import FLAG_MASK, FLAG_STOP
 
 
@@ -203,3 +203,64 @@ def test_prunefl_learner_sends_squared_gradients_only_in_reconfiguration_rounds(
 
 def test_every_start_mask_in_the_table_has_a_rule():
     assert {a.start_mask for a in ALGORITHMS.values() if a.start_mask} == set(START_MASKS)
+
+
+def _trained_by_hand(learner, values, mask, t, rank):
+    """Round t's local training done by hand: a model loaded with `values`, the data in the order a fresh
+    loader seeded with round_seed(seed, t, rank) draws it, dropout from the same seed, the mask held."""
+    cfg = learner.cfg
+    seed = round_seed(cfg.run.seed, t, rank)
+    model = build_model(cfg, learner.data.shape)
+    load_flat_parameters(model, values)
+    loader = torch.utils.data.DataLoader(
+        learner.data, batch_size=cfg.train.batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )
+    torch.manual_seed(seed)
+    tc = cfg.train
+    local_train(
+        model,
+        loader,
+        epochs=tc.epochs,
+        lr=tc.lr,
+        momentum=tc.momentum,
+        weight_decay=tc.weight_decay,
+        masks=masks_from_flat(model, mask),
+        device=torch.device("cpu"),
+    )
+    return flat_parameters(model)
+
+
+class SecondLearner(ServerStandIn):
+    rank = 2
+
+
+def test_shared_mask_learner_sends_its_weighted_model_trained_with_its_rounds_seed_and_the_mask(data):
+    learner, initial = _learner(data, "fedsparsify-global", "model.dropout=0.5")
+    values, mask = _global(initial, 0.5)
+    values = np.where(mask, values, 1.0).astype(np.float32)  # pruned positions arrive non-zero: the mask must win
+    learner.wire = SecondLearner(
+        [(3, FLAG_MASK, int(mask.sum()), encoding.encode(values, mask)), (0, FLAG_STOP, 0, np.zeros(0, np.uint8))]
+    )
+    learner.run()
+    (sent,) = learner.wire.reduced
+    expected = _trained_by_hand(learner, pruning.apply_mask(values, mask), mask, 3, 2)
+    assert np.allclose(sent, expected[mask] * np.float32(0.25), rtol=1e-5, atol=1e-7)
+
+
+def test_local_learner_prunes_its_trained_model_with_its_rounds_seed(data):
+    learner, initial = _learner(data, "fedsparsify-local")
+    values, mask = _global(initial, 0.2)
+    wire = _run(learner, [(4, FLAG_MASK, int(mask.sum()), encoding.encode(values, mask))])
+    local, local_mask = encoding.decode(wire.gathered[0])
+    trained = _trained_by_hand(learner, values, mask, 4, 1)
+    expected = prune(trained, mask, learner.schedule(4), learner.algo.selector, round_seed(0, 4, 1))
+    assert (local_mask != expected).sum() <= 2, (local_mask != expected).sum()
+    assert np.allclose(local[local_mask], trained[local_mask], rtol=1e-5, atol=1e-7)
+
+
+def test_a_header_announcing_fewer_kept_positions_is_refused(data):
+    learner, initial = _learner(data, "fedsparsify-global")
+    values, mask = _global(initial, 0.5)
+    nnz = int(mask.sum())
+    with pytest.raises(PayloadError, match=f"the header says {nnz - 1} kept positions, the model keeps {nnz}"):
+        _run(learner, [(2, FLAG_MASK, nnz - 1, encoding.encode(values, mask))])

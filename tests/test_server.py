@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fedmpi import encoding, pruning
+from fedmpi.algorithms import round_seed
 from fedmpi.config import Config
 from fedmpi.errors import PayloadError
 from fedmpi.messages import REPORT
@@ -342,3 +343,66 @@ def test_start_mask_at_the_wrong_sparsity_is_refused():
     server = _server("grasp", wire, target=0.5)
     with pytest.raises(PayloadError, match="pruning 0 of 50 positions, expected 25"):
         server.receive_start_mask(State(0, _initial(), np.ones(N, bool)))
+
+
+def test_round_bytes_are_the_rounds_own_plus_the_start_masks_once():
+    # (down, up) per reset: each exchange opens with one (discarded) and closes with one (counted)
+    counts = [(0, 0), (5, 7), (0, 0), (100, 200), (0, 0), (300, 400)]  # start mask, round 1, round 2
+
+    class CountingWire(FakeWire):
+        def reset_counters(self):
+            return counts.pop(0)
+
+    mask = np.ones(N, bool)
+    mask[::2] = False
+    wire = CountingWire(
+        [_report(100), _report(100)], summed=np.ones(25, np.float32), received=[encoding.pack_mask(mask)]
+    )
+    server = _server("grasp", wire, target=0.5)
+    state = State(0, _initial(), np.ones(N, bool))
+    server.receive_start_mask(state)
+    first, _ = _round(server, state, 1, True)
+    assert (first["bytes_down"], first["bytes_up"]) == (105, 207)
+    wire.reduced = [np.ones(25, np.float32), None]
+    second, _ = _round(server, state, 2, False)
+    assert (second["bytes_down"], second["bytes_up"]) == (300, 400) and second["pruned"] == 0
+
+
+def test_row_describes_the_model_sent_and_weights_the_loss_by_samples():
+    reports = [[1.0, 10, 0.1, 160, 1.0, 0.01, 0.02], [4.0, 30, 0.1, 160, 1.0, 0.01, 0.02]]
+    state = _state()  # 10 of 50 pruned: sparsity 0.2 sent
+    server = _server("fedsparsify-global", FakeWire(reports, summed=np.ones(40, np.float32)))
+    row, changed = _round(server, state, 4, False)  # round 4 prunes to the target: the mask changes
+    assert changed and 1 - state.mask.mean() > 0.5
+    assert row["sparsity_sent"] == pytest.approx(0.2)
+    assert row["mask_sent"] is False  # sent values only, whatever the next round sends
+    assert row["train_loss"] == pytest.approx((1.0 * 10 + 4.0 * 30) / 40)
+    assert row["dense_bytes_down"] == row["dense_bytes_up"] == 4 * N * 2
+
+
+def test_server_prunes_with_the_rounds_seed(monkeypatch):
+    import fedmpi.server
+
+    seeds = []
+    monkeypatch.setattr(
+        fedmpi.server, "prune", lambda values, mask, s, selector, seed: seeds.append(seed) or mask.copy()
+    )
+    server = _server("random", FakeWire([_report(160), _report(160)], summed=np.ones(40, np.float32)))
+    server.cfg.run.seed = 7
+    _round(server, _state(), 3, False)
+    assert seeds == [round_seed(7, 3, 0)]
+
+
+@pytest.mark.parametrize("every,evaluated", [(3, [False, False, True, True]), (1, [True] * 4)])
+def test_record_evaluates_every_k_rounds_and_always_the_last(every, evaluated):
+    calls: list[bool] = []
+
+    class Rec:
+        def record(self, snapshot, row, evaluate_now):
+            calls.append(evaluate_now)
+
+    server = _server("fedavg", FakeWire([]))
+    server.rec, server.cfg.eval.every = Rec(), every
+    for t in range(1, 5):
+        server.record(State(t, _state().values, _state().mask), {})
+    assert calls == evaluated

@@ -273,3 +273,46 @@ def test_squared_grads_accumulate_every_position_the_mask_prunes_included():
     assert np.all(total >= first * (1 - 1e-5)) and (total > first * 1.01).any()
     with pytest.raises(ValueError, match="squared_grads"):
         local_train(model, make_loader(n=4), epochs=1, lr=1e-3, squared_grads=squares[:-1])
+
+
+def test_local_train_is_masked_fedprox_sgd_and_reports_the_last_epochs_sample_weighted_mse():
+    """Two epochs of 4 + 2 samples against the same SGD written out by hand: momentum, weight decay,
+    FedProx's mu/2 * ||w - w_start||^2 on every parameter, pruned positions held at zero."""
+    lr, momentum, wd, mu = 1e-2, 0.9, 1e-3, 5.0
+    model, reference = tiny_model(), tiny_model()
+    keep = np.ones(flat_parameters(model).size, bool)
+    keep[::3] = False
+    stats = local_train(
+        model,
+        make_loader(n=6),
+        epochs=2,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=wd,
+        prox_mu=mu,
+        masks=masks_from_flat(model, keep),
+    )
+    params = list(reference.parameters())
+    masks = masks_from_flat(reference, keep)
+    with torch.no_grad():
+        for p, m in zip(params, masks):
+            p.mul_(m)
+    start = [p.detach().clone() for p in params]
+    bufs = [torch.zeros_like(p) for p in params]
+    reference.train()
+    for _ in range(2):
+        errors = []
+        for x, y in make_loader(n=6):
+            pred = reference(x).float()
+            loss = torch.mean((pred - y) ** 2)
+            prox = sum(((p - a) ** 2).sum() for p, a in zip(params, start))
+            grads = torch.autograd.grad(loss + mu / 2 * prox, params)
+            with torch.no_grad():
+                for p, g, b, m in zip(params, grads, bufs, masks):
+                    b.mul_(momentum).add_(g * m + wd * p)
+                    p.sub_(lr * b).mul_(m)
+            errors.append(((pred - y) ** 2).detach())
+    assert np.allclose(flat_parameters(model), flat_parameters(reference), rtol=1e-4, atol=1e-6)
+    assert not flat_parameters(model)[~keep].any()
+    assert stats["samples"] == 6 and stats["steps"] == 4
+    assert stats["loss"] == pytest.approx(float(torch.cat(errors).mean()), rel=1e-4)
