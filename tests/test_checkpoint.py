@@ -50,12 +50,16 @@ def rewrite(path, arrays, meta_bytes):
     np.savez(path, meta=np.frombuffer(meta_bytes, dtype=np.uint8), **arrays)
 
 
-def test_checksum_mismatch_on_modified_array(tmp_path):
-    path = tmp_path / "a.npz"
+def _saved(path):
+    """ARRAYS saved to path, read back as plain npz members: (arrays, the stored metadata's bytes)."""
     save_arrays(path, ARRAYS, {"round": 1})
     with np.load(path) as z:
-        old_meta = z["meta"].tobytes()
-        arrays = {k: z[k] for k in z.files if k != "meta"}
+        return {k: z[k] for k in z.files if k != "meta"}, z["meta"].tobytes()
+
+
+def test_checksum_mismatch_on_modified_array(tmp_path):
+    path = tmp_path / "a.npz"
+    arrays, old_meta = _saved(path)
     raw = arrays["values"].view(np.uint8).copy()
     raw[5] ^= 0x01  # one flipped bit in one value
     arrays["values"] = raw.view(np.float32)
@@ -300,10 +304,7 @@ def test_file_is_a_plain_zip_of_npy_members(tmp_path):
 
 def test_checksum_mismatch_on_reshaped_array(tmp_path):
     path = tmp_path / "a.npz"
-    save_arrays(path, ARRAYS, {"round": 1})
-    with np.load(path) as z:
-        old_meta = z["meta"].tobytes()
-        arrays = {k: z[k] for k in z.files if k != "meta"}
+    arrays, old_meta = _saved(path)
     arrays["grid"] = arrays["grid"].reshape(4, 3, 2)  # same bytes, same dtype, other shape
     rewrite(path, arrays, old_meta)
     with pytest.raises(CheckpointError, match="checksum"):

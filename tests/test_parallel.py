@@ -50,21 +50,26 @@ def _die_on_three(job):
     return number
 
 
+def _run_dying(jobs):
+    """parallel.run over (number, how) jobs on 2 workers, where job 3 dies `how`; jobs named subject-N."""
+    return parallel.run(
+        _die_on_three,
+        jobs,
+        workers=2,
+        initializer=_noop,
+        initargs=(),
+        desc="t",
+        progress=False,
+        name=lambda job: f"subject-{job[0]}",
+    )
+
+
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGSEGV", "exit"])
 def test_a_dead_worker_is_named_not_a_broken_pool(how):
     jobs = [(n, how) for n in range(1, 7)]
     got = []
     with pytest.raises(parallel.WorkerDied) as exc:
-        for result in parallel.run(
-            _die_on_three,
-            jobs,
-            workers=2,
-            initializer=_noop,
-            initargs=(),
-            desc="t",
-            progress=False,
-            name=lambda job: f"subject-{job[0]}",
-        ):
+        for result in _run_dying(jobs):
             got.append(result)
     assert "subject-3" in exc.value.names and "subject-3" in str(exc.value)
     assert str(exc.value).startswith("a t worker process died while processing ")
@@ -75,18 +80,7 @@ def test_a_dead_worker_is_named_not_a_broken_pool(how):
 def test_the_dead_workers_own_job_is_named():
     """Job 3 dies at once as the first job; the only other job (5) may be in flight, nothing else exists."""
     with pytest.raises(parallel.WorkerDied) as exc:
-        list(
-            parallel.run(
-                _die_on_three,
-                [(3, "SIGKILL"), (5, "SIGKILL")],
-                workers=2,
-                initializer=_noop,
-                initargs=(),
-                desc="t",
-                progress=False,
-                name=lambda job: f"subject-{job[0]}",
-            )
-        )
+        list(_run_dying([(3, "SIGKILL"), (5, "SIGKILL")]))
     assert "subject-3" in exc.value.names and set(exc.value.names) <= {"subject-3", "subject-5"}
 
 

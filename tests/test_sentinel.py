@@ -149,13 +149,17 @@ def stop(signum, frame):
     Path(sys.argv[1]).write_text(signal.Signals(signum).name)
     os._exit(0)
 signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGUSR1, stop)
 Path(sys.argv[2]).write_text(str(os.getpid()))
 time.sleep(30)
 """
 
 
 @linux
-def test_sigterm_is_forwarded_to_the_rank(tmp_path):
+@pytest.mark.parametrize("sig, rank", [(signal.SIGTERM, 5), (signal.SIGUSR1, 0)])
+def test_a_signal_is_forwarded_to_the_rank_as_itself(tmp_path, sig, rank):
+    """SIGTERM ends a job; SIGUSR1 is SLURM's warning before the time limit, which asks the server to
+    checkpoint: each must reach the rank as itself."""
     got, ready = tmp_path / "got", tmp_path / "ready"
     proc = subprocess.Popen(
         [
@@ -165,23 +169,23 @@ def test_sigterm_is_forwarded_to_the_rank(tmp_path):
             str(got),
             str(ready),
         ],
-        env=rank_env(5),
+        env=rank_env(rank),
         stderr=subprocess.PIPE,
         text=True,
     )
     child = None
     try:
-        assert wait_for(lambda: ready.exists() and ready.read_text() and catches(proc.pid, signal.SIGTERM))
+        assert wait_for(lambda: ready.exists() and ready.read_text() and catches(proc.pid, sig))
         child = int(ready.read_text())
         assert child != proc.pid
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         assert proc.wait(timeout=15) == 0
     finally:
         proc.kill()
         proc.wait()
         if child is not None and not gone(child):
             os.kill(child, signal.SIGKILL)
-    assert got.read_text() == "SIGTERM"
+    assert got.read_text() == sig.name
     assert proc.stderr.read() == ""
 
 
@@ -210,48 +214,3 @@ def test_rank_dies_with_its_supervisor(tmp_path):
         proc.wait()
         if child is not None and not gone(child):
             os.kill(child, signal.SIGKILL)
-
-
-CHILD_WAITS_USR1 = """
-import os, signal, sys, time
-from pathlib import Path
-def stop(signum, frame):
-    Path(sys.argv[1]).write_text(signal.Signals(signum).name)
-    os._exit(0)
-signal.signal(signal.SIGUSR1, stop)
-signal.signal(signal.SIGTERM, stop)
-Path(sys.argv[2]).write_text(str(os.getpid()))
-time.sleep(30)
-"""
-
-
-@linux
-def test_sigusr1_reaches_the_rank_as_sigusr1(tmp_path):
-    """SLURM's warning before the time limit (SIGUSR1) asks the server to checkpoint: it must arrive as itself."""
-    import os
-
-    got, ready = tmp_path / "got", tmp_path / "ready"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from fedmpi.sentinel import supervise; supervise()\n" + CHILD_WAITS_USR1,
-            str(got),
-            str(ready),
-        ],
-        env=rank_env(0),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    child = None
-    try:
-        assert wait_for(lambda: ready.exists() and ready.read_text() and catches(proc.pid, signal.SIGUSR1))
-        child = int(ready.read_text())
-        proc.send_signal(signal.SIGUSR1)
-        assert proc.wait(timeout=15) == 0
-    finally:
-        proc.kill()
-        proc.wait()
-        if child is not None and not gone(child):
-            os.kill(child, signal.SIGKILL)
-    assert got.read_text() == "SIGUSR1"
