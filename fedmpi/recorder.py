@@ -31,6 +31,8 @@ from .runlog import RunLog
 from .training import AUTOCAST, predict
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from .config import Config
     from .data import VolumeDataset
 
@@ -317,10 +319,21 @@ def print_summary(summary: dict, file=sys.stdout) -> None:
 RECORDER_NICENESS = 10  # the recorder thread yields the cores to training learners
 
 
-def background_thread() -> ThreadPoolExecutor:
+@contextlib.contextmanager
+def background_thread() -> Iterator[ThreadPoolExecutor]:
     """One thread for a round's records (evaluation, checkpoint, metrics row) while the next round trains,
-    at a lower priority, so that on cores shared with the learners it takes the gaps they leave."""
-    return ThreadPoolExecutor(1, thread_name_prefix="recorder", initializer=_lower_priority)
+    at a lower priority, so that on cores shared with the learners it takes the gaps they leave.
+
+    Left normally, it waits for the last record. Left by an exception, it does not: the job is about to be
+    aborted, and an evaluation in flight (minutes for a large test set on a CPU) must not hold that up. The
+    record's files are written atomically, so one cut short leaves the previous checkpoint to resume from."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="recorder", initializer=_lower_priority)
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 def _lower_priority() -> None:

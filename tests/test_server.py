@@ -406,3 +406,36 @@ def test_record_evaluates_every_k_rounds_and_always_the_last(every, evaluated):
     for t in range(1, 5):
         server.record(State(t, _state().values, _state().mask), {})
     assert calls == evaluated
+
+
+def test_an_error_in_a_round_is_not_held_up_by_the_record_in_flight():
+    """Round 2's reports are refused while round 1's record (its evaluation) is still running: the error must
+    reach the caller (which aborts the job) without waiting for that record."""
+    import threading
+
+    release, recorded = threading.Event(), []
+
+    class SlowRec:
+        def record(self, snapshot, row, evaluate_now):
+            release.wait(30)
+            recorded.append(snapshot.round)
+
+    class FailsInRoundTwo(FakeWire):
+        def collect_reports(self, width):
+            if self.sent_models == 2:
+                raise PayloadError("learner 2 (rank 2) reports non-finite model values; round rejected")
+            return super().collect_reports(width)
+
+        def send_model(self, *args):
+            self.sent_models = getattr(self, "sent_models", 0) + 1
+
+    state = _state()
+    wire = FailsInRoundTwo([_report(160), _report(160)], summed=np.ones(40, np.float32))
+    server = _server("fedavg", wire)
+    server.rec = SlowRec()
+    try:
+        with pytest.raises(PayloadError, match="rank 2"):
+            server.run(state)
+        assert recorded == []  # round 1's record was still running when the error came through
+    finally:
+        release.set()
