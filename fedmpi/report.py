@@ -35,7 +35,7 @@ from . import tables
 from .algorithms import ALGORITHMS
 from .errors import ReportError, is_user_error
 from .files import atomic_write, temporary_dir_beside
-from .runlog import RunLog, dumps, read_json
+from .runlog import RunLog, dumps, read_json, stopped_early
 
 COLUMNS = (
     "run",
@@ -190,15 +190,6 @@ def load_run(path: Path) -> Run:
     return Run(path.name, config, summary, _read_metrics(path), attack, distribution, predictions)
 
 
-def _stopped_early(run_dir: Path) -> bool:
-    """True when the run's summary says it was preempted (its model is not the run's final one). A summary
-    that cannot be read is not decided here: load_run names what is wrong with it."""
-    try:
-        return read_json(run_dir / "summary.json", ReportError).get("preempted") is True
-    except ReportError:
-        return False
-
-
 def expand_run_dirs(paths: list[Path]) -> list[Path]:
     """Run directories from the arguments: a directory holding runs (runs/) stands for its finished runs;
     a run named itself is taken as it is, stopped early or not."""
@@ -210,7 +201,7 @@ def expand_run_dirs(paths: list[Path]) -> list[Path]:
             out.append(p)
             continue
         children = sorted(c for c in p.iterdir() if (c / "summary.json").exists())
-        stopped = [c for c in children if _stopped_early(c)]
+        stopped = [c for c in children if stopped_early(c)]
         for c in stopped:
             _note(f"leaving out {c}: it stopped before its last round (resume it, or name it to report it as it is)")
         children = [c for c in children if c not in stopped]

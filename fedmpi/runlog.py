@@ -52,6 +52,15 @@ def read_json(path: Path, error: type[Exception]) -> dict:
     return value
 
 
+def stopped_early(run_dir: Path) -> bool:
+    """True when the run's summary says it was preempted: its model is not the run's final one. A summary that
+    cannot be read is not decided here (False): whatever reads the run next names what is wrong with it."""
+    try:
+        return read_json(Path(run_dir) / "summary.json", ReportError).get("preempted") is True
+    except ReportError:
+        return False
+
+
 class RunLock:
     """An exclusive lock on a run directory, held for the run's whole life by the process that writes it.
 

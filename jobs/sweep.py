@@ -19,7 +19,6 @@ copied to the study's records directory, which is what gets committed and report
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from make_configs import FAMILIES, configs  # noqa: E402
 from fedmpi.algorithms import ALGORITHMS  # noqa: E402
 from fedmpi.config import load_config  # noqa: E402
 from fedmpi.recorder import finished, recorded_key, resume_key  # noqa: E402
+from fedmpi.runlog import read_json, stopped_early  # noqa: E402
 
 RECORDS = ("config.json", "metrics.jsonl", "summary.json", "test_predictions.csv", "attack.json")
 
@@ -90,11 +90,14 @@ def entry_distributions(group: dict, algo: str) -> list[str]:
 
 
 def state(cfg) -> str:
-    """'finished', 'partial' (resumable), 'new', or 'differs' (finished with other settings than the study's)
-    for the run cfg describes."""
+    """'finished', 'partial' (resumable), 'new', or 'differs' (finished with other settings than the study's, or
+    with no readable config.json to show its settings) for the run cfg describes."""
     run_dir = cfg.run_dir
     if finished(cfg):
-        recorded = json.loads((run_dir / "config.json").read_text())
+        try:
+            recorded = read_json(run_dir / "config.json", ValueError)
+        except ValueError:
+            return "differs"  # its settings cannot be shown to be the study's
         return "finished" if recorded_key(recorded) == resume_key(cfg) else "differs"
     return "partial" if (run_dir / "metrics.jsonl").exists() else "new"
 
@@ -175,7 +178,8 @@ def run_study(args) -> int:
             continue
         if status == "differs":
             raise SystemExit(
-                f"sweep: {out / run.name} finished with other settings than the study's; remove it to rerun"
+                f"sweep: {out / run.name} finished with other settings than the study's (or without a readable "
+                f"config.json); remove it to rerun"
             )
         if status != "finished" and stop_file.exists():
             print(f"sweep: {stop_file} exists: stopping before {run.name}; remove it and run again to continue")
@@ -243,7 +247,7 @@ def run_paper(args) -> int:
                 ]
             )
     for summary in sorted(out.glob("*/summary.json")):
-        if json.loads(summary.read_text()).get("preempted"):  # stopped early: its model is not the run's
+        if stopped_early(summary.parent):
             print(f"sweep: {summary.parent} stopped before its last round; resume it, then collect again")
             continue
         if not attack_is_current(summary.parent):

@@ -7,7 +7,7 @@ import pytest
 
 from fedmpi import runlog
 from fedmpi.files import atomic_write
-from fedmpi.runlog import RunLock, RunLog, dumps, finite_json, read_json
+from fedmpi.runlog import RunLock, RunLog, dumps, finite_json, read_json, stopped_early
 
 
 def listing(directory):
@@ -226,3 +226,22 @@ def test_each_metrics_row_is_fsynced(tmp_path, monkeypatch):
     monkeypatch.setattr(runlog.os, "fsync", lambda fd: (synced.append(fd), real(fd)))
     RunLog(tmp_path).append({"round": 1})
     assert len(synced) == 1
+
+
+@pytest.mark.parametrize(
+    "summary,stopped",
+    [
+        ('{"preempted": true}', True),
+        ('{"preempted": false}', False),
+        ("{}", False),
+        ('{"preempted": 1}', False),
+        ("{not json", False),
+        ("[true]", False),
+        (None, False),
+    ],
+)
+def test_a_run_stopped_early_is_one_whose_readable_summary_says_preempted(tmp_path, summary, stopped):
+    """Report and sweep leave such runs out; an unreadable summary is left for whatever reads the run to name."""
+    if summary is not None:
+        (tmp_path / "summary.json").write_text(summary)
+    assert stopped_early(tmp_path) is stopped

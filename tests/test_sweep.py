@@ -88,6 +88,11 @@ def test_a_runs_state_is_new_partial_finished_or_differs(tmp_path):
     assert sweep.state(other) == "differs"
     # eval and run options may change between a run and the study that lists it
     assert sweep.state(load_config(ROOT / BASE, [f"run.dir={tmp_path}", "run.name=r", "eval.every=3"])) == "finished"
+    # a finished run whose settings cannot be read is not taken for the study's
+    (run / "config.json").write_text("{cut")
+    assert sweep.state(cfg) == "differs"
+    (run / "config.json").unlink()
+    assert sweep.state(cfg) == "differs"
 
 
 def test_list_shows_every_run_even_past_one_that_differs_and_a_sweep_refuses_it(tmp_path, capsys):
@@ -236,3 +241,19 @@ def test_groups_of_equal_priority_interleave_by_seed():
         "a-uniform-iid-fedavg-s1",
         "b-uniform-iid-fedavg-s1",
     ]
+
+
+def test_paper_collect_attacks_finished_runs_and_passes_over_runs_stopped_early(tmp_path, monkeypatch, capsys):
+    """A run stopped early is named, not attacked; a summary that cannot be read is left for the attack to name
+    (the sweep itself must not end in a traceback)."""
+    calls = []
+    monkeypatch.setattr(sweep, "call", lambda cmd, log=None: calls.append(cmd))
+    out = tmp_path / "paper"
+    for name, summary in [("done", '{"preempted": false}'), ("stopped", '{"preempted": true}'), ("cut", "{cut")]:
+        (out / name).mkdir(parents=True)
+        (out / name / "summary.json").write_text(summary)
+    assert sweep.main(["--paper", "original", "--collect", "--out", str(out)]) == 0
+    attacked = [cmd[cmd.index("--run") + 1] for cmd in calls if "attack" in cmd]
+    assert attacked == [str(out / "cut"), str(out / "done")]
+    assert calls[-1][3] == "report"
+    assert f"{out / 'stopped'} stopped before its last round" in capsys.readouterr().out
