@@ -106,7 +106,7 @@ def test_an_exception_on_a_learner_ends_the_job_naming_it(split, tmp_path):
 
 
 def test_a_silent_learner_is_named_by_the_round_watchdog(split, tmp_path):
-    proc = start_fedmpi(split, tmp_path, *ROUNDS, "run.name=w", "run.round_timeout=20")
+    proc = start_fedmpi(split, tmp_path, *ROUNDS, "run.name=w", "run.round_timeout=10")
     wait_rows(tmp_path / "w", 1, proc)
     pid = json.loads((tmp_path / "w" / "ranks.json").read_text())[1]["pid"]
     os.kill(pid, signal.SIGSTOP)  # alive but silent: no MPI failure, only the deadline can notice
@@ -202,7 +202,7 @@ def test_a_learner_stopped_during_start_up_is_named_by_the_server(split, tmp_pat
 
 
 def test_a_stopped_server_is_named_by_the_learners(split, tmp_path):
-    proc = start_fedmpi(split, tmp_path, *ROUNDS, "federation.rounds=60", "run.name=s2", "run.round_timeout=25")
+    proc = start_fedmpi(split, tmp_path, *ROUNDS, "federation.rounds=60", "run.name=s2", "run.round_timeout=12")
     wait_rows(tmp_path / "s2", 2, proc)
     pid = json.loads((tmp_path / "s2" / "ranks.json").read_text())[0]["pid"]
     stopped = _stopped(pid)
