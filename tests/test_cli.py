@@ -10,3 +10,26 @@ def test_an_interrupted_report_says_so_in_one_line(monkeypatch, capsys):
     monkeypatch.setattr(report, "run", interrupted)
     assert cli.main(["report", "some_run"]) == 130
     assert capsys.readouterr().err == "fedmpi report: interrupted\n"
+
+
+def test_train_forks_its_sentinel_first_and_passes_its_flags_to_the_launcher(monkeypatch):
+    """`train` forks the rank's sentinel before anything else is imported, and --resume and --overwrite reach
+    fedmpi.launch.train each as given (swapped, --overwrite would resume and --resume would replace a run)."""
+    from fedmpi import launch, sentinel
+
+    calls = []
+    monkeypatch.setattr(sentinel, "supervise", lambda: calls.append("sentinel"))
+
+    def train(config, sets, resume=False, overwrite=False):
+        calls.append((config, sets, resume, overwrite))
+        return 7
+
+    monkeypatch.setattr(launch, "train", train)
+    assert cli.main(["train", "--config", "c.yaml", "--set", "a=1", "--set", "b=2", "--overwrite"]) == 7
+    assert calls == ["sentinel", ("c.yaml", ["a=1", "b=2"], False, True)]
+    calls.clear()
+    assert cli.main(["train", "--resume"]) == 7
+    assert calls == ["sentinel", (None, [], True, False)]
+    calls.clear()
+    monkeypatch.setattr(report, "run", lambda args: 0)
+    assert cli.main(["report", "some_run"]) == 0 and calls == []  # one-process commands fork no sentinel

@@ -1,12 +1,16 @@
 """End to end: the real CLI under `mpirun -n 3` (1 server, 2 learners) on a tiny learnable split."""
 
 import math
+from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
-from fedtools import metrics, run_fedmpi, summary, write_split
+from fedtools import TINY, metrics, run_fedmpi, summary, write_split, write_volumes
 
+from fedmpi import centralized
 from fedmpi.algorithms import ALGORITHMS
+from fedmpi.config import load_config
 
 pytestmark = pytest.mark.slow
 ROUNDS = 8
@@ -147,3 +151,53 @@ def test_centralized_baseline_start_up_problems_are_one_line_and_exit_2_like_a_f
     proc = run_fedmpi(split, tmp_path / "file", "federation.algorithm=centralized", mpirun=False)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.startswith("fedmpi: error: cannot write the run directory") and proc.stderr.count("\n") == 1
+
+
+def _centralized(data_dir, run_dir, *sets, resume=False):
+    """run_centralized in this process, as `train` calls it for federation.algorithm=centralized (imported with
+    the module: recorder.print_summary binds sys.stdout when first imported, which must not be a capsys buffer)."""
+    overrides = [f"data.dir={data_dir}", f"run.dir={run_dir}", *TINY, "federation.algorithm=centralized", "run.name=c"]
+    cfg = load_config(overrides=[*overrides, *sets])
+    return centralized.run_centralized(cfg, Path(data_dir), resume, False)
+
+
+def test_centralized_baseline_without_learner_files_is_one_line_and_exit_2(tmp_path, capsys):
+    write_split(tmp_path / "data", learners=0, test=4)  # test.h5 alone
+    assert _centralized(tmp_path / "data", tmp_path / "runs") == 2
+    assert capsys.readouterr().err == f"fedmpi: error: {tmp_path / 'data'}: no learner_<k>.h5 files\n"
+
+
+def test_centralized_baseline_pools_every_learner_and_evaluates_the_last_round(tmp_path, monkeypatch):
+    """The pooled training set gives the model's starting age, the mean-predictor baseline and the subject count;
+    with eval.every = 2 rounds 2 and 3 (the last) are evaluated, round 1 is not."""
+    data = write_split(tmp_path / "data", learners=2, per_learner=6, test=6)
+    ages = {}
+    for name in ("learner_1.h5", "learner_2.h5", "test.h5"):
+        with h5py.File(data / name, "r") as f:
+            ages[name] = f["age"][:]
+    train = np.concatenate([ages["learner_1.h5"], ages["learner_2.h5"]])
+    started = []
+    real = centralized.build_model
+
+    def spy(cfg, shape, mean_age=62.68):
+        started.append(mean_age)
+        return real(cfg, shape, mean_age)
+
+    monkeypatch.setattr(centralized, "build_model", spy)
+    assert _centralized(data, tmp_path / "runs", "federation.rounds=3", "eval.every=2") == 0
+    rows, s = metrics(tmp_path / "runs" / "c"), summary(tmp_path / "runs" / "c")
+    assert [r["test_mae"] is not None for r in rows] == [False, True, True]
+    assert started == [pytest.approx(float(train.mean()), rel=1e-6)]
+    assert s["train_subjects"] == 12 and s["test_subjects"] == 6
+    assert s["baseline_mae"] == pytest.approx(float(np.mean(np.abs(ages["test.h5"] - train.mean()))), rel=1e-6)
+
+
+def test_centralized_resume_refuses_a_changed_learner_file(tmp_path, capsys):
+    """A resumed run must go on with the data it was trained on; each learner file is checked, not only test.h5."""
+    data = write_split(tmp_path / "data", learners=2, per_learner=6, test=6)
+    assert _centralized(data, tmp_path / "runs", "federation.rounds=1") == 0
+    write_volumes(data / "learner_1.h5", np.linspace(50.0, 70.0, 6), np.random.default_rng(9))
+    capsys.readouterr()
+    assert _centralized(data, tmp_path / "runs", "federation.rounds=1", resume=True) == 2
+    err = capsys.readouterr().err
+    assert "the data differ from what the checkpoint was trained on (learner_1.h5 changed since)" in err

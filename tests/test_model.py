@@ -2,10 +2,12 @@ import numpy as np
 import pytest
 import torch
 
+from fedmpi.config import load_config
 from fedmpi.model import (
     BrainAgeCNN,
     ConvBlock,
     auto_pools,
+    build_model,
     flat_parameters,
     layer_sparsity,
     load_flat_parameters,
@@ -36,6 +38,12 @@ def test_auto_pools_keeps_head_grid_at_least_two():
     assert auto_pools((2, 2, 2)) == 0
     # parameter count does not depend on the pooling choice
     assert sum(p.numel() for p in BrainAgeCNN((45, 54, 45)).parameters()) == 2_948_801
+
+
+def test_auto_pools_never_exceeds_the_number_of_blocks():
+    """A large grid could be halved more than five times, but only the five conv blocks can pool."""
+    assert auto_pools((256, 256, 256)) == 5
+    assert BrainAgeCNN((128, 128, 128), width=0.03125).head_grid == (4, 4, 4)
 
 
 def test_only_first_pools_blocks_pool():
@@ -108,6 +116,9 @@ def test_evaluation_matches_the_model_run_layer_by_layer():
         {"input_shape": TINY, "width": -1.0},
         {"input_shape": (45, 54, 45), "pools": 5},
         {"input_shape": (20, 24)},
+        {"input_shape": TINY, "pools": -1},
+        {"input_shape": TINY, "dropout": 1.0},
+        {"input_shape": TINY, "dropout": -0.1},
     ],
 )
 def test_rejects_impossible_configurations(kwargs):
@@ -150,6 +161,32 @@ def test_forward_shape_and_initial_bias():
         model(torch.randn(2, 2, *TINY))
 
 
+def test_dropout_reaches_the_head():
+    assert tiny_model(dropout=0.3).head[-1].p == 0.3
+
+
+def test_build_model_passes_every_model_option():
+    """The configuration is the only way a run chooses its model: each option must reach the network, and
+    model.pools = 0 means automatic, not "no pooling"."""
+    sets = ["model.width=0.25", "model.dropout=0.3", "model.init=glorot", "model.norm_eps=0.001"]
+    model = build_model(load_config(overrides=sets), (45, 54, 45), mean_age=55.0)
+    assert model.pools == 4 and model.head_grid == (2, 3, 2)
+    assert model.features[0][0].out_channels == 8 and model.head[0].out_channels == 16
+    assert model.head[-1].p == 0.3
+    assert all(m.eps == 1e-3 for m in model.modules() if isinstance(m, torch.nn.InstanceNorm3d))
+    assert all((m.bias == 0).all() for m in model.modules() if isinstance(m, torch.nn.Conv3d) and m is not model.output)
+    assert model.output.bias.item() == 55.0
+    assert build_model(load_config(overrides=["model.pools=2"]), (45, 54, 45)).pools == 2
+
+
+def test_width_rounds_channels_to_the_nearest_integer():
+    """32 x 0.3 = 9.6 channels is 10, not 9: the parameter count of a width (and so which checkpoints fit it)
+    must not depend on truncation."""
+    model = BrainAgeCNN(TINY, width=0.3)
+    assert [block[0].out_channels for block in model.features] == [10, 19, 38, 77, 77]
+    assert model.head[0].out_channels == 19
+
+
 def test_width_scales_channels_with_minimum_one():
     model = BrainAgeCNN(TINY, width=0.01)
     assert model.features[0][0].out_channels == 1
@@ -188,6 +225,13 @@ def test_load_rejects_wrong_length():
     model = tiny_model()
     with pytest.raises(ValueError, match="model needs"):
         load_flat_parameters(model, np.zeros(10, np.float32))
+
+
+def test_load_rejects_a_column_of_the_right_length():
+    """A (N, 1) array holds N values, but it is not the wire's flat vector: it is refused, not reshaped."""
+    model = tiny_model()
+    with pytest.raises(ValueError, match="model needs"):
+        load_flat_parameters(model, flat_parameters(model)[:, None])
 
 
 def test_layer_sparsity_counts_exact_zeros():

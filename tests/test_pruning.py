@@ -100,6 +100,8 @@ def test_magnitude_rejects_nan_and_bad_shapes():
         magnitude_mask(np.ones((2, 2)), 0.5)
     with pytest.raises(ValueError, match="shape"):
         magnitude_mask(np.ones(3), 0.5, np.ones(4, bool))
+    with pytest.raises(ValueError, match="shape"):  # as many rows as values, but not a flat mask
+        magnitude_mask(np.ones(3), 0.5, np.ones((3, 1), bool))
     with pytest.raises(TypeError, match="bool"):
         magnitude_mask(np.ones(3), 0.5, np.ones(3))
 

@@ -199,14 +199,16 @@ def test_fedavg_ratio_only_within_the_same_distribution(tmp_path):
 
 def test_csv_and_markdown_blank_missing_values():
     row = dict.fromkeys(report.COLUMNS)
-    row.update(run="r", algorithm="fedavg", total_bytes=2_500_000, final_mae=6.123456789)
+    row.update(run="r", algorithm="fedavg", total_bytes=2_500_000, final_mae=6.123456789, final_r=0.51234)
     text = report.to_csv([row])
     parsed = list(csv.DictReader(text.splitlines()))
     assert tuple(parsed[0]) == report.COLUMNS
     assert parsed[0]["final_mae"] == "6.12346" and parsed[0]["mia_auc"] == "" and parsed[0]["total_bytes"] == "2500000"
     md = report.to_markdown([row]).splitlines()
     assert md[0] == "| " + " | ".join(report.COLUMNS) + " |" and len(md) == 3
-    assert "| 6.12 |" in md[2] and "2.5 MB" in md[2]
+    assert "| 6.12 |" in md[2] and "2.5 MB" in md[2] and "| 0.512 |" in md[2]
+    # the text columns are left-aligned, every number right-aligned
+    assert md[1] == "|---|---|---|" + "---:|" * (len(report.COLUMNS) - 3)
 
 
 def test_cumulative_bytes():
@@ -221,6 +223,7 @@ CURVES = {"mae_vs_round.png", "sparsity_vs_round.png", "mae_vs_bytes.png"}
 def test_report_command_writes_every_file(runs, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     report.add_arguments(parser)
+    assert parser.parse_args(["r"]).out == "report"  # the default output folder
     out = tmp_path / "out"
     assert report.run(parser.parse_args([str(runs[0].parent), "--out", str(out)])) == 0  # a directory of runs
     names = (
@@ -314,6 +317,12 @@ def test_damaged_metrics_fail_the_report_and_a_cut_last_line_is_reported(runs, t
     [
         ({"x": 1}, r"line 3: round must be an integer, got None"),
         ({"round": 3, "bytes_up": 1, "bytes_down": 1, "test_mae": "4.2"}, r"line 3: test_mae must be a number"),
+        ({"round": True, "bytes_up": 1, "bytes_down": 1}, r"line 3: round must be an integer, got True"),
+        (
+            {"round": 3, "bytes_up": 1, "bytes_down": 1, "test_mae": True},
+            r"line 3: test_mae must be a number, got True",
+        ),
+        ([3, 1, 1], r"line 3: not a JSON object"),
     ],
 )
 def test_a_metrics_row_without_what_the_report_reads_leaves_the_output_as_it_was(runs, tmp_path, capsys, row, message):
@@ -376,6 +385,149 @@ def test_report_without_matplotlib_names_the_extra(runs, tmp_path, monkeypatch):
     with pytest.raises(ReportError, match=r"pip install -e '\.\[report\]'"):
         write_report(list(runs), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_report_into_an_existing_folder_keeps_its_other_files(runs, tmp_path):
+    """--out may be a results folder that already holds other files (or an earlier report): it is written
+    into, not refused, and what else is there stays."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "results.md").write_text("old")
+    _, written = write_report(list(runs), out)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "results.md").read_text() != "old"
+    assert {p.name for p in out.iterdir()} == {p.name for p in written} | {"notes.txt"}
+
+
+def test_two_runs_of_one_name_are_refused_before_anything_is_written(tmp_path):
+    """The tables key runs by directory name: two runs named alike (from two folders) would be confused."""
+    common = dict(algorithm="fedavg", target=0.0, mae=[5.0], sparsities=[0.0], bytes_per_round=[10])
+    a = _write_run(tmp_path / "a", "r", **common)
+    b = _write_run(tmp_path / "b", "r", **common, seed=1)
+    with pytest.raises(ReportError, match=r"run names must be unique, got \['r'\]"):
+        write_report([a, b], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_argument_that_is_not_a_directory_is_one_clear_error(tmp_path):
+    (tmp_path / "summary.json").write_text("{}")
+    for path in (tmp_path / "summary.json", tmp_path / "nowhere"):
+        with pytest.raises(ReportError, match="not a directory"):
+            report.expand_run_dirs([path])
+
+
+def test_a_run_without_metrics_is_refused(runs):
+    """A run whose metrics.jsonl is gone would report with empty curves; it is an error naming the file."""
+    (runs[0] / "metrics.jsonl").unlink()
+    with pytest.raises(ReportError, match=r"metrics.jsonl: missing"):
+        load_run(runs[0])
+
+
+@pytest.mark.parametrize(
+    "key", ["final_mae", "final_rmse", "final_r", "final_sparsity", "baseline_mae", "wall_seconds", "target_sparsity"]
+)
+def test_a_summary_value_the_tables_read_as_a_number_must_be_one(tmp_path, key):
+    run = _write_run(tmp_path, "g", algorithm="oneshot", target=0.9, mae=[5.0], sparsities=[0.9], bytes_per_round=[10])
+    summary = json.loads((run / "summary.json").read_text())
+    summary[key] = "5.0"
+    (run / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ReportError, match=f"summary.json: {key} must be a number, got '5.0'"):
+        load_run(run)
+
+
+def test_a_summary_without_its_target_takes_it_from_the_config(tmp_path):
+    """Summaries written before fedmpi recorded target_sparsity still report their method's target."""
+    run = _write_run(
+        tmp_path, "g", algorithm="fedsparsify-global", target=0.9, mae=[5.0], sparsities=[0.9], bytes_per_round=[10]
+    )
+    summary = json.loads((run / "summary.json").read_text())
+    del summary["target_sparsity"]
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert load_run(run).target == 0.9
+
+
+def test_a_real_split_s_distribution_comes_from_its_test_file(tmp_path):
+    """A run on a split from `preprocess split` whose summary does not name its distribution: test.h5 does."""
+    import h5py
+
+    data = _write_test_h5(tmp_path / "split")
+    with h5py.File(data / "test.h5", "a") as f:
+        f.attrs["split"] = json.dumps({"distribution": "skewed-noniid", "learners": 2})
+    run = _write_run(
+        tmp_path / "runs",
+        "g",
+        algorithm="fedavg",
+        target=0.0,
+        mae=[5.0],
+        sparsities=[0.0],
+        bytes_per_round=[10],
+        data_dir=str(data),
+        config={"data": {"dir": str(data)}},
+    )
+    assert load_run(run).distribution == "skewed-noniid"
+    (data / "test.h5").unlink()  # gone since: unknown, not an error
+    assert load_run(run).distribution == ""
+
+
+def test_volume_slices_come_from_the_first_run_whose_test_file_still_exists(runs, tmp_path):
+    """A run whose split was deleted since is passed over for the slices, not an error."""
+    gone = _write_run(
+        tmp_path / "other",
+        "gone",
+        algorithm="fedavg",
+        target=0.0,
+        mae=[5.0],
+        sparsities=[0.0],
+        bytes_per_round=[10],
+        data_dir=str(tmp_path / "deleted"),
+        seed=5,
+    )
+    _, written = write_report([gone, *runs], tmp_path / "out")
+    assert "volume_slices.png" in {p.name for p in written}
+
+
+def test_an_empty_test_file_is_refused_before_anything_is_written(runs, tmp_path):
+    import h5py
+
+    (tmp_path / "split" / "test.h5").unlink()
+    with h5py.File(tmp_path / "split" / "test.h5", "w") as f:
+        f.create_dataset("images", shape=(0, 10, 12, 10), dtype=np.float16)
+        f.create_dataset("age", data=np.zeros(0, np.float32))
+        for key in ("subject_id", "sex", "site"):
+            f.create_dataset(key, data=np.array([], dtype=h5py.string_dtype()))
+        f.attrs["voxel_size"] = 4.0
+    with pytest.raises(ReportError, match=r"test\.h5: no volumes"):
+        write_report(list(runs), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_mae_axis_stops_at_one_and_a_half_times_the_largest_first_value(runs, monkeypatch, tmp_path):
+    """One diverging run (random pruning can cut the output bias) must not flatten every other curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    seen = []
+
+    def save(fig, path):
+        import matplotlib.pyplot as plt
+
+        seen.append([ax.get_ylim() for ax in fig.axes if ax.get_visible()])
+        plt.close(fig)
+        return path
+
+    monkeypatch.setattr(report, "_save", save)
+    diverging = _write_run(
+        tmp_path / "other",
+        "div",
+        algorithm="fedsparsify-global",
+        target=0.99,
+        mae=[9.2, 500.0, 900.0],
+        sparsities=[0.5, 0.9, 0.99],
+        bytes_per_round=[10, 10, 10],
+    )
+    loaded = _load(*runs, diverging)
+    report.plot_curves(loaded, tmp_path / "p.png", "test_mae", "MAE", clip=1.5)
+    assert seen == [[(0.0, 1.5 * 9.5)]]  # first values 9.0, 9.5 and 9.2
 
 
 # ---------------------------------------------------------------- accuracy tables (pure)
@@ -651,6 +803,7 @@ def test_privacy_sections_mean_auc_and_spearman(tmp_path):
         ("id,age,predicted\ns0,50,51\n", "expected the columns subject_id,age,predicted"),
         ("subject_id,age,predicted\ns0,50,51\ns1,fifty,51\n", "line 3: age and predicted must be finite numbers"),
         ("subject_id,age,predicted\ns0,50,nan\n", "line 2: age and predicted must be finite numbers"),
+        ("subject_id,age,predicted\ns0,inf,51\n", "line 2: age and predicted must be finite numbers"),
         ("subject_id,age,predicted\ns0,50,51\ns0,50,52\n", "line 3: subject s0 appears twice"),
     ],
 )
@@ -750,6 +903,15 @@ def test_a_directory_of_runs_stands_for_its_finished_runs_only(tmp_path, capsys)
     (tmp_path / "runs" / "done" / "summary.json").write_text(json.dumps({"preempted": True}))
     with pytest.raises(ReportError, match="nor a directory of finished runs"):
         report.expand_run_dirs([tmp_path / "runs"])
+
+
+def test_a_directory_of_runs_passes_over_a_run_still_in_progress(tmp_path):
+    """A run still training has metrics but no summary yet: in a directory of runs it is not a finished run."""
+    common = dict(algorithm="fedavg", target=0.0, mae=[6.0, 5.0], sparsities=[0.0, 0.0], bytes_per_round=[10, 10])
+    _write_run(tmp_path / "runs", "done", **common)
+    running = _write_run(tmp_path / "runs", "running", **common)
+    (running / "summary.json").unlink()
+    assert [p.name for p in report.expand_run_dirs([tmp_path / "runs"])] == ["done"]
 
 
 def _run_on(tmp_path, name, algorithm, subjects, error, *, seed=0, target=0.95):
