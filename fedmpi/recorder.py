@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -305,13 +304,12 @@ def finished(cfg: Config) -> bool:
     return not summary.get("preempted") and summary.get("rounds") == cfg.federation.rounds
 
 
-def print_summary(summary: dict, file=sys.stdout) -> None:
+def print_summary(summary: dict) -> None:
     print(
         f"done: {summary['rounds']} rounds, test MAE {summary['final_mae']:.2f} years "
         f"(predict-the-mean baseline {summary['baseline_mae']:.2f}), sparsity {summary['final_sparsity']:.3f}, "
         f"bytes up {summary['total_bytes_up'] / 1e6:.1f} MB / dense {summary['total_dense_bytes_up'] / 1e6:.1f} MB, "
         f"model {summary['model_bytes_on_disk'] / 1e3:.0f} kB on disk ({summary['model_file']})",
-        file=file,
         flush=True,
     )
 

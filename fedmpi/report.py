@@ -149,10 +149,10 @@ def read_predictions(path: Path) -> dict[str, tuple[float, float]]:
                 if not (np.isfinite(age) and np.isfinite(predicted)):
                     raise ValueError("not finite")
                 out[row["subject_id"]] = (age, predicted)
+    except UnicodeDecodeError:  # a ValueError too: it must be caught first
+        raise ReportError(f"{path}: not a text file") from None
     except (TypeError, ValueError):
         raise ReportError(f"{path}: line {reader.line_num}: age and predicted must be finite numbers") from None
-    except UnicodeDecodeError:
-        raise ReportError(f"{path}: not a text file") from None
     return out
 
 

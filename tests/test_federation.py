@@ -154,8 +154,7 @@ def test_centralized_baseline_start_up_problems_are_one_line_and_exit_2_like_a_f
 
 
 def _centralized(data_dir, run_dir, *sets, resume=False):
-    """run_centralized in this process, as `train` calls it for federation.algorithm=centralized (imported with
-    the module: recorder.print_summary binds sys.stdout when first imported, which must not be a capsys buffer)."""
+    """run_centralized in this process, as `train` calls it for federation.algorithm=centralized."""
     overrides = [f"data.dir={data_dir}", f"run.dir={run_dir}", *TINY, "federation.algorithm=centralized", "run.name=c"]
     cfg = load_config(overrides=[*overrides, *sets])
     return centralized.run_centralized(cfg, Path(data_dir), resume, False)

@@ -814,6 +814,14 @@ def test_damaged_predictions_are_refused_naming_the_line(tmp_path, text, message
         report.read_predictions(path)
 
 
+@pytest.mark.parametrize("data", [b"\xff\xfe\x00\x01x", b"subject_id,age,predicted\ns0,50,5\xff\n"])
+def test_predictions_that_are_not_text_are_named_so(tmp_path, data):
+    path = tmp_path / "test_predictions.csv"
+    path.write_bytes(data)
+    with pytest.raises(ReportError, match="not a text file"):
+        report.read_predictions(path)
+
+
 def test_read_predictions(tmp_path):
     path = tmp_path / "test_predictions.csv"
     path.write_text("subject_id,age,predicted\nsub-1,64.50,64.2140\nsub-2,46.30,56.6278\n")
