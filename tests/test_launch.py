@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
 from fedmpi.config import load_config
-from fedmpi.errors import EXIT_USAGE, ConfigError
+from fedmpi.errors import EXIT_FAILURE, EXIT_USAGE, ConfigError
 from fedmpi.launch import check_ranks, train
 
 
@@ -39,3 +40,142 @@ def test_torch_threads_come_from_the_option_the_batch_script_or_the_share_of_cor
     for unset in ("", "abc", "0"):
         monkeypatch.setenv("OMP_NUM_THREADS", unset)
         assert torch_threads(0, local_size=1) == cores and torch_threads(0, local_size=10 * cores) == 1
+
+
+def test_a_ranks_share_of_the_cores_is_a_whole_number(monkeypatch):
+    """torch.set_num_threads takes an int: 8 cores over 3 ranks on the host give each rank 2 threads."""
+    from fedmpi.launch import torch_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    threads = torch_threads(0, local_size=3)
+    assert threads == 2 and isinstance(threads, int)
+
+
+def test_learners_wait_longer_on_the_server_at_start_up_than_it_waits_on_them():
+    """The server, which sees every rank, must name a silent learner before any learner blames the server."""
+    from fedmpi.launch import learner_startup_patience
+
+    for startup in (1.0, 10.0, 60.0, 600.0):
+        assert learner_startup_patience(startup) > startup
+
+
+def test_mpi_start_up_leaves_no_alarm_behind_and_restores_the_handler():
+    """The start-up alarm must end with MPI_Init: a pending alarm would kill the rank mid-training."""
+    from fedmpi.launch import init_mpi
+
+    def handler(signum, frame):
+        raise AssertionError("the start-up alarm fired")
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        assert init_mpi(30.0).COMM_WORLD.Get_size() >= 1
+        assert signal.getsignal(signal.SIGALRM) is handler
+        assert signal.alarm(0) == 0, "an alarm is still pending"
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signals_ask_for_a_stop(sig):
+    """SLURM warns with SIGUSR1 before the time limit and cancels with SIGTERM: either asks the server to stop."""
+    from fedmpi.launch import install_preemption_handlers
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        stop = install_preemption_handlers()
+        assert not stop()
+        os.kill(os.getpid(), sig)
+        assert stop()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@pytest.mark.parametrize(
+    "error,traceback", [(RuntimeError("boom"), True), (ConfigError("boom"), False)], ids=["bug", "user error"]
+)
+def test_a_failure_on_a_lone_rank_is_one_line_naming_the_rank_and_a_bug_shows_its_traceback(
+    tmp_path, monkeypatch, capsys, error, traceback
+):
+    """The centralized baseline runs alone: its failure returns exit 1 (there is no job to abort), and the line
+    names the rank and the error; only an error that is not the user's shows a traceback."""
+    import fedmpi.launch
+
+    def fail(*args):
+        raise error
+
+    monkeypatch.setattr(fedmpi.launch, "_run", fail)
+    code = train(None, [f"run.dir={tmp_path}", "federation.algorithm=centralized"])
+    err = capsys.readouterr().err
+    assert code == EXIT_FAILURE
+    assert f"fedmpi: rank 0 (server) failed: {type(error).__name__}: boom" in err
+    assert ("Traceback" in err) == traceback
+
+
+@pytest.mark.mpi(min_size=3)
+def test_the_rank_table_names_every_rank_and_each_rank_watches_the_others_on_its_host(monkeypatch):
+    """announce_ranks: every rank learns each rank's pid and host; a rank watches only the other ranks on its own
+    host, and its local rank counts the ranks on that host (here rank 0 alone on host a, the learners on b)."""
+    import socket
+
+    from mpi4py import MPI
+
+    from fedmpi.launch import announce_ranks
+    from fedmpi.wire import Wire
+
+    comm = MPI.COMM_WORLD
+    pids = comm.allgather(os.getpid())
+    hosts = ["a" if r == 0 else "b" for r in range(comm.Get_size())]
+    monkeypatch.setattr(socket, "gethostname", lambda: hosts[comm.Get_rank()])
+    wire = Wire(comm)
+    local_rank, local_size = announce_ranks(wire)
+    assert [(t["rank"], t["pid"], t["host"]) for t in wire.table] == list(zip(range(comm.Get_size()), pids, hosts))
+    if wire.is_server:
+        assert (local_rank, local_size, wire.peers) == (0, 1, {})
+    else:
+        others = {r: pids[r] for r in range(1, comm.Get_size()) if r != wire.rank}
+        assert (local_rank, local_size, wire.peers) == (wire.rank - 1, comm.Get_size() - 1, others)
+    comm.Barrier()
+
+
+def test_each_learner_weighs_its_model_by_its_own_share_of_the_samples(tmp_path, monkeypatch):
+    """The session broadcast gives every learner's sample count; learner k takes the k-th share (unequal counts
+    here, so that a learner taking another's share is seen)."""
+    import numpy as np
+
+    import fedmpi.data
+    import fedmpi.learner
+    from fedmpi.launch import _learn, learner_startup_patience
+
+    class LearnerStandIn:
+        def __init__(self, cfg, wire, data, device):
+            self.ran = False
+            learners.append(self)
+
+        def run(self):
+            self.ran = True
+
+    class Volumes:
+        def warm(self):
+            return self
+
+    class SessionStandIn:
+        learners, next_patience = 2, None
+
+        def __init__(self, rank):
+            self.rank = rank
+
+        def bcast(self, buf, what=""):
+            return np.array([0.0, 10.0, 30.0])  # start round, learner 1's and learner 2's samples
+
+    learners: list = []
+    monkeypatch.setattr(fedmpi.learner, "Learner", LearnerStandIn)
+    monkeypatch.setattr(fedmpi.data, "open_volumes", lambda *args: Volumes())
+    cfg = _cfg(tmp_path, "federation.algorithm=fedavg")
+    for rank, share in ((1, 0.25), (2, 0.75)):
+        wire = SessionStandIn(rank)
+        assert _learn(cfg, wire, tmp_path, "cpu") == 0
+        assert learners[-1].weight == pytest.approx(share) and learners[-1].ran
+        assert wire.next_patience == cfg.run.round_timeout + learner_startup_patience(cfg.run.startup_timeout)

@@ -11,8 +11,8 @@ from fedtools import SHAPE, write_split
 
 from fedmpi.config import load_config
 from fedmpi.errors import ConfigError, DataError, DeviceError
-from fedmpi.messages import PREFLIGHT
-from fedmpi.preflight import check_rank, preflight_problems
+from fedmpi.messages import PREFLIGHT, row_text, text_row
+from fedmpi.preflight import DIGEST_BYTES, ERROR_BYTES, check_rank, preflight, preflight_problems
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +92,70 @@ def test_unfinished_run_is_not_silently_replaced(split, tmp_path):
     with pytest.raises(ConfigError, match="unfinished run; pass --resume"):
         check_rank(cfg, 0, split, 0, resume=False, overwrite=False)
     check_rank(cfg, 0, split, 0, resume=False, overwrite=True).lock.release()  # the lock was released above
+
+
+def test_verdict_names_every_learner_whose_shape_differs(tmp_path):
+    """The first learner is checked like the others, and a problem of rank 10 does not hide learner 1's."""
+    good, odd = (16, 20, 16), (12, 14, 12)
+    (problem,) = preflight_problems(_records([(6, good), (6, odd), (6, good)]), [], tmp_path)
+    assert problem.startswith("learner 1 (") and "learner_1.h5" in problem
+    infos = _records([(6, good), (6, odd)] + [(6, good)] * 9)
+    out = preflight_problems(infos, ["rank 10: file missing"], tmp_path)
+    assert out[0] == "rank 10: file missing" and len(out) == 2 and out[1].startswith("learner 1 (")
+
+
+class JobStandIn:
+    """Plays the rest of a 3-rank job for one rank's preflight: the server gets the learners' rows as given,
+    a learner gets the verdict as given; what the rank gathers is kept."""
+
+    size = 3
+
+    def __init__(self, rank, learner_rows=(), verdict=0):
+        self.rank, self.is_server = rank, rank == 0
+        self.learner_rows, self.verdict, self.sent = list(learner_rows), verdict, []
+
+    def gather(self, buf, out, what=""):
+        self.sent.append(buf.copy())
+        if out is not None:
+            out[0] = buf.reshape(out[0].shape)
+            out[1:] = self.learner_rows.pop(0)
+
+    def bcast(self, buf, what=""):
+        return buf if self.is_server else np.array([self.verdict], np.int64)
+
+
+def _learner_rows(texts=("", ""), digests=("d1", "d2")):
+    """What learners 1 and 2 gather to the server: their PREFLIGHT records, messages and data digests."""
+    records = np.array([[6, 60.0, *SHAPE]] * 2, np.float64)
+    return [records, [text_row(t, ERROR_BYTES) for t in texts], [text_row(d, DIGEST_BYTES) for d in digests]]
+
+
+def test_the_server_keeps_every_ranks_record_the_split_digests_and_the_lock(split, tmp_path):
+    cfg = _cfg(tmp_path, f"data.dir={split}")
+    checked = preflight(cfg, JobStandIn(0, _learner_rows()), split, 0, False, False)
+    assert checked is not None and checked.lock is not None
+    checked.lock.release()
+    assert checked.infos["samples"].tolist() == [6, 6, 6] and checked.infos["z"].tolist() == [SHAPE[2]] * 3
+    assert checked.split["learner_1.h5"] == "d1" and checked.split["learner_2.h5"] == "d2"
+    assert len(checked.split["test.h5"]) == 64
+
+
+def test_a_learners_problem_stops_every_rank_in_one_line_and_frees_the_run_directory(split, tmp_path, capsys):
+    """One learner's problem: the server prints it once (and nothing for the learner that had none), returns
+    None and releases the run directory's lock, which it had taken."""
+    from fedmpi.runlog import RunLock
+
+    cfg = _cfg(tmp_path, f"data.dir={split}")
+    rows = _learner_rows(texts=("", "rank 2: learner_2.h5 is missing"))
+    assert preflight(cfg, JobStandIn(0, rows), split, 0, False, False) is None
+    assert capsys.readouterr().err == "fedmpi: error: rank 2: learner_2.h5 is missing\n"
+    RunLock(cfg.run_dir).acquire().release()  # free again
+
+
+def test_a_learner_names_its_problem_by_its_mpi_rank_and_leaves_the_printing_to_the_server(tmp_path, capsys):
+    """Learner 2 is the first rank on its host (local rank 0); its message must still say rank 2."""
+    cfg = _cfg(tmp_path)
+    job = JobStandIn(2, verdict=1)
+    assert preflight(cfg, job, tmp_path, 0, False, False) is None  # tmp_path holds no learner_2.h5
+    assert row_text(job.sent[1]).startswith("rank 2: ") and "learner_2.h5" in row_text(job.sent[1])
+    assert capsys.readouterr().err == ""

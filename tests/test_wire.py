@@ -322,3 +322,177 @@ def test_one_wait_can_be_given_its_own_patience(wire):
     buf = wire.bcast(np.full(1, 7.0) if wire.is_server else np.zeros(1), "the cohort", patience=10.0)
     assert buf[0] == 7.0 and wire.patience == 0.3
     wire.patience = None
+
+
+def test_a_wait_of_minutes_never_sleeps_longer_than_max_pause():
+    """LATE_SHARE of a long wait outgrows MAX_PAUSE after 5 s: the cap keeps the answer's lateness bounded."""
+    times = wakeups(12.0)
+    assert np.diff(times).max() <= MAX_PAUSE + 1e-12
+    assert lateness(times, np.linspace(6.0, 11.9, 50)).max() <= MAX_PAUSE + 1e-9
+
+
+def test_reset_counters_starts_both_counts_afresh():
+    """The server resets the counters at the start of every round: a count that is not reset leaks into the next
+    round's metrics."""
+    wire = Wire(MPI.COMM_SELF)
+    wire.bytes_down, wire.bytes_up = 5, 7
+    assert wire.reset_counters() == (5, 7)
+    assert wire.reset_counters() == (0, 0)
+
+
+def test_the_wire_carries_numpy_arrays_only_and_sends_them_contiguous():
+    """A list would travel as whatever dtype numpy guesses; a strided view must go out as its values."""
+    wire = Wire(MPI.COMM_SELF)
+    with pytest.raises(TypeError, match="numpy arrays only"):
+        wire.bcast([1.0, 2.0])
+    out = wire.bcast(np.arange(10.0)[::2])
+    assert out.tolist() == [0.0, 2.0, 4.0, 6.0, 8.0]
+
+
+def test_a_completed_wait_still_notices_a_vanished_peer():
+    """A collective may complete around a rank that died: the end of every wait checks the peers, even when the
+    last once-a-second check was just now."""
+    from fedmpi.errors import PeerLost
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    wire = Wire(MPI.COMM_SELF)  # rank 0: the server names the lost rank at once
+    wire.peers = {2: gone.pid}
+    wire._next_check = time.monotonic() + 100.0  # as if a check had just found every peer alive
+    with pytest.raises(PeerLost, match=rf"rank 2 \(learner 2, pid {gone.pid}\) is gone while waiting for the sum"):
+        wire.bcast(np.zeros(1), "the sum")
+
+
+def test_the_round_deadline_replaces_the_wires_patience():
+    """The server keeps its start-up patience as the Wire's; within a round only the round deadline counts, even
+    when it lies beyond that patience."""
+    wire = Wire(MPI.COMM_SELF, patience=0.05)
+    wire.deadline = time.monotonic() + 30.0
+    began = time.monotonic()
+    wire._poll(lambda: time.monotonic() - began > 0.3, "the reports")  # longer than the patience: no timeout
+
+
+def test_a_learner_waits_for_its_first_model_as_long_as_next_patience_says():
+    """Start-up sets next_patience for the first model (a round's time on top of the start-up patience); the
+    header wait must use it, not the shorter patience the Wire had during start-up."""
+
+    class FirstWait(Wire):
+        def _wait(self, request, what, patience=None, quick=False):
+            request.Cancel()  # nothing will come: note the patience this wait would use and stop
+            request.Wait()
+            raise LookupError(what, self.patience if patience is None else patience)
+
+    wire = FirstWait(MPI.COMM_SELF, patience=3.0)
+    wire.rank = 1  # a learner
+    wire.next_patience = 42.0
+    with pytest.raises(LookupError) as stopped:
+        wire.recv_model()
+    assert stopped.value.args == ("the next round's model", 42.0)
+
+
+@mpi
+def test_the_server_contributes_nothing_to_the_sum(wire):
+    """The server hands reduce_sum a buffer of the sum's shape; only the learners' buffers are summed."""
+    out = wire.reduce_sum(np.full(4, 100.0 + wire.rank, np.float32))
+    if wire.is_server:
+        assert np.array_equal(out, np.full(4, sum(100.0 + k for k in range(1, wire.size)), np.float32))
+
+
+@mpi
+def test_gather_puts_every_ranks_row_in_rank_order_and_counts_the_learners_rows_as_uplink(wire):
+    """The rank table and the preflight records: the server's own row is row 0, and it counts only the rows the
+    learners handed to MPI."""
+    mine = np.array([10.0 * wire.rank, 10.0 * wire.rank + 1])
+    out = np.zeros((wire.size, 2)) if wire.is_server else None
+    got = wire.gather(mine, out, "the rows")
+    if wire.is_server:
+        assert got.tolist() == [[10.0 * k, 10.0 * k + 1] for k in range(wire.size)]
+        assert wire.reset_counters() == (0, 16 * wire.learners)
+    else:
+        assert got is None and wire.reset_counters() == (0, 16)
+
+
+@mpi
+def test_reports_arrive_as_float64_rows_in_rank_order(wire):
+    """Each learner's report lands in its own row, whatever the dtype the learner handed over; the learner counts
+    the float64 bytes it sent."""
+    if wire.is_server:
+        rows = wire.collect_reports(2)
+        assert rows.tolist() == [[k, 0.5 * k] for k in range(1, wire.size)]
+        wire.reduce_sum(np.zeros(1, np.float32))
+    else:
+        wire.report(np.array([wire.rank, 0.5 * wire.rank], np.float32))
+        wire.reduce_sum(np.zeros(1, np.float32))  # takes the go
+        assert wire.reset_counters() == (0, 16 + 4)  # the report, the sum
+
+
+@mpi
+def test_after_its_report_a_learner_takes_the_go_in_gatherv():
+    """PruneFL's and the local merges' models go up through gatherv: it too waits for the go after a report, once
+    as a long wait, and the size and byte gathers that follow are quick ones."""
+    from fedmpi.wire import TAG_GO
+
+    wire = WaitLog(MPI.COMM_WORLD)
+    if wire.is_server:
+        wire.collect_reports(1)
+        got = wire.gatherv(None, "models")
+        assert [b.tolist() for b in got] == [[k] * k for k in range(1, wire.size)]
+    else:
+        wire.report(np.zeros(1))
+        wire.gatherv(np.full(wire.rank, wire.rank, np.uint8), "models")
+        assert wire.waits == [
+            ("report", True),
+            ("models (the other learners' reports)", False),
+            ("models sizes", True),
+            ("models", True),
+        ]
+        assert not wire.comm.Iprobe(source=0, tag=TAG_GO), "the go was taken"
+    wire.comm.Barrier()
+
+
+@mpi
+def test_a_second_collective_after_one_report_does_not_wait_for_another_go(wire):
+    """PruneFL's reconfiguration round sums the values and then the squared gradients after one report: the
+    server sends one go a round, so the second sum must not wait for one (it would time out)."""
+    wire.patience = 2.0
+    if wire.is_server:
+        wire.collect_reports(1)
+        first = wire.reduce_sum(np.zeros(2, np.float32))
+        second = wire.reduce_sum(np.zeros(3, np.float32))
+        assert first.tolist() == [wire.learners] * 2 and second.tolist() == [2 * wire.learners] * 3
+    else:
+        wire.report(np.zeros(1))
+        wire.reduce_sum(np.ones(2, np.float32))
+        wire.reduce_sum(np.full(3, 2.0, np.float32))
+    wire.patience = None
+
+
+@mpi
+def test_the_model_header_tells_the_learners_their_patience_and_each_acknowledgement_is_counted(wire):
+    """The server sends the learners' patience in milliseconds; the learners wait that many seconds for the next
+    header. Each learner acknowledges a model (8 bytes up, counted on both sides) but not the stop frame, and the
+    stop frame's empty payload leaves no message behind."""
+    from fedmpi.wire import FLAG_STOP, TAG_ACK, TAG_MODEL
+
+    if wire.is_server:
+        wire.reset_counters()
+        wire.send_model(4, np.arange(3, dtype=np.float32), 3, 0, patience=2.5)
+        up = wire.reset_counters()[1]
+        wire.collect_reports(1)
+        wire.reduce_sum(np.zeros(1, np.float32))
+        wire.send_model(4, np.zeros(0, np.uint8), 0, FLAG_STOP)
+        wire.comm.Barrier()
+        assert not wire.comm.Iprobe(source=MPI.ANY_SOURCE, tag=TAG_ACK), "the stop frame is not acknowledged"
+        assert up == 8 * wire.learners  # the acknowledgements' room
+    else:
+        round_, _flags, nnz, payload = wire.recv_model()
+        patience = (wire.next_patience, wire.patience)
+        wire.report(np.zeros(1))
+        wire.reduce_sum(np.zeros(1, np.float32))
+        stop = wire.recv_model()[:2]
+        counts = wire.reset_counters()
+        wire.comm.Barrier()
+        assert not wire.comm.Iprobe(source=0, tag=TAG_MODEL), "an empty payload is not sent"
+        assert (round_, nnz, payload.nbytes, stop) == (4, 3, 12, (4, FLAG_STOP))
+        assert patience == (2.5, 2.5)
+        assert counts == (0, 8 + 8 + 4)  # acknowledgement, report, sum

@@ -1,0 +1,43 @@
+"""The fixed-layout records and text rows ranks exchange besides models (fedmpi.messages)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedmpi.messages import PREFLIGHT, REPORT, record, records, row_text, text_row, width
+
+
+def test_a_records_width_is_its_number_of_fields():
+    """The server sizes its receive rows by width(): one float64 per field, no more."""
+    assert width(REPORT) == len(REPORT.names) == 7 and width(PREFLIGHT) == 5
+    rec = record(PREFLIGHT, samples=6, mean_age=61.5, x=16, y=20, z=16)
+    assert rec.dtype == np.float64 and rec.tolist() == [6, 61.5, 16, 20, 16]
+
+
+def test_a_record_needs_every_field():
+    """A field left out would travel as a silent zero."""
+    with pytest.raises(ValueError, match="exactly the fields"):
+        record(PREFLIGHT, samples=6, mean_age=61.5, x=16, y=20)
+    with pytest.raises(ValueError, match="exactly the fields"):
+        record(PREFLIGHT, samples=6, mean_age=61.5, x=16, y=20, z=16, w=1)
+
+
+def test_records_read_rows_of_any_numeric_type_as_values():
+    """Rows given as integers are converted, not reinterpreted bit for bit."""
+    got = records(np.array([[6, 60, 16, 20, 16], [7, 70, 16, 20, 16]], np.int64), PREFLIGHT)
+    assert got["samples"].tolist() == [6.0, 7.0] and got["mean_age"].tolist() == [60.0, 70.0]
+
+
+def test_text_rows_round_trip_and_fill_their_whole_width():
+    assert row_text(text_row("host-1", 16)) == "host-1"
+    assert row_text(text_row("abcd", 4)) == "abcd"  # exactly the width: nothing cut
+    assert row_text(text_row("abcdef", 4)) == "abcd"
+    assert row_text(text_row("ends with a space ", 32)) == "ends with a space "
+
+
+def test_a_message_cut_inside_a_character_still_reads():
+    """text_row cuts bytes, not characters: a rank's error message in UTF-8 may lose half a character at the
+    end, which must not turn into a decoding error on the server."""
+    row = text_row("volume für learner 2", 9)  # "ü" takes bytes 9 and 10: the cut keeps one
+    assert row_text(row).startswith("volume f")
