@@ -249,7 +249,7 @@ class Wire:
             return [out[displs[k] : displs[k] + counts[k]] for k in range(1, self.size)]
         if buf is None:
             raise TypeError("a learner must give gatherv a buffer")
-        buf = _contiguous(buf.view(np.uint8).ravel())
+        buf = _contiguous(buf).view(np.uint8).ravel()
         size = np.array([buf.nbytes], dtype=np.int64)
         self.bytes_up += size.nbytes + buf.nbytes
         sizing = self.comm.Igather(size, None, root=SERVER)
@@ -325,7 +325,7 @@ class Wire:
         if not flags & FLAG_STOP:
             self._acks = {k: self.comm.Irecv(self._ack_rows[k], source=k, tag=TAG_ACK) for k in range(1, self.size)}
             self.bytes_up += self._ack_rows[1:].nbytes
-        payload = _contiguous(payload.view(np.uint8))
+        payload = _contiguous(payload).view(np.uint8).ravel()
         learners = range(1, self.size)
         pending = {(k, TAG_HEADER): self.comm.Isend(header, dest=k, tag=TAG_HEADER) for k in learners}
         if payload.nbytes:

@@ -141,6 +141,16 @@ def test_gatherv_delivers_each_learners_bytes(wire):
 
 
 @mpi
+def test_gatherv_takes_a_strided_array_as_its_values(wire):
+    """A view with a step is sent as the values it shows (made contiguous before it is seen as bytes)."""
+    mine = None if wire.is_server else (np.arange(8, dtype=np.float32) + wire.rank)[::2]
+    out = wire.gatherv(mine)
+    if wire.is_server:
+        for k, got in enumerate(out, start=1):
+            assert np.array_equal(got.view(np.float32), np.array([0, 2, 4, 6], np.float32) + k)
+
+
+@mpi
 def test_direct_messages_count_at_the_server_both_ways(wire):
     """The start mask's exchange: the server counts what it sends as downlink and what it receives as uplink."""
     if wire.is_server:
