@@ -22,18 +22,26 @@ def split(tmp_path_factory):
     return write_split(tmp_path_factory.mktemp("split"))
 
 
+_RUNS: dict[tuple, Path] = {}
+
+
 def _run(split, tmp_path, algorithm, *sets):
-    proc = run_fedmpi(
-        split,
-        tmp_path,
-        f"federation.algorithm={algorithm}",
-        f"federation.rounds={ROUNDS}",
-        f"federation.target={TARGET}",
-        "run.name=r",
-        *sets,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return tmp_path / "r"
+    """A finished federation of these settings; tests that only read a run's records share it (the first test
+    to ask for it runs it in its tmp_path)."""
+    key = (split, algorithm, *sets)
+    if key not in _RUNS:
+        proc = run_fedmpi(
+            split,
+            tmp_path,
+            f"federation.algorithm={algorithm}",
+            f"federation.rounds={ROUNDS}",
+            f"federation.target={TARGET}",
+            "run.name=r",
+            *sets,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        _RUNS[key] = tmp_path / "r"
+    return _RUNS[key]
 
 
 @pytest.mark.parametrize(
