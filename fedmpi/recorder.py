@@ -5,7 +5,6 @@ evaluation, metrics.jsonl, checkpoints, the summary, and where a run starts (fre
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import threading
 import time
@@ -26,7 +25,7 @@ from .errors import CheckpointError, ConfigError
 from .files import atomic_write
 from .metrics import regression_metrics
 from .model import BrainAgeCNN, flat_parameters, layer_sparsity, load_flat_parameters
-from .runlog import RunLog
+from .runlog import RunLog, read_json
 from .training import AUTOCAST, predict
 
 if TYPE_CHECKING:
@@ -298,8 +297,8 @@ def start_state(cfg: Config, resume, rec: Recorder, model) -> State:
 def finished(cfg: Config) -> bool:
     """True when run_dir holds a run that completed all its rounds."""
     try:
-        summary = json.loads((cfg.run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
+        summary = read_json(cfg.run_dir / "summary.json", ValueError)
+    except ValueError:
         return False
     return not summary.get("preempted") and summary.get("rounds") == cfg.federation.rounds
 

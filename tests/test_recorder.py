@@ -122,3 +122,12 @@ def test_a_fresh_start_removes_the_old_runs_checkpoints(tmp_path):
     rec = SimpleNamespace(checkpoints=ckpts, log=RunLog(cfg.run_dir))
     start_state(cfg, None, rec, build_model(cfg, SHAPE))
     assert ckpts.paths() == [] and ckpts.latest() is None
+
+
+@pytest.mark.parametrize("text", ["[3]", "{cut", "\udcff"])
+def test_a_summary_that_is_not_a_json_object_is_not_a_finished_run(tmp_path, text):
+    """Damaged, or valid JSON of another shape (it raised AttributeError on .get): not finished, not a traceback."""
+    cfg = load_config(overrides=[f"run.dir={tmp_path}", "run.name=r", "federation.rounds=3"])
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "summary.json").write_text(text, errors="surrogateescape")
+    assert not finished(cfg)
