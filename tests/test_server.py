@@ -1,5 +1,6 @@
 """The server's validation of learner payloads, with a stand-in wire (no MPI)."""
 
+import threading
 import time
 
 import numpy as np
@@ -411,8 +412,6 @@ def test_record_evaluates_every_k_rounds_and_always_the_last(every, evaluated):
 def test_an_error_in_a_round_is_not_held_up_by_the_record_in_flight():
     """Round 2's reports are refused while round 1's record (its evaluation) is still running: the error must
     reach the caller (which aborts the job) without waiting for that record."""
-    import threading
-
     release, recorded = threading.Event(), []
 
     class SlowRec:
@@ -421,13 +420,15 @@ def test_an_error_in_a_round_is_not_held_up_by_the_record_in_flight():
             recorded.append(snapshot.round)
 
     class FailsInRoundTwo(FakeWire):
+        sent_models = 0
+
         def collect_reports(self, width):
             if self.sent_models == 2:
                 raise PayloadError("learner 2 (rank 2) reports non-finite model values; round rejected")
             return super().collect_reports(width)
 
         def send_model(self, *args):
-            self.sent_models = getattr(self, "sent_models", 0) + 1
+            self.sent_models += 1
 
     state = _state()
     wire = FailsInRoundTwo([_report(160), _report(160)], summed=np.ones(40, np.float32))
