@@ -35,8 +35,10 @@ test-fast: setup
 test-serial: setup
 	$(PY) -m pytest -q -m "not mpi" tests $(NO_TESTS_OK)
 
+# The MPI tests take seconds each: one still running after 120 s waits for a message that never comes,
+# and the hang watchdog (pyproject.toml) ends it sooner than its 600 s for any test.
 test-mpi: setup
-	$(MPIRUN) -n 3 $(PY) -m pytest -q --with-mpi -m mpi tests $(NO_TESTS_OK)
+	$(MPIRUN) -n 3 $(PY) -m pytest -q --with-mpi -m mpi -o faulthandler_timeout=120 tests $(NO_TESTS_OK)
 
 lint: setup
 	$(PY) -m ruff check .
