@@ -1,0 +1,85 @@
+""".ci/run and the Makefile's test targets, with the venv's python and mpirun replaced by stubs that
+exit as told: CI fails when a check or a test fails, and does not fail when a selection holds no tests
+(pytest's exit code 5)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The stub python: the linters exit LINT_RC, pytest SERIAL_RC or, with --with-mpi, MPI_RC; each call is
+# logged, so a test can see which steps ran.
+PYTHON_STUB = """#!/bin/sh
+echo "python $*" >> "$CALLS"
+case "$*" in
+  *--with-mpi*) exit "${MPI_RC:-0}" ;;
+  *pytest*) exit "${SERIAL_RC:-0}" ;;
+  *ruff*|*mypy*) exit "${LINT_RC:-0}" ;;
+esac
+exit 0
+"""
+# The stub mpirun drops "-n N" and runs the rest, as mpirun would on every rank.
+MPIRUN_STUB = """#!/bin/sh
+echo "mpirun $*" >> "$CALLS"
+shift 2
+exec "$@"
+"""
+
+
+@pytest.fixture
+def venv(tmp_path) -> Path:
+    """A venv that make's setup finds installed: bin/python, bin/mpirun and .installed newer than
+    pyproject.toml."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    for name, text in (("python", PYTHON_STUB), ("mpirun", MPIRUN_STUB)):
+        path = venv / "bin" / name
+        path.write_text(text)
+        path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    (venv / ".installed").touch()
+    return venv
+
+
+def _ci(venv: Path, **rcs: int) -> tuple[int, list[str]]:
+    calls = venv / "calls.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    env.update(VENV=str(venv), CALLS=str(calls), **{k: str(v) for k, v in rcs.items()})
+    proc = subprocess.run([str(ROOT / ".ci" / "run")], env=env, capture_output=True, text=True, timeout=60)
+    return proc.returncode, calls.read_text().splitlines() if calls.exists() else []
+
+
+def test_ci_passes_when_every_check_and_test_passes(venv):
+    rc, calls = _ci(venv)
+    assert rc == 0
+    assert [c.split()[2] for c in calls if c.startswith("python -m")] == ["ruff", "ruff", "mypy", "pytest", "pytest"]
+    assert sum(c.startswith("mpirun -n 3 ") for c in calls) == 1
+
+
+def test_ci_passes_when_a_selection_holds_no_tests(venv):
+    assert _ci(venv, SERIAL_RC=5, MPI_RC=5)[0] == 0
+
+
+@pytest.mark.parametrize("rc", [1, 2, 3, 4])
+def test_ci_fails_when_the_serial_tests_fail_and_stops_there(venv, rc):
+    status, calls = _ci(venv, SERIAL_RC=rc)
+    assert status != 0
+    assert not any(c.startswith("mpirun") for c in calls)
+
+
+@pytest.mark.parametrize("rc", [1, 2, 4])
+def test_ci_fails_when_the_mpi_tests_fail(venv, rc):
+    status, calls = _ci(venv, MPI_RC=rc)
+    assert status != 0
+    assert any(c.startswith("mpirun") for c in calls)
+
+
+def test_ci_fails_when_lint_fails_before_any_test(venv):
+    status, calls = _ci(venv, LINT_RC=1)
+    assert status != 0
+    assert not any("pytest" in c for c in calls)
