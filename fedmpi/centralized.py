@@ -14,13 +14,14 @@ from .errors import EXIT_USAGE, DataError, UserError
 from .learner import SeededLoader, train_round
 from .model import build_model, flat_parameters, load_flat_parameters
 from .preflight import RankCheck, check_rank, say
-from .recorder import Recorder, print_summary, split_problems, start_state
+from .recorder import Recorder, split_problems, start_state
 from .training import prepare_model
 
 
-def run_centralized(cfg, data_dir: Path, resume: bool, overwrite: bool) -> int:
+def run_centralized(cfg, data_dir: Path, resume: bool, overwrite: bool, should_stop=lambda: False) -> int:
     """Check what it will use as a federation's preflight does (one line and exit 2 for a problem), then
-    train."""
+    train; `should_stop()` true after a round (SLURM's warning, SIGTERM) checkpoints it and ends the run
+    for --resume, as the server does."""
     checked: RankCheck | None = None
     try:
         files = sorted(Path(data_dir).glob("learner_*.h5"))
@@ -43,12 +44,12 @@ def run_centralized(cfg, data_dir: Path, resume: bool, overwrite: bool) -> int:
         return EXIT_USAGE
     assert checked.lock is not None
     try:
-        return _train(cfg, data_dir, files, split, checked)
+        return _train(cfg, data_dir, files, split, checked, should_stop)
     finally:
         checked.lock.release()
 
 
-def _train(cfg, data_dir: Path, files: list[Path], split: dict, checked: RankCheck) -> int:
+def _train(cfg, data_dir: Path, files: list[Path], split: dict, checked: RankCheck, should_stop) -> int:
     device = checked.device
     parts = [open_volumes(p, cfg, device).warm() for p in files]  # filled once here, not in each epoch's workers
     pooled: torch.utils.data.ConcatDataset = torch.utils.data.ConcatDataset(parts)
@@ -85,5 +86,7 @@ def _train(cfg, data_dir: Path, files: list[Path], split: dict, checked: RankChe
             "seconds_aggregate": 0.0,
         }
         rec.record(state, row, evaluate_now=t % cfg.eval.every == 0 or t == cfg.federation.rounds)
-    print_summary(rec.finish(state))
-    return 0
+        if should_stop() and t < cfg.federation.rounds:
+            rec.stop_here(state)
+            return rec.end(state, preempted=True)
+    return rec.end(state, preempted=False)

@@ -8,6 +8,7 @@ a message naming the rank and the error: a federation that hangs is the worst fa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import numpy as np
 
 from .algorithms import algorithm
 from .config import Config, load_config
-from .errors import EXIT_FAILURE, EXIT_PREEMPTED, EXIT_USAGE, ConfigError, is_user_error
+from .errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, is_user_error
 from .memory import keep_freed_memory
 from .messages import row_text, text_row
 from .preflight import preflight, rank_file, say
@@ -64,6 +65,11 @@ def init_mpi(timeout: float):
 
 def train(config: str | None, overrides: list[str], resume: bool = False, overwrite: bool = False) -> int:
     """The whole `train` command on this rank; returns its exit code (or aborts the job)."""
+    with preemption_requests() as stop:
+        return _train(config, overrides, resume, overwrite, stop)
+
+
+def _train(config: str | None, overrides: list[str], resume: bool, overwrite: bool, stop) -> int:
     try:  # every rank parses the same arguments, so every rank reaches the same verdict without MPI traffic
         cfg = load_config(config, overrides)
     except ConfigError as e:
@@ -77,7 +83,7 @@ def train(config: str | None, overrides: list[str], resume: bool = False, overwr
         say(rank, str(e))
         return EXIT_USAGE
     try:
-        return _run(cfg, comm, resume, overwrite)
+        return _run(cfg, comm, resume, overwrite, stop)
     except SystemExit:
         raise
     except BaseException as e:
@@ -91,7 +97,7 @@ def train(config: str | None, overrides: list[str], resume: bool = False, overwr
         return EXIT_FAILURE
 
 
-def _run(cfg: Config, comm, resume: bool, overwrite: bool) -> int:
+def _run(cfg: Config, comm, resume: bool, overwrite: bool, stop) -> int:
     import torch
 
     from .wire import Wire
@@ -101,12 +107,11 @@ def _run(cfg: Config, comm, resume: bool, overwrite: bool) -> int:
     local_rank, local_size = announce_ranks(wire)
     keep_freed_memory()
     torch.set_num_threads(torch_threads(cfg.train.threads, local_size))
-    stop = install_preemption_handlers()
     data_dir = prepare_data(cfg, wire)
     if algorithm(cfg).trains_centrally:
         from .centralized import run_centralized
 
-        return run_centralized(cfg, data_dir, resume, overwrite)
+        return run_centralized(cfg, data_dir, resume, overwrite, stop)
     checked = preflight(cfg, wire, data_dir, local_rank, resume, overwrite)
     if checked is None:
         return EXIT_USAGE
@@ -125,7 +130,7 @@ def _serve(cfg: Config, wire, data_dir: Path, infos: np.ndarray, device, resume_
     from .data import open_volumes
     from .files import atomic_write
     from .model import build_model, flat_parameters
-    from .recorder import Recorder, print_summary, start_state
+    from .recorder import Recorder, start_state
     from .server import Server
     from .training import prepare_model
 
@@ -149,11 +154,7 @@ def _serve(cfg: Config, wire, data_dir: Path, infos: np.ndarray, device, resume_
         server.receive_start_mask(state)
     rec.start_clock()
     state, preempted = server.run(state, should_stop=stop)
-    print_summary(rec.finish(state, preempted))
-    if preempted:
-        print(f"fedmpi: stopped at round {state.round} on request; continue with --resume", flush=True)
-        return EXIT_PREEMPTED
-    return 0
+    return rec.end(state, preempted)
 
 
 def _learn(cfg: Config, wire, data_dir: Path, device) -> int:
@@ -243,14 +244,26 @@ def announce_ranks(wire) -> tuple[int, int]:
     return same_host.index(wire.rank), len(same_host)
 
 
-def install_preemption_handlers():
-    """SIGTERM / SIGUSR1 (SLURM's warning before the time limit) ask the server to checkpoint and stop
-    after the current round; learners ignore them and follow the server."""
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@contextlib.contextmanager
+def preemption_requests():
+    """SIGTERM / SIGUSR1 (SLURM's warning before the time limit) ask the server, or the centralized baseline,
+    to checkpoint and stop after the current round; learners ignore them and follow the server. Yields the
+    question "was a stop asked?". Taken first thing, so that a warning during start-up is kept, not fatal.
+    On the way out both are ignored: the rank's work is done, and Python's finalization would otherwise
+    restore their default action (ending the process) while the rank still waits in MPI_Finalize for the
+    others, so that a warning arriving then killed a finished job (seen under SLURM: exit 138, job FAILED)."""
     requested = {"stop": False}
 
     def handler(signum, frame):
         requested["stop"] = True
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in PREEMPTION_SIGNALS:
         signal.signal(sig, handler)
-    return lambda: requested["stop"]
+    try:
+        yield lambda: requested["stop"]
+    finally:
+        for sig in PREEMPTION_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)

@@ -21,7 +21,7 @@ from .algorithms import algorithm
 from .checkpoint import Checkpoints, save_model
 from .config import RUNTIME_KEYS
 from .data import loader_options
-from .errors import CheckpointError, ConfigError
+from .errors import EXIT_PREEMPTED, CheckpointError, ConfigError
 from .files import atomic_write
 from .metrics import regression_metrics
 from .model import BrainAgeCNN, flat_parameters, layer_sparsity, load_flat_parameters
@@ -140,6 +140,20 @@ class Recorder:
         self.checkpoints.save(
             state.round, state.values, state.mask, {"config": resume_key(self.cfg), "split": self.split}
         )
+
+    def stop_here(self, state: State) -> None:
+        """A stop was asked after this round, whose row is written: checkpoint it whatever checkpoint_every
+        says, so that --resume continues from here (older checkpoints may go)."""
+        self.checkpoint(state)
+        self.checkpoints.prune()
+
+    def end(self, state: State, preempted: bool) -> int:
+        """Finish the run, say how it ended and return the exit code (EXIT_PREEMPTED asks to be requeued)."""
+        print_summary(self.finish(state, preempted))
+        if preempted:
+            print(f"fedmpi: stopped at round {state.round} on request; continue with --resume", flush=True)
+            return EXIT_PREEMPTED
+        return 0
 
     def progress(self, row: dict) -> None:
         mae = "" if row["test_mae"] is None else f" MAE {row['test_mae']:.2f} (mean baseline {self.baseline_mae:.2f})"

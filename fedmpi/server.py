@@ -117,8 +117,7 @@ class Server:
                 recording = recorder.submit(self.record, State(state.round, state.values, state.mask), row)
                 if should_stop() and t < f.rounds:
                     recording.result()
-                    self.rec.checkpoint(state)  # the round's row is written: older checkpoints may go
-                    self.rec.checkpoints.prune()
+                    self.rec.stop_here(state)
                     preempted = True
                     break
             if recording is not None:

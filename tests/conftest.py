@@ -4,6 +4,7 @@ scanner-space one (4 subjects, one per site, with ground truth) for the registra
 from __future__ import annotations
 
 import dataclasses
+import signal
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,13 @@ def native_cohort(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("native") / "bids"
     return synth.write_cohort(root, NATIVE_SUBJECTS, seed=COHORT_SEED, workers=2, space="native")
+
+
+@pytest.fixture(autouse=True)
+def _preemption_signals_restored():
+    """fedmpi.launch.train, which some tests run in this process, leaves SIGTERM and SIGUSR1 ignored, as a
+    finished rank must: the next test starts with this process's own dispositions again."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)

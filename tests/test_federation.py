@@ -1,16 +1,20 @@
 """End to end: the real CLI under `mpirun -n 3` (1 server, 2 learners) on a tiny learnable split."""
 
 import math
+import signal
+import subprocess
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from fedtools import TINY, metrics, run_fedmpi, summary, write_split, write_volumes
+from fedtools import TINY, metrics, run_fedmpi, summary, train_command, wait_rows, write_split, write_volumes
 
 from fedmpi import centralized
 from fedmpi.algorithms import ALGORITHMS
+from fedmpi.checkpoint import load_model
 from fedmpi.config import load_config
+from fedmpi.errors import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
 ROUNDS = 8
@@ -161,11 +165,45 @@ def test_centralized_baseline_start_up_problems_are_one_line_and_exit_2_like_a_f
     assert proc.stderr.startswith("fedmpi: error: cannot write the run directory") and proc.stderr.count("\n") == 1
 
 
-def _centralized(data_dir, run_dir, *sets, resume=False):
+def _centralized(data_dir, run_dir, *sets, resume=False, should_stop=lambda: False):
     """run_centralized in this process, as `train` calls it for federation.algorithm=centralized."""
     overrides = [f"data.dir={data_dir}", f"run.dir={run_dir}", *TINY, "federation.algorithm=centralized", "run.name=c"]
     cfg = load_config(overrides=[*overrides, *sets])
-    return centralized.run_centralized(cfg, Path(data_dir), resume, False)
+    return centralized.run_centralized(cfg, Path(data_dir), resume, False, should_stop)
+
+
+def test_centralized_baseline_stops_at_a_checkpoint_on_request_and_resumes_exactly(tmp_path):
+    """Asked to stop (SLURM's warning, SIGTERM: launch.preemption_requests), the centralized baseline, like the
+    server, checkpoints the round just done, whatever checkpoint_every says, and exits 75; --resume then ends
+    with the uninterrupted run's model, bit for bit."""
+    data = write_split(tmp_path / "data", learners=2, per_learner=6, test=6)
+    sets = ("federation.rounds=4", "run.checkpoint_every=3")
+    assert _centralized(data, tmp_path / "ref", *sets) == 0
+    asked = iter([False, True])  # after round 2, not a round checkpoint_every saves
+    assert _centralized(data, tmp_path / "runs", *sets, should_stop=lambda: next(asked)) == EXIT_PREEMPTED
+    run = tmp_path / "runs" / "c"
+    assert summary(run)["preempted"] is True and summary(run)["rounds"] == 2
+    assert [r["round"] for r in metrics(run)] == [1, 2]
+    assert _centralized(data, tmp_path / "runs", *sets, resume=True) == 0
+    assert [r["round"] for r in metrics(run)] == [1, 2, 3, 4]
+    (ref_values, ref_mask, _), (values, mask, _) = (load_model(p / "model.npz") for p in (tmp_path / "ref" / "c", run))
+    assert values.tobytes() == ref_values.tobytes() and np.array_equal(mask, ref_mask)
+
+
+@pytest.mark.slow
+def test_the_centralized_baseline_checkpoints_and_exits_75_on_sigterm(split, tmp_path):
+    """`kill` or SLURM's SIGTERM reaches the centralized baseline through launch.train (it was swallowed:
+    the run went on to its last round)."""
+    sets = ["federation.algorithm=centralized", "federation.rounds=200", "run.name=c"]
+    proc = subprocess.Popen(
+        train_command(split, tmp_path, sets), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    wait_rows(tmp_path / "c", 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, out + err
+    assert "continue with --resume" in out
+    assert summary(tmp_path / "c")["preempted"] is True and len(metrics(tmp_path / "c")) < 200
 
 
 def test_centralized_baseline_without_learner_files_is_one_line_and_exit_2(tmp_path, capsys):

@@ -135,6 +135,32 @@ def test_preemption_signal_checkpoints_and_resume_matches(split, reference, tmp_
     assert _same_model(reference, tmp_path / "p")
 
 
+def test_a_warning_after_the_last_round_does_not_fail_the_finished_job(split, tmp_path):
+    """Seen under a real SLURM: the time-limit warning came while the server wrote its final outputs, and the
+    learners, done and waiting in MPI_Finalize, died of it (Python's finalization restores a handled signal's
+    default action), so the finished job ended FAILED with exit 138. Here the server is held once its summary
+    is written, the learners are warned, the server goes on: the job ends 0."""
+    proc = start_fedmpi(split, tmp_path, *ROUNDS, "run.name=w")
+    server, learners = rank_process(proc, 0), [rank_process(proc, k) for k in (1, 2)]
+    summary_file = tmp_path / "w" / "summary.json"
+    deadline = time.monotonic() + 120
+    while not summary_file.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(server, signal.SIGSTOP)
+    try:
+        time.sleep(1.0)  # the learners have had the stop message: they end, then wait for the server
+        for pid in learners:
+            with contextlib.suppress(ProcessLookupError):  # a launcher whose MPI_Finalize does not wait
+                os.kill(pid, signal.SIGUSR1)
+        time.sleep(0.5)
+    finally:
+        os.kill(server, signal.SIGCONT)
+    code, out, err, _ = _finish(proc, 60)
+    assert code == 0, out + err
+    assert "killed by" not in err, err
+    assert summary(tmp_path / "w")["rounds"] == 6
+
+
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(split, reference, tmp_path):
     proc = start_fedmpi(split, tmp_path, *ROUNDS, "run.name=c", "run.keep_checkpoints=3")
     wait_rows(tmp_path / "c", 4, proc)
