@@ -21,6 +21,7 @@ which is why the pairs alternate and the headline is the median of their ratios.
 from __future__ import annotations
 
 import argparse
+import itertools
 import multiprocessing as mp
 import statistics
 import sys
@@ -124,7 +125,7 @@ def federation(split: Path, runs: Path, cfg_sets: list[str], learners: int, roun
     if proc.returncode:
         sys.exit(proc.stdout + proc.stderr)
     rows = metrics(runs / "bench")
-    for r, nxt in zip(rows, rows[1:]):  # the last round has no next model sent to end it: not timed
+    for r, nxt in itertools.pairwise(rows):  # the last round has no next model sent to end it: not timed
         r["period"] = nxt["started"] - r["started"]
     return rows[:-1]
 

@@ -1,7 +1,8 @@
 """`python -m fedmpi train|attack|report`: argument parsing and dispatch only.
 
-`train` forks the rank's sentinel (fedmpi.sentinel) before anything else is imported, then hands
-over to fedmpi.launch; `attack` and `report` are plain one-process commands.
+`train` takes the preemption signals (fedmpi.preemption) and forks the rank's sentinel (fedmpi.sentinel)
+before anything else is imported, then hands over to fedmpi.launch; `attack` and `report` are plain
+one-process commands.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ def _parser() -> argparse.ArgumentParser:
         help="continue run.name from its last good checkpoint (starts fresh if there is none)",
     )
     t.add_argument("--overwrite", action="store_true", help="replace an unfinished run of the same name")
-    t.set_defaults(func=_train)
     a = sub.add_parser(
         "attack",
         help="membership inference against a finished run's model",
@@ -51,21 +51,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _train(args) -> int:
-    from .launch import train
+def _train(argv: list[str]) -> int:
+    """The preemption signals first (fedmpi.preemption: a warning may come while the imports below take
+    seconds), then the rank's sentinel, forked while the process is small; the rank handles the rest."""
+    from . import preemption
+    from .sentinel import supervise
 
-    return train(args.config, args.set, resume=args.resume, overwrite=args.overwrite)
+    with preemption.requests() as stop:
+        supervise()
+        args = _parser().parse_args(argv)
+        from .launch import train
+
+        return train(args.config, args.set, resume=args.resume, overwrite=args.overwrite, stop=stop)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["train"]:  # fork the rank's sentinel first, while the process is small
-        from .sentinel import supervise
-
-        supervise()
+    if argv[:1] == ["train"]:
+        return _train(argv)
     args = _parser().parse_args(argv)
-    if args.command == "train":  # ranks handle their signals themselves (fedmpi.launch)
-        return args.func(args)
     try:
         return args.func(args)
     except KeyboardInterrupt:  # outputs are written whole or not at all: nothing to clean up

@@ -8,7 +8,6 @@ a message naming the rank and the error: a federation that hangs is the worst fa
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -63,13 +62,11 @@ def init_mpi(timeout: float):
     return MPI
 
 
-def train(config: str | None, overrides: list[str], resume: bool = False, overwrite: bool = False) -> int:
-    """The whole `train` command on this rank; returns its exit code (or aborts the job)."""
-    with preemption_requests() as stop:
-        return _train(config, overrides, resume, overwrite, stop)
-
-
-def _train(config: str | None, overrides: list[str], resume: bool, overwrite: bool, stop) -> int:
+def train(
+    config: str | None, overrides: list[str], resume: bool = False, overwrite: bool = False, stop=lambda: False
+) -> int:
+    """The whole `train` command on this rank; returns its exit code (or aborts the job). `stop()`: was a
+    checkpoint-and-stop asked (fedmpi.preemption, taken by the command line before anything else)."""
     try:  # every rank parses the same arguments, so every rank reaches the same verdict without MPI traffic
         cfg = load_config(config, overrides)
     except ConfigError as e:
@@ -242,28 +239,3 @@ def announce_ranks(wire) -> tuple[int, int]:
         print("fedmpi: ranks " + ", ".join(f"{t['rank']}={t['pid']}@{t['host']}" for t in wire.table), flush=True)
     same_host = [r for r in range(wire.size) if names[r] == names[wire.rank]]
     return same_host.index(wire.rank), len(same_host)
-
-
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-@contextlib.contextmanager
-def preemption_requests():
-    """SIGTERM / SIGUSR1 (SLURM's warning before the time limit) ask the server, or the centralized baseline,
-    to checkpoint and stop after the current round; learners ignore them and follow the server. Yields the
-    question "was a stop asked?". Taken first thing, so that a warning during start-up is kept, not fatal.
-    On the way out both are ignored: the rank's work is done, and Python's finalization would otherwise
-    restore their default action (ending the process) while the rank still waits in MPI_Finalize for the
-    others, so that a warning arriving then killed a finished job (seen under SLURM: exit 138, job FAILED)."""
-    requested = {"stop": False}
-
-    def handler(signum, frame):
-        requested["stop"] = True
-
-    for sig in PREEMPTION_SIGNALS:
-        signal.signal(sig, handler)
-    try:
-        yield lambda: requested["stop"]
-    finally:
-        for sig in PREEMPTION_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)

@@ -11,6 +11,7 @@ FEDMPI_SENTINEL=0 turns it off, for a launcher that insists the process it start
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -54,8 +55,13 @@ def supervise() -> None:
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
         return
+
+    def forward(signum, frame):
+        with contextlib.suppress(ProcessLookupError):  # the rank has just ended and been reaped
+            os.kill(child, signum)
+
     for sig in FORWARDED:
-        signal.signal(sig, lambda signum, frame: os.kill(child, signum))
+        signal.signal(sig, forward)
     _, status = os.waitpid(child, 0)
     if os.WIFSIGNALED(status):
         sig = signal.Signals(os.WTERMSIG(status))

@@ -15,11 +15,11 @@ import contextlib
 import functools
 import os
 import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
-from typing import Any, Callable
+from typing import Any
 
 from fedmpi.errors import UserError
 

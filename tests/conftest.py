@@ -58,8 +58,8 @@ def native_cohort(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _preemption_signals_restored():
-    """fedmpi.launch.train, which some tests run in this process, leaves SIGTERM and SIGUSR1 ignored, as a
-    finished rank must: the next test starts with this process's own dispositions again."""
+    """`python -m fedmpi train` (fedmpi.preemption), which some tests run in this process, leaves SIGTERM and
+    SIGUSR1 ignored, as a finished rank must: the next test starts with this process's own dispositions again."""
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     yield
     for sig, handler in saved.items():

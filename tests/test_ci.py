@@ -48,7 +48,9 @@ def venv(tmp_path) -> Path:
 
 def _ci(venv: Path, **rcs: int) -> tuple[int, list[str]]:
     calls = venv / "calls.log"
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    # make's own variables from a calling make, and the Makefile's settings a caller may have exported
+    dropped = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MPIRUN", "PYTHON", "TORCH_SPEC", "TORCH_INDEX")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     env.update(VENV=str(venv), CALLS=str(calls), **{k: str(v) for k, v in rcs.items()})
     proc = subprocess.run([str(ROOT / ".ci" / "run")], env=env, capture_output=True, text=True, timeout=60)
     return proc.returncode, calls.read_text().splitlines() if calls.exists() else []

@@ -20,7 +20,7 @@ def test_train_forks_its_sentinel_first_and_passes_its_flags_to_the_launcher(mon
     calls = []
     monkeypatch.setattr(sentinel, "supervise", lambda: calls.append("sentinel"))
 
-    def train(config, sets, resume=False, overwrite=False):
+    def train(config, sets, resume=False, overwrite=False, stop=None):
         calls.append((config, sets, resume, overwrite))
         return 7
 
@@ -33,3 +33,24 @@ def test_train_forks_its_sentinel_first_and_passes_its_flags_to_the_launcher(mon
     calls.clear()
     monkeypatch.setattr(report, "run", lambda args: 0)
     assert cli.main(["report", "some_run"]) == 0 and calls == []  # one-process commands fork no sentinel
+
+
+def test_train_takes_the_preemption_signals_before_anything_else(monkeypatch):
+    """A warning that arrives while the rank starts (the sentinel's fork, imports that take seconds, MPI
+    start-up, data) is kept for the end of the first round, not fatal: the handlers are set before the
+    sentinel forks, and the answer reaches fedmpi.launch.train. Once train returns, both are ignored."""
+    import os
+    import signal
+
+    from fedmpi import launch, sentinel
+
+    def supervise():
+        assert callable(signal.getsignal(signal.SIGUSR1)) and callable(signal.getsignal(signal.SIGTERM))
+        os.kill(os.getpid(), signal.SIGUSR1)  # under the default action this test process would end here
+
+    asked = []
+    monkeypatch.setattr(sentinel, "supervise", supervise)
+    monkeypatch.setattr(launch, "train", lambda *args, stop, **kwargs: asked.append(stop()) or 0)
+    assert cli.main(["train"]) == 0
+    assert asked == [True]
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN

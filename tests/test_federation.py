@@ -173,7 +173,7 @@ def _centralized(data_dir, run_dir, *sets, resume=False, should_stop=lambda: Fal
 
 
 def test_centralized_baseline_stops_at_a_checkpoint_on_request_and_resumes_exactly(tmp_path):
-    """Asked to stop (SLURM's warning, SIGTERM: launch.preemption_requests), the centralized baseline, like the
+    """Asked to stop (SLURM's warning, SIGTERM: fedmpi.preemption), the centralized baseline, like the
     server, checkpoints the round just done, whatever checkpoint_every says, and exits 75; --resume then ends
     with the uninterrupted run's model, bit for bit."""
     data = write_split(tmp_path / "data", learners=2, per_learner=6, test=6)
@@ -198,9 +198,12 @@ def test_the_centralized_baseline_checkpoints_and_exits_75_on_sigterm(split, tmp
     proc = subprocess.Popen(
         train_command(split, tmp_path, sets), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    wait_rows(tmp_path / "c", 1, proc)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    try:
+        wait_rows(tmp_path / "c", 1, proc)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # a no-op once it has ended
     assert proc.returncode == EXIT_PREEMPTED, out + err
     assert "continue with --resume" in out
     assert summary(tmp_path / "c")["preempted"] is True and len(metrics(tmp_path / "c")) < 200

@@ -77,54 +77,6 @@ def test_mpi_start_up_leaves_no_alarm_behind_and_restores_the_handler():
         signal.signal(signal.SIGALRM, previous)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_preemption_signals_ask_for_a_stop_and_are_ignored_once_the_work_is_done(sig):
-    """SLURM warns with SIGUSR1 before the time limit and cancels with SIGTERM: either asks the server to stop.
-    Afterwards both are ignored, which Python's finalization keeps (it restores the default action, ending
-    the process, only where a Python handler was set): a rank that has finished and waits in MPI_Finalize for
-    the others is not killed by a late warning."""
-    from fedmpi.launch import preemption_requests
-
-    with preemption_requests() as stop:
-        assert not stop()
-        os.kill(os.getpid(), sig)
-        assert stop()
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
-    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN
-    os.kill(os.getpid(), sig)  # ignored: under the default action this test process would end here
-
-
-def test_preemption_signals_are_ignored_after_a_failure_too():
-    from fedmpi.launch import preemption_requests
-
-    with pytest.raises(RuntimeError), preemption_requests():
-        raise RuntimeError("boom")
-    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN
-
-
-def test_a_warning_during_start_up_is_kept_for_the_roles(tmp_path, monkeypatch):
-    """A warning that arrives while the rank starts (imports, MPI start-up, data) is kept for the end of the
-    first round, not fatal: the handler is in place before the configuration is even read, and its answer
-    reaches the roles."""
-    import fedmpi.launch
-
-    real = fedmpi.launch.load_config
-    seen = {}
-
-    def load_config(config, overrides):
-        os.kill(os.getpid(), signal.SIGUSR1)  # under the default action this test process would end here
-        return real(config, overrides)
-
-    def run(cfg, comm, resume, overwrite, stop):
-        seen["stop"] = stop()
-        return 0
-
-    monkeypatch.setattr(fedmpi.launch, "load_config", load_config)
-    monkeypatch.setattr(fedmpi.launch, "_run", run)
-    assert train(None, [f"run.dir={tmp_path}", "federation.algorithm=centralized"]) == 0
-    assert seen["stop"] is True
-
-
 @pytest.mark.parametrize(
     "error,traceback", [(RuntimeError("boom"), True), (ConfigError("boom"), False)], ids=["bug", "user error"]
 )

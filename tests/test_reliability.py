@@ -139,17 +139,15 @@ def test_a_warning_after_the_last_round_does_not_fail_the_finished_job(split, tm
     """Seen under a real SLURM: the time-limit warning came while the server wrote its final outputs, and the
     learners, done and waiting in MPI_Finalize, died of it (Python's finalization restores a handled signal's
     default action), so the finished job ended FAILED with exit 138. Here the server is held once its summary
-    is written, the learners are warned, the server goes on: the job ends 0."""
+    is written, the learners are warned once they no longer handle SIGUSR1 themselves, the server goes on:
+    the job ends 0."""
     proc = start_fedmpi(split, tmp_path, *ROUNDS, "run.name=w")
     server, learners = rank_process(proc, 0), [rank_process(proc, k) for k in (1, 2)]
-    summary_file = tmp_path / "w" / "summary.json"
-    deadline = time.monotonic() + 120
-    while not summary_file.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _wait_for(lambda: (tmp_path / "w" / "summary.json").exists(), proc, "the summary")
     os.kill(server, signal.SIGSTOP)
     try:
-        time.sleep(1.0)  # the learners have had the stop message: they end, then wait for the server
-        for pid in learners:
+        for pid in learners:  # past fedmpi's handler: the signal is ignored now (or, before, at its default)
+            _wait_for(lambda pid=pid: not _catches(pid, signal.SIGUSR1), proc, f"learner pid {pid} to finish")
             with contextlib.suppress(ProcessLookupError):  # a launcher whose MPI_Finalize does not wait
                 os.kill(pid, signal.SIGUSR1)
         time.sleep(0.5)
@@ -159,6 +157,25 @@ def test_a_warning_after_the_last_round_does_not_fail_the_finished_job(split, tm
     assert code == 0, out + err
     assert "killed by" not in err, err
     assert summary(tmp_path / "w")["rounds"] == 6
+
+
+def _wait_for(condition, proc, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            kill_job(proc)
+            pytest.fail(f"the job ended or {timeout} s passed while waiting for {what}")
+        time.sleep(0.05)
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process pid has a handler for sig (SigCgt in /proc/pid/status); False once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            caught = next(int(line.split()[1], 16) for line in fh if line.startswith("SigCgt:"))
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return bool(caught >> (sig - 1) & 1)
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(split, reference, tmp_path):

@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 
 from fedmpi.schedule import ConstantSchedule, CubicSchedule, FractionSchedule, OneShotSchedule
@@ -56,7 +58,7 @@ def test_cubic_exponent():
 def test_cubic_monotone_and_bounded(kwargs):
     s = CubicSchedule(**kwargs)
     values = [s(t) for t in range(0, 60)]
-    assert all(b >= a for a, b in zip(values, values[1:]))
+    assert all(b >= a for a, b in itertools.pairwise(values))
     assert all(0.0 <= v <= kwargs["final"] for v in values)
     assert values[-1] == kwargs["final"]
 
