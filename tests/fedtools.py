@@ -99,17 +99,21 @@ def start_fedmpi(data_dir: Path, run_dir: Path, *sets: str, ranks: int = 3, extr
     return job
 
 
-def wait_rows(run: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    """Wait until metrics.jsonl has n rows (or the job ended)."""
+def wait_until(condition, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    """Poll condition() until it holds; TimeoutError naming `what` if the job ends or `timeout` passes first."""
     import time
 
     deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise TimeoutError(f"the job ended or {timeout} s passed before {what}")
+        time.sleep(0.05)
+
+
+def wait_rows(run: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until metrics.jsonl has n rows (or the job ended)."""
     path = run / "metrics.jsonl"
-    while time.monotonic() < deadline and proc.poll() is None:
-        if path.exists() and len(path.read_text().splitlines()) >= n:
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"{path} did not reach {n} rows")
+    wait_until(lambda: path.exists() and len(path.read_text().splitlines()) >= n, proc, f"{path} had {n} rows", timeout)
 
 
 def rank_process(job: subprocess.Popen, rank: int, timeout: float = 30) -> int:

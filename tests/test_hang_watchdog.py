@@ -6,13 +6,13 @@ the timeout shortened."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
-from fedtools import MPIRUN, MPIRUN_FLAGS
+from fedtools import MPIRUN, MPIRUN_FLAGS, kill_job
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 3
@@ -25,16 +25,18 @@ def _pytest_args() -> list[str]:
 
 
 def _run(cmd: list[str], cwd: Path, limit: float = 60) -> subprocess.CompletedProcess:
-    """Run cmd in its own process group; if the watchdog did not end it within `limit`, kill the group
-    (every rank) and fail."""
+    """Run cmd as a job of its own; if the watchdog did not end it within `limit`, kill every process of it
+    (fedtools.kill_job: Open MPI's ranks too) and fail."""
+    marker = uuid.uuid4().hex
+    env = dict(os.environ, FEDMPI_TEST_JOB=marker)
     proc = subprocess.Popen(
-        cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
+    proc.marker = marker  # type: ignore[attr-defined]
     try:
         out, err = proc.communicate(timeout=limit)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        kill_job(proc)
         pytest.fail(f"the hanging test still ran after {limit} s: no watchdog ended it")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 

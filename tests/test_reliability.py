@@ -9,7 +9,17 @@ import time
 
 import numpy as np
 import pytest
-from fedtools import kill_job, metrics, rank_process, run_fedmpi, start_fedmpi, summary, wait_rows, write_split
+from fedtools import (
+    kill_job,
+    metrics,
+    rank_process,
+    run_fedmpi,
+    start_fedmpi,
+    summary,
+    wait_rows,
+    wait_until,
+    write_split,
+)
 
 from fedmpi.checkpoint import load_model
 
@@ -143,11 +153,11 @@ def test_a_warning_after_the_last_round_does_not_fail_the_finished_job(split, tm
     the job ends 0."""
     proc = start_fedmpi(split, tmp_path, *ROUNDS, "run.name=w")
     server, learners = rank_process(proc, 0), [rank_process(proc, k) for k in (1, 2)]
-    _wait_for(lambda: (tmp_path / "w" / "summary.json").exists(), proc, "the summary")
+    wait_until(lambda: (tmp_path / "w" / "summary.json").exists(), proc, "the summary was written")
     os.kill(server, signal.SIGSTOP)
     try:
         for pid in learners:  # past fedmpi's handler: the signal is ignored now (or, before, at its default)
-            _wait_for(lambda pid=pid: not _catches(pid, signal.SIGUSR1), proc, f"learner pid {pid} to finish")
+            wait_until(lambda pid=pid: not _catches(pid, signal.SIGUSR1), proc, f"learner pid {pid} finished")
             with contextlib.suppress(ProcessLookupError):  # a launcher whose MPI_Finalize does not wait
                 os.kill(pid, signal.SIGUSR1)
         time.sleep(0.5)
@@ -157,15 +167,6 @@ def test_a_warning_after_the_last_round_does_not_fail_the_finished_job(split, tm
     assert code == 0, out + err
     assert "killed by" not in err, err
     assert summary(tmp_path / "w")["rounds"] == 6
-
-
-def _wait_for(condition, proc, what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            kill_job(proc)
-            pytest.fail(f"the job ended or {timeout} s passed while waiting for {what}")
-        time.sleep(0.05)
 
 
 def _catches(pid: int, sig: int) -> bool:
