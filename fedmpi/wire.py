@@ -95,6 +95,9 @@ class Wire:
         self.bytes_down = 0
         self.bytes_up = 0
         self._acks: dict[int, MPI.Request] = {}  # server: learners yet to acknowledge this round's model
+        # Requests a failed wait left active: MPI may still read or write their buffers, which these objects keep
+        # alive until the job ends (it aborts next); a test that lets the late peer match them completes them.
+        self.abandoned: list[MPI.Request] = []
         self.peers: dict[int, int] = {}  # rank -> pid of the other ranks on this host, checked while waiting
         self.table: list[dict] = []  # rank, role, pid and host of every rank (launch.announce_ranks)
         self._next_check = 0.0
@@ -117,13 +120,16 @@ class Wire:
         return counts
 
     def _wait(self, request: MPI.Request, what: str, patience: float | None = None, quick=False) -> None:
-        self._poll(request.Test, what, patience=patience, quick=quick)
+        self._poll(request.Test, what, patience=patience, quick=quick, requests=[request])
         self._check(what, None, force=True)  # a collective may complete around a rank that died: never trust it
 
-    def _poll(self, done, what: str, late=None, patience: float | None = None, quick=False, expected=None) -> None:
+    def _poll(
+        self, done, what: str, late=None, patience: float | None = None, quick=False, expected=None, requests=()
+    ) -> None:
         """Sleep-poll until done(), sleeping as next_pause says. Past the round deadline, or past `patience`
         seconds (this wait's, else the Wire's) when no round deadline is set, raise RoundTimeout; `late()`
-        names who is missing (a learner waits only on the server)."""
+        names who is missing (a learner waits only on the server). If the wait fails, the `requests` still
+        held (a collection that late() may have cancelled and emptied) go to `abandoned`."""
         if late is None:
             late = (lambda: "") if self.is_server else (lambda: ": the server (rank 0) is silent")
         began = time.monotonic()
@@ -132,10 +138,14 @@ class Wire:
         if limit is None and patience is not None:
             limit = began + patience
         pause = 0.0
-        while not done():
-            self._check(what, limit, late=late, patience=patience)
-            time.sleep(pause)
-            pause = next_pause(pause, time.monotonic() - began, self.max_sleep, quick, expected)
+        try:
+            while not done():
+                self._check(what, limit, late=late, patience=patience)
+                time.sleep(pause)
+                pause = next_pause(pause, time.monotonic() - began, self.max_sleep, quick, expected)
+        except (RoundTimeout, PeerLost):
+            self.abandoned.extend(requests)
+            raise
 
     def _check(
         self, what: str, limit: float | None, force: bool = False, late=lambda: "", patience: float | None = None
@@ -224,7 +234,9 @@ class Wire:
         assert out is not None
         out[SERVER : SERVER + 1] = buf.reshape(out[SERVER : SERVER + 1].shape)
         pending = {k: self.comm.Irecv(out[k : k + 1], source=k, tag=TAG_GATHER) for k in range(1, self.size)}
-        self._poll(lambda: _complete(pending), what, lambda: self._missing(pending, "nothing"))
+        self._poll(
+            lambda: _complete(pending), what, lambda: self._missing(pending, "nothing"), requests=pending.values()
+        )
         self.bytes_up += buf.nbytes * self.learners
         return out
 
@@ -289,13 +301,14 @@ class Wire:
             "learner reports",
             lambda: self._missing(pending, "no report"),
             expected=expected,
+            requests=pending.values(),
         )
         self._report_waits.append(time.monotonic() - began)
         for k, req in self._acks.items():  # every learner that reported has acknowledged; complete them
             self._wait(req, f"acknowledgement from learner {k}", quick=True)
         self._acks.clear()
         go = {k: self.comm.Isend(_GO, dest=k, tag=TAG_GO) for k in range(1, self.size)}
-        self._poll(lambda: _complete(go), "the learners' go", quick=True)
+        self._poll(lambda: _complete(go), "the learners' go", quick=True, requests=go.values())
         self.bytes_up += rows[1:].nbytes
         return rows[1:]
 
@@ -331,7 +344,7 @@ class Wire:
         if payload.nbytes:
             pending.update({(k, TAG_MODEL): self.comm.Isend(payload, dest=k, tag=TAG_MODEL) for k in learners})
         self._count_down(header.nbytes + payload.nbytes)
-        self._poll(lambda: _complete(pending), "the model", quick=True)
+        self._poll(lambda: _complete(pending), "the model", quick=True, requests=pending.values())
         self._check("the model", None, force=True)
 
     def recv_model(self) -> tuple[int, int, int, np.ndarray]:

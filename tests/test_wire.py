@@ -241,7 +241,10 @@ def test_a_learner_that_does_not_take_its_model_is_named_by_the_round_deadline(w
         ):
             wire.send_model(1, payload, 0, 0)
         wire.deadline = None
+        assert wire.abandoned  # the sends stay alive (and their buffers with them) until the job ends
         wire.comm.Recv(np.zeros(1, np.int64), source=2, tag=TAG_ACK)  # drain the late acknowledgement
+        MPI.Request.Waitall(wire.abandoned)  # learner 2 took the model late: the sends are complete
+        wire.abandoned.clear()
     else:
         if wire.rank == 2:
             time.sleep(1.5)
@@ -299,6 +302,7 @@ def test_a_silent_rank_is_named_by_the_gather_deadline(wire):
         ):
             wire.gather(np.full(2, 0.0), out, "the table")
         assert out[1].tolist() == [1.0, 1.0]
+        assert wire.abandoned == []  # the receive from learner 2 was cancelled when it was named
         wire.comm.Recv(np.zeros(2), source=2, tag=TAG_GATHER)  # drain the late row
     elif wire.rank == 2:
         time.sleep(1.5)
@@ -312,6 +316,10 @@ def test_a_silent_rank_is_named_by_the_gather_deadline(wire):
     wire.comm.Barrier()
     if wire.is_server:  # satisfy the receive the learner gave up on
         wire.comm.Send(np.zeros(1), dest=1, tag=12)
+    if wire.rank == 1:
+        assert len(wire.abandoned) == 1  # the receive it gave up on, still able to take the late message
+        MPI.Request.Waitall(wire.abandoned)
+        wire.abandoned.clear()
     wire.patience = None
 
 
