@@ -26,13 +26,22 @@ from .errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, is_user_error
 from .memory import keep_freed_memory
 from .messages import row_text, text_row
 from .preflight import preflight, rank_file, say
-from .sentinel import launcher_rank, role
+from .sentinel import launcher_rank, launcher_size, role
 
 HOST_BYTES = 64
 
 
-def check_ranks(cfg: Config, size: int) -> None:
-    """The job's rank count must match the configuration (the centralized baseline runs alone)."""
+def check_ranks(cfg: Config, size: int, launched: int | None = None, library: str = "") -> None:
+    """The job's rank count must match the configuration (the centralized baseline runs alone). `launched`:
+    the tasks the launcher says it started; each of them alone in a world of one rank means that mpi4py's MPI
+    (`library`) cannot talk to this launcher, a mismatch that the rank count alone would misreport."""
+    if size == 1 and launched is not None and launched > 1:
+        raise ConfigError(
+            f"the launcher started {launched} tasks, but MPI sees each of them alone (a job of 1 rank): the MPI "
+            f"that mpi4py was built against ({library or 'unknown'}) does not serve this launcher. Under srun, "
+            "choose your MPI's plugin: srun --mpi=pmix for Open MPI, --mpi=pmi2 for MPICH (or export "
+            "SLURM_MPI_TYPE; srun --mpi=list shows them); otherwise start the job with that MPI's own mpirun"
+        )
     if algorithm(cfg).trains_centrally:
         if size != 1:
             raise ConfigError(
@@ -72,12 +81,13 @@ def train(
     except ConfigError as e:
         say(int(launcher_rank() or 0), str(e))
         return EXIT_USAGE
-    comm = init_mpi(cfg.run.startup_timeout).COMM_WORLD
+    mpi = init_mpi(cfg.run.startup_timeout)
+    comm = mpi.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     try:
-        check_ranks(cfg, size)
+        check_ranks(cfg, size, launcher_size(), " ".join(mpi.Get_library_version().splitlines()[0].split()))
     except ConfigError as e:
-        say(rank, str(e))
+        say(int(launcher_rank() or rank), str(e))  # once, also when every task believes it is rank 0
         return EXIT_USAGE
     try:
         return _run(cfg, comm, resume, overwrite, stop)

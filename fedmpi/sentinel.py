@@ -20,6 +20,7 @@ import sys
 from .errors import EXIT_SIGNAL_BASE
 
 RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 PR_SET_PDEATHSIG = 1
 HINTS = {
@@ -40,6 +41,16 @@ def launcher_rank() -> str | None:
     for name in RANK_VARIABLES:
         if name in os.environ:
             return os.environ[name]
+    return None
+
+
+def launcher_size() -> int | None:
+    """How many tasks the launcher started in this job step (hydra, Open MPI's mpirun, srun), or None when no
+    launcher says so: a batch script's own environment names the allocation's tasks, not a step's."""
+    for name in SIZE_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
     return None
 
 

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 from fedmpi import sentinel
-from fedmpi.sentinel import RANK_VARIABLES, launcher_rank, supervise
+from fedmpi.sentinel import RANK_VARIABLES, SIZE_VARIABLES, launcher_rank, launcher_size, supervise
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the supervisor forks on Linux only")
 
 
 @pytest.fixture
 def no_rank(monkeypatch):
-    for name in RANK_VARIABLES:
+    for name in RANK_VARIABLES + SIZE_VARIABLES + ("SLURM_NTASKS",):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -36,6 +36,23 @@ def test_launcher_rank_prefers_the_mpi_variable(monkeypatch, no_rank):
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("PMI_RANK", "2")
     assert launcher_rank() == "2"
+
+
+@pytest.mark.parametrize("name", ["PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS"])
+def test_launcher_size_reads_each_variable(monkeypatch, no_rank, name):
+    monkeypatch.setenv(name, "9")
+    assert launcher_size() == 9
+
+
+def test_launcher_size_is_a_steps_not_the_batch_scripts(monkeypatch, no_rank):
+    """A batch script's environment holds the allocation's SLURM_NTASKS (and SLURM_PROCID=0) but no step's
+    size: the centralized baseline started there without srun is alone by design."""
+    monkeypatch.setenv("SLURM_NTASKS", "9")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert launcher_size() is None
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "9")
+    monkeypatch.setenv("PMI_SIZE", "3")  # an mpirun inside the step: its own count
+    assert launcher_size() == 3
 
 
 def refuse_fork():
