@@ -48,11 +48,11 @@ def check_ranks(cfg: Config, size: int, launched: int | None = None, library: st
                 f"the {cfg.federation.algorithm} baseline runs in one process: python -m fedmpi train "
                 f"--set federation.algorithm={cfg.federation.algorithm} (without mpirun)"
             )
-    elif size != cfg.federation.learners + 1:
+    elif size != (ranks := cfg.federation.learners + 1):
         raise ConfigError(
             f"this job has {size} MPI ranks but federation.learners = {cfg.federation.learners} "
-            f"needs {cfg.federation.learners + 1} (1 server + {cfg.federation.learners} learners): "
-            f"mpirun -n {cfg.federation.learners + 1} python -m fedmpi train ..."
+            f"needs {ranks} (1 server + {cfg.federation.learners} learners): "
+            f"mpirun -n {ranks} python -m fedmpi train ..., or --ntasks={ranks} under SLURM"
         )
 
 

@@ -18,7 +18,10 @@ def _cfg(tmp_path, *sets):
 
 def test_rank_count_must_match_learners(tmp_path):
     check_ranks(_cfg(tmp_path), 3)
-    with pytest.raises(ConfigError, match=r"has 4 MPI ranks but federation.learners = 2 needs 3 \(1 server \+ 2"):
+    with pytest.raises(
+        ConfigError,
+        match=r"has 4 MPI ranks but federation.learners = 2 needs 3 \(1 server \+ 2.*--ntasks=3 under SLURM$",
+    ):
         check_ranks(_cfg(tmp_path), 4)
     with pytest.raises(ConfigError, match="runs in one process"):
         check_ranks(_cfg(tmp_path, "federation.algorithm=centralized"), 3)
