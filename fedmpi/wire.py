@@ -143,7 +143,7 @@ class Wire:
                 self._check(what, limit, late=late, patience=patience)
                 time.sleep(pause)
                 pause = next_pause(pause, time.monotonic() - began, self.max_sleep, quick, expected)
-        except (RoundTimeout, PeerLost):
+        except BaseException:  # a timeout, a lost peer, an interrupt: the job ends, the buffers stay MPI's
             self.abandoned.extend(requests)
             raise
 
