@@ -22,6 +22,7 @@ from fedmpi.wire import (
     MAX_SLEEP,
     QUICK_SLEEP,
     QUICK_SPAN,
+    TAG_DIRECT,
     Wire,
     next_pause,
     process_state,
@@ -321,6 +322,19 @@ def test_a_silent_rank_is_named_by_the_gather_deadline(wire):
         MPI.Request.Waitall(wire.abandoned)
         wire.abandoned.clear()
     wire.patience = None
+
+
+def test_a_failed_wait_leaves_its_request_to_the_wire_not_to_the_garbage_collector():
+    """MPI may still write into a receive's buffer after its wait gave up: the request (which holds the
+    buffer) is kept, and a late message still lands in it."""
+    wire = Wire(MPI.COMM_SELF, patience=0.05)
+    buf = np.zeros(3)
+    with pytest.raises(RoundTimeout):
+        wire.recv(buf, source=0, what="a message sent late")
+    assert len(wire.abandoned) == 1
+    wire.comm.Send(np.arange(3.0), dest=0, tag=TAG_DIRECT)
+    MPI.Request.Waitall(wire.abandoned)
+    assert buf.tolist() == [0.0, 1.0, 2.0]
 
 
 def test_a_timeout_names_the_patience_that_wait_used():
