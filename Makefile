@@ -32,8 +32,9 @@ test: test-serial test-mpi
 test-fast: setup
 	$(PY) -m pytest -q -m "not mpi and not slow and not cohort" tests $(NO_TESTS_OK)
 
+# The end-to-end tests start their jobs with the same launcher as test-mpi.
 test-serial: setup
-	$(PY) -m pytest -q -m "not mpi" tests $(NO_TESTS_OK)
+	FEDMPI_MPIRUN="$(MPIRUN)" $(PY) -m pytest -q -m "not mpi" tests $(NO_TESTS_OK)
 
 # The MPI tests take seconds each: one still running after 120 s waits for a message that never comes,
 # and the hang watchdog (pyproject.toml) ends it sooner than its 600 s for any test.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,12 @@ import h5py
 import numpy as np
 
 SHAPE = (16, 20, 16)
-# The mpirun beside this Python; FEDMPI_MPIRUN_FLAGS adds launcher flags, e.g. Open MPI's --oversubscribe
-# when the tests run in an Open MPI environment (README, "Tests and CI").
-MPIRUN = str(Path(sys.executable).with_name("mpirun"))
+# The launcher the tests start jobs with: FEDMPI_MPIRUN (the Makefile passes its MPIRUN), else the mpirun
+# beside this Python (the mpich wheel's), else the one on PATH (a site's MPI module, mpi4py built against it).
+# FEDMPI_MPIRUN_FLAGS adds launcher flags, e.g. Open MPI's --oversubscribe (README, "Tests and CI").
+_BESIDE = Path(sys.executable).with_name("mpirun")
+_FOUND = str(_BESIDE) if _BESIDE.exists() else shutil.which("mpirun") or str(_BESIDE)
+MPIRUN = os.environ.get("FEDMPI_MPIRUN") or _FOUND
 MPIRUN_FLAGS = os.environ.get("FEDMPI_MPIRUN_FLAGS", "").split()
 
 

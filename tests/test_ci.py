@@ -19,7 +19,7 @@ PYTHON_STUB = """#!/bin/sh
 echo "python $*" >> "$CALLS"
 case "$*" in
   *--with-mpi*) exit "${MPI_RC:-0}" ;;
-  *pytest*) exit "${SERIAL_RC:-0}" ;;
+  *pytest*) echo "launcher ${FEDMPI_MPIRUN:-}" >> "$CALLS"; exit "${SERIAL_RC:-0}" ;;
   *ruff*|*mypy*) exit "${LINT_RC:-0}" ;;
 esac
 exit 0
@@ -46,13 +46,13 @@ def venv(tmp_path) -> Path:
     return venv
 
 
-def _ci(venv: Path, **rcs: int) -> tuple[int, list[str]]:
+def _ci(venv: Path, command: tuple[str, ...] = (str(ROOT / ".ci" / "run"),), **rcs: int) -> tuple[int, list[str]]:
     calls = venv / "calls.log"
     # make's own variables from a calling make, and the Makefile's settings a caller may have exported
-    dropped = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MPIRUN", "PYTHON", "TORCH_SPEC", "TORCH_INDEX")
+    dropped = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MPIRUN", "PYTHON", "TORCH_SPEC", "TORCH_INDEX", "FEDMPI_MPIRUN")
     env = {k: v for k, v in os.environ.items() if k not in dropped}
     env.update(VENV=str(venv), CALLS=str(calls), **{k: str(v) for k, v in rcs.items()})
-    proc = subprocess.run([str(ROOT / ".ci" / "run")], env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(list(command), cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     return proc.returncode, calls.read_text().splitlines() if calls.exists() else []
 
 
@@ -85,3 +85,10 @@ def test_ci_fails_when_lint_fails_before_any_test(venv):
     status, calls = _ci(venv, LINT_RC=1)
     assert status != 0
     assert not any("pytest" in c for c in calls)
+
+
+def test_the_serial_tests_start_their_jobs_with_the_makefiles_launcher(venv):
+    """A site's MPI has no mpirun inside the venv: `make test MPIRUN=mpirun` must reach the end-to-end tests'
+    jobs too, not only test-mpi."""
+    assert "launcher " + str(venv / "bin" / "mpirun") in _ci(venv, ("make", "test-serial"))[1]
+    assert "launcher /opt/site/bin/mpirun" in _ci(venv, ("make", "test-serial", "MPIRUN=/opt/site/bin/mpirun"))[1]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fedtools import MPIRUN, TINY, metrics, summary, wait_rows, write_split
+from fedtools import MPIRUN, MPIRUN_FLAGS, TINY, metrics, summary, wait_rows, write_split
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def _fake_slurm(tmp_path: Path) -> dict:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "srun").write_text(f'#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec {MPIRUN} -n 3 "$@"\n')
+    launcher = " ".join([MPIRUN, *MPIRUN_FLAGS])
+    (bin_dir / "srun").write_text(f'#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec {launcher} -n 3 "$@"\n')
     (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$@" >> {tmp_path}/scontrol.log\n')
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
