@@ -2,7 +2,22 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+# MPI=mpich (workstations, CI): the mpich wheel, whose mpirun lands in the venv. MPI=system (a cluster's MPI
+# module, README "Clusters"): mpi4py built from source against the MPI whose mpicc is MPICC, started by that
+# MPI's mpirun; --no-cache-dir, so that pip never reuses an mpi4py it once built against another MPI.
+MPI    ?= mpich
+MPICC  ?= mpicc
+ifeq ($(MPI),mpich)
 MPIRUN ?= $(VENV)/bin/mpirun
+EXTRAS := test,mpich,report,lint
+else ifeq ($(MPI),system)
+MPIRUN ?= mpirun
+EXTRAS := test,report,lint
+BUILD_MPI4PY = command -v "$(MPICC)" >/dev/null || { echo "MPI=system: no $(MPICC) here (load your MPI module or set MPICC)" >&2; exit 2; }; \
+	env MPICC="$(MPICC)" $(PY) -m pip install -q --no-cache-dir --no-binary=mpi4py "mpi4py>=4,<5"
+else
+$(error MPI must be mpich or system, not "$(MPI)")
+endif
 # torch: the CPU wheel unless a torch is already importable (a CUDA build installed by the user). PyPI's
 # Linux torch is the CUDA build (GBs of nvidia-* wheels); the CPU index's 2.13.0+cpu outranks it. Only torch
 # itself is asked of that index (--no-deps): its dependencies come with the package's install below.
@@ -20,7 +35,8 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || \
 		$(PY) -m pip install -q --no-deps $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,mpich,report,lint]"
+	$(BUILD_MPI4PY)
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
 demo: setup

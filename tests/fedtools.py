@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -18,10 +19,11 @@ SHAPE = (16, 20, 16)
 # The launcher the tests start jobs with: FEDMPI_MPIRUN (the Makefile passes its MPIRUN), else the mpirun
 # beside this Python (the mpich wheel's), else the one on PATH (a site's MPI module, mpi4py built against it).
 # FEDMPI_MPIRUN_FLAGS adds launcher flags, e.g. Open MPI's --oversubscribe (README, "Tests and CI").
+# FEDMPI_MPIRUN may hold flags too, as the Makefile's MPIRUN may ("mpirun --oversubscribe").
 _BESIDE = Path(sys.executable).with_name("mpirun")
 _FOUND = str(_BESIDE) if _BESIDE.exists() else shutil.which("mpirun") or str(_BESIDE)
-MPIRUN = os.environ.get("FEDMPI_MPIRUN") or _FOUND
-MPIRUN_FLAGS = os.environ.get("FEDMPI_MPIRUN_FLAGS", "").split()
+MPIRUN, *_GIVEN_FLAGS = shlex.split(os.environ.get("FEDMPI_MPIRUN", "")) or [_FOUND]
+MPIRUN_FLAGS = [*_GIVEN_FLAGS, *os.environ.get("FEDMPI_MPIRUN_FLAGS", "").split()]
 
 
 def write_volumes(path: Path, ages: np.ndarray, rng: np.random.Generator, shape=SHAPE) -> None:

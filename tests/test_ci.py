@@ -46,11 +46,16 @@ def venv(tmp_path) -> Path:
     return venv
 
 
+def _clean_env() -> dict[str, str]:
+    """This environment without make's own variables from a calling make (`make test MPIRUN=...` passes its
+    overrides down in MAKEFLAGS) and the Makefile's settings a caller may have exported."""
+    dropped = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MPIRUN", "MPI", "MPICC", "PYTHON", "TORCH_SPEC", "TORCH_INDEX")
+    return {k: v for k, v in os.environ.items() if k not in (*dropped, "FEDMPI_MPIRUN")}
+
+
 def _ci(venv: Path, command: tuple[str, ...] = (str(ROOT / ".ci" / "run"),), **rcs: int) -> tuple[int, list[str]]:
     calls = venv / "calls.log"
-    # make's own variables from a calling make, and the Makefile's settings a caller may have exported
-    dropped = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MPIRUN", "PYTHON", "TORCH_SPEC", "TORCH_INDEX", "FEDMPI_MPIRUN")
-    env = {k: v for k, v in os.environ.items() if k not in dropped}
+    env = _clean_env()
     env.update(VENV=str(venv), CALLS=str(calls), **{k: str(v) for k, v in rcs.items()})
     proc = subprocess.run(list(command), cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     return proc.returncode, calls.read_text().splitlines() if calls.exists() else []
@@ -92,3 +97,40 @@ def test_the_serial_tests_start_their_jobs_with_the_makefiles_launcher(venv):
     jobs too, not only test-mpi."""
     assert "launcher " + str(venv / "bin" / "mpirun") in _ci(venv, ("make", "test-serial"))[1]
     assert "launcher /opt/site/bin/mpirun" in _ci(venv, ("make", "test-serial", "MPIRUN=/opt/site/bin/mpirun"))[1]
+
+
+def _setup(venv: Path, *args: str) -> tuple[int, list[str]]:
+    (venv / ".installed").unlink()
+    return _ci(venv, ("make", "setup", *args))
+
+
+def test_setup_installs_the_mpich_wheel_by_default(venv):
+    rc, calls = _setup(venv)
+    assert rc == 0
+    assert [c for c in calls if "pip install" in c] == ["python -m pip install -q -e .[test,mpich,report,lint]"]
+
+
+def test_setup_for_a_system_mpi_builds_mpi4py_against_it_and_leaves_the_wheel_out(venv):
+    rc, calls = _setup(venv, "MPI=system", "MPICC=/bin/true")
+    assert rc == 0
+    assert [c for c in calls if "pip install" in c] == [
+        "python -m pip install -q --no-cache-dir --no-binary=mpi4py mpi4py>=4,<5",
+        "python -m pip install -q -e .[test,report,lint]",
+    ]
+    assert (venv / ".installed").exists()
+
+
+def test_setup_for_a_system_mpi_without_its_compiler_says_so(venv):
+    rc, calls = _setup(venv, "MPI=system", "MPICC=/nonexistent/mpicc")
+    assert rc != 0
+    assert not any("pip install" in c for c in calls)
+
+
+def test_a_system_mpi_is_started_by_its_own_mpirun_and_an_unknown_choice_is_refused(venv):
+    env = _clean_env()
+    dry = subprocess.run(
+        ["make", "-n", "test-mpi", "MPI=system", f"VENV={venv}"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert dry.stdout.startswith("mpirun -n 3 ")
+    bad = subprocess.run(["make", "-n", "setup", "MPI=openmpi"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and 'MPI must be mpich or system, not "openmpi"' in bad.stderr
