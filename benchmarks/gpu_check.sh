@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU check (issue: "a GPU path that is ready to be measured"): at most about 8 minutes on
 # one GPU. It needs a Python with a CUDA build of torch, mpi4py with an MPI, h5py, numpy, nibabel, nilearn
-# and pyyaml (PYTHON, default python3; MPIRUN, default the mpirun beside it or on PATH). It prints:
+# and pyyaml (PYTHON, default python3; MPIRUN, the launcher with any flags it needs, default the mpirun
+# beside PYTHON or on PATH). It prints:
 #   1. the full-size model's (width 1, 91x109x91) training step at batch 4 in fp32 and bf16, evaluation
 #      throughput, and data-loader throughput into the GPU from a 2 mm HDF5 file (benchmarks/gpu_check.py);
 #   2. a 9-rank federation at 2 mm on that GPU: 8 learners sharing it, 64 volumes each, 2 rounds of
@@ -10,8 +11,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-MPIRUN=${MPIRUN:-$(dirname "$(command -v "$PYTHON")")/mpirun}
-[ -x "$MPIRUN" ] || MPIRUN=mpirun
+if [ -z "${MPIRUN:-}" ]; then
+    MPIRUN=$(dirname "$(command -v "$PYTHON")")/mpirun
+    [ -x "$MPIRUN" ] || MPIRUN=mpirun
+fi
+read -r -a LAUNCHER <<< "$MPIRUN"  # "mpirun --oversubscribe": the command and its flags
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
@@ -32,7 +36,7 @@ EOF
 "$PYTHON" benchmarks/gpu_check.py --data "$WORK/split/learner_1.h5"
 echo
 echo "== $((LEARNERS + 1))-rank federation: $LEARNERS learners share one $DEVICE, $PER volumes each, 2 rounds"
-OMP_NUM_THREADS=1 "$MPIRUN" -n $((LEARNERS + 1)) "$PYTHON" -m fedmpi train --set data.dir="$WORK/split" \
+OMP_NUM_THREADS=1 "${LAUNCHER[@]}" -n $((LEARNERS + 1)) "$PYTHON" -m fedmpi train --set data.dir="$WORK/split" \
     --set run.dir="$WORK/runs" --set run.name=gpu --set federation.learners=$LEARNERS --set federation.rounds=2 \
     --set federation.algorithm=fedsparsify-global --set federation.target=0.9 --set model.width=$WIDTH \
     --set model.dropout=0 --set train.epochs=1 --set train.batch_size=4 --set train.lr=0.001 \

@@ -150,8 +150,10 @@ def test_the_prepared_gpu_check_runs_end_to_end_in_smoke_mode():
     import sys
     from pathlib import Path
 
+    from fedtools import MPIRUN, MPIRUN_FLAGS
+
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, GPU_CHECK_SMOKE="1", PYTHON=sys.executable)
+    env = dict(os.environ, GPU_CHECK_SMOKE="1", PYTHON=sys.executable, MPIRUN=" ".join([MPIRUN, *MPIRUN_FLAGS]))
     proc = subprocess.run(
         ["bash", str(root / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True, env=env, timeout=600
     )
