@@ -16,10 +16,9 @@ import h5py
 import numpy as np
 
 SHAPE = (16, 20, 16)
-# The launcher the tests start jobs with: FEDMPI_MPIRUN (the Makefile passes its MPIRUN), else the mpirun
-# beside this Python (the mpich wheel's), else the one on PATH (a site's MPI module, mpi4py built against it).
-# FEDMPI_MPIRUN_FLAGS adds launcher flags, e.g. Open MPI's --oversubscribe (README, "Tests and CI").
-# FEDMPI_MPIRUN may hold flags too, as the Makefile's MPIRUN may ("mpirun --oversubscribe").
+# The launcher the tests start jobs with: FEDMPI_MPIRUN, flags allowed (the Makefile passes its MPIRUN), else
+# the mpirun beside this Python (the mpich wheel's), else the one on PATH (a site's MPI module, mpi4py built
+# against it). FEDMPI_MPIRUN_FLAGS adds flags, e.g. Open MPI's --oversubscribe (README, "Tests and CI").
 _BESIDE = Path(sys.executable).with_name("mpirun")
 _FOUND = str(_BESIDE) if _BESIDE.exists() else shutil.which("mpirun") or str(_BESIDE)
 MPIRUN, *_GIVEN_FLAGS = shlex.split(os.environ.get("FEDMPI_MPIRUN", "")) or [_FOUND]
