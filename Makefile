@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 MPI    ?= mpich
 MPICC  ?= mpicc
 ifeq ($(MPI),mpich)
-MPIRUN ?= $(VENV)/bin/mpirun
+MPIRUN ?= $(abspath $(VENV))/bin/mpirun
 EXTRAS := test,mpich,report,lint
 else ifeq ($(MPI),system)
 MPIRUN ?= mpirun

@@ -22,6 +22,7 @@ SHAPE = (16, 20, 16)
 _BESIDE = Path(sys.executable).with_name("mpirun")
 _FOUND = str(_BESIDE) if _BESIDE.exists() else shutil.which("mpirun") or str(_BESIDE)
 MPIRUN, *_GIVEN_FLAGS = shlex.split(os.environ.get("FEDMPI_MPIRUN", "")) or [_FOUND]
+MPIRUN = os.path.abspath(MPIRUN) if os.sep in MPIRUN else MPIRUN  # tests start jobs from other directories
 MPIRUN_FLAGS = [*_GIVEN_FLAGS, *os.environ.get("FEDMPI_MPIRUN_FLAGS", "").split()]
 
 

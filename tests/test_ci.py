@@ -97,6 +97,8 @@ def test_the_serial_tests_start_their_jobs_with_the_makefiles_launcher(venv):
     jobs too, not only test-mpi."""
     assert "launcher " + str(venv / "bin" / "mpirun") in _ci(venv, ("make", "test-serial"))[1]
     assert "launcher /opt/site/bin/mpirun" in _ci(venv, ("make", "test-serial", "MPIRUN=/opt/site/bin/mpirun"))[1]
+    relative = os.path.relpath(venv, ROOT)  # `make test VENV=.venv`: the tests start jobs from other directories
+    assert _ci(venv, ("make", "test-serial", f"VENV={relative}"))[1][-1] == "launcher " + str(venv / "bin" / "mpirun")
 
 
 def _setup(venv: Path, *args: str) -> tuple[int, list[str]]:
