@@ -4,9 +4,16 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # MPI=mpich (workstations, CI): the mpich wheel, whose mpirun lands in the venv. MPI=system (a cluster's MPI
 # module, README "Clusters"): mpi4py built from source against the MPI whose mpicc is MPICC, started by that
-# MPI's mpirun; --no-cache-dir, so that pip never reuses an mpi4py it once built against another MPI.
-MPI    ?= mpich
+# MPI's mpirun; --no-cache-dir, so that pip never reuses an mpi4py it once built against another MPI. Setup
+# records the choice in $(VENV)/.mpi; later runs take it from there and refuse another.
+SET_UP_FOR := $(shell cat "$(VENV)/.mpi" 2>/dev/null)
+MPI    ?= $(or $(SET_UP_FOR),mpich)
 MPICC  ?= mpicc
+ifneq ($(filter-out $(MPI),$(SET_UP_FOR)),)
+ifeq ($(filter clean,$(MAKECMDGOALS)),)
+$(error $(VENV) was set up for MPI=$(SET_UP_FOR), not $(MPI): make clean (or another VENV=) first)
+endif
+endif
 ifeq ($(MPI),mpich)
 MPIRUN ?= $(abspath $(VENV))/bin/mpirun
 EXTRAS := test,mpich,report,lint
@@ -37,6 +44,7 @@ $(VENV)/.installed: pyproject.toml
 		$(PY) -m pip install -q --no-deps $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(BUILD_MPI4PY)
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	echo $(MPI) > $(VENV)/.mpi
 	touch $@
 
 demo: setup
@@ -49,8 +57,9 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not mpi and not slow and not cohort" tests $(NO_TESTS_OK)
 
 # The end-to-end tests start their jobs with the same launcher as test-mpi.
+test-serial: export FEDMPI_MPIRUN = $(MPIRUN)
 test-serial: setup
-	FEDMPI_MPIRUN="$(MPIRUN)" $(PY) -m pytest -q -m "not mpi" tests $(NO_TESTS_OK)
+	$(PY) -m pytest -q -m "not mpi" tests $(NO_TESTS_OK)
 
 # The MPI tests take seconds each: one still running after 120 s waits for a message that never comes,
 # and the hang watchdog (pyproject.toml) ends it sooner than its 600 s for any test.

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU check (issue: "a GPU path that is ready to be measured"): at most about 8 minutes on
 # one GPU. It needs a Python with a CUDA build of torch, mpi4py with an MPI, h5py, numpy, nibabel, nilearn
-# and pyyaml (PYTHON, default python3; MPIRUN, the launcher with any flags it needs, default the mpirun
-# beside PYTHON or on PATH). It prints:
+# and pyyaml (PYTHON, default python3; MPIRUN, the launcher and any flags it needs, split at spaces, default
+# the mpirun beside PYTHON or on PATH). It prints:
 #   1. the full-size model's (width 1, 91x109x91) training step at batch 4 in fp32 and bf16, evaluation
 #      throughput, and data-loader throughput into the GPU from a 2 mm HDF5 file (benchmarks/gpu_check.py);
 #   2. a 9-rank federation at 2 mm on that GPU: 8 learners sharing it, 64 volumes each, 2 rounds of
@@ -11,11 +11,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-if [ -z "${MPIRUN:-}" ]; then
-    MPIRUN=$(dirname "$(command -v "$PYTHON")")/mpirun
-    [ -x "$MPIRUN" ] || MPIRUN=mpirun
+if [ -n "${MPIRUN:-}" ]; then
+    read -r -a LAUNCHER <<< "$MPIRUN"  # "mpirun --oversubscribe": the command and its flags
+else
+    LAUNCHER=("$(dirname "$(command -v "$PYTHON")")/mpirun")
+    [ -x "${LAUNCHER[0]}" ] || LAUNCHER=(mpirun)
 fi
-read -r -a LAUNCHER <<< "$MPIRUN"  # "mpirun --oversubscribe": the command and its flags
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then

@@ -33,21 +33,24 @@ HOST_BYTES = 64
 
 def check_ranks(cfg: Config, size: int, launched: int | None = None, library: str = "") -> None:
     """The job's rank count must match the configuration (the centralized baseline runs alone). `launched`:
-    the tasks the launcher says it started; each of them alone in a world of one rank means that mpi4py's MPI
-    (`library`) cannot talk to this launcher, a mismatch that the rank count alone would misreport."""
-    if size == 1 and launched is not None and launched > 1:
-        raise ConfigError(
-            f"the launcher started {launched} tasks, but MPI sees each of them alone (a job of 1 rank): the MPI "
-            f"that mpi4py was built against ({library or 'unknown'}) does not serve this launcher. Under srun, "
-            "choose your MPI's plugin: srun --mpi=pmix for Open MPI, --mpi=pmi2 for MPICH (or export "
-            "SLURM_MPI_TYPE; srun --mpi=list shows them); otherwise start the job with that MPI's own mpirun"
-        )
+    the tasks the launcher's step says it has. A federation that sees a world of one rank in a step of several
+    was most likely started by a launcher that mpi4py's MPI (`library`) cannot talk to, which the rank count
+    alone would misreport. (A baseline alone in such a step is legitimate: a task farm, or a shell that srun
+    started, whose step variables every command inherits.)"""
     if algorithm(cfg).trains_centrally:
         if size != 1:
             raise ConfigError(
                 f"the {cfg.federation.algorithm} baseline runs in one process: python -m fedmpi train "
                 f"--set federation.algorithm={cfg.federation.algorithm} (without mpirun)"
             )
+    elif size == 1 and launched is not None and launched > 1:
+        raise ConfigError(
+            f"MPI sees a world of 1 rank, but the launcher's step has {launched} tasks: the MPI that mpi4py was "
+            f"built against ({library or 'unknown'}) does not serve this launcher, so every task is alone. Under "
+            "srun, choose your MPI's plugin: srun --mpi=pmix for Open MPI, --mpi=pmi2 for MPICH (or "
+            "SLURM_MPI_TYPE; srun --mpi=list shows them); otherwise start the job with that MPI's own mpirun. "
+            "(Or this command was started without a launcher from a shell inside a multi-task step.)"
+        )
     elif size != (ranks := cfg.federation.learners + 1):
         raise ConfigError(
             f"this job has {size} MPI ranks but federation.learners = {cfg.federation.learners} "
@@ -85,7 +88,8 @@ def train(
     comm = mpi.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     try:
-        check_ranks(cfg, size, launcher_size(), " ".join(mpi.Get_library_version().splitlines()[0].split()))
+        library = " ".join((mpi.Get_library_version().splitlines() or [""])[0].split())
+        check_ranks(cfg, size, launcher_size(), library)
     except ConfigError as e:
         say(int(launcher_rank() or rank), str(e))  # once, also when every task believes it is rank 0
         return EXIT_USAGE

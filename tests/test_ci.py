@@ -49,7 +49,8 @@ def venv(tmp_path) -> Path:
 def _clean_env() -> dict[str, str]:
     """This environment without make's own variables from a calling make (`make test MPIRUN=...` passes its
     overrides down in MAKEFLAGS) and the Makefile's settings a caller may have exported."""
-    dropped = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MPIRUN", "MPI", "MPICC", "PYTHON", "TORCH_SPEC", "TORCH_INDEX")
+    make = ("MAKEFLAGS", "GNUMAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEFILES")
+    dropped = (*make, "MPIRUN", "MPI", "MPICC", "PYTHON", "TORCH_SPEC", "TORCH_INDEX")
     return {k: v for k, v in os.environ.items() if k not in (*dropped, "FEDMPI_MPIRUN")}
 
 
@@ -97,6 +98,8 @@ def test_the_serial_tests_start_their_jobs_with_the_makefiles_launcher(venv):
     jobs too, not only test-mpi."""
     assert "launcher " + str(venv / "bin" / "mpirun") in _ci(venv, ("make", "test-serial"))[1]
     assert "launcher /opt/site/bin/mpirun" in _ci(venv, ("make", "test-serial", "MPIRUN=/opt/site/bin/mpirun"))[1]
+    quoted = 'mpirun -x "A=b c"'  # flags with quotes reach the tests as written
+    assert _ci(venv, ("make", "test-serial", f"MPIRUN={quoted}"))[1][-1] == "launcher " + quoted
     relative = os.path.relpath(venv, ROOT)  # `make test VENV=.venv`: the tests start jobs from other directories
     assert _ci(venv, ("make", "test-serial", f"VENV={relative}"))[1][-1] == "launcher " + str(venv / "bin" / "mpirun")
 
@@ -123,9 +126,27 @@ def test_setup_for_a_system_mpi_builds_mpi4py_against_it_and_leaves_the_wheel_ou
 
 
 def test_setup_for_a_system_mpi_without_its_compiler_says_so(venv):
-    rc, calls = _setup(venv, "MPI=system", "MPICC=/nonexistent/mpicc")
-    assert rc != 0
-    assert not any("pip install" in c for c in calls)
+    (venv / ".installed").unlink()
+    env = dict(_clean_env(), VENV=str(venv), CALLS=str(venv / "calls.log"))
+    proc = subprocess.run(
+        ["make", "setup", "MPI=system", "MPICC=/nonexistent/mpicc"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode != 0
+    assert "MPI=system: no /nonexistent/mpicc here (load your MPI module or set MPICC)" in proc.stderr
+    assert "pip install" not in (venv / "calls.log").read_text()
+
+
+def test_the_venv_remembers_its_mpi_and_refuses_another(venv):
+    """After `make setup MPI=system`, a plain `make test` must not take the wheel's (absent) mpirun, nor
+    install the wheel into the venv when pyproject.toml changes."""
+    assert _setup(venv, "MPI=system", "MPICC=/bin/true")[0] == 0
+    assert (venv / ".mpi").read_text().strip() == "system"
+    env = dict(_clean_env(), VENV=str(venv))
+    dry = subprocess.run(["make", "-n", "test-mpi"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert dry.stdout.startswith("mpirun -n 3 ")
+    other = subprocess.run(["make", "-n", "test", "MPI=mpich"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert other.returncode != 0 and "was set up for MPI=system, not mpich: make clean" in other.stderr
+    assert subprocess.run(["make", "-n", "clean", "MPI=mpich"], cwd=ROOT, env=env, capture_output=True).returncode == 0
 
 
 def test_a_system_mpi_is_started_by_its_own_mpirun_and_an_unknown_choice_is_refused(venv):

@@ -2,6 +2,7 @@
 every rank as srun does) and scontrol (records its arguments)."""
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _fake_slurm(tmp_path: Path) -> dict:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    launcher = " ".join([MPIRUN, *MPIRUN_FLAGS])
+    launcher = shlex.join([MPIRUN, *MPIRUN_FLAGS])
     (bin_dir / "srun").write_text(f'#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec {launcher} -n 3 "$@"\n')
     (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$@" >> {tmp_path}/scontrol.log\n')
     for tool in bin_dir.iterdir():
