@@ -9,11 +9,6 @@ PY     := $(VENV)/bin/python
 SET_UP_FOR := $(shell cat "$(VENV)/.mpi" 2>/dev/null)
 MPI    ?= $(or $(SET_UP_FOR),mpich)
 MPICC  ?= mpicc
-ifneq ($(filter-out $(MPI),$(SET_UP_FOR)),)
-ifeq ($(filter clean,$(MAKECMDGOALS)),)
-$(error $(VENV) was set up for MPI=$(SET_UP_FOR), not $(MPI): make clean (or another VENV=) first)
-endif
-endif
 ifeq ($(MPI),mpich)
 MPIRUN ?= $(abspath $(VENV))/bin/mpirun
 EXTRAS := test,mpich,report,lint
@@ -24,6 +19,11 @@ BUILD_MPI4PY = command -v "$(MPICC)" >/dev/null || { echo "MPI=system: no $(MPIC
 	env MPICC="$(MPICC)" $(PY) -m pip install -q --no-cache-dir --no-binary=mpi4py "mpi4py>=4,<5"
 else
 $(error MPI must be mpich or system, not "$(MPI)")
+endif
+ifneq ($(filter-out $(MPI),$(SET_UP_FOR)),)
+ifeq ($(filter clean,$(MAKECMDGOALS)),)
+$(error $(VENV) was set up for MPI=$(SET_UP_FOR), not $(MPI): make clean (or another VENV=) first)
+endif
 endif
 # torch: the CPU wheel unless a torch is already importable (a CUDA build installed by the user). PyPI's
 # Linux torch is the CUDA build (GBs of nvidia-* wheels); the CPU index's 2.13.0+cpu outranks it. Only torch

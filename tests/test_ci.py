@@ -155,5 +155,7 @@ def test_a_system_mpi_is_started_by_its_own_mpirun_and_an_unknown_choice_is_refu
         ["make", "-n", "test-mpi", "MPI=system", f"VENV={venv}"], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert dry.stdout.startswith("mpirun -n 3 ")
-    bad = subprocess.run(["make", "-n", "setup", "MPI=openmpi"], cwd=ROOT, env=env, capture_output=True, text=True)
+    bad = subprocess.run(
+        ["make", "-n", "setup", "MPI=openmpi", f"VENV={venv}"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     assert bad.returncode != 0 and 'MPI must be mpich or system, not "openmpi"' in bad.stderr
