@@ -106,12 +106,14 @@ def start_fedmpi(data_dir: Path, run_dir: Path, *sets: str, ranks: int = 3, extr
 
 
 def wait_until(condition, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
-    """Poll condition() until it holds; TimeoutError naming `what` if the job ends or `timeout` passes first."""
+    """Poll condition() until it holds. If the job ends or `timeout` passes first, kill what is left of the job
+    (a test that gives up must not leave ranks running) and raise TimeoutError naming `what`."""
     import time
 
     deadline = time.monotonic() + timeout
     while not condition():
         if proc.poll() is not None or time.monotonic() > deadline:
+            kill_job(proc)
             raise TimeoutError(f"the job ended or {timeout} s passed before {what}")
         time.sleep(0.05)
 
@@ -146,7 +148,10 @@ def rank_process(job: subprocess.Popen, rank: int, timeout: float = 30) -> int:
 
 
 def job_processes(job: subprocess.Popen):
-    """(pid, environment) of every process carrying `job`'s FEDMPI_TEST_JOB marker."""
+    """(pid, environment) of every process carrying `job`'s FEDMPI_TEST_JOB marker (none for a job started
+    without one)."""
+    if getattr(job, "marker", None) is None:
+        return
     job_mark = f"FEDMPI_TEST_JOB={job.marker}".encode()
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -159,8 +164,9 @@ def job_processes(job: subprocess.Popen):
 
 
 def kill_job(job: subprocess.Popen) -> None:
-    """SIGKILL a start_fedmpi job as a node failure would: the launcher's process group and every process
-    of the job, since Open MPI's ranks are not in mpirun's group and outlive it, writing on."""
+    """SIGKILL a test's job as a node failure would: the launcher, its process group (for a job started in a
+    session of its own) and every process carrying the job's marker, since Open MPI's ranks are not in
+    mpirun's group and outlive it, writing on."""
     import signal
 
     with contextlib.suppress(ProcessLookupError):
@@ -168,6 +174,7 @@ def kill_job(job: subprocess.Popen) -> None:
     for pid, _env in job_processes(job):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    job.kill()  # the launcher itself, also when it is not the leader of a group of its own
     job.wait()
 
 
