@@ -26,23 +26,34 @@ from .errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, is_user_error
 from .memory import keep_freed_memory
 from .messages import row_text, text_row
 from .preflight import preflight, rank_file, say
-from .sentinel import launcher_rank, launcher_size, role
+from .sentinel import launcher_rank, launcher_size, mpi_world, role, slurm_step
 
 HOST_BYTES = 64
 
 
-def check_ranks(cfg: Config, size: int, launched: int | None = None, library: str = "") -> None:
+def check_start(cfg: Config, world: int | None, step: str | None = None) -> None:
+    """Before MPI starts: `world` is how many processes this process's MPI will wait for (sentinel.mpi_world). A
+    baseline set up as one of several, or a federation set up with the wrong count, would otherwise wait there
+    for processes that never come when the setting was inherited from a shell inside a multi-task srun step."""
+    if world is None:
+        return
+    if algorithm(cfg).trains_centrally and world > 1:
+        raise ConfigError(_baseline_alone(cfg, _set_up(world)))
+    if not algorithm(cfg).trains_centrally and world != cfg.federation.learners + 1:
+        raise ConfigError(_rank_count(cfg, world, _set_up(world), step))
+
+
+def check_ranks(
+    cfg: Config, size: int, launched: int | None = None, library: str = "", step: str | None = None
+) -> None:
     """The job's rank count must match the configuration (the centralized baseline runs alone). `launched`:
     the tasks the launcher's step says it has. A federation that sees a world of one rank in a step of several
     was most likely started by a launcher that mpi4py's MPI (`library`) cannot talk to, which the rank count
     alone would misreport. (A baseline alone in such a step is legitimate: a task farm, or a shell that srun
-    started, whose step variables every command inherits.)"""
+    started, whose step variables every command inherits.) `step`: the SLURM step this runs in, if any."""
     if algorithm(cfg).trains_centrally:
         if size != 1:
-            raise ConfigError(
-                f"the {cfg.federation.algorithm} baseline runs in one process: python -m fedmpi train "
-                f"--set federation.algorithm={cfg.federation.algorithm} (without mpirun)"
-            )
+            raise ConfigError(_baseline_alone(cfg, f"this job has {size} MPI ranks"))
     elif size == 1 and launched is not None and launched > 1:
         raise ConfigError(
             f"MPI sees a world of 1 rank, but the launcher's step has {launched} tasks: the MPI that mpi4py was "
@@ -51,12 +62,43 @@ def check_ranks(cfg: Config, size: int, launched: int | None = None, library: st
             "SLURM_MPI_TYPE; srun --mpi=list shows them); otherwise start the job with that MPI's own mpirun. "
             "(Or this command was started without a launcher from a shell inside a multi-task step.)"
         )
-    elif size != (ranks := cfg.federation.learners + 1):
-        raise ConfigError(
-            f"this job has {size} MPI ranks but federation.learners = {cfg.federation.learners} "
-            f"needs {ranks} (1 server + {cfg.federation.learners} learners): "
-            f"mpirun -n {ranks} python -m fedmpi train ..., or --ntasks={ranks} under SLURM"
-        )
+    elif size != cfg.federation.learners + 1:
+        raise ConfigError(_rank_count(cfg, size, f"this job has {size} MPI ranks", step))
+
+
+def _baseline_alone(cfg: Config, found: str) -> str:
+    algo = cfg.federation.algorithm
+    return (
+        f"the {algo} baseline runs in one process, but {found}: python -m fedmpi train --set "
+        f"federation.algorithm={algo} (without mpirun, or srun -n 1). From a shell that a multi-task srun started, "
+        "a command inherits that step's MPI set-up and would wait for its other tasks: use a one-task shell "
+        "(srun -n 1 --pty bash), or srun --mpi=none to run several baselines side by side"
+    )
+
+
+def _set_up(world: int) -> str:
+    return (
+        f"MPI is set up for a job of {world} process{'' if world == 1 else 'es'} (by the launcher, or inherited "
+        "from the srun step of the shell this runs in)"
+    )
+
+
+def _rank_count(cfg: Config, size: int, found: str, step: str | None) -> str:
+    """The rank-count line; a lone rank inside a SLURM step (typically a command typed in srun --pty bash) also
+    learns how to start ranks from there."""
+    ranks = cfg.federation.learners + 1
+    message = (
+        f"{found} but federation.learners = {cfg.federation.learners} needs {ranks} (1 server + "
+        f"{cfg.federation.learners} learners): mpirun -n {ranks} python -m fedmpi train ..., or --ntasks={ranks} "
+        "under SLURM"
+    )
+    if step is None or size != 1:
+        return message
+    return (
+        f"{message}. From a shell inside an srun step (srun --pty bash; this is step {step}), that step holds its "
+        f"CPUs and a plain srun or MPICH's mpirun waits for them for ever: srun --overlap -n {ranks} python -m "
+        "fedmpi train ..."
+    )
 
 
 def init_mpi(timeout: float):
@@ -81,6 +123,7 @@ def train(
     checkpoint-and-stop asked (fedmpi.preemption, taken by the command line before anything else)."""
     try:  # every rank parses the same arguments, so every rank reaches the same verdict without MPI traffic
         cfg = load_config(config, overrides)
+        check_start(cfg, mpi_world(), slurm_step())
     except ConfigError as e:
         say(int(launcher_rank() or 0), str(e))
         return EXIT_USAGE
@@ -89,7 +132,7 @@ def train(
     rank, size = comm.Get_rank(), comm.Get_size()
     try:
         library = " ".join((mpi.Get_library_version().splitlines() or [""])[0].split())
-        check_ranks(cfg, size, launcher_size(), library)
+        check_ranks(cfg, size, launcher_size(), library, slurm_step())
     except ConfigError as e:
         say(int(launcher_rank() or rank), str(e))  # once, also when every task believes it is rank 0
         return EXIT_USAGE

@@ -47,7 +47,25 @@ def launcher_rank() -> str | None:
 def launcher_size() -> int | None:
     """How many tasks the launcher started in this job step (hydra, Open MPI's mpirun, srun), or None when no
     launcher says so: a batch script's own environment names the allocation's tasks, not a step's."""
-    for name in SIZE_VARIABLES:
+    return _first_count(SIZE_VARIABLES)
+
+
+def mpi_world() -> int | None:
+    """How many processes this process's MPI will wait for in MPI_Init, as a launcher set it up: PMI_SIZE (hydra,
+    srun's pmi2), OMPI_COMM_WORLD_SIZE (Open MPI's mpirun), or under srun's PMIx, which names no size, the step's
+    tasks. None: MPI starts alone. A command run from a shell that srun started inherits all of these."""
+    pmix = ("SLURM_STEP_NUM_TASKS",) if "PMIX_NAMESPACE" in os.environ else ()
+    return _first_count(("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", *pmix))
+
+
+def slurm_step() -> str | None:
+    """The SLURM job step this process runs in ("job.step"), or None: a batch script or salloc's shell is in none."""
+    step = os.environ.get("SLURM_STEP_ID")
+    return None if step is None else f"{os.environ.get('SLURM_JOB_ID', '?')}.{step}"
+
+
+def _first_count(names) -> int | None:
+    for name in names:
         value = os.environ.get(name, "")
         if value.isdigit():
             return int(value)

@@ -7,9 +7,10 @@ import signal
 
 import pytest
 
+from fedmpi import launch
 from fedmpi.config import load_config
 from fedmpi.errors import EXIT_FAILURE, EXIT_USAGE, ConfigError
-from fedmpi.launch import check_ranks, train
+from fedmpi.launch import check_ranks, check_start, train
 
 
 def _cfg(tmp_path, *sets):
@@ -40,10 +41,45 @@ def test_tasks_each_alone_in_mpi_are_named_a_launcher_mismatch(tmp_path):
         check_ranks(_cfg(tmp_path), 1, launched=None)
 
 
+def test_a_launch_that_mpi_would_wait_on_for_ever_is_refused_before_mpi_starts(tmp_path):
+    """A shell inside a multi-task srun step hands every command its step's MPI set-up: a baseline run there
+    would wait in MPI_Init for the step's other tasks (checked under a real srun: until run.startup_timeout)."""
+    baseline = _cfg(tmp_path, "federation.algorithm=centralized")
+    with pytest.raises(ConfigError, match=r"one process, but MPI is set up for a job of 2 processes .*srun --mpi=none"):
+        check_start(baseline, 2)
+    check_start(baseline, 1)  # srun -n 1, or a one-task shell's step
+    check_start(baseline, None)  # no launcher, or srun --mpi=none
+    check_start(_cfg(tmp_path), 3)
+    check_start(_cfg(tmp_path), None)
+    with pytest.raises(ConfigError, match=r"a job of 2 processes \(.*\) but federation.learners = 2 needs 3"):
+        check_start(_cfg(tmp_path), 2, step="27.0")  # srun -n 2 itself: no word of shells in steps
+    with pytest.raises(ConfigError, match=r"a job of 1 process \(.*srun --overlap -n 3"):
+        check_start(_cfg(tmp_path), 1, step="27.0")
+
+
+def test_a_rank_count_said_inside_a_slurm_step_points_to_srun_overlap(tmp_path):
+    """From srun --pty bash, a nested srun or MPICH's mpirun waits for CPUs the shell's step holds (seen under a
+    real SLURM: 'step creation temporarily disabled' and no end); srun --overlap shares them."""
+    with pytest.raises(ConfigError, match=r"needs 3 .*--ntasks=3 under SLURM\. .*step 27\.0.*srun --overlap -n 3 "):
+        check_ranks(_cfg(tmp_path), 1, step="27.0")
+    with pytest.raises(ConfigError, match=r"--ntasks=3 under SLURM$"):
+        check_ranks(_cfg(tmp_path), 1, step=None)
+
+
+def test_the_baseline_in_an_inherited_mpi_job_never_starts_mpi(monkeypatch, capsys, tmp_path):
+    for name in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.setenv("PMI_RANK", "0")
+    monkeypatch.setattr(launch, "init_mpi", lambda timeout: pytest.fail("MPI was started"))
+    assert train(None, [f"run.dir={tmp_path}", "federation.algorithm=centralized"]) == EXIT_USAGE
+    assert "a job of 2 processes" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("procid", ["0", "1"])
 def test_the_mismatch_is_said_once_by_the_launchers_first_task(monkeypatch, capsys, tmp_path, procid):
     """Every task of such a job is rank 0 to MPI; only the launcher's task 0 prints the line."""
-    for name in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK"):
+    for name in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMIX_NAMESPACE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "3")
     monkeypatch.setenv("SLURM_PROCID", procid)

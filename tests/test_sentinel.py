@@ -10,14 +10,22 @@ from pathlib import Path
 import pytest
 
 from fedmpi import sentinel
-from fedmpi.sentinel import RANK_VARIABLES, SIZE_VARIABLES, launcher_rank, launcher_size, supervise
+from fedmpi.sentinel import (
+    RANK_VARIABLES,
+    SIZE_VARIABLES,
+    launcher_rank,
+    launcher_size,
+    mpi_world,
+    slurm_step,
+    supervise,
+)
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the supervisor forks on Linux only")
 
 
 @pytest.fixture
 def no_rank(monkeypatch):
-    for name in RANK_VARIABLES + SIZE_VARIABLES + ("SLURM_NTASKS",):
+    for name in RANK_VARIABLES + SIZE_VARIABLES + ("SLURM_NTASKS", "PMIX_NAMESPACE", "SLURM_STEP_ID"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -53,6 +61,29 @@ def test_launcher_size_is_a_steps_not_the_batch_scripts(monkeypatch, no_rank):
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "9")
     monkeypatch.setenv("PMI_SIZE", "3")  # an mpirun inside the step: its own count
     assert launcher_size() == 3
+
+
+@pytest.mark.parametrize("name", ["PMI_SIZE", "OMPI_COMM_WORLD_SIZE"])
+def test_the_mpi_world_is_what_the_launcher_set_up_for_mpi(monkeypatch, no_rank, name):
+    monkeypatch.setenv(name, "3")
+    assert mpi_world() == 3
+
+
+def test_the_mpi_world_under_pmix_is_the_steps_and_none_without_an_mpi_plugin(monkeypatch, no_rank):
+    """srun --mpi=pmix names no size (the step's tasks are it); srun --mpi=none sets up no MPI job at all, so each
+    task's MPI starts alone, as does any command run with no launcher."""
+    assert mpi_world() is None
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    assert mpi_world() is None
+    monkeypatch.setenv("PMIX_NAMESPACE", "slurm.pmix.32.0")
+    assert mpi_world() == 4
+
+
+def test_the_slurm_step_is_named_only_inside_one(monkeypatch, no_rank):
+    monkeypatch.setenv("SLURM_JOB_ID", "27")  # a batch script or salloc's shell: a job, no step
+    assert slurm_step() is None
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    assert slurm_step() == "27.0"
 
 
 def refuse_fork():
