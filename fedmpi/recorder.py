@@ -318,8 +318,10 @@ def finished(cfg: Config) -> bool:
 
 
 def print_summary(summary: dict) -> None:
+    """The run's last line; "done" only for a run that finished (a log grep for it must not find a stopped one)."""
     print(
-        f"done: {summary['rounds']} rounds, test MAE {summary['final_mae']:.2f} years "
+        f"{'stopped' if summary['preempted'] else 'done'}: {summary['rounds']} rounds, "
+        f"test MAE {summary['final_mae']:.2f} years "
         f"(predict-the-mean baseline {summary['baseline_mae']:.2f}), sparsity {summary['final_sparsity']:.3f}, "
         f"bytes up {summary['total_bytes_up'] / 1e6:.1f} MB / dense {summary['total_dense_bytes_up'] / 1e6:.1f} MB, "
         f"model {summary['model_bytes_on_disk'] / 1e3:.0f} kB on disk ({summary['model_file']})",

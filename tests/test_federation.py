@@ -172,7 +172,7 @@ def _centralized(data_dir, run_dir, *sets, resume=False, should_stop=lambda: Fal
     return centralized.run_centralized(cfg, Path(data_dir), resume, False, should_stop)
 
 
-def test_centralized_baseline_stops_at_a_checkpoint_on_request_and_resumes_exactly(tmp_path):
+def test_centralized_baseline_stops_at_a_checkpoint_on_request_and_resumes_exactly(tmp_path, capsys):
     """Asked to stop (SLURM's warning, SIGTERM: fedmpi.preemption), the centralized baseline, like the
     server, checkpoints the round just done, whatever checkpoint_every says, and exits 75; --resume then ends
     with the uninterrupted run's model, bit for bit."""
@@ -180,11 +180,15 @@ def test_centralized_baseline_stops_at_a_checkpoint_on_request_and_resumes_exact
     sets = ("federation.rounds=4", "run.checkpoint_every=3")
     assert _centralized(data, tmp_path / "ref", *sets) == 0
     asked = iter([False, True])  # after round 2, not a round checkpoint_every saves
+    capsys.readouterr()
     assert _centralized(data, tmp_path / "runs", *sets, should_stop=lambda: next(asked)) == EXIT_PREEMPTED
+    out = capsys.readouterr().out
+    assert "\nstopped: 2 rounds, test MAE" in out and "done:" not in out
     run = tmp_path / "runs" / "c"
     assert summary(run)["preempted"] is True and summary(run)["rounds"] == 2
     assert [r["round"] for r in metrics(run)] == [1, 2]
     assert _centralized(data, tmp_path / "runs", *sets, resume=True) == 0
+    assert "\ndone: 4 rounds, test MAE" in capsys.readouterr().out
     assert [r["round"] for r in metrics(run)] == [1, 2, 3, 4]
     (ref_values, ref_mask, _), (values, mask, _) = (load_model(p / "model.npz") for p in (tmp_path / "ref" / "c", run))
     assert values.tobytes() == ref_values.tobytes() and np.array_equal(mask, ref_mask)

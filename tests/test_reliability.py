@@ -137,6 +137,7 @@ def test_preemption_signal_checkpoints_and_resume_matches(split, reference, tmp_
     code, out, err, _ = _finish(proc, 60)
     assert code == 75, out + err
     assert summary(tmp_path / "p")["preempted"] is True
+    assert "\nstopped: " in out and "\ndone: " not in out  # a grep for finished runs must not find it
     done = len(metrics(tmp_path / "p"))
     assert done < 6
     resumed = run_fedmpi(split, tmp_path, *ROUNDS, "run.name=p", extra=["--resume"])
