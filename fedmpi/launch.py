@@ -49,8 +49,8 @@ def check_ranks(
     """The job's rank count must match the configuration (the centralized baseline runs alone). `launched`:
     the tasks the launcher's step says it has. A federation that sees a world of one rank in a step of several
     was most likely started by a launcher that mpi4py's MPI (`library`) cannot talk to, which the rank count
-    alone would misreport. (A baseline alone in such a step is legitimate: a task farm, or a shell that srun
-    started, whose step variables every command inherits.) `step`: the SLURM step this runs in, if any."""
+    alone would misreport. (A baseline alone in such a step is legitimate: a task farm under srun --mpi=none.)
+    `step`: the SLURM step this runs in, if any."""
     if algorithm(cfg).trains_centrally:
         if size != 1:
             raise ConfigError(_baseline_alone(cfg, f"this job has {size} MPI ranks"))
@@ -70,9 +70,10 @@ def _baseline_alone(cfg: Config, found: str) -> str:
     algo = cfg.federation.algorithm
     return (
         f"the {algo} baseline runs in one process, but {found}: python -m fedmpi train --set "
-        f"federation.algorithm={algo} (without mpirun, or srun -n 1). From a shell that a multi-task srun started, "
-        "a command inherits that step's MPI set-up and would wait for its other tasks: use a one-task shell "
-        "(srun -n 1 --pty bash), or srun --mpi=none to run several baselines side by side"
+        f"federation.algorithm={algo} (without mpirun, or srun -n 1). A shell that a multi-task srun started hands "
+        "its commands that step's MPI set-up, and a step started from it waits for the CPUs the shell's step holds: "
+        "run the baseline from the batch script or salloc's shell instead (several side by side: srun --mpi=none "
+        "-n K ...)"
     )
 
 
@@ -95,9 +96,9 @@ def _rank_count(cfg: Config, size: int, found: str, step: str | None) -> str:
     if step is None or size != 1:
         return message
     return (
-        f"{message}. From a shell inside an srun step (srun --pty bash; this is step {step}), that step holds its "
-        f"CPUs and a plain srun or MPICH's mpirun waits for them for ever: srun --overlap -n {ranks} python -m "
-        "fedmpi train ..."
+        f"{message}. If you typed this in a shell that srun started (srun --pty bash; this is step {step}), that "
+        f"step holds its CPUs and a plain srun or MPICH's mpirun waits for them for ever: srun --overlap -n {ranks} "
+        "python -m fedmpi train ..."
     )
 
 

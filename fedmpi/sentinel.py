@@ -53,15 +53,26 @@ def launcher_size() -> int | None:
 def mpi_world() -> int | None:
     """How many processes this process's MPI will wait for in MPI_Init, as a launcher set it up: PMI_SIZE (hydra,
     srun's pmi2), OMPI_COMM_WORLD_SIZE (Open MPI's mpirun), or under srun's PMIx, which names no size, the step's
-    tasks. None: MPI starts alone. A command run from a shell that srun started inherits all of these."""
+    tasks. None: MPI starts alone, or the counts disagree. A command run from a shell that srun started inherits
+    that step's variables, and a launcher started from there replaces only its own (Open MPI's mpirun leaves
+    PMI_SIZE as it was): a count that others contradict is stale, so nothing is said."""
     pmix = ("SLURM_STEP_NUM_TASKS",) if "PMIX_NAMESPACE" in os.environ else ()
-    return _first_count(("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", *pmix))
+    counts = {
+        int(v) for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", *pmix) if (v := os.environ.get(name, "")).isdigit()
+    }
+    return counts.pop() if len(counts) == 1 else None
+
+
+SPECIAL_STEPS = 0xFFFFFFFA  # SLURM's interactive (salloc's shell), pending, batch and extern step ids, and above
 
 
 def slurm_step() -> str | None:
-    """The SLURM job step this process runs in ("job.step"), or None: a batch script or salloc's shell is in none."""
-    step = os.environ.get("SLURM_STEP_ID")
-    return None if step is None else f"{os.environ.get('SLURM_JOB_ID', '?')}.{step}"
+    """The SLURM job step this process runs in ("job.step"), or None: a batch script or salloc's shell is in no step
+    that holds CPUs of its own."""
+    step = os.environ.get("SLURM_STEP_ID", "")
+    if not step.isdigit() or int(step) >= SPECIAL_STEPS:
+        return None
+    return f"{os.environ.get('SLURM_JOB_ID', '?')}.{step}"
 
 
 def _first_count(names) -> int | None:

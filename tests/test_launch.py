@@ -66,14 +66,32 @@ def test_a_rank_count_said_inside_a_slurm_step_points_to_srun_overlap(tmp_path):
         check_ranks(_cfg(tmp_path), 1, step=None)
 
 
-def test_the_baseline_in_an_inherited_mpi_job_never_starts_mpi(monkeypatch, capsys, tmp_path):
-    for name in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "SLURM_PROCID"):
+@pytest.fixture
+def no_launcher(monkeypatch):
+    for name in (
+        *("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMIX_NAMESPACE"),
+        *("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_ID", "SLURM_JOB_ID"),
+    ):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(launch, "init_mpi", lambda timeout: pytest.fail("MPI was started"))
+
+
+def test_the_baseline_in_an_inherited_mpi_job_never_starts_mpi(monkeypatch, capsys, tmp_path, no_launcher):
     monkeypatch.setenv("PMI_SIZE", "2")
     monkeypatch.setenv("PMI_RANK", "0")
-    monkeypatch.setattr(launch, "init_mpi", lambda timeout: pytest.fail("MPI was started"))
     assert train(None, [f"run.dir={tmp_path}", "federation.algorithm=centralized"]) == EXIT_USAGE
     assert "a job of 2 processes" in capsys.readouterr().err
+
+
+def test_a_federation_typed_in_a_one_task_step_shell_is_told_srun_overlap(monkeypatch, capsys, tmp_path, no_launcher):
+    """What srun -n 1 --pty bash (pmi2) leaves every command typed there, end to end through train()."""
+    monkeypatch.setenv("PMI_SIZE", "1")
+    monkeypatch.setenv("PMI_RANK", "0")
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    assert train(None, [f"run.dir={tmp_path}", "federation.learners=2"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "step 41.0" in err and "srun --overlap -n 3 python -m fedmpi train" in err
 
 
 @pytest.mark.parametrize("procid", ["0", "1"])

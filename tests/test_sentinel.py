@@ -79,11 +79,27 @@ def test_the_mpi_world_under_pmix_is_the_steps_and_none_without_an_mpi_plugin(mo
     assert mpi_world() == 4
 
 
-def test_the_slurm_step_is_named_only_inside_one(monkeypatch, no_rank):
+def test_counts_that_disagree_say_nothing(monkeypatch, no_rank):
+    """Open MPI's mpirun, or srun --mpi=pmix, started from a shell of a one-task pmi2 step: PMI_SIZE=1 is that
+    step's, left behind; the job's MPI forms a world of 9."""
+    monkeypatch.setenv("PMI_SIZE", "1")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "9")
+    assert mpi_world() is None
+    monkeypatch.delenv("OMPI_COMM_WORLD_SIZE")
+    monkeypatch.setenv("PMIX_NAMESPACE", "slurm.pmix.40.0")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "9")
+    assert mpi_world() is None
+    monkeypatch.setenv("PMI_SIZE", "9")
+    assert mpi_world() == 9
+
+
+def test_the_slurm_step_is_named_only_inside_one_that_holds_cpus(monkeypatch, no_rank):
     monkeypatch.setenv("SLURM_JOB_ID", "27")  # a batch script or salloc's shell: a job, no step
     assert slurm_step() is None
     monkeypatch.setenv("SLURM_STEP_ID", "0")
     assert slurm_step() == "27.0"
+    monkeypatch.setenv("SLURM_STEP_ID", "4294967290")  # salloc's shell as the interactive step (use_interactive_step)
+    assert slurm_step() is None
 
 
 def refuse_fork():
