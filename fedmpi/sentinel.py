@@ -83,18 +83,49 @@ def _first_count(names) -> int | None:
     return None
 
 
+_to_sentinel: int | None = None  # in a supervised rank: the pipe to its sentinel, until tell_rank has used it
+
+
+def tell_rank(rank: int) -> None:
+    """Tell the sentinel the rank as MPI numbers it (called once MPI is up). The launcher's variables can be stale:
+    a launcher started from a shell inside an srun step replaces only its own (Open MPI's mpirun there leaves the
+    step's PMI_RANK=0 to every rank), and the sentinel would name the wrong rank."""
+    global _to_sentinel
+    if _to_sentinel is None:
+        return
+    with contextlib.suppress(OSError):
+        os.write(_to_sentinel, str(rank).encode())
+    os.close(_to_sentinel)
+    _to_sentinel = None
+
+
+def _told_rank(pipe: int, fallback: str) -> str:
+    """What the rank told its sentinel, or the launcher's word if it died before MPI was up."""
+    os.set_blocking(pipe, False)
+    try:
+        told = os.read(pipe, 16).decode()
+    except (BlockingIOError, UnicodeDecodeError):  # a fork of the rank may hold the pipe open, unwritten
+        told = ""
+    return told if told.isdigit() else fallback
+
+
 def supervise() -> None:
     """Return in the child (the real rank); the parent never returns."""
+    global _to_sentinel
     rank = launcher_rank()
     if rank is None or not sys.platform.startswith("linux") or os.environ.get("FEDMPI_SENTINEL") == "0":
         return
     parent = os.getpid()
+    told, tell = os.pipe()
     child = os.fork()
     if child == 0:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
+        os.close(told)
+        _to_sentinel = tell
         return
+    os.close(tell)
 
     def forward(signum, frame):
         with contextlib.suppress(ProcessLookupError):  # the rank has just ended and been reaped
@@ -105,6 +136,7 @@ def supervise() -> None:
     _, status = os.waitpid(child, 0)
     if os.WIFSIGNALED(status):
         sig = signal.Signals(os.WTERMSIG(status))
+        rank = _told_rank(told, rank)
         print(
             f"fedmpi: rank {rank} ({role(int(rank))}, pid {child}) was killed by {sig.name}{HINTS.get(sig, '')}",
             file=sys.stderr,

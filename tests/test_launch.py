@@ -94,6 +94,17 @@ def test_a_federation_typed_in_a_one_task_step_shell_is_told_srun_overlap(monkey
     assert "step 41.0" in err and "srun --overlap -n 3 python -m fedmpi train" in err
 
 
+def test_each_rank_tells_its_sentinel_its_mpi_rank_once_mpi_is_up(monkeypatch, capsys, tmp_path, no_launcher):
+    """The sentinel names a rank killed by a signal; the launcher's variables may be a step's, left in a shell."""
+    world = type("World", (), {"Get_rank": lambda self: 2, "Get_size": lambda self: 1})()
+    mpi = type("MPI", (), {"COMM_WORLD": world, "Get_library_version": staticmethod(lambda: "MPICH 4")})
+    told = []
+    monkeypatch.setattr(launch, "init_mpi", lambda timeout: mpi)
+    monkeypatch.setattr(launch, "tell_rank", told.append)
+    assert train(None, [f"run.dir={tmp_path}", "federation.learners=2"]) == EXIT_USAGE  # 1 rank of 3: refused
+    assert told == [2]
+
+
 @pytest.mark.parametrize("procid", ["0", "1"])
 def test_the_mismatch_is_said_once_by_the_launchers_first_task(monkeypatch, capsys, tmp_path, procid):
     """Every task of such a job is rank 0 to MPI; only the launcher's task 0 prints the line."""

@@ -165,6 +165,31 @@ def test_killed_server_is_named_with_child_pid():
 
 
 @linux
+def test_the_rank_mpi_numbers_names_the_dead_rank_over_a_stale_launcher_variable():
+    """Open MPI's mpirun started from a shell of a pmi2 srun step: every rank inherits PMI_RANK=0."""
+    code = (
+        "import os, signal; from fedmpi.sentinel import tell_rank; tell_rank(2); os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    out = run_supervised(code, 0)
+    assert out.returncode == 128 + 9
+    assert "fedmpi: rank 2 (learner 2, pid " in out.stderr
+
+
+@linux
+def test_a_rank_dead_before_mpi_is_named_by_the_launcher_even_if_a_fork_holds_the_pipe():
+    """A fork of the rank (a data-loader worker) keeps the pipe open unwritten: the sentinel must not wait on it."""
+    code = (
+        "import os, signal, time\n"
+        "if os.fork() == 0:\n    os.close(1)\n    os.close(2)\n    time.sleep(20)\n    os._exit(0)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    started = time.monotonic()
+    out = run_supervised(code, 3, timeout=60)
+    assert out.returncode == 128 + 9 and "fedmpi: rank 3 (learner 3, pid " in out.stderr
+    assert time.monotonic() - started < 15  # named at once, not when the fork ends
+
+
+@linux
 def test_normal_exit_code_passes_through_silently():
     out = run_supervised("import sys; print('done'); sys.exit(5)", 2)
     assert out.returncode == 5
