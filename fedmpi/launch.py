@@ -26,7 +26,7 @@ from .errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, is_user_error
 from .memory import keep_freed_memory
 from .messages import row_text, text_row
 from .preflight import preflight, rank_file, say
-from .sentinel import launcher_rank, launcher_size, mpi_world, role, slurm_step, tell_rank
+from .sentinel import first_task, launcher_size, mpi_world, role, slurm_step, tell_rank
 
 HOST_BYTES = 64
 
@@ -126,7 +126,7 @@ def train(
         cfg = load_config(config, overrides)
         check_start(cfg, mpi_world(), slurm_step())
     except ConfigError as e:
-        say(int(launcher_rank() or 0), str(e))
+        say(0 if first_task() else 1, str(e))
         return EXIT_USAGE
     mpi = init_mpi(cfg.run.startup_timeout)
     comm = mpi.COMM_WORLD
@@ -137,8 +137,8 @@ def train(
         check_ranks(cfg, size, launcher_size(), library, slurm_step())
     except ConfigError as e:
         # once: by MPI's rank 0 that is also the launcher's first task (every task is MPI's rank 0 when the launcher
-        # does not serve this MPI; every rank reads a launcher rank of 0 when that is a step's, left in a shell)
-        say(0 if rank == 0 and launcher_rank() in (None, "0") else 1, str(e))
+        # does not serve this MPI)
+        say(0 if rank == 0 and first_task() else 1, str(e))
         return EXIT_USAGE
     try:
         return _run(cfg, comm, resume, overwrite, stop)

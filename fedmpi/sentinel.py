@@ -44,6 +44,13 @@ def launcher_rank() -> str | None:
     return None
 
 
+def first_task() -> bool:
+    """Whether no launcher variable names another task than the first: the task that prints a job-wide error
+    line. All must agree, because a launcher started from a shell inside an srun step replaces only its own and
+    leaves the step's (PMI_RANK=0 for every rank under Open MPI's mpirun there)."""
+    return all(os.environ.get(name, "0") == "0" for name in RANK_VARIABLES)
+
+
 def launcher_size() -> int | None:
     """How many tasks the launcher started in this job step (hydra, Open MPI's mpirun, srun), or None when no
     launcher says so: a batch script's own environment names the allocation's tasks, not a step's."""
@@ -113,7 +120,9 @@ def supervise() -> None:
     """Return in the child (the real rank); the parent never returns."""
     global _to_sentinel
     rank = launcher_rank()
-    if rank is None or not sys.platform.startswith("linux") or os.environ.get("FEDMPI_SENTINEL") == "0":
+    if rank is None or not rank.isdigit() or not sys.platform.startswith("linux"):
+        return
+    if os.environ.get("FEDMPI_SENTINEL") == "0":
         return
     parent = os.getpid()
     told, tell = os.pipe()

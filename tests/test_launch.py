@@ -105,6 +105,24 @@ def test_each_rank_tells_its_sentinel_its_mpi_rank_once_mpi_is_up(monkeypatch, c
     assert told == [2]
 
 
+@pytest.mark.parametrize(("mpi_rank", "ompi_rank", "lines"), [(0, "0", 1), (2, "2", 0), (0, "2", 0)])
+def test_an_error_line_is_said_once_under_a_stale_launcher_rank(
+    monkeypatch, capsys, tmp_path, no_launcher, mpi_rank, ompi_rank, lines
+):
+    """Open MPI's mpirun started from a shell of a pmi2 step: every rank inherits PMI_RANK=0. The rank-count line
+    is said by MPI's rank 0 that no launcher variable calls another task; the last case is a task that is MPI's
+    rank 0 only because its MPI does not talk to this launcher."""
+    monkeypatch.setenv("PMI_RANK", "0")
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", ompi_rank)
+    world = type("World", (), {"Get_rank": lambda self: mpi_rank, "Get_size": lambda self: 1})()
+    mpi = type("MPI", (), {"COMM_WORLD": world, "Get_library_version": staticmethod(lambda: "MPICH 4")})
+    monkeypatch.setattr(launch, "init_mpi", lambda timeout: mpi)
+    assert train(None, [f"run.dir={tmp_path}", "federation.learners=2"]) == EXIT_USAGE
+    assert capsys.readouterr().err.count("fedmpi: error:") == lines
+    assert train(None, ["federation.target=1.5"]) == EXIT_USAGE  # before MPI: the launcher variables alone
+    assert capsys.readouterr().err.count("fedmpi: error:") == (ompi_rank == "0")
+
+
 @pytest.mark.parametrize("procid", ["0", "1"])
 def test_the_mismatch_is_said_once_by_the_launchers_first_task(monkeypatch, capsys, tmp_path, procid):
     """Every task of such a job is rank 0 to MPI; only the launcher's task 0 prints the line."""

@@ -13,6 +13,7 @@ from fedmpi import sentinel
 from fedmpi.sentinel import (
     RANK_VARIABLES,
     SIZE_VARIABLES,
+    first_task,
     launcher_rank,
     launcher_size,
     mpi_world,
@@ -102,6 +103,23 @@ def test_the_slurm_step_is_named_only_inside_one_that_holds_cpus(monkeypatch, no
     assert slurm_step() is None
 
 
+def test_the_first_task_is_the_one_no_launcher_variable_says_otherwise_of(monkeypatch, no_rank):
+    assert first_task()  # no launcher: a lone process
+    monkeypatch.setenv("PMI_RANK", "0")  # a pmi2 step's, left in its shell
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "2")  # Open MPI's mpirun started from there
+    assert not first_task()
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "0")
+    assert first_task()
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    assert not first_task()
+
+
+def test_supervise_leaves_a_rank_it_cannot_read_alone(monkeypatch, no_rank):
+    monkeypatch.setenv("PMI_RANK", "x")
+    monkeypatch.setattr(sentinel.os, "fork", refuse_fork)
+    assert supervise() is None
+
+
 def refuse_fork():
     raise AssertionError("supervise() forked")
 
@@ -180,7 +198,7 @@ def test_a_rank_dead_before_mpi_is_named_by_the_launcher_even_if_a_fork_holds_th
     """A fork of the rank (a data-loader worker) keeps the pipe open unwritten: the sentinel must not wait on it."""
     code = (
         "import os, signal, time\n"
-        "if os.fork() == 0:\n    os.close(1)\n    os.close(2)\n    time.sleep(20)\n    os._exit(0)\n"
+        "if os.fork() == 0:\n    os.close(1)\n    os.close(2)\n    time.sleep(16)\n    os._exit(0)\n"
         "os.kill(os.getpid(), signal.SIGKILL)"
     )
     started = time.monotonic()
