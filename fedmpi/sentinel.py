@@ -116,6 +116,18 @@ def _told_rank(pipe: int, fallback: str) -> str:
     return told if told.isdigit() else fallback
 
 
+def _hint(sig: signal.Signals) -> str:
+    """What a death by `sig` most likely means; inside a SLURM step, a start-up that never completed may also be a
+    command typed in a shell that srun started, which inherits that step's MPI set-up and waits for its tasks."""
+    step = slurm_step() if sig == signal.SIGALRM else None
+    if step is None:
+        return HINTS.get(sig, "")
+    return (
+        f"{HINTS[sig]}. If this was typed in a shell that srun started (step {step}), MPI waited for that step's "
+        "other tasks: start the ranks from there with srun --overlap -n N"
+    )
+
+
 def supervise() -> None:
     """Return in the child (the real rank); the parent never returns."""
     global _to_sentinel
@@ -147,7 +159,7 @@ def supervise() -> None:
         sig = signal.Signals(os.WTERMSIG(status))
         rank = _told_rank(told, rank)
         print(
-            f"fedmpi: rank {rank} ({role(int(rank))}, pid {child}) was killed by {sig.name}{HINTS.get(sig, '')}",
+            f"fedmpi: rank {rank} ({role(int(rank))}, pid {child}) was killed by {sig.name}{_hint(sig)}",
             file=sys.stderr,
             flush=True,
         )

@@ -208,6 +208,33 @@ def test_a_rank_dead_before_mpi_is_named_by_the_launcher_even_if_a_fork_holds_th
 
 
 @linux
+def test_a_start_up_alarm_inside_a_slurm_step_names_the_inherited_set_up():
+    """A federation typed in a shell of a multi-task srun step, with as many tasks as it needs ranks, passes the
+    count checks and waits in MPI_Init for the step's other tasks (shells) until the start-up alarm."""
+    code = "import os, signal; os.kill(os.getpid(), signal.SIGALRM)"
+    env = {**rank_env(0), "SLURM_JOB_ID": "50", "SLURM_STEP_ID": "0"}
+    out = subprocess.run(
+        [sys.executable, "-c", "from fedmpi.sentinel import supervise; supervise()\n" + code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 128 + signal.SIGALRM
+    assert "MPI start-up did not complete" in out.stderr and "(step 50.0)" in out.stderr
+    assert "srun --overlap -n N" in out.stderr
+    env.pop("SLURM_STEP_ID")  # a batch script: no word of steps
+    out = subprocess.run(
+        [sys.executable, "-c", "from fedmpi.sentinel import supervise; supervise()\n" + code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert "MPI start-up did not complete" in out.stderr and "srun --overlap" not in out.stderr
+
+
+@linux
 def test_normal_exit_code_passes_through_silently():
     out = run_supervised("import sys; print('done'); sys.exit(5)", 2)
     assert out.returncode == 5
