@@ -61,12 +61,13 @@ def _steps(mode: str, **env: str) -> dict:
 def test_training_steps_reuse_freed_memory():
     """Each step frees and reallocates about 10 MB of activations. With glibc's trim threshold fixed at its
     default (what setting only MALLOC_TRIM_THRESHOLD_ does) every step faults them back in (about 24,000
-    faults a step here); kept, at most an occasional heap extension faults (0-1,300 over the eight steps)."""
+    faults a step here); kept, at most an occasional heap extension faults (0-1,300 over the eight steps, once
+    3,840 in a full suite run: a bound in absolute faults was flaky, so kept must fault under 5% as often)."""
     kept = _steps("keep")
     default = _steps("none", MALLOC_TRIM_THRESHOLD_="131072")
     assert kept["applied"] is True
     assert default["faults"] > 8 * 2000
-    assert kept["faults"] < 2000
+    assert kept["faults"] < default["faults"] / 20
 
 
 @pytest.mark.parametrize(
