@@ -37,9 +37,10 @@ def check_start(cfg: Config, world: int | None, step: str | None = None) -> None
     for processes that never come when the setting was inherited from a shell inside a multi-task srun step."""
     if world is None:
         return
-    if algorithm(cfg).trains_centrally and world > 1:
-        raise ConfigError(_baseline_alone(cfg, _set_up(world)))
-    if not algorithm(cfg).trains_centrally and world != cfg.federation.learners + 1:
+    if algorithm(cfg).trains_centrally:
+        if world > 1:
+            raise ConfigError(_baseline_alone(cfg, _set_up(world)))
+    elif world != cfg.federation.learners + 1:
         raise ConfigError(_rank_count(cfg, world, _set_up(world), step))
 
 

@@ -54,7 +54,11 @@ def first_task() -> bool:
 def launcher_size() -> int | None:
     """How many tasks the launcher started in this job step (hydra, Open MPI's mpirun, srun), or None when no
     launcher says so: a batch script's own environment names the allocation's tasks, not a step's."""
-    return _first_count(SIZE_VARIABLES)
+    for name in SIZE_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return None
 
 
 def mpi_world() -> int | None:
@@ -80,14 +84,6 @@ def slurm_step() -> str | None:
     if not step.isdigit() or int(step) >= SPECIAL_STEPS:
         return None
     return f"{os.environ.get('SLURM_JOB_ID', '?')}.{step}"
-
-
-def _first_count(names) -> int | None:
-    for name in names:
-        value = os.environ.get(name, "")
-        if value.isdigit():
-            return int(value)
-    return None
 
 
 _to_sentinel: int | None = None  # in a supervised rank: the pipe to its sentinel, until tell_rank has used it

@@ -11,6 +11,7 @@ from fedmpi import launch
 from fedmpi.config import load_config
 from fedmpi.errors import EXIT_FAILURE, EXIT_USAGE, ConfigError
 from fedmpi.launch import check_ranks, check_start, train
+from fedmpi.sentinel import RANK_VARIABLES, SIZE_VARIABLES
 
 
 def _cfg(tmp_path, *sets):
@@ -34,7 +35,7 @@ def test_tasks_each_alone_in_mpi_are_named_a_launcher_mismatch(tmp_path):
     the rank count alone would tell them to start N ranks, which they did."""
     with pytest.raises(ConfigError, match=r"world of 1 rank, but the launcher's step has 3 tasks: .*\(Open MPI"):
         check_ranks(_cfg(tmp_path), 1, launched=3, library="Open MPI v4.1.4")
-    # the baseline alone in a step of several: a task farm, or a shell srun started (its variables inherited)
+    # the baseline alone in a step of several: a task farm under srun --mpi=none
     check_ranks(_cfg(tmp_path, "federation.algorithm=centralized"), 1, launched=3)
     check_ranks(_cfg(tmp_path), 3, launched=3)
     with pytest.raises(ConfigError, match="has 1 MPI ranks but"):  # started without a launcher: the count
@@ -68,12 +69,15 @@ def test_a_rank_count_said_inside_a_slurm_step_points_to_srun_overlap(tmp_path):
 
 @pytest.fixture
 def no_launcher(monkeypatch):
-    for name in (
-        *("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMIX_NAMESPACE"),
-        *("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_ID", "SLURM_JOB_ID"),
-    ):
+    for name in (*RANK_VARIABLES, *SIZE_VARIABLES, "PMIX_NAMESPACE", "SLURM_STEP_ID", "SLURM_JOB_ID"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(launch, "init_mpi", lambda timeout: pytest.fail("MPI was started"))
+
+
+def _mpi(rank: int, size: int = 1):
+    """A stand-in for mpi4py's MPI after MPI_Init, as train() uses it."""
+    world = type("World", (), {"Get_rank": lambda self: rank, "Get_size": lambda self: size})()
+    return type("MPI", (), {"COMM_WORLD": world, "Get_library_version": staticmethod(lambda: "MPICH 4")})
 
 
 def test_the_baseline_in_an_inherited_mpi_job_never_starts_mpi(monkeypatch, capsys, tmp_path, no_launcher):
@@ -96,10 +100,8 @@ def test_a_federation_typed_in_a_one_task_step_shell_is_told_srun_overlap(monkey
 
 def test_each_rank_tells_its_sentinel_its_mpi_rank_once_mpi_is_up(monkeypatch, capsys, tmp_path, no_launcher):
     """The sentinel names a rank killed by a signal; the launcher's variables may be a step's, left in a shell."""
-    world = type("World", (), {"Get_rank": lambda self: 2, "Get_size": lambda self: 1})()
-    mpi = type("MPI", (), {"COMM_WORLD": world, "Get_library_version": staticmethod(lambda: "MPICH 4")})
     told = []
-    monkeypatch.setattr(launch, "init_mpi", lambda timeout: mpi)
+    monkeypatch.setattr(launch, "init_mpi", lambda timeout: _mpi(2))
     monkeypatch.setattr(launch, "tell_rank", told.append)
     assert train(None, [f"run.dir={tmp_path}", "federation.learners=2"]) == EXIT_USAGE  # 1 rank of 3: refused
     assert told == [2]
@@ -114,9 +116,7 @@ def test_an_error_line_is_said_once_under_a_stale_launcher_rank(
     rank 0 only because its MPI does not talk to this launcher."""
     monkeypatch.setenv("PMI_RANK", "0")
     monkeypatch.setenv("OMPI_COMM_WORLD_RANK", ompi_rank)
-    world = type("World", (), {"Get_rank": lambda self: mpi_rank, "Get_size": lambda self: 1})()
-    mpi = type("MPI", (), {"COMM_WORLD": world, "Get_library_version": staticmethod(lambda: "MPICH 4")})
-    monkeypatch.setattr(launch, "init_mpi", lambda timeout: mpi)
+    monkeypatch.setattr(launch, "init_mpi", lambda timeout: _mpi(mpi_rank))
     assert train(None, [f"run.dir={tmp_path}", "federation.learners=2"]) == EXIT_USAGE
     assert capsys.readouterr().err.count("fedmpi: error:") == lines
     assert train(None, ["federation.target=1.5"]) == EXIT_USAGE  # before MPI: the launcher variables alone

@@ -147,10 +147,12 @@ def test_supervise_returns_off_linux(monkeypatch, no_rank):
     assert supervise() is None
 
 
-def run_supervised(code, rank, *args, timeout=30):
+def run_supervised(code, rank, *args, timeout=30, **env):
+    """`code` run as the rank under its sentinel; `env` adds variables (None removes one)."""
+    env = {k: v for k, v in {**rank_env(rank), **env}.items() if v is not None}
     return subprocess.run(
         [sys.executable, "-c", "from fedmpi.sentinel import supervise; supervise()\n" + code, *map(str, args)],
-        env=rank_env(rank),
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -212,25 +214,11 @@ def test_a_start_up_alarm_inside_a_slurm_step_names_the_inherited_set_up():
     """A federation typed in a shell of a multi-task srun step, with as many tasks as it needs ranks, passes the
     count checks and waits in MPI_Init for the step's other tasks (shells) until the start-up alarm."""
     code = "import os, signal; os.kill(os.getpid(), signal.SIGALRM)"
-    env = {**rank_env(0), "SLURM_JOB_ID": "50", "SLURM_STEP_ID": "0"}
-    out = subprocess.run(
-        [sys.executable, "-c", "from fedmpi.sentinel import supervise; supervise()\n" + code],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    out = run_supervised(code, 0, SLURM_JOB_ID="50", SLURM_STEP_ID="0")
     assert out.returncode == 128 + signal.SIGALRM
     assert "MPI start-up did not complete" in out.stderr and "(step 50.0)" in out.stderr
     assert "srun --overlap -n N" in out.stderr
-    env.pop("SLURM_STEP_ID")  # a batch script: no word of steps
-    out = subprocess.run(
-        [sys.executable, "-c", "from fedmpi.sentinel import supervise; supervise()\n" + code],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    out = run_supervised(code, 0, SLURM_JOB_ID="50", SLURM_STEP_ID=None)  # a batch script: no word of steps
     assert "MPI start-up did not complete" in out.stderr and "srun --overlap" not in out.stderr
 
 
