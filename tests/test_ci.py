@@ -1,34 +1,37 @@
 """.ci/run and the Makefile's test targets, with the venv's python and mpirun replaced by stubs that
 exit as told: CI fails when a check or a test fails, and does not fail when a selection holds no tests
-(pytest's exit code 5)."""
+(pytest's exit code 5, which the MPI run turns into 0 itself: tests/conftest.py)."""
 
 from __future__ import annotations
 
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The stub python: the linters exit LINT_RC, pytest SERIAL_RC or, with --with-mpi, MPI_RC; each call is
-# logged, so a test can see which steps ran.
+# The stub python: the linters exit LINT_RC, pytest SERIAL_RC or, with --with-mpi, rank RANK's word of MPI_RCS;
+# each call is logged, so a test can see which steps ran.
 PYTHON_STUB = """#!/bin/sh
 echo "python $*" >> "$CALLS"
 case "$*" in
-  *--with-mpi*) exit "${MPI_RC:-0}" ;;
+  *--with-mpi*) set -- ${MPI_RCS:-0} 0 0 0; shift "${RANK:-0}"; exit "$1" ;;
   *pytest*) echo "launcher ${FEDMPI_MPIRUN:-}" >> "$CALLS"; exit "${SERIAL_RC:-0}" ;;
   *ruff*|*mypy*) exit "${LINT_RC:-0}" ;;
 esac
 exit 0
 """
-# The stub mpirun drops "-n N" and runs the rest, as mpirun would on every rank.
+# The stub mpirun runs the rest of "-n N ..." as N ranks and exits with their codes ORed, as MPICH's does.
 MPIRUN_STUB = """#!/bin/sh
 echo "mpirun $*" >> "$CALLS"
-shift 2
-exec "$@"
+n=$2; shift 2
+rc=0; rank=0
+while [ $rank -lt $n ]; do RANK=$rank "$@"; rc=$((rc | $?)); rank=$((rank + 1)); done
+exit $rc
 """
 
 
@@ -65,12 +68,19 @@ def _ci(venv: Path, command: tuple[str, ...] = (str(ROOT / ".ci" / "run"),), **r
 def test_ci_passes_when_every_check_and_test_passes(venv):
     rc, calls = _ci(venv)
     assert rc == 0
-    assert [c.split()[2] for c in calls if c.startswith("python -m")] == ["ruff", "ruff", "mypy", "pytest", "pytest"]
+    assert [c.split()[2] for c in calls if c.startswith("python -m")] == ["ruff", "ruff", "mypy"] + ["pytest"] * 4
     assert sum(c.startswith("mpirun -n 3 ") for c in calls) == 1
 
 
 def test_ci_passes_when_a_selection_holds_no_tests(venv):
-    assert _ci(venv, SERIAL_RC=5, MPI_RC=5)[0] == 0
+    assert _ci(venv, SERIAL_RC=5)[0] == 0
+
+
+def test_an_empty_mpi_selection_exits_0_so_that_no_failure_hides_behind_5():
+    """Every rank of the MPI run may find no tests; it must not exit 5, which mpirun's OR also makes of 1 and 4."""
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_ci.py", "-k", "no_such"]
+    assert subprocess.run(command, cwd=ROOT, capture_output=True).returncode == 5
+    assert subprocess.run([*command, "--with-mpi"], cwd=ROOT, capture_output=True).returncode == 0
 
 
 @pytest.mark.parametrize("rc", [1, 2, 3, 4])
@@ -80,9 +90,10 @@ def test_ci_fails_when_the_serial_tests_fail_and_stops_there(venv, rc):
     assert not any(c.startswith("mpirun") for c in calls)
 
 
-@pytest.mark.parametrize("rc", [1, 2, 4])
-def test_ci_fails_when_the_mpi_tests_fail(venv, rc):
-    status, calls = _ci(venv, MPI_RC=rc)
+@pytest.mark.parametrize("rcs", ["1 1 1", "2 2 2", "4 4 4", "1 0 0", "1 5 5", "4 1 1"])
+def test_ci_fails_when_the_mpi_tests_fail(venv, rcs):
+    """Also when the ranks' codes OR to 5 (a failure on one rank, nothing collected or a usage error on another)."""
+    status, calls = _ci(venv, MPI_RCS=rcs)
     assert status != 0
     assert any(c.startswith("mpirun") for c in calls)
 
