@@ -509,6 +509,8 @@ def attack_run(
     model.to(dev)
     result = {
         "run": str(run_dir),
+        "rounds": summary.get("rounds"),
+        "stopped_early": summary.get("preempted") is True,
         "algorithm": cfg.federation.algorithm,
         "seed": seed,
         "sparsity": sparsity,
@@ -644,6 +646,12 @@ def run(args) -> int:
             print(f"fedmpi attack: error: {e}", file=sys.stderr)
             return 1
         raise
+    if result["stopped_early"]:
+        print(
+            f"fedmpi attack: note: {args.run} stopped at round {result['rounds']} (preempted), so this is its "
+            "model from then, not its final one (attack.json says stopped_early); resume the run to attack that",
+            file=sys.stderr,
+        )
     print(format_table(result))
     print(f"wrote {out}")
     return 0

@@ -327,8 +327,17 @@ def test_attack_command_on_a_run_directory(tmp_path, capsys):
         assert 0.0 <= r["auc_low"] <= r["auc"] <= r["auc_high"] <= 1.0
     assert out["members_eval"] == out["nonmembers_eval"] == 8 and out["train_mae"] > 0 and out["test_mae"] > 0
     assert set(out["per_learner"]["1"]["attacks"]) == set(attack.ATTACKS)
-    printed = capsys.readouterr().out
-    assert "white_box_mlp" in printed and "tpr@0.1%fpr" in printed and "on non-members" in printed
+    printed = capsys.readouterr()
+    assert "white_box_mlp" in printed.out and "tpr@0.1%fpr" in printed.out and "on non-members" in printed.out
+    assert out["stopped_early"] is False and "stopped" not in printed.err
+
+    # a run stopped early (preempted) is attacked as it is, and says so
+    (run / "summary.json").write_text(json.dumps({"data_dir": str(data), "rounds": 3, "preempted": True}))
+    assert attack.run(parser.parse_args(["--run", str(run), "--max-per-class", "4"])) == 0
+    assert "stopped at round 3 (preempted)" in capsys.readouterr().err
+    stopped = json.loads((run / "attack.json").read_text())
+    assert stopped["stopped_early"] is True and stopped["rounds"] == 3
+    (run / "summary.json").write_text(json.dumps({"data_dir": str(data), "target_sparsity": 0.5}))
 
     extra = tmp_path / "fresh.h5"
     write_volumes(extra, np.random.default_rng(5).uniform(45, 80, 20), np.random.default_rng(6), SHAPE)
