@@ -160,10 +160,10 @@ def _split_distribution(data_dir: Path | None) -> str:
     """The distribution recorded by `preprocess split` in test.h5, or "" when there is none."""
     if data_dir is None or not (data_dir / "test.h5").exists():
         return ""
-    import h5py
+    from preprocess.h5io import h5file
 
     try:
-        with h5py.File(data_dir / "test.h5", "r") as f:
+        with h5file(data_dir / "test.h5") as f:
             return json.loads(f.attrs.get("split", "{}")).get("distribution", "")
     except (OSError, ValueError):
         return ""

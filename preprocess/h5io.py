@@ -39,6 +39,15 @@ DATASETS = ("images", "age", "subject_id", "sex", "site")
 OPTIONAL = {"mni_to_native": np.float64, "registration_ncc": np.float32}
 DTYPES = {"float16": np.float16, "float32": np.float32}
 GZIP_LEVEL = 1
+LOCK_FAILED = "unable to lock file"  # HDF5's words when its flock fails
+
+
+def h5file(path, mode: str = "r") -> h5py.File:
+    """h5py.File without HDF5's file locks. On file systems mounted without locks (NFS without a lock daemon:
+    errno 37; Lustre without flock: 38) every locking open fails, and the locks protect nothing here: volume
+    files appear by rename once complete, so no reader meets one being written, and a temporary file has one
+    writer. A site's HDF5_USE_FILE_LOCKING still wins over this."""
+    return h5py.File(path, mode, locking=False)
 
 
 def base_attrs(voxel: int, shape, affine, params: dict, fingerprint: str) -> dict:
@@ -85,7 +94,7 @@ def write_volumes(path, volumes: Iterable[np.ndarray], table: dict, attrs: dict,
     """
     n = len(table["age"])
     shape = tuple(int(s) for s in attrs["shape"])
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_path(path) as tmp, h5file(tmp, "w") as f:
         images = _create(f, n, shape, DTYPES[dtype], table, attrs)
         count = 0
         for i, vol in enumerate(volumes):
@@ -106,7 +115,7 @@ def copy_rows(src, dst, rows, extra_attrs: dict) -> Path:
         attrs = dict(f.attrs)
         attrs.update(extra_attrs)
         images = f["images"]
-        with atomic_path(dst) as tmp, h5py.File(tmp, "w") as g:
+        with atomic_path(dst) as tmp, h5file(tmp, "w") as g:
             out = _create(g, len(rows), images.shape[1:], images.dtype, table, attrs)
             # raw chunks only when they are encoded as _create encodes them; otherwise (contiguous,
             # several volumes per chunk, another filter) decode and re-encode in the documented layout
@@ -128,8 +137,13 @@ def open_checked(path) -> h5py.File:
     if not path.is_file():
         raise DataError(f"volume file {path} does not exist")
     try:
-        f = h5py.File(path, "r")
+        f = h5file(path)
     except OSError as exc:
+        if LOCK_FAILED in str(exc):
+            raise DataError(
+                f"volume file {path}: HDF5 could not lock it ({exc}); this file system does not take locks, and "
+                "fedmpi reads without them unless HDF5_USE_FILE_LOCKING says otherwise: unset it or set it to FALSE"
+            ) from None
         raise DataError(f"volume file {path} is not a readable HDF5 file (corrupt or truncated?): {exc}") from None
     try:
         missing = [k for k in DATASETS if k not in f]

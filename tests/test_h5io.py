@@ -2,7 +2,10 @@
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -218,3 +221,49 @@ def test_copy_rows_puts_raw_chunks_in_their_new_rows(tmp_path):
         assert h5io.ChunkReader(f["images"]).raw
         np.testing.assert_array_equal(f["images"][:], vols[[2, 0]])
         assert list(f["subject_id"].asstr()[:]) == ["s2", "s0"]
+
+
+# flock() failing as on NFS without a lock daemon, for every process this library is preloaded into
+NO_LOCKS_C = """
+#include <errno.h>
+int flock(int fd, int op) { (void)fd; (void)op; errno = ENOLCK; return -1; }
+"""
+NO_LOCKS_SCRIPT = """
+import sys
+import numpy as np
+from fedmpi.errors import DataError
+from preprocess import h5io
+path = sys.argv[1]
+if sys.argv[2] == "write":
+    attrs = h5io.base_attrs(4, (3, 4, 5), np.eye(4), {}, "fp")
+    table = {"age": [60.0], "subject_id": ["s"], "sex": ["F"], "site": ["X"]}
+    h5io.write_volumes(path, [np.ones((3, 4, 5))], table, attrs)
+    h5io.copy_rows(path, path + ".copy", [0], {})
+try:
+    with h5io.open_checked(path + ".copy") as f:
+        print("read", f["images"].shape[0])
+except DataError as e:
+    print(e)
+"""
+
+
+def test_volume_files_are_written_and_read_where_the_file_system_takes_no_locks(tmp_path):
+    """Without locks (NFS with no lock daemon, Lustre without flock) HDF5's own opens fail with errno 37 or 38;
+    the volume files do not need them. A site that asks for locks gets a line that says what failed."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("needs a C compiler to build the flock stand-in")
+    (tmp_path / "nolocks.c").write_text(NO_LOCKS_C)
+    library = tmp_path / "nolocks.so"
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(library), str(tmp_path / "nolocks.c")], check=True)
+    env = {k: v for k, v in os.environ.items() if k != "HDF5_USE_FILE_LOCKING"}
+    env["LD_PRELOAD"] = str(library)
+
+    def run(what, **extra):
+        command = [sys.executable, "-c", NO_LOCKS_SCRIPT, str(tmp_path / "v.h5"), what]
+        proc = subprocess.run(command, env={**env, **extra}, capture_output=True, text=True, timeout=120)
+        return proc.stdout.strip() + proc.stderr.strip()
+
+    assert run("write") == "read 1"
+    refused = run("read", HDF5_USE_FILE_LOCKING="TRUE")
+    assert "could not lock" in refused and "set it to FALSE" in refused and "Traceback" not in refused
