@@ -36,7 +36,8 @@ class CubicSchedule(_Schedule):
     rounds t down: ``t' = frequency * floor(t / frequency)``). For ``start <= t' < end``:
     ``s = final + (initial - final) * (1 - (t' - start) / (end - start)) ** exponent``.
     While ``t' < start`` nothing is pruned (0.0, not ``initial``: ``initial`` applies from
-    ``start``); from ``end`` on the sparsity is ``final``. With ``initial = 0`` and
+    ``start``); from ``end`` on the sparsity is ``final``, also when ``end`` is not a multiple of
+    ``frequency`` (there the authors' t' stops short of it). With ``initial = 0`` and
     ``frequency = 1`` the first non-zero sparsity comes at round ``start + 1``; with
     ``frequency = f`` at the first multiple of f after ``start``.
     """

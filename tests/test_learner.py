@@ -134,6 +134,19 @@ def test_local_learner_prunes_its_own_model_to_the_schedule(data):
     assert wire.reports[0]["payload_nbytes"] == payload.nbytes
 
 
+def test_local_learner_prunes_to_the_schedule_in_rounds_between_its_steps(data):
+    """As the authors' code (its local purge runs every round, at the level of t rounded down to a multiple of
+    f): the vote can leave the merged model denser than s_t, so a round where the level does not step still
+    prunes the learner's model back to it."""
+    learner, initial = _learner(data, "fedsparsify-local", "federation.frequency=2")
+    assert not learner.schedule.is_pruning_round(3) and learner.schedule(3) == learner.schedule(2) > 0.5
+    values, mask = _global(initial, 0.2)  # a vote that kept more than s_3
+    _, local_mask = encoding.decode(
+        _run(learner, [(3, FLAG_MASK, int(mask.sum()), encoding.encode(values, mask))]).gathered[0]
+    )
+    assert 1 - local_mask.mean() == pytest.approx(learner.schedule(3), abs=1e-4)
+
+
 def test_same_round_same_seed_same_model(data):
     sends = []
     for _ in range(2):
