@@ -123,19 +123,22 @@ def test_values_outside_the_mask_are_ignored():
 
 
 @pytest.mark.parametrize("rule", ["reference", "kept"])
-def test_streaming_equals_batch(rule):
+def test_streaming_vote_counts_learners_and_can_be_read_mid_way(rule):
+    """The server adds learners one at a time (majority_vote is that loop; the naive loop above checks the
+    math): result() must not consume the running sums."""
     rng = np.random.default_rng(11)
     values, masks, weights = random_case(rng, 7, 2000)
     vote = MajorityVote(2000, rule=rule)
-    for v, m, w in zip(values, masks, weights):
+    for v, m, w in zip(values[:6], masks[:6], weights[:6]):
         vote.add(v, m, w)
+    first, _ = vote.result()
+    np.testing.assert_array_equal(vote.result()[0], first)
+    vote.add(values[6], masks[6], weights[6])
     assert vote.k == 7
     merged, mask = vote.result()
-    batch_merged, batch_mask = majority_vote(values, masks, weights, rule=rule)
-    np.testing.assert_array_equal(mask, batch_mask)
-    np.testing.assert_array_equal(merged, batch_merged)
-    again, _ = vote.result()
-    np.testing.assert_array_equal(again, merged)  # result() does not consume the state
+    expected_merged, expected_mask = naive_majority_vote(values, masks, weights, rule)
+    np.testing.assert_array_equal(mask, expected_mask)
+    np.testing.assert_allclose(merged, expected_merged, rtol=1e-5, atol=1e-6)
 
 
 def test_majority_vote_errors():
