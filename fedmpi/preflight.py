@@ -73,6 +73,8 @@ def check_rank(cfg: Config, rank: int, data_dir: Path, local_rank: int, resume: 
     if rank != 0:
         return RankCheck(info, head["digest"], device)
     lock = RunLock(cfg.run_dir).acquire()
+    if lock.unlocked:
+        print(f"fedmpi: note: {lock.unlocked}", file=sys.stderr, flush=True)
     try:
         return RankCheck(info, head["digest"], device, lock, resume_point(cfg, resume, overwrite))
     except BaseException:

@@ -7,6 +7,7 @@ standard JSON: a non-finite number is written as null, never as NaN or Infinity.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import math
@@ -61,17 +62,23 @@ def stopped_early(run_dir: Path) -> bool:
         return False
 
 
+NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)  # what flock says where locks are not served
+
+
 class RunLock:
     """An exclusive lock on a run directory, held for the run's whole life by the process that writes it.
 
     flock is released by the kernel whenever the holder exits, crash or kill included, so a lock left by
     a dead run is simply taken over; the file keeps the holder's host and pid for the refusal message.
-    Lock files on NFS work through the client's lock manager (flock is emulated with POSIX locks).
+    Lock files on NFS work through the client's lock manager (flock is emulated with POSIX locks). Where the
+    file system takes no locks at all (NFS mounted without a lock daemon, Lustre without flock) the run goes
+    on unlocked and `unlocked` says why: refusing every run there would protect nothing.
     """
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LOCK
         self._fd: int | None = None
+        self.unlocked = ""
 
     def acquire(self) -> RunLock:
         try:
@@ -88,6 +95,14 @@ class RunLock:
                 f"{self.path.parent} is in use by a running job ({holder}); wait for it to end or "
                 f"choose another run.name"
             ) from None
+        except OSError as e:
+            if e.errno not in NO_LOCKS:
+                os.close(fd)
+                raise ConfigError(f"cannot lock the run directory {self.path.parent}: {e.strerror}") from None
+            self.unlocked = (
+                f"{self.path.parent}: this file system takes no locks ({e.strerror}), so a second run on this "
+                "run.name would not be refused; going on without the lock"
+            )
         os.ftruncate(fd, 0)
         os.pwrite(
             fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0

@@ -136,6 +136,32 @@ def test_run_lock_is_exclusive_names_the_holder_and_is_released(tmp_path):
     again.release()
 
 
+def test_a_file_system_without_locks_runs_unlocked_and_says_so(tmp_path, monkeypatch):
+    """NFS without a lock daemon (ENOLCK), Lustre without flock (ENOSYS): the run goes on, and says why it is
+    not locked; any other failure to lock is one line."""
+    import errno
+
+    from fedmpi import runlog
+    from fedmpi.errors import ConfigError
+
+    def refuse(code):
+        def flock(fd, op):
+            raise OSError(code, os.strerror(code))
+
+        return flock
+
+    monkeypatch.setattr(runlog.fcntl, "flock", refuse(errno.ENOLCK))
+    lock = RunLock(tmp_path / "run").acquire()
+    assert "takes no locks (No locks available), so a second run on this run.name would not be" in lock.unlocked
+    assert f"pid {os.getpid()}" in (tmp_path / "run" / ".lock").read_text()
+    lock.release()
+    monkeypatch.setattr(runlog.fcntl, "flock", refuse(errno.EIO))
+    with pytest.raises(ConfigError, match=r"cannot lock the run directory .*run: Input/output error"):
+        RunLock(tmp_path / "run").acquire()
+    monkeypatch.undo()
+    assert RunLock(tmp_path / "run").acquire().unlocked == ""
+
+
 def test_a_dead_holders_lock_is_taken_over(tmp_path):
     import subprocess
     import sys
