@@ -195,7 +195,7 @@ def convert(
             name=lambda job: job[0],
         ):
             if reason:
-                bad[pid] = reason
+                bad[pid] = " ".join(reason.split())  # one line each on the terminal and in the TSV
     except parallel.WorkerDied as exc:
         _remove_temporaries(stage)
         raise parallel.WorkerDied(

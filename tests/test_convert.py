@@ -46,6 +46,14 @@ def _truncated(root, pid):
     _image(root, pid).write_bytes(src[: len(src) // 2])
 
 
+def _truncated_nii(root, pid):
+    """Uncompressed: nibabel's message for it spans two lines."""
+    img = nib.load(_image(root, GOOD[0]))
+    path = _image(root, pid).with_suffix("")
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj, np.float32), img.affine), path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
 def _frames(root, pid):
     nib.save(nib.Nifti1Image(np.ones((8, 8, 8, 2), np.float32), np.eye(4)), _image(root, pid))
 
@@ -77,6 +85,7 @@ def _huge_header(path):
 CASES = {
     "unreadable": (_garbage, "70", True, "unreadable or truncated"),
     "truncated": (_truncated, "70", True, "unreadable or truncated"),
+    "truncated-nii": (_truncated_nii, "70", True, "_T1w.nii - could the file be damaged?"),
     "4d": (_frames, "70", True, "4D with 2 frames"),
     "nonfinite": (_nonfinite, "70", True, "1 non-finite voxels"),
     "allzero": (_zeros, "70", True, "all zeros"),
