@@ -59,7 +59,9 @@ def load(path, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> tuple[np.ndarray, 
     """Read a 3D image (a 4D one with a single frame is accepted) as float32 + affine.
 
     Raises BadImage for unreadable or truncated files, several frames, images above
-    `max_image_mb` (checked before any voxel is read), non-finite voxels and all-zero images.
+    `max_image_mb` (checked before any voxel is read), and images without a finite non-zero voxel.
+    Non-finite voxels (NaN, as SPM writes outside its bounding box) stay: to_mni counts them as
+    outside the field of view.
     """
     path = Path(path)
     try:
@@ -80,10 +82,10 @@ def load(path, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> tuple[np.ndarray, 
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise BadImage(f"{path.name} has a degenerate voxel-to-world affine")
-    bad = int(np.count_nonzero(~np.isfinite(data)))
-    if bad:
-        raise BadImage(f"{path.name} has {bad} non-finite voxels (NaN or inf)")
-    if not np.any(data):
+    finite = np.isfinite(data)
+    if not finite.any():
+        raise BadImage(f"{path.name} has no finite voxel (all NaN or inf)")
+    if not np.any(data[finite]):
         raise BadImage(f"{path.name} is all zeros")
     return data, affine
 
@@ -99,20 +101,27 @@ def to_ras(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray
 def to_mni(data: np.ndarray, affine: np.ndarray, voxel: int, mask: np.ndarray) -> np.ndarray:
     """Any-orientation data -> anti-aliased, resampled onto the MNI grid, z-scored in `mask`.
 
+    Mask voxels the image does not cover (outside its field of view, or non-finite there) hold 0,
+    the brain's mean, and are left out of the mean and std: counted as zeros, they would come out
+    as a constant far below the brain and shift every covered voxel's value.
     `mask` is grid.brain_mask(voxel), passed in so worker processes need not load nilearn.
     """
     shape, target = grid.target_grid(voxel)
     data, affine = to_ras(data, affine)
+    finite = np.isfinite(data)
+    nonfinite = int(data.size - np.count_nonzero(finite))
+    if nonfinite:
+        data = np.where(finite, data, np.float32(0))
     sizes = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    # "inside" tracks which target voxels the source field of view actually covers.
-    covered = grid.resample(np.ones(data.shape, np.float32), affine, shape, target, order=0) > 0
+    covered = grid.resample(finite.astype(np.float32), affine, shape, target, order=0) > 0
     coverage = float(np.count_nonzero(covered & mask)) / float(np.count_nonzero(mask))
     if coverage < MIN_MASK_COVERAGE:
+        missing = f", its {nonfinite} non-finite voxels counted as missing" if nonfinite else ""
         raise BadImage(
-            f"covers only {coverage:.0%} of the MNI brain mask; is it in MNI world coordinates (registered)?"
+            f"covers only {coverage:.0%} of the MNI brain mask{missing}; is it in MNI world coordinates (registered)?"
         )
     out = grid.resample(grid.antialias(data, sizes, float(voxel)), affine, shape, target, order=1)
-    return zscore(out, mask)
+    return zscore(out, mask & covered)
 
 
 def zscore(volume: np.ndarray, mask: np.ndarray) -> np.ndarray:

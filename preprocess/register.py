@@ -219,6 +219,9 @@ def preprocess_file(
     """
     name = Path(path).name
     data, affine = nifti.load(path, max_image_mb)
+    nonfinite = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if nonfinite:  # missing voxels are for images already in MNI space (SPM's bounding box), not for ANTs
+        raise nifti.BadImage(f"{name} has {nonfinite} non-finite voxels (NaN or inf); registration needs every voxel")
     best = None
     try:
         data, affine = nifti.to_ras(data, affine)

@@ -60,9 +60,7 @@ def _frames(root, pid):
 
 def _nonfinite(root, pid):
     img = nib.load(_image(root, GOOD[0]))
-    data = np.asarray(img.dataobj, np.float32)
-    data[10, 10, 10] = np.nan
-    nib.save(nib.Nifti1Image(data, img.affine), _image(root, pid))
+    nib.save(nib.Nifti1Image(np.full(img.shape, np.nan, np.float32), img.affine), _image(root, pid))
 
 
 def _zeros(root, pid):
@@ -87,7 +85,7 @@ CASES = {
     "truncated": (_truncated, "70", True, "unreadable or truncated"),
     "truncated-nii": (_truncated_nii, "70", True, "_T1w.nii - could the file be damaged?"),
     "4d": (_frames, "70", True, "4D with 2 frames"),
-    "nonfinite": (_nonfinite, "70", True, "1 non-finite voxels"),
+    "nonfinite": (_nonfinite, "70", True, "has no finite voxel (all NaN or inf)"),
     "allzero": (_zeros, "70", True, "all zeros"),
     "missing-age": (_copy_good, "n/a", True, "missing age"),
     "nonnumeric-age": (_copy_good, "sixty", True, "non-numeric age 'sixty'"),

@@ -93,11 +93,13 @@ def _bad_files(tmp_path, good_bytes):
     cases["trunc.nii"] = "unreadable or truncated"
     nib.save(nib.Nifti1Image(np.ones((5, 5, 5, 3), np.float32), np.eye(4)), tmp_path / "frames.nii.gz")
     cases["frames.nii.gz"] = "4D with 3 frames"
-    nan = np.ones((5, 5, 5), np.float32)
-    nan[1, 2, 3] = np.nan
+    nan = np.full((5, 5, 5), np.nan, np.float32)
     nan[0, 0, 0] = np.inf
     nib.save(nib.Nifti1Image(nan, np.eye(4)), tmp_path / "nan.nii.gz")
-    cases["nan.nii.gz"] = "2 non-finite voxels"
+    cases["nan.nii.gz"] = r"has no finite voxel \(all NaN or inf\)"
+    nan[1:3] = 0
+    nib.save(nib.Nifti1Image(nan, np.eye(4)), tmp_path / "zero-nan.nii.gz")
+    cases["zero-nan.nii.gz"] = "all zeros"
     nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.int16), np.eye(4)), tmp_path / "zero.nii.gz")
     cases["zero.nii.gz"] = "all zeros"
     return cases
@@ -217,6 +219,45 @@ def test_partial_field_of_view_is_judged_on_the_brain_mask_alone(tmp_path):
     assert out.shape == mask.shape and np.all(out[~mask] == 0)
     with pytest.raises(nifti.BadImage, match=r"^top.nii.gz covers only (29|30|31)% of the MNI brain mask"):
         nifti.preprocess_file(_top_of_the_head(tmp_path / "top.nii.gz", 30.0), 4, mask)
+
+
+def _cut(image, z_mm):
+    """`image`'s data with every voxel below z = z_mm (world) removed: as NaN, and as a field of view that
+    starts there (the array cropped, the affine moved)."""
+    data = np.asarray(image.dataobj, np.float32)
+    k = int(np.ceil((z_mm - image.affine[2, 3]) / image.affine[2, 2]))
+    nan = data.copy()
+    nan[:, :, :k] = np.nan
+    cropped = image.affine.copy()
+    cropped[:3, 3] = image.affine[:3, :3] @ [0, 0, k] + image.affine[:3, 3]
+    return nan, (np.ascontiguousarray(data[:, :, k:]), cropped)
+
+
+def test_the_brain_an_image_does_not_cover_is_left_out_of_its_z_scores(ras_image):
+    """The inferior 30 mm missing (NaN, or outside the field of view): the covered brain is z-scored on its
+    own (mean 0, std 1) and the missing part holds 0; before, the missing voxels counted as zeros in the
+    mean and std and came out near -4. A whole image gives the same values as before (mask fully covered)."""
+    mask = grid.brain_mask(4)
+    whole = nifti.to_mni(np.asarray(ras_image.dataobj, np.float32), ras_image.affine, 4, mask)
+    nan, (cropped, affine) = _cut(ras_image, -40.0)
+    for out in (nifti.to_mni(nan, ras_image.affine, 4, mask), nifti.to_mni(cropped, affine, 4, mask)):
+        z = grid.target_grid(4)[1][2, 3] + 4 * np.arange(mask.shape[2])
+        missing = mask & (z < -42)[None, None, :]
+        covered = mask & (z > -36)[None, None, :]
+        assert missing.sum() > 0.02 * mask.sum() and np.all(out[missing] == 0) and np.all(out[~mask] == 0)
+        inside = out[mask & (out != 0)]
+        assert abs(inside.mean()) < 1e-3 and abs(inside.std() - 1) < 1e-3
+        assert np.corrcoef(out[covered], whole[covered])[0, 1] > 0.999  # the same brain, rescaled
+    shape, target = grid.target_grid(4)
+    data, sizes = np.asarray(ras_image.dataobj, np.float32), np.abs(np.diag(ras_image.affine)[:3])
+    before = grid.resample(grid.antialias(data, sizes, 4.0), ras_image.affine, shape, target, order=1)
+    np.testing.assert_array_equal(whole, nifti.zscore(before, mask))  # full cover: z-scored over the whole mask
+
+
+def test_an_image_mostly_non_finite_is_refused_naming_them(ras_image):
+    nan, _ = _cut(ras_image, 20.0)
+    with pytest.raises(nifti.BadImage, match=r"covers only \d+% of the MNI brain mask, its \d+ non-finite voxels"):
+        nifti.to_mni(nan, ras_image.affine, 4, grid.brain_mask(4))
 
 
 def test_antialiasing_uses_each_array_axis_voxel_size_for_an_oblique_image(monkeypatch):

@@ -115,6 +115,16 @@ def test_retries_with_the_next_seed_and_reports_the_best(native_cohort, monkeypa
         register.preprocess_file(*args)
 
 
+def test_non_finite_voxels_are_refused_before_registration(tmp_path):
+    """Missing (NaN) voxels are for images already in MNI space; registration needs every voxel."""
+    data = np.ones((20, 20, 20), np.float32)
+    data[0, 0, :2] = np.nan
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "nan.nii.gz")
+    mask = grid.brain_mask(VOXEL)
+    with pytest.raises(nifti.BadImage, match=r"nan.nii.gz has 2 non-finite voxels .* registration needs every voxel"):
+        register.preprocess_file(tmp_path / "nan.nii.gz", VOXEL, mask, register.Options("affine"), None)
+
+
 @pytest.fixture(scope="session")
 def ants():
     """Skips ANTs tests where the register extra is not installed (before building any cohort)."""
