@@ -60,10 +60,13 @@ def _subject_key(entry: bids.Entry, params: dict) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
-def _fingerprint(entries, keys, bad: dict, params) -> str:
-    """Identifies the whole input: every usable row, its image key, and the rows found bad."""
+def _fingerprint(entries, keys, bad: dict, params, max_image_mb: float) -> str:
+    """Identifies the whole input: every usable row, its image key, the rows found bad, and a size limit
+    other than the default (it decides which subjects are refused, so a re-run with another one is not
+    up to date; the default adds nothing, so outputs written before it counted stay up to date)."""
     rows = [[e.participant_id, k, e.age, e.sex, e.site] for e, k in zip(entries, keys)]
-    blob = json.dumps([rows, sorted(bad.items()), params], sort_keys=True)
+    limit = [] if max_image_mb == nifti.DEFAULT_MAX_IMAGE_MB else [max_image_mb]
+    blob = json.dumps([rows, sorted(bad.items()), params, *limit], sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()
 
 
@@ -166,7 +169,7 @@ def convert(
     if registration is not None:
         params.update(registration.params())
     keys = [_subject_key(e, params) for e in entries]
-    fingerprint = _fingerprint(entries, keys, bad, params)
+    fingerprint = _fingerprint(entries, keys, bad, params, max_image_mb)
     report = skipped_report_path(out)
     stage = parts_dir(out)
     if (skip_bad or not bad) and _is_up_to_date(out, fingerprint, skip_bad):

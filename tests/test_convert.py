@@ -242,6 +242,23 @@ def test_rerun_after_bad_input_reuses_the_good_subjects_of_the_same_settings(coh
     assert not convert.parts_dir(out).exists()  # the output holds everything they were staged for
 
 
+def test_a_rerun_with_another_size_limit_is_not_up_to_date(cohort, tmp_path):
+    """A subject skipped for --max-image-mb is processed when the limit is raised, not called up to date."""
+    root = _make_bids(cohort, tmp_path / "bids", ["sub-big\t70\tM\tB"])
+    largest = max(np.prod(nib.load(_image(root, pid)).shape) * 4 / 1e6 for pid in GOOD)  # MB as float32
+    img = nib.load(_image(root, GOOD[0]))
+    data = np.asarray(img.dataobj, np.float32)
+    padded = np.pad(data, ((0, 0), (0, 0), (0, int(2 * largest * 1e6 / 4 / data[..., 0].size))))  # air above
+    nib.save(nib.Nifti1Image(padded, img.affine), _image(root, "sub-big"))
+    limit = 1.5 * largest  # between the good images and the padded one
+    out = tmp_path / "v.h5"
+    res = convert.convert(root, out, workers=1, skip_bad=True, max_image_mb=limit)
+    assert set(res.skipped) == {"sub-big"} and "--max-image-mb" in res.skipped["sub-big"]
+    assert convert.convert(root, out, workers=1, skip_bad=True, max_image_mb=limit).up_to_date
+    res = convert.convert(root, out, workers=1, skip_bad=True)
+    assert not res.up_to_date and res.written == 3 and not res.skipped
+
+
 def test_participants_tsv_field_above_the_csv_limit_is_one_clear_error(cohort, tmp_path, capsys):
     root = _make_bids(cohort, tmp_path / "bids")
     tsv = root / "participants.tsv"
