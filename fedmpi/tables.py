@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from .report import Run
 
 POOLED = "pooled"  # the distribution column of a centralized run: it trains on every learner's data at once
-MARGIN_YEARS = 0.5  # the study's non-inferiority margin for the paired MAE difference, fixed before any pruned run
+MARGIN_YEARS = 0.5  # the study's non-inferiority margin for the paired MAE difference
+LAST_ROUNDS = 5  # the final evaluated rounds whose MAE shows how far a single round's verdict can move
 LEARNS_FRACTION = 0.7  # the baseline "clearly learns" when its MAE is at most this x the predict-the-mean MAE
 LEVEL = 0.95
 AGE_TOLERANCE = 0.005  # test_predictions.csv writes ages with 2 decimals
@@ -401,6 +402,12 @@ def _mean(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def last_maes(metrics: list[dict]) -> list[float]:
+    """Test MAE of the final LAST_ROUNDS evaluated rounds (a resumed run's repeated round counted once)."""
+    by_round = {r["round"]: r["test_mae"] for r in metrics if r.get("test_mae") is not None and "round" in r}
+    return [by_round[t] for t in sorted(by_round)[-LAST_ROUNDS:]]
+
+
 def learns(summary: dict) -> bool | None:
     """Clearly learns: final MAE at most LEARNS_FRACTION x the predict-the-mean MAE (None: not recorded)."""
     mae, mean_mae = summary.get("final_mae"), summary.get("baseline_mae")
@@ -421,6 +428,7 @@ def accuracy_sections(runs: list[Run], paired: list[dict]) -> list[dict]:
         for key in panel_lines(grouped, (setting, distribution)):
             group = grouped[key]
             maes = [r.summary["final_mae"] for r in group if r.summary.get("final_mae") is not None]
+            lasts = [m for m in (last_maes(r.metrics) for r in group) if m]
             verdicts = [v for v in (learns(r.summary) for r in group) if v is not None]
             comparison = by_key.get((setting, distribution, key.algorithm, key.target))
             methods.append(
@@ -432,6 +440,8 @@ def accuracy_sections(runs: list[Run], paired: list[dict]) -> list[dict]:
                     "mae_mean": _mean(maes),
                     "mae_min": min(maes) if maes else None,
                     "mae_max": max(maes) if maes else None,
+                    "last_rounds_mae": _mean(float(np.mean(m)) for m in lasts),
+                    "last_rounds_swing": max((max(m) - min(m) for m in lasts), default=None),
                     "predict_mean_mae": _mean(r.summary.get("baseline_mae") for r in group),
                     "mae_over_predict_mean": _mean(mae_ratio(r.summary) for r in group),
                     "bytes_ratio": _mean(bytes_ratio(r, grouped) for r in group),
@@ -660,12 +670,16 @@ def accuracy_markdown(sections: list[dict]) -> str:
     out = [
         "# Accuracy",
         "",
-        f"Final test MAE (years), mean over seeds with [min, max]. *vs mean*: MAE over the MAE of predicting the "
+        f"Final test MAE (years), mean over seeds with [min, max]. *Last {LAST_ROUNDS} rounds*: the test MAE "
+        f"averaged over the final {LAST_ROUNDS} evaluated rounds and the seeds, and (in brackets) the largest "
+        f"swing between those rounds in one seed: the verdicts below compare final models, and a swing wider "
+        f"than the margin says a single round's verdict could have come out otherwise. "
+        f"*vs mean*: MAE over the MAE of predicting the "
         f"training mean age. *Δ MAE*: paired difference to dense {BASELINE} on the same test subjects, per subject "
         f"|error| − |{BASELINE}'s error| averaged over the seeds both have, then over subjects, with a "
         f"{LEVEL:.0%} bootstrap interval over subjects ({stats.BOOTSTRAP_RESAMPLES:,} resamples). The interval "
         f"does not include seed-to-seed variation; the per-seed Δ show it. *Verdict* against the non-inferiority "
-        f"margin of {MARGIN_YEARS} years fixed before the study: non-inferior if the interval's upper end is below it, "
+        f"margin of {MARGIN_YEARS} years: non-inferior if the interval's upper end is below it, "
         f"inferior if its lower end is above it, else inconclusive. *vs 0*: whether the interval excludes 0. "
         f"{BASELINE} clearly learns when its MAE is at most {LEARNS_FRACTION} × the predict-the-mean MAE. A "
         f"{POOLED} (centralized) run is compared with {BASELINE} of each distribution: the test set is the same.",
@@ -679,6 +693,7 @@ def accuracy_markdown(sections: list[dict]) -> str:
                     m["label"],
                     str(len(m["seeds"])),
                     _mae_cell(m),
+                    f"{m['last_rounds_mae']:.2f} ({m['last_rounds_swing']:.2f})" if m["last_rounds_mae"] else "",
                     _f(m["mae_over_predict_mean"]),
                     _f(m["bytes_ratio"], ".3f"),
                     f"{p['mean_diff']:+.2f} [{p['diff_low']:+.2f}, {p['diff_high']:+.2f}] ({p['n_subjects']} subjects)"
@@ -698,6 +713,7 @@ def accuracy_markdown(sections: list[dict]) -> str:
                     "method",
                     "seeds",
                     "MAE",
+                    f"last {LAST_ROUNDS} rounds (swing)",
                     "vs mean",
                     f"bytes vs {BASELINE}",
                     "Δ MAE [95% CI]",

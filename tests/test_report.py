@@ -701,17 +701,28 @@ def test_baseline_clearly_learns_only_below_the_fraction(tmp_path):
     assert (fedavg["clearly_learns"], fedavg["seeds_learning"]) == (False, "1/2")
     assert (fedavg["mae_mean"], fedavg["mae_min"], fedavg["mae_max"]) == (7.25, 7.0, 7.5)
     md = tables.accuracy_markdown(tables.accuracy_sections(runs, []))
-    assert "| fedavg | 2 | 7.25 [7.00, 7.50] | 0.72 | 1.000 |  |  | does not clearly learn (1/2 seeds) |  |" in md
+    row = (
+        "| fedavg | 2 | 7.25 [7.00, 7.50] | 7.25 (0.00) | 0.72 | 1.000 |  |  | does not clearly learn (1/2 seeds) |  |"
+    )
+    assert row in md
 
 
 def test_accuracy_markdown_shows_the_paired_difference(runs):
     loaded = _load(*runs)
     md = tables.accuracy_markdown(tables.accuracy_sections(loaded, tables.paired_rows(loaded)[0]))
-    assert (
-        "| fedsparsify-global 0.9 | 1 | 6.50 | 0.65 | 0.583 | +1.00 [+1.00, +1.00] (4 subjects) | +1.00 | "
-        "inferior | worse |" in md
+    assert (  # its MAE 9.5, 7.5, 6.5: the last rounds' mean 7.83, their swing 3.00
+        "| fedsparsify-global 0.9 | 1 | 6.50 | 7.83 (3.00) | 0.65 | 0.583 | +1.00 [+1.00, +1.00] (4 subjects) | "
+        "+1.00 | inferior | worse |" in md
     )
     assert "margin of 0.5 years" in md and "## uniform-iid" in md
+
+
+def test_last_rounds_are_the_final_evaluated_ones_each_round_once():
+    rows = [{"round": t, "test_mae": float(t)} for t in range(1, 9)]
+    rows.insert(5, {"round": 5, "test_mae": 50.0})  # a resumed run wrote round 5 again: the later row counts
+    rows.append({"round": 9})  # not evaluated
+    assert tables.LAST_ROUNDS == 5 and tables.last_maes(rows) == [4.0, 50.0, 6.0, 7.0, 8.0]
+    assert tables.last_maes([{"round": 1}]) == []
 
 
 # ---------------------------------------------------------------- privacy tables (pure)
