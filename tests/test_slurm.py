@@ -6,6 +6,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,36 @@ def test_time_limit_signal_checkpoints_requeues_and_the_requeued_job_resumes(tmp
     assert "resuming" in again.stdout
     assert [r["round"] for r in metrics(run)] == list(range(1, 7))
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"], "no second requeue"
+
+
+def test_sigterm_checkpoints_without_a_requeue_and_a_second_signal_does_not_end_the_script_early(tmp_path):
+    """scancel sends SIGTERM: requeueing a job being cancelled brings it back (seen on a real SLURM), so the
+    script only checkpoints. A second signal during the checkpoint must not end the script (and so the step)
+    before srun has ended."""
+    env, config = _fake_slurm(tmp_path), _config(tmp_path)
+    run = tmp_path / "runs" / "job"
+    job = subprocess.Popen(
+        ["bash", "jobs/fedsparsify.slurm", str(config)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    wait_rows(run, 1, job)
+    os.kill(job.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    os.kill(job.pid, signal.SIGUSR1)
+    try:
+        out, err = job.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        pytest.fail("the job did not stop after the signal")
+    assert job.returncode == 75, out + err
+    assert "submit the same command again to continue" in out
+    assert not (tmp_path / "scontrol.log").exists()
+    assert summary(run)["preempted"] is True
 
 
 def test_a_sweep_task_finds_the_job_script_from_the_submit_directory(tmp_path):
