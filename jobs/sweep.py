@@ -102,11 +102,13 @@ def state(cfg) -> str:
     return "partial" if (run_dir / "metrics.jsonl").exists() else "new"
 
 
-def call(cmd: list[str], log: Path | None = None) -> None:
+def call(cmd: list[str], log: Path | None = None, cwd: Path | None = None) -> None:
     """Run a step of the sweep; a failure ends the sweep with one line (and the log's last lines)."""
     print("+", " ".join(cmd), flush=True)
+    if shutil.which(cmd[0]) is None:
+        raise SystemExit(f"sweep: no {cmd[0]} here (give --mpirun, or load the module that has it)")
     if log is None:
-        code = subprocess.run(cmd).returncode
+        code = subprocess.run(cmd, cwd=cwd).returncode
         if code:
             raise SystemExit(f"sweep: {' '.join(cmd[:6])} ... failed (exit {code}); its output is above")
         return
@@ -208,7 +210,7 @@ def run_study(args) -> int:
 
 
 def run_paper(args) -> int:
-    out = Path(args.out or f"runs/paper-{args.paper}")
+    out = Path(args.out or f"runs/paper-{args.paper}").resolve()  # the array's tasks start in the checkout
     chosen = [(name, cfg) for family, name, cfg in configs() if family == args.paper]
     if args.slurm:
         out.mkdir(parents=True, exist_ok=True)
@@ -221,7 +223,8 @@ def run_paper(args) -> int:
             paths.append(str(path))
         listing = out / "configs.txt"
         listing.write_text("\n".join(paths) + "\n")
-        call(["sbatch", f"--array=1-{len(paths)}", str(HERE / "sweep.slurm"), str(listing)])
+        # from the checkout: each task finds jobs/fedsparsify.slurm, the venv and data/ from its submit directory
+        call(["sbatch", f"--array=1-{len(paths)}", str(HERE / "sweep.slurm"), str(listing)], cwd=HERE.parent)
         print(
             f"submitted {len(paths)} runs; when they are done: python jobs/sweep.py --paper {args.paper} "
             f"--collect --out {out}"
@@ -256,6 +259,13 @@ def run_paper(args) -> int:
     return 0
 
 
+def default_mpirun() -> str:
+    """The venv's own mpirun (the mpich wheel's), else the one on PATH: a venv set up for the site's MPI
+    (`make setup MPI=system`) has none, as the Makefile knows."""
+    own = Path(sys.executable).with_name("mpirun")
+    return str(own) if own.exists() else "mpirun"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("study", nargs="?", help="study file (jobs/studies/*.yaml)")
@@ -267,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-attack", action="store_true", help="study: train only")
     ap.add_argument("--slurm", action="store_true", help="--paper: write the config list and submit an array")
     ap.add_argument("--collect", action="store_true", help="--paper: skip training; attack and report")
-    ap.add_argument("--mpirun", default=str(Path(sys.executable).with_name("mpirun")))
+    ap.add_argument("--mpirun", default=default_mpirun(), help="launcher for local runs (default: %(default)s)")
     args = ap.parse_args(argv)
     if bool(args.study) == bool(args.paper):
         ap.error("give a study file or --paper FAMILY")

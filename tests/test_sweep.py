@@ -257,3 +257,29 @@ def test_paper_collect_attacks_finished_runs_and_passes_over_runs_stopped_early(
     assert attacked == [str(out / "cut"), str(out / "done")]
     assert calls[-1][3] == "report"
     assert f"{out / 'stopped'} stopped before its last round" in capsys.readouterr().out
+
+
+def test_paper_slurm_submits_from_the_checkout_with_absolute_paths(tmp_path, monkeypatch):
+    """sweep.slurm finds jobs/fedsparsify.slurm, the venv and data/ from its submit directory, so the array is
+    submitted from the checkout whatever the caller's directory, and the listing names files by absolute path."""
+    calls = []
+    monkeypatch.setattr(sweep, "call", lambda cmd, log=None, cwd=None: calls.append((cmd, cwd)))
+    monkeypatch.chdir(tmp_path)
+    assert sweep.main(["--paper", "original", "--slurm", "--out", "paper"]) == 0
+    ((cmd, cwd),) = calls
+    assert cmd[0] == "sbatch" and cwd == ROOT
+    listing = Path(cmd[-1])
+    assert listing == tmp_path / "paper" / "configs.txt"
+    paths = [Path(p) for p in listing.read_text().split()]
+    assert paths and all(p.is_absolute() and p.exists() for p in paths)
+    assert yaml.safe_load(paths[0].read_text())["run"]["dir"] == str(tmp_path / "paper")
+
+
+def test_the_launcher_is_the_venvs_mpirun_else_the_one_on_path_and_a_missing_one_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "bin" / "python"))
+    assert sweep.default_mpirun() == "mpirun"  # a venv set up for the site's MPI has none of its own
+    (tmp_path / "bin" / "mpirun").touch()
+    assert sweep.default_mpirun() == str(tmp_path / "bin" / "mpirun")
+    with pytest.raises(SystemExit, match=r"^sweep: no /nonexistent/mpirun here \(give --mpirun"):
+        sweep.call(["/nonexistent/mpirun", "-n", "3", "python"])
