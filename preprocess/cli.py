@@ -219,6 +219,15 @@ def _nifti(args) -> int:
         )
     reused = f" ({res.reused} reused from an earlier run)" if res.reused else ""
     print(f"wrote {res.written} subjects to {res.path}{reused}")
+    if res.misplaced:
+        worst = sorted(res.misplaced.items(), key=lambda item: item[1])
+        print(
+            f"warning: {len(worst)} subject(s) correlate with the MNI152 template below {convert.PLACEMENT_NCC} "
+            "(heads in MNI space score about 0.5-0.9): are they in MNI space? --register affine registers "
+            f"scanner-space images; python -m preprocess qc --h5 {res.path} --out DIR shows them:"
+            + "".join(f"\n  {pid}: {r:.2f}" for pid, r in worst),
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -23,7 +23,12 @@ import numpy as np
 
 from fedmpi.errors import UserError
 from fedmpi.files import atomic_path
-from preprocess import bids, grid, h5io, nifti, outputs, parallel, register
+from preprocess import bids, grid, h5io, nifti, outputs, parallel, qc, register
+
+# Without --register the images must already be in MNI space; the MNI mask's coverage only tells an image far
+# away. Their correlation with the template tells more: on the synthetic cohort (4 mm) heads in place score
+# 0.51-0.89, the same head moved 15 mm 0.30, turned 20 degrees 0.36, flipped front to back 0.21.
+PLACEMENT_NCC = 0.4
 
 
 class BadInput(UserError, ValueError):
@@ -43,6 +48,7 @@ class Result:
     skipped: dict[str, str]
     reused: int
     up_to_date: bool
+    misplaced: dict[str, float] = dataclasses.field(default_factory=dict)  # unregistered, template NCC < 0.4
 
 
 def skipped_report_path(out: Path) -> Path:
@@ -232,11 +238,22 @@ def convert(
     attrs = h5io.base_attrs(voxel, shape, affine, params, fingerprint)
     attrs["skipped"] = json.dumps(bad, sort_keys=True)
     attrs["age_range"] = np.asarray(age_range, dtype=np.float64)
-    h5io.write_volumes(out, (np.load(parts[e.participant_id]) for e in good), table, attrs, dtype)
+    correlations: dict[str, float] = {}
+
+    def volumes():
+        template, mask = grid.template(voxel), grid.brain_mask(voxel)
+        for e in good:
+            volume = np.load(parts[e.participant_id])
+            if registration is None:  # a registration checked its own (--min-ncc)
+                correlations[e.participant_id] = qc.template_ncc(volume.astype(np.float32), template, mask)
+            yield volume
+
+    h5io.write_volumes(out, volumes(), table, attrs, dtype)
     if bad:
         with atomic_path(report) as tmp:
             tmp.write_text("participant_id\treason\n" + "".join(f"{p}\t{r}\n" for p, r in sorted(bad.items())))
     elif report.exists():
         report.unlink()
     shutil.rmtree(stage, ignore_errors=True)
-    return Result(out, len(good), bad, reused, False)
+    misplaced = {pid: r for pid, r in correlations.items() if r < PLACEMENT_NCC}
+    return Result(out, len(good), bad, reused, False, misplaced)

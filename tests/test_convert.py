@@ -259,6 +259,24 @@ def test_a_rerun_with_another_size_limit_is_not_up_to_date(cohort, tmp_path):
     assert not res.up_to_date and res.written == 3 and not res.skipped
 
 
+def test_a_head_out_of_mni_place_is_named_after_writing(cohort, tmp_path, capsys):
+    """Without --register the images must be in MNI space; one moved 15 mm still covers the mask but correlates
+    poorly with the template: it is written, and named with a pointer to --register and qc."""
+    root = _make_bids(cohort, tmp_path / "bids", ["sub-moved\t70\tM\tB"])
+    img = nib.load(_image(root, GOOD[0]))
+    moved = img.affine.copy()
+    moved[2, 3] += 15.0
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), moved), _image(root, "sub-moved"))
+    out = tmp_path / "v.h5"
+    assert cli.main(["nifti", "--bids", str(root), "--out", str(out), "--workers", "1", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "wrote 3 subjects" in captured.out
+    warning = captured.err.splitlines()
+    assert warning[0].startswith("warning: 1 subject(s) correlate with the MNI152 template below 0.4")
+    assert "--register affine" in warning[0] and f"qc --h5 {out}" in warning[0]
+    assert warning[1].startswith("  sub-moved: 0.") and len(warning) == 2
+
+
 def test_participants_tsv_field_above_the_csv_limit_is_one_clear_error(cohort, tmp_path, capsys):
     root = _make_bids(cohort, tmp_path / "bids")
     tsv = root / "participants.tsv"
