@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ MISSING = {"", "n/a", "na", "nan", "none", "null"}
 # Plausible human ages in years, MIN < age <= MAX: 0 or a negative age is almost always a
 # placeholder or a typo, and 300 is months or a slip of the keyboard, not a person.
 DEFAULT_AGE_RANGE = (0.0, 120.0)
+ENTITY = re.compile(r"^[a-zA-Z0-9]+-[a-zA-Z0-9]+$")  # a BIDS key-value pair of a file name: ses-2, run-1
 
 
 class DatasetError(UserError, ValueError):
@@ -43,13 +45,46 @@ def _image_suffix(name: str) -> str | None:
 
 
 def find_images(root: Path) -> dict[str, list[Path]]:
-    """participant_id -> T1w images under sub-*/anat/ or sub-*/ses-*/anat/."""
+    """participant_id -> T1w images under sub-*/anat/ or sub-*/ses-*/anat/ (links included, also those whose
+    target is not here: a DataLad or git-annex file not fetched yet)."""
     found: dict[str, list[Path]] = {}
     for pattern in ("sub-*/anat/*", "sub-*/ses-*/anat/*"):
         for path in sorted(root.glob(pattern)):
-            if path.is_file() and _image_suffix(path.name):
+            if (path.is_file() or path.is_symlink()) and _image_suffix(path.name):
                 found.setdefault(path.relative_to(root).parts[0], []).append(path)
     return found
+
+
+def entities(path: Path) -> set[str]:
+    """The key-value pairs of a BIDS file name: sub-01_ses-2_run-1_T1w.nii.gz -> {sub-01, ses-2, run-1}."""
+    return {part for part in path.name.split(".")[0].split("_") if ENTITY.match(part)}
+
+
+def select_images(paths: list[Path], select: tuple[str, ...]) -> list[Path]:
+    """The images whose file names hold every entity of `select` (all of them when it is empty)."""
+    return [p for p in paths if set(select) <= entities(p)]
+
+
+def session_age(root: Path, pid: str, image: Path, age_range: tuple[float, float]) -> float | None:
+    """The age at the image's session from sub-X/sub-X_sessions.tsv (BIDS: session_id, age), or None when
+    the image has no session or the file does not give one. In a longitudinal dataset participants.tsv holds
+    one age per person, often the first visit's; the age at the scan is the one a brain-age model needs."""
+    session = next((part for part in image.relative_to(root).parts if part.startswith("ses-")), None)
+    tsv = root / pid / f"{pid}_sessions.tsv"
+    if session is None or not tsv.is_file():
+        return None
+    try:
+        with open(tsv, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ValueError(f"{tsv.relative_to(root)} cannot be read: {exc}") from None
+    for row in rows:
+        if (row.get("session_id") or "").strip() == session and (row.get("age") or "").strip().lower() not in MISSING:
+            try:
+                return parse_age(row["age"].strip(), age_range)
+            except ValueError as exc:
+                raise ValueError(f"{tsv.relative_to(root)}, {session}: {exc}") from None
+    return None
 
 
 def read_participants(root: Path) -> list[dict[str, str]]:
@@ -116,8 +151,14 @@ def parse_age(text: str, age_range: tuple[float, float] = DEFAULT_AGE_RANGE) -> 
     return age
 
 
-def scan(root, age_range: tuple[float, float] = DEFAULT_AGE_RANGE) -> tuple[list[Entry], dict[str, str]]:
-    """Match participants.tsv rows with images: (good entries in TSV order, {subject: reason})."""
+def scan(
+    root, age_range: tuple[float, float] = DEFAULT_AGE_RANGE, select: tuple[str, ...] = ()
+) -> tuple[list[Entry], dict[str, str]]:
+    """Match participants.tsv rows with images: (good entries in TSV order, {subject: reason}).
+
+    `select` keeps the T1w images whose names hold all of its entities (ses-2, run-1, acq-mprage, space-...):
+    a subject must end with exactly one. An image in a session takes its age from the subject's sessions.tsv
+    when that gives one, else from participants.tsv."""
     root = Path(root)
     rows = read_participants(root)
     images = find_images(root)
@@ -135,16 +176,38 @@ def scan(root, age_range: tuple[float, float] = DEFAULT_AGE_RANGE) -> tuple[list
             bad[pid] = f"listed {counts[pid]} times in participants.tsv"
             continue
         try:
-            age = parse_age(row["age"], age_range)
+            age: float | None = parse_age(row["age"], age_range)
+            age_problem = ""
+        except ValueError as exc:
+            age, age_problem = None, str(exc)
+        found = images.get(pid, [])
+        paths = select_images(found, select)
+        if not found:
+            bad[pid] = f"in participants.tsv but no image {pid}/anat/{pid}_T1w.nii[.gz]"
+            continue
+        names = ", ".join(str(p.relative_to(root)) for p in found)
+        if not paths:
+            bad[pid] = f"no T1w image with {' '.join(select)} (--select); it has {names}"
+            continue
+        if len(paths) > 1:
+            chosen = ", ".join(str(p.relative_to(root)) for p in paths)
+            bad[pid] = f"several T1w images (choose one with --select, e.g. --select ses-2): {chosen}"
+            continue
+        if not paths[0].exists():
+            bad[pid] = (
+                f"{paths[0].relative_to(root)} links to a file that is not here "
+                "(an annexed file not fetched yet? datalad get / git annex get)"
+            )
+            continue
+        try:
+            at_session = session_age(root, pid, paths[0], age_range)
         except ValueError as exc:
             bad[pid] = str(exc)
             continue
-        paths = images.get(pid, [])
-        if not paths:
-            bad[pid] = f"in participants.tsv but no image {pid}/anat/{pid}_T1w.nii[.gz]"
-            continue
-        if len(paths) > 1:
-            bad[pid] = "several T1w images: " + ", ".join(str(p.relative_to(root)) for p in paths)
+        if at_session is not None:
+            age = at_session
+        if age is None:
+            bad[pid] = age_problem
             continue
         sex = row.get("sex", "") or "n/a"
         site = row.get("site", "") or "n/a"

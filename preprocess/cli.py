@@ -142,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"with --register: subjects whose template correlation is below this are bad input "
         f"(default {qc.DEFAULT_MIN_NCC})",
     )
+    p.add_argument(
+        "--select",
+        action="append",
+        type=_entity,
+        default=[],
+        metavar="KEY-VALUE",
+        help="keep the T1w images whose names hold this BIDS entity (repeatable: --select ses-2 --select run-1); "
+        "a subject must end with one image",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("split", help="test set + per-learner files from a preprocessed file")
@@ -168,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return EXIT_USAGE
+
+
+def _entity(text: str) -> str:
+    if not bids.ENTITY.match(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a BIDS entity KEY-VALUE, e.g. ses-2 or run-1")
+    return text
 
 
 def _bad_list(bad: dict[str, str]) -> str:
@@ -205,6 +220,7 @@ def _nifti(args) -> int:
             age_range=args.age_range,
             max_image_mb=args.max_image_mb,
             registration=registration,
+            select=tuple(args.select),
         )
     except convert.BadInput as exc:
         return _fail(f"{exc}:{_bad_list(exc.bad)}")

@@ -147,6 +147,7 @@ def convert(
     age_range: tuple[float, float] = bids.DEFAULT_AGE_RANGE,
     max_image_mb: float = nifti.DEFAULT_MAX_IMAGE_MB,
     registration: register.Options | None = None,
+    select: tuple[str, ...] = (),
 ) -> Result:
     """Preprocess every subject of `bids_dir` into `out` (see module doc for the guarantees).
 
@@ -161,7 +162,7 @@ def convert(
     if dtype not in h5io.DTYPES:
         raise ValueError(f"dtype must be one of {sorted(h5io.DTYPES)}, got {dtype!r}")
     check_outputs(out)
-    entries, bad = bids.scan(bids_dir, age_range)
+    entries, bad = bids.scan(bids_dir, age_range, select)
     params = {
         "voxel_mm": voxel,
         "dtype": dtype,
@@ -174,6 +175,8 @@ def convert(
     }
     if registration is not None:
         params.update(registration.params())
+    if select:
+        params["select"] = list(select)
     keys = [_subject_key(e, params) for e in entries]
     fingerprint = _fingerprint(entries, keys, bad, params, max_image_mb)
     report = skipped_report_path(out)

@@ -1,7 +1,9 @@
 """preprocess/bids.py: which T1w image and participants.tsv row each subject gets (bids.scan reads no image:
 empty files stand in for them)."""
 
-from preprocess import bids
+import pytest
+
+from preprocess import bids, cli
 
 
 def test_scan_matches_sessions_and_refuses_ambiguous_rows(tmp_path):
@@ -31,8 +33,74 @@ def test_scan_matches_sessions_and_refuses_ambiguous_rows(tmp_path):
         ("sub-02", 61.0, "M", "B", "sub-02/ses-1/anat/sub-02_ses-1_T1w.nii"),
     ]
     assert bad == {
-        "sub-03": "several T1w images: "
+        "sub-03": "several T1w images (choose one with --select, e.g. --select ses-2): "
         "sub-03/ses-1/anat/sub-03_ses-1_T1w.nii.gz, sub-03/ses-2/anat/sub-03_ses-2_T1w.nii.gz",
         "sub-04": "listed 2 times in participants.tsv",
         "(blank participant_id)": "a participants.tsv row has an empty participant_id",
     }
+
+
+def _dataset(root, files, participants):
+    root.mkdir(parents=True)
+    for rel in files:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"")
+    (root / "participants.tsv").write_text("participant_id\tage\n" + participants)
+    return root
+
+
+def test_select_picks_one_image_by_its_entities_and_a_session_takes_its_own_age(tmp_path):
+    """A longitudinal dataset (UK Biobank's imaging visits are ses-2 and ses-3): --select chooses the visit, and
+    the age at that visit comes from sessions.tsv, since participants.tsv often holds the first visit's."""
+    root = _dataset(
+        tmp_path / "bids",
+        [
+            "sub-01/ses-2/anat/sub-01_ses-2_T1w.nii.gz",
+            "sub-01/ses-3/anat/sub-01_ses-3_T1w.nii.gz",
+            "sub-02/ses-2/anat/sub-02_ses-2_run-1_T1w.nii.gz",
+            "sub-02/ses-2/anat/sub-02_ses-2_run-2_T1w.nii.gz",
+            "sub-03/ses-3/anat/sub-03_ses-3_T1w.nii.gz",
+            "sub-04/ses-2/anat/sub-04_ses-2_T1w.nii.gz",
+            "sub-05/ses-2/anat/sub-05_ses-2_T1w.nii.gz",
+        ],
+        "sub-01\t55\nsub-02\t60\nsub-03\t61\nsub-04\tn/a\nsub-05\t50\n",
+    )
+    (root / "sub-01" / "sub-01_sessions.tsv").write_text("session_id\tage\nses-2\t57.5\nses-3\t59.25\n")
+    (root / "sub-04" / "sub-04_sessions.tsv").write_text("session_id\tage\nses-2\t70\n")  # no age in participants
+    (root / "sub-05" / "sub-05_sessions.tsv").write_text("session_id\tage\nses-2\t300\n")
+    assert bids.entities(root / "sub-02/ses-2/anat/sub-02_ses-2_run-1_T1w.nii.gz") == {"sub-02", "ses-2", "run-1"}
+
+    entries, bad = bids.scan(root, select=("ses-2",))
+    assert [(e.participant_id, e.age, e.image.name) for e in entries] == [
+        ("sub-01", 57.5, "sub-01_ses-2_T1w.nii.gz"),
+        ("sub-04", 70.0, "sub-04_ses-2_T1w.nii.gz"),
+    ]
+    assert bad["sub-02"].startswith("several T1w images (choose one with --select")
+    assert bad["sub-03"] == "no T1w image with ses-2 (--select); it has sub-03/ses-3/anat/sub-03_ses-3_T1w.nii.gz"
+    assert bad["sub-05"] == (
+        "sub-05/sub-05_sessions.tsv, ses-2: age 300 is outside the plausible range (0, 120] years (--age-range)"
+    )
+
+    entries, bad = bids.scan(root, select=("ses-2", "run-2"))
+    assert [(e.participant_id, e.image.name) for e in entries] == [("sub-02", "sub-02_ses-2_run-2_T1w.nii.gz")]
+    entries, _ = bids.scan(root, select=("ses-3",))
+    assert [(e.participant_id, e.age) for e in entries] == [("sub-01", 59.25), ("sub-03", 61.0)]
+
+
+def test_an_annexed_image_not_fetched_is_named_as_such(tmp_path):
+    root = _dataset(tmp_path / "bids", [], "sub-01\t60\n")
+    link = root / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
+    link.parent.mkdir(parents=True)
+    link.symlink_to("../../.git/annex/objects/XX/YY/SHA256E-s1--abc.nii.gz/SHA256E-s1--abc.nii.gz")
+    entries, bad = bids.scan(root)
+    assert entries == [] and bad == {
+        "sub-01": "sub-01/anat/sub-01_T1w.nii.gz links to a file that is not here "
+        "(an annexed file not fetched yet? datalad get / git annex get)"
+    }
+
+
+@pytest.mark.parametrize("value", ["ses2", "ses-", "ses-2_run-1", "-2"])
+def test_select_takes_bids_entities_only(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["nifti", "--bids", str(tmp_path), "--out", str(tmp_path / "v.h5"), "--select", value])
+    assert exited.value.code == 2 and "is not a BIDS entity KEY-VALUE, e.g. ses-2 or run-1" in capsys.readouterr().err

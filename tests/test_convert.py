@@ -1,6 +1,7 @@
 """`python -m preprocess nifti`: bad input, --skip-bad, resume after interruption, up-to-date outputs."""
 
 import gzip
+import json
 import os
 import shutil
 import signal
@@ -275,6 +276,28 @@ def test_a_head_out_of_mni_place_is_named_after_writing(cohort, tmp_path, capsys
     assert warning[0].startswith("warning: 1 subject(s) correlate with the MNI152 template below 0.4")
     assert "--register affine" in warning[0] and f"qc --h5 {out}" in warning[0]
     assert warning[1].startswith("  sub-moved: 0.") and len(warning) == 2
+
+
+def test_select_chooses_the_visit_and_its_age_reaches_the_file(cohort, tmp_path, capsys):
+    root = _make_bids(cohort, tmp_path / "bids")
+    pid = GOOD[0]
+    image = _image(root, pid)
+    for session in ("ses-2", "ses-3"):
+        visit = root / pid / session / "anat" / f"{pid}_{session}_T1w.nii.gz"
+        visit.parent.mkdir(parents=True)
+        shutil.copy(image, visit)
+    shutil.rmtree(root / pid / "anat")
+    (root / pid / f"{pid}_sessions.tsv").write_text("session_id\tage\nses-2\t64.5\nses-3\t66\n")
+    out = tmp_path / "v.h5"
+    assert cli.main(["nifti", "--bids", str(root), "--out", str(out), "--workers", "1", "--quiet"]) == 2
+    assert f"{pid}: several T1w images (choose one with --select" in capsys.readouterr().err
+    args = ["nifti", "--bids", str(root), "--out", str(out), "--workers", "1", "--quiet", "--select", "ses-3"]
+    assert cli.main([*args, "--skip-bad"]) == 0
+    assert f"{GOOD[1]}: no T1w image with ses-3 (--select)" in capsys.readouterr().err  # it has no visits
+    with h5py.File(out, "r") as f:
+        ages = dict(zip(f["subject_id"].asstr()[:], f["age"][:]))
+        assert json.loads(f.attrs["preprocessing"])["select"] == ["ses-3"]
+    assert ages == {pid: 66.0}  # the age at that visit, not participants.tsv's 60.5
 
 
 def test_participants_tsv_field_above_the_csv_limit_is_one_clear_error(cohort, tmp_path, capsys):
