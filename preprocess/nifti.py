@@ -45,7 +45,7 @@ def check_header(name: str, shape: tuple[int, ...], max_image_mb: float) -> None
     and images above the size limit (a small .nii.gz can claim gigabytes of voxels)."""
     if len(shape) == 4 and shape[3] != 1:
         raise BadImage(f"{name} is 4D with {shape[3]} frames; expected one 3D volume")
-    if len(shape) not in (3, 4):
+    if len(shape) < 3 or any(n != 1 for n in shape[3:]):  # trailing 1s (x, y, z, 1, 1) hold one volume
         raise BadImage(f"{name} has {len(shape)} dimensions {shape}; expected a 3D volume")
     nbytes = math.prod(shape) * 4
     if nbytes > max_image_mb * 1e6:
@@ -56,7 +56,7 @@ def check_header(name: str, shape: tuple[int, ...], max_image_mb: float) -> None
 
 
 def load(path, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> tuple[np.ndarray, np.ndarray]:
-    """Read a 3D image (a 4D one with a single frame is accepted) as float32 + affine.
+    """Read a 3D image (one with trailing dimensions of 1, a single frame, is accepted) as float32 + affine.
 
     Raises BadImage for unreadable or truncated files, several frames, images above
     `max_image_mb` (checked before any voxel is read), and images without a finite non-zero voxel.
@@ -77,8 +77,8 @@ def load(path, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> tuple[np.ndarray, 
         raise BadImage(f"not enough memory to read {path.name} ({size} as float32)") from None
     except Exception as exc:  # nibabel, gzip and zlib raise many types for a bad file
         raise BadImage(f"unreadable or truncated image {path.name}: {_reason(exc)}") from None
-    if data.ndim == 4:
-        data = data[..., 0]
+    if data.ndim > 3:
+        data = data.reshape(data.shape[:3])
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise BadImage(f"{path.name} has a degenerate voxel-to-world affine")

@@ -80,6 +80,11 @@ def test_single_frame_4d_is_accepted(tmp_path):
     data = np.ones((4, 4, 4, 1), np.float32)
     nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "x.nii")
     assert nifti.load(tmp_path / "x.nii")[0].shape == (4, 4, 4)
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4, 1, 1), np.float32), np.eye(4)), tmp_path / "five.nii")
+    assert nifti.load(tmp_path / "five.nii")[0].shape == (4, 4, 4)  # some converters write (x, y, z, 1, 1)
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4, 1, 2), np.float32), np.eye(4)), tmp_path / "two.nii")
+    with pytest.raises(nifti.BadImage, match=r"two.nii has 5 dimensions \(4, 4, 4, 1, 2\)"):
+        nifti.load(tmp_path / "two.nii")
 
 
 def _bad_files(tmp_path, good_bytes):
