@@ -70,6 +70,8 @@ def load(path, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> tuple[np.ndarray, 
     except Exception as exc:  # nibabel raises many types for a bad header
         raise BadImage(f"unreadable or truncated image {path.name}: {_reason(exc)}") from None
     check_header(path.name, shape, max_image_mb)
+    if np.dtype(img.get_data_dtype()).kind == "c":  # a cast to float32 would drop the imaginary part unsaid
+        raise BadImage(f"{path.name} holds complex values ({img.get_data_dtype()}); expected a magnitude image")
     try:
         data = np.asarray(img.dataobj, dtype=np.float32)
     except MemoryError:

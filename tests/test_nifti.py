@@ -105,6 +105,8 @@ def _bad_files(tmp_path, good_bytes):
     nan[1:3] = 0
     nib.save(nib.Nifti1Image(nan, np.eye(4)), tmp_path / "zero-nan.nii.gz")
     cases["zero-nan.nii.gz"] = "all zeros"
+    nib.save(nib.Nifti1Image(np.ones((5, 5, 5), np.complex64), np.eye(4)), tmp_path / "complex.nii.gz")
+    cases["complex.nii.gz"] = r"holds complex values \(complex64\); expected a magnitude image"
     nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.int16), np.eye(4)), tmp_path / "zero.nii.gz")
     cases["zero.nii.gz"] = "all zeros"
     return cases
