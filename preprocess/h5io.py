@@ -40,13 +40,20 @@ OPTIONAL = {"mni_to_native": np.float64, "registration_ncc": np.float32}
 DTYPES = {"float16": np.float16, "float32": np.float32}
 GZIP_LEVEL = 1
 LOCK_FAILED = "unable to lock file"  # HDF5's words when its flock fails
+LOCKS_DIFFER = "file locking flag values don't match"  # the file is open in this process without locks
 
 
 def h5file(path, mode: str = "r") -> h5py.File:
-    """h5py.File without HDF5's file locks. On file systems mounted without locks (NFS without a lock daemon:
-    errno 37; Lustre without flock: 38) every locking open fails, and the locks protect nothing here: volume
-    files appear by rename once complete, so no reader meets one being written, and a temporary file has one
-    writer. A site's HDF5_USE_FILE_LOCKING still wins over this."""
+    """h5py.File, without HDF5's file locks where they cannot be had. On file systems mounted without locks
+    (NFS without a lock daemon: errno 37; Lustre without flock: 38) every locking open fails, and the locks
+    protect nothing here: volume files appear by rename once complete, so no reader meets one being written,
+    and a temporary file has one writer. Where locks work they are kept, so that other code in the process
+    may open the same file with h5py's defaults. A site's HDF5_USE_FILE_LOCKING still wins over this."""
+    try:
+        return h5py.File(path, mode)
+    except OSError as exc:
+        if LOCK_FAILED not in str(exc) and LOCKS_DIFFER not in str(exc):
+            raise
     return h5py.File(path, mode, locking=False)
 
 

@@ -53,10 +53,9 @@ def _config(tmp_path: Path) -> Path:
     return path
 
 
-def test_time_limit_signal_checkpoints_requeues_and_the_requeued_job_resumes(tmp_path):
-    env, config = _fake_slurm(tmp_path), _config(tmp_path)
-    run = tmp_path / "runs" / "job"
-    job = subprocess.Popen(
+def _submit(env: dict, config: Path) -> subprocess.Popen:
+    """The batch script as sbatch starts it, in a session of its own (to kill it whole if it hangs)."""
+    return subprocess.Popen(
         ["bash", "jobs/fedsparsify.slurm", str(config)],
         cwd=ROOT,
         env=env,
@@ -65,13 +64,23 @@ def test_time_limit_signal_checkpoints_requeues_and_the_requeued_job_resumes(tmp
         text=True,
         start_new_session=True,
     )
-    wait_rows(run, 1, job)
-    os.kill(job.pid, signal.SIGUSR1)  # what SLURM sends the batch script before the time limit
+
+
+def _finish(job: subprocess.Popen) -> tuple[str, str]:
     try:
-        out, err = job.communicate(timeout=90)
+        return job.communicate(timeout=90)
     except subprocess.TimeoutExpired:
         os.killpg(job.pid, signal.SIGKILL)
         pytest.fail("the job did not stop after the signal")
+
+
+def test_time_limit_signal_checkpoints_requeues_and_the_requeued_job_resumes(tmp_path):
+    env, config = _fake_slurm(tmp_path), _config(tmp_path)
+    run = tmp_path / "runs" / "job"
+    job = _submit(env, config)
+    wait_rows(run, 1, job)
+    os.kill(job.pid, signal.SIGUSR1)  # what SLURM sends the batch script before the time limit
+    out, err = _finish(job)
     assert job.returncode == 75, out + err
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
     assert summary(run)["preempted"] is True and len(metrics(run)) < 6
@@ -91,24 +100,12 @@ def test_sigterm_checkpoints_without_a_requeue_and_a_second_signal_does_not_end_
     before srun has ended."""
     env, config = _fake_slurm(tmp_path), _config(tmp_path)
     run = tmp_path / "runs" / "job"
-    job = subprocess.Popen(
-        ["bash", "jobs/fedsparsify.slurm", str(config)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    job = _submit(env, config)
     wait_rows(run, 1, job)
     os.kill(job.pid, signal.SIGTERM)
     time.sleep(0.5)
     os.kill(job.pid, signal.SIGUSR1)
-    try:
-        out, err = job.communicate(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(job.pid, signal.SIGKILL)
-        pytest.fail("the job did not stop after the signal")
+    out, err = _finish(job)
     assert job.returncode == 75, out + err
     assert "submit the same command again to continue" in out
     assert not (tmp_path / "scontrol.log").exists()
