@@ -66,25 +66,34 @@ def select_images(paths: list[Path], select: tuple[str, ...]) -> list[Path]:
 
 
 def session_age(root: Path, pid: str, image: Path, age_range: tuple[float, float]) -> float | None:
-    """The age at the image's session from sub-X/sub-X_sessions.tsv (BIDS: session_id, age), or None when
-    the image has no session or the file does not give one. In a longitudinal dataset participants.tsv holds
-    one age per person, often the first visit's; the age at the scan is the one a brain-age model needs."""
+    """The age at the image's session from sub-X/sub-X_sessions.tsv (BIDS: session_id, age), or None when the
+    image has no session, or no sessions.tsv with an age column. In a longitudinal dataset participants.tsv
+    holds one age per person, often the first visit's; the age at the scan is the one a brain-age model
+    needs, so a sessions.tsv with ages must give this session's (ValueError otherwise)."""
     session = next((part for part in image.relative_to(root).parts if part.startswith("ses-")), None)
     tsv = root / pid / f"{pid}_sessions.tsv"
     if session is None or not tsv.is_file():
         return None
+    name = tsv.relative_to(root)
     try:
         with open(tsv, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f, delimiter="\t"))
+            reader = csv.reader(f, delimiter="\t")
+            header = [column.strip() for column in next(reader, [])]
+            rows = [dict(zip(header, (cell.strip() for cell in cells))) for cells in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise ValueError(f"{tsv.relative_to(root)} cannot be read: {exc}") from None
-    for row in rows:
-        if (row.get("session_id") or "").strip() == session and (row.get("age") or "").strip().lower() not in MISSING:
-            try:
-                return parse_age(row["age"].strip(), age_range)
-            except ValueError as exc:
-                raise ValueError(f"{tsv.relative_to(root)}, {session}: {exc}") from None
-    return None
+        raise ValueError(f"{name} cannot be read: {exc}") from None
+    if "session_id" not in header:
+        raise ValueError(f"{name} has no session_id column (columns: {', '.join(header) or 'none'}; tab-separated?)")
+    if "age" not in header:
+        return None
+    # BIDS writes ses-2; a bare 2 is taken to mean the same
+    ages = [r.get("age", "") for r in rows if r.get("session_id") in (session, session.removeprefix("ses-"))]
+    if not ages or ages[0].lower() in MISSING:
+        raise ValueError(f"{name} has an age column but no age for {session}")
+    try:
+        return parse_age(ages[0], age_range)
+    except ValueError as exc:
+        raise ValueError(f"{name}, {session}: {exc}") from None
 
 
 def read_participants(root: Path) -> list[dict[str, str]]:

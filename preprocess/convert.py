@@ -170,7 +170,9 @@ def convert(
         "antialias": "gaussian, FWHM = target voxel",
         "interpolation": "trilinear",
         "mask": "nilearn MNI152 brain mask (ICBM 2009a) resampled, >= 0.5",
-        "normalisation": "z-score within mask, zero outside",
+        # worded anew when the values change, so that outputs and staged parts of the old way are rebuilt
+        "normalisation": "z-score within the mask voxels the image covers (finite, in its field of view), zero "
+        "elsewhere",
         "source": str(bids_dir.resolve()),
     }
     if registration is not None:

@@ -22,7 +22,9 @@ target for 2 mm float16 on one core) and every HDF5 reader has it, unlike lzf.
 from __future__ import annotations
 
 import datetime
+import errno
 import json
+import re
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -39,22 +41,46 @@ DATASETS = ("images", "age", "subject_id", "sex", "site")
 OPTIONAL = {"mni_to_native": np.float64, "registration_ncc": np.float32}
 DTYPES = {"float16": np.float16, "float32": np.float32}
 GZIP_LEVEL = 1
-LOCK_FAILED = "unable to lock file"  # HDF5's words when its flock fails
+LOCK_FAILED = re.compile(r"unable to lock file, errno = (\d+)")  # HDF5's words when its flock fails
 LOCKS_DIFFER = "file locking flag values don't match"  # the file is open in this process without locks
+NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)  # a file system that does not take locks
 
 
 def h5file(path, mode: str = "r") -> h5py.File:
-    """h5py.File, without HDF5's file locks where they cannot be had. On file systems mounted without locks
-    (NFS without a lock daemon: errno 37; Lustre without flock: 38) every locking open fails, and the locks
-    protect nothing here: volume files appear by rename once complete, so no reader meets one being written,
-    and a temporary file has one writer. Where locks work they are kept, so that other code in the process
-    may open the same file with h5py's defaults. A site's HDF5_USE_FILE_LOCKING still wins over this."""
+    """h5py.File, without HDF5's file locks where the file system takes none. There (NFS without a lock
+    daemon: errno 37; Lustre without flock: 38) every locking open fails, and the locks protect nothing here:
+    volume files appear by rename once complete, so no reader meets one being written, and a temporary file
+    has one writer. Where locks work they are kept (other code in the process may open the same file with
+    h5py's defaults, and a file another process holds for writing is refused). A site's
+    HDF5_USE_FILE_LOCKING still wins over this. DataError for a lock that cannot be had."""
     try:
         return h5py.File(path, mode)
     except OSError as exc:
-        if LOCK_FAILED not in str(exc) and LOCKS_DIFFER not in str(exc):
-            raise
-    return h5py.File(path, mode, locking=False)
+        if LOCKS_DIFFER not in str(exc) and lock_errno(exc) not in NO_LOCKS:
+            raise _lock_error(path, exc) from None
+    try:
+        return h5py.File(path, mode, locking=False)
+    except OSError as exc:
+        raise _lock_error(path, exc) from None
+
+
+def lock_errno(exc: OSError) -> int | None:
+    """The errno of HDF5's failed flock in `exc`, or None when `exc` is not about a lock."""
+    found = LOCK_FAILED.search(str(exc))
+    return int(found.group(1)) if found else None
+
+
+def _lock_error(path, exc: OSError) -> Exception:
+    """`exc` itself unless it is a lock HDF5 could not take: then a DataError that says why."""
+    code = lock_errno(exc)
+    if code is None:
+        return exc
+    if code in NO_LOCKS:
+        return DataError(
+            f"{path}: HDF5 could not lock it ({exc}); this file system does not take locks, and fedmpi goes "
+            "without them unless HDF5_USE_FILE_LOCKING says otherwise: unset it or set it to FALSE"
+        )
+    return DataError(f"{path} is locked by another process (being written?): {exc}")
 
 
 def base_attrs(voxel: int, shape, affine, params: dict, fingerprint: str) -> dict:
@@ -145,12 +171,9 @@ def open_checked(path) -> h5py.File:
         raise DataError(f"volume file {path} does not exist")
     try:
         f = h5file(path)
+    except DataError as exc:
+        raise DataError(f"volume file {exc}") from None
     except OSError as exc:
-        if LOCK_FAILED in str(exc):
-            raise DataError(
-                f"volume file {path}: HDF5 could not lock it ({exc}); this file system does not take locks, and "
-                "fedmpi reads without them unless HDF5_USE_FILE_LOCKING says otherwise: unset it or set it to FALSE"
-            ) from None
         raise DataError(f"volume file {path} is not a readable HDF5 file (corrupt or truncated?): {exc}") from None
     try:
         missing = [k for k in DATASETS if k not in f]

@@ -87,6 +87,27 @@ def test_select_picks_one_image_by_its_entities_and_a_session_takes_its_own_age(
     assert [(e.participant_id, e.age) for e in entries] == [("sub-01", 59.25), ("sub-03", 61.0)]
 
 
+@pytest.mark.parametrize(
+    "sessions, expected",
+    [
+        ("\ufeffsession_id \t age \nses-3\t 62 \n", 62.0),  # a byte-order mark and padding are read through
+        ("session_id\tage\n3\t62\n", 62.0),  # a bare session number means ses-3
+        ("session_id\tacq_time\nses-3\t2019-01-01\n", 50.0),  # no age column: participants.tsv's
+        ("session_id\tage\nses-2\t60\n", "has an age column but no age for ses-3"),
+        ("session_id\tage\nses-3\tn/a\n", "has an age column but no age for ses-3"),
+        ("session_id age\nses-3 62\n", "has no session_id column (columns: session_id age; tab-separated?)"),
+    ],
+)
+def test_a_sessions_file_never_leaves_a_session_with_another_visits_age_unsaid(tmp_path, sessions, expected):
+    root = _dataset(tmp_path / "bids", ["sub-01/ses-3/anat/sub-01_ses-3_T1w.nii.gz"], "sub-01\t50\n")
+    (root / "sub-01" / "sub-01_sessions.tsv").write_text(sessions, encoding="utf-8")
+    entries, bad = bids.scan(root)
+    if isinstance(expected, float):
+        assert [e.age for e in entries] == [expected] and bad == {}
+    else:
+        assert entries == [] and bad == {"sub-01": f"sub-01/sub-01_sessions.tsv {expected}"}
+
+
 def test_an_annexed_image_not_fetched_is_named_as_such(tmp_path):
     root = _dataset(tmp_path / "bids", [], "sub-01\t60\n")
     link = root / "sub-01" / "anat" / "sub-01_T1w.nii.gz"

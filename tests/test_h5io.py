@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import fedmpi
+from fedmpi.errors import DataError
 from preprocess import grid, h5io
 
 
@@ -234,12 +235,12 @@ import numpy as np
 from fedmpi.errors import DataError
 from preprocess import h5io
 path = sys.argv[1]
-if sys.argv[2] == "write":
-    attrs = h5io.base_attrs(4, (3, 4, 5), np.eye(4), {}, "fp")
-    table = {"age": [60.0], "subject_id": ["s"], "sex": ["F"], "site": ["X"]}
-    h5io.write_volumes(path, [np.ones((3, 4, 5))], table, attrs)
-    h5io.copy_rows(path, path + ".copy", [0], {})
 try:
+    if sys.argv[2] == "write":
+        attrs = h5io.base_attrs(4, (3, 4, 5), np.eye(4), {}, "fp")
+        table = {"age": [60.0], "subject_id": ["s"], "sex": ["F"], "site": ["X"]}
+        h5io.write_volumes(path, [np.ones((3, 4, 5))], table, attrs)
+        h5io.copy_rows(path, path + ".copy", [0], {})
     with h5io.open_checked(path + ".copy") as f:
         print("read", f["images"].shape[0])
 except DataError as e:
@@ -265,5 +266,28 @@ def test_volume_files_are_written_and_read_where_the_file_system_takes_no_locks(
         return proc.stdout.strip() + proc.stderr.strip()
 
     assert run("write") == "read 1"
-    refused = run("read", HDF5_USE_FILE_LOCKING="TRUE")
-    assert "could not lock" in refused and "set it to FALSE" in refused and "Traceback" not in refused
+    for what in ("read", "write"):  # a site that asks for locks there gets one line, reading or writing
+        refused = run(what, HDF5_USE_FILE_LOCKING="TRUE")
+        assert "could not lock" in refused and "set it to FALSE" in refused and "Traceback" not in refused
+
+
+def test_a_file_another_process_holds_for_writing_is_refused_not_read(tmp_path):
+    """The unlocked open is for file systems without locks only: a lock held elsewhere (errno 11) is one line."""
+    path = h5io.write_volumes(tmp_path / "v.h5", [np.ones((3, 4, 5))], _table(1), _attrs())
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import h5py, time; f = h5py.File({str(path)!r}, 'a'); print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(DataError, match=r"v.h5 is locked by another process \(being written\?\)"):
+            h5io.open_checked(path)
+    finally:
+        holder.kill()
+        holder.wait()
+    h5io.open_checked(path).close()

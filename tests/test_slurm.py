@@ -112,6 +112,23 @@ def test_sigterm_checkpoints_without_a_requeue_and_a_second_signal_does_not_end_
     assert summary(run)["preempted"] is True
 
 
+def test_a_warning_before_the_federation_starts_requeues_without_starting_it(tmp_path):
+    """Passed on to ranks still starting, the signal could kill them before their handlers are set: the job
+    is requeued as it is (its last checkpoint stands) and srun never runs."""
+    env = _fake_slurm(tmp_path)
+    slow = tmp_path / "slowvenv" / "bin"
+    slow.mkdir(parents=True)
+    (slow / "activate").write_text(f"sleep 3\nsource {shlex.quote(env['FEDMPI_VENV'])}/bin/activate\n")
+    env["FEDMPI_VENV"] = str(slow.parent)
+    job = _submit(env, tmp_path / "never-read.yaml")
+    time.sleep(1)
+    os.kill(job.pid, signal.SIGUSR1)
+    out, err = _finish(job)
+    assert job.returncode == 75, out + err
+    assert "stopped before the federation started" in out and "asking the federation" not in out
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+
+
 def test_a_sweep_task_finds_the_job_script_from_the_submit_directory(tmp_path):
     """Under sbatch, $0 is slurmd's spool copy of sweep.slurm: the task must find jobs/fedsparsify.slurm from
     the submit directory (here it gets as far as the virtualenv, which it names)."""
