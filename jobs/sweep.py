@@ -3,6 +3,7 @@
     python jobs/sweep.py jobs/studies/cpu.yaml                 # local, mpirun; resumable
     python jobs/sweep.py jobs/studies/cpu.yaml --list          # the runs and their state, nothing run
     python jobs/sweep.py --paper original --slurm --out runs/paper-original   # SLURM job array
+    python jobs/sweep.py --paper original --slurm --array-limit 4              # at most 4 at once
     python jobs/sweep.py --paper original --collect --out runs/paper-original --report docs/paper
 
 A study file (jobs/studies/*.yaml) names a base config, the groups of runs (each with its own
@@ -224,7 +225,8 @@ def run_paper(args) -> int:
         listing = out / "configs.txt"
         listing.write_text("\n".join(paths) + "\n")
         # from the checkout: each task finds jobs/fedsparsify.slurm, the venv and data/ from its submit directory
-        call(["sbatch", f"--array=1-{len(paths)}", str(HERE / "sweep.slurm"), str(listing)], cwd=HERE.parent)
+        limit = f"%{args.array_limit}" if args.array_limit else ""
+        call(["sbatch", f"--array=1-{len(paths)}{limit}", str(HERE / "sweep.slurm"), str(listing)], cwd=HERE.parent)
         print(
             f"submitted {len(paths)} runs; when they are done: python jobs/sweep.py --paper {args.paper} "
             f"--collect --out {out}"
@@ -277,18 +279,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-attack", action="store_true", help="study: train only")
     ap.add_argument("--slurm", action="store_true", help="--paper: write the config list and submit an array")
     ap.add_argument("--collect", action="store_true", help="--paper: skip training; attack and report")
+    ap.add_argument(
+        "--array-limit",
+        type=int,
+        metavar="K",
+        help="--paper --slurm: at most K federations at once (sbatch --array=1-N%%K); default: as the queue allows",
+    )
     ap.add_argument("--mpirun", default=default_mpirun(), help="launcher for local runs (default: %(default)s)")
     args = ap.parse_args(argv)
     if bool(args.study) == bool(args.paper):
         ap.error("give a study file or --paper FAMILY")
     # an option of the other mode would be silently ignored (--list starting 84 federations)
-    other = ("slurm", "collect") if args.study else ("list", "no_attack", "records")
+    other = ("slurm", "collect", "array_limit") if args.study else ("list", "no_attack", "records")
     given = [f"--{name.replace('_', '-')}" for name in other if getattr(args, name)]
     if given:
         ap.error(
             f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} only with "
             f"{'--paper' if args.study else 'a study file'}"
         )
+    if args.array_limit is not None and (args.array_limit < 1 or not args.slurm):
+        ap.error("--array-limit takes K >= 1, with --paper --slurm")
     return run_paper(args) if args.paper else run_study(args)
 
 

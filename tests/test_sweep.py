@@ -273,6 +273,16 @@ def test_paper_slurm_submits_from_the_checkout_with_absolute_paths(tmp_path, mon
     paths = [Path(p) for p in listing.read_text().split()]
     assert paths and all(p.is_absolute() and p.exists() for p in paths)
     assert yaml.safe_load(paths[0].read_text())["run"]["dir"] == str(tmp_path / "paper")
+    calls.clear()
+    assert sweep.main(["--paper", "original", "--slurm", "--out", "paper", "--array-limit", "4"]) == 0
+    assert calls[0][0][1] == f"--array=1-{len(paths)}%4"  # at most 4 federations (each 8 GPUs) at once
+
+
+@pytest.mark.parametrize("flags", [["--array-limit", "0", "--slurm"], ["--array-limit", "2"]])
+def test_an_array_limit_needs_slurm_and_a_positive_count(capsys, flags):
+    with pytest.raises(SystemExit) as exited:
+        sweep.main(["--paper", "original", *flags])
+    assert exited.value.code == 2 and "--array-limit takes K >= 1, with --paper --slurm" in capsys.readouterr().err
 
 
 def test_the_launcher_is_the_venvs_mpirun_else_the_one_on_path_and_a_missing_one_is_one_line(tmp_path, monkeypatch):
