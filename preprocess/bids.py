@@ -113,6 +113,8 @@ def read_participants(root: Path) -> list[dict[str, str]]:
             try:
                 columns = reader.fieldnames or []
                 absent = [c for c in REQUIRED_COLUMNS if c not in columns]
+                if absent == ["age"] and any(root.glob("sub-*/sub-*_sessions.tsv")):
+                    absent = []  # a longitudinal dataset may keep its ages per session only
                 if absent:
                     raise DatasetError(
                         f"{tsv} lacks column(s) {', '.join(absent)} (has: {', '.join(columns) or 'none'})"
@@ -185,7 +187,7 @@ def scan(
             bad[pid] = f"listed {counts[pid]} times in participants.tsv"
             continue
         try:
-            age: float | None = parse_age(row["age"], age_range)
+            age: float | None = parse_age(row.get("age", ""), age_range)
             age_problem = ""
         except ValueError as exc:
             age, age_problem = None, str(exc)

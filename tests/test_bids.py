@@ -125,3 +125,21 @@ def test_select_takes_bids_entities_only(tmp_path, capsys, value):
     with pytest.raises(SystemExit) as exited:
         cli.main(["nifti", "--bids", str(tmp_path), "--out", str(tmp_path / "v.h5"), "--select", value])
     assert exited.value.code == 2 and "is not a BIDS entity KEY-VALUE, e.g. ses-2 or run-1" in capsys.readouterr().err
+
+
+def test_ages_may_live_in_sessions_files_only(tmp_path):
+    """Without an age column in participants.tsv a longitudinal dataset is read when its sessions.tsv files
+    give the ages; a subject they do not cover is bad input, and a dataset with neither is refused whole."""
+    root = tmp_path / "bids"
+    root.mkdir()
+    for pid in ("sub-01", "sub-02"):
+        image = root / pid / "ses-2" / "anat" / f"{pid}_ses-2_T1w.nii.gz"
+        image.parent.mkdir(parents=True)
+        image.write_bytes(b"")
+    (root / "participants.tsv").write_text("participant_id\tsex\nsub-01\tF\nsub-02\tM\n")
+    (root / "sub-01" / "sub-01_sessions.tsv").write_text("session_id\tage\nses-2\t64\n")
+    entries, bad = bids.scan(root)
+    assert [(e.participant_id, e.age) for e in entries] == [("sub-01", 64.0)] and bad == {"sub-02": "missing age"}
+    (root / "sub-01" / "sub-01_sessions.tsv").unlink()
+    with pytest.raises(bids.DatasetError, match="lacks column\\(s\\) age"):
+        bids.scan(root)
