@@ -7,6 +7,7 @@ next write of the same output on that host."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -14,6 +15,11 @@ import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+# What flock (and HDF5's locking, which uses it) fails with where the file system takes no locks at all: NFS
+# without a lock daemon, Lustre without flock. Files here appear by rename once complete, so going without locks
+# there costs only the exclusion of a second writer.
+NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)
 
 
 def umask_mode(directory: bool = False) -> int:

@@ -7,7 +7,6 @@ standard JSON: a non-finite number is written as null, never as NaN or Infinity.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import math
@@ -18,7 +17,7 @@ import time
 from pathlib import Path
 
 from .errors import ConfigError, ReportError
-from .files import atomic_write
+from .files import NO_LOCKS, atomic_write
 
 LOCK = ".lock"
 
@@ -60,9 +59,6 @@ def stopped_early(run_dir: Path) -> bool:
         return read_json(Path(run_dir) / "summary.json", ReportError).get("preempted") is True
     except ReportError:
         return False
-
-
-NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)  # what flock says where locks are not served
 
 
 class RunLock:

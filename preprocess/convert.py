@@ -48,7 +48,7 @@ class Result:
     skipped: dict[str, str]
     reused: int
     up_to_date: bool
-    misplaced: dict[str, float] = dataclasses.field(default_factory=dict)  # unregistered, template NCC < 0.4
+    misplaced: dict[str, float] = dataclasses.field(default_factory=dict)  # unregistered, NCC < PLACEMENT_NCC
 
 
 def skipped_report_path(out: Path) -> Path:

@@ -22,7 +22,6 @@ target for 2 mm float16 on one core) and every HDF5 reader has it, unlike lzf.
 from __future__ import annotations
 
 import datetime
-import errno
 import json
 import re
 import zlib
@@ -33,7 +32,7 @@ import h5py
 import numpy as np
 
 from fedmpi.errors import DataError
-from fedmpi.files import atomic_path
+from fedmpi.files import NO_LOCKS, atomic_path
 from preprocess import grid
 
 FORMAT = "fedmpi-volumes/1"
@@ -43,7 +42,6 @@ DTYPES = {"float16": np.float16, "float32": np.float32}
 GZIP_LEVEL = 1
 LOCK_FAILED = re.compile(r"unable to lock file, errno = (\d+)")  # HDF5's words when its flock fails
 LOCKS_DIFFER = "file locking flag values don't match"  # the file is open in this process without locks
-NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)  # a file system that does not take locks
 
 
 def h5file(path, mode: str = "r") -> h5py.File:
