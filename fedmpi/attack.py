@@ -20,6 +20,7 @@ wires it to a run directory.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from pathlib import Path
 
@@ -445,8 +446,8 @@ def member_files(cfg, data_dir: Path) -> list[Path]:
 
 
 def load_run_model(run_dir: Path):
-    """(model with the saved global parameters, config, final sparsity) of a finished run."""
-    from .checkpoint import load_model
+    """(model with the saved global parameters, config, final sparsity, model_digest) of a finished run."""
+    from .checkpoint import load_model, model_digest
     from .config import config_from_dict
     from .model import build_model, load_flat_parameters
 
@@ -454,7 +455,42 @@ def load_run_model(run_dir: Path):
     cfg = config_from_dict(meta["config"])
     model = build_model(cfg, meta["input_shape"])
     load_flat_parameters(model, values)
-    return model, cfg, float(np.mean(values == 0))
+    return model, cfg, float(np.mean(values == 0)), model_digest(values)
+
+
+def volume_digests(path: Path) -> list[bytes]:
+    """A digest of each volume's voxels, in file order: the same scan is recognised in another file, under
+    another subject id (independently made cohorts reuse ids like sub-0000)."""
+    from preprocess import h5io
+
+    with h5io.open_checked(path) as f:
+        reader = h5io.ChunkReader(f["images"])
+        digests = []
+        for i in range(f["images"].shape[0]):
+            try:
+                digests.append(hashlib.blake2b(reader.read(i).tobytes(), digest_size=16).digest())
+            except Exception as exc:  # zlib/h5py errors on a damaged chunk
+                raise AttackError(f"volume file {path}: cannot read volume {i}: {exc}") from None
+        return digests
+
+
+def check_disjoint(members: list[Path], pools: list[Path]) -> None:
+    """Refuse non-member files that hold a volume the run trained on (a copy of a learner file, the cohort
+    the split was made from) or one that an earlier pool holds: by content, not by path, as those are
+    labelled wrong or counted twice."""
+    seen: dict[bytes, Path] = {d: p for p in members for d in volume_digests(p)}
+    for pool in pools:
+        digests = volume_digests(pool)
+        clash = [seen[d] for d in digests if d in seen]
+        if clash:
+            trained = [p for p in dict.fromkeys(clash) if p in members]
+            where = ", ".join(p.name for p in dict.fromkeys(clash))
+            what = "the run trained on" if trained else "another non-member file holds"
+            raise AttackError(
+                f"{pool}: {len(clash)} of its {len(digests)} volumes are images {what} ({where}), "
+                "so they cannot count as non-members"
+            )
+        seen.update(dict.fromkeys(digests, pool))
 
 
 def _volumes(path: Path, input_shape: tuple[int, ...]):
@@ -491,7 +527,7 @@ def attack_run(
     test_path = data_dir / "test.h5"
     if not test_path.exists():
         raise AttackError(f"{test_path}: missing; the attack needs the run's held-out set as non-members")
-    model, cfg, sparsity = load_run_model(run_dir)
+    model, cfg, sparsity, digest = load_run_model(run_dir)
     files = member_files(cfg, data_dir)
     check_split(summary.get("split"), [test_path, *files])
     pools = [test_path, *(Path(p) for p in nonmembers)]
@@ -503,6 +539,7 @@ def attack_run(
         if p.resolve() in seen:
             raise AttackError(f"{p}: given twice as non-members (its subjects would be counted twice)")
         seen.add(p.resolve())
+    check_disjoint(files, pools)
     learners = [_volumes(p, model.input_shape) for p in files]
     outsiders: ConcatDataset = ConcatDataset([_volumes(p, model.input_shape) for p in pools])
     dev = select_device(device)
@@ -514,6 +551,7 @@ def attack_run(
         "algorithm": cfg.federation.algorithm,
         "seed": seed,
         "sparsity": sparsity,
+        "model_sha256": digest,
         "target_sparsity": summary.get("target_sparsity", cfg.federation.target),
         "nonmember_files": [str(p) for p in pools],
         "max_per_class": max_per_class,

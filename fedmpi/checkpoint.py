@@ -120,6 +120,13 @@ def save_model(path: Path, values: np.ndarray, mask: np.ndarray, meta: dict) -> 
     return save_arrays(Path(path), {"sparse": encoding.encode(values.astype(np.float32), mask)}, meta)
 
 
+def model_digest(values: np.ndarray) -> str:
+    """SHA-256 of a model's parameters as float32: the same for the same model in any file (model.npz also
+    holds the run's config), so a record made from a model (attack.json) can be matched to the summary of
+    the run that trained it."""
+    return hashlib.sha256(np.ascontiguousarray(values, dtype="<f4").tobytes()).hexdigest()
+
+
 def load_model(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     """(values, mask, meta) of a saved model."""
     arrays, meta = load_arrays(path)

@@ -18,7 +18,7 @@ import torch
 
 from . import pruning
 from .algorithms import algorithm
-from .checkpoint import Checkpoints, save_model
+from .checkpoint import Checkpoints, model_digest, save_model
 from .config import RUNTIME_KEYS
 from .data import loader_options
 from .errors import EXIT_PREEMPTED, CheckpointError, ConfigError
@@ -194,6 +194,7 @@ class Recorder:
             "target_sparsity": self.cfg.federation.target,
             "parameters": int(state.values.size),
             "model_file": str(model_path),
+            "model_sha256": model_digest(state.values),
             "model_bytes_on_disk": model_bytes,
             "dense_model_bytes": int(state.values.size * 4),
             "wall_seconds": self.wall_seconds(),

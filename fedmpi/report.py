@@ -177,6 +177,12 @@ def load_run(path: Path) -> Run:
     config = read_json(path / "config.json", ReportError)
     attack_path, predictions_path = path / "attack.json", path / "test_predictions.csv"
     attack = read_json(attack_path, ReportError) if attack_path.exists() else None
+    stale = tables.stale_attack(summary, attack) if attack is not None else None
+    if stale:
+        print(
+            f"{attack_path}: {stale}; left out (attack it again: python -m fedmpi attack --run {path})", file=sys.stderr
+        )
+        attack = None
     predictions = read_predictions(predictions_path) if predictions_path.exists() else None
     data = config.get("data", {})
     if tables.is_pooled(summary.get("algorithm") or config.get("federation", {}).get("algorithm", "")):

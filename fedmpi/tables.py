@@ -488,6 +488,20 @@ def attacked_sparsity(run: Run) -> float | None:
     return attack_of(run).get("sparsity", run.summary.get("final_sparsity"))
 
 
+def stale_attack(summary: dict, attack: dict) -> str | None:
+    """Why an attack.json is not of the model the run's summary describes (the run was trained again after
+    the attack), or None. Records from before model digests were kept are matched by rounds and sparsity."""
+    if summary.get("model_sha256") and attack.get("model_sha256"):
+        if summary["model_sha256"] != attack["model_sha256"]:
+            return "it attacked another model than the run's (model_sha256 differs)"
+        return None
+    for key, theirs in (("rounds", "rounds"), ("final_sparsity", "sparsity")):
+        ours, attacked = summary.get(key), attack.get(theirs)
+        if isinstance(ours, (int, float)) and isinstance(attacked, (int, float)) and abs(ours - attacked) > 1e-9:
+            return f"it attacked a model with {theirs} {attacked}, the run's is {ours}"
+    return None
+
+
 def mae_gap(attack: dict) -> float | None:
     """The attacked model's MAE on non-members minus members: what a membership attack feeds on."""
     train, test = attack.get("train_mae"), attack.get("test_mae")

@@ -146,11 +146,15 @@ def study_paths(args, spec: dict) -> tuple[Path, Path, Path, Path]:
 
 
 def copy_records(run_dir: Path, records: Path) -> None:
+    """The run's records as they are now: one it no longer has (attack.json of a model since retrained)
+    goes from the copy too."""
     dest = records / run_dir.name
     dest.mkdir(parents=True, exist_ok=True)
     for name in RECORDS:
         if (run_dir / name).exists():
             shutil.copy2(run_dir / name, dest / name)
+        else:
+            (dest / name).unlink(missing_ok=True)
 
 
 def train_cmd(args, base: Path, run: Run, out: Path) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -288,7 +289,7 @@ def test_attack_command_on_a_run_directory(tmp_path, capsys):
     pytest.importorskip("fedmpi.data")
     from fedtools import write_split, write_volumes
 
-    from fedmpi.checkpoint import save_model
+    from fedmpi.checkpoint import model_digest, save_model
     from fedmpi.config import Config
     from fedmpi.model import flat_parameters
 
@@ -306,7 +307,7 @@ def test_attack_command_on_a_run_directory(tmp_path, capsys):
     attack.add_arguments(parser)
     assert attack.run(parser.parse_args(["--run", str(run), "--per-learner"])) == 0
     out = json.loads((run / "attack.json").read_text())
-    assert out["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert out["sparsity"] == pytest.approx(0.5, abs=0.01) and out["model_sha256"] == model_digest(values)
     assert out["n_members_available"] == 24 and out["n_nonmembers_available"] == 16
     assert out["white_box"]["n_eval"] == 16 and set(out["per_learner"]) == {"1", "2"}
     assert set(out["attacks"]) == set(attack.ATTACKS) and out["attacks"]["white_box"] == out["white_box"]
@@ -359,6 +360,16 @@ def test_attack_command_on_a_run_directory(tmp_path, capsys):
 
     for bad, message in ((data / "learner_1.h5", "the run trained on it"), (data / "test.h5", "given twice")):
         assert attack.run(parser.parse_args(["--run", str(run), "--nonmembers", str(bad), "--out", "x"])) == 1
+        assert message in capsys.readouterr().err
+    # the same scans under another path: a copy of a learner's file, or of another non-member file
+    shutil.copy(data / "learner_1.h5", tmp_path / "copy_of_learner.h5")
+    shutil.copy(extra, tmp_path / "copy_of_fresh.h5")
+    for bad, message in (
+        ([tmp_path / "copy_of_learner.h5"], "12 of its 12 volumes are images the run trained on (learner_1.h5)"),
+        ([extra, tmp_path / "copy_of_fresh.h5"], "20 of its 20 volumes are images another non-member file holds"),
+    ):
+        pools = [a for p in bad for a in ("--nonmembers", str(p))]
+        assert attack.run(parser.parse_args(["--run", str(run), *pools, "--out", "x"])) == 1
         assert message in capsys.readouterr().err
     small = tmp_path / "small.h5"
     write_volumes(small, np.array([50.0, 60.0]), np.random.default_rng(0), (10, 12, 10))

@@ -1,5 +1,6 @@
 """Checkpoints and model files: exact round trips, and every kind of bad file is a CheckpointError."""
 
+import hashlib
 import json
 import os
 import zipfile
@@ -7,7 +8,15 @@ import zipfile
 import numpy as np
 import pytest
 
-from fedmpi.checkpoint import CheckpointError, Checkpoints, load_arrays, load_model, save_arrays, save_model
+from fedmpi.checkpoint import (
+    CheckpointError,
+    Checkpoints,
+    load_arrays,
+    load_model,
+    model_digest,
+    save_arrays,
+    save_model,
+)
 
 ARRAYS = {
     "values": np.linspace(-1, 1, 13, dtype=np.float32),
@@ -268,6 +277,17 @@ def test_model_stores_float32_and_zeroes_pruned(tmp_path):
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, [1.5, 0, -3.0, 0])
     np.testing.assert_array_equal(got_mask, mask)
+
+
+def test_model_digest_is_of_the_float32_parameters_not_the_file(tmp_path):
+    values = np.array([1.5, 0.0, -3.0], dtype=np.float64)
+    assert model_digest(values) == hashlib.sha256(np.array([1.5, 0.0, -3.0], "<f4").tobytes()).hexdigest()
+    save_model(tmp_path / "a.npz", values, values != 0, {"config": {"run": {"dir": "runs"}}})
+    save_model(tmp_path / "b.npz", values, values != 0, {"config": {"run": {"dir": "/scratch/runs"}}})
+    (a, _, _), (b, _, _) = (load_model(tmp_path / n) for n in ("a.npz", "b.npz"))
+    assert (tmp_path / "a.npz").read_bytes() != (tmp_path / "b.npz").read_bytes()
+    assert model_digest(a) == model_digest(b) == model_digest(values)
+    assert model_digest(values + 1e-6) != model_digest(values)
 
 
 def test_load_model_refuses_a_checkpoint(tmp_path):

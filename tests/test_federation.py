@@ -12,7 +12,7 @@ from fedtools import TINY, metrics, run_fedmpi, summary, train_command, wait_row
 
 from fedmpi import centralized
 from fedmpi.algorithms import ALGORITHMS
-from fedmpi.checkpoint import load_model
+from fedmpi.checkpoint import load_model, model_digest
 from fedmpi.config import load_config
 from fedmpi.errors import EXIT_PREEMPTED
 
@@ -192,6 +192,7 @@ def test_centralized_baseline_stops_at_a_checkpoint_on_request_and_resumes_exact
     assert [r["round"] for r in metrics(run)] == [1, 2, 3, 4]
     (ref_values, ref_mask, _), (values, mask, _) = (load_model(p / "model.npz") for p in (tmp_path / "ref" / "c", run))
     assert values.tobytes() == ref_values.tobytes() and np.array_equal(mask, ref_mask)
+    assert summary(run)["model_sha256"] == summary(tmp_path / "ref" / "c")["model_sha256"] == model_digest(values)
 
 
 @pytest.mark.slow

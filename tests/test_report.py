@@ -740,6 +740,7 @@ def test_privacy_rows_one_per_attack_and_old_attack_files(tmp_path):
             train_mae=1.5,
             test_mae=4.0,
         ),
+        summary={"final_sparsity": 0.93},
     )
     old = _write_run(
         tmp_path,
@@ -767,6 +768,32 @@ def test_privacy_rows_one_per_attack_and_old_attack_files(tmp_path):
     assert (mlp["train_mae"], mlp["test_mae"], mlp["mae_gap"], mlp["members_eval"]) == (1.5, 4.0, 2.5, 10)
     assert rows[0]["mae_gap"] is None and rows[0]["auc"] == pytest.approx(0.65) and rows[0]["final_sparsity"] == 0.0
     assert set(rows[0]) == set(tables.PRIVACY_COLUMNS)
+
+
+def test_an_attack_of_another_model_is_left_out_with_a_line(tmp_path, capsys):
+    kept = _pair(tmp_path, "kept", "fedsparsify-global", [1.0] * 4, attack=_attack({"white_box": 0.8}, sparsity=0.95))
+    retrained = _pair(tmp_path, "retrained", "fedsparsify-global", [1.0] * 4, attack=_attack({"white_box": 0.8}))
+    digests = {"model_sha256": "a" * 64}
+    same = _pair(
+        tmp_path, "same", "fedavg", [1.0] * 4, attack={**_attack({"white_box": 0.8}), **digests}, summary=digests
+    )
+    other = _pair(
+        tmp_path,
+        "other",
+        "fedavg",
+        [1.0] * 4,
+        attack={**_attack({"white_box": 0.8}), **digests},
+        summary={"model_sha256": "b" * 64},
+    )
+    runs = {r.name: r for r in _load(kept, retrained, same, other)}
+    assert runs["kept"].attack and runs["same"].attack
+    assert runs["retrained"].attack is None and runs["other"].attack is None
+    err = capsys.readouterr().err
+    assert f"{retrained / 'attack.json'}: it attacked a model with sparsity 0.0, the run's is 0.95; left out" in err
+    assert "model_sha256 differs" in err and err.count("left out") == 2
+    assert tables.stale_attack({"rounds": 40}, {"rounds": 39}) == "it attacked a model with rounds 39, the run's is 40"
+    assert tables.stale_attack({"rounds": 40, "final_sparsity": 0.5}, {"rounds": 40, "sparsity": 0.5}) is None
+    assert tables.stale_attack({}, {"sparsity": 0.5}) is None  # nothing to compare with
 
 
 def test_attack_order_is_the_attack_module_s():

@@ -191,6 +191,11 @@ def test_records_copy_the_small_files_only(tmp_path):
     assert sorted(p.name for p in (tmp_path / "records" / "r").iterdir()) == sorted(
         ["config.json", "metrics.jsonl", "summary.json", "test_predictions.csv", "attack.json"]
     )
+    # trained again and not attacked yet: the old model's attack.json goes from the records too
+    (run / "attack.json").unlink()
+    sweep.copy_records(run, tmp_path / "records")
+    assert not (tmp_path / "records" / "r" / "attack.json").exists()
+    assert (tmp_path / "records" / "r" / "summary.json").read_text() == "summary.json"
 
 
 def test_a_federated_run_starts_learners_plus_one_ranks_and_resumes(tmp_path):
