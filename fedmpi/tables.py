@@ -402,10 +402,11 @@ def _mean(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def last_maes(metrics: list[dict]) -> list[float]:
-    """Test MAE of the final LAST_ROUNDS evaluated rounds (a resumed run's repeated round counted once)."""
+def last_evaluations(metrics: list[dict]) -> dict[int, float]:
+    """Round -> test MAE of the final LAST_ROUNDS evaluated rounds (a resumed run's repeated round counted
+    once)."""
     by_round = {r["round"]: r["test_mae"] for r in metrics if r.get("test_mae") is not None and "round" in r}
-    return [by_round[t] for t in sorted(by_round)[-LAST_ROUNDS:]]
+    return {t: by_round[t] for t in sorted(by_round)[-LAST_ROUNDS:]}
 
 
 def learns(summary: dict) -> bool | None:
@@ -428,7 +429,8 @@ def accuracy_sections(runs: list[Run], paired: list[dict]) -> list[dict]:
         for key in panel_lines(grouped, (setting, distribution)):
             group = grouped[key]
             maes = [r.summary["final_mae"] for r in group if r.summary.get("final_mae") is not None]
-            lasts = [m for m in (last_maes(r.metrics) for r in group) if m]
+            evaluations = [e for e in (last_evaluations(r.metrics) for r in group) if e]
+            lasts = [list(e.values()) for e in evaluations]
             verdicts = [v for v in (learns(r.summary) for r in group) if v is not None]
             comparison = by_key.get((setting, distribution, key.algorithm, key.target))
             methods.append(
@@ -442,6 +444,7 @@ def accuracy_sections(runs: list[Run], paired: list[dict]) -> list[dict]:
                     "mae_max": max(maes) if maes else None,
                     "last_rounds_mae": _mean(float(np.mean(m)) for m in lasts),
                     "last_rounds_swing": max((max(m) - min(m) for m in lasts), default=None),
+                    "last_rounds": sorted({t for e in evaluations for t in e}),
                     "predict_mean_mae": _mean(r.summary.get("baseline_mae") for r in group),
                     "mae_over_predict_mean": _mean(mae_ratio(r.summary) for r in group),
                     "bytes_ratio": _mean(bytes_ratio(r, grouped) for r in group),
@@ -662,6 +665,16 @@ def _section_title(section: dict) -> str:
     return f"## {section['distribution'] or '(distribution unknown)'}{setting}"
 
 
+def _last_rounds_cell(m: dict) -> str:
+    """Mean (swing), and which rounds those are when they are not the final LAST_ROUNDS in a row (a run
+    evaluated every few rounds)."""
+    if not m["last_rounds_mae"]:
+        return ""
+    cell = f"{m['last_rounds_mae']:.2f} ({m['last_rounds_swing']:.2f})"
+    first, last = m["last_rounds"][0], m["last_rounds"][-1]
+    return cell if last - first < LAST_ROUNDS else f"{cell}, rounds {first}-{last}"
+
+
 def _mae_cell(m: dict) -> str:
     if m["mae_mean"] is None:
         return ""
@@ -684,7 +697,7 @@ def accuracy_markdown(sections: list[dict]) -> str:
     out = [
         "# Accuracy",
         "",
-        f"Final test MAE (years), mean over seeds with [min, max]. *Last {LAST_ROUNDS} rounds*: the test MAE "
+        f"Final test MAE (years), mean over seeds with [min, max]. *Last {LAST_ROUNDS} evaluated rounds*: the test MAE "
         f"averaged over the final {LAST_ROUNDS} evaluated rounds and the seeds, and (in brackets) the largest "
         f"swing between those rounds in one seed: the verdicts below compare final models, and a swing wider "
         f"than the margin says a single round's verdict could have come out otherwise. "
@@ -707,7 +720,7 @@ def accuracy_markdown(sections: list[dict]) -> str:
                     m["label"],
                     str(len(m["seeds"])),
                     _mae_cell(m),
-                    f"{m['last_rounds_mae']:.2f} ({m['last_rounds_swing']:.2f})" if m["last_rounds_mae"] else "",
+                    _last_rounds_cell(m),
                     _f(m["mae_over_predict_mean"]),
                     _f(m["bytes_ratio"], ".3f"),
                     f"{p['mean_diff']:+.2f} [{p['diff_low']:+.2f}, {p['diff_high']:+.2f}] ({p['n_subjects']} subjects)"
@@ -727,7 +740,7 @@ def accuracy_markdown(sections: list[dict]) -> str:
                     "method",
                     "seeds",
                     "MAE",
-                    f"last {LAST_ROUNDS} rounds (swing)",
+                    f"last {LAST_ROUNDS} evaluated rounds (swing)",
                     "vs mean",
                     f"bytes vs {BASELINE}",
                     "Δ MAE [95% CI]",

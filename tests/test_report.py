@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -721,8 +722,30 @@ def test_last_rounds_are_the_final_evaluated_ones_each_round_once():
     rows = [{"round": t, "test_mae": float(t)} for t in range(1, 9)]
     rows.insert(5, {"round": 5, "test_mae": 50.0})  # a resumed run wrote round 5 again: the later row counts
     rows.append({"round": 9})  # not evaluated
-    assert tables.LAST_ROUNDS == 5 and tables.last_maes(rows) == [4.0, 50.0, 6.0, 7.0, 8.0]
-    assert tables.last_maes([{"round": 1}]) == []
+    assert tables.LAST_ROUNDS == 5 and tables.last_evaluations(rows) == {4: 4.0, 5: 50.0, 6: 6.0, 7: 7.0, 8: 8.0}
+    assert tables.last_evaluations([{"round": 1}]) == {}
+
+
+def test_the_last_rounds_column_names_its_rounds_when_evaluations_are_spaced(tmp_path):
+    every = _write_run(
+        tmp_path,
+        "every",
+        algorithm="fedavg",
+        target=0.0,
+        mae=[9.0, 8, 7, 6, 5, 4],
+        sparsities=[0] * 6,
+        bytes_per_round=[1] * 6,
+    )
+    spaced = tmp_path / "spaced"
+    shutil.copytree(every, spaced)
+    rows = [{"round": 5 * t, "test_mae": float(10 - t), "bytes_up": 1, "bytes_down": 1} for t in range(1, 7)]
+    (spaced / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cells = []
+    for run in (every, spaced):
+        (section,) = tables.accuracy_sections(_load(run), [])
+        cells.append(tables.accuracy_markdown([section]).splitlines()[-1].split(" | ")[3])
+    assert cells == ["6.00 (4.00)", "6.00 (4.00), rounds 10-30"]
+    assert "last 5 evaluated rounds (swing)" in tables.accuracy_markdown([section])
 
 
 # ---------------------------------------------------------------- privacy tables (pure)
