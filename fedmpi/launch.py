@@ -143,17 +143,21 @@ def train(
         return EXIT_USAGE
     try:
         return _run(cfg, comm, resume, overwrite, stop)
-    except SystemExit:
-        raise
+    except SystemExit as e:
+        if size == 1:
+            raise
+        # the others would wait for this rank until a deadline (it sits alive in MPI_Finalize): end the job
+        failure = f"exited (SystemExit: {e.code}) before the federation ended"
     except BaseException as e:
         if not is_user_error(e):
             traceback.print_exc()
-        print(f"fedmpi: rank {rank} ({role(rank)}) failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        if size == 1:
-            return EXIT_FAILURE
-        time.sleep(0.2)  # let the message reach the launcher before the job is torn down
-        comm.Abort(EXIT_FAILURE)
+        failure = f"failed: {type(e).__name__}: {e}"
+    print(f"fedmpi: rank {rank} ({role(rank)}) {failure}", file=sys.stderr, flush=True)
+    if size == 1:
         return EXIT_FAILURE
+    time.sleep(0.2)  # let the message reach the launcher before the job is torn down
+    comm.Abort(EXIT_FAILURE)
+    return EXIT_FAILURE
 
 
 def _run(cfg: Config, comm, resume: bool, overwrite: bool, stop) -> int:

@@ -5,6 +5,7 @@ exit 2 on every rank together, before anything is written. The centralized basel
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -88,19 +89,29 @@ def rank_file(rank: int) -> str:
 
 
 def preflight_problems(infos: np.ndarray, problems: list[str], data_dir: Path) -> list[str]:
-    """Rank 0's verdict over every rank's PREFLIGHT record: the ranks' own problems and volume shapes that
-    differ from test.h5's."""
-    shapes = [tuple(int(infos[axis][k]) for axis in ("x", "y", "z")) for k in range(len(infos))]
+    """Rank 0's verdict over every rank's PREFLIGHT record: the ranks' own problems, records that no
+    volume file gives (sample count and shape whole numbers of at least 1, the mean age finite), and
+    volume shapes that differ from test.h5's."""
     out = list(problems)
+    shape = _shape(infos[0])
     for k in range(1, len(infos)):
         if any(p.startswith(f"rank {k}:") for p in problems):
             continue
-        if shapes[k] != shapes[0] and not any(p.startswith("rank 0:") for p in problems):
+        fields = dict(zip(PREFLIGHT.names or (), (float(v) for v in infos[k].tolist())))
+        counts = [v for name, v in fields.items() if name != "mean_age"]
+        if not math.isfinite(fields["mean_age"]) or not all(v.is_integer() and v >= 1 for v in counts):
+            shown = ", ".join(f"{name} {v}" for name, v in fields.items())
+            out.append(f"rank {k}: sent a preflight record that no volume file gives ({shown})")
+        elif _shape(infos[k]) != shape and not any(p.startswith("rank 0:") for p in problems):
             out.append(
-                f"learner {k} ({data_dir / f'learner_{k}.h5'}): volume shape {shapes[k]} differs "
-                f"from test.h5 {shapes[0]}"
+                f"learner {k} ({data_dir / f'learner_{k}.h5'}): volume shape {_shape(infos[k])} differs "
+                f"from test.h5 {shape}"
             )
     return out
+
+
+def _shape(info: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(info[axis]) if np.isfinite(info[axis]) else -1 for axis in ("x", "y", "z"))
 
 
 def preflight(cfg: Config, wire, data_dir: Path, local_rank: int, resume: bool, overwrite: bool) -> Preflight | None:

@@ -115,6 +115,7 @@ class Server:
                     recording.result()  # the previous round's record (its errors surface here)
                 self.turnaround = max(self.turnaround, row["seconds_aggregate"] + time.perf_counter() - collected)
                 recording = recorder.submit(self.record, State(state.round, state.values, state.mask), row)
+                self.wire.watch = failure_of(recording)
                 if should_stop() and t < f.rounds:
                     recording.result()
                     self.rec.stop_here(state)
@@ -122,6 +123,7 @@ class Server:
                     break
             if recording is not None:
                 recording.result()
+        self.wire.watch = None
         self.wire.send_model(state.round, np.zeros(0, np.uint8), 0, FLAG_STOP)
         return state, preempted
 
@@ -157,7 +159,8 @@ class Server:
         self.check_reports(reports, nnz, n, extra_nbytes=4 * n if reconfigure else 0)
         importance = None
         if not self.algo.shared_mask:
-            payloads = received(wire.gatherv(None, what="learner models"))
+            sizes = reports["payload_nbytes"].astype(np.int64)
+            payloads = received(wire.gatherv(None, what="learner models", expected=sizes))
             t1 = time.perf_counter()
             values, mask = self.majority_vote(payloads, state.mask)
         else:
@@ -220,15 +223,27 @@ class Server:
         return row, new_mask_changed
 
     def check_reports(self, reports: np.ndarray, nnz: int, n: int, extra_nbytes: int = 0) -> None:
-        """Refuse a round before any reduce: non-finite values, or a payload length that does not match the
-        mask (plus `extra_nbytes`, the squared gradients of a reconfiguration round)."""
+        """Refuse a round before any reduce or gather: non-finite values; a report that no learner of ours writes
+        (fields not finite, a sample count or length that is not a whole number); a payload length that does
+        not match the mask (plus `extra_nbytes`, the squared gradients of a reconfiguration round), or for a
+        learner's own sparse model, more than the global mask's kept values can encode to."""
         for k, r in enumerate(reports, start=1):
             if not r["finite"] or not np.isfinite(r["loss"]):
                 raise PayloadError(f"learner {k} (rank {k}) reports non-finite model values; round rejected")
-            if self.algo.shared_mask and int(r["payload_nbytes"]) != 4 * nnz + extra_nbytes:
+            fields = np.array(r.tolist())
+            if not np.isfinite(fields).all() or not _whole(r["samples"], 1) or not _whole(r["payload_nbytes"], 0):
+                shown = ", ".join(f"{name} {value}" for name, value in zip(REPORT.names or (), fields))
+                raise PayloadError(f"learner {k} (rank {k}) sent a report no learner writes ({shown}); round rejected")
+            nbytes = int(r["payload_nbytes"])
+            if self.algo.shared_mask and nbytes != 4 * nnz + extra_nbytes:
                 raise PayloadError(
-                    f"learner {k} (rank {k}) would send {int(r['payload_nbytes'])} bytes, "
-                    f"expected {4 * nnz + extra_nbytes}"
+                    f"learner {k} (rank {k}) would send {nbytes} bytes, expected {4 * nnz + extra_nbytes}"
+                )
+            largest = encoding.encoded_nbytes(n, nnz, np.float32)
+            if not self.algo.shared_mask and not encoding.HEADER_NBYTES <= nbytes <= largest:
+                raise PayloadError(
+                    f"learner {k} (rank {k}) would send {nbytes} bytes, but a model of {nnz} kept values encodes to "
+                    f"{encoding.HEADER_NBYTES}-{largest}"
                 )
 
     def majority_vote(self, payloads: list[np.ndarray], global_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -254,6 +269,21 @@ class Server:
 
 
 T = TypeVar("T")
+
+
+def _whole(value: float, least: int) -> bool:
+    return float(value).is_integer() and value >= least
+
+
+def failure_of(recording: Future):
+    """A check for the wire to run while it waits: raise the recording's error as soon as it has one (a full
+    disk, a failed evaluation), instead of after the next round's reports."""
+
+    def check() -> None:
+        if recording.done() and recording.exception() is not None:
+            recording.result()
+
+    return check
 
 
 def received(value: T | None) -> T:

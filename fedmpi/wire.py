@@ -15,6 +15,12 @@ each of which waits for the other side's next test. A learner cannot see when th
 joined the sum, so once every report is in the server tells the learners so (an empty message,
 the "go"): until then a learner's wait in the sum is a long one, from then on a quick one.
 
+What arrives is checked against what was expected before it is read: every point-to-point message's
+length (MPI accepts a shorter message than the buffer posted for it and leaves the rest as it was), and the
+sizes a learner announces for its model before the server allocates for them. An error MPI raises while
+waiting becomes a PayloadError naming the wait (and, where one can tell, the learner). A Reduce cannot be
+checked so: a learner's contribution to the sum is only known by the length it declared in its report.
+
 Byte counters follow one convention (see README, "Measured communication"): `bytes_down` is
 what the server hands to MPI for the learners, counted once per receiving learner; `bytes_up`
 is what learners hand to MPI for the server. The server computes both from the buffer sizes it
@@ -26,12 +32,13 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
 from mpi4py import MPI
 
-from .errors import PeerLost, RoundTimeout
+from .errors import PayloadError, PeerLost, RoundTimeout
 from .sentinel import role
 
 SERVER = 0
@@ -67,6 +74,7 @@ class Transport(Protocol):
 
     rank: int
     deadline: float | None
+    watch: Callable[[], None] | None
 
     @property
     def learners(self) -> int: ...
@@ -76,7 +84,9 @@ class Transport(Protocol):
     def report(self, values: np.ndarray) -> None: ...
     def collect_reports(self, width: int) -> np.ndarray: ...
     def reduce_sum(self, buf: np.ndarray, what: str = ...) -> np.ndarray | None: ...
-    def gatherv(self, buf: np.ndarray | None, what: str = ...) -> list[np.ndarray] | None: ...
+    def gatherv(
+        self, buf: np.ndarray | None, what: str = ..., expected: np.ndarray | None = ...
+    ) -> list[np.ndarray] | None: ...
     def send(self, buf: np.ndarray, dest: int, what: str = ...) -> None: ...
     def recv(self, buf: np.ndarray, source: int, what: str = ...) -> np.ndarray: ...
 
@@ -91,6 +101,7 @@ class Wire:
         self.max_sleep = max_sleep
         self.deadline: float | None = None  # the server's round deadline (absolute, time.monotonic)
         self.patience = patience  # seconds any other wait may last (None: no limit)
+        self.watch: Callable[[], None] | None = None  # called while waiting: raises to end the wait (and the job)
         self.next_patience = patience  # learner: how long to wait for the next round header
         self.bytes_down = 0
         self.bytes_up = 0
@@ -119,9 +130,15 @@ class Wire:
         self.bytes_down = self.bytes_up = 0
         return counts
 
-    def _wait(self, request: MPI.Request, what: str, patience: float | None = None, quick=False) -> None:
-        self._poll(request.Test, what, patience=patience, quick=quick, requests=[request])
+    def _wait(
+        self, request: MPI.Request, what: str, patience: float | None = None, quick=False, expect: int | None = None
+    ) -> None:
+        """Wait for one request; `expect`: the bytes a receive must have brought."""
+        status = MPI.Status()
+        self._poll(lambda: request.Test(status), what, patience=patience, quick=quick, requests=[request])
         self._check(what, None, force=True)  # a collective may complete around a rank that died: never trust it
+        if expect is not None:
+            _check_count(status, expect, what)
 
     def _poll(
         self, done, what: str, late=None, patience: float | None = None, quick=False, expected=None, requests=()
@@ -143,6 +160,9 @@ class Wire:
                 self._check(what, limit, late=late, patience=patience)
                 time.sleep(pause)
                 pause = next_pause(pause, time.monotonic() - began, self.max_sleep, quick, expected)
+        except MPI.Exception as e:  # a truncated message, a count that does not fit: say which wait
+            self.abandoned.extend(requests)
+            raise PayloadError(f"MPI failed while waiting for {what}: {e.Get_error_string()}") from None
         except BaseException:  # a timeout, a lost peer, an interrupt: the job ends, the buffers stay MPI's
             self.abandoned.extend(requests)
             raise
@@ -154,6 +174,8 @@ class Wire:
         exist. Launchers normally end the job when a rank dies; this makes sure of it. A learner that finds a
         rank gone waits LEARNER_GRACE first: the server's own message, or the launcher's end of the job after
         it (slow under Open MPI), comes first, so that the user reads the cause and not its echoes."""
+        if self.watch is not None:
+            self.watch()
         now = time.monotonic()
         if limit is not None and now > limit:
             if self.deadline is not None:
@@ -234,9 +256,14 @@ class Wire:
         assert out is not None
         out[SERVER : SERVER + 1] = buf.reshape(out[SERVER : SERVER + 1].shape)
         pending = {k: self.comm.Irecv(out[k : k + 1], source=k, tag=TAG_GATHER) for k in range(1, self.size)}
+        statuses: dict = {}
         self._poll(
-            lambda: _complete(pending), what, lambda: self._missing(pending, "nothing"), requests=pending.values()
+            lambda: _complete(pending, statuses, what),
+            what,
+            lambda: self._missing(pending, "nothing"),
+            requests=pending.values(),
         )
+        _check_counts(statuses, out[1:2].nbytes, what)
         self.bytes_up += buf.nbytes * self.learners
         return out
 
@@ -246,11 +273,19 @@ class Wire:
         self._cancel(pending)
         return f"; {noun} from {names}"
 
-    def gatherv(self, buf: np.ndarray | None, what: str = "gatherv") -> list[np.ndarray] | None:
-        """Variable-length uint8 buffers from every learner; the server gets one view per learner."""
+    def gatherv(
+        self, buf: np.ndarray | None, what: str = "gatherv", expected: np.ndarray | None = None
+    ) -> list[np.ndarray] | None:
+        """Variable-length uint8 buffers from every learner; the server gets one view per learner. `expected`
+        (server): each learner's size in bytes as it announced it before (its report); a learner whose size
+        differs is refused before anything is allocated for it."""
         if self.is_server:
             sizes = np.zeros(self.size, dtype=np.int64)
             self._wait(self.comm.Igather(np.zeros(1, np.int64), sizes, root=SERVER), what + " sizes", quick=True)
+            for k in range(1, self.size):
+                if sizes[k] < 0 or (expected is not None and sizes[k] != expected[k - 1]):
+                    announced = "" if expected is None else f", {int(expected[k - 1])} announced in its report"
+                    raise PayloadError(f"learner {k} (rank {k}) would send {int(sizes[k])} bytes for {what}{announced}")
             counts = sizes.copy()
             counts[SERVER] = 0
             displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -296,13 +331,15 @@ class Wire:
         pending = {k: self.comm.Irecv(rows[k], source=k, tag=TAG_REPORT) for k in range(1, self.size)}
         began = time.monotonic()
         expected = min(self._report_waits) if self._report_waits else None
+        statuses: dict = {}
         self._poll(
-            lambda: _complete(pending),
+            lambda: _complete(pending, statuses, "a report"),
             "learner reports",
             lambda: self._missing(pending, "no report"),
             expected=expected,
             requests=pending.values(),
         )
+        _check_counts(statuses, rows[0].nbytes, "a report")
         self._report_waits.append(time.monotonic() - began)
         for k, req in self._acks.items():  # every learner that reported has acknowledged; complete them
             self._wait(req, f"acknowledgement from learner {k}", quick=True)
@@ -321,11 +358,16 @@ class Wire:
         self._wait(self.comm.Isend(buf, dest=dest, tag=TAG_DIRECT), what)
 
     def recv(self, buf: np.ndarray, source: int, what: str = "recv") -> np.ndarray:
-        """Point to point into `buf`; the server counts what it receives from a learner as uplink."""
+        """Point to point into `buf`, which the message must fill; the server counts what it receives from a
+        learner as uplink."""
         if self.is_server:
             self.bytes_up += buf.nbytes
-        self._wait(self.comm.Irecv(buf, source=source, tag=TAG_DIRECT), what)
+        self._wait(self.comm.Irecv(buf, source=source, tag=TAG_DIRECT), what, expect=buf.nbytes)
         return buf
+
+    def barrier(self, what: str = "barrier") -> None:
+        """Every rank here (the benchmarks' round boundary; the trainer's rounds need none)."""
+        self._wait(self.comm.Ibarrier(), what)
 
     # The model exchange of one round, framed as header + payload.
 
@@ -353,13 +395,15 @@ class Wire:
         report, the payload's collective, which completes with the slowest learner's) gets that long too."""
         self.patience = self.next_patience
         header = np.zeros(HEADER, dtype=np.int64)
-        self._wait(self.comm.Irecv(header, source=SERVER, tag=TAG_HEADER), "the next round's model")
+        self._wait(
+            self.comm.Irecv(header, source=SERVER, tag=TAG_HEADER), "the next round's model", expect=header.nbytes
+        )
         round_, flags, nbytes, nnz, patience_ms = (int(v) for v in header)
         if patience_ms > 0:
             self.patience = self.next_patience = patience_ms / 1000
         payload = np.empty(nbytes, dtype=np.uint8)
         if nbytes:
-            self._wait(self.comm.Irecv(payload, source=SERVER, tag=TAG_MODEL), "model", quick=True)
+            self._wait(self.comm.Irecv(payload, source=SERVER, tag=TAG_MODEL), "model", quick=True, expect=nbytes)
         if not flags & FLAG_STOP:  # tells the server's watchdog this learner is alive and has the model
             ack = np.array([round_], np.int64)
             self.bytes_up += ack.nbytes
@@ -397,12 +441,40 @@ def process_state(pid: int) -> str:
     return fields[0] if fields else ""
 
 
-def _complete(pending: dict) -> bool:
+def _complete(pending: dict, statuses: dict | None = None, what: str = "") -> bool:
     """True, with `pending` emptied, once all its requests have completed: one test for all of them, so that
-    a wake-up drives MPI's progress engine once, not once per learner."""
-    if MPI.Request.Testall(list(pending.values())):
+    a wake-up drives MPI's progress engine once, not once per learner. With `statuses`, each request's status
+    lands there under its key (a learner's rank), and an error MPI raises names the learners whose request
+    failed, in `what`."""
+    if statuses is None:
+        done = MPI.Request.Testall(list(pending.values()))
+    else:
+        keys, got = list(pending), [MPI.Status() for _ in pending]
+        try:
+            done = MPI.Request.Testall([pending[k] for k in keys], got)
+        except MPI.Exception as e:
+            failed = [k for k, st in zip(keys, got) if st.Get_error() != MPI.SUCCESS]
+            who = ", ".join(f"learner {k} (rank {k})" for k in failed) or "a learner"
+            raise PayloadError(f"{who} sent {what} that MPI refused: {e.Get_error_string()}") from None
+        if done:
+            statuses.update(zip(keys, got))
+    if done:
         pending.clear()
     return not pending
+
+
+def _check_count(status: MPI.Status, nbytes: int, what: str) -> None:
+    got = status.Get_count(MPI.BYTE)
+    if got != nbytes:
+        raise PayloadError(f"{what}: {got} bytes arrived, expected {nbytes}")
+
+
+def _check_counts(statuses: dict, nbytes: int, what: str) -> None:
+    """Each learner's message (statuses by rank) must have been `nbytes` long."""
+    for k, status in sorted(statuses.items()):
+        got = status.Get_count(MPI.BYTE)
+        if got != nbytes:
+            raise PayloadError(f"learner {k} (rank {k}) sent {got} bytes for {what}, expected {nbytes}")
 
 
 _GO = np.zeros(0, np.uint8)  # the go carries nothing: its arrival is the message

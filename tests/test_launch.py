@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 import pytest
 
@@ -206,6 +207,49 @@ def test_a_failure_on_a_lone_rank_is_one_line_naming_the_rank_and_a_bug_shows_it
     assert code == EXIT_FAILURE
     assert f"fedmpi: rank 0 (server) failed: {type(error).__name__}: boom" in err
     assert ("Traceback" in err) == traceback
+
+
+def test_a_rank_that_exits_mid_federation_ends_the_job_naming_itself(monkeypatch, capsys):
+    """sys.exit on one rank of a federation (a library's, a stray one) left that rank alive in MPI_Finalize: the
+    others saw nothing wrong and waited for it until a round deadline (30 minutes by default). It aborts the job
+    now, naming the rank, as any other failure does."""
+    import types
+
+    import fedmpi.launch
+
+    class Comm:
+        aborted = None
+
+        def Get_rank(self):
+            return 2
+
+        def Get_size(self):
+            return 9
+
+        def Abort(self, code):
+            self.aborted = code
+
+    comm = Comm()
+    fake_mpi = types.SimpleNamespace(COMM_WORLD=comm, Get_library_version=lambda: "a fake MPI")
+    monkeypatch.setattr(fedmpi.launch, "init_mpi", lambda timeout: fake_mpi)
+    monkeypatch.setattr(fedmpi.launch, "check_start", lambda *args: None)
+    monkeypatch.setattr(fedmpi.launch, "launcher_size", lambda: None)
+
+    def leave(*args):
+        sys.exit(0)
+
+    monkeypatch.setattr(fedmpi.launch, "_run", leave)
+    assert train(None, []) == EXIT_FAILURE
+    assert comm.aborted == EXIT_FAILURE
+    err = capsys.readouterr().err
+    assert "fedmpi: rank 2 (learner 2) exited (SystemExit: 0) before the federation ended" in err
+    assert "Traceback" not in err
+
+    # alone (the centralized baseline), an exit is the process's own business
+    monkeypatch.setattr(Comm, "Get_size", lambda self: 1)
+    monkeypatch.setattr(Comm, "Get_rank", lambda self: 0)
+    with pytest.raises(SystemExit):
+        train(None, ["federation.algorithm=centralized"])
 
 
 @pytest.mark.mpi(min_size=3)

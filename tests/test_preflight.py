@@ -84,6 +84,30 @@ def test_verdict_keeps_a_ranks_own_problem_without_piling_on(tmp_path):
     assert preflight_problems(_records([(6, (16, 20, 16)), (6, (16, 20, 16))]), [], tmp_path) == []
 
 
+@pytest.mark.parametrize(
+    "samples,mean_age,shape",
+    [
+        (0, 60.0, (16, 20, 16)),
+        (-3, 60.0, (16, 20, 16)),
+        (2.5, 60.0, (16, 20, 16)),
+        (np.nan, 60.0, (16, 20, 16)),
+        (6, np.nan, (16, 20, 16)),
+        (6, 60.0, (16, np.nan, 16)),
+        (6, 60.0, (16, 0, 16)),
+    ],
+    ids=["no samples", "negative", "fraction", "NaN samples", "NaN age", "NaN shape", "empty axis"],
+)
+def test_a_record_no_volume_file_gives_is_named_not_a_traceback(tmp_path, samples, mean_age, shape):
+    """A learner's preflight record decides its weight and the model's shape: one that no file can give (a
+    broken or hostile learner) is named before anything uses it (it was a ZeroDivisionError, a ValueError,
+    or a weight of 0 taken silently)."""
+    infos = _records([(6, (16, 20, 16)), (6, (16, 20, 16)), (6, (16, 20, 16))])
+    infos["samples"][2], infos["mean_age"][2] = samples, mean_age
+    infos["x"][2], infos["y"][2], infos["z"][2] = shape
+    (problem,) = preflight_problems(infos, [], tmp_path)
+    assert problem.startswith("rank 2: sent a preflight record that no volume file gives (samples ")
+
+
 def test_unfinished_run_is_not_silently_replaced(split, tmp_path):
     cfg = _cfg(tmp_path, f"data.dir={split}", "run.name=u")
     ckpt = cfg.run_dir / "checkpoints" / "round-000001.npz"

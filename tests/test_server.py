@@ -38,7 +38,8 @@ class FakeWire:
     def collect_reports(self, width):
         return np.asarray(self.reports, dtype=np.float64)
 
-    def gatherv(self, buf, what=""):
+    def gatherv(self, buf, what="", expected=None):
+        self.expected = expected
         return self.payloads
 
     def reduce_sum(self, buf, what=""):
@@ -95,6 +96,10 @@ def test_report_layout_is_what_learners_send():
         ([_report(160), _report(156)], "learner 2 (rank 2) would send 156 bytes, expected 160"),
         ([_report(160, finite=0.0), _report(160)], "learner 1 (rank 1) reports non-finite"),
         ([_report(160), _report(160, loss=float("nan"))], "learner 2 (rank 2) reports non-finite"),
+        ([_report(160), [1.0, 0, 0.1, 160, 1, 0.01, 0.02]], "learner 2 (rank 2) sent a report no learner writes"),
+        ([[1.0, -4, 0.1, 160, 1, 0.01, 0.02], _report(160)], "learner 1 (rank 1) sent a report no learner writes"),
+        ([_report(160), [1.0, 10, float("nan"), 160, 1, 0.01, 0.02]], "learner 2 (rank 2) sent a report no"),
+        ([_report(160), _report(160.5)], "learner 2 (rank 2) sent a report no learner writes"),
     ],
 )
 def test_bad_reports_are_refused_before_the_reduce(reports, message):
@@ -147,17 +152,31 @@ def test_bad_learner_models_are_refused_and_named(make_bad, message):
     state = _state()
     before = state.values.copy()
     payloads = _local_payloads(state, make_bad(state))
-    server = _server("fedsparsify-local", FakeWire([_report(1), _report(1)], payloads=payloads))
+    sizes = [min(p.nbytes, encoding.encoded_nbytes(N, 40, np.float32)) for p in payloads]  # a size that passes
+    server = _server("fedsparsify-local", FakeWire([_report(n) for n in sizes], payloads=payloads))
     with pytest.raises(PayloadError, match=message.replace("(", r"\(").replace(")", r"\)")):
         _round(server, state, 2, True)
     assert state.round == 0 and np.array_equal(state.values, before)
 
 
+@pytest.mark.parametrize("nbytes", [8, 40 * 10**9])
+def test_a_local_model_size_no_model_can_have_is_refused_before_the_gather(nbytes):
+    """A learner's own sparse model is at most the global mask's kept values, encoded: a larger announced size
+    (it was allocated as asked: 40 GB, a MemoryError) or one below the header is refused, naming the learner."""
+    state = _state()
+    largest = encoding.encoded_nbytes(N, 40, np.float32)
+    server = _server("fedsparsify-local", FakeWire([_report(largest), _report(nbytes)], payloads=[]))
+    with pytest.raises(PayloadError, match=rf"learner 2 \(rank 2\) would send {nbytes} bytes, but a model of 40"):
+        _round(server, state, 2, True)
+
+
 def test_good_local_round_with_vote_cap_merges_and_prunes_to_the_schedule():
     state = _state()
     payloads = _local_payloads(state, encoding.encode(state.values, state.mask))
-    server = _server("fedsparsify-local", FakeWire([_report(1), _report(1)], payloads=payloads), vote_cap=True)
+    wire = FakeWire([_report(p.nbytes) for p in payloads], payloads=payloads)
+    server = _server("fedsparsify-local", wire, vote_cap=True)
     row, changed = _round(server, state, 4, True)
+    assert wire.expected.tolist() == [p.nbytes for p in payloads]  # the wire refuses other sizes unallocated
     assert state.round == 4 and changed
     assert (state.values == 0).mean() == pytest.approx(0.95, abs=0.02)
     assert row["target_sparsity"] == pytest.approx(0.95)
@@ -440,3 +459,38 @@ def test_an_error_in_a_round_is_not_held_up_by_the_record_in_flight():
         assert recorded == []  # round 1's record was still running when the error came through
     finally:
         release.set()
+
+
+def test_a_failed_record_ends_the_next_rounds_wait_at_once():
+    """Round 1's record fails (a full disk) while the learners train round 2: the wire's wait for their reports
+    runs the server's watch and ends with that error, instead of after the reports (a round later)."""
+
+    class FailingRec:
+        def record(self, snapshot, row, evaluate_now):
+            raise OSError(28, "No space left on device")
+
+    class PollingWire(FakeWire):
+        """collect_reports waits as Wire._poll does, running the watch, for round 2's reports."""
+
+        sent_models = 0
+
+        def send_model(self, *args):
+            self.sent_models += 1
+
+        def collect_reports(self, width):
+            if self.sent_models == 2:
+                began = time.monotonic()
+                while time.monotonic() - began < 10:
+                    if self.watch is not None:
+                        self.watch()
+                    time.sleep(0.01)
+                raise AssertionError("the wait outlived the failed record")
+            return super().collect_reports(width)
+
+    wire = PollingWire([_report(160), _report(160)], summed=np.ones(40, np.float32))
+    wire.watch = None
+    server = _server("fedavg", wire)
+    server.rec = FailingRec()
+    with pytest.raises(OSError, match="No space left on device"):
+        server.run(_state())
+    assert wire.sent_models == 2

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from fedmpi.errors import RoundTimeout
+from fedmpi.errors import PayloadError, RoundTimeout
 from fedmpi.wire import (
     AHEAD_PAUSE,
     AHEAD_SHARE,
@@ -528,3 +528,50 @@ def test_the_model_header_tells_the_learners_their_patience_and_each_acknowledge
         assert (round_, nnz, payload.nbytes, stop) == (4, 3, 12, (4, FLAG_STOP))
         assert patience == (2.5, 2.5)
         assert counts == (0, 8 + 8 + 4)  # acknowledgement, report, sum
+
+
+@mpi
+def test_a_message_shorter_or_longer_than_its_buffer_is_refused_naming_it(wire):
+    """MPI fills a posted buffer only as far as the message goes (the rest keeps what it held: garbage taken for
+    values), and raises on a longer one with no word of whose it was."""
+    if wire.is_server:
+        with pytest.raises(PayloadError, match=r"^the values from learner 1: 32 bytes arrived, expected 64$"):
+            wire.recv(np.zeros(8), source=1, what="the values from learner 1")
+        with pytest.raises(PayloadError, match=r"^MPI failed while waiting for the mask from learner 1: "):
+            wire.recv(np.zeros(2), source=1, what="the mask from learner 1")
+    elif wire.rank == 1:
+        wire.send(np.ones(4), dest=0)
+        wire.send(np.ones(4), dest=0)
+
+
+@mpi
+def test_a_short_row_or_report_is_refused_naming_the_learner(wire):
+    out = np.zeros((wire.size, 2)) if wire.is_server else None
+    row = np.ones(1 if wire.rank == 2 else 2)
+    if wire.is_server:
+        with pytest.raises(PayloadError, match=r"^learner 2 \(rank 2\) sent 8 bytes for the rows, expected 16$"):
+            wire.gather(row, out, "the rows")
+        with pytest.raises(PayloadError, match=r"^learner 2 \(rank 2\) sent 8 bytes for a report, expected 16$"):
+            wire.collect_reports(2)
+        with pytest.raises(PayloadError, match=r"^learner 2 \(rank 2\) sent a report that MPI refused: "):
+            wire.collect_reports(2)
+    else:
+        wire.gather(row, None, "the rows")
+        wire.report(row)
+        wire.report(np.ones(3) if wire.rank == 2 else row)
+
+
+@mpi
+def test_gatherv_refuses_a_size_other_than_the_announced_one_before_allocating(wire):
+    comm = wire.comm
+    mine = None if wire.is_server else np.full(3 * wire.rank, wire.rank, np.uint8)
+    if wire.is_server:
+        announced = np.array([3 * k if k != 2 else 7 for k in range(1, wire.size)])
+        with pytest.raises(PayloadError, match=r"^learner 2 \(rank 2\) would send 6 bytes for models, 7 announced"):
+            wire.gatherv(None, "models", expected=announced)
+        counts = [3 * k for k in range(wire.size)]  # the learners are in the gather the server refused: drain it
+        out = np.empty(sum(counts), np.uint8)
+        spec = [out, counts, np.cumsum([0, *counts[:-1]]), MPI.BYTE]
+        comm.Igatherv(np.zeros(0, np.uint8), spec, root=0).Wait()  # a nonblocking one matches only its kind
+    else:
+        wire.gatherv(mine, "models")
