@@ -26,6 +26,8 @@ AMPS = ("off", "bf16")
 INITS = ("torch", "glorot")
 # Hardware and I/O choices: they change how fast a run goes, not what it learns. A checkpoint resumes
 # across them, and the report compares runs that differ only in them.
+# The options of the embedded synthetic cohort (DataConfig): read only when data.dir is empty.
+SYNTHETIC_KEYS = ("subjects", "voxel", "distribution", "test_fraction", "seed")
 RUNTIME_KEYS = (
     "train.device",
     "train.threads",

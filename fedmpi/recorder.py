@@ -19,7 +19,7 @@ import torch
 from . import pruning
 from .algorithms import algorithm
 from .checkpoint import Checkpoints, model_digest, save_model
-from .config import RUNTIME_KEYS
+from .config import RUNTIME_KEYS, SYNTHETIC_KEYS
 from .data import loader_options
 from .errors import EXIT_PREEMPTED, CheckpointError, ConfigError
 from .files import atomic_write
@@ -138,7 +138,10 @@ class Recorder:
 
     def checkpoint(self, state: State) -> None:
         self.checkpoints.save(
-            state.round, state.values, state.mask, {"config": resume_key(self.cfg), "split": self.split}
+            state.round,
+            state.values,
+            state.mask,
+            {"config": resume_key(self.cfg), "split": self.split, **arithmetic(self.cfg)},
         )
 
     def stop_here(self, state: State) -> None:
@@ -205,14 +208,19 @@ class Recorder:
 
 
 def resume_key(cfg: Config) -> dict:
-    """The settings a checkpoint must agree with to be resumed (not run/eval or hardware choices, nor federation
-    options the algorithm never reads)."""
+    """The settings a checkpoint must agree with to be resumed: not eval, run's bookkeeping or hardware choices,
+    nor federation options the algorithm never reads; run.seed is kept (it draws the data order, dropout, random
+    pruning and PruneFL's regrown values). The synthetic cohort's options count only when it is the data
+    (data.dir empty); where a split lives is compared by resume_point only as split or synthetic."""
     d = cfg.to_dict()
-    d.pop("run")
+    d["run"] = {"seed": d["run"]["seed"]}
     d.pop("eval")
     for key in RUNTIME_KEYS:
         section, name = key.split(".")
         d[section].pop(name)
+    if d["data"]["dir"]:
+        for name in SYNTHETIC_KEYS:
+            d["data"].pop(name)
     for name in algorithm(cfg).unused_options(cfg.federation.schedule):
         d["federation"].pop(name)
     return d
@@ -241,13 +249,34 @@ def resume_point(cfg: Config, resume: bool, overwrite: bool):
             f"{checkpoints.dir}: the latest checkpoint's settings are not a JSON object; it cannot be resumed "
             f"(start afresh with --overwrite)"
         )
-    changed = setting_changes(recorded_key(recorded), resume_key(cfg))
+    ours, theirs = resume_key(cfg), recorded_key(recorded)
+    if "seed" not in (recorded.get("run") or {}):  # written before run.seed was kept: not known, not compared
+        theirs["run"] = ours["run"]
+    if ours["data"]["dir"] and isinstance(theirs.get("data"), dict) and theirs["data"].get("dir"):
+        # a job may stage the split to another path (node-local disk) and resume there: the files' digests
+        # (split_problems) say whether the data are the same
+        theirs["data"]["dir"] = ours["data"]["dir"]
+    changed = setting_changes(theirs, ours)
     if changed:
         raise ConfigError(
             f"{checkpoints.dir} was written with other settings ({'; '.join(changed)}); resume with "
-            f"the same config (only run.*, eval.*, devices and data loading may change)"
+            f"the same config (only eval.*, run.* but run.seed, data.dir, devices and data loading may change)"
+        )
+    now = arithmetic(cfg)
+    differ = [f"{name} {meta[name]} -> {now[name]}" for name in now if name in meta and meta[name] != now[name]]
+    if differ:
+        print(
+            f"fedmpi: note: resuming with {', '.join(differ)} (the server's; learners likewise): the order of the "
+            "arithmetic changes, so the final model may differ in its last bits from an uninterrupted run's",
+            flush=True,
         )
     return found
+
+
+def arithmetic(cfg: Config) -> dict:
+    """The runtime choices that change the order of floating-point operations, not what is computed: a resume
+    that changes them continues the same run, but not bit for bit."""
+    return {"threads": torch.get_num_threads(), "channels_last": cfg.train.channels_last}
 
 
 def recorded_key(recorded: dict) -> dict:

@@ -92,6 +92,58 @@ def test_resume_with_other_settings_names_them(tmp_path):
         resume_point(cfg, resume=True, overwrite=False)
 
 
+def test_a_resume_with_another_seed_is_refused(tmp_path):
+    """run.seed draws the data order, dropout and random pruning: a resume under another seed finished as a model
+    of neither seed, recorded under the new one (run.* was left out of the comparison whole)."""
+    _run_with_checkpoints(tmp_path, [1], rows=1)
+    cfg = load_config(overrides=[f"run.dir={tmp_path}", "run.name=r", "run.seed=5"])
+    with pytest.raises(ConfigError, match=r"other settings \(run.seed: 0 -> 5\)"):
+        resume_point(cfg, resume=True, overwrite=False)
+    cfg = load_config(overrides=[f"run.dir={tmp_path}", "run.name=r", "run.keep_checkpoints=5", "eval.every=3"])
+    assert resume_point(cfg, resume=True, overwrite=False)[2]["round"] == 1
+
+
+def test_a_checkpoint_from_before_the_seed_was_compared_resumes_under_any_seed(tmp_path):
+    from fedmpi.checkpoint import load_arrays, save_arrays
+
+    cfg = _run_with_checkpoints(tmp_path, [1], rows=1, **{"run.seed": 3})
+    path = cfg.run_dir / "checkpoints" / "round-000001.npz"
+    arrays, meta = load_arrays(path)
+    del meta["config"]["run"]  # as written before run.seed was kept
+    save_arrays(path, arrays, meta)
+    assert resume_point(cfg, resume=True, overwrite=False)[2]["round"] == 1
+
+
+def test_the_split_may_move_and_the_synthetic_options_count_only_for_the_synthetic_cohort(tmp_path):
+    """A job that stages the split to node-local disk resumes from another path (the files' digests say whether
+    the data are the same); the synthetic cohort's options are not read then, so they may differ too."""
+    _run_with_checkpoints(tmp_path, [1], rows=1, **{"data.dir": "/scratch/split"})
+    moved = ["data.dir=/tmp/job42/split/", "data.subjects=99", "data.distribution=skewed-noniid"]
+    cfg = load_config(overrides=[f"run.dir={tmp_path}", "run.name=r", *moved])
+    assert resume_point(cfg, resume=True, overwrite=False)[2]["round"] == 1
+    synthetic = tmp_path / "synthetic"
+    _run_with_checkpoints(synthetic, [1], rows=1)
+    cfg = load_config(overrides=[f"run.dir={synthetic}", "run.name=r", "data.subjects=99"])
+    with pytest.raises(ConfigError, match=r"data.subjects: 240 -> 99"):
+        resume_point(cfg, resume=True, overwrite=False)
+
+
+def test_a_resume_that_changes_the_order_of_the_arithmetic_says_so(tmp_path, capsys):
+    import torch
+
+    _run_with_checkpoints(tmp_path, [1], rows=1)
+    cfg = load_config(overrides=[f"run.dir={tmp_path}", "run.name=r"])
+    path = cfg.run_dir / "checkpoints" / "round-000001.npz"
+    from fedmpi.checkpoint import load_arrays, save_arrays
+
+    arrays, meta = load_arrays(path)
+    save_arrays(path, arrays, {**meta, "threads": torch.get_num_threads() + 1, "channels_last": False})
+    assert resume_point(cfg, resume=True, overwrite=False)[2]["round"] == 1
+    out = capsys.readouterr().out
+    assert f"note: resuming with threads {torch.get_num_threads() + 1} -> {torch.get_num_threads()}" in out
+    assert "channels_last" not in out and "last bits" in out
+
+
 def test_an_option_the_algorithm_never_reads_may_change_on_resume(tmp_path):
     _run_with_checkpoints(tmp_path, [1], rows=1)  # fedsparsify-global: no vote, no oneshot round
     cfg = load_config(
