@@ -6,6 +6,7 @@ exit 2 on every rank together, before anything is written. The centralized basel
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -62,6 +63,8 @@ def check_rank(cfg: Config, rank: int, data_dir: Path, local_rank: int, resume: 
     from .training import select_device
 
     head = check_volumes(data_dir / rank_file(rank))
+    if rank == 0:
+        check_learner_count(cfg, data_dir)
     if rank == 0 and cfg.model.pools > auto_pools(head["shape"]):  # the learners' shapes must equal this one
         raise ConfigError(
             f"model.pools = {cfg.model.pools} does not fit test.h5's volumes {tuple(head['shape'])}: at most "
@@ -81,6 +84,22 @@ def check_rank(cfg: Config, rank: int, data_dir: Path, local_rank: int, resume: 
     except BaseException:
         lock.release()
         raise
+
+
+def check_learner_count(cfg: Config, data_dir: Path) -> None:
+    """A split made for more learners than the federation has would be trained on in part, without a word (and
+    the centralized baseline pools every learner file: its upper bound would see more data)."""
+    found = sorted(
+        int(m.group(1)) for p in data_dir.glob("learner_*.h5") if (m := re.fullmatch(r"learner_(\d+)\.h5", p.name))
+    )
+    left_out = [k for k in found if k > cfg.federation.learners]
+    if left_out:
+        n = cfg.federation.learners
+        raise ConfigError(
+            f"{data_dir} holds {len(found)} learner files, but federation.learners = {n} leaves out "
+            f"{', '.join(f'learner_{k}.h5' for k in left_out)}: run federation.learners={max(found)} on "
+            f"{max(found) + 1} ranks, or split the data for {n} learners"
+        )
 
 
 def rank_file(rank: int) -> str:

@@ -37,6 +37,18 @@ def test_each_rank_checks_its_own_file(split, tmp_path):
     server.lock.release()
 
 
+def test_a_split_for_more_learners_than_the_federation_has_is_refused(tmp_path):
+    """Two learners on a split for three trained on two thirds of it without a word, while the centralized
+    baseline pooled all three files."""
+    data = write_split(tmp_path / "split3", learners=3, per_learner=6, test=6)
+    with pytest.raises(
+        ConfigError, match=r"holds 3 learner files, but federation.learners = 2 leaves out learner_3.h5"
+    ):
+        check_rank(_cfg(tmp_path, f"data.dir={data}"), 0, data, 0, False, False)
+    assert not (tmp_path / "demo" / ".lock").exists()  # refused before the run directory is touched
+    check_rank(_cfg(tmp_path, f"data.dir={data}", "federation.learners=3"), 0, data, 0, False, False).lock.release()
+
+
 def test_pooling_that_does_not_fit_the_volumes_is_refused_before_training(split, tmp_path):
     with pytest.raises(ConfigError, match=r"model.pools = 4 does not fit test.h5's volumes \(16, 20, 16\): at most 3"):
         check_rank(_cfg(tmp_path, f"data.dir={split}", "model.pools=4"), 0, split, 0, False, False)
