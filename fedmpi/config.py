@@ -26,6 +26,8 @@ AMPS = ("off", "bf16")
 INITS = ("torch", "glorot")
 # Hardware and I/O choices: they change how fast a run goes, not what it learns. A checkpoint resumes
 # across them, and the report compares runs that differ only in them.
+MAX_SEED = 2**64  # torch takes seeds as unsigned 64-bit integers
+MAX_TIMEOUT = 2**31 - 1  # seconds: the start-up alarm's limit (68 years: "no limit" in practice)
 # The options of the embedded synthetic cohort (DataConfig): read only when data.dir is empty.
 SYNTHETIC_KEYS = ("subjects", "voxel", "distribution", "test_fraction", "seed")
 RUNTIME_KEYS = (
@@ -343,12 +345,12 @@ def validate(cfg: Config) -> None:
         bool(r.name) and "/" not in r.name and r.name not in (".", ".."),
         f"run.name must be a plain name, got {r.name!r}",
     )
-    _check(r.seed >= 0, f"run.seed must be >= 0, got {r.seed}")
-    _check(d.seed >= 0, f"data.seed must be >= 0, got {d.seed}")
+    _check(0 <= r.seed < MAX_SEED, f"run.seed must be in [0, 2**64), got {r.seed}")
+    _check(0 <= d.seed < MAX_SEED, f"data.seed must be in [0, 2**64), got {d.seed}")
     _check(r.checkpoint_every >= 0, "run.checkpoint_every must be >= 0 (0 = never)")
     _check(r.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
-    _check(r.round_timeout > 0, "run.round_timeout must be > 0")
-    _check(r.startup_timeout > 0, "run.startup_timeout must be > 0")
+    for name, seconds in (("round_timeout", r.round_timeout), ("startup_timeout", r.startup_timeout)):
+        _check(0 < seconds <= MAX_TIMEOUT, f"run.{name} must be in (0, {MAX_TIMEOUT}] seconds, got {seconds}")
 
 
 def describe() -> str:

@@ -7,6 +7,8 @@ errors are reported as one line naming what is wrong; anything else is a bug and
 
 from __future__ import annotations
 
+import errno
+
 EXIT_FAILURE = 1  # an unexpected failure (a bug: a traceback is printed)
 EXIT_USAGE = 2  # bad configuration, command line or input: one line, nothing written
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped at a checkpoint on request; continue with --resume
@@ -58,5 +60,11 @@ class ReportError(UserError):
     """A run directory that cannot be reported (missing or unreadable files)."""
 
 
+# A full disk, an exhausted quota, a file system remounted read-only: the user's to fix, not a bug.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
 def is_user_error(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+        return True
     return isinstance(exc, (UserError, KeyboardInterrupt))

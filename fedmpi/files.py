@@ -16,6 +16,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import STORAGE_ERRNOS
+
 # What flock (and HDF5's locking, which uses it) fails with where the file system takes no locks at all: NFS
 # without a lock daemon, Lustre without flock. Files here appear by rename once complete, so going without locks
 # there costs only the exclusion of a second writer.
@@ -94,6 +96,11 @@ def atomic_path(path: str | os.PathLike, suffix: str = "", sweep: bool = True) -
         _fsync(tmp)
         os.replace(tmp, path)
         _fsync(path.parent, directory=True)
+    except OSError as e:
+        if e.errno not in STORAGE_ERRNOS:
+            raise
+        # a write's error names no file: say which output did not fit (the user's to fix, one line)
+        raise OSError(e.errno, f"{e.strerror} (writing {path})") from None
     finally:
         if tmp.exists():
             tmp.unlink()

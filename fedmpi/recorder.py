@@ -21,7 +21,7 @@ from .algorithms import algorithm
 from .checkpoint import Checkpoints, model_digest, save_model
 from .config import RUNTIME_KEYS, SYNTHETIC_KEYS
 from .data import loader_options
-from .errors import EXIT_PREEMPTED, CheckpointError, ConfigError
+from .errors import EXIT_PREEMPTED, CheckpointError, ConfigError, ReportError
 from .files import atomic_write
 from .metrics import regression_metrics
 from .model import BrainAgeCNN, flat_parameters, layer_sparsity, load_flat_parameters
@@ -237,7 +237,13 @@ def resume_point(cfg: Config, resume: bool, overwrite: bool):
                 f"to replace it (or choose another run.name)"
             )
         return None
-    rows = RunLog(cfg.run_dir).rows()
+    try:  # damage before the last line would hide recorded rounds: the resume would start afresh over them
+        rows = RunLog(cfg.run_dir).checked_rows()
+    except ReportError as e:
+        raise CheckpointError(
+            f"{e}: --resume cannot tell which rounds were recorded; mend or remove the damaged lines (one round's "
+            "JSON each) and resume, or start afresh with --overwrite"
+        ) from None
     found = checkpoints.latest(at_most=rows[-1]["round"] if rows else None)
     if found is None:
         print(f"fedmpi: no usable checkpoint in {checkpoints.dir}; starting fresh", flush=True)

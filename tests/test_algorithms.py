@@ -154,7 +154,7 @@ def test_round_seed_is_pinned():
 
 def test_negative_seed_is_rejected_up_front():
     """round_seed (SeedSequence) needs a non-negative seed, so the config refuses others."""
-    with pytest.raises(ConfigError, match=r"run.seed must be >= 0"):
+    with pytest.raises(ConfigError, match=r"run.seed must be in \[0, 2\*\*64\), got -1"):
         load_config(overrides=["run.seed=-1"])
 
 

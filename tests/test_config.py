@@ -213,6 +213,11 @@ VALIDATION = [
     ("run.keep_checkpoints=0", "run.keep_checkpoints"),
     ("run.round_timeout=0", "run.round_timeout"),
     ("run.startup_timeout=0", "run.startup_timeout"),
+    # values that passed and then overflowed after MPI had started (signal.alarm, the int64 round header, torch)
+    ("run.startup_timeout=1e10", "run.startup_timeout"),
+    ("run.round_timeout=1e300", "run.round_timeout"),
+    ("run.seed=18446744073709551616", "run.seed"),
+    ("data.seed=18446744073709551616", "data.seed"),
 ]
 
 

@@ -131,3 +131,22 @@ def test_temporaries_of_another_users_live_process_stay(tmp_path, monkeypatch):
     monkeypatch.setattr(files.os, "kill", not_permitted)
     atomic_write(tmp_path / "out.h5", b"whole")
     assert other.exists()
+
+
+def test_a_full_disk_names_the_output_and_is_the_users_to_fix(tmp_path, monkeypatch):
+    """A write's ENOSPC names no file, and it printed a traceback as a bug would: the error now says which output
+    did not fit, is one line (is_user_error), and leaves neither a temporary nor a half file."""
+    import errno
+
+    from fedmpi.errors import is_user_error
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    target = tmp_path / "checkpoints" / "round-000002.npz"
+    with pytest.raises(OSError, match=rf"No space left on device \(writing {target}\)") as caught:
+        atomic_write(target, b"x")
+    assert caught.value.errno == errno.ENOSPC and is_user_error(caught.value)
+    assert list(target.parent.iterdir()) == []
+    assert not is_user_error(OSError(errno.EIO, "I/O error"))  # a failing disk is not a setting to fix

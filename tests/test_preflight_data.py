@@ -85,6 +85,23 @@ def test_resume_never_passes_the_last_recorded_round(tmp_path):
     assert meta["round"] == 2 and values[0] == 2
 
 
+def test_damaged_metrics_before_the_last_line_stop_a_resume_instead_of_starting_afresh(tmp_path, capsys):
+    """One damaged line among the rows hid every round after it: no checkpoint was at or before the rounds left,
+    so the resume started afresh and removed the good checkpoints."""
+    from fedmpi.errors import CheckpointError
+
+    cfg = _run_with_checkpoints(tmp_path, [2, 3], rows=3)
+    lines = (cfg.run_dir / "metrics.jsonl").read_text().splitlines()
+    (cfg.run_dir / "metrics.jsonl").write_text("\n".join([lines[0], "{not json", lines[2]]) + "\n")
+    with pytest.raises(CheckpointError, match=r"damaged line\(s\) before the last \(2 of 3\).*--resume cannot tell"):
+        resume_point(cfg, resume=True, overwrite=False)
+    assert len(list((cfg.run_dir / "checkpoints").glob("round-*.npz"))) == 2
+    # a last line cut short by a crash is the usual case: skipped with a note, the resume goes on
+    (cfg.run_dir / "metrics.jsonl").write_text("\n".join([*lines[:2], lines[2][:5]]))
+    assert resume_point(cfg, resume=True, overwrite=False)[2]["round"] == 2
+    assert "line 3 is cut short" in capsys.readouterr().err
+
+
 def test_resume_with_other_settings_names_them(tmp_path):
     _run_with_checkpoints(tmp_path, [1], rows=1)
     cfg = load_config(overrides=[f"run.dir={tmp_path}", "run.name=r", "train.epochs=5"])
