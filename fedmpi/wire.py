@@ -424,7 +424,8 @@ def next_pause(
         if waited < due:
             return min(AHEAD_PAUSE, max(max_sleep, AHEAD_SHARE * (due - waited)))
         waited -= due
-        pause = min(pause, max_sleep)
+        if waited < pause:  # the first test past due: start over from max_sleep, then grow as any wait does
+            pause = min(pause, max_sleep)
     floor = QUICK_SLEEP if quick and waited < QUICK_SPAN else max_sleep
     return min(pause + floor / 10, max(floor, LATE_SHARE * waited), MAX_PAUSE)
 

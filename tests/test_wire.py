@@ -61,6 +61,8 @@ def test_a_quick_wait_tests_often_while_short_then_as_usual():
     assert np.diff(times).max() <= MAX_SLEEP + 1e-12
     answers = np.linspace(0.001, QUICK_SPAN / 2, 50)
     assert lateness(times, answers).max() <= QUICK_SLEEP + 1e-12
+    later = times[(times > 2 * QUICK_SPAN) & (times < 0.3)]
+    assert np.diff(later).max() >= MAX_SLEEP - 1e-9  # past QUICK_SPAN it sleeps as a long wait does
 
 
 def test_an_expected_wait_sleeps_until_the_answer_is_due():
@@ -76,6 +78,12 @@ def test_an_expected_wait_sleeps_until_the_answer_is_due():
     assert (np.diff(before) <= np.maximum(MAX_SLEEP, AHEAD_SHARE * (due - before[:-1])) + 1e-9).all()
     assert lateness(times, np.linspace(due, 2.99, 100)).max() <= MAX_SLEEP + 1e-9
     assert lateness(times, np.linspace(0.1, due, 100)).max() <= AHEAD_PAUSE + 1e-9  # reports that come early
+    # a straggler: long past due the wait slows down as one begun at the due time would (it kept testing every
+    # 2.2 ms: nine times as often)
+    late = wakeups(due + 20.0, expected=expected)
+    late = late[late > due + 5.0]
+    plain = wakeups(20.0)
+    assert len(late) <= 1.1 * len(plain[plain > 5.0]) and np.diff(late).max() == pytest.approx(MAX_PAUSE)
 
 
 @pytest.fixture
@@ -409,7 +417,7 @@ def test_a_learner_waits_for_its_first_model_as_long_as_next_patience_says():
     header wait must use it, not the shorter patience the Wire had during start-up."""
 
     class FirstWait(Wire):
-        def _wait(self, request, what, patience=None, quick=False):
+        def _wait(self, request, what, patience=None, quick=False, expect=None):
             request.Cancel()  # nothing will come: note the patience this wait would use and stop
             request.Wait()
             raise LookupError(what, self.patience if patience is None else patience)
