@@ -87,6 +87,11 @@ def algorithm(cfg: Config) -> Algorithm:
     return ALGORITHMS[cfg.federation.algorithm]
 
 
+def target_sparsity(cfg: Config) -> float:
+    """The sparsity the run aims at: federation.target, or 0 for a dense algorithm (which never reads it)."""
+    return 0.0 if algorithm(cfg).dense else cfg.federation.target
+
+
 def schedule(cfg: Config):
     """The sparsity target s_t for round t."""
     f, kind = cfg.federation, algorithm(cfg).sparsity

@@ -517,6 +517,8 @@ def attack_run(
     Non-members are the split's test.h5 plus the `nonmembers` files (other cohorts the run never
     saw, e.g. a fresh synthetic one); `max_per_class` caps the attacked subjects of each class.
     """
+    from .algorithms import target_sparsity
+
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise AttackError(f"{run_dir}: no such run directory")
@@ -552,7 +554,7 @@ def attack_run(
         "seed": seed,
         "sparsity": sparsity,
         "model_sha256": digest,
-        "target_sparsity": summary.get("target_sparsity", cfg.federation.target),
+        "target_sparsity": summary.get("target_sparsity", target_sparsity(cfg)),
         "nonmember_files": [str(p) for p in pools],
         "max_per_class": max_per_class,
         "n_members_available": sum(len(d) for d in learners),

@@ -2,9 +2,10 @@
 
 The model is one flat 1-D vector of all trainable parameters and one bool mask of the
 same length (True = kept). Pruning never regrows: a position that is False in the
-incoming mask stays False, so sparsity only grows over the rounds (FedSparsify). The one
-exception is ``top_mask``, which chooses afresh from scores over every position (PruneFL's
-reconfiguration regrows; GraSP's start mask has no earlier mask to respect).
+incoming mask stays False, so sparsity only grows over the rounds (FedSparsify). Two
+functions choose over every position instead: ``reconfigure_mask`` (PruneFL's reconfiguration
+regrows pruned positions by importance) and ``top_mask`` (GraSP's start mask has no earlier
+mask to respect).
 """
 
 from __future__ import annotations
@@ -56,10 +57,10 @@ def magnitude_mask(values: np.ndarray, sparsity: float, mask: np.ndarray | None 
 def top_mask(scores: np.ndarray, sparsity: float) -> np.ndarray:
     """Keep the ``N - n_pruned(N, sparsity)`` highest ``scores`` and prune the rest, whatever was kept before.
 
-    PruneFL's reconfiguration (scores = the learners' summed squared gradients over every position, so
-    pruned positions may come back) and GraSP's start mask (scores negated: GraSP removes its highest
-    scores). Among equal scores the lower index is pruned first, as in ``magnitude_mask``: the result is a
-    stable ascending sort of the scores, cut after ``n_pruned`` positions.
+    GraSP's start mask (scores negated: GraSP removes its highest scores); PruneFL's reconfiguration with
+    every kept position movable (``reconfigure_mask`` with ``movable = 1``) gives the same mask. Among equal
+    scores the lower index is pruned first, as in ``magnitude_mask``: the result is a stable ascending sort
+    of the scores, cut after ``n_pruned`` positions.
     """
     scores = _as_flat_real(scores, "scores")
     if scores.dtype.kind == "f" and np.isnan(scores).any():

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import pruning
-from .algorithms import algorithm
+from .algorithms import algorithm, target_sparsity
 from .checkpoint import Checkpoints, model_digest, save_model
 from .config import RUNTIME_KEYS, SYNTHETIC_KEYS
 from .data import loader_options
@@ -194,7 +194,7 @@ class Recorder:
             "final_r": scores["r"],
             "baseline_mae": self.baseline_mae,
             "final_sparsity": pruning.sparsity(state.values),
-            "target_sparsity": self.cfg.federation.target,
+            "target_sparsity": target_sparsity(self.cfg),
             "parameters": int(state.values.size),
             "model_file": str(model_path),
             "model_sha256": model_digest(state.values),

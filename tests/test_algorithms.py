@@ -38,6 +38,8 @@ def test_every_configurable_algorithm_has_an_entry():
 def test_table(name, prune_at, selector):
     algo = algorithm(cfg_for(name))
     assert (algo.name, algo.prune_at, algo.selector) == (name, prune_at, selector)
+    # only Local's learners send their own sparse models (gathered and voted); every other one sums in a mask
+    assert algo.shared_mask == (name != "fedsparsify-local")
 
 
 def test_fedavg_never_prunes():
@@ -220,3 +222,11 @@ def test_oneshot_reads_no_schedule_option():
     assert {"schedule", "start", "end", "frequency", "exponent", "fraction"} <= unused
     # so its rounds are not checked against federation.end
     assert load_config(overrides=["federation.algorithm=oneshot", "federation.rounds=3", "federation.end=9"])
+
+
+def test_a_dense_run_aims_at_no_sparsity_whatever_federation_target_says():
+    from fedmpi.algorithms import target_sparsity
+
+    assert target_sparsity(cfg_for("fedavg", "federation.target=0.95")) == 0.0
+    assert target_sparsity(cfg_for("centralized", "federation.target=0.95")) == 0.0
+    assert target_sparsity(cfg_for("fedsparsify-global", "federation.target=0.9")) == 0.9

@@ -282,3 +282,18 @@ def test_reconfigure_breaks_importance_ties_by_index():
     expected = np.zeros(200, bool)
     expected[np.argsort(importance, kind="stable")[100:]] = True
     assert out.tolist() == expected.tolist()
+
+
+def test_reconfiguration_rounds_the_movable_count_and_ties_lose_at_the_lower_index():
+    """Hand cases for two rules the reference-test inputs never reach (distinct magnitudes, whole counts)."""
+    values = np.array([0.1, 0.2, 0.3, 0.4, 0.0, 0.0], np.float32)
+    mask = np.array([True, True, True, True, False, False])
+    importance = np.array([0, 0, 0, 0, 5, 6], np.float32)
+    # 0.375 of 4 kept = 1.5 movable, rounded (half to even) to 2: the two largest stay, the two most important
+    # pruned positions come back (truncating to 1 would keep three)
+    got = reconfigure_mask(importance, values, mask, 1 / 3, 0.375)
+    assert got.tolist() == [False, False, True, True, True, True]
+    # equal magnitudes and equal importances: the lower index loses first
+    tied = np.array([0.5, 0.5, 0.5, 0.5, 0.0, 0.0], np.float32)
+    got = reconfigure_mask(np.array([1, 0, 0, 0, 1, 1], np.float32), tied, mask, 1 / 3, 0.25)
+    assert got.tolist() == [False, True, True, True, False, True]
