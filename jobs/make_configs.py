@@ -18,6 +18,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedmpi.algorithms import ALGORITHMS as TABLE
+from fedmpi.config import DISTRIBUTIONS
 
 COMMON = {
     "data": {"dir": "data/ukbb/split-{distribution}"},  # your preprocessed split (README, "Your own data")
@@ -32,7 +33,6 @@ FAMILIES = {
     "pytorch": {"model": {"dropout": 0.5, "init": "torch", "norm_eps": 1e-5}, "train": {"lr": 1e-3, "batch_size": 4}},
 }
 ALGORITHMS = [name for name, algo in TABLE.items() if not algo.trains_centrally]
-DISTRIBUTIONS = ("uniform-iid", "uniform-noniid", "skewed-noniid")
 TARGETS = (0.85, 0.9, 0.95, 0.99)
 
 

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from fedmpi.config import DISTRIBUTIONS
 from fedmpi.errors import UserError
 from fedmpi.files import atomic_write, umask_mode
 from preprocess import bids, h5io, outputs
 
-DISTRIBUTIONS = ("uniform-iid", "uniform-noniid", "skewed-noniid")
 N_BINS = 20
 SKEW = 1.35
 JITTER = 0.05
