@@ -1,5 +1,8 @@
 """SLURM's warning before the time limit (SIGUSR1: `--signal=B:USR1@600` in jobs/fedsparsify.slurm, which
 forwards it) and SIGTERM ask a run to checkpoint after the current round and exit 75, to be requeued.
+Ctrl-C (SIGINT, which mpirun forwards to every rank) asks the same: a KeyboardInterrupt landed anywhere
+in every rank (tracebacks from inside weakref callbacks, a "failed" line per rank); a second Ctrl-C ends
+the run at once (mpirun aborts the job; a lone process raises KeyboardInterrupt).
 
 `train` takes them before anything else: its imports alone take seconds, and either signal's default
 action ends the process. Once the rank's work is done they are ignored: Python's finalization restores
@@ -10,9 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
+import time
 from collections.abc import Callable, Iterator
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+from .sentinel import first_task
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+REPEAT_SECONDS = 1.0  # a Ctrl-C within this long of the first is the same one, delivered twice
 
 
 @contextlib.contextmanager
@@ -20,8 +28,23 @@ def requests() -> Iterator[Callable[[], bool]]:
     """Yield the question "was a stop asked?", which the server and the centralized baseline ask after each
     round (learners follow the server); ignore both signals on the way out, however it is left."""
     requested = {"stop": False}
+    interrupted: list[float] = []
 
     def handler(signum, frame):
+        if signum == signal.SIGINT:
+            # a rank may get one Ctrl-C twice at once (from the launcher, and forwarded by its sentinel)
+            if interrupted and time.monotonic() - interrupted[0] > REPEAT_SECONDS:
+                signal.default_int_handler(signum, frame)
+            if interrupted:
+                return
+            interrupted.append(time.monotonic())
+            if first_task():
+                print(
+                    "fedmpi: Ctrl-C: stopping at a checkpoint after the current round (exit 75; --resume continues "
+                    "the run); Ctrl-C again ends it at once",
+                    file=sys.stderr,
+                    flush=True,
+                )
         requested["stop"] = True
 
     for sig in SIGNALS:

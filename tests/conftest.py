@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from fedmpi import preemption
+
 COHORT_SUBJECTS = 36
 COHORT_SEED = 1
 
@@ -66,9 +68,10 @@ def native_cohort(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _preemption_signals_restored():
-    """`python -m fedmpi train` (fedmpi.preemption), which some tests run in this process, leaves SIGTERM and
-    SIGUSR1 ignored, as a finished rank must: the next test starts with this process's own dispositions again."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    """`python -m fedmpi train` (fedmpi.preemption), which some tests run in this process, leaves SIGTERM,
+    SIGUSR1 and SIGINT ignored, as a finished rank must: the next test starts with this process's own
+    dispositions again (Ctrl-C ends pytest)."""
+    saved = {sig: signal.getsignal(sig) for sig in preemption.SIGNALS}
     yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)
