@@ -207,6 +207,10 @@ def _coerce(value, tp, key: str):
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
+        if isinstance(value, (bool, int, float)):  # YAML's reading of an unquoted word: 010 is 8, yes is true
+            raise ConfigError(
+                f'{key}: expected text, but the file says {value!r}: quote it ("...") to keep it as written'
+            )
         return "" if value is None else str(value)
     raise TypeError(tp)
 
@@ -324,7 +328,8 @@ def validate(cfg: Config) -> None:
     _check(
         f.algorithm not in ALGORITHMS
         or ALGORITHM_TABLE[f.algorithm].sparsity != "progressive"
-        or cfg.schedule_end > f.start,
+        or ("end" in unused and f.rounds > f.start)
+        or ("end" not in unused and cfg.schedule_end > f.start),
         "federation.rounds must exceed federation.start for a progressive schedule",
     )
     _check(f.frequency >= 1, "federation.frequency must be >= 1")

@@ -65,6 +65,7 @@ def check_rank(cfg: Config, rank: int, data_dir: Path, local_rank: int, resume: 
     head = check_volumes(data_dir / rank_file(rank))
     if rank == 0:
         check_learner_count(cfg, data_dir)
+        note_unreached_target(cfg)
     if rank == 0 and cfg.model.pools > auto_pools(head["shape"]):  # the learners' shapes must equal this one
         raise ConfigError(
             f"model.pools = {cfg.model.pools} does not fit test.h5's volumes {tuple(head['shape'])}: at most "
@@ -99,6 +100,22 @@ def check_learner_count(cfg: Config, data_dir: Path) -> None:
             f"{data_dir} holds {len(found)} learner files, but federation.learners = {n} leaves out "
             f"{', '.join(f'learner_{k}.h5' for k in left_out)}: run federation.learners={max(found)} on "
             f"{max(found) + 1} ranks, or split the data for {n} learners"
+        )
+
+
+def note_unreached_target(cfg: Config) -> None:
+    """A schedule that ends short of federation.target (the fraction schedule with few pruning rounds) is legal
+    but rarely meant: say so before the run, not in its summary."""
+    from .algorithms import schedule, target_sparsity
+
+    f = cfg.federation
+    reached = schedule(cfg)(f.rounds)
+    if reached < target_sparsity(cfg) - 1e-6:
+        print(
+            f"fedmpi: note: the {f.schedule} schedule reaches sparsity {reached:.3f} by round {f.rounds}, short of "
+            f"federation.target {f.target}",
+            file=sys.stderr,
+            flush=True,
         )
 
 

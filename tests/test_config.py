@@ -121,6 +121,14 @@ def test_string_option_keeps_its_text():
     assert load_config(overrides=["run.name=010"]).run.name == "010"
 
 
+@pytest.mark.parametrize("raw", ["010", "yes", "1.50", "0x10"])  # YAML reads 8, True, 1.5, 16
+def test_an_unquoted_word_yaml_reads_as_a_number_or_bool_is_refused_in_a_text_option(tmp_path, raw):
+    """run: {name: 010} became run.name "8" and name: yes "True", silently: the file must quote such text."""
+    with pytest.raises(ConfigError, match=r"run.name: expected text, but the file says .*: quote it"):
+        load_config(write(tmp_path, f"run:\n  name: {raw}\n"))
+    assert load_config(write(tmp_path, f"run:\n  name: '{raw}'\n")).run.name == raw
+
+
 def test_unknown_option_lists_known_names():
     with pytest.raises(ConfigError) as e:
         load_config(overrides=["train.learning_rate=0.1"])
@@ -225,6 +233,12 @@ VALIDATION = [
 def test_validation_rule_names_the_option(pair, option):
     with pytest.raises(ConfigError, match=option.replace(".", r"\.")):
         load_config(overrides=["federation.algorithm=oneshot", pair] if "oneshot" in pair else [pair])
+
+
+def test_the_fraction_schedule_is_not_checked_against_the_end_it_never_reads():
+    assert load_config(overrides=["federation.schedule=fraction", "federation.start=6", "federation.end=4"])
+    with pytest.raises(ConfigError, match="federation.rounds must exceed federation.start"):
+        load_config(overrides=["federation.schedule=fraction", "federation.start=25"])
 
 
 def test_options_an_algorithm_never_reads_are_not_checked_against_the_rounds():

@@ -49,6 +49,17 @@ def test_a_split_for_more_learners_than_the_federation_has_is_refused(tmp_path):
     check_rank(_cfg(tmp_path, f"data.dir={data}", "federation.learners=3"), 0, data, 0, False, False).lock.release()
 
 
+def test_a_schedule_that_ends_short_of_the_target_is_noted(split, tmp_path, capsys):
+    fraction = ["federation.schedule=fraction", "federation.fraction=0.04", "federation.target=0.95"]
+    check_rank(_cfg(tmp_path, f"data.dir={split}", *fraction), 0, split, 0, False, False).lock.release()
+    assert "note: the fraction schedule reaches sparsity 0.6" in capsys.readouterr().err
+    check_rank(_cfg(tmp_path, f"data.dir={split}"), 0, split, 0, False, False).lock.release()  # cubic: reaches it
+    check_rank(
+        _cfg(tmp_path, f"data.dir={split}", "federation.algorithm=fedavg"), 0, split, 0, False, False
+    ).lock.release()
+    assert "note:" not in capsys.readouterr().err
+
+
 def test_pooling_that_does_not_fit_the_volumes_is_refused_before_training(split, tmp_path):
     with pytest.raises(ConfigError, match=r"model.pools = 4 does not fit test.h5's volumes \(16, 20, 16\): at most 3"):
         check_rank(_cfg(tmp_path, f"data.dir={split}", "model.pools=4"), 0, split, 0, False, False)
