@@ -237,7 +237,7 @@ def test_validation_rule_names_the_option(pair, option):
 
 def test_the_fraction_schedule_is_not_checked_against_the_end_it_never_reads():
     assert load_config(overrides=["federation.schedule=fraction", "federation.start=6", "federation.end=4"])
-    with pytest.raises(ConfigError, match="federation.rounds must exceed federation.start"):
+    with pytest.raises(ConfigError, match=r"federation\.rounds must exceed federation\.start"):
         load_config(overrides=["federation.schedule=fraction", "federation.start=25"])
 
 
