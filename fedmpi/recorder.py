@@ -232,6 +232,12 @@ def resume_point(cfg: Config, resume: bool, overwrite: bool):
     checkpoints = Checkpoints(cfg.run_dir / "checkpoints")
     if not resume:
         if checkpoints.paths() and not overwrite and not finished(cfg):
+            done = completed_rounds(cfg)
+            if done is not None:  # finished, under another federation.rounds: --resume would refuse it
+                raise ConfigError(
+                    f"{cfg.run_dir} holds a finished run of {done} rounds; a run of {cfg.federation.rounds} is "
+                    "another run (its schedule depends on the rounds): choose another run.name, or --overwrite"
+                )
             raise ConfigError(
                 f"{cfg.run_dir} holds an unfinished run; pass --resume to continue it or --overwrite "
                 f"to replace it (or choose another run.name)"
@@ -346,11 +352,16 @@ def start_state(cfg: Config, resume, rec: Recorder, model) -> State:
 
 def finished(cfg: Config) -> bool:
     """True when run_dir holds a run that completed all its rounds."""
+    return completed_rounds(cfg) == cfg.federation.rounds
+
+
+def completed_rounds(cfg: Config) -> int | None:
+    """The rounds of the run that run_dir holds, if it completed them all (not stopped early), else None."""
     try:
         summary = read_json(cfg.run_dir / "summary.json", ValueError)
     except ValueError:
-        return False
-    return not summary.get("preempted") and summary.get("rounds") == cfg.federation.rounds
+        return None
+    return None if summary.get("preempted") else summary.get("rounds")
 
 
 def print_summary(summary: dict) -> None:

@@ -139,6 +139,11 @@ def test_unfinished_run_is_not_silently_replaced(split, tmp_path):
     with pytest.raises(ConfigError, match="unfinished run; pass --resume"):
         check_rank(cfg, 0, split, 0, resume=False, overwrite=False)
     check_rank(cfg, 0, split, 0, resume=False, overwrite=True).lock.release()  # the lock was released above
+    # finished after 25 rounds, asked for 40: not "unfinished, pass --resume" (which would refuse the rounds)
+    (cfg.run_dir / "summary.json").write_text('{"rounds": 25, "preempted": false}')
+    more = _cfg(tmp_path, f"data.dir={split}", "run.name=u", "federation.rounds=40")
+    with pytest.raises(ConfigError, match="holds a finished run of 25 rounds; a run of 40 is another run"):
+        check_rank(more, 0, split, 0, resume=False, overwrite=False)
 
 
 def test_verdict_names_every_learner_whose_shape_differs(tmp_path):
