@@ -293,12 +293,37 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# preprocess.split's command-line flags, as the options that set them for the embedded synthetic cohort
+SPLIT_FLAGS = {"--learners": "federation.learners", "--test-fraction": "data.test_fraction", "--seed": "data.seed"}
+
+
+def split_error_text(text: str) -> str:
+    """A split's error about the synthetic cohort, naming this configuration's options instead of the flags."""
+    for flag, option in SPLIT_FLAGS.items():
+        text = text.replace(flag, option)
+    return f"the synthetic cohort (data.dir empty): {text}"
+
+
+def _check_synthetic_split(learners: int, distribution: str) -> None:
+    """The split's own rule for the learner count (uniform-noniid pairs learners), before MPI starts rather
+    than when rank 0 builds the cohort."""
+    from preprocess.split import SplitError
+    from preprocess.split import validate as split_rule
+
+    try:
+        split_rule(learners, distribution)
+    except SplitError as e:
+        raise ConfigError(split_error_text(str(e))) from None
+
+
 def validate(cfg: Config) -> None:
     d, m, t, f, e, r = cfg.data, cfg.model, cfg.train, cfg.federation, cfg.eval, cfg.run
     _check(d.voxel in VOXELS, f"data.voxel must be one of {VOXELS}, got {d.voxel}")
     _check(0 < d.test_fraction < 1, f"data.test_fraction must be in (0, 1), got {d.test_fraction}")
     _check(d.distribution in DISTRIBUTIONS, f"data.distribution must be one of {DISTRIBUTIONS}, got {d.distribution!r}")
     _check(d.subjects >= 20, f"data.subjects must be at least 20, got {d.subjects}")
+    if not d.dir and f.learners >= 1 and d.distribution in DISTRIBUTIONS:
+        _check_synthetic_split(f.learners, d.distribution)
     _check(d.workers >= 0, "data.workers must be >= 0")
     _check(d.cache in CACHES, f"data.cache must be one of {CACHES}, got {d.cache!r}")
     _check(t.amp in AMPS, f"train.amp must be one of {AMPS}, got {t.amp!r}")

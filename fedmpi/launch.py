@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .algorithms import algorithm
-from .config import Config, load_config
+from .config import Config, load_config, split_error_text
 from .errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, is_user_error
 from .memory import keep_freed_memory
 from .messages import row_text, text_row
@@ -241,6 +241,8 @@ def _learn(cfg: Config, wire, data_dir: Path, device) -> int:
 def prepare_data(cfg: Config, wire) -> Path:
     """data.dir, or the embedded synthetic cohort: rank 0 builds it once, the others wait without spinning
     and then find it built."""
+    from preprocess.split import SplitError
+
     from .data import synthetic_cohort
 
     if cfg.data.dir:
@@ -263,7 +265,10 @@ def prepare_data(cfg: Config, wire) -> Path:
             f"fedmpi: synthetic cohort ({d.subjects} subjects, {d.voxel} mm, {d.distribution}) under {d.cache_dir}/",
             flush=True,
         )
-        data_dir = cohort()
+        try:
+            data_dir = cohort()
+        except SplitError as e:  # what only the cohort's ages can tell (a test fraction that holds out no one)
+            raise ConfigError(split_error_text(str(e))) from None
     if wire.size > 1:  # generating a new cohort takes minutes: learners allow it a round's time
         wire.bcast(np.ones(1), "the synthetic cohort (built by the server)", patience=cfg.run.round_timeout)
     return data_dir if wire.rank == 0 else cohort()

@@ -317,3 +317,18 @@ def test_each_learner_weighs_its_model_by_its_own_share_of_the_samples(tmp_path,
         assert _learn(cfg, wire, tmp_path, "cpu") == 0
         assert learners[-1].weight == pytest.approx(share) and learners[-1].ran
         assert wire.next_patience == cfg.run.round_timeout + learner_startup_patience(cfg.run.startup_timeout)
+
+
+def test_the_synthetic_cohorts_split_problems_name_this_configurations_options(tmp_path):
+    """They named preprocess's flags (--test-fraction, --learners), and the learner-count rule came only after
+    MPI had started, from rank 0's cohort build."""
+    import types
+
+    with pytest.raises(ConfigError, match=r"federation\.learners must be even \(got 3\)"):
+        load_config(overrides=["data.distribution=uniform-noniid", "federation.learners=3"])
+    assert load_config(overrides=["data.distribution=uniform-noniid", "federation.learners=3", "data.dir=/x"])
+    cfg = load_config(
+        overrides=[f"data.cache_dir={tmp_path}", "data.subjects=20", "data.test_fraction=0.01", "data.voxel=6"]
+    )
+    with pytest.raises(ConfigError, match=r"^the synthetic cohort \(data.dir empty\): data\.test_fraction 0\.01 holds"):
+        launch.prepare_data(cfg, types.SimpleNamespace(rank=0, size=1))
