@@ -12,13 +12,15 @@ from pathlib import Path
 
 import yaml
 
+from preprocess.distributions import DISTRIBUTIONS, SplitError
+from preprocess.distributions import validate as split_rule
+
 from .aggregation import RULES as MERGE_RULES
 from .algorithms import ALGORITHMS as ALGORITHM_TABLE
 from .errors import ConfigError
 
 ALGORITHMS = tuple(ALGORITHM_TABLE)
 SCHEDULES = ("cubic", "fraction")
-DISTRIBUTIONS = ("uniform-iid", "uniform-noniid", "skewed-noniid")
 DEVICES = ("auto", "cpu", "cuda")
 VOXELS = (2, 4, 6)
 CACHES = ("memory", "device", "off")
@@ -307,9 +309,6 @@ def split_error_text(text: str) -> str:
 def _check_synthetic_split(learners: int, distribution: str) -> None:
     """The split's own rule for the learner count (uniform-noniid pairs learners), before MPI starts rather
     than when rank 0 builds the cohort."""
-    from preprocess.split import SplitError
-    from preprocess.split import validate as split_rule
-
     try:
         split_rule(learners, distribution)
     except SplitError as e:

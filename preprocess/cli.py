@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from fedmpi.errors import EXIT_INTERRUPTED, EXIT_USAGE, UserError
-from preprocess import bids, convert, grid, h5io, nifti, qc, register, split, synth
+from preprocess import bids, convert, distributions, grid, h5io, nifti, qc, register, split, synth
 
 
 class _Parser(argparse.ArgumentParser):
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--h5", required=True, type=Path, help="preprocessed FILE.h5")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--learners", type=int, default=8)
-    p.add_argument("--distribution", choices=split.DISTRIBUTIONS, default="uniform-iid")
+    p.add_argument("--distribution", choices=distributions.DISTRIBUTIONS, default="uniform-iid")
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=_nonnegative, default=0)
 

@@ -25,10 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmpi.config import DISTRIBUTIONS
-from fedmpi.errors import UserError
 from fedmpi.files import atomic_write, umask_mode
 from preprocess import bids, h5io, outputs
+from preprocess.distributions import SplitError, validate
 
 N_BINS = 20
 SKEW = 1.35
@@ -36,10 +35,6 @@ JITTER = 0.05
 # The files a split owns in its directory; anything else there is left alone.
 OWNED = re.compile(r"learner_[0-9]+\.h5|test\.h5|partition\.json")
 TMP_PREFIX = ".split-tmp-"
-
-
-class SplitError(UserError, ValueError):
-    """The requested split is impossible for these subjects or parameters."""
 
 
 def age_bins(ages: np.ndarray, n_bins: int = N_BINS) -> np.ndarray:
@@ -101,16 +96,6 @@ def learner_indices(ages: np.ndarray, k: int, distribution: str, rng) -> list[np
         for i, learner in enumerate(placement):
             parts[learner] = order[bounds[i] : bounds[i + 1]]
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
-
-
-def validate(k: int, distribution: str) -> None:
-    """SplitError for an unknown distribution or a learner count it cannot use."""
-    if distribution not in DISTRIBUTIONS:
-        raise SplitError(f"unknown distribution {distribution!r}; choose one of {', '.join(DISTRIBUTIONS)}")
-    if k < 1:
-        raise SplitError(f"--learners must be >= 1, got {k}")
-    if distribution == "uniform-noniid" and k % 2:
-        raise SplitError(f"uniform-noniid pairs learners with similar age ranges, so --learners must be even (got {k})")
 
 
 def check(n_train: int, k: int, distribution: str) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from preprocess import cli, h5io, split
+from preprocess.distributions import DISTRIBUTIONS
 
 AGES = np.random.default_rng(7).uniform(44.6, 80.7, size=2000)
 
@@ -20,7 +21,7 @@ def _check_cover(n, test, parts):
     assert len(everything) == n and len(np.unique(everything)) == n  # disjoint and complete
 
 
-@pytest.mark.parametrize("distribution", split.DISTRIBUTIONS)
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
 def test_partitions_are_disjoint_and_complete(distribution):
     test, parts = split.partition(AGES, learners=8, distribution=distribution, seed=1)
     assert len(parts) == 8
