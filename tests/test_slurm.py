@@ -112,6 +112,21 @@ def test_sigterm_checkpoints_without_a_requeue_and_a_second_signal_does_not_end_
     assert summary(run)["preempted"] is True
 
 
+def test_a_stop_the_script_did_not_relay_is_not_requeued(tmp_path):
+    """SIGINT straight to the step (scancel --signal=INT, Ctrl-C in srun) also checkpoints and exits 75; only the
+    time-limit warning, which comes through the script, requeues."""
+    env, config = _fake_slurm(tmp_path), _config(tmp_path)
+    run = tmp_path / "runs" / "job"
+    job = _submit(env, config)
+    wait_rows(run, 1, job)
+    subprocess.run(["pkill", "-INT", "-P", str(job.pid)], check=True)  # to srun (here mpirun), not the script
+    out, err = _finish(job)
+    assert job.returncode == 75, out + err
+    assert "submit the same command again to continue" in out
+    assert not (tmp_path / "scontrol.log").exists()
+    assert summary(run)["preempted"] is True
+
+
 def test_a_warning_before_the_federation_starts_requeues_without_starting_it(tmp_path):
     """Passed on to ranks still starting, the signal could kill them before their handlers are set: the job
     is requeued as it is (its last checkpoint stands) and srun never runs."""
