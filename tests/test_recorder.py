@@ -93,6 +93,10 @@ def test_a_plain_start_may_replace_a_finished_run_but_not_one_with_other_rounds(
     assert finished(cfg) and resume_point(cfg, resume=False, overwrite=False) is None
     longer = load_config(overrides=[f"run.dir={tmp_path}", "run.name=r", "federation.rounds=5"])
     assert not finished(longer)  # 3 of its 5 rounds
+    # not "unfinished run; pass --resume": --resume would refuse the other federation.rounds
+    with pytest.raises(ConfigError, match="holds a finished run of 3 rounds; a run of 5 is another run"):
+        resume_point(longer, resume=False, overwrite=False)
+    (cfg.run_dir / "summary.json").write_text(json.dumps({"rounds": 2, "preempted": True}))  # stopped early
     with pytest.raises(ConfigError, match="unfinished run; pass --resume"):
         resume_point(longer, resume=False, overwrite=False)
 
