@@ -29,7 +29,8 @@ INITS = ("torch", "glorot")
 # Hardware and I/O choices: they change how fast a run goes, not what it learns. A checkpoint resumes
 # across them, and the report compares runs that differ only in them.
 MAX_SEED = 2**64  # torch takes seeds as unsigned 64-bit integers
-MAX_TIMEOUT = 2**31 - 1  # seconds: the start-up alarm's limit (68 years: "no limit" in practice)
+MAX_STARTUP = 2**31 - 1  # seconds: the start-up alarm's limit (68 years: "no limit" in practice)
+MAX_ROUND = 10**12  # seconds: the round header carries twice this in milliseconds as an int64
 # The options of the embedded synthetic cohort (DataConfig): read only when data.dir is empty.
 SYNTHETIC_KEYS = ("subjects", "voxel", "distribution", "test_fraction", "seed")
 RUNTIME_KEYS = (
@@ -176,8 +177,39 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
+class _Unquoted(str):
+    """An unquoted YAML scalar that YAML reads as a number or a bool: its text as written, and YAML's reading
+    (`value`). A text option takes the text (name: 010 stays "010", not 8; yes stays "yes"), a typed one the
+    reading, as before."""
+
+    value: object
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+def _keeping_text(construct):
+    def constructor(loader, node):
+        scalar = _Unquoted(node.value)
+        scalar.value = construct(loader, node)
+        return scalar
+
+    return constructor
+
+
+for _tag, _construct in (
+    ("int", yaml.SafeLoader.construct_yaml_int),
+    ("float", yaml.SafeLoader.construct_yaml_float),
+    ("bool", yaml.SafeLoader.construct_yaml_bool),
+):
+    _Loader.add_constructor(f"tag:yaml.org,2002:{_tag}", _keeping_text(_construct))
+
+
 def _coerce(value, tp, key: str):
     """Convert a YAML or command-line value to the field's declared type."""
+    if isinstance(value, _Unquoted):
+        value = str(value) if tp is str else value.value
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -209,10 +241,6 @@ def _coerce(value, tp, key: str):
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
-        if isinstance(value, (bool, int, float)):  # YAML's reading of an unquoted word: 010 is 8, yes is true
-            raise ConfigError(
-                f'{key}: expected text, but the file says {value!r}: quote it ("...") to keep it as written'
-            )
         return "" if value is None else str(value)
     raise TypeError(tp)
 
@@ -237,6 +265,8 @@ def _apply(section, values: dict, prefix: str) -> None:
                 raise ConfigError(f"{name}: expected a mapping of options")
             _apply(current, value, f"{name}.")
         else:
+            if isinstance(value, _Unquoted) and hints[key] is not str:
+                value = value.value
             value = RENAMED_VALUES.get(name, {}).get(value, value) if isinstance(value, (bool, str)) else value
             setattr(section, key, _coerce(value, hints[key], name))
 
@@ -267,7 +297,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            values = yaml.load(p.read_text(encoding="utf-8"), Loader=_Loader) or {}  # a SafeLoader
         except UnicodeDecodeError as e:
             raise ConfigError(
                 f"config file {p} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
@@ -378,8 +408,11 @@ def validate(cfg: Config) -> None:
     _check(0 <= d.seed < MAX_SEED, f"data.seed must be in [0, 2**64), got {d.seed}")
     _check(r.checkpoint_every >= 0, "run.checkpoint_every must be >= 0 (0 = never)")
     _check(r.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
-    for name, seconds in (("round_timeout", r.round_timeout), ("startup_timeout", r.startup_timeout)):
-        _check(0 < seconds <= MAX_TIMEOUT, f"run.{name} must be in (0, {MAX_TIMEOUT}] seconds, got {seconds}")
+    for name, seconds, most in (
+        ("round_timeout", r.round_timeout, MAX_ROUND),
+        ("startup_timeout", r.startup_timeout, MAX_STARTUP),
+    ):
+        _check(0 < seconds <= most, f"run.{name} must be in (0, {most:g}] seconds, got {seconds}")
 
 
 def describe() -> str:

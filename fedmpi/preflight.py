@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from .algorithms import algorithm
 from .config import Config
 from .errors import ConfigError
 from .messages import PREFLIGHT, records, row_text, text_row, width
@@ -64,7 +65,8 @@ def check_rank(cfg: Config, rank: int, data_dir: Path, local_rank: int, resume: 
 
     head = check_volumes(data_dir / rank_file(rank))
     if rank == 0:
-        check_learner_count(cfg, data_dir)
+        if not algorithm(cfg).trains_centrally:  # the centralized baseline pools every learner file there is
+            check_learner_count(cfg, data_dir)
         note_unreached_target(cfg)
     if rank == 0 and cfg.model.pools > auto_pools(head["shape"]):  # the learners' shapes must equal this one
         raise ConfigError(

@@ -47,6 +47,9 @@ def test_a_split_for_more_learners_than_the_federation_has_is_refused(tmp_path):
         check_rank(_cfg(tmp_path, f"data.dir={data}"), 0, data, 0, False, False)
     assert not (tmp_path / "demo" / ".lock").exists()  # refused before the run directory is touched
     check_rank(_cfg(tmp_path, f"data.dir={data}", "federation.learners=3"), 0, data, 0, False, False).lock.release()
+    # the centralized baseline pools every learner file, whatever federation.learners says
+    pooled = _cfg(tmp_path, f"data.dir={data}", "federation.algorithm=centralized")
+    check_rank(pooled, 0, data, 0, False, False).lock.release()
 
 
 def test_a_schedule_that_ends_short_of_the_target_is_noted(split, tmp_path, capsys):
