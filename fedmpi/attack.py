@@ -483,9 +483,9 @@ def check_disjoint(members: list[Path], pools: list[Path]) -> None:
         digests = volume_digests(pool)
         clash = [seen[d] for d in digests if d in seen]
         if clash:
-            trained = [p for p in dict.fromkeys(clash) if p in members]
-            where = ", ".join(p.name for p in dict.fromkeys(clash))
-            what = "the run trained on" if trained else "another non-member file holds"
+            files = list(dict.fromkeys(clash))
+            where = ", ".join(p.name for p in files)
+            what = "the run trained on" if any(p in members for p in files) else "another non-member file holds"
             raise AttackError(
                 f"{pool}: {len(clash)} of its {len(digests)} volumes are images {what} ({where}), "
                 "so they cannot count as non-members"

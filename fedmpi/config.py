@@ -26,13 +26,13 @@ VOXELS = (2, 4, 6)
 CACHES = ("memory", "device", "off")
 AMPS = ("off", "bf16")
 INITS = ("torch", "glorot")
-# Hardware and I/O choices: they change how fast a run goes, not what it learns. A checkpoint resumes
-# across them, and the report compares runs that differ only in them.
 MAX_SEED = 2**64  # torch takes seeds as unsigned 64-bit integers
 MAX_STARTUP = 2**31 - 1  # seconds: the start-up alarm's limit (68 years: "no limit" in practice)
 MAX_ROUND = 10**12  # seconds: the round header carries twice this in milliseconds as an int64
 # The options of the embedded synthetic cohort (DataConfig): read only when data.dir is empty.
 SYNTHETIC_KEYS = ("subjects", "voxel", "distribution", "test_fraction", "seed")
+# Hardware and I/O choices: they change how fast a run goes, not what it learns. A checkpoint resumes
+# across them, and the report compares runs that differ only in them.
 RUNTIME_KEYS = (
     "train.device",
     "train.threads",
@@ -208,8 +208,6 @@ for _tag, _construct in (
 
 def _coerce(value, tp, key: str):
     """Convert a YAML or command-line value to the field's declared type."""
-    if isinstance(value, _Unquoted):
-        value = str(value) if tp is str else value.value
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -265,8 +263,8 @@ def _apply(section, values: dict, prefix: str) -> None:
                 raise ConfigError(f"{name}: expected a mapping of options")
             _apply(current, value, f"{name}.")
         else:
-            if isinstance(value, _Unquoted) and hints[key] is not str:
-                value = value.value
+            if isinstance(value, _Unquoted):
+                value = str(value) if hints[key] is str else value.value
             value = RENAMED_VALUES.get(name, {}).get(value, value) if isinstance(value, (bool, str)) else value
             setattr(section, key, _coerce(value, hints[key], name))
 

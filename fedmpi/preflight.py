@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from .algorithms import algorithm
+from .algorithms import algorithm, schedule, target_sparsity
 from .config import Config
 from .errors import ConfigError
 from .messages import PREFLIGHT, records, row_text, text_row, width
@@ -108,8 +108,6 @@ def check_learner_count(cfg: Config, data_dir: Path) -> None:
 def note_unreached_target(cfg: Config) -> None:
     """A schedule that ends short of federation.target (the fraction schedule with few pruning rounds) is legal
     but rarely meant: say so before the run, not in its summary."""
-    from .algorithms import schedule, target_sparsity
-
     f = cfg.federation
     reached = schedule(cfg)(f.rounds)
     if reached < target_sparsity(cfg) - 1e-6:
@@ -140,16 +138,16 @@ def preflight_problems(infos: np.ndarray, problems: list[str], data_dir: Path) -
         if not math.isfinite(fields["mean_age"]) or not all(v.is_integer() and v >= 1 for v in counts):
             shown = ", ".join(f"{name} {v}" for name, v in fields.items())
             out.append(f"rank {k}: sent a preflight record that no volume file gives ({shown})")
-        elif _shape(infos[k]) != shape and not any(p.startswith("rank 0:") for p in problems):
+        elif (theirs := _shape(infos[k])) != shape and not any(p.startswith("rank 0:") for p in problems):
             out.append(
-                f"learner {k} ({data_dir / f'learner_{k}.h5'}): volume shape {_shape(infos[k])} differs "
-                f"from test.h5 {shape}"
+                f"learner {k} ({data_dir / f'learner_{k}.h5'}): volume shape {theirs} differs from test.h5 {shape}"
             )
     return out
 
 
 def _shape(info: np.ndarray) -> tuple[int, ...]:
-    return tuple(int(info[axis]) if np.isfinite(info[axis]) else -1 for axis in ("x", "y", "z"))
+    """A record's volume shape (checked to be whole numbers first, or the server's own)."""
+    return tuple(int(info[axis]) for axis in ("x", "y", "z"))
 
 
 def preflight(cfg: Config, wire, data_dir: Path, local_rank: int, resume: bool, overwrite: bool) -> Preflight | None:

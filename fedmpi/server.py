@@ -227,6 +227,7 @@ class Server:
         (fields not finite, a sample count or length that is not a whole number); a payload length that does
         not match the mask (plus `extra_nbytes`, the squared gradients of a reconfiguration round), or for a
         learner's own sparse model, more than the global mask's kept values can encode to."""
+        largest = None if self.algo.shared_mask else encoding.encoded_nbytes(n, nnz, np.float32)
         for k, r in enumerate(reports, start=1):
             if not r["finite"] or not np.isfinite(r["loss"]):
                 raise PayloadError(f"learner {k} (rank {k}) reports non-finite model values; round rejected")
@@ -239,8 +240,7 @@ class Server:
                 raise PayloadError(
                     f"learner {k} (rank {k}) would send {nbytes} bytes, expected {4 * nnz + extra_nbytes}"
                 )
-            largest = encoding.encoded_nbytes(n, nnz, np.float32)
-            if not self.algo.shared_mask and not encoding.HEADER_NBYTES <= nbytes <= largest:
+            if largest is not None and not encoding.HEADER_NBYTES <= nbytes <= largest:
                 raise PayloadError(
                     f"learner {k} (rank {k}) would send {nbytes} bytes, but a model of {nnz} kept values encodes to "
                     f"{encoding.HEADER_NBYTES}-{largest}"

@@ -256,7 +256,7 @@ class Wire:
         assert out is not None
         out[SERVER : SERVER + 1] = buf.reshape(out[SERVER : SERVER + 1].shape)
         pending = {k: self.comm.Irecv(out[k : k + 1], source=k, tag=TAG_GATHER) for k in range(1, self.size)}
-        statuses: dict = {}
+        statuses = {k: MPI.Status() for k in pending}
         self._poll(
             lambda: _complete(pending, statuses, what),
             what,
@@ -331,7 +331,7 @@ class Wire:
         pending = {k: self.comm.Irecv(rows[k], source=k, tag=TAG_REPORT) for k in range(1, self.size)}
         began = time.monotonic()
         expected = min(self._report_waits) if self._report_waits else None
-        statuses: dict = {}
+        statuses = {k: MPI.Status() for k in pending}
         self._poll(
             lambda: _complete(pending, statuses, "a report"),
             "learner reports",
@@ -444,21 +444,18 @@ def process_state(pid: int) -> str:
 
 def _complete(pending: dict, statuses: dict | None = None, what: str = "") -> bool:
     """True, with `pending` emptied, once all its requests have completed: one test for all of them, so that
-    a wake-up drives MPI's progress engine once, not once per learner. With `statuses`, each request's status
-    lands there under its key (a learner's rank), and an error MPI raises names the learners whose request
-    failed, in `what`."""
+    a wake-up drives MPI's progress engine once, not once per learner. With `statuses` (a Status per key of
+    `pending`, a learner's rank), each request's status lands in its own, and an error MPI raises names the
+    learners whose request failed, in `what`."""
     if statuses is None:
         done = MPI.Request.Testall(list(pending.values()))
     else:
-        keys, got = list(pending), [MPI.Status() for _ in pending]
         try:
-            done = MPI.Request.Testall([pending[k] for k in keys], got)
+            done = MPI.Request.Testall([pending[k] for k in statuses], list(statuses.values()))
         except MPI.Exception as e:
-            failed = [k for k, st in zip(keys, got) if st.Get_error() != MPI.SUCCESS]
+            failed = [k for k, st in statuses.items() if st.Get_error() != MPI.SUCCESS]
             who = ", ".join(f"learner {k} (rank {k})" for k in failed) or "a learner"
             raise PayloadError(f"{who} sent {what} that MPI refused: {e.Get_error_string()}") from None
-        if done:
-            statuses.update(zip(keys, got))
     if done:
         pending.clear()
     return not pending

@@ -94,6 +94,15 @@ def test_time_limit_signal_checkpoints_requeues_and_the_requeued_job_resumes(tmp
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"], "no second requeue"
 
 
+def _stopped_without_requeue(job: subprocess.Popen, tmp_path: Path, run: Path) -> None:
+    """The job checkpointed and exited 75, and the script said to submit again instead of requeueing."""
+    out, err = _finish(job)
+    assert job.returncode == 75, out + err
+    assert "submit the same command again to continue" in out
+    assert not (tmp_path / "scontrol.log").exists()
+    assert summary(run)["preempted"] is True
+
+
 def test_sigterm_checkpoints_without_a_requeue_and_a_second_signal_does_not_end_the_script_early(tmp_path):
     """scancel sends SIGTERM: requeueing a job being cancelled brings it back (seen on a real SLURM), so the
     script only checkpoints. A second signal during the checkpoint must not end the script (and so the step)
@@ -105,11 +114,7 @@ def test_sigterm_checkpoints_without_a_requeue_and_a_second_signal_does_not_end_
     os.kill(job.pid, signal.SIGTERM)
     time.sleep(0.5)
     os.kill(job.pid, signal.SIGUSR1)
-    out, err = _finish(job)
-    assert job.returncode == 75, out + err
-    assert "submit the same command again to continue" in out
-    assert not (tmp_path / "scontrol.log").exists()
-    assert summary(run)["preempted"] is True
+    _stopped_without_requeue(job, tmp_path, run)
 
 
 def test_a_stop_the_script_did_not_relay_is_not_requeued(tmp_path):
@@ -120,11 +125,7 @@ def test_a_stop_the_script_did_not_relay_is_not_requeued(tmp_path):
     job = _submit(env, config)
     wait_rows(run, 1, job)
     subprocess.run(["pkill", "-INT", "-P", str(job.pid)], check=True)  # to srun (here mpirun), not the script
-    out, err = _finish(job)
-    assert job.returncode == 75, out + err
-    assert "submit the same command again to continue" in out
-    assert not (tmp_path / "scontrol.log").exists()
-    assert summary(run)["preempted"] is True
+    _stopped_without_requeue(job, tmp_path, run)
 
 
 def test_a_warning_before_the_federation_starts_requeues_without_starting_it(tmp_path):
