@@ -25,6 +25,7 @@ from fedmpi.config import load_config
 from fedmpi.data import loader_options, open_volumes
 from fedmpi.model import BrainAgeCNN
 from fedmpi.training import AUTOCAST, local_train, predict, prepare_model
+from preprocess.grid import target_grid
 
 SMOKE = os.environ.get("GPU_CHECK_SMOKE") == "1"
 
@@ -37,7 +38,7 @@ def _sync(device: torch.device) -> None:
 def step_times(device: torch.device, shape, width: float, steps: int) -> None:
     print("\n| model step, batch 4 | precision | channels-last | s/step | volumes/s |")
     print("|---|---|---|---:|---:|")
-    for amp in ("off", "bf16"):
+    for amp in AUTOCAST:
         for channels_last in (False, True):
             torch.manual_seed(0)
             model = prepare_model(BrainAgeCNN(shape, width=width, dropout=0.0), device, channels_last)
@@ -58,7 +59,7 @@ def eval_throughput(device: torch.device, shape, width: float, batches: int) -> 
     torch.manual_seed(0)
     model = prepare_model(BrainAgeCNN(shape, width=width, dropout=0.0), device)
     data = [(torch.randn(8, 1, *shape, device=device), torch.full((8,), 60.0))] * batches
-    for amp in ("off", "bf16"):
+    for amp in AUTOCAST:
         predict(model, data[:2], autocast=AUTOCAST[amp])
         _sync(device)
         began = time.perf_counter()
@@ -103,7 +104,7 @@ def main() -> int:
     device = torch.device("cpu" if SMOKE else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device visible to torch " + torch.__version__)
-    shape, width = ((20, 24, 20), 0.125) if SMOKE else ((91, 109, 91), 1.0)
+    shape, width = ((20, 24, 20), 0.125) if SMOKE else (target_grid(2)[0], 1.0)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke test)"
     print(
         f"device: {name}; torch {torch.__version__}, CUDA {torch.version.cuda}, "

@@ -14,6 +14,7 @@ import yaml
 
 from preprocess.distributions import DISTRIBUTIONS, SplitError
 from preprocess.distributions import validate as split_rule
+from preprocess.grid import GRIDS
 
 from .aggregation import RULES as MERGE_RULES
 from .algorithms import ALGORITHMS as ALGORITHM_TABLE
@@ -22,9 +23,9 @@ from .errors import ConfigError
 ALGORITHMS = tuple(ALGORITHM_TABLE)
 SCHEDULES = ("cubic", "fraction")
 DEVICES = ("auto", "cpu", "cuda")
-VOXELS = (2, 4, 6)
+VOXELS = tuple(sorted(GRIDS))  # the MNI grids preprocess resamples to
 CACHES = ("memory", "device", "off")
-AMPS = ("off", "bf16")
+AMPS = {"off": None, "bf16": "bfloat16"}  # train.amp -> the torch dtype autocast runs in (None: float32)
 INITS = ("torch", "glorot")
 MAX_SEED = 2**64  # torch takes seeds as unsigned 64-bit integers
 MAX_STARTUP = 2**31 - 1  # seconds: the start-up alarm's limit (68 years: "no limit" in practice)
@@ -353,7 +354,7 @@ def validate(cfg: Config) -> None:
         _check_synthetic_split(f.learners, d.distribution)
     _check(d.workers >= 0, "data.workers must be >= 0")
     _check(d.cache in CACHES, f"data.cache must be one of {CACHES}, got {d.cache!r}")
-    _check(t.amp in AMPS, f"train.amp must be one of {AMPS}, got {t.amp!r}")
+    _check(t.amp in AMPS, f"train.amp must be one of {tuple(AMPS)}, got {t.amp!r}")
     _check(m.width > 0, f"model.width must be > 0, got {m.width}")
     _check(0 <= m.pools <= 5, f"model.pools must be 0 (auto) to 5, got {m.pools}")
     _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")

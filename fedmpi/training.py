@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmpi.config import DEVICES
+from fedmpi.config import AMPS, DEVICES
 from fedmpi.errors import DeviceError
 from fedmpi.metrics import regression_metrics
 from fedmpi.model import parameter_layout
@@ -181,7 +181,7 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 M = TypeVar("M", bound=nn.Module)
 
-AUTOCAST = {"off": None, "bf16": torch.bfloat16}
+AUTOCAST = {amp: None if name is None else getattr(torch, name) for amp, name in AMPS.items()}
 
 
 def warm_up(

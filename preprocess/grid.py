@@ -1,9 +1,9 @@
 """Target MNI grids, the MNI152 templates nilearn ships, and affine resampling.
 
-Everything downstream (trainer, splits, benchmarks) relies on these two grids being
+Everything downstream (trainer, splits, benchmarks) relies on these grids being
 fixed, so they are constants here rather than derived from a template at run time.
-nilearn is imported lazily: it costs about two seconds and worker processes that only
-resample never need it.
+nilearn and scipy are imported lazily: nilearn costs about two seconds and worker processes
+that only resample never need it; the trainer's configuration reads GRIDS without either.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from scipy import ndimage
 
 # FSL MNI152 2 mm grid used by the paper (91 x 109 x 91); 4 mm and 6 mm grids for CPU work (the 6 mm
 # grid starts at the 4 mm grid's first voxel corner and covers the same box).
@@ -58,6 +57,8 @@ def resample(
     data: np.ndarray, affine: np.ndarray, shape, target_affine: np.ndarray, order: int = 1, cval: float = 0.0
 ) -> np.ndarray:
     """Sample `data` (voxel->world `affine`) at the voxel centres of a target grid."""
+    from scipy import ndimage
+
     vox = np.linalg.solve(affine, target_affine)  # target voxel -> source voxel
     return ndimage.affine_transform(
         data,
@@ -84,6 +85,8 @@ def antialias(data: np.ndarray, voxel_sizes, target_mm: float) -> np.ndarray:
     sigma = sigma_mm / sizes
     if not np.any(sigma > 0.05):
         return data
+    from scipy import ndimage
+
     return ndimage.gaussian_filter(data, sigma, mode="constant", output=np.float32)
 
 

@@ -168,8 +168,8 @@ def test_the_prepared_gpu_check_runs_end_to_end_in_smoke_mode():
         assert table in proc.stdout
 
 
-def test_every_amp_the_config_accepts_has_an_autocast_dtype():
+def test_every_amp_the_config_accepts_has_its_autocast_dtype():
     from fedmpi.config import AMPS
     from fedmpi.training import AUTOCAST
 
-    assert set(AUTOCAST) == set(AMPS)
+    assert set(AMPS) == set(AUTOCAST) and AUTOCAST["bf16"] is torch.bfloat16 and AUTOCAST["off"] is None
