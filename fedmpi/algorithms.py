@@ -37,6 +37,17 @@ class Algorithm:
         return self.prune_at != "learner"
 
     @property
+    def progressive(self) -> bool:
+        """The target sparsity follows federation.schedule (cubic or fraction) up to federation.target."""
+        return self.sparsity == "progressive"
+
+    def server_prunes(self, vote_cap: bool) -> bool:
+        """The server prunes the merged global model to s_t: every server-side pruner, and Local when
+        federation.vote_cap holds it to the schedule (otherwise Local's global model is the vote's, the
+        authors' merge)."""
+        return self.prune_at == "server" or (self.prune_at == "learner" and vote_cap)
+
+    @property
     def dense(self) -> bool:
         """Never pruned: no target sparsity applies."""
         return self.sparsity == "none"
@@ -45,7 +56,7 @@ class Algorithm:
         """The federation options this algorithm never reads (with `schedule` as federation.schedule): they are
         not checked against the rounds and do not block a resume when they change."""
         unused = set()
-        if self.sparsity != "progressive":
+        if not self.progressive:
             unused |= {"schedule", "start", "end", "frequency", "exponent", "fraction"}
         elif schedule == "fraction":
             unused |= {"end", "exponent"}

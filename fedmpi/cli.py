@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from .config import describe
+from .errors import EXIT_INTERRUPTED
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,4 +75,4 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:  # outputs are written whole or not at all: nothing to clean up
         print(f"fedmpi {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from preprocess.distributions import DISTRIBUTIONS, SplitError
+from preprocess.distributions import DISTRIBUTIONS, TEST_FRACTION, SplitError
 from preprocess.distributions import validate as split_rule
 from preprocess.grid import GRIDS
 
@@ -57,7 +57,7 @@ class DataConfig:
     subjects: int = opt(240, "synthetic cohort size")
     voxel: int = opt(4, "synthetic cohort resolution in mm: 2 (the paper's 91x109x91), 4 or 6")
     distribution: str = opt("uniform-iid", "synthetic cohort split")
-    test_fraction: float = opt(0.2, "synthetic cohort: fraction of each age bin held out as test.h5")
+    test_fraction: float = opt(TEST_FRACTION, "synthetic cohort: fraction of each age bin held out as test.h5")
     seed: int = opt(0, "synthetic cohort: seed of its subjects and of its split (run.seed leaves the data alone)")
     cache: str = opt(
         "memory",
@@ -380,7 +380,7 @@ def validate(cfg: Config) -> None:
     )
     _check(
         f.algorithm not in ALGORITHMS
-        or ALGORITHM_TABLE[f.algorithm].sparsity != "progressive"
+        or not ALGORITHM_TABLE[f.algorithm].progressive
         or ("end" in unused and f.rounds > f.start)
         or ("end" not in unused and cfg.schedule_end > f.start),
         "federation.rounds must exceed federation.start for a progressive schedule",

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from preprocess import bids, convert, h5io, split, synth
+from preprocess.distributions import TEST_FRACTION
 
 from .errors import DataError
 
@@ -201,14 +202,14 @@ def synthetic_cohort(
     seed: int = 0,
     workers: int | None = None,
     progress: bool = False,
-    test_fraction: float = 0.2,
+    test_fraction: float = TEST_FRACTION,
 ) -> Path:
     """Build (once) and return the split directory of the embedded synthetic cohort.
 
     Layout under root/synth-s{subjects}-seed{seed}/: bids/ (NIfTI + participants.tsv),
     v{voxel}.h5 (preprocessed), split-{distribution}-{learners}-{voxel}mm/ (learner_k.h5, test.h5,
     partition.json; "-test{fraction}" is added to the name when the held-out fraction is not
-    0.2). The split's name carries every input that changes its files, so another voxel size never
+    TEST_FRACTION, 0.2). The split's name carries every input that changes its files, so another voxel size never
     reuses a split cut from the wrong resolution. Each step is skipped when its output exists and
     each is built under a temporary name and renamed, so an interrupted run never leaves a half
     cohort. Not safe to call from several processes at once on the same root: call it on one rank,
@@ -223,7 +224,8 @@ def synthetic_cohort(
     h5 = base / f"v{voxel}.h5"
     if not h5.is_file():
         convert.convert(bids_dir, h5, voxel=voxel, workers=workers, progress=progress)
-    name = f"split-{distribution}-{learners}-{voxel}mm" + ("" if test_fraction == 0.2 else f"-test{test_fraction:g}")
+    held_out = "" if test_fraction == TEST_FRACTION else f"-test{test_fraction:g}"
+    name = f"split-{distribution}-{learners}-{voxel}mm{held_out}"
     out = base / name
     if not (out / "partition.json").is_file():
         split.write_split(h5, out, learners=learners, distribution=distribution, seed=seed, test_fraction=test_fraction)

@@ -67,7 +67,7 @@ def unpack_mask(buf: np.ndarray, n: int) -> np.ndarray:
     buf = np.asarray(buf)
     if buf.dtype != np.uint8 or buf.ndim != 1:
         raise EncodingError(f"packed mask must be a 1-D uint8 array, got {buf.dtype} {buf.shape}")
-    if n < 0 or buf.size != (n + 7) // 8:
+    if n < 0 or buf.size != bitmask_nbytes(n):
         raise EncodingError(f"packed mask of {buf.size} bytes does not hold {n} bits")
     if n % 8 and buf[-1] >> (n % 8):
         raise EncodingError("packed mask has non-zero padding bits")
@@ -100,7 +100,7 @@ def encoded_nbytes(n: int, nnz: int, dtype: DTypeLike) -> int:
     dtype = _check_dtype(dtype)
     if n < 0 or not 0 <= nnz <= n:
         raise EncodingError(f"need 0 <= nnz <= n, got n={n}, nnz={nnz}")
-    return int(HEADER_NBYTES + min(_bitmask_nbytes(n), _index_nbytes(n, nnz)) + nnz * dtype.itemsize)
+    return int(HEADER_NBYTES + min(bitmask_nbytes(n), _index_nbytes(n, nnz)) + nnz * dtype.itemsize)
 
 
 def encode(values: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -117,15 +117,15 @@ def encode(values: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     if mask.shape != values.shape:
         raise EncodingError(f"mask shape {mask.shape} does not match values shape {values.shape}")
     n, nnz = values.size, int(np.count_nonzero(mask))
-    bitmask_nbytes = _bitmask_nbytes(n)
+    bitmask_size = bitmask_nbytes(n)
     index_nbytes = _index_nbytes(n, nnz)
-    layout = LAYOUT_BITMASK if bitmask_nbytes <= index_nbytes else LAYOUT_INDEX
+    layout = LAYOUT_BITMASK if bitmask_size <= index_nbytes else LAYOUT_INDEX
     out = np.empty(encoded_nbytes(n, nnz, dtype), dtype=np.uint8)
     out[:HEADER_NBYTES] = np.frombuffer(_HEADER.pack(MAGIC, layout, DTYPE_CODES[dtype], 0, n, nnz), dtype=np.uint8)
     offset = HEADER_NBYTES
     if layout == LAYOUT_BITMASK:
-        out[offset : offset + bitmask_nbytes] = pack_mask(mask)
-        offset += bitmask_nbytes
+        out[offset : offset + bitmask_size] = pack_mask(mask)
+        offset += bitmask_size
     else:
         indices: np.ndarray = np.flatnonzero(mask).astype(_index_dtype(n))
         out[offset : offset + index_nbytes] = indices.view(np.uint8)
@@ -161,12 +161,12 @@ def decode(buf: object, expected_n: int | None = None) -> tuple[np.ndarray, np.n
     if nnz > n:
         raise EncodingError(f"nnz={nnz} exceeds the vector length {n}")
     dtype = _CODE_DTYPES[code]
-    bitmask_nbytes = _bitmask_nbytes(n)
+    bitmask_size = bitmask_nbytes(n)
     index_nbytes = _index_nbytes(n, nnz)
-    canonical = LAYOUT_BITMASK if bitmask_nbytes <= index_nbytes else LAYOUT_INDEX
+    canonical = LAYOUT_BITMASK if bitmask_size <= index_nbytes else LAYOUT_INDEX
     if layout != canonical:
         raise EncodingError(f"layout {layout} is not the smaller one ({canonical}) for n={n}, nnz={nnz}")
-    mask_nbytes = bitmask_nbytes if layout == LAYOUT_BITMASK else index_nbytes
+    mask_nbytes = bitmask_size if layout == LAYOUT_BITMASK else index_nbytes
     expected = HEADER_NBYTES + mask_nbytes + nnz * dtype.itemsize
     if data.size != expected:
         raise EncodingError(f"buffer is {data.size} bytes, the header implies {expected}")
@@ -192,7 +192,8 @@ def decode(buf: object, expected_n: int | None = None) -> tuple[np.ndarray, np.n
     return scatter_values(kept, mask), mask
 
 
-def _bitmask_nbytes(n: int) -> int:
+def bitmask_nbytes(n: int) -> int:
+    """Bytes of a bitmask over n positions (one bit each, the last byte padded)."""
     return (n + 7) // 8
 
 

@@ -71,7 +71,7 @@ class Server:
         self.wire.deadline = time.monotonic() + self.cfg.run.round_timeout
         self.wire.send(state.values, dest=1, what="initial model for the start mask")
         packed = self.wire.recv(
-            np.empty((n + 7) // 8, np.uint8), source=1, what="the start mask from learner 1 (rank 1)"
+            np.empty(encoding.bitmask_nbytes(n), np.uint8), source=1, what="the start mask from learner 1 (rank 1)"
         )
         try:
             mask = encoding.unpack_mask(packed, n)
@@ -180,8 +180,7 @@ class Server:
         if importance is not None:  # PruneFL: small kept weights give way to more important positions
             mask = pruning.reconfigure_mask(importance, values, mask, s_t, f.reconfigure_fraction)
             values = np.where(mask & ~state.mask, self.initial, pruning.apply_mask(values, mask)).astype(np.float32)
-        elif s_t > 0 and (self.algo.prune_at == "server" or (self.algo.prune_at == "learner" and f.vote_cap)):
-            # Local's global model is the vote's (the authors' merge) unless vote_cap also prunes it to s_t.
+        elif s_t > 0 and self.algo.server_prunes(f.vote_cap):
             mask = prune(values, mask, s_t, self.algo.selector, round_seed(self.cfg.run.seed, t, 0))
             values = pruning.apply_mask(values, mask)
         t2 = time.perf_counter()

@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--learners", type=int, default=8)
     p.add_argument("--distribution", choices=distributions.DISTRIBUTIONS, default="uniform-iid")
-    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--test-fraction", type=float, default=distributions.TEST_FRACTION)
     p.add_argument("--seed", type=_nonnegative, default=0)
 
     p = sub.add_parser("qc", help="registration quality report: qc.tsv and slice mosaics (needs the report extra)")

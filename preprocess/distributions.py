@@ -7,6 +7,7 @@ from __future__ import annotations
 from fedmpi.errors import UserError
 
 DISTRIBUTIONS = ("uniform-iid", "uniform-noniid", "skewed-noniid")
+TEST_FRACTION = 0.2  # the share of each age bin held out as test.h5 unless a split says otherwise
 
 
 class SplitError(UserError, ValueError):

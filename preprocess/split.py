@@ -27,7 +27,7 @@ import numpy as np
 
 from fedmpi.files import atomic_write, umask_mode
 from preprocess import bids, h5io, outputs
-from preprocess.distributions import SplitError, validate
+from preprocess.distributions import TEST_FRACTION, SplitError, validate
 
 N_BINS = 20
 SKEW = 1.35
@@ -109,7 +109,7 @@ def check(n_train: int, k: int, distribution: str) -> None:
 
 
 def partition(
-    ages, *, learners: int, distribution: str, test_fraction: float = 0.2, seed: int = 0
+    ages, *, learners: int, distribution: str, test_fraction: float = TEST_FRACTION, seed: int = 0
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """(test rows, [rows of learner 1..K]) as sorted indices into `ages`."""
     ages = np.asarray(ages, dtype=np.float64)
@@ -179,7 +179,13 @@ def _check_out_dir(h5: Path, out: Path) -> None:
 
 
 def write_split(
-    h5, out, *, learners: int = 8, distribution: str = "uniform-iid", test_fraction: float = 0.2, seed: int = 0
+    h5,
+    out,
+    *,
+    learners: int = 8,
+    distribution: str = "uniform-iid",
+    test_fraction: float = TEST_FRACTION,
+    seed: int = 0,
 ) -> Path:
     """learner_1.h5 .. learner_K.h5, test.h5 and partition.json in `out`, built atomically.
 

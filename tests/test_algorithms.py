@@ -230,3 +230,13 @@ def test_a_dense_run_aims_at_no_sparsity_whatever_federation_target_says():
     assert target_sparsity(cfg_for("fedavg", "federation.target=0.95")) == 0.0
     assert target_sparsity(cfg_for("centralized", "federation.target=0.95")) == 0.0
     assert target_sparsity(cfg_for("fedsparsify-global", "federation.target=0.9")) == 0.9
+
+
+def test_the_server_prunes_the_global_model_where_the_table_says():
+    """Global, oneshot and random prune at the server; Local only under vote_cap; the start-mask algorithms
+    hold their start mask and the dense ones never prune."""
+    pruners = {"fedsparsify-global", "oneshot", "random"}
+    for name, algo in ALGORITHMS.items():
+        assert algo.server_prunes(False) == (name in pruners), name
+        assert algo.server_prunes(True) == (name in pruners | {"fedsparsify-local"}), name
+        assert algo.progressive == (name in {"fedsparsify-global", "fedsparsify-local", "random"}), name
