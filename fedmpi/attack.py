@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from preprocess import outputs
+from preprocess.layout import TEST_FILE, learner_file, learner_files
 
 from .config import DEVICES
 from .errors import AttackError, is_user_error
@@ -434,11 +435,11 @@ def member_files(cfg, data_dir: Path) -> list[Path]:
     from .algorithms import algorithm
 
     if algorithm(cfg).trains_centrally:
-        files = sorted(data_dir.glob("learner_*.h5"))
+        files = list(learner_files(data_dir).values())
         if not files:
             raise AttackError(f"{data_dir}: no learner_<k>.h5 files")
         return files
-    files = [data_dir / f"learner_{k}.h5" for k in range(1, cfg.federation.learners + 1)]
+    files = [data_dir / learner_file(k) for k in range(1, cfg.federation.learners + 1)]
     missing = [str(p) for p in files if not p.exists()]
     if missing:
         raise AttackError(f"training data of the run is missing: {', '.join(missing)}")
@@ -526,7 +527,7 @@ def attack_run(
     if not summary.get("data_dir"):
         raise AttackError(f"{run_dir / 'summary.json'} does not record data_dir (the split the run used)")
     data_dir = Path(summary["data_dir"])
-    test_path = data_dir / "test.h5"
+    test_path = data_dir / TEST_FILE
     if not test_path.exists():
         raise AttackError(f"{test_path}: missing; the attack needs the run's held-out set as non-members")
     model, cfg, sparsity, digest = load_run_model(run_dir)

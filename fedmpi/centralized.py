@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from preprocess.layout import TEST_FILE, learner_files
+
 from .algorithms import round_seed
 from .data import check_volumes, open_volumes
 from .errors import EXIT_USAGE, DataError, UserError
@@ -24,11 +26,11 @@ def run_centralized(cfg, data_dir: Path, resume: bool, overwrite: bool, should_s
     for --resume, as the server does."""
     checked: RankCheck | None = None
     try:
-        files = sorted(Path(data_dir).glob("learner_*.h5"))
+        files = list(learner_files(Path(data_dir)).values())
         if not files:
             raise DataError(f"{data_dir}: no learner_<k>.h5 files")
         checked = check_rank(cfg, 0, Path(data_dir), 0, resume, overwrite)  # test.h5, device, run dir, resume
-        split = {"test.h5": checked.digest}
+        split = {TEST_FILE: checked.digest}
         for p in files:
             head = check_volumes(p)
             if tuple(head["shape"]) != tuple(checked.info[axis][0] for axis in ("x", "y", "z")):
@@ -55,7 +57,7 @@ def _train(cfg, data_dir: Path, files: list[Path], split: dict, checked: RankChe
     pooled: torch.utils.data.ConcatDataset = torch.utils.data.ConcatDataset(parts)
     loader = SeededLoader(cfg, pooled, device)
     ages = np.concatenate([p.ages for p in parts])
-    test = open_volumes(Path(data_dir) / "test.h5", cfg, device)
+    test = open_volumes(Path(data_dir) / TEST_FILE, cfg, device)
     torch.manual_seed(cfg.run.seed)
     model = prepare_model(
         build_model(cfg, test.shape, float(ages.mean())), device, cfg.train.channels_last, cfg.train.cudnn_benchmark

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from preprocess import bids, convert, h5io, split, synth
 from preprocess.distributions import TEST_FRACTION
+from preprocess.layout import PARTITION_FILE
 
 from .errors import DataError
 
@@ -227,6 +228,6 @@ def synthetic_cohort(
     held_out = "" if test_fraction == TEST_FRACTION else f"-test{test_fraction:g}"
     name = f"split-{distribution}-{learners}-{voxel}mm{held_out}"
     out = base / name
-    if not (out / "partition.json").is_file():
+    if not (out / PARTITION_FILE).is_file():
         split.write_split(h5, out, learners=learners, distribution=distribution, seed=seed, test_fraction=test_fraction)
     return out

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from preprocess.layout import TEST_FILE
+
 from .algorithms import algorithm
 from .config import Config, load_config, split_error_text
 from .errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, is_user_error
@@ -205,7 +207,7 @@ def _serve(cfg: Config, wire, data_dir: Path, infos: np.ndarray, device, resume_
     t = cfg.train
     model = prepare_model(build_model(cfg, shape, mean_age), device, t.channels_last, t.cudnn_benchmark)
     initial = flat_parameters(model)
-    test = open_volumes(data_dir / "test.h5", cfg, device).warm()
+    test = open_volumes(data_dir / TEST_FILE, cfg, device).warm()
     rec = Recorder(
         cfg, model, test, device, float(np.mean(np.abs(test.ages - mean_age))), data_dir, split, int(counts.sum())
     )

@@ -6,12 +6,13 @@ exit 2 on every rank together, before anything is written. The centralized basel
 from __future__ import annotations
 
 import math
-import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
+
+from preprocess.layout import TEST_FILE, learner_file, learner_files
 
 from .algorithms import algorithm, schedule, target_sparsity
 from .config import Config
@@ -92,15 +93,13 @@ def check_rank(cfg: Config, rank: int, data_dir: Path, local_rank: int, resume: 
 def check_learner_count(cfg: Config, data_dir: Path) -> None:
     """A split made for more learners than the federation has would be trained on in part, without a word (and
     the centralized baseline pools every learner file: its upper bound would see more data)."""
-    found = sorted(
-        int(m.group(1)) for p in data_dir.glob("learner_*.h5") if (m := re.fullmatch(r"learner_(\d+)\.h5", p.name))
-    )
+    found = list(learner_files(data_dir))
     left_out = [k for k in found if k > cfg.federation.learners]
     if left_out:
         n = cfg.federation.learners
         raise ConfigError(
             f"{data_dir} holds {len(found)} learner files, but federation.learners = {n} leaves out "
-            f"{', '.join(f'learner_{k}.h5' for k in left_out)}: run federation.learners={max(found)} on "
+            f"{', '.join(learner_file(k) for k in left_out)}: run federation.learners={max(found)} on "
             f"{max(found) + 1} ranks, or split the data for {n} learners"
         )
 
@@ -121,7 +120,7 @@ def note_unreached_target(cfg: Config) -> None:
 
 def rank_file(rank: int) -> str:
     """The volume file a rank reads: the test set on the server, its own learner file on a learner."""
-    return "test.h5" if rank == 0 else f"learner_{rank}.h5"
+    return TEST_FILE if rank == 0 else learner_file(rank)
 
 
 def preflight_problems(infos: np.ndarray, problems: list[str], data_dir: Path) -> list[str]:
@@ -140,7 +139,7 @@ def preflight_problems(infos: np.ndarray, problems: list[str], data_dir: Path) -
             out.append(f"rank {k}: sent a preflight record that no volume file gives ({shown})")
         elif (theirs := _shape(infos[k])) != shape and not any(p.startswith("rank 0:") for p in problems):
             out.append(
-                f"learner {k} ({data_dir / f'learner_{k}.h5'}): volume shape {theirs} differs from test.h5 {shape}"
+                f"learner {k} ({data_dir / learner_file(k)}): volume shape {theirs} differs from {TEST_FILE} {shape}"
             )
     return out
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from preprocess import outputs
+from preprocess.layout import TEST_FILE
 
 from . import tables
 from .algorithms import ALGORITHMS
@@ -158,12 +159,12 @@ def read_predictions(path: Path) -> dict[str, tuple[float, float]]:
 
 def _split_distribution(data_dir: Path | None) -> str:
     """The distribution recorded by `preprocess split` in test.h5, or "" when there is none."""
-    if data_dir is None or not (data_dir / "test.h5").exists():
+    if data_dir is None or not (data_dir / TEST_FILE).exists():
         return ""
     from preprocess.h5io import h5file
 
     try:
-        with h5file(data_dir / "test.h5") as f:
+        with h5file(data_dir / TEST_FILE) as f:
             return json.loads(f.attrs.get("split", "{}")).get("distribution", "")
     except (OSError, ValueError):
         return ""
@@ -504,10 +505,10 @@ def _slice_source(runs: list[Run]):
     """The test set of the first run whose data_dir still holds one, or None."""
     from .data import VolumeDataset
 
-    data_dir = next((r.data_dir for r in runs if r.data_dir and (r.data_dir / "test.h5").exists()), None)
+    data_dir = next((r.data_dir for r in runs if r.data_dir and (r.data_dir / TEST_FILE).exists()), None)
     if data_dir is None:
         return None
-    ds = VolumeDataset(data_dir / "test.h5", cache=False)
+    ds = VolumeDataset(data_dir / TEST_FILE, cache=False)
     if len(ds) == 0:
         raise ReportError(f"{data_dir / 'test.h5'}: no volumes")
     return ds

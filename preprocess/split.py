@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,12 +27,11 @@ import numpy as np
 from fedmpi.files import atomic_write, umask_mode
 from preprocess import bids, h5io, outputs
 from preprocess.distributions import TEST_FRACTION, SplitError, validate
+from preprocess.layout import OWNED, PARTITION_FILE, TEST_FILE, learner_file
 
 N_BINS = 20
 SKEW = 1.35
 JITTER = 0.05
-# The files a split owns in its directory; anything else there is left alone.
-OWNED = re.compile(r"learner_[0-9]+\.h5|test\.h5|partition\.json")
 TMP_PREFIX = ".split-tmp-"
 
 
@@ -174,7 +172,7 @@ def _check_out_dir(h5: Path, out: Path) -> None:
     if clash:
         raise SplitError(f"{clash[0]} is not a file; a split would write a file of that name; choose another --out")
     foreign = [p for p in entries if not OWNED.fullmatch(p.name) and not p.name.startswith(TMP_PREFIX)]
-    if foreign and not (out / "partition.json").is_file():
+    if foreign and not (out / PARTITION_FILE).is_file():
         raise SplitError(f"{out} exists and is not a split directory; choose another --out")
 
 
@@ -220,10 +218,10 @@ def write_split(
     done = False
     try:
         per_learner: list[dict] = []
-        summary = dict(meta, test=dict(_stats(ages[test]), file="test.h5"), per_learner=per_learner)
-        h5io.copy_rows(h5, tmp / "test.h5", test, {"split": json.dumps(dict(meta, role="test"))})
+        summary = dict(meta, test=dict(_stats(ages[test]), file=TEST_FILE), per_learner=per_learner)
+        h5io.copy_rows(h5, tmp / TEST_FILE, test, {"split": json.dumps(dict(meta, role="test"))})
         for j, rows in enumerate(parts, start=1):
-            name = f"learner_{j}.h5"
+            name = learner_file(j)
             h5io.copy_rows(h5, tmp / name, rows, {"split": json.dumps(dict(meta, role="learner", learner=j))})
             per_learner.append(dict(_stats(ages[rows]), learner=j, file=name))
         _move_in(tmp, out, json.dumps(summary, indent=2))
@@ -238,7 +236,7 @@ def write_split(
 def _move_in(tmp: Path, out: Path, summary: str) -> None:
     """Replace the owned files of `out` by those built in `tmp`; partition.json, written last,
     marks the split complete (its directory entry is fsynced with the renames before it)."""
-    (out / "partition.json").unlink(missing_ok=True)
+    (out / PARTITION_FILE).unlink(missing_ok=True)
     new = {p.name for p in tmp.iterdir()}
     for name in sorted(new):
         os.replace(tmp / name, out / name)
