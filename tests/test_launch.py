@@ -258,13 +258,16 @@ def test_the_rank_table_names_every_rank_and_each_rank_watches_the_others_on_its
     host, and its local rank counts the ranks on that host (here rank 0 alone on host a, the learners on b)."""
     import socket
 
+    import numpy as np
     from mpi4py import MPI
 
     from fedmpi.launch import announce_ranks
     from fedmpi.wire import Wire
 
     comm = MPI.COMM_WORLD
-    pids = comm.allgather(os.getpid())
+    pids_buffer = np.zeros(comm.Get_size(), np.int64)
+    comm.Allgather(np.array([os.getpid()], np.int64), pids_buffer)
+    pids = pids_buffer.tolist()
     hosts = ["a" if r == 0 else "b" for r in range(comm.Get_size())]
     monkeypatch.setattr(socket, "gethostname", lambda: hosts[comm.Get_rank()])
     wire = Wire(comm)

@@ -583,3 +583,24 @@ def test_gatherv_refuses_a_size_other_than_the_announced_one_before_allocating(w
         comm.Igatherv(np.zeros(0, np.uint8), spec, root=0).Wait()  # a nonblocking one matches only its kind
     else:
         wire.gatherv(mine, "models")
+
+
+def test_no_pickled_object_crosses_between_ranks_anywhere_in_the_repository():
+    """mpi4py's lowercase calls pickle (slow, 2 GiB cap, code execution by a peer): only the buffer-based
+    uppercase calls are used, in the product, its benchmarks, its jobs and its tests alike."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    lowercase = re.compile(
+        r"(?:\bcomm\w*|COMM_WORLD|\bMPI\.\w+)\s*\.\s*"
+        r"(?:bcast|send|ssend|isend|recv|irecv|sendrecv|gather|allgather|scatter|reduce|allreduce|alltoall|scan)\("
+    )
+    found = [
+        f"{path.relative_to(root)}:{n}: {line.strip()}"
+        for folder in ("fedmpi", "preprocess", "benchmarks", "jobs", "tests")
+        for path in sorted((root / folder).rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if lowercase.search(line) and path.name != "test_wire.py"
+    ]
+    assert found == []
