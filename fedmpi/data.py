@@ -21,9 +21,6 @@ from preprocess.layout import PARTITION_FILE
 
 from .errors import DataError
 
-__all__ = ["DataError", "VolumeDataset", "check_volumes", "file_digest", "read_header", "synthetic_cohort"]
-
-
 SAMPLED_VOLUMES = 3  # volumes the preflight reads per file (first, middle, last) to check their values
 
 

@@ -18,7 +18,6 @@ from torch import nn
 
 from fedmpi.config import AMPS, DEVICES
 from fedmpi.errors import DeviceError
-from fedmpi.metrics import regression_metrics
 from fedmpi.model import parameter_layout
 
 
@@ -241,14 +240,6 @@ def predict(
     if not preds:
         raise ValueError("the evaluation loader yielded no samples")
     return np.concatenate(preds), np.concatenate(ages)
-
-
-def evaluate(model: nn.Module, loader, device=None) -> dict:
-    """MAE / RMSE / Pearson r of the model on `loader`, plus the sample count "n"."""
-    pred, age = predict(model, loader, device=device)
-    result = regression_metrics(pred, age)
-    result["n"] = int(pred.shape[0])
-    return result
 
 
 def snip_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:

@@ -11,8 +11,8 @@ from fedtools import SHAPE, write_volumes
 from torch.utils.data import DataLoader
 
 from fedmpi.config import Config
-from fedmpi.data import DataError, VolumeDataset, open_volumes, read_header, synthetic_cohort
-from fedmpi.errors import UserError
+from fedmpi.data import VolumeDataset, open_volumes, read_header, synthetic_cohort
+from fedmpi.errors import DataError, UserError
 from preprocess import h5io
 
 
