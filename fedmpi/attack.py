@@ -32,7 +32,7 @@ from preprocess import outputs
 from preprocess.layout import TEST_FILE, learner_file, learner_files
 
 from .config import DEVICES
-from .errors import AttackError, is_user_error
+from .errors import EXIT_USAGE, AttackError, is_user_error
 from .files import atomic_write
 from .runlog import dumps, read_json
 from .stats import average_ranks
@@ -685,7 +685,7 @@ def run(args) -> int:
     except Exception as e:
         if is_user_error(e):
             print(f"fedmpi attack: error: {e}", file=sys.stderr)
-            return 1
+            return EXIT_USAGE
         raise
     if result["stopped_early"]:
         print(

@@ -1,7 +1,8 @@
 """A learner (ranks 1..N): receive the global model, train it locally with its mask, send it back.
 
-Learners keep no state between rounds: model and mask come from the server every round and the
-round's randomness derives from (seed, round, rank), so a resumed federation replays exactly. PruneFL's
+Learners keep no training state between rounds: the model comes from the server every round, the mask
+with it whenever it changes (and after every start or resume), and the round's randomness derives from
+(seed, round, rank), so a resumed federation replays exactly. PruneFL's
 importance (squared gradients) is accumulated during the local training of the reconfiguration round
 itself and sent with that round's values, so it does not live across rounds either.
 """

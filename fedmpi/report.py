@@ -34,7 +34,7 @@ from preprocess.layout import TEST_FILE
 
 from . import tables
 from .algorithms import ALGORITHMS
-from .errors import ReportError, is_user_error
+from .errors import EXIT_USAGE, ReportError, is_user_error
 from .files import atomic_write, temporary_dir_beside
 from .runlog import RunLog, dumps, read_json, stopped_early
 
@@ -643,7 +643,7 @@ def run(args) -> int:
     except Exception as e:
         if is_user_error(e):
             print(f"fedmpi report: error: {e}", file=sys.stderr)
-            return 1
+            return EXIT_USAGE
         raise
     print(to_markdown(rows), end="")
     for p in written:

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fedmpi import attack, training
+from fedmpi.errors import EXIT_USAGE
 from fedmpi.model import BrainAgeCNN
 
 SHAPE = (12, 14, 12)
@@ -355,11 +356,11 @@ def test_attack_command_on_a_run_directory(tmp_path, capsys):
     capped = json.loads((tmp_path / "more.json").read_text())
     assert capped["attacks"]["loss_threshold"]["n_train"] == 6 and capped["members_eval"] == 3
     capsys.readouterr()
-    assert attack.run(parser.parse_args([*args, "--threads", "0"])) == 1
+    assert attack.run(parser.parse_args([*args, "--threads", "0"])) == EXIT_USAGE
     assert "--threads must be at least 1, got 0" in capsys.readouterr().err
 
     for bad, message in ((data / "learner_1.h5", "the run trained on it"), (data / "test.h5", "given twice")):
-        assert attack.run(parser.parse_args(["--run", str(run), "--nonmembers", str(bad), "--out", "x"])) == 1
+        assert attack.run(parser.parse_args(["--run", str(run), "--nonmembers", str(bad), "--out", "x"])) == EXIT_USAGE
         assert message in capsys.readouterr().err
     # the same scans under another path: a copy of a learner's file, or of another non-member file
     shutil.copy(data / "learner_1.h5", tmp_path / "copy_of_learner.h5")
@@ -369,23 +370,24 @@ def test_attack_command_on_a_run_directory(tmp_path, capsys):
         ([extra, tmp_path / "copy_of_fresh.h5"], "20 of its 20 volumes are images another non-member file holds"),
     ):
         pools = [a for p in bad for a in ("--nonmembers", str(p))]
-        assert attack.run(parser.parse_args(["--run", str(run), *pools, "--out", "x"])) == 1
+        assert attack.run(parser.parse_args(["--run", str(run), *pools, "--out", "x"])) == EXIT_USAGE
         assert message in capsys.readouterr().err
     small = tmp_path / "small.h5"
     write_volumes(small, np.array([50.0, 60.0]), np.random.default_rng(0), (10, 12, 10))
-    assert attack.run(parser.parse_args(["--run", str(run), "--nonmembers", str(small), "--out", "x"])) == 1
+    assert attack.run(parser.parse_args(["--run", str(run), "--nonmembers", str(small), "--out", "x"])) == EXIT_USAGE
     assert "volumes are (10, 12, 10), the model takes (12, 14, 12)" in capsys.readouterr().err
 
     (tmp_path / "a_file").write_text("x")
     for out, message in ((tmp_path, "is an existing directory"), (tmp_path / "a_file" / "x.json", "is a file, not a")):
-        assert attack.run(parser.parse_args(["--run", str(run), "--out", str(out)])) == 1
+        assert attack.run(parser.parse_args(["--run", str(run), "--out", str(out)])) == EXIT_USAGE
         printed = capsys.readouterr()
         assert printed.out == "" and message in printed.err  # refused before the attack ran
-    assert attack.run(parser.parse_args(["--run", str(tmp_path / "nope"), "--out", str(tmp_path / "x.json")])) == 1
+    missing = ["--run", str(tmp_path / "nope"), "--out", str(tmp_path / "x.json")]
+    assert attack.run(parser.parse_args(missing)) == EXIT_USAGE
     assert "nope: no such run directory" in capsys.readouterr().err
 
     (run / "summary.json").write_text(json.dumps({"target_sparsity": 0.5}))
-    assert attack.run(parser.parse_args(["--run", str(run), "--out", str(tmp_path / "x.json")])) == 1
+    assert attack.run(parser.parse_args(["--run", str(run), "--out", str(tmp_path / "x.json")])) == EXIT_USAGE
     assert "does not record data_dir" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
 
@@ -409,7 +411,7 @@ def test_attack_refuses_a_data_directory_re_split_since_the_run(tmp_path, capsys
     write_split(data, learners=2, per_learner=8, test=8, seed=3, shape=SHAPE)  # re-split into the same directory
     parser = argparse.ArgumentParser()
     attack.add_arguments(parser)
-    assert attack.run(parser.parse_args(["--run", str(run), "--max-per-class", "4"])) == 1
+    assert attack.run(parser.parse_args(["--run", str(run), "--max-per-class", "4"])) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "learner_1.h5, learner_2.h5, test.h5" in err and "re-split or re-preprocessed since" in err
     assert not (run / "attack.json").exists()

@@ -13,7 +13,7 @@ import pytest
 from runrecords import load_runs, two_runs, write_run, write_test_h5
 
 from fedmpi import report, tables
-from fedmpi.errors import ReportError
+from fedmpi.errors import EXIT_USAGE, ReportError
 from fedmpi.report import load_run, write_report
 
 
@@ -129,7 +129,7 @@ def test_an_unfinished_run_is_refused_before_anything_is_written(tmp_path, capsy
     (run / "summary.json").unlink()
     parser = argparse.ArgumentParser()
     report.add_arguments(parser)
-    assert report.run(parser.parse_args([str(run), "--out", str(tmp_path / "out2")])) == 1
+    assert report.run(parser.parse_args([str(run), "--out", str(tmp_path / "out2")])) == EXIT_USAGE
     assert "summary.json: missing" in capsys.readouterr().err
     assert not (tmp_path / "out2").exists()
 
@@ -138,7 +138,7 @@ def test_a_bad_test_file_stops_the_report_before_anything_is_written(runs, tmp_p
     (tmp_path / "split" / "test.h5").write_bytes(b"not hdf5")
     parser = argparse.ArgumentParser()
     report.add_arguments(parser)
-    assert report.run(parser.parse_args([str(p) for p in runs] + ["--out", str(tmp_path / "out")])) == 1
+    assert report.run(parser.parse_args([str(p) for p in runs] + ["--out", str(tmp_path / "out")])) == EXIT_USAGE
     assert "test.h5" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -181,7 +181,7 @@ def test_a_metrics_row_without_what_the_report_reads_leaves_the_output_as_it_was
     (out / "results.md").write_text("old")
     parser = argparse.ArgumentParser()
     report.add_arguments(parser)
-    assert report.run(parser.parse_args([str(run), "--out", str(out)])) == 1
+    assert report.run(parser.parse_args([str(run), "--out", str(out)])) == EXIT_USAGE
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "metrics.jsonl" in err
     assert re.search(message, err)
@@ -211,7 +211,7 @@ def test_an_out_that_cannot_be_a_directory_is_one_clear_error(runs, tmp_path, ca
         (tmp_path / "file", f"--out {tmp_path / 'file'} exists and is not a directory"),
         (tmp_path / "file" / "r", f"cannot write --out {out_under}: {tmp_path / 'file'} is a file, not a directory"),
     ):
-        assert report.run(parser.parse_args([str(runs[0]), "--out", str(out)])) == 1
+        assert report.run(parser.parse_args([str(runs[0]), "--out", str(out)])) == EXIT_USAGE
         assert capsys.readouterr().err == f"fedmpi report: error: {message}\n"
 
 
