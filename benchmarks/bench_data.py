@@ -44,6 +44,7 @@ def _timed(fn, repeat: int = 3) -> float:
 
 def _registration_rows(tmp: Path, subjects: int) -> list[tuple[str, str, str]]:
     """nifti --register affine [--skull-strip deepbet] on a native-space cohort, one worker (one thread)."""
+    from fedmpi.errors import MissingExtra
     from preprocess import convert, register, synth
 
     rows = []
@@ -55,7 +56,7 @@ def _registration_rows(tmp: Path, subjects: int) -> list[tuple[str, str, str]]:
         flags = "--register affine" + ("" if strip == "none" else " --skull-strip deepbet")
         try:
             register.require_extra("affine", strip)
-        except register.MissingExtra as exc:
+        except MissingExtra as exc:
             rows.append((f"nifti --voxel 4 {flags}", "not measured", str(exc)))
             continue
         cpu, t = time.process_time(), time.perf_counter()

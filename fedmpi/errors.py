@@ -60,6 +60,11 @@ class ReportError(UserError):
     """A run directory that cannot be reported (missing or unreadable files)."""
 
 
+class MissingExtra(UserError, RuntimeError):
+    """An option needs a package of an optional extra that is not installed; the message names the package
+    and the install command."""
+
+
 # A full disk, an exhausted quota, a file system remounted read-only: the user's to fix, not a bug.
 STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 

@@ -34,7 +34,7 @@ from preprocess.layout import TEST_FILE
 
 from . import tables
 from .algorithms import ALGORITHMS
-from .errors import EXIT_USAGE, ReportError, is_user_error
+from .errors import EXIT_USAGE, MissingExtra, ReportError, is_user_error
 from .files import atomic_write, temporary_dir_beside
 from .runlog import RunLog, dumps, read_json, stopped_early
 
@@ -549,7 +549,7 @@ def _render(run_dirs: list[Path], out: Path) -> tuple[list[dict], list[Path]]:
     try:
         import matplotlib
     except ModuleNotFoundError:
-        raise ReportError(
+        raise MissingExtra(
             "the report's plots need matplotlib: pip install -e '.[report]' (or pip install matplotlib)"
         ) from None
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmpi.errors import DataError, UserError
+from fedmpi.errors import DataError, MissingExtra
 from fedmpi.files import atomic_dir
 from preprocess import grid, h5io, outputs
 
@@ -30,10 +30,6 @@ REPORT_MARKER = "qc.tsv"
 # Slices per view as fractions of the grid along that axis (axial: z, coronal: y, sagittal: x).
 SLICES = {"axial": (0.42, 0.62), "coronal": (0.45, 0.62), "sagittal": (0.40, 0.5)}
 WM_LEVEL = 0.6  # template z-score between grey and white matter: the outline drawn on the mosaic
-
-
-class MissingMatplotlib(UserError, RuntimeError):
-    """The mosaic needs matplotlib (the `report` extra)."""
 
 
 def template_ncc(volume: np.ndarray, template: np.ndarray, mask: np.ndarray) -> float:
@@ -97,7 +93,7 @@ def write_report(h5, out, min_ncc: float | None = None) -> tuple[Path, int, int]
     try:
         import matplotlib
     except ImportError:
-        raise MissingMatplotlib(
+        raise MissingExtra(
             "the QC mosaic needs matplotlib, which is not installed: pip install -e '.[report]'"
         ) from None
     matplotlib.use("Agg")

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from fedmpi.errors import UserError
+from fedmpi.errors import MissingExtra
 from preprocess import grid, nifti, qc, skullstrip
 
 METHODS = ("none", "rigid", "affine")
@@ -51,10 +51,6 @@ SEEDS = (1, 2, 3)
 TEMPLATE = "nilearn MNI152 ICBM 2009a symmetric T1 (skull-stripped)"
 # RAS <-> LPS (ITK's world convention): flip x and y.
 RAS_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-class MissingExtra(UserError, RuntimeError):
-    """An option needs a package of the optional `register` extra that is not installed."""
 
 
 def require_extra(method: str, skull_strip: str) -> None:

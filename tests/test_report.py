@@ -13,7 +13,7 @@ import pytest
 from runrecords import load_runs, two_runs, write_run, write_test_h5
 
 from fedmpi import report, tables
-from fedmpi.errors import EXIT_USAGE, ReportError
+from fedmpi.errors import EXIT_USAGE, MissingExtra, ReportError
 from fedmpi.report import load_run, write_report
 
 
@@ -226,7 +226,7 @@ def test_report_without_matplotlib_names_the_extra(runs, tmp_path, monkeypatch):
         return real(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    with pytest.raises(ReportError, match=r"pip install -e '\.\[report\]'"):
+    with pytest.raises(MissingExtra, match=r"pip install -e '\.\[report\]'"):
         write_report(list(runs), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
