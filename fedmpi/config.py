@@ -70,7 +70,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     width: float = opt(0.25, "channel multiplier; 1.0 is the paper's model")
-    pools: int = opt(0, "pooling blocks; 0 = automatic (5 at 2 mm, 4 at 4 mm)")
+    pools: int = opt(0, "pooling blocks; 0 = automatic (5 at 2 mm, 4 at 4 mm, 3 at 6 mm)")
     dropout: float = opt(0.0, "dropout before the output layer (the paper's PyTorch variant: 0.5)")
     init: str = opt(
         "torch",

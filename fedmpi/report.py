@@ -634,7 +634,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "runs", nargs="+", metavar="RUN_DIR", help="run directories, or a directory of runs (every finished run in it)"
     )
-    parser.add_argument("--out", default="report", help="output directory for the tables and PNGs")
+    parser.add_argument("--out", default="report", help="output directory for the tables and PNGs (default: report/)")
 
 
 def run(args) -> int:

@@ -21,7 +21,7 @@ from fedmpi.algorithms import ALGORITHMS as TABLE
 from fedmpi.config import DISTRIBUTIONS
 
 COMMON = {
-    "data": {"dir": "data/ukbb/split-{distribution}"},  # your preprocessed split (README, "Your own data")
+    "data": {"dir": "data/ukbb/split-{distribution}"},  # your preprocessed split (README, "Data")
     "model": {"width": 1.0},
     "train": {"epochs": 4, "momentum": 0.0, "device": "cuda"},
     "federation": {"learners": 8, "rounds": 40, "schedule": "cubic", "start": 1, "end": 40, "frequency": 1},
