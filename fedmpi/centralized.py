@@ -14,9 +14,10 @@ from .algorithms import round_seed
 from .data import check_volumes, open_volumes
 from .errors import EXIT_USAGE, DataError, UserError
 from .learner import SeededLoader, train_round
+from .metrics import mean_predictor_mae
 from .model import build_model, flat_parameters, load_flat_parameters
-from .preflight import RankCheck, check_rank, say
-from .recorder import Recorder, split_problems, start_state
+from .preflight import RankCheck, check_rank, say, volume_shape
+from .recorder import Recorder, evaluation_due, split_problems, start_state
 from .training import prepare_model
 
 
@@ -33,7 +34,7 @@ def run_centralized(cfg, data_dir: Path, resume: bool, overwrite: bool, should_s
         split = {TEST_FILE: checked.digest}
         for p in files:
             head = check_volumes(p)
-            if tuple(head["shape"]) != tuple(checked.info[axis][0] for axis in ("x", "y", "z")):
+            if tuple(head["shape"]) != volume_shape(checked.info[0]):
                 raise DataError(f"{p}: volume shape {tuple(head['shape'])} differs from test.h5's")
             split[p.name] = head["digest"]
         problems = split_problems(checked.resume[2].get("split") if checked.resume else None, split)
@@ -62,9 +63,7 @@ def _train(cfg, data_dir: Path, files: list[Path], split: dict, checked: RankChe
     model = prepare_model(
         build_model(cfg, test.shape, float(ages.mean())), device, cfg.train.channels_last, cfg.train.cudnn_benchmark
     )
-    rec = Recorder(
-        cfg, model, test, device, float(np.mean(np.abs(test.ages - ages.mean()))), data_dir, split, len(pooled)
-    )
+    rec = Recorder(cfg, model, test, device, mean_predictor_mae(test.ages, ages.mean()), data_dir, split, len(pooled))
     state = start_state(cfg, checked.resume, rec, model)
     rec.log.write_config(cfg.to_json())
     rec.start_clock()
@@ -87,7 +86,7 @@ def _train(cfg, data_dir: Path, files: list[Path], split: dict, checked: RankChe
             "seconds_comm": 0.0,
             "seconds_aggregate": 0.0,
         }
-        rec.record(state, row, evaluate_now=t % cfg.eval.every == 0 or t == cfg.federation.rounds)
+        rec.record(state, row, evaluate_now=evaluation_due(cfg, t))
         if should_stop() and t < cfg.federation.rounds:
             rec.stop_here(state)
             return rec.end(state, preempted=True)

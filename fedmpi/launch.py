@@ -27,7 +27,8 @@ from .config import Config, load_config, split_error_text
 from .errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, is_user_error
 from .memory import keep_freed_memory
 from .messages import row_text, text_row
-from .preflight import preflight, rank_file, say
+from .metrics import mean_predictor_mae
+from .preflight import preflight, rank_file, say, volume_shape
 from .sentinel import first_task, launcher_size, mpi_world, role, slurm_step, tell_rank
 
 HOST_BYTES = 64
@@ -203,14 +204,13 @@ def _serve(cfg: Config, wire, data_dir: Path, infos: np.ndarray, device, resume_
     counts = infos["samples"][1:]
     mean_age = float(np.average(infos["mean_age"][1:], weights=counts))
     torch.manual_seed(cfg.run.seed)
-    shape = tuple(int(infos[axis][0]) for axis in ("x", "y", "z"))
+    shape = volume_shape(infos[0])
     t = cfg.train
     model = prepare_model(build_model(cfg, shape, mean_age), device, t.channels_last, t.cudnn_benchmark)
     initial = flat_parameters(model)
     test = open_volumes(data_dir / TEST_FILE, cfg, device).warm()
-    rec = Recorder(
-        cfg, model, test, device, float(np.mean(np.abs(test.ages - mean_age))), data_dir, split, int(counts.sum())
-    )
+    baseline = mean_predictor_mae(test.ages, mean_age)
+    rec = Recorder(cfg, model, test, device, baseline, data_dir, split, int(counts.sum()))
     state = start_state(cfg, resume_from, rec, model)
     rec.log.write_config(cfg.to_json())
     wire.bcast(np.array([state.round, *counts], np.float64), "session")

@@ -1,4 +1,5 @@
-"""Brain-age regression metrics (pure numpy): MAE (the paper's headline), RMSE, Pearson r."""
+"""Brain-age regression metrics (pure numpy): MAE (the paper's headline), RMSE, Pearson r, and the MAE of
+predicting the mean age."""
 
 from __future__ import annotations
 
@@ -29,3 +30,9 @@ def regression_metrics(pred: ArrayLike, target: ArrayLike) -> dict[str, float]:
         "rmse": float(np.sqrt(np.mean(err * err))),
         "r": r,
     }
+
+
+def mean_predictor_mae(ages: ArrayLike, train_mean: float) -> float:
+    """MAE of predicting the training subjects' mean age for everyone: the bar a model must clear (the
+    paper's "predict-the-mean" baseline)."""
+    return float(np.mean(np.abs(np.asarray(ages, dtype=np.float64) - train_mean)))

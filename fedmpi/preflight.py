@@ -128,7 +128,7 @@ def preflight_problems(infos: np.ndarray, problems: list[str], data_dir: Path) -
     volume file gives (sample count and shape whole numbers of at least 1, the mean age finite), and
     volume shapes that differ from test.h5's."""
     out = list(problems)
-    shape = _shape(infos[0])
+    shape = volume_shape(infos[0])
     for k in range(1, len(infos)):
         if any(p.startswith(f"rank {k}:") for p in problems):
             continue
@@ -137,15 +137,15 @@ def preflight_problems(infos: np.ndarray, problems: list[str], data_dir: Path) -
         if not math.isfinite(fields["mean_age"]) or not all(v.is_integer() and v >= 1 for v in counts):
             shown = ", ".join(f"{name} {v}" for name, v in fields.items())
             out.append(f"rank {k}: sent a preflight record that no volume file gives ({shown})")
-        elif (theirs := _shape(infos[k])) != shape and not any(p.startswith("rank 0:") for p in problems):
+        elif (theirs := volume_shape(infos[k])) != shape and not any(p.startswith("rank 0:") for p in problems):
             out.append(
                 f"learner {k} ({data_dir / learner_file(k)}): volume shape {theirs} differs from {TEST_FILE} {shape}"
             )
     return out
 
 
-def _shape(info: np.ndarray) -> tuple[int, ...]:
-    """A record's volume shape (checked to be whole numbers first, or the server's own)."""
+def volume_shape(info: np.ndarray) -> tuple[int, ...]:
+    """A PREFLIGHT record's volume shape (checked to be whole numbers first, or the server's own)."""
     return tuple(int(info[axis]) for axis in ("x", "y", "z"))
 
 

@@ -47,6 +47,11 @@ def initial_state(model: BrainAgeCNN) -> State:
     return State(0, values, np.ones(values.size, dtype=bool))
 
 
+def evaluation_due(cfg: Config, t: int) -> bool:
+    """Round t's model is evaluated: every eval.every rounds, and always the last round's."""
+    return t % cfg.eval.every == 0 or t == cfg.federation.rounds
+
+
 class Recorder:
     """Evaluation, metrics.jsonl, checkpoints and the per-round progress line, shared by the
     federated server and the centralized baseline."""

@@ -19,7 +19,7 @@ from .aggregation import MajorityVote
 from .algorithms import algorithm, prune, reconfigures, round_seed, schedule
 from .errors import EncodingError, PayloadError
 from .messages import REPORT, records, width
-from .recorder import State, background_thread
+from .recorder import State, background_thread, evaluation_due
 from .wire import FLAG_MASK, FLAG_STOP
 
 if TYPE_CHECKING:
@@ -129,8 +129,7 @@ class Server:
 
     def record(self, snapshot: State, row: dict) -> None:
         """Evaluate (when due), checkpoint and log a finished round."""
-        every, last = self.cfg.eval.every, self.cfg.federation.rounds
-        self.rec.record(snapshot, row, evaluate_now=snapshot.round % every == 0 or snapshot.round == last)
+        self.rec.record(snapshot, row, evaluate_now=evaluation_due(self.cfg, snapshot.round))
 
     def send(self, state: State, t: int, mask_changed: bool) -> Sending:
         """Round t's model to every learner: the values, with the mask when it changed. The round's deadline

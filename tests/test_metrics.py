@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fedmpi.metrics import regression_metrics
+from fedmpi.metrics import mean_predictor_mae, regression_metrics
 
 
 def test_hand_computed_values():
@@ -48,3 +48,8 @@ def test_r_of_a_perfect_linear_fit_is_exactly_one():
 
 def test_errors_are_computed_in_float64():
     assert regression_metrics([60.123456789], [60.0])["mae"] == pytest.approx(0.123456789, abs=1e-12)
+
+
+def test_the_mean_predictor_s_mae_uses_the_training_mean_not_the_test_mean():
+    assert mean_predictor_mae([50.0, 60.0, 70.0], 55.0) == pytest.approx((5 + 5 + 15) / 3)
+    assert mean_predictor_mae(np.array([40.0, 80.0]), 60.0) == 20.0

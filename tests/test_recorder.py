@@ -135,3 +135,11 @@ def test_a_summary_that_is_not_a_json_object_is_not_a_finished_run(tmp_path, tex
     cfg.run_dir.mkdir(parents=True)
     (cfg.run_dir / "summary.json").write_text(text, errors="surrogateescape")
     assert not finished(cfg)
+
+
+def test_evaluation_is_due_every_eval_every_rounds_and_at_the_last():
+    from fedmpi.config import load_config
+    from fedmpi.recorder import evaluation_due
+
+    cfg = load_config(overrides=["eval.every=4", "federation.rounds=10"])
+    assert [t for t in range(1, 11) if evaluation_due(cfg, t)] == [4, 8, 10]
