@@ -578,7 +578,7 @@ def check_split(recorded: dict | None, files: list[Path]) -> None:
     """Members must be the subjects the model trained on: refuse a data directory that was re-split (or
     re-preprocessed) since the run, by the digests the run recorded of its files."""
     from .data import file_digest
-    from .recorder import changed_files
+    from .resume import changed_files
 
     if not recorded:
         print(

@@ -17,7 +17,8 @@ from .learner import SeededLoader, train_round
 from .metrics import mean_predictor_mae
 from .model import build_model, flat_parameters, load_flat_parameters
 from .preflight import RankCheck, check_rank, say, volume_shape
-from .recorder import Recorder, evaluation_due, split_problems, start_state
+from .recorder import Recorder, evaluation_due, start_state
+from .resume import split_problems
 from .training import prepare_model
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import describe
 from .errors import EXIT_INTERRUPTED
 
 
 def _parser() -> argparse.ArgumentParser:
     from . import attack, report
+    from .config import describe  # numpy and more: not before `train` has taken the preemption signals
 
     p = argparse.ArgumentParser(prog="python -m fedmpi", description="Federated brain-age training with FedSparsify.")
     sub = p.add_subparsers(dest="command", required=True)

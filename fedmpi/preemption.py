@@ -49,6 +49,9 @@ def requests() -> Iterator[Callable[[], bool]]:
 
     for sig in SIGNALS:
         signal.signal(sig, handler)
+    # jobs/fedsparsify.slurm starts the ranks with these blocked, so that one arriving before the handlers
+    # stays pending (its default action would end the rank): it is taken here, and kept for the first round.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
     try:
         yield lambda: requested["stop"]
     finally:

@@ -60,7 +60,7 @@ def check_rank(cfg: Config, rank: int, data_dir: Path, local_rank: int, resume: 
     run), whether it can be written, and the resume point. Raises with the reason."""
     from .data import check_volumes
     from .model import auto_pools
-    from .recorder import resume_point
+    from .resume import resume_point
     from .runlog import RunLock
     from .training import select_device
 
@@ -172,7 +172,7 @@ def preflight(cfg: Config, wire, data_dir: Path, local_rank: int, resume: bool, 
         problems = preflight_problems(infos, [t for t in map(row_text, texts) if t], data_dir)
         split = {rank_file(k): row_text(d) for k, d in enumerate(digests)}
         if mine.resume is not None:
-            from .recorder import split_problems
+            from .resume import split_problems
 
             problems += split_problems(mine.resume[2].get("split"), split)
         outcome = Preflight(infos, mine.device, mine.lock, mine.resume, split)

@@ -1,5 +1,6 @@
 """Run records shared by the federation server and the centralized baseline: the training state,
-evaluation, metrics.jsonl, checkpoints, the summary, and where a run starts (fresh or resumed).
+evaluation, metrics.jsonl, checkpoints, the summary, and the state a run starts from (fresh or resumed;
+whether it may resume is fedmpi.resume's).
 """
 
 from __future__ import annotations
@@ -17,15 +18,15 @@ import numpy as np
 import torch
 
 from . import pruning
-from .algorithms import algorithm, target_sparsity
+from .algorithms import target_sparsity
 from .checkpoint import Checkpoints, model_digest, save_model
-from .config import RUNTIME_KEYS, SYNTHETIC_KEYS
 from .data import loader_options
-from .errors import EXIT_PREEMPTED, CheckpointError, ConfigError, ReportError
+from .errors import EXIT_PREEMPTED, ConfigError
 from .files import atomic_write
 from .metrics import regression_metrics
 from .model import BrainAgeCNN, flat_parameters, layer_sparsity, load_flat_parameters
-from .runlog import RunLog, read_json
+from .resume import arithmetic, resume_key
+from .runlog import RunLog
 from .training import AUTOCAST, predict
 
 if TYPE_CHECKING:
@@ -212,132 +213,6 @@ class Recorder:
         return summary
 
 
-def resume_key(cfg: Config) -> dict:
-    """The settings a checkpoint must agree with to be resumed: not eval, run's bookkeeping or hardware choices,
-    nor federation options the algorithm never reads; run.seed is kept (it draws the data order, dropout, random
-    pruning and PruneFL's regrown values). The synthetic cohort's options count only when it is the data
-    (data.dir empty); where a split lives is compared by resume_point only as split or synthetic."""
-    d = cfg.to_dict()
-    d["run"] = {"seed": d["run"]["seed"]}
-    d.pop("eval")
-    for key in RUNTIME_KEYS:
-        section, name = key.split(".")
-        d[section].pop(name)
-    if d["data"]["dir"]:
-        for name in SYNTHETIC_KEYS:
-            d["data"].pop(name)
-    for name in algorithm(cfg).unused_options(cfg.federation.schedule):
-        d["federation"].pop(name)
-    return d
-
-
-def resume_point(cfg: Config, resume: bool, overwrite: bool):
-    """The checkpoint to continue from (or None), refusing to silently replace an unfinished run or to
-    resume one made with other settings."""
-    checkpoints = Checkpoints(cfg.run_dir / "checkpoints")
-    if not resume:
-        if checkpoints.paths() and not overwrite and not finished(cfg):
-            done = completed_rounds(cfg)
-            if done is not None:  # finished, under another federation.rounds: --resume would refuse it
-                raise ConfigError(
-                    f"{cfg.run_dir} holds a finished run of {done} rounds; a run of {cfg.federation.rounds} is "
-                    "another run (its schedule depends on the rounds): choose another run.name, or --overwrite"
-                )
-            raise ConfigError(
-                f"{cfg.run_dir} holds an unfinished run; pass --resume to continue it or --overwrite "
-                f"to replace it (or choose another run.name)"
-            )
-        return None
-    try:  # damage before the last line would hide recorded rounds: the resume would start afresh over them
-        rows = RunLog(cfg.run_dir).checked_rows()
-    except ReportError as e:
-        raise CheckpointError(
-            f"{e}: --resume cannot tell which rounds were recorded; mend or remove the damaged lines (one round's "
-            "JSON each) and resume, or start afresh with --overwrite"
-        ) from None
-    found = checkpoints.latest(at_most=rows[-1]["round"] if rows else None)
-    if found is None:
-        print(f"fedmpi: no usable checkpoint in {checkpoints.dir}; starting fresh", flush=True)
-        return None
-    _values, _mask, meta = found
-    recorded = meta.get("config") or {}
-    if not isinstance(recorded, dict):  # the checksum covers the arrays, not the metadata
-        raise CheckpointError(
-            f"{checkpoints.dir}: the latest checkpoint's settings are not a JSON object; it cannot be resumed "
-            f"(start afresh with --overwrite)"
-        )
-    ours, theirs = resume_key(cfg), recorded_key(recorded)
-    if "seed" not in (recorded.get("run") or {}):  # written before run.seed was kept: not known, not compared
-        theirs["run"] = ours["run"]
-    if ours["data"]["dir"] and isinstance(theirs.get("data"), dict) and theirs["data"].get("dir"):
-        # a job may stage the split to another path (node-local disk) and resume there: the files' digests
-        # (split_problems) say whether the data are the same
-        theirs["data"]["dir"] = ours["data"]["dir"]
-    changed = setting_changes(theirs, ours)
-    if changed:
-        raise ConfigError(
-            f"{checkpoints.dir} was written with other settings ({'; '.join(changed)}); resume with "
-            f"the same config (only eval.*, run.* but run.seed, data.dir, devices and data loading may change)"
-        )
-    now = arithmetic(cfg)
-    differ = [f"{name} {meta[name]} -> {now[name]}" for name in now if name in meta and meta[name] != now[name]]
-    if differ:
-        print(
-            f"fedmpi: note: resuming with {', '.join(differ)} (the server's; learners likewise): the order of the "
-            "arithmetic changes, so the final model may differ in its last bits from an uninterrupted run's",
-            flush=True,
-        )
-    return found
-
-
-def arithmetic(cfg: Config) -> dict:
-    """The runtime choices that change the order of floating-point operations, not what is computed: a resume
-    that changes them continues the same run, but not bit for bit."""
-    return {"threads": torch.get_num_threads(), "channels_last": cfg.train.channels_last}
-
-
-def recorded_key(recorded: dict) -> dict:
-    """A checkpoint's resume key as this version reads it: options added since it was written take their
-    defaults, so that a newer fedmpi resumes an older run unless a setting really differs."""
-    from .config import config_from_dict
-
-    try:
-        return resume_key(config_from_dict(recorded))
-    except (ConfigError, TypeError, AttributeError):
-        return recorded  # unreadable as a config: compared as it is, so every difference is named
-
-
-def setting_changes(before: dict, now: dict, prefix: str = "") -> list[str]:
-    """'section.option: old -> new' for every setting that differs between two resume keys."""
-    out = []
-    for key in sorted(set(before) | set(now)):
-        a, b = before.get(key), now.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += setting_changes(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
-
-
-def changed_files(recorded: dict | None, split: dict[str, str]) -> list[str]:
-    """The files of a split (name -> digest) whose digest differs from the one a run recorded; none when the
-    run recorded no digests (made before fedmpi recorded them)."""
-    if not recorded:
-        return []
-    return sorted(name for name in set(recorded) | set(split) if recorded.get(name) != split.get(name))
-
-
-def split_problems(recorded: dict | None, split: dict[str, str]) -> list[str]:
-    """A resumed run must continue on the data it was trained on: name the files whose digest changed."""
-    changed = changed_files(recorded, split)
-    if not changed:
-        return []
-    return [
-        f"the data differ from what the checkpoint was trained on ({', '.join(changed)} changed since); "
-        f"resume on the same split, or start afresh with --overwrite"
-    ]
-
-
 def start_state(cfg: Config, resume, rec: Recorder, model) -> State:
     """The state to start from: the resume point, or a fresh model (clearing an old run's files)."""
     if resume is not None:
@@ -353,20 +228,6 @@ def start_state(cfg: Config, resume, rec: Recorder, model) -> State:
     for p in [*rec.checkpoints.paths(), cfg.run_dir / "model.npz", cfg.run_dir / "test_predictions.csv"]:
         p.unlink(missing_ok=True)
     return initial_state(model)
-
-
-def finished(cfg: Config) -> bool:
-    """True when run_dir holds a run that completed all its rounds."""
-    return completed_rounds(cfg) == cfg.federation.rounds
-
-
-def completed_rounds(cfg: Config) -> int | None:
-    """The rounds of the run that run_dir holds, if it completed them all (not stopped early), else None."""
-    try:
-        summary = read_json(cfg.run_dir / "summary.json", ValueError)
-    except ValueError:
-        return None
-    return None if summary.get("preempted") else summary.get("rounds")
 
 
 def print_summary(summary: dict) -> None:

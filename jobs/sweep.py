@@ -37,7 +37,7 @@ from make_configs import FAMILIES, configs  # noqa: E402
 
 from fedmpi.algorithms import ALGORITHMS  # noqa: E402
 from fedmpi.config import load_config  # noqa: E402
-from fedmpi.recorder import finished, recorded_key, resume_key  # noqa: E402
+from fedmpi.resume import finished, recorded_key, resume_key  # noqa: E402
 from fedmpi.runlog import read_json, stopped_early  # noqa: E402
 
 RECORDS = ("config.json", "metrics.jsonl", "summary.json", "test_predictions.csv", "attack.json")

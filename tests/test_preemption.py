@@ -50,3 +50,28 @@ def test_ctrl_c_asks_for_a_stop_says_so_once_and_a_second_one_interrupts(capsys,
     with preemption.requests() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop() and capsys.readouterr().err == ""
+
+
+def test_a_signal_that_came_while_blocked_before_the_handlers_is_taken_as_a_stop():
+    """jobs/fedsparsify.slurm starts each rank with SIGUSR1 and SIGTERM blocked: a warning during the interpreter's
+    start-up stays pending (its default action would end the rank) and becomes the stop request once fedmpi takes
+    the signals."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, signal\n"
+        "from fedmpi import preemption\n"
+        "os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "with preemption.requests() as stop:\n"
+        "    print('stop asked' if stop() else 'no stop')\n"
+        "    assert signal.SIGUSR1 not in signal.pthread_sigmask(signal.SIG_BLOCK, [])\n"
+    )
+    if subprocess.run(["env", "--block-signal=USR1", "true"], capture_output=True).returncode:
+        pytest.skip("env --block-signal needs GNU coreutils 8.31 or later")
+    blocked = subprocess.run(
+        ["env", "--block-signal=USR1,TERM", sys.executable, "-c", code], capture_output=True, text=True
+    )
+    assert (blocked.returncode, blocked.stdout) == (0, "stop asked\n"), blocked.stderr
+    unblocked = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert unblocked.returncode == -signal.SIGUSR1  # what happened before: the warning ended the rank

@@ -1,5 +1,5 @@
 """What the trainer checks of a volume file before training (data.check_volumes, data.file_digest) and of
-a run directory before resuming (recorder.resume_point, setting_changes, split_problems)."""
+a run directory before resuming (resume.resume_point, setting_changes, split_problems)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from fedmpi.checkpoint import Checkpoints
 from fedmpi.config import load_config
 from fedmpi.data import check_volumes, file_digest
 from fedmpi.errors import ConfigError, DataError
-from fedmpi.recorder import resume_key, resume_point, setting_changes, split_problems
+from fedmpi.resume import resume_key, resume_point, setting_changes, split_problems
 from fedmpi.runlog import RunLog
 
 

@@ -14,15 +14,8 @@ from fedmpi.checkpoint import Checkpoints
 from fedmpi.config import load_config
 from fedmpi.errors import ConfigError
 from fedmpi.model import build_model
-from fedmpi.recorder import (
-    RECORDER_NICENESS,
-    background_thread,
-    finished,
-    initial_state,
-    resume_point,
-    setting_changes,
-    start_state,
-)
+from fedmpi.recorder import RECORDER_NICENESS, background_thread, initial_state, start_state
+from fedmpi.resume import finished, resume_point, setting_changes
 from fedmpi.runlog import RunLog
 
 

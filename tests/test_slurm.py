@@ -163,3 +163,20 @@ def test_a_sweep_task_finds_the_job_script_from_the_submit_directory(tmp_path):
         ["bash", str(spool / "slurm_script"), str(listing)], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert proc.returncode == 2 and "submit from the fedmpi checkout" in proc.stderr
+
+
+def test_the_ranks_start_with_the_stop_signals_blocked(tmp_path):
+    """A warning relayed while a rank's Python starts (before fedmpi takes it) ended the rank with exit 138 on a
+    real SLURM: the script starts each rank with SIGUSR1 and SIGTERM blocked, and fedmpi unblocks them."""
+    if subprocess.run(["env", "--block-signal=USR1", "true"], capture_output=True).returncode:
+        pytest.skip("env --block-signal needs GNU coreutils 8.31 or later")
+    venv = tmp_path / "venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "activate").write_text(f'PATH="{venv}:$PATH"\n')
+    (venv / "python").write_text(f"#!/bin/bash\ngrep SigBlk /proc/self/status > {tmp_path}/mask\n")
+    (venv / "python").chmod(0o755)
+    env = dict(_fake_slurm(tmp_path), FEDMPI_VENV=str(venv.parent))
+    proc = subprocess.run(["bash", "jobs/fedsparsify.slurm", "x.yaml"], cwd=ROOT, env=env, capture_output=True)
+    assert proc.returncode == 0, proc.stderr
+    blocked = int((tmp_path / "mask").read_text().split()[1], 16)
+    assert blocked & (1 << (signal.SIGUSR1 - 1)) and blocked & (1 << (signal.SIGTERM - 1)), hex(blocked)

@@ -372,7 +372,7 @@ def test_runtime_options_neither_split_a_setting_nor_block_a_resume():
     """One list of hardware and I/O options: the report pairs runs that differ only in them, and a checkpoint
     resumes across them; any other option does both."""
     from fedmpi.config import RUNTIME_KEYS, load_config
-    from fedmpi.recorder import resume_key
+    from fedmpi.resume import resume_key
 
     base = load_config()
     changed = {
