@@ -17,55 +17,23 @@ import torch
 from . import encoding, pruning
 from .algorithms import algorithm, prune, reconfigures, round_seed, schedule
 from .config import Config
-from .data import VolumeDataset, loader_options
+from .data import VolumeDataset
 from .errors import PayloadError
 from .messages import REPORT, record
 from .model import build_model, flat_parameters, load_flat_parameters
-from .training import AUTOCAST, grasp_scores, local_train, masks_from_flat, prepare_model, snip_scores, warm_up
+from .training import (
+    AUTOCAST,
+    SeededLoader,
+    grasp_scores,
+    masks_from_flat,
+    prepare_model,
+    snip_scores,
+    train_round,
+    warm_up,
+)
 from .wire import FLAG_MASK, FLAG_STOP, Transport
 
 GRASP_SAMPLES = 16  # learner 1's samples GraSP scores on (train.batch_size at a time: double backward is heavy)
-
-
-class SeededLoader:
-    """A rank's training DataLoader, built once; its shuffling generator is reseeded with each round's seed,
-    which draws exactly the order a fresh loader seeded the same way would (data.loader_options says what
-    it runs on)."""
-
-    def __init__(self, cfg: Config, data, device: torch.device):
-        self.generator = torch.Generator()
-        self.loader = torch.utils.data.DataLoader(
-            data, batch_size=cfg.train.batch_size, shuffle=True, generator=self.generator, **loader_options(cfg, device)
-        )
-
-    def for_round(self, seed: int) -> torch.utils.data.DataLoader:
-        self.generator.manual_seed(seed)
-        return self.loader
-
-
-def train_round(
-    cfg: Config, model, loader: SeededLoader, seed: int, device, masks=None, squared_grads=None
-) -> tuple[dict, float]:
-    """One round of local training with the round's seed (data order, dropout): (stats, seconds).
-    Shared by learners and the centralized baseline, so both train the same way."""
-    torch.manual_seed(seed)
-    tc = cfg.train
-    start = time.perf_counter()
-    stats = local_train(
-        model,
-        loader.for_round(seed),
-        epochs=tc.epochs,
-        lr=tc.lr,
-        momentum=tc.momentum,
-        weight_decay=tc.weight_decay,
-        masks=masks,
-        prox_mu=tc.prox_mu,
-        device=device,
-        squared_grads=squared_grads,
-        autocast=AUTOCAST[tc.amp],
-        channels_last=tc.channels_last,
-    )
-    return stats, time.perf_counter() - start
 
 
 class Learner:

@@ -1,4 +1,5 @@
-"""Local training, evaluation and per-sample signals for one learner's model.
+"""Local training, evaluation and per-sample signals for one learner's model, and the seeded round of
+training that learners and the centralized baseline share.
 
 Masked training implements FedSparsify's "no regrowth": pruned positions get a zero
 gradient (so momentum never builds up for them) and are re-zeroed after every step.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 from collections.abc import Sequence
 from typing import TypeVar, cast
 
@@ -16,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmpi.config import AMPS, DEVICES
+from fedmpi.config import AMPS, DEVICES, Config
+from fedmpi.data import loader_options
 from fedmpi.errors import DeviceError
 from fedmpi.model import parameter_layout
 
@@ -374,3 +377,44 @@ def per_sample_features(model: nn.Module, loader, device=None) -> dict[str, np.n
     }
     out.update({name: grad[:, :, j] for j, name in enumerate(GRAD_STATS)})
     return out
+
+
+class SeededLoader:
+    """A rank's training DataLoader, built once; its shuffling generator is reseeded with each round's seed,
+    which draws exactly the order a fresh loader seeded the same way would (data.loader_options says what
+    it runs on)."""
+
+    def __init__(self, cfg: Config, data, device: torch.device):
+        self.generator = torch.Generator()
+        self.loader = torch.utils.data.DataLoader(
+            data, batch_size=cfg.train.batch_size, shuffle=True, generator=self.generator, **loader_options(cfg, device)
+        )
+
+    def for_round(self, seed: int) -> torch.utils.data.DataLoader:
+        self.generator.manual_seed(seed)
+        return self.loader
+
+
+def train_round(
+    cfg: Config, model, loader: SeededLoader, seed: int, device, masks=None, squared_grads=None
+) -> tuple[dict, float]:
+    """One round of local training with the round's seed (data order, dropout): (stats, seconds).
+    Shared by learners and the centralized baseline, so both train the same way."""
+    torch.manual_seed(seed)
+    tc = cfg.train
+    start = time.perf_counter()
+    stats = local_train(
+        model,
+        loader.for_round(seed),
+        epochs=tc.epochs,
+        lr=tc.lr,
+        momentum=tc.momentum,
+        weight_decay=tc.weight_decay,
+        masks=masks,
+        prox_mu=tc.prox_mu,
+        device=device,
+        squared_grads=squared_grads,
+        autocast=AUTOCAST[tc.amp],
+        channels_last=tc.channels_last,
+    )
+    return stats, time.perf_counter() - start

@@ -10,9 +10,8 @@ from fedtools import SHAPE, write_split
 
 from fedmpi.config import load_config
 from fedmpi.data import loader_options, open_volumes
-from fedmpi.learner import SeededLoader
 from fedmpi.model import BrainAgeCNN
-from fedmpi.training import AUTOCAST, local_train, predict, prepare_model
+from fedmpi.training import AUTOCAST, SeededLoader, local_train, predict, prepare_model
 
 
 def _model():
