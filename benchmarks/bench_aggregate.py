@@ -1,11 +1,11 @@
 """Server aggregation cost as the federation grows (run under mpirun; driven by bench_comm.py).
 
 Every learner hands the server a model of N float32 parameters at the given sparsity; the server
-aggregates it the way the trainer does: MPI Reduce of pre-weighted values under a shared mask
-(FedAvg / FedSparsify-Global), or Gatherv of encoded models + streaming majority vote
-(FedSparsify-Local). Prints one JSON line from rank 0: seconds per round in the collective and in
-aggregation, and the server's peak resident memory (the same start-up work at every size, so growth with the
-number of learners is what aggregation holds).
+aggregates it the way the trainer does for the named algorithm: MPI Reduce of pre-weighted values under a
+shared mask (fedsparsify-global, and every algorithm the table gives a shared mask), or Gatherv of encoded
+models + streaming majority vote (fedsparsify-local). Prints one JSON line from rank 0: seconds per round in
+the collective and in aggregation, and the server's peak resident memory (the same start-up work at every
+size, so growth with the number of learners is what aggregation holds).
 """
 
 import json
@@ -14,10 +14,10 @@ import sys
 import time
 
 import numpy as np
-from mpi4py import MPI
 
 from fedmpi import encoding, pruning
 from fedmpi.aggregation import MajorityVote
+from fedmpi.algorithms import ALGORITHMS
 from fedmpi.wire import Wire
 
 
@@ -26,7 +26,9 @@ def rss_mb() -> float:
 
 
 def main(n: int, sparsity: float, variant: str, rounds: int = 3) -> None:
-    wire = Wire(MPI.COMM_WORLD)
+    """`variant`: an algorithm of fedmpi.algorithms; its table entry says which path the server takes."""
+    shared_mask = ALGORITHMS[variant].shared_mask
+    wire = Wire()
     rng = np.random.default_rng(wire.rank)
     shared = pruning.magnitude_mask(np.random.default_rng(0).standard_normal(n).astype(np.float32), sparsity)
     nnz = int(shared.sum())
@@ -34,7 +36,7 @@ def main(n: int, sparsity: float, variant: str, rounds: int = 3) -> None:
     for _ in range(rounds):
         wire.barrier()
         t0 = time.perf_counter()
-        if variant == "global":
+        if shared_mask:
             if wire.is_server:
                 summed = wire.reduce_sum(np.zeros(nnz, np.float32))
                 t1 = time.perf_counter()

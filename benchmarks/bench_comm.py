@@ -19,11 +19,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 from fedtools import MPIRUN, MPIRUN_FLAGS, metrics, run_fedmpi, write_split  # noqa: E402
 
+from preprocess.grid import target_grid  # noqa: E402
+
 
 def wire_bytes(rounds: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        split = write_split(tmp / "split", learners=8, per_learner=2, test=4, shape=(45, 54, 45))
+        split = write_split(tmp / "split", learners=8, per_learner=2, test=4, shape=target_grid(4)[0])
         print(f"\n### Bytes per round, 8 learners, {rounds} rounds, 184,625 parameters (width 0.25, 45x54x45)\n")
         print(
             "| algorithm | target | final sparsity | last round up | last round down | total up+down "
@@ -71,7 +73,7 @@ def aggregation(learners: list[int], n: int) -> None:
     print("| learners | variant | collective s | aggregate s | server peak RSS MB |")
     print("|---|---|---|---|---|")
     for k in learners:
-        for variant in ("global", "local"):
+        for variant in ("fedsparsify-global", "fedsparsify-local"):
             out = subprocess.run(
                 [
                     MPIRUN,

@@ -21,11 +21,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedmpi.model import BrainAgeCNN
 from fedmpi.training import local_train, predict
+from preprocess.grid import target_grid
 
 PRESETS = {
-    "full": ((91, 109, 91), 1.0, "the paper's model at 2 mm"),
-    "cpu-4mm": ((45, 54, 45), 0.25, "the demo's preset"),
-    "study-6mm": ((30, 36, 30), 0.25, "the CPU study's preset"),
+    "full": (target_grid(2)[0], 1.0, "the paper's model at 2 mm"),
+    "cpu-4mm": (target_grid(4)[0], 0.25, "the demo's preset"),
+    "study-6mm": (target_grid(6)[0], 0.25, "the CPU study's preset"),
 }
 
 

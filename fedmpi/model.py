@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 BLOCK_CHANNELS = (32, 64, 128, 256, 256)
 HEAD_CHANNELS = 64
 MAX_POOLS = len(BLOCK_CHANNELS)
+UKBB_MEAN_AGE = 62.68  # the paper's cohort mean: where the output starts when no training data says otherwise
 
 
 def _scaled(channels: int, width: float) -> int:
@@ -114,7 +115,7 @@ class BrainAgeCNN(nn.Module):
         width: float = 1.0,
         pools: int | None = None,
         dropout: float = 0.5,
-        mean_age: float = 62.68,
+        mean_age: float = UKBB_MEAN_AGE,
         init: str = "torch",
         norm_eps: float = 1e-5,
     ):
@@ -182,7 +183,7 @@ class BrainAgeCNN(nn.Module):
             return self.output(h.to(self.output.weight.dtype)).flatten()
 
 
-def build_model(cfg: Config, shape, mean_age: float = 62.68) -> BrainAgeCNN:
+def build_model(cfg: Config, shape, mean_age: float = UKBB_MEAN_AGE) -> BrainAgeCNN:
     """The configured model for volumes of `shape`, its output starting at `mean_age`."""
     m = cfg.model
     return BrainAgeCNN(

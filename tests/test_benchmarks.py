@@ -19,7 +19,7 @@ def _load(name: str):
 
 
 @pytest.mark.mpi(min_size=3)
-@pytest.mark.parametrize("variant", ["global", "local"])
+@pytest.mark.parametrize("variant", ["fedsparsify-global", "fedsparsify-local"])
 def test_bench_aggregate_runs_and_prints_its_line(variant, capsys):
     from mpi4py import MPI
 
