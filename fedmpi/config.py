@@ -17,10 +17,9 @@ from preprocess.distributions import validate as split_rule
 from preprocess.grid import GRIDS
 
 from .aggregation import RULES as MERGE_RULES
-from .algorithms import ALGORITHMS as ALGORITHM_TABLE
+from .algorithms import ALGORITHMS
 from .errors import ConfigError
 
-ALGORITHMS = tuple(ALGORITHM_TABLE)
 SCHEDULES = ("cubic", "fraction")
 DEVICES = ("auto", "cpu", "cuda")
 VOXELS = tuple(sorted(GRIDS))  # the MNI grids preprocess resamples to
@@ -367,20 +366,20 @@ def validate(cfg: Config) -> None:
     _check(t.weight_decay >= 0 and t.prox_mu >= 0, "train.weight_decay and train.prox_mu must be >= 0")
     _check(t.device in DEVICES, f"train.device must be one of {DEVICES}, got {t.device!r}")
     _check(t.threads >= 0, "train.threads must be >= 0")
-    _check(f.algorithm in ALGORITHMS, f"federation.algorithm must be one of {ALGORITHMS}, got {f.algorithm!r}")
+    _check(f.algorithm in ALGORITHMS, f"federation.algorithm must be one of {tuple(ALGORITHMS)}, got {f.algorithm!r}")
     _check(f.learners >= 1, "federation.learners must be >= 1")
     _check(f.rounds >= 1, "federation.rounds must be >= 1")
     _check(0 <= f.target < 1, f"federation.target must be in [0, 1), got {f.target}")
     _check(f.schedule in SCHEDULES, f"federation.schedule must be one of {SCHEDULES}, got {f.schedule!r}")
     _check(f.start >= 1, "federation.start must be >= 1")
-    unused = ALGORITHM_TABLE[f.algorithm].unused_options(f.schedule) if f.algorithm in ALGORITHMS else frozenset()
+    unused = ALGORITHMS[f.algorithm].unused_options(f.schedule) if f.algorithm in ALGORITHMS else frozenset()
     _check(
         "end" in unused or f.end == 0 or f.start < f.end <= f.rounds,
         f"federation.end must be 0 (the last round) or between federation.start and federation.rounds, got {f.end}",
     )
     _check(
         f.algorithm not in ALGORITHMS
-        or not ALGORITHM_TABLE[f.algorithm].progressive
+        or not ALGORITHMS[f.algorithm].progressive
         or ("end" in unused and f.rounds > f.start)
         or ("end" not in unused and cfg.schedule_end > f.start),
         "federation.rounds must exceed federation.start for a progressive schedule",
