@@ -347,7 +347,10 @@ def validate(cfg: Config) -> None:
     d, m, t, f, e, r = cfg.data, cfg.model, cfg.train, cfg.federation, cfg.eval, cfg.run
     _check(d.voxel in VOXELS, f"data.voxel must be one of {VOXELS}, got {d.voxel}")
     _check(0 < d.test_fraction < 1, f"data.test_fraction must be in (0, 1), got {d.test_fraction}")
-    _check(d.distribution in DISTRIBUTIONS, f"data.distribution must be one of {DISTRIBUTIONS}, got {d.distribution!r}")
+    _check(
+        d.distribution in DISTRIBUTIONS,
+        f"data.distribution must be one of {tuple(DISTRIBUTIONS)}, got {d.distribution!r}",
+    )
     _check(d.subjects >= 20, f"data.subjects must be at least 20, got {d.subjects}")
     if not d.dir and f.learners >= 1 and d.distribution in DISTRIBUTIONS:
         _check_synthetic_split(f.learners, d.distribution)

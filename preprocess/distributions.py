@@ -4,9 +4,24 @@ builds the splits)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from fedmpi.errors import UserError
 
-DISTRIBUTIONS = ("uniform-iid", "uniform-noniid", "skewed-noniid")
+
+@dataclass(frozen=True)
+class Distribution:
+    name: str
+    paired: bool = False  # learners come in pairs that share an age range: their count must be even
+    skewed: bool = False  # learners' sizes follow split.skewed_sizes (a few large sites, many small)
+
+
+# Table order is the order of listings and of the paper's figures; preprocess.split builds each by name.
+DISTRIBUTIONS = {
+    "uniform-iid": Distribution("uniform-iid"),
+    "uniform-noniid": Distribution("uniform-noniid", paired=True),
+    "skewed-noniid": Distribution("skewed-noniid", skewed=True),
+}
 TEST_FRACTION = 0.2  # the share of each age bin held out as test.h5 unless a split says otherwise
 
 
@@ -20,5 +35,5 @@ def validate(k: int, distribution: str) -> None:
         raise SplitError(f"unknown distribution {distribution!r}; choose one of {', '.join(DISTRIBUTIONS)}")
     if k < 1:
         raise SplitError(f"--learners must be >= 1, got {k}")
-    if distribution == "uniform-noniid" and k % 2:
-        raise SplitError(f"uniform-noniid pairs learners with similar age ranges, so --learners must be even (got {k})")
+    if DISTRIBUTIONS[distribution].paired and k % 2:
+        raise SplitError(f"{distribution} pairs learners with similar age ranges, so --learners must be even (got {k})")

@@ -26,7 +26,7 @@ import numpy as np
 
 from fedmpi.files import atomic_write, umask_mode
 from preprocess import bids, h5io, outputs
-from preprocess.distributions import TEST_FRACTION, SplitError, validate
+from preprocess.distributions import DISTRIBUTIONS, TEST_FRACTION, SplitError, validate
 from preprocess.layout import OWNED, PARTITION_FILE, TEST_FILE, learner_file
 
 N_BINS = 20
@@ -69,30 +69,43 @@ def _jittered_order(ages: np.ndarray, rng) -> np.ndarray:
     return np.argsort(ages + rng.normal(0.0, JITTER * span, size=len(ages)), kind="stable")
 
 
+def _uniform_iid(ages: np.ndarray, k: int, rng) -> list:
+    n = len(ages)
+    order = np.argsort(ages + rng.uniform(0, 1e-6, size=n), kind="stable")
+    # every run of k consecutive ages goes to k distinct learners: sizes equal within 1
+    owner = np.concatenate([rng.permutation(k) for _ in range(-(-n // k))])[:n]
+    return [order[owner == j] for j in range(k)]
+
+
+def _uniform_noniid(ages: np.ndarray, k: int, rng) -> list:
+    order = _jittered_order(ages, rng)
+    parts: list = [[] for _ in range(k)]
+    for g, group in enumerate(np.array_split(order, k // 2)):
+        first = rng.integers(2)
+        parts[2 * g + first] = group[0::2]
+        parts[2 * g + 1 - first] = group[1::2]
+    return parts
+
+
+def _skewed_noniid(ages: np.ndarray, k: int, rng) -> list:
+    order = _jittered_order(ages, rng)
+    sizes = skewed_sizes(len(ages), k)
+    placement = rng.permutation(k)  # learner placement[i] takes the i-th block along age
+    bounds = np.concatenate([[0], np.cumsum(sizes[placement])])
+    parts: list = [None] * k
+    for i, learner in enumerate(placement):
+        parts[learner] = order[bounds[i] : bounds[i + 1]]
+    return parts
+
+
+# How each distribution of preprocess.distributions is built: (ages, learners, rng) -> each learner's positions.
+BUILDERS = {"uniform-iid": _uniform_iid, "uniform-noniid": _uniform_noniid, "skewed-noniid": _skewed_noniid}
+
+
 def learner_indices(ages: np.ndarray, k: int, distribution: str, rng) -> list[np.ndarray]:
     """Positions (into `ages`) of each learner's subjects."""
-    n = len(ages)
-    check(n, k, distribution)
-    if distribution == "uniform-iid":
-        order = np.argsort(ages + rng.uniform(0, 1e-6, size=n), kind="stable")
-        # every run of k consecutive ages goes to k distinct learners: sizes equal within 1
-        owner = np.concatenate([rng.permutation(k) for _ in range(-(-n // k))])[:n]
-        parts = [order[owner == j] for j in range(k)]
-    elif distribution == "uniform-noniid":
-        order = _jittered_order(ages, rng)
-        parts = [[] for _ in range(k)]
-        for g, group in enumerate(np.array_split(order, k // 2)):
-            first = rng.integers(2)
-            parts[2 * g + first] = group[0::2]
-            parts[2 * g + 1 - first] = group[1::2]
-    else:
-        order = _jittered_order(ages, rng)
-        sizes = skewed_sizes(n, k)
-        placement = rng.permutation(k)  # learner placement[i] takes the i-th block along age
-        bounds = np.concatenate([[0], np.cumsum(sizes[placement])])
-        parts = [None] * k
-        for i, learner in enumerate(placement):
-            parts[learner] = order[bounds[i] : bounds[i + 1]]
+    check(len(ages), k, distribution)
+    parts = BUILDERS[distribution](ages, k, rng)
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
@@ -100,7 +113,7 @@ def check(n_train: int, k: int, distribution: str) -> None:
     """SplitError when the distribution cannot be built for n_train subjects and k learners."""
     validate(k, distribution)
     # k > n_train first: skewed_sizes allocates k numbers, and k comes from the command line
-    if k > n_train or (distribution == "skewed-noniid" and skewed_sizes(n_train, k)[-1] < 1):
+    if k > n_train or (DISTRIBUTIONS[distribution].skewed and skewed_sizes(n_train, k)[-1] < 1):
         raise SplitError(
             f"{n_train} training subjects cannot give each of {k} learners at least one subject under {distribution}"
         )
