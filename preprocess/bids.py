@@ -112,6 +112,9 @@ def read_participants(root: Path) -> list[dict[str, str]]:
             reader = csv.DictReader(f, delimiter="\t")
             try:
                 columns = reader.fieldnames or []
+                repeated = sorted({c for c in columns if columns.count(c) > 1})
+                if repeated:  # DictReader would keep the last one's values without a word
+                    raise DatasetError(f"{tsv} has column(s) {', '.join(repeated)} more than once; keep one")
                 absent = [c for c in REQUIRED_COLUMNS if c not in columns]
                 if absent == ["age"] and any(root.glob("sub-*/sub-*_sessions.tsv")):
                     absent = []  # a longitudinal dataset may keep its ages per session only
@@ -203,6 +206,10 @@ def scan(
         if len(paths) > 1:
             chosen = ", ".join(str(p.relative_to(root)) for p in paths)
             bad[pid] = f"several T1w images (choose one with --select, e.g. --select ses-2): {chosen}"
+            continue
+        named = next((e for e in entities(paths[0]) if e.startswith("sub-")), pid)
+        if named != pid:
+            bad[pid] = f"{paths[0].relative_to(root)} is named for {named}, not {pid}: which subject is it?"
             continue
         if not paths[0].exists():
             bad[pid] = (

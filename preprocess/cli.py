@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 from pathlib import Path
 
@@ -273,6 +274,10 @@ def main(argv=None) -> int:
     registration_only = args.command == "nifti" and (args.skull_strip != "none" or args.min_ncc is not None)
     if registration_only and args.register == "none":
         parser.error("--skull-strip and --min-ncc apply to registration: add --register affine or rigid")
+    # kill/SIGTERM (a job manager, docker stop, a parent's terminate()) stops like Ctrl-C: the worker pool is shut
+    # down; left to the default action, the parent dies at once and its spawned workers stay blocked forever on
+    # the pool's pipe (holding the terminal's or a pipeline's stdout open)
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return {"synth": _synth, "nifti": _nifti, "split": _split, "qc": _qc}[args.command](args)
     except (UserError, FileExistsError) as exc:
@@ -283,3 +288,9 @@ def main(argv=None) -> int:
             staged = f"; finished subjects stay in {convert.parts_dir(args.out)} and a re-run resumes"
         print(f"interrupted{staged}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt

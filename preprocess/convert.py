@@ -19,6 +19,7 @@ import json
 import shutil
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from fedmpi.errors import UserError
@@ -131,6 +132,8 @@ def _remove_temporaries(stage: Path) -> None:
 def check_outputs(out: Path) -> None:
     """OutputError now, before any subject is processed, for an output that could not be written."""
     outputs.check_file(out, "--out")
+    if out.is_file() and not h5py.is_hdf5(out):  # a slip of the shell (an input image, participants.tsv)
+        raise outputs.OutputError(f"--out {out} exists and is not an HDF5 file; it would be replaced, so it is refused")
     outputs.check_dir(parts_dir(out), "staging directory")
     outputs.check_file(skipped_report_path(out), "--skip-bad report")
 
@@ -166,7 +169,7 @@ def convert(
     params = {
         "voxel_mm": voxel,
         "dtype": dtype,
-        "reorient": "RAS+",
+        "reorient": "RAS+ (sform/qform set and agreeing; no plain Analyze)",
         "antialias": "gaussian, FWHM = target voxel",
         "interpolation": "trilinear",
         "mask": "nilearn MNI152 brain mask (ICBM 2009a) resampled, >= 0.5",

@@ -84,12 +84,47 @@ def load(path, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> tuple[np.ndarray, 
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise BadImage(f"{path.name} has a degenerate voxel-to-world affine")
+    orientation_problem(path.name, img)
     finite = np.isfinite(data)
     if not finite.any():
         raise BadImage(f"{path.name} has no finite voxel (all NaN or inf)")
     if not np.any(data[finite]):
         raise BadImage(f"{path.name} is all zeros")
     return data, affine
+
+
+def orientation_problem(name: str, img) -> None:
+    """BadImage when the header does not say which side is left: a NIfTI with neither sform nor qform
+    (nibabel then guesses the Analyze convention, x flipped), a plain Analyze file (no orientation at
+    all, radiological or neurological by the writer's habit) or a NIfTI whose sform and qform disagree
+    on the axis directions (nibabel takes the sform, ITK/ANTs and others may take the qform). Each of
+    these can mirror the hemispheres without moving the brain, which no later check would notice."""
+    header = img.header
+    if isinstance(img, (nib.Nifti1Image, nib.Nifti1Pair, nib.Nifti2Image, nib.Nifti2Pair)):
+        sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])
+        if sform_code == 0 and qform_code == 0:
+            raise BadImage(
+                f"{name} has sform_code and qform_code 0: its orientation (which side is left) is unknown; "
+                "set the sform/qform (e.g. fslorient or nibabel) to the image's real orientation"
+            )
+        if sform_code and qform_code:
+            sform, qform = header.get_sform(), header.get_qform()
+            same_axes = np.array_equal(nib.orientations.io_orientation(sform), nib.orientations.io_orientation(qform))
+            if not same_axes or np.sign(np.linalg.det(sform[:3, :3])) != np.sign(np.linalg.det(qform[:3, :3])):
+                raise BadImage(
+                    f"{name}: sform ({''.join(nib.aff2axcodes(sform))}) and qform ({''.join(nib.aff2axcodes(qform))}) "
+                    "disagree on the axis directions, so the hemispheres are ambiguous; make them agree "
+                    "(e.g. fslorient -copysform2qform once you know which is right)"
+                )
+    elif type(img).__name__.endswith("AnalyzeImage"):
+        # nibabel's Spm99/Spm2AnalyzeImage read a .mat beside the .hdr when there is one; without it
+        # the left-right axis is a guess (nibabel assumes radiological, many writers used neurological)
+        mat = Path(img.get_filename() or "").with_suffix(".mat")
+        if not mat.is_file():
+            raise BadImage(
+                f"{name} is an Analyze 7.5 image without SPM's .mat: which side is left is unknown; "
+                "convert it to NIfTI with a known orientation"
+            )
 
 
 def to_ras(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -2,7 +2,9 @@
 
 Workers are spawned (not forked): callers may live inside an MPI rank or a process that
 already imported torch, where fork is unsafe. Heavy shared inputs (templates, masks) go
-through `initializer` once per worker instead of once per task.
+through `initializer` once per worker instead of once per task, read from a private temporary
+file: sent with the spawn, megabytes of them kept the parent writing until the worker read them,
+and a worker that died first (a Ctrl-C during its start-up) left the parent blocked for ever.
 
 A worker that dies (the out-of-memory killer, a crash in native code) breaks the pool; each
 worker notes the job it is running in shared memory, so the error names the subjects that
@@ -14,11 +16,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import pickle
 import signal
+import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
+from pathlib import Path
 from typing import Any
 
 from fedmpi.errors import UserError
@@ -55,7 +61,8 @@ def run(
     from tqdm import tqdm
 
     n = max(1, min(workers or default_workers(), len(jobs)))
-    with tqdm(total=len(jobs), desc=desc, unit="subj", disable=not progress, leave=False) as bar:
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(tqdm(total=len(jobs), desc=desc, unit="subj", disable=not progress, leave=False))
         if n == 1:
             initializer(*initargs)
             for job in jobs:
@@ -65,12 +72,15 @@ def run(
         ctx = get_context("spawn")
         running = ctx.RawArray("q", n)  # per worker: 1 + index of the job it runs, 0 when idle
         slots = ctx.Value("i", 0)
+        shared = stack.enter_context(tempfile.TemporaryDirectory(prefix="preprocess-workers-"))
+        inputs = Path(shared) / "initargs.pickle"
+        inputs.write_bytes(pickle.dumps(initargs, protocol=pickle.HIGHEST_PROTOCOL))
         pool = ProcessPoolExecutor(
-            n, mp_context=ctx, initializer=_start_worker, initargs=(running, slots, initializer, *initargs)
+            n, mp_context=ctx, initializer=_start_worker, initargs=(running, slots, initializer, str(inputs))
         )
         broken = False
         try:
-            with _without_mpi_environment():
+            with _without_mpi_environment(), _spawning():
                 # submits all: the workers start here
                 results = pool.map(functools.partial(_tracked, func), enumerate(jobs), chunksize=1)
             try:
@@ -101,16 +111,41 @@ _RUNNING: Any = None
 _SLOT = -1
 
 
-def _start_worker(running, slots, initializer: Callable, *initargs) -> None:
-    """Take this worker's slot in the table of running jobs; ignore Ctrl-C (it reaches the whole
-    process group: only the parent reacts, workers just stop)."""
+@contextlib.contextmanager
+def _spawning() -> Iterator[None]:
+    """While the pool spawns its workers (a fraction of a second). A stop raised in the middle left the pool
+    half made: a worker cut off from its start-up data (it died printing "pickle data was truncated") or
+    never told to stop, waiting for work for ever. So SIGTERM is noted and taken once the workers are started,
+    and Ctrl-C is ignored: the workers inherit that, and a Ctrl-C reaching the whole process group no longer
+    kills them as they start (they ignore it from then on anyway). Python runs signal handlers in the main
+    thread only, so elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    previous = {
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: came.append(signum)),
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if came:
+            signal.raise_signal(came[0])
+
+
+def _start_worker(running, slots, initializer: Callable, inputs: str) -> None:
+    """Take this worker's slot in the table of running jobs, and run `initializer` on the inputs the parent
+    wrote; ignore Ctrl-C (it reaches the whole process group: only the parent reacts, workers just stop)."""
     global _RUNNING, _SLOT
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with slots.get_lock():
         _SLOT = slots.value
         slots.value += 1
     _RUNNING = running
-    initializer(*initargs)
+    initializer(*pickle.loads(Path(inputs).read_bytes()))  # the parent's own file, in its private directory
 
 
 def _tracked(func: Callable, item: tuple[int, Any]):

@@ -143,3 +143,22 @@ def test_ages_may_live_in_sessions_files_only(tmp_path):
     (root / "sub-01" / "sub-01_sessions.tsv").unlink()
     with pytest.raises(bids.DatasetError, match="lacks column\\(s\\) age"):
         bids.scan(root)
+
+
+def test_a_repeated_participants_column_is_refused_not_read_from_its_last_copy(tmp_path):
+    root = _dataset(tmp_path / "bids", ["sub-01/anat/sub-01_T1w.nii.gz"], "")
+    (root / "participants.tsv").write_text("participant_id\tage\tsex\tage\nsub-01\t50\tF\t70\n")
+    with pytest.raises(bids.DatasetError, match=r"has column\(s\) age more than once; keep one"):
+        bids.scan(root)
+
+
+def test_an_image_named_for_another_subject_than_its_folder_is_bad_input(tmp_path):
+    """A copy slip (sub-01/anat/sub-02_T1w.nii.gz) gave each image the other subject's age."""
+    root = _dataset(
+        tmp_path / "bids",
+        ["sub-01/anat/sub-02_T1w.nii.gz", "sub-02/anat/sub-01_T1w.nii.gz", "sub-03/anat/sub-03_T1w.nii.gz"],
+        "sub-01\t50\nsub-02\t70\nsub-03\t60\n",
+    )
+    entries, bad = bids.scan(root)
+    assert [e.participant_id for e in entries] == ["sub-03"]
+    assert bad["sub-01"] == "sub-01/anat/sub-02_T1w.nii.gz is named for sub-02, not sub-01: which subject is it?"

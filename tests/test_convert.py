@@ -462,8 +462,21 @@ def _out_under_proc(tmp_path):
     return Path("/proc/fedmpi-x.h5"), "cannot write --out /proc/fedmpi-x.h5: cannot create files in /proc"
 
 
+def _out_is_an_input(tmp_path):
+    (tmp_path / "notes.tsv").write_text("participant_id\tage\n")  # a slip of the shell: not an earlier output
+    return tmp_path / "notes.tsv", "notes.tsv exists and is not an HDF5 file; it would be replaced, so it is refused"
+
+
 @pytest.mark.parametrize(
-    "make", [_out_under_a_file, _out_is_a_directory, _stage_is_a_file, _report_is_a_directory, _out_under_proc]
+    "make",
+    [
+        _out_under_a_file,
+        _out_is_a_directory,
+        _stage_is_a_file,
+        _report_is_a_directory,
+        _out_under_proc,
+        _out_is_an_input,
+    ],
 )
 def test_unwritable_outputs_are_refused_before_any_subject(cohort, tmp_path, monkeypatch, capsys, make):
     root = _make_bids(cohort, tmp_path / "bids")
@@ -598,3 +611,46 @@ def test_an_empty_age_range_is_a_usage_error(tmp_path, capsys):
 def test_age_range_keeps_min_and_max_in_order(tmp_path):
     args = cli.build_parser().parse_args(["nifti", "--bids", str(tmp_path), "--out", "v.h5", "--age-range", "1", "90"])
     assert args.age_range == (1.0, 90.0)
+
+
+@pytest.mark.parametrize("sig, group", [(signal.SIGTERM, False), (signal.SIGINT, True)])
+def test_a_stop_while_the_workers_start_ends_the_run_and_its_workers(tmp_path, sig, group):
+    """SIGTERM to the main process (kill, docker stop, a parent's terminate()): it died at once and a spawned worker
+    stayed, blocked on the pool's pipe for ever (holding a pipeline's stdout open); now it stops like Ctrl-C. Ctrl-C
+    from a terminal (the whole group) as the workers started: a worker died before reading its start-up data and the
+    parent waited for ever to write it."""
+    import time
+
+    command = ["synth", "--out", str(tmp_path / "s"), "--subjects", "40", "--workers", "2"]
+    job = subprocess.Popen(
+        [sys.executable, "-m", "preprocess", *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while not subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True).stdout.split():
+        assert job.poll() is None and time.monotonic() < deadline, "no worker started"
+        time.sleep(0.1)
+    time.sleep(1)  # the workers are starting
+    if group:
+        os.killpg(job.pid, sig)
+    else:
+        job.send_signal(sig)
+    try:
+        _, err = job.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        pytest.fail(f"synth did not end after {sig.name}")
+    assert job.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    deadline = time.monotonic() + 20  # the workers and the resource tracker end once they see the parent go
+    while True:
+        try:
+            os.killpg(job.pid, 0)
+        except ProcessLookupError:
+            break
+        if time.monotonic() > deadline:
+            os.killpg(job.pid, signal.SIGKILL)
+            pytest.fail("processes of the interrupted run were left behind")
+        time.sleep(0.2)

@@ -281,3 +281,30 @@ def test_antialiasing_uses_each_array_axis_voxel_size_for_an_oblique_image(monke
     data = np.random.default_rng(0).uniform(1, 2, size=shape).astype(np.float32)
     nifti.to_mni(data, affine, 4, grid.brain_mask(4))
     np.testing.assert_allclose(seen[0], [1.0, 1.0, 3.0])
+
+
+def test_sform_and_qform_that_disagree_on_left_and_right_are_refused(ras_image, tmp_path):
+    """nibabel reads the sform, FSL and ITK may read the qform: one of them mirrors the hemispheres, and a nearly
+    symmetric brain passes every later check. Before, the sform silently won."""
+    img = nib.Nifti1Image(np.asarray(ras_image.dataobj), ras_image.affine)
+    img.header.set_sform(ras_image.affine, code=1)
+    img.header.set_qform(ras_image.affine @ np.diag([-1.0, 1, 1, 1]), code=1)
+    nib.save(img, tmp_path / "x.nii.gz")
+    with pytest.raises(nifti.BadImage, match=r"sform \(RAS\) and qform \(LAS\) disagree"):
+        nifti.load(tmp_path / "x.nii.gz")
+    img.header.set_qform(ras_image.affine, code=1)  # agreeing: accepted
+    nib.save(img, tmp_path / "y.nii.gz")
+    assert nifti.load(tmp_path / "y.nii.gz")[0].shape == ras_image.shape
+
+
+def test_an_image_without_orientation_is_refused(ras_image, tmp_path):
+    """Neither sform nor qform set (nibabel would guess Analyze's flipped x), or plain Analyze 7.5 without SPM's
+    .mat: which side is left is unknown."""
+    data = np.asarray(ras_image.dataobj).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, None), tmp_path / "x.nii")  # no affine given: both codes stay 0
+    with pytest.raises(nifti.BadImage, match="sform_code and qform_code 0: its orientation"):
+        nifti.load(tmp_path / "x.nii")
+    nib.save(nib.AnalyzeImage(data, ras_image.affine), tmp_path / "plain.hdr")
+    assert not (tmp_path / "plain.mat").exists()
+    with pytest.raises(nifti.BadImage, match=r"Analyze 7.5 image without SPM's .mat"):
+        nifti.load(tmp_path / "plain.hdr")

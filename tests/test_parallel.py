@@ -96,14 +96,17 @@ def test_a_finished_job_leaves_its_worker_slot(monkeypatch):
     assert list(running) == [0, 0]
 
 
-def test_a_worker_ignores_ctrl_c_and_runs_the_initializer(monkeypatch):
+def test_a_worker_ignores_ctrl_c_and_runs_the_initializer_on_the_inputs_the_parent_wrote(monkeypatch, tmp_path):
+    import pickle
+
     ctx = get_context("spawn")
     monkeypatch.setattr(parallel, "_RUNNING", None)
     monkeypatch.setattr(parallel, "_SLOT", -1)
     before = signal.getsignal(signal.SIGINT)
     got = []
+    (tmp_path / "inputs").write_bytes(pickle.dumps(("shared",)))
     try:
-        parallel._start_worker(ctx.RawArray("q", 2), ctx.Value("i", 1), got.append, "shared")
+        parallel._start_worker(ctx.RawArray("q", 2), ctx.Value("i", 1), got.append, str(tmp_path / "inputs"))
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
