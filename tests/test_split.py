@@ -368,9 +368,3 @@ def test_skewed_sizes_give_the_remainder_to_the_largest_fractions():
 def test_a_skewed_split_that_would_leave_a_learner_empty_is_refused():
     with pytest.raises(split.SplitError, match="cannot give each"):
         split.check(5, 5, "skewed-noniid")
-
-
-def test_every_distribution_of_the_table_has_a_builder():
-    assert list(split.BUILDERS) == list(DISTRIBUTIONS)
-    assert [d for d, rule in DISTRIBUTIONS.items() if rule.paired] == ["uniform-noniid"]
-    assert [d for d, rule in DISTRIBUTIONS.items() if rule.skewed] == ["skewed-noniid"]
