@@ -112,7 +112,7 @@ def read_participants(root: Path) -> list[dict[str, str]]:
             reader = csv.DictReader(f, delimiter="\t")
             try:
                 columns = reader.fieldnames or []
-                repeated = sorted({c for c in columns if columns.count(c) > 1})
+                repeated = sorted({c for c in columns if c.strip() and columns.count(c) > 1})  # not blank ones
                 if repeated:  # DictReader would keep the last one's values without a word
                     raise DatasetError(f"{tsv} has column(s) {', '.join(repeated)} more than once; keep one")
                 absent = [c for c in REQUIRED_COLUMNS if c not in columns]

@@ -108,7 +108,11 @@ def orientation_problem(name: str, img) -> None:
                 "set the sform/qform (e.g. fslorient or nibabel) to the image's real orientation"
             )
         if sform_code and qform_code:
-            sform, qform = header.get_sform(), header.get_qform()
+            sform = header.get_sform()
+            try:
+                qform = header.get_qform()
+            except (ValueError, nib.spatialimages.HeaderDataError) as exc:  # e.g. a quaternion out of range
+                raise BadImage(f"{name} has an unreadable qform ({exc}); fix or clear it (qform_code 0)") from None
             same_axes = np.array_equal(nib.orientations.io_orientation(sform), nib.orientations.io_orientation(qform))
             if not same_axes or np.sign(np.linalg.det(sform[:3, :3])) != np.sign(np.linalg.det(qform[:3, :3])):
                 raise BadImage(

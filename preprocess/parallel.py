@@ -104,7 +104,12 @@ def run(
                     proc.kill()
                 pool.shutdown(wait=False, cancel_futures=True)
             else:  # on Ctrl-C or an error: finish the running tasks, drop the queued ones
-                pool.shutdown(wait=True, cancel_futures=True)
+                try:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                except BaseException:  # a second Ctrl-C: stop waiting, and leave no worker behind
+                    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                        proc.kill()
+                    raise
 
 
 _RUNNING: Any = None

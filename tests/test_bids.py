@@ -162,3 +162,11 @@ def test_an_image_named_for_another_subject_than_its_folder_is_bad_input(tmp_pat
     entries, bad = bids.scan(root)
     assert [e.participant_id for e in entries] == ["sub-03"]
     assert bad["sub-01"] == "sub-01/anat/sub-02_T1w.nii.gz is named for sub-02, not sub-01: which subject is it?"
+
+
+def test_blank_trailing_columns_are_not_repeated_columns(tmp_path):
+    """Spreadsheet exports end rows with empty cells: a header with blank names is not a repeated column."""
+    root = _dataset(tmp_path / "bids", ["sub-01/anat/sub-01_T1w.nii.gz"], "")
+    (root / "participants.tsv").write_text("participant_id\tage\t\t\nsub-01\t50\t\t\n")
+    entries, bad = bids.scan(root)
+    assert [e.age for e in entries] == [50.0] and bad == {}

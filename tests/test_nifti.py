@@ -308,3 +308,13 @@ def test_an_image_without_orientation_is_refused(ras_image, tmp_path):
     assert not (tmp_path / "plain.mat").exists()
     with pytest.raises(nifti.BadImage, match=r"Analyze 7.5 image without SPM's .mat"):
         nifti.load(tmp_path / "plain.hdr")
+
+
+def test_an_unreadable_qform_is_bad_input_not_a_crash(tmp_path):
+    """A quaternion out of range made nibabel raise ValueError from get_qform, which ended the whole run."""
+    img = nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4))
+    img.header.set_qform(np.eye(4), code=1)
+    img.header["quatern_b"], img.header["quatern_c"], img.header["quatern_d"] = 0.9, 0.9, 0.9
+    nib.save(img, tmp_path / "q.nii")
+    with pytest.raises(nifti.BadImage, match=r"^q.nii has an unreadable qform"):
+        nifti.load(tmp_path / "q.nii")

@@ -134,3 +134,24 @@ def test_queued_jobs_are_dropped_when_the_caller_stops(tmp_path):
     assert next(results) == 0
     results.close()  # as a caller's Ctrl-C or error does: the pool shuts down here
     assert len(list(tmp_path.glob("ran-*"))) < 10
+
+
+def test_while_the_workers_are_spawned_sigterm_waits_and_ctrl_c_is_ignored():
+    """A stop raised in the middle of spawning left the pool half made; SIGTERM is taken once it is done, and
+    Ctrl-C is ignored there (the workers inherit that as they start)."""
+    import os
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous, interrupt = signal.signal(signal.SIGTERM, stop), signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(KeyboardInterrupt), parallel._spawning():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)
+            reached = True  # neither stop was raised here
+        assert reached and signal.getsignal(signal.SIGTERM) is stop
+        assert signal.getsignal(signal.SIGINT) is interrupt
+    finally:
+        signal.signal(signal.SIGTERM, previous)
