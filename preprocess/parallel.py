@@ -116,25 +116,27 @@ _RUNNING: Any = None
 _SLOT = -1
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def _spawning() -> Iterator[None]:
-    """While the pool spawns its workers (a fraction of a second). A stop raised in the middle left the pool
-    half made: a worker cut off from its start-up data (it died printing "pickle data was truncated") or
-    never told to stop, waiting for work for ever. So SIGTERM is noted and taken once the workers are started,
-    and Ctrl-C is ignored: the workers inherit that, and a Ctrl-C reaching the whole process group no longer
-    kills them as they start (they ignore it from then on anyway). Python runs signal handlers in the main
-    thread only, so elsewhere nothing changes."""
+    """While the pool spawns its workers. A stop raised in the middle left the pool half made: a worker cut off
+    from its start-up data (it died printing "pickle data was truncated") or never told to stop, waiting for
+    work for ever. So Ctrl-C and SIGTERM are noted here and taken once the workers are started; and they are
+    blocked meanwhile, a mask the workers inherit, so that a Ctrl-C reaching the whole process group does not
+    kill them as they start (they ignore it from then on). Python runs signal handlers in the main thread only,
+    so elsewhere nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     came: list[int] = []
-    previous = {
-        signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
-        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: came.append(signum)),
-    }
+    previous = {sig: signal.signal(sig, lambda signum, frame: came.append(signum)) for sig in STOP_SIGNALS}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if came:
@@ -146,6 +148,7 @@ def _start_worker(running, slots, initializer: Callable, inputs: str) -> None:
     wrote; ignore Ctrl-C (it reaches the whole process group: only the parent reacts, workers just stop)."""
     global _RUNNING, _SLOT
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the parent while it spawned this worker
     with slots.get_lock():
         _SLOT = slots.value
         slots.value += 1

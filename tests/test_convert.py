@@ -633,7 +633,7 @@ def test_a_stop_while_the_workers_start_ends_the_run_and_its_workers(tmp_path, s
     while not subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True).stdout.split():
         assert job.poll() is None and time.monotonic() < deadline, "no worker started"
         time.sleep(0.1)
-    time.sleep(1)  # the workers are starting
+    time.sleep(1)  # the workers are starting (the first child is multiprocessing's resource tracker)
     if group:
         os.killpg(job.pid, sig)
     else:

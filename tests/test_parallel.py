@@ -136,9 +136,9 @@ def test_queued_jobs_are_dropped_when_the_caller_stops(tmp_path):
     assert len(list(tmp_path.glob("ran-*"))) < 10
 
 
-def test_while_the_workers_are_spawned_sigterm_waits_and_ctrl_c_is_ignored():
-    """A stop raised in the middle of spawning left the pool half made; SIGTERM is taken once it is done, and
-    Ctrl-C is ignored there (the workers inherit that as they start)."""
+def test_while_the_workers_are_spawned_a_stop_waits_until_they_are_started():
+    """A stop raised in the middle of spawning left the pool half made: Ctrl-C and SIGTERM are taken once it is
+    done, and blocked meanwhile (the workers inherit the mask as they start)."""
     import os
 
     def stop(signum, frame):
@@ -146,12 +146,13 @@ def test_while_the_workers_are_spawned_sigterm_waits_and_ctrl_c_is_ignored():
 
     previous, interrupt = signal.signal(signal.SIGTERM, stop), signal.getsignal(signal.SIGINT)
     try:
-        with pytest.raises(KeyboardInterrupt), parallel._spawning():
-            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-            os.kill(os.getpid(), signal.SIGTERM)
-            os.kill(os.getpid(), signal.SIGINT)
-            reached = True  # neither stop was raised here
-        assert reached and signal.getsignal(signal.SIGTERM) is stop
-        assert signal.getsignal(signal.SIGINT) is interrupt
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with pytest.raises(KeyboardInterrupt), parallel._spawning():
+                assert set(parallel.STOP_SIGNALS) <= signal.pthread_sigmask(signal.SIG_BLOCK, [])
+                os.kill(os.getpid(), sig)
+                reached = True  # the stop was not raised here
+            assert reached and not set(parallel.STOP_SIGNALS) & signal.pthread_sigmask(signal.SIG_BLOCK, [])
+            assert signal.getsignal(signal.SIGTERM) is stop and signal.getsignal(signal.SIGINT) is interrupt
+            reached = False
     finally:
         signal.signal(signal.SIGTERM, previous)
