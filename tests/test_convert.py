@@ -628,6 +628,8 @@ def test_a_stop_while_the_workers_start_ends_the_run_and_its_workers(tmp_path, s
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        # as from a terminal: a test run started in the background (nohup ... &) would pass Ctrl-C on ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while not subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True).stdout.split():

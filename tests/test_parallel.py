@@ -144,7 +144,8 @@ def test_while_the_workers_are_spawned_a_stop_waits_until_they_are_started():
     def stop(signum, frame):
         raise KeyboardInterrupt
 
-    previous, interrupt = signal.signal(signal.SIGTERM, stop), signal.getsignal(signal.SIGINT)
+    # pytest started in the background (nohup ... &) inherits Ctrl-C ignored: give it Python's own handler
+    previous, interrupt = signal.signal(signal.SIGTERM, stop), signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with pytest.raises(KeyboardInterrupt), parallel._spawning():
@@ -152,7 +153,9 @@ def test_while_the_workers_are_spawned_a_stop_waits_until_they_are_started():
                 os.kill(os.getpid(), sig)
                 reached = True  # the stop was not raised here
             assert reached and not set(parallel.STOP_SIGNALS) & signal.pthread_sigmask(signal.SIG_BLOCK, [])
-            assert signal.getsignal(signal.SIGTERM) is stop and signal.getsignal(signal.SIGINT) is interrupt
+            assert signal.getsignal(signal.SIGTERM) is stop
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
             reached = False
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, interrupt)
