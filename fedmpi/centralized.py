@@ -35,7 +35,7 @@ def run_centralized(cfg, data_dir: Path, resume: bool, overwrite: bool, should_s
         for p in files:
             head = check_volumes(p)
             if tuple(head["shape"]) != volume_shape(checked.info[0]):
-                raise DataError(f"{p}: volume shape {tuple(head['shape'])} differs from test.h5's")
+                raise DataError(f"{p}: volume shape {tuple(head['shape'])} differs from {TEST_FILE}'s")
             split[p.name] = head["digest"]
         problems = split_problems(checked.resume[2].get("split") if checked.resume else None, split)
         if problems:

@@ -100,7 +100,7 @@ def orientation_problem(name: str, img) -> None:
     on the axis directions (nibabel takes the sform, ITK/ANTs and others may take the qform). Each of
     these can mirror the hemispheres without moving the brain, which no later check would notice."""
     header = img.header
-    if isinstance(img, (nib.Nifti1Image, nib.Nifti1Pair, nib.Nifti2Image, nib.Nifti2Pair)):
+    if isinstance(img, nib.Nifti1Pair):  # every NIfTI-1/2 image or pair
         sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])
         if sform_code == 0 and qform_code == 0:
             raise BadImage(
@@ -120,7 +120,7 @@ def orientation_problem(name: str, img) -> None:
                     "disagree on the axis directions, so the hemispheres are ambiguous; make them agree "
                     "(e.g. fslorient -copysform2qform once you know which is right)"
                 )
-    elif type(img).__name__.endswith("AnalyzeImage"):
+    elif isinstance(img, nib.AnalyzeImage):
         # nibabel's Spm99/Spm2AnalyzeImage read a .mat beside the .hdr when there is one; without it
         # the left-right axis is a guess (nibabel assumes radiological, many writers used neurological)
         mat = Path(img.get_filename() or "").with_suffix(".mat")

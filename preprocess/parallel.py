@@ -100,16 +100,19 @@ def run(
                 ) from None
         finally:
             if broken:  # the survivors can stay blocked on the dead pool's queue: waiting for them can hang
-                for proc in list((getattr(pool, "_processes", None) or {}).values()):
-                    proc.kill()
+                _kill_workers(pool)
                 pool.shutdown(wait=False, cancel_futures=True)
             else:  # on Ctrl-C or an error: finish the running tasks, drop the queued ones
                 try:
                     pool.shutdown(wait=True, cancel_futures=True)
                 except BaseException:  # a second Ctrl-C: stop waiting, and leave no worker behind
-                    for proc in list((getattr(pool, "_processes", None) or {}).values()):
-                        proc.kill()
+                    _kill_workers(pool)
                     raise
+
+
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        proc.kill()
 
 
 _RUNNING: Any = None
