@@ -276,6 +276,13 @@ def prepare_data(cfg: Config, wire) -> Path:
     return data_dir if wire.rank == 0 else cohort()
 
 
+def default_mpirun() -> str:
+    """The venv's own mpirun (the mpich wheel's), else the one on PATH: a venv set up for the site's MPI
+    (`make setup MPI=system`) has none, as the Makefile knows. For the tools that start federations."""
+    own = Path(sys.executable).with_name("mpirun")
+    return str(own) if own.exists() else "mpirun"
+
+
 def torch_threads(configured: int, local_size: int) -> int:
     """train.threads; else OMP_NUM_THREADS, which a batch script sets to the cores it gave each task (srun
     binds each rank to its own); else, as under a workstation's mpirun where every rank may use every core,

@@ -37,6 +37,7 @@ from make_configs import FAMILIES, configs  # noqa: E402
 
 from fedmpi.algorithms import ALGORITHMS  # noqa: E402
 from fedmpi.config import load_config  # noqa: E402
+from fedmpi.launch import default_mpirun  # noqa: E402
 from fedmpi.resume import finished, recorded_key, resume_key  # noqa: E402
 from fedmpi.runlog import read_json, stopped_early  # noqa: E402
 
@@ -263,13 +264,6 @@ def run_paper(args) -> int:
             call([sys.executable, "-m", "fedmpi", "attack", "--run", str(summary.parent)])
     call([sys.executable, "-m", "fedmpi", "report", str(out), "--out", str(args.report or out / "report")])
     return 0
-
-
-def default_mpirun() -> str:
-    """The venv's own mpirun (the mpich wheel's), else the one on PATH: a venv set up for the site's MPI
-    (`make setup MPI=system`) has none, as the Makefile knows."""
-    own = Path(sys.executable).with_name("mpirun")
-    return str(own) if own.exists() else "mpirun"
 
 
 def main(argv: list[str] | None = None) -> int:

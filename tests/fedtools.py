@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,13 +14,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from fedmpi.launch import default_mpirun
+
 SHAPE = (16, 20, 16)
 # The launcher the tests start jobs with: FEDMPI_MPIRUN, flags allowed (the Makefile passes its MPIRUN), else
 # the mpirun beside this Python (the mpich wheel's), else the one on PATH (a site's MPI module, mpi4py built
 # against it). FEDMPI_MPIRUN_FLAGS adds flags, e.g. Open MPI's --oversubscribe (README, "Tests and CI").
-_BESIDE = Path(sys.executable).with_name("mpirun")
-_FOUND = str(_BESIDE) if _BESIDE.exists() else shutil.which("mpirun") or str(_BESIDE)
-MPIRUN, *_GIVEN_FLAGS = shlex.split(os.environ.get("FEDMPI_MPIRUN", "")) or [_FOUND]
+MPIRUN, *_GIVEN_FLAGS = shlex.split(os.environ.get("FEDMPI_MPIRUN", "")) or [default_mpirun()]
 MPIRUN = os.path.abspath(MPIRUN) if os.sep in MPIRUN else MPIRUN  # tests start jobs from other directories
 MPIRUN_FLAGS = [*_GIVEN_FLAGS, *os.environ.get("FEDMPI_MPIRUN_FLAGS", "").split()]
 

@@ -335,3 +335,11 @@ def test_the_synthetic_cohorts_split_problems_name_this_configurations_options(t
     )
     with pytest.raises(ConfigError, match=r"^the synthetic cohort \(data.dir empty\): data\.test_fraction 0\.01 holds"):
         launch.prepare_data(cfg, types.SimpleNamespace(rank=0, size=1))
+
+
+def test_the_launcher_is_the_venvs_mpirun_else_the_one_on_path(tmp_path, monkeypatch):
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "bin" / "python"))
+    assert launch.default_mpirun() == "mpirun"  # a venv set up for the site's MPI has none of its own
+    (tmp_path / "bin" / "mpirun").touch()
+    assert launch.default_mpirun() == str(tmp_path / "bin" / "mpirun")
