@@ -11,7 +11,7 @@ from fedtools import SHAPE, write_volumes
 from torch.utils.data import DataLoader
 
 from fedmpi.config import Config
-from fedmpi.data import VolumeDataset, open_volumes, read_header, synthetic_cohort
+from fedmpi.data import VolumeDataset, check_volumes, file_digest, open_volumes, read_header, synthetic_cohort
 from fedmpi.errors import DataError, UserError
 from preprocess import h5io
 
@@ -168,3 +168,42 @@ def test_open_volumes_caches_as_configured(small, cache, cached):
     cfg.data.cache = cache
     ds = open_volumes(small, cfg, torch.device("cpu"))
     assert (ds[1][0] is ds[1][0]) == cached
+
+
+def _file(path, ages, seed=0):
+    write_volumes(path, np.asarray(ages, np.float64), np.random.default_rng(seed))
+    return path
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 0.0, -5.0, 300.0, 1e3, float("inf")])
+def test_implausible_or_missing_ages_are_refused_naming_the_file(tmp_path, bad):
+    path = _file(tmp_path / "learner_3.h5", [50.0, 61.5, 70.0])
+    with h5py.File(path, "r+") as f:
+        f["age"][1] = bad
+    with pytest.raises(DataError, match=r"learner_3.h5: 1 age\(s\) not in \(0, 120\] years: #1"):
+        check_volumes(path)
+
+
+def test_non_finite_volume_and_empty_file_are_refused(tmp_path):
+    path = _file(tmp_path / "test.h5", [50.0, 60.0, 70.0])
+    with h5py.File(path, "r+") as f:
+        vol = f["images"][2]
+        vol[3, 3, 3] = np.nan
+        f["images"][2] = vol
+    with pytest.raises(DataError, match=r"test.h5: volume 2 holds non-finite values"):
+        check_volumes(path)
+    empty = tmp_path / "empty.h5"
+    with h5py.File(path, "r") as src, h5py.File(empty, "w") as dst:
+        for name in src:
+            dst.create_dataset(name, data=src[name][:0], maxshape=src[name].shape)
+        dst.attrs.update(src.attrs)
+    with pytest.raises(DataError, match=r"empty.h5: no volumes"):
+        check_volumes(empty)
+
+
+def test_digest_follows_the_subjects_not_the_file(tmp_path):
+    a = _file(tmp_path / "a.h5", [50.0, 60.0])
+    b = _file(tmp_path / "b.h5", [50.0, 60.0])  # same subjects and ages, written anew
+    c = _file(tmp_path / "c.h5", [50.0, 61.0])
+    assert file_digest(a) == file_digest(b) != file_digest(c)
+    assert check_volumes(a)["digest"] == file_digest(a)

@@ -1,58 +1,16 @@
-"""What the trainer checks of a volume file before training (data.check_volumes, data.file_digest) and of
-a run directory before resuming (resume.resume_point, setting_changes, split_problems)."""
+"""What the trainer checks of a run directory before resuming (resume.resume_point, setting_changes,
+split_problems)."""
 
 from __future__ import annotations
 
-import h5py
 import numpy as np
 import pytest
-from fedtools import write_volumes
 
 from fedmpi.checkpoint import Checkpoints
 from fedmpi.config import load_config
-from fedmpi.data import check_volumes, file_digest
-from fedmpi.errors import ConfigError, DataError
+from fedmpi.errors import ConfigError
 from fedmpi.resume import resume_key, resume_point, setting_changes, split_problems
 from fedmpi.runlog import RunLog
-
-
-def _file(path, ages, seed=0):
-    write_volumes(path, np.asarray(ages, np.float64), np.random.default_rng(seed))
-    return path
-
-
-@pytest.mark.parametrize("bad", [float("nan"), 0.0, -5.0, 300.0, 1e3, float("inf")])
-def test_implausible_or_missing_ages_are_refused_naming_the_file(tmp_path, bad):
-    path = _file(tmp_path / "learner_3.h5", [50.0, 61.5, 70.0])
-    with h5py.File(path, "r+") as f:
-        f["age"][1] = bad
-    with pytest.raises(DataError, match=r"learner_3.h5: 1 age\(s\) not in \(0, 120\] years: #1"):
-        check_volumes(path)
-
-
-def test_non_finite_volume_and_empty_file_are_refused(tmp_path):
-    path = _file(tmp_path / "test.h5", [50.0, 60.0, 70.0])
-    with h5py.File(path, "r+") as f:
-        vol = f["images"][2]
-        vol[3, 3, 3] = np.nan
-        f["images"][2] = vol
-    with pytest.raises(DataError, match=r"test.h5: volume 2 holds non-finite values"):
-        check_volumes(path)
-    empty = tmp_path / "empty.h5"
-    with h5py.File(path, "r") as src, h5py.File(empty, "w") as dst:
-        for name in src:
-            dst.create_dataset(name, data=src[name][:0], maxshape=src[name].shape)
-        dst.attrs.update(src.attrs)
-    with pytest.raises(DataError, match=r"empty.h5: no volumes"):
-        check_volumes(empty)
-
-
-def test_digest_follows_the_subjects_not_the_file(tmp_path):
-    a = _file(tmp_path / "a.h5", [50.0, 60.0])
-    b = _file(tmp_path / "b.h5", [50.0, 60.0])  # same subjects and ages, written anew
-    c = _file(tmp_path / "c.h5", [50.0, 61.0])
-    assert file_digest(a) == file_digest(b) != file_digest(c)
-    assert check_volumes(a)["digest"] == file_digest(a)
 
 
 def test_split_problems_name_the_changed_files():
