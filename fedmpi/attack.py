@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -44,6 +45,26 @@ from .training import GRAD_STATS, per_sample_features, select_device
 
 FPRS = (("tpr_at_1pct_fpr", 0.01), ("tpr_at_0.1pct_fpr", 0.001))
 BOOTSTRAP_RESAMPLES = 2000
+
+
+class Attack(NamedTuple):
+    """How an attack scores a subject. "loss" fits nothing: the negated loss, thresholded. "logistic" and
+    "mlp" learn from the prediction, its errors and the age, plus `gradients` (of training.GRAD_STATS, per
+    tensor) and, with `activations`, the head's pooled activations."""
+
+    scorer: str
+    gradients: tuple[str, ...] = ()
+    activations: bool = False
+
+
+# One row per attack, in ATTACKS' order (tests/test_attack.py holds them to it).
+ATTACK_KINDS = {
+    "loss_threshold": Attack("loss"),
+    "black_box": Attack("logistic"),
+    "white_box": Attack("logistic", GRAD_STATS[:1]),
+    "white_box_mlp": Attack("mlp", GRAD_STATS, activations=True),
+}
+LEARNED = tuple(name for name, spec in ATTACK_KINDS.items() if spec.scorer != "loss")
 
 
 # ---------------------------------------------------------------- metrics (pure numpy)
@@ -299,13 +320,13 @@ def feature_matrix(features: dict[str, np.ndarray], ages: np.ndarray, kind: str)
     norm) per tensor; white_box_mlp adds log(1 + x) of every GRAD_STATS statistic per tensor
     and the head's pooled activations. Gradient magnitudes are heavy-tailed, hence the log.
     """
-    if kind not in ATTACKS[1:]:
-        raise ValueError(f"kind must be one of {ATTACKS[1:]}, got {kind!r}")
+    if kind not in LEARNED:
+        raise ValueError(f"kind must be one of {LEARNED}, got {kind!r}")
+    spec = ATTACK_KINDS[kind]
     cols = [features["pred"], features["abs_error"], features["loss"], np.asarray(ages)]
     x = np.stack([np.asarray(c, dtype=np.float64).reshape(-1) for c in cols], axis=1)
-    grads = {"black_box": (), "white_box": GRAD_STATS[:1], "white_box_mlp": GRAD_STATS}[kind]
-    parts = [x] + [np.log1p(np.asarray(features[g], dtype=np.float64)) for g in grads]
-    if kind == "white_box_mlp":
+    parts = [x] + [np.log1p(np.asarray(features[g], dtype=np.float64)) for g in spec.gradients]
+    if spec.activations:
         parts.append(np.asarray(features["activations"], dtype=np.float64))
     return np.hstack(parts)
 
@@ -339,18 +360,19 @@ def evaluate_attack(
     attacker-train scores and applied unchanged to attacker-eval. loss_threshold fits nothing
     but that threshold. `seed` drives the MLP and the bootstrap.
     """
-    if kind not in ATTACKS:
+    if kind not in ATTACK_KINDS:
         raise ValueError(f"kind must be one of {ATTACKS}, got {kind!r}")
+    scorer = ATTACK_KINDS[kind].scorer
     labels = np.asarray(labels).astype(np.int64)
     train = np.asarray(train, dtype=bool)
-    if kind == "loss_threshold":
+    if scorer == "loss":
         scores, n_features = -np.asarray(features["loss"], dtype=np.float64), 1
     else:
         x = feature_matrix(features, ages, kind)
         mean, std = standardizer(x[train])
         x = (x - mean) / std
         n_features = x.shape[1]
-        if kind == "white_box_mlp":
+        if scorer == "mlp":
             scores = mlp_scores(fit_mlp(x[train], labels[train], seed=seed), x)
         else:
             scores = logistic_scores(x, fit_logistic(x[train], labels[train]))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from fedmpi import attack, training
+from fedmpi import attack, tables, training
 from fedmpi.errors import EXIT_USAGE
 from fedmpi.model import BrainAgeCNN
 
@@ -467,3 +467,8 @@ def test_loss_threshold_accuracy_uses_the_threshold_chosen_on_attacker_train():
     r = attack.evaluate_attack({"loss": losses}, np.zeros(8), np.r_[np.ones(4), np.zeros(4)], train, "loss_threshold")
     # train: members 1, 2 vs non-members 5, 6 -> member iff loss <= somewhere in (2, 5]; on eval every row is wrong
     assert r["auc"] == 0.0 and r["accuracy"] == 0.0
+
+
+def test_the_attack_table_lists_every_attack_in_the_reports_order():
+    assert tuple(attack.ATTACK_KINDS) == tables.ATTACK_ORDER
+    assert tuple(k for k in tables.ATTACK_ORDER if k != "loss_threshold") == attack.LEARNED
