@@ -22,6 +22,7 @@ from fedmpi.wire import Wire
 
 
 def rss_mb() -> float:
+    """This process's peak resident memory in MB (ru_maxrss counts kB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -23,6 +23,7 @@ from preprocess.grid import target_grid  # noqa: E402
 
 
 def wire_bytes(rounds: int) -> None:
+    """Part 1: the trainer's byte counters over a short run of each algorithm and target, as a markdown table."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         split = write_split(tmp / "split", learners=8, per_learner=2, test=4, shape=target_grid(4)[0])
@@ -69,6 +70,7 @@ def wire_bytes(rounds: int) -> None:
 
 
 def aggregation(learners: list[int], n: int) -> None:
+    """Part 2: bench_aggregate.py under mpirun for each learner count and both merge paths, as a markdown table."""
     print(f"\n### Server aggregation, {n:,} parameters at sparsity 0.9 (mean of 3 rounds)\n")
     print("| learners | variant | collective s | aggregate s | server peak RSS MB |")
     print("|---|---|---|---|---|")

@@ -75,6 +75,7 @@ def _registration_rows(tmp: Path, subjects: int) -> list[tuple[str, str, str]]:
 
 
 def main() -> None:
+    """Time each step of the data path on a fresh cohort in a temporary directory, and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subjects", type=int, default=16, help="subjects to synthesise and preprocess")
     parser.add_argument("--volumes", type=int, default=200, help="rows of the 2 mm read-test file")

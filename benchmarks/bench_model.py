@@ -45,6 +45,7 @@ def measure(shape, width: float, batch: int, steps: int) -> tuple[float, float]:
 
 
 def main() -> int:
+    """Print a table row per preset and thread count (one thread, and every core)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=4)

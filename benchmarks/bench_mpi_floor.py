@@ -69,6 +69,8 @@ def mpi_floor(learners: int, per_learner: int, rounds: int) -> float:
 
 
 def main() -> int:
+    """Alternate plain floors with MPI floors and print each repeat's ratio; with --rank (the command mpi_floor
+    starts), be one rank of an MPI floor instead."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_round.add_workload_arguments(ap)
     ap.add_argument("--repeats", type=int, default=3, help="MPI floors, each between two plain floors")

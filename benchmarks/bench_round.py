@@ -149,6 +149,8 @@ def add_workload_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def main() -> int:
+    """Alternate floors and federations on one workload and print every federation round against its floors, then
+    each federation's ratio in a summary table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_arguments(ap)
     ap.add_argument("--repeats", type=int, default=4, help="federations, each between two floors")

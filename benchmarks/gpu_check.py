@@ -36,6 +36,7 @@ def _sync(device: torch.device) -> None:
 
 
 def step_times(device: torch.device, shape, width: float, steps: int) -> None:
+    """Part 1: seconds per training step at each precision, channels-last off and on, after a warm-up."""
     print("\n| model step, batch 4 | precision | channels-last | s/step | volumes/s |")
     print("|---|---|---|---:|---:|")
     for amp in AUTOCAST:
@@ -54,6 +55,7 @@ def step_times(device: torch.device, shape, width: float, steps: int) -> None:
 
 
 def eval_throughput(device: torch.device, shape, width: float, batches: int) -> None:
+    """Part 2: evaluated volumes per second at each precision."""
     print("\n| evaluation, batch 8 | precision | volumes/s |")
     print("|---|---|---:|")
     torch.manual_seed(0)
@@ -69,6 +71,7 @@ def eval_throughput(device: torch.device, shape, width: float, batches: int) -> 
 
 
 def loader_throughput(device: torch.device, path: Path) -> None:
+    """Part 3: volumes per second the data loader delivers into the device, for each data.cache."""
     print("\n| data loader into the device, batch 4 | volumes/s |")
     print("|---|---:|")
     for cache, label in (
@@ -98,6 +101,7 @@ def loader_throughput(device: torch.device, path: Path) -> None:
 
 
 def main() -> int:
+    """Every part on the GPU (GPU_CHECK_SMOKE=1: tiny sizes on the CPU), each printed as a markdown table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True, help="a 2 mm volume file (gpu_check.sh writes one)")
     args = ap.parse_args()

@@ -16,6 +16,8 @@ from .schedule import ConstantSchedule, CubicSchedule, FractionSchedule, OneShot
 
 @dataclass(frozen=True)
 class Algorithm:
+    """One algorithm's row of the table (ALGORITHMS): the facts the loops, the configuration and the report read."""
+
     name: str
     prune_at: str  # "server" (after aggregation), "learner" (after local training), "start" (a mask before training)
     # or "never"
@@ -95,6 +97,7 @@ if TYPE_CHECKING:
 
 
 def algorithm(cfg: Config) -> Algorithm:
+    """The configured algorithm's row of the table."""
     return ALGORITHMS[cfg.federation.algorithm]
 
 

@@ -651,6 +651,7 @@ def format_table(result: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `python -m fedmpi attack` (fedmpi.cli makes the subcommand)."""
     parser.add_argument("--run", required=True, help="run directory (runs/<name>) with model.npz and summary.json")
     parser.add_argument("--out", help="output JSON (default: <run>/attack.json)")
     parser.add_argument(
@@ -686,6 +687,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    """`python -m fedmpi attack`: attack the run, write attack.json and print the table; an error the user can fix
+    is one line on stderr and exit 2, not a traceback."""
     out = Path(args.out) if args.out else Path(args.run) / "attack.json"
     try:
         if args.threads < 1:

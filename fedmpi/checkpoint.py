@@ -83,11 +83,13 @@ class Checkpoints:
         self.keep = keep
 
     def paths(self) -> list[Path]:
+        """The round-NNNNNN.npz files in the directory, oldest round first (none before the directory exists)."""
         if not self.dir.is_dir():
             return []
         return sorted(p for p in self.dir.iterdir() if CHECKPOINT.match(p.name))
 
     def save(self, round_: int, values: np.ndarray, mask: np.ndarray, meta: dict) -> Path:
+        """Write round_'s checkpoint (values, mask, and `meta` with the round) atomically; returns its path."""
         path = self.dir / f"round-{round_:06d}.npz"
         save_arrays(path, {"values": values, "mask": mask}, dict(meta, round=round_))
         return path

@@ -67,6 +67,8 @@ def _train(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m fedmpi`; returns the exit code. `train` goes to _train unparsed (the preemption signals come before
+    the imports that parsing needs); `attack` and `report` are parsed and run here."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
         return _train(argv)

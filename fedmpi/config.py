@@ -51,6 +51,9 @@ def opt(default, help: str):
 
 @dataclass
 class DataConfig:
+    """The data section: where the volumes come from (a split directory, or the synthetic cohort's options) and
+    how each rank holds them."""
+
     dir: str = opt("", "split directory with learner_<k>.h5 and test.h5; empty = the synthetic cohort")
     cache_dir: str = opt("data", "where the synthetic cohort is generated once and cached")
     subjects: int = opt(240, "synthetic cohort size")
@@ -68,6 +71,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """The model section: the CNN's size and initialisation (fedmpi.model.BrainAgeCNN)."""
+
     width: float = opt(0.25, "channel multiplier; 1.0 is the paper's model")
     pools: int = opt(0, "pooling blocks; 0 = automatic (5 at 2 mm, 4 at 4 mm, 3 at 6 mm)")
     dropout: float = opt(0.0, "dropout before the output layer (the paper's PyTorch variant: 0.5)")
@@ -80,6 +85,8 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
+    """The train section: each learner's local SGD, and the hardware it runs on."""
+
     epochs: int = opt(3, "local epochs per round")
     batch_size: int = opt(4, "samples per SGD step")
     lr: float = opt(0.005, "SGD learning rate")
@@ -97,6 +104,8 @@ class TrainConfig:
 
 @dataclass
 class FederationConfig:
+    """The federation section: the algorithm, the learners and rounds, and how the global model is pruned and merged."""
+
     algorithm: str = opt("fedsparsify-global", " | ".join(ALGORITHMS))
     learners: int = opt(8, "number of learners; the job runs learners + 1 MPI ranks")
     rounds: int = opt(25, "federation rounds")
@@ -129,12 +138,16 @@ class FederationConfig:
 
 @dataclass
 class EvalConfig:
+    """The eval section: how often the server tests the global model, and in what batches."""
+
     every: int = opt(1, "evaluate the global model every k rounds (and always at the last round)")
     batch_size: int = opt(4, "evaluation batch size (on CPUs, 8 volumes per batch took twice as long per volume as 4)")
 
 
 @dataclass
 class RunConfig:
+    """The run section: where the run's records go, its seed, its checkpoints, how long ranks wait for each other."""
+
     name: str = opt("demo", "run name: outputs go to run.dir/run.name")
     dir: str = opt("runs", "parent directory of run directories")
     seed: int = opt(0, "seed for the model, data order, dropout and random pruning")
@@ -155,6 +168,8 @@ class RunConfig:
 
 @dataclass
 class Config:
+    """The whole configuration, one dataclass per YAML section; load_config builds and validates it."""
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -164,16 +179,20 @@ class Config:
 
     @property
     def run_dir(self) -> Path:
+        """run.dir/run.name: where this run's records go."""
         return Path(self.run.dir) / self.run.name
 
     @property
     def schedule_end(self) -> int:
+        """The round at which the cubic schedule reaches the target: federation.end, or the last round when it is 0."""
         return self.federation.end or self.federation.rounds
 
     def to_dict(self) -> dict:
+        """The configuration as plain nested dicts, as model.npz records it (config_from_dict reads it back)."""
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
+        """The text of config.json: the resolved configuration, keys sorted."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
@@ -312,6 +331,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def config_from_dict(values: dict) -> Config:
+    """A validated Config from a recorded one (model.npz, a checkpoint's resume key): options it lacks, added since
+    it was written, take their defaults."""
     cfg = Config()
     _apply(cfg, values, "")
     validate(cfg)
@@ -344,6 +365,7 @@ def _check_synthetic_split(learners: int, distribution: str) -> None:
 
 
 def validate(cfg: Config) -> None:
+    """ConfigError naming the first option that is out of its range or inconsistent with another."""
     d, m, t, f, e, r = cfg.data, cfg.model, cfg.train, cfg.federation, cfg.eval, cfg.run
     _check(d.voxel in VOXELS, f"data.voxel must be one of {VOXELS}, got {d.voxel}")
     _check(0 < d.test_fraction < 1, f"data.test_fraction must be in (0, 1), got {d.test_fraction}")

@@ -122,10 +122,12 @@ class VolumeDataset(Dataset):
 
     @property
     def shape(self) -> tuple[int, int, int]:
+        """The grid (X, Y, Z) every volume of the file shares."""
         return self._shape
 
     @property
     def ages(self) -> np.ndarray:
+        """Every subject's age (float32), in file order, read once when the dataset opened."""
         return self._ages
 
     @property
@@ -136,6 +138,7 @@ class VolumeDataset(Dataset):
 
     @property
     def voxel_size(self) -> float:
+        """The grid's voxel size in mm (the file's voxel_size attribute)."""
         return self._voxel
 
     def __len__(self) -> int:

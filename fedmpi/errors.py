@@ -70,6 +70,8 @@ STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def is_user_error(exc: BaseException) -> bool:
+    """The user's to fix (a UserError, a full disk or quota, a read-only file system) or a Ctrl-C: reported as one
+    line, without a traceback."""
     if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
         return True
     return isinstance(exc, (UserError, KeyboardInterrupt))

@@ -37,6 +37,8 @@ GRASP_SAMPLES = 16  # learner 1's samples GraSP scores on (train.batch_size at a
 
 
 class Learner:
+    """One learner rank: its copy of the model, its data loader and the global mask, answering the server's rounds."""
+
     def __init__(self, cfg: Config, wire: Transport, data: VolumeDataset, device: torch.device, weight: float = 1.0):
         self.cfg = cfg
         self.wire = wire
@@ -77,6 +79,8 @@ class Learner:
         return batches
 
     def run(self) -> None:
+        """Answer the server's rounds until the stop flag: each model (with the mask when it changed) is checked against
+        its header's count of kept positions, then trained and sent back."""
         while True:
             t, flags, nnz, payload = self.wire.recv_model()
             received = time.perf_counter()
@@ -93,6 +97,7 @@ class Learner:
             self.round(t, values, received)
 
     def global_mask(self) -> np.ndarray:
+        """The global mask, into which a model sent as values only is scattered; PayloadError while none has come."""
         if self.mask is None:  # the server sends the mask with the first model of a session
             raise PayloadError("the server sent model values before any mask")
         return self.mask

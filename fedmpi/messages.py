@@ -60,4 +60,5 @@ def text_row(text: str, width: int) -> np.ndarray:
 
 
 def row_text(row: np.ndarray) -> str:
+    """The text a text_row holds: the zero padding dropped, a character the cut split replaced."""
     return bytes(row).rstrip(b"\0").decode(errors="replace")

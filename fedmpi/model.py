@@ -74,6 +74,8 @@ class ConvBlock(nn.Sequential):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The layers as listed, or, on a CPU in float32 with autograd off, the reordered equivalent the class docstring
+        describes."""
         conv, norm = self[0], self[1]
         y = conv(x)
         if y.device.type != "cpu" or y.dtype != torch.float32 or torch.is_grad_enabled():
@@ -174,6 +176,7 @@ class BrainAgeCNN(nn.Module):
             self.output.bias.fill_(float(mean_age))  # type: ignore[union-attr]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,) predicted ages for (B, 1, X, Y, Z) volumes; the output layer runs in float32 even under autocast."""
         if x.dim() != 5 or x.shape[1] != 1:
             raise ValueError(f"expected input of shape (B, 1, X, Y, Z), got {tuple(x.shape)}")
         h = self.head(self.features(x))

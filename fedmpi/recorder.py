@@ -38,12 +38,15 @@ if TYPE_CHECKING:
 
 @dataclass
 class State:
+    """The global model after a round: what a checkpoint saves and a resume starts from."""
+
     round: int  # last completed round
     values: np.ndarray  # flat float32 global model
     mask: np.ndarray  # flat bool global mask (True = kept)
 
 
 def initial_state(model: BrainAgeCNN) -> State:
+    """A fresh run's state: round 0, the model's initial values, every position kept."""
     values = flat_parameters(model)
     return State(0, values, np.ones(values.size, dtype=bool))
 
@@ -114,6 +117,8 @@ class Recorder:
         atomic_write(self.cfg.run_dir / "test_predictions.csv", "".join(lines).encode())
 
     def record(self, state: State, row: dict, evaluate_now: bool) -> dict:
+        """Round state.round's records: its evaluation (when due), its checkpoint (run.checkpoint_every), the completed
+        row in metrics.jsonl and the progress line; returns the row."""
         t0 = time.perf_counter()
         if evaluate_now:
             scores = self.evaluate(state)
@@ -143,6 +148,8 @@ class Recorder:
         return row
 
     def checkpoint(self, state: State) -> None:
+        """Save `state` as a checkpoint, with what a resume checks: the resume key, the split's digests and
+        the arithmetic choices (resume.arithmetic)."""
         self.checkpoints.save(
             state.round,
             state.values,
@@ -165,6 +172,7 @@ class Recorder:
         return 0
 
     def progress(self, row: dict) -> None:
+        """The round's line on stdout: sparsity, test MAE against the predict-the-mean baseline, bytes and seconds."""
         mae = "" if row["test_mae"] is None else f" MAE {row['test_mae']:.2f} (mean baseline {self.baseline_mae:.2f})"
         print(
             f"round {row['round']:3d}/{self.cfg.federation.rounds} sparsity {row['sparsity']:.3f}{mae}"
@@ -175,6 +183,8 @@ class Recorder:
         )
 
     def finish(self, state: State, preempted: bool = False) -> dict:
+        """Save model.npz, evaluate the final model if its round was not, and write test_predictions.csv and
+        summary.json; returns the summary."""
         model_path = self.cfg.run_dir / "model.npz"
         model_bytes = save_model(
             model_path,

@@ -76,6 +76,9 @@ METRIC_NUMBERS = ("test_mae", "sparsity", "target_sparsity")
 
 @dataclass
 class Run:
+    """One run directory as load_run reads it: its records and the distribution its data was split by; `setting` is
+    filled in once every run of the report is loaded."""
+
     name: str
     config: dict
     summary: dict
@@ -87,20 +90,24 @@ class Run:
 
     @property
     def algorithm(self) -> str:
+        """The run's algorithm: the summary's, else its config's ("" when neither says)."""
         return self.summary.get("algorithm") or self.config.get("federation", {}).get("algorithm", "")
 
     @property
     def target(self) -> float | None:
+        """The sparsity the run aimed at; None for a dense or unknown algorithm, to which no target applies."""
         if self.algorithm not in ALGORITHMS or ALGORITHMS[self.algorithm].dense:
             return None
         return self.summary.get("target_sparsity", self.config.get("federation", {}).get("target"))
 
     @property
     def seed(self) -> int | None:
+        """run.seed from the run's config (None when it records none)."""
         return self.config.get("run", {}).get("seed")
 
     @property
     def data_dir(self) -> Path | None:
+        """The data directory the run trained on, from its summary (None when it records none)."""
         return Path(self.summary["data_dir"]) if self.summary.get("data_dir") else None
 
 
@@ -252,6 +259,7 @@ def results_rows(runs: list[Run]) -> list[dict]:
 
 
 def to_csv(rows: list[dict]) -> str:
+    """results.csv: the overview rows, in COLUMNS order."""
     return tables.to_csv(rows, COLUMNS)
 
 
@@ -276,6 +284,7 @@ def _md_cell(column: str, v) -> str:
 
 
 def to_markdown(rows: list[dict]) -> str:
+    """results.md, also printed by `run`: the overview as a markdown table, numbers rounded for reading."""
     lines = [
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "|".join("---" if c in ("run", "algorithm", "distribution") else "---:" for c in COLUMNS) + "|",
@@ -631,6 +640,7 @@ def _render(run_dirs: list[Path], out: Path) -> tuple[list[dict], list[Path]]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `python -m fedmpi report` (fedmpi.cli makes the subcommand)."""
     parser.add_argument(
         "runs", nargs="+", metavar="RUN_DIR", help="run directories, or a directory of runs (every finished run in it)"
     )
@@ -638,6 +648,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    """`python -m fedmpi report`: write the tables and plots and print the overview; an error the user can fix is
+    one line on stderr and exit 2, not a traceback."""
     try:
         rows, written = write_report([Path(p) for p in args.runs], Path(args.out))
     except Exception as e:

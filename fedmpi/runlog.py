@@ -34,6 +34,7 @@ def finite_json(value):
 
 
 def dumps(value, **kwargs) -> str:
+    """Standard JSON text of `value`, keys sorted: a non-finite number becomes null (finite_json)."""
     return json.dumps(finite_json(value), allow_nan=False, sort_keys=True, **kwargs)
 
 
@@ -77,6 +78,8 @@ class RunLock:
         self.unlocked = ""
 
     def acquire(self) -> RunLock:
+        """Take the lock, or ConfigError naming the job that holds it; where the file system takes no locks, go on and
+        say why in `unlocked`. Returns self."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -107,23 +110,30 @@ class RunLock:
         return self
 
     def release(self) -> None:
+        """Drop the lock by closing the file (the file stays, for the next run to take over)."""
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 
 
 class RunLog:
+    """A run directory's records: config.json, summary.json and metrics.jsonl (one row per round)."""
+
     def __init__(self, run_dir: Path):
         self.dir = Path(run_dir)
         self.metrics_path = self.dir / "metrics.jsonl"
 
     def write_config(self, config_json: str) -> None:
+        """config.json: the resolved configuration (Config.to_json), written whole."""
         atomic_write(self.dir / "config.json", config_json.encode())
 
     def write_summary(self, summary: dict) -> None:
+        """summary.json, written whole: it marks the run finished (or stopped on request, with preempted true)."""
         atomic_write(self.dir / "summary.json", (dumps(summary, indent=2) + "\n").encode())
 
     def append(self, row: dict) -> None:
+        """One round's row at the end of metrics.jsonl, fsynced: a crash can cut only the line being written, which
+        `rows` leaves out."""
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a") as fh:
             fh.write(dumps(row) + "\n")

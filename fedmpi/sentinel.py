@@ -38,6 +38,8 @@ def role(rank: int) -> str:
 
 
 def launcher_rank() -> str | None:
+    """This task's rank as its launcher's environment says (before MPI starts), or None without a launcher: then
+    no sentinel is forked."""
     for name in RANK_VARIABLES:
         if name in os.environ:
             return os.environ[name]

@@ -39,6 +39,9 @@ class Sending(NamedTuple):
 
 
 class Server:
+    """Rank 0's side of the rounds: sends the global model, merges and prunes what the learners send back, and
+    has each round recorded."""
+
     def __init__(
         self, cfg: Config, wire: Transport, recorder: Recorder, sample_counts: np.ndarray, initial: np.ndarray
     ):
@@ -245,6 +248,8 @@ class Server:
                 )
 
     def majority_vote(self, payloads: list[np.ndarray], global_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """FedSparsify-Local's merge (federation.merge's rule) of the learners' encoded models; a model that does not
+        decode, is not finite or revives a pruned position is refused, naming its learner."""
         vote = MajorityVote(global_mask.size, rule=self.cfg.federation.merge)
         for k, buf in enumerate(payloads, start=1):
             try:

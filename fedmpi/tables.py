@@ -109,19 +109,24 @@ class LineKey(NamedTuple):
 
 
 def algorithm_rank(algorithm: str) -> tuple:
+    """Sort key of algorithms: the table's order (ALGORITHMS), unknown ones after it by name."""
     order = tuple(ALGORITHMS)
     return (order.index(algorithm) if algorithm in order else len(order), algorithm)
 
 
 def is_pooled(algorithm: str) -> bool:
+    """A centralized algorithm: it trains on every learner's data at once (POOLED in the distribution column)."""
     return algorithm in ALGORITHMS and ALGORITHMS[algorithm].trains_centrally
 
 
 def line_key(run: Run) -> LineKey:
+    """The line (plot line, summary row) a run belongs to."""
     return LineKey(run.setting, run.distribution, run.algorithm, run.target)
 
 
 def line_order(key: LineKey) -> tuple:
+    """Report order of lines: by setting, federated distributions before pooled, then algorithm (algorithm_rank),
+    dense before targets, targets ascending."""
     return (
         key.setting,
         key.distribution == POOLED,
@@ -133,15 +138,18 @@ def line_order(key: LineKey) -> tuple:
 
 
 def line_label(key: LineKey) -> str:
+    """A line's name in legends and tables: the algorithm, its target, and "(pooled)" for a centralized line."""
     pooled = f" ({POOLED})" if key.distribution == POOLED else ""
     return key.algorithm + ("" if key.target is None else f" {key.target:g}") + pooled
 
 
 def seed_order(run: Run) -> tuple:
+    """Order of runs within a line: by seed (runs without one last), then by name."""
     return (run.seed is None, run.seed or 0, run.name)
 
 
 def run_order(run: Run) -> tuple:
+    """Report order of runs: by line (line_order), then by seed (seed_order)."""
     return (*line_order(line_key(run)), *seed_order(run))
 
 
@@ -253,6 +261,8 @@ def reference_run(run: Run, grouped: dict[LineKey, list[Run]]) -> Run | None:
 
 
 def bytes_ratio(run: Run, grouped: dict[LineKey, list[Run]]) -> float | None:
+    """The run's total bytes over its baseline run's (reference_run); None without both totals, or when the
+    baseline's is 0."""
     ref = reference_run(run, grouped)
     b, rb = total_bytes(run.summary), total_bytes(ref.summary) if ref else None
     return b / rb if b is not None and rb else None
@@ -628,6 +638,7 @@ def numbers(accuracy: list[dict], privacy: list[dict]) -> dict:
 
 
 def csv_cell(v) -> str:
+    """A value as CSV text: None blank, floats to 6 significant digits, lists space-separated, dicts as key:value."""
     if v is None:
         return ""
     if isinstance(v, float):
@@ -640,6 +651,7 @@ def csv_cell(v) -> str:
 
 
 def to_csv(rows: list[dict], columns: tuple[str, ...]) -> str:
+    """CSV text of `rows`: `columns` as the header and the order of every row's cells (csv_cell)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(columns)
@@ -694,6 +706,7 @@ def _verdict_cell(m: dict) -> str:
 
 
 def accuracy_markdown(sections: list[dict]) -> str:
+    """accuracy.md: how to read it, then one table per setting and distribution (accuracy_sections)."""
     out = [
         "# Accuracy",
         "",
@@ -773,6 +786,7 @@ def _correlation_cell(c: dict) -> str:
 
 
 def privacy_markdown(sections: list[dict]) -> str:
+    """privacy.md: one table per setting and distribution (privacy_sections), each ending with the Spearman ρ row."""
     out = [
         "# Membership inference",
         "",

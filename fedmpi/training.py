@@ -391,6 +391,7 @@ class SeededLoader:
         )
 
     def for_round(self, seed: int) -> torch.utils.data.DataLoader:
+        """The loader, its shuffle reseeded with the round's seed: the same data order in every run and resume."""
         self.generator.manual_seed(seed)
         return self.loader
 

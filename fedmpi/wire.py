@@ -118,10 +118,12 @@ class Wire:
 
     @property
     def learners(self) -> int:
+        """How many learners: every rank but the server."""
         return self.size - 1
 
     @property
     def is_server(self) -> bool:
+        """Whether this rank is the server (rank 0)."""
         return self.rank == SERVER
 
     def reset_counters(self) -> tuple[int, int]:
@@ -350,6 +352,8 @@ class Wire:
         return rows[1:]
 
     def send(self, buf: np.ndarray, dest: int, what: str = "send") -> None:
+        """Point to point from `buf` (the start mask's exchange); the server counts what it sends as downlink, a
+        learner as uplink."""
         buf = _contiguous(buf)
         if self.is_server:
             self.bytes_down += buf.nbytes

@@ -77,6 +77,7 @@ def _fraction(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand's arguments; a usage error is reported like the commands' own errors (exit 2)."""
     parser = _Parser(prog="python -m preprocess", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 

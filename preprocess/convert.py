@@ -58,6 +58,7 @@ def skipped_report_path(out: Path) -> Path:
 
 
 def parts_dir(out: Path) -> Path:
+    """FILE.h5 -> FILE.h5.parts, where finished subjects are staged until the pack (a re-run reuses them)."""
     return out.with_name(out.name + ".parts")
 
 

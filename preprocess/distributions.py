@@ -11,6 +11,8 @@ from fedmpi.errors import UserError
 
 @dataclass(frozen=True)
 class Distribution:
+    """What the checks need to know of a distribution: whether its learners pair up, whether their sizes are skewed."""
+
     name: str
     paired: bool = False  # learners come in pairs that share an age range: their count must be even
     skewed: bool = False  # learners' sizes follow split.skewed_sizes (a few large sites, many small)

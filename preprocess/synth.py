@@ -205,6 +205,7 @@ def displacement(shape, rng, amplitude_vox: float, terms: int = 4) -> np.ndarray
 
 
 def warp(volume: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """`volume` sampled at a warp's coordinates (displacement): trilinear, edges extended."""
     return ndimage.map_coordinates(volume, coords, order=1, mode="nearest", output=np.float32)
 
 
@@ -360,6 +361,7 @@ def truth_paths(root, participant_id: str) -> dict[str, Path]:
 
 
 def read_truth_matrix(path) -> np.ndarray:
+    """A native-space subject's true MNI -> scanner matrix (truth_paths), 4x4: what registration is checked against."""
     return np.loadtxt(path).reshape(4, 4)
 
 
