@@ -25,6 +25,9 @@ MIN_MASK_COVERAGE = 0.5
 # Largest image accepted, as float32 in MB (10**6 bytes). A worker holds several copies while
 # resampling, so this bounds its memory; a 1 mm whole-head T1 is 20-70 MB, 0.5 mm 7 T data ~400 MB.
 DEFAULT_MAX_IMAGE_MB = 512.0
+# mm per unit of a NIfTI's spatial xyzt_units code (its low 3 bits): meter 1, micron 3. Every other code
+# (0 unknown, 2 mm, and the undefined 4-7) is taken as mm, as ITK's NiftiImageIO does.
+NIFTI_MM_PER_UNIT = {1: 1000.0, 3: 0.001}
 
 
 class BadImage(UserError, ValueError):
@@ -61,7 +64,7 @@ def load(path, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> tuple[np.ndarray, 
     Raises BadImage for unreadable or truncated files, several frames, images above
     `max_image_mb` (checked before any voxel is read), and images without a finite non-zero voxel.
     Non-finite voxels (NaN, as SPM writes outside its bounding box) stay: to_mni counts them as
-    outside the field of view.
+    outside the field of view. The affine is in mm, whatever spatial units a NIfTI declares (mm_per_unit).
     """
     path = Path(path)
     try:
@@ -81,7 +84,8 @@ def load(path, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> tuple[np.ndarray, 
         raise BadImage(f"unreadable or truncated image {path.name}: {_reason(exc)}") from None
     if data.ndim > 3:
         data = data.reshape(data.shape[:3])
-    affine = np.asarray(img.affine, dtype=np.float64)
+    scale = mm_per_unit(img)
+    affine = np.diag([scale, scale, scale, 1.0]) @ np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise BadImage(f"{path.name} has a degenerate voxel-to-world affine")
     orientation_problem(path.name, img)
@@ -91,6 +95,15 @@ def load(path, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> tuple[np.ndarray, 
     if not np.any(data[finite]):
         raise BadImage(f"{path.name} is all zeros")
     return data, affine
+
+
+def mm_per_unit(img) -> float:
+    """The factor that brings the affine of `img` to mm: nibabel gives it in the header's spatial units, which
+    a NIfTI may set to meter or micron (its voxel sizes and world coordinates would otherwise be read
+    1000 times off, and the image refused as outside MNI space). MGH and Analyze are always mm."""
+    if isinstance(img, nib.Nifti1Pair):  # every NIfTI-1/2 image or pair
+        return NIFTI_MM_PER_UNIT.get(int(img.header["xyzt_units"]) & 0x07, 1.0)
+    return 1.0
 
 
 def orientation_problem(name: str, img) -> None:

@@ -318,3 +318,21 @@ def test_an_unreadable_qform_is_bad_input_not_a_crash(tmp_path):
     nib.save(img, tmp_path / "q.nii")
     with pytest.raises(nifti.BadImage, match=r"^q.nii has an unreadable qform"):
         nifti.load(tmp_path / "q.nii")
+
+
+@pytest.mark.parametrize("units, per_mm", [("mm", 1.0), ("unknown", 1.0), ("micron", 1000.0), ("meter", 0.001)])
+def test_spatial_units_are_converted_to_mm(ras_image, tmp_path, units, per_mm):
+    """A NIfTI in microns or meters, read as if in mm, was refused as covering 0% of the MNI brain mask; ITK
+    converts such units to mm, and so does load. Unknown units are mm in practice."""
+    nib.save(ras_image, tmp_path / "ref.nii.gz")
+    img = nib.Nifti1Image(np.asarray(ras_image.dataobj), np.diag([per_mm, per_mm, per_mm, 1.0]) @ ras_image.affine)
+    img.header.set_xyzt_units(units, "sec")
+    nib.save(img, tmp_path / "x.nii.gz")
+    assert nib.load(tmp_path / "x.nii.gz").header.get_xyzt_units() == (units, "sec")
+    np.testing.assert_allclose(nifti.load(tmp_path / "x.nii.gz")[1], ras_image.affine, rtol=1e-6, atol=1e-6)
+    mask = grid.brain_mask(4)
+    np.testing.assert_allclose(
+        nifti.preprocess_file(tmp_path / "x.nii.gz", 4, mask),
+        nifti.preprocess_file(tmp_path / "ref.nii.gz", 4, mask),
+        atol=1e-5,
+    )
