@@ -10,6 +10,7 @@ import csv
 import dataclasses
 import math
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -77,10 +78,10 @@ def session_age(root: Path, pid: str, image: Path, age_range: tuple[float, float
     name = tsv.relative_to(root)
     try:
         with open(tsv, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f, delimiter="\t")
-            header = [column.strip() for column in next(reader, [])]
-            rows = [dict(zip(header, (cell.strip() for cell in cells))) for cells in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            table = tsv_rows(f, name)
+            header = [column.strip() for column in next(table, [])]
+            rows = [dict(zip(header, (cell.strip() for cell in cells))) for cells in table]
+    except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"{name} cannot be read: {exc}") from None
     if "session_id" not in header:
         raise ValueError(f"{name} has no session_id column (columns: {', '.join(header) or 'none'}; tab-separated?)")
@@ -96,6 +97,31 @@ def session_age(root: Path, pid: str, image: Path, age_range: tuple[float, float
         raise ValueError(f"{name}, {session}: {exc}") from None
 
 
+def tsv_rows(f, name) -> Iterator[list[str]]:
+    """The rows of a tab-separated file `f` (opened with newline=""), each from one line. BIDS TSV has no
+    quoting, but csv reads a cell that starts with a double quote up to the next one, lines later: a site
+    written "Oxford without its closing quote would take the rows after it into that cell without a word.
+    ValueError naming `name` and the line where such a quote opens, or the line before a cell above csv's
+    128 KiB limit."""
+    reader = csv.reader(f, delimiter="\t")
+    while True:
+        start = reader.line_num + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            if reader.line_num == start:  # a line of its own above the limit
+                raise ValueError(f"{name} cannot be read past line {start - 1}: {exc}") from None
+            cells = []  # the runaway cell passed the limit: the unclosed quote below is the reason
+        if reader.line_num != start:
+            raise ValueError(
+                f"{name} line {start} has a double quote that does not close on that line, so the lines after it "
+                "would be read into one cell; BIDS TSV has no quoting: remove the quote (or close it on that line)"
+            )
+        yield cells
+
+
 def read_participants(root: Path) -> list[dict[str, str]]:
     """Rows of participants.tsv as dicts; DatasetError when missing or lacking columns."""
     if not root.exists():
@@ -109,26 +135,23 @@ def read_participants(root: Path) -> list[dict[str, str]]:
         # utf-8-sig: spreadsheet programs often start the file with a byte-order mark, which
         # would otherwise become part of the first column's name.
         with open(tsv, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f, delimiter="\t")
-            try:
-                columns = reader.fieldnames or []
-                repeated = sorted({c for c in columns if c.strip() and columns.count(c) > 1})  # not blank ones
-                if repeated:  # DictReader would keep the last one's values without a word
-                    raise DatasetError(f"{tsv} has column(s) {', '.join(repeated)} more than once; keep one")
-                absent = [c for c in REQUIRED_COLUMNS if c not in columns]
-                if absent == ["age"] and any(root.glob("sub-*/sub-*_sessions.tsv")):
-                    absent = []  # a longitudinal dataset may keep its ages per session only
-                if absent:
-                    raise DatasetError(
-                        f"{tsv} lacks column(s) {', '.join(absent)} (has: {', '.join(columns) or 'none'})"
-                    )
-                return [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
-            except csv.Error as exc:  # a field above csv's 128 KiB limit, often an unclosed quote
-                raise DatasetError(f"{tsv} cannot be read past line {reader.line_num}: {exc}") from None
+            columns, *rows = list(tsv_rows(f, tsv)) or [[]]
     except UnicodeDecodeError as exc:
         raise DatasetError(
             f"{tsv} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); save it as UTF-8"
         ) from None
+    except ValueError as exc:  # tsv_rows' reasons: an unclosed quote, a cell above csv's limit
+        raise DatasetError(str(exc)) from None
+    repeated = sorted({c for c in columns if c.strip() and columns.count(c) > 1})  # not blank ones
+    if repeated:  # a dict per row would keep the last one's values without a word
+        raise DatasetError(f"{tsv} has column(s) {', '.join(repeated)} more than once; keep one")
+    absent = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if absent == ["age"] and any(root.glob("sub-*/sub-*_sessions.tsv")):
+        absent = []  # a longitudinal dataset may keep its ages per session only
+    if absent:
+        raise DatasetError(f"{tsv} lacks column(s) {', '.join(absent)} (has: {', '.join(columns) or 'none'})")
+    # as csv.DictReader: blank lines skipped, cells past the header dropped, missing ones empty
+    return [{c: (cells[i].strip() if i < len(cells) else "") for i, c in enumerate(columns)} for cells in rows if cells]
 
 
 def age_range_text(age_range: tuple[float, float]) -> str:

@@ -1,6 +1,8 @@
 """preprocess/bids.py: which T1w image and participants.tsv row each subject gets (bids.scan reads no image:
 empty files stand in for them)."""
 
+import re
+
 import pytest
 
 from preprocess import bids, cli
@@ -170,3 +172,41 @@ def test_blank_trailing_columns_are_not_repeated_columns(tmp_path):
     (root / "participants.tsv").write_text("participant_id\tage\t\t\nsub-01\t50\t\t\n")
     entries, bad = bids.scan(root)
     assert [e.age for e in entries] == [50.0] and bad == {}
+
+
+UNCLOSED = "has a double quote that does not close on that line, so the lines after it would be read into one cell"
+
+
+def test_an_unclosed_quote_in_participants_tsv_is_refused_naming_its_line(tmp_path):
+    """csv read "Oxford up to the next double quote, lines later: the rows after it became part of that site and
+    were reported as images without a row (or vanished, without images). Past csv's 128 KiB cell limit the
+    message was the limit's, not the quote's. A quote closed on its line is read as before."""
+    files = [f"sub-0{i}/anat/sub-0{i}_T1w.nii.gz" for i in (1, 2, 3)]
+    root = _dataset(tmp_path / "bids", files, "")
+    tsv = root / "participants.tsv"
+    tsv.write_text('participant_id\tage\tsite\nsub-01\t50\t"Oxford, UK"\nsub-02\t60\t"Oxford\nsub-03\t70\tLeeds\n')
+    with pytest.raises(bids.DatasetError, match="^" + re.escape(f"{tsv} line 3 {UNCLOSED}; BIDS TSV has no quoting")):
+        bids.scan(root)
+    tsv.write_text(tsv.read_text() + "sub-04\t70\tYork\n" * 20_000)  # the runaway cell passes csv's limit
+    with pytest.raises(bids.DatasetError, match="^" + re.escape(f"{tsv} line 3 {UNCLOSED}")):
+        bids.scan(root)
+    tsv.write_text('participant_id\tage\tsite\nsub-01\t50\t"Oxford, UK"\nsub-02\t60\tOx"ford\n\nsub-03\t70\n')
+    entries, bad = bids.scan(root)
+    assert [(e.participant_id, e.site) for e in entries] == [
+        ("sub-01", "Oxford, UK"),
+        ("sub-02", 'Ox"ford'),
+        ("sub-03", "n/a"),
+    ]
+    assert bad == {}
+
+
+def test_an_unclosed_quote_in_a_sessions_file_is_bad_input_naming_its_line(tmp_path):
+    """The ses-2 row was read into ses-1's acquisition time, and sub-01 reported as having no age for ses-2."""
+    root = _dataset(tmp_path / "bids", ["sub-01/ses-2/anat/sub-01_ses-2_T1w.nii.gz"], "sub-01\t50\n")
+    sessions = root / "sub-01" / "sub-01_sessions.tsv"
+    sessions.write_text('session_id\tacq_time\tage\nses-1\t"2019-01-01\t51\nses-2\t2021-01-01\t53\n')
+    entries, bad = bids.scan(root)
+    assert entries == [] and bad["sub-01"].startswith(f"sub-01/sub-01_sessions.tsv line 2 {UNCLOSED}; BIDS TSV")
+    sessions.write_text('session_id\tacq_time\tage\nses-1\t"2019-01-01"\t51\nses-2\t2021-01-01\t53\n')
+    entries, bad = bids.scan(root)
+    assert [e.age for e in entries] == [53.0] and bad == {}
