@@ -56,6 +56,20 @@ def find_images(root: Path) -> dict[str, list[Path]]:
     return found
 
 
+def same_files(paths: list[Path]) -> list[list[Path]]:
+    """The groups of `paths` that are one existing file, through symbolic or hard links (a DataLad or git-annex
+    dataset also links identical files to one object). A link whose target is not here is in none: scan names
+    it as not fetched."""
+    groups: dict[tuple[int, int], list[Path]] = {}
+    for path in paths:
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        groups.setdefault((st.st_dev, st.st_ino), []).append(path)
+    return [group for group in groups.values() if len(group) > 1]
+
+
 def entities(path: Path) -> set[str]:
     """The key-value pairs of a BIDS file name: sub-01_ses-2_run-1_T1w.nii.gz -> {sub-01, ses-2, run-1}."""
     return {part for part in path.name.split(".")[0].split("_") if ENTITY.match(part)}
@@ -195,13 +209,15 @@ def scan(
 
     `select` keeps the T1w images whose names hold all of its entities (ses-2, run-1, acq-mprage, space-...):
     a subject must end with exactly one. An image in a session takes its age from the subject's sessions.tsv
-    when that gives one, else from participants.tsv."""
+    when that gives one, else from participants.tsv. Subjects whose images are one file, through links, are all
+    bad: which subject the scan is of is unknown, and it must not count as several people."""
     root = Path(root)
     rows = read_participants(root)
     images = find_images(root)
     bad: dict[str, str] = {}
     entries: list[Entry] = []
     counts: dict[str, int] = {}
+    images_used: dict[Path, str] = {}  # image -> subject, for every image found and present
     for row in rows:
         counts[row["participant_id"]] = counts.get(row["participant_id"], 0) + 1
     for row in rows:
@@ -228,7 +244,11 @@ def scan(
             continue
         if len(paths) > 1:
             chosen = ", ".join(str(p.relative_to(root)) for p in paths)
-            bad[pid] = f"several T1w images (choose one with --select, e.g. --select ses-2): {chosen}"
+            linked = "".join(
+                f" ({' and '.join(str(p.relative_to(root)) for p in same)} are one file, through a link)"
+                for same in same_files(paths)
+            )
+            bad[pid] = f"several T1w images (choose one with --select, e.g. --select ses-2): {chosen}{linked}"
             continue
         named = next((e for e in entities(paths[0]) if e.startswith("sub-")), pid)
         if named != pid:
@@ -240,6 +260,7 @@ def scan(
                 "(an annexed file not fetched yet? datalad get / git annex get)"
             )
             continue
+        images_used[paths[0]] = pid
         try:
             at_session = session_age(root, pid, paths[0], age_range)
         except ValueError as exc:
@@ -256,4 +277,12 @@ def scan(
     for pid, paths in images.items():
         if pid not in counts:
             bad[pid] = f"image {paths[0].relative_to(root)} has no row in participants.tsv"
-    return entries, bad
+    # one scan as two subjects would count twice and could land in a learner's training file and the test file
+    for same in same_files(list(images_used)):
+        for path in same:
+            others = ", ".join(str(p.relative_to(root)) for p in same if p != path)
+            bad[images_used[path]] = (
+                f"{path.relative_to(root)} is the same file as {others} (through a link): "
+                "one scan cannot be several subjects; which subject is it?"
+            )
+    return [e for e in entries if e.participant_id not in bad], bad

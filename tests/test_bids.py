@@ -210,3 +210,53 @@ def test_an_unclosed_quote_in_a_sessions_file_is_bad_input_naming_its_line(tmp_p
     sessions.write_text('session_id\tacq_time\tage\nses-1\t"2019-01-01"\t51\nses-2\t2021-01-01\t53\n')
     entries, bad = bids.scan(root)
     assert [e.age for e in entries] == [53.0] and bad == {}
+
+
+def test_one_scan_linked_under_two_subjects_is_bad_input_for_both(tmp_path):
+    """sub-02's and sub-04's images are sub-01's file (a symbolic and a hard link): before, the one scan counted as
+    three people and could land in a learner's training file and the test file. Which subject it belongs to is
+    unknown, so all three are bad input; sub-05, a whole-folder link, was already refused by its file names."""
+    root = _dataset(tmp_path / "bids", ["sub-01/anat/sub-01_T1w.nii.gz", "sub-03/anat/sub-03_T1w.nii.gz"], "")
+    (root / "participants.tsv").write_text("participant_id\tage\n" + "".join(f"sub-0{i}\t6{i}\n" for i in range(1, 6)))
+    for pid in ("sub-02", "sub-04"):
+        (root / pid / "anat").mkdir(parents=True)
+    (root / "sub-02/anat/sub-02_T1w.nii.gz").symlink_to("../../sub-01/anat/sub-01_T1w.nii.gz")
+    (root / "sub-04/anat/sub-04_T1w.nii.gz").hardlink_to(root / "sub-01/anat/sub-01_T1w.nii.gz")
+    (root / "sub-05").symlink_to("sub-03")
+    entries, bad = bids.scan(root)
+    assert [e.participant_id for e in entries] == ["sub-03"]
+    assert bad["sub-02"] == (
+        "sub-02/anat/sub-02_T1w.nii.gz is the same file as sub-01/anat/sub-01_T1w.nii.gz, "
+        "sub-04/anat/sub-04_T1w.nii.gz (through a link): one scan cannot be several subjects; which subject is it?"
+    )
+    assert bad["sub-01"].startswith("sub-01/anat/sub-01_T1w.nii.gz is the same file as sub-02/anat/sub-02_T1w.nii.gz")
+    assert bad["sub-04"].startswith("sub-04/anat/sub-04_T1w.nii.gz is the same file as sub-01/anat/sub-01_T1w.nii.gz")
+    assert bad["sub-05"] == "sub-05/anat/sub-03_T1w.nii.gz is named for sub-03, not sub-05: which subject is it?"
+
+
+def test_links_to_one_file_not_fetched_are_named_as_not_fetched(tmp_path):
+    """Two subjects linked to one absent annex object (identical content): nothing to compare until it is fetched."""
+    root = _dataset(tmp_path / "bids", [], "sub-01\t60\nsub-02\t61\n")
+    for pid in ("sub-01", "sub-02"):
+        link = root / pid / "anat" / f"{pid}_T1w.nii.gz"
+        link.parent.mkdir(parents=True)
+        link.symlink_to("../../.git/annex/objects/XX/YY/SHA256E-s1--abc.nii.gz/SHA256E-s1--abc.nii.gz")
+    entries, bad = bids.scan(root)
+    assert entries == [] and bad == {
+        pid: f"{pid}/anat/{pid}_T1w.nii.gz links to a file that is not here "
+        "(an annexed file not fetched yet? datalad get / git annex get)"
+        for pid in ("sub-01", "sub-02")
+    }
+
+
+def test_one_subjects_two_names_for_one_file_are_said_to_be_one(tmp_path):
+    """A subject uses one image, so its links cannot count twice; the choice it is asked for says they are one."""
+    root = _dataset(tmp_path / "bids", ["sub-01/anat/sub-01_T1w.nii.gz"], "sub-01\t60\n")
+    (root / "sub-01/anat/sub-01_run-1_T1w.nii.gz").symlink_to("sub-01_T1w.nii.gz")
+    entries, bad = bids.scan(root)
+    assert entries == [] and bad["sub-01"].endswith(
+        "sub-01/anat/sub-01_T1w.nii.gz, sub-01/anat/sub-01_run-1_T1w.nii.gz "
+        "(sub-01/anat/sub-01_T1w.nii.gz and sub-01/anat/sub-01_run-1_T1w.nii.gz are one file, through a link)"
+    )
+    entries, bad = bids.scan(root, select=("run-1",))
+    assert [e.image.name for e in entries] == ["sub-01_run-1_T1w.nii.gz"] and bad == {}
