@@ -44,8 +44,12 @@ def _size_text(nbytes: float) -> str:
 
 
 def check_header(name: str, shape: tuple[int, ...], max_image_mb: float) -> None:
-    """Refuse from the header alone what must not be read: several frames, other dimensions,
+    """Refuse from the header alone what must not be read: no voxels, several frames, other dimensions,
     and images above the size limit (a small .nii.gz can claim gigabytes of voxels)."""
+    if any(n < 1 for n in shape):  # read on, an empty image was said to have 'no finite voxel'
+        raise BadImage(
+            f"{name} has the shape {shape} in its header, a dimension of size {min(shape)}: it holds no voxels"
+        )
     if len(shape) == 4 and shape[3] != 1:
         raise BadImage(f"{name} is 4D with {shape[3]} frames; expected one 3D volume")
     if len(shape) < 3 or any(n != 1 for n in shape[3:]):  # trailing 1s (x, y, z, 1, 1) hold one volume

@@ -336,3 +336,23 @@ def test_spatial_units_are_converted_to_mm(ras_image, tmp_path, units, per_mm):
         nifti.preprocess_file(tmp_path / "ref.nii.gz", 4, mask),
         atol=1e-5,
     )
+
+
+@pytest.mark.parametrize("shape", [(0, 10, 10), (10, 10, 0, 1), (10, 10, 10, 0), (-5, 10, 10)])
+def test_a_header_with_an_empty_dimension_is_refused_naming_its_shape(tmp_path, shape):
+    """Before, (0, 10, 10) was said to have 'no finite voxel (all NaN or inf)', (10, 10, 10, 0) to be '4D with 0
+    frames', and a negative size to be 'unreadable or truncated'."""
+    path = tmp_path / "x.nii"
+    if min(shape) == 0:
+        nib.save(nib.Nifti1Image(np.zeros(shape, np.float32), np.eye(4)), path)
+    else:  # nibabel writes no negative size: the header's dim is set by hand
+        hdr = nib.Nifti1Header()
+        hdr.set_data_dtype(np.float32)
+        hdr.set_sform(np.eye(4), code=1)
+        hdr["vox_offset"] = 352
+        hdr["dim"] = [len(shape), *shape, *[1] * (7 - len(shape))]
+        path.write_bytes(hdr.binaryblock + b"\0" * 4)
+    assert nib.load(path).shape == shape
+    message = f"x.nii has the shape {shape} in its header, a dimension of size {min(shape)}: it holds no voxels"
+    with pytest.raises(nifti.BadImage, match=f"^{re.escape(message)}$"):
+        nifti.load(path)
