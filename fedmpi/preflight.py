@@ -16,7 +16,7 @@ from preprocess.layout import TEST_FILE, learner_file, learner_files
 
 from .algorithms import algorithm, schedule, target_sparsity
 from .config import Config
-from .errors import ConfigError
+from .errors import ConfigError, DeviceError
 from .messages import PREFLIGHT, records, row_text, text_row, width
 
 if TYPE_CHECKING:
@@ -56,13 +56,14 @@ class Preflight(NamedTuple):
 
 def check_rank(cfg: Config, rank: int, data_dir: Path, local_rank: int, resume: bool, overwrite: bool) -> RankCheck:
     """What one rank checks before training, without MPI: its data file (header, ages, a sample of its
-    volumes), its device and, on rank 0, the run directory: its lock (held from here to the end of the
-    run), whether it can be written, and the resume point. Raises with the reason."""
+    volumes), its device (and that train.amp computes right there) and, on rank 0, the run directory: its
+    lock (held from here to the end of the run), whether it can be written, and the resume point. Raises
+    with the reason."""
     from .data import check_volumes
     from .model import auto_pools
     from .resume import resume_point
     from .runlog import RunLock
-    from .training import select_device
+    from .training import autocast_problem, select_device
 
     head = check_volumes(data_dir / rank_file(rank))
     if rank == 0:
@@ -78,6 +79,9 @@ def check_rank(cfg: Config, rank: int, data_dir: Path, local_rank: int, resume: 
     info["samples"], info["mean_age"] = head["n"], head["mean_age"]
     info["x"], info["y"], info["z"] = head["shape"]
     device = select_device(cfg.train.device, local_rank)
+    problem = autocast_problem(device, cfg.train.amp)
+    if problem:
+        raise DeviceError(problem)
     if rank != 0:
         return RankCheck(info, head["digest"], device)
     lock = RunLock(cfg.run_dir).acquire()

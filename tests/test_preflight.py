@@ -9,6 +9,7 @@ import pytest
 import torch
 from fedtools import SHAPE, write_split
 
+from fedmpi import training
 from fedmpi.config import load_config
 from fedmpi.errors import ConfigError, DataError, DeviceError
 from fedmpi.messages import PREFLIGHT, row_text, text_row
@@ -86,6 +87,25 @@ def test_gpu_requested_but_absent(split, tmp_path):
         pytest.skip("this machine has a GPU")
     with pytest.raises(DeviceError, match="no CUDA GPU"):
         check_rank(_cfg(tmp_path, "train.device=cuda"), 1, split, 0, False, False)
+
+
+def test_mixed_precision_that_computes_wrong_on_this_device_is_refused(split, tmp_path, monkeypatch):
+    probed = []
+
+    def wrong(device, dtype):
+        probed.append(dtype)
+        return float("nan")
+
+    monkeypatch.setattr(training, "autocast_weight_grad_error", wrong)
+    check_rank(_cfg(tmp_path, "train.device=cpu"), 1, split, 0, False, False)  # float32 needs no probe
+    assert probed == []
+    with pytest.raises(DeviceError, match=r"train.amp=bf16: on this cpu .* gradient in bf16 is wrong \(nan relative"):
+        check_rank(_cfg(tmp_path, "train.device=cpu", "train.amp=bf16"), 1, split, 0, False, False)
+    assert probed == [torch.bfloat16]
+    monkeypatch.setattr(training, "autocast_weight_grad_error", lambda device, dtype: 0.003)  # rounding only
+    assert (
+        check_rank(_cfg(tmp_path, "train.device=cpu", "train.amp=bf16"), 1, split, 0, False, False).device.type == "cpu"
+    )
 
 
 def _records(rows):

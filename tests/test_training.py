@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedmpi import training
 from fedmpi.metrics import regression_metrics
 from fedmpi.model import BrainAgeCNN, flat_parameters, load_flat_parameters, parameter_layout
 from fedmpi.pruning import apply_mask
@@ -317,3 +318,13 @@ def test_local_train_is_masked_fedprox_sgd_and_reports_the_last_epochs_sample_we
     assert not flat_parameters(model)[~keep].any()
     assert stats["samples"] == 6 and stats["steps"] == 4
     assert stats["loss"] == pytest.approx(float(torch.cat(errors).mean()), rel=1e-4)
+
+
+def test_the_autocast_probe_measures_a_convolutions_weight_gradient_against_float64():
+    cpu = torch.device("cpu")
+    assert training.autocast_weight_grad_error(cpu, None) < 1e-6  # float32: the comparison itself is exact
+    assert training.autocast_problem(cpu, "off") == ""
+    error = training.autocast_weight_grad_error(cpu, torch.bfloat16)
+    # rounding alone (about 0.3%), or this CPU's defect (nan, or far off), which autocast_problem then names
+    assert 1e-4 < error < 0.02 or not error < training.AUTOCAST_TOLERANCE
+    assert (training.autocast_problem(cpu, "bf16") == "") == (error < training.AUTOCAST_TOLERANCE)
