@@ -137,25 +137,27 @@ def tsv_rows(f, name) -> Iterator[list[str]]:
 
 
 def read_participants(root: Path) -> list[dict[str, str]]:
-    """Rows of participants.tsv as dicts; DatasetError when missing or lacking columns."""
+    """Rows of participants.tsv as dicts; DatasetError when missing, unreadable or lacking columns."""
     if not root.exists():
         raise DatasetError(f"BIDS directory {root} does not exist")
     if not root.is_dir():
         raise DatasetError(f"--bids {root} is a file; give the dataset's directory")
     tsv = root / "participants.tsv"
-    if not tsv.is_file():
-        raise DatasetError(f"{tsv} is missing (needs columns participant_id, age[, sex, site])")
     try:
         # utf-8-sig: spreadsheet programs often start the file with a byte-order mark, which
         # would otherwise become part of the first column's name.
         with open(tsv, newline="", encoding="utf-8-sig") as f:
             columns, *rows = list(tsv_rows(f, tsv)) or [[]]
+    except FileNotFoundError:
+        raise DatasetError(f"{tsv} is missing (needs columns participant_id, age[, sex, site])") from None
     except UnicodeDecodeError as exc:
         raise DatasetError(
             f"{tsv} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); save it as UTF-8"
         ) from None
     except ValueError as exc:  # tsv_rows' reasons: an unclosed quote, a cell above csv's limit
         raise DatasetError(str(exc)) from None
+    except OSError as exc:  # permission denied, a directory of that name, an I/O error
+        raise DatasetError(f"{tsv} cannot be read: {exc.strerror or exc}") from None
     repeated = sorted({c for c in columns if c.strip() and columns.count(c) > 1})  # not blank ones
     if repeated:  # a dict per row would keep the last one's values without a word
         raise DatasetError(f"{tsv} has column(s) {', '.join(repeated)} more than once; keep one")

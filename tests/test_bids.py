@@ -1,6 +1,7 @@
 """preprocess/bids.py: which T1w image and participants.tsv row each subject gets (bids.scan reads no image:
 empty files stand in for them)."""
 
+import errno
 import re
 
 import pytest
@@ -145,6 +146,38 @@ def test_ages_may_live_in_sessions_files_only(tmp_path):
     (root / "sub-01" / "sub-01_sessions.tsv").unlink()
     with pytest.raises(bids.DatasetError, match="lacks column\\(s\\) age"):
         bids.scan(root)
+
+
+def _denied(path, *args, **kwargs):
+    raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+
+def _io_error(path, *args, **kwargs):
+    raise OSError(errno.EIO, "Input/output error", str(path))
+
+
+@pytest.mark.parametrize(
+    "unreadable, reason",
+    [("directory", "Is a directory"), (_denied, "Permission denied"), (_io_error, "Input/output error")],
+)
+def test_an_unreadable_participants_tsv_is_one_line_naming_it_and_why(
+    tmp_path, monkeypatch, capsys, unreadable, reason
+):
+    """A participants.tsv that cannot be opened or read ended in a traceback (a directory of that name was
+    called missing). chmod 000 does not stop root, so a stand-in open() refuses it."""
+    root = _dataset(tmp_path / "bids", ["sub-01/anat/sub-01_T1w.nii.gz"], "sub-01\t60\n")
+    tsv = root / "participants.tsv"
+    if unreadable == "directory":
+        tsv.unlink()
+        tsv.mkdir()
+    else:
+        monkeypatch.setattr(bids, "open", unreadable, raising=False)  # found before the builtin
+    with pytest.raises(bids.DatasetError) as refused:
+        bids.scan(root)
+    assert str(refused.value) == f"{tsv} cannot be read: {reason}"
+    out = tmp_path / "v.h5"
+    assert cli.main(["nifti", "--bids", str(root), "--out", str(out), "--quiet"]) == 2
+    assert capsys.readouterr().err == f"error: {tsv} cannot be read: {reason}\n" and not out.exists()
 
 
 def test_a_repeated_participants_column_is_refused_not_read_from_its_last_copy(tmp_path):
