@@ -39,6 +39,9 @@ class Entry:
     sex: str
     site: str
     image: Path
+    # the image is of a session, but no sessions.tsv gave that session's age: participants.tsv's one age per
+    # person stands in, often the first visit's (convert reports these subjects)
+    session_age_assumed: bool = False
 
 
 def _image_suffix(name: str) -> str | None:
@@ -80,12 +83,17 @@ def select_images(paths: list[Path], select: tuple[str, ...]) -> list[Path]:
     return [p for p in paths if set(select) <= entities(p)]
 
 
+def session_of(root: Path, image: Path) -> str | None:
+    """The ses-* folder the image lies in (ses-2), None outside one."""
+    return next((part for part in image.relative_to(root).parts if part.startswith("ses-")), None)
+
+
 def session_age(root: Path, pid: str, image: Path, age_range: tuple[float, float]) -> float | None:
     """The age at the image's session from sub-X/sub-X_sessions.tsv (BIDS: session_id, age), or None when the
     image has no session, or no sessions.tsv with an age column. In a longitudinal dataset participants.tsv
     holds one age per person, often the first visit's; the age at the scan is the one a brain-age model
     needs, so a sessions.tsv with ages must give this session's (ValueError otherwise)."""
-    session = next((part for part in image.relative_to(root).parts if part.startswith("ses-")), None)
+    session = session_of(root, image)
     tsv = root / pid / f"{pid}_sessions.tsv"
     if session is None or not tsv.is_file():
         return None
@@ -211,8 +219,9 @@ def scan(
 
     `select` keeps the T1w images whose names hold all of its entities (ses-2, run-1, acq-mprage, space-...):
     a subject must end with exactly one. An image in a session takes its age from the subject's sessions.tsv
-    when that gives one, else from participants.tsv. Subjects whose images are one file, through links, are all
-    bad: which subject the scan is of is unknown, and it must not count as several people."""
+    when that gives one, else from participants.tsv (marked Entry.session_age_assumed). Subjects whose images
+    are one file, through links, are all bad: which subject the scan is of is unknown, and it must not count as
+    several people."""
     root = Path(root)
     rows = read_participants(root)
     images = find_images(root)
@@ -275,7 +284,8 @@ def scan(
             continue
         sex = row.get("sex", "") or "n/a"
         site = row.get("site", "") or "n/a"
-        entries.append(Entry(pid, age, sex, site, paths[0]))
+        assumed = at_session is None and session_of(root, paths[0]) is not None
+        entries.append(Entry(pid, age, sex, site, paths[0], assumed))
     for pid, paths in images.items():
         if pid not in counts:
             bad[pid] = f"image {paths[0].relative_to(root)} has no row in participants.tsv"

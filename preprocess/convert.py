@@ -50,6 +50,8 @@ class Result:
     reused: int
     up_to_date: bool
     misplaced: dict[str, float] = dataclasses.field(default_factory=dict)  # unregistered, NCC < PLACEMENT_NCC
+    # written subjects whose session image took participants.tsv's age (bids.Entry.session_age_assumed)
+    session_ages_assumed: list[str] = dataclasses.field(default_factory=list)
 
 
 def skipped_report_path(out: Path) -> Path:
@@ -265,4 +267,5 @@ def convert(
         report.unlink()
     shutil.rmtree(stage, ignore_errors=True)
     misplaced = {pid: r for pid, r in correlations.items() if r < PLACEMENT_NCC}
-    return Result(out, len(good), bad, reused, False, misplaced)
+    assumed = [e.participant_id for e in good if e.session_age_assumed]
+    return Result(out, len(good), bad, reused, False, misplaced, assumed)

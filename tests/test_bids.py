@@ -111,6 +111,30 @@ def test_a_sessions_file_never_leaves_a_session_with_another_visits_age_unsaid(t
         assert entries == [] and bad == {"sub-01": f"sub-01/sub-01_sessions.tsv {expected}"}
 
 
+def test_a_session_image_without_its_own_age_is_marked_as_taking_participants_age(tmp_path):
+    """convert tells the user about these: participants.tsv's age may be another visit's than the scan's."""
+    root = _dataset(
+        tmp_path / "bids",
+        [
+            "sub-01/anat/sub-01_T1w.nii.gz",  # no session: participants.tsv's age is the only one
+            "sub-02/ses-2/anat/sub-02_ses-2_T1w.nii.gz",  # sessions.tsv gives ses-2's age
+            "sub-03/ses-2/anat/sub-03_ses-2_T1w.nii.gz",  # no sessions.tsv
+            "sub-04/ses-2/anat/sub-04_ses-2_T1w.nii.gz",  # a sessions.tsv without ages
+        ],
+        "sub-01\t50\nsub-02\t50\nsub-03\t50\nsub-04\t50\n",
+    )
+    (root / "sub-02" / "sub-02_sessions.tsv").write_text("session_id\tage\nses-2\t53\n")
+    (root / "sub-04" / "sub-04_sessions.tsv").write_text("session_id\tacq_time\nses-2\t2019-01-01\n")
+    entries, bad = bids.scan(root)
+    assert [(e.participant_id, e.age, e.session_age_assumed) for e in entries] == [
+        ("sub-01", 50.0, False),
+        ("sub-02", 53.0, False),
+        ("sub-03", 50.0, True),
+        ("sub-04", 50.0, True),
+    ]
+    assert bad == {}
+
+
 def test_an_annexed_image_not_fetched_is_named_as_such(tmp_path):
     root = _dataset(tmp_path / "bids", [], "sub-01\t60\n")
     link = root / "sub-01" / "anat" / "sub-01_T1w.nii.gz"

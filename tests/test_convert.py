@@ -300,6 +300,51 @@ def test_select_chooses_the_visit_and_its_age_reaches_the_file(cohort, tmp_path,
     assert ages == {pid: 66.0}  # the age at that visit, not participants.tsv's 60.5
 
 
+NOTE = "note: {} subject(s) with their image in a session (ses-*) have participants.tsv's age, as no "
+
+
+def test_session_images_that_take_participants_age_are_noted_once(cohort, tmp_path, capsys):
+    """Brain age needs the age at the scan, and participants.tsv's is often the first visit's: a run that writes
+    such ages says so, and how to give each session's, once a subject has a sessions.tsv with ages it is not named."""
+    root = _make_bids(cohort, tmp_path / "bids", ages={GOOD[0]: "61", GOOD[1]: "62"})
+    for pid in GOOD:
+        visit = root / pid / "ses-2" / "anat" / f"{pid}_ses-2_T1w.nii.gz"
+        visit.parent.mkdir(parents=True)
+        shutil.move(_image(root, pid), visit)
+        shutil.rmtree(root / pid / "anat")
+    out = tmp_path / "v.h5"
+    args = ["nifti", "--bids", str(root), "--out", str(out), "--workers", "1", "--quiet"]
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        NOTE.format(2) + "sub-X/sub-X_sessions.tsv gives one for that session: often the first visit's, not the age "
+        f"at the scan ({GOOD[0]}, {GOOD[1]}); for per-session ages add sub-X/sub-X_sessions.tsv with columns "
+        "session_id and age, as BIDS specifies"
+    ]
+    with h5py.File(out, "r") as f:
+        assert list(f["age"][:]) == [61.0, 62.0]
+    (root / GOOD[0] / f"{GOOD[0]}_sessions.tsv").write_text("session_id\tage\nses-2\t64\n")
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(NOTE.format(1)) and f"at the scan ({GOOD[1]}); for" in err[0]
+    (root / GOOD[1] / f"{GOOD[1]}_sessions.tsv").write_text("session_id\tage\nses-2\t65\n")
+    assert cli.main(args) == 0
+    assert capsys.readouterr().err == ""
+    with h5py.File(out, "r") as f:
+        assert list(f["age"][:]) == [64.0, 65.0]
+
+
+def test_a_note_about_many_subjects_is_one_line_naming_a_few(tmp_path, monkeypatch, capsys):
+    """A large longitudinal dataset gives one line with the count, not a line per subject."""
+    subjects = [f"sub-{i:05d}" for i in range(1, 40_001)]
+    written = convert.Result(tmp_path / "v.h5", len(subjects), {}, 0, False, session_ages_assumed=subjects)
+    monkeypatch.setattr(convert, "convert", lambda *args, **kwargs: written)
+    assert cli.main(["nifti", "--bids", str(tmp_path), "--out", str(tmp_path / "v.h5"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(NOTE.format(40000))
+    assert "(sub-00001, sub-00002, sub-00003 and 39997 more); for per-session ages" in err
+
+
 def test_participants_tsv_field_above_the_csv_limit_is_one_clear_error(cohort, tmp_path, capsys):
     root = _make_bids(cohort, tmp_path / "bids")
     tsv = root / "participants.tsv"
