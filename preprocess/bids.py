@@ -103,8 +103,12 @@ def session_age(root: Path, pid: str, image: Path, age_range: tuple[float, float
             table = tsv_rows(f, name)
             header = [column.strip() for column in next(table, [])]
             rows = [dict(zip(header, (cell.strip() for cell in cells))) for cells in table]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{name} cannot be read: {exc}") from None
+    except OSError as exc:
+        raise ValueError(f"{name} cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{name} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); save it as UTF-8"
+        ) from None
     if "session_id" not in header:
         raise ValueError(f"{name} has no session_id column (columns: {', '.join(header) or 'none'}; tab-separated?)")
     if "age" not in header:

@@ -111,6 +111,26 @@ def test_a_sessions_file_never_leaves_a_session_with_another_visits_age_unsaid(t
         assert entries == [] and bad == {"sub-01": f"sub-01/sub-01_sessions.tsv {expected}"}
 
 
+def test_a_sessions_file_that_cannot_be_read_is_the_subjects_bad_input_naming_it_once(tmp_path, monkeypatch):
+    root = _dataset(tmp_path / "bids", ["sub-01/ses-3/anat/sub-01_ses-3_T1w.nii.gz"], "sub-01\t50\n")
+    tsv = root / "sub-01" / "sub-01_sessions.tsv"
+    tsv.write_bytes("session_id\tage\nses-3\t62 ans \u00e9t\u00e9\n".encode("latin-1"))
+    entries, bad = bids.scan(root)
+    assert entries == [] and bad == {
+        "sub-01": "sub-01/sub-01_sessions.tsv is not UTF-8 text (byte 0xe9 at offset 28); save it as UTF-8"
+    }
+    real_open = open
+
+    def denied(path, *args, **kwargs):
+        if str(path) == str(tsv):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(bids, "open", denied, raising=False)
+    entries, bad = bids.scan(root)
+    assert bad == {"sub-01": "sub-01/sub-01_sessions.tsv cannot be read: Permission denied"}
+
+
 def test_a_session_image_without_its_own_age_is_marked_as_taking_participants_age(tmp_path):
     """convert tells the user about these: participants.tsv's age may be another visit's than the scan's."""
     root = _dataset(
