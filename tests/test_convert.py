@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from preprocess import cli, convert, grid, h5io, nifti
+from preprocess import cli, convert, grid, h5io, nifti, register
 
 GOOD = ("sub-0001", "sub-0002")
 
@@ -161,6 +161,99 @@ def test_every_bad_subject_is_listed_and_skip_bad_keeps_the_good(cohort, tmp_pat
     assert not convert.parts_dir(out).exists()
 
 
+def test_same_scans_refuses_every_subject_of_a_shared_volume_naming_the_others():
+    many = {f"sub-{k:02d}": "placeholder" for k in range(6)}
+    reasons = convert.same_scans({"sub-a": "1", "sub-b": "2", "sub-c": "1", "sub-d": "3", **many})
+    assert set(reasons) == {"sub-a", "sub-c", *many}  # sub-b and sub-d are scans of their own
+    assert reasons["sub-c"] == (
+        "the same scan as sub-a (identical voxels after preprocessing): one scan cannot be several subjects; "
+        "which subject is it?"
+    )
+    assert reasons["sub-a"].startswith("the same scan as sub-c (")
+    assert reasons["sub-03"].startswith("the same scan as sub-00, sub-01, sub-02 and 2 more (identical voxels")
+    assert convert.same_scans({"sub-a": "1", "sub-b": "2"}) == {}
+
+
+COPIES = (GOOD[0], "sub-copy")  # sub-copy's image is a byte copy of sub-0001's
+
+
+def _same_scan_line(pid, other):
+    return (
+        f"  {pid}: the same scan as {other} (identical voxels after preprocessing): one scan cannot be several "
+        "subjects; which subject is it?"
+    )
+
+
+def test_a_scan_copied_under_two_ids_refuses_both_until_skipped(cohort, tmp_path, monkeypatch, capsys):
+    """A copy is one person counted twice, who could be both trained on and tested: both ids are refused, each
+    naming the other; --skip-bad leaves both out and lists them, and an up-to-date re-run neither hides them
+    nor reads the parts again."""
+    root = _make_bids(cohort, tmp_path / "bids", ["sub-copy\t70\tM\tB"])
+    _copy_good(root, "sub-copy")
+    out = tmp_path / "v.h5"
+    args = ["nifti", "--bids", str(root), "--out", str(out), "--workers", "1", "--quiet"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert "2 bad subject(s)" in err[0] and "the 1 good subject(s) stay staged" in err[0]
+    assert err[1:] == [_same_scan_line(*COPIES), _same_scan_line(*reversed(COPIES))]
+    assert not out.exists() and not convert.skipped_report_path(out).exists()
+    assert _staged(out) == {*GOOD, "sub-copy"}  # a re-run compares the staged parts again
+
+    assert cli.main([*args, "--skip-bad"]) == 0
+    captured = capsys.readouterr()
+    assert "skipped 2 bad subject(s)" in captured.err
+    assert "wrote 1 subjects" in captured.out and "(1 reused from an earlier run)" in captured.out
+    with h5py.File(out, "r") as f:
+        assert list(f["subject_id"].asstr()[:]) == [GOOD[1]]
+        assert set(json.loads(f.attrs["skipped"])) == set(COPIES)
+    report = convert.skipped_report_path(out).read_text().splitlines()
+    assert report[1:] == [line.strip().replace(": ", "\t", 1) for line in err[1:]]
+
+    digests = []
+    monkeypatch.setattr(convert, "_digest", lambda part: digests.append(part) or "")
+    stamp = out.stat().st_mtime_ns
+    assert cli.main([*args, "--skip-bad"]) == 0
+    assert "is up to date" in capsys.readouterr().out
+    assert digests == [] and out.stat().st_mtime_ns == stamp
+    monkeypatch.undo()
+    assert cli.main(args) == 2  # the skipped copies are still bad input without --skip-bad
+    assert capsys.readouterr().err.splitlines()[1:] == err[1:]
+
+
+def test_an_output_written_before_the_copy_check_is_not_up_to_date(cohort, tmp_path, monkeypatch):
+    """Such an output may hold both copies; its fingerprint lacks the check, so the re-run rebuilds it."""
+    root = _make_bids(cohort, tmp_path / "bids", ["sub-copy\t70\tM\tB"])
+    _copy_good(root, "sub-copy")
+    out = tmp_path / "v.h5"
+    monkeypatch.setattr(convert, "CHECKS", ())
+    monkeypatch.setattr(convert, "same_scans", lambda digests: {})
+    assert convert.convert(root, out, workers=1).written == 3
+    monkeypatch.undo()
+    res = convert.convert(root, out, workers=1, skip_bad=True)
+    assert not res.up_to_date and res.written == 1 and set(res.skipped) == set(COPIES)
+    assert convert.convert(root, out, workers=1, skip_bad=True).up_to_date
+
+
+def test_copies_are_refused_with_registration_too(cohort, tmp_path, monkeypatch):
+    """The registered volume is staged like any other; ANTs is stood in for by the plain preprocessing."""
+
+    def registered(path, voxel, mask, options, ref, max_image_mb):
+        return register.Registered(nifti.preprocess_file(path, voxel, mask, max_image_mb), np.eye(4), 0.9)
+
+    monkeypatch.setattr(register, "preprocess_file", registered)
+    root = _make_bids(cohort, tmp_path / "bids", ["sub-copy\t70\tM\tB"])
+    _copy_good(root, "sub-copy")
+    out = tmp_path / "v.h5"
+    options = register.Options("affine")
+    with pytest.raises(convert.BadInput) as refused:
+        convert.convert(root, out, workers=1, registration=options)
+    assert set(refused.value.bad) == set(COPIES) and "the same scan as sub-copy (" in refused.value.bad[GOOD[0]]
+    res = convert.convert(root, out, workers=1, registration=options, skip_bad=True)
+    assert res.written == 1 and res.reused == 1 and set(res.skipped) == set(COPIES)
+    with h5py.File(out, "r") as f:
+        assert list(f["subject_id"].asstr()[:]) == [GOOD[1]] and list(f["registration_ncc"][:]) == [np.float32(0.9)]
+
+
 def test_dataset_level_errors(tmp_path, capsys):
     out = tmp_path / "v.h5"
     assert cli.main(["nifti", "--bids", str(tmp_path / "nope"), "--out", str(out)]) == 2
@@ -247,7 +340,7 @@ def test_a_rerun_with_another_size_limit_is_not_up_to_date(cohort, tmp_path):
     """A subject skipped for --max-image-mb is processed when the limit is raised, not called up to date."""
     root = _make_bids(cohort, tmp_path / "bids", ["sub-big\t70\tM\tB"])
     largest = max(np.prod(nib.load(_image(root, pid)).shape) * 4 / 1e6 for pid in GOOD)  # MB as float32
-    img = nib.load(_image(root, GOOD[0]))
+    img = nib.load(cohort.bids / "sub-0003" / "anat" / "sub-0003_T1w.nii.gz")  # padded GOOD[0]: the same scan
     data = np.asarray(img.dataobj, np.float32)
     padded = np.pad(data, ((0, 0), (0, 0), (0, int(2 * largest * 1e6 / 4 / data[..., 0].size))))  # air above
     nib.save(nib.Nifti1Image(padded, img.affine), _image(root, "sub-big"))
