@@ -56,9 +56,9 @@ class Preflight(NamedTuple):
 
 def check_rank(cfg: Config, rank: int, data_dir: Path, local_rank: int, resume: bool, overwrite: bool) -> RankCheck:
     """What one rank checks before training, without MPI: its data file (header, ages, a sample of its
-    volumes), its device (and that train.amp computes right there) and, on rank 0, the run directory: its
-    lock (held from here to the end of the run), whether it can be written, and the resume point. Raises
-    with the reason."""
+    volumes), its device (and, on a rank that trains, that train.amp computes right there) and, on rank 0,
+    the run directory: its lock (held from here to the end of the run), whether it can be written, and the
+    resume point. Raises with the reason."""
     from .data import check_volumes
     from .model import auto_pools
     from .resume import resume_point
@@ -79,7 +79,10 @@ def check_rank(cfg: Config, rank: int, data_dir: Path, local_rank: int, resume: 
     info["samples"], info["mean_age"] = head["n"], head["mean_age"]
     info["x"], info["y"], info["z"] = head["shape"]
     device = select_device(cfg.train.device, local_rank)
-    problem = autocast_problem(device, cfg.train.amp)
+    # only a rank that trains takes gradients: a federation's server runs the model forward alone, which the
+    # probe's defect leaves right, so a server on such a CPU serves GPU learners
+    trains = rank != 0 or algorithm(cfg).trains_centrally
+    problem = autocast_problem(device, cfg.train.amp) if trains else ""
     if problem:
         raise DeviceError(problem)
     if rank != 0:

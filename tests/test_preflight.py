@@ -108,6 +108,26 @@ def test_mixed_precision_that_computes_wrong_on_this_device_is_refused(split, tm
     )
 
 
+def test_the_bf16_probe_runs_on_the_ranks_that_train_not_on_a_federations_server(split, tmp_path, monkeypatch):
+    """The probe's defect is in a weight gradient; a federation's server only runs the model forward (its
+    evaluation), which is right there, so a server on such a CPU must not stop learners that train elsewhere.
+    The centralized baseline trains on rank 0 and is probed."""
+    probed = []
+
+    def wrong(device, dtype):
+        probed.append(dtype)
+        return float("nan")
+
+    monkeypatch.setattr(training, "autocast_weight_grad_error", wrong)
+    server = check_rank(_cfg(tmp_path, f"data.dir={split}", "train.amp=bf16"), 0, split, 0, False, False)
+    assert probed == [] and server.lock is not None
+    server.lock.release()
+    centralized = _cfg(tmp_path, f"data.dir={split}", "train.amp=bf16", "federation.algorithm=centralized")
+    with pytest.raises(DeviceError, match=r"^train.amp=bf16: on this cpu"):
+        check_rank(centralized, 0, split, 0, False, False)
+    assert probed == [torch.bfloat16]
+
+
 def _records(rows):
     out = np.zeros(len(rows), PREFLIGHT)
     for i, (n, shape) in enumerate(rows):
