@@ -106,9 +106,7 @@ def session_age(root: Path, pid: str, image: Path, age_range: tuple[float, float
     except OSError as exc:
         raise ValueError(f"{name} cannot be read: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
-        raise ValueError(
-            f"{name} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); save it as UTF-8"
-        ) from None
+        raise ValueError(not_utf8(name, tsv, exc)) from None
     if "session_id" not in header:
         raise ValueError(f"{name} has no session_id column (columns: {', '.join(header) or 'none'}; tab-separated?)")
     if "age" not in header:
@@ -121,6 +119,21 @@ def session_age(root: Path, pid: str, image: Path, age_range: tuple[float, float
         return parse_age(ages[0], age_range)
     except ValueError as exc:
         raise ValueError(f"{name}, {session}: {exc}") from None
+
+
+def not_utf8(name, path: Path, exc: UnicodeDecodeError) -> str:
+    """The reason a text file `path` (shown as `name`) is not UTF-8: the first bad byte and its offset in the
+    file. A text stream decodes in chunks of some KiB, after its byte-order mark, and `exc` counts from the
+    chunk: past the first chunk, or after a mark, its offset pointed at the wrong byte. The file is read again
+    as bytes to find the right one (whole UTF-8, a mark included, decodes byte for byte)."""
+    byte, offset = exc.object[exc.start], exc.start
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as whole:
+        byte, offset = whole.object[whole.start], whole.start
+    except OSError:
+        pass  # the stream's own offset, as before
+    return f"{name} is not UTF-8 text (byte 0x{byte:02x} at offset {offset}); save it as UTF-8"
 
 
 def tsv_rows(f, name) -> Iterator[list[str]]:
@@ -163,9 +176,7 @@ def read_participants(root: Path) -> list[dict[str, str]]:
     except FileNotFoundError:
         raise DatasetError(f"{tsv} is missing (needs columns participant_id, age[, sex, site])") from None
     except UnicodeDecodeError as exc:
-        raise DatasetError(
-            f"{tsv} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); save it as UTF-8"
-        ) from None
+        raise DatasetError(not_utf8(tsv, tsv, exc)) from None
     except ValueError as exc:  # tsv_rows' reasons: an unclosed quote, a cell above csv's limit
         raise DatasetError(str(exc)) from None
     except OSError as exc:  # permission denied, a directory of that name, an I/O error

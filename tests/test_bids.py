@@ -131,6 +131,28 @@ def test_a_sessions_file_that_cannot_be_read_is_the_subjects_bad_input_naming_it
     assert bad == {"sub-01": "sub-01/sub-01_sessions.tsv cannot be read: Permission denied"}
 
 
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+def test_a_tsv_that_is_not_utf8_names_the_bad_bytes_offset_in_the_file(tmp_path, bom):
+    """A text stream decodes a few KiB at a time, after the byte-order mark, and counted its offset from there:
+    a bad byte past the first 8 KiB, or after a mark, was named at an offset that holds another byte."""
+    rows = "".join(f"sub-{i:05d}\t50\n" for i in range(1000))
+    root = _dataset(tmp_path / "bids", ["sub-00000/ses-3/anat/sub-00000_ses-3_T1w.nii.gz"], rows)
+    tsv = root / "participants.tsv"
+    data = bom + tsv.read_bytes() + "sub-x\t5\u00e90\n".encode("latin-1")
+    tsv.write_bytes(data)
+    offset = data.index(b"\xe9")
+    with pytest.raises(bids.DatasetError) as refused:
+        bids.read_participants(root)
+    assert str(refused.value) == f"{tsv} is not UTF-8 text (byte 0xe9 at offset {offset}); save it as UTF-8"
+    tsv.write_text("participant_id\tage\nsub-00000\t50\n")
+    sessions = root / "sub-00000" / "sub-00000_sessions.tsv"
+    data = bom + ("session_id\tage\n" + "ses-1\t50\n" * 1000 + "ses-3\t6\u00e92\n").encode("latin-1")
+    sessions.write_bytes(data)
+    offset = data.index(b"\xe9")
+    reason = f"sub-00000/sub-00000_sessions.tsv is not UTF-8 text (byte 0xe9 at offset {offset}); save it as UTF-8"
+    assert bids.scan(root)[1] == {"sub-00000": reason}
+
+
 def test_a_session_image_without_its_own_age_is_marked_as_taking_participants_age(tmp_path):
     """convert tells the user about these: participants.tsv's age may be another visit's than the scan's."""
     root = _dataset(
