@@ -48,6 +48,13 @@ def _image_suffix(name: str) -> str | None:
     return next((s for s in IMAGE_SUFFIXES if name.endswith("_T1w" + s)), None)
 
 
+def first_names(names: list[str], shown: int = 3) -> str:
+    """ "a, b, c and N more": a message about many subjects names a few and counts the rest (a dataset can
+    have tens of thousands, and one placeholder image can stand behind thousands of rows)."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def find_images(root: Path) -> dict[str, list[Path]]:
     """participant_id -> T1w images under sub-*/anat/ or sub-*/ses-*/anat/ (links included, also those whose
     target is not here: a DataLad or git-annex file not fetched yet)."""
@@ -307,9 +314,11 @@ def scan(
     # one scan as two subjects would count twice and could land in a learner's training file and the test file
     for same in same_files(list(images_used)):
         for path in same:
-            others = ", ".join(str(p.relative_to(root)) for p in same if p != path)
-            bad[images_used[path]] = (
+            others = first_names(sorted(str(p.relative_to(root)) for p in same if p != path))
+            reason = (
                 f"{path.relative_to(root)} is the same file as {others} (through a link): "
                 "one scan cannot be several subjects; which subject is it?"
             )
+            pid = images_used[path]
+            bad[pid] = f"{bad[pid]}; {reason}" if pid in bad else reason  # an age problem, say, stays said
     return [e for e in entries if e.participant_id not in bad], bad

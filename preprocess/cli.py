@@ -251,18 +251,13 @@ def _nifti(args) -> int:
     return 0
 
 
-NOTE_EXAMPLES = 3  # subjects named in a note about many; the count says how many there are
-
-
 def _session_ages_note(subjects: list[str]) -> str:
     """One note for all the subjects, not a line each: a UK Biobank run can have tens of thousands."""
-    named = ", ".join(subjects[:NOTE_EXAMPLES])
-    more = f" and {len(subjects) - NOTE_EXAMPLES} more" if len(subjects) > NOTE_EXAMPLES else ""
     return (
         f"note: {len(subjects)} subject(s) with their image in a session (ses-*) have participants.tsv's age, as no "
         "sub-X/sub-X_sessions.tsv gives one for that session: often the first visit's, not the age at the scan "
-        f"({named}{more}); for per-session ages add sub-X/sub-X_sessions.tsv with columns session_id and age, "
-        "as BIDS specifies"
+        f"({bids.first_names(subjects)}); for per-session ages add sub-X/sub-X_sessions.tsv with columns "
+        "session_id and age, as BIDS specifies"
     )
 
 

@@ -38,7 +38,6 @@ PLACEMENT_NCC = 0.4
 # Checks that refuse subjects, named in the input fingerprint: an output written before one of them existed is
 # not up to date, as it may hold subjects the check refuses (its re-run rebuilds it once).
 CHECKS = ("identical preprocessed volumes are bad input",)
-SCANS_NAMED = 3  # other subjects a reason names for a scan shared by many; the count says how many more
 
 
 class BadInput(UserError, ValueError):
@@ -145,18 +144,16 @@ def same_scans(digests: dict[str, str]) -> dict[str, str]:
     """Subject -> reason for each subject whose volume digest another subject shares. Identical input images
     give identical volumes: one scan under several ids would count as several people and could land in a
     learner's training file and the test file. All of them are refused, as which subject it is of is unknown;
-    a reason names up to SCANS_NAMED others and counts the rest (a placeholder image behind thousands of rows
-    would otherwise list them all on every line)."""
+    a reason names a few others and counts the rest (bids.first_names)."""
     groups: dict[str, list[str]] = {}
     for pid, digest in digests.items():
         groups.setdefault(digest, []).append(pid)
     reasons = {}
     for group in (g for g in groups.values() if len(g) > 1):
         for pid in group:
-            others = sorted(p for p in group if p != pid)
-            more = f" and {len(others) - SCANS_NAMED} more" if len(others) > SCANS_NAMED else ""
+            others = bids.first_names(sorted(p for p in group if p != pid))
             reasons[pid] = (
-                f"the same scan as {', '.join(others[:SCANS_NAMED])}{more} (identical voxels after preprocessing): "
+                f"the same scan as {others} (identical voxels after preprocessing): "
                 "one scan cannot be several subjects; which subject is it?"
             )
     return reasons

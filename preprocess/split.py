@@ -162,9 +162,7 @@ def check_ages(path: Path, ages: np.ndarray, ids, age_range: tuple[float, float]
     """SplitError naming the subjects whose age is not finite or outside `age_range` (MIN, MAX]."""
     bad = bids.bad_ages(ages, age_range)
     if len(bad):
-        shown = ", ".join(f"{ids[i]} ({ages[i]:g})" for i in bad[:5])
-        if len(bad) > 5:
-            shown += f" and {len(bad) - 5} more"
+        shown = bids.first_names([f"{ids[i]} ({ages[i]:g})" for i in bad], shown=5)
         raise SplitError(
             f"volume file {path} has {len(bad)} subject(s) with an unusable age: {shown}; ages must be "
             f"finite and in {bids.age_range_text(age_range)}; fix participants.tsv and re-run "

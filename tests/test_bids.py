@@ -333,6 +333,30 @@ def test_one_scan_linked_under_two_subjects_is_bad_input_for_both(tmp_path):
     assert bad["sub-05"] == "sub-05/anat/sub-03_T1w.nii.gz is named for sub-03, not sub-05: which subject is it?"
 
 
+def test_a_linked_subject_keeps_its_other_problem_said_and_many_links_are_counted(tmp_path):
+    root = _dataset(tmp_path / "bids", ["sub-01/anat/sub-01_T1w.nii.gz"], "")
+    ids = [f"sub-0{i}" for i in range(1, 7)]
+    ages = {"sub-02": "300"}
+    (root / "participants.tsv").write_text("participant_id\tage\n" + "".join(f"{p}\t{ages.get(p, 60)}\n" for p in ids))
+    for pid in ids[1:]:
+        (root / pid / "anat").mkdir(parents=True)
+        (root / pid / "anat" / f"{pid}_T1w.nii.gz").symlink_to("../../sub-01/anat/sub-01_T1w.nii.gz")
+    entries, bad = bids.scan(root)
+    assert entries == [] and set(bad) == set(ids)
+    assert bad["sub-02"].startswith("age 300 is outside the plausible range")
+    assert "; sub-02/anat/sub-02_T1w.nii.gz is the same file as" in bad["sub-02"]
+    assert bad["sub-01"].startswith(
+        "sub-01/anat/sub-01_T1w.nii.gz is the same file as sub-02/anat/sub-02_T1w.nii.gz, "
+        "sub-03/anat/sub-03_T1w.nii.gz, sub-04/anat/sub-04_T1w.nii.gz and 2 more (through a link)"
+    )
+
+
+def test_first_names_names_a_few_and_counts_the_rest():
+    assert bids.first_names([]) == "" and bids.first_names(["a", "b", "c"]) == "a, b, c"
+    assert bids.first_names(["a", "b", "c", "d", "e"]) == "a, b, c and 2 more"
+    assert bids.first_names(["a", "b", "c"], shown=1) == "a and 2 more"
+
+
 def test_links_to_one_file_not_fetched_are_named_as_not_fetched(tmp_path):
     """Two subjects linked to one absent annex object (identical content): nothing to compare until it is fetched."""
     root = _dataset(tmp_path / "bids", [], "sub-01\t60\nsub-02\t61\n")
