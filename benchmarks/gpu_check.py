@@ -24,7 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedmpi.config import load_config
 from fedmpi.data import loader_options, open_volumes
 from fedmpi.model import BrainAgeCNN
-from fedmpi.training import AUTOCAST, local_train, predict, prepare_model
+from fedmpi.training import (
+    AUTOCAST,
+    AUTOCAST_TOLERANCE,
+    autocast_weight_grad_error,
+    local_train,
+    predict,
+    prepare_model,
+)
 from preprocess.grid import target_grid
 
 SMOKE = os.environ.get("GPU_CHECK_SMOKE") == "1"
@@ -114,6 +121,9 @@ def main() -> int:
         f"device: {name}; torch {torch.__version__}, CUDA {torch.version.cuda}, "
         f"cuDNN {torch.backends.cudnn.version() if device.type == 'cuda' else '-'}"
     )
+    error = autocast_weight_grad_error(device, AUTOCAST["bf16"])
+    verdict = "within rounding" if error < AUTOCAST_TOLERANCE else "WRONG: the trainer refuses train.amp=bf16 here"
+    print(f"bf16 weight-gradient probe: relative error {error:.2e} against float64 ({verdict})")
     step_times(device, shape, width, steps=2 if SMOKE else 20)
     eval_throughput(device, shape, width, batches=2 if SMOKE else 16)
     loader_throughput(device, args.data)

@@ -160,6 +160,7 @@ def test_the_prepared_gpu_check_runs_end_to_end_in_smoke_mode():
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     for table in (
+        "bf16 weight-gradient probe: relative error",
         "| model step, batch 4 |",
         "| evaluation, batch 8 |",
         "| data loader into the device",
