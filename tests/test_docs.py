@@ -8,28 +8,29 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = re.compile(r"\b(test_\w+\.py)(?:::(\w+))?")
+REFERENCE = re.compile(r"\b(test_\w+\.py)((?:::\w+)*)")
 
 
 def _documents() -> list[Path]:
     return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
-def _tests_in(path: Path) -> set[str]:
+def _names_in(path: Path) -> set[str]:
+    """The test functions, classes and methods a file defines (file::Class::method names two of them)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    return {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) and node.name.startswith("test")}
+    return {node.name for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
 
 
 def test_every_test_the_documentation_names_exists():
     missing = []
     for doc in _documents():
         for match in REFERENCE.finditer(doc.read_text(encoding="utf-8")):
-            name, test = match.groups()
+            name, tests = match.groups()
             path = ROOT / "tests" / name
             if not path.is_file():
                 missing.append(f"{doc.name}: {name}")
-            elif test and test not in _tests_in(path):
-                missing.append(f"{doc.name}: {name}::{test}")
+            elif not set(tests.split("::")[1:]) <= _names_in(path):
+                missing.append(f"{doc.name}: {name}{tests}")
     assert not missing, "named in the documentation but not in tests/: " + "; ".join(sorted(set(missing)))
 
 
