@@ -87,6 +87,7 @@ class Recorder:
         self.last_eval: dict = {}
         self.last_eval_round = -1
         self.last_predictions = np.zeros(0, np.float32)
+        self.batches = 0  # evaluation batches taken so far: the server's sign that a long evaluation advances
         self.earlier_seconds = 0.0  # wall time of the sessions before this one (a resumed run), from its rows
         self.began = time.perf_counter()
 
@@ -102,10 +103,17 @@ class Recorder:
         """Test metrics of the model loaded from state (remembered, with its predictions, for the summary)."""
         load_flat_parameters(self.model, state.values)
         t = self.cfg.train
-        self.last_predictions, ages = predict(self.model, self.loader, self.device, AUTOCAST[t.amp], t.channels_last)
+        self.last_predictions, ages = predict(
+            self.model, self._counted(self.loader), self.device, AUTOCAST[t.amp], t.channels_last
+        )
         self.last_eval = dict(regression_metrics(self.last_predictions, ages), n=int(ages.size))
         self.last_eval_round = state.round
         return self.last_eval
+
+    def _counted(self, loader) -> Iterator:
+        for batch in loader:
+            self.batches += 1
+            yield batch
 
     def write_predictions(self) -> None:
         """The final model's prediction for every test subject: paired comparisons between runs need them."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import numpy as np
@@ -20,7 +21,7 @@ from .algorithms import algorithm, prune, reconfigures, round_seed, schedule
 from .errors import EncodingError, PayloadError
 from .messages import REPORT, records, width
 from .recorder import State, background_thread, evaluation_due
-from .wire import FLAG_MASK, FLAG_STOP
+from .wire import FLAG_MASK, FLAG_STOP, FLAG_WAIT
 
 if TYPE_CHECKING:
     from .config import Config
@@ -56,6 +57,7 @@ class Server:
         self.weights = sample_counts / sample_counts.sum()
         self.turnaround = 0.0  # slowest time so far from the learners' last payload to the next model
         self.carried = {"bytes_down": 0, "bytes_up": 0, "pruned": 0}  # the start mask's, added to the next round
+        self.told = (time.monotonic(), 0.0)  # when the learners last heard from the server, and their patience
 
     def learner_patience(self) -> float:
         """How long learners wait for the next model before they declare the server silent: the round's
@@ -115,20 +117,51 @@ class Server:
                 row, mask_changed = self.collect(state, t, sending)
                 collected = time.perf_counter()
                 if recording is not None:
-                    recording.result()  # the previous round's record (its errors surface here)
+                    self.await_record(recording, t)  # the previous round's record (its errors surface here)
                 self.turnaround = max(self.turnaround, row["seconds_aggregate"] + time.perf_counter() - collected)
                 recording = recorder.submit(self.record, State(state.round, state.values, state.mask), row)
                 self.wire.watch = failure_of(recording)
                 if should_stop() and t < f.rounds:
-                    recording.result()
+                    self.await_record(recording, t)
                     self.rec.stop_here(state)
                     preempted = True
                     break
             if recording is not None:
-                recording.result()
+                self.await_record(recording, state.round)
         self.wire.watch = None
         self.wire.send_model(state.round, np.zeros(0, np.uint8), 0, FLAG_STOP)
         return state, preempted
+
+    def await_record(self, recording: Future, t: int) -> None:
+        """Wait for a round's record while the learners wait for the next model. Their patience runs from the server's
+        last word, and an evaluation can outlast it (the first one, or one of the last round, was never timed): so
+        each time half of it has passed while the evaluation still advances, the learners are told to wait again
+        (a header without a model, FLAG_WAIT). A record that stops advancing (a write that hangs) earns no such
+        word: the learners' patience ends the job, as for a silent server."""
+        seen = self._progress()
+        said, patience = self.told
+        due = said + patience / 2
+        while True:
+            try:
+                recording.result(timeout=max(0.0, due - time.monotonic()))
+                return
+            except FutureTimeout:
+                pass
+            now = self._progress()
+            if now == seen or patience <= 0:
+                due = time.monotonic() + min(1.0, patience / 10)  # nothing new to vouch for: look again soon
+                continue
+            seen = now
+            self.wire.send_model(t, np.zeros(0, np.uint8), 0, FLAG_WAIT, patience)
+            self.told = (time.monotonic(), patience)
+            due = self.told[0] + patience / 2
+            down, up = self.wire.reset_counters()  # counted with the next round's traffic
+            self.carried["bytes_down"] += down
+            self.carried["bytes_up"] += up
+
+    def _progress(self) -> int:
+        """How far the recorder's evaluations have got (batches), for await_record."""
+        return int(getattr(self.rec, "batches", 0))
 
     def record(self, snapshot: State, row: dict) -> None:
         """Evaluate (when due), checkpoint and log a finished round."""
@@ -143,6 +176,7 @@ class Server:
         started, wall = time.perf_counter(), time.time()
         nnz = int(state.mask.sum())
         patience = self.learner_patience()
+        self.told = (time.monotonic(), patience)
         if mask_changed:
             self.wire.send_model(t, encoding.encode(state.values, state.mask), nnz, FLAG_MASK, patience)
         else:

@@ -66,6 +66,7 @@ STOPPED_STATES = ("T", "t")  # /proc states of a process stopped by a signal or 
 HEADER = 5
 FLAG_MASK = 1  # the payload is encoding.encode(values, mask): the mask changed
 FLAG_STOP = 2  # no more rounds: learners leave their loop
+FLAG_WAIT = 4  # no model yet: the server is still recording the last round; wait the header's patience again
 
 
 class Transport(Protocol):
@@ -381,7 +382,7 @@ class Wire:
         every rank on its path, on cores where most ranks sleep. `patience`: seconds the learners should
         wait for the next header (this round's training plus the server's evaluation and checkpoint)."""
         header = np.array([round_, flags, payload.nbytes, nnz, round(patience * 1000)], dtype=np.int64)
-        if not flags & FLAG_STOP:
+        if not flags & (FLAG_STOP | FLAG_WAIT):
             self._acks = {k: self.comm.Irecv(self._ack_rows[k], source=k, tag=TAG_ACK) for k in range(1, self.size)}
             self.bytes_up += self._ack_rows[1:].nbytes
         payload = _contiguous(payload).view(np.uint8).ravel()
@@ -396,15 +397,20 @@ class Wire:
     def recv_model(self) -> tuple[int, int, int, np.ndarray]:
         """Learner: (round, flags, nnz, payload), waiting at most `next_patience` seconds for the header. The
         header says how long to wait for the next one; every wait of the round on the server (the model, the
-        report, the payload's collective, which completes with the slowest learner's) gets that long too."""
-        self.patience = self.next_patience
-        header = np.zeros(HEADER, dtype=np.int64)
-        self._wait(
-            self.comm.Irecv(header, source=SERVER, tag=TAG_HEADER), "the next round's model", expect=header.nbytes
-        )
-        round_, flags, nbytes, nnz, patience_ms = (int(v) for v in header)
-        if patience_ms > 0:
-            self.patience = self.next_patience = patience_ms / 1000
+        report, the payload's collective, which completes with the slowest learner's) gets that long too.
+        A header flagged FLAG_WAIT carries no model: the server, still recording the last round (a long
+        evaluation), says it is alive; the wait starts afresh with that header's patience."""
+        while True:
+            self.patience = self.next_patience
+            header = np.zeros(HEADER, dtype=np.int64)
+            self._wait(
+                self.comm.Irecv(header, source=SERVER, tag=TAG_HEADER), "the next round's model", expect=header.nbytes
+            )
+            round_, flags, nbytes, nnz, patience_ms = (int(v) for v in header)
+            if patience_ms > 0:
+                self.patience = self.next_patience = patience_ms / 1000
+            if not flags & FLAG_WAIT:
+                break
         payload = np.empty(nbytes, dtype=np.uint8)
         if nbytes:
             self._wait(self.comm.Irecv(payload, source=SERVER, tag=TAG_MODEL), "model", quick=True, expect=nbytes)

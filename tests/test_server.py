@@ -494,3 +494,40 @@ def test_a_failed_record_ends_the_next_rounds_wait_at_once():
     with pytest.raises(OSError, match="No space left on device"):
         server.run(_state())
     assert wire.sent_models == 2
+
+
+def test_learners_are_told_to_wait_while_a_long_evaluation_advances_and_not_while_a_record_hangs():
+    """The learners' patience for the next model runs from the server's last word, and an evaluation nobody has
+    timed yet (the first, the last round's) may outlast it: they aborted a healthy run as 'the server is silent'.
+    While the evaluation advances the server repeats its word (FLAG_WAIT) each half patience; a record that does
+    not advance (a write that hangs) gets none, so the learners' patience still ends a stuck job."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fedmpi.wire import FLAG_WAIT
+
+    class Rec:
+        batches = 0
+
+    class SendLog(FakeWire):
+        def send_model(self, *args):
+            self.sent.append(args)
+
+    for advancing in (True, False):
+        wire = SendLog([])
+        server = _server("fedavg", wire)
+        server.rec = Rec()
+
+        def evaluate(rec=server.rec, advancing=advancing):
+            for _ in range(12):
+                time.sleep(0.1)
+                rec.batches += advancing
+
+        server.told = (time.monotonic(), 0.2)  # the last model told the learners to wait 0.2 s
+        with ThreadPoolExecutor(1) as pool:
+            server.await_record(pool.submit(evaluate), 3)
+        if advancing:
+            assert len(wire.sent) >= 5
+            assert all(args[:4] == (3, args[1], 0, FLAG_WAIT) and args[1].size == 0 for args in wire.sent)
+            assert all(args[4] == 0.2 for args in wire.sent)
+        else:
+            assert wire.sent == []

@@ -604,3 +604,27 @@ def test_no_pickled_object_crosses_between_ranks_anywhere_in_the_repository():
         if lowercase.search(line) and path.name != "test_wire.py"
     ]
     assert found == []
+
+
+@mpi
+def test_a_header_that_says_wait_restarts_the_learners_wait_and_is_not_acknowledged(wire):
+    """While a long evaluation runs the server repeats its word (FLAG_WAIT, no model): each restarts the learners'
+    wait with the patience it carries, none is acknowledged, and the model that follows arrives as usual."""
+    from fedmpi.wire import FLAG_WAIT, TAG_ACK
+
+    if wire.is_server:
+        for _ in range(2):
+            wire.send_model(3, np.zeros(0, np.uint8), 0, FLAG_WAIT, patience=0.5)
+            time.sleep(0.3)  # longer than the learners' patience before the first word
+        assert not wire.comm.Iprobe(source=MPI.ANY_SOURCE, tag=TAG_ACK), "a wait header is not acknowledged"
+        wire.send_model(4, np.arange(3, dtype=np.float32), 3, 0, patience=2.5)
+        wire.collect_reports(1)
+        wire.reduce_sum(np.zeros(1, np.float32))
+    else:
+        wire.next_patience = 0.4
+        round_, flags, nnz, payload = wire.recv_model()
+        wire.report(np.zeros(1))
+        wire.reduce_sum(np.zeros(1, np.float32))
+        assert (round_, flags, nnz, payload.view(np.float32).tolist()) == (4, 0, 3, [0.0, 1.0, 2.0])
+        assert wire.next_patience == 2.5
+    wire.patience = None
