@@ -17,6 +17,7 @@ files. Rules, chosen to mirror the paper and documented in docs/data.md:
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -52,6 +53,19 @@ def test_indices(ages: np.ndarray, fraction: float, rng) -> np.ndarray:
         k = int(np.floor(fraction * len(members) + 0.5))
         chosen.append(rng.choice(members, size=k, replace=False))
     return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def least_fraction(largest: int) -> float:
+    """The smallest fraction with three significant digits that holds one subject out of a bin of `largest`.
+
+    0.5 / largest rounded to nearest could fall below it (0.5 / 7 = 0.0714285... shows as 0.0714, and
+    0.0714 x 7 rounds to 0), so it is rounded up and checked with the rounding test_indices applies."""
+    least = 0.5 / largest
+    step = 10.0 ** (math.floor(math.log10(least)) - 2)
+    units = math.ceil(round(least / step, 6))
+    while math.floor(float(f"{units * step:.3g}") * largest + 0.5) < 1:
+        units += 1
+    return float(f"{units * step:.3g}")
 
 
 def skewed_sizes(n: int, k: int) -> np.ndarray:
@@ -141,7 +155,7 @@ def partition(
         raise SplitError(
             f"--test-fraction {test_fraction:g} holds out no subject: the largest of the {N_BINS} age "
             f"bins has {largest} subject(s), and {test_fraction:g} x {largest} rounds to 0; "
-            f"use at least {0.5 / largest:.3g}"
+            f"use at least {least_fraction(largest):g}"
         )
     rest = np.setdiff1d(np.arange(len(ages)), test)
     parts = learner_indices(ages[rest], learners, distribution, rng)

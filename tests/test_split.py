@@ -207,6 +207,18 @@ def test_smallest_fraction_named_in_the_message_works():
     assert len(test) > 0
 
 
+@pytest.mark.parametrize("largest", [3, 6, 7, 9, 11, 13, 14])
+def test_the_smallest_fraction_named_is_rounded_up_so_that_it_works(largest):
+    # 0.5 / 7 = 0.0714285... once showed as 0.0714, and 0.0714 x 7 = 0.4998 rounds to 0: the suggestion failed
+    ages = np.concatenate([np.full(largest, 50.0), 50.0 + 2.0 * np.arange(1, 21)])
+    with pytest.raises(split.SplitError, match=r"use at least (\S+)$") as exc:
+        split.partition(ages, learners=2, distribution="uniform-iid", test_fraction=0.01)
+    least = float(str(exc.value).rsplit(" ", 1)[1])
+    assert least <= 0.5 / largest * 1.01
+    test, _ = split.partition(ages, learners=2, distribution="uniform-iid", test_fraction=least)
+    assert len(test) > 0
+
+
 def _with_ages(cohort, path, changes, age_range=None):
     shutil.copy(cohort.h5, path)
     with h5py.File(path, "a") as f:
