@@ -207,7 +207,10 @@ def convert(
         "voxel_mm": voxel,
         "dtype": dtype,
         "reorient": "RAS+ (sform/qform set and agreeing; no plain Analyze)",
-        "antialias": "gaussian, FWHM = target voxel",
+        # worded anew when missing voxels stopped darkening their neighbours (normalised by the finite voxels'
+        # weight), so that outputs of images with NaN or a field of view cutting the mask are rebuilt
+        "antialias": "gaussian, FWHM = target voxel; with the trilinear interpolation, divided by the weight of "
+        "the finite voxels in the field of view",
         "interpolation": "trilinear",
         "mask": "nilearn MNI152 brain mask (ICBM 2009a) resampled, >= 0.5",
         # worded anew when the values change, so that outputs and staged parts of the old way are rebuilt

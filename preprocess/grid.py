@@ -80,14 +80,35 @@ def antialias(data: np.ndarray, voxel_sizes, target_mm: float) -> np.ndarray:
     voxel: sigma_mm = sqrt(target^2 - voxel^2) * FWHM_TO_SIGMA (no smoothing when the
     source is already as coarse as the target).
     """
-    sizes = np.asarray(voxel_sizes, dtype=float)
-    sigma_mm = np.sqrt(np.clip(target_mm**2 - sizes**2, 0.0, None)) * FWHM_TO_SIGMA
-    sigma = sigma_mm / sizes
-    if not np.any(sigma > 0.05):
+    sigma = _antialias_sigma(voxel_sizes, target_mm)
+    if sigma is None:
         return data
     from scipy import ndimage
 
     return ndimage.gaussian_filter(data, sigma, mode="constant", output=np.float32)
+
+
+def _antialias_sigma(voxel_sizes, target_mm: float) -> np.ndarray | None:
+    """antialias's sigma per array axis in voxels, or None where it does not smooth."""
+    sizes = np.asarray(voxel_sizes, dtype=float)
+    sigma = np.sqrt(np.clip(target_mm**2 - sizes**2, 0.0, None)) * FWHM_TO_SIGMA / sizes
+    return sigma if np.any(sigma > 0.05) else None
+
+
+def antialias_box(shape, voxel_sizes, target_mm: float) -> np.ndarray:
+    """antialias of an array of ones of `shape` (the weight an image's field of view gives its voxels),
+    built from one filtered line per axis: exactly 1 where the kernel lies inside the array."""
+    sigma = _antialias_sigma(voxel_sizes, target_mm)
+    out = np.ones(tuple(shape), dtype=np.float32)
+    if sigma is None:
+        return out
+    from scipy import ndimage
+
+    for axis, (n, s) in enumerate(zip(shape, sigma)):
+        if s > 1e-15:  # as gaussian_filter, which leaves an axis with no sigma alone
+            line = ndimage.gaussian_filter1d(np.ones(n, np.float32), s, mode="constant", output=np.float32)
+            out *= line.reshape([-1 if i == axis else 1 for i in range(len(shape))])
+    return out
 
 
 @functools.cache

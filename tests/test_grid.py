@@ -57,3 +57,17 @@ def test_the_template_is_z_scored_inside_the_mask_and_zero_outside():
     mask, t1 = grid.brain_mask(4), grid.template(4)
     assert abs(float(t1[mask].mean())) < 1e-4 and abs(float(t1[mask].std()) - 1.0) < 1e-3
     assert np.all(t1[~mask] == 0)
+
+
+@pytest.mark.parametrize(
+    ("shape", "sizes", "target"),
+    [((40, 50, 30), (1, 1, 2), 4.0), ((41, 37, 33), (1.25,) * 3, 2.0), ((9, 9, 9), (3,) * 3, 2.0)],
+)
+def test_antialias_box_is_antialias_of_ones_and_exactly_1_inside(shape, sizes, target):
+    """nifti.to_mni takes a whole image's coverage weight from antialias_box: it must be antialias's, and exactly
+    1 where the kernel lies inside the array (a whole image's values are divided by it unchanged)."""
+    ones = grid.antialias(np.ones(shape, np.float32), sizes, target)
+    box = grid.antialias_box(shape, sizes, target)
+    np.testing.assert_allclose(box, ones, atol=3e-7)
+    np.testing.assert_array_equal(box == 1, ones == 1)
+    assert box.dtype == np.float32 and (box[tuple(s // 2 for s in shape)] == 1)
