@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,6 +79,23 @@ def same_files(paths: list[Path]) -> list[list[Path]]:
             continue
         groups.setdefault((st.st_dev, st.st_ino), []).append(path)
     return [group for group in groups.values() if len(group) > 1]
+
+
+def unreadable_folder(root: Path, pid: str) -> str:
+    """Why a subject's folders cannot be listed (permission denied, an I/O error), or "": pathlib's glob skips
+    such a folder without a word, and the subject would read as having no image."""
+    todo = [root / pid]
+    while todo:
+        folder = todo.pop(0)
+        try:
+            with os.scandir(folder) as listing:
+                names = [e.name for e in listing if e.is_dir()]
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            return f"{folder.relative_to(root)} cannot be read: {exc.strerror or exc}"
+        todo += [folder / n for n in sorted(names) if n == "anat" or n.startswith("ses-")]
+    return ""
 
 
 def entities(path: Path) -> set[str]:
@@ -269,7 +287,7 @@ def scan(
         found = images.get(pid, [])
         paths = select_images(found, select)
         if not found:
-            bad[pid] = f"in participants.tsv but no image {pid}/anat/{pid}_T1w.nii[.gz]"
+            bad[pid] = unreadable_folder(root, pid) or f"in participants.tsv but no image {pid}/anat/{pid}_T1w.nii[.gz]"
             continue
         names = ", ".join(str(p.relative_to(root)) for p in found)
         if not paths:

@@ -2,6 +2,7 @@
 empty files stand in for them)."""
 
 import errno
+import os
 import re
 
 import pytest
@@ -383,3 +384,26 @@ def test_one_subjects_two_names_for_one_file_are_said_to_be_one(tmp_path):
     )
     entries, bad = bids.scan(root, select=("run-1",))
     assert [e.image.name for e in entries] == ["sub-01_run-1_T1w.nii.gz"] and bad == {}
+
+
+def test_a_subject_folder_that_cannot_be_listed_is_named_with_the_reason(tmp_path, monkeypatch):
+    """pathlib's glob skips a folder it may not list, so sub-02 read as having no image at all."""
+    root = _dataset(
+        tmp_path / "bids", ["sub-01/anat/sub-01_T1w.nii.gz", "sub-02/ses-1/anat/sub-02_ses-1_T1w.nii.gz"], ""
+    )
+    (root / "participants.tsv").write_text("participant_id\tage\nsub-01\t60\nsub-02\t61\nsub-03\t62\n")
+    locked = root / "sub-02" / "ses-1" / "anat"
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == os.fspath(locked):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    entries, bad = bids.scan(root)
+    assert [e.participant_id for e in entries] == ["sub-01"]
+    assert bad == {
+        "sub-02": "sub-02/ses-1/anat cannot be read: Permission denied",
+        "sub-03": "in participants.tsv but no image sub-03/anat/sub-03_T1w.nii[.gz]",
+    }
