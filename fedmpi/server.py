@@ -138,7 +138,7 @@ class Server:
         each time half of it has passed while the evaluation still advances, the learners are told to wait again
         (a header without a model, FLAG_WAIT). A record that stops advancing (a write that hangs) earns no such
         word: the learners' patience ends the job, as for a silent server."""
-        seen = self._progress()
+        seen = self.rec.batches
         said, patience = self.told
         due = said + patience / 2
         while True:
@@ -147,8 +147,8 @@ class Server:
                 return
             except FutureTimeout:
                 pass
-            now = self._progress()
-            if now == seen or patience <= 0:
+            now = self.rec.batches
+            if now == seen:
                 due = time.monotonic() + min(1.0, patience / 10)  # nothing new to vouch for: look again soon
                 continue
             seen = now
@@ -158,10 +158,6 @@ class Server:
             down, up = self.wire.reset_counters()  # counted with the next round's traffic
             self.carried["bytes_down"] += down
             self.carried["bytes_up"] += up
-
-    def _progress(self) -> int:
-        """How far the recorder's evaluations have got (batches), for await_record."""
-        return int(getattr(self.rec, "batches", 0))
 
     def record(self, snapshot: State, row: dict) -> None:
         """Evaluate (when due), checkpoint and log a finished round."""

@@ -434,6 +434,8 @@ def test_an_error_in_a_round_is_not_held_up_by_the_record_in_flight():
     release, recorded = threading.Event(), []
 
     class SlowRec:
+        batches = 0  # evaluation batches taken, as the Recorder counts them
+
         def record(self, snapshot, row, evaluate_now):
             release.wait(30)
             recorded.append(snapshot.round)
@@ -466,6 +468,8 @@ def test_a_failed_record_ends_the_next_rounds_wait_at_once():
     runs the server's watch and ends with that error, instead of after the reports (a round later)."""
 
     class FailingRec:
+        batches = 0  # evaluation batches taken, as the Recorder counts them
+
         def record(self, snapshot, row, evaluate_now):
             raise OSError(28, "No space left on device")
 
