@@ -219,7 +219,7 @@ def _serve(cfg: Config, wire, data_dir: Path, infos: np.ndarray, device, resume_
         server.receive_start_mask(state)
     rec.start_clock()
     state, preempted = server.run(state, should_stop=stop)
-    return rec.end(state, preempted)
+    return rec.end(state, preempted, server.closing_bytes)
 
 
 def _learn(cfg: Config, wire, data_dir: Path, device) -> int:

@@ -171,9 +171,9 @@ class Recorder:
         self.checkpoint(state)
         self.checkpoints.prune()
 
-    def end(self, state: State, preempted: bool) -> int:
+    def end(self, state: State, preempted: bool, closing_bytes: int = 0) -> int:
         """Finish the run, say how it ended and return the exit code (EXIT_PREEMPTED asks to be requeued)."""
-        print_summary(self.finish(state, preempted))
+        print_summary(self.finish(state, preempted, closing_bytes))
         if preempted:
             print(f"fedmpi: stopped at round {state.round} on request; continue with --resume", flush=True)
             return EXIT_PREEMPTED
@@ -190,9 +190,10 @@ class Recorder:
             flush=True,
         )
 
-    def finish(self, state: State, preempted: bool = False) -> dict:
+    def finish(self, state: State, preempted: bool = False, closing_bytes: int = 0) -> dict:
         """Save model.npz, evaluate the final model if its round was not, and write test_predictions.csv and
-        summary.json; returns the summary."""
+        summary.json; returns the summary. `closing_bytes`: what the server sent after the last round's row
+        (this session's STOP headers and wait headers), counted apart so the totals stay the rows' sums."""
         model_path = self.cfg.run_dir / "model.npz"
         model_bytes = save_model(
             model_path,
@@ -226,6 +227,7 @@ class Recorder:
             "dense_model_bytes": int(state.values.size * 4),
             "wall_seconds": self.wall_seconds(),
             **{f"total_{k}": v for k, v in total.items()},
+            "closing_bytes": closing_bytes,
         }
         self.log.write_summary(summary)
         return summary

@@ -57,6 +57,7 @@ class Server:
         self.weights = sample_counts / sample_counts.sum()
         self.turnaround = 0.0  # slowest time so far from the learners' last payload to the next model
         self.carried = {"bytes_down": 0, "bytes_up": 0, "pruned": 0}  # the start mask's, added to the next round
+        self.closing_bytes = 0  # after the last round: the STOP header and any wait headers; no row holds them
         self.told = (time.monotonic(), 0.0)  # when the learners last heard from the server, and their patience
 
     def learner_patience(self) -> float:
@@ -130,6 +131,8 @@ class Server:
                 self.await_record(recording, state.round)
         self.wire.watch = None
         self.wire.send_model(state.round, np.zeros(0, np.uint8), 0, FLAG_STOP)
+        down, up = self.wire.reset_counters()
+        self.closing_bytes = down + up + self.carried["bytes_down"] + self.carried["bytes_up"]
         return state, preempted
 
     def await_record(self, recording: Future, t: int) -> None:

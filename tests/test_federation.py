@@ -140,6 +140,8 @@ def test_bytes_on_the_wire_follow_sparsity(split, tmp_path, algorithm):
         assert r["bytes_down"] > 0 and r["bytes_up"] > 0
     late = metrics(run)[-1]
     assert late["bytes_up"] < 0.2 * late["dense_bytes_up"]
+    assert s["total_bytes_down"] == sum(r["bytes_down"] for r in metrics(run))
+    assert s["closing_bytes"] == learners * 5 * 8  # the STOP header, after the last row
 
 
 def test_centralized_baseline_runs_in_one_process(split, tmp_path):
@@ -155,7 +157,7 @@ def test_centralized_baseline_runs_in_one_process(split, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows, s = metrics(tmp_path / "c"), summary(tmp_path / "c")
     assert len(rows) == 8 and rows[-1]["test_mae"] < rows[0]["test_mae"]
-    assert s["total_bytes_up"] == 0
+    assert s["total_bytes_up"] == 0 and s["closing_bytes"] == 0
 
 
 def test_centralized_baseline_start_up_problems_are_one_line_and_exit_2_like_a_federations(split, tmp_path):

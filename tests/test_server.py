@@ -388,6 +388,44 @@ def test_round_bytes_are_the_rounds_own_plus_the_start_masks_once():
     assert (second["bytes_down"], second["bytes_up"]) == (300, 400) and second["pruned"] == 0
 
 
+def test_bytes_sent_after_the_last_rounds_row_are_counted_apart_from_the_rows():
+    """The STOP header goes out after the last round's row is written: it is counted, as closing traffic, and
+    the rows (whose sums are the summary's totals) hold every byte before it."""
+    from fedmpi.wire import FLAG_STOP, HEADER
+
+    class Rec:
+        batches = 0
+
+        def __init__(self):
+            self.rows = []
+
+        def record(self, snapshot, row, evaluate_now):
+            self.rows.append(row)
+
+    class CountingWire(FakeWire):
+        down = 0
+
+        def send_model(self, round_, payload, nnz, flags, patience=0.0):
+            self.sent.append(flags)
+            self.down += (8 * HEADER + payload.nbytes) * self.learners
+
+        def reset_counters(self):
+            counts, self.down = (self.down, 0), 0
+            return counts
+
+    wire = CountingWire([_report(160), _report(160)], summed=np.ones(40, np.float32))
+    server = _server("fedavg", wire)
+    server.cfg.federation.rounds = 2
+    server.rec = Rec()
+    wire.reduced = [np.ones(40, np.float32), np.ones(40, np.float32)]
+    state = _state()
+    kept = int(state.mask.sum())
+    server.run(state)
+    assert wire.sent[-1] == FLAG_STOP and len(wire.sent) == 3
+    assert server.closing_bytes == 8 * HEADER * wire.learners
+    assert server.rec.rows[1]["bytes_down"] == (8 * HEADER + 4 * kept) * wire.learners  # the kept values alone
+
+
 def test_row_describes_the_model_sent_and_weights_the_loss_by_samples():
     reports = [[1.0, 10, 0.1, 160, 1.0, 0.01, 0.02], [4.0, 30, 0.1, 160, 1.0, 0.01, 0.02]]
     state = _state()  # 10 of 50 pruned: sparsity 0.2 sent
