@@ -294,7 +294,8 @@ class Wire:
             displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
             out = np.empty(int(counts.sum()), dtype=np.uint8)
             self.bytes_up += sizes.nbytes // self.size * self.learners + int(counts.sum())
-            received = self.comm.Igatherv(np.zeros(0, np.uint8), [out, counts, displs, MPI.BYTE], root=SERVER)
+            nothing = [np.zeros(0, np.uint8), MPI.BYTE]  # sent and received as MPI_BYTE on every rank, as MPI asks
+            received = self.comm.Igatherv(nothing, [out, counts, displs, MPI.BYTE], root=SERVER)
             self._wait(received, what, quick=True)
             return [out[displs[k] : displs[k] + counts[k]] for k in range(1, self.size)]
         if buf is None:
@@ -305,7 +306,7 @@ class Wire:
         sizing = self.comm.Igather(size, None, root=SERVER)
         quick = self._take_go(what)
         self._wait(sizing, what + " sizes", quick=quick)
-        self._wait(self.comm.Igatherv(buf, None, root=SERVER), what, quick=quick)
+        self._wait(self.comm.Igatherv([buf, MPI.BYTE], None, root=SERVER), what, quick=quick)
         return None
 
     def _take_go(self, what: str) -> bool:
