@@ -1,4 +1,4 @@
-"""Volume files for training: a lazy torch Dataset, a cheap header read, the synthetic default data.
+"""Volume files for training: a lazy torch Dataset, a cheap header read, the checks of a file's contents.
 
 The file format is documented in preprocess/h5io.py and docs/data.md. Every error about a
 volume file is a DataError whose message names the file.
@@ -15,9 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from preprocess import bids, convert, h5io, split, synth
-from preprocess.distributions import TEST_FRACTION
-from preprocess.layout import PARTITION_FILE
+from preprocess import bids, h5io
 
 from .errors import DataError
 
@@ -191,43 +189,3 @@ class VolumeDataset(Dataset):
         if self._file is not None and self._pid == os.getpid():
             self._file.close()
         self._file = self._reader = self._pid = None
-
-
-def synthetic_cohort(
-    root,
-    *,
-    subjects: int = 240,
-    voxel: int = 4,
-    learners: int = 8,
-    distribution: str = "uniform-iid",
-    seed: int = 0,
-    workers: int | None = None,
-    progress: bool = False,
-    test_fraction: float = TEST_FRACTION,
-) -> Path:
-    """Build (once) and return the split directory of the embedded synthetic cohort.
-
-    Layout under root/synth-s{subjects}-seed{seed}/: bids/ (NIfTI + participants.tsv),
-    v{voxel}.h5 (preprocessed), split-{distribution}-{learners}-{voxel}mm/ (learner_k.h5, test.h5,
-    partition.json; "-test{fraction}" is added to the name when the held-out fraction is not
-    TEST_FRACTION, 0.2). The split's name carries every input that changes its files, so another voxel size never
-    reuses a split cut from the wrong resolution. Each step is skipped when its output exists and
-    each is built under a temporary name and renamed, so an interrupted run never leaves a half
-    cohort. Not safe to call from several processes at once on the same root: call it on one rank,
-    then barrier.
-    """
-    ages = [s.age for s in synth.draw_subjects(subjects, seed)]  # the split's own checks, before minutes of rendering
-    split.partition(ages, learners=learners, distribution=distribution, test_fraction=test_fraction, seed=seed)
-    base = Path(root) / f"synth-s{subjects}-seed{seed}"
-    bids_dir = base / "bids"
-    if not synth.is_complete(bids_dir, subjects, seed):
-        synth.write_cohort(bids_dir, subjects, seed, workers, progress)
-    h5 = base / f"v{voxel}.h5"
-    if not h5.is_file():
-        convert.convert(bids_dir, h5, voxel=voxel, workers=workers, progress=progress)
-    held_out = "" if test_fraction == TEST_FRACTION else f"-test{test_fraction:g}"
-    name = f"split-{distribution}-{learners}-{voxel}mm{held_out}"
-    out = base / name
-    if not (out / PARTITION_FILE).is_file():
-        split.write_split(h5, out, learners=learners, distribution=distribution, seed=seed, test_fraction=test_fraction)
-    return out

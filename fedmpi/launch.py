@@ -243,9 +243,8 @@ def _learn(cfg: Config, wire, data_dir: Path, device) -> int:
 def prepare_data(cfg: Config, wire) -> Path:
     """data.dir, or the embedded synthetic cohort: rank 0 builds it once, the others wait without spinning
     and then find it built."""
+    from preprocess.cohort import synthetic_cohort
     from preprocess.distributions import SplitError
-
-    from .data import synthetic_cohort
 
     if cfg.data.dir:
         return Path(cfg.data.dir)

@@ -28,7 +28,7 @@ class Cohort:
 @pytest.fixture(scope="session")
 def cohort(tmp_path_factory) -> Cohort:
     """Built through the trainer's own entry point, so every test file exercises the same path."""
-    from fedmpi.data import synthetic_cohort
+    from preprocess.cohort import synthetic_cohort
 
     root = tmp_path_factory.mktemp("cohort")
     out = synthetic_cohort(

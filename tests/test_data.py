@@ -1,6 +1,5 @@
-"""The trainer's loader: VolumeDataset, read_header, synthetic_cohort."""
+"""The trainer's loader: VolumeDataset, read_header, the checks of a file's contents."""
 
-import json
 import shutil
 
 import h5py
@@ -11,7 +10,7 @@ from fedtools import SHAPE, write_volumes
 from torch.utils.data import DataLoader
 
 from fedmpi.config import Config
-from fedmpi.data import VolumeDataset, check_volumes, file_digest, open_volumes, read_header, synthetic_cohort
+from fedmpi.data import VolumeDataset, check_volumes, file_digest, open_volumes, read_header
 from fedmpi.errors import DataError, UserError
 from preprocess import h5io
 
@@ -87,53 +86,6 @@ def test_damaged_chunk_raises_data_error(cohort, tmp_path):
     ds[1]
     with pytest.raises(DataError, match=r"d.h5: cannot read volume 2"):
         ds[2]
-
-
-def test_synthetic_cohort_reuses_finished_steps(cohort):
-    stamps = {
-        p: p.stat().st_mtime_ns for p in (cohort.h5, cohort.split / "partition.json", cohort.bids / "participants.tsv")
-    }
-    again = synthetic_cohort(cohort.root, subjects=cohort.subjects, seed=cohort.seed, learners=4)
-    assert again == cohort.split
-    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
-    other = synthetic_cohort(
-        cohort.root, subjects=cohort.subjects, seed=cohort.seed, learners=2, distribution="uniform-noniid"
-    )
-    assert other.name == "split-uniform-noniid-2-4mm" and other.parent == cohort.split.parent
-    assert cohort.h5.stat().st_mtime_ns == stamps[cohort.h5]
-    summary = json.loads((other / "partition.json").read_text())
-    assert [e["size"] for e in summary["per_learner"]] == [
-        len(VolumeDataset(other / f"learner_{k}.h5")) for k in (1, 2)
-    ]
-    assert sorted(p.name for p in cohort.split.parent.iterdir()) == [
-        "bids",
-        "split-uniform-iid-4-4mm",
-        "split-uniform-noniid-2-4mm",
-        "v4.h5",
-    ]
-
-
-def test_another_voxel_size_gets_its_own_split(cohort, tmp_path):
-    """The 4 mm split already exists; asking for 6 mm must cut a split from the 6 mm volumes, not reuse it."""
-    base = tmp_path / cohort.root.name / cohort.bids.parent.name
-    shutil.copytree(cohort.bids, base / "bids")
-    shutil.copy(cohort.h5, base / "v4.h5")
-    four = synthetic_cohort(tmp_path / cohort.root.name, subjects=cohort.subjects, seed=cohort.seed, learners=2)
-    six = synthetic_cohort(tmp_path / cohort.root.name, subjects=cohort.subjects, seed=cohort.seed, learners=2, voxel=6)
-    assert six != four
-    assert VolumeDataset(four / "learner_1.h5").voxel_size == 4.0
-    assert VolumeDataset(six / "learner_1.h5").voxel_size == 6.0
-    assert json.loads((six / "partition.json").read_text())["source"].endswith("v6.h5")
-
-
-def test_synthetic_cohort_validates_before_generating(tmp_path):
-    with pytest.raises(ValueError, match="must be even"):
-        synthetic_cohort(tmp_path, subjects=10, learners=3, distribution="uniform-noniid")
-    with pytest.raises(ValueError, match="training subjects cannot give each of 20 learners"):
-        synthetic_cohort(tmp_path, subjects=240, learners=20, distribution="skewed-noniid")
-    with pytest.raises(ValueError, match="holds out no subject"):
-        synthetic_cohort(tmp_path, subjects=20, learners=2, test_fraction=0.01)
-    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.fixture
