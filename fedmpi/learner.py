@@ -114,16 +114,20 @@ class Learner:
         )
         trained = time.perf_counter()
         local, global_mask = flat_parameters(self.model), self.global_mask()
+        local_finite = bool(np.isfinite(local).all())
         if not self.algo.shared_mask:
             s_t = self.schedule(t)
-            mask = prune(local, global_mask, s_t, self.algo.selector, seed) if s_t > 0 else global_mask
+            # A model that is not finite has no magnitude ranking: it goes unpruned, and the report's finite
+            # flag has the server refuse the round naming this learner (as for a shared-mask learner).
+            prunes = s_t > 0 and local_finite
+            mask = prune(local, global_mask, s_t, self.algo.selector, seed) if prunes else global_mask
             payload = encoding.encode(pruning.apply_mask(local, mask), mask)
         else:  # float32 values times a float32 weight: already the buffer the Reduce sums
             payload = encoding.gather_values(local, global_mask) * self.weight
         # PruneFL's reconfiguration rounds: every position's squared gradients, dense (pruned ones count too)
         importance = None if squares is None else torch.cat([q.reshape(-1) for q in squares]).float().cpu().numpy()
         extra = 0 if importance is None else importance.nbytes
-        finite = bool(np.isfinite(local).all()) and (importance is None or bool(np.isfinite(importance).all()))
+        finite = local_finite and (importance is None or bool(np.isfinite(importance).all()))
         self.wire.report(
             record(
                 REPORT,

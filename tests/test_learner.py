@@ -134,6 +134,35 @@ def test_local_learner_prunes_its_own_model_to_the_schedule(data):
     assert wire.reports[0]["payload_nbytes"] == payload.nbytes
 
 
+@pytest.mark.parametrize("algorithm", ["fedsparsify-global", "fedsparsify-local"])
+def test_a_learner_whose_training_diverged_reports_it_instead_of_failing(data, monkeypatch, algorithm):
+    """A NaN in the trained model is the server's to refuse, naming the learner (the report's finite flag):
+    Local's learner prunes its own model by magnitude, which cannot rank a NaN, so it sends the model
+    unpruned in the global mask rather than dying in magnitude_mask."""
+    import fedmpi.learner as learner_module
+
+    train_round = learner_module.train_round
+
+    def diverging(cfg, model, *args, **kwargs):
+        out = train_round(cfg, model, *args, **kwargs)
+        with torch.no_grad():
+            first = next(model.parameters()).view(-1)
+            first[int(first.nonzero()[0])] = float("nan")  # a kept position
+        return out
+
+    monkeypatch.setattr(learner_module, "train_round", diverging)
+    learner, initial = _learner(data, algorithm)
+    values, mask = _global(initial, 0.2)
+    wire = _run(learner, [(4, FLAG_MASK, int(mask.sum()), encoding.encode(values, mask))])
+    (report,) = wire.reports
+    assert report["finite"] == 0
+    (sent,) = wire.reduced or wire.gathered
+    assert report["payload_nbytes"] == sent.nbytes
+    if algorithm == "fedsparsify-local":
+        _, sent_mask = encoding.decode(sent)
+        assert np.array_equal(sent_mask, mask)  # not pruned: a NaN has no magnitude rank
+
+
 def test_local_learner_prunes_to_the_schedule_in_rounds_between_its_steps(data):
     """As the authors' code (its local purge runs every round, at the level of t rounded down to a multiple of
     f): the vote can leave the merged model denser than s_t, so a round where the level does not step still
