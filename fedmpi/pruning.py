@@ -41,8 +41,8 @@ def magnitude_mask(values: np.ndarray, sparsity: float, mask: np.ndarray | None 
     if missing <= 0:
         return mask
     kept = np.flatnonzero(mask)
-    mags = np.abs(values[kept].astype(np.float64) if values.dtype.kind in "iu" else values[kept])
-    if np.isnan(mags).any():
+    mags = _magnitudes(values[kept])
+    if mags.dtype.kind == "f" and np.isnan(mags).any():
         raise ValueError("values contain NaN; magnitude pruning needs comparable magnitudes")
     # O(N) selection instead of a full sort: everything strictly below the k-th
     # smallest magnitude goes, then the lowest indices among the ties at it.
@@ -95,7 +95,7 @@ def reconfigure_mask(
     stay = min(keep, kept.size - round(movable * kept.size))
     out = np.zeros(importance.size, dtype=bool)
     if stay:
-        out[kept[np.argsort(np.abs(values[kept]), kind="stable")[kept.size - stay :]]] = True
+        out[kept[np.argsort(_magnitudes(values[kept]), kind="stable")[kept.size - stay :]]] = True
     rest = np.flatnonzero(~out)
     fill = keep - stay
     if fill:
@@ -141,6 +141,16 @@ def sparsity(values: np.ndarray) -> float:
     if values.size == 0:
         raise ValueError("sparsity of an empty array is undefined")
     return (values.size - np.count_nonzero(values)) / values.size
+
+
+def _magnitudes(values: np.ndarray) -> np.ndarray:
+    """|values|, exact for integers too: as uint64, since np.abs wraps the most negative value of a signed
+    type (int8 -128 stays -128) and float64 merges distinct integers above 2**53."""
+    if values.dtype.kind == "u":
+        return values.astype(np.uint64)
+    if values.dtype.kind == "i":
+        return np.abs(values.astype(np.int64)).astype(np.uint64)  # |int64 min| wraps to itself: 2**63 as uint64
+    return np.abs(values)
 
 
 def _as_flat_real(values: np.ndarray, name: str) -> np.ndarray:

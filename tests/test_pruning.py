@@ -93,6 +93,19 @@ def test_magnitude_int_min_is_large():
     assert magnitude_mask(v, 0.5).tolist() == [True, False, False, True]
 
 
+def test_integer_magnitudes_are_exact():
+    """Integers are ranked by their exact |v|: float64 merges 2**53 + 1 with 2**53 (a tie the lower index loses),
+    and np.abs of the most negative value wraps (int8 -128 looked like the smallest magnitude)."""
+    assert magnitude_mask(np.array([2**53 + 1, 2**53], np.int64), 0.5).tolist() == [True, False]
+    assert magnitude_mask(np.array([2**64 - 1, 2**64 - 2], np.uint64), 0.5).tolist() == [True, False]
+    assert magnitude_mask(np.array([np.iinfo(np.int64).min, 5], np.int64), 0.5).tolist() == [True, False]
+    # two kept, one movable: the larger |w| (int8 -128) stays, the free slot goes to the highest importance
+    out = reconfigure_mask(
+        np.array([0, 0, 5.0]), np.array([-128, 1, 0], np.int8), np.array([1, 1, 0], bool), 1 / 3, 0.5
+    )
+    assert out.tolist() == [True, False, True]
+
+
 def test_magnitude_rejects_nan_and_bad_shapes():
     with pytest.raises(ValueError, match="NaN"):
         magnitude_mask(np.array([1.0, np.nan, 2.0]), 0.5)
