@@ -124,7 +124,8 @@ def resume_point(cfg: Config, resume: bool, overwrite: bool):
             f"{e}: --resume cannot tell which rounds were recorded; mend or remove the damaged lines (one round's "
             "JSON each) and resume, or start afresh with --overwrite"
         ) from None
-    found = checkpoints.latest(at_most=rows[-1]["round"] if rows else None)
+    # no row yet: a checkpoint there is of a round whose row a crash cut off (round 1's), not one to go on from
+    found = checkpoints.latest(at_most=rows[-1]["round"] if rows else 0)
     if found is None:
         print(f"fedmpi: no usable checkpoint in {checkpoints.dir}; starting fresh", flush=True)
         return None

@@ -43,6 +43,14 @@ def test_resume_never_passes_the_last_recorded_round(tmp_path):
     assert meta["round"] == 2 and values[0] == 2
 
 
+def test_a_checkpoint_without_any_row_is_not_resumed_past_the_missing_rows(tmp_path, capsys):
+    """A crash between round 1's checkpoint and its row leaves a checkpoint and no metrics.jsonl: the resume went on
+    after round 1, and the run's metrics (and its byte totals) never had round 1."""
+    cfg = _run_with_checkpoints(tmp_path, [1], rows=0)
+    assert resume_point(cfg, resume=True, overwrite=False) is None
+    assert "no usable checkpoint" in capsys.readouterr().out
+
+
 def test_damaged_metrics_before_the_last_line_stop_a_resume_instead_of_starting_afresh(tmp_path, capsys):
     """One damaged line among the rows hid every round after it: no checkpoint was at or before the rounds left,
     so the resume started afresh and removed the good checkpoints."""
