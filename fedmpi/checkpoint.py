@@ -100,6 +100,14 @@ class Checkpoints:
         for old in self.paths()[: -self.keep]:
             old.unlink()
 
+    def drop_after(self, round_: int) -> None:
+        """Remove the checkpoints of rounds after round_ (a resume from round_ runs them again): left, they count
+        among the newest `keep` and prune would remove the new ones, which resuming can use, before them."""
+        for path in self.paths():
+            match = CHECKPOINT.match(path.name)
+            if match and int(match.group(1)) > round_:
+                path.unlink()
+
     def latest(self, at_most: int | None = None) -> tuple[np.ndarray, np.ndarray, dict] | None:
         """The newest checkpoint that verifies (of round <= at_most: the last round the run recorded, so that
         a crash between a checkpoint and its metrics row never resumes past the metrics); corrupt ones are

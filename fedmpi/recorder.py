@@ -240,6 +240,7 @@ def start_state(cfg: Config, resume, rec: Recorder, model) -> State:
         if values.size != sum(p.numel() for p in model.parameters()):
             raise ConfigError(f"{rec.checkpoints.dir}: checkpoint does not fit the model")
         rows = rec.log.keep_through(int(meta["round"]))
+        rec.checkpoints.drop_after(int(meta["round"]))  # past the rows (a crash before its row) or corrupt
         # The run's clock goes on from the resumed round's row (rows written before fedmpi kept it: from 0).
         rec.earlier_seconds = float(rows[-1].get("wall_seconds") or 0.0) if rows else 0.0
         print(f"fedmpi: resuming {cfg.run_dir} after round {meta['round']}", flush=True)

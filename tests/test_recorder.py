@@ -136,3 +136,23 @@ def test_evaluation_is_due_every_eval_every_rounds_and_at_the_last():
 
     cfg = load_config(overrides=["eval.every=4", "federation.rounds=10"])
     assert [t for t in range(1, 11) if evaluation_due(cfg, t)] == [4, 8, 10]
+
+
+def test_a_resume_removes_the_checkpoints_past_its_round_so_pruning_keeps_the_new_ones(tmp_path):
+    """keep_checkpoints=1: round 4's checkpoint was written, then a crash came before its row; the resume goes on
+    from round 2 and stops after round 3. Round 4's checkpoint, left, was the newest by name: pruning kept it and
+    removed round 3's, and the next --resume found nothing at or before its rows and started afresh."""
+    cfg = load_config(overrides=[f"run.dir={tmp_path}", "run.name=r", "federation.rounds=8", "run.keep_checkpoints=1"])
+    model = build_model(cfg, SHAPE)
+    state = initial_state(model)
+    log = RunLog(cfg.run_dir)
+    rec = SimpleNamespace(checkpoints=Checkpoints(cfg.run_dir / "checkpoints", keep=1), log=log, earlier_seconds=0.0)
+    for t in (2, 4):
+        rec.checkpoints.save(t, state.values, state.mask, {})
+    for t in (1, 2, 3):
+        log.append({"round": t})
+    start_state(cfg, (state.values, state.mask, {"round": 2}), rec, model)
+    rec.checkpoints.save(3, state.values, state.mask, {})  # round 3's record, then a stop (Recorder.stop_here)
+    log.append({"round": 3})
+    rec.checkpoints.prune()
+    assert rec.checkpoints.latest(at_most=3)[2]["round"] == 3
