@@ -105,7 +105,9 @@ def resume_point(cfg: Config, resume: bool, overwrite: bool):
     resume one made with other settings."""
     checkpoints = Checkpoints(cfg.run_dir / "checkpoints")
     if not resume:
-        if checkpoints.paths() and not overwrite and not finished(cfg):
+        # rows alone are a run too: one with run.checkpoint_every=0, or stopped before its first checkpoint
+        begun = checkpoints.paths() or any(RunLog(cfg.run_dir).read())
+        if begun and not overwrite and not finished(cfg):
             done = completed_rounds(cfg)
             if done is not None:  # finished, under another federation.rounds: --resume would refuse it
                 raise ConfigError(

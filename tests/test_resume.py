@@ -51,6 +51,15 @@ def test_a_checkpoint_without_any_row_is_not_resumed_past_the_missing_rows(tmp_p
     assert "no usable checkpoint" in capsys.readouterr().out
 
 
+def test_a_run_with_rows_and_no_checkpoint_is_not_silently_replaced(tmp_path):
+    """run.checkpoint_every=0 (or a crash before the first checkpoint): the unfinished run's metrics.jsonl was
+    deleted by a plain start without a word."""
+    cfg = _run_with_checkpoints(tmp_path, [], rows=3)
+    with pytest.raises(ConfigError, match="unfinished run; pass --resume"):
+        resume_point(cfg, resume=False, overwrite=False)
+    assert resume_point(cfg, resume=False, overwrite=True) is None
+
+
 def test_damaged_metrics_before_the_last_line_stop_a_resume_instead_of_starting_afresh(tmp_path, capsys):
     """One damaged line among the rows hid every round after it: no checkpoint was at or before the rounds left,
     so the resume started afresh and removed the good checkpoints."""
