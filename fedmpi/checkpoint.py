@@ -19,7 +19,7 @@ import numpy as np
 
 from . import encoding
 from .errors import CheckpointError, EncodingError
-from .files import atomic_write
+from .files import atomic_write, remove_stale_temporaries
 
 CHECKPOINT = re.compile(r"^round-(\d{6})\.npz$")
 
@@ -91,6 +91,8 @@ class Checkpoints:
     def save(self, round_: int, values: np.ndarray, mask: np.ndarray, meta: dict) -> Path:
         """Write round_'s checkpoint (values, mask, and `meta` with the round) atomically; returns its path."""
         path = self.dir / f"round-{round_:06d}.npz"
+        # a checkpoint cut short by a kill is a temporary of its round's name, which a resume may never write again
+        remove_stale_temporaries(path, r"round-\d{6}\.npz")
         save_arrays(path, {"values": values, "mask": mask}, dict(meta, round=round_))
         return path
 

@@ -53,10 +53,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(path: Path) -> None:
+def remove_stale_temporaries(path: Path, names: str | None = None) -> None:
     """The temporaries of `path` left beside it by processes of this host that are gone; those of a live
-    process, or of another host sharing the file system, stay."""
-    mine = re.compile(rf"^\.{re.escape(path.name)}\.tmp-{re.escape(socket.gethostname())}-(\d+)-")
+    process, or of another host sharing the file system, stay. `names`: a regular expression for the outputs
+    whose temporaries go (path.name when None), for a writer of numbered outputs that are not all written again."""
+    names = re.escape(path.name) if names is None else names
+    mine = re.compile(rf"^\.(?:{names})\.tmp-{re.escape(socket.gethostname())}-(\d+)-")
     try:
         entries = list(path.parent.iterdir())
     except OSError:

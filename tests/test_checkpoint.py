@@ -353,3 +353,23 @@ def test_a_save_replaces_the_file_never_rewrites_it_in_place(tmp_path):
     ckpt.save(1, np.ones(5, np.float32), np.ones(5, bool), {})
     np.testing.assert_array_equal(load_arrays(old)[0]["values"], np.zeros(5, np.float32))
     np.testing.assert_array_equal(ckpt.latest()[0], np.ones(5, np.float32))
+
+
+def test_a_checkpoint_killed_mid_write_leaves_no_temporary_once_the_run_goes_on(tmp_path):
+    """A kill during round 6's checkpoint (a stop's, with checkpoint_every=5) left its temporary; the resume
+    from round 5 never writes round 6's again, so only a write of that name would have removed it: it stayed
+    for good, a model's size each time. Any checkpoint's write now removes those of dead processes."""
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    ckpt = Checkpoints(tmp_path, keep=1)
+    left = tmp_path / f".round-000006.npz.tmp-{host}-{int(dead.stdout)}-abc.tmp"
+    live = tmp_path / f".round-000007.npz.tmp-{host}-{os.getpid()}-abc.tmp"
+    other = tmp_path / f".notes.txt.tmp-{host}-{int(dead.stdout)}-abc.tmp"
+    for path in (left, live, other):
+        path.write_bytes(b"half")
+    save_rounds(ckpt, [10])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "round-000010.npz"])
