@@ -119,8 +119,12 @@ def resume_point(cfg: Config, resume: bool, overwrite: bool):
                 f"to replace it (or choose another run.name)"
             )
         return None
+    log = RunLog(cfg.run_dir)
     try:  # damage before the last line would hide recorded rounds: the resume would start afresh over them
-        rows = RunLog(cfg.run_dir).checked_rows()
+        rows = log.checked_rows()
+        for line, row in enumerate(rows, start=1):  # JSON, yet not a round's row (a hand edit): no round to go by
+            if not isinstance(row, dict) or type(row.get("round")) is not int:
+                raise ReportError(f"{log.metrics_path}: line {line} is not a round's row (no integer round)")
     except ReportError as e:
         raise CheckpointError(
             f"{e}: --resume cannot tell which rounds were recorded; mend or remove the damaged lines (one round's "

@@ -77,6 +77,19 @@ def test_damaged_metrics_before_the_last_line_stop_a_resume_instead_of_starting_
     assert "line 3 is cut short" in capsys.readouterr().err
 
 
+def test_a_line_that_is_json_but_not_a_rounds_row_stops_a_resume_with_one_line(tmp_path):
+    """A hand-edited row without an integer round parsed as JSON and ended the resume in a KeyError traceback."""
+    from fedmpi.errors import CheckpointError
+
+    cfg = _run_with_checkpoints(tmp_path, [2, 3], rows=3)
+    lines = (cfg.run_dir / "metrics.jsonl").read_text().splitlines()
+    for other in ('{"bytes_up": 5}', '{"round": "3"}', '{"round": true}', "[3]"):
+        (cfg.run_dir / "metrics.jsonl").write_text("\n".join([*lines[:2], other]) + "\n")
+        with pytest.raises(CheckpointError, match=r"line 3 is not a round's row .*--resume cannot tell"):
+            resume_point(cfg, resume=True, overwrite=False)
+    assert len(list((cfg.run_dir / "checkpoints").glob("round-*.npz"))) == 2
+
+
 def test_resume_with_other_settings_names_them(tmp_path):
     _run_with_checkpoints(tmp_path, [1], rows=1)
     cfg = load_config(overrides=[f"run.dir={tmp_path}", "run.name=r", "train.epochs=5"])
