@@ -150,7 +150,7 @@ def _magnitudes(values: np.ndarray) -> np.ndarray:
         return values.astype(np.uint64)
     if values.dtype.kind == "i":
         return np.abs(values.astype(np.int64)).astype(np.uint64)  # |int64 min| wraps to itself: 2**63 as uint64
-    return np.abs(values)
+    return np.asarray(np.abs(values))
 
 
 def _as_flat_real(values: np.ndarray, name: str) -> np.ndarray:
