@@ -125,9 +125,21 @@ def call(cmd: list[str], log: Path | None = None, cwd: Path | None = None) -> No
 
 
 def attack_is_current(run_dir: Path) -> bool:
-    """True when the run's attack.json was written after its final model (a rerun model is attacked again)."""
+    """True when the run's attack.json attacked its final model: the model digests that attack.json and
+    summary.json record agree (a finished run resumed again, as the SLURM script and --paper always do, rewrites
+    model.npz with the same model, which is not attacked again; a model trained again is). Records without a
+    digest (an earlier fedmpi's) count as current when attack.json was written after model.npz."""
     attack, model = run_dir / "attack.json", run_dir / "model.npz"
-    return attack.exists() and model.exists() and attack.stat().st_mtime >= model.stat().st_mtime
+    if not (attack.exists() and model.exists()):
+        return False
+    try:
+        attacked = read_json(attack, ValueError).get("model_sha256")
+        final = read_json(run_dir / "summary.json", ValueError).get("model_sha256")
+    except ValueError:
+        attacked = final = None
+    if attacked and final:
+        return attacked == final
+    return attack.stat().st_mtime >= model.stat().st_mtime
 
 
 def study_paths(args, spec: dict) -> tuple[Path, Path, Path, Path]:

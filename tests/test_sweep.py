@@ -293,3 +293,21 @@ def test_an_array_limit_needs_slurm_and_a_positive_count(capsys, flags):
 def test_a_missing_launcher_is_one_line():
     with pytest.raises(SystemExit, match=r"^sweep: no /nonexistent/mpirun here \(give --mpirun"):
         sweep.call(["/nonexistent/mpirun", "-n", "3", "python"])
+
+
+def test_an_attack_of_the_same_model_stays_current_when_a_resume_rewrites_the_model_file(tmp_path):
+    """`train --resume` of a finished run (the SLURM script's every start, `--paper` on every rerun) writes model.npz
+    again with the same model: its attack is not redone. A model trained again (another digest) is attacked again."""
+    import os
+
+    (tmp_path / "model.npz").write_bytes(b"m")
+    (tmp_path / "attack.json").write_text('{"model_sha256": "aa"}')
+    (tmp_path / "summary.json").write_text('{"model_sha256": "aa"}')
+    os.utime(tmp_path / "attack.json", (1_000, 1_000))
+    os.utime(tmp_path / "model.npz", (2_000, 2_000))  # rewritten by the resume, after the attack
+    assert sweep.attack_is_current(tmp_path)
+    (tmp_path / "summary.json").write_text('{"model_sha256": "bb"}')
+    os.utime(tmp_path / "model.npz", (500, 500))
+    assert not sweep.attack_is_current(tmp_path)
+    (tmp_path / "summary.json").write_text("{cut")  # unreadable: the files' times decide
+    assert sweep.attack_is_current(tmp_path)
