@@ -227,14 +227,21 @@ def run_study(args) -> int:
     return 0
 
 
+def paper_config(family: str, name: str) -> Path:
+    """A paper run's config file, jobs/configs/paper/<family>/<name>.yaml (written by make_configs.py)."""
+    return HERE / "configs" / "paper" / family / f"{name}.yaml"
+
+
 def run_paper(args) -> int:
     out = Path(args.out or f"runs/paper-{args.paper}").resolve()  # the array's tasks start in the checkout
     chosen = [(name, cfg) for family, name, cfg in configs() if family == args.paper]
     if args.slurm:
         out.mkdir(parents=True, exist_ok=True)
         paths = []
-        for name, cfg in chosen:
-            cfg["run"]["dir"] = str(out)
+        for name, _ in chosen:
+            # the committed file, as a local run takes it: README has users point its data.dir at their split
+            cfg = yaml.safe_load(paper_config(args.paper, name).read_text())
+            cfg.setdefault("run", {})["dir"] = str(out)
             path = out / "configs" / f"{name}.yaml"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -262,7 +269,7 @@ def run_paper(args) -> int:
                     "fedmpi",
                     "train",
                     "--config",
-                    str(HERE / "configs" / "paper" / args.paper / f"{name}.yaml"),
+                    str(paper_config(args.paper, name)),
                     "--set",
                     f"run.dir={out}",
                     "--resume",

@@ -311,3 +311,22 @@ def test_an_attack_of_the_same_model_stays_current_when_a_resume_rewrites_the_mo
     assert not sweep.attack_is_current(tmp_path)
     (tmp_path / "summary.json").write_text("{cut")  # unreadable: the files' times decide
     assert sweep.attack_is_current(tmp_path)
+
+
+def test_paper_slurm_submits_the_committed_configs_with_the_users_edits(tmp_path, monkeypatch):
+    """README has users point the paper configs' data.dir at their split: the array's tasks train those files, as
+    a local --paper run does, not make_configs.py's defaults."""
+    import shutil
+
+    jobs = tmp_path / "jobs"
+    shutil.copytree(ROOT / "jobs" / "configs" / "paper" / "original", jobs / "configs" / "paper" / "original")
+    edited = jobs / "configs" / "paper" / "original" / "fedavg-uniform-iid.yaml"
+    cfg = yaml.safe_load(edited.read_text())
+    cfg["data"]["dir"] = "/scratch/me/split-uniform-iid"
+    edited.write_text(yaml.safe_dump(cfg))
+    monkeypatch.setattr(sweep, "HERE", jobs)
+    monkeypatch.setattr(sweep, "call", lambda cmd, log=None, cwd=None: None)
+    assert sweep.main(["--paper", "original", "--slurm", "--out", str(tmp_path / "paper")]) == 0
+    written = yaml.safe_load((tmp_path / "paper" / "configs" / "fedavg-uniform-iid.yaml").read_text())
+    assert written["data"]["dir"] == "/scratch/me/split-uniform-iid"
+    assert written["run"]["dir"] == str(tmp_path / "paper")
