@@ -37,11 +37,47 @@ from make_configs import FAMILIES, configs  # noqa: E402
 
 from fedmpi.algorithms import ALGORITHMS  # noqa: E402
 from fedmpi.config import load_config  # noqa: E402
+from fedmpi.errors import EXIT_USAGE, ConfigError  # noqa: E402
 from fedmpi.launch import default_mpirun  # noqa: E402
 from fedmpi.resume import finished, recorded_key, resume_key  # noqa: E402
 from fedmpi.runlog import read_json, stopped_early  # noqa: E402
 
 RECORDS = ("config.json", "metrics.jsonl", "summary.json", "test_predictions.csv", "attack.json")
+
+
+class StudyError(Exception):
+    """A study file the sweep cannot run (unreadable, a key missing, an unknown algorithm, a run whose settings
+    do not validate): one line and exit 2, before any run is trained."""
+
+
+def read_study(path: Path) -> dict:
+    """The study file, checked as far as its shape and algorithms go (each run's settings: run_study)."""
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise StudyError(f"study file {path} cannot be read ({e.strerror})") from None
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise StudyError(f"study file {path} is not a YAML text file ({' '.join(str(e).split())})") from None
+    keys = ("base", "out", "records", "groups")
+    if not isinstance(spec, dict) or any(k not in spec for k in keys) or not isinstance(spec["groups"], list):
+        raise StudyError(f"study file {path} must hold {', '.join(keys)} (a list of groups); see jobs/studies/cpu.yaml")
+    for group in spec["groups"]:
+        if not isinstance(group, dict) or any(k not in group for k in ("name", "distributions", "runs")):
+            raise StudyError(f"study file {path}: every group needs name, distributions and runs, got {group!r}")
+        for entry in group["runs"]:
+            algo, *target = str(entry).split()
+            if algo not in ALGORITHMS or len(target) > 1:
+                raise StudyError(
+                    f"study file {path}, group {group['name']}: {entry!r} is not ALGORITHM [TARGET]; algorithms: "
+                    f"{', '.join(ALGORITHMS)}"
+                )
+            try:
+                float(target[0]) if target else 0.0
+            except ValueError:
+                raise StudyError(
+                    f"study file {path}, group {group['name']}: {entry!r}: the target is not a number"
+                ) from None
+    return spec
 
 
 @dataclass
@@ -185,9 +221,14 @@ def train_cmd(args, base: Path, run: Run, out: Path) -> list[str]:
 
 def run_study(args) -> int:
     spec_path = Path(args.study)
-    spec = yaml.safe_load(spec_path.read_text())
+    spec = read_study(spec_path)
     base, out, records, report = study_paths(args, spec)
     runs = study_runs(spec)
+    for run in runs:  # every run's settings before the first is trained, not hours later when its turn comes
+        try:
+            load_config(base, [*run.sets, f"run.dir={out}"])
+        except ConfigError as e:
+            raise StudyError(f"study file {spec_path}, run {run.name}: {e}") from None
     began = time.time()
     stop_file = out / "STOP"
     for i, run in enumerate(runs, 1):
@@ -316,7 +357,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.array_limit is not None and (args.array_limit < 1 or not args.slurm):
         ap.error("--array-limit takes K >= 1, with --paper --slurm")
-    return run_paper(args) if args.paper else run_study(args)
+    try:
+        return run_paper(args) if args.paper else run_study(args)
+    except StudyError as e:
+        print(f"sweep: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -330,3 +330,40 @@ def test_paper_slurm_submits_the_committed_configs_with_the_users_edits(tmp_path
     written = yaml.safe_load((tmp_path / "paper" / "configs" / "fedavg-uniform-iid.yaml").read_text())
     assert written["data"]["dir"] == "/scratch/me/split-uniform-iid"
     assert written["run"]["dir"] == str(tmp_path / "paper")
+
+
+@pytest.mark.parametrize(
+    "text, said",
+    [
+        (None, "cannot be read (No such file or directory)"),
+        ("groups: [", "is not a YAML text file"),
+        ("- a list", "must hold base, out, records, groups"),
+        (
+            "base: b\nout: o\nrecords: r\ngroups:\n  - {name: g, distributions: [uniform-iid], runs: [fedavgx]}",
+            "group g: 'fedavgx' is not ALGORITHM [TARGET]",
+        ),
+        (
+            "base: b\nout: o\nrecords: r\ngroups:\n  - {name: g, distributions: [uniform-iid], runs: [grasp high]}",
+            "'grasp high': the target is not a number",
+        ),
+        (
+            f"base: {BASE}\nout: o\nrecords: r\ngroups:\n  - {{name: g, distributions: [uniform-iid], runs: [fedavg,"
+            " fedsparsify-global 0.9], set: [train.lr=-1]}",
+            "run g-uniform-iid-fedavg-s0: train.lr must be > 0",
+        ),
+    ],
+)
+def test_a_study_file_the_sweep_cannot_run_is_one_line_and_exit_2_before_any_run(
+    tmp_path, monkeypatch, capsys, text, said
+):
+    """It was a traceback (FileNotFoundError, KeyError, ConfigError), and a run's bad setting surfaced only when the
+    runs before it had been trained."""
+    calls = []
+    monkeypatch.setattr(sweep, "call", lambda cmd, log=None: calls.append(cmd))
+    study = tmp_path / "study.yaml"
+    if text is not None:
+        study.write_text(text)
+    assert sweep.main([str(study), "--out", str(tmp_path / "out"), "--records", str(tmp_path / "rec")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sweep: error: ") and said in err and err.count("\n") == 1, err
+    assert calls == []
