@@ -174,6 +174,8 @@ def _run(cfg: Config, comm, resume: bool, overwrite: bool, stop) -> int:
     keep_freed_memory()
     torch.set_num_threads(torch_threads(cfg.train.threads, local_size))
     data_dir = prepare_data(cfg, wire)
+    if data_dir is None:
+        return EXIT_USAGE
     if algorithm(cfg).trains_centrally:
         from .centralized import run_centralized
 
@@ -240,9 +242,11 @@ def _learn(cfg: Config, wire, data_dir: Path, device) -> int:
     return 0
 
 
-def prepare_data(cfg: Config, wire) -> Path:
+def prepare_data(cfg: Config, wire) -> Path | None:
     """data.dir, or the embedded synthetic cohort: rank 0 builds it once, the others wait without spinning
-    and then find it built."""
+    and then find it built. None when the configuration cannot give the cohort (what only its ages can tell,
+    such as a test fraction that holds out no one): rank 0 has said why, and every rank exits 2 (a bad
+    configuration value), as a check before MPI would have."""
     from preprocess.cohort import synthetic_cohort
     from preprocess.distributions import SplitError
 
@@ -261,6 +265,7 @@ def prepare_data(cfg: Config, wire) -> Path:
             test_fraction=d.test_fraction,
         )
 
+    built = np.ones(1)  # rank 0's word to the others: 1 built, 0 refused
     if wire.rank == 0:
         print(
             f"fedmpi: synthetic cohort ({d.subjects} subjects, {d.voxel} mm, {d.distribution}) under {d.cache_dir}/",
@@ -269,9 +274,12 @@ def prepare_data(cfg: Config, wire) -> Path:
         try:
             data_dir = cohort()
         except SplitError as e:  # what only the cohort's ages can tell (a test fraction that holds out no one)
-            raise ConfigError(split_error_text(str(e))) from None
+            say(0, split_error_text(str(e)))
+            built[0] = 0
     if wire.size > 1:  # generating a new cohort takes minutes: learners allow it a round's time
-        wire.bcast(np.ones(1), "the synthetic cohort (built by the server)", patience=cfg.run.round_timeout)
+        wire.bcast(built, "the synthetic cohort (built by the server)", patience=cfg.run.round_timeout)
+    if not built[0]:
+        return None
     return data_dir if wire.rank == 0 else cohort()
 
 

@@ -322,7 +322,7 @@ def test_each_learner_weighs_its_model_by_its_own_share_of_the_samples(tmp_path,
         assert wire.next_patience == cfg.run.round_timeout + learner_startup_patience(cfg.run.startup_timeout)
 
 
-def test_the_synthetic_cohorts_split_problems_name_this_configurations_options(tmp_path):
+def test_the_synthetic_cohorts_split_problems_name_this_configurations_options(tmp_path, capsys):
     """They named preprocess's flags (--test-fraction, --learners), and the learner-count rule came only after
     MPI had started, from rank 0's cohort build."""
     import types
@@ -333,8 +333,10 @@ def test_the_synthetic_cohorts_split_problems_name_this_configurations_options(t
     cfg = load_config(
         overrides=[f"data.cache_dir={tmp_path}", "data.subjects=20", "data.test_fraction=0.01", "data.voxel=6"]
     )
-    with pytest.raises(ConfigError, match=r"^the synthetic cohort \(data.dir empty\): data\.test_fraction 0\.01 holds"):
-        launch.prepare_data(cfg, types.SimpleNamespace(rank=0, size=1))
+    assert launch.prepare_data(cfg, types.SimpleNamespace(rank=0, size=1)) is None
+    assert capsys.readouterr().err.startswith(
+        "fedmpi: error: the synthetic cohort (data.dir empty): data.test_fraction 0.01 holds out no subject"
+    )
 
 
 def test_the_launcher_is_the_venvs_mpirun_else_the_one_on_path(tmp_path, monkeypatch):
@@ -343,3 +345,17 @@ def test_the_launcher_is_the_venvs_mpirun_else_the_one_on_path(tmp_path, monkeyp
     assert launch.default_mpirun() == "mpirun"  # a venv set up for the site's MPI has none of its own
     (tmp_path / "bin" / "mpirun").touch()
     assert launch.default_mpirun() == str(tmp_path / "bin" / "mpirun")
+
+
+@pytest.mark.slow
+def test_a_synthetic_cohort_the_configuration_cannot_give_is_a_usage_error_on_every_rank(tmp_path):
+    """The test fraction's check needs the cohort's ages, so it comes after MPI has started: it was rank 0's
+    `failed: ConfigError` and an MPI Abort, exit 1, where a bad configuration value exits 2 (README)."""
+    from fedtools import run_fedmpi
+
+    cohort = ["data.dir=", f"data.cache_dir={tmp_path / 'data'}", "data.subjects=20", "data.voxel=6"]
+    for launched, sets in ((True, ()), (False, ("federation.algorithm=centralized",))):
+        proc = run_fedmpi(tmp_path, tmp_path / "runs", *cohort, "data.test_fraction=0.01", *sets, mpirun=launched)
+        assert proc.returncode == EXIT_USAGE, proc.stdout + proc.stderr
+        said = "fedmpi: error: the synthetic cohort (data.dir empty): data.test_fraction 0.01 holds out no subject"
+        assert proc.stderr.startswith(said) and proc.stderr.count("\n") == 1, proc.stderr
