@@ -3,6 +3,7 @@ every rank as srun does) and scontrol (records its arguments)."""
 
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -180,3 +181,26 @@ def test_the_ranks_start_with_the_stop_signals_blocked(tmp_path):
     assert proc.returncode == 0, proc.stderr
     blocked = int((tmp_path / "mask").read_text().split()[1], 16)
     assert blocked & (1 << (signal.SIGUSR1 - 1)) and blocked & (1 << (signal.SIGTERM - 1)), hex(blocked)
+
+
+def test_a_warning_while_the_script_probes_env_is_not_lost(tmp_path):
+    """The probe for env --block-signal runs a program after the check for a signal come before the start: a
+    warning taken during it had no srun to go to, and the federation then ran to the time limit unwarned."""
+    env = _fake_slurm(tmp_path)
+    slow_env = tmp_path / "bin" / "env"
+    slow_env.write_text(
+        f'#!/bin/bash\n[ "$*" = "--block-signal=USR1 true" ] && sleep 3\nexec {shutil.which("env")} "$@"\n'
+    )
+    slow_env.chmod(0o755)
+    venv = tmp_path / "venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "activate").write_text(f'PATH="{venv}:$PATH"\n')
+    (venv / "python").write_text(f"#!/bin/bash\ntouch {tmp_path}/started\n")
+    (venv / "python").chmod(0o755)
+    job = _submit(dict(env, FEDMPI_VENV=str(venv.parent)), tmp_path / "never-read.yaml")
+    time.sleep(1)
+    os.kill(job.pid, signal.SIGUSR1)
+    out, err = _finish(job)
+    assert job.returncode == 75, out + err
+    assert "stopped before the federation started" in out and not (tmp_path / "started").exists()
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
