@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if bool(args.study) == bool(args.paper):
         ap.error("give a study file or --paper FAMILY")
-    # an option of the other mode would be silently ignored (--list starting 84 federations)
+    # an option of the other mode would be silently ignored (--list starting 87 federations)
     other = ("slurm", "collect", "array_limit") if args.study else ("list", "no_attack", "records")
     given = [f"--{name.replace('_', '-')}" for name in other if getattr(args, name)]
     if given:
