@@ -281,7 +281,14 @@ def run_paper(args) -> int:
         paths = []
         for name, _ in chosen:
             # the committed file, as a local run takes it: README has users point its data.dir at their split
-            cfg = yaml.safe_load(paper_config(args.paper, name).read_text())
+            source = paper_config(args.paper, name)
+            if not source.is_file():
+                raise StudyError(f"{source} is missing: python jobs/make_configs.py writes the paper configs")
+            try:  # an edit that does not validate is found now, not by each array task once it starts
+                load_config(source, [f"run.dir={out}"])
+            except ConfigError as e:
+                raise StudyError(f"{source}: {e}") from None
+            cfg = yaml.safe_load(source.read_text())
             cfg.setdefault("run", {})["dir"] = str(out)
             path = out / "configs" / f"{name}.yaml"
             path.parent.mkdir(parents=True, exist_ok=True)

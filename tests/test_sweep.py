@@ -332,6 +332,27 @@ def test_paper_slurm_submits_the_committed_configs_with_the_users_edits(tmp_path
     assert written["run"]["dir"] == str(tmp_path / "paper")
 
 
+def test_paper_slurm_refuses_a_missing_or_invalid_paper_config_before_submitting(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    jobs = tmp_path / "jobs"
+    family = jobs / "configs" / "paper" / "original"
+    shutil.copytree(ROOT / "jobs" / "configs" / "paper" / "original", family)
+    submitted = []
+    monkeypatch.setattr(sweep, "HERE", jobs)
+    monkeypatch.setattr(sweep, "call", lambda cmd, log=None, cwd=None: submitted.append(cmd))
+    edited = family / "fedavg-uniform-iid.yaml"
+    cfg = yaml.safe_load(edited.read_text())
+    cfg["train"]["lr"] = -1
+    edited.write_text(yaml.safe_dump(cfg))
+    assert sweep.main(["--paper", "original", "--slurm", "--out", str(tmp_path / "paper")]) == 2
+    assert "fedavg-uniform-iid.yaml: " in capsys.readouterr().err
+    edited.unlink()
+    assert sweep.main(["--paper", "original", "--slurm", "--out", str(tmp_path / "paper")]) == 2
+    assert "fedavg-uniform-iid.yaml is missing: python jobs/make_configs.py" in capsys.readouterr().err
+    assert submitted == []
+
+
 @pytest.mark.parametrize(
     "text, said",
     [
