@@ -72,6 +72,7 @@ SUMMARY_NUMBERS = (
 )
 METRIC_COUNTS = ("round", "bytes_up", "bytes_down")
 METRIC_NUMBERS = ("test_mae", "sparsity", "target_sparsity")
+ATTACK_NUMBERS = ("sparsity", "train_mae", "test_mae", "members_eval", "nonmembers_eval")
 
 
 @dataclass
@@ -139,6 +140,21 @@ def check_record(record, counts: tuple[str, ...], numbers: tuple[str, ...], wher
             raise ReportError(f"{where}: {key} must be a number, got {value!r}")
 
 
+def check_attack(attack: dict, where: str) -> None:
+    """ReportError unless attack.json holds what the tables read as numbers (or null): its top-level ATTACK_NUMBERS
+    and, for every attack the tables list (tables.attack_results), each of tables.ATTACK_FIELDS."""
+    check_record(attack, (), ATTACK_NUMBERS, where)
+    found = attack.get("attacks")
+    if found is not None and not isinstance(found, dict):
+        raise ReportError(f"{where}: attacks must be an object of attack results, got {type(found).__name__}")
+    if found:
+        for name, result in found.items():
+            check_record(result, (), tables.ATTACK_FIELDS, f"{where}: attacks.{name}")
+    for name in tables.LEGACY_ATTACKS:  # read only when "attacks" is empty, and only when they are objects
+        if not found and isinstance(attack.get(name), dict):
+            check_record(attack[name], (), tables.ATTACK_FIELDS, f"{where}: {name}")
+
+
 def read_predictions(path: Path) -> dict[str, tuple[float, float]]:
     """test_predictions.csv as subject_id -> (age, predicted); a damaged file is an error naming its line."""
     try:
@@ -185,6 +201,8 @@ def load_run(path: Path) -> Run:
     config = read_json(path / "config.json", ReportError)
     attack_path, predictions_path = path / "attack.json", path / "test_predictions.csv"
     attack = read_json(attack_path, ReportError) if attack_path.exists() else None
+    if attack is not None:
+        check_attack(attack, str(attack_path))
     stale = tables.stale_attack(summary, attack) if attack is not None else None
     if stale:
         print(

@@ -445,3 +445,30 @@ def test_a_directory_of_runs_passes_over_a_run_still_in_progress(tmp_path):
     running = write_run(tmp_path / "runs", "running", **common)
     (running / "summary.json").unlink()
     assert [p.name for p in report.expand_run_dirs([tmp_path / "runs"])] == ["done"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"attacks": [1, 2]}, r"attack.json: attacks must be an object of attack results, got list"),
+        ({"attacks": {"white_box": "x"}}, r"attack.json: attacks.white_box: not a JSON object"),
+        ({"attacks": {"white_box": {"auc": "0.5"}}}, r"attack.json: attacks.white_box: auc must be a number"),
+        ({"attacks": {"black_box": {"auc": 0.6, "auc_low": "x"}}}, r"attacks.black_box: auc_low must be a number"),
+        ({"train_mae": "3"}, r"attack.json: train_mae must be a number, got '3'"),
+        ({"sparsity": "0.9"}, r"attack.json: sparsity must be a number, got '0.9'"),
+        ({"attacks": None, "white_box": {"auc": "0.7"}}, r"attack.json: white_box: auc must be a number"),
+    ],
+)
+def test_an_attack_record_the_tables_cannot_read_is_one_clear_error(runs, tmp_path, capsys, change, message):
+    """attack.json's numbers reach means, differences and format specs: a damaged one is one line and exit 2,
+    not a traceback from numpy or str.format."""
+    attacked = next(p for p in runs if (p / "attack.json").exists())
+    attack = json.loads((attacked / "attack.json").read_text())
+    attack.update(change)
+    (attacked / "attack.json").write_text(json.dumps(attack))
+    parser = argparse.ArgumentParser()
+    report.add_arguments(parser)
+    assert report.run(parser.parse_args([*map(str, runs), "--out", str(tmp_path / "out")])) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err)
+    assert not (tmp_path / "out").exists()
