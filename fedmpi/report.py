@@ -70,6 +70,11 @@ SUMMARY_NUMBERS = (
     "train_subjects",
     "wall_seconds",
 )
+SUMMARY_TEXTS = ("algorithm", "distribution", "data_dir")
+# config.json: the sections the report reads keys of, and per section the keys it reads as text or as numbers
+CONFIG_SECTIONS = ("data", "model", "train", "federation", "run")
+CONFIG_TEXTS = {"data": ("dir", "distribution"), "federation": ("algorithm",)}
+CONFIG_NUMBERS = {"data": ("subjects",), "federation": ("target",)}
 METRIC_COUNTS = ("round", "bytes_up", "bytes_down")
 METRIC_NUMBERS = ("test_mae", "sparsity", "target_sparsity")
 ATTACK_NUMBERS = ("sparsity", "train_mae", "test_mae", "members_eval", "nonmembers_eval")
@@ -125,11 +130,17 @@ def _read_metrics(run_dir: Path) -> list[dict]:
     return rows
 
 
-def check_record(record, counts: tuple[str, ...], numbers: tuple[str, ...], where: str) -> None:
-    """ReportError unless `record` is an object whose `counts` are integers and whose `numbers` are numbers or
-    null where present."""
+def check_record(
+    record, counts: tuple[str, ...], numbers: tuple[str, ...], where: str, texts: tuple[str, ...] = ()
+) -> None:
+    """ReportError unless `record` is an object whose `counts` are integers, and whose `numbers` are numbers and
+    `texts` are strings or null where present."""
     if not isinstance(record, dict):
         raise ReportError(f"{where}: not a JSON object")
+    for key in texts:
+        value = record.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ReportError(f"{where}: {key} must be text, got {value!r}")
     for key in counts:
         value = record.get(key)
         if isinstance(value, bool) or not isinstance(value, int):
@@ -138,6 +149,23 @@ def check_record(record, counts: tuple[str, ...], numbers: tuple[str, ...], wher
         value = record.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ReportError(f"{where}: {key} must be a number, got {value!r}")
+
+
+def check_config(config: dict, where: str) -> None:
+    """ReportError unless config.json's sections are objects, run.seed is an integer (or null) and the keys the
+    report groups and labels runs by have the type the trainer writes."""
+    for section in CONFIG_SECTIONS:
+        if section in config:
+            check_record(
+                config[section],
+                (),
+                CONFIG_NUMBERS.get(section, ()),
+                f"{where}: {section}",
+                CONFIG_TEXTS.get(section, ()),
+            )
+    seed = config.get("run", {}).get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ReportError(f"{where}: run: seed must be an integer, got {seed!r}")
 
 
 def check_attack(attack: dict, where: str) -> None:
@@ -197,8 +225,9 @@ def load_run(path: Path) -> Run:
     """Everything the report needs from one run directory."""
     path = Path(path)
     summary = read_json(path / "summary.json", ReportError)
-    check_record(summary, SUMMARY_COUNTS, SUMMARY_NUMBERS, str(path / "summary.json"))
+    check_record(summary, SUMMARY_COUNTS, SUMMARY_NUMBERS, str(path / "summary.json"), SUMMARY_TEXTS)
     config = read_json(path / "config.json", ReportError)
+    check_config(config, str(path / "config.json"))
     attack_path, predictions_path = path / "attack.json", path / "test_predictions.csv"
     attack = read_json(attack_path, ReportError) if attack_path.exists() else None
     if attack is not None:

@@ -472,3 +472,32 @@ def test_an_attack_record_the_tables_cannot_read_is_one_clear_error(runs, tmp_pa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and re.search(message, err)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "record, change, message",
+    [
+        ("summary.json", {"algorithm": 3}, r"summary.json: algorithm must be text, got 3"),
+        ("summary.json", {"distribution": ["a"]}, r"summary.json: distribution must be text, got \['a'\]"),
+        ("summary.json", {"data_dir": 3}, r"summary.json: data_dir must be text, got 3"),
+        ("config.json", {"federation": [1]}, r"config.json: federation: not a JSON object"),
+        ("config.json", {"data": "x"}, r"config.json: data: not a JSON object"),
+        ("config.json", {"run": {"seed": "0"}}, r"config.json: run: seed must be an integer, got '0'"),
+        ("config.json", {"run": {"seed": True}}, r"config.json: run: seed must be an integer, got True"),
+        ("config.json", {"federation": {"algorithm": 3}}, r"config.json: federation: algorithm must be text"),
+        ("config.json", {"federation": {"target": "0.9"}}, r"config.json: federation: target must be a number"),
+    ],
+)
+def test_a_run_record_of_the_wrong_type_is_one_clear_error(runs, tmp_path, capsys, record, change, message):
+    """What the report groups, sorts and labels runs by (algorithm, distribution, data_dir, seed, target, the
+    config's sections) must have the trainer's types: otherwise one line and exit 2, not a TypeError."""
+    path = runs[1] / record
+    value = json.loads(path.read_text())
+    value.update(change)
+    path.write_text(json.dumps(value))
+    parser = argparse.ArgumentParser()
+    report.add_arguments(parser)
+    assert report.run(parser.parse_args([*map(str, runs), "--out", str(tmp_path / "out")])) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err), err
+    assert not (tmp_path / "out").exists()
