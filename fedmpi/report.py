@@ -20,6 +20,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 import shutil
 import sys
@@ -133,8 +134,8 @@ def _read_metrics(run_dir: Path) -> list[dict]:
 def check_record(
     record, counts: tuple[str, ...], numbers: tuple[str, ...], where: str, texts: tuple[str, ...] = ()
 ) -> None:
-    """ReportError unless `record` is an object whose `counts` are integers, and whose `numbers` are numbers and
-    `texts` are strings or null where present."""
+    """ReportError unless `record` is an object whose `counts` are integers, and whose `numbers` are finite numbers
+    and `texts` are strings or null where present (NaN and Infinity parse, but fedmpi never writes them)."""
     if not isinstance(record, dict):
         raise ReportError(f"{where}: not a JSON object")
     for key in texts:
@@ -149,6 +150,8 @@ def check_record(
         value = record.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ReportError(f"{where}: {key} must be a number, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):  # fedmpi writes null for a non-finite number
+            raise ReportError(f"{where}: {key} must be a finite number or null, got {value!r}")
 
 
 def check_config(config: dict, where: str) -> None:

@@ -501,3 +501,26 @@ def test_a_run_record_of_the_wrong_type_is_one_clear_error(runs, tmp_path, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and re.search(message, err), err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "record, text, message",
+    [
+        ("summary.json", ('"final_mae": 6.5', '"final_mae": NaN'), r"summary.json: final_mae must be a finite number"),
+        ("attack.json", ('"auc": 0.7', '"auc": Infinity'), r"attack.json: white_box: auc must be a finite number"),
+        ("metrics.jsonl", ('"test_mae": 7.0', '"test_mae": NaN'), r"metrics.jsonl: line 2: test_mae must be a finite"),
+    ],
+)
+def test_a_non_finite_number_in_a_record_is_one_clear_error(runs, tmp_path, capsys, record, text, message):
+    """fedmpi records a non-finite value as null; a NaN or Infinity (which Python's json accepts) would otherwise
+    reach the tables as "nan" and poison every mean over seeds and rounds."""
+    glob = runs[1] if (runs[1] / record).exists() and text[0] in (runs[1] / record).read_text() else runs[0]
+    path = glob / record
+    assert text[0] in path.read_text()
+    path.write_text(path.read_text().replace(text[0], text[1], 1))
+    parser = argparse.ArgumentParser()
+    report.add_arguments(parser)
+    assert report.run(parser.parse_args([*map(str, runs), "--out", str(tmp_path / "out")])) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err), err
+    assert not (tmp_path / "out").exists()
