@@ -424,6 +424,21 @@ def test_the_records_the_report_reads_can_be_committed():
     assert subprocess.run(["git", "check-ignore", "-q", "runs/r/model.npz"], cwd=root).returncode == 0
 
 
+@pytest.mark.parametrize("results", ["docs/results", "docs/results/pilot"])
+def test_the_committed_tables_are_what_the_report_makes_of_the_committed_runs(results, tmp_path):
+    """Every committed table and numbers.json regenerates byte for byte from the committed run records: a change
+    to the report's wording or statistics shows here instead of leaving the committed results stale."""
+    from pathlib import Path
+
+    pytest.importorskip("matplotlib")
+    folder = Path(__file__).resolve().parents[1] / results
+    _, written = report.write_report([folder / "runs"], tmp_path / "out")
+    texts = sorted(p.name for p in written if p.suffix in (".md", ".csv", ".json"))
+    assert texts == sorted(p.name for p in folder.iterdir() if p.suffix in (".md", ".csv", ".json"))
+    for name in texts:
+        assert (tmp_path / "out" / name).read_bytes() == (folder / name).read_bytes(), f"{results}/{name} is stale"
+
+
 def test_a_directory_of_runs_stands_for_its_finished_runs_only(tmp_path, capsys):
     """A run stopped early (preempted) has a summary, but its model is not the run's: in a directory of runs
     it is left out, with a note naming it; named itself, it is reported as it is."""
