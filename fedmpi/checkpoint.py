@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import encoding
-from .errors import CheckpointError, EncodingError
+from .errors import CheckpointError, CheckpointUnreadable, EncodingError
 from .files import atomic_write, remove_stale_temporaries
 
 CHECKPOINT = re.compile(r"^round-(\d{6})\.npz$")
@@ -60,6 +60,8 @@ def load_arrays(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     except CheckpointError:
         raise
     except Exception as e:  # damaged bytes surface from zipfile, zlib and numpy's header parser as many kinds
+        if isinstance(e, OSError) and e.errno is not None:  # the system's refusal, not the file's bytes
+            raise CheckpointUnreadable(f"{path}: cannot be read ({e.strerror or e})") from None
         raise CheckpointError(f"{path}: unreadable or truncated ({type(e).__name__}: {e})") from None
     if "meta" not in arrays:
         raise CheckpointError(f"{path}: not a fedmpi file (no metadata)")
@@ -120,6 +122,11 @@ class Checkpoints:
                 continue
             try:
                 arrays, meta = load_arrays(path)
+            except CheckpointUnreadable as e:  # an older one, or a fresh start, would undo the rounds after it
+                raise CheckpointUnreadable(
+                    f"{e}: a resume neither goes back past it nor starts afresh; resume again once it can be read, "
+                    "or start afresh with --overwrite"
+                ) from None
             except CheckpointError as e:
                 print(f"fedmpi: skipping checkpoint: {e}", file=sys.stderr)
                 continue

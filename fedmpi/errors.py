@@ -52,6 +52,11 @@ class CheckpointError(UserError):
     """A checkpoint or model file that cannot be used."""
 
 
+class CheckpointUnreadable(CheckpointError):
+    """A checkpoint the file system would not give back (permissions, an I/O error): unlike a damaged one, it may
+    be whole, so a resume must not pass over it to an older one or start afresh."""
+
+
 class AttackError(UserError):
     """The run directory or data cannot support a membership attack."""
 
