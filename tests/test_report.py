@@ -462,6 +462,16 @@ def test_a_directory_of_runs_passes_over_a_run_still_in_progress(tmp_path):
     assert [p.name for p in report.expand_run_dirs([tmp_path / "runs"])] == ["done"]
 
 
+def assert_refused(runs, tmp_path, capsys, message):
+    """The report over `runs` ends with exit 2 and one line matching `message`, and writes nothing."""
+    parser = argparse.ArgumentParser()
+    report.add_arguments(parser)
+    assert report.run(parser.parse_args([*map(str, runs), "--out", str(tmp_path / "out")])) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -481,12 +491,7 @@ def test_an_attack_record_the_tables_cannot_read_is_one_clear_error(runs, tmp_pa
     attack = json.loads((attacked / "attack.json").read_text())
     attack.update(change)
     (attacked / "attack.json").write_text(json.dumps(attack))
-    parser = argparse.ArgumentParser()
-    report.add_arguments(parser)
-    assert report.run(parser.parse_args([*map(str, runs), "--out", str(tmp_path / "out")])) == EXIT_USAGE
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and re.search(message, err)
-    assert not (tmp_path / "out").exists()
+    assert_refused(runs, tmp_path, capsys, message)
 
 
 @pytest.mark.parametrize(
@@ -510,12 +515,7 @@ def test_a_run_record_of_the_wrong_type_is_one_clear_error(runs, tmp_path, capsy
     value = json.loads(path.read_text())
     value.update(change)
     path.write_text(json.dumps(value))
-    parser = argparse.ArgumentParser()
-    report.add_arguments(parser)
-    assert report.run(parser.parse_args([*map(str, runs), "--out", str(tmp_path / "out")])) == EXIT_USAGE
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and re.search(message, err), err
-    assert not (tmp_path / "out").exists()
+    assert_refused(runs, tmp_path, capsys, message)
 
 
 @pytest.mark.parametrize(
@@ -533,9 +533,4 @@ def test_a_non_finite_number_in_a_record_is_one_clear_error(runs, tmp_path, caps
     path = glob / record
     assert text[0] in path.read_text()
     path.write_text(path.read_text().replace(text[0], text[1], 1))
-    parser = argparse.ArgumentParser()
-    report.add_arguments(parser)
-    assert report.run(parser.parse_args([*map(str, runs), "--out", str(tmp_path / "out")])) == EXIT_USAGE
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and re.search(message, err), err
-    assert not (tmp_path / "out").exists()
+    assert_refused(runs, tmp_path, capsys, message)
