@@ -217,9 +217,9 @@ def _serve(cfg: Config, wire, data_dir: Path, infos: np.ndarray, device, resume_
     rec.log.write_config(cfg.to_json())
     wire.bcast(np.array([state.round, *counts], np.float64), "session")
     server = Server(cfg, wire, rec, counts, initial)
+    rec.start_clock()  # the start mask (SNIP's, GraSP's scoring) is part of the run's time, as its bytes are
     if algorithm(cfg).start_mask and state.round == 0:
         server.receive_start_mask(state)
-    rec.start_clock()
     state, preempted = server.run(state, should_stop=stop)
     return rec.end(state, preempted, server.closing_bytes)
 
