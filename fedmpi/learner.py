@@ -50,7 +50,8 @@ class Learner:
         t = cfg.train
         self.model = prepare_model(build_model(cfg, data.shape), device, t.channels_last, t.cudnn_benchmark)
         self.loader = SeededLoader(cfg, data, device)
-        warm_up(self.model, data.shape, t.batch_size, device, AUTOCAST[t.amp], t.channels_last)
+        # the largest batch this learner trains: train.batch_size, or all of its data when it has fewer samples
+        warm_up(self.model, data.shape, min(t.batch_size, len(data)), device, AUTOCAST[t.amp], t.channels_last)
         self.n = sum(p.numel() for p in self.model.parameters())
         self.mask: np.ndarray | None = None  # the global mask, sent again only when it changes
         self.masks: list[torch.Tensor] | None = None  # the same, split per parameter tensor on the device

@@ -306,3 +306,20 @@ def test_a_header_announcing_fewer_kept_positions_is_refused(data):
     nnz = int(mask.sum())
     with pytest.raises(PayloadError, match=f"the header says {nnz - 1} kept positions, the model keeps {nnz}"):
         _run(learner, [(2, FLAG_MASK, nnz - 1, encoding.encode(values, mask))])
+
+
+def test_warm_up_trains_no_larger_a_batch_than_the_learners_data_gives(data, monkeypatch):
+    """A learner with fewer samples than train.batch_size only ever trains batches of its size: the warm-up step
+    must not build (and on a GPU, autotune and allocate for) a batch of train.batch_size zero volumes."""
+    import fedmpi.training
+
+    seen = []
+    real = fedmpi.training.local_train
+
+    def spy(model, loader, **kwargs):
+        seen.extend(int(x.shape[0]) for x, _ in loader)
+        return real(model, loader, **kwargs)
+
+    monkeypatch.setattr(fedmpi.training, "local_train", spy)
+    _learner(data, "fedavg", "train.batch_size=64")
+    assert seen == [len(data)]
