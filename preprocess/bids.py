@@ -58,10 +58,14 @@ def first_names(names: list[str], shown: int = 3) -> str:
 
 def find_images(root: Path) -> dict[str, list[Path]]:
     """participant_id -> T1w images under sub-*/anat/ or sub-*/ses-*/anat/ (links included, also those whose
-    target is not here: a DataLad or git-annex file not fetched yet)."""
+    target is not here: a DataLad or git-annex file not fetched yet). Hidden files are not images: BIDS ignores
+    names that start with a dot, and macOS leaves a ._sub-01_T1w.nii.gz (AppleDouble metadata, not a NIfTI)
+    beside every file it copies to a network or exFAT disk; pathlib's glob matches them."""
     found: dict[str, list[Path]] = {}
     for pattern in ("sub-*/anat/*", "sub-*/ses-*/anat/*"):
         for path in sorted(root.glob(pattern)):
+            if path.name.startswith("."):
+                continue
             if (path.is_file() or path.is_symlink()) and _image_suffix(path.name):
                 found.setdefault(path.relative_to(root).parts[0], []).append(path)
     return found

@@ -407,3 +407,23 @@ def test_a_subject_folder_that_cannot_be_listed_is_named_with_the_reason(tmp_pat
         "sub-02": "sub-02/ses-1/anat cannot be read: Permission denied",
         "sub-03": "in participants.tsv but no image sub-03/anat/sub-03_T1w.nii[.gz]",
     }
+
+
+def test_hidden_files_beside_the_images_are_not_images(tmp_path):
+    """macOS writes AppleDouble files (._NAME) beside every file it copies to a network or exFAT disk; BIDS ignores
+    names that start with a dot. They were taken for a second T1w image, which no --select could leave out."""
+    root = _dataset(
+        tmp_path / "bids",
+        [
+            "sub-01/anat/sub-01_T1w.nii.gz",
+            "sub-01/anat/._sub-01_T1w.nii.gz",
+            "sub-02/ses-2/anat/sub-02_ses-2_T1w.nii.gz",
+            "sub-02/ses-2/anat/._sub-02_ses-2_T1w.nii.gz",
+            "sub-03/anat/.sub-03_T1w.nii",
+        ],
+        "sub-01\t60\nsub-02\t61\n",
+    )
+    entries, bad = bids.scan(root, select=("ses-2",))
+    assert bad == {"sub-01": "no T1w image with ses-2 (--select); it has sub-01/anat/sub-01_T1w.nii.gz"}
+    entries, bad = bids.scan(root)
+    assert bad == {} and [e.image.name for e in entries] == ["sub-01_T1w.nii.gz", "sub-02_ses-2_T1w.nii.gz"]
