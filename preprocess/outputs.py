@@ -36,6 +36,13 @@ def check_file(path, what: str) -> None:
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{what} {path} is an existing directory; it must name a file")
+    if path.exists() and not path.is_file():
+        # the output is renamed onto its path: /dev/null (run as root, in a container), /dev/stdout or a named pipe
+        # would itself be replaced by a regular file, and the command would say it wrote there
+        raise OutputError(
+            f"{what} {path} exists and is not a regular file (a device, a named pipe or a socket); "
+            "an output replaces its path, so it is refused: give a file name"
+        )
     _check_parent(path, what)
 
 

@@ -794,3 +794,37 @@ def test_a_stop_while_the_workers_start_ends_the_run_and_its_workers(tmp_path, s
             os.killpg(job.pid, signal.SIGKILL)
             pytest.fail("processes of the interrupted run were left behind")
         time.sleep(0.2)
+
+
+def _template_bids(root, subjects=2, suffix=".nii.gz"):
+    """A small dataset without the session cohort: nilearn's 2 mm MNI152 T1 with a little noise of its own per
+    subject (identical volumes would be refused as one scan), stored int16 in MNI world coordinates."""
+    from nilearn import datasets
+
+    template = datasets.load_mni152_template(resolution=2)
+    data = np.asarray(template.get_fdata(), np.float32) * 1000
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(1, subjects + 1):
+        pid = f"sub-{i:02d}"
+        img = nib.Nifti1Image((data + rng.normal(0, 20, data.shape)).astype(np.int16), template.affine)
+        img.set_qform(template.affine, 1)
+        img.set_sform(template.affine, 1)
+        cls = nib.Nifti1Pair if suffix == ".hdr" else nib.Nifti1Image
+        path = _image(root, pid).with_name(f"{pid}_T1w{suffix}")
+        nib.save(cls(np.asarray(img.dataobj), img.affine, img.header), path)
+        rows.append(f"{pid}\t{60 + i}\tF\tA")
+    (root / "participants.tsv").write_text("participant_id\tage\tsex\tsite\n" + "\n".join(rows) + "\n")
+    return root
+
+
+def test_an_out_that_is_a_device_or_a_named_pipe_is_refused_not_replaced(tmp_path, capsys):
+    """The output is renamed onto --out: a named pipe, or /dev/null for a dry run as root in a container, was
+    replaced by an HDF5 file, and the command said it wrote there (exit 0)."""
+    root = _template_bids(tmp_path / "bids")
+    fifo = tmp_path / "pipe.h5"
+    os.mkfifo(fifo)
+    assert cli.main(["nifti", "--bids", str(root), "--out", str(fifo), "--workers", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pipe.h5 exists and is not a regular file" in err
+    assert fifo.is_fifo() and not convert.parts_dir(fifo).exists()
