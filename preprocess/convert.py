@@ -72,9 +72,27 @@ def parts_dir(out: Path) -> Path:
     return out.with_name(out.name + ".parts")
 
 
+def _companions(image: Path) -> list[Path]:
+    """The files beside `image` that hold part of it: a NIfTI pair's or Analyze image's voxels (.img) and SPM's
+    orientation (.mat) beside its .hdr."""
+    return [image.with_suffix(suffix) for suffix in (".img", ".mat")] if image.name.endswith(".hdr") else []
+
+
 def _subject_key(entry: bids.Entry, params: dict) -> str:
+    """What a staged subject was made from: its image's path, size and mtime, those of the files beside a .hdr that
+    hold its voxels and orientation (the .hdr alone does not change when they do), and the parameters."""
     st = entry.image.stat()
-    blob = json.dumps([str(entry.image.resolve()), st.st_size, st.st_mtime_ns, params], sort_keys=True)
+    key: list = [str(entry.image.resolve()), st.st_size, st.st_mtime_ns, params]
+    beside = []
+    for path in _companions(entry.image):
+        try:
+            other = path.stat()
+        except FileNotFoundError:
+            continue
+        beside.append([path.name, other.st_size, other.st_mtime_ns])
+    if beside:  # a single-file image's key is as before, so its staged parts and outputs stay up to date
+        key.append(beside)
+    blob = json.dumps(key, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 

@@ -828,3 +828,22 @@ def test_an_out_that_is_a_device_or_a_named_pipe_is_refused_not_replaced(tmp_pat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pipe.h5 exists and is not a regular file" in err
     assert fifo.is_fifo() and not convert.parts_dir(fifo).exists()
+
+
+def test_a_nifti_pair_whose_voxels_change_is_not_up_to_date(tmp_path):
+    """A .hdr/.img pair keeps its voxels in the .img: an output (and a staged subject) keyed on the .hdr alone
+    stayed "up to date" with the old voxels when the .img was written anew."""
+    root = _template_bids(tmp_path / "bids", suffix=".hdr")
+    out = tmp_path / "v.h5"
+    assert not convert.convert(root, out, workers=1).up_to_date
+    with h5py.File(out) as f:
+        before = f["images"][0]
+    hdr = root / "sub-01" / "anat" / "sub-01_T1w.hdr"
+    img = nib.load(hdr)
+    flipped = np.asarray(img.dataobj)[::-1]  # re-exported: left and right swapped, the header as it was
+    hdr.with_suffix(".img").write_bytes(flipped.astype(img.get_data_dtype()).tobytes(order="F"))
+    res = convert.convert(root, out, workers=1)
+    assert not res.up_to_date and res.written == 2
+    with h5py.File(out) as f:
+        assert not np.array_equal(f["images"][0], before)
+    assert convert.convert(root, out, workers=1).up_to_date
