@@ -147,6 +147,11 @@ def _stage(job) -> tuple[str, str | None]:
                 tmp.write_text(json.dumps({"mni_to_native": done.mni_to_native.tolist(), "ncc": done.ncc}))
     except nifti.BadImage as exc:
         return pid, str(exc)
+    except MemoryError:  # smoothing and resampling hold 2-3 copies of the image (a read that fails is BadImage)
+        return pid, (
+            f"not enough memory to preprocess {Path(image).name}; use fewer --workers, or a lower --max-image-mb to "
+            "refuse large images"
+        )
     with atomic_path(part, sweep=False) as tmp, open(tmp, "wb") as f:
         np.save(f, vol.astype(h5io.DTYPES[dtype]))
     return pid, None

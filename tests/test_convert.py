@@ -847,3 +847,29 @@ def test_a_nifti_pair_whose_voxels_change_is_not_up_to_date(tmp_path):
     with h5py.File(out) as f:
         assert not np.array_equal(f["images"][0], before)
     assert convert.convert(root, out, workers=1).up_to_date
+
+
+def test_running_out_of_memory_while_resampling_is_the_subjects_reason_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """Under a memory limit (ulimit -v, as on some clusters) a 160 MB image was read but its resampling raised
+    MemoryError: a traceback and exit 1, the other subjects' work lost. Only the read was caught."""
+    root = _template_bids(tmp_path / "bids")
+    real = nifti.to_mni
+
+    def short_of_memory(data, affine, voxel, mask):
+        if data[0, 0, 0] == -1:  # the marked subject below
+            raise MemoryError
+        return real(data, affine, voxel, mask)
+
+    monkeypatch.setattr(nifti, "to_mni", short_of_memory)
+    img = nib.load(_image(root, "sub-02"))
+    marked = np.asarray(img.dataobj).copy()
+    marked[0, 0, 0] = -1
+    nib.save(nib.Nifti1Image(marked, img.affine, img.header), _image(root, "sub-02"))
+    out = tmp_path / "v.h5"
+    assert cli.main(["nifti", "--bids", str(root), "--out", str(out), "--workers", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "sub-02: not enough memory to preprocess sub-02_T1w.nii.gz; use fewer --workers" in err
+    assert "Traceback" not in err and not out.exists()
+    assert cli.main(["nifti", "--bids", str(root), "--out", str(out), "--workers", "1", "--quiet", "--skip-bad"]) == 0
+    with h5py.File(out) as f:
+        assert list(f["subject_id"].asstr()[:]) == ["sub-01"]
