@@ -18,7 +18,7 @@ from preprocess.grid import GRIDS
 
 from .aggregation import RULES as MERGE_RULES
 from .algorithms import ALGORITHMS
-from .errors import ConfigError
+from .errors import ConfigError, ConfigFileError
 
 SCHEDULES = ("cubic", "fraction")
 DEVICES = ("auto", "cpu", "cuda")
@@ -312,18 +312,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+            raise ConfigFileError(f"config file not found: {p}")
         try:
             values = yaml.load(p.read_text(encoding="utf-8"), Loader=_Loader) or {}  # a SafeLoader
         except UnicodeDecodeError as e:
-            raise ConfigError(
+            raise ConfigFileError(
                 f"config file {p} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
                 f"{e.start}); save it as UTF-8"
             ) from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+            raise ConfigFileError(f"config file {p} is not valid YAML: {e}") from None
         if not isinstance(values, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of sections")
+            raise ConfigFileError(f"config file {p} must hold a mapping of sections")
         _apply(cfg, values, "")
     _apply(cfg, parse_overrides(overrides or []), "")
     validate(cfg)

@@ -24,6 +24,11 @@ class ConfigError(UserError, ValueError):
     """A configuration problem, reported on rank 0 before training starts."""
 
 
+class ConfigFileError(ConfigError):
+    """The configuration file cannot be read (missing, unreadable, not UTF-8, not YAML): what the file system of
+    the task's node says, so the tasks of one job may not agree on it."""
+
+
 class DataError(UserError):
     """A volume file that is missing, damaged or not in the documented layout (names the file)."""
 

@@ -24,12 +24,12 @@ from preprocess.layout import TEST_FILE
 
 from .algorithms import algorithm
 from .config import Config, load_config, split_error_text
-from .errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, is_user_error
+from .errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, ConfigFileError, is_user_error
 from .memory import keep_freed_memory
 from .messages import row_text, text_row
 from .metrics import mean_predictor_mae
 from .preflight import preflight, rank_file, say, volume_shape
-from .sentinel import first_task, launcher_size, mpi_world, role, slurm_step, tell_rank
+from .sentinel import first_on_host, first_task, launcher_rank, launcher_size, mpi_world, role, slurm_step, tell_rank
 
 HOST_BYTES = 64
 
@@ -106,6 +106,17 @@ def _rank_count(cfg: Config, size: int, found: str, step: str | None) -> str:
     )
 
 
+def say_config_error(e: ConfigError) -> None:
+    """A configuration error before MPI starts, said once by the launcher's first task: every task parses the same
+    arguments. The configuration file is read from each node's own file system (a path only the submit node has, a
+    relative one under another working directory), so a task that cannot read it says so too, once per host: it
+    alone may fail, and the tasks that read it wait in MPI_Init for it until run.startup_timeout."""
+    if first_task():
+        say(0, str(e))
+    elif isinstance(e, ConfigFileError) and first_on_host():
+        say(0, f"task {launcher_rank()} on {socket.gethostname()}: {e}")
+
+
 def init_mpi(timeout: float):
     """Initialise MPI, or die by SIGALRM if that takes longer than `timeout` seconds. MPI_Init waits for
     every rank of the job (MPICH's start-up is collective) and holds the interpreter meanwhile, so a rank that
@@ -130,7 +141,7 @@ def train(
         cfg = load_config(config, overrides)
         check_start(cfg, mpi_world(), slurm_step())
     except ConfigError as e:
-        say(0 if first_task() else 1, str(e))
+        say_config_error(e)
         return EXIT_USAGE
     mpi = init_mpi(cfg.run.startup_timeout)
     comm = mpi.COMM_WORLD

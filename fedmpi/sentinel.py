@@ -20,6 +20,7 @@ import sys
 from .errors import EXIT_SIGNAL_BASE
 
 RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+LOCAL_RANK_VARIABLES = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID")  # hydra, Open MPI, srun
 SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 PR_SET_PDEATHSIG = 1
@@ -51,6 +52,11 @@ def first_task() -> bool:
     line. All must agree, because a launcher started from a shell inside an srun step replaces only its own and
     leaves the step's (PMI_RANK=0 for every rank under Open MPI's mpirun there)."""
     return all(os.environ.get(name, "0") == "0" for name in RANK_VARIABLES)
+
+
+def first_on_host() -> bool:
+    """Whether no launcher variable names another task than the first on this host (as first_task, per host)."""
+    return all(os.environ.get(name, "0") == "0" for name in LOCAL_RANK_VARIABLES)
 
 
 def launcher_size() -> int | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 
 import pytest
@@ -134,6 +135,28 @@ def test_the_mismatch_is_said_once_by_the_launchers_first_task(monkeypatch, caps
     assert train(None, [f"run.dir={tmp_path}", "federation.learners=2"]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert err.count("the launcher's step has 3 tasks") == (1 if procid == "0" else 0)
+
+
+@pytest.mark.parametrize(("local_rank", "lines"), [("0", 1), ("1", 0)])
+def test_a_config_file_another_node_cannot_read_is_said_by_its_first_task(
+    monkeypatch, capsys, tmp_path, no_launcher, local_rank, lines
+):
+    """The configuration file is read from each node's file system: a task that alone cannot read it (a path only
+    the submit node has) was silent, and the tasks that read it waited in MPI_Init until the start-up alarm, whose
+    line blames a rank that has not started. The first task on each host says it; a setting's error, the same on
+    every task, is still said once."""
+    for name in ("OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PMI_RANK", "5")
+    monkeypatch.setenv("MPI_LOCALRANKID", local_rank)
+    missing = tmp_path / "only-on-the-submit-node.yaml"
+    assert train(str(missing), []) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("fedmpi: error:") == lines
+    if lines:
+        assert err.strip() == f"fedmpi: error: task 5 on {socket.gethostname()}: config file not found: {missing}"
+    assert train(None, ["federation.target=1.5"]) == EXIT_USAGE
+    assert capsys.readouterr().err == ""
 
 
 def test_config_errors_are_one_clear_line(capsys):
