@@ -28,6 +28,7 @@ AMPS = {"off": None, "bf16": "bfloat16"}  # train.amp -> the torch dtype autocas
 INITS = ("torch", "glorot")
 MAX_SEED = 2**64  # torch takes seeds as unsigned 64-bit integers
 MAX_STARTUP = 2**31 - 1  # seconds: the start-up alarm's limit (68 years: "no limit" in practice)
+MAX_THREADS = 4096  # torch threads per rank, beyond any node: torch takes an int32, libgomp sizes its pool by it
 MAX_ROUND = 10**12  # seconds: the round header carries twice this in milliseconds as an int64
 # The options of the embedded synthetic cohort (DataConfig): read only when data.dir is empty.
 SYNTHETIC_KEYS = ("subjects", "voxel", "distribution", "test_fraction", "seed")
@@ -390,7 +391,7 @@ def validate(cfg: Config) -> None:
     _check(0 <= t.momentum < 1, "train.momentum must be in [0, 1)")
     _check(t.weight_decay >= 0 and t.prox_mu >= 0, "train.weight_decay and train.prox_mu must be >= 0")
     _check(t.device in DEVICES, f"train.device must be one of {DEVICES}, got {t.device!r}")
-    _check(t.threads >= 0, "train.threads must be >= 0")
+    _check(0 <= t.threads <= MAX_THREADS, f"train.threads must be in [0, {MAX_THREADS}], got {t.threads}")
     _check(f.algorithm in ALGORITHMS, f"federation.algorithm must be one of {tuple(ALGORITHMS)}, got {f.algorithm!r}")
     _check(f.learners >= 1, "federation.learners must be >= 1")
     _check(f.rounds >= 1, "federation.rounds must be >= 1")

@@ -23,7 +23,7 @@ import numpy as np
 from preprocess.layout import TEST_FILE
 
 from .algorithms import algorithm
-from .config import Config, load_config, split_error_text
+from .config import MAX_THREADS, Config, load_config, split_error_text
 from .errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, ConfigFileError, is_user_error
 from .memory import keep_freed_memory
 from .messages import row_text, text_row
@@ -311,7 +311,8 @@ def torch_threads(configured: int, local_size: int) -> int:
         given = int(os.environ.get("OMP_NUM_THREADS", ""))
     except ValueError:
         given = 0
-    return given if given > 0 else max(1, len(os.sched_getaffinity(0)) // local_size)
+    # one train.threads would refuse (torch.set_num_threads raised after MPI had started) counts as unset
+    return given if 0 < given <= MAX_THREADS else max(1, len(os.sched_getaffinity(0)) // local_size)
 
 
 def learner_startup_patience(startup: float) -> float:

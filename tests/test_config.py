@@ -198,6 +198,7 @@ VALIDATION = [
     ("train.prox_mu=-0.1", "train.prox_mu"),
     ("train.device=tpu", "train.device"),
     ("train.threads=-1", "train.threads"),
+    ("train.threads=2147483648", "train.threads"),  # torch.set_num_threads raised once MPI had started
     ("federation.algorithm=fedprox", "federation.algorithm"),
     ("federation.learners=0", "federation.learners"),
     ("federation.rounds=0", "federation.rounds"),

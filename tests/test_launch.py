@@ -171,7 +171,7 @@ def test_torch_threads_come_from_the_option_the_batch_script_or_the_share_of_cor
     monkeypatch.setenv("OMP_NUM_THREADS", "4")  # jobs/fedsparsify.slurm: the cores srun gave each task
     assert torch_threads(3, local_size=5) == 3 and torch_threads(0, local_size=5) == 4
     cores = len(os.sched_getaffinity(0))
-    for unset in ("", "abc", "0"):
+    for unset in ("", "abc", "0", "2147483648"):  # the last: torch.set_num_threads raised once MPI had started
         monkeypatch.setenv("OMP_NUM_THREADS", unset)
         assert torch_threads(0, local_size=1) == cores and torch_threads(0, local_size=10 * cores) == 1
 
