@@ -323,6 +323,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             ) from None
         except yaml.YAMLError as e:
             raise ConfigFileError(f"config file {p} is not valid YAML: {e}") from None
+        except OSError as e:  # no read permission, an I/O error: each node's own answer, like a missing file
+            raise ConfigFileError(f"config file {p} cannot be read: {e.strerror}") from None
         if not isinstance(values, dict):
             raise ConfigFileError(f"config file {p} must hold a mapping of sections")
         _apply(cfg, values, "")

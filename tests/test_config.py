@@ -322,6 +322,19 @@ def test_config_file_not_utf8_names_the_file(tmp_path, encoding, where):
         load_config(path)
 
 
+def test_a_config_file_that_cannot_be_read_is_one_line(tmp_path, monkeypatch):
+    """A file without read permission (or an I/O error) was a PermissionError's traceback and exit 1 on every rank
+    (seen with --config /proc/sys/vm/drop_caches, which root may not read either)."""
+    path = write(tmp_path, "run:\n  name: x\n")
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", refuse)
+    with pytest.raises(ConfigError, match=f"^config file {path} cannot be read: Permission denied$"):
+        load_config(path)
+
+
 @pytest.mark.parametrize("text", ["- 1\n- 2\n", "just a string\n", "3\n"])
 def test_config_file_not_a_mapping(tmp_path, text):
     with pytest.raises(ConfigError, match="must hold a mapping"):
