@@ -26,6 +26,7 @@ import multiprocessing as mp
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -51,6 +52,13 @@ WORKLOAD = [
 
 
 def _floor_worker(rank: int, cfg_sets: list[str], per_learner: int, rounds: int, barrier, times) -> None:
+    try:
+        _floor_rounds(rank, cfg_sets, per_learner, rounds, barrier, times)
+    except threading.BrokenBarrierError:  # another floor process failed: its error is the one to read
+        return
+
+
+def _floor_rounds(rank: int, cfg_sets: list[str], per_learner: int, rounds: int, barrier, times) -> None:
     import torch
 
     from fedmpi.config import load_config
@@ -93,15 +101,40 @@ def floor(cfg_sets: list[str], learners: int, per_learner: int, rounds: int) -> 
     ]
     for p in procs:
         p.start()
+    ended = threading.Event()
+    watch = threading.Thread(target=_abort_when_one_fails, args=(procs, barrier, ended), daemon=True)
+    watch.start()
     walls = []
-    barrier.wait()  # all built
-    for _ in range(rounds + 1):
-        began = time.perf_counter()
-        barrier.wait()
-        walls.append(time.perf_counter() - began)
-    for p in procs:
-        p.join()
+    try:
+        barrier.wait()  # all built
+        for _ in range(rounds + 1):
+            began = time.perf_counter()
+            barrier.wait()
+            walls.append(time.perf_counter() - began)
+    except threading.BrokenBarrierError:
+        pass  # a process failed: named below
+    finally:
+        ended.set()
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    failed = [(k, p.exitcode) for k, p in enumerate(procs) if p.exitcode]
+    if failed:
+        k, code = failed[0]
+        why = f"killed by signal {-code}" if code < 0 else "its error above"
+        sys.exit(f"compute floor: process {k} exited with code {code} ({why})")
     return walls[1:]
+
+
+def _abort_when_one_fails(procs, barrier, ended: threading.Event) -> None:
+    """Break the floor's barrier as soon as one of its processes has died (an exception, or a signal such as the
+    kernel's out-of-memory kill), so that neither the parent nor the other processes wait for it forever."""
+    while not ended.wait(0.2):
+        if any(p.exitcode for p in procs):
+            barrier.abort()
+            return
 
 
 def alone(cfg_sets: list[str], per_learner: int) -> float:

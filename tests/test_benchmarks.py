@@ -3,6 +3,9 @@ unused once, and bench_aggregate and bench_mpi_floor failed on it until a review
 
 import importlib.util
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,3 +34,17 @@ def test_bench_aggregate_runs_and_prints_its_line(variant, capsys):
         assert line["seconds_collective"] > 0
     else:
         assert out == ""
+
+
+def test_the_round_benchmarks_floor_fails_when_one_of_its_processes_does():
+    """A floor process that dies (a bad --set, a crash) must end the benchmark with an error: the others and the
+    parent waited at the round barrier for it forever."""
+    code = f"import sys; sys.path.insert(0, {str(BENCHMARKS)!r}); import bench_round; "
+    code += "bench_round.floor(['train.amp=fp8'], learners=2, per_learner=1, rounds=1)"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the floor waited for a process that had died")
+    assert proc.returncode != 0
+    assert re.search(r"compute floor: process [01] exited with code 1 \(its error above\)", proc.stderr)
+    assert "train.amp must be one of" in proc.stderr
