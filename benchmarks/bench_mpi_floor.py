@@ -29,29 +29,20 @@ def rank_main(learners: int, per_learner: int, rounds: int) -> None:
     import numpy as np
     import torch
 
-    from fedmpi.config import load_config
     from fedmpi.memory import keep_freed_memory
-    from fedmpi.model import build_model
-    from fedmpi.training import AUTOCAST, local_train
     from fedmpi.wire import Wire
 
     keep_freed_memory()
     torch.set_num_threads(1)
     wire = Wire()
-    cfg = load_config(overrides=bench_round.WORKLOAD)
     if wire.rank:
-        torch.manual_seed(wire.rank)
-        model = build_model(cfg, bench_round.SHAPE)
-        x = torch.randn(per_learner, 1, *bench_round.SHAPE)
-        y = torch.rand(per_learner) * 35 + 45
-        bs = cfg.train.batch_size
-        batches = [(x[i : i + bs], y[i : i + bs]) for i in range(0, per_learner, bs)]
+        cfg, model, batches = bench_round.floor_setup(bench_round.WORKLOAD, wire.rank, per_learner)
     walls = []
     for _ in range(rounds + 1):  # round 0 warms up, as in bench_round's floor
         wire.barrier()
         began = time.perf_counter()
         if wire.rank:
-            local_train(model, batches, epochs=cfg.train.epochs, lr=cfg.train.lr, autocast=AUTOCAST[cfg.train.amp])
+            bench_round.floor_round(cfg, model, batches)
         wire.barrier()
         walls.append(time.perf_counter() - began)
     if wire.rank == 0:

@@ -58,34 +58,53 @@ def _floor_worker(rank: int, cfg_sets: list[str], per_learner: int, rounds: int,
         return
 
 
-def _floor_rounds(rank: int, cfg_sets: list[str], per_learner: int, rounds: int, barrier, times) -> None:
+def floor_setup(cfg_sets: list[str], seed: int, per_learner: int):
+    """(config, model, batches) of one floor process, set up as a learner rank sets itself up: the trainer's
+    allocator setting and torch threads (train.threads; 0 is OMP_NUM_THREADS, which the benchmark's federation
+    sets to 1), the configured model in its memory format, and `per_learner` random volumes in batches."""
     import torch
 
     from fedmpi.config import load_config
     from fedmpi.memory import keep_freed_memory
     from fedmpi.model import build_model
-    from fedmpi.training import AUTOCAST, local_train
+    from fedmpi.training import prepare_model
 
     keep_freed_memory()  # as the trainer's ranks do at start-up
-    torch.set_num_threads(1)
     cfg = load_config(overrides=cfg_sets)
-    torch.manual_seed(rank)
-    model = build_model(cfg, SHAPE)
+    torch.set_num_threads(cfg.train.threads or 1)
+    torch.manual_seed(seed)
+    model = prepare_model(build_model(cfg, SHAPE), torch.device("cpu"), cfg.train.channels_last)
     x = torch.randn(per_learner, 1, *SHAPE)
     y = torch.rand(per_learner) * 35 + 45
     bs = cfg.train.batch_size
-    batches = [(x[i : i + bs], y[i : i + bs]) for i in range(0, per_learner, bs)]
+    return cfg, model, [(x[i : i + bs], y[i : i + bs]) for i in range(0, per_learner, bs)]
+
+
+def floor_round(cfg, model, batches) -> None:
+    """One round of a floor process: the local training a learner's round does (training.train_round's call,
+    with every train.* option), on in-memory batches."""
+    from fedmpi.training import AUTOCAST, local_train
+
+    t = cfg.train
+    local_train(
+        model,
+        batches,
+        epochs=t.epochs,
+        lr=t.lr,
+        momentum=t.momentum,
+        weight_decay=t.weight_decay,
+        prox_mu=t.prox_mu,
+        autocast=AUTOCAST[t.amp],
+        channels_last=t.channels_last,
+    )
+
+
+def _floor_rounds(rank: int, cfg_sets: list[str], per_learner: int, rounds: int, barrier, times) -> None:
+    cfg, model, batches = floor_setup(cfg_sets, rank, per_learner)
     for t in range(rounds + 1):  # round 0 warms up (first-call kernel set-up), like the trainer's start-up
         barrier.wait()
         began = time.perf_counter()
-        local_train(
-            model,
-            batches,
-            epochs=cfg.train.epochs,
-            lr=cfg.train.lr,
-            momentum=cfg.train.momentum,
-            autocast=AUTOCAST[cfg.train.amp],
-        )
+        floor_round(cfg, model, batches)
         times[rank * (rounds + 1) + t] = time.perf_counter() - began
     barrier.wait()
 

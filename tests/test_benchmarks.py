@@ -48,3 +48,46 @@ def test_the_round_benchmarks_floor_fails_when_one_of_its_processes_does():
     assert proc.returncode != 0
     assert re.search(r"compute floor: process [01] exited with code 1 \(its error above\)", proc.stderr)
     assert "train.amp must be one of" in proc.stderr
+
+
+def test_the_round_benchmarks_floor_trains_as_the_learners_do(monkeypatch):
+    """The compute floor is the learners' own training on in-memory batches: every train.* option that the learners'
+    local training takes reaches the floor's too (it dropped weight decay, FedProx's term and channels-last, and
+    ran one thread whatever train.threads said), and nothing else differs but the data."""
+    import torch
+
+    import fedmpi.memory
+    import fedmpi.training
+    from fedmpi.config import load_config
+
+    bench_round = _load("bench_round")
+    sets = [
+        *bench_round.WORKLOAD,
+        "train.weight_decay=0.01",
+        "train.prox_mu=0.1",
+        "train.channels_last=true",
+        "train.momentum=0.5",
+        "train.amp=bf16",
+        "train.epochs=2",
+        "train.threads=2",
+    ]
+    calls = []
+    monkeypatch.setattr(fedmpi.training, "local_train", lambda model, loader, **kw: calls.append(kw) or {})
+    monkeypatch.setattr(fedmpi.memory, "keep_freed_memory", lambda: True)
+    threads = torch.get_num_threads()
+    try:
+        cfg, model, batches = bench_round.floor_setup(sets, 0, per_learner=2)
+        floor_threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+    bench_round.floor_round(cfg, model, batches)
+
+    class Loader:
+        def for_round(self, seed):
+            return batches
+
+    fedmpi.training.train_round(load_config(overrides=sets), model, Loader(), 1, torch.device("cpu"))
+    floor, learner = calls
+    assert {k: v for k, v in learner.items() if k not in ("device", "masks", "squared_grads")} == floor
+    assert floor_threads == 2
+    assert next(model.parameters()).is_contiguous(memory_format=torch.channels_last_3d)
