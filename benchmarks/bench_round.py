@@ -241,7 +241,9 @@ def main() -> int:
             steady = [r["period"] for r in rows[1:]]
             summary.append((rep, base, statistics.median(steady), statistics.median(steady) / base, rows[0]["period"]))
             before = after
-        print("\n| repeat | floor s/round | federation s/round (rounds 2..N, median) | ratio | round 1 s |")
+        # the last round has no next model sent to time it: the median is of rounds 2..rounds-1
+        steady_rounds = f"rounds 2..{args.rounds - 1}"
+        print(f"\n| repeat | floor s/round | federation s/round ({steady_rounds}, median) | ratio | round 1 s |")
         print("|---:|---:|---:|---:|---:|")
         for rep, base, fed, ratio, first in summary:
             print(f"| {rep} | {base:.3f} | {fed:.3f} | {ratio:.3f} | {first:.2f} |")
