@@ -26,9 +26,11 @@ $(error $(VENV) was set up for MPI=$(SET_UP_FOR), not $(MPI): make clean (or ano
 endif
 endif
 # torch: the CPU wheel unless a torch is already importable (a CUDA build installed by the user). PyPI's
-# Linux torch is the CUDA build (GBs of nvidia-* wheels); the CPU index's 2.13.0+cpu outranks it. Only torch
-# itself is asked of that index (--no-deps): its dependencies come with the package's install below.
-# TORCH_INDEX= (empty) leaves pip's own index settings alone.
+# Linux torch is the CUDA build (GBs of nvidia-* wheels), so torch is asked of the CPU index instead of PyPI
+# (--index-url, not --extra-index-url: where the CPU index cannot be reached, pip would take PyPI's CUDA build
+# without failing). Only torch itself comes from there (--no-deps): its dependencies come with the package's
+# install below. pip's configured extra indexes and find-links still count. TORCH_INDEX= (empty) leaves pip's
+# own index settings alone.
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # pytest exits 5 when a selection holds no tests; that is not a failure here.
@@ -41,7 +43,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || \
-		$(PY) -m pip install -q --no-deps $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
+		$(PY) -m pip install -q --no-deps $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(BUILD_MPI4PY)
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	echo $(MPI) > $(VENV)/.mpi

@@ -14,11 +14,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The stub python: the linters exit LINT_RC, pytest SERIAL_RC or, with --with-mpi, rank RANK's word of MPI_RCS;
-# each call is logged, so a test can see which steps ran.
+# The stub python: `import torch` exits TORCH_RC, the linters LINT_RC, pytest SERIAL_RC or, with --with-mpi,
+# rank RANK's word of MPI_RCS; each call is logged, so a test can see which steps ran.
 PYTHON_STUB = """#!/bin/sh
 echo "python $*" >> "$CALLS"
 case "$*" in
+  *"import torch"*) exit "${TORCH_RC:-0}" ;;
   *--with-mpi*) set -- ${MPI_RCS:-0} 0 0 0; shift "${RANK:-0}"; exit "$1" ;;
   *pytest*) echo "launcher ${FEDMPI_MPIRUN:-}" >> "$CALLS"; exit "${SERIAL_RC:-0}" ;;
   *ruff*|*mypy*) exit "${LINT_RC:-0}" ;;
@@ -124,6 +125,22 @@ def test_setup_installs_the_mpich_wheel_by_default(venv):
     rc, calls = _setup(venv)
     assert rc == 0
     assert [c for c in calls if "pip install" in c] == ["python -m pip install -q -e .[test,mpich,report,lint]"]
+
+
+def test_setup_asks_the_cpu_index_alone_for_torch(venv):
+    """Not as an extra index beside PyPI: where the CPU index cannot be reached, pip would install PyPI's torch,
+    the CUDA build, without a word. TORCH_INDEX= leaves pip's own settings alone."""
+    (venv / ".installed").unlink()
+    rc, calls = _ci(venv, ("make", "setup"), TORCH_RC=1)
+    assert rc == 0
+    assert [c for c in calls if "torch==" in c] == [
+        "python -m pip install -q --no-deps --index-url https://download.pytorch.org/whl/cpu torch==2.13.0"
+    ]
+    (venv / ".installed").unlink()
+    (venv / "calls.log").unlink()
+    rc, calls = _ci(venv, ("make", "setup", "TORCH_INDEX="), TORCH_RC=1)
+    assert rc == 0
+    assert [c for c in calls if "torch==" in c] == ["python -m pip install -q --no-deps torch==2.13.0"]
 
 
 def test_setup_for_a_system_mpi_builds_mpi4py_against_it_and_leaves_the_wheel_out(venv):
