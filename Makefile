@@ -42,6 +42,9 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { \
+		echo "$(VENV): fedmpi needs Python 3.10 or newer, and $(PY) is older;" >&2; \
+		echo "make clean, then make setup PYTHON=python3.11 (or another 3.10+)" >&2; exit 2; }
 	$(PY) -c "import torch" 2>/dev/null || \
 		$(PY) -m pip install -q --no-deps $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(BUILD_MPI4PY)

@@ -14,12 +14,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The stub python: `import torch` exits TORCH_RC, the linters LINT_RC, pytest SERIAL_RC or, with --with-mpi,
-# rank RANK's word of MPI_RCS; each call is logged, so a test can see which steps ran.
+# The stub python: `import torch` exits TORCH_RC, the version check OLD_PYTHON, the linters LINT_RC, pytest
+# SERIAL_RC or, with --with-mpi, rank RANK's word of MPI_RCS; each call is logged, so a test can see which steps ran.
 PYTHON_STUB = """#!/bin/sh
 echo "python $*" >> "$CALLS"
 case "$*" in
   *"import torch"*) exit "${TORCH_RC:-0}" ;;
+  *version_info*) exit "${OLD_PYTHON:-0}" ;;
   *--with-mpi*) set -- ${MPI_RCS:-0} 0 0 0; shift "${RANK:-0}"; exit "$1" ;;
   *pytest*) echo "launcher ${FEDMPI_MPIRUN:-}" >> "$CALLS"; exit "${SERIAL_RC:-0}" ;;
   *ruff*|*mypy*) exit "${LINT_RC:-0}" ;;
@@ -151,6 +152,17 @@ def test_setup_for_a_system_mpi_builds_mpi4py_against_it_and_leaves_the_wheel_ou
         "python -m pip install -q -e .[test,report,lint]",
     ]
     assert (venv / ".installed").exists()
+
+
+def test_setup_refuses_a_python_older_than_3_10_before_installing_anything(venv):
+    """Else pip's first words were about torch==2.13.0 ("conflicting dependencies" under Python 3.9), not the
+    Python: a cluster's python3 is often 3.9 or older."""
+    (venv / ".installed").unlink()
+    env = dict(_clean_env(), VENV=str(venv), CALLS=str(venv / "calls.log"), OLD_PYTHON="1")
+    proc = subprocess.run(["make", "setup"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "fedmpi needs Python 3.10 or newer" in proc.stderr and "make setup PYTHON=python3.11" in proc.stderr
+    assert "pip install" not in (venv / "calls.log").read_text()
 
 
 def test_setup_for_a_system_mpi_without_its_compiler_says_so(venv):
