@@ -40,8 +40,10 @@ NO_TESTS_OK = || [ $$? -eq 5 ]
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+# A venv whose Python is gone (its interpreter removed or upgraded away: bin/python dangles) is made again from
+# scratch: `venv` over it kept the dangling links, and a venv marked installed was not looked at again.
+$(VENV)/.installed: pyproject.toml $(PY)
+	test -x $(PY) || $(PYTHON) -m venv --clear $(VENV)
 	$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { \
 		echo "$(VENV): fedmpi needs Python 3.10 or newer, and $(PY) is older;" >&2; \
 		echo "make clean, then make setup PYTHON=python3.11 (or another 3.10+)" >&2; exit 2; }
@@ -51,6 +53,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	echo $(MPI) > $(VENV)/.mpi
 	touch $@
+
+$(PY): ;
 
 demo: setup
 	$(MPIRUN) -n 9 $(PY) -m fedmpi train

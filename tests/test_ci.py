@@ -154,6 +154,24 @@ def test_setup_for_a_system_mpi_builds_mpi4py_against_it_and_leaves_the_wheel_ou
     assert (venv / ".installed").exists()
 
 
+def test_setup_makes_a_venv_whose_python_is_gone_again(venv, tmp_path):
+    """Its interpreter removed or upgraded away, bin/python dangles: setup must not call the venv installed (every
+    later target then failed on it until `make clean`), nor leave `venv`'s dangling links in place."""
+    python = venv / "bin" / "python"
+    python.unlink()
+    python.symlink_to(tmp_path / "gone" / "python3.9")
+    maker = tmp_path / "python3"  # `python3 -m venv --clear VENV`: a working stub python in VENV again
+    maker.write_text(
+        '#!/bin/sh\necho "maker $*" >> "$CALLS"\nfor venv; do :; done\nrm -f "$venv/bin/python"\n'
+        f'cat > "$venv/bin/python" <<\'EOF\'\n{PYTHON_STUB}EOF\nchmod +x "$venv/bin/python"\n'
+    )
+    maker.chmod(0o755)
+    rc, calls = _ci(venv, ("make", "setup", f"PYTHON={maker}"))
+    assert rc == 0
+    assert calls[0] == f"maker -m venv --clear {venv}"
+    assert [c for c in calls if "pip install" in c] == ["python -m pip install -q -e .[test,mpich,report,lint]"]
+
+
 def test_setup_refuses_a_python_older_than_3_10_before_installing_anything(venv):
     """Else pip's first words were about torch==2.13.0 ("conflicting dependencies" under Python 3.9), not the
     Python: a cluster's python3 is often 3.9 or older."""
