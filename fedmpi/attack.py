@@ -553,6 +553,15 @@ def attack_run(
     if not test_path.exists():
         raise AttackError(f"{test_path}: missing; the attack needs the run's held-out set as non-members")
     model, cfg, sparsity, digest = load_run_model(run_dir)
+    recorded = summary.get("model_sha256")
+    if recorded and recorded != digest:
+        # the recorder saves model.npz before summary.json: a resumed run still finishing, or one that failed in
+        # between, leaves a newer model beside the summary of an earlier stop (its rounds, stopped_early)
+        raise AttackError(
+            f"{run_dir / 'model.npz'} is not the model {run_dir / 'summary.json'} records (model_sha256 differs): "
+            "the run is being resumed or trained again, or failed before recording its end; attack it once it "
+            "has finished (resume it if it stopped)"
+        )
     files = member_files(cfg, data_dir)
     check_split(summary.get("split"), [test_path, *files])
     pools = [test_path, *(Path(p) for p in nonmembers)]

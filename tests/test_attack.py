@@ -417,6 +417,50 @@ def test_attack_refuses_a_data_directory_re_split_since_the_run(tmp_path, capsys
     assert not (run / "attack.json").exists()
 
 
+def _tiny_run(tmp_path, values=None):
+    """A run directory (model.npz of a width-0.125 model, summary.json) on a written split: (run, data, values,
+    model.npz's metadata)."""
+    from fedtools import write_split
+
+    from fedmpi.checkpoint import save_model
+    from fedmpi.config import Config
+    from fedmpi.model import flat_parameters
+
+    data = write_split(tmp_path / "split", learners=2, per_learner=8, test=8, shape=SHAPE)
+    cfg = Config()
+    cfg.model.width, cfg.model.dropout, cfg.federation.learners = 0.125, 0.0, 2
+    if values is None:
+        values = flat_parameters(BrainAgeCNN(SHAPE, width=0.125, dropout=0.0))
+    run = tmp_path / "runs" / "r"
+    meta = {"input_shape": list(SHAPE), "config": cfg.to_dict(), "round": 3}
+    save_model(run / "model.npz", values, values != 0, meta)
+    (run / "summary.json").write_text(json.dumps({"data_dir": str(data), "rounds": 3}))
+    return run, data, values, meta
+
+
+def test_attack_refuses_a_model_that_is_not_the_one_summary_records(tmp_path, capsys):
+    """The recorder saves model.npz before summary.json: a resumed run that stops (or crashes) in between, or an
+    attack in that window, pairs a new model with the old summary (preempted at an earlier round)."""
+    from fedmpi.checkpoint import model_digest, save_model
+
+    run, data, values, meta = _tiny_run(tmp_path)
+    summary = {"data_dir": str(data), "rounds": 2, "preempted": True, "model_sha256": model_digest(values)}
+    (run / "summary.json").write_text(json.dumps(summary))
+    parser = argparse.ArgumentParser()
+    attack.add_arguments(parser)
+    assert attack.run(parser.parse_args(["--run", str(run), "--max-per-class", "4"])) == 0
+    capsys.readouterr()
+    attacked = (run / "attack.json").read_text()
+
+    newer = values.copy()
+    newer[::3] = 0.0  # the resumed run's round-3 model, saved before its summary
+    save_model(run / "model.npz", newer, newer != 0, meta)
+    assert attack.run(parser.parse_args(["--run", str(run), "--max-per-class", "4"])) == EXIT_USAGE
+    printed = capsys.readouterr()
+    assert printed.out == "" and "is not the model" in printed.err and "model_sha256" in printed.err
+    assert (run / "attack.json").read_text() == attacked  # the earlier attack of the recorded model is left
+
+
 def test_balanced_split_draws_each_class_from_its_own_pool_in_a_seeded_order():
     s = attack.balanced_split(11, 30, seed=3)  # fewer members: the non-members are a subset of all 30
     assert len(set(s["nonmembers"].tolist())) == 11 and s["nonmembers"].max() < 30
