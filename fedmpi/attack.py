@@ -32,7 +32,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from preprocess import outputs
 from preprocess.layout import TEST_FILE, learner_file, learner_files
 
-from .config import DEVICES
+from .config import DEVICES, MAX_SEED
 from .errors import EXIT_USAGE, AttackError, is_user_error
 from .files import atomic_write
 from .runlog import dumps, read_json
@@ -702,6 +702,8 @@ def run(args) -> int:
     try:
         if args.threads < 1:
             raise AttackError(f"--threads must be at least 1, got {args.threads}")
+        if not 0 <= args.seed < MAX_SEED:  # numpy refuses a negative seed, torch one of 2**64 or more
+            raise AttackError(f"--seed must be in [0, 2**64), got {args.seed}")
         outputs.check_file(out, "--out")  # before the attack, not after it
         torch.set_num_threads(args.threads)
         result = attack_run(

@@ -461,6 +461,19 @@ def test_attack_refuses_a_model_that_is_not_the_one_summary_records(tmp_path, ca
     assert (run / "attack.json").read_text() == attacked  # the earlier attack of the recorded model is left
 
 
+def test_attack_refuses_a_seed_numpy_or_torch_cannot_take(tmp_path, capsys):
+    run, _data, _values, _meta = _tiny_run(tmp_path)
+    parser = argparse.ArgumentParser()
+    attack.add_arguments(parser)
+    for seed in ("-1", str(2**64)):
+        args = ["--run", str(run), "--max-per-class", "4", "--seed", seed]
+        assert attack.run(parser.parse_args(args)) == EXIT_USAGE
+        printed = capsys.readouterr()
+        assert printed.out == "" and f"--seed must be in [0, 2**64), got {seed}" in printed.err
+    assert not (run / "attack.json").exists()
+    assert attack.run(parser.parse_args(["--run", str(run), "--max-per-class", "4", "--seed", str(2**64 - 1)])) == 0
+
+
 def test_balanced_split_draws_each_class_from_its_own_pool_in_a_seeded_order():
     s = attack.balanced_split(11, 30, seed=3)  # fewer members: the non-members are a subset of all 30
     assert len(set(s["nonmembers"].tolist())) == 11 and s["nonmembers"].max() < 30
