@@ -483,17 +483,26 @@ def load_run_model(run_dir: Path):
 
 def volume_digests(path: Path) -> list[bytes]:
     """A digest of each volume's voxels, in file order: the same scan is recognised in another file, under
-    another subject id (independently made cohorts reuse ids like sub-0000)."""
+    another subject id (independently made cohorts reuse ids like sub-0000). Every volume is read here, so a
+    non-finite age or voxel is refused here too (naming the file): it would make its subject's features NaN."""
     from preprocess import h5io
 
     with h5io.open_checked(path) as f:
+        ages = f["age"][:]
+        bad = np.flatnonzero(~np.isfinite(ages))
+        if bad.size:
+            shown = ", ".join(f"#{i}" for i in bad[:5]) + (" ..." if bad.size > 5 else "")
+            raise AttackError(f"volume file {path}: {bad.size} non-finite age(s): {shown}")
         reader = h5io.ChunkReader(f["images"])
         digests = []
         for i in range(f["images"].shape[0]):
             try:
-                digests.append(hashlib.blake2b(reader.read(i).tobytes(), digest_size=16).digest())
+                volume = reader.read(i)
             except Exception as exc:  # zlib/h5py errors on a damaged chunk
                 raise AttackError(f"volume file {path}: cannot read volume {i}: {exc}") from None
+            if not np.isfinite(volume).all():
+                raise AttackError(f"volume file {path}: volume {i} holds non-finite values")
+            digests.append(hashlib.blake2b(volume.tobytes(), digest_size=16).digest())
         return digests
 
 

@@ -474,6 +474,31 @@ def test_attack_refuses_a_seed_numpy_or_torch_cannot_take(tmp_path, capsys):
     assert attack.run(parser.parse_args(["--run", str(run), "--max-per-class", "4", "--seed", str(2**64 - 1)])) == 0
 
 
+def test_attack_refuses_a_volume_file_with_non_finite_ages_or_voxels(tmp_path, capsys):
+    """A non-finite age or voxel made every score of its subject NaN: a traceback from the metrics, exit 1."""
+    import h5py
+    from fedtools import write_volumes
+
+    run, _data, _values, _meta = _tiny_run(tmp_path)
+    parser = argparse.ArgumentParser()
+    attack.add_arguments(parser)
+    ages = np.random.default_rng(1).uniform(45, 80, 6)
+    ages[3] = np.nan
+    write_volumes(tmp_path / "nan_age.h5", ages, np.random.default_rng(2), SHAPE)
+    ages[3] = 60.0
+    write_volumes(tmp_path / "nan_voxel.h5", ages, np.random.default_rng(3), SHAPE)
+    with h5py.File(tmp_path / "nan_voxel.h5", "a") as f:
+        volume = f["images"][4]
+        volume[5, 5, 5] = np.nan
+        f["images"][4] = volume
+    for name, message in (("nan_age.h5", "1 non-finite age(s): #3"), ("nan_voxel.h5", "volume 4 holds non-finite")):
+        args = ["--run", str(run), "--nonmembers", str(tmp_path / name), "--max-per-class", "14"]
+        assert attack.run(parser.parse_args(args)) == EXIT_USAGE
+        printed = capsys.readouterr()
+        assert printed.out == "" and message in printed.err and name in printed.err
+    assert not (run / "attack.json").exists()
+
+
 def test_balanced_split_draws_each_class_from_its_own_pool_in_a_seeded_order():
     s = attack.balanced_split(11, 30, seed=3)  # fewer members: the non-members are a subset of all 30
     assert len(set(s["nonmembers"].tolist())) == 11 and s["nonmembers"].max() < 30
