@@ -543,11 +543,14 @@ def attack_run(
     device: str = "auto",
     nonmembers: list[Path] | tuple = (),
     max_per_class: int | None = None,
+    out: Path | None = None,
 ) -> dict:
     """The attack.json content for a run directory.
 
     Non-members are the split's test.h5 plus the `nonmembers` files (other cohorts the run never
     saw, e.g. a fresh synthetic one); `max_per_class` caps the attacked subjects of each class.
+    `out`, where the result will be written, is refused (before the attack) if it is a file the attack
+    reads or one of the run's records.
     """
     from .algorithms import target_sparsity
 
@@ -582,6 +585,8 @@ def attack_run(
         if p.resolve() in seen:
             raise AttackError(f"{p}: given twice as non-members (its subjects would be counted twice)")
         seen.add(p.resolve())
+    if out is not None:
+        check_out(Path(out), run_dir, [*files, *pools])
     check_disjoint(files, pools)
     learners = [_volumes(p, model.input_shape) for p in files]
     outsiders: ConcatDataset = ConcatDataset([_volumes(p, model.input_shape) for p in pools])
@@ -612,6 +617,19 @@ def attack_run(
             for p, d in zip(files, learners)
         }
     return result
+
+
+RUN_RECORDS = ("model.npz", "summary.json", "config.json", "metrics.jsonl", "test_predictions.csv", ".lock")
+
+
+def check_out(out: Path, run_dir: Path, inputs: list[Path]) -> None:
+    """Refuse an output path that is one of the attack's volume files, one of the run's records or in its
+    checkpoints: the result replaces its path, so the trained model or the data would be lost."""
+    target = out.resolve()
+    records = [run_dir / name for name in RUN_RECORDS]
+    if target.parent == (run_dir / "checkpoints").resolve() or target in {p.resolve() for p in [*records, *inputs]}:
+        what = "a volume file the attack reads" if target in {p.resolve() for p in inputs} else "a record of the run"
+        raise AttackError(f"--out {out} is {what}: the attack would overwrite it; give another file name")
 
 
 def check_split(recorded: dict | None, files: list[Path]) -> None:
@@ -722,6 +740,7 @@ def run(args) -> int:
             device=args.device,
             nonmembers=args.nonmembers,
             max_per_class=args.max_per_class,
+            out=out,
         )
         try:
             atomic_write(out, (dumps(result, indent=2) + "\n").encode())

@@ -499,6 +499,37 @@ def test_attack_refuses_a_volume_file_with_non_finite_ages_or_voxels(tmp_path, c
     assert not (run / "attack.json").exists()
 
 
+def test_attack_refuses_an_out_that_is_a_file_it_reads_or_a_record_of_the_run(tmp_path, capsys):
+    """--out replaced its path with attack.json: given the run's model.npz (or summary.json, a volume file), it
+    destroyed the trained model and said it wrote there (exit 0)."""
+    from fedtools import write_volumes
+
+    run, data, _values, _meta = _tiny_run(tmp_path)
+    extra = tmp_path / "extra.h5"
+    write_volumes(extra, np.random.default_rng(1).uniform(45, 80, 6), np.random.default_rng(2), SHAPE)
+    (run / "checkpoints").mkdir()
+    parser = argparse.ArgumentParser()
+    attack.add_arguments(parser)
+    for out in (
+        run / "model.npz",
+        run / "summary.json",
+        run / "config.json",
+        run / "checkpoints" / "round-000003.npz",
+        data / "test.h5",
+        data / "learner_2.h5",
+        extra,
+    ):
+        before = out.read_bytes() if out.exists() else None
+        args = ["--run", str(run), "--nonmembers", str(extra), "--max-per-class", "4", "--out", str(out)]
+        assert attack.run(parser.parse_args(args)) == EXIT_USAGE, out
+        printed = capsys.readouterr()
+        assert printed.out == "" and "the attack would overwrite it" in printed.err
+        assert (out.read_bytes() if out.exists() else None) == before
+    other = run / "attack-seed1.json"  # another name in the run directory is fine
+    args = ["--run", str(run), "--max-per-class", "4", "--out", str(other)]
+    assert attack.run(parser.parse_args(args)) == 0 and json.loads(other.read_text())["seed"] == 0
+
+
 def test_balanced_split_draws_each_class_from_its_own_pool_in_a_seeded_order():
     s = attack.balanced_split(11, 30, seed=3)  # fewer members: the non-members are a subset of all 30
     assert len(set(s["nonmembers"].tolist())) == 11 and s["nonmembers"].max() < 30
