@@ -558,6 +558,16 @@ def attack_run(
     if not run_dir.is_dir():
         raise AttackError(f"{run_dir}: no such run directory")
     summary = read_json(run_dir / "summary.json", AttackError)
+    for key, kind, name in (
+        ("data_dir", str, "a string"),
+        ("model_sha256", str, "a string"),
+        ("split", dict, "an object"),
+    ):
+        if summary.get(key) is not None and not isinstance(summary[key], kind):
+            raise AttackError(
+                f"{run_dir / 'summary.json'}: {key} is {type(summary[key]).__name__}, not {name} as the trainer "
+                "writes it (a damaged or hand-edited record)"
+            )
     if not summary.get("data_dir"):
         raise AttackError(f"{run_dir / 'summary.json'} does not record data_dir (the split the run used)")
     data_dir = Path(summary["data_dir"])

@@ -530,6 +530,19 @@ def test_attack_refuses_an_out_that_is_a_file_it_reads_or_a_record_of_the_run(tm
     assert attack.run(parser.parse_args(args)) == 0 and json.loads(other.read_text())["seed"] == 0
 
 
+def test_attack_refuses_a_summary_whose_values_have_another_type_than_the_trainer_writes(tmp_path, capsys):
+    run, data, _values, _meta = _tiny_run(tmp_path)
+    parser = argparse.ArgumentParser()
+    attack.add_arguments(parser)
+    for key, value, kind in (("data_dir", 5, "int"), ("split", ["test.h5"], "list"), ("model_sha256", 7, "int")):
+        summary = {"data_dir": str(data), key: value}
+        (run / "summary.json").write_text(json.dumps(summary))
+        assert attack.run(parser.parse_args(["--run", str(run), "--max-per-class", "4"])) == EXIT_USAGE
+        printed = capsys.readouterr()
+        assert printed.out == "" and f"summary.json: {key} is {kind}" in printed.err
+    assert not (run / "attack.json").exists()
+
+
 def test_balanced_split_draws_each_class_from_its_own_pool_in_a_seeded_order():
     s = attack.balanced_split(11, 30, seed=3)  # fewer members: the non-members are a subset of all 30
     assert len(set(s["nonmembers"].tolist())) == 11 and s["nonmembers"].max() < 30
