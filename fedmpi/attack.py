@@ -418,6 +418,12 @@ def attack_datasets(
         [Subset(members, split["members"].tolist()), Subset(nonmembers, split["nonmembers"].tolist())]
     )
     features = sample_features(model, pool, device=device, batch_size=batch_size)
+    finite = np.all([np.isfinite(v.reshape(len(v), -1)).all(axis=1) for v in features.values()], axis=0)
+    if not finite.all():
+        raise AttackError(
+            f"the model's prediction, loss or gradients are not finite for {int((~finite).sum())} of the "
+            f"{finite.size} attacked subjects (an overflowing model): its membership cannot be scored"
+        )
     labels = np.r_[np.ones(n, np.int64), np.zeros(n, np.int64)]
     train = np.zeros(2 * n, bool)
     train[:half] = True
@@ -575,6 +581,13 @@ def attack_run(
     if not test_path.exists():
         raise AttackError(f"{test_path}: missing; the attack needs the run's held-out set as non-members")
     model, cfg, sparsity, digest = load_run_model(run_dir)
+    not_finite = int(sum((~torch.isfinite(p)).sum() for p in model.parameters()))
+    if not_finite:
+        total = sum(p.numel() for p in model.parameters())
+        raise AttackError(
+            f"{run_dir / 'model.npz'}: {not_finite} of its {total} parameters are not finite (the training "
+            "diverged): there is no model to attack"
+        )
     recorded = summary.get("model_sha256")
     if recorded and recorded != digest:
         # the recorder saves model.npz before summary.json: a resumed run still finishing, or one that failed in

@@ -543,6 +543,37 @@ def test_attack_refuses_a_summary_whose_values_have_another_type_than_the_traine
     assert not (run / "attack.json").exists()
 
 
+def test_attack_refuses_a_diverged_model_and_non_finite_features(tmp_path, capsys, monkeypatch):
+    """A run whose training diverged (a centralized run with a huge lr finishes with NaN weights) made every
+    score NaN: a traceback from the metrics, exit 1."""
+    from fedmpi.model import flat_parameters
+
+    values = flat_parameters(BrainAgeCNN(SHAPE, width=0.125, dropout=0.0))
+    values[:10] = np.nan
+    run, _data, _values, _meta = _tiny_run(tmp_path, values)
+    parser = argparse.ArgumentParser()
+    attack.add_arguments(parser)
+    assert attack.run(parser.parse_args(["--run", str(run), "--max-per-class", "4"])) == EXIT_USAGE
+    printed = capsys.readouterr()
+    assert printed.out == "" and "10 of its" in printed.err and "not finite" in printed.err
+    assert not (run / "attack.json").exists()
+
+    # a finite model whose prediction or gradient still overflows for some subject
+    real = attack.per_sample_features
+
+    def overflowing(*args, **kwargs):
+        features = real(*args, **kwargs)
+        features["grad_norm"][1, 2] = np.inf
+        return features
+
+    monkeypatch.setattr(attack, "per_sample_features", overflowing)
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(8, 1, *SHAPE, generator=gen), torch.rand(8, generator=gen) * 30 + 50)
+    model = BrainAgeCNN(SHAPE, width=0.125, dropout=0.0)
+    with pytest.raises(attack.AttackError, match="not finite for 1 of the 8 attacked subjects"):
+        attack.attack_datasets(model, data, data, max_per_class=4)
+
+
 def test_balanced_split_draws_each_class_from_its_own_pool_in_a_seeded_order():
     s = attack.balanced_split(11, 30, seed=3)  # fewer members: the non-members are a subset of all 30
     assert len(set(s["nonmembers"].tolist())) == 11 and s["nonmembers"].max() < 30
