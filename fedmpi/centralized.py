@@ -12,7 +12,7 @@ from preprocess.layout import TEST_FILE, learner_files
 
 from .algorithms import round_seed
 from .data import check_volumes, open_volumes
-from .errors import EXIT_USAGE, DataError, UserError
+from .errors import EXIT_USAGE, DataError, DivergedError, UserError
 from .metrics import mean_predictor_mae
 from .model import build_model, flat_parameters, load_flat_parameters
 from .preflight import RankCheck, check_rank, say, volume_shape
@@ -72,8 +72,13 @@ def _train(cfg, data_dir: Path, files: list[Path], split: dict, checked: RankChe
     for t in range(state.round + 1, cfg.federation.rounds + 1):
         load_flat_parameters(model, state.values)
         stats, seconds = train_round(cfg, model, loader, round_seed(cfg.run.seed, t, 0), device)
-        state.values = flat_parameters(model)
-        state.round = t
+        values = flat_parameters(model)
+        if not np.isfinite(values).all():  # as a federation refuses a learner's or an aggregate's non-finite values
+            raise DivergedError(
+                f"round {t}: training left {int((~np.isfinite(values)).sum())} non-finite model values (the training "
+                f"diverged: a lower train.lr?); the run stops, its records end at round {state.round}"
+            )
+        state.values, state.round = values, t
         row = {
             "target_sparsity": 0.0,
             "train_loss": stats["loss"],

@@ -41,6 +41,10 @@ class PayloadError(UserError):
     """A learner sent a model the server refuses; the global model is left untouched."""
 
 
+class DivergedError(UserError):
+    """Training left non-finite model values (a learning rate too high, an overflow); nothing of it is recorded."""
+
+
 class DeviceError(UserError):
     """The requested compute device is not available on this node."""
 

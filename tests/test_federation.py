@@ -160,6 +160,24 @@ def test_centralized_baseline_runs_in_one_process(split, tmp_path):
     assert s["total_bytes_up"] == 0 and s["closing_bytes"] == 0
 
 
+def test_a_diverged_centralized_run_stops_instead_of_finishing_with_a_nan_model(split, tmp_path):
+    """A federation refuses non-finite learner values; the centralized baseline finished "done" (exit 0) with every
+    weight NaN, and its model then failed whatever read it. It stops at the round that diverged, naming it."""
+    proc = run_fedmpi(
+        split,
+        tmp_path,
+        "federation.algorithm=centralized",
+        "federation.rounds=3",
+        "train.lr=1e6",
+        "run.name=d",
+        mpirun=False,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "DivergedError: round 1: training left" in proc.stderr and "a lower train.lr?" in proc.stderr
+    assert not (tmp_path / "d" / "summary.json").exists() and not (tmp_path / "d" / "model.npz").exists()
+    assert not (tmp_path / "d" / "metrics.jsonl").exists() or metrics(tmp_path / "d") == []
+
+
 def test_centralized_baseline_start_up_problems_are_one_line_and_exit_2_like_a_federations(split, tmp_path):
     (tmp_path / "file").write_text("x")
     proc = run_fedmpi(split, tmp_path / "file", "federation.algorithm=centralized", mpirun=False)
