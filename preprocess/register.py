@@ -13,7 +13,8 @@ Choices, for CPU speed and for the template nilearn ships:
 - Both images at REG_MM (the output grids are 2-6 mm), one Affine (12 dof) or Rigid stage from
   a centre-of-mass start, Mattes mutual information, 25% regular sampling, levels of 6 and 3 mm
   with at most 1000 and 200 iterations (a 12 mm level sent some heads astray). One ITK thread
-  per worker: `nifti` runs subjects in parallel.
+  per worker, even where ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS asks for more (several threads make the
+  result vary from run to run): `nifti` runs subjects in parallel.
 - ANTs draws its sampling points at random; a fixed seed per attempt (ANTS_RANDOM_SEED) makes
   runs reproducible. An unlucky draw occasionally diverges (about one run in four for the
   hardest synthetic head), so a registration that fails the quality check is retried with the
@@ -132,8 +133,13 @@ def ras_from_itk(parameters, fixed_parameters) -> np.ndarray:
 
 
 def _ants():
-    """antspyx, imported with one ITK thread unless the user chose otherwise (set before ITK starts)."""
-    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
+    """antspyx with one ITK thread, set before ITK starts and whatever the environment asked for.
+
+    ITK adds up the metric over its threads in no fixed order, so with several threads the same seed gives
+    another matrix from run to run: outputs would not be reproducible and two copies of one scan would no
+    longer have identical volumes (convert.same_scans). Parallelism is over subjects (--workers).
+    """
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "1"
     import ants
 
     return ants
