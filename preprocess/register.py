@@ -244,8 +244,14 @@ def preprocess_file(
         raise nifti.BadImage(f"{name} {exc}") from None
     if best is None:
         raise nifti.BadImage(f"{name} registration failed: every attempt left the brain outside the image")
+    # a whole head's neck and skull pull the affine fit off the brain (seen: 100 mm of neck, a cropped top)
+    hint = (
+        "; a whole-head image registers better brain-extracted: --skull-strip deepbet"
+        if options.skull_strip == "none"
+        else ""
+    )
     raise nifti.BadImage(
         f"{name} registration quality too low: template correlation {best.ncc:.2f} < "
         f"{options.min_ncc:g} (--min-ncc) after {len(SEEDS)} attempts; wrong orientation, "
-        "not a head T1, or a failed registration?"
+        f"not a head T1, or a failed registration?{hint}"
     )
