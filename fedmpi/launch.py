@@ -232,7 +232,9 @@ def _serve(cfg: Config, wire, data_dir: Path, infos: np.ndarray, device, resume_
     if algorithm(cfg).start_mask and state.round == 0:
         server.receive_start_mask(state)
     state, preempted = server.run(state, should_stop=stop)
-    return rec.end(state, preempted, server.closing_bytes)
+    code = rec.end(state, preempted, server.closing_bytes + wire.closing_nbytes())
+    wire.end_server(state.round, cfg.run.round_timeout)  # a learner stuck after the last round is named, not waited on
+    return code
 
 
 def _learn(cfg: Config, wire, data_dir: Path, device) -> int:
@@ -250,6 +252,7 @@ def _learn(cfg: Config, wire, data_dir: Path, device) -> int:
         learner.send_start_mask()
     wire.next_patience = cfg.run.round_timeout + learner_startup_patience(cfg.run.startup_timeout)  # the first model
     learner.run()
+    wire.end_learner()  # waits for the server's final save with the STOP header's patience, then leaves
     return 0
 
 

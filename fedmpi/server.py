@@ -130,7 +130,8 @@ class Server:
             if recording is not None:
                 self.await_record(recording, state.round)
         self.wire.watch = None
-        self.wire.send_model(state.round, np.zeros(0, np.uint8), 0, FLAG_STOP)
+        # the learners wait this long for the final STOP header, which follows the final save (Wire.end_server)
+        self.wire.send_model(state.round, np.zeros(0, np.uint8), 0, FLAG_STOP, self.learner_patience())
         down, up = self.wire.reset_counters()
         self.closing_bytes = down + up + self.carried["bytes_down"] + self.carried["bytes_up"]
         return state, preempted

@@ -49,6 +49,7 @@ TAG_GATHER = 14
 TAG_HEADER = 15
 TAG_MODEL = 16
 TAG_GO = 17
+TAG_FAREWELL = 18
 MAX_SLEEP = 0.002  # a wait's longest sleep while it is short (the Wire's default)
 LATE_SHARE = 0.004  # a wait's polling may add this fraction of its length (plus max_sleep) to it
 MAX_PAUSE = 0.02
@@ -64,8 +65,9 @@ STOPPED_STATES = ("T", "t")  # /proc states of a process stopped by a signal or 
 # Round header sent ahead of each model: round, flags, payload bytes, kept values, and how many
 # milliseconds the learners should wait for the next header before declaring the server silent.
 HEADER = 5
+FAREWELL_NBYTES = 8  # a learner's last message, as it leaves its loop on the STOP header (Wire.end_server)
 FLAG_MASK = 1  # the payload is encoding.encode(values, mask): the mask changed
-FLAG_STOP = 2  # no more rounds: learners leave their loop
+FLAG_STOP = 2  # no more rounds: learners leave their loop (and, sent again after the final save, the run)
 FLAG_WAIT = 4  # no model yet: the server is still recording the last round; wait the header's patience again
 
 
@@ -395,7 +397,39 @@ class Wire:
         self._poll(lambda: _complete(pending), "the model", quick=True, requests=pending.values())
         self._check("the model", None, force=True)
 
-    def recv_model(self) -> tuple[int, int, int, np.ndarray]:
+    def closing_nbytes(self) -> int:
+        """What the end of a run (end_server, end_learner) moves: each learner's farewell up, the final header down."""
+        return self.learners * (FAREWELL_NBYTES + 8 * HEADER)
+
+    def end_server(self, round_: int, timeout: float) -> None:
+        """Server, after its final save: every learner's farewell (sent as it left its loop on the STOP header; a
+        learner stuck or stopped since is named after `timeout` seconds, not waited on for ever in MPI_Finalize),
+        then the final STOP header, which the learners wait for with the patience the first one gave them: a
+        server stuck in its final save is named by them."""
+        rows = np.zeros((self.size, 1), np.int64)
+        pending = {k: self.comm.Irecv(rows[k], source=k, tag=TAG_FAREWELL) for k in range(1, self.size)}
+        statuses = {k: MPI.Status() for k in pending}
+        self._poll(
+            lambda: _complete(pending, statuses, "a farewell"),
+            "the learners' farewell after the last round",
+            lambda: self._missing(pending, "no farewell"),
+            patience=timeout,
+            requests=pending.values(),
+        )
+        _check_counts(statuses, rows[0].nbytes, "a farewell")
+        self.bytes_up += rows[1:].nbytes
+        self.send_model(round_, np.zeros(0, np.uint8), 0, FLAG_STOP)
+
+    def end_learner(self) -> None:
+        """Learner, after the STOP header: its farewell, then the server's final STOP header (end_server)."""
+        farewell = np.zeros(1, np.int64)
+        self.bytes_up += farewell.nbytes
+        self._wait(self.comm.Isend(farewell, dest=SERVER, tag=TAG_FAREWELL), "farewell", quick=True)
+        _round, flags, _nnz, _payload = self.recv_model("the server's final save")
+        if not flags & FLAG_STOP:
+            raise PayloadError(f"the server sent a round header (flags {flags}) after the last round")
+
+    def recv_model(self, what: str = "the next round's model") -> tuple[int, int, int, np.ndarray]:
         """Learner: (round, flags, nnz, payload), waiting at most `next_patience` seconds for the header. The
         header says how long to wait for the next one; every wait of the round on the server (the model, the
         report, the payload's collective, which completes with the slowest learner's) gets that long too.
@@ -404,9 +438,7 @@ class Wire:
         while True:
             self.patience = self.next_patience
             header = np.zeros(HEADER, dtype=np.int64)
-            self._wait(
-                self.comm.Irecv(header, source=SERVER, tag=TAG_HEADER), "the next round's model", expect=header.nbytes
-            )
+            self._wait(self.comm.Irecv(header, source=SERVER, tag=TAG_HEADER), what, expect=header.nbytes)
             round_, flags, nbytes, nnz, patience_ms = (int(v) for v in header)
             if patience_ms > 0:
                 self.patience = self.next_patience = patience_ms / 1000

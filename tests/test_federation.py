@@ -141,7 +141,8 @@ def test_bytes_on_the_wire_follow_sparsity(split, tmp_path, algorithm):
     late = metrics(run)[-1]
     assert late["bytes_up"] < 0.2 * late["dense_bytes_up"]
     assert s["total_bytes_down"] == sum(r["bytes_down"] for r in metrics(run))
-    assert s["closing_bytes"] == learners * 5 * 8  # the STOP header, after the last row
+    # after the last row: the STOP header, each learner's farewell (8 bytes) and the final STOP header
+    assert s["closing_bytes"] == learners * (5 * 8 + 8 + 5 * 8)
 
 
 def test_centralized_baseline_runs_in_one_process(split, tmp_path):

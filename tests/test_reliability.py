@@ -149,25 +149,89 @@ def test_preemption_signal_checkpoints_and_resume_matches(split, reference, tmp_
 def test_a_warning_after_the_last_round_does_not_fail_the_finished_job(split, tmp_path):
     """Seen under a real SLURM: the time-limit warning came while the server wrote its final outputs, and the
     learners, done and waiting in MPI_Finalize, died of it (Python's finalization restores a handled signal's
-    default action), so the finished job ended FAILED with exit 138. Here the server is held once its summary
-    is written, the learners are warned once they no longer handle SIGUSR1 themselves, the server goes on:
-    the job ends 0."""
+    default action), so the finished job ended FAILED with exit 138. Here the warning comes twice: while the
+    server is held once its summary is written (the learners wait for its final word, their handler takes it),
+    and while the server is held once it is done, the learners warned once they no longer handle SIGUSR1
+    themselves; the server goes on: the job ends 0."""
     proc = start_fedmpi(split, tmp_path, *ROUNDS, "run.name=w")
     server, learners = rank_process(proc, 0), [rank_process(proc, k) for k in (1, 2)]
     wait_until(lambda: (tmp_path / "w" / "summary.json").exists(), proc, "the summary was written")
     os.kill(server, signal.SIGSTOP)
     try:
-        for pid in learners:  # past fedmpi's handler: the signal is ignored now (or, before, at its default)
-            wait_until(lambda pid=pid: not _catches(pid, signal.SIGUSR1), proc, f"learner pid {pid} finished")
-            with contextlib.suppress(ProcessLookupError):  # a launcher whose MPI_Finalize does not wait
-                os.kill(pid, signal.SIGUSR1)
+        for pid in learners:
+            os.kill(pid, signal.SIGUSR1)
         time.sleep(0.5)
     finally:
         os.kill(server, signal.SIGCONT)
+    wait_until(lambda: not _catches(server, signal.SIGUSR1), proc, "the server finished")
+    with contextlib.suppress(ProcessLookupError):  # a launcher whose MPI_Finalize does not wait
+        os.kill(server, signal.SIGSTOP)
+    try:
+        for pid in learners:  # past fedmpi's handler: the signal is ignored now (or, before, at its default)
+            wait_until(lambda pid=pid: not _catches(pid, signal.SIGUSR1), proc, f"learner pid {pid} finished")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
+        time.sleep(0.5)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server, signal.SIGCONT)
     code, out, err, _ = _finish(proc, 60)
     assert code == 0, out + err
     assert "killed by" not in err, err
     assert summary(tmp_path / "w")["rounds"] == 6
+
+
+# Installed through PYTHONPATH: on one rank, once `module` is imported, run `patch` on it (a fault at a point no
+# signal from outside can hit in time).
+HOOK = """
+import importlib.abc, importlib.util, os, signal, sys, time
+class _Hook(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        rank = os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK"))
+        if name != {module!r} or rank != {rank!r}:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+        def exec_module(module):
+            run(module)
+            {patch}
+        spec.loader.exec_module = exec_module
+        return spec
+sys.meta_path.insert(0, _Hook())
+"""
+
+
+def _hook(tmp_path, monkeypatch, module: str, rank: int, patch: str) -> None:
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(HOOK.format(module=module, rank=str(rank), patch=patch))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")])))
+
+
+def test_a_learner_stuck_after_the_last_round_is_named_not_waited_on(split, tmp_path, monkeypatch):
+    """Learner 2 stops itself once it has left its loop on the STOP header. The server used to write its outputs,
+    print `done:` and wait for it in MPI_Finalize for ever (so did the launcher): now it waits for every
+    learner's farewell at most run.round_timeout and names the missing one."""
+    stop = "os.kill(os.getpid(), signal.SIGSTOP)"
+    patch = f"run_ = module.Learner.run; module.Learner.run = lambda self: (run_(self), {stop})"
+    _hook(tmp_path, monkeypatch, "fedmpi.learner", 2, patch)
+    proc = start_fedmpi(split, tmp_path, *ROUNDS, "run.name=s", "run.round_timeout=5")
+    code, _out, err, seconds = _finish(proc, 60)
+    assert code != 0 and seconds < 60
+    assert "no farewell from learner 2 (rank 2)" in err and "learner 2 (rank 2) is stopped on this host" in err, err
+    assert summary(tmp_path / "s")["rounds"] == 6  # its outputs were whole before the wait
+
+
+def test_a_server_stuck_in_its_final_save_is_named_by_the_learners(split, tmp_path, monkeypatch):
+    """The server hangs writing model.npz (a stuck file system) after the STOP header. The learners used to wait
+    for it in MPI_Finalize for ever; now they wait for its final word with the STOP header's patience."""
+    _hook(tmp_path, monkeypatch, "fedmpi.checkpoint", 0, "module.save_model = lambda *a, **k: time.sleep(3600)")
+    proc = start_fedmpi(split, tmp_path, *ROUNDS, "run.name=f", "run.round_timeout=5")
+    code, _out, err, seconds = _finish(proc, 60)
+    assert code != 0 and seconds < 60
+    assert "waiting for the server's final save: the server (rank 0) is silent" in err, err
+    assert not (tmp_path / "f" / "model.npz").exists() and not (tmp_path / "f" / "summary.json").exists()
 
 
 def _catches(pid: int, sig: int) -> bool:
