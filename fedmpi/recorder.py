@@ -88,6 +88,7 @@ class Recorder:
         self.last_eval_round = -1
         self.last_predictions = np.zeros(0, np.float32)
         self.batches = 0  # evaluation batches taken so far: the server's sign that a long evaluation advances
+        self.longest_eval = 0.0  # seconds: the longest evaluation of this session, for the learners' last patience
         self.earlier_seconds = 0.0  # wall time of the sessions before this one (a resumed run), from its rows
         self.began = time.perf_counter()
 
@@ -101,11 +102,13 @@ class Recorder:
 
     def evaluate(self, state: State) -> dict:
         """Test metrics of the model loaded from state (remembered, with its predictions, for the summary)."""
+        began = time.perf_counter()
         load_flat_parameters(self.model, state.values)
         t = self.cfg.train
         self.last_predictions, ages = predict(
             self.model, self._counted(self.loader), self.device, AUTOCAST[t.amp], t.channels_last
         )
+        self.longest_eval = max(self.longest_eval, time.perf_counter() - began)
         self.last_eval = dict(regression_metrics(self.last_predictions, ages), n=int(ages.size))
         self.last_eval_round = state.round
         return self.last_eval

@@ -130,8 +130,12 @@ class Server:
             if recording is not None:
                 self.await_record(recording, state.round)
         self.wire.watch = None
-        # the learners wait this long for the final STOP header, which follows the final save (Wire.end_server)
-        self.wire.send_model(state.round, np.zeros(0, np.uint8), 0, FLAG_STOP, self.learner_patience())
+        # the learners wait this long for the final STOP header, which follows the final save (Wire.end_server); that
+        # save evaluates the last round when a stop came before its evaluation was due: allow three of the longest
+        patience = self.learner_patience()
+        if self.rec.last_eval_round != state.round:
+            patience += 3 * self.rec.longest_eval
+        self.wire.send_model(state.round, np.zeros(0, np.uint8), 0, FLAG_STOP, patience)
         down, up = self.wire.reset_counters()
         self.closing_bytes = down + up + self.carried["bytes_down"] + self.carried["bytes_up"]
         return state, preempted

@@ -395,6 +395,8 @@ def test_bytes_sent_after_the_last_rounds_row_are_counted_apart_from_the_rows():
 
     class Rec:
         batches = 0
+        longest_eval = 0.0
+        last_eval_round = 2  # the last round was evaluated: the final save does not evaluate again
 
         def __init__(self):
             self.rows = []
@@ -424,6 +426,34 @@ def test_bytes_sent_after_the_last_rounds_row_are_counted_apart_from_the_rows():
     assert wire.sent[-1] == FLAG_STOP and len(wire.sent) == 3
     assert server.closing_bytes == 8 * HEADER * wire.learners
     assert server.rec.rows[1]["bytes_down"] == (8 * HEADER + 4 * kept) * wire.learners  # the kept values alone
+
+
+@pytest.mark.parametrize("evaluated, allowance", [(2, 0.0), (1, 300.0)])
+def test_the_stop_header_gives_the_learners_time_for_a_final_save_that_evaluates(evaluated, allowance):
+    """After the STOP header the learners wait for the server's final save (Wire.end_server), which evaluates the
+    last round when a stop came before its evaluation was due: their patience allows three of the longest."""
+    from fedmpi.wire import FLAG_STOP
+
+    class Rec:
+        batches = 0
+        longest_eval = 100.0
+        last_eval_round = evaluated
+
+        def record(self, snapshot, row, evaluate_now):
+            pass
+
+    class HeaderLog(FakeWire):
+        def send_model(self, round_, payload, nnz, flags, patience=0.0):
+            self.sent.append((flags, patience))
+
+    wire = HeaderLog([_report(160), _report(160)])
+    server = _server("fedavg", wire)
+    server.cfg.federation.rounds = 2
+    server.rec = Rec()
+    wire.reduced = [np.ones(40, np.float32), np.ones(40, np.float32)]
+    server.run(_state())
+    flags, patience = wire.sent[-1]
+    assert flags == FLAG_STOP and patience == pytest.approx(server.learner_patience() + allowance)
 
 
 def test_row_describes_the_model_sent_and_weights_the_loss_by_samples():
