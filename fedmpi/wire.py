@@ -334,18 +334,9 @@ class Wire:
         expects the reports after about as long as the shortest of the last few such waits (next_pause). Once
         all are in, every learner gets the go (empty: no bytes to count)."""
         rows = np.zeros((self.size, width), dtype=np.float64)
-        pending = {k: self.comm.Irecv(rows[k], source=k, tag=TAG_REPORT) for k in range(1, self.size)}
         began = time.monotonic()
         expected = min(self._report_waits) if self._report_waits else None
-        statuses = {k: MPI.Status() for k in pending}
-        self._poll(
-            lambda: _complete(pending, statuses, "a report"),
-            "learner reports",
-            lambda: self._missing(pending, "no report"),
-            expected=expected,
-            requests=pending.values(),
-        )
-        _check_counts(statuses, rows[0].nbytes, "a report")
+        self._rows_from_learners(rows, TAG_REPORT, "learner reports", "report", expected=expected)
         self._report_waits.append(time.monotonic() - began)
         for k, req in self._acks.items():  # every learner that reported has acknowledged; complete them
             self._wait(req, f"acknowledgement from learner {k}", quick=True)
@@ -397,6 +388,20 @@ class Wire:
         self._poll(lambda: _complete(pending), "the model", quick=True, requests=pending.values())
         self._check("the model", None, force=True)
 
+    def _rows_from_learners(self, rows: np.ndarray, tag: int, what: str, noun: str, **wait) -> None:
+        """Server: row k of `rows` from learner k, one wait for all (`wait`: _poll's expected or patience); a
+        learner whose row is missing at the deadline is named ("no {noun}"), one of the wrong length refused."""
+        pending = {k: self.comm.Irecv(rows[k], source=k, tag=tag) for k in range(1, self.size)}
+        statuses = {k: MPI.Status() for k in pending}
+        self._poll(
+            lambda: _complete(pending, statuses, f"a {noun}"),
+            what,
+            lambda: self._missing(pending, f"no {noun}"),
+            requests=pending.values(),
+            **wait,
+        )
+        _check_counts(statuses, rows[0].nbytes, f"a {noun}")
+
     def closing_nbytes(self) -> int:
         """What the end of a run (end_server, end_learner) moves: each learner's farewell up, the final header down."""
         return self.learners * (FAREWELL_NBYTES + 8 * HEADER)
@@ -407,16 +412,9 @@ class Wire:
         then the final STOP header, which the learners wait for with the patience the first one gave them: a
         server stuck in its final save is named by them."""
         rows = np.zeros((self.size, 1), np.int64)
-        pending = {k: self.comm.Irecv(rows[k], source=k, tag=TAG_FAREWELL) for k in range(1, self.size)}
-        statuses = {k: MPI.Status() for k in pending}
-        self._poll(
-            lambda: _complete(pending, statuses, "a farewell"),
-            "the learners' farewell after the last round",
-            lambda: self._missing(pending, "no farewell"),
-            patience=timeout,
-            requests=pending.values(),
+        self._rows_from_learners(
+            rows, TAG_FAREWELL, "the learners' farewell after the last round", "farewell", patience=timeout
         )
-        _check_counts(statuses, rows[0].nbytes, "a farewell")
         self.bytes_up += rows[1:].nbytes
         self.send_model(round_, np.zeros(0, np.uint8), 0, FLAG_STOP)
 
