@@ -334,6 +334,9 @@ def test_each_learner_weighs_its_model_by_its_own_share_of_the_samples(tmp_path,
         def bcast(self, buf, what=""):
             return np.array([0.0, 10.0, 30.0])  # start round, learner 1's and learner 2's samples
 
+        def end_learner(self):
+            self.ended = True  # the farewell and the server's final word, after the rounds
+
     learners: list = []
     monkeypatch.setattr(fedmpi.learner, "Learner", LearnerStandIn)
     monkeypatch.setattr(fedmpi.data, "open_volumes", lambda *args: Volumes())
@@ -341,7 +344,7 @@ def test_each_learner_weighs_its_model_by_its_own_share_of_the_samples(tmp_path,
     for rank, share in ((1, 0.25), (2, 0.75)):
         wire = SessionStandIn(rank)
         assert _learn(cfg, wire, tmp_path, "cpu") == 0
-        assert learners[-1].weight == pytest.approx(share) and learners[-1].ran
+        assert learners[-1].weight == pytest.approx(share) and learners[-1].ran and wire.ended
         assert wire.next_patience == cfg.run.round_timeout + learner_startup_patience(cfg.run.startup_timeout)
 
 
