@@ -76,6 +76,11 @@ def load_arrays(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     return arrays, meta
 
 
+def _round_of(path: Path) -> int:
+    """The round in a checkpoint's name (Checkpoints.paths lists only names that CHECKPOINT matches)."""
+    return int(CHECKPOINT.match(path.name).group(1))  # type: ignore[union-attr]
+
+
 class Checkpoints:
     """round-NNNNNN.npz files in one directory, the newest `keep` kept (pruned once the round's metrics row is
     written, since resuming never goes past the rows)."""
@@ -108,8 +113,7 @@ class Checkpoints:
         """Remove the checkpoints of rounds after round_ (a resume from round_ runs them again): left, they count
         among the newest `keep` and prune would remove the new ones, which resuming can use, before them."""
         for path in self.paths():
-            match = CHECKPOINT.match(path.name)
-            if match and int(match.group(1)) > round_:
+            if _round_of(path) > round_:
                 path.unlink()
 
     def latest(self, at_most: int | None = None) -> tuple[np.ndarray, np.ndarray, dict] | None:
@@ -117,8 +121,7 @@ class Checkpoints:
         a crash between a checkpoint and its metrics row never resumes past the metrics); corrupt ones are
         reported and skipped."""
         for path in reversed(self.paths()):
-            match = CHECKPOINT.match(path.name)
-            if at_most is not None and match and int(match.group(1)) > at_most:
+            if at_most is not None and _round_of(path) > at_most:
                 continue
             try:
                 arrays, meta = load_arrays(path)

@@ -106,7 +106,8 @@ def resume_point(cfg: Config, resume: bool, overwrite: bool):
     checkpoints = Checkpoints(cfg.run_dir / "checkpoints")
     if not resume:
         # rows alone are a run too: one with run.checkpoint_every=0, or stopped before its first checkpoint
-        begun = checkpoints.paths() or any(RunLog(cfg.run_dir).read())
+        rows, damaged = RunLog(cfg.run_dir).read()
+        begun = checkpoints.paths() or rows or damaged
         if begun and not overwrite and not finished(cfg):
             done = completed_rounds(cfg)
             if done is not None:  # finished, under another federation.rounds: --resume would refuse it
