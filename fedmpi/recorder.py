@@ -113,6 +113,10 @@ class Recorder:
         self.last_eval_round = state.round
         return self.last_eval
 
+    def evaluates_at_finish(self, round_: int) -> bool:
+        """Whether finish() evaluates round_'s model: a run stopped after a round not evaluated (eval.every > 1)."""
+        return self.last_eval_round != round_
+
     def _counted(self, loader) -> Iterator:
         for batch in loader:
             self.batches += 1
@@ -195,8 +199,8 @@ class Recorder:
 
     def finish(self, state: State, preempted: bool = False, closing_bytes: int = 0) -> dict:
         """Save model.npz, evaluate the final model if its round was not, and write test_predictions.csv and
-        summary.json; returns the summary. `closing_bytes`: what the server sent after the last round's row
-        (this session's STOP headers and wait headers), counted apart so the totals stay the rows' sums."""
+        summary.json; returns the summary. `closing_bytes`: what went over the wire after the last round's row
+        (this session's STOP headers, wait headers and farewells), counted apart so the totals stay the rows' sums."""
         model_path = self.cfg.run_dir / "model.npz"
         model_bytes = save_model(
             model_path,
@@ -205,7 +209,7 @@ class Recorder:
             {"input_shape": list(self.model.input_shape), "config": self.cfg.to_dict(), "round": state.round},
         )
         # A preempted run may stop after a round that was not evaluated (eval.every > 1): evaluate it now.
-        scores = self.last_eval if self.last_eval_round == state.round else self.evaluate(state)
+        scores = self.evaluate(state) if self.evaluates_at_finish(state.round) else self.last_eval
         self.write_predictions()
         rows = self.log.rows()
         total = {k: sum(r[k] for r in rows) for k in ("bytes_down", "bytes_up", "dense_bytes_down", "dense_bytes_up")}

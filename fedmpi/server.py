@@ -57,7 +57,7 @@ class Server:
         self.weights = sample_counts / sample_counts.sum()
         self.turnaround = 0.0  # slowest time so far from the learners' last payload to the next model
         self.carried = {"bytes_down": 0, "bytes_up": 0, "pruned": 0}  # the start mask's, added to the next round
-        self.closing_bytes = 0  # after the last round: the STOP header and any wait headers; no row holds them
+        self.closing_bytes = 0  # after the last round: the STOP header and any wait headers (Wire adds the farewells)
         self.told = (time.monotonic(), 0.0)  # when the learners last heard from the server, and their patience
 
     def learner_patience(self) -> float:
@@ -133,7 +133,7 @@ class Server:
         # the learners wait this long for the final STOP header, which follows the final save (Wire.end_server); that
         # save evaluates the last round when a stop came before its evaluation was due: allow three of the longest
         patience = self.learner_patience()
-        if self.rec.last_eval_round != state.round:
+        if self.rec.evaluates_at_finish(state.round):
             patience += 3 * self.rec.longest_eval
         self.wire.send_model(state.round, np.zeros(0, np.uint8), 0, FLAG_STOP, patience)
         down, up = self.wire.reset_counters()

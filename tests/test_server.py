@@ -396,7 +396,9 @@ def test_bytes_sent_after_the_last_rounds_row_are_counted_apart_from_the_rows():
     class Rec:
         batches = 0
         longest_eval = 0.0
-        last_eval_round = 2  # the last round was evaluated: the final save does not evaluate again
+
+        def evaluates_at_finish(self, round_):
+            return False  # the last round was evaluated: the final save does not evaluate again
 
         def __init__(self):
             self.rows = []
@@ -437,7 +439,9 @@ def test_the_stop_header_gives_the_learners_time_for_a_final_save_that_evaluates
     class Rec:
         batches = 0
         longest_eval = 100.0
-        last_eval_round = evaluated
+
+        def evaluates_at_finish(self, round_):
+            return round_ != evaluated
 
         def record(self, snapshot, row, evaluate_now):
             pass
