@@ -83,20 +83,9 @@ def floor_setup(cfg_sets: list[str], seed: int, per_learner: int):
 def floor_round(cfg, model, batches) -> None:
     """One round of a floor process: the local training a learner's round does (training.train_round's call,
     with every train.* option), on in-memory batches."""
-    from fedmpi.training import AUTOCAST, local_train
+    from fedmpi.training import local_train, train_options
 
-    t = cfg.train
-    local_train(
-        model,
-        batches,
-        epochs=t.epochs,
-        lr=t.lr,
-        momentum=t.momentum,
-        weight_decay=t.weight_decay,
-        prox_mu=t.prox_mu,
-        autocast=AUTOCAST[t.amp],
-        channels_last=t.channels_last,
-    )
+    local_train(model, batches, **train_options(cfg))
 
 
 def _floor_rounds(rank: int, cfg_sets: list[str], per_learner: int, rounds: int, barrier, times) -> None:

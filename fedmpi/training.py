@@ -446,20 +446,23 @@ def train_round(
     """One round of local training with the round's seed (data order, dropout): (stats, seconds).
     Shared by learners and the centralized baseline, so both train the same way."""
     torch.manual_seed(seed)
-    tc = cfg.train
     start = time.perf_counter()
     stats = local_train(
-        model,
-        loader.for_round(seed),
+        model, loader.for_round(seed), masks=masks, device=device, squared_grads=squared_grads, **train_options(cfg)
+    )
+    return stats, time.perf_counter() - start
+
+
+def train_options(cfg: Config) -> dict:
+    """local_train's settings from cfg.train, as a round trains (benchmarks/bench_round.py's compute floor takes
+    the same, so it follows every option the learners do)."""
+    tc = cfg.train
+    return dict(
         epochs=tc.epochs,
         lr=tc.lr,
         momentum=tc.momentum,
         weight_decay=tc.weight_decay,
-        masks=masks,
         prox_mu=tc.prox_mu,
-        device=device,
-        squared_grads=squared_grads,
         autocast=AUTOCAST[tc.amp],
         channels_last=tc.channels_last,
     )
-    return stats, time.perf_counter() - start
