@@ -39,6 +39,25 @@ def _fsync(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
+def fsync_directory(path: Path) -> None:
+    """Make the names created in (or renamed into) `path` durable: a file's own fsync does not cover its name."""
+    _fsync(path, directory=True)
+
+
+def make_dirs(directory: Path) -> None:
+    """mkdir -p, each directory it creates fsynced into its parent: a power loss after a file is written and
+    renamed into a new directory must not take the directory (and the file with it) away."""
+    missing = []
+    while not directory.is_dir():
+        missing.append(directory)
+        if directory.parent == directory:
+            break
+        directory = directory.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)
+        fsync_directory(new.parent)
+
+
 def _temporary_prefix(path: Path) -> str:
     return f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-"
 
@@ -74,7 +93,7 @@ def remove_stale_temporaries(path: Path, names: str | None = None) -> None:
 
 def temporary_dir_beside(out: Path) -> Path:
     """A new private directory beside `out` (its parents created), after removing stale ones."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(out.parent)
     remove_stale_temporaries(out)
     return Path(tempfile.mkdtemp(prefix=_temporary_prefix(out), dir=out.parent))
 
@@ -86,7 +105,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "", sweep: bool = True) -
     the temporaries of dead processes (a directory listing: writers of many files into one directory
     sweep it once themselves)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     if sweep:
         remove_stale_temporaries(path)
     fd, name = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=suffix + ".tmp", dir=path.parent)
@@ -97,7 +116,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "", sweep: bool = True) -
         yield tmp
         _fsync(tmp)
         os.replace(tmp, path)
-        _fsync(path.parent, directory=True)
+        fsync_directory(path.parent)
     except OSError as e:
         if e.errno not in STORAGE_ERRNOS:
             raise
@@ -133,7 +152,7 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         _fsync_tree(tmp)
         replace_dir(tmp, out)
-        _fsync(out.parent, directory=True)
+        fsync_directory(out.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -146,7 +165,7 @@ def _fsync_tree(root: Path) -> None:
         for name in names:
             if not os.path.islink(os.path.join(here, name)):
                 _fsync(Path(here, name))
-        _fsync(Path(here), directory=True)
+        fsync_directory(Path(here))
 
 
 def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:

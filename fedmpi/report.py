@@ -36,7 +36,7 @@ from preprocess.layout import TEST_FILE
 from . import tables
 from .algorithms import ALGORITHMS
 from .errors import EXIT_USAGE, MissingExtra, ReportError, is_user_error
-from .files import atomic_write, temporary_dir_beside
+from .files import atomic_write, make_dirs, temporary_dir_beside
 from .runlog import RunLog, dumps, read_json, stopped_early
 
 COLUMNS = (
@@ -593,7 +593,7 @@ def write_report(run_dirs: list[Path], out: Path) -> tuple[list[dict], list[Path
     try:
         rows, rendered = _render(run_dirs, stage)
         try:
-            out.mkdir(exist_ok=True)
+            make_dirs(out)
             for path in rendered:
                 os.replace(path, out / path.name)
         except OSError as e:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from .errors import ConfigError, ReportError
-from .files import NO_LOCKS, atomic_write
+from .files import NO_LOCKS, atomic_write, fsync_directory, make_dirs
 
 LOCK = ".lock"
 
@@ -81,7 +81,7 @@ class RunLock:
         """Take the lock, or ConfigError naming the job that holds it; where the file system takes no locks, go on and
         say why in `unlocked`. Returns self."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.path.parent)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise ConfigError(f"cannot write the run directory {self.path.parent}: {e.strerror}") from None
@@ -134,11 +134,14 @@ class RunLog:
     def append(self, row: dict) -> None:
         """One round's row at the end of metrics.jsonl, fsynced: a crash can cut only the line being written, which
         `rows` leaves out."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.dir)
+        created = not self.metrics_path.exists()
         with open(self.metrics_path, "a") as fh:
             fh.write(dumps(row) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+        if created:  # the new file's name must reach the disk too, or a power loss takes the fsynced row with it
+            fsync_directory(self.dir)
 
     def read(self) -> tuple[list[dict], list[int]]:
         """(the rows that parse, the 1-based numbers of the lines that do not)."""

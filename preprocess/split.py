@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmpi.files import atomic_write, umask_mode
+from fedmpi.files import atomic_write, make_dirs, umask_mode
 from preprocess import bids, h5io, outputs
 from preprocess.distributions import DISTRIBUTIONS, TEST_FRACTION, SplitError, validate
 from preprocess.layout import OWNED, PARTITION_FILE, TEST_FILE, learner_file
@@ -235,7 +235,7 @@ def write_split(
         "source": str(h5.resolve()),
     }
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     for stale in out.glob(TMP_PREFIX + "*"):  # left by a split that was killed
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=out))

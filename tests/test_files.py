@@ -104,6 +104,18 @@ def test_a_written_file_is_on_disk_before_it_takes_the_name(tmp_path, monkeypatc
     assert out.read_bytes() == b"whole"
 
 
+def test_directories_a_write_creates_are_on_disk_in_their_parents(tmp_path, monkeypatch):
+    """A file fsynced and renamed into a directory created for it is lost with the directory unless the new
+    directory's name reaches its parent on disk too."""
+    synced = []
+    monkeypatch.setattr(files, "_fsync", lambda path, directory=False: synced.append(Path(path)) if directory else None)
+    atomic_write(tmp_path / "run" / "checkpoints" / "round-1.npz", b"x")
+    assert synced == [tmp_path, tmp_path / "run", tmp_path / "run" / "checkpoints"]
+    synced.clear()
+    atomic_write(tmp_path / "run" / "checkpoints" / "round-2.npz", b"y")
+    assert synced == [tmp_path / "run" / "checkpoints"]  # nothing new to make durable above it
+
+
 @pytest.fixture
 def umask_022():
     old = os.umask(0o022)

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from fedmpi import runlog
+from fedmpi import files, runlog
 from fedmpi.files import atomic_write
 from fedmpi.runlog import RunLock, RunLog, dumps, finite_json, read_json, stopped_early
 
@@ -40,6 +40,17 @@ def test_append_and_rows(tmp_path):
     assert log.rows() == [{"round": 1, "loss": 2.5}, {"round": 2, "loss": 1.5, "sparsity": 0.1}]
     lines = log.metrics_path.read_text().splitlines()
     assert len(lines) == 2 and all(json.loads(ln) for ln in lines)
+
+
+def test_the_metrics_file_and_its_run_directory_are_made_durable_once(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(runlog, "fsync_directory", synced.append)
+    monkeypatch.setattr(files, "fsync_directory", synced.append)
+    log = RunLog(tmp_path / "run")
+    log.append({"round": 1})
+    assert synced == [tmp_path, tmp_path / "run"]  # the new run directory in its parent, then metrics.jsonl's name
+    log.append({"round": 2})
+    assert synced == [tmp_path, tmp_path / "run"]  # appending to an existing file adds no name
 
 
 def test_partial_last_line_is_ignored(tmp_path):
@@ -249,9 +260,12 @@ def test_the_lock_file_names_only_the_current_holder(tmp_path):
 def test_each_metrics_row_is_fsynced(tmp_path, monkeypatch):
     synced = []
     real = os.fsync
-    monkeypatch.setattr(runlog.os, "fsync", lambda fd: (synced.append(fd), real(fd)))
-    RunLog(tmp_path).append({"round": 1})
-    assert len(synced) == 1
+    monkeypatch.setattr(runlog.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    log = RunLog(tmp_path)
+    log.append({"round": 1})
+    log.append({"round": 2})
+    rows = str(log.metrics_path)
+    assert synced == [rows, str(tmp_path), rows]  # each row; the new file's name once
 
 
 @pytest.mark.parametrize(
