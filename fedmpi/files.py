@@ -171,11 +171,11 @@ def _fsync_tree(root: Path) -> None:
 def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
     """Rename a finished directory `tmp` onto `out`; an old `out` is moved aside first and deleted after.
     `out` never holds a mix of the two, but between the renames it is absent: a crash there leaves the old
-    directory at .NAME.old-PID beside it."""
+    directory beside it under a temporary's name, which the next write of `out` removes."""
     tmp, out = Path(tmp), Path(out)
     old = None
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        old = out.with_name(_temporary_prefix(out) + "old")
         os.replace(out, old)
     os.replace(tmp, out)
     if old is not None:

@@ -73,12 +73,13 @@ def test_temporaries_of_dead_processes_on_this_host_go_with_the_next_write(tmp_p
     left = {
         "dead": tmp_path / f".out.h5.tmp-{host}-{dead_pid}-abc.tmp",
         "dead_dir": tmp_path / f".report.tmp-{host}-{dead_pid}-xyz",
+        "dead_old_dir": tmp_path / f".report.tmp-{host}-{dead_pid}-old",  # replace_dir's, killed between its renames
         "live": tmp_path / f".out.h5.tmp-{host}-{os.getpid()}-def.tmp",
         "other_host": tmp_path / f".out.h5.tmp-elsewhere-{dead_pid}-ghi.tmp",
         "other_output": tmp_path / f".other.h5.tmp-{host}-{dead_pid}-jkl.tmp",
     }
     for name, path in left.items():
-        if name == "dead_dir":
+        if name.endswith("_dir"):
             (path / "sub").mkdir(parents=True)
             (path / "sub" / "f").write_text("half")
         else:
@@ -162,3 +163,28 @@ def test_a_full_disk_names_the_output_and_is_the_users_to_fix(tmp_path, monkeypa
     assert caught.value.errno == errno.ENOSPC and is_user_error(caught.value)
     assert list(target.parent.iterdir()) == []
     assert not is_user_error(OSError(errno.EIO, "I/O error"))  # a failing disk is not a setting to fix
+
+
+def test_an_old_directory_left_by_a_crash_between_the_renames_goes_with_the_next_write(tmp_path, monkeypatch):
+    out = tmp_path / "report"
+    with atomic_dir(out) as tmp:
+        (tmp / "a.md").write_text("first")
+    real_replace = os.replace
+    calls = []
+
+    def crash_on_second(a, b):
+        calls.append(b)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed after moving the old directory aside
+        real_replace(a, b)
+
+    monkeypatch.setattr(files.os, "replace", crash_on_second)
+    with pytest.raises(KeyboardInterrupt), atomic_dir(out) as tmp:
+        (tmp / "a.md").write_text("second")
+    monkeypatch.setattr(files.os, "replace", real_replace)
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(files._temporary_prefix(out))
+    monkeypatch.setattr(files, "_alive", lambda pid: False)  # the crashed writer is gone
+    with atomic_dir(out) as tmp:
+        (tmp / "a.md").write_text("third")
+    assert [p.name for p in tmp_path.iterdir()] == ["report"] and (out / "a.md").read_text() == "third"
