@@ -8,6 +8,8 @@ one-process commands.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 from .errors import EXIT_INTERRUPTED
@@ -66,6 +68,15 @@ def _train(argv: list[str]) -> int:
         return train(args.config, args.set, resume=args.resume, overwrite=args.overwrite, stop=stop)
 
 
+def stdout_closed() -> int:
+    """The exit code once stdout's reader has gone (`| head`): the status of a tool the kernel's SIGPIPE ends, and
+    no traceback; stdout now points at /dev/null, so the interpreter's final flush has nothing to fail on."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m fedmpi`; returns the exit code. `train` goes to _train unparsed (the preemption signals come before
     the imports that parsing needs); `attack` and `report` are parsed and run here."""
@@ -78,3 +89,5 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # outputs are written whole or not at all: nothing to clean up
         print(f"fedmpi {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return stdout_closed()

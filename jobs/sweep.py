@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from make_configs import FAMILIES, configs  # noqa: E402
 
 from fedmpi.algorithms import ALGORITHMS  # noqa: E402
+from fedmpi.cli import stdout_closed  # noqa: E402
 from fedmpi.config import load_config  # noqa: E402
 from fedmpi.errors import EXIT_USAGE, ConfigError  # noqa: E402
 from fedmpi.launch import default_mpirun  # noqa: E402
@@ -369,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     except StudyError as e:
         print(f"sweep: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `--list | head`
+        return stdout_closed()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
+from fedmpi.cli import stdout_closed
 from fedmpi.errors import EXIT_INTERRUPTED, EXIT_USAGE, UserError
 from preprocess import bids, convert, distributions, grid, h5io, nifti, qc, register, split, synth
 
@@ -301,6 +302,8 @@ def main(argv=None) -> int:
             staged = f"; finished subjects stay in {convert.parts_dir(args.out)} and a re-run resumes"
         print(f"interrupted{staged}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return stdout_closed()
     finally:
         signal.signal(signal.SIGTERM, previous)
 

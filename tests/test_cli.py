@@ -54,3 +54,26 @@ def test_train_takes_the_preemption_signals_before_anything_else(monkeypatch):
     assert cli.main(["train"]) == 0
     assert asked == [True]
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+
+
+def test_a_report_into_a_pipe_its_reader_closed_ends_quietly_like_a_unix_tool():
+    """`python -m fedmpi report runs/ | head -3`: SIGPIPE's status, no BrokenPipeError traceback."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from fedmpi import cli, report\n"
+        "report.run = lambda args: [print('| row |') for _ in range(100000)] and 0\n"
+        "sys.exit(cli.main(['report', 'runs']))\n"
+    )
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120
+        )
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (141, "")

@@ -95,6 +95,27 @@ def test_a_runs_state_is_new_partial_finished_or_differs(tmp_path):
     assert sweep.state(cfg) == "differs"
 
 
+def test_list_into_a_pipe_its_reader_closed_ends_quietly_like_a_unix_tool(tmp_path):
+    """`sweep.py study --list | head -1`: the status SIGPIPE would give, no BrokenPipeError traceback."""
+    import subprocess
+
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(_study()))
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # head has read its line and gone
+    try:
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "jobs" / "sweep.py"), str(study), "--out", str(tmp_path / "out"), "--list"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (141, "")
+
+
 def test_list_shows_every_run_even_past_one_that_differs_and_a_sweep_refuses_it(tmp_path, capsys):
     study = tmp_path / "study.yaml"
     study.write_text(yaml.safe_dump(_study()))
