@@ -33,7 +33,7 @@ from preprocess import outputs
 from preprocess.layout import TEST_FILE, learner_file, learner_files
 
 from .config import DEVICES, MAX_SEED
-from .errors import EXIT_USAGE, AttackError, is_user_error
+from .errors import EXIT_USAGE, AttackError, ConfigError, is_user_error
 from .files import atomic_write
 from .runlog import dumps, read_json
 from .stats import average_ranks
@@ -480,10 +480,22 @@ def load_run_model(run_dir: Path):
     from .config import config_from_dict
     from .model import build_model, load_flat_parameters
 
-    values, _mask, meta = load_model(run_dir / "model.npz")
-    cfg = config_from_dict(meta["config"])
-    model = build_model(cfg, meta["input_shape"])
-    load_flat_parameters(model, values)
+    path = run_dir / "model.npz"
+    values, _mask, meta = load_model(path)
+    config, shape = meta.get("config"), meta.get("input_shape")
+    if not isinstance(config, dict) or not (
+        isinstance(shape, list) and len(shape) == 3 and all(type(n) is int and n > 0 for n in shape)
+    ):
+        raise AttackError(
+            f"{path}: its metadata lacks the config and input_shape the trainer records (a model saved by other "
+            "means): the attack rebuilds the network from them"
+        )
+    try:
+        cfg = config_from_dict(config)
+        model = build_model(cfg, shape)
+        load_flat_parameters(model, values)
+    except (ConfigError, ValueError) as e:  # a config or shape that does not describe these parameters
+        raise AttackError(f"{path}: {e}") from None
     return model, cfg, float(np.mean(values == 0)), model_digest(values)
 
 

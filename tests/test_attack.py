@@ -461,6 +461,32 @@ def test_attack_refuses_a_model_that_is_not_the_one_summary_records(tmp_path, ca
     assert (run / "attack.json").read_text() == attacked  # the earlier attack of the recorded model is left
 
 
+@pytest.mark.parametrize(
+    "change, said",
+    [
+        (lambda meta: meta.pop("config"), "lacks the config and input_shape"),
+        (lambda meta: meta.pop("input_shape"), "lacks the config and input_shape"),
+        (lambda meta: meta.update(input_shape=[12, 12]), "lacks the config and input_shape"),
+        (lambda meta: meta.update(config="fedsparsify"), "lacks the config and input_shape"),
+        (lambda meta: meta["config"]["model"].update(width="wide"), "model.width: expected a number"),
+        (lambda meta: meta["config"]["model"].update(width=0.25), "model needs"),  # not these parameters' network
+    ],
+)
+def test_attack_refuses_a_model_file_whose_metadata_cannot_rebuild_its_network(tmp_path, capsys, change, said):
+    """A model.npz saved by other means (or edited) is one line and exit 2, not a KeyError or ValueError traceback."""
+    from fedmpi.checkpoint import save_model
+
+    run, _data, values, meta = _tiny_run(tmp_path)
+    change(meta)
+    save_model(run / "model.npz", values, values != 0, meta)
+    parser = argparse.ArgumentParser()
+    attack.add_arguments(parser)
+    assert attack.run(parser.parse_args(["--run", str(run), "--max-per-class", "4"])) == EXIT_USAGE
+    printed = capsys.readouterr()
+    assert printed.out == "" and said in printed.err and printed.err.count("\n") == 1
+    assert not (run / "attack.json").exists()
+
+
 def test_attack_refuses_a_seed_numpy_or_torch_cannot_take(tmp_path, capsys):
     run, _data, _values, _meta = _tiny_run(tmp_path)
     parser = argparse.ArgumentParser()
