@@ -18,8 +18,10 @@ the "go"): until then a learner's wait in the sum is a long one, from then on a 
 What arrives is checked against what was expected before it is read: every point-to-point message's
 length (MPI accepts a shorter message than the buffer posted for it and leaves the rest as it was), and the
 sizes a learner announces for its model before the server allocates for them. An error MPI raises while
-waiting becomes a PayloadError naming the wait (and, where one can tell, the learner). A Reduce cannot be
-checked so: a learner's contribution to the sum is only known by the length it declared in its report.
+waiting becomes a PayloadError naming the wait (and, where one can tell, the learner). A collective cannot be
+checked so: a learner's contribution to the sum or to the gatherv is only known by the length it declared in
+its report (MPICH takes a shorter one, and cuts a longer one, without a word); the gatherv's buffer starts as
+zeros, so that a short contribution leaves zeros behind it, never what the server's memory held.
 
 Byte counters follow one convention (see README, "Measured communication"): `bytes_down` is
 what the server hands to MPI for the learners, counted once per receiving learner; `bytes_up`
@@ -294,7 +296,9 @@ class Wire:
             counts = sizes.copy()
             counts[SERVER] = 0
             displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
-            out = np.empty(int(counts.sum()), dtype=np.uint8)
+            # zeros, not empty: a learner that sends fewer bytes than it announced is not an error to MPI (a collective
+            # has no status to tell), and the rest of its slot would be whatever this process's heap held there
+            out = np.zeros(int(counts.sum()), dtype=np.uint8)
             self.bytes_up += sizes.nbytes // self.size * self.learners + int(counts.sum())
             nothing = [np.zeros(0, np.uint8), MPI.BYTE]  # sent and received as MPI_BYTE on every rank, as MPI asks
             received = self.comm.Igatherv(nothing, [out, counts, displs, MPI.BYTE], root=SERVER)

@@ -585,6 +585,25 @@ def test_gatherv_refuses_a_size_other_than_the_announced_one_before_allocating(w
         wire.gatherv(mine, "models")
 
 
+@mpi
+def test_a_learner_that_sends_less_than_it_announced_leaves_zeros_not_the_servers_memory(wire):
+    """MPI takes a shorter contribution to a gatherv without a word (a collective has no count to check): the rest
+    of that learner's slot was whatever the server's heap held there (a freed buffer: earlier payloads), decoded as
+    its model's values. The slot starts as zeros instead."""
+    announced = 4096
+    for _ in range(3):  # a freed buffer of the same size, full of 0xAB, is what an empty allocation would reuse
+        if wire.is_server:
+            stale = np.full(announced * wire.learners, 0xAB, np.uint8)
+            del stale
+            out = wire.gatherv(None, "models", expected=np.full(wire.learners, announced))
+            assert (out[0] == 1).all()
+            assert (out[1][: announced // 2] == 2).all() and not out[1][announced // 2 :].any()
+        else:
+            wire.comm.Igather(np.array([announced], np.int64), None, root=0).Wait()
+            sent = np.full(announced if wire.rank != 2 else announced // 2, wire.rank, np.uint8)
+            wire.comm.Igatherv([sent, MPI.BYTE], None, root=0).Wait()
+
+
 def test_no_pickled_object_crosses_between_ranks_anywhere_in_the_repository():
     """mpi4py's lowercase calls pickle (slow, 2 GiB cap, code execution by a peer): only the buffer-based
     uppercase calls are used, in the product, its benchmarks, its jobs and its tests alike."""
