@@ -19,17 +19,18 @@ RULES = ("reference", "kept")
 def fedavg_weights(samples: ArrayLike) -> np.ndarray:
     """Each learner's share n_k / n of FedAvg's mean, as the float32 its values are multiplied by.
 
-    Sample counts must be finite and >= 0 with a positive sum (a learner with no samples
-    simply contributes nothing).
+    Sample counts must be finite and >= 0 with a finite, positive sum (a learner with no samples
+    simply contributes nothing; counts whose sum overflows would give every learner a share of 0).
     """
     samples = np.asarray(samples, dtype=np.float64)
     if samples.ndim != 1 or samples.size < 1:
         raise ValueError(f"sample counts must be a non-empty vector, got shape {samples.shape}")
     if not np.all(np.isfinite(samples)) or np.any(samples < 0):
         raise ValueError(f"sample counts must be finite and >= 0, got {samples.tolist()}")
-    total = float(samples.sum())
-    if total <= 0:
-        raise ValueError("sample counts must have a positive sum")
+    with np.errstate(over="ignore"):
+        total = float(samples.sum())
+    if not np.isfinite(total) or total <= 0:
+        raise ValueError(f"sample counts must have a finite, positive sum, got {total}")
     return (samples / total).astype(np.float32)
 
 

@@ -56,6 +56,7 @@ def test_fedavg_hand_case():
         ([1, -1], ">= 0"),
         ([1, np.nan], "finite"),
         ([0, 0], "positive sum"),
+        ([1e308, 1e308, 6], "finite, positive sum, got inf"),  # each finite: the shares were all 0
         ([], "non-empty"),
     ],
 )
