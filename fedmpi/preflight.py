@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 ERROR_BYTES = 512  # room for one rank's preflight message
 DIGEST_BYTES = 64  # a SHA-256 in hex
+# The largest sample count or volume axis a preflight record may hold: above 2**53 a float64 is always "whole",
+# and two counts near float64's limit sum to inf (every FedAvg share 0, the mean age NaN).
+MAX_COUNT = 2**53
 
 
 def say(rank: int, message: str) -> None:
@@ -132,7 +135,7 @@ def rank_file(rank: int) -> str:
 
 def preflight_problems(infos: np.ndarray, problems: list[str], data_dir: Path) -> list[str]:
     """Rank 0's verdict over every rank's PREFLIGHT record: the ranks' own problems, records that no
-    volume file gives (sample count and shape whole numbers of at least 1, the mean age finite), and
+    volume file gives (sample count and shape whole numbers from 1 to MAX_COUNT, the mean age finite), and
     volume shapes that differ from test.h5's."""
     out = list(problems)
     shape = volume_shape(infos[0])
@@ -141,7 +144,7 @@ def preflight_problems(infos: np.ndarray, problems: list[str], data_dir: Path) -
             continue
         fields = dict(zip(PREFLIGHT.names or (), (float(v) for v in infos[k].tolist())))
         counts = [v for name, v in fields.items() if name != "mean_age"]
-        if not math.isfinite(fields["mean_age"]) or not all(v.is_integer() and v >= 1 for v in counts):
+        if not math.isfinite(fields["mean_age"]) or not all(v.is_integer() and 1 <= v <= MAX_COUNT for v in counts):
             shown = ", ".join(f"{name} {v}" for name, v in fields.items())
             out.append(f"rank {k}: sent a preflight record that no volume file gives ({shown})")
         elif (theirs := volume_shape(infos[k])) != shape and not any(p.startswith("rank 0:") for p in problems):

@@ -156,17 +156,18 @@ def test_verdict_keeps_a_ranks_own_problem_without_piling_on(tmp_path):
         (0, 60.0, (16, 20, 16)),
         (-3, 60.0, (16, 20, 16)),
         (2.5, 60.0, (16, 20, 16)),
+        (1e308, 60.0, (16, 20, 16)),
         (np.nan, 60.0, (16, 20, 16)),
         (6, np.nan, (16, 20, 16)),
         (6, 60.0, (16, np.nan, 16)),
         (6, 60.0, (16, 0, 16)),
     ],
-    ids=["no samples", "negative", "fraction", "NaN samples", "NaN age", "NaN shape", "empty axis"],
+    ids=["no samples", "negative", "fraction", "huge", "NaN samples", "NaN age", "NaN shape", "empty axis"],
 )
 def test_a_record_no_volume_file_gives_is_named_not_a_traceback(tmp_path, samples, mean_age, shape):
     """A learner's preflight record decides its weight and the model's shape: one that no file can give (a
     broken or hostile learner) is named before anything uses it (it was a ZeroDivisionError, a ValueError,
-    or a weight of 0 taken silently)."""
+    or a weight of 0 taken silently; two counts of 1e308 summed to inf: every share 0, the mean age NaN)."""
     infos = _records([(6, (16, 20, 16)), (6, (16, 20, 16)), (6, (16, 20, 16))])
     infos["samples"][2], infos["mean_age"][2] = samples, mean_age
     infos["x"][2], infos["y"][2], infos["z"][2] = shape
