@@ -100,7 +100,7 @@ def encoded_nbytes(n: int, nnz: int, dtype: DTypeLike) -> int:
     dtype = _check_dtype(dtype)
     if n < 0 or not 0 <= nnz <= n:
         raise EncodingError(f"need 0 <= nnz <= n, got n={n}, nnz={nnz}")
-    return int(HEADER_NBYTES + min(bitmask_nbytes(n), _index_nbytes(n, nnz)) + nnz * dtype.itemsize)
+    return int(HEADER_NBYTES + _mask_nbytes(n, nnz, _layout(n, nnz)) + nnz * dtype.itemsize)
 
 
 def encode(values: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -117,19 +117,15 @@ def encode(values: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     if mask.shape != values.shape:
         raise EncodingError(f"mask shape {mask.shape} does not match values shape {values.shape}")
     n, nnz = values.size, int(np.count_nonzero(mask))
-    bitmask_size = bitmask_nbytes(n)
-    index_nbytes = _index_nbytes(n, nnz)
-    layout = LAYOUT_BITMASK if bitmask_size <= index_nbytes else LAYOUT_INDEX
+    layout = _layout(n, nnz)
     out = np.empty(encoded_nbytes(n, nnz, dtype), dtype=np.uint8)
     out[:HEADER_NBYTES] = np.frombuffer(_HEADER.pack(MAGIC, layout, DTYPE_CODES[dtype], 0, n, nnz), dtype=np.uint8)
-    offset = HEADER_NBYTES
+    offset = HEADER_NBYTES + _mask_nbytes(n, nnz, layout)
     if layout == LAYOUT_BITMASK:
-        out[offset : offset + bitmask_size] = pack_mask(mask)
-        offset += bitmask_size
+        out[HEADER_NBYTES:offset] = pack_mask(mask)
     else:
         indices: np.ndarray = np.flatnonzero(mask).astype(_index_dtype(n))
-        out[offset : offset + index_nbytes] = indices.view(np.uint8)
-        offset += index_nbytes
+        out[HEADER_NBYTES:offset] = indices.view(np.uint8)
     kept = np.ascontiguousarray(values[mask], dtype=dtype.newbyteorder("<"))
     out[offset:] = kept.view(np.uint8)
     return out
@@ -161,12 +157,10 @@ def decode(buf: object, expected_n: int | None = None) -> tuple[np.ndarray, np.n
     if nnz > n:
         raise EncodingError(f"nnz={nnz} exceeds the vector length {n}")
     dtype = _CODE_DTYPES[code]
-    bitmask_size = bitmask_nbytes(n)
-    index_nbytes = _index_nbytes(n, nnz)
-    canonical = LAYOUT_BITMASK if bitmask_size <= index_nbytes else LAYOUT_INDEX
+    canonical = _layout(n, nnz)
     if layout != canonical:
         raise EncodingError(f"layout {layout} is not the smaller one ({canonical}) for n={n}, nnz={nnz}")
-    mask_nbytes = bitmask_size if layout == LAYOUT_BITMASK else index_nbytes
+    mask_nbytes = _mask_nbytes(n, nnz, layout)
     expected = HEADER_NBYTES + mask_nbytes + nnz * dtype.itemsize
     if data.size != expected:
         raise EncodingError(f"buffer is {data.size} bytes, the header implies {expected}")
@@ -207,6 +201,16 @@ def _index_dtype(n: int) -> type:
 
 def _index_nbytes(n: int, nnz: int) -> int:
     return nnz * np.dtype(_index_dtype(n)).itemsize
+
+
+def _layout(n: int, nnz: int) -> int:
+    """The one layout a buffer of N = ``n`` and ``nnz`` kept positions may have: the smaller, the bitmask on a tie."""
+    return LAYOUT_BITMASK if bitmask_nbytes(n) <= _index_nbytes(n, nnz) else LAYOUT_INDEX
+
+
+def _mask_nbytes(n: int, nnz: int, layout: int) -> int:
+    """Bytes of the positions' section in ``layout``."""
+    return bitmask_nbytes(n) if layout == LAYOUT_BITMASK else _index_nbytes(n, nnz)
 
 
 def _check_dtype(dtype: DTypeLike) -> np.dtype:
