@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmpi.config import AMPS, DEVICES, Config
-from fedmpi.data import loader_options
-from fedmpi.errors import DeviceError
-from fedmpi.model import parameter_layout
+from .config import AMPS, DEVICES, Config
+from .data import loader_options
+from .errors import DeviceError
+from .model import parameter_layout
 
 
 def select_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
