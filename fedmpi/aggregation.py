@@ -94,29 +94,3 @@ class MajorityVote:
         merged = np.zeros(self.n, dtype=np.float32)
         merged[survive] = (self._sum[survive] / denom).astype(np.float32)
         return merged, survive
-
-
-def majority_vote(
-    values: np.ndarray, masks: np.ndarray, weights: ArrayLike, rule: str = "reference"
-) -> tuple[np.ndarray, np.ndarray]:
-    """Batch form of :class:`MajorityVote` over K stacked models ``values`` and ``masks`` (K, N)."""
-    values = _as_stack(values, "values")
-    masks = np.asarray(masks)
-    if masks.shape != values.shape:
-        raise ValueError(f"masks shape {masks.shape} does not match values shape {values.shape}")
-    weights = np.asarray(weights, dtype=np.float64)
-    if weights.shape != (values.shape[0],):
-        raise ValueError(f"weights must have shape ({values.shape[0]},), got {weights.shape}")
-    vote = MajorityVote(values.shape[1], rule)
-    for row, mask, w in zip(values, masks, weights):
-        vote.add(row, mask, float(w))
-    return vote.result()
-
-
-def _as_stack(values: np.ndarray, name: str) -> np.ndarray:
-    values = np.asarray(values)
-    if values.ndim != 2 or values.shape[0] < 1:
-        raise ValueError(f"{name} must be a (K, N) stack with K >= 1, got shape {values.shape}")
-    if values.dtype.kind not in "iuf":
-        raise TypeError(f"{name} must have a real numeric dtype, got {values.dtype}")
-    return values
