@@ -1,4 +1,4 @@
-"""Registration quality: the template-correlation figure, mask overlap, and the QC report.
+"""Registration quality: the template-correlation figure and the QC report.
 
 The figure is the Pearson correlation between a preprocessed volume and nilearn's MNI152 T1
 preprocessed the same way (grid.template), over the MNI brain mask of the output grid. It
@@ -40,13 +40,6 @@ def template_ncc(volume: np.ndarray, template: np.ndarray, mask: np.ndarray) -> 
     b -= b.mean()
     denom = np.sqrt((a * a).sum() * (b * b).sum())
     return float((a * b).sum() / denom) if denom > 0 else float("nan")
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Overlap of two boolean masks: 2|A and B| / (|A| + |B|)."""
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    total = int(a.sum()) + int(b.sum())
-    return 2.0 * int((a & b).sum()) / total if total else 1.0
 
 
 def quality(h5) -> tuple[dict, np.ndarray, str]:

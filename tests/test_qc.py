@@ -1,4 +1,4 @@
-"""Registration quality (qc.py): the template-correlation figure, Dice, and the QC report."""
+"""Registration quality (qc.py): the template-correlation figure and the QC report."""
 
 import sys
 from pathlib import Path
@@ -21,13 +21,6 @@ def test_template_ncc_is_a_correlation_inside_the_mask():
     assert qc.template_ncc(outside_only, template, mask) == pytest.approx(1.0)
     assert abs(qc.template_ncc(rng.normal(size=template.shape), template, mask)) < 0.3
     assert np.isnan(qc.template_ncc(np.ones(template.shape), template, mask))
-
-
-def test_dice():
-    a = np.zeros((4, 4, 4), bool)
-    b = np.zeros((4, 4, 4), bool)
-    a[:2], b[1:3] = True, True
-    assert qc.dice(a, a) == 1.0 and qc.dice(a, b) == pytest.approx(0.5) and qc.dice(a, ~a) == 0.0
 
 
 def test_mni_space_cohort_scores_above_the_threshold(cohort):
