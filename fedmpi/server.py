@@ -191,7 +191,7 @@ class Server:
     def collect(self, state: State, t: int, sending: Sending) -> tuple[dict, bool]:
         """The learners' reports and models for round t (sent out as `sending` says), aggregated and pruned
         into the new global state."""
-        wire, n, f = self.wire, state.values.size, self.cfg.federation
+        wire, n = self.wire, state.values.size
         nnz = int(state.mask.sum())
         reconfigure = reconfigures(self.cfg, t)
         reports = records(wire.collect_reports(width(REPORT)), REPORT)
@@ -217,12 +217,7 @@ class Server:
             values, mask = encoding.scatter_values(summed, state.mask, np.float32), state.mask
         wire.deadline = None
         s_t = self.schedule(t)
-        if importance is not None:  # PruneFL: small kept weights give way to more important positions
-            mask = pruning.reconfigure_mask(importance, values, mask, s_t, f.reconfigure_fraction)
-            values = np.where(mask & ~state.mask, self.initial, pruning.apply_mask(values, mask)).astype(np.float32)
-        elif s_t > 0 and self.algo.server_prunes(f.vote_cap):
-            mask = prune(values, mask, s_t, self.algo.selector, round_seed(self.cfg.run.seed, t, 0))
-            values = pruning.apply_mask(values, mask)
+        values, mask = self.prune_merged(t, s_t, values, mask, state.mask, importance)
         t2 = time.perf_counter()
         regrown = int((mask & ~state.mask).sum())
         if regrown and not self.algo.regrows:  # the table's promise, checked where the global mask changes
@@ -260,6 +255,22 @@ class Server:
             "started": sending.wall,
         }
         return row, new_mask_changed
+
+    def prune_merged(
+        self, t: int, s_t: float, values: np.ndarray, mask: np.ndarray, held: np.ndarray, importance: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The merged model of round t at its target s_t: in PruneFL's reconfiguration rounds (`importance`, the
+        learners' summed squared gradients) the mask chosen afresh, regrown positions restarting from their
+        initial values (`held`: the mask the learners trained in); otherwise pruned where the table says the
+        server prunes."""
+        f = self.cfg.federation
+        if importance is not None:  # PruneFL: small kept weights give way to more important positions
+            mask = pruning.reconfigure_mask(importance, values, mask, s_t, f.reconfigure_fraction)
+            values = np.where(mask & ~held, self.initial, pruning.apply_mask(values, mask)).astype(np.float32)
+        elif s_t > 0 and self.algo.server_prunes(f.vote_cap):
+            mask = prune(values, mask, s_t, self.algo.selector, round_seed(self.cfg.run.seed, t, 0))
+            values = pruning.apply_mask(values, mask)
+        return values, mask
 
     def check_reports(self, reports: np.ndarray, nnz: int, n: int, extra_nbytes: int = 0) -> None:
         """Refuse a round before any reduce or gather: non-finite values; a report that no learner of ours writes
