@@ -208,13 +208,7 @@ class Server:
             if reconfigure:
                 importance = received(wire.reduce_sum(np.zeros(n, np.float32), what="squared gradients"))
             t1 = time.perf_counter()
-            if not np.isfinite(summed).all():
-                raise PayloadError(f"round {t}: the aggregated values are not finite; global model left as it was")
-            if importance is not None and not np.isfinite(importance).all():
-                raise PayloadError(
-                    f"round {t}: the summed squared gradients are not finite; global model left as it was"
-                )
-            values, mask = encoding.scatter_values(summed, state.mask, np.float32), state.mask
+            values, mask = self.summed_model(t, summed, importance, state.mask), state.mask
         wire.deadline = None
         s_t = self.schedule(t)
         values, mask = self.prune_merged(t, s_t, values, mask, state.mask, importance)
@@ -295,6 +289,18 @@ class Server:
                     f"learner {k} (rank {k}) would send {nbytes} bytes, but a model of {nnz} kept values encodes to "
                     f"{encoding.HEADER_NBYTES}-{largest}"
                 )
+
+    def summed_model(
+        self, t: int, summed: np.ndarray, importance: np.ndarray | None, global_mask: np.ndarray
+    ) -> np.ndarray:
+        """The shared-mask merge: the learners' pre-weighted kept values as the Reduce summed them (FedAvg's
+        weighted mean), scattered into the global mask; a sum that is not finite, or PruneFL's summed squared
+        gradients (`importance`) that are not, is refused."""
+        if not np.isfinite(summed).all():
+            raise PayloadError(f"round {t}: the aggregated values are not finite; global model left as it was")
+        if importance is not None and not np.isfinite(importance).all():
+            raise PayloadError(f"round {t}: the summed squared gradients are not finite; global model left as it was")
+        return encoding.scatter_values(summed, global_mask, np.float32)
 
     def majority_vote(self, payloads: list[np.ndarray], global_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """FedSparsify-Local's merge (federation.merge's rule) of the learners' encoded models; a model that does not
