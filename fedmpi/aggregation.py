@@ -66,7 +66,8 @@ class MajorityVote:
         self._kept_weight = np.zeros(self.n, dtype=np.float64) if rule == "kept" else None
 
     def add(self, values: np.ndarray, mask: np.ndarray, weight: float) -> None:
-        """Fold in one learner's model, its mask and its sample count (> 0: it votes)."""
+        """Fold in one learner's model, its mask and its weight (> 0: it votes): its sample count, or its share
+        n_k / n as the server passes it; only the ratios between learners count."""
         values = np.asarray(values)
         mask = np.asarray(mask)
         if values.shape != (self.n,):
