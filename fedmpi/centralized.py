@@ -18,7 +18,7 @@ from .model import build_model, flat_parameters, load_flat_parameters
 from .preflight import RankCheck, check_rank, say, volume_shape
 from .recorder import Recorder, evaluation_due, start_state
 from .resume import split_problems
-from .training import AUTOCAST, SeededLoader, prepare_model, train_round, warm_up
+from .training import SeededLoader, prepare_model, train_round, warm_up_round
 
 
 def run_centralized(cfg, data_dir: Path, resume: bool, overwrite: bool, should_stop=lambda: False) -> int:
@@ -63,8 +63,7 @@ def _train(cfg, data_dir: Path, files: list[Path], split: dict, checked: RankChe
     model = prepare_model(
         build_model(cfg, test.shape, float(ages.mean())), device, cfg.train.channels_last, cfg.train.cudnn_benchmark
     )
-    t = cfg.train  # kernels set up before round 1 is timed, as on a federation's learners
-    warm_up(model, test.shape, min(t.batch_size, len(pooled)), device, AUTOCAST[t.amp], t.channels_last)
+    warm_up_round(cfg, model, test.shape, len(pooled), device)  # kernels set up before round 1 is timed, as on learners
     rec = Recorder(cfg, model, test, device, mean_predictor_mae(test.ages, ages.mean()), data_dir, split, len(pooled))
     state = start_state(cfg, checked.resume, rec, model)
     rec.log.write_config(cfg.to_json())

@@ -22,14 +22,13 @@ from .errors import PayloadError
 from .messages import REPORT, record
 from .model import build_model, flat_parameters, load_flat_parameters
 from .training import (
-    AUTOCAST,
     SeededLoader,
     grasp_scores,
     masks_from_flat,
     prepare_model,
     snip_scores,
     train_round,
-    warm_up,
+    warm_up_round,
 )
 from .wire import FLAG_MASK, FLAG_STOP, Transport
 
@@ -50,8 +49,7 @@ class Learner:
         t = cfg.train
         self.model = prepare_model(build_model(cfg, data.shape), device, t.channels_last, t.cudnn_benchmark)
         self.loader = SeededLoader(cfg, data, device)
-        # the largest batch this learner trains: train.batch_size, or all of its data when it has fewer samples
-        warm_up(self.model, data.shape, min(t.batch_size, len(data)), device, AUTOCAST[t.amp], t.channels_last)
+        warm_up_round(cfg, self.model, data.shape, len(data), device)
         self.n = sum(p.numel() for p in self.model.parameters())
         self.mask: np.ndarray | None = None  # the global mask, sent again only when it changes
         self.masks: list[torch.Tensor] | None = None  # the same, split per parameter tensor on the device

@@ -466,3 +466,10 @@ def train_options(cfg: Config) -> dict:
         autocast=AUTOCAST[tc.amp],
         channels_last=tc.channels_last,
     )
+
+
+def warm_up_round(cfg: Config, model: nn.Module, shape: tuple[int, ...], samples: int, device: torch.device) -> None:
+    """warm_up as a rank's rounds will train on its `samples` volumes: at the largest batch it trains
+    (train.batch_size, or all of them when it has fewer), in train.amp and train.channels_last."""
+    t = cfg.train
+    warm_up(model, shape, min(t.batch_size, samples), device, AUTOCAST[t.amp], t.channels_last)
