@@ -1,7 +1,7 @@
 """Sparsity schedules: the target sparsity of federation round ``t`` (rounds count from 1).
 
 Each schedule is a frozen dataclass called as ``s(t) -> float``. ``t = 0`` is accepted
-and means the initial model, so ``is_pruning_round(1)`` can compare round 1 with it.
+and means the initial model, so round 1 can be compared with it (``s(1) != s(0)``).
 """
 
 from __future__ import annotations
@@ -16,13 +16,6 @@ class _Schedule:
 
     def __call__(self, t: int) -> float:
         return float(self._value(_check_round(t)))
-
-    def is_pruning_round(self, t: int) -> bool:
-        """True when the target sparsity at round ``t`` differs from round ``t - 1``."""
-        t = _check_round(t)
-        if t < 1:
-            raise ValueError(f"is_pruning_round needs a round t >= 1, got {t}")
-        return self(t) != self(t - 1)
 
     def _value(self, t: int) -> float:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -30,7 +30,7 @@ def test_cubic_frequency_prunes_at_multiples_of_f():
     assert [s(t) for t in range(1, 12)] == pytest.approx(expected)
     assert s(2) == pytest.approx(0.95 * (1 - 0.9**3)) and s(3) == s(2)
     assert s(10) == pytest.approx(0.95 * (1 - 0.1**3))
-    assert [t for t in range(1, 15) if s.is_pruning_round(t)] == [2, 4, 6, 8, 10, 11]
+    assert [t for t in range(1, 15) if s(t) != s(t - 1)] == [2, 4, 6, 8, 10, 11]
 
 
 def test_cubic_frequency_with_later_start():
@@ -38,7 +38,7 @@ def test_cubic_frequency_with_later_start():
     assert [s(t) for t in range(1, 5)] == [0.0] * 4  # 5 is the first multiple of f at or after start
     assert s(5) == s(9) == pytest.approx(0.9 * (1 - 0.8**3))
     assert s(10) == pytest.approx(0.9 * (1 - 0.3**3))
-    assert [t for t in range(1, 20) if s.is_pruning_round(t)] == [5, 10, 13]
+    assert [t for t in range(1, 20) if s(t) != s(t - 1)] == [5, 10, 13]
 
 
 def test_cubic_exponent():
@@ -89,7 +89,7 @@ def test_fraction_schedule():
     assert s(2) == pytest.approx(0.04) and s(3) == pytest.approx(0.04)
     assert s(4) == pytest.approx(1 - 0.96**2)
     assert s(40) == pytest.approx(1 - 0.96**20)
-    assert [t for t in range(1, 10) if s.is_pruning_round(t)] == [2, 4, 6, 8]
+    assert [t for t in range(1, 10) if s(t) != s(t - 1)] == [2, 4, 6, 8]
     s = FractionSchedule(fraction=0.02, frequency=4, start=1)
     assert [s(t) for t in range(1, 10)] == pytest.approx([0, 0, 0, 0.02, 0.02, 0.02, 0.02, 1 - 0.98**2, 1 - 0.98**2])
 
@@ -97,7 +97,7 @@ def test_fraction_schedule():
 def test_fraction_schedule_start_and_cap():
     s = FractionSchedule(fraction=0.5, frequency=1, start=3, final=0.8)
     assert [s(t) for t in range(1, 7)] == pytest.approx([0.0, 0.0, 0.5, 0.75, 0.8, 0.8])
-    assert s.is_pruning_round(5) and not s.is_pruning_round(6)
+    assert s(5) != s(4) and s(6) == s(5)
 
 
 def test_fraction_validation():
@@ -115,8 +115,8 @@ def test_fraction_validation():
 def test_one_shot():
     s = OneShotSchedule(final=0.9, round=3)
     assert [s(t) for t in range(1, 6)] == [0.0, 0.0, 0.9, 0.9, 0.9]
-    assert [t for t in range(1, 6) if s.is_pruning_round(t)] == [3]
-    assert OneShotSchedule(0.9).is_pruning_round(1)
+    assert [t for t in range(1, 6) if s(t) != s(t - 1)] == [3]
+    assert OneShotSchedule(0.9)(1) != OneShotSchedule(0.9)(0)
     with pytest.raises(ValueError, match="round"):
         OneShotSchedule(0.9, round=0)
     with pytest.raises(ValueError, match="final"):
@@ -127,7 +127,7 @@ def test_constant():
     assert ConstantSchedule()(7) == 0.0
     s = ConstantSchedule(0.95)
     assert s(1) == s(40) == 0.95
-    assert not any(s.is_pruning_round(t) for t in range(1, 10))
+    assert not any(s(t) != s(t - 1) for t in range(1, 10))
     with pytest.raises(ValueError, match="value"):
         ConstantSchedule(-0.5)
 
@@ -137,8 +137,6 @@ def test_round_validation_and_frozen():
     for bad in (-1, 1.0, True):
         with pytest.raises(ValueError, match="round"):
             s(bad)
-    with pytest.raises(ValueError, match="t >= 1"):
-        s.is_pruning_round(0)
     with pytest.raises(AttributeError):
         s.final = 0.5
     assert s == CubicSchedule(final=0.9) and hash(s) == hash(CubicSchedule(final=0.9))
