@@ -310,3 +310,23 @@ def test_reconfiguration_rounds_the_movable_count_and_ties_lose_at_the_lower_ind
     tied = np.array([0.5, 0.5, 0.5, 0.5, 0.0, 0.0], np.float32)
     got = reconfigure_mask(np.array([1, 0, 0, 0, 1, 1], np.float32), tied, mask, 1 / 3, 0.25)
     assert got.tolist() == [False, True, True, True, False, True]
+
+
+def test_random_mask_leaves_its_input_mask_untouched():
+    """The caller's mask is the global mask of the round before: random pruning returns a new one."""
+    mask = np.array([True, True, False, True, True, True])
+    out = random_mask(mask, 0.5, np.random.default_rng(0))
+    assert (~out).sum() == 3 and out is not mask
+    assert mask.tolist() == [True, True, False, True, True, True]
+
+
+def test_apply_mask_refuses_a_mask_of_another_dtype():
+    """An integer 0/1 mask would index positions (~1 is -2) instead of selecting them."""
+    with pytest.raises(TypeError, match="bool"):
+        apply_mask(np.arange(3.0), np.array([1, 0, 1]))
+
+
+@pytest.mark.parametrize("rank", [magnitude_mask, top_mask])
+def test_bool_values_are_not_magnitudes(rank):
+    with pytest.raises(TypeError, match="real numeric dtype"):
+        rank(np.array([True, False, True]), 0.5)
