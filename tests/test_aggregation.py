@@ -66,6 +66,7 @@ def test_fedavg_hand_case():
         ([0, 0], "positive sum"),
         ([1e308, 1e308, 6], "finite, positive sum, got inf"),  # each finite: the shares were all 0
         ([], "non-empty"),
+        ([[1, 2], [3, 4]], "vector"),
     ],
 )
 def test_fedavg_weights_validates_sample_counts(weights, msg):
@@ -178,3 +179,21 @@ def test_a_learners_value_outside_its_own_mask_is_ignored_where_the_position_sur
 def test_the_vote_counts_more_learners_than_a_small_integer_holds():
     merged, mask = majority_vote(np.ones((200, 1), np.float32), np.ones((200, 1), bool), np.ones(200))
     assert mask.tolist() == [True] and merged.tolist() == [1.0]
+
+
+def test_a_vote_refuses_values_that_are_not_real_numbers():
+    """bool values would count as 0/1 and complex ones lose their imaginary part in the float64 sum."""
+    vote = MajorityVote(3)
+    for values in (np.ones(3, bool), np.ones(3, np.complex64)):
+        with pytest.raises(TypeError, match="real numeric dtype"):
+            vote.add(values, np.ones(3, bool), 1)
+    assert vote.k == 0
+
+
+def test_majority_vote_needs_one_weight_per_model():
+    """zip() would drop the models without a weight (and a vote over 1 learner keeps what it kept)."""
+    values = np.array([[1.0, 0.0], [3.0, 5.0]], np.float32)
+    with pytest.raises(ValueError, match="weights must have shape"):
+        majority_vote(values, values != 0, [1])
+    with pytest.raises(ValueError, match="weights must have shape"):
+        majority_vote(values, values != 0, [1, 1, 1])
