@@ -240,3 +240,47 @@ def test_index_width_changes_exactly_at_2_16_and_2_32():
     assert encoded_nbytes((1 << 16) + 1, 1, f4) == HEADER_NBYTES + 4 + 4
     assert encoded_nbytes(1 << 32, 1, f4) == HEADER_NBYTES + 4 + 4
     assert encoded_nbytes((1 << 32) + 1, 1, f4) == HEADER_NBYTES + 8 + 4
+
+
+def test_dtype_codes_are_pinned():
+    """The header's dtype code is part of the format on disk and on the wire: a renumbering (two codes swapped)
+    would still round-trip within one version and misread every buffer written by another."""
+    codes = {
+        np.bool_: 0,
+        np.int8: 1,
+        np.uint8: 2,
+        np.int16: 3,
+        np.uint16: 4,
+        np.int32: 5,
+        np.uint32: 6,
+        np.int64: 7,
+        np.uint64: 8,
+        np.float16: 9,
+        np.float32: 10,
+        np.float64: 11,
+    }
+    for dtype, code in codes.items():
+        assert encode(np.ones(1, dtype))[5] == code, dtype
+        header = struct.pack("<4sBBHQQ", b"FSP1", 1, code, 0, 100, 0)  # 100 positions, none kept
+        assert decode(header)[0].dtype == dtype
+
+
+def test_max_n_itself_is_allowed(monkeypatch):
+    """N may be at most MAX_N (a cap of 16 here, so that the allowed case allocates nothing large)."""
+    from fedmpi import encoding
+
+    monkeypatch.setattr(encoding, "MAX_N", 16)
+    assert decode(struct.pack("<4sBBHQQ", b"FSP1", 1, 10, 0, 16, 0))[1].shape == (16,)
+    with pytest.raises(EncodingError, match="MAX_N"):
+        decode(struct.pack("<4sBBHQQ", b"FSP1", 1, 10, 0, 17, 0))
+
+
+def test_helpers_refuse_malformed_arguments_with_encoding_errors():
+    with pytest.raises(EncodingError, match="does not hold -1 bits"):
+        unpack_mask(np.zeros(0, np.uint8), -1)
+    with pytest.raises(EncodingError, match="uint8"):
+        unpack_mask(np.zeros(2, np.int16), 10)
+    with pytest.raises(EncodingError, match="does not match mask shape"):
+        gather_values(np.ones(5, np.float32), np.ones(4, bool))
+    with pytest.raises(EncodingError, match="1-D uint8"):  # an array is not read as its bytes
+        decode(np.zeros(HEADER_NBYTES, np.float32))
