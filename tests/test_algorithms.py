@@ -238,3 +238,22 @@ def test_the_server_prunes_the_global_model_where_the_table_says():
         assert algo.server_prunes(False) == (name in pruners), name
         assert algo.server_prunes(True) == (name in pruners | {"fedsparsify-local"}), name
         assert algo.progressive == (name in {"fedsparsify-global", "fedsparsify-local", "random"}), name
+
+
+def test_fraction_schedule_starts_at_federation_start():
+    """federation.start = 3 with f = 1: the first pruning is in round 3, not 1 (start 2 with f = 2, above, is the
+    same schedule as start 1, so it cannot tell whether start reaches the schedule)."""
+    cfg = cfg_for(
+        "fedsparsify-global",
+        "federation.schedule=fraction",
+        "federation.fraction=0.5",
+        "federation.frequency=1",
+        "federation.start=3",
+        "federation.target=0.9",
+    )
+    s = schedule(cfg)
+    assert [s(t) for t in range(1, 6)] == pytest.approx([0.0, 0.0, 0.5, 0.75, 0.875])
+
+
+def test_only_centralized_trains_centrally():
+    assert {name for name, a in ALGORITHMS.items() if a.trains_centrally} == {"centralized"}
