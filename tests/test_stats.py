@@ -40,6 +40,11 @@ def test_interval_rejects_bad_values(values, message):
         stats.bootstrap_mean_interval(values)
 
 
+def test_interval_needs_at_least_one_resample():
+    with pytest.raises(ValueError, match="resamples must be >= 1"):
+        stats.bootstrap_mean_interval([1.0, 2.0], resamples=0)
+
+
 @pytest.mark.parametrize(
     "low,high,verdict",
     [
@@ -95,3 +100,18 @@ def test_noninferiority_refuses_an_inverted_interval():
 def test_the_level_must_be_strictly_between_0_and_1(level):
     with pytest.raises(ValueError, match="level"):
         stats.bootstrap_mean_interval([1.0, 2.0], level=level)
+
+
+def test_a_degenerate_interval_gets_a_verdict():
+    """Identical per-subject differences (a method equal to the reference on every subject) bootstrap to
+    low == high: a point, not an inverted interval."""
+    assert stats.versus_zero(0.0, 0.0) == "no difference"
+    assert stats.versus_zero(0.3, 0.3) == "worse"
+    assert stats.noninferiority(0.2, 0.2, 0.5) == "non-inferior"
+    assert stats.noninferiority(0.7, 0.7, 0.5) == "inferior"
+
+
+def test_spearman_refuses_unpaired_values():
+    """One y value would broadcast against every x (and give None, as if y were constant)."""
+    with pytest.raises(ValueError, match="3 x values but 1 y values"):
+        stats.spearman([1, 2, 3], [5])
