@@ -471,3 +471,49 @@ def test_the_paired_interval_is_the_95_percent_bootstrap_of_the_differences(tmp_
     assert (row["diff_low"], row["diff_high"]) == pytest.approx(
         stats.bootstrap_mean_interval(differences, 0.95), abs=1e-12
     )
+
+
+def test_per_run_ratios_are_blank_without_a_denominator():
+    assert tables.total_bytes({"total_bytes_up": 3, "total_bytes_down": 4}) == 7
+    assert tables.total_bytes({"total_bytes_up": 3}) is None
+    assert tables.mae_ratio({"final_mae": 2.0, "baseline_mae": 8.0}) == 0.25
+    assert tables.mae_ratio({"final_mae": 2.0, "baseline_mae": 0.0}) is None
+    assert tables.learns({"final_mae": 2.0, "baseline_mae": 0.0}) is None  # not recorded, not "does not learn"
+    assert tables.learns({"final_mae": 2.0}) is None
+
+
+def test_bytes_ratio_is_blank_when_the_fedavg_run_sent_nothing(tmp_path):
+    common = dict(mae=[1.0], sparsities=[0.0])
+    runs = load_runs(
+        write_run(tmp_path, "a", algorithm="fedavg", target=0.0, bytes_per_round=[0], **common),
+        write_run(tmp_path, "g", algorithm="fedsparsify-global", target=0.9, bytes_per_round=[50], **common),
+    )
+    assert {r["run"]: r for r in tables.accuracy_rows(runs)}["g"]["bytes_ratio_vs_fedavg"] is None
+
+
+def test_mean_curve_is_the_mean_not_the_median(tmp_path):
+    """Three seeds (two cannot tell a mean from a median): MAE 1, 2 and 6 in round 1."""
+    runs = load_runs(
+        *(
+            write_run(
+                tmp_path,
+                f"r{seed}",
+                algorithm="fedavg",
+                target=0.0,
+                mae=[m],
+                sparsities=[0],
+                bytes_per_round=[1],
+                seed=seed,
+            )
+            for seed, m in enumerate([1.0, 2.0, 6.0])
+        )
+    )
+    x, mean, low, high = tables.mean_curve(runs, "test_mae")
+    assert (x.tolist(), mean.tolist(), low.tolist(), high.tolist()) == ([1], [3.0], [1.0], [6.0])
+
+
+def test_an_attack_one_weight_sparser_than_the_run_is_stale():
+    """One weight of the paper's 2,948,801 moves the sparsity by 3.4e-7: a tolerance must stay below that."""
+    one_weight = 1 / 2_948_801
+    assert tables.stale_attack({"final_sparsity": 0.95}, {"sparsity": 0.95 + one_weight})
+    assert tables.stale_attack({"final_sparsity": 0.95}, {"sparsity": 0.95}) is None
