@@ -330,3 +330,13 @@ def test_apply_mask_refuses_a_mask_of_another_dtype():
 def test_bool_values_are_not_magnitudes(rank):
     with pytest.raises(TypeError, match="real numeric dtype"):
         rank(np.array([True, False, True]), 0.5)
+
+
+def test_reconfigure_counts_the_movable_fraction_of_the_kept_positions_not_of_the_target():
+    """A mask denser than the target (6 kept of 8, the target keeps 4): movable 0.5 of the 6 kept is 3, so the
+    3 largest stay and one slot goes by importance (half of the target's 4 would keep only 2)."""
+    values = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.0, 0.0], np.float32)
+    mask = np.array([True] * 6 + [False] * 2)
+    importance = np.array([0, 0, 0, 0, 0, 0, 5, 6], np.float32)
+    got = reconfigure_mask(importance, values, mask, 0.5, 0.5)
+    assert got.tolist() == [False, False, False, True, True, True, False, True]
