@@ -188,12 +188,3 @@ def test_a_vote_refuses_values_that_are_not_real_numbers():
         with pytest.raises(TypeError, match="real numeric dtype"):
             vote.add(values, np.ones(3, bool), 1)
     assert vote.k == 0
-
-
-def test_majority_vote_needs_one_weight_per_model():
-    """zip() would drop the models without a weight (and a vote over 1 learner keeps what it kept)."""
-    values = np.array([[1.0, 0.0], [3.0, 5.0]], np.float32)
-    with pytest.raises(ValueError, match="weights must have shape"):
-        majority_vote(values, values != 0, [1])
-    with pytest.raises(ValueError, match="weights must have shape"):
-        majority_vote(values, values != 0, [1, 1, 1])
