@@ -206,7 +206,26 @@ class _Unquoted(str):
 
 
 class _Loader(yaml.SafeLoader):
-    pass
+    def construct_mapping(self, node, deep=False):
+        """A key given twice in one mapping is refused (YAML forbids it; PyYAML kept the last silently, so a second
+        `train:` section dropped the first's options). A merge key's (`<<: *base`) keys may still be given again."""
+        seen = set()
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping",
+                        node.start_mark,
+                        f"found duplicate key {key!r}",
+                        key_node.start_mark,
+                    )
+                seen.add(key)
+            except TypeError:  # an unhashable key: SafeLoader's own error names it
+                pass
+        return super().construct_mapping(node, deep)
 
 
 def _keeping_text(construct):

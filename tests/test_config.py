@@ -448,3 +448,23 @@ def test_validation_accepts_the_inclusive_bounds(pairs):
     cfg = load_config(overrides=pairs)
     section, option = pairs[-1].split("=")[0].split(".")
     assert str(getattr(getattr(cfg, section), option)) in (pairs[-1].split("=")[1], pairs[-1].split("=")[1] + ".0")
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("train:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\n", "'lr'"),
+        ("train:\n  lr: 0.1\nrun:\n  name: x\ntrain:\n  epochs: 2\n", "'train'"),  # the first train: was dropped
+        ("train: {lr: 0.1, 'lr': 0.2}\n", "'lr'"),
+    ],
+)
+def test_a_key_given_twice_in_a_config_file_is_refused_not_the_last_taken(tmp_path, text, key):
+    """YAML forbids a key twice in one mapping, but PyYAML kept the last silently: a second `train:` section
+    further down a long file threw away every option of the first."""
+    with pytest.raises(ConfigError, match=f"(?s)not valid YAML: .*found duplicate key {key}"):
+        load_config(write(tmp_path, text))
+
+
+def test_a_merge_key_may_still_be_overridden_by_the_mapping_that_merges_it(tmp_path):
+    path = write(tmp_path, "train:\n  <<: {lr: 0.1, epochs: 2}\n  lr: 0.3\n")
+    assert (load_config(path).train.lr, load_config(path).train.epochs) == (0.3, 2)
