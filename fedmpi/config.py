@@ -260,6 +260,11 @@ def _coerce(value, tp, key: str):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         if isinstance(value, int):  # exactly, however large (a float would round it)
             return value
+        if isinstance(value, str):  # the text of --set or a quoted YAML value: exactly too, when it is an integer
+            try:
+                return int(value)
+            except ValueError:
+                pass
         try:
             f = float(value)
         except (TypeError, ValueError, OverflowError):

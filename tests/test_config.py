@@ -468,3 +468,14 @@ def test_a_key_given_twice_in_a_config_file_is_refused_not_the_last_taken(tmp_pa
 def test_a_merge_key_may_still_be_overridden_by_the_mapping_that_merges_it(tmp_path):
     path = write(tmp_path, "train:\n  <<: {lr: 0.1, epochs: 2}\n  lr: 0.3\n")
     assert (load_config(path).train.lr, load_config(path).train.epochs) == (0.3, 2)
+
+
+@pytest.mark.parametrize("given", ["run.seed=12345678901234567891", "run.seed='12345678901234567891'"])
+def test_a_large_integer_on_the_command_line_is_kept_exactly(given):
+    """--set run.seed=12345678901234567891 went through a float and trained with seed 12345678901234567168, silently
+    (the same seed in a config file was kept exactly)."""
+    assert load_config(overrides=[given]).run.seed == 12345678901234567891
+
+
+def test_a_large_integer_quoted_in_a_config_file_is_kept_exactly(tmp_path):
+    assert load_config(write(tmp_path, "run:\n  seed: '12345678901234567891'\n")).run.seed == 12345678901234567891
