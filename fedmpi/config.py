@@ -303,6 +303,7 @@ def _apply(section, values: dict, prefix: str) -> None:
             raise ConfigError(f"unknown option {name!r}; known: {known}")
         current = getattr(section, key)
         if dataclasses.is_dataclass(current):
+            value = {} if value is None else value  # `train:` with every option under it commented out
             if not isinstance(value, dict):
                 raise ConfigError(f"{name}: expected a mapping of options")
             _apply(current, value, f"{name}.")

@@ -479,3 +479,10 @@ def test_a_large_integer_on_the_command_line_is_kept_exactly(given):
 
 def test_a_large_integer_quoted_in_a_config_file_is_kept_exactly(tmp_path):
     assert load_config(write(tmp_path, "run:\n  seed: '12345678901234567891'\n")).run.seed == 12345678901234567891
+
+
+def test_a_section_whose_options_are_all_commented_out_means_its_defaults(tmp_path):
+    """`train:` followed only by commented-out options is a null section in YAML: it was refused ("train: expected
+    a mapping of options"), while an empty file means the defaults."""
+    cfg = load_config(write(tmp_path, "train:\n#  lr: 0.1\nrun:\n  name: x\n"))
+    assert (cfg.train, cfg.run.name) == (Config().train, "x")
