@@ -8,6 +8,7 @@ one-process commands.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -62,10 +63,22 @@ def _train(argv: list[str]) -> int:
 
     with preemption.requests() as stop:
         supervise()
-        args = _parser().parse_args(argv)
+        args = _parse_train(argv)
         from .launch import train
 
         return train(args.config, args.set, resume=args.resume, overwrite=args.overwrite, stop=stop)
+
+
+def _parse_train(argv: list[str]) -> argparse.Namespace:
+    """`train`'s arguments. Every task of the job parses the same ones and reaches the same verdict, so a usage
+    error or --help is printed by the launcher's first task alone (not once per rank); each exits with its code."""
+    from .sentinel import first_task
+
+    parser = _parser()
+    if first_task():
+        return parser.parse_args(argv)
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        return parser.parse_args(argv)
 
 
 def stdout_closed() -> int:

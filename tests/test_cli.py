@@ -1,5 +1,7 @@
 """`python -m fedmpi`'s dispatch: one-process commands end on Ctrl-C with one line, not a traceback."""
 
+import pytest
+
 from fedmpi import cli, report
 
 
@@ -77,3 +79,31 @@ def test_a_report_into_a_pipe_its_reader_closed_ends_quietly_like_a_unix_tool():
     finally:
         os.close(write_end)
     assert (done.returncode, done.stderr) == (141, "")
+
+
+def _train_only(monkeypatch):
+    """cli.main(["train", ...]) without the sentinel's fork or a federation: the arguments are parsed, then refused."""
+    from fedmpi import launch, sentinel
+
+    monkeypatch.setattr(sentinel, "supervise", lambda: None)
+    monkeypatch.setattr(launch, "train", lambda *args, **kwargs: 0)
+    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.parametrize(
+    "argv, code", [(["train", "--sett", "train.lr=0"], 2), (["train", "--set"], 2), (["train", "--help"], 0)]
+)
+def test_a_usage_error_or_help_of_train_is_said_once_by_the_launchers_first_task(monkeypatch, capsys, argv, code):
+    """mpirun -n 9 python -m fedmpi train --sett ... printed the usage and the error 9 times (every rank parses the
+    same arguments), as --help printed every option 9 times; the exit code stays each rank's."""
+    _train_only(monkeypatch)
+    monkeypatch.setenv("PMI_RANK", "3")
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == code and capsys.readouterr() == ("", "")
+    monkeypatch.setenv("PMI_RANK", "0")
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    out, err = capsys.readouterr()
+    assert e.value.code == code and "usage: python -m fedmpi" in out + err
