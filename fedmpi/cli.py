@@ -16,6 +16,17 @@ import sys
 from .errors import EXIT_INTERRUPTED
 
 
+class _Once(argparse.Action):
+    """An option given at most once: a second --config replaced the first without a word (a job script's own
+    --config FILE, then the user's)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = getattr(namespace, self.dest, None)
+        if given is not None:
+            parser.error(f"{option_string} given twice ({given}, then {values}): give one, and --set for the changes")
+        setattr(namespace, self.dest, values)
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import attack, report
     from .config import describe  # numpy and more: not before `train` has taken the preemption signals
@@ -30,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
         "With no data.dir it runs on the embedded synthetic cohort (generated once, cached).",
         epilog="options (section.option = default):\n" + describe(),
     )
-    t.add_argument("--config", help="YAML file with sections data, model, train, federation, eval, run")
+    t.add_argument("--config", action=_Once, help="YAML file with sections data, model, train, federation, eval, run")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one option, repeatable")
     t.add_argument(
         "--resume",

@@ -107,3 +107,12 @@ def test_a_usage_error_or_help_of_train_is_said_once_by_the_launchers_first_task
         cli.main(argv)
     out, err = capsys.readouterr()
     assert e.value.code == code and "usage: python -m fedmpi" in out + err
+
+
+def test_a_second_config_file_is_refused_not_the_first_dropped(monkeypatch, capsys):
+    """sbatch jobs/fedsparsify.slurm A.yaml --config B.yaml passed --config A.yaml --config B.yaml, and A was
+    silently not read."""
+    _train_only(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--config", "a.yaml", "--set", "run.name=x", "--config", "b.yaml"])
+    assert e.value.code == 2 and "--config given twice (a.yaml, then b.yaml)" in capsys.readouterr().err
