@@ -65,6 +65,13 @@ def read_study(path: Path) -> dict:
     for group in spec["groups"]:
         if not isinstance(group, dict) or any(k not in group for k in ("name", "distributions", "runs")):
             raise StudyError(f"study file {path}: every group needs name, distributions and runs, got {group!r}")
+        # a string where a list belongs would be taken letter by letter (set: train.lr=0.1 as --set t, --set r, ...)
+        for key in ("distributions", "runs", "set", "seeds", "attack"):
+            if key in group and not isinstance(group[key], list):
+                raise StudyError(f"study file {path}, group {group['name']}: {key} must be a list, got {group[key]!r}")
+        priority = group.get("priority", 0)
+        if isinstance(priority, bool) or not isinstance(priority, (int, float)):
+            raise StudyError(f"study file {path}, group {group['name']}: priority must be a number, got {priority!r}")
         for entry in group["runs"]:
             algo, *target = str(entry).split()
             if algo not in ALGORITHMS or len(target) > 1:

@@ -375,6 +375,31 @@ def test_paper_slurm_refuses_a_missing_or_invalid_paper_config_before_submitting
 
 
 @pytest.mark.parametrize(
+    "field, said",
+    [
+        ("seeds: 0", "group g: seeds must be a list, got 0"),  # a TypeError's traceback
+        ("set: train.lr=0.1", "group g: set must be a list, got 'train.lr=0.1'"),  # "got 't'"
+        ("attack: --max-per-class", "group g: attack must be a list, got '--max-per-class'"),  # spelt out, unchecked
+        ("runs: fedavg, distributions: [uniform-iid]", "group g: runs must be a list, got 'fedavg'"),  # "'f' is not"
+        ("distributions: uniform-iid, runs: [fedavg]", "group g: distributions must be a list, got 'uniform-iid'"),
+        ("priority: high", "group g: priority must be a number, got 'high'"),
+    ],
+)
+def test_a_study_group_field_of_the_wrong_kind_is_named_not_spelt_out(tmp_path, monkeypatch, capsys, field, said):
+    """A string where a list belongs was iterated letter by letter (set: train.lr=0.1 became --set t, --set r, ...),
+    and seeds: 0 was a traceback."""
+    calls = []
+    monkeypatch.setattr(sweep, "call", lambda cmd, log=None: calls.append(cmd))
+    study = tmp_path / "study.yaml"
+    lists = "" if "runs:" in field or "distributions:" in field else "distributions: [uniform-iid], runs: [fedavg], "
+    study.write_text(f"base: b\nout: o\nrecords: r\ngroups:\n  - {{name: g, {lists}{field}}}")
+    assert sweep.main([str(study), "--out", str(tmp_path / "out"), "--records", str(tmp_path / "rec")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sweep: error: ") and said in err and err.count("\n") == 1, err
+    assert calls == []
+
+
+@pytest.mark.parametrize(
     "text, said",
     [
         (None, "cannot be read (No such file or directory)"),
