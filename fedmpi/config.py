@@ -205,7 +205,9 @@ class _Unquoted(str):
     value: object
 
 
-class _Loader(yaml.SafeLoader):
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (config files here, study files in jobs/)."""
+
     def construct_mapping(self, node, deep=False):
         """A key given twice in one mapping is refused (YAML forbids it; PyYAML kept the last silently, so a second
         `train:` section dropped the first's options). A merge key's (`<<: *base`) keys may still be given again."""
@@ -226,6 +228,10 @@ class _Loader(yaml.SafeLoader):
             except TypeError:  # an unhashable key: SafeLoader's own error names it
                 pass
         return super().construct_mapping(node, deep)
+
+
+class _Loader(UniqueKeyLoader):
+    pass
 
 
 def _keeping_text(construct):

@@ -37,7 +37,7 @@ from make_configs import FAMILIES, configs  # noqa: E402
 
 from fedmpi.algorithms import ALGORITHMS  # noqa: E402
 from fedmpi.cli import stdout_closed  # noqa: E402
-from fedmpi.config import load_config  # noqa: E402
+from fedmpi.config import UniqueKeyLoader, load_config  # noqa: E402
 from fedmpi.errors import EXIT_USAGE, ConfigError  # noqa: E402
 from fedmpi.launch import default_mpirun  # noqa: E402
 from fedmpi.resume import finished, recorded_key, resume_key  # noqa: E402
@@ -54,7 +54,7 @@ class StudyError(Exception):
 def read_study(path: Path) -> dict:
     """The study file, checked as far as its shape and algorithms go (each run's settings: run_study)."""
     try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+        spec = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # a SafeLoader
     except OSError as e:
         raise StudyError(f"study file {path} cannot be read ({e.strerror})") from None
     except (UnicodeDecodeError, yaml.YAMLError) as e:

@@ -399,6 +399,19 @@ def test_a_study_group_field_of_the_wrong_kind_is_named_not_spelt_out(tmp_path, 
     assert calls == []
 
 
+def test_a_key_given_twice_in_a_study_file_is_refused_not_the_last_taken(tmp_path, monkeypatch, capsys):
+    """A second `set:` in a group (or a second group list) silently replaced the first, as PyYAML keeps the last."""
+    monkeypatch.setattr(sweep, "call", lambda cmd, log=None: None)
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        f"base: {BASE}\nout: o\nrecords: r\ngroups:\n  - name: g\n    distributions: [uniform-iid]\n"
+        "    runs: [fedavg]\n    set: [train.lr=0.1]\n    set: [train.epochs=1]\n"
+    )
+    assert sweep.main([str(study), "--list", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sweep: error: ") and "found duplicate key 'set'" in err and err.count("\n") == 1, err
+
+
 @pytest.mark.parametrize(
     "text, said",
     [
