@@ -296,8 +296,8 @@ def run_paper(args) -> int:
                 load_config(source, [f"run.dir={out}"])
             except ConfigError as e:
                 raise StudyError(f"{source}: {e}") from None
-            cfg = yaml.safe_load(source.read_text())
-            cfg.setdefault("run", {})["dir"] = str(out)
+            cfg = yaml.safe_load(source.read_text(encoding="utf-8")) or {}  # an empty file: the defaults
+            cfg["run"] = {**(cfg.get("run") or {}), "dir": str(out)}  # `run:` alone is null
             path = out / "configs" / f"{name}.yaml"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -353,6 +353,24 @@ def test_paper_slurm_submits_the_committed_configs_with_the_users_edits(tmp_path
     assert written["run"]["dir"] == str(tmp_path / "paper")
 
 
+@pytest.mark.parametrize("edit", ["run:\n", "# emptied: the defaults\n"])
+def test_paper_slurm_writes_run_dir_into_a_paper_config_without_a_run_section(tmp_path, monkeypatch, edit):
+    """A config that load_config accepts (a run: section with its options commented out, an empty file) was a
+    TypeError's or AttributeError's traceback once --slurm wrote its copy with run.dir."""
+    import shutil
+
+    jobs = tmp_path / "jobs"
+    shutil.copytree(ROOT / "jobs" / "configs" / "paper" / "original", jobs / "configs" / "paper" / "original")
+    edited = jobs / "configs" / "paper" / "original" / "fedavg-uniform-iid.yaml"
+    text = edited.read_text()
+    edited.write_text(text[: text.index("run:")] + edit if edit.startswith("run") else edit)
+    monkeypatch.setattr(sweep, "HERE", jobs)
+    monkeypatch.setattr(sweep, "call", lambda cmd, log=None, cwd=None: None)
+    assert sweep.main(["--paper", "original", "--slurm", "--out", str(tmp_path / "paper")]) == 0
+    written = tmp_path / "paper" / "configs" / "fedavg-uniform-iid.yaml"
+    assert load_config(written).run.dir == str(tmp_path / "paper")
+
+
 def test_paper_slurm_refuses_a_missing_or_invalid_paper_config_before_submitting(tmp_path, monkeypatch, capsys):
     import shutil
 
