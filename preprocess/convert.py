@@ -230,6 +230,8 @@ def convert(
         "voxel_mm": voxel,
         "dtype": dtype,
         "reorient": "RAS+ (sform/qform set and agreeing; no plain Analyze)",
+        # images with larger voxels are bad input: staged parts and outputs made before are rebuilt once
+        "max_voxel_mm": nifti.MAX_VOXEL_MM,
         # worded anew when missing voxels stopped darkening their neighbours (normalised by the finite voxels'
         # weight), so that outputs of images with NaN or a field of view cutting the mask are rebuilt
         "antialias": "gaussian, FWHM = target voxel; with the trilinear interpolation, divided by the weight of "

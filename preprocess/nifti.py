@@ -28,6 +28,9 @@ DEFAULT_MAX_IMAGE_MB = 512.0
 # mm per unit of a NIfTI's spatial xyzt_units code (its low 3 bits): meter 1, micron 3. Every other code
 # (0 unknown, 2 mm, and the undefined 4-7) is taken as mm, as ITK's NiftiImageIO does.
 NIFTI_MM_PER_UNIT = {1: 1000.0, 3: 0.001}
+# Largest voxel edge accepted, in mm: thick-slice clinical T1s reach 5-10 mm. Above it the header is wrong (a meter
+# or micron slip): the brain spans a few voxels, and the grid inside the image's field of view passed every check.
+MAX_VOXEL_MM = 20.0
 
 
 class BadImage(UserError, ValueError):
@@ -66,7 +69,8 @@ def load(path, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> tuple[np.ndarray, 
     """Read a 3D image (one with trailing dimensions of 1, a single frame, is accepted) as float32 + affine.
 
     Raises BadImage for unreadable or truncated files, several frames, images above
-    `max_image_mb` (checked before any voxel is read), and images without a finite non-zero voxel.
+    `max_image_mb` (checked before any voxel is read), voxels above MAX_VOXEL_MM, and images without a finite
+    non-zero voxel.
     Non-finite voxels (NaN, as SPM writes outside its bounding box) stay: to_mni counts them as
     outside the field of view. The affine is in mm, whatever spatial units a NIfTI declares (mm_per_unit).
     """
@@ -92,6 +96,12 @@ def load(path, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> tuple[np.ndarray, 
     affine = np.diag([scale, scale, scale, 1.0]) @ np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise BadImage(f"{path.name} has a degenerate voxel-to-world affine")
+    sizes = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    if np.any(sizes > MAX_VOXEL_MM):
+        raise BadImage(
+            f"{path.name} has voxels of {'x'.join(f'{s:.4g}' for s in sizes)} mm, above the {MAX_VOXEL_MM:g} mm of any "
+            "head scan: are its pixdim or its spatial units (xyzt_units) wrong?"
+        )
     orientation_problem(path.name, img)
     finite = np.isfinite(data)
     if not finite.any():

@@ -374,3 +374,22 @@ def test_a_header_with_an_empty_dimension_is_refused_naming_its_shape(tmp_path, 
     message = f"x.nii has the shape {shape} in its header, a dimension of size {min(shape)}: it holds no voxels"
     with pytest.raises(nifti.BadImage, match=f"^{re.escape(message)}$"):
         nifti.load(path)
+
+
+@pytest.mark.parametrize("units, scale", [("meter", 1.0), ("mm", 1000.0)])
+def test_voxels_too_large_for_a_head_scan_are_refused(ras_image, tmp_path, units, scale):
+    """A header in meter whose numbers are mm (1.25 m voxels), or pixdim in microns read as mm: the MNI grid fell
+    inside the image's first voxels, so the coverage check passed and the output was a blur of a few voxels,
+    written with only the template-correlation warning."""
+    img = nib.Nifti1Image(np.asarray(ras_image.dataobj), np.diag([scale, scale, scale, 1.0]) @ ras_image.affine)
+    img.header.set_xyzt_units(units, "sec")
+    nib.save(img, tmp_path / "x.nii.gz")
+    message = "x.nii.gz has voxels of 1250x1250x1250 mm, above the 20 mm of any head scan: are its pixdim or its"
+    with pytest.raises(nifti.BadImage, match=f"^{re.escape(message)}"):
+        nifti.load(tmp_path / "x.nii.gz")
+
+
+def test_thick_slices_are_not_too_large(ras_image, tmp_path):
+    affine = ras_image.affine @ np.diag([1.0, 1.0, 8.0, 1.0])  # 1.25 x 1.25 x 10 mm, a clinical thick-slice scan
+    nib.save(nib.Nifti1Image(np.asarray(ras_image.dataobj)[:, :, ::8], affine), tmp_path / "x.nii.gz")
+    assert nifti.load(tmp_path / "x.nii.gz")[0].shape[2] == -(-ras_image.shape[2] // 8)
