@@ -210,7 +210,8 @@ def read_participants(root: Path) -> list[dict[str, str]]:
         raise DatasetError(str(exc)) from None
     except OSError as exc:  # permission denied, a directory of that name, an I/O error
         raise DatasetError(f"{tsv} cannot be read: {exc.strerror or exc}") from None
-    repeated = sorted({c for c in columns if c.strip() and columns.count(c) > 1})  # not blank ones
+    columns = [c.strip() for c in columns]  # as the cells ('participant_id ' from a spreadsheet), and sessions.tsv's
+    repeated = sorted({c for c in columns if c and columns.count(c) > 1})  # not blank ones
     if repeated:  # a dict per row would keep the last one's values without a word
         raise DatasetError(f"{tsv} has column(s) {', '.join(repeated)} more than once; keep one")
     absent = [c for c in REQUIRED_COLUMNS if c not in columns]

@@ -427,3 +427,15 @@ def test_hidden_files_beside_the_images_are_not_images(tmp_path):
     assert bad == {"sub-01": "no T1w image with ses-2 (--select); it has sub-01/anat/sub-01_T1w.nii.gz"}
     entries, bad = bids.scan(root)
     assert bad == {} and [e.image.name for e in entries] == ["sub-01_T1w.nii.gz", "sub-02_ses-2_T1w.nii.gz"]
+
+
+def test_spaces_around_participants_column_names_are_not_part_of_them(tmp_path):
+    """A spreadsheet's 'participant_id ' and ' age' were refused as missing columns (the message showed them with
+    their spaces); the cells were stripped already, and sessions.tsv strips its column names."""
+    root = _dataset(tmp_path / "bids", ["sub-01/anat/sub-01_T1w.nii.gz"], "")
+    (root / "participants.tsv").write_text("participant_id \t age\tsex \nsub-01\t50\tF\n")
+    entries, bad = bids.scan(root)
+    assert [(e.participant_id, e.age, e.sex) for e in entries] == [("sub-01", 50.0, "F")] and bad == {}
+    (root / "participants.tsv").write_text("participant_id\tage\t age \nsub-01\t50\t70\n")
+    with pytest.raises(bids.DatasetError, match=r"has column\(s\) age more than once; keep one"):
+        bids.scan(root)
