@@ -220,7 +220,12 @@ def read_participants(root: Path) -> list[dict[str, str]]:
     if absent:
         raise DatasetError(f"{tsv} lacks column(s) {', '.join(absent)} (has: {', '.join(columns) or 'none'})")
     # as csv.DictReader: blank lines skipped, cells past the header dropped, missing ones empty
-    return [{c: (cells[i].strip() if i < len(cells) else "") for i, c in enumerate(columns)} for cells in rows if cells]
+    table = [{c: (cells[i].strip() if i < len(cells) else "") for i, c in enumerate(columns)} for cells in rows if cells]
+    for row in table:  # a bare label (01) names sub-01, as a sessions.tsv's bare 2 names ses-2
+        pid = row["participant_id"]
+        if pid and not pid.lower().startswith("sub-"):
+            row["participant_id"] = f"sub-{pid}"
+    return table
 
 
 def age_range_text(age_range: tuple[float, float]) -> str:

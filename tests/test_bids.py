@@ -439,3 +439,17 @@ def test_spaces_around_participants_column_names_are_not_part_of_them(tmp_path):
     (root / "participants.tsv").write_text("participant_id\tage\t age \nsub-01\t50\t70\n")
     with pytest.raises(bids.DatasetError, match=r"has column\(s\) age more than once; keep one"):
         bids.scan(root)
+
+
+def test_a_participant_id_without_its_sub_prefix_names_that_subject(tmp_path):
+    """participants.tsv written with bare labels (01, as a sessions.tsv's bare 2 is ses-2) made every subject bad
+    twice, 'no image 01/anat/01_T1w.nii[.gz]' and 'sub-01: has no row', without saying why. A bare label and its
+    sub- form are one subject, so both rows are a repeated one."""
+    files = [f"sub-0{i}/anat/sub-0{i}_T1w.nii.gz" for i in (1, 2, 3)]
+    root = _dataset(tmp_path / "bids", files, "01\t50\nsub-02\t60\n03\t70\nsub-03\t70\nSUB-04\t80\n")
+    entries, bad = bids.scan(root)
+    assert [(e.participant_id, e.age) for e in entries] == [("sub-01", 50.0), ("sub-02", 60.0)]
+    assert bad == {
+        "sub-03": "listed 2 times in participants.tsv",
+        "SUB-04": "in participants.tsv but no image SUB-04/anat/SUB-04_T1w.nii[.gz]",
+    }
