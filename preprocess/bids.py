@@ -315,6 +315,11 @@ def scan(
         if named != pid:
             bad[pid] = f"{paths[0].relative_to(root)} is named for {named}, not {pid}: which subject is it?"
             continue
+        folder = session_of(root, paths[0])
+        in_name = next((e for e in entities(paths[0]) if e.startswith("ses-")), folder)
+        if folder is not None and in_name != folder:  # --select goes by the name, the age by the folder: another visit's age, unsaid
+            bad[pid] = f"{paths[0].relative_to(root)} is named for {in_name} but lies in {folder}: which session is it?"
+            continue
         if not paths[0].exists():
             bad[pid] = (
                 f"{paths[0].relative_to(root)} links to a file that is not here "

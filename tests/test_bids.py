@@ -453,3 +453,29 @@ def test_a_participant_id_without_its_sub_prefix_names_that_subject(tmp_path):
         "sub-03": "listed 2 times in participants.tsv",
         "SUB-04": "in participants.tsv but no image SUB-04/anat/SUB-04_T1w.nii[.gz]",
     }
+
+
+def test_an_image_named_for_another_session_than_its_folder_is_bad_input(tmp_path):
+    """sub-01/ses-1/anat/sub-01_ses-2_T1w.nii.gz: --select ses-2 chose it by its name and it took ses-1's age from
+    sessions.tsv (the folder's), without a word. Which visit it is of is unknown; a name without ses- is not a slip."""
+    root = _dataset(
+        tmp_path / "bids",
+        [
+            "sub-01/ses-1/anat/sub-01_ses-2_T1w.nii.gz",
+            "sub-01/ses-2/anat/sub-01_ses-3_T1w.nii.gz",
+            "sub-02/ses-2/anat/sub-02_T1w.nii.gz",
+            "sub-03/anat/sub-03_ses-2_T1w.nii.gz",  # no session folder: as before
+        ],
+        "sub-01\t40\nsub-02\t50\nsub-03\t60\n",
+    )
+    (root / "sub-01" / "sub-01_sessions.tsv").write_text("session_id\tage\nses-1\t40\nses-2\t45\n")
+    (root / "sub-02" / "sub-02_sessions.tsv").write_text("session_id\tage\nses-2\t52\n")
+    entries, bad = bids.scan(root, select=("ses-2",))
+    assert [(e.participant_id, e.age) for e in entries] == [("sub-03", 60.0)]
+    assert bad == {
+        "sub-01": "sub-01/ses-1/anat/sub-01_ses-2_T1w.nii.gz is named for ses-2 but lies in ses-1: which session is it?",
+        "sub-02": "no T1w image with ses-2 (--select); it has sub-02/ses-2/anat/sub-02_T1w.nii.gz",
+    }
+    entries, bad = bids.scan(root)
+    assert [(e.participant_id, e.age) for e in entries] == [("sub-02", 52.0), ("sub-03", 60.0)]
+    assert list(bad) == ["sub-01"]
