@@ -220,7 +220,7 @@ def read_participants(root: Path) -> list[dict[str, str]]:
     if absent:
         raise DatasetError(f"{tsv} lacks column(s) {', '.join(absent)} (has: {', '.join(columns) or 'none'})")
     # as csv.DictReader: blank lines skipped, cells past the header dropped, missing ones empty
-    table = [{c: (cells[i].strip() if i < len(cells) else "") for i, c in enumerate(columns)} for cells in rows if cells]
+    table = [{c: cells[i].strip() if i < len(cells) else "" for i, c in enumerate(columns)} for cells in rows if cells]
     for row in table:  # a bare label (01) names sub-01, as a sessions.tsv's bare 2 names ses-2
         pid = row["participant_id"]
         if pid and not pid.lower().startswith("sub-"):
@@ -317,7 +317,8 @@ def scan(
             continue
         folder = session_of(root, paths[0])
         in_name = next((e for e in entities(paths[0]) if e.startswith("ses-")), folder)
-        if folder is not None and in_name != folder:  # --select goes by the name, the age by the folder: another visit's age, unsaid
+        # --select goes by the name, the session's age by the folder: another visit's age, unsaid
+        if folder is not None and in_name != folder:
             bad[pid] = f"{paths[0].relative_to(root)} is named for {in_name} but lies in {folder}: which session is it?"
             continue
         if not paths[0].exists():

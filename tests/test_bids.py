@@ -473,7 +473,8 @@ def test_an_image_named_for_another_session_than_its_folder_is_bad_input(tmp_pat
     entries, bad = bids.scan(root, select=("ses-2",))
     assert [(e.participant_id, e.age) for e in entries] == [("sub-03", 60.0)]
     assert bad == {
-        "sub-01": "sub-01/ses-1/anat/sub-01_ses-2_T1w.nii.gz is named for ses-2 but lies in ses-1: which session is it?",
+        "sub-01": "sub-01/ses-1/anat/sub-01_ses-2_T1w.nii.gz is named for ses-2 but lies in ses-1: "
+        "which session is it?",
         "sub-02": "no T1w image with ses-2 (--select); it has sub-02/ses-2/anat/sub-02_T1w.nii.gz",
     }
     entries, bad = bids.scan(root)
