@@ -25,6 +25,19 @@ MPIRUN = os.path.abspath(MPIRUN) if os.sep in MPIRUN else MPIRUN  # tests start 
 MPIRUN_FLAGS = [*_GIVEN_FLAGS, *os.environ.get("FEDMPI_MPIRUN_FLAGS", "").split()]
 
 
+def launcher_is_open_mpi() -> bool:
+    """Whether the tests' launcher is Open MPI's mpirun (its `--version` says so; MPICH's hydra prints its build
+    details): the launchers differ in the signals they pass on to the ranks."""
+    global _OPEN_MPI
+    if _OPEN_MPI is None:
+        version = subprocess.run([MPIRUN, "--version"], capture_output=True, text=True, timeout=60)
+        _OPEN_MPI = "Open MPI" in version.stdout + version.stderr
+    return _OPEN_MPI
+
+
+_OPEN_MPI: bool | None = None
+
+
 def write_volumes(path: Path, ages: np.ndarray, rng: np.random.Generator, shape=SHAPE) -> None:
     """Age is learnable: a bright ball whose radius grows with age, plus noise."""
     grid = np.stack(np.meshgrid(*[np.arange(s) - s / 2 for s in shape], indexing="ij"))

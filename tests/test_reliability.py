@@ -10,7 +10,9 @@ import time
 import numpy as np
 import pytest
 from fedtools import (
+    job_processes,
     kill_job,
+    launcher_is_open_mpi,
     metrics,
     rank_process,
     run_fedmpi,
@@ -144,6 +146,36 @@ def test_preemption_signal_checkpoints_and_resume_matches(split, reference, tmp_
     assert resumed.returncode == 0, resumed.stderr
     assert [r["round"] for r in metrics(tmp_path / "p")] == list(range(1, 7))
     assert _same_model(reference, tmp_path / "p")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
+def test_a_signal_to_the_launcher_ends_the_job_and_resume_matches(split, reference, tmp_path, sig):
+    """A signal sent to mpirun itself (a batch script that started the federation with mpirun passes the
+    scheduler's on; a user's kill). Both launchers forward SIGUSR1 to every rank: a stop at a checkpoint, exit 75.
+    MPICH's hydra forwards SIGTERM too; Open MPI's mpirun cannot (5.0.11 refuses --forward-signals SIGTERM) and ends
+    every rank, SIGKILL following SIGTERM within about half a second, printing nothing, exit 1, so the round in
+    flight is lost. Either way the job ends within seconds, no rank is left running, and --resume ends on the
+    uninterrupted run's model."""
+    proc = start_fedmpi(split, tmp_path, *ROUNDS, "run.name=l")
+    wait_rows(tmp_path / "l", 1, proc)
+    os.kill(proc.pid, sig)
+    code, out, err, seconds = _finish(proc, 60)
+    assert seconds < 30, out + err
+    deadline = time.monotonic() + 10
+    while list(job_processes(proc)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = list(job_processes(proc))
+    kill_job(proc)  # what a failure left running
+    assert not left, f"ranks outlived the launcher: {[pid for pid, _env in left]}"
+    if sig == signal.SIGTERM and launcher_is_open_mpi():
+        assert code != 0, out + err
+    else:
+        assert code == 75, out + err
+        assert "\nstopped: " in out and summary(tmp_path / "l")["preempted"] is True
+    resumed = run_fedmpi(split, tmp_path, *ROUNDS, "run.name=l", extra=["--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["round"] for r in metrics(tmp_path / "l")] == list(range(1, 7))
+    assert _same_model(reference, tmp_path / "l")
 
 
 def test_a_warning_after_the_last_round_does_not_fail_the_finished_job(split, tmp_path):
