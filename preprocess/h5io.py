@@ -240,9 +240,12 @@ class ChunkReader:
         self.raw = images.chunks == (1, *self.shape) and filters == [h5py.h5z.FILTER_DEFLATE]
 
     def read(self, i: int) -> np.ndarray:
-        """Volume i as a fresh, writable array of the stored dtype (torch.from_numpy-ready)."""
+        """Volume i as a fresh, writable array of the stored dtype in this machine's byte order
+        (torch.from_numpy-ready: torch refuses the big-endian floats other tools may store)."""
         if not self.raw:
-            return self.images[i]
-        mask, chunk = self.images.id.read_direct_chunk((i, 0, 0, 0))
-        data = bytearray(chunk if mask & 1 else zlib.decompress(chunk))
-        return np.frombuffer(data, dtype=self.dtype).reshape(self.shape)
+            vol = self.images[i]
+        else:
+            mask, chunk = self.images.id.read_direct_chunk((i, 0, 0, 0))
+            data = bytearray(chunk if mask & 1 else zlib.decompress(chunk))
+            vol = np.frombuffer(data, dtype=self.dtype).reshape(self.shape)
+        return vol if vol.dtype.isnative else vol.astype(vol.dtype.newbyteorder("="))

@@ -159,3 +159,23 @@ def test_digest_follows_the_subjects_not_the_file(tmp_path):
     c = _file(tmp_path / "c.h5", [50.0, 61.0])
     assert file_digest(a) == file_digest(b) != file_digest(c)
     assert check_volumes(a)["digest"] == file_digest(a)
+
+
+@pytest.mark.parametrize("layout", [{"chunks": (1, *SHAPE), "compression": "gzip"}, {}], ids=["chunked", "contiguous"])
+@pytest.mark.parametrize("stored", [">f2", ">f4"])
+@pytest.mark.parametrize("cache", ["memory", "device", "off"])
+def test_big_endian_images_are_read_as_their_values(small, tmp_path, layout, stored, cache):
+    # Files written by other tools may store big-endian floats; they passed the preflight (numpy reads them) and the
+    # learner then failed on torch.from_numpy ("byte order different from the native byte order"): a traceback.
+    path = tmp_path / "learner_1.h5"
+    shutil.copy(small, path)
+    with h5py.File(path, "a") as f:
+        want = f["images"][:].astype(np.float32)
+        del f["images"]
+        f.create_dataset("images", data=want.astype(stored), **layout)
+    check_volumes(path)
+    cfg = Config()
+    cfg.data.cache = cache
+    ds = open_volumes(path, cfg, torch.device("cpu")).warm()
+    for i in range(len(ds)):
+        assert ds[i][0].dtype == torch.float32 and np.array_equal(ds[i][0][0].numpy(), want[i])
