@@ -184,6 +184,8 @@ def open_checked(path) -> h5py.File:
             or any(f[k].shape[:1] != (n,) for k in OPTIONAL if k in f)
         ):
             raise DataError(f"volume file {path} has inconsistent dataset shapes")
+        if 0 in f["images"].shape[1:]:  # else the preflight's record of it "is one no volume file gives"
+            raise DataError(f"volume file {path} has images of shape {f['images'].shape}: a volume axis of size 0")
         problem = _layout_problem(f)
         if problem:
             raise DataError(f"volume file {path} {problem}")

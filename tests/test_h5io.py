@@ -155,6 +155,10 @@ def _set_attr(path, key, value):
         (lambda p: _replace(p, "site", np.zeros(3)), "stores site as float64, not text"),
         (lambda p: _replace(p, "age", np.array([b"old"] * 3)), "stores age as |S3, not numbers"),
         (lambda p: _replace(p, "images", np.zeros((3, 3, 4, 5))), "stores images as float64, not float16 or float32"),
+        (
+            lambda p: _replace(p, "images", np.zeros((3, 3, 0, 5), np.float16)),
+            r"has images of shape \(3, 3, 0, 5\): a volume axis of size 0",
+        ),
         (lambda p: _set_attr(p, "voxel_size", 3.0), r"has voxel_size 3, not one of the MNI grids \(2, 4, 6 mm\)"),
         (lambda p: _set_attr(p, "voxel_size", "4"), "has a voxel_size that is not a number: '4'"),
         (lambda p: _set_attr(p, "format", "fedmpi-volumes/2"), "has format 'fedmpi-volumes/2', not 'fedmpi-volumes/1'"),
