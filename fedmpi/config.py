@@ -29,6 +29,10 @@ INITS = ("torch", "glorot")
 MAX_SEED = 2**64  # torch takes seeds as unsigned 64-bit integers
 MAX_STARTUP = 2**31 - 1  # seconds: the start-up alarm's limit (68 years: "no limit" in practice)
 MAX_THREADS = 4096  # torch threads per rank, beyond any node: torch takes an int32, libgomp sizes its pool by it
+# DataLoader worker processes per rank (every rank's loader, the server's evaluation too), each started anew every
+# epoch: more than any node has cores to run. 200 took 17 MB each and 5x the wall time of a tiny 3-rank run here;
+# data.workers=10000 would start 10000 processes per rank each epoch, about a node's whole pid table (32768).
+MAX_WORKERS = 256
 MAX_ROUND = 10**12  # seconds: the round header carries twice this in milliseconds as an int64
 # The options of the embedded synthetic cohort (DataConfig): read only when data.dir is empty.
 SYNTHETIC_KEYS = ("subjects", "voxel", "distribution", "test_fraction", "seed")
@@ -67,7 +71,7 @@ class DataConfig:
         "keep each rank's decoded volumes: memory (host RAM) | device (on its GPU: a learner "
         "of the paper's size needs about 3.6 GB) | off (read every epoch)",
     )
-    workers: int = opt(0, "DataLoader worker processes per learner")
+    workers: int = opt(0, "DataLoader worker processes per rank (learners' training, the server's evaluation), <= 256")
 
 
 @dataclass
@@ -410,7 +414,7 @@ def validate(cfg: Config) -> None:
     _check(d.subjects >= 20, f"data.subjects must be at least 20, got {d.subjects}")
     if not d.dir and f.learners >= 1 and d.distribution in DISTRIBUTIONS:
         _check_synthetic_split(f.learners, d.distribution)
-    _check(d.workers >= 0, "data.workers must be >= 0")
+    _check(0 <= d.workers <= MAX_WORKERS, f"data.workers must be in [0, {MAX_WORKERS}], got {d.workers}")
     _check(d.cache in CACHES, f"data.cache must be one of {CACHES}, got {d.cache!r}")
     _check(t.amp in AMPS, f"train.amp must be one of {tuple(AMPS)}, got {t.amp!r}")
     _check(m.width > 0, f"model.width must be > 0, got {m.width}")
