@@ -89,3 +89,18 @@ def is_user_error(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
         return True
     return isinstance(exc, (UserError, KeyboardInterrupt))
+
+
+WORKER_TRACEBACK = "\nOriginal Traceback (most recent call last):\n"  # torch's re-raise of a DataLoader worker's error
+
+
+def user_message(exc: BaseException) -> str:
+    """str(exc), except for a user error raised in a DataLoader worker process: torch raises it again in the rank as
+    its type with "Caught X in DataLoader worker process 0." and the worker's traceback for message; that is
+    the worker's own message, the last line of that traceback."""
+    text = str(exc)
+    head, found, worker = text.partition(WORKER_TRACEBACK)
+    prefix = f"\n{type(exc).__module__}.{type(exc).__qualname__}: "
+    if not (found and head.startswith("Caught ") and is_user_error(exc)) or prefix not in "\n" + worker:
+        return text
+    return ("\n" + worker).rsplit(prefix, 1)[1].strip()

@@ -24,7 +24,7 @@ from preprocess.layout import TEST_FILE
 
 from .algorithms import algorithm
 from .config import MAX_THREADS, Config, load_config, split_error_text
-from .errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, ConfigFileError, is_user_error
+from .errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, ConfigFileError, is_user_error, user_message
 from .memory import keep_freed_memory
 from .messages import row_text, text_row
 from .metrics import mean_predictor_mae
@@ -165,7 +165,7 @@ def train(
     except BaseException as e:
         if not is_user_error(e):
             traceback.print_exc()
-        failure = f"failed: {type(e).__name__}: {e}"
+        failure = f"failed: {type(e).__name__}: {user_message(e)}"
     print(f"fedmpi: rank {rank} ({role(rank)}) {failure}", file=sys.stderr, flush=True)
     if size == 1:
         return EXIT_FAILURE

@@ -179,3 +179,25 @@ def test_big_endian_images_are_read_as_their_values(small, tmp_path, layout, sto
     ds = open_volumes(path, cfg, torch.device("cpu")).warm()
     for i in range(len(ds)):
         assert ds[i][0].dtype == torch.float32 and np.array_equal(ds[i][0][0].numpy(), want[i])
+
+
+def test_a_damaged_volume_read_by_a_dataloader_worker_is_one_line(small, tmp_path):
+    # torch re-raises a worker's exception in the training process as its type with the worker's traceback for its
+    # message, which the rank's one-line failure report printed whole (data.workers > 0)
+    from fedmpi.errors import user_message
+
+    path = tmp_path / "learner_1.h5"
+    shutil.copy(small, path)
+    with h5py.File(path, "r") as f:
+        info = f["images"].id.get_chunk_info(3)
+    with open(path, "r+b") as fh:
+        fh.seek(info.byte_offset + info.size // 2)
+        byte = fh.read(1)
+        fh.seek(-1, 1)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(DataError) as caught:
+        list(DataLoader(VolumeDataset(path), batch_size=5, num_workers=1))
+    assert "Traceback" in str(caught.value)
+    line = user_message(caught.value)
+    assert line.startswith(f"volume file {path}: cannot read volume 3: Error -3 while decompressing data"), line
+    assert "\n" not in line and user_message(DataError("x: y")) == "x: y"
