@@ -165,6 +165,8 @@ class VolumeDataset(Dataset):
             raise DataError(f"volume file {self.path}: cannot read volume {i}: {exc}") from None
         # torch converts float16 -> float32 several times faster than numpy does
         x = torch.from_numpy(vol).to(torch.float32).unsqueeze(0)
+        if not torch.isfinite(x).all():  # the preflight samples a few volumes; this one would make the model NaN
+            raise DataError(f"volume file {self.path}: volume {i} holds non-finite values")
         if self._cache is not None:
             if self.cache_device is not None:
                 x = x.to(self.cache_device)

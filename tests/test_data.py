@@ -153,6 +153,21 @@ def test_non_finite_volume_and_empty_file_are_refused(tmp_path):
         check_volumes(empty)
 
 
+@pytest.mark.parametrize("cache", [True, False], ids=["cached", "read each time"])
+def test_a_non_finite_volume_the_preflight_does_not_sample_is_named_when_read(tmp_path, cache):
+    """check_volumes reads three volumes; one of the others with a NaN made the learner's model NaN, blamed on the
+    learner ("non-finite model values") with the file unnamed."""
+    path = _file(tmp_path / "learner_2.h5", [50.0, 55.0, 60.0, 65.0, 70.0])
+    with h5py.File(path, "r+") as f:
+        vol = f["images"][1]
+        vol[2, 2, 2] = np.inf
+        f["images"][1] = vol
+    check_volumes(path)  # volumes 0, 2 and 4: the sample misses it
+    ds = VolumeDataset(path, cache=cache)
+    with pytest.raises(DataError, match=r"learner_2.h5: volume 1 holds non-finite values"):
+        ds.warm() if cache else ds[1]
+
+
 def test_digest_follows_the_subjects_not_the_file(tmp_path):
     a = _file(tmp_path / "a.h5", [50.0, 60.0])
     b = _file(tmp_path / "b.h5", [50.0, 60.0])  # same subjects and ages, written anew
