@@ -48,11 +48,14 @@ def make_dirs(directory: Path) -> None:
     """mkdir -p, each directory it creates fsynced into its parent: a power loss after a file is written and
     renamed into a new directory must not take the directory (and the file with it) away."""
     missing = []
-    while not directory.is_dir():
-        missing.append(directory)
-        if directory.parent == directory:
+    path = directory
+    while not path.is_dir():
+        if path != directory and path.exists():  # a file where a directory belongs: mkdir -p's error, not EEXIST's
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(directory))
+        missing.append(path)
+        if path.parent == path:
             break
-        directory = directory.parent
+        path = path.parent
     for new in reversed(missing):
         new.mkdir(exist_ok=True)
         fsync_directory(new.parent)

@@ -1,5 +1,6 @@
 """Directories written whole or not at all (fedmpi.files.atomic_dir)."""
 
+import errno
 import os
 from pathlib import Path
 
@@ -188,3 +189,16 @@ def test_an_old_directory_left_by_a_crash_between_the_renames_goes_with_the_next
     with atomic_dir(out) as tmp:
         (tmp / "a.md").write_text("third")
     assert [p.name for p in tmp_path.iterdir()] == ["report"] and (out / "a.md").read_text() == "third"
+
+
+def test_a_file_where_a_directory_belongs_is_not_a_directory_not_an_existing_one(tmp_path):
+    """make_dirs said 'File exists' for run.dir=FILE/run (mkdir of FILE itself), as if FILE/run were there; mkdir -p,
+    which it replaced, says 'Not a directory' naming the path asked for."""
+    (tmp_path / "file").write_text("x")
+    for asked in (tmp_path / "file" / "run", tmp_path / "file" / "a" / "b"):
+        with pytest.raises(NotADirectoryError) as caught:
+            files.make_dirs(asked)
+        assert caught.value.errno == errno.ENOTDIR and caught.value.filename == str(asked)
+    with pytest.raises(FileExistsError):  # the path itself a file: as mkdir(exist_ok=True) says
+        files.make_dirs(tmp_path / "file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
