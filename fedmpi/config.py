@@ -212,26 +212,32 @@ class _Unquoted(str):
 class UniqueKeyLoader(yaml.SafeLoader):
     """yaml.SafeLoader that refuses a key given twice in one mapping (config files here, study files in jobs/)."""
 
-    def construct_mapping(self, node, deep=False):
+    def flatten_mapping(self, node):
         """A key given twice in one mapping is refused (YAML forbids it; PyYAML kept the last silently, so a second
-        `train:` section dropped the first's options). A merge key's (`<<: *base`) keys may still be given again."""
-        seen = set()
-        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        "while constructing a mapping",
-                        node.start_mark,
-                        f"found duplicate key {key!r}",
-                        key_node.start_mark,
-                    )
-                seen.add(key)
-            except TypeError:  # an unhashable key: SafeLoader's own error names it
-                pass
-        return super().construct_mapping(node, deep)
+        `train:` section dropped the first's options). A merge key's (`<<: *base`) keys may still be given again.
+        Checked here, before the merge is written into the node (SafeLoader's flatten_mapping replaces its `<<` by
+        the merged keys), once per node: a mapping merged before it is constructed (an anchor in a `<<`) is not
+        checked again with the merged keys in it."""
+        checked = self.__dict__.setdefault("_unique_checked", set())
+        if id(node) not in checked:
+            checked.add(id(node))
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                try:
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            "while constructing a mapping",
+                            node.start_mark,
+                            f"found duplicate key {key!r}",
+                            key_node.start_mark,
+                        )
+                    seen.add(key)
+                except TypeError:  # an unhashable key: SafeLoader's own error names it
+                    pass
+        super().flatten_mapping(node)
 
 
 class _Loader(UniqueKeyLoader):

@@ -4,8 +4,18 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
-from fedmpi.config import Config, ConfigError, config_from_dict, describe, load_config, parse_overrides, validate
+from fedmpi.config import (
+    Config,
+    ConfigError,
+    UniqueKeyLoader,
+    config_from_dict,
+    describe,
+    load_config,
+    parse_overrides,
+    validate,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "jobs" / "configs"
@@ -487,3 +497,12 @@ def test_a_section_whose_options_are_all_commented_out_means_its_defaults(tmp_pa
     a mapping of options"), while an empty file means the defaults."""
     cfg = load_config(write(tmp_path, "train:\n#  lr: 0.1\nrun:\n  name: x\n"))
     assert (cfg.train, cfg.run.name) == (Config().train, "x")
+
+
+def test_a_mapping_anchored_inside_a_merge_key_is_not_refused_when_used_again(tmp_path):
+    """PyYAML writes a merge into its mapping node (the `<<` replaced by the merged keys) before constructing it: an
+    anchor defined inside a `<<` and aliased later was refused as 'found duplicate key' for the merged key."""
+    text = "base: &b {lr: 0.1}\nfast: {<<: &f {<<: *b, lr: 0.3}, epochs: 2}\ntrain: *f\n"
+    assert yaml.load(text, Loader=UniqueKeyLoader)["train"] == {"lr": 0.3}
+    with pytest.raises(yaml.constructor.ConstructorError, match="found duplicate key 'lr'"):
+        yaml.load("train: {<<: {lr: 0.1, lr: 0.2}}\n", Loader=UniqueKeyLoader)  # checked where it is only merged
