@@ -58,7 +58,9 @@ def make_dirs(directory: Path) -> None:
         path = path.parent
     for new in reversed(missing):
         new.mkdir(exist_ok=True)
-        fsync_directory(new.parent)
+        # a parent one may write and search but not read (0o733) cannot be opened to fsync: mkdir -p works there
+        with contextlib.suppress(PermissionError):
+            fsync_directory(new.parent)
 
 
 def _temporary_prefix(path: Path) -> str:

@@ -27,6 +27,10 @@ DEFAULT_AGE_RANGE = (0.0, 120.0)
 ENTITY = re.compile(r"^[a-zA-Z0-9]+-[a-zA-Z0-9]+$")  # a BIDS key-value pair of a file name: ses-2, run-1
 
 
+# A BIDS label (alphanumeric): a participant_id written without its sub- prefix
+BARE_LABEL = re.compile(r"[A-Za-z0-9]+")
+
+
 class DatasetError(UserError, ValueError):
     """The dataset as a whole cannot be read (no directory, no or malformed participants.tsv)."""
 
@@ -223,7 +227,7 @@ def read_participants(root: Path) -> list[dict[str, str]]:
     table = [{c: cells[i].strip() if i < len(cells) else "" for i, c in enumerate(columns)} for cells in rows if cells]
     for row in table:  # a bare label (01) names sub-01, as a sessions.tsv's bare 2 names ses-2
         pid = row["participant_id"]
-        if pid and not pid.lower().startswith("sub-"):
+        if BARE_LABEL.fullmatch(pid):  # not n/a or sub_01: a message would name a folder sub-n/a nobody wrote
             row["participant_id"] = f"sub-{pid}"
     return table
 

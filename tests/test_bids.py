@@ -446,12 +446,14 @@ def test_a_participant_id_without_its_sub_prefix_names_that_subject(tmp_path):
     twice, 'no image 01/anat/01_T1w.nii[.gz]' and 'sub-01: has no row', without saying why. A bare label and its
     sub- form are one subject, so both rows are a repeated one."""
     files = [f"sub-0{i}/anat/sub-0{i}_T1w.nii.gz" for i in (1, 2, 3)]
-    root = _dataset(tmp_path / "bids", files, "01\t50\nsub-02\t60\n03\t70\nsub-03\t70\nSUB-04\t80\n")
+    root = _dataset(tmp_path / "bids", files, "01\t50\nsub-02\t60\n03\t70\nsub-03\t70\nSUB-04\t80\nsub_05\t55\n")
     entries, bad = bids.scan(root)
     assert [(e.participant_id, e.age) for e in entries] == [("sub-01", 50.0), ("sub-02", 60.0)]
     assert bad == {
         "sub-03": "listed 2 times in participants.tsv",
         "SUB-04": "in participants.tsv but no image SUB-04/anat/SUB-04_T1w.nii[.gz]",
+        # not a label: named as written, not as a sub-sub_05 folder nobody wrote
+        "sub_05": "in participants.tsv but no image sub_05/anat/sub_05_T1w.nii[.gz]",
     }
 
 

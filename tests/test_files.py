@@ -118,6 +118,19 @@ def test_directories_a_write_creates_are_on_disk_in_their_parents(tmp_path, monk
     assert synced == [tmp_path / "run" / "checkpoints"]  # nothing new to make durable above it
 
 
+def test_a_parent_that_cannot_be_read_still_takes_a_new_directory(tmp_path, monkeypatch):
+    """A drop-box parent (mode 0o733: written and searched, not read) cannot be opened to fsync; mkdir -p works
+    there, so the durability of that one name is given up rather than the write."""
+
+    def unreadable(path, directory=False):
+        if directory and Path(path) == tmp_path:
+            raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(files, "_fsync", unreadable)
+    atomic_write(tmp_path / "run" / "summary.json", b"{}")
+    assert (tmp_path / "run" / "summary.json").read_bytes() == b"{}"
+
+
 @pytest.fixture
 def umask_022():
     old = os.umask(0o022)
