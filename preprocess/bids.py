@@ -31,6 +31,11 @@ ENTITY = re.compile(r"^[a-zA-Z0-9]+-[a-zA-Z0-9]+$")  # a BIDS key-value pair of 
 BARE_LABEL = re.compile(r"[A-Za-z0-9]+")
 
 
+def unreadable(what, exc: OSError) -> str:
+    """The one line for a file or folder the system will not read (permissions, a directory of that name, I/O)."""
+    return f"{what} cannot be read: {exc.strerror or exc}"
+
+
 class DatasetError(UserError, ValueError):
     """The dataset as a whole cannot be read (no directory, no or malformed participants.tsv)."""
 
@@ -101,7 +106,7 @@ def unreadable_folder(root: Path, pid: str) -> str:
         except FileNotFoundError:
             continue
         except OSError as exc:
-            return f"{folder.relative_to(root)} cannot be read: {exc.strerror or exc}"
+            return unreadable(folder.relative_to(root), exc)
         todo += [folder / n for n in sorted(names) if n == "anat" or n.startswith("ses-")]
     return ""
 
@@ -137,7 +142,7 @@ def session_age(root: Path, pid: str, image: Path, age_range: tuple[float, float
             header = [column.strip() for column in next(table, [])]
             rows = [dict(zip(header, (cell.strip() for cell in cells))) for cells in table]
     except OSError as exc:
-        raise ValueError(f"{name} cannot be read: {exc.strerror or exc}") from None
+        raise ValueError(unreadable(name, exc)) from None
     except UnicodeDecodeError as exc:
         raise ValueError(not_utf8(name, tsv, exc)) from None
     if "session_id" not in header:
@@ -213,7 +218,7 @@ def read_participants(root: Path) -> list[dict[str, str]]:
     except ValueError as exc:  # tsv_rows' reasons: an unclosed quote, a cell above csv's limit
         raise DatasetError(str(exc)) from None
     except OSError as exc:  # permission denied, a directory of that name, an I/O error
-        raise DatasetError(f"{tsv} cannot be read: {exc.strerror or exc}") from None
+        raise DatasetError(unreadable(tsv, exc)) from None
     columns = [c.strip() for c in columns]  # as the cells ('participant_id ' from a spreadsheet), and sessions.tsv's
     repeated = sorted({c for c in columns if c and columns.count(c) > 1})  # not blank ones
     if repeated:  # a dict per row would keep the last one's values without a word
