@@ -204,3 +204,20 @@ def test_a_warning_while_the_script_probes_env_is_not_lost(tmp_path):
     assert job.returncode == 75, out + err
     assert "stopped before the federation started" in out and not (tmp_path / "started").exists()
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+
+
+def test_an_option_where_the_config_belongs_is_the_scripts_usage_error(tmp_path):
+    """`sbatch jobs/fedsparsify.slurm --set k=v` (the config forgotten) ran `train --config --set k=v` on every
+    task and failed with argparse's 'argument --config: expected one argument': the script names its own usage."""
+    venv = tmp_path / "venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "activate").write_text(f'PATH="{venv}:$PATH"\n')
+    (venv / "python").write_text(f"#!/bin/bash\ntouch {tmp_path}/started\n")
+    (venv / "python").chmod(0o755)
+    env = dict(_fake_slurm(tmp_path), FEDMPI_VENV=str(venv.parent))
+    for args in (["--set", "run.name=x"], ["--config", "a.yaml"]):
+        proc = subprocess.run(
+            ["bash", "jobs/fedsparsify.slurm", *args], cwd=ROOT, env=env, capture_output=True, text=True
+        )
+        assert proc.returncode == 2 and "usage: sbatch jobs/fedsparsify.slurm CONFIG.yaml" in proc.stderr, proc.stderr
+        assert args[0] in proc.stderr and not (tmp_path / "started").exists()
