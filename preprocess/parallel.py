@@ -20,6 +20,7 @@ import pickle
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -151,12 +152,22 @@ def _start_worker(running, slots, initializer: Callable, inputs: str) -> None:
     wrote; ignore Ctrl-C (it reaches the whole process group: only the parent reacts, workers just stop)."""
     global _RUNNING, _SLOT
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_end_with_parent, args=(os.getppid(),), name="end-with-parent", daemon=True).start()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the parent while it spawned this worker
     with slots.get_lock():
         _SLOT = slots.value
         slots.value += 1
     _RUNNING = running
     initializer(*pickle.loads(Path(inputs).read_bytes()))  # the parent's own file, in its private directory
+
+
+def _end_with_parent(parent: int, every: float = 1.0) -> None:
+    """End this worker once its parent is gone. A parent killed outright (kill -9, the out-of-memory killer) shuts
+    no pool down: its workers stayed for ever, asleep on the dead pool's pipe, holding their memory and the
+    command's stdout. A staged file this cuts short is a dot-named temporary, which the next run removes."""
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(1)
 
 
 def _tracked(func: Callable, item: tuple[int, Any]):

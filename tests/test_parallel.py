@@ -159,3 +159,49 @@ def test_while_the_workers_are_spawned_a_stop_waits_until_they_are_started():
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, interrupt)
+
+
+def _sleep_forever(job):
+    time.sleep(3600)
+
+
+def test_workers_end_when_their_parent_is_killed(tmp_path):
+    """SIGKILL of the command alone (kill -9, the out-of-memory killer choosing it): its workers were left behind
+    for ever, asleep on the dead pool's pipe with their memory and the command's stdout."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from preprocess import parallel\n"
+        "from tests.test_parallel import _noop, _sleep_forever\n"
+        "if __name__ == '__main__':\n"
+        "    list(parallel.run(_sleep_forever, [1, 2], workers=2, initializer=_noop, initargs=(), desc='t',"
+        " progress=False))\n"
+    )
+    main = tmp_path / "main.py"
+    main.write_text(script)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    job = subprocess.Popen([sys.executable, str(main)], env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True).stdout.split()) < 3:
+            assert job.poll() is None and time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.1)  # two workers and multiprocessing's resource tracker
+        time.sleep(1)
+        job.kill()
+        job.wait()
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                os.killpg(job.pid, 0)
+            except ProcessLookupError:
+                break
+            assert time.monotonic() < deadline, "workers of the killed command were left behind"
+            time.sleep(0.2)
+    finally:
+        try:
+            os.killpg(job.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
