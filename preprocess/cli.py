@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from fedmpi.cli import stdout_closed
-from fedmpi.errors import EXIT_INTERRUPTED, EXIT_USAGE, UserError
+from fedmpi.errors import EXIT_INTERRUPTED, EXIT_USAGE, STORAGE_ERRNOS, UserError
 from preprocess import bids, convert, distributions, grid, h5io, nifti, qc, register, split, synth
 
 
@@ -304,6 +304,12 @@ def main(argv=None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return stdout_closed()
+    except OSError as exc:
+        if exc.errno not in STORAGE_ERRNOS:
+            raise
+        # a full disk, a quota, a read-only remount: the user's to fix; atomic_path's message names the output
+        staged = f"; finished subjects stay in {convert.parts_dir(args.out)}" if args.command == "nifti" else ""
+        return _fail(f"{exc.strerror or exc}{staged}")
     finally:
         signal.signal(signal.SIGTERM, previous)
 

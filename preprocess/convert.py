@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -152,8 +153,10 @@ def _stage(job) -> tuple[str, str | None]:
             f"not enough memory to preprocess {Path(image).name}; use fewer --workers, or a lower --max-image-mb to "
             "refuse large images"
         )
-    with atomic_path(part, sweep=False) as tmp, open(tmp, "wb") as f:
-        np.save(f, vol.astype(h5io.DTYPES[dtype]))
+    staged = io.BytesIO()  # np.save into a file writes with tofile, whose short write on a full disk has no errno
+    np.save(staged, vol.astype(h5io.DTYPES[dtype]))
+    with atomic_path(part, sweep=False) as tmp:
+        tmp.write_bytes(staged.getbuffer())
     return pid, None
 
 

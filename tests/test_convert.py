@@ -873,3 +873,38 @@ def test_running_out_of_memory_while_resampling_is_the_subjects_reason_not_a_tra
     assert cli.main(["nifti", "--bids", str(root), "--out", str(out), "--workers", "1", "--quiet", "--skip-bad"]) == 0
     with h5py.File(out) as f:
         assert list(f["subject_id"].asstr()[:]) == ["sub-01"]
+
+
+def test_a_full_disk_is_one_line_naming_the_output(cohort, tmp_path, monkeypatch, capsys):
+    """A disk or quota full while a subject is staged: a traceback, and numpy's own write error carried no errno
+    ("902629 requested and 550848 written"), so nothing could tell it was the disk."""
+    import errno
+
+    root = _make_bids(cohort, tmp_path / "bids")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    out = tmp_path / "v.h5"
+    assert cli.main(["nifti", "--bids", str(root), "--out", str(out), "--workers", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: No space left on device (writing ") and err.count("\n") == 1, err
+    assert not out.exists() and not [p for p in convert.parts_dir(out).glob(".*")]
+
+
+def test_a_staged_part_write_that_does_not_fit_keeps_its_errno(tmp_path, monkeypatch):
+    import errno
+
+    written = []
+
+    def short(self, data):
+        written.append(len(data))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_bytes", short)
+    monkeypatch.setattr(convert, "_MASK", np.ones((2, 2, 2), bool))
+    monkeypatch.setattr(nifti, "preprocess_file", lambda *a: np.zeros((2, 2, 2), np.float32))
+    with pytest.raises(OSError) as exc:
+        convert._stage(("sub-1", tmp_path / "x.nii", tmp_path / "p" / "sub-1.npy", 4, "float16", 512, None))
+    assert exc.value.errno == errno.ENOSPC and written
