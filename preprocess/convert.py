@@ -224,7 +224,7 @@ def convert(
     the re-run), parallel.WorkerDied when a worker process dies (finished subjects stay staged).
     """
     out, bids_dir = Path(out), Path(bids_dir)
-    shape, affine = grid.target_grid(voxel)
+    grid.target_grid(voxel)  # a voxel size without an MNI grid is refused before any work
     if dtype not in h5io.DTYPES:
         raise ValueError(f"dtype must be one of {sorted(h5io.DTYPES)}, got {dtype!r}")
     check_outputs(out)
@@ -254,6 +254,35 @@ def convert(
     fingerprint = _fingerprint(entries, keys, bad, params, max_image_mb)
     report = skipped_report_path(out)
     stage = parts_dir(out)
+    options = dict(voxel=voxel, dtype=dtype, workers=workers, skip_bad=skip_bad, progress=progress)
+    options.update(age_range=age_range, max_image_mb=max_image_mb, registration=registration)
+    # one run at a time per output: a second one removed the first's temporaries and parts (a traceback there)
+    with outputs.exclusive(out.with_name(f".{out.name}.lock"), f"--out {out}", wait=False):
+        return _convert(entries, bad, keys, params, fingerprint, out, bids_dir, stage, report, **options)
+
+
+def _convert(
+    entries,
+    bad,
+    keys,
+    params,
+    fingerprint,
+    out,
+    bids_dir,
+    stage,
+    report,
+    *,
+    voxel,
+    dtype,
+    workers,
+    skip_bad,
+    progress,
+    age_range,
+    max_image_mb,
+    registration,
+) -> Result:
+    """convert's work, with the output's lock held."""
+    shape, affine = grid.target_grid(voxel)
     if (skip_bad or not bad) and _is_up_to_date(out, fingerprint, skip_bad):
         shutil.rmtree(stage, ignore_errors=True)  # left by a run that stopped on bad input: the output has it all
         return Result(out, 0, {}, 0, True)

@@ -6,10 +6,14 @@ a traceback, some of them only after every subject has been processed.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from fedmpi.errors import UserError
-from fedmpi.files import probe_directory
+from fedmpi.files import NO_LOCKS, make_dirs, probe_directory
 
 
 class OutputError(UserError, ValueError):
@@ -52,3 +56,25 @@ def check_dir(path, what: str) -> None:
     if path.exists() and not path.is_dir():
         raise OutputError(f"{what} {path} exists and is not a directory")
     _check_parent(path, what)
+
+
+@contextlib.contextmanager
+def exclusive(path: Path, what: str, wait: bool) -> Iterator[None]:
+    """Hold an exclusive flock on the lock file `path` (created) while the block runs, so that one process at a
+    time writes `what`. wait=False: OutputError at once when another process holds it. Where the file system
+    takes no locks (NFS without a lock daemon, Lustre without flock) it goes without, as before."""
+    make_dirs(path.parent)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise OutputError(
+                f"another process is writing {what} ({path} is locked); wait for it to end, or choose another --out"
+            ) from None
+        except OSError as exc:
+            if exc.errno not in NO_LOCKS:
+                raise
+        yield
+    finally:
+        os.close(fd)

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +27,8 @@ def test_synthetic_cohort_reuses_finished_steps(cohort):
         len(VolumeDataset(other / f"learner_{k}.h5")) for k in (1, 2)
     ]
     assert sorted(p.name for p in cohort.split.parent.iterdir()) == [
+        ".build.lock",  # one builder at a time
+        ".v4.h5.lock",  # one nifti run at a time
         "bids",
         "split-uniform-iid-4-4mm",
         "split-uniform-noniid-2-4mm",
@@ -54,3 +57,26 @@ def test_synthetic_cohort_validates_before_generating(tmp_path):
     with pytest.raises(ValueError, match="holds out no subject"):
         synthetic_cohort(tmp_path, subjects=20, learners=2, test_fraction=0.01)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_second_builder_waits_for_the_first(cohort):
+    """Two jobs sharing a cache directory, or ranks of several nodes: each built the cohort at once in the same
+    place, removing the other's temporaries; now one builds and the others wait, then find it built."""
+    import fcntl
+    import threading
+    import time
+
+    base = Path(cohort.root) / f"synth-s{cohort.subjects}-seed{cohort.seed}"
+    got = []
+    with open(base / ".build.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        other = threading.Thread(
+            target=lambda: got.append(
+                synthetic_cohort(cohort.root, subjects=cohort.subjects, seed=cohort.seed, learners=4)
+            )
+        )
+        other.start()
+        time.sleep(1.5)
+        assert other.is_alive() and not got
+    other.join(60)
+    assert got and (got[0] / "partition.json").is_file()

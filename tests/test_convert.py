@@ -890,7 +890,7 @@ def test_a_full_disk_is_one_line_naming_the_output(cohort, tmp_path, monkeypatch
     assert cli.main(["nifti", "--bids", str(root), "--out", str(out), "--workers", "1", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: No space left on device (writing ") and err.count("\n") == 1, err
-    assert not out.exists() and not [p for p in convert.parts_dir(out).glob(".*")]
+    assert not out.exists() and not list(convert.parts_dir(out).glob(".*"))
 
 
 def test_a_staged_part_write_that_does_not_fit_keeps_its_errno(tmp_path, monkeypatch):
@@ -908,3 +908,18 @@ def test_a_staged_part_write_that_does_not_fit_keeps_its_errno(tmp_path, monkeyp
     with pytest.raises(OSError) as exc:
         convert._stage(("sub-1", tmp_path / "x.nii", tmp_path / "p" / "sub-1.npy", 4, "float16", 512, None))
     assert exc.value.errno == errno.ENOSPC and written
+
+
+def test_a_second_run_on_the_same_output_is_refused(cohort, tmp_path, capsys):
+    """Two runs on one --out: the second removed the first's temporaries and staged parts as its own, and one of
+    them ended in a traceback (FileNotFoundError on a part); now the second is refused while the first runs."""
+    import fcntl
+
+    root = _make_bids(cohort, tmp_path / "bids")
+    out = tmp_path / "v.h5"
+    with open(tmp_path / ".v.h5.lock", "w") as held:  # as the running one holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert cli.main(["nifti", "--bids", str(root), "--out", str(out), "--workers", "1", "--quiet"]) == 2
+    assert "another process is writing --out" in capsys.readouterr().err
+    assert not out.exists() and not convert.parts_dir(out).exists()
+    assert cli.main(["nifti", "--bids", str(root), "--out", str(out), "--workers", "1", "--quiet"]) == 0

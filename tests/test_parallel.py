@@ -1,5 +1,6 @@
 """Worker pools: order, in-process fallback, MPI launcher variables hidden from workers, dead workers named."""
 
+import contextlib
 import os
 import signal
 import time
@@ -201,7 +202,5 @@ def test_workers_end_when_their_parent_is_killed(tmp_path):
             assert time.monotonic() < deadline, "workers of the killed command were left behind"
             time.sleep(0.2)
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(job.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
