@@ -166,17 +166,23 @@ def test_a_sweep_task_finds_the_job_script_from_the_submit_directory(tmp_path):
     assert proc.returncode == 2 and "submit from the fedmpi checkout" in proc.stderr
 
 
+def _fake_venv(tmp_path, python: str):
+    """A venv for the job script to activate whose `python` is the shell script `python`: what a rank would run."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "activate").write_text(f'PATH="{venv / "bin"}:$PATH"\n')
+    (venv / "bin" / "python").write_text(python)
+    (venv / "bin" / "python").chmod(0o755)
+    return venv
+
+
 def test_the_ranks_start_with_the_stop_signals_blocked(tmp_path):
     """A warning relayed while a rank's Python starts (before fedmpi takes it) ended the rank with exit 138 on a
     real SLURM: the script starts each rank with SIGUSR1 and SIGTERM blocked, and fedmpi unblocks them."""
     if subprocess.run(["env", "--block-signal=USR1", "true"], capture_output=True).returncode:
         pytest.skip("env --block-signal needs GNU coreutils 8.31 or later")
-    venv = tmp_path / "venv" / "bin"
-    venv.mkdir(parents=True)
-    (venv / "activate").write_text(f'PATH="{venv}:$PATH"\n')
-    (venv / "python").write_text(f"#!/bin/bash\ngrep SigBlk /proc/self/status > {tmp_path}/mask\n")
-    (venv / "python").chmod(0o755)
-    env = dict(_fake_slurm(tmp_path), FEDMPI_VENV=str(venv.parent))
+    venv = _fake_venv(tmp_path, f"#!/bin/bash\ngrep SigBlk /proc/self/status > {tmp_path}/mask\n")
+    env = dict(_fake_slurm(tmp_path), FEDMPI_VENV=str(venv))
     proc = subprocess.run(["bash", "jobs/fedsparsify.slurm", "x.yaml"], cwd=ROOT, env=env, capture_output=True)
     assert proc.returncode == 0, proc.stderr
     blocked = int((tmp_path / "mask").read_text().split()[1], 16)
@@ -192,12 +198,8 @@ def test_a_warning_while_the_script_probes_env_is_not_lost(tmp_path):
         f'#!/bin/bash\n[ "$*" = "--block-signal=USR1 true" ] && sleep 3\nexec {shutil.which("env")} "$@"\n'
     )
     slow_env.chmod(0o755)
-    venv = tmp_path / "venv" / "bin"
-    venv.mkdir(parents=True)
-    (venv / "activate").write_text(f'PATH="{venv}:$PATH"\n')
-    (venv / "python").write_text(f"#!/bin/bash\ntouch {tmp_path}/started\n")
-    (venv / "python").chmod(0o755)
-    job = _submit(dict(env, FEDMPI_VENV=str(venv.parent)), tmp_path / "never-read.yaml")
+    venv = _fake_venv(tmp_path, f"#!/bin/bash\ntouch {tmp_path}/started\n")
+    job = _submit(dict(env, FEDMPI_VENV=str(venv)), tmp_path / "never-read.yaml")
     time.sleep(1)
     os.kill(job.pid, signal.SIGUSR1)
     out, err = _finish(job)
@@ -209,13 +211,9 @@ def test_a_warning_while_the_script_probes_env_is_not_lost(tmp_path):
 def test_an_option_where_the_config_belongs_is_the_scripts_usage_error(tmp_path):
     """`sbatch jobs/fedsparsify.slurm --set k=v` (the config forgotten) ran `train --config --set k=v` on every
     task and failed with argparse's 'argument --config: expected one argument': the script names its own usage."""
-    venv = tmp_path / "venv" / "bin"
-    venv.mkdir(parents=True)
-    (venv / "activate").write_text(f'PATH="{venv}:$PATH"\n')
-    (venv / "python").write_text(f"#!/bin/bash\ntouch {tmp_path}/started\n")
-    (venv / "python").chmod(0o755)
-    env = dict(_fake_slurm(tmp_path), FEDMPI_VENV=str(venv.parent))
-    for args in (["--set", "run.name=x"], ["--config", "a.yaml"], []):  # none: bash's own ${1:?} said it, exit 1
+    venv = _fake_venv(tmp_path, f"#!/bin/bash\ntouch {tmp_path}/started\n")
+    env = dict(_fake_slurm(tmp_path), FEDMPI_VENV=str(venv))
+    for args in (["--set", "run.name=x"], ["--config", "a.yaml"], []):  # none at all: was bash's ${1:?} message, exit 1
         proc = subprocess.run(
             ["bash", "jobs/fedsparsify.slurm", *args], cwd=ROOT, env=env, capture_output=True, text=True
         )
