@@ -224,7 +224,7 @@ def convert(
     the re-run), parallel.WorkerDied when a worker process dies (finished subjects stay staged).
     """
     out, bids_dir = Path(out), Path(bids_dir)
-    grid.target_grid(voxel)  # a voxel size without an MNI grid is refused before any work
+    shape, affine = grid.target_grid(voxel)
     if dtype not in h5io.DTYPES:
         raise ValueError(f"dtype must be one of {sorted(h5io.DTYPES)}, got {dtype!r}")
     check_outputs(out)
@@ -254,116 +254,90 @@ def convert(
     fingerprint = _fingerprint(entries, keys, bad, params, max_image_mb)
     report = skipped_report_path(out)
     stage = parts_dir(out)
-    options = dict(voxel=voxel, dtype=dtype, workers=workers, skip_bad=skip_bad, progress=progress)
-    options.update(age_range=age_range, max_image_mb=max_image_mb, registration=registration)
     # one run at a time per output: a second one removed the first's temporaries and parts (a traceback there)
     with outputs.exclusive(out.with_name(f".{out.name}.lock"), f"--out {out}", wait=False):
-        return _convert(entries, bad, keys, params, fingerprint, out, bids_dir, stage, report, **options)
+        if (skip_bad or not bad) and _is_up_to_date(out, fingerprint, skip_bad):
+            shutil.rmtree(stage, ignore_errors=True)  # left by a run that stopped on bad input: the output has it all
+            return Result(out, 0, {}, 0, True)
 
-
-def _convert(
-    entries,
-    bad,
-    keys,
-    params,
-    fingerprint,
-    out,
-    bids_dir,
-    stage,
-    report,
-    *,
-    voxel,
-    dtype,
-    workers,
-    skip_bad,
-    progress,
-    age_range,
-    max_image_mb,
-    registration,
-) -> Result:
-    """convert's work, with the output's lock held."""
-    shape, affine = grid.target_grid(voxel)
-    if (skip_bad or not bad) and _is_up_to_date(out, fingerprint, skip_bad):
-        shutil.rmtree(stage, ignore_errors=True)  # left by a run that stopped on bad input: the output has it all
-        return Result(out, 0, {}, 0, True)
-
-    stage.mkdir(parents=True, exist_ok=True)
-    _remove_temporaries(stage)
-    parts = {e.participant_id: stage / f"{e.participant_id}-{k}.npy" for e, k in zip(entries, keys)}
-    todo = [
-        (e.participant_id, e.image, parts[e.participant_id], voxel, dtype, max_image_mb, registration)
-        for e in entries
-        if not parts[e.participant_id].is_file()
-    ]
-    reference = register.reference(voxel) if registration is not None and todo else None
-    try:
-        for pid, reason in parallel.run(
-            _stage,
-            todo,
-            workers=workers,
-            initializer=_init_worker,
-            initargs=(grid.brain_mask(voxel), reference),
-            desc="nifti",
-            progress=progress,
-            name=lambda job: job[0],
-        ):
-            if reason:
-                bad[pid] = " ".join(reason.split())  # one line each on the terminal and in the TSV
-    except parallel.WorkerDied as exc:
+        stage.mkdir(parents=True, exist_ok=True)
         _remove_temporaries(stage)
-        raise parallel.WorkerDied(
-            f"{exc}; nothing written; finished subjects stay in {stage} and a re-run "
-            "resumes (use fewer --workers, or a lower --max-image-mb to refuse large images)",
-            exc.names,
-        ) from None
-    # every staged part, new or reused: a copy may have been staged by an earlier run
-    staged = {e.participant_id: parts[e.participant_id] for e in entries if e.participant_id not in bad}
-    bad.update(same_scans({pid: _digest(part) for pid, part in staged.items()}))
+        parts = {e.participant_id: stage / f"{e.participant_id}-{k}.npy" for e, k in zip(entries, keys)}
+        todo = [
+            (e.participant_id, e.image, parts[e.participant_id], voxel, dtype, max_image_mb, registration)
+            for e in entries
+            if not parts[e.participant_id].is_file()
+        ]
+        reference = register.reference(voxel) if registration is not None and todo else None
+        try:
+            for pid, reason in parallel.run(
+                _stage,
+                todo,
+                workers=workers,
+                initializer=_init_worker,
+                initargs=(grid.brain_mask(voxel), reference),
+                desc="nifti",
+                progress=progress,
+                name=lambda job: job[0],
+            ):
+                if reason:
+                    bad[pid] = " ".join(reason.split())  # one line each on the terminal and in the TSV
+        except parallel.WorkerDied as exc:
+            _remove_temporaries(stage)
+            raise parallel.WorkerDied(
+                f"{exc}; nothing written; finished subjects stay in {stage} and a re-run "
+                "resumes (use fewer --workers, or a lower --max-image-mb to refuse large images)",
+                exc.names,
+            ) from None
+        # every staged part, new or reused: a copy may have been staged by an earlier run
+        staged = {e.participant_id: parts[e.participant_id] for e in entries if e.participant_id not in bad}
+        bad.update(same_scans({pid: _digest(part) for pid, part in staged.items()}))
 
-    good = [e for e in entries if e.participant_id not in bad]
-    fresh = {job[0] for job in todo}
-    reused = sum(e.participant_id not in fresh for e in good)  # not the refused copies
-    if not good:
-        shutil.rmtree(stage, ignore_errors=True)  # nothing staged is of use
-    if bad and not skip_bad:
-        # the good subjects stay staged, so the re-run this asks for does only the rest
-        kept = f"; the {len(good)} good subject(s) stay staged in {stage} for the re-run" if good else ""
-        raise BadInput(
-            f"{len(bad)} bad subject(s) in {bids_dir}; nothing written (fix them or re-run with --skip-bad){kept}", bad
-        )
-    if not good:
-        raise BadInput(f"no usable subject in {bids_dir}", bad)
+        good = [e for e in entries if e.participant_id not in bad]
+        fresh = {job[0] for job in todo}
+        reused = sum(e.participant_id not in fresh for e in good)  # not the refused copies
+        if not good:
+            shutil.rmtree(stage, ignore_errors=True)  # nothing staged is of use
+        if bad and not skip_bad:
+            # the good subjects stay staged, so the re-run this asks for does only the rest
+            kept = f"; the {len(good)} good subject(s) stay staged in {stage} for the re-run" if good else ""
+            raise BadInput(
+                f"{len(bad)} bad subject(s) in {bids_dir}; nothing written (fix them or re-run with --skip-bad){kept}",
+                bad,
+            )
+        if not good:
+            raise BadInput(f"no usable subject in {bids_dir}", bad)
 
-    table = {
-        "age": [e.age for e in good],
-        "subject_id": [e.participant_id for e in good],
-        "sex": [e.sex for e in good],
-        "site": [e.site for e in good],
-    }
-    if registration is not None:
-        done = [json.loads(_sidecar(parts[e.participant_id]).read_text()) for e in good]
-        table["mni_to_native"] = [d["mni_to_native"] for d in done]
-        table["registration_ncc"] = [d["ncc"] for d in done]
-    attrs = h5io.base_attrs(voxel, shape, affine, params, fingerprint)
-    attrs["skipped"] = json.dumps(bad, sort_keys=True)
-    attrs["age_range"] = np.asarray(age_range, dtype=np.float64)
-    correlations: dict[str, float] = {}
+        table = {
+            "age": [e.age for e in good],
+            "subject_id": [e.participant_id for e in good],
+            "sex": [e.sex for e in good],
+            "site": [e.site for e in good],
+        }
+        if registration is not None:
+            done = [json.loads(_sidecar(parts[e.participant_id]).read_text()) for e in good]
+            table["mni_to_native"] = [d["mni_to_native"] for d in done]
+            table["registration_ncc"] = [d["ncc"] for d in done]
+        attrs = h5io.base_attrs(voxel, shape, affine, params, fingerprint)
+        attrs["skipped"] = json.dumps(bad, sort_keys=True)
+        attrs["age_range"] = np.asarray(age_range, dtype=np.float64)
+        correlations: dict[str, float] = {}
 
-    def volumes():
-        template, mask = grid.template(voxel), grid.brain_mask(voxel)
-        for e in good:
-            volume = np.load(parts[e.participant_id])
-            if registration is None:  # a registration checked its own (--min-ncc)
-                correlations[e.participant_id] = qc.template_ncc(volume.astype(np.float32), template, mask)
-            yield volume
+        def volumes():
+            template, mask = grid.template(voxel), grid.brain_mask(voxel)
+            for e in good:
+                volume = np.load(parts[e.participant_id])
+                if registration is None:  # a registration checked its own (--min-ncc)
+                    correlations[e.participant_id] = qc.template_ncc(volume.astype(np.float32), template, mask)
+                yield volume
 
-    h5io.write_volumes(out, volumes(), table, attrs, dtype)
-    if bad:
-        with atomic_path(report) as tmp:
-            tmp.write_text("participant_id\treason\n" + "".join(f"{p}\t{r}\n" for p, r in sorted(bad.items())))
-    elif report.exists():
-        report.unlink()
-    shutil.rmtree(stage, ignore_errors=True)
-    misplaced = {pid: r for pid, r in correlations.items() if r < PLACEMENT_NCC}
-    assumed = [e.participant_id for e in good if e.session_age_assumed]
-    return Result(out, len(good), bad, reused, False, misplaced, assumed)
+        h5io.write_volumes(out, volumes(), table, attrs, dtype)
+        if bad:
+            with atomic_path(report) as tmp:
+                tmp.write_text("participant_id\treason\n" + "".join(f"{p}\t{r}\n" for p, r in sorted(bad.items())))
+        elif report.exists():
+            report.unlink()
+        shutil.rmtree(stage, ignore_errors=True)
+        misplaced = {pid: r for pid, r in correlations.items() if r < PLACEMENT_NCC}
+        assumed = [e.participant_id for e in good if e.session_age_assumed]
+        return Result(out, len(good), bad, reused, False, misplaced, assumed)
