@@ -71,7 +71,9 @@ class DataConfig:
         "keep each rank's decoded volumes: memory (host RAM) | device (on its GPU: a learner "
         "of the paper's size needs about 3.6 GB) | off (read every epoch)",
     )
-    workers: int = opt(0, "DataLoader worker processes per rank (learners' training, the server's evaluation), <= 256")
+    workers: int = opt(
+        0, f"DataLoader worker processes per rank (learners' training, the server's evaluation), <= {MAX_WORKERS}"
+    )
 
 
 @dataclass
