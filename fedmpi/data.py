@@ -85,13 +85,20 @@ def check_volumes(path) -> dict:
             raise DataError(f"volume file {path}: {bad.size} age(s) not in {bids.age_range_text(age_range)}: {shown}")
         reader = h5io.ChunkReader(f["images"])
         for i in sorted({0, head["n"] // 2, head["n"] - 1})[:SAMPLED_VOLUMES]:
-            try:
-                volume = reader.read(i)
-            except Exception as exc:  # zlib/h5py errors on a damaged chunk
-                raise DataError(f"volume file {path}: cannot read volume {i}: {exc}") from None
-            if not np.isfinite(volume).all():
-                raise DataError(f"volume file {path}: volume {i} holds non-finite values")
+            read_volume(reader, path, i)
         return dict(head, digest=_digest(f, ages))
+
+
+def read_volume(reader: h5io.ChunkReader, path: Path, i: int) -> np.ndarray:
+    """Volume i of the file at `path`, or DataError naming the file and the volume: a damaged chunk, or values
+    that are not finite (one such volume makes the model NaN)."""
+    try:
+        volume = reader.read(i)
+    except Exception as exc:  # zlib/h5py errors on a damaged chunk
+        raise DataError(f"volume file {path}: cannot read volume {i}: {exc}") from None
+    if not np.isfinite(volume).all():
+        raise DataError(f"volume file {path}: volume {i} holds non-finite values")
+    return volume
 
 
 class VolumeDataset(Dataset):
@@ -158,15 +165,9 @@ class VolumeDataset(Dataset):
         age = torch.tensor(self._ages[i])
         if self._cache is not None and i in self._cache:
             return self._cache[i], age
-        reader = self._open()
-        try:
-            vol = reader.read(i)
-        except Exception as exc:  # zlib/h5py errors on a damaged chunk
-            raise DataError(f"volume file {self.path}: cannot read volume {i}: {exc}") from None
+        vol = read_volume(self._open(), self.path, i)  # the preflight checked a few; this one is checked as it is read
         # torch converts float16 -> float32 several times faster than numpy does
         x = torch.from_numpy(vol).to(torch.float32).unsqueeze(0)
-        if not torch.isfinite(x).all():  # the preflight samples a few volumes; this one would make the model NaN
-            raise DataError(f"volume file {self.path}: volume {i} holds non-finite values")
         if self._cache is not None:
             if self.cache_device is not None:
                 x = x.to(self.cache_device)
