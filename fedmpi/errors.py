@@ -79,8 +79,9 @@ class MissingExtra(UserError, RuntimeError):
     and the install command."""
 
 
-# A full disk, an exhausted quota, a file system remounted read-only: the user's to fix, not a bug.
-STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+# A full disk, an exhausted quota, a file system remounted read-only, a file size limit (`ulimit -f`, a file
+# system's largest file): the user's to fix, not a bug.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
 def is_user_error(exc: BaseException) -> bool:

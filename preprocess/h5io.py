@@ -21,11 +21,12 @@ target for 2 mm float16 on one core) and every HDF5 reader has it, unlike lzf.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import re
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import h5py
@@ -81,6 +82,66 @@ def _lock_error(path, exc: OSError) -> Exception:
     return DataError(f"{path} is locked by another process (being written?): {exc}")
 
 
+class _Sink:
+    """The temporary file under h5py's file-object driver, which keeps a failed write (a full disk, a quota, a
+    file size limit) to raise after the file is closed instead of handing it to HDF5: HDF5 cannot close a file
+    one of its writes failed in, and the open file it is left with crashes the process at exit (SIGSEGV). A
+    short write is finished, not left as a hole the driver would not notice."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.error: OSError | None = None
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def read(self, size: int = -1) -> bytes:
+        return self.raw.read(size)
+
+    def readinto(self, buffer) -> int:
+        return self.raw.readinto(buffer)
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        size = len(view)
+        try:
+            while self.error is None and view:
+                view = view[self.raw.write(view) :]
+        except OSError as exc:
+            self.error = exc
+        return size
+
+    def truncate(self, size: int) -> int:
+        try:
+            return self.raw.truncate(size)
+        except OSError as exc:
+            self.error = self.error or exc
+            return size
+
+    def flush(self) -> None:
+        """Nothing to do: the file is unbuffered, and atomic_path fsyncs it once complete."""
+
+    def check(self) -> None:
+        """Raise the first failed write, so that a writer stops at it rather than at the end."""
+        if self.error is not None:
+            raise self.error
+
+
+@contextlib.contextmanager
+def _writing(tmp: Path) -> Iterator[tuple[h5py.File, _Sink]]:
+    """A new HDF5 file at `tmp` (atomic_path's temporary) that closes cleanly whatever its writes met; the
+    first failed write is raised after the close. No chunk cache: each chunk is written once, and holding it
+    (HDF5 2 holds 8 MiB) only delays the write and the error a full disk gives it."""
+    with open(tmp, "w+b", buffering=0) as raw:
+        sink = _Sink(raw)
+        with h5py.File(sink, "w", rdcc_nbytes=0) as f:
+            yield f, sink
+        sink.check()
+
+
 def base_attrs(voxel: int, shape, affine, params: dict, fingerprint: str) -> dict:
     """File attributes shared by a preprocessed file and every split made from it."""
     from fedmpi import __version__
@@ -125,11 +186,12 @@ def write_volumes(path, volumes: Iterable[np.ndarray], table: dict, attrs: dict,
     """
     n = len(table["age"])
     shape = tuple(int(s) for s in attrs["shape"])
-    with atomic_path(path) as tmp, h5file(tmp, "w") as f:
+    with atomic_path(path) as tmp, _writing(tmp) as (f, sink):
         images = _create(f, n, shape, DTYPES[dtype], table, attrs)
         count = 0
         for i, vol in enumerate(volumes):
             images[i] = vol
+            sink.check()
             count += 1
         if count != n:
             raise ValueError(f"got {count} volumes for {n} table rows")
@@ -146,7 +208,7 @@ def copy_rows(src, dst, rows, extra_attrs: dict) -> Path:
         attrs = dict(f.attrs)
         attrs.update(extra_attrs)
         images = f["images"]
-        with atomic_path(dst) as tmp, h5file(tmp, "w") as g:
+        with atomic_path(dst) as tmp, _writing(tmp) as (g, sink):
             out = _create(g, len(rows), images.shape[1:], images.dtype, table, attrs)
             # raw chunks only when they are encoded as _create encodes them; otherwise (contiguous,
             # several volumes per chunk, another filter) decode and re-encode in the documented layout
@@ -157,6 +219,7 @@ def copy_rows(src, dst, rows, extra_attrs: dict) -> Path:
                     out.id.write_direct_chunk((j, 0, 0, 0), chunk, mask)
                 else:
                     out[j] = images[int(i)]
+                sink.check()
     return Path(dst)
 
 

@@ -1,6 +1,7 @@
 """The HDF5 volume format: contents, attributes, atomic writes, row copies, checked opening."""
 
 import csv
+import errno
 import json
 import os
 import shutil
@@ -226,6 +227,73 @@ def test_copy_rows_puts_raw_chunks_in_their_new_rows(tmp_path):
         assert h5io.ChunkReader(f["images"]).raw
         np.testing.assert_array_equal(f["images"][:], vols[[2, 0]])
         assert list(f["subject_id"].asstr()[:]) == ["s2", "s0"]
+
+
+# writes past a file size limit fail (EFBIG) as on a full disk (ENOSPC), without needing one: HDF5's own driver met
+# either by raising an error it could not close the file after, and the process crashed at exit (SIGSEGV)
+FILE_LIMIT_SCRIPT = """
+import resource, sys
+import numpy as np
+from preprocess import h5io
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+out = sys.argv[1] + "/out.h5"
+shape = (40, 48, 40)
+attrs = h5io.base_attrs(4, shape, np.eye(4), {}, "fp")
+table = {"age": [60.0] * 40, "subject_id": ["s%d" % i for i in range(40)], "sex": ["F"] * 40, "site": ["X"] * 40}
+made = []
+
+def volumes():
+    for i in range(40):
+        made.append(i)
+        yield np.random.default_rng(i).normal(size=shape)
+
+try:
+    if sys.argv[2] == "write":
+        h5io.write_volumes(out, volumes(), table, attrs)
+    else:
+        h5io.copy_rows(sys.argv[2], out, list(range(40)), {})
+except OSError as exc:
+    print(exc.errno, len(made), exc.strerror)
+"""
+
+
+@pytest.mark.parametrize("how", ["write", "copy"])
+def test_a_write_that_does_not_fit_is_an_error_the_process_survives(tmp_path, how):
+    source = "write"
+    if how == "copy":
+        vols = np.random.default_rng(2).normal(size=(40, 40, 48, 40)).astype(np.float16)
+        source = str(h5io.write_volumes(tmp_path / "src.h5", iter(vols), _table(40), _attrs((40, 48, 40))))
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run(
+        [sys.executable, "-c", FILE_LIMIT_SCRIPT, str(out), source], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    code, made, reason = run.stdout.split(maxsplit=2)
+    assert int(code) == errno.EFBIG and reason.startswith("File too large (writing ")
+    if how == "write":
+        assert int(made) < 20  # it stopped at the write that failed, not after the last volume
+    assert "Traceback" not in run.stderr
+    assert list(out.iterdir()) == []  # the temporary removed, nothing under the real name
+
+
+class _ShortWrites:
+    """A file whose writes take at most 3 bytes, as a nearly full disk may."""
+
+    def __init__(self):
+        self.data = bytearray()
+
+    def write(self, view):
+        self.data += bytes(view[:3])
+        return min(3, len(view))
+
+
+def test_sink_finishes_short_writes():
+    raw = _ShortWrites()
+    sink = h5io._Sink(raw)
+    assert sink.write(memoryview(b"0123456789")) == 10
+    assert raw.data == b"0123456789" and sink.error is None
 
 
 # flock() failing as on NFS without a lock daemon, for every process this library is preloaded into
