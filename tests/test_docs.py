@@ -1,11 +1,13 @@
 """README.md and docs/ name the tests that show each claim (the reliability table, the method's notes): every
 test file and test they name exists, so a renamed or moved test cannot leave the documentation pointing at nothing;
-likewise every configuration option they name exists, with the default they state."""
+likewise every configuration option they name exists, with the default they state, and the study's figures README quotes
+are those of docs/results/numbers.json."""
 
 from __future__ import annotations
 
 import ast
 import importlib
+import json
 import re
 from pathlib import Path
 
@@ -81,3 +83,48 @@ def test_every_option_the_documentation_names_exists_with_the_default_it_states(
                     wrong.append(f"{doc.name}: {name} [{stated}] is not its default")
     assert not wrong, "; ".join(sorted(set(wrong)))
     assert checked >= 5  # the README's GPU options and PruneFL's reconfigure_fraction
+
+
+STUDY_NAMES = {"skewed-noniid": "skewed-non-IID", "uniform-noniid": "uniform-non-IID", "uniform-iid": "uniform-IID"}
+
+
+def _signed(x: float) -> str:
+    return f"{x:+.2f}".replace("+0.00", "0.00")
+
+
+def _paired(method: dict) -> str:
+    p = method["paired"]
+    return f"{_signed(p['mean_diff'])} [{_signed(p['diff_low'])}, {_signed(p['diff_high'])}]"
+
+
+def test_the_readme_quotes_the_study_as_numbers_json_has_it():
+    """The study's figures in README are typed from docs/results/numbers.json (which test_report regenerates from
+    the committed run records): a re-run or a changed report must not leave README quoting the old figures."""
+    numbers = json.loads((ROOT / "docs/results/numbers.json").read_text())
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    accuracy = [d for d in numbers["accuracy"] if "test_fraction=0.2" in d["setting"]]
+    assert sorted(d["distribution"] for d in accuracy) == sorted(STUDY_NAMES)
+    expected, last_rounds = [], {}
+    for d in accuracy:
+        m = {x["label"]: x for x in d["methods"]}
+        avg, glob, local = m["fedavg"], m["fedsparsify-global 0.95"], m["fedsparsify-local 0.95"]
+        spread = f"{avg['mae_mean']:.2f} [{avg['mae_min']:.2f}, {avg['mae_max']:.2f}]"
+        expected.append(f"| {STUDY_NAMES[d['distribution']]} | {spread} | {_paired(glob)} | {_paired(local)} |")
+        expected.append(_paired(m["fedsparsify-global 0.99"]))
+        last_rounds[STUDY_NAMES[d["distribution"]]] = [f"{x['last_rounds_mae']:.2f}" for x in (avg, glob, local)]
+        if d["distribution"] == "uniform-iid":
+            expected += [f"GraSP {_paired(m['grasp 0.95'])}", f"PruneFL {_paired(m['prunefl 0.95'])}"]
+            pooled = m["centralized (pooled)"]
+            expected.append(f"MAE {pooled['mae_mean']:.2f} ({pooled['mae_min']:.2f} and {pooled['mae_max']:.2f})")
+    for key, words in (("spearman_auc_vs_gap", "Spearman ρ"), ("spearman_auc_vs_sparsity", "ρ")):
+        rho = [c[key] for c in numbers["privacy"][0]["correlations"].values()]
+        low, high = sorted(rho, key=abs)[:: len(rho) - 1]
+        expected.append(f"{words} {_signed(low)} to {_signed(high)}")
+    for text in expected:
+        assert text in readme, text
+    # "Averaged over the last 5 rounds ...: skewed-non-IID FedAvg 5.96, Global 0.95 5.53, Local 0.95 5.47; ..."
+    sentence = readme[readme.index("Averaged over the last 5 rounds") : readme.index("(accuracy.md's")]
+    quoted = re.findall(
+        r"(\S+-IID) (?:FedAvg )?(\d\.\d\d), (?:Global 0.95 )?(\d\.\d\d), (?:Local 0.95 )?(\d\.\d\d)", sentence
+    )
+    assert {name: list(mae) for name, *mae in quoted} == last_rounds
