@@ -15,8 +15,11 @@ import sys
 from pathlib import Path
 
 from fedmpi.cli import stdout_closed
+from fedmpi.config import MAX_WORKERS
 from fedmpi.errors import EXIT_INTERRUPTED, EXIT_USAGE, STORAGE_ERRNOS, UserError
-from preprocess import bids, convert, distributions, grid, h5io, nifti, qc, register, split, synth
+from preprocess import bids, convert, distributions, grid, h5io, nifti, parallel, qc, register, split, synth
+
+WORKERS_HELP = f"processes (default: the CPUs this process may use; at most {MAX_WORKERS})"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,6 +48,15 @@ def _positive(text: str) -> int:
 
 def _nonnegative(text: str) -> int:
     return _integer(text, 0)
+
+
+def _workers(text: str) -> int:
+    """1..MAX_WORKERS (fedmpi's bound for data.workers): each worker is a process holding its own imports and a
+    subject's volumes, and `--workers 10000` would try to start one per subject."""
+    value = _integer(text, 1)
+    if value > MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_WORKERS}, got {value}")
+    return value
 
 
 def _megabytes(text: str) -> float:
@@ -93,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="mni: heads where the template is; native: random rigid head pose plus ground truth "
         "under derivatives/synth-truth/ (to exercise nifti --register)",
     )
-    p.add_argument("--workers", type=_positive, default=None, help="processes (default: all CPUs)")
+    p.add_argument("--workers", type=_workers, default=None, help=WORKERS_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("nifti", help="preprocess a BIDS dataset into one HDF5 file")
@@ -101,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output FILE.h5")
     p.add_argument("--voxel", type=int, choices=sorted(grid.GRIDS), default=4, help="MNI grid spacing in mm")
     p.add_argument("--dtype", choices=tuple(h5io.DTYPES), default="float16")
-    p.add_argument("--workers", type=_positive, default=None, help="processes (default: all CPUs)")
+    p.add_argument("--workers", type=_workers, default=None, help=WORKERS_HELP)
     p.add_argument(
         "--skip-bad", action="store_true", help="write the good subjects and FILE.skipped.tsv instead of failing"
     )
@@ -288,6 +300,14 @@ def main(argv=None) -> int:
     registration_only = args.command == "nifti" and (args.skull_strip != "none" or args.min_ncc is not None)
     if registration_only and args.register == "none":
         parser.error("--skull-strip and --min-ncc apply to registration: add --register affine or rigid")
+    cpus = parallel.default_workers()
+    if getattr(args, "workers", None) and args.workers > cpus:
+        extra = "s take" if args.workers - cpus > 1 else " takes"
+        plural = "s" if cpus > 1 else ""
+        print(
+            f"note: --workers {args.workers} on {cpus} CPU{plural}: the extra worker{extra} memory, not time",
+            file=sys.stderr,
+        )
     # kill/SIGTERM (a job manager, docker stop, a parent's terminate()) stops like Ctrl-C: the worker pool is shut
     # down; left to the default action, the parent dies at once and its spawned workers stay blocked forever on
     # the pool's pipe (holding the terminal's or a pipeline's stdout open)

@@ -9,7 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from preprocess import cli, grid, nifti, synth
+from fedmpi.config import MAX_WORKERS
+from preprocess import cli, grid, nifti, parallel, synth
 
 
 def _participants(bids):
@@ -265,3 +266,22 @@ def test_an_existing_foreign_directory_as_out_is_one_error_line(tmp_path, capsys
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not the cohort --subjects 2 --seed 0" in err
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("command", ["synth", "nifti"])
+def test_cli_workers_are_bounded(tmp_path, capsys, command):
+    """`--workers 10000` would start one process per subject, each with its imports and volumes: refused above
+    fedmpi's MAX_WORKERS, before anything is written."""
+    args = [command, "--out", str(tmp_path / "d"), "--workers", str(MAX_WORKERS + 1)]
+    with pytest.raises(SystemExit, match=r"^2$"):
+        cli.main(args + (["--bids", str(tmp_path)] if command == "nifti" else []))
+    assert f"argument --workers: must be <= {MAX_WORKERS}, got {MAX_WORKERS + 1}" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_cli_notes_more_workers_than_cpus(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(parallel, "default_workers", lambda: 1)
+    assert cli.main(["synth", "--out", str(tmp_path / "c"), "--subjects", "2", "--workers", "2", "--quiet"]) == 0
+    assert "note: --workers 2 on 1 CPU: the extra worker takes memory, not time" in capsys.readouterr().err
+    assert cli.main(["synth", "--out", str(tmp_path / "c"), "--subjects", "2", "--workers", "1", "--quiet"]) == 0
+    assert "note" not in capsys.readouterr().err
