@@ -213,7 +213,8 @@ def write_split(
     """learner_1.h5 .. learner_K.h5, test.h5 and partition.json in `out`, built atomically.
 
     The files are built in a temporary directory inside `out` and moved in; partition.json
-    goes last, so a directory without it is an unfinished split. Only the files a split owns
+    goes last, so a directory without it is an unfinished split. A second split into `out` while one runs is
+    refused (OutputError): `.NAME.lock` beside `out` is held while the files are written. Only the files a split owns
     (OWNED) are replaced or removed: other files in an existing split directory stay. A
     non-empty directory without partition.json that holds other files is refused, and so is
     an `out` that holds the input file.
@@ -234,27 +235,29 @@ def write_split(
         "age_bins": N_BINS,
         "source": str(h5.resolve()),
     }
-    created = not out.exists()
-    make_dirs(out)
-    for stale in out.glob(TMP_PREFIX + "*"):  # left by a split that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=out))
-    os.chmod(tmp, umask_mode(directory=True))
-    done = False
-    try:
-        per_learner: list[dict] = []
-        summary = dict(meta, test=dict(_stats(ages[test]), file=TEST_FILE), per_learner=per_learner)
-        h5io.copy_rows(h5, tmp / TEST_FILE, test, {"split": json.dumps(dict(meta, role="test"))})
-        for j, rows in enumerate(parts, start=1):
-            name = learner_file(j)
-            h5io.copy_rows(h5, tmp / name, rows, {"split": json.dumps(dict(meta, role="learner", learner=j))})
-            per_learner.append(dict(_stats(ages[rows]), learner=j, file=name))
-        _move_in(tmp, out, json.dumps(summary, indent=2))
-        done = True
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not done and created and not any(out.iterdir()):
-            out.rmdir()
+    # one split at a time per --out: a second one swept the first's temporary directory as a killed split's
+    with outputs.exclusive(out.with_name(f".{out.name}.lock"), f"--out {out}", wait=False):
+        created = not out.exists()
+        make_dirs(out)
+        for stale in out.glob(TMP_PREFIX + "*"):  # left by a split that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=out))
+        os.chmod(tmp, umask_mode(directory=True))
+        done = False
+        try:
+            per_learner: list[dict] = []
+            summary = dict(meta, test=dict(_stats(ages[test]), file=TEST_FILE), per_learner=per_learner)
+            h5io.copy_rows(h5, tmp / TEST_FILE, test, {"split": json.dumps(dict(meta, role="test"))})
+            for j, rows in enumerate(parts, start=1):
+                name = learner_file(j)
+                h5io.copy_rows(h5, tmp / name, rows, {"split": json.dumps(dict(meta, role="learner", learner=j))})
+                per_learner.append(dict(_stats(ages[rows]), learner=j, file=name))
+            _move_in(tmp, out, json.dumps(summary, indent=2))
+            done = True
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not done and created and not any(out.iterdir()):
+                out.rmdir()
     return out
 
 

@@ -28,6 +28,8 @@ def test_synthetic_cohort_reuses_finished_steps(cohort):
     ]
     assert sorted(p.name for p in cohort.split.parent.iterdir()) == [
         ".build.lock",  # one builder at a time
+        ".split-uniform-iid-4-4mm.lock",  # one split at a time per directory
+        ".split-uniform-noniid-2-4mm.lock",
         ".v4.h5.lock",  # one nifti run at a time
         "bids",
         "split-uniform-iid-4-4mm",

@@ -184,6 +184,23 @@ def test_cli_split_errors_leave_no_output(cohort, tmp_path, capsys):
     assert (out / "learner_2.h5").is_file()
 
 
+def test_a_second_split_into_the_same_directory_is_refused(cohort, tmp_path, capsys):
+    """Two splits into one --out: the second swept the first's temporary directory as a killed split's, and the
+    first failed writing into it; now the second is refused while the first runs, and the first's files stay."""
+    import fcntl
+
+    out = tmp_path / "s"
+    assert cli.main(["split", "--h5", str(cohort.h5), "--out", str(out), "--learners", "2"]) == 0
+    before = (out / "partition.json").read_bytes()
+    with open(tmp_path / ".s.lock", "w") as held:  # as the running one holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert cli.main(["split", "--h5", str(cohort.h5), "--out", str(out), "--learners", "3"]) == 2
+    assert f"another process is writing --out {out}" in capsys.readouterr().err
+    assert (out / "partition.json").read_bytes() == before and not (out / "learner_3.h5").exists()
+    assert cli.main(["split", "--h5", str(cohort.h5), "--out", str(out), "--learners", "3"]) == 0
+    assert (out / "learner_3.h5").is_file()
+
+
 @pytest.mark.parametrize(
     "ages, kwargs, message",
     [
@@ -318,7 +335,7 @@ def test_rerun_replaces_only_the_files_a_split_owns(cohort, tmp_path, monkeypatc
     assert new["learners"] == 2 and new["seed"] == 4 and len(new["per_learner"]) == 2
     with h5py.File(out / "learner_2.h5", "r") as f:
         assert json.loads(f.attrs["split"])["distribution"] == "skewed-noniid"
-    assert list(tmp_path.iterdir()) == [out]  # nothing built or left beside it
+    assert sorted(tmp_path.iterdir()) == [tmp_path / ".s.lock", out]  # nothing built or left beside it but the lock
 
 
 def test_an_interrupted_split_directory_is_reused(cohort, tmp_path):
