@@ -108,9 +108,9 @@ def local_train(
     keeps pruned weights exactly zero (applied at the start, to gradients, and after each
     step). `prox_mu` > 0 adds FedProx's mu/2 * ||w - w_start||^2. The returned "loss" is
     the sample-weighted MSE over the last epoch, without the proximal term.
-    `squared_grads` (one tensor per parameter) accumulates every step's squared gradient
-    before the mask zeroes it, so pruned positions get theirs too (the gradient at their
-    zero value): PruneFL's importance. `autocast` runs the forward pass and loss in that dtype
+    `squared_grads` (one tensor per parameter) accumulates every step's squared gradient of the loss
+    (without the proximal term) before the mask zeroes it, so pruned positions get theirs too (the
+    gradient at their zero value): PruneFL's importance. `autocast` runs the forward pass and loss in that dtype
     (bf16 mixed precision; weights, gradients and the update stay float32); `channels_last` feeds
     the volumes in channels-last-3d memory order (the model must be converted too: prepare_model).
     The loss is summed on the device and read once per epoch, so a GPU is never stalled per step.
@@ -151,9 +151,11 @@ def local_train(
             total.backward()
             if squared_grads is not None:
                 with torch.no_grad():
-                    for p, acc in zip(params, squared_grads):
+                    for i, (p, acc) in enumerate(zip(params, squared_grads)):
                         if p.grad is not None:
-                            acc.addcmul_(p.grad, p.grad)
+                            # the loss's gradient: FedProx's pull towards the round's start is not importance
+                            g = p.grad if anchor is None else p.grad - prox_mu * (p - anchor[i])
+                            acc.addcmul_(g, g)
             if masks is not None:
                 for p, m in zip(params, masks):
                     if p.grad is not None:

@@ -277,6 +277,28 @@ def test_squared_grads_accumulate_every_position_the_mask_prunes_included():
         local_train(model, make_loader(n=4), epochs=1, lr=1e-3, squared_grads=squares[:-1])
 
 
+def test_squared_grads_are_the_losss_without_fedproxs_pull():
+    """PruneFL with FedProx: the importance is the loss's squared gradient; the proximal term's mu * (w - w_start)
+    (zero at the first step, half the loss's gradient at the second here) is not part of it."""
+    lr, mu = 1e-2, 50.0
+    model, reference = tiny_model(), tiny_model()
+    squares = [torch.zeros_like(p) for p in model.parameters()]
+    local_train(model, make_loader(n=8, batch_size=4), epochs=1, lr=lr, prox_mu=mu, squared_grads=squares)
+    params = list(reference.parameters())
+    start = [p.detach().clone() for p in params]
+    expected = [torch.zeros_like(p) for p in params]
+    for x, y in make_loader(n=8, batch_size=4):
+        loss = torch.nn.functional.mse_loss(reference(x).float(), y)
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for p, a, g, e in zip(params, start, grads, expected):
+                e.add_(g * g)
+                p.sub_(lr * (g + mu * (p - a)))
+    for got, want in zip(squares, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-10)
+    np.testing.assert_allclose(flat_parameters(model), flat_parameters(reference), rtol=1e-5, atol=1e-7)
+
+
 def test_local_train_is_masked_fedprox_sgd_and_reports_the_last_epochs_sample_weighted_mse():
     """Two epochs of 4 + 2 samples against the same SGD written out by hand: momentum, weight decay,
     FedProx's mu/2 * ||w - w_start||^2 on every parameter, pruned positions held at zero."""
