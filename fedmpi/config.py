@@ -106,7 +106,10 @@ class TrainConfig:
         False, "channels-last-3d memory order for volumes and weights (faster convolutions on recent GPUs)"
     )
     cudnn_benchmark: bool = opt(True, "on a GPU, let cuDNN time and pick the fastest convolution algorithms")
-    threads: int = opt(0, "torch threads per rank; 0 = OMP_NUM_THREADS if set, else cores / ranks on the node")
+    threads: int = opt(
+        0,
+        "torch threads per rank; 0 = OMP_NUM_THREADS if set, else SLURM_CPUS_PER_TASK, else cores / ranks on the node",
+    )
 
 
 @dataclass

@@ -305,17 +305,28 @@ def default_mpirun() -> str:
 
 
 def torch_threads(configured: int, local_size: int) -> int:
-    """train.threads; else OMP_NUM_THREADS, which a batch script sets to the cores it gave each task (srun
-    binds each rank to its own); else, as under a workstation's mpirun where every rank may use every core,
-    this rank's share of the cores on the node."""
+    """train.threads; else OMP_NUM_THREADS (a nested list's first level, "4,2" -> 4, as OpenMP reads it), which
+    a batch script sets to the cores it gave each task; else SLURM_CPUS_PER_TASK (a site's own srun line, whose
+    `--cpu-bind` leaves each rank only its own cores: dividing those by the node's ranks gave one thread), at most
+    the cores this rank may use; else, as under a workstation's mpirun where every rank may use every core, this
+    rank's share of the cores on the node. A value train.threads would refuse counts as unset (torch raised
+    after MPI had started)."""
     if configured:
         return configured
+    cores = len(os.sched_getaffinity(0))
+    given = _thread_count("OMP_NUM_THREADS")
+    if not given:
+        given = min(_thread_count("SLURM_CPUS_PER_TASK"), cores)
+    return given or max(1, cores // local_size)
+
+
+def _thread_count(variable: str) -> int:
+    """The whole number in $variable (its first, comma-separated, element) in [1, MAX_THREADS], else 0."""
     try:
-        given = int(os.environ.get("OMP_NUM_THREADS", ""))
+        given = int(os.environ.get(variable, "").split(",")[0])
     except ValueError:
-        given = 0
-    # one train.threads would refuse (torch.set_num_threads raised after MPI had started) counts as unset
-    return given if 0 < given <= MAX_THREADS else max(1, len(os.sched_getaffinity(0)) // local_size)
+        return 0
+    return given if 0 < given <= MAX_THREADS else 0
 
 
 def learner_startup_patience(startup: float) -> float:

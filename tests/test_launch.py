@@ -168,12 +168,33 @@ def test_config_errors_are_one_clear_line(capsys):
 def test_torch_threads_come_from_the_option_the_batch_script_or_the_share_of_cores(monkeypatch):
     from fedmpi.launch import torch_threads
 
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "4")  # jobs/fedsparsify.slurm: the cores srun gave each task
     assert torch_threads(3, local_size=5) == 3 and torch_threads(0, local_size=5) == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "4,2")  # nested parallelism: the outer level's count
+    assert torch_threads(0, local_size=5) == 4
     cores = len(os.sched_getaffinity(0))
-    for unset in ("", "abc", "0", "2147483648"):  # the last: torch.set_num_threads raised once MPI had started
+    for unset in ("", "abc", "0", "2147483648", ",4"):  # 2**31: torch.set_num_threads raised once MPI had started
         monkeypatch.setenv("OMP_NUM_THREADS", unset)
         assert torch_threads(0, local_size=1) == cores and torch_threads(0, local_size=10 * cores) == 1
+
+
+def test_torch_threads_under_a_sites_own_srun_line_are_the_tasks_cores(monkeypatch):
+    """`srun -c 4 --cpu-bind=cores` without OMP_NUM_THREADS: each rank may use its own 4 cores; dividing them by
+    the node's 8 ranks gave each one thread. SLURM_CPUS_PER_TASK says 4, never more than the rank may use."""
+    from fedmpi.launch import torch_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)))
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "4")
+    assert torch_threads(0, local_size=8) == 4
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "16")
+    assert torch_threads(0, local_size=8) == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert torch_threads(0, local_size=8) == 2
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "")
+    assert torch_threads(0, local_size=2) == 2
 
 
 def test_a_ranks_share_of_the_cores_is_a_whole_number(monkeypatch):
@@ -181,6 +202,7 @@ def test_a_ranks_share_of_the_cores_is_a_whole_number(monkeypatch):
     from fedmpi.launch import torch_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
     threads = torch_threads(0, local_size=3)
     assert threads == 2 and isinstance(threads, int)
