@@ -31,6 +31,11 @@ NIFTI_MM_PER_UNIT = {1: 1000.0, 3: 0.001}
 # Largest voxel edge accepted, in mm: thick-slice clinical T1s reach 5-10 mm. Above it the header is wrong (a meter
 # or micron slip): the brain spans a few voxels, and the grid inside the image's field of view passed every check.
 MAX_VOXEL_MM = 20.0
+# Most of a brain's intensity variance in a few voxels is a corrupt or extreme value (a 1e30 from a broken writer,
+# a spike): z-scored by that variance, the rest of the brain comes out near 0, an almost blank volume that passed
+# every check. Real T1s keep about 1% of it in their brightest 0.1% of voxels; an image past half is refused.
+OUTLIER_FRACTION = 0.001
+MAX_OUTLIER_SHARE = 0.5
 
 
 class BadImage(UserError, ValueError):
@@ -205,13 +210,24 @@ def to_mni(data: np.ndarray, affine: np.ndarray, voxel: int, mask: np.ndarray) -
 
 
 def zscore(volume: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Zero outside `mask`; inside, subtract the mean and divide by the std of masked voxels."""
+    """Zero outside `mask`; inside, subtract the mean and divide by the std of masked voxels. BadImage for a
+    constant brain, and for one whose variance lies mostly in a few voxels (OUTLIER_FRACTION, MAX_OUTLIER_SHARE)."""
     vals = volume[mask].astype(np.float64)
     std = vals.std()
     if not std > 0:
         raise BadImage("constant intensity inside the brain mask")
+    z = (vals - vals.mean()) / std
+    squares = z * z
+    top = max(1, int(OUTLIER_FRACTION * squares.size))
+    share = np.partition(squares, squares.size - top)[squares.size - top :].sum() / squares.sum()
+    if share > MAX_OUTLIER_SHARE:
+        raise BadImage(
+            f"has {share:.0%} of its intensity variance inside the brain mask in its {top} most extreme voxel(s) "
+            f"(largest |z| {np.abs(z).max():.0f}): a corrupt or extreme value would leave the rest of the brain "
+            "almost blank once normalised"
+        )
     out = np.zeros(volume.shape, np.float32)
-    out[mask] = ((vals - vals.mean()) / std).astype(np.float32)
+    out[mask] = z.astype(np.float32)
     return out
 
 

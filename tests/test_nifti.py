@@ -136,6 +136,42 @@ def test_zscore_rejects_a_constant_brain():
         nifti.zscore(np.ones((4, 4, 4), np.float32), mask)
 
 
+def test_zscore_is_unchanged_below_the_outlier_limit_and_refuses_a_brain_blanked_by_one_value():
+    rng = np.random.default_rng(0)
+    mask = np.ones((20, 20, 20), bool)
+    volume = rng.normal(100.0, 10.0, mask.shape).astype(np.float32)
+    vals = volume.astype(np.float64).ravel()
+    np.testing.assert_array_equal(
+        nifti.zscore(volume, mask), ((vals - vals.mean()) / vals.std()).astype(np.float32).reshape(mask.shape)
+    )
+    volume[3, 4, 5] = 1e30  # the other 7,999 voxels would come out within 1e-25 of 0
+    with pytest.raises(nifti.BadImage, match=r"has 100% of its intensity variance .* in its 8 most extreme voxel\(s\)"):
+        nifti.zscore(volume, mask)
+    # the limit itself: 8 spikes of +-a on a background of +-1 hold 8a^2 / (8a^2 + 7992) of the variance
+    for spike, refused in ((25.0, False), (40.0, True)):
+        volume = np.where(np.indices(mask.shape).sum(0) % 2 == 0, 1.0, -1.0).astype(np.float32)
+        volume.flat[:8] = spike * np.array([1, -1] * 4)
+        assert (_top_share(volume.astype(np.float64).ravel(), 8) > nifti.MAX_OUTLIER_SHARE) == refused
+        if refused:
+            with pytest.raises(nifti.BadImage, match="most extreme"):
+                nifti.zscore(volume, mask)
+        else:
+            assert np.isfinite(nifti.zscore(volume, mask)).all()
+
+
+def _top_share(vals: np.ndarray, top: int) -> float:
+    squares = np.sort(((vals - vals.mean()) / vals.std()) ** 2)
+    return float(squares[-top:].sum() / squares.sum())
+
+
+def test_an_image_with_a_corrupt_voxel_is_a_bad_image(ras_image, tmp_path):
+    data = np.asarray(ras_image.dataobj, dtype=np.float32).copy()
+    data[tuple(n // 2 for n in data.shape)] = 1e30
+    nib.save(nib.Nifti1Image(data, ras_image.affine), tmp_path / "spike.nii.gz")
+    with pytest.raises(nifti.BadImage, match=r"^spike.nii.gz has 100% of its intensity variance"):
+        nifti.preprocess_file(tmp_path / "spike.nii.gz", 4, grid.brain_mask(4))
+
+
 def _header_only(path, shape):
     """A file whose header claims `shape` but holds no voxels (like a 4000^3 header on a few bytes)."""
     hdr = nib.Nifti1Header()
