@@ -33,7 +33,8 @@ NIFTI_MM_PER_UNIT = {1: 1000.0, 3: 0.001}
 MAX_VOXEL_MM = 20.0
 # Most of a brain's intensity variance in a few voxels is a corrupt or extreme value (a 1e30 from a broken writer,
 # a spike): z-scored by that variance, the rest of the brain comes out near 0, an almost blank volume that passed
-# every check. Real T1s keep about 1% of it in their brightest 0.1% of voxels; an image past half is refused.
+# every check. The MNI152 template and the synthetic cohort keep about 1% of it in their most extreme 0.1% of voxels
+# (normal noise: 1.1%); an image past half is refused.
 OUTLIER_FRACTION = 0.001
 MAX_OUTLIER_SHARE = 0.5
 
