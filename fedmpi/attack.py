@@ -527,20 +527,32 @@ def volume_digests(path: Path) -> list[bytes]:
 def check_disjoint(members: list[Path], pools: list[Path]) -> None:
     """Refuse non-member files that hold a volume the run trained on (a copy of a learner file, the cohort
     the split was made from) or one that an earlier pool holds: by content, not by path, as those are
-    labelled wrong or counted twice."""
-    seen: dict[bytes, Path] = {d: p for p in members for d in volume_digests(p)}
-    for pool in pools:
-        digests = volume_digests(pool)
+    labelled wrong or counted twice. A volume repeated within one file, or in two learner files, is refused
+    too: counted twice, one scan could be learnt from in attacker-train and scored in attacker-eval."""
+    seen: dict[bytes, Path] = {}
+    for path in [*members, *pools]:
+        digests = volume_digests(path)
+        repeated = len(digests) - len(set(digests))
+        if repeated:
+            raise AttackError(
+                f"{path}: {repeated} of its {len(digests)} volumes repeat another of its volumes (the same image "
+                "twice), so one subject could be in both the attacker's training and its evaluation"
+            )
         clash = [seen[d] for d in digests if d in seen]
         if clash:
             files = list(dict.fromkeys(clash))
             where = ", ".join(p.name for p in files)
+            if path in members:
+                raise AttackError(
+                    f"{path}: {len(clash)} of its {len(digests)} volumes are images another learner file holds "
+                    f"({where}), so one subject could be in both the attacker's training and its evaluation"
+                )
             what = "the run trained on" if any(p in members for p in files) else "another non-member file holds"
             raise AttackError(
-                f"{pool}: {len(clash)} of its {len(digests)} volumes are images {what} ({where}), "
+                f"{path}: {len(clash)} of its {len(digests)} volumes are images {what} ({where}), "
                 "so they cannot count as non-members"
             )
-        seen.update(dict.fromkeys(digests, pool))
+        seen.update(dict.fromkeys(digests, path))
 
 
 def _volumes(path: Path, input_shape: tuple[int, ...]):

@@ -655,3 +655,30 @@ def test_loss_threshold_accuracy_uses_the_threshold_chosen_on_attacker_train():
 def test_the_attack_table_lists_every_attack_in_the_reports_order():
     assert tuple(attack.ATTACK_KINDS) == tables.ATTACK_ORDER
     assert tuple(k for k in tables.ATTACK_ORDER if k != "loss_threshold") == attack.LEARNED
+
+
+def test_a_volume_repeated_within_the_attacked_files_is_refused(tmp_path):
+    """The halves are disjoint only if every attacked volume is a different subject: a scan repeated inside one
+    non-member file, or in two of the run's learner files, could be learnt from in attacker-train and scored in
+    attacker-eval (the attacker sees its exact features), so it is refused like a scan shared across files."""
+    import h5py
+    from fedtools import write_volumes
+
+    paths = {}
+    for i, name in enumerate(("learner_1", "learner_2", "test", "fresh")):
+        paths[name] = tmp_path / f"{name}.h5"
+        write_volumes(paths[name], np.array([50.0, 60.0, 70.0]), np.random.default_rng(i), SHAPE)
+    attack.check_disjoint([paths["learner_1"], paths["learner_2"]], [paths["test"], paths["fresh"]])  # all distinct
+
+    def repeat(src, dst, i, j):
+        with h5py.File(src, "r") as f:
+            volume = f["images"][i]
+        with h5py.File(dst, "r+") as f:
+            f["images"][j] = volume
+
+    repeat(paths["fresh"], paths["fresh"], 0, 2)  # one scan twice in one non-member file
+    with pytest.raises(attack.AttackError, match=r"fresh.h5: 1 of its 3 volumes repeat"):
+        attack.check_disjoint([paths["learner_1"], paths["learner_2"]], [paths["test"], paths["fresh"]])
+    repeat(paths["learner_1"], paths["learner_2"], 1, 0)  # a scan in two learner files
+    with pytest.raises(attack.AttackError, match=r"learner_2.h5: 1 of its 3 volumes are images another learner file"):
+        attack.check_disjoint([paths["learner_1"], paths["learner_2"]], [paths["test"]])
