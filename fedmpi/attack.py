@@ -636,6 +636,13 @@ def attack_run(
         check_out(Path(out), run_dir, [*files, *pools])
     check_disjoint(files, pools)
     learners = [_volumes(p, model.input_shape) for p in files]
+    if per_learner:  # before the attack, not after it: balanced_split's message would give the learner's count alone
+        for p, d in zip(files, learners):
+            if len(d) < 4:
+                raise AttackError(
+                    f"--per-learner: {p} holds {len(d)} subjects; attacking a learner alone needs at least 4 "
+                    "(2 per class in each half): attack the run without --per-learner"
+                )
     outsiders: ConcatDataset = ConcatDataset([_volumes(p, model.input_shape) for p in pools])
     dev = select_device(device)
     model.to(dev)

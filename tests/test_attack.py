@@ -682,3 +682,38 @@ def test_a_volume_repeated_within_the_attacked_files_is_refused(tmp_path):
     repeat(paths["learner_1"], paths["learner_2"], 1, 0)  # a scan in two learner files
     with pytest.raises(attack.AttackError, match=r"learner_2.h5: 1 of its 3 volumes are images another learner file"):
         attack.check_disjoint([paths["learner_1"], paths["learner_2"]], [paths["test"]])
+
+
+def test_per_learner_refuses_a_learner_too_small_to_attack_before_the_attack_naming_it(tmp_path, capsys):
+    """--per-learner attacks each learner's subjects alone: a learner of 3 is named up front, not reported after
+    the whole attack as "got 3" members when the run has 15."""
+    from fedtools import write_volumes
+
+    from fedmpi.checkpoint import model_digest, save_model
+    from fedmpi.config import Config
+    from fedmpi.model import flat_parameters
+
+    data = tmp_path / "split"
+    data.mkdir()
+    for i, (name, n) in enumerate((("learner_1", 12), ("learner_2", 3), ("test", 16))):
+        write_volumes(data / f"{name}.h5", np.linspace(50, 70, n), np.random.default_rng(i), SHAPE)
+    cfg = Config()
+    cfg.model.width, cfg.model.dropout, cfg.federation.learners = 0.125, 0.0, 2
+    values = flat_parameters(BrainAgeCNN(SHAPE, width=0.125, dropout=0.0))
+    run = tmp_path / "runs" / "r"
+    save_model(run / "model.npz", values, values != 0, {"input_shape": list(SHAPE), "config": cfg.to_dict()})
+    (run / "summary.json").write_text(json.dumps({"data_dir": str(data), "model_sha256": model_digest(values)}))
+    parser = argparse.ArgumentParser()
+    attack.add_arguments(parser)
+    called = []
+    real = attack.attack_datasets
+    try:
+        attack.attack_datasets = lambda *a, **k: called.append(1) or real(*a, **k)
+        assert attack.run(parser.parse_args(["--run", str(run), "--per-learner"])) == EXIT_USAGE
+    finally:
+        attack.attack_datasets = real
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "learner_2.h5 holds 3 subjects" in errors[0]
+    assert not called  # refused before any subject's features were taken
+    assert attack.run(parser.parse_args(["--run", str(run)])) == 0  # the run itself can be attacked
