@@ -198,6 +198,11 @@ def read_predictions(path: Path) -> dict[str, tuple[float, float]]:
                 )
             out: dict[str, tuple[float, float]] = {}
             for row in reader:
+                if None in row:  # DictReader's key for the fields past the header's: the row does not parse
+                    raise ReportError(
+                        f"{path}: line {reader.line_num}: {len(PREDICTION_COLUMNS) + len(row[None])} fields, not the "
+                        f"{len(PREDICTION_COLUMNS)} columns {','.join(PREDICTION_COLUMNS)}"
+                    )
                 if row["subject_id"] in out:
                     raise ReportError(f"{path}: line {reader.line_num}: subject {row['subject_id']} appears twice")
                 age, predicted = float(row["age"]), float(row["predicted"])

@@ -385,6 +385,8 @@ def test_the_mae_axis_stops_at_one_and_a_half_times_the_largest_first_value(runs
         ("subject_id,age,predicted\ns0,50,nan\n", "line 2: age and predicted must be finite numbers"),
         ("subject_id,age,predicted\ns0,inf,51\n", "line 2: age and predicted must be finite numbers"),
         ("subject_id,age,predicted\ns0,50,51\ns0,50,52\n", "line 3: subject s0 appears twice"),
+        # a subject id with a comma in it shifts the row: its age would be read from the id's tail
+        ("subject_id,age,predicted\nsub-1,2,50.00,51.0000\n", "line 2: 4 fields, not the 3 columns"),
     ],
 )
 def test_damaged_predictions_are_refused_naming_the_line(tmp_path, text, message):
