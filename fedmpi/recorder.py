@@ -6,6 +6,8 @@ whether it may resume is fedmpi.resume's).
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import os
 import threading
 import time
@@ -124,12 +126,14 @@ class Recorder:
 
     def write_predictions(self) -> None:
         """The final model's prediction for every test subject: paired comparisons between runs need them."""
-        lines = ["subject_id,age,predicted\n"]
-        lines += [
-            f"{sid},{age:.2f},{pred:.4f}\n"
+        text = io.StringIO()
+        rows = csv.writer(text, lineterminator="\n")  # quotes an id holding a comma or a quote, as report reads it
+        rows.writerow(["subject_id", "age", "predicted"])
+        rows.writerows(
+            [sid, f"{age:.2f}", f"{pred:.4f}"]
             for sid, age, pred in zip(self.test.subject_ids, self.test.ages, self.last_predictions)
-        ]
-        atomic_write(self.cfg.run_dir / "test_predictions.csv", "".join(lines).encode())
+        )
+        atomic_write(self.cfg.run_dir / "test_predictions.csv", text.getvalue().encode())
 
     def record(self, state: State, row: dict, evaluate_now: bool) -> dict:
         """Round state.round's records: its evaluation (when due), its checkpoint (run.checkpoint_every), the completed

@@ -156,3 +156,24 @@ def test_a_resume_removes_the_checkpoints_past_its_round_so_pruning_keeps_the_ne
     log.append({"round": 3})
     rec.checkpoints.prune()
     assert rec.checkpoints.latest(at_most=3)[2]["round"] == 3
+
+
+def test_predictions_round_trip_through_the_report_whatever_the_subject_ids(tmp_path):
+    """Ids from other tools' files may hold a comma or a quote: written unquoted, `sub-1,2` read as age 2."""
+    from fedmpi.recorder import Recorder
+    from fedmpi.report import read_predictions
+
+    ids = ["sub-01", "sub-1,2", 'sub-"3"']
+    rec = SimpleNamespace(
+        test=SimpleNamespace(subject_ids=ids, ages=np.array([50.0, 61.25, 70.5])),
+        last_predictions=np.array([51.0, 60.0, 71.123456]),
+        cfg=SimpleNamespace(run_dir=tmp_path),
+    )
+    Recorder.write_predictions(rec)
+    text = (tmp_path / "test_predictions.csv").read_text()
+    assert text.splitlines()[:2] == ["subject_id,age,predicted", "sub-01,50.00,51.0000"]
+    assert read_predictions(tmp_path / "test_predictions.csv") == {
+        "sub-01": (50.0, 51.0),
+        "sub-1,2": (61.25, 60.0),
+        'sub-"3"': (70.5, 71.1235),
+    }
