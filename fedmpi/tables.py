@@ -497,8 +497,9 @@ def attack_of(run: Run) -> dict:
 
 
 def attacked_sparsity(run: Run) -> float | None:
-    """The sparsity of the model the attack saw (recorded by the attack), else the run's final one."""
-    return attack_of(run).get("sparsity", run.summary.get("final_sparsity"))
+    """The sparsity of the model the attack saw (recorded by the attack), else (absent or null) the run's final one."""
+    sparsity = attack_of(run).get("sparsity")
+    return run.summary.get("final_sparsity") if sparsity is None else sparsity
 
 
 def stale_attack(summary: dict, attack: dict) -> str | None:

@@ -517,3 +517,15 @@ def test_an_attack_one_weight_sparser_than_the_run_is_stale():
     one_weight = 1 / 2_948_801
     assert tables.stale_attack({"final_sparsity": 0.95}, {"sparsity": 0.95 + one_weight})
     assert tables.stale_attack({"final_sparsity": 0.95}, {"sparsity": 0.95}) is None
+
+
+def test_the_attacked_sparsity_falls_back_to_the_runs_final_one_when_the_attack_has_none():
+    from fedmpi.report import Run
+
+    def run(attack):
+        return Run("r", {}, {"final_sparsity": 0.95}, [], attack, "uniform-iid")
+
+    assert tables.attacked_sparsity(run({"sparsity": 0.9})) == 0.9
+    assert tables.attacked_sparsity(run({"sparsity": 0.0})) == 0.0  # dense is a sparsity, not a missing one
+    for attack in (None, {}, {"sparsity": None}):
+        assert tables.attacked_sparsity(run(attack)) == 0.95
