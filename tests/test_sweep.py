@@ -95,6 +95,18 @@ def test_a_runs_state_is_new_partial_finished_or_differs(tmp_path):
     assert sweep.state(cfg) == "differs"
 
 
+def test_a_finished_run_of_other_rounds_differs_not_partial(tmp_path):
+    """A study whose federation.rounds changed after a run finished: that run is finished with other settings
+    (`differs`, and the sweep says to remove it), not `partial`: --resume would refuse it (its schedule depends
+    on the rounds), and the sweep used to start mpirun to be told so."""
+    cfg = load_config(ROOT / BASE, [f"run.dir={tmp_path}", "run.name=r"])
+    _finish(tmp_path / "r", cfg)
+    more = load_config(
+        ROOT / BASE, [f"run.dir={tmp_path}", "run.name=r", f"federation.rounds={cfg.federation.rounds + 1}"]
+    )
+    assert sweep.state(more) == "differs"
+
+
 def test_list_into_a_pipe_its_reader_closed_ends_quietly_like_a_unix_tool(tmp_path):
     """`sweep.py study --list | head -1`: the status SIGPIPE would give, no BrokenPipeError traceback."""
     import subprocess
