@@ -582,6 +582,10 @@ def _note(message: str) -> None:
     print(f"fedmpi report: {message}", file=sys.stderr)
 
 
+# written only when some run has attack.json; a report without one removes an earlier report's from --out
+PRIVACY_FILES = ("privacy.csv", "privacy.md", "mia_auc_vs_sparsity.png", "mia_auc_vs_gap.png")
+
+
 def write_report(run_dirs: list[Path], out: Path) -> tuple[list[dict], list[Path]]:
     """Write the tables and plots for these runs under `out`; returns the overview rows and the files written.
 
@@ -601,6 +605,13 @@ def write_report(run_dirs: list[Path], out: Path) -> tuple[list[dict], list[Path
             make_dirs(out)
             for path in rendered:
                 os.replace(path, out / path.name)
+            names = {path.name for path in rendered}
+            stale = [out / name for name in PRIVACY_FILES if name not in names and (out / name).is_file()]
+            for path in stale:  # an earlier report's, of other runs: not to be read beside these tables
+                path.unlink()
+            if stale:
+                gone = ", ".join(p.name for p in stale)
+                _note(f"removed an earlier report's {gone} from {out}: none of these runs has attack.json")
         except OSError as e:
             raise ReportError(f"--out {out}: cannot write there ({e.strerror or e})") from None
         return rows, [out / path.name for path in rendered]

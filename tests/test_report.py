@@ -243,6 +243,22 @@ def test_a_report_into_an_existing_folder_keeps_its_other_files(runs, tmp_path):
     assert {p.name for p in out.iterdir()} == {p.name for p in written} | {"notes.txt"}
 
 
+def test_a_report_without_attacks_removes_an_earlier_reports_privacy_files(runs, tmp_path, capsys):
+    """A report of attacked runs, then one of runs without attack.json into the same --out: privacy.csv and its
+    plots described the first report's runs beside the second's tables; now they go, and the note says so."""
+    out = tmp_path / "out"
+    write_report(list(runs), out)
+    privacy = {"privacy.csv", "privacy.md", "mia_auc_vs_sparsity.png", "mia_auc_vs_gap.png"}
+    assert privacy <= {p.name for p in out.iterdir()}
+    plain = write_run(
+        tmp_path, "g", algorithm="oneshot", target=0.95, mae=[5.0], sparsities=[0.95], bytes_per_round=[10]
+    )
+    capsys.readouterr()
+    write_report([plain], out)
+    assert not privacy & {p.name for p in out.iterdir()}
+    assert "an earlier report's" in capsys.readouterr().err
+
+
 def test_two_runs_of_one_name_are_refused_before_anything_is_written(tmp_path):
     """The tables key runs by directory name: two runs named alike (from two folders) would be confused."""
     common = dict(algorithm="fedavg", target=0.0, mae=[5.0], sparsities=[0.0], bytes_per_round=[10])
