@@ -540,16 +540,23 @@ def check_disjoint(members: list[Path], pools: list[Path]) -> None:
             )
         clash = [seen[d] for d in digests if d in seen]
         if clash:
-            files = list(dict.fromkeys(clash))
-            where = ", ".join(p.name for p in files)
             if path in members:
+                where = ", ".join(p.name for p in dict.fromkeys(clash))
                 raise AttackError(
                     f"{path}: {len(clash)} of its {len(digests)} volumes are images another learner file holds "
                     f"({where}), so one subject could be in both the attacker's training and its evaluation"
                 )
-            what = "the run trained on" if any(p in members for p in files) else "another non-member file holds"
+            # the unsplit cohort as --nonmembers holds both: the learners' scans and test.h5's, never trained on
+            trained = [p for p in clash if p in members]
+            pooled = [p for p in clash if p not in members]
+            (count, what, names), *more = [
+                (len(found), what, ", ".join(p.name for p in dict.fromkeys(found)))
+                for found, what in ((trained, "the run trained on"), (pooled, "another non-member file holds"))
+                if found
+            ]
+            also = "".join(f" and {n} {w} ({f})" for n, w, f in more)
             raise AttackError(
-                f"{path}: {len(clash)} of its {len(digests)} volumes are images {what} ({where}), "
+                f"{path}: {count} of its {len(digests)} volumes are images {what} ({names}){also}, "
                 "so they cannot count as non-members"
             )
         seen.update(dict.fromkeys(digests, path))

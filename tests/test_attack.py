@@ -717,3 +717,23 @@ def test_per_learner_refuses_a_learner_too_small_to_attack_before_the_attack_nam
     assert len(errors) == 1 and "learner_2.h5 holds 3 subjects" in errors[0]
     assert not called  # refused before any subject's features were taken
     assert attack.run(parser.parse_args(["--run", str(run)])) == 0  # the run itself can be attacked
+
+
+def test_a_non_member_file_holding_members_and_another_pools_scans_counts_each_apart(tmp_path):
+    """The unsplit cohort given as --nonmembers holds the learners' scans and test.h5's: the message counts the
+    trained-on ones and names their files apart from test.h5, which the run never trained on."""
+    import h5py
+    from fedtools import write_volumes
+
+    member, test, cohort = tmp_path / "learner_1.h5", tmp_path / "test.h5", tmp_path / "cohort.h5"
+    write_volumes(member, np.array([50.0, 60.0, 70.0]), np.random.default_rng(1))
+    write_volumes(test, np.array([55.0, 65.0]), np.random.default_rng(2))
+    with h5py.File(member) as a, h5py.File(test) as b, h5py.File(cohort, "w") as out:
+        for name in ("images", "age", "subject_id", "sex", "site"):
+            out.create_dataset(name, data=np.concatenate([a[name][:], b[name][:]]))
+        out.attrs.update(dict(a.attrs))
+    with pytest.raises(attack.AttackError) as info:
+        attack.check_disjoint([member], [test, cohort])
+    said = str(info.value)
+    assert "3 of its 5 volumes are images the run trained on (learner_1.h5)" in said
+    assert "2 another non-member file holds (test.h5)" in said
