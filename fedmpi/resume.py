@@ -100,14 +100,34 @@ def completed_rounds(cfg: Config) -> int | None:
     return None if summary.get("preempted") else summary.get("rounds")
 
 
+def _finished_with_other_settings(cfg: Config) -> list[str]:
+    """How the finished run in run_dir was set up otherwise than cfg (setting_changes); none when it was set up
+    alike, or when its config.json cannot be read (nothing to tell it from this run by)."""
+    try:
+        recorded = read_json(cfg.run_dir / "config.json", ValueError)
+    except ValueError:
+        return []
+    changes = setting_changes(recorded_key(recorded), resume_key(cfg))
+    # options one of the two algorithms has no use for (a schedule against FedAvg) follow from those that differ
+    applying = [c for c in changes if not c.endswith(" -> None") and ": None -> " not in c]
+    return applying or changes
+
+
 def resume_point(cfg: Config, resume: bool, overwrite: bool):
-    """The checkpoint to continue from (or None), refusing to silently replace an unfinished run or to
-    resume one made with other settings."""
+    """The checkpoint to continue from (or None), refusing to silently replace an unfinished run or a finished one
+    made with other settings, or to resume one made with other settings."""
     checkpoints = Checkpoints(cfg.run_dir / "checkpoints")
     if not resume:
         # rows alone are a run too: one with run.checkpoint_every=0, or stopped before its first checkpoint
         rows, damaged = RunLog(cfg.run_dir).read()
         begun = checkpoints.paths() or rows or damaged
+        if begun and not overwrite and finished(cfg):
+            changes = _finished_with_other_settings(cfg)
+            if changes:  # a re-run of the same command replaces its run; another experiment's is not lost to it
+                raise ConfigError(
+                    f"{cfg.run_dir} holds a finished run with other settings ({'; '.join(changes[:3])}"
+                    f"{'; ...' if len(changes) > 3 else ''}): choose another run.name, or --overwrite to replace it"
+                )
         if begun and not overwrite and not finished(cfg):
             done = completed_rounds(cfg)
             if done is not None:  # finished, under another federation.rounds: --resume would refuse it

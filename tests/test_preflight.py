@@ -190,6 +190,24 @@ def test_unfinished_run_is_not_silently_replaced(split, tmp_path):
         check_rank(more, 0, split, 0, resume=False, overwrite=False)
 
 
+def test_a_finished_run_is_replaced_by_the_same_run_only(split, tmp_path):
+    """Re-running a command replaces its finished run (make demo twice); a run of other settings under the same
+    run.name (a centralized baseline over a federation) is refused, naming what differs, unless --overwrite."""
+    cfg = _cfg(tmp_path, f"data.dir={split}", "run.name=f", "federation.rounds=3")
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "metrics.jsonl").write_text('{"round": 3}\n')
+    (cfg.run_dir / "summary.json").write_text('{"rounds": 3, "preempted": false}')
+    (cfg.run_dir / "config.json").write_text(cfg.to_json())
+    check_rank(cfg, 0, split, 0, resume=False, overwrite=False).lock.release()
+    other = _cfg(tmp_path, f"data.dir={split}", "run.name=f", "federation.rounds=3", "federation.algorithm=fedavg")
+    assert other.federation.algorithm != cfg.federation.algorithm
+    with pytest.raises(
+        ConfigError, match=r"settings \(federation.algorithm: 'fedsparsify-global' -> 'fedavg'\): choose"
+    ):
+        check_rank(other, 0, split, 0, resume=False, overwrite=False)
+    check_rank(other, 0, split, 0, resume=False, overwrite=True).lock.release()
+
+
 def test_verdict_names_every_learner_whose_shape_differs(tmp_path):
     """The first learner is checked like the others, and a problem of rank 10 does not hide learner 1's."""
     good, odd = (16, 20, 16), (12, 14, 12)
