@@ -11,16 +11,18 @@ A study file (jobs/studies/*.yaml) names a base config, the groups of runs (each
 where finished runs' small records go. The sweep can be stopped at any time and started again: a
 finished run is skipped, an unfinished one continues from its last checkpoint (--resume), and a run
 whose finished config differs from the study's is refused rather than silently reused (`--list`
-shows it as `differs`, with the state of every other run); a file named
-STOP in the runs' directory stops the sweep between two runs (for a quiet machine, say). After each
-run its records (config.json, metrics.jsonl, summary.json, test_predictions.csv, attack.json) are
-copied to the study's records directory, which is what gets committed and reported.
+shows it as `differs`, with the state of every other run). Ctrl-C or a `kill` of the sweep is passed on
+to the run in flight once, which stops at a checkpoint after its round, and the sweep then ends (exit
+130 or 143); a file named STOP in the runs' directory stops the sweep between two runs (for a quiet
+machine, say). After each run its records (config.json, metrics.jsonl, summary.json, test_predictions.csv,
+attack.json) are copied to the study's records directory, which is what gets committed and reported.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -148,24 +150,56 @@ def state(cfg) -> str:
     return "partial" if (run_dir / "metrics.jsonl").exists() else "new"
 
 
+def run_step(cmd: list[str], log=None, cwd: Path | None = None) -> tuple[int, int | None]:
+    """Run a step to its end: (its exit code, the stop signal the sweep got meanwhile, or None).
+
+    The step runs in a session of its own, and each SIGINT or SIGTERM the sweep gets is passed on to it once and
+    waited for: a federation stops at a checkpoint after its round (exit 75) on the first, and mpirun aborts the
+    ranks at once on a second. Before, Ctrl-C reached the sweep and mpirun both and subprocess.run killed mpirun
+    a quarter of a second later, before that checkpoint; a `kill` of the sweep left the federation running unseen."""
+    output = {} if log is None else {"stdout": log, "stderr": subprocess.STDOUT}  # log: an open file
+    proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, start_new_session=True, **output)
+    got: list[int] = []
+
+    def forward(signum, _frame) -> None:
+        got.append(signum)
+        if proc.returncode is None:
+            proc.send_signal(signum)
+
+    before = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    return code, got[0] if got else None
+
+
 def call(cmd: list[str], log: Path | None = None, cwd: Path | None = None) -> None:
-    """Run a step of the sweep; a failure ends the sweep with one line (and the log's last lines)."""
+    """Run a step of the sweep; a failure ends the sweep with one line (and the log's last lines), and so does a stop
+    asked of the sweep (SIGINT, SIGTERM) once the step has ended on it, with exit 128 + the signal."""
     print("+", " ".join(cmd), flush=True)
     if shutil.which(cmd[0]) is None:
         raise SystemExit(f"sweep: no {cmd[0]} here (give --mpirun, or load the module that has it)")
     if log is None:
-        code = subprocess.run(cmd, cwd=cwd).returncode
-        if code:
-            raise SystemExit(f"sweep: {' '.join(cmd[:6])} ... failed (exit {code}); its output is above")
-        return
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as fh:
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
-    if proc.returncode:
-        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
-        raise SystemExit(
-            f"sweep: {cmd[-1] if cmd else ''} failed (exit {proc.returncode}); last lines of {log}:\n{tail}"
+        code, stop = run_step(cmd, cwd=cwd)
+    else:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as fh:
+            code, stop = run_step(cmd, fh)
+    if stop is not None:
+        print(
+            f"sweep: stopped by {signal.Signals(stop).name} (the step ended with exit {code}); run the sweep again "
+            "to continue: a stopped run resumes from its last checkpoint",
+            file=sys.stderr,
+            flush=True,
         )
+        raise SystemExit(128 + stop)
+    if code and log is None:
+        raise SystemExit(f"sweep: {' '.join(cmd[:6])} ... failed (exit {code}); its output is above")
+    if code and log is not None:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+        raise SystemExit(f"sweep: {cmd[-1] if cmd else ''} failed (exit {code}); last lines of {log}:\n{tail}")
 
 
 def attack_is_current(run_dir: Path) -> bool:

@@ -1,6 +1,7 @@
 """jobs/sweep.py: the order and names of a study's runs, each run's state, where a study's files go, and how
 a failed step ends the sweep. Nothing here trains: the steps it launches are stand-ins or are not reached."""
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -477,3 +478,76 @@ def test_a_study_file_the_sweep_cannot_run_is_one_line_and_exit_2_before_any_run
     err = capsys.readouterr().err
     assert err.startswith("sweep: error: ") and said in err and err.count("\n") == 1, err
     assert calls == []
+
+
+# A step that stops as a federation does when asked: on each SIGINT/SIGTERM it notes the signal, finishes its round
+# (a second), checkpoints and exits 75. It writes its pid first, so the test can end it if the sweep left it running.
+_STOPPABLE_STEP = """
+import os, signal, sys, time
+out = sys.argv[1]
+def note(line):
+    with open(out, "a") as fh:
+        fh.write(line + "\\n")
+asked = []
+def ask(signum, _frame):
+    asked.append(signum)
+    note(f"signal {signal.Signals(signum).name}")
+signal.signal(signal.SIGINT, ask)
+signal.signal(signal.SIGTERM, ask)
+note(f"pid {os.getpid()}")
+while not asked:
+    time.sleep(0.02)
+time.sleep(1.0)
+note("checkpointed")
+sys.exit(75)
+"""
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to the sweep", "Ctrl-C to the sweep's process group"])
+def test_a_stopped_sweep_lets_the_run_in_flight_reach_its_checkpoint_and_leaves_nothing_running(tmp_path, how):
+    """`kill SWEEP` used to end the sweep at once and leave its federation running on, unseen (a sweep started
+    again then found the run directory in use); Ctrl-C reached both, and subprocess.run killed mpirun 0.25 s
+    later, before the ranks' checkpoint after the current round. The step must hear the stop exactly once (a
+    second SIGINT makes mpirun abort the ranks at once) and the sweep must wait for it."""
+    import signal
+    import subprocess
+    import time
+
+    marks = tmp_path / "step.out"
+    (tmp_path / "step.py").write_text(_STOPPABLE_STEP)
+    driver = (
+        # SIGINT as an interactive shell leaves it (a background job of a script would inherit it ignored)
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        f"sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'jobs')!r})\n"
+        "import sweep\n"
+        f"sweep.call([sys.executable, {str(tmp_path / 'step.py')!r}, {str(marks)!r}], "
+        f"__import__('pathlib').Path({str(tmp_path / 'logs' / 'run.log')!r}))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", driver], start_new_session=True, stderr=subprocess.PIPE, text=True)
+    step_pid = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (marks.exists() and marks.read_text().startswith("pid ")):
+            assert time.monotonic() < deadline and proc.poll() is None, "the step did not start"
+            time.sleep(0.05)
+        step_pid = int(marks.read_text().split()[1])
+        if how.startswith("SIGTERM"):
+            proc.send_signal(signal.SIGTERM)
+            sig = signal.SIGTERM
+        else:
+            os.killpg(proc.pid, signal.SIGINT)
+            sig = signal.SIGINT
+        _, err = proc.communicate(timeout=60)
+        lines = marks.read_text().splitlines()
+        assert lines[1:] == [f"signal {sig.name}", "checkpointed"], lines
+        assert proc.returncode == 128 + sig, (proc.returncode, err)
+        assert "Traceback" not in err and "run the sweep again" in err, err
+        with pytest.raises(ProcessLookupError):
+            os.kill(step_pid, 0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if step_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(step_pid, signal.SIGKILL)
