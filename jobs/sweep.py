@@ -199,7 +199,8 @@ def call(cmd: list[str], log: Path | None = None, cwd: Path | None = None) -> No
         raise SystemExit(f"sweep: {' '.join(cmd[:6])} ... failed (exit {code}); its output is above")
     if code and log is not None:
         tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
-        raise SystemExit(f"sweep: {cmd[-1] if cmd else ''} failed (exit {code}); last lines of {log}:\n{tail}")
+        # the log is the run's (NAME.log, NAME.attack.log): the command's last word is a --set
+        raise SystemExit(f"sweep: {log.name.removesuffix('.log')} failed (exit {code}); last lines of {log}:\n{tail}")
 
 
 def attack_is_current(run_dir: Path) -> bool:

@@ -164,7 +164,7 @@ def test_a_failed_step_ends_the_sweep_with_one_line(tmp_path):
         sweep.call(fail)
     assert isinstance(raised.value.code, str) and "\n" not in raised.value.code
     log = tmp_path / "logs" / "run.log"
-    with pytest.raises(SystemExit, match=rf"failed \(exit 3\); last lines of {log}:\nstep output"):
+    with pytest.raises(SystemExit, match=rf"^sweep: run failed \(exit 3\); last lines of {log}:\nstep output"):
         sweep.call(fail, log)
     sweep.call([sys.executable, "-c", "pass"], log)  # a step that succeeds returns
 
