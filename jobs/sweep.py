@@ -11,16 +11,18 @@ A study file (jobs/studies/*.yaml) names a base config, the groups of runs (each
 where finished runs' small records go. The sweep can be stopped at any time and started again: a
 finished run is skipped, an unfinished one continues from its last checkpoint (--resume), and a run
 whose finished config differs from the study's is refused rather than silently reused (`--list`
-shows it as `differs`, with the state of every other run). Ctrl-C or a `kill` of the sweep is passed on
-to the run in flight once, which stops at a checkpoint after its round, and the sweep then ends (exit
-130 or 143); a file named STOP in the runs' directory stops the sweep between two runs (for a quiet
-machine, say). After each run its records (config.json, metrics.jsonl, summary.json, test_predictions.csv,
-attack.json) are copied to the study's records directory, which is what gets committed and reported.
+shows it as `differs`, with the state of every other run). Ctrl-C, a `kill` or a hangup (the terminal
+closed; not under nohup) of the sweep is passed on to the run in flight once, which stops at a checkpoint
+after its round, and the sweep then ends (exit 130, 143 or 129); a file named STOP in the runs' directory
+stops the sweep between two runs (for a quiet machine, say). After each run its records (config.json,
+metrics.jsonl, summary.json, test_predictions.csv, attack.json) are copied to the study's records directory,
+which is what gets committed and reported.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import signal
 import subprocess
@@ -163,10 +165,13 @@ def run_step(cmd: list[str], log=None, cwd: Path | None = None) -> tuple[int, in
 
     def forward(signum, _frame) -> None:
         got.append(signum)
-        if proc.returncode is None:
-            proc.send_signal(signum)
+        if proc.returncode is None:  # a hangup (the terminal closed) stops the step as a kill does
+            proc.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
 
-    before = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stops = [signal.SIGINT, signal.SIGTERM]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # under nohup the hangup stays ignored
+        stops.append(signal.SIGHUP)  # in its own session the step no longer gets the terminal's hangup itself
+    before = {sig: signal.signal(sig, forward) for sig in stops}
     try:
         code = proc.wait()
     finally:
@@ -188,12 +193,13 @@ def call(cmd: list[str], log: Path | None = None, cwd: Path | None = None) -> No
         with open(log, "a") as fh:
             code, stop = run_step(cmd, fh)
     if stop is not None:
-        print(
-            f"sweep: stopped by {signal.Signals(stop).name} (the step ended with exit {code}); run the sweep again "
-            "to continue: a stopped run resumes from its last checkpoint",
-            file=sys.stderr,
-            flush=True,
-        )
+        with contextlib.suppress(OSError):  # after a hangup the terminal may be gone
+            print(
+                f"sweep: stopped by {signal.Signals(stop).name} (the step ended with exit {code}); run the sweep "
+                "again to continue: a stopped run resumes from its last checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
         raise SystemExit(128 + stop)
     if code and log is None:
         raise SystemExit(f"sweep: {' '.join(cmd[:6])} ... failed (exit {code}); its output is above")

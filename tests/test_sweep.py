@@ -503,7 +503,7 @@ sys.exit(75)
 """
 
 
-@pytest.mark.parametrize("how", ["SIGTERM to the sweep", "Ctrl-C to the sweep's process group"])
+@pytest.mark.parametrize("how", ["SIGTERM to the sweep", "Ctrl-C to the sweep's process group", "SIGHUP to the sweep"])
 def test_a_stopped_sweep_lets_the_run_in_flight_reach_its_checkpoint_and_leaves_nothing_running(tmp_path, how):
     """`kill SWEEP` used to end the sweep at once and leave its federation running on, unseen (a sweep started
     again then found the run directory in use); Ctrl-C reached both, and subprocess.run killed mpirun 0.25 s
@@ -534,12 +534,15 @@ def test_a_stopped_sweep_lets_the_run_in_flight_reach_its_checkpoint_and_leaves_
         if how.startswith("SIGTERM"):
             proc.send_signal(signal.SIGTERM)
             sig = signal.SIGTERM
+        elif how.startswith("SIGHUP"):  # the terminal closed: the step, in its own session, hears it as a SIGTERM
+            proc.send_signal(signal.SIGHUP)
+            sig = signal.SIGHUP
         else:
             os.killpg(proc.pid, signal.SIGINT)
             sig = signal.SIGINT
         _, err = proc.communicate(timeout=60)
         lines = marks.read_text().splitlines()
-        assert lines[1:] == [f"signal {sig.name}", "checkpointed"], lines
+        assert lines[1:] == [f"signal {'SIGTERM' if sig == signal.SIGHUP else sig.name}", "checkpointed"], lines
         assert proc.returncode == 128 + sig, (proc.returncode, err)
         assert "Traceback" not in err and "run the sweep again" in err, err
         with pytest.raises(ProcessLookupError):
