@@ -162,9 +162,10 @@ def rank_process(job: subprocess.Popen, rank: int, timeout: float = 30) -> int:
 def job_processes(job: subprocess.Popen):
     """(pid, environment) of every process carrying `job`'s FEDMPI_TEST_JOB marker (none for a job started
     without one)."""
-    if getattr(job, "marker", None) is None:
+    marker = getattr(job, "marker", None)
+    if marker is None:
         return
-    job_mark = f"FEDMPI_TEST_JOB={job.marker}".encode()
+    job_mark = f"FEDMPI_TEST_JOB={marker}".encode()
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
