@@ -42,7 +42,7 @@ from make_configs import FAMILIES, configs  # noqa: E402
 from fedmpi.algorithms import ALGORITHMS  # noqa: E402
 from fedmpi.cli import stdout_closed  # noqa: E402
 from fedmpi.config import UniqueKeyLoader, load_config  # noqa: E402
-from fedmpi.errors import EXIT_USAGE, ConfigError  # noqa: E402
+from fedmpi.errors import EXIT_PREEMPTED, EXIT_USAGE, ConfigError  # noqa: E402
 from fedmpi.launch import default_mpirun  # noqa: E402
 from fedmpi.resume import completed_rounds, finished, recorded_key, resume_key  # noqa: E402
 from fedmpi.runlog import read_json, stopped_early  # noqa: E402
@@ -201,6 +201,14 @@ def call(cmd: list[str], log: Path | None = None, cwd: Path | None = None) -> No
                 flush=True,
             )
         raise SystemExit(128 + stop)
+    if code == EXIT_PREEMPTED:  # a stop sent to the run itself (its mpirun, its ranks, a scheduler's warning)
+        name = f"{log.name.removesuffix('.log')} " if log is not None else ""
+        print(
+            f"sweep: the run {name}stopped at a checkpoint (exit {code}); run the sweep again to continue it",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(EXIT_PREEMPTED)
     if code and log is None:
         raise SystemExit(f"sweep: {' '.join(cmd[:6])} ... failed (exit {code}); its output is above")
     if code and log is not None:

@@ -169,6 +169,17 @@ def test_a_failed_step_ends_the_sweep_with_one_line(tmp_path):
     sweep.call([sys.executable, "-c", "pass"], log)  # a step that succeeds returns
 
 
+def test_a_run_stopped_at_a_checkpoint_is_said_so_not_failed(tmp_path, capsys):
+    """SIGUSR1 to the run's mpirun (or a scheduler's warning to its ranks) stops it at a checkpoint, exit 75: the sweep
+    ends with the same code and says how to continue, not `failed`."""
+    log = tmp_path / "logs" / "acc-x.log"
+    with pytest.raises(SystemExit) as raised:
+        sweep.call([sys.executable, "-c", "import sys; sys.exit(75)"], log)
+    assert raised.value.code == 75
+    err = capsys.readouterr().err
+    assert err == "sweep: the run acc-x stopped at a checkpoint (exit 75); run the sweep again to continue it\n"
+
+
 def test_an_attack_is_current_only_when_written_after_the_final_model(tmp_path):
     assert not sweep.attack_is_current(tmp_path)
     (tmp_path / "model.npz").write_bytes(b"m")
