@@ -42,7 +42,7 @@ from make_configs import FAMILIES, configs  # noqa: E402
 from fedmpi.algorithms import ALGORITHMS  # noqa: E402
 from fedmpi.cli import stdout_closed  # noqa: E402
 from fedmpi.config import UniqueKeyLoader, load_config  # noqa: E402
-from fedmpi.errors import EXIT_PREEMPTED, EXIT_USAGE, ConfigError  # noqa: E402
+from fedmpi.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, ConfigError  # noqa: E402
 from fedmpi.launch import default_mpirun  # noqa: E402
 from fedmpi.resume import completed_rounds, finished, recorded_key, resume_key  # noqa: E402
 from fedmpi.runlog import read_json, stopped_early  # noqa: E402
@@ -428,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except BrokenPipeError:  # `--list | head`
         return stdout_closed()
+    except KeyboardInterrupt:  # between two steps (a step in flight hears it through run_step): nothing is running
+        print("sweep: interrupted between runs; run the sweep again to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

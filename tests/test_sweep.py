@@ -565,3 +565,16 @@ def test_a_stopped_sweep_lets_the_run_in_flight_reach_its_checkpoint_and_leaves_
         if step_pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(step_pid, signal.SIGKILL)
+
+
+def test_ctrl_c_between_runs_is_one_line(tmp_path, monkeypatch, capsys):
+    """No step in flight (copying records, choosing the next run): Ctrl-C ends the sweep with one line, exit 130."""
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "run_study", interrupted)
+    study = tmp_path / "study.yaml"
+    study.write_text("{}")
+    assert sweep.main([str(study)]) == 130
+    assert capsys.readouterr().err == "sweep: interrupted between runs; run the sweep again to continue\n"
