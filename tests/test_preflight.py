@@ -273,3 +273,26 @@ def test_a_learner_names_its_problem_by_its_mpi_rank_and_leaves_the_printing_to_
     assert preflight(cfg, job, tmp_path, 0, False, False) is None  # tmp_path holds no learner_2.h5
     assert row_text(job.sent[1]).startswith("rank 2: ") and "learner_2.h5" in row_text(job.sent[1])
     assert capsys.readouterr().err == ""
+
+
+def test_a_resume_on_re_split_data_is_refused_naming_the_changed_files(split, tmp_path, capsys):
+    """The server's checkpoint records each rank's file digest: a --resume of a federation whose learner file was
+    re-split or re-preprocessed since (its digest differs) stops every rank in the preflight, naming the file."""
+    from fedmpi.checkpoint import Checkpoints
+    from fedmpi.resume import resume_key
+    from fedmpi.runlog import RunLog
+
+    cfg = _cfg(tmp_path, f"data.dir={split}", "run.name=r")
+    first = preflight(cfg, JobStandIn(0, _learner_rows()), split, 0, False, False)
+    first.lock.release()
+    Checkpoints(cfg.run_dir / "checkpoints").save(
+        1, np.zeros(4, np.float32), np.ones(4, bool), {"config": resume_key(cfg), "split": first.split}
+    )
+    RunLog(cfg.run_dir).append({"round": 1})
+    same = preflight(cfg, JobStandIn(0, _learner_rows()), split, 0, True, False)
+    assert same is not None and same.resume[2]["round"] == 1
+    same.lock.release()
+    capsys.readouterr()
+    assert preflight(cfg, JobStandIn(0, _learner_rows(digests=("d1", "re-split"))), split, 0, True, False) is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the data differ from what the checkpoint was trained on (learner_2.h5 " in err
