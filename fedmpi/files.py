@@ -113,11 +113,13 @@ def atomic_path(path: str | os.PathLike, suffix: str = "", sweep: bool = True) -
     make_dirs(path.parent)
     if sweep:
         remove_stale_temporaries(path)
-    fd, name = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=suffix + ".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    os.chmod(tmp, umask_mode())
+    tmp: Path | None = None
     try:
+        # a read-only file system (or no inode left, an inode quota) refuses the temporary itself, before any write
+        fd, name = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=suffix + ".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+        os.chmod(tmp, umask_mode())
         yield tmp
         _fsync(tmp)
         os.replace(tmp, path)
@@ -128,7 +130,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "", sweep: bool = True) -
         # a write's error names no file: say which output did not fit (the user's to fix, one line)
         raise OSError(e.errno, f"{e.strerror} (writing {path})") from None
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             tmp.unlink()
 
 

@@ -215,3 +215,27 @@ def test_a_file_where_a_directory_belongs_is_not_a_directory_not_an_existing_one
     with pytest.raises(FileExistsError):  # the path itself a file: as mkdir(exist_ok=True) says
         files.make_dirs(tmp_path / "file")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG])
+@pytest.mark.parametrize("where", ["write", "create"])
+def test_a_quota_a_read_only_remount_or_a_size_limit_names_the_output_too(tmp_path, monkeypatch, code, where):
+    """A quota, a read-only remount and a file size limit are the user's to fix like a full disk: one line naming
+    the output. A read-only file system already refuses the temporary's creation, before any write."""
+    import tempfile
+
+    from fedmpi.errors import is_user_error
+
+    def refuse(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    if where == "write":
+        monkeypatch.setattr(Path, "write_bytes", refuse)
+    else:
+        monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    target = tmp_path / "checkpoints" / "round-000002.npz"
+    with pytest.raises(OSError) as caught:
+        atomic_write(target, b"x")
+    assert str(caught.value) == f"[Errno {code}] {os.strerror(code)} (writing {target})"
+    assert caught.value.errno == code and is_user_error(caught.value)
+    assert list(target.parent.iterdir()) == []
