@@ -181,7 +181,7 @@ def test_killed_server_is_named_with_child_pid():
     assert out.returncode == 128 + signal.SIGSEGV
     child, parent = map(int, out.stdout.split())
     assert child != parent  # the code after supervise() ran in a forked child
-    assert f"fedmpi: rank 0 (server, pid {child}) was killed by SIGSEGV" in out.stderr
+    assert f"fedmpi: rank 0 (server, pid {child}) was killed by SIGSEGV (a crash in native code)" in out.stderr
 
 
 @linux
