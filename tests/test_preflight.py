@@ -296,3 +296,36 @@ def test_a_resume_on_re_split_data_is_refused_naming_the_changed_files(split, tm
     assert preflight(cfg, JobStandIn(0, _learner_rows(digests=("d1", "re-split"))), split, 0, True, False) is None
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the data differ from what the checkpoint was trained on (learner_2.h5 " in err
+
+
+def test_a_checkpoint_the_file_system_will_not_give_back_stops_the_resume_in_one_line(
+    split, tmp_path, capsys, monkeypatch
+):
+    """An I/O error reading the newest checkpoint stops the --resume in the preflight, one line naming the file:
+    neither the older checkpoint nor a fresh start (which would clear the rows) replaces rounds that may be whole."""
+    import errno
+
+    from fedmpi.checkpoint import Checkpoints
+    from fedmpi.resume import resume_key
+    from fedmpi.runlog import RunLog
+
+    cfg = _cfg(tmp_path, f"data.dir={split}", "run.name=r")
+    ckpts = Checkpoints(cfg.run_dir / "checkpoints", keep=3)
+    for t in (1, 2):
+        ckpts.save(t, np.full(4, t, np.float32), np.ones(4, bool), {"config": resume_key(cfg), "split": {}})
+        RunLog(cfg.run_dir).append({"round": t})
+    before = {p.name: p.read_bytes() for p in cfg.run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    real_load = np.load
+
+    def flaky(path, *args, **kwargs):
+        if str(path).endswith("round-000002.npz"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(np, "load", flaky)
+    assert preflight(cfg, JobStandIn(0, _learner_rows()), split, 0, True, False) is None
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and captured.err.startswith("fedmpi: error: rank 0: ")
+    assert "round-000002.npz: cannot be read (Input/output error)" in captured.err
+    assert "starting fresh" not in captured.out and "skipping" not in captured.err
+    assert {p.name: p.read_bytes() for p in cfg.run_dir.rglob("*") if p.is_file() and p.name != ".lock"} == before
