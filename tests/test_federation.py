@@ -217,6 +217,25 @@ def test_centralized_baseline_stops_at_a_checkpoint_on_request_and_resumes_exact
 
 
 @pytest.mark.slow
+def test_ctrl_c_stops_the_centralized_baseline_at_a_checkpoint_with_one_line(split, tmp_path):
+    """Ctrl-C (SIGINT) is the same request as SIGTERM: one line saying so, `stopped:` after the round, exit 75."""
+    sets = ["federation.algorithm=centralized", "federation.rounds=200", "run.name=c"]
+    proc = subprocess.Popen(
+        train_command(split, tmp_path, sets), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_rows(tmp_path / "c", 1, proc)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # a no-op once it has ended
+    assert proc.returncode == EXIT_PREEMPTED, out + err
+    assert err.count("Ctrl-C: stopping at a checkpoint after the current round") == 1, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert "\nstopped: " in out and "\ndone: " not in out
+    assert summary(tmp_path / "c")["preempted"] is True and len(metrics(tmp_path / "c")) < 200
+
+
 def test_the_centralized_baseline_checkpoints_and_exits_75_on_sigterm(split, tmp_path):
     """`kill` or SLURM's SIGTERM reaches the centralized baseline through launch.train (it was swallowed:
     the run went on to its last round)."""
