@@ -127,11 +127,16 @@ def atomic_path(path: str | os.PathLike, suffix: str = "", sweep: bool = True) -
     except OSError as e:
         if e.errno not in STORAGE_ERRNOS:
             raise
-        # a write's error names no file: say which output did not fit (the user's to fix, one line)
-        raise OSError(e.errno, f"{e.strerror} (writing {path})") from None
+        raise _naming(e, path) from None
     finally:
         if tmp is not None and tmp.exists():
             tmp.unlink()
+
+
+def _naming(e: OSError, out: Path) -> OSError:
+    """A storage error (STORAGE_ERRNOS) as one naming the output `out`: a write's error names no file, and the
+    temporary's name is not the user's; which output did not fit is theirs to fix, in one line."""
+    return OSError(e.errno, f"{e.strerror} (writing {out})")
 
 
 def probe_directory(directory: Path) -> None:
@@ -151,17 +156,23 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     """Yield a new directory beside `out` for the caller to fill; when the block succeeds its files and
-    directories are fsynced and it replaces `out` (replace_dir), otherwise it is removed with everything in it."""
+    directories are fsynced and it replaces `out` (replace_dir), otherwise it is removed with everything in it.
+    A storage error names `out`, as atomic_path's do."""
     out = Path(out)
-    tmp = temporary_dir_beside(out)
-    os.chmod(tmp, umask_mode(directory=True))
+    tmp: Path | None = None
     try:
+        tmp = temporary_dir_beside(out)
+        os.chmod(tmp, umask_mode(directory=True))
         yield tmp
         _fsync_tree(tmp)
         replace_dir(tmp, out)
         fsync_directory(out.parent)
+    except OSError as e:
+        if e.errno not in STORAGE_ERRNOS:
+            raise
+        raise _naming(e, out) from None
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 

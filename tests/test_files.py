@@ -239,3 +239,27 @@ def test_a_quota_a_read_only_remount_or_a_size_limit_names_the_output_too(tmp_pa
     assert str(caught.value) == f"[Errno {code}] {os.strerror(code)} (writing {target})"
     assert caught.value.errno == code and is_user_error(caught.value)
     assert list(target.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["fill", "create"])
+def test_a_directory_output_that_does_not_fit_names_the_output(tmp_path, monkeypatch, where):
+    """synth's BIDS tree and qc's folder go through atomic_dir: a full disk there said only 'No space left on
+    device', and a read-only parent named the temporary directory."""
+    import tempfile
+
+    out = tmp_path / "cohort"
+    if where == "create":
+
+        def refuse(*args, **kwargs):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+        monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    with pytest.raises(OSError) as caught, files.atomic_dir(out):
+        if where == "fill":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    code = errno.ENOSPC if where == "fill" else errno.EROFS
+    assert str(caught.value) == f"[Errno {code}] {os.strerror(code)} (writing {out})"
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    with pytest.raises(OSError, match=r"^\[Errno 2\]"), files.atomic_dir(out):  # not a storage error: as it is
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
