@@ -148,14 +148,14 @@ def test_preemption_signal_checkpoints_and_resume_matches(split, reference, tmp_
     assert _same_model(reference, tmp_path / "p")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT], ids=["SIGUSR1", "SIGTERM", "SIGINT"])
 def test_a_signal_to_the_launcher_ends_the_job_and_resume_matches(split, reference, tmp_path, sig):
     """A signal sent to mpirun itself (a batch script that started the federation with mpirun passes the
-    scheduler's on; a user's kill). Both launchers forward SIGUSR1 to every rank: a stop at a checkpoint, exit 75.
-    MPICH's hydra forwards SIGTERM too; Open MPI's mpirun cannot (5.0.11 refuses --forward-signals SIGTERM) and ends
-    every rank, SIGKILL following SIGTERM within about half a second, printing nothing, exit 1, so the round in
-    flight is lost. Either way the job ends within seconds, no rank is left running, and --resume ends on the
-    uninterrupted run's model."""
+    scheduler's on; a user's kill; Ctrl-C). Both launchers forward SIGUSR1 to every rank: a stop at a checkpoint,
+    exit 75. MPICH's hydra forwards SIGTERM and SIGINT too; Open MPI's mpirun cannot (5.0.11 refuses
+    --forward-signals SIGTERM) and ends every rank, SIGKILL following SIGTERM within about half a second, printing
+    nothing, exit 1, so the round in flight is lost. Either way the job ends within seconds, no rank is left
+    running, and --resume ends on the uninterrupted run's model."""
     proc = start_fedmpi(split, tmp_path, *ROUNDS, "run.name=l")
     wait_rows(tmp_path / "l", 1, proc)
     os.kill(proc.pid, sig)
@@ -167,11 +167,13 @@ def test_a_signal_to_the_launcher_ends_the_job_and_resume_matches(split, referen
     left = list(job_processes(proc))
     kill_job(proc)  # what a failure left running
     assert not left, f"ranks outlived the launcher: {[pid for pid, _env in left]}"
-    if sig == signal.SIGTERM and launcher_is_open_mpi():
+    if sig != signal.SIGUSR1 and launcher_is_open_mpi():
         assert code != 0, out + err
     else:
         assert code == 75, out + err
         assert "\nstopped: " in out and summary(tmp_path / "l")["preempted"] is True
+        if sig == signal.SIGINT:  # said once (by the launcher's first task), not by every rank
+            assert (out + err).count("fedmpi: Ctrl-C: stopping at a checkpoint") == 1, out + err
     resumed = run_fedmpi(split, tmp_path, *ROUNDS, "run.name=l", extra=["--resume"])
     assert resumed.returncode == 0, resumed.stderr
     assert [r["round"] for r in metrics(tmp_path / "l")] == list(range(1, 7))
