@@ -251,10 +251,11 @@ def test_a_learner_stuck_after_the_last_round_is_named_not_waited_on(split, tmp_
     patch = f"run_ = module.Learner.run; module.Learner.run = lambda self: (run_(self), {stop})"
     _hook(tmp_path, monkeypatch, "fedmpi.learner", 2, patch)
     proc = start_fedmpi(split, tmp_path, *ROUNDS, "run.name=s", "run.round_timeout=5")
-    code, _out, err, seconds = _finish(proc, 60)
-    assert code != 0 and seconds < 60
+    code, out, err, seconds = _finish(proc, 60)
+    assert code == 1 and seconds < 60, (code, out + err)
     assert "no farewell from learner 2 (rank 2)" in err and "learner 2 (rank 2) is stopped on this host" in err, err
-    assert summary(tmp_path / "s")["rounds"] == 6  # its outputs were whole before the wait
+    assert "\ndone: 6 rounds" in out  # said before the wait, its outputs whole
+    assert summary(tmp_path / "s")["rounds"] == 6
 
 
 def test_a_server_stuck_in_its_final_save_is_named_by_the_learners(split, tmp_path, monkeypatch):
