@@ -78,6 +78,20 @@ TINY = [
 ]
 
 
+def unreadable(monkeypatch, name: str) -> None:
+    """np.load of a file whose name ends with `name` fails as a disk read error does (EIO); others load."""
+    import errno
+
+    real_load = np.load
+
+    def flaky(path, *args, **kwargs):
+        if str(path).endswith(name):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(np, "load", flaky)
+
+
 def train_command(data_dir: Path, run_dir: Path, sets, ranks: int = 3) -> list[str]:
     """`python -m fedmpi train` on data_dir with the tiny test settings, then `sets` (no launcher)."""
     args = [sys.executable, "-m", "fedmpi", "train", "--set", f"data.dir={data_dir}", "--set", f"run.dir={run_dir}"]

@@ -7,6 +7,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from fedtools import unreadable
 
 from fedmpi.checkpoint import (
     CheckpointError,
@@ -244,26 +245,18 @@ def test_latest_skips_corrupt_newest(tmp_path, capsys):
 def test_a_checkpoint_the_file_system_will_not_give_back_stops_the_resume(tmp_path, monkeypatch, capsys):
     """An I/O error (a flaky parallel file system, permissions) is not damage: skipping the file resumed from an
     older round, or with none left started afresh and cleared the run's rows. It stops the resume instead."""
-    import errno
 
     from fedmpi.errors import CheckpointUnreadable
 
     ckpt = Checkpoints(tmp_path, keep=3)
     save_rounds(ckpt, [1, 2])
-    real_load = np.load
-
-    def flaky(path, *args, **kwargs):
-        if str(path).endswith("round-000002.npz"):
-            raise OSError(errno.EIO, "Input/output error")
-        return real_load(path, *args, **kwargs)
-
-    monkeypatch.setattr(np, "load", flaky)
+    unreadable(monkeypatch, "round-000002.npz")
     with pytest.raises(
         CheckpointUnreadable, match=r"round-000002.npz: cannot be read \(Input/output error\).*--overwrite"
     ):
         ckpt.latest()
     assert "skipping" not in capsys.readouterr().err
-    monkeypatch.setattr(np, "load", real_load)
+    monkeypatch.undo()
     assert ckpt.latest()[2]["round"] == 2
 
 

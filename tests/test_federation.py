@@ -216,41 +216,28 @@ def test_centralized_baseline_stops_at_a_checkpoint_on_request_and_resumes_exact
     assert summary(run)["model_sha256"] == summary(tmp_path / "ref" / "c")["model_sha256"] == model_digest(values)
 
 
-@pytest.mark.slow
-def test_ctrl_c_stops_the_centralized_baseline_at_a_checkpoint_with_one_line(split, tmp_path):
-    """Ctrl-C (SIGINT) is the same request as SIGTERM: one line saying so, `stopped:` after the round, exit 75."""
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)], ids=["SIGTERM", "SIGINT"]
+)
+def test_the_centralized_baseline_stops_at_a_checkpoint_on_sigterm_and_ctrl_c(split, tmp_path, sig):
+    """`kill` or SLURM's SIGTERM reaches the centralized baseline through launch.train (it was swallowed: the run
+    went on to its last round); Ctrl-C (SIGINT) is the same request, with one line saying so. Either way `stopped:`
+    after the round, exit 75."""
     sets = ["federation.algorithm=centralized", "federation.rounds=200", "run.name=c"]
     proc = subprocess.Popen(
         train_command(split, tmp_path, sets), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
         wait_rows(tmp_path / "c", 1, proc)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()  # a no-op once it has ended
     assert proc.returncode == EXIT_PREEMPTED, out + err
-    assert err.count("Ctrl-C: stopping at a checkpoint after the current round") == 1, err
+    assert "continue with --resume" in out and "\nstopped: " in out and "\ndone: " not in out
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
-    assert "\nstopped: " in out and "\ndone: " not in out
-    assert summary(tmp_path / "c")["preempted"] is True and len(metrics(tmp_path / "c")) < 200
-
-
-def test_the_centralized_baseline_checkpoints_and_exits_75_on_sigterm(split, tmp_path):
-    """`kill` or SLURM's SIGTERM reaches the centralized baseline through launch.train (it was swallowed:
-    the run went on to its last round)."""
-    sets = ["federation.algorithm=centralized", "federation.rounds=200", "run.name=c"]
-    proc = subprocess.Popen(
-        train_command(split, tmp_path, sets), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        wait_rows(tmp_path / "c", 1, proc)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()  # a no-op once it has ended
-    assert proc.returncode == EXIT_PREEMPTED, out + err
-    assert "continue with --resume" in out
+    said = err.count("Ctrl-C: stopping at a checkpoint after the current round")
+    assert said == (1 if sig == signal.SIGINT else 0), err
     assert summary(tmp_path / "c")["preempted"] is True and len(metrics(tmp_path / "c")) < 200
 
 

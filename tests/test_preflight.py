@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from fedtools import SHAPE, write_split
+from fedtools import SHAPE, unreadable, write_split
 
 from fedmpi import training
 from fedmpi.config import load_config
@@ -303,7 +303,6 @@ def test_a_checkpoint_the_file_system_will_not_give_back_stops_the_resume_in_one
 ):
     """An I/O error reading the newest checkpoint stops the --resume in the preflight, one line naming the file:
     neither the older checkpoint nor a fresh start (which would clear the rows) replaces rounds that may be whole."""
-    import errno
 
     from fedmpi.checkpoint import Checkpoints
     from fedmpi.resume import resume_key
@@ -315,14 +314,7 @@ def test_a_checkpoint_the_file_system_will_not_give_back_stops_the_resume_in_one
         ckpts.save(t, np.full(4, t, np.float32), np.ones(4, bool), {"config": resume_key(cfg), "split": {}})
         RunLog(cfg.run_dir).append({"round": t})
     before = {p.name: p.read_bytes() for p in cfg.run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
-    real_load = np.load
-
-    def flaky(path, *args, **kwargs):
-        if str(path).endswith("round-000002.npz"):
-            raise OSError(errno.EIO, "Input/output error")
-        return real_load(path, *args, **kwargs)
-
-    monkeypatch.setattr(np, "load", flaky)
+    unreadable(monkeypatch, "round-000002.npz")
     assert preflight(cfg, JobStandIn(0, _learner_rows()), split, 0, True, False) is None
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1 and captured.err.startswith("fedmpi: error: rank 0: ")
