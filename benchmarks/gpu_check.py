@@ -16,6 +16,7 @@ import argparse
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -40,6 +41,13 @@ SMOKE = os.environ.get("GPU_CHECK_SMOKE") == "1"
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def bf16_probe(device: torch.device) -> None:
+    """The trainer's check of a bf16 convolution's weight gradient, with its error printed."""
+    error = autocast_weight_grad_error(device, AUTOCAST["bf16"])
+    verdict = "within rounding" if error < AUTOCAST_TOLERANCE else "WRONG: the trainer refuses train.amp=bf16 here"
+    print(f"bf16 weight-gradient probe: relative error {error:.2e} against float64 ({verdict})")
 
 
 def step_times(device: torch.device, shape, width: float, steps: int) -> None:
@@ -108,7 +116,8 @@ def loader_throughput(device: torch.device, path: Path) -> None:
 
 
 def main() -> int:
-    """Every part on the GPU (GPU_CHECK_SMOKE=1: tiny sizes on the CPU), each printed as a markdown table."""
+    """Every part on the GPU (GPU_CHECK_SMOKE=1: tiny sizes on the CPU), each printed as a markdown table; 1 if
+    any part failed, after the others ran."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True, help="a 2 mm volume file (gpu_check.sh writes one)")
     args = ap.parse_args()
@@ -121,13 +130,22 @@ def main() -> int:
         f"device: {name}; torch {torch.__version__}, CUDA {torch.version.cuda}, "
         f"cuDNN {torch.backends.cudnn.version() if device.type == 'cuda' else '-'}"
     )
-    error = autocast_weight_grad_error(device, AUTOCAST["bf16"])
-    verdict = "within rounding" if error < AUTOCAST_TOLERANCE else "WRONG: the trainer refuses train.amp=bf16 here"
-    print(f"bf16 weight-gradient probe: relative error {error:.2e} against float64 ({verdict})")
-    step_times(device, shape, width, steps=2 if SMOKE else 20)
-    eval_throughput(device, shape, width, batches=2 if SMOKE else 16)
-    loader_throughput(device, args.data)
-    return 0
+    failed = []
+    for part, run in (
+        ("bf16 probe", lambda: bf16_probe(device)),
+        ("model step", lambda: step_times(device, shape, width, steps=2 if SMOKE else 20)),
+        ("evaluation", lambda: eval_throughput(device, shape, width, batches=2 if SMOKE else 16)),
+        ("data loader", lambda: loader_throughput(device, args.data)),
+    ):
+        try:  # a part that fails is reported; the others still give their figures
+            run()
+        except Exception:
+            traceback.print_exc()
+            print(f"\n!! gpu_check.py: the {part} part failed (traceback above)", flush=True)
+            failed.append(part)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

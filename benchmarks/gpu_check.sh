@@ -1,32 +1,65 @@
 #!/usr/bin/env bash
 # The prepared GPU check (issue: "a GPU path that is ready to be measured"): at most about 8 minutes on
-# one GPU. It needs a Python with a CUDA build of torch, mpi4py with an MPI, h5py, numpy, nibabel, nilearn
-# and pyyaml (PYTHON, default python3; MPIRUN, the launcher and any flags it needs, split at spaces, default
+# one GPU. It needs a Python with a CUDA build of torch, mpi4py with an MPI, h5py, numpy and pyyaml
+# (PYTHON, default python3; MPIRUN, the launcher and any flags it needs, split at spaces, default
 # the mpirun beside PYTHON or on PATH). It prints:
 #   1. the full-size model's (width 1, 91x109x91) training step at batch 4 in fp32 and bf16, evaluation
 #      throughput, and data-loader throughput into the GPU from a 2 mm HDF5 file (benchmarks/gpu_check.py);
 #   2. a 9-rank federation at 2 mm on that GPU: 8 learners sharing it, 64 volumes each, 2 rounds of
 #      1 local epoch at batch 4, bf16 and the volumes cached on the GPU, with each round's breakdown.
+# Each step runs under a time limit and whatever fails, the others still run; the script then exits 1 naming
+# the failed steps. With $OUT set (the device tool's output folder) it writes its output to $OUT/gpu_check.log
+# and the federation's metrics.jsonl and summary.json beside it.
 # GPU_CHECK_SMOKE=1 runs the same steps at toy sizes on the CPU, to check the script itself.
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
 PYTHON=${PYTHON:-python3}
-if [ -n "${MPIRUN:-}" ]; then
-    read -r -a LAUNCHER <<< "$MPIRUN"  # "mpirun --oversubscribe": the command and its flags
-else
-    LAUNCHER=("$(dirname "$(command -v "$PYTHON")")/mpirun")
-    [ -x "${LAUNCHER[0]}" ] || LAUNCHER=(mpirun)
-fi
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
-    SHAPE="(20, 24, 20)"; PER=4; LEARNERS=2; DEVICE=cpu; WIDTH=0.125; CACHE=memory; AMP=off
+    SHAPE="(20, 24, 20)"; PER=4; LEARNERS=2; DEVICE=cpu; WIDTH=0.125
 else
-    SHAPE="(91, 109, 91)"; PER=64; LEARNERS=8; DEVICE=cuda; WIDTH=1.0; CACHE=device; AMP=bf16
+    SHAPE="(91, 109, 91)"; PER=64; LEARNERS=8; DEVICE=cuda; WIDTH=1.0
 fi
-echo "== gpu_check: $(date -u +%FT%TZ) on $(hostname)"
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-"$PYTHON" - <<EOF
+CACHE=device; AMP=bf16  # on the CPU too: the smoke run takes the same branches (bf16 falls back where refused)
+FAILED=()
+LAUNCHER=(mpirun)
+
+# step NAME SECONDS COMMAND...: run COMMAND under a time limit; a failure is reported and remembered, not fatal
+step() {
+    local name=$1 limit=$2 rc
+    shift 2
+    timeout -k 15 "$limit" "$@"
+    rc=$?
+    if [ "$rc" -ne 0 ]; then
+        [ "$rc" -eq 124 ] && echo "!! gpu_check: $name ran past its ${limit} s" >&2
+        echo "!! gpu_check: $name failed (exit $rc)" >&2
+        FAILED+=("$name")
+    fi
+    return "$rc"
+}
+
+setup_mpi() {
+    if [ -n "${MPIRUN:-}" ]; then
+        read -r -a LAUNCHER <<< "$MPIRUN"  # "mpirun --oversubscribe": the command and its flags
+        return 0
+    fi
+    LAUNCHER=("$(dirname "$(command -v "$PYTHON")")/mpirun")
+    [ -x "${LAUNCHER[0]}" ] || LAUNCHER=(mpirun)
+}
+
+main() {
+    echo "== gpu_check: $(date -u +%FT%TZ) on $(hostname)"
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+    fi
+    setup_mpi || FAILED+=("MPI set-up")
+    echo "python: $(command -v "$PYTHON"); launcher: ${LAUNCHER[*]}"
+    "$PYTHON" -c "import sys, torch, h5py, numpy, yaml; print('torch', torch.__version__, 'CUDA', torch.version.cuda,
+'available' if torch.cuda.is_available() else 'NOT available'); from mpi4py import MPI; print(MPI.Get_library_version().splitlines()[0])" \
+        || echo "!! gpu_check: $PYTHON lacks a package above: the steps that need it fail" >&2
+    if ! step "cohort" 120 "$PYTHON" - <<EOF
 import sys
 sys.path.insert(0, "tests")
 from pathlib import Path
@@ -34,21 +67,30 @@ from fedtools import write_split
 write_split(Path("$WORK/split"), learners=$LEARNERS, per_learner=$PER, test=$PER, shape=$SHAPE)
 print("wrote $LEARNERS x $PER + $PER volumes of shape $SHAPE to $WORK/split")
 EOF
-"$PYTHON" benchmarks/gpu_check.py --data "$WORK/split/learner_1.h5"
-# the trainer refuses bf16 where its weight gradient is wrong (the probe above): the federation's figures then in float32
-if [ "$AMP" != off ] && ! "$PYTHON" -c "import sys, torch; from fedmpi.training import autocast_problem
+    then
+        echo "== gpu_check FAILED: cohort (nothing else can run)"
+        return 1
+    fi
+    step "benchmarks/gpu_check.py" 180 "$PYTHON" benchmarks/gpu_check.py --data "$WORK/split/learner_1.h5"
+    # the trainer refuses bf16 where its weight gradient is wrong (the probe above): the federation's figures then in float32
+    if ! timeout 60 "$PYTHON" -c "import sys, torch; from fedmpi.training import autocast_problem
 sys.exit(autocast_problem(torch.device('$DEVICE'), '$AMP') or None)"; then
-    AMP=off
-    echo "(the federation below runs with train.amp=off)"
-fi
-echo
-echo "== $((LEARNERS + 1))-rank federation: $LEARNERS learners share one $DEVICE, $PER volumes each, 2 rounds"
-OMP_NUM_THREADS=1 "${LAUNCHER[@]}" -n $((LEARNERS + 1)) "$PYTHON" -m fedmpi train --set data.dir="$WORK/split" \
-    --set run.dir="$WORK/runs" --set run.name=gpu --set federation.learners=$LEARNERS --set federation.rounds=2 \
-    --set federation.algorithm=fedsparsify-global --set federation.target=0.9 --set model.width=$WIDTH \
-    --set model.dropout=0 --set train.epochs=1 --set train.batch_size=4 --set train.lr=0.001 \
-    --set train.device=$DEVICE --set train.amp=$AMP --set data.cache=$CACHE --set eval.batch_size=8
-"$PYTHON" - <<EOF
+        AMP=off
+        echo "(the federation below runs with train.amp=off)"
+    fi
+    echo
+    echo "== $((LEARNERS + 1))-rank federation: $LEARNERS learners share one $DEVICE, $PER volumes each, 2 rounds"
+    OMP_NUM_THREADS=1 step "federation" 210 "${LAUNCHER[@]}" -n $((LEARNERS + 1)) "$PYTHON" -m fedmpi train \
+        --set data.dir="$WORK/split" --set run.dir="$WORK/runs" --set run.name=gpu --set federation.learners=$LEARNERS \
+        --set federation.rounds=2 --set federation.algorithm=fedsparsify-global --set federation.target=0.9 \
+        --set model.width=$WIDTH --set model.dropout=0 --set train.epochs=1 --set train.batch_size=4 \
+        --set train.lr=0.001 --set train.device=$DEVICE --set train.amp=$AMP --set data.cache=$CACHE \
+        --set eval.batch_size=8
+    if [ -n "${OUT:-}" ]; then
+        cp "$WORK/runs/gpu/metrics.jsonl" "$WORK/runs/gpu/summary.json" "$OUT/" 2>/dev/null || true
+    fi
+    if [ -s "$WORK/runs/gpu/metrics.jsonl" ]; then
+        step "round table" 60 "$PYTHON" - <<EOF
 import json
 rows = [json.loads(line) for line in open("$WORK/runs/gpu/metrics.jsonl")]
 keys = ("seconds_train", "seconds_setup", "seconds_encode", "seconds_send", "seconds_collect",
@@ -59,4 +101,17 @@ for r in rows:
     print(f"| {r['round']} | " + " | ".join(f"{r[k]:.3f}" for k in keys)
           + f" | {r['bytes_up'] / 1e6:.1f} MB | {r['bytes_down'] / 1e6:.1f} MB |")
 EOF
-echo "== gpu_check done"
+    fi
+    if [ "${#FAILED[@]}" -gt 0 ]; then
+        echo "== gpu_check FAILED: $(IFS=,; echo "${FAILED[*]}")"
+        return 1
+    fi
+    echo "== gpu_check done"
+}
+
+if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT"
+    main 2>&1 | tee "$OUT/gpu_check.log"
+    exit "${PIPESTATUS[0]}"
+fi
+main

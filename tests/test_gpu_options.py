@@ -143,9 +143,8 @@ def test_warm_up_leaves_model_gradients_and_random_state_alone():
     assert (flat_parameters(model) == before).all() and all(p.grad is None for p in model.parameters())
 
 
-@pytest.mark.slow
-def test_the_prepared_gpu_check_runs_end_to_end_in_smoke_mode():
-    """benchmarks/gpu_check.sh at toy sizes on the CPU: the script a GPU session runs once has run."""
+def _gpu_check(tmp_path, **env):
+    """benchmarks/gpu_check.sh in smoke mode (toy sizes on the CPU), its $OUT in tmp_path/out."""
     import os
     import subprocess
     import sys
@@ -154,11 +153,26 @@ def test_the_prepared_gpu_check_runs_end_to_end_in_smoke_mode():
     from fedtools import MPIRUN, MPIRUN_FLAGS
 
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, GPU_CHECK_SMOKE="1", PYTHON=sys.executable, MPIRUN=" ".join([MPIRUN, *MPIRUN_FLAGS]))
-    proc = subprocess.run(
+    env = {
+        **os.environ,
+        "GPU_CHECK_SMOKE": "1",
+        "PYTHON": sys.executable,
+        "MPIRUN": " ".join([MPIRUN, *MPIRUN_FLAGS]),
+        "OUT": str(tmp_path / "out"),
+        **env,
+    }
+    return subprocess.run(
         ["bash", str(root / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True, env=env, timeout=600
     )
+
+
+@pytest.mark.slow
+def test_the_prepared_gpu_check_runs_end_to_end_in_smoke_mode(tmp_path):
+    """benchmarks/gpu_check.sh at toy sizes on the CPU: the script a GPU session runs once has run, and its
+    output and the federation's metrics come back in $OUT (what the device tool returns)."""
+    proc = _gpu_check(tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
     for table in (
         "bf16 weight-gradient probe: relative error",
         "| model step, batch 4 |",
@@ -167,7 +181,47 @@ def test_the_prepared_gpu_check_runs_end_to_end_in_smoke_mode():
         "| round | train | setup |",
         "== gpu_check done",
     ):
-        assert table in proc.stdout
+        assert table in proc.stdout and table in log
+    assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert (tmp_path / "out" / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_a_failed_federation_leaves_the_gpu_checks_other_figures_and_exits_1(tmp_path):
+    """One step that fails (here the launcher) does not take the others' figures with it: GPU time is scarce."""
+    proc = _gpu_check(tmp_path, MPIRUN="false")
+    assert proc.returncode == 1
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
+    for line in ("| model step, batch 4 |", "| data loader into the device", "== gpu_check FAILED: federation"):
+        assert line in log
+    assert "== gpu_check done" not in log
+
+
+def test_a_failed_part_of_gpu_check_py_leaves_the_others(tmp_path, monkeypatch, capsys):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    from fedtools import write_volumes
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    assert spec is not None and spec.loader is not None
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    write_volumes(tmp_path / "v.h5", np.full(4, 60.0), np.random.default_rng(0), (20, 24, 20))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(gpu_check, "SMOKE", True)
+    monkeypatch.setattr(gpu_check, "step_times", broken)
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--data", str(tmp_path / "v.h5")])
+    assert gpu_check.main() == 1
+    out = capsys.readouterr().out
+    assert "the model step part failed" in out and "| model step, batch 4 |" not in out
+    assert "| evaluation, batch 8 |" in out and "| data loader into the device" in out
 
 
 def test_every_amp_the_config_accepts_has_its_autocast_dtype():
