@@ -10,6 +10,9 @@
 # Each step runs under a time limit and whatever fails, the others still run; the script then exits 1 naming
 # the failed steps. With $OUT set (the device tool's output folder) it writes its output to $OUT/gpu_check.log
 # and the federation's metrics.jsonl and summary.json beside it.
+# Where PYTHON's mpi4py finds no MPI and no MPIRUN is given, the wheels in GPU_CHECK_WHEELS (default .whl:
+# mpi4py and mpich for that Python, benchmarks/gpu_wheels.sh fetches them) are installed into a temporary
+# prefix: the GPU machine has no network.
 # GPU_CHECK_SMOKE=1 runs the same steps at toy sizes on the CPU, to check the script itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -45,6 +48,17 @@ setup_mpi() {
         read -r -a LAUNCHER <<< "$MPIRUN"  # "mpirun --oversubscribe": the command and its flags
         return 0
     fi
+    local wheels=${GPU_CHECK_WHEELS:-.whl} site
+    if ! "$PYTHON" -c "from mpi4py import MPI" 2>/dev/null && compgen -G "$wheels/*.whl" >/dev/null; then
+        echo "(mpi4py finds no MPI: installing the wheels in $wheels into $WORK/mpi)"
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --prefix "$WORK/mpi" "$wheels"/*.whl || return 1
+        site=$(dirname "$(find "$WORK/mpi" -maxdepth 5 -type d -name mpi4py | head -n 1)")
+        export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
+        export LD_LIBRARY_PATH=$WORK/mpi/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+        export PATH=$WORK/mpi/bin:$PATH
+        LAUNCHER=("$WORK/mpi/bin/mpirun")
+        return 0
+    fi
     LAUNCHER=("$(dirname "$(command -v "$PYTHON")")/mpirun")
     [ -x "${LAUNCHER[0]}" ] || LAUNCHER=(mpirun)
 }
@@ -58,7 +72,7 @@ main() {
     echo "python: $(command -v "$PYTHON"); launcher: ${LAUNCHER[*]}"
     "$PYTHON" -c "import sys, torch, h5py, numpy, yaml; print('torch', torch.__version__, 'CUDA', torch.version.cuda,
 'available' if torch.cuda.is_available() else 'NOT available'); from mpi4py import MPI; print(MPI.Get_library_version().splitlines()[0])" \
-        || echo "!! gpu_check: $PYTHON lacks a package above: the steps that need it fail" >&2
+        || echo "!! gpu_check: $PYTHON lacks a package above (no MPI: run benchmarks/gpu_wheels.sh where PyPI is reachable, carry .whl)" >&2
     if ! step "cohort" 120 "$PYTHON" - <<EOF
 import sys
 sys.path.insert(0, "tests")
