@@ -261,11 +261,11 @@ def prepare_data(cfg: Config, wire) -> Path | None:
     and then find it built. None when the configuration cannot give the cohort (what only its ages can tell,
     such as a test fraction that holds out no one): rank 0 has said why, and every rank exits 2 (a bad
     configuration value), as a check before MPI would have."""
+    if cfg.data.dir:  # before the cohort's imports: training a given split needs no nibabel or nilearn
+        return Path(cfg.data.dir)
     from preprocess.cohort import synthetic_cohort
     from preprocess.distributions import SplitError
 
-    if cfg.data.dir:
-        return Path(cfg.data.dir)
     d = cfg.data
 
     def cohort() -> Path:

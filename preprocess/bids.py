@@ -17,8 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from fedmpi.errors import UserError
-from preprocess.nifti import IMAGE_SUFFIXES
 
+# The image files looked for: suffixes nibabel reads, longest first so ".nii.gz" wins over ".gz". Here, not in
+# nifti.py: the trainer reads the age rules of this module, and must not need nibabel (a GPU image without it).
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".hdr")
 REQUIRED_COLUMNS = ("participant_id", "age")
 MISSING = {"", "n/a", "na", "nan", "none", "null"}
 # Plausible human ages in years, MIN < age <= MAX: 0 or a negative age is almost always a

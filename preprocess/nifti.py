@@ -19,8 +19,6 @@ import numpy as np
 from fedmpi.errors import UserError
 from preprocess import grid
 
-# Suffixes nibabel reads for us, longest first so ".nii.gz" wins over ".gz".
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".hdr")
 MIN_MASK_COVERAGE = 0.5
 # Largest image accepted, as float32 in MB (10**6 bytes). A worker holds several copies while
 # resampling, so this bounds its memory; a 1 mm whole-head T1 is 20-70 MB, 0.5 mm 7 T data ~400 MB.

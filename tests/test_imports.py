@@ -95,3 +95,26 @@ def test_no_import_circles():
 
 def test_errors_module_imports_nothing_from_the_package():
     assert import_graph()["fedmpi.errors"] == set()
+
+
+# What training a given split may not need: the neuroimaging stack (preprocessing's) and the report's plots. A GPU
+# image or a site's training environment may lack them (the GPU machine here has neither nibabel nor nilearn).
+PREPROCESSING_ONLY = ("nibabel", "nilearn", "scipy", "matplotlib")
+TRAINER = f"""
+import sys
+for name in {PREPROCESSING_ONLY!r}:
+    sys.modules[name] = None  # an import of it fails
+import fedmpi.centralized, fedmpi.cli, fedmpi.launch, fedmpi.learner, fedmpi.server
+from fedmpi.config import load_config
+from fedmpi.launch import prepare_data
+print(prepare_data(load_config(overrides=["data.dir=/data/split"]), None))
+"""
+
+
+def test_the_trainer_on_a_given_split_imports_no_preprocessing_stack():
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", TRAINER], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "/data/split"
