@@ -10,7 +10,7 @@
 # Each step runs under a time limit and whatever fails, the others still run; the script then exits 1 naming
 # the failed steps. With $OUT set (the device tool's output folder) it writes its output to $OUT/gpu_check.log
 # and the federation's metrics.jsonl and summary.json beside it.
-# Where PYTHON's mpi4py finds no MPI and no MPIRUN is given, the wheels in GPU_CHECK_WHEELS (default .whl:
+# Where PYTHON's mpi4py finds no MPI (or no mpirun is there) and no MPIRUN is given, the wheels in GPU_CHECK_WHEELS (default .whl:
 # mpi4py and mpich for that Python, benchmarks/gpu_wheels.sh fetches them) are installed into a temporary
 # prefix: the GPU machine has no network.
 # GPU_CHECK_SMOKE=1 runs the same steps at toy sizes on the CPU, to check the script itself.
@@ -48,9 +48,11 @@ setup_mpi() {
         read -r -a LAUNCHER <<< "$MPIRUN"  # "mpirun --oversubscribe": the command and its flags
         return 0
     fi
-    local wheels=${GPU_CHECK_WHEELS:-.whl} site
-    if ! "$PYTHON" -c "from mpi4py import MPI" 2>/dev/null && compgen -G "$wheels/*.whl" >/dev/null; then
-        echo "(mpi4py finds no MPI: installing the wheels in $wheels into $WORK/mpi)"
+    local wheels=${GPU_CHECK_WHEELS:-.whl} site own
+    own="$(dirname "$(command -v "$PYTHON")")/mpirun"
+    if { ! "$PYTHON" -c "from mpi4py import MPI" 2>/dev/null || { [ ! -x "$own" ] && ! command -v mpirun >/dev/null; }; } \
+        && compgen -G "$wheels/*.whl" >/dev/null; then
+        echo "(mpi4py finds no MPI, or there is no mpirun: installing the wheels in $wheels into $WORK/mpi)"
         "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --prefix "$WORK/mpi" "$wheels"/*.whl || return 1
         site=$(dirname "$(find "$WORK/mpi" -maxdepth 5 -type d -name mpi4py | head -n 1)")
         export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
@@ -59,8 +61,8 @@ setup_mpi() {
         LAUNCHER=("$WORK/mpi/bin/mpirun")
         return 0
     fi
-    LAUNCHER=("$(dirname "$(command -v "$PYTHON")")/mpirun")
-    [ -x "${LAUNCHER[0]}" ] || LAUNCHER=(mpirun)
+    LAUNCHER=("$own")
+    [ -x "$own" ] || LAUNCHER=(mpirun)
 }
 
 main() {
