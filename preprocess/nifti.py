@@ -88,7 +88,13 @@ def load(path, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> tuple[np.ndarray, 
     if np.dtype(img.get_data_dtype()).kind == "c":  # a cast to float32 would drop the imaginary part unsaid
         raise BadImage(f"{path.name} holds complex values ({img.get_data_dtype()}); expected a magnitude image")
     try:
-        data = np.asarray(img.dataobj, dtype=np.float32)
+        with np.errstate(over="raise"):  # a finite value beyond float32 would become inf: counted as missing
+            data = np.asarray(img.dataobj, dtype=np.float32)
+    except FloatingPointError:
+        raise BadImage(
+            f"{path.name} holds values beyond float32's range (above 3.4e38; stored as {img.get_data_dtype()}, "
+            f"scaled by scl_slope {getattr(img.dataobj, 'slope', 1.0):g}): a corrupt image or a wrong scaling"
+        ) from None
     except MemoryError:
         size = _size_text(math.prod(shape) * 4)
         raise BadImage(f"not enough memory to read {path.name} ({size} as float32)") from None

@@ -164,6 +164,19 @@ def _top_share(vals: np.ndarray, top: int) -> float:
     return float(squares[-top:].sum() / squares.sum())
 
 
+def test_values_beyond_float32_are_named_not_read_as_missing(ras_image, tmp_path):
+    """A float64 image of 1e300s became all inf in float32: 'no finite voxel (all NaN or inf)', and numpy's overflow
+    warning on the console; one such voxel was quietly counted as outside the field of view."""
+    data = np.asarray(ras_image.dataobj, dtype=np.float64).copy()
+    data[tuple(n // 2 for n in data.shape)] = 1e300
+    nib.save(nib.Nifti1Image(data, ras_image.affine), tmp_path / "big.nii.gz")
+    with pytest.raises(nifti.BadImage, match=r"^big.nii.gz holds values beyond float32's range .*stored as float64"):
+        nifti.load(tmp_path / "big.nii.gz")
+    data[tuple(n // 2 for n in data.shape)] = np.inf  # non-finite, as written: missing, as before
+    nib.save(nib.Nifti1Image(data, ras_image.affine), tmp_path / "inf.nii.gz")
+    assert np.isinf(nifti.load(tmp_path / "inf.nii.gz")[0]).sum() == 1
+
+
 def test_an_image_with_a_corrupt_voxel_is_a_bad_image(ras_image, tmp_path):
     data = np.asarray(ras_image.dataobj, dtype=np.float32).copy()
     data[tuple(n // 2 for n in data.shape)] = 1e30
