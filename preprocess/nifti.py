@@ -87,6 +87,10 @@ def load(path, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> tuple[np.ndarray, 
     check_header(path.name, shape, max_image_mb)
     if np.dtype(img.get_data_dtype()).kind == "c":  # a cast to float32 would drop the imaginary part unsaid
         raise BadImage(f"{path.name} holds complex values ({img.get_data_dtype()}); expected a magnitude image")
+    if np.dtype(img.get_data_dtype()).fields:  # RGB24/RGBA32: no cast to float32 ("no common DType")
+        raise BadImage(
+            f"{path.name} holds colour values ({', '.join(img.get_data_dtype().names)}); expected a grey-scale T1"
+        )
     try:
         with np.errstate(over="raise"):  # a finite value beyond float32 would become inf: counted as missing
             data = np.asarray(img.dataobj, dtype=np.float32)

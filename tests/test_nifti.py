@@ -177,6 +177,15 @@ def test_values_beyond_float32_are_named_not_read_as_missing(ras_image, tmp_path
     assert np.isinf(nifti.load(tmp_path / "inf.nii.gz")[0]).sum() == 1
 
 
+def test_a_colour_image_is_named_as_such(tmp_path):
+    """RGB24 was 'unreadable or truncated image ...: The DTypes VoidDType and Float32DType do not have a common
+    DType'."""
+    rgb = np.zeros((10, 12, 10), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), tmp_path / "rgb.nii.gz")
+    with pytest.raises(nifti.BadImage, match=r"^rgb.nii.gz holds colour values \(R, G, B\); expected a grey-scale T1$"):
+        nifti.load(tmp_path / "rgb.nii.gz")
+
+
 def test_an_image_with_a_corrupt_voxel_is_a_bad_image(ras_image, tmp_path):
     data = np.asarray(ras_image.dataobj, dtype=np.float32).copy()
     data[tuple(n // 2 for n in data.shape)] = 1e30
