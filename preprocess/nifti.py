@@ -134,12 +134,23 @@ def mm_per_unit(img) -> float:
     return 1.0
 
 
+def _stored_pixdim(img) -> np.ndarray:
+    """pixdim as the file holds it: nibabel's loaded header has already turned a 0 there into 1."""
+    stored = img.file_map.get("header") or img.file_map["image"]
+    try:
+        with nib.openers.ImageOpener(stored.filename) as f:
+            return np.asarray(type(img.header).from_fileobj(f, check=False)["pixdim"])
+    except Exception:  # an in-memory image, or a header nibabel read once but not twice: its loaded one
+        return np.asarray(img.header["pixdim"])
+
+
 def orientation_problem(name: str, img) -> None:
     """BadImage when the header does not say which side is left: a NIfTI with neither sform nor qform
     (nibabel then guesses the Analyze convention, x flipped), a plain Analyze file (no orientation at
     all, radiological or neurological by the writer's habit) or a NIfTI whose sform and qform disagree
     on the axis directions (nibabel takes the sform, ITK/ANTs and others may take the qform). Each of
-    these can mirror the hemispheres without moving the brain, which no later check would notice."""
+    these can mirror the hemispheres without moving the brain, which no later check would notice. Also a
+    qform-only NIfTI with a zero voxel size, whose geometry nibabel guesses."""
     header = img.header
     if isinstance(img, nib.Nifti1Pair):  # every NIfTI-1/2 image or pair
         sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])
@@ -147,6 +158,12 @@ def orientation_problem(name: str, img) -> None:
             raise BadImage(
                 f"{name} has sform_code and qform_code 0: its orientation (which side is left) is unknown; "
                 "set the sform/qform (e.g. fslorient or nibabel) to the image's real orientation"
+            )
+        zero = [axis for axis, size in zip("ijk", _stored_pixdim(img)[1:4]) if size == 0]
+        if sform_code == 0 and zero:  # the qform's voxel sizes are pixdim's; nibabel takes a 0 as 1 mm
+            raise BadImage(
+                f"{name} has voxel size 0 along {', '.join(zero)} (pixdim) and no sform: its geometry is unknown "
+                "(nibabel would take 1 mm); fix the header's pixdim"
             )
         if sform_code and qform_code:
             sform = header.get_sform()

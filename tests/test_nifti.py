@@ -186,6 +186,19 @@ def test_a_colour_image_is_named_as_such(tmp_path):
         nifti.load(tmp_path / "rgb.nii.gz")
 
 
+def test_a_zero_voxel_size_without_an_sform_is_named(ras_image, tmp_path):
+    """A qform-only header's voxel sizes are its pixdim; nibabel takes a 0 there as 1 mm and said so only in a log
+    line, so a 2 mm axis was read as 1 mm."""
+    header = ras_image.header.copy()
+    header.set_sform(None, code=0)
+    header.set_qform(ras_image.affine, code=1)
+    image = nib.Nifti1Image(np.asarray(ras_image.dataobj), None, header)
+    image.header["pixdim"][1] = 0
+    nib.save(image, tmp_path / "zero.nii.gz")
+    with pytest.raises(nifti.BadImage, match=r"^zero.nii.gz has voxel size 0 along i \(pixdim\) and no sform"):
+        nifti.load(tmp_path / "zero.nii.gz")
+
+
 def test_an_image_with_a_corrupt_voxel_is_a_bad_image(ras_image, tmp_path):
     data = np.asarray(ras_image.dataobj, dtype=np.float32).copy()
     data[tuple(n // 2 for n in data.shape)] = 1e30
