@@ -235,6 +235,10 @@ def convert(
         "reorient": "RAS+ (sform/qform set and agreeing; no plain Analyze)",
         # images with larger voxels are bad input: staged parts and outputs made before are rebuilt once
         "max_voxel_mm": nifti.MAX_VOXEL_MM,
+        # likewise (2026-12-03) images blanked by an extreme value, and qform-only headers with a 0 voxel size
+        "outliers": f"refused above {nifti.MAX_OUTLIER_SHARE:g} of the brain's variance in its most extreme "
+        f"{nifti.OUTLIER_FRACTION:.1%} of voxels",
+        "zero_pixdim": "refused without an sform (nibabel took 1 mm)",
         # worded anew when missing voxels stopped darkening their neighbours (normalised by the finite voxels'
         # weight), so that outputs of images with NaN or a field of view cutting the mask are rebuilt
         "antialias": "gaussian, FWHM = target voxel; with the trilinear interpolation, divided by the weight of "
