@@ -171,7 +171,14 @@ def train(
         return EXIT_FAILURE
     time.sleep(0.2)  # let the message reach the launcher before the job is torn down
     comm.Abort(EXIT_FAILURE)
-    return EXIT_FAILURE
+    # MPICH 5 under srun's pmi2 returns from MPI_Abort. Returning from here went on to Python's exit and mpi4py's
+    # MPI_Finalize, which waits on the PMI server for ever; when the step was already being torn down (a learner
+    # killed by SIGKILL, srun --kill-on-bad-exit) the rank, which takes SIGTERM as a stop request, sat there until
+    # slurmstepd's SIGKILL after KillWait (30 s on the real SLURM). End this process now instead.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_FAILURE)
+    return EXIT_FAILURE  # only where os._exit is a test's stand-in
 
 
 def _run(cfg: Config, comm, resume: bool, overwrite: bool, stop) -> int:

@@ -284,8 +284,12 @@ def test_a_rank_that_exits_mid_federation_ends_the_job_naming_itself(monkeypatch
         sys.exit(0)
 
     monkeypatch.setattr(fedmpi.launch, "_run", leave)
+    exited = []
+    monkeypatch.setattr(fedmpi.launch.os, "_exit", exited.append)
     assert train(None, []) == EXIT_FAILURE
     assert comm.aborted == EXIT_FAILURE
+    # an MPI_Abort that returns (MPICH 5 under srun's pmi2) must not lead to MPI_Finalize, which waited for ever
+    assert exited == [EXIT_FAILURE]
     err = capsys.readouterr().err
     assert "fedmpi: rank 2 (learner 2) exited (SystemExit: 0) before the federation ended" in err
     assert "Traceback" not in err
