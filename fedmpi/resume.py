@@ -121,25 +121,26 @@ def resume_point(cfg: Config, resume: bool, overwrite: bool):
         # rows alone are a run too: one with run.checkpoint_every=0, or stopped before its first checkpoint
         rows, damaged = RunLog(cfg.run_dir).read()
         begun = checkpoints.paths() or rows or damaged
-        if begun and not overwrite and finished(cfg):
+        if not begun or overwrite:
+            return None
+        done = completed_rounds(cfg)
+        if done == cfg.federation.rounds:  # finished
             changes = _finished_with_other_settings(cfg)
             if changes:  # a re-run of the same command replaces its run; another experiment's is not lost to it
                 raise ConfigError(
                     f"{cfg.run_dir} holds a finished run with other settings ({'; '.join(changes[:3])}"
                     f"{'; ...' if len(changes) > 3 else ''}): choose another run.name, or --overwrite to replace it"
                 )
-        if begun and not overwrite and not finished(cfg):
-            done = completed_rounds(cfg)
-            if done is not None:  # finished, under another federation.rounds: --resume would refuse it
-                raise ConfigError(
-                    f"{cfg.run_dir} holds a finished run of {done} rounds; a run of {cfg.federation.rounds} is "
-                    "another run (its schedule depends on the rounds): choose another run.name, or --overwrite"
-                )
+            return None
+        if done is not None:  # finished, under another federation.rounds: --resume would refuse it
             raise ConfigError(
-                f"{cfg.run_dir} holds an unfinished run; pass --resume to continue it or --overwrite "
-                f"to replace it (or choose another run.name)"
+                f"{cfg.run_dir} holds a finished run of {done} rounds; a run of {cfg.federation.rounds} is "
+                "another run (its schedule depends on the rounds): choose another run.name, or --overwrite"
             )
-        return None
+        raise ConfigError(
+            f"{cfg.run_dir} holds an unfinished run; pass --resume to continue it or --overwrite "
+            f"to replace it (or choose another run.name)"
+        )
     log = RunLog(cfg.run_dir)
     try:  # damage before the last line would hide recorded rounds: the resume would start afresh over them
         rows = log.checked_rows()

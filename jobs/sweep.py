@@ -44,7 +44,7 @@ from fedmpi.cli import stdout_closed  # noqa: E402
 from fedmpi.config import UniqueKeyLoader, load_config  # noqa: E402
 from fedmpi.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, ConfigError  # noqa: E402
 from fedmpi.launch import default_mpirun  # noqa: E402
-from fedmpi.resume import completed_rounds, finished, recorded_key, resume_key  # noqa: E402
+from fedmpi.resume import completed_rounds, recorded_key, resume_key  # noqa: E402
 from fedmpi.runlog import read_json, stopped_early  # noqa: E402
 
 RECORDS = ("config.json", "metrics.jsonl", "summary.json", "test_predictions.csv", "attack.json")
@@ -143,12 +143,14 @@ def state(cfg) -> str:
     """'finished', 'partial' (resumable), 'new', or 'differs' (finished with other settings than the study's, or
     with no readable config.json to show its settings) for the run cfg describes."""
     run_dir = cfg.run_dir
-    if completed_rounds(cfg) is not None:  # finished, perhaps under another federation.rounds: that differs
+    done = completed_rounds(cfg)
+    if done is not None:  # finished, perhaps under another federation.rounds: that differs
         try:
             recorded = read_json(run_dir / "config.json", ValueError)
         except ValueError:
             return "differs"  # its settings cannot be shown to be the study's
-        return "finished" if finished(cfg) and recorded_key(recorded) == resume_key(cfg) else "differs"
+        same = done == cfg.federation.rounds and recorded_key(recorded) == resume_key(cfg)
+        return "finished" if same else "differs"
     return "partial" if (run_dir / "metrics.jsonl").exists() else "new"
 
 
