@@ -85,18 +85,17 @@ def load(path, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> tuple[np.ndarray, 
     except Exception as exc:  # nibabel raises many types for a bad header
         raise BadImage(f"unreadable or truncated image {path.name}: {_reason(exc)}") from None
     check_header(path.name, shape, max_image_mb)
-    if np.dtype(img.get_data_dtype()).kind == "c":  # a cast to float32 would drop the imaginary part unsaid
-        raise BadImage(f"{path.name} holds complex values ({img.get_data_dtype()}); expected a magnitude image")
-    if np.dtype(img.get_data_dtype()).fields:  # RGB24/RGBA32: no cast to float32 ("no common DType")
-        raise BadImage(
-            f"{path.name} holds colour values ({', '.join(img.get_data_dtype().names)}); expected a grey-scale T1"
-        )
+    stored = np.dtype(img.get_data_dtype())
+    if stored.kind == "c":  # a cast to float32 would drop the imaginary part unsaid
+        raise BadImage(f"{path.name} holds complex values ({stored}); expected a magnitude image")
+    if stored.fields:  # RGB24/RGBA32: no cast to float32 ("no common DType")
+        raise BadImage(f"{path.name} holds colour values ({', '.join(stored.names)}); expected a grey-scale T1")
     try:
         with np.errstate(over="raise"):  # a finite value beyond float32 would become inf: counted as missing
             data = np.asarray(img.dataobj, dtype=np.float32)
     except FloatingPointError:
         raise BadImage(
-            f"{path.name} holds values beyond float32's range (above 3.4e38; stored as {img.get_data_dtype()}, "
+            f"{path.name} holds values beyond float32's range (above 3.4e38; stored as {stored}, "
             f"scaled by scl_slope {getattr(img.dataobj, 'slope', 1.0):g}): a corrupt image or a wrong scaling"
         ) from None
     except MemoryError:
@@ -159,12 +158,13 @@ def orientation_problem(name: str, img) -> None:
                 f"{name} has sform_code and qform_code 0: its orientation (which side is left) is unknown; "
                 "set the sform/qform (e.g. fslorient or nibabel) to the image's real orientation"
             )
-        zero = [axis for axis, size in zip("ijk", _stored_pixdim(img)[1:4]) if size == 0]
-        if sform_code == 0 and zero:  # the qform's voxel sizes are pixdim's; nibabel takes a 0 as 1 mm
-            raise BadImage(
-                f"{name} has voxel size 0 along {', '.join(zero)} (pixdim) and no sform: its geometry is unknown "
-                "(nibabel would take 1 mm); fix the header's pixdim"
-            )
+        if sform_code == 0:  # the qform's voxel sizes are pixdim's, and nibabel takes a 0 there as 1 mm
+            zero = [axis for axis, size in zip("ijk", _stored_pixdim(img)[1:4]) if size == 0]
+            if zero:
+                raise BadImage(
+                    f"{name} has voxel size 0 along {', '.join(zero)} (pixdim) and no sform: its geometry is "
+                    "unknown (nibabel would take 1 mm); fix the header's pixdim"
+                )
         if sform_code and qform_code:
             sform = header.get_sform()
             try:
