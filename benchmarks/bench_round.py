@@ -65,9 +65,9 @@ def floor_setup(cfg_sets: list[str], seed: int, per_learner: int):
     import torch
 
     from fedmpi.config import load_config
+    from fedmpi.device import prepare_model
     from fedmpi.memory import keep_freed_memory
     from fedmpi.model import build_model
-    from fedmpi.training import prepare_model
 
     keep_freed_memory()  # as the trainer's ranks do at start-up
     cfg = load_config(overrides=cfg_sets)

@@ -24,15 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedmpi.config import load_config
 from fedmpi.data import loader_options, open_volumes
+from fedmpi.device import AUTOCAST, AUTOCAST_TOLERANCE, autocast_weight_grad_error, prepare_model
 from fedmpi.model import BrainAgeCNN
-from fedmpi.training import (
-    AUTOCAST,
-    AUTOCAST_TOLERANCE,
-    autocast_weight_grad_error,
-    local_train,
-    predict,
-    prepare_model,
-)
+from fedmpi.training import local_train, predict
 from preprocess.grid import target_grid
 
 SMOKE = os.environ.get("GPU_CHECK_SMOKE") == "1"

@@ -89,7 +89,7 @@ EOF
     fi
     step "benchmarks/gpu_check.py" 180 "$PYTHON" benchmarks/gpu_check.py --data "$WORK/split/learner_1.h5"
     # the trainer refuses bf16 where its weight gradient is wrong (the probe above): the federation's figures then in float32
-    if ! timeout 60 "$PYTHON" -c "import sys, torch; from fedmpi.training import autocast_problem
+    if ! timeout 60 "$PYTHON" -c "import sys, torch; from fedmpi.device import autocast_problem
 sys.exit(autocast_problem(torch.device('$DEVICE'), '$AMP') or None)"; then
         AMP=off
         echo "(the federation below runs with train.amp=off)"

@@ -33,6 +33,7 @@ from preprocess import outputs
 from preprocess.layout import TEST_FILE, learner_file, learner_files
 
 from .config import DEVICES, MAX_SEED
+from .device import select_device
 from .errors import EXIT_USAGE, AttackError, ConfigError, is_user_error
 from .files import atomic_write
 from .runlog import dumps, read_json
@@ -41,7 +42,7 @@ from .stats import average_ranks
 # the attacks in their order, and the logistic ones that are also top-level keys of attack.json for older readers
 from .tables import ATTACK_ORDER as ATTACKS
 from .tables import LEGACY_ATTACKS as KINDS
-from .training import GRAD_STATS, per_sample_features, select_device
+from .training import GRAD_STATS, per_sample_features
 
 FPRS = (("tpr_at_1pct_fpr", 0.01), ("tpr_at_0.1pct_fpr", 0.001))
 BOOTSTRAP_RESAMPLES = 2000

@@ -12,13 +12,14 @@ from preprocess.layout import TEST_FILE, learner_files
 
 from .algorithms import round_seed
 from .data import check_volumes, open_volumes
+from .device import prepare_model
 from .errors import EXIT_USAGE, DataError, DivergedError, UserError
 from .metrics import mean_predictor_mae
 from .model import build_model, flat_parameters, load_flat_parameters
 from .preflight import RankCheck, check_rank, say, volume_shape
 from .recorder import Recorder, evaluation_due, start_state
 from .resume import split_problems
-from .training import SeededLoader, prepare_model, train_round, warm_up_round
+from .training import SeededLoader, train_round, warm_up_round
 
 
 def run_centralized(cfg, data_dir: Path, resume: bool, overwrite: bool, should_stop=lambda: False) -> int:

@@ -214,11 +214,11 @@ def _serve(cfg: Config, wire, data_dir: Path, infos: np.ndarray, device, resume_
     import torch
 
     from .data import open_volumes
+    from .device import prepare_model
     from .files import atomic_write
     from .model import build_model, flat_parameters
     from .recorder import Recorder, start_state
     from .server import Server
-    from .training import prepare_model
 
     atomic_write(cfg.run_dir / "ranks.json", json.dumps(wire.table, indent=1).encode())
     counts = infos["samples"][1:]

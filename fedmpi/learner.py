@@ -18,6 +18,7 @@ from . import encoding, pruning
 from .algorithms import algorithm, prune, reconfigures, round_seed, schedule
 from .config import Config
 from .data import VolumeDataset
+from .device import prepare_model
 from .errors import PayloadError
 from .messages import REPORT, record
 from .model import build_model, flat_parameters, load_flat_parameters
@@ -25,7 +26,6 @@ from .training import (
     SeededLoader,
     grasp_scores,
     masks_from_flat,
-    prepare_model,
     snip_scores,
     train_round,
     warm_up_round,

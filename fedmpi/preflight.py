@@ -63,10 +63,10 @@ def check_rank(cfg: Config, rank: int, data_dir: Path, local_rank: int, resume: 
     the run directory: its lock (held from here to the end of the run), whether it can be written, and the
     resume point. Raises with the reason."""
     from .data import check_volumes
+    from .device import autocast_problem, select_device
     from .model import auto_pools
     from .resume import resume_point
     from .runlog import RunLock
-    from .training import autocast_problem, select_device
 
     head = check_volumes(data_dir / rank_file(rank))
     if rank == 0:

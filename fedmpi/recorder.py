@@ -23,13 +23,14 @@ from . import pruning
 from .algorithms import target_sparsity
 from .checkpoint import Checkpoints, model_digest, save_model
 from .data import loader_options
+from .device import AUTOCAST
 from .errors import EXIT_PREEMPTED, ConfigError
 from .files import atomic_write
 from .metrics import regression_metrics
 from .model import BrainAgeCNN, flat_parameters, layer_sparsity, load_flat_parameters
 from .resume import arithmetic, resume_key
 from .runlog import RunLog
-from .training import AUTOCAST, predict
+from .training import predict
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

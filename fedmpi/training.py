@@ -8,52 +8,19 @@ The start-mask scores (SNIP, GraSP) and PruneFL's squared gradients are computed
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 from collections.abc import Sequence
-from typing import TypeVar, cast
+from typing import cast
 
 import numpy as np
 import torch
 from torch import nn
 
-from .config import AMPS, DEVICES, Config
+from .config import Config
 from .data import loader_options
-from .errors import DeviceError
+from .device import AUTOCAST, autocast_context, model_device, place, to_device
 from .model import parameter_layout
-
-
-def select_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
-    """Pick this process's device; with several GPUs, ranks on a node spread over them."""
-    if preference not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, got {preference!r}")
-    if preference == "cpu":
-        return torch.device("cpu")
-    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        # The process's current device: what helper threads (DataLoader's pinning) and a bare "cuda" use;
-        # left at 0, every rank of a node would open a context on GPU 0 as well.
-        torch.cuda.set_device(device)
-        return device
-    if preference == "cuda":
-        raise DeviceError(
-            "device 'cuda' was requested but no CUDA GPU is visible to PyTorch "
-            f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}); "
-            "use device 'cpu' or 'auto', or install a CUDA build of torch"
-        )
-    return torch.device("cpu")
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _place(model: nn.Module, device) -> torch.device:
-    """The device to run on (the model's own when None), with the model moved there."""
-    device = _model_device(model) if device is None else torch.device(device)
-    model.to(device)
-    return device
 
 
 def masks_from_flat(model: nn.Module, mask: np.ndarray | None) -> list[torch.Tensor] | None:
@@ -65,7 +32,7 @@ def masks_from_flat(model: nn.Module, mask: np.ndarray | None) -> list[torch.Ten
     total = sum(size for _, _, size, _ in layout)
     if mask.shape[0] != total:
         raise ValueError(f"mask has {mask.shape[0]} entries, model has {total} parameters")
-    device = _model_device(model)
+    device = model_device(model)
     flat = torch.from_numpy(mask != 0)
     return [flat[off : off + size].view(shape).to(device) for _, off, size, shape in layout]
 
@@ -121,7 +88,7 @@ def local_train(
         raise ValueError(f"lr must be > 0, got {lr}")
     if prox_mu < 0:
         raise ValueError(f"prox_mu must be >= 0, got {prox_mu}")
-    device = _place(model, device)
+    device = place(model, device)
     params = list(model.parameters())
     if masks is not None:
         masks = _check_masks(params, masks, device)
@@ -139,10 +106,10 @@ def local_train(
         loss_sum.zero_()
         samples = 0
         for x, y in loader:
-            x = _to_device(x, device, channels_last)
+            x = to_device(x, device, channels_last)
             y = y.to(device, dtype=torch.float32, non_blocking=True).reshape(-1)
             optimizer.zero_grad(set_to_none=True)
-            with _autocast(device, autocast):
+            with autocast_context(device, autocast):
                 loss = loss_fn(model(x).float(), y)
             total = loss
             if anchor is not None:
@@ -171,67 +138,6 @@ def local_train(
     return {"loss": float(loss_sum) / samples, "samples": samples, "steps": steps}
 
 
-def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    """Mixed precision for the forward pass when `dtype` is given (bf16 needs no loss scaling)."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-M = TypeVar("M", bound=nn.Module)
-
-AUTOCAST = {amp: None if name is None else getattr(torch, name) for amp, name in AMPS.items()}
-
-
-# A convolution's weight gradient in reduced precision is off by about 0.3% (bf16); far beyond this is a
-# defect of the kernel, not rounding.
-AUTOCAST_TOLERANCE = 0.05
-
-
-def autocast_weight_grad_error(device: torch.device, dtype: torch.dtype | None) -> float:
-    """Relative error, against float64, of a 3x3x3 convolution's weight gradient under autocast on `device`,
-    on a 2x3x2 grid such as the model's last blocks see (nan when it is not finite)."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 8, 2, 3, 2, generator=gen)
-    w = torch.randn(16, 8, 3, 3, 3, generator=gen) * 0.1
-    g = torch.randn(2, 16, 2, 3, 2, generator=gen)
-    if dtype is not None:  # both sides see the same rounded inputs
-        x, w = x.to(dtype).float(), w.to(dtype).float()
-    exact = w.double().requires_grad_()
-    (want,) = torch.autograd.grad(nn.functional.conv3d(x.double(), exact, padding=1), exact, g.double())
-    probe = w.to(device).requires_grad_()
-    with _autocast(device, dtype):
-        out = nn.functional.conv3d(x.to(device), probe, padding=1)
-    (got,) = torch.autograd.grad(out.float(), probe, g.to(device))
-    got = got.double().cpu()
-    if not torch.isfinite(got).all():
-        return float("nan")
-    return float((got - want).abs().max() / want.abs().max())
-
-
-def autocast_problem(device: torch.device, amp: str) -> str:
-    """Why train.amp cannot train on `device`, or "". torch 2.13's oneDNN computes a 3x3x3 convolution's
-    weight gradient in bf16 wrongly (inf, NaN, or off by orders of magnitude) when the volume's first axis
-    is 2, on CPUs with AVX-512 BF16 but no AMX (seen on an AMD EPYC): the model's last blocks run on such
-    grids (2x3x2 at 4 mm), so training would diverge without a word. The probe takes milliseconds."""
-    dtype = AUTOCAST[amp]
-    if dtype is None:
-        return ""
-    error = autocast_weight_grad_error(device, dtype)
-    if error < AUTOCAST_TOLERANCE:
-        return ""
-    return (
-        f"train.amp={amp}: on this {device.type} (torch {torch.__version__}) a convolution's weight gradient in "
-        f"{amp} is wrong ({error:.3g} relative error against float64, where rounding gives under 1%), so training "
-        "would diverge; use train.amp=off here"
-    )
-
-
 def warm_up(
     model: nn.Module,
     shape: tuple[int, ...],
@@ -257,31 +163,19 @@ def warm_up(
         )
 
 
-def prepare_model(model: M, device: torch.device, channels_last: bool = False, cudnn_benchmark: bool = True) -> M:
-    """The model on its device as a GPU user expects it: cuDNN picking the fastest convolution algorithms
-    for the fixed volume shape (benchmark mode; it costs bit-reproducibility across runs, not correctness),
-    and channels-last-3d weights when asked. A no-op on CPU apart from the memory format."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = cudnn_benchmark
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # Module.to takes it
-    return model
-
-
 def predict(
     model: nn.Module, loader, device=None, autocast: torch.dtype | None = None, channels_last: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """(predictions, true ages) over `loader` in eval mode; the model's train/eval mode is restored."""
-    device = _place(model, device)
+    device = place(model, device)
     was_training = model.training
     model.eval()
     preds, ages = [], []
     try:
         with torch.no_grad():
             for x, y in loader:
-                with _autocast(device, autocast):
-                    out = model(_to_device(x, device, channels_last))
+                with autocast_context(device, autocast):
+                    out = model(to_device(x, device, channels_last))
                 preds.append(out.float().cpu().numpy())
                 ages.append(torch.as_tensor(y).reshape(-1).float().cpu().numpy())
     finally:
@@ -297,7 +191,7 @@ def snip_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarra
     Computed in eval mode (dropout off) so the score depends only on the weights and the
     batch; the model's .grad fields are left untouched.
     """
-    device = _model_device(model)
+    device = model_device(model)
     params = list(model.parameters())
     was_training = model.training
     model.eval()
@@ -327,7 +221,7 @@ def grasp_scores(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tenso
     the weights with the *highest* scores (the reference code keeps scores <= the k-th largest): the
     caller prunes the top of S, i.e. keeps the top of -S. Eval mode (dropout off), .grad left untouched.
     """
-    device = _model_device(model)
+    device = model_device(model)
     params = list(model.parameters())
     total = sum(int(x.shape[0]) for x, _ in batches)
     if total == 0:
@@ -369,7 +263,7 @@ def per_sample_features(model: nn.Module, loader, device=None) -> dict[str, np.n
     model's `output` layer reads, the head's pooled features. One sample at a time: instance
     norm makes samples independent, but autograd only gives the sum of their gradients.
     """
-    device = _place(model, device)
+    device = place(model, device)
     params = list(model.parameters())
     kept = [(p != 0).to(p.dtype) for p in params]
     was_training = model.training

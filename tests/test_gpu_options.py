@@ -10,13 +10,14 @@ from fedtools import SHAPE, write_split
 
 from fedmpi.config import load_config
 from fedmpi.data import loader_options, open_volumes
+from fedmpi.device import AUTOCAST, prepare_model
 from fedmpi.model import BrainAgeCNN
-from fedmpi.training import AUTOCAST, SeededLoader, local_train, predict, prepare_model
+from fedmpi.training import SeededLoader, local_train, predict
 
 
 def _model():
     """Two pools keep every convolution on grids of 4 or more along the first axis: some CPUs' bf16 weight
-    gradient is wrong on a grid of 2 there (training.autocast_problem), and these tests are about wiring."""
+    gradient is wrong on a grid of 2 there (device.autocast_problem), and these tests are about wiring."""
     torch.manual_seed(0)
     return BrainAgeCNN(SHAPE, width=0.125, dropout=0.0, pools=2)
 
@@ -226,6 +227,5 @@ def test_a_failed_part_of_gpu_check_py_leaves_the_others(tmp_path, monkeypatch, 
 
 def test_every_amp_the_config_accepts_has_its_autocast_dtype():
     from fedmpi.config import AMPS
-    from fedmpi.training import AUTOCAST
 
     assert set(AMPS) == set(AUTOCAST) and AUTOCAST["bf16"] is torch.bfloat16 and AUTOCAST["off"] is None

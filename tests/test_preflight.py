@@ -9,7 +9,7 @@ import pytest
 import torch
 from fedtools import SHAPE, unreadable, write_split
 
-from fedmpi import training
+from fedmpi import device
 from fedmpi.config import load_config
 from fedmpi.errors import ConfigError, DataError, DeviceError
 from fedmpi.messages import PREFLIGHT, row_text, text_row
@@ -96,13 +96,13 @@ def test_mixed_precision_that_computes_wrong_on_this_device_is_refused(split, tm
         probed.append(dtype)
         return float("nan")
 
-    monkeypatch.setattr(training, "autocast_weight_grad_error", wrong)
+    monkeypatch.setattr(device, "autocast_weight_grad_error", wrong)
     check_rank(_cfg(tmp_path, "train.device=cpu"), 1, split, 0, False, False)  # float32 needs no probe
     assert probed == []
     with pytest.raises(DeviceError, match=r"train.amp=bf16: on this cpu .* gradient in bf16 is wrong \(nan relative"):
         check_rank(_cfg(tmp_path, "train.device=cpu", "train.amp=bf16"), 1, split, 0, False, False)
     assert probed == [torch.bfloat16]
-    monkeypatch.setattr(training, "autocast_weight_grad_error", lambda device, dtype: 0.003)  # rounding only
+    monkeypatch.setattr(device, "autocast_weight_grad_error", lambda device, dtype: 0.003)  # rounding only
     assert (
         check_rank(_cfg(tmp_path, "train.device=cpu", "train.amp=bf16"), 1, split, 0, False, False).device.type == "cpu"
     )
@@ -118,7 +118,7 @@ def test_the_bf16_probe_runs_on_the_ranks_that_train_not_on_a_federations_server
         probed.append(dtype)
         return float("nan")
 
-    monkeypatch.setattr(training, "autocast_weight_grad_error", wrong)
+    monkeypatch.setattr(device, "autocast_weight_grad_error", wrong)
     server = check_rank(_cfg(tmp_path, f"data.dir={split}", "train.amp=bf16"), 0, split, 0, False, False)
     assert probed == [] and server.lock is not None
     server.lock.release()
