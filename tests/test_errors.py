@@ -5,7 +5,6 @@ import os
 import traceback
 
 import pytest
-from test_imports import import_graph
 
 from fedmpi import errors
 from fedmpi.errors import STORAGE_ERRNOS, DataError, UserError, is_user_error, user_message
@@ -103,7 +102,3 @@ def test_a_message_that_only_contains_the_marker_is_returned_whole():
     )
     assert user_message(other) == str(other)  # the worker's traceback lacks the type's prefix
     assert user_message(DataError("x: y")) == "x: y"
-
-
-def test_errors_module_imports_nothing_from_the_package():
-    assert import_graph()["fedmpi.errors"] == set()

@@ -93,6 +93,11 @@ def test_no_import_circles():
     assert find_cycle(import_graph()) is None
 
 
+def test_errors_module_imports_nothing_from_the_package():
+    """So every module can raise its errors without an import circle (errors.py's docstring)."""
+    assert import_graph()["fedmpi.errors"] == set()
+
+
 # What training a given split may not need: the neuroimaging stack (preprocessing's) and the report's plots. A GPU
 # image or a site's training environment may lack them (the GPU machine here has neither nibabel nor nilearn).
 PREPROCESSING_ONLY = ("nibabel", "nilearn", "scipy", "matplotlib")
