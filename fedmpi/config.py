@@ -266,6 +266,28 @@ for _tag, _construct in (
     _Loader.add_constructor(f"tag:yaml.org,2002:{_tag}", _keeping_text(_construct))
 
 
+def integer(value) -> int:
+    """An integer option's value, or ValueError: an int or an integer's text exactly (however large: a float would
+    round it), a whole-valued float or its text (1e3, 1000.0) as that integer; never a bool. preprocess's
+    command line takes its counts by the same rule."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):  # the text of --set or a quoted YAML value
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    try:
+        f = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(value) from None
+    if not math.isfinite(f) or f != int(f):
+        raise ValueError(value)
+    return int(f)
+
+
 def _coerce(value, tp, key: str):
     """Convert a YAML or command-line value to the field's declared type."""
     if tp is bool:
@@ -277,22 +299,10 @@ def _coerce(value, tp, key: str):
             return value.lower() in ("true", "yes", "1", "on")
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):  # exactly, however large (a float would round it)
-            return value
-        if isinstance(value, str):  # the text of --set or a quoted YAML value: exactly too, when it is an integer
-            try:
-                return int(value)
-            except ValueError:
-                pass
         try:
-            f = float(value)
-        except (TypeError, ValueError, OverflowError):
+            return integer(value)
+        except ValueError:
             raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if not math.isfinite(f) or f != int(f):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return int(f)
     if tp is float:
         try:
             f = float(value)

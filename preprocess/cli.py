@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from fedmpi.cli import stdout_closed
-from fedmpi.config import MAX_WORKERS
+from fedmpi.config import MAX_WORKERS, integer
 from fedmpi.errors import EXIT_INTERRUPTED, EXIT_USAGE, STORAGE_ERRNOS, UserError
 from preprocess import bids, convert, distributions, grid, h5io, nifti, parallel, qc, register, split, synth
 
@@ -30,13 +30,19 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(_fail(message))
 
 
-def _integer(text: str, low: int) -> int:
-    """An integer >= low; every refusal is an ArgumentTypeError, whose message argparse prints as it is
-    (for a ValueError it would print the private type function's name: "invalid _positive value")."""
+def _whole(text: str) -> int:
+    """An integer by fedmpi's rule for its integer options (1e3 and 1000.0 are 1000; 1.5 is refused, in its words);
+    every refusal is an ArgumentTypeError, whose message argparse prints as it is (for a ValueError it would print
+    the private type function's name: "invalid _positive value")."""
     try:
-        value = int(text)
+        return integer(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _integer(text: str, low: int) -> int:
+    """An integer >= low."""
+    value = _whole(text)
     if value < low:
         raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
     return value
@@ -171,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("split", help="test set + per-learner files from a preprocessed file")
     p.add_argument("--h5", required=True, type=Path, help="preprocessed FILE.h5")
     p.add_argument("--out", required=True, type=Path, help="output directory")
-    p.add_argument("--learners", type=int, default=8)
+    p.add_argument("--learners", type=_whole, default=8)
     p.add_argument("--distribution", choices=distributions.DISTRIBUTIONS, default="uniform-iid")
     p.add_argument("--test-fraction", type=float, default=distributions.TEST_FRACTION)
     p.add_argument("--seed", type=_nonnegative, default=0)

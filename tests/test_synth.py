@@ -122,16 +122,29 @@ def test_cli_synth_bad_seed_and_out_under_a_file_are_one_line(tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--subjects", "abc"], "argument --subjects: must be an integer >= 1, got 'abc'"),
-        (["--seed", "1.5"], "argument --seed: must be an integer >= 0, got '1.5'"),
-        (["--workers", ""], "argument --workers: must be an integer >= 1, got ''"),
+        (["--subjects", "abc"], "argument --subjects: expected an integer, got 'abc'"),
+        (["--seed", "1.5"], "argument --seed: expected an integer, got '1.5'"),
+        (["--workers", ""], "argument --workers: expected an integer, got ''"),
+        (["--subjects", "1e400"], "argument --subjects: expected an integer, got '1e400'"),
+        (["--subjects", "0.0"], "argument --subjects: must be >= 1, got 0"),
     ],
 )
 def test_cli_synth_non_integers_name_what_is_expected(tmp_path, capsys, args, message):
+    """In the words of fedmpi's --set for an integer option ("train.epochs: expected an integer, got '1.5'")."""
     with pytest.raises(SystemExit, match=r"^2$"):
         cli.main(["synth", "--out", str(tmp_path / "d"), *args])
     assert capsys.readouterr().err.splitlines()[-1] == f"error: {message}"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("given", ["1e3", "1000.0", "1_000", "1000"])
+def test_cli_counts_take_a_whole_valued_float_as_fedmpi_does(given):
+    """--subjects 1e3 was refused while fedmpi's --set data.subjects=1e3 takes it: the same integer rule for both."""
+    parser = cli.build_parser()
+    synth_args = parser.parse_args(["synth", "--out", "d", "--subjects", given, "--seed", given, "--workers", "2.0"])
+    assert (synth_args.subjects, synth_args.seed, synth_args.workers) == (1000, 1000, 2)
+    assert parser.parse_args(["split", "--h5", "a.h5", "--out", "d", "--learners", "8.0"]).learners == 8
+    assert parser.parse_args(["nifti", "--bids", "b", "--out", "o.h5", "--workers", "1e0"]).workers == 1
 
 
 def test_cli_synth_out_under_proc_is_one_line(capsys):
