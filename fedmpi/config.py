@@ -4,6 +4,7 @@ validated before any MPI work starts. The defaults are the CPU preset (`make dem
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import typing
@@ -325,13 +326,20 @@ RENAMED_VALUES: dict[str, dict] = {
 }
 
 
+def _unknown(name: str, key: str, prefix: str, known: list[str]) -> str:
+    """The message for an unknown option: the known one it is close to (a misspelling), else every known one."""
+    close = difflib.get_close_matches(key, known, n=1)
+    if close:
+        return f"unknown option {name!r}; did you mean {prefix + close[0]!r}?"
+    return f"unknown option {name!r}; known: {', '.join(prefix + k for k in known)}"
+
+
 def _apply(section, values: dict, prefix: str) -> None:
     hints = typing.get_type_hints(type(section))
     for key, value in values.items():
         name = f"{prefix}{key}"
         if key not in hints:
-            known = ", ".join(f"{prefix}{k}" for k in hints)
-            raise ConfigError(f"unknown option {name!r}; known: {known}")
+            raise ConfigError(_unknown(name, str(key), prefix, list(hints)))
         current = getattr(section, key)
         if dataclasses.is_dataclass(current):
             value = {} if value is None else value  # `train:` with every option under it commented out

@@ -1,6 +1,7 @@
 """Configuration: defaults < YAML < --set, type coercion, validation messages, every shipped YAML loads."""
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -152,11 +153,31 @@ def test_unknown_option_lists_known_names():
 
 def test_unknown_section_lists_known_sections(tmp_path):
     with pytest.raises(ConfigError) as e:
-        load_config(write(tmp_path, "training:\n  lr: 0.1\n"))
+        load_config(write(tmp_path, "optimizer:\n  lr: 0.1\n"))
     msg = str(e.value)
-    assert "'training'" in msg
+    assert "'optimizer'" in msg and "did you mean" not in msg
     for name in ("data", "model", "train", "federation", "eval", "run"):
         assert name in msg
+
+
+@pytest.mark.parametrize(
+    "text, sets, message",
+    [
+        ("", ["train.epoch=2"], "unknown option 'train.epoch'; did you mean 'train.epochs'?"),
+        (
+            "",
+            ["federation.algoritm=fedavg"],
+            "unknown option 'federation.algoritm'; did you mean 'federation.algorithm'?",
+        ),
+        ("", ["runs.name=x"], "unknown option 'runs'; did you mean 'run'?"),
+        ("training:\n  lr: 0.1\n", [], "unknown option 'training'; did you mean 'train'?"),
+        ("train:\n  batchsize: 2\n", [], "unknown option 'train.batchsize'; did you mean 'train.batch_size'?"),
+    ],
+)
+def test_an_unknown_option_close_to_a_known_one_is_named(tmp_path, text, sets, message):
+    """A misspelt key (in --set or the file) listed every option of its section for the user to search."""
+    with pytest.raises(ConfigError, match="^" + re.escape(message) + "$"):
+        load_config(write(tmp_path, text) if text else None, sets)
 
 
 def test_section_must_be_a_mapping(tmp_path):
