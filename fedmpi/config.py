@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,12 +208,43 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
+# PyYAML reads YAML 1.1, where an unquoted integer with a leading zero is octal (010 is 8) and a number with colons
+# is base 60, a time (1:30 is 90, 1:30.5 is 90.5); YAML 1.2, Python and people read neither so.
+_OCTAL = re.compile(r"[-+]?0[0-7_]+")
+_INT = "tag:yaml.org,2002:int"
+
+
 class _Unquoted(str):
-    """An unquoted YAML scalar that YAML reads as a number or a bool: its text as written, and YAML's reading
-    (`value`). A text option takes the text (name: 010 stays "010", not 8; yes stays "yes"), a typed one the
-    reading, as before."""
+    """An unquoted YAML scalar that YAML reads as a number or a bool: its text as written, YAML's reading (`value`)
+    and its tag. A text option takes the text (name: 010 stays "010", not 8; yes stays "yes"), a typed one the
+    reading (yaml_value), and TextKeepingDumper writes the text back."""
 
     value: object
+    tag: str
+
+    def __repr__(self) -> str:
+        """As written, unquoted: a message's "got 0" shows what the file says."""
+        return str(self)
+
+    def misread(self) -> str | None:
+        """What YAML 1.1 took this number for where a reader of decimals would not: octal, base 60, or None."""
+        if ":" in self:  # an int's or a float's: a bool has none
+            return "a base-60 number"
+        return "an octal number" if self.tag == _INT and _OCTAL.fullmatch(self) else None
+
+
+def yaml_value(value, key: str):
+    """What a typed (not text) option or study field takes of a value TextKeepingLoader read: YAML's reading of an
+    unquoted number or bool, but ConfigError where that reading is YAML 1.1's octal or base 60 (every: 010 was 8,
+    round_timeout: 1:30 was 90 seconds, silently); any other value as it is."""
+    if not isinstance(value, _Unquoted):
+        return value
+    misread = value.misread()
+    if misread:
+        raise ConfigError(
+            f"{key}: YAML 1.1 reads the unquoted {value} as {value.value!r}, {misread}; write the number in decimal"
+        )
+    return value.value
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
@@ -246,14 +278,22 @@ class UniqueKeyLoader(yaml.SafeLoader):
         super().flatten_mapping(node)
 
 
-class _Loader(UniqueKeyLoader):
-    pass
+class TextKeepingLoader(UniqueKeyLoader):
+    """UniqueKeyLoader that reads an unquoted number or bool as an _Unquoted, a str of its text as written with
+    YAML's reading beside it (config files, and study files in jobs/)."""
+
+
+class TextKeepingDumper(yaml.SafeDumper):
+    """yaml.SafeDumper that writes an unquoted scalar TextKeepingLoader read as it was written, so that a copy of a
+    config file reads as the file does (yaml.safe_dump of safe_load's reading wrote dir: 010 as 8, name: yes as true,
+    and a text option took those)."""
 
 
 def _keeping_text(construct):
     def constructor(loader, node):
         scalar = _Unquoted(node.value)
         scalar.value = construct(loader, node)
+        scalar.tag = node.tag
         return scalar
 
     return constructor
@@ -264,7 +304,8 @@ for _tag, _construct in (
     ("float", yaml.SafeLoader.construct_yaml_float),
     ("bool", yaml.SafeLoader.construct_yaml_bool),
 ):
-    _Loader.add_constructor(f"tag:yaml.org,2002:{_tag}", _keeping_text(_construct))
+    TextKeepingLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _keeping_text(_construct))
+TextKeepingDumper.add_representer(_Unquoted, lambda dumper, scalar: dumper.represent_scalar(scalar.tag, str(scalar)))
 
 
 def integer(value) -> int:
@@ -348,7 +389,7 @@ def _apply(section, values: dict, prefix: str) -> None:
             _apply(current, value, f"{name}.")
         else:
             if isinstance(value, _Unquoted):
-                value = str(value) if hints[key] is str else value.value
+                value = str(value) if hints[key] is str else yaml_value(value, name)
             value = RENAMED_VALUES.get(name, {}).get(value, value) if isinstance(value, (bool, str)) else value
             setattr(section, key, _coerce(value, hints[key], name))
 
@@ -379,7 +420,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigFileError(f"config file not found: {p}")
         try:
-            values = yaml.load(p.read_text(encoding="utf-8"), Loader=_Loader) or {}  # a SafeLoader
+            values = yaml.load(p.read_text(encoding="utf-8"), Loader=TextKeepingLoader) or {}  # a SafeLoader
         except UnicodeDecodeError as e:
             raise ConfigFileError(
                 f"config file {p} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "

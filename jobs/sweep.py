@@ -41,7 +41,7 @@ from make_configs import FAMILIES, configs  # noqa: E402
 
 from fedmpi.algorithms import ALGORITHMS  # noqa: E402
 from fedmpi.cli import stdout_closed  # noqa: E402
-from fedmpi.config import UniqueKeyLoader, load_config  # noqa: E402
+from fedmpi.config import TextKeepingDumper, TextKeepingLoader, load_config, yaml_value  # noqa: E402
 from fedmpi.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, ConfigError  # noqa: E402
 from fedmpi.launch import default_mpirun  # noqa: E402
 from fedmpi.resume import completed_rounds, recorded_key, resume_key  # noqa: E402
@@ -56,9 +56,11 @@ class StudyError(Exception):
 
 
 def read_study(path: Path) -> dict:
-    """The study file, checked as far as its shape and algorithms go (each run's settings: run_study)."""
+    """The study file, checked as far as its shape and algorithms go (each run's settings: run_study). Its words are
+    read as written (name: 010 stays "010", not YAML 1.1's octal 8); its numbers, priority and seeds, as YAML
+    reads them, and refused where YAML 1.1 reads an octal or base-60 number (seeds: [010] was seed 8)."""
     try:
-        spec = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # a SafeLoader
+        spec = yaml.load(path.read_text(encoding="utf-8"), Loader=TextKeepingLoader)  # a SafeLoader
     except OSError as e:
         raise StudyError(f"study file {path} cannot be read ({e.strerror})") from None
     except (UnicodeDecodeError, yaml.YAMLError) as e:
@@ -73,6 +75,9 @@ def read_study(path: Path) -> dict:
         for key in ("distributions", "runs", "set", "seeds", "attack"):
             if key in group and not isinstance(group[key], list):
                 raise StudyError(f"study file {path}, group {group['name']}: {key} must be a list, got {group[key]!r}")
+        for key in ("priority", "seeds"):
+            if key in group:
+                group[key] = _typed(path, group, key)
         priority = group.get("priority", 0)
         if isinstance(priority, bool) or not isinstance(priority, (int, float)):
             raise StudyError(f"study file {path}, group {group['name']}: priority must be a number, got {priority!r}")
@@ -90,6 +95,15 @@ def read_study(path: Path) -> dict:
                     f"study file {path}, group {group['name']}: {entry!r}: the target is not a number"
                 ) from None
     return spec
+
+
+def _typed(path: Path, group: dict, key: str):
+    """A group's number (or list of numbers) as YAML reads it: StudyError where that is YAML 1.1's octal or base 60."""
+    value = group[key]
+    try:
+        return [yaml_value(v, key) for v in value] if isinstance(value, list) else yaml_value(value, key)
+    except ConfigError as e:
+        raise StudyError(f"study file {path}, group {group['name']}: {e}") from None
 
 
 @dataclass
@@ -347,11 +361,12 @@ def run_paper(args) -> int:
                 load_config(source, [f"run.dir={out}"])
             except ConfigError as e:
                 raise StudyError(f"{source}: {e}") from None
-            cfg = yaml.safe_load(source.read_text(encoding="utf-8")) or {}  # an empty file: the defaults
+            # read and written keeping each unquoted word as written: safe_load and safe_dump wrote dir: 010 as 8
+            cfg = yaml.load(source.read_text(encoding="utf-8"), Loader=TextKeepingLoader) or {}  # empty: defaults
             cfg["run"] = {**(cfg.get("run") or {}), "dir": str(out)}  # `run:` alone is null
             path = out / "configs" / f"{name}.yaml"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+            path.write_text(yaml.dump(cfg, Dumper=TextKeepingDumper, sort_keys=False))
             paths.append(str(path))
         listing = out / "configs.txt"
         listing.write_text("\n".join(paths) + "\n")

@@ -132,14 +132,41 @@ def test_string_option_keeps_its_text():
     assert load_config(overrides=["run.name=010"]).run.name == "010"
 
 
-@pytest.mark.parametrize("raw", ["010", "yes", "1.50", "0x10", "2024"])  # YAML reads 8, True, 1.5, 16, 2024
+# YAML 1.1 reads 8, True, 1.5, 16, 2024, 90, 90.5, -8
+@pytest.mark.parametrize("raw", ["010", "yes", "1.50", "0x10", "2024", "1:30", "1:30.5", "-010"])
 def test_a_text_option_keeps_an_unquoted_word_as_written(tmp_path, raw):
     """run: {name: 010} became run.name "8" and name: yes "True", silently; a typed option still takes YAML's
-    reading (eval.every: 010 is 8, as before)."""
+    reading where it is no octal or base-60 number (eval.every: 0x10 is 16, as before)."""
     assert load_config(write(tmp_path, f"run:\n  name: {raw}\n")).run.name == raw
     assert load_config(write(tmp_path, f"run:\n  name: '{raw}'\n")).run.name == raw
-    cfg = load_config(write(tmp_path, "eval:\n  every: 010\ntrain:\n  lr: 1.0e-3\n  channels_last: yes\n"))
-    assert (cfg.eval.every, cfg.train.lr, cfg.train.channels_last) == (8, 0.001, True)
+    cfg = load_config(write(tmp_path, "eval:\n  every: 0x10\ntrain:\n  lr: 1.0e-3\n  channels_last: yes\n"))
+    assert (cfg.eval.every, cfg.train.lr, cfg.train.channels_last) == (16, 0.001, True)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("eval:\n  every: 010\n", "eval.every: YAML 1.1 reads the unquoted 010 as 8, an octal number"),
+        ("run:\n  seed: -010\n", "run.seed: YAML 1.1 reads the unquoted -010 as -8, an octal number"),
+        ("run:\n  round_timeout: 1:30\n", "run.round_timeout: YAML 1.1 reads the unquoted 1:30 as 90, a base-60"),
+        ("train:\n  lr: 1:30.5\n", "train.lr: YAML 1.1 reads the unquoted 1:30.5 as 90.5, a base-60 number"),
+        ("train:\n  channels_last: 00\n", "train.channels_last: YAML 1.1 reads the unquoted 00 as 0, an octal"),
+    ],
+)
+def test_a_typed_option_refuses_yaml_octal_and_base60_numbers(tmp_path, text, message):
+    """eval.every: 010 was 8 and run.round_timeout: 1:30 was 90 seconds, silently (YAML 1.1; YAML 1.2 and Python
+    read neither so): refused in one line, which a quoted value or --set (both read as decimal) is not."""
+    with pytest.raises(ConfigError, match="^" + re.escape(message)) as e:
+        load_config(write(tmp_path, text))
+    assert "\n" not in str(e.value) and str(e.value).endswith("; write the number in decimal")
+    assert load_config(write(tmp_path, "eval:\n  every: '010'\n")).eval.every == 10
+    assert load_config(overrides=["eval.every=010"]).eval.every == 10
+
+
+def test_every_shipped_config_reads_as_pyyaml_reads_it():
+    """Keeping unquoted words as written, and refusing octal and base-60 numbers, changes no shipped config."""
+    for path in SHIPPED:
+        assert load_config(path).to_dict() == config_from_dict(yaml.safe_load(path.read_text())).to_dict(), path
 
 
 def test_unknown_option_lists_known_names():

@@ -2,6 +2,7 @@
 a failed step ends the sweep. Nothing here trains: the steps it launches are stand-ins or are not reached."""
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -375,6 +376,58 @@ def test_paper_slurm_submits_the_committed_configs_with_the_users_edits(tmp_path
     written = yaml.safe_load((tmp_path / "paper" / "configs" / "fedavg-uniform-iid.yaml").read_text())
     assert written["data"]["dir"] == "/scratch/me/split-uniform-iid"
     assert written["run"]["dir"] == str(tmp_path / "paper")
+
+
+def test_paper_slurm_copies_a_paper_configs_words_as_written(tmp_path, monkeypatch):
+    """The copy went through yaml.safe_load and safe_dump: a user's data.dir: 010 became 8, run.name: 1:30 became
+    90 and yes became true (YAML 1.1's readings, written out); the array's task then trained other settings than
+    the file that was checked."""
+    import shutil
+
+    jobs = tmp_path / "jobs"
+    shutil.copytree(ROOT / "jobs" / "configs" / "paper" / "original", jobs / "configs" / "paper" / "original")
+    edited = jobs / "configs" / "paper" / "original" / "fedavg-uniform-iid.yaml"
+    text = edited.read_text().replace("dir: data/ukbb/split-uniform-iid", "dir: 010\n  cache_dir: yes")
+    edited.write_text(text.replace("name: fedavg-uniform-iid", "name: 1:30"))
+    monkeypatch.setattr(sweep, "HERE", jobs)
+    monkeypatch.setattr(sweep, "call", lambda cmd, log=None, cwd=None: None)
+    out = tmp_path / "paper"
+    assert sweep.main(["--paper", "original", "--slurm", "--out", str(out)]) == 0
+    written = load_config(out / "configs" / "fedavg-uniform-iid.yaml")
+    assert (written.data.dir, written.data.cache_dir, written.run.name) == ("010", "yes", "1:30")
+    assert written.run.dir == str(out)
+    assert written.to_dict() == load_config(edited, [f"run.dir={out}"]).to_dict()
+    for source in sorted((jobs / "configs" / "paper" / "original").glob("*.yaml")):  # the others read as before
+        copy = out / "configs" / source.name
+        assert load_config(copy).to_dict() == load_config(source, [f"run.dir={out}"]).to_dict(), source.name
+
+
+def test_a_study_files_words_are_read_as_written_and_its_numbers_refused_where_yaml_misreads_them(
+    tmp_path, monkeypatch, capsys
+):
+    """A group named 010 made runs named 8-... and --max-per-class 240 unquoted reached the attack as an int (a
+    TypeError's traceback at attack time); seeds: [010] trained seed 8."""
+    study = tmp_path / "study.yaml"
+    group = "{name: 010, distributions: [uniform-iid], runs: [fedavg], attack: [--max-per-class, 240]"
+    study.write_text(f"base: {BASE}\nout: o\nrecords: r\ngroups:\n  - {group}}}\n")
+    (run,) = sweep.study_runs(sweep.read_study(study))
+    assert run.name == "010-uniform-iid-fedavg-s0" and run.attack == ["--max-per-class", "240"]
+    monkeypatch.setattr(sweep, "call", lambda cmd, log=None: None)
+    for field, said in [
+        ("seeds: [1, 010]", "seeds: YAML 1.1 reads the unquoted 010 as 8, an octal number"),
+        ("priority: 1:30", "priority: YAML 1.1 reads the unquoted 1:30 as 90, a base-60 number"),
+    ]:
+        study.write_text(f"base: {BASE}\nout: o\nrecords: r\ngroups:\n  - {group}, {field}}}\n")
+        assert sweep.main([str(study), "--list", "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"sweep: error: study file {study}, group 010: {said}") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "jobs" / "studies").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_study_reads_as_pyyaml_reads_it(path):
+    """Reading words as written changes no run of a shipped study: the same names, settings, attacks and order."""
+    as_read = [dataclasses.astuple(run) for run in sweep.study_runs(sweep.read_study(path))]
+    assert as_read == [dataclasses.astuple(run) for run in sweep.study_runs(yaml.safe_load(path.read_text()))]
 
 
 @pytest.mark.parametrize("edit", ["run:\n", "# emptied: the defaults\n"])
