@@ -41,7 +41,7 @@ from make_configs import FAMILIES, configs  # noqa: E402
 
 from fedmpi.algorithms import ALGORITHMS  # noqa: E402
 from fedmpi.cli import stdout_closed  # noqa: E402
-from fedmpi.config import TextKeepingDumper, TextKeepingLoader, load_config, yaml_value  # noqa: E402
+from fedmpi.config import TextKeepingDumper, TextKeepingLoader, integer, load_config, yaml_value  # noqa: E402
 from fedmpi.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, ConfigError  # noqa: E402
 from fedmpi.launch import default_mpirun  # noqa: E402
 from fedmpi.resume import completed_rounds, recorded_key, resume_key  # noqa: E402
@@ -78,6 +78,7 @@ def read_study(path: Path) -> dict:
         for key in ("priority", "seeds"):
             if key in group:
                 group[key] = _typed(path, group, key)
+        _check_seeds(path, group)
         priority = group.get("priority", 0)
         if isinstance(priority, bool) or not isinstance(priority, (int, float)):
             raise StudyError(f"study file {path}, group {group['name']}: priority must be a number, got {priority!r}")
@@ -104,6 +105,22 @@ def _typed(path: Path, group: dict, key: str):
         return [yaml_value(v, key) for v in value] if isinstance(value, list) else yaml_value(value, key)
     except ConfigError as e:
         raise StudyError(f"study file {path}, group {group['name']}: {e}") from None
+
+
+def _check_seeds(path: Path, group: dict) -> None:
+    """Each seed an integer (run.seed's rule), none listed twice: seeds: [0, 0] listed every run of the group twice,
+    and the sweep found the second finished."""
+    seen: set[int] = set()
+    for seed in group.get("seeds", []):
+        try:
+            value = integer(seed)
+        except ValueError:
+            raise StudyError(
+                f"study file {path}, group {group['name']}: seeds: expected an integer, got {seed!r}"
+            ) from None
+        if value in seen:
+            raise StudyError(f"study file {path}, group {group['name']}: seed {value} is listed twice")
+        seen.add(value)
 
 
 @dataclass

@@ -494,6 +494,27 @@ def test_a_study_group_field_of_the_wrong_kind_is_named_not_spelt_out(tmp_path, 
     assert calls == []
 
 
+@pytest.mark.parametrize(
+    "seeds, said",
+    [
+        ("[0, 1, 0]", "group g: seed 0 is listed twice"),
+        ("[1, '1', 1.0]", "group g: seed 1 is listed twice"),  # all three run.seed=1
+        ("[0, x]", "group g: seeds: expected an integer, got 'x'"),
+    ],
+)
+def test_a_seed_listed_twice_is_refused_before_any_run(tmp_path, capsys, seeds, said):
+    """seeds: [0, 0] listed each of the group's runs twice (`--list` showed them twice; the sweep trained the first
+    and found the second finished)."""
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        f"base: {BASE}\nout: o\nrecords: r\ngroups:\n"
+        f"  - {{name: g, distributions: [uniform-iid], runs: [fedavg], seeds: {seeds}}}\n"
+    )
+    assert sweep.main([str(study), "--list", "--out", str(tmp_path / "out")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"sweep: error: study file {study}, {said}\n"
+
+
 def test_a_key_given_twice_in_a_study_file_is_refused_not_the_last_taken(tmp_path, monkeypatch, capsys):
     """A second `set:` in a group (or a second group list) silently replaced the first, as PyYAML keeps the last."""
     monkeypatch.setattr(sweep, "call", lambda cmd, log=None: None)
