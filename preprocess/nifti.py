@@ -29,6 +29,11 @@ NIFTI_MM_PER_UNIT = {1: 1000.0, 3: 0.001}
 # Largest voxel edge accepted, in mm: thick-slice clinical T1s reach 5-10 mm. Above it the header is wrong (a meter
 # or micron slip): the brain spans a few voxels, and the grid inside the image's field of view passed every check.
 MAX_VOXEL_MM = 20.0
+# Smallest, in mm: half the finest ex vivo MRI (0.1 mm). Below it the header is wrong the other way (mm numbers under
+# xyzt_units micron, meter numbers under mm: 0.001 mm voxels): the whole image lies inside one MNI grid voxel.
+MIN_VOXEL_MM = 0.05
+# The NIfTI spatial units that the header's numbers may have been meant in, as (name, mm per unit)
+UNITS = (("mm", 1.0), ("micron", 0.001), ("meter", 1000.0))
 # Most of a brain's intensity variance in a few voxels is a corrupt or extreme value (a 1e30 from a broken writer,
 # a spike): z-scored by that variance, the rest of the brain comes out near 0, an almost blank volume that passed
 # every check. The MNI152 template and the synthetic cohort keep about 1% of it in their most extreme 0.1% of voxels
@@ -73,8 +78,8 @@ def load(path, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> tuple[np.ndarray, 
     """Read a 3D image (one with trailing dimensions of 1, a single frame, is accepted) as float32 + affine.
 
     Raises BadImage for unreadable or truncated files, several frames, images above
-    `max_image_mb` (checked before any voxel is read), voxels above MAX_VOXEL_MM, and images without a finite
-    non-zero voxel.
+    `max_image_mb` (checked before any voxel is read), voxels outside [MIN_VOXEL_MM, MAX_VOXEL_MM] (units_problem),
+    and images without a finite non-zero voxel.
     Non-finite voxels (NaN, as SPM writes outside its bounding box) stay: to_mni counts them as
     outside the field of view. The affine is in mm, whatever spatial units a NIfTI declares (mm_per_unit).
     """
@@ -109,12 +114,7 @@ def load(path, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> tuple[np.ndarray, 
     affine = np.diag([scale, scale, scale, 1.0]) @ np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise BadImage(f"{path.name} has a degenerate voxel-to-world affine")
-    sizes = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    if np.any(sizes > MAX_VOXEL_MM):
-        raise BadImage(
-            f"{path.name} has voxels of {'x'.join(f'{s:.4g}' for s in sizes)} mm, above the {MAX_VOXEL_MM:g} mm of any "
-            "head scan: are its pixdim or its spatial units (xyzt_units) wrong?"
-        )
+    units_problem(path.name, img, np.sqrt((affine[:3, :3] ** 2).sum(axis=0)), scale)
     orientation_problem(path.name, img)
     finite = np.isfinite(data)
     if not finite.any():
@@ -131,6 +131,45 @@ def mm_per_unit(img) -> float:
     if isinstance(img, nib.Nifti1Pair):  # every NIfTI-1/2 image or pair
         return NIFTI_MM_PER_UNIT.get(int(img.header["xyzt_units"]) & 0x07, 1.0)
     return 1.0
+
+
+def _sizes_text(sizes) -> str:
+    return "x".join(f"{s:.4g}" for s in sizes)
+
+
+def units_problem(name: str, img, sizes: np.ndarray, scale: float) -> None:
+    """BadImage for voxel sizes (mm, read at `scale` mm per header unit) outside [MIN_VOXEL_MM, MAX_VOXEL_MM]: a
+    header whose numbers are in other units than it says. The message names the units that would make them a head
+    scan's and the fix, in the header: 0.001 mm voxels were said to cover 0% of the MNI brain mask, with the hint
+    'is it registered?', which sent the user to a registration that cannot mend a header."""
+    small, large = bool(np.any(sizes < MIN_VOXEL_MM)), bool(np.any(sizes > MAX_VOXEL_MM))
+    if not (small or large):
+        return
+    limit = f"below the {MIN_VOXEL_MM:g} mm of any MRI" if small else f"above the {MAX_VOXEL_MM:g} mm of any head scan"
+    text = f"{name} has voxels of {_sizes_text(sizes)} mm, {limit}"
+    numbers = sizes / scale  # as the header writes them
+    fits = [
+        (unit, numbers * per)
+        for unit, per in UNITS
+        if np.all((numbers * per >= MIN_VOXEL_MM) & (numbers * per <= MAX_VOXEL_MM))
+    ]
+    if not isinstance(img, nib.Nifti1Pair):  # MGH and Analyze have no units field: always mm
+        meant = "".join(f" (in {unit} it would be {_sizes_text(mm)} mm)" for unit, mm in fits)
+        raise BadImage(f"{text}{meant}: fix the header, not the registration: scale its affine to mm")
+    code = int(img.header["xyzt_units"]) & 0x07
+    declared = {0: "unknown (read as mm)", 1: "meter", 2: "mm", 3: "micron"}.get(code, f"code {code} (read as mm)")
+    if not fits:
+        raise BadImage(
+            f"{text}: are its voxel sizes (sform, pixdim) or its spatial units (xyzt_units, {declared}) wrong? "
+            "Fix the header, not the registration"
+        )
+    unit, mm = fits[0]
+    rescale = "" if unit == "mm" else " or scale the sform, qform and pixdim to mm"
+    raise BadImage(
+        f"{text}: its numbers look written in {unit} ({_sizes_text(mm)} mm voxels if so) while its spatial units "
+        f"(xyzt_units) say {declared}; fix the header, not the registration: set the units the numbers are in "
+        f"(nibabel: img.header.set_xyzt_units('{unit}')){rescale}"
+    )
 
 
 def _stored_pixdim(img) -> np.ndarray:

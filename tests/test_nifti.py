@@ -447,17 +447,55 @@ def test_a_header_with_an_empty_dimension_is_refused_naming_its_shape(tmp_path, 
         nifti.load(path)
 
 
-@pytest.mark.parametrize("units, scale", [("meter", 1.0), ("mm", 1000.0)])
-def test_voxels_too_large_for_a_head_scan_are_refused(ras_image, tmp_path, units, scale):
-    """A header in meter whose numbers are mm (1.25 m voxels), or pixdim in microns read as mm: the MNI grid fell
-    inside the image's first voxels, so the coverage check passed and the output was a blur of a few voxels,
-    written with only the template-correlation warning."""
+@pytest.mark.parametrize(
+    "units, scale, sizes, limit, meant",
+    [
+        ("mm", 1000.0, "1250x1250x1250", "above the 20 mm of any head scan", "micron"),  # pixdim in microns
+        ("meter", 1.0, "1250x1250x1250", "above the 20 mm of any head scan", "mm"),
+        ("micron", 1.0, "0.00125x0.00125x0.00125", "below the 0.05 mm of any MRI", "mm"),
+        ("mm", 0.001, "0.00125x0.00125x0.00125", "below the 0.05 mm of any MRI", "meter"),
+    ],
+)
+def test_a_header_in_other_units_than_it_says_is_named_with_the_units_and_the_fix(
+    ras_image, tmp_path, units, scale, sizes, limit, meant
+):
+    """Numbers in other units than xyzt_units says: 1250 mm voxels put the MNI grid inside the image's first voxels
+    (a blur of a few voxels was written), and 0.00125 mm voxels, mm numbers under micron units, were said to cover 0%
+    of the MNI brain mask, 'is it in MNI world coordinates (registered)?': a registration cannot mend a header."""
     img = nib.Nifti1Image(np.asarray(ras_image.dataobj), np.diag([scale, scale, scale, 1.0]) @ ras_image.affine)
     img.header.set_xyzt_units(units, "sec")
     nib.save(img, tmp_path / "x.nii.gz")
-    message = "x.nii.gz has voxels of 1250x1250x1250 mm, above the 20 mm of any head scan: are its pixdim or its"
-    with pytest.raises(nifti.BadImage, match=f"^{re.escape(message)}"):
+    rescale = "" if meant == "mm" else " or scale the sform, qform and pixdim to mm"
+    message = (
+        f"x.nii.gz has voxels of {sizes} mm, {limit}: its numbers look written in {meant} (1.25x1.25x1.25 mm voxels "
+        f"if so) while its spatial units (xyzt_units) say {units}; fix the header, not the registration: set the "
+        f"units the numbers are in (nibabel: img.header.set_xyzt_units('{meant}')){rescale}"
+    )
+    with pytest.raises(nifti.BadImage, match=f"^{re.escape(message)}$"):
+        nifti.preprocess_file(tmp_path / "x.nii.gz", 4, grid.brain_mask(4))
+    img.header.set_xyzt_units(meant, "sec")  # the fix the message gives
+    nib.save(img, tmp_path / "x.nii.gz")
+    np.testing.assert_allclose(nifti.load(tmp_path / "x.nii.gz")[1], ras_image.affine, rtol=1e-6, atol=1e-6)
+
+
+def test_voxel_sizes_no_units_explain_are_asked_about_and_a_format_without_units_is_named(ras_image, tmp_path):
+    one_axis = nib.Nifti1Image(np.asarray(ras_image.dataobj), ras_image.affine @ np.diag([1.0, 1.0, 1000.0, 1.0]))
+    one_axis.header.set_xyzt_units(0, "sec")
+    nib.save(one_axis, tmp_path / "x.nii.gz")
+    message = (
+        "x.nii.gz has voxels of 1.25x1.25x1250 mm, above the 20 mm of any head scan: are its voxel sizes (sform, "
+        "pixdim) or its spatial units (xyzt_units, unknown (read as mm)) wrong? Fix the header, not the registration"
+    )
+    with pytest.raises(nifti.BadImage, match=f"^{re.escape(message)}$"):
         nifti.load(tmp_path / "x.nii.gz")
+    mgh = nib.MGHImage(np.asarray(ras_image.dataobj, np.float32), np.diag([1e3, 1e3, 1e3, 1.0]) @ ras_image.affine)
+    nib.save(mgh, tmp_path / "x.mgz")
+    message = (
+        "x.mgz has voxels of 1250x1250x1250 mm, above the 20 mm of any head scan (in micron it would be 1.25x1.25x1.25 "
+        "mm): fix the header, not the registration: scale its affine to mm"
+    )
+    with pytest.raises(nifti.BadImage, match=f"^{re.escape(message)}$"):
+        nifti.load(tmp_path / "x.mgz")
 
 
 def test_thick_slices_are_not_too_large(ras_image, tmp_path):
