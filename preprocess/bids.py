@@ -118,9 +118,19 @@ def entities(path: Path) -> set[str]:
     return {part for part in path.name.split(".")[0].split("_") if ENTITY.match(part)}
 
 
-def select_images(paths: list[Path], select: tuple[str, ...]) -> list[Path]:
-    """The images whose file names hold every entity of `select` (all of them when it is empty)."""
-    return [p for p in paths if set(select) <= entities(p)]
+def image_entities(root: Path, image: Path) -> set[str]:
+    """The entities of an image's file name, and the ses-* folder it lies in when the name has no ses-: BIDS wants
+    it in the name too, but datasets that leave it out exist, and pybids reads the session from the folder."""
+    found = entities(image)
+    folder = session_of(root, image)
+    if folder is not None and not any(e.startswith("ses-") for e in found):
+        found.add(folder)
+    return found
+
+
+def select_images(root: Path, paths: list[Path], select: tuple[str, ...]) -> list[Path]:
+    """The images whose entities (image_entities) hold every one of `select` (all of them when it is empty)."""
+    return [p for p in paths if set(select) <= image_entities(root, p)]
 
 
 def session_of(root: Path, image: Path) -> str | None:
@@ -278,7 +288,8 @@ def scan(
 ) -> tuple[list[Entry], dict[str, str]]:
     """Match participants.tsv rows with images: (good entries in TSV order, {subject: reason}).
 
-    `select` keeps the T1w images whose names hold all of its entities (ses-2, run-1, acq-mprage, space-...):
+    `select` keeps the T1w images whose entities (image_entities: the name's, and the ses-* folder's for a name
+    without ses-) hold all of its own (ses-2, run-1, acq-mprage, space-...):
     a subject must end with exactly one. An image in a session takes its age from the subject's sessions.tsv
     when that gives one, else from participants.tsv (marked Entry.session_age_assumed). Subjects whose images
     are one file, through links, are all bad: which subject the scan is of is unknown, and it must not count as
@@ -306,7 +317,7 @@ def scan(
         except ValueError as exc:
             age, age_problem = None, str(exc)
         found = images.get(pid, [])
-        paths = select_images(found, select)
+        paths = select_images(root, found, select)
         if not found:
             bad[pid] = unreadable_folder(root, pid) or f"in participants.tsv but no image {pid}/anat/{pid}_T1w.nii[.gz]"
             continue

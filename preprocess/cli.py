@@ -169,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_entity,
         default=[],
         metavar="KEY-VALUE",
-        help="keep the T1w images whose names hold this BIDS entity (repeatable: --select ses-2 --select run-1); "
-        "a subject must end with one image",
+        help="keep the T1w images whose names hold this BIDS entity (repeatable: --select ses-2 --select run-1; "
+        "a name without ses- is of its ses-* folder's session); a subject must end with one image",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -473,12 +473,43 @@ def test_an_image_named_for_another_session_than_its_folder_is_bad_input(tmp_pat
     (root / "sub-01" / "sub-01_sessions.tsv").write_text("session_id\tage\nses-1\t40\nses-2\t45\n")
     (root / "sub-02" / "sub-02_sessions.tsv").write_text("session_id\tage\nses-2\t52\n")
     entries, bad = bids.scan(root, select=("ses-2",))
-    assert [(e.participant_id, e.age) for e in entries] == [("sub-03", 60.0)]
+    assert [(e.participant_id, e.age) for e in entries] == [("sub-02", 52.0), ("sub-03", 60.0)]
     assert bad == {
         "sub-01": "sub-01/ses-1/anat/sub-01_ses-2_T1w.nii.gz is named for ses-2 but lies in ses-1: "
         "which session is it?",
-        "sub-02": "no T1w image with ses-2 (--select); it has sub-02/ses-2/anat/sub-02_T1w.nii.gz",
     }
     entries, bad = bids.scan(root)
     assert [(e.participant_id, e.age) for e in entries] == [("sub-02", 52.0), ("sub-03", 60.0)]
     assert list(bad) == ["sub-01"]
+
+
+def test_an_image_in_a_session_folder_without_ses_in_its_name_is_of_that_session(tmp_path):
+    """sub-01/ses-2/anat/sub-01_T1w.nii.gz: BIDS wants ses-2 in the name too, but datasets leave it out, and pybids
+    reads the session from the folder ('[_/]ses-' in its entity pattern). --select ses-2 found no such image, so a
+    subject whose visits all lacked it could not be chosen at all ('several T1w images', then 'no T1w image')."""
+    root = _dataset(
+        tmp_path / "bids",
+        [
+            "sub-01/ses-1/anat/sub-01_T1w.nii.gz",
+            "sub-01/ses-2/anat/sub-01_T1w.nii.gz",
+            "sub-02/ses-2/anat/sub-02_run-1_T1w.nii.gz",
+            "sub-02/ses-2/anat/sub-02_run-2_T1w.nii.gz",
+            "sub-03/ses-1/anat/sub-03_T1w.nii.gz",
+        ],
+        "sub-01\t40\nsub-02\t50\nsub-03\t60\n",
+    )
+    (root / "sub-01" / "sub-01_sessions.tsv").write_text("session_id\tage\nses-1\t40\nses-2\t45\n")
+    assert bids.image_entities(root, root / "sub-02/ses-2/anat/sub-02_run-1_T1w.nii.gz") == {"sub-02", "ses-2", "run-1"}
+    entries, bad = bids.scan(root, select=("ses-2", "run-1"))
+    assert [(e.participant_id, e.image.relative_to(root).as_posix()) for e in entries] == [
+        ("sub-02", "sub-02/ses-2/anat/sub-02_run-1_T1w.nii.gz")
+    ]
+    entries, bad = bids.scan(root, select=("ses-2",))
+    assert [(e.participant_id, e.age, e.image.relative_to(root).as_posix()) for e in entries] == [
+        ("sub-01", 45.0, "sub-01/ses-2/anat/sub-01_T1w.nii.gz")  # ses-2's age: the folder is the session
+    ]
+    assert bad == {
+        "sub-02": "several T1w images (choose one with --select, e.g. --select ses-2): "
+        "sub-02/ses-2/anat/sub-02_run-1_T1w.nii.gz, sub-02/ses-2/anat/sub-02_run-2_T1w.nii.gz",
+        "sub-03": "no T1w image with ses-2 (--select); it has sub-03/ses-1/anat/sub-03_T1w.nii.gz",
+    }
