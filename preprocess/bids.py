@@ -71,15 +71,48 @@ def find_images(root: Path) -> dict[str, list[Path]]:
     """participant_id -> T1w images under sub-*/anat/ or sub-*/ses-*/anat/ (links included, also those whose
     target is not here: a DataLad or git-annex file not fetched yet). Hidden files are not images: BIDS ignores
     names that start with a dot, and macOS leaves a ._sub-01_T1w.nii.gz (AppleDouble metadata, not a NIfTI)
-    beside every file it copies to a network or exFAT disk; pathlib's glob matches them."""
+    beside every file it copies to a network or exFAT disk; pathlib's glob matches them. A name in a folder that
+    may be listed but not entered (r without x) counts: scan names the file and the reason (unavailable)."""
     found: dict[str, list[Path]] = {}
     for pattern in ("sub-*/anat/*", "sub-*/ses-*/anat/*"):
         for path in sorted(root.glob(pattern)):
-            if path.name.startswith("."):
+            if path.name.startswith(".") or not _image_suffix(path.name):
                 continue
-            if (path.is_file() or path.is_symlink()) and _image_suffix(path.name):
+            try:
+                present = path.is_file() or path.is_symlink()
+            except OSError:  # pathlib raises on EACCES: a traceback before
+                present = True
+            if present:
                 found.setdefault(path.relative_to(root).parts[0], []).append(path)
     return found
+
+
+def companions(image: Path) -> list[Path]:
+    """The files beside `image` that hold part of it: a NIfTI pair's or Analyze image's voxels (.img) and SPM's
+    orientation (.mat) beside its .hdr."""
+    return [image.with_suffix(suffix) for suffix in (".img", ".mat")] if image.name.endswith(".hdr") else []
+
+
+def unavailable(root: Path, image: Path) -> str:
+    """Why `image` cannot be opened, or "": a link to a file not here (a DataLad or git-annex file not fetched yet),
+    a file or folder the system will not read (permission denied), an I/O error. Found here, as the dataset is
+    scanned, the reason is part of the input's fingerprint: once it is fixed, an output that skipped the subject
+    is not up to date (an image's own reasons are not, and a chmod leaves the image's size and mtime as they were).
+    The files beside a .hdr (companions) too, when they are there."""
+    for path in [image, *companions(image)]:
+        try:
+            with open(path, "rb"):
+                pass
+        except FileNotFoundError:
+            if path != image:  # a .hdr without .mat is usual; nibabel names a missing .img
+                continue
+            return (
+                f"{path.relative_to(root)} links to a file that is not here "
+                "(an annexed file not fetched yet? datalad get / git annex get)"
+            )
+        except OSError as exc:
+            return unreadable(path.relative_to(root), exc)
+    return ""
 
 
 def same_files(paths: list[Path]) -> list[list[Path]]:
@@ -343,11 +376,9 @@ def scan(
         if folder is not None and in_name != folder:
             bad[pid] = f"{paths[0].relative_to(root)} is named for {in_name} but lies in {folder}: which session is it?"
             continue
-        if not paths[0].exists():
-            bad[pid] = (
-                f"{paths[0].relative_to(root)} links to a file that is not here "
-                "(an annexed file not fetched yet? datalad get / git annex get)"
-            )
+        problem = unavailable(root, paths[0])
+        if problem:
+            bad[pid] = problem
             continue
         images_used[paths[0]] = pid
         try:

@@ -73,19 +73,13 @@ def parts_dir(out: Path) -> Path:
     return out.with_name(out.name + ".parts")
 
 
-def _companions(image: Path) -> list[Path]:
-    """The files beside `image` that hold part of it: a NIfTI pair's or Analyze image's voxels (.img) and SPM's
-    orientation (.mat) beside its .hdr."""
-    return [image.with_suffix(suffix) for suffix in (".img", ".mat")] if image.name.endswith(".hdr") else []
-
-
 def _subject_key(entry: bids.Entry, params: dict) -> str:
     """What a staged subject was made from: its image's path, size and mtime, those of the files beside a .hdr that
     hold its voxels and orientation (the .hdr alone does not change when they do), and the parameters."""
     st = entry.image.stat()
     key: list = [str(entry.image.resolve()), st.st_size, st.st_mtime_ns, params]
     beside = []
-    for path in _companions(entry.image):
+    for path in bids.companions(entry.image):
         try:
             other = path.stat()
         except FileNotFoundError:

@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 
 from fedmpi.errors import UserError
-from preprocess import grid
+from preprocess import bids, grid
 
 MIN_MASK_COVERAGE = 0.5
 # Largest image accepted, as float32 in MB (10**6 bytes). A worker holds several copies while
@@ -84,6 +84,11 @@ def load(path, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> tuple[np.ndarray, 
     outside the field of view. The affine is in mm, whatever spatial units a NIfTI declares (mm_per_unit).
     """
     path = Path(path)
+    try:  # nibabel turns this into 'Cannot work out file type' (.nii) or 'Could not read file' (.nii.gz)
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise BadImage(bids.unreadable(path.name, exc)) from None
     try:
         img: Any = nib.load(str(path))  # a spatial image (nibabel types it as any file-based image)
         shape = tuple(int(s) for s in img.shape)
@@ -106,6 +111,11 @@ def load(path, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> tuple[np.ndarray, 
     except MemoryError:
         size = _size_text(math.prod(shape) * 4)
         raise BadImage(f"not enough memory to read {path.name} ({size} as float32)") from None
+    except OSError as exc:
+        if exc.errno is None:  # gzip's BadGzipFile: a damaged file
+            raise BadImage(f"unreadable or truncated image {path.name}: {_reason(exc)}") from None
+        # the voxels may lie in another file: a NIfTI pair's or Analyze image's .img
+        raise BadImage(bids.unreadable(Path(exc.filename or path).name, exc)) from None
     except Exception as exc:  # nibabel, gzip and zlib raise many types for a bad file
         raise BadImage(f"unreadable or truncated image {path.name}: {_reason(exc)}") from None
     if data.ndim > 3:

@@ -513,3 +513,47 @@ def test_an_image_in_a_session_folder_without_ses_in_its_name_is_of_that_session
         "sub-02/ses-2/anat/sub-02_run-1_T1w.nii.gz, sub-02/ses-2/anat/sub-02_run-2_T1w.nii.gz",
         "sub-03": "no T1w image with ses-2 (--select); it has sub-03/ses-1/anat/sub-03_T1w.nii.gz",
     }
+
+
+def test_an_image_that_cannot_be_opened_is_bad_input_naming_the_file_and_why(tmp_path, monkeypatch):
+    """Tests run as root, whom chmod does not deny: open and stat are made to. A folder that may be listed but not
+    entered (r without x: pathlib's is_file raises) was a PermissionError traceback; an image or a .hdr's .img that
+    cannot be read was found only by the preprocessing, named 'Could not read file' or 'Cannot work out file type',
+    and as that reason is not in the input's fingerprint, an output that skipped it stayed up to date once fixed."""
+    root = _dataset(
+        tmp_path / "bids",
+        [
+            "sub-01/anat/sub-01_T1w.nii.gz",
+            "sub-02/anat/sub-02_T1w.nii.gz",
+            "sub-03/anat/sub-03_T1w.hdr",
+            "sub-03/anat/sub-03_T1w.img",
+            "sub-04/ses-1/anat/sub-04_ses-1_T1w.nii",
+        ],
+        "sub-01\t50\nsub-02\t50\nsub-03\t50\nsub-04\t50\n",
+    )
+    entered = os.fspath(root / "sub-04" / "ses-1" / "anat") + os.sep
+    denied = {os.fspath(root / "sub-02/anat/sub-02_T1w.nii.gz"), os.fspath(root / "sub-03/anat/sub-03_T1w.img")}
+    real_open, real_stat = open, os.stat
+
+    def refused(path):
+        return os.fspath(path) in denied or os.fspath(path).startswith(entered)
+
+    def fake_open(path, *args, **kwargs):
+        if refused(path):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_open(path, *args, **kwargs)
+
+    def fake_stat(path, *args, **kwargs):
+        if isinstance(path, (str, os.PathLike)) and os.fspath(path).startswith(entered):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    monkeypatch.setattr(os, "stat", fake_stat)
+    entries, bad = bids.scan(root)
+    assert [e.participant_id for e in entries] == ["sub-01"]
+    assert bad == {
+        "sub-02": "sub-02/anat/sub-02_T1w.nii.gz cannot be read: Permission denied",
+        "sub-03": "sub-03/anat/sub-03_T1w.img cannot be read: Permission denied",
+        "sub-04": "sub-04/ses-1/anat/sub-04_ses-1_T1w.nii cannot be read: Permission denied",
+    }

@@ -923,3 +923,42 @@ def test_a_second_run_on_the_same_output_is_refused(cohort, tmp_path, capsys):
     assert "another process is writing --out" in capsys.readouterr().err
     assert not out.exists() and not convert.parts_dir(out).exists()
     assert cli.main(["nifti", "--bids", str(root), "--out", str(out), "--workers", "1", "--quiet"]) == 0
+
+
+def test_an_image_the_system_will_not_read_is_one_line_and_fixing_it_makes_the_output_out_of_date(
+    cohort, tmp_path, capsys, monkeypatch
+):
+    """Tests run as root, whom chmod does not deny: open is made to raise PermissionError for one image (by hand,
+    as nobody-like root without CAP_DAC_OVERRIDE, a chmod 000 image gave the same). It was 'unreadable or truncated
+    image NAME: Could not read file: PATH', found only once preprocessed; with --skip-bad, a re-run after the chmod
+    that fixed it found the output up to date and left the subject out."""
+    root = _make_bids(cohort, tmp_path / "bids", ["sub-bad0\t70\tM\tB"])
+    locked = _image(root, "sub-bad0")
+    shutil.copy(cohort.bids / "sub-0003" / "anat" / "sub-0003_T1w.nii.gz", locked)  # not a copy of a good one
+    real_open = open
+
+    def fake_open(path, *args, **kwargs):
+        if os.fspath(path) == os.fspath(locked):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_open(path, *args, **kwargs)
+
+    out = tmp_path / "out" / "v.h5"
+    args = ["nifti", "--bids", str(root), "--out", str(out), "--workers", "1", "--quiet"]
+    line = "\n  sub-bad0: sub-bad0/anat/sub-bad0_T1w.nii.gz cannot be read: Permission denied"
+    with monkeypatch.context() as patch:
+        patch.setattr("builtins.open", fake_open)
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err
+        assert err.endswith(f"for the re-run:{line}\n") and "nothing written" in err
+        assert not out.exists() and not convert.skipped_report_path(out).exists() and _staged(out) == set(GOOD)
+        assert cli.main([*args, "--skip-bad"]) == 0
+        assert f"listed in {convert.skipped_report_path(out)}:{line}\n" in capsys.readouterr().err
+        report = convert.skipped_report_path(out).read_text()
+        assert (
+            report
+            == "participant_id\treason\nsub-bad0\tsub-bad0/anat/sub-bad0_T1w.nii.gz cannot be read: Permission denied\n"
+        )
+    assert cli.main([*args, "--skip-bad"]) == 0  # readable now: not up to date
+    assert "wrote 3 subjects" in capsys.readouterr().out and not convert.skipped_report_path(out).exists()
+    with h5io.open_checked(out) as f:
+        assert sorted(f["subject_id"].asstr()[:]) == [*GOOD, "sub-bad0"]

@@ -1,6 +1,8 @@
 """Loading, validation and MNI-grid preprocessing of single images."""
 
+import errno
 import gzip
+import os
 import re
 
 import nibabel as nib
@@ -265,6 +267,27 @@ def test_a_failure_without_a_message_still_has_a_reason(tmp_path, monkeypatch, e
     monkeypatch.setattr(nib.arrayproxy.ArrayProxy, "__array__", fail)
     with pytest.raises(nifti.BadImage, match=reason):
         nifti.load(tmp_path / "x.nii")
+
+
+@pytest.mark.parametrize("name, denied", [("x.nii.gz", "x.nii.gz"), ("x.nii", "x.nii"), ("x.hdr", "x.img")])
+def test_a_file_the_system_will_not_read_is_named_with_the_reason(tmp_path, monkeypatch, name, denied):
+    """Tests run as root, whom chmod does not deny: opening `denied` is made to raise PermissionError. nibabel said
+    'Could not read file: PATH' (.nii.gz) or 'Cannot work out file type of PATH' (.nii), and a pair's .img was
+    '[Errno 13] Permission denied: PATH', each after 'unreadable or truncated image'."""
+    cls = nib.Nifti1Pair if name.endswith(".hdr") else nib.Nifti1Image
+    nib.save(cls(np.ones((5, 5, 5), np.float32), np.eye(4)), tmp_path / name)
+    real_open = open
+
+    def fake_open(path, *args, **kwargs):
+        if os.fspath(path) == os.fspath(tmp_path / denied):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", fake_open)  # load's own open, nibabel's for a .gz (gzip)
+    # nibabel opens an uncompressed file with the open its ImageOpener held when imported
+    monkeypatch.setitem(nib.openers.ImageOpener.compress_ext_map, None, (fake_open, ("mode", "buffering")))
+    with pytest.raises(nifti.BadImage, match=f"^{re.escape(denied)} cannot be read: Permission denied$"):
+        nifti.load(tmp_path / name)
 
 
 def test_degenerate_affine_is_bad_input(tmp_path):
