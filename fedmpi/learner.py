@@ -51,6 +51,7 @@ class Learner:
         self.loader = SeededLoader(cfg, data, device)
         warm_up_round(cfg, self.model, data.shape, len(data), device)
         self.n = sum(p.numel() for p in self.model.parameters())
+        self.largest = encoding.encoded_nbytes(self.n, self.n, np.float32)  # the most a model sent to it can take
         self.mask: np.ndarray | None = None  # the global mask, sent again only when it changes
         self.masks: list[torch.Tensor] | None = None  # the same, split per parameter tensor on the device
 
@@ -79,20 +80,27 @@ class Learner:
 
     def run(self) -> None:
         """Answer the server's rounds until the stop flag: each model (with the mask when it changed) is checked against
-        its header's count of kept positions, then trained and sent back."""
+        its header's round (1..federation.rounds) and count of kept positions, then trained and sent back."""
         while True:
-            t, flags, nnz, payload = self.wire.recv_model()
+            t, flags, nnz, payload = self.wire.recv_model(self.largest)
             received = time.perf_counter()
             if flags & FLAG_STOP:
                 return
+            if not 1 <= t <= self.cfg.federation.rounds:  # round_seed would raise a ValueError for a negative one
+                raise PayloadError(f"the server's header names round {t}, outside 1..{self.cfg.federation.rounds}")
             if flags & FLAG_MASK:
                 values, self.mask = encoding.decode(payload, expected_n=self.n)
                 self.masks = masks_from_flat(self.model, self.mask)
-            else:
-                values = encoding.scatter_values(payload.view(np.float32), self.global_mask(), np.float32)
-            kept = int(np.count_nonzero(self.global_mask()))
+            mask = self.global_mask()
+            kept = int(np.count_nonzero(mask))
             if kept != nnz:
                 raise PayloadError(f"round {t}: the header says {nnz} kept positions, the model keeps {kept}")
+            if not flags & FLAG_MASK:
+                if payload.nbytes != 4 * kept:  # a float32 per kept position (a view of any other size raised)
+                    raise PayloadError(
+                        f"round {t}: the server sent {payload.nbytes} bytes of values for {kept} kept positions"
+                    )
+                values = encoding.scatter_values(payload.view(np.float32), mask, np.float32)
             self.round(t, values, received)
 
     def global_mask(self) -> np.ndarray:

@@ -16,8 +16,9 @@ joined the sum, so once every report is in the server tells the learners so (an 
 the "go"): until then a learner's wait in the sum is a long one, from then on a quick one.
 
 What arrives is checked against what was expected before it is read: every point-to-point message's
-length (MPI accepts a shorter message than the buffer posted for it and leaves the rest as it was), and the
-sizes a learner announces for its model before the server allocates for them. An error MPI raises while
+length (MPI accepts a shorter message than the buffer posted for it and leaves the rest as it was), the
+sizes a learner announces for its model before the server allocates for them, and the payload size a round
+header announces to a learner before it allocates for it. An error MPI raises while
 waiting becomes a PayloadError naming the wait (and, where one can tell, the learner). A collective cannot be
 checked so: a learner's contribution to the sum or to the gatherv is only known by the length it declared in
 its report (MPICH takes a shorter one, and cuts a longer one, without a word); the gatherv's buffer starts as
@@ -85,7 +86,7 @@ class Transport(Protocol):
     def learners(self) -> int: ...
     def reset_counters(self) -> tuple[int, int]: ...
     def send_model(self, round_: int, payload: np.ndarray, nnz: int, flags: int, patience: float = ...) -> None: ...
-    def recv_model(self) -> tuple[int, int, int, np.ndarray]: ...
+    def recv_model(self, largest: int) -> tuple[int, int, int, np.ndarray]: ...
     def report(self, values: np.ndarray) -> None: ...
     def collect_reports(self, width: int) -> np.ndarray: ...
     def reduce_sum(self, buf: np.ndarray, what: str = ...) -> np.ndarray | None: ...
@@ -427,16 +428,17 @@ class Wire:
         farewell = np.zeros(1, np.int64)
         self.bytes_up += farewell.nbytes
         self._wait(self.comm.Isend(farewell, dest=SERVER, tag=TAG_FAREWELL), "farewell", quick=True)
-        _round, flags, _nnz, _payload = self.recv_model("the server's final save")
+        _round, flags, _nnz, _payload = self.recv_model(0, "the server's final save")
         if not flags & FLAG_STOP:
             raise PayloadError(f"the server sent a round header (flags {flags}) after the last round")
 
-    def recv_model(self, what: str = "the next round's model") -> tuple[int, int, int, np.ndarray]:
+    def recv_model(self, largest: int, what: str = "the next round's model") -> tuple[int, int, int, np.ndarray]:
         """Learner: (round, flags, nnz, payload), waiting at most `next_patience` seconds for the header. The
         header says how long to wait for the next one; every wait of the round on the server (the model, the
         report, the payload's collective, which completes with the slowest learner's) gets that long too.
         A header flagged FLAG_WAIT carries no model: the server, still recording the last round (a long
-        evaluation), says it is alive; the wait starts afresh with that header's patience."""
+        evaluation), says it is alive; the wait starts afresh with that header's patience. A payload size
+        outside 0..`largest` (the most this learner's model can encode to) is refused before it is allocated."""
         while True:
             self.patience = self.next_patience
             header = np.zeros(HEADER, dtype=np.int64)
@@ -446,6 +448,11 @@ class Wire:
                 self.patience = self.next_patience = patience_ms / 1000
             if not flags & FLAG_WAIT:
                 break
+        if not 0 <= nbytes <= largest:  # np.empty would raise a ValueError (negative) or a MemoryError (huge)
+            raise PayloadError(
+                f"the server's header for round {round_} announces a payload of {nbytes} bytes: this learner's "
+                f"model encodes to 0..{largest}"
+            )
         payload = np.empty(nbytes, dtype=np.uint8)
         if nbytes:
             self._wait(self.comm.Irecv(payload, source=SERVER, tag=TAG_MODEL), "model", quick=True, expect=nbytes)

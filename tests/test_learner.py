@@ -31,8 +31,10 @@ class ServerStandIn:
         self.models = list(models)  # (round, flags, nnz, payload)
         self.reports, self.reduced, self.gathered, self.sent = [], [], [], []
 
-    def recv_model(self):
-        return self.models.pop(0)
+    def recv_model(self, largest):
+        model = self.models.pop(0)
+        assert 0 <= model[3].nbytes <= largest, "the Wire refuses a payload size the learner's model cannot take"
+        return model
 
     def report(self, values):
         self.reports.append(records(values, REPORT)[0])
@@ -112,6 +114,7 @@ def test_shared_mask_learner_sends_weighted_values_inside_the_mask(data):
 def test_values_only_round_reuses_the_mask_it_was_sent(data):
     learner, initial = _learner(data, "fedavg")
     values, mask = _global(initial, 0.0)
+    assert encoding.encode(values, mask).nbytes == learner.largest  # a fully kept model: the bound is its size
     wire = _run(
         learner,
         [
@@ -323,3 +326,28 @@ def test_warm_up_trains_no_larger_a_batch_than_the_learners_data_gives(data, mon
     monkeypatch.setattr(fedmpi.training, "local_train", spy)
     _learner(data, "fedavg", "train.batch_size=64")
     assert seen == [len(data)]
+
+
+@pytest.mark.parametrize("t", [-1, 0, 5])
+def test_a_header_naming_a_round_outside_the_federation_is_refused(data, t):
+    """The round seeds the learner's shuffling and dropout: a negative one was a ValueError from numpy's
+    SeedSequence, naming no field, and round 0 or one past federation.rounds (4 here) was trained as any other."""
+    learner, initial = _learner(data, "fedsparsify-global")
+    values, mask = _global(initial, 0.5)
+    with pytest.raises(PayloadError, match=rf"^the server's header names round {t}, outside 1\.\.4$"):
+        _run(learner, [(t, FLAG_MASK, int(mask.sum()), encoding.encode(values, mask))])
+    assert not learner.wire.reports
+
+
+@pytest.mark.parametrize("extra", [1, 4])
+def test_values_that_do_not_fill_the_kept_positions_are_refused_naming_the_round(data, extra):
+    """A values-only payload is a float32 per kept position: one byte more was a ValueError from numpy's view,
+    four more an EncodingError, neither naming the round or the server's payload."""
+    learner, initial = _learner(data, "fedavg")
+    values, mask = _global(initial, 0.5)
+    nnz = int(mask.sum())
+    sent = np.concatenate([encoding.gather_values(values, mask).view(np.uint8), np.zeros(extra, np.uint8)])
+    says = f"^round 2: the server sent {4 * nnz + extra} bytes of values for {nnz} kept positions$"
+    with pytest.raises(PayloadError, match=says):
+        _run(learner, [(1, FLAG_MASK, nnz, encoding.encode(values, mask)), (2, 0, nnz, sent)])
+    assert len(learner.wire.reports) == 1  # round 1 trained, round 2 refused

@@ -186,11 +186,11 @@ def test_model_frame_round_trip(wire):
         assert np.array_equal(wire.reduce_sum(np.zeros(2, np.float32)), [wire.learners] * 2)
         wire.send_model(3, np.zeros(0, np.uint8), 0, FLAG_STOP)
     else:
-        round_, flags, nnz, payload = wire.recv_model()
+        round_, flags, nnz, payload = wire.recv_model(values.nbytes)
         assert (round_, flags, nnz) == (3, 1, 5) and np.array_equal(payload.view(np.float32), values)
         wire.report(np.zeros(1))
         wire.reduce_sum(np.ones(2, np.float32))  # takes the server's go
-        assert wire.recv_model()[:3] == (3, FLAG_STOP, 0)
+        assert wire.recv_model(0)[:3] == (3, FLAG_STOP, 0)
 
 
 class WaitLog(Wire):
@@ -257,7 +257,7 @@ def test_a_learner_that_does_not_take_its_model_is_named_by_the_round_deadline(w
     else:
         if wire.rank == 2:
             time.sleep(1.5)
-        round_, _flags, _nnz, got = wire.recv_model()
+        round_, _flags, _nnz, got = wire.recv_model(payload.nbytes)
         assert round_ == 1 and np.array_equal(got, payload)
 
 
@@ -426,8 +426,26 @@ def test_a_learner_waits_for_its_first_model_as_long_as_next_patience_says():
     wire.rank = 1  # a learner
     wire.next_patience = 42.0
     with pytest.raises(LookupError) as stopped:
-        wire.recv_model()
+        wire.recv_model(0)
     assert stopped.value.args == ("the next round's model", 42.0)
+
+
+@pytest.mark.parametrize("nbytes", [-5, 2**62, 101])
+def test_a_header_announcing_a_payload_the_learners_model_cannot_take_is_refused_before_allocating(nbytes):
+    """The learner bounds the header's payload size by the most its model encodes to (here 100): a negative one
+    was a ValueError from numpy naming no field, a huge one a MemoryError."""
+    from fedmpi.wire import TAG_HEADER
+
+    wire = Wire(MPI.COMM_SELF, patience=5.0)
+    wire.rank = 1  # a learner, whose server (rank 0 of COMM_SELF) is this process: the header is sent to itself
+    sending = wire.comm.Isend(np.array([2, 0, nbytes, 3, 1000], np.int64), dest=0, tag=TAG_HEADER)
+    with pytest.raises(
+        PayloadError,
+        match=rf"^the server's header for round 2 announces a payload of {nbytes} bytes: this learner's model "
+        r"encodes to 0\.\.100$",
+    ):
+        wire.recv_model(100)
+    sending.Wait()
 
 
 @mpi
@@ -525,11 +543,11 @@ def test_the_model_header_tells_the_learners_their_patience_and_each_acknowledge
         assert not wire.comm.Iprobe(source=MPI.ANY_SOURCE, tag=TAG_ACK), "the stop frame is not acknowledged"
         assert up == 8 * wire.learners  # the acknowledgements' room
     else:
-        round_, _flags, nnz, payload = wire.recv_model()
+        round_, _flags, nnz, payload = wire.recv_model(12)
         patience = (wire.next_patience, wire.patience)
         wire.report(np.zeros(1))
         wire.reduce_sum(np.zeros(1, np.float32))
-        stop = wire.recv_model()[:2]
+        stop = wire.recv_model(0)[:2]
         counts = wire.reset_counters()
         wire.comm.Barrier()
         assert not wire.comm.Iprobe(source=0, tag=TAG_MODEL), "an empty payload is not sent"
@@ -641,7 +659,7 @@ def test_a_header_that_says_wait_restarts_the_learners_wait_and_is_not_acknowled
         wire.reduce_sum(np.zeros(1, np.float32))
     else:
         wire.next_patience = 0.4
-        round_, flags, nnz, payload = wire.recv_model()
+        round_, flags, nnz, payload = wire.recv_model(12)
         wire.report(np.zeros(1))
         wire.reduce_sum(np.zeros(1, np.float32))
         assert (round_, flags, nnz, payload.view(np.float32).tolist()) == (4, 0, 3, [0.0, 1.0, 2.0])
