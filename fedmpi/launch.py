@@ -24,7 +24,7 @@ from preprocess.layout import TEST_FILE
 
 from .algorithms import algorithm
 from .config import MAX_THREADS, Config, load_config, split_error_text
-from .errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, ConfigFileError, is_user_error, user_message
+from .errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, ConfigFileError, PayloadError, is_user_error, user_message
 from .memory import keep_freed_memory
 from .messages import row_text, text_row
 from .metrics import mean_predictor_mae
@@ -32,6 +32,7 @@ from .preflight import preflight, rank_file, say, volume_shape
 from .sentinel import first_on_host, first_task, launcher_rank, launcher_size, mpi_world, role, slurm_step, tell_rank
 
 HOST_BYTES = 64
+PID_MAX = 2**22  # Linux's PID_MAX_LIMIT: no host's pid_max is above it (os.kill of a larger one overflows pid_t)
 
 
 def check_start(cfg: Config, world: int | None, step: str | None = None) -> None:
@@ -350,8 +351,12 @@ def announce_ranks(wire) -> tuple[int, int]:
     hosts = np.zeros((wire.size, HOST_BYTES), np.uint8)
     wire.gather(np.array([os.getpid()], np.int64), pids if wire.is_server else None, "the rank table")
     wire.gather(text_row(socket.gethostname(), HOST_BYTES), hosts if wire.is_server else None, "the rank table")
+    if wire.is_server:  # before the table goes out: one message, the server's
+        check_pids(pids)
     wire.bcast(pids, "the rank table")
     wire.bcast(hosts, "the rank table")
+    if not wire.is_server:
+        check_pids(pids)
     names = [row_text(h) for h in hosts]
     wire.table = [{"rank": r, "role": role(r), "pid": int(pids[r]), "host": names[r]} for r in range(wire.size)]
     wire.peers = {r: int(pids[r]) for r in range(wire.size) if r != wire.rank and names[r] == names[wire.rank]}
@@ -359,3 +364,11 @@ def announce_ranks(wire) -> tuple[int, int]:
         print("fedmpi: ranks " + ", ".join(f"{t['rank']}={t['pid']}@{t['host']}" for t in wire.table), flush=True)
     same_host = [r for r in range(wire.size) if names[r] == names[wire.rank]]
     return same_host.index(wire.rank), len(same_host)
+
+
+def check_pids(pids: np.ndarray) -> None:
+    """Every rank's pid in the rank table is a process id (1..PID_MAX): the liveness check signals those on its
+    host, where 0 or a negative one would name a process group and a huge one raised an OverflowError."""
+    for rank, pid in enumerate(pids.tolist()):
+        if not 1 <= pid <= PID_MAX:
+            raise PayloadError(f"rank {rank} ({role(rank)}) announced pid {pid} in the rank table: not 1..{PID_MAX}")

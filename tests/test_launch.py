@@ -11,7 +11,7 @@ import pytest
 
 from fedmpi import launch
 from fedmpi.config import load_config
-from fedmpi.errors import EXIT_FAILURE, EXIT_USAGE, ConfigError
+from fedmpi.errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, PayloadError
 from fedmpi.launch import check_ranks, check_start, train
 from fedmpi.sentinel import RANK_VARIABLES, SIZE_VARIABLES
 
@@ -411,3 +411,48 @@ def test_a_synthetic_cohort_the_configuration_cannot_give_is_a_usage_error_on_ev
         assert proc.returncode == EXIT_USAGE, proc.stdout + proc.stderr
         said = "fedmpi: error: the synthetic cohort (data.dir empty): data.test_fraction 0.01 holds out no subject"
         assert proc.stderr.startswith(said) and proc.stderr.count("\n") == 1, proc.stderr
+
+
+class TableWire:
+    """Plays the rank table's exchange for one rank of three: the server's gathers bring `pids` and `hosts`, a
+    learner's broadcasts do; the broadcasts are noted."""
+
+    size = 3
+
+    def __init__(self, rank, pids, hosts):
+        self.rank, self.is_server, self.pids, self.hosts = rank, rank == 0, pids, hosts
+        self.peers, self.table, self.sent = {}, [], []
+
+    def _fill(self, buf):
+        from fedmpi.messages import text_row
+
+        buf[:] = self.pids if buf.ndim == 1 else [text_row(h, buf.shape[1]) for h in self.hosts]
+
+    def gather(self, buf, out, what=""):
+        if out is not None:
+            self._fill(out)
+
+    def bcast(self, buf, what=""):
+        if self.is_server:
+            self.sent.append(what)
+        else:
+            self._fill(buf)
+        return buf
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("pid", [0, -1, 2**22 + 1, 2**63 - 1])
+def test_a_pid_no_process_can_have_in_the_rank_table_is_refused_naming_its_rank(monkeypatch, rank, pid):
+    """The liveness check signals the pids of the ranks on its host: 2**63 - 1 was an OverflowError there (os.kill),
+    0 or -1 would signal a process group. The server refuses the table before it goes out; a learner refuses one
+    the server sent."""
+    from fedmpi.launch import announce_ranks
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "a")
+    wire = TableWire(rank, [os.getpid(), os.getpid() + 1, pid], ["a", "a", "a"])
+    with pytest.raises(PayloadError, match=rf"^rank 2 \(learner 2\) announced pid {pid} in the rank table: "):
+        announce_ranks(wire)
+    assert wire.sent == [] and wire.peers == {}
+    wire = TableWire(rank, [os.getpid(), os.getpid() + 1, launch.PID_MAX], ["a", "a", "a"])
+    announce_ranks(wire)
+    assert wire.peers[2] == launch.PID_MAX  # the largest pid Linux gives is one
