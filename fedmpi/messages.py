@@ -2,10 +2,12 @@
 
 Each is a numpy structured dtype of float64 fields, so it travels as a plain float64 buffer through
 the wire (no pickling) and is read back by field name. Text (error messages, host names) travels in
-fixed-width uint8 rows.
+fixed-width uint8 rows, read back with its control characters escaped.
 """
 
 from __future__ import annotations
+
+import unicodedata
 
 import numpy as np
 
@@ -60,5 +62,8 @@ def text_row(text: str, width: int) -> np.ndarray:
 
 
 def row_text(row: np.ndarray) -> str:
-    """The text a text_row holds: the zero padding dropped, a character the cut split replaced."""
-    return bytes(row).rstrip(b"\0").decode(errors="replace")
+    """The text a text_row holds: the zero padding dropped, a character the cut split replaced, and control
+    characters escaped (ESC as the four characters \\x1b): another rank's host name or message is printed, and
+    must not drive this terminal (clear it, retitle it, rewrite the lines above)."""
+    text = bytes(row).rstrip(b"\0").decode(errors="replace")
+    return "".join(c.encode("unicode_escape").decode() if unicodedata.category(c) == "Cc" else c for c in text)

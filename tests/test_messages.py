@@ -41,3 +41,11 @@ def test_a_message_cut_inside_a_character_still_reads():
     end, which must not turn into a decoding error on the server."""
     row = text_row("volume für learner 2", 9)  # "ü" takes bytes 9 and 10: the cut keeps one
     assert row_text(row).startswith("volume f")
+
+
+def test_control_characters_from_another_rank_are_escaped_not_passed_to_the_terminal():
+    """A host name or error message from another rank is printed as received: escape sequences in it drove the
+    terminal (here: clear the screen, set the window title, go back over the line; a C1 CSI, a NUL inside)."""
+    sent = "host\x1b[2J\x1b]0;owned\x07\r\nnext\x9b31m\x00end"
+    assert row_text(text_row(sent, 64)) == r"host\x1b[2J\x1b]0;owned\x07\r\nnext\x9b31m\x00end"
+    assert row_text(text_row("volume für learner 2\tà", 64)) == r"volume für learner 2\tà"  # only controls change
