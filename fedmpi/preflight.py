@@ -5,7 +5,6 @@ exit 2 on every rank together, before anything is written. The centralized basel
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -27,6 +26,10 @@ DIGEST_BYTES = 64  # a SHA-256 in hex
 # The largest sample count or volume axis a preflight record may hold: above 2**53 a float64 is always "whole",
 # and two counts near float64's limit sum to inf (every FedAvg share 0, the mean age NaN).
 MAX_COUNT = 2**53
+# The mean age in years a learner's preflight record may hold, whatever --age-range its data was made with: -1 is
+# before conception, counted from term (docs/data.md's infants), 150 beyond any human. The server starts the model's
+# output bias at the learners' mean age: one of 1e300 overflowed float32 there (a RuntimeError and a traceback).
+MEAN_AGE_RANGE = (-1.0, 150.0)
 
 
 def say(rank: int, message: str) -> None:
@@ -135,22 +138,34 @@ def rank_file(rank: int) -> str:
 
 def preflight_problems(infos: np.ndarray, problems: list[str], data_dir: Path) -> list[str]:
     """Rank 0's verdict over every rank's PREFLIGHT record: the ranks' own problems, records that no
-    volume file gives (sample count and shape whole numbers from 1 to MAX_COUNT, the mean age finite), and
-    volume shapes that differ from test.h5's."""
+    volume file gives (record_problems), and volume shapes that differ from test.h5's."""
     out = list(problems)
     shape = volume_shape(infos[0])
     for k in range(1, len(infos)):
         if any(p.startswith(f"rank {k}:") for p in problems):
             continue
         fields = dict(zip(PREFLIGHT.names or (), (float(v) for v in infos[k].tolist())))
-        counts = [v for name, v in fields.items() if name != "mean_age"]
-        if not math.isfinite(fields["mean_age"]) or not all(v.is_integer() and 1 <= v <= MAX_COUNT for v in counts):
+        if bad := record_problems(fields):
             shown = ", ".join(f"{name} {v}" for name, v in fields.items())
-            out.append(f"rank {k}: sent a preflight record that no volume file gives ({shown})")
+            out.append(f"rank {k}: sent a preflight record that no volume file gives ({shown}): {'; '.join(bad)}")
         elif (theirs := volume_shape(infos[k])) != shape and not any(p.startswith("rank 0:") for p in problems):
             out.append(
                 f"learner {k} ({data_dir / learner_file(k)}): volume shape {theirs} differs from {TEST_FILE} {shape}"
             )
+    return out
+
+
+def record_problems(fields: dict[str, float]) -> list[str]:
+    """The fields of a learner's PREFLIGHT record that no volume file gives, each with the rule it breaks: the
+    sample count and the shape whole numbers from 1 to MAX_COUNT, the mean age in MEAN_AGE_RANGE."""
+    low, high = MEAN_AGE_RANGE
+    out = [
+        f"{name} is not a whole number from 1 to 2**53"
+        for name, v in fields.items()
+        if name != "mean_age" and not (v.is_integer() and 1 <= v <= MAX_COUNT)
+    ]
+    if not low <= fields["mean_age"] <= high:  # NaN too
+        out.append(f"mean_age is not {low:g} to {high:g} years")
     return out
 
 

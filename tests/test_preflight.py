@@ -161,18 +161,46 @@ def test_verdict_keeps_a_ranks_own_problem_without_piling_on(tmp_path):
         (6, np.nan, (16, 20, 16)),
         (6, 60.0, (16, np.nan, 16)),
         (6, 60.0, (16, 0, 16)),
+        (6, 1e300, (16, 20, 16)),
+        (6, -30.0, (16, 20, 16)),
+        (6, 150.5, (16, 20, 16)),
     ],
-    ids=["no samples", "negative", "fraction", "huge", "NaN samples", "NaN age", "NaN shape", "empty axis"],
+    ids=[
+        "no samples",
+        "negative",
+        "fraction",
+        "huge",
+        "NaN samples",
+        "NaN age",
+        "NaN shape",
+        "empty axis",
+        "huge age",
+        "negative age",
+        "no human's age",
+    ],
 )
 def test_a_record_no_volume_file_gives_is_named_not_a_traceback(tmp_path, samples, mean_age, shape):
     """A learner's preflight record decides its weight and the model's shape: one that no file can give (a
-    broken or hostile learner) is named before anything uses it (it was a ZeroDivisionError, a ValueError,
-    or a weight of 0 taken silently; two counts of 1e308 summed to inf: every share 0, the mean age NaN)."""
+    broken or hostile learner) is named before anything uses it, with the field (it was a ZeroDivisionError, a
+    ValueError, or a weight of 0 taken silently; two counts of 1e308 summed to inf: every share 0, the mean age
+    NaN; a mean age of 1e300, the model's first output bias, a RuntimeError overflowing float32 on the server)."""
     infos = _records([(6, (16, 20, 16)), (6, (16, 20, 16)), (6, (16, 20, 16))])
     infos["samples"][2], infos["mean_age"][2] = samples, mean_age
     infos["x"][2], infos["y"][2], infos["z"][2] = shape
     (problem,) = preflight_problems(infos, [], tmp_path)
     assert problem.startswith("rank 2: sent a preflight record that no volume file gives (samples ")
+    field = "samples" if samples != 6 else "mean_age" if mean_age != 60 else "y"
+    assert problem.endswith(
+        f"): {field} is not " + ("-1 to 150 years" if field == "mean_age" else "a whole number from 1 to 2**53")
+    )
+
+
+def test_a_mean_age_any_human_cohort_can_have_is_taken(tmp_path):
+    """Infants with ages relative to term (docs/data.md) may average below 0; the bounds themselves are taken."""
+    for age in (-1.0, -0.4, 150.0):
+        infos = _records([(6, (16, 20, 16)), (6, (16, 20, 16))])
+        infos["mean_age"][1] = age
+        assert preflight_problems(infos, [], tmp_path) == []
 
 
 def test_unfinished_run_is_not_silently_replaced(split, tmp_path):
