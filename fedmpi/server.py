@@ -8,6 +8,7 @@ rounds, choose the mask afresh from the learners' summed squared gradients -> ev
 
 from __future__ import annotations
 
+import math
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -54,6 +55,7 @@ class Server:
         self.rec = recorder
         self.algo = algorithm(cfg)
         self.schedule = schedule(cfg)
+        self.counts = sample_counts  # each learner's, as its preflight announced them: its reports must say the same
         self.weights = sample_counts / sample_counts.sum()
         self.turnaround = 0.0  # slowest time so far from the learners' last payload to the next model
         self.carried = {"bytes_down": 0, "bytes_up": 0, "pruned": 0}  # the start mask's, added to the next round
@@ -268,17 +270,19 @@ class Server:
 
     def check_reports(self, reports: np.ndarray, nnz: int, n: int, extra_nbytes: int = 0) -> None:
         """Refuse a round before any reduce or gather: non-finite values; a report that no learner of ours writes
-        (fields not finite, a sample count or length that is not a whole number); a payload length that does
-        not match the mask (plus `extra_nbytes`, the squared gradients of a reconfiguration round), or for a
-        learner's own sparse model, more than the global mask's kept values can encode to."""
+        (report_problems); a payload length that does not match the mask (plus `extra_nbytes`, the squared
+        gradients of a reconfiguration round), or for a learner's own sparse model, more than the global mask's
+        kept values can encode to."""
         largest = None if self.algo.shared_mask else encoding.encoded_nbytes(n, nnz, np.float32)
         for k, r in enumerate(reports, start=1):
             if not r["finite"] or not np.isfinite(r["loss"]):
                 raise PayloadError(f"learner {k} (rank {k}) reports non-finite model values; round rejected")
-            fields = np.array(r.tolist())
-            if not np.isfinite(fields).all() or not _whole(r["samples"], 1) or not _whole(r["payload_nbytes"], 0):
-                shown = ", ".join(f"{name} {value}" for name, value in zip(REPORT.names or (), fields))
-                raise PayloadError(f"learner {k} (rank {k}) sent a report no learner writes ({shown}); round rejected")
+            if bad := report_problems(r, float(self.counts[k - 1])):
+                shown = ", ".join(f"{name} {value}" for name, value in zip(REPORT.names or (), r.tolist()))
+                problems = "; ".join(bad)
+                raise PayloadError(
+                    f"learner {k} (rank {k}) sent a report no learner writes ({shown}): {problems}; round rejected"
+                )
             nbytes = int(r["payload_nbytes"])
             if self.algo.shared_mask and nbytes != 4 * nnz + extra_nbytes:
                 raise PayloadError(
@@ -329,8 +333,24 @@ class Server:
 T = TypeVar("T")
 
 
-def _whole(value: float, least: int) -> bool:
-    return float(value).is_integer() and value >= least
+def report_problems(report: np.ndarray, announced: float) -> list[str]:
+    """The fields of a learner's REPORT that no learner of ours writes, each with the rule it breaks: every field
+    finite, the loss (a mean squared error) and the seconds not negative, the samples those its preflight
+    `announced` (a round trains every sample once per epoch), the payload a whole number of bytes, `finite` a flag."""
+    fields = dict(zip(REPORT.names or (), (float(v) for v in report.tolist())))
+    out = [f"{name} is not finite" for name, v in fields.items() if not math.isfinite(v)]
+    if out:
+        return out
+    out += [
+        f"{name} is negative" for name, v in fields.items() if v < 0 and (name == "loss" or name.startswith("seconds_"))
+    ]
+    if fields["samples"] != announced:
+        out.append(f"samples is not the {announced:g} its preflight announced")
+    if not (fields["payload_nbytes"].is_integer() and fields["payload_nbytes"] >= 0):
+        out.append("payload_nbytes is not a whole number of bytes")
+    if fields["finite"] not in (0.0, 1.0):
+        out.append("finite is not 0 or 1")
+    return out
 
 
 def failure_of(recording: Future):

@@ -16,6 +16,7 @@ from fedmpi.server import Server
 
 N = 50
 INITIAL = np.linspace(-1, 1, N).astype(np.float32) + 0.01  # the model before training: no zeros
+COUNTS = (10.0, 30.0)  # the two learners' samples, as their preflight announced them
 
 
 class FakeWire:
@@ -64,7 +65,7 @@ def _server(algorithm, wire, **federation):
     cfg.federation.rounds = 4
     for key, value in federation.items():
         setattr(cfg.federation, key, value)
-    return Server(cfg, wire, recorder=None, sample_counts=np.array([10.0, 30.0]), initial=INITIAL)
+    return Server(cfg, wire, recorder=None, sample_counts=np.array(COUNTS), initial=INITIAL)
 
 
 def _state():
@@ -74,8 +75,13 @@ def _state():
     return State(0, np.where(mask, rng.standard_normal(N), 0).astype(np.float32), mask)
 
 
-def _report(nbytes, finite=1.0, loss=1.0):
-    return [loss, 10, 0.1, nbytes, finite, 0.01, 0.02]
+def _report(nbytes, finite=1.0, loss=1.0, samples=10):
+    return [loss, samples, 0.1, nbytes, finite, 0.01, 0.02]
+
+
+def _reports(*nbytes):
+    """The two learners' honest reports of these payload sizes."""
+    return [_report(b, samples=n) for b, n in zip(nbytes, COUNTS)]
 
 
 def test_report_layout_is_what_learners_send():
@@ -90,30 +96,59 @@ def test_report_layout_is_what_learners_send():
     )
 
 
+def _bad(k, **fields):
+    """The two learners' honest reports of 160 bytes, learner k's with `fields` changed."""
+    reports = _reports(160, 160)
+    for name, value in fields.items():
+        reports[k - 1][REPORT.names.index(name)] = value
+    return reports
+
+
+NOT_WRITTEN = "sent a report no learner writes ("
+
+
 @pytest.mark.parametrize(
-    "reports,message",
+    "reports,message,problem",
     [
-        ([_report(160), _report(156)], "learner 2 (rank 2) would send 156 bytes, expected 160"),
-        ([_report(160, finite=0.0), _report(160)], "learner 1 (rank 1) reports non-finite"),
-        ([_report(160), _report(160, loss=float("nan"))], "learner 2 (rank 2) reports non-finite"),
-        ([_report(160), [1.0, 0, 0.1, 160, 1, 0.01, 0.02]], "learner 2 (rank 2) sent a report no learner writes"),
-        ([[1.0, -4, 0.1, 160, 1, 0.01, 0.02], _report(160)], "learner 1 (rank 1) sent a report no learner writes"),
-        ([_report(160), [1.0, 10, float("nan"), 160, 1, 0.01, 0.02]], "learner 2 (rank 2) sent a report no"),
-        ([_report(160), _report(160.5)], "learner 2 (rank 2) sent a report no learner writes"),
+        (_reports(160, 156), "learner 2 (rank 2) would send 156 bytes, expected 160", ""),
+        (_bad(1, finite=0.0), "learner 1 (rank 1) reports non-finite", ""),
+        (_bad(2, loss=float("nan")), "learner 2 (rank 2) reports non-finite", ""),
+        (_bad(2, samples=0), f"learner 2 (rank 2) {NOT_WRITTEN}", "samples is not the 30 its preflight announced"),
+        (_bad(1, samples=-4), f"learner 1 (rank 1) {NOT_WRITTEN}", "samples is not the 10 its preflight announced"),
+        (_bad(2, samples=10), f"learner 2 (rank 2) {NOT_WRITTEN}", "samples is not the 30 its preflight announced"),
+        (_bad(1, samples=11), f"learner 1 (rank 1) {NOT_WRITTEN}", "samples is not the 10 its preflight announced"),
+        (_bad(2, seconds_train=float("nan")), f"learner 2 (rank 2) {NOT_WRITTEN}", "seconds_train is not finite"),
+        (_bad(1, seconds_encode=float("inf")), f"learner 1 (rank 1) {NOT_WRITTEN}", "seconds_encode is not finite"),
+        (
+            _bad(2, payload_nbytes=160.5),
+            f"learner 2 (rank 2) {NOT_WRITTEN}",
+            "payload_nbytes is not a whole number of bytes",
+        ),
+        (_bad(1, seconds_train=-0.1), f"learner 1 (rank 1) {NOT_WRITTEN}", "seconds_train is negative"),
+        (_bad(2, seconds_setup=-1.0), f"learner 2 (rank 2) {NOT_WRITTEN}", "seconds_setup is negative"),
+        (_bad(2, seconds_encode=-1e-3), f"learner 2 (rank 2) {NOT_WRITTEN}", "seconds_encode is negative"),
+        (_bad(2, loss=-1.0), f"learner 2 (rank 2) {NOT_WRITTEN}", "loss is negative"),
+        (_bad(2, finite=0.5), f"learner 2 (rank 2) {NOT_WRITTEN}", "finite is not 0 or 1"),
+        (_bad(1, finite=2.0), f"learner 1 (rank 1) {NOT_WRITTEN}", "finite is not 0 or 1"),
     ],
 )
-def test_bad_reports_are_refused_before_the_reduce(reports, message):
+def test_bad_reports_are_refused_before_the_reduce(reports, message, problem):
+    """A report decides the round's payload sizes and its metrics row: one that no learner of ours writes is
+    refused naming the learner and the field (negative seconds, a finite flag of 0.5 or 2, another count of
+    samples than the learner's preflight announced all fed the metrics row unseen)."""
     state = _state()
     before = state.values.copy()
     server = _server("fedsparsify-global", FakeWire(reports, summed=np.zeros(40, np.float32)))
-    with pytest.raises(PayloadError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(PayloadError) as refused:
         _round(server, state, 1, True)
+    said = str(refused.value)
+    assert said.startswith(message) and said.endswith(f"): {problem}; round rejected" if problem else "")
     assert state.round == 0 and np.array_equal(state.values, before)
 
 
 def test_the_round_deadline_runs_from_the_models_send_to_the_aggregate():
     """A learner stopped before it takes its model is named by the server's deadline: the send is in it."""
-    wire = FakeWire([_report(160), _report(160)], summed=np.zeros(40, np.float32))
+    wire = FakeWire(_reports(160, 160), summed=np.zeros(40, np.float32))
     server = _server("fedsparsify-global", wire)
     server.cfg.run.round_timeout = 20.0
     before = time.monotonic()
@@ -127,7 +162,7 @@ def test_non_finite_aggregate_leaves_the_global_model_untouched():
     before = state.values.copy()
     summed = np.zeros(40, np.float32)
     summed[3] = np.nan
-    server = _server("fedsparsify-global", FakeWire([_report(160), _report(160)], summed=summed))
+    server = _server("fedsparsify-global", FakeWire(_reports(160, 160), summed=summed))
     with pytest.raises(PayloadError, match="not finite"):
         _round(server, state, 1, True)
     assert np.array_equal(state.values, before) and np.isfinite(state.values).all()
@@ -153,7 +188,7 @@ def test_bad_learner_models_are_refused_and_named(make_bad, message):
     before = state.values.copy()
     payloads = _local_payloads(state, make_bad(state))
     sizes = [min(p.nbytes, encoding.encoded_nbytes(N, 40, np.float32)) for p in payloads]  # a size that passes
-    server = _server("fedsparsify-local", FakeWire([_report(n) for n in sizes], payloads=payloads))
+    server = _server("fedsparsify-local", FakeWire(_reports(*sizes), payloads=payloads))
     with pytest.raises(PayloadError, match=message.replace("(", r"\(").replace(")", r"\)")):
         _round(server, state, 2, True)
     assert state.round == 0 and np.array_equal(state.values, before)
@@ -165,7 +200,7 @@ def test_a_local_model_size_no_model_can_have_is_refused_before_the_gather(nbyte
     (it was allocated as asked: 40 GB, a MemoryError) or one below the header is refused, naming the learner."""
     state = _state()
     largest = encoding.encoded_nbytes(N, 40, np.float32)
-    server = _server("fedsparsify-local", FakeWire([_report(largest), _report(nbytes)], payloads=[]))
+    server = _server("fedsparsify-local", FakeWire(_reports(largest, nbytes), payloads=[]))
     with pytest.raises(PayloadError, match=rf"learner 2 \(rank 2\) would send {nbytes} bytes, but a model of 40"):
         _round(server, state, 2, True)
 
@@ -173,7 +208,7 @@ def test_a_local_model_size_no_model_can_have_is_refused_before_the_gather(nbyte
 def test_good_local_round_with_vote_cap_merges_and_prunes_to_the_schedule():
     state = _state()
     payloads = _local_payloads(state, encoding.encode(state.values, state.mask))
-    wire = FakeWire([_report(p.nbytes) for p in payloads], payloads=payloads)
+    wire = FakeWire(_reports(*(p.nbytes for p in payloads)), payloads=payloads)
     server = _server("fedsparsify-local", wire, vote_cap=True)
     row, changed = _round(server, state, 4, True)
     assert wire.expected.tolist() == [p.nbytes for p in payloads]  # the wire refuses other sizes unallocated
@@ -237,7 +272,7 @@ def _local_round(vote_cap: bool):
     payloads = [encoding.encode(np.where(m, state.values, 0).astype(np.float32), m) for m in masks]
     server = _server(
         "fedsparsify-local",
-        FakeWire([_report(p.nbytes) for p in payloads], payloads=payloads),
+        FakeWire(_reports(*(p.nbytes for p in payloads)), payloads=payloads),
         vote_cap=vote_cap,
         target=0.9,
     )
@@ -270,7 +305,7 @@ def _prunefl_round(importance, t=2, payload_nbytes=None, fraction=0.3):
     state = _state()
     nbytes = 4 * 40 + 4 * N if payload_nbytes is None else payload_nbytes
     summed = np.arange(1, 41, dtype=np.float32)
-    wire = FakeWire([_report(nbytes), _report(nbytes)], summed=summed, importance=importance)
+    wire = FakeWire(_reports(nbytes, nbytes), summed=summed, importance=importance)
     server = _server("prunefl", wire, target=0.2, reconfigure_every=2, reconfigure_fraction=fraction)
     row, changed = _round(server, state, t, False)
     return state, row, changed, wire
@@ -319,7 +354,7 @@ def test_prunefl_reconfiguration_refuses_non_finite_squared_gradients():
     importance[7] = np.inf
     state = _state()
     with pytest.raises(PayloadError, match="squared gradients are not finite"):
-        wire = FakeWire([_report(360), _report(360)], summed=np.ones(40, np.float32), importance=importance)
+        wire = FakeWire(_reports(360, 360), summed=np.ones(40, np.float32), importance=importance)
         _round(_server("prunefl", wire, target=0.2, reconfigure_every=2), state, 2, False)
     assert state.round == 0 and np.array_equal(state.mask, _state().mask)
 
@@ -329,7 +364,7 @@ def test_a_server_mask_that_revives_positions_is_refused_for_algorithms_that_nev
 
     monkeypatch.setattr(fedmpi.server, "prune", lambda values, mask, *args: np.ones(N, bool))
     state = _state()
-    server = _server("fedsparsify-global", FakeWire([_report(160), _report(160)], summed=np.ones(40, np.float32)))
+    server = _server("fedsparsify-global", FakeWire(_reports(160, 160), summed=np.ones(40, np.float32)))
     with pytest.raises(RuntimeError, match="10 pruned positions would come back under fedsparsify-global"):
         _round(server, state, 4, False)
     assert state.round == 0
@@ -345,7 +380,7 @@ def test_start_mask_sets_the_global_model_and_counts_in_the_first_round(algorith
     mask[::2] = False  # 25 of 50 pruned: the target 0.5
     trained = np.arange(25, dtype=np.float32) + 1
     received = [encoding.pack_mask(mask), trained]
-    wire = FakeWire([_report(100), _report(100)], summed=np.ones(25, np.float32), received=received)
+    wire = FakeWire(_reports(100, 100), summed=np.ones(25, np.float32), received=received)
     server = _server(algorithm, wire, target=0.5)
     state = State(0, _initial(), np.ones(N, bool))
     server.receive_start_mask(state)
@@ -375,9 +410,7 @@ def test_round_bytes_are_the_rounds_own_plus_the_start_masks_once():
 
     mask = np.ones(N, bool)
     mask[::2] = False
-    wire = CountingWire(
-        [_report(100), _report(100)], summed=np.ones(25, np.float32), received=[encoding.pack_mask(mask)]
-    )
+    wire = CountingWire(_reports(100, 100), summed=np.ones(25, np.float32), received=[encoding.pack_mask(mask)])
     server = _server("grasp", wire, target=0.5)
     state = State(0, _initial(), np.ones(N, bool))
     server.receive_start_mask(state)
@@ -417,7 +450,7 @@ def test_bytes_sent_after_the_last_rounds_row_are_counted_apart_from_the_rows():
             counts, self.down = (self.down, 0), 0
             return counts
 
-    wire = CountingWire([_report(160), _report(160)], summed=np.ones(40, np.float32))
+    wire = CountingWire(_reports(160, 160), summed=np.ones(40, np.float32))
     server = _server("fedavg", wire)
     server.cfg.federation.rounds = 2
     server.rec = Rec()
@@ -450,7 +483,7 @@ def test_the_stop_header_gives_the_learners_time_for_a_final_save_that_evaluates
         def send_model(self, round_, payload, nnz, flags, patience=0.0):
             self.sent.append((flags, patience))
 
-    wire = HeaderLog([_report(160), _report(160)])
+    wire = HeaderLog(_reports(160, 160))
     server = _server("fedavg", wire)
     server.cfg.federation.rounds = 2
     server.rec = Rec()
@@ -479,7 +512,7 @@ def test_server_prunes_with_the_rounds_seed(monkeypatch):
     monkeypatch.setattr(
         fedmpi.server, "prune", lambda values, mask, s, selector, seed: seeds.append(seed) or mask.copy()
     )
-    server = _server("random", FakeWire([_report(160), _report(160)], summed=np.ones(40, np.float32)))
+    server = _server("random", FakeWire(_reports(160, 160), summed=np.ones(40, np.float32)))
     server.cfg.run.seed = 7
     _round(server, _state(), 3, False)
     assert seeds == [round_seed(7, 3, 0)]
@@ -524,7 +557,7 @@ def test_an_error_in_a_round_is_not_held_up_by_the_record_in_flight():
             self.sent_models += 1
 
     state = _state()
-    wire = FailsInRoundTwo([_report(160), _report(160)], summed=np.ones(40, np.float32))
+    wire = FailsInRoundTwo(_reports(160, 160), summed=np.ones(40, np.float32))
     server = _server("fedavg", wire)
     server.rec = SlowRec()
     try:
@@ -563,7 +596,7 @@ def test_a_failed_record_ends_the_next_rounds_wait_at_once():
                 raise AssertionError("the wait outlived the failed record")
             return super().collect_reports(width)
 
-    wire = PollingWire([_report(160), _report(160)], summed=np.ones(40, np.float32))
+    wire = PollingWire(_reports(160, 160), summed=np.ones(40, np.float32))
     wire.watch = None
     server = _server("fedavg", wire)
     server.rec = FailingRec()
