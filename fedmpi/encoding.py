@@ -35,8 +35,10 @@ LAYOUT_BITMASK = 0
 LAYOUT_INDEX = 1
 _HEADER = struct.Struct("<4sBBHQQ")
 HEADER_NBYTES = _HEADER.size
-# Default cap on N when decode() is not told the expected length: a header of 24 bytes
-# could otherwise ask for an arbitrarily large dense output (index layout, nnz = 0).
+# Default cap on N when decode() is not told the expected length (checkpoint.load_model reads a model file
+# before it knows the model): a header of 24 bytes could otherwise ask for an arbitrarily large dense output
+# (index layout, nnz = 0). Its values may take at most what a float32 vector of MAX_N takes (4 GiB), so that
+# a wider dtype code does not multiply it (float64: 8 GiB).
 MAX_N = 1 << 30
 
 DTYPE_CODES = {
@@ -135,8 +137,10 @@ def decode(buf: object, expected_n: int | None = None) -> tuple[np.ndarray, np.n
     """Decode an :func:`encode` buffer into (dense values (N,) of the original dtype, mask (N,)).
 
     Every field is checked before anything of size N is allocated. ``expected_n``, when
-    given, must equal the header's N (the server knows the model size); otherwise N may
-    be at most ``MAX_N``. Any inconsistency raises :class:`EncodingError`.
+    given, must equal the header's N (the server and the learners know the model size);
+    otherwise N may be at most ``MAX_N``, and its values take at most as many bytes as a
+    float32 vector of ``MAX_N``.
+    Any inconsistency raises :class:`EncodingError`.
     """
     data = _as_bytes(buf)
     if data.size < HEADER_NBYTES:
@@ -157,6 +161,11 @@ def decode(buf: object, expected_n: int | None = None) -> tuple[np.ndarray, np.n
     if nnz > n:
         raise EncodingError(f"nnz={nnz} exceeds the vector length {n}")
     dtype = _CODE_DTYPES[code]
+    if expected_n is None and n * dtype.itemsize > 4 * MAX_N:
+        raise EncodingError(
+            f"{n} {dtype} values take {n * dtype.itemsize} bytes, over the {4 * MAX_N} of {MAX_N} float32 "
+            "(MAX_N); pass expected_n to allow it"
+        )
     canonical = _layout(n, nnz)
     if layout != canonical:
         raise EncodingError(f"layout {layout} is not the smaller one ({canonical}) for n={n}, nnz={nnz}")

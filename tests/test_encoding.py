@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from fedmpi.encoding import (
+    DTYPE_CODES,
     HEADER_NBYTES,
     MAX_N,
     EncodingError,
@@ -284,3 +285,19 @@ def test_helpers_refuse_malformed_arguments_with_encoding_errors():
         gather_values(np.ones(5, np.float32), np.ones(4, bool))
     with pytest.raises(EncodingError, match="1-D uint8"):  # an array is not read as its bytes
         decode(np.zeros(HEADER_NBYTES, np.float32))
+
+
+def test_a_wider_dtype_does_not_multiply_what_max_n_allows(monkeypatch):
+    """Without expected_n the dense values may take what a float32 vector of MAX_N takes (a cap of 16 here): a
+    float64 header of MAX_N values asked for twice that (8 GiB at the real MAX_N), a bool one for a quarter."""
+    from fedmpi import encoding
+
+    monkeypatch.setattr(encoding, "MAX_N", 16)
+    float64, boolean = DTYPE_CODES[np.dtype(np.float64)], DTYPE_CODES[np.dtype(np.bool_)]
+    assert decode(struct.pack("<4sBBHQQ", b"FSP1", 1, float64, 0, 8, 0))[0].dtype == np.float64
+    with pytest.raises(EncodingError, match=r"^9 float64 values take 72 bytes, over the 64 of 16 float32 \(MAX_N\)"):
+        decode(struct.pack("<4sBBHQQ", b"FSP1", 1, float64, 0, 9, 0))
+    assert decode(struct.pack("<4sBBHQQ", b"FSP1", 1, float64, 0, 9, 0), expected_n=9)[1].shape == (9,)
+    assert decode(struct.pack("<4sBBHQQ", b"FSP1", 1, boolean, 0, 16, 0))[1].shape == (16,)  # MAX_N still caps N
+    with pytest.raises(EncodingError, match="exceeds MAX_N"):
+        decode(struct.pack("<4sBBHQQ", b"FSP1", 1, boolean, 0, 17, 0))
