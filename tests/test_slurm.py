@@ -219,3 +219,43 @@ def test_an_option_where_the_config_belongs_is_the_scripts_usage_error(tmp_path)
         )
         assert proc.returncode == 2 and "usage: sbatch jobs/fedsparsify.slurm CONFIG.yaml" in proc.stderr, proc.stderr
         assert (not args or args[0] in proc.stderr) and not (tmp_path / "started").exists()
+
+
+def _fake_mpirun(tmp_path: Path, version: str) -> None:
+    """An `mpirun` on the job's PATH that says `version` and otherwise records its arguments and runs the command
+    after its options once."""
+    mpirun = tmp_path / "bin" / "mpirun"
+    mpirun.write_text(
+        f'#!/bin/bash\n[ "$1" = --version ] && {{ echo "{version}"; exit 0; }}\necho "$@" > {tmp_path}/mpirun.args\n'
+        'while [[ "$1" == --* ]]; do shift 2; done\nexec "$@"\n'
+    )
+    mpirun.chmod(0o755)
+
+
+def test_open_mpis_mpirun_as_the_launcher_gives_each_rank_the_cpus_of_its_task(tmp_path):
+    """FEDMPI_LAUNCHER=mpirun starts the ranks with Open MPI's mpirun (a SLURM without PMIx support). It reads the
+    allocation's tasks but not their CPUs: under sbatch -c 2 on the real SLURM, Open MPI 5.0.11 bound each rank to
+    one core, so the script asks for the task's CPUs."""
+    venv = _fake_venv(tmp_path, f"#!/bin/bash\ntouch {tmp_path}/started\n")
+    env = dict(_fake_slurm(tmp_path), FEDMPI_VENV=str(venv), FEDMPI_LAUNCHER="mpirun", SLURM_CPUS_PER_TASK="4")
+    _fake_mpirun(tmp_path, "mpirun (Open MPI) 5.0.11")
+    proc = subprocess.run(["bash", "jobs/fedsparsify.slurm", "x.yaml"], cwd=ROOT, env=env, capture_output=True)
+    assert proc.returncode == 0, proc.stderr
+    args = (tmp_path / "mpirun.args").read_text().split()
+    assert args[:2] == ["--map-by", "slot:PE=4:hwtcpus"] and "python" in args, args
+    assert (tmp_path / "started").exists()
+
+
+def test_the_mpirun_launcher_refuses_an_mpirun_that_is_not_open_mpis(tmp_path):
+    """MPICH's hydra does not take Open MPI's mapping options (and under SLURM starts its ranks through srun
+    anyway): the script says so before starting anything. So does a launcher it does not know."""
+    venv = _fake_venv(tmp_path, f"#!/bin/bash\ntouch {tmp_path}/started\n")
+    env = dict(_fake_slurm(tmp_path), FEDMPI_VENV=str(venv), FEDMPI_LAUNCHER="mpirun")
+    _fake_mpirun(tmp_path, "HYDRA build details:")
+    script = ["bash", "jobs/fedsparsify.slurm", "x.yaml"]
+    proc = subprocess.run(script, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "FEDMPI_LAUNCHER=mpirun is for Open MPI's mpirun" in proc.stderr, proc.stderr
+    env["FEDMPI_LAUNCHER"] = "mpiexec"
+    proc = subprocess.run(script, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "FEDMPI_LAUNCHER=mpiexec: srun (the default) or mpirun" in proc.stderr, proc.stderr
+    assert not (tmp_path / "mpirun.args").exists() and not (tmp_path / "started").exists()
