@@ -367,12 +367,13 @@ RENAMED_VALUES: dict[str, dict] = {
 }
 
 
-def _unknown(name: str, key: str, prefix: str, known: list[str]) -> str:
-    """The message for an unknown option: the known one it is close to (a misspelling), else every known one."""
+def unknown(name: str, key: str, known: list[str], prefix: str = "", kind: str = "option") -> str:
+    """The message for an unknown option (or a study file's key, jobs/sweep.py): the known one it is close to (a
+    misspelling), else every known one."""
     close = difflib.get_close_matches(key, known, n=1)
     if close:
-        return f"unknown option {name!r}; did you mean {prefix + close[0]!r}?"
-    return f"unknown option {name!r}; known: {', '.join(prefix + k for k in known)}"
+        return f"unknown {kind} {name!r}; did you mean {prefix + close[0]!r}?"
+    return f"unknown {kind} {name!r}; known: {', '.join(prefix + k for k in known)}"
 
 
 def _apply(section, values: dict, prefix: str) -> None:
@@ -380,7 +381,7 @@ def _apply(section, values: dict, prefix: str) -> None:
     for key, value in values.items():
         name = f"{prefix}{key}"
         if key not in hints:
-            raise ConfigError(_unknown(name, str(key), prefix, list(hints)))
+            raise ConfigError(unknown(name, str(key), list(hints), prefix))
         current = getattr(section, key)
         if dataclasses.is_dataclass(current):
             value = {} if value is None else value  # `train:` with every option under it commented out

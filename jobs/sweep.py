@@ -6,17 +6,17 @@
     python jobs/sweep.py --paper original --slurm --array-limit 4              # at most 4 at once
     python jobs/sweep.py --paper original --collect --out runs/paper-original --report docs/paper
 
-A study file (jobs/studies/*.yaml) names a base config, the groups of runs (each with its own
---set overrides, distributions, algorithms with targets, seeds, and whether to attack them) and
-where finished runs' small records go. The sweep can be stopped at any time and started again: a
-finished run is skipped, an unfinished one continues from its last checkpoint (--resume), and a run
-whose finished config differs from the study's is refused rather than silently reused (`--list`
-shows it as `differs`, with the state of every other run). Ctrl-C, a `kill` or a hangup (the terminal
-closed; not under nohup) of the sweep is passed on to the run in flight once, which stops at a checkpoint
-after its round, and the sweep then ends (exit 130, 143 or 129); a file named STOP in the runs' directory
-stops the sweep between two runs (for a quiet machine, say). After each run its records (config.json,
-metrics.jsonl, summary.json, test_predictions.csv, attack.json) are copied to the study's records directory,
-which is what gets committed and reported.
+A study file (jobs/studies/*.yaml) names a base config, the groups of runs (each with its own --set overrides,
+distributions, algorithms with targets, seeds, and whether to attack them) and where finished runs' small
+records go; a key the sweep does not read (seed: for seeds) is refused. The sweep can be stopped at any time
+and started again: a finished run is skipped, an unfinished one continues from its last checkpoint (--resume),
+and a run whose finished config differs from the study's is refused rather than silently reused (`--list`
+shows it as `differs`, with the state of every other run). Ctrl-C, a `kill` or a hangup (the terminal closed;
+not under nohup) of the sweep is passed on to the run in flight once, which stops at a checkpoint after its
+round, and the sweep then ends (exit 130, 143 or 129); a file named STOP in the runs' directory stops the
+sweep between two runs (for a quiet machine, say). After each run its records (config.json, metrics.jsonl,
+summary.json, test_predictions.csv, attack.json) are copied to the study's records directory, which is what
+gets committed and reported.
 """
 
 from __future__ import annotations
@@ -41,13 +41,25 @@ from make_configs import FAMILIES, configs  # noqa: E402
 
 from fedmpi.algorithms import ALGORITHMS  # noqa: E402
 from fedmpi.cli import stdout_closed  # noqa: E402
-from fedmpi.config import TextKeepingDumper, TextKeepingLoader, integer, load_config, yaml_value  # noqa: E402
+from fedmpi.config import (  # noqa: E402
+    TextKeepingDumper,
+    TextKeepingLoader,
+    integer,
+    load_config,
+    unknown,
+    yaml_value,
+)
 from fedmpi.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, ConfigError  # noqa: E402
 from fedmpi.launch import default_mpirun  # noqa: E402
 from fedmpi.resume import completed_rounds, recorded_key, resume_key  # noqa: E402
 from fedmpi.runlog import read_json, stopped_early  # noqa: E402
 
 RECORDS = ("config.json", "metrics.jsonl", "summary.json", "test_predictions.csv", "attack.json")
+
+
+# Every key the sweep reads: the study's (read_study, study_paths) and a group's (read_study, study_runs).
+STUDY_KEYS = ("base", "out", "records", "report", "groups")
+GROUP_KEYS = ("name", "priority", "set", "distributions", "runs", "seeds", "attack")
 
 
 class StudyError(Exception):
@@ -66,9 +78,13 @@ def read_study(path: Path) -> dict:
     except (UnicodeDecodeError, yaml.YAMLError) as e:
         raise StudyError(f"study file {path} is not a YAML text file ({' '.join(str(e).split())})") from None
     keys = ("base", "out", "records", "groups")
+    if isinstance(spec, dict):
+        _check_keys(spec, STUDY_KEYS, f"study file {path}")
     if not isinstance(spec, dict) or any(k not in spec for k in keys) or not isinstance(spec["groups"], list):
         raise StudyError(f"study file {path} must hold {', '.join(keys)} (a list of groups); see jobs/studies/cpu.yaml")
-    for group in spec["groups"]:
+    for i, group in enumerate(spec["groups"], 1):
+        if isinstance(group, dict):
+            _check_keys(group, GROUP_KEYS, f"study file {path}, group {group.get('name', f'#{i}')}")
         if not isinstance(group, dict) or any(k not in group for k in ("name", "distributions", "runs")):
             raise StudyError(f"study file {path}: every group needs name, distributions and runs, got {group!r}")
         # a string where a list belongs would be taken letter by letter (set: train.lr=0.1 as --set t, --set r, ...)
@@ -96,6 +112,14 @@ def read_study(path: Path) -> dict:
                     f"study file {path}, group {group['name']}: {entry!r}: the target is not a number"
                 ) from None
     return spec
+
+
+def _check_keys(mapping: dict, known: tuple[str, ...], where: str) -> None:
+    """StudyError for a key the sweep does not read, a misspelling above all: seed: [0, 1] for seeds trained seed 0
+    alone, without a word."""
+    for key in mapping:
+        if key not in known:
+            raise StudyError(f"{where}: {unknown(str(key), str(key), list(known), kind='key')}")
 
 
 def _typed(path: Path, group: dict, key: str):

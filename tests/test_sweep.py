@@ -652,3 +652,43 @@ def test_ctrl_c_between_runs_is_one_line(tmp_path, monkeypatch, capsys):
     study.write_text("{}")
     assert sweep.main([str(study)]) == 130
     assert capsys.readouterr().err == "sweep: interrupted between runs; run the sweep again to continue\n"
+
+
+@pytest.mark.parametrize(
+    "top, group, said",
+    [
+        ("", "seed: [0, 1]", "group g: unknown key 'seed'; did you mean 'seeds'?"),  # trained seed 0 alone
+        ("", "atack: [--max-per-class, '5']", "group g: unknown key 'atack'; did you mean 'attack'?"),  # no attack
+        ("", "sets: [train.lr=0.1]", "group g: unknown key 'sets'; did you mean 'set'?"),
+        ("", "weight: 2", "group g: unknown key 'weight'; known: name, priority, set, distributions, runs, seeds"),
+        ("reports: x\n", "", "study file {study}: unknown key 'reports'; did you mean 'report'?"),
+        ("colour: x\n", "", "study file {study}: unknown key 'colour'; known: base, out, records, report, groups"),
+    ],
+)
+def test_an_unknown_key_in_a_study_file_is_refused_with_the_key_it_is_close_to(tmp_path, capsys, top, group, said):
+    """A misspelt key was ignored without a word: seed: [0, 1] for seeds trained seed 0 only, atack: ran no attack."""
+    study = tmp_path / "study.yaml"
+    extra = f", {group}" if group else ""
+    study.write_text(
+        f"base: {BASE}\nout: o\nrecords: r\n{top}groups:\n"
+        f"  - {{name: g, distributions: [uniform-iid], runs: [fedavg]{extra}}}\n"
+    )
+    assert sweep.main([str(study), "--list", "--out", str(tmp_path / "out")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("sweep: error: ") and err.count("\n") == 1, err
+    assert said.format(study=study) in err, err
+
+
+@pytest.mark.parametrize(
+    "text, said",
+    [
+        ("group:\n  - {name: g, distributions: [uniform-iid], runs: [fedavg]}", ": unknown key 'group'; did you mean"),
+        ("groups:\n  - {name: g, distributions: [uniform-iid], run: [fedavg]}", "g: unknown key 'run'; did you mean"),
+    ],
+)
+def test_a_misspelt_required_key_of_a_study_file_is_named_not_called_missing(tmp_path, capsys, text, said):
+    study = tmp_path / "study.yaml"
+    study.write_text(f"base: {BASE}\nout: o\nrecords: r\n{text}\n")
+    assert sweep.main([str(study), "--list", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert said in err and err.count("\n") == 1, err
