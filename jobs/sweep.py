@@ -8,15 +8,15 @@
 
 A study file (jobs/studies/*.yaml) names a base config, the groups of runs (each with its own --set overrides,
 distributions, algorithms with targets, seeds, and whether to attack them) and where finished runs' small
-records go; a key the sweep does not read (seed: for seeds) is refused. The sweep can be stopped at any time
-and started again: a finished run is skipped, an unfinished one continues from its last checkpoint (--resume),
-and a run whose finished config differs from the study's is refused rather than silently reused (`--list`
-shows it as `differs`, with the state of every other run). Ctrl-C, a `kill` or a hangup (the terminal closed;
-not under nohup) of the sweep is passed on to the run in flight once, which stops at a checkpoint after its
-round, and the sweep then ends (exit 130, 143 or 129); a file named STOP in the runs' directory stops the
-sweep between two runs (for a quiet machine, say). After each run its records (config.json, metrics.jsonl,
-summary.json, test_predictions.csv, attack.json) are copied to the study's records directory, which is what
-gets committed and reported.
+records go; a key the sweep does not read (seed: for seeds) is refused, and so is a run name that two entries
+would give (runs: [fedavg, fedavg]). The sweep can be stopped at any time and started again: a finished run is
+skipped, an unfinished one continues from its last checkpoint (--resume), and a run whose finished config
+differs from the study's is refused rather than silently reused (`--list` shows it as `differs`, with the
+state of every other run). Ctrl-C, a `kill` or a hangup (the terminal closed; not under nohup) of the sweep is
+passed on to the run in flight once, which stops at a checkpoint after its round, and the sweep then ends
+(exit 130, 143 or 129); a file named STOP in the runs' directory stops the sweep between two runs (for a quiet
+machine, say). After each run its records (config.json, metrics.jsonl, summary.json, test_predictions.csv,
+attack.json) are copied to the study's records directory, which is what gets committed and reported.
 """
 
 from __future__ import annotations
@@ -111,7 +111,31 @@ def read_study(path: Path) -> dict:
                 raise StudyError(
                     f"study file {path}, group {group['name']}: {entry!r}: the target is not a number"
                 ) from None
+    _check_names(path, spec)
     return spec
+
+
+def _check_names(path: Path, spec: dict) -> None:
+    """No two entries may give one run name, its directory: runs: [fedavg, fedavg], a distribution listed twice,
+    two groups of one name listing one run, or targets that print alike (0.95, 0.9500001) trained the first and
+    found the second finished (or `differs`). Groups of one name that give different runs are fine (cpu.yaml's
+    three acc groups)."""
+
+    def source(run: Run) -> str:
+        gi, ri, di = run.order[2:]
+        group = spec["groups"][gi]
+        entry = group["runs"][ri]
+        dist = entry_distributions(group, str(entry).split()[0])[di]
+        return f"groups[{gi}] ({group['name']}) runs[{ri}] {entry!r} on distributions[{di}] {dist!r}"
+
+    first: dict[str, Run] = {}
+    for run in sorted(study_runs(spec), key=lambda r: r.order[2:]):  # in the file's order
+        if run.name in first:
+            raise StudyError(
+                f"study file {path}: run {run.name} would come from {source(first[run.name])} and from "
+                f"{source(run)}; each run needs a name of its own"
+            )
+        first[run.name] = run
 
 
 def _check_keys(mapping: dict, known: tuple[str, ...], where: str) -> None:

@@ -692,3 +692,62 @@ def test_a_misspelt_required_key_of_a_study_file_is_named_not_called_missing(tmp
     assert sweep.main([str(study), "--list", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert said in err and err.count("\n") == 1, err
+
+
+_G = "distributions: [uniform-iid, skewed-noniid], runs: [fedavg]"
+
+
+@pytest.mark.parametrize(
+    "groups, said",
+    [
+        (
+            ["{name: g, distributions: [uniform-iid], runs: [fedavg, fedavg]}"],
+            "run g-uniform-iid-fedavg-s0 would come from groups[0] (g) runs[0] 'fedavg' on distributions[0] "
+            "'uniform-iid' and from groups[0] (g) runs[1] 'fedavg' on distributions[0] 'uniform-iid'",
+        ),
+        (  # target 0 is no target: the same name
+            ["{name: g, distributions: [uniform-iid], runs: [fedavg, fedavg 0]}"],
+            "from groups[0] (g) runs[0] 'fedavg' on distributions[0] 'uniform-iid' and from groups[0] (g) runs[1] "
+            "'fedavg 0' on",
+        ),
+        (  # different targets, one name: the second would have found the first finished, or differs
+            ["{name: g, distributions: [uniform-iid], runs: [fedsparsify-global 0.95, fedsparsify-global 0.9500001]}"],
+            "run g-uniform-iid-fedsparsify-global-0.95-s0 would come from groups[0] (g) runs[0]",
+        ),
+        (
+            ["{name: g, distributions: [uniform-iid, skewed-noniid, uniform-iid], runs: [fedavg]}"],
+            "from groups[0] (g) runs[0] 'fedavg' on distributions[0] 'uniform-iid' and from groups[0] (g) runs[0] "
+            "'fedavg' on distributions[2] 'uniform-iid'",
+        ),
+        (
+            [
+                f"{{name: g, {_G}, seeds: [0, 1]}}",
+                "{name: h, distributions: [uniform-iid], runs: [fedavg]}",
+                f"{{name: g, priority: 1, {_G}, seeds: [1], set: [train.lr=0.1]}}",
+            ],
+            "run g-uniform-iid-fedavg-s1 would come from groups[0] (g) runs[0] 'fedavg' on distributions[0] "
+            "'uniform-iid' and from groups[2] (g) runs[0] 'fedavg' on distributions[0] 'uniform-iid'",
+        ),
+    ],
+)
+def test_a_run_name_two_entries_of_a_study_would_give_is_refused_naming_both(tmp_path, capsys, groups, said):
+    """runs: [fedavg, fedavg], a distribution listed twice or two groups of one name listing one run gave one run
+    directory twice: the sweep trained the first and found the second finished (or `differs`, hours later)."""
+    study = tmp_path / "study.yaml"
+    study.write_text(f"base: {BASE}\nout: o\nrecords: r\ngroups:\n" + "".join(f"  - {g}\n" for g in groups))
+    assert sweep.main([str(study), "--list", "--out", str(tmp_path / "out")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"sweep: error: study file {study}: ") and err.count("\n") == 1, err
+    assert said in err, err
+
+
+def test_groups_of_one_name_that_give_different_runs_stay_one_group_as_the_cpu_study_has_them():
+    """jobs/studies/cpu.yaml lists its accuracy runs in three groups named acc (priorities 0, 2 and 1): their runs
+    differ, and the study still reads to the 40 runs whose records are committed."""
+    path = ROOT / "jobs" / "studies" / "cpu.yaml"
+    spec = sweep.read_study(path)
+    acc = [i for i, group in enumerate(spec["groups"]) if group["name"] == "acc"]
+    runs = sweep.study_runs(spec)
+    by_group = [{r.name for r in runs if r.order[2] == i} for i in acc]
+    assert len(acc) == 3 and all(by_group) and sum(map(len, by_group)) == len(set().union(*by_group))
+    assert sorted(r.name for r in runs) == sorted(p.name for p in (ROOT / "docs" / "results" / "runs").iterdir())
