@@ -42,6 +42,7 @@ from make_configs import FAMILIES, configs  # noqa: E402
 from fedmpi.algorithms import ALGORITHMS  # noqa: E402
 from fedmpi.cli import stdout_closed  # noqa: E402
 from fedmpi.config import (  # noqa: E402
+    Config,
     TextKeepingDumper,
     TextKeepingLoader,
     integer,
@@ -344,14 +345,19 @@ def copy_records(run_dir: Path, records: Path) -> None:
             (dest / name).unlink(missing_ok=True)
 
 
-def train_cmd(args, base: Path, run: Run, out: Path) -> list[str]:
-    cfg = load_config(base, [*run.sets, f"run.dir={out}"])
-    prefix = (
+def launcher(mpirun: str, cfg: Config) -> list[str]:
+    """What starts the run cfg describes: mpirun with learners + 1 ranks, or nothing for a baseline that trains
+    centrally (it runs alone)."""
+    return (
         []
         if ALGORITHMS[cfg.federation.algorithm].trains_centrally
-        else [args.mpirun, "-n", str(cfg.federation.learners + 1)]
+        else [mpirun, "-n", str(cfg.federation.learners + 1)]
     )
-    cmd = [*prefix, sys.executable, "-m", "fedmpi", "train", "--config", str(base), "--resume"]
+
+
+def train_cmd(args, base: Path, run: Run, out: Path) -> list[str]:
+    cfg = load_config(base, [*run.sets, f"run.dir={out}"])
+    cmd = [*launcher(args.mpirun, cfg), sys.executable, "-m", "fedmpi", "train", "--config", str(base), "--resume"]
     for s in [*run.sets, f"run.dir={out}"]:
         cmd += ["--set", s]
     return cmd
@@ -411,21 +417,31 @@ def paper_config(family: str, name: str) -> Path:
     return HERE / "configs" / "paper" / family / f"{name}.yaml"
 
 
+def paper_runs(family: str, out: Path) -> list[tuple[str, Path, Config]]:
+    """(run name, config file, its Config under run.dir=out) for each paper run of the family: the committed file as
+    it is now (README has users point its data.dir at their split), not make_configs.py's dict. Every file is
+    checked before the first run is trained or submitted, not by its run once its turn comes."""
+    runs = []
+    for each, name, _ in configs():
+        if each != family:
+            continue
+        source = paper_config(family, name)
+        if not source.is_file():
+            raise StudyError(f"{source} is missing: python jobs/make_configs.py writes the paper configs")
+        try:
+            runs.append((name, source, load_config(source, [f"run.dir={out}"])))
+        except ConfigError as e:
+            raise StudyError(f"{source}: {e}") from None
+    return runs
+
+
 def run_paper(args) -> int:
     out = Path(args.out or f"runs/paper-{args.paper}").resolve()  # the array's tasks start in the checkout
-    chosen = [(name, cfg) for family, name, cfg in configs() if family == args.paper]
     if args.slurm:
+        chosen = paper_runs(args.paper, out)
         out.mkdir(parents=True, exist_ok=True)
         paths = []
-        for name, _ in chosen:
-            # the committed file, as a local run takes it: README has users point its data.dir at their split
-            source = paper_config(args.paper, name)
-            if not source.is_file():
-                raise StudyError(f"{source} is missing: python jobs/make_configs.py writes the paper configs")
-            try:  # an edit that does not validate is found now, not by each array task once it starts
-                load_config(source, [f"run.dir={out}"])
-            except ConfigError as e:
-                raise StudyError(f"{source}: {e}") from None
+        for name, source, _ in chosen:
             # read and written keeping each unquoted word as written: safe_load and safe_dump wrote dir: 010 as 8
             cfg = yaml.load(source.read_text(encoding="utf-8"), Loader=TextKeepingLoader) or {}  # empty: defaults
             cfg["run"] = {**(cfg.get("run") or {}), "dir": str(out)}  # `run:` alone is null
@@ -444,24 +460,9 @@ def run_paper(args) -> int:
         )
         return 0
     if not args.collect:
-        for name, cfg in chosen:
-            learners = cfg["federation"]["learners"]
-            call(
-                [
-                    args.mpirun,
-                    "-n",
-                    str(learners + 1),
-                    sys.executable,
-                    "-m",
-                    "fedmpi",
-                    "train",
-                    "--config",
-                    str(paper_config(args.paper, name)),
-                    "--set",
-                    f"run.dir={out}",
-                    "--resume",
-                ]
-            )
+        for _, source, cfg in paper_runs(args.paper, out):
+            train = [sys.executable, "-m", "fedmpi", "train", "--config", str(source), "--set", f"run.dir={out}"]
+            call([*launcher(args.mpirun, cfg), *train, "--resume"])
     for summary in sorted(out.glob("*/summary.json")):
         if stopped_early(summary.parent):
             print(f"sweep: {summary.parent} stopped before its last round; resume it, then collect again")

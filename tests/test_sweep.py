@@ -751,3 +751,38 @@ def test_groups_of_one_name_that_give_different_runs_stay_one_group_as_the_cpu_s
     by_group = [{r.name for r in runs if r.order[2] == i} for i in acc]
     assert len(acc) == 3 and all(by_group) and sum(map(len, by_group)) == len(set().union(*by_group))
     assert sorted(r.name for r in runs) == sorted(p.name for p in (ROOT / "docs" / "results" / "runs").iterdir())
+
+
+def test_paper_local_starts_each_run_with_the_ranks_of_the_config_file_it_trains(tmp_path, monkeypatch, capsys):
+    """A local --paper run took `mpirun -n` from make_configs.py's 8 learners, not from the committed file it trains,
+    which README has users edit: federation.learners: 4 there started 9 ranks, and the run refused the count. A
+    file that does not validate is refused before the first run is trained, as --slurm does."""
+    import shutil
+
+    jobs = tmp_path / "jobs"
+    family = jobs / "configs" / "paper" / "original"
+    shutil.copytree(ROOT / "jobs" / "configs" / "paper" / "original", family)
+    edited = family / "fedavg-uniform-iid.yaml"
+    cfg = yaml.safe_load(edited.read_text())
+    cfg["federation"]["learners"] = 4
+    edited.write_text(yaml.safe_dump(cfg))
+    central = family / "fedavg-skewed-noniid.yaml"
+    cfg = yaml.safe_load(central.read_text())
+    cfg["federation"]["algorithm"] = "centralized"
+    central.write_text(yaml.safe_dump(cfg))
+    calls = []
+    monkeypatch.setattr(sweep, "HERE", jobs)
+    monkeypatch.setattr(sweep, "call", lambda cmd, log=None, cwd=None: calls.append(cmd))
+    out = tmp_path / "paper"
+    assert sweep.main(["--paper", "original", "--out", str(out), "--mpirun", "/x/mpirun"]) == 0
+    trained = {cmd[cmd.index("--config") + 1]: cmd for cmd in calls if "train" in cmd}
+    assert len(trained) == len(list(family.glob("*.yaml")))
+    assert trained[str(edited)][:3] == ["/x/mpirun", "-n", "5"]
+    assert trained[str(central)][:4] == [sys.executable, "-m", "fedmpi", "train"]  # the baseline runs alone
+    assert trained[str(family / "fedavg-uniform-noniid.yaml")][:3] == ["/x/mpirun", "-n", "9"]
+    calls.clear()
+    cfg["train"]["lr"] = -1
+    central.write_text(yaml.safe_dump(cfg))
+    assert sweep.main(["--paper", "original", "--out", str(out), "--mpirun", "/x/mpirun"]) == 2
+    assert f"sweep: error: {central}: train.lr must be > 0" in capsys.readouterr().err
+    assert calls == []
