@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    print(f"preprocess: error: {message}", file=sys.stderr)
     return EXIT_USAGE
 
 

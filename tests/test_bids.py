@@ -244,7 +244,7 @@ def test_an_unreadable_participants_tsv_is_one_line_naming_it_and_why(
     assert str(refused.value) == f"{tsv} cannot be read: {reason}"
     out = tmp_path / "v.h5"
     assert cli.main(["nifti", "--bids", str(root), "--out", str(out), "--quiet"]) == 2
-    assert capsys.readouterr().err == f"error: {tsv} cannot be read: {reason}\n" and not out.exists()
+    assert capsys.readouterr().err == f"preprocess: error: {tsv} cannot be read: {reason}\n" and not out.exists()
 
 
 def test_a_repeated_participants_column_is_refused_not_read_from_its_last_copy(tmp_path):

@@ -260,7 +260,8 @@ def test_dataset_level_errors(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "a_file").write_text("x")
     assert cli.main(["nifti", "--bids", str(tmp_path / "a_file"), "--out", str(out)]) == 2
-    assert capsys.readouterr().err == f"error: --bids {tmp_path / 'a_file'} is a file; give the dataset's directory\n"
+    said = f"--bids {tmp_path / 'a_file'} is a file; give the dataset's directory"
+    assert capsys.readouterr().err == f"preprocess: error: {said}\n"
     (tmp_path / "b").mkdir()
     assert cli.main(["nifti", "--bids", str(tmp_path / "b"), "--out", str(out)]) == 2
     assert "participants.tsv is missing" in capsys.readouterr().err
@@ -445,7 +446,7 @@ def test_participants_tsv_field_above_the_csv_limit_is_one_clear_error(cohort, t
     out = tmp_path / "v.h5"
     assert cli.main(["nifti", "--bids", str(root), "--out", str(out), "--workers", "1", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err == f"error: {tsv} cannot be read past line 3: field larger than field limit (131072)\n"
+    assert err == f"preprocess: error: {tsv} cannot be read past line 3: field larger than field limit (131072)\n"
     assert not out.exists() and not convert.parts_dir(out).exists()
 
 
@@ -665,7 +666,7 @@ def test_a_killed_worker_names_its_subject_and_writes_nothing(cohort, tmp_path, 
     monkeypatch.setattr(convert, "_stage", _stage_or_die)
     assert cli.main(["nifti", "--bids", str(root), "--out", str(out), "--workers", "2", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: a nifti worker process died while processing ")
+    assert err.startswith("preprocess: error: a nifti worker process died while processing ")
     assert "sub-0002" in err.splitlines()[0] and "re-run resumes" in err and "Traceback" not in err
     assert not out.exists() and not convert.skipped_report_path(out).exists()
     assert all(p.name.endswith(".npy") and not p.name.startswith(".") for p in stage.iterdir())
@@ -889,7 +890,7 @@ def test_a_full_disk_is_one_line_naming_the_output(cohort, tmp_path, monkeypatch
     out = tmp_path / "v.h5"
     assert cli.main(["nifti", "--bids", str(root), "--out", str(out), "--workers", "1", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: No space left on device (writing ") and err.count("\n") == 1, err
+    assert err.startswith("preprocess: error: No space left on device (writing ") and err.count("\n") == 1, err
     assert not out.exists() and not list(convert.parts_dir(out).glob(".*"))
 
 

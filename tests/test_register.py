@@ -67,7 +67,7 @@ def test_missing_extra_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, fla
     out = tmp_path / "v.h5"
     assert cli.main(["nifti", "--bids", str(tmp_path), "--out", str(out), "--quiet", *flags]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"error: {expected}, not installed"), err
+    assert err.count("\n") == 1 and err.startswith(f"preprocess: error: {expected}, not installed"), err
     assert err.rstrip().endswith("pip install -e '.[register]'") and "Traceback" not in err
     assert not out.exists()
 

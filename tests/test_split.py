@@ -137,7 +137,7 @@ def test_unusable_input_files_are_one_line(tmp_path, capsys, make):
     out = tmp_path / "s"
     assert cli.main(["split", "--h5", str(h5), "--out", str(out), "--learners", "2"]) == 2
     err = capsys.readouterr().err
-    assert err == f"error: {message}\n" and not out.exists()
+    assert err == f"preprocess: error: {message}\n" and not out.exists()
 
 
 def test_write_split_files_and_partition_json(cohort, tmp_path):

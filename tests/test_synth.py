@@ -133,7 +133,7 @@ def test_cli_synth_non_integers_name_what_is_expected(tmp_path, capsys, args, me
     """In the words of fedmpi's --set for an integer option ("train.epochs: expected an integer, got '1.5'")."""
     with pytest.raises(SystemExit, match=r"^2$"):
         cli.main(["synth", "--out", str(tmp_path / "d"), *args])
-    assert capsys.readouterr().err.splitlines()[-1] == f"error: {message}"
+    assert capsys.readouterr().err.splitlines()[-1] == f"preprocess: error: {message}"
     assert list(tmp_path.iterdir()) == []
 
 
@@ -150,7 +150,7 @@ def test_cli_counts_take_a_whole_valued_float_as_fedmpi_does(given):
 def test_cli_synth_out_under_proc_is_one_line(capsys):
     assert cli.main(["synth", "--out", "/proc/fedmpi-synth", "--subjects", "1", "--quiet"]) == 2
     err = capsys.readouterr().err  # the reason (errno) differs between root and other users
-    assert err.startswith("error: cannot write --out /proc/fedmpi-synth: cannot create files in /proc (")
+    assert err.startswith("preprocess: error: cannot write --out /proc/fedmpi-synth: cannot create files in /proc (")
     assert err.count("\n") == 1
 
 
@@ -166,7 +166,7 @@ def test_a_killed_synth_worker_is_named_and_leaves_nothing(tmp_path, monkeypatch
     out = tmp_path / "c"
     assert cli.main(["synth", "--out", str(out), "--subjects", "2", "--workers", "2", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: a synth worker process died while processing ") and "sub-0002" in err
+    assert err.startswith("preprocess: error: a synth worker process died while processing ") and "sub-0002" in err
     assert "Traceback" not in err and list(tmp_path.iterdir()) == []
 
 
