@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("nifti", help="preprocess a BIDS dataset into one HDF5 file")
     p.add_argument("--bids", required=True, type=Path, help="dataset root with participants.tsv")
     p.add_argument("--out", required=True, type=Path, help="output FILE.h5")
-    p.add_argument("--voxel", type=int, choices=sorted(grid.GRIDS), default=4, help="MNI grid spacing in mm")
+    p.add_argument("--voxel", type=_whole, choices=sorted(grid.GRIDS), default=4, help="MNI grid spacing in mm")
     p.add_argument("--dtype", choices=tuple(h5io.DTYPES), default="float16")
     p.add_argument("--workers", type=_workers, default=None, help=WORKERS_HELP)
     p.add_argument(

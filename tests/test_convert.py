@@ -747,6 +747,22 @@ def test_an_empty_age_range_is_a_usage_error(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("value, voxel", [("2.0", 2), ("4e0", 4), ("6", 6)])
+def test_voxel_takes_a_whole_number_as_the_other_integer_options_do(tmp_path, value, voxel):
+    """--voxel was plain int: 2.0 was refused while --workers 2.0 and fedmpi's integers take it."""
+    args = cli.build_parser().parse_args(["nifti", "--bids", str(tmp_path), "--out", "v.h5", "--voxel", value])
+    assert args.voxel == voxel
+
+
+@pytest.mark.parametrize("value, message", [("2.5", "expected an integer, got '2.5'"), ("3", "invalid choice: 3")])
+def test_voxel_refuses_a_fraction_or_another_grid(tmp_path, capsys, value, message):
+    with pytest.raises(SystemExit, match=r"^2$"):
+        cli.main(["nifti", "--bids", str(tmp_path), "--out", str(tmp_path / "v.h5"), "--voxel", value])
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith(f"preprocess: error: argument --voxel: {message}"), last
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_age_range_keeps_min_and_max_in_order(tmp_path):
     args = cli.build_parser().parse_args(["nifti", "--bids", str(tmp_path), "--out", "v.h5", "--age-range", "1", "90"])
     assert args.age_range == (1.0, 90.0)
