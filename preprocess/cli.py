@@ -254,6 +254,13 @@ def _nifti(args) -> int:
             f"warning: skipped {len(res.skipped)} bad subject(s), listed in {report}:{_bad_list(res.skipped)}",
             file=sys.stderr,
         )
+    if res.unavailable:
+        print(
+            f"warning: {len(res.unavailable)} of them ({bids.first_names(res.unavailable)}) failed for want of "
+            "memory or an I/O error, not for their image: the output is not up to date until a re-run gets them, "
+            f"and the written subjects stay staged in {convert.parts_dir(res.path)} for it",
+            file=sys.stderr,
+        )
     reused = f" ({res.reused} reused from an earlier run)" if res.reused else ""
     print(f"wrote {res.written} subjects to {res.path}{reused}")
     if res.misplaced:

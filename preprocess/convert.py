@@ -7,8 +7,10 @@ subject whose input and parameters are unchanged (the key, _subject_key, hashes 
 size, mtime and every parameter that changes the volume; --max-image-mb only refuses images, so
 it is not part of it). Once all subjects are staged they are packed into the HDF5 file under a
 temporary name, renamed, and the staging directory is removed. An output whose recorded input
-fingerprint matches the current input is left alone. Output paths are checked before any subject
-is processed.
+fingerprint matches the current input is left alone, unless --skip-bad left out subjects this machine
+could not read or process (nifti.Unavailable: memory, an I/O error): those are recorded apart (the
+attr skipped_unavailable), the staging directory is kept, and a re-run retries them. Output paths are
+checked before any subject is processed.
 
 Before the pack every good subject's staged volume is hashed (blake2b of its voxels): subjects with
 identical volumes are one scan under several ids, copied (bids.scan refuses links), and are all bad
@@ -61,6 +63,8 @@ class Result:
     misplaced: dict[str, float] = dataclasses.field(default_factory=dict)  # unregistered, NCC < PLACEMENT_NCC
     # written subjects whose session image took participants.tsv's age (bids.Entry.session_age_assumed)
     session_ages_assumed: list[str] = dataclasses.field(default_factory=list)
+    # skipped subjects this machine could not read or process (nifti.Unavailable): a re-run retries them
+    unavailable: list[str] = dataclasses.field(default_factory=list)
 
 
 def skipped_report_path(out: Path) -> Path:
@@ -102,16 +106,18 @@ def _fingerprint(entries, keys, bad: dict, params, max_image_mb: float) -> str:
 
 
 def _is_up_to_date(out: Path, fingerprint: str, skip_bad: bool) -> bool:
-    """The output was built from this very input (and skipped nothing, unless skipping is allowed)."""
+    """The output was built from this very input (and skipped nothing, unless skipping is allowed), and skipped no
+    subject for the machine's want (nifti.Unavailable): with more memory, or the disk fixed, a re-run gets it."""
     if not out.is_file():
         return False
     try:
         with h5io.open_checked(out) as f:
             same = f.attrs.get("input_fingerprint") == fingerprint
             skipped = json.loads(f.attrs.get("skipped", "{}"))
+            unavailable = json.loads(f.attrs.get("skipped_unavailable", "[]"))
     except (h5io.DataError, ValueError):
         return False
-    return same and (skip_bad or not skipped)
+    return same and (skip_bad or not skipped) and not unavailable
 
 
 _MASK: np.ndarray | None = None
@@ -127,8 +133,9 @@ def _sidecar(part: Path) -> Path:
     return part.with_suffix(".json")
 
 
-def _stage(job) -> tuple[str, str | None]:
-    """Preprocess one subject into its part file(s); (subject, None) or (subject, reason)."""
+def _stage(job) -> tuple[str, str | None, bool]:
+    """Preprocess one subject into its part file(s); (subject, None, False), or (subject, reason, whether the reason
+    is the machine's, not the image's: nifti.Unavailable)."""
     pid, image, part, voxel, dtype, max_image_mb, registration = job
     assert _MASK is not None, "_init_worker runs first"
     try:
@@ -141,17 +148,19 @@ def _stage(job) -> tuple[str, str | None]:
             with atomic_path(_sidecar(part), sweep=False) as tmp:  # the stage is swept at the start
                 tmp.write_text(json.dumps({"mni_to_native": done.mni_to_native.tolist(), "ncc": done.ncc}))
     except nifti.BadImage as exc:
-        return pid, str(exc)
-    except MemoryError:  # smoothing and resampling hold 2-3 copies of the image (a read that fails is BadImage)
-        return pid, (
+        return pid, str(exc), isinstance(exc, nifti.Unavailable)
+    except MemoryError:  # smoothing and resampling hold 2-3 copies of the image (a read that fails is Unavailable)
+        return (
+            pid,
             f"not enough memory to preprocess {Path(image).name}; use fewer --workers, or a lower --max-image-mb to "
-            "refuse large images"
+            "refuse large images",
+            True,
         )
     staged = io.BytesIO()  # np.save into a file writes with tofile, whose short write on a full disk has no errno
     np.save(staged, vol.astype(h5io.DTYPES[dtype]))
     with atomic_path(part, sweep=False) as tmp:
         tmp.write_bytes(staged.getbuffer())
-    return pid, None
+    return pid, None, False
 
 
 def _digest(part: Path) -> str:
@@ -267,8 +276,9 @@ def convert(
             if not parts[e.participant_id].is_file()
         ]
         reference = register.reference(voxel) if registration is not None and todo else None
+        unavailable: set[str] = set()
         try:
-            for pid, reason in parallel.run(
+            for pid, reason, retry in parallel.run(
                 _stage,
                 todo,
                 workers=workers,
@@ -280,6 +290,8 @@ def convert(
             ):
                 if reason:
                     bad[pid] = " ".join(reason.split())  # one line each on the terminal and in the TSV
+                if retry:
+                    unavailable.add(pid)
         except parallel.WorkerDied as exc:
             _remove_temporaries(stage)
             raise parallel.WorkerDied(
@@ -318,6 +330,8 @@ def convert(
             table["registration_ncc"] = [d["ncc"] for d in done]
         attrs = h5io.base_attrs(voxel, shape, affine, params, fingerprint)
         attrs["skipped"] = json.dumps(bad, sort_keys=True)
+        if unavailable:  # absent otherwise: outputs written before it are read as skipping none
+            attrs["skipped_unavailable"] = json.dumps(sorted(unavailable))
         attrs["age_range"] = np.asarray(age_range, dtype=np.float64)
         correlations: dict[str, float] = {}
 
@@ -335,7 +349,8 @@ def convert(
                 tmp.write_text("participant_id\treason\n" + "".join(f"{p}\t{r}\n" for p, r in sorted(bad.items())))
         elif report.exists():
             report.unlink()
-        shutil.rmtree(stage, ignore_errors=True)
+        if not unavailable:  # else kept: the re-run that retries them reuses the rest
+            shutil.rmtree(stage, ignore_errors=True)
         misplaced = {pid: r for pid, r in correlations.items() if r < PLACEMENT_NCC}
         assumed = [e.participant_id for e in good if e.session_age_assumed]
-        return Result(out, len(good), bad, reused, False, misplaced, assumed)
+        return Result(out, len(good), bad, reused, False, misplaced, assumed, sorted(unavailable))

@@ -9,6 +9,7 @@ rejected rather than silently producing garbage.
 
 from __future__ import annotations
 
+import errno
 import math
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,22 @@ MAX_OUTLIER_SHARE = 0.5
 
 class BadImage(UserError, ValueError):
     """An input image that cannot be used; the message is the human-readable reason."""
+
+
+class Unavailable(BadImage):
+    """An image this machine could not read or process now (out of memory, an I/O error), through no fault of its
+    own: an output that skipped it is not up to date, so that a re-run retries it (convert)."""
+
+
+# Errors that say a file is not there, or not a file: the dataset's to fix, and fixing it changes the input's
+# fingerprint (convert). Any other errno (EIO, EACCES, ESTALE, ENOMEM) is the system's: the image is Unavailable.
+ABSENT_ERRNOS = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP)
+
+
+def unreadable(name, exc: OSError) -> BadImage:
+    """bids.unreadable's line, as an Unavailable image unless the file is absent (ABSENT_ERRNOS)."""
+    kind = BadImage if exc.errno in ABSENT_ERRNOS else Unavailable
+    return kind(bids.unreadable(name, exc))
 
 
 def _reason(exc: Exception) -> str:
@@ -88,10 +105,14 @@ def load(path, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> tuple[np.ndarray, 
         with open(path, "rb"):
             pass
     except OSError as exc:
-        raise BadImage(bids.unreadable(path.name, exc)) from None
+        raise unreadable(path.name, exc) from None
     try:
         img: Any = nib.load(str(path))  # a spatial image (nibabel types it as any file-based image)
         shape = tuple(int(s) for s in img.shape)
+    except OSError as exc:
+        if exc.errno is None:  # gzip's BadGzipFile: a damaged header
+            raise BadImage(f"unreadable or truncated image {path.name}: {_reason(exc)}") from None
+        raise unreadable(Path(exc.filename or path).name, exc) from None
     except Exception as exc:  # nibabel raises many types for a bad header
         raise BadImage(f"unreadable or truncated image {path.name}: {_reason(exc)}") from None
     check_header(path.name, shape, max_image_mb)
@@ -110,12 +131,12 @@ def load(path, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> tuple[np.ndarray, 
         ) from None
     except MemoryError:
         size = _size_text(math.prod(shape) * 4)
-        raise BadImage(f"not enough memory to read {path.name} ({size} as float32)") from None
+        raise Unavailable(f"not enough memory to read {path.name} ({size} as float32)") from None
     except OSError as exc:
         if exc.errno is None:  # gzip's BadGzipFile: a damaged file
             raise BadImage(f"unreadable or truncated image {path.name}: {_reason(exc)}") from None
         # the voxels may lie in another file: a NIfTI pair's or Analyze image's .img
-        raise BadImage(bids.unreadable(Path(exc.filename or path).name, exc)) from None
+        raise unreadable(Path(exc.filename or path).name, exc) from None
     except Exception as exc:  # nibabel, gzip and zlib raise many types for a bad file
         raise BadImage(f"unreadable or truncated image {path.name}: {_reason(exc)}") from None
     if data.ndim > 3:

@@ -892,6 +892,57 @@ def test_running_out_of_memory_while_resampling_is_the_subjects_reason_not_a_tra
         assert list(f["subject_id"].asstr()[:]) == ["sub-01"]
 
 
+def test_subjects_skipped_for_memory_or_an_io_error_are_retried_by_the_rerun(tmp_path, monkeypatch, capsys):
+    """With --skip-bad, a subject skipped for the machine's want (out of memory, an I/O error mid-read) made the
+    output up to date: the re-run after more memory or a fixed disk said "is up to date" and never retried it.
+    A subject skipped for its own image (garbage) stays skipped, and its output up to date."""
+    import errno
+
+    root = _template_bids(tmp_path / "bids", subjects=3)
+    (root / "participants.tsv").write_text((root / "participants.tsv").read_text() + "sub-bad\t70\tM\tB\n")
+    _garbage(root, "sub-bad")
+    real_preprocess, real_array = nifti.preprocess_file, nib.arrayproxy.ArrayProxy.__array__
+
+    def short_of_memory(path, *args):
+        if path.name.startswith("sub-02_"):
+            raise MemoryError
+        return real_preprocess(path, *args)
+
+    def disk_error(self, *args, **kwargs):
+        if os.fspath(self.file_like).endswith("sub-03_T1w.nii.gz"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), os.fspath(self.file_like))
+        return real_array(self, *args, **kwargs)
+
+    out = tmp_path / "v.h5"
+    args = ["nifti", "--bids", str(root), "--out", str(out), "--workers", "1", "--quiet", "--skip-bad"]
+    with monkeypatch.context() as patch:
+        patch.setattr(nifti, "preprocess_file", short_of_memory)
+        patch.setattr(nib.arrayproxy.ArrayProxy, "__array__", disk_error)
+        assert cli.main(args) == 0
+        err = capsys.readouterr().err
+        assert (
+            "skipped 3 bad subject(s)" in err
+            and "sub-03: sub-03_T1w.nii.gz cannot be read: Input/output error\n" in err
+        )
+        assert "warning: 2 of them (sub-02, sub-03) failed for want of memory or an I/O error" in err
+        with h5io.open_checked(out) as f:
+            assert list(f["subject_id"].asstr()[:]) == ["sub-01"]
+            assert json.loads(f.attrs["skipped_unavailable"]) == ["sub-02", "sub-03"]
+        assert _staged(out) == {"sub-01"}  # kept for the re-run
+        assert cli.main(args) == 0  # still short: retried, and skipped again
+        assert "is up to date" not in capsys.readouterr().out
+    assert cli.main(args) == 0  # more memory, the disk fixed
+    captured = capsys.readouterr()
+    assert "wrote 3 subjects" in captured.out and "(1 reused from an earlier run)" in captured.out
+    assert "skipped 1 bad subject(s)" in captured.err and "of them" not in captured.err
+    with h5io.open_checked(out) as f:
+        assert list(f["subject_id"].asstr()[:]) == ["sub-01", "sub-02", "sub-03"]
+        assert "skipped_unavailable" not in f.attrs and list(json.loads(f.attrs["skipped"])) == ["sub-bad"]
+    assert not convert.parts_dir(out).exists()
+    assert cli.main(args) == 0  # the garbage image is its own fault: skipped and up to date
+    assert "is up to date" in capsys.readouterr().out
+
+
 def test_a_full_disk_is_one_line_naming_the_output(cohort, tmp_path, monkeypatch, capsys):
     """A disk or quota full while a subject is staged: a traceback, and numpy's own write error carried no errno
     ("902629 requested and 550848 written"), so nothing could tell it was the disk."""

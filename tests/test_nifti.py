@@ -269,6 +269,46 @@ def test_a_failure_without_a_message_still_has_a_reason(tmp_path, monkeypatch, e
         nifti.load(tmp_path / "x.nii")
 
 
+@pytest.mark.parametrize(
+    "error, unavailable",
+    [
+        (MemoryError(), True),
+        (OSError(errno.EIO, "Input/output error", "x.nii"), True),
+        (PermissionError(errno.EACCES, "Permission denied", "x.nii"), True),
+        (FileNotFoundError(errno.ENOENT, "No such file or directory", "x.img"), False),
+        (OSError("damaged"), False),
+        (ValueError("damaged"), False),
+    ],
+)
+def test_a_failed_read_is_unavailable_when_the_machine_not_the_image_is_at_fault(
+    tmp_path, monkeypatch, error, unavailable
+):
+    """Out of memory, an I/O error, a refusal: the image may read on a re-run (convert retries an Unavailable one);
+    a missing file or damaged bytes stay the dataset's. All were plain BadImage, and an output that skipped a subject
+    for memory stayed up to date once the machine had more."""
+    nib.save(nib.Nifti1Image(np.ones((5, 5, 5), np.float32), np.eye(4)), tmp_path / "x.nii")
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(nib.arrayproxy.ArrayProxy, "__array__", fail)
+    with pytest.raises(nifti.BadImage) as caught:
+        nifti.load(tmp_path / "x.nii")
+    assert isinstance(caught.value, nifti.Unavailable) == unavailable
+
+
+def test_an_io_error_reading_the_header_is_unavailable(tmp_path, monkeypatch):
+    """nibabel's header read too: an EIO there was 'unreadable or truncated image', the image's fault."""
+    nib.save(nib.Nifti1Image(np.ones((5, 5, 5), np.float32), np.eye(4)), tmp_path / "x.nii")
+
+    def fail(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error", os.fspath(tmp_path / "x.nii"))
+
+    monkeypatch.setattr(nib, "load", fail)
+    with pytest.raises(nifti.Unavailable, match=r"^x.nii cannot be read: Input/output error$"):
+        nifti.load(tmp_path / "x.nii")
+
+
 @pytest.mark.parametrize("name, denied", [("x.nii.gz", "x.nii.gz"), ("x.nii", "x.nii"), ("x.hdr", "x.img")])
 def test_a_file_the_system_will_not_read_is_named_with_the_reason(tmp_path, monkeypatch, name, denied):
     """Tests run as root, whom chmod does not deny: opening `denied` is made to raise PermissionError. nibabel said
