@@ -158,8 +158,9 @@ def _typed(path: Path, group: dict, key: str):
 
 def _check_seeds(path: Path, group: dict) -> None:
     """Each seed an integer (run.seed's rule), none listed twice: seeds: [0, 0] listed every run of the group twice,
-    and the sweep found the second finished."""
-    seen: set[int] = set()
+    and the sweep found the second finished. The group's seeds become those integers, so that a run's name says the
+    seed it trains (seeds: [1.0] was named -s1.0 and trained run.seed=1)."""
+    seen: list[int] = []
     for seed in group.get("seeds", []):
         try:
             value = integer(seed)
@@ -169,7 +170,9 @@ def _check_seeds(path: Path, group: dict) -> None:
             ) from None
         if value in seen:
             raise StudyError(f"study file {path}, group {group['name']}: seed {value} is listed twice")
-        seen.add(value)
+        seen.append(value)
+    if "seeds" in group:
+        group["seeds"] = seen
 
 
 @dataclass

@@ -515,6 +515,26 @@ def test_a_seed_listed_twice_is_refused_before_any_run(tmp_path, capsys, seeds, 
     assert out == "" and err == f"sweep: error: study file {study}, {said}\n"
 
 
+def test_a_seed_written_as_a_float_names_its_run_by_the_integer_it_trains(tmp_path, capsys):
+    """seeds: [1.0, 2e0] train run.seed=1 and 2; their runs were named -s1.0 and -s2.0, so a group listing [1] beside
+    one listing [1.0] made two directories of one run."""
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        f"base: {BASE}\nout: o\nrecords: r\ngroups:\n"
+        "  - {name: g, distributions: [uniform-iid], runs: [fedavg], seeds: [1.0, 2e0]}\n"
+    )
+    runs = sweep.study_runs(sweep.read_study(study))
+    assert [r.name for r in runs] == ["g-uniform-iid-fedavg-s1", "g-uniform-iid-fedavg-s2"]
+    assert [[s for s in r.sets if s.startswith("run.seed=")] for r in runs] == [["run.seed=1"], ["run.seed=2"]]
+    study.write_text(
+        f"base: {BASE}\nout: o\nrecords: r\ngroups:\n"
+        "  - {name: g, distributions: [uniform-iid], runs: [fedavg], seeds: [1]}\n"
+        "  - {name: g, distributions: [uniform-iid], runs: [fedavg], seeds: [1.0]}\n"
+    )
+    assert sweep.main([str(study), "--list", "--out", str(tmp_path / "out")]) == 2
+    assert "run g-uniform-iid-fedavg-s1 would come from groups[0]" in capsys.readouterr().err
+
+
 def test_a_key_given_twice_in_a_study_file_is_refused_not_the_last_taken(tmp_path, monkeypatch, capsys):
     """A second `set:` in a group (or a second group list) silently replaced the first, as PyYAML keeps the last."""
     monkeypatch.setattr(sweep, "call", lambda cmd, log=None: None)
