@@ -348,14 +348,14 @@ def copy_records(run_dir: Path, records: Path) -> None:
             (dest / name).unlink(missing_ok=True)
 
 
+def ranks(cfg: Config) -> int:
+    """The processes the run cfg describes: learners + 1, or one for a baseline that trains centrally."""
+    return 1 if ALGORITHMS[cfg.federation.algorithm].trains_centrally else cfg.federation.learners + 1
+
+
 def launcher(mpirun: str, cfg: Config) -> list[str]:
-    """What starts the run cfg describes: mpirun with learners + 1 ranks, or nothing for a baseline that trains
-    centrally (it runs alone)."""
-    return (
-        []
-        if ALGORITHMS[cfg.federation.algorithm].trains_centrally
-        else [mpirun, "-n", str(cfg.federation.learners + 1)]
-    )
+    """What starts the run cfg describes: mpirun with its ranks, or nothing for one that runs alone."""
+    return [] if ranks(cfg) == 1 else [mpirun, "-n", str(ranks(cfg))]
 
 
 def train_cmd(args, base: Path, run: Run, out: Path) -> list[str]:
@@ -443,22 +443,25 @@ def run_paper(args) -> int:
     if args.slurm:
         chosen = paper_runs(args.paper, out)
         out.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for name, source, _ in chosen:
+        by_tasks: dict[int, list[str]] = {}  # one array per rank count: a site's split may have other than 8 learners
+        for name, source, run_cfg in chosen:
             # read and written keeping each unquoted word as written: safe_load and safe_dump wrote dir: 010 as 8
             cfg = yaml.load(source.read_text(encoding="utf-8"), Loader=TextKeepingLoader) or {}  # empty: defaults
             cfg["run"] = {**(cfg.get("run") or {}), "dir": str(out)}  # `run:` alone is null
             path = out / "configs" / f"{name}.yaml"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(yaml.dump(cfg, Dumper=TextKeepingDumper, sort_keys=False))
-            paths.append(str(path))
-        listing = out / "configs.txt"
-        listing.write_text("\n".join(paths) + "\n")
-        # from the checkout: each task finds jobs/fedsparsify.slurm, the venv and data/ from its submit directory
+            by_tasks.setdefault(ranks(run_cfg), []).append(str(path))
         limit = f"%{args.array_limit}" if args.array_limit else ""
-        call(["sbatch", f"--array=1-{len(paths)}{limit}", str(HERE / "sweep.slurm"), str(listing)], cwd=HERE.parent)
+        for tasks, paths in sorted(by_tasks.items()):
+            listing = out / ("configs.txt" if len(by_tasks) == 1 else f"configs-{tasks}-tasks.txt")
+            listing.write_text("\n".join(paths) + "\n")
+            # --ntasks over sweep.slurm's own: each array's tasks are its configs' learners + 1 (1 when central).
+            # From the checkout: each task finds jobs/fedsparsify.slurm, the venv and data/ from its submit directory
+            array = [f"--array=1-{len(paths)}{limit}", f"--ntasks={tasks}"]
+            call(["sbatch", *array, str(HERE / "sweep.slurm"), str(listing)], cwd=HERE.parent)
         print(
-            f"submitted {len(paths)} runs; when they are done: python jobs/sweep.py --paper {args.paper} "
+            f"submitted {len(chosen)} runs; when they are done: python jobs/sweep.py --paper {args.paper} "
             f"--collect --out {out}"
         )
         return 0

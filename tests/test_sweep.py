@@ -378,6 +378,26 @@ def test_paper_slurm_submits_the_committed_configs_with_the_users_edits(tmp_path
     assert written["run"]["dir"] == str(tmp_path / "paper")
 
 
+def test_paper_slurm_submits_one_array_per_rank_count_with_its_ntasks(tmp_path, monkeypatch):
+    """sweep.slurm asks for 9 tasks: a paper config edited to a site's 4 learners got 9 ranks, and its run refused
+    the rank count. Each rank count is its own array, with --ntasks set (one task for a baseline run alone)."""
+    import shutil
+
+    jobs = tmp_path / "jobs"
+    shutil.copytree(ROOT / "jobs" / "configs" / "paper" / "original", jobs / "configs" / "paper" / "original")
+    edited = jobs / "configs" / "paper" / "original" / "fedavg-uniform-iid.yaml"
+    edited.write_text(edited.read_text().replace("learners: 8", "learners: 4"))
+    calls = []
+    monkeypatch.setattr(sweep, "HERE", jobs)
+    monkeypatch.setattr(sweep, "call", lambda cmd, log=None, cwd=None: calls.append(cmd))
+    assert sweep.main(["--paper", "original", "--slurm", "--out", str(tmp_path / "paper")]) == 0
+    assert [cmd[2] for cmd in calls] == ["--ntasks=5", "--ntasks=9"]
+    five, nine = (Path(cmd[-1]).read_text().split() for cmd in calls)
+    assert five == [str(tmp_path / "paper" / "configs" / "fedavg-uniform-iid.yaml")]
+    assert len(nine) == len(list(edited.parent.glob("*.yaml"))) - 1 and five[0] not in nine
+    assert calls[1][1] == f"--array=1-{len(nine)}" and Path(calls[1][-1]).name == "configs-9-tasks.txt"
+
+
 def test_paper_slurm_copies_a_paper_configs_words_as_written(tmp_path, monkeypatch):
     """The copy went through yaml.safe_load and safe_dump: a user's data.dir: 010 became 8, run.name: 1:30 became
     90 and yes became true (YAML 1.1's readings, written out); the array's task then trained other settings than
