@@ -2,7 +2,7 @@
 
 Each is a numpy structured dtype of float64 fields, so it travels as a plain float64 buffer through
 the wire (no pickling) and is read back by field name. Text (error messages, host names) travels in
-fixed-width uint8 rows, read back with its control characters escaped.
+fixed-width uint8 rows, read back with its control and format characters escaped.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ REPORT = np.dtype(
 
 # What each rank found in its preflight: its data file's sample count, mean age and volume shape.
 PREFLIGHT = np.dtype([(name, np.float64) for name in ("samples", "mean_age", "x", "y", "z")])
+
+# The unicode categories row_text escapes in another rank's text: controls (Cc) and format characters (Cf).
+ESCAPED = ("Cc", "Cf")
 
 
 def _names(dtype: np.dtype) -> tuple[str, ...]:
@@ -62,8 +65,9 @@ def text_row(text: str, width: int) -> np.ndarray:
 
 
 def row_text(row: np.ndarray) -> str:
-    """The text a text_row holds: the zero padding dropped, a character the cut split replaced, and control
-    characters escaped (ESC as the four characters \\x1b): another rank's host name or message is printed, and
-    must not drive this terminal (clear it, retitle it, rewrite the lines above)."""
+    """The text a text_row holds: the zero padding dropped, a character the cut split replaced, and control and
+    format characters escaped (ESC as the four characters \\x1b, a right-to-left override as \\u202e): another
+    rank's host name or message is printed, and must not drive this terminal (clear it, retitle it, rewrite the
+    lines above) nor display reversed or hide text (bidirectional overrides, zero-width characters)."""
     text = bytes(row).rstrip(b"\0").decode(errors="replace")
-    return "".join(c.encode("unicode_escape").decode() if unicodedata.category(c) == "Cc" else c for c in text)
+    return "".join(c.encode("unicode_escape").decode() if unicodedata.category(c) in ESCAPED else c for c in text)

@@ -49,3 +49,18 @@ def test_control_characters_from_another_rank_are_escaped_not_passed_to_the_term
     sent = "host\x1b[2J\x1b]0;owned\x07\r\nnext\x9b31m\x00end"
     assert row_text(text_row(sent, 64)) == r"host\x1b[2J\x1b]0;owned\x07\r\nnext\x9b31m\x00end"
     assert row_text(text_row("volume für learner 2\tà", 64)) == r"volume für learner 2\tà"  # only controls change
+
+
+def test_format_characters_from_another_rank_are_escaped_so_text_cannot_display_reversed_or_hide():
+    """Bidirectional overrides and isolates (U+202E, U+2066) and zero-width characters (U+200B, U+2060, U+FEFF) are
+    no controls (category Cf, not Cc): a host name or message holding them printed reversed or with hidden text
+    ("Trojan source"). They are escaped as controls are."""
+    sent = "node\u202e7-tsoh\u202c\u2066x\u2069\u200bhidden\u2060\ufeff\u00ad"
+    assert row_text(text_row(sent, 64)) == r"node\u202e7-tsoh\u202c\u2066x\u2069\u200bhidden\u2060\ufeff\xad"
+
+
+@pytest.mark.parametrize("host", ["узел-3", "計算ノード7", "عقدة-٣", "κόμβος", "नोड-2", "node-ß"])
+def test_letters_of_any_script_read_back_unchanged(host):
+    """Only controls and format characters are escaped: a host name in another script (Arabic too, written right
+    to left by its letters, not by an override) round-trips as it was sent."""
+    assert row_text(text_row(host, 64)) == host
