@@ -15,14 +15,15 @@ each of which waits for the other side's next test. A learner cannot see when th
 joined the sum, so once every report is in the server tells the learners so (an empty message,
 the "go"): until then a learner's wait in the sum is a long one, from then on a quick one.
 
-What arrives is checked against what was expected before it is read: every point-to-point message's
-length (MPI accepts a shorter message than the buffer posted for it and leaves the rest as it was), the
-sizes a learner announces for its model before the server allocates for them, and the payload size a round
-header announces to a learner before it allocates for it. An error MPI raises while
-waiting becomes a PayloadError naming the wait (and, where one can tell, the learner). A collective cannot be
-checked so: a learner's contribution to the sum or to the gatherv is only known by the length it declared in
-its report (MPICH takes a shorter one, and cuts a longer one, without a word); the gatherv's buffer starts as
-zeros, so that a short contribution leaves zeros behind it, never what the server's memory held.
+What arrives is checked against what was expected before it is read: every point-to-point message's length
+(MPI accepts a shorter message than the buffer posted for it and leaves the rest as it was), the sizes a
+learner announces for its model before the server allocates for them, and a round header's flags (known ones
+only) and payload size (before the learner allocates for it). An error MPI
+raises while waiting becomes a PayloadError naming the wait (and, where one can tell, the learner). A
+collective cannot be checked so: a learner's contribution to the sum or to the gatherv is only known by the
+length it declared in its report (MPICH takes a shorter one, and cuts a longer one, without a word); the
+gatherv's buffer starts as zeros, so that a short contribution leaves zeros behind it, never what the server's
+memory held.
 
 Byte counters follow one convention (see README, "Measured communication"): `bytes_down` is
 what the server hands to MPI for the learners, counted once per receiving learner; `bytes_up`
@@ -72,6 +73,7 @@ FAREWELL_NBYTES = 8  # a learner's last message, as it leaves its loop on the ST
 FLAG_MASK = 1  # the payload is encoding.encode(values, mask): the mask changed
 FLAG_STOP = 2  # no more rounds: learners leave their loop (and, sent again after the final save, the run)
 FLAG_WAIT = 4  # no model yet: the server is still recording the last round; wait the header's patience again
+FLAGS = FLAG_MASK | FLAG_STOP | FLAG_WAIT  # every flag a header may hold: a learner refuses any other bit
 
 
 class Transport(Protocol):
@@ -444,6 +446,7 @@ class Wire:
             header = np.zeros(HEADER, dtype=np.int64)
             self._wait(self.comm.Irecv(header, source=SERVER, tag=TAG_HEADER), what, expect=header.nbytes)
             round_, flags, nbytes, nnz, patience_ms = (int(v) for v in header)
+            self._check_header(round_, flags)
             if patience_ms > 0:
                 self.patience = self.next_patience = patience_ms / 1000
             if not flags & FLAG_WAIT:
@@ -461,6 +464,14 @@ class Wire:
             self.bytes_up += ack.nbytes
             self._wait(self.comm.Isend(ack, dest=SERVER, tag=TAG_ACK), "acknowledgement", quick=True)
         return round_, flags, nnz, payload
+
+    def _check_header(self, round_: int, flags: int) -> None:
+        """Learner: a header's flags must be known ones."""
+        if flags & ~FLAGS:
+            raise PayloadError(
+                f"the server's header for round {round_} holds flags {flags}: bits {flags & ~FLAGS} are no flag "
+                f"this learner knows (FLAG_MASK {FLAG_MASK}, FLAG_STOP {FLAG_STOP}, FLAG_WAIT {FLAG_WAIT})"
+            )
 
 
 def next_pause(

@@ -448,6 +448,26 @@ def test_a_header_announcing_a_payload_the_learners_model_cannot_take_is_refused
     sending.Wait()
 
 
+def _header_to_self(header: list[int], largest: int = 100):
+    """recv_model on a learner whose server (rank 0 of COMM_SELF) is this process: `header` is sent to itself."""
+    from fedmpi.wire import TAG_HEADER
+
+    wire = Wire(MPI.COMM_SELF, patience=5.0)
+    wire.rank = 1
+    sending = wire.comm.Isend(np.array(header, np.int64), dest=0, tag=TAG_HEADER)
+    try:
+        return wire, wire.recv_model(largest)
+    finally:
+        sending.Wait()
+
+
+@pytest.mark.parametrize("flags", [8, 1 | 16, 4 | 2**40, -1])
+def test_a_header_holding_a_flag_bit_no_learner_knows_is_refused_naming_it(flags):
+    """Unknown bits were ignored: a header flagged 8 was a model, one flagged 4|16 a word to wait again."""
+    with pytest.raises(PayloadError, match=rf"^the server's header for round 2 holds flags {flags}: bits "):
+        _header_to_self([2, flags, 0, 3, 1000])
+
+
 @mpi
 def test_the_server_contributes_nothing_to_the_sum(wire):
     """The server hands reduce_sum a buffer of the sum's shape; only the learners' buffers are summed."""
