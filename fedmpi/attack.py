@@ -33,8 +33,9 @@ from preprocess import outputs
 from preprocess.layout import TEST_FILE, learner_file, learner_files
 
 from .config import DEVICES, MAX_SEED
+from .data import VolumeDataset, file_digest, read_volume
 from .device import select_device
-from .errors import EXIT_USAGE, AttackError, ConfigError, is_user_error
+from .errors import EXIT_USAGE, AttackError, ConfigError, DataError, is_user_error
 from .files import atomic_write
 from .runlog import dumps, read_json
 from .stats import average_ranks
@@ -516,11 +517,9 @@ def volume_digests(path: Path) -> list[bytes]:
         digests = []
         for i in range(f["images"].shape[0]):
             try:
-                volume = reader.read(i)
-            except Exception as exc:  # zlib/h5py errors on a damaged chunk
-                raise AttackError(f"volume file {path}: cannot read volume {i}: {exc}") from None
-            if not np.isfinite(volume).all():
-                raise AttackError(f"volume file {path}: volume {i} holds non-finite values")
+                volume = read_volume(reader, path, i)
+            except DataError as exc:  # a damaged chunk or non-finite values, named as training names them
+                raise AttackError(str(exc)) from None
             digests.append(hashlib.blake2b(volume.tobytes(), digest_size=16).digest())
         return digests
 
@@ -565,8 +564,6 @@ def check_disjoint(members: list[Path], pools: list[Path]) -> None:
 
 def _volumes(path: Path, input_shape: tuple[int, ...]):
     """The VolumeDataset of `path`, refused unless its volumes have the model's input shape."""
-    from .data import VolumeDataset
-
     ds = VolumeDataset(path, cache=False)
     if tuple(ds.shape) != tuple(input_shape):
         raise AttackError(f"{path}: volumes are {tuple(ds.shape)}, the model takes {tuple(input_shape)}")
@@ -697,7 +694,6 @@ def check_out(out: Path, run_dir: Path, inputs: list[Path]) -> None:
 def check_split(recorded: dict | None, files: list[Path]) -> None:
     """Members must be the subjects the model trained on: refuse a data directory that was re-split (or
     re-preprocessed) since the run, by the digests the run recorded of its files."""
-    from .data import file_digest
     from .resume import changed_files
 
     if not recorded:
