@@ -367,13 +367,24 @@ RENAMED_VALUES: dict[str, dict] = {
 }
 
 
-def unknown(name: str, key: str, known: list[str], prefix: str = "", kind: str = "option") -> str:
-    """The message for an unknown option (or a study file's key, jobs/sweep.py): the known one it is close to (a
+def unknown(
+    name: str, key: str, known: list[str], prefix: str = "", kind: str = "option", elsewhere: list[str] | None = None
+) -> str:
+    """The message for an unknown option (or a study file's key, jobs/sweep.py): the full names of the same key in
+    other places (`elsewhere`: an option put in the wrong section), else the known one it is close to (a
     misspelling), else every known one."""
-    close = difflib.get_close_matches(key, known, n=1)
+    close = elsewhere or [prefix + c for c in difflib.get_close_matches(key, known, n=1)]
     if close:
-        return f"unknown {kind} {name!r}; did you mean {prefix + close[0]!r}?"
+        return f"unknown {kind} {name!r}; did you mean {' or '.join(repr(c) for c in close)}?"
     return f"unknown {kind} {name!r}; known: {', '.join(prefix + k for k in known)}"
+
+
+def _homes(key: str, name: str) -> list[str]:
+    """The options named `key` in the sections other than `name`'s: section.key for each (rounds is
+    federation.rounds; seed both data.seed and run.seed)."""
+    sections = typing.get_type_hints(Config)
+    homes = [f"{s}.{key}" for s, tp in sections.items() if key in typing.get_type_hints(tp)]
+    return [home for home in homes if home != name]
 
 
 def _apply(section, values: dict, prefix: str) -> None:
@@ -381,7 +392,7 @@ def _apply(section, values: dict, prefix: str) -> None:
     for key, value in values.items():
         name = f"{prefix}{key}"
         if key not in hints:
-            raise ConfigError(unknown(name, str(key), list(hints), prefix))
+            raise ConfigError(unknown(name, str(key), list(hints), prefix, elsewhere=_homes(str(key), name)))
         current = getattr(section, key)
         if dataclasses.is_dataclass(current):
             value = {} if value is None else value  # `train:` with every option under it commented out

@@ -207,6 +207,26 @@ def test_an_unknown_option_close_to_a_known_one_is_named(tmp_path, text, sets, m
         load_config(write(tmp_path, text) if text else None, sets)
 
 
+@pytest.mark.parametrize(
+    "text, sets, message",
+    [
+        ("rounds: 20\n", [], "unknown option 'rounds'; did you mean 'federation.rounds'?"),
+        (
+            "",
+            ["federation.round_timeout=30"],
+            "unknown option 'federation.round_timeout'; did you mean 'run.round_timeout'?",
+        ),
+        ("train:\n  seed: 1\n", [], "unknown option 'train.seed'; did you mean 'data.seed' or 'run.seed'?"),
+        ("eval:\n  epochs: 2\n", [], "unknown option 'eval.epochs'; did you mean 'train.epochs'?"),
+    ],
+)
+def test_an_option_written_in_another_section_is_pointed_to_its_own(tmp_path, text, sets, message):
+    """An option of another section was answered by spelling alone: rounds: at the top level with 'did you mean
+    'run'?' (a section without it), federation.round_timeout with every federation option, not run.round_timeout."""
+    with pytest.raises(ConfigError, match="^" + re.escape(message) + "$"):
+        load_config(write(tmp_path, text) if text else None, sets)
+
+
 def test_section_must_be_a_mapping(tmp_path):
     with pytest.raises(ConfigError, match="train: expected a mapping"):
         load_config(write(tmp_path, "train: 3\n"))
