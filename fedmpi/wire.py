@@ -430,17 +430,16 @@ class Wire:
         farewell = np.zeros(1, np.int64)
         self.bytes_up += farewell.nbytes
         self._wait(self.comm.Isend(farewell, dest=SERVER, tag=TAG_FAREWELL), "farewell", quick=True)
-        _round, flags, _nnz, _payload = self.recv_model(0, "the server's final save")
-        if not flags & FLAG_STOP:
-            raise PayloadError(f"the server sent a round header (flags {flags}) after the last round")
+        self.recv_model(None, "the server's final save")
 
-    def recv_model(self, largest: int, what: str = "the next round's model") -> tuple[int, int, int, np.ndarray]:
+    def recv_model(self, largest: int | None, what: str = "the next round's model") -> tuple[int, int, int, np.ndarray]:
         """Learner: (round, flags, nnz, payload), waiting at most `next_patience` seconds for the header. The
         header says how long to wait for the next one; every wait of the round on the server (the model, the
         report, the payload's collective, which completes with the slowest learner's) gets that long too.
         A header flagged FLAG_WAIT carries no model: the server, still recording the last round (a long
         evaluation), says it is alive; the wait starts afresh with that header's patience. A payload size
-        outside 0..`largest` (the most this learner's model can encode to) is refused before it is allocated."""
+        outside 0..`largest` (the most this learner's model can encode to) is refused before it is allocated;
+        largest=None: after the last round, where only the final STOP header may come."""
         while True:
             self.patience = self.next_patience
             header = np.zeros(HEADER, dtype=np.int64)
@@ -451,6 +450,10 @@ class Wire:
                 self.patience = self.next_patience = patience_ms / 1000
             if not flags & FLAG_WAIT:
                 break
+        if largest is None:
+            if not flags & FLAG_STOP:
+                raise PayloadError(f"the server sent a round header (flags {flags}) after the last round")
+            largest = 0
         if not 0 <= nbytes <= largest:  # np.empty would raise a ValueError (negative) or a MemoryError (huge)
             raise PayloadError(
                 f"the server's header for round {round_} announces a payload of {nbytes} bytes: this learner's "

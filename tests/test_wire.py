@@ -448,7 +448,7 @@ def test_a_header_announcing_a_payload_the_learners_model_cannot_take_is_refused
     sending.Wait()
 
 
-def _header_to_self(header: list[int], largest: int = 100):
+def _header_to_self(header: list[int], largest: int | None = 100):
     """recv_model on a learner whose server (rank 0 of COMM_SELF) is this process: `header` is sent to itself."""
     from fedmpi.wire import TAG_HEADER
 
@@ -466,6 +466,16 @@ def test_a_header_holding_a_flag_bit_no_learner_knows_is_refused_naming_it(flags
     """Unknown bits were ignored: a header flagged 8 was a model, one flagged 4|16 a word to wait again."""
     with pytest.raises(PayloadError, match=rf"^the server's header for round 2 holds flags {flags}: bits "):
         _header_to_self([2, flags, 0, 3, 1000])
+
+
+@pytest.mark.parametrize("flags, nbytes", [(0, 0), (1, 50)])
+def test_a_round_header_after_the_last_round_is_named_as_such(flags, nbytes):
+    """After its farewell a learner takes only the final STOP header: a model header there was refused by the
+    payload bound, "this learner's model encodes to 0..0", which did not say what was wrong."""
+    with pytest.raises(PayloadError, match=rf"^the server sent a round header \(flags {flags}\) after the last round$"):
+        _header_to_self([26, flags, nbytes, 3, 1000], largest=None)
+    _, (round_, flags, nnz, payload) = _header_to_self([26, 2, 0, 0, 0], largest=None)  # the final STOP header
+    assert (round_, flags, nnz, payload.size) == (26, 2, 0, 0)
 
 
 @mpi
