@@ -101,6 +101,11 @@ def algorithm(cfg: Config) -> Algorithm:
     return ALGORITHMS[cfg.federation.algorithm]
 
 
+def processes(cfg: Config) -> int:
+    """The MPI ranks a run takes: the server and its learners, or one for a baseline that trains centrally."""
+    return 1 if algorithm(cfg).trains_centrally else cfg.federation.learners + 1
+
+
 def target_sparsity(cfg: Config) -> float:
     """The sparsity the run aims at: federation.target, or 0 for a dense algorithm (which never reads it)."""
     return 0.0 if algorithm(cfg).dense else cfg.federation.target

@@ -22,7 +22,7 @@ import numpy as np
 
 from preprocess.layout import TEST_FILE
 
-from .algorithms import algorithm
+from .algorithms import algorithm, processes
 from .config import MAX_THREADS, Config, load_config, split_error_text
 from .errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, ConfigFileError, PayloadError, is_user_error, user_message
 from .memory import keep_freed_memory
@@ -44,7 +44,7 @@ def check_start(cfg: Config, world: int | None, step: str | None = None) -> None
     if algorithm(cfg).trains_centrally:
         if world > 1:
             raise ConfigError(_baseline_alone(cfg, _set_up(world)))
-    elif world != cfg.federation.learners + 1:
+    elif world != processes(cfg):
         raise ConfigError(_rank_count(cfg, world, _set_up(world), step))
 
 
@@ -67,7 +67,7 @@ def check_ranks(
             "SLURM_MPI_TYPE; srun --mpi=list shows them); otherwise start the job with that MPI's own mpirun. "
             "(Or this command was started without a launcher from a shell inside a multi-task step.)"
         )
-    elif size != cfg.federation.learners + 1:
+    elif size != processes(cfg):
         raise ConfigError(_rank_count(cfg, size, f"this job has {size} MPI ranks", step))
 
 
@@ -92,7 +92,7 @@ def _set_up(world: int) -> str:
 def _rank_count(cfg: Config, size: int, found: str, step: str | None) -> str:
     """The rank-count line; a lone rank inside a SLURM step (typically a command typed in srun --pty bash) also
     learns how to start ranks from there."""
-    ranks = cfg.federation.learners + 1
+    ranks = processes(cfg)
     message = (
         f"{found} but federation.learners = {cfg.federation.learners} needs {ranks} (1 server + "
         f"{cfg.federation.learners} learners): mpirun -n {ranks} python -m fedmpi train ..., or --ntasks={ranks} "

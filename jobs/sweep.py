@@ -39,7 +39,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 from make_configs import FAMILIES, configs  # noqa: E402
 
-from fedmpi.algorithms import ALGORITHMS  # noqa: E402
+from fedmpi.algorithms import ALGORITHMS, processes  # noqa: E402
 from fedmpi.cli import stdout_closed  # noqa: E402
 from fedmpi.config import (  # noqa: E402
     Config,
@@ -348,14 +348,9 @@ def copy_records(run_dir: Path, records: Path) -> None:
             (dest / name).unlink(missing_ok=True)
 
 
-def ranks(cfg: Config) -> int:
-    """The processes the run cfg describes: learners + 1, or one for a baseline that trains centrally."""
-    return 1 if ALGORITHMS[cfg.federation.algorithm].trains_centrally else cfg.federation.learners + 1
-
-
 def launcher(mpirun: str, cfg: Config) -> list[str]:
     """What starts the run cfg describes: mpirun with its ranks, or nothing for one that runs alone."""
-    return [] if ranks(cfg) == 1 else [mpirun, "-n", str(ranks(cfg))]
+    return [] if processes(cfg) == 1 else [mpirun, "-n", str(processes(cfg))]
 
 
 def train_cmd(args, base: Path, run: Run, out: Path) -> list[str]:
@@ -451,7 +446,7 @@ def run_paper(args) -> int:
             path = out / "configs" / f"{name}.yaml"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(yaml.dump(cfg, Dumper=TextKeepingDumper, sort_keys=False))
-            by_tasks.setdefault(ranks(run_cfg), []).append(str(path))
+            by_tasks.setdefault(processes(run_cfg), []).append(str(path))
         limit = f"%{args.array_limit}" if args.array_limit else ""
         for tasks, paths in sorted(by_tasks.items()):
             listing = out / ("configs.txt" if len(by_tasks) == 1 else f"configs-{tasks}-tasks.txt")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fedmpi.algorithms import ALGORITHMS, algorithm, prune, reconfigures, round_seed, schedule
+from fedmpi.algorithms import ALGORITHMS, algorithm, processes, prune, reconfigures, round_seed, schedule
 from fedmpi.config import ConfigError, load_config
 from fedmpi.schedule import ConstantSchedule, CubicSchedule, FractionSchedule, OneShotSchedule
 
@@ -257,3 +257,10 @@ def test_fraction_schedule_starts_at_federation_start():
 
 def test_only_centralized_trains_centrally():
     assert {name for name, a in ALGORITHMS.items() if a.trains_centrally} == {"centralized"}
+
+
+@pytest.mark.parametrize("algo", sorted(ALGORITHMS))
+def test_a_run_takes_its_server_and_learners_or_one_process_for_a_central_baseline(algo):
+    """The one rule for the job's size (launch's rank checks, the sweep's mpirun -n and sbatch --ntasks)."""
+    want = 1 if ALGORITHMS[algo].trains_centrally else 5
+    assert processes(cfg_for(algo, "federation.learners=4")) == want
