@@ -345,7 +345,7 @@ def report_problems(report: np.ndarray, announced: float) -> list[str]:
         f"{name} is negative" for name, v in fields.items() if v < 0 and (name == "loss" or name.startswith("seconds_"))
     ]
     if fields["samples"] != announced:
-        out.append(f"samples is not the {announced:g} its preflight announced")
+        out.append(f"samples is not the {announced:.0f} its preflight announced")
     if not (fields["payload_nbytes"].is_integer() and fields["payload_nbytes"] >= 0):
         out.append("payload_nbytes is not a whole number of bytes")
     if fields["finite"] not in (0.0, 1.0):

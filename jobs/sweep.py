@@ -83,9 +83,9 @@ def read_study(path: Path) -> dict:
         _check_keys(spec, STUDY_KEYS, f"study file {path}")
     if not isinstance(spec, dict) or any(k not in spec for k in keys) or not isinstance(spec["groups"], list):
         raise StudyError(f"study file {path} must hold {', '.join(keys)} (a list of groups); see jobs/studies/cpu.yaml")
-    for i, group in enumerate(spec["groups"], 1):
+    for i, group in enumerate(spec["groups"]):
         if isinstance(group, dict):
-            _check_keys(group, GROUP_KEYS, f"study file {path}, group {group.get('name', f'#{i}')}")
+            _check_keys(group, GROUP_KEYS, f"study file {path}, group {group.get('name', f'groups[{i}]')}")
         if not isinstance(group, dict) or any(k not in group for k in ("name", "distributions", "runs")):
             raise StudyError(f"study file {path}: every group needs name, distributions and runs, got {group!r}")
         # a string where a list belongs would be taken letter by letter (set: train.lr=0.1 as --set t, --set r, ...)

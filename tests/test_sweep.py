@@ -724,6 +724,8 @@ def test_an_unknown_key_in_a_study_file_is_refused_with_the_key_it_is_close_to(t
     [
         ("group:\n  - {name: g, distributions: [uniform-iid], runs: [fedavg]}", ": unknown key 'group'; did you mean"),
         ("groups:\n  - {name: g, distributions: [uniform-iid], run: [fedavg]}", "g: unknown key 'run'; did you mean"),
+        # a group without a name is called by its place, as the run-name check calls every group
+        ("groups:\n  - {nam: g, distributions: [uniform-iid], runs: [fedavg]}", "group groups[0]: unknown key 'nam'"),
     ],
 )
 def test_a_misspelt_required_key_of_a_study_file_is_named_not_called_missing(tmp_path, capsys, text, said):
