@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 import re
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,6 +102,8 @@ def unavailable(root: Path, image: Path) -> str:
     The files beside a .hdr (companions) too, when they are there."""
     for path in [image, *companions(image)]:
         try:
+            if not stat.S_ISREG(path.stat().st_mode):  # opening a named pipe would wait for a writer for ever
+                return f"{path.relative_to(root)} is not a regular file (a named pipe, a device or a socket)"
             with open(path, "rb"):
                 pass
         except FileNotFoundError:

@@ -557,3 +557,15 @@ def test_an_image_that_cannot_be_opened_is_bad_input_naming_the_file_and_why(tmp
         "sub-03": "sub-03/anat/sub-03_T1w.img cannot be read: Permission denied",
         "sub-04": "sub-04/ses-1/anat/sub-04_ses-1_T1w.nii cannot be read: Permission denied",
     }
+
+
+def test_an_image_linked_to_a_named_pipe_is_named_without_waiting_on_it(tmp_path):
+    """Opening a named pipe for reading waits for a writer: a dataset whose image links to one (a FUSE or
+    streaming mount, a mistake) held the scan for ever. It is bad input naming the file."""
+    root = _dataset(tmp_path / "bids", ["sub-02/anat/sub-02_T1w.nii.gz"], "sub-01\t50\nsub-02\t50\n")
+    os.mkfifo(tmp_path / "pipe")
+    (root / "sub-01" / "anat").mkdir(parents=True)
+    (root / "sub-01" / "anat" / "sub-01_T1w.nii.gz").symlink_to(tmp_path / "pipe")
+    entries, bad = bids.scan(root)
+    assert [e.participant_id for e in entries] == ["sub-02"]
+    assert bad == {"sub-01": "sub-01/anat/sub-01_T1w.nii.gz is not a regular file (a named pipe, a device or a socket)"}
