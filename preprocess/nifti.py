@@ -30,8 +30,9 @@ NIFTI_MM_PER_UNIT = {1: 1000.0, 3: 0.001}
 # Largest voxel edge accepted, in mm: thick-slice clinical T1s reach 5-10 mm. Above it the header is wrong (a meter
 # or micron slip): the brain spans a few voxels, and the grid inside the image's field of view passed every check.
 MAX_VOXEL_MM = 20.0
-# Smallest, in mm: half the finest ex vivo MRI (0.1 mm). Below it the header is wrong the other way (mm numbers under
-# xyzt_units micron, meter numbers under mm: 0.001 mm voxels): the whole image lies inside one MNI grid voxel.
+# Smallest, in mm: half the finest whole-brain MRI (ex vivo, 0.1 mm; MR microscopy of tissue samples goes finer, but
+# a head at 0.05 mm is over 100 GB, far beyond --max-image-mb). Below it the header is wrong the other way (mm numbers
+# under xyzt_units micron, meter numbers under mm: 0.001 mm voxels): the whole image lies inside one MNI grid voxel.
 MIN_VOXEL_MM = 0.05
 # The NIfTI spatial units that the header's numbers may have been meant in, as (name, mm per unit)
 UNITS = (("mm", 1.0), ("micron", 0.001), ("meter", 1000.0))
@@ -176,7 +177,11 @@ def units_problem(name: str, img, sizes: np.ndarray, scale: float) -> None:
     small, large = bool(np.any(sizes < MIN_VOXEL_MM)), bool(np.any(sizes > MAX_VOXEL_MM))
     if not (small or large):
         return
-    limit = f"below the {MIN_VOXEL_MM:g} mm of any MRI" if small else f"above the {MAX_VOXEL_MM:g} mm of any head scan"
+    limit = (
+        f"below the {MIN_VOXEL_MM:g} mm of any whole-brain MRI"
+        if small
+        else f"above the {MAX_VOXEL_MM:g} mm of any head scan"
+    )
     text = f"{name} has voxels of {_sizes_text(sizes)} mm, {limit}"
     numbers = sizes / scale  # as the header writes them
     fits = [

@@ -515,8 +515,8 @@ def test_a_header_with_an_empty_dimension_is_refused_naming_its_shape(tmp_path, 
     [
         ("mm", 1000.0, "1250x1250x1250", "above the 20 mm of any head scan", "micron"),  # pixdim in microns
         ("meter", 1.0, "1250x1250x1250", "above the 20 mm of any head scan", "mm"),
-        ("micron", 1.0, "0.00125x0.00125x0.00125", "below the 0.05 mm of any MRI", "mm"),
-        ("mm", 0.001, "0.00125x0.00125x0.00125", "below the 0.05 mm of any MRI", "meter"),
+        ("micron", 1.0, "0.00125x0.00125x0.00125", "below the 0.05 mm of any whole-brain MRI", "mm"),
+        ("mm", 0.001, "0.00125x0.00125x0.00125", "below the 0.05 mm of any whole-brain MRI", "meter"),
     ],
 )
 def test_a_header_in_other_units_than_it_says_is_named_with_the_units_and_the_fix(
