@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from preprocess import bids
 from preprocess.layout import TEST_FILE, learner_file, learner_files
 
 from .algorithms import algorithm, schedule, target_sparsity
@@ -26,10 +27,9 @@ DIGEST_BYTES = 64  # a SHA-256 in hex
 # The largest sample count or volume axis a preflight record may hold: above 2**53 a float64 is always "whole",
 # and two counts near float64's limit sum to inf (every FedAvg share 0, the mean age NaN).
 MAX_COUNT = 2**53
-# The mean age in years a learner's preflight record may hold, whatever --age-range its data was made with: -1 is
-# before conception, counted from term (docs/data.md's infants), 150 beyond any human. The server starts the model's
-# output bias at the learners' mean age: one of 1e300 overflowed float32 there (a RuntimeError and a traceback).
-MEAN_AGE_RANGE = (-1.0, 150.0)
+# The mean age in years a learner's preflight record may hold: the widest --age-range preprocessing takes. The server
+# starts the model's output bias at the learners' mean age: one of 1e300 overflowed float32 there (a traceback).
+MEAN_AGE_RANGE = bids.HUMAN_AGES
 
 
 def say(rank: int, message: str) -> None:

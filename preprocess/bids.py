@@ -27,6 +27,9 @@ MISSING = {"", "n/a", "na", "nan", "none", "null"}
 # Plausible human ages in years, MIN < age <= MAX: 0 or a negative age is almost always a
 # placeholder or a typo, and 300 is months or a slip of the keyboard, not a person.
 DEFAULT_AGE_RANGE = (0.0, 120.0)
+# The widest --age-range: ages in years of any human cohort, -1 for one counted from term (preterm infants), 150
+# beyond any person. Ages in months or days would pass for years; the trainer holds a learner's mean age to it too.
+HUMAN_AGES = (-1.0, 150.0)
 ENTITY = re.compile(r"^[a-zA-Z0-9]+-[a-zA-Z0-9]+$")  # a BIDS key-value pair of a file name: ses-2, run-1
 
 

@@ -76,12 +76,18 @@ def _megabytes(text: str) -> float:
 
 
 class _AgeRange(argparse.Action):
-    """MIN MAX as a tuple; refused unless both are finite and MIN < MAX."""
+    """MIN MAX as a tuple; refused unless both are finite, MIN < MAX, and both within bids.HUMAN_AGES."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         low, high = values
         if not (math.isfinite(low) and math.isfinite(high) and low < high):
             parser.error(f"argument --age-range: needs finite MIN < MAX, got {low:g} {high:g}")
+        least, most = bids.HUMAN_AGES
+        if low < least or high > most:
+            parser.error(
+                f"argument --age-range: ages are in years, from {least:g} (counted from term) to {most:g}, "
+                f"got {low:g} {high:g}"
+            )
         setattr(namespace, self.dest, (low, high))
 
 

@@ -520,16 +520,16 @@ def test_gzip_is_not_required_for_inputs(cohort, tmp_path):
 
 
 def test_age_range_is_configurable_and_recorded(cohort, tmp_path, capsys):
-    root = _make_bids(cohort, tmp_path / "bids", ages={"sub-0001": "120", "sub-0002": "300"})
+    root = _make_bids(cohort, tmp_path / "bids", ages={"sub-0001": "120", "sub-0002": "140"})
     out = tmp_path / "v.h5"
     args = ["nifti", "--bids", str(root), "--out", str(out), "--workers", "1", "--quiet"]
     assert cli.main(args) == 2
     err = capsys.readouterr().err
-    assert "1 bad subject(s)" in err and "sub-0002: age 300 is outside" in err and "sub-0001" not in err
-    assert cli.main([*args, "--age-range", "100", "300"]) == 0
+    assert "1 bad subject(s)" in err and "sub-0002: age 140 is outside" in err and "sub-0001" not in err
+    assert cli.main([*args, "--age-range", "100", "150"]) == 0
     with h5py.File(out, "r") as f:
-        assert list(f["age"][:]) == [120.0, 300.0]
-        assert list(f.attrs["age_range"]) == [100.0, 300.0]
+        assert list(f["age"][:]) == [120.0, 140.0]
+        assert list(f.attrs["age_range"]) == [100.0, 150.0]
 
 
 @pytest.mark.parametrize(
@@ -539,6 +539,9 @@ def test_age_range_is_configurable_and_recorded(cohort, tmp_path, capsys):
         (["0", "nan"], "needs finite MIN < MAX"),
         (["1", "inf"], "needs finite MIN < MAX"),
         (["0", "x"], "invalid float value: 'x'"),
+        # months or days would pass for years, and the trainer refuses a learner whose mean age is past 150
+        (["0", "300"], "ages are in years, from -1 (counted from term) to 150, got 0 300"),
+        (["-2", "2"], "ages are in years, from -1 (counted from term) to 150, got -2 2"),
     ],
 )
 def test_impossible_age_ranges_are_usage_errors(tmp_path, capsys, values, message):
