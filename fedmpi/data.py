@@ -78,7 +78,10 @@ def check_volumes(path) -> dict:
         if head["n"] == 0:
             raise DataError(f"volume file {path}: no volumes")
         ages = f["age"][:]
-        age_range = bids.stored_age_range(f.attrs)
+        try:
+            age_range = bids.stored_age_range(f.attrs)
+        except ValueError as e:
+            raise DataError(f"volume file {path}: {e}") from None
         bad = bids.bad_ages(ages, age_range)
         if bad.size:
             shown = ", ".join(f"#{i} ({ages[i]})" for i in bad[:5]) + (" ..." if bad.size > 5 else "")

@@ -302,8 +302,23 @@ def bad_ages(ages, age_range: tuple[float, float] = DEFAULT_AGE_RANGE) -> np.nda
 
 def stored_age_range(attrs) -> tuple[float, float]:
     """The (MIN, MAX] a volume file's ages were accepted in (its `age_range` attribute; files written
-    before it was stored: the default)."""
-    low, high = (float(v) for v in attrs.get("age_range", DEFAULT_AGE_RANGE))
+    before it was stored: the default). ValueError unless MIN < MAX within HUMAN_AGES, as --age-range takes it:
+    a file made before that bound (--age-range 0 300, ages in months) passed split and the trainer's own age
+    check, and the server then refused its learner's mean age as a record no volume file gives."""
+    stored = attrs.get("age_range", DEFAULT_AGE_RANGE)
+    try:
+        values = np.asarray(stored, dtype=np.float64)
+    except (TypeError, ValueError):
+        values = np.zeros(0)
+    if values.shape != (2,):
+        raise ValueError(f"attribute age_range {stored!r} is not two numbers MIN MAX")
+    low, high = float(values[0]), float(values[1])
+    least, most = HUMAN_AGES
+    if not least <= low < high <= most:  # NaN too
+        raise ValueError(
+            f"attribute age_range {age_range_text((low, high))} is not within {least:g} to {most:g} years, the "
+            "widest --age-range (ages in months or days?); re-run preprocess nifti with --age-range in years"
+        )
     return low, high
 
 

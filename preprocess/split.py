@@ -224,7 +224,10 @@ def write_split(
     with h5io.open_checked(h5) as f:
         ages = f["age"][:].astype(np.float64)
         ids = f["subject_id"].asstr()[:]
-        age_range = bids.stored_age_range(f.attrs)
+        try:
+            age_range = bids.stored_age_range(f.attrs)
+        except ValueError as e:
+            raise SplitError(f"volume file {h5}: {e}") from None
     check_ages(h5, ages, ids, age_range)
     test, parts = partition(ages, learners=learners, distribution=distribution, test_fraction=test_fraction, seed=seed)
     meta = {

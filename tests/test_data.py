@@ -136,6 +136,18 @@ def test_implausible_or_missing_ages_are_refused_naming_the_file(tmp_path, bad):
         check_volumes(path)
 
 
+def test_an_age_range_outside_human_ages_is_refused_naming_the_file(tmp_path):
+    """A file made before --age-range was held to bids.HUMAN_AGES (ages in months, range 0..300) passed this check,
+    and the server refused its learner's mean age as a record 'no volume file gives', blaming the rank."""
+    path = _file(tmp_path / "learner_1.h5", [250.0, 280.0])
+    with h5py.File(path, "r+") as f:
+        f.attrs["age_range"] = np.asarray([0.0, 300.0])
+    with pytest.raises(
+        DataError, match=r"learner_1.h5: attribute age_range \(0, 300\] years is not within -1 to 150 years"
+    ):
+        check_volumes(path)
+
+
 def test_non_finite_volume_and_empty_file_are_refused(tmp_path):
     path = _file(tmp_path / "test.h5", [50.0, 60.0, 70.0])
     with h5py.File(path, "r+") as f:

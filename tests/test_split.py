@@ -1,6 +1,7 @@
 """Test hold-out and learner partitions: sizes, skew, disjointness, age structure, files."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -258,15 +259,35 @@ def test_split_refuses_a_file_with_an_unusable_age(cohort, tmp_path, capsys, age
 
 
 def test_split_honours_the_age_range_recorded_by_nifti(cohort, tmp_path):
-    h5 = _with_ages(cohort, tmp_path / "v.h5", {0: 300.0, 1: 0.5}, age_range=(0.0, 400.0))
+    h5 = _with_ages(cohort, tmp_path / "v.h5", {0: 140.0, 1: 0.5}, age_range=(0.0, 150.0))
     split.write_split(h5, tmp_path / "s", learners=2)
-    h5 = _with_ages(cohort, tmp_path / "w.h5", {0: 300.0, 1: 0.5, 2: 0.1}, age_range=(1.0, 400.0))
+    h5 = _with_ages(cohort, tmp_path / "w.h5", {0: 140.0, 1: 0.5, 2: 0.1}, age_range=(1.0, 150.0))
     with pytest.raises(
         split.SplitError,
         match=r"2 subject\(s\) with an unusable age: sub-0002 \(0.5\), "
-        r"sub-0003 \(0.1\); ages must be finite and in \(1, 400\] years",
+        r"sub-0003 \(0.1\); ages must be finite and in \(1, 150\] years",
     ):
         split.write_split(h5, tmp_path / "t", learners=2, distribution="skewed-noniid")
+
+
+@pytest.mark.parametrize(
+    "age_range, said",
+    [
+        ((0.0, 400.0), r"attribute age_range \(0, 400\] years is not within -1 to 150 years"),
+        ((-2.0, 100.0), r"attribute age_range \(-2, 100\] years is not within -1 to 150 years"),
+        ((90.0, 10.0), r"attribute age_range \(90, 10\] years is not within -1 to 150 years"),
+        ((0.0, np.nan), r"attribute age_range \(0, nan\] years is not within -1 to 150 years"),
+        ((0.0, 50.0, 100.0), r"attribute age_range \S.* is not two numbers MIN MAX"),
+    ],
+)
+def test_split_refuses_an_age_range_preprocessing_no_longer_writes(cohort, tmp_path, age_range, said):
+    """--age-range is held within bids.HUMAN_AGES, the trainer's bound on a learner's mean age: a file made before
+    (ages in months, range 0..400) was split, and the server then refused the learner's record as one 'no volume
+    file gives'. The split names the attribute and the fix."""
+    h5 = _with_ages(cohort, tmp_path / "v.h5", {0: 300.0}, age_range=age_range)
+    with pytest.raises(split.SplitError, match=rf"^volume file {re.escape(str(h5))}: {said}"):
+        split.write_split(h5, tmp_path / "s", learners=2)
+    assert not (tmp_path / "s").exists()
 
 
 @pytest.mark.parametrize(
