@@ -105,7 +105,8 @@ def unavailable(root: Path, image: Path) -> str:
     The files beside a .hdr (companions) too, when they are there."""
     for path in [image, *companions(image)]:
         try:
-            if not stat.S_ISREG(path.stat().st_mode):  # opening a named pipe would wait for a writer for ever
+            mode = path.stat().st_mode  # opening a named pipe would wait for a writer for ever
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a directory: open says so (unreadable)
                 return f"{path.relative_to(root)} is not a regular file (a named pipe, a device or a socket)"
             with open(path, "rb"):
                 pass

@@ -569,3 +569,19 @@ def test_an_image_linked_to_a_named_pipe_is_named_without_waiting_on_it(tmp_path
     entries, bad = bids.scan(root)
     assert [e.participant_id for e in entries] == ["sub-02"]
     assert bad == {"sub-01": "sub-01/anat/sub-01_T1w.nii.gz is not a regular file (a named pipe, a device or a socket)"}
+
+
+def test_an_image_or_companion_that_is_a_directory_is_named_as_one(tmp_path):
+    """A link to a directory (or a .img folder beside a .hdr) is not a named pipe, a device or a socket, as the
+    regular-file check before the open called it: the open names it, as it did before that check."""
+    root = _dataset(tmp_path / "bids", ["sub-02/anat/sub-02_T1w.hdr"], "sub-01\t50\nsub-02\t50\n")
+    (tmp_path / "folder").mkdir()
+    (root / "sub-01" / "anat").mkdir(parents=True)
+    (root / "sub-01" / "anat" / "sub-01_T1w.nii.gz").symlink_to(tmp_path / "folder")
+    (root / "sub-02" / "anat" / "sub-02_T1w.img").mkdir()
+    entries, bad = bids.scan(root)
+    assert entries == []
+    assert bad == {
+        "sub-01": "sub-01/anat/sub-01_T1w.nii.gz cannot be read: Is a directory",
+        "sub-02": "sub-02/anat/sub-02_T1w.img cannot be read: Is a directory",
+    }
