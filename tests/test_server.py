@@ -12,7 +12,7 @@ from fedmpi.config import Config
 from fedmpi.errors import PayloadError
 from fedmpi.messages import REPORT
 from fedmpi.recorder import State
-from fedmpi.server import Server
+from fedmpi.server import Server, report_problems
 
 N = 50
 INITIAL = np.linspace(-1, 1, N).astype(np.float32) + 0.01  # the model before training: no zeros
@@ -105,6 +105,12 @@ def _bad(k, **fields):
 
 
 NOT_WRITTEN = "sent a report no learner writes ("
+
+
+def test_a_sample_count_refusal_names_the_announced_count_in_full():
+    """A count of 1234567 was printed as 1.23457e+06 (:g), not the number the learner's file holds."""
+    report = np.array(_report(160, samples=1234566), np.float64)
+    assert report_problems(report, 1234567.0) == ["samples is not the 1234567 its preflight announced"]
 
 
 @pytest.mark.parametrize(
