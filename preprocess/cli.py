@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--skip-bad", action="store_true", help="write the good subjects and FILE.skipped.tsv instead of failing"
     )
-    low, high = bids.DEFAULT_AGE_RANGE
+    (low, high), (least, most) = bids.DEFAULT_AGE_RANGE, bids.HUMAN_AGES
     p.add_argument(
         "--age-range",
         nargs=2,
@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("MIN", "MAX"),
         action=_AgeRange,
         default=bids.DEFAULT_AGE_RANGE,
-        help=f"plausible ages in years, MIN < age <= MAX; others are bad input (default: {low:g} {high:g})",
+        help=f"plausible ages in years, MIN < age <= MAX, within {least:g}..{most:g}; others are bad input "
+        f"(default: {low:g} {high:g})",
     )
     p.add_argument(
         "--max-image-mb",
