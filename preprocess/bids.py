@@ -259,6 +259,8 @@ def read_participants(root: Path) -> list[dict[str, str]]:
         raise DatasetError(f"--bids {root} is a file; give the dataset's directory")
     tsv = root / "participants.tsv"
     try:
+        if not stat.S_ISREG(tsv.stat().st_mode) and not tsv.is_dir():  # a named pipe's open waits for a writer
+            raise DatasetError(f"{tsv} is not a regular file (a named pipe, a device or a socket)")
         # utf-8-sig: spreadsheet programs often start the file with a byte-order mark, which
         # would otherwise become part of the first column's name.
         with open(tsv, newline="", encoding="utf-8-sig") as f:

@@ -585,3 +585,12 @@ def test_an_image_or_companion_that_is_a_directory_is_named_as_one(tmp_path):
         "sub-01": "sub-01/anat/sub-01_T1w.nii.gz cannot be read: Is a directory",
         "sub-02": "sub-02/anat/sub-02_T1w.img cannot be read: Is a directory",
     }
+
+
+def test_a_participants_file_that_is_a_named_pipe_is_named_without_waiting_on_it(tmp_path):
+    """As for an image: opening a named pipe for reading waits for a writer, and the scan hung."""
+    root = tmp_path / "bids"
+    root.mkdir()
+    os.mkfifo(root / "participants.tsv")
+    with pytest.raises(bids.DatasetError, match=r"participants\.tsv is not a regular file \(a named pipe"):
+        bids.read_participants(root)
