@@ -64,6 +64,15 @@ def unreadable(name, exc: OSError) -> BadImage:
     return kind(bids.unreadable(name, exc))
 
 
+def _read_error(path: Path, exc: OSError) -> BadImage:
+    """What an OSError while nibabel reads `path` says: a damaged file (gzip's BadGzipFile has no errno), or one the
+    system will not give back, named by the file it failed on (a NIfTI pair's or Analyze image's voxels lie in its
+    .img)."""
+    if exc.errno is None:
+        return BadImage(f"unreadable or truncated image {path.name}: {_reason(exc)}")
+    return unreadable(Path(exc.filename or path).name, exc)
+
+
 def _reason(exc: Exception) -> str:
     """An exception's message, or its type when it has none (never an empty reason)."""
     return str(exc) or type(exc).__name__
@@ -111,9 +120,7 @@ def load(path, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> tuple[np.ndarray, 
         img: Any = nib.load(str(path))  # a spatial image (nibabel types it as any file-based image)
         shape = tuple(int(s) for s in img.shape)
     except OSError as exc:
-        if exc.errno is None:  # gzip's BadGzipFile: a damaged header
-            raise BadImage(f"unreadable or truncated image {path.name}: {_reason(exc)}") from None
-        raise unreadable(Path(exc.filename or path).name, exc) from None
+        raise _read_error(path, exc) from None
     except Exception as exc:  # nibabel raises many types for a bad header
         raise BadImage(f"unreadable or truncated image {path.name}: {_reason(exc)}") from None
     check_header(path.name, shape, max_image_mb)
@@ -134,10 +141,7 @@ def load(path, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> tuple[np.ndarray, 
         size = _size_text(math.prod(shape) * 4)
         raise Unavailable(f"not enough memory to read {path.name} ({size} as float32)") from None
     except OSError as exc:
-        if exc.errno is None:  # gzip's BadGzipFile: a damaged file
-            raise BadImage(f"unreadable or truncated image {path.name}: {_reason(exc)}") from None
-        # the voxels may lie in another file: a NIfTI pair's or Analyze image's .img
-        raise unreadable(Path(exc.filename or path).name, exc) from None
+        raise _read_error(path, exc) from None
     except Exception as exc:  # nibabel, gzip and zlib raise many types for a bad file
         raise BadImage(f"unreadable or truncated image {path.name}: {_reason(exc)}") from None
     if data.ndim > 3:
