@@ -97,6 +97,17 @@ def companions(image: Path) -> list[Path]:
     return [image.with_suffix(suffix) for suffix in (".img", ".mat")] if image.name.endswith(".hdr") else []
 
 
+def special(path: Path) -> bool:
+    """Whether `path` is neither a file nor a directory (a named pipe, a device, a socket): opening a named pipe for
+    reading waits for a writer, and a scan would hang there. OSError as stat raises it."""
+    mode = path.stat().st_mode
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def not_regular(what) -> str:
+    return f"{what} is not a regular file (a named pipe, a device or a socket)"
+
+
 def unavailable(root: Path, image: Path) -> str:
     """Why `image` cannot be opened, or "": a link to a file not here (a DataLad or git-annex file not fetched yet),
     a file or folder the system will not read (permission denied), an I/O error. Found here, as the dataset is
@@ -105,9 +116,8 @@ def unavailable(root: Path, image: Path) -> str:
     The files beside a .hdr (companions) too, when they are there."""
     for path in [image, *companions(image)]:
         try:
-            mode = path.stat().st_mode  # opening a named pipe would wait for a writer for ever
-            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a directory: open says so (unreadable)
-                return f"{path.relative_to(root)} is not a regular file (a named pipe, a device or a socket)"
+            if special(path):  # a directory goes on: open says so (unreadable)
+                return not_regular(path.relative_to(root))
             with open(path, "rb"):
                 pass
         except FileNotFoundError:
@@ -259,8 +269,8 @@ def read_participants(root: Path) -> list[dict[str, str]]:
         raise DatasetError(f"--bids {root} is a file; give the dataset's directory")
     tsv = root / "participants.tsv"
     try:
-        if not stat.S_ISREG(tsv.stat().st_mode) and not tsv.is_dir():  # a named pipe's open waits for a writer
-            raise DatasetError(f"{tsv} is not a regular file (a named pipe, a device or a socket)")
+        if special(tsv):
+            raise DatasetError(not_regular(tsv))
         # utf-8-sig: spreadsheet programs often start the file with a byte-order mark, which
         # would otherwise become part of the first column's name.
         with open(tsv, newline="", encoding="utf-8-sig") as f:
