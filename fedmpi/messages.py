@@ -56,6 +56,17 @@ def records(buffer: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.ascontiguousarray(buffer, dtype=np.float64).reshape(-1, len(_names(dtype))).view(dtype).reshape(-1)
 
 
+def fields_of(rec: np.ndarray | np.void, dtype: np.dtype) -> dict[str, float]:
+    """One record of `dtype` (an element of records(), or its float64 values) as {field: value}, to check and to
+    name its values."""
+    return dict(zip(_names(dtype), (float(v) for v in np.asarray(rec).tolist())))
+
+
+def shown(values: dict[str, float]) -> str:
+    """A record's fields as a refusal quotes them: 'samples 10.0, mean_age 62.5, ...'."""
+    return ", ".join(f"{name} {v}" for name, v in values.items())
+
+
 def text_row(text: str, width: int) -> np.ndarray:
     """Text in a fixed-width uint8 buffer (cut to fit, zero-padded), for fixed-size gathers."""
     row = np.zeros(width, np.uint8)

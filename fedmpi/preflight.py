@@ -17,7 +17,7 @@ from preprocess.layout import TEST_FILE, learner_file, learner_files
 from .algorithms import algorithm, schedule, target_sparsity
 from .config import Config
 from .errors import ConfigError, DeviceError
-from .messages import PREFLIGHT, records, row_text, text_row, width
+from .messages import PREFLIGHT, fields_of, records, row_text, shown, text_row, width
 
 if TYPE_CHECKING:
     from .runlog import RunLock
@@ -144,10 +144,11 @@ def preflight_problems(infos: np.ndarray, problems: list[str], data_dir: Path) -
     for k in range(1, len(infos)):
         if any(p.startswith(f"rank {k}:") for p in problems):
             continue
-        fields = dict(zip(PREFLIGHT.names or (), (float(v) for v in infos[k].tolist())))
+        fields = fields_of(infos[k], PREFLIGHT)
         if bad := record_problems(fields):
-            shown = ", ".join(f"{name} {v}" for name, v in fields.items())
-            out.append(f"rank {k}: sent a preflight record that no volume file gives ({shown}): {'; '.join(bad)}")
+            out.append(
+                f"rank {k}: sent a preflight record that no volume file gives ({shown(fields)}): {'; '.join(bad)}"
+            )
         elif (theirs := volume_shape(infos[k])) != shape and not any(p.startswith("rank 0:") for p in problems):
             out.append(
                 f"learner {k} ({data_dir / learner_file(k)}): volume shape {theirs} differs from {TEST_FILE} {shape}"

@@ -20,7 +20,7 @@ from . import encoding, pruning
 from .aggregation import MajorityVote
 from .algorithms import algorithm, prune, reconfigures, round_seed, schedule
 from .errors import EncodingError, PayloadError
-from .messages import REPORT, records, width
+from .messages import REPORT, fields_of, records, shown, width
 from .recorder import State, background_thread, evaluation_due
 from .wire import FLAG_MASK, FLAG_STOP, FLAG_WAIT
 
@@ -278,11 +278,8 @@ class Server:
             if not r["finite"] or not np.isfinite(r["loss"]):
                 raise PayloadError(f"learner {k} (rank {k}) reports non-finite model values; round rejected")
             if bad := report_problems(r, float(self.counts[k - 1])):
-                shown = ", ".join(f"{name} {value}" for name, value in zip(REPORT.names or (), r.tolist()))
-                problems = "; ".join(bad)
-                raise PayloadError(
-                    f"learner {k} (rank {k}) sent a report no learner writes ({shown}): {problems}; round rejected"
-                )
+                quoted = f"({shown(fields_of(r, REPORT))}): {'; '.join(bad)}"
+                raise PayloadError(f"learner {k} (rank {k}) sent a report no learner writes {quoted}; round rejected")
             nbytes = int(r["payload_nbytes"])
             if self.algo.shared_mask and nbytes != 4 * nnz + extra_nbytes:
                 raise PayloadError(
@@ -337,7 +334,7 @@ def report_problems(report: np.ndarray, announced: float) -> list[str]:
     """The fields of a learner's REPORT that no learner of ours writes, each with the rule it breaks: every field
     finite, the loss (a mean squared error) and the seconds not negative, the samples those its preflight
     `announced` (a round trains every sample once per epoch), the payload a whole number of bytes, `finite` a flag."""
-    fields = dict(zip(REPORT.names or (), (float(v) for v in report.tolist())))
+    fields = fields_of(report, REPORT)
     out = [f"{name} is not finite" for name, v in fields.items() if not math.isfinite(v)]
     if out:
         return out
