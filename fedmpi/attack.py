@@ -32,13 +32,13 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from preprocess import outputs
 from preprocess.layout import TEST_FILE, learner_file, learner_files
 
+from . import stats
 from .config import DEVICES, MAX_SEED
 from .data import VolumeDataset, file_digest, read_volume
 from .device import select_device
 from .errors import EXIT_USAGE, AttackError, ConfigError, DataError, is_user_error
 from .files import atomic_write
 from .runlog import dumps, read_json
-from .stats import average_ranks
 
 # the attacks in their order, and the logistic ones that are also top-level keys of attack.json for older readers
 from .tables import ATTACK_ORDER as ATTACKS
@@ -93,7 +93,7 @@ def roc_auc(scores, labels) -> float:
     Rank-based (Mann-Whitney U). Higher score = more likely a member (label 1).
     """
     scores, labels = _check_binary(scores, labels)
-    ranks = average_ranks(scores)
+    ranks = stats.average_ranks(scores)
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
     u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
@@ -114,22 +114,11 @@ def auc_standard_error(auc: float, n_pos: int, n_neg: int) -> float:
 
 
 def bootstrap_aucs(scores, labels, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> np.ndarray:
-    """AUCs of `resamples` bootstrap resamples, members and non-members drawn separately.
-
-    Resampling within each class keeps the evaluation's class sizes (a pooled resample would
-    change them, and could draw no member). Each resample is exact and cheap: with W the
-    member-by-non-member win matrix (1 above, 1/2 tied) and c the multiplicities drawn, its AUC
-    is c_members @ W @ c_nonmembers / (n_members * n_nonmembers).
-    """
+    """AUCs of `resamples` bootstrap resamples, members and non-members drawn separately (stats.bootstrap_win_means)."""
     if resamples < 1:
         raise ValueError(f"resamples must be >= 1, got {resamples}")
     scores, labels = _check_binary(scores, labels)
-    pos, neg = scores[labels], scores[~labels]
-    wins = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
-    rng = np.random.default_rng(seed)
-    c_pos = rng.multinomial(pos.size, np.full(pos.size, 1.0 / pos.size), size=resamples)
-    c_neg = rng.multinomial(neg.size, np.full(neg.size, 1.0 / neg.size), size=resamples)
-    return ((c_pos @ wins) * c_neg).sum(axis=1) / (pos.size * neg.size)
+    return stats.bootstrap_win_means(stats.win_matrix(scores[labels], scores[~labels]), resamples, seed)
 
 
 def auc_interval(
@@ -383,7 +372,7 @@ def evaluate_attack(
     n_pos, n_neg = int((y_eval == 1).sum()), int((y_eval == 0).sum())
     auc = roc_auc(s_eval, y_eval)
     low, high = auc_interval(s_eval, y_eval, seed=seed)
-    out = {
+    out: dict = {
         "accuracy": accuracy_at(s_eval, y_eval, best_threshold(s_train, labels[train])),
         "auc": auc,
         "auc_low": low,
@@ -395,6 +384,8 @@ def evaluate_attack(
     out.update(
         n_train=int(train.sum()), n_eval=int((~train).sum()), min_nonzero_fpr=1.0 / n_neg, features=int(n_features)
     )
+    # each attacker-eval subject's score, in row order: two runs attacked on the same subjects pair by subject
+    out["eval_scores"] = {"members": s_eval[y_eval == 1].tolist(), "nonmembers": s_eval[y_eval == 0].tolist()}
     return out
 
 
@@ -407,14 +398,20 @@ def attack_datasets(
     max_per_class: int | None = None,
     device=None,
     batch_size: int = 8,
+    subjects: tuple[list[str], list[str]] | None = None,
 ) -> dict:
     """Every attack in ATTACKS on `model` with members vs non-members (torch Datasets of (x, age)).
 
     Returns "attacks" (name -> evaluate_attack result), the logistic ones again under their
     own names, the target model's MAE on the attacked members ("train_mae") and non-members
-    ("test_mae"), and the class sizes of attacker-eval.
+    ("test_mae"), and the class sizes of attacker-eval. With `subjects` (the members' and the
+    non-members' identifiers, in dataset order), "eval_subjects" names attacker-eval's subjects in the
+    order of each attack's "eval_scores".
     """
-    split = balanced_split(len(members), len(nonmembers), seed, max_per_class)  # type: ignore[arg-type]
+    sizes = len(members), len(nonmembers)  # type: ignore[arg-type]
+    if subjects is not None and (len(subjects[0]), len(subjects[1])) != sizes:
+        raise ValueError(f"{len(subjects[0])} + {len(subjects[1])} subject identifiers for {sizes} subjects")
+    split = balanced_split(*sizes, seed, max_per_class)
     n, half = len(split["members"]), int(split["n_train_per_class"])
     pool: ConcatDataset = ConcatDataset(
         [Subset(members, split["members"].tolist()), Subset(nonmembers, split["nonmembers"].tolist())]
@@ -432,14 +429,20 @@ def attack_datasets(
     train[n : n + half] = True
     ages = features.pop("age")
     attacks = {kind: evaluate_attack(features, ages, labels, train, kind, seed=seed) for kind in ATTACKS}
-    return {
+    result = {
         "attacks": attacks,
-        **{kind: attacks[kind] for kind in KINDS},
+        **{kind: {k: v for k, v in attacks[kind].items() if k != "eval_scores"} for kind in KINDS},
         "train_mae": float(features["abs_error"][:n].mean()),
         "test_mae": float(features["abs_error"][n:].mean()),
         "members_eval": n - half,
         "nonmembers_eval": n - half,
     }
+    if subjects is not None:
+        result["eval_subjects"] = {
+            "members": [subjects[0][i] for i in split["members"][half:]],
+            "nonmembers": [subjects[1][i] for i in split["nonmembers"][half:]],
+        }
+    return result
 
 
 def sample_features(model: torch.nn.Module, dataset: Dataset, device=None, batch_size: int = 8) -> dict:
@@ -562,6 +565,12 @@ def check_disjoint(members: list[Path], pools: list[Path]) -> None:
         seen.update(dict.fromkeys(digests, path))
 
 
+def subject_names(paths: list[Path], datasets: list) -> list[str]:
+    """ "FILE/SUBJECT" for every volume of `datasets` (read from `paths`), in order: a subject's identifier is
+    unique within its cohort, and an extra non-member cohort may reuse another's."""
+    return [f"{p.name}/{sid}" for p, d in zip(paths, datasets) for sid in d.subject_ids]
+
+
 def _volumes(path: Path, input_shape: tuple[int, ...]):
     """The VolumeDataset of `path`, refused unless its volumes have the model's input shape."""
     ds = VolumeDataset(path, cache=False)
@@ -648,7 +657,9 @@ def attack_run(
                     f"--per-learner: {p} holds {len(d)} subjects; attacking a learner alone needs at least 4 "
                     "(2 per class in each half): attack the run without --per-learner"
                 )
-    outsiders: ConcatDataset = ConcatDataset([_volumes(p, model.input_shape) for p in pools])
+    pooled = [_volumes(p, model.input_shape) for p in pools]
+    outsiders: ConcatDataset = ConcatDataset(pooled)
+    member_ids, outsider_ids = subject_names(files, learners), subject_names(pools, pooled)
     dev = select_device(device)
     model.to(dev)
     result = {
@@ -665,13 +676,25 @@ def attack_run(
         "n_members_available": sum(len(d) for d in learners),
         "n_nonmembers_available": len(outsiders),
         **attack_datasets(
-            model, ConcatDataset(learners), outsiders, seed=seed, max_per_class=max_per_class, device=dev
+            model,
+            ConcatDataset(learners),
+            outsiders,
+            seed=seed,
+            max_per_class=max_per_class,
+            device=dev,
+            subjects=(member_ids, outsider_ids),
         ),
     }
     if per_learner:
         result["per_learner"] = {
             p.stem.split("_", 1)[1]: attack_datasets(
-                model, d, outsiders, seed=seed, max_per_class=max_per_class, device=dev
+                model,
+                d,
+                outsiders,
+                seed=seed,
+                max_per_class=max_per_class,
+                device=dev,
+                subjects=(subject_names([p], [d]), outsider_ids),
             )
             for p, d in zip(files, learners)
         }

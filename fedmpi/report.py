@@ -6,7 +6,9 @@ attack.json, and writes:
 - results.csv / results.md: one row per run (the overview);
 - accuracy.csv (per run), accuracy_paired.csv and accuracy.md: the paired MAE difference of each method
   to dense FedAvg on the same test subjects, with a bootstrap interval and a non-inferiority verdict;
-- privacy.csv (per run and attack) and privacy.md: attack AUC per sparsity with intervals;
+- privacy.csv (per run and attack), privacy_paired.csv and privacy.md: attack AUC per sparsity with intervals,
+  and each method's paired AUC difference to dense FedAvg on the same attacked subjects (attacks that kept
+  per-subject scores);
 - numbers.json: the numbers the README quotes (not summary.json, which would make the output folder look
   like a run directory to this command);
 - PNG plots, one panel per setting and distribution, one line per method (mean over seeds, band min-max).
@@ -178,12 +180,37 @@ def check_attack(attack: dict, where: str) -> None:
     found = attack.get("attacks")
     if found is not None and not isinstance(found, dict):
         raise ReportError(f"{where}: attacks must be an object of attack results, got {type(found).__name__}")
+    subjects = attack.get("eval_subjects")
+    if subjects is not None:
+        _check_by_class(subjects, str, "text", f"{where}: eval_subjects")
     if found:
         for name, result in found.items():
             check_record(result, (), tables.ATTACK_FIELDS, f"{where}: attacks.{name}")
+            scores = result.get("eval_scores")
+            if scores is not None:
+                _check_by_class(scores, (int, float), "finite numbers", f"{where}: attacks.{name}.eval_scores")
+                if subjects is not None and any(len(scores[k]) != len(subjects[k]) for k in ("members", "nonmembers")):
+                    raise ReportError(
+                        f"{where}: attacks.{name}.eval_scores: {len(scores['members'])} + "
+                        f"{len(scores['nonmembers'])} scores for {len(subjects['members'])} + "
+                        f"{len(subjects['nonmembers'])} subjects in eval_subjects"
+                    )
     for name in tables.LEGACY_ATTACKS:  # read only when "attacks" is empty, and only when they are objects
         if not found and isinstance(attack.get(name), dict):
             check_record(attack[name], (), tables.ATTACK_FIELDS, f"{where}: {name}")
+
+
+def _check_by_class(record, kind, what: str, where: str) -> None:
+    """ReportError unless `record` is {"members": [...], "nonmembers": [...]} of `kind` (per-subject values of an
+    attack: the pairing of two runs reads them)."""
+    if not isinstance(record, dict) or set(record) != {"members", "nonmembers"}:
+        raise ReportError(f"{where}: must be an object of two lists, members and nonmembers")
+    for key, values in record.items():
+        if not isinstance(values, list) or not all(
+            isinstance(v, kind) and not isinstance(v, bool) and (not isinstance(v, float) or math.isfinite(v))
+            for v in values
+        ):
+            raise ReportError(f"{where}: {key} must be a list of {what}")
 
 
 def read_predictions(path: Path) -> dict[str, tuple[float, float]]:
@@ -583,7 +610,7 @@ def _note(message: str) -> None:
 
 
 # written only when some run has attack.json; a report without one removes an earlier report's from --out
-PRIVACY_FILES = ("privacy.csv", "privacy.md", "mia_auc_vs_sparsity.png", "mia_auc_vs_gap.png")
+PRIVACY_FILES = ("privacy.csv", "privacy_paired.csv", "privacy.md", "mia_auc_vs_sparsity.png", "mia_auc_vs_gap.png")
 
 
 def write_report(run_dirs: list[Path], out: Path) -> tuple[list[dict], list[Path]]:
@@ -641,19 +668,21 @@ def _render(run_dirs: list[Path], out: Path) -> tuple[list[dict], list[Path]]:
     paired, notes = tables.paired_rows(runs)
     accuracy = tables.accuracy_sections(runs, paired)
     privacy = tables.privacy_sections(runs)
+    privacy_paired, unpaired = tables.privacy_paired_rows(runs)
     texts = {
         "results.csv": to_csv(rows),
         "results.md": to_markdown(rows),
         "accuracy.csv": tables.to_csv(tables.accuracy_rows(runs), tables.ACCURACY_COLUMNS),
         "accuracy_paired.csv": tables.to_csv(paired, tables.PAIRED_COLUMNS),
         "accuracy.md": tables.accuracy_markdown(accuracy),
-        "numbers.json": dumps(tables.numbers(accuracy, privacy), indent=2) + "\n",
+        "numbers.json": dumps(tables.numbers(accuracy, privacy, privacy_paired), indent=2) + "\n",
     }
     if privacy:  # some run was attacked
         texts["privacy.csv"] = tables.to_csv(tables.privacy_rows(runs), tables.PRIVACY_COLUMNS)
-        texts["privacy.md"] = tables.privacy_markdown(privacy)
+        texts["privacy_paired.csv"] = tables.to_csv(privacy_paired, tables.PRIVACY_PAIRED_COLUMNS)
+        texts["privacy.md"] = tables.privacy_markdown(privacy, privacy_paired)
     slices = _slice_source(runs)  # opened before anything is written, so a bad file writes nothing
-    for note in tables.duplicate_seeds(runs) + notes:
+    for note in tables.duplicate_seeds(runs) + notes + unpaired:
         _note(note)
     written = []
     for name, text in texts.items():

@@ -13,6 +13,7 @@ import csv
 import io
 import json
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -94,6 +95,26 @@ PRIVACY_COLUMNS = (
     "distribution",
     "setting",
 )
+PRIVACY_PAIRED_COLUMNS = (
+    "setting",
+    "distribution",
+    "algorithm",
+    "target",
+    "reference",
+    "attack",
+    "seeds",
+    "n_seeds",
+    "members_eval",
+    "nonmembers_eval",
+    "auc",
+    "reference_auc",
+    "mean_diff",
+    "diff_low",
+    "diff_high",
+    "seed_diffs",
+    "leakage",
+)
+LEAKAGE = {"better": "less", "worse": "more", "no difference": "no difference"}  # a lower AUC leaks less
 
 
 class LineKey(NamedTuple):
@@ -549,6 +570,93 @@ def privacy_rows(runs: list[Run]) -> list[dict]:
     return rows
 
 
+def eval_scores(run: Run, name: str) -> tuple[dict, tuple[list, list]] | None:
+    """Attack `name`'s attacker-eval subjects and (member scores, non-member scores) in the run's attack.json, or
+    None when it has no per-subject scores (an attack.json from before they were kept)."""
+    attack = attack_of(run)
+    subjects, scores = attack.get("eval_subjects"), attack_results(attack).get(name, {}).get("eval_scores")
+    if not subjects or not scores:
+        return None
+    return subjects, (scores["members"], scores["nonmembers"])
+
+
+def paired_attack(runs: list[Run], reference: list[Run], name: str) -> tuple[dict | None, list[str]]:
+    """Attack `name`'s paired AUC difference of a method's runs to the reference's on the same attacked subjects.
+
+    Run and reference of one seed pair when both kept attacker-eval's scores for the same subjects; every pair
+    must score the subjects of the first, so that a bootstrap resample (stats.paired_auc_difference) draws
+    subjects, not positions. Returns (None, notes) when nothing pairs.
+    """
+    ours = {r.seed: (r.name, eval_scores(r, name)) for r in runs}
+    theirs = {r.seed: (r.name, eval_scores(r, name)) for r in reference}
+    notes: list[str] = []
+    kept, pairs, refs = [], [], []
+    subjects: dict | None = None
+    for s in sorted(set(ours) & set(theirs), key=lambda s: (s is None, s or 0)):
+        (mine, a), (base, b) = ours[s], theirs[s]
+        if a is None or b is None:
+            continue  # attacked before per-subject scores were kept: nothing to pair, and nothing wrong
+        if a[0] != b[0] or (subjects is not None and a[0] != subjects):
+            notes.append(f"{mine} and {base}: {name} attacked other subjects than their pair's; not paired")
+            continue
+        subjects = a[0]
+        kept.append(s)
+        pairs.append(a[1])
+        refs.append(b[1])
+    if not kept:
+        return None, notes
+    mean, low, high = stats.paired_auc_difference(pairs, refs, LEVEL)
+    auc = [float(stats.win_matrix(*p).mean()) for p in pairs]
+    ref_auc = [float(stats.win_matrix(*p).mean()) for p in refs]
+    return {
+        "attack": name,
+        "seeds": kept,
+        "n_seeds": len(kept),
+        "members_eval": len(pairs[0][0]),
+        "nonmembers_eval": len(pairs[0][1]),
+        "auc": float(np.mean(auc)),
+        "reference_auc": float(np.mean(ref_auc)),
+        "mean_diff": mean,
+        "diff_low": low,
+        "diff_high": high,
+        "seed_diffs": {s: a - b for s, a, b in zip(kept, auc, ref_auc)},
+        "leakage": LEAKAGE[stats.versus_zero(low, high)],
+    }, notes
+
+
+def privacy_paired_rows(runs: list[Run]) -> tuple[list[dict], list[str]]:
+    """One dict per (attacked method, reference distribution, attack) with PRIVACY_PAIRED_COLUMNS as keys, and
+    notes on runs that could not be paired. Only runs whose attack.json kept per-subject scores take part."""
+    grouped = lines([r for r in runs if r.attack])
+    rows, notes = [], []
+    for key, group in grouped.items():
+        for ref in references(key, grouped):
+            names = dict.fromkeys(n for r in [*group, *grouped[ref]] for n in attack_results(attack_of(r)))
+            for name in names:
+                result, found = paired_attack(group, grouped[ref], name)
+                notes += found
+                if result is not None:
+                    rows.append(
+                        {
+                            "setting": key.setting,
+                            "distribution": ref.distribution,
+                            "algorithm": key.algorithm,
+                            "target": key.target,
+                            "reference": BASELINE,
+                            **result,
+                        }
+                    )
+    rank = {name: i for i, name in enumerate(ATTACK_ORDER)}
+    rows.sort(
+        key=lambda r: (
+            *line_order(LineKey(r["setting"], r["distribution"], r["algorithm"], r["target"])),
+            rank.get(r["attack"], len(rank)),
+            r["attack"],
+        )
+    )
+    return rows, notes
+
+
 def privacy_sections(runs: list[Run]) -> list[dict]:
     """Per setting and distribution of the attacked runs: per method (sorted by sparsity) the mean sparsity,
     member and non-member MAE, and each attack's mean AUC with every seed's interval; and per attack the
@@ -611,10 +719,11 @@ def privacy_sections(runs: list[Run]) -> list[dict]:
     return sections
 
 
-def numbers(accuracy: list[dict], privacy: list[dict]) -> dict:
+def numbers(accuracy: list[dict], privacy: list[dict], privacy_paired: Sequence[dict] = ()) -> dict:
     """The numbers the README's verdicts quote, so each regenerates from the committed run records: per
     distribution the baseline's MAE and each method's paired difference and verdict; per attack the AUC
-    at the lowest and the highest sparsity, and how AUC follows the MAE gap across runs."""
+    at the lowest and the highest sparsity, how AUC follows the MAE gap across runs, and each method's
+    paired AUC difference to the baseline."""
     return {
         "margin_years": MARGIN_YEARS,
         "learns_fraction": LEARNS_FRACTION,
@@ -632,6 +741,7 @@ def numbers(accuracy: list[dict], privacy: list[dict]) -> dict:
             for s in privacy
             if s["methods"]
         ],
+        "privacy_paired": list(privacy_paired),
     }
 
 
@@ -786,8 +896,49 @@ def _correlation_cell(c: dict) -> str:
     )
 
 
-def privacy_markdown(sections: list[dict]) -> str:
-    """privacy.md: one table per setting and distribution (privacy_sections), each ending with the Spearman ρ row."""
+def _paired_auc_cell(row: dict) -> str:
+    seeds = "; ".join(f"{d:+.3f}" for d in row["seed_diffs"].values())
+    return (
+        f"**{row['mean_diff']:+.3f}** [{row['diff_low']:+.3f}, {row['diff_high']:+.3f}] {row['leakage']} "
+        f"(seeds: {seeds})"
+    )
+
+
+def _paired_privacy_table(section: dict, paired: Sequence[dict]) -> list[str]:
+    """The section's paired AUC differences (privacy_paired_rows): one row per method, one column per attack."""
+    mine = [r for r in paired if (r["setting"], r["distribution"]) == (section["setting"], section["distribution"])]
+    if not mine:
+        return []
+    methods = list(dict.fromkeys((r["algorithm"], r["target"]) for r in mine))
+    names = list(dict.fromkeys(r["attack"] for r in mine))
+    cells = {(r["algorithm"], r["target"], r["attack"]): r for r in mine}
+    rows = []
+    for algorithm, target in methods:
+        first = next(r for r in mine if (r["algorithm"], r["target"]) == (algorithm, target))
+        rows.append(
+            [
+                line_label(LineKey(first["setting"], first["distribution"], algorithm, target)),
+                ", ".join(str(s) for s in first["seeds"]),
+                f"{first['members_eval']} + {first['nonmembers_eval']}",
+                *(
+                    _paired_auc_cell(cells[algorithm, target, n]) if (algorithm, target, n) in cells else ""
+                    for n in names
+                ),
+            ]
+        )
+    return [
+        "",
+        f"AUC minus {BASELINE}'s on the same attacked subjects, mean over the seeds both have, with its "
+        f"{LEVEL:.0%} paired bootstrap interval (the subjects drawn once for both models) and whether the "
+        "method leaks less, more or no differently; then each seed's difference.",
+        "",
+        *_table(["method", "seeds", "subjects", *names], rows),
+    ]
+
+
+def privacy_markdown(sections: list[dict], paired: Sequence[dict] = ()) -> str:
+    """privacy.md: one table per setting and distribution (privacy_sections), each ending with the Spearman ρ row
+    and followed by the paired AUC differences to the baseline where the attacks kept per-subject scores."""
     out = [
         "# Membership inference",
         "",
@@ -827,6 +978,7 @@ def privacy_markdown(sections: list[dict]) -> str:
             _section_title(section),
             "",
             *_table(["method", "seeds", "sparsity", "train MAE", "test MAE", "gap", *names], rows),
+            *_paired_privacy_table(section, paired),
         ]
     return "\n".join(out) + "\n"
 

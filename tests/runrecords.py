@@ -90,8 +90,10 @@ def predictions_rows(errors, ages=(50.0, 60.0, 70.0, 55.0)):
     return [(f"s{i}", a, a + e) for i, (a, e) in enumerate(zip(ages, errors))]
 
 
-def attack_record(aucs, sparsity=0.0, train_mae=1.0, test_mae=4.0):
-    """attack.json in the current format: every attack in `aucs` (name -> AUC) with an interval of +-0.05."""
+def attack_record(aucs, sparsity=0.0, train_mae=1.0, test_mae=4.0, scores=None, subjects=None):
+    """attack.json in the current format: every attack in `aucs` (name -> AUC) with an interval of +-0.05;
+    with `scores` (name -> (member scores, non-member scores)) each of those attacks' eval_scores, and the
+    eval_subjects (`subjects`, default m0, m1, ... and n0, n1, ...)."""
     attacks = {
         name: {
             "auc": auc,
@@ -106,15 +108,22 @@ def attack_record(aucs, sparsity=0.0, train_mae=1.0, test_mae=4.0):
         }
         for name, auc in aucs.items()
     }
-    return {
+    record = {
         "attacks": attacks,
-        **{k: attacks[k] for k in ("black_box", "white_box") if k in attacks},
+        **{k: dict(attacks[k]) for k in ("black_box", "white_box") if k in attacks},
         "sparsity": sparsity,
         "train_mae": train_mae,
         "test_mae": test_mae,
         "members_eval": 10,
         "nonmembers_eval": 10,
     }
+    for name, (members, nonmembers) in (scores or {}).items():
+        attacks[name]["eval_scores"] = {"members": list(members), "nonmembers": list(nonmembers)}
+        record["eval_subjects"] = subjects or {
+            "members": [f"m{i}" for i in range(len(members))],
+            "nonmembers": [f"n{i}" for i in range(len(nonmembers))],
+        }
+    return record
 
 
 def load_runs(*paths):

@@ -6,6 +6,7 @@ import argparse
 import json
 import shutil
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -258,7 +259,12 @@ def test_attack_detects_members_of_an_overfit_model(overfit):
         assert r["auc"] > 0.8 and r["auc_low"] > 0.5, (kind, r)
         assert r["auc_low"] <= r["auc"] <= r["auc_high"]
         assert r["accuracy"] > 0.65, (kind, r)
-    assert result["white_box"] is result["attacks"]["white_box"]  # older readers find the same numbers
+        scored = r["eval_scores"]  # each attacker-eval subject's score, members first: the AUC is theirs
+        assert len(scored["members"]) == len(scored["nonmembers"]) == 20
+        assert attack.roc_auc(scored["members"] + scored["nonmembers"], [1] * 20 + [0] * 20) == r["auc"]
+    # older readers find the same numbers at the top level, without the scores
+    assert result["white_box"] == {k: v for k, v in result["attacks"]["white_box"].items() if k != "eval_scores"}
+    assert "eval_subjects" not in result  # no identifiers given
     assert result["attacks"]["white_box_mlp"]["features"] > result["white_box"]["features"] > 4
     assert result["train_mae"] < result["test_mae"] / 3
     assert result["members_eval"] == result["nonmembers_eval"] == 20
@@ -311,7 +317,21 @@ def test_attack_command_on_a_run_directory(tmp_path, capsys):
     assert out["sparsity"] == pytest.approx(0.5, abs=0.01) and out["model_sha256"] == model_digest(values)
     assert out["n_members_available"] == 24 and out["n_nonmembers_available"] == 16
     assert out["white_box"]["n_eval"] == 16 and set(out["per_learner"]) == {"1", "2"}
-    assert set(out["attacks"]) == set(attack.ATTACKS) and out["attacks"]["white_box"] == out["white_box"]
+    assert set(out["attacks"]) == set(attack.ATTACKS)
+    assert out["white_box"] == {k: v for k, v in out["attacks"]["white_box"].items() if k != "eval_scores"}
+    # attacker-eval's subjects by file and identifier, in the order of every attack's scores
+    with h5py.File(data / "learner_1.h5") as f1, h5py.File(data / "learner_2.h5") as f2:
+        members = {f"learner_{k}.h5/{s}" for k, f in ((1, f1), (2, f2)) for s in f["subject_id"].asstr()[:]}
+    with h5py.File(data / "test.h5") as f:
+        nonmembers = {f"test.h5/{s}" for s in f["subject_id"].asstr()[:]}
+    named = out["eval_subjects"]
+    assert len(named["members"]) == len(set(named["members"])) == 8 and set(named["members"]) <= members
+    assert len(named["nonmembers"]) == len(set(named["nonmembers"])) == 8 and set(named["nonmembers"]) <= nonmembers
+    for r in out["attacks"].values():
+        assert len(r["eval_scores"]["members"]) == len(r["eval_scores"]["nonmembers"]) == 8
+    # a learner attacked alone: its own subjects, against the same non-member pool
+    alone = out["per_learner"]["1"]["eval_subjects"]
+    assert all(s.startswith("learner_1.h5/") for s in alone["members"]) and set(alone["nonmembers"]) <= nonmembers
     for r in out["attacks"].values():
         assert set(r) >= {
             "auc",

@@ -79,7 +79,14 @@ def test_report_command_writes_every_file(runs, tmp_path, capsys):
     names = (
         TABLES
         | CURVES
-        | {"privacy.csv", "privacy.md", "mia_auc_vs_sparsity.png", "mia_auc_vs_gap.png", "volume_slices.png"}
+        | {
+            "privacy.csv",
+            "privacy_paired.csv",
+            "privacy.md",
+            "mia_auc_vs_sparsity.png",
+            "mia_auc_vs_gap.png",
+            "volume_slices.png",
+        }
     )
     assert {p.name for p in out.iterdir()} == names  # no temporary files left behind
     for name in {n for n in names if n.endswith(".png")}:
@@ -248,7 +255,7 @@ def test_a_report_without_attacks_removes_an_earlier_reports_privacy_files(runs,
     plots described the first report's runs beside the second's tables; now they go, and the note says so."""
     out = tmp_path / "out"
     write_report(list(runs), out)
-    privacy = {"privacy.csv", "privacy.md", "mia_auc_vs_sparsity.png", "mia_auc_vs_gap.png"}
+    privacy = {"privacy.csv", "privacy_paired.csv", "privacy.md", "mia_auc_vs_sparsity.png", "mia_auc_vs_gap.png"}
     assert privacy <= {p.name for p in out.iterdir()}
     plain = write_run(
         tmp_path, "g", algorithm="oneshot", target=0.95, mae=[5.0], sparsities=[0.95], bytes_per_round=[10]
@@ -500,6 +507,23 @@ def assert_refused(runs, tmp_path, capsys, message):
         ({"train_mae": "3"}, r"attack.json: train_mae must be a number, got '3'"),
         ({"sparsity": "0.9"}, r"attack.json: sparsity must be a number, got '0.9'"),
         ({"attacks": None, "white_box": {"auc": "0.7"}}, r"attack.json: white_box: auc must be a number"),
+        ({"eval_subjects": ["a"]}, r"attack.json: eval_subjects: must be an object of two lists"),
+        ({"eval_subjects": {"members": [1], "nonmembers": []}}, r"eval_subjects: members must be a list of text"),
+        (
+            {"attacks": {"black_box": {"auc": 0.6, "eval_scores": {"members": ["x"], "nonmembers": []}}}},
+            r"attacks.black_box.eval_scores: members must be a list of finite numbers",
+        ),
+        (
+            {"attacks": {"black_box": {"auc": 0.6, "eval_scores": {"members": [1.0], "nonmembers": [True]}}}},
+            r"attacks.black_box.eval_scores: nonmembers must be a list of finite numbers",
+        ),
+        (
+            {
+                "eval_subjects": {"members": ["a", "b"], "nonmembers": ["c"]},
+                "attacks": {"black_box": {"auc": 0.6, "eval_scores": {"members": [1.0], "nonmembers": [0.0]}}},
+            },
+            r"attacks.black_box.eval_scores: 1 \+ 1 scores for 2 \+ 1 subjects in eval_subjects",
+        ),
     ],
 )
 def test_an_attack_record_the_tables_cannot_read_is_one_clear_error(runs, tmp_path, capsys, change, message):

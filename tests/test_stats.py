@@ -115,3 +115,63 @@ def test_spearman_refuses_unpaired_values():
     """One y value would broadcast against every x (and give None, as if y were constant)."""
     with pytest.raises(ValueError, match="3 x values but 1 y values"):
         stats.spearman([1, 2, 3], [5])
+
+
+def test_win_matrix_hand_case():
+    wins = stats.win_matrix([3.0, 1.0], [1.0, 2.0, 0.0])
+    assert wins.tolist() == [[1.0, 1.0, 1.0], [0.5, 0.0, 1.0]]
+    assert wins.mean() == pytest.approx(4.5 / 6)  # the AUC: 4 wins and one tie of 6 pairs
+
+
+def test_bootstrap_win_means_matches_a_loop_over_resampled_subjects():
+    rng = np.random.default_rng(3)
+    pos, neg = rng.normal(0.5, 1, 7), rng.normal(0, 1, 5)
+    got = stats.bootstrap_win_means(stats.win_matrix(pos, neg), resamples=50, seed=9)
+    draw = np.random.default_rng(9)  # the same draws, taken as subjects with repetition
+    c_pos = draw.multinomial(7, np.full(7, 1 / 7), size=50)
+    c_neg = draw.multinomial(5, np.full(5, 1 / 5), size=50)
+    for k in range(50):
+        p, n = np.repeat(pos, c_pos[k]), np.repeat(neg, c_neg[k])
+        assert got[k] == pytest.approx(((p[:, None] > n[None, :]) + 0.5 * (p[:, None] == n[None, :])).mean())
+    with pytest.raises(ValueError, match="resamples must be >= 1"):
+        stats.bootstrap_win_means(stats.win_matrix(pos, neg), resamples=0)
+
+
+def test_paired_auc_difference_hand_cases():
+    # the same scores: no difference in any resample
+    same = ([3.0, 2.0], [1.0, 2.5])
+    assert stats.paired_auc_difference([same], [same]) == (0.0, 0.0, 0.0)
+    # AUC 1 against AUC 0.5 on every resample of one member and one non-member each: exactly +0.5
+    assert stats.paired_auc_difference([([2.0], [1.0])], [([1.0], [1.0])]) == (0.5, 0.5, 0.5)
+    # two seeds: the mean of their differences, (1 - 0.75) and (0.25 - 0.75)
+    ours = [([2.0, 3.0], [1.0, 0.0]), ([0.0, 1.0], [2.0, 0.5])]
+    theirs = [([2.0, 0.0], [1.0, -1.0]), ([2.0, 0.0], [1.0, -1.0])]
+    mean, low, high = stats.paired_auc_difference(ours, theirs, resamples=2000)
+    assert mean == pytest.approx(((1 - 0.75) + (0.25 - 0.75)) / 2)
+    assert low <= mean <= high
+
+
+def test_paired_auc_difference_is_narrower_than_the_aucs_own_intervals():
+    # a model that scores every subject a little better than the reference: what the subjects share cancels
+    rng = np.random.default_rng(0)
+    pos, neg = rng.normal(1.0, 1, 120), rng.normal(0, 1, 120)
+    ours = (pos + 0.3, neg)
+    mean, low, high = stats.paired_auc_difference([ours], [(pos, neg)])
+    plain = np.quantile(stats.bootstrap_win_means(stats.win_matrix(pos, neg)), [0.025, 0.975])
+    assert mean > 0 and low > 0  # the shift shows
+    assert high - low < (plain[1] - plain[0]) / 2
+
+
+@pytest.mark.parametrize(
+    "ours, theirs, message",
+    [
+        ([], [], "one reference per pair"),
+        ([([1.0], [0.0])], [], "one reference per pair"),
+        ([([1.0, 2.0], [0.0])], [([1.0], [0.0])], "same non-empty subjects"),
+        ([([], [0.0])], [([], [0.0])], "same non-empty subjects"),
+        ([([np.nan], [0.0])], [([1.0], [0.0])], "finite"),
+    ],
+)
+def test_paired_auc_difference_refuses_unpaired_scores(ours, theirs, message):
+    with pytest.raises(ValueError, match=message):
+        stats.paired_auc_difference(ours, theirs)

@@ -340,6 +340,58 @@ def test_privacy_sections_mean_auc_and_spearman(tmp_path):
     assert "+1.00 / -0.87 (3 runs)" in md
 
 
+def test_privacy_paired_rows_pair_each_seed_with_fedavgs_on_the_same_subjects(tmp_path):
+    def attacked(name, algorithm, seed, members, nonmembers, target=0.9, **kwargs):
+        record = attack_record({"white_box": 0.5}, target, scores={"white_box": (members, nonmembers)}, **kwargs)
+        return _pair(tmp_path, name, algorithm, [1.0] * 4, target=target, seed=seed, attack=record)
+
+    runs = load_runs(
+        attacked("a0", "fedavg", 0, [2.0, 3.0], [1.0, 0.0], target=0.0),  # AUC 1
+        attacked("a1", "fedavg", 1, [2.0, 0.0], [1.0, -1.0], target=0.0),  # AUC 3/4
+        attacked("g0", "fedsparsify-global", 0, [0.5, 3.0], [1.0, 0.0]),  # AUC 3/4: -1/4
+        attacked("g1", "fedsparsify-global", 1, [2.0, 0.0], [1.0, -1.0]),  # the same scores: 0
+        # attacked on other subjects than its FedAvg: named, not paired
+        attacked(
+            "h0",
+            "fedsparsify-global",
+            0,
+            [1.0, 2.0],
+            [0.0, 3.0],
+            target=0.99,
+            subjects={"members": ["m9", "m1"], "nonmembers": ["n0", "n1"]},
+        ),
+        # an attack.json from before per-subject scores: nothing to pair, nothing said
+        _pair(
+            tmp_path, "o0", "fedsparsify-global", [1.0] * 4, target=0.8, attack=attack_record({"white_box": 0.7}, 0.8)
+        ),
+    )
+    rows, notes = tables.privacy_paired_rows(runs)
+    (row,) = rows
+    assert (row["algorithm"], row["target"], row["reference"], row["attack"]) == (
+        "fedsparsify-global",
+        0.9,
+        "fedavg",
+        "white_box",
+    )
+    assert row["seeds"] == [0, 1] and row["n_seeds"] == 2 and (row["members_eval"], row["nonmembers_eval"]) == (2, 2)
+    assert row["seed_diffs"] == {0: -0.25, 1: 0.0} and row["mean_diff"] == pytest.approx(-0.125)
+    assert row["auc"] == pytest.approx(0.75) and row["reference_auc"] == pytest.approx(0.875)
+    assert row["diff_low"] <= row["mean_diff"] <= row["diff_high"] <= 0.0
+    assert row["leakage"] == ("less" if row["diff_high"] < 0 else "no difference")
+    assert notes == ["h0 and a0: white_box attacked other subjects than their pair's; not paired"]
+    md = tables.privacy_markdown(tables.privacy_sections(runs), rows)
+    assert "AUC minus fedavg's on the same attacked subjects" in md
+    assert (
+        f"| fedsparsify-global 0.9 | 0, 1 | 2 + 2 | **-0.125** [{row['diff_low']:+.3f}, {row['diff_high']:+.3f}]" in md
+    )
+    assert "(seeds: -0.250; +0.000) |" in md
+    assert tables.numbers([], [], rows)["privacy_paired"] == rows
+    header, line = tables.to_csv(rows, tables.PRIVACY_PAIRED_COLUMNS).splitlines()
+    assert (
+        header.split(",") == list(tables.PRIVACY_PAIRED_COLUMNS) and ",white_box,0 1,2,2,2,0.75,0.875,-0.125," in line
+    )
+
+
 def test_mean_curve_over_seeds(tmp_path):
     a = write_run(
         tmp_path,
