@@ -25,8 +25,9 @@ REPORT = np.dtype(
 # What each rank found in its preflight: its data file's sample count, mean age and volume shape.
 PREFLIGHT = np.dtype([(name, np.float64) for name in ("samples", "mean_age", "x", "y", "z")])
 
-# The unicode categories row_text escapes in another rank's text: controls (Cc) and format characters (Cf).
-ESCAPED = ("Cc", "Cf")
+# The unicode categories row_text escapes in another rank's text: controls (Cc), format characters (Cf), and the
+# line and paragraph separators (Zl, Zp: U+2028, U+2029), which some terminals and log viewers break lines at.
+ESCAPED = ("Cc", "Cf", "Zl", "Zp")
 
 
 def _names(dtype: np.dtype) -> tuple[str, ...]:

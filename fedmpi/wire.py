@@ -445,7 +445,7 @@ class Wire:
             header = np.zeros(HEADER, dtype=np.int64)
             self._wait(self.comm.Irecv(header, source=SERVER, tag=TAG_HEADER), what, expect=header.nbytes)
             round_, flags, nbytes, nnz, patience_ms = (int(v) for v in header)
-            self._check_header(round_, flags)
+            self._check_header(round_, flags, nbytes)
             if patience_ms > 0:
                 self.patience = self.next_patience = patience_ms / 1000
             if not flags & FLAG_WAIT:
@@ -468,12 +468,18 @@ class Wire:
             self._wait(self.comm.Isend(ack, dest=SERVER, tag=TAG_ACK), "acknowledgement", quick=True)
         return round_, flags, nnz, payload
 
-    def _check_header(self, round_: int, flags: int) -> None:
-        """Learner: a header's flags must be known ones."""
+    def _check_header(self, round_: int, flags: int, nbytes: int) -> None:
+        """Learner: a header's flags must be known ones, and a stop or a wait comes alone, without a payload (the
+        server sends them so): a wait's payload would be taken as the next model's."""
         if flags & ~FLAGS:
             raise PayloadError(
                 f"the server's header for round {round_} holds flags {flags}: bits {flags & ~FLAGS} are no flag "
                 f"this learner knows (FLAG_MASK {FLAG_MASK}, FLAG_STOP {FLAG_STOP}, FLAG_WAIT {FLAG_WAIT})"
+            )
+        if flags & (FLAG_STOP | FLAG_WAIT) and (flags not in (FLAG_STOP, FLAG_WAIT) or nbytes):
+            raise PayloadError(
+                f"the server's header for round {round_} holds flags {flags} and a payload of {nbytes} bytes: a stop "
+                f"(FLAG_STOP {FLAG_STOP}) or a wait (FLAG_WAIT {FLAG_WAIT}) comes alone, without a payload"
             )
 
 

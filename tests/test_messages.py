@@ -59,6 +59,13 @@ def test_format_characters_from_another_rank_are_escaped_so_text_cannot_display_
     assert row_text(text_row(sent, 64)) == r"node\u202e7-tsoh\u202c\u2066x\u2069\u200bhidden\u2060\ufeff\xad"
 
 
+def test_line_and_paragraph_separators_from_another_rank_are_escaped():
+    """U+2028 and U+2029 (categories Zl, Zp) are neither controls nor format characters, yet some terminals and log
+    viewers start a new line at them: a message could forge a line of its own below the one that names its rank."""
+    sent = "disk full\u2028rank 0: all learners finished\u2029"
+    assert row_text(text_row(sent, 96)) == r"disk full\u2028rank 0: all learners finished\u2029"
+
+
 @pytest.mark.parametrize("host", ["узел-3", "計算ノード7", "عقدة-٣", "κόμβος", "नोड-2", "node-ß"])
 def test_letters_of_any_script_read_back_unchanged(host):
     """Only controls and format characters are escaped: a host name in another script (Arabic too, written right

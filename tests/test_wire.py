@@ -468,6 +468,17 @@ def test_a_header_holding_a_flag_bit_no_learner_knows_is_refused_naming_it(flags
         _header_to_self([2, flags, 0, 3, 1000])
 
 
+@pytest.mark.parametrize("flags, nbytes", [(2 | 4, 0), (2 | 1, 0), (4 | 1, 0), (2, 8), (4, 8)])
+def test_a_stop_or_a_wait_with_another_flag_or_a_payload_is_refused(flags, nbytes):
+    """The server sends a stop or a wait alone, without a payload: STOP|WAIT was taken as a wait, and a wait's
+    payload, left unreceived, would have been taken as the next model's."""
+    with pytest.raises(
+        PayloadError,
+        match=rf"^the server's header for round 2 holds flags {flags} and a payload of {nbytes} bytes: a stop ",
+    ):
+        _header_to_self([2, flags, nbytes, 0, 1000])
+
+
 @pytest.mark.parametrize("flags, nbytes", [(0, 0), (1, 50)])
 def test_a_round_header_after_the_last_round_is_named_as_such(flags, nbytes):
     """After its farewell a learner takes only the final STOP header: a model header there was refused by the
