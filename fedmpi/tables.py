@@ -392,6 +392,22 @@ def paired_difference(runs: list[Run], reference: list[Run]) -> tuple[dict | Non
     }, notes
 
 
+def _paired_row(key: LineKey, ref: LineKey, result: dict) -> dict:
+    """A paired comparison's row: the method's line, the reference's distribution, then the comparison."""
+    return {
+        "setting": key.setting,
+        "distribution": ref.distribution,
+        "algorithm": key.algorithm,
+        "target": key.target,
+        "reference": BASELINE,
+        **result,
+    }
+
+
+def _paired_order(row: dict) -> tuple:
+    return line_order(LineKey(row["setting"], row["distribution"], row["algorithm"], row["target"]))
+
+
 def paired_rows(runs: list[Run]) -> tuple[list[dict], list[str]]:
     """One dict per (method, reference distribution) with PAIRED_COLUMNS as keys, and notes on runs that
     could not be paired. A pooled method gets one row per distribution of its setting."""
@@ -411,17 +427,8 @@ def paired_rows(runs: list[Run]) -> tuple[list[dict], list[str]]:
                     f"{ref.distribution}; not paired"
                 )
             if result is not None:
-                rows.append(
-                    {
-                        "setting": key.setting,
-                        "distribution": ref.distribution,
-                        "algorithm": key.algorithm,
-                        "target": key.target,
-                        "reference": BASELINE,
-                        **result,
-                    }
-                )
-    rows.sort(key=lambda r: line_order(LineKey(r["setting"], r["distribution"], r["algorithm"], r["target"])))
+                rows.append(_paired_row(key, ref, result))
+    rows.sort(key=_paired_order)
     return rows, notes
 
 
@@ -636,24 +643,9 @@ def privacy_paired_rows(runs: list[Run]) -> tuple[list[dict], list[str]]:
                 result, found = paired_attack(group, grouped[ref], name)
                 notes += found
                 if result is not None:
-                    rows.append(
-                        {
-                            "setting": key.setting,
-                            "distribution": ref.distribution,
-                            "algorithm": key.algorithm,
-                            "target": key.target,
-                            "reference": BASELINE,
-                            **result,
-                        }
-                    )
+                    rows.append(_paired_row(key, ref, result))
     rank = {name: i for i, name in enumerate(ATTACK_ORDER)}
-    rows.sort(
-        key=lambda r: (
-            *line_order(LineKey(r["setting"], r["distribution"], r["algorithm"], r["target"])),
-            rank.get(r["attack"], len(rank)),
-            r["attack"],
-        )
-    )
+    rows.sort(key=lambda r: (*_paired_order(r), rank.get(r["attack"], len(rank)), r["attack"]))
     return rows, notes
 
 
