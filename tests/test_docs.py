@@ -120,6 +120,11 @@ def test_the_readme_quotes_the_study_as_numbers_json_has_it():
         rho = [c[key] for c in numbers["privacy"][0]["correlations"].values()]
         low, high = sorted(rho, key=abs)[:: len(rho) - 1]
         expected.append(f"{words} {_signed(low)} to {_signed(high)}")
+    # claim 2's paired table: one cell per sparsity and attack, "more"/"less" where its interval excludes 0
+    for row in numbers["privacy_paired"]:
+        verdict = {"more": " more", "less": " less"}.get(row["leakage"], "")
+        expected.append(f"{row['mean_diff']:+.3f} [{row['diff_low']:+.3f}, {row['diff_high']:+.3f}]{verdict} |")
+    assert len(numbers["privacy_paired"]) == 16
     for text in expected:
         assert text in readme, text
     # "Averaged over the last 5 rounds ...: skewed-non-IID FedAvg 5.96, Global 0.95 5.53, Local 0.95 5.47; ..."
