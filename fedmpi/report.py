@@ -186,23 +186,30 @@ def check_attack(attack: dict, where: str) -> None:
     if found:
         for name, result in found.items():
             check_record(result, (), tables.ATTACK_FIELDS, f"{where}: attacks.{name}")
-            scores = result.get("eval_scores")
-            if scores is not None:
-                _check_by_class(scores, (int, float), "finite numbers", f"{where}: attacks.{name}.eval_scores")
-                if subjects is not None and any(len(scores[k]) != len(subjects[k]) for k in ("members", "nonmembers")):
-                    raise ReportError(
-                        f"{where}: attacks.{name}.eval_scores: {len(scores['members'])} + "
-                        f"{len(scores['nonmembers'])} scores for {len(subjects['members'])} + "
-                        f"{len(subjects['nonmembers'])} subjects in eval_subjects"
-                    )
+            _check_scores(result, subjects, f"{where}: attacks.{name}.eval_scores")
     for name in tables.LEGACY_ATTACKS:  # read only when "attacks" is empty, and only when they are objects
         if not found and isinstance(attack.get(name), dict):
             check_record(attack[name], (), tables.ATTACK_FIELDS, f"{where}: {name}")
+            _check_scores(attack[name], subjects, f"{where}: {name}.eval_scores")
+
+
+def _check_scores(result: dict, subjects: dict | None, where: str) -> None:
+    """ReportError unless an attack's eval_scores, where present, are finite numbers by class, one per subject of
+    eval_subjects: tables.eval_scores reads them from whichever records tables.attack_results lists."""
+    scores = result.get("eval_scores")
+    if scores is None:
+        return
+    _check_by_class(scores, (int, float), "finite numbers", where)
+    if subjects is not None and any(len(scores[k]) != len(subjects[k]) for k in ("members", "nonmembers")):
+        raise ReportError(
+            f"{where}: {len(scores['members'])} + {len(scores['nonmembers'])} scores for "
+            f"{len(subjects['members'])} + {len(subjects['nonmembers'])} subjects in eval_subjects"
+        )
 
 
 def _check_by_class(record, kind, what: str, where: str) -> None:
-    """ReportError unless `record` is {"members": [...], "nonmembers": [...]} of `kind` (per-subject values of an
-    attack: the pairing of two runs reads them)."""
+    """ReportError unless `record` is {"members": [...], "nonmembers": [...]} of `kind`, neither empty (per-subject
+    values of an attack, which scores at least one subject of each class: the pairing of two runs reads them)."""
     if not isinstance(record, dict) or set(record) != {"members", "nonmembers"}:
         raise ReportError(f"{where}: must be an object of two lists, members and nonmembers")
     for key, values in record.items():
@@ -211,6 +218,8 @@ def _check_by_class(record, kind, what: str, where: str) -> None:
             for v in values
         ):
             raise ReportError(f"{where}: {key} must be a list of {what}")
+        if not values:
+            raise ReportError(f"{where}: {key} is empty (an attack scores at least one subject of each class)")
 
 
 def read_predictions(path: Path) -> dict[str, tuple[float, float]]:

@@ -524,6 +524,25 @@ def assert_refused(runs, tmp_path, capsys, message):
             },
             r"attacks.black_box.eval_scores: 1 \+ 1 scores for 2 \+ 1 subjects in eval_subjects",
         ),
+        # an attack scores at least one subject of each class: an empty one reached the paired bootstrap
+        ({"eval_subjects": {"members": [], "nonmembers": ["c"]}}, r"attack.json: eval_subjects: members is empty"),
+        (
+            {"attacks": {"black_box": {"auc": 0.6, "eval_scores": {"members": [1.0], "nonmembers": []}}}},
+            r"attacks.black_box.eval_scores: nonmembers is empty",
+        ),
+        # the top-level attacks of a file without "attacks" are what the tables read, their scores too
+        (
+            {"attacks": None, "white_box": {"auc": 0.7, "eval_scores": [1.0]}},
+            r"attack.json: white_box.eval_scores: must be an object of two lists",
+        ),
+        (
+            {
+                "attacks": None,
+                "eval_subjects": {"members": ["a", "b"], "nonmembers": ["c"]},
+                "white_box": {"auc": 0.7, "eval_scores": {"members": [1.0], "nonmembers": [0.0]}},
+            },
+            r"attack.json: white_box.eval_scores: 1 \+ 1 scores for 2 \+ 1 subjects in eval_subjects",
+        ),
     ],
 )
 def test_an_attack_record_the_tables_cannot_read_is_one_clear_error(runs, tmp_path, capsys, change, message):
