@@ -733,7 +733,10 @@ def numbers(accuracy: list[dict], privacy: list[dict], privacy_paired: Sequence[
             for s in privacy
             if s["methods"]
         ],
-        "privacy_paired": list(privacy_paired),
+        "privacy_paired": [
+            {**r, "seed_diffs": {str(s): d for s, d in r["seed_diffs"].items()}}  # JSON keys are text
+            for r in privacy_paired
+        ],
     }
 
 

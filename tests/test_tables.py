@@ -11,6 +11,7 @@ import pytest
 from runrecords import attack_record, load_runs, predictions_rows, two_runs, write_run
 
 from fedmpi import stats, tables
+from fedmpi.runlog import dumps
 
 
 def test_cumulative_bytes():
@@ -385,11 +386,29 @@ def test_privacy_paired_rows_pair_each_seed_with_fedavgs_on_the_same_subjects(tm
         f"| fedsparsify-global 0.9 | 0, 1 | 2 + 2 | **-0.125** [{row['diff_low']:+.3f}, {row['diff_high']:+.3f}]" in md
     )
     assert "(seeds: -0.250; +0.000) |" in md
-    assert tables.numbers([], [], rows)["privacy_paired"] == rows
+    assert tables.numbers([], [], rows)["privacy_paired"] == [{**row, "seed_diffs": {"0": -0.25, "1": 0.0}}]
     header, line = tables.to_csv(rows, tables.PRIVACY_PAIRED_COLUMNS).splitlines()
     assert (
         header.split(",") == list(tables.PRIVACY_PAIRED_COLUMNS) and ",white_box,0 1,2,2,2,0.75,0.875,-0.125," in line
     )
+
+
+def test_privacy_paired_numbers_take_a_run_without_a_seed(tmp_path):
+    """A line may hold a run without run.seed beside a seeded one: numbers.json's keys are sorted, and None and 0
+    do not compare, so each seed's difference is keyed by text there, as in the accuracy sections."""
+    scores = {"white_box": ([2.0, 3.0], [1.0, 0.0])}
+    runs = load_runs(
+        *(
+            _pair(tmp_path, f"{name}{seed}", algorithm, [1.0] * 4, target=target, seed=seed, attack=record)
+            for name, algorithm, target in (("a", "fedavg", 0.0), ("g", "fedsparsify-global", 0.9))
+            for seed in (None, 0)
+            for record in [attack_record({"white_box": 1.0}, target, scores=scores)]
+        )
+    )
+    rows, _ = tables.privacy_paired_rows(runs)
+    assert [r["seeds"] for r in rows] == [[0, None]]
+    numbers = json.loads(dumps(tables.numbers([], [], rows)))
+    assert numbers["privacy_paired"][0]["seed_diffs"] == {"0": 0.0, "None": 0.0}
 
 
 def test_mean_curve_over_seeds(tmp_path):
