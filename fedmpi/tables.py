@@ -599,14 +599,22 @@ def paired_attack(runs: list[Run], reference: list[Run], name: str) -> tuple[dic
     notes: list[str] = []
     kept, pairs, refs = [], [], []
     subjects: dict | None = None
+    first = ""  # the first pair's runs: their subjects are every pair's
     for s in sorted(set(ours) & set(theirs), key=lambda s: (s is None, s or 0)):
         (mine, a), (base, b) = ours[s], theirs[s]
         if a is None or b is None:
             continue  # attacked before per-subject scores were kept: nothing to pair, and nothing wrong
-        if a[0] != b[0] or (subjects is not None and a[0] != subjects):
+        if a[0] != b[0]:
             notes.append(f"{mine} and {base}: {name} attacked other subjects than their pair's; not paired")
             continue
-        subjects = a[0]
+        if subjects is not None and a[0] != subjects:
+            notes.append(
+                f"{mine} and {base}: {name} attacked other subjects than {first}, whose subjects every seed's pair "
+                "must share; not paired"
+            )
+            continue
+        if subjects is None:
+            subjects, first = a[0], f"{mine} and {base} (seed {s})"
         kept.append(s)
         pairs.append(a[1])
         refs.append(b[1])
@@ -910,9 +918,10 @@ def _paired_privacy_table(section: dict, paired: Sequence[dict]) -> list[str]:
     rows = []
     for algorithm, target in methods:
         first = next(r for r in mine if (r["algorithm"], r["target"]) == (algorithm, target))
+        distribution = POOLED if is_pooled(algorithm) else first["distribution"]  # a row has its reference's
         rows.append(
             [
-                line_label(LineKey(first["setting"], first["distribution"], algorithm, target)),
+                line_label(LineKey(first["setting"], distribution, algorithm, target)),
                 ", ".join(str(s) for s in first["seeds"]),
                 f"{first['members_eval']} + {first['nonmembers_eval']}",
                 *(

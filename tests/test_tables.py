@@ -393,6 +393,47 @@ def test_privacy_paired_rows_pair_each_seed_with_fedavgs_on_the_same_subjects(tm
     )
 
 
+def test_a_seed_attacked_on_other_subjects_than_the_first_is_named_as_such(tmp_path):
+    """Seed 1's runs agree with each other but not with seed 0's subjects: every resample draws one set of subjects
+    for all seeds, so seed 1 is left out, and the note says whose subjects it lacks (not that it lacks its pair's)."""
+    other = {"members": ["m7", "m8"], "nonmembers": ["n0", "n1"]}
+    runs = load_runs(
+        *(
+            _pair(tmp_path, f"{name}{seed}", algorithm, [1.0] * 4, target=target, seed=seed, attack=record)
+            for name, algorithm, target in (("a", "fedavg", 0.0), ("g", "fedsparsify-global", 0.9))
+            for seed in (0, 1)
+            for record in [
+                attack_record(
+                    {"white_box": 1.0},
+                    target,
+                    scores={"white_box": ([2.0, 3.0], [1.0, 0.0])},
+                    subjects=other if seed else None,
+                )
+            ]
+        )
+    )
+    rows, notes = tables.privacy_paired_rows(runs)
+    assert [r["seeds"] for r in rows] == [[0]]
+    assert notes == [
+        "g1 and a1: white_box attacked other subjects than g0 and a0 (seed 0), whose subjects every seed's "
+        "pair must share; not paired"
+    ]
+
+
+def test_a_pooled_method_is_labelled_pooled_in_the_paired_privacy_table(tmp_path):
+    """A centralized run pairs with the FedAvg of each distribution, and its paired row shows in that distribution's
+    section: labelled "(pooled)", as in the accuracy tables, not as if it were a federated line of it."""
+    record = attack_record({"white_box": 1.0}, 0.0, scores={"white_box": ([2.0, 3.0], [1.0, 0.0])})
+    runs = load_runs(
+        _pair(tmp_path, "a", "fedavg", [1.0] * 4, target=None, attack=record),
+        _pair(tmp_path, "c", "centralized", [1.0] * 4, target=None, attack=record),
+    )
+    rows, _ = tables.privacy_paired_rows(runs)
+    assert [(r["algorithm"], r["distribution"]) for r in rows] == [("centralized", "uniform-iid")]
+    md = tables.privacy_markdown(tables.privacy_sections(runs), rows)
+    assert "| centralized (pooled) | 0 | 2 + 2 |" in md and "| centralized | 0 |" not in md
+
+
 def test_privacy_paired_numbers_take_a_run_without_a_seed(tmp_path):
     """A line may hold a run without run.seed beside a seeded one: numbers.json's keys are sorted, and None and 0
     do not compare, so each seed's difference is keyed by text there, as in the accuracy sections."""
