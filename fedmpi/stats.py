@@ -112,13 +112,17 @@ def paired_auc_difference(
         raise ValueError(f"need one reference per pair, got {len(ours)} pairs and {len(theirs)} references")
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}")
-    diffs = []
+    diffs: list[np.ndarray] = []
     for (pos, neg), (ref_pos, ref_neg) in zip(ours, theirs):
         if not all(np.isfinite(np.asarray(v, dtype=np.float64)).all() for v in (pos, neg, ref_pos, ref_neg)):
             raise ValueError("scores must be finite")  # a NaN would compare as neither above nor tied
         mine, base = win_matrix(pos, neg), win_matrix(ref_pos, ref_neg)
-        if mine.shape != base.shape or 0 in mine.shape:
-            raise ValueError(f"pairs must score the same non-empty subjects, got {mine.shape} and {base.shape}")
+        shape = diffs[0].shape if diffs else mine.shape  # every pair's subjects are the first's
+        if mine.shape != base.shape or mine.shape != shape or 0 in mine.shape:
+            raise ValueError(
+                f"pairs must score the same non-empty subjects, got {mine.shape} and {base.shape} "
+                f"(the first pair: {shape})"
+            )
         diffs.append(mine - base)
     d = np.mean(diffs, axis=0)
     low, high = np.quantile(bootstrap_win_means(d, resamples, seed), [(1.0 - level) / 2.0, (1.0 + level) / 2.0])

@@ -170,6 +170,8 @@ def test_paired_auc_difference_is_narrower_than_the_aucs_own_intervals():
         ([([1.0, 2.0], [0.0])], [([1.0], [0.0])], "same non-empty subjects"),
         ([([], [0.0])], [([], [0.0])], "same non-empty subjects"),
         ([([np.nan], [0.0])], [([1.0], [0.0])], "finite"),
+        # a second seed's pair on fewer subjects: one resample cannot draw the same subjects for both seeds
+        ([([1.0, 2.0], [0.0]), ([1.0], [0.0])], [([1.0, 2.0], [0.0]), ([1.0], [0.0])], "same non-empty subjects"),
     ],
 )
 def test_paired_auc_difference_refuses_unpaired_scores(ours, theirs, message):
