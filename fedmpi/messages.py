@@ -2,7 +2,7 @@
 
 Each is a numpy structured dtype of float64 fields, so it travels as a plain float64 buffer through
 the wire (no pickling) and is read back by field name. Text (error messages, host names) travels in
-fixed-width uint8 rows, read back with its control and format characters escaped.
+fixed-width uint8 rows, read back with its control and format characters and line separators escaped (ESCAPED).
 """
 
 from __future__ import annotations
@@ -77,9 +77,10 @@ def text_row(text: str, width: int) -> np.ndarray:
 
 
 def row_text(row: np.ndarray) -> str:
-    """The text a text_row holds: the zero padding dropped, a character the cut split replaced, and control and
-    format characters escaped (ESC as the four characters \\x1b, a right-to-left override as \\u202e): another
-    rank's host name or message is printed, and must not drive this terminal (clear it, retitle it, rewrite the
-    lines above) nor display reversed or hide text (bidirectional overrides, zero-width characters)."""
+    """The text a text_row holds: the zero padding dropped, a character the cut split replaced, and the ESCAPED
+    characters escaped (ESC as the four characters \\x1b, a right-to-left override as \\u202e): another rank's host
+    name or message is printed, and must not drive this terminal (clear it, retitle it, rewrite the lines above),
+    start a line of its own (U+2028, U+2029) nor display reversed or hide text (bidirectional overrides,
+    zero-width characters)."""
     text = bytes(row).rstrip(b"\0").decode(errors="replace")
     return "".join(c.encode("unicode_escape").decode() if unicodedata.category(c) in ESCAPED else c for c in text)
