@@ -785,7 +785,7 @@ def test_a_run_name_two_entries_of_a_study_would_give_is_refused_naming_both(tmp
 
 def test_groups_of_one_name_that_give_different_runs_stay_one_group_as_the_cpu_study_has_them():
     """jobs/studies/cpu.yaml lists its accuracy runs in three groups named acc (priorities 0, 2 and 1): their runs
-    differ, and the study still reads to the 40 runs whose records are committed."""
+    differ, and the study still reads to the 45 runs whose records are committed."""
     path = ROOT / "jobs" / "studies" / "cpu.yaml"
     spec = sweep.read_study(path)
     acc = [i for i, group in enumerate(spec["groups"]) if group["name"] == "acc"]
