@@ -12,7 +12,8 @@ signals from `fedmpi.training.per_sample_features` feed four attacks:
   and the head's pooled activations (the literature's learned white box on richer features).
 
 Every attack is scored on attacker-eval: ROC AUC with a bootstrap interval, TPR at a fixed FPR,
-and accuracy at a threshold chosen on attacker-train. The metrics are pure numpy functions of
+and accuracy at a threshold chosen on attacker-train; each subject's score is kept, by name, so that
+the report can compare two runs attacked on the same subjects paired. The metrics are pure numpy functions of
 scores and labels. `attack_datasets` takes torch Datasets so it runs on in-memory data; `run`
 wires it to a run directory.
 """
@@ -566,7 +567,7 @@ def check_disjoint(members: list[Path], pools: list[Path]) -> None:
 
 
 def subject_names(paths: list[Path], datasets: list) -> list[str]:
-    """ "FILE/SUBJECT" for every volume of `datasets` (read from `paths`), in order: a subject's identifier is
+    """The name FILE/SUBJECT of every volume of `datasets` (read from `paths`), in order: a subject's identifier is
     unique within its cohort, and an extra non-member cohort may reuse another's."""
     return [f"{p.name}/{sid}" for p, d in zip(paths, datasets) for sid in d.subject_ids]
 
