@@ -14,8 +14,8 @@ skipped, an unfinished one continues from its last checkpoint (--resume), and a 
 differs from the study's is refused rather than silently reused (`--list` shows it as `differs`, with the
 state of every other run). Ctrl-C, a `kill` or a hangup (the terminal closed; not under nohup) of the sweep is
 passed on to the run in flight once, which stops at a checkpoint after its round, and the sweep then ends
-(exit 130, 143 or 129); a file named STOP in the runs' directory stops the sweep between two runs (for a quiet
-machine, say). After each run its records (config.json, metrics.jsonl, summary.json, test_predictions.csv,
+(exit 130, 143 or 129); a sweep killed outright (SIGKILL) stops it the same way, on Linux. A file named STOP
+in the runs' directory stops the sweep between two runs (for a quiet machine, say). After each run its records (config.json, metrics.jsonl, summary.json, test_predictions.csv,
 attack.json) are copied to the study's records directory, which is what gets committed and reported.
 """
 
@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import os
 import shutil
 import signal
 import subprocess
@@ -237,15 +239,37 @@ def state(cfg) -> str:
     return "partial" if (run_dir / "metrics.jsonl").exists() else "new"
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def stop_with_parent(parent: int) -> None:
+    """In a step, between fork and exec (Linux): the kernel sends it SIGTERM when the sweep dies, however it dies
+    (SIGKILL, the OOM killer), so the run stops at a checkpoint as on a `kill` of the sweep. Before, a killed
+    sweep left its federation running on, unseen. A sweep that died before the call is caught by its pid."""
+    with contextlib.suppress(AttributeError, OSError):  # not Linux, or no prctl: the step runs as before
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run_step(cmd: list[str], log=None, cwd: Path | None = None) -> tuple[int, int | None]:
     """Run a step to its end: (its exit code, the stop signal the sweep got meanwhile, or None).
 
     The step runs in a session of its own, and each SIGINT or SIGTERM the sweep gets is passed on to it once and
     waited for: a federation stops at a checkpoint after its round (exit 75) on the first, and mpirun aborts the
     ranks at once on a second. Before, Ctrl-C reached the sweep and mpirun both and subprocess.run killed mpirun
-    a quarter of a second later, before that checkpoint; a `kill` of the sweep left the federation running unseen."""
+    a quarter of a second later, before that checkpoint; a `kill` of the sweep left the federation running unseen.
+    A sweep killed outright (SIGKILL) stops the step the same way, through stop_with_parent."""
     output = {} if log is None else {"stdout": log, "stderr": subprocess.STDOUT}  # log: an open file
-    proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, start_new_session=True, **output)
+    sweep = os.getpid()
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=lambda: stop_with_parent(sweep) if sys.platform.startswith("linux") else None,
+        **output,
+    )
     got: list[int] = []
 
     def forward(signum, _frame) -> None:

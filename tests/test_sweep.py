@@ -681,6 +681,65 @@ def test_a_stopped_sweep_lets_the_run_in_flight_reach_its_checkpoint_and_leaves_
                 os.kill(step_pid, signal.SIGKILL)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's prctl")
+def test_a_sweep_killed_outright_stops_its_step_at_a_checkpoint(tmp_path):
+    """A SIGKILL (or the OOM killer) gives the sweep no chance to pass the stop on: its step, in a session of its
+    own, trained on unseen. The kernel now sends the step SIGTERM when the sweep dies, as a `kill` of it would."""
+    import signal
+    import subprocess
+    import time
+
+    marks = tmp_path / "step.out"
+    (tmp_path / "step.py").write_text(_STOPPABLE_STEP)
+    driver = (
+        f"import sys; sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'jobs')!r})\n"
+        "import sweep\n"
+        f"sweep.call([sys.executable, {str(tmp_path / 'step.py')!r}, {str(marks)!r}], "
+        f"__import__('pathlib').Path({str(tmp_path / 'logs' / 'run.log')!r}))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", driver], start_new_session=True, stderr=subprocess.PIPE, text=True)
+    step_pid = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (marks.exists() and marks.read_text().startswith("pid ")):
+            assert time.monotonic() < deadline and proc.poll() is None, "the step did not start"
+            time.sleep(0.05)
+        step_pid = int(marks.read_text().split()[1])
+        proc.kill()
+        proc.communicate(timeout=60)
+        deadline = time.monotonic() + 60
+        while "checkpointed" not in marks.read_text():
+            assert time.monotonic() < deadline, marks.read_text()
+            time.sleep(0.05)
+        assert marks.read_text().splitlines()[1:] == ["signal SIGTERM", "checkpointed"]
+        while True:  # the step exits after its checkpoint (reaped by init: poll its pid)
+            try:
+                os.kill(step_pid, 0)
+            except ProcessLookupError:
+                break
+            assert time.monotonic() < deadline, "the step did not exit"
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if step_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(step_pid, signal.SIGKILL)
+
+
+def test_stop_with_parent_stops_a_step_whose_sweep_died_before_it_could_ask(monkeypatch):
+    """The sweep may die between the fork and the prctl call: the step then has another parent already."""
+    import signal
+
+    sent = []
+    monkeypatch.setattr(sweep.os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    sweep.stop_with_parent(os.getppid())
+    assert sent == []
+    sweep.stop_with_parent(-1)  # no process has that pid: this one's parent is another
+    assert sent == [(os.getpid(), signal.SIGTERM)]
+
+
 def test_ctrl_c_between_runs_is_one_line(tmp_path, monkeypatch, capsys):
     """No step in flight (copying records, choosing the next run): Ctrl-C ends the sweep with one line, exit 130."""
 
