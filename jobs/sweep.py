@@ -15,8 +15,9 @@ differs from the study's is refused rather than silently reused (`--list` shows 
 state of every other run). Ctrl-C, a `kill` or a hangup (the terminal closed; not under nohup) of the sweep is
 passed on to the run in flight once, which stops at a checkpoint after its round, and the sweep then ends
 (exit 130, 143 or 129); a sweep killed outright (SIGKILL) stops it the same way, on Linux. A file named STOP
-in the runs' directory stops the sweep between two runs (for a quiet machine, say). After each run its records (config.json, metrics.jsonl, summary.json, test_predictions.csv,
-attack.json) are copied to the study's records directory, which is what gets committed and reported.
+in the runs' directory stops the sweep between two runs (for a quiet machine, say). After each run its records
+(config.json, metrics.jsonl, summary.json, test_predictions.csv, attack.json) are copied to the study's records
+directory, which is what gets committed and reported.
 """
 
 from __future__ import annotations
