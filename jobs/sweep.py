@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import os
 import shutil
 import signal
@@ -247,8 +248,9 @@ def stop_with_parent(parent: int) -> None:
     """In a step, between fork and exec (Linux): the kernel sends it SIGTERM when the sweep dies, however it dies
     (SIGKILL, the OOM killer), so the run stops at a checkpoint as on a `kill` of the sweep. Before, a killed
     sweep left its federation running on, unseen. A sweep that died before the call is caught by its pid."""
-    with contextlib.suppress(AttributeError, OSError):  # not Linux, or no prctl: the step runs as before
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(AttributeError, OSError):  # no prctl to be found: the step runs as before
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -262,13 +264,12 @@ def run_step(cmd: list[str], log=None, cwd: Path | None = None) -> tuple[int, in
     a quarter of a second later, before that checkpoint; a `kill` of the sweep left the federation running unseen.
     A sweep killed outright (SIGKILL) stops the step the same way, through stop_with_parent."""
     output = {} if log is None else {"stdout": log, "stderr": subprocess.STDOUT}  # log: an open file
-    sweep = os.getpid()
     proc = subprocess.Popen(
         cmd,
         cwd=cwd,
         stdin=subprocess.DEVNULL,
         start_new_session=True,
-        preexec_fn=lambda: stop_with_parent(sweep) if sys.platform.startswith("linux") else None,
+        preexec_fn=functools.partial(stop_with_parent, os.getpid()),
         **output,
     )
     got: list[int] = []

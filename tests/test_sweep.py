@@ -628,12 +628,10 @@ sys.exit(75)
 """
 
 
-@pytest.mark.parametrize("how", ["SIGTERM to the sweep", "Ctrl-C to the sweep's process group", "SIGHUP to the sweep"])
-def test_a_stopped_sweep_lets_the_run_in_flight_reach_its_checkpoint_and_leaves_nothing_running(tmp_path, how):
-    """`kill SWEEP` used to end the sweep at once and leave its federation running on, unseen (a sweep started
-    again then found the run directory in use); Ctrl-C reached both, and subprocess.run killed mpirun 0.25 s
-    later, before the ranks' checkpoint after the current round. The step must hear the stop exactly once (a
-    second SIGINT makes mpirun abort the ranks at once) and the sweep must wait for it."""
+@contextlib.contextmanager
+def _sweep_running_a_step(tmp_path, prelude: str = ""):
+    """A sweep (its own session) calling _STOPPABLE_STEP, once the step has started: (the sweep's Popen, the step's
+    marks file, the step's pid). Whatever still runs afterwards is killed."""
     import signal
     import subprocess
     import time
@@ -641,8 +639,7 @@ def test_a_stopped_sweep_lets_the_run_in_flight_reach_its_checkpoint_and_leaves_
     marks = tmp_path / "step.out"
     (tmp_path / "step.py").write_text(_STOPPABLE_STEP)
     driver = (
-        # SIGINT as an interactive shell leaves it (a background job of a script would inherit it ignored)
-        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        f"import sys; {prelude}\n"
         f"sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'jobs')!r})\n"
         "import sweep\n"
         f"sweep.call([sys.executable, {str(tmp_path / 'step.py')!r}, {str(marks)!r}], "
@@ -656,6 +653,27 @@ def test_a_stopped_sweep_lets_the_run_in_flight_reach_its_checkpoint_and_leaves_
             assert time.monotonic() < deadline and proc.poll() is None, "the step did not start"
             time.sleep(0.05)
         step_pid = int(marks.read_text().split()[1])
+        yield proc, marks, step_pid
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if step_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(step_pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to the sweep", "Ctrl-C to the sweep's process group", "SIGHUP to the sweep"])
+def test_a_stopped_sweep_lets_the_run_in_flight_reach_its_checkpoint_and_leaves_nothing_running(tmp_path, how):
+    """`kill SWEEP` used to end the sweep at once and leave its federation running on, unseen (a sweep started
+    again then found the run directory in use); Ctrl-C reached both, and subprocess.run killed mpirun 0.25 s
+    later, before the ranks' checkpoint after the current round. The step must hear the stop exactly once (a
+    second SIGINT makes mpirun abort the ranks at once) and the sweep must wait for it."""
+    import signal
+
+    # SIGINT as an interactive shell leaves it (a background job of a script would inherit it ignored)
+    prelude = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)"
+    with _sweep_running_a_step(tmp_path, prelude) as (proc, marks, step_pid):
         if how.startswith("SIGTERM"):
             proc.send_signal(signal.SIGTERM)
             sig = signal.SIGTERM
@@ -672,39 +690,15 @@ def test_a_stopped_sweep_lets_the_run_in_flight_reach_its_checkpoint_and_leaves_
         assert "Traceback" not in err and "run the sweep again" in err, err
         with pytest.raises(ProcessLookupError):
             os.kill(step_pid, 0)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if step_pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(step_pid, signal.SIGKILL)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's prctl")
 def test_a_sweep_killed_outright_stops_its_step_at_a_checkpoint(tmp_path):
     """A SIGKILL (or the OOM killer) gives the sweep no chance to pass the stop on: its step, in a session of its
     own, trained on unseen. The kernel now sends the step SIGTERM when the sweep dies, as a `kill` of it would."""
-    import signal
-    import subprocess
     import time
 
-    marks = tmp_path / "step.out"
-    (tmp_path / "step.py").write_text(_STOPPABLE_STEP)
-    driver = (
-        f"import sys; sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'jobs')!r})\n"
-        "import sweep\n"
-        f"sweep.call([sys.executable, {str(tmp_path / 'step.py')!r}, {str(marks)!r}], "
-        f"__import__('pathlib').Path({str(tmp_path / 'logs' / 'run.log')!r}))\n"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", driver], start_new_session=True, stderr=subprocess.PIPE, text=True)
-    step_pid = None
-    try:
-        deadline = time.monotonic() + 60
-        while not (marks.exists() and marks.read_text().startswith("pid ")):
-            assert time.monotonic() < deadline and proc.poll() is None, "the step did not start"
-            time.sleep(0.05)
-        step_pid = int(marks.read_text().split()[1])
+    with _sweep_running_a_step(tmp_path) as (proc, marks, step_pid):
         proc.kill()
         proc.communicate(timeout=60)
         deadline = time.monotonic() + 60
@@ -719,13 +713,6 @@ def test_a_sweep_killed_outright_stops_its_step_at_a_checkpoint(tmp_path):
                 break
             assert time.monotonic() < deadline, "the step did not exit"
             time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if step_pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(step_pid, signal.SIGKILL)
 
 
 def test_stop_with_parent_stops_a_step_whose_sweep_died_before_it_could_ask(monkeypatch):
