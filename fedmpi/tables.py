@@ -75,6 +75,9 @@ PAIRED_COLUMNS = (
     "diff_low",
     "diff_high",
     "seed_diffs",
+    "seed_low",
+    "seed_high",
+    "seed_verdicts",
     "margin",
     "verdict",
     "vs_zero",
@@ -112,9 +115,13 @@ PRIVACY_PAIRED_COLUMNS = (
     "diff_low",
     "diff_high",
     "seed_diffs",
+    "seed_low",
+    "seed_high",
+    "seed_leakage",
     "leakage",
 )
 LEAKAGE = {"better": "less", "worse": "more", "no difference": "no difference"}  # a lower AUC leaks less
+PER_SEED = ("seed_diffs", "seed_low", "seed_high", "seed_verdicts", "seed_leakage")  # dicts keyed by seed
 
 
 class LineKey(NamedTuple):
@@ -357,7 +364,8 @@ def paired_difference(runs: list[Run], reference: list[Run]) -> tuple[dict | Non
     d_i = |error of the method| - |error of the reference| for subject i, averaged over the seeds both have
     (run i of one seed paired with the reference's run of that seed); the mean over subjects comes with a
     bootstrap interval over subjects. That interval holds the subjects' variation only; the per-seed means
-    show how far training randomness moves the difference. Returns (None, notes) when nothing pairs.
+    show how far training randomness moves the difference, each with its own interval over subjects and verdict
+    (a claim that holds in every seed does not rest on the average). Returns (None, notes) when nothing pairs.
     """
     ours = {r.seed: (r.name, r.predictions) for r in runs if r.predictions}
     theirs = {r.seed: (r.name, r.predictions) for r in reference if r.predictions}
@@ -376,6 +384,7 @@ def paired_difference(runs: list[Run], reference: list[Run]) -> tuple[dict | Non
     base = np.stack([_errors(theirs[s][1], subjects) for s in kept])
     per_subject = (mine - base).mean(axis=0)
     low, high = stats.bootstrap_mean_interval(per_subject, LEVEL)
+    seeds = [stats.bootstrap_mean_interval(d, LEVEL) for d in mine - base]
     return {
         "seeds": kept,
         "n_seeds": len(kept),
@@ -386,10 +395,18 @@ def paired_difference(runs: list[Run], reference: list[Run]) -> tuple[dict | Non
         "diff_low": low,
         "diff_high": high,
         "seed_diffs": {s: float(d) for s, d in zip(kept, (mine - base).mean(axis=1))},
+        "seed_low": {s: lo for s, (lo, _) in zip(kept, seeds)},
+        "seed_high": {s: hi for s, (_, hi) in zip(kept, seeds)},
+        "seed_verdicts": {s: stats.noninferiority(lo, hi, MARGIN_YEARS) for s, (lo, hi) in zip(kept, seeds)},
         "margin": MARGIN_YEARS,
         "verdict": stats.noninferiority(low, high, MARGIN_YEARS),
         "vs_zero": stats.versus_zero(low, high),
     }, notes
+
+
+def per_seed(row: dict) -> dict:
+    """A paired row's per-seed figures (PER_SEED) keyed by the seed as text, as JSON keys are."""
+    return {k: {str(s): v for s, v in row[k].items()} for k in PER_SEED if k in row}
 
 
 def _paired_row(key: LineKey, ref: LineKey, result: dict) -> dict:
@@ -503,7 +520,7 @@ def accuracy_sections(runs: list[Run], paired: list[dict]) -> list[dict]:
                                 "vs_zero",
                             )
                         },
-                        "seed_diffs": {str(s): d for s, d in comparison["seed_diffs"].items()},  # JSON keys are text
+                        **per_seed(comparison),
                     },
                 }
             )
@@ -621,6 +638,7 @@ def paired_attack(runs: list[Run], reference: list[Run], name: str) -> tuple[dic
     if not kept:
         return None, notes
     mean, low, high = stats.paired_auc_difference(pairs, refs, LEVEL)
+    seeds = [stats.paired_auc_difference([p], [r], LEVEL)[1:] for p, r in zip(pairs, refs)]
     auc = [float(stats.win_matrix(*p).mean()) for p in pairs]
     ref_auc = [float(stats.win_matrix(*p).mean()) for p in refs]
     return {
@@ -635,6 +653,9 @@ def paired_attack(runs: list[Run], reference: list[Run], name: str) -> tuple[dic
         "diff_low": low,
         "diff_high": high,
         "seed_diffs": {s: a - b for s, a, b in zip(kept, auc, ref_auc)},
+        "seed_low": {s: lo for s, (lo, _) in zip(kept, seeds)},
+        "seed_high": {s: hi for s, (_, hi) in zip(kept, seeds)},
+        "seed_leakage": {s: LEAKAGE[stats.versus_zero(lo, hi)] for s, (lo, hi) in zip(kept, seeds)},
         "leakage": LEAKAGE[stats.versus_zero(low, high)],
     }, notes
 
@@ -741,10 +762,7 @@ def numbers(accuracy: list[dict], privacy: list[dict], privacy_paired: Sequence[
             for s in privacy
             if s["methods"]
         ],
-        "privacy_paired": [
-            {**r, "seed_diffs": {str(s): d for s, d in r["seed_diffs"].items()}}  # JSON keys are text
-            for r in privacy_paired
-        ],
+        "privacy_paired": [{**r, **per_seed(r)} for r in privacy_paired],
     }
 
 
@@ -819,6 +837,10 @@ def _verdict_cell(m: dict) -> str:
     return m["paired"]["verdict"] if m["paired"] else ""
 
 
+def _seed_diffs_cell(p: dict) -> str:
+    return "; ".join(f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" for d, lo, hi in zip(*(p[k].values() for k in PER_SEED[:3])))
+
+
 def accuracy_markdown(sections: list[dict]) -> str:
     """accuracy.md: how to read it, then one table per setting and distribution (accuracy_sections)."""
     out = [
@@ -832,7 +854,8 @@ def accuracy_markdown(sections: list[dict]) -> str:
         f"training mean age. *Δ MAE*: paired difference to dense {BASELINE} on the same test subjects, per subject "
         f"|error| − |{BASELINE}'s error| averaged over the seeds both have, then over subjects, with a "
         f"{LEVEL:.0%} bootstrap interval over subjects ({stats.BOOTSTRAP_RESAMPLES:,} resamples). The interval "
-        f"does not include seed-to-seed variation; the per-seed Δ show it. *Verdict* against the non-inferiority "
+        f"does not include seed-to-seed variation; the per-seed Δ show it, each with its own interval over "
+        f"subjects and (*verdict per seed*) its own verdict. *Verdict* against the non-inferiority "
         f"margin of {MARGIN_YEARS} years: non-inferior if the interval's upper end is below it, "
         f"inferior if its lower end is above it, else inconclusive. *vs 0*: whether the interval excludes 0. "
         f"{BASELINE} clearly learns when its MAE is at most {LEARNS_FRACTION} × the predict-the-mean MAE. A "
@@ -853,8 +876,9 @@ def accuracy_markdown(sections: list[dict]) -> str:
                     f"{p['mean_diff']:+.2f} [{p['diff_low']:+.2f}, {p['diff_high']:+.2f}] ({p['n_subjects']} subjects)"
                     if p
                     else "",
-                    ", ".join(f"{d:+.2f}" for d in p["seed_diffs"].values()) if p else "",
+                    _seed_diffs_cell(p) if p else "",
                     _verdict_cell(m),
+                    ", ".join(p["seed_verdicts"].values()) if p else "",
                     p["vs_zero"] if p else "",
                 ]
             )
@@ -871,8 +895,9 @@ def accuracy_markdown(sections: list[dict]) -> str:
                     "vs mean",
                     f"bytes vs {BASELINE}",
                     "Δ MAE [95% CI]",
-                    "Δ per seed",
+                    "Δ per seed [95% CI]",
                     "verdict",
+                    "verdict per seed",
                     "vs 0",
                 ],
                 rows,
@@ -900,7 +925,7 @@ def _correlation_cell(c: dict) -> str:
 
 
 def _paired_auc_cell(row: dict) -> str:
-    seeds = "; ".join(f"{d:+.3f}" for d in row["seed_diffs"].values())
+    seeds = "; ".join(f"{d:+.3f} {leak}" for d, leak in zip(row["seed_diffs"].values(), row["seed_leakage"].values()))
     return (
         f"**{row['mean_diff']:+.3f}** [{row['diff_low']:+.3f}, {row['diff_high']:+.3f}] {row['leakage']} "
         f"(seeds: {seeds})"
@@ -934,7 +959,8 @@ def _paired_privacy_table(section: dict, paired: Sequence[dict]) -> list[str]:
         "",
         f"AUC minus {BASELINE}'s on the same attacked subjects, mean over the seeds both have, with its "
         f"{LEVEL:.0%} paired bootstrap interval (the subjects drawn once for both models) and whether the "
-        "method leaks less, more or no differently; then each seed's difference.",
+        "method leaks less, more or no differently; then each seed's difference, and whether that seed's own "
+        "paired interval says less, more or no difference.",
         "",
         *_table(["method", "seeds", "subjects", *names], rows),
     ]

@@ -80,6 +80,51 @@ def test_paired_difference_averages_over_the_seeds_both_have(tmp_path):
     assert (row["verdict"], row["vs_zero"], row["reference"]) == ("non-inferior", "worse", "fedavg")
 
 
+def test_each_seed_gets_its_own_interval_and_verdict(tmp_path):
+    """The pooled interval averages the seeds' differences per subject; each seed's own interval over the same
+    subjects (the same bootstrap as the pooled one) says whether the verdict holds in that seed alone."""
+    ages = [40.0 + i for i in range(20)]
+    rng = np.random.default_rng(3)
+    base = rng.uniform(1.0, 5.0, size=(2, 20))
+    shift = [rng.normal(-0.5, 0.3, 20), rng.normal(0.9, 0.3, 20)]  # seed 0 better, seed 1 clearly past the margin
+
+    def run(name, algorithm, seed, errors):
+        return write_run(
+            tmp_path,
+            name,
+            algorithm=algorithm,
+            target=0.9 if algorithm != "fedavg" else 0.0,
+            mae=[1.0],
+            sparsities=[0.0],
+            bytes_per_round=[10],
+            seed=seed,
+            predictions=[(f"s{i}", a, a + e) for i, (a, e) in enumerate(zip(ages, errors))],
+        )
+
+    runs = load_runs(
+        *(run(f"a{s}", "fedavg", s, base[s]) for s in (0, 1)),
+        *(run(f"g{s}", "fedsparsify-global", s, base[s] + shift[s]) for s in (0, 1)),
+    )
+    (row,) = tables.paired_rows(runs)[0]
+    # the written predictions keep 4 decimals: the reference takes the errors as the records hold them
+    errors = {n: np.abs(np.round(ages + e, 4) - ages) for n, e in (("a", base), ("g", base + np.array(shift)))}
+    order = sorted(range(20), key=lambda i: f"s{i}")  # the subjects as the pairing sorts them, by name
+    for s in (0, 1):
+        d = (errors["g"][s] - errors["a"][s])[order]
+        assert row["seed_diffs"][s] == pytest.approx(d.mean())
+        assert (row["seed_low"][s], row["seed_high"][s]) == stats.bootstrap_mean_interval(d, tables.LEVEL)
+    assert row["seed_high"][0] < 0 and row["seed_low"][1] > tables.MARGIN_YEARS
+    assert row["seed_verdicts"] == {0: "non-inferior", 1: "inferior"}
+    assert row["verdict"] == "non-inferior"  # the average of the two hides seed 1
+    md = tables.accuracy_markdown(tables.accuracy_sections(runs, [row]))
+    cell = "; ".join(
+        f"{row['seed_diffs'][s]:+.2f} [{row['seed_low'][s]:+.2f}, {row['seed_high'][s]:+.2f}]" for s in (0, 1)
+    )
+    assert f"| {cell} | non-inferior | non-inferior, inferior | {row['vs_zero']} |" in md
+    header, line = tables.to_csv([row], tables.PAIRED_COLUMNS).splitlines()
+    assert "seed_verdicts" in header.split(",") and "0:non-inferior 1:inferior" in line
+
+
 def test_paired_verdict_at_the_margin(tmp_path):
     avg = _pair(tmp_path, "avg", "fedavg", [1.0, 2.0, 3.0, 4.0])
     at = _pair(tmp_path, "at", "fedsparsify-global", [1.5, 2.5, 3.5, 4.5], target=0.9)  # exactly 0.5 worse
@@ -200,7 +245,7 @@ def test_accuracy_markdown_shows_the_paired_difference(tmp_path):
     md = tables.accuracy_markdown(tables.accuracy_sections(loaded, tables.paired_rows(loaded)[0]))
     assert (  # its MAE 9.5, 7.5, 6.5: the last rounds' mean 7.83, their swing 3.00
         "| fedsparsify-global 0.9 | 1 | 6.50 | 7.83 (3.00) | 0.65 | 0.583 | +1.00 [+1.00, +1.00] (4 subjects) | "
-        "+1.00 | inferior | worse |" in md
+        "+1.00 [+1.00, +1.00] | inferior | inferior | worse |" in md
     )
     assert "margin of 0.5 years" in md and "## uniform-iid" in md
 
@@ -385,8 +430,15 @@ def test_privacy_paired_rows_pair_each_seed_with_fedavgs_on_the_same_subjects(tm
     assert (
         f"| fedsparsify-global 0.9 | 0, 1 | 2 + 2 | **-0.125** [{row['diff_low']:+.3f}, {row['diff_high']:+.3f}]" in md
     )
-    assert "(seeds: -0.250; +0.000) |" in md
-    assert tables.numbers([], [], rows)["privacy_paired"] == [{**row, "seed_diffs": {"0": -0.25, "1": 0.0}}]
+    seed0 = stats.paired_auc_difference([([0.5, 3.0], [1.0, 0.0])], [([2.0, 3.0], [1.0, 0.0])], tables.LEVEL)
+    assert (row["seed_low"][0], row["seed_high"][0]) == seed0[1:] and seed0[0] == -0.25
+    assert (row["seed_low"][1], row["seed_high"][1]) == (0.0, 0.0)  # the same scores: no difference in any draw
+    assert row["seed_leakage"] == {0: "less" if row["seed_high"][0] < 0 else "no difference", 1: "no difference"}
+    assert f"(seeds: -0.250 {row['seed_leakage'][0]}; +0.000 no difference) |" in md
+    assert tables.numbers([], [], rows)["privacy_paired"] == [
+        {**row, **{k: {str(s): v for s, v in row[k].items()} for k in tables.PER_SEED if k in row}}
+    ]
+    assert tables.numbers([], [], rows)["privacy_paired"][0]["seed_diffs"] == {"0": -0.25, "1": 0.0}
     header, line = tables.to_csv(rows, tables.PRIVACY_PAIRED_COLUMNS).splitlines()
     assert (
         header.split(",") == list(tables.PRIVACY_PAIRED_COLUMNS) and ",white_box,0 1,2,2,2,0.75,0.875,-0.125," in line
