@@ -60,6 +60,8 @@ ACCURACY_COLUMNS = (
     "bytes_ratio_vs_fedavg",
     "setting",
 )
+# A paired comparison's difference: the mean over seeds with its interval, then each seed's with its own.
+DIFFERENCE = ("mean_diff", "diff_low", "diff_high", "seed_diffs", "seed_low", "seed_high")
 PAIRED_COLUMNS = (
     "setting",
     "distribution",
@@ -71,12 +73,7 @@ PAIRED_COLUMNS = (
     "n_subjects",
     "mae",
     "reference_mae",
-    "mean_diff",
-    "diff_low",
-    "diff_high",
-    "seed_diffs",
-    "seed_low",
-    "seed_high",
+    *DIFFERENCE,
     "seed_verdicts",
     "margin",
     "verdict",
@@ -111,12 +108,7 @@ PRIVACY_PAIRED_COLUMNS = (
     "nonmembers_eval",
     "auc",
     "reference_auc",
-    "mean_diff",
-    "diff_low",
-    "diff_high",
-    "seed_diffs",
-    "seed_low",
-    "seed_high",
+    *DIFFERENCE,
     "seed_leakage",
     "leakage",
 )
