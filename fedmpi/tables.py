@@ -1,7 +1,7 @@
 """The study's tables: accuracy per run, the paired comparison with the dense baseline on the same test
 subjects, the membership attacks per run and per sparsity, and the numbers the README quotes.
 
-Pure functions of loaded runs (fedmpi.report.Run): no I/O and no plotting, so every value is tested on
+Pure functions of loaded runs (fedmpi.records.Run): no I/O and no plotting, so every value is tested on
 hand-written runs. Runs are grouped by *setting*: the config values that change what is trained, other
 than the distribution, algorithm, target and seed. A study's accuracy runs and its privacy runs (other
 epochs, another test fraction) are then never averaged or compared with each other.
@@ -23,7 +23,7 @@ from .algorithms import ALGORITHMS, BASELINE
 from .config import RUNTIME_KEYS
 
 if TYPE_CHECKING:
-    from .report import Run
+    from .records import Run
 
 POOLED = "pooled"  # the distribution column of a centralized run: it trains on every learner's data at once
 MARGIN_YEARS = 0.5  # the study's non-inferiority margin for the paired MAE difference

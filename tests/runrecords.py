@@ -9,7 +9,7 @@ import numpy as np
 from fedtools import write_volumes
 
 from fedmpi import tables
-from fedmpi.report import load_run
+from fedmpi.records import load_run
 
 
 def write_run(

@@ -161,7 +161,7 @@ def test_a_resume_removes_the_checkpoints_past_its_round_so_pruning_keeps_the_ne
 def test_predictions_round_trip_through_the_report_whatever_the_subject_ids(tmp_path):
     """Ids from other tools' files may hold a comma or a quote: written unquoted, `sub-1,2` read as age 2."""
     from fedmpi.recorder import Recorder
-    from fedmpi.report import read_predictions
+    from fedmpi.records import read_predictions
 
     ids = ["sub-01", "sub-1,2", 'sub-"3"']
     rec = SimpleNamespace(

@@ -684,7 +684,7 @@ def test_an_attack_one_weight_sparser_than_the_run_is_stale():
 
 
 def test_the_attacked_sparsity_falls_back_to_the_runs_final_one_when_the_attack_has_none():
-    from fedmpi.report import Run
+    from fedmpi.records import Run
 
     def run(attack):
         return Run("r", {}, {"final_sparsity": 0.95}, [], attack, "uniform-iid")
