@@ -376,7 +376,7 @@ def paired_difference(runs: list[Run], reference: list[Run]) -> tuple[dict | Non
     base = np.stack([_errors(theirs[s][1], subjects) for s in kept])
     per_subject = (mine - base).mean(axis=0)
     low, high = stats.bootstrap_mean_interval(per_subject, LEVEL)
-    seeds = [stats.bootstrap_mean_interval(d, LEVEL) for d in mine - base]
+    intervals = [stats.bootstrap_mean_interval(d, LEVEL) for d in mine - base]  # each seed's, over the same subjects
     return {
         "seeds": kept,
         "n_seeds": len(kept),
@@ -387,9 +387,9 @@ def paired_difference(runs: list[Run], reference: list[Run]) -> tuple[dict | Non
         "diff_low": low,
         "diff_high": high,
         "seed_diffs": {s: float(d) for s, d in zip(kept, (mine - base).mean(axis=1))},
-        "seed_low": {s: lo for s, (lo, _) in zip(kept, seeds)},
-        "seed_high": {s: hi for s, (_, hi) in zip(kept, seeds)},
-        "seed_verdicts": {s: stats.noninferiority(lo, hi, MARGIN_YEARS) for s, (lo, hi) in zip(kept, seeds)},
+        "seed_low": {s: lo for s, (lo, _) in zip(kept, intervals)},
+        "seed_high": {s: hi for s, (_, hi) in zip(kept, intervals)},
+        "seed_verdicts": {s: stats.noninferiority(lo, hi, MARGIN_YEARS) for s, (lo, hi) in zip(kept, intervals)},
         "margin": MARGIN_YEARS,
         "verdict": stats.noninferiority(low, high, MARGIN_YEARS),
         "vs_zero": stats.versus_zero(low, high),
@@ -630,7 +630,7 @@ def paired_attack(runs: list[Run], reference: list[Run], name: str) -> tuple[dic
     if not kept:
         return None, notes
     mean, low, high = stats.paired_auc_difference(pairs, refs, LEVEL)
-    seeds = [stats.paired_auc_difference([p], [r], LEVEL)[1:] for p, r in zip(pairs, refs)]
+    intervals = [stats.paired_auc_difference([p], [r], LEVEL)[1:] for p, r in zip(pairs, refs)]  # each seed's
     auc = [float(stats.win_matrix(*p).mean()) for p in pairs]
     ref_auc = [float(stats.win_matrix(*p).mean()) for p in refs]
     return {
@@ -645,9 +645,9 @@ def paired_attack(runs: list[Run], reference: list[Run], name: str) -> tuple[dic
         "diff_low": low,
         "diff_high": high,
         "seed_diffs": {s: a - b for s, a, b in zip(kept, auc, ref_auc)},
-        "seed_low": {s: lo for s, (lo, _) in zip(kept, seeds)},
-        "seed_high": {s: hi for s, (_, hi) in zip(kept, seeds)},
-        "seed_leakage": {s: LEAKAGE[stats.versus_zero(lo, hi)] for s, (lo, hi) in zip(kept, seeds)},
+        "seed_low": {s: lo for s, (lo, _) in zip(kept, intervals)},
+        "seed_high": {s: hi for s, (_, hi) in zip(kept, intervals)},
+        "seed_leakage": {s: LEAKAGE[stats.versus_zero(lo, hi)] for s, (lo, hi) in zip(kept, intervals)},
         "leakage": LEAKAGE[stats.versus_zero(low, high)],
     }, notes
 
@@ -830,7 +830,8 @@ def _verdict_cell(m: dict) -> str:
 
 
 def _seed_diffs_cell(p: dict) -> str:
-    return "; ".join(f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" for d, lo, hi in zip(*(p[k].values() for k in PER_SEED[:3])))
+    low, high = p["seed_low"], p["seed_high"]
+    return "; ".join(f"{d:+.2f} [{low[s]:+.2f}, {high[s]:+.2f}]" for s, d in p["seed_diffs"].items())
 
 
 def accuracy_markdown(sections: list[dict]) -> str:
@@ -870,7 +871,7 @@ def accuracy_markdown(sections: list[dict]) -> str:
                     else "",
                     _seed_diffs_cell(p) if p else "",
                     _verdict_cell(m),
-                    ", ".join(p["seed_verdicts"].values()) if p else "",
+                    ", ".join(p["seed_verdicts"][s] for s in p["seed_diffs"]) if p else "",
                     p["vs_zero"] if p else "",
                 ]
             )
@@ -917,7 +918,7 @@ def _correlation_cell(c: dict) -> str:
 
 
 def _paired_auc_cell(row: dict) -> str:
-    seeds = "; ".join(f"{d:+.3f} {leak}" for d, leak in zip(row["seed_diffs"].values(), row["seed_leakage"].values()))
+    seeds = "; ".join(f"{d:+.3f} {row['seed_leakage'][s]}" for s, d in row["seed_diffs"].items())
     return (
         f"**{row['mean_diff']:+.3f}** [{row['diff_low']:+.3f}, {row['diff_high']:+.3f}] {row['leakage']} "
         f"(seeds: {seeds})"

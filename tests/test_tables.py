@@ -466,6 +466,7 @@ def test_a_seed_attacked_on_other_subjects_than_the_first_is_named_as_such(tmp_p
     )
     rows, notes = tables.privacy_paired_rows(runs)
     assert [r["seeds"] for r in rows] == [[0]]
+    assert [list(rows[0][k]) for k in ("seed_diffs", "seed_low", "seed_high", "seed_leakage")] == [[0]] * 4
     assert notes == [
         "g1 and a1: white_box attacked other subjects than g0 and a0 (seed 0), whose subjects every seed's "
         "pair must share; not paired"
@@ -622,6 +623,28 @@ def test_runs_tested_on_other_subjects_are_not_paired(tmp_path, method_subjects)
         _run_on(tmp_path, "g", "fedsparsify-global", method_subjects, 1.0),
     )
     assert tables.paired_rows(runs) == ([], ["g and avg were tested on different subjects; not paired"])
+
+
+def test_a_seed_left_out_of_the_pairing_leaves_no_per_seed_figure(tmp_path):
+    """Seed 1's runs were tested on other subjects: every per-seed figure is keyed by the seeds paired (0 and 2), each
+    holding its own seed's difference and interval, and the markdown lists just those, in that order."""
+    subjects = [("s0", 50.0), ("s1", 60.0), ("s2", 70.0), ("s3", 55.0)]
+    d = {0: np.array([0.2, 0.3, 0.2, 0.1]), 2: np.array([2.0, 1.0, 3.0, 1.0])}  # fedavg misses each by 1 year
+    runs = load_runs(
+        *(_run_on(tmp_path, f"avg{s}", "fedavg", subjects, 1.0, seed=s) for s in (0, 1, 2)),
+        _run_on(tmp_path, "g1", "fedsparsify-global", [("s0", 51.0), *subjects[1:]], 9.0, seed=1),
+        *(_run_on(tmp_path, f"g{s}", "fedsparsify-global", subjects, 1.0 + d[s], seed=s) for s in (0, 2)),
+    )
+    (row,), notes = tables.paired_rows(runs)
+    assert notes == ["g1 and avg1 were tested on different subjects; not paired"] and row["seeds"] == [0, 2]
+    assert {k: list(row[k]) for k in tables.PER_SEED if k in row} == {k: [0, 2] for k in tables.PER_SEED[:4]}
+    intervals = {s: stats.bootstrap_mean_interval(d[s], tables.LEVEL) for s in (0, 2)}
+    assert row["seed_diffs"] == {s: pytest.approx(d[s].mean()) for s in (0, 2)}
+    assert [(row["seed_low"][s], row["seed_high"][s]) for s in (0, 2)] == [pytest.approx(intervals[s]) for s in (0, 2)]
+    assert row["seed_verdicts"] == {0: "non-inferior", 2: "inferior"}
+    md = tables.accuracy_markdown(tables.accuracy_sections(runs, [row]))
+    cells = [f"{row['seed_diffs'][s]:+.2f} [{row['seed_low'][s]:+.2f}, {row['seed_high'][s]:+.2f}]" for s in (0, 2)]
+    assert f"| {'; '.join(cells)} | inferior | non-inferior, inferior |" in md
 
 
 def test_the_paired_interval_is_the_95_percent_bootstrap_of_the_differences(tmp_path):
