@@ -237,9 +237,7 @@ def load_run(path: Path) -> Run:
         check_attack(attack, str(attack_path))
     stale = tables.stale_attack(summary, attack) if attack is not None else None
     if stale:
-        print(
-            f"{attack_path}: {stale}; left out (attack it again: python -m fedmpi attack --run {path})", file=sys.stderr
-        )
+        note(f"{attack_path}: {stale}; left out (attack it again: python -m fedmpi attack --run {path})")
         attack = None
     predictions = read_predictions(predictions_path) if predictions_path.exists() else None
     data = config.get("data", {})

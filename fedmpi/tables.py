@@ -762,7 +762,8 @@ def numbers(accuracy: list[dict], privacy: list[dict], privacy_paired: Sequence[
 
 
 def csv_cell(v) -> str:
-    """A value as CSV text: None blank, floats to 6 significant digits, lists space-separated, dicts as key:value."""
+    """A value as CSV text: None blank, floats to 6 significant digits, lists space-separated, dicts as key:value
+    pairs separated by "; " (a value may hold a space: "no difference")."""
     if v is None:
         return ""
     if isinstance(v, float):
@@ -770,7 +771,7 @@ def csv_cell(v) -> str:
     if isinstance(v, list):
         return " ".join(map(csv_cell, v))
     if isinstance(v, dict):
-        return " ".join(f"{csv_cell(k)}:{csv_cell(x)}" for k, x in v.items())
+        return "; ".join(f"{csv_cell(k)}:{csv_cell(x)}" for k, x in v.items())
     return str(v)
 
 

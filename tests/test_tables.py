@@ -122,7 +122,7 @@ def test_each_seed_gets_its_own_interval_and_verdict(tmp_path):
     )
     assert f"| {cell} | non-inferior | non-inferior, inferior | {row['vs_zero']} |" in md
     header, line = tables.to_csv([row], tables.PAIRED_COLUMNS).splitlines()
-    assert "seed_verdicts" in header.split(",") and "0:non-inferior 1:inferior" in line
+    assert "seed_verdicts" in header.split(",") and "0:non-inferior; 1:inferior" in line
 
 
 def test_paired_verdict_at_the_margin(tmp_path):
@@ -343,7 +343,8 @@ def test_an_attack_of_another_model_is_left_out_with_a_line(tmp_path, capsys):
     assert runs["kept"].attack and runs["same"].attack
     assert runs["retrained"].attack is None and runs["other"].attack is None
     err = capsys.readouterr().err
-    assert f"{retrained / 'attack.json'}: it attacked a model with sparsity 0.0, the run's is 0.95; left out" in err
+    stale = f"{retrained / 'attack.json'}: it attacked a model with sparsity 0.0, the run's is 0.95; left out"
+    assert f"fedmpi report: {stale}" in err
     assert "model_sha256 differs" in err and err.count("left out") == 2
     assert tables.stale_attack({"rounds": 40}, {"rounds": 39}) == "it attacked a model with rounds 39, the run's is 40"
     assert tables.stale_attack({"rounds": 40, "final_sparsity": 0.5}, {"rounds": 40, "sparsity": 0.5}) is None
@@ -443,6 +444,7 @@ def test_privacy_paired_rows_pair_each_seed_with_fedavgs_on_the_same_subjects(tm
     assert (
         header.split(",") == list(tables.PRIVACY_PAIRED_COLUMNS) and ",white_box,0 1,2,2,2,0.75,0.875,-0.125," in line
     )
+    assert f",0:{row['seed_leakage'][0]}; 1:no difference," in line  # a reading may hold a space: "; " parts seeds
 
 
 def test_a_seed_attacked_on_other_subjects_than_the_first_is_named_as_such(tmp_path):
