@@ -763,16 +763,21 @@ def numbers(accuracy: list[dict], privacy: list[dict], privacy_paired: Sequence[
 
 def csv_cell(v) -> str:
     """A value as CSV text: None blank, floats to 6 significant digits, lists space-separated, dicts as key:value
-    pairs separated by "; " (a value may hold a space: "no difference")."""
+    pairs separated by "; " (a value may hold a space: "no difference"). Inside a list or dict None is "None" (a
+    run without run.seed), as numbers.json keys it, not a blank that would leave "0 " or ":0.125"."""
     if v is None:
         return ""
     if isinstance(v, float):
         return f"{v:.6g}"
     if isinstance(v, list):
-        return " ".join(map(csv_cell, v))
+        return " ".join(map(_part, v))
     if isinstance(v, dict):
-        return "; ".join(f"{csv_cell(k)}:{csv_cell(x)}" for k, x in v.items())
+        return "; ".join(f"{_part(k)}:{_part(x)}" for k, x in v.items())
     return str(v)
+
+
+def _part(v) -> str:
+    return "None" if v is None else csv_cell(v)
 
 
 def to_csv(rows: list[dict], columns: tuple[str, ...]) -> str:

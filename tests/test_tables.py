@@ -505,6 +505,8 @@ def test_privacy_paired_numbers_take_a_run_without_a_seed(tmp_path):
     assert [r["seeds"] for r in rows] == [[0, None]]
     numbers = json.loads(dumps(tables.numbers([], [], rows)))
     assert numbers["privacy_paired"][0]["seed_diffs"] == {"0": 0.0, "None": 0.0}
+    line = tables.to_csv(rows, tables.PRIVACY_PAIRED_COLUMNS).splitlines()[1]
+    assert ",0 None,2," in line and ",0:0; None:0," in line  # in a cell the seedless run is named, not left blank
 
 
 def test_mean_curve_over_seeds(tmp_path):
