@@ -350,6 +350,15 @@ def _same_subjects(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(abs(a[s][0] - b[s][0]) <= AGE_TOLERANCE for s in a)
 
 
+def _seed_intervals(seeds: list, intervals: list, key: str, reading) -> dict:
+    """Each seed's interval (seed_low, seed_high) and what it reads as (under key), keyed by seed."""
+    return {
+        "seed_low": {s: lo for s, (lo, _) in zip(seeds, intervals)},
+        "seed_high": {s: hi for s, (_, hi) in zip(seeds, intervals)},
+        key: {s: reading(lo, hi) for s, (lo, hi) in zip(seeds, intervals)},
+    }
+
+
 def paired_difference(runs: list[Run], reference: list[Run]) -> tuple[dict | None, list[str]]:
     """The paired MAE difference of a method's runs to the reference's on the same test subjects.
 
@@ -387,9 +396,7 @@ def paired_difference(runs: list[Run], reference: list[Run]) -> tuple[dict | Non
         "diff_low": low,
         "diff_high": high,
         "seed_diffs": {s: float(d) for s, d in zip(kept, (mine - base).mean(axis=1))},
-        "seed_low": {s: lo for s, (lo, _) in zip(kept, intervals)},
-        "seed_high": {s: hi for s, (_, hi) in zip(kept, intervals)},
-        "seed_verdicts": {s: stats.noninferiority(lo, hi, MARGIN_YEARS) for s, (lo, hi) in zip(kept, intervals)},
+        **_seed_intervals(kept, intervals, "seed_verdicts", lambda lo, hi: stats.noninferiority(lo, hi, MARGIN_YEARS)),
         "margin": MARGIN_YEARS,
         "verdict": stats.noninferiority(low, high, MARGIN_YEARS),
         "vs_zero": stats.versus_zero(low, high),
@@ -645,9 +652,7 @@ def paired_attack(runs: list[Run], reference: list[Run], name: str) -> tuple[dic
         "diff_low": low,
         "diff_high": high,
         "seed_diffs": {s: a - b for s, a, b in zip(kept, auc, ref_auc)},
-        "seed_low": {s: lo for s, (lo, _) in zip(kept, intervals)},
-        "seed_high": {s: hi for s, (_, hi) in zip(kept, intervals)},
-        "seed_leakage": {s: LEAKAGE[stats.versus_zero(lo, hi)] for s, (lo, hi) in zip(kept, intervals)},
+        **_seed_intervals(kept, intervals, "seed_leakage", lambda lo, hi: LEAKAGE[stats.versus_zero(lo, hi)]),
         "leakage": LEAKAGE[stats.versus_zero(low, high)],
     }, notes
 

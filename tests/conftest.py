@@ -1,5 +1,6 @@
-"""Shared fixtures: one tiny synthetic cohort per test session (36 subjects, 4 mm), and a
-scanner-space one (4 subjects, one per site, with ground truth) for the registration tests."""
+"""Shared fixtures: one tiny synthetic cohort per test session (36 subjects, 4 mm), a
+scanner-space one (4 subjects, one per site, with ground truth) for the registration tests, and
+two finished runs' records for the report's tests."""
 
 from __future__ import annotations
 
@@ -23,6 +24,14 @@ class Cohort:
     split: Path  # uniform-iid split over 4 learners
     subjects: int = COHORT_SUBJECTS
     seed: int = COHORT_SEED
+
+
+@pytest.fixture
+def runs(tmp_path) -> tuple[Path, Path]:
+    """Two finished runs' directories (runrecords.two_runs), for the tests of reading and reporting records."""
+    from runrecords import two_runs
+
+    return two_runs(tmp_path)
 
 
 @pytest.fixture(scope="session")

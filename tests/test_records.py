@@ -5,15 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from runrecords import two_runs, write_run, write_test_h5
+from runrecords import write_run, write_test_h5
 
 from fedmpi.errors import ReportError
 from fedmpi.records import expand_run_dirs, load_run, read_predictions
-
-
-@pytest.fixture
-def runs(tmp_path):
-    return two_runs(tmp_path)
 
 
 def test_an_argument_that_is_not_a_directory_is_one_clear_error(tmp_path):

@@ -10,17 +10,12 @@ import shutil
 
 import numpy as np
 import pytest
-from runrecords import load_runs, two_runs, write_run
+from runrecords import load_runs, write_run
 
 from fedmpi import report, tables
 from fedmpi.errors import EXIT_USAGE, MissingExtra, ReportError
 from fedmpi.records import load_run
 from fedmpi.report import write_report
-
-
-@pytest.fixture
-def runs(tmp_path):
-    return two_runs(tmp_path)
 
 
 def test_results_rows_values(runs):
