@@ -54,6 +54,38 @@ def _apply_masks(params, masks) -> None:
             p.mul_(m)
 
 
+def sgd_step(
+    params: Sequence[torch.Tensor],
+    buffers: list[torch.Tensor | None],
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+) -> None:
+    """One step of torch.optim.SGD (no dampening, no Nesterov), its single-tensor update written out.
+
+    Building any torch.optim optimizer imports torch._dynamo, about 2 CPU-seconds in every learner's start-up,
+    for arithmetic this short. Same operations in the same order as torch's own loop (the one it runs on CPU), so
+    the same bits (tests/test_training.py). `buffers` holds the momentum buffers, None until a parameter's first
+    step; parameters without a gradient are left alone, as torch does.
+    """
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            if p.grad is None:
+                continue
+            grad = p.grad
+            if weight_decay != 0:
+                grad = grad.add(p, alpha=weight_decay)
+            if momentum != 0:
+                buf = buffers[i]
+                if buf is None:
+                    buf = buffers[i] = grad.detach().clone()
+                else:
+                    buf.mul_(momentum).add_(grad, alpha=1)
+                grad = buf
+            p.add_(grad, alpha=-lr)
+
+
 def local_train(
     model: nn.Module,
     loader,
@@ -71,7 +103,7 @@ def local_train(
 ) -> dict:
     """Train with plain SGD on MSE for `epochs` passes over `loader`.
 
-    A fresh optimizer is built per call (no optimizer state crosses rounds). `masks`
+    Momentum starts afresh in every call (no optimizer state crosses rounds). `masks`
     keeps pruned weights exactly zero (applied at the start, to gradients, and after each
     step). `prox_mu` > 0 adds FedProx's mu/2 * ||w - w_start||^2. The returned "loss" is
     the sample-weighted MSE over the last epoch, without the proximal term.
@@ -96,7 +128,7 @@ def local_train(
     if squared_grads is not None and [a.shape for a in squared_grads] != [p.shape for p in params]:
         raise ValueError("squared_grads must hold one tensor per parameter, of its shape")
     anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    buffers: list[torch.Tensor | None] = [None] * len(params)  # momentum: a fresh optimizer per call
     loss_fn = nn.MSELoss()
     model.train()
     steps = 0
@@ -108,7 +140,8 @@ def local_train(
         for x, y in loader:
             x = to_device(x, device, channels_last)
             y = y.to(device, dtype=torch.float32, non_blocking=True).reshape(-1)
-            optimizer.zero_grad(set_to_none=True)
+            for p in params:
+                p.grad = None
             with autocast_context(device, autocast):
                 loss = loss_fn(model(x).float(), y)
             total = loss
@@ -127,7 +160,7 @@ def local_train(
                 for p, m in zip(params, masks):
                     if p.grad is not None:
                         p.grad.mul_(m)
-            optimizer.step()
+            sgd_step(params, buffers, lr=lr, momentum=momentum, weight_decay=weight_decay)
             if masks is not None:
                 _apply_masks(params, masks)
             steps += 1
