@@ -5,6 +5,7 @@ checked on hand-computable cases."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -76,6 +77,18 @@ def win_matrix(members: ArrayLike, nonmembers: ArrayLike) -> np.ndarray:
     return wins
 
 
+@functools.lru_cache(maxsize=4)
+def _multiplicities(n_pos: int, n_neg: int, resamples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """bootstrap_win_means's draws (read-only). They depend on the matrix's shape only, and a report resamples
+    dozens of matrices of one shape (every attack, pair and seed on the same subjects): drawing them took 0.19 s
+    of each call's 0.22 s."""
+    rng = np.random.default_rng(seed)
+    c_pos = rng.multinomial(n_pos, np.full(n_pos, 1.0 / n_pos), size=resamples)
+    c_neg = rng.multinomial(n_neg, np.full(n_neg, 1.0 / n_neg), size=resamples)
+    c_pos.flags.writeable = c_neg.flags.writeable = False
+    return c_pos, c_neg
+
+
 def bootstrap_win_means(wins: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> np.ndarray:
     """The mean of a members x non-members matrix over `resamples` bootstrap resamples of its rows and columns.
 
@@ -86,9 +99,7 @@ def bootstrap_win_means(wins: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, 
     if resamples < 1:
         raise ValueError(f"resamples must be >= 1, got {resamples}")
     n_pos, n_neg = wins.shape
-    rng = np.random.default_rng(seed)
-    c_pos = rng.multinomial(n_pos, np.full(n_pos, 1.0 / n_pos), size=resamples)
-    c_neg = rng.multinomial(n_neg, np.full(n_neg, 1.0 / n_neg), size=resamples)
+    c_pos, c_neg = _multiplicities(n_pos, n_neg, resamples, seed)
     means: np.ndarray = ((c_pos @ wins) * c_neg).sum(axis=1) / (n_pos * n_neg)
     return means
 
