@@ -140,8 +140,7 @@ def local_train(
         for x, y in loader:
             x = to_device(x, device, channels_last)
             y = y.to(device, dtype=torch.float32, non_blocking=True).reshape(-1)
-            for p in params:
-                p.grad = None
+            model.zero_grad(set_to_none=True)
             with autocast_context(device, autocast):
                 loss = loss_fn(model(x).float(), y)
             total = loss
