@@ -308,6 +308,19 @@ for _tag, _construct in (
 TextKeepingDumper.add_representer(_Unquoted, lambda dumper, scalar: dumper.represent_scalar(scalar.tag, str(scalar)))
 
 
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line, by the file's line and column: PyYAML's own text names the source "<unicode string>"
+    and quotes the offending lines over several lines of its own."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is None:
+        return " ".join(str(e).split())
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {e.problem}"  # type: ignore[attr-defined]
+    context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and start is not None and start.line != mark.line:
+        text += f" ({context} from line {start.line + 1})"
+    return text
+
+
 def integer(value) -> int:
     """An integer option's value, or ValueError: an int or an integer's text exactly (however large: a float would
     round it), a whole-valued float or its text (1e3, 1000.0) as that integer; never a bool. preprocess's
@@ -439,7 +452,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 f"{e.start}); save it as UTF-8"
             ) from None
         except yaml.YAMLError as e:
-            raise ConfigFileError(f"config file {p} is not valid YAML: {e}") from None
+            raise ConfigFileError(f"config file {p} is not valid YAML: {yaml_problem(e)}") from None
         except OSError as e:  # no read permission, an I/O error: each node's own answer, like a missing file
             raise ConfigFileError(f"config file {p} cannot be read: {e.strerror}") from None
         if not isinstance(values, dict):

@@ -52,6 +52,7 @@ from fedmpi.config import (  # noqa: E402
     integer,
     load_config,
     unknown,
+    yaml_problem,
     yaml_value,
 )
 from fedmpi.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, ConfigError  # noqa: E402
@@ -80,8 +81,10 @@ def read_study(path: Path) -> dict:
         spec = yaml.load(path.read_text(encoding="utf-8"), Loader=TextKeepingLoader)  # a SafeLoader
     except OSError as e:
         raise StudyError(f"study file {path} cannot be read ({e.strerror})") from None
-    except (UnicodeDecodeError, yaml.YAMLError) as e:
-        raise StudyError(f"study file {path} is not a YAML text file ({' '.join(str(e).split())})") from None
+    except UnicodeDecodeError as e:
+        raise StudyError(f"study file {path} is not a YAML text file ({e})") from None
+    except yaml.YAMLError as e:
+        raise StudyError(f"study file {path} is not a YAML text file ({yaml_problem(e)})") from None
     keys = ("base", "out", "records", "groups")
     if isinstance(spec, dict):
         _check_keys(spec, STUDY_KEYS, f"study file {path}")

@@ -390,6 +390,20 @@ def test_config_file_not_yaml(tmp_path):
         load_config(write(tmp_path, "train: [1, 2\n  lr: {"))
 
 
+def test_a_yaml_error_is_one_line_naming_the_files_lines(tmp_path):
+    """PyYAML's text named the source "<unicode string>" and took six lines to quote the file back."""
+    path = write(tmp_path, "run:\n  name: x\ntrain:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == (
+        f"config file {path} is not valid YAML: line 6, column 3: found duplicate key 'lr' "
+        "(while constructing a mapping from line 4)"
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "train:\n  lr: 0.1\n  epochs: 2: 3\n"))
+    assert str(e.value).endswith("not valid YAML: line 3, column 12: mapping values are not allowed here"), e.value
+
+
 @pytest.mark.parametrize(
     "encoding, where",
     [("latin-1", "byte 0xe9 at offset 17"), ("utf-16", "byte 0xff at offset 0"), ("cp1252", "byte 0x93")],

@@ -565,7 +565,8 @@ def test_a_key_given_twice_in_a_study_file_is_refused_not_the_last_taken(tmp_pat
     )
     assert sweep.main([str(study), "--list", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("sweep: error: ") and "found duplicate key 'set'" in err and err.count("\n") == 1, err
+    assert err.startswith("sweep: error: ") and err.count("\n") == 1, err
+    assert "(line 9, column 5: found duplicate key 'set' (while constructing a mapping from line 5))" in err, err
 
 
 @pytest.mark.parametrize(
