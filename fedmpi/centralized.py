@@ -43,7 +43,7 @@ def run_centralized(cfg, data_dir: Path, resume: bool, overwrite: bool, should_s
             raise DataError(problems[0])
     except UserError as e:
         if checked is not None and checked.lock is not None:
-            checked.lock.release()
+            checked.lock.abandon()
         say(0, str(e))
         return EXIT_USAGE
     assert checked.lock is not None

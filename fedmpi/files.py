@@ -44,9 +44,10 @@ def fsync_directory(path: Path) -> None:
     _fsync(path, directory=True)
 
 
-def make_dirs(directory: Path) -> None:
+def make_dirs(directory: Path) -> list[Path]:
     """mkdir -p, each directory it creates fsynced into its parent: a power loss after a file is written and
-    renamed into a new directory must not take the directory (and the file with it) away."""
+    renamed into a new directory must not take the directory (and the file with it) away. Returns the
+    directories it made, outermost first."""
     missing = []
     path = directory
     while not path.is_dir():
@@ -61,6 +62,7 @@ def make_dirs(directory: Path) -> None:
         # a parent one may write and search but not read (0o733) cannot be opened to fsync: mkdir -p works there
         with contextlib.suppress(PermissionError):
             fsync_directory(new.parent)
+    return missing[::-1]
 
 
 def _temporary_prefix(path: Path) -> str:

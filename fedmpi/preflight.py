@@ -99,7 +99,7 @@ def check_rank(cfg: Config, rank: int, data_dir: Path, local_rank: int, resume: 
     try:
         return RankCheck(info, head["digest"], device, lock, resume_point(cfg, resume, overwrite))
     except BaseException:
-        lock.release()
+        lock.abandon()
         raise
 
 
@@ -205,7 +205,7 @@ def preflight(cfg: Config, wire, data_dir: Path, local_rank: int, resume: bool, 
     verdict = wire.bcast(np.array([len(problems)], np.int64), "the preflight verdict")
     if verdict[0]:
         if mine.lock is not None:
-            mine.lock.release()
+            mine.lock.abandon()
         for p in problems:
             say(wire.rank, p)
         return None

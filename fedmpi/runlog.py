@@ -7,6 +7,7 @@ standard JSON: a non-finite number is written as null, never as NaN or Infinity.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import math
@@ -75,33 +76,40 @@ class RunLock:
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LOCK
         self._fd: int | None = None
+        self._made: list[Path] = []  # what acquire created: a start refused by the preflight takes it away again
         self.unlocked = ""
 
     def acquire(self) -> RunLock:
         """Take the lock, or ConfigError naming the job that holds it; where the file system takes no locks, go on and
         say why in `unlocked`. Returns self."""
-        try:
-            make_dirs(self.path.parent)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise ConfigError(f"cannot write the run directory {self.path.parent}: {e.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise ConfigError(
-                f"{self.path.parent} is in use by a running job ({holder}); wait for it to end or "
-                f"choose another run.name"
-            ) from None
-        except OSError as e:
-            if e.errno not in NO_LOCKS:
+        while True:
+            try:
+                made = make_dirs(self.path.parent)
+                existed = self.path.exists()
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise ConfigError(f"cannot write the run directory {self.path.parent}: {e.strerror}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
                 os.close(fd)
-                raise ConfigError(f"cannot lock the run directory {self.path.parent}: {e.strerror}") from None
-            self.unlocked = (
-                f"{self.path.parent}: this file system takes no locks ({e.strerror}), so a second run on this "
-                "run.name would not be refused; going on without the lock"
-            )
+                raise ConfigError(
+                    f"{self.path.parent} is in use by a running job ({holder}); wait for it to end or "
+                    f"choose another run.name"
+                ) from None
+            except OSError as e:
+                if e.errno not in NO_LOCKS:
+                    os.close(fd)
+                    raise ConfigError(f"cannot lock the run directory {self.path.parent}: {e.strerror}") from None
+                self.unlocked = (
+                    f"{self.path.parent}: this file system takes no locks ({e.strerror}), so a second run on this "
+                    "run.name would not be refused; going on without the lock"
+                )
+            if self.unlocked or _names(self.path, fd):
+                break
+            os.close(fd)  # a refused start removed the file between our open and our lock: lock the one there now
+        self._made = [*made, *([] if existed else [self.path])]
         os.ftruncate(fd, 0)
         os.pwrite(
             fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0
@@ -114,6 +122,28 @@ class RunLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
+
+    def abandon(self) -> None:
+        """Release after a start the preflight refused, taking away the lock file and the directories acquire
+        made (when still empty): a mistyped run leaves no run directory behind. The file goes before the lock,
+        so a run waiting on it locks a fresh one (acquire checks that its file is still the one named)."""
+        for made in reversed(self._made):
+            with contextlib.suppress(OSError):  # a directory something else wrote into stays
+                if made == self.path:
+                    made.unlink()
+                else:
+                    made.rmdir()
+        self._made = []
+        self.release()
+
+
+def _names(path: Path, fd: int) -> bool:
+    """Whether `path` still names the file open on `fd`."""
+    try:
+        named, held = os.stat(path), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 class RunLog:

@@ -63,6 +63,15 @@ def test_centralized_baseline_start_up_problems_are_one_line_and_exit_2_like_a_f
     assert proc.stderr.startswith("fedmpi: error: cannot write the run directory") and proc.stderr.count("\n") == 1
 
 
+def test_a_refused_centralized_start_leaves_no_run_directory(tmp_path, capsys):
+    """The learner files are checked after the run directory is locked: a problem there gives it up again."""
+    data = write_split(tmp_path / "data", learners=2, per_learner=6, test=6)
+    write_volumes(data / "learner_2.h5", np.full(6, 60.0), np.random.default_rng(0), shape=(16, 20, 18))
+    assert _centralized(data, tmp_path / "runs") == 2
+    assert "learner_2.h5: volume shape (16, 20, 18) differs from test.h5's" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 def _centralized(data_dir, run_dir, *sets, resume=False, should_stop=lambda: False):
     """run_centralized in this process, as `train` calls it for federation.algorithm=centralized."""
     overrides = [f"data.dir={data_dir}", f"run.dir={run_dir}", *TINY, "federation.algorithm=centralized", "run.name=c"]

@@ -284,13 +284,14 @@ def test_the_server_keeps_every_ranks_record_the_split_digests_and_the_lock(spli
 
 def test_a_learners_problem_stops_every_rank_in_one_line_and_frees_the_run_directory(split, tmp_path, capsys):
     """One learner's problem: the server prints it once (and nothing for the learner that had none), returns
-    None and releases the run directory's lock, which it had taken."""
+    None and gives up the run directory it had made and locked."""
     from fedmpi.runlog import RunLock
 
     cfg = _cfg(tmp_path, f"data.dir={split}")
     rows = _learner_rows(texts=("", "rank 2: learner_2.h5 is missing"))
     assert preflight(cfg, JobStandIn(0, rows), split, 0, False, False) is None
     assert capsys.readouterr().err == "fedmpi: error: rank 2: learner_2.h5 is missing\n"
+    assert not cfg.run_dir.exists()  # the refused start leaves no empty run directory with a .lock in it
     RunLock(cfg.run_dir).acquire().release()  # free again
 
 

@@ -147,6 +147,42 @@ def test_run_lock_is_exclusive_names_the_holder_and_is_released(tmp_path):
     again.release()
 
 
+def test_an_abandoned_lock_takes_away_what_it_made_and_nothing_else(tmp_path):
+    """A start the preflight refuses (a mistyped data.dir) left runs/<name>/.lock behind, an empty run."""
+    RunLock(tmp_path / "runs" / "new").acquire().abandon()
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "runs" / "old").mkdir(parents=True)
+    (tmp_path / "runs" / "old" / "metrics.jsonl").write_text("{}\n")
+    RunLock(tmp_path / "runs" / "old").acquire().abandon()
+    assert sorted(p.name for p in (tmp_path / "runs" / "old").iterdir()) == ["metrics.jsonl"]
+    RunLock(tmp_path / "runs" / "old").acquire().release()
+    RunLock(tmp_path / "runs" / "old").acquire().abandon()  # a lock file it found stays, for the next run
+    assert sorted(p.name for p in (tmp_path / "runs" / "old").iterdir()) == [".lock", "metrics.jsonl"]
+
+
+def test_a_lock_file_taken_away_while_waiting_for_it_is_not_the_one_locked(tmp_path, monkeypatch):
+    """A run that opened the lock file just before an abandoning run removed it would lock a file no one else can
+    find, and a third run would lock a new one beside it: two runs in one directory."""
+    from fedmpi import runlog
+    from fedmpi.errors import ConfigError
+
+    real, calls = runlog.fcntl.flock, []
+
+    def flock(fd, op):
+        calls.append(fd)
+        if len(calls) == 1:  # the abandoning run removes the file between this run's open and its lock
+            (tmp_path / "run" / ".lock").unlink()
+        real(fd, op)
+
+    monkeypatch.setattr(runlog.fcntl, "flock", flock)
+    lock = RunLock(tmp_path / "run").acquire()
+    monkeypatch.undo()
+    assert len(calls) == 2 and f"pid {os.getpid()}" in (tmp_path / "run" / ".lock").read_text()
+    with pytest.raises(ConfigError, match="is in use by a running job"):
+        RunLock(tmp_path / "run").acquire()
+    lock.release()
+
+
 def test_a_file_system_without_locks_runs_unlocked_and_says_so(tmp_path, monkeypatch):
     """NFS without a lock daemon (ENOLCK), Lustre without flock (ENOSYS): the run goes on, and says why it is
     not locked; any other failure to lock is one line."""
