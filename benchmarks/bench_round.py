@@ -37,6 +37,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from fedtools import metrics, run_fedmpi, write_split  # noqa: E402
 
 SHAPE = (40, 48, 40)
+TEST_VOLUMES = 32  # the server evaluates these every eval.every rounds
 WORKLOAD = [
     "model.width=0.25",
     "model.dropout=0",
@@ -86,6 +87,29 @@ def floor_round(cfg, model, batches) -> None:
     from fedmpi.training import local_train, train_options
 
     local_train(model, batches, **train_options(cfg))
+
+
+def arithmetic(cfg_sets: list[str], per_learner: int, test: int) -> tuple[float, float]:
+    """(GFLOP of one learner's local training in a round, GFLOP of one evaluation of `test` volumes), by torch's
+    FLOP counter over the floor's own training and the server's own prediction loop (it counts convolutions and
+    matrix products, not norms, pooling or the update): the evaluation's share of a round's arithmetic, which no
+    machine changes."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fedmpi.training import predict
+
+    threads = torch.get_num_threads()
+    try:
+        cfg, model, batches = floor_setup(cfg_sets, 0, per_learner)
+        with FlopCounterMode(display=False) as training:
+            floor_round(cfg, model, batches)
+        x, bs = torch.randn(test, 1, *SHAPE), cfg.eval.batch_size
+        with FlopCounterMode(display=False) as evaluation:
+            predict(model, [(x[i : i + bs], torch.zeros(len(x[i : i + bs]))) for i in range(0, test, bs)])
+    finally:
+        torch.set_num_threads(threads)
+    return training.get_total_flops() / 1e9, evaluation.get_total_flops() / 1e9
 
 
 def _floor_rounds(rank: int, cfg_sets: list[str], per_learner: int, rounds: int, barrier, times) -> None:
@@ -197,13 +221,24 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=4, help="federations, each between two floors")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to the trainer")
     args = ap.parse_args()
+    from fedmpi.config import load_config
+
     if args.rounds < 3:
         ap.error("--rounds must be at least 3: round 1 is start-up, the last round has no next model sent to time it")
     cfg_sets = [*WORKLOAD, *args.set]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        split = write_split(tmp / "split", learners=args.learners, per_learner=args.per_learner, test=32, shape=SHAPE)
+        split = write_split(
+            tmp / "split", learners=args.learners, per_learner=args.per_learner, test=TEST_VOLUMES, shape=SHAPE
+        )
         print(f"workload: {args.learners} learners x {args.per_learner} volumes {SHAPE}, {' '.join(cfg_sets)}")
+        learner_gflop, eval_gflop = arithmetic(cfg_sets, args.per_learner, TEST_VOLUMES)
+        every = load_config(overrides=cfg_sets).eval.every
+        print(
+            f"arithmetic (torch's FLOP counter): one learner's round {learner_gflop:.2f} GFLOP, the evaluation of "
+            f"{TEST_VOLUMES} test volumes {eval_gflop:.2f} GFLOP, every {every} round(s): "
+            f"{eval_gflop / every / (args.learners * learner_gflop):.1%} of the learners' training"
+        )
         summary = []
         speed_start = alone(cfg_sets, args.per_learner)
         before = statistics.median(floor(cfg_sets, args.learners, args.per_learner, args.rounds))

@@ -91,3 +91,14 @@ def test_the_round_benchmarks_floor_trains_as_the_learners_do(monkeypatch):
     assert {k: v for k, v in learner.items() if k not in ("device", "masks", "squared_grads")} == floor
     assert floor_threads == 2
     assert next(model.parameters()).is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_the_round_benchmark_counts_the_evaluations_share_of_the_arithmetic():
+    """The share it prints is the server's forward passes over the test volumes against the learners' steps: one
+    batch each way, then twice the epochs and twice the test volumes."""
+    bench_round = _load("bench_round")
+    train, evaluation = bench_round.arithmetic(bench_round.WORKLOAD, per_learner=4, test=4)
+    train2, evaluation2 = bench_round.arithmetic([*bench_round.WORKLOAD, "train.epochs=2"], per_learner=4, test=8)
+    assert train2 == pytest.approx(2 * train) and evaluation2 == pytest.approx(2 * evaluation)
+    # a step is a forward pass and a backward one of about twice its arithmetic, less the first layer's input gradient
+    assert 2 * evaluation < train < 3 * evaluation
