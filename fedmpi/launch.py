@@ -267,12 +267,13 @@ def _learn(cfg: Config, wire, data_dir: Path, device) -> int:
 def prepare_data(cfg: Config, wire) -> Path | None:
     """data.dir, or the embedded synthetic cohort: rank 0 builds it once, the others wait without spinning
     and then find it built. None when the configuration cannot give the cohort (what only its ages can tell,
-    such as a test fraction that holds out no one): rank 0 has said why, and every rank exits 2 (a bad
-    configuration value), as a check before MPI would have."""
+    such as a test fraction that holds out no one; a data.cache_dir under a file): rank 0 has said why, and every
+    rank exits 2 (a bad configuration value), as a check before MPI would have."""
     if cfg.data.dir:  # before the cohort's imports: training a given split needs no nibabel or nilearn
         return Path(cfg.data.dir)
     from preprocess.cohort import synthetic_cohort
     from preprocess.distributions import SplitError
+    from preprocess.outputs import OutputError
 
     d = cfg.data
 
@@ -297,6 +298,9 @@ def prepare_data(cfg: Config, wire) -> Path | None:
             data_dir = cohort()
         except SplitError as e:  # what only the cohort's ages can tell (a test fraction that holds out no one)
             say(0, split_error_text(str(e)))
+            built[0] = 0
+        except OutputError as e:  # data.cache_dir under a file, or not writable
+            say(0, f"data.cache_dir: {e}")
             built[0] = 0
     if wire.size > 1:  # generating a new cohort takes minutes: learners allow it a round's time
         wire.bcast(built, "the synthetic cohort (built by the server)", patience=cfg.run.round_timeout)

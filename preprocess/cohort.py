@@ -42,6 +42,8 @@ def synthetic_cohort(
     held_out = "" if test_fraction == TEST_FRACTION else f"-test{test_fraction:g}"
     name = f"split-{distribution}-{learners}-{voxel}mm{held_out}"
     out = base / name
+    if not base.is_dir():  # a root that is a file, or not writable: one line, not make_dirs' traceback
+        outputs.check_dir(base, "the synthetic cohort")
     # one builder at a time (two jobs sharing the cache, ranks of several nodes): the others wait, then find it built
     with outputs.exclusive(base / ".build.lock", f"the synthetic cohort {base}", wait=True):
         if not synth.is_complete(bids_dir, subjects, seed):

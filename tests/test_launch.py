@@ -391,6 +391,18 @@ def test_the_synthetic_cohorts_split_problems_name_this_configurations_options(t
     )
 
 
+def test_a_data_cache_dir_under_a_file_is_one_line_not_a_traceback(tmp_path, capsys):
+    """make_dirs' NotADirectoryError went up as rank 0's `failed:` with a traceback, exit 1."""
+    import types
+
+    (tmp_path / "afile").touch()
+    cfg = load_config(overrides=[f"data.cache_dir={tmp_path / 'afile'}", "data.subjects=20", "data.voxel=6"])
+    assert launch.prepare_data(cfg, types.SimpleNamespace(rank=0, size=1)) is None
+    err = capsys.readouterr().err
+    assert err.startswith("fedmpi: error: data.cache_dir: cannot write the synthetic cohort ") and err.count("\n") == 1
+    assert "afile is a file, not a directory" in err
+
+
 def test_the_launcher_is_the_venvs_mpirun_else_the_one_on_path(tmp_path, monkeypatch):
     (tmp_path / "bin").mkdir()
     monkeypatch.setattr(sys, "executable", str(tmp_path / "bin" / "python"))
