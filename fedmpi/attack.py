@@ -34,7 +34,7 @@ from preprocess import outputs
 from preprocess.layout import TEST_FILE, learner_file, learner_files
 
 from . import stats
-from .config import DEVICES, MAX_SEED
+from .config import DEVICES, MAX_SEED, MAX_THREADS
 from .data import VolumeDataset, file_digest, read_volume
 from .device import select_device
 from .errors import EXIT_USAGE, AttackError, ConfigError, DataError, is_user_error
@@ -809,8 +809,8 @@ def run(args) -> int:
     is one line on stderr and exit 2, not a traceback."""
     out = Path(args.out) if args.out else Path(args.run) / "attack.json"
     try:
-        if args.threads < 1:
-            raise AttackError(f"--threads must be at least 1, got {args.threads}")
+        if not 1 <= args.threads <= MAX_THREADS:  # torch segfaulted at 99999 and raised a ValueError at 2**31
+            raise AttackError(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
         if not 0 <= args.seed < MAX_SEED:  # numpy refuses a negative seed, torch one of 2**64 or more
             raise AttackError(f"--seed must be in [0, 2**64), got {args.seed}")
         outputs.check_file(out, "--out")  # before the attack, not after it

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fedmpi import attack, tables, training
+from fedmpi.config import MAX_THREADS
 from fedmpi.errors import EXIT_USAGE
 from fedmpi.model import BrainAgeCNN
 
@@ -380,8 +381,9 @@ def test_attack_command_on_a_run_directory(tmp_path, capsys):
     capped = json.loads((tmp_path / "more.json").read_text())
     assert capped["attacks"]["loss_threshold"]["n_train"] == 6 and capped["members_eval"] == 3
     capsys.readouterr()
-    assert attack.run(parser.parse_args([*args, "--threads", "0"])) == EXIT_USAGE
-    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
+    for threads in ("0", "99999", str(2**31)):  # 99999 segfaulted in torch, 2**31 was a traceback
+        assert attack.run(parser.parse_args([*args, "--threads", threads])) == EXIT_USAGE
+        assert f"--threads must be in [1, {MAX_THREADS}], got {threads}\n" in capsys.readouterr().err
 
     for bad, message in ((data / "learner_1.h5", "the run trained on it"), (data / "test.h5", "given twice")):
         assert attack.run(parser.parse_args(["--run", str(run), "--nonmembers", str(bad), "--out", "x"])) == EXIT_USAGE
