@@ -103,6 +103,8 @@ def read_study(path: Path) -> dict:
             if key in group:
                 group[key] = _typed(path, group, key)
         _check_seeds(path, group)
+        if "attack" in group:
+            _check_attack(path, group)
         priority = group.get("priority", 0)
         if isinstance(priority, bool) or not isinstance(priority, (int, float)):
             raise StudyError(f"study file {path}, group {group['name']}: priority must be a number, got {priority!r}")
@@ -144,6 +146,26 @@ def _check_names(path: Path, spec: dict) -> None:
                 f"{source(run)}; each run needs a name of its own"
             )
         first[run.name] = run
+
+
+class _AttackArguments(argparse.ArgumentParser):
+    """`fedmpi attack`'s parser, its usage errors raised rather than printed with an exit."""
+
+    def error(self, message):
+        raise StudyError(message)
+
+
+def _check_attack(path: Path, group: dict) -> None:
+    """A group's attack arguments parse as `fedmpi attack`'s: the attacks come after every run is trained, and a
+    misspelt option (--max-per-klass) failed only then, hours later."""
+    from fedmpi import attack  # torch: only for a study that attacks
+
+    parser = _AttackArguments(prog="python -m fedmpi attack", add_help=False)
+    attack.add_arguments(parser)
+    try:
+        parser.parse_args(["--run", "RUN", *map(str, group["attack"])])
+    except StudyError as e:
+        raise StudyError(f"study file {path}, group {group['name']}: attack: {e}") from None
 
 
 def _check_keys(mapping: dict, known: tuple[str, ...], where: str) -> None:

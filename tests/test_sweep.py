@@ -588,6 +588,16 @@ def test_a_key_given_twice_in_a_study_file_is_refused_not_the_last_taken(tmp_pat
             " fedsparsify-global 0.9], set: [train.lr=-1]}",
             "run g-uniform-iid-fedavg-s0: train.lr must be > 0",
         ),
+        (  # the attacks come after every run is trained: a misspelt option failed there
+            f"base: {BASE}\nout: o\nrecords: r\ngroups:\n  - {{name: g, distributions: [uniform-iid], runs: [fedavg],"
+            " attack: [--max-per-klass, 240]}",
+            "group g: attack: unrecognized arguments: --max-per-klass 240",
+        ),
+        (
+            f"base: {BASE}\nout: o\nrecords: r\ngroups:\n  - {{name: g, distributions: [uniform-iid], runs: [fedavg],"
+            " attack: [--max-per-class, lots]}",
+            "group g: attack: argument --max-per-class: invalid int value: 'lots'",
+        ),
     ],
 )
 def test_a_study_file_the_sweep_cannot_run_is_one_line_and_exit_2_before_any_run(
