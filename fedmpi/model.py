@@ -28,6 +28,18 @@ def _scaled(channels: int, width: float) -> int:
     return max(1, round(channels * width))
 
 
+def parameter_count(width: float) -> int:
+    """BrainAgeCNN's parameter count at `width`, without building it (it does not depend on the input shape or
+    the pooling): the preflight refuses a width whose model no model file could hold before torch allocates it."""
+    count, in_ch = 0, 1
+    for c in BLOCK_CHANNELS:
+        out_ch = _scaled(c, width)
+        count += 27 * in_ch * out_ch + out_ch  # a 3x3x3 kernel and a bias per output channel
+        in_ch = out_ch
+    head = _scaled(HEAD_CHANNELS, width)
+    return count + (in_ch + 1) * head + head + 1  # the 1x1x1 head, then the output layer
+
+
 def _pooled_shape(shape: tuple[int, ...], pools: int) -> tuple[int, ...]:
     out = tuple(shape)
     for _ in range(pools):

@@ -12,6 +12,7 @@ from fedmpi.model import (
     layer_sparsity,
     load_flat_parameters,
     max_pool2,
+    parameter_count,
     parameter_layout,
 )
 
@@ -21,6 +22,12 @@ TINY = (20, 24, 20)
 def tiny_model(**kw):
     torch.manual_seed(0)
     return BrainAgeCNN(TINY, width=0.125, **kw)
+
+
+@pytest.mark.parametrize("width", [0.01, 0.125, 0.3, 1.0])
+def test_the_parameter_count_without_a_model_is_the_models(width):
+    model = BrainAgeCNN((16, 20, 16), width=width)
+    assert parameter_count(width) == sum(p.numel() for p in model.parameters())
 
 
 def test_parameter_count_at_full_size():

@@ -70,6 +70,13 @@ def test_pooling_that_does_not_fit_the_volumes_is_refused_before_training(split,
     check_rank(_cfg(tmp_path, f"data.dir={split}", "model.pools=3"), 0, split, 0, False, False).lock.release()
 
 
+def test_a_model_wider_than_a_model_file_holds_is_refused_before_torch_allocates_it(split, tmp_path):
+    """model.width=1000 was torch's "can't allocate memory" traceback on every rank, exit 1."""
+    with pytest.raises(ConfigError, match=r"model.width = 1000 gives a model of 2,9\d\d,\d{3},\d{3},\d{3} parameters"):
+        check_rank(_cfg(tmp_path, f"data.dir={split}", "model.width=1000"), 0, split, 0, False, False)
+    check_rank(_cfg(tmp_path, f"data.dir={split}", "model.width=2"), 0, split, 0, False, False).lock.release()
+
+
 def test_missing_and_truncated_files_name_the_file(split, tmp_path):
     bad = write_split(tmp_path / "bad", learners=2, per_learner=6, test=6)
     (bad / "learner_2.h5").unlink()
