@@ -228,6 +228,8 @@ def open_checked(path) -> h5py.File:
     path = Path(path)
     if path.is_dir():
         raise DataError(f"volume file {path} is a directory; give the HDF5 file")
+    if path.parent.is_file():  # data.dir or --h5's folder given as a file: "does not exist" misled
+        raise DataError(f"volume file {path}: {path.parent} is a file, not a directory")
     if not path.is_file():
         raise DataError(f"volume file {path} does not exist")
     try:

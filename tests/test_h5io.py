@@ -98,6 +98,12 @@ def test_copy_rows_copies_volumes_table_and_attributes(cohort, tmp_path):
         assert dst.attrs["split"] == "{}"
 
 
+def test_a_volume_file_under_a_file_says_so_not_that_it_does_not_exist(tmp_path):
+    (tmp_path / "split").touch()  # data.dir=split, a file
+    with pytest.raises(h5io.DataError, match=r"test.h5: .*split is a file, not a directory$"):
+        h5io.open_checked(tmp_path / "split" / "test.h5")
+
+
 def test_open_checked_names_the_file_for_every_defect(cohort, tmp_path):
     with pytest.raises(h5io.DataError, match=r"missing.h5 does not exist"):
         h5io.open_checked(tmp_path / "missing.h5")
