@@ -311,6 +311,8 @@ TextKeepingDumper.add_representer(_Unquoted, lambda dumper, scalar: dumper.repre
 def yaml_problem(e: yaml.YAMLError) -> str:
     """A YAML error in one line, by the file's line and column: PyYAML's own text names the source "<unicode string>"
     and quotes the offending lines over several lines of its own."""
+    if isinstance(e, yaml.reader.ReaderError) and isinstance(e.character, int):  # a control character: an offset
+        return f"character {e.position + 1}: unacceptable character #x{e.character:04x} ({e.reason})"
     mark = getattr(e, "problem_mark", None)
     if mark is None:
         return " ".join(str(e).split())

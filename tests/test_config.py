@@ -402,6 +402,12 @@ def test_a_yaml_error_is_one_line_naming_the_files_lines(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, "train:\n  lr: 0.1\n  epochs: 2: 3\n"))
     assert str(e.value).endswith("not valid YAML: line 3, column 12: mapping values are not allowed here"), e.value
+    with pytest.raises(ConfigError) as e:  # a control character: PyYAML's ReaderError, "<unicode string>" again
+        load_config(write(tmp_path, "train:\n  lr: 0.1\x00\n"))
+    assert str(e.value) == (
+        f"config file {tmp_path / 'c.yaml'} is not valid YAML: character 17: unacceptable character #x0000 "
+        "(special characters are not allowed)"
+    )
 
 
 @pytest.mark.parametrize(
