@@ -28,18 +28,6 @@ def _scaled(channels: int, width: float) -> int:
     return max(1, round(channels * width))
 
 
-def parameter_count(width: float) -> int:
-    """BrainAgeCNN's parameter count at `width`, without building it (it does not depend on the input shape or
-    the pooling): the preflight refuses a width whose model no model file could hold before torch allocates it."""
-    count, in_ch = 0, 1
-    for c in BLOCK_CHANNELS:
-        out_ch = _scaled(c, width)
-        count += 27 * in_ch * out_ch + out_ch  # a 3x3x3 kernel and a bias per output channel
-        in_ch = out_ch
-    head = _scaled(HEAD_CHANNELS, width)
-    return count + (in_ch + 1) * head + head + 1  # the 1x1x1 head, then the output layer
-
-
 def _pooled_shape(shape: tuple[int, ...], pools: int) -> tuple[int, ...]:
     out = tuple(shape)
     for _ in range(pools):
@@ -196,6 +184,13 @@ class BrainAgeCNN(nn.Module):
         # a 0.5-year grid (the output bias, the cohort mean, included), which no later cast brings back.
         with torch.autocast(x.device.type, enabled=False):
             return self.output(h.to(self.output.weight.dtype)).flatten()
+
+
+def parameter_count(width: float) -> int:
+    """BrainAgeCNN's parameter count at `width`, built on torch's meta device (shapes without memory): the
+    preflight refuses a width whose model no model file could hold before torch tries to allocate it."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in BrainAgeCNN(width=width).parameters())
 
 
 def build_model(cfg: Config, shape, mean_age: float = UKBB_MEAN_AGE) -> BrainAgeCNN:

@@ -25,7 +25,7 @@ def tiny_model(**kw):
 
 
 @pytest.mark.parametrize("width", [0.01, 0.125, 0.3, 1.0])
-def test_the_parameter_count_without_a_model_is_the_models(width):
+def test_the_parameter_count_on_the_meta_device_is_the_models(width):
     model = BrainAgeCNN((16, 20, 16), width=width)
     assert parameter_count(width) == sum(p.numel() for p in model.parameters())
 
