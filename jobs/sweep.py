@@ -90,11 +90,15 @@ def read_study(path: Path) -> dict:
         _check_keys(spec, STUDY_KEYS, f"study file {path}")
     if not isinstance(spec, dict) or any(k not in spec for k in keys) or not isinstance(spec["groups"], list):
         raise StudyError(f"study file {path} must hold {', '.join(keys)} (a list of groups); see jobs/studies/cpu.yaml")
+    if not spec["groups"]:  # a sweep of nothing that exits 0 reads as a study done
+        raise StudyError(f"study file {path}: groups is empty, so there is nothing to run")
     for i, group in enumerate(spec["groups"]):
         if isinstance(group, dict):
             _check_keys(group, GROUP_KEYS, f"study file {path}, group {group.get('name', f'groups[{i}]')}")
         if not isinstance(group, dict) or any(k not in group for k in ("name", "distributions", "runs")):
             raise StudyError(f"study file {path}: every group needs name, distributions and runs, got {group!r}")
+        if not str(group["name"]).strip():  # its runs' names would start with "-"
+            raise StudyError(f"study file {path}: groups[{i}] has an empty name")
         # a string where a list belongs would be taken letter by letter (set: train.lr=0.1 as --set t, --set r, ...)
         for key in ("distributions", "runs", "set", "seeds", "attack"):
             if key in group and not isinstance(group[key], list):

@@ -575,6 +575,11 @@ def test_a_key_given_twice_in_a_study_file_is_refused_not_the_last_taken(tmp_pat
         (None, "cannot be read (No such file or directory)"),
         ("groups: [", "is not a YAML text file"),
         ("- a list", "must hold base, out, records, groups"),
+        ("base: b\nout: o\nrecords: r\ngroups: []", "groups is empty, so there is nothing to run"),
+        (
+            "base: b\nout: o\nrecords: r\ngroups:\n  - {name: '', distributions: [uniform-iid], runs: [fedavg]}",
+            "groups[0] has an empty name",
+        ),
         (
             "base: b\nout: o\nrecords: r\ngroups:\n  - {name: g, distributions: [uniform-iid], runs: [fedavgx]}",
             "group g: 'fedavgx' is not ALGORITHM [TARGET]",
