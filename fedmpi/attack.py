@@ -580,6 +580,16 @@ def _volumes(path: Path, input_shape: tuple[int, ...]):
     return ds
 
 
+def existing_run(run_dir) -> Path:
+    """`run_dir` as a Path, or AttackError saying what is there instead of a run directory."""
+    run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise AttackError(f"{run_dir} is a file, not a run directory")
+    if not run_dir.is_dir():
+        raise AttackError(f"{run_dir}: no such run directory")
+    return run_dir
+
+
 def attack_run(
     run_dir: Path,
     *,
@@ -599,9 +609,7 @@ def attack_run(
     """
     from .algorithms import target_sparsity
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise AttackError(f"{run_dir}: no such run directory")
+    run_dir = existing_run(run_dir)
     summary = read_json(run_dir / "summary.json", AttackError)
     for key, kind, name in (
         ("data_dir", str, "a string"),
@@ -813,6 +821,7 @@ def run(args) -> int:
             raise AttackError(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
         if not 0 <= args.seed < MAX_SEED:  # numpy refuses a negative seed, torch one of 2**64 or more
             raise AttackError(f"--seed must be in [0, 2**64), got {args.seed}")
+        existing_run(args.run)  # first: the default --out is inside it
         outputs.check_file(out, "--out")  # before the attack, not after it
         torch.set_num_threads(args.threads)
         result = attack_run(

@@ -411,6 +411,8 @@ def test_attack_command_on_a_run_directory(tmp_path, capsys):
     missing = ["--run", str(tmp_path / "nope"), "--out", str(tmp_path / "x.json")]
     assert attack.run(parser.parse_args(missing)) == EXIT_USAGE
     assert "nope: no such run directory" in capsys.readouterr().err
+    assert attack.run(parser.parse_args(["--run", str(tmp_path / "a_file")])) == EXIT_USAGE  # --out defaults inside
+    assert capsys.readouterr().err == f"fedmpi attack: error: {tmp_path / 'a_file'} is a file, not a run directory\n"
 
     (run / "summary.json").write_text(json.dumps({"target_sparsity": 0.5}))
     assert attack.run(parser.parse_args(["--run", str(run), "--out", str(tmp_path / "x.json")])) == EXIT_USAGE
