@@ -559,8 +559,8 @@ def validate(cfg: Config) -> None:
     _check(f.merge in MERGE_RULES, f"federation.merge must be one of {MERGE_RULES}, got {f.merge!r}")
     _check(e.every >= 1 and e.batch_size >= 1, "eval.every and eval.batch_size must be >= 1")
     _check(
-        bool(r.name) and "/" not in r.name and r.name not in (".", ".."),
-        f"run.name must be a plain name, got {r.name!r}",
+        bool(r.name) and r.name.isprintable() and "/" not in r.name and r.name not in (".", ".."),
+        f"run.name must be a plain name (printable, without '/'), got {r.name!r}",
     )
     _check(0 <= r.seed < MAX_SEED, f"run.seed must be in [0, 2**64), got {r.seed}")
     _check(0 <= d.seed < MAX_SEED, f"data.seed must be in [0, 2**64), got {d.seed}")

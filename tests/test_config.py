@@ -299,6 +299,7 @@ VALIDATION = [
     ("eval.batch_size=0", "eval.batch_size"),
     ("run.name=", "run.name"),
     ("run.name=a/b", "run.name"),
+    ("run.name=a\tb", "run.name"),  # a control character prints invisibly in every message naming the run
     ("run.checkpoint_every=-1", "run.checkpoint_every"),
     ("run.keep_checkpoints=0", "run.keep_checkpoints"),
     ("run.round_timeout=0", "run.round_timeout"),
