@@ -125,6 +125,8 @@ def read_study(path: Path) -> dict:
                 raise StudyError(
                     f"study file {path}, group {group['name']}: {entry!r}: the target is not a number"
                 ) from None
+            if target and float(target[0]) and ALGORITHMS[algo].sparsity == "none":  # a name promising a sparsity
+                raise StudyError(f"study file {path}, group {group['name']}: {entry!r}: {algo} does not prune")
     _check_names(path, spec)
     return spec
 

@@ -589,6 +589,10 @@ def test_a_key_given_twice_in_a_study_file_is_refused_not_the_last_taken(tmp_pat
             "'grasp high': the target is not a number",
         ),
         (
+            "base: b\nout: o\nrecords: r\ngroups:\n  - {name: g, distributions: [uniform-iid], runs: [fedavg 0.9]}",
+            "group g: 'fedavg 0.9': fedavg does not prune",
+        ),
+        (
             f"base: {BASE}\nout: o\nrecords: r\ngroups:\n  - {{name: g, distributions: [uniform-iid], runs: [fedavg,"
             " fedsparsify-global 0.9], set: [train.lr=-1]}",
             "run g-uniform-iid-fedavg-s0: train.lr must be > 0",
