@@ -67,19 +67,13 @@ def check_rank(cfg: Config, rank: int, data_dir: Path, local_rank: int, resume: 
     resume point. Raises with the reason."""
     from .data import check_volumes
     from .device import autocast_problem, select_device
-    from .encoding import MAX_N
-    from .model import auto_pools, parameter_count
+    from .model import auto_pools
     from .resume import resume_point
     from .runlog import RunLock
 
-    parameters = parameter_count(cfg.model.width)
-    if rank == 0 and parameters > MAX_N:  # torch's allocation failed as a traceback on every rank (width 1000)
-        raise ConfigError(
-            f"model.width = {cfg.model.width:g} gives a model of {parameters:,} parameters, more than the {MAX_N:,} "
-            "a model file holds (the paper's model is width 1: 2,948,801)"
-        )
     head = check_volumes(data_dir / rank_file(rank))
     if rank == 0:
+        check_model_size(cfg)
         if not algorithm(cfg).trains_centrally:  # the centralized baseline pools every learner file there is
             check_learner_count(cfg, data_dir)
         note_unreached_target(cfg)
@@ -108,6 +102,20 @@ def check_rank(cfg: Config, rank: int, data_dir: Path, local_rank: int, resume: 
     except BaseException:
         lock.abandon()
         raise
+
+
+def check_model_size(cfg: Config) -> None:
+    """A model.width whose model no model file could hold (width 1000) is refused here, on the server: torch's
+    failure to allocate it was a traceback on every rank."""
+    from .encoding import MAX_N
+    from .model import parameter_count
+
+    parameters = parameter_count(cfg.model.width)
+    if parameters > MAX_N:
+        raise ConfigError(
+            f"model.width = {cfg.model.width:g} gives a model of {parameters:,} parameters, more than the {MAX_N:,} "
+            "a model file holds (the paper's model is width 1: 2,948,801)"
+        )
 
 
 def check_learner_count(cfg: Config, data_dir: Path) -> None:
