@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 
 from fedmpi.errors import UserError
-from preprocess import bids, grid
+from preprocess import bids, grid, outputs
 
 MIN_MASK_COVERAGE = 0.5
 # Largest image accepted, as float32 in MB (10**6 bytes). A worker holds several copies while
@@ -78,10 +78,6 @@ def _reason(exc: Exception) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _size_text(nbytes: float) -> str:
-    return f"{nbytes / 1e9:.3g} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.3g} MB"
-
-
 def check_header(name: str, shape: tuple[int, ...], max_image_mb: float) -> None:
     """Refuse from the header alone what must not be read: no voxels, several frames, other dimensions,
     and images above the size limit (a small .nii.gz can claim gigabytes of voxels)."""
@@ -96,7 +92,7 @@ def check_header(name: str, shape: tuple[int, ...], max_image_mb: float) -> None
     nbytes = math.prod(shape) * 4
     if nbytes > max_image_mb * 1e6:
         raise BadImage(
-            f"{name} is {'x'.join(str(s) for s in shape[:3])} voxels ({_size_text(nbytes)} as float32), "
+            f"{name} is {'x'.join(str(s) for s in shape[:3])} voxels ({outputs.size_text(nbytes)} as float32), "
             f"above the {max_image_mb:g} MB limit (--max-image-mb)"
         )
 
@@ -138,7 +134,7 @@ def load(path, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> tuple[np.ndarray, 
             f"scaled by scl_slope {getattr(img.dataobj, 'slope', 1.0):g}): a corrupt image or a wrong scaling"
         ) from None
     except MemoryError:
-        size = _size_text(math.prod(shape) * 4)
+        size = outputs.size_text(math.prod(shape) * 4)
         raise Unavailable(f"not enough memory to read {path.name} ({size} as float32)") from None
     except OSError as exc:
         raise _read_error(path, exc) from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,6 +57,31 @@ def check_dir(path, what: str) -> None:
     if path.exists() and not path.is_dir():
         raise OutputError(f"{what} {path} exists and is not a directory")
     _check_parent(path, what)
+
+
+def check_space(path, needed: int, what: str) -> None:
+    """OutputError when the file system `path` goes on has fewer than `needed` bytes free.
+
+    `needed` is a lower bound on what the command writes: a count that cannot fit is refused before any
+    work, not after hours of it (or, for a count in the trillions, on a memory error while drawing it).
+    """
+    path = Path(path)
+    anchor = next(p for p in (path, *path.absolute().parents) if p.exists())
+    free = shutil.disk_usage(anchor).free
+    if needed > free:
+        raise OutputError(
+            f"{what} {path} needs at least {size_text(needed)} and {anchor} has {size_text(free)} free; "
+            "free space or write elsewhere"
+        )
+
+
+def size_text(nbytes: float) -> str:
+    """Bytes as MB, GB or TB with three significant figures, for messages."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9)):
+        if nbytes >= 0.9995 * scale:  # 999.9 MB would read 1e+03 MB
+            value = nbytes / scale
+            return f"{value:,.0f} {unit}" if value >= 1000 else f"{value:.3g} {unit}"
+    return f"{nbytes / 1e6:.3g} MB"
 
 
 @contextlib.contextmanager

@@ -42,6 +42,9 @@ FOV_MAX = np.array([88.0, 90.0, 98.0])
 BRAIN_CENTRE = np.array([0.0, -18.0, 12.0])
 AGE_RANGE = (45.0, 80.0)
 SPACES = ("mni", "native")
+# the smallest subject's T1w.nii.gz in a 1,200-subject cohort is 1.59 MB (median 2.5 MB): less room than this
+# for the whole cohort cannot be enough
+MIN_SUBJECT_BYTES = 1_500_000
 # Native space: rigid head pose (uniform per axis) and the extra field of view that keeps the brain in view.
 MAX_ROTATION_DEG = 15.0
 MAX_SHIFT_MM = 20.0
@@ -449,6 +452,7 @@ def write_cohort(
             f"{out} exists and is not the cohort --subjects {subjects} "
             f"--seed {seed}{flag}; choose another --out or remove it"
         )
+    outputs.check_space(out, subjects * MIN_SUBJECT_BYTES, "--out")
     people = draw_subjects(subjects, seed)
     anat = anatomy()
     with atomic_dir(out) as tmp:

@@ -3,6 +3,7 @@
 import errno
 import fcntl
 import os
+import shutil
 
 import pytest
 
@@ -65,6 +66,36 @@ def test_check_dir_takes_a_directory_or_a_new_one_and_refuses_a_file(tmp_path):
     with pytest.raises(OutputError, match=rf"^cannot write the cohort {tmp_path / 'file' / 'd'}: .* is a file"):
         check_dir(tmp_path / "file" / "d", "the cohort")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_check_space_refuses_what_cannot_fit_naming_the_nearest_existing_directory(tmp_path, monkeypatch):
+    seen = []
+
+    def usage(path):
+        seen.append(path)
+        return shutil._ntuple_diskusage(total=10**12, used=10**12 - 5 * 10**9, free=5 * 10**9)
+
+    monkeypatch.setattr(outputs.shutil, "disk_usage", usage)
+    outputs.check_space(tmp_path / "new" / "c", 5 * 10**9, "--out")  # exactly what is free fits
+    want = f"^--out {tmp_path / 'new' / 'c'} needs at least 5.01 GB and {tmp_path} has 5 GB free; free space"
+    with pytest.raises(OutputError, match=want):
+        outputs.check_space(tmp_path / "new" / "c", 5 * 10**9 + 10**7, "--out")
+    assert seen == [tmp_path, tmp_path] and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "nbytes, text",
+    [
+        (0, "0 MB"),
+        (1_594_000, "1.59 MB"),
+        (999_499_999, "999 MB"),
+        (999_999_999, "1 GB"),
+        (7.28e12, "7.28 TB"),
+        (1.5e18, "1,500,000 TB"),
+    ],
+)
+def test_size_text_by_hand(nbytes, text):
+    assert outputs.size_text(nbytes) == text
 
 
 def test_a_second_writer_that_does_not_wait_is_refused_naming_the_lock_and_the_out(tmp_path):

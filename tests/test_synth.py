@@ -147,6 +147,14 @@ def test_cli_counts_take_a_whole_valued_float_as_fedmpi_does(given):
     assert parser.parse_args(["nifti", "--bids", "b", "--out", "o.h5", "--workers", "1e0"]).workers == 1
 
 
+def test_cli_synth_a_count_the_disk_cannot_hold_is_one_line_before_any_work(tmp_path, capsys):
+    """10**12 subjects died in a traceback drawing 7 TiB of ages; the disk check comes first."""
+    assert cli.main(["synth", "--out", str(tmp_path / "d"), "--subjects", "1e12", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"preprocess: error: --out {tmp_path / 'd'} needs at least 1,500,000 TB and {tmp_path} has ")
+    assert err.count("\n") == 1 and list(tmp_path.iterdir()) == []
+
+
 def test_cli_synth_out_under_proc_is_one_line(capsys):
     assert cli.main(["synth", "--out", "/proc/fedmpi-synth", "--subjects", "1", "--quiet"]) == 2
     err = capsys.readouterr().err  # the reason (errno) differs between root and other users
