@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -267,14 +268,17 @@ def convert(
             shutil.rmtree(stage, ignore_errors=True)  # left by a run that stopped on bad input: the output has it all
             return Result(out, 0, {}, 0, True)
 
-        stage.mkdir(parents=True, exist_ok=True)
-        _remove_temporaries(stage)
         parts = {e.participant_id: stage / f"{e.participant_id}-{k}.npy" for e, k in zip(entries, keys)}
         todo = [
             (e.participant_id, e.image, parts[e.participant_id], voxel, dtype, max_image_mb, registration)
             for e in entries
             if not parts[e.participant_id].is_file()
         ]
+        # every part is a whole .npy volume: a cohort the disk cannot stage is refused now, not hours in
+        part_bytes = math.prod(shape) * np.dtype(h5io.DTYPES[dtype]).itemsize
+        outputs.check_space(stage, len(todo) * part_bytes, "staging the subjects in")
+        stage.mkdir(parents=True, exist_ok=True)
+        _remove_temporaries(stage)
         reference = register.reference(voxel) if registration is not None and todo else None
         unavailable: set[str] = set()
         try:

@@ -309,6 +309,24 @@ def test_interrupted_run_resumes_without_redoing_subjects(cohort, tmp_path, monk
         assert 63.0 in f["age"][:]
 
 
+def test_a_cohort_the_disk_cannot_stage_is_refused_before_any_subject(cohort, tmp_path, monkeypatch, capsys):
+    root = _make_bids(cohort, tmp_path / "bids")
+    part = 45 * 54 * 45 * 2  # one float16 volume on the 4 mm grid
+    free = part  # one of the two fits
+    monkeypatch.setattr(
+        "preprocess.outputs.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free)
+    )
+    monkeypatch.setattr(nifti, "preprocess_file", lambda *a: pytest.fail("a subject was processed"))
+    out = tmp_path / "v.h5"
+    assert cli.main(["nifti", "--bids", str(root), "--out", str(out), "--workers", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"preprocess: error: staging the subjects in {convert.parts_dir(out)} needs at least 0.437 MB and "
+        f"{tmp_path} has 0.219 MB free; free space or write elsewhere\n"
+    )
+    assert not out.exists() and not convert.parts_dir(out).exists()
+
+
 def test_rerun_after_bad_input_reuses_the_good_subjects_of_the_same_settings(cohort, tmp_path, monkeypatch):
     root = _bad_bids(cohort, tmp_path, ["unreadable"])
     out = tmp_path / "v.h5"
