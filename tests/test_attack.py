@@ -142,6 +142,36 @@ def test_mlp_separates_is_deterministic_and_seeded():
     assert not np.array_equal(scores, attack.mlp_scores(attack.fit_mlp(x, y, seed=4), x))
 
 
+@pytest.mark.parametrize("dtype, weight_decay", [(torch.float64, 0.01), (torch.float32, 0.0), (torch.float32, 0.3)])
+def test_adamw_step_is_torchs_adamw_bit_for_bit(dtype, weight_decay):
+    """Forty steps on random gradients: the same bits as torch.optim.AdamW's, which fit_mlp used before (the attack
+    rows under docs/results were computed with it)."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(16, 5), (16,), (1, 16), (1,)]
+    ours = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+    theirs = [p.clone() for p in ours]
+    first = ours[0].clone()
+    optimizer = torch.optim.AdamW(theirs, lr=0.01, weight_decay=weight_decay)
+    state = attack.AdamWState()
+    for _ in range(40):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn(a.shape, generator=gen, dtype=dtype)
+            b.grad = a.grad.clone()
+        attack.adamw_step(ours, state, lr=0.01, weight_decay=weight_decay)
+        optimizer.step()
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert state.step == 40 and not torch.equal(ours[0], first)
+
+
+def test_fit_mlp_builds_no_torch_optimizer(monkeypatch):
+    """Building one imports torch._dynamo, seconds of every `fedmpi attack`."""
+    monkeypatch.setattr(torch.optim.Optimizer, "__init__", lambda *a, **k: pytest.fail("a torch.optim optimizer"))
+    rng = np.random.default_rng(1)
+    x = np.r_[rng.normal(-1, 1, (20, 3)), rng.normal(1, 1, (20, 3))]
+    y = np.r_[np.zeros(20), np.ones(20)]
+    assert attack.roc_auc(attack.mlp_scores(attack.fit_mlp(x, y), x), y) > 0.8
+
+
 def test_validation_rows_are_stratified():
     labels = np.r_[np.ones(40), np.zeros(20)]
     val = attack.validation_rows(labels, seed=0)
