@@ -34,8 +34,6 @@ def synthetic_cohort(
     nodes): a lock file, base/.build.lock, lets one build while the others wait, then find it built (where the file
     system takes no locks, call it on one rank, then barrier).
     """
-    ages = [s.age for s in synth.draw_subjects(subjects, seed)]  # the split's own checks, before minutes of rendering
-    split.partition(ages, learners=learners, distribution=distribution, test_fraction=test_fraction, seed=seed)
     base = Path(root) / f"synth-s{subjects}-seed{seed}"
     bids_dir = base / "bids"
     h5 = base / f"v{voxel}.h5"
@@ -44,6 +42,10 @@ def synthetic_cohort(
     out = base / name
     if not base.is_dir():  # a root that is a file, or not writable: one line, not make_dirs' traceback
         outputs.check_dir(base, "the synthetic cohort")
+    if not synth.is_complete(bids_dir, subjects, seed):
+        synth.check_room(bids_dir, subjects, "the synthetic cohort")
+    ages = [s.age for s in synth.draw_subjects(subjects, seed)]  # the split's own checks, before minutes of rendering
+    split.partition(ages, learners=learners, distribution=distribution, test_fraction=test_fraction, seed=seed)
     # one builder at a time (two jobs sharing the cache, ranks of several nodes): the others wait, then find it built
     with outputs.exclusive(base / ".build.lock", f"the synthetic cohort {base}", wait=True):
         if not synth.is_complete(bids_dir, subjects, seed):

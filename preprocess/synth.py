@@ -430,6 +430,12 @@ def is_complete(out: Path, subjects: int, seed: int, space: str = "mni") -> bool
     return got.get("subjects") == subjects and got.get("seed") == seed and got.get("space", "mni") == space
 
 
+def check_room(out, subjects: int, what: str) -> None:
+    """outputs.OutputError when the disk under `out` cannot hold the cohort (at least MIN_SUBJECT_BYTES a
+    subject), before its subjects are drawn: 10**12 of them died in a MemoryError allocating their ages."""
+    outputs.check_space(out, subjects * MIN_SUBJECT_BYTES, what)
+
+
 def write_cohort(
     out, subjects: int, seed: int = 0, workers: int | None = None, progress: bool = False, space: str = "mni"
 ) -> Path:
@@ -452,7 +458,7 @@ def write_cohort(
             f"{out} exists and is not the cohort --subjects {subjects} "
             f"--seed {seed}{flag}; choose another --out or remove it"
         )
-    outputs.check_space(out, subjects * MIN_SUBJECT_BYTES, "--out")
+    check_room(out, subjects, "--out")
     people = draw_subjects(subjects, seed)
     anat = anatomy()
     with atomic_dir(out) as tmp:

@@ -8,6 +8,7 @@ import pytest
 
 from fedmpi.data import VolumeDataset
 from preprocess.cohort import synthetic_cohort
+from preprocess.outputs import OutputError
 
 
 def test_synthetic_cohort_reuses_finished_steps(cohort):
@@ -59,6 +60,18 @@ def test_synthetic_cohort_validates_before_generating(tmp_path):
     with pytest.raises(ValueError, match="holds out no subject"):
         synthetic_cohort(tmp_path, subjects=20, learners=2, test_fraction=0.01)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cohort_the_disk_cannot_hold_is_refused_before_its_subjects_are_drawn(cohort, tmp_path, monkeypatch):
+    """`fedmpi train --set data.subjects=1e12` died in a MemoryError drawing 7 TiB of ages on rank 0."""
+    with pytest.raises(OutputError, match=r"^the synthetic cohort .*/synth-s1000000000000-seed0/bids needs at least "):
+        synthetic_cohort(tmp_path, subjects=10**12)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(
+        "preprocess.outputs.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12, 0)
+    )
+    again = synthetic_cohort(cohort.root, subjects=cohort.subjects, seed=cohort.seed, learners=4)
+    assert again == cohort.split  # a cohort already built needs no room
 
 
 def test_a_second_builder_waits_for_the_first(cohort):
