@@ -474,6 +474,19 @@ def config_from_dict(values: dict) -> Config:
     return cfg
 
 
+def setting_changes(before: dict, now: dict, prefix: str = "") -> list[str]:
+    """'section.option: old -> new' for every setting that differs between two configurations as nested dicts
+    (resume keys; rank 0's configuration and another rank's)."""
+    out = []
+    for key in sorted(set(before) | set(now)):
+        a, b = before.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += setting_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)

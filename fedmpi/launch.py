@@ -1,9 +1,10 @@
 """Start-up of `python -m fedmpi train` under MPI, kept apart from the roles it starts.
 
-Every rank parses the same configuration, checks what it will use (fedmpi.preflight), learns the
-rank table, and then becomes the server (rank 0) or a learner; the centralized baseline runs in
-one process instead. Any exception on any rank ends the whole job at once through MPI Abort, with
-a message naming the rank and the error: a federation that hangs is the worst failure.
+Every rank parses the configuration, learns the rank table, makes sure it runs the configuration and
+code rank 0 runs (fedmpi.agreement), checks what it will use (fedmpi.preflight), and then becomes the
+server (rank 0) or a learner; the centralized baseline runs in one process instead. Any exception on
+any rank ends the whole job at once through MPI Abort, with a message naming the rank and the error: a
+federation that hangs is the worst failure.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 
 from preprocess.layout import TEST_FILE
 
+from .agreement import agree
 from .algorithms import algorithm, processes
 from .config import MAX_THREADS, Config, load_config, split_error_text
 from .errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, ConfigFileError, PayloadError, is_user_error, user_message
@@ -190,6 +192,8 @@ def _run(cfg: Config, comm, resume: bool, overwrite: bool, stop) -> int:
     startup = cfg.run.startup_timeout
     wire = Wire(comm, patience=startup if comm.Get_rank() == 0 else learner_startup_patience(startup))
     local_rank, local_size = announce_ranks(wire)
+    if not agree(cfg, wire):
+        return EXIT_USAGE
     keep_freed_memory()
     torch.set_num_threads(torch_threads(cfg.train.threads, local_size))
     data_dir = prepare_data(cfg, wire)

@@ -11,7 +11,7 @@ import torch
 
 from .algorithms import algorithm
 from .checkpoint import Checkpoints
-from .config import RUNTIME_KEYS, SYNTHETIC_KEYS
+from .config import RUNTIME_KEYS, SYNTHETIC_KEYS, setting_changes
 from .errors import CheckpointError, ConfigError, ReportError
 from .runlog import RunLog, read_json
 
@@ -47,18 +47,6 @@ def recorded_key(recorded: dict) -> dict:
         return resume_key(config_from_dict(recorded))
     except (ConfigError, TypeError, AttributeError):
         return recorded  # unreadable as a config: compared as it is, so every difference is named
-
-
-def setting_changes(before: dict, now: dict, prefix: str = "") -> list[str]:
-    """'section.option: old -> new' for every setting that differs between two resume keys."""
-    out = []
-    for key in sorted(set(before) | set(now)):
-        a, b = before.get(key), now.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += setting_changes(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
 
 
 def arithmetic(cfg: Config) -> dict:

@@ -15,6 +15,7 @@ from fedmpi.config import (
     describe,
     load_config,
     parse_overrides,
+    setting_changes,
     validate,
 )
 
@@ -595,3 +596,10 @@ def test_a_mapping_anchored_inside_a_merge_key_is_not_refused_when_used_again(tm
     assert yaml.load(text, Loader=UniqueKeyLoader)["train"] == {"lr": 0.3}
     with pytest.raises(yaml.constructor.ConstructorError, match="found duplicate key 'lr'"):
         yaml.load("train: {<<: {lr: 0.1, lr: 0.2}}\n", Loader=UniqueKeyLoader)  # checked where it is only merged
+
+
+def test_setting_changes_name_options_on_either_side():
+    assert setting_changes({"f": {"a": 1, "old": 2}}, {"f": {"a": 1, "new": 3}}) == [
+        "f.new: None -> 3",
+        "f.old: 2 -> None",
+    ]

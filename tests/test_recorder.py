@@ -15,7 +15,7 @@ from fedmpi.config import load_config
 from fedmpi.errors import ConfigError
 from fedmpi.model import build_model
 from fedmpi.recorder import RECORDER_NICENESS, background_thread, initial_state, start_state
-from fedmpi.resume import finished, resume_point, setting_changes
+from fedmpi.resume import finished, resume_point
 from fedmpi.runlog import RunLog
 
 
@@ -92,13 +92,6 @@ def test_a_plain_start_may_replace_a_finished_run_but_not_one_with_other_rounds(
     (cfg.run_dir / "summary.json").write_text(json.dumps({"rounds": 2, "preempted": True}))  # stopped early
     with pytest.raises(ConfigError, match="unfinished run; pass --resume"):
         resume_point(longer, resume=False, overwrite=False)
-
-
-def test_setting_changes_name_options_on_either_side():
-    assert setting_changes({"f": {"a": 1, "old": 2}}, {"f": {"a": 1, "new": 3}}) == [
-        "f.new: None -> 3",
-        "f.old: 2 -> None",
-    ]
 
 
 def test_a_checkpoint_that_does_not_fit_the_model_is_refused(tmp_path):

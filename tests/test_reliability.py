@@ -10,6 +10,8 @@ import time
 import numpy as np
 import pytest
 from fedtools import (
+    MPIRUN,
+    MPIRUN_FLAGS,
     job_processes,
     kill_job,
     launcher_is_open_mpi,
@@ -18,6 +20,7 @@ from fedtools import (
     run_fedmpi,
     start_fedmpi,
     summary,
+    train_command,
     wait_rows,
     wait_until,
     write_split,
@@ -306,6 +309,22 @@ def test_missing_learner_file_is_reported_before_training(split, tmp_path):
     assert "rank 2" in proc.stderr and "learner_2.h5" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "demo" / "metrics.jsonl").exists()
+
+
+def test_a_learner_set_up_otherwise_stops_every_rank_before_anything_is_read(split, tmp_path):
+    """One node read another configuration (an MPMD launch: learner 2 with a wider model): before, the job ran
+    until the first model reached that learner and failed there with 'buffer holds a vector of length ...'."""
+    same = train_command(split, tmp_path, [*ROUNDS, "run.name=mixed"])
+    other = train_command(split, tmp_path, [*ROUNDS, "run.name=mixed", "model.width=0.5"])
+    command = [MPIRUN, *MPIRUN_FLAGS, "-n", "2", *same, ":", "-n", "1", *other]
+    proc = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("fedmpi: error:")]
+    assert len(lines) == 1 and lines[0].startswith("fedmpi: error: rank 2: its configuration differs from rank 0's")
+    assert "model.width: 0.125 -> 0.5" in lines[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "mixed").exists()
 
 
 def _stopped(pid: int):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from fedmpi.checkpoint import Checkpoints
-from fedmpi.config import load_config
+from fedmpi.config import load_config, setting_changes
 from fedmpi.errors import ConfigError
-from fedmpi.resume import resume_key, resume_point, setting_changes, split_problems
+from fedmpi.resume import resume_key, resume_point, split_problems
 from fedmpi.runlog import RunLog
 
 
