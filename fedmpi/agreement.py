@@ -22,6 +22,9 @@ from .preflight import ERROR_BYTES, say
 # header announcing more is refused before a learner allocates it.
 MAX_CONFIG_BYTES = 1 << 20
 SHOWN = 3  # differing settings named in one rank's line; the rest are counted
+# Settings a node may hold its own value of: a job may stage the split to each node's local disk, under a path of
+# its own (each rank reads only its own file there; the run records every file's digest, and a resume checks them).
+NODE_SETTINGS = (("data", "dir"),)
 
 
 def code_digest(packages: tuple[Path, ...] | None = None) -> str:
@@ -57,7 +60,7 @@ def disagreement(server: bytes, cfg: Config, code: str) -> str:
             f"its fedmpi code differs from rank 0's (source digest {code[:12]} here, {str(theirs.get('code'))[:12]} "
             "on rank 0): install the same fedmpi on every node"
         )
-    changes = setting_changes(theirs["config"], cfg.to_dict())
+    changes = setting_changes(_shared(theirs["config"]), _shared(cfg.to_dict()))
     if changes:
         more = f"; and {len(changes) - SHOWN} more" if len(changes) > SHOWN else ""
         problems.append(
@@ -65,6 +68,15 @@ def disagreement(server: bytes, cfg: Config, code: str) -> str:
             "every node must read the same configuration file and --set options"
         )
     return "; ".join(problems)
+
+
+def _shared(config: dict) -> dict:
+    """The configuration without NODE_SETTINGS."""
+    out = {key: dict(value) if isinstance(value, dict) else value for key, value in config.items()}
+    for section, name in NODE_SETTINGS:
+        if isinstance(out.get(section), dict):
+            out[section].pop(name, None)
+    return out
 
 
 def agree(cfg: Config, wire) -> bool:

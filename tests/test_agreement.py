@@ -29,6 +29,12 @@ def test_a_setting_of_its_own_is_named_with_both_values():
     assert "fedmpi code" not in problem
 
 
+def test_a_split_staged_under_each_nodes_own_path_agrees():
+    """data.dir may differ: a job may copy the split to each node's local disk (the preflight's digests compare
+    the files themselves)."""
+    assert disagreement(statement(_cfg("data.dir=/scratch/a"), CODE), _cfg("data.dir=/local/b"), CODE) == ""
+
+
 def test_more_differences_than_a_line_shows_are_counted():
     mine = _cfg("model.width=0.5", "train.lr=0.01", "eval.every=2", "run.seed=3", "train.epochs=1")
     problem = disagreement(statement(_cfg(), CODE), mine, CODE)
