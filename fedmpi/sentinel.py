@@ -29,7 +29,9 @@ HINTS = {
     signal.SIGSEGV: " (a crash in native code)",
     signal.SIGBUS: " (a crash in native code, or a file truncated under a memory map)",
     signal.SIGALRM: " (MPI start-up did not complete within run.startup_timeout: another rank of the job has not "
-    "started or is stuck before MPI initialisation; the launcher's output may name it)",
+    "started, is stuck before MPI initialisation, or refused its own configuration there, which only the "
+    "launcher's first task prints: a node that read another configuration file, other --set options in an MPMD "
+    "launch; the launcher's output may name it)",
 }
 
 

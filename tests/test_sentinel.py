@@ -220,6 +220,8 @@ def test_a_start_up_alarm_inside_a_slurm_step_names_the_inherited_set_up():
     assert "srun --overlap -n N" in out.stderr
     out = run_supervised(code, 0, SLURM_JOB_ID="50", SLURM_STEP_ID=None)  # a batch script: no word of steps
     assert "MPI start-up did not complete" in out.stderr and "srun --overlap" not in out.stderr
+    # a task that refused a configuration of its own exits before MPI starts, and only the first task prints
+    assert "refused its own configuration there, which only the launcher's first task prints" in out.stderr
 
 
 @linux
