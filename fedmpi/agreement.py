@@ -22,8 +22,9 @@ from .preflight import ERROR_BYTES, say
 # header announcing more is refused before a learner allocates it.
 MAX_CONFIG_BYTES = 1 << 20
 SHOWN = 3  # differing settings named in one rank's line; the rest are counted
-# Settings a node may hold its own value of: a job may stage the split to each node's local disk, under a path of
-# its own (each rank reads only its own file there; the run records every file's digest, and a resume checks them).
+# Settings a node may hold its own value of where rank 0 gives one too: a job may stage the split to each node's
+# local disk, under a path of its own (each rank reads only its own file there; the run records every file's digest,
+# and a resume checks them). An empty data.dir is another thing: the synthetic cohort, which rank 0 builds first.
 NODE_SETTINGS = (("data", "dir"),)
 
 
@@ -60,7 +61,8 @@ def disagreement(server: bytes, cfg: Config, code: str) -> str:
             f"its fedmpi code differs from rank 0's (source digest {code[:12]} here, {str(theirs.get('code'))[:12]} "
             "on rank 0): install the same fedmpi on every node"
         )
-    changes = setting_changes(_shared(theirs["config"]), _shared(cfg.to_dict()))
+    mine = cfg.to_dict()
+    changes = setting_changes(_shared(theirs["config"], mine), _shared(mine, theirs["config"]))
     if changes:
         more = f"; and {len(changes) - SHOWN} more" if len(changes) > SHOWN else ""
         problems.append(
@@ -70,12 +72,12 @@ def disagreement(server: bytes, cfg: Config, code: str) -> str:
     return "; ".join(problems)
 
 
-def _shared(config: dict) -> dict:
-    """The configuration without NODE_SETTINGS."""
+def _shared(config: dict, other: dict) -> dict:
+    """`config` without the NODE_SETTINGS that both it and `other` set."""
     out = {key: dict(value) if isinstance(value, dict) else value for key, value in config.items()}
     for section, name in NODE_SETTINGS:
-        if isinstance(out.get(section), dict):
-            out[section].pop(name, None)
+        if all(isinstance(c.get(section), dict) and c[section].get(name) for c in (config, other)):
+            out[section].pop(name)
     return out
 
 

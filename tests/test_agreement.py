@@ -35,6 +35,16 @@ def test_a_split_staged_under_each_nodes_own_path_agrees():
     assert disagreement(statement(_cfg("data.dir=/scratch/a"), CODE), _cfg("data.dir=/local/b"), CODE) == ""
 
 
+@pytest.mark.parametrize(
+    ("server", "mine", "change"), [("/scratch/a", "", "'/scratch/a' -> ''"), ("", "/b", "'' -> '/b'")]
+)
+def test_a_split_on_one_rank_and_the_synthetic_cohort_on_another_differ(server, mine, change):
+    """An empty data.dir is the synthetic cohort, which rank 0 builds and announces while a rank given a split goes
+    on to the preflight: the job waited until run.startup_timeout and blamed a silent rank."""
+    problem = disagreement(statement(_cfg(f"data.dir={server}"), CODE), _cfg(f"data.dir={mine}"), CODE)
+    assert f"data.dir: {change}" in problem
+
+
 def test_more_differences_than_a_line_shows_are_counted():
     mine = _cfg("model.width=0.5", "train.lr=0.01", "eval.every=2", "run.seed=3", "train.epochs=1")
     problem = disagreement(statement(_cfg(), CODE), mine, CODE)
