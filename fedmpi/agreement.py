@@ -30,14 +30,16 @@ NODE_SETTINGS = (("data", "dir"),)
 
 def code_digest(packages: tuple[Path, ...] | None = None) -> str:
     """SHA-256 over the Python sources of `packages` (fedmpi's and preprocess's): relative paths and contents, in
-    path order."""
+    path order. Hidden files are left out, as an install (a wheel) leaves them out of what it holds: a checkout has
+    its editors' (Emacs's lock of an unsaved module is a dangling link named .#module.py)."""
     from preprocess import __file__ as preprocess_init
 
     digest = hashlib.sha256()
     for package in packages or (Path(__file__).parent, Path(preprocess_init).parent):
-        for path in sorted(package.rglob("*.py")):
-            digest.update(f"{package.name}/{path.relative_to(package).as_posix()}\0".encode())
-            digest.update(path.read_bytes())
+        sources = (p.relative_to(package) for p in package.rglob("*.py"))
+        for path in sorted(p for p in sources if not any(part.startswith(".") for part in p.parts)):
+            digest.update(f"{package.name}/{path.as_posix()}\0".encode())
+            digest.update((package / path).read_bytes())
     return digest.hexdigest()
 
 

@@ -3,6 +3,9 @@ and rank 0's verdict. The end-to-end run with one learner set up otherwise is in
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -79,8 +82,20 @@ def test_the_code_digest_follows_every_source_file_and_its_name(tmp_path):
     assert code_digest((package,)) not in (first, changed)
 
 
-def test_this_installation_has_one_code_digest():
-    assert code_digest() == code_digest()
+def test_the_code_digest_is_what_an_install_holds(tmp_path):
+    """An install (a wheel) holds the packages' modules but no hidden file: a checkout's editor files, such as
+    Emacs's lock of an unsaved buffer (a dangling link named .#module.py), neither change the digest nor fail it."""
+    import fedmpi
+    import preprocess
+
+    sources = tuple(Path(p.__file__).parent for p in (fedmpi, preprocess))
+    installed = tuple(shutil.copytree(p, tmp_path / "site" / p.name) for p in sources)
+    assert code_digest(installed) == code_digest()
+    (installed[0] / ".#agreement.py").symlink_to("user@host.1234")
+    (installed[0] / ".scratch.py").write_text("x = 1\n")
+    (installed[1] / ".hidden").mkdir()
+    (installed[1] / ".hidden" / "y.py").write_text("y = 1\n")
+    assert code_digest(installed) == code_digest()
 
 
 class JobStandIn:
