@@ -60,9 +60,21 @@ def test_other_code_is_named_apart_from_the_configuration():
     assert "configuration differs" not in problem
 
 
-@pytest.mark.parametrize("said", [b"\xff\xfe", b"[1, 2]", b'{"code": "x"}', b"{"])
+@pytest.mark.parametrize(
+    "said",
+    [b"\xff\xfe", b"[1, 2]", b'{"code": "x"}', b"{", b"[" * 100_000, b'{"config": {}, "code": 1%s}' % (b"0" * 5000)],
+)
 def test_a_statement_that_is_no_configuration_is_named(said):
+    """Not JSON, JSON of another shape, JSON that Python's reader refuses (nested too deep: RecursionError; an
+    integer of over 4300 digits: ValueError): the learner's one line, not a traceback."""
     assert "no JSON object of a configuration" in disagreement(said, _cfg(), CODE)
+
+
+def test_a_statement_of_unexpected_values_is_compared_as_it_is():
+    said = b'{"config": {"data": 5, "extra": [1]}, "code": 7}'
+    problem = disagreement(said, _cfg(), CODE)
+    assert "source digest cccccccccccc here, 7 on rank 0" in problem
+    assert "data: 5 -> {" in problem and "extra: [1] -> None" in problem and "; and 4 more" in problem
 
 
 def test_the_code_digest_follows_every_source_file_and_its_name(tmp_path):
