@@ -22,6 +22,7 @@ from .preflight import ERROR_BYTES, say
 # header announcing more is refused before a learner allocates it.
 MAX_CONFIG_BYTES = 1 << 20
 SHOWN = 3  # differing settings named in one rank's line; the rest are counted
+VALUE_CHARS = 40  # the most of a differing value one rank's line shows: its ends (a path's root and its leaf)
 # Settings a node may hold its own value of where rank 0 gives one too: a job may stage the split to each node's
 # local disk, under a path of its own (each rank reads only its own file there; the run records every file's digest,
 # and a resume checks them). An empty data.dir is another thing: the synthetic cohort, which rank 0 builds first.
@@ -57,21 +58,31 @@ def disagreement(server: bytes, cfg: Config, code: str) -> str:
         ok = False
     if not ok:
         return "rank 0's configuration arrived as no JSON object of a configuration and a code digest"
+    # What to do comes before the settings, whose values may run long: rank 0 prints the line as cut to ERROR_BYTES.
     problems = []
     if theirs.get("code") != code:
         problems.append(
-            f"its fedmpi code differs from rank 0's (source digest {code[:12]} here, {str(theirs.get('code'))[:12]} "
-            "on rank 0): install the same fedmpi on every node"
+            f"its fedmpi code differs from rank 0's (source digest {code[:12]} of {Path(__file__).parent}, rank 0's "
+            f"{str(theirs.get('code'))[:12]}): install the same fedmpi on every node"
         )
     mine = cfg.to_dict()
-    changes = setting_changes(_shared(theirs["config"], mine), _shared(mine, theirs["config"]))
+    changes = setting_changes(_shared(theirs["config"], mine), _shared(mine, theirs["config"]), shown=_brief)
     if changes:
         more = f"; and {len(changes) - SHOWN} more" if len(changes) > SHOWN else ""
         problems.append(
-            f"its configuration differs from rank 0's (rank 0's -> its own: {'; '.join(changes[:SHOWN])}{more}): "
-            "every node must read the same configuration file and --set options"
+            "its configuration differs from rank 0's; every node must read the same configuration file and --set "
+            f"options (rank 0's -> its own: {'; '.join(changes[:SHOWN])}{more})"
         )
     return "; ".join(problems)
+
+
+def _brief(value) -> str:
+    """A value's repr, its middle left out beyond VALUE_CHARS."""
+    text = repr(value)
+    if len(text) <= VALUE_CHARS:
+        return text
+    half = (VALUE_CHARS - 3) // 2
+    return f"{text[:half]}...{text[-half:]}"
 
 
 def _shared(config: dict, other: dict) -> dict:

@@ -474,16 +474,16 @@ def config_from_dict(values: dict) -> Config:
     return cfg
 
 
-def setting_changes(before: dict, now: dict, prefix: str = "") -> list[str]:
+def setting_changes(before: dict, now: dict, prefix: str = "", shown=repr) -> list[str]:
     """'section.option: old -> new' for every setting that differs between two configurations as nested dicts
-    (resume keys; rank 0's configuration and another rank's)."""
+    (resume keys; rank 0's configuration and another rank's); `shown` writes a value."""
     out = []
     for key in sorted(set(before) | set(now)):
         a, b = before.get(key), now.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += setting_changes(a, b, f"{prefix}{key}.")
+            out += setting_changes(a, b, f"{prefix}{key}.", shown)
         elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+            out.append(f"{prefix}{key}: {shown(a)} -> {shown(b)}")
     return out
 
 

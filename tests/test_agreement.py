@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import fedmpi
+import preprocess
 from fedmpi.agreement import MAX_CONFIG_BYTES, agree, code_digest, disagreement, statement
 from fedmpi.config import load_config
 from fedmpi.errors import PayloadError
@@ -54,9 +56,24 @@ def test_more_differences_than_a_line_shows_are_counted():
     assert "eval.every: 1 -> 2" in problem and "; and 2 more" in problem and "train.lr" not in problem
 
 
+def test_a_line_cut_to_its_row_keeps_the_advice_and_each_values_ends():
+    """A node with another checkout differs in code and settings at once, and paths run long: the line rank 0
+    prints is cut at ERROR_BYTES, which cut away what to do about the configuration."""
+    deep = "/" + "d" * 300
+    mine = _cfg(f"run.dir={deep}/runs", f"data.cache_dir={deep}/cache", "train.lr=0.01")
+    problem = disagreement(statement(_cfg(), "a" * 64), mine, "b" * 64)
+    line = row_text(text_row(f"rank 2: {problem}", ERROR_BYTES))
+    assert "install the same fedmpi on every node" in line
+    assert "every node must read the same configuration file and --set options" in line
+    assert "data.cache_dir: 'data' -> '/ddd" in line and "ddd/cache'" in line
+
+
 def test_other_code_is_named_apart_from_the_configuration():
+    """The line names the install this rank imported: a node may hold several (a module's, a venv's, ~/.local)."""
     problem = disagreement(statement(_cfg(), "a" * 64), _cfg(), "b" * 64)
-    assert problem.startswith("its fedmpi code differs from rank 0's (source digest bbbbbbbbbbbb here, aaaaaaaaaaaa")
+    here = Path(fedmpi.__file__).parent
+    assert problem.startswith(f"its fedmpi code differs from rank 0's (source digest bbbbbbbbbbbb of {here}, rank 0's ")
+    assert "rank 0's aaaaaaaaaaaa): install the same fedmpi on every node" in problem
     assert "configuration differs" not in problem
 
 
@@ -73,7 +90,7 @@ def test_a_statement_that_is_no_configuration_is_named(said):
 def test_a_statement_of_unexpected_values_is_compared_as_it_is():
     said = b'{"config": {"data": 5, "extra": [1]}, "code": 7}'
     problem = disagreement(said, _cfg(), CODE)
-    assert "source digest cccccccccccc here, 7 on rank 0" in problem
+    assert "rank 0's 7): install" in problem
     assert "data: 5 -> {" in problem and "extra: [1] -> None" in problem and "; and 4 more" in problem
 
 
@@ -97,9 +114,6 @@ def test_the_code_digest_follows_every_source_file_and_its_name(tmp_path):
 def test_the_code_digest_is_what_an_install_holds(tmp_path):
     """An install (a wheel) holds the packages' modules but no hidden file: a checkout's editor files, such as
     Emacs's lock of an unsaved buffer (a dangling link named .#module.py), neither change the digest nor fail it."""
-    import fedmpi
-    import preprocess
-
     sources = tuple(Path(p.__file__).parent for p in (fedmpi, preprocess))
     installed = tuple(shutil.copytree(p, tmp_path / "site" / p.name) for p in sources)
     assert code_digest(installed) == code_digest()
