@@ -35,8 +35,8 @@ def test_a_setting_of_its_own_is_named_with_both_values():
 
 
 def test_a_split_staged_under_each_nodes_own_path_agrees():
-    """data.dir may differ: a job may copy the split to each node's local disk (the preflight's digests compare
-    the files themselves)."""
+    """data.dir may differ between ranks that each name a split: a job may copy the split to each node's local
+    disk (agreement.NODE_SETTINGS)."""
     assert disagreement(statement(_cfg("data.dir=/scratch/a"), CODE), _cfg("data.dir=/local/b"), CODE) == ""
 
 
