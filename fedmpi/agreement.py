@@ -7,7 +7,6 @@ and every rank stops together, exit 2, before the cohort is built or a data file
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from .config import Config, setting_changes
 from .errors import PayloadError
 from .messages import row_text, text_row
 from .preflight import ERROR_BYTES, say
+from .provenance import code_digest
 
 # The most a configuration's JSON may take on the wire: a few kB in practice (paths up to PATH_MAX included); a
 # header announcing more is refused before a learner allocates it.
@@ -27,21 +27,6 @@ VALUE_CHARS = 40  # the most of a differing value one rank's line shows: its end
 # local disk, under a path of its own (each rank reads only its own file there; the run records every file's digest,
 # and a resume checks them). An empty data.dir is another thing: the synthetic cohort, which rank 0 builds first.
 NODE_SETTINGS = (("data", "dir"),)
-
-
-def code_digest(packages: tuple[Path, ...] | None = None) -> str:
-    """SHA-256 over the Python sources of `packages` (fedmpi's and preprocess's): relative paths and contents, in
-    path order. Hidden files are left out, as an install (a wheel) leaves them out of what it holds: a checkout has
-    its editors' (Emacs's lock of an unsaved module is a dangling link named .#module.py)."""
-    from preprocess import __file__ as preprocess_init
-
-    digest = hashlib.sha256()
-    for package in packages or (Path(__file__).parent, Path(preprocess_init).parent):
-        sources = (p.relative_to(package) for p in package.rglob("*.py"))
-        for path in sorted(p for p in sources if not any(part.startswith(".") for part in p.parts)):
-            digest.update(f"{package.name}/{path.as_posix()}\0".encode())
-            digest.update((package / path).read_bytes())
-    return digest.hexdigest()
 
 
 def statement(cfg: Config, code: str) -> bytes:

@@ -31,6 +31,7 @@ from .memory import keep_freed_memory
 from .messages import row_text, text_row
 from .metrics import mean_predictor_mae
 from .preflight import preflight, rank_file, say, volume_shape
+from .provenance import mpi_library
 from .sentinel import first_on_host, first_task, launcher_rank, launcher_size, mpi_world, role, slurm_step, tell_rank
 
 HOST_BYTES = 64
@@ -151,8 +152,7 @@ def train(
     rank, size = comm.Get_rank(), comm.Get_size()
     tell_rank(rank)
     try:
-        library = " ".join((mpi.Get_library_version().splitlines() or [""])[0].split())
-        check_ranks(cfg, size, launcher_size(), library, slurm_step())
+        check_ranks(cfg, size, launcher_size(), mpi_library(), slurm_step())
     except ConfigError as e:
         # once: by MPI's rank 0 that is also the launcher's first task (every task is MPI's rank 0 when the launcher
         # does not serve this MPI)

@@ -28,6 +28,7 @@ from .errors import EXIT_PREEMPTED, ConfigError
 from .files import atomic_write
 from .metrics import regression_metrics
 from .model import BrainAgeCNN, flat_parameters, layer_sparsity, load_flat_parameters
+from .provenance import software
 from .resume import arithmetic, resume_key
 from .runlog import RunLog
 from .training import predict
@@ -240,6 +241,7 @@ class Recorder:
             "wall_seconds": self.wall_seconds(),
             **{f"total_{k}": v for k, v in total.items()},
             "closing_bytes": closing_bytes,
+            "software": software(),
         }
         self.log.write_summary(summary)
         return summary

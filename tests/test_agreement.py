@@ -3,19 +3,18 @@ and rank 0's verdict. The end-to-end run with one learner set up otherwise is in
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import fedmpi
-import preprocess
-from fedmpi.agreement import MAX_CONFIG_BYTES, agree, code_digest, disagreement, statement
+from fedmpi.agreement import MAX_CONFIG_BYTES, agree, disagreement, statement
 from fedmpi.config import load_config
 from fedmpi.errors import PayloadError
 from fedmpi.messages import row_text, text_row
 from fedmpi.preflight import ERROR_BYTES
+from fedmpi.provenance import code_digest
 
 CODE = "c" * 64
 
@@ -92,36 +91,6 @@ def test_a_statement_of_unexpected_values_is_compared_as_it_is():
     problem = disagreement(said, _cfg(), CODE)
     assert "rank 0's 7): install" in problem
     assert "data: 5 -> {" in problem and "extra: [1] -> None" in problem and "; and 4 more" in problem
-
-
-def test_the_code_digest_follows_every_source_file_and_its_name(tmp_path):
-    package = tmp_path / "pkg"
-    (package / "sub").mkdir(parents=True)
-    (package / "a.py").write_text("x = 1\n")
-    (package / "sub" / "b.py").write_text("y = 2\n")
-    (package / "notes.txt").write_text("not code")
-    first = code_digest((package,))
-    assert code_digest((package,)) == first and len(first) == 64
-    (package / "notes.txt").write_text("still not code")
-    assert code_digest((package,)) == first
-    (package / "sub" / "b.py").write_text("y = 3\n")
-    changed = code_digest((package,))
-    assert changed != first
-    (package / "sub" / "b.py").rename(package / "sub" / "c.py")
-    assert code_digest((package,)) not in (first, changed)
-
-
-def test_the_code_digest_is_what_an_install_holds(tmp_path):
-    """An install (a wheel) holds the packages' modules but no hidden file: a checkout's editor files, such as
-    Emacs's lock of an unsaved buffer (a dangling link named .#module.py), neither change the digest nor fail it."""
-    sources = tuple(Path(p.__file__).parent for p in (fedmpi, preprocess))
-    installed = tuple(shutil.copytree(p, tmp_path / "site" / p.name) for p in sources)
-    assert code_digest(installed) == code_digest()
-    (installed[0] / ".#agreement.py").symlink_to("user@host.1234")
-    (installed[0] / ".scratch.py").write_text("x = 1\n")
-    (installed[1] / ".hidden").mkdir()
-    (installed[1] / ".hidden" / "y.py").write_text("y = 1\n")
-    assert code_digest(installed) == code_digest()
 
 
 class JobStandIn:
