@@ -428,7 +428,7 @@ def _render(run_dirs: list[Path], out: Path) -> tuple[list[dict], list[Path]]:
         texts["privacy_paired.csv"] = tables.to_csv(privacy_paired, tables.PRIVACY_PAIRED_COLUMNS)
         texts["privacy.md"] = tables.privacy_markdown(privacy, privacy_paired)
     slices = _slice_source(runs)  # opened before anything is written, so a bad file writes nothing
-    for line in tables.duplicate_seeds(runs) + notes + unpaired:
+    for line in tables.duplicate_seeds(runs) + tables.software_mix(runs) + notes + unpaired:
         note(line)
     written = []
     for name, text in texts.items():

@@ -228,6 +228,23 @@ def duplicate_seeds(runs: list[Run]) -> list[str]:
     ]
 
 
+def software_mix(runs: list[Run]) -> list[str]:
+    """One note when the runs come from more than one fedmpi source (summary.json's software.source_sha256): the
+    same seed gives the same model only on the same code, so a difference between such runs may be the code's.
+    Runs recorded before fedmpi kept the digest are counted apart, as unknown."""
+    by_source: dict[str, list[str]] = {}
+    for r in sorted(runs, key=lambda r: r.name):
+        software = r.summary.get("software")
+        source = software.get("source_sha256") if isinstance(software, dict) else None
+        by_source.setdefault(source if isinstance(source, str) and source else "", []).append(r.name)
+    known = {k: v for k, v in by_source.items() if k}
+    if len(known) < 2:
+        return []
+    groups = "; ".join(f"{k[:12]}: {', '.join(v)}" for k, v in sorted(known.items(), key=lambda kv: kv[1][0]))
+    unknown = f"; no record: {', '.join(by_source[''])}" if "" in by_source else ""
+    return [f"the runs come from {len(known)} fedmpi sources (source_sha256 {groups}{unknown})"]
+
+
 def panels(keys) -> list[tuple[str, str]]:
     """(setting, distribution) of each table section or plot panel; a pooled line has none of its own
     unless its setting has no other distribution."""

@@ -226,6 +226,28 @@ def test_duplicate_seeds_keep_the_first_by_name(tmp_path):
     ]
 
 
+def test_runs_of_more_than_one_fedmpi_source_are_noted(tmp_path):
+    def run(name, source):
+        summary = {"software": {"source_sha256": source}} if source else None
+        return write_run(
+            tmp_path,
+            name,
+            algorithm="fedavg",
+            target=0.0,
+            mae=[4.0],
+            sparsities=[0.0],
+            bytes_per_round=[10],
+            summary=summary,
+        )
+
+    same = load_runs(run("a", "1" * 64), run("b", "1" * 64), run("old", None))
+    assert tables.software_mix(same) == []  # one known source: nothing to tell
+    mixed = same + load_runs(run("c", "2" * 64))
+    assert tables.software_mix(mixed) == [
+        "the runs come from 2 fedmpi sources (source_sha256 111111111111: a, b; 222222222222: c; no record: old)"
+    ]
+
+
 def test_baseline_clearly_learns_only_below_the_fraction(tmp_path):
     runs = load_runs(
         _pair(tmp_path, "a", "fedavg", [7.0] * 4, seed=0), _pair(tmp_path, "b", "fedavg", [7.5] * 4, seed=1)
