@@ -39,8 +39,9 @@ from . import stats
 from .config import DEVICES, MAX_SEED, MAX_THREADS
 from .data import VolumeDataset, file_digest, read_volume
 from .device import select_device
-from .errors import EXIT_USAGE, AttackError, ConfigError, DataError, is_user_error
+from .errors import EXIT_USAGE, AttackError, DataError, is_user_error
 from .files import atomic_write
+from .finished import existing_run, load_run_model
 from .runlog import dumps, read_json
 
 # the attacks in their order, and the logistic ones that are also top-level keys of attack.json for older readers
@@ -524,31 +525,6 @@ def member_files(cfg, data_dir: Path) -> list[Path]:
     return files
 
 
-def load_run_model(run_dir: Path):
-    """(model with the saved global parameters, config, final sparsity, model_digest) of a finished run."""
-    from .checkpoint import load_model, model_digest
-    from .config import config_from_dict
-    from .model import build_model, load_flat_parameters
-
-    path = run_dir / "model.npz"
-    values, _mask, meta = load_model(path)
-    config, shape = meta.get("config"), meta.get("input_shape")
-    if not isinstance(config, dict) or not (
-        isinstance(shape, list) and len(shape) == 3 and all(type(n) is int and n > 0 for n in shape)
-    ):
-        raise AttackError(
-            f"{path}: its metadata lacks the config and input_shape the trainer records (a model saved by other "
-            "means): the attack rebuilds the network from them"
-        )
-    try:
-        cfg = config_from_dict(config)
-        model = build_model(cfg, shape)
-        load_flat_parameters(model, values)
-    except (ConfigError, ValueError) as e:  # a config or shape that does not describe these parameters
-        raise AttackError(f"{path}: {e}") from None
-    return model, cfg, float(np.mean(values == 0)), model_digest(values)
-
-
 def volume_digests(path: Path) -> list[bytes]:
     """A digest of each volume's voxels, in file order: the same scan is recognised in another file, under
     another subject id (independently made cohorts reuse ids like sub-0000). Every volume is read here, so a
@@ -624,16 +600,6 @@ def _volumes(path: Path, input_shape: tuple[int, ...]):
     return ds
 
 
-def existing_run(run_dir) -> Path:
-    """`run_dir` as a Path, or AttackError saying what is there instead of a run directory."""
-    run_dir = Path(run_dir)
-    if run_dir.is_file():
-        raise AttackError(f"{run_dir} is a file, not a run directory")
-    if not run_dir.is_dir():
-        raise AttackError(f"{run_dir}: no such run directory")
-    return run_dir
-
-
 def attack_run(
     run_dir: Path,
     *,
@@ -653,7 +619,7 @@ def attack_run(
     """
     from .algorithms import target_sparsity
 
-    run_dir = existing_run(run_dir)
+    run_dir = existing_run(run_dir, AttackError)
     summary = read_json(run_dir / "summary.json", AttackError)
     for key, kind, name in (
         ("data_dir", str, "a string"),
@@ -671,14 +637,7 @@ def attack_run(
     test_path = data_dir / TEST_FILE
     if not test_path.exists():
         raise AttackError(f"{test_path}: missing; the attack needs the run's held-out set as non-members")
-    model, cfg, sparsity, digest = load_run_model(run_dir)
-    not_finite = int(sum((~torch.isfinite(p)).sum() for p in model.parameters()))
-    if not_finite:
-        total = sum(p.numel() for p in model.parameters())
-        raise AttackError(
-            f"{run_dir / 'model.npz'}: {not_finite} of its {total} parameters are not finite (the training "
-            "diverged): there is no model to attack"
-        )
+    model, cfg, sparsity, digest = load_run_model(run_dir, AttackError, "attack")
     recorded = summary.get("model_sha256")
     if recorded and recorded != digest:
         # the recorder saves model.npz before summary.json: a resumed run still finishing, or one that failed in
@@ -865,7 +824,7 @@ def run(args) -> int:
             raise AttackError(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
         if not 0 <= args.seed < MAX_SEED:  # numpy refuses a negative seed, torch one of 2**64 or more
             raise AttackError(f"--seed must be in [0, 2**64), got {args.seed}")
-        existing_run(args.run)  # first: the default --out is inside it
+        existing_run(args.run, AttackError)  # first: the default --out is inside it
         outputs.check_file(out, "--out")  # before the attack, not after it
         torch.set_num_threads(args.threads)
         result = attack_run(

@@ -1,0 +1,54 @@
+"""A finished run's model, for the commands that use one (attack, predict): the network rebuilt from model.npz's
+parameters and the configuration and input shape recorded beside them. Each command names its own error class
+and what it would do with the model, so that a refusal reads as that command's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import load_model, model_digest
+from .config import config_from_dict
+from .errors import ConfigError, UserError
+from .model import build_model, load_flat_parameters
+
+
+def existing_run(run_dir, error: type[UserError]) -> Path:
+    """`run_dir` as a Path, or `error` saying what is there instead of a run directory."""
+    run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise error(f"{run_dir} is a file, not a run directory")
+    if not run_dir.is_dir():
+        raise error(f"{run_dir}: no such run directory")
+    return run_dir
+
+
+def load_run_model(run_dir: Path, error: type[UserError], use: str):
+    """(model with the saved global parameters, config, final sparsity, model_digest) of a finished run; `error`
+    when model.npz lacks what rebuilds the network or holds parameters that are not finite (nothing to `use`)."""
+    path = run_dir / "model.npz"
+    values, _mask, meta = load_model(path)
+    config, shape = meta.get("config"), meta.get("input_shape")
+    if not isinstance(config, dict) or not (
+        isinstance(shape, list) and len(shape) == 3 and all(type(n) is int and n > 0 for n in shape)
+    ):
+        raise error(
+            f"{path}: its metadata lacks the config and input_shape the trainer records (a model saved by other "
+            f"means): the {use} rebuilds the network from them"
+        )
+    try:
+        cfg = config_from_dict(config)
+        model = build_model(cfg, shape)
+        load_flat_parameters(model, values)
+    except (ConfigError, ValueError) as e:  # a config or shape that does not describe these parameters
+        raise error(f"{path}: {e}") from None
+    not_finite = int(sum((~torch.isfinite(p)).sum() for p in model.parameters()))
+    if not_finite:
+        total = sum(p.numel() for p in model.parameters())
+        raise error(
+            f"{path}: {not_finite} of its {total} parameters are not finite (the training diverged): there is no "
+            f"model to {use}"
+        )
+    return model, cfg, float(np.mean(values == 0)), model_digest(values)
