@@ -637,7 +637,7 @@ def attack_run(
     test_path = data_dir / TEST_FILE
     if not test_path.exists():
         raise AttackError(f"{test_path}: missing; the attack needs the run's held-out set as non-members")
-    model, cfg, sparsity, digest = load_run_model(run_dir, AttackError, "attack")
+    model, cfg, sparsity, digest = load_run_model(run_dir, AttackError, "the attack")
     recorded = summary.get("model_sha256")
     if recorded and recorded != digest:
         # the recorder saves model.npz before summary.json: a resumed run still finishing, or one that failed in

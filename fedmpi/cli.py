@@ -1,8 +1,8 @@
-"""`python -m fedmpi train|attack|report`: argument parsing and dispatch only.
+"""`python -m fedmpi train|attack|predict|report`: argument parsing and dispatch only.
 
 `train` takes the preemption signals (fedmpi.preemption) and forks the rank's sentinel (fedmpi.sentinel)
-before anything else is imported, then hands over to fedmpi.launch; `attack` and `report` are plain
-one-process commands.
+before anything else is imported, then hands over to fedmpi.launch; `attack`, `predict` and `report`
+are plain one-process commands.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class _Once(argparse.Action):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import attack, report
+    from . import attack, predict, report
     from .config import describe  # numpy and more: not before `train` has taken the preemption signals
 
     p = argparse.ArgumentParser(prog="python -m fedmpi", description="Federated brain-age training with FedSparsify.")
@@ -56,6 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     attack.add_arguments(a)
     a.set_defaults(func=attack.run)
+    pr = sub.add_parser(
+        "predict",
+        help="brain age of each subject of a preprocessed file under a finished run's model",
+        description="Predicted age and brain-age gap (predicted minus chronological age) for each subject of a "
+        "preprocessed volume file, under a finished run's model; written as CSV.",
+    )
+    predict.add_arguments(pr)
+    pr.set_defaults(func=predict.run)
     r = sub.add_parser(
         "report",
         help="plots and a results table (markdown, CSV) from run directories",
@@ -103,7 +111,7 @@ def stdout_closed() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m fedmpi`; returns the exit code. `train` goes to _train unparsed (the preemption signals come before
-    the imports that parsing needs); `attack` and `report` are parsed and run here."""
+    the imports that parsing needs); `attack`, `predict` and `report` are parsed and run here."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
         return _train(argv)

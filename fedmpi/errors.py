@@ -70,6 +70,10 @@ class AttackError(UserError):
     """The run directory or data cannot support a membership attack."""
 
 
+class PredictError(UserError):
+    """A run or volume file that cannot give brain-age predictions (another grid, a file that is no file)."""
+
+
 class ReportError(UserError):
     """A run directory that cannot be reported (missing or unreadable files)."""
 

@@ -27,7 +27,8 @@ def existing_run(run_dir, error: type[UserError]) -> Path:
 
 def load_run_model(run_dir: Path, error: type[UserError], use: str):
     """(model with the saved global parameters, config, final sparsity, model_digest) of a finished run; `error`
-    when model.npz lacks what rebuilds the network or holds parameters that are not finite (nothing to `use`)."""
+    when model.npz lacks what rebuilds the network or holds parameters that are not finite; `use` names the
+    command in those messages."""
     path = run_dir / "model.npz"
     values, _mask, meta = load_model(path)
     config, shape = meta.get("config"), meta.get("input_shape")
@@ -36,7 +37,7 @@ def load_run_model(run_dir: Path, error: type[UserError], use: str):
     ):
         raise error(
             f"{path}: its metadata lacks the config and input_shape the trainer records (a model saved by other "
-            f"means): the {use} rebuilds the network from them"
+            f"means): {use} rebuilds the network from them"
         )
     try:
         cfg = config_from_dict(config)
@@ -48,7 +49,7 @@ def load_run_model(run_dir: Path, error: type[UserError], use: str):
     if not_finite:
         total = sum(p.numel() for p in model.parameters())
         raise error(
-            f"{path}: {not_finite} of its {total} parameters are not finite (the training diverged): there is no "
-            f"model to {use}"
+            f"{path}: {not_finite} of its {total} parameters are not finite (the training diverged): {use} has no "
+            "model to use"
         )
     return model, cfg, float(np.mean(values == 0)), model_digest(values)

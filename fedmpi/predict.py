@@ -1,0 +1,112 @@
+"""`python -m fedmpi predict`: a finished run's model applied to a preprocessed volume file, one row per subject
+with the brain-age gap (predicted minus chronological age), the figure brain-age studies analyse. The file must
+be preprocessed as the run's data were (the same grid: `python -m preprocess nifti` with the same options); a file
+the run trained on is named, as its gaps are optimistic."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import DataLoader
+
+from preprocess import outputs
+
+from .config import DEVICES
+from .data import VolumeDataset, file_digest
+from .device import select_device
+from .errors import EXIT_USAGE, PredictError, is_user_error
+from .files import atomic_write
+from .finished import existing_run, load_run_model
+from .metrics import regression_metrics
+from .runlog import read_json
+from .training import predict
+
+COLUMNS = ("subject_id", "age", "predicted", "gap")
+
+
+def predictions(run_dir: Path, data: Path, device: str = "auto") -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(subject ids, ages, predicted ages) of `data`'s subjects under the run's final model."""
+    model, cfg, _sparsity, _digest = load_run_model(run_dir, PredictError, "predict")
+    ds = VolumeDataset(data, cache=False)
+    if tuple(ds.shape) != tuple(model.input_shape):
+        raise PredictError(
+            f"{data}: volumes are {tuple(ds.shape)}, the model takes {tuple(model.input_shape)}: preprocess the scans "
+            "as the run's data were (the same voxel size and grid)"
+        )
+    if len(ds) == 0:
+        raise PredictError(f"{data} holds no subjects")
+    loader = DataLoader(ds, batch_size=cfg.eval.batch_size, shuffle=False, num_workers=0)
+    predicted, ages = predict(model, loader, select_device(device))
+    return ds.subject_ids, ages, predicted
+
+
+def trained_on(run_dir: Path, data: Path) -> str | None:
+    """The name of the run's training file `data` is (by its digest, as summary.json records the split), or None."""
+    try:
+        split = read_json(run_dir / "summary.json", PredictError).get("split")
+    except PredictError:
+        return None  # no record to compare with: nothing to say
+    if not isinstance(split, dict):
+        return None
+    digest = file_digest(data)
+    return next((name for name, d in sorted(split.items()) if d == digest and name.startswith("learner_")), None)
+
+
+def to_csv(ids: list[str], ages: np.ndarray, predicted: np.ndarray) -> str:
+    """The predictions as CSV, an id holding a comma or a quote quoted."""
+    text = io.StringIO()
+    rows = csv.writer(text, lineterminator="\n")
+    rows.writerow(COLUMNS)
+    rows.writerows(
+        [sid, f"{age:.4f}", f"{pred:.4f}", f"{pred - age:.4f}"] for sid, age, pred in zip(ids, ages, predicted)
+    )
+    return text.getvalue()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `python -m fedmpi predict` (fedmpi.cli makes the subcommand)."""
+    parser.add_argument("--run", required=True, help="run directory (runs/<name>) with model.npz")
+    parser.add_argument("--data", required=True, metavar="FILE.h5", help="preprocessed volumes (preprocess nifti)")
+    parser.add_argument("--out", help="output CSV (default: <FILE>_brain_age.csv in the current directory)")
+    parser.add_argument("--device", default="auto", choices=DEVICES, help="where the model runs")
+
+
+def run(args) -> int:
+    """`python -m fedmpi predict`: write the CSV and print its summary; an error the user can fix is one line on
+    stderr and exit 2, not a traceback, and nothing is written."""
+    data = Path(args.data)
+    out = Path(args.out) if args.out else Path(f"{data.stem}_brain_age.csv")
+    try:
+        run_dir = existing_run(args.run, PredictError)
+        outputs.check_file(out, "--out")
+        if out.resolve() == data.resolve():
+            raise PredictError(f"--out {out} is the volume file itself")
+        ids, ages, predicted = predictions(run_dir, data, args.device)
+        own = trained_on(run_dir, data)
+        try:
+            atomic_write(out, to_csv(ids, ages, predicted).encode())
+        except OSError as e:
+            raise PredictError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    except Exception as e:
+        if is_user_error(e):
+            print(f"fedmpi predict: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
+    scores = regression_metrics(predicted, ages)
+    gap = predicted - ages
+    if own:
+        print(
+            f"fedmpi predict: note: {data} is the run's own training file {own}: its brain-age gaps are optimistic",
+            file=sys.stderr,
+        )
+    print(
+        f"{len(ids)} subjects: MAE {scores['mae']:.2f} years, r {scores['r']:.3f}, "
+        f"brain-age gap mean {gap.mean():+.2f} (sd {gap.std():.2f}) years"
+    )
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,114 @@
+"""`python -m fedmpi predict`: a finished run's model applied to a preprocessed file, without mpirun (the run
+directory is written as the trainer writes it)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from fedtools import SHAPE, write_split, write_volumes
+
+from fedmpi import predict
+from fedmpi.checkpoint import save_model
+from fedmpi.config import Config
+from fedmpi.data import file_digest
+from fedmpi.model import BrainAgeCNN, flat_parameters
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A run directory with model.npz and summary.json recording its split, and the split."""
+    root = tmp_path_factory.mktemp("predict")
+    data = write_split(root / "split", learners=2, per_learner=6, test=10)
+    cfg = Config()
+    cfg.model.width, cfg.federation.learners, cfg.eval.batch_size = 0.125, 2, 4
+    torch.manual_seed(0)
+    values = flat_parameters(BrainAgeCNN(SHAPE, width=0.125, dropout=0.0))
+    run = root / "runs" / "r"
+    save_model(run / "model.npz", values, values != 0, {"input_shape": list(SHAPE), "config": cfg.to_dict()})
+    split = {p.name: file_digest(p) for p in sorted(data.glob("*.h5"))}
+    (run / "summary.json").write_text(json.dumps({"data_dir": str(data), "split": split}))
+    return run, data, values
+
+
+def _run(*argv):
+    parser = argparse.ArgumentParser()
+    predict.add_arguments(parser)
+    return predict.run(parser.parse_args(list(argv)))
+
+
+def test_each_subject_gets_the_models_prediction_and_its_gap(finished, tmp_path, capsys, monkeypatch):
+    run, data, values = finished
+    monkeypatch.chdir(tmp_path)
+    assert _run("--run", str(run), "--data", str(data / "test.h5")) == 0
+    with open(tmp_path / "test_brain_age.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["subject_id", "age", "predicted", "gap"] and len(rows) == 10
+    model = BrainAgeCNN(SHAPE, width=0.125, dropout=0.0)
+    from fedmpi.data import VolumeDataset
+    from fedmpi.model import load_flat_parameters
+
+    load_flat_parameters(model, values)
+    model.eval()
+    ds = VolumeDataset(data / "test.h5")
+    with torch.no_grad():
+        expected = model(torch.stack([ds[i][0] for i in range(len(ds))])).numpy().reshape(-1)
+    assert [r["subject_id"] for r in rows] == ds.subject_ids
+    np.testing.assert_allclose([float(r["predicted"]) for r in rows], expected, atol=1e-4)
+    for r in rows:
+        assert float(r["gap"]) == pytest.approx(float(r["predicted"]) - float(r["age"]), abs=2e-4)
+    out = capsys.readouterr()
+    assert out.out.startswith("10 subjects: MAE ") and "brain-age gap mean" in out.out and out.err == ""
+
+
+def test_a_file_the_run_trained_on_is_named(finished, tmp_path, capsys):
+    run, data, _ = finished
+    out = tmp_path / "p.csv"
+    assert _run("--run", str(run), "--data", str(data / "learner_2.h5"), "--out", str(out)) == 0
+    assert "the run's own training file learner_2.h5: its brain-age gaps are optimistic" in capsys.readouterr().err
+    assert out.exists()
+
+
+def test_a_file_of_another_grid_is_refused_in_one_line_and_nothing_is_written(finished, tmp_path, capsys):
+    run, _, _ = finished
+    other = tmp_path / "other.h5"
+    write_volumes(other, np.array([50.0, 60.0]), np.random.default_rng(0), shape=(20, 20, 20))
+    out = tmp_path / "p.csv"
+    assert _run("--run", str(run), "--data", str(other), "--out", str(out)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "volumes are (20, 20, 20), the model takes (16, 20, 16)" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("problem", ["no run", "out is a directory", "out is the data", "no data"])
+def test_what_cannot_give_predictions_is_one_line_and_exit_2(finished, tmp_path, capsys, problem):
+    run, data, _ = finished
+    args = {"--run": str(run), "--data": str(data / "test.h5"), "--out": str(tmp_path / "p.csv")}
+    if problem == "no run":
+        args["--run"] = str(tmp_path / "absent")
+    elif problem == "out is a directory":
+        args["--out"] = str(tmp_path)
+    elif problem == "out is the data":
+        args["--out"] = args["--data"]
+    else:
+        args["--data"] = str(tmp_path / "absent.h5")
+    assert _run(*[x for kv in args.items() for x in kv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedmpi predict: error: ") and err.count("\n") == 1
+    assert file_digest(data / "test.h5")  # the volume file is left as it was
+
+
+def test_a_diverged_model_gives_no_predictions(finished, tmp_path, capsys):
+    _, data, values = finished
+    bad = tmp_path / "bad"
+    cfg = Config()
+    cfg.model.width = 0.125
+    broken = values.copy()
+    broken[:3] = np.nan
+    save_model(bad / "model.npz", broken, broken != 0, {"input_shape": list(SHAPE), "config": cfg.to_dict()})
+    assert _run("--run", str(bad), "--data", str(data / "test.h5"), "--out", str(tmp_path / "p.csv")) == 2
+    assert "3 of its" in capsys.readouterr().err and not (tmp_path / "p.csv").exists()
