@@ -41,7 +41,7 @@ from .data import VolumeDataset, file_digest, read_volume
 from .device import select_device
 from .errors import EXIT_USAGE, AttackError, DataError, is_user_error
 from .files import atomic_write
-from .finished import existing_run, load_run_model
+from .finished import existing_run, is_run_record, load_run_model
 from .runlog import dumps, read_json
 
 # the attacks in their order, and the logistic ones that are also top-level keys of attack.json for older readers
@@ -713,16 +713,13 @@ def attack_run(
     return result
 
 
-RUN_RECORDS = ("model.npz", "summary.json", "config.json", "metrics.jsonl", "test_predictions.csv", ".lock")
-
-
 def check_out(out: Path, run_dir: Path, inputs: list[Path]) -> None:
     """Refuse an output path that is one of the attack's volume files, one of the run's records or in its
     checkpoints: the result replaces its path, so the trained model or the data would be lost."""
     target = out.resolve()
-    records = [run_dir / name for name in RUN_RECORDS]
-    if target.parent == (run_dir / "checkpoints").resolve() or target in {p.resolve() for p in [*records, *inputs]}:
-        what = "a volume file the attack reads" if target in {p.resolve() for p in inputs} else "a record of the run"
+    reads = target in {p.resolve() for p in inputs}
+    if reads or is_run_record(out, run_dir):
+        what = "a volume file the attack reads" if reads else "a record of the run"
         raise AttackError(f"--out {out} is {what}: the attack would overwrite it; give another file name")
 
 

@@ -14,6 +14,17 @@ from .config import config_from_dict
 from .errors import ConfigError, UserError
 from .model import build_model, load_flat_parameters
 
+# what the trainer writes into a run directory, beside checkpoints/: no output of another command may replace them
+RUN_RECORDS = (
+    "model.npz",
+    "summary.json",
+    "config.json",
+    "metrics.jsonl",
+    "test_predictions.csv",
+    "ranks.json",
+    ".lock",
+)
+
 
 def existing_run(run_dir, error: type[UserError]) -> Path:
     """`run_dir` as a Path, or `error` saying what is there instead of a run directory."""
@@ -23,6 +34,13 @@ def existing_run(run_dir, error: type[UserError]) -> Path:
     if not run_dir.is_dir():
         raise error(f"{run_dir}: no such run directory")
     return run_dir
+
+
+def is_run_record(out: Path, run_dir: Path, names: tuple[str, ...] = RUN_RECORDS) -> bool:
+    """Whether writing `out` replaces one of `names` in `run_dir` or a checkpoint, also through a link to either:
+    outputs are renamed onto their path."""
+    target = Path(out).resolve()
+    return target.parent == (run_dir / "checkpoints").resolve() or target in {(run_dir / n).resolve() for n in names}
 
 
 def load_run_model(run_dir: Path, error: type[UserError], use: str):

@@ -21,7 +21,7 @@ from .data import VolumeDataset, file_digest
 from .device import select_device
 from .errors import EXIT_USAGE, PredictError, is_user_error
 from .files import atomic_write
-from .finished import existing_run, load_run_model
+from .finished import RUN_RECORDS, existing_run, is_run_record, load_run_model
 from .metrics import regression_metrics
 from .runlog import read_json
 from .training import predict
@@ -86,6 +86,10 @@ def run(args) -> int:
         outputs.check_file(out, "--out")
         if out.resolve() == data.resolve():
             raise PredictError(f"--out {out} is the volume file itself")
+        if is_run_record(out, run_dir, (*RUN_RECORDS, "attack.json")):
+            raise PredictError(
+                f"--out {out} is a record of the run {run_dir}: predict would replace it; give another name"
+            )
         ids, ages, predicted = predictions(run_dir, data, args.device)
         own = trained_on(run_dir, data)
         try:

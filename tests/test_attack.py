@@ -795,3 +795,17 @@ def test_a_non_member_file_holding_members_and_another_pools_scans_counts_each_a
     said = str(info.value)
     assert "3 of its 5 volumes are images the run trained on (learner_1.h5)" in said
     assert "2 another non-member file holds (test.h5)" in said
+
+
+@pytest.mark.parametrize("record", ["model.npz", "ranks.json"])
+def test_attack_refuses_an_out_that_is_one_of_the_runs_records(tmp_path, capsys, record):
+    """The result is renamed onto --out: the run's model, or the ranks' table the launcher wrote, would be lost."""
+    run, _data, _values, _meta = _tiny_run(tmp_path)
+    (run / "ranks.json").write_text("{}")
+    before = (run / record).read_bytes()
+    parser = argparse.ArgumentParser()
+    attack.add_arguments(parser)
+    assert attack.run(parser.parse_args(["--run", str(run), "--max-per-class", "4", "--out", str(run / record)])) == 2
+    printed = capsys.readouterr()
+    assert printed.out == "" and "is a record of the run" in printed.err
+    assert (run / record).read_bytes() == before

@@ -112,3 +112,25 @@ def test_a_diverged_model_gives_no_predictions(finished, tmp_path, capsys):
     save_model(bad / "model.npz", broken, broken != 0, {"input_shape": list(SHAPE), "config": cfg.to_dict()})
     assert _run("--run", str(bad), "--data", str(data / "test.h5"), "--out", str(tmp_path / "p.csv")) == 2
     assert "3 of its" in capsys.readouterr().err and not (tmp_path / "p.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "record", ["model.npz", "summary.json", "ranks.json", "attack.json", "checkpoints/round-000003.npz"]
+)
+@pytest.mark.parametrize("via", ["path", "symlinked directory"])
+def test_an_out_that_is_one_of_the_runs_records_is_refused_and_the_record_kept(finished, tmp_path, capsys, record, via):
+    """--out is renamed onto its path: the run's model or summary given there (directly or through a link to the
+    run directory) would be replaced by the CSV."""
+    run, data, _ = finished
+    (run / "ranks.json").write_text("{}")
+    (run / "attack.json").write_text("{}")
+    (run / "checkpoints").mkdir(exist_ok=True)
+    (run / "checkpoints" / "round-000003.npz").write_bytes(b"checkpoint")
+    before = (run / record).read_bytes()
+    link = tmp_path / "link"
+    link.symlink_to(run)
+    out = (run if via == "path" else link) / record
+    assert _run("--run", str(run), "--data", str(data / "test.h5"), "--out", str(out)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a record of the run" in err
+    assert (run / record).read_bytes() == before
