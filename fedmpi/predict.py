@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from preprocess import outputs
 
 from .config import DEVICES
-from .data import VolumeDataset, file_digest
+from .data import VolumeDataset, check_volumes
 from .device import select_device
 from .errors import EXIT_USAGE, PredictError, is_user_error
 from .files import atomic_write
@@ -29,31 +29,31 @@ from .training import predict
 COLUMNS = ("subject_id", "age", "predicted", "gap")
 
 
-def predictions(run_dir: Path, data: Path, device: str = "auto") -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(subject ids, ages, predicted ages) of `data`'s subjects under the run's final model."""
+def predictions(run_dir: Path, data: Path, device: str = "auto") -> tuple[list[str], np.ndarray, np.ndarray, str]:
+    """(subject ids, ages, predicted ages, the file's digest) of `data`'s subjects under the run's final model. The
+    file passes the trainer's checks of a volume file first (check_volumes): an age that is not finite or not in
+    the file's range would make its gap, and the MAE, meaningless."""
     model, cfg, _sparsity, _digest = load_run_model(run_dir, PredictError, "predict")
+    digest = check_volumes(data)["digest"]
     ds = VolumeDataset(data, cache=False)
     if tuple(ds.shape) != tuple(model.input_shape):
         raise PredictError(
             f"{data}: volumes are {tuple(ds.shape)}, the model takes {tuple(model.input_shape)}: preprocess the scans "
             "as the run's data were (the same voxel size and grid)"
         )
-    if len(ds) == 0:
-        raise PredictError(f"{data} holds no subjects")
     loader = DataLoader(ds, batch_size=cfg.eval.batch_size, shuffle=False, num_workers=0)
     predicted, ages = predict(model, loader, select_device(device))
-    return ds.subject_ids, ages, predicted
+    return ds.subject_ids, ages, predicted, digest
 
 
-def trained_on(run_dir: Path, data: Path) -> str | None:
-    """The name of the run's training file `data` is (by its digest, as summary.json records the split), or None."""
+def trained_on(run_dir: Path, digest: str) -> str | None:
+    """The name of the run's training file whose digest is `digest` (as summary.json records the split), or None."""
     try:
         split = read_json(run_dir / "summary.json", PredictError).get("split")
     except PredictError:
         return None  # no record to compare with: nothing to say
     if not isinstance(split, dict):
         return None
-    digest = file_digest(data)
     return next((name for name, d in sorted(split.items()) if d == digest and name.startswith("learner_")), None)
 
 
@@ -90,8 +90,8 @@ def run(args) -> int:
             raise PredictError(
                 f"--out {out} is a record of the run {run_dir}: predict would replace it; give another name"
             )
-        ids, ages, predicted = predictions(run_dir, data, args.device)
-        own = trained_on(run_dir, data)
+        ids, ages, predicted, digest = predictions(run_dir, data, args.device)
+        own = trained_on(run_dir, digest)
         try:
             atomic_write(out, to_csv(ids, ages, predicted).encode())
         except OSError as e:

@@ -134,3 +134,16 @@ def test_an_out_that_is_one_of_the_runs_records_is_refused_and_the_record_kept(f
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is a record of the run" in err
     assert (run / record).read_bytes() == before
+
+
+@pytest.mark.parametrize("age", [float("nan"), float("inf"), 700.0, -3.0])
+def test_an_age_that_is_not_finite_or_not_plausible_is_refused(finished, tmp_path, capsys, age):
+    """The gap is predicted minus chronological age: a NaN age gave a NaN MAE and gap, written as if results."""
+    run, _, _ = finished
+    odd = tmp_path / "odd.h5"
+    write_volumes(odd, np.array([50.0, age, 60.0]), np.random.default_rng(0))
+    out = tmp_path / "p.csv"
+    assert _run("--run", str(run), "--data", str(odd), "--out", str(out)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "1 age(s) not in (0, 120] years: #1" in err
+    assert not out.exists()
