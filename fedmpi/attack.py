@@ -41,8 +41,8 @@ from .data import VolumeDataset, file_digest, read_volume
 from .device import select_device
 from .errors import EXIT_USAGE, AttackError, DataError, is_user_error
 from .files import atomic_write
-from .finished import existing_run, is_run_record, load_run_model
-from .runlog import dumps, read_json
+from .finished import check_recorded_model, existing_run, is_run_record, load_run_model, run_summary
+from .runlog import dumps
 
 # the attacks in their order, and the logistic ones that are also top-level keys of attack.json for older readers
 from .tables import ATTACK_ORDER as ATTACKS
@@ -620,17 +620,7 @@ def attack_run(
     from .algorithms import target_sparsity
 
     run_dir = existing_run(run_dir, AttackError)
-    summary = read_json(run_dir / "summary.json", AttackError)
-    for key, kind, name in (
-        ("data_dir", str, "a string"),
-        ("model_sha256", str, "a string"),
-        ("split", dict, "an object"),
-    ):
-        if summary.get(key) is not None and not isinstance(summary[key], kind):
-            raise AttackError(
-                f"{run_dir / 'summary.json'}: {key} is {type(summary[key]).__name__}, not {name} as the trainer "
-                "writes it (a damaged or hand-edited record)"
-            )
+    summary = run_summary(run_dir, AttackError)
     if not summary.get("data_dir"):
         raise AttackError(f"{run_dir / 'summary.json'} does not record data_dir (the split the run used)")
     data_dir = Path(summary["data_dir"])
@@ -638,15 +628,7 @@ def attack_run(
     if not test_path.exists():
         raise AttackError(f"{test_path}: missing; the attack needs the run's held-out set as non-members")
     model, cfg, sparsity, digest = load_run_model(run_dir, AttackError, "the attack")
-    recorded = summary.get("model_sha256")
-    if recorded and recorded != digest:
-        # the recorder saves model.npz before summary.json: a resumed run still finishing, or one that failed in
-        # between, leaves a newer model beside the summary of an earlier stop (its rounds, stopped_early)
-        raise AttackError(
-            f"{run_dir / 'model.npz'} is not the model {run_dir / 'summary.json'} records (model_sha256 differs): "
-            "the run is being resumed or trained again, or failed before recording its end; attack it once it "
-            "has finished (resume it if it stopped)"
-        )
+    check_recorded_model(summary, run_dir, digest, AttackError, "attack it")
     files = member_files(cfg, data_dir)
     check_split(summary.get("split"), [test_path, *files])
     pools = [test_path, *(Path(p) for p in nonmembers)]

@@ -13,6 +13,7 @@ from .checkpoint import load_model, model_digest
 from .config import config_from_dict
 from .errors import ConfigError, UserError
 from .model import build_model, load_flat_parameters
+from .runlog import read_json
 
 # what the trainer writes into a run directory, beside checkpoints/: no output of another command may replace them
 RUN_RECORDS = (
@@ -34,6 +35,41 @@ def existing_run(run_dir, error: type[UserError]) -> Path:
     if not run_dir.is_dir():
         raise error(f"{run_dir}: no such run directory")
     return run_dir
+
+
+def run_summary(run_dir: Path, error: type[UserError]) -> dict:
+    """summary.json, its data_dir, model_sha256 and split (file name -> digest) of the types the trainer writes when
+    there; `error` when it is missing (a run not finished) or damaged."""
+    summary = read_json(run_dir / "summary.json", error)
+    for key, kind, name in (
+        ("data_dir", str, "a string"),
+        ("model_sha256", str, "a string"),
+        ("split", dict, "an object"),
+    ):
+        if summary.get(key) is not None and not isinstance(summary[key], kind):
+            raise error(
+                f"{run_dir / 'summary.json'}: {key} is {type(summary[key]).__name__}, not {name} as the trainer "
+                "writes it (a damaged or hand-edited record)"
+            )
+    if not all(isinstance(d, str) for d in (summary.get("split") or {}).values()):
+        raise error(
+            f"{run_dir / 'summary.json'}: split holds a digest that is not a string (a damaged or hand-edited record)"
+        )
+    return summary
+
+
+def check_recorded_model(summary: dict, run_dir: Path, digest: str, error: type[UserError], use: str) -> None:
+    """`error` unless model.npz (of digest `digest`) is the model summary.json records; `use` ("attack it") says
+    what to do once the run has finished."""
+    recorded = summary.get("model_sha256")
+    if recorded and recorded != digest:
+        # the recorder saves model.npz before summary.json: a resumed run still finishing, or one that failed in
+        # between, leaves a newer model beside the summary of an earlier stop (its rounds, stopped_early)
+        raise error(
+            f"{run_dir / 'model.npz'} is not the model {run_dir / 'summary.json'} records (model_sha256 differs): "
+            f"the run is being resumed or trained again, or failed before recording its end; {use} once it "
+            "has finished (resume it if it stopped)"
+        )
 
 
 def is_run_record(out: Path, run_dir: Path, names: tuple[str, ...] = RUN_RECORDS) -> bool:

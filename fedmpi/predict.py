@@ -21,19 +21,28 @@ from .data import VolumeDataset, check_volumes
 from .device import select_device
 from .errors import EXIT_USAGE, PredictError, is_user_error
 from .files import atomic_write
-from .finished import RUN_RECORDS, existing_run, is_run_record, load_run_model
+from .finished import (
+    RUN_RECORDS,
+    check_recorded_model,
+    existing_run,
+    is_run_record,
+    load_run_model,
+    run_summary,
+)
 from .metrics import regression_metrics
-from .runlog import read_json
 from .training import predict
 
 COLUMNS = ("subject_id", "age", "predicted", "gap")
 
 
-def predictions(run_dir: Path, data: Path, device: str = "auto") -> tuple[list[str], np.ndarray, np.ndarray, str]:
-    """(subject ids, ages, predicted ages, the file's digest) of `data`'s subjects under the run's final model. The
-    file passes the trainer's checks of a volume file first (check_volumes): an age that is not finite or not in
-    the file's range would make its gap, and the MAE, meaningless."""
-    model, cfg, _sparsity, _digest = load_run_model(run_dir, PredictError, "predict")
+def predictions(
+    run_dir: Path, summary: dict, data: Path, device: str = "auto"
+) -> tuple[list[str], np.ndarray, np.ndarray, str | None]:
+    """(subject ids, ages, predicted ages, the run's training file `data` is or None) of `data`'s subjects under
+    the model summary.json records. The file passes the trainer's checks of a volume file first (check_volumes):
+    an age that is not finite or not in the file's range would make its gap, and the MAE, meaningless."""
+    model, cfg, _sparsity, model_sha = load_run_model(run_dir, PredictError, "predict")
+    check_recorded_model(summary, run_dir, model_sha, PredictError, "predict with it")
     digest = check_volumes(data)["digest"]
     ds = VolumeDataset(data, cache=False)
     if tuple(ds.shape) != tuple(model.input_shape):
@@ -43,17 +52,11 @@ def predictions(run_dir: Path, data: Path, device: str = "auto") -> tuple[list[s
         )
     loader = DataLoader(ds, batch_size=cfg.eval.batch_size, shuffle=False, num_workers=0)
     predicted, ages = predict(model, loader, select_device(device))
-    return ds.subject_ids, ages, predicted, digest
+    return ds.subject_ids, ages, predicted, trained_on(summary.get("split") or {}, digest)
 
 
-def trained_on(run_dir: Path, digest: str) -> str | None:
-    """The name of the run's training file whose digest is `digest` (as summary.json records the split), or None."""
-    try:
-        split = read_json(run_dir / "summary.json", PredictError).get("split")
-    except PredictError:
-        return None  # no record to compare with: nothing to say
-    if not isinstance(split, dict):
-        return None
+def trained_on(split: dict, digest: str) -> str | None:
+    """The name of the run's training file whose digest is `digest` in the split summary.json records, or None."""
     return next((name for name, d in sorted(split.items()) if d == digest and name.startswith("learner_")), None)
 
 
@@ -90,8 +93,8 @@ def run(args) -> int:
             raise PredictError(
                 f"--out {out} is a record of the run {run_dir}: predict would replace it; give another name"
             )
-        ids, ages, predicted, digest = predictions(run_dir, data, args.device)
-        own = trained_on(run_dir, digest)
+        summary = run_summary(run_dir, PredictError)
+        ids, ages, predicted, own = predictions(run_dir, summary, data, args.device)
         try:
             atomic_write(out, to_csv(ids, ages, predicted).encode())
         except OSError as e:
@@ -103,6 +106,12 @@ def run(args) -> int:
         raise
     scores = regression_metrics(predicted, ages)
     gap = predicted - ages
+    if summary.get("preempted") is True:
+        print(
+            f"fedmpi predict: note: {run_dir} stopped at round {summary.get('rounds')} (preempted), so these are its "
+            "model's predictions from then, not its final one's; resume the run for those",
+            file=sys.stderr,
+        )
     if own:
         print(
             f"fedmpi predict: note: {data} is the run's own training file {own}: its brain-age gaps are optimistic",

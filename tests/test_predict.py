@@ -110,6 +110,7 @@ def test_a_diverged_model_gives_no_predictions(finished, tmp_path, capsys):
     broken = values.copy()
     broken[:3] = np.nan
     save_model(bad / "model.npz", broken, broken != 0, {"input_shape": list(SHAPE), "config": cfg.to_dict()})
+    (bad / "summary.json").write_text("{}")
     assert _run("--run", str(bad), "--data", str(data / "test.h5"), "--out", str(tmp_path / "p.csv")) == 2
     assert "3 of its" in capsys.readouterr().err and not (tmp_path / "p.csv").exists()
 
@@ -147,3 +148,43 @@ def test_an_age_that_is_not_finite_or_not_plausible_is_refused(finished, tmp_pat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "1 age(s) not in (0, 120] years: #1" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "summary, said",
+    [
+        (None, "summary.json: missing (is the run finished?)"),
+        ("{not json", "summary.json: not valid JSON"),
+        ("[1, 2]", "summary.json: not a fedmpi record (JSON list, not an object)"),
+        ('{"split": ["learner_1.h5"]}', "summary.json: split is list, not an object as the trainer writes it"),
+        ('{"split": {"learner_1.h5": 5}}', "summary.json: split holds a digest that is not a string"),
+        ('{"model_sha256": "0123"}', "is not the model"),
+    ],
+)
+def test_a_summary_that_cannot_say_what_the_model_is_is_refused(finished, tmp_path, capsys, summary, said):
+    """summary.json says which files the run trained on (their gaps are optimistic) and which model it finished
+    with: one that is missing or damaged silently skipped the first check, and a model.npz of a run being resumed
+    gave predictions of a model no summary records."""
+    run, data, _ = finished
+    copy = tmp_path / "run"
+    copy.mkdir()
+    (copy / "model.npz").write_bytes((run / "model.npz").read_bytes())
+    if summary is not None:
+        (copy / "summary.json").write_text(summary)
+    out = tmp_path / "p.csv"
+    assert _run("--run", str(copy), "--data", str(data / "learner_1.h5"), "--out", str(out)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and said in err
+    assert not out.exists()
+
+
+def test_a_run_stopped_early_is_noted_and_one_without_digests_predicts(finished, tmp_path, capsys):
+    run, data, _ = finished
+    copy = tmp_path / "run"
+    copy.mkdir()
+    (copy / "model.npz").write_bytes((run / "model.npz").read_bytes())
+    (copy / "summary.json").write_text(json.dumps({"rounds": 3, "preempted": True}))
+    assert _run("--run", str(copy), "--data", str(data / "test.h5"), "--out", str(tmp_path / "p.csv")) == 0
+    assert "stopped at round 3 (preempted)" in capsys.readouterr().err
+    (copy / "summary.json").write_text(json.dumps({"split": None}))  # as a run made before digests were kept
+    assert _run("--run", str(copy), "--data", str(data / "test.h5"), "--out", str(tmp_path / "p.csv")) == 0
