@@ -7,6 +7,7 @@ import argparse
 import csv
 import json
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -188,3 +189,33 @@ def test_a_run_stopped_early_is_noted_and_one_without_digests_predicts(finished,
     assert "stopped at round 3 (preempted)" in capsys.readouterr().err
     (copy / "summary.json").write_text(json.dumps({"split": None}))  # as a run made before digests were kept
     assert _run("--run", str(copy), "--data", str(data / "test.h5"), "--out", str(tmp_path / "p.csv")) == 0
+
+
+def _with_ids(path, ids):
+    write_volumes(path, np.linspace(50.0, 70.0, len(ids)), np.random.default_rng(0))
+    with h5py.File(path, "r+") as f:
+        del f["subject_id"]
+        f.create_dataset("subject_id", data=np.array(ids, dtype=object), dtype=h5py.string_dtype())
+
+
+def test_ids_with_commas_and_quotes_come_back_whole(finished, tmp_path):
+    run, _, _ = finished
+    ids = ["sub,01", 'sub"02', "süb-03"]
+    _with_ids(tmp_path / "ids.h5", ids)
+    out = tmp_path / "p.csv"
+    assert _run("--run", str(run), "--data", str(tmp_path / "ids.h5"), "--out", str(out)) == 0
+    with open(out, newline="") as f:
+        assert [r["subject_id"] for r in csv.DictReader(f)] == ids
+
+
+@pytest.mark.parametrize("bad", ["sub\r02", "sub\n02", "sub\t02"])
+def test_an_id_holding_a_control_character_is_refused(finished, tmp_path, capsys, bad):
+    """A carriage return was written unquoted and split its row in two; no preprocessed id holds a control
+    character, so a file that does is damaged."""
+    run, _, _ = finished
+    _with_ids(tmp_path / "ids.h5", ["sub01", bad, "sub03"])
+    out = tmp_path / "p.csv"
+    assert _run("--run", str(run), "--data", str(tmp_path / "ids.h5"), "--out", str(out)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"subject id #1 {bad!r} holds a control character" in err
+    assert not out.exists()
