@@ -131,9 +131,12 @@ def run(args) -> int:
             f"fedmpi predict: note: {data} is the run's own training file {own}: its brain-age gaps are optimistic",
             file=sys.stderr,
         )
+    n = len(ids)
+    spread = f"sd {gap.std(ddof=1):.2f}" if n > 1 else "one subject"  # the sample's SD, as brain-age studies report
+    r = f"r {scores['r']:.3f}" if n > 1 and np.ptp(ages) > 0 else "r undefined (one age)"
     print(
-        f"{len(ids)} subjects: MAE {scores['mae']:.2f} years, r {scores['r']:.3f}, "
-        f"brain-age gap mean {gap.mean():+.2f} (sd {gap.std():.2f}) years"
+        f"{n} subject{'s' if n != 1 else ''}: MAE {scores['mae']:.2f} years, {r}, "
+        f"brain-age gap mean {gap.mean():+.2f} ({spread}) years"
     )
     print(f"wrote {out}")
     return 0

@@ -219,3 +219,12 @@ def test_an_id_holding_a_control_character_is_refused(finished, tmp_path, capsys
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"subject id #1 {bad!r} holds a control character" in err
     assert not out.exists()
+
+
+def test_the_summary_line_of_one_subject_claims_no_spread_nor_correlation(finished, tmp_path, capsys):
+    run, _, _ = finished
+    one = tmp_path / "one.h5"
+    write_volumes(one, np.array([61.0]), np.random.default_rng(1))
+    assert _run("--run", str(run), "--data", str(one), "--out", str(tmp_path / "p.csv")) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith("1 subject: MAE ") and "r undefined (one age)" in line and "(one subject)" in line
