@@ -9,7 +9,6 @@ import argparse
 import csv
 import io
 import sys
-import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -52,21 +51,9 @@ def predictions(
             "as the run's data were (the same voxel size and grid)"
         )
     ids = ds.subject_ids
-    check_ids(data, ids)
     loader = DataLoader(ds, batch_size=cfg.eval.batch_size, shuffle=False, num_workers=0)
     predicted, ages = predict(model, loader, select_device(device))
     return ids, ages, predicted, trained_on(summary.get("split") or {}, digest)
-
-
-def check_ids(data: Path, ids: list[str]) -> None:
-    """PredictError naming the first id that holds a control character: the csv module leaves a carriage return
-    unquoted, which splits the row, and no preprocessed id (a BIDS label) holds one, so it is a damaged file."""
-    for i, sid in enumerate(ids):
-        if any(unicodedata.category(c) == "Cc" for c in sid):
-            raise PredictError(
-                f"volume file {data}: subject id #{i} {sid!r} holds a control character (a line break, a tab), "
-                "which one CSV row per subject cannot carry: fix the file's subject_id"
-            )
 
 
 def trained_on(split: dict, digest: str) -> str | None:

@@ -136,6 +136,20 @@ def test_implausible_or_missing_ages_are_refused_naming_the_file(tmp_path, bad):
         check_volumes(path)
 
 
+@pytest.mark.parametrize("sid", ["sub-01\rsub-02", "sub-01\n", "sub\t01"])
+def test_a_subject_id_with_a_control_character_is_refused_naming_the_file(tmp_path, sid):
+    """test_predictions.csv and predict's CSV hold one row per subject: the csv module wrote a carriage return
+    unquoted, splitting a row in two."""
+    path = _file(tmp_path / "test.h5", [50.0, 61.5, 70.0])
+    with h5py.File(path, "r+") as f:
+        f["subject_id"][2] = sid
+    with pytest.raises(DataError, match=r"test.h5: subject id #2 .* holds a control character"):
+        check_volumes(path)
+    with h5py.File(path, "r+") as f:
+        f["subject_id"][2] = 'sub-02, "quoted" é'  # a comma, quotes and non-ASCII are an id's to hold
+    assert check_volumes(path)["n"] == 3
+
+
 def test_an_age_range_outside_human_ages_is_refused_naming_the_file(tmp_path):
     """A file made before --age-range was held to bids.HUMAN_AGES (ages in months, range 0..300) passed this check,
     and the server refused its learner's mean age as a record 'no volume file gives', blaming the rank."""
