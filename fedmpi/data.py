@@ -87,12 +87,14 @@ def check_volumes(path) -> dict:
         if bad.size:
             shown = ", ".join(f"#{i} ({ages[i]})" for i in bad[:5]) + (" ..." if bad.size > 5 else "")
             raise DataError(f"volume file {path}: {bad.size} age(s) not in {bids.age_range_text(age_range)}: {shown}")
-        for i, sid in enumerate(f["subject_id"].asstr()[:]):
-            if any(unicodedata.category(c) == "Cc" for c in sid):  # the csv module leaves a carriage return unquoted
-                raise DataError(
-                    f"volume file {path}: subject id #{i} {sid!r} holds a control character (a line break, a tab), "
-                    "which one CSV row per subject cannot carry and no preprocessed id holds: fix the file's subject_id"
-                )
+        for key in ("subject_id", "sex", "site"):  # the csv module leaves a carriage return unquoted
+            for i, text in enumerate(f[key].asstr()[:]):
+                if any(unicodedata.category(c) == "Cc" for c in text):
+                    raise DataError(
+                        f"volume file {path}: {key} #{i} {text!r} holds a control character (a line break, a tab), "
+                        f"which one CSV row per subject cannot carry and preprocessing never writes: fix the file's "
+                        f"{key}"
+                    )
         reader = h5io.ChunkReader(f["images"])
         for i in sorted({0, head["n"] // 2, head["n"] - 1})[:SAMPLED_VOLUMES]:
             read_volume(reader, path, i)

@@ -10,11 +10,12 @@ import csv
 import io
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from torch.utils.data import DataLoader
 
-from preprocess import outputs
+from preprocess import h5io, outputs
 
 from .config import DEVICES
 from .data import VolumeDataset, check_volumes
@@ -32,15 +33,25 @@ from .finished import (
 from .metrics import regression_metrics
 from .training import predict
 
-COLUMNS = ("subject_id", "age", "predicted", "gap")
+COLUMNS = ("subject_id", "sex", "site", "age", "predicted", "gap")
 
 
-def predictions(
-    run_dir: Path, summary: dict, data: Path, device: str = "auto"
-) -> tuple[list[str], np.ndarray, np.ndarray, str | None]:
-    """(subject ids, ages, predicted ages, the run's training file `data` is or None) of `data`'s subjects under
-    the model summary.json records. The file passes the trainer's checks of a volume file first (check_volumes):
-    an age that is not finite or not in the file's range would make its gap, and the MAE, meaningless."""
+class Predictions(NamedTuple):
+    """One entry per subject of a volume file, in file order; `own`: the run's training file it is, or None."""
+
+    ids: list[str]
+    sex: list[str]
+    site: list[str]
+    ages: np.ndarray
+    predicted: np.ndarray
+    own: str | None
+
+
+def predictions(run_dir: Path, summary: dict, data: Path, device: str = "auto") -> Predictions:
+    """The predictions for `data`'s subjects under the model summary.json records, with the subjects' sex and site
+    (brain-age analyses adjust the gap for both). The file passes the trainer's checks of a volume file first
+    (check_volumes): an age that is not finite or not in the file's range would make its gap, and the MAE,
+    meaningless."""
     model, cfg, _sparsity, model_sha = load_run_model(run_dir, PredictError, "predict")
     check_recorded_model(summary, run_dir, model_sha, PredictError, "predict with it")
     digest = check_volumes(data)["digest"]
@@ -50,10 +61,11 @@ def predictions(
             f"{data}: volumes are {tuple(ds.shape)}, the model takes {tuple(model.input_shape)}: preprocess the scans "
             "as the run's data were (the same voxel size and grid)"
         )
-    ids = ds.subject_ids
+    with h5io.open_checked(data) as f:
+        ids, sex, site = (list(f[key].asstr()[:]) for key in ("subject_id", "sex", "site"))
     loader = DataLoader(ds, batch_size=cfg.eval.batch_size, shuffle=False, num_workers=0)
     predicted, ages = predict(model, loader, select_device(device))
-    return ids, ages, predicted, trained_on(summary.get("split") or {}, digest)
+    return Predictions(ids, sex, site, ages, predicted, trained_on(summary.get("split") or {}, digest))
 
 
 def trained_on(split: dict, digest: str) -> str | None:
@@ -61,13 +73,14 @@ def trained_on(split: dict, digest: str) -> str | None:
     return next((name for name, d in sorted(split.items()) if d == digest and name.startswith("learner_")), None)
 
 
-def to_csv(ids: list[str], ages: np.ndarray, predicted: np.ndarray) -> str:
-    """The predictions as CSV, an id holding a comma or a quote quoted."""
+def to_csv(p: Predictions) -> str:
+    """The predictions as CSV, a value holding a comma or a quote quoted."""
     text = io.StringIO()
     rows = csv.writer(text, lineterminator="\n")
     rows.writerow(COLUMNS)
     rows.writerows(
-        [sid, f"{age:.4f}", f"{pred:.4f}", f"{pred - age:.4f}"] for sid, age, pred in zip(ids, ages, predicted)
+        [sid, sex, site, f"{age:.4f}", f"{pred:.4f}", f"{pred - age:.4f}"]
+        for sid, sex, site, age, pred in zip(p.ids, p.sex, p.site, p.ages, p.predicted)
     )
     return text.getvalue()
 
@@ -95,9 +108,9 @@ def run(args) -> int:
                 f"--out {out} is a record of the run {run_dir}: predict would replace it; give another name"
             )
         summary = run_summary(run_dir, PredictError)
-        ids, ages, predicted, own = predictions(run_dir, summary, data, args.device)
+        result = predictions(run_dir, summary, data, args.device)
         try:
-            atomic_write(out, to_csv(ids, ages, predicted).encode())
+            atomic_write(out, to_csv(result).encode())
         except OSError as e:
             raise PredictError(f"--out {out}: cannot write there ({e.strerror or e})") from None
     except Exception as e:
@@ -105,20 +118,22 @@ def run(args) -> int:
             print(f"fedmpi predict: error: {e}", file=sys.stderr)
             return EXIT_USAGE
         raise
-    scores = regression_metrics(predicted, ages)
-    gap = predicted - ages
+    ages = result.ages
+    scores = regression_metrics(result.predicted, ages)
+    gap = result.predicted - ages
     if summary.get("preempted") is True:
         print(
             f"fedmpi predict: note: {run_dir} stopped at round {summary.get('rounds')} (preempted), so these are its "
             "model's predictions from then, not its final one's; resume the run for those",
             file=sys.stderr,
         )
-    if own:
+    if result.own:
         print(
-            f"fedmpi predict: note: {data} is the run's own training file {own}: its brain-age gaps are optimistic",
+            f"fedmpi predict: note: {data} is the run's own training file {result.own}: its brain-age gaps are "
+            "optimistic",
             file=sys.stderr,
         )
-    n = len(ids)
+    n = len(result.ids)
     spread = f"sd {gap.std(ddof=1):.2f}" if n > 1 else "one subject"  # the sample's SD, as brain-age studies report
     r = f"r {scores['r']:.3f}" if n > 1 and np.ptp(ages) > 0 else "r undefined (one age)"
     print(

@@ -143,7 +143,7 @@ def test_a_subject_id_with_a_control_character_is_refused_naming_the_file(tmp_pa
     path = _file(tmp_path / "test.h5", [50.0, 61.5, 70.0])
     with h5py.File(path, "r+") as f:
         f["subject_id"][2] = sid
-    with pytest.raises(DataError, match=r"test.h5: subject id #2 .* holds a control character"):
+    with pytest.raises(DataError, match=r"test.h5: subject_id #2 .* holds a control character"):
         check_volumes(path)
     with h5py.File(path, "r+") as f:
         f["subject_id"][2] = 'sub-02, "quoted" é'  # a comma, quotes and non-ASCII are an id's to hold

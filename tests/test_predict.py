@@ -48,7 +48,8 @@ def test_each_subject_gets_the_models_prediction_and_its_gap(finished, tmp_path,
     assert _run("--run", str(run), "--data", str(data / "test.h5")) == 0
     with open(tmp_path / "test_brain_age.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["subject_id", "age", "predicted", "gap"] and len(rows) == 10
+    assert list(rows[0]) == ["subject_id", "sex", "site", "age", "predicted", "gap"] and len(rows) == 10
+    assert {(r["sex"], r["site"]) for r in rows} == {("F", "site-0")}  # as fedtools writes them
     model = BrainAgeCNN(SHAPE, width=0.125, dropout=0.0)
     from fedmpi.data import VolumeDataset
     from fedmpi.model import load_flat_parameters
@@ -217,7 +218,7 @@ def test_an_id_holding_a_control_character_is_refused(finished, tmp_path, capsys
     out = tmp_path / "p.csv"
     assert _run("--run", str(run), "--data", str(tmp_path / "ids.h5"), "--out", str(out)) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"subject id #1 {bad!r} holds a control character" in err
+    assert err.count("\n") == 1 and f"subject_id #1 {bad!r} holds a control character" in err
     assert not out.exists()
 
 
