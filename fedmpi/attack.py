@@ -40,7 +40,7 @@ from .config import DEVICES, MAX_SEED, MAX_THREADS
 from .data import VolumeDataset, file_digest, read_volume
 from .device import select_device
 from .errors import EXIT_USAGE, AttackError, DataError, is_user_error
-from .files import atomic_write
+from .files import write_output
 from .finished import check_recorded_model, existing_run, is_run_record, load_run_model, run_summary
 from .runlog import dumps
 
@@ -815,10 +815,7 @@ def run(args) -> int:
             max_per_class=args.max_per_class,
             out=out,
         )
-        try:
-            atomic_write(out, (dumps(result, indent=2) + "\n").encode())
-        except OSError as e:
-            raise AttackError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+        write_output(out, (dumps(result, indent=2) + "\n").encode(), AttackError)
     except Exception as e:
         if is_user_error(e):
             print(f"fedmpi attack: error: {e}", file=sys.stderr)

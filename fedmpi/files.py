@@ -155,6 +155,14 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def write_output(path: str | os.PathLike, data: bytes, error: type[Exception]) -> None:
+    """A command's --out, written atomically; a file system that refuses it is `error` naming the path."""
+    try:
+        atomic_write(path, data)
+    except OSError as e:
+        raise error(f"--out {path}: cannot write there ({e.strerror or e})") from None
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     """Yield a new directory beside `out` for the caller to fill; when the block succeeds its files and

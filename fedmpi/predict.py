@@ -21,7 +21,7 @@ from .config import DEVICES
 from .data import VolumeDataset, check_volumes
 from .device import select_device
 from .errors import EXIT_USAGE, PredictError, is_user_error
-from .files import atomic_write
+from .files import write_output
 from .finished import (
     RUN_RECORDS,
     check_recorded_model,
@@ -109,10 +109,7 @@ def run(args) -> int:
             )
         summary = run_summary(run_dir, PredictError)
         result = predictions(run_dir, summary, data, args.device)
-        try:
-            atomic_write(out, to_csv(result).encode())
-        except OSError as e:
-            raise PredictError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+        write_output(out, to_csv(result).encode(), PredictError)
     except Exception as e:
         if is_user_error(e):
             print(f"fedmpi predict: error: {e}", file=sys.stderr)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from fedmpi import files
-from fedmpi.files import atomic_dir, atomic_write
+from fedmpi.files import atomic_dir, atomic_write, write_output
 
 
 def test_a_finished_directory_replaces_the_old_one(tmp_path):
@@ -263,3 +263,15 @@ def test_a_directory_output_that_does_not_fit_names_the_output(tmp_path, monkeyp
     monkeypatch.undo()
     with pytest.raises(OSError, match=r"^\[Errno 2\]"), files.atomic_dir(out):  # not a storage error: as it is
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+
+
+def test_a_commands_output_the_file_system_refuses_is_the_commands_error_naming_it(tmp_path):
+    class CommandError(Exception):
+        pass
+
+    (tmp_path / "a-file").write_text("x")
+    out = tmp_path / "a-file" / "out.csv"
+    with pytest.raises(CommandError, match=r"^--out .*a-file/out.csv: cannot write there"):
+        write_output(out, b"data", CommandError)
+    write_output(tmp_path / "ok.csv", b"data", CommandError)
+    assert (tmp_path / "ok.csv").read_bytes() == b"data"
