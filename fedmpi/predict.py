@@ -16,6 +16,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from preprocess import h5io, outputs
+from preprocess.layout import is_learner_file
 
 from .config import DEVICES
 from .data import VolumeDataset, check_volumes
@@ -70,7 +71,7 @@ def predictions(run_dir: Path, summary: dict, data: Path, device: str = "auto") 
 
 def trained_on(split: dict, digest: str) -> str | None:
     """The name of the run's training file whose digest is `digest` in the split summary.json records, or None."""
-    return next((name for name, d in sorted(split.items()) if d == digest and name.startswith("learner_")), None)
+    return next((name for name, d in sorted(split.items()) if d == digest and is_learner_file(name)), None)
 
 
 def to_csv(p: Predictions) -> str:

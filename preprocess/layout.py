@@ -18,6 +18,11 @@ def learner_file(k: int) -> str:
     return f"learner_{k}.h5"
 
 
+def is_learner_file(name: str) -> bool:
+    """Whether `name` is a learner file's name (learner_<k>.h5, k >= 1)."""
+    return _LEARNER.fullmatch(name) is not None
+
+
 def learner_files(directory: Path) -> dict[int, Path]:
     """Every learner file in `directory` by learner number, in learner order (learner_10.h5 after
     learner_9.h5); names that only look alike (learner_old.h5, learner_1.h5.bak) are not learner files."""

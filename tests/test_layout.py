@@ -20,3 +20,9 @@ def test_the_names_a_split_writes_are_the_ones_it_owns():
     assert written == ["learner_1.h5", "learner_12.h5", "test.h5", "partition.json"]
     assert all(layout.OWNED.fullmatch(name) for name in written)
     assert not any(layout.OWNED.fullmatch(n) for n in ("learner_x.h5", "test.h5.tmp", "notes.txt", "learner_0.h5"))
+
+
+def test_a_learner_files_name_is_told_from_names_that_only_look_alike():
+    assert layout.is_learner_file(layout.learner_file(12))
+    for name in ("learner_0.h5", "learner_old.h5", "learner_1.h5.bak", "test.h5", "xlearner_1.h5"):
+        assert not layout.is_learner_file(name), name
