@@ -51,3 +51,18 @@ def test_the_software_record_names_this_process_s_versions(monkeypatch):
     assert record["torch"] == torch.__version__ and record["numpy"] == np.__version__
     assert record["python"] == ".".join(map(str, sys.version_info[:3])) and record["mpi"] == ""
     assert "mpi4py.MPI" not in sys.modules and mpi_library() == ""
+
+
+def test_the_running_codes_digest_is_taken_once_so_a_later_edit_is_not_recorded(monkeypatch):
+    """summary.json records the code the run started with: an edit of the checkout during a long run does not
+    change it, and the sources are not read again at the run's end."""
+    from fedmpi import provenance
+
+    provenance._running_code_digest.cache_clear()
+    first = code_digest()
+
+    def read_again(*_):
+        raise AssertionError("the sources were read again")
+
+    monkeypatch.setattr(provenance.hashlib, "sha256", read_again)
+    assert code_digest() == first and software()["source_sha256"] == first
