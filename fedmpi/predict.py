@@ -1,7 +1,8 @@
 """`python -m fedmpi predict`: a finished run's model applied to a preprocessed volume file, one row per subject
 with the brain-age gap (predicted minus chronological age), the figure brain-age studies analyse. The file must
 be preprocessed as the run's data were (the same grid: `python -m preprocess nifti` with the same options); a file
-the run trained on is named, as its gaps are optimistic."""
+the run trained on is named, as its gaps are optimistic. With --calibrate, the gap's linear age bias is fitted on a
+held-out file's subjects and taken off (metrics.AgeBias), as brain-age studies report the gap."""
 
 from __future__ import annotations
 
@@ -31,30 +32,38 @@ from .finished import (
     load_run_model,
     run_summary,
 )
-from .metrics import regression_metrics
+from .metrics import AgeBias, fit_age_bias, regression_metrics
+from .model import BrainAgeCNN
 from .training import predict
 
 COLUMNS = ("subject_id", "sex", "site", "age", "predicted", "gap")
+CORRECTED = ("predicted_corrected", "gap_corrected")  # with --calibrate
 
 
 class Predictions(NamedTuple):
-    """One entry per subject of a volume file, in file order; `own`: the run's training file it is, or None."""
+    """One entry per subject of a volume file, in file order; `digest`: the file's (data.file_digest); `own`: the
+    run's training file it is, or None."""
 
     ids: list[str]
     sex: list[str]
     site: list[str]
     ages: np.ndarray
     predicted: np.ndarray
+    digest: str
     own: str | None
 
 
-def predictions(run_dir: Path, summary: dict, data: Path, device: str = "auto") -> Predictions:
-    """The predictions for `data`'s subjects under the model summary.json records, with the subjects' sex and site
-    (brain-age analyses adjust the gap for both). The file passes the trainer's checks of a volume file first
-    (check_volumes): an age that is not finite or not in the file's range would make its gap, and the MAE,
-    meaningless."""
+def run_model(run_dir: Path, summary: dict) -> tuple[BrainAgeCNN, int]:
+    """The model summary.json records (not one of a run being resumed) and the run's evaluation batch size."""
     model, cfg, _sparsity, model_sha = load_run_model(run_dir, PredictError, "predict")
     check_recorded_model(summary, run_dir, model_sha, PredictError, "predict with it")
+    return model, cfg.eval.batch_size
+
+
+def predictions(model: BrainAgeCNN, batch_size: int, summary: dict, data: Path, device: str = "auto") -> Predictions:
+    """The predictions for `data`'s subjects, with the subjects' sex and site (brain-age analyses adjust the gap
+    for both). The file passes the trainer's checks of a volume file first (check_volumes): an age that is not
+    finite or not in the file's range would make its gap, and the MAE, meaningless."""
     digest = check_volumes(data)["digest"]
     ds = VolumeDataset(data, cache=False)
     if tuple(ds.shape) != tuple(model.input_shape):
@@ -64,9 +73,23 @@ def predictions(run_dir: Path, summary: dict, data: Path, device: str = "auto") 
         )
     with h5io.open_checked(data) as f:
         ids, sex, site = (list(f[key].asstr()[:]) for key in ("subject_id", "sex", "site"))
-    loader = DataLoader(ds, batch_size=cfg.eval.batch_size, shuffle=False, num_workers=0)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
     predicted, ages = predict(model, loader, select_device(device))
-    return Predictions(ids, sex, site, ages, predicted, trained_on(summary.get("split") or {}, digest))
+    return Predictions(ids, sex, site, ages, predicted, digest, trained_on(summary.get("split") or {}, digest))
+
+
+def age_bias(held: Predictions, calibrate: Path) -> AgeBias:
+    """The age bias fitted on the held-out file's predictions; a training file's are refused, since its gaps are
+    optimistic and their trend is not that of new subjects."""
+    if held.own:
+        raise PredictError(
+            f"--calibrate {calibrate} is the run's own training file {held.own}: its gaps are optimistic, so the "
+            "age bias fitted there is not that of new subjects; calibrate on held-out subjects (the run's test.h5)"
+        )
+    try:
+        return fit_age_bias(held.ages, held.predicted)
+    except ValueError as e:
+        raise PredictError(f"--calibrate {calibrate}: {e}") from None
 
 
 def trained_on(split: dict, digest: str) -> str | None:
@@ -74,15 +97,16 @@ def trained_on(split: dict, digest: str) -> str | None:
     return next((name for name, d in sorted(split.items()) if d == digest and is_learner_file(name)), None)
 
 
-def to_csv(p: Predictions) -> str:
-    """The predictions as CSV, a value holding a comma or a quote quoted."""
+def to_csv(p: Predictions, bias: AgeBias | None = None) -> str:
+    """The predictions as CSV, a value holding a comma or a quote quoted; with `bias`, the corrected prediction and
+    gap too."""
     text = io.StringIO()
     rows = csv.writer(text, lineterminator="\n")
-    rows.writerow(COLUMNS)
-    rows.writerows(
-        [sid, sex, site, f"{age:.4f}", f"{pred:.4f}", f"{pred - age:.4f}"]
-        for sid, sex, site, age, pred in zip(p.ids, p.sex, p.site, p.ages, p.predicted)
-    )
+    rows.writerow(COLUMNS + (CORRECTED if bias else ()))
+    corrected = bias.corrected_gap(p.ages, p.predicted) if bias else None
+    for i, (sid, sex, site, age, pred) in enumerate(zip(p.ids, p.sex, p.site, p.ages, p.predicted)):
+        extra = [f"{age + corrected[i]:.4f}", f"{corrected[i]:.4f}"] if corrected is not None else []
+        rows.writerow([sid, sex, site, f"{age:.4f}", f"{pred:.4f}", f"{pred - age:.4f}", *extra])
     return text.getvalue()
 
 
@@ -91,6 +115,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run directory (runs/<name>) with model.npz")
     parser.add_argument("--data", required=True, metavar="FILE.h5", help="preprocessed volumes (preprocess nifti)")
     parser.add_argument("--out", help="output CSV (default: <FILE>_brain_age.csv in the current directory)")
+    parser.add_argument(
+        "--calibrate",
+        metavar="HELD_OUT.h5",
+        help="fit the gap's linear age bias on this held-out file's subjects (the run's test.h5, or subjects of the "
+        "new site's own) and add predicted_corrected and gap_corrected",
+    )
     parser.add_argument("--device", default="auto", choices=DEVICES, help="where the model runs")
 
 
@@ -102,15 +132,21 @@ def run(args) -> int:
     try:
         run_dir = existing_run(args.run, PredictError)
         outputs.check_file(out, "--out")
-        if out.resolve() == data.resolve():
-            raise PredictError(f"--out {out} is the volume file itself")
+        for given, volumes in (("--data", data), ("--calibrate", args.calibrate)):
+            if volumes and out.resolve() == Path(volumes).resolve():
+                raise PredictError(f"--out {out} is the volume file {given} names")
         if is_run_record(out, run_dir, (*RUN_RECORDS, "attack.json")):
             raise PredictError(
                 f"--out {out} is a record of the run {run_dir}: predict would replace it; give another name"
             )
         summary = run_summary(run_dir, PredictError)
-        result = predictions(run_dir, summary, data, args.device)
-        write_output(out, to_csv(result).encode(), PredictError)
+        model, batch_size = run_model(run_dir, summary)
+        result = predictions(model, batch_size, summary, data, args.device)
+        bias, held = None, None
+        if args.calibrate:
+            held = predictions(model, batch_size, summary, Path(args.calibrate), args.device)
+            bias = age_bias(held, Path(args.calibrate))
+        write_output(out, to_csv(result, bias).encode(), PredictError)
     except Exception as e:
         if is_user_error(e):
             print(f"fedmpi predict: error: {e}", file=sys.stderr)
@@ -138,5 +174,38 @@ def run(args) -> int:
         f"{n} subject{'s' if n != 1 else ''}: MAE {scores['mae']:.2f} years, {r}, "
         f"brain-age gap mean {gap.mean():+.2f} ({spread}) years"
     )
+    if bias is not None and held is not None:
+        _say_bias(bias, held, result, Path(args.calibrate))
     print(f"wrote {out}")
     return 0
+
+
+def _say_bias(bias: AgeBias, held: Predictions, result: Predictions, calibrate: Path) -> None:
+    """The fitted bias and what it does to the gap: its correlation with age before and after."""
+    if held.digest == result.digest:
+        print(
+            f"fedmpi predict: note: the age bias is fitted on the file it corrects ({calibrate}), so its corrected "
+            "gaps are uncorrelated with age by construction; fit it on other held-out subjects to see how well it "
+            "carries over",
+            file=sys.stderr,
+        )
+    low, high = bias.ages
+    outside = int(np.sum((result.ages < low) | (result.ages > high)))
+    if outside:
+        print(
+            f"fedmpi predict: note: {outside} subject{'s' if outside != 1 else ''} lie outside {calibrate}'s ages "
+            f"{low:.1f}-{high:.1f}: the correction is extrapolated there",
+            file=sys.stderr,
+        )
+    gap = result.predicted - result.ages
+    corrected = bias.corrected_gap(result.ages, result.predicted)
+    tail = ""
+    if len(gap) > 1 and np.ptp(result.ages) > 0:
+        before, after = (regression_metrics(g, result.ages)["r"] for g in (gap, corrected))
+        tail = f", its r with age {after:.3f} (uncorrected {before:.3f})"
+    spread = f" (sd {corrected.std(ddof=1):.2f})" if len(gap) > 1 else ""
+    print(
+        f"age bias from {calibrate} ({bias.n} subjects, ages {low:.1f}-{high:.1f}): gap = {bias.slope:+.3f} "
+        f"(se {bias.slope_se:.3f}) x age {bias.intercept:+.2f}; corrected gap mean {corrected.mean():+.2f}{spread} "
+        f"years{tail}"
+    )

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fedmpi.metrics import mean_predictor_mae, regression_metrics
+from fedmpi.metrics import fit_age_bias, mean_predictor_mae, regression_metrics
 
 
 def test_hand_computed_values():
@@ -53,3 +53,42 @@ def test_errors_are_computed_in_float64():
 def test_the_mean_predictor_s_mae_uses_the_training_mean_not_the_test_mean():
     assert mean_predictor_mae([50.0, 60.0, 70.0], 55.0) == pytest.approx((5 + 5 + 15) / 3)
     assert mean_predictor_mae(np.array([40.0, 80.0]), 60.0) == 20.0
+
+
+def test_age_bias_of_a_hand_computed_case():
+    """Ages 50, 60, 70 predicted 56, 60, 64: gaps 6, 0, -6, slope -120/200 = -0.6, intercept 0 + 0.6 * 60 = 36;
+    the trend explains every gap, so the corrected gaps are 0 and the slope's standard error is 0."""
+    bias = fit_age_bias([50, 60, 70], [56, 60, 64])
+    assert bias.slope == pytest.approx(-0.6) and bias.intercept == pytest.approx(36.0)
+    assert bias.slope_se == pytest.approx(0.0, abs=1e-12) and bias.n == 3 and bias.ages == (50.0, 70.0)
+    np.testing.assert_allclose(bias.corrected_gap([50, 60, 70], [56, 60, 64]), 0.0, atol=1e-12)
+    assert bias.corrected_gap([80], [70])[0] == pytest.approx(-10 - (-0.6 * 80 + 36))  # -10 - (-12) = 2
+
+
+def test_age_bias_matches_numpys_least_squares_and_leaves_a_gap_uncorrelated_with_age():
+    rng = np.random.default_rng(3)
+    ages = rng.uniform(45, 80, 200)
+    pred = 0.6 * ages + 25 + rng.normal(0, 4, 200)  # regression to the mean: the old predicted younger
+    bias = fit_age_bias(ages, pred)
+    (slope, intercept), cov = np.polyfit(ages, pred - ages, 1, cov=True)
+    assert bias.slope == pytest.approx(slope) and bias.intercept == pytest.approx(intercept)
+    assert bias.slope_se == pytest.approx(np.sqrt(cov[0, 0]))
+    corrected = bias.corrected_gap(ages, pred)
+    assert regression_metrics(pred - ages, ages)["r"] < -0.5
+    assert abs(np.corrcoef(corrected, ages)[0, 1]) < 1e-9 and abs(corrected.mean()) < 1e-9
+
+
+def test_the_correction_is_coles_gap_scaled_by_its_slope():
+    """Cole et al.'s corrected gap, (pred - b) / a - age with pred ~ a * age + b, is this one over 1 + slope."""
+    rng = np.random.default_rng(4)
+    ages = rng.uniform(45, 80, 50)
+    pred = 0.7 * ages + 20 + rng.normal(0, 3, 50)
+    bias = fit_age_bias(ages, pred)
+    a, b = np.polyfit(ages, pred, 1)
+    np.testing.assert_allclose(bias.corrected_gap(ages, pred) / (1 + bias.slope), (pred - b) / a - ages, atol=1e-9)
+
+
+@pytest.mark.parametrize("ages", [[60.0, 70.0], [65.0, 65.0, 65.0], []])
+def test_no_age_bias_from_too_few_subjects_or_one_age(ages):
+    with pytest.raises(ValueError, match="at least 3 subjects of more than one age"):
+        fit_age_bias(ages, np.asarray(ages) + 1)

@@ -229,3 +229,92 @@ def test_the_summary_line_of_one_subject_claims_no_spread_nor_correlation(finish
     assert _run("--run", str(run), "--data", str(one), "--out", str(tmp_path / "p.csv")) == 0
     line = capsys.readouterr().out.splitlines()[0]
     assert line.startswith("1 subject: MAE ") and "r undefined (one age)" in line and "(one subject)" in line
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_calibrated_gaps_are_the_gaps_less_the_trend_fitted_on_the_held_out_file(finished, tmp_path, capsys):
+    run, data, _ = finished
+    new = tmp_path / "new.h5"
+    with h5py.File(data / "test.h5") as f:
+        low, high = f["age"][:].min(), f["age"][:].max()
+    write_volumes(new, np.linspace(low + 0.1, high - 0.1, 7), np.random.default_rng(5))
+    assert _run("--run", str(run), "--data", str(data / "test.h5"), "--out", str(tmp_path / "held.csv")) == 0
+    held = _rows(tmp_path / "held.csv")
+    slope, intercept = np.polyfit([float(r["age"]) for r in held], [float(r["gap"]) for r in held], 1)
+    capsys.readouterr()
+    out = tmp_path / "p.csv"
+    assert _run("--run", str(run), "--data", str(new), "--calibrate", str(data / "test.h5"), "--out", str(out)) == 0
+    rows = _rows(out)
+    assert (
+        list(rows[0])
+        == ["subject_id", "sex", "site", "age", "predicted", "gap", "predicted_corrected", "gap_corrected"]
+        and len(rows) == 7
+    )
+    for r in rows:
+        age, gap = float(r["age"]), float(r["gap"])
+        assert float(r["gap_corrected"]) == pytest.approx(gap - (slope * age + intercept), abs=1e-3)
+        assert float(r["predicted_corrected"]) == pytest.approx(age + float(r["gap_corrected"]), abs=2e-4)
+    said = capsys.readouterr()
+    assert said.err == ""  # held out, and the new ages lie within the held-out file's
+    line = said.out.splitlines()[1]
+    assert line.startswith(f"age bias from {data / 'test.h5'} (10 subjects, ages ") and "its r with age" in line
+    assert f"gap = {slope:+.3f} (se " in line
+
+
+def test_calibrating_on_the_file_it_corrects_is_noted_and_leaves_no_trend(finished, tmp_path, capsys):
+    run, data, _ = finished
+    test = str(data / "test.h5")
+    assert _run("--run", str(run), "--data", test, "--calibrate", test, "--out", str(tmp_path / "p.csv")) == 0
+    said = capsys.readouterr()
+    assert "fitted on the file it corrects" in said.err and said.err.count("\n") == 1
+    assert "its r with age 0.000 (uncorrected" in said.out or "its r with age -0.000 (uncorrected" in said.out
+    rows = _rows(tmp_path / "p.csv")
+    assert abs(np.mean([float(r["gap_corrected"]) for r in rows])) < 1e-3
+
+
+def test_subjects_outside_the_calibration_ages_are_noted(finished, tmp_path, capsys):
+    run, data, _ = finished
+    old = tmp_path / "old.h5"
+    write_volumes(old, np.array([60.0, 95.0, 99.0]), np.random.default_rng(6))
+    assert (
+        _run(
+            "--run",
+            str(run),
+            "--data",
+            str(old),
+            "--calibrate",
+            str(data / "test.h5"),
+            "--out",
+            str(tmp_path / "p.csv"),
+        )
+        == 0
+    )
+    assert "2 subjects lie outside" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("problem", ["a training file", "two subjects", "out is the calibration file"])
+def test_a_calibration_that_cannot_give_a_bias_is_refused_and_nothing_is_written(finished, tmp_path, capsys, problem):
+    run, data, _ = finished
+    calibrate, out = data / "learner_1.h5", tmp_path / "p.csv"
+    if problem == "two subjects":
+        calibrate = tmp_path / "two.h5"
+        write_volumes(calibrate, np.array([50.0, 70.0]), np.random.default_rng(7))
+    elif problem == "out is the calibration file":
+        calibrate = out = tmp_path / "held.h5"
+        write_volumes(calibrate, np.array([50.0, 60.0, 70.0]), np.random.default_rng(7))
+    before = calibrate.read_bytes()
+    assert (
+        _run("--run", str(run), "--data", str(data / "test.h5"), "--calibrate", str(calibrate), "--out", str(out)) == 2
+    )
+    err = capsys.readouterr().err
+    said = {
+        "a training file": "is the run's own training file learner_1.h5: its gaps are optimistic",
+        "two subjects": "an age bias needs at least 3 subjects of more than one age, not 2 of 2",
+        "out is the calibration file": "is the volume file --calibrate names",
+    }[problem]
+    assert err.count("\n") == 1 and said in err
+    assert calibrate.read_bytes() == before and (problem == "out is the calibration file" or not out.exists())
