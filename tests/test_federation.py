@@ -1,13 +1,17 @@
 """End to end: the real CLI under `mpirun -n 3` (1 server, 2 learners) on a tiny learnable split."""
 
 import math
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from fedtools import metrics, run_fedmpi, summary, write_split
+from fedtools import MPIRUN, MPIRUN_FLAGS, metrics, run_fedmpi, summary, train_command, write_split
 
 from fedmpi.algorithms import ALGORITHMS
+from fedmpi.data import file_digest
 
 pytestmark = pytest.mark.slow
 ROUNDS = 8
@@ -136,3 +140,33 @@ def test_bytes_on_the_wire_follow_sparsity(split, tmp_path, algorithm):
     assert s["total_bytes_down"] == sum(r["bytes_down"] for r in metrics(run))
     # after the last row: the STOP header, each learner's farewell (8 bytes) and the final STOP header
     assert s["closing_bytes"] == learners * (5 * 8 + 8 + 5 * 8)
+
+
+def test_each_node_reads_only_its_own_file_from_a_directory_of_its_own(split, tmp_path):
+    """The real-site layout: each site preprocesses its own scans into its learner file, on its own node, and the
+    server holds the test set; the same data.dir path names other contents on each node (here an MPMD launch, one
+    directory per rank). The run records every file's digest; a node missing its file is named with its own path."""
+    files = ["test.h5", "learner_1.h5", "learner_2.h5"]
+    for rank, name in enumerate(files):
+        (tmp_path / f"node{rank}").mkdir()
+        shutil.copy(split / name, tmp_path / f"node{rank}" / name)
+    runs = tmp_path / "runs"
+
+    def launch(name):
+        sets = ["federation.algorithm=fedsparsify-global", "federation.rounds=2", f"run.name={name}"]
+        command = [MPIRUN, *MPIRUN_FLAGS]
+        for rank in range(3):
+            command += [":"] * (rank > 0) + ["-n", "1", *train_command(tmp_path / f"node{rank}", runs, sets)]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        return subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+
+    proc = launch("sites")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = summary(runs / "sites")
+    assert s["data_dir"] == str(tmp_path / "node0") and s["rounds"] == 2
+    assert s["split"] == {name: file_digest(split / name) for name in files}
+    (tmp_path / "node2" / "learner_2.h5").unlink()
+    proc = launch("missing")
+    assert proc.returncode == 2
+    assert f"fedmpi: error: rank 2: volume file {tmp_path / 'node2' / 'learner_2.h5'}" in proc.stderr, proc.stderr
+    assert not (runs / "missing" / "summary.json").exists()
