@@ -171,6 +171,33 @@ def preflight_problems(infos: np.ndarray, problems: list[str], data_dir: Path) -
     return out
 
 
+def copy_problems(split: dict[str, str], data_dir: Path) -> list[str]:
+    """Learner files that are not rank 0's own copy of the same name. A job may stage the split to each node's local
+    disk; a node that kept a copy of another split, or of this one before it was remade, would train on other
+    subjects without a word. Rank 0 can tell only where its data.dir holds that learner's file too (a whole split
+    staged everywhere, or one shared directory: then always equal); a site's own file, which the server does not
+    hold, is not compared. A copy rank 0 cannot read is not its problem: it trains on none of them."""
+    from .data import file_digest
+
+    out = []
+    for k in range(1, len(split)):
+        name = learner_file(k)
+        theirs, here = split.get(name, ""), data_dir / name
+        if not theirs or not here.is_file():
+            continue
+        try:
+            ours = file_digest(here)
+        except Exception:  # damaged or being replaced: nothing to compare with
+            continue
+        if ours != theirs:
+            out.append(
+                f"rank {k}: its {name} is not the copy in rank 0's {data_dir} (digest {theirs[:12]} against "
+                f"{ours[:12]}): its node holds another split's file, or one from before the split was remade; "
+                "stage the same split on every node"
+            )
+    return out
+
+
 def record_problems(fields: dict[str, float]) -> list[str]:
     """The fields of a learner's PREFLIGHT record that no volume file gives, each with the rule it breaks: the
     sample count and the shape whole numbers from 1 to MAX_COUNT, the mean age in MEAN_AGE_RANGE."""
@@ -212,6 +239,7 @@ def preflight(cfg: Config, wire, data_dir: Path, local_rank: int, resume: bool, 
         infos = records(rows, PREFLIGHT)
         problems = preflight_problems(infos, [t for t in map(row_text, texts) if t], data_dir)
         split = {rank_file(k): row_text(d) for k, d in enumerate(digests)}
+        problems += copy_problems(split, data_dir)
         if mine.resume is not None:
             from .resume import split_problems
 

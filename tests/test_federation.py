@@ -145,7 +145,8 @@ def test_bytes_on_the_wire_follow_sparsity(split, tmp_path, algorithm):
 def test_each_node_reads_only_its_own_file_from_a_directory_of_its_own(split, tmp_path):
     """The real-site layout: each site preprocesses its own scans into its learner file, on its own node, and the
     server holds the test set; the same data.dir path names other contents on each node (here an MPMD launch, one
-    directory per rank). The run records every file's digest; a node missing its file is named with its own path."""
+    directory per rank). The run records every file's digest; a node missing its file is named with its own path, and
+    one whose copy differs from the server's copy of the same file is refused."""
     files = ["test.h5", "learner_1.h5", "learner_2.h5"]
     for rank, name in enumerate(files):
         (tmp_path / f"node{rank}").mkdir()
@@ -170,3 +171,11 @@ def test_each_node_reads_only_its_own_file_from_a_directory_of_its_own(split, tm
     assert proc.returncode == 2
     assert f"fedmpi: error: rank 2: volume file {tmp_path / 'node2' / 'learner_2.h5'}" in proc.stderr, proc.stderr
     assert not (runs / "missing" / "summary.json").exists()
+    # the whole split staged to every node, one node's copy of another split: rank 0 holds the file to compare
+    for name in files[1:]:
+        shutil.copy(split / name, tmp_path / "node0" / name)
+    shutil.copy(split / "learner_1.h5", tmp_path / "node2" / "learner_2.h5")
+    proc = launch("stale")
+    assert proc.returncode == 2
+    assert "fedmpi: error: rank 2: its learner_2.h5 is not the copy in rank 0's" in proc.stderr, proc.stderr
+    assert not (runs / "stale" / "summary.json").exists()

@@ -11,6 +11,7 @@ from fedtools import SHAPE, unreadable, write_split
 
 from fedmpi import device
 from fedmpi.config import load_config
+from fedmpi.data import file_digest
 from fedmpi.errors import ConfigError, DataError, DeviceError
 from fedmpi.messages import PREFLIGHT, row_text, text_row
 from fedmpi.preflight import DIGEST_BYTES, ERROR_BYTES, check_rank, preflight, preflight_problems
@@ -273,20 +274,58 @@ class JobStandIn:
         return buf if self.is_server else np.array([self.verdict], np.int64)
 
 
-def _learner_rows(texts=("", ""), digests=("d1", "d2")):
-    """What learners 1 and 2 gather to the server: their PREFLIGHT records, messages and data digests."""
+def _learner_rows(split, texts=("", ""), digests=None):
+    """What learners 1 and 2 gather to the server: their PREFLIGHT records, messages and data digests (by default
+    those of the split's own files, as learners reading them send)."""
     records = np.array([[6, 60.0, *SHAPE]] * 2, np.float64)
+    digests = digests or _digests(split)
     return [records, [text_row(t, ERROR_BYTES) for t in texts], [text_row(d, DIGEST_BYTES) for d in digests]]
+
+
+def _digests(split):
+    return tuple(file_digest(split / f"learner_{k}.h5") for k in (1, 2))
 
 
 def test_the_server_keeps_every_ranks_record_the_split_digests_and_the_lock(split, tmp_path):
     cfg = _cfg(tmp_path, f"data.dir={split}")
-    checked = preflight(cfg, JobStandIn(0, _learner_rows()), split, 0, False, False)
+    checked = preflight(cfg, JobStandIn(0, _learner_rows(split)), split, 0, False, False)
     assert checked is not None and checked.lock is not None
     checked.lock.release()
     assert checked.infos["samples"].tolist() == [6, 6, 6] and checked.infos["z"].tolist() == [SHAPE[2]] * 3
-    assert checked.split["learner_1.h5"] == "d1" and checked.split["learner_2.h5"] == "d2"
+    assert (checked.split["learner_1.h5"], checked.split["learner_2.h5"]) == _digests(split)
     assert len(checked.split["test.h5"]) == 64
+
+
+def test_a_learner_whose_copy_of_the_split_differs_from_the_servers_is_refused(split, tmp_path, capsys):
+    """A node that staged another split (or this one before it was remade) to its local disk trained on other
+    subjects without a word; where rank 0 holds the same learner file, their digests must agree."""
+    cfg = _cfg(tmp_path, f"data.dir={split}")
+    stale = file_digest(split / "test.h5")  # any other file's digest
+    assert (
+        preflight(cfg, JobStandIn(0, _learner_rows(split, digests=(_digests(split)[0], stale))), split, 0, False, False)
+        is None
+    )
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        "fedmpi: error: rank 2: its learner_2.h5 is not the copy in rank 0's"
+    )
+    assert (
+        f"digest {stale[:12]} against {_digests(split)[1][:12]}" in err and "stage the same split on every node" in err
+    )
+    assert not cfg.run_dir.exists()
+
+
+def test_a_sites_own_file_that_the_server_does_not_hold_is_not_compared(split, tmp_path):
+    """The real-site layout: rank 0's data.dir holds test.h5 alone, so the learners' files have nothing to agree
+    with; a damaged copy on rank 0 is not compared either (no rank reads it)."""
+    server = tmp_path / "server"
+    server.mkdir()
+    (server / "test.h5").write_bytes((split / "test.h5").read_bytes())
+    (server / "learner_1.h5").write_bytes(b"not hdf5")
+    cfg = _cfg(tmp_path, f"data.dir={server}", "run.name=sites")
+    checked = preflight(cfg, JobStandIn(0, _learner_rows(split, digests=("a" * 64, "b" * 64))), server, 0, False, False)
+    assert checked is not None and checked.split["learner_2.h5"] == "b" * 64
+    checked.lock.release()
 
 
 def test_a_learners_problem_stops_every_rank_in_one_line_and_frees_the_run_directory(split, tmp_path, capsys):
@@ -295,7 +334,7 @@ def test_a_learners_problem_stops_every_rank_in_one_line_and_frees_the_run_direc
     from fedmpi.runlog import RunLock
 
     cfg = _cfg(tmp_path, f"data.dir={split}")
-    rows = _learner_rows(texts=("", "rank 2: learner_2.h5 is missing"))
+    rows = _learner_rows(split, texts=("", "rank 2: learner_2.h5 is missing"))
     assert preflight(cfg, JobStandIn(0, rows), split, 0, False, False) is None
     assert capsys.readouterr().err == "fedmpi: error: rank 2: learner_2.h5 is missing\n"
     assert not cfg.run_dir.exists()  # the refused start leaves no empty run directory with a .lock in it
@@ -318,18 +357,26 @@ def test_a_resume_on_re_split_data_is_refused_naming_the_changed_files(split, tm
     from fedmpi.resume import resume_key
     from fedmpi.runlog import RunLog
 
-    cfg = _cfg(tmp_path, f"data.dir={split}", "run.name=r")
-    first = preflight(cfg, JobStandIn(0, _learner_rows()), split, 0, False, False)
+    server = tmp_path / "server"  # test.h5 alone, as on a server whose learners hold their files on their nodes
+    server.mkdir()
+    (server / "test.h5").write_bytes((split / "test.h5").read_bytes())
+    cfg = _cfg(tmp_path, f"data.dir={server}", "run.name=r")
+    first = preflight(cfg, JobStandIn(0, _learner_rows(split)), server, 0, False, False)
     first.lock.release()
     Checkpoints(cfg.run_dir / "checkpoints").save(
         1, np.zeros(4, np.float32), np.ones(4, bool), {"config": resume_key(cfg), "split": first.split}
     )
     RunLog(cfg.run_dir).append({"round": 1})
-    same = preflight(cfg, JobStandIn(0, _learner_rows()), split, 0, True, False)
+    same = preflight(cfg, JobStandIn(0, _learner_rows(split)), server, 0, True, False)
     assert same is not None and same.resume[2]["round"] == 1
     same.lock.release()
     capsys.readouterr()
-    assert preflight(cfg, JobStandIn(0, _learner_rows(digests=("d1", "re-split"))), split, 0, True, False) is None
+    assert (
+        preflight(
+            cfg, JobStandIn(0, _learner_rows(split, digests=(_digests(split)[0], "re-split"))), server, 0, True, False
+        )
+        is None
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the data differ from what the checkpoint was trained on (learner_2.h5 " in err
 
@@ -351,7 +398,7 @@ def test_a_checkpoint_the_file_system_will_not_give_back_stops_the_resume_in_one
         RunLog(cfg.run_dir).append({"round": t})
     before = {p.name: p.read_bytes() for p in cfg.run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
     unreadable(monkeypatch, "round-000002.npz")
-    assert preflight(cfg, JobStandIn(0, _learner_rows()), split, 0, True, False) is None
+    assert preflight(cfg, JobStandIn(0, _learner_rows(split)), split, 0, True, False) is None
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1 and captured.err.startswith("fedmpi: error: rank 0: ")
     assert "round-000002.npz: cannot be read (Input/output error)" in captured.err
