@@ -25,7 +25,8 @@ SHOWN = 3  # differing settings named in one rank's line; the rest are counted
 VALUE_CHARS = 40  # the most of a differing value one rank's line shows: its ends (a path's root and its leaf)
 # Settings a node may hold its own value of where rank 0 gives one too: a job may stage the split to each node's
 # local disk, under a path of its own (each rank reads only its own file there; the preflight compares it with rank
-# 0's copy where rank 0 holds one, the run records every file's digest, and a resume checks them). An empty data.dir is another thing: the synthetic cohort, which rank 0 builds first.
+# 0's copy where rank 0 holds one, the run records every file's digest, and a resume checks them). An empty
+# data.dir is another thing: the synthetic cohort, which rank 0 builds first.
 NODE_SETTINGS = (("data", "dir"),)
 
 
