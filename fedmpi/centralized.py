@@ -13,10 +13,11 @@ from preprocess.layout import TEST_FILE, learner_files
 from .algorithms import round_seed
 from .data import check_volumes, open_volumes
 from .device import prepare_model
-from .errors import EXIT_USAGE, DataError, DivergedError, UserError
+from .errors import EXIT_USAGE, ConfigError, DataError, DivergedError, UserError
+from .hostmemory import available_memory
 from .metrics import mean_predictor_mae
 from .model import build_model, flat_parameters, load_flat_parameters
-from .preflight import RankCheck, check_rank, say, volume_shape
+from .preflight import RankCheck, cache_refusal, check_rank, say, volume_bytes, volume_shape
 from .recorder import Recorder, evaluation_due, start_state
 from .resume import split_problems
 from .training import SeededLoader, train_round, warm_up_round
@@ -33,11 +34,19 @@ def run_centralized(cfg, data_dir: Path, resume: bool, overwrite: bool, should_s
             raise DataError(f"{data_dir}: no learner_<k>.h5 files")
         checked = check_rank(cfg, 0, Path(data_dir), 0, resume, overwrite)  # test.h5, device, run dir, resume
         split = {TEST_FILE: checked.digest}
+        volumes = int(checked.info["samples"][0])
         for p in files:
             head = check_volumes(p)
             if tuple(head["shape"]) != volume_shape(checked.info[0]):
                 raise DataError(f"{p}: volume shape {tuple(head['shape'])} differs from {TEST_FILE}'s")
             split[p.name] = head["digest"]
+            volumes += head["n"]
+        room = available_memory()
+        need = volumes * volume_bytes(checked.info[0])
+        if cfg.data.cache == "memory" and room is not None and need > room:
+            raise ConfigError(
+                cache_refusal(need, room, f"{volumes} volumes of {len(files)} learner files and {TEST_FILE}")
+            )
         problems = split_problems(checked.resume[2].get("split") if checked.resume else None, split)
         if problems:
             raise DataError(problems[0])

@@ -13,10 +13,12 @@ import numpy as np
 
 from preprocess import bids
 from preprocess.layout import TEST_FILE, learner_file, learner_files
+from preprocess.outputs import size_text
 
 from .algorithms import algorithm, schedule, target_sparsity
 from .config import Config
 from .errors import ConfigError, DeviceError
+from .hostmemory import available_memory
 from .messages import PREFLIGHT, fields_of, records, row_text, shown, text_row, width
 
 if TYPE_CHECKING:
@@ -198,6 +200,38 @@ def copy_problems(split: dict[str, str], data_dir: Path) -> list[str]:
     return out
 
 
+def cache_problems(cache: str, infos: np.ndarray, rooms: np.ndarray, hosts: list[str]) -> list[str]:
+    """Hosts whose ranks' data.cache=memory would decode more volumes than the memory left to them: the smallest
+    that any of its ranks reported (a rank in a cgroup of its own may have less), -1 where a rank could not tell.
+    One line per host; its ranks are named, as a job with several ranks on a node adds theirs up. Only the caches
+    are weighed: what a training step takes besides is not known before it runs."""
+    if cache != "memory":
+        return []
+    out = []
+    for host in dict.fromkeys(hosts):
+        ranks = [r for r, h in enumerate(hosts) if h == host]
+        known = [int(rooms[r]) for r in ranks if rooms[r] >= 0]
+        volumes = sum(int(infos["samples"][r]) for r in ranks)
+        need = sum(int(infos["samples"][r]) * volume_bytes(infos[r]) for r in ranks)
+        if known and need > min(known):
+            whose = f"ranks {', '.join(map(str, ranks))}: {volumes} volumes"
+            out.append(f"host {host}: {cache_refusal(need, min(known), whose)}, or place fewer ranks on a host")
+    return out
+
+
+def cache_refusal(need: int, room: int, whose: str) -> str:
+    """Why decoded volumes cannot be cached, and what to do instead."""
+    return (
+        f"data.cache=memory would keep {size_text(need)} of decoded volumes ({whose}, float32) in memory, and "
+        f"{size_text(room)} is left there: set data.cache=off (each epoch then reads its volumes from the file)"
+    )
+
+
+def volume_bytes(info: np.ndarray) -> int:
+    """One decoded volume's size in a rank's cache: float32 of its record's shape."""
+    return 4 * int(np.prod(volume_shape(info)))
+
+
 def record_problems(fields: dict[str, float]) -> list[str]:
     """The fields of a learner's PREFLIGHT record that no volume file gives, each with the rule it breaks: the
     sample count and the shape whole numbers from 1 to MAX_COUNT, the mean age in MEAN_AGE_RANGE."""
@@ -228,10 +262,13 @@ def preflight(cfg: Config, wire, data_dir: Path, local_rank: int, resume: bool, 
     rows = np.zeros((wire.size, width(PREFLIGHT)), np.float64)  # filled on the server only
     texts = np.zeros((wire.size, ERROR_BYTES), np.uint8)
     digests = np.zeros((wire.size, DIGEST_BYTES), np.uint8)
+    rooms = np.zeros(wire.size, np.int64)
     here = wire.is_server
     wire.gather(mine.info.view(np.float64), rows if here else None, "the preflight records")
     wire.gather(text_row(problem, ERROR_BYTES), texts if here else None, "the preflight messages")
     wire.gather(text_row(mine.digest, DIGEST_BYTES), digests if here else None, "the data digests")
+    room = available_memory()  # before any rank decodes its volumes: they do so once the preflight has passed
+    wire.gather(np.array([-1 if room is None else room], np.int64), rooms if here else None, "the free memory")
     problems: list[str] = []
     if not here:
         outcome = Preflight(mine.info, mine.device)
@@ -240,6 +277,8 @@ def preflight(cfg: Config, wire, data_dir: Path, local_rank: int, resume: bool, 
         problems = preflight_problems(infos, [t for t in map(row_text, texts) if t], data_dir)
         split = {rank_file(k): row_text(d) for k, d in enumerate(digests)}
         problems += copy_problems(split, data_dir)
+        if not problems:  # every record is one a volume file gives
+            problems += cache_problems(cfg.data.cache, infos, rooms, [t["host"] for t in wire.table])
         if mine.resume is not None:
             from .resume import split_problems
 

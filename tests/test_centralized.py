@@ -167,3 +167,14 @@ def test_centralized_resume_refuses_a_changed_learner_file(tmp_path, capsys):
     assert _centralized(data, tmp_path / "runs", "federation.rounds=1", resume=True) == 2
     err = capsys.readouterr().err
     assert "the data differ from what the checkpoint was trained on (learner_1.h5 changed since)" in err
+
+
+def test_a_pooled_cache_the_memory_cannot_hold_is_refused_before_a_volume_is_decoded(tmp_path, capsys, monkeypatch):
+    """One process caches every learner file and test.h5: 18 volumes of 16x20x16 float32 = 368,640 bytes."""
+    data = write_split(tmp_path / "data", learners=2, per_learner=6, test=6)
+    monkeypatch.setattr(centralized, "available_memory", lambda: 300_000)
+    assert _centralized(data, tmp_path / "runs") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedmpi: error: data.cache=memory would keep 0.369 MB of decoded volumes (18 volumes of 2 ")
+    assert "0.3 MB is left there: set data.cache=off" in err and not (tmp_path / "runs" / "c").exists()
+    assert _centralized(data, tmp_path / "runs", "data.cache=off", "federation.rounds=1") == 0

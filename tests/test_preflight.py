@@ -14,7 +14,7 @@ from fedmpi.config import load_config
 from fedmpi.data import file_digest
 from fedmpi.errors import ConfigError, DataError, DeviceError
 from fedmpi.messages import PREFLIGHT, row_text, text_row
-from fedmpi.preflight import DIGEST_BYTES, ERROR_BYTES, check_rank, preflight, preflight_problems
+from fedmpi.preflight import DIGEST_BYTES, ERROR_BYTES, cache_problems, check_rank, preflight, preflight_problems
 
 
 @pytest.fixture(scope="module")
@@ -260,9 +260,10 @@ class JobStandIn:
 
     size = 3
 
-    def __init__(self, rank, learner_rows=(), verdict=0):
+    def __init__(self, rank, learner_rows=(), verdict=0, hosts=("node",) * 3):
         self.rank, self.is_server = rank, rank == 0
         self.learner_rows, self.verdict, self.sent = list(learner_rows), verdict, []
+        self.table = [{"rank": r, "host": h} for r, h in enumerate(hosts)]
 
     def gather(self, buf, out, what=""):
         self.sent.append(buf.copy())
@@ -274,12 +275,13 @@ class JobStandIn:
         return buf if self.is_server else np.array([self.verdict], np.int64)
 
 
-def _learner_rows(split, texts=("", ""), digests=None):
-    """What learners 1 and 2 gather to the server: their PREFLIGHT records, messages and data digests (by default
-    those of the split's own files, as learners reading them send)."""
+def _learner_rows(split, texts=("", ""), digests=None, rooms=(1 << 40, 1 << 40)):
+    """What learners 1 and 2 gather to the server: their PREFLIGHT records, messages, data digests (by default
+    those of the split's own files, as learners reading them send) and the memory left to them."""
     records = np.array([[6, 60.0, *SHAPE]] * 2, np.float64)
     digests = digests or _digests(split)
-    return [records, [text_row(t, ERROR_BYTES) for t in texts], [text_row(d, DIGEST_BYTES) for d in digests]]
+    texts_ = [text_row(t, ERROR_BYTES) for t in texts]
+    return [records, texts_, [text_row(d, DIGEST_BYTES) for d in digests], np.array(rooms, np.int64)]
 
 
 def _digests(split):
@@ -404,3 +406,45 @@ def test_a_checkpoint_the_file_system_will_not_give_back_stops_the_resume_in_one
     assert "round-000002.npz: cannot be read (Input/output error)" in captured.err
     assert "starting fresh" not in captured.out and "skipping" not in captured.err
     assert {p.name: p.read_bytes() for p in cfg.run_dir.rglob("*") if p.is_file() and p.name != ".lock"} == before
+
+
+GRID = (91, 109, 91)  # the paper's 2 mm grid: 3.61 MB a volume as float32
+
+
+def _paper_records(*samples):
+    out = np.zeros(len(samples), PREFLIGHT)
+    out["samples"], out["mean_age"] = samples, 60.0
+    out["x"], out["y"], out["z"] = GRID
+    return out
+
+
+def test_a_hosts_caches_that_exceed_the_memory_left_there_are_refused_naming_its_ranks():
+    infos = _paper_records(10, 100, 100)  # 210 volumes x 3,610,276 bytes = 758 MB
+    rooms = np.array([10**9, 5 * 10**8, -1], np.int64)  # the least that a rank could tell
+    (line,) = cache_problems("memory", infos, rooms, ["a", "a", "a"])
+    assert line.startswith("host a: data.cache=memory would keep 758 MB of decoded volumes (ranks 0, 1, 2: 210 ")
+    assert "500 MB is left there: set data.cache=off" in line
+    assert cache_problems("memory", infos, np.array([10**9, 8 * 10**8, -1]), ["a", "a", "a"]) == []
+    # the same ranks on two hosts: each host holds its own ranks' caches
+    apart = cache_problems("memory", infos, np.array([10**9, 5 * 10**8, 5 * 10**8]), ["a", "b", "b"])
+    assert (
+        len(apart) == 1
+        and apart[0].startswith("host b: data.cache=memory would keep 722 MB")
+        and "ranks 1, 2:" in apart[0]
+    )
+
+
+def test_caches_are_not_weighed_when_off_on_a_gpu_or_where_no_rank_can_tell():
+    infos = _paper_records(10**4, 10**4, 10**4)
+    assert cache_problems("off", infos, np.zeros(3, np.int64), ["a"] * 3) == []
+    assert cache_problems("device", infos, np.zeros(3, np.int64), ["a"] * 3) == []
+    assert cache_problems("memory", infos, np.full(3, -1, np.int64), ["a"] * 3) == []
+
+
+def test_a_cache_that_cannot_fit_stops_every_rank_before_any_volume_is_decoded(split, tmp_path, capsys):
+    cfg = _cfg(tmp_path, f"data.dir={split}")
+    job = JobStandIn(0, _learner_rows(split, rooms=(1 << 40, 1000)))
+    assert preflight(cfg, job, split, 0, False, False) is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fedmpi: error: host node: data.cache=memory would keep")
+    assert not cfg.run_dir.exists()
