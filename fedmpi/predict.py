@@ -193,8 +193,8 @@ def _say_bias(bias: AgeBias, held: Predictions, result: Predictions, calibrate: 
     outside = int(np.sum((result.ages < low) | (result.ages > high)))
     if outside:
         print(
-            f"fedmpi predict: note: {outside} subject{'s' if outside != 1 else ''} lie outside {calibrate}'s ages "
-            f"{low:.1f}-{high:.1f}: the correction is extrapolated there",
+            f"fedmpi predict: note: {outside} {'subjects lie' if outside != 1 else 'subject lies'} outside "
+            f"{calibrate}'s ages {low:.1f}-{high:.1f}: the correction is extrapolated there",
             file=sys.stderr,
         )
     gap = result.predicted - result.ages

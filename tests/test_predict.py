@@ -276,24 +276,16 @@ def test_calibrating_on_the_file_it_corrects_is_noted_and_leaves_no_trend(finish
     assert abs(np.mean([float(r["gap_corrected"]) for r in rows])) < 1e-3
 
 
-def test_subjects_outside_the_calibration_ages_are_noted(finished, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "ages, said", [([60.0, 95.0, 99.0], "2 subjects lie outside"), ([60.0, 99.0], "1 subject lies outside")]
+)
+def test_subjects_outside_the_calibration_ages_are_noted(finished, tmp_path, capsys, ages, said):
     run, data, _ = finished
     old = tmp_path / "old.h5"
-    write_volumes(old, np.array([60.0, 95.0, 99.0]), np.random.default_rng(6))
-    assert (
-        _run(
-            "--run",
-            str(run),
-            "--data",
-            str(old),
-            "--calibrate",
-            str(data / "test.h5"),
-            "--out",
-            str(tmp_path / "p.csv"),
-        )
-        == 0
-    )
-    assert "2 subjects lie outside" in capsys.readouterr().err
+    write_volumes(old, np.array(ages), np.random.default_rng(6))
+    test, out = str(data / "test.h5"), str(tmp_path / "p.csv")
+    assert _run("--run", str(run), "--data", str(old), "--calibrate", test, "--out", out) == 0
+    assert said in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("problem", ["a training file", "two subjects", "out is the calibration file"])
