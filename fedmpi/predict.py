@@ -130,6 +130,8 @@ def run(args) -> int:
     data = Path(args.data)
     out = Path(args.out) if args.out else Path(f"{data.stem}_brain_age.csv")
     try:
+        if args.calibrate == "":  # an unset shell variable: the user asked for corrected gaps
+            raise PredictError("--calibrate is empty: give the held-out volume file to fit the age bias on")
         run_dir = existing_run(args.run, PredictError)
         outputs.check_file(out, "--out")
         for given, volumes in (("--data", data), ("--calibrate", args.calibrate)):

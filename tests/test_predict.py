@@ -310,3 +310,12 @@ def test_a_calibration_that_cannot_give_a_bias_is_refused_and_nothing_is_written
     }[problem]
     assert err.count("\n") == 1 and said in err
     assert calibrate.read_bytes() == before and (problem == "out is the calibration file" or not out.exists())
+
+
+def test_an_empty_calibrate_is_refused_not_ignored(finished, tmp_path, capsys):
+    """`--calibrate "$HELD"` with HELD unset asked for corrected gaps: writing the uncorrected ones would hide that."""
+    run, data, _ = finished
+    out = tmp_path / "p.csv"
+    assert _run("--run", str(run), "--data", str(data / "test.h5"), "--calibrate", "", "--out", str(out)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--calibrate is empty" in err and not out.exists()
