@@ -177,18 +177,28 @@ def run(args) -> int:
         f"brain-age gap mean {gap.mean():+.2f} ({spread}) years"
     )
     if bias is not None and held is not None:
-        _say_bias(bias, held, result, Path(args.calibrate))
+        _say_bias(bias, held, result, Path(args.calibrate), data)
     print(f"wrote {out}")
     return 0
 
 
-def _say_bias(bias: AgeBias, held: Predictions, result: Predictions, calibrate: Path) -> None:
-    """The fitted bias and what it does to the gap: its correlation with age before and after."""
+def _say_bias(bias: AgeBias, held: Predictions, result: Predictions, calibrate: Path, data: Path) -> None:
+    """The fitted bias and what it does to the gap: its correlation with age before and after. Subjects --data
+    shares with the calibration (one file carved from the other) get in-sample corrected gaps, so they are counted;
+    matched by subject_id, which the note says, as another cohort may number its subjects alike."""
+    shared = len(set(result.ids) & set(held.ids))
     if held.digest == result.digest:
         print(
             f"fedmpi predict: note: the age bias is fitted on the file it corrects ({calibrate}), so its corrected "
             "gaps are uncorrelated with age by construction; fit it on other held-out subjects to see how well it "
             "carries over",
+            file=sys.stderr,
+        )
+    elif shared:
+        print(
+            f"fedmpi predict: note: {data} and {calibrate} share {shared} subject{'s' if shared != 1 else ''} (by "
+            f"subject_id; {len(result.ids)} in {data}): the age bias is fitted partly on them, so their corrected "
+            "gaps are in-sample; calibrate on subjects --data does not hold",
             file=sys.stderr,
         )
     low, high = bias.ages

@@ -18,6 +18,7 @@ from fedmpi.checkpoint import save_model
 from fedmpi.config import Config
 from fedmpi.data import file_digest
 from fedmpi.model import BrainAgeCNN, flat_parameters
+from preprocess import h5io
 
 
 @pytest.fixture(scope="module")
@@ -242,6 +243,8 @@ def test_calibrated_gaps_are_the_gaps_less_the_trend_fitted_on_the_held_out_file
     with h5py.File(data / "test.h5") as f:
         low, high = f["age"][:].min(), f["age"][:].max()
     write_volumes(new, np.linspace(low + 0.1, high - 0.1, 7), np.random.default_rng(5))
+    with h5py.File(new, "r+") as f:  # subjects of their own: fedtools numbers every file's from sub-0000
+        f["subject_id"][:] = [f"new-{i}" for i in range(7)]
     assert _run("--run", str(run), "--data", str(data / "test.h5"), "--out", str(tmp_path / "held.csv")) == 0
     held = _rows(tmp_path / "held.csv")
     slope, intercept = np.polyfit([float(r["age"]) for r in held], [float(r["gap"]) for r in held], 1)
@@ -319,3 +322,14 @@ def test_an_empty_calibrate_is_refused_not_ignored(finished, tmp_path, capsys):
     assert _run("--run", str(run), "--data", str(data / "test.h5"), "--calibrate", "", "--out", str(out)) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--calibrate is empty" in err and not out.exists()
+
+
+def test_a_calibration_sharing_subjects_with_the_data_is_noted(finished, tmp_path, capsys):
+    """A held-out file carved from --data (or --data from it) fits the bias partly on the subjects it corrects."""
+    run, data, _ = finished
+    part = tmp_path / "part.h5"
+    h5io.copy_rows(data / "test.h5", part, range(6), {})
+    test, out = str(data / "test.h5"), str(tmp_path / "p.csv")
+    assert _run("--run", str(run), "--data", test, "--calibrate", str(part), "--out", out) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{test} and {part} share 6 subjects (by subject_id; 10 in {test})" in err
