@@ -133,7 +133,6 @@ def run(args) -> int:
         if args.calibrate == "":  # an unset shell variable: the user asked for corrected gaps
             raise PredictError("--calibrate is empty: give the held-out volume file to fit the age bias on")
         run_dir = existing_run(args.run, PredictError)
-        outputs.check_file(out, "--out")
         for given, volumes in (("--data", data), ("--calibrate", args.calibrate)):
             if volumes and out.resolve() == Path(volumes).resolve():
                 raise PredictError(f"--out {out} is the volume file {given} names")
@@ -141,6 +140,7 @@ def run(args) -> int:
             raise PredictError(
                 f"--out {out} is a record of the run {run_dir}: predict would replace it; give another name"
             )
+        outputs.check_file(out, "--out")  # after the refusals above: it creates a probe file in --out's directory
         summary = run_summary(run_dir, PredictError)
         model, batch_size = run_model(run_dir, summary)
         result = predictions(model, batch_size, summary, data, args.device)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -18,7 +19,7 @@ from fedmpi.checkpoint import save_model
 from fedmpi.config import Config
 from fedmpi.data import file_digest
 from fedmpi.model import BrainAgeCNN, flat_parameters
-from preprocess import h5io
+from preprocess import h5io, outputs
 
 
 @pytest.fixture(scope="module")
@@ -122,10 +123,15 @@ def test_a_diverged_model_gives_no_predictions(finished, tmp_path, capsys):
     "record", ["model.npz", "summary.json", "ranks.json", "attack.json", "checkpoints/round-000003.npz"]
 )
 @pytest.mark.parametrize("via", ["path", "symlinked directory"])
-def test_an_out_that_is_one_of_the_runs_records_is_refused_and_the_record_kept(finished, tmp_path, capsys, record, via):
+def test_an_out_that_is_one_of_the_runs_records_is_refused_and_the_record_kept(
+    finished, tmp_path, capsys, monkeypatch, record, via
+):
     """--out is renamed onto its path: the run's model or summary given there (directly or through a link to the
-    run directory) would be replaced by the CSV."""
+    run directory) would be replaced by the CSV. The refusal comes before --out's directory is probed with a file
+    of its own, so nothing is created in the run directory, even for a moment."""
     run, data, _ = finished
+    probed = []
+    monkeypatch.setattr(outputs, "probe_directory", lambda d: probed.append(Path(d).resolve()))
     (run / "ranks.json").write_text("{}")
     (run / "attack.json").write_text("{}")
     (run / "checkpoints").mkdir(exist_ok=True)
@@ -137,7 +143,7 @@ def test_an_out_that_is_one_of_the_runs_records_is_refused_and_the_record_kept(f
     assert _run("--run", str(run), "--data", str(data / "test.h5"), "--out", str(out)) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is a record of the run" in err
-    assert (run / record).read_bytes() == before
+    assert (run / record).read_bytes() == before and probed == []
 
 
 @pytest.mark.parametrize("age", [float("nan"), float("inf"), 700.0, -3.0])
