@@ -143,11 +143,11 @@ def run(args) -> int:
         outputs.check_file(out, "--out")  # after the refusals above: it creates a probe file in --out's directory
         summary = run_summary(run_dir, PredictError)
         model, batch_size = run_model(run_dir, summary)
-        result = predictions(model, batch_size, summary, data, args.device)
         bias, held = None, None
-        if args.calibrate:
+        if args.calibrate:  # first: a calibration that gives no bias is refused before the long pass over --data
             held = predictions(model, batch_size, summary, Path(args.calibrate), args.device)
             bias = age_bias(held, Path(args.calibrate))
+        result = predictions(model, batch_size, summary, data, args.device)
         write_output(out, to_csv(result, bias).encode(), PredictError)
     except Exception as e:
         if is_user_error(e):
