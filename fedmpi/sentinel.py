@@ -18,6 +18,7 @@ import signal
 import sys
 
 from .errors import EXIT_SIGNAL_BASE
+from .hostmemory import OomKills, killed_for_memory, memory_limit, oom_kills
 
 RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
 LOCAL_RANK_VARIABLES = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID")  # hydra, Open MPI, srun
@@ -122,15 +123,36 @@ def _told_rank(pipe: int, fallback: str) -> str:
     return told if told.isdigit() else fallback
 
 
-def _hint(sig: signal.Signals) -> str:
+def _hint(sig: signal.Signals, before: OomKills | None = None) -> str:
     """What a death by `sig` most likely means; inside a SLURM step, a start-up that never completed may also be a
-    command typed in a shell that srun started, which inherits that step's MPI set-up and waits for its tasks."""
+    command typed in a shell that srun started, which inherits that step's MPI set-up and waits for its tasks. For
+    SIGKILL, the kernel's out-of-memory counts since `before` tell whether it killed the rank for memory."""
+    if sig == signal.SIGKILL and before is not None:
+        return _kill_hint(killed_for_memory(before, oom_kills()))
     step = slurm_step() if sig == signal.SIGALRM else None
     if step is None:
         return HINTS.get(sig, "")
     return (
         f"{HINTS[sig]}. If this was typed in a shell that srun started (step {step}), MPI waited for that step's "
         "other tasks: start the ranks from there with srun --overlap -n N"
+    )
+
+
+def _kill_hint(for_memory: bool | None) -> str:
+    if for_memory is None:
+        return HINTS[signal.SIGKILL]
+    if not for_memory:
+        return " (not by the kernel's out-of-memory killer: by the scheduler, a user or another process)"
+    limit = memory_limit()
+    if limit is None:
+        room = "the host had"
+    else:
+        from preprocess.outputs import size_text
+
+        room = f"its memory cgroup's limit of {size_text(limit)} (a SLURM job's --mem, a container's) allowed"
+    return (
+        f" (by the kernel's out-of-memory killer: the processes here asked for more memory than {room}; set "
+        "data.cache=off, place fewer ranks on a host, or give the job more memory)"
     )
 
 
@@ -160,12 +182,13 @@ def supervise() -> None:
 
     for sig in FORWARDED:
         signal.signal(sig, forward)
+    before = oom_kills()
     _, status = os.waitpid(child, 0)
     if os.WIFSIGNALED(status):
         sig = signal.Signals(os.WTERMSIG(status))
         rank = _told_rank(told, rank)
         print(
-            f"fedmpi: rank {rank} ({role(int(rank))}, pid {child}) was killed by {sig.name}{_hint(sig)}",
+            f"fedmpi: rank {rank} ({role(int(rank))}, pid {child}) was killed by {sig.name}{_hint(sig, before)}",
             file=sys.stderr,
             flush=True,
         )

@@ -1,5 +1,6 @@
 """The per-rank supervisor: names the rank that a signal killed, passes exit codes and signals through."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fedmpi import sentinel
+from fedmpi.hostmemory import CGROUP_ROOT, _memory_cgroups, oom_kills
 from fedmpi.sentinel import (
     RANK_VARIABLES,
     SIZE_VARIABLES,
@@ -147,8 +149,9 @@ def test_supervise_returns_off_linux(monkeypatch, no_rank):
     assert supervise() is None
 
 
-def run_supervised(code, rank, *args, timeout=30, **env):
-    """`code` run as the rank under its sentinel; `env` adds variables (None removes one)."""
+def run_supervised(code, rank, *args, timeout=30, preexec_fn=None, **env):
+    """`code` run as the rank under its sentinel; `env` adds variables (None removes one); `preexec_fn` runs in
+    the child before Python starts (to place it in a cgroup)."""
     env = {k: v for k, v in {**rank_env(rank), **env}.items() if v is not None}
     return subprocess.run(
         [sys.executable, "-c", "from fedmpi.sentinel import supervise; supervise()\n" + code, *map(str, args)],
@@ -156,6 +159,7 @@ def run_supervised(code, rank, *args, timeout=30, **env):
         capture_output=True,
         text=True,
         timeout=timeout,
+        preexec_fn=preexec_fn,
     )
 
 
@@ -171,7 +175,64 @@ def test_killed_rank_is_named():
     assert out.returncode == 128 + 9
     assert "fedmpi: rank 3 (learner 3, pid " in out.stderr
     assert "was killed by SIGKILL" in out.stderr
-    assert "out of memory" in out.stderr  # the hint for SIGKILL
+    if oom_kills() == (None, None):  # the kernel says nothing of its out-of-memory killer: the generic hint
+        assert "(out of memory, or killed by the scheduler or a user)" in out.stderr
+    else:  # killed by a signal, not for memory
+        assert "(not by the kernel's out-of-memory killer: by the scheduler, a user or another process)" in out.stderr
+
+
+def test_a_kill_hint_says_what_the_kernels_counts_tell(monkeypatch):
+    assert sentinel._kill_hint(None) == sentinel.HINTS[signal.SIGKILL]
+    assert sentinel._kill_hint(False).startswith(" (not by the kernel's out-of-memory killer")
+    monkeypatch.setattr(sentinel, "memory_limit", lambda: 4 * 10**9)
+    hint = sentinel._kill_hint(True)
+    assert hint.startswith(" (by the kernel's out-of-memory killer: the processes here asked for more memory than its ")
+    assert "memory cgroup's limit of 4 GB (a SLURM job's --mem, a container's) allowed; set data.cache=off" in hint
+    monkeypatch.setattr(sentinel, "memory_limit", lambda: None)
+    assert "more memory than the host had; set data.cache=off" in sentinel._kill_hint(True)
+
+
+@linux
+def test_a_rank_the_kernel_kills_for_memory_is_named_so(tmp_path):
+    """A rank in a memory cgroup of 300 MB (as a SLURM job's --mem makes) that allocates 1 GB: the OOM killer's
+    SIGKILL, told from a scheduler's or a user's by the kernel's counts. Needs a writable memory cgroup (root)."""
+    group = _memory_cgroup(tmp_path, 300 << 20)
+    code = "import numpy as np; blocks = [np.ones(1 << 24) for _ in range(16)]"  # 16 x 128 MB, touched
+    try:
+        out = run_supervised(code, 2, preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
+    finally:
+        group.rmdir()
+    assert out.returncode == 128 + 9, out.stderr
+    assert "fedmpi: rank 2 (learner 2, pid " in out.stderr
+    assert (
+        "by the kernel's out-of-memory killer: the processes here asked for more memory than its memory " in out.stderr
+    )
+    assert "cgroup's limit of 315 MB" in out.stderr
+
+
+def _memory_cgroup(tmp_path, limit: int) -> Path:
+    """A new memory cgroup below this process's own (v1's memory controller, or v2) limited to `limit` bytes, or a
+    skip where none can be made."""
+    own = next(iter(_memory_cgroups(Path("/proc"), CGROUP_ROOT)), None)
+    if own is None:
+        pytest.skip("no memory cgroup")
+    directory, files = own
+    group = directory / f"fedmpi-test-{os.getpid()}-{tmp_path.name}"
+    try:
+        group.mkdir()
+    except OSError as e:
+        pytest.skip(f"cannot make a memory cgroup here: {e}")
+    try:
+        (group / files.limit).write_text(str(limit))
+        if files.version == 1:
+            with contextlib.suppress(OSError):  # without swap accounting the file is absent
+                (group / "memory.memsw.limit_in_bytes").write_text(str(limit))
+        else:
+            (group / "memory.swap.max").write_text("0")
+    except OSError as e:
+        group.rmdir()
+        pytest.skip(f"cannot limit a memory cgroup here: {e}")
+    return group
 
 
 @linux
