@@ -48,9 +48,10 @@ def memory_limit(proc: Path = PROC, cgroup_root: Path = CGROUP_ROOT) -> int | No
 
 
 class OomKills(NamedTuple):
-    """The out-of-memory killer's counts: of processes in this process's own memory cgroup (and the cgroups below
-    it: the kernel counts a kill in the victim's cgroup and every cgroup above), and on the whole host; None where
-    the kernel does not say (before Linux 4.13, or no memory cgroup)."""
+    """The out-of-memory killer's counts: of processes in this process's own memory cgroup, and on the whole host;
+    None where the kernel does not say (before Linux 4.13, or no memory cgroup). The kernel counts a kill in the
+    victim's own cgroup (and, under cgroup v2, every cgroup above it: under v1 a SLURM job's cgroup stays at 0 while
+    its task's counts the kill), so the count is read where the rank itself sits."""
 
     cgroup: int | None
     host: int | None

@@ -149,7 +149,10 @@ def _kill_hint(for_memory: bool | None) -> str:
     else:
         from preprocess.outputs import size_text
 
-        room = f"its memory cgroup's limit of {size_text(limit)} (a SLURM job's --mem, a container's) allowed"
+        room = (
+            f"its memory cgroup's limit of {size_text(limit)} = {limit / 2**20:,.0f} MiB (a SLURM job's --mem, a "
+            "container's) allowed"
+        )
     return (
         f" (by the kernel's out-of-memory killer: the processes here asked for more memory than {room}; set "
         "data.cache=off, place fewer ranks on a host, or give the job more memory)"

@@ -187,7 +187,7 @@ def test_a_kill_hint_says_what_the_kernels_counts_tell(monkeypatch):
     monkeypatch.setattr(sentinel, "memory_limit", lambda: 4 * 10**9)
     hint = sentinel._kill_hint(True)
     assert hint.startswith(" (by the kernel's out-of-memory killer: the processes here asked for more memory than its ")
-    assert "memory cgroup's limit of 4 GB (a SLURM job's --mem, a container's) allowed; set data.cache=off" in hint
+    assert "memory cgroup's limit of 4 GB = 3,815 MiB (a SLURM job's --mem, a container's) allowed; set data." in hint
     monkeypatch.setattr(sentinel, "memory_limit", lambda: None)
     assert "more memory than the host had; set data.cache=off" in sentinel._kill_hint(True)
 
@@ -207,7 +207,7 @@ def test_a_rank_the_kernel_kills_for_memory_is_named_so(tmp_path):
     assert (
         "by the kernel's out-of-memory killer: the processes here asked for more memory than its memory " in out.stderr
     )
-    assert "cgroup's limit of 315 MB" in out.stderr
+    assert "cgroup's limit of 315 MB = 300 MiB" in out.stderr
 
 
 def _memory_cgroup(tmp_path, limit: int) -> Path:
