@@ -14,7 +14,7 @@ import numpy as np
 
 from .config import Config, setting_changes
 from .errors import PayloadError
-from .messages import row_text, text_row
+from .messages import brief, row_text, text_row
 from .preflight import ERROR_BYTES, say
 from .provenance import code_digest
 
@@ -22,7 +22,6 @@ from .provenance import code_digest
 # header announcing more is refused before a learner allocates it.
 MAX_CONFIG_BYTES = 1 << 20
 SHOWN = 3  # differing settings named in one rank's line; the rest are counted
-VALUE_CHARS = 40  # the most of a differing value one rank's line shows: its ends (a path's root and its leaf)
 # Settings a node may hold its own value of where rank 0 gives one too: a job may stage the split to each node's
 # local disk, under a path of its own (each rank reads only its own file there; the preflight compares it with rank
 # 0's copy where rank 0 holds one, the run records every file's digest, and a resume checks them). An empty
@@ -52,7 +51,7 @@ def disagreement(server: bytes, cfg: Config, code: str) -> str:
             f"{str(theirs.get('code'))[:12]}): install the same fedmpi on every node"
         )
     mine = cfg.to_dict()
-    changes = setting_changes(_shared(theirs["config"], mine), _shared(mine, theirs["config"]), shown=_brief)
+    changes = setting_changes(_shared(theirs["config"], mine), _shared(mine, theirs["config"]), shown=brief)
     if changes:
         more = f"; and {len(changes) - SHOWN} more" if len(changes) > SHOWN else ""
         problems.append(
@@ -60,15 +59,6 @@ def disagreement(server: bytes, cfg: Config, code: str) -> str:
             f"options (rank 0's -> its own: {'; '.join(changes[:SHOWN])}{more})"
         )
     return "; ".join(problems)
-
-
-def _brief(value) -> str:
-    """A value's repr, its middle left out beyond VALUE_CHARS."""
-    text = repr(value)
-    if len(text) <= VALUE_CHARS:
-        return text
-    half = (VALUE_CHARS - 3) // 2
-    return f"{text[:half]}...{text[-half:]}"
 
 
 def _shared(config: dict, other: dict) -> dict:

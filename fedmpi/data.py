@@ -7,6 +7,7 @@ volume file is a DataError whose message names the file.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import unicodedata
 from pathlib import Path
@@ -70,10 +71,25 @@ def _digest(f: h5py.File, ages: np.ndarray) -> str:
     return h.hexdigest()
 
 
+# What a preprocessed file's pipeline record names that is a site's own, not how its scans were processed: where its
+# scans were, and which image of a session it chose.
+SITE_PARAMETERS = ("source", "select")
+
+
+def pipeline(f: h5py.File) -> dict:
+    """How the file's volumes were preprocessed (its "preprocessing" attribute) less SITE_PARAMETERS; empty for a
+    file made otherwise."""
+    try:
+        params = json.loads(f.attrs.get("preprocessing", "{}"))
+    except (TypeError, ValueError):
+        return {}
+    return {k: v for k, v in params.items() if k not in SITE_PARAMETERS} if isinstance(params, dict) else {}
+
+
 def check_volumes(path) -> dict:
     """read_header plus what the preflight can afford to check, naming the file: at least one volume, every
     age finite and within the file's plausible range (the (MIN, MAX] preprocessing accepted, by default
-    bids.DEFAULT_AGE_RANGE), a sample of volumes finite; and the file's digest ("digest")."""
+    bids.DEFAULT_AGE_RANGE), a sample of volumes finite; the file's digest ("digest") and pipeline ("pipeline")."""
     with h5io.open_checked(path) as f:
         head = _header(f)
         if head["n"] == 0:
@@ -98,7 +114,7 @@ def check_volumes(path) -> dict:
         reader = h5io.ChunkReader(f["images"])
         for i in sorted({0, head["n"] // 2, head["n"] - 1})[:SAMPLED_VOLUMES]:
             read_volume(reader, path, i)
-        return dict(head, digest=_digest(f, ages))
+        return dict(head, digest=_digest(f, ages), pipeline=pipeline(f))
 
 
 def read_volume(reader: h5io.ChunkReader, path: Path, i: int) -> np.ndarray:

@@ -68,6 +68,18 @@ def shown(values: dict[str, float]) -> str:
     return ", ".join(f"{name} {v}" for name, v in values.items())
 
 
+VALUE_CHARS = 40  # the most of another rank's value a line shows: its ends (a path's root and its leaf)
+
+
+def brief(value: object) -> str:
+    """A value's repr, its middle left out beyond VALUE_CHARS: lines naming another rank's settings stay short."""
+    text = repr(value)
+    if len(text) <= VALUE_CHARS:
+        return text
+    half = (VALUE_CHARS - 3) // 2
+    return f"{text[:half]}...{text[-half:]}"
+
+
 def text_row(text: str, width: int) -> np.ndarray:
     """Text in a fixed-width uint8 buffer (cut to fit, zero-padded), for fixed-size gathers."""
     row = np.zeros(width, np.uint8)

@@ -5,6 +5,7 @@ exit 2 on every rank together, before anything is written. The centralized basel
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -16,16 +17,17 @@ from preprocess.layout import TEST_FILE, learner_file, learner_files
 from preprocess.outputs import size_text
 
 from .algorithms import algorithm, schedule, target_sparsity
-from .config import Config
+from .config import Config, setting_changes
 from .errors import ConfigError, DeviceError
 from .hostmemory import available_memory
-from .messages import PREFLIGHT, fields_of, records, row_text, shown, text_row, width
+from .messages import PREFLIGHT, brief, fields_of, records, row_text, shown, text_row, width
 
 if TYPE_CHECKING:
     from .runlog import RunLock
 
 ERROR_BYTES = 512  # room for one rank's preflight message
 DIGEST_BYTES = 64  # a SHA-256 in hex
+PIPELINE_BYTES = 4096  # a file's preprocessing record as JSON: about 800 bytes (more with registration's options)
 # The largest sample count or volume axis a preflight record may hold: above 2**53 a float64 is always "whole",
 # and two counts near float64's limit sum to inf (every FedAvg share 0, the mean age NaN).
 MAX_COUNT = 2**53
@@ -42,13 +44,15 @@ def say(rank: int, message: str) -> None:
 
 class RankCheck(NamedTuple):
     """One rank's preflight: its PREFLIGHT record, its data file's digest and its device; on rank 0 also the
-    run directory's lock (held to the end of the run) and the checkpoint to resume from (or None)."""
+    run directory's lock (held to the end of the run) and the checkpoint to resume from (or None); its file's
+    preprocessing pipeline as JSON."""
 
     info: np.ndarray
     digest: str
     device: Any
     lock: RunLock | None = None
     resume: tuple | None = None
+    pipeline: str = ""
 
 
 class Preflight(NamedTuple):
@@ -94,13 +98,14 @@ def check_rank(cfg: Config, rank: int, data_dir: Path, local_rank: int, resume: 
     problem = autocast_problem(device, cfg.train.amp) if trains else ""
     if problem:
         raise DeviceError(problem)
+    steps = json.dumps(head["pipeline"], sort_keys=True)
     if rank != 0:
-        return RankCheck(info, head["digest"], device)
+        return RankCheck(info, head["digest"], device, pipeline=steps)
     lock = RunLock(cfg.run_dir).acquire()
     if lock.unlocked:
         print(f"fedmpi: note: {lock.unlocked}", file=sys.stderr, flush=True)
     try:
-        return RankCheck(info, head["digest"], device, lock, resume_point(cfg, resume, overwrite))
+        return RankCheck(info, head["digest"], device, lock, resume_point(cfg, resume, overwrite), steps)
     except BaseException:
         lock.abandon()
         raise
@@ -263,12 +268,15 @@ def preflight(cfg: Config, wire, data_dir: Path, local_rank: int, resume: bool, 
     texts = np.zeros((wire.size, ERROR_BYTES), np.uint8)
     digests = np.zeros((wire.size, DIGEST_BYTES), np.uint8)
     rooms = np.zeros(wire.size, np.int64)
+    pipelines = np.zeros((wire.size, PIPELINE_BYTES), np.uint8)
     here = wire.is_server
     wire.gather(mine.info.view(np.float64), rows if here else None, "the preflight records")
     wire.gather(text_row(problem, ERROR_BYTES), texts if here else None, "the preflight messages")
     wire.gather(text_row(mine.digest, DIGEST_BYTES), digests if here else None, "the data digests")
     room = available_memory()  # before any rank decodes its volumes: they do so once the preflight has passed
     wire.gather(np.array([-1 if room is None else room], np.int64), rooms if here else None, "the free memory")
+    wire.gather(text_row(mine.pipeline, PIPELINE_BYTES), pipelines if here else None, "the preprocessing records")
+    notes: list[str] = []
     problems: list[str] = []
     if not here:
         outcome = Preflight(mine.info, mine.device)
@@ -279,6 +287,7 @@ def preflight(cfg: Config, wire, data_dir: Path, local_rank: int, resume: bool, 
         problems += copy_problems(split, data_dir)
         if not problems:  # every record is one a volume file gives
             problems += cache_problems(cfg.data.cache, infos, rooms, [t["host"] for t in wire.table])
+            notes = pipeline_notes([row_text(p) for p in pipelines])
         if mine.resume is not None:
             from .resume import split_problems
 
@@ -291,4 +300,27 @@ def preflight(cfg: Config, wire, data_dir: Path, local_rank: int, resume: bool, 
         for p in problems:
             say(wire.rank, p)
         return None
+    for note in notes:
+        print(f"fedmpi: note: {note}", file=sys.stderr, flush=True)
     return outcome
+
+
+def pipeline_notes(pipelines: list[str]) -> list[str]:
+    """Learner files preprocessed otherwise than test.h5 (pipelines as JSON, rank 0's first; empty for a rank with
+    a problem of its own). Legal, since a site may need its own steps (registration for scanner-space scans), but
+    a difference in the pipeline is one between sites the model learns: each note names what differs."""
+    out = []
+    for k, theirs in enumerate(pipelines[1:], start=1):
+        if not theirs or theirs == pipelines[0]:
+            continue
+        try:
+            changes = setting_changes(json.loads(pipelines[0]), json.loads(theirs), shown=brief)
+        except (ValueError, RecursionError):  # another rank's record, cut at PIPELINE_BYTES or not JSON
+            changes = ["its record does not read as JSON"]
+        more = f"; and {len(changes) - 3} more" if len(changes) > 3 else ""
+        out.append(
+            f"learner {k}'s volumes were preprocessed otherwise than {TEST_FILE}'s ({TEST_FILE}'s -> its own: "
+            f"{'; '.join(changes[:3])}{more}): preprocess every site's scans alike unless a site needs a step of "
+            "its own"
+        )
+    return out

@@ -4,6 +4,8 @@ test_reliability.py checks that the verdict travels through MPI."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,16 @@ from fedmpi.config import load_config
 from fedmpi.data import file_digest
 from fedmpi.errors import ConfigError, DataError, DeviceError
 from fedmpi.messages import PREFLIGHT, row_text, text_row
-from fedmpi.preflight import DIGEST_BYTES, ERROR_BYTES, cache_problems, check_rank, preflight, preflight_problems
+from fedmpi.preflight import (
+    DIGEST_BYTES,
+    ERROR_BYTES,
+    PIPELINE_BYTES,
+    cache_problems,
+    check_rank,
+    pipeline_notes,
+    preflight,
+    preflight_problems,
+)
 
 
 @pytest.fixture(scope="module")
@@ -275,13 +286,15 @@ class JobStandIn:
         return buf if self.is_server else np.array([self.verdict], np.int64)
 
 
-def _learner_rows(split, texts=("", ""), digests=None, rooms=(1 << 40, 1 << 40)):
+def _learner_rows(split, texts=("", ""), digests=None, rooms=(1 << 40, 1 << 40), pipelines=("{}", "{}")):
     """What learners 1 and 2 gather to the server: their PREFLIGHT records, messages, data digests (by default
-    those of the split's own files, as learners reading them send) and the memory left to them."""
+    those of the split's own files, as learners reading them send), the memory left to them and their files'
+    preprocessing pipelines (the test files record none)."""
     records = np.array([[6, 60.0, *SHAPE]] * 2, np.float64)
     digests = digests or _digests(split)
     texts_ = [text_row(t, ERROR_BYTES) for t in texts]
-    return [records, texts_, [text_row(d, DIGEST_BYTES) for d in digests], np.array(rooms, np.int64)]
+    steps = [text_row(p, PIPELINE_BYTES) for p in pipelines]
+    return [records, texts_, [text_row(d, DIGEST_BYTES) for d in digests], np.array(rooms, np.int64), steps]
 
 
 def _digests(split):
@@ -448,3 +461,27 @@ def test_a_cache_that_cannot_fit_stops_every_rank_before_any_volume_is_decoded(s
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("fedmpi: error: host node: data.cache=memory would keep")
     assert not cfg.run_dir.exists()
+
+
+def test_a_learner_file_preprocessed_otherwise_is_noted_naming_what_differs():
+    ours = json.dumps({"voxel_mm": 2, "dtype": "float16", "normalisation": "z-score"}, sort_keys=True)
+    theirs = json.dumps({"voxel_mm": 2, "dtype": "float32", "normalisation": "z-score", "register": "affine"})
+    (note,) = pipeline_notes([ours, ours, theirs, ""])  # learner 3 had a problem of its own: nothing to compare
+    assert note.startswith("learner 2's volumes were preprocessed otherwise than test.h5's (test.h5's -> its own: ")
+    assert "dtype: 'float16' -> 'float32'; register: None -> 'affine'" in note
+    assert pipeline_notes([ours, "{" + "x" * 10]) == [
+        "learner 1's volumes were preprocessed otherwise than test.h5's (test.h5's -> its own: its record does not "
+        "read as JSON): preprocess every site's scans alike unless a site needs a step of its own"
+    ]
+
+
+def test_the_note_is_printed_and_the_run_starts(split, tmp_path, capsys):
+    cfg = _cfg(tmp_path, f"data.dir={split}")
+    rows = _learner_rows(split, pipelines=("{}", json.dumps({"register": "affine"})))
+    checked = preflight(cfg, JobStandIn(0, rows), split, 0, False, False)
+    assert checked is not None
+    checked.lock.release()
+    assert capsys.readouterr().err == (
+        "fedmpi: note: learner 2's volumes were preprocessed otherwise than test.h5's (test.h5's -> its own: "
+        "register: None -> 'affine'): preprocess every site's scans alike unless a site needs a step of its own\n"
+    )
