@@ -139,6 +139,8 @@ def _hint(sig: signal.Signals, before: OomKills | None = None) -> str:
 
 
 def _kill_hint(for_memory: bool | None) -> str:
+    """SIGKILL's hint once the kernel's counts have said whether it killed for memory (None: they could not), with
+    the limit that was reached and what to do about it."""
     if for_memory is None:
         return HINTS[signal.SIGKILL]
     if not for_memory:
