@@ -213,7 +213,8 @@ def _say_bias(bias: AgeBias, held: Predictions, result: Predictions, calibrate: 
     corrected = bias.corrected_gap(result.ages, result.predicted)
     tail = ""
     if len(gap) > 1 and np.ptp(result.ages) > 0:
-        before, after = (regression_metrics(g, result.ages)["r"] for g in (gap, corrected))
+        # + 0.0: an r that rounds to zero from below reads 0.000, not -0.000
+        before, after = (round(regression_metrics(g, result.ages)["r"], 3) + 0.0 for g in (gap, corrected))
         tail = f", its r with age {after:.3f} (uncorrected {before:.3f})"
     spread = f" (sd {corrected.std(ddof=1):.2f})" if len(gap) > 1 else ""
     print(
