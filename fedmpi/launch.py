@@ -32,7 +32,17 @@ from .messages import row_text, text_row
 from .metrics import mean_predictor_mae
 from .preflight import preflight, rank_file, say, volume_shape
 from .provenance import mpi_library
-from .sentinel import first_on_host, first_task, launcher_rank, launcher_size, mpi_world, role, slurm_step, tell_rank
+from .sentinel import (
+    first_on_host,
+    first_task,
+    launcher_rank,
+    launcher_size,
+    mpi_world,
+    role,
+    slurm_step,
+    tell_rank,
+    tell_said,
+)
 
 HOST_BYTES = 64
 PID_MAX = 2**22  # Linux's PID_MAX_LIMIT: no host's pid_max is above it (os.kill of a larger one overflows pid_t)
@@ -119,6 +129,7 @@ def say_config_error(e: ConfigError) -> None:
         say(0, str(e))
     elif isinstance(e, ConfigFileError) and first_on_host():
         say(0, f"task {launcher_rank()} on {socket.gethostname()}: {e}")
+        tell_said()
 
 
 def init_mpi(timeout: float):

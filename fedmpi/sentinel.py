@@ -15,7 +15,9 @@ import contextlib
 import ctypes
 import os
 import signal
+import socket
 import sys
+import time
 
 from .errors import EXIT_SIGNAL_BASE
 from .hostmemory import OomKills, killed_for_memory, memory_limit, oom_kills
@@ -25,6 +27,8 @@ LOCAL_RANK_VARIABLES = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_
 SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 PR_SET_PDEATHSIG = 1
+PMI_PATIENCE = 5.0  # seconds the launcher's PMI server has to answer the sentinel's init
+OTHERS_GRACE = 2.0  # seconds a task other than the first waits before saying it failed before MPI (end_launch)
 HINTS = {
     signal.SIGKILL: " (out of memory, or killed by the scheduler or a user)",
     signal.SIGSEGV: " (a crash in native code)",
@@ -97,30 +101,62 @@ def slurm_step() -> str | None:
     return f"{os.environ.get('SLURM_JOB_ID', '?')}.{step}"
 
 
-_to_sentinel: int | None = None  # in a supervised rank: the pipe to its sentinel, until tell_rank has used it
+_to_sentinel: int | None = None  # in a supervised rank: the pipe to its sentinel, until it has been told once
+SAID = "said"  # told by a task that printed why it ends before MPI starts
 
 
 def tell_rank(rank: int) -> None:
     """Tell the sentinel the rank as MPI numbers it (called once MPI is up). The launcher's variables can be stale:
     a launcher started from a shell inside an srun step replaces only its own (Open MPI's mpirun there leaves the
     step's PMI_RANK=0 to every rank), and the sentinel would name the wrong rank."""
+    _tell(str(rank))
+
+
+def tell_said() -> None:
+    """Tell the sentinel that this task, ending before MPI starts, printed why: the sentinel's own line would
+    repeat it less well."""
+    _tell(SAID)
+
+
+def _tell(word: str) -> None:
     global _to_sentinel
     if _to_sentinel is None:
         return
     with contextlib.suppress(OSError):
-        os.write(_to_sentinel, str(rank).encode())
+        os.write(_to_sentinel, word.encode())
     os.close(_to_sentinel)
     _to_sentinel = None
 
 
-def _told_rank(pipe: int, fallback: str) -> str:
-    """What the rank told its sentinel, or the launcher's word if it died before MPI was up."""
+def _told(pipe: int) -> str:
+    """What the rank told its sentinel: its MPI rank once MPI was up, SAID, or nothing."""
     os.set_blocking(pipe, False)
     try:
-        told = os.read(pipe, 16).decode()
+        return os.read(pipe, 16).decode()
     except (BlockingIOError, UnicodeDecodeError):  # a fork of the rank may hold the pipe open, unwritten
-        told = ""
-    return told if told.isdigit() else fallback
+        return ""
+
+
+def end_launch(code: int) -> bool:
+    """Ask MPICH's launcher (hydra) to end the job for a task that ended before MPI started: its other tasks, in
+    MPI_Init, wait for every task and are never told that one will not come (pmodels/mpich#6124, "wontfix") until
+    run.startup_timeout's alarm. The sentinel speaks hydra's PMI-1 wire protocol on the task's PMI_FD, a line of
+    text each: init, then abort with the task's exit code, which mpirun then exits with. Nowhere else: srun's pmi2
+    speaks another protocol (and the SLURM script's --kill-on-bad-exit ends the step), and Open MPI's launcher ends
+    a job whose task failed. False where nothing was asked."""
+    fd = os.environ.get("PMI_FD", "")
+    if not fd.isdigit() or slurm_step() is not None or "SLURM_STEP_ID" in os.environ:
+        return False
+    try:
+        with socket.socket(fileno=os.dup(int(fd))) as pmi:
+            pmi.settimeout(PMI_PATIENCE)
+            pmi.sendall(b"cmd=init pmi_version=1 pmi_subversion=1\n")
+            if not pmi.recv(256).startswith(b"cmd=response_to_init rc=0"):
+                return False
+            pmi.sendall(f"cmd=abort exitcode={code}\n".encode())
+    except OSError:  # not a socket, closed, no answer
+        return False
+    return True
 
 
 def _hint(sig: signal.Signals, before: OomKills | None = None) -> str:
@@ -189,13 +225,29 @@ def supervise() -> None:
         signal.signal(sig, forward)
     before = oom_kills()
     _, status = os.waitpid(child, 0)
+    said = _told(told)
+    mpi_rank = said if said.isdigit() else ""  # empty: the rank ended before MPI was up
+    code = os.waitstatus_to_exitcode(status)
     if os.WIFSIGNALED(status):
         sig = signal.Signals(os.WTERMSIG(status))
-        rank = _told_rank(told, rank)
         print(
-            f"fedmpi: rank {rank} ({role(int(rank))}, pid {child}) was killed by {sig.name}{_hint(sig, before)}",
+            f"fedmpi: rank {mpi_rank or rank} ({role(int(mpi_rank or rank))}, pid {child}) was killed by "
+            f"{sig.name}{_hint(sig, before)}",
             file=sys.stderr,
             flush=True,
         )
-        os._exit(EXIT_SIGNAL_BASE + sig)
-    os._exit(os.waitstatus_to_exitcode(status))
+        code = EXIT_SIGNAL_BASE + sig
+    elif code and not mpi_rank and not first_task() and said != SAID:
+        # The first task prints an error of its own and ends the job at once: given that time, this task's line is
+        # printed only where it alone failed (its own configuration, its node), which nothing else would say.
+        time.sleep(OTHERS_GRACE)
+        print(
+            f"fedmpi: task {rank} (pid {child}) ended with exit code {code} before MPI started; only the launcher's "
+            "first task prints a configuration error, so this task's own configuration or --set options, or its "
+            "node's installation, differ from the first's",
+            file=sys.stderr,
+            flush=True,
+        )
+    if code and not mpi_rank:
+        end_launch(code)
+    os._exit(code)

@@ -327,6 +327,22 @@ def test_a_learner_set_up_otherwise_stops_every_rank_before_anything_is_read(spl
     assert not (tmp_path / "mixed").exists()
 
 
+def test_a_task_that_refuses_its_own_configuration_before_mpi_ends_the_job_saying_so(split, tmp_path):
+    """Task 2 reads federation.learners=3 for a job of 3 tasks: it refuses before MPI starts, where only the first
+    task prints a configuration error, and MPICH's tasks in MPI_Init were never told (pmodels/mpich#6124): the job
+    waited, silent, for the start-up alarm (120 s). Here the alarm is 600 s: only the sentinel's word to the
+    launcher ends the job within the test's timeout."""
+    sets = [*ROUNDS, "run.name=refused", "run.startup_timeout=600"]
+    same, other = train_command(split, tmp_path, sets), train_command(split, tmp_path, [*sets, "federation.learners=3"])
+    command = [MPIRUN, *MPIRUN_FLAGS, "-n", "2", *same, ":", "-n", "1", *other]
+    proc = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "fedmpi: task 2 (pid " in proc.stderr and "ended with exit code 2 before MPI started" in proc.stderr
+    assert "SIGALRM" not in proc.stderr and not (tmp_path / "refused").exists()
+
+
 def _stopped(pid: int):
     os.kill(pid, signal.SIGSTOP)
     return time.monotonic()

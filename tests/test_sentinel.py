@@ -3,6 +3,7 @@
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -287,10 +288,73 @@ def test_a_start_up_alarm_inside_a_slurm_step_names_the_inherited_set_up():
 
 @linux
 def test_normal_exit_code_passes_through_silently():
-    out = run_supervised("import sys; print('done'); sys.exit(5)", 2)
+    """A rank that ends once MPI is up (it told its sentinel its rank) ends as it says; MPI's launcher ends the job."""
+    out = run_supervised(
+        "import sys; from fedmpi.sentinel import tell_rank; tell_rank(2); print('done'); sys.exit(5)", 2
+    )
     assert out.returncode == 5
     assert out.stdout == "done\n"
     assert out.stderr == ""
+
+
+@linux
+@pytest.mark.parametrize("rank", [0, 2])
+def test_a_task_that_fails_before_mpi_asks_hydra_to_end_the_job(rank):
+    """MPICH's hydra never tells tasks waiting in MPI_Init that another ended before it (pmodels/mpich#6124): the
+    sentinel asks it to end the job over the task's PMI_FD, in PMI-1's text lines, here answered by a stand-in
+    server. A task other than the first says why first: only the first prints a configuration error."""
+    ours, theirs = socket.socketpair()
+    code = "import sys; sys.exit(5)"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from fedmpi.sentinel import supervise; supervise()\n" + code],
+        env=_pmi_env(rank, theirs),
+        pass_fds=(theirs.fileno(),),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    theirs.close()
+    ours.settimeout(30)
+    assert ours.recv(256) == b"cmd=init pmi_version=1 pmi_subversion=1\n"
+    ours.sendall(b"cmd=response_to_init rc=0 pmi_version=1 pmi_subversion=1\n")
+    assert ours.recv(256) == b"cmd=abort exitcode=5\n"
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 5
+    if rank == 0:
+        assert err == ""
+    else:
+        assert err.startswith(f"fedmpi: task {rank} (pid ") and "ended with exit code 5 before MPI started" in err
+
+
+def _pmi_env(rank, fd: socket.socket) -> dict:
+    """A task's environment as hydra gives it, its PMI connection on `fd`, outside any SLURM step."""
+    env = {**rank_env(rank), "PMI_FD": str(fd.fileno())}
+    return {k: v for k, v in env.items() if k not in ("SLURM_STEP_ID", "SLURM_JOB_ID")}
+
+
+@linux
+def test_a_task_that_said_why_it_ends_is_not_said_again():
+    """A task that cannot read the configuration file says so itself (once per host) and tells its sentinel."""
+    code = "import sys; from fedmpi.sentinel import tell_said; print('task 2 on vm: config file not found', "
+    code += "file=sys.stderr); tell_said(); sys.exit(2)"
+    out = run_supervised(code, 2, SLURM_STEP_ID="3")  # inside an srun step: no PMI-1 to speak
+    assert out.returncode == 2 and out.stderr == "task 2 on vm: config file not found\n"
+
+
+@linux
+def test_no_end_is_asked_of_a_launcher_that_does_not_answer_as_pmi_1():
+    """srun's pmi2 speaks another protocol: nothing but the init line goes out, and the exit code passes through."""
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from fedmpi.sentinel import supervise; supervise()\nimport sys; sys.exit(7)"],
+        env=_pmi_env(0, theirs),
+        pass_fds=(theirs.fileno(),),
+    )
+    theirs.close()
+    ours.settimeout(30)
+    assert ours.recv(256).startswith(b"cmd=init")
+    ours.sendall(b"000028cmd=response_to_init;rc=1;")
+    assert proc.wait(timeout=30) == 7
+    assert ours.recv(256) == b""  # closed, with no abort sent
 
 
 @linux
