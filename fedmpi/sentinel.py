@@ -28,7 +28,10 @@ SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 PR_SET_PDEATHSIG = 1
 PMI_PATIENCE = 5.0  # seconds the launcher's PMI server has to answer the sentinel's init
-OTHERS_GRACE = 2.0  # seconds a task other than the first waits before saying it failed before MPI (end_launch)
+# A task other than the first that failed before MPI waits this many seconds, plus twice as long as its own start took,
+# before it says so and ends the job (end_launch): the first task reaches the same verdict after the same work, but may
+# start later or import slower on its node, and its own end (with the real error) must come first.
+OTHERS_GRACE = 2.0
 HINTS = {
     signal.SIGKILL: " (out of memory, or killed by the scheduler or a user)",
     signal.SIGSEGV: " (a crash in native code)",
@@ -207,6 +210,7 @@ def supervise() -> None:
         return
     parent = os.getpid()
     told, tell = os.pipe()
+    started = time.monotonic()
     child = os.fork()
     if child == 0:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -225,6 +229,7 @@ def supervise() -> None:
         signal.signal(sig, forward)
     before = oom_kills()
     _, status = os.waitpid(child, 0)
+    took = time.monotonic() - started
     said = _told(told)
     mpi_rank = said if said.isdigit() else ""  # empty: the rank ended before MPI was up
     code = os.waitstatus_to_exitcode(status)
@@ -240,7 +245,7 @@ def supervise() -> None:
     elif code and not mpi_rank and not first_task() and said != SAID:
         # The first task prints an error of its own and ends the job at once: given that time, this task's line is
         # printed only where it alone failed (its own configuration, its node), which nothing else would say.
-        time.sleep(OTHERS_GRACE)
+        time.sleep(OTHERS_GRACE + 2 * took)
         print(
             f"fedmpi: task {rank} (pid {child}) ended with exit code {code} before MPI started; only the launcher's "
             "first task prints a configuration error, so this task's own configuration or --set options, or its "

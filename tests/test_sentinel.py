@@ -332,6 +332,31 @@ def _pmi_env(rank, fd: socket.socket) -> dict:
 
 
 @linux
+def test_a_task_other_than_the_first_waits_longer_the_longer_its_own_start_took():
+    """The first task does the same work before the same verdict, and may start later or import slower on its node:
+    with a fixed 2 s, a first task 3 s behind was ended by this task's abort before it printed the real error, and
+    this task's line wrongly blamed its own configuration (seen with `sleep 8` before the first task's command)."""
+    ours, theirs = socket.socketpair()
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from fedmpi.sentinel import supervise; supervise()\nimport sys, time\ntime.sleep(1.5); sys.exit(2)",
+        ],
+        env=_pmi_env(2, theirs),
+        pass_fds=(theirs.fileno(),),
+        stderr=subprocess.DEVNULL,
+    )
+    theirs.close()
+    ours.settimeout(30)
+    assert ours.recv(256).startswith(b"cmd=init")
+    assert time.monotonic() - start >= 1.5 + sentinel.OTHERS_GRACE + 2 * 1.5
+    ours.close()
+    assert proc.wait(timeout=30) == 2
+
+
+@linux
 def test_a_task_that_said_why_it_ends_is_not_said_again():
     """A task that cannot read the configuration file says so itself (once per host) and tells its sentinel."""
     code = "import sys; from fedmpi.sentinel import tell_said; print('task 2 on vm: config file not found', "
