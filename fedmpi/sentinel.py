@@ -230,6 +230,9 @@ def supervise() -> None:
     before = oom_kills()
     _, status = os.waitpid(child, 0)
     took = time.monotonic() - started
+    # The rank is gone: a stop request now ends the grace below (it was forwarded to the reaped pid, and the grace ran
+    # on while the tasks in MPI_Init, which cannot act on it, waited with the launcher).
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
     said = _told(told)
     mpi_rank = said if said.isdigit() else ""  # empty: the rank ended before MPI was up
     code = os.waitstatus_to_exitcode(status)
@@ -245,7 +248,7 @@ def supervise() -> None:
     elif code and not mpi_rank and not first_task() and said != SAID:
         # The first task prints an error of its own and ends the job at once: given that time, this task's line is
         # printed only where it alone failed (its own configuration, its node), which nothing else would say.
-        time.sleep(OTHERS_GRACE + 2 * took)
+        signal.sigtimedwait(FORWARDED, OTHERS_GRACE + 2 * took)
         print(
             f"fedmpi: task {rank} (pid {child}) ended with exit code {code} before MPI started; only the launcher's "
             "first task prints a configuration error, so this task's own configuration or --set options, or its "

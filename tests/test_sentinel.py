@@ -357,6 +357,35 @@ def test_a_task_other_than_the_first_waits_longer_the_longer_its_own_start_took(
 
 
 @linux
+def test_a_stop_request_during_the_grace_ends_the_job_at_once():
+    """mpirun's Ctrl-C reaches the sentinel while it waits its grace: it was forwarded to the reaped rank and the grace
+    ran on (the job ended 15 s after a Ctrl-C, as the tasks in MPI_Init cannot act on it). It ends the grace."""
+    ours, theirs = socket.socketpair()
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from fedmpi.sentinel import supervise; supervise()\nimport sys, time\ntime.sleep(1); sys.exit(2)",
+        ],
+        env=_pmi_env(2, theirs),
+        pass_fds=(theirs.fileno(),),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    theirs.close()
+    time.sleep(2.5)  # the rank has ended; the grace is 2 s + twice its second
+    proc.send_signal(signal.SIGINT)
+    ours.settimeout(30)
+    assert ours.recv(256).startswith(b"cmd=init")
+    assert time.monotonic() - start < 4.5
+    ours.sendall(b"cmd=response_to_init rc=0 pmi_version=1 pmi_subversion=1\n")
+    assert ours.recv(256) == b"cmd=abort exitcode=2\n"
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2 and "ended with exit code 2 before MPI started" in err
+
+
+@linux
 def test_a_task_that_said_why_it_ends_is_not_said_again():
     """A task that cannot read the configuration file says so itself (once per host) and tells its sentinel."""
     code = "import sys; from fedmpi.sentinel import tell_said; print('task 2 on vm: config file not found', "
