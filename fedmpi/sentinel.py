@@ -154,12 +154,26 @@ def end_launch(code: int) -> bool:
         with socket.socket(fileno=os.dup(int(fd))) as pmi:
             pmi.settimeout(PMI_PATIENCE)
             pmi.sendall(b"cmd=init pmi_version=1 pmi_subversion=1\n")
-            if not pmi.recv(256).startswith(b"cmd=response_to_init rc=0"):
+            if not _init_accepted(pmi, time.monotonic() + PMI_PATIENCE):
                 return False
             pmi.sendall(f"cmd=abort exitcode={code}\n".encode())
     except OSError:  # not a socket, closed, no answer
         return False
     return True
+
+
+def _init_accepted(pmi: socket.socket, deadline: float) -> bool:
+    """Whether the reply to init is PMI-1's, with rc=0, read by its fields: MPICH's hydra before 4.1 (and gforker)
+    put rc last. Bytes that cannot start a PMI-1 line (pmi2's length prefix) end the wait at once."""
+    reply = b""
+    while b"\n" not in reply:
+        pmi.settimeout(max(deadline - time.monotonic(), 0.001))
+        chunk = pmi.recv(4096)
+        reply += chunk
+        if not chunk or not b"cmd=".startswith(reply[:4]) or len(reply) > 65536:
+            return False
+    fields = dict(field.split(b"=", 1) for field in reply.split(b"\n", 1)[0].split() if b"=" in field)
+    return fields.get(b"cmd") == b"response_to_init" and fields.get(b"rc") == b"0"
 
 
 def _hint(sig: signal.Signals, before: OomKills | None = None) -> str:

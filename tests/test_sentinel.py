@@ -325,6 +325,30 @@ def test_a_task_that_fails_before_mpi_asks_hydra_to_end_the_job(rank):
         assert err.startswith(f"fedmpi: task {rank} (pid ") and "ended with exit code 5 before MPI started" in err
 
 
+@linux
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"cmd=response_to_init pmi_version=1 pmi_subversion=1 rc=0\n",  # hydra before MPICH 4.1, gforker: rc last
+        b"cmd=response_to_init rc=0 pmi_version=1 pmi_subversion=2\n",  # hydra 5.0.2, as seen with mpirun -v
+    ],
+)
+def test_the_init_reply_is_read_by_its_fields(reply):
+    """MPICH's PMI servers put rc=0 at either end of the reply: an older hydra's job was never asked to end."""
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from fedmpi.sentinel import supervise; supervise()\nimport sys; sys.exit(4)"],
+        env=_pmi_env(0, theirs),
+        pass_fds=(theirs.fileno(),),
+    )
+    theirs.close()
+    ours.settimeout(30)
+    assert ours.recv(256).startswith(b"cmd=init")
+    ours.sendall(reply)
+    assert ours.recv(256) == b"cmd=abort exitcode=4\n"
+    assert proc.wait(timeout=30) == 4
+
+
 def _pmi_env(rank, fd: socket.socket) -> dict:
     """A task's environment as hydra gives it, its PMI connection on `fd`, outside any SLURM step."""
     env = {**rank_env(rank), "PMI_FD": str(fd.fileno())}
