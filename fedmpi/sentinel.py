@@ -164,16 +164,22 @@ def end_launch(code: int) -> bool:
 
 def _init_accepted(pmi: socket.socket, deadline: float) -> bool:
     """Whether the reply to init is PMI-1's, with rc=0, read by its fields: MPICH's hydra before 4.1 (and gforker)
-    put rc last. Bytes that cannot start a PMI-1 line (pmi2's length prefix) end the wait at once."""
-    reply = b""
-    while b"\n" not in reply:
+    put rc last. A reply the rank was still waiting for when it died comes first, and is passed over. Bytes that
+    cannot start a PMI-1 line (pmi2's length prefix) end the wait at once."""
+    pending = b""
+    for _ in range(64):
         pmi.settimeout(max(deadline - time.monotonic(), 0.001))
         chunk = pmi.recv(4096)
-        reply += chunk
-        if not chunk or not b"cmd=".startswith(reply[:4]) or len(reply) > 65536:
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            if not line.startswith(b"cmd="):
+                return False
+            fields = dict(field.split(b"=", 1) for field in line.split() if b"=" in field)
+            if fields[b"cmd"] == b"response_to_init":
+                return fields.get(b"rc") == b"0"
+        if not chunk or not b"cmd=".startswith(pending[:4]):
             return False
-    fields = dict(field.split(b"=", 1) for field in reply.split(b"\n", 1)[0].split() if b"=" in field)
-    return fields.get(b"cmd") == b"response_to_init" and fields.get(b"rc") == b"0"
+    return False
 
 
 def _hint(sig: signal.Signals, before: OomKills | None = None) -> str:

@@ -349,6 +349,26 @@ def test_the_init_reply_is_read_by_its_fields(reply):
     assert proc.wait(timeout=30) == 4
 
 
+@linux
+def test_a_reply_the_dead_rank_was_waiting_for_is_passed_over():
+    """A rank killed inside MPI_Init between a PMI get and its result (hydra's -v trace shows such gets answered by
+    mpiexec there) leaves the result unread: it came before the reply to the sentinel's init, and no end was asked
+    (hydra then ended the job when the sentinel closed the connection, with exit code 9, not the task's)."""
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from fedmpi.sentinel import supervise; supervise()\nimport sys; sys.exit(137)"],
+        env=_pmi_env(0, theirs),
+        pass_fds=(theirs.fileno(),),
+    )
+    theirs.close()
+    ours.sendall(b"cmd=get_result rc=1\n")  # unread by the rank
+    ours.settimeout(30)
+    assert ours.recv(256).startswith(b"cmd=init")
+    ours.sendall(b"cmd=response_to_init rc=0 pmi_version=1 pmi_subversion=2\n")
+    assert ours.recv(256) == b"cmd=abort exitcode=137\n"
+    assert proc.wait(timeout=30) == 137
+
+
 def _pmi_env(rank, fd: socket.socket) -> dict:
     """A task's environment as hydra gives it, its PMI connection on `fd`, outside any SLURM step."""
     env = {**rank_env(rank), "PMI_FD": str(fd.fileno())}
