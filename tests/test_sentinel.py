@@ -170,6 +170,27 @@ def rank_env(rank):
     return env
 
 
+def _pmi_env(rank, fd: socket.socket) -> dict:
+    """A task's environment as hydra gives it, its PMI connection on `fd`, outside any SLURM step."""
+    env = {**rank_env(rank), "PMI_FD": str(fd.fileno())}
+    return {k: v for k, v in env.items() if k not in ("SLURM_STEP_ID", "SLURM_JOB_ID")}
+
+
+def _supervised_with_pmi(rank: int, code: str, stderr=subprocess.DEVNULL):
+    """`code` as task `rank` under its sentinel, its PMI connection a socketpair whose other end is returned."""
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from fedmpi.sentinel import supervise; supervise()\n" + code],
+        env=_pmi_env(rank, theirs),
+        pass_fds=(theirs.fileno(),),
+        stderr=stderr,
+        text=True,
+    )
+    theirs.close()
+    ours.settimeout(60)
+    return proc, ours
+
+
 @linux
 def test_killed_rank_is_named():
     out = run_supervised("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", 3)
@@ -303,17 +324,7 @@ def test_a_task_that_fails_before_mpi_asks_hydra_to_end_the_job(rank):
     """MPICH's hydra never tells tasks waiting in MPI_Init that another ended before it (pmodels/mpich#6124): the
     sentinel asks it to end the job over the task's PMI_FD, in PMI-1's text lines, here answered by a stand-in
     server. A task other than the first says why first: only the first prints a configuration error."""
-    ours, theirs = socket.socketpair()
-    code = "import sys; sys.exit(5)"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from fedmpi.sentinel import supervise; supervise()\n" + code],
-        env=_pmi_env(rank, theirs),
-        pass_fds=(theirs.fileno(),),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    theirs.close()
-    ours.settimeout(30)
+    proc, ours = _supervised_with_pmi(rank, "import sys; sys.exit(5)", stderr=subprocess.PIPE)
     assert ours.recv(256) == b"cmd=init pmi_version=1 pmi_subversion=1\n"
     ours.sendall(b"cmd=response_to_init rc=0 pmi_version=1 pmi_subversion=1\n")
     assert ours.recv(256) == b"cmd=abort exitcode=5\n"
@@ -335,14 +346,7 @@ def test_a_task_that_fails_before_mpi_asks_hydra_to_end_the_job(rank):
 )
 def test_the_init_reply_is_read_by_its_fields(reply):
     """MPICH's PMI servers put rc=0 at either end of the reply: an older hydra's job was never asked to end."""
-    ours, theirs = socket.socketpair()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from fedmpi.sentinel import supervise; supervise()\nimport sys; sys.exit(4)"],
-        env=_pmi_env(0, theirs),
-        pass_fds=(theirs.fileno(),),
-    )
-    theirs.close()
-    ours.settimeout(30)
+    proc, ours = _supervised_with_pmi(0, "import sys; sys.exit(4)")
     assert ours.recv(256).startswith(b"cmd=init")
     ours.sendall(reply)
     assert ours.recv(256) == b"cmd=abort exitcode=4\n"
@@ -354,25 +358,12 @@ def test_a_reply_the_dead_rank_was_waiting_for_is_passed_over():
     """A rank killed inside MPI_Init between a PMI get and its result (hydra's -v trace shows such gets answered by
     mpiexec there) leaves the result unread: it came before the reply to the sentinel's init, and no end was asked
     (hydra then ended the job when the sentinel closed the connection, with exit code 9, not the task's)."""
-    ours, theirs = socket.socketpair()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from fedmpi.sentinel import supervise; supervise()\nimport sys; sys.exit(137)"],
-        env=_pmi_env(0, theirs),
-        pass_fds=(theirs.fileno(),),
-    )
-    theirs.close()
+    proc, ours = _supervised_with_pmi(0, "import sys; sys.exit(137)")
     ours.sendall(b"cmd=get_result rc=1\n")  # unread by the rank
-    ours.settimeout(30)
     assert ours.recv(256).startswith(b"cmd=init")
     ours.sendall(b"cmd=response_to_init rc=0 pmi_version=1 pmi_subversion=2\n")
     assert ours.recv(256) == b"cmd=abort exitcode=137\n"
     assert proc.wait(timeout=30) == 137
-
-
-def _pmi_env(rank, fd: socket.socket) -> dict:
-    """A task's environment as hydra gives it, its PMI connection on `fd`, outside any SLURM step."""
-    env = {**rank_env(rank), "PMI_FD": str(fd.fileno())}
-    return {k: v for k, v in env.items() if k not in ("SLURM_STEP_ID", "SLURM_JOB_ID")}
 
 
 @linux
@@ -380,20 +371,8 @@ def test_a_task_other_than_the_first_waits_longer_the_longer_its_own_start_took(
     """The first task does the same work before the same verdict, and may start later or import slower on its node:
     with a fixed 2 s, a first task 3 s behind was ended by this task's abort before it printed the real error, and
     this task's line wrongly blamed its own configuration (seen with `sleep 8` before the first task's command)."""
-    ours, theirs = socket.socketpair()
     start = time.monotonic()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from fedmpi.sentinel import supervise; supervise()\nimport sys, time\ntime.sleep(1.5); sys.exit(2)",
-        ],
-        env=_pmi_env(2, theirs),
-        pass_fds=(theirs.fileno(),),
-        stderr=subprocess.DEVNULL,
-    )
-    theirs.close()
-    ours.settimeout(30)
+    proc, ours = _supervised_with_pmi(2, "import sys, time\ntime.sleep(1.5); sys.exit(2)")
     assert ours.recv(256).startswith(b"cmd=init")
     assert time.monotonic() - start >= 1.5 + sentinel.OTHERS_GRACE + 2 * 1.5
     ours.close()
@@ -403,26 +382,14 @@ def test_a_task_other_than_the_first_waits_longer_the_longer_its_own_start_took(
 @linux
 def test_a_stop_request_during_the_grace_ends_the_job_at_once():
     """mpirun's Ctrl-C reaches the sentinel while it waits its grace: it was forwarded to the reaped rank and the grace
-    ran on (the job ended 15 s after a Ctrl-C, as the tasks in MPI_Init cannot act on it). It ends the grace."""
-    ours, theirs = socket.socketpair()
+    ran on (the job ended 15 s after a Ctrl-C, as the tasks in MPI_Init cannot act on it). It ends the grace, which
+    here would last past 3 + 2 + 2 x 3 = 11 s."""
     start = time.monotonic()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from fedmpi.sentinel import supervise; supervise()\nimport sys, time\ntime.sleep(1); sys.exit(2)",
-        ],
-        env=_pmi_env(2, theirs),
-        pass_fds=(theirs.fileno(),),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    theirs.close()
-    time.sleep(2.5)  # the rank has ended; the grace is 2 s + twice its second
+    proc, ours = _supervised_with_pmi(2, "import sys, time\ntime.sleep(3); sys.exit(2)", stderr=subprocess.PIPE)
+    time.sleep(4)  # the rank has ended; its sentinel waits its grace
     proc.send_signal(signal.SIGINT)
-    ours.settimeout(30)
     assert ours.recv(256).startswith(b"cmd=init")
-    assert time.monotonic() - start < 4.5
+    assert time.monotonic() - start < 9
     ours.sendall(b"cmd=response_to_init rc=0 pmi_version=1 pmi_subversion=1\n")
     assert ours.recv(256) == b"cmd=abort exitcode=2\n"
     _, err = proc.communicate(timeout=30)
@@ -441,14 +408,7 @@ def test_a_task_that_said_why_it_ends_is_not_said_again():
 @linux
 def test_no_end_is_asked_of_a_launcher_that_does_not_answer_as_pmi_1():
     """srun's pmi2 speaks another protocol: nothing but the init line goes out, and the exit code passes through."""
-    ours, theirs = socket.socketpair()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from fedmpi.sentinel import supervise; supervise()\nimport sys; sys.exit(7)"],
-        env=_pmi_env(0, theirs),
-        pass_fds=(theirs.fileno(),),
-    )
-    theirs.close()
-    ours.settimeout(30)
+    proc, ours = _supervised_with_pmi(0, "import sys; sys.exit(7)")
     assert ours.recv(256).startswith(b"cmd=init")
     ours.sendall(b"000028cmd=response_to_init;rc=1;")
     assert proc.wait(timeout=30) == 7
