@@ -65,8 +65,8 @@ def oom_kills(proc: Path = PROC, cgroup_root: Path = CGROUP_ROOT) -> OomKills:
 
 def killed_for_memory(before: OomKills, after: OomKills) -> bool | None:
     """Whether the out-of-memory killer killed a process here between the two readings: in this process's cgroup
-    where the kernel counts that (a rank's ranks share it), else on the host (another process's kill counts too);
-    None where neither count was read twice."""
+    where the kernel counts that (the sentinel shares it with its rank), else on the host (another process's kill
+    counts too); None where neither count was read twice."""
     for was, now in ((before.cgroup, after.cgroup), (before.host, after.host)):
         if was is not None and now is not None:
             return now > was

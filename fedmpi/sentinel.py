@@ -148,7 +148,7 @@ def end_launch(code: int) -> bool:
     speaks another protocol (and the SLURM script's --kill-on-bad-exit ends the step), and Open MPI's launcher ends
     a job whose task failed. False where nothing was asked."""
     fd = os.environ.get("PMI_FD", "")
-    if not fd.isdigit() or slurm_step() is not None or "SLURM_STEP_ID" in os.environ:
+    if not fd.isdigit() or "SLURM_STEP_ID" in os.environ:  # any step, the batch script's and salloc's included
         return False
     try:
         with socket.socket(fileno=os.dup(int(fd))) as pmi:
