@@ -95,11 +95,19 @@ def mpi_world() -> int | None:
 SPECIAL_STEPS = 0xFFFFFFFA  # SLURM's interactive (salloc's shell), pending, batch and extern step ids, and above
 
 
+def hydra_task() -> bool:
+    """Whether MPICH's launcher (hydra, or Intel MPI's) started this task: its proxy sets MPI_LOCALNRANKS, srun does
+    not. Inside a SLURM allocation hydra starts its proxies with srun, so its tasks inherit that step's variables
+    (seen with MPICH 5.0's mpirun in sbatch), but their MPI is set up by hydra."""
+    return "MPI_LOCALNRANKS" in os.environ
+
+
 def slurm_step() -> str | None:
-    """The SLURM job step this process runs in ("job.step"), or None: a batch script or salloc's shell is in no step
-    that holds CPUs of its own."""
+    """The SLURM job step whose MPI set-up this process uses ("job.step"), or None: a batch script or salloc's shell
+    is in no step that holds CPUs of its own, and a task that hydra started runs in its proxies' step but uses
+    hydra's."""
     step = os.environ.get("SLURM_STEP_ID", "")
-    if not step.isdigit() or int(step) >= SPECIAL_STEPS:
+    if not step.isdigit() or int(step) >= SPECIAL_STEPS or hydra_task():
         return None
     return f"{os.environ.get('SLURM_JOB_ID', '?')}.{step}"
 
@@ -144,11 +152,11 @@ def end_launch(code: int) -> bool:
     """Ask MPICH's launcher (hydra) to end the job for a task that ended before MPI started: its other tasks, in
     MPI_Init, wait for every task and are never told that one will not come (pmodels/mpich#6124, "wontfix") until
     run.startup_timeout's alarm. The sentinel speaks hydra's PMI-1 wire protocol on the task's PMI_FD, a line of
-    text each: init, then abort with the task's exit code, which mpirun then exits with. Nowhere else: srun's pmi2
-    speaks another protocol (and the SLURM script's --kill-on-bad-exit ends the step), and Open MPI's launcher ends
-    a job whose task failed. False where nothing was asked."""
+    text each: init, then abort with the task's exit code, which mpirun then exits with; also where hydra runs inside
+    a SLURM allocation. Nowhere else: srun's pmi2 speaks another protocol (and the SLURM script's --kill-on-bad-exit
+    ends the step), and Open MPI's launcher ends a job whose task failed. False where nothing was asked."""
     fd = os.environ.get("PMI_FD", "")
-    if not fd.isdigit() or "SLURM_STEP_ID" in os.environ:  # any step, the batch script's and salloc's included
+    if not fd.isdigit() or ("SLURM_STEP_ID" in os.environ and not hydra_task()):  # any srun step, the batch's too
         return False
     try:
         with socket.socket(fileno=os.dup(int(fd))) as pmi:

@@ -24,12 +24,13 @@ from fedmpi.sentinel import (
     supervise,
 )
 
+HYDRA = "MPI_LOCALNRANKS"  # set by hydra's proxy for its tasks, and by no other launcher
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the supervisor forks on Linux only")
 
 
 @pytest.fixture
 def no_rank(monkeypatch):
-    for name in RANK_VARIABLES + SIZE_VARIABLES + ("SLURM_NTASKS", "PMIX_NAMESPACE", "SLURM_STEP_ID"):
+    for name in RANK_VARIABLES + SIZE_VARIABLES + ("SLURM_NTASKS", "PMIX_NAMESPACE", "SLURM_STEP_ID", HYDRA):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -106,6 +107,15 @@ def test_the_slurm_step_is_named_only_inside_one_that_holds_cpus(monkeypatch, no
     assert slurm_step() is None
 
 
+def test_a_task_that_hydra_started_inside_slurm_is_in_no_step_of_its_own(monkeypatch, no_rank):
+    """mpirun in a batch script starts its proxies with srun: its tasks inherit the proxies' step (SLURM_STEP_ID=0,
+    SLURM_PROCID=0 for every task on the node, seen with MPICH 5.0), but MPI is set up by hydra, for all its ranks."""
+    monkeypatch.setenv("SLURM_JOB_ID", "27")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv(HYDRA, "3")
+    assert slurm_step() is None
+
+
 def test_the_first_task_is_the_one_no_launcher_variable_says_otherwise_of(monkeypatch, no_rank):
     assert first_task()  # no launcher: a lone process
     monkeypatch.setenv("PMI_RANK", "0")  # a pmi2 step's, left in its shell
@@ -165,7 +175,7 @@ def run_supervised(code, rank, *args, timeout=30, preexec_fn=None, **env):
 
 
 def rank_env(rank):
-    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
+    env = {k: v for k, v in os.environ.items() if k not in (*RANK_VARIABLES, HYDRA)}
     env["PMI_RANK"] = str(rank)
     return env
 
@@ -176,12 +186,13 @@ def _pmi_env(rank, fd: socket.socket) -> dict:
     return {k: v for k, v in env.items() if k not in ("SLURM_STEP_ID", "SLURM_JOB_ID")}
 
 
-def _supervised_with_pmi(rank: int, code: str, stderr=subprocess.DEVNULL):
-    """`code` as task `rank` under its sentinel, its PMI connection a socketpair whose other end is returned."""
+def _supervised_with_pmi(rank: int, code: str, stderr=subprocess.DEVNULL, **env):
+    """`code` as task `rank` under its sentinel, its PMI connection a socketpair whose other end is returned; `env`
+    adds variables."""
     ours, theirs = socket.socketpair()
     proc = subprocess.Popen(
         [sys.executable, "-c", "from fedmpi.sentinel import supervise; supervise()\n" + code],
-        env=_pmi_env(rank, theirs),
+        env={**_pmi_env(rank, theirs), **env},
         pass_fds=(theirs.fileno(),),
         stderr=stderr,
         text=True,
@@ -303,6 +314,8 @@ def test_a_start_up_alarm_inside_a_slurm_step_names_the_inherited_set_up():
     assert "srun --overlap -n N" in out.stderr
     out = run_supervised(code, 0, SLURM_JOB_ID="50", SLURM_STEP_ID=None)  # a batch script: no word of steps
     assert "MPI start-up did not complete" in out.stderr and "srun --overlap" not in out.stderr
+    out = run_supervised(code, 0, SLURM_JOB_ID="50", SLURM_STEP_ID="0", **{HYDRA: "3"})  # mpirun in a batch script
+    assert "MPI start-up did not complete" in out.stderr and "srun --overlap" not in out.stderr
     # a task that refused a configuration of its own exits before MPI starts, and only the first task prints
     assert "refused its own configuration there, which only the launcher's first task prints" in out.stderr
 
@@ -403,6 +416,26 @@ def test_a_task_that_said_why_it_ends_is_not_said_again():
     code += "file=sys.stderr); tell_said(); sys.exit(2)"
     out = run_supervised(code, 2, SLURM_STEP_ID="3")  # inside an srun step: no PMI-1 to speak
     assert out.returncode == 2 and out.stderr == "task 2 on vm: config file not found\n"
+
+
+@linux
+def test_a_task_of_mpirun_inside_a_slurm_job_asks_hydra_to_end_the_job():
+    """mpirun in a batch script starts hydra's proxies with srun, so its tasks carry that step's variables, but their
+    PMI_FD is hydra's: the job waited in MPI_Init for the start-up alarm (600 s in a real sbatch, a task of an MPMD
+    launch refusing its own configuration; 10 s once asked)."""
+    proc, ours = _supervised_with_pmi(0, "import sys; sys.exit(3)", SLURM_JOB_ID="8", SLURM_STEP_ID="0", **{HYDRA: "3"})
+    assert ours.recv(256).startswith(b"cmd=init")
+    ours.sendall(b"cmd=response_to_init rc=0 pmi_version=1 pmi_subversion=2\n")
+    assert ours.recv(256) == b"cmd=abort exitcode=3\n"
+    assert proc.wait(timeout=30) == 3
+
+
+@linux
+def test_nothing_is_said_to_the_pmi_of_an_srun_step():
+    """srun --mpi=pmi2 sets PMI_FD too, for its own protocol; its --kill-on-bad-exit ends the step."""
+    proc, ours = _supervised_with_pmi(0, "import sys; sys.exit(3)", SLURM_JOB_ID="8", SLURM_STEP_ID="1")
+    assert proc.wait(timeout=30) == 3
+    assert ours.recv(256) == b""  # closed with nothing sent
 
 
 @linux
