@@ -275,15 +275,18 @@ def supervise() -> None:
         code = EXIT_SIGNAL_BASE + sig
     elif code and not mpi_rank and not first_task() and said != SAID:
         # The first task prints an error of its own and ends the job at once: given that time, this task's line is
-        # printed only where it alone failed (its own configuration, its node), which nothing else would say.
-        signal.sigtimedwait(FORWARDED, OTHERS_GRACE + 2 * took)
-        print(
-            f"fedmpi: task {rank} (pid {child}) ended with exit code {code} before MPI started; only the launcher's "
-            "first task prints a configuration error, so this task's own configuration or --set options, or its "
-            "node's installation, differ from the first's",
-            file=sys.stderr,
-            flush=True,
-        )
+        # printed only where it alone failed (its own configuration, its node), which nothing else would say. A
+        # launcher that ends the step meanwhile (SIGTERM: srun's --kill-on-bad-exit, scancel) ends it for an error
+        # already said, which this line would blame on this task; a Ctrl-C (SIGINT) only cuts the wait short.
+        stopped = signal.sigtimedwait(FORWARDED, OTHERS_GRACE + 2 * took)
+        if stopped is None or stopped.si_signo == signal.SIGINT:
+            print(
+                f"fedmpi: task {rank} (pid {child}) ended with exit code {code} before MPI started; only the "
+                "launcher's first task prints a configuration error, so this task's own configuration or --set "
+                "options, or its node's installation, differ from the first's",
+                file=sys.stderr,
+                flush=True,
+            )
     if code and not mpi_rank:
         end_launch(code)
     os._exit(code)

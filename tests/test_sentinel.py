@@ -410,6 +410,23 @@ def test_a_stop_request_during_the_grace_ends_the_job_at_once():
 
 
 @linux
+def test_a_step_ended_by_its_launcher_during_the_grace_blames_no_task():
+    """srun --kill-on-bad-exit ends the step with SIGTERM once the first task has printed its configuration error
+    (a config file name mistyped in a real sbatch): the other tasks, which failed alike, each said that their own
+    configuration differed from the first's."""
+    start = time.monotonic()
+    proc, ours = _supervised_with_pmi(
+        2, "import sys, time\ntime.sleep(3); sys.exit(2)", stderr=subprocess.PIPE, SLURM_JOB_ID="8", SLURM_STEP_ID="0"
+    )
+    time.sleep(4)  # the rank has ended; its sentinel waits its grace
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert (proc.returncode, err) == (2, "")
+    assert time.monotonic() - start < 9
+    assert ours.recv(256) == b""  # and nothing said to srun's pmi2
+
+
+@linux
 def test_a_task_that_said_why_it_ends_is_not_said_again():
     """A task that cannot read the configuration file says so itself (once per host) and tells its sentinel."""
     code = "import sys; from fedmpi.sentinel import tell_said; print('task 2 on vm: config file not found', "
