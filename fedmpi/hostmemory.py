@@ -1,9 +1,10 @@
 """What a rank's host says of its memory: how much is left for it (the kernel's MemAvailable, and the limit of every
 cgroup that encloses the process less what that cgroup uses: a SLURM job's --mem is such a limit, so is a
 container's), and how many processes the kernel's out-of-memory killer has killed. The preflight compares the
-first with what data.cache=memory will decode; the sentinel reads the second before and after a rank dies by
-SIGKILL, to say whether the kernel killed it for memory. Page cache a cgroup could drop (its inactive file pages)
-is not counted as used, as MemAvailable does not count it. Plain file reads, no MPI: the sentinel runs before MPI.
+first with what data.cache=memory will decode; the sentinel (and preprocess, for its workers) reads the second
+before and after a process dies by SIGKILL, to say whether the kernel killed it for memory. Page cache a cgroup
+could drop (its inactive file pages) is not counted as used, as MemAvailable does not count it. Plain file reads,
+no MPI: the sentinel runs before MPI.
 """
 
 from __future__ import annotations
@@ -71,6 +72,24 @@ def killed_for_memory(before: OomKills, after: OomKills) -> bool | None:
         if was is not None and now is not None:
             return now > was
     return None
+
+
+def kill_cause(for_memory: bool) -> str:
+    """Who sent a SIGKILL, once killed_for_memory has said whether it was the kernel, with the limit that was reached
+    (what to do about it is the caller's to say)."""
+    if not for_memory:
+        return "not by the kernel's out-of-memory killer: by the scheduler, a user or another process"
+    limit = memory_limit()
+    if limit is None:
+        room = "the host had"
+    else:
+        from preprocess.outputs import size_text
+
+        room = (
+            f"its memory cgroup's limit of {size_text(limit)} = {limit / 2**20:,.0f} MiB (a SLURM job's --mem, a "
+            "container's) allowed"
+        )
+    return f"by the kernel's out-of-memory killer: the processes here asked for more memory than {room}"
 
 
 def _memory_cgroups(proc: Path, root: Path) -> Iterator[tuple[Path, _Files]]:

@@ -20,7 +20,7 @@ import sys
 import time
 
 from .errors import EXIT_SIGNAL_BASE
-from .hostmemory import OomKills, killed_for_memory, memory_limit, oom_kills
+from .hostmemory import OomKills, kill_cause, killed_for_memory, oom_kills
 
 RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
 LOCAL_RANK_VARIABLES = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID")  # hydra, Open MPI, srun
@@ -206,26 +206,12 @@ def _hint(sig: signal.Signals, before: OomKills | None = None) -> str:
 
 
 def _kill_hint(for_memory: bool | None) -> str:
-    """SIGKILL's hint once the kernel's counts have said whether it killed for memory (None: they could not), with
-    the limit that was reached and what to do about it."""
+    """SIGKILL's hint once the kernel's counts have said whether it killed for memory (None: they could not), and
+    what to do about it."""
     if for_memory is None:
         return HINTS[signal.SIGKILL]
-    if not for_memory:
-        return " (not by the kernel's out-of-memory killer: by the scheduler, a user or another process)"
-    limit = memory_limit()
-    if limit is None:
-        room = "the host had"
-    else:
-        from preprocess.outputs import size_text
-
-        room = (
-            f"its memory cgroup's limit of {size_text(limit)} = {limit / 2**20:,.0f} MiB (a SLURM job's --mem, a "
-            "container's) allowed"
-        )
-    return (
-        f" (by the kernel's out-of-memory killer: the processes here asked for more memory than {room}; set "
-        "data.cache=off, place fewer ranks on a host, or give the job more memory)"
-    )
+    remedy = "; set data.cache=off, place fewer ranks on a host, or give the job more memory" if for_memory else ""
+    return f" ({kill_cause(for_memory)}{remedy})"
 
 
 def supervise() -> None:

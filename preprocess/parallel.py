@@ -8,7 +8,8 @@ and a worker that died first (a Ctrl-C during its start-up) left the parent bloc
 
 A worker that dies (the out-of-memory killer, a crash in native code) breaks the pool; each
 worker notes the job it is running in shared memory, so the error names the subjects that
-were in flight instead of a bare BrokenProcessPool.
+were in flight instead of a bare BrokenProcessPool, and how it died: its signal, and for a
+SIGKILL whether the kernel's out-of-memory killer sent it (its counts before and after).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmpi.errors import UserError
+from fedmpi.hostmemory import OomKills, kill_cause, killed_for_memory, oom_kills
 
 
 class WorkerDied(UserError, RuntimeError):
@@ -76,6 +78,7 @@ def run(
         shared = stack.enter_context(tempfile.TemporaryDirectory(prefix="preprocess-workers-"))
         inputs = Path(shared) / "initargs.pickle"
         inputs.write_bytes(pickle.dumps(initargs, protocol=pickle.HIGHEST_PROTOCOL))
+        before = oom_kills()
         pool = ProcessPoolExecutor(
             n, mp_context=ctx, initializer=_start_worker, initargs=(running, slots, initializer, str(inputs))
         )
@@ -94,11 +97,7 @@ def run(
                 what = "between jobs"
                 if names:
                     what = f"while processing {', '.join(names)}" + (" (in flight together)" if len(names) > 1 else "")
-                raise WorkerDied(
-                    f"a {desc} worker process died {what} (killed by the out-of-memory killer "
-                    "or another signal, or crashed)",
-                    names,
-                ) from None
+                raise WorkerDied(f"a {desc} worker process died {what} ({_how_it_died(pool, before)})", names) from None
         finally:
             if broken:  # the survivors can stay blocked on the dead pool's queue: waiting for them can hang
                 _kill_workers(pool)
@@ -111,11 +110,38 @@ def run(
                     raise
 
 
+def _how_it_died(pool: ProcessPoolExecutor, before: OomKills) -> str:
+    """The dead worker's end, from its exit status and, for a SIGKILL, the kernel's out-of-memory counts since
+    `before`. The broken pool ends the others with SIGTERM (they may be ending as this runs), so an end by any other
+    status is the dead one's."""
+    workers = list((getattr(pool, "_processes", None) or {}).values())
+    # Its pipes close a moment before it can be reaped, and the pool's own thread reaps it too (the status goes to
+    # one caller, which stores it where the other then reads it): polled, not joined.
+    deadline = time.monotonic() + DEATH_PATIENCE
+    while any(worker.exitcode is None for worker in workers) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    ends = [worker.exitcode for worker in workers]
+    end = next((code for code in ends if code and code != -signal.SIGTERM), None)
+    if end is None:
+        return "killed by the out-of-memory killer or another signal, or crashed"
+    if end > 0:
+        return f"it exited with code {end}"
+    sig = signal.Signals(-end)
+    if sig != signal.SIGKILL:
+        return f"killed by {sig.name}" + (": a crash in native code" if sig in (signal.SIGSEGV, signal.SIGBUS) else "")
+    for_memory = killed_for_memory(before, oom_kills())
+    if for_memory is None:
+        return "killed by SIGKILL: out of memory, or by the scheduler or a user"
+    return f"killed by SIGKILL, {kill_cause(for_memory)}"
+
+
 def _kill_workers(pool: ProcessPoolExecutor) -> None:
     for proc in list((getattr(pool, "_processes", None) or {}).values()):
         proc.kill()
 
 
+OOM_SCORE_ADJ_MAX = 1000  # the kernel's highest: killed before any process of the same size with a lower one
+DEATH_PATIENCE = 2.0  # seconds a broken pool's workers get to be reaped before their ends are read
 _RUNNING: Any = None
 _SLOT = -1
 
@@ -148,9 +174,11 @@ def _spawning() -> Iterator[None]:
 
 
 def _start_worker(running, slots, initializer: Callable, inputs: str) -> None:
-    """Take this worker's slot in the table of running jobs, and run `initializer` on the inputs the parent
-    wrote; ignore Ctrl-C (it reaches the whole process group: only the parent reacts, workers just stop)."""
+    """Offer itself first to the out-of-memory killer, take this worker's slot in the table of running jobs, and
+    run `initializer` on the inputs the parent wrote; ignore Ctrl-C (it reaches the whole process group: only the
+    parent reacts, workers just stop)."""
     global _RUNNING, _SLOT
+    _first_to_go()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_end_with_parent, args=(os.getppid(),), name="end-with-parent", daemon=True).start()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the parent while it spawned this worker
@@ -159,6 +187,16 @@ def _start_worker(running, slots, initializer: Callable, inputs: str) -> None:
         slots.value += 1
     _RUNNING = running
     initializer(*pickle.loads(Path(inputs).read_bytes()))  # the parent's own file, in its private directory
+
+
+def _first_to_go(adjust: Path = Path("/proc/self/oom_score_adj")) -> None:
+    """Make this worker the out-of-memory killer's first choice, before its parent: the parent holds the run (it
+    names the subjects in flight and how the worker died, and leaves the finished ones staged for a re-run), and
+    being the larger process (nilearn, the templates) it was the one killed: `preprocess nifti --workers 2` in a
+    memory cgroup of 500 MiB (a SLURM job's --mem) died as "Killed", leaving only a warning of leaked semaphores.
+    Raising one's own score needs no privilege; where the kernel has no such file, nothing changes."""
+    with contextlib.suppress(OSError):
+        adjust.write_text(str(OOM_SCORE_ADJ_MAX))
 
 
 def _end_with_parent(parent: int, every: float = 1.0) -> None:

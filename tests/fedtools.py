@@ -9,11 +9,14 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 
+from fedmpi.hostmemory import CGROUP_ROOT, _memory_cgroups
 from fedmpi.launch import default_mpirun
 
 SHAPE = (16, 20, 16)
@@ -208,3 +211,42 @@ def kill_job(job: subprocess.Popen) -> None:
 def _environ(pid: int) -> list[bytes]:
     with open(f"/proc/{pid}/environ", "rb") as fh:
         return fh.read().split(b"\0")
+
+
+def memory_cgroup(tmp_path, limit: int) -> Path:
+    """A new memory cgroup below this process's own (v1's memory controller, or v2) limited to `limit` bytes, or a
+    skip where none can be made."""
+    own = next(iter(_memory_cgroups(Path("/proc"), CGROUP_ROOT)), None)
+    if own is None:
+        pytest.skip("no memory cgroup")
+    directory, files = own
+    group = directory / f"fedmpi-test-{os.getpid()}-{tmp_path.name}"
+    try:
+        group.mkdir()
+    except OSError as e:
+        pytest.skip(f"cannot make a memory cgroup here: {e}")
+    try:
+        (group / files.limit).write_text(str(limit))
+        if files.version == 1:
+            with contextlib.suppress(OSError):  # without swap accounting the file is absent
+                (group / "memory.memsw.limit_in_bytes").write_text(str(limit))
+        else:
+            (group / "memory.swap.max").write_text("0")
+    except OSError as e:
+        group.rmdir()
+        pytest.skip(f"cannot limit a memory cgroup here: {e}")
+    return group
+
+
+def remove_cgroup(group: Path, patience: float = 10.0) -> None:
+    """rmdir a test's memory cgroup once its last process is gone: killed workers of a parent that has exited are
+    reaped by init a moment later, and the cgroup is busy until then."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            group.rmdir()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)

@@ -3,12 +3,16 @@
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
 from multiprocessing import get_context
+from pathlib import Path
 
 import pytest
 
 from fedmpi.errors import UserError
+from fedmpi.hostmemory import oom_kills
 from preprocess import parallel
 
 
@@ -46,6 +50,11 @@ def _die_on_three(job):
     if number == 3:
         if how == "exit":
             os._exit(1)
+        if how == "allocate":
+            import numpy as np
+
+            blocks = [np.ones(1 << 24) for _ in range(16)]  # 16 x 128 MB, touched
+            return len(blocks)
         os.kill(os.getpid(), getattr(signal, how))
     time.sleep(0.2)
     return number
@@ -65,8 +74,17 @@ def _run_dying(jobs):
     )
 
 
-@pytest.mark.parametrize("how", ["SIGKILL", "SIGSEGV", "exit"])
-def test_a_dead_worker_is_named_not_a_broken_pool(how):
+@pytest.mark.parametrize(
+    ("how", "end"),
+    [
+        ("SIGKILL", "(killed by SIGKILL"),  # whether for memory: the kernel's counts, below
+        ("SIGSEGV", "(killed by SIGSEGV: a crash in native code)"),
+        ("exit", "(it exited with code 1)"),
+    ],
+)
+def test_a_dead_worker_is_named_not_a_broken_pool(how, end):
+    """The subjects in flight, and how the worker died: each used to read "killed by the out-of-memory killer or
+    another signal, or crashed"."""
     jobs = [(n, how) for n in range(1, 7)]
     got = []
     with pytest.raises(parallel.WorkerDied) as exc:
@@ -74,8 +92,58 @@ def test_a_dead_worker_is_named_not_a_broken_pool(how):
             got.append(result)
     assert "subject-3" in exc.value.names and "subject-3" in str(exc.value)
     assert str(exc.value).startswith("a t worker process died while processing ")
+    assert end in str(exc.value)
+    if how == "SIGKILL" and oom_kills() != (None, None):
+        assert "not by the kernel's out-of-memory killer: by the scheduler, a user or another process" in str(exc.value)
     assert isinstance(exc.value, UserError)
     assert set(got) <= {1, 2}  # results stay in job order: nothing after the dead job
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="memory cgroups are Linux's")
+def test_a_worker_the_kernel_kills_for_memory_is_named_so(tmp_path):
+    """preprocess in a memory cgroup of 300 MB (as a SLURM job's --mem makes), one worker allocating 2 GB: the
+    out-of-memory killer's SIGKILL, told from another by the kernel's counts, with the limit. Needs a writable
+    memory cgroup (root)."""
+    # imported here: workers and other tests import this module without tests/ on the path
+    from fedtools import memory_cgroup, remove_cgroup
+
+    group = memory_cgroup(tmp_path, 300 << 20)
+    code = (
+        "from test_parallel import _run_dying\ntry:\n    list(_run_dying([(n, 'allocate') for n in range(1, 5)]))\n"
+        "except Exception as e:\n    print(e)"
+    )
+    tests = str(Path(__file__).parent)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])},
+            preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())),
+        )
+    finally:
+        remove_cgroup(group)
+    assert "a t worker process died while processing " in out.stdout and "subject-3" in out.stdout, out.stderr
+    assert "(killed by SIGKILL, by the kernel's out-of-memory killer: the processes here asked for more memory " in (
+        out.stdout
+    )
+    assert "than its memory cgroup's limit of 315 MB = 300 MiB" in out.stdout
+
+
+def _own_oom_score_adj(_job):
+    return Path("/proc/self/oom_score_adj").read_text().strip()
+
+
+@pytest.mark.skipif(not Path("/proc/self/oom_score_adj").exists(), reason="no oom_score_adj here")
+def test_workers_go_before_their_parent_when_memory_runs_out():
+    """The parent (nilearn, the templates: 460 MB against a worker's 140 MB at 2 mm) was the out-of-memory killer's
+    choice: killed, it could say nothing and leave nothing staged. Its workers now offer themselves first."""
+    own = _own_oom_score_adj(None)
+    got = list(
+        parallel.run(_own_oom_score_adj, [1, 2], workers=2, initializer=_noop, initargs=(), desc="t", progress=False)
+    )
+    assert got == [str(parallel.OOM_SCORE_ADJ_MAX)] * 2 and _own_oom_score_adj(None) == own
 
 
 def test_the_dead_workers_own_job_is_named():

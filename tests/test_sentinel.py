@@ -1,6 +1,5 @@
 """The per-rank supervisor: names the rank that a signal killed, passes exit codes and signals through."""
 
-import contextlib
 import os
 import signal
 import socket
@@ -10,9 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+from fedtools import memory_cgroup, remove_cgroup
 
-from fedmpi import sentinel
-from fedmpi.hostmemory import CGROUP_ROOT, _memory_cgroups, oom_kills
+from fedmpi import hostmemory, sentinel
+from fedmpi.hostmemory import oom_kills
 from fedmpi.sentinel import (
     RANK_VARIABLES,
     SIZE_VARIABLES,
@@ -217,11 +217,11 @@ def test_killed_rank_is_named():
 def test_a_kill_hint_says_what_the_kernels_counts_tell(monkeypatch):
     assert sentinel._kill_hint(None) == sentinel.HINTS[signal.SIGKILL]
     assert sentinel._kill_hint(False).startswith(" (not by the kernel's out-of-memory killer")
-    monkeypatch.setattr(sentinel, "memory_limit", lambda: 4 * 10**9)
+    monkeypatch.setattr(hostmemory, "memory_limit", lambda: 4 * 10**9)
     hint = sentinel._kill_hint(True)
     assert hint.startswith(" (by the kernel's out-of-memory killer: the processes here asked for more memory than its ")
     assert "memory cgroup's limit of 4 GB = 3,815 MiB (a SLURM job's --mem, a container's) allowed; set data." in hint
-    monkeypatch.setattr(sentinel, "memory_limit", lambda: None)
+    monkeypatch.setattr(hostmemory, "memory_limit", lambda: None)
     assert "more memory than the host had; set data.cache=off" in sentinel._kill_hint(True)
 
 
@@ -229,43 +229,18 @@ def test_a_kill_hint_says_what_the_kernels_counts_tell(monkeypatch):
 def test_a_rank_the_kernel_kills_for_memory_is_named_so(tmp_path):
     """A rank in a memory cgroup of 300 MB (as a SLURM job's --mem makes) that allocates 1 GB: the OOM killer's
     SIGKILL, told from a scheduler's or a user's by the kernel's counts. Needs a writable memory cgroup (root)."""
-    group = _memory_cgroup(tmp_path, 300 << 20)
+    group = memory_cgroup(tmp_path, 300 << 20)
     code = "import numpy as np; blocks = [np.ones(1 << 24) for _ in range(16)]"  # 16 x 128 MB, touched
     try:
         out = run_supervised(code, 2, preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
     finally:
-        group.rmdir()
+        remove_cgroup(group)
     assert out.returncode == 128 + 9, out.stderr
     assert "fedmpi: rank 2 (learner 2, pid " in out.stderr
     assert (
         "by the kernel's out-of-memory killer: the processes here asked for more memory than its memory " in out.stderr
     )
     assert "cgroup's limit of 315 MB = 300 MiB" in out.stderr
-
-
-def _memory_cgroup(tmp_path, limit: int) -> Path:
-    """A new memory cgroup below this process's own (v1's memory controller, or v2) limited to `limit` bytes, or a
-    skip where none can be made."""
-    own = next(iter(_memory_cgroups(Path("/proc"), CGROUP_ROOT)), None)
-    if own is None:
-        pytest.skip("no memory cgroup")
-    directory, files = own
-    group = directory / f"fedmpi-test-{os.getpid()}-{tmp_path.name}"
-    try:
-        group.mkdir()
-    except OSError as e:
-        pytest.skip(f"cannot make a memory cgroup here: {e}")
-    try:
-        (group / files.limit).write_text(str(limit))
-        if files.version == 1:
-            with contextlib.suppress(OSError):  # without swap accounting the file is absent
-                (group / "memory.memsw.limit_in_bytes").write_text(str(limit))
-        else:
-            (group / "memory.swap.max").write_text("0")
-    except OSError as e:
-        group.rmdir()
-        pytest.skip(f"cannot limit a memory cgroup here: {e}")
-    return group
 
 
 @linux
