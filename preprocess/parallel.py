@@ -189,14 +189,14 @@ def _start_worker(running, slots, initializer: Callable, inputs: str) -> None:
     initializer(*pickle.loads(Path(inputs).read_bytes()))  # the parent's own file, in its private directory
 
 
-def _first_to_go(adjust: Path = Path("/proc/self/oom_score_adj")) -> None:
+def _first_to_go() -> None:
     """Make this worker the out-of-memory killer's first choice, before its parent: the parent holds the run (it
     names the subjects in flight and how the worker died, and leaves the finished ones staged for a re-run), and
     being the larger process (nilearn, the templates) it was the one killed: `preprocess nifti --workers 2` in a
     memory cgroup of 500 MiB (a SLURM job's --mem) died as "Killed", leaving only a warning of leaked semaphores.
     Raising one's own score needs no privilege; where the kernel has no such file, nothing changes."""
     with contextlib.suppress(OSError):
-        adjust.write_text(str(OOM_SCORE_ADJ_MAX))
+        Path("/proc/self/oom_score_adj").write_text(str(OOM_SCORE_ADJ_MAX))
 
 
 def _end_with_parent(parent: int, every: float = 1.0) -> None:
