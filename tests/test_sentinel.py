@@ -202,6 +202,17 @@ def _supervised_with_pmi(rank: int, code: str, stderr=subprocess.DEVNULL, **env)
     return proc, ours
 
 
+def _ends_as_asked(
+    proc, ours: socket.socket, code: int, reply=b"cmd=response_to_init rc=0 pmi_version=1 pmi_subversion=2\n"
+):
+    """The stand-in PMI server answers the sentinel's init with `reply` (hydra 5.0.2's by default) and is asked to
+    end the job with the task's exit code, which the task then ends with."""
+    assert ours.recv(256).startswith(b"cmd=init")
+    ours.sendall(reply)
+    assert ours.recv(256) == f"cmd=abort exitcode={code}\n".encode()
+    assert proc.wait(timeout=30) == code
+
+
 @linux
 def test_killed_rank_is_named():
     out = run_supervised("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", 3)
@@ -335,10 +346,7 @@ def test_a_task_that_fails_before_mpi_asks_hydra_to_end_the_job(rank):
 def test_the_init_reply_is_read_by_its_fields(reply):
     """MPICH's PMI servers put rc=0 at either end of the reply: an older hydra's job was never asked to end."""
     proc, ours = _supervised_with_pmi(0, "import sys; sys.exit(4)")
-    assert ours.recv(256).startswith(b"cmd=init")
-    ours.sendall(reply)
-    assert ours.recv(256) == b"cmd=abort exitcode=4\n"
-    assert proc.wait(timeout=30) == 4
+    _ends_as_asked(proc, ours, 4, reply)
 
 
 @linux
@@ -348,10 +356,7 @@ def test_a_reply_the_dead_rank_was_waiting_for_is_passed_over():
     (hydra then ended the job when the sentinel closed the connection, with exit code 9, not the task's)."""
     proc, ours = _supervised_with_pmi(0, "import sys; sys.exit(137)")
     ours.sendall(b"cmd=get_result rc=1\n")  # unread by the rank
-    assert ours.recv(256).startswith(b"cmd=init")
-    ours.sendall(b"cmd=response_to_init rc=0 pmi_version=1 pmi_subversion=2\n")
-    assert ours.recv(256) == b"cmd=abort exitcode=137\n"
-    assert proc.wait(timeout=30) == 137
+    _ends_as_asked(proc, ours, 137)
 
 
 @linux
@@ -416,10 +421,7 @@ def test_a_task_of_mpirun_inside_a_slurm_job_asks_hydra_to_end_the_job():
     PMI_FD is hydra's: the job waited in MPI_Init for the start-up alarm (600 s in a real sbatch, a task of an MPMD
     launch refusing its own configuration; 10 s once asked)."""
     proc, ours = _supervised_with_pmi(0, "import sys; sys.exit(3)", SLURM_JOB_ID="8", SLURM_STEP_ID="0", **{HYDRA: "3"})
-    assert ours.recv(256).startswith(b"cmd=init")
-    ours.sendall(b"cmd=response_to_init rc=0 pmi_version=1 pmi_subversion=2\n")
-    assert ours.recv(256) == b"cmd=abort exitcode=3\n"
-    assert proc.wait(timeout=30) == 3
+    _ends_as_asked(proc, ours, 3)
 
 
 @linux
