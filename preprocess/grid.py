@@ -9,6 +9,7 @@ that only resample never need it; the trainer's configuration reads GRIDS withou
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import numpy as np
 
@@ -31,26 +32,33 @@ def target_grid(voxel: int) -> tuple[tuple[int, int, int], np.ndarray]:
     return shape, affine.copy()
 
 
-@functools.cache
-def templates_1mm() -> dict[str, np.ndarray]:
-    """nilearn's bundled 1 mm MNI152 (ICBM 2009a) maps: t1, gm, wm, mask (+ their affine).
+# nilearn's loaders of its bundled 1 mm MNI152 (ICBM 2009a) maps, which share one grid
+TEMPLATES = {
+    "t1": "load_mni152_template",
+    "gm": "load_mni152_gm_template",
+    "wm": "load_mni152_wm_template",
+    "mask": "load_mni152_brain_mask",
+}
 
-    These files live inside the nilearn package; nothing is downloaded.
-    """
+
+class Map1mm(NamedTuple):
+    data: np.ndarray  # float32, read-only
+    affine: np.ndarray
+
+
+@functools.cache
+def template_1mm(name: str) -> Map1mm:
+    """One of nilearn's bundled 1 mm MNI152 maps (TEMPLATES), loaded when first asked for: `nifti` needs only the
+    mask, and all four loaded together kept 230 MB more in the command's own process (which holds the run while
+    the workers preprocess). These files live inside the nilearn package; nothing is downloaded."""
     from nilearn import datasets
 
-    t1 = datasets.load_mni152_template(resolution=1)
-    out = {
-        "t1": np.asarray(t1.get_fdata(), dtype=np.float32),
-        "gm": np.asarray(datasets.load_mni152_gm_template(resolution=1).get_fdata(), dtype=np.float32),
-        "wm": np.asarray(datasets.load_mni152_wm_template(resolution=1).get_fdata(), dtype=np.float32),
-        "mask": np.asarray(datasets.load_mni152_brain_mask(resolution=1).get_fdata(), dtype=np.float32),
-        "affine": np.asarray(t1.affine, dtype=np.float64),
-    }
-    arrays: dict[str, np.ndarray] = out  # type: ignore[assignment]  # every value is an array
-    for arr in arrays.values():
+    image = getattr(datasets, TEMPLATES[name])(resolution=1)
+    data = np.asarray(image.get_fdata(), dtype=np.float32)
+    affine = np.asarray(image.affine, dtype=np.float64)
+    for arr in (data, affine):
         arr.setflags(write=False)
-    return arrays
+    return Map1mm(data, affine)
 
 
 def resample(
@@ -115,9 +123,9 @@ def antialias_box(shape, voxel_sizes, target_mm: float) -> np.ndarray:
 def brain_mask(voxel: int) -> np.ndarray:
     """nilearn's MNI152 brain mask on our grid at `voxel` mm (bool, read-only)."""
     shape, affine = target_grid(voxel)
-    tpl = templates_1mm()
-    smooth = antialias(tpl["mask"], (1.0, 1.0, 1.0), float(voxel))
-    mask = resample(smooth, tpl["affine"], shape, affine, order=1) >= 0.5
+    tpl = template_1mm("mask")
+    smooth = antialias(tpl.data, (1.0, 1.0, 1.0), float(voxel))
+    mask = resample(smooth, tpl.affine, shape, affine, order=1) >= 0.5
     mask.setflags(write=False)
     return mask
 
@@ -130,9 +138,9 @@ def template(voxel: int) -> np.ndarray:
     mean of template * volume over the mask is their correlation (the QC figure). Read-only.
     """
     shape, affine = target_grid(voxel)
-    tpl = templates_1mm()
+    t1 = template_1mm("t1")
     mask = brain_mask(voxel)
-    out = resample(antialias(tpl["t1"], (1.0, 1.0, 1.0), float(voxel)), tpl["affine"], shape, affine, order=1)
+    out = resample(antialias(t1.data, (1.0, 1.0, 1.0), float(voxel)), t1.affine, shape, affine, order=1)
     vals = out[mask].astype(np.float64)
     out = np.where(mask, (out - vals.mean()) / vals.std(), 0.0).astype(np.float32)
     out.setflags(write=False)

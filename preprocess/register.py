@@ -108,12 +108,12 @@ class Reference:
 
 def reference(voxel: int) -> Reference:
     """Built once in the parent process and handed to workers."""
-    tpl = grid.templates_1mm()
-    shape = tuple(int(np.ceil(n / REG_MM)) for n in tpl["t1"].shape)
-    affine = tpl["affine"].copy()
+    tpl, mask = grid.template_1mm("t1"), grid.template_1mm("mask")
+    shape = tuple(int(np.ceil(n / REG_MM)) for n in tpl.data.shape)
+    affine = tpl.affine.copy()
     affine[:3, :3] *= REG_MM
-    t1 = grid.resample(grid.antialias(tpl["t1"], (1, 1, 1), REG_MM), tpl["affine"], shape, affine)
-    brain = grid.resample(grid.antialias(tpl["mask"], (1, 1, 1), REG_MM), tpl["affine"], shape, affine) >= 0.5
+    t1 = grid.resample(grid.antialias(tpl.data, (1, 1, 1), REG_MM), tpl.affine, shape, affine)
+    brain = grid.resample(grid.antialias(mask.data, (1, 1, 1), REG_MM), mask.affine, shape, affine) >= 0.5
     margin = ndimage.binary_dilation(brain, iterations=round(MASK_MARGIN_MM / REG_MM))
     return Reference(t1, margin.astype(np.float32), affine, np.array(grid.template(voxel)))
 

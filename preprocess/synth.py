@@ -128,14 +128,14 @@ def internal_grid() -> tuple[tuple[int, int, int], np.ndarray]:
 def anatomy() -> Anatomy:
     """Resample the 1 mm templates to the internal grid and precompute the distance maps."""
     shape, affine = internal_grid()
-    tpl = grid.templates_1mm()
 
-    def onto(arr):
-        return grid.resample(grid.antialias(arr, (1, 1, 1), INTERNAL_MM), tpl["affine"], shape, affine)
+    def onto(name):
+        tpl = grid.template_1mm(name)
+        return grid.resample(grid.antialias(tpl.data, (1, 1, 1), INTERNAL_MM), tpl.affine, shape, affine)
 
-    mask = np.clip(onto(tpl["mask"]), 0, 1)
-    gm = np.clip(onto(tpl["gm"]), 0, 1) * mask
-    wm = np.clip(onto(tpl["wm"]), 0, 1) * mask
+    mask = np.clip(onto("mask"), 0, 1)
+    gm = np.clip(onto("gm"), 0, 1) * mask
+    wm = np.clip(onto("wm"), 0, 1) * mask
     csf = np.clip(mask - gm - wm, 0, 1)
     inside = mask >= 0.5
     tissue = (gm + wm) >= 0.5

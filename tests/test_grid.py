@@ -45,9 +45,9 @@ def test_coarse_grids_cover_the_same_box(voxel):
 def test_the_brain_mask_sits_where_the_1mm_templates_mask_does(voxel):
     """Centroids in world coordinates agree within half a millimetre: a flipped or shifted resampling
     would move it by voxels."""
-    tpl = grid.templates_1mm()
-    a = tpl["affine"]
-    reference = a[:3, :3] @ np.argwhere(tpl["mask"] > 0.5).mean(axis=0) + a[:3, 3]
+    tpl = grid.template_1mm("mask")
+    a = tpl.affine
+    reference = a[:3, :3] @ np.argwhere(tpl.data > 0.5).mean(axis=0) + a[:3, 3]
     _, affine = grid.target_grid(voxel)
     centroid = affine[:3, :3] @ np.argwhere(grid.brain_mask(voxel)).mean(axis=0) + affine[:3, 3]
     np.testing.assert_allclose(centroid, reference, atol=0.5)
