@@ -132,18 +132,27 @@ def say_config_error(e: ConfigError) -> None:
         tell_said()
 
 
+# Their default action while MPI_Init runs: a Python handler (the stop requests') can only note the signal there, and
+# the rank waited on. A launcher ending the step (srun --kill-on-bad-exit after another task failed, a scancel, a
+# Ctrl-C) then waited for SLURM's SIGKILL after KillWait: 46 s and exit 137 on the real SLURM. SIGUSR1, the time-limit
+# warning, is still noted: the run stops after its first round with a checkpoint, to be requeued.
+ENDING_IN_MPI_INIT = (signal.SIGALRM, signal.SIGTERM, signal.SIGINT)
+
+
 def init_mpi(timeout: float):
     """Initialise MPI, or die by SIGALRM if that takes longer than `timeout` seconds. MPI_Init waits for
     every rank of the job (MPICH's start-up is collective) and holds the interpreter meanwhile, so a rank that
     is stopped or stuck before it would hang the whole job where no deadline of ours can run; the alarm's
-    default action ends this process instead, the sentinel says why, and the launcher ends the job."""
-    previous = signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    default action ends this process instead, the sentinel says why, and the launcher ends the job. SIGTERM and
+    SIGINT end it there too (ENDING_IN_MPI_INIT)."""
+    previous = {sig: signal.signal(sig, signal.SIG_DFL) for sig in ENDING_IN_MPI_INIT}
     signal.alarm(max(1, math.ceil(timeout)))
     from mpi4py import MPI
 
     MPI.COMM_WORLD.Get_rank()
     signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
     return MPI
 
 

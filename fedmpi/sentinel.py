@@ -235,7 +235,10 @@ def supervise() -> None:
         return
     os.close(tell)
 
+    forwarded: set[int] = set()
+
     def forward(signum, frame):
+        forwarded.add(signum)
         with contextlib.suppress(ProcessLookupError):  # the rank has just ended and been reaped
             os.kill(child, signum)
 
@@ -250,14 +253,18 @@ def supervise() -> None:
     said = _told(told)
     mpi_rank = said if said.isdigit() else ""  # empty: the rank ended before MPI was up
     code = os.waitstatus_to_exitcode(status)
+    # A signal passed on from the launcher or a user that ended the rank (a stop while it was in MPI_Init) was asked
+    # for: the launcher is ending the job, and its own report says so.
+    asked = os.WIFSIGNALED(status) and os.WTERMSIG(status) in forwarded
     if os.WIFSIGNALED(status):
         sig = signal.Signals(os.WTERMSIG(status))
-        print(
-            f"fedmpi: rank {mpi_rank or rank} ({role(int(mpi_rank or rank))}, pid {child}) was killed by "
-            f"{sig.name}{_hint(sig, before)}",
-            file=sys.stderr,
-            flush=True,
-        )
+        if not asked:
+            print(
+                f"fedmpi: rank {mpi_rank or rank} ({role(int(mpi_rank or rank))}, pid {child}) was killed by "
+                f"{sig.name}{_hint(sig, before)}",
+                file=sys.stderr,
+                flush=True,
+            )
         code = EXIT_SIGNAL_BASE + sig
     elif code and not mpi_rank and not first_task() and said != SAID:
         # The first task prints an error of its own and ends the job at once: given that time, this task's line is
@@ -273,6 +280,6 @@ def supervise() -> None:
                 file=sys.stderr,
                 flush=True,
             )
-    if code and not mpi_rank:
+    if code and not mpi_rank and not asked:
         end_launch(code)
     os._exit(code)

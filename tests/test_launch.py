@@ -216,6 +216,40 @@ def test_learners_wait_longer_on_the_server_at_start_up_than_it_waits_on_them():
         assert learner_startup_patience(startup) > startup
 
 
+def test_a_stop_while_mpi_starts_ends_the_rank_and_the_handlers_come_back(monkeypatch):
+    """MPI_Init holds the interpreter: a stop request's handler only noted SIGTERM there, and a rank waiting for a
+    task that had failed outlived srun's SIGTERM until SLURM's SIGKILL (46 s, exit 137 on the real SLURM)."""
+    import types
+
+    from fedmpi.launch import ENDING_IN_MPI_INIT, init_mpi
+
+    during = {}
+
+    def mpi_starts(name):  # `from mpi4py import MPI`, which starts MPI
+        during.update({sig: signal.getsignal(sig) for sig in (*ENDING_IN_MPI_INIT, signal.SIGUSR1)})
+        return types.SimpleNamespace(COMM_WORLD=types.SimpleNamespace(Get_rank=lambda: 0))
+
+    fake = types.ModuleType("mpi4py")
+    fake.__getattr__ = mpi_starts  # type: ignore[method-assign]
+    monkeypatch.setitem(sys.modules, "mpi4py", fake)
+
+    def noted(signum, frame):
+        pass
+
+    previous = {sig: signal.signal(sig, noted) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    try:
+        init_mpi(30.0)
+        assert {sig: during[sig] for sig in (signal.SIGTERM, signal.SIGINT)} == {
+            signal.SIGTERM: signal.SIG_DFL,
+            signal.SIGINT: signal.SIG_DFL,
+        }
+        assert during[signal.SIGUSR1] is noted  # the time-limit warning still asks for a checkpoint after round 1
+        assert all(signal.getsignal(sig) is noted for sig in previous)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def test_mpi_start_up_leaves_no_alarm_behind_and_restores_the_handler():
     """The start-up alarm must end with MPI_Init: a pending alarm would kill the rank mid-training."""
     from fedmpi.launch import init_mpi

@@ -523,6 +523,42 @@ def test_a_signal_is_forwarded_to_the_rank_as_itself(tmp_path, sig, rank):
     assert proc.stderr.read() == ""
 
 
+CHILD_IN_MPI_INIT = """
+import os, signal, sys, time
+from pathlib import Path
+signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as launch.init_mpi leaves it while MPI starts
+Path(sys.argv[1]).write_text(str(os.getpid()))
+time.sleep(30)
+"""
+
+
+@linux
+def test_a_rank_ended_in_mpi_init_by_a_stop_passed_on_is_not_news(tmp_path):
+    """srun --kill-on-bad-exit sends SIGTERM to every task once one has failed: the ranks waiting in MPI_Init end
+    by it, and their sentinels said each "was killed by SIGTERM" after the real error (and asked hydra to end a job
+    it was ending already)."""
+    ready = tmp_path / "ready"
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from fedmpi.sentinel import supervise; supervise()\n" + CHILD_IN_MPI_INIT, str(ready)],
+        env={**_pmi_env(1, theirs), "SLURM_JOB_ID": "8", "SLURM_STEP_ID": "0", HYDRA: "3"},
+        pass_fds=(theirs.fileno(),),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    theirs.close()
+    try:
+        assert wait_for(lambda: ready.exists() and ready.read_text() and catches(proc.pid, signal.SIGTERM))
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (proc.returncode, err) == (128 + signal.SIGTERM, "")
+    ours.settimeout(5)
+    assert ours.recv(256) == b""  # nothing asked of the launcher
+
+
 @linux
 def test_rank_dies_with_its_supervisor(tmp_path):
     ready = tmp_path / "ready"
