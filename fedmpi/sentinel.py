@@ -253,9 +253,10 @@ def supervise() -> None:
     said = _told(told)
     mpi_rank = said if said.isdigit() else ""  # empty: the rank ended before MPI was up
     code = os.waitstatus_to_exitcode(status)
-    # A signal passed on from the launcher or a user that ended the rank (a stop while it was in MPI_Init) was asked
-    # for: the launcher is ending the job, and its own report says so.
-    asked = os.WIFSIGNALED(status) and os.WTERMSIG(status) in forwarded
+    # A signal passed on from the launcher or a user that ended the rank before MPI was up (a stop while it was in
+    # MPI_Init) was asked for: the launcher is ending the job, and its own report says so. Once MPI is up the stops
+    # are handled, so a rank a forwarded signal still ends (SIGUSR2's default action) is named as any other.
+    asked = os.WIFSIGNALED(status) and os.WTERMSIG(status) in forwarded and not mpi_rank
     if os.WIFSIGNALED(status):
         sig = signal.Signals(os.WTERMSIG(status))
         if not asked:

@@ -559,6 +559,43 @@ def test_a_rank_ended_in_mpi_init_by_a_stop_passed_on_is_not_news(tmp_path):
     assert ours.recv(256) == b""  # nothing asked of the launcher
 
 
+CHILD_PAST_MPI_INIT = """
+import os, sys, time
+from pathlib import Path
+from fedmpi.sentinel import tell_rank
+tell_rank(3)  # MPI is up: the stop signals are handled, SIGUSR2 keeps its default action
+Path(sys.argv[1]).write_text(str(os.getpid()))
+time.sleep(30)
+"""
+
+
+@linux
+def test_a_rank_past_mpi_init_ended_by_a_signal_passed_on_is_named(tmp_path):
+    """Only a rank still in MPI_Init is ended by a stop on purpose: one that MPI numbers, killed by a forwarded signal
+    it does not handle (SIGUSR2: scancel --signal=USR2, kill -USR2 to mpirun), is named, as before."""
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from fedmpi.sentinel import supervise; supervise()\n" + CHILD_PAST_MPI_INIT,
+            str(ready),
+        ],
+        env=rank_env(3),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert wait_for(lambda: ready.exists() and ready.read_text() and catches(proc.pid, signal.SIGUSR2))
+        proc.send_signal(signal.SIGUSR2)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 128 + signal.SIGUSR2
+    assert f"fedmpi: rank 3 (learner 3, pid {ready.read_text()}) was killed by SIGUSR2" in err
+
+
 @linux
 def test_rank_dies_with_its_supervisor(tmp_path):
     ready = tmp_path / "ready"
