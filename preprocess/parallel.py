@@ -122,6 +122,8 @@ def _how_it_died(pool: ProcessPoolExecutor, before: OomKills) -> str:
         time.sleep(0.02)
     ends = [worker.exitcode for worker in workers]
     end = next((code for code in ends if code and code != -signal.SIGTERM), None)
+    if end is None and 0 in ends:  # the pool's worker returns, with 0, when its initializer raised
+        return "its start-up failed: the error above"
     if end is None:
         return "killed by the out-of-memory killer or another signal, or crashed"
     if end > 0:

@@ -146,6 +146,20 @@ def test_workers_go_before_their_parent_when_memory_runs_out():
     assert got == [str(parallel.OOM_SCORE_ADJ_MAX)] * 2 and _own_oom_score_adj(None) == own
 
 
+def _refuse_to_start():
+    raise FileNotFoundError("the templates are missing")
+
+
+def test_a_worker_whose_start_up_failed_is_not_said_to_be_killed():
+    """The pool's worker returns, with exit 0, when its initializer raises (its traceback on stderr): the message
+    said it was killed by the out-of-memory killer or a signal, or crashed."""
+    with pytest.raises(parallel.WorkerDied) as exc:
+        list(
+            parallel.run(abs, [1, 2, 3], workers=2, initializer=_refuse_to_start, initargs=(), desc="t", progress=False)
+        )
+    assert str(exc.value) == "a t worker process died between jobs (its start-up failed: the error above)"
+
+
 def test_the_dead_workers_own_job_is_named():
     """Job 3 dies at once as the first job; the only other job (5) may be in flight, nothing else exists."""
     with pytest.raises(parallel.WorkerDied) as exc:
