@@ -271,9 +271,10 @@ def supervise() -> None:
         # The first task prints an error of its own and ends the job at once: given that time, this task's line is
         # printed only where it alone failed (its own configuration, its node), which nothing else would say. A
         # launcher that ends the step meanwhile (SIGTERM: srun's --kill-on-bad-exit, scancel) ends it for an error
-        # already said, which this line would blame on this task; a Ctrl-C (SIGINT) only cuts the wait short.
+        # already said, which this line would blame on this task; another signal (a Ctrl-C, SLURM's time-limit
+        # warning) only cuts the wait short.
         stopped = signal.sigtimedwait(FORWARDED, OTHERS_GRACE + 2 * took)
-        if stopped is None or stopped.si_signo == signal.SIGINT:
+        if stopped is None or stopped.si_signo != signal.SIGTERM:
             print(
                 f"fedmpi: task {rank} (pid {child}) ended with exit code {code} before MPI started; only the "
                 "launcher's first task prints a configuration error, so this task's own configuration or --set "
