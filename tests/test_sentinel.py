@@ -534,29 +534,36 @@ time.sleep(30)
 """
 
 
+def _signalled_once_ready(child: str, sig: signal.Signals, ready: Path, env: dict, pass_fds=()) -> tuple[int, str]:
+    """`child` (which writes its pid to `ready`) run as a rank under its sentinel and sent `sig` once the sentinel
+    takes it: the sentinel's exit code and stderr."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from fedmpi.sentinel import supervise; supervise()\n" + child, str(ready)],
+        env=env,
+        pass_fds=pass_fds,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert wait_for(lambda: ready.exists() and ready.read_text() and catches(proc.pid, sig))
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        proc.kill()
+        proc.wait()
+    return proc.returncode, err
+
+
 @linux
 def test_a_rank_ended_in_mpi_init_by_a_stop_passed_on_is_not_news(tmp_path):
     """srun --kill-on-bad-exit sends SIGTERM to every task once one has failed: the ranks waiting in MPI_Init end
     by it, and their sentinels said each "was killed by SIGTERM" after the real error (and asked hydra to end a job
     it was ending already)."""
-    ready = tmp_path / "ready"
     ours, theirs = socket.socketpair()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from fedmpi.sentinel import supervise; supervise()\n" + CHILD_IN_MPI_INIT, str(ready)],
-        env={**_pmi_env(1, theirs), "SLURM_JOB_ID": "8", "SLURM_STEP_ID": "0", HYDRA: "3"},
-        pass_fds=(theirs.fileno(),),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    theirs.close()
-    try:
-        assert wait_for(lambda: ready.exists() and ready.read_text() and catches(proc.pid, signal.SIGTERM))
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=15)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert (proc.returncode, err) == (128 + signal.SIGTERM, "")
+    env = {**_pmi_env(1, theirs), "SLURM_JOB_ID": "8", "SLURM_STEP_ID": "0", HYDRA: "3"}
+    with theirs:
+        got = _signalled_once_ready(CHILD_IN_MPI_INIT, signal.SIGTERM, tmp_path / "ready", env, (theirs.fileno(),))
+    assert got == (128 + signal.SIGTERM, "")
     ours.settimeout(5)
     assert ours.recv(256) == b""  # nothing asked of the launcher
 
@@ -576,25 +583,8 @@ def test_a_rank_past_mpi_init_ended_by_a_signal_passed_on_is_named(tmp_path):
     """Only a rank still in MPI_Init is ended by a stop on purpose: one that MPI numbers, killed by a forwarded signal
     it does not handle (SIGUSR2: scancel --signal=USR2, kill -USR2 to mpirun), is named, as before."""
     ready = tmp_path / "ready"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from fedmpi.sentinel import supervise; supervise()\n" + CHILD_PAST_MPI_INIT,
-            str(ready),
-        ],
-        env=rank_env(3),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert wait_for(lambda: ready.exists() and ready.read_text() and catches(proc.pid, signal.SIGUSR2))
-        proc.send_signal(signal.SIGUSR2)
-        _, err = proc.communicate(timeout=15)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == 128 + signal.SIGUSR2
+    code, err = _signalled_once_ready(CHILD_PAST_MPI_INIT, signal.SIGUSR2, ready, rank_env(3))
+    assert code == 128 + signal.SIGUSR2
     assert f"fedmpi: rank 3 (learner 3, pid {ready.read_text()}) was killed by SIGUSR2" in err
 
 
