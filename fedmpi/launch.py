@@ -27,6 +27,7 @@ from .agreement import agree
 from .algorithms import algorithm, processes
 from .config import MAX_THREADS, Config, load_config, split_error_text
 from .errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, ConfigFileError, PayloadError, is_user_error, user_message
+from .hostmemory import OomKills, kill_cause, killed_for_memory, oom_kills
 from .memory import keep_freed_memory
 from .messages import row_text, text_row
 from .metrics import mean_predictor_mae
@@ -161,6 +162,7 @@ def train(
 ) -> int:
     """The whole `train` command on this rank; returns its exit code (or aborts the job). `stop()`: was a
     checkpoint-and-stop asked (fedmpi.preemption, taken by the command line before anything else)."""
+    before = oom_kills()
     try:  # every rank parses the same arguments, so every rank reaches the same verdict without MPI traffic
         cfg = load_config(config, overrides)
         check_start(cfg, mpi_world(), slurm_step())
@@ -183,12 +185,14 @@ def train(
     except SystemExit as e:
         if size == 1:
             raise
+        _failing()
         # the others would wait for this rank until a deadline (it sits alive in MPI_Finalize): end the job
         failure = f"exited (SystemExit: {e.code}) before the federation ended"
     except BaseException as e:
+        _failing()
         if not is_user_error(e):
             traceback.print_exc()
-        failure = f"failed: {type(e).__name__}: {user_message(e)}"
+        failure = f"failed: {type(e).__name__}: {user_message(e)}{_worker_kill_hint(e, before)}"
     print(f"fedmpi: rank {rank} ({role(rank)}) {failure}", file=sys.stderr, flush=True)
     if size == 1:
         return EXIT_FAILURE
@@ -202,6 +206,28 @@ def train(
     sys.stderr.flush()
     os._exit(EXIT_FAILURE)
     return EXIT_FAILURE  # only where os._exit is a test's stand-in
+
+
+def _failing() -> None:
+    """Let nothing raise into the failure path before it ends the job: torch's DataLoader handler raises its error
+    on each SIGCHLD in whatever code runs, and one landed in the traceback's printing (a worker killed, its queue's
+    ConnectionResetError first): the second error left this path, the rank waited in MPI_Finalize, and the server
+    waited for it until its round watchdog, 30 minutes. A second Ctrl-C would raise KeyboardInterrupt there too."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _worker_kill_hint(e: BaseException, before: OomKills) -> str:
+    """torch names a DataLoader worker (data.workers) that SIGKILL ended, not who sent it: the kernel's out-of-memory
+    counts since this rank started say whether the kernel did ("" for any other error, or where they cannot tell)."""
+    if not str(e).startswith("DataLoader worker (pid") or not str(e).rstrip().endswith("is killed by signal: Killed."):
+        return ""
+    for_memory = killed_for_memory(before, oom_kills())
+    if for_memory is None:
+        return ""
+    remedy = "; set data.workers lower, or give the job more memory"
+    return f" ({kill_cause(for_memory)}{remedy if for_memory else ''})"
 
 
 def _run(cfg: Config, comm, resume: bool, overwrite: bool, stop) -> int:

@@ -79,8 +79,9 @@ def native_cohort(tmp_path_factory) -> Path:
 def _preemption_signals_restored():
     """`python -m fedmpi train` (fedmpi.preemption), which some tests run in this process, leaves SIGTERM,
     SIGUSR1 and SIGINT ignored, as a finished rank must: the next test starts with this process's own
-    dispositions again (Ctrl-C ends pytest)."""
-    saved = {sig: signal.getsignal(sig) for sig in preemption.SIGNALS}
+    dispositions again (Ctrl-C ends pytest). A rank's failure path (launch._failing) leaves them, and SIGCHLD,
+    so too."""
+    saved = {sig: signal.getsignal(sig) for sig in (*preemption.SIGNALS, signal.SIGCHLD)}
     yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)

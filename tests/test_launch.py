@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import sys
+import time
 
 import pytest
 
@@ -214,6 +215,51 @@ def test_learners_wait_longer_on_the_server_at_start_up_than_it_waits_on_them():
 
     for startup in (1.0, 10.0, 60.0, 600.0):
         assert learner_startup_patience(startup) > startup
+
+
+def test_an_error_raised_by_a_signal_handler_in_the_failure_path_does_not_escape_it(monkeypatch, capsys):
+    """torch's DataLoader handler raises its error on each SIGCHLD in whatever code runs: one landed while the
+    traceback printed (a worker killed, its queue's ConnectionResetError first), the error left the failure path,
+    and the rank waited in MPI_Finalize with the job until the server's round watchdog (30 minutes)."""
+    import types
+
+    class Comm:
+        aborted = None
+
+        def Get_rank(self):
+            return 2
+
+        def Get_size(self):
+            return 9  # the default configuration's 1 server + 8 learners
+
+        def Abort(self, code):
+            self.aborted = code
+
+    def worker_killed(signum, frame):
+        raise RuntimeError("DataLoader worker (pid 4321) is killed by signal: Killed. ")
+
+    def lose_a_worker(*args):
+        signal.signal(signal.SIGCHLD, worker_killed)  # as a DataLoader with workers installs it
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    def print_exc():
+        os.kill(os.getpid(), signal.SIGCHLD)  # the dead worker's SIGCHLD, while the traceback prints
+        time.sleep(0.1)
+
+    comm = Comm()
+    fake_mpi = types.SimpleNamespace(COMM_WORLD=comm, Get_library_version=lambda: "a fake MPI")
+    monkeypatch.setattr(launch, "init_mpi", lambda timeout: fake_mpi)
+    monkeypatch.setattr(launch, "check_start", lambda *args: None)
+    monkeypatch.setattr(launch, "launcher_size", lambda: None)
+    monkeypatch.setattr(launch, "_run", lose_a_worker)
+    monkeypatch.setattr(launch.traceback, "print_exc", print_exc)
+    exited = []
+    monkeypatch.setattr(launch.os, "_exit", exited.append)
+    assert train(None, []) == EXIT_FAILURE
+    assert comm.aborted == EXIT_FAILURE and exited == [EXIT_FAILURE]
+    assert "fedmpi: rank 2 (learner 2) failed: ConnectionResetError: [Errno 104] Connection reset by peer" in (
+        capsys.readouterr().err
+    )
 
 
 def test_a_stop_while_mpi_starts_ends_the_rank_and_the_handlers_come_back(monkeypatch):
