@@ -262,6 +262,29 @@ def test_an_error_raised_by_a_signal_handler_in_the_failure_path_does_not_escape
     )
 
 
+def test_a_dataloader_worker_killed_by_sigkill_is_said_to_be_or_not_the_kernels_oom_kill(monkeypatch):
+    """torch names the dead worker and the signal, not who sent it: the kernel's counts since the rank started do."""
+    killed = RuntimeError("DataLoader worker (pid 4321) is killed by signal: Killed. ")
+    monkeypatch.setattr(launch, "oom_kills", lambda: None)
+    monkeypatch.setattr(launch, "killed_for_memory", lambda before, after: True)
+    monkeypatch.setattr(launch, "kill_cause", lambda for_memory: f"for memory: {for_memory}")
+    assert launch._worker_kill_hint(killed, None) == (
+        " (for memory: True; set data.workers lower, or give the job more memory)"
+    )
+    monkeypatch.setattr(launch, "killed_for_memory", lambda before, after: False)
+    assert launch._worker_kill_hint(killed, None) == " (for memory: False)"
+    monkeypatch.setattr(launch, "killed_for_memory", lambda before, after: None)  # the kernel keeps no count
+    assert launch._worker_kill_hint(killed, None) == ""
+    monkeypatch.setattr(launch, "killed_for_memory", lambda before, after: True)
+    assert (
+        launch._worker_kill_hint(
+            RuntimeError("DataLoader worker (pid 4321) is killed by signal: Segmentation fault. "), None
+        )
+        == ""
+    )
+    assert launch._worker_kill_hint(ValueError("a bad volume"), None) == ""
+
+
 def test_a_stop_while_mpi_starts_ends_the_rank_and_the_handlers_come_back(monkeypatch):
     """MPI_Init holds the interpreter: a stop request's handler only noted SIGTERM there, and a rank waiting for a
     task that had failed outlived srun's SIGTERM until SLURM's SIGKILL (46 s, exit 137 on the real SLURM)."""
