@@ -31,6 +31,7 @@ from .hostmemory import OomKills, kill_cause, killed_for_memory, oom_kills
 from .memory import keep_freed_memory
 from .messages import row_text, text_row
 from .metrics import mean_predictor_mae
+from .preemption import SIGNALS as STOP_SIGNALS
 from .preflight import preflight, rank_file, say, volume_shape
 from .provenance import mpi_library
 from .sentinel import (
@@ -214,7 +215,7 @@ def _failing() -> None:
     ConnectionResetError first): the second error left this path, the rank waited in MPI_Finalize, and the server
     waited for it until its round watchdog, 30 minutes. A second Ctrl-C would raise KeyboardInterrupt there too."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
 
