@@ -74,9 +74,9 @@ def killed_for_memory(before: OomKills, after: OomKills) -> bool | None:
     return None
 
 
-def kill_cause(for_memory: bool) -> str:
+def kill_cause(for_memory: bool, remedy: str = "") -> str:
     """Who sent a SIGKILL, once killed_for_memory has said whether it was the kernel, with the limit that was reached
-    (what to do about it is the caller's to say)."""
+    and, for a kill for memory, the caller's `remedy`."""
     if not for_memory:
         return "not by the kernel's out-of-memory killer: by the scheduler, a user or another process"
     limit = memory_limit()
@@ -89,7 +89,9 @@ def kill_cause(for_memory: bool) -> str:
             f"its memory cgroup's limit of {size_text(limit)} = {limit / 2**20:,.0f} MiB (a SLURM job's --mem, a "
             "container's) allowed"
         )
-    return f"by the kernel's out-of-memory killer: the processes here asked for more memory than {room}"
+    return f"by the kernel's out-of-memory killer: the processes here asked for more memory than {room}" + (
+        f"; {remedy}" if remedy else ""
+    )
 
 
 def _memory_cgroups(proc: Path, root: Path) -> Iterator[tuple[Path, _Files]]:

@@ -227,8 +227,7 @@ def _worker_kill_hint(e: BaseException, before: OomKills) -> str:
     for_memory = killed_for_memory(before, oom_kills())
     if for_memory is None:
         return ""
-    remedy = "; set data.workers lower, or give the job more memory"
-    return f" ({kill_cause(for_memory)}{remedy if for_memory else ''})"
+    return f" ({kill_cause(for_memory, 'set data.workers lower, or give the job more memory')})"
 
 
 def _run(cfg: Config, comm, resume: bool, overwrite: bool, stop) -> int:

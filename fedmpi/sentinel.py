@@ -210,8 +210,9 @@ def _kill_hint(for_memory: bool | None) -> str:
     what to do about it."""
     if for_memory is None:
         return HINTS[signal.SIGKILL]
-    remedy = "; set data.cache=off, place fewer ranks on a host, or give the job more memory" if for_memory else ""
-    return f" ({kill_cause(for_memory)}{remedy})"
+    return (
+        f" ({kill_cause(for_memory, 'set data.cache=off, place fewer ranks on a host, or give the job more memory')})"
+    )
 
 
 def supervise() -> None:

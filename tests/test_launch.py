@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from fedmpi import launch
+from fedmpi import hostmemory, launch
 from fedmpi.config import load_config
 from fedmpi.errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, PayloadError
 from fedmpi.launch import check_ranks, check_start, train
@@ -267,12 +267,15 @@ def test_a_dataloader_worker_killed_by_sigkill_is_said_to_be_or_not_the_kernels_
     killed = RuntimeError("DataLoader worker (pid 4321) is killed by signal: Killed. ")
     monkeypatch.setattr(launch, "oom_kills", lambda: None)
     monkeypatch.setattr(launch, "killed_for_memory", lambda before, after: True)
-    monkeypatch.setattr(launch, "kill_cause", lambda for_memory: f"for memory: {for_memory}")
+    monkeypatch.setattr(hostmemory, "memory_limit", lambda: None)  # no cgroup limit: the host's memory ran out
     assert launch._worker_kill_hint(killed, None) == (
-        " (for memory: True; set data.workers lower, or give the job more memory)"
+        " (by the kernel's out-of-memory killer: the processes here asked for more memory than the host had; set "
+        "data.workers lower, or give the job more memory)"
     )
     monkeypatch.setattr(launch, "killed_for_memory", lambda before, after: False)
-    assert launch._worker_kill_hint(killed, None) == " (for memory: False)"
+    assert launch._worker_kill_hint(killed, None) == (
+        " (not by the kernel's out-of-memory killer: by the scheduler, a user or another process)"
+    )
     monkeypatch.setattr(launch, "killed_for_memory", lambda before, after: None)  # the kernel keeps no count
     assert launch._worker_kill_hint(killed, None) == ""
     monkeypatch.setattr(launch, "killed_for_memory", lambda before, after: True)
