@@ -114,7 +114,7 @@ def _how_it_died(pool: ProcessPoolExecutor, before: OomKills) -> str:
     """The dead worker's end, from its exit status and, for a SIGKILL, the kernel's out-of-memory counts since
     `before`. The broken pool ends the others with SIGTERM (they may be ending as this runs), so an end by any other
     status is the dead one's."""
-    workers = list((getattr(pool, "_processes", None) or {}).values())
+    workers = _workers(pool)
     # Its pipes close a moment before it can be reaped, and the pool's own thread reaps it too (the status goes to
     # one caller, which stores it where the other then reads it): polled, not joined.
     deadline = time.monotonic() + DEATH_PATIENCE
@@ -138,8 +138,13 @@ def _how_it_died(pool: ProcessPoolExecutor, before: OomKills) -> str:
 
 
 def _kill_workers(pool: ProcessPoolExecutor) -> None:
-    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+    for proc in _workers(pool):
         proc.kill()
+
+
+def _workers(pool: ProcessPoolExecutor) -> list:
+    """The pool's worker processes (its private table, which a broken pool keeps)."""
+    return list((getattr(pool, "_processes", None) or {}).values())
 
 
 OOM_SCORE_ADJ_MAX = 1000  # the kernel's highest: killed before any process of the same size with a lower one
