@@ -217,23 +217,41 @@ def test_learners_wait_longer_on_the_server_at_start_up_than_it_waits_on_them():
         assert learner_startup_patience(startup) > startup
 
 
+class _Comm:
+    """MPI's world as learner 2 of the default configuration's 9 ranks sees it; Abort is noted."""
+
+    aborted = None
+
+    def Get_rank(self):
+        return 2
+
+    def Get_size(self):
+        return 9
+
+    def Abort(self, code):
+        self.aborted = code
+
+
+def _learner_of_nine(monkeypatch, run) -> tuple[_Comm, list]:
+    """train() as that learner, MPI and the start-up checks stood in for, `run` its federation: the world and the
+    codes os._exit was called with (recorded: MPI_Abort returning under srun's pmi2 must still end the rank)."""
+    import types
+
+    comm = _Comm()
+    fake_mpi = types.SimpleNamespace(COMM_WORLD=comm, Get_library_version=lambda: "a fake MPI")
+    monkeypatch.setattr(launch, "init_mpi", lambda timeout: fake_mpi)
+    monkeypatch.setattr(launch, "check_start", lambda *args: None)
+    monkeypatch.setattr(launch, "launcher_size", lambda: None)
+    monkeypatch.setattr(launch, "_run", run)
+    exited: list = []
+    monkeypatch.setattr(launch.os, "_exit", exited.append)
+    return comm, exited
+
+
 def test_an_error_raised_by_a_signal_handler_in_the_failure_path_does_not_escape_it(monkeypatch, capsys):
     """torch's DataLoader handler raises its error on each SIGCHLD in whatever code runs: one landed while the
     traceback printed (a worker killed, its queue's ConnectionResetError first), the error left the failure path,
     and the rank waited in MPI_Finalize with the job until the server's round watchdog (30 minutes)."""
-    import types
-
-    class Comm:
-        aborted = None
-
-        def Get_rank(self):
-            return 2
-
-        def Get_size(self):
-            return 9  # the default configuration's 1 server + 8 learners
-
-        def Abort(self, code):
-            self.aborted = code
 
     def worker_killed(signum, frame):
         raise RuntimeError("DataLoader worker (pid 4321) is killed by signal: Killed. ")
@@ -246,15 +264,8 @@ def test_an_error_raised_by_a_signal_handler_in_the_failure_path_does_not_escape
         os.kill(os.getpid(), signal.SIGCHLD)  # the dead worker's SIGCHLD, while the traceback prints
         time.sleep(0.1)
 
-    comm = Comm()
-    fake_mpi = types.SimpleNamespace(COMM_WORLD=comm, Get_library_version=lambda: "a fake MPI")
-    monkeypatch.setattr(launch, "init_mpi", lambda timeout: fake_mpi)
-    monkeypatch.setattr(launch, "check_start", lambda *args: None)
-    monkeypatch.setattr(launch, "launcher_size", lambda: None)
-    monkeypatch.setattr(launch, "_run", lose_a_worker)
+    comm, exited = _learner_of_nine(monkeypatch, lose_a_worker)
     monkeypatch.setattr(launch.traceback, "print_exc", print_exc)
-    exited = []
-    monkeypatch.setattr(launch.os, "_exit", exited.append)
     assert train(None, []) == EXIT_FAILURE
     assert comm.aborted == EXIT_FAILURE and exited == [EXIT_FAILURE]
     assert "fedmpi: rank 2 (learner 2) failed: ConnectionResetError: [Errno 104] Connection reset by peer" in (
@@ -364,34 +375,11 @@ def test_a_rank_that_exits_mid_federation_ends_the_job_naming_itself(monkeypatch
     """sys.exit on one rank of a federation (a library's, a stray one) left that rank alive in MPI_Finalize: the
     others saw nothing wrong and waited for it until a round deadline (30 minutes by default). It aborts the job
     now, naming the rank, as any other failure does."""
-    import types
-
-    import fedmpi.launch
-
-    class Comm:
-        aborted = None
-
-        def Get_rank(self):
-            return 2
-
-        def Get_size(self):
-            return 9
-
-        def Abort(self, code):
-            self.aborted = code
-
-    comm = Comm()
-    fake_mpi = types.SimpleNamespace(COMM_WORLD=comm, Get_library_version=lambda: "a fake MPI")
-    monkeypatch.setattr(fedmpi.launch, "init_mpi", lambda timeout: fake_mpi)
-    monkeypatch.setattr(fedmpi.launch, "check_start", lambda *args: None)
-    monkeypatch.setattr(fedmpi.launch, "launcher_size", lambda: None)
 
     def leave(*args):
         sys.exit(0)
 
-    monkeypatch.setattr(fedmpi.launch, "_run", leave)
-    exited = []
-    monkeypatch.setattr(fedmpi.launch.os, "_exit", exited.append)
+    comm, exited = _learner_of_nine(monkeypatch, leave)
     assert train(None, []) == EXIT_FAILURE
     assert comm.aborted == EXIT_FAILURE
     # an MPI_Abort that returns (MPICH 5 under srun's pmi2) must not lead to MPI_Finalize, which waited for ever
@@ -401,8 +389,8 @@ def test_a_rank_that_exits_mid_federation_ends_the_job_naming_itself(monkeypatch
     assert "Traceback" not in err
 
     # alone (the centralized baseline), an exit is the process's own business
-    monkeypatch.setattr(Comm, "Get_size", lambda self: 1)
-    monkeypatch.setattr(Comm, "Get_rank", lambda self: 0)
+    monkeypatch.setattr(_Comm, "Get_size", lambda self: 1)
+    monkeypatch.setattr(_Comm, "Get_rank", lambda self: 0)
     with pytest.raises(SystemExit):
         train(None, ["federation.algorithm=centralized"])
 
