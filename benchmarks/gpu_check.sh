@@ -5,8 +5,9 @@
 # the mpirun beside PYTHON or on PATH). It prints:
 #   1. the full-size model's (width 1, 91x109x91) training step at batch 4 in fp32 and bf16, evaluation
 #      throughput, and data-loader throughput into the GPU from a 2 mm HDF5 file (benchmarks/gpu_check.py);
-#   2. a 9-rank federation at 2 mm on that GPU: 8 learners sharing it, 64 volumes each, 2 rounds of
-#      1 local epoch at batch 4, bf16 and the volumes cached on the GPU, with each round's breakdown.
+#   2. a 9-rank federation at 2 mm on that GPU: 8 learners sharing it, 64 volumes each, 2 rounds
+#      (GPU_CHECK_ROUNDS) of 1 local epoch at batch 4, bf16 and the volumes cached on the GPU, with each
+#      round's breakdown and, from 4 rounds on, the steady round time against the slowest learner's training.
 # Each step runs under a time limit and whatever fails, the others still run; the script then exits 1 naming
 # the failed steps. With $OUT set (the device tool's output folder) it writes its output to $OUT/gpu_check.log
 # and the federation's metrics.jsonl and summary.json beside it.
@@ -25,6 +26,7 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
 else
     SHAPE="(91, 109, 91)"; PER=64; LEARNERS=8; DEVICE=cuda; WIDTH=1.0
 fi
+ROUNDS=${GPU_CHECK_ROUNDS:-2}
 CACHE=device; AMP=bf16  # on the CPU too: the smoke run takes the same branches (bf16 falls back where refused)
 FAILED=()
 LAUNCHER=(mpirun)
@@ -95,10 +97,10 @@ sys.exit(autocast_problem(torch.device('$DEVICE'), '$AMP') or None)"; then
         echo "(the federation below runs with train.amp=off)"
     fi
     echo
-    echo "== $((LEARNERS + 1))-rank federation: $LEARNERS learners share one $DEVICE, $PER volumes each, 2 rounds"
+    echo "== $((LEARNERS + 1))-rank federation: $LEARNERS learners share one $DEVICE, $PER volumes each, $ROUNDS rounds"
     OMP_NUM_THREADS=1 step "federation" 210 "${LAUNCHER[@]}" -n $((LEARNERS + 1)) "$PYTHON" -m fedmpi train \
         --set data.dir="$WORK/split" --set run.dir="$WORK/runs" --set run.name=gpu --set federation.learners=$LEARNERS \
-        --set federation.rounds=2 --set federation.algorithm=fedsparsify-global --set federation.target=0.9 \
+        --set federation.rounds=$ROUNDS --set federation.algorithm=fedsparsify-global --set federation.target=0.9 \
         --set model.width=$WIDTH --set model.dropout=0 --set train.epochs=1 --set train.batch_size=4 \
         --set train.lr=0.001 --set train.device=$DEVICE --set train.amp=$AMP --set data.cache=$CACHE \
         --set eval.batch_size=8
@@ -111,11 +113,18 @@ import json
 rows = [json.loads(line) for line in open("$WORK/runs/gpu/metrics.jsonl")]
 keys = ("seconds_train", "seconds_setup", "seconds_encode", "seconds_send", "seconds_collect",
         "seconds_aggregate", "seconds_eval", "seconds_checkpoint", "seconds_comm")
-print("| round | " + " | ".join(k.replace("seconds_", "") for k in keys) + " | bytes up | bytes down |")
-print("|" + "---:|" * (len(keys) + 3))
+print("| round | wall | " + " | ".join(k.replace("seconds_", "") for k in keys) + " | bytes up | bytes down |")
+print("|" + "---:|" * (len(keys) + 4))
+previous = 0.0
 for r in rows:
-    print(f"| {r['round']} | " + " | ".join(f"{r[k]:.3f}" for k in keys)
+    print(f"| {r['round']} | {r['wall_seconds'] - previous:.3f} | " + " | ".join(f"{r[k]:.3f}" for k in keys)
           + f" | {r['bytes_up'] / 1e6:.1f} MB | {r['bytes_down'] / 1e6:.1f} MB |")
+    previous = r["wall_seconds"]
+if len(rows) >= 4:  # rounds 3..n: past start-up and the first rounds' one-off costs (cuDNN's autotuning)
+    steady = (rows[-1]["wall_seconds"] - rows[1]["wall_seconds"]) / (len(rows) - 2)
+    train = sorted(r["seconds_train"] for r in rows[2:])[(len(rows) - 2) // 2]
+    print(f"steady state, rounds 3-{len(rows)}: {steady:.3f} s a round by the server's clock; the slowest learner's "
+          f"training {train:.3f} s (median): {steady / train:.2f} x")
 EOF
     fi
     if [ "${#FAILED[@]}" -gt 0 ]; then

@@ -74,7 +74,9 @@ class DataConfig:
         "of the paper's size needs about 3.6 GB) | off (read every epoch)",
     )
     workers: int = opt(
-        0, f"DataLoader worker processes per rank (learners' training, the server's evaluation), <= {MAX_WORKERS}"
+        0,
+        "DataLoader worker processes per rank that read volumes from disk each epoch (learners' training, the "
+        f"server's evaluation), <= {MAX_WORKERS}; with data.cache=off only",
     )
 
 
@@ -526,6 +528,12 @@ def validate(cfg: Config) -> None:
         _check_synthetic_split(f.learners, d.distribution)
     _check(0 <= d.workers <= MAX_WORKERS, f"data.workers must be in [0, {MAX_WORKERS}], got {d.workers}")
     _check(d.cache in CACHES, f"data.cache must be one of {CACHES}, got {d.cache!r}")
+    _check(
+        d.workers == 0 or d.cache == "off",
+        f"data.workers={d.workers} needs data.cache=off: workers read volumes from disk; a rank that caches them "
+        f"(data.cache={d.cache}) serves them itself, about 10x faster than through workers, which pass every batch "
+        "back through shared memory",
+    )
     _check(t.amp in AMPS, f"train.amp must be one of {tuple(AMPS)}, got {t.amp!r}")
     _check(m.width > 0, f"model.width must be > 0, got {m.width}")
     _check(0 <= m.pools <= 5, f"model.pools must be 0 (auto) to 5, got {m.pools}")

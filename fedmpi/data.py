@@ -31,12 +31,12 @@ def open_volumes(path, cfg, device: torch.device) -> VolumeDataset:
 
 
 def loader_options(cfg, device: torch.device) -> dict:
-    """DataLoader settings for a rank's volumes: pinned memory for non-blocking copies to a GPU; volumes
-    cached on the GPU need no workers (and cannot go to them). Workers are not kept across epochs
-    (persistent_workers): a reused iterator skips a draw from the shuffling generator, so later epochs
-    would come in another order than with no workers, and same-seed runs would differ by worker count."""
-    on_device = cfg.data.cache == "device"
-    return {"num_workers": 0 if on_device else cfg.data.workers, "pin_memory": device.type == "cuda" and not on_device}
+    """DataLoader settings for a rank's volumes: workers only where volumes are read from disk (the
+    configuration refuses them with a cache), pinned memory for non-blocking copies to a GPU unless the
+    volumes are already on it. Workers are not kept across epochs (persistent_workers): a reused iterator
+    skips a draw from the shuffling generator, so later epochs would come in another order than with no
+    workers, and same-seed runs would differ by worker count."""
+    return {"num_workers": cfg.data.workers, "pin_memory": device.type == "cuda" and cfg.data.cache != "device"}
 
 
 def read_header(path) -> dict:

@@ -264,6 +264,7 @@ VALIDATION = [
     ("data.subjects=19", "data.subjects"),
     ("data.workers=-1", "data.workers"),
     ("data.workers=10000", "data.workers"),  # 10000 processes per rank every epoch: the node's pid table, its memory
+    ("data.workers=2", "data.cache=off"),  # workers with a cache only pass cached batches through shared memory
     ("model.width=0", "model.width"),
     ("model.pools=6", "model.pools"),
     ("model.pools=-1", "model.pools"),

@@ -93,16 +93,17 @@ def test_cudnn_benchmark_is_set_for_a_cuda_device_only():
 
 
 @pytest.mark.parametrize(
-    "cache, device, expected",
+    "cache, workers, device, expected",
     [
-        ("memory", "cuda", {"num_workers": 2, "pin_memory": True}),
-        ("memory", "cpu", {"num_workers": 2, "pin_memory": False}),
-        ("device", "cuda", {"num_workers": 0, "pin_memory": False}),
-        ("off", "cuda", {"num_workers": 2, "pin_memory": True}),
+        ("memory", 0, "cuda", {"num_workers": 0, "pin_memory": True}),
+        ("memory", 0, "cpu", {"num_workers": 0, "pin_memory": False}),
+        ("device", 0, "cuda", {"num_workers": 0, "pin_memory": False}),
+        ("off", 2, "cuda", {"num_workers": 2, "pin_memory": True}),
+        ("off", 2, "cpu", {"num_workers": 2, "pin_memory": False}),
     ],
 )
-def test_loader_options_pin_memory_for_a_gpu_and_keep_device_caches_in_process(cache, device, expected):
-    cfg = load_config(overrides=[f"data.cache={cache}", "data.workers=2"])
+def test_loader_options_pin_memory_for_a_gpu_and_start_workers_only_to_read_from_disk(cache, workers, device, expected):
+    cfg = load_config(overrides=[f"data.cache={cache}", f"data.workers={workers}"])
     assert loader_options(cfg, torch.device(device)) == expected
 
 
@@ -170,8 +171,9 @@ def _gpu_check(tmp_path, **env):
 @pytest.mark.slow
 def test_the_prepared_gpu_check_runs_end_to_end_in_smoke_mode(tmp_path):
     """benchmarks/gpu_check.sh at toy sizes on the CPU: the script a GPU session runs once has run, and its
-    output and the federation's metrics come back in $OUT (what the device tool returns)."""
-    proc = _gpu_check(tmp_path)
+    output and the federation's metrics come back in $OUT (what the device tool returns); with 4 rounds it also
+    gives the steady round time."""
+    proc = _gpu_check(tmp_path, GPU_CHECK_ROUNDS="4")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     log = (tmp_path / "out" / "gpu_check.log").read_text()
     for table in (
@@ -179,11 +181,12 @@ def test_the_prepared_gpu_check_runs_end_to_end_in_smoke_mode(tmp_path):
         "| model step, batch 4 |",
         "| evaluation, batch 8 |",
         "| data loader into the device",
-        "| round | train | setup |",
+        "| round | wall | train | setup |",
+        "steady state, rounds 3-4: ",
         "== gpu_check done",
     ):
         assert table in proc.stdout and table in log
-    assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 4
     assert (tmp_path / "out" / "summary.json").exists()
 
 

@@ -577,7 +577,8 @@ def test_runtime_options_neither_split_a_setting_nor_block_a_resume():
     }
     assert set(changed) == set(RUNTIME_KEYS)
     for key, value in changed.items():
-        other = load_config(overrides=[f"{key}={json.dumps(value) if not isinstance(value, str) else value}"])
+        override = f"{key}={json.dumps(value) if not isinstance(value, str) else value}"
+        other = load_config(overrides=[override, "data.cache=off"] if key == "data.workers" else [override])
         assert tables.setting_items(other.to_dict()) == tables.setting_items(base.to_dict()), key
         assert resume_key(other) == resume_key(base), key
     lr = load_config(overrides=["train.lr=0.123"])
