@@ -7,10 +7,12 @@
 #      throughput, and data-loader throughput into the GPU from a 2 mm HDF5 file (benchmarks/gpu_check.py);
 #   2. a 9-rank federation at 2 mm on that GPU: 8 learners sharing it, 64 volumes each, 2 rounds
 #      (GPU_CHECK_ROUNDS) of 1 local epoch at batch 4, bf16 and the volumes cached on the GPU, with each
-#      round's breakdown and, from 4 rounds on, the steady round time against the slowest learner's training.
+#      round's breakdown and, from 4 rounds on, the steady round time against the slowest learner's training;
+#      GPU_CHECK_AMPS="bf16 bf16 off" runs one federation per entry on the same cohort and seed and compares their
+#      models (benchmarks/gpu_runs.py): does a GPU run repeat bit for bit, what does bf16 cost in accuracy.
 # Each step runs under a time limit and whatever fails, the others still run; the script then exits 1 naming
 # the failed steps. With $OUT set (the device tool's output folder) it writes its output to $OUT/gpu_check.log
-# and the federation's metrics.jsonl and summary.json beside it.
+# and the federation's metrics.jsonl and summary.json beside it (metrics-gpu-2.jsonl ... for the further ones).
 # Where PYTHON's mpi4py finds no MPI (or no mpirun is there) and no MPIRUN is given, the wheels in GPU_CHECK_WHEELS (default .whl:
 # mpi4py and mpich for that Python, benchmarks/gpu_wheels.sh fetches them) are installed into a temporary
 # prefix: the GPU machine has no network.
@@ -27,7 +29,10 @@ else
     SHAPE="(91, 109, 91)"; PER=64; LEARNERS=8; DEVICE=cuda; WIDTH=1.0
 fi
 ROUNDS=${GPU_CHECK_ROUNDS:-2}
-CACHE=device; AMP=bf16  # on the CPU too: the smoke run takes the same branches (bf16 falls back where refused)
+CACHE=device
+# one federation per entry, on the same cohort and seed: "bf16 bf16 off" asks whether a GPU run repeats bit for bit
+# and what bf16 costs in accuracy. bf16 on the CPU too: the smoke run takes the same branches (off where refused).
+read -r -a AMPS <<< "${GPU_CHECK_AMPS:-bf16}"
 FAILED=()
 LAUNCHER=(mpirun)
 
@@ -67,6 +72,27 @@ setup_mpi() {
     [ -x "$own" ] || LAUNCHER=(mpirun)
 }
 
+# federation NAME AMP: the 9-rank federation (run NAME, train.amp=AMP) and its round table
+federation() {
+    local name=$1 amp=$2 suffix=""
+    [ "$name" != gpu ] && suffix=-$name
+    echo
+    echo "== $((LEARNERS + 1))-rank federation $name: $LEARNERS learners share one $DEVICE, $PER volumes each, $ROUNDS rounds, train.amp=$amp"
+    OMP_NUM_THREADS=1 step "federation $name" 210 "${LAUNCHER[@]}" -n $((LEARNERS + 1)) "$PYTHON" -m fedmpi train \
+        --set data.dir="$WORK/split" --set run.dir="$WORK/runs" --set run.name="$name" --set federation.learners=$LEARNERS \
+        --set federation.rounds=$ROUNDS --set federation.algorithm=fedsparsify-global --set federation.target=0.9 \
+        --set model.width=$WIDTH --set model.dropout=0 --set train.epochs=1 --set train.batch_size=4 \
+        --set train.lr=0.001 --set train.device=$DEVICE --set train.amp="$amp" --set data.cache=$CACHE \
+        --set eval.batch_size=8
+    if [ -n "${OUT:-}" ]; then
+        cp "$WORK/runs/$name/metrics.jsonl" "$OUT/metrics$suffix.jsonl" 2>/dev/null || true
+        cp "$WORK/runs/$name/summary.json" "$OUT/summary$suffix.json" 2>/dev/null || true
+    fi
+    if [ -s "$WORK/runs/$name/metrics.jsonl" ]; then
+        step "round table $name" 60 "$PYTHON" benchmarks/gpu_runs.py rounds "$WORK/runs/$name"
+    fi
+}
+
 main() {
     echo "== gpu_check: $(date -u +%FT%TZ) on $(hostname)"
     if command -v nvidia-smi >/dev/null; then
@@ -92,41 +118,17 @@ EOF
     step "benchmarks/gpu_check.py" 180 "$PYTHON" benchmarks/gpu_check.py --data "$WORK/split/learner_1.h5"
     # the trainer refuses bf16 where its weight gradient is wrong (the probe above): the federation's figures then in float32
     if ! timeout 60 "$PYTHON" -c "import sys, torch; from fedmpi.device import autocast_problem
-sys.exit(autocast_problem(torch.device('$DEVICE'), '$AMP') or None)"; then
-        AMP=off
-        echo "(the federation below runs with train.amp=off)"
+sys.exit(autocast_problem(torch.device('$DEVICE'), 'bf16') or None)"; then
+        AMPS=("${AMPS[@]/bf16/off}")
+        echo "(the federations below run with train.amp=off)"
     fi
-    echo
-    echo "== $((LEARNERS + 1))-rank federation: $LEARNERS learners share one $DEVICE, $PER volumes each, $ROUNDS rounds"
-    OMP_NUM_THREADS=1 step "federation" 210 "${LAUNCHER[@]}" -n $((LEARNERS + 1)) "$PYTHON" -m fedmpi train \
-        --set data.dir="$WORK/split" --set run.dir="$WORK/runs" --set run.name=gpu --set federation.learners=$LEARNERS \
-        --set federation.rounds=$ROUNDS --set federation.algorithm=fedsparsify-global --set federation.target=0.9 \
-        --set model.width=$WIDTH --set model.dropout=0 --set train.epochs=1 --set train.batch_size=4 \
-        --set train.lr=0.001 --set train.device=$DEVICE --set train.amp=$AMP --set data.cache=$CACHE \
-        --set eval.batch_size=8
-    if [ -n "${OUT:-}" ]; then
-        cp "$WORK/runs/gpu/metrics.jsonl" "$WORK/runs/gpu/summary.json" "$OUT/" 2>/dev/null || true
-    fi
-    if [ -s "$WORK/runs/gpu/metrics.jsonl" ]; then
-        step "round table" 60 "$PYTHON" - <<EOF
-import json
-rows = [json.loads(line) for line in open("$WORK/runs/gpu/metrics.jsonl")]
-keys = ("seconds_train", "seconds_setup", "seconds_encode", "seconds_send", "seconds_collect",
-        "seconds_aggregate", "seconds_eval", "seconds_checkpoint", "seconds_comm")
-print("| round | wall | " + " | ".join(k.replace("seconds_", "") for k in keys) + " | bytes up | bytes down |")
-print("|" + "---:|" * (len(keys) + 4))
-previous = 0.0
-for r in rows:
-    print(f"| {r['round']} | {r['wall_seconds'] - previous:.3f} | " + " | ".join(f"{r[k]:.3f}" for k in keys)
-          + f" | {r['bytes_up'] / 1e6:.1f} MB | {r['bytes_down'] / 1e6:.1f} MB |")
-    previous = r["wall_seconds"]
-if len(rows) >= 4:  # rounds 3..n: past start-up and the first rounds' one-off costs (cuDNN's autotuning)
-    steady = (rows[-1]["wall_seconds"] - rows[1]["wall_seconds"]) / (len(rows) - 2)
-    train = sorted(r["seconds_train"] for r in rows[2:])[(len(rows) - 2) // 2]
-    print(f"steady state, rounds 3-{len(rows)}: {steady:.3f} s a round by the server's clock; the slowest learner's "
-          f"training {train:.3f} s (median): {steady / train:.2f} x")
-EOF
-    fi
+    local i name names=()
+    for i in "${!AMPS[@]}"; do
+        name=gpu; [ "$i" -gt 0 ] && name=gpu-$((i + 1))
+        names+=("$name")
+        federation "$name" "${AMPS[$i]}"
+    done
+    [ "${#names[@]}" -gt 1 ] && step "comparison" 60 "$PYTHON" benchmarks/gpu_runs.py compare "$WORK/runs" "${names[@]}"
     if [ "${#FAILED[@]}" -gt 0 ]; then
         echo "== gpu_check FAILED: $(IFS=,; echo "${FAILED[*]}")"
         return 1

@@ -172,8 +172,9 @@ def _gpu_check(tmp_path, **env):
 def test_the_prepared_gpu_check_runs_end_to_end_in_smoke_mode(tmp_path):
     """benchmarks/gpu_check.sh at toy sizes on the CPU: the script a GPU session runs once has run, and its
     output and the federation's metrics come back in $OUT (what the device tool returns); with 4 rounds it also
-    gives the steady round time."""
-    proc = _gpu_check(tmp_path, GPU_CHECK_ROUNDS="4")
+    gives the steady round time, and with two federations of one precision it compares their models (the same seed
+    on the CPU: the same model)."""
+    proc = _gpu_check(tmp_path, GPU_CHECK_ROUNDS="4", GPU_CHECK_AMPS="bf16 bf16")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     log = (tmp_path / "out" / "gpu_check.log").read_text()
     for table in (
@@ -183,10 +184,12 @@ def test_the_prepared_gpu_check_runs_end_to_end_in_smoke_mode(tmp_path):
         "| data loader into the device",
         "| round | wall | train | setup |",
         "steady state, rounds 3-4: ",
+        "gpu-2 against gpu (train.amp off against off): parameters: the same model bit for bit",
         "== gpu_check done",
     ):
         assert table in proc.stdout and table in log
-    assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 4
+    for name in ("metrics.jsonl", "metrics-gpu-2.jsonl"):
+        assert len((tmp_path / "out" / name).read_text().splitlines()) == 4
     assert (tmp_path / "out" / "summary.json").exists()
 
 

@@ -1,0 +1,107 @@
+"""The federation tables of benchmarks/gpu_check.sh, from the runs' own records (printed numbers, not a test).
+
+    python benchmarks/gpu_runs.py rounds RUN_DIR               # each round's breakdown, and the steady round time
+    python benchmarks/gpu_runs.py compare RUNS_DIR NAME NAME...  # runs on the same cohort and seed, side by side
+
+`compare` says whether runs with the same train.amp ended with the same model bit for bit (cuDNN's algorithm
+choice and atomics may differ between runs on a GPU) and how far apart their parameters and test MAEs are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fedmpi.checkpoint import load_model
+
+KEYS = (
+    "seconds_train",
+    "seconds_setup",
+    "seconds_encode",
+    "seconds_send",
+    "seconds_collect",
+    "seconds_aggregate",
+    "seconds_eval",
+    "seconds_checkpoint",
+    "seconds_comm",
+)
+
+
+def rows_of(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def steady(rows: list[dict]) -> tuple[float, float] | None:
+    """(seconds a round by the server's clock, the slowest learner's median training) over rounds 3..n: past
+    start-up and the first rounds' one-off costs (cuDNN's autotuning); None under 4 rounds."""
+    if len(rows) < 4:
+        return None
+    per_round = (rows[-1]["wall_seconds"] - rows[1]["wall_seconds"]) / (len(rows) - 2)
+    return per_round, float(np.median([r["seconds_train"] for r in rows[2:]]))
+
+
+def rounds(run: Path) -> None:
+    rows = rows_of(run)
+    print("| round | wall | " + " | ".join(k.replace("seconds_", "") for k in KEYS) + " | bytes up | bytes down |")
+    print("|" + "---:|" * (len(KEYS) + 4))
+    previous = 0.0
+    for r in rows:
+        print(
+            f"| {r['round']} | {r['wall_seconds'] - previous:.3f} | "
+            + " | ".join(f"{r[k]:.3f}" for k in KEYS)
+            + f" | {r['bytes_up'] / 1e6:.1f} MB | {r['bytes_down'] / 1e6:.1f} MB |"
+        )
+        previous = r["wall_seconds"]
+    figures = steady(rows)
+    if figures:
+        per_round, train = figures
+        print(
+            f"steady state, rounds 3-{len(rows)}: {per_round:.3f} s a round by the server's clock; the slowest "
+            f"learner's training {train:.3f} s (median): {per_round / train:.2f} x"
+        )
+
+
+def compare(runs: Path, names: list[str]) -> None:
+    print("\n| run | train.amp | test MAE | sparsity | s/round (rounds 3..n) | model sha256 |")
+    print("|---|---|---:|---:|---:|---|")
+    done = [name for name in names if (runs / name / "summary.json").exists()]
+    amp, values = {}, {}
+    for name in done:
+        summary = json.loads((runs / name / "summary.json").read_text())
+        amp[name] = json.loads((runs / name / "config.json").read_text())["train"]["amp"]
+        values[name] = load_model(runs / name / "model.npz")[0]
+        figures = steady(rows_of(runs / name))
+        print(
+            f"| {name} | {amp[name]} | {summary['final_mae']:.4f} | {summary['final_sparsity']:.3f} | "
+            f"{f'{figures[0]:.3f}' if figures else '-'} | {summary['model_sha256'][:16]} |"
+        )
+    first = done[0] if done else None
+    for name in done[1:]:
+        gap = float(np.max(np.abs(values[name].astype(np.float64) - values[first])))
+        same = "the same model bit for bit" if gap == 0 and amp[name] == amp[first] else f"largest gap {gap:.3g}"
+        print(f"{name} against {first} (train.amp {amp[name]} against {amp[first]}): parameters: {same}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True)
+    sub.add_parser("rounds").add_argument("run", type=Path)
+    both = sub.add_parser("compare")
+    both.add_argument("runs", type=Path)
+    both.add_argument("names", nargs="+")
+    args = ap.parse_args()
+    if args.what == "rounds":
+        rounds(args.run)
+    else:
+        compare(args.runs, args.names)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
