@@ -10,6 +10,8 @@
 #      round's breakdown and, from 4 rounds on, the steady round time against the slowest learner's training;
 #      GPU_CHECK_AMPS="bf16 bf16 off" runs one federation per entry on the same cohort and seed and compares their
 #      models (benchmarks/gpu_runs.py): does a GPU run repeat bit for bit, what does bf16 cost in accuracy.
+#      GPU_CHECK_SET="train.deterministic=true ..." adds --set options to every federation; GPU_CHECK_MODEL=0 skips
+#      part 1 (the federations alone: a short device call).
 # Each step runs under a time limit and whatever fails, the others still run; the script then exits 1 naming
 # the failed steps. With $OUT set (the device tool's output folder) it writes its output to $OUT/gpu_check.log
 # and the federation's metrics.jsonl and summary.json beside it (metrics-gpu-2.jsonl ... for the further ones).
@@ -74,16 +76,17 @@ setup_mpi() {
 
 # federation NAME AMP: the 9-rank federation (run NAME, train.amp=AMP) and its round table
 federation() {
-    local name=$1 amp=$2 suffix=""
+    local name=$1 amp=$2 suffix="" extra=() option
+    for option in ${GPU_CHECK_SET:-}; do extra+=(--set "$option"); done
     [ "$name" != gpu ] && suffix=-$name
     echo
-    echo "== $((LEARNERS + 1))-rank federation $name: $LEARNERS learners share one $DEVICE, $PER volumes each, $ROUNDS rounds, train.amp=$amp"
+    echo "== $((LEARNERS + 1))-rank federation $name: $LEARNERS learners share one $DEVICE, $PER volumes each, $ROUNDS rounds, train.amp=$amp${GPU_CHECK_SET:+ $GPU_CHECK_SET}"
     OMP_NUM_THREADS=1 step "federation $name" 210 "${LAUNCHER[@]}" -n $((LEARNERS + 1)) "$PYTHON" -m fedmpi train \
         --set data.dir="$WORK/split" --set run.dir="$WORK/runs" --set run.name="$name" --set federation.learners=$LEARNERS \
         --set federation.rounds=$ROUNDS --set federation.algorithm=fedsparsify-global --set federation.target=0.9 \
         --set model.width=$WIDTH --set model.dropout=0 --set train.epochs=1 --set train.batch_size=4 \
         --set train.lr=0.001 --set train.device=$DEVICE --set train.amp="$amp" --set data.cache=$CACHE \
-        --set eval.batch_size=8
+        --set eval.batch_size=8 "${extra[@]}"
     if [ -n "${OUT:-}" ]; then
         cp "$WORK/runs/$name/metrics.jsonl" "$OUT/metrics$suffix.jsonl" 2>/dev/null || true
         cp "$WORK/runs/$name/summary.json" "$OUT/summary$suffix.json" 2>/dev/null || true
@@ -115,7 +118,9 @@ EOF
         echo "== gpu_check FAILED: cohort (nothing else can run)"
         return 1
     fi
-    step "benchmarks/gpu_check.py" 180 "$PYTHON" benchmarks/gpu_check.py --data "$WORK/split/learner_1.h5"
+    if [ "${GPU_CHECK_MODEL:-1}" != 0 ]; then
+        step "benchmarks/gpu_check.py" 180 "$PYTHON" benchmarks/gpu_check.py --data "$WORK/split/learner_1.h5"
+    fi
     # the trainer refuses bf16 where its weight gradient is wrong (the probe above): the federation's figures then in float32
     if ! timeout 60 "$PYTHON" -c "import sys, torch; from fedmpi.device import autocast_problem
 sys.exit(autocast_problem(torch.device('$DEVICE'), 'bf16') or None)"; then

@@ -68,17 +68,19 @@ def rounds(run: Path) -> None:
 
 
 def compare(runs: Path, names: list[str]) -> None:
-    print("\n| run | train.amp | test MAE | sparsity | s/round (rounds 3..n) | model sha256 |")
-    print("|---|---|---:|---:|---:|---|")
+    print("\n| run | train.amp | train.deterministic | test MAE | sparsity | s/round (rounds 3..n) | model sha256 |")
+    print("|---|---|---|---:|---:|---:|---|")
     done = [name for name in names if (runs / name / "summary.json").exists()]
     amp, values = {}, {}
     for name in done:
         summary = json.loads((runs / name / "summary.json").read_text())
-        amp[name] = json.loads((runs / name / "config.json").read_text())["train"]["amp"]
+        train = json.loads((runs / name / "config.json").read_text())["train"]
+        amp[name] = train["amp"]
         values[name] = load_model(runs / name / "model.npz")[0]
         figures = steady(rows_of(runs / name))
         print(
-            f"| {name} | {amp[name]} | {summary['final_mae']:.4f} | {summary['final_sparsity']:.3f} | "
+            f"| {name} | {amp[name]} | {train.get('deterministic', False)} | {summary['final_mae']:.4f} | "
+            f"{summary['final_sparsity']:.3f} | "
             f"{f'{figures[0]:.3f}' if figures else '-'} | {summary['model_sha256'][:16]} |"
         )
     first = done[0] if done else None

@@ -45,6 +45,7 @@ RUNTIME_KEYS = (
     "train.threads",
     "train.channels_last",
     "train.cudnn_benchmark",
+    "train.deterministic",
     "data.workers",
     "data.cache",
     "data.cache_dir",
@@ -109,7 +110,14 @@ class TrainConfig:
     channels_last: bool = opt(
         False, "channels-last-3d memory order for volumes and weights (faster convolutions on recent GPUs)"
     )
-    cudnn_benchmark: bool = opt(True, "on a GPU, let cuDNN time and pick the fastest convolution algorithms")
+    cudnn_benchmark: bool = opt(
+        True, "on a GPU, let cuDNN time and pick the fastest convolution algorithms (off under train.deterministic)"
+    )
+    deterministic: bool = opt(
+        False,
+        "on a GPU, only cuDNN's deterministic convolution algorithms, without benchmark mode: the same seed gives the "
+        "same model, as on a CPU",
+    )
     threads: int = opt(
         0,
         "torch threads per rank; 0 = OMP_NUM_THREADS if set, else SLURM_CPUS_PER_TASK, else cores / ranks on the node",

@@ -47,7 +47,9 @@ class Learner:
         self.algo = algorithm(cfg)
         self.schedule = schedule(cfg)
         t = cfg.train
-        self.model = prepare_model(build_model(cfg, data.shape), device, t.channels_last, t.cudnn_benchmark)
+        self.model = prepare_model(
+            build_model(cfg, data.shape), device, t.channels_last, t.cudnn_benchmark, t.deterministic
+        )
         self.loader = SeededLoader(cfg, data, device)
         warm_up_round(cfg, self.model, data.shape, len(data), device)
         self.n = sum(p.numel() for p in self.model.parameters())

@@ -348,6 +348,7 @@ def test_validation_list_covers_every_option():
         "federation.vote_cap",
         "train.channels_last",
         "train.cudnn_benchmark",
+        "train.deterministic",
     }
     assert {f"{s}.{o}" for s, o in options()} - tested <= unchecked
 

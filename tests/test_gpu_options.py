@@ -92,6 +92,19 @@ def test_cudnn_benchmark_is_set_for_a_cuda_device_only():
         torch.backends.cudnn.benchmark = before
 
 
+def test_deterministic_asks_cudnn_for_its_deterministic_algorithms_without_benchmark_mode():
+    before = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    try:
+        model = _model()
+        model.to = lambda *a, **k: model  # no GPU here: only the flags are under test
+        prepare_model(model, torch.device("cuda"), cudnn_benchmark=True, deterministic=True)
+        assert torch.backends.cudnn.deterministic is True and torch.backends.cudnn.benchmark is False
+        prepare_model(model, torch.device("cuda"), cudnn_benchmark=True)
+        assert torch.backends.cudnn.deterministic is False and torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before
+
+
 @pytest.mark.parametrize(
     "cache, workers, device, expected",
     [

@@ -571,6 +571,7 @@ def test_runtime_options_neither_split_a_setting_nor_block_a_resume():
         "train.threads": 3,
         "train.channels_last": True,
         "train.cudnn_benchmark": False,
+        "train.deterministic": True,
         "data.workers": 2,
         "data.cache": "off",
         "data.cache_dir": "/elsewhere",
