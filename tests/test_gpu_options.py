@@ -1,6 +1,6 @@
 """The GPU options are wired, tested on the CPU: mixed precision reaches the forward pass, channels-last
-reaches the volumes and weights, cuDNN benchmark mode and pinned memory are chosen for a CUDA device, and
-data.cache=device keeps the volumes on the device without workers."""
+reaches the volumes and weights, cuDNN benchmark mode (or its deterministic algorithms) and pinned memory are
+chosen for a CUDA device, and data.cache=device keeps the volumes on the device without workers."""
 
 from __future__ import annotations
 
