@@ -74,7 +74,7 @@ def floor_setup(cfg_sets: list[str], seed: int, per_learner: int):
     cfg = load_config(overrides=cfg_sets)
     torch.set_num_threads(cfg.train.threads or 1)
     torch.manual_seed(seed)
-    model = prepare_model(build_model(cfg, SHAPE), torch.device("cpu"), cfg.train.channels_last)
+    model = prepare_model(build_model(cfg, SHAPE), torch.device("cpu"), cfg.train)
     x = torch.randn(per_learner, 1, *SHAPE)
     y = torch.rand(per_learner) * 35 + 45
     bs = cfg.train.batch_size

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fedmpi.config import load_config
+from fedmpi.config import TrainConfig, load_config
 from fedmpi.data import loader_options, open_volumes
 from fedmpi.device import AUTOCAST, AUTOCAST_TOLERANCE, autocast_weight_grad_error, prepare_model
 from fedmpi.model import BrainAgeCNN
@@ -51,7 +51,9 @@ def step_times(device: torch.device, shape, width: float, steps: int) -> None:
     for amp in AUTOCAST:
         for channels_last in (False, True):
             torch.manual_seed(0)
-            model = prepare_model(BrainAgeCNN(shape, width=width, dropout=0.0), device, channels_last)
+            model = prepare_model(
+                BrainAgeCNN(shape, width=width, dropout=0.0), device, TrainConfig(channels_last=channels_last)
+            )
             batch = [(torch.randn(4, 1, *shape, device=device), torch.full((4,), 60.0, device=device))]
             kwargs = dict(epochs=1, lr=1e-4, autocast=AUTOCAST[amp], channels_last=channels_last)
             local_train(model, batch * 3, **kwargs)  # warm-up: cuDNN benchmark picks its algorithms here

@@ -70,13 +70,7 @@ def _train(cfg, data_dir: Path, files: list[Path], split: dict, checked: RankChe
     ages = np.concatenate([p.ages for p in parts])
     test = open_volumes(Path(data_dir) / TEST_FILE, cfg, device)
     torch.manual_seed(cfg.run.seed)
-    model = prepare_model(
-        build_model(cfg, test.shape, float(ages.mean())),
-        device,
-        cfg.train.channels_last,
-        cfg.train.cudnn_benchmark,
-        cfg.train.deterministic,
-    )
+    model = prepare_model(build_model(cfg, test.shape, float(ages.mean())), device, cfg.train)
     warm_up_round(cfg, model, test.shape, len(pooled), device)  # kernels set up before round 1 is timed, as on learners
     rec = Recorder(cfg, model, test, device, mean_predictor_mae(test.ages, ages.mean()), data_dir, split, len(pooled))
     state = start_state(cfg, checked.resume, rec, model)

@@ -14,7 +14,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from .config import AMPS, DEVICES
+from .config import AMPS, DEVICES, TrainConfig
 from .errors import DeviceError
 
 
@@ -112,21 +112,16 @@ def autocast_problem(device: torch.device, amp: str) -> str:
     )
 
 
-def prepare_model(
-    model: M,
-    device: torch.device,
-    channels_last: bool = False,
-    cudnn_benchmark: bool = True,
-    deterministic: bool = False,
-) -> M:
-    """The model on its device as a GPU user expects it: cuDNN picking the fastest convolution algorithms
-    for the fixed volume shape (benchmark mode; with the nondeterministic algorithms cuDNN may pick, two runs of
-    one seed ended 0.65 apart in a parameter on an H200), or, when asked, its deterministic algorithms only; and
-    channels-last-3d weights when asked. A no-op on CPU apart from the memory format."""
+def prepare_model(model: M, device: torch.device, train: TrainConfig | None = None) -> M:
+    """The model on its device as the train section asks (its defaults without one): cuDNN picking the fastest
+    convolution algorithms for the fixed volume shape (benchmark mode; with the nondeterministic algorithms cuDNN
+    may pick, two runs of one seed ended 0.65 apart in a parameter on an H200), or its deterministic algorithms
+    only (train.deterministic); channels-last-3d weights when asked. A no-op on CPU apart from the memory format."""
+    t = train or TrainConfig()
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = cudnn_benchmark and not deterministic
-        torch.backends.cudnn.deterministic = deterministic
+        torch.backends.cudnn.benchmark = t.cudnn_benchmark and not t.deterministic
+        torch.backends.cudnn.deterministic = t.deterministic
     model.to(device)
-    if channels_last:
+    if t.channels_last:
         model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # Module.to takes it
     return model

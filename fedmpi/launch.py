@@ -276,10 +276,7 @@ def _serve(cfg: Config, wire, data_dir: Path, infos: np.ndarray, device, resume_
     mean_age = float(np.average(infos["mean_age"][1:], weights=counts))
     torch.manual_seed(cfg.run.seed)
     shape = volume_shape(infos[0])
-    t = cfg.train
-    model = prepare_model(
-        build_model(cfg, shape, mean_age), device, t.channels_last, t.cudnn_benchmark, t.deterministic
-    )
+    model = prepare_model(build_model(cfg, shape, mean_age), device, cfg.train)
     initial = flat_parameters(model)
     test = open_volumes(data_dir / TEST_FILE, cfg, device).warm()
     baseline = mean_predictor_mae(test.ages, mean_age)

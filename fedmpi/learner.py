@@ -46,10 +46,7 @@ class Learner:
         self.weight = np.float32(weight)  # n_k / n: values are pre-weighted so the server only sums
         self.algo = algorithm(cfg)
         self.schedule = schedule(cfg)
-        t = cfg.train
-        self.model = prepare_model(
-            build_model(cfg, data.shape), device, t.channels_last, t.cudnn_benchmark, t.deterministic
-        )
+        self.model = prepare_model(build_model(cfg, data.shape), device, cfg.train)
         self.loader = SeededLoader(cfg, data, device)
         warm_up_round(cfg, self.model, data.shape, len(data), device)
         self.n = sum(p.numel() for p in self.model.parameters())

@@ -8,7 +8,7 @@ import pytest
 import torch
 from fedtools import SHAPE, write_split
 
-from fedmpi.config import load_config
+from fedmpi.config import TrainConfig, load_config
 from fedmpi.data import loader_options, open_volumes
 from fedmpi.device import AUTOCAST, prepare_model
 from fedmpi.model import BrainAgeCNN
@@ -70,7 +70,7 @@ def test_under_bf16_the_predicted_age_keeps_float32_precision():
 
 
 def test_channels_last_reaches_volumes_and_weights():
-    model = prepare_model(_model(), torch.device("cpu"), channels_last=True)
+    model = prepare_model(_model(), torch.device("cpu"), TrainConfig(channels_last=True))
     assert model.features[0][0].weight.is_contiguous(memory_format=torch.channels_last_3d)
     seen, handle = _first_conv_seen(model)
     local_train(model, _batches(), epochs=1, lr=1e-3, channels_last=True)
@@ -86,7 +86,7 @@ def test_cudnn_benchmark_is_set_for_a_cuda_device_only():
         assert torch.backends.cudnn.benchmark is False
         model = _model()
         model.to = lambda *a, **k: model  # no GPU here: only the flag is under test
-        prepare_model(model, torch.device("cuda"), cudnn_benchmark=True)
+        prepare_model(model, torch.device("cuda"), TrainConfig(cudnn_benchmark=True))
         assert torch.backends.cudnn.benchmark is True
     finally:
         torch.backends.cudnn.benchmark = before
@@ -97,9 +97,9 @@ def test_deterministic_asks_cudnn_for_its_deterministic_algorithms_without_bench
     try:
         model = _model()
         model.to = lambda *a, **k: model  # no GPU here: only the flags are under test
-        prepare_model(model, torch.device("cuda"), cudnn_benchmark=True, deterministic=True)
+        prepare_model(model, torch.device("cuda"), load_config(overrides=["train.deterministic=true"]).train)
         assert torch.backends.cudnn.deterministic is True and torch.backends.cudnn.benchmark is False
-        prepare_model(model, torch.device("cuda"), cudnn_benchmark=True)
+        prepare_model(model, torch.device("cuda"), load_config().train)
         assert torch.backends.cudnn.deterministic is False and torch.backends.cudnn.benchmark is True
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before
