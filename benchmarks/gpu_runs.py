@@ -3,8 +3,8 @@
     python benchmarks/gpu_runs.py rounds RUN_DIR               # each round's breakdown, and the steady round time
     python benchmarks/gpu_runs.py compare RUNS_DIR NAME NAME...  # runs on the same cohort and seed, side by side
 
-`compare` says whether runs with the same train.amp ended with the same model bit for bit (cuDNN's algorithm
-choice and atomics may differ between runs on a GPU) and how far apart their parameters and test MAEs are.
+`compare` says whether each run ended with the first one's model bit for bit (their summaries' model_sha256; cuDNN's
+algorithm choice may differ between runs on a GPU) and, where not, how far apart their parameters are.
 """
 
 from __future__ import annotations
@@ -71,22 +71,24 @@ def compare(runs: Path, names: list[str]) -> None:
     print("\n| run | train.amp | train.deterministic | test MAE | sparsity | s/round (rounds 3..n) | model sha256 |")
     print("|---|---|---|---:|---:|---:|---|")
     done = [name for name in names if (runs / name / "summary.json").exists()]
-    amp, values = {}, {}
+    amp, digest, values = {}, {}, {}
     for name in done:
         summary = json.loads((runs / name / "summary.json").read_text())
         train = json.loads((runs / name / "config.json").read_text())["train"]
-        amp[name] = train["amp"]
+        amp[name], digest[name] = train["amp"], summary["model_sha256"]
         values[name] = load_model(runs / name / "model.npz")[0]
         figures = steady(rows_of(runs / name))
         print(
             f"| {name} | {amp[name]} | {train.get('deterministic', False)} | {summary['final_mae']:.4f} | "
             f"{summary['final_sparsity']:.3f} | "
-            f"{f'{figures[0]:.3f}' if figures else '-'} | {summary['model_sha256'][:16]} |"
+            f"{f'{figures[0]:.3f}' if figures else '-'} | {digest[name][:16]} |"
         )
-    first = done[0] if done else None
     for name in done[1:]:
-        gap = float(np.max(np.abs(values[name].astype(np.float64) - values[first])))
-        same = "the same model bit for bit" if gap == 0 and amp[name] == amp[first] else f"largest gap {gap:.3g}"
+        first = done[0]
+        if digest[name] == digest[first]:  # checkpoint.model_digest: the parameters' float32 bytes
+            same = "the same model bit for bit"
+        else:
+            same = f"largest gap {float(np.max(np.abs(values[name].astype(np.float64) - values[first]))):.3g}"
         print(f"{name} against {first} (train.amp {amp[name]} against {amp[first]}): parameters: {same}")
 
 
