@@ -32,12 +32,14 @@ def requests() -> Iterator[Callable[[], bool]]:
 
     def handler(signum, frame):
         if signum == signal.SIGINT:
-            # a rank may get one Ctrl-C twice at once (from the launcher, and forwarded by its sentinel)
-            if interrupted and time.monotonic() - interrupted[0] > REPEAT_SECONDS:
-                signal.default_int_handler(signum, frame)
-            if interrupted:
-                return
+            # A rank may get one Ctrl-C twice at once (from the launcher, and forwarded by its sentinel), and the
+            # second's handler can run inside the first's: each records its press before it looks at the others,
+            # so only the first recorded speaks (with a look first, both once saw none and both printed the line).
             interrupted.append(time.monotonic())
+            if len(interrupted) > 1:
+                if interrupted[-1] - interrupted[0] > REPEAT_SECONDS:
+                    signal.default_int_handler(signum, frame)
+                return
             if first_task():
                 print(
                     "fedmpi: Ctrl-C: stopping at a checkpoint after the current round (exit 75; --resume continues "
