@@ -10,8 +10,11 @@
 #      round's breakdown and, from 4 rounds on, the steady round time against the slowest learner's training;
 #      GPU_CHECK_AMPS="bf16 bf16 off" runs one federation per entry on the same cohort and seed and compares their
 #      models (benchmarks/gpu_runs.py): does a GPU run repeat bit for bit, what does bf16 cost in accuracy.
+#      An entry may carry --set options for its own federation after commas: "bf16 bf16,eval.every=100".
 #      GPU_CHECK_SET="train.deterministic=true ..." adds --set options to every federation; GPU_CHECK_MODEL=0 skips
-#      part 1 (the federations alone: a short device call).
+#      part 1 (the federations alone: a short device call). GPU_CHECK_LEARNERS (8), GPU_CHECK_PER (64 volumes a
+#      learner) and GPU_CHECK_TEST (64 test volumes) size the cohort: GPU_CHECK_LEARNERS=1 GPU_CHECK_PER=512 is
+#      a GPU node's own learner, with the GPU to itself.
 # Each step runs under a time limit and whatever fails, the others still run; the script then exits 1 naming
 # the failed steps. With $OUT set (the device tool's output folder) it writes its output to $OUT/gpu_check.log
 # and the federation's metrics.jsonl and summary.json beside it (metrics-gpu-2.jsonl ... for the further ones).
@@ -30,6 +33,9 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
 else
     SHAPE="(91, 109, 91)"; PER=64; LEARNERS=8; DEVICE=cuda; WIDTH=1.0
 fi
+LEARNERS=${GPU_CHECK_LEARNERS:-$LEARNERS}
+PER=${GPU_CHECK_PER:-$PER}
+TEST=${GPU_CHECK_TEST:-$PER}
 ROUNDS=${GPU_CHECK_ROUNDS:-2}
 CACHE=device
 # one federation per entry, on the same cohort and seed: "bf16 bf16 off" asks whether a GPU run repeats bit for bit
@@ -74,13 +80,15 @@ setup_mpi() {
     [ -x "$own" ] || LAUNCHER=(mpirun)
 }
 
-# federation NAME AMP: the 9-rank federation (run NAME, train.amp=AMP) and its round table
+# federation NAME ENTRY: the federation of run NAME (ENTRY: train.amp, then its own --set options after commas)
+# and its round table
 federation() {
-    local name=$1 amp=$2 suffix="" extra=() option
-    for option in ${GPU_CHECK_SET:-}; do extra+=(--set "$option"); done
+    local name=$1 amp=${2%%,*} own="" suffix="" extra=() option
+    [[ $2 == *,* ]] && own=${2#*,}
+    for option in ${GPU_CHECK_SET:-} ${own//,/ }; do extra+=(--set "$option"); done
     [ "$name" != gpu ] && suffix=-$name
     echo
-    echo "== $((LEARNERS + 1))-rank federation $name: $LEARNERS learners share one $DEVICE, $PER volumes each, $ROUNDS rounds, train.amp=$amp${GPU_CHECK_SET:+ $GPU_CHECK_SET}"
+    echo "== $((LEARNERS + 1))-rank federation $name: $LEARNERS learner(s) on one $DEVICE, $PER volumes each, $ROUNDS rounds, train.amp=$amp${GPU_CHECK_SET:+ $GPU_CHECK_SET}${own:+ ${own//,/ }}"
     OMP_NUM_THREADS=1 step "federation $name" 210 "${LAUNCHER[@]}" -n $((LEARNERS + 1)) "$PYTHON" -m fedmpi train \
         --set data.dir="$WORK/split" --set run.dir="$WORK/runs" --set run.name="$name" --set federation.learners=$LEARNERS \
         --set federation.rounds=$ROUNDS --set federation.algorithm=fedsparsify-global --set federation.target=0.9 \
@@ -111,8 +119,8 @@ import sys
 sys.path.insert(0, "tests")
 from pathlib import Path
 from fedtools import write_split
-write_split(Path("$WORK/split"), learners=$LEARNERS, per_learner=$PER, test=$PER, shape=$SHAPE)
-print("wrote $LEARNERS x $PER + $PER volumes of shape $SHAPE to $WORK/split")
+write_split(Path("$WORK/split"), learners=$LEARNERS, per_learner=$PER, test=$TEST, shape=$SHAPE)
+print("wrote $LEARNERS x $PER + $TEST volumes of shape $SHAPE to $WORK/split")
 EOF
     then
         echo "== gpu_check FAILED: cohort (nothing else can run)"

@@ -4,6 +4,8 @@ chosen for a CUDA device, and data.cache=device keeps the volumes on the device 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from fedtools import SHAPE, write_split
@@ -186,8 +188,8 @@ def test_the_prepared_gpu_check_runs_end_to_end_in_smoke_mode(tmp_path):
     """benchmarks/gpu_check.sh at toy sizes on the CPU: the script a GPU session runs once has run, and its
     output and the federation's metrics come back in $OUT (what the device tool returns); with 4 rounds it also
     gives the steady round time, and with two federations of one precision it compares their models (the same seed
-    on the CPU: the same model)."""
-    proc = _gpu_check(tmp_path, GPU_CHECK_ROUNDS="4", GPU_CHECK_AMPS="bf16 bf16")
+    on the CPU: the same model, also when the second evaluates only every other round: its own option)."""
+    proc = _gpu_check(tmp_path, GPU_CHECK_ROUNDS="4", GPU_CHECK_AMPS="bf16 bf16,eval.every=2", GPU_CHECK_TEST="3")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     log = (tmp_path / "out" / "gpu_check.log").read_text()
     for table in (
@@ -195,12 +197,18 @@ def test_the_prepared_gpu_check_runs_end_to_end_in_smoke_mode(tmp_path):
         "| model step, batch 4 |",
         "| evaluation, batch 8 |",
         "| data loader into the device",
+        "wrote 2 x 4 + 3 volumes",
         "| round | wall | train | setup |",
         "steady state, rounds 3-4: ",
         "gpu-2 against gpu (train.amp off against off): parameters: the same model bit for bit",
         "== gpu_check done",
     ):
         assert table in proc.stdout and table in log
+    (second,) = [line for line in log.splitlines() if line.startswith("== 3-rank federation gpu-2: ")]
+    assert second.startswith("== 3-rank federation gpu-2: 2 learner(s) on one cpu, 4 volumes each, 4 rounds, ")
+    assert second.endswith(" eval.every=2")  # bf16, or off where this CPU refuses it
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics-gpu-2.jsonl").read_text().splitlines()]
+    assert [row.get("test_mae") is not None for row in rows] == [False, True, False, True]
     for name in ("metrics.jsonl", "metrics-gpu-2.jsonl"):
         assert len((tmp_path / "out" / name).read_text().splitlines()) == 4
     assert (tmp_path / "out" / "summary.json").exists()
