@@ -1,7 +1,7 @@
 """Server aggregation cost as the federation grows (run under mpirun; driven by bench_comm.py).
 
 Every learner hands the server a model of N float32 parameters at the given sparsity; the server
-aggregates it the way the trainer does for the named algorithm: MPI Reduce of pre-weighted values under a
+aggregates it the way the trainer does for the named algorithm: the sum of pre-weighted values under a
 shared mask (fedsparsify-global, and every algorithm the table gives a shared mask), or Gatherv of encoded
 models + streaming majority vote (fedsparsify-local). Prints one JSON line from rank 0: seconds per round in
 the collective and in aggregation, and the server's peak resident memory (the same start-up work at every

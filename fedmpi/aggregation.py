@@ -2,7 +2,7 @@
 
 Models are flat 1-D parameter vectors; weights come from the learners' training-sample counts.
 FedAvg's weighted mean is a plain sum: each learner scales its float32 values by its share n_k / n
-(`fedavg_weights`) and MPI's Reduce adds the products in float32, so the server never holds K models.
+(`fedavg_weights`) and the wire's sum adds the products in float32, so the server never holds K models.
 Majority voting accumulates in float64 and returns the merged model as float32.
 """
 

@@ -34,7 +34,7 @@ class Algorithm:
 
     @property
     def shared_mask(self) -> bool:
-        """Learners train inside the global mask and send values in it (summed by Reduce); otherwise each
+        """Learners train inside the global mask and send values in it (summed by the wire); otherwise each
         learner prunes its own model and sends it encoded (merged by majority vote)."""
         return self.prune_at != "learner"
 

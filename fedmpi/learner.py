@@ -128,7 +128,7 @@ class Learner:
             prunes = s_t > 0 and local_finite
             mask = prune(local, global_mask, s_t, self.algo.selector, seed) if prunes else global_mask
             payload = encoding.encode(pruning.apply_mask(local, mask), mask)
-        else:  # float32 values times a float32 weight: already the buffer the Reduce sums
+        else:  # float32 values times a float32 weight: already the buffer the wire sums
             payload = encoding.gather_values(local, global_mask) * self.weight
         # PruneFL's reconfiguration rounds: every position's squared gradients, dense (pruned ones count too)
         importance = None if squares is None else torch.cat([q.reshape(-1) for q in squares]).float().cpu().numpy()

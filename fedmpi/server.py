@@ -1,7 +1,7 @@
 """The federation server (rank 0).
 
 Each round: send the global model (values, plus the mask when it changed) -> learners train ->
-aggregate (FedAvg by MPI Reduce of pre-weighted values, or majority vote over the learners'
+aggregate (FedAvg by the sum of pre-weighted values, or majority vote over the learners'
 own sparse models) -> prune to s_t where the algorithm says so, or, in PruneFL's reconfiguration
 rounds, choose the mask afresh from the learners' summed squared gradients -> evaluate -> record.
 """
@@ -294,7 +294,7 @@ class Server:
     def summed_model(
         self, t: int, summed: np.ndarray, importance: np.ndarray | None, global_mask: np.ndarray
     ) -> np.ndarray:
-        """The shared-mask merge: the learners' pre-weighted kept values as the Reduce summed them (FedAvg's
+        """The shared-mask merge: the learners' pre-weighted kept values as the wire summed them (FedAvg's
         weighted mean), scattered into the global mask; a sum that is not finite, or PruneFL's summed squared
         gradients (`importance`) that are not, is refused."""
         if not np.isfinite(summed).all():

@@ -27,7 +27,7 @@ class FakeWire:
 
     def __init__(self, reports, payloads=None, summed=None, importance=None, received=()):
         self.reports, self.payloads = reports, payloads
-        self.reduced = [summed, importance]  # the values' Reduce, then (PruneFL) the squared gradients'
+        self.reduced = [summed, importance]  # the values' sum, then (PruneFL) the squared gradients'
         self.received, self.sent = list(received), []
 
     def reset_counters(self):
@@ -347,7 +347,7 @@ def test_prunefl_round_without_reconfiguration_keeps_the_mask():
     state, row, changed, wire = _prunefl_round(None, t=1, payload_nbytes=4 * 40)
     assert np.array_equal(state.mask, _state().mask) and not changed
     assert (row["regrown"], row["pruned"]) == (0, 0)
-    assert wire.reduced == [None]  # no second Reduce was asked for
+    assert wire.reduced == [None]  # no second sum was asked for
 
 
 def test_prunefl_reconfiguration_refuses_reports_without_the_squared_gradients():

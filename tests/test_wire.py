@@ -629,6 +629,38 @@ def test_a_short_row_or_report_is_refused_naming_the_learner(wire):
 
 
 @mpi
+def test_a_short_or_long_part_of_the_sum_is_refused_naming_the_learner(wire):
+    """Each learner's part of the sum comes point to point, so its length is checked as a report's is (the last
+    learner errs: the server has taken every other part when it refuses, so no part is left for a later test)."""
+    last = wire.size - 1
+    if wire.is_server:
+        short = rf"^learner {last} \(rank {last}\) sent 4 bytes for a part of the values, expected 8$"
+        with pytest.raises(PayloadError, match=short):
+            wire.reduce_sum(np.zeros(2, np.float32), "values")
+        with pytest.raises(PayloadError, match=rf"^learner {last} \(rank {last}\) sent a part of the values that MPI"):
+            wire.reduce_sum(np.zeros(2, np.float32), "values")
+    else:
+        wire.reduce_sum(np.ones(1 if wire.rank == last else 2, np.float32), "values")
+        wire.reduce_sum(np.ones(3 if wire.rank == last else 2, np.float32), "values")
+
+
+@mpi
+def test_the_sum_adds_the_learners_parts_in_rank_order(wire):
+    """The sum is the same under any MPI: ((part 1 + part 2) + part 3) ..., in float32, whatever order MPI's
+    reduction would have taken. The parts make the order show from 3 learners on: (1 + 1e8) - 1e8 is 0 in
+    float32, where a tree's 1 + (1e8 - 1e8) would give 1."""
+    parts = {1: 1.0, 2: 1e8, 3: -1e8}
+    out = wire.reduce_sum(np.full(2, parts.get(wire.rank, 0.0), np.float32))
+    if wire.is_server:
+        expected = np.zeros(2, np.float32)
+        for k in range(1, wire.size):
+            expected += np.float32(parts.get(k, 0.0))
+        assert np.array_equal(out, expected)
+        if wire.size >= 4:
+            assert out.tolist() == [0.0, 0.0]
+
+
+@mpi
 def test_gatherv_refuses_a_size_other_than_the_announced_one_before_allocating(wire):
     comm = wire.comm
     mine = None if wire.is_server else np.full(3 * wire.rank, wire.rank, np.uint8)
