@@ -661,6 +661,18 @@ def test_the_sum_adds_the_learners_parts_in_rank_order(wire):
 
 
 @mpi
+def test_the_server_reuses_its_receive_buffers_for_the_later_parts_of_a_sum(wire, monkeypatch):
+    """At most SUM_WINDOW parts are received at once (memory O(model)); with a window of one, every part after the
+    first lands in the buffer the one before it was added from."""
+    import fedmpi.wire
+
+    monkeypatch.setattr(fedmpi.wire, "SUM_WINDOW", 1)
+    out = wire.reduce_sum(np.arange(3, dtype=np.float32) * wire.rank)
+    if wire.is_server:
+        assert out.tolist() == (np.arange(3, dtype=np.float32) * sum(range(1, wire.size))).tolist()
+
+
+@mpi
 def test_gatherv_refuses_a_size_other_than_the_announced_one_before_allocating(wire):
     comm = wire.comm
     mine = None if wire.is_server else np.full(3 * wire.rank, wire.rank, np.uint8)
