@@ -691,8 +691,12 @@ def test_a_stopped_sweep_lets_the_run_in_flight_reach_its_checkpoint_and_leaves_
     second SIGINT makes mpirun abort the ranks at once) and the sweep must wait for it."""
     import signal
 
-    # SIGINT as an interactive shell leaves it (a background job of a script would inherit it ignored)
-    prelude = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)"
+    # SIGINT as an interactive shell leaves it (a background job of a script would inherit it ignored), and SIGHUP
+    # as a terminal's shell does: a test suite run under nohup would hand the sweep an ignored hangup, which it keeps
+    prelude = (
+        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "signal.signal(signal.SIGHUP, signal.SIG_DFL)"
+    )
     with _sweep_running_a_step(tmp_path, prelude) as (proc, marks, step_pid):
         if how.startswith("SIGTERM"):
             proc.send_signal(signal.SIGTERM)
