@@ -55,7 +55,7 @@ TAG_MODEL = 16
 TAG_GO = 17
 TAG_FAREWELL = 18
 TAG_SUM = 19
-SUM_WINDOW = 4  # learners' parts of a sum the server receives at once (memory: this many models)
+SUM_WINDOW = 4  # learners' parts of a sum the server receives at a time (memory: this many models)
 MAX_SLEEP = 0.002  # a wait's longest sleep while it is short (the Wire's default)
 LATE_SHARE = 0.004  # a wait's polling may add this fraction of its length (plus max_sleep) to it
 MAX_PAUSE = 0.02
@@ -248,43 +248,20 @@ class Wire:
         Each learner's buffer comes point to point, checked for its length, and the server adds them up in rank
         order: the same sum, bit for bit, under any MPI. Not MPI_Ireduce: Open MPI's nonblocking reduce moves
         one segment of about 8 kB per test, so a 12 MB model took some 1,500 tests, 16-45 s of sleep-polling.
-        At most SUM_WINDOW parts are in flight at once, so the server's memory stays O(model)."""
+        SUM_WINDOW learners' parts at a time (rank 1-4, 5-8, ...), so the server's memory stays O(model)."""
         buf = _contiguous(buf)
         if not self.is_server:
             self.bytes_up += buf.nbytes
             sending = self.comm.Isend(buf, dest=SERVER, tag=TAG_SUM)
             self._wait(sending, what, quick=self._take_go(what))
             return None
-        noun = f"a part of the {what}"
         total = np.zeros_like(buf)
         slots = [np.empty_like(buf) for _ in range(min(SUM_WINDOW, self.learners))]
-        pending: dict[int, MPI.Request] = {}
-        statuses: dict[int, MPI.Status] = {}
-
-        def post(k: int, slot: np.ndarray) -> None:
-            if k < self.size:
-                pending[k], statuses[k] = self.comm.Irecv(slot, source=k, tag=TAG_SUM), MPI.Status()
-
-        for k, slot in enumerate(slots, start=1):
-            post(k, slot)
-        try:
-            for k in range(1, self.size):
-                slot = slots[(k - 1) % len(slots)]
-                mine, status = {k: pending[k]}, {k: statuses[k]}
-                self._poll(
-                    lambda mine=mine, status=status: _complete(mine, status, noun),
-                    what,
-                    lambda: self._missing(pending, f"no part of the {what}"),
-                    quick=True,
-                )
-                del pending[k]
-                del statuses[k]
-                _check_counts(status, buf.nbytes, noun)
+        for first in range(1, self.size, len(slots)):
+            ranks = range(first, min(first + len(slots), self.size))
+            self._from_learners(dict(zip(ranks, slots)), TAG_SUM, what, f"part of the {what}", quick=True)
+            for slot in slots[: len(ranks)]:
                 total += slot
-                post(k + len(slots), slot)
-        except BaseException:  # the job ends; the later parts' receives stay MPI's, their buffers with them
-            self.abandoned.extend(pending.values())
-            raise
         self.bytes_up += buf.nbytes * self.learners
         return total
 
@@ -429,9 +406,13 @@ class Wire:
         self._check("the model", None, force=True)
 
     def _rows_from_learners(self, rows: np.ndarray, tag: int, what: str, noun: str, **wait) -> None:
-        """Server: row k of `rows` from learner k, one wait for all (`wait`: _poll's expected or patience); a
-        learner whose row is missing at the deadline is named ("no {noun}"), one of the wrong length refused."""
-        pending = {k: self.comm.Irecv(rows[k], source=k, tag=tag) for k in range(1, self.size)}
+        """Server: row k of `rows` from learner k (_from_learners)."""
+        self._from_learners({k: rows[k] for k in range(1, self.size)}, tag, what, noun, **wait)
+
+    def _from_learners(self, bufs: dict[int, np.ndarray], tag: int, what: str, noun: str, **wait) -> None:
+        """Server: bufs[k] from learner k, one wait for all (`wait`: _poll's quick, expected or patience); a
+        learner whose message is missing at the deadline is named ("no {noun}"), one of the wrong length refused."""
+        pending = {k: self.comm.Irecv(buf, source=k, tag=tag) for k, buf in bufs.items()}
         statuses = {k: MPI.Status() for k in pending}
         self._poll(
             lambda: _complete(pending, statuses, f"a {noun}"),
@@ -440,7 +421,7 @@ class Wire:
             requests=pending.values(),
             **wait,
         )
-        _check_counts(statuses, rows[0].nbytes, f"a {noun}")
+        _check_counts(statuses, next(iter(bufs.values())).nbytes, f"a {noun}")
 
     def closing_nbytes(self) -> int:
         """What the end of a run (end_server, end_learner) moves: each learner's farewell up, the final header down."""
