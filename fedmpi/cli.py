@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-from .errors import EXIT_INTERRUPTED
+from .errors import EXIT_INTERRUPTED, EXIT_SIGNAL_BASE, Terminated
 
 
 class _Once(argparse.Action):
@@ -81,11 +81,15 @@ def _train(argv: list[str]) -> int:
     from .sentinel import supervise
 
     with preemption.requests() as stop:
-        supervise()
-        args = _parse_train(argv)
-        from .launch import train
+        try:
+            supervise()
+            args = _parse_train(argv)
+            from .launch import train
 
-        return train(args.config, args.set, resume=args.resume, overwrite=args.overwrite, stop=stop)
+            return train(args.config, args.set, resume=args.resume, overwrite=args.overwrite, stop=stop)
+        except Terminated as e:  # before the rank's failure path is in place (the imports, the configuration)
+            print(f"fedmpi: {e}", file=sys.stderr)
+            return EXIT_SIGNAL_BASE + signal.SIGTERM
 
 
 def _parse_train(argv: list[str]) -> argparse.Namespace:

@@ -83,17 +83,24 @@ class MissingExtra(UserError, RuntimeError):
     and the install command."""
 
 
+class Terminated(BaseException):
+    """SIGTERM came again while the run was stopping: it ends at once rather than after the round in flight, which
+    may never finish (a stalled peer), as a second Ctrl-C does. Like KeyboardInterrupt it is no Exception, so no
+    `except Exception` takes it for the failure of the code it lands in (a checkpoint being read taken for a
+    damaged one)."""
+
+
 # A full disk, an exhausted quota, a file system remounted read-only, a file size limit (`ulimit -f`, a file
 # system's largest file): the user's to fix, not a bug.
 STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
 def is_user_error(exc: BaseException) -> bool:
-    """The user's to fix (a UserError, a full disk or quota, a read-only file system) or a Ctrl-C: reported as one
-    line, without a traceback."""
+    """The user's to fix (a UserError, a full disk or quota, a read-only file system) or a stop asked twice (Ctrl-C,
+    SIGTERM): reported as one line, without a traceback."""
     if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
         return True
-    return isinstance(exc, (UserError, KeyboardInterrupt))
+    return isinstance(exc, (UserError, KeyboardInterrupt, Terminated))
 
 
 WORKER_TRACEBACK = "\nOriginal Traceback (most recent call last):\n"  # torch's re-raise of a DataLoader worker's error

@@ -2,7 +2,10 @@
 forwards it) and SIGTERM ask a run to checkpoint after the current round and exit 75, to be requeued.
 Ctrl-C (SIGINT, which mpirun forwards to every rank) asks the same: a KeyboardInterrupt landed anywhere
 in every rank (tracebacks from inside weakref callbacks, a "failed" line per rank); a second Ctrl-C ends
-the run at once (mpirun aborts the job; a lone process raises KeyboardInterrupt).
+the run at once (mpirun aborts the job; a lone process raises KeyboardInterrupt). A second SIGTERM does
+too (errors.Terminated): a round that never finishes (a stalled peer) held a `kill`ed job until the round
+watchdog, 30 minutes. The time-limit warning never does: SLURM's SIGTERM at the limit after it would end
+the round that the warning had left to finish.
 
 `train` takes them before anything else: its imports alone take seconds, and either signal's default
 action ends the process. Once the rank's work is done they are ignored: Python's finalization restores
@@ -17,36 +20,49 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 
+from .errors import Terminated
 from .sentinel import first_task
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-REPEAT_SECONDS = 1.0  # a Ctrl-C within this long of the first is the same one, delivered twice
+REPEAT_SECONDS = 1.0  # a signal within this long of the first of its kind is the same one, delivered twice
+SAID = {  # what the launcher's first task says of the first of each kind that a second one ends at once
+    signal.SIGINT: "Ctrl-C: stopping at a checkpoint after the current round (exit 75; --resume continues the run); "
+    "Ctrl-C again ends it at once",
+    signal.SIGTERM: "SIGTERM: stopping at a checkpoint after the current round (exit 75; --resume continues the "
+    "run); a second SIGTERM ends it at once",
+}
+
+
+def _at_once(signum, frame):
+    """What a second Ctrl-C or SIGTERM does: raise in the main thread wherever it is, so the rank's failure path
+    ends the job (launch.train)."""
+    if signum == signal.SIGINT:
+        signal.default_int_handler(signum, frame)
+    raise Terminated(
+        "SIGTERM again: ended at once, without the round in flight (--resume continues from the last checkpoint)"
+    )
 
 
 @contextlib.contextmanager
 def requests() -> Iterator[Callable[[], bool]]:
     """Yield the question "was a stop asked?", which the server and the centralized baseline ask after each
-    round (learners follow the server); ignore both signals on the way out, however it is left."""
+    round (learners follow the server); ignore the signals on the way out, however it is left."""
     requested = {"stop": False}
-    interrupted: list[float] = []
+    came: dict[int, list[float]] = {sig: [] for sig in SAID}
 
     def handler(signum, frame):
-        if signum == signal.SIGINT:
-            # A rank may get one Ctrl-C twice at once (from the launcher, and forwarded by its sentinel), and the
-            # second's handler can run inside the first's: each records its press before it looks at the others,
+        if signum in came:
+            # A rank may get one signal twice at once (from the launcher, and forwarded by its sentinel), and the
+            # second's handler can run inside the first's: each records its arrival before it looks at the others,
             # so only the first recorded speaks (with a look first, both once saw none and both printed the line).
-            interrupted.append(time.monotonic())
-            if len(interrupted) > 1:
-                if interrupted[-1] - interrupted[0] > REPEAT_SECONDS:
-                    signal.default_int_handler(signum, frame)
+            times = came[signum]
+            times.append(time.monotonic())
+            if len(times) > 1:
+                if times[-1] - times[0] > REPEAT_SECONDS:
+                    _at_once(signum, frame)
                 return
             if first_task():
-                print(
-                    "fedmpi: Ctrl-C: stopping at a checkpoint after the current round (exit 75; --resume continues "
-                    "the run); Ctrl-C again ends it at once",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                print(f"fedmpi: {SAID[signum]}", file=sys.stderr, flush=True)
         requested["stop"] = True
 
     for sig in SIGNALS:

@@ -58,6 +58,33 @@ def test_train_takes_the_preemption_signals_before_anything_else(monkeypatch):
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
 
 
+def test_a_second_sigterm_while_the_rank_starts_ends_it_with_one_line(monkeypatch, capsys):
+    """Before MPI is up no failure path of the rank's own is in place (its imports take seconds): a second SIGTERM
+    there ends the process with the line and SIGTERM's status, not a traceback."""
+    import os
+    import signal
+
+    from fedmpi import launch, preemption, sentinel
+
+    def slow_imports(*args, stop, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("not ended by the second SIGTERM")
+
+    for name in sentinel.RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sentinel, "supervise", lambda: None)
+    monkeypatch.setattr(preemption, "REPEAT_SECONDS", 0.0)
+    monkeypatch.setattr(launch, "train", slow_imports)
+    assert cli.main(["train"]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert err.endswith(
+        "fedmpi: SIGTERM again: ended at once, without the round in flight (--resume continues from "
+        "the last checkpoint)\n"
+    ), err
+    assert "Traceback" not in err
+
+
 def test_a_report_into_a_pipe_its_reader_closed_ends_quietly_like_a_unix_tool():
     """`python -m fedmpi report runs/ | head -3`: SIGPIPE's status, no BrokenPipeError traceback."""
     import os

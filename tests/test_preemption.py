@@ -52,6 +52,32 @@ def test_ctrl_c_asks_for_a_stop_says_so_once_and_a_second_one_interrupts(capsys,
         assert stop() and capsys.readouterr().err == ""
 
 
+def test_a_second_sigterm_ends_the_run_at_once_and_the_warning_never_does(capsys, monkeypatch):
+    """A SIGTERM waited for the round in flight, however often it came, so a round that never finished (a stalled
+    peer) held a `kill`ed job until the round watchdog, 30 minutes. Now the first is said and a second ends the run
+    at once, as a second Ctrl-C does; the same SIGTERM delivered twice at once is one. SLURM's time-limit warning,
+    however often, only asks for the stop: its SIGTERM at the limit ends the round the warning left to finish."""
+    from fedmpi.errors import Terminated, is_user_error
+    from fedmpi.sentinel import RANK_VARIABLES
+
+    for name in RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    with preemption.requests() as stop:
+        for _ in range(3):
+            os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop()
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # the same one again (launcher and sentinel both forward it)
+        err = capsys.readouterr().err
+        assert err.count("SIGTERM: stopping at a checkpoint after the current round") == 1, err
+        assert "a second SIGTERM ends it at once" in err
+        monkeypatch.setattr(preemption, "REPEAT_SECONDS", 0.0)  # a second one, a while later
+        with pytest.raises(Terminated, match="without the round in flight") as raised:
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert is_user_error(raised.value) and not isinstance(raised.value, Exception)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+
+
 def test_a_ctrl_c_whose_handler_runs_inside_the_first_ones_is_not_said_twice(capsys, monkeypatch):
     """Python runs a signal's handler between any two bytecodes, so the launcher's and the sentinel's copies of one
     Ctrl-C can nest: the second ran after the first had looked for an earlier press and before it recorded its own,

@@ -183,6 +183,33 @@ def test_a_signal_to_the_launcher_ends_the_job_and_resume_matches(split, referen
     assert _same_model(reference, tmp_path / "l")
 
 
+def test_a_second_sigterm_ends_a_stalled_job_at_once(split, tmp_path):
+    """A `kill` of the ranks asks for a stop after the round in flight; when that round never finishes (a learner
+    stopped, alive but silent), the job waited, whatever else came, until the round watchdog (run.round_timeout,
+    30 minutes by default; 600 s here). A second SIGTERM now ends it at once, naming why; the last checkpoint
+    stands. The ranks are signalled, not the launcher (MPICH's mpirun would end the job on a second signal itself)."""
+    from fedmpi.checkpoint import Checkpoints
+
+    proc = start_fedmpi(split, tmp_path, *ROUNDS, "run.name=t", "run.round_timeout=600")
+    ranks = [rank_process(proc, k) for k in range(3)]
+    wait_rows(tmp_path / "t", 1, proc)
+    os.kill(ranks[1], signal.SIGSTOP)
+    try:
+        for _ in range(2):
+            time.sleep(2.5)  # apart by more than preemption.REPEAT_SECONDS: a second SIGTERM, not the first twice
+            for pid in ranks:
+                os.kill(pid, signal.SIGTERM)
+        code, out, err, seconds = _finish(proc, 60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(ranks[1], signal.SIGKILL)
+    assert code not in (0, 75) and seconds < 30, out + err
+    assert err.count("fedmpi: SIGTERM: stopping at a checkpoint after the current round") == 1, err
+    assert "fedmpi: rank 0 (server) failed: Terminated: SIGTERM again: ended at once" in err, err
+    assert "Traceback" not in err and "round deadline" not in err, err
+    assert Checkpoints(tmp_path / "t" / "checkpoints").latest() is not None
+
+
 def test_a_warning_after_the_last_round_does_not_fail_the_finished_job(split, tmp_path):
     """Seen under a real SLURM: the time-limit warning came while the server wrote its final outputs, and the
     learners, done and waiting in MPI_Finalize, died of it (Python's finalization restores a handled signal's
