@@ -14,10 +14,9 @@ from .algorithms import round_seed
 from .data import check_volumes, open_volumes
 from .device import prepare_model
 from .errors import EXIT_USAGE, ConfigError, DataError, DivergedError, UserError
-from .hostmemory import available_memory
 from .metrics import mean_predictor_mae
 from .model import build_model, flat_parameters, load_flat_parameters
-from .preflight import RankCheck, cache_refusal, check_rank, say, volume_bytes, volume_shape
+from .preflight import RankCheck, cache_place, cache_refusal, check_rank, say, volume_bytes, volume_shape
 from .recorder import Recorder, evaluation_due, start_state
 from .resume import split_problems
 from .training import SeededLoader, train_round, warm_up_round
@@ -41,12 +40,11 @@ def run_centralized(cfg, data_dir: Path, resume: bool, overwrite: bool, should_s
                 raise DataError(f"{p}: volume shape {tuple(head['shape'])} differs from {TEST_FILE}'s")
             split[p.name] = head["digest"]
             volumes += head["n"]
-        room = available_memory()
+        place, room = cache_place(cfg.data.cache, checked.device)
         need = volumes * volume_bytes(checked.info[0])
-        if cfg.data.cache == "memory" and room is not None and need > room:
-            raise ConfigError(
-                cache_refusal(need, room, f"{volumes} volumes of {len(files)} learner files and {TEST_FILE}")
-            )
+        if place and 0 <= room < need:
+            whose = f"{volumes} volumes of {len(files)} learner files and {TEST_FILE}"
+            raise ConfigError(cache_refusal(cfg.data.cache, place, need, room, whose))
         problems = split_problems(checked.resume[2].get("split") if checked.resume else None, split)
         if problems:
             raise DataError(problems[0])

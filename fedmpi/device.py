@@ -39,6 +39,15 @@ def select_device(preference: str = "auto", local_rank: int = 0) -> torch.device
     return torch.device("cpu")
 
 
+def gpu_room(device: torch.device) -> tuple[str, int]:
+    """A GPU's name for the preflight and its free memory in bytes, as the driver counts it (other processes'
+    allocations taken off). The name carries the GPU's UUID where torch gives it: ranks that each see their own
+    CUDA_VISIBLE_DEVICES all call theirs cuda:0, and only the UUID says whether they share one."""
+    free, _total = torch.cuda.mem_get_info(device)
+    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+    return (f"{device} (GPU-{uuid})" if uuid else str(device)), int(free)
+
+
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 

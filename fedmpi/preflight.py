@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 ERROR_BYTES = 512  # room for one rank's preflight message
 DIGEST_BYTES = 64  # a SHA-256 in hex
+PLACE_BYTES = 128  # where a rank's cache is: "host", or a GPU's device and UUID
 PIPELINE_BYTES = 4096  # a file's preprocessing record as JSON: about 800 bytes (more with registration's options)
 # The largest sample count or volume axis a preflight record may hold: above 2**53 a float64 is always "whole",
 # and two counts near float64's limit sum to inf (every FedAvg share 0, the mean age NaN).
@@ -205,30 +206,53 @@ def copy_problems(split: dict[str, str], data_dir: Path) -> list[str]:
     return out
 
 
-def cache_problems(cache: str, infos: np.ndarray, rooms: np.ndarray, hosts: list[str]) -> list[str]:
-    """Hosts whose ranks' data.cache=memory would decode more volumes than the memory left to them: the smallest
-    that any of its ranks reported (a rank in a cgroup of its own may have less), -1 where a rank could not tell.
-    One line per host; its ranks are named, as a job with several ranks on a node adds theirs up. Only the caches
-    are weighed: what a training step takes besides is not known before it runs."""
-    if cache != "memory":
-        return []
+def cache_place(cache: str, device) -> tuple[str, int]:
+    """Where this rank's data.cache keeps its decoded volumes, "host" or its GPU's name ("" with no cache, or no
+    device: the rank has a problem of its own), and the room left there (-1 where the rank cannot tell)."""
+    if cache == "off" or device is None:
+        return "", -1
+    if cache == "device" and device.type == "cuda":
+        from .device import gpu_room
+
+        return gpu_room(device)
+    if cache == "device" and device.type != "cpu":  # another accelerator: no free memory to ask it for
+        return "", -1
+    room = available_memory()
+    return "host", -1 if room is None else room
+
+
+def cache_problems(cache: str, places: list[str], infos: np.ndarray, rooms: np.ndarray, hosts: list[str]) -> list[str]:
+    """Hosts, and GPUs, whose ranks' caches would hold more decoded volumes than the room left there (cache_place):
+    the smallest room that any of its ranks reported (a rank in a cgroup of its own may have less), -1 where a rank
+    could not tell. One line per host or GPU; its ranks are named, as ranks sharing a node or a GPU add theirs up.
+    Only the caches are weighed: what a training step takes besides is not known before it runs."""
     out = []
-    for host in dict.fromkeys(hosts):
-        ranks = [r for r, h in enumerate(hosts) if h == host]
+    for host, place in dict.fromkeys(zip(hosts, places)):
+        if not place:
+            continue
+        ranks = [r for r, here in enumerate(zip(hosts, places)) if here == (host, place)]
         known = [int(rooms[r]) for r in ranks if rooms[r] >= 0]
         volumes = sum(int(infos["samples"][r]) for r in ranks)
         need = sum(int(infos["samples"][r]) * volume_bytes(infos[r]) for r in ranks)
-        if known and need > min(known):
-            whose = f"ranks {', '.join(map(str, ranks))}: {volumes} volumes"
-            out.append(f"host {host}: {cache_refusal(need, min(known), whose)}, or place fewer ranks on a host")
+        if not known or need <= min(known):
+            continue
+        whose = f"ranks {', '.join(map(str, ranks))}: {volumes} volumes"
+        fewer = "a host" if place == "host" else "a GPU"
+        refusal = cache_refusal(cache, place, need, min(known), whose)
+        out.append(f"host {host}: {refusal}, or place fewer ranks on {fewer}")
     return out
 
 
-def cache_refusal(need: int, room: int, whose: str) -> str:
-    """Why decoded volumes cannot be cached, and what to do instead."""
+def cache_refusal(cache: str, place: str, need: int, room: int, whose: str) -> str:
+    """Why decoded volumes cannot be cached at `place` (cache_place), and what to do instead."""
+    if place == "host":
+        return (
+            f"data.cache={cache} would keep {size_text(need)} of decoded volumes ({whose}, float32) in memory, and "
+            f"{size_text(room)} is left there: set data.cache=off (each epoch then reads its volumes from the file)"
+        )
     return (
-        f"data.cache=memory would keep {size_text(need)} of decoded volumes ({whose}, float32) in memory, and "
-        f"{size_text(room)} is left there: set data.cache=off (each epoch then reads its volumes from the file)"
+        f"data.cache={cache} would keep {size_text(need)} of decoded volumes ({whose}, float32) on {place}, and "
+        f"{size_text(room)} of it is free: set data.cache=memory (the volumes then go to the GPU batch by batch)"
     )
 
 
@@ -267,14 +291,16 @@ def preflight(cfg: Config, wire, data_dir: Path, local_rank: int, resume: bool, 
     rows = np.zeros((wire.size, width(PREFLIGHT)), np.float64)  # filled on the server only
     texts = np.zeros((wire.size, ERROR_BYTES), np.uint8)
     digests = np.zeros((wire.size, DIGEST_BYTES), np.uint8)
+    places = np.zeros((wire.size, PLACE_BYTES), np.uint8)
     rooms = np.zeros(wire.size, np.int64)
     pipelines = np.zeros((wire.size, PIPELINE_BYTES), np.uint8)
     here = wire.is_server
     wire.gather(mine.info.view(np.float64), rows if here else None, "the preflight records")
     wire.gather(text_row(problem, ERROR_BYTES), texts if here else None, "the preflight messages")
     wire.gather(text_row(mine.digest, DIGEST_BYTES), digests if here else None, "the data digests")
-    room = available_memory()  # before any rank decodes its volumes: they do so once the preflight has passed
-    wire.gather(np.array([-1 if room is None else room], np.int64), rooms if here else None, "the free memory")
+    place, room = cache_place(cfg.data.cache, mine.device)  # before any rank decodes: once the preflight has passed
+    wire.gather(text_row(place, PLACE_BYTES), places if here else None, "the caches' places")
+    wire.gather(np.array([room], np.int64), rooms if here else None, "the free memory")
     wire.gather(text_row(mine.pipeline, PIPELINE_BYTES), pipelines if here else None, "the preprocessing records")
     notes: list[str] = []
     problems: list[str] = []
@@ -286,7 +312,8 @@ def preflight(cfg: Config, wire, data_dir: Path, local_rank: int, resume: bool, 
         split = {rank_file(k): row_text(d) for k, d in enumerate(digests)}
         problems += copy_problems(split, data_dir)
         if not problems:  # every record is one a volume file gives
-            problems += cache_problems(cfg.data.cache, infos, rooms, [t["host"] for t in wire.table])
+            hosts = [t["host"] for t in wire.table]
+            problems += cache_problems(cfg.data.cache, [row_text(p) for p in places], infos, rooms, hosts)
             notes = pipeline_notes([row_text(p) for p in pipelines])
         if mine.resume is not None:
             from .resume import split_problems

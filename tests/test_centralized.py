@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from fedtools import TINY, metrics, run_fedmpi, summary, train_command, wait_rows, write_split, write_volumes
 
-from fedmpi import centralized
+from fedmpi import centralized, preflight
 from fedmpi.checkpoint import load_model, model_digest
 from fedmpi.config import load_config
 from fedmpi.errors import EXIT_PREEMPTED
@@ -172,7 +172,7 @@ def test_centralized_resume_refuses_a_changed_learner_file(tmp_path, capsys):
 def test_a_pooled_cache_the_memory_cannot_hold_is_refused_before_a_volume_is_decoded(tmp_path, capsys, monkeypatch):
     """One process caches every learner file and test.h5: 18 volumes of 16x20x16 float32 = 368,640 bytes."""
     data = write_split(tmp_path / "data", learners=2, per_learner=6, test=6)
-    monkeypatch.setattr(centralized, "available_memory", lambda: 300_000)
+    monkeypatch.setattr(preflight, "available_memory", lambda: 300_000)
     assert _centralized(data, tmp_path / "runs") == 2
     err = capsys.readouterr().err
     assert err.startswith("fedmpi: error: data.cache=memory would keep 0.369 MB of decoded volumes (18 volumes of 2 ")

@@ -20,6 +20,8 @@ from fedmpi.preflight import (
     DIGEST_BYTES,
     ERROR_BYTES,
     PIPELINE_BYTES,
+    PLACE_BYTES,
+    cache_place,
     cache_problems,
     check_rank,
     pipeline_notes,
@@ -286,15 +288,18 @@ class JobStandIn:
         return buf if self.is_server else np.array([self.verdict], np.int64)
 
 
-def _learner_rows(split, texts=("", ""), digests=None, rooms=(1 << 40, 1 << 40), pipelines=("{}", "{}")):
+def _learner_rows(
+    split, texts=("", ""), digests=None, places=("host", "host"), rooms=(1 << 40, 1 << 40), pipelines=("{}", "{}")
+):
     """What learners 1 and 2 gather to the server: their PREFLIGHT records, messages, data digests (by default
-    those of the split's own files, as learners reading them send), the memory left to them and their files'
-    preprocessing pipelines (the test files record none)."""
+    those of the split's own files, as learners reading them send), where their caches are and the room left
+    there, and their files' preprocessing pipelines (the test files record none)."""
     records = np.array([[6, 60.0, *SHAPE]] * 2, np.float64)
     digests = digests or _digests(split)
     texts_ = [text_row(t, ERROR_BYTES) for t in texts]
     steps = [text_row(p, PIPELINE_BYTES) for p in pipelines]
-    return [records, texts_, [text_row(d, DIGEST_BYTES) for d in digests], np.array(rooms, np.int64), steps]
+    where = [text_row(p, PLACE_BYTES) for p in places]
+    return [records, texts_, [text_row(d, DIGEST_BYTES) for d in digests], where, np.array(rooms, np.int64), steps]
 
 
 def _digests(split):
@@ -434,24 +439,68 @@ def _paper_records(*samples):
 def test_a_hosts_caches_that_exceed_the_memory_left_there_are_refused_naming_its_ranks():
     infos = _paper_records(10, 100, 100)  # 210 volumes x 3,610,276 bytes = 758 MB
     rooms = np.array([10**9, 5 * 10**8, -1], np.int64)  # the least that a rank could tell
-    (line,) = cache_problems("memory", infos, rooms, ["a", "a", "a"])
+    host = ["host"] * 3
+    (line,) = cache_problems("memory", host, infos, rooms, ["a", "a", "a"])
     assert line.startswith("host a: data.cache=memory would keep 758 MB of decoded volumes (ranks 0, 1, 2: 210 ")
-    assert "500 MB is left there: set data.cache=off" in line
-    assert cache_problems("memory", infos, np.array([10**9, 8 * 10**8, -1]), ["a", "a", "a"]) == []
+    assert "500 MB is left there: set data.cache=off" in line and line.endswith("or place fewer ranks on a host")
+    assert cache_problems("memory", host, infos, np.array([10**9, 8 * 10**8, -1]), ["a", "a", "a"]) == []
     # the same ranks on two hosts: each host holds its own ranks' caches
-    apart = cache_problems("memory", infos, np.array([10**9, 5 * 10**8, 5 * 10**8]), ["a", "b", "b"])
+    apart = cache_problems("memory", host, infos, np.array([10**9, 5 * 10**8, 5 * 10**8]), ["a", "b", "b"])
     assert (
         len(apart) == 1
         and apart[0].startswith("host b: data.cache=memory would keep 722 MB")
         and "ranks 1, 2:" in apart[0]
     )
+    # data.cache=device on a rank without a GPU keeps its volumes in memory too, and says which setting does
+    (line,) = cache_problems("device", host, infos, rooms, ["a", "a", "a"])
+    assert line.startswith("host a: data.cache=device would keep 758 MB of decoded volumes (ranks 0, 1, 2: ")
 
 
-def test_caches_are_not_weighed_when_off_on_a_gpu_or_where_no_rank_can_tell():
+def test_caches_on_a_gpu_are_weighed_against_its_free_memory_per_gpu_shared_by_its_ranks():
+    """data.cache=device keeps a learner's volumes on its GPU (the paper's learner: about 2k volumes, 7 GB in
+    float32): ranks sharing a GPU add theirs up, and each GPU is weighed against what its driver says is free, by
+    its UUID, since ranks that each see one GPU of their own all call it cuda:0. Before, nothing weighed them: the
+    job learnt of it from CUDA's out-of-memory error once the volumes were being decoded."""
+    infos = _paper_records(10, 100, 100, 100)  # 310 volumes x 3.61 MB
+    a, b = "cuda:0 (GPU-aaaa)", "cuda:0 (GPU-bbbb)"
+    rooms = np.array([10**10, 5 * 10**8, 6 * 10**8, 10**10], np.int64)
+    (line,) = cache_problems("device", [a, a, a, b], infos, rooms, ["n"] * 4)
+    assert line == (
+        "host n: data.cache=device would keep 758 MB of decoded volumes (ranks 0, 1, 2: 210 volumes, float32) on "
+        "cuda:0 (GPU-aaaa), and 500 MB of it is free: set data.cache=memory (the volumes then go to the GPU batch by "
+        "batch), or place fewer ranks on a GPU"
+    )
+    eight = np.full(4, 8 * 10**8, np.int64)
+    assert cache_problems("device", [a, b, a, b], infos, eight, ["n"] * 4) == []  # 397 MB and 722 MB
+    assert "(ranks 0, 1, 2, 3: 310 volumes" in cache_problems("device", [a] * 4, infos, eight, ["n"] * 4)[0]
+    assert cache_problems("device", [a] * 4, infos, eight, ["n", "n", "m", "m"]) == []  # one such GPU per host
+    # the server on its host's memory, the learners on their GPUs: each place weighed by itself
+    mixed = cache_problems("device", ["host", a, b, ""], infos, np.array([10**7, 10**9, 10**9, -1]), ["n"] * 4)
+    assert len(mixed) == 1 and mixed[0].startswith("host n: data.cache=device would keep 36.1 MB of decoded volumes")
+
+
+def test_the_gpu_a_cache_is_on_is_named_with_its_free_memory(monkeypatch):
+    """cache_place asks the driver (torch.cuda.mem_get_info) and names the GPU by its UUID where torch gives it;
+    with no cache, or no device (a rank with a problem of its own), there is nothing to weigh."""
+    import torch
+
+    class Properties:
+        uuid = "1234-abcd"
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (7 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Properties())
+    cuda = torch.device("cuda", 1)
+    assert cache_place("device", cuda) == ("cuda:1 (GPU-1234-abcd)", 7 * 2**30)
+    assert cache_place("memory", cuda)[0] == "host" and cache_place("device", torch.device("cpu"))[0] == "host"
+    assert cache_place("off", cuda) == ("", -1) and cache_place("device", None) == ("", -1)
+    assert cache_place("device", torch.device("meta")) == ("", -1)
+
+
+def test_caches_are_not_weighed_when_off_or_where_no_rank_can_tell():
     infos = _paper_records(10**4, 10**4, 10**4)
-    assert cache_problems("off", infos, np.zeros(3, np.int64), ["a"] * 3) == []
-    assert cache_problems("device", infos, np.zeros(3, np.int64), ["a"] * 3) == []
-    assert cache_problems("memory", infos, np.full(3, -1, np.int64), ["a"] * 3) == []
+    assert cache_problems("off", ["", "", ""], infos, np.zeros(3, np.int64), ["a"] * 3) == []
+    assert cache_problems("memory", ["host"] * 3, infos, np.full(3, -1, np.int64), ["a"] * 3) == []
+    assert cache_problems("device", ["cuda:0"] * 3, infos, np.full(3, -1, np.int64), ["a"] * 3) == []
 
 
 def test_a_cache_that_cannot_fit_stops_every_rank_before_any_volume_is_decoded(split, tmp_path, capsys):
@@ -461,6 +510,17 @@ def test_a_cache_that_cannot_fit_stops_every_rank_before_any_volume_is_decoded(s
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("fedmpi: error: host node: data.cache=memory would keep")
     assert not cfg.run_dir.exists()
+    # the learners' caches on the GPU they share, the server's (on a CPU) in memory
+    cfg = _cfg(tmp_path, f"data.dir={split}", "data.cache=device")
+    gpu = "cuda:0 (GPU-aaaa)"
+    job = JobStandIn(0, _learner_rows(split, places=(gpu, gpu), rooms=(1 << 40, 1000)))
+    assert preflight(cfg, job, split, 0, False, False) is None
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "fedmpi: error: host node: data.cache=device would keep 0.246 MB of decoded volumes (ranks 1, 2: 12 volumes, "
+        f"float32) on {gpu}"
+    ), err
+    assert row_text(job.sent[3]) == "host"  # what the server said of its own cache
 
 
 def test_a_learner_file_preprocessed_otherwise_is_noted_naming_what_differs():
