@@ -86,10 +86,12 @@ def pipeline(f: h5py.File) -> dict:
     return {k: v for k, v in params.items() if k not in SITE_PARAMETERS} if isinstance(params, dict) else {}
 
 
-def check_volumes(path) -> dict:
+def check_volumes(path, ages_required: bool = True) -> dict:
     """read_header plus what the preflight can afford to check, naming the file: at least one volume, every
     age finite and within the file's plausible range (the (MIN, MAX] preprocessing accepted, by default
-    bids.DEFAULT_AGE_RANGE), a sample of volumes finite; the file's digest ("digest") and pipeline ("pipeline")."""
+    bids.DEFAULT_AGE_RANGE), a sample of volumes finite; the file's digest ("digest") and pipeline ("pipeline").
+    Without `ages_required` (a file to predict on) an age may be NaN, the unknown age preprocessing's
+    --ages-optional stores; one that is given must still be plausible."""
     with h5io.open_checked(path) as f:
         head = _header(f)
         if head["n"] == 0:
@@ -100,9 +102,15 @@ def check_volumes(path) -> dict:
         except ValueError as e:
             raise DataError(f"volume file {path}: {e}") from None
         bad = bids.bad_ages(ages, age_range)
+        if not ages_required:
+            bad = bad[~np.isnan(ages[bad])]
         if bad.size:
             shown = ", ".join(f"#{i} ({ages[i]})" for i in bad[:5]) + (" ..." if bad.size > 5 else "")
-            raise DataError(f"volume file {path}: {bad.size} age(s) not in {bids.age_range_text(age_range)}: {shown}")
+            unknown = np.isnan(ages[bad]).any()
+            hint = "; unknown ages (preprocess nifti --ages-optional) are for fedmpi predict only" if unknown else ""
+            raise DataError(
+                f"volume file {path}: {bad.size} age(s) not in {bids.age_range_text(age_range)}: {shown}{hint}"
+            )
         for key in ("subject_id", "sex", "site"):  # the csv module leaves a carriage return unquoted
             for i, text in enumerate(f[key].asstr()[:]):
                 if any(unicodedata.category(c) == "Cc" for c in text):

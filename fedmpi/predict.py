@@ -2,7 +2,8 @@
 with the brain-age gap (predicted minus chronological age), the figure brain-age studies analyse. The file must
 be preprocessed as the run's data were (the same grid: `python -m preprocess nifti` with the same options); a file
 the run trained on is named, as its gaps are optimistic. With --calibrate, the gap's linear age bias is fitted on a
-held-out file's subjects and taken off (metrics.AgeBias), as brain-age studies report the gap."""
+held-out file's subjects and taken off (metrics.AgeBias), as brain-age studies report the gap. Scans whose age is
+unknown (`preprocess nifti --ages-optional`) get their predicted age, with n/a for the age and the gap."""
 
 from __future__ import annotations
 
@@ -60,11 +61,14 @@ def run_model(run_dir: Path, summary: dict) -> tuple[BrainAgeCNN, int]:
     return model, cfg.eval.batch_size
 
 
-def predictions(model: BrainAgeCNN, batch_size: int, summary: dict, data: Path, device: str = "auto") -> Predictions:
+def predictions(
+    model: BrainAgeCNN, batch_size: int, summary: dict, data: Path, device: str = "auto", ages_required: bool = True
+) -> Predictions:
     """The predictions for `data`'s subjects, with the subjects' sex and site (brain-age analyses adjust the gap
     for both). The file passes the trainer's checks of a volume file first (check_volumes): an age that is not
-    finite or not in the file's range would make its gap, and the MAE, meaningless."""
-    digest = check_volumes(data)["digest"]
+    finite or not in the file's range would make its gap, and the MAE, meaningless. Without `ages_required` an
+    unknown age (NaN: preprocess nifti --ages-optional) passes: that subject gets a prediction and no gap."""
+    digest = check_volumes(data, ages_required)["digest"]
     ds = VolumeDataset(data, cache=False)
     if tuple(ds.shape) != tuple(model.input_shape):
         raise PredictError(
@@ -105,9 +109,14 @@ def to_csv(p: Predictions, bias: AgeBias | None = None) -> str:
     rows.writerow(COLUMNS + (CORRECTED if bias else ()))
     corrected = bias.corrected_gap(p.ages, p.predicted) if bias else None
     for i, (sid, sex, site, age, pred) in enumerate(zip(p.ids, p.sex, p.site, p.ages, p.predicted)):
-        extra = [f"{age + corrected[i]:.4f}", f"{corrected[i]:.4f}"] if corrected is not None else []
-        rows.writerow([sid, sex, site, f"{age:.4f}", f"{pred:.4f}", f"{pred - age:.4f}", *extra])
+        extra = [_cell(age + corrected[i]), _cell(corrected[i])] if corrected is not None else []
+        rows.writerow([sid, sex, site, _cell(age), f"{pred:.4f}", _cell(pred - age), *extra])
     return text.getvalue()
+
+
+def _cell(value: float) -> str:
+    """A value of the CSV; n/a (BIDS's word for it) where the subject's age, and so the value, is unknown."""
+    return "n/a" if np.isnan(value) else f"{value:.4f}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -147,16 +156,13 @@ def run(args) -> int:
         if args.calibrate:  # first: a calibration that gives no bias is refused before the long pass over --data
             held = predictions(model, batch_size, summary, Path(args.calibrate), args.device)
             bias = age_bias(held, Path(args.calibrate))
-        result = predictions(model, batch_size, summary, data, args.device)
+        result = predictions(model, batch_size, summary, data, args.device, ages_required=False)
         write_output(out, to_csv(result, bias).encode(), PredictError)
     except Exception as e:
         if is_user_error(e):
             print(f"fedmpi predict: error: {e}", file=sys.stderr)
             return EXIT_USAGE
         raise
-    ages = result.ages
-    scores = regression_metrics(result.predicted, ages)
-    gap = result.predicted - ages
     if summary.get("preempted") is True:
         print(
             f"fedmpi predict: note: {run_dir} stopped at round {summary.get('rounds')} (preempted), so these are its "
@@ -169,17 +175,44 @@ def run(args) -> int:
             "optimistic",
             file=sys.stderr,
         )
-    n = len(result.ids)
-    spread = f"sd {gap.std(ddof=1):.2f}" if n > 1 else "one subject"  # the sample's SD, as brain-age studies report
-    r = f"r {scores['r']:.3f}" if n > 1 and np.ptp(ages) > 0 else "r undefined (one age)"
-    print(
-        f"{n} subject{'s' if n != 1 else ''}: MAE {scores['mae']:.2f} years, {r}, "
-        f"brain-age gap mean {gap.mean():+.2f} ({spread}) years"
-    )
+    print(_summary_line(result))
     if bias is not None and held is not None:
-        _say_bias(bias, held, result, Path(args.calibrate), data)
+        _say_bias(bias, held, _aged(result), Path(args.calibrate), data)
     print(f"wrote {out}")
     return 0
+
+
+def _aged(p: Predictions) -> Predictions:
+    """The subjects whose age is known: only they have a gap."""
+    known = ~np.isnan(p.ages)
+    if known.all():
+        return p
+    pick = np.flatnonzero(known)
+    return p._replace(
+        ids=[p.ids[i] for i in pick],
+        sex=[p.sex[i] for i in pick],
+        site=[p.site[i] for i in pick],
+        ages=p.ages[pick],
+        predicted=p.predicted[pick],
+    )
+
+
+def _summary_line(result: Predictions) -> str:
+    """The MAE, the correlation and the gap over the subjects whose age is known; the predicted ages alone where
+    none is."""
+    total, aged = len(result.ids), _aged(result)
+    n, ages = len(aged.ids), aged.ages
+    subjects = f"{total} subject{'s' if total != 1 else ''}"
+    if n == 0:
+        spread = f" (sd {result.predicted.std(ddof=1):.2f})" if total > 1 else ""
+        return f"{subjects}, none with an age: predicted age mean {result.predicted.mean():.2f}{spread} years"
+    if n < total:
+        subjects += f" ({total - n} without an age: no gap; over the {n} with one)"
+    scores = regression_metrics(aged.predicted, ages)
+    gap = aged.predicted - ages
+    spread = f"sd {gap.std(ddof=1):.2f}" if n > 1 else "one subject"  # the sample's SD, as brain-age studies report
+    r = f"r {scores['r']:.3f}" if n > 1 and np.ptp(ages) > 0 else "r undefined (one age)"
+    return f"{subjects}: MAE {scores['mae']:.2f} years, {r}, brain-age gap mean {gap.mean():+.2f} ({spread}) years"
 
 
 def _say_bias(bias: AgeBias, held: Predictions, result: Predictions, calibrate: Path, data: Path) -> None:

@@ -188,11 +188,14 @@ def session_of(root: Path, image: Path) -> str | None:
     return next((part for part in image.relative_to(root).parts if part.startswith("ses-")), None)
 
 
-def session_age(root: Path, pid: str, image: Path, age_range: tuple[float, float]) -> float | None:
+def session_age(
+    root: Path, pid: str, image: Path, age_range: tuple[float, float], ages_required: bool = True
+) -> float | None:
     """The age at the image's session from sub-X/sub-X_sessions.tsv (BIDS: session_id, age), or None when the
     image has no session, or no sessions.tsv with an age column. In a longitudinal dataset participants.tsv
     holds one age per person, often the first visit's; the age at the scan is the one a brain-age model
-    needs, so a sessions.tsv with ages must give this session's (ValueError otherwise)."""
+    needs, so a sessions.tsv with ages must give this session's (ValueError otherwise; None when ages are not
+    required, as for a file to predict on)."""
     session = session_of(root, image)
     tsv = root / pid / f"{pid}_sessions.tsv"
     if session is None or not tsv.is_file():
@@ -214,6 +217,8 @@ def session_age(root: Path, pid: str, image: Path, age_range: tuple[float, float
     # BIDS writes ses-2; a bare 2 is taken to mean the same
     ages = [r.get("age", "") for r in rows if r.get("session_id") in (session, session.removeprefix("ses-"))]
     if not ages or ages[0].lower() in MISSING:
+        if not ages_required:
+            return None
         raise ValueError(f"{name} has an age column but no age for {session}")
     try:
         return parse_age(ages[0], age_range)
@@ -261,8 +266,10 @@ def tsv_rows(f, name) -> Iterator[list[str]]:
         yield cells
 
 
-def read_participants(root: Path) -> list[dict[str, str]]:
-    """Rows of participants.tsv as dicts; DatasetError when missing, unreadable or lacking columns."""
+def read_participants(root: Path, ages_required: bool = True) -> list[dict[str, str]]:
+    """Rows of participants.tsv as dicts; DatasetError when missing, unreadable or lacking columns. Without
+    `ages_required` (a file to predict on) the age column may be missing, and the file too: then every subject
+    with an image is a row of its own, sex and site unknown."""
     if not root.exists():
         raise DatasetError(f"BIDS directory {root} does not exist")
     if not root.is_dir():
@@ -276,7 +283,12 @@ def read_participants(root: Path) -> list[dict[str, str]]:
         with open(tsv, newline="", encoding="utf-8-sig") as f:
             columns, *rows = list(tsv_rows(f, tsv)) or [[]]
     except FileNotFoundError:
-        raise DatasetError(f"{tsv} is missing (needs columns participant_id, age[, sex, site])") from None
+        if not ages_required:
+            return [{"participant_id": pid} for pid in sorted(find_images(root))]
+        raise DatasetError(
+            f"{tsv} is missing (needs columns participant_id, age[, sex, site]; scans to predict on need no "
+            "ages: --ages-optional)"
+        ) from None
     except UnicodeDecodeError as exc:
         raise DatasetError(not_utf8(tsv, tsv, exc)) from None
     except ValueError as exc:  # tsv_rows' reasons: an unclosed quote, a cell above csv's limit
@@ -287,7 +299,7 @@ def read_participants(root: Path) -> list[dict[str, str]]:
     repeated = sorted({c for c in columns if c and columns.count(c) > 1})  # not blank ones
     if repeated:  # a dict per row would keep the last one's values without a word
         raise DatasetError(f"{tsv} has column(s) {', '.join(repeated)} more than once; keep one")
-    absent = [c for c in REQUIRED_COLUMNS if c not in columns]
+    absent = [c for c in REQUIRED_COLUMNS if c not in columns and (ages_required or c != "age")]
     if absent == ["age"] and any(root.glob("sub-*/sub-*_sessions.tsv")):
         absent = []  # a longitudinal dataset may keep its ages per session only
     if absent:
@@ -351,7 +363,7 @@ def parse_age(text: str, age_range: tuple[float, float] = DEFAULT_AGE_RANGE) -> 
 
 
 def scan(
-    root, age_range: tuple[float, float] = DEFAULT_AGE_RANGE, select: tuple[str, ...] = ()
+    root, age_range: tuple[float, float] = DEFAULT_AGE_RANGE, select: tuple[str, ...] = (), ages_required: bool = True
 ) -> tuple[list[Entry], dict[str, str]]:
     """Match participants.tsv rows with images: (good entries in TSV order, {subject: reason}).
 
@@ -360,9 +372,10 @@ def scan(
     a subject must end with exactly one. An image in a session takes its age from the subject's sessions.tsv
     when that gives one, else from participants.tsv (marked Entry.session_age_assumed). Subjects whose images
     are one file, through links, are all bad: which subject the scan is of is unknown, and it must not count as
-    several people."""
+    several people. Without `ages_required` (scans to predict on) a subject whose age is missing keeps a NaN age;
+    an age that is given must still be plausible."""
     root = Path(root)
-    rows = read_participants(root)
+    rows = read_participants(root, ages_required)
     images = find_images(root)
     bad: dict[str, str] = {}
     entries: list[Entry] = []
@@ -379,7 +392,9 @@ def scan(
             bad[pid] = f"listed {counts[pid]} times in participants.tsv"
             continue
         try:
-            age: float | None = parse_age(row.get("age", ""), age_range)
+            told = row.get("age", "")
+            unknown = not ages_required and told.lower() in MISSING
+            age: float | None = math.nan if unknown else parse_age(told, age_range)
             age_problem = ""
         except ValueError as exc:
             age, age_problem = None, str(exc)
@@ -416,7 +431,7 @@ def scan(
             continue
         images_used[paths[0]] = pid
         try:
-            at_session = session_age(root, pid, paths[0], age_range)
+            at_session = session_age(root, pid, paths[0], age_range, ages_required)
         except ValueError as exc:
             bad[pid] = str(exc)
             continue
@@ -427,7 +442,7 @@ def scan(
             continue
         sex = row.get("sex", "") or "n/a"
         site = row.get("site", "") or "n/a"
-        assumed = at_session is None and session_of(root, paths[0]) is not None
+        assumed = at_session is None and session_of(root, paths[0]) is not None and math.isfinite(age)
         entries.append(Entry(pid, age, sex, site, paths[0], assumed))
     for pid, paths in images.items():
         if pid not in counts:

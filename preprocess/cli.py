@@ -179,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the T1w images whose names hold this BIDS entity (repeatable: --select ses-2 --select run-1; "
         "a name without ses- is of its ses-* folder's session); a subject must end with one image",
     )
+    p.add_argument(
+        "--ages-optional",
+        action="store_true",
+        help="keep subjects whose age is missing (no participants.tsv, no age column, n/a) with age n/a, for "
+        "python -m fedmpi predict (training and split need every age); an age that is given must be plausible",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("split", help="test set + per-learner files from a preprocessed file")
@@ -249,6 +255,7 @@ def _nifti(args) -> int:
             max_image_mb=args.max_image_mb,
             registration=registration,
             select=tuple(args.select),
+            ages_required=not args.ages_optional,
         )
     except convert.BadInput as exc:
         return _fail(f"{exc}:{_bad_list(exc.bad)}")
@@ -281,6 +288,13 @@ def _nifti(args) -> int:
         )
     if res.session_ages_assumed:
         print(_session_ages_note(res.session_ages_assumed), file=sys.stderr)
+    if res.ageless:
+        print(
+            f"note: {len(res.ageless)} of the {res.written} subjects have no age ({bids.first_names(res.ageless)}), "
+            "stored as n/a: the file is for python -m fedmpi predict, which leaves their gap n/a; training and split "
+            "need every age",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -66,6 +66,8 @@ class Result:
     session_ages_assumed: list[str] = dataclasses.field(default_factory=list)
     # skipped subjects this machine could not read or process (nifti.Unavailable): a re-run retries them
     unavailable: list[str] = dataclasses.field(default_factory=list)
+    # written subjects without an age (--ages-optional: a file to predict on)
+    ageless: list[str] = dataclasses.field(default_factory=list)
 
 
 def skipped_report_path(out: Path) -> Path:
@@ -217,6 +219,7 @@ def convert(
     max_image_mb: float = nifti.DEFAULT_MAX_IMAGE_MB,
     registration: register.Options | None = None,
     select: tuple[str, ...] = (),
+    ages_required: bool = True,
 ) -> Result:
     """Preprocess every subject of `bids_dir` into `out` (see module doc for the guarantees).
 
@@ -232,7 +235,7 @@ def convert(
     if dtype not in h5io.DTYPES:
         raise ValueError(f"dtype must be one of {sorted(h5io.DTYPES)}, got {dtype!r}")
     check_outputs(out)
-    entries, bad = bids.scan(bids_dir, age_range, select)
+    entries, bad = bids.scan(bids_dir, age_range, select, ages_required)
     params = {
         "voxel_mm": voxel,
         "dtype": dtype,
@@ -357,4 +360,5 @@ def convert(
             shutil.rmtree(stage, ignore_errors=True)
         misplaced = {pid: r for pid, r in correlations.items() if r < PLACEMENT_NCC}
         assumed = [e.participant_id for e in good if e.session_age_assumed]
-        return Result(out, len(good), bad, reused, False, misplaced, assumed, sorted(unavailable))
+        ageless = [e.participant_id for e in good if math.isnan(e.age)]
+        return Result(out, len(good), bad, reused, False, misplaced, assumed, sorted(unavailable), ageless)

@@ -177,10 +177,13 @@ def check_ages(path: Path, ages: np.ndarray, ids, age_range: tuple[float, float]
     bad = bids.bad_ages(ages, age_range)
     if len(bad):
         shown = bids.first_names([f"{ids[i]} ({ages[i]:g})" for i in bad], shown=5)
+        unknown = (
+            " (unknown ages, n/a: --ages-optional, are for fedmpi predict only)" if np.isnan(ages[bad]).any() else ""
+        )
         raise SplitError(
             f"volume file {path} has {len(bad)} subject(s) with an unusable age: {shown}; ages must be "
             f"finite and in {bids.age_range_text(age_range)}; fix participants.tsv and re-run "
-            "preprocess nifti"
+            f"preprocess nifti{unknown}"
         )
 
 

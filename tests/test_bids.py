@@ -594,3 +594,32 @@ def test_a_participants_file_that_is_a_named_pipe_is_named_without_waiting_on_it
     os.mkfifo(root / "participants.tsv")
     with pytest.raises(bids.DatasetError, match=r"participants\.tsv is not a regular file \(a named pipe"):
         bids.read_participants(root)
+
+
+def test_scans_to_predict_on_may_lack_ages_but_a_given_age_must_be_plausible(tmp_path):
+    """preprocess nifti --ages-optional (scans to date with a trained model): a missing age (n/a, an empty cell, no
+    age column, no participants.tsv) is kept as NaN; an age that is given and wrong is bad input as always, and
+    without the option a missing age still is."""
+    files = [f"sub-0{k}/anat/sub-0{k}_T1w.nii.gz" for k in (1, 2, 3, 4)]
+    root = _dataset(tmp_path / "a", files, "sub-01\t60\nsub-02\tn/a\nsub-03\t\nsub-04\t700\n")
+    entries, bad = bids.scan(root, ages_required=False)
+    assert [e.participant_id for e in entries] == ["sub-01", "sub-02", "sub-03"]
+    assert entries[0].age == 60.0 and all(e.age != e.age for e in entries[1:])  # NaN
+    assert list(bad) == ["sub-04"] and "outside the plausible range" in bad["sub-04"]
+    _, bad = bids.scan(root)
+    assert sorted(bad) == ["sub-02", "sub-03", "sub-04"] and bad["sub-02"] == "missing age"
+
+    bare = tmp_path / "b"
+    for rel in files[:2]:
+        (bare / rel).parent.mkdir(parents=True, exist_ok=True)
+        (bare / rel).write_bytes(b"")
+    entries, bad = bids.scan(bare, ages_required=False)
+    assert [(e.participant_id, e.sex, e.site) for e in entries] == [("sub-01", "n/a", "n/a"), ("sub-02", "n/a", "n/a")]
+    assert not bad and all(e.age != e.age for e in entries)
+    with pytest.raises(bids.DatasetError, match=r"participants\.tsv is missing .*--ages-optional"):
+        bids.scan(bare)
+    (bare / "participants.tsv").write_text("participant_id\tsex\nsub-01\tF\nsub-02\tM\n")
+    entries, bad = bids.scan(bare, ages_required=False)
+    assert [e.sex for e in entries] == ["F", "M"] and not bad
+    with pytest.raises(bids.DatasetError, match="lacks column"):
+        bids.scan(bare)

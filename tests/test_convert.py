@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -1051,3 +1052,27 @@ def test_an_image_the_system_will_not_read_is_one_line_and_fixing_it_makes_the_o
     assert "wrote 3 subjects" in capsys.readouterr().out and not convert.skipped_report_path(out).exists()
     with h5io.open_checked(out) as f:
         assert sorted(f["subject_id"].asstr()[:]) == [*GOOD, "sub-bad0"]
+
+
+def test_scans_without_ages_are_preprocessed_for_predict_and_refused_for_training(cohort, tmp_path, capsys):
+    """`--ages-optional`: new scans with no age at hand are written with age n/a (NaN) and a note; without it they
+    are bad input; the trainer's check of a volume file refuses such a file, pointing at predict."""
+    from fedmpi.data import check_volumes
+    from fedmpi.errors import DataError
+
+    root = _make_bids(cohort, tmp_path / "bids", ages={GOOD[1]: "n/a"})
+    out = tmp_path / "new.h5"
+    assert cli.main(["nifti", "--bids", str(root), "--out", str(out), "--workers", "1", "--quiet"]) == 2
+    assert f"{GOOD[1]}: missing age" in capsys.readouterr().err and not out.exists()
+    args = ["nifti", "--bids", str(root), "--out", str(out), "--workers", "1", "--quiet", "--ages-optional"]
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"note: 1 of the 2 subjects have no age ({GOOD[1]}), stored as n/a: the file is for ")
+    with h5py.File(out) as f:
+        ages = f["age"][:]
+    assert ages[0] == 60.5 and np.isnan(ages[1])
+    assert check_volumes(out, ages_required=False)["n"] == 2
+    with pytest.raises(
+        DataError, match=re.escape("unknown ages (preprocess nifti --ages-optional) are for fedmpi predict only")
+    ):
+        check_volumes(out)

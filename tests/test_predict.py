@@ -146,9 +146,10 @@ def test_an_out_that_is_one_of_the_runs_records_is_refused_and_the_record_kept(
     assert (run / record).read_bytes() == before and probed == []
 
 
-@pytest.mark.parametrize("age", [float("nan"), float("inf"), 700.0, -3.0])
+@pytest.mark.parametrize("age", [float("inf"), float("-inf"), 700.0, -3.0])
 def test_an_age_that_is_not_finite_or_not_plausible_is_refused(finished, tmp_path, capsys, age):
-    """The gap is predicted minus chronological age: a NaN age gave a NaN MAE and gap, written as if results."""
+    """The gap is predicted minus chronological age: an infinite age gave an infinite MAE and gap, written as if
+    results. (A NaN age is an unknown one: test_scans_without_an_age_get_their_predicted_age_and_no_gap.)"""
     run, _, _ = finished
     odd = tmp_path / "odd.h5"
     write_volumes(odd, np.array([50.0, age, 60.0]), np.random.default_rng(0))
@@ -339,3 +340,34 @@ def test_a_calibration_sharing_subjects_with_the_data_is_noted(finished, tmp_pat
     assert _run("--run", str(run), "--data", test, "--calibrate", str(part), "--out", out) == 0
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{test} and {part} share 6 subjects (by subject_id; 10 in {test})" in err
+
+
+def test_scans_without_an_age_get_their_predicted_age_and_no_gap(finished, tmp_path, capsys):
+    """New scans to date (preprocess nifti --ages-optional stores an unknown age as NaN): predict refused the whole
+    file, as for a damaged age. Now such a subject gets its predicted age and n/a for its age and gap, the
+    summary's MAE and gap are over the subjects with an age, and a calibration file still needs every age."""
+    run, data, _ = finished
+    some = tmp_path / "some.h5"
+    write_volumes(some, np.array([50.0, np.nan, 60.0, 55.0]), np.random.default_rng(3))
+    out = tmp_path / "p.csv"
+    assert _run("--run", str(run), "--data", str(some), "--out", str(out), "--calibrate", str(data / "test.h5")) == 0
+    rows = _rows(out)
+    assert [r["age"] for r in rows] == ["50.0000", "n/a", "60.0000", "55.0000"]
+    assert [r["gap"] == "n/a" for r in rows] == [False, True, False, False]
+    assert rows[1]["predicted_corrected"] == rows[1]["gap_corrected"] == "n/a" and float(rows[1]["predicted"]) > 0
+    for r in (rows[0], rows[2], rows[3]):
+        assert float(r["gap"]) == pytest.approx(float(r["predicted"]) - float(r["age"]), abs=2e-4)
+    said = capsys.readouterr().out
+    assert said.startswith("4 subjects (1 without an age: no gap; over the 3 with one): MAE ")
+    assert "nan" not in said.lower()
+
+    none = tmp_path / "none.h5"
+    write_volumes(none, np.full(3, np.nan), np.random.default_rng(4))
+    assert _run("--run", str(run), "--data", str(none), "--out", str(tmp_path / "q.csv")) == 0
+    assert {r["gap"] for r in _rows(tmp_path / "q.csv")} == {"n/a"}
+    assert capsys.readouterr().out.startswith("3 subjects, none with an age: predicted age mean ")
+
+    assert _run("--run", str(run), "--data", str(data / "test.h5"), "--calibrate", str(some), "--out", str(out)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "1 age(s) not in (0, 120] years: #1 (nan)" in err
+    assert "unknown ages (preprocess nifti --ages-optional) are for fedmpi predict only" in err
