@@ -214,7 +214,10 @@ def cache_place(cache: str, device) -> tuple[str, int]:
     if cache == "device" and device.type == "cuda":
         from .device import gpu_room
 
-        return gpu_room(device)
+        try:
+            return gpu_room(device)
+        except RuntimeError:  # a driver that will not say: nothing to weigh, as where a host cannot tell
+            return str(device), -1
     if cache == "device" and device.type != "cpu":  # another accelerator: no free memory to ask it for
         return "", -1
     room = available_memory()

@@ -495,6 +495,12 @@ def test_the_gpu_a_cache_is_on_is_named_with_its_free_memory(monkeypatch):
     assert cache_place("off", cuda) == ("", -1) and cache_place("device", None) == ("", -1)
     assert cache_place("device", torch.device("meta")) == ("", -1)
 
+    def silent(device):
+        raise RuntimeError("CUDA error: unknown error")
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", silent)
+    assert cache_place("device", cuda) == ("cuda:1", -1)  # not weighed, as where a host cannot tell
+
 
 def test_caches_are_not_weighed_when_off_or_where_no_rank_can_tell():
     infos = _paper_records(10**4, 10**4, 10**4)
