@@ -88,7 +88,10 @@ def _train(argv: list[str]) -> int:
 
             return train(args.config, args.set, resume=args.resume, overwrite=args.overwrite, stop=stop)
         except Terminated as e:  # before the rank's failure path is in place (the imports, the configuration)
+            from .sentinel import tell_said
+
             print(f"fedmpi: {e}", file=sys.stderr)
+            tell_said()  # the sentinel of a task other than the first would blame its configuration
             return EXIT_SIGNAL_BASE + signal.SIGTERM
 
 

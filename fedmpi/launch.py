@@ -173,15 +173,15 @@ def train(
     mpi = init_mpi(cfg.run.startup_timeout)
     comm = mpi.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
-    tell_rank(rank)
-    try:
-        check_ranks(cfg, size, launcher_size(), mpi_library(), slurm_step())
-    except ConfigError as e:
-        # once: by MPI's rank 0 that is also the launcher's first task (every task is MPI's rank 0 when the launcher
-        # does not serve this MPI)
-        say(0 if rank == 0 and first_task() else 1, str(e))
-        return EXIT_USAGE
-    try:
+    try:  # from here on a Terminated (a second SIGTERM) must end the job through MPI_Abort, not in MPI_Finalize
+        tell_rank(rank)
+        try:
+            check_ranks(cfg, size, launcher_size(), mpi_library(), slurm_step())
+        except ConfigError as e:
+            # once: by MPI's rank 0 that is also the launcher's first task (every task is MPI's rank 0 when the
+            # launcher does not serve this MPI)
+            say(0 if rank == 0 and first_task() else 1, str(e))
+            return EXIT_USAGE
         return _run(cfg, comm, resume, overwrite, stop)
     except SystemExit as e:
         if size == 1:

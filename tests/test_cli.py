@@ -79,8 +79,7 @@ def test_a_second_sigterm_while_the_rank_starts_ends_it_with_one_line(monkeypatc
     assert cli.main(["train"]) == 128 + signal.SIGTERM
     err = capsys.readouterr().err
     assert err.endswith(
-        "fedmpi: SIGTERM again: ended at once, without the round in flight (--resume continues from "
-        "the last checkpoint)\n"
+        "fedmpi: SIGTERM again: ended at once, not at a checkpoint (--resume continues from the last one)\n"
     ), err
     assert "Traceback" not in err
 
