@@ -41,11 +41,12 @@ def select_device(preference: str = "auto", local_rank: int = 0) -> torch.device
 
 def gpu_room(device: torch.device) -> tuple[str, int]:
     """A GPU's name for the preflight and its free memory in bytes, as the driver counts it (other processes'
-    allocations taken off). The name carries the GPU's UUID where torch gives it: ranks that each see their own
-    CUDA_VISIBLE_DEVICES all call theirs cuda:0, and only the UUID says whether they share one."""
+    allocations taken off). The name is the GPU's UUID where torch gives it (GPU-..., as `nvidia-smi -L` shows
+    it), since the index does not tell GPUs apart: ranks with a CUDA_VISIBLE_DEVICES of their own all call theirs
+    cuda:0, and ranks sharing one may call it cuda:0 and cuda:1."""
     free, _total = torch.cuda.mem_get_info(device)
     uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
-    return (f"{device} (GPU-{uuid})" if uuid else str(device)), int(free)
+    return (f"GPU-{uuid}" if uuid else str(device)), int(free)
 
 
 def model_device(model: nn.Module) -> torch.device:

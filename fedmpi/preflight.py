@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 ERROR_BYTES = 512  # room for one rank's preflight message
 DIGEST_BYTES = 64  # a SHA-256 in hex
-PLACE_BYTES = 128  # where a rank's cache is: "host", or a GPU's device and UUID
+PLACE_BYTES = 128  # where a rank's cache is: "host", or its GPU's UUID
 PIPELINE_BYTES = 4096  # a file's preprocessing record as JSON: about 800 bytes (more with registration's options)
 # The largest sample count or volume axis a preflight record may hold: above 2**53 a float64 is always "whole",
 # and two counts near float64's limit sum to inf (every FedAvg share 0, the mean age NaN).

@@ -462,12 +462,12 @@ def test_caches_on_a_gpu_are_weighed_against_its_free_memory_per_gpu_shared_by_i
     its UUID, since ranks that each see one GPU of their own all call it cuda:0. Before, nothing weighed them: the
     job learnt of it from CUDA's out-of-memory error once the volumes were being decoded."""
     infos = _paper_records(10, 100, 100, 100)  # 310 volumes x 3.61 MB
-    a, b = "cuda:0 (GPU-aaaa)", "cuda:0 (GPU-bbbb)"
+    a, b = "GPU-aaaa", "GPU-bbbb"
     rooms = np.array([10**10, 5 * 10**8, 6 * 10**8, 10**10], np.int64)
     (line,) = cache_problems("device", [a, a, a, b], infos, rooms, ["n"] * 4)
     assert line == (
         "host n: data.cache=device would keep 758 MB of decoded volumes (ranks 0, 1, 2: 210 volumes, float32) on "
-        "cuda:0 (GPU-aaaa), and 500 MB of it is free: set data.cache=memory (the volumes then go to the GPU batch by "
+        "GPU-aaaa, and 500 MB of it is free: set data.cache=memory (the volumes then go to the GPU batch by "
         "batch), or place fewer ranks on a GPU"
     )
     eight = np.full(4, 8 * 10**8, np.int64)
@@ -490,7 +490,7 @@ def test_the_gpu_a_cache_is_on_is_named_with_its_free_memory(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (7 * 2**30, 80 * 2**30))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Properties())
     cuda = torch.device("cuda", 1)
-    assert cache_place("device", cuda) == ("cuda:1 (GPU-1234-abcd)", 7 * 2**30)
+    assert cache_place("device", cuda) == ("GPU-1234-abcd", 7 * 2**30)  # whichever index a rank calls it by
     assert cache_place("memory", cuda)[0] == "host" and cache_place("device", torch.device("cpu"))[0] == "host"
     assert cache_place("off", cuda) == ("", -1) and cache_place("device", None) == ("", -1)
     assert cache_place("device", torch.device("meta")) == ("", -1)
@@ -518,7 +518,7 @@ def test_a_cache_that_cannot_fit_stops_every_rank_before_any_volume_is_decoded(s
     assert not cfg.run_dir.exists()
     # the learners' caches on the GPU they share, the server's (on a CPU) in memory
     cfg = _cfg(tmp_path, f"data.dir={split}", "data.cache=device")
-    gpu = "cuda:0 (GPU-aaaa)"
+    gpu = "GPU-aaaa"
     job = JobStandIn(0, _learner_rows(split, places=(gpu, gpu), rooms=(1 << 40, 1000)))
     assert preflight(cfg, job, split, 0, False, False) is None
     err = capsys.readouterr().err
