@@ -107,7 +107,12 @@ def check_volumes(path, ages_required: bool = True) -> dict:
         if bad.size:
             shown = ", ".join(f"#{i} ({ages[i]})" for i in bad[:5]) + (" ..." if bad.size > 5 else "")
             unknown = np.isnan(ages[bad]).any()
-            hint = "; unknown ages (preprocess nifti --ages-optional) are for fedmpi predict only" if unknown else ""
+            hint = (
+                "; a subject of unknown age (preprocess nifti --ages-optional) can be dated by fedmpi predict, not "
+                "trained, split or calibrated on"
+                if unknown
+                else ""
+            )
             raise DataError(
                 f"volume file {path}: {bad.size} age(s) not in {bids.age_range_text(age_range)}: {shown}{hint}"
             )

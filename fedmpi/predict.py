@@ -177,7 +177,7 @@ def run(args) -> int:
         )
     print(_summary_line(result))
     if bias is not None and held is not None:
-        _say_bias(bias, held, _aged(result), Path(args.calibrate), data)
+        _say_bias(bias, held, result, Path(args.calibrate), data)
     print(f"wrote {out}")
     return 0
 
@@ -219,6 +219,8 @@ def _say_bias(bias: AgeBias, held: Predictions, result: Predictions, calibrate: 
     """The fitted bias and what it does to the gap: its correlation with age before and after. Subjects --data
     shares with the calibration (one file carved from the other) get in-sample corrected gaps, so they are counted;
     matched by subject_id, which the note says, as another cohort may number its subjects alike."""
+    total = len(result.ids)
+    result = _aged(result)  # only subjects with an age have a gap to correct
     shared = len(set(result.ids) & set(held.ids))
     if held.digest == result.digest:
         print(
@@ -230,11 +232,17 @@ def _say_bias(bias: AgeBias, held: Predictions, result: Predictions, calibrate: 
     elif shared:
         print(
             f"fedmpi predict: note: {data} and {calibrate} share {shared} subject{'s' if shared != 1 else ''} (by "
-            f"subject_id; {len(result.ids)} in {data}): the age bias is fitted partly on them, so their corrected "
+            f"subject_id; {total} in {data}): the age bias is fitted partly on them, so their corrected "
             "gaps are in-sample; calibrate on subjects --data does not hold",
             file=sys.stderr,
         )
     low, high = bias.ages
+    if not result.ids:
+        print(
+            f"age bias from {calibrate} ({bias.n} subjects, ages {low:.1f}-{high:.1f}): gap = {bias.slope:+.3f} "
+            f"(se {bias.slope_se:.3f}) x age {bias.intercept:+.2f}; no subject of {data} has an age to correct"
+        )
+        return
     outside = int(np.sum((result.ages < low) | (result.ages > high)))
     if outside:
         print(

@@ -218,7 +218,7 @@ def session_age(
     ages = [r.get("age", "") for r in rows if r.get("session_id") in (session, session.removeprefix("ses-"))]
     if not ages or ages[0].lower() in MISSING:
         if not ages_required:
-            return None
+            return math.nan  # unknown at this session: participants.tsv's age is often another visit's
         raise ValueError(f"{name} has an age column but no age for {session}")
     try:
         return parse_age(ages[0], age_range)

@@ -109,12 +109,17 @@ def write_report(h5, out, min_ncc: float | None = None) -> tuple[Path, int, int]
             for i in order:
                 status = f"below {threshold:g}" if below[i] else "ok"
                 f.write(
-                    f"{table['subject_id'][i]}\t{table['site'][i]}\t{table['age'][i]:.1f}\t{figures[i]:.4f}\t{status}\n"
+                    f"{table['subject_id'][i]}\t{table['site'][i]}\t{_age(table['age'][i])}\t{figures[i]:.4f}\t{status}\n"
                 )
         for page, start in enumerate(range(0, len(order), PER_PAGE), start=1):
             rows = order[start : start + PER_PAGE]
             _mosaic_page(h5, rows, table, figures, below, source, tmp / f"mosaic-{page:03d}.png")
     return out, len(order), int(below.sum())
+
+
+def _age(age: float) -> str:
+    """An age as qc.tsv gives it: n/a (BIDS's word) where it is unknown (preprocess nifti --ages-optional)."""
+    return "n/a" if np.isnan(age) else f"{age:.1f}"
 
 
 def _views(volume: np.ndarray):

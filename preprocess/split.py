@@ -178,7 +178,9 @@ def check_ages(path: Path, ages: np.ndarray, ids, age_range: tuple[float, float]
     if len(bad):
         shown = bids.first_names([f"{ids[i]} ({ages[i]:g})" for i in bad], shown=5)
         unknown = (
-            " (unknown ages, n/a: --ages-optional, are for fedmpi predict only)" if np.isnan(ages[bad]).any() else ""
+            " (a subject of unknown age, --ages-optional, can be dated by fedmpi predict, not split)"
+            if np.isnan(ages[bad]).any()
+            else ""
         )
         raise SplitError(
             f"volume file {path} has {len(bad)} subject(s) with an unusable age: {shown}; ages must be "

@@ -623,3 +623,15 @@ def test_scans_to_predict_on_may_lack_ages_but_a_given_age_must_be_plausible(tmp
     assert [e.sex for e in entries] == ["F", "M"] and not bad
     with pytest.raises(bids.DatasetError, match="lacks column"):
         bids.scan(bare)
+
+
+def test_with_ages_optional_a_sessions_missing_age_is_unknown_not_another_visits(tmp_path):
+    """sub-X_sessions.tsv with an age column but n/a for the chosen session: without --ages-optional the subject is
+    bad input; with it the age is unknown, not participants.tsv's, which is often another visit's (review of
+    c32b539: it was taken silently, with the note that no sessions.tsv gives the session's age)."""
+    root = _dataset(tmp_path / "bids", ["sub-01/ses-2/anat/sub-01_ses-2_T1w.nii.gz"], "sub-01\t50\n")
+    (root / "sub-01" / "sub-01_sessions.tsv").write_text("session_id\tage\nses-1\t50\nses-2\tn/a\n")
+    (entry,), bad = bids.scan(root, ages_required=False)
+    assert not bad and entry.age != entry.age and not entry.session_age_assumed
+    _, bad = bids.scan(root)
+    assert bad == {"sub-01": "sub-01/sub-01_sessions.tsv has an age column but no age for ses-2"}

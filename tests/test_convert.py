@@ -1073,6 +1073,6 @@ def test_scans_without_ages_are_preprocessed_for_predict_and_refused_for_trainin
     assert ages[0] == 60.5 and np.isnan(ages[1])
     assert check_volumes(out, ages_required=False)["n"] == 2
     with pytest.raises(
-        DataError, match=re.escape("unknown ages (preprocess nifti --ages-optional) are for fedmpi predict only")
+        DataError, match=re.escape("unknown age (preprocess nifti --ages-optional) can be dated by fedmpi predict")
     ):
         check_volumes(out)

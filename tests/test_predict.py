@@ -370,4 +370,26 @@ def test_scans_without_an_age_get_their_predicted_age_and_no_gap(finished, tmp_p
     assert _run("--run", str(run), "--data", str(data / "test.h5"), "--calibrate", str(some), "--out", str(out)) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "1 age(s) not in (0, 120] years: #1 (nan)" in err
-    assert "unknown ages (preprocess nifti --ages-optional) are for fedmpi predict only" in err
+    assert (
+        "unknown age (preprocess nifti --ages-optional) can be dated by fedmpi predict, not trained, split or "
+        "calibrated on" in err
+    )
+
+
+def test_a_calibrated_file_of_which_no_subject_has_an_age_says_so_without_warnings(finished, tmp_path, capsys):
+    """Review of c32b539: numpy's empty-mean warnings and a corrected gap mean of nan were printed."""
+    import warnings
+
+    run, data, _ = finished
+    none = tmp_path / "none.h5"
+    write_volumes(none, np.full(3, np.nan), np.random.default_rng(4))
+    out = tmp_path / "p.csv"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert (
+            _run("--run", str(run), "--data", str(none), "--calibrate", str(data / "test.h5"), "--out", str(out)) == 0
+        )
+    said = capsys.readouterr()
+    assert "nan" not in said.out.lower() and said.err == ""
+    assert f"no subject of {none} has an age to correct" in said.out
+    assert {r["gap_corrected"] for r in _rows(out)} == {"n/a"}

@@ -173,3 +173,8 @@ def test_an_existing_foreign_directory_as_out_is_one_error_line(tmp_path, capsys
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not a QC report directory" in err
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["keep.txt"]
+
+
+def test_an_unknown_age_is_n_a_in_the_report():
+    """preprocess nifti --ages-optional stores an unknown age as NaN; qc.tsv wrote it as nan."""
+    assert qc._age(float("nan")) == "n/a" and qc._age(61.26) == "61.3"
