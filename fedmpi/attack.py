@@ -536,7 +536,9 @@ def volume_digests(path: Path) -> list[bytes]:
         bad = np.flatnonzero(~np.isfinite(ages))
         if bad.size:
             shown = ", ".join(f"#{i}" for i in bad[:5]) + (" ..." if bad.size > 5 else "")
-            raise AttackError(f"volume file {path}: {bad.size} non-finite age(s): {shown}")
+            unknown = np.isnan(ages[bad]).any()
+            hint = " (unknown ages, preprocess nifti --ages-optional: the attack needs every age)" if unknown else ""
+            raise AttackError(f"volume file {path}: {bad.size} non-finite age(s): {shown}{hint}")
         reader = h5io.ChunkReader(f["images"])
         digests = []
         for i in range(f["images"].shape[0]):

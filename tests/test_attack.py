@@ -575,7 +575,10 @@ def test_attack_refuses_a_volume_file_with_non_finite_ages_or_voxels(tmp_path, c
         volume = f["images"][4]
         volume[5, 5, 5] = np.nan
         f["images"][4] = volume
-    for name, message in (("nan_age.h5", "1 non-finite age(s): #3"), ("nan_voxel.h5", "volume 4 holds non-finite")):
+    for name, message in (
+        ("nan_age.h5", "1 non-finite age(s): #3 (unknown ages, preprocess nifti --ages-optional: the attack needs"),
+        ("nan_voxel.h5", "volume 4 holds non-finite"),
+    ):
         args = ["--run", str(run), "--nonmembers", str(tmp_path / name), "--max-per-class", "14"]
         assert attack.run(parser.parse_args(args)) == EXIT_USAGE
         printed = capsys.readouterr()
