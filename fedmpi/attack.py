@@ -529,15 +529,14 @@ def volume_digests(path: Path) -> list[bytes]:
     """A digest of each volume's voxels, in file order: the same scan is recognised in another file, under
     another subject id (independently made cohorts reuse ids like sub-0000). Every volume is read here, so a
     non-finite age or voxel is refused here too (naming the file): it would make its subject's features NaN."""
-    from preprocess import h5io
+    from preprocess import bids, h5io
 
     with h5io.open_checked(path) as f:
         ages = f["age"][:]
         bad = np.flatnonzero(~np.isfinite(ages))
         if bad.size:
             shown = ", ".join(f"#{i}" for i in bad[:5]) + (" ..." if bad.size > 5 else "")
-            unknown = np.isnan(ages[bad]).any()
-            hint = " (unknown ages, preprocess nifti --ages-optional: the attack needs every age)" if unknown else ""
+            hint = bids.unknown_ages_note(ages, bad, "used as a non-member by the attack")
             raise AttackError(f"volume file {path}: {bad.size} non-finite age(s): {shown}{hint}")
         reader = h5io.ChunkReader(f["images"])
         digests = []

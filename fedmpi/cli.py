@@ -78,7 +78,7 @@ def _train(argv: list[str]) -> int:
     """The preemption signals first (fedmpi.preemption: a warning may come while the imports below take
     seconds), then the rank's sentinel, forked while the process is small; the rank handles the rest."""
     from . import preemption
-    from .sentinel import supervise
+    from .sentinel import supervise, tell_said
 
     with preemption.requests() as stop:
         try:
@@ -88,8 +88,6 @@ def _train(argv: list[str]) -> int:
 
             return train(args.config, args.set, resume=args.resume, overwrite=args.overwrite, stop=stop)
         except Terminated as e:  # before the rank's failure path is in place (the imports, the configuration)
-            from .sentinel import tell_said
-
             print(f"fedmpi: {e}", file=sys.stderr)
             tell_said()  # the sentinel of a task other than the first would blame its configuration
             return EXIT_SIGNAL_BASE + signal.SIGTERM

@@ -106,13 +106,7 @@ def check_volumes(path, ages_required: bool = True) -> dict:
             bad = bad[~np.isnan(ages[bad])]
         if bad.size:
             shown = ", ".join(f"#{i} ({ages[i]})" for i in bad[:5]) + (" ..." if bad.size > 5 else "")
-            unknown = np.isnan(ages[bad]).any()
-            hint = (
-                "; a subject of unknown age (preprocess nifti --ages-optional) can be dated by fedmpi predict, not "
-                "trained, split or calibrated on"
-                if unknown
-                else ""
-            )
+            hint = bids.unknown_ages_note(ages, bad, "trained, split or calibrated on")
             raise DataError(
                 f"volume file {path}: {bad.size} age(s) not in {bids.age_range_text(age_range)}: {shown}{hint}"
             )

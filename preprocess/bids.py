@@ -194,8 +194,8 @@ def session_age(
     """The age at the image's session from sub-X/sub-X_sessions.tsv (BIDS: session_id, age), or None when the
     image has no session, or no sessions.tsv with an age column. In a longitudinal dataset participants.tsv
     holds one age per person, often the first visit's; the age at the scan is the one a brain-age model
-    needs, so a sessions.tsv with ages must give this session's (ValueError otherwise; None when ages are not
-    required, as for a file to predict on)."""
+    needs, so a sessions.tsv with ages must give this session's (ValueError otherwise; NaN, an unknown age, when
+    ages are not required, as for a file to predict on)."""
     session = session_of(root, image)
     tsv = root / pid / f"{pid}_sessions.tsv"
     if session is None or not tsv.is_file():
@@ -323,6 +323,16 @@ def bad_ages(ages, age_range: tuple[float, float] = DEFAULT_AGE_RANGE) -> np.nda
     ages = np.asarray(ages, dtype=np.float64)
     with np.errstate(invalid="ignore"):
         return np.flatnonzero(~(np.isfinite(ages) & (ages > age_range[0]) & (ages <= age_range[1])))
+
+
+def unknown_ages_note(ages, bad, refused: str) -> str:
+    """What a refusal of the ages at indices `bad` adds where one of them is unknown (NaN, as --ages-optional
+    stores it): what such a subject is for, and what it is not (`refused`)."""
+    if not np.isnan(np.asarray(ages, dtype=np.float64)[bad]).any():
+        return ""
+    return (
+        f"; a subject of unknown age (preprocess nifti --ages-optional) can be dated by fedmpi predict, not {refused}"
+    )
 
 
 def stored_age_range(attrs) -> tuple[float, float]:

@@ -177,15 +177,10 @@ def check_ages(path: Path, ages: np.ndarray, ids, age_range: tuple[float, float]
     bad = bids.bad_ages(ages, age_range)
     if len(bad):
         shown = bids.first_names([f"{ids[i]} ({ages[i]:g})" for i in bad], shown=5)
-        unknown = (
-            " (a subject of unknown age, --ages-optional, can be dated by fedmpi predict, not split)"
-            if np.isnan(ages[bad]).any()
-            else ""
-        )
         raise SplitError(
             f"volume file {path} has {len(bad)} subject(s) with an unusable age: {shown}; ages must be "
             f"finite and in {bids.age_range_text(age_range)}; fix participants.tsv and re-run "
-            f"preprocess nifti{unknown}"
+            f"preprocess nifti{bids.unknown_ages_note(ages, bad, 'split')}"
         )
 
 

@@ -576,7 +576,7 @@ def test_attack_refuses_a_volume_file_with_non_finite_ages_or_voxels(tmp_path, c
         volume[5, 5, 5] = np.nan
         f["images"][4] = volume
     for name, message in (
-        ("nan_age.h5", "1 non-finite age(s): #3 (unknown ages, preprocess nifti --ages-optional: the attack needs"),
+        ("nan_age.h5", "1 non-finite age(s): #3; a subject of unknown age (preprocess nifti --ages-optional) can be"),
         ("nan_voxel.h5", "volume 4 holds non-finite"),
     ):
         args = ["--run", str(run), "--nonmembers", str(tmp_path / name), "--max-per-class", "14"]

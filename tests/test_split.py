@@ -255,7 +255,7 @@ def test_split_refuses_a_file_with_an_unusable_age(cohort, tmp_path, capsys, age
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert f"has 1 subject(s) with an unusable age: sub-0004 ({age:g}); ages must be finite and in (0, 120] " in err
-    assert ("--ages-optional, can be dated by fedmpi predict, not split" in err) == bool(np.isnan(age))
+    assert ("--ages-optional) can be dated by fedmpi predict, not split" in err) == bool(np.isnan(age))
     assert not out.exists()
 
 
