@@ -46,7 +46,22 @@ def steady(rows: list[dict]) -> tuple[float, float] | None:
     return per_round, float(np.median([r["seconds_train"] for r in rows[2:]]))
 
 
+def startup(run: Path) -> None:
+    """Each rank's start-up phases (ranks.json, fedmpi.startup): what round 1 would have waited for."""
+    ranks = [r for r in json.loads((run / "ranks.json").read_text()) if "startup" in r]
+    if not ranks:
+        return
+    phases = list(ranks[0]["startup"])
+    print("| rank | " + " | ".join(phases) + " |")
+    print("|---|" + "---:|" * len(phases))
+    for r in ranks:
+        print(f"| {r['role']} | " + " | ".join(f"{r['startup'][k]:.2f}" for k in phases) + " |")
+    print()
+
+
 def rounds(run: Path) -> None:
+    if (run / "ranks.json").exists():
+        startup(run)
     rows = rows_of(run)
     print("| round | wall | " + " | ".join(k.replace("seconds_", "") for k in KEYS) + " | bytes up | bytes down |")
     print("|" + "---:|" * (len(KEYS) + 4))

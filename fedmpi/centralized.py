@@ -19,13 +19,17 @@ from .model import build_model, flat_parameters, load_flat_parameters
 from .preflight import RankCheck, cache_place, cache_refusal, check_rank, say, volume_bytes, volume_shape
 from .recorder import Recorder, evaluation_due, start_state
 from .resume import split_problems
+from .startup import StartClock, startup_line, startup_table
 from .training import SeededLoader, train_round, warm_up_round
 
 
-def run_centralized(cfg, data_dir: Path, resume: bool, overwrite: bool, should_stop=lambda: False) -> int:
+def run_centralized(
+    cfg, data_dir: Path, resume: bool, overwrite: bool, should_stop=lambda: False, clock: StartClock | None = None
+) -> int:
     """Check what it will use as a federation's preflight does (one line and exit 2 for a problem), then
     train; `should_stop()` true after a round (SLURM's warning, SIGTERM) checkpoints it and ends the run
-    for --resume, as the server does."""
+    for --resume, as the server does. `clock`: the process's start-up phases (fedmpi.startup)."""
+    clock = clock or StartClock()
     checked: RankCheck | None = None
     try:
         files = list(learner_files(Path(data_dir)).values())
@@ -54,25 +58,32 @@ def run_centralized(cfg, data_dir: Path, resume: bool, overwrite: bool, should_s
         say(0, str(e))
         return EXIT_USAGE
     assert checked.lock is not None
+    clock.mark("preflight")
     try:
-        return _train(cfg, data_dir, files, split, checked, should_stop)
+        return _train(cfg, data_dir, files, split, checked, should_stop, clock)
     finally:
         checked.lock.release()
 
 
-def _train(cfg, data_dir: Path, files: list[Path], split: dict, checked: RankCheck, should_stop) -> int:
+def _train(cfg, data_dir: Path, files: list[Path], split: dict, checked: RankCheck, should_stop, clock) -> int:
     device = checked.device
     parts = [open_volumes(p, cfg, device).warm() for p in files]  # filled once here, not in each epoch's workers
     pooled: torch.utils.data.ConcatDataset = torch.utils.data.ConcatDataset(parts)
     loader = SeededLoader(cfg, pooled, device)
     ages = np.concatenate([p.ages for p in parts])
     test = open_volumes(Path(data_dir) / TEST_FILE, cfg, device)
+    clock.mark("volumes")
     torch.manual_seed(cfg.run.seed)
     model = prepare_model(build_model(cfg, test.shape, float(ages.mean())), device, cfg.train)
-    warm_up_round(cfg, model, test.shape, len(pooled), device)  # kernels set up before round 1 is timed, as on learners
     rec = Recorder(cfg, model, test, device, mean_predictor_mae(test.ages, ages.mean()), data_dir, split, len(pooled))
     state = start_state(cfg, checked.resume, rec, model)
     rec.log.write_config(cfg.to_json())
+    clock.mark("model")
+    warm_up_round(cfg, model, test.shape, len(pooled), device)  # kernels set up before round 1 is timed, as on learners
+    clock.mark("warm_up")
+    table = startup_table(clock.record().reshape(1, -1))
+    print(startup_line(table, ["the centralized baseline"]), flush=True)
+    rec.startup_seconds = table[0]["ready"]
     rec.start_clock()
     for t in range(state.round + 1, cfg.federation.rounds + 1):
         load_flat_parameters(model, state.values)

@@ -79,14 +79,16 @@ def _train(argv: list[str]) -> int:
     seconds), then the rank's sentinel, forked while the process is small; the rank handles the rest."""
     from . import preemption
     from .sentinel import supervise, tell_said
+    from .startup import StartClock
 
     with preemption.requests() as stop:
+        clock = StartClock()  # in the process the launcher started: the rank, the sentinel's child, counts from it
         try:
             supervise()
             args = _parse_train(argv)
             from .launch import train
 
-            return train(args.config, args.set, resume=args.resume, overwrite=args.overwrite, stop=stop)
+            return train(args.config, args.set, resume=args.resume, overwrite=args.overwrite, stop=stop, clock=clock)
         except Terminated as e:  # before the rank's failure path is in place (the imports, the configuration)
             print(f"fedmpi: {e}", file=sys.stderr)
             tell_said()  # the sentinel of a task other than the first would blame its configuration

@@ -183,7 +183,7 @@ class RunConfig:
     startup_timeout: float = opt(
         120.0,
         "seconds any rank waits for the others during start-up (rank table, "
-        "preflight, first model) before naming the silent ones",
+        "preflight, every rank ready for round 1) before naming the silent ones",
     )
     verbose: bool = opt(False, "learners print their own progress")
 

@@ -29,7 +29,7 @@ from .config import MAX_THREADS, Config, load_config, split_error_text
 from .errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, ConfigFileError, PayloadError, is_user_error, user_message
 from .hostmemory import OomKills, kill_cause, killed_for_memory, oom_kills
 from .memory import keep_freed_memory
-from .messages import row_text, text_row
+from .messages import STARTUP, row_text, text_row, width
 from .metrics import mean_predictor_mae
 from .preemption import SIGNALS as STOP_SIGNALS
 from .preflight import preflight, rank_file, say, volume_shape
@@ -45,6 +45,7 @@ from .sentinel import (
     tell_rank,
     tell_said,
 )
+from .startup import StartClock, startup_line, startup_table
 
 HOST_BYTES = 64
 PID_MAX = 2**22  # Linux's PID_MAX_LIMIT: no host's pid_max is above it (os.kill of a larger one overflows pid_t)
@@ -159,10 +160,17 @@ def init_mpi(timeout: float):
 
 
 def train(
-    config: str | None, overrides: list[str], resume: bool = False, overwrite: bool = False, stop=lambda: False
+    config: str | None,
+    overrides: list[str],
+    resume: bool = False,
+    overwrite: bool = False,
+    stop=lambda: False,
+    clock: StartClock | None = None,
 ) -> int:
     """The whole `train` command on this rank; returns its exit code (or aborts the job). `stop()`: was a
-    checkpoint-and-stop asked (fedmpi.preemption, taken by the command line before anything else)."""
+    checkpoint-and-stop asked (fedmpi.preemption, taken by the command line before anything else); `clock`: this
+    process's start-up phases, from its start (the command line makes it before the sentinel's fork)."""
+    clock = clock or StartClock()
     before = oom_kills()
     try:  # every rank parses the same arguments, so every rank reaches the same verdict without MPI traffic
         cfg = load_config(config, overrides)
@@ -171,6 +179,7 @@ def train(
         say_config_error(e)
         return EXIT_USAGE
     mpi = init_mpi(cfg.run.startup_timeout)
+    clock.mark("mpi")
     comm = mpi.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     try:  # from here on a Terminated (a second SIGTERM) must end the job through MPI_Abort, not in MPI_Finalize
@@ -182,7 +191,7 @@ def train(
             # launcher does not serve this MPI)
             say(0 if rank == 0 and first_task() else 1, str(e))
             return EXIT_USAGE
-        return _run(cfg, comm, resume, overwrite, stop)
+        return _run(cfg, comm, resume, overwrite, stop, clock)
     except SystemExit as e:
         if size == 1:
             raise
@@ -230,7 +239,7 @@ def _worker_kill_hint(e: BaseException, before: OomKills) -> str:
     return f" ({kill_cause(for_memory, 'set data.workers lower, or give the job more memory')})"
 
 
-def _run(cfg: Config, comm, resume: bool, overwrite: bool, stop) -> int:
+def _run(cfg: Config, comm, resume: bool, overwrite: bool, stop, clock: StartClock) -> int:
     import torch
 
     from .wire import Wire
@@ -245,23 +254,25 @@ def _run(cfg: Config, comm, resume: bool, overwrite: bool, stop) -> int:
     data_dir = prepare_data(cfg, wire)
     if data_dir is None:
         return EXIT_USAGE
+    clock.mark("prepare")
     if algorithm(cfg).trains_centrally:
         from .centralized import run_centralized
 
-        return run_centralized(cfg, data_dir, resume, overwrite, stop)
+        return run_centralized(cfg, data_dir, resume, overwrite, stop, clock)
     checked = preflight(cfg, wire, data_dir, local_rank, resume, overwrite)
     if checked is None:
         return EXIT_USAGE
+    clock.mark("preflight")
     if not wire.is_server:
-        return _learn(cfg, wire, data_dir, checked.device)
+        return _learn(cfg, wire, data_dir, checked.device, clock)
     assert checked.lock is not None and checked.split is not None
     try:
-        return _serve(cfg, wire, data_dir, checked.infos, checked.device, checked.resume, checked.split, stop)
+        return _serve(cfg, wire, data_dir, checked, stop, clock)
     finally:
         checked.lock.release()
 
 
-def _serve(cfg: Config, wire, data_dir: Path, infos: np.ndarray, device, resume_from, split: dict, stop) -> int:
+def _serve(cfg: Config, wire, data_dir: Path, checked, stop, clock: StartClock) -> int:
     import torch
 
     from .data import open_volumes
@@ -271,18 +282,21 @@ def _serve(cfg: Config, wire, data_dir: Path, infos: np.ndarray, device, resume_
     from .recorder import Recorder, start_state
     from .server import Server
 
+    infos, device = checked.infos, checked.device
     atomic_write(cfg.run_dir / "ranks.json", json.dumps(wire.table, indent=1).encode())
     counts = infos["samples"][1:]
     mean_age = float(np.average(infos["mean_age"][1:], weights=counts))
-    torch.manual_seed(cfg.run.seed)
-    shape = volume_shape(infos[0])
-    model = prepare_model(build_model(cfg, shape, mean_age), device, cfg.train)
-    initial = flat_parameters(model)
     test = open_volumes(data_dir / TEST_FILE, cfg, device).warm()
+    clock.mark("volumes")
+    torch.manual_seed(cfg.run.seed)
+    model = prepare_model(build_model(cfg, volume_shape(infos[0]), mean_age), device, cfg.train)
+    initial = flat_parameters(model)
     baseline = mean_predictor_mae(test.ages, mean_age)
-    rec = Recorder(cfg, model, test, device, baseline, data_dir, split, int(counts.sum()))
-    state = start_state(cfg, resume_from, rec, model)
+    rec = Recorder(cfg, model, test, device, baseline, data_dir, checked.split, int(counts.sum()))
+    state = start_state(cfg, checked.resume, rec, model)
     rec.log.write_config(cfg.to_json())
+    clock.mark("model")
+    rec.startup_seconds = all_ready(wire, clock, cfg.run_dir)
     wire.bcast(np.array([state.round, *counts], np.float64), "session")
     server = Server(cfg, wire, rec, counts, initial)
     rec.start_clock()  # the start mask (SNIP's, GraSP's scoring) is part of the run's time, as its bytes are
@@ -294,14 +308,20 @@ def _serve(cfg: Config, wire, data_dir: Path, infos: np.ndarray, device, resume_
     return code
 
 
-def _learn(cfg: Config, wire, data_dir: Path, device) -> int:
+def _learn(cfg: Config, wire, data_dir: Path, device, clock: StartClock) -> int:
     from .aggregation import fedavg_weights
     from .data import open_volumes
     from .learner import Learner
 
     # Decode the volumes while the server builds its model and test set: the first round then trains at the
     # speed of the others instead of filling the cache.
-    learner = Learner(cfg, wire, open_volumes(data_dir / rank_file(wire.rank), cfg, device).warm(), device)
+    volumes = open_volumes(data_dir / rank_file(wire.rank), cfg, device).warm()
+    clock.mark("volumes")
+    learner = Learner(cfg, wire, volumes, device)
+    clock.mark("model")
+    learner.warm_up()
+    clock.mark("warm_up")
+    all_ready(wire, clock)
     session = wire.bcast(np.zeros(1 + wire.learners, np.float64), "session")  # start round, sample counts
     start_round, counts = int(session[0]), session[1:]
     learner.weight = fedavg_weights(counts)[wire.rank - 1]
@@ -311,6 +331,24 @@ def _learn(cfg: Config, wire, data_dir: Path, device) -> int:
     learner.run()
     wire.end_learner()  # waits for the server's final save with the STOP header's patience, then leaves
     return 0
+
+
+def all_ready(wire, clock: StartClock, run_dir: Path | None = None) -> float | None:
+    """Every rank's start-up phases to the server, once it is ready itself: the server prints the last rank's, adds
+    each rank's to ranks.json in `run_dir` and returns when the last was ready (seconds from its start); the
+    learners return None. Round 1 is then timed from the moment all are ready, not from the server's."""
+    rows = np.zeros((wire.size, width(STARTUP)), np.float64)
+    wire.gather(clock.record(), rows if wire.is_server else None, "the start-up times")
+    if not wire.is_server:
+        return None
+    from .files import atomic_write
+
+    table = startup_table(rows)
+    assert run_dir is not None
+    ranks = [{**entry, "startup": phases} for entry, phases in zip(wire.table, table)]
+    atomic_write(run_dir / "ranks.json", json.dumps(ranks, indent=1).encode())
+    print(startup_line(table, [role(r) for r in range(wire.size)]), flush=True)
+    return max(t["ready"] for t in table)
 
 
 def prepare_data(cfg: Config, wire) -> Path | None:

@@ -48,11 +48,15 @@ class Learner:
         self.schedule = schedule(cfg)
         self.model = prepare_model(build_model(cfg, data.shape), device, cfg.train)
         self.loader = SeededLoader(cfg, data, device)
-        warm_up_round(cfg, self.model, data.shape, len(data), device)
         self.n = sum(p.numel() for p in self.model.parameters())
         self.largest = encoding.encoded_nbytes(self.n, self.n, np.float32)  # the most a model sent to it can take
         self.mask: np.ndarray | None = None  # the global mask, sent again only when it changes
         self.masks: list[torch.Tensor] | None = None  # the same, split per parameter tensor on the device
+
+    def warm_up(self) -> None:
+        """One training step on zeros before round 1 (training.warm_up): the first round then trains at the speed
+        of the others. Apart from the constructor, so that start-up times it as a phase of its own."""
+        warm_up_round(self.cfg, self.model, self.data.shape, len(self.data), self.device)
 
     def send_start_mask(self) -> None:
         """Learner 1 chooses the mask the federation starts from, by the rule the algorithm table names

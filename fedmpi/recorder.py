@@ -95,6 +95,7 @@ class Recorder:
         self.longest_eval = 0.0  # seconds: the longest evaluation of this session, for the learners' last patience
         self.earlier_seconds = 0.0  # wall time of the sessions before this one (a resumed run), from its rows
         self.began = time.perf_counter()
+        self.startup_seconds: float | None = None  # this session's, from the processes' start to every rank ready
 
     def start_clock(self) -> None:
         """Start this session's clock: rounds from here on count towards the run's wall_seconds."""
@@ -239,6 +240,7 @@ class Recorder:
             "model_bytes_on_disk": model_bytes,
             "dense_model_bytes": int(state.values.size * 4),
             "wall_seconds": self.wall_seconds(),
+            "startup_seconds": self.startup_seconds,
             **{f"total_{k}": v for k, v in total.items()},
             "closing_bytes": closing_bytes,
             "software": software(),

@@ -1,5 +1,7 @@
 """`python -m fedmpi`'s dispatch: one-process commands end on Ctrl-C with one line, not a traceback."""
 
+import time
+
 import pytest
 
 from fedmpi import cli, report
@@ -20,9 +22,12 @@ def test_train_forks_its_sentinel_first_and_passes_its_flags_to_the_launcher(mon
     from fedmpi import launch, sentinel
 
     calls = []
-    monkeypatch.setattr(sentinel, "supervise", lambda: calls.append("sentinel"))
+    monkeypatch.setattr(sentinel, "supervise", lambda: calls.append(("sentinel", time.perf_counter())))
 
-    def train(config, sets, resume=False, overwrite=False, stop=None):
+    def train(config, sets, resume=False, overwrite=False, stop=None, clock=None):
+        # the start-up clock was made before the fork: the rank counts from the process the launcher started
+        assert clock is not None and clock.last <= calls[-1][1]
+        calls[-1] = "sentinel"
         calls.append((config, sets, resume, overwrite))
         return 7
 

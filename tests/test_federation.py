@@ -1,5 +1,6 @@
 """End to end: the real CLI under `mpirun -n 3` (1 server, 2 learners) on a tiny learnable split."""
 
+import json
 import math
 import os
 import shutil
@@ -12,6 +13,7 @@ from fedtools import MPIRUN, MPIRUN_FLAGS, metrics, run_fedmpi, summary, train_c
 
 from fedmpi.algorithms import ALGORITHMS
 from fedmpi.data import file_digest
+from fedmpi.messages import STARTUP
 
 pytestmark = pytest.mark.slow
 ROUNDS = 8
@@ -119,6 +121,21 @@ def test_fedavg_stays_dense_and_learns(split, tmp_path):
     assert s["final_sparsity"] < 0.01
     assert rows[-1]["test_mae"] < rows[0]["test_mae"] and s["final_mae"] < s["baseline_mae"]
     assert all(not r["mask_sent"] for r in rows[1:]), "the mask goes out once when it never changes"
+
+
+def test_every_ranks_start_up_is_kept_phase_by_phase(split, tmp_path):
+    """ranks.json keeps each rank's start-up phases and summary.json when the last rank was ready: round 1's wait
+    for the slowest rank (its warm-up, a GPU's cuDNN search) is said, not folded into round 1's time."""
+    run = _run(split, tmp_path, "fedavg")
+    ranks = json.loads((run / "ranks.json").read_text())
+    assert [r["rank"] for r in ranks] == [0, 1, 2] and all(r["pid"] > 0 for r in ranks)
+    for r in ranks:
+        phases = {k: v for k, v in r["startup"].items() if k != "ready"}
+        assert list(phases) == list(STARTUP.names) and all(v >= 0 for v in phases.values())
+        assert r["startup"]["ready"] == pytest.approx(sum(phases.values()), abs=0.002)
+        assert phases["mpi"] > 0 and phases["volumes"] > 0
+        assert (phases["warm_up"] > 0) == (r["rank"] > 0)  # the learners warm up; the server does not train
+    assert summary(run)["startup_seconds"] == max(r["startup"]["ready"] for r in ranks)
 
 
 @pytest.mark.parametrize("algorithm", ["fedsparsify-global", "fedsparsify-local"])

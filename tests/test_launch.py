@@ -432,6 +432,7 @@ def test_each_learner_weighs_its_model_by_its_own_share_of_the_samples(tmp_path,
     import fedmpi.data
     import fedmpi.learner
     from fedmpi.launch import _learn, learner_startup_patience
+    from fedmpi.startup import StartClock
 
     class LearnerStandIn:
         def __init__(self, cfg, wire, data, device):
@@ -441,18 +442,24 @@ def test_each_learner_weighs_its_model_by_its_own_share_of_the_samples(tmp_path,
         def run(self):
             self.ran = True
 
+        def warm_up(self):
+            self.warmed = True
+
     class Volumes:
         def warm(self):
             return self
 
     class SessionStandIn:
-        learners, next_patience = 2, None
+        learners, next_patience, size, is_server = 2, None, 3, False
 
         def __init__(self, rank):
             self.rank = rank
 
         def bcast(self, buf, what=""):
             return np.array([0.0, 10.0, 30.0])  # start round, learner 1's and learner 2's samples
+
+        def gather(self, buf, out, what=""):
+            self.gathered = (buf, out, what)
 
         def end_learner(self):
             self.ended = True  # the farewell and the server's final word, after the rounds
@@ -463,8 +470,9 @@ def test_each_learner_weighs_its_model_by_its_own_share_of_the_samples(tmp_path,
     cfg = _cfg(tmp_path, "federation.algorithm=fedavg")
     for rank, share in ((1, 0.25), (2, 0.75)):
         wire = SessionStandIn(rank)
-        assert _learn(cfg, wire, tmp_path, "cpu") == 0
+        assert _learn(cfg, wire, tmp_path, "cpu", StartClock()) == 0
         assert learners[-1].weight == pytest.approx(share) and learners[-1].ran and wire.ended
+        assert learners[-1].warmed and wire.gathered[1:] == (None, "the start-up times")
         assert wire.next_patience == cfg.run.round_timeout + learner_startup_patience(cfg.run.startup_timeout)
 
 

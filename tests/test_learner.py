@@ -324,7 +324,7 @@ def test_warm_up_trains_no_larger_a_batch_than_the_learners_data_gives(data, mon
         return real(model, loader, **kwargs)
 
     monkeypatch.setattr(fedmpi.training, "local_train", spy)
-    _learner(data, "fedavg", "train.batch_size=64")
+    _learner(data, "fedavg", "train.batch_size=64")[0].warm_up()
     assert seen == [len(data)]
 
 

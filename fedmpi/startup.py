@@ -1,0 +1,70 @@
+"""How long each rank took to be ready for round 1, phase by phase.
+
+A job's first round can wait seconds on its slowest rank: imports on a shared file system, MPI's start-up,
+the synthetic cohort, decoding volumes, CUDA's context and cuDNN's benchmark search in the warm-up step. Each
+rank marks its phases as they end (StartClock), the server gathers them (messages.STARTUP), prints the slowest
+rank's and keeps every rank's in ranks.json, so round 1 is timed from the moment every rank is ready.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def process_age() -> float:
+    """Seconds since this process started, from Linux's /proc (0 elsewhere, or where it cannot be read): the
+    interpreter's start and the imports before fedmpi's first line count, which a slow file system makes long."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()  # the command name, in parentheses, may hold spaces
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime: clock ticks since boot
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
+
+
+class StartClock:
+    """A rank's start-up phases (messages.STARTUP's fields), each the time since the previous mark: together they
+    add up to the time from the process's start to the last mark. Made in the launcher's process, before the
+    sentinel's fork, so the rank (the fork's child) counts from the process the launcher started; numpy (the
+    records) is imported only once the rank needs its record, so the process forked stays small."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter() - process_age()
+        self.seconds: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        """`phase` ended now: the time since the previous mark is its (added to what it had)."""
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.last
+        self.last = now
+
+    def record(self):
+        """This rank's STARTUP record, as the wire carries it (0 for a phase it had none of)."""
+        from .messages import STARTUP, record
+
+        names = STARTUP.names or ()
+        if unknown := set(self.seconds) - set(names):
+            raise ValueError(f"no start-up phase {', '.join(sorted(unknown))}: one of {', '.join(names)}")
+        return record(STARTUP, **{name: self.seconds.get(name, 0.0) for name in names})
+
+
+def startup_table(rows) -> list[dict[str, float]]:
+    """Every rank's STARTUP record (float64 rows, rank order) as {phase: seconds, ..., "ready": their sum}."""
+    from .messages import STARTUP, fields_of
+
+    table = []
+    for row in rows:
+        phases = fields_of(row, STARTUP)
+        table.append({**{k: round(v, 3) for k, v in phases.items()}, "ready": round(sum(phases.values()), 3)})
+    return table
+
+
+def startup_line(table: list[dict[str, float]], roles: list[str]) -> str:
+    """The line said once every rank is ready: when the last one was, which one it was and where its time went."""
+    last = max(range(len(table)), key=lambda k: table[k]["ready"])
+    phases = ", ".join(f"{k} {v:.1f}" for k, v in table[last].items() if k != "ready")
+    if len(table) == 1:
+        return f"fedmpi: {roles[0]} ready after {table[0]['ready']:.1f} s: {phases} s"
+    return f"fedmpi: every rank ready after {table[last]['ready']:.1f} s; the last, {roles[last]}: {phases} s"

@@ -1,0 +1,67 @@
+"""fedmpi.startup: the start-up clock, against hand-computed phases, and the process's age from /proc."""
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from fedmpi import startup
+from fedmpi.messages import STARTUP, records
+from fedmpi.startup import StartClock, process_age, startup_line, startup_table
+
+
+def test_a_process_counts_its_age_from_its_own_start():
+    """The time before fedmpi's first line (the interpreter, imports on a slow file system) is counted too."""
+    code = "import time; time.sleep(0.6); from fedmpi.startup import process_age; print(process_age())"
+    age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 0.55 <= age < 30
+    assert process_age() > 0  # this test's own process started before it ran
+
+
+def test_phases_are_the_times_between_marks_from_the_process_start(monkeypatch):
+    clock_times = iter([100.0, 103.5, 104.0, 110.25, 111.0, 112.0])
+    monkeypatch.setattr(startup, "process_age", lambda: 2.0)
+    monkeypatch.setattr(startup.time, "perf_counter", lambda: next(clock_times))
+    clock = StartClock()  # made at 100.0, its process started 2 s before
+    clock.mark("mpi")  # 103.5
+    clock.mark("volumes")  # 104.0
+    clock.mark("model")  # 110.25
+    clock.mark("volumes")  # 111.0: a phase marked twice adds up
+    rec = records(clock.record(), STARTUP)[0]
+    assert dict(zip(STARTUP.names, rec.tolist())) == {
+        "mpi": 5.5,
+        "prepare": 0.0,
+        "preflight": 0.0,
+        "volumes": 1.25,
+        "model": 6.25,
+        "warm_up": 0.0,
+    }
+    clock.mark("lunch")
+    with pytest.raises(ValueError, match="no start-up phase lunch: one of mpi, prepare, preflight"):
+        clock.record()
+
+
+def test_the_line_names_the_last_rank_ready_and_its_phases():
+    rows = np.array([[1.0, 0.5, 0.25, 2.0, 1.0, 0.0], [1.5, 0.5, 0.25, 0.5, 0.25, 4.0], [1.0, 0.5, 0.5, 0.5, 0.5, 1.0]])
+    table = startup_table(rows)
+    assert [t["ready"] for t in table] == [4.75, 7.0, 4.0]
+    assert table[1] == {
+        "mpi": 1.5, "prepare": 0.5, "preflight": 0.25, "volumes": 0.5, "model": 0.25, "warm_up": 4.0, "ready": 7.0
+    }  # fmt: skip
+    assert startup_line(table, ["server", "learner 1", "learner 2"]) == (
+        "fedmpi: every rank ready after 7.0 s; the last, learner 1: mpi 1.5, prepare 0.5, preflight 0.2, "
+        "volumes 0.5, model 0.2, warm_up 4.0 s"
+    )
+    assert startup_line(table[:1], ["the centralized baseline"]) == (
+        "fedmpi: the centralized baseline ready after 4.8 s: mpi 1.0, prepare 0.5, preflight 0.2, volumes 2.0, "
+        "model 1.0, warm_up 0.0 s"
+    )
+
+
+def test_a_clock_made_now_counts_what_came_before_it():
+    clock = StartClock()
+    time.sleep(0.05)
+    clock.mark("mpi")
+    assert clock.seconds["mpi"] == pytest.approx(process_age(), abs=0.05)  # /proc's start counts in 10 ms ticks
