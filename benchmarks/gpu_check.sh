@@ -3,10 +3,13 @@
 # one GPU. It needs a Python with a CUDA build of torch, mpi4py with an MPI, h5py, numpy and pyyaml
 # (PYTHON, default python3; MPIRUN, the launcher and any flags it needs, split at spaces, default
 # the mpirun beside PYTHON or on PATH). It prints:
+#   0. where the trainer's preflight weighs data.cache=device: the GPU by its UUID (checked against nvidia-smi's),
+#      and the memory free there;
 #   1. the full-size model's (width 1, 91x109x91) training step at batch 4 in fp32 and bf16, evaluation
 #      throughput, and data-loader throughput into the GPU from a 2 mm HDF5 file (benchmarks/gpu_check.py);
 #   2. a 9-rank federation at 2 mm on that GPU: 8 learners sharing it, 64 volumes each, 2 rounds
 #      (GPU_CHECK_ROUNDS) of 1 local epoch at batch 4, bf16 and the volumes cached on the GPU, with each
+#      rank's start-up phases (ranks.json: CUDA's context, the cache, cuDNN's search in the warm-up), each
 #      round's breakdown and, from 4 rounds on, the steady round time against the slowest learner's training;
 #      GPU_CHECK_AMPS="bf16 bf16 off" runs one federation per entry on the same cohort and seed and compares their
 #      models (benchmarks/gpu_runs.py): does a GPU run repeat bit for bit, what does bf16 cost in accuracy.
@@ -126,6 +129,16 @@ EOF
         echo "== gpu_check FAILED: cohort (nothing else can run)"
         return 1
     fi
+    # where the preflight weighs data.cache=device: the GPU by its UUID, as nvidia-smi names it, and its free memory
+    step "cache place" 60 "$PYTHON" - <<EOF
+import shutil, subprocess, sys, torch
+from fedmpi.preflight import cache_place
+place, room = cache_place("device", torch.device("$DEVICE"))
+print(f"data.cache=device is weighed on {place}: {room / 2**30:.1f} GiB free there")
+if shutil.which("nvidia-smi") and "$DEVICE" == "cuda":
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=uuid", "--format=csv,noheader"], capture_output=True, text=True)
+    sys.exit(None if place in smi.stdout.split() else f"nvidia-smi names the GPUs {smi.stdout.split()}, not {place}")
+EOF
     if [ "${GPU_CHECK_MODEL:-1}" != 0 ]; then
         step "benchmarks/gpu_check.py" 180 "$PYTHON" benchmarks/gpu_check.py --data "$WORK/split/learner_1.h5"
     fi
