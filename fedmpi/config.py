@@ -177,13 +177,13 @@ class RunConfig:
     keep_checkpoints: int = opt(2, "checkpoints kept on disk")
     round_timeout: float = opt(
         1800.0,
-        "seconds the server waits for learners in one round (learners wait that "
-        "long plus the server's evaluation and checkpoint time for the next round)",
+        "seconds the server waits for learners in one round, and for their start-up (decoding, warm-up) "
+        "before round 1 (learners wait that long plus the server's evaluation and checkpoint time for the next round)",
     )
     startup_timeout: float = opt(
         120.0,
         "seconds any rank waits for the others during start-up (rank table, "
-        "preflight, every rank ready for round 1) before naming the silent ones",
+        "preflight, the server's model and test set) before naming the silent ones",
     )
     verbose: bool = opt(False, "learners print their own progress")
 

@@ -296,7 +296,7 @@ def _serve(cfg: Config, wire, data_dir: Path, checked, stop, clock: StartClock) 
     state = start_state(cfg, checked.resume, rec, model)
     rec.log.write_config(cfg.to_json())
     clock.mark("model")
-    rec.startup_seconds = all_ready(wire, clock, cfg.run_dir)
+    rec.startup_seconds = all_ready(wire, clock, cfg.run.round_timeout, cfg.run_dir)
     wire.bcast(np.array([state.round, *counts], np.float64), "session")
     server = Server(cfg, wire, rec, counts, initial)
     rec.start_clock()  # the start mask (SNIP's, GraSP's scoring) is part of the run's time, as its bytes are
@@ -322,23 +322,27 @@ def _learn(cfg: Config, wire, data_dir: Path, device, clock: StartClock) -> int:
     learner.warm_up()
     clock.mark("warm_up")
     all_ready(wire, clock)
-    session = wire.bcast(np.zeros(1 + wire.learners, np.float64), "session")  # start round, sample counts
+    # start round, sample counts: once every learner is ready, so a learner waits here for the slowest one's start-up
+    first_model = cfg.run.round_timeout + learner_startup_patience(cfg.run.startup_timeout)
+    session = wire.bcast(np.zeros(1 + wire.learners, np.float64), "session", first_model)
     start_round, counts = int(session[0]), session[1:]
     learner.weight = fedavg_weights(counts)[wire.rank - 1]
     if algorithm(cfg).start_mask and start_round == 0 and wire.rank == 1:
         learner.send_start_mask()
-    wire.next_patience = cfg.run.round_timeout + learner_startup_patience(cfg.run.startup_timeout)  # the first model
+    wire.next_patience = first_model
     learner.run()
     wire.end_learner()  # waits for the server's final save with the STOP header's patience, then leaves
     return 0
 
 
-def all_ready(wire, clock: StartClock, run_dir: Path | None = None) -> float | None:
+def all_ready(wire, clock: StartClock, patience: float | None = None, run_dir: Path | None = None) -> float | None:
     """Every rank's start-up phases to the server, once it is ready itself: the server prints the last rank's, adds
     each rank's to ranks.json in `run_dir` and returns when the last was ready (seconds from its start); the
-    learners return None. Round 1 is then timed from the moment all are ready, not from the server's."""
+    learners return None. Round 1 is then timed from the moment all are ready, not from the server's. The server
+    waits `patience` seconds (run.round_timeout): a learner decoding many volumes, or searching cuDNN's algorithms
+    while others share its GPU, may take longer than run.startup_timeout, as round 1's deadline allowed before."""
     rows = np.zeros((wire.size, width(STARTUP)), np.float64)
-    wire.gather(clock.record(), rows if wire.is_server else None, "the start-up times")
+    wire.gather(clock.record(), rows if wire.is_server else None, "the start-up times", patience)
     if not wire.is_server:
         return None
     from .files import atomic_write

@@ -265,13 +265,16 @@ class Wire:
         self.bytes_up += buf.nbytes * self.learners
         return total
 
-    def gather(self, buf: np.ndarray, out: np.ndarray | None, what: str = "gather") -> np.ndarray | None:
+    def gather(
+        self, buf: np.ndarray, out: np.ndarray | None, what: str = "gather", patience: float | None = None
+    ) -> np.ndarray | None:
         """Fixed-size rows from every rank (the server's own row included) into `out` at the server.
-        Point to point, so that past the deadline the server names the ranks that sent nothing."""
+        Point to point, so that past the deadline the server names the ranks that sent nothing; `patience`
+        replaces the Wire's for this wait."""
         buf = _contiguous(buf)
         if not self.is_server:
             self.bytes_up += buf.nbytes
-            self._wait(self.comm.Isend(buf, dest=SERVER, tag=TAG_GATHER), what)
+            self._wait(self.comm.Isend(buf, dest=SERVER, tag=TAG_GATHER), what, patience)
             return None
         assert out is not None
         out[SERVER : SERVER + 1] = buf.reshape(out[SERVER : SERVER + 1].shape)
@@ -281,6 +284,7 @@ class Wire:
             lambda: _complete(pending, statuses, what),
             what,
             lambda: self._missing(pending, "nothing"),
+            patience=patience,
             requests=pending.values(),
         )
         _check_counts(statuses, out[1:2].nbytes, what)

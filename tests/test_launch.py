@@ -455,10 +455,11 @@ def test_each_learner_weighs_its_model_by_its_own_share_of_the_samples(tmp_path,
         def __init__(self, rank):
             self.rank = rank
 
-        def bcast(self, buf, what=""):
+        def bcast(self, buf, what="", patience=None):
+            self.session_patience = patience
             return np.array([0.0, 10.0, 30.0])  # start round, learner 1's and learner 2's samples
 
-        def gather(self, buf, out, what=""):
+        def gather(self, buf, out, what="", patience=None):
             self.gathered = (buf, out, what)
 
         def end_learner(self):
@@ -474,6 +475,7 @@ def test_each_learner_weighs_its_model_by_its_own_share_of_the_samples(tmp_path,
         assert learners[-1].weight == pytest.approx(share) and learners[-1].ran and wire.ended
         assert learners[-1].warmed and wire.gathered[1:] == (None, "the start-up times")
         assert wire.next_patience == cfg.run.round_timeout + learner_startup_patience(cfg.run.startup_timeout)
+        assert wire.session_patience == wire.next_patience  # the session comes once the slowest learner is ready
 
 
 def test_the_synthetic_cohorts_split_problems_name_this_configurations_options(tmp_path, capsys):
@@ -571,3 +573,45 @@ def test_a_pid_no_process_can_have_in_the_rank_table_is_refused_naming_its_rank(
     wire = TableWire(rank, [os.getpid(), os.getpid() + 1, launch.PID_MAX], ["a", "a", "a"])
     announce_ranks(wire)
     assert wire.peers[2] == launch.PID_MAX  # the largest pid Linux gives is one
+
+
+def test_the_server_keeps_every_ranks_start_up_and_waits_for_the_learners_a_rounds_time(tmp_path, capsys, monkeypatch):
+    """all_ready: the learners' phases reach ranks.json beside the rank table, the last rank's in one line, and the
+    server waits for them with the patience it is given (run.round_timeout: decoding and cuDNN's search can take
+    longer than run.startup_timeout)."""
+    import json
+
+    import fedmpi.startup
+    from fedmpi.launch import all_ready
+    from fedmpi.startup import StartClock
+
+    class ServerStandIn:
+        size, is_server = 3, True
+
+        def __init__(self):
+            roles = ["server", "learner 1", "learner 2"]
+            self.table = [{"rank": r, "role": role, "pid": 100 + r, "host": "h"} for r, role in enumerate(roles)]
+
+        def gather(self, buf, out, what="", patience=None):
+            self.waited = (what, patience)
+            out[0] = buf
+            out[1] = [1.0, 0.5, 0.25, 2.0, 0.25, 4.0]
+            out[2] = [1.0, 0.5, 0.25, 1.0, 0.25, 1.0]
+            return out
+
+    wire = ServerStandIn()
+    monkeypatch.setattr(fedmpi.startup, "process_age", lambda: 0.0)  # the server ready at once, before learner 1
+    clock = StartClock()
+    clock.mark("mpi")
+    assert all_ready(wire, clock, 1800.0, tmp_path) == 8.0
+    assert wire.waited == ("the start-up times", 1800.0)
+    ranks = json.loads((tmp_path / "ranks.json").read_text())
+    assert [r["pid"] for r in ranks] == [100, 101, 102]
+    assert ranks[1]["startup"] == {
+        "mpi": 1.0, "prepare": 0.5, "preflight": 0.25, "volumes": 2.0, "model": 0.25, "warm_up": 4.0, "ready": 8.0
+    }  # fmt: skip
+    assert ranks[0]["startup"]["warm_up"] == 0.0 and ranks[0]["startup"]["ready"] < 1
+    assert capsys.readouterr().out == (
+        "fedmpi: every rank ready after 8.0 s; the last, learner 1: mpi 1.0, prepare 0.5, preflight 0.2, volumes 2.0, "
+        "model 0.2, warm_up 4.0 s\n"
+    )

@@ -332,6 +332,20 @@ def test_a_silent_rank_is_named_by_the_gather_deadline(wire):
     wire.patience = None
 
 
+@mpi
+def test_a_gathers_own_patience_replaces_the_wires(wire):
+    """The start-up times wait for the learners' decoding and warm-up with run.round_timeout, longer than the
+    start-up's patience: a learner slower than the Wire's patience but within the gather's is waited for."""
+    wire.patience = 0.5
+    out = np.zeros((wire.size, 1)) if wire.is_server else None
+    if wire.rank == 1:
+        time.sleep(1.5)
+    wire.gather(np.full(1, float(wire.rank)), out, "the start-up times", patience=10.0)
+    if wire.is_server:
+        assert out is not None and out[:, 0].tolist() == list(range(wire.size))
+    wire.patience = None
+
+
 def test_a_failed_wait_leaves_its_request_to_the_wire_not_to_the_garbage_collector():
     """MPI may still write into a receive's buffer after its wait gave up: the request (which holds the
     buffer) is kept, and a late message still lands in it."""
