@@ -14,6 +14,7 @@ from fedtools import MPIRUN, MPIRUN_FLAGS, metrics, run_fedmpi, summary, train_c
 from fedmpi.algorithms import ALGORITHMS
 from fedmpi.data import file_digest
 from fedmpi.messages import STARTUP
+from fedmpi.startup import startup_seconds
 
 pytestmark = pytest.mark.slow
 ROUNDS = 8
@@ -135,7 +136,8 @@ def test_every_ranks_start_up_is_kept_phase_by_phase(split, tmp_path):
         assert r["startup"]["ready"] == pytest.approx(sum(phases.values()), abs=0.002)
         assert phases["mpi"] > 0 and phases["volumes"] > 0
         assert (phases["warm_up"] > 0) == (r["rank"] > 0)  # the learners warm up; the server does not train
-    assert summary(run)["startup_seconds"] == max(r["startup"]["ready"] for r in ranks)
+    table = [r["startup"] for r in ranks]
+    assert summary(run)["startup_seconds"] == startup_seconds(table) >= max(t["ready"] for t in table)
 
 
 @pytest.mark.parametrize("algorithm", ["fedsparsify-global", "fedsparsify-local"])

@@ -9,7 +9,7 @@ import pytest
 
 from fedmpi import startup
 from fedmpi.messages import STARTUP, records
-from fedmpi.startup import StartClock, process_age, startup_line, startup_table
+from fedmpi.startup import StartClock, last_ready, process_age, startup_line, startup_seconds, startup_table
 
 
 def test_a_process_counts_its_age_from_its_own_start():
@@ -54,10 +54,34 @@ def test_the_line_names_the_last_rank_ready_and_its_phases():
         "fedmpi: every rank ready after 7.0 s; the last, learner 1: mpi 1.5, prepare 0.5, preflight 0.2, "
         "volumes 0.5, model 0.2, warm_up 4.0 s"
     )
+    assert startup_seconds(table) == 7.0
     assert startup_line(table[:1], ["the centralized baseline"]) == (
         "fedmpi: the centralized baseline ready after 4.8 s: mpi 1.0, prepare 0.5, preflight 0.2, volumes 2.0, "
         "model 1.0, warm_up 0.0 s"
     )
+
+
+def test_the_last_rank_ready_is_told_by_its_time_after_mpi_init_not_by_its_own_age():
+    """Every rank leaves MPI_Init together, but a launcher may start them seconds apart (srun across nodes, a
+    container's start): the server, started 9 s before learner 1, was ready 6 s before it."""
+    rows = np.array([[10.0, 1.0, 0.5, 0.5, 0.0, 0.0], [1.0, 1.0, 0.5, 2.0, 0.5, 4.0]])
+    table = startup_table(rows)
+    assert [t["ready"] for t in table] == [12.0, 9.0]
+    assert last_ready(table) == 1 and startup_seconds(table) == 18.0
+    assert startup_line(table, ["server", "learner 1"]).startswith(
+        "fedmpi: every rank ready after 18.0 s; the last, learner 1: mpi 1.0, "
+    )
+
+
+def test_ready_is_the_sum_of_the_phases_as_shown():
+    rows = np.array([[0.0004, 0.0004, 0.0004, 0.0004, 0.0004, 0.0004]])  # each rounds to 0.000, the sum to 0.002
+    assert startup_table(rows)[0]["ready"] == 0.0
+
+
+def test_the_start_up_clock_imports_no_numpy_before_the_sentinels_fork():
+    """The sentinel forks while the process is small: the clock made before it must not import numpy."""
+    code = "import sys, fedmpi.cli, fedmpi.startup; fedmpi.startup.StartClock(); print('numpy' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
 
 
 def test_a_clock_made_now_counts_what_came_before_it():
