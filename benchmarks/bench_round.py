@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import multiprocessing as mp
 import statistics
 import sys
@@ -35,6 +36,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 from fedtools import metrics, run_fedmpi, write_split  # noqa: E402
+
+from fedmpi.sentinel import role  # noqa: E402
+from fedmpi.startup import startup_line, startup_seconds  # noqa: E402
 
 SHAPE = (40, 48, 40)
 TEST_VOLUMES = 32  # the server evaluates these every eval.every rounds
@@ -175,8 +179,11 @@ def alone(cfg_sets: list[str], per_learner: int) -> float:
     return statistics.median(floor(cfg_sets, 1, per_learner, 3))
 
 
-def federation(split: Path, runs: Path, cfg_sets: list[str], learners: int, rounds: int) -> list[dict]:
-    """The real trainer's metrics rows, with each round's wall time (`period`) added."""
+def federation(
+    split: Path, runs: Path, cfg_sets: list[str], learners: int, rounds: int
+) -> tuple[list[dict], list[dict]]:
+    """The real trainer's metrics rows, with each round's wall time (`period`) added, and every rank's start-up
+    phases (ranks.json)."""
     proc = run_fedmpi(
         split,
         runs,
@@ -192,7 +199,8 @@ def federation(split: Path, runs: Path, cfg_sets: list[str], learners: int, roun
     rows = metrics(runs / "bench")
     for r, nxt in itertools.pairwise(rows):  # the last round has no next model sent to end it: not timed
         r["period"] = nxt["started"] - r["started"]
-    return rows[:-1]
+    startup = [rank["startup"] for rank in json.loads((runs / "bench" / "ranks.json").read_text())]
+    return rows[:-1], startup
 
 
 PARTS = (
@@ -243,7 +251,7 @@ def main() -> int:
         speed_start = alone(cfg_sets, args.per_learner)
         before = statistics.median(floor(cfg_sets, args.learners, args.per_learner, args.rounds))
         for rep in range(1, args.repeats + 1):
-            rows = federation(split, tmp / "runs", cfg_sets, args.learners, args.rounds)
+            rows, startup = federation(split, tmp / "runs", cfg_sets, args.learners, args.rounds)
             after = statistics.median(floor(cfg_sets, args.learners, args.per_learner, args.rounds))
             base = (before + after) / 2
             print(
@@ -262,15 +270,26 @@ def main() -> int:
                     f"| {r['round']} | {r['period']:.3f} | {base:.3f} | {r['period'] / base:.3f} | "
                     f"{r['seconds_train']:.3f} | {parts} |"
                 )
+            print(
+                "\nbefore round 1: " + startup_line(startup, [role(r) for r in range(len(startup))])[len("fedmpi: ") :]
+            )
             steady = [r["period"] for r in rows[1:]]
-            summary.append((rep, base, statistics.median(steady), statistics.median(steady) / base, rows[0]["period"]))
+            first = rows[0]["period"]
+            summary.append((rep, base, statistics.median(steady), statistics.median(steady) / base, first, startup))
             before = after
         # the last round has no next model sent to time it: the median is of rounds 2..rounds-1
         steady_rounds = f"rounds 2..{args.rounds - 1}"
-        print(f"\n| repeat | floor s/round | federation s/round ({steady_rounds}, median) | ratio | round 1 s |")
-        print("|---:|---:|---:|---:|---:|")
-        for rep, base, fed, ratio, first in summary:
-            print(f"| {rep} | {base:.3f} | {fed:.3f} | {ratio:.3f} | {first:.2f} |")
+        print(
+            f"\n| repeat | floor s/round | federation s/round ({steady_rounds}, median) | ratio | round 1 s | "
+            "start-up s | longest warm-up s |"
+        )
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for rep, base, fed, ratio, first, startup in summary:
+            warm = max(t["warm_up"] for t in startup)
+            print(
+                f"| {rep} | {base:.3f} | {fed:.3f} | {ratio:.3f} | {first:.2f} | {startup_seconds(startup):.2f} | "
+                f"{warm:.2f} |"
+            )
         print(
             f"\none learner's round alone (the machine's speed): {speed_start:.3f} s at the start, "
             f"{alone(cfg_sets, args.per_learner):.3f} s at the end"
