@@ -178,6 +178,7 @@ def train(
     except ConfigError as e:
         say_config_error(e)
         return EXIT_USAGE
+    clock.mark("imports")
     mpi = init_mpi(cfg.run.startup_timeout)
     clock.mark("mpi")
     comm = mpi.COMM_WORLD

@@ -25,11 +25,14 @@ REPORT = np.dtype(
 # What each rank found in its preflight: its data file's sample count, mean age and volume shape.
 PREFLIGHT = np.dtype([(name, np.float64) for name in ("samples", "mean_age", "x", "y", "z")])
 
-# A rank's start-up (fedmpi.startup), seconds a phase: from the process's start to MPI's (imports, the sentinel,
-# MPI_Init waiting for every rank), the data directory (torch, the rank table, the agreement, the synthetic
-# cohort), the preflight (the device: CUDA's context), decoding its volumes into the cache, building the model
-# (the server: its recorder and resume point too), and the warm-up step (cuDNN's benchmark search).
-STARTUP = np.dtype([(name, np.float64) for name in ("mpi", "prepare", "preflight", "volumes", "model", "warm_up")])
+# A rank's start-up (fedmpi.startup), seconds a phase: from the process's start to MPI_Init (the interpreter, the
+# imports, the sentinel, the configuration), MPI_Init (which waits for every rank), the data directory (torch, the
+# rank table, the agreement, the synthetic cohort), the preflight (the device: CUDA's context), decoding its volumes
+# into the cache, building the model (the server: its recorder and resume point too), and the warm-up step (cuDNN's
+# benchmark search).
+STARTUP = np.dtype(
+    [(name, np.float64) for name in ("imports", "mpi", "prepare", "preflight", "volumes", "model", "warm_up")]
+)
 
 # The unicode categories row_text escapes in another rank's text: controls (Cc), format characters (Cf), and the
 # line and paragraph separators (Zl, Zp: U+2028, U+2029), which some terminals and log viewers break lines at.

@@ -61,16 +61,20 @@ def startup_table(rows) -> list[dict[str, float]]:
     return table
 
 
+def _to_mpi(phases: dict[str, float]) -> float:
+    return phases["imports"] + phases["mpi"]
+
+
 def last_ready(table: list[dict[str, float]]) -> int:
     """The rank that was ready last. Ranks leave MPI_Init together (it waits for every rank), but each counts from
-    its own process's start, which a launcher may stagger across nodes: the time after `mpi` tells, not `ready`."""
-    return max(range(len(table)), key=lambda k: table[k]["ready"] - table[k]["mpi"])
+    its own process's start, which a launcher may stagger across nodes: the time after MPI_Init tells, not `ready`."""
+    return max(range(len(table)), key=lambda k: table[k]["ready"] - _to_mpi(table[k]))
 
 
 def startup_seconds(table: list[dict[str, float]]) -> float:
     """From the first process's start to the last rank ready: the longest way to MPI_Init's end, then the longest
     way from there."""
-    return round(max(t["mpi"] for t in table) + max(t["ready"] - t["mpi"] for t in table), 3)
+    return round(max(_to_mpi(t) for t in table) + max(t["ready"] - _to_mpi(t) for t in table), 3)
 
 
 def startup_line(table: list[dict[str, float]], roles: list[str]) -> str:

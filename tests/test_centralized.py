@@ -36,7 +36,7 @@ def test_centralized_baseline_runs_in_one_process(split, tmp_path):
     rows, s = metrics(tmp_path / "c"), summary(tmp_path / "c")
     assert len(rows) == 8 and rows[-1]["test_mae"] < rows[0]["test_mae"]
     assert s["total_bytes_up"] == 0 and s["closing_bytes"] == 0
-    assert f"fedmpi: the centralized baseline ready after {s['startup_seconds']:.1f} s: mpi " in proc.stdout
+    assert f"fedmpi: the centralized baseline ready after {s['startup_seconds']:.1f} s: imports " in proc.stdout
 
 
 def test_a_diverged_centralized_run_stops_instead_of_finishing_with_a_nan_model(split, tmp_path):

@@ -134,7 +134,7 @@ def test_every_ranks_start_up_is_kept_phase_by_phase(split, tmp_path):
         phases = {k: v for k, v in r["startup"].items() if k != "ready"}
         assert list(phases) == list(STARTUP.names) and all(v >= 0 for v in phases.values())
         assert r["startup"]["ready"] == pytest.approx(sum(phases.values()), abs=0.002)
-        assert phases["mpi"] > 0 and phases["volumes"] > 0
+        assert phases["imports"] > 0 and phases["mpi"] > 0 and phases["volumes"] > 0
         assert (phases["warm_up"] > 0) == (r["rank"] > 0)  # the learners warm up; the server does not train
     table = [r["startup"] for r in ranks]
     assert summary(run)["startup_seconds"] == startup_seconds(table) >= max(t["ready"] for t in table)

@@ -199,7 +199,7 @@ def test_the_prepared_gpu_check_runs_end_to_end_in_smoke_mode(tmp_path):
         "| data loader into the device",
         "wrote 2 x 4 + 3 volumes",
         "data.cache=device is weighed on host: ",
-        "| rank | mpi | prepare | preflight | volumes | model | warm_up | ready |",
+        "| rank | imports | mpi | prepare | preflight | volumes | model | warm_up | ready |",
         "| learner 2 | ",
         "| round | wall | train | setup |",
         "steady state, rounds 3-4: ",

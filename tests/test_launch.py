@@ -595,23 +595,24 @@ def test_the_server_keeps_every_ranks_start_up_and_waits_for_the_learners_a_roun
         def gather(self, buf, out, what="", patience=None):
             self.waited = (what, patience)
             out[0] = buf
-            out[1] = [1.0, 0.5, 0.25, 2.0, 0.25, 4.0]
-            out[2] = [1.0, 0.5, 0.25, 1.0, 0.25, 1.0]
+            out[1] = [0.5, 0.5, 0.5, 0.25, 2.0, 0.25, 4.0]
+            out[2] = [0.5, 0.5, 0.5, 0.25, 1.0, 0.25, 1.0]
             return out
 
     wire = ServerStandIn()
     monkeypatch.setattr(fedmpi.startup, "process_age", lambda: 0.0)  # the server ready at once, before learner 1
     clock = StartClock()
-    clock.mark("mpi")
+    clock.mark("imports")
     assert all_ready(wire, clock, 1800.0, tmp_path) == 8.0
     assert wire.waited == ("the start-up times", 1800.0)
     ranks = json.loads((tmp_path / "ranks.json").read_text())
     assert [r["pid"] for r in ranks] == [100, 101, 102]
     assert ranks[1]["startup"] == {
-        "mpi": 1.0, "prepare": 0.5, "preflight": 0.25, "volumes": 2.0, "model": 0.25, "warm_up": 4.0, "ready": 8.0
+        "imports": 0.5, "mpi": 0.5, "prepare": 0.5, "preflight": 0.25, "volumes": 2.0, "model": 0.25, "warm_up": 4.0,
+        "ready": 8.0,
     }  # fmt: skip
     assert ranks[0]["startup"]["warm_up"] == 0.0 and ranks[0]["startup"]["ready"] < 1
     assert capsys.readouterr().out == (
-        "fedmpi: every rank ready after 8.0 s; the last, learner 1: mpi 1.0, prepare 0.5, preflight 0.2, volumes 2.0, "
-        "model 0.2, warm_up 4.0 s\n"
+        "fedmpi: every rank ready after 8.0 s; the last, learner 1: imports 0.5, mpi 0.5, prepare 0.5, preflight 0.2, "
+        "volumes 2.0, model 0.2, warm_up 4.0 s\n"
     )
