@@ -199,8 +199,10 @@ def federation(
     rows = metrics(runs / "bench")
     for r, nxt in itertools.pairwise(rows):  # the last round has no next model sent to end it: not timed
         r["period"] = nxt["started"] - r["started"]
-    startup = [rank["startup"] for rank in json.loads((runs / "bench" / "ranks.json").read_text())]
-    return rows[:-1], startup
+    table = json.loads((runs / "bench" / "ranks.json").read_text())
+    if any("startup" not in rank for rank in table):
+        sys.exit(f"{runs / 'bench' / 'ranks.json'}: no start-up phases (from a fedmpi before they were kept?)")
+    return rows[:-1], [rank["startup"] for rank in table]
 
 
 PARTS = (

@@ -182,8 +182,9 @@ class RunConfig:
     )
     startup_timeout: float = opt(
         120.0,
-        "seconds any rank waits for the others during start-up (rank table, "
-        "preflight, the server's model and test set) before naming the silent ones",
+        "seconds MPI_Init may take, and any rank waits for the others during start-up (rank table, agreement, "
+        "preflight) before naming the silent ones (learners wait 1.25 x this + 5 s, and for the server's model "
+        "and test set run.round_timeout more)",
     )
     verbose: bool = opt(False, "learners print their own progress")
 

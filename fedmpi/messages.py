@@ -26,7 +26,7 @@ REPORT = np.dtype(
 PREFLIGHT = np.dtype([(name, np.float64) for name in ("samples", "mean_age", "x", "y", "z")])
 
 # A rank's start-up (fedmpi.startup), seconds a phase: from the process's start to MPI_Init (the interpreter, the
-# imports, the sentinel, the configuration), MPI_Init (which waits for every rank), the data directory (torch, the
+# imports, the sentinel, the configuration), MPI_Init (which waits for every rank), the data directory (the
 # rank table, the agreement, the synthetic cohort), the preflight (the device: CUDA's context), decoding its volumes
 # into the cache, building the model (the server: its recorder and resume point too), and the warm-up step (cuDNN's
 # benchmark search).

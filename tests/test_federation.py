@@ -5,6 +5,7 @@ import math
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ def split(tmp_path_factory):
 
 
 _RUNS: dict[tuple, Path] = {}
+_LAUNCHED: dict[Path, float] = {}  # a shared run's launch, wall clock
 
 
 def _run(split, tmp_path, algorithm, *sets):
@@ -34,6 +36,7 @@ def _run(split, tmp_path, algorithm, *sets):
     to ask for it runs it in its tmp_path)."""
     key = (split, algorithm, *sets)
     if key not in _RUNS:
+        _LAUNCHED[tmp_path / "r"] = time.time()
         proc = run_fedmpi(
             split,
             tmp_path,
@@ -137,7 +140,10 @@ def test_every_ranks_start_up_is_kept_phase_by_phase(split, tmp_path):
         assert phases["imports"] > 0 and phases["mpi"] > 0 and phases["volumes"] > 0
         assert (phases["warm_up"] > 0) == (r["rank"] > 0)  # the learners warm up; the server does not train
     table = [r["startup"] for r in ranks]
-    assert summary(run)["startup_seconds"] == startup_seconds(table) >= max(t["ready"] for t in table)
+    assert summary(run)["startup_seconds"] == startup_seconds(table)
+    # no rank's start-up reaches back before mpirun was started, nor past round 1's model going out (within /proc's
+    # 10 ms ticks of a process's start, and of ranks leaving MPI_Init apart on busy cores)
+    assert startup_seconds(table) <= metrics(run)[0]["started"] - _LAUNCHED[run] + 0.25
 
 
 @pytest.mark.parametrize("algorithm", ["fedsparsify-global", "fedsparsify-local"])
