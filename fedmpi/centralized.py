@@ -19,7 +19,7 @@ from .model import build_model, flat_parameters, load_flat_parameters
 from .preflight import RankCheck, cache_place, cache_refusal, check_rank, say, volume_bytes, volume_shape
 from .recorder import Recorder, evaluation_due, start_state
 from .resume import split_problems
-from .startup import StartClock, startup_line, startup_table
+from .startup import StartClock, say_ready
 from .training import SeededLoader, train_round, warm_up_round
 
 
@@ -81,9 +81,7 @@ def _train(cfg, data_dir: Path, files: list[Path], split: dict, checked: RankChe
     clock.mark("model")
     warm_up_round(cfg, model, test.shape, len(pooled), device)  # kernels set up before round 1 is timed, as on learners
     clock.mark("warm_up")
-    table = startup_table(clock.record().reshape(1, -1))
-    print(startup_line(table, ["the centralized baseline"]), flush=True)
-    rec.startup_seconds = table[0]["ready"]
+    _, rec.startup_seconds = say_ready(clock.record().reshape(1, -1), ["the centralized baseline"])
     rec.start_clock()
     for t in range(state.round + 1, cfg.federation.rounds + 1):
         load_flat_parameters(model, state.values)

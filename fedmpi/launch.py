@@ -45,7 +45,7 @@ from .sentinel import (
     tell_rank,
     tell_said,
 )
-from .startup import StartClock, startup_line, startup_seconds, startup_table
+from .startup import StartClock, say_ready
 
 HOST_BYTES = 64
 PID_MAX = 2**22  # Linux's PID_MAX_LIMIT: no host's pid_max is above it (os.kill of a larger one overflows pid_t)
@@ -339,22 +339,21 @@ def _learn(cfg: Config, wire, data_dir: Path, device, clock: StartClock) -> int:
 def all_ready(wire, clock: StartClock, patience: float | None = None, run_dir: Path | None = None) -> float | None:
     """Every rank's start-up phases to the server, once it is ready itself: the server prints the last rank's, adds
     each rank's to ranks.json in `run_dir` and returns when the last was ready (startup_seconds: from the first
-    rank's start); the
-    learners return None. Round 1 is then timed from the moment all are ready, not from the server's. The server
-    waits `patience` seconds (run.round_timeout): a learner decoding many volumes, or searching cuDNN's algorithms
-    while others share its GPU, may take longer than run.startup_timeout, as round 1's deadline allowed before."""
+    rank's start); the learners return None. Round 1 is then timed from the moment all are ready, not from the
+    server's. The server waits `patience` seconds (run.round_timeout): a learner decoding many volumes, or searching
+    cuDNN's algorithms while others share its GPU, may take longer than run.startup_timeout, as round 1's deadline
+    allowed before."""
     rows = np.zeros((wire.size, width(STARTUP)), np.float64)
     wire.gather(clock.record(), rows if wire.is_server else None, "the start-up times", patience)
     if not wire.is_server:
         return None
     from .files import atomic_write
 
-    table = startup_table(rows)
     assert run_dir is not None
+    table, seconds = say_ready(rows, [role(r) for r in range(wire.size)])
     ranks = [{**entry, "startup": phases} for entry, phases in zip(wire.table, table)]
     atomic_write(run_dir / "ranks.json", json.dumps(ranks, indent=1).encode())
-    print(startup_line(table, [role(r) for r in range(wire.size)]), flush=True)
-    return startup_seconds(table)
+    return seconds
 
 
 def prepare_data(cfg: Config, wire) -> Path | None:

@@ -77,6 +77,14 @@ def startup_seconds(table: list[dict[str, float]]) -> float:
     return round(max(_to_mpi(t) for t in table) + max(t["ready"] - _to_mpi(t) for t in table), 3)
 
 
+def say_ready(rows, roles: list[str]) -> tuple[list[dict[str, float]], float]:
+    """Every rank's STARTUP rows as their table (startup_table), the line said (startup_line) and when the last
+    rank was ready (startup_seconds)."""
+    table = startup_table(rows)
+    print(startup_line(table, roles), flush=True)
+    return table, startup_seconds(table)
+
+
 def startup_line(table: list[dict[str, float]], roles: list[str]) -> str:
     """The line said once every rank is ready: when the last one was, which one it was and where its time went."""
     last = last_ready(table)
