@@ -72,7 +72,9 @@ def main() -> int:
         return 0
 
     def plain() -> float:
-        return statistics.median(bench_round.floor(bench_round.WORKLOAD, args.learners, args.per_learner, args.rounds))
+        return statistics.median(
+            bench_round.floor(bench_round.WORKLOAD, args.learners, args.per_learner, args.rounds).walls
+        )
 
     print("| repeat | floor s/round (before, after) | MPI floor s/round | ratio |\n|---:|---|---:|---:|")
     before = plain()

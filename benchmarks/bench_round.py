@@ -8,7 +8,11 @@ data loading. The federation is the real CLI under mpirun on the same workload. 
 compared with the mean of the floors just before and just after it, which cancels a steady drift in
 the machine's speed. For every federation round the benchmark prints its wall time (between
 consecutive model sends by the server), the floor, their ratio, and where the rest went, from
-the trainer's own metrics.
+the trainer's own metrics; then, for its steady rounds, the same excess in core-seconds, read from /proc
+while the job runs: the learners' processes against the floor's, the server's main thread, its other
+threads (the evaluation and checkpoint that overlap the learners' training), the launcher, the rest of the
+machine and the idle cores. On cores that every rank shares, that split, not the wall times of overlapped
+work, says what a round costs beyond its training.
 
     python benchmarks/bench_round.py                     # 8 learners x 32 volumes of 40x48x40, width 0.25
     python benchmarks/bench_round.py --repeats 3 --rounds 12 --set federation.algorithm=fedsparsify-local
@@ -21,21 +25,24 @@ which is why the pairs alternate and the headline is the median of their ratios.
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import json
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
-from fedtools import metrics, run_fedmpi, write_split  # noqa: E402
+from fedtools import metrics, start_fedmpi, write_split  # noqa: E402
 
 from fedmpi.sentinel import role  # noqa: E402
 from fedmpi.startup import startup_line, startup_seconds  # noqa: E402
@@ -54,6 +61,23 @@ WORKLOAD = [
     "run.checkpoint_every=1",
     "eval.batch_size=4",
 ]
+
+
+TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK")  # MPICH's hydra, Open MPI
+SERVER_MAIN, SERVER_OTHER, LEARNERS, LAUNCHER = (
+    "server: main thread",
+    "server: other threads (evaluation, checkpoint)",
+    "learners",
+    "launcher",
+)
+IDLE, REST = "idle", "rest of the machine"
+
+
+def idle_seconds() -> float:
+    """Seconds the machine's cores have been idle since boot, all cores together (/proc/stat: idle + iowait)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return (int(fields[4]) + int(fields[5])) / TICKS
 
 
 def _floor_worker(rank: int, cfg_sets: list[str], per_learner: int, rounds: int, barrier, times) -> None:
@@ -126,8 +150,13 @@ def _floor_rounds(rank: int, cfg_sets: list[str], per_learner: int, rounds: int,
     barrier.wait()
 
 
-def floor(cfg_sets: list[str], learners: int, per_learner: int, rounds: int) -> list[float]:
-    """Barrier-to-barrier seconds of each round of N processes doing only their local steps."""
+class FloorRun(NamedTuple):
+    walls: list[float]  # barrier-to-barrier seconds of each round after the warm-up
+    busy: float  # mean cores the machine kept busy over those rounds (the floor's processes and anything else)
+
+
+def floor(cfg_sets: list[str], learners: int, per_learner: int, rounds: int) -> FloorRun:
+    """N processes doing only their local steps, a barrier per round."""
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(learners + 1)
     times = ctx.Array("d", learners * (rounds + 1))
@@ -140,13 +169,15 @@ def floor(cfg_sets: list[str], learners: int, per_learner: int, rounds: int) -> 
     ended = threading.Event()
     watch = threading.Thread(target=_abort_when_one_fails, args=(procs, barrier, ended), daemon=True)
     watch.start()
-    walls = []
+    walls, idle = [], []
     try:
         barrier.wait()  # all built
         for _ in range(rounds + 1):
             began = time.perf_counter()
+            idle.append(idle_seconds())
             barrier.wait()
             walls.append(time.perf_counter() - began)
+        idle.append(idle_seconds())
     except threading.BrokenBarrierError:
         pass  # a process failed: named below
     finally:
@@ -161,7 +192,7 @@ def floor(cfg_sets: list[str], learners: int, per_learner: int, rounds: int) -> 
         k, code = failed[0]
         why = f"killed by signal {-code}" if code < 0 else "its error above"
         sys.exit(f"compute floor: process {k} exited with code {code} ({why})")
-    return walls[1:]
+    return FloorRun(walls[1:], (os.cpu_count() or 1) - (idle[-1] - idle[1]) / sum(walls[1:]))
 
 
 def _abort_when_one_fails(procs, barrier, ended: threading.Event) -> None:
@@ -176,15 +207,102 @@ def _abort_when_one_fails(procs, barrier, ended: threading.Event) -> None:
 def alone(cfg_sets: list[str], per_learner: int) -> float:
     """Seconds one learner's local steps take with nothing else running: measured at the start and at the
     end, so that a change in the machine's own speed during the benchmark shows."""
-    return statistics.median(floor(cfg_sets, 1, per_learner, 3))
+    return statistics.median(floor(cfg_sets, 1, per_learner, 3).walls)
+
+
+def _cpu_seconds(stat: str) -> float:
+    """User + system seconds from a /proc .../stat line (fields 14 and 15; the name may hold spaces)."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        kids += [int(k) for k in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+    return kids
+
+
+def _rank_of(pid: int) -> int | None:
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    for var in RANK_VARIABLES:
+        for item in env:
+            if item.startswith(var.encode() + b"="):
+                return int(item.split(b"=", 1)[1])
+    return None
+
+
+def job_cpu(root: int) -> collections.Counter:
+    """CPU seconds so far of each part of the job under process `root` (the launcher): every rank's processes
+    by role, rank 0's split into main threads and the others (the recorder's evaluation and checkpoint). A
+    process that ends between two readings takes its seconds with it."""
+    parts: collections.Counter = collections.Counter()
+    todo, ranks = [root], {}
+    while todo:
+        pid = todo.pop()
+        try:
+            todo += _children(pid)
+            ranks[pid] = _rank_of(pid)
+            if ranks[pid] != 0:
+                parts[LAUNCHER if ranks[pid] is None else LEARNERS] += _cpu_seconds(
+                    Path(f"/proc/{pid}/stat").read_text()
+                )
+                continue
+            for tid in os.listdir(f"/proc/{pid}/task"):  # the rank's sentinel, a main thread that waits, adds ~0
+                parts[SERVER_MAIN if int(tid) == pid else SERVER_OTHER] += _cpu_seconds(
+                    Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+                )
+        except (FileNotFoundError, ProcessLookupError, ValueError):  # gone meanwhile
+            continue
+    return parts
+
+
+class CoreSampler(threading.Thread):
+    """Samples the machine's idle time and the job's CPU by part every `every` seconds while the job runs, so that
+    a span of rounds can be split into core-seconds: the learners', the server's threads', the launcher's, the
+    idle cores' and the rest of the machine's (anything else, this benchmark's own process included)."""
+
+    def __init__(self, root: int, every: float = 0.2):
+        super().__init__(daemon=True)
+        self.root, self.every = root, every
+        self.samples: list[tuple[float, float, collections.Counter]] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            self.samples.append((time.time(), idle_seconds(), job_cpu(self.root)))
+            self.done.wait(self.every)
+
+    def cores(self, begin: float, end: float) -> dict[str, float]:
+        """Mean cores each part kept busy from `begin` to `end` (time.time()), between the samples nearest them;
+        they add up to the machine's cores."""
+        (t0, idle0, cpu0), (t1, idle1, cpu1) = (min(self.samples, key=lambda s: abs(s[0] - at)) for at in (begin, end))
+        if t1 <= t0:
+            raise ValueError("no samples span the rounds: too few rounds to sample")
+        span, total = t1 - t0, os.cpu_count() or 1
+        out = {part: (cpu1[part] - cpu0[part]) / span for part in (LEARNERS, SERVER_MAIN, SERVER_OTHER, LAUNCHER)}
+        out[IDLE] = (idle1 - idle0) / span
+        out[REST] = total - sum(out.values())
+        return out
+
+
+def extra_core_seconds(cores: dict[str, float], round_s: float, floor_busy: float, floor_round_s: float) -> dict:
+    """Core-seconds a federation round spends beyond a floor round, by part: the learners' and the idle cores'
+    against the floor's busy and idle cores, every other part whole. They add up to the difference of the two
+    rounds times the machine's cores (`cores` adds up to them: CoreSampler.cores)."""
+    total = sum(cores.values())
+    out = {part: n * round_s for part, n in cores.items() if part not in (LEARNERS, IDLE)}
+    out = {LEARNERS: cores[LEARNERS] * round_s - floor_busy * floor_round_s, **out}
+    out[IDLE] = cores[IDLE] * round_s - (total - floor_busy) * floor_round_s
+    return out
 
 
 def federation(
     split: Path, runs: Path, cfg_sets: list[str], learners: int, rounds: int
-) -> tuple[list[dict], list[dict]]:
-    """The real trainer's metrics rows, with each round's wall time (`period`) added, and every rank's start-up
-    phases (ranks.json)."""
-    proc = run_fedmpi(
+) -> tuple[list[dict], list[dict], dict[str, float]]:
+    """The real trainer's metrics rows, with each round's wall time (`period`) added, every rank's start-up
+    phases (ranks.json), and the mean cores each part of the job kept busy over rounds 2.. (CoreSampler)."""
+    job = start_fedmpi(
         split,
         runs,
         *cfg_sets,
@@ -192,17 +310,23 @@ def federation(
         "run.name=bench",
         ranks=learners + 1,
         extra=["--overwrite"],
-        timeout=3600,
     )
-    if proc.returncode:
-        sys.exit(proc.stdout + proc.stderr)
+    sampler = CoreSampler(job.pid)
+    sampler.start()
+    try:
+        out, err = job.communicate(timeout=3600)
+    finally:
+        sampler.done.set()
+        sampler.join()
+    if job.returncode:
+        sys.exit(out + err)
     rows = metrics(runs / "bench")
     for r, nxt in itertools.pairwise(rows):  # the last round has no next model sent to end it: not timed
         r["period"] = nxt["started"] - r["started"]
     table = json.loads((runs / "bench" / "ranks.json").read_text())
     if any("startup" not in rank for rank in table):
         sys.exit(f"{runs / 'bench' / 'ranks.json'}: no start-up phases (from a fedmpi before they were kept?)")
-    return rows[:-1], [rank["startup"] for rank in table]
+    return rows[:-1], [rank["startup"] for rank in table], sampler.cores(rows[1]["started"], rows[-1]["started"])
 
 
 PARTS = (
@@ -251,14 +375,14 @@ def main() -> int:
         )
         summary = []
         speed_start = alone(cfg_sets, args.per_learner)
-        before = statistics.median(floor(cfg_sets, args.learners, args.per_learner, args.rounds))
+        before = floor(cfg_sets, args.learners, args.per_learner, args.rounds)
         for rep in range(1, args.repeats + 1):
-            rows, startup = federation(split, tmp / "runs", cfg_sets, args.learners, args.rounds)
-            after = statistics.median(floor(cfg_sets, args.learners, args.per_learner, args.rounds))
-            base = (before + after) / 2
+            rows, startup, cores = federation(split, tmp / "runs", cfg_sets, args.learners, args.rounds)
+            after = floor(cfg_sets, args.learners, args.per_learner, args.rounds)
+            base = (statistics.median(before.walls) + statistics.median(after.walls)) / 2
             print(
-                f"\n### repeat {rep}: floor {base:.3f} s/round "
-                f"(median round {before:.3f} s before this federation, {after:.3f} s after)\n"
+                f"\n### repeat {rep}: floor {base:.3f} s/round (median round {statistics.median(before.walls):.3f} s "
+                f"before this federation, {statistics.median(after.walls):.3f} s after)\n"
             )
             print(
                 "| round | wall s | floor s | ratio | train (slowest) | "
@@ -275,28 +399,50 @@ def main() -> int:
             print(
                 "\nbefore round 1: " + startup_line(startup, [role(r) for r in range(len(startup))])[len("fedmpi: ") :]
             )
-            steady = [r["period"] for r in rows[1:]]
-            first = rows[0]["period"]
-            summary.append((rep, base, statistics.median(steady), statistics.median(steady) / base, first, startup))
+            steady = statistics.median(r["period"] for r in rows[1:])
+            extra = extra_core_seconds(cores, steady, (before.busy + after.busy) / 2, base)
+            floor_round_cs = (os.cpu_count() or 1) * base
+            print(
+                f"\nwhere the extra {steady / base - 1:.1%} went, rounds 2..{args.rounds - 1} (core-seconds a round "
+                f"beyond the floor's {floor_round_cs:.3f}): "
+                + "; ".join(f"{part} {cs:+.3f} ({cs / floor_round_cs:+.1%})" for part, cs in extra.items())
+            )
+            summary.append(
+                (
+                    rep,
+                    base,
+                    steady,
+                    steady / base,
+                    rows[0]["period"],
+                    startup,
+                    extra[LEARNERS] / floor_round_cs,
+                    extra[SERVER_OTHER] / floor_round_cs,
+                )
+            )
             before = after
         # the last round has no next model sent to time it: the median is of rounds 2..rounds-1
         steady_rounds = f"rounds 2..{args.rounds - 1}"
         print(
             f"\n| repeat | floor s/round | federation s/round ({steady_rounds}, median) | ratio | round 1 s | "
-            "start-up s | longest warm-up s |"
+            "start-up s | longest warm-up s | learners' CPU beyond the floor's | server's other threads |"
         )
-        print("|---:|---:|---:|---:|---:|---:|---:|")
-        for rep, base, fed, ratio, first, startup in summary:
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for rep, base, fed, ratio, first, startup, learners_extra, recorder in summary:
             warm = max(t["warm_up"] for t in startup)
             print(
                 f"| {rep} | {base:.3f} | {fed:.3f} | {ratio:.3f} | {first:.2f} | {startup_seconds(startup):.2f} | "
-                f"{warm:.2f} |"
+                f"{warm:.2f} | {learners_extra:+.1%} | {recorder:.1%} |"
             )
         print(
             f"\none learner's round alone (the machine's speed): {speed_start:.3f} s at the start, "
             f"{alone(cfg_sets, args.per_learner):.3f} s at the end"
         )
         print("\nparts: " + "; ".join(f"{name} = {text}" for name, _, text in PARTS))
+        print(
+            "core-seconds: CPU from /proc, sampled every 0.2 s over the steady rounds; each part's share is of the "
+            "floor's round times the machine's cores, so the shares add up to the ratio's excess (the learners' and "
+            "the idle cores' against the floor's, the rest whole)"
+        )
         ratios = np.array([s[3] for s in summary])
         print(
             f"\nsteady-state ratio: median {np.median(ratios):.3f} over {len(ratios)} federations (each against "

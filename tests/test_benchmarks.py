@@ -3,9 +3,11 @@ unused once, and bench_aggregate and bench_mpi_floor failed on it until a review
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,55 @@ def test_the_round_benchmark_counts_the_evaluations_share_of_the_arithmetic():
     assert train2 == pytest.approx(2 * train) and evaluation2 == pytest.approx(2 * evaluation)
     # a step is a forward pass and a backward one of about twice its arithmetic, less the first layer's input gradient
     assert 2 * evaluation < train < 3 * evaluation
+
+
+def test_the_round_benchmark_splits_the_extra_core_seconds_so_that_they_add_up():
+    """Hand-computed: a 2.2 s federation round against a 2.0 s floor round on 2 cores is 0.4 core-seconds more; the
+    learners' part is theirs less the floor's busy cores, the idle cores' theirs less the floor's idle ones."""
+    bench_round = _load("bench_round")
+    cores = {
+        bench_round.LEARNERS: 1.8,
+        bench_round.SERVER_MAIN: 0.01,
+        bench_round.SERVER_OTHER: 0.1,
+        bench_round.LAUNCHER: 0.0,
+        bench_round.IDLE: 0.04,
+        bench_round.REST: 0.05,
+    }
+    extra = bench_round.extra_core_seconds(cores, round_s=2.2, floor_busy=1.98, floor_round_s=2.0)
+    assert extra[bench_round.LEARNERS] == pytest.approx(1.8 * 2.2 - 1.98 * 2.0)
+    assert extra[bench_round.SERVER_OTHER] == pytest.approx(0.22)
+    assert extra[bench_round.IDLE] == pytest.approx(0.04 * 2.2 - 0.02 * 2.0)
+    assert sum(extra.values()) == pytest.approx(2 * (2.2 - 2.0))
+
+
+def test_the_round_benchmark_takes_a_jobs_cpu_apart_by_rank_and_thread():
+    """job_cpu reads the job's processes under the launcher: rank 0's main thread and its other threads apart,
+    every other rank's processes as the learners', a process without a rank as the launcher's."""
+    bench_round = _load("bench_round")
+    spin = (
+        "import threading, time\ndef spin(s):\n    t = time.thread_time()\n    while time.thread_time() - t < s: pass\n"
+    )
+    server = spin + "threading.Thread(target=lambda: (spin(0.6), time.sleep(600)), daemon=True).start()\n"
+    server += "spin(0.2); time.sleep(600)"
+    learner = spin + "spin(0.4); time.sleep(600)"
+    launcher = "import os, subprocess, sys\n"
+    launcher += f"ps = [subprocess.Popen([sys.executable, '-c', {server!r}], env=dict(os.environ, PMI_RANK='0')), "
+    launcher += f"subprocess.Popen([sys.executable, '-c', {learner!r}], env=dict(os.environ, PMI_RANK='1'))]\n"
+    launcher += "sys.stdin.readline()\n[p.kill() for p in ps]; [p.wait() for p in ps]\n"
+    env = {k: v for k, v in os.environ.items() if k not in bench_round.RANK_VARIABLES}  # under mpirun: no rank
+    job = subprocess.Popen([sys.executable, "-c", launcher], stdin=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline, parts = time.monotonic() + 60, None
+        while time.monotonic() < deadline:  # until each has spun its share
+            parts = bench_round.job_cpu(job.pid)
+            spun = {bench_round.SERVER_OTHER: 0.55, bench_round.SERVER_MAIN: 0.15, bench_round.LEARNERS: 0.35}
+            if all(parts[part] >= s for part, s in spun.items()):  # in clock ticks: 0.05 s short of a spin
+                break
+            time.sleep(0.1)
+    finally:
+        job.communicate("\n", timeout=30)
+    assert parts is not None
+    assert 0.55 <= parts[bench_round.SERVER_OTHER] < 0.75, parts  # the thread's, not the main thread's
+    assert 0.15 <= parts[bench_round.SERVER_MAIN] < 0.55, parts  # its spin and its start-up (imports)
+    assert 0.35 <= parts[bench_round.LEARNERS] < 0.75, parts
+    assert parts[bench_round.LAUNCHER] < 0.3, parts  # it waits on its stdin
