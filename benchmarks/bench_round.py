@@ -71,7 +71,7 @@ SERVER_MAIN, SERVER_OTHER, LEARNERS, LAUNCHER = (
     "learners",
     "launcher",
 )
-IDLE, REST = "idle", "rest of the machine"
+IDLE, SAMPLING, REST = "idle", "this benchmark's sampling", "rest of the machine"
 
 
 def idle_seconds() -> float:
@@ -260,28 +260,31 @@ def job_cpu(root: int) -> collections.Counter:
 class CoreSampler(threading.Thread):
     """Samples the machine's idle time and the job's CPU by part every `every` seconds while the job runs, so that
     a span of rounds can be split into core-seconds: the learners', the server's threads', the launcher's, the
-    idle cores' and the rest of the machine's (anything else, this benchmark's own process included)."""
+    idle cores', its own (the floor has no sampler: this is what measuring costs) and the rest of the machine's."""
 
     def __init__(self, root: int, every: float = 0.2):
         super().__init__(daemon=True)
         self.root, self.every = root, every
-        self.samples: list[tuple[float, float, collections.Counter]] = []
+        self.samples: list[tuple[float, float, collections.Counter, float]] = []
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.is_set():
-            self.samples.append((time.time(), idle_seconds(), job_cpu(self.root)))
+            self.samples.append((time.time(), idle_seconds(), job_cpu(self.root), time.thread_time()))
             self.done.wait(self.every)
 
     def cores(self, begin: float, end: float) -> dict[str, float]:
         """Mean cores each part kept busy from `begin` to `end` (time.time()), between the samples nearest them;
         they add up to the machine's cores."""
-        (t0, idle0, cpu0), (t1, idle1, cpu1) = (min(self.samples, key=lambda s: abs(s[0] - at)) for at in (begin, end))
+        (t0, idle0, cpu0, own0), (t1, idle1, cpu1, own1) = (
+            min(self.samples, key=lambda s: abs(s[0] - at)) for at in (begin, end)
+        )
         if t1 <= t0:
             raise ValueError("no samples span the rounds: too few rounds to sample")
         span, total = t1 - t0, os.cpu_count() or 1
         out = {part: (cpu1[part] - cpu0[part]) / span for part in (LEARNERS, SERVER_MAIN, SERVER_OTHER, LAUNCHER)}
         out[IDLE] = (idle1 - idle0) / span
+        out[SAMPLING] = (own1 - own0) / span
         out[REST] = total - sum(out.values())
         return out
 
@@ -417,6 +420,7 @@ def main() -> int:
                     startup,
                     extra[LEARNERS] / floor_round_cs,
                     extra[SERVER_OTHER] / floor_round_cs,
+                    extra[SAMPLING] / floor_round_cs,
                 )
             )
             before = after
@@ -424,14 +428,14 @@ def main() -> int:
         steady_rounds = f"rounds 2..{args.rounds - 1}"
         print(
             f"\n| repeat | floor s/round | federation s/round ({steady_rounds}, median) | ratio | round 1 s | "
-            "start-up s | longest warm-up s | learners' CPU beyond the floor's | server's other threads |"
+            "start-up s | longest warm-up s | learners' CPU beyond the floor's | server's other threads | sampling |"
         )
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for rep, base, fed, ratio, first, startup, learners_extra, recorder in summary:
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for rep, base, fed, ratio, first, startup, learners_extra, recorder, sampling in summary:
             warm = max(t["warm_up"] for t in startup)
             print(
                 f"| {rep} | {base:.3f} | {fed:.3f} | {ratio:.3f} | {first:.2f} | {startup_seconds(startup):.2f} | "
-                f"{warm:.2f} | {learners_extra:+.1%} | {recorder:.1%} |"
+                f"{warm:.2f} | {learners_extra:+.1%} | {recorder:.1%} | {sampling:.1%} |"
             )
         print(
             f"\none learner's round alone (the machine's speed): {speed_start:.3f} s at the start, "

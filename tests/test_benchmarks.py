@@ -1,6 +1,7 @@
 """The benchmarks run: they call the trainer's modules, which change under them (Wire.barrier was dropped as
 unused once, and bench_aggregate and bench_mpi_floor failed on it until a review ran them)."""
 
+import collections
 import importlib.util
 import json
 import os
@@ -116,13 +117,35 @@ def test_the_round_benchmark_splits_the_extra_core_seconds_so_that_they_add_up()
         bench_round.SERVER_OTHER: 0.1,
         bench_round.LAUNCHER: 0.0,
         bench_round.IDLE: 0.04,
-        bench_round.REST: 0.05,
+        bench_round.SAMPLING: 0.01,
+        bench_round.REST: 0.04,
     }
     extra = bench_round.extra_core_seconds(cores, round_s=2.2, floor_busy=1.98, floor_round_s=2.0)
     assert extra[bench_round.LEARNERS] == pytest.approx(1.8 * 2.2 - 1.98 * 2.0)
     assert extra[bench_round.SERVER_OTHER] == pytest.approx(0.22)
     assert extra[bench_round.IDLE] == pytest.approx(0.04 * 2.2 - 0.02 * 2.0)
     assert sum(extra.values()) == pytest.approx(2 * (2.2 - 2.0))
+
+
+def test_the_round_benchmark_counts_its_own_sampling_apart_from_the_rest_of_the_machine():
+    """Hand-computed: over 2 s between the samples nearest the rounds' ends, the sampler's own 0.04 CPU-seconds are
+    0.02 cores, and the rest of the machine is what no part accounts for."""
+    bench_round = _load("bench_round")
+    sampler = bench_round.CoreSampler(root=0)
+    at = collections.Counter
+    sampler.samples = [
+        (10.0, 100.0, at({bench_round.LEARNERS: 5.0}), 1.00),
+        (11.0, 100.1, at({bench_round.LEARNERS: 6.0}), 1.02),
+        (12.0, 100.2, at({bench_round.LEARNERS: 7.6, bench_round.SERVER_OTHER: 0.2}), 1.04),
+    ]
+    cores = sampler.cores(begin=9.9, end=12.1)
+    total = os.cpu_count() or 1
+    assert cores[bench_round.LEARNERS] == pytest.approx(1.3)
+    assert cores[bench_round.SERVER_OTHER] == pytest.approx(0.1)
+    assert cores[bench_round.IDLE] == pytest.approx(0.1)
+    assert cores[bench_round.SAMPLING] == pytest.approx(0.02)
+    assert cores[bench_round.REST] == pytest.approx(total - 1.52)
+    assert sum(cores.values()) == pytest.approx(total)
 
 
 def test_the_round_benchmark_takes_a_jobs_cpu_apart_by_rank_and_thread():
