@@ -10,9 +10,9 @@ the machine's speed. For every federation round the benchmark prints its wall ti
 consecutive model sends by the server), the floor, their ratio, and where the rest went, from
 the trainer's own metrics; then, for its steady rounds, the same excess in core-seconds, read from /proc
 while the job runs: the learners' processes against the floor's, the server's main thread, its other
-threads (the evaluation and checkpoint that overlap the learners' training), the launcher, the rest of the
-machine and the idle cores. On cores that every rank shares, that split, not the wall times of overlapped
-work, says what a round costs beyond its training.
+threads (the evaluation and checkpoint that overlap the learners' training), the launcher, the sampling itself,
+the rest of the machine and the idle cores. On cores that every rank shares, that split, not the wall times of
+overlapped work, says what a round costs beyond its training.
 
     python benchmarks/bench_round.py                     # 8 learners x 32 volumes of 40x48x40, width 0.25
     python benchmarks/bench_round.py --repeats 3 --rounds 12 --set federation.algorithm=fedsparsify-local
