@@ -12,7 +12,7 @@ from fedtools import SHAPE, write_split
 
 from fedmpi.config import TrainConfig, load_config
 from fedmpi.data import loader_options, open_volumes
-from fedmpi.device import AUTOCAST, prepare_model
+from fedmpi.device import AUTOCAST, autocast_problem, prepare_model
 from fedmpi.model import BrainAgeCNN
 from fedmpi.training import SeededLoader, local_train, predict
 
@@ -192,6 +192,7 @@ def test_the_prepared_gpu_check_runs_end_to_end_in_smoke_mode(tmp_path):
     proc = _gpu_check(tmp_path, GPU_CHECK_ROUNDS="4", GPU_CHECK_AMPS="bf16 bf16,eval.every=2", GPU_CHECK_TEST="3")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     log = (tmp_path / "out" / "gpu_check.log").read_text()
+    amp = "off" if autocast_problem(torch.device("cpu"), "bf16") else "bf16"  # what the script ran, by this CPU
     for table in (
         "bf16 weight-gradient probe: relative error",
         "| model step, batch 4 |",
@@ -203,13 +204,13 @@ def test_the_prepared_gpu_check_runs_end_to_end_in_smoke_mode(tmp_path):
         "| learner 2 | ",
         "| round | wall | train | setup |",
         "steady state, rounds 3-4: ",
-        "gpu-2 against gpu (train.amp off against off): parameters: the same model bit for bit",
+        f"gpu-2 against gpu (train.amp {amp} against {amp}): parameters: the same model bit for bit",
         "== gpu_check done",
     ):
         assert table in proc.stdout and table in log
     (second,) = [line for line in log.splitlines() if line.startswith("== 3-rank federation gpu-2: ")]
     assert second.startswith("== 3-rank federation gpu-2: 2 learner(s) on one cpu, 4 volumes each, 4 rounds, ")
-    assert second.endswith(" eval.every=2")  # bf16, or off where this CPU refuses it
+    assert second.endswith(f"train.amp={amp} eval.every=2")
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics-gpu-2.jsonl").read_text().splitlines()]
     assert [row.get("test_mae") is not None for row in rows] == [False, True, False, True]
     for name in ("metrics.jsonl", "metrics-gpu-2.jsonl"):
