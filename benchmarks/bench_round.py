@@ -232,17 +232,19 @@ def _rank_of(pid: int) -> int | None:
     return None
 
 
-def job_cpu(root: int) -> collections.Counter:
+def job_cpu(root: int, ranks: dict[int, int | None] | None = None) -> collections.Counter:
     """CPU seconds so far of each part of the job under process `root` (the launcher): every rank's processes
     by role, rank 0's split into main threads and the others (the recorder's evaluation and checkpoint). A
-    process that ends between two readings takes its seconds with it."""
+    process that ends between two readings takes its seconds with it. `ranks` keeps each process's rank from one
+    reading to the next (its environment does not change), which makes a reading cheaper."""
     parts: collections.Counter = collections.Counter()
-    todo, ranks = [root], {}
+    todo, ranks = [root], {} if ranks is None else ranks
     while todo:
         pid = todo.pop()
         try:
             todo += _children(pid)
-            ranks[pid] = _rank_of(pid)
+            if pid not in ranks:
+                ranks[pid] = _rank_of(pid)
             if ranks[pid] != 0:
                 parts[LAUNCHER if ranks[pid] is None else LEARNERS] += _cpu_seconds(
                     Path(f"/proc/{pid}/stat").read_text()
@@ -266,11 +268,12 @@ class CoreSampler(threading.Thread):
         super().__init__(daemon=True)
         self.root, self.every = root, every
         self.samples: list[tuple[float, float, collections.Counter, float]] = []
+        self.ranks: dict[int, int | None] = {}
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.is_set():
-            self.samples.append((time.time(), idle_seconds(), job_cpu(self.root), time.thread_time()))
+            self.samples.append((time.time(), idle_seconds(), job_cpu(self.root, self.ranks), time.thread_time()))
             self.done.wait(self.every)
 
     def cores(self, begin: float, end: float) -> dict[str, float]:

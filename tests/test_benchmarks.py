@@ -165,9 +165,9 @@ def test_the_round_benchmark_takes_a_jobs_cpu_apart_by_rank_and_thread():
     env = {k: v for k, v in os.environ.items() if k not in bench_round.RANK_VARIABLES}  # under mpirun: no rank
     job = subprocess.Popen([sys.executable, "-c", launcher], stdin=subprocess.PIPE, text=True, env=env)
     try:
-        deadline, parts = time.monotonic() + 60, None
-        while time.monotonic() < deadline:  # until each has spun its share
-            parts = bench_round.job_cpu(job.pid)
+        deadline, parts, ranks = time.monotonic() + 60, None, {}
+        while time.monotonic() < deadline:  # until each has spun its share; the ranks kept between readings
+            parts = bench_round.job_cpu(job.pid, ranks)
             spun = {bench_round.SERVER_OTHER: 0.55, bench_round.SERVER_MAIN: 0.15, bench_round.LEARNERS: 0.35}
             if all(parts[part] >= s for part, s in spun.items()):  # in clock ticks: 0.05 s short of a spin
                 break
@@ -179,3 +179,4 @@ def test_the_round_benchmark_takes_a_jobs_cpu_apart_by_rank_and_thread():
     assert 0.15 <= parts[bench_round.SERVER_MAIN] < 0.55, parts  # its spin and its start-up (imports)
     assert 0.35 <= parts[bench_round.LEARNERS] < 0.75, parts
     assert parts[bench_round.LAUNCHER] < 0.3, parts  # it waits on its stdin
+    assert ranks[job.pid] is None and sorted(r for r in ranks.values() if r is not None) == [0, 1]
