@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import concurrent.futures
 import itertools
 import json
 import multiprocessing as mp
@@ -373,10 +372,7 @@ def main() -> int:
             tmp / "split", learners=args.learners, per_learner=args.per_learner, test=TEST_VOLUMES, shape=SHAPE
         )
         print(f"workload: {args.learners} learners x {args.per_learner} volumes {SHAPE}, {' '.join(cfg_sets)}")
-        # in a process of its own: counted in this one, it made the federations' first two rounds 0.3 and 0.1 s
-        # longer on the VM of 2026-12-04 (the learners' CPU, not this process's; why is not known)
-        with concurrent.futures.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-            learner_gflop, eval_gflop = pool.submit(arithmetic, cfg_sets, args.per_learner, TEST_VOLUMES).result()
+        learner_gflop, eval_gflop = arithmetic(cfg_sets, args.per_learner, TEST_VOLUMES)
         every = load_config(overrides=cfg_sets).eval.every
         print(
             f"arithmetic (torch's FLOP counter): one learner's round {learner_gflop:.2f} GFLOP, the evaluation of "
