@@ -12,7 +12,6 @@ comparison, and how much the ratio scatters on this machine with no federation a
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import time
@@ -72,9 +71,7 @@ def main() -> int:
         return 0
 
     def plain() -> float:
-        return statistics.median(
-            bench_round.floor(bench_round.WORKLOAD, args.learners, args.per_learner, args.rounds).walls
-        )
+        return bench_round.floor(bench_round.WORKLOAD, args.learners, args.per_learner, args.rounds).median
 
     print("| repeat | floor s/round (before, after) | MPI floor s/round | ratio |\n|---:|---|---:|---:|")
     before = plain()

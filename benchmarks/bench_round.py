@@ -42,7 +42,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
-from fedtools import metrics, start_fedmpi, write_split  # noqa: E402
+from fedtools import kill_job, metrics, start_fedmpi, write_split  # noqa: E402
 
 from fedmpi.sentinel import role  # noqa: E402
 from fedmpi.startup import startup_line, startup_seconds  # noqa: E402
@@ -154,6 +154,10 @@ class FloorRun(NamedTuple):
     walls: list[float]  # barrier-to-barrier seconds of each round after the warm-up
     busy: float  # mean cores the machine kept busy over those rounds (the floor's processes and anything else)
 
+    @property
+    def median(self) -> float:
+        return statistics.median(self.walls)
+
 
 def floor(cfg_sets: list[str], learners: int, per_learner: int, rounds: int) -> FloorRun:
     """N processes doing only their local steps, a barrier per round."""
@@ -207,7 +211,7 @@ def _abort_when_one_fails(procs, barrier, ended: threading.Event) -> None:
 def alone(cfg_sets: list[str], per_learner: int) -> float:
     """Seconds one learner's local steps take with nothing else running: measured at the start and at the
     end, so that a change in the machine's own speed during the benchmark shows."""
-    return statistics.median(floor(cfg_sets, 1, per_learner, 3).walls)
+    return floor(cfg_sets, 1, per_learner, 3).median
 
 
 def _cpu_seconds(stat: str) -> float:
@@ -321,6 +325,9 @@ def federation(
     sampler.start()
     try:
         out, err = job.communicate(timeout=3600)
+    except BaseException:  # timed out or interrupted: no ranks left running, as subprocess.run's timeout did
+        kill_job(job)
+        raise
     finally:
         sampler.done.set()
         sampler.join()
@@ -385,10 +392,10 @@ def main() -> int:
         for rep in range(1, args.repeats + 1):
             rows, startup, cores = federation(split, tmp / "runs", cfg_sets, args.learners, args.rounds)
             after = floor(cfg_sets, args.learners, args.per_learner, args.rounds)
-            base = (statistics.median(before.walls) + statistics.median(after.walls)) / 2
+            base = (before.median + after.median) / 2
             print(
-                f"\n### repeat {rep}: floor {base:.3f} s/round (median round {statistics.median(before.walls):.3f} s "
-                f"before this federation, {statistics.median(after.walls):.3f} s after)\n"
+                f"\n### repeat {rep}: floor {base:.3f} s/round (median round {before.median:.3f} s before this "
+                f"federation, {after.median:.3f} s after)\n"
             )
             print(
                 "| round | wall s | floor s | ratio | train (slowest) | "
