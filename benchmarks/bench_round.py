@@ -72,6 +72,7 @@ SERVER_MAIN, SERVER_OTHER, LEARNERS, LAUNCHER = (
     "launcher",
 )
 IDLE, SAMPLING, REST = "idle", "this benchmark's sampling", "rest of the machine"
+SAMPLE_EVERY = 0.2  # seconds between readings of /proc while a federation runs
 
 
 def idle_seconds() -> float:
@@ -268,7 +269,7 @@ class CoreSampler(threading.Thread):
     a span of rounds can be split into core-seconds: the learners', the server's threads', the launcher's, the
     idle cores', its own (the floor has no sampler: this is what measuring costs) and the rest of the machine's."""
 
-    def __init__(self, root: int, every: float = 0.2):
+    def __init__(self, root: int, every: float = SAMPLE_EVERY):
         super().__init__(daemon=True)
         self.root, self.every = root, every
         self.samples: list[tuple[float, float, collections.Counter, float]] = []
@@ -453,9 +454,9 @@ def main() -> int:
         )
         print("\nparts: " + "; ".join(f"{name} = {text}" for name, _, text in PARTS))
         print(
-            "core-seconds: CPU from /proc, sampled every 0.2 s over the steady rounds; each part's share is of the "
-            "floor's round times the machine's cores, so the shares add up to the ratio's excess (the learners' and "
-            "the idle cores' against the floor's, the rest whole)"
+            f"core-seconds: CPU from /proc, sampled every {SAMPLE_EVERY} s over the steady rounds; each part's share "
+            "is of the floor's round times the machine's cores, so the shares add up to the ratio's excess (the "
+            "learners' and the idle cores' against the floor's, the rest whole)"
         )
         ratios = np.array([s[3] for s in summary])
         print(
