@@ -154,6 +154,7 @@ def _floor_rounds(rank: int, cfg_sets: list[str], per_learner: int, rounds: int,
 class FloorRun(NamedTuple):
     walls: list[float]  # barrier-to-barrier seconds of each round after the warm-up
     busy: float  # mean cores the machine kept busy over those rounds (the floor's processes and anything else)
+    sampling: float  # mean cores of those that the benchmark's sampling took (a part of busy)
 
     @property
     def median(self) -> float:
@@ -174,18 +175,25 @@ def floor(cfg_sets: list[str], learners: int, per_learner: int, rounds: int) -> 
     ended = threading.Event()
     watch = threading.Thread(target=_abort_when_one_fails, args=(procs, barrier, ended), daemon=True)
     watch.start()
-    walls, idle = [], []
+    walls, idle, clock = [], [], []
+    sampler = CoreSampler(os.getpid())  # as the federation is sampled: what measuring costs falls on both
     try:
         barrier.wait()  # all built
+        sampler.start()
         for _ in range(rounds + 1):
             began = time.perf_counter()
             idle.append(idle_seconds())
+            clock.append(time.time())
             barrier.wait()
             walls.append(time.perf_counter() - began)
         idle.append(idle_seconds())
+        clock.append(time.time())
     except threading.BrokenBarrierError:
         pass  # a process failed: named below
     finally:
+        sampler.done.set()
+        if sampler.is_alive():
+            sampler.join()
         ended.set()
         for p in procs:
             p.join(timeout=60)
@@ -197,7 +205,8 @@ def floor(cfg_sets: list[str], learners: int, per_learner: int, rounds: int) -> 
         k, code = failed[0]
         why = f"killed by signal {-code}" if code < 0 else "its error above"
         sys.exit(f"compute floor: process {k} exited with code {code} ({why})")
-    return FloorRun(walls[1:], (os.cpu_count() or 1) - (idle[-1] - idle[1]) / sum(walls[1:]))
+    busy = (os.cpu_count() or 1) - (idle[-1] - idle[1]) / sum(walls[1:])
+    return FloorRun(walls[1:], busy, sampler.cores(clock[1], clock[-1])[SAMPLING])
 
 
 def _abort_when_one_fails(procs, barrier, ended: threading.Event) -> None:
@@ -267,7 +276,8 @@ def job_cpu(root: int, ranks: dict[int, int | None] | None = None) -> collection
 class CoreSampler(threading.Thread):
     """Samples the machine's idle time and the job's CPU by part every `every` seconds while the job runs, so that
     a span of rounds can be split into core-seconds: the learners', the server's threads', the launcher's, the
-    idle cores', its own (the floor has no sampler: this is what measuring costs) and the rest of the machine's."""
+    idle cores', its own (what measuring costs; the floors are sampled too, so it falls on both sides) and the
+    rest of the machine's."""
 
     def __init__(self, root: int, every: float = SAMPLE_EVERY):
         super().__init__(daemon=True)
@@ -277,9 +287,13 @@ class CoreSampler(threading.Thread):
         self.done = threading.Event()
 
     def run(self) -> None:
-        while not self.done.is_set():
-            self.samples.append((time.time(), idle_seconds(), job_cpu(self.root, self.ranks), time.thread_time()))
-            self.done.wait(self.every)
+        self._read()
+        while not self.done.wait(self.every):
+            self._read()
+        self._read()  # once done: a span that ends then is within a reading of its last sample
+
+    def _read(self) -> None:
+        self.samples.append((time.time(), idle_seconds(), job_cpu(self.root, self.ranks), time.thread_time()))
 
     def cores(self, begin: float, end: float) -> dict[str, float]:
         """Mean cores each part kept busy from `begin` to `end` (time.time()), between the samples nearest them;
@@ -297,13 +311,16 @@ class CoreSampler(threading.Thread):
         return out
 
 
-def extra_core_seconds(cores: dict[str, float], round_s: float, floor_busy: float, floor_round_s: float) -> dict:
-    """Core-seconds a federation round spends beyond a floor round, by part: the learners' and the idle cores'
-    against the floor's busy and idle cores, every other part whole. They add up to the difference of the two
-    rounds times the machine's cores (`cores` adds up to them: CoreSampler.cores)."""
+def extra_core_seconds(
+    cores: dict[str, float], round_s: float, floor_busy: float, floor_round_s: float, floor_sampling: float
+) -> dict:
+    """Core-seconds a federation round spends beyond a floor round, by part: the learners' against the floor's busy
+    cores less its sampling, the sampling and the idle cores' against the floor's, every other part whole. They add
+    up to the difference of the two rounds times the machine's cores (`cores` adds up to them: CoreSampler.cores)."""
     total = sum(cores.values())
-    out = {part: n * round_s for part, n in cores.items() if part not in (LEARNERS, IDLE)}
-    out = {LEARNERS: cores[LEARNERS] * round_s - floor_busy * floor_round_s, **out}
+    out = {part: n * round_s for part, n in cores.items() if part not in (LEARNERS, IDLE, SAMPLING)}
+    out = {LEARNERS: cores[LEARNERS] * round_s - (floor_busy - floor_sampling) * floor_round_s, **out}
+    out[SAMPLING] = cores[SAMPLING] * round_s - floor_sampling * floor_round_s
     out[IDLE] = cores[IDLE] * round_s - (total - floor_busy) * floor_round_s
     return out
 
@@ -414,7 +431,9 @@ def main() -> int:
                 "\nbefore round 1: " + startup_line(startup, [role(r) for r in range(len(startup))])[len("fedmpi: ") :]
             )
             steady = statistics.median(r["period"] for r in rows[1:])
-            extra = extra_core_seconds(cores, steady, (before.busy + after.busy) / 2, base)
+            extra = extra_core_seconds(
+                cores, steady, (before.busy + after.busy) / 2, base, (before.sampling + after.sampling) / 2
+            )
             floor_round_cs = (os.cpu_count() or 1) * base
             print(
                 f"\nwhere the extra {steady / base - 1:.1%} went, rounds 2..{args.rounds - 1} (core-seconds a round "
@@ -439,7 +458,8 @@ def main() -> int:
         steady_rounds = f"rounds 2..{args.rounds - 1}"
         print(
             f"\n| repeat | floor s/round | federation s/round ({steady_rounds}, median) | ratio | round 1 s | "
-            "start-up s | longest warm-up s | learners' CPU beyond the floor's | server's other threads | sampling |"
+            "start-up s | longest warm-up s | learners' CPU beyond the floor's | server's other threads | "
+            "sampling beyond the floor's |"
         )
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for rep, base, fed, ratio, first, startup, learners_extra, recorder, sampling in summary:
@@ -456,7 +476,8 @@ def main() -> int:
         print(
             f"core-seconds: CPU from /proc, sampled every {SAMPLE_EVERY} s over the steady rounds; each part's share "
             "is of the floor's round times the machine's cores, so the shares add up to the ratio's excess (the "
-            "learners' and the idle cores' against the floor's, the rest whole)"
+            "learners', the sampling's and the idle cores' against the floor's, which is sampled the same way, the "
+            "rest whole)"
         )
         ratios = np.array([s[3] for s in summary])
         print(

@@ -53,6 +53,18 @@ def test_the_round_benchmarks_floor_fails_when_one_of_its_processes_does():
     assert "train.amp must be one of" in proc.stderr
 
 
+def test_the_round_benchmarks_floor_is_sampled_as_the_federation_is():
+    """The floor runs under the same sampler as the federation, so that what measuring costs falls on both sides of
+    the ratio: its rounds report the sampler's cores as a small part of the busy ones."""
+    code = f"import sys; sys.path.insert(0, {str(BENCHMARKS)!r}); import bench_round; "
+    code += "run = bench_round.floor(bench_round.WORKLOAD, learners=2, per_learner=4, rounds=3); "
+    code += "print(run.busy, run.sampling)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    busy, sampling = map(float, proc.stdout.split())
+    assert 0 < sampling < 0.2 * busy
+
+
 def test_the_round_benchmarks_floor_trains_as_the_learners_do(monkeypatch):
     """The compute floor is the learners' own training on in-memory batches: every train.* option that the learners'
     local training takes reaches the floor's too (it dropped weight decay, FedProx's term and channels-last, and
@@ -109,7 +121,8 @@ def test_the_round_benchmark_counts_the_evaluations_share_of_the_arithmetic():
 
 def test_the_round_benchmark_splits_the_extra_core_seconds_so_that_they_add_up():
     """Hand-computed: a 2.2 s federation round against a 2.0 s floor round on 2 cores is 0.4 core-seconds more; the
-    learners' part is theirs less the floor's busy cores, the idle cores' theirs less the floor's idle ones."""
+    learners' part is theirs less the floor's busy cores but for its sampling, the sampling's theirs less the
+    floor's, the idle cores' theirs less the floor's idle ones."""
     bench_round = _load("bench_round")
     cores = {
         bench_round.LEARNERS: 1.8,
@@ -120,9 +133,10 @@ def test_the_round_benchmark_splits_the_extra_core_seconds_so_that_they_add_up()
         bench_round.SAMPLING: 0.01,
         bench_round.REST: 0.04,
     }
-    extra = bench_round.extra_core_seconds(cores, round_s=2.2, floor_busy=1.98, floor_round_s=2.0)
-    assert extra[bench_round.LEARNERS] == pytest.approx(1.8 * 2.2 - 1.98 * 2.0)
+    extra = bench_round.extra_core_seconds(cores, round_s=2.2, floor_busy=1.98, floor_round_s=2.0, floor_sampling=0.008)
+    assert extra[bench_round.LEARNERS] == pytest.approx(1.8 * 2.2 - (1.98 - 0.008) * 2.0)
     assert extra[bench_round.SERVER_OTHER] == pytest.approx(0.22)
+    assert extra[bench_round.SAMPLING] == pytest.approx(0.01 * 2.2 - 0.008 * 2.0)
     assert extra[bench_round.IDLE] == pytest.approx(0.04 * 2.2 - 0.02 * 2.0)
     assert sum(extra.values()) == pytest.approx(2 * (2.2 - 2.0))
 
