@@ -191,9 +191,7 @@ def floor(cfg_sets: list[str], learners: int, per_learner: int, rounds: int) -> 
     except threading.BrokenBarrierError:
         pass  # a process failed: named below
     finally:
-        sampler.done.set()
-        if sampler.is_alive():
-            sampler.join()
+        sampler.stop()
         ended.set()
         for p in procs:
             p.join(timeout=60)
@@ -292,6 +290,12 @@ class CoreSampler(threading.Thread):
             self._read()
         self._read()  # once done: a span that ends then is within a reading of its last sample
 
+    def stop(self) -> None:
+        """Take the last reading and end the thread (nothing to do if it never started)."""
+        self.done.set()
+        if self.is_alive():
+            self.join()
+
     def _read(self) -> None:
         self.samples.append((time.time(), idle_seconds(), job_cpu(self.root, self.ranks), time.thread_time()))
 
@@ -347,8 +351,7 @@ def federation(
         kill_job(job)
         raise
     finally:
-        sampler.done.set()
-        sampler.join()
+        sampler.stop()
     if job.returncode:
         sys.exit(out + err)
     rows = metrics(runs / "bench")
